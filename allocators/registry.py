@@ -1,0 +1,27 @@
+"""Allocators by name, so that Hydra selects them with ``allocator=NAME``."""
+from __future__ import annotations
+
+from typing import Callable
+
+from allocators.base import KVAllocator
+
+_REGISTRY: dict[str, type[KVAllocator]] = {}
+
+
+def register(name: str) -> Callable[[type[KVAllocator]], type[KVAllocator]]:
+    def deco(cls: type[KVAllocator]) -> type[KVAllocator]:
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def available() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def create_allocator(name: str, **kwargs) -> KVAllocator:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown allocator '{name}': choose one of {available()} (allocator=NAME)")
+    return _REGISTRY[name](**kwargs)

@@ -1,0 +1,50 @@
+"""Attention metadata: the one description of a batch that every kernel reads.
+
+The addressing mode is the only thing that differs between allocators inside a kernel.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import torch
+
+
+class Addressing(enum.IntEnum):
+    PAGED = 0  # token t of seq s at block_table[s, t // B] * B + t % B
+    LINEAR = 1  # token t of seq s at seq_base[s] + t
+
+
+@dataclass
+class AttentionMetadata:
+    """A mixed batch of prefill chunks and decode tokens, flattened along tokens.
+
+    Sequence i owns query rows ``query_start_loc[i]:query_start_loc[i+1]``; those are the
+    *last* ``q_len`` of its ``seq_lens[i]`` context tokens (cached prefix + new tokens),
+    so query j of sequence i sits at absolute position ``seq_lens[i] - q_len + j``.
+    """
+
+    mode: Addressing
+    query_start_loc: torch.Tensor  # int32 [num_seqs + 1]
+    seq_lens: torch.Tensor  # int32 [num_seqs]
+    max_query_len: int
+    max_seq_len: int
+    slot_mapping: torch.Tensor  # int64 [num_tokens]; < 0 means "do not write" (padding)
+    block_table: torch.Tensor | None = None  # int32 [num_seqs, max_blocks] (PAGED)
+    block_size: int = 0  # PAGED
+    seq_base: torch.Tensor | None = None  # int64 [num_seqs] (LINEAR)
+
+    @property
+    def num_seqs(self) -> int:
+        return self.seq_lens.shape[0]
+
+    @property
+    def is_decode_only(self) -> bool:
+        return self.max_query_len == 1
+
+    def check(self) -> None:
+        if self.mode == Addressing.PAGED:
+            if self.block_table is None or self.block_size <= 0:
+                raise ValueError("PAGED addressing needs block_table and block_size > 0")
+        elif self.seq_base is None:
+            raise ValueError("LINEAR addressing needs seq_base")

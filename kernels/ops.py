@@ -1,0 +1,52 @@
+"""Kernel dispatch: Triton on CUDA tensors, the torch reference elsewhere.
+
+``KVLAB_KERNELS=reference`` forces the reference everywhere (debugging);
+``KVLAB_KERNELS=triton`` forces Triton (tests under ``TRITON_INTERPRET=1`` on CPU).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from kernels import reference
+
+
+def _use_triton(t: torch.Tensor) -> bool:
+    choice = os.environ.get("KVLAB_KERNELS", "auto")
+    if choice == "reference":
+        return False
+    if choice == "triton":
+        return True
+    return t.is_cuda
+
+
+def _triton():
+    from kernels import triton_ops  # imported lazily: Triton is optional on CPU
+
+    return triton_ops
+
+
+def write_kv(k_cache, v_cache, k, v, slot_mapping) -> None:
+    impl = _triton() if _use_triton(k) else reference
+    impl.write_kv(k_cache, v_cache, k, v, slot_mapping)
+
+
+def attention(q, k_cache, v_cache, meta, scale=None) -> torch.Tensor:
+    impl = _triton() if _use_triton(q) else reference
+    return impl.attention(q, k_cache, v_cache, meta, scale)
+
+
+def copy_blocks(cache, src, dst, block_size) -> None:
+    impl = _triton() if _use_triton(cache) else reference
+    impl.copy_blocks(cache, src, dst, block_size)
+
+
+def gather_blocks(cache, block_ids, block_size, out) -> None:
+    impl = _triton() if _use_triton(cache) else reference
+    impl.gather_blocks(cache, block_ids, block_size, out)
+
+
+def scatter_blocks(cache, block_ids, block_size, src) -> None:
+    impl = _triton() if _use_triton(cache) else reference
+    impl.scatter_blocks(cache, block_ids, block_size, src)

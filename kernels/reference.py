@@ -1,0 +1,91 @@
+"""Plain-torch reference of every kernel: the CPU path of the engine and the test oracle.
+
+Caches are per-layer tensors ``[num_slots, num_kv_heads, head_dim]`` indexed by flat token
+slot; the slot stride may be larger than ``num_kv_heads * head_dim`` (layouts that
+interleave layers), only ``head_dim`` must be contiguous.
+"""
+from __future__ import annotations
+
+import torch
+
+from kernels.metadata import Addressing, AttentionMetadata
+
+
+def token_slots(meta: AttentionMetadata, seq: int, length: int) -> torch.Tensor:
+    """Flat cache slots of tokens ``[0, length)`` of sequence ``seq``."""
+    pos = torch.arange(length, device=meta.seq_lens.device, dtype=torch.int64)
+    if meta.mode == Addressing.PAGED:
+        blocks = meta.block_table[seq, pos // meta.block_size].to(torch.int64)
+        return blocks * meta.block_size + pos % meta.block_size
+    return meta.seq_base[seq].to(torch.int64) + pos
+
+
+def write_kv(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Scatter new keys/values ``[num_tokens, H, D]`` into the caches at ``slot_mapping``."""
+    valid = slot_mapping >= 0
+    slots = slot_mapping[valid]
+    k_cache[slots] = k[valid].to(k_cache.dtype)
+    v_cache[slots] = v[valid].to(v_cache.dtype)
+
+
+def attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Causal GQA attention of ``q [num_tokens, Hq, D]`` over the cached context."""
+    num_tokens, num_heads, head_dim = q.shape
+    group = num_heads // k_cache.shape[1]
+    scale = head_dim**-0.5 if scale is None else scale
+    out = torch.empty_like(q)
+    qsl = meta.query_start_loc.tolist()
+    lens = meta.seq_lens.tolist()
+    for s, ctx in enumerate(lens):
+        q0, q1 = qsl[s], qsl[s + 1]
+        q_len = q1 - q0
+        if q_len == 0:
+            continue
+        slots = token_slots(meta, s, ctx)
+        keys = k_cache[slots].float().repeat_interleave(group, dim=1)  # [ctx, Hq, D]
+        vals = v_cache[slots].float().repeat_interleave(group, dim=1)
+        scores = torch.einsum("qhd,khd->hqk", q[q0:q1].float(), keys) * scale
+        q_pos = torch.arange(ctx - q_len, ctx, device=q.device)
+        k_pos = torch.arange(ctx, device=q.device)
+        scores.masked_fill_(k_pos[None, None, :] > q_pos[None, :, None], float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        out[q0:q1] = torch.einsum("hqk,khd->qhd", probs, vals).to(q.dtype)
+    return out
+
+
+def _block_slots(block_ids: torch.Tensor, block_size: int) -> torch.Tensor:
+    offs = torch.arange(block_size, device=block_ids.device, dtype=torch.int64)
+    return (block_ids.to(torch.int64)[:, None] * block_size + offs[None, :]).reshape(-1)
+
+
+def copy_blocks(
+    cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, block_size: int
+) -> None:
+    """Copy whole blocks ``src[i] -> dst[i]`` inside one cache (copy-on-write)."""
+    cache[_block_slots(dst, block_size)] = cache[_block_slots(src, block_size)]
+
+
+def gather_blocks(
+    cache: torch.Tensor, block_ids: torch.Tensor, block_size: int, out: torch.Tensor
+) -> None:
+    """Gather blocks into a dense buffer ``out [n * block_size, H, D]`` (swap-out staging)."""
+    out.copy_(cache[_block_slots(block_ids, block_size)])
+
+
+def scatter_blocks(
+    cache: torch.Tensor, block_ids: torch.Tensor, block_size: int, src: torch.Tensor
+) -> None:
+    """Scatter a dense buffer ``src [n * block_size, H, D]`` into blocks (swap-in)."""
+    cache[_block_slots(block_ids, block_size)] = src.to(cache.dtype)
