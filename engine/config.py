@@ -1,0 +1,53 @@
+"""Engine settings (the Hydra group conf/engine/ mirrors these fields)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+           "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class EngineConfig:
+    model: str = "tiny-llama"  # a preset name or a local HF directory
+    allocator: str = "paged"
+    allocator_args: dict = field(default_factory=dict)  # e.g. block_size, policy, page_size
+    device: str = "auto"  # auto: cuda when available, else cpu
+    dtype: str = "auto"  # auto: bfloat16 on cuda, float32 on cpu
+    max_model_len: int = 0  # 0: min(model's max positions, 4096)
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    enable_chunked_prefill: bool = True
+    enable_prefix_caching: bool = False
+    kv_cache_tokens: int | None = None  # explicit pool size in tokens ...
+    kv_cache_memory: int | None = None  # ... or in bytes ...
+    gpu_memory_utilization: float = 0.9  # ... else this share of the GPU (CPU: cpu_kv_cache_memory)
+    cpu_kv_cache_memory: int = 64 << 20
+    enforce_eager: bool = False
+    seed: int = 0
+    detokenize: bool = True
+    record_memory: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.dtype not in ("auto", *_DTYPES):
+            raise ValueError(f"dtype '{self.dtype}': choose auto or one of {sorted(_DTYPES)}")
+
+    def resolved_device(self) -> str:
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError("device='cuda' but no CUDA device is visible: use device=cpu")
+        return self.device
+
+    def resolved_dtype(self, device: str) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if device.startswith("cuda") else torch.float32
+        return _DTYPES[self.dtype]

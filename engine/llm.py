@@ -1,0 +1,61 @@
+"""LLM: offline batch generation over an LLMEngine (the vLLM entry point)."""
+from __future__ import annotations
+
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+
+
+class LLM:
+    def __init__(self, model: str = "tiny-llama", allocator: str = "paged", **kwargs):
+        allocator_args = kwargs.pop("allocator_args", {})
+        # allocator options may be given flat, e.g. LLM(block_size=8) or LLM(policy="pow2")
+        for key in ("block_size", "policy", "page_size", "layout", "backend"):
+            if key in kwargs:
+                allocator_args[key] = kwargs.pop(key)
+        self.engine = LLMEngine(EngineConfig(model=model, allocator=allocator, allocator_args=allocator_args, **kwargs))
+        self._counter = 0
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: list[str | list[int]] | str | list[int],
+        params: SamplingParams | list[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt; outputs come back in the order of the prompts.
+
+        Every prompt is checked before any is queued, so a bad one costs no work.
+        """
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        if len(params_list) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params_list)} SamplingParams")
+        ids = []
+        for prompt, p in zip(prompts, params_list):
+            rid = f"gen-{self._counter}"
+            self._counter += 1
+            self.engine.validate(rid, self.engine.encode(prompt)[1], p)
+            ids.append(rid)
+        for rid, prompt, p in zip(ids, prompts, params_list):
+            self.engine.add_request(rid, prompt, p)
+        done: dict[str, RequestOutput] = {}
+        bar = None
+        if use_tqdm:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(ids), desc="generate")
+        while self.engine.has_unfinished_requests():
+            for out in self.engine.step():
+                if out.finished:
+                    done[out.request_id] = out
+                    if bar:
+                        bar.update(1)
+        if bar:
+            bar.close()
+        return [done[rid] for rid in ids]

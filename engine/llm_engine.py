@@ -1,0 +1,269 @@
+"""LLMEngine: requests in, one scheduling iteration per ``step()``, outputs out."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from allocators import KVCacheSpec, create_allocator
+from allocators.base import KVAllocator
+from engine.accounting import MemoryAccountant
+from engine.config import EngineConfig
+from engine.loader import load_model, resolve_config
+from engine.model_config import ModelConfig
+from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from engine.runner import ModelRunner
+from engine.sampling_params import SamplingParams
+from engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
+from engine.sequence import SeqStatus, Sequence
+from engine.tokenizer import load_tokenizer
+
+log = logging.getLogger("kvlab.engine")
+
+
+@dataclass
+class RequestState:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    arrival_time: float
+    finished: bool = False
+
+
+@dataclass
+class StepRecord:
+    time: float
+    duration: float
+    running: int
+    waiting: int
+    num_seqs: int
+    prefill_tokens: int
+    decode_tokens: int
+    preempted: int
+
+
+class LLMEngine:
+    def __init__(
+        self,
+        config: EngineConfig | None = None,
+        *,
+        model_config: ModelConfig | None = None,
+        runner_factory: Callable[[KVAllocator], object] | None = None,
+        clock: Callable[[], float] | None = None,
+        **overrides,
+    ):
+        """``runner_factory`` replaces the model (simulate mode): no weights, no KV tensors."""
+        self.config = config = config or EngineConfig(**overrides)
+        self.clock = clock or time.perf_counter
+        self.model_config = mc = model_config or resolve_config(config.model)
+        self.device = config.resolved_device()
+        self.dtype = config.resolved_dtype(self.device)
+        self.max_model_len = config.max_model_len or min(mc.max_position_embeddings, 4096)
+        simulate = runner_factory is not None
+        spec = KVCacheSpec(mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim, self.dtype,
+                           None if simulate else self.device)
+        self.model = None
+        if not simulate:
+            torch.manual_seed(config.seed)
+            self.model = load_model(mc, config.model, self.max_model_len, self.dtype, self.device, config.seed)
+        capacity = self._kv_capacity_tokens(spec)
+        self.allocator = create_allocator(
+            config.allocator, spec=spec, capacity_tokens=capacity, max_num_seqs=config.max_num_seqs,
+            max_model_len=self.max_model_len, **dict(config.allocator_args))
+        if self.allocator.max_fit_tokens() <= 0:
+            raise ValueError(
+                f"allocator '{config.allocator}' cannot fit a single request: its pool holds "
+                f"{self.allocator.capacity_tokens} tokens but each request reserves {self.max_model_len} "
+                "(max_model_len): raise kv_cache_memory / kv_cache_tokens or lower max_model_len")
+        self.kv_capacity_tokens = self.allocator.capacity_tokens
+        log.info("KV cache: %d tokens, max concurrency %.2fx for %d-token requests (%s)",
+                 self.kv_capacity_tokens, self.kv_capacity_tokens / self.max_model_len,
+                 self.max_model_len, config.allocator)
+        self.tokenizer = load_tokenizer(config.model, mc.vocab_size, mc.bos_token_id, mc.eos_token_id)
+        self.eos_token_ids = list(self.tokenizer.eos_token_ids)
+        self.scheduler = Scheduler(
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
+                            config.enable_chunked_prefill, config.enable_prefix_caching),
+            self.allocator)
+        self.runner = (runner_factory(self.allocator) if simulate else
+                       ModelRunner(self.model, self.allocator, self.device, self.eos_token_ids, config.seed))
+        self.requests: dict[str, RequestState] = {}
+        self.accountant = MemoryAccountant(spec.bytes_per_token)
+        self.step_records: list[StepRecord] = []
+        self.finished_requests: list[RequestState] = []
+
+    # -- capacity ------------------------------------------------------------------------
+    def _kv_capacity_tokens(self, spec: KVCacheSpec) -> int:
+        c = self.config
+        if c.kv_cache_tokens is not None:
+            return int(c.kv_cache_tokens)
+        if c.kv_cache_memory is not None:
+            return int(c.kv_cache_memory) // spec.bytes_per_token
+        if not self.device.startswith("cuda"):
+            return c.cpu_kv_cache_memory // spec.bytes_per_token
+        from engine.profiling import profile_kv_budget
+
+        return profile_kv_budget(self, spec) // spec.bytes_per_token
+
+    # -- requests ------------------------------------------------------------------------
+    def encode(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt)
+        return None, list(prompt)
+
+    def validate(self, request_id: str, token_ids: list[int], params: SamplingParams) -> None:
+        """Reject what can never run, before anything is queued."""
+        if request_id in self.requests:
+            raise ValueError(f"request id '{request_id}' is already in use: give each request its own id")
+        if not token_ids:
+            raise ValueError(f"request '{request_id}': the prompt is empty")
+        n = len(token_ids)
+        if n >= self.max_model_len:
+            raise ValueError(
+                f"request '{request_id}': prompt of {n} tokens does not fit max_model_len={self.max_model_len} "
+                "(it needs room for at least one output token): shorten the prompt or raise max_model_len")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"request '{request_id}': token ids {bad[:5]} outside the vocabulary [0, {vocab})")
+        need = min(n + (params.max_tokens or self.max_model_len), self.max_model_len)
+        fit = self.allocator.max_fit_tokens()
+        if need > fit:
+            raise ValueError(
+                f"request '{request_id}' may need {need} KV tokens but allocator '{self.config.allocator}' "
+                f"can give one request at most {fit}: raise kv_cache_memory / kv_cache_tokens, "
+                "or lower max_tokens")
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
+                    arrival_time: float | None = None, oracle_len: int = 0) -> None:
+        params = params or SamplingParams()
+        text, ids = self.encode(prompt)
+        self.validate(request_id, ids, params)
+        arrival = self.clock() if arrival_time is None else arrival_time
+        seqs = [Sequence(request_id, ids, params, self.max_model_len, arrival_time=arrival, index=i,
+                         oracle_len=oracle_len) for i in range(params.n)]
+        self.requests[request_id] = RequestState(request_id, text, ids, params, seqs, arrival)
+        for s in seqs:
+            self.scheduler.add(s)
+
+    def abort_request(self, request_id: str) -> None:
+        req = self.requests.get(request_id)
+        if req is None:
+            return
+        for seq in req.seqs:
+            if not seq.finished:
+                self._finish_seq(seq, "abort")
+        self._retire(req)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    # -- one iteration -------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        start = self.clock()
+        batch = self.scheduler.schedule()
+        if self.config.record_memory:
+            self._record_memory()
+        sampled = self.runner.execute(batch) if batch.seqs else []
+        now = self.clock()
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            seq.num_computed_tokens += n
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = start
+        touched: dict[str, RequestState] = {}
+        for seq, token, logprob in sampled:
+            seq.append_token(token, logprob, now)
+            self._check_stop(seq)
+            touched[seq.request_id] = self.requests[seq.request_id]
+        self.step_records.append(StepRecord(start, now - start, self.num_running, self.num_waiting,
+                                            len(batch), batch.num_prefill_tokens, batch.num_decode_tokens,
+                                            len(batch.preempted)))
+        outputs = []
+        for req in touched.values():
+            req.finished = all(s.finished for s in req.seqs)
+            outputs.append(self._output(req))
+            if req.finished:
+                self._retire(req)
+        return outputs
+
+    def _record_memory(self) -> None:
+        live = [(s.seq_id, self.allocator.seq_capacity(s), s.max_len) for s in self.scheduler.running]
+        self.accountant.record(self.allocator.stats(), live)
+
+    def _check_stop(self, seq: Sequence) -> None:
+        p, token = seq.params, seq.output_token_ids[-1]
+        reason = None
+        if seq.num_output_tokens >= p.min_tokens:
+            if token in p.stop_token_ids:
+                reason, seq.stop_reason = "stop", token
+            elif not p.ignore_eos and token in self.eos_token_ids:
+                reason = "stop"
+            elif p.stop and self._hits_stop_string(seq):
+                reason = "stop"
+        if reason is None and (
+            (p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens)
+            or seq.num_tokens >= self.max_model_len
+        ):
+            reason = "length"
+        if reason:
+            self._finish_seq(seq, reason)
+
+    def _hits_stop_string(self, seq: Sequence) -> bool:
+        text = self.tokenizer.decode(seq.output_token_ids)
+        for s in seq.params.stop:
+            if s in text[-(len(s) + 16):]:
+                seq.stop_reason = s
+                return True
+        return False
+
+    def _finish_seq(self, seq: Sequence, reason: str) -> None:
+        seq.status = SeqStatus.FINISHED
+        seq.finish_reason = reason
+        seq.finish_time = self.clock()
+        self.scheduler.remove(seq)
+        self.accountant.finish(seq.seq_id, seq.num_tokens)
+        if hasattr(self.runner, "forget"):
+            self.runner.forget(seq)
+
+    def _retire(self, req: RequestState) -> None:
+        req.finished = True
+        self.requests.pop(req.request_id, None)
+        self.finished_requests.append(req)
+
+    def _text(self, seq: Sequence) -> str:
+        if not self.config.detokenize:
+            return ""
+        text = self.tokenizer.decode(seq.output_token_ids)
+        if isinstance(seq.stop_reason, str):
+            text = text[: text.find(seq.stop_reason)]
+        return text
+
+    def _output(self, req: RequestState) -> RequestOutput:
+        s0 = req.seqs[0]
+        first = [s.first_token_time for s in req.seqs if s.first_token_time is not None]
+        done = [s.finish_time for s in req.seqs if s.finish_time is not None]
+        metrics = RequestMetrics(
+            arrival_time=req.arrival_time,
+            first_scheduled_time=s0.first_scheduled_time,
+            first_token_time=min(first) if first else None,
+            finish_time=max(done) if req.finished and done else None,
+            num_preemptions=sum(s.num_preemptions for s in req.seqs),
+            num_cached_tokens=s0.num_cached_tokens,
+        )
+        outs = [CompletionOutput(s.index, list(s.output_token_ids), self._text(s), s.finish_reason,
+                                 s.stop_reason, list(s.output_logprobs) if s.params.logprobs is not None else None,
+                                 list(s.token_times)) for s in req.seqs]
+        return RequestOutput(req.request_id, req.prompt_token_ids, outs, req.finished, metrics, req.prompt)

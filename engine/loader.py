@@ -1,0 +1,80 @@
+"""Build a model: a preset with seeded random weights, or a local HF directory (safetensors only)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from engine.model import CausalLM
+from engine.model_config import ModelConfig
+from engine.presets import PRESETS, preset_config
+
+
+def resolve_config(model: str) -> ModelConfig:
+    """A preset name or a local directory; anything else is a clear error."""
+    if model in PRESETS:
+        return preset_config(model)
+    if Path(model).is_dir():
+        return ModelConfig.from_dir(model)
+    return preset_config(model)  # raises "unknown model ... use a preset or a local HF directory"
+
+
+def _random_init(model: CausalLM, seed: int) -> None:
+    # drawn on the parameters' own device: an 8B model never passes through host memory
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:  # RMSNorm weights stay 1
+                p.normal_(0.0, 0.02, generator=gen)
+
+
+def _load_safetensors(model: CausalLM, path: Path) -> None:
+    from safetensors.torch import load_file
+
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(
+            f"no *.safetensors in {path}: save the model with save_pretrained(safe_serialization=True); "
+            "pickle checkpoints are not loaded"
+        )
+    params = dict(model.named_parameters())
+    seen: set[str] = set()
+    for f in files:
+        for name, tensor in load_file(str(f)).items():
+            if name not in params:
+                if "rotary_emb" in name:
+                    continue
+                raise ValueError(f"checkpoint tensor '{name}' has no place in the kvlab model")
+            if params[name].shape != tensor.shape:
+                raise ValueError(f"'{name}': checkpoint {tuple(tensor.shape)} vs model {tuple(params[name].shape)}")
+            with torch.no_grad():
+                params[name].copy_(tensor.to(params[name].dtype))
+            seen.add(name)
+    if model.config.tie_word_embeddings:
+        seen.add("lm_head.weight")
+    missing = set(params) - seen
+    if missing:
+        raise ValueError(f"checkpoint in {path} lacks {sorted(missing)[:5]}")
+
+
+def load_model(
+    cfg: ModelConfig, source: str, max_model_len: int, dtype: torch.dtype, device: str, seed: int = 0
+) -> CausalLM:
+    with torch.device("meta"):
+        model = CausalLM(cfg, max_model_len)
+    model = model.to_empty(device=device).to(dtype)
+    # buffers were created on meta: rebuild the rotary tables for real
+    from engine.rope import RotaryEmbedding
+
+    model.rope = RotaryEmbedding(cfg.head_dim, max_model_len, cfg.rope_theta, cfg.rope_scaling).to(device)
+    for m in model.modules():
+        if hasattr(m, "eps") and isinstance(getattr(m, "weight", None), torch.nn.Parameter):
+            torch.nn.init.ones_(m.weight)
+    if Path(source).is_dir():
+        _load_safetensors(model, Path(source))
+    else:
+        _random_init(model, seed)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.eval()

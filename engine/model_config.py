@@ -1,0 +1,76 @@
+"""Model shape, from a preset or a HF ``config.json`` (Llama family: Llama 2/3, Qwen2/3, Mistral)."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+SUPPORTED = ("llama", "qwen2", "qwen3", "mistral")
+
+
+@dataclass
+class ModelConfig:
+    model_type: str = "llama"
+    vocab_size: int = 512
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    head_dim: int = 0  # 0: hidden_size // num_attention_heads
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # {"rope_type": "llama3", "factor", "low_freq_factor", ...}
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # Qwen2: bias on q/k/v
+    qk_norm: bool = False  # Qwen3: RMSNorm on q and k per head
+    bos_token_id: int | None = 1
+    eos_token_id: list[int] = field(default_factory=lambda: [2])
+    name: str = "custom"
+
+    def __post_init__(self) -> None:
+        if self.head_dim <= 0:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if isinstance(self.eos_token_id, int):
+            self.eos_token_id = [self.eos_token_id]
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+
+    @property
+    def num_params(self) -> int:
+        h, i, L = self.hidden_size, self.intermediate_size, self.num_hidden_layers
+        q = self.num_attention_heads * self.head_dim
+        kv = self.num_key_value_heads * self.head_dim
+        per_layer = h * (q + 2 * kv) + q * h + 3 * h * i + 2 * h
+        emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
+        return L * per_layer + emb + h
+
+    @classmethod
+    def from_hf_dict(cls, d: dict, name: str = "custom") -> "ModelConfig":
+        model_type = d.get("model_type", "llama")
+        if model_type not in SUPPORTED:
+            raise ValueError(f"model_type '{model_type}' is not supported: kvlab runs {SUPPORTED}")
+        rope = d.get("rope_parameters") or {}
+        scaling = d.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+        eos = d.get("eos_token_id", 2)
+        known = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in d.items() if k in known and v is not None}
+        kw.update(
+            model_type=model_type,
+            rope_theta=float(rope.get("rope_theta", d.get("rope_theta", 10000.0))),
+            rope_scaling=dict(scaling) if scaling else None,
+            eos_token_id=list(eos) if isinstance(eos, (list, tuple)) else [eos],
+            qk_norm=model_type == "qwen3",
+            attention_bias=bool(d.get("attention_bias", model_type == "qwen2")),
+            head_dim=d.get("head_dim") or 0,
+            name=name,
+        )
+        return cls(**kw)
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> "ModelConfig":
+        cfg_file = Path(path) / "config.json"
+        if not cfg_file.is_file():
+            raise FileNotFoundError(f"{cfg_file} not found: a model directory needs config.json")
+        return cls.from_hf_dict(json.loads(cfg_file.read_text()), name=Path(path).name)

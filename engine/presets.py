@@ -1,0 +1,33 @@
+"""Random-initialised model presets: no download, shapes of real models."""
+from __future__ import annotations
+
+from engine.model_config import ModelConfig
+
+PRESETS: dict[str, dict] = {
+    # about 0.1 M parameters: ready in well under a second on a CPU
+    "tiny-llama": dict(model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=128,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       max_position_embeddings=4096),
+    "tiny-qwen3": dict(model_type="qwen3", vocab_size=512, hidden_size=64, intermediate_size=128,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                       qk_norm=True, rope_theta=1e6, max_position_embeddings=4096),
+    "qwen3-0.6b": dict(model_type="qwen3", vocab_size=151936, hidden_size=1024, intermediate_size=3072,
+                       num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+                       qk_norm=True, rope_theta=1e6, tie_word_embeddings=True,
+                       max_position_embeddings=40960, bos_token_id=None, eos_token_id=[151645]),
+    "llama3-8b": dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                      num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                      rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=131072,
+                      rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                        high_freq_factor=4.0, original_max_position_embeddings=8192),
+                      bos_token_id=128000, eos_token_id=[128001, 128009]),
+}
+
+
+def preset_config(name: str) -> ModelConfig:
+    if name not in PRESETS:
+        raise ValueError(
+            f"unknown model '{name}': use a preset {sorted(PRESETS)} or a local HF directory "
+            "with config.json and *.safetensors"
+        )
+    return ModelConfig(name=name, **PRESETS[name])

@@ -1,0 +1,90 @@
+"""Token sampling for a batch: greedy, temperature, top-k, top-p, min_tokens, seeds, logprobs.
+
+One vectorised pass on the logits' device; rows with their own seed draw from their own
+generator so that a seeded request gives the same tokens whatever it is batched with.
+"""
+from __future__ import annotations
+
+import torch
+
+from engine.sequence import Sequence
+
+
+class Sampler:
+    def __init__(self, device: torch.device | str, seed: int = 0):
+        self.device = torch.device(device)
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self._seq_generators: dict[int, torch.Generator] = {}
+
+    def _generator(self, seq: Sequence) -> torch.Generator:
+        if seq.params.seed is None:
+            return self.generator
+        g = self._seq_generators.get(seq.seq_id)
+        if g is None:
+            g = torch.Generator(device=self.device).manual_seed(seq.params.seed + seq.index)
+            self._seq_generators[seq.seq_id] = g
+        return g
+
+    def forget(self, seq: Sequence) -> None:
+        self._seq_generators.pop(seq.seq_id, None)
+
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence], eos_ids: list[int]):
+        """Return (token ids, logprobs or None per row) as Python lists."""
+        logits = logits.float()
+        self._apply_min_tokens(logits, seqs, eos_ids)
+        want_logprobs = any(s.params.logprobs is not None for s in seqs)
+        logprobs_all = torch.log_softmax(logits, dim=-1) if want_logprobs else None
+        greedy = all(s.params.greedy for s in seqs)
+        if greedy:
+            tokens = logits.argmax(dim=-1)
+        else:
+            tokens = self._sample(logits, seqs)
+        tok_list = tokens.tolist()
+        if logprobs_all is None:
+            return tok_list, [None] * len(seqs)
+        lp = logprobs_all.gather(1, tokens[:, None]).squeeze(1).tolist()
+        return tok_list, [v if s.params.logprobs is not None else None for v, s in zip(lp, seqs)]
+
+    @staticmethod
+    def _apply_min_tokens(logits: torch.Tensor, seqs: list[Sequence], eos_ids: list[int]) -> None:
+        for row, s in enumerate(seqs):
+            if s.num_output_tokens < s.params.min_tokens:
+                banned = list(s.params.stop_token_ids) + ([] if s.params.ignore_eos else eos_ids)
+                if banned:
+                    logits[row, banned] = float("-inf")
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        dev = logits.device
+        temps = torch.tensor([s.params.temperature or 1.0 for s in seqs], device=dev)
+        greedy_rows = torch.tensor([s.params.greedy for s in seqs], device=dev)
+        scaled = logits / temps[:, None]
+        top_k = [s.params.top_k for s in seqs]
+        top_p = [s.params.top_p for s in seqs]
+        if any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p):
+            scaled = _top_k_top_p(scaled, top_k, top_p)
+        probs = torch.softmax(scaled, dim=-1)
+        # exponential race (Gumbel-max): argmax(p / E) with E ~ Exp(1) samples from p
+        noise = torch.empty_like(probs)
+        shared = [i for i, s in enumerate(seqs) if s.params.seed is None]
+        if shared:
+            noise[shared] = torch.empty(len(shared), probs.shape[1], device=dev).exponential_(
+                generator=self.generator)
+        for i, s in enumerate(seqs):
+            if s.params.seed is not None:
+                noise[i].exponential_(generator=self._generator(s))
+        sampled = (probs / noise).argmax(dim=-1)
+        return torch.where(greedy_rows, logits.argmax(dim=-1), sampled)
+
+
+def _top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
+    vocab = logits.shape[1]
+    sorted_logits, idx = logits.sort(dim=-1, descending=True)
+    k = torch.tensor([kk if kk > 0 else vocab for kk in top_k], device=logits.device)
+    ranks = torch.arange(vocab, device=logits.device)[None, :]
+    mask = ranks >= k[:, None]
+    p = torch.tensor(top_p, device=logits.device)
+    probs = torch.softmax(sorted_logits.masked_fill(mask, float("-inf")), dim=-1)
+    cum = probs.cumsum(dim=-1) - probs  # mass before this token
+    mask |= cum > p[:, None]
+    sorted_logits = sorted_logits.masked_fill(mask, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, idx, sorted_logits)

@@ -1,0 +1,58 @@
+import os
+
+import pytest
+import torch
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def make_hf_checkpoint(path, kind: str = "llama", seed: int = 0, **overrides):
+    """A tiny random HF model saved with save_pretrained (safetensors)."""
+    import transformers
+
+    common = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    common.update(overrides)
+    if kind == "llama":
+        cfg = transformers.LlamaConfig(**common)
+        cls = transformers.LlamaForCausalLM
+    elif kind == "qwen3":
+        cfg = transformers.Qwen3Config(head_dim=16, **common)
+        cls = transformers.Qwen3ForCausalLM
+    elif kind == "qwen2":
+        cfg = transformers.Qwen2Config(**common)
+        cls = transformers.Qwen2ForCausalLM
+    elif kind == "mistral":
+        cfg = transformers.MistralConfig(sliding_window=None, **common)
+        cls = transformers.MistralForCausalLM
+    else:
+        raise ValueError(kind)
+    torch.manual_seed(seed)
+    model = cls(cfg).eval()
+    # HF initialises norms to 1; perturb them so a wrong norm placement would show
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(str(path), safe_serialization=True)
+    return model
+
+
+@pytest.fixture(scope="session")
+def hf_llama(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_llama_hf")
+    return str(path), make_hf_checkpoint(path, "llama")
+
+
+@pytest.fixture(scope="session")
+def hf_qwen3(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_qwen3_hf")
+    return str(path), make_hf_checkpoint(path, "qwen3", seed=1)
