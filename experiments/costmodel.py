@@ -1,0 +1,223 @@
+"""Roofline cost model for simulate mode.
+
+In simulate mode the real scheduler and allocator run but no model does: each engine step
+advances a virtual clock by ``RooflineCostModel.step_time(batch)``, the larger of the time
+to stream the bytes the step must touch (weights once, the KV cache it attends over, the KV
+it writes) and the time to do its FLOPs, at a fraction ``efficiency`` of datasheet peak,
+plus a fixed per-step overhead.  That is the physical limit DESIGN.md names: a decode step
+cannot beat (weight bytes + KV bytes read) / HBM bandwidth.
+
+Deliberately ignored (small next to the terms kept, or not a memory-strategy effect):
+activations traffic, the embedding gather, norms/rotary/softmax element-wise work, and
+kernel-level differences between allocators (those are measured on GPU, not simulated).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["DeviceSpec", "ModelShape", "DEVICES", "MODEL_SHAPES", "StepCost", "RooflineCostModel",
+           "get_device", "get_model_shape"]
+
+GiB = 1024**3
+MiB = 1024**2
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    name: str
+    mem_bandwidth: float  # bytes/s (HBM)
+    flops: float          # dense fp16/bf16 tensor-core FLOP/s (no sparsity)
+    memory_bytes: int
+
+
+# NVIDIA datasheet figures (SXM parts); memory is what the driver reports as total.
+DEVICES: dict[str, DeviceSpec] = {
+    d.name: d
+    for d in (
+        DeviceSpec("a100-40gb", 1555e9, 312e12, 40 * GiB),
+        DeviceSpec("a100-80gb", 2039e9, 312e12, 80 * GiB),
+        DeviceSpec("h100-sxm", 3.35e12, 989e12, 81559 * MiB),
+        DeviceSpec("h200", 4.8e12, 989e12, 143771 * MiB),
+    )
+}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    name: str
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    dtype_bytes: int = 2
+    gated_mlp: bool = True            # Llama-style gate/up/down (3 matrices); OPT: fc1/fc2 (2)
+    tie_word_embeddings: bool = False  # lm_head shares the embedding matrix
+    max_position_embeddings: int = 2048
+
+    @property
+    def layer_params(self) -> int:
+        h, q, kv = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        attn = h * q + 2 * h * kv + q * h
+        mlp = (3 if self.gated_mlp else 2) * h * self.intermediate_size
+        return attn + mlp + 2 * h  # + two norms (biases of OPT are < 0.1%: left out)
+
+    @property
+    def lm_head_params(self) -> int:
+        return self.vocab_size * self.hidden_size
+
+    @property
+    def num_params(self) -> int:
+        """Approximate: layers, final norm, embedding, and the lm_head when untied."""
+        embed = self.vocab_size * self.hidden_size
+        head = 0 if self.tie_word_embeddings else self.lm_head_params
+        return self.num_layers * self.layer_params + self.hidden_size + embed + head
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.num_params * self.dtype_bytes
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype_bytes
+
+    @classmethod
+    def from_hf_config(cls, config: dict, name: str | None = None) -> ModelShape:
+        """From a HF ``config.json`` dict (Llama/Qwen/Mistral and OPT key names)."""
+        opt = config.get("model_type") == "opt"
+        hidden = config["hidden_size"]
+        heads = config["num_attention_heads"]
+        return cls(
+            name=name or config.get("_name_or_path") or config.get("model_type", "model"),
+            num_layers=config["num_hidden_layers"],
+            hidden_size=hidden,
+            num_heads=heads,
+            num_kv_heads=config.get("num_key_value_heads") or heads,
+            head_dim=config.get("head_dim") or hidden // heads,
+            intermediate_size=config["ffn_dim"] if opt else config["intermediate_size"],
+            vocab_size=config["vocab_size"],
+            gated_mlp=not opt,
+            tie_word_embeddings=config.get("tie_word_embeddings", opt),
+            max_position_embeddings=config.get("max_position_embeddings", 2048),
+        )
+
+
+def _opt(name: str, layers: int, hidden: int, heads: int) -> ModelShape:
+    return ModelShape(name, layers, hidden, heads, heads, hidden // heads, 4 * hidden, 50272,
+                      gated_mlp=False, tie_word_embeddings=True, max_position_embeddings=2048)
+
+
+# Shapes from each model's HF config.json.
+MODEL_SHAPES: dict[str, ModelShape] = {
+    m.name: m
+    for m in (
+        _opt("opt-13b", 40, 5120, 40),
+        _opt("opt-66b", 64, 9216, 72),
+        ModelShape("llama2-7b", 32, 4096, 32, 32, 128, 11008, 32000, max_position_embeddings=4096),
+        ModelShape("llama2-13b", 40, 5120, 40, 40, 128, 13824, 32000, max_position_embeddings=4096),
+        ModelShape("llama3-8b", 32, 4096, 32, 8, 128, 14336, 128256, max_position_embeddings=8192),
+        ModelShape("qwen3-0.6b", 28, 1024, 16, 8, 128, 3072, 151936, tie_word_embeddings=True,
+                   max_position_embeddings=40960),
+        ModelShape("tiny-llama", 2, 64, 4, 2, 16, 128, 512, max_position_embeddings=4096),
+    )
+}
+
+
+def get_device(name: str) -> DeviceSpec:
+    if name not in DEVICES:
+        raise ValueError(f"unknown device '{name}': choose one of {sorted(DEVICES)}")
+    return DEVICES[name]
+
+
+def get_model_shape(name: str) -> ModelShape:
+    if name not in MODEL_SHAPES:
+        raise ValueError(f"unknown model shape '{name}': choose one of {sorted(MODEL_SHAPES)}")
+    return MODEL_SHAPES[name]
+
+
+@dataclass(frozen=True)
+class StepCost:
+    flops: float
+    bytes: float
+    compute_s: float
+    memory_s: float
+    overhead_s: float
+
+    @property
+    def total_s(self) -> float:
+        return max(self.compute_s, self.memory_s) + self.overhead_s
+
+    @property
+    def memory_bound(self) -> bool:
+        return self.memory_s >= self.compute_s
+
+
+class RooflineCostModel:
+    """Step time of a batch on a device: ``max(compute, memory) + step_overhead_s``.
+
+    ``efficiency`` scales both peaks (0.8: well-tuned GEMMs and attention kernels reach
+    ~80% of datasheet FLOP/s and bandwidth).  ``step_overhead_s`` (0.5 ms) stands for the
+    CPU side of a step: scheduling, input preparation, launches or graph replay, sampling.
+    """
+
+    def __init__(self, model: ModelShape, device: DeviceSpec, efficiency: float = 0.8,
+                 step_overhead_s: float = 5e-4):
+        if not 0 < efficiency <= 1:
+            raise ValueError(f"efficiency must be in (0, 1], got {efficiency}")
+        if step_overhead_s < 0:
+            raise ValueError(f"step_overhead_s must be >= 0, got {step_overhead_s}")
+        self.model, self.device = model, device
+        self.efficiency, self.step_overhead_s = efficiency, step_overhead_s
+        # matmul weights every token goes through (the embedding is a gather, not a GEMM)
+        embed = model.vocab_size * model.hidden_size
+        head = 0 if model.tie_word_embeddings else model.lm_head_params
+        self._token_matmul_params = model.num_params - embed - head
+        # QK^T and PV: 2 FLOPs per multiply-add, 2 matmuls, per query head, layer, key
+        self._attn_flops_per_key = 4 * model.num_layers * model.num_heads * model.head_dim
+
+    def step_cost(self, batch: list[tuple[int, int]]) -> StepCost:
+        """``batch``: one ``(num_new_tokens, context_len_after)`` per sequence in the step."""
+        if not batch:
+            return StepCost(0.0, 0.0, 0.0, 0.0, 0.0)
+        new_tokens = context = attended = 0
+        for q, c in batch:
+            new_tokens += q
+            context += c
+            # causal: new token i (of q) sees the c - q earlier tokens and i + 1 of the chunk
+            attended += q * (c - q) + q * (q + 1) // 2
+        m = self.model
+        # logits only for the last position of each sequence (the sampled one)
+        flops = (2 * self._token_matmul_params * new_tokens
+                 + 2 * m.lm_head_params * len(batch)
+                 + self._attn_flops_per_key * attended)
+        kv = m.kv_bytes_per_token
+        nbytes = m.weight_bytes + kv * context + kv * new_tokens  # weights, KV read, KV written
+        eff = self.efficiency
+        return StepCost(flops, nbytes, flops / (self.device.flops * eff),
+                        nbytes / (self.device.mem_bandwidth * eff), self.step_overhead_s)
+
+    def step_time(self, batch: list[tuple[int, int]]) -> float:
+        """Seconds for one engine step; 0 for an empty batch (no step runs)."""
+        return self.step_cost(batch).total_s if batch else 0.0
+
+    def kv_capacity_tokens(self, gpu_memory_utilization: float = 0.9,
+                           activation_reserve_bytes: int = 0) -> int:
+        """KV token slots: (utilization x device memory - weights - activation reserve) / KV per token.
+
+        With the defaults (0.9, no reserve) OPT-13B on A100-40GB gives 15,836 slots
+        (36 GiB - 25.7 GB of weights = 12.97 GB at 800 KiB/token), within 1% of the ~15.7k
+        of the PagedAttention paper; the activations of a 2048-token prefill of that model
+        take ~0.1 GB, which a caller can pass as ``activation_reserve_bytes``.
+        """
+        if not 0 < gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
+        budget = gpu_memory_utilization * self.device.memory_bytes
+        free = budget - self.model.weight_bytes - activation_reserve_bytes
+        if free < self.model.kv_bytes_per_token:
+            raise ValueError(
+                f"{self.model.name} ({self.model.weight_bytes / GiB:.1f} GiB of weights) leaves no KV "
+                f"memory in {gpu_memory_utilization:.0%} of {self.device.name}: use a larger device "
+                "or raise gpu_memory_utilization")
+        return int(free // self.model.kv_bytes_per_token)

@@ -1,0 +1,483 @@
+"""Seeded request generators: the traffic every experiment replays.
+
+A workload is a list of :class:`RequestSpec` (prompt tokens, exact output length, arrival
+offset, ``n``).  Runs use ``ignore_eos``, so ``output_len`` is the number of tokens each
+sample produces, and the simulator and the real engine see the same lengths.
+
+Every workload is a pure function of its :class:`WorkloadConfig`, ``vocab_size`` and
+``max_model_len``.  The seed is split into three independent streams (lengths, token ids,
+arrival gaps), so a request-rate sweep replays *the same requests* at each rate.
+
+Lengths are clipped so that ``1 <= prompt_len`` and ``1 <= output_len`` and
+``prompt_len + output_len <= max_model_len``.
+
+Add a workload with ``@register_workload("name", uses=(...))`` on a function
+``(cfg, ctx) -> list[RequestSpec]``; ``uses`` names the optional config fields it reads
+(any other optional field that is set raises, so a typo'd sweep never runs silently).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from statistics import NormalDist
+
+import numpy as np
+
+__all__ = [
+    "RequestSpec", "WorkloadConfig", "WorkloadContext", "LogNormalLengths", "SHAREGPT", "ALPACA",
+    "WORKLOADS", "register_workload", "available_workloads", "make_workload", "arrival_times",
+    "tokenize_requests",
+]
+
+
+@dataclass
+class RequestSpec:
+    request_id: str
+    prompt_token_ids: list[int]   # random ids in [low, vocab_size) unless the trace gave text
+    output_len: int               # max_tokens; run with ignore_eos, so the exact output length
+    arrival_s: float = 0.0        # offset from run start
+    n: int = 1                    # parallel samples
+    prompt_text: str | None = None  # trace replay with text prompts (ids empty until tokenized)
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_token_ids)
+
+
+@dataclass
+class WorkloadConfig:
+    """Mirrors the Hydra group ``conf/workload/*.yaml``."""
+
+    name: str = "uniform"          # fixed | uniform | sharegpt | alpaca | shared_prefix | parallel | trace
+    num_requests: int = 32
+    input_len: int = 64            # fixed: exact; uniform: mean when input_len_min/max are unset
+    output_len: int = 32
+    input_len_min: int | None = None
+    input_len_max: int | None = None
+    output_len_min: int | None = None
+    output_len_max: int | None = None
+    prefix_len: int = 0            # shared_prefix: tokens shared by every request of a group
+    num_prefixes: int = 1          # shared_prefix: number of groups (distinct prefixes)
+    n: int = 1                     # parallel samples per request (any workload)
+    trace_path: str | None = None  # trace: local JSONL
+    request_rate: float = float("inf")  # req/s; inf = all at t=0 (offline)
+    arrival: str = "poisson"       # poisson | gamma
+    burstiness: float = 1.0        # gamma shape; 1.0 == poisson
+    seed: int = 0
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> WorkloadConfig:
+        names = [f.name for f in dataclasses.fields(cls)]
+        for key in d:
+            if key not in names:
+                hint = difflib.get_close_matches(str(key), names, n=1)
+                fix = f"did you mean workload.{hint[0]}?" if hint else f"valid keys: {names}"
+                raise ValueError(f"unknown workload field '{key}': {fix}")
+        return cls(**{str(k): v for k, v in d.items()})
+
+
+# ---------------------------------------------------------------- length distributions
+
+_NORMAL = NormalDist()
+
+
+@dataclass(frozen=True)
+class LogNormalLengths:
+    """A heavy-tailed length distribution: lognormal with a given mean and shape ``sigma``.
+
+    Lengths are clipped to ``[1, cap]``.  Clipping the tail lowers the mean, so ``mu`` is
+    solved (bisection on the closed-form mean of a clipped lognormal) such that the mean
+    *after* clipping equals the published one.  The correction is bounded (the scale grows
+    at most ``max_boost``x): when ``max_model_len`` is far too short for the target mean, the
+    lengths pile up at the cap instead of the whole distribution sliding there.
+    """
+
+    mean: float
+    sigma: float
+    max_boost: float = 1.25
+
+    def _mu0(self) -> float:
+        return math.log(self.mean) - self.sigma**2 / 2
+
+    def clipped_mean(self, mu: float, caps: np.ndarray) -> float:
+        """E[min(X, cap)] for X ~ LogNormal(mu, sigma), averaged over the given caps."""
+        s, log_caps = self.sigma, np.log(caps)
+        below = np.array([_NORMAL.cdf(z) for z in (log_caps - mu - s * s) / s])
+        above = 1 - np.array([_NORMAL.cdf(z) for z in (log_caps - mu) / s])
+        return float(np.mean(math.exp(mu + s * s / 2) * below + caps * above))
+
+    def solve_mu(self, caps: np.ndarray) -> float:
+        lo, hi = self._mu0(), self._mu0() + math.log(self.max_boost)
+        if self.clipped_mean(hi, caps) <= self.mean:
+            return hi
+        for _ in range(50):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if self.clipped_mean(mid, caps) < self.mean else (lo, mid)
+        return (lo + hi) / 2
+
+    def quantiles(self, mu: float, cap: float, k: int = 64) -> np.ndarray:
+        """k equal-probability points of the clipped distribution (to average over)."""
+        z = np.array([_NORMAL.inv_cdf((i + 0.5) / k) for i in range(k)])
+        return np.clip(np.exp(mu + self.sigma * z), 1, cap)
+
+    def sample(self, rng: np.random.Generator, size: int, mu: float, caps) -> np.ndarray:
+        x = np.rint(rng.lognormal(mu, self.sigma, size))
+        return np.clip(x, 1, caps).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class DatasetLengths:
+    """Independent input and output length distributions of a chat/instruction dataset."""
+
+    input: LogNormalLengths
+    output: LogNormalLengths
+
+    def sample(self, rng: np.random.Generator, size: int, max_model_len: int):
+        # Prompts are capped at half the context (vLLM's ShareGPT filter: prompt <= 1024,
+        # prompt + output <= 2048); outputs take what the prompt leaves.
+        in_cap = max(1, max_model_len // 2)
+        mu_in = self.input.solve_mu(np.array([float(in_cap)]))
+        out_caps = max_model_len - np.rint(self.input.quantiles(mu_in, in_cap))
+        mu_out = self.output.solve_mu(out_caps)
+        prompt = self.input.sample(rng, size, mu_in, in_cap)
+        output = self.output.sample(rng, size, mu_out, max_model_len - prompt)
+        return prompt, output
+
+
+# ShareGPT (PagedAttention paper, SOSP'23, Fig. 11a; vLLM benchmarks): mean input 161.3,
+# mean output 338.0 tokens, both long-tailed.  sigma 1.0 for prompts (std ~1.3x mean:
+# many one-line questions, a tail of pasted documents), 0.8 for answers (std ~0.95x mean:
+# chat answers are less skewed).  Medians ~98 and ~245 tokens.
+SHAREGPT = DatasetLengths(LogNormalLengths(161.0, 1.0), LogNormalLengths(338.0, 0.8))
+# Alpaca (same paper, Fig. 11b): mean input 19.3, mean output 58.5; short instructions with
+# a moderate tail (sigma 0.7, median ~15) and answers from one word to a paragraph
+# (sigma 0.9, median ~39).
+ALPACA = DatasetLengths(LogNormalLengths(19.0, 0.7), LogNormalLengths(58.0, 0.9))
+
+
+# ---------------------------------------------------------------- generators
+
+
+@dataclass
+class WorkloadContext:
+    vocab_size: int
+    max_model_len: int
+    lengths_rng: np.random.Generator
+    tokens_rng: np.random.Generator
+    low: int = 4
+
+    def tokens(self, length: int) -> list[int]:
+        return self.tokens_rng.integers(self.low, self.vocab_size, size=int(length)).tolist()
+
+    def clip(self, prompt_len, output_len):
+        """Clip (vectorised) so that prompt >= 1, output >= 1, prompt + output <= max_model_len."""
+        prompt = np.clip(prompt_len, 1, self.max_model_len - 1)
+        return prompt, np.clip(output_len, 1, self.max_model_len - prompt)
+
+    def specs(self, prompts: list[list[int]], outputs, n: int) -> list[RequestSpec]:
+        return [RequestSpec("", p, int(o), n=n) for p, o in zip(prompts, outputs)]
+
+
+Generator = Callable[[WorkloadConfig, WorkloadContext], list[RequestSpec]]
+WORKLOADS: dict[str, Generator] = {}
+_USES: dict[str, frozenset[str]] = {}
+# optional fields: a workload that does not read one must not see it set
+_OPTIONAL = {"input_len_min": None, "input_len_max": None, "output_len_min": None,
+             "output_len_max": None, "prefix_len": 0, "num_prefixes": 1, "trace_path": None}
+_RANGES = ("input_len_min", "input_len_max", "output_len_min", "output_len_max")
+
+
+def register_workload(name: str, uses: tuple[str, ...] = ()) -> Callable[[Generator], Generator]:
+    def deco(fn: Generator) -> Generator:
+        WORKLOADS[name] = fn
+        _USES[name] = frozenset(uses)
+        return fn
+
+    return deco
+
+
+def available_workloads() -> list[str]:
+    return sorted(WORKLOADS)
+
+
+def _lengths(rng: np.random.Generator, size: int, exact: int, lo: int | None, hi: int | None):
+    """Uniform integers in [lo, hi] when a range is given, else ``exact`` for every request."""
+    if lo is None:
+        return np.full(size, exact, dtype=np.int64)
+    return rng.integers(lo, hi + 1, size=size)
+
+
+def _prompts_and_outputs(cfg: WorkloadConfig, ctx: WorkloadContext):
+    rng, n = ctx.lengths_rng, cfg.num_requests
+    prompt = _lengths(rng, n, cfg.input_len, cfg.input_len_min, cfg.input_len_max)
+    output = _lengths(rng, n, cfg.output_len, cfg.output_len_min, cfg.output_len_max)
+    return ctx.clip(prompt, output)
+
+
+def _random_prompts(cfg: WorkloadConfig, ctx: WorkloadContext, prompt, output) -> list[RequestSpec]:
+    return ctx.specs([ctx.tokens(p) for p in prompt], output, cfg.n)
+
+
+@register_workload("fixed")
+def fixed(cfg: WorkloadConfig, ctx: WorkloadContext) -> list[RequestSpec]:
+    """Every request has exactly ``input_len`` prompt and ``output_len`` output tokens."""
+    return _random_prompts(cfg, ctx, *_prompts_and_outputs(cfg, ctx))
+
+
+@register_workload("uniform", uses=_RANGES)
+def uniform(cfg: WorkloadConfig, ctx: WorkloadContext) -> list[RequestSpec]:
+    """Lengths uniform over ``[*_len_min, *_len_max]`` (inclusive).
+
+    Without a range, ``[L - L//2, L + L//2]`` around ``input_len`` / ``output_len`` (mean L,
+    like vLLM's random dataset with range ratio 0.5)."""
+    cfg = dataclasses.replace(cfg)
+    for kind in ("input", "output"):
+        mean = getattr(cfg, f"{kind}_len")
+        if getattr(cfg, f"{kind}_len_min") is None:
+            setattr(cfg, f"{kind}_len_min", mean - mean // 2)
+            setattr(cfg, f"{kind}_len_max", mean + mean // 2)
+    return _random_prompts(cfg, ctx, *_prompts_and_outputs(cfg, ctx))
+
+
+@register_workload("sharegpt")
+def sharegpt(cfg: WorkloadConfig, ctx: WorkloadContext) -> list[RequestSpec]:
+    """ShareGPT-like lengths: mean input 161, output 338, heavy tailed (see ``SHAREGPT``)."""
+    prompt, output = SHAREGPT.sample(ctx.lengths_rng, cfg.num_requests, ctx.max_model_len)
+    return _random_prompts(cfg, ctx, prompt, output)
+
+
+@register_workload("alpaca")
+def alpaca(cfg: WorkloadConfig, ctx: WorkloadContext) -> list[RequestSpec]:
+    """Alpaca-like lengths: mean input 19, output 58 (see ``ALPACA``)."""
+    prompt, output = ALPACA.sample(ctx.lengths_rng, cfg.num_requests, ctx.max_model_len)
+    return _random_prompts(cfg, ctx, prompt, output)
+
+
+@register_workload("parallel", uses=_RANGES)
+def parallel(cfg: WorkloadConfig, ctx: WorkloadContext) -> list[RequestSpec]:
+    """``n`` samples per prompt (n >= 2); lengths exact, or uniform where a range is set.
+
+    ``n`` works with every workload: ``name=alpaca n=4`` is the PagedAttention paper's
+    parallel-sampling setup."""
+    return _random_prompts(cfg, ctx, *_prompts_and_outputs(cfg, ctx))
+
+
+@register_workload("shared_prefix", uses=_RANGES + ("prefix_len", "num_prefixes"))
+def shared_prefix(cfg: WorkloadConfig, ctx: WorkloadContext) -> list[RequestSpec]:
+    """k-shot prompts: ``num_prefixes`` random prefixes of ``prefix_len`` tokens; request i
+    uses prefix ``i % num_prefixes`` (round robin: equal groups, interleaved arrivals)
+    followed by its own ``input_len`` suffix (uniform where a range is set)."""
+    prefixes = [ctx.tokens(cfg.prefix_len) for _ in range(cfg.num_prefixes)]
+    rng, n = ctx.lengths_rng, cfg.num_requests
+    suffix = _lengths(rng, n, cfg.input_len, cfg.input_len_min, cfg.input_len_max)
+    output = _lengths(rng, n, cfg.output_len, cfg.output_len_min, cfg.output_len_max)
+    # the prefix is never cut: the suffix and output give way (prefix_len <= max_model_len - 2)
+    suffix = np.clip(suffix, 1, ctx.max_model_len - 1 - cfg.prefix_len)
+    prompt, output = ctx.clip(cfg.prefix_len + suffix, output)
+    prompts = [prefixes[i % cfg.num_prefixes] + ctx.tokens(s) for i, s in enumerate(suffix)]
+    return ctx.specs(prompts, output, cfg.n)
+
+
+_TRACE_KEYS = {"prompt_len", "prompt", "output_len", "arrival_s", "n", "request_id"}
+
+
+@register_workload("trace", uses=("trace_path",))
+def trace(cfg: WorkloadConfig, ctx: WorkloadContext) -> list[RequestSpec]:
+    """Replay a local JSONL trace, one request per line, file order, the first
+    ``num_requests`` lines (all of them if the trace is shorter).
+
+    A line is ``{"prompt_len": int, "output_len": int, "arrival_s": float}`` (random token ids
+    of that length) or ``{"prompt": str, "output_len": int, "arrival_s": float}``; ``n`` and
+    ``request_id`` are optional.  ``arrival_s`` is kept when ``request_rate`` is inf and every
+    line has it; a finite ``request_rate`` replaces it with generated arrivals.
+
+    Text prompts stay in ``prompt_text`` with ``prompt_token_ids == []``: the caller
+    tokenizes them (``tokenize_requests``), which also clips them to ``max_model_len``;
+    until then only ``output_len`` is clipped (to ``max_model_len - 1``).
+    """
+    path = Path(cfg.trace_path)
+    records = []
+    with path.open() as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"trace {path} line {lineno}: not valid JSON ({e.msg})") from None
+                records.append((lineno, _trace_record(record, path, lineno)))
+            if len(records) == cfg.num_requests:
+                break
+    if not records:
+        raise ValueError(f"trace {path} has no requests: write one JSON object per line")
+    timed = sum("arrival_s" in r for _, r in records)
+    if 0 < timed < len(records):
+        raise ValueError(f"trace {path}: give arrival_s on every line or on none")
+    specs = []
+    for i, (lineno, r) in enumerate(records):
+        output = int(min(max(r["output_len"], 1), ctx.max_model_len - 1))
+        if "prompt" in r:
+            ids, text = [], r["prompt"]
+        else:
+            prompt, output = ctx.clip(r["prompt_len"], output)
+            ids, text = ctx.tokens(prompt), None
+        spec = RequestSpec(str(r.get("request_id", "")), ids, int(output),
+                           float(r.get("arrival_s", 0.0)), int(r.get("n", cfg.n)), text)
+        specs.append(spec)
+    return specs
+
+
+def _trace_record(r, path: Path, lineno: int) -> dict:
+    where = f"trace {path} line {lineno}"
+    if not isinstance(r, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(r).__name__}")
+    unknown = set(r) - _TRACE_KEYS
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {sorted(unknown)}; allowed: {sorted(_TRACE_KEYS)}")
+    if ("prompt" in r) == ("prompt_len" in r):
+        raise ValueError(f"{where}: give exactly one of 'prompt' (text) or 'prompt_len' (int)")
+    if "output_len" not in r:
+        raise ValueError(f"{where}: missing 'output_len'")
+    for key in ("prompt_len", "output_len", "n"):
+        if key in r and (not isinstance(r[key], int) or isinstance(r[key], bool) or r[key] < 1):
+            raise ValueError(f"{where}: '{key}' must be an integer >= 1, got {r[key]!r}")
+    if "prompt" in r and not isinstance(r["prompt"], str):
+        raise ValueError(f"{where}: 'prompt' must be a string")
+    if "arrival_s" in r and not (isinstance(r["arrival_s"], (int, float)) and r["arrival_s"] >= 0):
+        raise ValueError(f"{where}: 'arrival_s' must be a number >= 0, got {r['arrival_s']!r}")
+    return r
+
+
+# ---------------------------------------------------------------- arrivals
+
+
+def arrival_times(num: int, request_rate: float, arrival: str = "poisson",
+                  burstiness: float = 1.0, rng: np.random.Generator | None = None) -> np.ndarray:
+    """Arrival offsets (s) as vLLM's benchmark_serving: the first request at 0, then gaps
+    exponential with mean 1/rate (poisson) or gamma with shape=burstiness and
+    scale=1/(rate*burstiness) (mean 1/rate, coefficient of variation 1/sqrt(burstiness):
+    below 1 burstier than Poisson, above 1 more regular)."""
+    if math.isinf(request_rate):
+        return np.zeros(num)
+    rng = rng if rng is not None else np.random.default_rng()
+    if arrival == "poisson":
+        gaps = rng.exponential(1.0 / request_rate, size=num)
+    else:
+        gaps = rng.gamma(burstiness, 1.0 / (request_rate * burstiness), size=num)
+    return np.concatenate([[0.0], np.cumsum(gaps[:-1])])
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def _as_int(cfg: WorkloadConfig, key: str, minimum: int, optional: bool = False) -> None:
+    v = getattr(cfg, key)
+    if v is None and optional:
+        return
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
+        raise ValueError(f"workload.{key} must be an integer >= {minimum}, got {v!r}")
+    setattr(cfg, key, v)
+
+
+def _validate(cfg: WorkloadConfig, vocab_size: int, max_model_len: int, low: int) -> WorkloadConfig:
+    cfg = dataclasses.replace(cfg)  # never mutate the caller's config
+    if cfg.name not in WORKLOADS:
+        raise ValueError(f"unknown workload '{cfg.name}': set workload.name to one of "
+                         f"{available_workloads()}")
+    for key in ("num_requests", "input_len", "output_len", "n"):
+        _as_int(cfg, key, 1)
+    for key in _RANGES:
+        _as_int(cfg, key, 1, optional=True)
+    _as_int(cfg, "prefix_len", 0)
+    _as_int(cfg, "num_prefixes", 1)
+    _as_int(cfg, "seed", 0)
+    for key, unset in _OPTIONAL.items():
+        if getattr(cfg, key) != unset and key not in _USES[cfg.name]:
+            raise ValueError(f"workload.{key} is not used by workload '{cfg.name}': remove it "
+                             f"(it is read by {sorted(k for k, u in _USES.items() if key in u)})")
+    for kind in ("input", "output"):
+        lo, hi = getattr(cfg, f"{kind}_len_min"), getattr(cfg, f"{kind}_len_max")
+        if (lo is None) != (hi is None):
+            raise ValueError(f"workload.{kind}_len_min and {kind}_len_max go together: set both")
+        if lo is not None and lo > hi:
+            raise ValueError(f"workload.{kind}_len_min ({lo}) > {kind}_len_max ({hi})")
+    if cfg.name == "shared_prefix" and not 1 <= cfg.prefix_len <= max_model_len - 2:
+        raise ValueError(f"workload.prefix_len must be in [1, max_model_len - 2 = "
+                         f"{max_model_len - 2}] for shared_prefix, got {cfg.prefix_len}")
+    if cfg.name == "parallel" and cfg.n < 2:
+        raise ValueError("workload 'parallel' needs workload.n >= 2 samples per prompt")
+    if cfg.name == "trace":
+        if cfg.trace_path is None or not Path(cfg.trace_path).is_file():
+            raise ValueError(f"workload.trace_path must name a local JSONL file, got {cfg.trace_path!r}")
+    try:
+        cfg.request_rate = float(cfg.request_rate)
+        cfg.burstiness = float(cfg.burstiness)
+    except (TypeError, ValueError):
+        raise ValueError("workload.request_rate and workload.burstiness must be numbers "
+                         "(request_rate=inf for offline)") from None
+    if not cfg.request_rate > 0:
+        raise ValueError(f"workload.request_rate must be > 0 req/s (inf = all at t=0), got {cfg.request_rate}")
+    if cfg.arrival not in ("poisson", "gamma"):
+        raise ValueError(f"workload.arrival must be 'poisson' or 'gamma', got {cfg.arrival!r}")
+    if not (cfg.burstiness > 0 and math.isfinite(cfg.burstiness)):
+        raise ValueError(f"workload.burstiness must be a finite number > 0, got {cfg.burstiness}")
+    if cfg.arrival == "poisson" and cfg.burstiness != 1.0:
+        raise ValueError("workload.burstiness only applies to gamma arrivals: set workload.arrival=gamma")
+    if max_model_len < 2:
+        raise ValueError(f"max_model_len must be >= 2 (one prompt and one output token), got {max_model_len}")
+    if vocab_size <= low:
+        raise ValueError(f"vocab_size ({vocab_size}) must exceed the lowest token id drawn ({low})")
+    return cfg
+
+
+def make_workload(cfg: WorkloadConfig | Mapping, vocab_size: int, max_model_len: int,
+                  *, low: int = 4) -> list[RequestSpec]:
+    """Build the requests of a workload.
+
+    ``cfg`` is a WorkloadConfig or a mapping with its fields (a Hydra DictConfig works).
+    Prompt token ids are drawn uniformly from ``[low, vocab_size)``; ``low=4`` skips the ids
+    that OPT and Llama-2 tokenizers reserve for pad/bos/eos/unk.
+    """
+    if not isinstance(cfg, WorkloadConfig):
+        if not isinstance(cfg, Mapping):
+            raise ValueError(f"workload config must be a WorkloadConfig or a mapping, got {type(cfg).__name__}")
+        cfg = WorkloadConfig.from_dict(cfg)
+    cfg = _validate(cfg, vocab_size, max_model_len, low)
+    lengths_ss, tokens_ss, arrivals_ss = np.random.SeedSequence(cfg.seed).spawn(3)
+    ctx = WorkloadContext(vocab_size, max_model_len, np.random.default_rng(lengths_ss),
+                          np.random.default_rng(tokens_ss), low)
+    specs = WORKLOADS[cfg.name](cfg, ctx)
+    if math.isfinite(cfg.request_rate):
+        times = arrival_times(len(specs), cfg.request_rate, cfg.arrival, cfg.burstiness,
+                              np.random.default_rng(arrivals_ss))
+        for spec, t in zip(specs, times):
+            spec.arrival_s = float(t)
+    for i, spec in enumerate(specs):
+        spec.request_id = spec.request_id or f"{cfg.name}-{i}"
+    return specs
+
+
+def tokenize_requests(specs: list[RequestSpec], encode: Callable[[str], list[int]],
+                      max_model_len: int | None = None) -> list[RequestSpec]:
+    """Tokenize text prompts (trace replay).  With ``max_model_len``, clip as the generators
+    do: the prompt keeps its first ``max_model_len - 1`` tokens, the output what is left.
+    Specs that already have token ids pass through unchanged."""
+    out = []
+    for spec in specs:
+        if spec.prompt_text is not None and not spec.prompt_token_ids:
+            ids = list(encode(spec.prompt_text))
+            if not ids:
+                raise ValueError(f"request {spec.request_id}: its prompt text tokenizes to nothing")
+            output = spec.output_len
+            if max_model_len is not None:
+                ids = ids[: max_model_len - 1]
+                output = max(1, min(output, max_model_len - len(ids)))
+            spec = dataclasses.replace(spec, prompt_token_ids=ids, output_len=output)
+        out.append(spec)
+    return out
