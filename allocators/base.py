@@ -54,8 +54,27 @@ class KVCacheSpec:
 
 
 class KVAllocator(ABC):
+    """One KV memory strategy.
+
+    Life of a sequence, as the engine drives it::
+
+        match_prefix(seq)                    # admission, prefix caching on: attach cached blocks
+        can_allocate(seq, n); allocate(seq, n)   # before every step, for the step's new tokens
+        slot_mapping(seq, start, end)         # where the step writes tokens [start, end)
+        fork(parent, child)                   # n > 1: the child shares the parent's KV
+        swap_out(seq) ... swap_in(seq)        # preemption by swapping (where supported)
+        free(seq)                             # finish, abort, recompute preemption
+
+    ``allocate`` is also the copy-on-write point: where the next tokens of ``seq`` would
+    land in memory that another sequence shares, the allocator gives ``seq`` a private copy
+    first (data copied with ``kernels.copy_blocks``), so shared memory is never written.
+    """
+
     name: ClassVar[str]
     mode: ClassVar[Addressing]
+    supports_fork: ClassVar[bool] = False  # fork() works (sharing or copying, see the strategy)
+    supports_prefix_caching: ClassVar[bool] = False  # match_prefix() can return > 0
+    supports_swap: ClassVar[bool] = False  # swap_out()/swap_in() work (given host space)
 
     def __init__(self, spec: KVCacheSpec, capacity_tokens: int, max_num_seqs: int, max_model_len: int):
         if capacity_tokens <= 0:
@@ -73,11 +92,11 @@ class KVAllocator(ABC):
 
     @abstractmethod
     def allocate(self, seq: SequenceLike, num_new_tokens: int) -> None:
-        """Make room for the next ``num_new_tokens`` tokens of ``seq``."""
+        """Make room for the next ``num_new_tokens`` tokens of ``seq`` (copy-on-write included)."""
 
     @abstractmethod
     def free(self, seq: SequenceLike) -> None:
-        """Release everything ``seq`` holds (finished, aborted or preempted)."""
+        """Release everything ``seq`` holds (finished, aborted or preempted); no-op if unknown."""
 
     @abstractmethod
     def num_tokens(self, seq: SequenceLike) -> int:
@@ -85,18 +104,75 @@ class KVAllocator(ABC):
 
     @abstractmethod
     def seq_capacity(self, seq: SequenceLike) -> int:
-        """Token slots charged to ``seq`` (blocks, region or pages it holds)."""
+        """End of the token positions ``[0, cap)`` that ``seq`` holds room for, as charged to it.
+
+        Slots ``[num_tokens, cap)`` are charged to ``seq`` alone; positions below
+        ``num_tokens`` may be shared with other sequences (``stats`` counts them once).
+        Where ``seq``'s unfilled tail is shared (a fork's last block) one holder is charged
+        and the others report ``cap = num_tokens``. The accountant moves ``[final_len, cap)``
+        into internal fragmentation when ``seq`` finishes.
+        """
 
     def max_fit_tokens(self) -> int:
         """Largest final length a single sequence could ever be given on an empty pool."""
         return self.capacity_tokens
 
+    # -- sharing -------------------------------------------------------------------------
+    def can_fork(self, parent: SequenceLike) -> bool:
+        """Whether ``fork(parent, child)`` would succeed now."""
+        return False
+
     def fork(self, parent: SequenceLike, child: SequenceLike) -> None:
+        """Give ``child`` (unknown to the allocator) the KV of ``parent``'s first ``num_tokens(parent)``
+        tokens; afterwards both grow independently with ``allocate``.
+
+        Call it between steps, when everything ``parent`` was allocated is computed. Paged
+        shares the blocks (reference counts, copy-on-write of a shared partial last block on
+        the next ``allocate``); contiguous and virtual copy the tokens into the child's own
+        region. ``child.token_ids`` starts as a copy of ``parent``'s.
+        """
         raise NotImplementedError(f"allocator '{self.name}' does not support fork (n > 1)")
 
     def match_prefix(self, seq: SequenceLike) -> int:
-        """Tokens of ``seq``'s prompt already cached (0 where prefix caching is unsupported)."""
+        """At admission (``seq`` holds nothing yet): attach the cached KV of the longest cached
+        prefix of ``seq.token_ids`` and return its length in tokens (0 where unsupported).
+
+        Always leaves at least one token to compute (its logits give the next token).
+        ``num_tokens(seq)`` is then the returned count, so a following ``allocate(seq, n)``
+        adds only the tokens after the cached prefix.
+        """
         return 0
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        """Tokens found in the prefix cache / tokens looked up (0.0 before any lookup)."""
+        return 0.0
+
+    # -- swapping (preemption) -----------------------------------------------------------
+    def can_swap_out(self, seq: SequenceLike) -> bool:
+        """Whether the host pool has room for ``seq``'s KV now."""
+        return False
+
+    def swap_out(self, seq: SequenceLike) -> list[tuple[int, int]]:
+        """Move ``seq``'s KV to the host pool and release its device memory.
+
+        Returns ``(device_block, host_block)`` pairs; the allocator has copied the data
+        already. ``seq`` keeps its ``num_tokens`` and is *swapped* until ``swap_in``; do not
+        ``allocate`` for it meanwhile (``free`` drops its host copy).
+        """
+        raise NotImplementedError(f"allocator '{self.name}' does not support swapping: use recompute")
+
+    def can_swap_in(self, seq: SequenceLike) -> bool:
+        """Whether the device pool has room to bring a swapped ``seq`` back now."""
+        return False
+
+    def swap_in(self, seq: SequenceLike) -> list[tuple[int, int]]:
+        """Bring a swapped ``seq`` back to device memory; returns ``(host_block, device_block)``
+        pairs, data already copied. ``seq`` then continues where it stopped."""
+        raise NotImplementedError(f"allocator '{self.name}' does not support swapping: use recompute")
+
+    def is_swapped(self, seq: SequenceLike) -> bool:
+        return False
 
     # -- addressing for kernels --------------------------------------------------------
     @abstractmethod
@@ -126,6 +202,9 @@ class KVAllocator(ABC):
         for _ in range(s.num_layers):
             self._k.append(torch.zeros(num_slots, s.num_kv_heads, s.head_dim, dtype=s.dtype, device=s.device))
             self._v.append(torch.zeros(num_slots, s.num_kv_heads, s.head_dim, dtype=s.dtype, device=s.device))
+
+    def close(self) -> None:
+        """Release what outlives the object (mappings, threads); the allocator is unusable after."""
 
     # -- accounting ----------------------------------------------------------------------
     @abstractmethod

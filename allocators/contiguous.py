@@ -1,7 +1,15 @@
-"""Contiguous reservation (static caches, Orca): one region per request from one arena."""
+"""Contiguous reservation (static caches, Orca): one region per request from one arena.
+
+Policies size the region when the request is admitted: ``max`` reserves max_model_len
+(Orca-Max, static caches), ``pow2`` the next power of two of prompt + max_tokens
+(Orca-Pow2), ``oracle`` the exact final length (Orca-Oracle: an upper bound no real system
+has). Regions never grow, so a request is admitted only where a hole fits its whole region.
+"""
 from __future__ import annotations
 
-from allocators.arena import FirstFitArena
+from dataclasses import dataclass
+
+from allocators.arena import make_arena
 from allocators.base import AllocationError, KVAllocator, KVCacheSpec, SequenceLike
 from allocators.registry import register
 from allocators.stats import MemoryStats
@@ -14,9 +22,18 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
+@dataclass(slots=True)
+class _Region:
+    seq: SequenceLike
+    start: int
+    length: int  # slots charged (what the arena granted)
+    used: int = 0
+
+
 @register("contiguous")
 class ContiguousAllocator(KVAllocator):
     mode = Addressing.LINEAR
+    supports_fork = True  # by copy: regions cannot be shared
 
     def __init__(
         self,
@@ -25,77 +42,100 @@ class ContiguousAllocator(KVAllocator):
         max_num_seqs: int,
         max_model_len: int,
         policy: str = "max",
+        arena: str = "first_fit",
     ):
         if policy not in POLICIES:
             raise ValueError(f"unknown contiguous policy '{policy}': choose one of {POLICIES}")
         super().__init__(spec, capacity_tokens, max_num_seqs, max_model_len)
         self.policy = policy
-        self.arena = FirstFitArena(capacity_tokens)
-        self._regions: dict[int, tuple[int, int]] = {}  # seq_id -> (start, length)
-        self._used: dict[int, int] = {}
-        self._seqs: dict[int, SequenceLike] = {}
+        self.arena = make_arena(arena, capacity_tokens)
+        self._regions: dict[int, _Region] = {}
         self._make_cache(capacity_tokens)
 
+    # -- sizing ------------------------------------------------------------------------
     def region_size(self, seq: SequenceLike) -> int:
+        """Tokens the policy asks for (the arena may round up: ``arena.size_for``)."""
         if self.policy == "max":
             return self.max_model_len
         if self.policy == "pow2":
             return min(_next_pow2(seq.max_len), self.max_model_len)
         return seq.oracle_len
 
-    def max_fit_tokens(self) -> int:
-        return self.capacity_tokens if self.policy != "max" else (
-            self.max_model_len if self.max_model_len <= self.capacity_tokens else 0
-        )
+    def _grant(self, seq: SequenceLike, num_tokens: int) -> int:
+        return self.arena.size_for(max(self.region_size(seq), num_tokens))
 
+    def max_fit_tokens(self) -> int:
+        largest = self.arena.max_region()
+        if self.policy == "max":
+            return self.max_model_len if self.arena.size_for(self.max_model_len) <= largest else 0
+        return largest
+
+    # -- room for tokens -----------------------------------------------------------------
     def can_allocate(self, seq: SequenceLike, num_new_tokens: int) -> bool:
-        region = self._regions.get(seq.seq_id)
-        if region is not None:
-            return self._used[seq.seq_id] + num_new_tokens <= region[1]
-        need = max(self.region_size(seq), num_new_tokens)
-        return self.arena.largest_hole() >= need
+        r = self._regions.get(seq.seq_id)
+        if r is not None:
+            return r.used + num_new_tokens <= r.length
+        return self.arena.largest_hole() >= self._grant(seq, num_new_tokens)
+
+    def _new_region(self, seq: SequenceLike, num_tokens: int) -> _Region:
+        length = self._grant(seq, num_tokens)
+        start = self.arena.alloc(length)
+        if start is None:
+            raise AllocationError(
+                f"no hole of {length} tokens for seq {seq.seq_id} (largest {self.arena.largest_hole()}, "
+                f"policy '{self.policy}'): check can_allocate first")
+        r = self._regions[seq.seq_id] = _Region(seq, start, length)
+        return r
 
     def allocate(self, seq: SequenceLike, num_new_tokens: int) -> None:
-        region = self._regions.get(seq.seq_id)
-        if region is None:
-            length = max(self.region_size(seq), num_new_tokens)
-            start = self.arena.alloc(length)
-            if start is None:
-                raise AllocationError(f"no hole of {length} tokens for seq {seq.seq_id}")
-            self._regions[seq.seq_id] = region = (start, length)
-            self._used[seq.seq_id] = 0
-            self._seqs[seq.seq_id] = seq
-        if self._used[seq.seq_id] + num_new_tokens > region[1]:
+        r = self._regions.get(seq.seq_id) or self._new_region(seq, num_new_tokens)
+        if r.used + num_new_tokens > r.length:
             raise AllocationError(
-                f"seq {seq.seq_id} outgrew its {region[1]}-token region (policy '{self.policy}')"
-            )
-        self._used[seq.seq_id] += num_new_tokens
+                f"seq {seq.seq_id} outgrew its {r.length}-token region (policy '{self.policy}'): "
+                "a region is sized at admission; with policy 'oracle' give the exact final length")
+        r.used += num_new_tokens
 
     def free(self, seq: SequenceLike) -> None:
-        region = self._regions.pop(seq.seq_id, None)
-        if region is not None:
-            self.arena.release(*region)
-        self._used.pop(seq.seq_id, None)
-        self._seqs.pop(seq.seq_id, None)
+        r = self._regions.pop(seq.seq_id, None)
+        if r is not None:
+            self.arena.release(r.start, r.length)
 
     def num_tokens(self, seq: SequenceLike) -> int:
-        return self._used.get(seq.seq_id, 0)
+        r = self._regions.get(seq.seq_id)
+        return r.used if r else 0
 
     def seq_capacity(self, seq: SequenceLike) -> int:
-        region = self._regions.get(seq.seq_id)
-        return region[1] if region else 0
+        r = self._regions.get(seq.seq_id)
+        return r.length if r else 0
 
+    # -- fork: a copy into the child's own region ------------------------------------------
+    def can_fork(self, parent: SequenceLike) -> bool:
+        r = self._regions.get(parent.seq_id)
+        return r is not None and self.arena.largest_hole() >= self._grant(parent, r.used)
+
+    def fork(self, parent: SequenceLike, child: SequenceLike) -> None:
+        src = self._regions[parent.seq_id]
+        if child.seq_id in self._regions:
+            raise AllocationError(f"fork: child seq {child.seq_id} already holds a region")
+        dst = self._new_region(child, src.used)
+        dst.used = src.used
+        for k, v in zip(self._k, self._v):
+            k[dst.start:dst.start + src.used] = k[src.start:src.start + src.used]
+            v[dst.start:dst.start + src.used] = v[src.start:src.start + src.used]
+
+    # -- addressing -------------------------------------------------------------------------
     def slot_mapping(self, seq: SequenceLike, start: int, end: int) -> list[int]:
-        base = self._regions[seq.seq_id][0]
+        base = self._regions[seq.seq_id].start
         return list(range(base + start, base + end))
 
     def seq_base(self, seq: SequenceLike) -> int:
-        return self._regions[seq.seq_id][0]
+        return self._regions[seq.seq_id].start
 
+    # -- accounting -------------------------------------------------------------------------
     def stats(self) -> MemoryStats:
         bpt = self.bytes_per_token
-        live = [(s, self._used[i], self._regions[i][1]) for i, s in self._seqs.items()]
-        token_states, reservation, internal = self.live_split(live)
+        token_states, reservation, internal = self.live_split(
+            [(r.seq, r.used, r.length) for r in self._regions.values()])
         free = self.arena.free_total()
         largest = self.arena.largest_hole()
         return MemoryStats(
@@ -103,6 +143,10 @@ class ContiguousAllocator(KVAllocator):
             token_states=token_states,
             reservation=reservation,
             internal_frag=internal,
-            external_frag=(free - largest) * bpt,
+            external_frag=(free - largest) * bpt,  # free but in holes smaller than the largest
             free=largest * bpt,
         )
+
+    def regions(self) -> dict[int, tuple[int, int]]:
+        """seq_id -> (start, length): for tests and plots of the arena."""
+        return {i: (r.start, r.length) for i, r in self._regions.items()}

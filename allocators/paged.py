@@ -1,17 +1,48 @@
-"""Paged KV cache (PagedAttention): fixed-size blocks from a pool, a block table per sequence."""
+"""Paged KV cache (PagedAttention, vLLM): fixed-size blocks from a pool, a block table per sequence.
+
+Blocks are reference counted, so sequences share them: ``fork`` (parallel sampling) shares
+all of the parent's blocks and the prefix cache shares full blocks between requests with
+a common prefix. A shared block is never written: ``allocate`` first gives the writer a
+private copy of a shared partial last block (copy-on-write). Swap moves a sequence's blocks
+to a host pool and back.
+
+Accounting: token states count each held block's filled slots once (``BlockPool.filled_total``);
+the unfilled slots of a sequence's last block are charged to that sequence, or, where the
+block is shared after a fork, to its holder with the smallest seq_id.
+"""
 from __future__ import annotations
 
-from collections import deque
+from dataclasses import dataclass, field
 
+import torch
+
+import kernels
 from allocators.base import AllocationError, KVAllocator, KVCacheSpec, SequenceLike
+from allocators.block_pool import BlockPool
+from allocators.host_swap import HostSwapSpace
+from allocators.prefix_cache import ROOT_HASH, PrefixCache
 from allocators.registry import register
 from allocators.stats import MemoryStats
 from kernels.metadata import Addressing
+
+MAX_BLOCK_SIZE = 1024
+
+
+@dataclass(slots=True)
+class _SeqBlocks:
+    seq: SequenceLike
+    table: list[int] = field(default_factory=list)
+    num_tokens: int = 0
+    hashes: list[int] = field(default_factory=list)  # chained hash of each full block so far
+    host: list[int] | None = None  # host blocks while swapped out
 
 
 @register("paged")
 class PagedAllocator(KVAllocator):
     mode = Addressing.PAGED
+    supports_fork = True
+    supports_prefix_caching = True
+    supports_swap = True
 
     def __init__(
         self,
@@ -20,24 +51,28 @@ class PagedAllocator(KVAllocator):
         max_num_seqs: int,
         max_model_len: int,
         block_size: int = 16,
+        enable_prefix_caching: bool = True,
+        swap_space_tokens: int = 0,
     ):
-        if not 1 <= block_size <= 1024:
-            raise ValueError(f"block_size={block_size}: choose a block size between 1 and 1024")
+        if not 1 <= block_size <= MAX_BLOCK_SIZE:
+            raise ValueError(f"block_size={block_size}: choose a block size between 1 and {MAX_BLOCK_SIZE}")
         num_blocks = capacity_tokens // block_size
         if num_blocks == 0:
             raise ValueError(
                 f"KV pool of {capacity_tokens} tokens holds no block of {block_size}: "
-                "give the allocator more memory or a smaller block_size"
-            )
+                "give the allocator more memory or a smaller block_size")
         super().__init__(spec, num_blocks * block_size, max_num_seqs, max_model_len)
         self._block_size = block_size
         self.num_blocks = num_blocks
-        self._free_blocks: deque[int] = deque(range(num_blocks))
-        self._ref = [0] * num_blocks
-        self._tables: dict[int, list[int]] = {}
-        self._used: dict[int, int] = {}
-        self._seqs: dict[int, SequenceLike] = {}
+        self.pool = BlockPool(num_blocks, block_size)
+        self.enable_prefix_caching = enable_prefix_caching
+        self.cache = PrefixCache()
+        self.pool.on_evict = self.cache.evict
+        self.swap_space = HostSwapSpace(spec, swap_space_tokens // block_size, block_size)
+        self._seqs: dict[int, _SeqBlocks] = {}
+        self._tail_holders: dict[int, set[int]] = {}  # shared partial last block -> its holders
         self._make_cache(num_blocks * block_size)
+        self._caches = list(zip(self._k, self._v))
 
     @property
     def block_size(self) -> int:
@@ -45,60 +80,237 @@ class PagedAllocator(KVAllocator):
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self._free_blocks)
+        return self.pool.num_free
 
-    def _blocks_needed(self, seq: SequenceLike, num_new_tokens: int) -> int:
-        total = self._used.get(seq.seq_id, 0) + num_new_tokens
-        held = len(self._tables.get(seq.seq_id, ()))
-        return max(0, -(-total // self._block_size) - held)
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        return self.cache.hit_rate
+
+    # -- room for tokens -----------------------------------------------------------------
+    def _needs(self, st: _SeqBlocks | None, num_new_tokens: int) -> int:
+        """Blocks ``allocate`` would take: new blocks, plus one for a copy-on-write."""
+        if st is None:
+            return -(-num_new_tokens // self._block_size)
+        total = st.num_tokens + num_new_tokens
+        need = max(0, -(-total // self._block_size) - len(st.table))
+        if num_new_tokens and st.num_tokens % self._block_size and self.pool.ref[st.table[-1]] > 1:
+            need += 1
+        return need
 
     def can_allocate(self, seq: SequenceLike, num_new_tokens: int) -> bool:
-        return self._blocks_needed(seq, num_new_tokens) <= len(self._free_blocks)
+        st = self._seqs.get(seq.seq_id)
+        if st is not None and st.host is not None:
+            return False
+        return self._needs(st, num_new_tokens) <= self.pool.num_free
 
     def allocate(self, seq: SequenceLike, num_new_tokens: int) -> None:
-        need = self._blocks_needed(seq, num_new_tokens)
-        if need > len(self._free_blocks):
+        st = self._seqs.get(seq.seq_id)
+        if st is not None and st.host is not None:
+            raise AllocationError(f"seq {seq.seq_id} is swapped out: swap_in before allocating for it")
+        need = self._needs(st, num_new_tokens)
+        if need > self.pool.num_free:
             raise AllocationError(
-                f"seq {seq.seq_id} needs {need} blocks, {len(self._free_blocks)} free"
-            )
-        table = self._tables.setdefault(seq.seq_id, [])
-        for _ in range(need):
-            b = self._free_blocks.popleft()
-            self._ref[b] = 1
-            table.append(b)
-        self._used[seq.seq_id] = self._used.get(seq.seq_id, 0) + num_new_tokens
-        self._seqs[seq.seq_id] = seq
+                f"seq {seq.seq_id} needs {need} blocks, {self.pool.num_free} free: check can_allocate first")
+        if st is None:
+            st = self._seqs[seq.seq_id] = _SeqBlocks(seq)
+        if num_new_tokens <= 0:
+            return
+        bs, pool, table = self._block_size, self.pool, st.table
+        if st.num_tokens % bs and pool.ref[table[-1]] > 1:
+            self._copy_on_write(st)
+        total = st.num_tokens + num_new_tokens
+        for i in range(st.num_tokens // bs, -(-total // bs)):
+            if i == len(table):
+                table.append(pool.take())
+            pool.set_fill(table[i], min(bs, total - i * bs))
+        st.num_tokens = total
+        if self.enable_prefix_caching and total // bs > len(st.hashes):
+            self._register_full_blocks(st)
+
+    def _copy_on_write(self, st: _SeqBlocks) -> None:
+        """``st``'s last block is shared and about to be written: write a private copy instead."""
+        old = st.table[-1]
+        new = self.pool.take()
+        if self._caches:
+            dev = self._caches[0][0].device
+            src = torch.tensor([old], dtype=torch.int64, device=dev)
+            dst = torch.tensor([new], dtype=torch.int64, device=dev)
+            for k, v in self._caches:
+                kernels.copy_blocks(k, src, dst, self._block_size)
+                kernels.copy_blocks(v, src, dst, self._block_size)
+        self.pool.set_fill(new, self.pool.fill[old])
+        self.pool.release(old, cached=False)  # partial blocks are never cached
+        self._leave_tail(old, st.seq.seq_id)
+        st.table[-1] = new
+
+    def _leave_tail(self, block: int, seq_id: int) -> None:
+        holders = self._tail_holders.get(block)
+        if holders is not None:
+            holders.discard(seq_id)
+            if len(holders) <= 1:
+                del self._tail_holders[block]
+
+    def _register_full_blocks(self, st: _SeqBlocks) -> None:
+        """Index the blocks that became full, chaining each block's hash to its prefix."""
+        bs, tokens = self._block_size, st.seq.token_ids
+        full = min(st.num_tokens, len(tokens)) // bs
+        parent = st.hashes[-1] if st.hashes else ROOT_HASH
+        for i in range(len(st.hashes), full):
+            key = (parent, tuple(tokens[i * bs:(i + 1) * bs]))
+            parent = hash(key)
+            st.hashes.append(parent)
+            self.cache.insert(key, st.table[i])
 
     def free(self, seq: SequenceLike) -> None:
-        for b in self._tables.pop(seq.seq_id, ()):
-            self._ref[b] -= 1
-            if self._ref[b] == 0:
-                self._free_blocks.append(b)
-        self._used.pop(seq.seq_id, None)
-        self._seqs.pop(seq.seq_id, None)
+        st = self._seqs.pop(seq.seq_id, None)
+        if st is None:
+            return
+        if st.host is not None:
+            self.swap_space.release(st.host)
+        self._release_blocks(st)
+
+    def _release_blocks(self, st: _SeqBlocks) -> None:
+        if st.table and st.num_tokens % self._block_size:
+            self._leave_tail(st.table[-1], st.seq.seq_id)
+        # last blocks first: the LRU evicts a prefix's tail before its head
+        for b in reversed(st.table):
+            self.pool.release(b, cached=self.cache.is_cached(b))
+        st.table = []
 
     def num_tokens(self, seq: SequenceLike) -> int:
-        return self._used.get(seq.seq_id, 0)
+        st = self._seqs.get(seq.seq_id)
+        return st.num_tokens if st else 0
 
     def seq_capacity(self, seq: SequenceLike) -> int:
-        return len(self._tables.get(seq.seq_id, ())) * self._block_size
+        st = self._seqs.get(seq.seq_id)
+        if st is None or not st.table:
+            return 0
+        if st.num_tokens % self._block_size:
+            holders = self._tail_holders.get(st.table[-1])
+            if holders is not None and min(holders) != seq.seq_id:
+                return st.num_tokens  # the shared tail is charged to another holder
+        return len(st.table) * self._block_size
 
+    # -- sharing -------------------------------------------------------------------------
+    def can_fork(self, parent: SequenceLike) -> bool:
+        st = self._seqs.get(parent.seq_id)
+        return st is not None and st.host is None
+
+    def fork(self, parent: SequenceLike, child: SequenceLike) -> None:
+        p = self._seqs.get(parent.seq_id)
+        if p is None or p.host is not None:
+            raise AllocationError(f"fork: parent seq {parent.seq_id} holds no device blocks")
+        if child.seq_id in self._seqs:
+            raise AllocationError(f"fork: child seq {child.seq_id} already holds blocks")
+        for b in p.table:
+            self.pool.share(b)
+        self._seqs[child.seq_id] = _SeqBlocks(child, list(p.table), p.num_tokens, list(p.hashes))
+        if p.num_tokens % self._block_size:
+            self._tail_holders.setdefault(p.table[-1], {parent.seq_id}).add(child.seq_id)
+
+    def match_prefix(self, seq: SequenceLike) -> int:
+        st = self._seqs.get(seq.seq_id)
+        if st is not None:
+            return st.num_tokens
+        if not self.enable_prefix_caching:
+            return 0
+        bs, tokens = self._block_size, seq.token_ids
+        st = _SeqBlocks(seq)
+        parent = ROOT_HASH
+        for i in range((len(tokens) - 1) // bs):  # leave at least one token to compute
+            key = (parent, tuple(tokens[i * bs:(i + 1) * bs]))
+            b = self.cache.lookup(key)
+            if b is None:
+                break
+            self.pool.share(b)
+            st.table.append(b)
+            parent = hash(key)
+            st.hashes.append(parent)
+        st.num_tokens = len(st.table) * bs
+        self.cache.record(len(tokens), st.num_tokens)
+        if st.table:
+            self._seqs[seq.seq_id] = st
+        return st.num_tokens
+
+    # -- swapping ------------------------------------------------------------------------
+    def is_swapped(self, seq: SequenceLike) -> bool:
+        st = self._seqs.get(seq.seq_id)
+        return st is not None and st.host is not None
+
+    def can_swap_out(self, seq: SequenceLike) -> bool:
+        st = self._seqs.get(seq.seq_id)
+        return st is not None and st.host is None and len(st.table) <= self.swap_space.num_free
+
+    def swap_out(self, seq: SequenceLike) -> list[tuple[int, int]]:
+        st = self._seqs.get(seq.seq_id)
+        if st is None or st.host is not None:
+            raise AllocationError(f"swap_out: seq {seq.seq_id} holds no device blocks")
+        if len(st.table) > self.swap_space.num_free:
+            raise AllocationError(
+                f"swap_out: seq {seq.seq_id} needs {len(st.table)} host blocks, {self.swap_space.num_free} free: "
+                "raise allocator_args.swap_space_tokens or preempt by recompute")
+        host = self.swap_space.swap_out(self._caches, st.table)
+        pairs = list(zip(st.table, host))
+        self._release_blocks(st)
+        st.host = host
+        return pairs
+
+    def can_swap_in(self, seq: SequenceLike) -> bool:
+        st = self._seqs.get(seq.seq_id)
+        return st is not None and st.host is not None and len(st.host) <= self.pool.num_free
+
+    def swap_in(self, seq: SequenceLike) -> list[tuple[int, int]]:
+        st = self._seqs.get(seq.seq_id)
+        if st is None or st.host is None:
+            raise AllocationError(f"swap_in: seq {seq.seq_id} is not swapped out")
+        if len(st.host) > self.pool.num_free:
+            raise AllocationError(f"swap_in: seq {seq.seq_id} needs {len(st.host)} blocks, "
+                                  f"{self.pool.num_free} free: check can_swap_in first")
+        bs = self._block_size
+        dev = [self.pool.take() for _ in st.host]
+        for i, b in enumerate(dev):
+            self.pool.set_fill(b, min(bs, st.num_tokens - i * bs))
+        self.swap_space.swap_in(self._caches, st.host, dev)
+        pairs = list(zip(st.host, dev))
+        st.table, st.host = dev, None
+        if self.enable_prefix_caching:  # the content is back: make it findable again
+            tokens, parent = st.seq.token_ids, ROOT_HASH
+            for i, h in enumerate(st.hashes):
+                self.cache.insert((parent, tuple(tokens[i * bs:(i + 1) * bs])), dev[i])
+                parent = h
+        return pairs
+
+    # -- addressing -------------------------------------------------------------------------
     def slot_mapping(self, seq: SequenceLike, start: int, end: int) -> list[int]:
-        table, bs = self._tables[seq.seq_id], self._block_size
-        return [table[t // bs] * bs + t % bs for t in range(start, end)]
+        table, bs = self._seqs[seq.seq_id].table, self._block_size
+        if end - start == 1:  # decode
+            return [table[start // bs] * bs + start % bs]
+        out: list[int] = []
+        for i in range(start // bs, (end - 1) // bs + 1):
+            base = table[i] * bs - i * bs  # slot of token t in block i is base + t
+            out.extend(range(base + max(start, i * bs), base + min(end, (i + 1) * bs)))
+        return out
 
     def block_ids(self, seq: SequenceLike) -> list[int]:
-        return self._tables.get(seq.seq_id, [])
+        st = self._seqs.get(seq.seq_id)
+        return st.table if st else []
 
+    # -- accounting -------------------------------------------------------------------------
     def stats(self) -> MemoryStats:
-        bpt = self.bytes_per_token
-        live = [(s, self._used[i], self.seq_capacity(s)) for i, s in self._seqs.items()]
-        token_states, reservation, internal = self.live_split(live)
+        reserved = internal = 0
+        for st in self._seqs.values():
+            if not st.table:
+                continue
+            used, cap = st.num_tokens, self.seq_capacity(st.seq)
+            bound = max(min(st.seq.max_len, cap), used)
+            reserved += bound - used
+            internal += cap - bound
+        bpt, bs = self.bytes_per_token, self._block_size
         return MemoryStats(
             capacity=self.capacity_tokens * bpt,
-            token_states=token_states,
-            reservation=reservation,
-            internal_frag=internal,
+            token_states=self.pool.filled_total * bpt,
+            reservation=reserved * bpt,
+            internal_frag=internal * bpt,
             external_frag=0,  # any free block serves any sequence
-            free=len(self._free_blocks) * self._block_size * bpt,
+            free=self.pool.num_free * bs * bpt,  # free cached blocks included: any allocation may evict them
         )

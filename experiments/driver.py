@@ -1,0 +1,52 @@
+"""Feeds a workload to an engine: all at once (offline) or at their arrival times (online)."""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+from engine.llm_engine import LLMEngine
+from engine.sampling_params import SamplingParams
+from experiments.workloads import RequestSpec
+
+
+def sampling_params(spec: RequestSpec, seed: int) -> SamplingParams:
+    # workloads fix output lengths: ignore_eos makes them exact for every strategy
+    return SamplingParams(n=spec.n, max_tokens=spec.output_len, ignore_eos=True, temperature=0.0, seed=seed)
+
+
+def drive(
+    engine: LLMEngine,
+    specs: list[RequestSpec],
+    seed: int = 0,
+    advance_idle: Callable[[float], None] | None = None,
+    on_finish: Callable[[int], None] | None = None,
+) -> tuple[float, float]:
+    """Run every request to completion; return (t0, t_end) on the engine's clock.
+
+    Requests are added once the clock passes their arrival; with nothing to do the driver
+    waits for the next arrival (sleeps on a wall clock, ``advance_idle`` on a virtual one).
+    """
+    clock = engine.clock
+    pending = sorted(specs, key=lambda s: s.arrival_s)
+    t0 = clock()
+    i = 0
+    done = 0
+    while i < len(pending) or engine.has_unfinished_requests():
+        now = clock() - t0
+        while i < len(pending) and pending[i].arrival_s <= now:
+            s = pending[i]
+            engine.add_request(s.request_id, s.prompt_token_ids, sampling_params(s, seed),
+                               arrival_time=t0 + s.arrival_s, oracle_len=s.prompt_len + s.output_len)
+            i += 1
+        if not engine.has_unfinished_requests():
+            wait = pending[i].arrival_s - (clock() - t0)
+            if advance_idle is not None:
+                advance_idle(wait)
+            elif wait > 0:
+                time.sleep(wait)
+            continue
+        finished = sum(1 for out in engine.step() if out.finished)
+        if finished and on_finish is not None:
+            done += finished
+            on_finish(finished)
+    return t0, clock()

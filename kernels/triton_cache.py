@@ -1,0 +1,238 @@
+"""Triton kernels that move KV rows: the write through ``slot_mapping`` and block copies.
+
+Caches are ``[num_slots, num_kv_heads, head_dim]`` views whose slot and head strides are
+arbitrary (a layer-interleaved buffer gives a slot stride of ``layers * 2 * H * D``); only
+``head_dim`` is contiguous. Every kernel takes the strides as arguments and computes
+addresses in int64, because ``slot * slot_stride`` overflows int32 on caches of a few GB.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MAX_TILE = 4096  # elements per program tile: big enough for wide 16-byte accesses
+
+
+def _pow2(n: int) -> int:
+    return 1 if n <= 1 else triton.next_power_of_2(n)
+
+
+def _check_cache(name: str, cache: torch.Tensor) -> None:
+    if cache.dim() != 3:
+        raise ValueError(f"{name} must be [num_slots, num_kv_heads, head_dim], got {tuple(cache.shape)}")
+    if cache.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"{name} dtype {cache.dtype} not supported (fp16, bf16, fp32)")
+    if cache.stride(2) != 1:
+        raise ValueError(f"{name} must be contiguous along head_dim, got strides {cache.stride()}")
+
+
+def _check_ids(name: str, ids: torch.Tensor, device: torch.device) -> None:
+    if ids.dim() != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(ids.shape)}")
+    if ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{name} must be int32 or int64, got {ids.dtype}")
+    if ids.device != device:
+        raise ValueError(f"{name} is on {ids.device}, cache on {device}")
+
+
+# ----------------------------------------------------------------------------- write_kv
+
+
+@triton.jit
+def _write_kv_kernel(
+    k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr,
+    stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_kcs, stride_kch, stride_vcs, stride_vch,
+    num_heads,
+    HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    tok = tl.program_id(0)
+    slot = tl.load(slot_ptr + tok).to(tl.int64)
+    if slot < 0:  # padding token: nothing to write
+        return
+    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_h < num_heads)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    tok64 = tok.to(tl.int64)
+    k = tl.load(k_ptr + tok64 * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :], mask=mask)
+    v = tl.load(v_ptr + tok64 * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :], mask=mask)
+    tl.store(
+        kc_ptr + slot * stride_kcs + offs_h[:, None] * stride_kch + offs_d[None, :],
+        k.to(kc_ptr.dtype.element_ty),
+        mask=mask,
+    )
+    tl.store(
+        vc_ptr + slot * stride_vcs + offs_h[:, None] * stride_vch + offs_d[None, :],
+        v.to(vc_ptr.dtype.element_ty),
+        mask=mask,
+    )
+
+
+def write_kv(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Scatter ``k, v [num_tokens, H, D]`` into the caches at ``slot_mapping`` (< 0: skip)."""
+    _check_cache("k_cache", k_cache)
+    _check_cache("v_cache", v_cache)
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ")
+    num_slots, num_heads, head_dim = k_cache.shape
+    for name, t in (("k", k), ("v", v)):
+        if t.dim() != 3 or t.shape[1:] != (num_heads, head_dim):
+            raise ValueError(f"{name} must be [num_tokens, {num_heads}, {head_dim}], got {tuple(t.shape)}")
+        if t.stride(2) != 1:
+            raise ValueError(f"{name} must be contiguous along head_dim, got strides {t.stride()}")
+        if t.device != k_cache.device:
+            raise ValueError(f"{name} is on {t.device}, cache on {k_cache.device}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"{name} dtype {t.dtype} not supported")
+    num_tokens = k.shape[0]
+    if v.shape[0] != num_tokens or slot_mapping.shape != (num_tokens,):
+        raise ValueError(
+            f"k {tuple(k.shape)}, v {tuple(v.shape)} and slot_mapping {tuple(slot_mapping.shape)} "
+            "must agree on num_tokens"
+        )
+    _check_ids("slot_mapping", slot_mapping, k_cache.device)
+    if num_tokens == 0:
+        return
+    block_d = max(16, _pow2(head_dim))
+    block_h = min(_pow2(num_heads), max(1, _MAX_TILE // block_d))
+    grid = (num_tokens, triton.cdiv(num_heads, block_h))
+    _write_kv_kernel[grid](
+        k, v, k_cache, v_cache, slot_mapping,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
+        num_heads,
+        HEAD_DIM=head_dim, BLOCK_H=block_h, BLOCK_D=block_d,
+        num_warps=4,
+    )
+
+
+# ----------------------------------------------------------------------------- block copies
+
+
+@triton.jit
+def _copy_rows_kernel(
+    src_ptr, dst_ptr, src_ids_ptr, dst_ids_ptr,
+    stride_ss, stride_sh, stride_ds, stride_dh,
+    block_size, num_heads,
+    SRC_BLOCKED: tl.constexpr, DST_BLOCKED: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Copy token rows of block ``i``: from ``src_ids[i]`` (or dense row ``i``) to
+    ``dst_ids[i]`` (or dense row ``i``). One program: BLOCK_T tokens x BLOCK_H heads."""
+    i = tl.program_id(0)
+    offs_t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    # flatten (head, dim) into one axis so a tile is one wide, contiguous-per-head load
+    offs_hd = tl.arange(0, BLOCK_H * BLOCK_D)
+    offs_h = tl.program_id(2) * BLOCK_H + offs_hd // BLOCK_D
+    offs_d = offs_hd % BLOCK_D
+    if SRC_BLOCKED:
+        src_block = tl.load(src_ids_ptr + i).to(tl.int64)
+    else:
+        src_block = i.to(tl.int64)
+    if DST_BLOCKED:
+        dst_block = tl.load(dst_ids_ptr + i).to(tl.int64)
+    else:
+        dst_block = i.to(tl.int64)
+    src_rows = src_block * block_size + offs_t
+    dst_rows = dst_block * block_size + offs_t
+    mask = (offs_t < block_size)[:, None] & ((offs_h < num_heads) & (offs_d < HEAD_DIM))[None, :]
+    x = tl.load(src_ptr + src_rows[:, None] * stride_ss + (offs_h * stride_sh + offs_d)[None, :], mask=mask)
+    tl.store(
+        dst_ptr + dst_rows[:, None] * stride_ds + (offs_h * stride_dh + offs_d)[None, :],
+        x.to(dst_ptr.dtype.element_ty),
+        mask=mask,
+    )
+
+
+def _copy_rows(
+    src: torch.Tensor,
+    dst: torch.Tensor,
+    src_ids: torch.Tensor | None,
+    dst_ids: torch.Tensor | None,
+    num_blocks: int,
+    block_size: int,
+) -> None:
+    if num_blocks == 0:
+        return
+    _, num_heads, head_dim = src.shape
+    block_d = max(16, _pow2(head_dim))
+    block_h = min(_pow2(num_heads), max(1, _MAX_TILE // block_d))
+    block_t = min(_pow2(block_size), max(1, _MAX_TILE // (block_h * block_d)))
+    dummy = src_ids if src_ids is not None else dst_ids  # unused pointer for dense sides
+    grid = (num_blocks, triton.cdiv(block_size, block_t), triton.cdiv(num_heads, block_h))
+    _copy_rows_kernel[grid](
+        src, dst,
+        src_ids if src_ids is not None else dummy,
+        dst_ids if dst_ids is not None else dummy,
+        src.stride(0), src.stride(1), dst.stride(0), dst.stride(1),
+        block_size, num_heads,
+        SRC_BLOCKED=src_ids is not None, DST_BLOCKED=dst_ids is not None,
+        HEAD_DIM=head_dim, BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_D=block_d,
+        num_warps=4,
+    )
+
+
+def _check_block_size(block_size: int) -> None:
+    if not isinstance(block_size, int) or block_size <= 0:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+
+
+def _check_dense(name: str, buf: torch.Tensor, cache: torch.Tensor, rows: int) -> None:
+    if buf.dim() != 3 or buf.shape != (rows, cache.shape[1], cache.shape[2]):
+        raise ValueError(
+            f"{name} must be [{rows}, {cache.shape[1]}, {cache.shape[2]}] "
+            f"(n_blocks * block_size rows), got {tuple(buf.shape)}"
+        )
+    if buf.stride(2) != 1:
+        raise ValueError(f"{name} must be contiguous along head_dim, got strides {buf.stride()}")
+    if buf.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"{name} dtype {buf.dtype} not supported")
+
+
+def copy_blocks(cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, block_size: int) -> None:
+    """Copy whole blocks ``src[i] -> dst[i]`` inside one cache (copy-on-write).
+
+    The destination blocks must not also be sources (true for copy-on-write, where the
+    destination is freshly allocated): programs run concurrently, so an overlap would race.
+    """
+    _check_cache("cache", cache)
+    _check_ids("src", src, cache.device)
+    _check_ids("dst", dst, cache.device)
+    _check_block_size(block_size)
+    if src.shape != dst.shape:
+        raise ValueError(f"src {tuple(src.shape)} and dst {tuple(dst.shape)} must have the same length")
+    _copy_rows(cache, cache, src, dst, src.shape[0], block_size)
+
+
+def gather_blocks(cache: torch.Tensor, block_ids: torch.Tensor, block_size: int, out: torch.Tensor) -> None:
+    """Gather blocks into a dense buffer ``out [n * block_size, H, D]`` (swap-out staging)."""
+    _check_cache("cache", cache)
+    _check_ids("block_ids", block_ids, cache.device)
+    _check_block_size(block_size)
+    _check_dense("out", out, cache, block_ids.shape[0] * block_size)
+    if out.device != cache.device:
+        # swap-out to host memory: gather on the device, then one bulk transfer
+        staged = torch.empty(out.shape, dtype=out.dtype, device=cache.device)
+        _copy_rows(cache, staged, block_ids, None, block_ids.shape[0], block_size)
+        out.copy_(staged)
+        return
+    _copy_rows(cache, out, block_ids, None, block_ids.shape[0], block_size)
+
+
+def scatter_blocks(cache: torch.Tensor, block_ids: torch.Tensor, block_size: int, src: torch.Tensor) -> None:
+    """Scatter a dense buffer ``src [n * block_size, H, D]`` into blocks (swap-in)."""
+    _check_cache("cache", cache)
+    _check_ids("block_ids", block_ids, cache.device)
+    _check_block_size(block_size)
+    _check_dense("src", src, cache, block_ids.shape[0] * block_size)
+    if src.device != cache.device:  # swap-in from host memory: one bulk transfer first
+        src = src.to(cache.device)
+    _copy_rows(src, cache, None, block_ids, block_ids.shape[0], block_size)

@@ -1,0 +1,67 @@
+"""Bad input gets a clear error naming the problem and the fix, and loses nothing."""
+import pytest
+
+from engine import LLM, LLMEngine, SamplingParams
+from engine.config import EngineConfig
+
+
+def test_unknown_allocator():
+    with pytest.raises(ValueError, match=r"unknown allocator 'nope'.*paged"):
+        LLM("tiny-llama", allocator="nope")
+
+
+def test_unknown_model():
+    with pytest.raises(ValueError, match=r"unknown model 'gpt-17'.*preset.*local HF directory"):
+        LLM("gpt-17")
+
+
+def test_prompt_longer_than_max_model_len():
+    llm = LLM("tiny-llama", max_model_len=64)
+    with pytest.raises(ValueError, match=r"prompt of 100 tokens does not fit max_model_len=64"):
+        llm.generate([list(range(3, 103))], SamplingParams(max_tokens=4))
+
+
+def test_bad_prompt_loses_nothing():
+    """A bad prompt among good ones is rejected before any work; the engine keeps working."""
+    llm = LLM("tiny-llama", max_model_len=64)
+    with pytest.raises(ValueError, match="max_model_len"):
+        llm.generate([[5, 6, 7], list(range(3, 103))], SamplingParams(max_tokens=4))
+    assert not llm.engine.has_unfinished_requests()
+    outs = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=4, ignore_eos=True))
+    assert len(outs[0].token_ids) == 4
+
+
+def test_pool_too_small_for_one_request():
+    with pytest.raises(ValueError, match=r"cannot fit a single request.*kv_cache_memory"):
+        LLM("tiny-llama", allocator="contiguous", max_model_len=512, kv_cache_tokens=256)
+
+
+def test_request_larger_than_pool():
+    llm = LLM("tiny-llama", allocator="paged", max_model_len=512, kv_cache_tokens=64)
+    with pytest.raises(ValueError, match=r"may need 104 KV tokens.*at most 64.*kv_cache_memory"):
+        llm.generate([list(range(3, 7))], SamplingParams(max_tokens=100))
+
+
+def test_pool_with_no_block():
+    with pytest.raises(ValueError, match=r"holds no block of 16.*smaller block_size"):
+        LLM("tiny-llama", allocator="paged", kv_cache_tokens=8)
+
+
+def test_bad_sampling_params():
+    with pytest.raises(ValueError, match=r"temperature must be >= 0"):
+        SamplingParams(temperature=-1)
+    with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\]"):
+        SamplingParams(top_p=0)
+
+
+def test_token_ids_outside_vocab():
+    engine = LLMEngine(EngineConfig(model="tiny-llama"))
+    with pytest.raises(ValueError, match=r"outside the vocabulary \[0, 512\)"):
+        engine.add_request("r", [1, 99999], SamplingParams())
+    with pytest.raises(ValueError, match="prompt is empty"):
+        engine.add_request("r", [], SamplingParams())
+
+
+def test_unknown_engine_dtype():
+    with pytest.raises(ValueError, match=r"dtype 'float8'"):
+        EngineConfig(dtype="float8")
