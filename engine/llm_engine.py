@@ -71,6 +71,8 @@ class LLMEngine:
         if not simulate:
             torch.manual_seed(config.seed)
             self.model = load_model(mc, config.model, self.max_model_len, self.dtype, self.device, config.seed)
+            if self.device.startswith("cuda"):
+                self.model.fuse()
         capacity = self._kv_capacity_tokens(spec)
         self.allocator = create_allocator(
             config.allocator, spec=spec, capacity_tokens=capacity, max_num_seqs=config.max_num_seqs,
@@ -91,7 +93,8 @@ class LLMEngine:
                             config.enable_chunked_prefill, config.enable_prefix_caching),
             self.allocator)
         self.runner = (runner_factory(self.allocator) if simulate else
-                       ModelRunner(self.model, self.allocator, self.device, self.eos_token_ids, config.seed))
+                       ModelRunner(self.model, self.allocator, self.device, self.eos_token_ids, config.seed,
+                                   config.max_num_seqs, self.max_model_len, config.enforce_eager))
         self.requests: dict[str, RequestState] = {}
         self.accountant = MemoryAccountant(spec.bytes_per_token)
         self.step_records: list[StepRecord] = []

@@ -1,0 +1,102 @@
+"""CUDA graphs for decode batches: one graph per padded batch size, static input buffers.
+
+A decode step of B sequences copies its inputs into the first B rows of the buffers and
+replays the graph of the smallest captured size >= B. Padding rows write nowhere
+(slot -1) and attend to no token; their logits are dropped.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from allocators.base import KVAllocator
+from kernels.metadata import Addressing, AttentionMetadata
+
+log = logging.getLogger("kvlab.graphs")
+
+
+def capture_sizes(max_num_seqs: int) -> list[int]:
+    sizes = [1, 2, 4, 8] + list(range(16, max_num_seqs + 1, 16))
+    sizes = sorted({s for s in sizes if s <= max_num_seqs} | {max_num_seqs})
+    return sizes
+
+
+class DecodeGraphs:
+    def __init__(self, model, allocator: KVAllocator, kv_caches, max_num_seqs: int, max_model_len: int,
+                 device: torch.device):
+        self.model, self.allocator, self.kv_caches = model, allocator, kv_caches
+        self.device = device
+        self.max_model_len = max_model_len
+        self.sizes = capture_sizes(max_num_seqs)
+        m = self.sizes[-1]
+        i32 = dict(dtype=torch.int32, device=device)
+        self.input_ids = torch.zeros(m, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(m, dtype=torch.int64, device=device)
+        self.slot_mapping = torch.full((m,), -1, dtype=torch.int64, device=device)
+        self.seq_lens = torch.zeros(m, **i32)
+        self.query_start_loc = torch.arange(m + 1, **i32)
+        self.paged = allocator.mode == Addressing.PAGED
+        if self.paged:
+            width = -(-max_model_len // allocator.block_size)
+            self.block_table = torch.zeros(m, width, **i32)
+        else:
+            self.seq_base = torch.zeros(m, dtype=torch.int64, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.logits: dict[int, torch.Tensor] = {}
+        self.pool = None
+
+    def _meta(self, bs: int) -> AttentionMetadata:
+        meta = AttentionMetadata(
+            mode=self.allocator.mode, query_start_loc=self.query_start_loc[: bs + 1],
+            seq_lens=self.seq_lens[:bs], max_query_len=1, max_seq_len=self.max_model_len,
+            slot_mapping=self.slot_mapping[:bs])
+        if self.paged:
+            meta.block_table, meta.block_size = self.block_table[:bs], self.allocator.block_size
+        else:
+            meta.seq_base = self.seq_base[:bs]
+        return meta
+
+    def _forward(self, bs: int) -> torch.Tensor:
+        hidden = self.model(self.input_ids[:bs], self.positions[:bs], self._meta(bs), self.kv_caches)
+        return self.model.compute_logits(hidden)
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        torch.cuda.synchronize()
+        for bs in reversed(self.sizes):  # largest first: smaller graphs reuse its pool
+            self._forward(bs)  # warm up (Triton compiles, cuBLAS picks kernels)
+            torch.cuda.synchronize()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=self.pool):
+                self.logits[bs] = self._forward(bs)
+            if self.pool is None:
+                self.pool = g.pool()
+            self.graphs[bs] = g
+        torch.cuda.synchronize()
+        log.info("captured decode CUDA graphs for batch sizes %s", self.sizes)
+
+    def padded_size(self, n: int) -> int | None:
+        for s in self.sizes:
+            if s >= n:
+                return s
+        return None
+
+    def run(self, n: int, input_ids, positions, slots, seq_lens, addressing) -> torch.Tensor:
+        """Replay for ``n`` decode tokens; inputs are CPU tensors (pinned), addressing is
+        ``[n, width]`` block ids (PAGED) or ``[n]`` seq bases (LINEAR)."""
+        bs = self.padded_size(n)
+        self.input_ids[:n].copy_(input_ids, non_blocking=True)
+        self.positions[:n].copy_(positions, non_blocking=True)
+        self.slot_mapping[:n].copy_(slots, non_blocking=True)
+        self.seq_lens[:n].copy_(seq_lens, non_blocking=True)
+        if bs > n:
+            # padding rows write nowhere and read nothing (an unmapped virtual page would fault)
+            self.slot_mapping[n:bs].fill_(-1)
+            self.seq_lens[n:bs].fill_(0)
+        if self.paged:
+            self.block_table[:n, : addressing.shape[1]].copy_(addressing, non_blocking=True)
+        else:
+            self.seq_base[:n].copy_(addressing, non_blocking=True)
+        self.graphs[bs].replay()
+        return self.logits[bs][:n]
