@@ -45,6 +45,8 @@ class StepRecord:
     prefill_tokens: int
     decode_tokens: int
     preempted: int
+    host_s: float = 0.0  # scheduler, allocator, accounting, input preparation, output handling
+    context_tokens: int = 0  # tokens of KV the step's attention reads (sum of context lengths)
 
 
 class LLMEngine:
@@ -180,10 +182,14 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if self.config.record_memory:
             self._record_memory()
+        t_exec = self.clock()
         sampled = self.runner.execute(batch) if batch.seqs else []
         now = self.clock()
+        host = t_exec - start + getattr(self.runner, "last_prep_s", 0.0)
+        context = 0
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
+            context += seq.num_computed_tokens
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = start
         touched: dict[str, RequestState] = {}
@@ -193,7 +199,7 @@ class LLMEngine:
             touched[seq.request_id] = self.requests[seq.request_id]
         self.step_records.append(StepRecord(start, now - start, self.num_running, self.num_waiting,
                                             len(batch), batch.num_prefill_tokens, batch.num_decode_tokens,
-                                            len(batch.preempted)))
+                                            len(batch.preempted), host + self.clock() - now, context))
         outputs = []
         for req in touched.values():
             req.finished = all(s.finished for s in req.seqs)

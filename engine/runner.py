@@ -6,6 +6,8 @@ prefill and mixed batches run eagerly. One host sync per step: the sampled token
 """
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 
@@ -94,6 +96,7 @@ class ModelRunner:
         self.sampler = Sampler(self.device, seed)
         self.kv_caches = [allocator.kv_cache(i) for i in range(model.config.num_hidden_layers)]
         self.graphs = None
+        self.last_prep_s = 0.0
         if self.device.type == "cuda" and not enforce_eager:
             from engine.cuda_graphs import DecodeGraphs
 
@@ -106,7 +109,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> Sampled:
+        t0 = time.perf_counter()
         inputs = BatchInputs(batch, self.allocator)
+        self.last_prep_s = time.perf_counter() - t0
         if self._is_graphable(batch):
             logits = self.graphs.run(len(batch.seqs), *(torch.from_numpy(a) for a in (
                 inputs.input_ids, inputs.positions, inputs.slots, inputs.seq_lens, inputs.addressing)))

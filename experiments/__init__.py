@@ -1,0 +1,1 @@
+"""Experiments: Hydra entry point, workloads, simulation, metrics, reports."""

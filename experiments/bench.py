@@ -1,0 +1,198 @@
+"""``kvlab bench throughput``: offline throughput of kvlab per allocator vs HF transformers.
+
+N requests of random token ids, input lengths uniform in [lo, hi], fixed output length,
+ignore_eos; every allocator and HF's continuous batching (``generate_batch``) run on the
+same prompts in one process, with a device copy bandwidth measured in the same run for the
+decode roofline: (weight bytes + KV bytes read per step) / copy bandwidth.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from engine import LLMEngine, SamplingParams
+from engine.config import EngineConfig
+from engine.loader import resolve_config
+from experiments.tables import markdown_table
+
+
+def copy_bandwidth(device: str, nbytes: int = 1 << 30, iters: int = 20) -> float:
+    """Device-to-device copy bandwidth in bytes/s (read + write)."""
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    t0.record()
+    for _ in range(iters):
+        dst.copy_(src)
+    t1.record()
+    torch.cuda.synchronize()
+    secs = t0.elapsed_time(t1) / 1000 / iters
+    del src, dst
+    return 2 * nbytes / secs
+
+
+def make_prompts(n: int, lo: int, hi: int, vocab: int, seed: int) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    lens = rng.integers(lo, hi + 1, size=n)
+    return [rng.integers(4, vocab, size=int(k)).tolist() for k in lens]
+
+
+def run_kvlab(model: str, allocator: str, allocator_args: dict, prompts, output_len: int, args) -> dict:
+    cfg = EngineConfig(model=model, allocator=allocator, allocator_args=allocator_args,
+                       max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+                       max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager,
+                       gpu_memory_utilization=args.gpu_memory_utilization, detokenize=False,
+                       record_memory=False, seed=args.seed)
+    t_init = time.perf_counter()
+    engine = LLMEngine(cfg)
+    init_s = time.perf_counter() - t_init
+    params = SamplingParams(max_tokens=output_len, ignore_eos=True, temperature=0.0)
+    # warm-up: compiles the prefill kernels of every shape class once
+    for i, p in enumerate(prompts[:4]):
+        engine.add_request(f"warm-{i}", p, SamplingParams(max_tokens=8, ignore_eos=True, temperature=0))
+    while engine.has_unfinished_requests():
+        engine.step()
+    engine.step_records.clear()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for i, p in enumerate(prompts):
+        engine.add_request(f"r{i}", p, params)
+    out_tokens = 0
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            if o.finished:
+                out_tokens += len(o.outputs[0].token_ids)
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    steps = pd.DataFrame([r.__dict__ for r in engine.step_records])
+    weight_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
+    bpt = engine.allocator.bytes_per_token
+    res = dict(engine="kvlab", allocator=allocator, allocator_args=json.dumps(allocator_args), wall_s=wall,
+               init_s=init_s, output_tokens=out_tokens, output_tok_s=out_tokens / wall,
+               kv_capacity_tokens=engine.kv_capacity_tokens, weight_bytes=weight_bytes,
+               preemptions=int(steps["preempted"].sum()), steps=len(steps))
+    decode = steps[(steps.prefill_tokens == 0) & (steps.decode_tokens > 0)]
+    full = decode[decode.num_seqs == decode.num_seqs.max()] if len(decode) else decode
+    if len(full):
+        ideal = (weight_bytes + full.context_tokens * bpt) / args.copy_bw
+        res.update(full_batch=int(full.num_seqs.iloc[0]), full_batch_steps=len(full),
+                   decode_step_ms=1000 * float(full.duration.median()),
+                   roofline_step_ms=1000 * float(ideal.median()),
+                   roofline_frac=float((ideal / full.duration).median()),
+                   host_ms_per_decode_step=1000 * float(full.host_s.median()))
+    del engine
+    gc.collect()
+    torch.cuda.empty_cache()
+    return res
+
+
+def hf_config(model: str):
+    import transformers
+
+    mc = resolve_config(model)
+    common = dict(vocab_size=mc.vocab_size, hidden_size=mc.hidden_size, intermediate_size=mc.intermediate_size,
+                  num_hidden_layers=mc.num_hidden_layers, num_attention_heads=mc.num_attention_heads,
+                  num_key_value_heads=mc.num_key_value_heads, head_dim=mc.head_dim, rms_norm_eps=mc.rms_norm_eps,
+                  max_position_embeddings=mc.max_position_embeddings, tie_word_embeddings=mc.tie_word_embeddings,
+                  rope_theta=mc.rope_theta, eos_token_id=None, bos_token_id=None, pad_token_id=0)
+    if mc.rope_scaling:
+        common["rope_scaling"] = dict(mc.rope_scaling)
+    cls = transformers.Qwen3Config if mc.model_type == "qwen3" else transformers.LlamaConfig
+    return cls(**common)
+
+
+def run_hf(model: str, prompts, output_len: int, args) -> dict:
+    import transformers
+
+    cfg = hf_config(model)
+    with torch.device("cuda"):
+        hf = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
+    gen = transformers.GenerationConfig(max_new_tokens=output_len, do_sample=False, eos_token_id=None,
+                                        pad_token_id=0)
+    hf.generation_config.eos_token_id = None
+    # warm-up
+    hf.generate_batch(inputs=prompts[:4], generation_config=transformers.GenerationConfig(
+        max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0))
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    outs = hf.generate_batch(inputs=prompts, generation_config=gen)
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    tokens = sum(len(o.generated_tokens) for o in outs.values())
+    del hf
+    gc.collect()
+    torch.cuda.empty_cache()
+    return dict(engine="hf-generate_batch", allocator="hf", wall_s=wall, output_tokens=tokens,
+                output_tok_s=tokens / wall, transformers=transformers.__version__)
+
+
+ALLOCATOR_ARGS = {"paged": {"block_size": 16}, "contiguous": {"policy": "max"},
+                  "virtual": {"backend": "cuda"}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="kvlab bench throughput", description=__doc__)
+    ap.add_argument("what", choices=["throughput"])
+    ap.add_argument("--models", default="qwen3-0.6b,llama3-8b")
+    ap.add_argument("--allocators", default="paged,virtual,contiguous")
+    ap.add_argument("--num-prompts", type=int, default=256)
+    ap.add_argument("--input-len", default="100:1024", help="lo:hi, uniform")
+    ap.add_argument("--output-len", type=int, default=512)
+    ap.add_argument("--max-model-len", type=int, default=1536)
+    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--no-hf", action="store_true", help="skip the HF transformers baseline")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="results/engine")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("kvlab bench throughput needs a CUDA device")
+    lo, hi = (int(x) for x in args.input_len.split(":"))
+    device = torch.cuda.get_device_name()
+    args.copy_bw = copy_bandwidth("cuda")
+    print(f"device: {device}; copy bandwidth {args.copy_bw / 1e9:.0f} GB/s", flush=True)
+    rows = []
+    for model in args.models.split(","):
+        mc = resolve_config(model)
+        prompts = make_prompts(args.num_prompts, lo, hi, mc.vocab_size, args.seed)
+        for alloc in args.allocators.split(","):
+            res = run_kvlab(model, alloc, ALLOCATOR_ARGS.get(alloc, {}), prompts, args.output_len, args)
+            rows.append(dict(model=model, **res))
+            print(json.dumps(rows[-1]), flush=True)
+        if not args.no_hf:
+            try:
+                rows.append(dict(model=model, **run_hf(model, prompts, args.output_len, args)))
+            except Exception as e:  # report, keep the kvlab figures
+                rows.append(dict(model=model, engine="hf-generate_batch", error=repr(e)[:300]))
+            print(json.dumps(rows[-1]), flush=True)
+    df = pd.DataFrame(rows)
+    df["device"] = device
+    df["copy_bw_GBps"] = args.copy_bw / 1e9
+    for model in df.model.unique():
+        hf_rate = df[(df.model == model) & (df.engine == "hf-generate_batch")]["output_tok_s"]
+        if len(hf_rate) and hf_rate.notna().all():
+            df.loc[df.model == model, "x_hf"] = df.loc[df.model == model, "output_tok_s"] / float(hf_rate.iloc[0])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = device.replace(" ", "_")
+    df.to_csv(out / f"throughput_{tag}.csv", index=False)
+    cols = [c for c in ["model", "engine", "allocator", "output_tok_s", "x_hf", "wall_s", "full_batch",
+                        "decode_step_ms", "roofline_step_ms", "roofline_frac", "host_ms_per_decode_step",
+                        "kv_capacity_tokens", "preemptions", "error"] if c in df]
+    print(df[cols].to_string(index=False))
+    (out / f"throughput_{tag}.md").write_text(
+        f"# Throughput, {device}\n\ncopy bandwidth {args.copy_bw / 1e9:.0f} GB/s\n\n"
+        f"command: `kvlab bench {' '.join(argv or [])}`\n\n" + markdown_table(df[cols]) + "\n")
+    return 0
