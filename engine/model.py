@@ -12,6 +12,7 @@ from torch import nn
 
 import kernels
 from engine.model_config import ModelConfig
+from kernels import fused_ops
 from engine.rope import RotaryEmbedding
 from kernels.metadata import AttentionMetadata
 
@@ -54,11 +55,20 @@ class Attention(nn.Module):
     def forward(self, x, positions, rope, meta: AttentionMetadata, cache):
         t = x.shape[0]
         if self.qkv_proj is not None:
+            # fused path: views into one qkv buffer, norm + rope in place, no copies
             q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
             q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
-            q = q.reshape(t, self.num_heads, self.head_dim)
-            k = k.reshape(t, self.num_kv_heads, self.head_dim)
-            v = v.reshape(t, self.num_kv_heads, self.head_dim)
+            q = q.view(t, self.num_heads, self.head_dim)
+            k = k.view(t, self.num_kv_heads, self.head_dim)
+            v = v.view(t, self.num_kv_heads, self.head_dim)
+            qw = self.q_norm.weight if self.qk_norm else None
+            kw = self.k_norm.weight if self.qk_norm else None
+            fused_ops.qk_norm_rope_(q, k, rope.cos, rope.sin, positions, qw, kw,
+                                    self.q_norm.eps if self.qk_norm else 1e-6)
+            k_cache, v_cache = cache
+            kernels.write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+            out = kernels.attention(q, k_cache, v_cache, meta, self.scale)
+            return self.o_proj(out.view(t, -1))
         else:
             q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
             k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
@@ -86,8 +96,7 @@ class MLP(nn.Module):
 
     def forward(self, x):
         if self.gate_up_proj is not None:
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-            return self.down_proj(F.silu(gate) * up)
+            return self.down_proj(fused_ops.silu_and_mul(self.gate_up_proj(x)))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -113,6 +122,18 @@ class DecoderLayer(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), positions, rope, meta, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
+    def forward_fused(self, x, residual, positions, rope, meta, cache):
+        """Residual stream kept apart and updated in place by the fused add+norm kernels."""
+        n1, n2 = self.input_layernorm, self.post_attention_layernorm
+        if residual is None:
+            residual = x
+            h = fused_ops.rms_norm(x, n1.weight, n1.eps)
+        else:
+            h = fused_ops.rms_norm(x, n1.weight, n1.eps, residual)
+        h = self.self_attn(h, positions, rope, meta, cache)
+        h = fused_ops.rms_norm(h, n2.weight, n2.eps, residual)
+        return self.mlp(h), residual
+
 
 class Backbone(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -131,20 +152,28 @@ class CausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rope = RotaryEmbedding(cfg.head_dim, max_model_len, cfg.rope_theta, cfg.rope_scaling)
+        self.fused = False
 
     def forward(self, input_ids, positions, meta: AttentionMetadata, kv_caches) -> torch.Tensor:
-        """Hidden states of every token; ``kv_caches[i]`` is layer i's (k, v)."""
+        """Final-normed hidden states of every token; ``kv_caches[i]`` is layer i's (k, v)."""
         x = self.model.embed_tokens(input_ids)
+        norm = self.model.norm
+        if self.fused:
+            residual = None
+            for layer, cache in zip(self.model.layers, kv_caches):
+                x, residual = layer.forward_fused(x, residual, positions, self.rope, meta, cache)
+            return fused_ops.rms_norm(x, norm.weight, norm.eps, residual)
         for layer, cache in zip(self.model.layers, kv_caches):
             x = layer(x, positions, self.rope, meta, cache)
-        return x
+        return norm(x)
 
     def fuse(self) -> "CausalLM":
-        """Fuse projections for inference (after weights are loaded)."""
+        """Fused projections and Triton elementwise kernels (GPU inference, after loading)."""
         for layer in self.model.layers:
             layer.self_attn.fuse()
             layer.mlp.fuse()
+        self.fused = True
         return self
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.model.norm(hidden)).float()
+        return self.lm_head(hidden).float()

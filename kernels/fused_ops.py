@@ -1,0 +1,165 @@
+"""Fused elementwise ops of the decoder layer for the GPU path (fewer launches per layer).
+
+A decode step of a small model is bound by kernel count, not bytes: each op below replaces
+several eager kernels. Numerics follow HF's bf16 rounding points (normalise in fp32, round,
+then scale by the weight; add the residual in the activation dtype). Each has a torch
+reference here, used on CPU and as the test oracle.
+"""
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the references still work
+    triton = None
+
+
+# -- torch references -----------------------------------------------------------------------
+def rms_norm_ref(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return w * y
+
+
+def add_rms_norm_ref(x: torch.Tensor, residual: torch.Tensor, w: torch.Tensor, eps: float):
+    """Returns (norm(x + residual), x + residual)."""
+    h = x + residual
+    return rms_norm_ref(h, w, eps), h
+
+
+def qk_norm_rope_ref(q, k, cos, sin, positions, q_w=None, k_w=None, eps=1e-6):
+    """Per-head RMSNorm (when weights are given) then rotate-half RoPE; returns new q, k."""
+    if q_w is not None:
+        q, k = rms_norm_ref(q, q_w, eps), rms_norm_ref(k, k_w, eps)
+    c = cos[positions].unsqueeze(1)
+    s = sin[positions].unsqueeze(1)
+
+    def rot(x):
+        x1, x2 = x.float().chunk(2, dim=-1)
+        return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)
+
+    return rot(q), rot(k)
+
+
+def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
+    gate, up = x.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
+# -- Triton kernels -----------------------------------------------------------------------------
+if triton is not None:
+
+    @triton.jit
+    def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, stride_x, stride_r, stride_o, n, eps,
+                         HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n
+        x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+        if HAS_RES:
+            r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0)
+            x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
+            tl.store(res_ptr + row * stride_r + cols, x, mask=mask)  # the residual stream, in place
+        xf = x.to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / n + eps)
+        y = (xf * rstd).to(x.dtype).to(tl.float32)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row * stride_o + cols, (y * w).to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _qk_norm_rope_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, pos_ptr, qw_ptr, kw_ptr,
+                             stride_qt, stride_qh, stride_kt, stride_kh, stride_cs, num_q_heads, eps,
+                             HALF: tl.constexpr, NORM: tl.constexpr):
+        t = tl.program_id(0)
+        h = tl.program_id(1)
+        is_q = h < num_q_heads
+        if is_q:
+            base = q_ptr + t * stride_qt + h * stride_qh
+            w_ptr = qw_ptr
+        else:
+            base = k_ptr + t * stride_kt + (h - num_q_heads) * stride_kh
+            w_ptr = kw_ptr
+        offs = tl.arange(0, HALF)
+        x1 = tl.load(base + offs)
+        x2 = tl.load(base + HALF + offs)
+        dtype = x1.dtype
+        a = x1.to(tl.float32)
+        b = x2.to(tl.float32)
+        if NORM:
+            rstd = 1.0 / tl.sqrt((tl.sum(a * a, axis=0) + tl.sum(b * b, axis=0)) / (2 * HALF) + eps)
+            w1 = tl.load(w_ptr + offs).to(tl.float32)
+            w2 = tl.load(w_ptr + HALF + offs).to(tl.float32)
+            a = ((a * rstd).to(dtype).to(tl.float32) * w1).to(dtype).to(tl.float32)
+            b = ((b * rstd).to(dtype).to(tl.float32) * w2).to(dtype).to(tl.float32)
+        pos = tl.load(pos_ptr + t)
+        c = tl.load(cos_ptr + pos * stride_cs + offs)
+        s = tl.load(sin_ptr + pos * stride_cs + offs)
+        tl.store(base + offs, (a * c - b * s).to(dtype))
+        tl.store(base + HALF + offs, (b * c + a * s).to(dtype))
+
+    @triton.jit
+    def _silu_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, n, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < n
+        g = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+        u = tl.load(x_ptr + row * stride_x + n + cols, mask=mask, other=0.0)
+        gf = g.to(tl.float32)
+        s = (gf / (1.0 + tl.exp(-gf))).to(g.dtype).to(tl.float32)
+        tl.store(out_ptr + row * stride_o + cols, (s * u.to(tl.float32)).to(g.dtype), mask=mask)
+
+
+def _check_rows(x: torch.Tensor, name: str) -> None:
+    if x.dim() != 2 or x.stride(1) != 1:
+        raise ValueError(f"{name} must be 2-D with contiguous rows, got shape {tuple(x.shape)} strides {x.stride()}")
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """RMSNorm of rows of ``x`` (of ``x + residual``, stored back into ``residual``, when given)."""
+    _check_rows(x, "x")
+    if residual is not None:
+        _check_rows(residual, "residual")
+        if residual.shape != x.shape:
+            raise ValueError(f"residual {tuple(residual.shape)} and x {tuple(x.shape)} differ")
+    out = torch.empty_like(x)
+    if x.shape[0] == 0:
+        return out
+    n = x.shape[1]
+    res = residual if residual is not None else x
+    _rms_norm_kernel[(x.shape[0],)](x, res, w, out, x.stride(0), res.stride(0), out.stride(0), n, eps,
+                                    HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(n),
+                                    num_warps=4 if n >= 1024 else 1)
+    return out
+
+
+def qk_norm_rope_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  positions: torch.Tensor, q_w: torch.Tensor | None = None, k_w: torch.Tensor | None = None,
+                  eps: float = 1e-6) -> None:
+    """In place on ``q [T, Hq, D]`` and ``k [T, Hkv, D]``: optional per-head RMSNorm, then RoPE."""
+    t, hq, d = q.shape
+    if k.shape[0] != t or k.shape[2] != d or q.stride(2) != 1 or k.stride(2) != 1:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree on tokens and head_dim, "
+                         "contiguous along head_dim")
+    if d % 2 or d & (d - 1):
+        raise ValueError(f"head_dim {d} must be a power of two")
+    if t == 0:
+        return
+    norm = q_w is not None
+    _qk_norm_rope_kernel[(t, hq + k.shape[1])](
+        q, k, cos, sin, positions, q_w if norm else cos, k_w if norm else cos,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0), hq, eps,
+        HALF=d // 2, NORM=norm, num_warps=1)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """``silu(x[:, :n]) * x[:, n:]`` for ``x [T, 2n]``."""
+    _check_rows(x, "x")
+    n = x.shape[1] // 2
+    out = torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
+    if x.shape[0] == 0:
+        return out
+    block = 1024
+    _silu_mul_kernel[(x.shape[0], triton.cdiv(n, block))](x, out, x.stride(0), out.stride(0), n, BLOCK=block)
+    return out

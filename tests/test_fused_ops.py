@@ -1,0 +1,90 @@
+"""Fused decoder-layer kernels against their torch references (interpreter on CPU)."""
+import pytest
+import torch
+
+from kernels import fused_ops as F
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", [64, 100])
+def test_rms_norm_with_and_without_residual(dtype, n):
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(7, n, generator=g).to(DEV, dtype)
+    r = torch.randn(7, n, generator=g).to(DEV, dtype)
+    w = (1 + 0.1 * torch.randn(n, generator=g)).to(DEV, dtype)
+    torch.testing.assert_close(F.rms_norm(x, w, 1e-6), F.rms_norm_ref(x, w, 1e-6), atol=TOL[dtype], rtol=TOL[dtype])
+    want, want_res = F.add_rms_norm_ref(x, r, w, 1e-6)
+    res = r.clone()
+    got = F.rms_norm(x, w, 1e-6, res)
+    torch.testing.assert_close(res, want_res, atol=TOL[dtype], rtol=TOL[dtype])
+    torch.testing.assert_close(got, want, atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("norm", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_qk_norm_rope_in_place_on_strided_views(norm, dtype):
+    from engine.rope import RotaryEmbedding
+
+    g = torch.Generator().manual_seed(1)
+    t, hq, hkv, d = 5, 4, 2, 32
+    rope = RotaryEmbedding(d, 64, 10000.0, None).to(DEV)
+    qkv = torch.randn(t, (hq + 2 * hkv) * d, generator=g).to(DEV, dtype)
+    q, k, _ = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
+    q, k = q.view(t, hq, d), k.view(t, hkv, d)
+    pos = torch.tensor([0, 3, 9, 17, 63], device=DEV)
+    qw = (1 + 0.1 * torch.randn(d, generator=g)).to(DEV, dtype) if norm else None
+    kw = (1 + 0.1 * torch.randn(d, generator=g)).to(DEV, dtype) if norm else None
+    want_q, want_k = F.qk_norm_rope_ref(q.clone(), k.clone(), rope.cos, rope.sin, pos, qw, kw, 1e-6)
+    v_before = qkv[:, (hq + hkv) * d:].clone()
+    F.qk_norm_rope_(q, k, rope.cos, rope.sin, pos, qw, kw, 1e-6)
+    torch.testing.assert_close(q, want_q, atol=TOL[dtype], rtol=TOL[dtype])
+    torch.testing.assert_close(k, want_k, atol=TOL[dtype], rtol=TOL[dtype])
+    assert torch.equal(qkv[:, (hq + hkv) * d:], v_before), "v must be untouched"
+
+
+def test_rope_matches_the_model_rotary():
+    """The fused rope equals engine.rope (the one HF parity is tested with) in fp32."""
+    from engine.rope import RotaryEmbedding
+
+    g = torch.Generator().manual_seed(2)
+    rope = RotaryEmbedding(16, 32, 10000.0, None).to(DEV)
+    q = torch.randn(3, 2, 16, generator=g).to(DEV)
+    k = torch.randn(3, 1, 16, generator=g).to(DEV)
+    pos = torch.tensor([1, 5, 30], device=DEV)
+    want_q, want_k = rope(pos, q, k)
+    F.qk_norm_rope_(q, k, rope.cos, rope.sin, pos)
+    torch.testing.assert_close(q, want_q)
+    torch.testing.assert_close(k, want_k)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_and_mul(dtype):
+    x = torch.randn(6, 2 * 1500, generator=torch.Generator().manual_seed(3)).to(DEV, dtype)
+    torch.testing.assert_close(F.silu_and_mul(x), F.silu_and_mul_ref(x), atol=TOL[dtype], rtol=TOL[dtype])
+
+
+def test_fused_model_equals_eager_model(monkeypatch):
+    """The whole fused forward (Triton kernels) against the torch path, tiny model, fp32."""
+    monkeypatch.setenv("KVLAB_KERNELS", "triton")
+    from engine import LLM, SamplingParams
+
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    p = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    monkeypatch.setenv("KVLAB_KERNELS", "reference")
+    ref = LLM("tiny-llama", max_model_len=64, kv_cache_tokens=256).generate(prompts, p)
+    monkeypatch.setenv("KVLAB_KERNELS", "triton")
+    llm = LLM("tiny-llama", max_model_len=64, kv_cache_tokens=256)
+    llm.engine.model.fuse()
+    got = llm.generate(prompts, p)
+    assert [o.token_ids for o in got] == [o.token_ids for o in ref]
+
+
+def test_bad_shapes_are_named():
+    with pytest.raises(ValueError, match="contiguous rows"):
+        F.rms_norm(torch.zeros(4, 8, device=DEV).t(), torch.ones(4, device=DEV), 1e-6)
+    with pytest.raises(ValueError, match="power of two"):
+        F.qk_norm_rope_(torch.zeros(1, 1, 12, device=DEV), torch.zeros(1, 1, 12, device=DEV),
+                        torch.zeros(4, 6, device=DEV), torch.zeros(4, 6, device=DEV), torch.zeros(1, dtype=torch.long, device=DEV))
