@@ -72,7 +72,7 @@ class _Stream:
         self.request_id = request_id
         self.loop = loop
         self.queue: asyncio.Queue = asyncio.Queue()
-        self.num_tokens = 0  # output tokens over all samples seen so far (engine thread only)
+        self.num_tokens: dict[int, int] = {}  # sample index -> output tokens seen (engine thread only)
 
 
 class RequestStream:
@@ -237,22 +237,29 @@ class AsyncLLMEngine:
             log.exception("final stats snapshot failed")
 
     def _serve(self) -> None:
+        stalled = False
         while True:
-                idle = not self.engine.has_unfinished_requests()
-                commands = [self._commands.get()] if idle else []  # block only when idle
-                while True:
-                    try:
-                        commands.append(self._commands.get_nowait())
-                    except queue.Empty:
-                        break
-                for command in commands:
-                    if command is _STOP:
-                        return
-                    command()
-                if self.engine.has_unfinished_requests():
-                    self._step()
-                else:
-                    self._stats = self._snapshot()
+            commands = []
+            if not self.engine.has_unfinished_requests():
+                commands.append(self._commands.get())  # idle: sleep until there is work
+            elif stalled:  # requests wait for memory that nothing running will free: don't spin
+                try:
+                    commands.append(self._commands.get(timeout=0.05))
+                except queue.Empty:
+                    pass
+            while True:
+                try:
+                    commands.append(self._commands.get_nowait())
+                except queue.Empty:
+                    break
+            for command in commands:
+                if command is _STOP:
+                    return
+                command()
+            if self.engine.has_unfinished_requests():
+                stalled = not self._step()
+            else:
+                self._stats = self._snapshot()
 
     def _add(self, stream: _Stream, prompt, params: SamplingParams, arrival: float,
              fut: concurrent.futures.Future) -> None:
@@ -282,19 +289,23 @@ class AsyncLLMEngine:
         self._stats = self._snapshot()
         _deliver(stream.loop, [(stream, None)])
 
-    def _step(self) -> None:
+    def _step(self) -> bool:
+        """One engine step; False if it scheduled nothing."""
         outputs = self.engine.step()
+        scheduled = self.engine.step_records[-1].num_seqs > 0 if self.engine.step_records else True
         self._steps += 1
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         for out in outputs:
             stream = self._streams.get(out.request_id)
             if stream is None:
                 continue
-            n = sum(len(c.token_ids) for c in out.outputs)
-            self._generation_tokens += n - stream.num_tokens
-            stream.num_tokens = n
-            if out.outputs[0].logprobs is not None:
-                self._memo_token_texts(out)
+            want_texts = out.outputs[0].logprobs is not None
+            for c in out.outputs:
+                seen = stream.num_tokens.get(c.index, 0)
+                self._generation_tokens += len(c.token_ids) - seen
+                if want_texts:
+                    self._memo_token_texts(c.token_ids[seen:])
+                stream.num_tokens[c.index] = len(c.token_ids)
             if out.finished:
                 del self._streams[out.request_id]
                 reason = out.outputs[0].finish_reason
@@ -309,13 +320,12 @@ class AsyncLLMEngine:
         self._stats = self._snapshot()
         for loop, items in by_loop.items():
             _deliver(loop, items)
+        return scheduled
 
-    def _memo_token_texts(self, out: RequestOutput) -> None:
-        decode = self.engine.tokenizer.decode
-        for c in out.outputs:
-            for t in c.token_ids:
-                if t not in self._token_texts:
-                    self._token_texts[t] = decode([t])
+    def _memo_token_texts(self, token_ids: list[int]) -> None:
+        for t in token_ids:
+            if t not in self._token_texts:
+                self._token_texts[t] = self.engine.tokenizer.decode([t])
 
     def _fail_all(self, error: BaseException) -> None:
         for rid, stream in list(self._streams.items()):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import AsyncIterator
 
@@ -29,6 +30,7 @@ from engine.serving.protocol import (
     CompletionLogprobs,
     CompletionResponse,
     DeltaMessage,
+    ErrorResponse,
     TokenLogprob,
     TopLogprob,
     UsageInfo,
@@ -93,8 +95,9 @@ async def merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Reques
 async def final_outputs(streams: list[RequestStream]) -> list[RequestOutput]:
     last: list[RequestOutput | None] = [None] * len(streams)
     try:
-        async for i, out in merge(streams):
-            last[i] = out
+        async with aclosing(merge(streams)) as outputs:
+            async for i, out in outputs:
+                last[i] = out
     except EngineDeadError as e:
         raise APIError(503, str(e)) from e
     if any(o is None or not o.finished for o in last):
@@ -163,19 +166,23 @@ class _Choice:
     done: bool = False
 
 
-def _advance(state: _Choice, c: CompletionOutput, holdback: int) -> tuple[str, list[int], list[float]]:
-    """New text, token ids and logprobs of one sample since the last chunk."""
+def _text_delta(state: _Choice, c: CompletionOutput, holdback: int) -> str:
+    """New text of one sample since the last chunk (all of it once the sample is finished)."""
     text = c.text
     if c.finish_reason is None:
         text = text.rstrip("\ufffd")  # an incomplete UTF-8 character: wait for its other bytes
         text = text[: max(0, len(text) - holdback)]
     delta = text[state.sent_chars:]
     state.sent_chars = max(state.sent_chars, len(text))
-    tokens = c.token_ids[state.sent_tokens:]
-    logprobs = (c.logprobs or [])[state.sent_tokens:]
-    state.sent_tokens = len(c.token_ids)
     state.done = c.finish_reason is not None
-    return delta, tokens, logprobs
+    return delta
+
+
+def _new_tokens(state: _Choice, c: CompletionOutput) -> tuple[list[int], list[float]]:
+    """Token ids and logprobs of one sample not yet sent."""
+    tokens, logprobs = c.token_ids[state.sent_tokens:], (c.logprobs or [])[state.sent_tokens:]
+    state.sent_tokens = len(c.token_ids)
+    return tokens, logprobs
 
 
 def _holdback(params: SamplingParams) -> int:
@@ -187,90 +194,106 @@ def _sse(chunk, include_usage: bool) -> str:
 
 
 def _sse_error(err: BaseException) -> str:
-    status, message = (err.status, err.detail.message) if isinstance(err, APIError) else (500, str(err))
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    return f'data: {{"error": {{"message": {_json_str(message)}, "type": "{kind}", "param": null, "code": null}}}}\n\n'
+    if not isinstance(err, APIError):
+        err = APIError(503 if isinstance(err, EngineDeadError) else 500, str(err))
+    return f"data: {ErrorResponse(error=err.detail).model_dump_json()}\n\n"
 
 
-def _json_str(s: str) -> str:
-    import json
+class CompletionChunker:
+    """Chunks of a streamed text completion: text deltas, the finish reason on the last one."""
 
-    return json.dumps(s)
+    object_type = CompletionChunk
+
+    def __init__(self, engine: AsyncLLMEngine, request_id: str, model: str, params: SamplingParams,
+                 num_prompts: int, include_usage: bool):
+        self.engine, self.id, self.model, self.params = engine, request_id, model, params
+        self.include_usage = include_usage
+        self.created = int(time.time())
+        self.holdback = _holdback(params)
+        self.states = [[_Choice() for _ in range(params.n)] for _ in range(num_prompts)]
+        self.offsets = [[0] * params.n for _ in range(num_prompts)]
+
+    def start(self) -> list[str]:
+        return []
+
+    def on_output(self, i: int, out: RequestOutput) -> list[str]:
+        events = []
+        for c in out.outputs:
+            st = self.states[i][c.index]
+            if st.done:
+                continue
+            delta = _text_delta(st, c, self.holdback)
+            if not delta and not st.done:
+                continue
+            tokens, lps = _new_tokens(st, c)
+            lp = None
+            if self.params.logprobs is not None:
+                lp = completion_logprobs(self.engine, tokens, lps, self.offsets[i][c.index])
+                self.offsets[i][c.index] += sum(len(t) for t in lp.tokens)
+            choice = CompletionChoice(index=i * self.params.n + c.index, text=delta, logprobs=lp,
+                                      finish_reason=c.finish_reason)
+            events.append(self.event([choice]))
+        return events
+
+    def event(self, choices: list, usage: UsageInfo | None = None) -> str:
+        chunk = self.object_type(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage)
+        return _sse(chunk, self.include_usage)
 
 
-async def completion_events(engine: AsyncLLMEngine, streams: list[RequestStream], request_id: str, model: str,
-                            params: SamplingParams, include_usage: bool) -> AsyncIterator[str]:
-    created = int(time.time())
-    n, holdback = params.n, _holdback(params)
-    want_logprobs = params.logprobs is not None
-    states = [[_Choice() for _ in range(n)] for _ in streams]
-    offsets = [[0] * n for _ in streams]
+class ChatChunker(CompletionChunker):
+    """Chunks of a streamed chat completion: the role first, content deltas, then an empty delta
+    with the finish reason, as OpenAI sends them."""
+
+    object_type = ChatCompletionChunk
+
+    def __init__(self, engine: AsyncLLMEngine, request_id: str, model: str, params: SamplingParams,
+                 top_logprobs: int | None, include_usage: bool):
+        super().__init__(engine, request_id, model, params, 1, include_usage)
+        self.top_logprobs = top_logprobs
+
+    def start(self) -> list[str]:  # before any token, so that clients see the stream open
+        return [self._chunk(j, DeltaMessage(role="assistant", content="")) for j in range(self.params.n)]
+
+    def on_output(self, i: int, out: RequestOutput) -> list[str]:
+        events = []
+        for c in out.outputs:
+            st = self.states[0][c.index]
+            if st.done:
+                continue
+            delta = _text_delta(st, c, self.holdback)
+            unsent = st.sent_tokens < len(c.token_ids)
+            if delta or (st.done and self.top_logprobs is not None and unsent):
+                tokens, lps = _new_tokens(st, c)
+                lp = None if self.top_logprobs is None else chat_logprobs(self.engine, tokens, lps,
+                                                                          self.top_logprobs)
+                events.append(self._chunk(c.index, DeltaMessage(content=delta), lp))
+            if st.done:
+                events.append(self._chunk(c.index, DeltaMessage(), finish_reason=c.finish_reason))
+        return events
+
+    def _chunk(self, index: int, delta: DeltaMessage, logprobs=None, finish_reason=None) -> str:
+        return self.event([ChatStreamChoice(index=index, delta=delta, logprobs=logprobs,
+                                            finish_reason=finish_reason)])
+
+
+async def sse_events(streams: list[RequestStream], chunker: CompletionChunker) -> AsyncIterator[str]:
+    """The SSE body of a streamed response, ending with [DONE]; aborts what is still running when
+    it ends early (client gone, error)."""
     last: list[RequestOutput | None] = [None] * len(streams)
     try:
         try:
-            async for i, out in merge(streams):
-                last[i] = out
-                for c in out.outputs:
-                    st = states[i][c.index]
-                    if st.done:
-                        continue
-                    delta, tokens, lps = _advance(st, c, holdback)
-                    if not delta and not st.done:
-                        continue
-                    lp = None
-                    if want_logprobs:
-                        lp = completion_logprobs(engine, tokens, lps, offsets[i][c.index])
-                        offsets[i][c.index] += sum(len(t) for t in lp.tokens)
-                    choice = CompletionChoice(index=i * n + c.index, text=delta, logprobs=lp,
-                                              finish_reason=c.finish_reason)
-                    yield _sse(CompletionChunk(id=request_id, created=created, model=model, choices=[choice]),
-                               include_usage)
-            if include_usage:
-                usage = usage_of([o for o in last if o is not None])
-                yield _sse(CompletionChunk(id=request_id, created=created, model=model, choices=[], usage=usage),
-                           True)
+            for event in chunker.start():
+                yield event
+            async with aclosing(merge(streams)) as outputs:
+                async for i, out in outputs:
+                    last[i] = out
+                    for event in chunker.on_output(i, out):
+                        yield event
+            if chunker.include_usage:
+                yield chunker.event([], usage_of([o for o in last if o is not None]))
         except Exception as e:  # the status line is gone: report in the stream, as OpenAI does
             yield _sse_error(e)
         yield DONE
-    finally:  # finished, failed, or the client went away: free what is still running
+    finally:
         for s in streams:
             s.abort()
-
-
-async def chat_events(engine: AsyncLLMEngine, stream: RequestStream, request_id: str, model: str,
-                      params: SamplingParams, top_logprobs: int | None,
-                      include_usage: bool) -> AsyncIterator[str]:
-    created = int(time.time())
-    holdback = _holdback(params)
-    states = [_Choice() for _ in range(params.n)]
-    last: RequestOutput | None = None
-
-    def chunk(index: int, delta: DeltaMessage, logprobs=None, finish_reason=None) -> str:
-        choice = ChatStreamChoice(index=index, delta=delta, logprobs=logprobs, finish_reason=finish_reason)
-        return _sse(ChatCompletionChunk(id=request_id, created=created, model=model, choices=[choice]),
-                    include_usage)
-
-    try:
-        try:
-            for j in range(params.n):  # the role first, before any token: clients see the stream open
-                yield chunk(j, DeltaMessage(role="assistant", content=""))
-            async for _, out in merge([stream]):
-                last = out
-                for c in out.outputs:
-                    st = states[c.index]
-                    if st.done:
-                        continue
-                    delta, tokens, lps = _advance(st, c, holdback)
-                    if delta:
-                        lp = None if top_logprobs is None else chat_logprobs(engine, tokens, lps, top_logprobs)
-                        yield chunk(c.index, DeltaMessage(content=delta), lp)
-                    if st.done:
-                        yield chunk(c.index, DeltaMessage(), finish_reason=c.finish_reason)
-            if include_usage and last is not None:
-                yield _sse(ChatCompletionChunk(id=request_id, created=created, model=model, choices=[],
-                                               usage=usage_of([last])), True)
-        except Exception as e:
-            yield _sse_error(e)
-        yield DONE
-    finally:
-        stream.abort()

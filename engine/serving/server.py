@@ -1,0 +1,71 @@
+"""Run the OpenAI-compatible server with uvicorn: ``main(cfg)`` takes the composed ``kvlab serve`` config."""
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import logging
+from typing import Any, Mapping
+
+import uvicorn
+
+from engine.async_engine import AsyncLLMEngine
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.serving.app import create_app
+
+log = logging.getLogger("kvlab.serving")
+
+
+def engine_config(cfg: Mapping[str, Any]) -> EngineConfig:
+    """EngineConfig from the config groups shared with ``kvlab run`` (model, allocator, engine).
+
+    A server runs for days: the per-step memory record of experiments would grow without bound.
+    """
+    settings = {**(cfg.get("engine") or {}), "record_memory": False}
+    return EngineConfig(model=cfg["model"]["path"], allocator=cfg["allocator"]["name"],
+                        allocator_args=dict(cfg["allocator"].get("args") or {}), device=cfg.get("device", "auto"),
+                        seed=cfg.get("seed", 0), **settings)
+
+
+def build_server(engine: LLMEngine, served_model_name: str, host: str = "127.0.0.1", port: int = 8000,
+                 api_key: str | None = None, log_level: str = "info",
+                 access_log: bool = True) -> tuple[uvicorn.Server, AsyncLLMEngine]:
+    async_engine = AsyncLLMEngine(engine)
+    app = create_app(async_engine, served_model_name, api_key)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=access_log,
+                            timeout_graceful_shutdown=5)  # open streams are cut after 5 s on shutdown
+    return uvicorn.Server(config), async_engine
+
+
+def serve(engine_cfg: EngineConfig, served_model_name: str | None = None, host: str = "127.0.0.1",
+          port: int = 8000, api_key: str | None = None, log_level: str = "info", access_log: bool = True) -> None:
+    if not api_key and not _is_loopback(host):
+        log.warning("serving on %s without an API key: anyone who can reach it can use it", host)
+    engine = LLMEngine(dataclasses.replace(engine_cfg, record_memory=False))
+    name = served_model_name or engine_cfg.model
+    server, async_engine = build_server(engine, name, host, port, api_key, log_level, access_log)
+    log.info("serving %s (%s allocator, %d KV tokens, max_model_len %d) on http://%s:%d/v1", name,
+             engine_cfg.allocator, engine.kv_capacity_tokens, engine.max_model_len, host, port)
+    try:
+        server.run()
+    finally:
+        async_engine.shutdown()
+
+
+def main(cfg: Mapping[str, Any]) -> None:
+    """Serve from a composed config (``conf/serve.yaml``): the groups of ``kvlab run`` plus host,
+    port, api_key, served_model_name, log_level and access_log."""
+    if not isinstance(cfg, dict):  # an OmegaConf DictConfig: resolve interpolations once
+        from omegaconf import OmegaConf
+
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+    serve(engine_config(cfg), served_model_name=cfg.get("served_model_name") or cfg["model"]["name"],
+          host=cfg.get("host", "127.0.0.1"), port=int(cfg.get("port", 8000)), api_key=cfg.get("api_key"),
+          log_level=cfg.get("log_level", "info"), access_log=bool(cfg.get("access_log", True)))
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
