@@ -74,9 +74,9 @@ def test_fused_model_equals_eager_model(monkeypatch):
     prompts = [[5, 6, 7, 8], [9, 10]]
     p = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
     monkeypatch.setenv("KVLAB_KERNELS", "reference")
-    ref = LLM("tiny-llama", max_model_len=64, kv_cache_tokens=256).generate(prompts, p)
+    ref = LLM("tiny-llama", device="cpu", max_model_len=64, kv_cache_tokens=256).generate(prompts, p)
     monkeypatch.setenv("KVLAB_KERNELS", "triton")
-    llm = LLM("tiny-llama", max_model_len=64, kv_cache_tokens=256)
+    llm = LLM("tiny-llama", device="cpu", max_model_len=64, kv_cache_tokens=256)
     llm.engine.model.fuse()
     got = llm.generate(prompts, p)
     assert [o.token_ids for o in got] == [o.token_ids for o in ref]
