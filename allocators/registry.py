@@ -21,7 +21,11 @@ def available() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def create_allocator(name: str, **kwargs) -> KVAllocator:
+def allocator_class(name: str) -> type[KVAllocator]:
     if name not in _REGISTRY:
         raise ValueError(f"unknown allocator '{name}': choose one of {available()} (allocator=NAME)")
-    return _REGISTRY[name](**kwargs)
+    return _REGISTRY[name]
+
+
+def create_allocator(name: str, **kwargs) -> KVAllocator:
+    return allocator_class(name)(**kwargs)

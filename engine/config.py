@@ -29,6 +29,8 @@ class EngineConfig:
     seed: int = 0
     detokenize: bool = True
     record_memory: bool = True
+    stream_outputs: bool = True  # step() returns every request that got a token; False: finished only
+    cpu_threads: int = 0  # torch threads on CPU; 0: one thread for tiny models (they lose to thread overhead)
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:

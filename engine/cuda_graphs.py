@@ -23,7 +23,7 @@ def capture_sizes(max_num_seqs: int) -> list[int]:
 
 
 class DecodeGraphs:
-    def __init__(self, model, allocator: KVAllocator, kv_caches, max_num_seqs: int, max_model_len: int,
+    def __init__(self, model, allocator: KVAllocator, kv_caches, table, max_num_seqs: int, max_model_len: int,
                  device: torch.device):
         self.model, self.allocator, self.kv_caches = model, allocator, kv_caches
         self.device = device
@@ -37,11 +37,9 @@ class DecodeGraphs:
         self.seq_lens = torch.zeros(m, **i32)
         self.query_start_loc = torch.arange(m + 1, **i32)
         self.paged = allocator.mode == Addressing.PAGED
-        if self.paged:
-            width = -(-max_model_len // allocator.block_size)
-            self.block_table = torch.zeros(m, width, **i32)
-        else:
-            self.seq_base = torch.zeros(m, dtype=torch.int64, device=device)
+        # PAGED: rows of the persistent block table, gathered inside the graph
+        self.table = table
+        self.addressing = torch.zeros(m, dtype=torch.int64, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
         self.pool = None
@@ -52,9 +50,10 @@ class DecodeGraphs:
             seq_lens=self.seq_lens[:bs], max_query_len=1, max_seq_len=self.max_model_len,
             slot_mapping=self.slot_mapping[:bs])
         if self.paged:
-            meta.block_table, meta.block_size = self.block_table[:bs], self.allocator.block_size
+            meta.block_table = self.table.device_t.index_select(0, self.addressing[:bs])
+            meta.block_size = self.allocator.block_size
         else:
-            meta.seq_base = self.seq_base[:bs]
+            meta.seq_base = self.addressing[:bs]
         return meta
 
     def _forward(self, bs: int) -> torch.Tensor:
@@ -83,8 +82,8 @@ class DecodeGraphs:
         return None
 
     def run(self, n: int, input_ids, positions, slots, seq_lens, addressing) -> torch.Tensor:
-        """Replay for ``n`` decode tokens; inputs are CPU tensors (pinned), addressing is
-        ``[n, width]`` block ids (PAGED) or ``[n]`` seq bases (LINEAR)."""
+        """Replay for ``n`` decode tokens; inputs are CPU tensors; addressing is each sequence's
+        block-table row (PAGED) or base slot (LINEAR)."""
         bs = self.padded_size(n)
         self.input_ids[:n].copy_(input_ids, non_blocking=True)
         self.positions[:n].copy_(positions, non_blocking=True)
@@ -94,9 +93,6 @@ class DecodeGraphs:
             # padding rows write nowhere and read nothing (an unmapped virtual page would fault)
             self.slot_mapping[n:bs].fill_(-1)
             self.seq_lens[n:bs].fill_(0)
-        if self.paged:
-            self.block_table[:n, : addressing.shape[1]].copy_(addressing, non_blocking=True)
-        else:
-            self.seq_base[:n].copy_(addressing, non_blocking=True)
+        self.addressing[:n].copy_(addressing, non_blocking=True)
         self.graphs[bs].replay()
         return self.logits[bs][:n]

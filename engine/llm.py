@@ -14,6 +14,7 @@ class LLM:
         for key in ("block_size", "policy", "page_size", "layout", "backend"):
             if key in kwargs:
                 allocator_args[key] = kwargs.pop(key)
+        kwargs.setdefault("stream_outputs", False)  # generate() reads finished requests only
         self.engine = LLMEngine(EngineConfig(model=model, allocator=allocator, allocator_args=allocator_args, **kwargs))
         self._counter = 0
 

@@ -9,6 +9,7 @@ from typing import Callable
 import torch
 
 from allocators import KVCacheSpec, create_allocator
+from allocators.registry import allocator_class
 from allocators.base import KVAllocator
 from engine.accounting import MemoryAccountant
 from engine.config import EngineConfig
@@ -75,10 +76,18 @@ class LLMEngine:
             self.model = load_model(mc, config.model, self.max_model_len, self.dtype, self.device, config.seed)
             if self.device.startswith("cuda"):
                 self.model.fuse()
+        if self.device == "cpu":
+            threads = config.cpu_threads or (1 if mc.num_params < 50_000_000 else 0)
+            if threads:
+                torch.set_num_threads(threads)
         capacity = self._kv_capacity_tokens(spec)
+        alloc_args = dict(config.allocator_args)
+        if getattr(allocator_class(config.allocator), "supports_prefix_caching", False):
+            # the allocator hashes full blocks only when the scheduler will look them up
+            alloc_args.setdefault("enable_prefix_caching", config.enable_prefix_caching)
         self.allocator = create_allocator(
             config.allocator, spec=spec, capacity_tokens=capacity, max_num_seqs=config.max_num_seqs,
-            max_model_len=self.max_model_len, **dict(config.allocator_args))
+            max_model_len=self.max_model_len, **alloc_args)
         if self.allocator.max_fit_tokens() <= 0:
             raise ValueError(
                 f"allocator '{config.allocator}' cannot fit a single request: its pool holds "
@@ -192,6 +201,9 @@ class LLMEngine:
             context += seq.num_computed_tokens
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = start
+        for seq in batch.preempted:
+            if hasattr(self.runner, "release"):
+                self.runner.release(seq)
         touched: dict[str, RequestState] = {}
         for seq, token, logprob in sampled:
             seq.append_token(token, logprob, now)
@@ -203,7 +215,8 @@ class LLMEngine:
         outputs = []
         for req in touched.values():
             req.finished = all(s.finished for s in req.seqs)
-            outputs.append(self._output(req))
+            if req.finished or self.config.stream_outputs:
+                outputs.append(self._output(req))
             if req.finished:
                 self._retire(req)
         return outputs
@@ -215,7 +228,12 @@ class LLMEngine:
     def _check_stop(self, seq: Sequence) -> None:
         p, token = seq.params, seq.output_token_ids[-1]
         reason = None
-        if seq.num_output_tokens >= p.min_tokens:
+        n_out = len(seq.output_token_ids)
+        if p.ignore_eos and not p.stop and not p.stop_token_ids:  # the benchmark path: lengths only
+            if (p.max_tokens is not None and n_out >= p.max_tokens) or len(seq.token_ids) >= self.max_model_len:
+                self._finish_seq(seq, "length")
+            return
+        if n_out >= p.min_tokens:
             if token in p.stop_token_ids:
                 reason, seq.stop_reason = "stop", token
             elif not p.ignore_eos and token in self.eos_token_ids:
@@ -231,9 +249,12 @@ class LLMEngine:
             self._finish_seq(seq, reason)
 
     def _hits_stop_string(self, seq: Sequence) -> bool:
-        text = self.tokenizer.decode(seq.output_token_ids)
+        # a stop string ending at the newest token lies within its last len(stop) tokens
+        # (every token decodes to at least one character; a few more cover partial UTF-8)
+        longest = max(len(s) for s in seq.params.stop)
+        text = self.tokenizer.decode(seq.output_token_ids[-(longest + 4):])
         for s in seq.params.stop:
-            if s in text[-(len(s) + 16):]:
+            if s in text:
                 seq.stop_reason = s
                 return True
         return False

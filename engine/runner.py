@@ -1,8 +1,9 @@
 """Model runner: turns a scheduled batch into flat tensors, runs the model, samples.
 
-The allocator supplies slots and addressing; nothing here depends on which one it is.
-On CUDA, pure-decode batches replay a captured CUDA graph (unless ``enforce_eager``);
-prefill and mixed batches run eagerly. One host sync per step: the sampled token ids.
+The allocator supplies slots and addressing; nothing here depends on which one it is
+beyond the addressing mode the kernels take. On CUDA, pure-decode batches replay a
+captured CUDA graph (unless ``enforce_eager``); prefill and mixed batches run eagerly.
+One host sync per step: the sampled token ids.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import numpy as np
 import torch
 
 from allocators.base import KVAllocator
+from engine.block_table import PersistentBlockTable
 from engine.sampler import Sampler
 from engine.scheduler import ScheduledBatch
 from engine.sequence import Sequence
@@ -21,69 +23,65 @@ Sampled = list[tuple[Sequence, int, "float | None"]]
 
 
 class BatchInputs:
-    """Host-side arrays of one step (numpy: cheap to build, one copy to the device)."""
+    """Host-side arrays of one step (numpy: cheap to build, one copy each to the device).
 
-    def __init__(self, batch: ScheduledBatch, allocator: KVAllocator):
-        n_tok = batch.num_tokens
-        self.input_ids = np.empty(n_tok, dtype=np.int64)
-        self.positions = np.empty(n_tok, dtype=np.int64)
-        self.slots = np.empty(n_tok, dtype=np.int64)
-        n_seq = len(batch.seqs)
-        self.qsl = np.zeros(n_seq + 1, dtype=np.int32)
-        self.seq_lens = np.empty(n_seq, dtype=np.int32)
+    ``addressing`` is, per sequence, its row of the persistent block table (PAGED) or its
+    base slot (LINEAR). Decode slots are computed for all sequences at once from that.
+    """
+
+    def __init__(self, batch: ScheduledBatch, allocator: KVAllocator, table: PersistentBlockTable | None):
+        # Python lists first, one numpy conversion each: cheaper than per-element numpy writes
+        ids: list[int] = []
+        positions: list[int] = []
+        addressing: list[int] = []
+        seq_lens: list[int] = []
+        qsl = [0]
+        prefill_slots: list[tuple[int, list[int]]] = []  # (first token index, slots)
+        dec_tok: list[int] = []
         self.sample_rows: list[int] = []
         self.sample_seqs: list[Sequence] = []
-        self.paged = allocator.mode == Addressing.PAGED
-        tables = []
-        bases = np.empty(n_seq, dtype=np.int64) if not self.paged else None
+        paged = allocator.mode == Addressing.PAGED
+        live = {s.seq_id for s in batch.seqs} if paged else None
         t = 0
-        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
-            start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            start = seq.num_computed_tokens
+            end = start + n
+            addressing.append(table.row(seq.seq_id, allocator.block_ids(seq), live) if paged
+                              else allocator.seq_base(seq))
             if n == 1:
-                self.input_ids[t] = seq.token_ids[start]
-                self.positions[t] = start
+                ids.append(seq.token_ids[start])
+                positions.append(start)
+                dec_tok.append(t)
             else:
-                self.input_ids[t:t + n] = seq.token_ids[start:end]
-                self.positions[t:t + n] = np.arange(start, end)
-            self.slots[t:t + n] = allocator.slot_mapping(seq, start, end)
-            t += n
-            self.qsl[i + 1] = t
-            self.seq_lens[i] = end
-            if end == seq.num_tokens:
+                ids.extend(seq.token_ids[start:end])
+                positions.extend(range(start, end))
+                prefill_slots.append((t, allocator.slot_mapping(seq, start, end)))
+            t = end - start + t
+            qsl.append(t)
+            seq_lens.append(end)
+            if end == len(seq.token_ids):
                 self.sample_rows.append(t - 1)
                 self.sample_seqs.append(seq)
-            if self.paged:
-                tables.append(allocator.block_ids(seq))
+        self.input_ids = np.array(ids, dtype=np.int64)
+        self.positions = np.array(positions, dtype=np.int64)
+        self.addressing = np.array(addressing, dtype=np.int64)
+        self.seq_lens = np.array(seq_lens, dtype=np.int32)
+        self.qsl = np.array(qsl, dtype=np.int32)
+        self.slots = np.empty(t, dtype=np.int64)
+        for first, slots in prefill_slots:
+            self.slots[first:first + len(slots)] = slots
+        if dec_tok:
+            # the addressing rule of DESIGN.md, for every single-token sequence at once
+            dec = np.array(dec_tok, dtype=np.int64)
+            pos = self.positions[dec]
+            rows = self.addressing[np.searchsorted(self.qsl, dec, side="right") - 1]
+            if paged:
+                bs = allocator.block_size
+                self.slots[dec] = table.host[rows, pos // bs].astype(np.int64) * bs + pos % bs
             else:
-                bases[i] = allocator.seq_base(seq)
-        if self.paged:
-            width = max(len(tb) for tb in tables)
-            self.addressing = np.zeros((n_seq, width), dtype=np.int32)
-            for i, tb in enumerate(tables):
-                self.addressing[i, : len(tb)] = tb
-        else:
-            self.addressing = bases
+                self.slots[dec] = rows + pos
         self.max_query_len = max(batch.num_new_tokens)
-        self.max_seq_len = int(self.seq_lens.max())
-
-    def metadata(self, allocator: KVAllocator, device) -> AttentionMetadata:
-        def dev(a):
-            return torch.from_numpy(a).to(device, non_blocking=True)
-
-        meta = AttentionMetadata(
-            mode=allocator.mode, query_start_loc=dev(self.qsl), seq_lens=dev(self.seq_lens),
-            max_query_len=self.max_query_len, max_seq_len=self.max_seq_len, slot_mapping=dev(self.slots))
-        if self.paged:
-            meta.block_table, meta.block_size = dev(self.addressing), allocator.block_size
-        else:
-            meta.seq_base = dev(self.addressing)
-        return meta
-
-
-def build_metadata(batch: ScheduledBatch, allocator: KVAllocator, device):
-    """Flatten a batch: token ids, positions, attention metadata and the rows to sample."""
-    inputs = BatchInputs(batch, allocator)
-    return inputs.input_ids.tolist(), inputs.positions.tolist(), inputs.metadata(allocator, device), inputs.sample_rows
+        self.max_seq_len = max(seq_lens)
 
 
 class ModelRunner:
@@ -95,28 +93,47 @@ class ModelRunner:
         self.eos_ids = eos_ids
         self.sampler = Sampler(self.device, seed)
         self.kv_caches = [allocator.kv_cache(i) for i in range(model.config.num_hidden_layers)]
+        self.paged = allocator.mode == Addressing.PAGED
+        self.table = None
+        if self.paged:
+            width = -(-max_model_len // allocator.block_size)
+            self.table = PersistentBlockTable(max_num_seqs + 1, width, self.device)
         self.graphs = None
         self.last_prep_s = 0.0
         if self.device.type == "cuda" and not enforce_eager:
             from engine.cuda_graphs import DecodeGraphs
 
-            self.graphs = DecodeGraphs(model, allocator, self.kv_caches, max_num_seqs, max_model_len, self.device)
+            self.graphs = DecodeGraphs(model, allocator, self.kv_caches, self.table, max_num_seqs, max_model_len,
+                                       self.device)
             self.graphs.capture()
 
-    def _is_graphable(self, batch: ScheduledBatch) -> bool:
-        return (self.graphs is not None and batch.num_prefill_tokens == 0
-                and self.graphs.padded_size(len(batch.seqs)) is not None)
+    def _metadata(self, inputs: BatchInputs) -> AttentionMetadata:
+        def dev(a):
+            return torch.from_numpy(a).to(self.device, non_blocking=True)
+
+        meta = AttentionMetadata(
+            mode=self.allocator.mode, query_start_loc=dev(inputs.qsl), seq_lens=dev(inputs.seq_lens),
+            max_query_len=inputs.max_query_len, max_seq_len=inputs.max_seq_len, slot_mapping=dev(inputs.slots))
+        if self.paged:
+            meta.block_table = self.table.device_t.index_select(0, dev(inputs.addressing))
+            meta.block_size = self.allocator.block_size
+        else:
+            meta.seq_base = dev(inputs.addressing)
+        return meta
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> Sampled:
         t0 = time.perf_counter()
-        inputs = BatchInputs(batch, self.allocator)
+        inputs = BatchInputs(batch, self.allocator, self.table)
+        if self.table is not None:
+            self.table.sync()
         self.last_prep_s = time.perf_counter() - t0
-        if self._is_graphable(batch):
+        if (self.graphs is not None and batch.num_prefill_tokens == 0
+                and self.graphs.padded_size(len(batch.seqs)) is not None):
             logits = self.graphs.run(len(batch.seqs), *(torch.from_numpy(a) for a in (
                 inputs.input_ids, inputs.positions, inputs.slots, inputs.seq_lens, inputs.addressing)))
         else:
-            meta = inputs.metadata(self.allocator, self.device)
+            meta = self._metadata(inputs)
             ids = torch.from_numpy(inputs.input_ids).to(self.device, non_blocking=True)
             pos = torch.from_numpy(inputs.positions).to(self.device, non_blocking=True)
             hidden = self.model(ids, pos, meta, self.kv_caches)
@@ -129,5 +146,11 @@ class ModelRunner:
         tokens, logprobs = self.sampler(logits, inputs.sample_seqs, self.eos_ids)
         return list(zip(inputs.sample_seqs, tokens, logprobs))
 
+    def release(self, seq: Sequence) -> None:
+        """The sequence's blocks changed wholesale (preempted, swapped): drop its table row."""
+        if self.table is not None:
+            self.table.release(seq.seq_id)
+
     def forget(self, seq: Sequence) -> None:
+        self.release(seq)
         self.sampler.forget(seq)

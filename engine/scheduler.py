@@ -34,7 +34,7 @@ class ScheduledBatch:
         self.seqs.append(seq)
         self.num_new_tokens.append(n)
         # a decode token extends a sequence whose prompt and outputs are all cached
-        if n == 1 and seq.num_output_tokens > 0 and seq.num_pending_tokens == 1:
+        if n == 1 and seq.output_token_ids and len(seq.token_ids) - seq.num_computed_tokens == 1:
             self.num_decode_tokens += 1
         else:
             self.num_prefill_tokens += n
@@ -84,16 +84,17 @@ class Scheduler:
         batch = ScheduledBatch()
         budget = self.config.max_num_batched_tokens
         i = 0
+        allocator = self.allocator
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = min(seq.num_pending_tokens, budget)
-            while not self.allocator.can_allocate(seq, n):
+            n = min(len(seq.token_ids) - seq.num_computed_tokens, budget)
+            while not allocator.can_allocate(seq, n):
                 victim = self.running.pop()
                 self._preempt(victim, batch)
                 if victim is seq:
                     break
             else:
-                self.allocator.allocate(seq, n)
+                allocator.allocate(seq, n)
                 batch.add(seq, n)
                 budget -= n
                 i += 1

@@ -51,7 +51,7 @@ def run_kvlab(model: str, allocator: str, allocator_args: dict, prompts, output_
     cfg = EngineConfig(model=model, allocator=allocator, allocator_args=allocator_args,
                        max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                        max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager,
-                       gpu_memory_utilization=args.gpu_memory_utilization, detokenize=False,
+                       gpu_memory_utilization=args.gpu_memory_utilization, detokenize=False, stream_outputs=False,
                        record_memory=False, seed=args.seed)
     t_init = time.perf_counter()
     engine = LLMEngine(cfg)
