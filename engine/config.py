@@ -21,6 +21,8 @@ class EngineConfig:
     max_num_batched_tokens: int = 8192
     enable_chunked_prefill: bool = True
     enable_prefix_caching: bool = False
+    preemption_mode: str = "recompute"  # or "swap" (allocators that support it; else recompute)
+    swap_space: float | None = None  # GiB of host memory for swapped KV; None: as large as the KV pool
     kv_cache_tokens: int | None = None  # explicit pool size in tokens ...
     kv_cache_memory: int | None = None  # ... or in bytes ...
     gpu_memory_utilization: float = 0.9  # ... else this share of the GPU (CPU: cpu_kv_cache_memory)

@@ -34,6 +34,7 @@ class RequestState:
     seqs: list[Sequence]
     arrival_time: float
     finished: bool = False
+    unborn: list[Sequence] = field(default_factory=list)  # n > 1: samples forked once the prompt is in
 
 
 @dataclass
@@ -82,9 +83,14 @@ class LLMEngine:
                 torch.set_num_threads(threads)
         capacity = self._kv_capacity_tokens(spec)
         alloc_args = dict(config.allocator_args)
-        if getattr(allocator_class(config.allocator), "supports_prefix_caching", False):
+        cls = allocator_class(config.allocator)
+        if cls.supports_prefix_caching:
             # the allocator hashes full blocks only when the scheduler will look them up
             alloc_args.setdefault("enable_prefix_caching", config.enable_prefix_caching)
+        if cls.supports_swap and config.preemption_mode == "swap":
+            swap_tokens = (capacity if config.swap_space is None
+                           else int(config.swap_space * 2**30) // spec.bytes_per_token)
+            alloc_args.setdefault("swap_space_tokens", swap_tokens)
         self.allocator = create_allocator(
             config.allocator, spec=spec, capacity_tokens=capacity, max_num_seqs=config.max_num_seqs,
             max_model_len=self.max_model_len, **alloc_args)
@@ -101,7 +107,7 @@ class LLMEngine:
         self.eos_token_ids = list(self.tokenizer.eos_token_ids)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
-                            config.enable_chunked_prefill, config.enable_prefix_caching),
+                            config.enable_chunked_prefill, config.enable_prefix_caching, config.preemption_mode),
             self.allocator)
         self.runner = (runner_factory(self.allocator) if simulate else
                        ModelRunner(self.model, self.allocator, self.device, self.eos_token_ids, config.seed,
@@ -161,9 +167,16 @@ class LLMEngine:
         arrival = self.clock() if arrival_time is None else arrival_time
         seqs = [Sequence(request_id, ids, params, self.max_model_len, arrival_time=arrival, index=i,
                          oracle_len=oracle_len) for i in range(params.n)]
-        self.requests[request_id] = RequestState(request_id, text, ids, params, seqs, arrival)
-        for s in seqs:
-            self.scheduler.add(s)
+        req = self.requests[request_id] = RequestState(request_id, text, ids, params, seqs, arrival)
+        if params.n > 1 and len(ids) >= 2:
+            # one sequence computes the prompt; the others fork from it (sharing its KV where
+            # the allocator can) and each computes the last prompt token and samples itself
+            seqs[0].fork_pending = params.n - 1
+            req.unborn = seqs[1:]
+            self.scheduler.add(seqs[0])
+        else:
+            for s in seqs:
+                self.scheduler.add(s)
 
     def abort_request(self, request_id: str) -> None:
         req = self.requests.get(request_id)
@@ -204,6 +217,9 @@ class LLMEngine:
         for seq in batch.preempted:
             if hasattr(self.runner, "release"):
                 self.runner.release(seq)
+        for seq in batch.seqs:
+            if seq.fork_pending and seq.num_computed_tokens == seq.prompt_len - 1:
+                self._fork(seq)
         touched: dict[str, RequestState] = {}
         for seq, token, logprob in sampled:
             seq.append_token(token, logprob, now)
@@ -220,6 +236,22 @@ class LLMEngine:
             if req.finished:
                 self._retire(req)
         return outputs
+
+    def _fork(self, parent: Sequence) -> None:
+        req = self.requests[parent.request_id]
+        parent.fork_pending = 0
+        sched, alloc = self.scheduler, self.allocator
+        at = sched.running.index(parent) + 1
+        for child in req.unborn:
+            if alloc.supports_fork and alloc.can_fork(parent) and len(sched.running) < self.config.max_num_seqs:
+                alloc.fork(parent, child)
+                child.num_computed_tokens = parent.num_computed_tokens
+                child.status = SeqStatus.RUNNING
+                sched.running.insert(at, child)
+                at += 1
+            else:
+                sched.add(child)  # no room to share: it computes the prompt itself
+        req.unborn = []
 
     def _record_memory(self) -> None:
         live = [(s.seq_id, self.allocator.seq_capacity(s), s.max_len) for s in self.scheduler.running]

@@ -1,9 +1,11 @@
 """Iteration-level continuous batching with a token budget and chunked prefill.
 
 Each step: running sequences first (decode tokens and unfinished prefill chunks, in
-arrival order), preempting from the back when the allocator is full; then waiting
-sequences are admitted while the token budget, ``max_num_seqs`` and the allocator allow.
-The scheduler knows nothing of the model, so simulate mode runs it unchanged.
+arrival order), preempting from the back when the allocator is full (by swapping to host
+memory where the allocator can and ``preemption_mode='swap'``, else by recompute); then
+swapped sequences come back, then waiting ones are admitted, while the token budget,
+``max_num_seqs`` and the allocator allow. The scheduler knows nothing of the model, so
+simulate mode runs it unchanged.
 """
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ from dataclasses import dataclass, field
 from allocators.base import KVAllocator
 from engine.sequence import SeqStatus, Sequence
 
+PREEMPTION_MODES = ("recompute", "swap")
+
 
 @dataclass
 class SchedulerConfig:
@@ -20,6 +24,11 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 8192
     enable_chunked_prefill: bool = True
     enable_prefix_caching: bool = False
+    preemption_mode: str = "recompute"
+
+    def __post_init__(self) -> None:
+        if self.preemption_mode not in PREEMPTION_MODES:
+            raise ValueError(f"preemption_mode '{self.preemption_mode}': choose one of {PREEMPTION_MODES}")
 
 
 @dataclass
@@ -27,6 +36,8 @@ class ScheduledBatch:
     seqs: list[Sequence] = field(default_factory=list)
     num_new_tokens: list[int] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    swapped_out: int = 0
+    swapped_in: int = 0
     num_prefill_tokens: int = 0
     num_decode_tokens: int = 0
 
@@ -53,41 +64,63 @@ class Scheduler:
         self.allocator = allocator
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.swapped: deque[Sequence] = deque()
         self.num_preemptions = 0
+        self.num_swaps = 0
+        self._swap = config.preemption_mode == "swap" and allocator.supports_swap
 
     def add(self, seq: Sequence) -> None:
         seq.status = SeqStatus.WAITING
         self.waiting.append(seq)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.swapped)
 
     def remove(self, seq: Sequence) -> None:
         """Take a finished or aborted sequence out and give back its memory."""
-        if seq in self.running:
-            self.running.remove(seq)
-        elif seq in self.waiting:
-            self.waiting.remove(seq)
+        for queue in (self.running, self.waiting, self.swapped):
+            if seq in queue:
+                queue.remove(seq)
+                break
         self.allocator.free(seq)
 
+    @staticmethod
+    def _chunk(seq: Sequence, budget: int) -> int:
+        """Tokens to compute for ``seq`` now; a request about to fork stops one short of its
+        prompt, so each sample computes (and samples from) the last prompt token itself."""
+        pending = len(seq.token_ids) - seq.num_computed_tokens
+        if seq.fork_pending:
+            pending = seq.prompt_len - 1 - seq.num_computed_tokens
+        return min(pending, budget)
+
     def _preempt(self, seq: Sequence, batch: ScheduledBatch) -> None:
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        batch.preempted.append(seq)
+        if self._swap and self.allocator.can_swap_out(seq):
+            self.allocator.swap_out(seq)
+            seq.status = SeqStatus.SWAPPED
+            self.swapped.appendleft(seq)
+            self.num_swaps += 1
+            batch.swapped_out += 1
+            return
         # recompute: drop the KV, recompute prompt + outputs when readmitted
         self.allocator.free(seq)
         seq.num_computed_tokens = 0
         seq.status = SeqStatus.WAITING
-        seq.num_preemptions += 1
-        self.num_preemptions += 1
         self.waiting.appendleft(seq)
-        batch.preempted.append(seq)
 
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         budget = self.config.max_num_batched_tokens
-        i = 0
         allocator = self.allocator
+        i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = min(len(seq.token_ids) - seq.num_computed_tokens, budget)
+            n = self._chunk(seq, budget)
+            if n <= 0:
+                i += 1
+                continue
             while not allocator.can_allocate(seq, n):
                 victim = self.running.pop()
                 self._preempt(victim, batch)
@@ -99,18 +132,45 @@ class Scheduler:
                 budget -= n
                 i += 1
         if not batch.preempted:
-            self._admit(batch, budget)
+            budget = self._swap_in(batch, budget)
+            if not self.swapped:
+                self._admit(batch, budget)
         return batch
+
+    def _swap_in(self, batch: ScheduledBatch, budget: int) -> int:
+        while self.swapped and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.swapped[0]
+            if not self.allocator.can_swap_in(seq):
+                break
+            self.allocator.swap_in(seq)
+            n = self._chunk(seq, budget)
+            if n > 0 and not self.allocator.can_allocate(seq, n):
+                self.allocator.swap_out(seq)  # room for its KV but not its next token: wait
+                break
+            self.swapped.popleft()
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            batch.swapped_in += 1
+            if n > 0:
+                self.allocator.allocate(seq, n)
+                batch.add(seq, n)
+                budget -= n
+        return budget
 
     def _admit(self, batch: ScheduledBatch, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
             if self.config.enable_prefix_caching and seq.num_computed_tokens == 0:
-                # leave at least one token to compute: its logits give the next token
-                cached = min(self.allocator.match_prefix(seq), seq.num_tokens - 1)
+                # match_prefix leaves at least one token to compute; a request about to fork
+                # keeps its last two prompt tokens (one before the fork, one after)
+                cached = self.allocator.match_prefix(seq)
+                if seq.fork_pending and cached > seq.prompt_len - 2:
+                    self.allocator.free(seq)
+                    cached = 0
                 seq.num_computed_tokens = seq.num_cached_tokens = cached
-            n = min(seq.num_pending_tokens, budget)
-            if n < seq.num_pending_tokens and not self.config.enable_chunked_prefill:
+            n = self._chunk(seq, budget)
+            full = (seq.prompt_len - 1 if seq.fork_pending else len(seq.token_ids)) - seq.num_computed_tokens
+            if n < full and not self.config.enable_chunked_prefill:
                 break
             if not self.allocator.can_allocate(seq, n):
                 break

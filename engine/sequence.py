@@ -39,6 +39,7 @@ class Sequence:
     finish_time: float | None = None
     token_times: list[float] = field(default_factory=list)
     oracle_len: int = 0  # exact final length where known; else max_len
+    fork_pending: int = 0  # n > 1: samples still to fork from this one when its prompt is computed
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)

@@ -1,0 +1,120 @@
+"""Engine features vLLM users rely on: parallel sampling by fork, swap preemption, prefix
+caching and the sampling parameters; all checked against greedy runs of the same model."""
+import pytest
+import torch
+
+from engine import LLM, SamplingParams
+
+PROMPTS = [list(range(5, 5 + n)) for n in (3, 40, 64, 17)]
+GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+
+ALLOCATORS = [("paged", {"block_size": 16}), ("contiguous", {"policy": "oracle"}),
+              ("virtual", {"backend": "host", "page_size": 4096})]
+
+
+def _llm(allocator="paged", args=None, **kw):
+    kw.setdefault("max_model_len", 256)
+    kw.setdefault("kv_cache_tokens", 4096)
+    return LLM("tiny-llama", allocator=allocator, allocator_args=dict(args or {}), device="cpu", **kw)
+
+
+@pytest.fixture(scope="module")
+def greedy_reference():
+    return [o.token_ids for o in _llm().generate(PROMPTS, GREEDY)]
+
+
+@pytest.mark.parametrize("allocator,args", ALLOCATORS, ids=[a for a, _ in ALLOCATORS])
+def test_parallel_greedy_samples_equal_single(allocator, args, greedy_reference):
+    llm = _llm(allocator, args)
+    outs = llm.generate(PROMPTS, SamplingParams(n=3, max_tokens=10, temperature=0, ignore_eos=True))
+    for out, ref in zip(outs, greedy_reference):
+        assert [c.index for c in out.outputs] == [0, 1, 2]
+        assert all(c.token_ids == ref for c in out.outputs)
+    stats = llm.engine.allocator.stats()
+    assert stats.free + stats.external_frag == stats.capacity
+
+
+def test_fork_shares_the_prompt_blocks():
+    llm = _llm("paged", {"block_size": 16})
+    eng = llm.engine
+    eng.add_request("r", list(range(5, 69)), SamplingParams(n=4, max_tokens=4, temperature=0, ignore_eos=True))
+    eng.step()  # prompt minus its last token, then the fork
+    eng.step()  # each sample computes the last prompt token: copy-on-write of the shared tail
+    pool = eng.allocator
+    held_blocks = pool.num_blocks - pool.pool.num_free
+    assert held_blocks < 4 * 4, f"{held_blocks} blocks held: the prompt was not shared"
+    while eng.has_unfinished_requests():
+        eng.step()
+    assert pool.pool.num_free == pool.num_blocks
+
+
+def test_seeded_parallel_samples_differ_and_reproduce():
+    p = SamplingParams(n=4, max_tokens=12, temperature=1.0, seed=11, ignore_eos=True)
+    a = _llm().generate([PROMPTS[1]], p)[0]
+    b = _llm().generate([PROMPTS[1], PROMPTS[2]], [p, SamplingParams(max_tokens=3)])[0]
+    assert [c.token_ids for c in a.outputs] == [c.token_ids for c in b.outputs]
+    assert len({tuple(c.token_ids) for c in a.outputs}) > 1
+
+
+def test_swap_preemption_keeps_outputs(greedy_reference):
+    # a pool of ~1.3 requests: swapping must happen, and must not change a token
+    llm = _llm("paged", {"block_size": 4}, kv_cache_tokens=96, preemption_mode="swap")
+    outs = llm.generate(PROMPTS, GREEDY)
+    assert [o.token_ids for o in outs] == greedy_reference
+    assert llm.engine.scheduler.num_swaps > 0
+    assert llm.engine.allocator.pool.num_free == llm.engine.allocator.num_blocks
+
+
+def test_swap_falls_back_to_recompute_where_unsupported(greedy_reference):
+    llm = _llm("contiguous", {"policy": "oracle"}, kv_cache_tokens=96, preemption_mode="swap")
+    assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == greedy_reference
+
+
+def test_prefix_caching_hits_and_keeps_outputs():
+    shared = list(range(100, 148))  # three full blocks of 16
+    prompts = [shared + [7, 8, 9], shared + [10, 11]]
+    ref = [o.token_ids for o in _llm().generate(prompts, GREEDY)]
+    llm = _llm(enable_prefix_caching=True)
+    first = llm.generate(prompts[:1], GREEDY)
+    second = llm.generate(prompts[1:], GREEDY)
+    assert [first[0].token_ids, second[0].token_ids] == ref
+    assert second[0].metrics.num_cached_tokens == 48
+    assert llm.engine.allocator.prefix_cache_hit_rate > 0
+
+
+def test_sampling_parameters():
+    llm = _llm()
+    greedy = llm.generate([PROMPTS[1]], GREEDY)[0].token_ids
+    top1 = llm.generate([PROMPTS[1]], SamplingParams(max_tokens=10, temperature=1.5, top_k=1, ignore_eos=True))
+    assert top1[0].token_ids == greedy
+    tiny_p = llm.generate([PROMPTS[1]], SamplingParams(max_tokens=10, temperature=1.0, top_p=1e-6, ignore_eos=True))
+    assert tiny_p[0].token_ids == greedy
+    # stop token: generation ends at its first occurrence, and it is kept as the last token
+    stop_at = greedy[4]
+    out = llm.generate([PROMPTS[1]], SamplingParams(max_tokens=10, temperature=0, stop_token_ids=[stop_at]))[0]
+    assert out.token_ids == greedy[: greedy.index(stop_at) + 1]
+    assert out.outputs[0].finish_reason == "stop" and out.outputs[0].stop_reason == stop_at
+    # logprobs of the sampled tokens
+    out = llm.generate([PROMPTS[1]], SamplingParams(max_tokens=5, temperature=0, logprobs=0, ignore_eos=True))[0]
+    lps = out.outputs[0].logprobs
+    assert len(lps) == 5 and all(lp <= 0 for lp in lps)
+
+
+def test_min_tokens_and_eos():
+    llm = _llm()
+    eos = llm.engine.eos_token_ids[0]
+    # make EOS the greedy choice everywhere: a bias on the lm_head row of the EOS token
+    with torch.no_grad():
+        llm.engine.model.lm_head.weight[eos] = llm.engine.model.model.embed_tokens.weight.sum(0) * 0 + 5.0
+    out = llm.generate([PROMPTS[1]], SamplingParams(max_tokens=10, temperature=0))[0]
+    assert out.token_ids[-1] == eos and out.outputs[0].finish_reason == "stop"
+    out = llm.generate([PROMPTS[1]], SamplingParams(max_tokens=10, min_tokens=6, temperature=0))[0]
+    assert len(out.token_ids) >= 7 and eos not in out.token_ids[:6]
+
+
+def test_stop_strings_truncate_text():
+    llm = _llm()
+    text = llm.generate([PROMPTS[1]], SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))[0].text
+    stop = text[3:6]
+    out = llm.generate([PROMPTS[1]], SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, stop=[stop]))[0]
+    assert out.outputs[0].finish_reason == "stop" and stop not in out.text and text.startswith(out.text)
