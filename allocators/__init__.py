@@ -6,6 +6,7 @@ from allocators.stats import MemoryStats
 # importing the strategies registers them
 from allocators import contiguous as _contiguous  # noqa: F401,E402
 from allocators import paged as _paged  # noqa: F401,E402
+from allocators import virtual as _virtual  # noqa: F401,E402
 
 __all__ = [
     "AllocationError",

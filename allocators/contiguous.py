@@ -48,6 +48,7 @@ class ContiguousAllocator(KVAllocator):
             raise ValueError(f"unknown contiguous policy '{policy}': choose one of {POLICIES}")
         super().__init__(spec, capacity_tokens, max_num_seqs, max_model_len)
         self.policy = policy
+        self.arena_kind = arena
         self.arena = make_arena(arena, capacity_tokens)
         self._regions: dict[int, _Region] = {}
         self._make_cache(capacity_tokens)

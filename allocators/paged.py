@@ -97,14 +97,31 @@ class PagedAllocator(KVAllocator):
             need += 1
         return need
 
+    def _room_in_tail(self, st: _SeqBlocks | None, num_new_tokens: int) -> bool:
+        """The decode fast path: the tokens fit in a private last block with room."""
+        if st is None or not st.table:
+            return False
+        used = st.num_tokens % self._block_size
+        return used != 0 and used + num_new_tokens <= self._block_size and self.pool.ref[st.table[-1]] == 1
+
     def can_allocate(self, seq: SequenceLike, num_new_tokens: int) -> bool:
         st = self._seqs.get(seq.seq_id)
+        if self._room_in_tail(st, num_new_tokens):
+            return True
         if st is not None and st.host is not None:
             return False
         return self._needs(st, num_new_tokens) <= self.pool.num_free
 
     def allocate(self, seq: SequenceLike, num_new_tokens: int) -> None:
         st = self._seqs.get(seq.seq_id)
+        if self._room_in_tail(st, num_new_tokens):
+            pool, b = self.pool, st.table[-1]
+            pool.fill[b] += num_new_tokens
+            pool.filled_total += num_new_tokens
+            st.num_tokens += num_new_tokens
+            if self.enable_prefix_caching and st.num_tokens % self._block_size == 0:
+                self._register_full_blocks(st)
+            return
         if st is not None and st.host is not None:
             raise AllocationError(f"seq {seq.seq_id} is swapped out: swap_in before allocating for it")
         need = self._needs(st, num_new_tokens)

@@ -1,0 +1,390 @@
+"""Virtual KV cache (vAttention): a contiguous virtual range per request slot, pages mapped on demand.
+
+Every one of ``max_num_seqs`` slots owns ``span`` consecutive token positions of each
+virtual range (``span`` = max_model_len rounded up to whole pages), so token t of the
+sequence in slot s lives at ``s * span + t``: LINEAR addressing, no block table, the
+kernels of the contiguous allocator unchanged. Physical memory comes in *page groups*: the
+pages that back one run of ``page_tokens`` tokens in every range.
+
+Layouts:
+- ``per_layer``: 2 x num_layers ranges (K and V of each layer), ``[slots*span, H, D]`` each;
+  a page group is 2 x num_layers pages of ``page_size`` bytes.
+- ``shared``: one range ``[slots*span, layers, 2, H, D]``; one page holds a run of tokens for
+  all layers (2 MiB = 16 tokens of Llama-3-8B); ``kv_cache(layer)`` is a strided view.
+
+Pages are created once (the pool); a growing sequence maps the next group at the end of its
+slot. A finished slot keeps its pages (deferred reclamation): the next request admitted
+there reuses them without touching the driver, and they are unmapped only when another
+slot needs memory the free pool cannot give. With ``prefetch`` the group a sequence will
+need in the next ``prefetch_tokens`` tokens is claimed now and mapped by a background
+thread while the step computes; ``allocate`` waits on the driver only for memory the
+step itself needs that was not mapped ahead.
+
+Accounting: a live sequence is charged for its mapped groups up to the ones its
+``max_len`` can use; groups beyond that, and all groups of idle slots, are held by no live
+sequence and count as external fragmentation.
+"""
+from __future__ import annotations
+
+import heapq
+import weakref
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from allocators.base import AllocationError, KVAllocator, KVCacheSpec, SequenceLike
+from allocators.registry import register
+from allocators.stats import MemoryStats
+from allocators.vmm_backends import VMMBackend, make_backend
+from kernels.metadata import Addressing
+
+LAYOUTS = ("per_layer", "shared")
+MiB = 1 << 20
+
+
+@dataclass(slots=True, eq=False)
+class _Slot:
+    index: int
+    groups: list[int] = field(default_factory=list)  # page group mapped at page j of this slot
+    seq: SequenceLike | None = None
+    used: int = 0
+
+
+def _shutdown(executor: ThreadPoolExecutor | None, backend: VMMBackend) -> None:
+    if executor is not None:
+        executor.shutdown(wait=True)
+    backend.close()
+
+
+@register("virtual")
+class VirtualAllocator(KVAllocator):
+    mode = Addressing.LINEAR
+    supports_fork = True  # by copy into the child's slot
+
+    def __init__(
+        self,
+        spec: KVCacheSpec,
+        capacity_tokens: int,
+        max_num_seqs: int,
+        max_model_len: int,
+        page_size: int = 2 * MiB,
+        layout: str = "per_layer",
+        backend: str = "auto",
+        prefetch: bool = True,
+        prefetch_tokens: int = 1,
+    ):
+        if layout not in LAYOUTS:
+            raise ValueError(f"unknown virtual layout '{layout}': choose one of {LAYOUTS}")
+        elem = torch.empty((), dtype=spec.dtype).element_size()
+        if layout == "per_layer":
+            token_bytes, num_ranges = spec.num_kv_heads * spec.head_dim * elem, 2 * spec.num_layers
+        else:
+            token_bytes, num_ranges = spec.bytes_per_token, 1
+        if page_size <= 0 or page_size % token_bytes:
+            raise ValueError(
+                f"page_size={page_size} does not hold a whole number of tokens of {token_bytes} bytes "
+                f"(layout '{layout}'): choose a multiple of {token_bytes} (and of the backend's granularity)")
+        self.page_tokens = tpp = page_size // token_bytes
+        num_groups = capacity_tokens // tpp
+        if num_groups == 0:
+            raise ValueError(
+                f"KV pool of {capacity_tokens} tokens holds no page group of {tpp} tokens "
+                f"(page_size={page_size}, layout '{layout}'): give more memory or a smaller page_size")
+        super().__init__(spec, num_groups * tpp, max_num_seqs, max_model_len)
+        self.layout, self.page_size, self.num_groups = layout, page_size, num_groups
+        self.span = -(-max_model_len // tpp) * tpp
+        self.pages_per_slot = self.span // tpp
+        self.num_ranges = num_ranges
+        if backend == "auto":
+            backend = "sim" if spec.device is None else ("cuda" if str(spec.device).startswith("cuda") else "host")
+        self.backend = make_backend(backend, page_size, max_num_seqs * self.span * token_bytes, num_ranges,
+                                    num_groups * num_ranges, spec.device)
+        self.prefetch, self.prefetch_tokens = prefetch, max(1, prefetch_tokens)
+        self._executor = (ThreadPoolExecutor(1, thread_name_prefix="kvlab-vmm", initializer=self.backend.bind_thread)
+                          if prefetch and backend != "sim" else None)
+        self._finalizer = weakref.finalize(self, _shutdown, self._executor, self.backend)
+        self._inflight: dict[tuple[int, int], Future] = {}  # (slot, page) mapped in the background
+        self._build_tensors()
+        self.slots = [_Slot(i) for i in range(max_num_seqs)]
+        self._by_seq: dict[int, _Slot] = {}
+        self._free_groups: list[int] = list(range(num_groups - 1, -1, -1))
+        self._idle: OrderedDict[int, None] = OrderedDict()  # slots with pages and no sequence, LRU first
+        self._empty: list[int] = list(range(max_num_seqs))  # heap of slots with neither
+        self._idle_pages = 0  # groups mapped in idle slots
+        self._surplus_pages = 0  # groups of live slots beyond their current tokens (stealable)
+        self.num_sync_maps = 0  # groups mapped on the critical path
+        self.num_async_maps = 0  # groups mapped ahead in the background
+
+    def _build_tensors(self) -> None:
+        s = self.spec
+        self._k, self._v = [], []
+        if not s.materialized:
+            return
+        n = self.max_num_seqs * self.span
+        views = [self.backend.tensor(r).view(s.dtype) for r in range(self.num_ranges)]
+        if self.layout == "per_layer":
+            for layer in range(s.num_layers):
+                self._k.append(views[2 * layer].view(n, s.num_kv_heads, s.head_dim))
+                self._v.append(views[2 * layer + 1].view(n, s.num_kv_heads, s.head_dim))
+        else:
+            self._buffer = views[0].view(n, s.num_layers, 2, s.num_kv_heads, s.head_dim)
+            for layer in range(s.num_layers):
+                self._k.append(self._buffer[:, layer, 0])
+                self._v.append(self._buffer[:, layer, 1])
+
+    def close(self) -> None:
+        self._finalizer()
+
+    # -- pages ---------------------------------------------------------------------------
+    def _pages_for(self, tokens: int) -> int:
+        return -(-tokens // self.page_tokens)
+
+    def _want(self, seq: SequenceLike) -> int:
+        """Groups ``seq`` can ever use."""
+        return self._pages_for(min(seq.max_len, self.span))
+
+    def _map_now(self, group: int, slot: int, page: int) -> None:
+        R, at = self.num_ranges, slot * self.pages_per_slot + page
+        for r in range(R):
+            self.backend.map(group * R + r, r, at)
+
+    def _map(self, group: int, slot: _Slot, page: int, ahead: bool) -> None:
+        if ahead and self._executor is not None:
+            self._inflight[(slot.index, page)] = self._executor.submit(self._map_now, group, slot.index, page)
+            self.num_async_maps += 1
+        else:
+            self._map_now(group, slot.index, page)
+            self.num_sync_maps += not ahead
+
+    def _unmap_tail(self, slot: _Slot) -> int:
+        page = len(slot.groups) - 1
+        fut = self._inflight.pop((slot.index, page), None)
+        if fut is not None:
+            fut.result()
+        at = slot.index * self.pages_per_slot + page
+        for r in range(self.num_ranges):
+            self.backend.unmap(r, at)
+        return slot.groups.pop()
+
+    def _surplus(self, slot: _Slot) -> int:
+        return len(slot.groups) - self._pages_for(slot.used)
+
+    def _available(self, exclude: _Slot) -> int:
+        """Groups ``exclude`` could be given: free, in idle slots, or surplus of other live slots."""
+        own = len(exclude.groups) if exclude.seq is None else self._surplus(exclude)
+        own_idle = own if exclude.seq is None else 0
+        own_surplus = own if exclude.seq is not None else 0
+        return len(self._free_groups) + self._idle_pages - own_idle + self._surplus_pages - own_surplus
+
+    def _acquire(self, k: int, exclude: _Slot, surplus_too: bool = True) -> list[int]:
+        """``k`` groups: free ones first, then reclaimed from idle slots (LRU), then stolen from
+        pages other live slots mapped ahead of their tokens."""
+        out = [self._free_groups.pop() for _ in range(min(k, len(self._free_groups)))]
+        while len(out) < k and self._idle:
+            victim = next((self.slots[i] for i in self._idle if i != exclude.index), None)
+            if victim is None:
+                break
+            take = min(k - len(out), len(victim.groups))
+            out += [self._unmap_tail(victim) for _ in range(take)]
+            self._idle_pages -= take
+            if not victim.groups:
+                del self._idle[victim.index]
+                heapq.heappush(self._empty, victim.index)
+        if len(out) < k and surplus_too:
+            for victim in self._by_seq.values():
+                if victim is exclude:
+                    continue
+                take = min(k - len(out), self._surplus(victim))
+                out += [self._unmap_tail(victim) for _ in range(take)]
+                self._surplus_pages -= take
+                if len(out) == k:
+                    break
+        if len(out) < k:
+            raise AllocationError(f"virtual allocator: {k} page groups wanted, {len(out)} found")
+        return out
+
+    # -- slots ---------------------------------------------------------------------------
+    def _pick_slot(self, seq: SequenceLike) -> _Slot | None:
+        """An idle slot whose pages best fit ``seq`` (deferred reclamation), else an empty one."""
+        want, best, best_key = self._want(seq), None, None
+        for i in self._idle:
+            n = len(self.slots[i].groups)
+            key = (n > want, abs(n - want))
+            if best_key is None or key < best_key:
+                best, best_key = self.slots[i], key
+        if best is None and self._empty:
+            best = self.slots[self._empty[0]]
+        return best
+
+    def _admit(self, seq: SequenceLike, slot: _Slot) -> None:
+        if slot.index in self._idle:
+            del self._idle[slot.index]
+            self._idle_pages -= len(slot.groups)
+        else:
+            heapq.heappop(self._empty)  # _pick_slot took the heap's top
+        slot.seq, slot.used = seq, 0
+        self._surplus_pages += len(slot.groups)
+        self._by_seq[seq.seq_id] = slot
+
+    # -- room for tokens -----------------------------------------------------------------
+    def can_allocate(self, seq: SequenceLike, num_new_tokens: int) -> bool:
+        slot = self._by_seq.get(seq.seq_id)
+        if slot is not None and slot.used + num_new_tokens <= len(slot.groups) * self.page_tokens:
+            return True  # decode fast path: inside mapped pages
+        slot = slot or self._pick_slot(seq)
+        if slot is None:
+            return False  # every slot holds a live sequence
+        need = self._pages_for(slot.used + num_new_tokens) - len(slot.groups)
+        return need <= 0 or need <= self._available(slot)
+
+    def allocate(self, seq: SequenceLike, num_new_tokens: int) -> None:
+        slot = self._by_seq.get(seq.seq_id)
+        if slot is not None and slot.used:
+            # decode fast path: the tokens stay in the page of the last token, and no
+            # page needs to be mapped ahead yet
+            total, tpp = slot.used + num_new_tokens, self.page_tokens
+            if (slot.used - 1) // tpp == (total - 1) // tpp and (
+                    not self.prefetch or total + self.prefetch_tokens <= len(slot.groups) * tpp):
+                slot.used = total
+                return
+        if slot is None:
+            slot = self._pick_slot(seq)
+            if slot is None:
+                raise AllocationError(f"all {self.max_num_seqs} slots hold live sequences: raise max_num_seqs")
+            if not self.can_allocate(seq, num_new_tokens):
+                raise AllocationError(f"seq {seq.seq_id}: not enough page groups free: check can_allocate first")
+            self._admit(seq, slot)
+        total = slot.used + num_new_tokens
+        if total > self.span:
+            raise AllocationError(f"seq {seq.seq_id} grows to {total} tokens, past its slot of {self.span} "
+                                  f"(max_model_len={self.max_model_len})")
+        need = self._pages_for(total) - len(slot.groups)
+        if need > self._available(slot):
+            raise AllocationError(f"seq {seq.seq_id} needs {need} page groups, {self._available(slot)} available: "
+                                  "check can_allocate first")
+        before = self._surplus(slot)
+        if need > 0:
+            for g in self._acquire(need, slot):
+                slot.groups.append(g)
+                self._map(g, slot, len(slot.groups) - 1, ahead=False)
+        for page in range(self._pages_for(slot.used), self._pages_for(total)):  # mapped ahead: done yet?
+            fut = self._inflight.pop((slot.index, page), None)
+            if fut is not None:
+                fut.result()
+        slot.used = total
+        self._surplus_pages += self._surplus(slot) - before
+        if self.prefetch:
+            self._map_ahead(slot)
+
+    def _map_ahead(self, slot: _Slot) -> None:
+        """Claim the group the next ``prefetch_tokens`` tokens need and map it off the critical
+        path, while every live sequence could still get a group without stealing."""
+        if slot.used + self.prefetch_tokens <= len(slot.groups) * self.page_tokens:
+            return
+        if len(slot.groups) >= self._want(slot.seq):
+            return
+        if len(self._free_groups) + self._idle_pages <= len(self._by_seq):
+            return
+        g = self._acquire(1, slot, surplus_too=False)[0]
+        slot.groups.append(g)
+        self._surplus_pages += 1
+        self._map(g, slot, len(slot.groups) - 1, ahead=True)
+
+    def free(self, seq: SequenceLike) -> None:
+        slot = self._by_seq.pop(seq.seq_id, None)
+        if slot is None:
+            return
+        self._surplus_pages -= self._surplus(slot)
+        slot.seq, slot.used = None, 0
+        if slot.groups:  # deferred reclamation: the pages stay mapped for the next request
+            self._idle[slot.index] = None
+            self._idle_pages += len(slot.groups)
+        else:
+            heapq.heappush(self._empty, slot.index)
+
+    def num_tokens(self, seq: SequenceLike) -> int:
+        slot = self._by_seq.get(seq.seq_id)
+        return slot.used if slot else 0
+
+    def _charged_pages(self, slot: _Slot) -> int:
+        return min(len(slot.groups), max(self._want(slot.seq), self._pages_for(slot.used)))
+
+    def seq_capacity(self, seq: SequenceLike) -> int:
+        slot = self._by_seq.get(seq.seq_id)
+        return self._charged_pages(slot) * self.page_tokens if slot else 0
+
+    def max_fit_tokens(self) -> int:
+        return min(self.capacity_tokens, self.span)
+
+    # -- fork: copy into the child's slot ------------------------------------------------------
+    def can_fork(self, parent: SequenceLike) -> bool:
+        p = self._by_seq.get(parent.seq_id)
+        if p is None:
+            return False
+        slot = self._pick_slot(parent)
+        return slot is not None and self._pages_for(p.used) - len(slot.groups) <= self._available(slot)
+
+    def fork(self, parent: SequenceLike, child: SequenceLike) -> None:
+        p = self._by_seq.get(parent.seq_id)
+        if p is None:
+            raise AllocationError(f"fork: parent seq {parent.seq_id} holds no slot")
+        if child.seq_id in self._by_seq:
+            raise AllocationError(f"fork: child seq {child.seq_id} already holds a slot")
+        self.allocate(child, p.used)
+        c = self._by_seq[child.seq_id]
+        src, dst, n = p.index * self.span, c.index * self.span, p.used
+        if self.layout == "shared" and self._k:
+            self._buffer[dst:dst + n] = self._buffer[src:src + n]
+        else:
+            for k, v in zip(self._k, self._v):
+                k[dst:dst + n] = k[src:src + n]
+                v[dst:dst + n] = v[src:src + n]
+
+    # -- addressing ----------------------------------------------------------------------------
+    def slot_mapping(self, seq: SequenceLike, start: int, end: int) -> list[int]:
+        base = self._by_seq[seq.seq_id].index * self.span
+        return list(range(base + start, base + end))
+
+    def seq_base(self, seq: SequenceLike) -> int:
+        return self._by_seq[seq.seq_id].index * self.span
+
+    # -- accounting ----------------------------------------------------------------------------
+    def stats(self) -> MemoryStats:
+        used = reserved = internal = 0
+        unused_live = 0  # groups of live slots their sequence can never use
+        for slot in self._by_seq.values():
+            charged = self._charged_pages(slot)
+            unused_live += len(slot.groups) - charged
+            cap = charged * self.page_tokens
+            bound = max(min(slot.seq.max_len, cap), slot.used)
+            used += slot.used
+            reserved += bound - slot.used
+            internal += cap - bound
+        bpt, tpp = self.bytes_per_token, self.page_tokens
+        return MemoryStats(
+            capacity=self.capacity_tokens * bpt,
+            token_states=used * bpt,
+            reservation=reserved * bpt,
+            internal_frag=internal * bpt,
+            external_frag=(self._idle_pages + unused_live) * tpp * bpt,  # held by no live sequence
+            free=len(self._free_groups) * tpp * bpt,
+        )
+
+    # -- introspection (tests, experiments) ---------------------------------------------------
+    @property
+    def num_free_groups(self) -> int:
+        return len(self._free_groups)
+
+    @property
+    def num_idle_groups(self) -> int:
+        return self._idle_pages
+
+    def slot_of(self, seq: SequenceLike) -> int:
+        return self._by_seq[seq.seq_id].index
+
+    def wait_prefetch(self) -> None:
+        """Block until every background mapping is done (tests, benchmarks)."""
+        for fut in list(self._inflight.values()):
+            fut.result()
