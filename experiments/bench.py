@@ -168,7 +168,15 @@ def main(argv: list[str] | None = None) -> int:
         mc = resolve_config(model)
         prompts = make_prompts(args.num_prompts, lo, hi, mc.vocab_size, args.seed)
         for alloc in args.allocators.split(","):
-            res = run_kvlab(model, alloc, ALLOCATOR_ARGS.get(alloc, {}), prompts, args.output_len, args)
+            try:
+                res = run_kvlab(model, alloc, ALLOCATOR_ARGS.get(alloc, {}), prompts, args.output_len, args)
+            except Exception as e:  # report, keep the other allocators' figures
+                import traceback
+
+                traceback.print_exc()
+                res = dict(engine="kvlab", allocator=alloc, error=repr(e)[:300])
+                gc.collect()
+                torch.cuda.empty_cache()
             rows.append(dict(model=model, **res))
             print(json.dumps(rows[-1]), flush=True)
         if not args.no_hf:
