@@ -60,3 +60,19 @@ def test_other_families_match_hf(tmp_path, kind):
     llm = LLM(str(tmp_path), allocator="paged")
     outs = llm.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True))
     assert [o.token_ids for o in outs] == _hf_greedy(hf, prompts)
+
+
+def test_llama31_rope_scaling_and_tied_embeddings_match_hf(tmp_path):
+    """Llama 3.1 frequency scaling (positions past the original context) and tied embeddings."""
+    from conftest import make_hf_checkpoint
+
+    scaling = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=64)
+    hf = make_hf_checkpoint(tmp_path, "llama", seed=4, rope_scaling=scaling, rope_theta=500000.0,
+                            tie_word_embeddings=True)
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, 320, (n,), generator=g).tolist() for n in (90, 150)]
+    llm = LLM(str(tmp_path), allocator="paged")
+    assert llm.engine.model_config.rope_scaling["rope_type"] == "llama3"
+    outs = llm.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True))
+    assert [o.token_ids for o in outs] == _hf_greedy(hf, prompts)
