@@ -1,14 +1,35 @@
-"""``kvlab report DIR``: every run under DIR into tidy tables and plots."""
+"""``kvlab report DIR``: every run under DIR into tidy tables and plots.
+
+Writes, under ``DIR/report`` (or ``--out``):
+
+- ``summary.csv``: one row per run (metadata, metrics, and the run's configuration as
+  ``cfg.<key>`` columns); ``summary_long.parquet``: (run_id, metric, value, unit);
+- ``report.md`` with the tables and the figures below;
+- ``memory_breakdown.png``: where the KV pool goes (stacked bars, % of capacity), mean over
+  all engine steps and, where requests waited, over those steps (the saturated pool);
+- ``throughput.png``: output throughput of each run;
+- ``latency_cdf.png``: CDFs of TTFT, e2e latency and normalized latency per request;
+- ``kv_usage_over_time.png``: KV pool in use and batch size over (simulated) time;
+- sweep curves, each only when runs differ along its axis: ``rate_curves.png`` (throughput
+  and normalized latency vs request rate), ``block_size_curves.png``, ``page_size_curves.png``,
+  ``sharing_curves.png`` (memory saved by sharing vs samples per request or prefix length),
+  ``max_num_seqs_curves.png``.
+
+The axes of a sweep are found in the runs' configurations: a ``cfg.*`` column whose value
+differs between runs. Runs that differ in other keys too become separate series.
+"""
 from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")  # headless: reports are files
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from allocators.stats import STAT_FIELDS  # noqa: E402
@@ -19,22 +40,53 @@ MEMORY_COLORS = {"token_states": "#2a9d8f", "reservation": "#e9c46a", "internal_
                  "external_frag": "#e76f51", "free": "#d9d9d9"}
 LABELS = {"token_states": "token states", "reservation": "reservation", "internal_frag": "internal frag.",
           "external_frag": "external frag.", "free": "free"}
+# configuration keys that follow from others or never define a series
+DERIVED = {"cfg.allocator.label", "cfg.workload.seed", "cfg.model.path", "cfg.model.shape"}
+SHORT = {"cfg.allocator.name": "", "cfg.allocator.args.policy": "", "cfg.allocator.args.layout": "",
+         "cfg.allocator.args.block_size": "B", "cfg.allocator.args.page_size": "page",
+         "cfg.workload.request_rate": "rate", "cfg.workload.n": "n", "cfg.workload.prefix_len": "prefix",
+         "cfg.engine.enable_prefix_caching": "prefix caching", "cfg.engine.preemption_mode": "preempt",
+         "cfg.model.name": "", "cfg.workload.name": "", "cfg.sim.device": "", "cfg.mode": ""}
 
+
+# ---------------------------------------------------------------------------- tables
 
 def collect(root: str | Path) -> pd.DataFrame:
     """One row per run folder under ``root`` that has a summary.json."""
+    root = Path(root)
     rows = []
-    for path in sorted(Path(root).rglob("summary.json")):
+    for path in sorted(root.rglob("summary.json")):
         rec = json.loads(path.read_text())
         rec["run_dir"] = str(path.parent)
-        rec.setdefault("run_id", path.parent.name)
+        rel = path.parent.relative_to(root).as_posix()
+        rec["run_id"] = rel if rel != "." else rec.get("run_id", path.parent.name)
         rows.append(rec)
     if not rows:
         raise FileNotFoundError(f"no run under {root} has a summary.json: run `kvlab run` first")
     df = pd.DataFrame(rows)
     if "allocator_args" in df:
         df["allocator_args"] = df["allocator_args"].map(lambda a: json.dumps(a, sort_keys=True))
+    df["label"] = run_labels(df)
     return df
+
+
+ALLOCATOR_ORDER = {"contiguous": 0, "paged": 1, "virtual": 2}
+POLICY_ORDER = {"max": 0, "pow2": 1, "oracle": 2}
+
+
+def order_runs(wide: pd.DataFrame) -> pd.DataFrame:
+    """Contiguous max, pow2, oracle, then paged, then virtual (the paper's order); within
+    those, by the numeric values of the other swept keys."""
+    keys = pd.DataFrame(index=wide.index)
+    keys["_a"] = wide.get("allocator", pd.Series("", index=wide.index)).map(ALLOCATOR_ORDER).fillna(9)
+    keys["_p"] = wide.get("cfg.allocator.args.policy", pd.Series(None, index=wide.index)).map(POLICY_ORDER).fillna(9)
+    cols = ["_a", "_p"]
+    for i, k in enumerate(varying(wide)):
+        keys[f"_{i}"] = pd.to_numeric(wide[k], errors="coerce") if wide[k].dtype != object else wide[k].astype(str)
+        cols.append(f"_{i}")
+    keys["_label"] = wide.get("label", wide["run_id"]).astype(str)
+    order = keys.sort_values(cols + ["_label"], kind="stable").index
+    return wide.loc[order].reset_index(drop=True)
 
 
 def long_table(wide: pd.DataFrame) -> pd.DataFrame:
@@ -45,51 +97,254 @@ def long_table(wide: pd.DataFrame) -> pd.DataFrame:
     return long.sort_values(["run_id", "metric"]).reset_index(drop=True)
 
 
-def run_label(row: pd.Series) -> str:
-    return str(row.get("allocator_label") or row.get("allocator") or row["run_id"])
+def varying(wide: pd.DataFrame) -> list[str]:
+    """``cfg.*`` columns whose value differs between runs (missing counts as a value)."""
+    out = []
+    for c in wide.columns:
+        if not c.startswith("cfg.") or c in DERIVED:
+            continue
+        if wide[c].astype(str).nunique(dropna=False) > 1:
+            out.append(c)
+    return out
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        if math.isinf(v):
+            return "inf"
+        return f"{v:g}"
+    return str(v)
+
+
+def _part(key: str, value) -> str | None:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    short = SHORT.get(key, key.split(".")[-1])
+    if key == "cfg.allocator.args.page_size" and isinstance(value, (int, float)):
+        value = _bytes(value)
+    if isinstance(value, bool):
+        return f"{short} {'on' if value else 'off'}" if short else str(value)
+    return f"{short}={_fmt(value)}" if short else _fmt(value)
+
+
+def _bytes(n: float) -> str:
+    for unit, size in (("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size and n % (size // 16 or 1) == 0:
+            return f"{n / size:g} {unit}"
+    return f"{n:g} B"
+
+
+def run_labels(wide: pd.DataFrame, exclude: tuple[str, ...] = ()) -> pd.Series:
+    """Short names of runs: the allocator label plus whatever else varies between runs.
+
+    With ``exclude`` (a sweep axis) the names are those of a series along that axis: the
+    axis is left out, and where it is an allocator argument, so is the allocator label
+    (which usually contains it) in favour of the other varying allocator keys.
+    """
+    keys = [k for k in varying(wide) if k not in exclude]
+    alloc = [k for k in keys if k.startswith("cfg.allocator.")]
+    other = [k for k in keys if k not in alloc]
+    axis_in_alloc = any(k.startswith("cfg.allocator.") for k in exclude)
+    labels = []
+    for _, r in wide.iterrows():
+        name = str(r.get("allocator_label") or r.get("allocator") or r["run_id"])
+        if not exclude or (alloc and not axis_in_alloc):
+            parts = [name]
+        else:
+            parts = [p for p in (_part(k, r.get(k)) for k in alloc) if p]
+        parts += [p for p in (_part(k, r.get(k)) for k in other) if p]
+        labels.append(", ".join(parts) or name)
+    return pd.Series(labels, index=wide.index)
+
+
+# ---------------------------------------------------------------------------- figures
+
+def _title(wide: pd.DataFrame, what: str) -> str:
+    parts = [str(wide[c].iloc[0]) for c in ("model", "workload", "device") if c in wide and wide[c].nunique() == 1]
+    return f"{what} — {', '.join(parts)}" if parts else what
 
 
 def plot_throughput(wide: pd.DataFrame):
-    fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(wide)), 3.5))
-    labels = [run_label(r) for _, r in wide.iterrows()]
-    bars = ax.bar(labels, wide["output_throughput"], color="#264653")
+    fig, ax = plt.subplots(figsize=(max(4, 0.9 * len(wide) + 2), 3.5))
+    bars = ax.bar(wide["label"], wide["output_throughput"], color="#264653")
     ax.bar_label(bars, fmt="%.0f", fontsize=8)
     ax.set_ylabel("output throughput (tok/s)")
-    ax.set_title(f"Output throughput — {wide['model'].iloc[0]}, {wide['workload'].iloc[0]}, {wide['device'].iloc[0]}",
-                 fontsize=9)
+    ax.set_title(_title(wide, "Output throughput"), fontsize=9)
     ax.tick_params(axis="x", rotation=30)
+    plt.setp(ax.get_xticklabels(), ha="right")
     return fig
+
+
+def _memory_panel(ax, wide: pd.DataFrame, suffix: str, title: str) -> None:
+    bottom = np.zeros(len(wide))
+    for f in STAT_FIELDS:
+        vals = 100 * wide[f"{f}{suffix}"].astype(float).fillna(0).to_numpy()
+        ax.bar(wide["label"], vals, bottom=bottom, color=MEMORY_COLORS[f], label=LABELS[f])
+        bottom += vals
+    ts = 100 * wide[f"token_states{suffix}"].astype(float).fillna(0).to_numpy()
+    for i, v in enumerate(ts):
+        ax.text(i, v / 2, f"{v:.1f}%", ha="center", va="center", fontsize=7, color="white")
+    ax.set_ylabel("KV pool (% of capacity)")
+    ax.set_ylim(0, 100)
+    ax.set_title(title, fontsize=9)
+    ax.tick_params(axis="x", rotation=30)
+    plt.setp(ax.get_xticklabels(), ha="right")
 
 
 def plot_memory(wide: pd.DataFrame):
-    fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(wide)), 3.8))
-    labels = [run_label(r) for _, r in wide.iterrows()]
-    bottom = pd.Series(0.0, index=wide.index)
-    for f in STAT_FIELDS:
-        vals = 100 * wide[f].fillna(0)
-        ax.bar(labels, vals, bottom=bottom, color=MEMORY_COLORS[f], label=LABELS[f])
-        bottom += vals
-    ax.set_ylabel("KV pool (% of capacity, mean over steps)")
-    ax.set_ylim(0, 100)
-    ax.set_title("Where the KV memory goes", fontsize=9)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    ax.tick_params(axis="x", rotation=30)
+    """Stacked bars of the five memory fields (the PagedAttention paper's Fig. 2)."""
+    saturated = "token_states_saturated" in wide and wide["token_states_saturated"].notna().any()
+    panels = [("", "mean over all engine steps")]
+    if saturated:
+        panels.append(("_saturated", "mean over steps where requests wait (saturated pool)"))
+    w = max(4, 0.9 * len(wide) + 1.5)
+    fig, axes = plt.subplots(1, len(panels), figsize=(w * len(panels) + 1.5, 4), squeeze=False)
+    for ax, (suffix, title) in zip(axes[0], panels):
+        _memory_panel(ax, wide, suffix, title)
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.suptitle(_title(wide, "Where the KV memory goes"), fontsize=10)
+    fig.tight_layout()
     return fig
 
 
-def plot_memory_over_time(steps: pd.DataFrame, title: str):
+def _read_runs(wide: pd.DataFrame, name: str, columns: list[str] | None = None) -> dict[str, pd.DataFrame]:
+    out = {}
+    for _, r in wide.iterrows():
+        path = Path(r["run_dir"]) / name
+        if path.exists():
+            df = pd.read_parquet(path, columns=columns)
+            if not df.empty:
+                out[r["run_id"]] = df
+    return out
+
+
+def _ecdf(ax, values: np.ndarray, label: str) -> None:
+    v = np.sort(values[~np.isnan(values) & (values > 0)])
+    if len(v):
+        ax.step(v, np.arange(1, len(v) + 1) / len(v), where="post", label=label, lw=1.2)
+
+
+def plot_latency_cdfs(wide: pd.DataFrame, requests: dict[str, pd.DataFrame]):
+    cols = [("ttft", "TTFT (s)"), ("e2el", "end-to-end latency (s)"), ("normalized_latency", "normalized latency (s/token)")]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for _, r in wide.iterrows():
+        req = requests.get(r["run_id"])
+        if req is None:
+            continue
+        for ax, (c, _) in zip(axes, cols):
+            vals = (req["e2el"] / req["output_len"]) if c == "normalized_latency" and c not in req else req[c]
+            _ecdf(ax, vals.to_numpy(float), r["label"])
+    for ax, (_, xlabel) in zip(axes, cols):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("requests (cumulative fraction)")
+        ax.set_xscale("log")
+        ax.grid(alpha=0.3)
+    axes[-1].legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.suptitle(_title(wide, "Latency CDFs"), fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_usage_over_time(wide: pd.DataFrame, steps: dict[str, pd.DataFrame]):
+    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(8, 5), sharex=True, height_ratios=[3, 2])
+    for _, r in wide.iterrows():
+        st = steps.get(r["run_id"])
+        if st is None or "capacity" not in st:
+            continue
+        used = 100 * (1 - st["free"] / st["capacity"])
+        line, = ax.plot(st["time"], used, lw=1, label=r["label"], drawstyle="steps-post")
+        ax.plot(st["time"], 100 * st["token_states"] / st["capacity"], lw=0.8, ls=":", color=line.get_color(),
+                drawstyle="steps-post")
+        ax2.plot(st["time"], st["num_seqs"], lw=1, color=line.get_color(), drawstyle="steps-post")
+    ax.set_ylabel("KV pool in use (%)\n(dotted: token states)")
+    ax.set_ylim(0, 102)
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.set_title(_title(wide, "KV usage and batch size over time"), fontsize=9)
+    ax2.set_xlabel(("simulated " if (wide.get("mode") == "simulate").all() else "") + "time (s)")
+    ax2.set_ylabel("batch size (seqs)")
+    return fig
+
+
+# sweep axis -> (file, x label, x scale, [(metric, y label, percent?)])
+MEM_CURVES = [("token_states_saturated", "token states, saturated (% of pool)", True),
+              ("internal_frag_saturated", "internal frag., saturated (% of pool)", True),
+              ("external_frag_saturated", "external frag., saturated (% of pool)", True)]
+SWEEPS = {
+    "cfg.workload.request_rate": ("rate_curves.png", "request rate (req/s)", "linear", [
+        ("output_throughput", "output throughput (tok/s)", False),
+        ("normalized_latency", "normalized latency (s/token)", False),
+        ("p99_ttft_ms", "p99 TTFT (ms)", False)]),
+    "cfg.allocator.args.block_size": ("block_size_curves.png", "block size (tokens)", "log2", [
+        *MEM_CURVES[:2], ("output_throughput", "output throughput (tok/s)", False),
+        ("normalized_latency", "normalized latency (s/token)", False)]),
+    "cfg.allocator.args.page_size": ("page_size_curves.png", "page size (KiB)", "log2", [
+        *MEM_CURVES, ("output_throughput", "output throughput (tok/s)", False)]),
+    "cfg.workload.n": ("sharing_curves.png", "samples per request (n)", "linear", [
+        ("sharing_saving", "KV memory saved by sharing (%)", True),
+        ("output_throughput", "output throughput (tok/s)", False),
+        ("mean_batch_size", "mean batch size (seqs)", False)]),
+    "cfg.workload.prefix_len": ("prefix_curves.png", "shared prefix length (tokens)", "linear", [
+        ("sharing_saving", "KV memory saved by sharing (%)", True),
+        ("output_throughput", "output throughput (tok/s)", False),
+        ("prefix_cache_hit_rate", "prefix cache hit rate (%)", True)]),
+    "cfg.engine.max_num_seqs": ("max_num_seqs_curves.png", "max_num_seqs (seqs)", "log2", [
+        ("output_throughput", "output throughput (tok/s)", False),
+        ("token_states_saturated", "token states, saturated (% of pool)", True)]),
+}
+
+
+def plot_sweep(wide: pd.DataFrame, axis: str):
+    """Metrics vs one swept config key; one line per combination of the other varying keys."""
+    fname, xlabel, scale, metrics = SWEEPS[axis]
+    metrics = [m for m in metrics if m[0] in wide and wide[m[0]].notna().any()]
+    if not metrics:
+        return None
+    x = pd.to_numeric(wide[axis], errors="coerce")
+    if axis == "cfg.workload.request_rate":
+        x = x.where(np.isfinite(x))
+    if axis == "cfg.allocator.args.page_size":
+        x = x / 1024
+    data = wide.assign(_x=x).dropna(subset=["_x"])
+    if data["_x"].nunique() < 2:
+        return None
+    data = data.assign(_series=run_labels(data, exclude=(axis,)))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics) + 1.5, 3.5), squeeze=False)
+    for ax, (metric, ylabel, percent) in zip(axes[0], metrics):
+        for i, (series, grp) in enumerate(data.groupby("_series", sort=False)):
+            grp = grp.sort_values("_x")
+            y = grp[metric].astype(float) * (100 if percent else 1)
+            # markers and dashes differ per series, so overlapping curves stay visible
+            ax.plot(grp["_x"], y, marker="osD^v<>"[i % 7], ms=5 - (i % 3), ls=("-", "--", ":", "-.")[i % 4],
+                    label=series)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        if scale == "log2":
+            ax.set_xscale("log", base=2)
+            ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.grid(alpha=0.3)
+    if data["_series"].nunique() > 1:
+        axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.suptitle(_title(data, f"Sweep over {xlabel}"), fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_memory_over_time(steps: pd.DataFrame, title: str, xlabel: str = "time (s)"):
     fig, (ax, ax2) = plt.subplots(2, 1, figsize=(6, 4.5), sharex=True, height_ratios=[2, 1])
     cap = steps["capacity"].iloc[0]
-    ax.stackplot(steps["time"], *[100 * steps[f] / cap for f in STAT_FIELDS],
-                 colors=[MEMORY_COLORS[f] for f in STAT_FIELDS], labels=[LABELS[f] for f in STAT_FIELDS])
-    ax.set_ylabel("KV pool (%)")
+    lower = np.zeros(len(steps))
+    for f in STAT_FIELDS:  # stacked, held constant between steps
+        upper = lower + 100 * steps[f].to_numpy(float) / cap
+        ax.fill_between(steps["time"], lower, upper, step="post", color=MEMORY_COLORS[f], label=LABELS[f], lw=0)
+        lower = upper
+    ax.set_ylabel("KV pool (% of capacity)")
     ax.set_ylim(0, 100)
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    ax2.plot(steps["time"], steps["num_seqs"], color="#264653", label="batch size")
-    ax2.plot(steps["time"], steps["waiting"], color="#e76f51", label="waiting")
-    ax2.set_xlabel("time (s)")
-    ax2.set_ylabel("sequences")
+    ax2.plot(steps["time"], steps["num_seqs"], color="#264653", label="batch size", drawstyle="steps-post")
+    ax2.plot(steps["time"], steps["waiting"], color="#e76f51", label="waiting", drawstyle="steps-post")
+    ax2.set_xlabel(xlabel)
+    ax2.set_ylabel("sequences (count)")
     ax2.legend(fontsize=7)
     return fig
 
@@ -101,13 +356,17 @@ def write_run_plots(run_dir: str | Path) -> list[Path]:
     if steps.empty or "capacity" not in steps:
         return []
     summary = json.loads((run_dir / "summary.json").read_text())
+    sim = summary.get("mode") == "simulate"
     fig = plot_memory_over_time(steps, f"{summary.get('allocator_label')} — {summary.get('model')}, "
-                                       f"{summary.get('workload')}")
+                                       f"{summary.get('workload')}, {summary.get('device')}",
+                                "simulated time (s)" if sim else "time (s)")
     path = run_dir / "kv_usage_over_time.png"
     save_figure(path, fig)
     plt.close(fig)
     return [path]
 
+
+# ---------------------------------------------------------------------------- report.md
 
 def _markdown_table(df: pd.DataFrame) -> str:
     cols = list(df.columns)
@@ -118,32 +377,83 @@ def _markdown_table(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def _percent(df: pd.DataFrame, cols: list[str]) -> pd.DataFrame:
+    df = df.copy()
+    for c in cols:
+        df[c] = (100 * df[c].astype(float)).round(1)
+    return df
+
+
 def write_report(root: str | Path, out: str | Path | None = None) -> Path:
-    out = Path(out) if out else Path(root) / "report"
+    root = Path(root)
+    out = Path(out) if out else root / "report"
     wide = collect(root)
+    wide = order_runs(wide)
     write_csv(out / "summary.csv", wide)
     write_parquet(out / "summary_long.parquet", long_table(wide))
-    figures = {"throughput.png": plot_throughput(wide), "memory_breakdown.png": plot_memory(wide)}
-    for name, fig in figures.items():
+    figures: dict[str, tuple[str, object]] = {}
+    if "output_throughput" in wide:
+        figures["throughput.png"] = ("Output throughput", plot_throughput(wide))
+    if all(f in wide for f in STAT_FIELDS):
+        figures["memory_breakdown.png"] = ("Where the KV memory goes", plot_memory(wide))
+    requests = _read_runs(wide, "requests.parquet", ["ttft", "e2el", "output_len"])
+    if requests:
+        figures["latency_cdf.png"] = ("Latency CDFs", plot_latency_cdfs(wide, requests))
+    steps = _read_runs(wide, "steps.parquet")
+    if any("capacity" in s for s in steps.values()):
+        figures["kv_usage_over_time.png"] = ("KV usage and batch size over time", plot_usage_over_time(wide, steps))
+    swept = varying(wide)
+    for axis in SWEEPS:
+        if axis in swept:
+            fig = plot_sweep(wide, axis)
+            if fig is not None:
+                figures[SWEEPS[axis][0]] = (f"Sweep: {SWEEPS[axis][1]}", fig)
+    for name, (_, fig) in figures.items():
         save_figure(out / name, fig)
         plt.close(fig)
-    key = ["run_id", "allocator_label", "model", "workload", "mode", "device"]
-    perf = [c for c in ["request_throughput", "output_throughput", "mean_ttft_ms", "p99_ttft_ms", "mean_tpot_ms",
-                        "normalized_latency", "mean_batch_size", "max_concurrency", "preemptions"] if c in wide]
-    mem = [c for c in ["kv_capacity_tokens", *STAT_FIELDS] if c in wide]
-    md = [f"# kvlab report: {Path(root)}", "", f"{len(wide)} runs.", "", "## Throughput and latency", "",
-          _markdown_table(wide[[c for c in key if c in wide] + perf]), "", "![throughput](throughput.png)", "",
-          "## Memory (fraction of KV pool capacity, mean over engine steps)", "",
-          _markdown_table(wide[["run_id", "allocator_label"] + mem]), "", "![memory](memory_breakdown.png)", ""]
+
+    key = [c for c in ["label", "model", "workload", "mode", "device"] if c in wide]
+    perf = [c for c in ["request_rate", "request_throughput", "output_throughput", "mean_ttft_ms", "p99_ttft_ms",
+                        "mean_tpot_ms", "p99_itl_ms", "normalized_latency", "mean_batch_size", "max_concurrency",
+                        "preemptions"] if c in wide]
+    mem = [c for c in STAT_FIELDS if c in wide]
+    sat = [f"{c}_saturated" for c in STAT_FIELDS if f"{c}_saturated" in wide]
+    md = [f"# kvlab report: {root}", "", f"{len(wide)} runs"
+          + (f"; they differ in {', '.join(f'`{k[4:]}`' for k in swept)}." if swept else "."), "",
+          "Memory figures are percentages of the KV pool capacity (they sum to 100 with `free`).", "",
+          "## Throughput and latency", "", _markdown_table(wide[key + perf]), ""]
+    md += ["## Memory", "", "Mean over all engine steps (% of KV pool):", "",
+           _markdown_table(_percent(wide[["label", "kv_capacity_tokens"] + mem], mem)), ""]
+    if sat and wide[sat].notna().any().any():
+        md += ["Mean over the steps where requests wait, i.e. the pool is saturated (% of KV pool; "
+               "`saturated_steps` is the share of such steps):", "",
+               _markdown_table(_percent(wide[["label"] + sat + ["saturated_steps"]], sat + ["saturated_steps"])), ""]
+    extra = [c for c in ("sharing_saving", "prefix_cache_hit_rate") if c in wide and wide[c].fillna(0).any()]
+    if extra:
+        md += ["Sharing (% of the KV the live tokens would take unshared; prefix-cache hit rate):", "",
+               _markdown_table(_percent(wide[["label"] + extra], extra)), ""]
+    md += ["## Figures", ""]
+    for name, (caption, _) in figures.items():
+        md += [f"### {caption}", "", f"![{caption}]({name})", ""]
+    md += ["## Runs", "", _markdown_table(wide[["label", "run_id"]]), "",
+           "Each run folder holds `summary.json`, `requests.parquet`, `steps.parquet` and "
+           "`kv_usage_over_time.png`.", ""]
     write_text(out / "report.md", "\n".join(md))
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="kvlab report", description=__doc__)
+    ap = argparse.ArgumentParser(prog="kvlab report", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("dir", help="folder holding run folders (each with summary.json)")
     ap.add_argument("--out", default=None, help="where to write the report (default DIR/report)")
     args = ap.parse_args(argv)
-    out = write_report(args.dir, args.out)
+    try:
+        out = write_report(args.dir, args.out)
+    except FileNotFoundError as e:
+        import sys
+
+        print(f"kvlab report: {e}", file=sys.stderr)
+        return 1
     print(f"report written to {out}/report.md")
     return 0

@@ -85,3 +85,68 @@ def test_bad_override_names_the_key(tmp_path):
 def test_report_on_empty_dir_is_clear(tmp_path):
     proc = kvlab("report", str(tmp_path))
     assert proc.returncode != 0 and "no run under" in proc.stderr
+
+
+# --------------------------------------------------------------------------- resume and interrupts
+
+def _compose(*overrides):
+    from hydra import compose, initialize_config_dir
+
+    from experiments.run import CONF_DIR
+
+    with initialize_config_dir(CONF_DIR, version_base="1.3"):
+        return compose("config", overrides=["mode=simulate", "progress=false", "report=false",
+                                            "workload.num_requests=8", *overrides])
+
+
+def test_resume_skips_only_the_same_configuration(tmp_path):
+    from experiments.run import run_experiment
+
+    first = run_experiment(_compose(), tmp_path)
+    stamp = (tmp_path / "summary.json").stat().st_mtime_ns
+    again = run_experiment(_compose("progress=true"), tmp_path)  # display keys do not count
+    assert again["config_hash"] == first["config_hash"] and again["time"] == first["time"]
+    assert (tmp_path / "summary.json").stat().st_mtime_ns == stamp
+    with pytest.raises(RuntimeError, match="different configuration"):
+        run_experiment(_compose("workload.num_requests=9"), tmp_path)
+    redo = run_experiment(_compose("workload.num_requests=9", "resume=false"), tmp_path)
+    assert redo["num_requests"] == 9
+    assert json.loads((tmp_path / "summary.json").read_text())["num_requests"] == 9
+
+
+def test_interrupted_run_leaves_no_partial_files(tmp_path):
+    """Ctrl-C in the middle of a run: the folder holds Hydra's config and nothing else."""
+    import signal
+    import time
+
+    run_dir = tmp_path / "interrupted"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "experiments.cli", "run", "mode=simulate", "model=opt-13b", "workload=sharegpt",
+         "workload.num_requests=5000", "allocator=contiguous", "engine.max_model_len=2048",
+         "engine.kv_cache_tokens=null", "engine.max_num_seqs=256", "engine.max_num_batched_tokens=2048",
+         "progress=false", f"hydra.run.dir={run_dir}"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not (run_dir / ".hydra" / "config.yaml").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    time.sleep(1.5)  # into the run
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0, "the run finished before it could be interrupted"
+    assert "KeyboardInterrupt" in err or proc.returncode in (130, -2)
+    left = sorted(p.name for p in run_dir.iterdir() if p.name not in (".hydra", "run.log"))
+    assert left == [], f"partial files after Ctrl-C: {left}"
+
+
+def test_atomic_write_leaves_nothing_on_failure(tmp_path):
+    from experiments.atomic import write_parquet
+
+    class Boom(pd.DataFrame):
+        def to_parquet(self, *a, **k):
+            with open(a[0], "w") as f:
+                f.write("half")
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_parquet(tmp_path / "steps.parquet", Boom({"a": [1]}))
+    assert list(tmp_path.iterdir()) == []

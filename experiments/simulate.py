@@ -1,0 +1,201 @@
+"""Simulate mode: the real scheduler and allocator, no model compute, a virtual clock.
+
+``simulated_engine`` builds an ordinary :class:`engine.llm_engine.LLMEngine` with
+
+- a model *shape* instead of weights (``model.shape`` names an entry of
+  ``experiments.costmodel.MODEL_SHAPES``, e.g. ``opt-13b``; without it the shape of the
+  configured preset or HF directory is used), so the KV pool is accounting only;
+- a :class:`VirtualClock` the engine reads for every timestamp;
+- a :class:`SimRunner` in place of the model runner: it "computes" a scheduled batch by
+  advancing the clock by the roofline cost model's step time of that batch and emits one
+  token for every sequence whose new tokens reach its end, exactly where the real runner
+  samples one. The engine then does what it always does (advance ``num_computed_tokens``,
+  append, stop checks, memory accounting), so every scheduler and allocator decision is the
+  real one;
+- ``advance_idle(seconds)`` for the driver: with nothing to run, time jumps to the next
+  arrival instead of sleeping.
+
+The KV pool, when neither ``engine.kv_cache_tokens`` nor ``engine.kv_cache_memory`` is set,
+is what the simulated device leaves after the weights: ``RooflineCostModel.kv_capacity_tokens``
+(OPT-13B on A100-40GB at ``gpu_memory_utilization=0.9``: 15,836 token slots).
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+from engine.config import EngineConfig
+from engine.model_config import ModelConfig
+from engine.sequence import SeqStatus
+from experiments.costmodel import ModelShape, RooflineCostModel, get_device, get_model_shape
+
+__all__ = ["VirtualClock", "SimRunner", "SimSettings", "shape_of", "model_config_of", "simulated_engine"]
+
+_DTYPE_BY_BYTES = {2: "bfloat16", 4: "float32"}
+
+
+class VirtualClock:
+    """Simulated seconds; the engine calls it like ``time.perf_counter``."""
+
+    __slots__ = ("t",)
+
+    def __init__(self, start: float = 0.0):
+        self.t = float(start)
+
+    def __call__(self) -> float:
+        return self.t
+
+    def now(self) -> float:
+        return self.t
+
+    def advance(self, seconds: float) -> None:
+        if seconds > 0:
+            self.t += seconds
+
+
+class SimRunner:
+    """Stands in for ``ModelRunner``: a step costs ``cost_model.step_time`` of its batch."""
+
+    def __init__(self, cost_model: RooflineCostModel, clock: VirtualClock, vocab_size: int,
+                 eos_token_ids: list[int] | None = None, allocator=None, pcie_bandwidth: float = 0.0):
+        self.cost_model = cost_model
+        self.clock = clock
+        self.vocab_size = vocab_size
+        self.eos = set(eos_token_ids or ())
+        self.allocator = allocator
+        self.pcie_bandwidth = pcie_bandwidth
+        self.kv_bytes_per_token = cost_model.model.kv_bytes_per_token
+        self._swapped: dict[int, int] = {}  # seq_id -> tokens swapped out
+        self.num_steps = 0
+        self.busy_s = 0.0
+        self.swap_s = 0.0
+
+    def _token(self, seq) -> int:
+        # a deterministic, sequence-specific id (never EOS): samples of one request diverge, as
+        # they would when sampled, so prefix caching only shares what real runs share
+        t = 4 + (seq.seq_id * 7919 + seq.num_tokens * 104729) % (self.vocab_size - 4)
+        return t if t not in self.eos else 4 + (t + 1 - 4) % (self.vocab_size - 4)
+
+    def _swap_time(self, batch) -> float:
+        """PCIe time of the KV swapped out by this step's preemptions and back in for its
+        sequences that return from host memory (0 without swapping or bandwidth)."""
+        tokens = 0
+        for seq in batch.preempted:
+            if seq.status == SeqStatus.SWAPPED and self.allocator is not None:
+                n = self.allocator.num_tokens(seq)
+                self._swapped[seq.seq_id] = n
+                tokens += n
+        if self._swapped:
+            for seq in batch.seqs:
+                tokens += self._swapped.pop(seq.seq_id, 0)
+        return tokens * self.kv_bytes_per_token / self.pcie_bandwidth if tokens and self.pcie_bandwidth else 0.0
+
+    def execute(self, batch) -> list:
+        work = []
+        sampled = []
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            end = seq.num_computed_tokens + n
+            work.append((n, end))
+            if end == seq.num_tokens:
+                sampled.append((seq, self._token(seq), None))
+        swap = self._swap_time(batch)
+        self.swap_s += swap
+        dt = self.cost_model.step_time(work) + swap
+        self.clock.advance(dt)
+        self.num_steps += 1
+        self.busy_s += dt
+        return sampled
+
+
+@dataclasses.dataclass
+class SimSettings:
+    """Mirrors the Hydra group ``conf/sim/*.yaml``."""
+
+    device: str = "a100-40gb"
+    efficiency: float = 0.8
+    step_overhead_s: float = 5e-4
+    activation_reserve_bytes: int = 0
+    pcie_bandwidth: float = 25e9  # bytes/s host<->device for swapped KV (PCIe 4.0 x16, effective)
+
+    @classmethod
+    def from_mapping(cls, d: Mapping | None) -> SimSettings:
+        d = dict(d or {})
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown sim settings {unknown}: valid keys are {sorted(names)}")
+        return cls(**d)
+
+
+def model_config_of(shape: ModelShape) -> ModelConfig:
+    """An engine ModelConfig with the shape's KV layout (nothing else of it is used: no weights)."""
+    return ModelConfig(
+        model_type="llama", vocab_size=shape.vocab_size, hidden_size=shape.hidden_size,
+        intermediate_size=shape.intermediate_size, num_hidden_layers=shape.num_layers,
+        num_attention_heads=shape.num_heads, num_key_value_heads=shape.num_kv_heads,
+        head_dim=shape.head_dim, max_position_embeddings=shape.max_position_embeddings,
+        tie_word_embeddings=shape.tie_word_embeddings, bos_token_id=None, eos_token_id=[2], name=shape.name)
+
+
+def shape_of(mc: ModelConfig, dtype_bytes: int = 2) -> ModelShape:
+    """The cost-model shape of an engine model config (Llama-style gated MLP)."""
+    return ModelShape(mc.name, mc.num_hidden_layers, mc.hidden_size, mc.num_attention_heads,
+                      mc.num_key_value_heads, mc.head_dim, mc.intermediate_size, mc.vocab_size,
+                      dtype_bytes=dtype_bytes, gated_mlp=True, tie_word_embeddings=mc.tie_word_embeddings,
+                      max_position_embeddings=mc.max_position_embeddings)
+
+
+def simulated_engine(cfg, engine_config: EngineConfig, clock: VirtualClock | None = None):
+    """An LLMEngine over the real scheduler and allocator, timed by the roofline cost model.
+
+    ``cfg`` is the run's config (``cfg.model`` with optional ``shape``; ``cfg.sim``);
+    ``engine_config`` the engine settings of the run. Returns the engine with three extra
+    attributes: ``advance_idle`` (the driver's idle hook), ``sim_device`` and ``cost_model``.
+    """
+    from engine.llm_engine import LLMEngine
+    from engine.loader import resolve_config
+
+    sim = SimSettings.from_mapping(_to_dict(cfg.get("sim")))
+    device = get_device(sim.device)
+    shape_name = cfg.model.get("shape")
+    econf = dataclasses.replace(engine_config, device="cpu")  # nothing is allocated: accounting only
+    if shape_name:
+        shape = get_model_shape(shape_name)
+        mc = model_config_of(shape)
+    else:
+        mc = resolve_config(econf.model)
+        dtype_bytes = 2 if econf.dtype in ("auto", "float16", "fp16", "bfloat16", "bf16") else 4
+        shape = shape_of(mc, dtype_bytes)
+    if econf.dtype == "auto":  # the simulated GPU's dtype, not the CPU's float32
+        econf.dtype = _DTYPE_BY_BYTES[shape.dtype_bytes]
+    cost = RooflineCostModel(shape, device, efficiency=sim.efficiency, step_overhead_s=sim.step_overhead_s)
+    if econf.kv_cache_tokens is None and econf.kv_cache_memory is None:
+        econf.kv_cache_tokens = cost.kv_capacity_tokens(econf.gpu_memory_utilization,
+                                                        sim.activation_reserve_bytes)
+    if not econf.max_model_len:
+        econf.max_model_len = min(shape.max_position_embeddings, 4096)
+    clock = clock or VirtualClock()
+    runner: dict = {}
+
+    def factory(allocator):
+        runner["r"] = SimRunner(cost, clock, mc.vocab_size, mc.eos_token_id, allocator, sim.pcie_bandwidth)
+        return runner["r"]
+
+    engine = LLMEngine(econf, model_config=mc, runner_factory=factory, clock=clock)
+    engine.advance_idle = clock.advance
+    engine.sim_device = device.name
+    engine.cost_model = cost
+    return engine
+
+
+def _to_dict(node) -> dict:
+    if node is None:
+        return {}
+    try:
+        from omegaconf import OmegaConf
+
+        if OmegaConf.is_config(node):
+            return OmegaConf.to_container(node, resolve=True)
+    except ImportError:  # pragma: no cover
+        pass
+    return dict(node)
