@@ -28,6 +28,7 @@ class _Region:
     start: int
     length: int  # slots charged (what the arena granted)
     used: int = 0
+    bound: int = 0  # min(max_len, length): where reservation ends and internal fragmentation starts
 
 
 @register("contiguous")
@@ -85,7 +86,7 @@ class ContiguousAllocator(KVAllocator):
             raise AllocationError(
                 f"no hole of {length} tokens for seq {seq.seq_id} (largest {self.arena.largest_hole()}, "
                 f"policy '{self.policy}'): check can_allocate first")
-        r = self._regions[seq.seq_id] = _Region(seq, start, length)
+        r = self._regions[seq.seq_id] = _Region(seq, start, length, bound=min(seq.max_len, length))
         return r
 
     def allocate(self, seq: SequenceLike, num_new_tokens: int) -> None:
@@ -134,9 +135,14 @@ class ContiguousAllocator(KVAllocator):
 
     # -- accounting -------------------------------------------------------------------------
     def stats(self) -> MemoryStats:
+        used = reserved = internal = 0
+        for r in self._regions.values():  # live_split, inlined: the engine calls this every step
+            bound = r.bound if r.bound >= r.used else r.used
+            used += r.used
+            reserved += bound - r.used
+            internal += r.length - bound
         bpt = self.bytes_per_token
-        token_states, reservation, internal = self.live_split(
-            [(r.seq, r.used, r.length) for r in self._regions.values()])
+        token_states, reservation, internal = used * bpt, reserved * bpt, internal * bpt
         free = self.arena.free_total()
         largest = self.arena.largest_hole()
         return MemoryStats(

@@ -314,15 +314,28 @@ class PagedAllocator(KVAllocator):
 
     # -- accounting -------------------------------------------------------------------------
     def stats(self) -> MemoryStats:
+        # one tight pass over the sequences (the engine calls this every step): the same
+        # split as seq_capacity + live_split, inlined
+        bs, holders = self._block_size, self._tail_holders
         reserved = internal = 0
         for st in self._seqs.values():
-            if not st.table:
+            table = st.table
+            if not table:
                 continue
-            used, cap = st.num_tokens, self.seq_capacity(st.seq)
-            bound = max(min(st.seq.max_len, cap), used)
+            used = st.num_tokens
+            cap = len(table) * bs
+            if holders and used % bs:
+                h = holders.get(table[-1])
+                if h is not None and min(h) != st.seq.seq_id:
+                    cap = used
+            bound = st.seq.max_len
+            if bound > cap:
+                bound = cap
+            if bound < used:
+                bound = used
             reserved += bound - used
             internal += cap - bound
-        bpt, bs = self.bytes_per_token, self._block_size
+        bpt = self.bytes_per_token
         return MemoryStats(
             capacity=self.capacity_tokens * bpt,
             token_states=self.pool.filled_total * bpt,

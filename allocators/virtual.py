@@ -16,9 +16,9 @@ Pages are created once (the pool); a growing sequence maps the next group at the
 slot. A finished slot keeps its pages (deferred reclamation): the next request admitted
 there reuses them without touching the driver, and they are unmapped only when another
 slot needs memory the free pool cannot give. With ``prefetch`` the group a sequence will
-need in the next ``prefetch_tokens`` tokens is claimed now and mapped by a background
-thread while the step computes; ``allocate`` waits on the driver only for memory the
-step itself needs that was not mapped ahead.
+need in the next ``prefetch_tokens`` tokens (default: an eighth of a page) is claimed now
+and mapped by a background thread while steps compute; ``allocate`` waits on the driver
+only for memory the step itself needs that was not mapped ahead.
 
 Accounting: a live sequence is charged for its mapped groups up to the ones its
 ``max_len`` can use; groups beyond that, and all groups of idle slots, are held by no live
@@ -50,6 +50,7 @@ class _Slot:
     groups: list[int] = field(default_factory=list)  # page group mapped at page j of this slot
     seq: SequenceLike | None = None
     used: int = 0
+    want: int = 0  # groups the live sequence can ever use (its max_len)
 
 
 def _shutdown(executor: ThreadPoolExecutor | None, backend: VMMBackend) -> None:
@@ -73,7 +74,7 @@ class VirtualAllocator(KVAllocator):
         layout: str = "per_layer",
         backend: str = "auto",
         prefetch: bool = True,
-        prefetch_tokens: int = 1,
+        prefetch_tokens: int | None = None,
     ):
         if layout not in LAYOUTS:
             raise ValueError(f"unknown virtual layout '{layout}': choose one of {LAYOUTS}")
@@ -101,7 +102,11 @@ class VirtualAllocator(KVAllocator):
             backend = "sim" if spec.device is None else ("cuda" if str(spec.device).startswith("cuda") else "host")
         self.backend = make_backend(backend, page_size, max_num_seqs * self.span * token_bytes, num_ranges,
                                     num_groups * num_ranges, spec.device)
-        self.prefetch, self.prefetch_tokens = prefetch, max(1, prefetch_tokens)
+        # lead: a group is claimed and mapped this many tokens (decode steps) before it is needed;
+        # by default an eighth of a page, so that the background thread keeps up with every
+        # sequence crossing at once (per_layer: 2 x num_layers driver mappings per group)
+        self.prefetch = prefetch
+        self.prefetch_tokens = max(1, prefetch_tokens if prefetch_tokens is not None else max(2, tpp // 8))
         self._executor = (ThreadPoolExecutor(1, thread_name_prefix="kvlab-vmm", initializer=self.backend.bind_thread)
                           if prefetch and backend != "sim" else None)
         self._finalizer = weakref.finalize(self, _shutdown, self._executor, self.backend)
@@ -224,7 +229,7 @@ class VirtualAllocator(KVAllocator):
             self._idle_pages -= len(slot.groups)
         else:
             heapq.heappop(self._empty)  # _pick_slot took the heap's top
-        slot.seq, slot.used = seq, 0
+        slot.seq, slot.used, slot.want = seq, 0, self._want(seq)
         self._surplus_pages += len(slot.groups)
         self._by_seq[seq.seq_id] = slot
 
@@ -241,14 +246,9 @@ class VirtualAllocator(KVAllocator):
 
     def allocate(self, seq: SequenceLike, num_new_tokens: int) -> None:
         slot = self._by_seq.get(seq.seq_id)
-        if slot is not None and slot.used:
-            # decode fast path: the tokens stay in the page of the last token, and no
-            # page needs to be mapped ahead yet
-            total, tpp = slot.used + num_new_tokens, self.page_tokens
-            if (slot.used - 1) // tpp == (total - 1) // tpp and (
-                    not self.prefetch or total + self.prefetch_tokens <= len(slot.groups) * tpp):
-                slot.used = total
-                return
+        if slot is not None and slot.used + num_new_tokens <= len(slot.groups) * self.page_tokens:
+            self._grow_mapped(slot, slot.used + num_new_tokens)  # the decode path
+            return
         if slot is None:
             slot = self._pick_slot(seq)
             if slot is None:
@@ -278,12 +278,26 @@ class VirtualAllocator(KVAllocator):
         if self.prefetch:
             self._map_ahead(slot)
 
+    def _grow_mapped(self, slot: _Slot, total: int) -> None:
+        """Grow inside pages the slot has: wait only for a page still being mapped ahead."""
+        tpp = self.page_tokens
+        old, new = -(-slot.used // tpp), -(-total // tpp)
+        if new != old:
+            for page in range(old, new):
+                fut = self._inflight.pop((slot.index, page), None)
+                if fut is not None:
+                    fut.result()
+            self._surplus_pages -= new - old
+        slot.used = total
+        if self.prefetch and total + self.prefetch_tokens > len(slot.groups) * tpp:
+            self._map_ahead(slot)
+
     def _map_ahead(self, slot: _Slot) -> None:
         """Claim the group the next ``prefetch_tokens`` tokens need and map it off the critical
         path, while every live sequence could still get a group without stealing."""
         if slot.used + self.prefetch_tokens <= len(slot.groups) * self.page_tokens:
             return
-        if len(slot.groups) >= self._want(slot.seq):
+        if len(slot.groups) >= slot.want:
             return
         if len(self._free_groups) + self._idle_pages <= len(self._by_seq):
             return
@@ -309,7 +323,7 @@ class VirtualAllocator(KVAllocator):
         return slot.used if slot else 0
 
     def _charged_pages(self, slot: _Slot) -> int:
-        return min(len(slot.groups), max(self._want(slot.seq), self._pages_for(slot.used)))
+        return min(len(slot.groups), max(slot.want, self._pages_for(slot.used)))
 
     def seq_capacity(self, seq: SequenceLike) -> int:
         slot = self._by_seq.get(seq.seq_id)
@@ -352,15 +366,25 @@ class VirtualAllocator(KVAllocator):
 
     # -- accounting ----------------------------------------------------------------------------
     def stats(self) -> MemoryStats:
+        tpp = self.page_tokens
         used = reserved = internal = 0
         unused_live = 0  # groups of live slots their sequence can never use
-        for slot in self._by_seq.values():
-            charged = self._charged_pages(slot)
-            unused_live += len(slot.groups) - charged
-            cap = charged * self.page_tokens
-            bound = max(min(slot.seq.max_len, cap), slot.used)
-            used += slot.used
-            reserved += bound - slot.used
+        for slot in self._by_seq.values():  # _charged_pages + live_split, inlined: called every step
+            u, mapped = slot.used, len(slot.groups)
+            charged = -(-u // tpp)
+            if charged < slot.want:
+                charged = slot.want
+            if charged > mapped:
+                charged = mapped
+            unused_live += mapped - charged
+            cap = charged * tpp
+            bound = slot.seq.max_len
+            if bound > cap:
+                bound = cap
+            if bound < u:
+                bound = u
+            used += u
+            reserved += bound - u
             internal += cap - bound
         bpt, tpp = self.bytes_per_token, self.page_tokens
         return MemoryStats(

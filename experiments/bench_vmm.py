@@ -129,14 +129,16 @@ def allocator_steps(batch: int, sleep_s: float) -> list[dict]:
     for layout in ("shared", "per_layer"):
         for prefetch in (False, True):
             tpp = 16 if layout == "shared" else 1024
-            a = VirtualAllocator(spec, capacity_tokens=batch * 4 * tpp, max_num_seqs=batch, max_model_len=4 * tpp,
-                                 page_size=2 * MiB, layout=layout, backend="cuda", prefetch=prefetch)
-            seqs = [_Seq(i, 4 * tpp) for i in range(batch)]
+            pages = 16 if layout == "shared" else 4  # per sequence: 15 or 3 crossings
+            a = VirtualAllocator(spec, capacity_tokens=batch * (pages + 1) * tpp, max_num_seqs=batch,
+                                 max_model_len=pages * tpp, page_size=2 * MiB, layout=layout, backend="cuda",
+                                 prefetch=prefetch)
+            seqs = [_Seq(i, pages * tpp) for i in range(batch)]
             for s in seqs:
                 a.allocate(s, tpp - 3)  # a prompt 3 tokens short of the first page's end
             a.wait_prefetch() if prefetch else None
             cross, other = [], []
-            for step in range(3 * tpp if layout == "shared" else 2 * tpp + 8):
+            for step in range((pages - 1) * tpp):
                 t0 = time.perf_counter_ns()
                 for s in seqs:
                     a.allocate(s, 1)
@@ -144,7 +146,8 @@ def allocator_steps(batch: int, sleep_s: float) -> list[dict]:
                 (cross if a.num_tokens(seqs[0]) % tpp == 1 else other).append(us)
                 time.sleep(sleep_s)  # the forward pass; the prefetch thread maps meanwhile
             group_pages = 1 if layout == "shared" else 2 * spec.num_layers
-            extra = dict(layout=layout, prefetch=prefetch, batch=batch, pages_per_group=group_pages,
+            extra = dict(layout=layout, prefetch=prefetch, lead_tokens=a.prefetch_tokens if prefetch else 0,
+                         batch=batch, pages_per_group=group_pages,
                          sync_maps=a.num_sync_maps, async_maps=a.num_async_maps)
             rows.append(summarize("decode step allocate, crossing into a new group", cross, **extra))
             rows.append(summarize("decode step allocate, inside a group", other, **extra))
@@ -203,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
           markdown(drows, ["op", "n", "median_us", "p10_us", "p90_us", "mean_us", "max_us"]), "",
           "## Virtual allocator: host time of one decode step's allocate calls "
           f"({args.batch} sequences, Llama-3-8B KV shape, {args.sleep_ms} ms forward stand-in)", "",
-          markdown(arows, ["op", "layout", "prefetch", "pages_per_group", "n", "median_us", "p90_us", "max_us",
+          markdown(arows, ["op", "layout", "prefetch", "lead_tokens", "pages_per_group", "n", "median_us", "p90_us", "max_us",
                            "sync_maps", "async_maps"]), ""]
     (out / "vmm.md").write_text("\n".join(md))
     print("\n".join(md))

@@ -12,6 +12,7 @@ the same number of tokens. A quarter of each pool is held by background sequence
 - prefix_lookup: match_prefix of a 513-token prompt whose first 512 tokens are cached
 - decode_step: one decode step's allocation for up to 256 running sequences
   (can_allocate + allocate one token + slot_mapping each)
+- stats: the MemoryStats the engine records every step, over up to 256 sequences
 """
 from __future__ import annotations
 
@@ -156,3 +157,15 @@ def test_decode_step(benchmark, strategy, blocks):
     benchmark.extra_info["batch"] = batch
     benchmark.pedantic(step, rounds=100, iterations=1)
     alloc.stats().check()
+
+
+@pytest.mark.benchmark(group="stats")
+@pytest.mark.parametrize("strategy,blocks", PARAMS)
+def test_stats(benchmark, strategy, blocks):
+    """The per-step MemoryStats the engine records, over up to 256 running sequences."""
+    name, args = STRATEGIES[strategy]
+    alloc = create_allocator(name, spec=SPEC, capacity_tokens=blocks * BLOCK, max_num_seqs=MAX_NUM_SEQS,
+                             max_model_len=MAX_MODEL_LEN, **args)
+    for i in range(min(MAX_NUM_SEQS, blocks * BLOCK // (2 * PROMPT))):
+        alloc.allocate(FakeSeq([i + 1] * PROMPT), PROMPT - i % 7)
+    benchmark(alloc.stats).check()
