@@ -10,7 +10,7 @@ only place strategies differ. Tiles of ``BLOCK_N`` keys are gathered row by row,
 looking up its own block, so a tile may span several small blocks.
 
 Split-KV (flash-decoding): when a batch has too few (sequence, KV head) pairs to fill the
-GPU, the key range of each tile is cut into ``NUM_SPLITS`` chunks handled by separate
+GPU, the key range of each tile is cut into ``num_splits`` chunks handled by separate
 programs that write partial outputs plus their log-sum-exp; a small kernel merges them.
 """
 from __future__ import annotations
@@ -28,17 +28,13 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LOG2E = 1.4426950408889634
 
 # Split-KV heuristic knobs (see choose_config).
-SPLIT_TARGET_PROGRAMS_PER_SM = 4  # programs per SM we want in flight for decode
 SPLIT_MIN_TOKENS = 256  # never give a split fewer keys than this
 SPLIT_MAX = 64
+SMEM_PER_SM = 227 * 1024  # usable shared memory per SM (Hopper); sets decode occupancy
 
 
 def _pow2(n: int) -> int:
     return 1 if n <= 1 else triton.next_power_of_2(n)
-
-
-def _prev_pow2(n: int) -> int:
-    return 1 << (max(1, n).bit_length() - 1)
 
 
 @triton.jit
@@ -66,6 +62,8 @@ def _attn_kernel(
     qsl_ptr, seq_lens_ptr, bt_ptr, base_ptr,
     qk_scale,  # softmax scale * log2(e): the softmax runs in base 2
     num_seqs,
+    max_blocks,  # block_table.shape[1] (PAGED)
+    num_splits, split_chunk,  # split-KV: split j covers keys [j*chunk, (j+1)*chunk)
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_ks, stride_kh, stride_vs, stride_vh,
     stride_bt,
@@ -76,23 +74,42 @@ def _attn_kernel(
     GROUP: tl.constexpr, GROUP_P: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
+    SPLIT: tl.constexpr,  # write partial results for _merge_kernel (num_splits > 1)
+    DIRECT: tl.constexpr,  # every sequence fits one query tile: program i = sequence i
+    BT_AHEAD: tl.constexpr,  # PAGED: block ids fetched one iteration ahead (see loop)
     DOT_F32: tl.constexpr,  # exact fp32 dots (fp32 inputs; bf16 under the interpreter)
 ):
     qblk = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
 
-    seq = _find_seq(qsl_ptr, qblk, num_seqs, BLOCK_Q)
+    if DIRECT:  # decode: no search, so no chain of dependent loads before the first K tile
+        seq = qblk
+    else:
+        seq = _find_seq(qsl_ptr, qblk, num_seqs, BLOCK_Q)
     q_start = tl.load(qsl_ptr + seq)
     q_len = tl.load(qsl_ptr + seq + 1) - q_start
-    if BLOCK_Q > 1:
+    ctx = tl.load(seq_lens_ptr + seq)
+    if DIRECT:
+        q0 = 0
+    elif BLOCK_Q > 1:
         q0 = (qblk - (q_start // BLOCK_Q + seq)) * BLOCK_Q
     else:
         q0 = qblk - q_start
-    if q0 >= q_len:  # spare tile (grid is an upper bound)
-        return
-    ctx = tl.load(seq_lens_ptr + seq)
+    # Key range of this program. The split bounds come from launch constants, not from
+    # this sequence's length, and there is no early exit: every start-up load (query
+    # bounds, length, base or first block ids, q) is issued at once, with no chain.
+    if SPLIT:
+        lo = split * split_chunk
+    else:
+        lo = 0
+    offs_n0 = tl.arange(0, BLOCK_N)
+    if MODE == 0:
+        bt_row = bt_ptr + seq.to(tl.int64) * stride_bt
+        # block ids of the first tile, clamped into the row (masked by length later)
+        blk_next = tl.load(bt_row + tl.minimum((lo + offs_n0) // BLOCK_SIZE, max_blocks - 1))
+    else:
+        seq_base = tl.load(base_ptr + seq).to(tl.int64)
     prefix = ctx - q_len  # query j of the sequence sits at absolute position prefix + j
 
     rows = tl.arange(0, BLOCK_M)
@@ -114,37 +131,34 @@ def _attn_kernel(
 
     # keys this tile needs: [0, kv_end), causal bound of its last query row
     kv_end = prefix + tl.minimum(q_len, q0 + BLOCK_Q)
-    if NUM_SPLITS > 1:
-        chunk = tl.cdiv(tl.cdiv(kv_end, NUM_SPLITS), BLOCK_N) * BLOCK_N  # BLOCK_N-aligned
-        lo = split * chunk
-        hi = tl.minimum(lo + chunk, kv_end)
-    else:
-        lo = 0
-        hi = kv_end
+    hi = kv_end
+    if SPLIT:
+        # the last split takes whatever is left, so a stale max_seq_len (e.g. a CUDA
+        # graph captured earlier) costs balance, never correctness
+        hi = tl.where(split == num_splits - 1, kv_end, tl.minimum(lo + split_chunk, kv_end))
+    hi = tl.where(q0 < q_len, hi, lo)  # spare tile (the grid is an upper bound): no keys
 
     k_base = k_ptr + kvh.to(tl.int64) * stride_kh
     v_base = v_ptr + kvh.to(tl.int64) * stride_vh
-    if MODE == 0:
-        bt_row = bt_ptr + seq.to(tl.int64) * stride_bt
-    else:
-        seq_base = tl.load(base_ptr + seq).to(tl.int64)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    offs_n0 = tl.arange(0, BLOCK_N)
+    # PAGED (BT_AHEAD): the block ids of the *next* tile are fetched one iteration ahead,
+    # so K/V addresses never wait on a load of the same iteration; an in-iteration index
+    # load (BT_AHEAD=False) costs the software pipeliner stages: with equal num_stages,
+    # fewer K/V tiles in flight
     for start in range(lo, hi, BLOCK_N):
         offs_n = start + offs_n0
         n_ok = offs_n < hi
         if MODE == 0:
-            if BLOCK_SIZE % BLOCK_N == 0:
-                # tiles are BLOCK_N-aligned, so the whole tile sits in one block
-                blk = tl.load(bt_row + start // BLOCK_SIZE).to(tl.int64)
-                slot = blk * BLOCK_SIZE + offs_n % BLOCK_SIZE
+            if BT_AHEAD:
+                blk = blk_next.to(tl.int64)
+                nxt = offs_n + BLOCK_N
+                blk_next = tl.load(bt_row + nxt // BLOCK_SIZE, mask=nxt < hi, other=0)
             else:
-                # gather: each key row looks up its own block (tile spans several blocks)
                 blk = tl.load(bt_row + offs_n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
-                slot = blk * BLOCK_SIZE + offs_n % BLOCK_SIZE
+            slot = blk * BLOCK_SIZE + offs_n % BLOCK_SIZE
         else:
             slot = seq_base + offs_n
         kv_mask = n_ok[:, None] & d_ok[None, :]
@@ -175,7 +189,7 @@ def _attn_kernel(
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
     st_mask = row_ok[:, None] & d_ok[None, :]
-    if NUM_SPLITS == 1:
+    if not SPLIT:
         tl.store(
             o_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
             out.to(o_ptr.dtype.element_ty),
@@ -200,14 +214,15 @@ def _merge_kernel(
     stride_pos, stride_pot, stride_poh,
     stride_pls, stride_plt,
     stride_ot, stride_oh,
-    NUM_SPLITS: tl.constexpr, SPLITS_P: tl.constexpr,
+    num_splits,
+    SPLITS_P: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """out[t, h] = sum_j w_j * o_j / sum_j w_j with w_j = 2^(lse_j - max lse)."""
     tok = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     offs_s = tl.arange(0, SPLITS_P)
-    s_ok = offs_s < NUM_SPLITS
+    s_ok = offs_s < num_splits
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     lse = tl.load(plse_ptr + offs_s * stride_pls + tok * stride_plt + head, mask=s_ok, other=float("-inf"))
@@ -230,6 +245,11 @@ class AttnConfig:
     num_splits: int  # split-KV factor (1 = single pass)
     num_warps: int
     num_stages: int
+    # PAGED: fetch a tile's block ids one iteration ahead by hand (True, the default) or
+    # leave the indirect load to Triton's software pipeliner (False), which needs two more
+    # stages for the same K/V depth. Measured on an H200 (Triton 3.6), False with 5 stages
+    # was 0-5% slower than True with 3 at every benchmark shape; kept as a tuning knob.
+    bt_ahead: bool = True
 
 
 @functools.lru_cache(maxsize=None)
@@ -256,19 +276,33 @@ def choose_config(
     num_sms: int,
 ) -> AttnConfig:
     """Tile sizes and split count from host-side integers only (no device sync, so the
-    call is CUDA-graph safe)."""
+    call is CUDA-graph safe).
+
+    Decode is memory bound: one (sequence, KV head) program streams its keys through a
+    3-stage cp.async pipeline (2 tiles of K and V in flight), and shared memory limits
+    how many programs an SM holds (3 for Llama heads in bf16): ``wave`` programs run at
+    once. Two resident programs per SM already keep HBM busy, so with fewer (sequence,
+    KV head) pairs than 2 x SMs, split-KV brings the count up to that; with between one
+    and two waves of pairs it cuts programs into ~3 waves, so the last partial wave costs
+    little; from two waves on, one pass. (H200 sweep, Llama-3-8B heads: 8x4096 best at
+    4 splits, 16x16384 at 2, 64x4096 at 3, 32x2048 and 128x1024 unsplit.)"""
     group_p = _pow2(group)
-    row_bytes = max(16, _pow2(head_dim)) * elem_size
+    block_d = max(16, _pow2(head_dim))
+    row_bytes = block_d * elem_size
     if max_query_len <= 1:
-        # decode: memory bound. Large key tiles, all heads of a KV head in one tile.
-        block_n = 64 if row_bytes <= 256 else 32
-        programs = max(1, num_seqs * num_kv_heads)
-        target = SPLIT_TARGET_PROGRAMS_PER_SM * num_sms
-        splits = 1
-        if programs < target:
-            by_len = _prev_pow2(max(1, max_seq_len // SPLIT_MIN_TOKENS))
-            splits = max(1, min(_pow2(triton.cdiv(target, programs)), by_len, SPLIT_MAX))
-        return AttnConfig(block_q=1, block_n=block_n, num_splits=splits, num_warps=4, num_stages=3)
+        # decode: all heads of a KV head in one tile, BLOCK_N keys per step
+        block_n, num_stages = (64 if row_bytes <= 256 else 32), 3
+        smem = (num_stages - 1) * 2 * block_n * row_bytes + 8 * 1024
+        wave = max(1, min(8, SMEM_PER_SM // smem)) * num_sms
+        pairs = max(1, num_seqs * num_kv_heads)
+        if pairs <= 2 * num_sms:
+            splits = 2 * num_sms // pairs
+        elif wave < pairs < 2 * wave:
+            splits = triton.cdiv(3 * wave, pairs)
+        else:
+            splits = 1
+        splits = max(1, min(splits, max_seq_len // SPLIT_MIN_TOKENS, SPLIT_MAX))
+        return AttnConfig(block_q=1, block_n=block_n, num_splits=splits, num_warps=4, num_stages=num_stages)
     # prefill / mixed: ~64 query rows per tile, compute bound
     block_q = max(1, min(_pow2(max_query_len), 64 // group_p))
     block_n = 64 if row_bytes <= 256 else 32
@@ -309,6 +343,8 @@ def _check_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     if meta.mode == Addressing.PAGED:
         if meta.block_table.dim() != 2 or meta.block_table.shape[0] != num_seqs:
             raise ValueError(f"block_table must be [{num_seqs}, max_blocks], got {tuple(meta.block_table.shape)}")
+        if meta.block_table.shape[1] == 0:
+            raise ValueError("block_table has no columns")
         if meta.block_table.stride(1) != 1:
             raise ValueError("block_table rows must be contiguous")
         ints.append(("block_table", meta.block_table))
@@ -363,52 +399,65 @@ def attention_into(
     group_p = _pow2(group)
     block_m = max(16, cfg.block_q * group_p)
     block_d = max(16, _pow2(head_dim))
-    # upper bound on query tiles: see _find_seq
-    num_qblocks = num_tokens if cfg.block_q == 1 else num_tokens // cfg.block_q + num_seqs
+    # max_query_len is an upper bound on every q_len (metadata contract): when one tile
+    # holds any sequence's queries, map programs to sequences directly (decode)
+    direct = meta.max_query_len <= cfg.block_q
+    if direct:
+        num_qblocks = num_seqs
+    else:  # upper bound on query tiles: see _find_seq
+        num_qblocks = num_tokens if cfg.block_q == 1 else num_tokens // cfg.block_q + num_seqs
     # fp32 caches: exact dots. bf16 under the CPU interpreter: its bf16 dot is broken
     # (Triton 3.9), so dot in fp32 there; on the GPU bf16/fp16 use the tensor cores.
     dot_f32 = k_cache.dtype == torch.float32 or (not q.is_cuda and k_cache.dtype == torch.bfloat16)
 
-    if cfg.num_splits > 1:
+    split = cfg.num_splits > 1
+    if split:
         po = _workspace((cfg.num_splits, num_tokens, num_heads, head_dim), q.device)
         plse = _workspace((cfg.num_splits, num_tokens, num_heads), q.device)
-        o_arg = out
+        # keys per split from the launch's max_seq_len, BLOCK_N-aligned (the last split
+        # also takes anything beyond, should a sequence be longer)
+        chunk = triton.cdiv(triton.cdiv(max(1, meta.max_seq_len), cfg.num_splits), cfg.block_n) * cfg.block_n
     else:
         po = plse = out  # unused
-        o_arg = out
+        chunk = 0
     paged = meta.mode == Addressing.PAGED
     bt = meta.block_table if paged else meta.seq_lens  # unused pointer in the other mode
     base = meta.seq_base if not paged else meta.seq_lens
     grid = (num_qblocks, num_kv_heads, cfg.num_splits)
     _attn_kernel[grid](
-        q, k_cache, v_cache, o_arg, po, plse,
+        q, k_cache, v_cache, out, po, plse,
         meta.query_start_loc, meta.seq_lens, bt, base,
         scale * _LOG2E,
         num_seqs,
+        meta.block_table.shape[1] if paged else 1,
+        cfg.num_splits, chunk,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         meta.block_table.stride(0) if paged else 0,
-        po.stride(0) if cfg.num_splits > 1 else 0,
-        po.stride(1) if cfg.num_splits > 1 else 0,
-        po.stride(2) if cfg.num_splits > 1 else 0,
-        plse.stride(0) if cfg.num_splits > 1 else 0,
-        plse.stride(1) if cfg.num_splits > 1 else 0,
+        po.stride(0) if split else 0,
+        po.stride(1) if split else 0,
+        po.stride(2) if split else 0,
+        plse.stride(0) if split else 0,
+        plse.stride(1) if split else 0,
         MODE=int(meta.mode),
         BLOCK_SIZE=int(meta.block_size) if paged else 1,
         GROUP=group, GROUP_P=group_p,
         BLOCK_Q=cfg.block_q, BLOCK_M=block_m, BLOCK_N=cfg.block_n,
         HEAD_DIM=head_dim, BLOCK_D=block_d,
-        NUM_SPLITS=cfg.num_splits,
+        SPLIT=split,
+        DIRECT=direct,
+        BT_AHEAD=cfg.bt_ahead,
         DOT_F32=dot_f32,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    if cfg.num_splits > 1:
+    if split:
         _merge_kernel[(num_tokens, num_heads)](
             po, plse, out,
             po.stride(0), po.stride(1), po.stride(2),
             plse.stride(0), plse.stride(1),
             out.stride(0), out.stride(1),
-            NUM_SPLITS=cfg.num_splits, SPLITS_P=_pow2(cfg.num_splits),
+            cfg.num_splits,
+            SPLITS_P=_pow2(cfg.num_splits),
             HEAD_DIM=head_dim, BLOCK_D=block_d,
             num_warps=1 if block_d <= 64 else 2,
         )

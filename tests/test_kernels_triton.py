@@ -235,7 +235,26 @@ def test_attention_decode_split_kv(mode, bs, splits, monkeypatch):
     )
     config = None
     if splits is not None:
-        config = triton_attention.AttnConfig(block_q=1, block_n=32, num_splits=splits, num_warps=4, num_stages=2)
+        # both ways of fetching block ids (PAGED): by hand one tile ahead, or pipeliner
+        config = triton_attention.AttnConfig(
+            block_q=1, block_n=32, num_splits=splits, num_warps=4, num_stages=2 if splits != 3 else 5,
+            bt_ahead=splits != 3,
+        )
+    out = run_attention(q, kc, vc, meta, config=config, monkeypatch=monkeypatch)
+    _assert_close_attn(out, reference.attention(q, kc, vc, meta))
+
+
+@pytest.mark.parametrize("mode,bs", [(PAGED, 16), (LINEAR, 0)])
+def test_attention_split_kv_stale_max_seq_len(mode, bs, monkeypatch):
+    """Split bounds come from meta.max_seq_len; if it is stale (smaller than a context, as
+    in a CUDA graph captured earlier) the last split takes the rest: still exact."""
+    gen = _gen("stale", mode, bs)
+    lens = [(_randint(gen, 100, 300), 1) for _ in range(3)]
+    q, kc, vc, meta, _ = make_batch(
+        gen, lens, num_kv_heads=2, group=4, head_dim=64, dtype=torch.float16, mode=mode, block_size=bs
+    )
+    meta.max_seq_len = 40
+    config = triton_attention.AttnConfig(block_q=1, block_n=16, num_splits=3, num_warps=4, num_stages=2)
     out = run_attention(q, kc, vc, meta, config=config, monkeypatch=monkeypatch)
     _assert_close_attn(out, reference.attention(q, kc, vc, meta))
 
@@ -249,6 +268,27 @@ def test_attention_split_kv_mixed_batch(mode, bs, monkeypatch):
         gen, lens, num_kv_heads=2, group=4, head_dim=64, dtype=torch.float16, mode=mode, block_size=bs
     )
     config = triton_attention.AttnConfig(block_q=4, block_n=16, num_splits=4, num_warps=4, num_stages=2)
+    out = run_attention(q, kc, vc, meta, config=config, monkeypatch=monkeypatch)
+    _assert_close_attn(out, reference.attention(q, kc, vc, meta))
+
+
+@pytest.mark.parametrize("block_q", [1, 2, 8])
+@pytest.mark.parametrize("short", [True, False], ids=["spec-decode", "chunks"])
+def test_attention_query_tiling(block_q, short, monkeypatch):
+    """Program -> (sequence, query tile) mapping: binary search over query_start_loc for
+    any tile height, or one program per sequence when every q_len fits one tile; with
+    empty sequences in between."""
+    gen = _gen("tiling", block_q, short)
+    max_q = 3 if short else 11
+    lens = [(_randint(gen, max_q, 90), _randint(gen, 0, max_q)) for _ in range(6)]
+    lens[1] = (lens[1][0], 0)
+    lens[2] = (lens[2][0], max_q)
+    q, kc, vc, meta, _ = make_batch(
+        gen, lens, num_kv_heads=1, group=4, head_dim=32, dtype=torch.float16, mode=PAGED, block_size=16
+    )
+    config = triton_attention.AttnConfig(
+        block_q=block_q, block_n=32, num_splits=1, num_warps=4, num_stages=2, bt_ahead=block_q != 2
+    )
     out = run_attention(q, kc, vc, meta, config=config, monkeypatch=monkeypatch)
     _assert_close_attn(out, reference.attention(q, kc, vc, meta))
 
@@ -307,6 +347,7 @@ def test_split_heuristic():
     )
     assert cfg(num_seqs=1, max_query_len=1, max_seq_len=4096).num_splits > 1
     assert cfg(num_seqs=16, max_query_len=1, max_seq_len=16384).num_splits > 1
+    assert cfg(num_seqs=64, max_query_len=1, max_seq_len=4096).num_splits > 1  # 1.3 waves
     assert cfg(num_seqs=1, max_query_len=1, max_seq_len=100).num_splits == 1  # too short
     assert cfg(num_seqs=256, max_query_len=1, max_seq_len=1024).num_splits == 1
     assert cfg(num_seqs=4, max_query_len=512, max_seq_len=4096).num_splits == 1
