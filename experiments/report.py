@@ -181,9 +181,12 @@ def _memory_panel(ax, wide: pd.DataFrame, suffix: str, title: str) -> None:
         vals = 100 * wide[f"{f}{suffix}"].astype(float).fillna(0).to_numpy()
         ax.bar(wide["label"], vals, bottom=bottom, color=MEMORY_COLORS[f], label=LABELS[f])
         bottom += vals
-    ts = 100 * wide[f"token_states{suffix}"].astype(float).fillna(0).to_numpy()
+    ts = 100 * wide[f"token_states{suffix}"].astype(float).to_numpy()
     for i, v in enumerate(ts):
-        ax.text(i, v / 2, f"{v:.1f}%", ha="center", va="center", fontsize=7, color="white")
+        if not v > 0:
+            continue  # no such steps in this run
+        ax.text(i, v / 2, f"{v:.0f}%" if len(ts) > 8 else f"{v:.1f}%", ha="center", va="center", fontsize=7,
+                color="white")
     ax.set_ylabel("KV pool (% of capacity)")
     ax.set_ylim(0, 100)
     ax.set_title(title, fontsize=9)
@@ -197,11 +200,16 @@ def plot_memory(wide: pd.DataFrame):
     panels = [("", "mean over all engine steps")]
     if saturated:
         panels.append(("_saturated", "mean over steps where requests wait (saturated pool)"))
-    w = max(4, 0.9 * len(wide) + 1.5)
-    fig, axes = plt.subplots(1, len(panels), figsize=(w * len(panels) + 1.5, 4), squeeze=False)
-    for ax, (suffix, title) in zip(axes[0], panels):
+    many = len(wide) > 8  # many bars: panels one above the other
+    w = max(4, (0.45 if many else 0.9) * len(wide) + 1.5)
+    rows, cols = (len(panels), 1) if many else (1, len(panels))
+    fig, axes = plt.subplots(rows, cols, figsize=(w * cols + 1.5, 4.2 * rows), squeeze=False)
+    axes = axes.ravel()
+    for ax, (suffix, title) in zip(axes, panels):
         _memory_panel(ax, wide, suffix, title)
-    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+        if many:
+            ax.tick_params(axis="x", labelsize=7)
+    axes[0].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.suptitle(_title(wide, "Where the KV memory goes"), fontsize=10)
     fig.tight_layout()
     return fig
@@ -218,14 +226,41 @@ def _read_runs(wide: pd.DataFrame, name: str, columns: list[str] | None = None) 
     return out
 
 
-def _ecdf(ax, values: np.ndarray, label: str) -> None:
+def _ecdf(ax, values: np.ndarray, style: dict) -> None:
     v = np.sort(values[~np.isnan(values) & (values > 0)])
     if len(v):
-        ax.step(v, np.arange(1, len(v) + 1) / len(v), where="post", label=label, lw=1.2)
+        ax.step(v, np.arange(1, len(v) + 1) / len(v), where="post", lw=1.2, **style)
+
+
+def _styles(wide: pd.DataFrame) -> tuple[dict[str, dict], list, str]:
+    """Line style of each run, the legend handles and a note for the title.
+
+    Up to 10 runs: a colour each. More, along a swept axis: a colour per series (the other
+    swept keys) and darker lines for larger values of the axis, so 30 curves stay readable.
+    """
+    from matplotlib.lines import Line2D
+
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    axis = next((a for a in SWEEPS if a in varying(wide)), None)
+    if len(wide) <= len(cycle) or axis is None:
+        styles = {r["run_id"]: dict(color=cycle[i % len(cycle)], label=r["label"]) for i, (_, r) in
+                  enumerate(wide.iterrows())}
+        return styles, [], ""
+    series = run_labels(wide, exclude=(axis,))
+    colors = {s: cycle[i % len(cycle)] for i, s in enumerate(dict.fromkeys(series))}
+    x = pd.to_numeric(wide[axis], errors="coerce")
+    rank = x.rank(method="dense")
+    top = max(rank.max(), 1)
+    styles = {r["run_id"]: dict(color=colors[series[i]], alpha=0.25 + 0.75 * (rank[i] / top if top > 1 else 1))
+              for i, r in wide.iterrows()}
+    handles = [Line2D([], [], color=c, label=s) for s, c in colors.items()]
+    lo, hi = x.min(), x.max()
+    return styles, handles, f" (darker: larger {SWEEPS[axis][1]}, {_fmt(lo)} to {_fmt(hi)})"
 
 
 def plot_latency_cdfs(wide: pd.DataFrame, requests: dict[str, pd.DataFrame]):
     cols = [("ttft", "TTFT (s)"), ("e2el", "end-to-end latency (s)"), ("normalized_latency", "normalized latency (s/token)")]
+    styles, handles, note = _styles(wide)
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for _, r in wide.iterrows():
         req = requests.get(r["run_id"])
@@ -233,33 +268,36 @@ def plot_latency_cdfs(wide: pd.DataFrame, requests: dict[str, pd.DataFrame]):
             continue
         for ax, (c, _) in zip(axes, cols):
             vals = (req["e2el"] / req["output_len"]) if c == "normalized_latency" and c not in req else req[c]
-            _ecdf(ax, vals.to_numpy(float), r["label"])
+            _ecdf(ax, vals.to_numpy(float), styles[r["run_id"]])
     for ax, (_, xlabel) in zip(axes, cols):
         ax.set_xlabel(xlabel)
         ax.set_ylabel("requests (cumulative fraction)")
         ax.set_xscale("log")
         ax.grid(alpha=0.3)
-    axes[-1].legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.suptitle(_title(wide, "Latency CDFs"), fontsize=10)
+    axes[-1].legend(handles=handles or None, fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.suptitle(_title(wide, "Latency CDFs") + note, fontsize=10)
     fig.tight_layout()
     return fig
 
 
 def plot_usage_over_time(wide: pd.DataFrame, steps: dict[str, pd.DataFrame]):
+    styles, handles, note = _styles(wide)
     fig, (ax, ax2) = plt.subplots(2, 1, figsize=(8, 5), sharex=True, height_ratios=[3, 2])
     for _, r in wide.iterrows():
         st = steps.get(r["run_id"])
         if st is None or "capacity" not in st:
             continue
+        style = styles[r["run_id"]]
         used = 100 * (1 - st["free"] / st["capacity"])
-        line, = ax.plot(st["time"], used, lw=1, label=r["label"], drawstyle="steps-post")
-        ax.plot(st["time"], 100 * st["token_states"] / st["capacity"], lw=0.8, ls=":", color=line.get_color(),
-                drawstyle="steps-post")
-        ax2.plot(st["time"], st["num_seqs"], lw=1, color=line.get_color(), drawstyle="steps-post")
+        ax.plot(st["time"], used, lw=1, drawstyle="steps-post", **style)
+        ax.plot(st["time"], 100 * st["token_states"] / st["capacity"], lw=0.8, ls=":", drawstyle="steps-post",
+                **{k: v for k, v in style.items() if k != "label"})
+        ax2.plot(st["time"], st["num_seqs"], lw=1, drawstyle="steps-post",
+                 **{k: v for k, v in style.items() if k != "label"})
     ax.set_ylabel("KV pool in use (%)\n(dotted: token states)")
     ax.set_ylim(0, 102)
-    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    ax.set_title(_title(wide, "KV usage and batch size over time"), fontsize=9)
+    ax.legend(handles=handles or None, fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.set_title(_title(wide, "KV usage and batch size over time") + note, fontsize=9)
     ax2.set_xlabel(("simulated " if (wide.get("mode") == "simulate").all() else "") + "time (s)")
     ax2.set_ylabel("batch size (seqs)")
     return fig
@@ -273,7 +311,7 @@ SWEEPS = {
     "cfg.workload.request_rate": ("rate_curves.png", "request rate (req/s)", "linear", [
         ("output_throughput", "output throughput (tok/s)", False),
         ("normalized_latency", "normalized latency (s/token)", False),
-        ("p99_ttft_ms", "p99 TTFT (ms)", False)]),
+        ("p99_ttft_ms", "p99 TTFT (ms, log scale)", False)]),
     "cfg.allocator.args.block_size": ("block_size_curves.png", "block size (tokens)", "log2", [
         *MEM_CURVES[:2], ("output_throughput", "output throughput (tok/s)", False),
         ("normalized_latency", "normalized latency (s/token)", False)]),
@@ -318,6 +356,8 @@ def plot_sweep(wide: pd.DataFrame, axis: str):
                     label=series)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
+        if "log scale" in ylabel:
+            ax.set_yscale("log")
         if scale == "log2":
             ax.set_xscale("log", base=2)
             ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
