@@ -162,8 +162,9 @@ class KVAllocator(ABC):
         """
         raise NotImplementedError(f"allocator '{self.name}' does not support swapping: use recompute")
 
-    def can_swap_in(self, seq: SequenceLike) -> bool:
-        """Whether the device pool has room to bring a swapped ``seq`` back now."""
+    def can_swap_in(self, seq: SequenceLike, num_new_tokens: int = 0) -> bool:
+        """Whether the device pool has room to bring a swapped ``seq`` back now, and then to
+        ``allocate(seq, num_new_tokens)`` (so a scheduler need not swap it in and out again)."""
         return False
 
     def swap_in(self, seq: SequenceLike) -> list[tuple[int, int]]:

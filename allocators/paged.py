@@ -272,9 +272,12 @@ class PagedAllocator(KVAllocator):
         st.host = host
         return pairs
 
-    def can_swap_in(self, seq: SequenceLike) -> bool:
+    def can_swap_in(self, seq: SequenceLike, num_new_tokens: int = 0) -> bool:
         st = self._seqs.get(seq.seq_id)
-        return st is not None and st.host is not None and len(st.host) <= self.pool.num_free
+        if st is None or st.host is None:
+            return False
+        # swapped-in blocks are all private: no copy-on-write, only the blocks themselves
+        return -(-(st.num_tokens + num_new_tokens) // self._block_size) <= self.pool.num_free
 
     def swap_in(self, seq: SequenceLike) -> list[tuple[int, int]]:
         st = self._seqs.get(seq.seq_id)

@@ -284,7 +284,7 @@ def test_paged_swap_out_and_in_preserves_kv():
     grow(a, hog, 24)
     assert not a.can_swap_in(s1)
     a.free(hog)
-    assert a.can_swap_in(s1)
+    assert a.num_free_blocks == 6 and a.can_swap_in(s1) and a.can_swap_in(s1, 14) and not a.can_swap_in(s1, 15)
     back = a.swap_in(s1)
     assert [h for h, _ in back] == [h for _, h in pairs] and not a.is_swapped(s1)
     assert read(a, s1, 10) == expected(s1, 10) and read(a, s2, 6) == expected(s2, 6)
