@@ -102,6 +102,8 @@ class VirtualAllocator(KVAllocator):
             backend = "sim" if spec.device is None else ("cuda" if str(spec.device).startswith("cuda") else "host")
         self.backend = make_backend(backend, page_size, max_num_seqs * self.span * token_bytes, num_ranges,
                                     num_groups * num_ranges, spec.device)
+        # token positions before slot 0 that the backend keeps mapped (the tensors start there)
+        self.anchor = self.backend.anchor_bytes // token_bytes
         # lead: a group is claimed and mapped this many tokens (decode steps) before it is needed;
         # by default an eighth of a page, so that the background thread keeps up with every
         # sequence crossing at once (per_layer: 2 x num_layers driver mappings per group)
@@ -127,7 +129,7 @@ class VirtualAllocator(KVAllocator):
         self._k, self._v = [], []
         if not s.materialized:
             return
-        n = self.max_num_seqs * self.span
+        n = self.anchor + self.max_num_seqs * self.span
         views = [self.backend.tensor(r).view(s.dtype) for r in range(self.num_ranges)]
         if self.layout == "per_layer":
             for layer in range(s.num_layers):
@@ -348,7 +350,7 @@ class VirtualAllocator(KVAllocator):
             raise AllocationError(f"fork: child seq {child.seq_id} already holds a slot")
         self.allocate(child, p.used)
         c = self._by_seq[child.seq_id]
-        src, dst, n = p.index * self.span, c.index * self.span, p.used
+        src, dst, n = self.anchor + p.index * self.span, self.anchor + c.index * self.span, p.used
         if self.layout == "shared" and self._k:
             self._buffer[dst:dst + n] = self._buffer[src:src + n]
         else:
@@ -358,11 +360,11 @@ class VirtualAllocator(KVAllocator):
 
     # -- addressing ----------------------------------------------------------------------------
     def slot_mapping(self, seq: SequenceLike, start: int, end: int) -> list[int]:
-        base = self._by_seq[seq.seq_id].index * self.span
+        base = self.anchor + self._by_seq[seq.seq_id].index * self.span
         return list(range(base + start, base + end))
 
     def seq_base(self, seq: SequenceLike) -> int:
-        return self._by_seq[seq.seq_id].index * self.span
+        return self.anchor + self._by_seq[seq.seq_id].index * self.span
 
     # -- accounting ----------------------------------------------------------------------------
     def stats(self) -> MemoryStats:

@@ -24,6 +24,9 @@ import torch
 class VMMBackend(ABC):
     name: str
     granularity: int = 1  # page_size must be a multiple of this
+    # bytes before page 0 of each range that are always backed: a tensor's base address
+    # must be mapped for Triton (and torch) to accept it as a device pointer
+    anchor_bytes: int = 0
 
     def __init__(self, page_size: int, range_bytes: int, num_ranges: int, num_handles: int):
         if page_size % self.granularity:
@@ -197,33 +200,34 @@ class CudaBackend(VMMBackend):
         if range_bytes % page_size or num_handles < 1:
             raise ValueError(f"range of {range_bytes} bytes is not a whole number of {page_size}-byte pages, "
                              f"or a pool of {num_handles} pages")
-        self._total = range_bytes * num_ranges
+        # each range is [anchor page | range_bytes]; one physical page, outside the pool, backs
+        # every anchor, so each range's tensor starts at a mapped address
+        self.anchor_bytes = page_size
+        self._stride = range_bytes + page_size
+        self._total = self._stride * num_ranges
         self.base = int(cuda_check(drv.cuMemAddressReserve(self._total, 0, 0, 0)))  # granularity-aligned
         self._handles = [cuda_check(drv.cuMemCreate(page_size, prop, 0)) for _ in range(num_handles)]
+        self._anchor = cuda_check(drv.cuMemCreate(page_size, prop, 0))
         desc = drv.CUmemAccessDesc()
         desc.location.type = drv.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
         desc.location.id = self.device_index
         desc.flags = drv.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
         self._access = [desc]
+        for r in range(num_ranges):
+            a = self.base + r * self._stride
+            cuda_check(drv.cuMemMap(a, page_size, 0, self._anchor, 0))
+            cuda_check(drv.cuMemSetAccess(a, page_size, self._access, 1))
         self._tensors = [self._wrap(r) for r in range(num_ranges)]
 
     def addr(self, r: int, page: int) -> int:
-        return self.base + r * self.range_bytes + page * self.page_size
+        return self.base + r * self._stride + self.anchor_bytes + page * self.page_size
 
     def _wrap(self, r: int) -> torch.Tensor:
-        """A torch tensor over range r through __cuda_array_interface__ (no copy).
-
-        torch asks the driver which device the pointer is on, which an unbacked address
-        cannot answer: back the first page for that moment.
-        """
-        iface = {"shape": (self.range_bytes,), "typestr": "|u1", "data": (self.addr(r, 0), False),
+        """A torch tensor over range r, anchor included, through __cuda_array_interface__ (no copy)."""
+        iface = {"shape": (self._stride,), "typestr": "|u1", "data": (self.base + r * self._stride, False),
                  "version": 3, "strides": None}
         holder = type("_VMMRange", (), {"__cuda_array_interface__": iface})()
-        self._map(0, r, 0)
-        try:
-            return torch.as_tensor(holder, device=f"cuda:{self.device_index}")
-        finally:
-            self._unmap(r, 0)
+        return torch.as_tensor(holder, device=f"cuda:{self.device_index}")
 
     def tensor(self, r: int) -> torch.Tensor:
         return self._tensors[r]
@@ -246,7 +250,9 @@ class CudaBackend(VMMBackend):
         torch.cuda.synchronize(self.device_index)
         for r, page in list(self.mapped):
             self.unmap(r, page)
-        for h in self._handles:
+        for r in range(self.num_ranges):
+            cuda_check(drv.cuMemUnmap(self.base + r * self._stride, self.page_size))
+        for h in [*self._handles, self._anchor]:
             cuda_check(drv.cuMemRelease(h))
         cuda_check(drv.cuMemAddressFree(self.base, self._total))
         cuda_check(drv.cuDevicePrimaryCtxRelease(self._cu_dev))

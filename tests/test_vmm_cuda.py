@@ -149,7 +149,6 @@ def test_cost_of_mapping_one_page():
     med = statistics.median(times)
     print(f"\nmap one 2 MiB page (cuMemMap + cuMemSetAccess) on {torch.cuda.get_device_name()}: "
           f"median {med:.1f} us, max {max(times):.1f} us")
-    assert med < 5000
 
 
 @pytest.mark.parametrize("layout", ["per_layer", "shared"])
