@@ -22,11 +22,13 @@ class PersistentBlockTable:
         self._free = list(range(max_rows - 1, -1, -1))
         self._dirty = False
 
-    def row(self, seq_id: int, table: list[int], live: set[int] | None = None) -> int:
+    def row(self, seq_id: int, table: list[int], live=()) -> int:
+        """Row of ``seq_id``, written up to date; ``live`` (sequences with ``seq_id``) are the
+        ones whose rows must survive if rows run out."""
         r = self._rows.get(seq_id)
         if r is None:
             if not self._free:
-                self._collect(live or set())
+                self._collect({s.seq_id for s in live})
             r = self._rows[seq_id] = self._free.pop()
             self._lens[seq_id] = 0
         n, k = len(table), self._lens[seq_id]

@@ -209,29 +209,35 @@ class LLMEngine:
         now = self.clock()
         host = t_exec - start + getattr(self.runner, "last_prep_s", 0.0)
         context = 0
+        forks = []
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
             context += seq.num_computed_tokens
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = start
-        for seq in batch.preempted:
-            if hasattr(self.runner, "release"):
-                self.runner.release(seq)
-        for seq in batch.seqs:
             if seq.fork_pending and seq.num_computed_tokens == seq.prompt_len - 1:
-                self._fork(seq)
+                forks.append(seq)
+        release = getattr(self.runner, "release", None)
+        if release is not None:
+            for seq in batch.preempted:
+                release(seq)
+        for seq in forks:
+            self._fork(seq)
         touched: dict[str, RequestState] = {}
+        requests, check_stop = self.requests, self._check_stop
         for seq, token, logprob in sampled:
             seq.append_token(token, logprob, now)
-            self._check_stop(seq)
-            touched[seq.request_id] = self.requests[seq.request_id]
+            check_stop(seq)
+            touched[seq.request_id] = requests[seq.request_id]
         self.step_records.append(StepRecord(start, now - start, self.num_running, self.num_waiting,
                                             len(batch), batch.num_prefill_tokens, batch.num_decode_tokens,
                                             len(batch.preempted), host + self.clock() - now, context))
         outputs = []
+        stream = self.config.stream_outputs
         for req in touched.values():
-            req.finished = all(s.finished for s in req.seqs)
-            if req.finished or self.config.stream_outputs:
+            seqs = req.seqs
+            req.finished = seqs[0].finished if len(seqs) == 1 else all(s.finished for s in seqs)
+            if req.finished or stream:
                 outputs.append(self._output(req))
             if req.finished:
                 self._retire(req)

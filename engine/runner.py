@@ -41,7 +41,7 @@ class BatchInputs:
         self.sample_rows: list[int] = []
         self.sample_seqs: list[Sequence] = []
         paged = allocator.mode == Addressing.PAGED
-        live = {s.seq_id for s in batch.seqs} if paged else None
+        live = batch.seqs
         t = 0
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             start = seq.num_computed_tokens
