@@ -7,7 +7,6 @@ anything; a step gathers its rows on the device.
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 

@@ -33,6 +33,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from allocators.stats import STAT_FIELDS  # noqa: E402
+from experiments.tables import markdown_table  # noqa: E402
 from experiments.atomic import save_figure, write_csv, write_parquet, write_text  # noqa: E402
 from experiments.metrics import UNITS  # noqa: E402
 
@@ -408,15 +409,6 @@ def write_run_plots(run_dir: str | Path) -> list[Path]:
 
 # ---------------------------------------------------------------------------- report.md
 
-def _markdown_table(df: pd.DataFrame) -> str:
-    cols = list(df.columns)
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for _, r in df.iterrows():
-        cells = [f"{v:.4g}" if isinstance(v, float) else str(v) for v in r]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def _percent(df: pd.DataFrame, cols: list[str]) -> pd.DataFrame:
     df = df.copy()
     for c in cols:
@@ -461,21 +453,21 @@ def write_report(root: str | Path, out: str | Path | None = None) -> Path:
     md = [f"# kvlab report: {root}", "", f"{len(wide)} runs"
           + (f"; they differ in {', '.join(f'`{k[4:]}`' for k in swept)}." if swept else "."), "",
           "Memory figures are percentages of the KV pool capacity (they sum to 100 with `free`).", "",
-          "## Throughput and latency", "", _markdown_table(wide[key + perf]), ""]
+          "## Throughput and latency", "", markdown_table(wide[key + perf]), ""]
     md += ["## Memory", "", "Mean over all engine steps (% of KV pool):", "",
-           _markdown_table(_percent(wide[["label", "kv_capacity_tokens"] + mem], mem)), ""]
+           markdown_table(_percent(wide[["label", "kv_capacity_tokens"] + mem], mem)), ""]
     if sat and wide[sat].notna().any().any():
         md += ["Mean over the steps where requests wait, i.e. the pool is saturated (% of KV pool; "
                "`saturated_steps` is the share of such steps):", "",
-               _markdown_table(_percent(wide[["label"] + sat + ["saturated_steps"]], sat + ["saturated_steps"])), ""]
+               markdown_table(_percent(wide[["label"] + sat + ["saturated_steps"]], sat + ["saturated_steps"])), ""]
     extra = [c for c in ("sharing_saving", "prefix_cache_hit_rate") if c in wide and wide[c].fillna(0).any()]
     if extra:
         md += ["Sharing (% of the KV the live tokens would take unshared; prefix-cache hit rate):", "",
-               _markdown_table(_percent(wide[["label"] + extra], extra)), ""]
+               markdown_table(_percent(wide[["label"] + extra], extra)), ""]
     md += ["## Figures", ""]
     for name, (caption, _) in figures.items():
         md += [f"### {caption}", "", f"![{caption}]({name})", ""]
-    md += ["## Runs", "", _markdown_table(wide[["label", "run_id"]]), "",
+    md += ["## Runs", "", markdown_table(wide[["label", "run_id"]]), "",
            "Each run folder holds `summary.json`, `requests.parquet`, `steps.parquet` and "
            "`kv_usage_over_time.png`.", ""]
     write_text(out / "report.md", "\n".join(md))

@@ -1,4 +1,6 @@
+import itertools
 import os
+from dataclasses import dataclass, field
 
 import torch
 
@@ -62,3 +64,21 @@ def hf_llama(tmp_path_factory):
 def hf_qwen3(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_qwen3_hf")
     return str(path), make_hf_checkpoint(path, "qwen3", seed=1)
+
+
+_fake_ids = itertools.count(1000)
+
+
+@dataclass(eq=False)
+class FakeSeq:
+    """The fields an allocator reads from a sequence (allocators.base.SequenceLike)."""
+
+    token_ids: list[int]
+    max_len: int
+    seq_id: int = field(default_factory=lambda: next(_fake_ids))
+    prompt_len: int = 0
+    oracle_len: int = 0
+
+    def __post_init__(self):
+        self.prompt_len = self.prompt_len or len(self.token_ids)
+        self.oracle_len = self.oracle_len or self.max_len

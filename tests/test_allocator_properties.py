@@ -12,8 +12,6 @@ return exactly what the sequence would have computed.
 """
 from __future__ import annotations
 
-import itertools
-from dataclasses import dataclass, field
 
 import torch
 from hypothesis import HealthCheck, settings
@@ -24,8 +22,8 @@ from allocators import KVCacheSpec
 from allocators.contiguous import ContiguousAllocator
 from allocators.paged import PagedAllocator
 from allocators.virtual import VirtualAllocator
+from conftest import FakeSeq
 
-_ids = itertools.count()
 MAX_LEN = 48
 SPEC = KVCacheSpec(num_layers=2, num_kv_heads=1, head_dim=16, dtype=torch.float32, device="cpu")
 WIDE = KVCacheSpec(num_layers=2, num_kv_heads=4, head_dim=32, dtype=torch.float32, device="cpu")  # 8 tokens / 4 KiB
@@ -34,17 +32,6 @@ SETTINGS = settings(max_examples=25, stateful_step_count=30, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
 
 
-@dataclass(eq=False)
-class FakeSeq:
-    token_ids: list[int]
-    max_len: int = MAX_LEN
-    seq_id: int = field(default_factory=lambda: next(_ids))
-    prompt_len: int = 0
-    oracle_len: int = 0
-
-    def __post_init__(self):
-        self.prompt_len = self.prompt_len or len(self.token_ids)
-        self.oracle_len = self.oracle_len or self.max_len
 
 
 def kv_values(tokens: list[int]) -> list[float]:
@@ -94,7 +81,7 @@ class AllocatorMachine(RuleBasedStateMachine):
     @rule(base=st.integers(0, len(BASES) - 1), shared=st.integers(0, 24),
           extra=st.lists(st.integers(51, 99), min_size=1, max_size=10), prefix=st.booleans())
     def admit(self, base, shared, extra, prefix):
-        seq = FakeSeq(BASES[base][:shared] + extra)
+        seq = FakeSeq(BASES[base][:shared] + extra, MAX_LEN)
         cached = self.alloc.match_prefix(seq) if prefix else 0
         assert cached < len(seq.token_ids) and cached == self.alloc.num_tokens(seq)
         tokens, seq.token_ids = seq.token_ids, seq.token_ids[:cached]

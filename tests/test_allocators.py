@@ -1,8 +1,6 @@
 """Unit tests of the three allocators: sizing, sharing, copy-on-write, prefix caching, swap, paging."""
 from __future__ import annotations
 
-import itertools
-from dataclasses import dataclass, field
 
 import pytest
 import torch
@@ -13,21 +11,10 @@ from allocators.contiguous import ContiguousAllocator
 from allocators.paged import PagedAllocator
 from allocators.virtual import VirtualAllocator
 from kernels.metadata import Addressing
+from conftest import FakeSeq
 
-_ids = itertools.count(1000)
 
 
-@dataclass(eq=False)
-class FakeSeq:
-    token_ids: list[int]
-    max_len: int
-    seq_id: int = field(default_factory=lambda: next(_ids))
-    prompt_len: int = 0
-    oracle_len: int = 0
-
-    def __post_init__(self):
-        self.prompt_len = self.prompt_len or len(self.token_ids)
-        self.oracle_len = self.oracle_len or self.max_len
 
 
 SPEC = KVCacheSpec(num_layers=2, num_kv_heads=1, head_dim=4, dtype=torch.float32, device="cpu")

@@ -1,8 +1,6 @@
 """The virtual allocator over real OS paging (host backend): mmap reserve, mprotect map, madvise release."""
 from __future__ import annotations
 
-import itertools
-from dataclasses import dataclass, field
 
 import pytest
 import torch
@@ -13,17 +11,10 @@ from allocators.virtual import VirtualAllocator
 from allocators.vmm_backends import HostBackend
 from engine import LLM, SamplingParams
 from kernels.metadata import Addressing, AttentionMetadata
+from conftest import FakeSeq
 
-_ids = itertools.count()
 
 
-@dataclass(eq=False)
-class FakeSeq:
-    token_ids: list[int]
-    max_len: int
-    seq_id: int = field(default_factory=lambda: next(_ids))
-    prompt_len: int = 0
-    oracle_len: int = 0
 
 
 SPEC = KVCacheSpec(num_layers=2, num_kv_heads=2, head_dim=8, dtype=torch.float32, device="cpu")

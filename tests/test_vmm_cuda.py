@@ -6,10 +6,8 @@ the cost of mapping a page under results/vmm/.
 """
 from __future__ import annotations
 
-import itertools
 import statistics
 import time
-from dataclasses import dataclass, field
 
 import pytest
 import torch
@@ -19,19 +17,12 @@ from allocators import KVCacheSpec
 from allocators.paged import PagedAllocator
 from allocators.virtual import VirtualAllocator
 from kernels.metadata import Addressing, AttentionMetadata
+from conftest import FakeSeq
 
 pytestmark = pytest.mark.gpu
 MiB = 1 << 20
-_ids = itertools.count()
 
 
-@dataclass(eq=False)
-class FakeSeq:
-    token_ids: list[int]
-    max_len: int
-    seq_id: int = field(default_factory=lambda: next(_ids))
-    prompt_len: int = 0
-    oracle_len: int = 0
 
 
 # K/V of one layer: 8 heads x 128 x bf16 = 2 KiB a token: a 2 MiB page holds 1024 tokens of one
