@@ -145,14 +145,21 @@ class ContiguousAllocator(KVAllocator):
         token_states, reservation, internal = used * bpt, reserved * bpt, internal * bpt
         free = self.arena.free_total()
         largest = self.arena.largest_hole()
+        # the largest hole is usable only if some request's region fits in it: under policy
+        # max every region is max_model_len, so a smaller hole is fragmentation, not room
+        usable = largest if largest >= self.min_region() else 0
         return MemoryStats(
             capacity=self.capacity_tokens * bpt,
             token_states=token_states,
             reservation=reservation,
             internal_frag=internal,
-            external_frag=(free - largest) * bpt,  # free but in holes smaller than the largest
-            free=largest * bpt,
+            external_frag=(free - usable) * bpt,
+            free=usable * bpt,
         )
+
+    def min_region(self) -> int:
+        """The smallest region this policy can give a request."""
+        return min(self.max_model_len, self.capacity_tokens) if self.policy == "max" else 1
 
     def regions(self) -> dict[int, tuple[int, int]]:
         """seq_id -> (start, length): for tests and plots of the arena."""
