@@ -5,21 +5,25 @@ import torch
 
 
 def profile_kv_budget(engine, spec) -> int:
-    """Bytes for the KV pool: utilization x device memory, minus weights and peak activations.
+    """Bytes for the KV pool: this process may use ``gpu_memory_utilization`` of the device;
+    everything already in use (the weights just loaded, other engines, other processes) and
+    the activation peak of the largest batch come off that.
 
     The activation peak is measured by a forward pass over ``max_num_batched_tokens`` tokens
-    with a throwaway one-block cache.
+    with a throwaway cache.
     """
     from engine.profiling_run import peak_activation_bytes
 
-    total = torch.cuda.get_device_properties(engine.device).total_memory
     torch.cuda.synchronize()
-    weights = torch.cuda.memory_allocated()
+    free, total = torch.cuda.mem_get_info(engine.device)
+    in_use = total - free
     peak = peak_activation_bytes(engine)
-    budget = int(total * engine.config.gpu_memory_utilization) - weights - peak
+    util = engine.config.gpu_memory_utilization
+    budget = int(total * util) - in_use - peak
     if budget <= 0:
         raise ValueError(
-            f"no memory left for the KV cache: {total / 2**30:.1f} GiB x gpu_memory_utilization="
-            f"{engine.config.gpu_memory_utilization} minus weights {weights / 2**30:.1f} GiB and "
-            f"activations {peak / 2**30:.1f} GiB: raise gpu_memory_utilization or lower max_num_batched_tokens")
+            f"no memory left for the KV cache: {total / 2**30:.1f} GiB x gpu_memory_utilization={util} "
+            f"minus {in_use / 2**30:.1f} GiB in use (weights {torch.cuda.memory_allocated() / 2**30:.1f} GiB "
+            f"of it) and activations {peak / 2**30:.1f} GiB: raise gpu_memory_utilization, lower "
+            "max_num_batched_tokens, or free the GPU")
     return budget

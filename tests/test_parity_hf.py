@@ -1,4 +1,5 @@
-"""Greedy kvlab generation equals HF transformers generate, token for token."""
+"""Greedy kvlab generation equals HF transformers generate, token for token (CPU, fp32;
+the bf16 GPU counterpart is tests/test_gpu_engine.py)."""
 import pytest
 import torch
 
@@ -37,7 +38,7 @@ def test_greedy_matches_hf(request, fixture, allocator, kwargs):
     path, hf = request.getfixturevalue(fixture)
     prompts = _prompts(hf.config.vocab_size)
     expected = _hf_greedy(hf, prompts)
-    llm = LLM(path, allocator=allocator, **kwargs)
+    llm = LLM(path, allocator=allocator, device="cpu", **kwargs)
     outs = llm.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True))
     assert [o.token_ids for o in outs] == expected
     if "kv_cache_tokens" in kwargs:
@@ -57,7 +58,7 @@ def test_other_families_match_hf(tmp_path, kind):
 
     hf = make_hf_checkpoint(tmp_path, kind, seed=3)
     prompts = _prompts(hf.config.vocab_size, seed=1)[:4]
-    llm = LLM(str(tmp_path), allocator="paged")
+    llm = LLM(str(tmp_path), allocator="paged", device="cpu")
     outs = llm.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True))
     assert [o.token_ids for o in outs] == _hf_greedy(hf, prompts)
 
@@ -72,7 +73,7 @@ def test_llama31_rope_scaling_and_tied_embeddings_match_hf(tmp_path):
                             tie_word_embeddings=True)
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(3, 320, (n,), generator=g).tolist() for n in (90, 150)]
-    llm = LLM(str(tmp_path), allocator="paged")
+    llm = LLM(str(tmp_path), allocator="paged", device="cpu")
     assert llm.engine.model_config.rope_scaling["rope_type"] == "llama3"
     outs = llm.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True))
     assert [o.token_ids for o in outs] == _hf_greedy(hf, prompts)
