@@ -63,7 +63,8 @@ def load_model(
 ) -> CausalLM:
     with torch.device("meta"):
         model = CausalLM(cfg, max_model_len)
-    model = model.to_empty(device=device).to(dtype)
+    # cast on meta first: materialising in fp32 would hold twice the weights for a moment
+    model = model.to(dtype).to_empty(device=device)
     # buffers were created on meta: rebuild the rotary tables for real
     from engine.rope import RotaryEmbedding
 

@@ -15,6 +15,7 @@ def profile_kv_budget(engine, spec) -> int:
     from engine.profiling_run import peak_activation_bytes
 
     torch.cuda.synchronize()
+    torch.cuda.empty_cache()  # memory torch caches but does not use is not "in use"
     free, total = torch.cuda.mem_get_info(engine.device)
     in_use = total - free
     peak = peak_activation_bytes(engine)
