@@ -7,14 +7,13 @@ anything; a step gathers its rows on the device.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
 class PersistentBlockTable:
     def __init__(self, max_rows: int, width: int, device: torch.device):
-        pin = device.type == "cuda"
-        self.host_t = torch.zeros((max_rows, width), dtype=torch.int32, pin_memory=pin)
-        self.host = self.host_t.numpy()
+        self.host = np.zeros((max_rows, width), dtype=np.int32)
         self.device_t = torch.zeros((max_rows, width), dtype=torch.int32, device=device)
         self._rows: dict[int, int] = {}
         self._lens: dict[int, int] = {}
@@ -52,7 +51,8 @@ class PersistentBlockTable:
         if not self._free:
             raise RuntimeError("block-table rows exhausted: more live sequences than max_num_seqs")
 
-    def sync(self) -> None:
+    def sync(self, staging) -> None:
+        """Send the rows to the device (through ``staging``: the host copy keeps changing)."""
         if self._dirty:
-            self.device_t.copy_(self.host_t, non_blocking=True)
+            self.device_t.copy_(staging.host("block_table", self.host), non_blocking=True)
             self._dirty = False

@@ -81,11 +81,13 @@ class DecodeGraphs:
                 return s
         return None
 
-    def run(self, n: int, input_ids, positions, slots, seq_lens, addressing) -> torch.Tensor:
+    def run(self, n: int, input_ids, positions, slots, seq_lens, addressing, feed=None) -> torch.Tensor:
         """Replay for ``n`` decode tokens; inputs are CPU tensors; addressing is each sequence's
         block-table row (PAGED) or base slot (LINEAR)."""
         bs = self.padded_size(n)
         self.input_ids[:n].copy_(input_ids, non_blocking=True)
+        if feed is not None:  # tokens of the previous step that never left the device
+            self.input_ids[feed[0]] = feed[1]
         self.positions[:n].copy_(positions, non_blocking=True)
         self.slot_mapping[:n].copy_(slots, non_blocking=True)
         self.seq_lens[:n].copy_(seq_lens, non_blocking=True)

@@ -16,10 +16,10 @@ from engine.config import EngineConfig
 from engine.loader import load_model, resolve_config
 from engine.model_config import ModelConfig
 from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from engine.runner import ModelRunner
+from engine.runner import ModelRunner, StepHandle
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig
-from engine.sequence import SeqStatus, Sequence
+from engine.sequence import PENDING, SeqStatus, Sequence
 from engine.tokenizer import load_tokenizer
 
 log = logging.getLogger("kvlab.engine")
@@ -116,6 +116,8 @@ class LLMEngine:
         self.accountant = MemoryAccountant(spec.bytes_per_token)
         self.step_records: list[StepRecord] = []
         self.finished_requests: list[RequestState] = []
+        self._inflight = None  # async scheduling: the launched step whose tokens are not read yet
+        self._wait_s = 0.0
 
     # -- capacity ------------------------------------------------------------------------
     def _kv_capacity_tokens(self, spec: KVCacheSpec) -> int:
@@ -200,14 +202,39 @@ class LLMEngine:
 
     # -- one iteration -------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Schedule and launch one batch, then read back sampled tokens: this step's, or with
+        ``async_scheduling`` the previous step's, while this one runs on the device (a stop
+        is then seen one step late, and the token sampled past it is dropped)."""
         start = self.clock()
         batch = self.scheduler.schedule()
         if self.config.record_memory:
             self._record_memory()
         t_exec = self.clock()
-        sampled = self.runner.execute(batch) if batch.seqs else []
+        handle = self._launch(batch) if batch.seqs else None
+        t_launched = self.clock()
+        context = self._advance(batch, start)
+        if handle is not None:
+            handle.positions = [seq.append_pending() for seq in handle.seqs]
+        if self.config.async_scheduling:
+            handle, self._inflight = self._inflight, handle
+        t_post = self.clock()
+        outputs = self._resolve(handle) if handle is not None else []
         now = self.clock()
-        host = t_exec - start + getattr(self.runner, "last_prep_s", 0.0)
+        host = (t_exec - start) + getattr(self.runner, "last_prep_s", 0.0) + (t_post - t_launched)
+        if not self.config.async_scheduling:
+            host += now - t_post - (self._wait_s if handle is not None else 0.0)
+        self.step_records.append(StepRecord(start, now - start, self.num_running, self.num_waiting,
+                                            len(batch), batch.num_prefill_tokens, batch.num_decode_tokens,
+                                            len(batch.preempted), host, context))
+        return outputs
+
+    def _launch(self, batch):
+        if hasattr(self.runner, "launch"):
+            return self.runner.launch(batch, self._inflight)
+        return StepHandle.done(self.runner.execute(batch))  # simulate: no device
+
+    def _advance(self, batch, start: float) -> int:
+        """What the launched batch changes before its tokens are known; returns its context."""
         context = 0
         forks = []
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
@@ -223,15 +250,21 @@ class LLMEngine:
                 release(seq)
         for seq in forks:
             self._fork(seq)
+        return context
+
+    def _resolve(self, handle) -> list[RequestOutput]:
+        t0 = self.clock()
+        results = handle.results()
+        now = self.clock()
+        self._wait_s = now - t0
         touched: dict[str, RequestState] = {}
         requests, check_stop = self.requests, self._check_stop
-        for seq, token, logprob in sampled:
-            seq.append_token(token, logprob, now)
-            check_stop(seq)
+        for seq, pos, (token, logprob) in zip(handle.seqs, handle.positions, results):
+            if seq.finished:  # stopped while this token was in flight
+                continue
+            seq.resolve(pos, token, logprob, now)
+            check_stop(seq, pos)
             touched[seq.request_id] = requests[seq.request_id]
-        self.step_records.append(StepRecord(start, now - start, self.num_running, self.num_waiting,
-                                            len(batch), batch.num_prefill_tokens, batch.num_decode_tokens,
-                                            len(batch.preempted), host + self.clock() - now, context))
         outputs = []
         stream = self.config.stream_outputs
         for req in touched.values():
@@ -263,41 +296,45 @@ class LLMEngine:
         live = [(s.seq_id, self.allocator.seq_capacity(s), s.max_len) for s in self.scheduler.running]
         self.accountant.record(self.allocator.stats(), live)
 
-    def _check_stop(self, seq: Sequence) -> None:
-        p, token = seq.params, seq.output_token_ids[-1]
-        reason = None
-        n_out = len(seq.output_token_ids)
+    def _check_stop(self, seq: Sequence, pos: int) -> None:
+        """Whether the token at ``pos`` ends ``seq``; later (in-flight) tokens do not count."""
+        p, token = seq.params, seq.token_ids[pos]
+        n_out = pos + 1 - seq.prompt_len
+        length = (p.max_tokens is not None and n_out >= p.max_tokens) or pos + 1 >= self.max_model_len
         if p.ignore_eos and not p.stop and not p.stop_token_ids:  # the benchmark path: lengths only
-            if (p.max_tokens is not None and n_out >= p.max_tokens) or len(seq.token_ids) >= self.max_model_len:
-                self._finish_seq(seq, "length")
+            if length:
+                self._finish_seq(seq, "length", pos)
             return
+        reason = None
         if n_out >= p.min_tokens:
             if token in p.stop_token_ids:
                 reason, seq.stop_reason = "stop", token
             elif not p.ignore_eos and token in self.eos_token_ids:
                 reason = "stop"
-            elif p.stop and self._hits_stop_string(seq):
+            elif p.stop and self._hits_stop_string(seq, n_out):
                 reason = "stop"
-        if reason is None and (
-            (p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens)
-            or seq.num_tokens >= self.max_model_len
-        ):
+        if reason is None and length:
             reason = "length"
         if reason:
-            self._finish_seq(seq, reason)
+            self._finish_seq(seq, reason, pos)
 
-    def _hits_stop_string(self, seq: Sequence) -> bool:
+    def _hits_stop_string(self, seq: Sequence, n_out: int) -> bool:
         # a stop string ending at the newest token lies within its last len(stop) tokens
         # (every token decodes to at least one character; a few more cover partial UTF-8)
         longest = max(len(s) for s in seq.params.stop)
-        text = self.tokenizer.decode(seq.output_token_ids[-(longest + 4):])
+        text = self.tokenizer.decode(seq.output_token_ids[max(0, n_out - longest - 4):n_out])
         for s in seq.params.stop:
             if s in text:
                 seq.stop_reason = s
                 return True
         return False
 
-    def _finish_seq(self, seq: Sequence, reason: str) -> None:
+    def _finish_seq(self, seq: Sequence, reason: str, pos: int | None = None) -> None:
+        """``pos``: its last token; any sampled after it (in flight) is dropped."""
+        if pos is not None:
+            seq.truncate(pos)
+        elif seq.output_token_ids and seq.output_token_ids[-1] == PENDING:
+            seq.truncate(len(seq.token_ids) - 2)
         seq.status = SeqStatus.FINISHED
         seq.finish_reason = reason
         seq.finish_time = self.clock()
@@ -314,7 +351,7 @@ class LLMEngine:
     def _text(self, seq: Sequence) -> str:
         if not self.config.detokenize:
             return ""
-        text = self.tokenizer.decode(seq.output_token_ids)
+        text = self.tokenizer.decode(seq.resolved_output())
         if isinstance(seq.stop_reason, str):
             text = text[: text.find(seq.stop_reason)]
         return text
@@ -331,7 +368,7 @@ class LLMEngine:
             num_preemptions=sum(s.num_preemptions for s in req.seqs),
             num_cached_tokens=s0.num_cached_tokens,
         )
-        outs = [CompletionOutput(s.index, list(s.output_token_ids), self._text(s), s.finish_reason,
+        outs = [CompletionOutput(s.index, s.resolved_output(), self._text(s), s.finish_reason,
                                  s.stop_reason, list(s.output_logprobs) if s.params.logprobs is not None else None,
                                  list(s.token_times)) for s in req.seqs]
         return RequestOutput(req.request_id, req.prompt_token_ids, outs, req.finished, metrics, req.prompt)

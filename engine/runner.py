@@ -16,7 +16,8 @@ from allocators.base import KVAllocator
 from engine.block_table import PersistentBlockTable
 from engine.sampler import Sampler
 from engine.scheduler import ScheduledBatch
-from engine.sequence import Sequence
+from engine.sequence import PENDING, Sequence
+from engine.staging import HostStaging
 from kernels.metadata import Addressing, AttentionMetadata
 
 Sampled = list[tuple[Sequence, int, "float | None"]]
@@ -29,7 +30,10 @@ class BatchInputs:
     base slot (LINEAR). Decode slots are computed for all sequences at once from that.
     """
 
-    def __init__(self, batch: ScheduledBatch, allocator: KVAllocator, table: PersistentBlockTable | None):
+    def __init__(self, batch: ScheduledBatch, allocator: KVAllocator, table: PersistentBlockTable | None,
+                 pending_rows: dict[int, int] | None = None):
+        """``pending_rows``: seq_id -> row of the in-flight step's sampled tokens, for inputs that
+        are still on the device (asynchronous scheduling); they go to ``feed``."""
         # Python lists first, one numpy conversion each: cheaper than per-element numpy writes
         ids: list[int] = []
         positions: list[int] = []
@@ -38,6 +42,7 @@ class BatchInputs:
         qsl = [0]
         prefill_slots: list[tuple[int, list[int]]] = []  # (first token index, slots)
         dec_tok: list[int] = []
+        self.feed: list[tuple[int, int]] = []  # (token index, row of the previous step's samples)
         self.sample_rows: list[int] = []
         self.sample_seqs: list[Sequence] = []
         paged = allocator.mode == Addressing.PAGED
@@ -49,7 +54,10 @@ class BatchInputs:
             addressing.append(table.row(seq.seq_id, allocator.block_ids(seq), live) if paged
                               else allocator.seq_base(seq))
             if n == 1:
-                ids.append(seq.token_ids[start])
+                tok = seq.token_ids[start]
+                if tok == PENDING:
+                    self.feed.append((t, pending_rows[seq.seq_id]))
+                ids.append(tok)
                 positions.append(start)
                 dec_tok.append(t)
             else:
@@ -100,6 +108,7 @@ class ModelRunner:
             self.table = PersistentBlockTable(max_num_seqs + 1, width, self.device)
         self.graphs = None
         self.last_prep_s = 0.0
+        self.staging = HostStaging(self.device)
         if self.device.type == "cuda" and not enforce_eager:
             from engine.cuda_graphs import DecodeGraphs
 
@@ -108,43 +117,61 @@ class ModelRunner:
             self.graphs.capture()
 
     def _metadata(self, inputs: BatchInputs) -> AttentionMetadata:
-        def dev(a):
-            return torch.from_numpy(a).to(self.device, non_blocking=True)
-
+        dev = self.staging.to_device
         meta = AttentionMetadata(
-            mode=self.allocator.mode, query_start_loc=dev(inputs.qsl), seq_lens=dev(inputs.seq_lens),
-            max_query_len=inputs.max_query_len, max_seq_len=inputs.max_seq_len, slot_mapping=dev(inputs.slots))
+            mode=self.allocator.mode, query_start_loc=dev("qsl", inputs.qsl), seq_lens=dev("seq_lens", inputs.seq_lens),
+            max_query_len=inputs.max_query_len, max_seq_len=inputs.max_seq_len,
+            slot_mapping=dev("slots", inputs.slots))
         if self.paged:
-            meta.block_table = self.table.device_t.index_select(0, dev(inputs.addressing))
+            meta.block_table = self.table.device_t.index_select(0, dev("addressing", inputs.addressing))
             meta.block_size = self.allocator.block_size
         else:
-            meta.seq_base = dev(inputs.addressing)
+            meta.seq_base = dev("addressing", inputs.addressing)
         return meta
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> Sampled:
+    def launch(self, batch: ScheduledBatch, inflight: "StepHandle | None" = None) -> "StepHandle":
+        """Queue the step on the device; the sampled tokens come back through the handle.
+
+        Inputs still pending from ``inflight`` are gathered on the device from its samples,
+        so this never waits for the previous step.
+        """
         t0 = time.perf_counter()
-        inputs = BatchInputs(batch, self.allocator, self.table)
+        stage = self.staging
+        stage.next_step()
+        inputs = BatchInputs(batch, self.allocator, self.table, inflight.rows if inflight else None)
         if self.table is not None:
-            self.table.sync()
+            self.table.sync(stage)
+        feed = None
+        if inputs.feed:
+            idx = stage.to_device("feed", np.array(inputs.feed, dtype=np.int64))
+            feed = (idx[:, 0], inflight.tokens[idx[:, 1]])
         self.last_prep_s = time.perf_counter() - t0
         if (self.graphs is not None and batch.num_prefill_tokens == 0
                 and self.graphs.padded_size(len(batch.seqs)) is not None):
-            logits = self.graphs.run(len(batch.seqs), *(torch.from_numpy(a) for a in (
-                inputs.input_ids, inputs.positions, inputs.slots, inputs.seq_lens, inputs.addressing)))
+            logits = self.graphs.run(len(batch.seqs), *(stage.host(name, a) for name, a in (
+                ("ids", inputs.input_ids), ("positions", inputs.positions), ("slots", inputs.slots),
+                ("seq_lens", inputs.seq_lens), ("addressing", inputs.addressing))), feed=feed)
         else:
             meta = self._metadata(inputs)
-            ids = torch.from_numpy(inputs.input_ids).to(self.device, non_blocking=True)
-            pos = torch.from_numpy(inputs.positions).to(self.device, non_blocking=True)
+            ids = stage.to_device("ids", inputs.input_ids)
+            if feed is not None:
+                ids[feed[0]] = feed[1]
+            pos = stage.to_device("positions", inputs.positions)
             hidden = self.model(ids, pos, meta, self.kv_caches)
             if not inputs.sample_rows:
-                return []
-            rows = torch.tensor(inputs.sample_rows, device=self.device)
+                return StepHandle([])
+            rows = stage.to_device("rows", np.array(inputs.sample_rows, dtype=np.int64))
             logits = self.model.compute_logits(hidden[rows])
         if not inputs.sample_seqs:
-            return []
-        tokens, logprobs = self.sampler(logits, inputs.sample_seqs, self.eos_ids)
-        return list(zip(inputs.sample_seqs, tokens, logprobs))
+            return StepHandle([])
+        tokens, logprobs = self.sampler.sample(logits, inputs.sample_seqs, self.eos_ids)
+        return StepHandle(inputs.sample_seqs, tokens, logprobs)
+
+    def execute(self, batch: ScheduledBatch) -> Sampled:
+        """Run the step and wait for its tokens."""
+        handle = self.launch(batch)
+        return [(s, t, lp) for s, (t, lp) in zip(handle.seqs, handle.results())]
 
     def release(self, seq: Sequence) -> None:
         """The sequence's blocks changed wholesale (preempted, swapped): drop its table row."""
@@ -154,3 +181,45 @@ class ModelRunner:
     def forget(self, seq: Sequence) -> None:
         self.release(seq)
         self.sampler.forget(seq)
+
+
+class StepHandle:
+    """The sampled tokens of a launched step, copied to pinned host memory without waiting."""
+
+    def __init__(self, seqs: list[Sequence], tokens: torch.Tensor | None = None,
+                 logprobs: torch.Tensor | None = None, ready: list | None = None):
+        self.seqs = seqs
+        self.rows = {s.seq_id: i for i, s in enumerate(seqs)}
+        self.tokens = tokens
+        self.positions: list[int] = []  # where each sample goes in its sequence (set by the engine)
+        self._ready = ready
+        self._host = self._lp_host = self._event = None
+        if tokens is not None and tokens.is_cuda:
+            self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            self._host.copy_(tokens, non_blocking=True)
+            if logprobs is not None:
+                self._lp_host = torch.empty(logprobs.shape, dtype=logprobs.dtype, pin_memory=True)
+                self._lp_host.copy_(logprobs, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host, self._lp_host = tokens, logprobs
+
+    @classmethod
+    def done(cls, sampled: Sampled) -> "StepHandle":
+        """A handle over results already on the host (runners without ``launch``)."""
+        return cls([s for s, _, _ in sampled], ready=[(t, lp) for _, t, lp in sampled])
+
+    def results(self) -> list[tuple[int, float | None]]:
+        """(token, logprob or None) per sampled sequence; waits for the device if needed."""
+        if self._ready is not None:
+            return self._ready
+        if not self.seqs:
+            return []
+        if self._event is not None:
+            self._event.synchronize()
+        tokens = self._host.tolist()
+        if self._lp_host is None:
+            return [(t, None) for t in tokens]
+        lps = self._lp_host.tolist()
+        return [(t, lp if s.params.logprobs is not None else None) for t, lp, s in zip(tokens, lps, self.seqs)]

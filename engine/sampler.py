@@ -30,20 +30,25 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence], eos_ids: list[int]):
         """Return (token ids, logprobs or None per row) as Python lists."""
+        tokens, logprobs = self.sample(logits, seqs, eos_ids)
+        tok_list = tokens.tolist()
+        if logprobs is None:
+            return tok_list, [None] * len(seqs)
+        return tok_list, [v if s.params.logprobs is not None else None for v, s in zip(logprobs.tolist(), seqs)]
+
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence], eos_ids: list[int]):
+        """(token ids, logprobs of them or None), both still on the logits' device: no sync."""
         logits = logits.float()
         self._apply_min_tokens(logits, seqs, eos_ids)
         want_logprobs = any(s.params.logprobs is not None for s in seqs)
         logprobs_all = torch.log_softmax(logits, dim=-1) if want_logprobs else None
-        greedy = all(s.params.greedy for s in seqs)
-        if greedy:
+        if all(s.params.greedy for s in seqs):
             tokens = logits.argmax(dim=-1)
         else:
             tokens = self._sample(logits, seqs)
-        tok_list = tokens.tolist()
         if logprobs_all is None:
-            return tok_list, [None] * len(seqs)
-        lp = logprobs_all.gather(1, tokens[:, None]).squeeze(1).tolist()
-        return tok_list, [v if s.params.logprobs is not None else None for v, s in zip(lp, seqs)]
+            return tokens, None
+        return tokens, logprobs_all.gather(1, tokens[:, None]).squeeze(1)
 
     @staticmethod
     def _apply_min_tokens(logits: torch.Tensor, seqs: list[Sequence], eos_ids: list[int]) -> None:

@@ -117,7 +117,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = self._chunk(seq, budget)
+            n = 0 if seq.length_done else self._chunk(seq, budget)  # done: finished when its token is read
             if n <= 0:
                 i += 1
                 continue

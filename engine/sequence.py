@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from engine.sampling_params import SamplingParams
 
 _ids = itertools.count()
+PENDING = -1  # a sampled token not yet read back from the device (asynchronous scheduling)
 
 
 class SeqStatus(enum.Enum):
@@ -70,11 +71,34 @@ class Sequence:
     def finished(self) -> bool:
         return self.status == SeqStatus.FINISHED
 
-    def append_token(self, token_id: int, logprob: float | None, now: float) -> None:
-        self.token_ids.append(token_id)
-        self.output_token_ids.append(token_id)
+    @property
+    def length_done(self) -> bool:
+        """Its last token (maybe still pending) ends it by max_tokens or max_model_len."""
+        max_tokens = self.params.max_tokens
+        return ((max_tokens is not None and len(self.output_token_ids) >= max_tokens)
+                or len(self.token_ids) >= self.max_model_len)
+
+    def append_pending(self) -> int:
+        """Room for the token being sampled; returns its position."""
+        self.token_ids.append(PENDING)
+        self.output_token_ids.append(PENDING)
+        return len(self.token_ids) - 1
+
+    def resolve(self, pos: int, token_id: int, logprob: float | None, now: float) -> None:
+        """The token at ``pos`` is known."""
+        self.token_ids[pos] = token_id
+        self.output_token_ids[pos - self.prompt_len] = token_id
         if logprob is not None:
             self.output_logprobs.append(logprob)
         if self.first_token_time is None:
             self.first_token_time = now
         self.token_times.append(now)
+
+    def truncate(self, pos: int) -> None:
+        """Drop every token after ``pos`` (sampled ahead of a stop found late)."""
+        del self.token_ids[pos + 1:]
+        del self.output_token_ids[pos + 1 - self.prompt_len:]
+
+    def resolved_output(self) -> list[int]:
+        out = self.output_token_ids
+        return out[:-1] if out and out[-1] == PENDING else list(out)

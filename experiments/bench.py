@@ -52,6 +52,7 @@ def run_kvlab(model: str, allocator: str, allocator_args: dict, prompts, output_
                        max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                        max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager,
                        gpu_memory_utilization=args.gpu_memory_utilization, detokenize=False, stream_outputs=False,
+                       async_scheduling=args.async_scheduling,
                        record_memory=False, seed=args.seed)
     t_init = time.perf_counter()
     engine = LLMEngine(cfg)
@@ -77,7 +78,7 @@ def run_kvlab(model: str, allocator: str, allocator_args: dict, prompts, output_
     steps = pd.DataFrame([r.__dict__ for r in engine.step_records])
     weight_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
     bpt = engine.allocator.bytes_per_token
-    res = dict(engine="kvlab", allocator=allocator, allocator_args=json.dumps(allocator_args), wall_s=wall,
+    res = dict(engine="kvlab-async" if args.async_scheduling else "kvlab", allocator=allocator, allocator_args=json.dumps(allocator_args), wall_s=wall,
                init_s=init_s, output_tokens=out_tokens, output_tok_s=out_tokens / wall,
                kv_capacity_tokens=engine.kv_capacity_tokens, weight_bytes=weight_bytes,
                preemptions=int(steps["preempted"].sum()), steps=len(steps))
@@ -153,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--async-scheduling", action="store_true",
+                    help="overlap host work with the device (stops seen one step late)")
     ap.add_argument("--no-hf", action="store_true", help="skip the HF transformers baseline")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="results/engine")

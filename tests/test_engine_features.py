@@ -118,3 +118,54 @@ def test_stop_strings_truncate_text():
     stop = text[3:6]
     out = llm.generate([PROMPTS[1]], SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, stop=[stop]))[0]
     assert out.outputs[0].finish_reason == "stop" and stop not in out.text and text.startswith(out.text)
+
+
+ASYNC_CASES = {
+    "greedy": SamplingParams(max_tokens=10, temperature=0, ignore_eos=True),
+    "seeded-n3": SamplingParams(n=3, max_tokens=8, temperature=1.0, top_p=0.9, seed=5, ignore_eos=True),
+    "logprobs": SamplingParams(max_tokens=6, temperature=0, logprobs=0, ignore_eos=True),
+}
+
+
+@pytest.mark.parametrize("case", list(ASYNC_CASES))
+@pytest.mark.parametrize("allocator,args,kw", [
+    ("paged", {"block_size": 4}, {}),
+    ("paged", {"block_size": 4}, {"kv_cache_tokens": 96}),  # recompute preemption
+    ("paged", {"block_size": 4}, {"kv_cache_tokens": 96, "preemption_mode": "swap"}),
+    ("contiguous", {"policy": "pow2"}, {}),
+    ("virtual", {"backend": "host", "page_size": 4096}, {}),
+], ids=["paged", "paged-recompute", "paged-swap", "contiguous", "virtual"])
+def test_async_scheduling_gives_the_same_outputs(case, allocator, args, kw):
+    """Tokens read one step late (fed to the next step on the device) change nothing."""
+    p = ASYNC_CASES[case]
+    sync = _llm(allocator, args, **kw).generate(PROMPTS, p)
+    llm = _llm(allocator, args, async_scheduling=True, **kw)
+    got = llm.generate(PROMPTS, p)
+    for a, b in zip(got, sync):
+        assert [c.token_ids for c in a.outputs] == [c.token_ids for c in b.outputs]
+        assert [c.logprobs for c in a.outputs] == [c.logprobs for c in b.outputs]
+        assert [c.finish_reason for c in a.outputs] == [c.finish_reason for c in b.outputs]
+    assert not llm.engine.has_unfinished_requests()
+    stats = llm.engine.allocator.stats()
+    assert stats.free + stats.external_frag == stats.capacity
+
+
+def test_async_scheduling_stops_late_but_drops_the_extra_token():
+    """A stop token is seen one step after it was sampled; the token sampled past it is dropped."""
+    greedy = _llm().generate([PROMPTS[1]], GREEDY)[0].token_ids
+    stop_at = greedy[3]
+    p = SamplingParams(max_tokens=10, temperature=0, stop_token_ids=[stop_at])
+    want = _llm().generate([PROMPTS[1]], p)[0]
+    llm = _llm(async_scheduling=True)
+    got = llm.generate([PROMPTS[1]], p)[0]
+    assert got.token_ids == want.token_ids == greedy[: greedy.index(stop_at) + 1]
+    assert got.outputs[0].finish_reason == "stop"
+    text = llm.generate([PROMPTS[1]], SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))[0].text
+    stop = text[3:6]
+    s = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, stop=[stop])
+    assert llm.generate([PROMPTS[1]], s)[0].text == _llm().generate([PROMPTS[1]], s)[0].text
+
+
+def test_async_scheduling_refuses_prefix_caching():
+    with pytest.raises(ValueError, match="enable_prefix_caching"):
+        _llm(async_scheduling=True, enable_prefix_caching=True)

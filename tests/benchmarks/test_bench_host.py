@@ -12,6 +12,7 @@ from engine import LLMEngine, SamplingParams
 from engine.block_table import PersistentBlockTable
 from engine.config import EngineConfig
 from engine.runner import BatchInputs
+from engine.staging import HostStaging
 from kernels.metadata import Addressing
 
 NUM_SEQS = 256
@@ -21,6 +22,7 @@ PROMPT = 512
 class HostOnlyRunner:
     def __init__(self, allocator, max_num_seqs, max_model_len):
         self.allocator = allocator
+        self.staging = HostStaging(torch.device("cpu"))
         self.table = None
         if allocator.mode == Addressing.PAGED:
             self.table = PersistentBlockTable(max_num_seqs + 1, -(-max_model_len // allocator.block_size),
@@ -29,7 +31,7 @@ class HostOnlyRunner:
     def execute(self, batch):
         inputs = BatchInputs(batch, self.allocator, self.table)
         if self.table is not None:
-            self.table.sync()
+            self.table.sync(self.staging)
         return [(s, 7, None) for s in inputs.sample_seqs]
 
     def release(self, seq):
