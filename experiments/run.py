@@ -238,9 +238,11 @@ def run_experiment(cfg: DictConfig, out_dir: str | Path) -> dict:
         from experiments.report import write_run_plots
 
         write_run_plots(out)
-    log.info("%s: %.1f output tok/s, token_states %.1f%% (%.1f%% while requests wait), %d preemptions, "
-             "%.1f s -> %s", cfg.run_name, summary.get("output_throughput", 0),
-             100 * summary.get("token_states", 0), 100 * summary.get("token_states_saturated", math.nan),
+    saturated = summary.get("token_states_saturated")
+    waiting = ("" if saturated is None or not math.isfinite(saturated)
+               else f" ({100 * saturated:.1f}% while requests wait)")
+    log.info("%s: %.1f output tok/s, token_states %.1f%%%s, %d preemptions, %.1f s -> %s", cfg.run_name,
+             summary.get("output_throughput", 0), 100 * summary.get("token_states", 0), waiting,
              summary.get("preemptions", 0), summary["wall_time_s"], out)
     return summary
 
