@@ -168,11 +168,6 @@ class ModelRunner:
         tokens, logprobs = self.sampler.sample(logits, inputs.sample_seqs, self.eos_ids)
         return StepHandle(inputs.sample_seqs, tokens, logprobs)
 
-    def execute(self, batch: ScheduledBatch) -> Sampled:
-        """Run the step and wait for its tokens."""
-        handle = self.launch(batch)
-        return [(s, t, lp) for s, (t, lp) in zip(handle.seqs, handle.results())]
-
     def release(self, seq: Sequence) -> None:
         """The sequence's blocks changed wholesale (preempted, swapped): drop its table row."""
         if self.table is not None:

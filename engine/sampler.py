@@ -28,14 +28,6 @@ class Sampler:
     def forget(self, seq: Sequence) -> None:
         self._seq_generators.pop(seq.seq_id, None)
 
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence], eos_ids: list[int]):
-        """Return (token ids, logprobs or None per row) as Python lists."""
-        tokens, logprobs = self.sample(logits, seqs, eos_ids)
-        tok_list = tokens.tolist()
-        if logprobs is None:
-            return tok_list, [None] * len(seqs)
-        return tok_list, [v if s.params.logprobs is not None else None for v, s in zip(logprobs.tolist(), seqs)]
-
     def sample(self, logits: torch.Tensor, seqs: list[Sequence], eos_ids: list[int]):
         """(token ids, logprobs of them or None), both still on the logits' device: no sync."""
         logits = logits.float()

@@ -59,15 +59,6 @@ class Sequence:
         return len(self.output_token_ids)
 
     @property
-    def num_pending_tokens(self) -> int:
-        """Tokens whose KV still has to be computed (the whole prompt after a recompute preemption)."""
-        return len(self.token_ids) - self.num_computed_tokens
-
-    @property
-    def is_prefill(self) -> bool:
-        return self.num_pending_tokens > 1
-
-    @property
     def finished(self) -> bool:
         return self.status == SeqStatus.FINISHED
 
