@@ -13,9 +13,11 @@ from allocators.registry import allocator_class
 from allocators.base import KVAllocator
 from engine.accounting import MemoryAccountant
 from engine.config import EngineConfig
+from engine.fault_isolation import FatalEngineError, FaultIsolator
 from engine.loader import load_model, resolve_config
 from engine.model_config import ModelConfig
-from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from engine.output_processor import OutputProcessor
+from engine.outputs import RequestOutput
 from engine.runner import ModelRunner, StepHandle
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig
@@ -105,6 +107,11 @@ class LLMEngine:
                  self.max_model_len, config.allocator)
         self.tokenizer = load_tokenizer(config.model, mc.vocab_size, mc.bos_token_id, mc.eos_token_id)
         self.eos_token_ids = list(self.tokenizer.eos_token_ids)
+        if not config.enable_chunked_prefill and config.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(
+                f"enable_chunked_prefill=False needs max_num_batched_tokens >= max_model_len (got "
+                f"{config.max_num_batched_tokens} < {self.max_model_len}), or no long prompt could ever run: "
+                "raise max_num_batched_tokens, lower max_model_len, or enable chunked prefill")
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                             config.enable_chunked_prefill, config.enable_prefix_caching, config.preemption_mode),
@@ -118,6 +125,9 @@ class LLMEngine:
         self.finished_requests: list[RequestState] = []
         self._inflight = None  # async scheduling: the launched step whose tokens are not read yet
         self._wait_s = 0.0
+        self.output_processor = OutputProcessor(self.tokenizer if config.detokenize else None)
+        self.isolator = FaultIsolator(self)
+        self.num_generation_tokens = 0  # tokens sampled, all requests
 
     # -- capacity ------------------------------------------------------------------------
     def _kv_capacity_tokens(self, spec: KVCacheSpec) -> int:
@@ -150,10 +160,14 @@ class LLMEngine:
                 f"request '{request_id}': prompt of {n} tokens does not fit max_model_len={self.max_model_len} "
                 "(it needs room for at least one output token): shorten the prompt or raise max_model_len")
         vocab = self.model_config.vocab_size
-        bad = [t for t in token_ids if not 0 <= t < vocab]
+        bad = [t for t in token_ids if not (isinstance(t, int) and 0 <= t < vocab)]
         if bad:
             raise ValueError(f"request '{request_id}': token ids {bad[:5]} outside the vocabulary [0, {vocab})")
-        need = min(n + (params.max_tokens or self.max_model_len), self.max_model_len)
+        bad = [t for t in params.stop_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"request '{request_id}': stop_token_ids {bad[:5]} outside the vocabulary [0, {vocab})")
+        max_tokens = self.max_model_len if params.max_tokens is None else params.max_tokens
+        need = min(n + max(max_tokens, 1), self.max_model_len)
         fit = self.allocator.max_fit_tokens()
         if need > fit:
             raise ValueError(
@@ -170,6 +184,7 @@ class LLMEngine:
         seqs = [Sequence(request_id, ids, params, self.max_model_len, arrival_time=arrival, index=i,
                          oracle_len=oracle_len) for i in range(params.n)]
         req = self.requests[request_id] = RequestState(request_id, text, ids, params, seqs, arrival)
+        self.output_processor.add(req)
         if params.n > 1 and len(ids) >= 2:
             # one sequence computes the prompt; the others fork from it (sharing its KV where
             # the allocator can) and each computes the last prompt token and samples itself
@@ -189,6 +204,38 @@ class LLMEngine:
                 self._finish_seq(seq, "abort")
         self._retire(req)
 
+    def fail_request(self, request_id: str, error: str) -> RequestOutput | None:
+        """End a request with finish reason "error" (a step that only it makes fail)."""
+        req = self.requests.get(request_id)
+        if req is None:
+            return None
+        log.error("request %s failed: %s", request_id, error)
+        for seq in req.seqs:
+            if not seq.finished:
+                self._finish_seq(seq, "error")
+        for seq in req.unborn:
+            seq.status, seq.finish_reason = SeqStatus.FINISHED, "error"
+        req.unborn = []
+        req.finished = True
+        out = self.output_processor.output(req, error=error)
+        self._retire(req)
+        return out
+
+    def undo(self, seqs: list[Sequence]) -> None:
+        """Running sequences back to the queue, KV dropped (recomputed when readmitted); tokens
+        sampled but not read back are forgotten, with the in-flight step (whose sequences are
+        undone too: their last token must be sampled again)."""
+        seqs = list(seqs)
+        if self._inflight is not None:
+            seqs += [s for s in self._inflight.seqs if s.status == SeqStatus.RUNNING and s not in seqs]
+            self._inflight = None
+        release = getattr(self.runner, "release", None)
+        for s in seqs:
+            s.drop_pending()
+            if release is not None:
+                release(s)
+        self.scheduler.requeue(seqs)
+
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
@@ -204,9 +251,25 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Schedule and launch one batch, then read back sampled tokens: this step's, or with
         ``async_scheduling`` the previous step's, while this one runs on the device (a stop
-        is then seen one step late, and the token sampled past it is dropped)."""
+        is then seen one step late, and the token sampled past it is dropped).
+
+        A step that raises is undone and its requests are retried in groups until the one(s)
+        that make it fail are found and failed alone (``FaultIsolator``); the others go on.
+        """
+        only = self.isolator.begin_step()
+        try:
+            outputs = self._step(only)
+        except FatalEngineError:
+            raise
+        except Exception as e:
+            if FaultIsolator.is_fatal(e):
+                raise FatalEngineError(f"unrecoverable device error: {e!r}") from e
+            return self.isolator.step_failed(e)
+        return outputs + self.isolator.step_succeeded()
+
+    def _step(self, only: set[str] | None) -> list[RequestOutput]:
         start = self.clock()
-        batch = self.scheduler.schedule()
+        batch = self._batch = self.scheduler.schedule(only)
         if self.config.record_memory:
             self._record_memory()
         t_exec = self.clock()
@@ -257,24 +320,17 @@ class LLMEngine:
         results = handle.results()
         now = self.clock()
         self._wait_s = now - t0
+        self._inflight_failed = False
         touched: dict[str, RequestState] = {}
         requests, check_stop = self.requests, self._check_stop
-        for seq, pos, (token, logprob) in zip(handle.seqs, handle.positions, results):
+        for seq, pos, (token, logprob, top) in zip(handle.seqs, handle.positions, results):
             if seq.finished:  # stopped while this token was in flight
                 continue
-            seq.resolve(pos, token, logprob, now)
+            seq.resolve(pos, token, logprob, top, now)
             check_stop(seq, pos)
             touched[seq.request_id] = requests[seq.request_id]
-        outputs = []
-        stream = self.config.stream_outputs
-        for req in touched.values():
-            seqs = req.seqs
-            req.finished = seqs[0].finished if len(seqs) == 1 else all(s.finished for s in seqs)
-            if req.finished or stream:
-                outputs.append(self._output(req))
-            if req.finished:
-                self._retire(req)
-        return outputs
+        self.num_generation_tokens += len(results)
+        return self.output_processor.process(touched.values(), self)
 
     def _fork(self, parent: Sequence) -> None:
         req = self.requests[parent.request_id]
@@ -297,11 +353,15 @@ class LLMEngine:
         self.accountant.record(self.allocator.stats(), live)
 
     def _check_stop(self, seq: Sequence, pos: int) -> None:
-        """Whether the token at ``pos`` ends ``seq``; later (in-flight) tokens do not count."""
+        """Whether the token at ``pos`` ends ``seq``; later (in-flight) tokens do not count.
+        Stop strings are found by the output processor, which sees the text."""
         p, token = seq.params, seq.token_ids[pos]
         n_out = pos + 1 - seq.prompt_len
+        if p.max_tokens == 0:  # scoring a prompt: the sampled token is not part of the answer
+            self._finish_seq(seq, "length", pos - 1)
+            return
         length = (p.max_tokens is not None and n_out >= p.max_tokens) or pos + 1 >= self.max_model_len
-        if p.ignore_eos and not p.stop and not p.stop_token_ids:  # the benchmark path: lengths only
+        if p.ignore_eos and not p.stop_token_ids:  # the benchmark path: lengths only
             if length:
                 self._finish_seq(seq, "length", pos)
             return
@@ -311,23 +371,17 @@ class LLMEngine:
                 reason, seq.stop_reason = "stop", token
             elif not p.ignore_eos and token in self.eos_token_ids:
                 reason = "stop"
-            elif p.stop and self._hits_stop_string(seq, n_out):
-                reason = "stop"
         if reason is None and length:
             reason = "length"
         if reason:
             self._finish_seq(seq, reason, pos)
 
-    def _hits_stop_string(self, seq: Sequence, n_out: int) -> bool:
-        # a stop string ending at the newest token lies within its last len(stop) tokens
-        # (every token decodes to at least one character; a few more cover partial UTF-8)
-        longest = max(len(s) for s in seq.params.stop)
-        text = self.tokenizer.decode(seq.output_token_ids[max(0, n_out - longest - 4):n_out])
-        for s in seq.params.stop:
-            if s in text:
-                seq.stop_reason = s
-                return True
-        return False
+    def finish_on_stop_string(self, seq: Sequence, stop: str) -> None:
+        """The output processor found ``stop`` in the text: the sequence ends at its newest
+        resolved token (tokens still in flight are dropped)."""
+        if not seq.finished:
+            seq.stop_reason = stop
+            self._finish_seq(seq, "stop", seq.prompt_len + len(seq.resolved_output()) - 1)
 
     def _finish_seq(self, seq: Sequence, reason: str, pos: int | None = None) -> None:
         """``pos``: its last token; any sampled after it (in flight) is dropped."""
@@ -335,10 +389,10 @@ class LLMEngine:
             seq.truncate(pos)
         elif seq.output_token_ids and seq.output_token_ids[-1] == PENDING:
             seq.truncate(len(seq.token_ids) - 2)
+        self.scheduler.remove(seq)
         seq.status = SeqStatus.FINISHED
         seq.finish_reason = reason
         seq.finish_time = self.clock()
-        self.scheduler.remove(seq)
         self.accountant.finish(seq.seq_id, seq.num_tokens)
         if hasattr(self.runner, "forget"):
             self.runner.forget(seq)
@@ -347,28 +401,3 @@ class LLMEngine:
         req.finished = True
         self.requests.pop(req.request_id, None)
         self.finished_requests.append(req)
-
-    def _text(self, seq: Sequence) -> str:
-        if not self.config.detokenize:
-            return ""
-        text = self.tokenizer.decode(seq.resolved_output())
-        if isinstance(seq.stop_reason, str):
-            text = text[: text.find(seq.stop_reason)]
-        return text
-
-    def _output(self, req: RequestState) -> RequestOutput:
-        s0 = req.seqs[0]
-        first = [s.first_token_time for s in req.seqs if s.first_token_time is not None]
-        done = [s.finish_time for s in req.seqs if s.finish_time is not None]
-        metrics = RequestMetrics(
-            arrival_time=req.arrival_time,
-            first_scheduled_time=s0.first_scheduled_time,
-            first_token_time=min(first) if first else None,
-            finish_time=max(done) if req.finished and done else None,
-            num_preemptions=sum(s.num_preemptions for s in req.seqs),
-            num_cached_tokens=s0.num_cached_tokens,
-        )
-        outs = [CompletionOutput(s.index, s.resolved_output(), self._text(s), s.finish_reason,
-                                 s.stop_reason, list(s.output_logprobs) if s.params.logprobs is not None else None,
-                                 list(s.token_times)) for s in req.seqs]
-        return RequestOutput(req.request_id, req.prompt_token_ids, outs, req.finished, metrics, req.prompt)

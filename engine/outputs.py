@@ -1,7 +1,14 @@
-"""What the engine hands back: one RequestOutput per request, one CompletionOutput per sample."""
+"""What the engine hands back: one RequestOutput per request, one CompletionOutput per sample.
+
+With ``SamplingParams.output_kind='delta'`` the per-sample lists and ``text`` hold only what
+is new since the request's previous output (streaming at O(new tokens) per step); with
+``cumulative`` and ``final_only`` they hold everything so far.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+TopLogprobs = list[tuple[int, float]]  # (token id, logprob), most likely first
 
 
 @dataclass
@@ -12,6 +19,12 @@ class RequestMetrics:
     finish_time: float | None
     num_preemptions: int = 0
     num_cached_tokens: int = 0
+    num_prompt_tokens: int = 0
+    num_generation_tokens: int = 0  # all samples, so far
+    n: int = 1
+    max_tokens: int | None = None
+    # gaps between consecutive tokens of each sample (seconds); filled on the finished output only
+    inter_token_latencies: list[float] = field(default_factory=list)
 
     @property
     def ttft(self) -> float | None:
@@ -21,16 +34,26 @@ class RequestMetrics:
     def e2el(self) -> float | None:
         return None if self.finish_time is None else self.finish_time - self.arrival_time
 
+    @property
+    def queue_time(self) -> float | None:
+        """Arrival to first scheduled."""
+        return None if self.first_scheduled_time is None else self.first_scheduled_time - self.arrival_time
+
 
 @dataclass
 class CompletionOutput:
     index: int
     token_ids: list[int]
     text: str
-    finish_reason: str | None  # "stop" | "length" | "abort" | None while running
+    finish_reason: str | None  # "stop" | "length" | "abort" | "error" | None while running
     stop_reason: int | str | None = None
-    logprobs: list[float] | None = None
+    logprobs: list[float] | None = None  # of each sampled token
     token_times: list[float] = field(default_factory=list)
+    top_logprobs: list[TopLogprobs] | None = None  # per token, when SamplingParams.logprobs = k > 0
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
 
 
 @dataclass
@@ -41,6 +64,11 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics
     prompt: str | None = None
+    # per prompt token (the first is None: nothing predicts it) when SamplingParams.prompt_logprobs
+    # is set; with output_kind='delta' only on the first output
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[TopLogprobs | None] | None = None
+    error: str | None = None  # why the engine failed this request (finish_reason "error")
 
     # the single-sample case reads like vLLM's ``outputs[0]``
     @property

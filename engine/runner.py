@@ -14,7 +14,7 @@ import torch
 
 from allocators.base import KVAllocator
 from engine.block_table import PersistentBlockTable
-from engine.sampler import Sampler
+from engine.sampler import Sampler, unpack_logprobs
 from engine.scheduler import ScheduledBatch
 from engine.sequence import PENDING, Sequence
 from engine.staging import HostStaging
@@ -203,10 +203,11 @@ class StepHandle:
     @classmethod
     def done(cls, sampled: Sampled) -> "StepHandle":
         """A handle over results already on the host (runners without ``launch``)."""
-        return cls([s for s, _, _ in sampled], ready=[(t, lp) for _, t, lp in sampled])
+        return cls([s for s, _, _ in sampled], ready=[(t, lp, None) for _, t, lp in sampled])
 
-    def results(self) -> list[tuple[int, float | None]]:
-        """(token, logprob or None) per sampled sequence; waits for the device if needed."""
+    def results(self) -> list[tuple[int, float | None, list | None]]:
+        """(token, logprob or None, top logprobs or None) per sampled sequence; waits for the
+        device if needed."""
         if self._ready is not None:
             return self._ready
         if not self.seqs:
@@ -215,6 +216,13 @@ class StepHandle:
             self._event.synchronize()
         tokens = self._host.tolist()
         if self._lp_host is None:
-            return [(t, None) for t in tokens]
-        lps = self._lp_host.tolist()
-        return [(t, lp if s.params.logprobs is not None else None) for t, lp, s in zip(tokens, lps, self.seqs)]
+            return [(t, None, None) for t in tokens]
+        out = []
+        for t, row, s in zip(tokens, self._lp_host.tolist(), self.seqs):
+            k = s.params.logprobs
+            if k is None:
+                out.append((t, None, None))
+            else:
+                lp, top = unpack_logprobs(row, k)
+                out.append((t, lp, top if k > 0 else None))
+        return out

@@ -2,6 +2,8 @@
 
 One vectorised pass on the logits' device; rows with their own seed draw from their own
 generator so that a seeded request gives the same tokens whatever it is batched with.
+Every per-request value was range-checked before the request was queued (SamplingParams,
+LLMEngine.validate), so nothing here can fail for one request's sake.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ class Sampler:
             return self.generator
         g = self._seq_generators.get(seq.seq_id)
         if g is None:
-            g = torch.Generator(device=self.device).manual_seed(seq.params.seed + seq.index)
+            g = torch.Generator(device=self.device).manual_seed(seq.params.generator_seed(seq.index))
             self._seq_generators[seq.seq_id] = g
         return g
 
@@ -29,18 +31,28 @@ class Sampler:
         self._seq_generators.pop(seq.seq_id, None)
 
     def sample(self, logits: torch.Tensor, seqs: list[Sequence], eos_ids: list[int]):
-        """(token ids, logprobs of them or None), both still on the logits' device: no sync."""
+        """(token ids, packed logprobs or None), both still on the logits' device: no sync.
+
+        Packed logprobs, one row per sequence: the sampled token's logprob, then the K largest
+        logprobs and then their token ids (as floats: exact below 2**24), K the batch's largest
+        ``logprobs``; see ``unpack_logprobs``.
+        """
         logits = logits.float()
         self._apply_min_tokens(logits, seqs, eos_ids)
-        want_logprobs = any(s.params.logprobs is not None for s in seqs)
-        logprobs_all = torch.log_softmax(logits, dim=-1) if want_logprobs else None
+        want = [s.params.logprobs for s in seqs if s.params.logprobs is not None]
         if all(s.params.greedy for s in seqs):
             tokens = logits.argmax(dim=-1)
         else:
             tokens = self._sample(logits, seqs)
-        if logprobs_all is None:
+        if not want:
             return tokens, None
-        return tokens, logprobs_all.gather(1, tokens[:, None]).squeeze(1)
+        logprobs = torch.log_softmax(logits, dim=-1)
+        packed = [logprobs.gather(1, tokens[:, None])]
+        k = min(max(want), logprobs.shape[1])
+        if k > 0:
+            top = logprobs.topk(k, dim=-1)
+            packed += [top.values, top.indices.float()]
+        return tokens, torch.cat(packed, dim=1)
 
     @staticmethod
     def _apply_min_tokens(logits: torch.Tensor, seqs: list[Sequence], eos_ids: list[int]) -> None:
@@ -52,12 +64,13 @@ class Sampler:
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         dev = logits.device
-        temps = torch.tensor([s.params.temperature or 1.0 for s in seqs], device=dev)
+        vocab = logits.shape[1]
+        temps = torch.tensor([1.0 if s.params.greedy else s.params.temperature for s in seqs], device=dev)
         greedy_rows = torch.tensor([s.params.greedy for s in seqs], device=dev)
         scaled = logits / temps[:, None]
-        top_k = [s.params.top_k for s in seqs]
+        top_k = [min(s.params.top_k, vocab) for s in seqs]
         top_p = [s.params.top_p for s in seqs]
-        if any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p):
+        if any(0 < k < vocab for k in top_k) or any(p < 1.0 for p in top_p):
             scaled = _top_k_top_p(scaled, top_k, top_p)
         probs = torch.softmax(scaled, dim=-1)
         # exponential race (Gumbel-max): argmax(p / E) with E ~ Exp(1) samples from p
@@ -71,6 +84,13 @@ class Sampler:
                 noise[i].exponential_(generator=self._generator(s))
         sampled = (probs / noise).argmax(dim=-1)
         return torch.where(greedy_rows, logits.argmax(dim=-1), sampled)
+
+
+def unpack_logprobs(row: list[float], k: int) -> tuple[float, list[tuple[int, float]]]:
+    """(sampled token's logprob, its k most likely (token, logprob)) from a packed row."""
+    width = (len(row) - 1) // 2
+    k = min(k, width)
+    return row[0], [(int(row[1 + width + j]), row[1 + j]) for j in range(k)]
 
 
 def _top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:

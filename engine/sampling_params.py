@@ -1,7 +1,30 @@
-"""Per-request sampling parameters, validated up front (vLLM's names and meanings)."""
+"""Per-request sampling parameters, validated up front (vLLM's names and meanings).
+
+Every field is checked against the range the sampler and the engine can really honour, so
+that a hostile value is refused with an error naming the field before any work is queued,
+never inside a shared step. What depends on the model (token ids against the vocabulary,
+lengths against the context) is checked by ``LLMEngine.validate``.
+"""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from numbers import Integral, Real
+
+SAMPLING_EPS = 1e-5  # temperatures below this are greedy (as in vLLM): 1/T would overflow
+MAX_SEED = 2**63 - 1  # torch generators take 64-bit seeds; seed + sample index must stay in range
+MAX_TOP_K = 2**31 - 1  # larger values mean "no limit" in effect; beyond int32 they overflow tensors
+MAX_LOGPROBS = 20  # top logprobs per token (OpenAI's limit)
+MAX_N = 1024
+OUTPUT_KINDS = ("cumulative", "delta", "final_only")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, Integral) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, Real) and not isinstance(v, bool)
 
 
 @dataclass
@@ -9,38 +32,74 @@ class SamplingParams:
     n: int = 1
     temperature: float = 1.0
     top_p: float = 1.0
-    top_k: int = -1  # -1: no limit
+    top_k: int = -1  # -1 or 0: no limit
     min_tokens: int = 0
-    max_tokens: int | None = 16  # None: up to max_model_len
+    max_tokens: int | None = 16  # None: up to max_model_len; 0 only with prompt_logprobs (scoring)
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
-    logprobs: int | None = None  # logprob of the sampled token when not None
+    logprobs: int | None = None  # None: no logprobs; k: the sampled token's and the k most likely
+    prompt_logprobs: int | None = None  # None, or k: logprob of every prompt token and the k most likely
+    # what step() returns for this request while it runs: everything so far, only what is new
+    # since the last output (O(new tokens) per step: streaming), or nothing until it finishes
+    output_kind: str = "cumulative"
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
-        problems = []
-        if self.n < 1:
-            problems.append(f"n must be >= 1, got {self.n}")
-        if self.temperature < 0:
-            problems.append(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            problems.append(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k == 0 or self.top_k < -1:
-            problems.append(f"top_k must be -1 (disabled) or >= 1, got {self.top_k}")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            problems.append(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if self.min_tokens < 0 or (self.max_tokens is not None and self.min_tokens > self.max_tokens):
-            problems.append(f"min_tokens must be in [0, max_tokens], got {self.min_tokens}")
-        if self.logprobs is not None and self.logprobs < 0:
-            problems.append(f"logprobs must be >= 0, got {self.logprobs}")
+        problems = self._problems()
         if problems:
             raise ValueError("invalid SamplingParams: " + "; ".join(problems))
+        if self.top_k == 0:
+            self.top_k = -1
+        self.temperature = float(self.temperature)
+        self.top_p = float(self.top_p)
+
+    def _problems(self) -> list[str]:
+        out: list[str] = []
+
+        def integer(name: str, lo: int, hi: int, optional: bool = False) -> None:
+            v = getattr(self, name)
+            if v is None and optional:
+                return
+            if not _is_int(v) or not lo <= v <= hi:
+                out.append(f"{name} must be an integer in [{lo}, {hi}], got {v!r}")
+
+        def real(name: str, ok, rng: str) -> None:
+            v = getattr(self, name)
+            if not _is_real(v) or not math.isfinite(v) or not ok(v):
+                out.append(f"{name} must be a finite number {rng}, got {v!r}")
+
+        integer("n", 1, MAX_N)
+        real("temperature", lambda v: v >= 0, ">= 0")
+        real("top_p", lambda v: 0 < v <= 1, "in (0, 1]")
+        if not _is_int(self.top_k) or not -1 <= self.top_k <= MAX_TOP_K:
+            out.append(f"top_k must be -1 or 0 (no limit) or an integer in [1, {MAX_TOP_K}], got {self.top_k!r}")
+        integer("max_tokens", 0, 2**31 - 1, optional=True)
+        if self.max_tokens == 0 and self.prompt_logprobs is None:
+            out.append("max_tokens must be >= 1 (0 is only allowed with prompt_logprobs, to score a prompt)")
+        hi = self.max_tokens if _is_int(self.max_tokens) else 2**31 - 1
+        integer("min_tokens", 0, hi)
+        integer("seed", -MAX_SEED - 1, MAX_SEED, optional=True)
+        integer("logprobs", 0, MAX_LOGPROBS, optional=True)
+        integer("prompt_logprobs", 0, MAX_LOGPROBS, optional=True)
+        if not isinstance(self.ignore_eos, bool):
+            out.append(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
+        if not all(isinstance(s, str) and s for s in self.stop):
+            out.append("stop must be a list of non-empty strings")
+        if not all(_is_int(t) and 0 <= t < 2**31 for t in self.stop_token_ids):
+            out.append("stop_token_ids must be non-negative token ids")
+        if self.output_kind not in OUTPUT_KINDS:
+            out.append(f"output_kind must be one of {OUTPUT_KINDS}, got {self.output_kind!r}")
+        return out
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < SAMPLING_EPS
+
+    def generator_seed(self, index: int) -> int:
+        """The seed of sample ``index``: distinct per sample, always a valid 64-bit seed."""
+        return (self.seed + index) % 2**64

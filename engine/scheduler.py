@@ -67,6 +67,7 @@ class Scheduler:
         self.swapped: deque[Sequence] = deque()
         self.num_preemptions = 0
         self.num_swaps = 0
+        self.prefix_queries = self.prefix_hits = 0  # prompt tokens looked up / found in the prefix cache
         self._swap = config.preemption_mode == "swap" and allocator.supports_swap
 
     def add(self, seq: Sequence) -> None:
@@ -77,12 +78,25 @@ class Scheduler:
         return bool(self.waiting or self.running or self.swapped)
 
     def remove(self, seq: Sequence) -> None:
-        """Take a finished or aborted sequence out and give back its memory."""
-        for queue in (self.running, self.waiting, self.swapped):
-            if seq in queue:
-                queue.remove(seq)
-                break
+        """Take a finished or aborted sequence out and give back its memory (before its status
+        changes: the status names its queue)."""
+        queue = {SeqStatus.RUNNING: self.running, SeqStatus.WAITING: self.waiting,
+                 SeqStatus.SWAPPED: self.swapped}.get(seq.status)
+        if queue is not None and seq in queue:  # identity comparison (Sequence has eq=False)
+            queue.remove(seq)
         self.allocator.free(seq)
+
+    def requeue(self, seqs: list[Sequence]) -> None:
+        """Put running sequences back at the head of the queue, KV dropped (as a recompute
+        preemption, without counting one): a failed step is undone this way."""
+        for seq in reversed(seqs):
+            if seq.status != SeqStatus.RUNNING:
+                continue
+            self.running.remove(seq)
+            self.allocator.free(seq)
+            seq.num_computed_tokens = 0
+            seq.status = SeqStatus.WAITING
+            self.waiting.appendleft(seq)
 
     @staticmethod
     def _chunk(seq: Sequence, budget: int) -> int:
@@ -110,14 +124,16 @@ class Scheduler:
         seq.status = SeqStatus.WAITING
         self.waiting.appendleft(seq)
 
-    def schedule(self) -> ScheduledBatch:
+    def schedule(self, only: set[str] | None = None) -> ScheduledBatch:
+        """``only``: schedule just these requests (the engine isolating a fault); no swap-in."""
         batch = ScheduledBatch()
         budget = self.config.max_num_batched_tokens
         allocator = self.allocator
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = 0 if seq.length_done else self._chunk(seq, budget)  # done: finished when its token is read
+            skip = seq.length_done or (only is not None and seq.request_id not in only)
+            n = 0 if skip else self._chunk(seq, budget)  # done: finished when its token is read
             if n <= 0:
                 i += 1
                 continue
@@ -132,9 +148,10 @@ class Scheduler:
                 budget -= n
                 i += 1
         if not batch.preempted:
-            budget = self._swap_in(batch, budget)
-            if not self.swapped:
-                self._admit(batch, budget)
+            if only is None:
+                budget = self._swap_in(batch, budget)
+            if not self.swapped or only is not None:
+                self._admit(batch, budget, only)
         return batch
 
     def _swap_in(self, batch: ScheduledBatch, budget: int) -> int:
@@ -157,10 +174,12 @@ class Scheduler:
                 budget -= n
         return budget
 
-    def _admit(self, batch: ScheduledBatch, budget: int) -> None:
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            seq = self.waiting[0]
-            if self.config.enable_prefix_caching and seq.num_computed_tokens == 0:
+    def _admit(self, batch: ScheduledBatch, budget: int, only: set[str] | None = None) -> None:
+        queue = self.waiting if only is None else deque(s for s in self.waiting if s.request_id in only)
+        while queue and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = queue[0]
+            if (self.config.enable_prefix_caching and seq.num_computed_tokens == 0
+                    and seq.params.prompt_logprobs is None):  # prompt logprobs need every prompt token computed
                 # match_prefix leaves at least one token to compute; a request about to fork
                 # keeps its last two prompt tokens (one before the fork, one after)
                 cached = self.allocator.match_prefix(seq)
@@ -175,7 +194,12 @@ class Scheduler:
             if not self.allocator.can_allocate(seq, n):
                 break
             self.allocator.allocate(seq, n)
-            self.waiting.popleft()
+            queue.popleft()
+            if queue is not self.waiting:
+                self.waiting.remove(seq)
+            if self.config.enable_prefix_caching:
+                self.prefix_queries += seq.prompt_len
+                self.prefix_hits += seq.num_cached_tokens
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
             batch.add(seq, n)

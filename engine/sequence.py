@@ -18,7 +18,7 @@ class SeqStatus(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclass
+@dataclass(eq=False)  # identity: list.remove / `in` on the batch must not compare every field
 class Sequence:
     request_id: str
     prompt_token_ids: list[int]
@@ -41,6 +41,11 @@ class Sequence:
     token_times: list[float] = field(default_factory=list)
     oracle_len: int = 0  # exact final length where known; else max_len
     fork_pending: int = 0  # n > 1: samples still to fork from this one when its prompt is computed
+    output_top_logprobs: list = field(default_factory=list)  # per token, when params.logprobs > 0
+    detok: object = None  # IncrementalDetokenizer, where text is needed
+    num_sent: int = 0  # output tokens already handed out (delta outputs)
+    num_decoded: int = 0  # output tokens fed to ``detok``
+    final_sent: bool = False  # its finish has been reported (delta outputs)
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
@@ -65,8 +70,8 @@ class Sequence:
     @property
     def length_done(self) -> bool:
         """Its last token (maybe still pending) ends it by max_tokens or max_model_len."""
-        max_tokens = self.params.max_tokens
-        return ((max_tokens is not None and len(self.output_token_ids) >= max_tokens)
+        max_tokens = self.params.max_tokens  # 0 (scoring a prompt) still samples one token, then drops it
+        return ((max_tokens is not None and len(self.output_token_ids) >= max(max_tokens, 1))
                 or len(self.token_ids) >= self.max_model_len)
 
     def append_pending(self) -> int:
@@ -75,12 +80,14 @@ class Sequence:
         self.output_token_ids.append(PENDING)
         return len(self.token_ids) - 1
 
-    def resolve(self, pos: int, token_id: int, logprob: float | None, now: float) -> None:
+    def resolve(self, pos: int, token_id: int, logprob: float | None, top: list | None, now: float) -> None:
         """The token at ``pos`` is known."""
         self.token_ids[pos] = token_id
         self.output_token_ids[pos - self.prompt_len] = token_id
         if logprob is not None:
             self.output_logprobs.append(logprob)
+        if top is not None:
+            self.output_top_logprobs.append(top)
         if self.first_token_time is None:
             self.first_token_time = now
         self.token_times.append(now)
@@ -88,7 +95,23 @@ class Sequence:
     def truncate(self, pos: int) -> None:
         """Drop every token after ``pos`` (sampled ahead of a stop found late)."""
         del self.token_ids[pos + 1:]
-        del self.output_token_ids[pos + 1 - self.prompt_len:]
+        n_out = max(pos + 1 - self.prompt_len, 0)
+        del self.output_token_ids[n_out:]
+        del self.output_logprobs[n_out:]
+        del self.output_top_logprobs[n_out:]
+        del self.token_times[n_out:]
+
+    def drop_pending(self) -> None:
+        """Forget tokens sampled but not read back (a failed step): they will be sampled again."""
+        while self.output_token_ids and self.output_token_ids[-1] == PENDING:
+            self.output_token_ids.pop()
+            self.token_ids.pop()
+
+    @property
+    def num_resolved(self) -> int:
+        """Output tokens read back (at most the last one is still in flight)."""
+        out = self.output_token_ids
+        return len(out) - 1 if out and out[-1] == PENDING else len(out)
 
     def resolved_output(self) -> list[int]:
         out = self.output_token_ids

@@ -11,7 +11,8 @@ from experiments.workloads import RequestSpec
 
 def sampling_params(spec: RequestSpec, seed: int) -> SamplingParams:
     # workloads fix output lengths: ignore_eos makes them exact for every strategy
-    return SamplingParams(n=spec.n, max_tokens=spec.output_len, ignore_eos=True, temperature=0.0, seed=seed)
+    return SamplingParams(n=spec.n, max_tokens=spec.output_len, ignore_eos=True, temperature=0.0, seed=seed,
+                          output_kind="final_only")
 
 
 def drive(

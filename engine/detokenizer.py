@@ -1,0 +1,73 @@
+"""Incremental detokenization and stop strings: work per step proportional to the new tokens.
+
+Each sequence keeps a small window of token ids (vLLM's prefix/read offsets): new tokens are
+decoded together with the few before them, so that multi-token characters and the spacing
+rules of SentencePiece-style tokenizers come out as a whole decode would give them. Text that
+may still change is held back: an incomplete UTF-8 character (U+FFFD at the end), and the
+last ``len(longest stop string) - 1`` characters, which could be the start of a stop string
+(a stop string and what follows it never reach the caller).
+"""
+from __future__ import annotations
+
+from engine.tokenizer import Tokenizer
+
+PROMPT_CONTEXT = 5  # prompt tokens decoded before the first output token (spacing, merges)
+
+
+class IncrementalDetokenizer:
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], stop: list[str]):
+        self.tokenizer = tokenizer
+        self.ids = list(prompt_ids[-PROMPT_CONTEXT:])
+        self.prefix_offset = 0
+        self.read_offset = len(self.ids)
+        self.parts: list[str] = []  # text handed out (deltas), joined only for whole outputs
+        self.pending = ""  # decoded but held back
+        self.stop = stop
+        self.holdback = max((len(s) for s in stop), default=1) - 1
+        self.stop_found: str | None = None
+
+    def add(self, token_ids: list[int]) -> str | None:
+        """Decode newly sampled tokens; returns the stop string if one now appears in the text."""
+        self.ids.extend(token_ids)
+        decode = self.tokenizer.decode
+        prefix = decode(self.ids[self.prefix_offset:self.read_offset])
+        full = decode(self.ids[self.prefix_offset:])
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            self._append(full[len(prefix):])
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        return self.stop_found
+
+    def flush(self) -> None:
+        """The sequence ended: whatever is still undecoded counts (an invalid byte as U+FFFD)."""
+        if self.stop_found is None and self.read_offset < len(self.ids):
+            decode = self.tokenizer.decode
+            full = decode(self.ids[self.prefix_offset:])
+            self._append(full[len(decode(self.ids[self.prefix_offset:self.read_offset])):])
+            self.read_offset = len(self.ids)
+
+    def _append(self, new: str) -> None:
+        if self.stop_found is not None or not new:
+            return
+        # held-back text is the only place a stop string can start before the new text
+        start = max(0, len(self.pending) - self.holdback)
+        self.pending += new
+        hits = [(i, s) for s in self.stop if (i := self.pending.find(s, start)) >= 0]
+        if hits:
+            i, self.stop_found = min(hits)
+            self.pending = self.pending[:i]
+
+    def delta(self, finished: bool) -> str:
+        """Text not handed out yet, short of what may still change unless ``finished``."""
+        keep = 0 if finished or self.stop_found is not None else self.holdback
+        n = len(self.pending) - keep
+        if n <= 0:
+            return ""
+        out, self.pending = self.pending[:n], self.pending[n:]
+        self.parts.append(out)
+        return out
+
+    def text(self) -> str:
+        """Everything handed out so far."""
+        if len(self.parts) > 1:
+            self.parts = ["".join(self.parts)]
+        return self.parts[0] if self.parts else ""

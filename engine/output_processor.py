@@ -1,0 +1,137 @@
+"""The output stage: what a step sampled becomes RequestOutputs, at O(new tokens) per request.
+
+The engine core (scheduler, runner, stop tokens and lengths) hands over the requests that
+got tokens this step; here they are detokenized incrementally, checked for stop strings (a
+hit ends the sequence through ``LLMEngine.finish_on_stop_string``) and packed according to
+their ``output_kind``: only the new part (``delta``), everything (``cumulative``) or nothing
+until they finish (``final_only``). Work done here for one request cannot fail another: an
+error fails that request alone.
+"""
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Iterable
+
+from engine.detokenizer import IncrementalDetokenizer
+from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from engine.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from engine.llm_engine import LLMEngine, RequestState
+    from engine.sequence import Sequence
+
+log = logging.getLogger("kvlab.output")
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer: Tokenizer | None):
+        """``tokenizer=None``: no text (``detokenize=False``)."""
+        self.tokenizer = tokenizer
+
+    def add(self, req: RequestState) -> None:
+        p = req.params
+        if self.tokenizer is not None and (p.stop or p.output_kind != "final_only"):
+            for seq in req.seqs:  # text as it comes: for stop strings and for streaming
+                seq.detok = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids, p.stop)
+
+    def process(self, requests: Iterable[RequestState], engine: LLMEngine) -> list[RequestOutput]:
+        outputs = []
+        for req in requests:
+            try:
+                out = self._process(req, engine)
+            except Exception as e:  # this request's text or stop strings: fail it alone
+                log.exception("output processing of %s failed", req.request_id)
+                out = engine.fail_request(req.request_id, f"output processing failed: {type(e).__name__}")
+            if out is not None:
+                outputs.append(out)
+        return outputs
+
+    def _process(self, req: RequestState, engine: LLMEngine) -> RequestOutput | None:
+        for seq in req.seqs:
+            det = seq.detok
+            if det is None:
+                continue
+            n = seq.num_resolved
+            if n > seq.num_decoded:
+                stop = det.add(seq.output_token_ids[seq.num_decoded:n])
+                seq.num_decoded = n
+                if stop is not None:
+                    engine.finish_on_stop_string(seq, stop)
+            if seq.finished:
+                det.flush()
+        req.finished = not req.unborn and all(s.finished for s in req.seqs)
+        kind = req.params.output_kind
+        out = None
+        if req.finished or (engine.config.stream_outputs and kind != "final_only"):
+            out = self.output(req)
+        if req.finished:
+            engine._retire(req)
+        return out
+
+    def output(self, req: RequestState, error: str | None = None) -> RequestOutput:
+        """The request's output now; for a failed request (``error``) without touching its text."""
+        text = error is None
+        if req.params.output_kind == "delta":
+            samples = [self._delta(s, text) for s in req.seqs
+                       if s.num_resolved > s.num_sent or (s.finished and not s.final_sent)]
+        else:
+            samples = [self._whole(s, text) for s in req.seqs]
+        return RequestOutput(req.request_id, req.prompt_token_ids, samples, req.finished, self._metrics(req), req.prompt,
+                             error=error)
+
+    def _text(self, seq: Sequence, finished: bool) -> str:
+        """New text of ``seq`` (decoding everything at once for requests that never needed it before)."""
+        if self.tokenizer is None:
+            return ""
+        if seq.detok is None:
+            seq.detok = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, seq.params.stop)
+        det = seq.detok
+        n = seq.num_resolved
+        if n > seq.num_decoded:
+            det.add(seq.output_token_ids[seq.num_decoded:n])
+            seq.num_decoded = n
+        if finished:
+            det.flush()
+        return det.delta(finished)
+
+    def _delta(self, seq: Sequence, text: bool = True) -> CompletionOutput:
+        a, b = seq.num_sent, seq.num_resolved
+        seq.num_sent = b
+        seq.final_sent = seq.finished
+        lp = seq.output_logprobs[a:b] if seq.params.logprobs is not None else None
+        top = seq.output_top_logprobs[a:b] if seq.params.logprobs else None
+        return CompletionOutput(seq.index, seq.output_token_ids[a:b], self._text(seq, seq.finished) if text else "",
+                                seq.finish_reason, seq.stop_reason, lp, seq.token_times[a:b], top)
+
+    def _whole(self, seq: Sequence, text: bool = True) -> CompletionOutput:
+        if text:
+            self._text(seq, seq.finished)
+        text = seq.detok.text() if text and seq.detok is not None else ""
+        lp = list(seq.output_logprobs) if seq.params.logprobs is not None else None
+        top = list(seq.output_top_logprobs) if seq.params.logprobs else None
+        return CompletionOutput(seq.index, seq.resolved_output(), text, seq.finish_reason, seq.stop_reason, lp,
+                                list(seq.token_times), top)
+
+    @staticmethod
+    def _metrics(req: RequestState) -> RequestMetrics:
+        s0 = req.seqs[0]
+        first = [s.first_token_time for s in req.seqs if s.first_token_time is not None]
+        done = [s.finish_time for s in req.seqs if s.finish_time is not None]
+        gaps: list[float] = []
+        if req.finished:
+            for s in req.seqs:
+                t = s.token_times
+                gaps.extend(b - a for a, b in zip(t, t[1:]))
+        return RequestMetrics(
+            arrival_time=req.arrival_time,
+            first_scheduled_time=s0.first_scheduled_time,
+            first_token_time=min(first) if first else None,
+            finish_time=max(done) if req.finished and done else None,
+            num_preemptions=sum(s.num_preemptions for s in req.seqs),
+            num_cached_tokens=s0.num_cached_tokens,
+            num_prompt_tokens=len(req.prompt_token_ids),
+            num_generation_tokens=sum(s.num_resolved for s in req.seqs),
+            n=req.params.n,
+            max_tokens=req.params.max_tokens,
+            inter_token_latencies=gaps,
+        )
