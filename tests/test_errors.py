@@ -50,7 +50,7 @@ def test_pool_with_no_block():
 def test_bad_sampling_params():
     with pytest.raises(ValueError, match=r"temperature must be a finite number >= 0"):
         SamplingParams(temperature=-1)
-    with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\]"):
+    with pytest.raises(ValueError, match=r"top_p must be a finite number in \(0, 1\]"):
         SamplingParams(top_p=0)
 
 
