@@ -9,6 +9,7 @@ USAGE = """usage: kvlab COMMAND [args]
   report DIR [--out OUT]     tables and plots of every run under DIR
   serve [hydra overrides]    OpenAI-compatible server (host=127.0.0.1 port=8000)
   bench throughput [...]     throughput benchmark vs HF transformers
+  bench serve [...]          load generator for any OpenAI-compatible server (like vllm bench serve)
 """
 
 
@@ -35,6 +36,10 @@ def main(argv: list[str] | None = None) -> int:
         serve.main()
         return 0
     if cmd == "bench":
+        if rest[:1] == ["serve"]:
+            from experiments import bench_serve
+
+            return bench_serve.main(rest[1:])
         from experiments import bench
 
         return bench.main(rest)

@@ -1,0 +1,479 @@
+"""``kvlab bench serve``: load generator for any OpenAI-compatible server (like ``vllm bench serve``).
+
+Streams N requests (random or ShareGPT-like lengths) at a Poisson/gamma request rate and/or a
+concurrency cap, times every stream on the client (TTFT, ITL, TPOT, E2EL) and prints vLLM's
+result table; ``--save-result`` writes vLLM's JSON field names.  ``--num-clients K`` splits the
+load over K processes when one Python event loop cannot keep up; ``--server-metrics`` adds the
+server's own token rate from /metrics, which does not depend on the client keeping up.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import multiprocessing as mp
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+
+from experiments.atomic import write_json
+from experiments.workloads import SHAREGPT, arrival_times
+
+PROG = "kvlab bench serve"
+# ~1 token each in common BPE vocabularies; text prompts are only approximately input_len long
+WORDS = np.array("the of and to in is was for on that with as by at from his her an be it are this which or "
+                 "had not but one all were they there been has would more when time some into only other new "
+                 "could may than first any people water after way over".split())
+COUNTERS = ("vllm:generation_tokens_total", "kvlab_generation_tokens_total")  # /metrics, first found
+
+
+@dataclass
+class Request:
+    prompt: list[int] | str
+    prompt_len: int
+    output_len: int
+
+
+@dataclass
+class Output:
+    prompt_len: int
+    success: bool = False
+    error: str = ""
+    output_tokens: int = 0
+    ttft: float = 0.0  # s, 0 when no content arrived
+    itl: list[float] = field(default_factory=list)
+    e2el: float = 0.0
+    start: float = 0.0  # wall clock (time.time), comparable across worker processes
+
+
+# ---------------------------------------------------------------- prompts
+
+
+def make_requests(args: argparse.Namespace) -> list[Request]:
+    lens_ss, tok_ss = np.random.SeedSequence(args.seed).spawn(2)
+    lrng, trng = np.random.default_rng(lens_ss), np.random.default_rng(tok_ss)
+    n = args.num_prompts
+    if args.dataset_name == "sharegpt":
+        inp, out = SHAREGPT.sample(lrng, n, args.max_model_len)
+    else:  # vLLM's random dataset: uniform in [len*(1-r), len*(1+r)]
+        r = args.random_range_ratio
+        def uniform(L: int) -> np.ndarray:
+            return lrng.integers(max(1, math.floor(L * (1 - r))), max(1, math.ceil(L * (1 + r))) + 1, size=n)
+        inp, out = uniform(args.random_input_len), uniform(args.random_output_len)
+    reqs = []
+    for i, o in zip(inp.tolist(), out.tolist()):
+        if args.text:
+            prompt: list[int] | str = " ".join(trng.choice(WORDS, size=i).tolist())
+        else:
+            prompt = trng.integers(args.vocab_low, args.vocab_high, size=i).tolist()
+        reqs.append(Request(prompt, i, o))
+    return reqs
+
+
+# ---------------------------------------------------------------- one streamed request
+
+
+def _has_text(data: bytes, key: bytes) -> bool:
+    """Whether ``key`` ("text": / "content":) is followed by a non-empty string, without json.loads."""
+    i = data.find(key)
+    while i >= 0:
+        j = i + len(key)
+        while data[j:j + 1] == b" ":
+            j += 1
+        if data[j:j + 1] == b'"' and data[j + 1:j + 2] != b'"':
+            return True
+        i = data.find(key, j)
+    return False
+
+
+def _error_of(data: bytes, event: bytes) -> str | None:
+    """The message of an SSE error (``event: error`` or a JSON object with an "error" key), else None."""
+    try:
+        obj = json.loads(data)
+    except ValueError:
+        return data.decode(errors="replace") if event == b"error" else None
+    if isinstance(obj, dict) and ("error" in obj or obj.get("object") == "error"):
+        err = obj.get("error", obj)
+        return str(err.get("message", err) if isinstance(err, dict) else err)
+    return data.decode(errors="replace") if event == b"error" else None
+
+
+async def send(client, url: str, headers: dict, payload: dict, req: Request, chat: bool) -> Output:
+    out = Output(prompt_len=req.prompt_len)
+    key = b'content":' if chat else b'"text":'  # content": also matches "reasoning_content":
+    chunks, last, t0 = 0, 0.0, time.perf_counter()
+    out.start = time.time()
+    try:
+        async with client.stream("POST", url, json=payload, headers=headers) as resp:
+            if resp.status_code != 200:
+                body = (await resp.aread()).decode(errors="replace").strip()
+                raise RuntimeError(f"HTTP {resp.status_code}: {body[:300]}")
+            buf, event = b"", b""
+            async for piece in resp.aiter_bytes():
+                now = time.perf_counter()
+                *lines, buf = (buf + piece).split(b"\n")
+                for line in lines:
+                    if not line.startswith(b"data:"):
+                        if line.startswith(b"event:"):
+                            event = line[6:].strip()
+                        elif not line.strip():  # a blank line ends an SSE event
+                            event = b""
+                        continue
+                    data = line[5:].strip()
+                    if data == b"[DONE]":
+                        continue
+                    if (event == b"error" or b'"error"' in data) and (msg := _error_of(data, event)):
+                        raise RuntimeError(f"stream error: {msg}")
+                    if b'"completion_tokens"' in data:  # the usage chunk (or continuous usage stats)
+                        usage = json.loads(data).get("usage") or {}
+                        out.output_tokens = usage.get("completion_tokens", out.output_tokens)
+                        out.prompt_len = usage.get("prompt_tokens", out.prompt_len)
+                    if _has_text(data, key):
+                        if chunks == 0:
+                            out.ttft = now - t0
+                        else:
+                            out.itl.append(now - last)
+                        chunks, last = chunks + 1, now
+        out.output_tokens = out.output_tokens or chunks
+        out.success = True
+    except Exception as e:  # a failed request is a result, never a crash
+        out.error = str(e) if isinstance(e, RuntimeError) else f"{type(e).__name__}: {e}"
+    out.e2el = time.perf_counter() - t0
+    return out
+
+
+def build_payload(args: argparse.Namespace, req: Request, chat: bool) -> dict:
+    p: dict = {"model": args.model, "stream": True, "stream_options": {"include_usage": True},
+               "temperature": args.temperature}
+    if chat:
+        p["messages"] = [{"role": "user", "content": req.prompt}]
+        p["max_completion_tokens"] = req.output_len
+    else:
+        p["prompt"], p["max_tokens"] = req.prompt, req.output_len
+    if args.ignore_eos:
+        p["ignore_eos"] = True  # vLLM extension: exact output lengths
+    return p
+
+
+async def run_requests(args: argparse.Namespace, reqs: list[Request], arrivals: list[float],
+                       concurrency: int | None, on_done=None, wait_start=None):
+    """Send ``reqs`` at their arrival offsets; returns (wall start, wall end, outputs)."""
+    import httpx
+
+    url, headers = args.base_url.rstrip("/") + args.endpoint, _headers(args)
+    payloads = [build_payload(args, r, args.chat) for r in reqs]  # built before the clock starts
+    sem = asyncio.Semaphore(concurrency) if concurrency else contextlib.nullcontext()
+    # One single-connection client per stream in flight rather than one pooled client: httpcore's
+    # pool rescans all its connections (O(n^2) with idle ones) whenever a response closes, which at
+    # 256 streams costs more CPU than the streams themselves.  At most `concurrency` exist.
+    ssl_ctx, clients = httpx.create_ssl_context(), []  # one CA load, not one per client
+    limits, timeout = httpx.Limits(max_connections=1, max_keepalive_connections=1), httpx.Timeout(args.timeout)
+
+    def new_client():
+        clients.append(httpx.AsyncClient(limits=limits, timeout=timeout, verify=ssl_ctx, http2=False, trust_env=False))
+        return clients[-1]
+
+    idle = [new_client() for _ in range(min(concurrency or len(reqs), 1024))]  # made before the clock starts
+
+    async def one(i: int) -> Output:
+        async with sem:
+            client = idle.pop() if idle else new_client()
+            o = await send(client, url, headers, payloads[i], reqs[i], args.chat)
+            idle.append(client)
+        if on_done:
+            on_done()
+        return o
+
+    try:
+        if wait_start is not None:  # all worker processes start their clocks together
+            await asyncio.to_thread(wait_start)
+        start, t0, tasks = time.time(), time.perf_counter(), []
+        for i, at in enumerate(arrivals):
+            if (delay := at - (time.perf_counter() - t0)) > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(i)))
+        outs = await asyncio.gather(*tasks)
+        return start, time.time(), list(outs)
+    finally:
+        await asyncio.gather(*(c.aclose() for c in clients))
+
+
+def _headers(args: argparse.Namespace) -> dict:
+    return {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+
+
+def _worker(w, args, reqs, arrivals, concurrency, ready, go, queue, counter) -> None:
+    def tick() -> None:
+        with counter.get_lock():
+            counter.value += 1
+
+    def wait_start() -> None:
+        with ready.get_lock():
+            ready.value += 1
+        go.wait()
+    try:
+        queue.put((w, asyncio.run(run_requests(args, reqs, arrivals, concurrency, tick, wait_start))))
+    except BaseException as e:
+        queue.put((w, f"{type(e).__name__}: {e}"))
+
+
+def run_clients(args: argparse.Namespace, reqs: list[Request], arrivals: list[float], bar):
+    """Split the requests round-robin (the merged arrivals stay Poisson) over K processes."""
+    k, ctx = args.num_clients, mp.get_context("spawn")
+    ready, go, queue, counter = ctx.Value("i", 0), ctx.Event(), ctx.Queue(), ctx.Value("i", 0)
+    procs = []
+    for w in range(k):
+        conc = None if args.max_concurrency is None else args.max_concurrency // k + (w < args.max_concurrency % k)
+        procs.append(ctx.Process(target=_worker, daemon=True, args=(
+            w, args, reqs[w::k], arrivals[w::k], conc, ready, go, queue, counter)))
+        procs[-1].start()
+    results: dict[int, tuple | str] = {}
+    while ready.value < k and all(p.is_alive() for p in procs) and queue.empty():
+        time.sleep(0.02)  # spawning imports numpy/httpx: seconds; the clocks start after
+    go.set()
+    while len(results) < k:
+        if not queue.empty():
+            w, r = queue.get()
+            results[w] = r
+        elif any(not procs[w].is_alive() for w in range(k) if w not in results) and queue.empty():
+            raise RuntimeError("a client process died without a result")  # its queue item is flushed before exit
+        else:
+            time.sleep(0.1)
+        bar.update(counter.value - bar.n)
+    for p in procs:
+        p.join()
+    if errs := [r for r in results.values() if isinstance(r, str)]:
+        raise RuntimeError(f"client process failed: {errs[0]}")
+    outs: list = [None] * len(reqs)
+    for w, (_, _, o) in results.items():
+        outs[w::k] = o  # back to request order
+    return min(r[0] for r in results.values()), max(r[1] for r in results.values()), outs
+
+
+# ---------------------------------------------------------------- results
+
+
+def _pkey(p: float) -> str:
+    return str(int(p)) if p == int(p) else str(p)
+
+
+def summarize(args: argparse.Namespace, outs: list[Output], duration: float) -> dict:
+    ok = [o for o in outs if o.success]
+    samples = {  # seconds; TTFT/TPOT only where content arrived
+        "ttft": [o.ttft for o in ok if o.ttft > 0],
+        "tpot": [(o.e2el - o.ttft) / (o.output_tokens - 1) for o in ok if o.output_tokens > 1 and o.ttft > 0],
+        "itl": [x for o in ok for x in o.itl],
+        "e2el": [o.e2el for o in ok],
+    }
+    tin, tout = sum(o.prompt_len for o in ok), sum(o.output_tokens for o in ok)
+    res = {
+        "date": datetime.now().strftime("%Y%m%d-%H%M%S"),
+        "backend": "openai-chat" if args.chat else "openai",
+        "model_id": args.model, "tokenizer_id": args.model,
+        "num_prompts": args.num_prompts,
+        "request_rate": args.request_rate if math.isfinite(args.request_rate) else "inf",
+        "burstiness": args.burstiness, "max_concurrency": args.max_concurrency,
+        "duration": duration, "completed": len(ok), "failed": len(outs) - len(ok),
+        "total_input_tokens": tin, "total_output_tokens": tout,
+        "request_throughput": len(ok) / duration, "request_goodput": None,
+        "output_throughput": tout / duration, "total_token_throughput": (tin + tout) / duration,
+        "input_lens": [o.prompt_len for o in outs],
+        "output_lens": [o.output_tokens if o.success else 0 for o in outs],
+        "ttfts": [o.ttft for o in outs], "itls": [o.itl for o in outs],
+        "generated_texts": ["" for _ in outs],  # not kept: the client does no per-chunk text work
+        "errors": [o.error for o in outs],
+    }
+    for m, xs in samples.items():
+        ms = np.asarray(xs or [0.0]) * 1000
+        res[f"mean_{m}_ms"], res[f"median_{m}_ms"], res[f"std_{m}_ms"] = (
+            float(ms.mean()), float(np.median(ms)), float(ms.std()))
+        for p in args.percentiles:
+            res[f"p{_pkey(p)}_{m}_ms"] = float(np.percentile(ms, p))
+    return res
+
+
+def print_table(args: argparse.Namespace, r: dict) -> None:
+    def row(name: str, v) -> None:
+        print(f"{name:<40} {v:<10{'.2f' if isinstance(v, float) else ''}}")
+
+    print(f"{' Serving Benchmark Result ':=^50}")
+    for name, key in [("Successful requests", "completed"), ("Failed requests", "failed"),
+                      ("Maximum request concurrency", "max_concurrency"), ("Benchmark duration (s)", "duration"),
+                      ("Total input tokens", "total_input_tokens"), ("Total generated tokens", "total_output_tokens"),
+                      ("Request throughput (req/s)", "request_throughput"),
+                      ("Output token throughput (tok/s)", "output_throughput"),
+                      ("Server output throughput (tok/s)", "server_output_throughput"),
+                      ("Total Token throughput (tok/s)", "total_token_throughput")]:
+        if r.get(key) is not None:
+            row(name + ":", r[key])
+    for m, title in [("ttft", "Time to First Token"), ("tpot", "Time per Output Token (excl. 1st token)"),
+                     ("itl", "Inter-token Latency"), ("e2el", "End-to-end Latency")]:
+        print(f"{title:-^50}")
+        for stat in ["mean", "median"] + [f"p{_pkey(p)}" for p in args.percentiles]:
+            row(f"{stat.capitalize()} {m.upper()} (ms):", r[f"{stat}_{m}_ms"])
+    print("=" * 50)
+    if r["failed"]:
+        print(f"first error: {next(e for e in r['errors'] if e)}")
+
+
+def scrape_counters(args: argparse.Namespace) -> dict[str, float]:
+    """Generation-token counters of GET /metrics (Prometheus text), summed over label sets."""
+    import httpx
+
+    try:
+        text = httpx.get(args.base_url.rstrip("/") + "/metrics", headers=_headers(args), timeout=10,
+                         trust_env=False).raise_for_status().text
+    except httpx.HTTPError as e:
+        print(f"warning: GET /metrics failed: {e}", file=sys.stderr)
+        return {}
+    totals: dict[str, float] = {}
+    for line in text.splitlines():
+        for name in COUNTERS:
+            rest = line[len(name):]
+            if line.startswith(name) and rest[:1] in ("{", " "):
+                rest = rest[rest.rindex("}") + 1:] if rest.startswith("{") else rest
+                totals[name] = totals.get(name, 0.0) + float(rest.split()[0])
+    return totals
+
+
+# ---------------------------------------------------------------- command line
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = ap.add_argument
+    a("--base-url", default="http://127.0.0.1:8000", help="server root (default %(default)s)")
+    a("--endpoint", default="/v1/completions", help="/v1/completions (default) or /v1/chat/completions")
+    a("--model", help="model name (default: the first id of GET /v1/models)")
+    a("--api-key", default=os.environ.get("OPENAI_API_KEY") or os.environ.get("KVLAB_API_KEY"),
+      help="bearer token (default: $OPENAI_API_KEY or $KVLAB_API_KEY)")
+    a("--dataset-name", choices=["random", "sharegpt"], default="random",
+      help="random: --random-* lengths; sharegpt: synthetic ShareGPT-like lengths (mean 161 in / 338 out)")
+    a("--num-prompts", type=int, default=1000)
+    a("--request-rate", type=float, default=math.inf, help="req/s (default inf: all at once)")
+    a("--burstiness", type=float, default=1.0, help="gamma shape of arrival gaps; 1 = Poisson, <1 burstier")
+    a("--max-concurrency", type=int, help="most requests in flight (default: unlimited)")
+    a("--seed", type=int, default=0)
+    a("--random-input-len", type=int, default=1024)
+    a("--random-output-len", type=int, default=128)
+    a("--random-range-ratio", type=float, default=0.0, help="lengths uniform in [len*(1-r), len*(1+r)]")
+    a("--max-model-len", type=int, default=2048, help="sharegpt: cap prompt + output (prompt <= half)")
+    a("--prompt-format", choices=["tokens", "text"], help="tokens: prompt as token ids (exact length, "
+      "/v1/completions only; default there); text: random words the server tokenizes (chat: always)")
+    a("--vocab-low", type=int, default=10, help="token-id prompts: ids uniform in [low, high)")
+    a("--vocab-high", type=int, default=1000)
+    a("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
+      help="send vLLM's ignore_eos so every request makes exactly its output length (default on)")
+    a("--temperature", type=float, default=0.0)
+    a("--timeout", type=float, default=6 * 3600, help="per-request timeout in s")
+    a("--num-clients", type=int, default=1, help="worker processes sharing the load and concurrency")
+    a("--server-metrics", action="store_true", help="also report the server's token rate from GET /metrics")
+    a("--metric-percentiles", default="99", help='comma-separated, e.g. "50,90,99"')
+    a("--save-result", action="store_true")
+    a("--result-dir", default=".")
+    a("--result-filename", help="default: {backend}-{rate}qps[-concurrency{C}]-{model}-{date}.json")
+    a("--disable-tqdm", action="store_true")
+    args = ap.parse_args(argv)
+
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            ap.error(msg)
+    need(args.num_prompts >= 1, f"--num-prompts must be >= 1 (got {args.num_prompts})")
+    need(args.request_rate > 0, f"--request-rate must be > 0 req/s, or inf (got {args.request_rate})")
+    need(args.burstiness > 0, f"--burstiness must be > 0 (got {args.burstiness})")
+    need(args.max_concurrency is None or args.max_concurrency >= 1,
+         f"--max-concurrency must be >= 1 (got {args.max_concurrency}); leave it out for no limit")
+    need(args.random_input_len >= 1 and args.random_output_len >= 1, "--random-input-len and --random-output-len must be >= 1")
+    need(0 <= args.random_range_ratio < 1, f"--random-range-ratio must be in [0, 1) (got {args.random_range_ratio})")
+    need(args.max_model_len >= 2, "--max-model-len must be >= 2")
+    need(0 <= args.vocab_low < args.vocab_high, "--vocab-low must be >= 0 and below --vocab-high")
+    need(args.timeout > 0, "--timeout must be > 0 seconds")
+    need(args.endpoint.startswith("/"), f"--endpoint must be a path such as /v1/completions (got {args.endpoint!r})")
+    need(args.base_url.startswith(("http://", "https://")), f"--base-url must start with http:// or https:// (got {args.base_url!r})")
+    args.chat = args.endpoint.rstrip("/").endswith("chat/completions")
+    need(not (args.chat and args.prompt_format == "tokens"), "--prompt-format tokens needs /v1/completions; "
+         "the chat endpoint takes text (leave --prompt-format out)")
+    args.text = args.chat or args.prompt_format == "text"
+    need(1 <= args.num_clients <= args.num_prompts, f"--num-clients must be in [1, --num-prompts] (got {args.num_clients})")
+    need(args.max_concurrency is None or args.num_clients <= args.max_concurrency,
+         "--num-clients must be <= --max-concurrency (each client gets a share of it)")
+    try:
+        args.percentiles = [float(p) for p in args.metric_percentiles.split(",")]
+        assert all(0 < p <= 100 for p in args.percentiles)
+    except (ValueError, AssertionError):
+        ap.error(f'--metric-percentiles must be numbers in (0, 100], e.g. "50,90,99" (got {args.metric_percentiles!r})')
+    return args
+
+
+def resolve_model(args: argparse.Namespace) -> str:
+    """GET /v1/models: the first id, and a reachability check before any load is sent."""
+    import httpx
+
+    url = args.base_url.rstrip("/") + "/v1/models"
+    try:
+        r = httpx.get(url, headers=_headers(args), timeout=10, trust_env=False)
+    except httpx.TransportError as e:
+        raise RuntimeError(f"cannot reach {url} ({type(e).__name__}: {e}); start the server or fix --base-url") from None
+    if args.model:
+        return args.model
+    try:
+        r.raise_for_status()
+        return r.json()["data"][0]["id"]
+    except Exception as e:
+        raise RuntimeError(f"GET {url} gave no model id ({e}); pass --model") from None
+
+
+def benchmark(args: argparse.Namespace) -> dict:
+    from tqdm import tqdm
+
+    args.model = resolve_model(args)
+    reqs = make_requests(args)
+    rng = np.random.default_rng(np.random.SeedSequence(args.seed).spawn(3)[2])
+    arrivals = arrival_times(len(reqs), args.request_rate, "poisson" if args.burstiness == 1 else "gamma",
+                             args.burstiness, rng).tolist()
+    before = scrape_counters(args) if args.server_metrics else {}
+    with tqdm(total=len(reqs), disable=args.disable_tqdm, desc="requests") as bar:
+        if args.num_clients == 1:
+            start, end, outs = asyncio.run(run_requests(args, reqs, arrivals, args.max_concurrency,
+                                                        lambda: bar.update(1)))
+        else:
+            start, end, outs = run_clients(args, reqs, arrivals, bar)
+    res = summarize(args, outs, end - start)
+    if args.server_metrics:
+        after = scrape_counters(args)
+        name = next((n for n in COUNTERS if n in before and n in after), None)
+        res["server_output_throughput"] = (after[name] - before[name]) / (end - start) if name else None
+        if name is None:
+            print(f"warning: no {' or '.join(COUNTERS)} in /metrics; server_output_throughput is null", file=sys.stderr)
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        res = benchmark(args)
+        print_table(args, res)
+        if args.save_result:
+            conc = f"-concurrency{args.max_concurrency}" if args.max_concurrency else ""
+            name = args.result_filename or (
+                f"{res['backend']}-{args.request_rate}qps{conc}-{args.model.split('/')[-1]}-{res['date']}.json")
+            write_json(Path(args.result_dir) / name, res)  # temp file + os.replace: complete or absent
+            print(f"saved {Path(args.result_dir) / name}")
+    except (RuntimeError, OSError) as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; nothing saved", file=sys.stderr)
+        return 130
+    return 0 if res["completed"] else 1  # nothing succeeded: the table says why, the exit code too
+
+
+if __name__ == "__main__":
+    sys.exit(main())
