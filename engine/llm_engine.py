@@ -37,6 +37,7 @@ class RequestState:
     arrival_time: float
     finished: bool = False
     unborn: list[Sequence] = field(default_factory=list)  # n > 1: samples forked once the prompt is in
+    prompt_logprobs_sent: bool = False
 
 
 @dataclass

@@ -76,8 +76,14 @@ class OutputProcessor:
                        if s.num_resolved > s.num_sent or (s.finished and not s.final_sent)]
         else:
             samples = [self._whole(s, text) for s in req.seqs]
-        return RequestOutput(req.request_id, req.prompt_token_ids, samples, req.finished, self._metrics(req), req.prompt,
-                             error=error)
+        out = RequestOutput(req.request_id, req.prompt_token_ids, samples, req.finished, self._metrics(req), req.prompt,
+                            error=error)
+        p, s0 = req.params, req.seqs[0]
+        if p.prompt_logprobs is not None and len(s0.prompt_logprobs) == s0.prompt_len and not req.prompt_logprobs_sent:
+            out.prompt_logprobs = list(s0.prompt_logprobs)
+            out.prompt_top_logprobs = list(s0.prompt_top_logprobs) if p.prompt_logprobs else None
+            req.prompt_logprobs_sent = p.output_kind == "delta"  # delta: once; otherwise in every output
+        return out
 
     def _text(self, seq: Sequence, finished: bool) -> str:
         """New text of ``seq`` (decoding everything at once for requests that never needed it before)."""

@@ -45,6 +45,7 @@ class BatchInputs:
         self.feed: list[tuple[int, int]] = []  # (token index, row of the previous step's samples)
         self.sample_rows: list[int] = []
         self.sample_seqs: list[Sequence] = []
+        self.prompt_lp: list[tuple[Sequence, int, int, int]] = []  # (seq, first row, first position, rows)
         paged = allocator.mode == Addressing.PAGED
         live = batch.seqs
         t = 0
@@ -64,6 +65,9 @@ class BatchInputs:
                 ids.extend(seq.token_ids[start:end])
                 positions.extend(range(start, end))
                 prefill_slots.append((t, allocator.slot_mapping(seq, start, end)))
+            if seq.params.prompt_logprobs is not None and start < seq.prompt_len - 1:
+                # rows that predict prompt tokens start+1 .. min(end, prompt_len - 1)
+                self.prompt_lp.append((seq, t, start, min(end, seq.prompt_len - 1) - start))
             t = end - start + t
             qsl.append(t)
             seq_lens.append(end)
@@ -159,6 +163,8 @@ class ModelRunner:
                 ids[feed[0]] = feed[1]
             pos = stage.to_device("positions", inputs.positions)
             hidden = self.model(ids, pos, meta, self.kv_caches)
+            if inputs.prompt_lp:
+                self._prompt_logprobs(hidden, inputs.prompt_lp)
             if not inputs.sample_rows:
                 return StepHandle([])
             rows = stage.to_device("rows", np.array(inputs.sample_rows, dtype=np.int64))
@@ -167,6 +173,20 @@ class ModelRunner:
             return StepHandle([])
         tokens, logprobs = self.sampler.sample(logits, inputs.sample_seqs, self.eos_ids)
         return StepHandle(inputs.sample_seqs, tokens, logprobs)
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, items: list[tuple[Sequence, int, int, int]]) -> None:
+        """Logprob of each prompt token (and the k most likely) from the rows before it. Rare
+        (scoring requests), so read back at once."""
+        for seq, row, start, m in items:
+            lp = self.model.compute_logits(hidden[row:row + m]).float().log_softmax(-1)
+            targets = torch.tensor(seq.token_ids[start + 1:start + 1 + m], device=lp.device)
+            got = lp.gather(1, targets[:, None]).squeeze(1).tolist()
+            k = seq.params.prompt_logprobs
+            top = None
+            if k:
+                values, ids = lp.topk(min(k, lp.shape[1]), dim=-1)
+                top = [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+            seq.record_prompt_logprobs(start + 1, got, top)
 
     def release(self, seq: Sequence) -> None:
         """The sequence's blocks changed wholesale (preempted, swapped): drop its table row."""

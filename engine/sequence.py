@@ -46,6 +46,8 @@ class Sequence:
     num_sent: int = 0  # output tokens already handed out (delta outputs)
     num_decoded: int = 0  # output tokens fed to ``detok``
     final_sent: bool = False  # its finish has been reported (delta outputs)
+    prompt_logprobs: list = field(default_factory=lambda: [None])  # per prompt token (params.prompt_logprobs)
+    prompt_top_logprobs: list = field(default_factory=lambda: [None])
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
@@ -106,6 +108,14 @@ class Sequence:
         while self.output_token_ids and self.output_token_ids[-1] == PENDING:
             self.output_token_ids.pop()
             self.token_ids.pop()
+
+    def record_prompt_logprobs(self, first: int, logprobs: list[float], top: list | None) -> None:
+        """Logprobs of prompt tokens ``first ..``; positions known already (a recompute) are kept."""
+        skip = len(self.prompt_logprobs) - first
+        if skip < 0:
+            raise AssertionError(f"prompt logprobs from {first} but only {len(self.prompt_logprobs)} known")
+        self.prompt_logprobs.extend(logprobs[skip:])
+        self.prompt_top_logprobs.extend((top or [None] * len(logprobs))[skip:])
 
     @property
     def num_resolved(self) -> int:

@@ -247,3 +247,18 @@ def test_final_only_outputs_come_once():
     outs = [o for _ in range(50) for o in e.step()]
     assert len(outs) == 1 and outs[0].finished and len(outs[0].token_ids) == 8
     assert len(outs[0].metrics.inter_token_latencies) == 7
+
+
+# -- prompt logprobs (scoring: echo + max_tokens=0) -----------------------------------------
+def test_prompt_logprobs_match_a_full_forward_pass():
+    prompt = PROMPTS[2]
+    e = _engine(max_num_batched_tokens=24)  # the prompt is computed in chunks
+    e.add_request("score", prompt, SamplingParams(max_tokens=0, prompt_logprobs=2))
+    e.add_request("gen", prompt, SamplingParams(max_tokens=1, temperature=0, logprobs=0, ignore_eos=True))
+    done = _run(e)
+    out = done["score"]
+    assert out.token_ids == [] and out.outputs[0].finish_reason == "length"
+    lps = out.prompt_logprobs
+    assert len(lps) == len(prompt) and lps[0] is None and all(lp <= 0 for lp in lps[1:])
+    assert all(len(t) == 2 and t[0][1] >= t[1][1] for t in out.prompt_top_logprobs[1:])
+    # the values themselves are checked against HF transformers in tests/test_parity_hf.py

@@ -77,3 +77,20 @@ def test_llama31_rope_scaling_and_tied_embeddings_match_hf(tmp_path):
     assert llm.engine.model_config.rope_scaling["rope_type"] == "llama3"
     outs = llm.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True))
     assert [o.token_ids for o in outs] == _hf_greedy(hf, prompts)
+
+
+@pytest.mark.parametrize("fixture", ["hf_llama", "hf_qwen3"])
+def test_prompt_logprobs_match_hf(request, fixture):
+    """Scoring a prompt (echo + max_tokens=0, what lm-eval-harness sends): every prompt token's
+    logprob and the top-k equal HF's teacher-forced log-softmax, prompt computed in chunks."""
+    path, hf = request.getfixturevalue(fixture)
+    prompt = _prompts(hf.config.vocab_size)[6]  # 120 tokens
+    llm = LLM(str(path), allocator="paged", device="cpu", max_num_batched_tokens=48)
+    out = llm.generate([prompt], SamplingParams(max_tokens=0, prompt_logprobs=3))[0]
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([prompt])).logits[0].float(), dim=-1)
+    want = ref[:-1].gather(1, torch.tensor(prompt[1:])[:, None]).squeeze(1)
+    assert out.token_ids == [] and out.prompt_logprobs[0] is None
+    torch.testing.assert_close(torch.tensor(out.prompt_logprobs[1:]), want, atol=1e-4, rtol=1e-4)
+    top = ref[:-1].topk(3, dim=-1)
+    assert [[t for t, _ in row] for row in out.prompt_top_logprobs[1:]] == top.indices.tolist()
