@@ -1,9 +1,14 @@
-"""MemoryStats: where every byte of the KV pool is, summing to its capacity (DESIGN.md)."""
+"""MemoryStats: where every byte of the KV pool is, summing to its capacity (DESIGN.md).
+
+``idle_mapped`` is memory held by no live sequence but kept for reuse (the mapped pages of
+idle virtual slots, deferred reclamation). It is neither usage nor fragmentation: it turns
+into waste only when a request waits for memory, so it is reported on its own.
+"""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
-STAT_FIELDS = ("token_states", "reservation", "internal_frag", "external_frag", "free")
+STAT_FIELDS = ("token_states", "reservation", "internal_frag", "external_frag", "idle_mapped", "free")
 
 
 @dataclass
@@ -12,8 +17,9 @@ class MemoryStats:
     token_states: int = 0  # KV of tokens already in live sequences (shared counted once)
     reservation: int = 0  # held by live sequences for tokens they will still produce
     internal_frag: int = 0  # held by live sequences beyond their final length
-    external_frag: int = 0  # free but unusable for the next admission, or held by no one
+    external_frag: int = 0  # free but unusable for the next admission, or held by no one and not reusable
     free: int = 0
+    idle_mapped: int = 0  # held by no live sequence, kept for reuse (idle virtual slots' pages)
 
     def total(self) -> int:
         return sum(getattr(self, f) for f in STAT_FIELDS)

@@ -21,8 +21,9 @@ and mapped by a background thread while steps compute; ``allocate`` waits on the
 only for memory the step itself needs that was not mapped ahead.
 
 Accounting: a live sequence is charged for its mapped groups up to the ones its
-``max_len`` can use; groups beyond that, and all groups of idle slots, are held by no live
-sequence and count as external fragmentation.
+``max_len`` can use; groups beyond that are held by no live sequence and count as external
+fragmentation. All groups of idle slots (deferred reclamation) are ``idle_mapped``: held by
+no live sequence but kept for the next request, reported on their own, never as usage.
 """
 from __future__ import annotations
 
@@ -394,7 +395,8 @@ class VirtualAllocator(KVAllocator):
             token_states=used * bpt,
             reservation=reserved * bpt,
             internal_frag=internal * bpt,
-            external_frag=(self._idle_pages + unused_live) * tpp * bpt,  # held by no live sequence
+            external_frag=unused_live * tpp * bpt,  # mapped to live slots beyond what they can use
+            idle_mapped=self._idle_pages * tpp * bpt,  # idle slots' pages, kept for the next request
             free=len(self._free_groups) * tpp * bpt,
         )
 

@@ -65,7 +65,8 @@ class MemoryAccountant:
                 self._delta[start:end] += delta
 
     def table(self) -> np.ndarray:
-        """``[steps, 5]`` bytes per field (STAT_FIELDS order), corrected where final lengths are known."""
+        """``[steps, len(STAT_FIELDS)]`` bytes per field (STAT_FIELDS order), corrected where final
+        lengths are known."""
         rows = np.array(self._rows, dtype=np.int64).reshape(-1, len(STAT_FIELDS))
         if self._delta is not None and len(rows):
             d = self._delta[: len(rows)]
@@ -74,13 +75,16 @@ class MemoryAccountant:
         return rows
 
     def summary(self) -> dict[str, float]:
-        """Mean fraction of capacity per field over steps, and the fractions at peak use."""
+        """Mean fraction of capacity per field over steps, and the fractions at peak use.
+
+        Peak use is the step with the least memory free or idle: ``idle_mapped`` is kept for
+        reuse, not used, so it never makes a step the peak."""
         rows = self.table()
         out: dict[str, float] = {}
         if not len(rows) or not self.capacity:
             return {f: float("nan") for f in STAT_FIELDS} | {f"{f}_peak": float("nan") for f in STAT_FIELDS}
         frac = rows / self.capacity
-        used = self.capacity - rows[:, STAT_FIELDS.index("free")]
+        used = self.capacity - rows[:, STAT_FIELDS.index("free")] - rows[:, STAT_FIELDS.index("idle_mapped")]
         peak = int(np.argmax(used))
         for j, f in enumerate(STAT_FIELDS):
             out[f] = float(frac[:, j].mean())

@@ -73,7 +73,7 @@ def requests_frame(finished, t0: float) -> pd.DataFrame:
 
 def steps_frame(records, memory: np.ndarray, capacity: int, t0: float,
                 logical_tokens: dict[int, int] | None = None) -> pd.DataFrame:
-    """One row per engine step: the step record, the five memory fields (bytes) and capacity.
+    """One row per engine step: the step record, the memory fields (STAT_FIELDS, bytes) and capacity.
 
     ``logical_tokens`` (step -> tokens the live sequences hold, shared ones counted once per
     holder) adds a column of that name where given.

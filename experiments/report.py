@@ -38,9 +38,12 @@ from experiments.atomic import save_figure, write_csv, write_parquet, write_text
 from experiments.metrics import UNITS  # noqa: E402
 
 MEMORY_COLORS = {"token_states": "#2a9d8f", "reservation": "#e9c46a", "internal_frag": "#f4a261",
-                 "external_frag": "#e76f51", "free": "#d9d9d9"}
+                 "external_frag": "#e76f51", "idle_mapped": "#8fb3d9", "free": "#d9d9d9"}
 LABELS = {"token_states": "token states", "reservation": "reservation", "internal_frag": "internal frag.",
-          "external_frag": "external frag.", "free": "free"}
+          "external_frag": "external frag.", "idle_mapped": "idle mapped", "free": "free"}
+# drawn and tabulated only where some run has it (nonzero): kept for reuse, neither use nor waste;
+# runs recorded before it existed lack the column
+OPTIONAL_FIELDS = ("idle_mapped",)
 # configuration keys that follow from others or never define a series
 DERIVED = {"cfg.allocator.label", "cfg.workload.seed", "cfg.model.path", "cfg.model.shape"}
 SHORT = {"cfg.allocator.name": "", "cfg.allocator.args.policy": "", "cfg.allocator.args.layout": "",
@@ -176,9 +179,25 @@ def plot_throughput(wide: pd.DataFrame):
     return fig
 
 
+def memory_fields(df: pd.DataFrame, suffix: str = "") -> list[str]:
+    """The STAT_FIELDS to draw or tabulate for ``df``: all of them, less optional ones that are
+    absent or zero throughout."""
+    out = []
+    for f in STAT_FIELDS:
+        col = f"{f}{suffix}"
+        if f in OPTIONAL_FIELDS and (col not in df or not df[col].astype(float).fillna(0).any()):
+            continue
+        out.append(f)
+    return out
+
+
+def _has_memory(wide: pd.DataFrame) -> bool:
+    return all(f in wide for f in STAT_FIELDS if f not in OPTIONAL_FIELDS)
+
+
 def _memory_panel(ax, wide: pd.DataFrame, suffix: str, title: str) -> None:
     bottom = np.zeros(len(wide))
-    for f in STAT_FIELDS:
+    for f in memory_fields(wide, suffix):
         vals = 100 * wide[f"{f}{suffix}"].astype(float).fillna(0).to_numpy()
         ax.bar(wide["label"], vals, bottom=bottom, color=MEMORY_COLORS[f], label=LABELS[f])
         bottom += vals
@@ -196,7 +215,8 @@ def _memory_panel(ax, wide: pd.DataFrame, suffix: str, title: str) -> None:
 
 
 def plot_memory(wide: pd.DataFrame):
-    """Stacked bars of the five memory fields (the PagedAttention paper's Fig. 2)."""
+    """Stacked bars of the memory fields (the PagedAttention paper's Fig. 2), with an "idle
+    mapped" segment where a run keeps memory mapped for reuse (virtual)."""
     saturated = "token_states_saturated" in wide and wide["token_states_saturated"].notna().any()
     panels = [("", "mean over all engine steps")]
     if saturated:
@@ -289,7 +309,8 @@ def plot_usage_over_time(wide: pd.DataFrame, steps: dict[str, pd.DataFrame]):
         if st is None or "capacity" not in st:
             continue
         style = styles[r["run_id"]]
-        used = 100 * (1 - st["free"] / st["capacity"])
+        idle = st["idle_mapped"] if "idle_mapped" in st else 0  # kept for reuse: not in use
+        used = 100 * (1 - (st["free"] + idle) / st["capacity"])
         ax.plot(st["time"], used, lw=1, drawstyle="steps-post", **style)
         ax.plot(st["time"], 100 * st["token_states"] / st["capacity"], lw=0.8, ls=":", drawstyle="steps-post",
                 **{k: v for k, v in style.items() if k != "label"})
@@ -307,7 +328,8 @@ def plot_usage_over_time(wide: pd.DataFrame, steps: dict[str, pd.DataFrame]):
 # sweep axis -> (file, x label, x scale, [(metric, y label, percent?)])
 MEM_CURVES = [("token_states_saturated", "token states, saturated (% of pool)", True),
               ("internal_frag_saturated", "internal frag., saturated (% of pool)", True),
-              ("external_frag_saturated", "external frag., saturated (% of pool)", True)]
+              ("external_frag_saturated", "external frag., saturated (% of pool)", True),
+              ("idle_mapped_saturated", "idle mapped, saturated (% of pool)", True)]
 SWEEPS = {
     "cfg.workload.request_rate": ("rate_curves.png", "request rate (req/s)", "linear", [
         ("output_throughput", "output throughput (tok/s)", False),
@@ -335,7 +357,8 @@ SWEEPS = {
 def plot_sweep(wide: pd.DataFrame, axis: str):
     """Metrics vs one swept config key; one line per combination of the other varying keys."""
     fname, xlabel, scale, metrics = SWEEPS[axis]
-    metrics = [m for m in metrics if m[0] in wide and wide[m[0]].notna().any()]
+    metrics = [m for m in metrics if m[0] in wide and wide[m[0]].notna().any()
+               and (m[0].split("_saturated")[0] not in OPTIONAL_FIELDS or wide[m[0]].fillna(0).any())]
     if not metrics:
         return None
     x = pd.to_numeric(wide[axis], errors="coerce")
@@ -374,7 +397,7 @@ def plot_memory_over_time(steps: pd.DataFrame, title: str, xlabel: str = "time (
     fig, (ax, ax2) = plt.subplots(2, 1, figsize=(6, 4.5), sharex=True, height_ratios=[2, 1])
     cap = steps["capacity"].iloc[0]
     lower = np.zeros(len(steps))
-    for f in STAT_FIELDS:  # stacked, held constant between steps
+    for f in memory_fields(steps):  # stacked, held constant between steps
         upper = lower + 100 * steps[f].to_numpy(float) / cap
         ax.fill_between(steps["time"], lower, upper, step="post", color=MEMORY_COLORS[f], label=LABELS[f], lw=0)
         lower = upper
@@ -426,7 +449,7 @@ def write_report(root: str | Path, out: str | Path | None = None) -> Path:
     figures: dict[str, tuple[str, object]] = {}
     if "output_throughput" in wide:
         figures["throughput.png"] = ("Output throughput", plot_throughput(wide))
-    if all(f in wide for f in STAT_FIELDS):
+    if _has_memory(wide):
         figures["memory_breakdown.png"] = ("Where the KV memory goes", plot_memory(wide))
     requests = _read_runs(wide, "requests.parquet", ["ttft", "e2el", "output_len"])
     if requests:
@@ -448,11 +471,13 @@ def write_report(root: str | Path, out: str | Path | None = None) -> Path:
     perf = [c for c in ["request_rate", "request_throughput", "output_throughput", "mean_ttft_ms", "p99_ttft_ms",
                         "mean_tpot_ms", "p99_itl_ms", "normalized_latency", "mean_batch_size", "max_concurrency",
                         "preemptions"] if c in wide]
-    mem = [c for c in STAT_FIELDS if c in wide]
-    sat = [f"{c}_saturated" for c in STAT_FIELDS if f"{c}_saturated" in wide]
+    mem = [c for c in memory_fields(wide) if c in wide]
+    sat = [f"{c}_saturated" for c in memory_fields(wide, "_saturated") if f"{c}_saturated" in wide]
     md = [f"# kvlab report: {root}", "", f"{len(wide)} runs"
           + (f"; they differ in {', '.join(f'`{k[4:]}`' for k in swept)}." if swept else "."), "",
-          "Memory figures are percentages of the KV pool capacity (they sum to 100 with `free`).", "",
+          "Memory figures are percentages of the KV pool capacity (they sum to 100 with `free`)."
+          + (" `idle_mapped` is held by no live sequence but kept mapped for reuse (idle virtual slots): "
+             "neither use nor waste until a request waits for memory." if "idle_mapped" in mem else ""), "",
           "## Throughput and latency", "", markdown_table(wide[key + perf]), ""]
     md += ["## Memory", "", "Mean over all engine steps (% of KV pool):", "",
            markdown_table(_percent(wide[["label", "kv_capacity_tokens"] + mem], mem)), ""]

@@ -71,11 +71,21 @@ def test_identical_requests_match_the_closed_form(case):
     rows = acc.table()
     assert (rows.sum(axis=1) == C * acc.bpt).all() and (rows >= 0).all()
     assert (rows[:, STAT_FIELDS.index("external_frag")] == 0).all()
+    assert (rows[:, STAT_FIELDS.index("idle_mapped")] == 0).all()  # every slot is live at every step
     got, want = acc.summary(), closed_form(cap)
     for f, v in want.items():
         assert got[f] == pytest.approx(v, abs=1e-12), f
     assert got["free"] == pytest.approx(1 - sum(want.values()), abs=1e-12)
     assert sum(got[f"{f}_peak"] for f in STAT_FIELDS) == pytest.approx(1.0)
+    # all done: nothing in use; the virtual allocator keeps each slot's pages mapped (idle_mapped),
+    # the pages that held the request's KV (F - 1 tokens: the last token is sampled, never stored)
+    end = e.allocator.stats()
+    end.check()
+    assert end.token_states == end.reservation == end.internal_frag == end.external_frag == 0
+    idle = N * cap(F - 1) * acc.bpt if allocator == "virtual" else 0
+    assert end.idle_mapped == idle and end.free == C * acc.bpt - idle
+    if allocator == "virtual":
+        assert idle > 0
 
 
 # -- exactness where the final length is below the bound (a minimal driver) ------------------------
@@ -171,8 +181,9 @@ def test_fork_shares_then_copies_on_write_in_the_accounts():
     assert a.num_free_blocks == 16 - 4
 
 
-def test_virtual_idle_pages_are_external_fragmentation_in_the_summary():
-    """Requests arrive one after another: each finished slot keeps its pages for the next one."""
+def test_virtual_pages_a_live_sequence_cannot_use_are_external_fragmentation():
+    """Requests arrive one after another: each finished slot keeps its pages for the next one;
+    pages it holds beyond what its new sequence can use are external fragmentation."""
     e = LLMEngine(EngineConfig(model="tiny-llama", allocator="virtual", kv_cache_tokens=C, max_model_len=M,
                                device="cpu", allocator_args={"page_size": 4096, "layout": "shared",
                                                              "prefetch": False}))
@@ -187,4 +198,41 @@ def test_virtual_idle_pages_are_external_fragmentation_in_the_summary():
     assert (ext[:4] == 0).all()
     # b (at most 8 tokens: one page of 8) inherits a's 4 pages: 3 it can never use
     assert (ext[4:] == 3 * 8).all()
+    assert (rows[:, STAT_FIELDS.index("idle_mapped")] == 0).all()  # b took a's slot before any step ran
     assert np.allclose(rows.sum(axis=1), C)
+    end = e.allocator.stats()  # b done: its slot keeps a's 4 pages, idle, not fragmentation
+    assert end.idle_mapped == 4 * 8 * e.accountant.bpt and end.external_frag == 0
+    assert end.token_states == end.reservation == end.internal_frag == 0
+
+
+def test_virtual_idle_slots_are_idle_mapped_in_the_summary():
+    """x finishes after 2 tokens while y runs on: x's slot keeps its pages (deferred reclamation),
+    held by no live sequence, reported as idle_mapped and neither as usage nor as fragmentation."""
+    e = LLMEngine(EngineConfig(model="tiny-llama", allocator="virtual", kv_cache_tokens=C, max_model_len=M,
+                               device="cpu", allocator_args={"page_size": 4096, "layout": "shared",
+                                                             "prefetch": False}))  # pages of 8 tokens
+    px, ox, py, oy = 8, 2, 8, 10
+    e.add_request("x", list(range(1, px + 1)), SamplingParams(max_tokens=ox, ignore_eos=True, temperature=0))
+    e.add_request("y", list(range(1, py + 1)), SamplingParams(max_tokens=oy, ignore_eos=True, temperature=0))
+    while e.has_unfinished_requests():
+        e.step()
+    acc = e.accountant
+    rows = acc.table() / acc.bpt
+    assert len(rows) == oy and np.allclose(rows.sum(axis=1), C)
+    col = {f: rows[:, j] for j, f in enumerate(STAT_FIELDS)}
+    x_pages = math.ceil((px + ox - 1) / 8)  # x's KV: its prompt and all but its last token
+    assert (col["idle_mapped"][:ox] == 0).all()  # x is live through step ox
+    assert (col["idle_mapped"][ox:] == x_pages * 8).all()
+    assert (col["external_frag"] == 0).all()
+    # from then on only y is live: token states are its tokens alone
+    assert list(col["token_states"][ox:]) == [py + k - 1 for k in range(ox + 1, oy + 1)]
+    got = acc.summary()
+    assert got["idle_mapped"] == pytest.approx(x_pages * 8 * (oy - ox) / oy / C)
+    assert sum(got[f] for f in STAT_FIELDS) == pytest.approx(1.0)
+    # peak use is held by live sequences: step 2 (both live, 2 pages each), not the last step,
+    # whose pages only add up to more with x's idle ones
+    assert got["idle_mapped_peak"] == 0 and got["token_states_peak"] == pytest.approx(2 * (px + 1) / C)
+    end = e.allocator.stats()
+    assert end.token_states == end.reservation == end.internal_frag == end.external_frag == 0
+    assert end.idle_mapped == (x_pages + math.ceil((py + oy - 1) / 8)) * 8 * acc.bpt
+    assert e.allocator.num_idle_groups * 8 * acc.bpt == end.idle_mapped

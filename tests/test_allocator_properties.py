@@ -142,6 +142,9 @@ class AllocatorMachine(RuleBasedStateMachine):
         s = self.alloc.stats()
         s.check()
         assert s.capacity == self.alloc.capacity_tokens * self.alloc.bytes_per_token
+        a = self.alloc  # idle_mapped: exactly the pages of idle virtual slots, 0 for other strategies
+        idle = a.num_idle_groups * a.page_tokens * a.bytes_per_token if isinstance(a, VirtualAllocator) else 0
+        assert s.idle_mapped == idle
 
     @invariant()
     def stats_match_a_recount(self):
@@ -199,10 +202,13 @@ class AllocatorMachine(RuleBasedStateMachine):
             assert a.swap_space.num_free == a.swap_space.num_blocks and not a._tail_holders
         elif isinstance(a, ContiguousAllocator):
             assert a.arena.free_total() == a.capacity_tokens and s.free + s.external_frag == s.capacity
+            assert s.idle_mapped == 0
             assert a.arena.holes() == ContiguousAllocator(SPEC, a.capacity_tokens, 1, 1, arena=a.arena_kind).arena.holes()
-        else:  # deferred reclamation: idle pages are held by no one and still count
+        else:  # deferred reclamation: idle pages are held by no one, kept for reuse: idle_mapped
             assert a.num_free_groups + a.num_idle_groups == a.num_groups
-            assert s.free + s.external_frag == s.capacity
+            bpg = a.page_tokens * a.bytes_per_token
+            assert s.idle_mapped == a.num_idle_groups * bpg and s.free == a.num_free_groups * bpg
+            assert s.external_frag == 0
             a.close()
 
 

@@ -342,11 +342,14 @@ def test_virtual_deferred_reclamation():
     a.free(s1)
     st = a.stats()
     st.check()
-    assert a.num_idle_groups == 3 and st.external_frag == 12 * a.bytes_per_token  # held by no one
+    # held by no live sequence but kept for the next one: idle mapped, not fragmentation nor free
+    assert a.num_idle_groups == 3 and st.idle_mapped == 12 * a.bytes_per_token and st.external_frag == 0
+    assert st.free == 13 * 4 * a.bytes_per_token and st.token_states == st.reservation == 0
     maps = a.num_sync_maps
     s2 = seq(6, max_len=32)
     a.allocate(s2, 6)  # lands in the idle slot: its pages need no mapping
     assert a.num_sync_maps == maps and a.num_idle_groups == 0 and a.seq_capacity(s2) == 12
+    assert a.stats().idle_mapped == 0  # in use again
     a.allocate(s2, 6)  # 12 tokens: still inside the three inherited groups
     assert a.num_sync_maps == maps
     # pages beyond what a sequence can ever use are external fragmentation, and stealable
@@ -356,7 +359,7 @@ def test_virtual_deferred_reclamation():
     assert a.seq_capacity(small) == 4
     st = a.stats()
     st.check()
-    assert st.external_frag == 8 * a.bytes_per_token
+    assert st.external_frag == 8 * a.bytes_per_token and st.idle_mapped == 0  # a live slot: not idle
     hogs = [seq(1, max_len=32) for _ in range(3)]
     for h in hogs:
         a.allocate(h, 1)

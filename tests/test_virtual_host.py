@@ -82,7 +82,7 @@ def test_contents_survive_reclamation(layout):
     assert a.num_idle_groups == 3 and backend.resident_pages(0, slot1 + 2) > 0
     st = a.stats()
     st.check()
-    assert st.external_frag == 3 * tpp * a.bytes_per_token
+    assert st.idle_mapped == 3 * tpp * a.bytes_per_token and st.external_frag == 0  # kept for reuse
     grow(a, s2, tpp)
     grow(a, s2, tpp)  # the free pool is empty now
     assert a.num_free_groups == 0
@@ -98,8 +98,11 @@ def test_contents_survive_reclamation(layout):
     check(a, s2, a.num_tokens(s2))
     a.free(s2)
     a.free(s3)
-    a.stats().check()
+    st = a.stats()
+    st.check()
     assert a.num_idle_groups == 6
+    assert st.idle_mapped == 6 * tpp * a.bytes_per_token and st.free == 0
+    assert st.token_states == st.reservation == st.internal_frag == st.external_frag == 0
     a.close()
 
 
@@ -167,3 +170,8 @@ def test_engine_generates_the_same_tokens_as_paged(layout):
     assert got == want
     alloc = llm.engine.allocator
     assert alloc.num_idle_groups + alloc.num_free_groups == alloc.num_groups
+    st = alloc.stats()  # every request done: what stays mapped is idle, nothing is in use
+    st.check()
+    bpg = alloc.page_tokens * alloc.bytes_per_token
+    assert st.idle_mapped == alloc.num_idle_groups * bpg > 0 and st.free == alloc.num_free_groups * bpg
+    assert st.token_states == st.reservation == st.internal_frag == st.external_frag == 0
