@@ -1,119 +1,281 @@
-"""/metrics in Prometheus' text exposition format (0.0.4), written by hand: a few gauges from the
-engine's stats snapshot, counters, and latency histograms fed as requests finish."""
+"""/metrics: Prometheus text exposition (format 0.0.4) under vLLM V1's metric names.
+
+A Grafana dashboard or alert written for vLLM works unchanged: the ``vllm:*`` families below
+carry vLLM V1's names, types, label names (``model_name`` and ``engine``; ``finished_reason``
+on ``vllm:request_success_total``), meanings and histogram buckets. kvlab's own figures,
+which vLLM lacks (the KV pool by MemoryStats field, ``idle_mapped`` included), are the
+``kvlab:*`` families.
+
+Gauges and counters come from the engine's latest ``EngineStats`` snapshot, so rendering
+never touches the engine; a counter never goes down from one render to the next. Histograms
+are fed once per finished request (``add_finish_listener``, called on the engine thread) from
+its ``RequestMetrics``:
+
+- ``time_to_first_token``: first token - arrival; ``e2e_request_latency``: finish - arrival;
+- ``request_queue_time``: first scheduled - arrival; ``request_prefill_time``: first token -
+  first scheduled; ``request_decode_time``: finish - first token; ``request_inference_time``:
+  finish - first scheduled;
+- ``inter_token_latency`` and ``time_per_output_token``: every gap between consecutive tokens
+  of every sample, one observation each (what vLLM V1 records under both names);
+  ``request_time_per_output_token``: decode time / (tokens of the longest sample - 1);
+- ``request_prompt_tokens``, ``request_generation_tokens`` (all samples),
+  ``request_max_num_generation_tokens`` (the longest sample), ``request_params_n``,
+  ``request_params_max_tokens`` (only where set).
+
+The text is written by hand (no client library at run time).
+"""
 from __future__ import annotations
 
+import math
 import threading
 from typing import Iterable
 
 from allocators.stats import STAT_FIELDS
-from engine.async_engine import AsyncLLMEngine
 from engine.outputs import RequestOutput
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
+ENGINE_INDEX = "0"  # one engine core per server: vLLM labels its series engine="0" then
+FINISH_REASONS = ("stop", "length", "abort", "error")  # vLLM creates every series at start-up
+
+# vLLM V1's bucket boundaries (seconds, or counts)
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
-                10.0, 20.0, 40.0, 80.0)
-TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75,
-                1.0, 2.5, 5.0)
-E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0, 600.0)
+                10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+TOKEN_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0,
+                         7.5, 10.0, 20.0, 40.0, 80.0)
+REQUEST_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
+                           60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+N_BUCKETS = (1, 2, 5, 10, 20)
 
 
-def _fmt(v: float) -> str:
-    if v == float("inf"):
-        return "+Inf"
-    return str(int(v)) if float(v).is_integer() else repr(float(v))
+def buckets_1_2_5(limit: int) -> list[int]:
+    """1, 2, 5, 10, 20, 50, ... up to ``limit`` (vLLM's buckets for token counts)."""
+    out, scale = [], 1
+    while True:
+        for m in (1, 2, 5):
+            if m * scale > limit:
+                return out
+            out.append(m * scale)
+        scale *= 10
 
 
-def _labels(labels: dict[str, str]) -> str:
+def format_value(v: float) -> str:
+    """A number as Prometheus' Go clients (and prometheus_client) write it: ``3.0``, ``0.25``,
+    ``+Inf``, ``1e+06``."""
+    v = float(v)
+    if math.isinf(v):
+        return "+Inf" if v > 0 else "-Inf"
+    if math.isnan(v):
+        return "NaN"
+    s = repr(v)
+    dot = s.find(".")
+    if v > 0 and dot > 6:  # Go switches to an exponent sooner than Python
+        mantissa = f"{s[0]}.{s[1:dot]}{s[dot + 1:]}".rstrip("0.")
+        return f"{mantissa}e+0{dot - 1}"
+    return s
+
+
+def escape_label(v: object) -> str:
+    return str(v).replace("\\", r"\\").replace('"', r"\"").replace("\n", r"\n")
+
+
+def escape_help(text: str) -> str:
+    return text.replace("\\", r"\\").replace("\n", r"\n")
+
+
+def format_labels(labels: dict[str, object]) -> str:
     if not labels:
         return ""
-    esc = {k: str(v).replace("\\", r"\\").replace('"', r"\"").replace("\n", r"\n") for k, v in labels.items()}
-    return "{" + ",".join(f'{k}="{v}"' for k, v in esc.items()) + "}"
+    return "{" + ",".join(f'{k}="{escape_label(v)}"' for k, v in labels.items()) + "}"
+
+
+def header(name: str, kind: str, help: str) -> list[str]:
+    return [f"# HELP {name} {escape_help(help)}", f"# TYPE {name} {kind}"]
 
 
 class Histogram:
+    """One histogram series: per-bucket counts, rendered cumulative with ``+Inf`` last."""
+
     def __init__(self, name: str, help: str, buckets: Iterable[float]):
         self.name, self.help = name, help
-        self.buckets = tuple(sorted(buckets)) + (float("inf"),)
-        self.counts = [0] * len(self.buckets)  # per bucket, not cumulative
+        self.bounds = tuple(sorted(float(b) for b in buckets)) + (math.inf,)
+        self.counts = [0] * len(self.bounds)
         self.sum = 0.0
         self.count = 0
 
     def observe(self, value: float) -> None:
-        for i, le in enumerate(self.buckets):
+        for i, le in enumerate(self.bounds):
             if value <= le:
                 self.counts[i] += 1
                 break
         self.sum += value
         self.count += 1
 
-    def render(self, labels: dict[str, str]) -> list[str]:
-        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
+    def render(self, labels: dict[str, object]) -> list[str]:
+        lines = header(self.name, "histogram", self.help)
         cumulative = 0
-        for le, c in zip(self.buckets, self.counts):
+        for le, c in zip(self.bounds, self.counts):
             cumulative += c
-            lines.append(f"{self.name}_bucket{_labels({**labels, 'le': _fmt(le)})} {cumulative}")
-        lines.append(f"{self.name}_sum{_labels(labels)} {_fmt(self.sum)}")
-        lines.append(f"{self.name}_count{_labels(labels)} {self.count}")
+            lines.append(f"{self.name}_bucket{format_labels({**labels, 'le': format_value(le)})} "
+                         f"{format_value(cumulative)}")
+        lines.append(f"{self.name}_count{format_labels(labels)} {format_value(self.count)}")
+        lines.append(f"{self.name}_sum{format_labels(labels)} {format_value(self.sum)}")
         return lines
 
 
 class ServingMetrics:
-    """Everything /metrics shows for one engine; histograms are fed on the engine thread."""
+    """Everything /metrics shows for one engine. ``engine`` needs ``stats()``,
+    ``add_finish_listener(fn)`` and ``is_running``; ``max_model_len`` (its attribute, or the
+    argument) sets the buckets of the token-count histograms, as in vLLM."""
 
-    def __init__(self, engine: AsyncLLMEngine, model_name: str):
+    def __init__(self, engine, model_name: str, max_model_len: int | None = None):
         self.engine = engine
-        self.labels = {"model_name": model_name}
+        self.labels = {"model_name": model_name, "engine": ENGINE_INDEX}
         self._lock = threading.Lock()
-        self.ttft = Histogram("kvlab_time_to_first_token_seconds", "Time from arrival to first token.",
-                              TTFT_BUCKETS)
-        self.tpot = Histogram("kvlab_time_per_output_token_seconds",
-                              "Mean time per output token after the first, per sample.", TPOT_BUCKETS)
-        self.e2e = Histogram("kvlab_e2e_request_latency_seconds", "Time from arrival to finish.", E2E_BUCKETS)
+        self._floor: dict[tuple[str, tuple], float] = {}  # counters: highest value rendered
+        limit = max_model_len or getattr(engine, "max_model_len", None) or engine.stats().kv_capacity_tokens
+        tokens = buckets_1_2_5(max(int(limit or 1), 1))
+        H = Histogram
+        self.ttft = H("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.",
+                      TTFT_BUCKETS)
+        self.tpot = H("vllm:time_per_output_token_seconds",
+                      "Histogram of time per output token in seconds (each gap between consecutive tokens; "
+                      "vLLM's older name of vllm:inter_token_latency_seconds).", TOKEN_LATENCY_BUCKETS)
+        self.itl = H("vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.",
+                     TOKEN_LATENCY_BUCKETS)
+        self.request_tpot = H("vllm:request_time_per_output_token_seconds",
+                              "Histogram of time_per_output_token_seconds per request.", TOKEN_LATENCY_BUCKETS)
+        self.e2e = H("vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.",
+                     REQUEST_LATENCY_BUCKETS)
+        self.queue = H("vllm:request_queue_time_seconds",
+                       "Histogram of time spent in WAITING phase for request.", REQUEST_LATENCY_BUCKETS)
+        self.inference = H("vllm:request_inference_time_seconds",
+                           "Histogram of time spent in RUNNING phase for request.", REQUEST_LATENCY_BUCKETS)
+        self.prefill = H("vllm:request_prefill_time_seconds",
+                         "Histogram of time spent in PREFILL phase for request.", REQUEST_LATENCY_BUCKETS)
+        self.decode = H("vllm:request_decode_time_seconds",
+                        "Histogram of time spent in DECODE phase for request.", REQUEST_LATENCY_BUCKETS)
+        self.prompt_tokens = H("vllm:request_prompt_tokens", "Number of prefill tokens processed.", tokens)
+        self.generation_tokens = H("vllm:request_generation_tokens", "Number of generation tokens processed.",
+                                   tokens)
+        self.max_generation_tokens = H("vllm:request_max_num_generation_tokens",
+                                       "Histogram of maximum number of requested generation tokens.", tokens)
+        self.params_n = H("vllm:request_params_n", "Histogram of the n request parameter.", N_BUCKETS)
+        self.params_max_tokens = H("vllm:request_params_max_tokens",
+                                   "Histogram of the max_tokens request parameter.", tokens)
+        self.histograms = (self.ttft, self.tpot, self.itl, self.request_tpot, self.e2e, self.queue,
+                           self.inference, self.prefill, self.decode, self.prompt_tokens,
+                           self.generation_tokens, self.max_generation_tokens, self.params_n,
+                           self.params_max_tokens)
         engine.add_finish_listener(self.observe)
 
+    # -- fed on the engine thread ------------------------------------------------------------
     def observe(self, out: RequestOutput) -> None:
+        """Record one finished request (any thread)."""
         m = out.metrics
-        with self._lock:
-            if m.ttft is not None:
-                self.ttft.observe(m.ttft)
-            if m.e2el is not None:
-                self.e2e.observe(m.e2el)
-            for c in out.outputs:
-                if len(c.token_times) > 1:
-                    self.tpot.observe((c.token_times[-1] - c.token_times[0]) / (len(c.token_times) - 1))
+        arrival, sched, first, finish = m.arrival_time, m.first_scheduled_time, m.first_token_time, m.finish_time
 
+        def gap(a: float | None, b: float | None) -> float | None:
+            return None if a is None or b is None else max(0.0, b - a)
+
+        longest = _longest_sample(out)
+        decode = gap(first, finish)
+        timings = ((self.ttft, gap(arrival, first)), (self.e2e, gap(arrival, finish)),
+                   (self.queue, gap(arrival, sched)), (self.prefill, gap(sched, first)),
+                   (self.decode, decode), (self.inference, gap(sched, finish)),
+                   (self.request_tpot, decode / (longest - 1) if decode is not None and longest and longest > 1
+                    else None))
+        with self._lock:
+            for h, v in timings:
+                if v is not None:
+                    h.observe(v)
+            for d in m.inter_token_latencies:
+                self.itl.observe(d)
+                self.tpot.observe(d)
+            self.prompt_tokens.observe(m.num_prompt_tokens)
+            self.generation_tokens.observe(m.num_generation_tokens)
+            if longest is not None:
+                self.max_generation_tokens.observe(longest)
+            self.params_n.observe(m.n)
+            if m.max_tokens:
+                self.params_max_tokens.observe(m.max_tokens)
+
+    # -- read by /metrics ---------------------------------------------------------------------
     def render(self) -> str:
         s = self.engine.stats()
-        lab = self.labels
+        mem = s.memory
         lines: list[str] = []
 
-        def metric(name: str, kind: str, help: str, samples: list[tuple[dict[str, str], float]]) -> None:
-            lines.extend([f"# HELP {name} {help}", f"# TYPE {name} {kind}"])
-            lines.extend(f"{name}{_labels({**lab, **extra})} {_fmt(v)}" for extra, v in samples)
+        def gauge(name: str, help: str, samples: list[tuple[dict[str, object], float]] | float) -> None:
+            if not isinstance(samples, list):
+                samples = [({}, samples)]
+            lines.extend(header(name, "gauge", help))
+            lines.extend(f"{name}{format_labels({**self.labels, **extra})} {format_value(v)}" for extra, v in samples)
 
-        metric("kvlab_num_requests_running", "gauge", "Sequences in the running batch.", [({}, s.num_running)])
-        metric("kvlab_num_requests_waiting", "gauge", "Sequences waiting to be scheduled.", [({}, s.num_waiting)])
-        metric("kvlab_kv_cache_usage_perc", "gauge", "Share of the KV pool that is not free (0 to 1).",
-               [({}, s.kv_usage)])
-        metric("kvlab_kv_cache_capacity_tokens", "gauge", "Tokens the KV pool holds.",
-               [({}, s.kv_capacity_tokens)])
-        metric("kvlab_kv_cache_capacity_bytes", "gauge", "Bytes of the KV pool.", [({}, s.memory.capacity)])
-        metric("kvlab_kv_cache_bytes", "gauge",
-               "KV pool bytes by state (MemoryStats; the states sum to the capacity).",
-               [({"state": f}, getattr(s.memory, f)) for f in STAT_FIELDS])
-        metric("kvlab_prefix_cache_hit_rate", "gauge", "Share of prompt tokens found in the prefix cache.",
-               [({}, s.prefix_cache_hit_rate)])
-        metric("kvlab_prompt_tokens_total", "counter", "Prompt tokens of accepted requests.",
-               [({}, s.prompt_tokens_total)])
-        metric("kvlab_generation_tokens_total", "counter", "Tokens generated.", [({}, s.generation_tokens_total)])
-        metric("kvlab_request_success_total", "counter", "Requests ended, by finish reason (abort included).",
-               [({"finished_reason": r}, n) for r, n in sorted(s.finished_total.items())] or
-               [({"finished_reason": "stop"}, 0)])
-        metric("kvlab_engine_steps_total", "counter", "Engine iterations run.", [({}, s.steps_total)])
-        metric("kvlab_engine_up", "gauge", "1 while the engine loop serves requests.",
-               [({}, int(self.engine.is_running))])
+        def counter(name: str, help: str, samples: list[tuple[dict[str, object], float]] | float) -> None:
+            if not isinstance(samples, list):
+                samples = [({}, samples)]
+            lines.extend(header(name, "counter", help))
+            for extra, v in samples:
+                key = (name, tuple(sorted(extra.items())))
+                v = max(float(v), self._floor.get(key, 0.0))
+                self._floor[key] = v
+                lines.append(f"{name}{format_labels({**self.labels, **extra})} {format_value(v)}")
+
+        capacity = mem.capacity
+        usage = min(max(s.kv_usage, 0.0), 1.0)
+        idle = getattr(mem, "idle_mapped", 0)
+        finished = {r: 0 for r in FINISH_REASONS} | dict(s.finished_total)
+
+        # vLLM V1 (scheduler state, KV cache, counters)
+        gauge("vllm:num_requests_running", "Number of requests in model execution batches.", s.num_requests_running)
+        gauge("vllm:num_requests_waiting", "Number of requests waiting to be processed.", s.num_requests_waiting)
+        gauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", usage)
+        gauge("vllm:gpu_cache_usage_perc",
+              "GPU KV-cache usage. 1 means 100 percent usage. DEPRECATED: Use vllm:kv_cache_usage_perc instead.",
+              usage)
         with self._lock:
-            for h in (self.ttft, self.tpot, self.e2e):
-                lines.extend(h.render(lab))
+            counter("vllm:prefix_cache_queries_total",
+                    "Prefix cache queries, in terms of number of queried tokens.", s.prefix_cache_queries_total)
+            counter("vllm:prefix_cache_hits_total", "Prefix cache hits, in terms of number of cached tokens.",
+                    s.prefix_cache_hits_total)
+            counter("vllm:num_preemptions_total", "Cumulative number of preemption from the engine.",
+                    s.num_preemptions_total)
+            counter("vllm:prompt_tokens_total", "Number of prefill tokens processed.", s.prompt_tokens_total)
+            counter("vllm:generation_tokens_total", "Number of generation tokens processed.",
+                    s.generation_tokens_total)
+            counter("vllm:request_success_total", "Count of successfully processed requests.",
+                    [({"finished_reason": r}, n) for r, n in finished.items()])
+            for h in self.histograms:
+                lines.extend(h.render(self.labels))
+            # kvlab's own
+            counter("kvlab:engine_steps_total", "Engine iterations run.", s.steps_total)
+        gauge("kvlab:kv_cache_capacity_tokens", "Tokens the KV pool holds.", s.kv_capacity_tokens)
+        gauge("kvlab:kv_cache_capacity_bytes", "Bytes of the KV pool.", capacity)
+        gauge("kvlab:kv_cache_bytes",
+              "KV pool bytes by state (MemoryStats: token_states, reservation, internal_frag, external_frag, "
+              "idle_mapped, free); the states sum to the capacity.",
+              [({"state": f}, getattr(mem, f, 0)) for f in STAT_FIELDS])
+        gauge("kvlab:kv_cache_idle_mapped_perc",
+              "Share of the KV pool held by no live sequence but kept mapped for reuse (idle virtual slots), "
+              "0 to 1; not counted in vllm:kv_cache_usage_perc.", idle / capacity if capacity else 0.0)
+        gauge("kvlab:prefix_cache_hit_rate", "Share of queried prompt tokens found in the prefix cache, 0 to 1.",
+              s.prefix_cache_hit_rate)
+        gauge("kvlab:num_seqs_running", "Sequences (samples) in the running batch.", s.num_seqs_running)
+        gauge("kvlab:num_seqs_waiting", "Sequences (samples) waiting to be scheduled.", s.num_seqs_waiting)
+        gauge("kvlab:num_seqs_swapped", "Sequences (samples) preempted with their KV swapped to host memory.",
+              s.num_seqs_swapped)
+        gauge("kvlab:engine_up", "1 while the engine loop serves requests.", int(bool(self.engine.is_running)))
         return "\n".join(lines) + "\n"
+
+
+def _longest_sample(out: RequestOutput) -> int | None:
+    """Tokens of the request's longest sample: known where the output holds every sample's
+    tokens (their lengths add up to the request's count) or there is one sample."""
+    m = out.metrics
+    lengths = [len(c.token_ids) for c in out.outputs]
+    if lengths and sum(lengths) == m.num_generation_tokens:
+        return max(lengths)
+    if m.n == 1:
+        return m.num_generation_tokens
+    return None
