@@ -1,88 +1,142 @@
-"""AsyncLLMEngine: the (not thread-safe) LLMEngine driven by one background thread for asyncio callers.
+"""AsyncLLMEngine: the front end asyncio callers use, over an engine core on a thread or in a process.
 
-Every engine and tokenizer call happens on that thread, in order: callers hand it commands
-through a queue and get outputs back on their own event loop. When the engine has no work
-the thread blocks on the command queue (no polling); otherwise it runs ``step()`` back to
-back, taking new commands between steps. After each step it publishes an immutable
-``EngineStats`` snapshot, so ``/metrics`` never touches the engine.
+The core (``engine.engine_core``) owns the LLMEngine and runs its step loop; this front end
+tokenizes prompts (on a worker thread, with its own tokenizer, so a huge prompt never stalls
+the event loop or the engine), checks lengths against the context, hands requests over as
+commands and turns the core's per-step messages into per-request streams on the callers'
+event loops. ``AsyncLLMEngine(engine)`` runs the core on a background thread;
+``AsyncLLMEngine.start_process(config)`` runs it in a process of its own (what ``kvlab
+serve`` uses: HTTP work and engine steps then never wait on one GIL).
 
-``RequestOutput``s are cumulative (all tokens so far), so a slow consumer can skip to the
-newest one: a stream yields the latest output available, never a stale backlog.
+Streams carry delta outputs (only what is new); a slow consumer gets the deltas merged, never
+a backlog of small events.
 """
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
 import logging
+import multiprocessing as mp
 import queue
 import threading
+import time
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
 from allocators.stats import MemoryStats
+from engine.config import EngineConfig
+from engine.engine_core import EngineCore, EngineInfo, engine_info, run_process, unpack_output
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
+from engine.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger("kvlab.async_engine")
 
 
 class EngineDeadError(RuntimeError):
-    """The engine loop has stopped (shut down, or a step failed): no request can be served."""
+    """The engine has stopped (shut down, or failed): no request can be served."""
 
 
 class PromptTooLongError(ValueError):
     """The prompt leaves no room for an output token within max_model_len."""
 
 
+class ContextLengthError(ValueError):
+    """Prompt plus max_tokens exceed max_model_len."""
+
+
 @dataclass(frozen=True)
 class ChatPrompt:
-    """A chat conversation, turned into a prompt by the tokenizer's template on the engine thread."""
+    """A chat conversation, turned into a prompt by the tokenizer's template (front end)."""
 
     messages: list[dict]
 
 
 @dataclass(frozen=True)
 class EngineStats:
-    """What /metrics reports; published by the engine thread, read from anywhere."""
+    """What /metrics reports; published after every step, read from anywhere."""
 
-    num_running: int
-    num_waiting: int
+    num_requests_running: int  # requests with a sample in the running batch (n=8 counts once)
+    num_requests_waiting: int  # requests queued with no sample running (waiting or swapped)
+    num_seqs_running: int  # samples (sequences) in the running batch
+    num_seqs_waiting: int
+    num_seqs_swapped: int
     memory: MemoryStats
     kv_capacity_tokens: int
-    prefix_cache_hit_rate: float
-    prompt_tokens_total: int
-    generation_tokens_total: int
-    finished_total: dict[str, int]  # finish reason of the request's first sample ("stop", "length", "abort")
+    prefix_cache_queries_total: int  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits_total: int  # of those, found there
+    prompt_tokens_total: int  # prompt tokens of accepted requests
+    generation_tokens_total: int  # tokens sampled (all samples)
+    num_preemptions_total: int
+    finished_total: dict[str, int]  # requests ended, by the first sample's finish reason (stop, length, abort, error)
     steps_total: int
 
     @property
     def kv_usage(self) -> float:
-        """Share of the KV pool not free (0 when the pool is empty)."""
-        return 1.0 - self.memory.free / self.memory.capacity if self.memory.capacity else 0.0
+        """Share of the KV pool held by live sequences (0 to 1). Free memory and pages kept idle
+        for reuse (``idle_mapped``) do not count: an idle server reports 0."""
+        m = self.memory
+        if not m.capacity:
+            return 0.0
+        return 1.0 - (m.free + getattr(m, "idle_mapped", 0)) / m.capacity
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        q = self.prefix_cache_queries_total
+        return self.prefix_cache_hits_total / q if q else 0.0
 
 
-_STOP = object()  # command: leave the loop
+def merge_deltas(items: list[RequestOutput]) -> RequestOutput:
+    """Several delta outputs of one request as one (for a consumer that fell behind)."""
+    if len(items) == 1:
+        return items[0]
+    last = items[-1]
+    by_index: dict[int, object] = {}
+    for out in items:
+        for c in out.outputs:
+            m = by_index.get(c.index)
+            if m is None:
+                by_index[c.index] = type(c)(c.index, list(c.token_ids), c.text, c.finish_reason, c.stop_reason,
+                                            None if c.logprobs is None else list(c.logprobs), list(c.token_times),
+                                            None if c.top_logprobs is None else list(c.top_logprobs))
+                continue
+            m.token_ids += c.token_ids
+            m.text += c.text
+            m.token_times += c.token_times
+            if c.logprobs is not None:
+                m.logprobs = (m.logprobs or []) + c.logprobs
+            if c.top_logprobs is not None:
+                m.top_logprobs = (m.top_logprobs or []) + c.top_logprobs
+            m.finish_reason, m.stop_reason = c.finish_reason, c.stop_reason
+    first_plp = next((o for o in items if o.prompt_logprobs is not None), None)
+    return RequestOutput(last.request_id, last.prompt_token_ids, [by_index[i] for i in sorted(by_index)],
+                         last.finished, last.metrics, last.prompt,
+                         first_plp.prompt_logprobs if first_plp else None,
+                         first_plp.prompt_top_logprobs if first_plp else None, last.error)
 
 
 class _Stream:
-    """One request's outputs, delivered from the engine thread to the caller's event loop."""
+    """One request's outputs, delivered to the caller's event loop."""
 
-    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop):
+    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop, prompt_ids: list[int], prompt: str | None):
         self.request_id = request_id
         self.loop = loop
+        self.prompt_ids = prompt_ids
+        self.prompt = prompt
         self.queue: asyncio.Queue = asyncio.Queue()
-        self.num_tokens: dict[int, int] = {}  # sample index -> output tokens seen (engine thread only)
+        self.added: asyncio.Future = loop.create_future()  # the core's answer to "add"
 
 
 class RequestStream:
-    """Async iterator over the outputs of one request; ``abort()`` frees it early."""
+    """Async iterator over the (delta) outputs of one request; ``abort()`` frees it early."""
 
-    def __init__(self, engine: AsyncLLMEngine, stream: _Stream, num_prompt_tokens: int):
+    def __init__(self, engine: AsyncLLMEngine, stream: _Stream):
         self._engine = engine
         self._stream = stream
         self.request_id = stream.request_id
-        self.num_prompt_tokens = num_prompt_tokens
+        self.prompt_token_ids = stream.prompt_ids
+        self.num_prompt_tokens = len(stream.prompt_ids)
         self.finished = False
         self._done = False
 
@@ -93,18 +147,24 @@ class RequestStream:
         if self._done:
             raise StopAsyncIteration
         q = self._stream.queue
-        item = await q.get()
-        while not q.empty():  # outputs are cumulative: jump to the newest
-            item = q.get_nowait()
-        if item is None:  # aborted before it finished
-            self._done = True
+        items = [await q.get()]
+        while not q.empty():  # deltas that piled up go out as one
+            items.append(q.get_nowait())
+        outs = []
+        for item in items:
+            if item is None:  # aborted before it finished
+                self._done = True
+                break
+            if isinstance(item, BaseException):
+                self._done = True
+                raise item
+            outs.append(item)
+        if not outs:
             raise StopAsyncIteration
-        if isinstance(item, BaseException):
-            self._done = True
-            raise item
-        if item.finished:
+        out = merge_deltas(outs)
+        if out.finished:
             self._done = self.finished = True
-        return item
+        return out
 
     def abort(self) -> None:
         """Stop the request and free its KV memory unless it has already finished."""
@@ -114,52 +174,126 @@ class RequestStream:
 
 
 class AsyncLLMEngine:
-    def __init__(self, engine: LLMEngine, keep_history: bool = False):
-        """``keep_history=False`` drops the engine's per-request and per-step records after each
-        step, so that a long-running server does not grow without bound."""
-        self.engine = engine
-        self.keep_history = keep_history
-        self.max_model_len = engine.max_model_len
-        self.model_name = engine.config.model
-        self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._streams: dict[str, _Stream] = {}  # engine thread only
+    def __init__(self, engine: LLMEngine | None = None, keep_history: bool = False, *,
+                 _process: tuple | None = None):
+        """Run ``engine``'s core on a background thread. (``start_process`` runs it in a process.)"""
+        self._streams: dict[str, _Stream] = {}  # guarded by _lock
         self._listeners: list[Callable[[RequestOutput], None]] = []
-        self._token_texts: dict[int, str] = {}  # memo of single-token decodes (for logprobs)
-        self._prompt_tokens = self._generation_tokens = self._steps = 0
-        self._finished: dict[str, int] = {}
-        self._error: BaseException | None = None
-        self._dead = False  # set once by the engine thread on its way out, under _lock
+        self._dead_listeners: list[Callable[[str], None]] = []
+        self._token_texts: dict[int, str] = {}
         self._lock = threading.Lock()
-        self._stats = self._snapshot()
-        self._thread = threading.Thread(target=self._loop, name="kvlab-engine", daemon=True)
-        self._thread.start()
+        self._dead: str | None = None
+        self._stats: EngineStats | None = None
+        self._tokenize_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kvlab-tokenize")
+        if _process is not None:
+            self._proc, self._commands, messages, info, self._stats = _process
+            self._send = self._commands.send
+            self._reader = threading.Thread(target=self._read_process, args=(messages,), name="kvlab-engine-reader",
+                                            daemon=True)
+        else:
+            assert engine is not None
+            self._proc = None
+            info = engine_info(engine)
+            self._queue: queue.SimpleQueue = queue.SimpleQueue()
+            self._send = self._queue.put
+            core = EngineCore(engine, self._on_message, keep_history)
+            self._stats = core.stats()
+            self._reader = threading.Thread(target=self._run_thread, args=(core,), name="kvlab-engine", daemon=True)
+            self.engine = engine
+        self.info: EngineInfo = info
+        self.max_model_len = info.max_model_len
+        self.model_name = info.model
+        # the front end's own tokenizer: the engine's may be in use on its thread at the same time
+        self.tokenizer: Tokenizer = load_tokenizer(info.model, info.vocab_size, info.bos_token_id,
+                                                   info.eos_token_ids)
+        self._reader.start()
 
-    # -- caller side (any thread / event loop) -----------------------------------------------
+    @classmethod
+    def start_process(cls, config: EngineConfig, timeout: float = 3600.0) -> AsyncLLMEngine:
+        """Start the engine in a process of its own and wait until it is ready (weights loaded,
+        KV pool sized); raises RuntimeError with the engine's reason if it cannot start."""
+        ctx = mp.get_context("spawn")  # never fork a process that may hold CUDA state
+        cmd_recv, cmd_send = ctx.Pipe(duplex=False)
+        msg_recv, msg_send = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=run_process, args=(config, cmd_recv, msg_send), name="kvlab-engine-core",
+                           daemon=True)
+        proc.start()
+        cmd_recv.close()
+        msg_send.close()
+        if not msg_recv.poll(timeout):
+            proc.kill()
+            raise RuntimeError(f"the engine process did not start within {timeout:.0f} s")
+        try:
+            first = msg_recv.recv()
+        except EOFError:
+            proc.join(5)
+            raise RuntimeError(f"the engine process exited with code {proc.exitcode} before it was ready") from None
+        if first[0] != "ready":
+            proc.join(5)
+            raise RuntimeError(first[1])
+        _, _, stats = msg_recv.recv()  # the core's first snapshot, sent before it serves
+        return cls(_process=(proc, cmd_send, msg_recv, first[1], stats))
+
+    # -- caller side ----------------------------------------------------------------------------
     @property
     def is_running(self) -> bool:
-        return not self._dead
+        return self._dead is None
 
     def stats(self) -> EngineStats:
         return self._stats
 
     def add_finish_listener(self, fn: Callable[[RequestOutput], None]) -> None:
-        """``fn(output)`` runs on the engine thread for each request that finishes (not aborts)."""
+        """``fn(output)`` runs (on a background thread) for each request that finishes, not aborts."""
         self._listeners.append(fn)
+
+    def add_dead_listener(self, fn: Callable[[str], None]) -> None:
+        """``fn(reason)`` runs once if the engine dies (not on shutdown)."""
+        self._dead_listeners.append(fn)
+
+    async def tokenize(self, prompt: str | list[int] | ChatPrompt) -> tuple[str | None, list[int]]:
+        """(text or None, token ids), computed off the event loop."""
+        if isinstance(prompt, list):
+            return None, prompt
+        loop = asyncio.get_running_loop()
+
+        def work() -> tuple[str, list[int]]:
+            text = (self.tokenizer.apply_chat_template(prompt.messages) if isinstance(prompt, ChatPrompt)
+                    else prompt)
+            return text, self.tokenizer.encode(text)
+
+        return await loop.run_in_executor(self._tokenize_pool, work)
+
+    def check_lengths(self, num_prompt_tokens: int, max_tokens: int | None) -> None:
+        limit = self.max_model_len
+        if num_prompt_tokens >= limit:
+            raise PromptTooLongError(
+                f"This model's maximum context length is {limit} tokens, but the prompt has {num_prompt_tokens} "
+                "tokens (at least one output token is needed): shorten the prompt")
+        if max_tokens is not None and num_prompt_tokens + max_tokens > limit:
+            raise ContextLengthError(
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the prompt, {max_tokens} in the "
+                f"completion): lower max_tokens to at most {limit - num_prompt_tokens}, or shorten the prompt")
 
     async def add_request(self, prompt: str | list[int] | ChatPrompt, params: SamplingParams,
                           request_id: str) -> RequestStream:
-        """Queue a request; raises ValueError (PromptTooLongError, ...) if the engine rejects it."""
-        loop = asyncio.get_running_loop()
-        stream = _Stream(request_id, loop)
-        arrival = self.engine.clock()  # the HTTP arrival, so TTFT includes the wait for the thread
-        fut: concurrent.futures.Future = concurrent.futures.Future()
-        self._submit(lambda: self._add(stream, prompt, params, arrival, fut))
+        """Queue a request; raises ValueError (PromptTooLongError, ContextLengthError, ...) if it
+        cannot run, EngineDeadError if the engine is not running."""
+        self._check_alive()
+        text, ids = await self.tokenize(prompt)
+        self.check_lengths(len(ids), params.max_tokens)
+        arrival = time.perf_counter()  # the HTTP arrival, so TTFT includes the wait for the core
+        stream = _Stream(request_id, asyncio.get_running_loop(), ids, text)
+        with self._lock:
+            self._check_alive()
+            self._streams[request_id] = stream
+            self._send(("add", request_id, ids, params, arrival))
         try:
-            num_prompt_tokens = await asyncio.wrap_future(fut)
+            await stream.added
         except asyncio.CancelledError:
             self.abort(request_id)  # the caller left while the request was being queued
             raise
-        return RequestStream(self, stream, num_prompt_tokens)
+        return RequestStream(self, stream)
 
     async def generate(self, prompt: str | list[int] | ChatPrompt, params: SamplingParams,
                        request_id: str) -> AsyncIterator[RequestOutput]:
@@ -172,184 +306,145 @@ class AsyncLLMEngine:
             stream.abort()
 
     def abort(self, request_id: str) -> None:
-        try:
-            self._submit(lambda: self._abort(request_id))
-        except EngineDeadError:  # every request was ended on the way out
-            pass
-
-    async def call(self, fn: Callable[[LLMEngine], object]) -> object:
-        """Run ``fn(engine)`` on the engine thread (for tokenizer use, which is not thread-safe)."""
-        fut: concurrent.futures.Future = concurrent.futures.Future()
-
-        def run() -> None:
-            try:
-                self._check_alive()
-                fut.set_result(fn(self.engine))
-            except Exception as e:  # handed to the caller
-                fut.set_exception(e)
-
-        self._submit(run)
-        return await asyncio.wrap_future(fut)
-
-    def token_text(self, token_id: int) -> str:
-        """Text of one token; filled on the engine thread for requests that asked for logprobs."""
-        text = self._token_texts.get(token_id)
-        return text if text is not None else f"<{token_id}>"
-
-    def shutdown(self, timeout: float = 30.0) -> None:
-        """Stop the loop after the current step; unfinished requests are aborted."""
-        try:
-            self._submit(_STOP)
-        except EngineDeadError:
-            return
-        self._thread.join(timeout)
-
-    def _submit(self, command) -> None:
         with self._lock:
-            self._check_alive()
-            self._commands.put(command)
-
-    def _check_alive(self) -> None:
-        if self._dead:
-            raise EngineDeadError(f"the engine is not running{f': {self._error}' if self._error else ''}")
-
-    # -- engine thread ------------------------------------------------------------------------
-    def _loop(self) -> None:
-        try:
-            self._serve()
-        except Exception as e:  # a bug in a step: fail every request rather than hang them
-            log.exception("engine loop failed")
-            self._error = e
-        with self._lock:  # from here on no command gets in; run those already queued
-            self._dead = True
-        self._fail_all(EngineDeadError(f"the engine failed: {self._error!r}" if self._error
-                                       else "the engine was shut down"))
-        while True:
-            try:
-                command = self._commands.get_nowait()
-            except queue.Empty:
-                break
-            if command is not _STOP:
-                command()  # each answers EngineDeadError now that _dead is set
-        try:
-            self._stats = self._snapshot()
-        except Exception:  # a broken engine keeps its last snapshot
-            log.exception("final stats snapshot failed")
-
-    def _serve(self) -> None:
-        stalled = False
-        while True:
-            commands = []
-            if not self.engine.has_unfinished_requests():
-                commands.append(self._commands.get())  # idle: sleep until there is work
-            elif stalled:  # requests wait for memory that nothing running will free: don't spin
-                try:
-                    commands.append(self._commands.get(timeout=0.05))
-                except queue.Empty:
-                    pass
-            while True:
-                try:
-                    commands.append(self._commands.get_nowait())
-                except queue.Empty:
-                    break
-            for command in commands:
-                if command is _STOP:
-                    return
-                command()
-            if self.engine.has_unfinished_requests():
-                stalled = not self._step()
-            else:
-                self._stats = self._snapshot()
-
-    def _add(self, stream: _Stream, prompt, params: SamplingParams, arrival: float,
-             fut: concurrent.futures.Future) -> None:
-        try:
-            self._check_alive()
-            if isinstance(prompt, ChatPrompt):
-                prompt = self.engine.tokenizer.apply_chat_template(prompt.messages)
-            _, ids = self.engine.encode(prompt)
-            if len(ids) >= self.max_model_len:
-                raise PromptTooLongError(
-                    f"This model's maximum context length is {self.max_model_len} tokens, but the prompt "
-                    f"has {len(ids)} tokens (at least one output token is needed): shorten the prompt")
-            self.engine.add_request(stream.request_id, ids, params, arrival_time=arrival)
-        except Exception as e:
-            fut.set_exception(e)
-            return
-        self._streams[stream.request_id] = stream
-        self._prompt_tokens += len(ids)
-        fut.set_result(len(ids))
-
-    def _abort(self, request_id: str) -> None:
-        stream = self._streams.pop(request_id, None)
-        if stream is None:  # finished already, or never added
-            return
-        self.engine.abort_request(request_id)
-        self._finished["abort"] = self._finished.get("abort", 0) + 1
-        self._stats = self._snapshot()
+            stream = self._streams.pop(request_id, None)
+            if stream is None or self._dead is not None:
+                return
+            self._send(("abort", request_id))
         _deliver(stream.loop, [(stream, None)])
 
-    def _step(self) -> bool:
-        """One engine step; False if it scheduled nothing."""
-        outputs = self.engine.step()
-        scheduled = self.engine.step_records[-1].num_seqs > 0 if self.engine.step_records else True
-        self._steps += 1
-        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
-        for out in outputs:
-            stream = self._streams.get(out.request_id)
-            if stream is None:
+    def token_text(self, token_id: int) -> str:
+        """Text of one token (for logprobs)."""
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self._token_texts[token_id] = self.tokenizer.decode([token_id])
+        return text
+
+    def token_bytes(self, token_id: int) -> list[int]:
+        """The token's own bytes (a token may hold part of a UTF-8 character)."""
+        fn = getattr(self.tokenizer, "token_bytes", None)
+        return list(fn(token_id)) if fn is not None else list(self.token_text(token_id).encode("utf-8"))
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop the core after the current step; unfinished requests are aborted."""
+        with self._lock:
+            if self._dead is None:
+                try:
+                    self._send(("stop",))
+                except (OSError, ValueError):
+                    pass
+        self._reader.join(timeout)
+        if self._proc is not None:
+            self._proc.join(timeout)
+            if self._proc.is_alive():
+                self._proc.kill()
+        self._tokenize_pool.shutdown(wait=False)
+
+    def _check_alive(self) -> None:
+        if self._dead is not None:
+            raise EngineDeadError(f"the engine is not running: {self._dead}")
+
+    # -- core side ------------------------------------------------------------------------------
+    def _run_thread(self, core: EngineCore) -> None:
+        def get(timeout: float | None):
+            try:
+                return self._queue.get(timeout=timeout) if timeout != 0 else self._queue.get_nowait()
+            except queue.Empty:
+                return None
+
+        try:
+            core.run(get)
+        except BaseException as e:  # a fatal engine error: every request fails, /health says so
+            log.exception("engine loop failed")
+            self._die(f"the engine failed: {type(e).__name__}: {e}")
+            return
+        self._die("the engine was shut down", shutdown=True)
+
+    def _read_process(self, messages) -> None:
+        reason, shutdown = "the engine process exited", False
+        while True:
+            try:
+                msg = messages.recv()
+            except (EOFError, OSError):
+                self._proc.join(10)
+                code = self._proc.exitcode
+                shutdown = code == 0
+                if not shutdown:
+                    reason = f"the engine process exited with code {code}"
+                break
+            if msg[0] == "dead":
+                reason = msg[1]
                 continue
-            want_texts = out.outputs[0].logprobs is not None
-            for c in out.outputs:
-                seen = stream.num_tokens.get(c.index, 0)
-                self._generation_tokens += len(c.token_ids) - seen
-                if want_texts:
-                    self._memo_token_texts(c.token_ids[seen:])
-                stream.num_tokens[c.index] = len(c.token_ids)
-            if out.finished:
-                del self._streams[out.request_id]
-                reason = out.outputs[0].finish_reason
-                self._finished[reason] = self._finished.get(reason, 0) + 1
+            self._on_message(msg)
+        self._die(reason if not shutdown else "the engine was shut down", shutdown=shutdown)
+
+    def _on_message(self, msg: tuple) -> None:
+        kind = msg[0]
+        if kind == "outputs":
+            _, packed, stats = msg
+            if stats is not None:
+                self._stats = stats  # first: whoever sees a request finish also sees its memory freed
+            if packed:
+                self._dispatch(packed)
+        elif kind == "added":
+            _, rid, error = msg
+            with self._lock:
+                stream = self._streams.get(rid)
+                if error is not None:
+                    self._streams.pop(rid, None)
+            if stream is not None:
+                result = ValueError(error) if error is not None else True
+                stream.loop.call_soon_threadsafe(_resolve_future, stream.added, result)
+
+    def _dispatch(self, packed: list[tuple]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        finished = []
+        with self._lock:
+            for t in packed:
+                stream = self._streams.get(t[0])
+                if stream is None:
+                    continue
+                out = unpack_output(t, stream.prompt_ids, stream.prompt)
+                if out.finished:
+                    del self._streams[t[0]]
+                    finished.append(out)
+                by_loop.setdefault(stream.loop, []).append((stream, out))
+        for out in finished:
+            if out.error is None and not any(c.finish_reason == "abort" for c in out.outputs):
                 for fn in self._listeners:
-                    fn(out)
-            by_loop.setdefault(stream.loop, []).append((stream, out))
-        if not self.keep_history:
-            self.engine.finished_requests.clear()
-            self.engine.step_records.clear()
-        # publish stats first: whoever sees a request finish also sees its memory freed
-        self._stats = self._snapshot()
+                    try:
+                        fn(out)
+                    except Exception:
+                        log.exception("finish listener failed")
         for loop, items in by_loop.items():
             _deliver(loop, items)
-        return scheduled
 
-    def _memo_token_texts(self, token_ids: list[int]) -> None:
-        for t in token_ids:
-            if t not in self._token_texts:
-                self._token_texts[t] = self.engine.tokenizer.decode([t])
+    def _die(self, reason: str, shutdown: bool = False) -> None:
+        with self._lock:
+            if self._dead is not None:
+                return
+            self._dead = reason
+            streams, self._streams = list(self._streams.values()), {}
+        err = EngineDeadError(reason)
+        for s in streams:
+            if not s.added.done():
+                s.loop.call_soon_threadsafe(_resolve_future, s.added, err)
+            _deliver(s.loop, [(s, err)])
+        if not shutdown:
+            for fn in self._dead_listeners:
+                try:
+                    fn(reason)
+                except Exception:
+                    log.exception("dead listener failed")
 
-    def _fail_all(self, error: BaseException) -> None:
-        for rid, stream in list(self._streams.items()):
-            try:
-                self.engine.abort_request(rid)
-            except Exception:  # the engine may be broken; the callers still need their answer
-                log.exception("abort of %s failed", rid)
-            _deliver(stream.loop, [(stream, error)])
-        self._streams.clear()
 
-    def _snapshot(self) -> EngineStats:
-        e = self.engine
-        hit = getattr(e.allocator, "prefix_cache_hit_rate", 0.0)
-        return EngineStats(
-            num_running=e.num_running,
-            num_waiting=e.num_waiting,
-            memory=e.allocator.stats(),
-            kv_capacity_tokens=e.kv_capacity_tokens,
-            prefix_cache_hit_rate=float(hit() if callable(hit) else hit),
-            prompt_tokens_total=self._prompt_tokens,
-            generation_tokens_total=self._generation_tokens,
-            finished_total=dict(self._finished),
-            steps_total=self._steps,
-        )
+def _resolve_future(fut: asyncio.Future, result) -> None:
+    if fut.done():
+        return
+    if isinstance(result, BaseException):
+        fut.set_exception(result)
+    else:
+        fut.set_result(result)
 
 
 def _deliver(loop: asyncio.AbstractEventLoop, items: list[tuple[_Stream, object]]) -> None:

@@ -55,6 +55,26 @@ class ByteTokenizer:
     def apply_chat_template(self, messages: list[dict]) -> str:
         return default_chat_prompt(messages)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes the token stands for (one byte may be part of a UTF-8 character)."""
+        if self.OFFSET <= token_id < 256 + self.OFFSET:
+            return bytes([token_id - self.OFFSET])
+        return self.decode([token_id]).encode("utf-8")
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet: printable stand-ins for the 256 byte values, inverted."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + \
+        list(range(ord("\xae"), ord("\xff") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
 
 class HFTokenizer:
     """A tokenizer saved beside the model (tokenizer.json etc.), loaded offline."""
@@ -73,6 +93,25 @@ class HFTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes the token stands for: byte-level BPE and SentencePiece byte tokens exactly."""
+        piece = self.tok.convert_ids_to_tokens(token_id)
+        if piece is None:
+            return b""
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):  # SentencePiece byte fallback
+            return bytes([int(piece[3:5], 16)])
+        table = self._bytes_table
+        if all(ch in table for ch in piece):
+            return bytes(table[ch] for ch in piece)
+        return piece.replace("\u2581", " ").encode("utf-8")
+
+    @property
+    def _bytes_table(self) -> dict[str, int]:
+        table = getattr(self, "_table", None)
+        if table is None:
+            table = self._table = _byte_decoder()
+        return table
 
     def apply_chat_template(self, messages: list[dict]) -> str:
         if getattr(self.tok, "chat_template", None):

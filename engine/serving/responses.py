@@ -1,21 +1,20 @@
 """Engine outputs to OpenAI responses: whole bodies, or server-sent events chunk by chunk.
 
 A request with several prompts (completions) runs as one engine request per prompt; choice
-``i * n + j`` is sample ``j`` of prompt ``i``. Text is streamed as deltas of the cumulative
-text, holding back what may still change: a trailing incomplete UTF-8 character, and the
-last characters that could be the start of a stop string (the engine cuts those off when
-the stop string completes).
+``i * n + j`` is sample ``j`` of prompt ``i``. Streams carry the engine's delta outputs, whose
+text is already final (the engine holds back incomplete characters and possible starts of a
+stop string), so each chunk costs work for its new tokens only.
 """
 from __future__ import annotations
 
 import asyncio
 import time
 from contextlib import aclosing
-from dataclasses import dataclass
 from typing import AsyncIterator
 
-from engine.async_engine import AsyncLLMEngine, ChatPrompt, EngineDeadError, PromptTooLongError, RequestStream
-from engine.outputs import CompletionOutput, RequestOutput
+from engine.async_engine import (AsyncLLMEngine, ChatPrompt, ContextLengthError, EngineDeadError, PromptTooLongError,
+                                 RequestStream)
+from engine.outputs import RequestOutput, TopLogprobs
 from engine.sampling_params import SamplingParams
 from engine.serving.errors import APIError
 from engine.serving.protocol import (
@@ -37,6 +36,16 @@ from engine.serving.protocol import (
 )
 
 DONE = "data: [DONE]\n\n"
+ENGINE_FAILED = "The server had an error while processing your request (the engine failed on it); retry it."
+
+
+def _param_of(message: str, prompt_param: str) -> str:
+    """The request field an engine rejection is about."""
+    if "stop_token_ids" in message:
+        return "stop_token_ids"
+    if "KV tokens" in message or "max_tokens" in message:
+        return "max_tokens"
+    return prompt_param
 
 
 async def start_requests(engine: AsyncLLMEngine, prompts: list[str | list[int] | ChatPrompt],
@@ -51,10 +60,12 @@ async def start_requests(engine: AsyncLLMEngine, prompts: list[str | list[int] |
             s.abort()
         if isinstance(e, PromptTooLongError):
             raise APIError(400, str(e), param=prompt_param, code="context_length_exceeded") from e
+        if isinstance(e, ContextLengthError):
+            raise APIError(400, str(e), param="max_tokens", code="context_length_exceeded") from e
         if isinstance(e, EngineDeadError):
             raise APIError(503, str(e)) from e
         if isinstance(e, ValueError):
-            raise APIError(400, str(e), param=prompt_param) from e
+            raise APIError(400, str(e), param=_param_of(str(e), prompt_param), code="invalid_value") from e
         raise
     return streams
 
@@ -92,11 +103,17 @@ async def merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Reques
             t.cancel()
 
 
+def _check_failed(out: RequestOutput) -> None:
+    if out.error is not None:
+        raise APIError(500, ENGINE_FAILED, type="server_error")
+
+
 async def final_outputs(streams: list[RequestStream]) -> list[RequestOutput]:
     last: list[RequestOutput | None] = [None] * len(streams)
     try:
         async with aclosing(merge(streams)) as outputs:
             async for i, out in outputs:
+                _check_failed(out)
                 last[i] = out
     except EngineDeadError as e:
         raise APIError(503, str(e)) from e
@@ -105,45 +122,81 @@ async def final_outputs(streams: list[RequestStream]) -> list[RequestOutput]:
     return last  # type: ignore[return-value]
 
 
+def usage(prompt_tokens: int, completion_tokens: int) -> UsageInfo:
+    return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                     total_tokens=prompt_tokens + completion_tokens)
+
+
 def usage_of(outputs: list[RequestOutput]) -> UsageInfo:
-    prompt = sum(len(o.prompt_token_ids) for o in outputs)
-    completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
-    return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+    return usage(sum(len(o.prompt_token_ids) for o in outputs),
+                 sum(len(c.token_ids) for o in outputs for c in o.outputs))
 
 
 # -- logprobs -------------------------------------------------------------------------------
+def _top_dict(engine: AsyncLLMEngine, token: int, logprob: float, top: TopLogprobs | None) -> dict[str, float]:
+    d = {engine.token_text(t): lp for t, lp in top} if top else {}
+    d.setdefault(engine.token_text(token), logprob)  # the sampled token is always listed
+    return d
+
+
 def completion_logprobs(engine: AsyncLLMEngine, token_ids: list[int], logprobs: list[float],
-                        offset: int) -> CompletionLogprobs:
-    out = CompletionLogprobs()
-    for t, lp in zip(token_ids, logprobs):
+                        tops: list[TopLogprobs] | None, offset: int,
+                        out: CompletionLogprobs | None = None) -> CompletionLogprobs:
+    out = out or CompletionLogprobs()
+    for j, (t, lp) in enumerate(zip(token_ids, logprobs)):
         text = engine.token_text(t)
         out.tokens.append(text)
         out.token_logprobs.append(lp)
-        out.top_logprobs.append({text: lp})  # the engine reports the sampled token's logprob only
+        out.top_logprobs.append(_top_dict(engine, t, lp, tops[j] if tops else None))
         out.text_offset.append(offset)
         offset += len(text)
     return out
 
 
-def chat_logprobs(engine: AsyncLLMEngine, token_ids: list[int], logprobs: list[float],
-                  top: int) -> ChatLogprobs:
-    content = []
-    for t, lp in zip(token_ids, logprobs):
+def prompt_logprobs(engine: AsyncLLMEngine, out: RequestOutput) -> CompletionLogprobs:
+    """Echoed prompt tokens with their logprobs (None for the first: nothing predicts it)."""
+    lp = CompletionLogprobs()
+    offset = 0
+    lps = out.prompt_logprobs or [None] * len(out.prompt_token_ids)
+    tops = out.prompt_top_logprobs or [None] * len(out.prompt_token_ids)
+    for t, p, top in zip(out.prompt_token_ids, lps, tops):
         text = engine.token_text(t)
-        b = list(text.encode("utf-8"))
-        tops = [TopLogprob(token=text, logprob=lp, bytes=b)] if top > 0 else []
-        content.append(TokenLogprob(token=text, logprob=lp, bytes=b, top_logprobs=tops))
+        lp.tokens.append(text)
+        lp.token_logprobs.append(p)
+        lp.top_logprobs.append(None if p is None else _top_dict(engine, t, p, top))
+        lp.text_offset.append(offset)
+        offset += len(text)
+    return lp
+
+
+def chat_logprobs(engine: AsyncLLMEngine, token_ids: list[int], logprobs: list[float],
+                  tops: list[TopLogprobs] | None, top: int) -> ChatLogprobs:
+    content = []
+    for j, (t, lp) in enumerate(zip(token_ids, logprobs)):
+        alts = [TopLogprob(token=engine.token_text(a), logprob=alp, bytes=engine.token_bytes(a))
+                for a, alp in (tops[j] if tops else [])[:top]]
+        content.append(TokenLogprob(token=engine.token_text(t), logprob=lp, bytes=engine.token_bytes(t),
+                                    top_logprobs=alts))
     return ChatLogprobs(content=content)
+
+
+def _echo_text(engine: AsyncLLMEngine, out: RequestOutput) -> str:
+    return out.prompt if out.prompt is not None else engine.tokenizer.decode(out.prompt_token_ids)
 
 
 # -- whole responses ------------------------------------------------------------------------
 def completion_response(engine: AsyncLLMEngine, request_id: str, model: str, outputs: list[RequestOutput],
-                        n: int, want_logprobs: bool) -> CompletionResponse:
+                        n: int, want_logprobs: bool, echo: bool = False) -> CompletionResponse:
     choices = []
     for i, out in enumerate(outputs):
+        prefix = _echo_text(engine, out) if echo else ""
         for c in out.outputs:
-            lp = completion_logprobs(engine, c.token_ids, c.logprobs or [], 0) if want_logprobs else None
-            choices.append(CompletionChoice(index=i * n + c.index, text=c.text, logprobs=lp,
+            lp = None
+            if want_logprobs:
+                lp = prompt_logprobs(engine, out) if echo else None
+                offset = sum(len(t) for t in lp.tokens) if lp else 0
+                lp = completion_logprobs(engine, c.token_ids, c.logprobs or [], c.top_logprobs, offset, lp)
+            choices.append(CompletionChoice(index=i * n + c.index, text=prefix + c.text, logprobs=lp,
                                             finish_reason=c.finish_reason))
     return CompletionResponse(id=request_id, model=model, choices=choices, usage=usage_of(outputs))
 
@@ -152,50 +205,22 @@ def chat_response(engine: AsyncLLMEngine, request_id: str, model: str, output: R
                   top_logprobs: int | None) -> ChatCompletionResponse:
     choices = []
     for c in output.outputs:
-        lp = None if top_logprobs is None else chat_logprobs(engine, c.token_ids, c.logprobs or [], top_logprobs)
+        lp = None if top_logprobs is None else chat_logprobs(engine, c.token_ids, c.logprobs or [],
+                                                             c.top_logprobs, top_logprobs)
         choices.append(ChatChoice(index=c.index, message=AssistantMessage(content=c.text), logprobs=lp,
                                   finish_reason=c.finish_reason))
     return ChatCompletionResponse(id=request_id, model=model, choices=choices, usage=usage_of([output]))
 
 
 # -- streams --------------------------------------------------------------------------------
-@dataclass
-class _Choice:
-    sent_chars: int = 0
-    sent_tokens: int = 0
-    done: bool = False
-
-
-def _text_delta(state: _Choice, c: CompletionOutput, holdback: int) -> str:
-    """New text of one sample since the last chunk (all of it once the sample is finished)."""
-    text = c.text
-    if c.finish_reason is None:
-        text = text.rstrip("\ufffd")  # an incomplete UTF-8 character: wait for its other bytes
-        text = text[: max(0, len(text) - holdback)]
-    delta = text[state.sent_chars:]
-    state.sent_chars = max(state.sent_chars, len(text))
-    state.done = c.finish_reason is not None
-    return delta
-
-
-def _new_tokens(state: _Choice, c: CompletionOutput) -> tuple[list[int], list[float]]:
-    """Token ids and logprobs of one sample not yet sent."""
-    tokens, logprobs = c.token_ids[state.sent_tokens:], (c.logprobs or [])[state.sent_tokens:]
-    state.sent_tokens = len(c.token_ids)
-    return tokens, logprobs
-
-
-def _holdback(params: SamplingParams) -> int:
-    return max((len(s) for s in params.stop), default=1) - 1
-
-
 def _sse(chunk, include_usage: bool) -> str:
     return f"data: {chunk.model_dump_json(exclude=None if include_usage else {'usage'})}\n\n"
 
 
 def _sse_error(err: BaseException) -> str:
     if not isinstance(err, APIError):
-        err = APIError(503 if isinstance(err, EngineDeadError) else 500, str(err))
+        err = (APIError(503, str(err)) if isinstance(err, EngineDeadError)
+               else APIError(500, "The server had an error while processing your request.", type="server_error"))
     return f"data: {ErrorResponse(error=err.detail).model_dump_json()}\n\n"
 
 
@@ -205,35 +230,46 @@ class CompletionChunker:
     object_type = CompletionChunk
 
     def __init__(self, engine: AsyncLLMEngine, request_id: str, model: str, params: SamplingParams,
-                 num_prompts: int, include_usage: bool):
+                 num_prompts: int, include_usage: bool, echo: bool = False):
         self.engine, self.id, self.model, self.params = engine, request_id, model, params
         self.include_usage = include_usage
+        self.echo = echo
         self.created = int(time.time())
-        self.holdback = _holdback(params)
-        self.states = [[_Choice() for _ in range(params.n)] for _ in range(num_prompts)]
         self.offsets = [[0] * params.n for _ in range(num_prompts)]
+        self.echoed = [[False] * params.n for _ in range(num_prompts)]
+        self.prompt_tokens = [0] * num_prompts
+        self.completion_tokens = 0
 
     def start(self) -> list[str]:
         return []
 
     def on_output(self, i: int, out: RequestOutput) -> list[str]:
+        _check_failed(out)
+        self.prompt_tokens[i] = len(out.prompt_token_ids)
         events = []
         for c in out.outputs:
-            st = self.states[i][c.index]
-            if st.done:
+            self.completion_tokens += len(c.token_ids)
+            text, lp = c.text, None
+            want_lp = self.params.logprobs is not None
+            if self.echo and not self.echoed[i][c.index]:
+                self.echoed[i][c.index] = True
+                text = _echo_text(self.engine, out) + text
+                if want_lp:
+                    lp = prompt_logprobs(self.engine, out)
+                    self.offsets[i][c.index] = sum(len(t) for t in lp.tokens)
+            if want_lp:
+                lp = completion_logprobs(self.engine, c.token_ids, c.logprobs or [], c.top_logprobs,
+                                         self.offsets[i][c.index], lp)
+                self.offsets[i][c.index] = (lp.text_offset[-1] + len(lp.tokens[-1])) if lp.tokens else 0
+            if not text and c.finish_reason is None and not (lp and lp.tokens):
                 continue
-            delta = _text_delta(st, c, self.holdback)
-            if not delta and not st.done:
-                continue
-            tokens, lps = _new_tokens(st, c)
-            lp = None
-            if self.params.logprobs is not None:
-                lp = completion_logprobs(self.engine, tokens, lps, self.offsets[i][c.index])
-                self.offsets[i][c.index] += sum(len(t) for t in lp.tokens)
-            choice = CompletionChoice(index=i * self.params.n + c.index, text=delta, logprobs=lp,
+            choice = CompletionChoice(index=i * self.params.n + c.index, text=text, logprobs=lp,
                                       finish_reason=c.finish_reason)
             events.append(self.event([choice]))
         return events
+
+    def usage(self) -> UsageInfo:
+        return usage(sum(self.prompt_tokens), self.completion_tokens)
 
     def event(self, choices: list, usage: UsageInfo | None = None) -> str:
         chunk = self.object_type(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage)
@@ -255,19 +291,17 @@ class ChatChunker(CompletionChunker):
         return [self._chunk(j, DeltaMessage(role="assistant", content="")) for j in range(self.params.n)]
 
     def on_output(self, i: int, out: RequestOutput) -> list[str]:
+        _check_failed(out)
+        self.prompt_tokens[0] = len(out.prompt_token_ids)
         events = []
         for c in out.outputs:
-            st = self.states[0][c.index]
-            if st.done:
-                continue
-            delta = _text_delta(st, c, self.holdback)
-            unsent = st.sent_tokens < len(c.token_ids)
-            if delta or (st.done and self.top_logprobs is not None and unsent):
-                tokens, lps = _new_tokens(st, c)
-                lp = None if self.top_logprobs is None else chat_logprobs(self.engine, tokens, lps,
-                                                                          self.top_logprobs)
-                events.append(self._chunk(c.index, DeltaMessage(content=delta), lp))
-            if st.done:
+            self.completion_tokens += len(c.token_ids)
+            lp = None
+            if self.top_logprobs is not None and c.token_ids:
+                lp = chat_logprobs(self.engine, c.token_ids, c.logprobs or [], c.top_logprobs, self.top_logprobs)
+            if c.text or lp is not None:
+                events.append(self._chunk(c.index, DeltaMessage(content=c.text), lp))
+            if c.finish_reason is not None:
                 events.append(self._chunk(c.index, DeltaMessage(), finish_reason=c.finish_reason))
         return events
 
@@ -279,18 +313,16 @@ class ChatChunker(CompletionChunker):
 async def sse_events(streams: list[RequestStream], chunker: CompletionChunker) -> AsyncIterator[str]:
     """The SSE body of a streamed response, ending with [DONE]; aborts what is still running when
     it ends early (client gone, error)."""
-    last: list[RequestOutput | None] = [None] * len(streams)
     try:
         try:
             for event in chunker.start():
                 yield event
             async with aclosing(merge(streams)) as outputs:
                 async for i, out in outputs:
-                    last[i] = out
                     for event in chunker.on_output(i, out):
                         yield event
             if chunker.include_usage:
-                yield chunker.event([], usage_of([o for o in last if o is not None]))
+                yield chunker.event([], chunker.usage())
         except Exception as e:  # the status line is gone: report in the stream, as OpenAI does
             yield _sse_error(e)
         yield DONE

@@ -1,0 +1,201 @@
+"""The engine core loop: an LLMEngine driven by commands, emitting compact per-step messages.
+
+The same loop runs on a background thread (tests, embedding) or in a process of its own
+(``kvlab serve``: the HTTP server's Python work then never competes with the engine for
+the GIL, as in vLLM V1). Commands and messages are plain tuples, cheap to pickle:
+
+  commands:  ("add", request_id, token_ids, params, arrival) | ("abort", request_id) | ("stop",)
+  messages:  ("ready", EngineInfo) | ("added", request_id, error or None)
+             | ("outputs", [packed outputs], EngineStats or None) | ("dead", message)
+
+Outputs are packed as tuples (``pack_output``); only a finished output carries its metrics.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+
+log = logging.getLogger("kvlab.engine_core")
+
+STATS_INTERVAL_S = 0.05  # stats snapshots while busy; always one when a request finishes or all is idle
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What the front end needs to know of the engine it talks to."""
+
+    model: str
+    max_model_len: int
+    kv_capacity_tokens: int
+    vocab_size: int
+    bos_token_id: int | None
+    eos_token_ids: list[int]
+
+
+def engine_info(engine: LLMEngine) -> EngineInfo:
+    mc = engine.model_config
+    return EngineInfo(engine.config.model, engine.max_model_len, engine.kv_capacity_tokens, mc.vocab_size,
+                      mc.bos_token_id, list(engine.eos_token_ids))
+
+
+# -- packing -----------------------------------------------------------------------------------
+_METRIC_FIELDS = ("arrival_time", "first_scheduled_time", "first_token_time", "finish_time", "num_preemptions",
+                  "num_cached_tokens", "num_prompt_tokens", "num_generation_tokens", "n", "max_tokens",
+                  "inter_token_latencies")
+
+
+def pack_output(o: RequestOutput) -> tuple:
+    samples = [(c.index, c.token_ids, c.text, c.finish_reason, c.stop_reason, c.logprobs, c.token_times,
+                c.top_logprobs) for c in o.outputs]
+    metrics = tuple(getattr(o.metrics, f) for f in _METRIC_FIELDS) if o.finished else None
+    return (o.request_id, o.finished, samples, metrics, o.prompt_logprobs, o.prompt_top_logprobs, o.error)
+
+
+def unpack_output(t: tuple, prompt_token_ids: list[int], prompt: str | None) -> RequestOutput:
+    rid, finished, samples, metrics, plp, ptop, error = t
+    m = RequestMetrics(**dict(zip(_METRIC_FIELDS, metrics))) if metrics else RequestMetrics(0.0, None, None, None)
+    outs = [CompletionOutput(*s) for s in samples]
+    return RequestOutput(rid, prompt_token_ids, outs, finished, m, prompt, plp, ptop, error)
+
+
+# -- the loop ----------------------------------------------------------------------------------
+class EngineCore:
+    def __init__(self, engine: LLMEngine, emit: Callable[[tuple], None], keep_history: bool = False):
+        """``keep_history=False`` drops the engine's per-request and per-step records after each
+        step, so that a long-running server does not grow without bound."""
+        self.engine = engine
+        self.emit = emit
+        self.keep_history = keep_history
+        self._finished: dict[str, int] = {}
+        self._prompt_tokens = 0
+        self._steps = 0
+        self._last_stats = 0.0
+
+    def run(self, get: Callable[[float | None], tuple | None]) -> None:
+        """Serve commands until ("stop",). ``get(timeout)``: the next command, None if none came
+        within ``timeout`` seconds (0: don't wait; None: wait for one)."""
+        engine = self.engine
+        stalled = False
+        self.emit(("outputs", [], self.stats()))
+        while True:
+            commands = []
+            if not engine.has_unfinished_requests():
+                commands.append(get(None))  # idle: sleep until there is work
+            elif stalled:  # requests wait for memory that nothing running will free: don't spin
+                commands.append(get(0.05))
+            while (c := get(0)) is not None:
+                commands.append(c)
+            for c in commands:
+                if c is None:
+                    continue
+                if c[0] == "stop":
+                    return
+                self._command(c)
+            if engine.has_unfinished_requests():
+                stalled = not self._step()
+            else:
+                self.emit(("outputs", [], self.stats()))
+
+    def _command(self, c: tuple) -> None:
+        if c[0] == "add":
+            _, rid, ids, params, arrival = c
+            try:
+                self.engine.add_request(rid, ids, params, arrival_time=arrival)
+            except ValueError as e:
+                self.emit(("added", rid, str(e)))
+                return
+            self._prompt_tokens += len(ids)
+            self.emit(("added", rid, None))
+        elif c[0] == "abort":
+            if c[1] in self.engine.requests:
+                self.engine.abort_request(c[1])
+                self._finished["abort"] = self._finished.get("abort", 0) + 1
+        else:
+            raise ValueError(f"unknown engine command {c[0]!r}")
+
+    def _step(self) -> bool:
+        """One engine step; False if it scheduled nothing."""
+        engine = self.engine
+        outputs = engine.step()
+        self._steps += 1
+        scheduled = engine.step_records[-1].num_seqs > 0 if engine.step_records else True
+        finished = False
+        for out in outputs:
+            if out.finished:
+                finished = True
+                reason = out.outputs[0].finish_reason if out.outputs else "error"
+                if out.error:
+                    reason = "error"
+                self._finished[reason] = self._finished.get(reason, 0) + 1
+        if not self.keep_history:
+            engine.finished_requests.clear()
+            engine.step_records.clear()
+        now = time.monotonic()
+        stats = None
+        if finished or now - self._last_stats >= STATS_INTERVAL_S:
+            stats = self.stats()
+        self.emit(("outputs", [pack_output(o) for o in outputs], stats))
+        return scheduled
+
+    def stats(self):
+        from engine.async_engine import EngineStats  # the front end's type; no cycle at import time
+
+        self._last_stats = time.monotonic()
+        e = self.engine
+        sched = e.scheduler
+        running = {s.request_id for s in sched.running}
+        return EngineStats(
+            num_requests_running=len(running),
+            num_requests_waiting=len(e.requests) - len(running),
+            num_seqs_running=len(sched.running),
+            num_seqs_waiting=len(sched.waiting),
+            num_seqs_swapped=len(sched.swapped),
+            memory=e.allocator.stats(),
+            kv_capacity_tokens=e.kv_capacity_tokens,
+            prefix_cache_queries_total=sched.prefix_queries,
+            prefix_cache_hits_total=sched.prefix_hits,
+            prompt_tokens_total=self._prompt_tokens,
+            generation_tokens_total=e.num_generation_tokens,
+            num_preemptions_total=sched.num_preemptions,
+            finished_total=dict(self._finished),
+            steps_total=self._steps,
+        )
+
+
+def run_process(config: EngineConfig, commands, messages) -> None:
+    """Entry point of the engine process (``multiprocessing`` spawn): build the engine, say
+    ready, serve; a fatal error is reported and ends the process non-zero."""
+    logging.basicConfig(level=os.environ.get("KVLAB_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        engine = LLMEngine(config)
+    except Exception as e:
+        messages.send(("dead", f"the engine could not start: {e}"))
+        sys.exit(1)
+
+    def get(timeout: float | None):
+        if timeout is None or commands.poll(timeout):
+            try:
+                return commands.recv()
+            except EOFError:  # the front end is gone
+                return ("stop",)
+        return None
+
+    core = EngineCore(engine, messages.send)
+    messages.send(("ready", engine_info(engine)))
+    try:
+        core.run(get)
+    except BaseException as e:
+        log.exception("engine core failed")
+        try:
+            messages.send(("dead", f"the engine failed: {type(e).__name__}: {e}"))
+        finally:
+            os._exit(1)  # a supervisor restarts the server; no cleanup that could hang
