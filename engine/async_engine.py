@@ -8,8 +8,8 @@ event loops. ``AsyncLLMEngine(engine)`` runs the core on a background thread;
 ``AsyncLLMEngine.start_process(config)`` runs it in a process of its own (what ``kvlab
 serve`` uses: HTTP work and engine steps then never wait on one GIL).
 
-Streams carry delta outputs (only what is new); a slow consumer gets the deltas merged, never
-a backlog of small events.
+A slow consumer never works through a backlog: delta outputs (only what is new) that piled up
+are merged into one, and of whole outputs only the newest is handed out.
 """
 from __future__ import annotations
 
@@ -119,8 +119,10 @@ def merge_deltas(items: list[RequestOutput]) -> RequestOutput:
 class _Stream:
     """One request's outputs, delivered to the caller's event loop."""
 
-    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop, prompt_ids: list[int], prompt: str | None):
+    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop, prompt_ids: list[int], prompt: str | None,
+                 delta: bool):
         self.request_id = request_id
+        self.delta = delta  # outputs are deltas (merged when several wait), else whole (the newest wins)
         self.loop = loop
         self.prompt_ids = prompt_ids
         self.prompt = prompt
@@ -161,7 +163,7 @@ class RequestStream:
             outs.append(item)
         if not outs:
             raise StopAsyncIteration
-        out = merge_deltas(outs)
+        out = merge_deltas(outs) if self._stream.delta else outs[-1]
         if out.finished:
             self._done = self.finished = True
         return out
@@ -283,7 +285,7 @@ class AsyncLLMEngine:
         text, ids = await self.tokenize(prompt)
         self.check_lengths(len(ids), params.max_tokens)
         arrival = time.perf_counter()  # the HTTP arrival, so TTFT includes the wait for the core
-        stream = _Stream(request_id, asyncio.get_running_loop(), ids, text)
+        stream = _Stream(request_id, asyncio.get_running_loop(), ids, text, params.output_kind == "delta")
         with self._lock:
             self._check_alive()
             self._streams[request_id] = stream

@@ -96,7 +96,10 @@ class EngineCore:
             for c in commands:
                 if c is None:
                     continue
-                if c[0] == "stop":
+                if c[0] == "stop":  # unfinished requests are aborted: their memory is freed
+                    for rid in list(engine.requests):
+                        self._command(("abort", rid))
+                    self.emit(("outputs", [], self.stats()))
                     return
                 self._command(c)
             if engine.has_unfinished_requests():

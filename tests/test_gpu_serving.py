@@ -102,5 +102,5 @@ def test_64_concurrent_streams_then_pool_empty(base_url):
         assert sum(1 for c in chunks if c["choices"] and c["choices"][0].get("text") is not None) >= 1
     m = _metrics(base_url)
     print(f"\n64 streams x 32 tokens on the GPU in {wall:.2f} s")
-    assert m["kvlab_num_requests_running"] == 0 and m["kvlab_num_requests_waiting"] == 0
-    assert m['kvlab_kv_cache_bytes{state="free"}'] == m["kvlab_kv_cache_capacity_bytes"]
+    assert m["vllm:num_requests_running"] == 0 and m["vllm:num_requests_waiting"] == 0
+    assert m['kvlab:kv_cache_bytes{state="free"}'] == m["kvlab:kv_cache_capacity_bytes"]

@@ -1,24 +1,63 @@
-"""The OpenAI-compatible HTTP API over an AsyncLLMEngine (FastAPI)."""
-from __future__ import annotations
+"""The OpenAI-compatible HTTP API over an AsyncLLMEngine (FastAPI).
+
+The published OpenAPI schema is the server's behaviour: request models carry this server's
+limits, model name and context length (``protocol.request_models``); every error status a
+route can answer is declared with OpenAI's error body (and no 422, which is never sent);
+``/health`` answers an empty 200 and ``/metrics`` Prometheus text.
+"""
+# no ``from __future__ import annotations``: the routes' request types are built per app, and
+# FastAPI must see them as objects, not as names to look up in this module
 
 import asyncio
 import hmac
+import re
 import time
 import uuid
-from typing import Awaitable, TypeVar
+from typing import Any, Awaitable, TypeVar
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi import FastAPI, Path, Request
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from engine.async_engine import AsyncLLMEngine, ChatPrompt
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import MAX_SEED, MAX_TOP_K, SamplingParams
 from engine.serving import responses
 from engine.serving.errors import APIError, error_json, install_error_handlers
+from engine.serving.limits import BodyLimitMiddleware, HeaderLimitMiddleware, ServerLimits
 from engine.serving.metrics import CONTENT_TYPE, ServingMetrics
-from engine.serving.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from engine.serving.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    MAX_TOKENS,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    request_models,
+)
 
 T = TypeVar("T")
+
+_ERROR_DESCRIPTIONS = {
+    400: "Invalid request: the body is not valid JSON, a field has the wrong type or value, a field is not "
+         "supported, or a limit is exceeded (`param` names the field)",
+    401: "Missing or wrong API key",
+    404: "Unknown model (`param` is `model`)",
+    408: "The request body was not received in time (the connection is closed)",
+    413: "The request body is too large (the connection is closed)",
+    431: "The request line and headers are too large (the connection is closed)",
+    503: "The engine is not running",
+}
+# one event of a streamed response: `data: <chunk as JSON>`, the last one `data: [DONE]`
+_SSE_EVENT = {"type": "object", "properties": {"data": {"type": "string"}, "event": {"type": "string"},
+                                               "id": {"type": "string"}}}
+_SAMPLING_PROBLEM = re.compile(r"^(?:invalid SamplingParams: )?([a-z_]+) ")
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    return {c: {"model": ErrorResponse, "description": _ERROR_DESCRIPTIONS[c]} for c in codes}
 
 
 class APIKeyMiddleware:
@@ -77,50 +116,95 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T | None:
     return None if task.cancelled() else task.result()
 
 
-def create_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | None = None) -> FastAPI:
-    app = FastAPI(title="kvlab", description="OpenAI-compatible server on the kvlab engine")
+def _vocab_size(engine: AsyncLLMEngine) -> int | None:
+    size = getattr(getattr(engine, "info", None), "vocab_size", None)  # the engine's published facts
+    if size is None:  # an engine in this process
+        size = getattr(getattr(getattr(engine, "engine", None), "model_config", None), "vocab_size", None)
+    return size if isinstance(size, int) and size > 0 else None
+
+
+def create_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | None = None,
+               limits: ServerLimits | None = None) -> FastAPI:
+    """The API over ``engine``. ``limits`` (default: ``ServerLimits()``) bound what one request may
+    ask (body size and time, prompts, ``n``, stop strings); the protocol-level limits (headers,
+    connections) are uvicorn's, set by ``server.build_server``."""
+    limits = limits or ServerLimits()
+    completion_request, chat_request = request_models(limits, served_model_name, engine.max_model_len,
+                                                      _vocab_size(engine))
+    app = FastAPI(title="kvlab", version="1", description="OpenAI-compatible server on the kvlab engine")
     install_error_handlers(app)
-    if api_key:
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=limits.max_body_bytes,
+                       body_timeout=limits.body_timeout_s)
+    if api_key:  # a bad key is a 401 before any of the body is read
         app.add_middleware(APIKeyMiddleware, api_key=api_key)
+    app.add_middleware(HeaderLimitMiddleware, max_header_bytes=limits.max_header_bytes)  # outermost
     metrics = ServingMetrics(engine, served_model_name)
     created = int(time.time())
-    app.state.engine, app.state.metrics = engine, metrics
+    app.state.engine, app.state.metrics, app.state.limits = engine, metrics, limits
+    auth = (401,) if api_key else ()
+
+    def model_card() -> ModelCard:
+        return ModelCard(id=served_model_name, created=created, root=engine.model_name,
+                         max_model_len=engine.max_model_len)
+
+    def unknown_model(model: str) -> APIError:
+        return APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
 
     def check_model(model: str | None) -> str:
         if model is not None and model != served_model_name:
-            raise APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
+            raise unknown_model(model)
         return served_model_name
 
     def sampling_params(req: CompletionRequest | ChatCompletionRequest) -> SamplingParams:
         try:
             return req.sampling_params()
-        except ValueError as e:
-            raise APIError(400, str(e), code="invalid_value") from e
+        except ValueError as e:  # "invalid SamplingParams: <field> must be ...; ..."
+            m = _SAMPLING_PROBLEM.match(str(e))
+            field = m.group(1) if m else None
+            param = req.sampling_field_names.get(field, field) if field else None
+            raise APIError(400, str(e), param=param, code="invalid_value") from e
 
-    @app.get("/health")
+    def post_responses(body_model: type) -> dict[int | str, dict[str, Any]]:
+        ok = {"model": body_model, "description": "The whole response (JSON), or with `stream: true` server-sent "
+                                                  "events, one chunk per event, ending with `data: [DONE]`",
+              "content": {"text/event-stream": {"itemSchema": _SSE_EVENT}}}
+        return {200: ok, **_errors(400, *auth, 404, 503)}
+
+    @app.get("/health", response_class=Response,
+             responses={200: {"description": "The engine is running (empty body)", "content": {}},
+                        **_errors(503)})
     async def health() -> Response:
         if not engine.is_running:
             return error_json(503, "the engine is not running")
         return Response(status_code=200)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse,
+             responses={200: {"description": "Prometheus text exposition format",
+                              "content": {"text/plain": {"schema": {"type": "string"}}}}})
     async def get_metrics() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", response_model=ModelList, responses=_errors(*auth))
     async def models() -> ModelList:
-        return ModelList(data=[ModelCard(id=served_model_name, created=created, root=engine.model_name,
-                                         max_model_len=engine.max_model_len)])
+        return ModelList(data=[model_card()])
 
-    @app.post("/v1/completions")
-    async def completions(req: CompletionRequest, raw: Request) -> Response:
+    @app.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=_errors(*auth, 404))
+    async def get_model(model_id: str = Path(description="The served model's name",
+                                             json_schema_extra={"enum": [served_model_name]})) -> ModelCard:
+        if model_id != served_model_name:
+            raise unknown_model(model_id)
+        return model_card()
+
+    @app.post("/v1/completions", responses=post_responses(CompletionResponse))
+    async def completions(req: completion_request, raw: Request) -> Response:
         model = check_model(req.model)
         params = sampling_params(req)
+        echo = bool(req.echo)
         request_id = f"cmpl-{uuid.uuid4().hex}"
         streams = await responses.start_requests(engine, req.prompts(), params, request_id, "prompt")
         if req.stream:
             chunker = responses.CompletionChunker(engine, request_id, model, params, len(streams),
-                                                  req.include_usage)
+                                                  req.include_usage, echo=echo)
             return EventStreamResponse(responses.sse_events(streams, chunker))
         try:
             outputs = await until_disconnect(raw, responses.final_outputs(streams))
@@ -130,11 +214,11 @@ def create_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | No
         if outputs is None:
             return Response(status_code=499)  # the client is gone; nobody reads this
         body = responses.completion_response(engine, request_id, model, outputs, params.n,
-                                             req.logprobs is not None)
+                                             req.logprobs is not None, echo)
         return JSONResponse(body.model_dump())
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatCompletionRequest, raw: Request) -> Response:
+    @app.post("/v1/chat/completions", responses=post_responses(ChatCompletionResponse))
+    async def chat_completions(req: chat_request, raw: Request) -> Response:
         model = check_model(req.model)
         params = sampling_params(req)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
@@ -152,4 +236,51 @@ def create_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | No
             return Response(status_code=499)
         return JSONResponse(responses.chat_response(engine, request_id, model, outputs[0], top).model_dump())
 
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = _published_schema(app, bool(api_key))
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+_BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+_EXACT = {float(v): v for v in (MAX_SEED, -MAX_SEED - 1, MAX_TOKENS, MAX_TOP_K)}
+
+
+def _exact_bounds(node: Any) -> None:
+    """FastAPI's OpenAPI model stores numeric bounds as floats (``4.0``, and 2**63 - 1 rounded up to
+    2**63): write integral ones back as exact integers."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in _BOUNDS and isinstance(value, float) and value.is_integer():
+                node[key] = _EXACT.get(value, int(value))
+            else:
+                _exact_bounds(value)
+    elif isinstance(node, list):
+        for item in node:
+            _exact_bounds(item)
+
+
+def _published_schema(app: FastAPI, bearer: bool) -> dict[str, Any]:
+    """FastAPI's schema, less what this server never does: no 422 (bad input is a 400 with
+    OpenAI's error body); plus what the limits answer on any route (408, 413, 431); with an API
+    key, bearer auth on /v1."""
+    schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    error_body = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
+    for path, item in schema.get("paths", {}).items():
+        for op in item.values():
+            op.get("responses", {}).pop("422", None)
+            for status in (408, 413, 431):
+                op["responses"].setdefault(str(status), {"description": _ERROR_DESCRIPTIONS[status],
+                                                         "content": error_body})
+            if bearer and path.startswith("/v1"):
+                op["security"] = [{"bearer": []}]
+    _exact_bounds(schema)
+    components = schema.setdefault("components", {})
+    for name in ("HTTPValidationError", "ValidationError"):
+        components.get("schemas", {}).pop(name, None)
+    if bearer:
+        components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+    return schema

@@ -65,7 +65,7 @@ async def start_requests(engine: AsyncLLMEngine, prompts: list[str | list[int] |
         if isinstance(e, EngineDeadError):
             raise APIError(503, str(e)) from e
         if isinstance(e, ValueError):
-            raise APIError(400, str(e), param=_param_of(str(e), prompt_param), code="invalid_value") from e
+            raise APIError(400, str(e), param=_param_of(str(e), prompt_param)) from e
         raise
     return streams
 
