@@ -30,7 +30,7 @@ from experiments.atomic import write_json
 def _workload_args(a: argparse.Namespace) -> list[str]:
     return ["--num-prompts", str(a.num_prompts), "--random-input-len", str(a.input_len),
             "--random-range-ratio", str(a.range_ratio), "--random-output-len", str(a.output_len),
-            "--seed", str(a.seed)]
+            "--seed", str(a.seed), "--vocab-high", str(a.vocab_high)]
 
 
 def _engine_overrides(a: argparse.Namespace) -> dict:
@@ -43,6 +43,7 @@ def offline(a: argparse.Namespace) -> dict:
     """The engine alone on the bench's exact prompts (run in a child process)."""
     import torch
 
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     from engine import LLMEngine, SamplingParams
     from engine.config import EngineConfig
     from experiments.bench_serve import make_requests, parse_args
@@ -53,7 +54,7 @@ def offline(a: argparse.Namespace) -> dict:
         engine.add_request(f"warm-{i}", r.prompt, SamplingParams(max_tokens=8, ignore_eos=True, temperature=0))
     while engine.has_unfinished_requests():
         engine.step()
-    torch.cuda.synchronize()
+    sync()
     t0 = time.perf_counter()
     for i, r in enumerate(reqs):
         engine.add_request(f"r{i}", r.prompt, SamplingParams(max_tokens=r.output_len, ignore_eos=True, temperature=0,
@@ -61,10 +62,11 @@ def offline(a: argparse.Namespace) -> dict:
     tokens = 0
     while engine.has_unfinished_requests():
         tokens += sum(len(c.token_ids) for o in engine.step() if o.finished for c in o.outputs)
-    torch.cuda.synchronize()
+    sync()
     wall = time.perf_counter() - t0
     return dict(output_tokens=tokens, wall_s=wall, output_throughput=tokens / wall,
-                kv_capacity_tokens=engine.kv_capacity_tokens, device=torch.cuda.get_device_name())
+                kv_capacity_tokens=engine.kv_capacity_tokens,
+                device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
 
 
 def _free_port() -> int:
@@ -98,7 +100,8 @@ def online(a: argparse.Namespace, out: Path) -> tuple[dict, list[str], list[str]
         # warm-up through the server, as the offline run warms up
         subprocess.run([sys.executable, "-m", "experiments.cli", "bench", "serve", "--base-url", url,
                         "--num-prompts", "16", "--random-input-len", str(a.input_len), "--random-output-len", "8",
-                        "--disable-tqdm", "--seed", "1"], check=True, capture_output=True)
+                        "--vocab-high", str(a.vocab_high), "--disable-tqdm", "--seed", "1"], check=True,
+                       stdout=subprocess.DEVNULL)
         bench_cmd = ["kvlab", "bench", "serve", "--base-url", url, *_workload_args(a), "--max-concurrency",
                      str(a.concurrency), "--num-clients", str(a.num_clients), "--server-metrics", "--save-result",
                      "--result-dir", str(out), "--result-filename", f"bench_serve_{a.model}.json", "--disable-tqdm"]
@@ -129,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     ap.add_argument("--async-scheduling", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--vocab-high", type=int, default=1000, help="prompt token ids uniform in [10, this)")
     ap.add_argument("--out", default="results/serving")
     ap.add_argument("--offline-only", action="store_true", help=argparse.SUPPRESS)  # the child process
     a = ap.parse_args(argv)

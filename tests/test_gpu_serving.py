@@ -50,8 +50,9 @@ def _metrics(base_url) -> dict[str, float]:
     for line in httpx.get(f"{base_url}/metrics").text.splitlines():
         if line and not line.startswith("#"):
             name, value = line.rsplit(" ", 1)
-            name = name.replace('model_name="qwen3-0.6b",', "").replace('{model_name="qwen3-0.6b"}', "")
-            out[name] = float(value)
+            for label in ('model_name="qwen3-0.6b"', 'engine="0"'):  # on every series: left out of the key
+                name = name.replace(label + ",", "").replace("," + label, "").replace(label, "")
+            out[name.replace("{}", "")] = float(value)
     return out
 
 
