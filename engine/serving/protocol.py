@@ -1,95 +1,232 @@
 """Request and response bodies of OpenAI's API (the subset kvlab serves), as pydantic models.
 
-Unknown request fields are ignored, as OpenAI-compatible servers do; known fields that the
-engine cannot honour (penalties, logit_bias, echo, ...) are rejected with a 400 rather than
-silently dropped. ``top_k``, ``min_tokens``, ``ignore_eos`` and ``stop_token_ids`` are vLLM's
+Requests are validated strictly: ``"10"`` is not an integer and ``"yes"`` not a boolean (JSON
+integers are accepted for numbers and, as JSON Schema's ``integer`` has it, ``10.0`` for
+integers). Unknown request fields are ignored, as OpenAI-compatible servers do; known fields
+that the engine cannot honour (tools, response formats, penalties, logit_bias, suffix, ...)
+are rejected with a 400 naming the field rather than silently dropped, and the published
+schema lists only the values that are accepted (``null``, or the neutral value). ``top_k``, ``min_tokens``, ``ignore_eos`` and ``stop_token_ids`` are vLLM's
 extensions (clients send them through ``extra_body``); benchmarks need ``ignore_eos``.
+
+Every validation error names the top-level field at fault: field errors through their
+location, cross-field errors through ``ctx["param"]`` (see ``field_error``).
+
+``request_models`` derives the models one server publishes and enforces from its limits,
+model name and context length, so that the OpenAPI schema matches what it accepts.
 """
 from __future__ import annotations
 
 import time
-from typing import Literal
+from typing import Annotated, Any, ClassVar, Literal, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    WithJsonSchema,
+    create_model,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import MAX_LOGPROBS, MAX_N, MAX_SEED, MAX_TOP_K, SamplingParams
+
+MAX_TOKENS = 2**31 - 1  # the engine's bound on max_tokens / min_tokens / token ids
 
 
-class StreamOptions(BaseModel):
-    include_usage: bool = False
+def field_error(param: str, message: str) -> PydanticCustomError:
+    """A validation error that is not tied to one field's location but blames ``param``."""
+    return PydanticCustomError("invalid_value", "{message}", {"message": message, "param": param})
 
 
-class _SamplingRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+def _unsupported(name: str, accepted: str | None = None) -> PydanticCustomError:
+    hint = f" (leave it unset or {accepted})" if accepted else " (leave it unset)"
+    return field_error(name, f"{name} is not supported by this server{hint}")
 
-    model: str | None = None  # None: the served model
-    n: int = Field(1, ge=1, le=128)
+
+# -- known fields the engine cannot honour -------------------------------------------------------
+def _null_only(value: Any, info: ValidationInfo) -> Any:
+    if value is not None:
+        raise _unsupported(info.field_name)
+    return None
+
+
+def _zero_only(value: float | None, info: ValidationInfo) -> float | None:
+    if value:
+        raise _unsupported(info.field_name, "0")
+    return value
+
+
+def _one_only(value: float | None, info: ValidationInfo) -> float | None:
+    if value is not None and value != 1:
+        raise _unsupported(info.field_name, "1")
+    return value
+
+
+def _empty_only(value: Any, info: ValidationInfo) -> Any:
+    if value:
+        raise _unsupported(info.field_name, "empty")
+    return value
+
+
+def _text_format_only(value: Any, info: ValidationInfo) -> Any:
+    if value is not None and value != {"type": "text"}:
+        raise _unsupported(info.field_name, '{"type": "text"}')
+    return value
+
+
+def _text_modality_only(value: Any, info: ValidationInfo) -> Any:
+    if value is not None and value != ["text"]:
+        raise _unsupported(info.field_name, '["text"]')
+    return value
+
+
+def _doc(schema: dict, what: str) -> dict:
+    return {**schema, "description": f"Not supported: a request that sets it to anything else is rejected "
+                                     f"with 400. {what}".strip()}
+
+
+_NULL = {"type": "null"}
+Unsupported = Annotated[Any, BeforeValidator(_null_only), WithJsonSchema(_doc(_NULL, ""))]
+ZeroOnly = Annotated[float | None, AfterValidator(_zero_only),
+                     WithJsonSchema(_doc({"anyOf": [{"type": "number", "enum": [0]}, _NULL]}, "Accepted: 0."))]
+OneOnly = Annotated[float | None, AfterValidator(_one_only),
+                    WithJsonSchema(_doc({"anyOf": [{"type": "number", "enum": [1]}, _NULL]}, "Accepted: 1."))]
+EmptyMapOnly = Annotated[dict[str, float] | None, AfterValidator(_empty_only),
+                         WithJsonSchema(_doc({"anyOf": [{"type": "object", "maxProperties": 0}, _NULL]},
+                                             "Accepted: {}."))]
+EmptyTextOnly = Annotated[str | None, AfterValidator(_empty_only),
+                          WithJsonSchema(_doc({"anyOf": [{"type": "string", "maxLength": 0}, _NULL]},
+                                              'Accepted: "".'))]
+TextFormatOnly = Annotated[Any, BeforeValidator(_text_format_only), WithJsonSchema(_doc({"anyOf": [
+    {"type": "object", "properties": {"type": {"type": "string", "enum": ["text"]}}, "required": ["type"],
+     "additionalProperties": False}, _NULL]}, 'Accepted: {"type": "text"}.'))]
+TextModalityOnly = Annotated[Any, BeforeValidator(_text_modality_only), WithJsonSchema(_doc({"anyOf": [
+    {"type": "array", "items": {"type": "string", "enum": ["text"]}, "minItems": 1, "maxItems": 1}, _NULL]},
+    'Accepted: ["text"].'))]
+
+# cross-field rules the schema states too (``if``/``then``), so that generated requests respect them
+_STREAM_OPTIONS_NEED_STREAM = {
+    "if": {"properties": {"stream_options": {"type": "object"}}, "required": ["stream_options"]},
+    "then": {"properties": {"stream": {"const": True}}, "required": ["stream"]}}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    _integer_fields: ClassVar[frozenset[str]] = frozenset()  # fields of integers (or lists of them)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _integral_floats(cls, value: Any, info: ValidationInfo) -> Any:
+        return _integral(value) if info.field_name in cls._integer_fields else value
+
+
+class StreamOptions(_Strict):
+    include_usage: bool | None = False
+
+
+def _integral(value: Any) -> Any:
+    """``10.0`` is the integer 10 (JSON Schema's ``integer``), in lists too; anything else is left
+    for the strict check to refuse."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, list):
+        return [_integral(v) for v in value]
+    return value
+
+
+TokenId = Annotated[int, Field(ge=0, le=MAX_TOKENS)]
+
+
+class _SamplingRequest(_Strict):
+    _integer_fields = frozenset({"n", "seed", "top_k", "min_tokens", "max_tokens", "stop_token_ids"})
+
+    model: str | None = Field(None, description="The served model's name (null: the served model).")
+    n: int | None = Field(None, ge=1, le=MAX_N)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    stop: Annotated[str, Field(min_length=1)] | list[Annotated[str, Field(min_length=1)]] | None = None
+    seed: int | None = Field(None, ge=-MAX_SEED - 1, le=MAX_SEED)
+    stream: bool | None = False
+    stream_options: StreamOptions | None = Field(None, description="Only with stream: true.")
     user: str | None = None
     # vLLM extensions
-    top_k: int = -1
-    min_tokens: int = Field(0, ge=0)
-    ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
+    top_k: int | None = Field(None, ge=-1, le=MAX_TOP_K, description="-1 or 0: no limit (vLLM extension).")
+    min_tokens: int | None = Field(None, ge=0, le=MAX_TOKENS,
+                                   description="At most max_tokens (vLLM extension).")
+    ignore_eos: bool | None = False
+    stop_token_ids: list[TokenId] | None = None
+    # known, not supported (rejected unless neutral)
+    presence_penalty: ZeroOnly = None
+    frequency_penalty: ZeroOnly = None
+    repetition_penalty: OneOnly = None
+    min_p: ZeroOnly = None
+    logit_bias: EmptyMapOnly = None
 
     @model_validator(mode="after")
-    def _supported(self):
+    def _stream_options_need_stream(self):
         if self.stream_options is not None and not self.stream:
-            raise ValueError("stream_options is only allowed when stream is true")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name):
-                raise ValueError(f"{name} is not supported by this server (use 0)")
-        if self.logit_bias:
-            raise ValueError("logit_bias is not supported by this server")
+            raise field_error("stream_options", "stream_options is only allowed when stream is true")
         return self
 
-    def _params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
-        """Raises ValueError("invalid SamplingParams: ...") for values the engine refuses."""
+    def _params(self, max_tokens: int | None, logprobs: int | None,
+                prompt_logprobs: int | None = None) -> SamplingParams:
+        """Raises ValueError("invalid SamplingParams: <field> ...") for values the engine refuses."""
         return SamplingParams(
-            n=self.n,
+            n=1 if self.n is None else self.n,
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
-            top_k=self.top_k,
-            min_tokens=self.min_tokens,
+            top_k=-1 if self.top_k is None else self.top_k,
+            min_tokens=self.min_tokens or 0,
             max_tokens=max_tokens,
             seed=self.seed,
             stop=self.stop or [],
             stop_token_ids=self.stop_token_ids or [],
-            ignore_eos=self.ignore_eos,
+            ignore_eos=bool(self.ignore_eos),
             logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+            output_kind="delta" if self.stream else "final_only",
         )
 
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    @property
+    def sampling_field_names(self) -> dict[str, str]:
+        """SamplingParams field -> the request field that sets it (where the names differ)."""
+        return {}
+
 
 class CompletionRequest(_SamplingRequest):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)
-    logprobs: int | None = Field(None, ge=0, le=20)
-    echo: bool = False
-    suffix: str | None = None
-    best_of: int | None = None
+    _integer_fields = _SamplingRequest._integer_fields | {"prompt", "logprobs", "best_of"}
+    model_config = ConfigDict(json_schema_extra={"allOf": [_STREAM_OPTIONS_NEED_STREAM, {
+        "if": {"properties": {"max_tokens": {"const": 0}}, "required": ["max_tokens"]},
+        "then": {"properties": {"echo": {"const": True}}, "required": ["echo"]}}]})
+
+    prompt: str | Annotated[list[str], Field(min_length=1)] | Annotated[list[TokenId], Field(min_length=1)] \
+        | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1)] = Field(
+        description="Text, token ids, or a list of either (one choice per prompt and sample).")
+    max_tokens: int | None = Field(16, ge=0, le=MAX_TOKENS,
+                                   description="0 only with echo (score the prompt); null: up to the context.")
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool | None = False
+    suffix: EmptyTextOnly = None
+    best_of: Annotated[int | None, WithJsonSchema(
+        _doc(_NULL, "Equal to n is accepted and means n."))] = None
 
     @model_validator(mode="after")
     def _completion_supported(self):
-        if self.echo:
-            raise ValueError("echo is not supported by this server")
-        if self.suffix:
-            raise ValueError("suffix is not supported by this server")
-        if self.best_of is not None and self.best_of != self.n:
-            raise ValueError("best_of is not supported by this server (leave it unset or equal to n)")
-        if isinstance(self.prompt, list) and not self.prompt:
-            raise ValueError("prompt must not be an empty list")
+        if self.best_of is not None and self.best_of != (self.n or 1):
+            raise _unsupported("best_of", "equal to n")
+        if self.max_tokens == 0 and not self.echo:
+            raise field_error("max_tokens", "max_tokens must be >= 1 (0 is only allowed with echo, to score "
+                                            "the prompt)")
         return self
 
     def prompts(self) -> list[str | list[int]]:
@@ -100,17 +237,22 @@ class CompletionRequest(_SamplingRequest):
         return list(p)
 
     def sampling_params(self) -> SamplingParams:
-        return self._params(self.max_tokens, self.logprobs)
+        prompt_logprobs = None
+        if self.echo:  # the prompt's logprobs come with the echoed prompt; max_tokens=0 scores it
+            prompt_logprobs = self.logprobs if self.logprobs is not None else (0 if self.max_tokens == 0 else None)
+        return self._params(self.max_tokens, self.logprobs, prompt_logprobs)
+
+    @property
+    def sampling_field_names(self) -> dict[str, str]:
+        return {"prompt_logprobs": "logprobs"}
 
 
-class TextPart(BaseModel):
+class TextPart(_Strict):
     type: Literal["text"]
     text: str
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
+class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
@@ -123,21 +265,85 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(_SamplingRequest):
+    _integer_fields = _SamplingRequest._integer_fields | {"max_completion_tokens", "top_logprobs"}
+    model_config = ConfigDict(json_schema_extra={"allOf": [_STREAM_OPTIONS_NEED_STREAM, {
+        "if": {"properties": {"top_logprobs": {"type": "integer"}}, "required": ["top_logprobs"]},
+        "then": {"properties": {"logprobs": {"const": True}}, "required": ["logprobs"]}}]})
+
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS, description="Deprecated: max_completion_tokens.")
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="Only with logprobs: true.")
+    # known, not supported (rejected unless neutral)
+    tools: Unsupported = None
+    tool_choice: Unsupported = None
+    parallel_tool_calls: Unsupported = None
+    functions: Unsupported = None
+    function_call: Unsupported = None
+    response_format: TextFormatOnly = None
+    modalities: TextModalityOnly = None
+    audio: Unsupported = None
+    prediction: Unsupported = None
+    web_search_options: Unsupported = None
 
     @model_validator(mode="after")
     def _chat_supported(self):
         if self.top_logprobs is not None and not self.logprobs:
-            raise ValueError("top_logprobs requires logprobs to be true")
+            raise field_error("top_logprobs", "top_logprobs requires logprobs to be true")
         return self
 
     def sampling_params(self) -> SamplingParams:
         max_tokens = self.max_completion_tokens or self.max_tokens  # None: up to the context length
         return self._params(max_tokens, (self.top_logprobs or 0) if self.logprobs else None)
+
+    @property
+    def sampling_field_names(self) -> dict[str, str]:
+        return {"logprobs": "top_logprobs",
+                "max_tokens": "max_tokens" if self.max_completion_tokens is None else "max_completion_tokens"}
+
+
+class RequestLimits(Protocol):
+    max_prompts_per_request: int
+    max_n: int
+    max_stop_strings: int
+    max_stop_string_chars: int
+
+
+def request_models(limits: RequestLimits, served_model_name: str, max_model_len: int,
+                   vocab_size: int | None = None) -> tuple[type[CompletionRequest], type[ChatCompletionRequest]]:
+    """The request models of one server: its limits (prompts per request, ``n``, stop strings), its
+    model's name, context length and vocabulary, in the validation and in the published schema."""
+    top_id = MAX_TOKENS if vocab_size is None else vocab_size - 1
+    Id = Annotated[int, Field(ge=0, le=top_id)]
+    # the engine checks prompt ids against the vocabulary (a 400 naming the prompt); the schema says it
+    PromptIds = Annotated[list[Annotated[int, WithJsonSchema({"type": "integer", "minimum": 0, "maximum": top_id})]],
+                          Field(min_length=1)]
+    StopString = Annotated[str, Field(min_length=1, max_length=limits.max_stop_string_chars)]
+    common = dict(
+        model=(str | None, Field(None, json_schema_extra={"enum": [served_model_name, None]},
+                                 description="The served model's name (null: the served model).")),
+        n=(int | None, Field(None, ge=1, le=limits.max_n)),
+        stop=(StopString | Annotated[list[StopString], Field(max_length=limits.max_stop_strings)] | None, None),
+        stop_token_ids=(list[Id] | None, None),
+    )
+    # a prompt has at least one token, so no request can generate max_model_len tokens or more
+    out_len = max(max_model_len - 1, 1)
+    completion = create_model(
+        "CompletionRequest", __base__=CompletionRequest, **common,
+        prompt=(str | Annotated[list[str], Field(min_length=1, max_length=limits.max_prompts_per_request)]
+                | PromptIds
+                | Annotated[list[PromptIds], Field(min_length=1, max_length=limits.max_prompts_per_request)],
+                Field(description="Text, token ids, or a list of either (one choice per prompt and sample).")),
+        max_tokens=(int | None, Field(16, ge=0, le=out_len,
+                                      description="0 only with echo (score the prompt); null: up to the context.")),
+    )
+    chat = create_model(
+        "ChatCompletionRequest", __base__=ChatCompletionRequest, **common,
+        max_tokens=(int | None, Field(None, ge=1, le=out_len, description="Deprecated: max_completion_tokens.")),
+        max_completion_tokens=(int | None, Field(None, ge=1, le=out_len)),
+    )
+    return completion, chat
 
 
 # -- responses ------------------------------------------------------------------------------
@@ -149,8 +355,9 @@ class UsageInfo(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str] = Field(default_factory=list)
-    token_logprobs: list[float] = Field(default_factory=list)
-    top_logprobs: list[dict[str, float]] = Field(default_factory=list)
+    # null for the first token of an echoed prompt: nothing predicts it (as OpenAI sends it)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
     text_offset: list[int] = Field(default_factory=list)
 
 
