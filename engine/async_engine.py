@@ -189,7 +189,11 @@ class AsyncLLMEngine:
         self._tokenize_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kvlab-tokenize")
         if _process is not None:
             self._proc, self._commands, messages, info, self._stats = _process
-            self._send = self._commands.send
+            # a writer thread feeds the pipe: a full pipe (the core busy stepping) must block
+            # neither the event loop nor anyone holding the lock the reader thread needs
+            self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+            self._send = self._outbox.put
+            threading.Thread(target=self._write_process, name="kvlab-engine-writer", daemon=True).start()
             self._reader = threading.Thread(target=self._read_process, args=(messages,), name="kvlab-engine-reader",
                                             daemon=True)
         else:
@@ -361,6 +365,16 @@ class AsyncLLMEngine:
             self._die(f"the engine failed: {type(e).__name__}: {e}")
             return
         self._die("the engine was shut down", shutdown=True)
+
+    def _write_process(self) -> None:
+        while True:
+            command = self._outbox.get()
+            try:
+                self._commands.send(command)
+            except (OSError, ValueError):  # the engine process is gone; the reader reports it
+                return
+            if command[0] == "stop":
+                return
 
     def _read_process(self, messages) -> None:
         reason, shutdown = "the engine process exited", False

@@ -82,6 +82,7 @@ def online(a: argparse.Namespace, out: Path) -> tuple[dict, list[str], list[str]
                  "access_log=false", "log_level=warning", "engine.kv_cache_tokens=null",
                  *(f"++engine.{k}={v}" for k, v in over.items() if k != "kv_cache_tokens")]
     log_path = out / f"serve_{a.model}.log"
+    t0 = time.time()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "experiments.cli", *serve_cmd[1:]], stdout=log,
@@ -97,6 +98,7 @@ def online(a: argparse.Namespace, out: Path) -> tuple[dict, list[str], list[str]
             except httpx.TransportError:
                 pass
             time.sleep(1)
+        print(f"server up after {time.time() - t0:.0f} s", flush=True)
         # warm-up through the server, as the offline run warms up
         subprocess.run([sys.executable, "-m", "experiments.cli", "bench", "serve", "--base-url", url,
                         "--num-prompts", "16", "--random-input-len", str(a.input_len), "--random-output-len", "8",
@@ -105,7 +107,8 @@ def online(a: argparse.Namespace, out: Path) -> tuple[dict, list[str], list[str]
         bench_cmd = ["kvlab", "bench", "serve", "--base-url", url, *_workload_args(a), "--max-concurrency",
                      str(a.concurrency), "--num-clients", str(a.num_clients), "--server-metrics", "--save-result",
                      "--result-dir", str(out), "--result-filename", f"bench_serve_{a.model}.json", "--disable-tqdm"]
-        subprocess.run([sys.executable, "-m", "experiments.cli", *bench_cmd[1:]], check=True)
+        print(f"warm-up done after {time.time() - t0:.0f} s", flush=True)
+        subprocess.run([sys.executable, "-m", "experiments.cli", *bench_cmd[1:]], check=True, timeout=a.bench_timeout)
     finally:
         proc.terminate()
         try:
@@ -134,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--vocab-high", type=int, default=1000, help="prompt token ids uniform in [10, this)")
     ap.add_argument("--out", default="results/serving")
+    ap.add_argument("--bench-timeout", type=float, default=600, help="seconds the load may take at most")
     ap.add_argument("--offline-only", action="store_true", help=argparse.SUPPRESS)  # the child process
     a = ap.parse_args(argv)
     if a.offline_only:
@@ -142,10 +146,11 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     argv = list(sys.argv[1:] if argv is None else argv)
+    t_start = time.time()
     child = subprocess.run([sys.executable, "-m", "experiments.serve_vs_offline", *argv, "--offline-only"],
                            check=True, capture_output=True, text=True)
     off = json.loads(child.stdout.strip().splitlines()[-1])
-    print(f"offline: {off['output_throughput']:.0f} output tok/s", flush=True)
+    print(f"[{time.time() - t_start:.0f} s] offline: {off['output_throughput']:.0f} output tok/s", flush=True)
     bench, serve_cmd, bench_cmd = online(a, out)
     server_rate = bench.get("server_output_throughput") or bench["output_throughput"]
     res = dict(model=a.model, allocator=a.allocator, device=off["device"], workload=_workload_args(a),
