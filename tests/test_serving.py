@@ -474,3 +474,30 @@ def test_a_fault_fails_one_stream_while_the_others_complete(async_engine):
         time.sleep(0.01)
     assert async_engine.stats().memory.free == async_engine.stats().memory.capacity
     assert async_engine.is_running and async_engine.stats().finished_total.get("error") == 1
+
+
+def test_fast_chunks_equal_pydantic_chunks():
+    """The streaming hot path formats its JSON by hand; it must say exactly what the models say."""
+    from engine import SamplingParams
+    from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+    from engine.serving import responses
+    from engine.serving.protocol import (ChatCompletionChunk, ChatStreamChoice, CompletionChoice, CompletionChunk,
+                                         DeltaMessage)
+
+    params = SamplingParams(n=2, max_tokens=4)
+    texts = ['plain', 'quote " and \\ back\nslash', 'ünïcødé ✓ 🎉', '']
+    for j, (text, reason) in enumerate(zip(texts, [None, None, "stop", "length"])):
+        out = RequestOutput("r", [1, 2], [CompletionOutput(1, [5], text, reason)], reason is not None,
+                            RequestMetrics(0.0, None, None, None))
+        cmpl = responses.CompletionChunker(None, 'id-"x"', "m/ü", params, 2, False)
+        got = [json.loads(e[6:]) for e in cmpl.on_output(1, out)]
+        want = CompletionChunk(id='id-"x"', created=cmpl.created, model="m/ü", choices=[
+            CompletionChoice(index=3, text=text, finish_reason=reason)]).model_dump(exclude={"usage"})
+        assert got == ([want] if text or reason else [])
+        chat = responses.ChatChunker(None, "c", "m", params, None, False)
+        got = [json.loads(e[6:]) for e in chat.on_output(0, out)]
+        want = [ChatCompletionChunk(id="c", created=chat.created, model="m", choices=[ChatStreamChoice(
+            index=1, delta=d, finish_reason=r)]).model_dump(exclude={"usage"})
+            for d, r in ([(DeltaMessage(content=text), None)] if text else []) +
+            ([(DeltaMessage(), reason)] if reason else [])]
+        assert got == want

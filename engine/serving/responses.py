@@ -8,6 +8,7 @@ stop string), so each chunk costs work for its new tokens only.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from contextlib import aclosing
 from typing import AsyncIterator
@@ -213,6 +214,13 @@ def chat_response(engine: AsyncLLMEngine, request_id: str, model: str, output: R
 
 
 # -- streams --------------------------------------------------------------------------------
+_TAIL = ',"system_fingerprint":null}\n\n'
+
+
+def _js(value) -> str:
+    return json.dumps(value, ensure_ascii=False)
+
+
 def _sse(chunk, include_usage: bool) -> str:
     return f"data: {chunk.model_dump_json(exclude=None if include_usage else {'usage'})}\n\n"
 
@@ -239,6 +247,9 @@ class CompletionChunker:
         self.echoed = [[False] * params.n for _ in range(num_prompts)]
         self.prompt_tokens = [0] * num_prompts
         self.completion_tokens = 0
+        # the hot path (a text delta, no logprobs) formats its JSON directly: ~10x cheaper than pydantic
+        self._head = (f'data: {{"id":{_js(request_id)},"object":"{self.object_type.model_fields["object"].default}",'
+                      f'"created":{self.created},"model":{_js(model)},"choices":[{{"index":')
 
     def start(self) -> list[str]:
         return []
@@ -262,6 +273,10 @@ class CompletionChunker:
                                          self.offsets[i][c.index], lp)
                 self.offsets[i][c.index] = (lp.text_offset[-1] + len(lp.tokens[-1])) if lp.tokens else 0
             if not text and c.finish_reason is None and not (lp and lp.tokens):
+                continue
+            if lp is None:
+                events.append(f'{self._head}{i * self.params.n + c.index},"text":{_js(text)},"logprobs":null,'
+                              f'"finish_reason":{_js(c.finish_reason)}}}]{_TAIL}')
                 continue
             choice = CompletionChoice(index=i * self.params.n + c.index, text=text, logprobs=lp,
                                       finish_reason=c.finish_reason)
@@ -299,10 +314,14 @@ class ChatChunker(CompletionChunker):
             lp = None
             if self.top_logprobs is not None and c.token_ids:
                 lp = chat_logprobs(self.engine, c.token_ids, c.logprobs or [], c.top_logprobs, self.top_logprobs)
-            if c.text or lp is not None:
+            if lp is not None:
                 events.append(self._chunk(c.index, DeltaMessage(content=c.text), lp))
+            elif c.text:
+                events.append(f'{self._head}{c.index},"delta":{{"content":{_js(c.text)}}},"logprobs":null,'
+                              f'"finish_reason":null}}]{_TAIL}')
             if c.finish_reason is not None:
-                events.append(self._chunk(c.index, DeltaMessage(), finish_reason=c.finish_reason))
+                events.append(f'{self._head}{c.index},"delta":{{}},"logprobs":null,'
+                              f'"finish_reason":{_js(c.finish_reason)}}}]{_TAIL}')
         return events
 
     def _chunk(self, index: int, delta: DeltaMessage, logprobs=None, finish_reason=None) -> str:
