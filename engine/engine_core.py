@@ -91,7 +91,7 @@ class EngineCore:
                 commands.append(get(None))  # idle: sleep until there is work
             elif stalled:  # requests wait for memory that nothing running will free: don't spin
                 commands.append(get(0.05))
-            while (c := get(0)) is not None:
+            while commands[-1:] != [("stop",)] and (c := get(0)) is not None:  # the front end gone: stop, always
                 commands.append(c)
             for c in commands:
                 if c is None:

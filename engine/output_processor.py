@@ -76,7 +76,11 @@ class OutputProcessor:
                        if s.num_resolved > s.num_sent or (s.finished and not s.final_sent)]
         else:
             samples = [self._whole(s, text) for s in req.seqs]
-        out = RequestOutput(req.request_id, req.prompt_token_ids, samples, req.finished, self._metrics(req), req.prompt,
+        # a streamed output that is not the last carries the request's times only; counts come at the end
+        metrics = (self._metrics(req) if req.finished or req.params.output_kind != "delta" else
+                   RequestMetrics(req.arrival_time, req.seqs[0].first_scheduled_time, req.seqs[0].first_token_time,
+                                  None))
+        out = RequestOutput(req.request_id, req.prompt_token_ids, samples, req.finished, metrics, req.prompt,
                             error=error)
         p, s0 = req.params, req.seqs[0]
         if p.prompt_logprobs is not None and len(s0.prompt_logprobs) == s0.prompt_len and not req.prompt_logprobs_sent:

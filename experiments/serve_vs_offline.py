@@ -148,7 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     t_start = time.time()
     child = subprocess.run([sys.executable, "-m", "experiments.serve_vs_offline", *argv, "--offline-only"],
-                           check=True, capture_output=True, text=True)
+                           capture_output=True, text=True)
+    if child.returncode:
+        raise SystemExit(f"the offline run failed ({child.returncode}):\n{child.stderr[-4000:]}")
     off = json.loads(child.stdout.strip().splitlines()[-1])
     print(f"[{time.time() - t_start:.0f} s] offline: {off['output_throughput']:.0f} output tok/s", flush=True)
     bench, serve_cmd, bench_cmd = online(a, out)

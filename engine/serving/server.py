@@ -4,6 +4,8 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import logging
+import os
+import signal
 import sys
 from typing import Any, Mapping
 
@@ -60,15 +62,32 @@ def serve(engine_cfg: EngineConfig, served_model_name: str | None = None, host: 
         server.should_exit = True
 
     async_engine.add_dead_listener(on_dead)
+    # uvicorn re-raises the SIGTERM it handled once it has shut down; without a handler of ours
+    # that would kill this process before the engine process is stopped (it would keep the GPU)
+    signal.signal(signal.SIGTERM, _raise_terminated)
     log.info("serving %s (%s allocator, %d KV tokens, max_model_len %d) on http://%s:%d/v1", name,
              engine_cfg.allocator, engine.info.kv_capacity_tokens, engine.max_model_len, host, port)
+    terminated = False
     try:
         server.run()
+    except _Terminated:
+        terminated = True
     finally:
         async_engine.shutdown()
+    if terminated:  # end as SIGTERM would have ended us, now that the engine is gone
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
     if died:
         log.error("exiting: %s", died[0])
         sys.exit(1)
+
+
+class _Terminated(BaseException):
+    """SIGTERM arrived (after uvicorn's own shutdown)."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise _Terminated()
 
 
 def main(cfg: Mapping[str, Any]) -> None:

@@ -1,0 +1,81 @@
+"""Host time per engine step at 256 streaming sequences, by output length (CPU, no model).
+
+Streaming (``output_kind='delta'``, text on, a stop string to watch) must cost the same per
+step whatever the outputs' length; ``cumulative`` outputs (everything so far, each step) are
+the before, measured side by side in the same run.
+
+    python -m experiments.bench_stream_host --out results/serving
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from pathlib import Path
+
+from engine import LLMEngine, SamplingParams
+from engine.config import EngineConfig
+from experiments.atomic import write_text
+from experiments.host_runner import HostOnlyRunner
+
+NUM_SEQS = 256
+PROMPT = 128
+
+
+def streaming_engine(kind: str, max_len: int = 4096) -> LLMEngine:
+    cfg = EngineConfig(model="tiny-llama", allocator="paged", max_model_len=max_len, max_num_seqs=NUM_SEQS,
+                       max_num_batched_tokens=NUM_SEQS * PROMPT, kv_cache_tokens=NUM_SEQS * max_len,
+                       record_memory=False, stream_outputs=True)
+    engine = LLMEngine(cfg, runner_factory=lambda a: HostOnlyRunner(a, NUM_SEQS, max_len, token=3 + ord("a")))
+    params = SamplingParams(max_tokens=max_len - PROMPT, ignore_eos=True, temperature=0, stop=["never seen"],
+                            output_kind=kind)
+    for i in range(NUM_SEQS):
+        engine.add_request(str(i), [5 + (i + j) % 500 for j in range(PROMPT)], params)
+    return engine
+
+
+def host_ms_at(engine: LLMEngine, outputs: int, steps: int) -> float:
+    """Median host time of ``steps`` steps once every sequence has ``outputs`` output tokens."""
+    while not engine.scheduler.running or engine.scheduler.running[0].num_output_tokens < outputs:
+        engine.step()
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - t)
+    engine.step_records.clear()
+    return 1000 * statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m experiments.bench_stream_host", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--lengths", default="100,500,1500")
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--out", help="folder for stream_host_<machine>.md")
+    args = ap.parse_args(argv)
+    lengths = [int(x) for x in args.lengths.split(",")]
+    rows = []
+    for kind in ("delta", "cumulative"):
+        engine = streaming_engine(kind)
+        ms = [host_ms_at(engine, n, args.steps) for n in lengths]
+        rows.append((kind, ms))
+        print(f"{kind:>10}: " + ", ".join(f"{n} tokens {m:.2f} ms" for n, m in zip(lengths, ms)), flush=True)
+    head = "| output_kind | " + " | ".join(f"{n} output tokens" for n in lengths) + " | last / first |"
+    lines = [head, "|" + "---|" * (len(lengths) + 2)]
+    for kind, ms in rows:
+        lines.append(f"| {kind} | " + " | ".join(f"{m:.2f} ms" for m in ms) + f" | {ms[-1] / ms[0]:.2f} |")
+    table = "\n".join(lines)
+    print(table)
+    if args.out:
+        machine = f"{platform.machine()}-{platform.processor() or 'cpu'}"
+        text = (f"# Host time per step, {NUM_SEQS} streaming sequences (median of {args.steps} steps)\n\n"
+                f"machine: {platform.platform()}, {machine}\n\ncommand: `python -m experiments.bench_stream_host "
+                f"{' '.join(argv or [])}`\n\n{table}\n")
+        write_text(Path(args.out) / "stream_host_cpu.md", text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
