@@ -26,6 +26,7 @@ from typing import AsyncIterator, Callable
 from allocators.stats import MemoryStats
 from engine.config import EngineConfig
 from engine.engine_core import EngineCore, EngineInfo, engine_info, run_process, unpack_output
+from engine.frontend_output import FrontendOutput, core_params
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
@@ -120,9 +121,10 @@ class _Stream:
     """One request's outputs, delivered to the caller's event loop."""
 
     def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop, prompt_ids: list[int], prompt: str | None,
-                 delta: bool):
+                 output: FrontendOutput):
         self.request_id = request_id
-        self.delta = delta  # outputs are deltas (merged when several wait), else whole (the newest wins)
+        self.output = output  # text, stop strings and the caller's output kind
+        self.delta = output.params.output_kind == "delta"  # deltas are merged when several wait; else the newest wins
         self.loop = loop
         self.prompt_ids = prompt_ids
         self.prompt = prompt
@@ -289,11 +291,12 @@ class AsyncLLMEngine:
         text, ids = await self.tokenize(prompt)
         self.check_lengths(len(ids), params.max_tokens)
         arrival = time.perf_counter()  # the HTTP arrival, so TTFT includes the wait for the core
-        stream = _Stream(request_id, asyncio.get_running_loop(), ids, text, params.output_kind == "delta")
+        output = FrontendOutput(self.tokenizer if self.info.detokenize else None, ids, params)
+        stream = _Stream(request_id, asyncio.get_running_loop(), ids, text, output)
         with self._lock:
             self._check_alive()
             self._streams[request_id] = stream
-            self._send(("add", request_id, ids, params, arrival))
+            self._send(("add", request_id, ids, core_params(params), arrival))
         try:
             await stream.added
         except asyncio.CancelledError:
@@ -413,18 +416,25 @@ class AsyncLLMEngine:
                 stream.loop.call_soon_threadsafe(_resolve_future, stream.added, result)
 
     def _dispatch(self, packed: list[tuple]) -> None:
+        with self._lock:
+            streams = [(self._streams.get(t[0]), t) for t in packed]
+            for stream, t in streams:
+                if stream is not None and t[1]:  # finished
+                    del self._streams[t[0]]
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         finished = []
-        with self._lock:
-            for t in packed:
-                stream = self._streams.get(t[0])
-                if stream is None:
-                    continue
-                out = unpack_output(t, stream.prompt_ids, stream.prompt)
-                if out.finished:
-                    del self._streams[t[0]]
-                    finished.append(out)
-                by_loop.setdefault(stream.loop, []).append((stream, out))
+        for stream, t in streams:
+            if stream is None:  # aborted meanwhile
+                continue
+            out = stream.output.process(unpack_output(t, stream.prompt_ids, stream.prompt))
+            for index, stop, num_tokens in stream.output.stop_commands:  # the core ends the sample there
+                self._send(("stop_sample", stream.request_id, index, stop, num_tokens))
+            stream.output.stop_commands.clear()
+            if out is None:
+                continue
+            if out.finished:
+                finished.append(out)
+            by_loop.setdefault(stream.loop, []).append((stream, out))
         for out in finished:
             if out.error is None and not any(c.finish_reason == "abort" for c in out.outputs):
                 for fn in self._listeners:

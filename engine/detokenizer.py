@@ -25,9 +25,12 @@ class IncrementalDetokenizer:
         self.stop = stop
         self.holdback = max((len(s) for s in stop), default=1) - 1
         self.stop_found: str | None = None
+        self.check_stop = True
 
-    def add(self, token_ids: list[int]) -> str | None:
-        """Decode newly sampled tokens; returns the stop string if one now appears in the text."""
+    def add(self, token_ids: list[int], check_stop: bool = True) -> str | None:
+        """Decode newly sampled tokens; returns the stop string if one now appears in the text
+        (``check_stop=False``: not yet, e.g. before min_tokens)."""
+        self.check_stop = check_stop
         self.ids.extend(token_ids)
         decode = self.tokenizer.decode
         prefix = decode(self.ids[self.prefix_offset:self.read_offset])
@@ -51,6 +54,8 @@ class IncrementalDetokenizer:
         # held-back text is the only place a stop string can start before the new text
         start = max(0, len(self.pending) - self.holdback)
         self.pending += new
+        if not self.check_stop:
+            return
         hits = [(i, s) for s in self.stop if (i := self.pending.find(s, start)) >= 0]
         if hits:
             i, self.stop_found = min(hits)

@@ -4,11 +4,14 @@ The same loop runs on a background thread (tests, embedding) or in a process of 
 (``kvlab serve``: the HTTP server's Python work then never competes with the engine for
 the GIL, as in vLLM V1). Commands and messages are plain tuples, cheap to pickle:
 
-  commands:  ("add", request_id, token_ids, params, arrival) | ("abort", request_id) | ("stop",)
+  commands:  ("add", request_id, token_ids, params, arrival) | ("abort", request_id)
+             | ("stop_sample", request_id, index, stop string, tokens kept) | ("stop",)
   messages:  ("ready", EngineInfo) | ("added", request_id, error or None)
              | ("outputs", [packed outputs], EngineStats or None) | ("dead", message)
 
 Outputs are packed as tuples (``pack_output``); only a finished output carries its metrics.
+The core emits token ids only: text and stop strings are the front end's (``frontend_output``),
+so that decoding never lengthens a step.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from typing import Callable
 
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
+from engine.output_processor import OutputProcessor
 from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 
 log = logging.getLogger("kvlab.engine_core")
@@ -38,12 +42,13 @@ class EngineInfo:
     vocab_size: int
     bos_token_id: int | None
     eos_token_ids: list[int]
+    detokenize: bool = True
 
 
 def engine_info(engine: LLMEngine) -> EngineInfo:
     mc = engine.model_config
     return EngineInfo(engine.config.model, engine.max_model_len, engine.kv_capacity_tokens, mc.vocab_size,
-                      mc.bos_token_id, list(engine.eos_token_ids))
+                      mc.bos_token_id, list(engine.eos_token_ids), engine.config.detokenize)
 
 
 # -- packing -----------------------------------------------------------------------------------
@@ -72,6 +77,7 @@ class EngineCore:
         """``keep_history=False`` drops the engine's per-request and per-step records after each
         step, so that a long-running server does not grow without bound."""
         self.engine = engine
+        engine.output_processor = OutputProcessor(None)  # token ids only: the front end makes the text
         self.emit = emit
         self.keep_history = keep_history
         self._finished: dict[str, int] = {}
@@ -121,6 +127,11 @@ class EngineCore:
             if c[1] in self.engine.requests:
                 self.engine.abort_request(c[1])
                 self._finished["abort"] = self._finished.get("abort", 0) + 1
+        elif c[0] == "stop_sample":
+            out = self.engine.stop_sample(*c[1:])
+            if out is not None:  # that was its last sample
+                self._count_finished([out])
+                self.emit(("outputs", [pack_output(out)], self.stats()))
         else:
             raise ValueError(f"unknown engine command {c[0]!r}")
 
@@ -130,14 +141,7 @@ class EngineCore:
         outputs = engine.step()
         self._steps += 1
         scheduled = engine.step_records[-1].num_seqs > 0 if engine.step_records else True
-        finished = False
-        for out in outputs:
-            if out.finished:
-                finished = True
-                reason = out.outputs[0].finish_reason if out.outputs else "error"
-                if out.error:
-                    reason = "error"
-                self._finished[reason] = self._finished.get(reason, 0) + 1
+        finished = self._count_finished(outputs)
         if not self.keep_history:
             engine.finished_requests.clear()
             engine.step_records.clear()
@@ -147,6 +151,16 @@ class EngineCore:
             stats = self.stats()
         self.emit(("outputs", [pack_output(o) for o in outputs], stats))
         return scheduled
+
+    def _count_finished(self, outputs: list[RequestOutput]) -> bool:
+        """Count finished requests by the first sample's reason; whether any finished."""
+        finished = False
+        for out in outputs:
+            if out.finished:
+                finished = True
+                reason = "error" if out.error or not out.outputs else out.outputs[0].finish_reason
+                self._finished[reason] = self._finished.get(reason, 0) + 1
+        return finished
 
     def stats(self):
         from engine.async_engine import EngineStats  # the front end's type; no cycle at import time

@@ -377,12 +377,23 @@ class LLMEngine:
         if reason:
             self._finish_seq(seq, reason, pos)
 
-    def finish_on_stop_string(self, seq: Sequence, stop: str) -> None:
-        """The output processor found ``stop`` in the text: the sequence ends at its newest
-        resolved token (tokens still in flight are dropped)."""
+    def finish_on_stop_string(self, seq: Sequence, stop: str, num_tokens: int | None = None) -> None:
+        """The output processor found ``stop`` in the text of the first ``num_tokens`` output
+        tokens (default: all resolved): the sequence ends there; later tokens are dropped."""
         if not seq.finished:
             seq.stop_reason = stop
-            self._finish_seq(seq, "stop", seq.prompt_len + len(seq.resolved_output()) - 1)
+            keep = seq.num_resolved if num_tokens is None else min(num_tokens, seq.num_resolved)
+            self._finish_seq(seq, "stop", seq.prompt_len + keep - 1)
+
+    def stop_sample(self, request_id: str, index: int, stop: str, num_tokens: int) -> RequestOutput | None:
+        """A front end that detokenizes found ``stop`` in sample ``index``'s first ``num_tokens``
+        tokens: end that sample; returns the request's final output if that was its last one."""
+        req = self.requests.get(request_id)
+        if req is None or not 0 <= index < len(req.seqs):
+            return None
+        self.finish_on_stop_string(req.seqs[index], stop, num_tokens)
+        return self.output_processor.process([req], self)[0] if not req.unborn and all(
+            s.finished for s in req.seqs) else None
 
     def _finish_seq(self, seq: Sequence, reason: str, pos: int | None = None) -> None:
         """``pos``: its last token; any sampled after it (in flight) is dropped."""

@@ -53,7 +53,7 @@ class OutputProcessor:
                 continue
             n = seq.num_resolved
             if n > seq.num_decoded:
-                stop = det.add(seq.output_token_ids[seq.num_decoded:n])
+                stop = det.add(seq.output_token_ids[seq.num_decoded:n], check_stop=n >= req.params.min_tokens)
                 seq.num_decoded = n
                 if stop is not None:
                     engine.finish_on_stop_string(seq, stop)

@@ -501,3 +501,40 @@ def test_fast_chunks_equal_pydantic_chunks():
             for d, r in ([(DeltaMessage(content=text), None)] if text else []) +
             ([(DeltaMessage(), reason)] if reason else [])]
         assert got == want
+
+
+@pytest.mark.parametrize("kind", ["delta", "cumulative", "final_only"])
+def test_front_end_stop_strings_end_the_sample_in_the_core(async_engine, kind):
+    """Text and stop strings are the front end's: the stop string never reaches the caller, the
+    core ends the samples there (its KV freed long before max_tokens), each output kind holds."""
+    from engine import SamplingParams
+
+    prompt = [5, 9, 14, 20, 27]
+
+    async def run(params, rid):
+        outs = [o async for o in async_engine.generate(prompt, params, rid)]
+        return outs
+
+    ref = asyncio.run(run(SamplingParams(max_tokens=40, temperature=0, ignore_eos=True), f"ref-{kind}"))[-1]
+    text = ref.outputs[0].text
+    stop = text[6:9]
+    before = async_engine.stats().generation_tokens_total
+    outs = asyncio.run(run(SamplingParams(n=2, max_tokens=40, temperature=0, ignore_eos=True, stop=[stop],
+                                          output_kind=kind), f"stop-{kind}"))
+    final = outs[-1]
+    assert final.finished
+    if kind == "final_only":
+        assert len(outs) == 1
+    for j in range(2):
+        if kind == "delta":
+            got = "".join(c.text for o in outs for c in o.outputs if c.index == j)
+            reasons = [c.finish_reason for o in outs for c in o.outputs if c.index == j and c.finish_reason]
+            assert reasons == ["stop"]
+        else:
+            c = next(c for c in final.outputs if c.index == j)
+            got = c.text
+            assert (c.finish_reason, c.stop_reason) == ("stop", stop)
+        assert got == text[:text.find(stop)]
+    # the core stopped both samples within a step or two of the stop string, not at max_tokens
+    generated = async_engine.stats().generation_tokens_total - before
+    assert generated < 2 * 40 and async_engine.stats().memory.free == async_engine.stats().memory.capacity
