@@ -1,44 +1,17 @@
 """Host time per decode step at 256 running sequences, per allocator (DESIGN: target <= 1 ms).
 
-The model is replaced by a runner that does all host-side work of the real one
-(BatchInputs: token ids, positions, slots, block-table rows) and returns a token per
-sequence, so the figure is scheduler + allocator + accounting + input preparation +
-output handling. ``pytest tests/benchmarks/test_bench_host.py --benchmark-enable``.
+The model is replaced by ``experiments.host_runner.HostOnlyRunner`` (all host-side work of
+the real runner, no model), so the figure is scheduler + allocator + accounting + input
+preparation + output handling. ``pytest tests/benchmarks/test_bench_host.py --benchmark-enable``.
 """
 import pytest
-import torch
 
 from engine import LLMEngine, SamplingParams
-from engine.block_table import PersistentBlockTable
 from engine.config import EngineConfig
-from engine.runner import BatchInputs
-from engine.staging import HostStaging
-from kernels.metadata import Addressing
+from experiments.host_runner import HostOnlyRunner
 
 NUM_SEQS = 256
 PROMPT = 512
-
-
-class HostOnlyRunner:
-    def __init__(self, allocator, max_num_seqs, max_model_len):
-        self.allocator = allocator
-        self.staging = HostStaging(torch.device("cpu"))
-        self.table = None
-        if allocator.mode == Addressing.PAGED:
-            self.table = PersistentBlockTable(max_num_seqs + 1, -(-max_model_len // allocator.block_size),
-                                              torch.device("cpu"))
-
-    def execute(self, batch):
-        inputs = BatchInputs(batch, self.allocator, self.table)
-        if self.table is not None:
-            self.table.sync(self.staging)
-        return [(s, 7, None) for s in inputs.sample_seqs]
-
-    def release(self, seq):
-        if self.table is not None:
-            self.table.release(seq.seq_id)
-
-    forget = release
 
 
 ALLOCATORS = [("paged", {"block_size": 16}), ("contiguous", {"policy": "max"}),
@@ -66,3 +39,17 @@ def test_host_time_per_decode_step(benchmark, allocator, args, record_memory):
     benchmark.pedantic(engine.step, rounds=200, iterations=1, warmup_rounds=10)
     rec = engine.step_records[-1]
     assert rec.num_seqs == NUM_SEQS and rec.decode_tokens == NUM_SEQS and rec.prefill_tokens == 0
+
+
+@pytest.mark.parametrize("outputs", [100, 1500])
+def test_host_time_per_streaming_step(benchmark, outputs):
+    """256 streamed requests (delta outputs, text, a stop string watched): the host time per step
+    must not grow with the outputs' length (experiments/bench_stream_host.py tabulates it)."""
+    from experiments.bench_stream_host import NUM_SEQS as N
+    from experiments.bench_stream_host import streaming_engine
+
+    engine = streaming_engine("delta", max_len=outputs + 256)
+    while not engine.scheduler.running or engine.scheduler.running[0].num_output_tokens < outputs:
+        engine.step()
+    outs = benchmark.pedantic(engine.step, rounds=30, iterations=1, warmup_rounds=2)
+    assert len(outs) == N and all(len(o.outputs[0].token_ids) == 1 for o in outs)  # one new token each, no more
