@@ -9,6 +9,7 @@ the before, measured side by side in the same run.
 from __future__ import annotations
 
 import argparse
+import sys
 import platform
 import statistics
 import time
@@ -57,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--out", help="folder for stream_host_<machine>.md")
     args = ap.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
     lengths = [int(x) for x in args.lengths.split(",")]
     rows = []
     for kind in ("delta", "cumulative"):
