@@ -110,9 +110,9 @@ def online(a: argparse.Namespace, out: Path) -> tuple[dict, list[str], list[str]
         print(f"warm-up done after {time.time() - t0:.0f} s", flush=True)
         subprocess.run([sys.executable, "-m", "experiments.cli", *bench_cmd[1:]], check=True, timeout=a.bench_timeout)
     finally:
-        proc.terminate()
+        proc.terminate()  # the server stops its engine process first, then exits
         try:
-            proc.wait(30)
+            proc.wait(90)
         except subprocess.TimeoutExpired:
             proc.kill()
     return json.loads((out / f"bench_serve_{a.model}.json").read_text()), serve_cmd, bench_cmd
