@@ -93,11 +93,11 @@ class FaultIsolator:
         self._maybe_end_round()
         return outputs
 
-    def step_succeeded(self) -> list[RequestOutput]:
+    def step_succeeded(self) -> None:
         if self.testing is None:
             if not self.groups:
                 self._unattributed = 0  # a normal step went through
-            return []
+            return
         e = self.engine
         batch = getattr(e, "_batch", None)
         done = True
@@ -111,7 +111,6 @@ class FaultIsolator:
         if done or batch is None or not batch.seqs:  # passed (or cannot run now: do not wait on it)
             self.testing = None
             self._maybe_end_round()
-        return []
 
     def _maybe_end_round(self) -> None:
         if self.testing is not None or self.groups:

@@ -266,10 +266,12 @@ class LLMEngine:
             if FaultIsolator.is_fatal(e):
                 raise FatalEngineError(f"unrecoverable device error: {e!r}") from e
             return self.isolator.step_failed(e)
-        return outputs + self.isolator.step_succeeded()
+        self.isolator.step_succeeded()
+        return outputs
 
     def _step(self, only: set[str] | None) -> list[RequestOutput]:
         start = self.clock()
+        self._batch = None  # until scheduled: a failure in schedule() blames no batch
         batch = self._batch = self.scheduler.schedule(only)
         if self.config.record_memory:
             self._record_memory()
@@ -321,7 +323,6 @@ class LLMEngine:
         results = handle.results()
         now = self.clock()
         self._wait_s = now - t0
-        self._inflight_failed = False
         touched: dict[str, RequestState] = {}
         requests, check_stop = self.requests, self._check_stop
         for seq, pos, (token, logprob, top) in zip(handle.seqs, handle.positions, results):
