@@ -380,7 +380,7 @@ class AsyncLLMEngine:
                 return
 
     def _read_process(self, messages) -> None:
-        reason, shutdown = "the engine process exited", False
+        reason, shutdown, told = "the engine process exited", False, False
         while True:
             try:
                 msg = messages.recv()
@@ -388,13 +388,29 @@ class AsyncLLMEngine:
                 self._proc.join(10)
                 code = self._proc.exitcode
                 shutdown = code == 0
-                if not shutdown:
+                if not shutdown and not told:
                     reason = f"the engine process exited with code {code}"
                 break
-            if msg[0] == "dead":
-                reason = msg[1]
-                continue
-            self._on_message(msg)
+            batch = [msg]
+            while messages.poll(0):  # a backlog: take it whole, so each stream gets one merged delta
+                try:
+                    batch.append(messages.recv())
+                except (EOFError, OSError):
+                    break
+            outputs, stats = [], None
+            for msg in batch:
+                if msg[0] == "dead":
+                    reason, told = msg[1], True
+                elif msg[0] == "outputs":
+                    outputs += msg[1]
+                    stats = msg[2] if msg[2] is not None else stats
+                else:
+                    if outputs or stats is not None:  # keep the order: outputs before an answer
+                        self._on_message(("outputs", outputs, stats))
+                        outputs, stats = [], None
+                    self._on_message(msg)
+            if outputs or stats is not None:
+                self._on_message(("outputs", outputs, stats))
         self._die(reason if not shutdown else "the engine was shut down", shutdown=shutdown)
 
     def _on_message(self, msg: tuple) -> None:

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -206,13 +208,28 @@ def run_process(config: EngineConfig, commands, messages) -> None:
                 return ("stop",)
         return None
 
-    core = EngineCore(engine, messages.send)
-    messages.send(("ready", engine_info(engine)))
+    # a sender thread writes the messages: a front end that falls behind never stalls a step; it
+    # reads the backlog at once and hands each stream the merged deltas (fewer, larger events)
+    outbox: queue.SimpleQueue = queue.SimpleQueue()
+
+    def send_all() -> None:
+        while (msg := outbox.get()) is not None:
+            try:
+                messages.send(msg)
+            except OSError:  # the front end is gone; the command pipe's EOF stops the loop
+                return
+
+    sender = threading.Thread(target=send_all, name="kvlab-core-sender", daemon=True)
+    sender.start()
+    core = EngineCore(engine, outbox.put)
+    outbox.put(("ready", engine_info(engine)))
     try:
         core.run(get)
     except BaseException as e:
         log.exception("engine core failed")
-        try:
-            messages.send(("dead", f"the engine failed: {type(e).__name__}: {e}"))
-        finally:
-            os._exit(1)  # a supervisor restarts the server; no cleanup that could hang
+        outbox.put(("dead", f"the engine failed: {type(e).__name__}: {e}"))
+        outbox.put(None)
+        sender.join(10)
+        os._exit(1)  # a supervisor restarts the server; no cleanup that could hang
+    outbox.put(None)
+    sender.join(30)

@@ -538,3 +538,35 @@ def test_front_end_stop_strings_end_the_sample_in_the_core(async_engine, kind):
     # the core stopped both samples within a step or two of the stop string, not at max_tokens
     generated = async_engine.stats().generation_tokens_total - before
     assert generated < 2 * 40 and async_engine.stats().memory.free == async_engine.stats().memory.capacity
+
+
+def test_engine_process_death_fails_requests_and_tells_the_server():
+    """`kvlab serve`'s engine runs in its own process: if it dies, open requests fail, new ones get
+    EngineDeadError, and the dead listener (the server's exit-non-zero hook) is told why."""
+    import signal as sig
+
+    from engine import SamplingParams
+    from engine.async_engine import AsyncLLMEngine, EngineDeadError
+    from engine.config import EngineConfig
+
+    ae = AsyncLLMEngine.start_process(EngineConfig(model="tiny-llama", device="cpu", max_model_len=128,
+                                                   kv_cache_tokens=1024))
+    told: list[str] = []
+    ae.add_dead_listener(told.append)
+
+    async def run():
+        out = [o async for o in ae.generate([5, 6, 7], SamplingParams(max_tokens=3, temperature=0), "a")][-1]
+        assert out.finished and len(out.token_ids) == 3
+        stream = await ae.add_request([5, 6, 7], SamplingParams(max_tokens=100, ignore_eos=True), "b")
+        os.kill(ae._proc.pid, sig.SIGKILL)
+        with pytest.raises(EngineDeadError):
+            async for _ in stream:
+                pass
+        with pytest.raises(EngineDeadError):
+            await ae.add_request([5], SamplingParams(), "c")
+
+    try:
+        asyncio.run(run())
+        assert not ae.is_running and told and "exited with code" in told[0]
+    finally:
+        ae.shutdown(timeout=5)
