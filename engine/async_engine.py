@@ -23,10 +23,9 @@ import time
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
-from allocators.stats import MemoryStats
 from engine.config import EngineConfig
-from engine.engine_core import EngineCore, EngineInfo, engine_info, run_process, unpack_output
-from engine.frontend_output import FrontendOutput, core_params
+from engine.engine_core import EngineCore, EngineInfo, EngineStats, engine_info, run_process, unpack_output
+from engine.frontend_output import FrontendOutput, core_params, merge_deltas
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
@@ -52,69 +51,6 @@ class ChatPrompt:
     """A chat conversation, turned into a prompt by the tokenizer's template (front end)."""
 
     messages: list[dict]
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    """What /metrics reports; published after every step, read from anywhere."""
-
-    num_requests_running: int  # requests with a sample in the running batch (n=8 counts once)
-    num_requests_waiting: int  # requests queued with no sample running (waiting or swapped)
-    num_seqs_running: int  # samples (sequences) in the running batch
-    num_seqs_waiting: int
-    num_seqs_swapped: int
-    memory: MemoryStats
-    kv_capacity_tokens: int
-    prefix_cache_queries_total: int  # prompt tokens looked up in the prefix cache
-    prefix_cache_hits_total: int  # of those, found there
-    prompt_tokens_total: int  # prompt tokens of accepted requests
-    generation_tokens_total: int  # tokens sampled (all samples)
-    num_preemptions_total: int
-    finished_total: dict[str, int]  # requests ended, by the first sample's finish reason (stop, length, abort, error)
-    steps_total: int
-
-    @property
-    def kv_usage(self) -> float:
-        """Share of the KV pool held by live sequences (0 to 1). Free memory and pages kept idle
-        for reuse (``idle_mapped``) do not count: an idle server reports 0."""
-        m = self.memory
-        if not m.capacity:
-            return 0.0
-        return 1.0 - (m.free + getattr(m, "idle_mapped", 0)) / m.capacity
-
-    @property
-    def prefix_cache_hit_rate(self) -> float:
-        q = self.prefix_cache_queries_total
-        return self.prefix_cache_hits_total / q if q else 0.0
-
-
-def merge_deltas(items: list[RequestOutput]) -> RequestOutput:
-    """Several delta outputs of one request as one (for a consumer that fell behind)."""
-    if len(items) == 1:
-        return items[0]
-    last = items[-1]
-    by_index: dict[int, object] = {}
-    for out in items:
-        for c in out.outputs:
-            m = by_index.get(c.index)
-            if m is None:
-                by_index[c.index] = type(c)(c.index, list(c.token_ids), c.text, c.finish_reason, c.stop_reason,
-                                            None if c.logprobs is None else list(c.logprobs), list(c.token_times),
-                                            None if c.top_logprobs is None else list(c.top_logprobs))
-                continue
-            m.token_ids += c.token_ids
-            m.text += c.text
-            m.token_times += c.token_times
-            if c.logprobs is not None:
-                m.logprobs = (m.logprobs or []) + c.logprobs
-            if c.top_logprobs is not None:
-                m.top_logprobs = (m.top_logprobs or []) + c.top_logprobs
-            m.finish_reason, m.stop_reason = c.finish_reason, c.stop_reason
-    first_plp = next((o for o in items if o.prompt_logprobs is not None), None)
-    return RequestOutput(last.request_id, last.prompt_token_ids, [by_index[i] for i in sorted(by_index)],
-                         last.finished, last.metrics, last.prompt,
-                         first_plp.prompt_logprobs if first_plp else None,
-                         first_plp.prompt_top_logprobs if first_plp else None, last.error)
 
 
 class _Stream:

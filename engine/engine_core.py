@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from allocators.stats import MemoryStats
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.output_processor import OutputProcessor
@@ -51,6 +52,40 @@ def engine_info(engine: LLMEngine) -> EngineInfo:
     mc = engine.model_config
     return EngineInfo(engine.config.model, engine.max_model_len, engine.kv_capacity_tokens, mc.vocab_size,
                       mc.bos_token_id, list(engine.eos_token_ids), engine.config.detokenize)
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """What /metrics reports; published after every step, read from anywhere."""
+
+    num_requests_running: int  # requests with a sample in the running batch (n=8 counts once)
+    num_requests_waiting: int  # requests queued with no sample running (waiting or swapped)
+    num_seqs_running: int  # samples (sequences) in the running batch
+    num_seqs_waiting: int
+    num_seqs_swapped: int
+    memory: MemoryStats
+    kv_capacity_tokens: int
+    prefix_cache_queries_total: int  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits_total: int  # of those, found there
+    prompt_tokens_total: int  # prompt tokens of accepted requests
+    generation_tokens_total: int  # tokens sampled (all samples)
+    num_preemptions_total: int
+    finished_total: dict[str, int]  # requests ended, by the first sample's finish reason (stop, length, abort, error)
+    steps_total: int
+
+    @property
+    def kv_usage(self) -> float:
+        """Share of the KV pool held by live sequences (0 to 1). Free memory and pages kept idle
+        for reuse (``idle_mapped``) do not count: an idle server reports 0."""
+        m = self.memory
+        if not m.capacity:
+            return 0.0
+        return 1.0 - (m.free + getattr(m, "idle_mapped", 0)) / m.capacity
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        q = self.prefix_cache_queries_total
+        return self.prefix_cache_hits_total / q if q else 0.0
 
 
 # -- packing -----------------------------------------------------------------------------------
@@ -165,8 +200,6 @@ class EngineCore:
         return finished
 
     def stats(self):
-        from engine.async_engine import EngineStats  # the front end's type; no cycle at import time
-
         self._last_stats = time.monotonic()
         e = self.engine
         sched = e.scheduler

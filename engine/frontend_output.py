@@ -103,3 +103,32 @@ class FrontendOutput:
         if not outputs and not out.finished:
             return None
         return dataclasses.replace(out, outputs=outputs)
+
+
+def merge_deltas(items: list[RequestOutput]) -> RequestOutput:
+    """Several delta outputs of one request as one (for a consumer that fell behind)."""
+    if len(items) == 1:
+        return items[0]
+    last = items[-1]
+    by_index: dict[int, object] = {}
+    for out in items:
+        for c in out.outputs:
+            m = by_index.get(c.index)
+            if m is None:
+                by_index[c.index] = type(c)(c.index, list(c.token_ids), c.text, c.finish_reason, c.stop_reason,
+                                            None if c.logprobs is None else list(c.logprobs), list(c.token_times),
+                                            None if c.top_logprobs is None else list(c.top_logprobs))
+                continue
+            m.token_ids += c.token_ids
+            m.text += c.text
+            m.token_times += c.token_times
+            if c.logprobs is not None:
+                m.logprobs = (m.logprobs or []) + c.logprobs
+            if c.top_logprobs is not None:
+                m.top_logprobs = (m.top_logprobs or []) + c.top_logprobs
+            m.finish_reason, m.stop_reason = c.finish_reason, c.stop_reason
+    first_plp = next((o for o in items if o.prompt_logprobs is not None), None)
+    return RequestOutput(last.request_id, last.prompt_token_ids, [by_index[i] for i in sorted(by_index)],
+                         last.finished, last.metrics, last.prompt,
+                         first_plp.prompt_logprobs if first_plp else None,
+                         first_plp.prompt_top_logprobs if first_plp else None, last.error)

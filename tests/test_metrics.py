@@ -13,7 +13,7 @@ import threading
 import pytest
 
 from allocators.stats import STAT_FIELDS, MemoryStats
-from engine.async_engine import EngineStats
+from engine.engine_core import EngineStats
 from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from engine.serving import metrics as M
 from engine.serving.metrics import CONTENT_TYPE, ServingMetrics
