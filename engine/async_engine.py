@@ -403,17 +403,17 @@ class AsyncLLMEngine:
                 return
             self._dead = reason
             streams, self._streams = list(self._streams.values()), {}
-        err = EngineDeadError(reason)
-        for s in streams:
-            if not s.added.done():
-                s.loop.call_soon_threadsafe(_resolve_future, s.added, err)
-            _deliver(s.loop, [(s, err)])
-        if not shutdown:
+        if not shutdown:  # first: whoever sees a request fail knows the server was told
             for fn in self._dead_listeners:
                 try:
                     fn(reason)
                 except Exception:
                     log.exception("dead listener failed")
+        err = EngineDeadError(reason)
+        for s in streams:
+            if not s.added.done():
+                s.loop.call_soon_threadsafe(_resolve_future, s.added, err)
+            _deliver(s.loop, [(s, err)])
 
 
 def _resolve_future(fut: asyncio.Future, result) -> None:

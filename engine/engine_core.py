@@ -9,7 +9,8 @@ the GIL, as in vLLM V1). Commands and messages are plain tuples, cheap to pickle
   messages:  ("ready", EngineInfo) | ("added", request_id, error or None)
              | ("outputs", [packed outputs], EngineStats or None) | ("dead", message)
 
-Outputs are packed as tuples (``pack_output``); only a finished output carries its metrics.
+Outputs are packed as tuples (``OutputProcessor(packed=True)``, read back by ``unpack_output``);
+only a finished output carries its metrics.
 The core emits token ids only: text and stop strings are the front end's (``frontend_output``),
 so that decoding never lengthens a step.
 """
@@ -89,21 +90,12 @@ class EngineStats:
 
 
 # -- packing -----------------------------------------------------------------------------------
-_METRIC_FIELDS = ("arrival_time", "first_scheduled_time", "first_token_time", "finish_time", "num_preemptions",
-                  "num_cached_tokens", "num_prompt_tokens", "num_generation_tokens", "n", "max_tokens",
-                  "inter_token_latencies")
-
-
-def pack_output(o: RequestOutput) -> tuple:
-    samples = [(c.index, c.token_ids, c.text, c.finish_reason, c.stop_reason, c.logprobs, c.token_times,
-                c.top_logprobs) for c in o.outputs]
-    metrics = tuple(getattr(o.metrics, f) for f in _METRIC_FIELDS) if o.finished else None
-    return (o.request_id, o.finished, samples, metrics, o.prompt_logprobs, o.prompt_top_logprobs, o.error)
-
-
 def unpack_output(t: tuple, prompt_token_ids: list[int], prompt: str | None) -> RequestOutput:
+    """A RequestOutput from the core's packed form (``OutputProcessor(packed=True)``):
+    (request_id, finished, [sample fields in CompletionOutput's order], metric fields in
+    RequestMetrics' order or None until finished, prompt logprobs, prompt top logprobs, error)."""
     rid, finished, samples, metrics, plp, ptop, error = t
-    m = RequestMetrics(**dict(zip(_METRIC_FIELDS, metrics))) if metrics else RequestMetrics(0.0, None, None, None)
+    m = RequestMetrics(*metrics) if metrics else RequestMetrics(0.0, None, None, None)
     outs = [CompletionOutput(*s) for s in samples]
     return RequestOutput(rid, prompt_token_ids, outs, finished, m, prompt, plp, ptop, error)
 
@@ -114,7 +106,8 @@ class EngineCore:
         """``keep_history=False`` drops the engine's per-request and per-step records after each
         step, so that a long-running server does not grow without bound."""
         self.engine = engine
-        engine.output_processor = OutputProcessor(None)  # token ids only: the front end makes the text
+        # token ids only (the front end makes the text), packed for the pipe as they are made
+        engine.output_processor = OutputProcessor(None, packed=True)
         self.emit = emit
         self.keep_history = keep_history
         self._finished: dict[str, int] = {}
@@ -168,7 +161,7 @@ class EngineCore:
             out = self.engine.stop_sample(*c[1:])
             if out is not None:  # that was its last sample
                 self._count_finished([out])
-                self.emit(("outputs", [pack_output(out)], self.stats()))
+                self.emit(("outputs", [out], self.stats()))
         else:
             raise ValueError(f"unknown engine command {c[0]!r}")
 
@@ -186,16 +179,16 @@ class EngineCore:
         stats = None
         if finished or now - self._last_stats >= STATS_INTERVAL_S:
             stats = self.stats()
-        self.emit(("outputs", [pack_output(o) for o in outputs], stats))
+        self.emit(("outputs", outputs, stats))
         return scheduled
 
-    def _count_finished(self, outputs: list[RequestOutput]) -> bool:
+    def _count_finished(self, outputs: list[tuple]) -> bool:
         """Count finished requests by the first sample's reason; whether any finished."""
         finished = False
-        for out in outputs:
-            if out.finished:
+        for rid, done, samples, _, _, _, error in outputs:
+            if done:
                 finished = True
-                reason = "error" if out.error or not out.outputs else out.outputs[0].finish_reason
+                reason = "error" if error or not samples else samples[0][3]
                 self._finished[reason] = self._finished.get(reason, 0) + 1
         return finished
 

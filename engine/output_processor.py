@@ -24,9 +24,11 @@ log = logging.getLogger("kvlab.output")
 
 
 class OutputProcessor:
-    def __init__(self, tokenizer: Tokenizer | None):
-        """``tokenizer=None``: no text (``detokenize=False``)."""
+    def __init__(self, tokenizer: Tokenizer | None, packed: bool = False):
+        """``tokenizer=None``: no text (``detokenize=False``). ``packed``: outputs as the tuples of
+        ``engine_core.unpack_output`` reads (the engine core's messages) instead of RequestOutput objects."""
         self.tokenizer = tokenizer
+        self.packed = packed
 
     def add(self, req: RequestState) -> None:
         p = req.params
@@ -68,26 +70,29 @@ class OutputProcessor:
             engine._retire(req)
         return out
 
-    def output(self, req: RequestState, error: str | None = None) -> RequestOutput:
-        """The request's output now; for a failed request (``error``) without touching its text."""
+    def output(self, req: RequestState, error: str | None = None) -> RequestOutput | tuple:
+        """The request's output now; for a failed request (``error``) without touching its text.
+        A packed processor returns the tuple ``engine_core.unpack_output`` reads."""
         text = error is None
         if req.params.output_kind == "delta":
             samples = [self._delta(s, text) for s in req.seqs
                        if s.num_resolved > s.num_sent or (s.finished and not s.final_sent)]
         else:
             samples = [self._whole(s, text) for s in req.seqs]
-        # a streamed output that is not the last carries the request's times only; counts come at the end
-        metrics = (self._metrics(req) if req.finished or req.params.output_kind != "delta" else
-                   RequestMetrics(req.arrival_time, req.seqs[0].first_scheduled_time, req.seqs[0].first_token_time,
-                                  None))
-        out = RequestOutput(req.request_id, req.prompt_token_ids, samples, req.finished, metrics, req.prompt,
-                            error=error)
         p, s0 = req.params, req.seqs[0]
+        plp = ptop = None
         if p.prompt_logprobs is not None and len(s0.prompt_logprobs) == s0.prompt_len and not req.prompt_logprobs_sent:
-            out.prompt_logprobs = list(s0.prompt_logprobs)
-            out.prompt_top_logprobs = list(s0.prompt_top_logprobs) if p.prompt_logprobs else None
+            plp = list(s0.prompt_logprobs)
+            ptop = list(s0.prompt_top_logprobs) if p.prompt_logprobs else None
             req.prompt_logprobs_sent = p.output_kind == "delta"  # delta: once; otherwise in every output
-        return out
+        if self.packed:  # the engine core's messages: no objects on the step's critical path
+            metrics = self._metrics(req) if req.finished else None
+            return (req.request_id, req.finished, samples, metrics, plp, ptop, error)
+        # a streamed output that is not the last carries the request's times only; counts come at the end
+        metrics = (RequestMetrics(*self._metrics(req)) if req.finished or p.output_kind != "delta" else
+                   RequestMetrics(req.arrival_time, s0.first_scheduled_time, s0.first_token_time, None))
+        return RequestOutput(req.request_id, req.prompt_token_ids, [CompletionOutput(*c) for c in samples],
+                             req.finished, metrics, req.prompt, plp, ptop, error)
 
     def _text(self, seq: Sequence, finished: bool) -> str:
         """New text of ``seq`` (decoding everything at once for requests that never needed it before)."""
@@ -104,26 +109,27 @@ class OutputProcessor:
             det.flush()
         return det.delta(finished)
 
-    def _delta(self, seq: Sequence, text: bool = True) -> CompletionOutput:
+    # samples and metrics as tuples in the field order of CompletionOutput and RequestMetrics
+    def _delta(self, seq: Sequence, text: bool = True) -> tuple:
         a, b = seq.num_sent, seq.num_resolved
         seq.num_sent = b
         seq.final_sent = seq.finished
         lp = seq.output_logprobs[a:b] if seq.params.logprobs is not None else None
         top = seq.output_top_logprobs[a:b] if seq.params.logprobs else None
-        return CompletionOutput(seq.index, seq.output_token_ids[a:b], self._text(seq, seq.finished) if text else "",
-                                seq.finish_reason, seq.stop_reason, lp, seq.token_times[a:b], top)
+        return (seq.index, seq.output_token_ids[a:b], self._text(seq, seq.finished) if text else "",
+                seq.finish_reason, seq.stop_reason, lp, seq.token_times[a:b], top)
 
-    def _whole(self, seq: Sequence, text: bool = True) -> CompletionOutput:
+    def _whole(self, seq: Sequence, text: bool = True) -> tuple:
         if text:
             self._text(seq, seq.finished)
         text = seq.detok.text() if text and seq.detok is not None else ""
         lp = list(seq.output_logprobs) if seq.params.logprobs is not None else None
         top = list(seq.output_top_logprobs) if seq.params.logprobs else None
-        return CompletionOutput(seq.index, seq.resolved_output(), text, seq.finish_reason, seq.stop_reason, lp,
-                                list(seq.token_times), top)
+        return (seq.index, seq.resolved_output(), text, seq.finish_reason, seq.stop_reason, lp,
+                list(seq.token_times), top)
 
     @staticmethod
-    def _metrics(req: RequestState) -> RequestMetrics:
+    def _metrics(req: RequestState) -> tuple:
         s0 = req.seqs[0]
         first = [s.first_token_time for s in req.seqs if s.first_token_time is not None]
         done = [s.finish_time for s in req.seqs if s.finish_time is not None]
@@ -132,16 +138,7 @@ class OutputProcessor:
             for s in req.seqs:
                 t = s.token_times
                 gaps.extend(b - a for a, b in zip(t, t[1:]))
-        return RequestMetrics(
-            arrival_time=req.arrival_time,
-            first_scheduled_time=s0.first_scheduled_time,
-            first_token_time=min(first) if first else None,
-            finish_time=max(done) if req.finished and done else None,
-            num_preemptions=sum(s.num_preemptions for s in req.seqs),
-            num_cached_tokens=s0.num_cached_tokens,
-            num_prompt_tokens=len(req.prompt_token_ids),
-            num_generation_tokens=sum(s.num_resolved for s in req.seqs),
-            n=req.params.n,
-            max_tokens=req.params.max_tokens,
-            inter_token_latencies=gaps,
-        )
+        return (req.arrival_time, s0.first_scheduled_time, min(first) if first else None,
+                max(done) if req.finished and done else None, sum(s.num_preemptions for s in req.seqs),
+                s0.num_cached_tokens, len(req.prompt_token_ids), sum(s.num_resolved for s in req.seqs),
+                req.params.n, req.params.max_tokens, gaps)
