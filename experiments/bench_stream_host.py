@@ -9,6 +9,7 @@ the before, measured side by side in the same run.
 from __future__ import annotations
 
 import argparse
+import pickle
 import sys
 import platform
 import statistics
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from engine import LLMEngine, SamplingParams
 from engine.config import EngineConfig
+from engine.engine_core import EngineCore
 from experiments.atomic import write_text
 from experiments.host_runner import HostOnlyRunner
 
@@ -24,16 +26,34 @@ NUM_SEQS = 256
 PROMPT = 128
 
 
-def streaming_engine(kind: str, max_len: int = 4096) -> LLMEngine:
+def streaming_engine(kind: str, max_len: int = 4096, stop: list[str] | None = None) -> LLMEngine:
     cfg = EngineConfig(model="tiny-llama", allocator="paged", max_model_len=max_len, max_num_seqs=NUM_SEQS,
                        max_num_batched_tokens=NUM_SEQS * PROMPT, kv_cache_tokens=NUM_SEQS * max_len,
                        record_memory=False, stream_outputs=True)
     engine = LLMEngine(cfg, runner_factory=lambda a: HostOnlyRunner(a, NUM_SEQS, max_len, token=3 + ord("a")))
-    params = SamplingParams(max_tokens=max_len - PROMPT, ignore_eos=True, temperature=0, stop=["never seen"],
-                            output_kind=kind)
+    params = SamplingParams(max_tokens=max_len - PROMPT, ignore_eos=True, temperature=0,
+                            stop=["never seen"] if stop is None else stop, output_kind=kind)
     for i in range(NUM_SEQS):
         engine.add_request(str(i), [5 + (i + j) % 500 for j in range(PROMPT)], params)
     return engine
+
+
+def core_ms(serving: bool, steps: int, outputs: int = 100) -> float:
+    """Median CPU ms per step of the engine as ``kvlab serve``'s core runs it (delta outputs, no
+    text, packed and pickled for the pipe) or as an offline run does (final-only outputs)."""
+    engine = streaming_engine("delta" if serving else "final_only", max_len=1024, stop=[])
+    if serving:
+        EngineCore(engine, lambda msg: None)  # what the core does to its engine: packed, token ids only
+    while not engine.scheduler.running or engine.scheduler.running[0].num_output_tokens < outputs:
+        engine.step()
+    cpu = []
+    for _ in range(steps):
+        c = time.thread_time()
+        outs = engine.step()
+        if serving:
+            pickle.dumps(("outputs", outs, None))
+        cpu.append(time.thread_time() - c)
+    return 1000 * statistics.median(cpu)
 
 
 def host_ms_at(engine: LLMEngine, outputs: int, steps: int) -> tuple[float, float]:
@@ -73,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {kind} | " + " | ".join(f"{c:.2f} ms ({w:.2f})" for c, w in ms)
                      + f" | {ms[-1][0] / ms[0][0]:.2f} |")
     table = "\n".join(lines) + "\n\nms of CPU time of the engine thread per step (wall-clock ms in brackets), median."
+    offline, serving = core_ms(False, args.steps), core_ms(True, args.steps)
+    table += ("\n\nThe engine as `kvlab serve`'s core runs it (delta outputs, token ids only, packed and pickled "
+              f"for the pipe): {serving:.2f} ms CPU per step, against {offline:.2f} ms for an offline run "
+              "(final-only outputs), 256 sequences.")
     print(table)
     if args.out:
         machine = f"{platform.machine()}-{platform.processor() or 'cpu'}"
