@@ -147,9 +147,12 @@ class AsyncLLMEngine:
         self.info: EngineInfo = info
         self.max_model_len = info.max_model_len
         self.model_name = info.model
-        # the front end's own tokenizer: the engine's may be in use on its thread at the same time
+        # the front end's own tokenizers: one decodes (reader thread, event loop), one encodes (the
+        # tokenize worker), as a HF fast tokenizer may refuse a decode while an encode holds it
         self.tokenizer: Tokenizer = load_tokenizer(info.model, info.vocab_size, info.bos_token_id,
                                                    info.eos_token_ids)
+        self._encoder: Tokenizer = load_tokenizer(info.model, info.vocab_size, info.bos_token_id,
+                                                  info.eos_token_ids)
         self._reader.start()
 
     @classmethod
@@ -201,9 +204,9 @@ class AsyncLLMEngine:
         loop = asyncio.get_running_loop()
 
         def work() -> tuple[str, list[int]]:
-            text = (self.tokenizer.apply_chat_template(prompt.messages) if isinstance(prompt, ChatPrompt)
+            text = (self._encoder.apply_chat_template(prompt.messages) if isinstance(prompt, ChatPrompt)
                     else prompt)
-            return text, self.tokenizer.encode(text)
+            return text, self._encoder.encode(text)
 
         return await loop.run_in_executor(self._tokenize_pool, work)
 
@@ -226,7 +229,7 @@ class AsyncLLMEngine:
         self._check_alive()
         text, ids = await self.tokenize(prompt)
         self.check_lengths(len(ids), params.max_tokens)
-        arrival = time.perf_counter()  # the HTTP arrival, so TTFT includes the wait for the core
+        arrival = time.perf_counter()  # TTFT counts from here: it includes the wait for the core
         output = FrontendOutput(self.tokenizer if self.info.detokenize else None, ids, params)
         stream = _Stream(request_id, asyncio.get_running_loop(), ids, text, output)
         with self._lock:
