@@ -570,3 +570,44 @@ def test_engine_process_death_fails_requests_and_tells_the_server():
         assert not ae.is_running and told and "exited with code" in told[0]
     finally:
         ae.shutdown(timeout=5)
+
+
+def test_front_end_text_with_a_byte_level_bpe_tokenizer(tmp_path):
+    """A local HF directory with a real (byte-level BPE) tokenizer: streamed text, decoded a few
+    tokens at a time in the front end, equals decoding the whole output at once, and each token's
+    bytes are its own (a token may hold part of a UTF-8 character)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from conftest import make_hf_checkpoint
+    from engine import SamplingParams
+    from engine.async_engine import AsyncLLMEngine
+    from engine.config import EngineConfig
+    from engine.llm_engine import LLMEngine
+
+    make_hf_checkpoint(tmp_path, "llama", vocab_size=320)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["hello world ünïcødé ✓ the quick brown fox jumps over the lazy dog"] * 50, trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(tmp_path)
+    ae = AsyncLLMEngine(LLMEngine(EngineConfig(model=str(tmp_path), device="cpu", max_model_len=128,
+                                               kv_cache_tokens=1024)))
+
+    async def run():
+        params = SamplingParams(max_tokens=40, temperature=1.0, seed=3, ignore_eos=True, output_kind="delta")
+        return [o async for o in ae.generate("hello ünïcødé ✓", params, "a")]
+
+    try:
+        outs = asyncio.run(run())
+        ids = [t for o in outs for c in o.outputs for t in c.token_ids]
+        text = "".join(c.text for o in outs for c in o.outputs)
+        assert len(ids) == 40 and text == ae.tokenizer.decode(ids)
+        special = set(ae.tokenizer.tok.all_special_ids)  # no text of their own (skipped when decoding)
+        raw = b"".join(bytes(ae.token_bytes(t)) for t in ids if t not in special)
+        assert raw.decode("utf-8", errors="replace") == text
+    finally:
+        ae.shutdown()
