@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
 from engine.config import EngineConfig
-from engine.engine_core import EngineCore, EngineInfo, EngineStats, engine_info, run_process, unpack_output
+from engine.engine_core import (EngineCore, EngineInfo, EngineStats, engine_info, message_outputs, run_process,
+                                unpack_output)
 from engine.frontend_output import FrontendOutput, core_params, merge_deltas
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
@@ -341,7 +342,7 @@ class AsyncLLMEngine:
                 if msg[0] == "dead":
                     reason, told = msg[1], True
                 elif msg[0] == "outputs":
-                    outputs += msg[1]
+                    outputs += message_outputs(msg)
                     stats = msg[2] if msg[2] is not None else stats
                 else:
                     if outputs or stats is not None:  # keep the order: outputs before an answer
@@ -355,7 +356,7 @@ class AsyncLLMEngine:
     def _on_message(self, msg: tuple) -> None:
         kind = msg[0]
         if kind == "outputs":
-            _, packed, stats = msg
+            packed, stats = message_outputs(msg), msg[2]
             if stats is not None:
                 self._stats = stats  # first: whoever sees a request finish also sees its memory freed
             if packed:

@@ -7,7 +7,7 @@ the GIL, as in vLLM V1). Commands and messages are plain tuples, cheap to pickle
   commands:  ("add", request_id, token_ids, params, arrival) | ("abort", request_id)
              | ("stop_sample", request_id, index, stop string, tokens kept) | ("stop",)
   messages:  ("ready", EngineInfo) | ("added", request_id, error or None)
-             | ("outputs", [packed outputs], EngineStats or None) | ("dead", message)
+             | ("outputs", [packed outputs], EngineStats or None[, fast columns]) | ("dead", message)
 
 Outputs are packed as tuples (``OutputProcessor(packed=True)``, read back by ``unpack_output``);
 only a finished output carries its metrics.
@@ -90,6 +90,17 @@ class EngineStats:
 
 
 # -- packing -----------------------------------------------------------------------------------
+def message_outputs(msg: tuple) -> list[tuple]:
+    """Every packed output of an ("outputs", ...) message, its fast columns (one new token of a
+    single-sample stream) expanded into the packed form."""
+    packed = msg[1]
+    fast = msg[3] if len(msg) > 3 else None
+    if fast:
+        packed = packed + [(rid, False, [(0, [tok], "", None, None, None, [t], None)], None, None, None, None)
+                           for rid, tok, t in zip(*fast)]
+    return packed
+
+
 def unpack_output(t: tuple, prompt_token_ids: list[int], prompt: str | None) -> RequestOutput:
     """A RequestOutput from the core's packed form (``OutputProcessor(packed=True)``):
     (request_id, finished, [sample fields in CompletionOutput's order], metric fields in
@@ -179,7 +190,7 @@ class EngineCore:
         stats = None
         if finished or now - self._last_stats >= STATS_INTERVAL_S:
             stats = self.stats()
-        self.emit(("outputs", outputs, stats))
+        self.emit(("outputs", outputs, stats, engine.output_processor.take_fast()))
         return scheduled
 
     def _count_finished(self, outputs: list[tuple]) -> bool:

@@ -29,6 +29,16 @@ class OutputProcessor:
         ``engine_core.unpack_output`` reads (the engine core's messages) instead of RequestOutput objects."""
         self.tokenizer = tokenizer
         self.packed = packed
+        # packed: one new token of a single-sample streamed request, as flat columns (request ids,
+        # tokens, times) that ``take_fast`` hands out with the step's other outputs
+        self.fast: tuple[list, list, list] = ([], [], [])
+
+    def take_fast(self) -> tuple[list, list, list] | None:
+        fast = self.fast
+        if not fast[0]:
+            return None
+        self.fast = ([], [], [])
+        return fast
 
     def add(self, req: RequestState) -> None:
         p = req.params
@@ -63,6 +73,19 @@ class OutputProcessor:
                 det.flush()
         req.finished = not req.unborn and all(s.finished for s in req.seqs)
         kind = req.params.output_kind
+        if self.packed and kind == "delta" and not req.finished and len(req.seqs) == 1:
+            seq = req.seqs[0]
+            p = req.params
+            if (seq.num_resolved == seq.num_sent + 1 and p.logprobs is None and p.prompt_logprobs is None
+                    and seq.detok is None and not req.unborn):
+                # the common streamed case, one new token and nothing else: a row of flat lists
+                token, t = seq.output_token_ids[seq.num_sent], seq.token_times[seq.num_sent]
+                seq.num_sent += 1
+                rids, tokens, times = self.fast
+                rids.append(req.request_id)
+                tokens.append(token)
+                times.append(t)
+                return None
         out = None
         if req.finished or (engine.config.stream_outputs and kind != "final_only"):
             out = self.output(req)

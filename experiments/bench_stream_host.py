@@ -26,11 +26,15 @@ NUM_SEQS = 256
 PROMPT = 128
 
 
-def streaming_engine(kind: str, max_len: int = 4096, stop: list[str] | None = None) -> LLMEngine:
+def streaming_engine(kind: str, max_len: int = 4096, stop: list[str] | None = None, core: bool = False) -> LLMEngine:
+    """256 requests of ``kind`` outputs on a host-only engine; ``core``: set up as ``kvlab serve``'s
+    engine process sets up its engine (before any request: token ids only, packed outputs)."""
     cfg = EngineConfig(model="tiny-llama", allocator="paged", max_model_len=max_len, max_num_seqs=NUM_SEQS,
                        max_num_batched_tokens=NUM_SEQS * PROMPT, kv_cache_tokens=NUM_SEQS * max_len,
                        record_memory=False, stream_outputs=True)
     engine = LLMEngine(cfg, runner_factory=lambda a: HostOnlyRunner(a, NUM_SEQS, max_len, token=3 + ord("a")))
+    if core:
+        EngineCore(engine, lambda msg: None)
     params = SamplingParams(max_tokens=max_len - PROMPT, ignore_eos=True, temperature=0,
                             stop=["never seen"] if stop is None else stop, output_kind=kind)
     for i in range(NUM_SEQS):
@@ -41,9 +45,7 @@ def streaming_engine(kind: str, max_len: int = 4096, stop: list[str] | None = No
 def core_ms(serving: bool, steps: int, outputs: int = 100) -> float:
     """Median CPU ms per step of the engine as ``kvlab serve``'s core runs it (delta outputs, no
     text, packed and pickled for the pipe) or as an offline run does (final-only outputs)."""
-    engine = streaming_engine("delta" if serving else "final_only", max_len=1024, stop=[])
-    if serving:
-        EngineCore(engine, lambda msg: None)  # what the core does to its engine: packed, token ids only
+    engine = streaming_engine("delta" if serving else "final_only", max_len=1024, stop=[], core=serving)
     while not engine.scheduler.running or engine.scheduler.running[0].num_output_tokens < outputs:
         engine.step()
     cpu = []
@@ -51,7 +53,7 @@ def core_ms(serving: bool, steps: int, outputs: int = 100) -> float:
         c = time.thread_time()
         outs = engine.step()
         if serving:
-            pickle.dumps(("outputs", outs, None))
+            pickle.dumps(("outputs", outs, None, engine.output_processor.take_fast()))
         cpu.append(time.thread_time() - c)
     return 1000 * statistics.median(cpu)
 
