@@ -262,3 +262,31 @@ def test_prompt_logprobs_match_a_full_forward_pass():
     assert len(lps) == len(prompt) and lps[0] is None and all(lp <= 0 for lp in lps[1:])
     assert all(len(t) == 2 and t[0][1] >= t[1][1] for t in out.prompt_top_logprobs[1:])
     # the values themselves are checked against HF transformers in tests/test_parity_hf.py
+
+
+def test_engine_core_messages_carry_every_token_once(reference):
+    """The engine core's per-step messages (packed outputs, plus flat columns for one new token
+    of a single-sample stream) give back each request's tokens exactly, then its finish."""
+    from engine.engine_core import EngineCore, message_outputs, unpack_output
+
+    e = _engine()
+    sent: list[tuple] = []
+    core = EngineCore(e, sent.append)
+    for i, p in enumerate(PROMPTS):
+        kind = "delta" if i % 2 == 0 else "final_only"
+        e.add_request(f"r{i}", p, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, output_kind=kind))
+    while e.has_unfinished_requests():
+        core._step()
+    tokens: dict[str, list[int]] = {}
+    finished = set()
+    fast_rows = 0
+    for msg in sent:
+        fast_rows += len(msg[3][0]) if len(msg) > 3 and msg[3] else 0
+        for t in message_outputs(msg):
+            out = unpack_output(t, [], None)
+            tokens.setdefault(out.request_id, []).extend(out.outputs[0].token_ids if out.outputs else [])
+            if out.finished:
+                assert out.request_id not in finished and out.metrics.num_generation_tokens == 12
+                finished.add(out.request_id)
+    assert fast_rows > 0 and finished == set(reference)
+    assert tokens == reference
