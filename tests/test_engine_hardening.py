@@ -126,8 +126,10 @@ def test_a_fault_fails_one_request_and_the_others_finish_unchanged(reference, al
     assert _run(e)["after"].token_ids == reference["r0"]
 
 
-def test_a_fault_mid_decode_keeps_the_tokens_already_made(reference):
-    e = _engine()
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_a_fault_mid_decode_keeps_the_tokens_already_made(reference, async_scheduling):
+    # asynchronous scheduling: the failed step has a step in flight whose tokens are dropped and resampled
+    e = _engine(async_scheduling=async_scheduling)
     for i, p in enumerate(PROMPTS):
         e.add_request(f"r{i}", p, GREEDY)
     for _ in range(5):
