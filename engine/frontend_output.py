@@ -42,10 +42,14 @@ class _Sample:
         self.token_ids += c.token_ids
         self.token_times += c.token_times
         self.text.append(c.text)
-        if c.logprobs is not None:
-            self.logprobs = (self.logprobs or []) + c.logprobs
+        if c.logprobs is not None:  # extended in place: no copy of everything so far per output
+            if self.logprobs is None:
+                self.logprobs = []
+            self.logprobs += c.logprobs
         if c.top_logprobs is not None:
-            self.top_logprobs = (self.top_logprobs or []) + c.top_logprobs
+            if self.top_logprobs is None:
+                self.top_logprobs = []
+            self.top_logprobs += c.top_logprobs
         self.finish_reason, self.stop_reason = c.finish_reason, c.stop_reason
 
     def whole(self, index: int) -> CompletionOutput:
@@ -110,25 +114,12 @@ def merge_deltas(items: list[RequestOutput]) -> RequestOutput:
     if len(items) == 1:
         return items[0]
     last = items[-1]
-    by_index: dict[int, object] = {}
+    merged: dict[int, _Sample] = {}
     for out in items:
         for c in out.outputs:
-            m = by_index.get(c.index)
-            if m is None:
-                by_index[c.index] = type(c)(c.index, list(c.token_ids), c.text, c.finish_reason, c.stop_reason,
-                                            None if c.logprobs is None else list(c.logprobs), list(c.token_times),
-                                            None if c.top_logprobs is None else list(c.top_logprobs))
-                continue
-            m.token_ids += c.token_ids
-            m.text += c.text
-            m.token_times += c.token_times
-            if c.logprobs is not None:
-                m.logprobs = (m.logprobs or []) + c.logprobs
-            if c.top_logprobs is not None:
-                m.top_logprobs = (m.top_logprobs or []) + c.top_logprobs
-            m.finish_reason, m.stop_reason = c.finish_reason, c.stop_reason
+            merged.setdefault(c.index, _Sample(None)).add(c)
     first_plp = next((o for o in items if o.prompt_logprobs is not None), None)
-    return RequestOutput(last.request_id, last.prompt_token_ids, [by_index[i] for i in sorted(by_index)],
+    return RequestOutput(last.request_id, last.prompt_token_ids, [merged[i].whole(i) for i in sorted(merged)],
                          last.finished, last.metrics, last.prompt,
                          first_plp.prompt_logprobs if first_plp else None,
                          first_plp.prompt_top_logprobs if first_plp else None, last.error)

@@ -77,7 +77,7 @@ class OutputProcessor:
             seq = req.seqs[0]
             p = req.params
             if (seq.num_resolved == seq.num_sent + 1 and p.logprobs is None and p.prompt_logprobs is None
-                    and seq.detok is None and not req.unborn):
+                    and seq.detok is None):
                 # the common streamed case, one new token and nothing else: a row of flat lists
                 token, t = seq.output_token_ids[seq.num_sent], seq.token_times[seq.num_sent]
                 seq.num_sent += 1

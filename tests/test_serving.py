@@ -611,3 +611,23 @@ def test_front_end_text_with_a_byte_level_bpe_tokenizer(tmp_path):
         assert raw.decode("utf-8", errors="replace") == text
     finally:
         ae.shutdown()
+
+
+def test_merge_deltas_concatenates_without_touching_the_inputs():
+    from engine.frontend_output import merge_deltas
+    from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+
+    m = RequestMetrics(0.0, None, None, None)
+    outs = [RequestOutput("r", [1], [CompletionOutput(0, [5], "a", None, None, [-0.1], [1.0], [[(5, -0.1)]]),
+                                     CompletionOutput(1, [7], "x", None)], False, m),
+            RequestOutput("r", [1], [CompletionOutput(0, [6, 8], "bc", None, None, [-0.2, -0.3], [2.0, 3.0],
+                                                      [[(6, -0.2)], [(8, -0.3)]])], False, m),
+            RequestOutput("r", [1], [CompletionOutput(0, [], "", "stop", "z", [], [], [])], True, m)]
+    got = merge_deltas(outs)
+    c0, c1 = got.outputs
+    assert (c0.token_ids, c0.text, c0.logprobs, c0.token_times) == ([5, 6, 8], "abc", [-0.1, -0.2, -0.3],
+                                                                    [1.0, 2.0, 3.0])
+    assert c0.top_logprobs == [[(5, -0.1)], [(6, -0.2)], [(8, -0.3)]] and (c0.finish_reason, c0.stop_reason) == (
+        "stop", "z")
+    assert (c1.index, c1.token_ids, c1.text, c1.logprobs) == (1, [7], "x", None) and got.finished
+    assert outs[0].outputs[0].token_ids == [5] and outs[0].outputs[0].logprobs == [-0.1]
