@@ -1,9 +1,12 @@
 """Build a model: a preset with seeded random weights, or a local HF directory (safetensors only)."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
+from torch import nn
 
 from engine.model import CausalLM
 from engine.model_config import ModelConfig
@@ -58,20 +61,35 @@ def _load_safetensors(model: CausalLM, path: Path) -> None:
         raise ValueError(f"checkpoint in {path} lacks {sorted(missing)[:5]}")
 
 
+@contextmanager
+def _uninitialized(device: str, dtype: torch.dtype) -> Iterator[None]:
+    """Modules built here get parameters allocated on ``device`` in ``dtype`` and left
+    uninitialised: a checkpoint or a seeded draw fills them next.
+
+    Why not ``torch.device("meta")``: its kernels are Python references that import
+    ``torch._dynamo`` (3-4 s of a CPU run's start). Why ``dtype`` as the default: an 8B model
+    materialised in fp32 first would hold twice its weights for a moment. Buffers that ask for
+    fp32 explicitly (the rotary tables) stay fp32.
+    """
+    saved = {cls: cls.reset_parameters for cls in (nn.Linear, nn.Embedding)}
+    old_dtype = torch.get_default_dtype()
+    for cls in saved:
+        cls.reset_parameters = lambda self: None  # the default init would be drawn and thrown away
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(old_dtype)
+        for cls, reset in saved.items():
+            cls.reset_parameters = reset
+
+
 def load_model(
     cfg: ModelConfig, source: str, max_model_len: int, dtype: torch.dtype, device: str, seed: int = 0
 ) -> CausalLM:
-    with torch.device("meta"):
-        model = CausalLM(cfg, max_model_len)
-    # cast on meta first: materialising in fp32 would hold twice the weights for a moment
-    model = model.to(dtype).to_empty(device=device)
-    # buffers were created on meta: rebuild the rotary tables for real
-    from engine.rope import RotaryEmbedding
-
-    model.rope = RotaryEmbedding(cfg.head_dim, max_model_len, cfg.rope_theta, cfg.rope_scaling).to(device)
-    for m in model.modules():
-        if hasattr(m, "eps") and isinstance(getattr(m, "weight", None), torch.nn.Parameter):
-            torch.nn.init.ones_(m.weight)
+    with _uninitialized(device, dtype):
+        model = CausalLM(cfg, max_model_len)  # RMSNorm weights are ones, the rest is filled below
     if Path(source).is_dir():
         _load_safetensors(model, Path(source))
     else:
