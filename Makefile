@@ -1,14 +1,18 @@
 # kvlab quickstart: `make demo` (default experiment on CPU, results + plots), `make test`.
+# Each target installs what it needs into $(VENV) first (scripts/setup.sh, a line per phase).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_DIR ?= runs/quickstart
 
-.PHONY: setup demo test test-gpu clean
+.PHONY: setup setup-base demo test test-gpu clean
 
-setup:
-	@bash scripts/setup.sh
+setup:  # kvlab with the dev extra: tests, serving (and gpu on a machine with an NVIDIA GPU)
+	@bash scripts/setup.sh dev
 
-demo: setup
+setup-base:  # kvlab alone (and gpu on a machine with an NVIDIA GPU): enough for the demo
+	@bash scripts/setup.sh base
+
+demo: setup-base
 	rm -rf $(DEMO_DIR)
 	$(VENV)/bin/kvlab run -m allocator=paged,contiguous hydra.sweep.dir=$(DEMO_DIR)
 	$(VENV)/bin/kvlab report $(DEMO_DIR)

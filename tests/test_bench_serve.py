@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 pytest.importorskip("httpx")
-fastapi = pytest.importorskip("fastapi")
-uvicorn = pytest.importorskip("uvicorn")
+fastapi = pytest.importorskip("fastapi", reason="a stand-in server: the serve extra (make setup installs dev, which has it)")
+uvicorn = pytest.importorskip("uvicorn", reason="a stand-in server: the serve extra (make setup installs dev, which has it)")
 
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse  # noqa: E402
 

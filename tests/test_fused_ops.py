@@ -2,7 +2,9 @@
 import pytest
 import torch
 
-from kernels import fused_ops as F
+pytest.importorskip("triton", reason="Triton: the dev extra (its interpreter on a CPU) or the gpu extra")
+
+from kernels import fused_ops as F  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}

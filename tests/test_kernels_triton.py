@@ -18,6 +18,8 @@ if not torch.cuda.is_available():  # must precede the first Triton import
 
 import pytest  # noqa: E402
 
+pytest.importorskip("triton", reason="Triton: the dev extra (its interpreter on a CPU) or the gpu extra")
+
 from kernels import reference  # noqa: E402
 from kernels import triton_attention, triton_ops  # noqa: E402
 from kernels.metadata import Addressing, AttentionMetadata  # noqa: E402

@@ -12,16 +12,14 @@ import threading
 
 import pytest
 
+pytest.importorskip("fastapi", reason="kvlab serve's packages: the serve extra (make setup installs dev, which has it)")
+
 from allocators.stats import STAT_FIELDS, MemoryStats
 from engine.engine_core import EngineStats
 from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from engine.serving import metrics as M
 from engine.serving.metrics import CONTENT_TYPE, ServingMetrics
 
-try:  # a dev dependency (pyproject.toml): CI always has it
-    from prometheus_client.parser import text_string_to_metric_families
-except ImportError:  # pragma: no cover
-    text_string_to_metric_families = None
 
 MODEL = "tiny-llama"
 MAX_MODEL_LEN = 4096
@@ -120,9 +118,8 @@ def samples(text: str) -> dict[str, float]:
 
 
 def families(text: str) -> dict:
-    if text_string_to_metric_families is None:
-        pytest.fail("prometheus_client is a dev dependency: pip install -e '.[dev]'")
-    return {f.name: f for f in text_string_to_metric_families(text)}
+    parser = pytest.importorskip("prometheus_client.parser", reason="prometheus_client: the dev extra (make setup)")
+    return {f.name: f for f in parser.text_string_to_metric_families(text)}
 
 
 # -- names, types, format ----------------------------------------------------------------------

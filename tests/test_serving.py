@@ -15,7 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-openai = pytest.importorskip("openai")  # the real client, an optional test dependency
+pytest.importorskip("fastapi", reason="kvlab serve's packages: the serve extra (make setup installs dev, which has it)")
+openai = pytest.importorskip("openai", reason="the real openai client: the dev extra (make setup)")
 
 ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"

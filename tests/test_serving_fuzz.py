@@ -14,6 +14,9 @@ import json
 
 import httpx
 import pytest
+
+pytest.importorskip("fastapi", reason="kvlab serve's packages: the serve extra (make setup installs dev, which has it)")
+
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

@@ -18,7 +18,9 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
-from engine.serving.limits import LimitsConfigError, ServerLimits
+pytest.importorskip("fastapi", reason="kvlab serve's packages: the serve extra (make setup installs dev, which has it)")
+
+from engine.serving.limits import LimitsConfigError, ServerLimits  # noqa: E402
 
 HOST = "127.0.0.1"
 MODEL = "tiny"

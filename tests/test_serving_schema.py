@@ -14,7 +14,8 @@ from collections import Counter, defaultdict
 
 import pytest
 
-schemathesis = pytest.importorskip("schemathesis")
+pytest.importorskip("fastapi", reason="kvlab serve's packages: the serve extra (make setup installs dev, which has it)")
+schemathesis = pytest.importorskip("schemathesis", reason="OpenAPI schema testing: the dev extra (make setup)")
 
 from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
 from hypothesis.errors import Unsatisfiable  # noqa: E402

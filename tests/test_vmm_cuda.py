@@ -32,7 +32,7 @@ SPEC = KVCacheSpec(num_layers=2, num_kv_heads=8, head_dim=128, dtype=torch.bfloa
 
 @pytest.fixture(autouse=True)
 def _needs_bindings():
-    pytest.importorskip("cuda.bindings")
+    pytest.importorskip("cuda.bindings", reason="NVIDIA's cuda-python bindings: the gpu extra (make setup on a GPU machine)")
 
 
 def values(seq: FakeSeq, start: int, end: int, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
