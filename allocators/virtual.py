@@ -20,6 +20,14 @@ need in the next ``prefetch_tokens`` tokens (default: an eighth of a page) is cl
 and mapped by a background thread while steps compute; ``allocate`` waits on the driver
 only for memory the step itself needs that was not mapped ahead.
 
+Page size: vAttention maps 2 MiB pages (the CUDA driver's granularity). Left unset
+(``page_size=None`` or ``"auto"``), it is chosen to fit the model and the pool: the largest
+power of two up to 2 MiB (rounded down to whole tokens) that gives each of ``max_num_seqs``
+slots a page group of the pool at once and splits a ``max_model_len`` sequence into at least
+``MIN_PAGES_PER_SEQ`` pages (``default_page_size``). A page of the tiny CPU model's whole
+slot would map a request's ``max_model_len`` at its first token, which is contiguous-max
+reservation under another name; smaller pages are mapped as the sequence grows.
+
 Accounting: a live sequence is charged for its mapped groups up to the ones its
 ``max_len`` can use; groups beyond that are held by no live sequence and count as external
 fragmentation. All groups of idle slots (deferred reclamation) are ``idle_mapped``: held by
@@ -28,6 +36,8 @@ no live sequence but kept for the next request, reported on their own, never as 
 from __future__ import annotations
 
 import heapq
+import logging
+import math
 import weakref
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -38,11 +48,55 @@ import torch
 from allocators.base import AllocationError, KVAllocator, KVCacheSpec, SequenceLike
 from allocators.registry import register
 from allocators.stats import MemoryStats
-from allocators.vmm_backends import VMMBackend, make_backend
+from allocators.vmm_backends import VMMBackend, granularity, make_backend
 from kernels.metadata import Addressing
+
+log = logging.getLogger("kvlab.allocators")
 
 LAYOUTS = ("per_layer", "shared")
 MiB = 1 << 20
+MAX_PAGE_SIZE = 2 * MiB  # vAttention's page: the CUDA driver's mapping granularity
+MIN_PAGES_PER_SEQ = 4  # a default page splits a max_model_len sequence into at least this many
+
+
+@dataclass(frozen=True)
+class PageChoice:
+    page_size: int
+    page_tokens: int
+    why: str
+
+
+def page_sizes(token_bytes: int, grain: int) -> list[int]:
+    """Candidate page sizes, largest first: powers of two from 2 MiB down to the backend's
+    granularity, each rounded down to whole tokens (and whole granules)."""
+    unit = math.lcm(token_bytes, grain)
+    sizes, p = [], MAX_PAGE_SIZE
+    while p >= grain:
+        size = p // unit * unit
+        if size and size not in sizes:
+            sizes.append(size)
+        p //= 2
+    return sizes or [unit]
+
+
+def default_page_size(token_bytes: int, grain: int, capacity_tokens: int, max_num_seqs: int,
+                      max_model_len: int) -> PageChoice:
+    """The largest candidate whose page group fits each slot's share of the pool and splits a
+    max_model_len sequence into MIN_PAGES_PER_SEQ pages; else the smallest that fits the pool."""
+    share = capacity_tokens // max(1, max_num_seqs)
+    sizes = page_sizes(token_bytes, grain)
+    for size in sizes:
+        tpp = size // token_bytes
+        if tpp <= share and tpp * MIN_PAGES_PER_SEQ <= max_model_len:
+            return PageChoice(size, tpp, (
+                f"the largest page up to {MAX_PAGE_SIZE >> 20} MiB that gives each of the {max_num_seqs} slots "
+                f"a page of the {capacity_tokens}-token pool and at least {MIN_PAGES_PER_SEQ} pages to a "
+                f"{max_model_len}-token sequence"))
+    size = sizes[-1]
+    return PageChoice(size, size // token_bytes, (
+        f"no page up to {MAX_PAGE_SIZE >> 20} MiB gives each of the {max_num_seqs} slots a page of the "
+        f"{capacity_tokens}-token pool and {MIN_PAGES_PER_SEQ} pages to a {max_model_len}-token sequence; "
+        f"this is the smallest the backend maps (granularity {grain} bytes)"))
 
 
 @dataclass(slots=True, eq=False)
@@ -71,7 +125,7 @@ class VirtualAllocator(KVAllocator):
         capacity_tokens: int,
         max_num_seqs: int,
         max_model_len: int,
-        page_size: int = 2 * MiB,
+        page_size: int | str | None = None,  # bytes; None or "auto": chosen to fit (default_page_size)
         layout: str = "per_layer",
         backend: str = "auto",
         prefetch: bool = True,
@@ -84,23 +138,32 @@ class VirtualAllocator(KVAllocator):
             token_bytes, num_ranges = spec.num_kv_heads * spec.head_dim * elem, 2 * spec.num_layers
         else:
             token_bytes, num_ranges = spec.bytes_per_token, 1
-        if page_size <= 0 or page_size % token_bytes:
+        if backend == "auto":
+            backend = "sim" if spec.device is None else ("cuda" if str(spec.device).startswith("cuda") else "host")
+        grain = granularity(backend) if backend in ("sim", "host", "cuda") else 1  # make_backend names a bad one
+        fit = default_page_size(token_bytes, grain, capacity_tokens, max_num_seqs, max_model_len)
+        if page_size is None or page_size == "auto":
+            page_size = fit.page_size
+            log.info("virtual allocator: page_size=%d bytes (%d tokens a page, layout %s): %s; "
+                     "set allocator.args.page_size to choose another", page_size, fit.page_tokens, layout, fit.why)
+        elif not isinstance(page_size, int) or page_size <= 0 or page_size % token_bytes:
             raise ValueError(
-                f"page_size={page_size} does not hold a whole number of tokens of {token_bytes} bytes "
-                f"(layout '{layout}'): choose a multiple of {token_bytes} (and of the backend's granularity)")
+                f"allocator.args.page_size={page_size} does not hold a whole number of tokens of {token_bytes} "
+                f"bytes (layout '{layout}'): choose a multiple of {token_bytes}, e.g. {fit.page_size}, "
+                "or leave it unset for one chosen to fit")
         self.page_tokens = tpp = page_size // token_bytes
         num_groups = capacity_tokens // tpp
         if num_groups == 0:
             raise ValueError(
-                f"KV pool of {capacity_tokens} tokens holds no page group of {tpp} tokens "
-                f"(page_size={page_size}, layout '{layout}'): give more memory or a smaller page_size")
+                f"allocator.args.page_size={page_size}: the KV pool of {capacity_tokens} tokens holds no page "
+                f"group of {tpp} tokens (layout '{layout}'): choose a smaller page, e.g. "
+                f"allocator.args.page_size={fit.page_size}, leave it unset for one chosen to fit, or give the "
+                "pool more memory (engine.kv_cache_tokens / kv_cache_memory)")
         super().__init__(spec, num_groups * tpp, max_num_seqs, max_model_len)
         self.layout, self.page_size, self.num_groups = layout, page_size, num_groups
         self.span = -(-max_model_len // tpp) * tpp
         self.pages_per_slot = self.span // tpp
         self.num_ranges = num_ranges
-        if backend == "auto":
-            backend = "sim" if spec.device is None else ("cuda" if str(spec.device).startswith("cuda") else "host")
         self.backend = make_backend(backend, page_size, max_num_seqs * self.span * token_bytes, num_ranges,
                                     num_groups * num_ranges, spec.device)
         # token positions before slot 0 that the backend keeps mapped (the tensors start there)

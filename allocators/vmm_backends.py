@@ -31,8 +31,9 @@ class VMMBackend(ABC):
     def __init__(self, page_size: int, range_bytes: int, num_ranges: int, num_handles: int):
         if page_size % self.granularity:
             raise ValueError(
-                f"page_size={page_size} is not a multiple of the {self.name} backend's granularity "
-                f"{self.granularity} bytes: choose a multiple of it")
+                f"page_size={page_size} (allocator.args.page_size) is not a multiple of the {self.name} "
+                f"backend's granularity {self.granularity} bytes: choose a multiple of it, or leave page_size "
+                "unset for one chosen to fit")
         self.page_size = page_size
         self.range_bytes = range_bytes
         self.num_ranges = num_ranges
@@ -258,6 +259,14 @@ class CudaBackend(VMMBackend):
         cuda_check(drv.cuDevicePrimaryCtxRelease(self._cu_dev))
         self.base = 0
         self._tensors = []
+
+
+CUDA_GRANULARITY = 2 << 20  # cuMemGetAllocationGranularity(MINIMUM) on NVIDIA GPUs to date: 2 MiB
+
+
+def granularity(kind: str) -> int:
+    """The page-size granularity of backend ``kind`` (the cuda backend checks the driver's own)."""
+    return {"sim": SimBackend.granularity, "host": HostBackend.granularity, "cuda": CUDA_GRANULARITY}[kind]
 
 
 def make_backend(kind: str, page_size: int, range_bytes: int, num_ranges: int, num_handles: int,
