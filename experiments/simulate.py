@@ -22,6 +22,7 @@ is what the simulated device leaves after the weights: ``RooflineCostModel.kv_ca
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Mapping
 
 from engine.config import EngineConfig
@@ -32,6 +33,7 @@ from experiments.costmodel import ModelShape, RooflineCostModel, get_device, get
 __all__ = ["VirtualClock", "SimRunner", "SimSettings", "shape_of", "model_config_of", "simulated_engine"]
 
 _DTYPE_BY_BYTES = {2: "bfloat16", 4: "float32"}
+log = logging.getLogger("kvlab.sim")
 
 
 class VirtualClock:
@@ -66,6 +68,9 @@ class SimRunner:
         self.pcie_bandwidth = pcie_bandwidth
         self.kv_bytes_per_token = cost_model.model.kv_bytes_per_token
         self._swapped: dict[int, int] = {}  # seq_id -> tokens swapped out
+        self.profiled = getattr(cost_model, "name", "") == "profiled"
+        backend = getattr(allocator, "backend", None)
+        self.vmm_counter = MapCounter(backend) if self.profiled and backend is not None else None
         self.num_steps = 0
         self.busy_s = 0.0
         self.swap_s = 0.0
@@ -79,16 +84,26 @@ class SimRunner:
     def _swap_time(self, batch) -> float:
         """PCIe time of the KV swapped out by this step's preemptions and back in for its
         sequences that return from host memory (0 without swapping or bandwidth)."""
-        tokens = 0
+        out: list[int] = []
+        back: list[int] = []
         for seq in batch.preempted:
             if seq.status == SeqStatus.SWAPPED and self.allocator is not None:
                 n = self.allocator.num_tokens(seq)
                 self._swapped[seq.seq_id] = n
-                tokens += n
+                out.append(n)
         if self._swapped:
             for seq in batch.seqs:
-                tokens += self._swapped.pop(seq.seq_id, 0)
-        return tokens * self.kv_bytes_per_token / self.pcie_bandwidth if tokens and self.pcie_bandwidth else 0.0
+                n = self._swapped.pop(seq.seq_id, 0)
+                if n:
+                    back.append(n)
+        if not out and not back:
+            return 0.0
+        bpt = self.kv_bytes_per_token
+        if self.profiled:  # measured copies, one per sequence and direction
+            return (self.cost_model.swap_time([n * bpt for n in out], "d2h")
+                    + self.cost_model.swap_time([n * bpt for n in back], "h2d"))
+        tokens = sum(out) + sum(back)
+        return tokens * bpt / self.pcie_bandwidth if self.pcie_bandwidth else 0.0
 
     def execute(self, batch) -> list:
         work = []
@@ -100,11 +115,33 @@ class SimRunner:
                 sampled.append((seq, self._token(seq), None))
         swap = self._swap_time(batch)
         self.swap_s += swap
-        dt = self.cost_model.step_time(work) + swap
+        if self.profiled:
+            maps = self.vmm_counter.take() if self.vmm_counter is not None else 0
+            dt = self.cost_model.step_time(work, len(sampled), maps) + swap
+        else:
+            dt = self.cost_model.step_time(work) + swap
         self.clock.advance(dt)
         self.num_steps += 1
         self.busy_s += dt
         return sampled
+
+
+class MapCounter:
+    """Counts the VMM page maps a virtual allocator makes (in simulate its backend maps nothing)."""
+
+    def __init__(self, backend):
+        self.n = 0
+        inner = backend.map
+
+        def counted(*args, **kwargs):
+            self.n += 1
+            return inner(*args, **kwargs)
+
+        backend.map = counted
+
+    def take(self) -> int:
+        n, self.n = self.n, 0
+        return n
 
 
 @dataclasses.dataclass
@@ -116,6 +153,8 @@ class SimSettings:
     step_overhead_s: float = 5e-4
     activation_reserve_bytes: int = 0
     pcie_bandwidth: float = 25e9  # bytes/s host<->device for swapped KV (PCIe 4.0 x16, effective)
+    cost_model: str = "auto"  # auto (profiled where a profile exists) | profiled | roofline
+    profile: str | None = None  # a device profile written by `kvlab profile` (parquet)
 
     @classmethod
     def from_mapping(cls, d: Mapping | None) -> SimSettings:
@@ -178,14 +217,42 @@ def simulated_engine(cfg, engine_config: EngineConfig, clock: VirtualClock | Non
     runner: dict = {}
 
     def factory(allocator):
-        runner["r"] = SimRunner(cost, clock, mc.vocab_size, mc.eos_token_id, allocator, sim.pcie_bandwidth)
+        step_cost = cost_model_for(sim, cost, shape, shape_name or econf.model, econf, allocator)
+        runner["r"] = SimRunner(step_cost, clock, mc.vocab_size, mc.eos_token_id, allocator, sim.pcie_bandwidth)
         return runner["r"]
 
     engine = LLMEngine(econf, model_config=mc, runner_factory=factory, clock=clock)
     engine.advance_idle = clock.advance
     engine.sim_device = device.name
-    engine.cost_model = cost
+    engine.cost_model = runner["r"].cost_model
+    engine.sim_summary = (engine.cost_model.describe() if hasattr(engine.cost_model, "describe")
+                          else dict(cost_model="roofline", cost_profile=None))
     return engine
+
+
+def cost_model_for(sim: SimSettings, roofline: RooflineCostModel, shape: ModelShape, model: str,
+                   econf: EngineConfig, allocator):
+    """The profiled model where the device has a profile (``sim.profile``), else the roofline."""
+    from experiments.profiled_costmodel import ProfiledCostModel, load_profile, resolve_profile_path
+    from kernels.metadata import Addressing
+
+    if sim.cost_model not in ("auto", "profiled", "roofline"):
+        raise ValueError(f"sim.cost_model='{sim.cost_model}': choose auto, profiled or roofline")
+    if sim.cost_model == "roofline":
+        return roofline
+    path = resolve_profile_path(sim.profile)
+    if path is None:
+        msg = (f"no device profile for {sim.device}" + (f" ({sim.profile} does not exist)" if sim.profile else "")
+               + ": run `kvlab profile` on that device and set sim.profile")
+        if sim.cost_model == "profiled":
+            raise ValueError(msg)
+        log.warning("%s; simulating with the roofline cost model", msg)
+        return roofline
+    return ProfiledCostModel(
+        load_profile(str(path)), shape, model=model, paged=allocator.mode == Addressing.PAGED,
+        block_size=getattr(allocator, "block_size", 0), max_graph_batch=econf.max_num_seqs,
+        enforce_eager=econf.enforce_eager, allocator=econf.allocator,
+        vmm_sync_maps=hasattr(allocator, "backend") and not getattr(allocator, "prefetch", True))
 
 
 def _to_dict(node) -> dict:

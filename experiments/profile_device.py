@@ -1,0 +1,465 @@
+"""``kvlab profile``: measure this engine's own operations on the current device.
+
+Writes a device profile (one parquet file, long format: a ``table`` column names what each
+row measures, ``value`` is seconds) that the profiled cost model of simulate mode reads
+(experiments/profiled_costmodel.py). Tables:
+
+- ``decode_graph``: one pure-decode step as the engine runs it (the captured CUDA graph of the
+  whole model, logits included) by padded batch and context per sequence, per addressing mode
+  (LINEAR; PAGED per block size), per model;
+- ``eager_forward``: an eager forward of a prefill chunk of ``query`` tokens (launch costs
+  included, logits of one row), per model;
+- ``attention``: one layer's attention kernel by addressing mode, block size, batch, context
+  and query length (decode: query 1; prefill: one sequence), per model head shape;
+- ``gemm``: a bf16 linear layer by token count ``m`` for every (n, k) of the profiled models
+  (another model size interpolates from these);
+- ``sample``: greedy sampling of ``batch`` rows of logits;
+- ``copy``: host<->device copies (pinned) by size (swap);
+- ``vmm``: CUDA VMM map / unmap per page (vAttention);
+- ``host``: engine steps of the real engine per allocator: wall time minus device time
+  (scheduling, allocation, accounting, input preparation, output handling), by batch.
+
+Kernel timings run inside a CUDA graph (no launch cost), operands rotated over copies larger
+than L2 so no layer reads another's weights from cache. Metadata (device, versions, commit,
+settings) is stored in the parquet file's key-value metadata ``kvlab_profile``.
+
+    kvlab profile --models qwen3-0.6b,llama3-8b --out results/profiles
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import platform
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+
+DECODE_BATCHES = [1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 160, 192, 224, 256]
+CONTEXTS = [16, 128, 256, 512, 1024, 1536, 2048]
+PREFILL_QUERIES = [16, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
+GEMM_M = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
+SAMPLE_ROWS = [1, 8, 32, 64, 128, 256]
+COPY_BYTES = [1 << s for s in range(16, 29, 2)]  # 64 KiB .. 256 MiB
+L2_ROTATE_BYTES = 256 << 20
+
+
+def slug(device_name: str) -> str:
+    return "-".join("".join(c if c.isalnum() else " " for c in device_name.lower()).split())
+
+
+class Timer:
+    """Seconds per call: inside a CUDA graph on a GPU (device time only), wall time on a CPU."""
+
+    def __init__(self, device, reps: int = 10):
+        import torch
+
+        self.torch = torch
+        self.cuda = device.type == "cuda"
+        self.reps = reps
+
+    def graph(self, fns: list) -> float:
+        """Mean device time of one call of ``fns`` (called round-robin: operand copies)."""
+        torch = self.torch
+        if not self.cuda:
+            for f in fns:
+                f()
+            t = time.perf_counter()
+            for i in range(self.reps):
+                fns[i % len(fns)]()
+            return (time.perf_counter() - t) / self.reps
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):  # warm-up outside capture: Triton compiles, cuBLAS picks
+            for f in fns:
+                f()
+        torch.cuda.current_stream().wait_stream(s)
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for f in fns:
+                f()
+        return self.replay(g.replay, len(fns))
+
+    def replay(self, run, calls_per_run: int = 1) -> float:
+        torch = self.torch
+        run()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(self.reps):
+            run()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3 / (self.reps * calls_per_run)
+
+    def wall(self, fn) -> float:
+        """Median wall time of ``fn`` from an idle device to its end (launch costs included)."""
+        sync = self.torch.cuda.synchronize if self.cuda else (lambda: None)
+        fn()
+        sync()
+        times = []
+        for _ in range(max(3, self.reps // 2)):
+            sync()
+            t = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - t)
+        return float(np.median(times))
+
+
+def _rows_gemm(timer: Timer, shapes: set[tuple[int, int]], dtype, device) -> list[dict]:
+    import torch
+    import torch.nn.functional as F
+
+    rows = []
+    for n, k in sorted(shapes):
+        copies = max(1, min(8, math.ceil(L2_ROTATE_BYTES / (n * k * 2))))
+        ws = [torch.randn(n, k, dtype=dtype, device=device) * 0.02 for _ in range(copies)]
+        for m in GEMM_M:
+            x = torch.randn(m, k, dtype=dtype, device=device)
+            t = timer.graph([(lambda w=w: F.linear(x, w)) for w in ws])
+            rows.append(dict(table="gemm", m=m, n=n, k=k, value=t))
+        del ws
+    return rows
+
+
+def _linear_meta(batch: int, ctx: int, q: int, device, base_stride: int):
+    import torch
+
+    from kernels.metadata import Addressing, AttentionMetadata
+
+    i32 = dict(dtype=torch.int32, device=device)
+    seq_lens = torch.full((batch,), ctx, **i32)
+    qsl = torch.arange(0, (batch + 1) * q, q, **i32)
+    base = torch.arange(batch, dtype=torch.int64, device=device) * base_stride
+    slots = (base[:, None] + torch.arange(ctx - q, ctx, device=device)).reshape(-1)
+    return AttentionMetadata(Addressing.LINEAR, qsl, seq_lens, q, ctx, slots, seq_base=base)
+
+
+def _paged_meta(batch: int, ctx: int, q: int, bs: int, num_blocks: int, device, gen):
+    import torch
+
+    from kernels.metadata import Addressing, AttentionMetadata
+
+    i32 = dict(dtype=torch.int32, device=device)
+    nb = -(-ctx // bs)
+    blocks = torch.randperm(num_blocks, generator=gen)[: batch * nb].view(batch, nb).to(device=device,
+                                                                                           dtype=torch.int32)
+    pos = torch.arange(ctx - q, ctx, device=device)
+    slots = (blocks[:, pos // bs].long() * bs + pos % bs).reshape(-1)
+    return AttentionMetadata(Addressing.PAGED, torch.arange(0, (batch + 1) * q, q, **i32),
+                             torch.full((batch,), ctx, **i32), q, ctx, slots, block_table=blocks, block_size=bs)
+
+
+def _modes(block_sizes: list[int]) -> list[tuple[str, int]]:
+    return [("linear", 0)] + [("paged", bs) for bs in block_sizes]
+
+
+def _rows_attention(timer: Timer, mc, name: str, pool: int, block_sizes, dtype, device) -> list[dict]:
+    import torch
+
+    from kernels import ops
+
+    gen = torch.Generator().manual_seed(0)
+    kvh, d, h = mc.num_key_value_heads, mc.head_dim, mc.num_attention_heads
+    k_cache = torch.zeros(pool, kvh, d, dtype=dtype, device=device)
+    v_cache = torch.zeros_like(k_cache)
+    rows = []
+    shapes = [(b, c, 1) for b in (1, 4, 16, 64, 128, 256) for c in CONTEXTS]
+    shapes += [(1, q + c0, q) for q in PREFILL_QUERIES for c0 in (0, 1024)]
+    for mode, bs in _modes(block_sizes):
+        for b, ctx, q in shapes:
+            if b * ctx > pool // 2:
+                continue
+            copies = max(1, min(4, pool // max(1, b * ctx * 2)))
+            metas = []
+            for c in range(copies):
+                if mode == "linear":
+                    meta = _linear_meta(b, ctx, q, device, ctx)
+                    meta.seq_base += c * b * ctx
+                else:
+                    meta = _paged_meta(b, ctx, q, bs, pool // bs, device, gen)
+                metas.append(meta)
+            qt = torch.randn(b * q, h, d, dtype=dtype, device=device)
+            t = timer.graph([(lambda m=m: ops.attention(qt, k_cache, v_cache, m, d**-0.5)) for m in metas])
+            rows.append(dict(table="attention", model=name, mode=mode, block_size=bs, batch=b, context=ctx,
+                             query=q, value=t))
+    return rows
+
+
+def _rows_model(timer: Timer, name: str, pool: int, max_model_len: int, block_sizes, device) -> list[dict]:
+    """decode_graph and eager_forward of the model as the engine builds it; attention and sample."""
+    import torch
+
+    from engine.cuda_graphs import DecodeGraphs
+    from engine.block_table import PersistentBlockTable
+    from engine.loader import load_model, resolve_config
+    from kernels.metadata import Addressing
+
+    mc = resolve_config(name)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    # rotary tables long enough for the longest single-sequence prefill measured
+    model = load_model(mc, name, max(max_model_len, max(PREFILL_QUERIES)), dtype, str(device), 0)
+    if device.type == "cuda":
+        model.fuse()
+    rows = _rows_attention(timer, mc, name, pool, block_sizes, dtype, device)
+    caches = [(torch.zeros(pool, mc.num_key_value_heads, mc.head_dim, dtype=dtype, device=device),
+               torch.zeros(pool, mc.num_key_value_heads, mc.head_dim, dtype=dtype, device=device))
+              for _ in range(mc.num_hidden_layers)]
+    with torch.inference_mode():
+        for t_q in PREFILL_QUERIES:
+            if t_q > pool:
+                continue
+            meta = _linear_meta(1, t_q, t_q, device, 0)
+            ids = torch.randint(10, mc.vocab_size, (t_q,), device=device)
+            pos = torch.arange(t_q, device=device)
+
+            def fwd():
+                hidden = model(ids, pos, meta, caches)
+                model.compute_logits(hidden[-1:]).argmax(-1).cpu()
+
+            rows.append(dict(table="eager_forward", model=name, mode="linear", query=t_q, context=t_q,
+                             value=timer.wall(fwd)))
+        for s in SAMPLE_ROWS:
+            logits = torch.randn(s, mc.vocab_size, device=device)
+            rows.append(dict(table="sample", model=name, batch=s, value=timer.graph([lambda: logits.argmax(-1)])))
+        if device.type != "cuda":
+            return rows
+        gen = torch.Generator().manual_seed(1)
+        sizes = [b for b in DECODE_BATCHES]
+        for mode, bs in _modes(block_sizes):
+            paged = mode == "paged"
+            stub = SimpleNamespace(mode=Addressing.PAGED if paged else Addressing.LINEAR, block_size=bs)
+            table = PersistentBlockTable(max(sizes) + 1, -(-max_model_len // bs), device) if paged else None
+            graphs = DecodeGraphs(model, stub, caches, table, max(sizes), max_model_len, device)
+            graphs.sizes = sizes
+            graphs.capture()
+            for b in sizes:
+                for ctx in CONTEXTS:
+                    if ctx > max_model_len or b * ctx > pool:
+                        continue
+                    graphs.seq_lens[:b] = ctx
+                    graphs.positions[:b] = ctx - 1
+                    graphs.input_ids[:b] = 11
+                    if paged:
+                        nb = -(-ctx // bs)
+                        blocks = torch.randperm(pool // bs, generator=gen)[: b * nb].view(b, nb)
+                        table.device_t[:b, :nb] = blocks.to(device=device, dtype=torch.int32)
+                        graphs.addressing[:b] = torch.arange(b, device=device)
+                        graphs.slot_mapping[:b] = (blocks[:, (ctx - 1) // bs] * bs + (ctx - 1) % bs).to(device)
+                    else:
+                        base = torch.arange(b, device=device) * ctx
+                        graphs.addressing[:b] = base
+                        graphs.slot_mapping[:b] = base + ctx - 1
+                    t = timer.replay(graphs.graphs[b].replay)
+                    rows.append(dict(table="decode_graph", model=name, mode=mode, block_size=bs, batch=b,
+                                     context=ctx, value=t))
+            del graphs
+            torch.cuda.empty_cache()
+    del caches, model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _rows_copy(timer: Timer, device) -> list[dict]:
+    import torch
+
+    rows = []
+    for n in COPY_BYTES:
+        host = torch.empty(n, dtype=torch.uint8, pin_memory=device.type == "cuda")
+        dev = torch.empty(n, dtype=torch.uint8, device=device)
+        for op, fn in (("h2d", lambda: dev.copy_(host, non_blocking=True)),
+                       ("d2h", lambda: host.copy_(dev, non_blocking=True))):
+            t = timer.replay(fn) if timer.cuda else timer.wall(fn)
+            rows.append(dict(table="copy", op=op, bytes=n, value=t))
+    return rows
+
+
+def _rows_vmm(device) -> list[dict]:
+    if device.type != "cuda":
+        return []
+    try:
+        from experiments.bench_vmm import driver_costs
+
+        costs = driver_costs(64, 2 << 20)
+    except Exception as e:  # cuda-bindings missing or no VMM support: the model does without
+        print(f"vmm: not measured ({e!r})", flush=True)
+        return []
+    return [dict(table="vmm", op=r["op"], bytes=2 << 20, value=r["median_us"] / 1e6) for r in costs]
+
+
+HOST_ALLOCATORS = {"paged": ("paged", {"block_size": 16}), "contiguous": ("contiguous", {"policy": "max"}),
+                   "virtual": ("virtual", {})}
+
+
+def host_rows(model: str, allocator: str, args: dict, *, max_model_len: int, kv_cache_tokens: int,
+              device: str, seed: int = 0,
+              phases=((256, 32, 1024, 16, 512), (4, 64, 256, 64, 128))) -> list[dict]:
+    """Steps of the real engine: wall time minus device time (end of input preparation to end of
+    sampling). ``phases``: (requests, prompt min, max, output min, max), run one after the other."""
+    import torch
+
+    from engine import LLMEngine, SamplingParams
+    from engine.config import EngineConfig
+
+    cuda = device.startswith("cuda")
+    eng = LLMEngine(EngineConfig(model=model, allocator=allocator, allocator_args=args, device=device,
+                                 max_model_len=max_model_len, max_num_seqs=256, max_num_batched_tokens=8192,
+                                 kv_cache_tokens=kv_cache_tokens, detokenize=False, stream_outputs=False,
+                                 seed=seed))
+    marks: list = []
+    launch = eng.runner.launch
+
+    def timed_launch(batch, inflight=None):
+        if not cuda:
+            return launch(batch, inflight)
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        h = launch(batch, inflight)
+        b.record()
+        # the device idles while the runner prepares inputs: that part is host time
+        marks.append((len(eng.step_records), a, b, eng.runner.last_prep_s))
+        return h
+
+    eng.runner.launch = timed_launch
+    rng = np.random.default_rng(seed)
+    # a full batch with varied lengths (ramps down through every batch size), then a small one
+    for phase, (n, plo, phi, olo, ohi) in enumerate(phases):
+        for i in range(n):
+            plen = int(rng.integers(plo, phi))
+            prompt = rng.integers(10, min(1000, eng.model_config.vocab_size), plen).tolist()
+            eng.add_request(f"{phase}-{i}", prompt, SamplingParams(
+                max_tokens=int(rng.integers(olo, ohi)), ignore_eos=True, temperature=0, output_kind="final_only"))
+        while eng.has_unfinished_requests():
+            eng.step()
+    if cuda:
+        torch.cuda.synchronize()
+    gpu = {i: max(0.0, a.elapsed_time(b) / 1e3 - prep) for i, a, b, prep in marks}
+    rows = []
+    for i, r in enumerate(eng.step_records):
+        if r.num_seqs == 0:
+            continue
+        g = gpu.get(i, 0.0)
+        rows.append(dict(table="host", allocator=allocator, batch=r.num_seqs, prefill_tokens=r.prefill_tokens,
+                         decode_tokens=r.decode_tokens, context=r.context_tokens, duration=r.duration, gpu=g,
+                         value=max(0.0, r.duration - g)))
+    eng.allocator.close()
+    return rows
+
+
+def metadata(device, args) -> dict:
+    import torch
+
+    from experiments.run import git_commit
+
+    meta = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.machine()})",
+                torch=torch.__version__, python=platform.python_version(), commit=git_commit(),
+                created=dt.datetime.now().isoformat(timespec="seconds"), models=args.models,
+                max_model_len=args.max_model_len, pool_tokens=args.pool_tokens, block_sizes=args.block_sizes,
+                command="kvlab profile " + " ".join(args.argv))
+    try:
+        import triton
+
+        meta["triton"] = triton.__version__
+    except ImportError:
+        pass
+    if device.type == "cuda":
+        meta["cuda"] = torch.version.cuda
+    return meta
+
+
+def write_profile(path: Path, rows: list[dict], meta: dict) -> None:
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from experiments.atomic import atomic_path
+
+    df = pd.DataFrame(rows)
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}),
+                                           b"kvlab_profile": json.dumps(meta).encode()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import sys
+
+    ap = argparse.ArgumentParser(prog="kvlab profile", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="qwen3-0.6b,llama3-8b", help="presets or HF directories, comma-separated")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--max-model-len", type=int, default=2048, help="the decode graphs' max_model_len")
+    ap.add_argument("--pool-tokens", type=int, default=262144, help="KV slots of the scratch cache")
+    ap.add_argument("--block-sizes", default="8,16,32")
+    ap.add_argument("--host-model", default=None, help="model for the host-time steps (default: the first)")
+    ap.add_argument("--host-kv-tokens", type=int, default=40000)
+    ap.add_argument("--host-requests", type=int, default=256, help="requests of the host-time run's full batch")
+    ap.add_argument("--virtual-page-size", type=int, default=None, help="page size of the host-time run (bytes)")
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--skip", default="", help="tables to leave out, comma-separated (e.g. host,vmm)")
+    ap.add_argument("--out", default="results/profiles", help="folder (file name from the device) or .parquet")
+    a = ap.parse_args(argv)
+    a.argv = list(sys.argv[1:] if argv is None else argv)
+    import torch
+
+    device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if a.device == "auto" else a.device))
+    models = [m for m in a.models.split(",") if m]
+    block_sizes = [int(b) for b in a.block_sizes.split(",") if b]
+    skip = set(a.skip.split(","))
+    timer = Timer(device, a.reps)
+    meta = metadata(device, a)
+    out = Path(a.out)
+    path = out if out.suffix == ".parquet" else out / f"{slug(meta['device'])}.parquet"
+    rows: list[dict] = []
+    t0 = time.time()
+
+    def say(what: str) -> None:
+        print(f"[{time.time() - t0:6.1f} s] {what} ({len(rows)} rows)", flush=True)
+
+    if "host" not in skip:
+        hm = a.host_model or models[0]
+        phases = ((a.host_requests, 32, min(1024, a.max_model_len // 2), 16, min(512, a.max_model_len // 2)),
+                  (4, 16, 64, 16, 64))
+        for alloc, (name, args) in HOST_ALLOCATORS.items():
+            if name == "virtual" and a.virtual_page_size:
+                args = {**args, "page_size": a.virtual_page_size}
+            rows += host_rows(hm, name, args, max_model_len=a.max_model_len, kv_cache_tokens=a.host_kv_tokens,
+                              device=str(device), phases=phases)
+            say(f"host steps: {hm} {alloc}")
+    if "gemm" not in skip:
+        from engine.loader import resolve_config
+
+        shapes = set()
+        for m in models:
+            mc = resolve_config(m)
+            q, kv, h, i = mc.num_attention_heads * mc.head_dim, mc.num_key_value_heads * mc.head_dim, \
+                mc.hidden_size, mc.intermediate_size
+            shapes |= {(q + 2 * kv, h), (h, q), (2 * i, h), (h, i), (mc.vocab_size, h)}
+        rows += _rows_gemm(timer, shapes, torch.bfloat16 if device.type == "cuda" else torch.float32, device)
+        say("gemm")
+    for m in models:
+        rows += _rows_model(timer, m, a.pool_tokens, a.max_model_len, block_sizes, device)
+        say(f"model {m}")
+    if "copy" not in skip:
+        rows += _rows_copy(timer, device)
+        say("copy")
+    if "vmm" not in skip:
+        rows += _rows_vmm(device)
+        say("vmm")
+    meta["seconds"] = round(time.time() - t0, 1)
+    write_profile(path, rows, meta)
+    print(f"wrote {path}: {len(rows)} rows, {meta['device']}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

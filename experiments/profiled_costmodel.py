@@ -1,0 +1,338 @@
+"""Profiled cost model for simulate mode: step times from tables measured by ``kvlab profile``.
+
+A step costs what the real engine's step costs on the profiled device, built from the same
+pieces the engine runs:
+
+- a pure-decode batch that fits a CUDA graph: the measured replay time of the whole model's
+  decode graph at the padded batch size and the batch's mean context (``decode_graph``), plus
+  sampling;
+- any other batch (prefill chunks, mixed, eager): the eager forward of its tokens with the
+  attention of a fresh prefill taken out (``eager_forward`` minus ``attention``), plus the
+  attention of every prefill chunk and of the decode tokens, per layer, plus logits of the
+  extra sampled rows (``gemm``) and sampling;
+- host time per step, fitted per allocator from the real engine's steps (``host``:
+  a + b x sequences + c x prefill tokens, separately for graph and eager steps);
+- the allocator's own costs: attention in its addressing mode and block size, VMM page maps
+  done on the step's critical path (``vmm``), swap copies by size (``copy``).
+
+Tables are interpolated linearly between grid points (so monotonically), clamped below the
+first point and extended in proportion above the last. A model absent from the profile is
+composed from the ``gemm`` and ``attention`` tables, scaled by how the composition of a
+profiled model compares with its measured tables.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+log = logging.getLogger("kvlab.sim")
+ROOT = Path(__file__).resolve().parent.parent
+
+__all__ = ["Grid1D", "Grid2D", "DeviceProfile", "ProfiledCostModel", "load_profile"]
+
+
+class Grid1D:
+    """y(x) through measured points: linear between them, clamped below, proportional above."""
+
+    def __init__(self, xs, ys):
+        order = np.argsort(xs)
+        self.xs = np.asarray(xs, dtype=float)[order]
+        self.ys = np.asarray(ys, dtype=float)[order]
+        if len(self.xs) == 0:
+            raise ValueError("an empty profile table")
+
+    def __call__(self, x: float) -> float:
+        if x > self.xs[-1]:
+            return float(self.ys[-1] * x / self.xs[-1])
+        return float(np.interp(x, self.xs, self.ys))
+
+
+class Grid2D:
+    """z(a, b) on rows of a (each its own b points): 1-D in b within the two rows around a,
+    then linear in a (clamped below the first row, proportional above the last)."""
+
+    def __init__(self, a, b, z):
+        df = pd.DataFrame({"a": a, "b": b, "z": z})
+        self.rows = {float(k): Grid1D(g["b"].to_numpy(), g["z"].to_numpy()) for k, g in df.groupby("a")}
+        self.keys = np.array(sorted(self.rows))
+        if len(self.keys) == 0:
+            raise ValueError("an empty profile table")
+
+    def __call__(self, a: float, b: float) -> float:
+        k = self.keys
+        if a <= k[0]:
+            return self.rows[k[0]](b)
+        if a >= k[-1]:
+            return self.rows[k[-1]](b) * a / k[-1]
+        i = int(np.searchsorted(k, a))
+        lo, hi = k[i - 1], k[i]
+        w = (a - lo) / (hi - lo)
+        return (1 - w) * self.rows[lo](b) + w * self.rows[hi](b)
+
+
+@dataclass
+class HostFit:
+    """host seconds = a + b x sequences + c x prefill tokens (least squares over engine steps)."""
+
+    a: float
+    b: float
+    c: float
+
+    def __call__(self, seqs: int, prefill_tokens: int) -> float:
+        return max(0.0, self.a + self.b * seqs + self.c * prefill_tokens)
+
+    @classmethod
+    def fit(cls, rows: pd.DataFrame) -> "HostFit":
+        if rows.empty:
+            return cls(0.0, 0.0, 0.0)
+        # the slowest 1% are GC pauses and the like: they would tilt the fit
+        rows = rows[rows["value"] <= rows["value"].quantile(0.99)]
+        x = np.column_stack([np.ones(len(rows)), rows["batch"], rows["prefill_tokens"]]).astype(float)
+        if rows["prefill_tokens"].nunique() <= 1:
+            x = x[:, :2]
+        coef, *_ = np.linalg.lstsq(x, rows["value"].to_numpy(float), rcond=None)
+        return cls(float(coef[0]), float(coef[1]), float(coef[2]) if len(coef) > 2 else 0.0)
+
+
+class DeviceProfile:
+    """A profile written by ``kvlab profile``: its tables and metadata."""
+
+    def __init__(self, df: pd.DataFrame, meta: dict, path: str = ""):
+        self.df, self.meta, self.path = df, meta, path
+
+    @property
+    def device(self) -> str:
+        return self.meta.get("device", "?")
+
+    def table(self, name: str, **where) -> pd.DataFrame:
+        t = self.df[self.df["table"] == name]
+        for k, v in where.items():
+            t = t[t[k] == v]
+        return t
+
+    def models(self) -> set[str]:
+        return set(self.table("decode_graph")["model"].dropna()) | set(self.table("eager_forward")["model"].dropna())
+
+
+def resolve_profile_path(path: str | None) -> Path | None:
+    """The profile file, relative paths from the working directory or else the repository."""
+    if not path:
+        return None
+    for p in (Path(path), ROOT / path):
+        if p.is_file():
+            return p
+    return None
+
+
+@lru_cache(maxsize=8)
+def load_profile(path: str) -> DeviceProfile:
+    import pyarrow.parquet as pq
+
+    p = resolve_profile_path(path)
+    if p is None:
+        raise FileNotFoundError(f"no device profile at {path}")
+    table = pq.read_table(p)
+    meta = json.loads((table.schema.metadata or {}).get(b"kvlab_profile", b"{}"))
+    return DeviceProfile(table.to_pandas(), meta, str(path))
+
+
+def _nearest(values, want: float) -> float:
+    values = sorted(set(values))
+    return min(values, key=lambda v: (abs(np.log2(max(v, 1)) - np.log2(max(want, 1))), v))
+
+
+class ProfiledCostModel:
+    """Step time of a batch from a device profile (see the module docstring)."""
+
+    name = "profiled"
+
+    def __init__(self, profile: DeviceProfile, shape, *, model: str, paged: bool, block_size: int = 0,
+                 max_graph_batch: int = 256, enforce_eager: bool = False, allocator: str = "paged",
+                 vmm_sync_maps: bool = False):
+        from engine.cuda_graphs import capture_sizes
+
+        self.profile, self.model = profile, shape
+        self.num_layers = shape.num_layers
+        self.graph_sizes = [] if enforce_eager else capture_sizes(max_graph_batch)
+        self.vmm_sync_maps = vmm_sync_maps
+        mode = "paged" if paged else "linear"
+        self.profiled_model = model if model in profile.models() else None
+        ref = self.profiled_model or self._reference_model()
+        att = profile.table("attention", model=ref, mode=mode)
+        if att.empty:
+            raise ValueError(f"profile {profile.path} has no {mode} attention for {ref}: rerun kvlab profile")
+        self.block_size = int(_nearest(att["block_size"], block_size)) if paged else 0
+        att = att[att["block_size"] == self.block_size]
+        dec = att[att["query"] == 1]
+        self.attn_decode = Grid2D(dec["batch"], dec["context"], dec["value"])
+        pre = att[(att["query"] > 1) & (att["batch"] == 1)]
+        c0 = pre["context"] - pre["query"]
+        self.attn_prefill = {float(k): Grid1D(g["query"], g["value"]) for k, g in pre.groupby(c0)}
+        self.kv_scale = 1.0
+        if self.profiled_model is None:  # attention streams KV: scale by KV bytes per token and layer
+            rc = _config(ref)
+            self.kv_scale = (shape.num_kv_heads * shape.head_dim) / (rc.num_key_value_heads * rc.head_dim)
+        s = profile.table("sample", model=ref)
+        self.sample = Grid1D(s["batch"], s["value"] * shape.vocab_size / _config(ref).vocab_size)
+        self._gemm = {(int(n), int(k)): Grid1D(g["m"], g["value"])
+                      for (n, k), g in profile.table("gemm").groupby(["n", "k"])}
+        self.lm_head = self._gemm_fn(shape.vocab_size, shape.hidden_size)
+        if self.profiled_model:
+            g = profile.table("decode_graph", model=ref, mode=mode, block_size=self.block_size)
+            self.decode_graph = Grid2D(g["batch"], g["context"], g["value"]) if not g.empty else None
+            if self.decode_graph is None:  # profiled without CUDA graphs (a CPU): every step is eager
+                self.graph_sizes = []
+            e = profile.table("eager_forward", model=ref)
+            self.eager_forward = Grid1D(e["query"], e["value"])
+            self.compose = 1.0
+        else:
+            self.decode_graph = None
+            self.compose = self._composition_factor(ref)
+            e = profile.table("eager_forward", model=ref)
+            launch = float(e["value"].min()) if not e.empty else 0.0  # a launch-bound forward
+            self.eager_forward = lambda t, launch=launch: max(launch, self.compose * self._dense(t) + self.lm_head(1)
+                                                              + self.num_layers * self._prefill_attn(t, 0))
+        host = profile.table("host")
+        mine = host[host["allocator"] == allocator] if "allocator" in host else host
+        mine = mine if not mine.empty else host
+        self.host_graph = HostFit.fit(mine[mine["prefill_tokens"] == 0])
+        self.host_eager = HostFit.fit(mine[mine["prefill_tokens"] > 0])
+        c = profile.table("copy")
+        self.copy = {op: Grid1D(g["bytes"], g["value"]) for op, g in c.groupby("op")} if not c.empty else {}
+        v = profile.table("vmm")
+        self.map_s = float(v[v["op"] == "cuMemMap+cuMemSetAccess"]["value"].median()) if not v.empty else 0.0
+
+    # -- pieces ----------------------------------------------------------------------------
+    def _reference_model(self) -> str:
+        models = sorted(self.profile.models())
+        if not models:
+            raise ValueError(f"profile {self.profile.path} holds no model tables: rerun kvlab profile")
+        target = self.model.num_params
+        return min(models, key=lambda m: abs(np.log(_shape(m).num_params / target)))
+
+    def _gemm_fn(self, n: int, k: int):
+        if (n, k) in self._gemm:
+            return self._gemm[(n, k)]
+        if not self._gemm:
+            raise ValueError(f"profile {self.profile.path} has no gemm table")
+        # the nearest measured shape, scaled by the weight size (GEMMs here stream their weights)
+        (n0, k0), g = min(self._gemm.items(), key=lambda kv: abs(np.log(kv[0][0] * kv[0][1] / (n * k))))
+        return lambda m, g=g, r=n * k / (n0 * k0): g(m) * r
+
+    def _dense(self, tokens: int) -> float:
+        """One forward's linear layers (all layers, no lm_head) by composition from ``gemm``."""
+        m = self.model
+        q, kv, h, i = m.num_heads * m.head_dim, m.num_kv_heads * m.head_dim, m.hidden_size, m.intermediate_size
+        per_layer = sum(self._gemm_fn(n, k)(tokens) for n, k in ((q + 2 * kv, h), (h, q), (2 * i, h), (h, i)))
+        return self.num_layers * per_layer
+
+    def _composition_factor(self, ref: str) -> float:
+        """Measured decode graph of a profiled model over its composition (elementwise kernels,
+        gaps between kernels): carried over to a model composed from tables."""
+        g = self.profile.table("decode_graph", model=ref, mode="linear")
+        g = g[g["context"] == g["context"].min()]
+        if g.empty:
+            return 1.0
+        saved = self.model, self.num_layers
+        self.model = _shape(ref)
+        self.num_layers = self.model.num_layers
+        try:
+            ratios = [row.value / (self._dense(int(row.batch)) + self.lm_head(int(row.batch))
+                                   + self.num_layers * self.attn_decode(row.batch, row.context))
+                      for row in g.itertuples()]
+        finally:
+            self.model, self.num_layers = saved
+        return float(np.median(ratios))
+
+    def _prefill_attn(self, q: int, c0: int) -> float:
+        """One layer's attention for a chunk of ``q`` queries after ``c0`` cached tokens."""
+        keys = sorted(self.attn_prefill)
+        if not keys:
+            return 0.0
+        lo = self.attn_prefill[keys[0]](q)
+        if len(keys) == 1 or c0 <= keys[0]:
+            return lo * self.kv_scale
+        hi_k = keys[-1] if c0 >= keys[-1] else keys[int(np.searchsorted(keys, c0))]
+        lo_k = keys[0] if c0 >= keys[-1] else keys[int(np.searchsorted(keys, c0)) - 1]
+        a, b = self.attn_prefill[lo_k](q), self.attn_prefill[hi_k](q)
+        return (a + (b - a) * (c0 - lo_k) / (hi_k - lo_k)) * self.kv_scale  # linear in the keys read
+
+    def _decode_attn(self, batch: int, context: int) -> float:
+        return self.attn_decode(batch, context / batch) * self.kv_scale if batch else 0.0
+
+    def padded(self, batch: int) -> int | None:
+        for s in self.graph_sizes:
+            if s >= batch:
+                return s
+        return None
+
+    # -- the step ----------------------------------------------------------------------------
+    def device_time(self, work: list[tuple[int, int]], num_sampled: int | None = None) -> float:
+        if not work:
+            return 0.0
+        sampled = len(work) if num_sampled is None else num_sampled
+        prefill = [(q, c) for q, c in work if q > 1]
+        context = sum(c for _, c in work)
+        padded = None if prefill else self.padded(len(work))
+        if padded is not None:
+            if self.decode_graph is not None:
+                body = self.decode_graph(padded, context / padded)
+            else:
+                body = self.compose * (self._dense(padded) + self.lm_head(padded)
+                                       + self.num_layers * self._decode_attn(len(work), context))
+            return body + (self.sample(sampled) if sampled else 0.0)
+        tokens = sum(q for q, _ in work)
+        dec = [(q, c) for q, c in work if q == 1]
+        attn = sum(self._prefill_attn(q, c - q) for q, c in prefill)
+        attn += self._decode_attn(len(dec), sum(c for _, c in dec))
+        # eager_forward holds one fresh prefill's attention and one row of logits and sampling
+        body = self.eager_forward(tokens) - self.num_layers * self._prefill_attn(tokens, 0)
+        extra = max(0, sampled - 1)
+        body += self.num_layers * attn + (self.lm_head(sampled) - self.lm_head(1) if extra else 0.0)
+        body += (self.sample(sampled) - self.sample(1)) if extra else 0.0
+        return max(body, 0.0)
+
+    def host_time(self, work: list[tuple[int, int]]) -> float:
+        if not work:
+            return 0.0
+        prefill_tokens = sum(q for q, _ in work if q > 1)
+        fit = self.host_graph if not prefill_tokens and self.padded(len(work)) else self.host_eager
+        return fit(len(work), prefill_tokens)
+
+    def step_time(self, work: list[tuple[int, int]], num_sampled: int | None = None, vmm_maps: int = 0) -> float:
+        """Seconds for one engine step: device time + host time (+ VMM maps on the step's path)."""
+        if not work:
+            return 0.0
+        maps = vmm_maps * self.map_s if self.vmm_sync_maps else 0.0
+        return self.device_time(work, num_sampled) + self.host_time(work) + maps
+
+    def swap_time(self, transfers: list[int], direction: str = "d2h") -> float:
+        """Seconds to copy KV of ``transfers`` (bytes, one copy per sequence) between host and device."""
+        table = self.copy.get(direction)
+        if table is None:
+            return 0.0
+        return sum(table(b) for b in transfers if b > 0)
+
+    def describe(self) -> dict:
+        m = self.profile.meta
+        return dict(cost_model=self.name, cost_profile=self.profile.path, cost_profile_device=m.get("device"),
+                    cost_profile_commit=m.get("commit"),
+                    cost_profile_model=self.profiled_model or f"composed from {self._reference_model()}")
+
+
+def _config(name: str):
+    from engine.loader import resolve_config
+
+    return resolve_config(name)
+
+
+def _shape(name: str):
+    from experiments.simulate import shape_of
+
+    return shape_of(_config(name))

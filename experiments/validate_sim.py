@@ -1,0 +1,181 @@
+"""``kvlab validate-sim``: simulate against the real engine on the same workload and config.
+
+For each mode (offline, online at each rate) runs the real engine and then simulate mode
+with the same overrides, seed and pool, and writes the error of every simulated figure:
+
+    kvlab validate-sim model=llama3-8b allocator=paged workload=sharegpt workload.num_requests=300 \\
+        engine.kv_cache_tokens=40000 engine.max_model_len=2048 --rates 4,16 --sim h200 --out DIR
+
+DIR/real/<mode>/ and DIR/sim/<mode>/ are ordinary run folders (a rerun reuses finished ones,
+so ``--sim-only`` re-simulates against runs measured earlier, e.g. on another machine).
+DIR/validation.csv holds one row per (mode, metric): real, simulated, error; validation.md the
+table with the targets; validation.png a scatter of simulated against measured values.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+# metric -> allowed |error| (issue targets); figures that must match exactly have 0
+TIME_METRICS = {"output_throughput": 0.05, "mean_ttft_ms": 0.05, "mean_tpot_ms": 0.05, "p99_tpot_ms": 0.15,
+                "p50_tpot_ms": None, "p99_ttft_ms": None, "mean_e2el_ms": None, "normalized_latency": None}
+EXACT_OFFLINE = ("token_states", "reservation", "internal_frag", "external_frag", "free", "preemptions",
+                 "max_concurrency", "total_output_tokens", "num_steps")
+
+
+def mode_specs(rates: list[float], offline: bool = True) -> list[tuple[str, list[str]]]:
+    specs = [("offline", ["workload.request_rate=inf"])] if offline else []
+    specs += [(f"online-{r:g}rps", [f"workload.request_rate={r}"]) for r in rates]
+    return specs
+
+
+def compose(overrides: list[str]):
+    from hydra import compose as hcompose
+    from hydra import initialize_config_dir
+
+    from experiments.run import CONF_DIR
+
+    with initialize_config_dir(CONF_DIR, version_base="1.3"):
+        return hcompose("config", overrides=overrides)
+
+
+def _summary(run_dir: Path) -> dict:
+    import json
+
+    import pandas as pd
+
+    s = json.loads((run_dir / "summary.json").read_text())
+    s["num_steps"] = len(pd.read_parquet(run_dir / "steps.parquet", columns=["num_seqs"]))
+    return s
+
+
+def compare(real: dict, sim: dict, mode: str) -> list[dict]:
+    rows = []
+    for metric, target in TIME_METRICS.items():
+        r, s = real.get(metric), sim.get(metric)
+        if r is None or s is None or not (math.isfinite(r) and math.isfinite(s)) or r == 0:
+            continue
+        rows.append(dict(mode=mode, metric=metric, real=r, sim=s, error=(s - r) / r, target=target,
+                         ok=None if target is None else abs(s - r) / r <= target))
+    if mode == "offline":  # no arrivals: every decision and memory figure is the real one
+        for metric in EXACT_OFFLINE:
+            r, s = real.get(metric), sim.get(metric)
+            if r is None or s is None:
+                continue
+            rows.append(dict(mode=mode, metric=metric, real=r, sim=s, error=(s - r) / r if r else float(s != r),
+                             target=0.0, ok=s == r))
+    return rows
+
+
+def plot(df, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from experiments.atomic import save_figure
+
+    metrics = [m for m in TIME_METRICS if m in set(df["metric"])]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.4), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        d = df[df["metric"] == metric]
+        for label, g in d.groupby("label"):
+            ax.scatter(g["real"], g["sim"], label=label, s=22)
+        lo, hi = min(d["real"].min(), d["sim"].min()), max(d["real"].max(), d["sim"].max())
+        ax.plot([lo, hi], [lo, hi], color="grey", lw=0.8)
+        target = TIME_METRICS[metric]
+        if target:
+            ax.fill_between([lo, hi], [lo * (1 - target), hi * (1 - target)], [lo * (1 + target), hi * (1 + target)],
+                            color="grey", alpha=0.15, lw=0)
+        worst = d["error"].abs().max()
+        ax.set_title(f"{metric}\nworst |error| {100 * worst:.1f}%", fontsize=9)
+        ax.set_xlabel("measured")
+        ax.set_ylabel("simulated")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+    axes[0][0].legend(fontsize=6)
+    fig.tight_layout()
+    save_figure(path, fig)
+
+
+def markdown(df) -> str:
+    lines = ["| label | mode | metric | measured | simulated | error | target | ok |", "|---|---|---|---|---|---|---|---|"]
+    for r in df.itertuples():
+        target = "" if r.target is None or (isinstance(r.target, float) and math.isnan(r.target)) else \
+            ("exact" if r.target == 0 else f"{100 * r.target:.0f}%")
+        ok = "" if r.ok is None or (isinstance(r.ok, float) and math.isnan(r.ok)) else ("yes" if r.ok else "**no**")
+        lines.append(f"| {r.label} | {r.mode} | {r.metric} | {r.real:.4g} | {r.sim:.4g} | {100 * r.error:+.1f}% | "
+                     f"{target} | {ok} |")
+    return "\n".join(lines) + "\n"
+
+
+def validate(overrides: list[str], out: Path, rates: list[float], sim: str, label: str,
+             sim_only: bool = False, real_only: bool = False, offline: bool = True) -> list[dict]:
+    from experiments.run import run_experiment
+
+    rows = []
+    for mode, extra in mode_specs(rates, offline):
+        real_dir, sim_dir = out / "real" / mode, out / "sim" / mode
+        run_mode = "offline" if mode == "offline" else "online"
+        if not sim_only:
+            print(f"[{label}] real engine, {mode}", flush=True)
+            run_experiment(compose([*overrides, f"mode={run_mode}", *extra]), real_dir)
+        if real_only:
+            continue
+        if not (real_dir / "summary.json").exists():
+            raise FileNotFoundError(f"{real_dir}/summary.json: run without --sim-only first")
+        print(f"[{label}] simulate, {mode}", flush=True)
+        run_experiment(compose([*overrides, "mode=simulate", f"sim={sim}", *extra]), sim_dir)
+        for r in compare(_summary(real_dir), _summary(sim_dir), mode):
+            rows.append(dict(label=label, **r))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    import pandas as pd
+
+    ap = argparse.ArgumentParser(prog="kvlab validate-sim", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides of the runs (model, allocator, workload, engine)")
+    ap.add_argument("--rates", default="", help="online request rates (req/s), comma-separated")
+    ap.add_argument("--no-offline", action="store_true", help="online modes only")
+    ap.add_argument("--sim", default="h200", help="the simulated device (conf/sim/)")
+    ap.add_argument("--label", default=None, help="name of this configuration in the tables (default: overrides)")
+    ap.add_argument("--sim-only", action="store_true", help="simulate against real runs already in OUT")
+    ap.add_argument("--real-only", action="store_true", help="only the real runs (on the device)")
+    ap.add_argument("--collect", action="store_true",
+                    help="merge every validation.csv under OUT into one table and plot (no runs)")
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args(argv)
+    out = Path(a.out)
+    if a.collect:
+        parts = [pd.read_csv(p) for p in sorted(out.glob("*/validation.csv"))]
+        if not parts:
+            raise SystemExit(f"no */validation.csv under {out}")
+        return _write(pd.concat(parts, ignore_index=True), out)
+    rates = [float(r) for r in a.rates.split(",") if r]
+    label = a.label or " ".join(a.overrides) or "default"
+    overrides = ["progress=false", *a.overrides]
+    rows = validate(overrides, out, rates, a.sim, label, a.sim_only, a.real_only, not a.no_offline)
+    if a.real_only:
+        return 0
+    return _write(pd.DataFrame(rows), out)
+
+
+def _write(df, out: Path) -> int:
+    from experiments.atomic import write_csv, write_text
+
+    df = df.astype({"ok": object, "target": object}).where(df.notna(), None)
+    write_csv(out / "validation.csv", df)
+    write_text(out / "validation.md", markdown(df))
+    plot(df, out / "validation.png")
+    checked = df[df["ok"].notna()]
+    good = int((checked["ok"] == True).sum())  # noqa: E712
+    print(markdown(df))
+    print(f"{good} of {len(checked)} checked figures within target -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
