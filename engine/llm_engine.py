@@ -22,7 +22,7 @@ from engine.runner import ModelRunner, StepHandle
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig
 from engine.sequence import PENDING, SeqStatus, Sequence
-from engine.tokenizer import load_tokenizer
+from engine.tokenizer import has_text, load_tokenizer
 
 log = logging.getLogger("kvlab.engine")
 
@@ -167,6 +167,8 @@ class LLMEngine:
         bad = [t for t in params.stop_token_ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"request '{request_id}': stop_token_ids {bad[:5]} outside the vocabulary [0, {vocab})")
+        if params.stop and not has_text(self.tokenizer):  # stop strings would never match
+            raise self.tokenizer.error("stop strings")
         max_tokens = self.max_model_len if params.max_tokens is None else params.max_tokens
         need = min(n + max(max_tokens, 1), self.max_model_len)
         fit = self.allocator.max_fit_tokens()

@@ -1,4 +1,9 @@
-"""Offline tokenizers: bytes for the presets, HF's own for a local model directory."""
+"""Offline tokenizers: bytes for the presets, HF's own for a local model directory.
+
+A model directory without tokenizer files gets ``NoTokenizer``: token-id prompts run as usual
+(outputs carry token ids and no text), a text prompt is an error naming the directory and the
+files expected. Bytes in place of the model's own vocabulary would be garbage in and out.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -119,8 +124,52 @@ class HFTokenizer:
         return default_chat_prompt(messages)
 
 
+# any of these beside config.json: HF's fast tokenizer, its config, a SentencePiece model, a BPE vocabulary
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+class TokenizerMissingError(ValueError):
+    """A text prompt for a model directory that has no tokenizer files."""
+
+
+class NoTokenizer:
+    """The tokenizer of a model directory without tokenizer files: ids only, no text."""
+
+    def __init__(self, path: str | Path, eos_token_ids: list[int]):
+        self.path = Path(path)
+        self.eos_token_ids = list(eos_token_ids)
+
+    def error(self, what: str = "text prompts") -> TokenizerMissingError:
+        return TokenizerMissingError(
+            f"model directory {self.path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}), so it cannot "
+            f"take {what}: save the tokenizer beside the model (tokenizer.save_pretrained(dir)), "
+            "or give prompts as token ids")
+
+    def encode(self, text: str) -> list[int]:
+        raise self.error()
+
+    def apply_chat_template(self, messages: list[dict]) -> str:
+        raise self.error("chat messages")
+
+    def decode(self, ids: list[int]) -> str:
+        return ""  # outputs of token-id prompts carry their token ids; there is no text to give
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return b""
+
+
+def has_text(tokenizer: Tokenizer) -> bool:
+    """Whether the tokenizer turns text into ids and back (stop strings, text prompts)."""
+    return not isinstance(tokenizer, NoTokenizer)
+
+
 def load_tokenizer(source: str, vocab_size: int, bos: int | None, eos: list[int]) -> Tokenizer:
+    """A preset (or a shape-only model) gets bytes; a model directory its own tokenizer files."""
+    from engine.presets import PRESETS
+
     path = Path(source)
-    if path.is_dir() and any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
+    if source in PRESETS or not path.is_dir():
+        return ByteTokenizer(vocab_size, bos, eos)
+    if any((path / f).exists() for f in TOKENIZER_FILES):
         return HFTokenizer(path, eos)
-    return ByteTokenizer(vocab_size, bos, eos)
+    return NoTokenizer(path, eos)

@@ -1,0 +1,82 @@
+"""A model directory without tokenizer files: token-id prompts run, text is an error, not bytes."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from conftest import make_hf_checkpoint
+from engine import LLM, SamplingParams
+from engine.tokenizer import TOKENIZER_FILES, ByteTokenizer, NoTokenizer, TokenizerMissingError, load_tokenizer
+
+GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def bare_dir(tmp_path_factory):
+    """save_pretrained writes config.json and model.safetensors, no tokenizer."""
+    path = tmp_path_factory.mktemp("no_tokenizer")
+    make_hf_checkpoint(path, "llama")
+    assert not any((path / f).exists() for f in TOKENIZER_FILES)
+    return path
+
+
+@pytest.fixture(scope="module")
+def llm(bare_dir):
+    return LLM(model=str(bare_dir), device="cpu", max_model_len=64, kv_cache_tokens=256)
+
+
+def test_token_id_prompts_still_work(llm):
+    outs = llm.generate([[5, 6, 7, 8], [9, 10]], GREEDY)
+    assert [len(o.outputs[0].token_ids) for o in outs] == [6, 6]
+    assert all(o.outputs[0].text == "" for o in outs)  # no tokenizer, so no text: never byte garbage
+
+
+def test_a_text_prompt_is_an_error_naming_the_directory_and_the_files(llm, bare_dir):
+    with pytest.raises(TokenizerMissingError) as err:
+        llm.generate("Hello", GREEDY)
+    msg = str(err.value)
+    assert str(bare_dir) in msg and "tokenizer.json" in msg and "tokenizer.model" in msg
+    assert "token ids" in msg  # the way out that works without one
+
+
+def test_stop_strings_are_an_error_too(llm):
+    with pytest.raises(TokenizerMissingError, match="stop strings"):
+        llm.generate([[5, 6, 7]], SamplingParams(max_tokens=4, stop=["."]))
+
+
+def test_the_async_front_end_refuses_text_and_chat(llm):
+    from engine.async_engine import AsyncLLMEngine, ChatPrompt
+
+    ae = AsyncLLMEngine(llm.engine)
+    try:
+        async def run():
+            with pytest.raises(TokenizerMissingError, match="text prompts"):
+                await ae.tokenize("Hello")
+            with pytest.raises(TokenizerMissingError, match="chat messages"):
+                await ae.tokenize(ChatPrompt([{"role": "user", "content": "hi"}]))
+            assert await ae.tokenize([1, 2, 3]) == (None, [1, 2, 3])
+
+        asyncio.run(run())
+    finally:
+        ae.shutdown()
+
+
+def test_presets_keep_their_byte_tokenizer():
+    """Presets have random weights and no vocabulary of their own: bytes are their tokenizer."""
+    tok = load_tokenizer("tiny-llama", 512, 1, [2])
+    assert isinstance(tok, ByteTokenizer) and tok.decode(tok.encode("héllo")) == "héllo"
+    out = LLM(model="tiny-llama", device="cpu", max_model_len=64, kv_cache_tokens=256).generate("Hello", GREEDY)
+    assert out[0].prompt_token_ids == ByteTokenizer(512).encode("Hello") and len(out[0].outputs[0].token_ids) == 6
+
+
+def test_a_directory_with_tokenizer_files_loads_them(tmp_path, bare_dir):
+    assert isinstance(load_tokenizer(str(bare_dir), 320, 1, [2]), NoTokenizer)
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({"<unk>": 0, "<s>": 1, "</s>": 2, "hello": 3, "world": 4}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>").save_pretrained(tmp_path)
+    loaded = load_tokenizer(str(tmp_path), 320, 1, [2])
+    assert not isinstance(loaded, (NoTokenizer, ByteTokenizer)) and loaded.encode("hello world") == [3, 4]
