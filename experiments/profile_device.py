@@ -8,9 +8,11 @@ row measures, ``value`` is seconds) that the profiled cost model of simulate mod
   whole model, logits included) by padded batch and context per sequence, per addressing mode
   (LINEAR; PAGED per block size), per model;
 - ``eager_forward``: an eager forward of a prefill chunk of ``query`` tokens (launch costs
-  included, logits of one row), per model;
+  included, logits of one row, its token read back), per model; ``prefill_graph``: the same
+  forward's device time alone;
 - ``attention``: one layer's attention kernel by addressing mode, block size, batch, context
-  and query length (decode: query 1; prefill: one sequence), per model head shape;
+  and query length (decode: query 1, alone or ``mixed`` beside a prefill chunk; prefill: one
+  sequence), per model head shape;
 - ``gemm``: a bf16 linear layer by token count ``m`` for every (n, k) of the profiled models
   (another model size interpolates from these);
 - ``sample``: greedy sampling of ``batch`` rows of logits;
@@ -45,6 +47,7 @@ GEMM_M = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
 SAMPLE_ROWS = [1, 8, 32, 64, 128, 256]
 COPY_BYTES = [1 << s for s in range(16, 29, 2)]  # 64 KiB .. 256 MiB
 L2_ROTATE_BYTES = 256 << 20
+MIXED_MAX_QUERY = 64
 
 
 def slug(device_name: str) -> str:
@@ -169,10 +172,12 @@ def _rows_attention(timer: Timer, mc, name: str, pool: int, block_sizes, dtype, 
     k_cache = torch.zeros(pool, kvh, d, dtype=dtype, device=device)
     v_cache = torch.zeros_like(k_cache)
     rows = []
-    shapes = [(b, c, 1) for b in (1, 4, 16, 64, 128, 256) for c in CONTEXTS]
-    shapes += [(1, q + c0, q) for q in PREFILL_QUERIES for c0 in (0, 1024)]
+    shapes = [(b, c, 1, False) for b in (1, 4, 16, 64, 128, 256) for c in CONTEXTS]
+    # decode tokens inside a mixed batch: the kernel then runs its prefill tiles, without split-KV
+    shapes += [(b, c, 1, True) for b in (1, 4, 16, 64, 128, 256) for c in CONTEXTS]
+    shapes += [(1, q + c0, q, False) for q in PREFILL_QUERIES for c0 in (0, 1024)]
     for mode, bs in _modes(block_sizes):
-        for b, ctx, q in shapes:
+        for b, ctx, q, mixed in shapes:
             if b * ctx > pool // 2:
                 continue
             copies = max(1, min(4, pool // max(1, b * ctx * 2)))
@@ -183,11 +188,13 @@ def _rows_attention(timer: Timer, mc, name: str, pool: int, block_sizes, dtype, 
                     meta.seq_base += c * b * ctx
                 else:
                     meta = _paged_meta(b, ctx, q, bs, pool // bs, device, gen)
+                if mixed:
+                    meta.max_query_len = MIXED_MAX_QUERY  # an upper bound, as a prefill chunk beside makes it
                 metas.append(meta)
             qt = torch.randn(b * q, h, d, dtype=dtype, device=device)
             t = timer.graph([(lambda m=m: ops.attention(qt, k_cache, v_cache, m, d**-0.5)) for m in metas])
             rows.append(dict(table="attention", model=name, mode=mode, block_size=bs, batch=b, context=ctx,
-                             query=q, value=t))
+                             query=q, mixed=mixed, value=t))
     return rows
 
 
@@ -220,10 +227,13 @@ def _rows_model(timer: Timer, name: str, pool: int, max_model_len: int, block_si
 
             def fwd():
                 hidden = model(ids, pos, meta, caches)
-                model.compute_logits(hidden[-1:]).argmax(-1).cpu()
+                return model.compute_logits(hidden[-1:]).argmax(-1)
 
             rows.append(dict(table="eager_forward", model=name, mode="linear", query=t_q, context=t_q,
-                             value=timer.wall(fwd)))
+                             value=timer.wall(lambda: fwd().cpu())))
+            # the same forward's device time alone (captured: no launch gaps)
+            rows.append(dict(table="prefill_graph", model=name, mode="linear", query=t_q, context=t_q,
+                             value=timer.graph([fwd])))
         for s in SAMPLE_ROWS:
             logits = torch.randn(s, mc.vocab_size, device=device)
             rows.append(dict(table="sample", model=name, batch=s, value=timer.graph([lambda: logits.argmax(-1)])))

@@ -6,10 +6,11 @@ pieces the engine runs:
 - a pure-decode batch that fits a CUDA graph: the measured replay time of the whole model's
   decode graph at the padded batch size and the batch's mean context (``decode_graph``), plus
   sampling;
-- any other batch (prefill chunks, mixed, eager): the eager forward of its tokens with the
-  attention of a fresh prefill taken out (``eager_forward`` minus ``attention``), plus the
-  attention of every prefill chunk and of the decode tokens, per layer, plus logits of the
-  extra sampled rows (``gemm``) and sampling;
+- any other batch (prefill chunks, mixed, eager): the device time of a forward of as many
+  tokens (``prefill_graph``) with its fresh-prefill attention swapped for the batch's own (every
+  prefill chunk, the decode tokens in the mixed kernel configuration; per layer), plus logits
+  of the extra sampled rows (``gemm``) and sampling; the step then takes the later of that and
+  the launch floor (the smallest eager forward measured: launches, not the device, bound it);
 - host time per step, fitted per allocator from the real engine's steps (``host``:
   a + b x sequences + c x prefill tokens, separately for graph and eager steps);
 - the allocator's own costs: attention in its addressing mode and block size, VMM page maps
@@ -169,8 +170,12 @@ class ProfiledCostModel:
             raise ValueError(f"profile {profile.path} has no {mode} attention for {ref}: rerun kvlab profile")
         self.block_size = int(_nearest(att["block_size"], block_size)) if paged else 0
         att = att[att["block_size"] == self.block_size]
-        dec = att[att["query"] == 1]
+        mixed = att["mixed"].fillna(False).astype(bool) if "mixed" in att else att["query"] < 0
+        dec = att[(att["query"] == 1) & ~mixed]
         self.attn_decode = Grid2D(dec["batch"], dec["context"], dec["value"])
+        mdec = att[(att["query"] == 1) & mixed]
+        self.attn_decode_mixed = Grid2D(mdec["batch"], mdec["context"], mdec["value"]) if not mdec.empty \
+            else self.attn_decode
         pre = att[(att["query"] > 1) & (att["batch"] == 1)]
         c0 = pre["context"] - pre["query"]
         self.attn_prefill = {float(k): Grid1D(g["query"], g["value"]) for k, g in pre.groupby(c0)}
@@ -190,14 +195,20 @@ class ProfiledCostModel:
                 self.graph_sizes = []
             e = profile.table("eager_forward", model=ref)
             self.eager_forward = Grid1D(e["query"], e["value"])
+            pg = profile.table("prefill_graph", model=ref)
+            self.prefill_gpu = Grid1D(pg["query"], pg["value"]) if not pg.empty else self.eager_forward
+            self.launch_floor = float(e["value"].min())
             self.compose = 1.0
         else:
             self.decode_graph = None
             self.compose = self._composition_factor(ref)
             e = profile.table("eager_forward", model=ref)
-            launch = float(e["value"].min()) if not e.empty else 0.0  # a launch-bound forward
-            self.eager_forward = lambda t, launch=launch: max(launch, self.compose * self._dense(t) + self.lm_head(1)
-                                                              + self.num_layers * self._prefill_attn(t, 0))
+            # launches scale with the layer count; device time is composed from the tables
+            self.launch_floor = (float(e["value"].min()) * self.num_layers / _shape(ref).num_layers
+                                 if not e.empty else 0.0)
+            self.prefill_gpu = lambda t: (self.compose * self._dense(t) + self.lm_head(1)
+                                          + self.num_layers * self._prefill_attn(t, 0))
+            self.eager_forward = lambda t: max(self.launch_floor, self.prefill_gpu(t))
         host = profile.table("host")
         mine = host[host["allocator"] == allocator] if "allocator" in host else host
         mine = mine if not mine.empty else host
@@ -290,13 +301,19 @@ class ProfiledCostModel:
         tokens = sum(q for q, _ in work)
         dec = [(q, c) for q, c in work if q == 1]
         attn = sum(self._prefill_attn(q, c - q) for q, c in prefill)
-        attn += self._decode_attn(len(dec), sum(c for _, c in dec))
-        # eager_forward holds one fresh prefill's attention and one row of logits and sampling
-        body = self.eager_forward(tokens) - self.num_layers * self._prefill_attn(tokens, 0)
-        extra = max(0, sampled - 1)
-        body += self.num_layers * attn + (self.lm_head(sampled) - self.lm_head(1) if extra else 0.0)
-        body += (self.sample(sampled) - self.sample(1)) if extra else 0.0
-        return max(body, 0.0)
+        if dec:
+            grid = self.attn_decode_mixed if prefill else self.attn_decode
+            attn += grid(len(dec), sum(c for _, c in dec) / len(dec)) * self.kv_scale
+        # the measured single-sequence forward of as many tokens: its device time with one fresh
+        # prefill's attention, one row of logits and sampling swapped for this batch's
+        gpu = self.prefill_gpu(tokens) - self.num_layers * self._prefill_attn(tokens, 0) + self.num_layers * attn
+        if sampled > 1:
+            gpu += self.lm_head(sampled) - self.lm_head(1) + self.sample(sampled) - self.sample(1)
+        # an eager step waits for the later of its launches and its device work; what the
+        # measured forward spent beyond both (sync, read-back) carries over
+        wall = self.eager_forward(tokens)
+        rest = max(0.0, wall - max(self.launch_floor, self.prefill_gpu(tokens)))
+        return max(self.launch_floor, gpu) + rest
 
     def host_time(self, work: list[tuple[int, int]]) -> float:
         if not work:

@@ -1,0 +1,182 @@
+"""The profiled cost model: tables from `kvlab profile`, interpolation, fallback, the profiler on CPU."""
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from experiments import profile_device
+from experiments.profiled_costmodel import DeviceProfile, Grid1D, Grid2D, ProfiledCostModel, load_profile
+from experiments.simulate import shape_of
+from experiments.validate_sim import compare
+
+MODEL = "tiny-llama"
+BATCHES = [1, 2, 4, 8, 16, 32, 48, 64]
+CONTEXTS = [16, 128, 512, 2048]
+QUERIES = [16, 128, 1024, 8192]
+
+
+def synthetic_profile() -> DeviceProfile:
+    """Monotone tables of plausible shape (seconds), as `kvlab profile` lays them out."""
+    rows = []
+    for mode, bs in (("linear", 0), ("paged", 8), ("paged", 16)):
+        slow = 1.0 if mode == "linear" else 1.0 + 0.4 / bs  # small blocks cost more
+        for b, c in itertools.product(BATCHES, CONTEXTS):
+            rows.append(dict(table="decode_graph", model=MODEL, mode=mode, block_size=bs, batch=b, context=c,
+                             value=1e-3 + 2e-6 * b + 4e-9 * b * c * slow))
+        for b, c, mixed in itertools.product([1, 4, 16, 64], CONTEXTS, [False, True]):
+            rows.append(dict(table="attention", model=MODEL, mode=mode, block_size=bs, batch=b, context=c, query=1,
+                             mixed=mixed, value=(5e-6 + 1e-10 * b * c * slow) * (1.5 if mixed else 1.0)))
+        for q, c0 in itertools.product(QUERIES, [0, 1024]):
+            rows.append(dict(table="attention", model=MODEL, mode=mode, block_size=bs, batch=1, context=q + c0,
+                             query=q, mixed=False, value=5e-6 + 1e-11 * q * (q / 2 + c0) * slow))
+    for q in QUERIES:
+        rows.append(dict(table="prefill_graph", model=MODEL, query=q, context=q, value=5e-4 + 1e-7 * q))
+        rows.append(dict(table="eager_forward", model=MODEL, query=q, context=q, value=max(3e-3, 6e-4 + 1e-7 * q)))
+    for m in [1, 16, 256, 8192]:
+        for n, k in [(128, 64), (64, 64), (256, 64), (64, 128), (512, 64)]:
+            rows.append(dict(table="gemm", m=m, n=n, k=k, value=2e-6 + 1e-12 * m * n * k))
+    for s in [1, 8, 64]:
+        rows.append(dict(table="sample", model=MODEL, batch=s, value=4e-6 + 1e-8 * s))
+    rng = np.random.default_rng(0)
+    for alloc, base in (("paged", 4e-4), ("contiguous", 3e-4), ("virtual", 5e-4)):
+        for b in range(1, 65):
+            for p in (0, 0, 256):
+                rows.append(dict(table="host", allocator=alloc, batch=b, prefill_tokens=p, decode_tokens=b,
+                                 value=base + 5e-6 * b + 1e-7 * p + rng.normal(0, 1e-7)))
+    for n in [1 << 16, 1 << 20, 1 << 24]:
+        for op in ("h2d", "d2h"):
+            rows.append(dict(table="copy", op=op, bytes=n, value=1e-5 + n / 50e9))
+    rows.append(dict(table="vmm", op="cuMemMap+cuMemSetAccess", bytes=2 << 20, value=37e-6))
+    return DeviceProfile(pd.DataFrame(rows), {"device": "Synthetic GPU", "commit": "abc"}, "synthetic")
+
+
+def cost_model(**kw) -> ProfiledCostModel:
+    from engine.loader import resolve_config
+
+    args = dict(model=MODEL, paged=True, block_size=16, max_graph_batch=64, allocator="paged")
+    args.update(kw)
+    return ProfiledCostModel(synthetic_profile(), shape_of(resolve_config(MODEL)), **args)
+
+
+def test_grids_reproduce_points_and_interpolate_between():
+    g = Grid1D([1, 4, 16], [1.0, 2.0, 8.0])
+    assert [g(x) for x in (1, 4, 16)] == [1.0, 2.0, 8.0]
+    assert g(0.5) == 1.0 and g(32) == 16.0  # clamped below, proportional above
+    assert 1.0 < g(2) < 2.0 < g(10) < 8.0
+    g2 = Grid2D([1, 1, 8, 8], [10, 100, 10, 100], [1.0, 2.0, 3.0, 5.0])
+    assert g2(1, 10) == 1.0 and g2(8, 100) == 5.0
+    assert 1.0 < g2(4, 10) < 3.0 and 2.0 < g2(4, 100) < 5.0
+
+
+def test_profiled_model_reproduces_its_tables_at_grid_points():
+    m = cost_model()
+    t = synthetic_profile().table("decode_graph", mode="paged", block_size=16)
+    for r in t.itertuples():
+        work = [(1, int(r.context))] * int(r.batch)
+        # num_sampled=0: the graph replay alone
+        assert m.device_time(work, num_sampled=0) == pytest.approx(r.value, rel=1e-12)
+    host = m.host_time([(1, 100)] * 10)
+    assert host == pytest.approx(4e-4 + 5e-6 * 10, rel=0.01)  # the fit recovers the paged host line
+    single = [(128, 128)]  # one prefill chunk, nothing cached: the measured forward itself
+    assert m.device_time(single) == pytest.approx(3e-3, rel=1e-9)  # launch-bound at 128 tokens
+
+
+def test_interpolation_is_monotone_between_grid_points():
+    m = cost_model()
+    for b in (3, 5, 20, 40, 64):
+        times = [m.device_time([(1, c)] * b) for c in range(16, 2048, 37)]
+        assert all(x <= y + 1e-15 for x, y in zip(times, times[1:])), b
+    times = [m.device_time([(1, 700)] * b) for b in range(1, 65)]
+    assert all(x <= y + 1e-15 for x, y in zip(times, times[1:]))
+    prefill = [m.device_time([(q, q)]) for q in range(16, 8192, 97)]
+    assert all(x <= y + 1e-15 for x, y in zip(prefill, prefill[1:]))
+
+
+def test_allocator_costs_differ_where_the_profile_says():
+    linear = cost_model(paged=False, block_size=0, allocator="contiguous")
+    paged8 = cost_model(block_size=8)
+    paged16 = cost_model(block_size=16)
+    work = [(1, 1000)] * 32
+    assert linear.device_time(work) < paged16.device_time(work) < paged8.device_time(work)
+    assert paged16.host_time(work) > linear.host_time(work)  # paged's host line is higher here
+    assert cost_model(block_size=12).block_size in (8, 16)  # nearest measured block size
+    virt = cost_model(paged=False, block_size=0, allocator="virtual", vmm_sync_maps=True)
+    assert virt.step_time(work, vmm_maps=3) == pytest.approx(virt.step_time(work) + 3 * 37e-6)
+    assert paged16.swap_time([1 << 20, 1 << 20], "d2h") == pytest.approx(2 * (1e-5 + (1 << 20) / 50e9))
+
+
+def test_mixed_and_eager_steps():
+    m = cost_model()
+    decode = [(1, 500)] * 16
+    mixed = decode + [(256, 256)]
+    assert m.device_time(mixed) > m.device_time(decode)
+    # more decode sequences than any captured graph: eager, and never below the launch floor
+    big = [(1, 500)] * 80
+    assert m.padded(80) is None and m.device_time(big) >= m.launch_floor
+
+
+def test_a_model_missing_from_the_profile_is_composed_from_its_tables():
+    from experiments.costmodel import ModelShape
+
+    wide = ModelShape("wide", 4, 64, 4, 2, 16, 128, 512)  # twice tiny-llama's layers
+    m = ProfiledCostModel(synthetic_profile(), wide, model="wide", paged=True, block_size=16, max_graph_batch=64)
+    base = cost_model()
+    work = [(1, 300)] * 8
+    assert m.profiled_model is None and "composed from tiny-llama" in m.describe()["cost_profile_model"]
+    assert m.device_time(work) > base.device_time(work) > 0
+    assert math.isfinite(m.step_time([(64, 64), (1, 10)]))
+
+
+def test_missing_profile_falls_back_to_roofline_with_a_warning(caplog, tmp_path):
+    from tests.test_simulate import config
+    from experiments.run import build_engine
+
+    with caplog.at_level(logging.WARNING, logger="kvlab.sim"):
+        eng = build_engine(config("mode=simulate", "sim=a100-80gb", f"sim.profile={tmp_path}/none.parquet"))
+    assert eng.sim_summary["cost_model"] == "roofline"
+    assert any("a100-80gb" in r.getMessage() and "roofline" in r.getMessage() for r in caplog.records)
+    with pytest.raises(ValueError, match="no device profile for a100-80gb"):
+        build_engine(config("mode=simulate", "sim=a100-80gb", "sim.cost_model=profiled"))
+
+
+def test_profiler_runs_on_cpu_and_simulate_uses_its_profile(tmp_path, monkeypatch):
+    """The real profiler on the tiny model (small grids), then a simulated run timed by it."""
+    from tests.test_simulate import config
+    from experiments.run import run_experiment
+
+    monkeypatch.setattr(profile_device, "CONTEXTS", [16, 64])
+    monkeypatch.setattr(profile_device, "PREFILL_QUERIES", [16, 64])
+    monkeypatch.setattr(profile_device, "GEMM_M", [1, 16])
+    monkeypatch.setattr(profile_device, "SAMPLE_ROWS", [1, 4])
+    monkeypatch.setattr(profile_device, "COPY_BYTES", [1 << 16])
+    path = tmp_path / "cpu.parquet"
+    assert profile_device.main(["--models", MODEL, "--device", "cpu", "--pool-tokens", "2048", "--reps", "1",
+                                "--max-model-len", "128", "--host-requests", "4", "--host-kv-tokens", "1024",
+                                "--virtual-page-size", "4096", "--out", str(path)]) == 0
+    prof = load_profile(str(path))
+    assert prof.meta["models"] == MODEL and prof.meta["commit"]
+    assert {"host", "gemm", "attention", "eager_forward", "sample", "copy"} <= set(prof.df["table"])
+    assert set(prof.table("host")["allocator"]) == {"paged", "contiguous", "virtual"}
+    assert (prof.df["value"] > 0).all()
+    s = run_experiment(config("mode=simulate", "sim=h200", f"sim.profile={path}", "workload.num_requests=8",
+                              "engine.kv_cache_tokens=1024", "engine.max_model_len=128"), tmp_path / "run")
+    assert s["cost_model"] == "profiled" and s["cost_profile"] == str(path)
+    assert s["output_throughput"] > 0
+
+
+def test_validation_compares_time_with_tolerance_and_decisions_exactly():
+    real = dict(output_throughput=100.0, mean_ttft_ms=50.0, mean_tpot_ms=10.0, p99_tpot_ms=20.0,
+                token_states=0.5, preemptions=3, num_steps=40)
+    sim = dict(output_throughput=104.0, mean_ttft_ms=60.0, mean_tpot_ms=10.1, p99_tpot_ms=22.0,
+               token_states=0.5, preemptions=4, num_steps=40)
+    rows = {r["metric"]: r for r in compare(real, sim, "offline")}
+    assert rows["output_throughput"]["ok"] and rows["output_throughput"]["error"] == pytest.approx(0.04)
+    assert not rows["mean_ttft_ms"]["ok"] and rows["p99_tpot_ms"]["ok"]
+    assert rows["token_states"]["ok"] and not rows["preemptions"]["ok"] and rows["num_steps"]["ok"]
+    online = {r["metric"] for r in compare(real, sim, "online-4rps")}
+    assert "preemptions" not in online  # arrivals in time: decisions may differ online
