@@ -434,6 +434,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def say(what: str) -> None:
         print(f"[{time.time() - t0:6.1f} s] {what} ({len(rows)} rows)", flush=True)
+        meta["seconds"] = round(time.time() - t0, 1)
+        write_profile(path, rows, {**meta, "partial": True})  # a cut-off run keeps what it measured
 
     if "host" not in skip:
         hm = a.host_model or models[0]
