@@ -33,6 +33,7 @@ import argparse
 import datetime as dt
 import json
 import math
+import os
 import platform
 import time
 from pathlib import Path
@@ -368,7 +369,8 @@ def metadata(device, args) -> dict:
     from experiments.run import git_commit
 
     meta = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.machine()})",
-                torch=torch.__version__, python=platform.python_version(), commit=git_commit(),
+                torch=torch.__version__, python=platform.python_version(),
+                commit=os.environ.get("KVLAB_COMMIT") or git_commit(),  # a copy without .git names it
                 created=dt.datetime.now().isoformat(timespec="seconds"), models=args.models,
                 max_model_len=args.max_model_len, pool_tokens=args.pool_tokens, block_sizes=args.block_sizes,
                 command="kvlab profile " + " ".join(args.argv))

@@ -111,13 +111,21 @@ def markdown(df) -> str:
 
 
 def validate(overrides: list[str], out: Path, rates: list[float], sim: str, label: str,
-             sim_only: bool = False, real_only: bool = False, offline: bool = True) -> list[dict]:
+             sim_only: bool = False, real_only: bool = False, offline: bool = True,
+             online_requests: int | None = None, warmup: int = 0) -> list[dict]:
     from experiments.run import run_experiment
 
     rows = []
+    if warmup and not sim_only:  # the first run on a machine compiles kernels: not in any figure
+        print(f"[{label}] warm-up run ({warmup} requests, discarded)", flush=True)
+        run_experiment(compose([*overrides, "mode=offline", "workload.request_rate=inf",
+                                f"workload.num_requests={warmup}", "resume=false", "report=false"]),
+                       out / "warmup")
     for mode, extra in mode_specs(rates, offline):
         real_dir, sim_dir = out / "real" / mode, out / "sim" / mode
         run_mode = "offline" if mode == "offline" else "online"
+        if run_mode == "online" and online_requests:
+            extra = [*extra, f"workload.num_requests={online_requests}"]
         if not sim_only:
             print(f"[{label}] real engine, {mode}", flush=True)
             run_experiment(compose([*overrides, f"mode={run_mode}", *extra]), real_dir)
@@ -140,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("overrides", nargs="*", help="Hydra overrides of the runs (model, allocator, workload, engine)")
     ap.add_argument("--rates", default="", help="online request rates (req/s), comma-separated")
     ap.add_argument("--no-offline", action="store_true", help="online modes only")
+    ap.add_argument("--online-requests", type=int, default=None, help="workload.num_requests of the online runs")
+    ap.add_argument("--warmup", type=int, default=0, help="requests of a discarded first run (kernel compiles)")
     ap.add_argument("--sim", default="h200", help="the simulated device (conf/sim/)")
     ap.add_argument("--label", default=None, help="name of this configuration in the tables (default: overrides)")
     ap.add_argument("--sim-only", action="store_true", help="simulate against real runs already in OUT")
@@ -157,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     rates = [float(r) for r in a.rates.split(",") if r]
     label = a.label or " ".join(a.overrides) or "default"
     overrides = ["progress=false", *a.overrides]
-    rows = validate(overrides, out, rates, a.sim, label, a.sim_only, a.real_only, not a.no_offline)
+    rows = validate(overrides, out, rates, a.sim, label, a.sim_only, a.real_only, not a.no_offline,
+                    a.online_requests, a.warmup)
     if a.real_only:
         return 0
     return _write(pd.DataFrame(rows), out)
