@@ -1,50 +1,97 @@
-"""``kvlab`` command: run | report | serve | bench."""
+"""``kvlab`` command: one line per command in COMMANDS, each imported only when it runs
+(``kvlab --help`` imports nothing heavy)."""
 from __future__ import annotations
 
+import os
 import sys
+from dataclasses import dataclass
+from importlib import import_module
 
-USAGE = """usage: kvlab COMMAND [args]
 
-  run [hydra overrides]      one experiment; -m for a sweep (kvlab run -m allocator=paged,contiguous)
-  report DIR [--out OUT]     tables and plots of every run under DIR
-  serve [hydra overrides]    OpenAI-compatible server (host=127.0.0.1 port=8000)
-  bench throughput [...]     throughput benchmark vs HF transformers
-  bench serve [...]          load generator for any OpenAI-compatible server (like vllm bench serve)
-"""
+@dataclass(frozen=True)
+class Command:
+    target: str  # "module:function"; the function takes the argument list and returns an exit code
+    usage: str
+    help: str
+    hydra: bool = False  # a @hydra.main function: its arguments go through sys.argv
+    keep: int = 0  # words of the name the function still gets (bench.main wants "throughput")
+
+
+COMMANDS: dict[str, Command] = {
+    "run": Command("experiments.run:cli", "run [--verbose] [--resume DIR] [-m] [overrides]",
+                   "one experiment; -m for a sweep (kvlab run -m allocator=paged,contiguous)"),
+    "report": Command("experiments.report:main", "report DIR [--out OUT]", "tables and plots of every run under DIR"),
+    "serve": Command("experiments.serve:main", "serve [overrides]",
+                     "OpenAI-compatible server (host=127.0.0.1 port=8000)", hydra=True),
+    "bench throughput": Command("experiments.bench:main", "bench throughput [...]",
+                                "throughput benchmark vs HF transformers", keep=1),
+    "bench serve": Command("experiments.bench_serve:main", "bench serve [...]",
+                           "load generator for any OpenAI-compatible server (like vllm bench serve)"),
+    "profile": Command("experiments.profile_device:main", "profile [...]",
+                       "measure this engine's operations on the GPU into a device profile"),
+    "validate-sim": Command("experiments.validate_sim:main", "validate-sim [...]",
+                            "simulate vs the real engine on one workload: error table and plot"),
+}
+
+
+def usage() -> str:
+    width = max(len(c.usage) for c in COMMANDS.values()) + 2
+    lines = [f"  {c.usage:<{width}} {c.help}" for c in COMMANDS.values()]
+    return ("usage: kvlab COMMAND [args]\n\n" + "\n".join(lines)
+            + "\n\n`kvlab COMMAND --help` for a command's options; `kvlab run --verbose ...` shows tracebacks.\n")
+
+
+def find(argv: list[str]) -> tuple[str, Command, list[str]] | None:
+    """The command named by the first one or two words, and its arguments."""
+    for words in (2, 1):
+        name = " ".join(argv[:words])
+        if len(argv) >= words and name in COMMANDS:
+            cmd = COMMANDS[name]
+            return name, cmd, argv[words - cmd.keep:]
+    if argv and argv[0] == "bench":  # an unknown benchmark: bench.main names the ones it knows
+        return "bench throughput", COMMANDS["bench throughput"], argv[1:]
+    return None
+
+
+def dispatch(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    found = find(argv)
+    if found is None:
+        print(f"kvlab: unknown command '{argv[0]}'\n\n{usage()}", file=sys.stderr)
+        return 2
+    name, cmd, rest = found
+    module, func = cmd.target.split(":")
+    fn = getattr(import_module(module), func)
+    if cmd.hydra:
+        sys.argv = [f"kvlab {name}", *rest]
+        return fn() or 0
+    return fn(rest) or 0
+
+
+def _exit_now(code: int) -> None:
+    """End without the interpreter's teardown: with torch loaded, freeing every module takes
+    about a second on a small CPU and does nothing for us. Files are closed and flushed first."""
+    import atexit
+    import logging
+
+    try:
+        atexit._run_exitfuncs()  # tempfile clean-up, joblib/loky workers, ...
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:
+        os._exit(code)
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help", "help"):
-        print(USAGE)
-        return 0
-    cmd, rest = argv[0], argv[1:]
-    if cmd == "run":
-        from experiments import run
-
-        sys.argv = ["kvlab run", *rest]
-        run.main()
-        return 0
-    if cmd == "report":
-        from experiments import report
-
-        return report.main(rest)
-    if cmd == "serve":
-        from experiments import serve
-
-        sys.argv = ["kvlab serve", *rest]
-        serve.main()
-        return 0
-    if cmd == "bench":
-        if rest[:1] == ["serve"]:
-            from experiments import bench_serve
-
-            return bench_serve.main(rest[1:])
-        from experiments import bench
-
-        return bench.main(rest)
-    print(f"kvlab: unknown command '{cmd}'\n\n{USAGE}", file=sys.stderr)
-    return 2
+    """Entry point; called with ``argv`` (tests, other code) it returns the exit code."""
+    as_command = argv is None
+    code = dispatch(list(sys.argv[1:] if argv is None else argv))
+    if as_command and "torch" in sys.modules:
+        _exit_now(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -23,19 +23,55 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from dataclasses import dataclass
+from importlib import import_module
 from pathlib import Path
 
-import matplotlib
+from experiments.atomic import save_figure, write_csv, write_parquet, write_text
 
-matplotlib.use("Agg")  # headless: reports are files
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
 
-from allocators.stats import STAT_FIELDS  # noqa: E402
-from experiments.tables import markdown_table  # noqa: E402
-from experiments.atomic import save_figure, write_csv, write_parquet, write_text  # noqa: E402
-from experiments.metrics import UNITS  # noqa: E402
+class _Lazy:
+    """A module imported on first attribute use: ``kvlab report --help`` (and ``kvlab run``'s
+    checks) must not pay for pandas, matplotlib and torch (allocators) before they are needed."""
+
+    def __init__(self, name: str, attr: str | None = None):
+        self._name, self._attr, self._value = name, attr, None
+
+    def _load(self):
+        if self._value is None:
+            if self._name.startswith("matplotlib"):
+                import matplotlib
+
+                matplotlib.use("Agg")  # headless: reports are files
+            mod = import_module(self._name)
+            self._value = getattr(mod, self._attr) if self._attr else mod
+        return self._value
+
+    def __getattr__(self, name: str):
+        return getattr(self._load(), name)
+
+
+plt = _Lazy("matplotlib.pyplot")
+np = _Lazy("numpy")
+pd = _Lazy("pandas")
+
+
+def _stat_fields() -> tuple[str, ...]:
+    from allocators.stats import STAT_FIELDS  # allocators/__init__ imports torch: only when drawing
+
+    return STAT_FIELDS
+
+
+def _units() -> dict[str, str]:
+    from experiments.metrics import UNITS
+
+    return UNITS
+
+
+def markdown_table(df) -> str:
+    from experiments.tables import markdown_table as table
+
+    return table(df)
 
 MEMORY_COLORS = {"token_states": "#2a9d8f", "reservation": "#e9c46a", "internal_frag": "#f4a261",
                  "external_frag": "#e76f51", "idle_mapped": "#8fb3d9", "free": "#d9d9d9"}
@@ -55,18 +91,61 @@ SHORT = {"cfg.allocator.name": "", "cfg.allocator.args.policy": "", "cfg.allocat
 
 # ---------------------------------------------------------------------------- tables
 
-def collect(root: str | Path) -> pd.DataFrame:
-    """One row per run folder under ``root`` that has a summary.json."""
+@dataclass(frozen=True)
+class Skipped:
+    """A run folder the report leaves out, and why."""
+    run_dir: str
+    reason: str
+
+
+def _why_unfinished(run_dir: Path) -> str:
+    """The reason a run folder has no summary.json, from its log where it says."""
+    log = run_dir / "run.log"
+    text = log.read_text(errors="replace") if log.is_file() else ""
+    if "interrupted" in text:
+        return "interrupted (no summary.json): rerun its command or `kvlab run --resume SWEEP_DIR` to finish it"
+    failed = [ln for ln in text.splitlines() if "failed" in ln or "ERROR" in ln]
+    if failed:
+        return f"failed (no summary.json): {failed[-1].split(' - ', 1)[-1].strip()}"
+    return "no summary.json: still running, or stopped before it finished"
+
+
+def find_runs(root: str | Path) -> tuple[list[Path], list[Skipped]]:
+    """summary.json files under ``root`` that can be read, and the run folders left out (a Hydra
+    run folder without summary.json, or a summary.json that is not valid JSON)."""
     root = Path(root)
-    rows = []
+    found, skipped = [], []
     for path in sorted(root.rglob("summary.json")):
+        try:
+            json.loads(path.read_text())
+            found.append(path)
+        except (OSError, ValueError) as e:
+            skipped.append(Skipped(str(path.parent), f"summary.json unreadable: {e}"))
+    done = {p.parent for p in found} | {Path(s.run_dir) for s in skipped}
+    for cfg in sorted(root.rglob(".hydra/config.yaml")):
+        run_dir = cfg.parent.parent
+        if run_dir not in done:
+            skipped.append(Skipped(str(run_dir), _why_unfinished(run_dir)))
+    return found, skipped
+
+
+def collect(root: str | Path, skipped: list[Skipped] | None = None) -> pd.DataFrame:
+    """One row per run folder under ``root`` that has a summary.json; the folders left out are
+    appended to ``skipped`` where given."""
+    root = Path(root)
+    paths, left_out = find_runs(root)
+    if skipped is not None:
+        skipped.extend(left_out)
+    rows = []
+    for path in paths:
         rec = json.loads(path.read_text())
         rec["run_dir"] = str(path.parent)
         rel = path.parent.relative_to(root).as_posix()
         rec["run_id"] = rel if rel != "." else rec.get("run_id", path.parent.name)
         rows.append(rec)
     if not rows:
-        raise FileNotFoundError(f"no run under {root} has a summary.json: run `kvlab run` first")
+        why = f" ({len(left_out)} run folder(s) without results: {left_out[0].reason})" if left_out else ""
+        raise FileNotFoundError(f"no run under {root} has a summary.json{why}: run `kvlab run` first")
     df = pd.DataFrame(rows)
     if "allocator_args" in df:
         df["allocator_args"] = df["allocator_args"].map(lambda a: json.dumps(a, sort_keys=True))
@@ -95,9 +174,10 @@ def order_runs(wide: pd.DataFrame) -> pd.DataFrame:
 
 def long_table(wide: pd.DataFrame) -> pd.DataFrame:
     """(run_id, metric, value, unit) for every numeric metric."""
-    numeric = [c for c in wide.columns if c in UNITS and pd.api.types.is_numeric_dtype(wide[c])]
+    units = _units()
+    numeric = [c for c in wide.columns if c in units and pd.api.types.is_numeric_dtype(wide[c])]
     long = wide.melt(id_vars=["run_id"], value_vars=numeric, var_name="metric", value_name="value")
-    long["unit"] = long["metric"].map(UNITS)
+    long["unit"] = long["metric"].map(units)
     return long.sort_values(["run_id", "metric"]).reset_index(drop=True)
 
 
@@ -157,7 +237,9 @@ def run_labels(wide: pd.DataFrame, exclude: tuple[str, ...] = ()) -> pd.Series:
         else:
             parts = [p for p in (_part(k, r.get(k)) for k in alloc) if p]
         parts += [p for p in (_part(k, r.get(k)) for k in other) if p]
-        labels.append(", ".join(parts) or name)
+        # along an allocator argument the label (paged-b16) names the point, not the series
+        fallback = str(r.get("allocator") or name) if axis_in_alloc else name
+        labels.append(", ".join(parts) or fallback)
     return pd.Series(labels, index=wide.index)
 
 
@@ -183,7 +265,7 @@ def memory_fields(df: pd.DataFrame, suffix: str = "") -> list[str]:
     """The STAT_FIELDS to draw or tabulate for ``df``: all of them, less optional ones that are
     absent or zero throughout."""
     out = []
-    for f in STAT_FIELDS:
+    for f in _stat_fields():
         col = f"{f}{suffix}"
         if f in OPTIONAL_FIELDS and (col not in df or not df[col].astype(float).fillna(0).any()):
             continue
@@ -192,7 +274,7 @@ def memory_fields(df: pd.DataFrame, suffix: str = "") -> list[str]:
 
 
 def _has_memory(wide: pd.DataFrame) -> bool:
-    return all(f in wide for f in STAT_FIELDS if f not in OPTIONAL_FIELDS)
+    return all(f in wide for f in _stat_fields() if f not in OPTIONAL_FIELDS)
 
 
 def _memory_panel(ax, wide: pd.DataFrame, suffix: str, title: str) -> None:
@@ -354,13 +436,10 @@ SWEEPS = {
 }
 
 
-def plot_sweep(wide: pd.DataFrame, axis: str):
-    """Metrics vs one swept config key; one line per combination of the other varying keys."""
-    fname, xlabel, scale, metrics = SWEEPS[axis]
-    metrics = [m for m in metrics if m[0] in wide and wide[m[0]].notna().any()
-               and (m[0].split("_saturated")[0] not in OPTIONAL_FIELDS or wide[m[0]].fillna(0).any())]
-    if not metrics:
-        return None
+def sweep_data(wide: pd.DataFrame, axis: str) -> pd.DataFrame | None:
+    """The runs a sweep plot draws: ``_x`` (the axis value, in the plot's unit) and ``_series``
+    (one line per combination of the other varying keys); None with fewer than two x values.
+    Runs without the axis (contiguous in a block-size sweep) are left out."""
     x = pd.to_numeric(wide[axis], errors="coerce")
     if axis == "cfg.workload.request_rate":
         x = x.where(np.isfinite(x))
@@ -369,7 +448,19 @@ def plot_sweep(wide: pd.DataFrame, axis: str):
     data = wide.assign(_x=x).dropna(subset=["_x"])
     if data["_x"].nunique() < 2:
         return None
-    data = data.assign(_series=run_labels(data, exclude=(axis,)))
+    return data.assign(_series=run_labels(data, exclude=(axis,)))
+
+
+def plot_sweep(wide: pd.DataFrame, axis: str):
+    """Metrics vs one swept config key; one line per combination of the other varying keys."""
+    fname, xlabel, scale, metrics = SWEEPS[axis]
+    metrics = [m for m in metrics if m[0] in wide and wide[m[0]].notna().any()
+               and (m[0].split("_saturated")[0] not in OPTIONAL_FIELDS or wide[m[0]].fillna(0).any())]
+    if not metrics:
+        return None
+    data = sweep_data(wide, axis)
+    if data is None:
+        return None
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics) + 1.5, 3.5), squeeze=False)
     for ax, (metric, ylabel, percent) in zip(axes[0], metrics):
         for i, (series, grp) in enumerate(data.groupby("_series", sort=False)):
@@ -384,7 +475,9 @@ def plot_sweep(wide: pd.DataFrame, axis: str):
             ax.set_yscale("log")
         if scale == "log2":
             ax.set_xscale("log", base=2)
-            ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+            from matplotlib.ticker import FuncFormatter
+
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         ax.grid(alpha=0.3)
     if data["_series"].nunique() > 1:
         axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
@@ -439,10 +532,15 @@ def _percent(df: pd.DataFrame, cols: list[str]) -> pd.DataFrame:
     return df
 
 
-def write_report(root: str | Path, out: str | Path | None = None) -> Path:
+def write_report(root: str | Path, out: str | Path | None = None, skipped: list[Skipped] | None = None) -> Path:
+    """The report of every run under ``root``; folders left out are listed in report.md and
+    appended to ``skipped`` where given."""
     root = Path(root)
     out = Path(out) if out else root / "report"
-    wide = collect(root)
+    left_out: list[Skipped] = []
+    wide = collect(root, left_out)
+    if skipped is not None:
+        skipped.extend(left_out)
     wide = order_runs(wide)
     write_csv(out / "summary.csv", wide)
     write_parquet(out / "summary_long.parquet", long_table(wide))
@@ -495,6 +593,10 @@ def write_report(root: str | Path, out: str | Path | None = None) -> Path:
     md += ["## Runs", "", markdown_table(wide[["label", "run_id"]]), "",
            "Each run folder holds `summary.json`, `requests.parquet`, `steps.parquet` and "
            "`kv_usage_over_time.png`.", ""]
+    if left_out:
+        md += ["## Skipped", "", f"{len(left_out)} run folder(s) without results are not in this report:", "",
+               *[f"- `{Path(s.run_dir).relative_to(root) if Path(s.run_dir).is_relative_to(root) else s.run_dir}`: "
+                 f"{s.reason}" for s in left_out], ""]
     write_text(out / "report.md", "\n".join(md))
     return out
 
@@ -505,12 +607,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("dir", help="folder holding run folders (each with summary.json)")
     ap.add_argument("--out", default=None, help="where to write the report (default DIR/report)")
     args = ap.parse_args(argv)
-    try:
-        out = write_report(args.dir, args.out)
-    except FileNotFoundError as e:
-        import sys
+    import sys
 
+    skipped: list[Skipped] = []
+    try:
+        out = write_report(args.dir, args.out, skipped)
+    except FileNotFoundError as e:
         print(f"kvlab report: {e}", file=sys.stderr)
         return 1
+    if skipped:
+        print(f"kvlab report: skipped {len(skipped)} run folder(s) without results:", file=sys.stderr)
+        for s in skipped:
+            print(f"  {s.run_dir}: {s.reason}", file=sys.stderr)
     print(f"report written to {out}/report.md")
     return 0

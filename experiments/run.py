@@ -10,6 +10,13 @@ Modes (``mode=``):
 A run folder is complete when its ``summary.json`` exists (written last). With
 ``resume=true`` a run whose summary.json exists is skipped, provided it was made with the
 same configuration (``config_hash``); a different one is an error, never a silent skip.
+
+Allocator options that an allocator does not take (``allocator.args.block_size`` for
+contiguous in a sweep over allocators) are dropped for it with one log line; a sweep run that
+thereby repeats an earlier run of the same sweep folder is not run again (one log line, no
+folder). A run that fails leaves no folder behind; in a sweep the other runs go on. Ctrl-C
+ends with one line: what finished and the command that resumes (``kvlab run --resume DIR``).
+The command line is checked by ``experiments/preflight.py`` before torch is imported.
 """
 from __future__ import annotations
 
@@ -18,20 +25,27 @@ import hashlib
 import json
 import logging
 import math
+import os
 import platform
+import shlex
+import shutil
 import subprocess
+import sys
 import time
+import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from experiments import preflight
 from experiments.atomic import write_json, write_parquet
+from experiments.preflight import MODES, UserError, check_config  # noqa: F401 (check_config: public here too)
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 log = logging.getLogger("kvlab.run")
-MODES = ("offline", "online", "simulate")
 # config keys that change how a run is shown or driven, not what it measures
 VOLATILE_KEYS = ("progress", "resume", "report", "run_name", "experiment_name")
 
@@ -69,25 +83,6 @@ def engine_config(cfg: DictConfig):
     return EngineConfig(model=cfg.model.path, allocator=cfg.allocator.name,
                         allocator_args=OmegaConf.to_container(cfg.allocator.args, resolve=True) or {},
                         device=cfg.device, seed=cfg.seed, **{**quiet, **eng})
-
-
-def check_config(cfg: DictConfig) -> None:
-    """Mode, arrivals and model must agree before anything is built."""
-    if cfg.mode not in MODES:
-        raise ValueError(f"mode '{cfg.mode}' is unknown: choose one of {MODES}")
-    rate = float(cfg.workload.get("request_rate", math.inf))
-    if cfg.mode == "offline" and math.isfinite(rate):
-        raise ValueError(f"mode=offline sends every request at t=0 but workload.request_rate={rate}: "
-                         "use mode=online (or simulate) for arrivals at a rate, or request_rate=inf")
-    if cfg.mode == "online" and not math.isfinite(rate):
-        raise ValueError("mode=online needs arrivals over time: set workload.request_rate (req/s), "
-                         "e.g. workload.request_rate=4")
-    if cfg.model.get("shape") and cfg.mode != "simulate":
-        from engine.presets import PRESETS
-
-        if cfg.model.path not in PRESETS and not Path(cfg.model.path).is_dir():
-            raise ValueError(f"model '{cfg.model.name}' is a simulate-only shape (no weights here): "
-                             "use mode=simulate, or set model.path to a local HF directory")
 
 
 def config_hash(cfg: DictConfig) -> str:
@@ -163,16 +158,52 @@ def _resume(summary_path: Path, cfg_hash: str) -> dict | None:
     return done
 
 
-def run_experiment(cfg: DictConfig, out_dir: str | Path) -> dict:
-    """Run one experiment into ``out_dir``; summary.json is written last and marks completion."""
-    import torch
+def applicable_config(cfg: DictConfig) -> tuple[DictConfig, dict]:
+    """``cfg`` without the allocator options its allocator does not take but another one does
+    (a sweep sets ``allocator.args.block_size`` for contiguous too), and what was dropped.
+    An option no allocator takes stays: the allocator refuses it, naming it."""
+    import copy
 
-    from experiments.driver import drive
-    from experiments.metrics import memory_summary, requests_frame, steps_frame, summarize
-    from experiments.workloads import make_workload, tokenize_requests
+    from omegaconf import open_dict
 
+    options = preflight.allocator_options()
+    mine = set(options.get(cfg.allocator.name, ()))
+    anyone = {a for opts in options.values() for a in opts}
+    args = cfg.allocator.get("args") or {}
+    drop = {k: args[k] for k in list(args) if k not in mine and k in anyone}
+    if not drop or cfg.allocator.name not in options:
+        return cfg, {}
+    cfg = copy.deepcopy(cfg)
+    with open_dict(cfg.allocator.args):
+        for k in drop:
+            del cfg.allocator.args[k]
+    return cfg, drop
+
+
+def _same_run_in(folder: Path, cfg_hash: str, me: Path) -> Path | None:
+    """A finished run of the same configuration in ``folder`` (the sweep), other than ``me``."""
+    for path in sorted(folder.glob("*/summary.json")):
+        if path.parent.resolve() == me.resolve():
+            continue
+        try:
+            if json.loads(path.read_text()).get("config_hash") == cfg_hash:
+                return path.parent
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def run_experiment(cfg: DictConfig, out_dir: str | Path, sweep_dir: str | Path | None = None) -> dict:
+    """Run one experiment into ``out_dir``; summary.json is written last and marks completion.
+
+    With ``sweep_dir``, a run whose configuration a finished run there already has is not run
+    again: the result is ``{"duplicate_of": that folder}``.
+    """
     out = Path(out_dir)
     check_config(cfg)
+    cfg, dropped = applicable_config(cfg)
+    if dropped:
+        log.info("%s ignores %s", cfg.allocator.name, ", ".join(f"allocator.args.{k}={v}" for k, v in dropped.items()))
     summary_path = out / "summary.json"
     cfg_hash = config_hash(cfg)
     if cfg.get("resume", True):
@@ -180,6 +211,17 @@ def run_experiment(cfg: DictConfig, out_dir: str | Path) -> dict:
         if done is not None:
             log.info("skipping %s: summary.json exists (resume=true)", out)
             return done
+    same = _same_run_in(Path(sweep_dir), cfg_hash, out) if sweep_dir else None
+    if same is not None:
+        log.info("skipping %s: the same run as %s (not run twice)", out.name, same.name)
+        return {"duplicate_of": str(same), "config_hash": cfg_hash}
+
+    import torch
+
+    from experiments.driver import drive
+    from experiments.metrics import memory_summary, requests_frame, steps_frame, summarize
+    from experiments.workloads import make_workload, tokenize_requests
+
     wall0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     engine = build_engine(cfg)
@@ -247,10 +289,148 @@ def run_experiment(cfg: DictConfig, out_dir: str | Path) -> dict:
     return summary
 
 
+# ---------------------------------------------------------------------------- the command
+
+@dataclass
+class Session:
+    """What this ``kvlab run`` process did, for its closing line (or the Ctrl-C line)."""
+    argv: list[str] = field(default_factory=list)  # as the user typed it, for the resume command
+    verbose: bool = False
+    num_runs: int | None = None  # known for sweeps given on the command line
+    sweep_dir: str | None = None
+    run_dir: str | None = None
+    finished: list[str] = field(default_factory=list)  # run now or earlier (skipped: resumed)
+    duplicates: list[str] = field(default_factory=list)
+    failed: list[tuple[str, BaseException]] = field(default_factory=list)
+
+
+SESSION = Session()
+# files a run writes (and Hydra's); a folder holding only these and no summary.json is removed
+_RUN_FILES = {".hydra", "run.log", "requests.parquet", "steps.parquet", "kv_usage_over_time.png"}
+
+
+def _remove_unfinished(out: Path) -> bool:
+    """Remove a run folder that holds no result (and nothing that is not a run's): True if gone."""
+    if not out.is_dir() or (out / "summary.json").exists():
+        return False
+    if any(p.name not in _RUN_FILES and not p.name.endswith(".tmp") for p in out.iterdir()):
+        return False  # someone else's files: leave them
+    shutil.rmtree(out, ignore_errors=True)
+    return not out.exists()
+
+
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    run_experiment(cfg, HydraConfig.get().runtime.output_dir)
+    from hydra.types import RunMode
+
+    hc = HydraConfig.get()
+    out = Path(hc.runtime.output_dir)
+    sweep = hc.mode == RunMode.MULTIRUN
+    if sweep:
+        SESSION.sweep_dir = str(hc.sweep.dir)
+    else:
+        SESSION.run_dir = str(out)
+    try:
+        summary = run_experiment(cfg, out, sweep_dir=hc.sweep.dir if sweep else None)
+    except KeyboardInterrupt:
+        log.warning("%s: interrupted, no results written", cfg.get("run_name", out.name))
+        raise
+    except Exception as e:  # noqa: BLE001 - one run fails, the sweep goes on; reported at the end
+        SESSION.failed.append((out.name, e))
+        log.error("%s failed: %s", cfg.get("run_name", out.name), _one_line(e))
+        if SESSION.verbose:
+            log.error("%s", "".join(traceback.format_exception(e)))
+        _remove_unfinished(out)
+        return
+    if "duplicate_of" in summary:
+        SESSION.duplicates.append(out.name)
+        _remove_unfinished(out)
+    else:
+        SESSION.finished.append(out.name)
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text and not isinstance(e, ValueError) else (text[0] if text else repr(e))
+
+
+def _resume_argv(resume_dir: Path) -> list[str]:
+    """The command line of the sweep (or run) in ``resume_dir``, pointed at that folder."""
+    sweep_file = resume_dir / "multirun.yaml"
+    if sweep_file.is_file():
+        hydra_cfg = OmegaConf.load(sweep_file).hydra
+        keep = [o for o in hydra_cfg.overrides.hydra if not str(o).startswith(("hydra.sweep.dir", "hydra.mode"))]
+        return ["-m", *map(str, hydra_cfg.overrides.task), *map(str, keep), f"hydra.sweep.dir={resume_dir}"]
+    run_file = resume_dir / ".hydra" / "overrides.yaml"
+    if run_file.is_file():
+        return [*map(str, OmegaConf.load(run_file)), f"hydra.run.dir={resume_dir}"]
+    raise UserError(f"--resume {resume_dir}: no sweep (multirun.yaml) or run (.hydra/overrides.yaml) there")
+
+
+def _resume_command(session: Session) -> str:
+    """The command that continues what this process did (finished runs are skipped)."""
+    if session.sweep_dir:
+        return f"kvlab run --resume {shlex.quote(session.sweep_dir)}"
+    argv = [a for a in session.argv if not a.startswith("hydra.run.dir=")]
+    where = [f"hydra.run.dir={session.run_dir}"] if session.run_dir else []
+    return shlex.join(["kvlab", "run", *argv, *where])
+
+
+def _interrupted_line(session: Session) -> str:
+    done = len(session.finished)
+    of = f" of {session.num_runs}" if session.num_runs and session.sweep_dir else ""
+    where = session.sweep_dir or session.run_dir
+    what = (f"{done}{of} run{'s' if (session.num_runs or done) != 1 else ''} finished" + (f" in {where}" if where else "")
+            if session.sweep_dir else "the run did not finish")
+    return f"kvlab run: interrupted; {what}; to resume: {_resume_command(session)}"
+
+
+def cli(argv: list[str]) -> int:
+    """``kvlab run [--verbose] [--resume DIR] [-m] [overrides]``: checks, then Hydra; exit 2 for a
+    user error, 1 if a run failed, 130 after Ctrl-C."""
+    global SESSION
+    verbose = "--verbose" in argv or os.environ.get("HYDRA_FULL_ERROR") == "1"
+    argv = [a for a in argv if a != "--verbose"]
+    SESSION = Session(argv=list(argv), verbose=verbose)
+    try:
+        if "--resume" in argv:
+            i = argv.index("--resume")
+            if i + 1 >= len(argv):
+                raise UserError("--resume needs the folder of a sweep or run: kvlab run --resume runs/multirun/...")
+            argv = [*argv[:i], *_resume_argv(Path(argv[i + 1])), *argv[i + 2:]]
+        flags = [a for a in argv if a.startswith("-") and "=" not in a]
+        overrides = [a for a in argv if a not in flags]
+        if not preflight.HYDRA_INFO_FLAGS.intersection(flags):
+            prepared = preflight.prepare(overrides)
+            SESSION.num_runs = prepared.num_runs
+            overrides = prepared.overrides
+    except UserError as e:
+        if verbose:
+            traceback.print_exc()
+        print(f"kvlab run: {e}", file=sys.stderr)
+        return 2
+    if verbose:
+        os.environ["HYDRA_FULL_ERROR"] = "1"
+    sys.argv = ["kvlab run", *flags, *overrides]
+    try:
+        main()
+    except KeyboardInterrupt:
+        if verbose:
+            traceback.print_exc()
+        print(f"\n{_interrupted_line(SESSION)}", file=sys.stderr)
+        return 130
+    if SESSION.duplicates:
+        log.info("%d run(s) of this sweep repeat an earlier one once inapplicable allocator options are "
+                 "dropped: not run twice (%s)", len(SESSION.duplicates), ", ".join(SESSION.duplicates))
+    if SESSION.failed:
+        lines = [f"  {name}: {_one_line(e)}" for name, e in SESSION.failed]
+        ran = len(SESSION.failed) + len(SESSION.finished)
+        print(f"kvlab run: {len(SESSION.failed)} of {ran} run(s) failed (their folders removed):\n"
+              + "\n".join(lines) + ("" if verbose else "\n(--verbose shows the tracebacks)"), file=sys.stderr)
+        user = all(isinstance(e, ValueError) for _, e in SESSION.failed)
+        return 2 if user else 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli(sys.argv[1:]))

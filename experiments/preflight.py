@@ -1,0 +1,401 @@
+"""``kvlab run`` overrides checked before anything heavy is imported (torch takes seconds).
+
+A user error is a :class:`UserError`: one or two lines that name the key, the allowed values
+and a close match. The checks compose the configuration with Hydra's compose API (tens of
+milliseconds) for every combination of a sweep, so a typo in the fifth run of a sweep is found
+before the first one starts.
+
+Two rewrites happen here too, so Hydra sees plain overrides:
+
+- ``model=DIR`` (a local HF directory, relative or absolute) becomes
+  ``model=hf_dir model.path=/abs/DIR model.name=DIR's basename``;
+- ``allocator.args.KEY=V`` for an option some allocator takes becomes ``++allocator.args.KEY=V``,
+  so it may be set for every allocator of a sweep; an allocator that does not take it drops it
+  when the run starts (``experiments.run.applicable_args``), with one log line.
+"""
+from __future__ import annotations
+
+import ast
+import difflib
+import itertools
+import math
+import os
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CONF_DIR = ROOT / "conf"
+MODES = ("offline", "online", "simulate")
+# values a key may take, where the set is closed (allocators/*.py, engine/config.py keep the truth;
+# tests/test_cli_errors.py checks that these agree)
+CHOICES: dict[str, tuple[str, ...]] = {
+    "mode": MODES,
+    "device": ("auto", "cpu", "cuda"),
+    "allocator.args.policy": ("max", "pow2", "oracle"),
+    "allocator.args.layout": ("per_layer", "shared"),
+    "allocator.args.backend": ("auto", "sim", "host", "cuda"),
+    "engine.preemption_mode": ("recompute", "swap"),
+    "workload.arrival": ("poisson", "gamma"),
+}
+# constructor arguments the engine passes itself: never allocator options of a config
+ENGINE_PROVIDED = {"self", "spec", "capacity_tokens", "max_num_seqs", "max_model_len"}
+# flags after which Hydra does something other than run (help, print the config, ...): no checks
+HYDRA_INFO_FLAGS = {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--resolve", "-p", "--package",
+                    "--shell-completion", "-sc", "--config-path", "-cp", "--config-name", "-cn",
+                    "--config-dir", "-cd", "--version"}
+MAX_COMPOSED = 32  # sweep combinations composed one by one; beyond that, one per group choice
+
+
+class UserError(ValueError):
+    """A mistake in the command line or the configuration: shown as its message, exit code 2."""
+
+
+@dataclass
+class Prepared:
+    """The overrides Hydra gets, and what the checks learnt."""
+    overrides: list[str]
+    num_runs: int = 1
+    notes: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------- what exists
+
+def group_choices(group: str) -> list[str]:
+    """Options of a config group: the yaml files in conf/<group>/."""
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def model_presets() -> list[str]:
+    """Models by name (random weights of a real model's shape); hf_dir is the directory entry."""
+    return [m for m in group_choices("model") if m != "hf_dir"]
+
+
+def is_group(key: str) -> bool:
+    return (CONF_DIR / key).is_dir()
+
+
+@lru_cache(maxsize=1)
+def allocator_options() -> dict[str, tuple[str, ...]]:
+    """Allocator name -> the options its constructor takes, read from allocators/*.py without
+    importing them (they import torch)."""
+    out: dict[str, tuple[str, ...]] = {}
+    for path in sorted((ROOT / "allocators").glob("*.py")):
+        for node in ast.parse(path.read_text()).body:
+            if not isinstance(node, ast.ClassDef):
+                continue
+            names = [d.args[0].value for d in node.decorator_list if isinstance(d, ast.Call)
+                     and getattr(d.func, "id", None) == "register" and d.args and isinstance(d.args[0], ast.Constant)]
+            init = next((f for f in node.body if isinstance(f, ast.FunctionDef) and f.name == "__init__"), None)
+            if names and init:
+                params = [a.arg for a in init.args.args + init.args.kwonlyargs if a.arg not in ENGINE_PROVIDED]
+                out[names[0]] = tuple(params)
+    return out
+
+
+def did_you_mean(word: str, options, prefix: str = "") -> str:
+    """" (did you mean PREFIX+closest?)" or nothing."""
+    close = difflib.get_close_matches(str(word), [str(o) for o in options], n=1, cutoff=0.6)
+    return f" (did you mean {prefix}{close[0]}?)" if close else ""
+
+
+def _choices_text(options) -> str:
+    return ", ".join(str(o) for o in options)
+
+
+# ---------------------------------------------------------------------------- rewrites
+
+def _parse(overrides: list[str]):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    parser = OverridesParser.create()
+    out = []
+    for line in overrides:
+        try:
+            out.append(parser.parse_override(line))
+        except OverrideParseException as e:
+            first = str(e).strip().splitlines()[0]
+            raise UserError(f"cannot read the override '{line}': {first} (write KEY=VALUE, e.g. "
+                            "workload.num_requests=64; a sweep: allocator=paged,contiguous with -m)") from None
+    return out
+
+
+def _values(ov) -> list[str]:
+    """An override's value(s) as strings: a sweep's list, or the one value."""
+    if ov.is_sweep_override():
+        return [str(v) for v in ov.sweep_string_iterator()]
+    v = ov.value()
+    return [] if v is None else [str(v) if not isinstance(v, str) else v]
+
+
+def _looks_like_path(v: str) -> bool:
+    return os.sep in v or v.startswith((".", "~")) or Path(v).is_dir()
+
+
+def _given(ovs, key: str) -> bool:
+    return any(o.key_or_group == key for o in ovs)
+
+
+def rewrite_model(overrides: list[str], cwd: Path | None = None) -> list[str]:
+    """``model=DIR`` -> ``model=hf_dir model.path=/abs/DIR model.name=basename``; ``model.path=DIR``
+    with a preset group gets ``model.name=basename`` (runs are labelled by the directory)."""
+    cwd = cwd or Path.cwd()
+    ovs = _parse(overrides)
+    out: list[str] = []
+    presets = group_choices("model")
+    for line, ov in zip(overrides, ovs):
+        key = ov.key_or_group
+        if key == "model" and ov.type.name == "CHANGE":
+            vals = _values(ov)
+            if all(v in presets for v in vals):
+                out.append(line)
+                continue
+            dirs = [v for v in vals if v not in presets]
+            if len(dirs) != len(vals):
+                raise UserError(f"model={','.join(vals)}: a sweep takes presets or directories, not both; "
+                                "sweep directories with model=hf_dir model.path=DIR1,DIR2")
+            for v in dirs:
+                if not _looks_like_path(v):
+                    raise UserError(f"model={v}: no such preset or directory; presets: {_choices_text(model_presets())} "
+                                    f"or a directory: model=/path/to/hf_dir{did_you_mean(v, presets, 'model=')}")
+            paths = [_existing_dir(v, "model", cwd) for v in dirs]
+            out.append("model=hf_dir")
+            out.append(f"model.path={','.join(paths)}")
+            if len(paths) == 1 and not _given(ovs, "model.name"):
+                out.append(f"model.name={_quote(Path(paths[0]).name)}")
+            continue
+        if key == "model.path" and ov.type.name == "CHANGE":
+            vals = _values(ov)
+            from engine.presets import PRESETS  # a plain dict: no torch
+
+            for v in vals:
+                if v not in PRESETS:
+                    if not _looks_like_path(v):
+                        raise UserError(f"model.path={v}: no such directory or preset; presets: "
+                                        f"{_choices_text(sorted(PRESETS))}{did_you_mean(v, PRESETS, 'model.path=')}")
+                    _existing_dir(v, "model.path", cwd)
+            if len(vals) == 1 and vals[0] not in PRESETS and not _given(ovs, "model.name"):
+                out += [line, f"model.name={_quote(Path(vals[0]).expanduser().resolve().name)}"]
+                continue
+        out.append(line)
+    return out
+
+
+def _existing_dir(v: str, key: str, cwd: Path) -> str:
+    p = Path(v).expanduser()
+    p = (p if p.is_absolute() else cwd / p).resolve()
+    if not p.is_dir():
+        raise UserError(f"{key}={v}: no such directory ({p}); a model is a preset "
+                        f"({_choices_text(model_presets())}) or a local HF directory "
+                        "with config.json and *.safetensors")
+    if not (p / "config.json").is_file():
+        raise UserError(f"{key}={v}: {p} has no config.json: a model directory is a Hugging Face "
+                        "checkpoint (config.json and *.safetensors)")
+    return str(p)
+
+
+def _quote(s: str) -> str:
+    """A value Hydra reads back as the same string."""
+    return s if all(c.isalnum() or c in "-_." for c in s) else "'" + s.replace("'", "\\'") + "'"
+
+
+def rewrite_allocator_args(overrides: list[str]) -> list[str]:
+    """``allocator.args.K=V`` -> ``++allocator.args.K=V`` where some allocator takes K (the config
+    group of the others lacks the key); an option no allocator takes is an error."""
+    known = allocator_options()
+    every = sorted({a for opts in known.values() for a in opts})
+    out = []
+    for line, ov in zip(overrides, _parse(overrides)):
+        key = ov.key_or_group
+        if key.startswith("allocator.args.") and ov.type.name == "CHANGE":
+            name = key.split(".", 2)[2]
+            if name not in every:
+                takes = "; ".join(f"{a}: {_choices_text(o)}" for a, o in sorted(known.items()))
+                raise UserError(f"allocator.args.{name}: no allocator takes this option ({takes})"
+                                f"{did_you_mean(name, every, 'allocator.args.')}")
+            line = "++" + line
+        out.append(line)
+    return out
+
+
+# ---------------------------------------------------------------------------- checks
+
+def check_groups(ovs) -> None:
+    for ov in ovs:
+        key = ov.key_or_group
+        if key.startswith("hydra") or not is_group(key) or ov.type.name == "DEL":
+            continue
+        options = group_choices(key)
+        for v in _values(ov):
+            if v not in options:
+                raise UserError(f"{key}={v}: no such choice (conf/{key}/{v}.yaml); choose one of "
+                                f"{_choices_text(options)}{did_you_mean(v, options, key + '=')}")
+
+
+def check_choices(ovs) -> None:
+    """Keys with a closed set of values, before composing (every value of a sweep)."""
+    for ov in ovs:
+        key = ov.key_or_group
+        options = CHOICES.get(key)
+        if options is None:
+            continue
+        for v in _values(ov):
+            if v not in options and not (key == "device" and v.startswith("cuda:")):
+                raise UserError(f"{key}={v}: not a valid value; choose one of {_choices_text(options)}"
+                                f"{did_you_mean(v, options, key + '=')}")
+
+
+def _missing_key(cfg, key: str) -> str | None:
+    """None where ``key`` exists in ``cfg`` (or under an open node); else the error line."""
+    from omegaconf import DictConfig, OmegaConf
+
+    node = cfg
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if not isinstance(node, DictConfig):
+            return f"{'.'.join(parts[:i])} is a value, not a group of keys: {key} does not exist"
+        if part not in node.keys():  # (`in node` is False for a mandatory value, ???)
+            if OmegaConf.is_struct(node) is False:
+                return None
+            where = ".".join(parts[:i])
+            siblings = [f"{where}.{k}" if where else str(k) for k in node.keys()]
+            hint = did_you_mean(key if not where else f"{where}.{part}", siblings)
+            return f"{key}: no such key" + (f"; {where} has {_choices_text(node.keys())}" if where else "") + hint
+        if i + 1 < len(parts):
+            node = node[part]
+    return None
+
+
+def _check_value_types(base, ovs) -> None:
+    """A number where the configuration has a number (before it fails deep inside a run)."""
+    from omegaconf import OmegaConf
+
+    for ov in ovs:
+        if ov.type.name != "CHANGE" or is_group(ov.key_or_group) or ov.key_or_group.startswith("hydra"):
+            continue
+        default = OmegaConf.select(base, ov.key_or_group, default=None, throw_on_missing=False)
+        if isinstance(default, bool) or not isinstance(default, (int, float)):
+            continue
+        for v in _values(ov):
+            try:
+                float(v)
+            except ValueError:
+                if v not in ("null", "inf", ".inf", "-inf"):
+                    raise UserError(f"{ov.key_or_group}={v}: expects a number (default {default})") from None
+
+
+def _combinations(ovs) -> list[list[str]]:
+    """Override lines of each run of a sweep (Hydra's basic sweeper: the cartesian product)."""
+    axes = []
+    for ov in ovs:
+        if ov.key_or_group.startswith("hydra"):
+            continue
+        prefix = {"ADD": "+", "FORCE_ADD": "++", "DEL": "~"}.get(ov.type.name, "")
+        key = ov.key_or_group if ov.package is None else f"{ov.key_or_group}@{ov.package}"
+        if ov.is_sweep_override():
+            axes.append([f"{prefix}{key}={_escape(v)}" for v in ov.sweep_string_iterator()])
+        else:
+            axes.append([ov.input_line])
+    combos = list(itertools.islice(itertools.product(*axes), MAX_COMPOSED + 1))
+    if len(combos) > MAX_COMPOSED:  # large sweep: every group choice once, first value of the rest
+        group_axes = [a if is_group(_key_of(a[0])) else a[:1] for a in axes]
+        combos = list(itertools.product(*group_axes))[:MAX_COMPOSED]
+    return [list(c) for c in combos]
+
+
+def _key_of(line: str) -> str:
+    return line.lstrip("+~").split("=", 1)[0].split("@", 1)[0]
+
+
+def _escape(v: str) -> str:
+    return v if all(c not in v for c in " ,()[]{}'\"\\=") else "'" + v.replace("'", "\\'") + "'"
+
+
+def _count_runs(ovs) -> int:
+    return math.prod(len(list(o.sweep_string_iterator())) for o in ovs
+                     if o.is_sweep_override() and not o.key_or_group.startswith("hydra"))
+
+
+def compose(overrides: list[str]):
+    """The configuration ``kvlab run`` would get (no hydra node); Hydra's errors as UserError."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+            return hydra_compose("config", overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as e:
+        lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+        msg = lines[0] if lines else type(e).__name__
+        if "To append" in " ".join(lines[1:]):  # Hydra's "use +key=value" hint: the key is misspelt
+            msg = msg.replace("Could not override", "no such key")
+        raise UserError(msg) from None
+
+
+def _check_resolves(cfg) -> None:
+    """Every value set and every ${...} resolvable."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+    if OmegaConf.is_missing(cfg.model, "path"):
+        raise UserError(f"model={cfg.model.name} needs model.path (a local HF directory): "
+                        "kvlab run model=/path/to/hf_dir")
+    try:
+        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except MissingMandatoryValue as e:
+        key = getattr(e, "full_key", None) or str(e).split(":", 1)[-1].strip().splitlines()[0]
+        raise UserError(f"{key} is not set: give it a value ({key}=VALUE)") from None
+    except OmegaConfBaseException as e:
+        raise UserError(str(e).strip().splitlines()[0]) from None
+
+
+def check_config(cfg) -> None:
+    """Mode, arrivals and model must agree before anything is built (no torch here)."""
+    _check_resolves(cfg)
+    if cfg.mode not in MODES:
+        raise UserError(f"mode={cfg.mode}: not a valid value; choose one of {_choices_text(MODES)}"
+                        f"{did_you_mean(cfg.mode, MODES, 'mode=')}")
+    rate = float(cfg.workload.get("request_rate", math.inf))
+    if cfg.mode == "offline" and math.isfinite(rate):
+        raise UserError(f"mode=offline sends every request at t=0 but workload.request_rate={rate:g}: "
+                        "use mode=online (or simulate) for arrivals at a rate, or request_rate=inf")
+    if cfg.mode == "online" and not math.isfinite(rate):
+        raise UserError("mode=online needs arrivals over time: set workload.request_rate (req/s), "
+                        "e.g. workload.request_rate=4")
+    from engine.presets import PRESETS  # a plain dict: engine/__init__ imports torch lazily
+
+    path = str(cfg.model.path)
+    if path not in PRESETS and not Path(path).expanduser().is_dir():
+        if cfg.model.get("shape"):
+            if cfg.mode != "simulate":
+                raise UserError(f"model={cfg.model.name} is a simulate-only shape (no weights here): "
+                                "use mode=simulate, or set model.path to a local HF directory")
+        elif _looks_like_path(path):
+            raise UserError(f"model.path={path}: no such directory")
+        else:
+            raise UserError(f"model.path={path}: not a preset or a directory; presets: "
+                            f"{_choices_text(sorted(PRESETS))}{did_you_mean(path, PRESETS, 'model.path=')}")
+
+
+def prepare(overrides: list[str], cwd: Path | None = None) -> Prepared:
+    """Rewrite and check ``kvlab run`` overrides (without -m / --multirun and other flags)."""
+    overrides = rewrite_allocator_args(rewrite_model(overrides, cwd))
+    ovs = _parse(overrides)
+    check_groups(ovs)
+    check_choices(ovs)
+    base = compose([o.input_line for o in ovs if not o.key_or_group.startswith("hydra")
+                    and (is_group(o.key_or_group) and not o.is_sweep_override())])
+    _check_value_types(base, ovs)
+    for combo in _combinations(ovs):
+        groups_only = [c for c in combo if is_group(_key_of(c)) or c.startswith("+") and not c.startswith("++")]
+        structure = compose(groups_only)
+        for line in combo:
+            if line.startswith(("+", "~")) or is_group(_key_of(line)):
+                continue
+            problem = _missing_key(structure, _key_of(line))
+            if problem:
+                raise UserError(problem)
+        check_config(compose(combo))
+    return Prepared(overrides, num_runs=_count_runs(ovs))
