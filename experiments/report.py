@@ -218,6 +218,19 @@ def _bytes(n: float) -> str:
     return f"{n:g} B"
 
 
+def _implied(wide: pd.DataFrame, keys: list[str]) -> set[str]:
+    """Keys whose value follows from their group's varying name (workload=fixed brings its
+    input_len, uniform its input_len_min): named once, by the choice."""
+    out = set()
+    for k in keys:
+        name = ".".join(k.split(".")[:2]) + ".name"  # cfg.workload.input_len -> cfg.workload.name
+        if k != name and name in keys:
+            per_choice = wide.groupby(wide[name].astype(str))[k].agg(lambda v: v.astype(str).nunique(dropna=False))
+            if per_choice.max() <= 1:
+                out.add(k)
+    return out
+
+
 def run_labels(wide: pd.DataFrame, exclude: tuple[str, ...] = ()) -> pd.Series:
     """Short names of runs: the allocator label plus whatever else varies between runs.
 
@@ -227,7 +240,7 @@ def run_labels(wide: pd.DataFrame, exclude: tuple[str, ...] = ()) -> pd.Series:
     """
     keys = [k for k in varying(wide) if k not in exclude]
     alloc = [k for k in keys if k.startswith("cfg.allocator.")]
-    other = [k for k in keys if k not in alloc]
+    other = [k for k in keys if k not in alloc and k not in _implied(wide, keys)]
     axis_in_alloc = any(k.startswith("cfg.allocator.") for k in exclude)
     labels = []
     for _, r in wide.iterrows():
