@@ -1,0 +1,94 @@
+"""How simulate mode scales: wall time, CPU time and peak memory of one ShareGPT run.
+
+    python -m experiments.bench_simulate --requests 100000            # -> results/sim_scale/
+    python -m experiments.bench_simulate --requests 10000 --profile   # + a cProfile of the run
+
+The run is the PagedAttention waste-breakdown setup (OPT-13B on a simulated A100-40GB,
+``+experiment=waste_breakdown``, paged unless ``--strategy``) with N ShareGPT-like requests at
+t=0, through ``experiments.run.run_experiment`` as ``kvlab run`` does it. Peak memory is the
+process's maximum resident set (``ru_maxrss``), so run one size per process for a clean figure.
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import platform
+import pstats
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent.parent / "results" / "sim_scale"
+
+
+def overrides(requests: int, strategy: str, extra: list[str]) -> list[str]:
+    return ["+experiment=waste_breakdown", f"+strategy={strategy}", f"workload.num_requests={requests}",
+            "progress=false", "report=false", "resume=false", *extra]
+
+
+def run(requests: int, strategy: str = "paged", extra: list[str] = (), profile: bool = False) -> dict:
+    from hydra import compose, initialize_config_dir
+
+    from experiments.run import CONF_DIR, run_experiment
+
+    with initialize_config_dir(CONF_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=overrides(requests, strategy, list(extra)))
+    prof = cProfile.Profile() if profile else None
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with tempfile.TemporaryDirectory(prefix="sim_scale_") as out:
+        wall, cpu = time.perf_counter(), time.process_time()
+        if prof:
+            prof.enable()
+        summary = run_experiment(cfg, out)
+        if prof:
+            prof.disable()
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        steps_bytes = (Path(out) / "steps.parquet").stat().st_size
+        import pyarrow.parquet as pq
+
+        num_steps = pq.ParquetFile(Path(out) / "steps.parquet").metadata.num_rows
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    result = dict(
+        requests=requests, strategy=strategy, overrides=list(extra), wall_s=round(wall, 2), cpu_s=round(cpu, 2),
+        peak_rss_mib=round(peak / 1024, 1), rss_before_mib=round(rss0 / 1024, 1),
+        steps=num_steps, steps_parquet_bytes=steps_bytes,
+        simulated_duration_s=round(summary["duration"], 2), output_throughput=round(summary["output_throughput"], 1),
+        preemptions=summary["preemptions"], token_states=summary["token_states"],
+        python=platform.python_version(), machine=platform.machine(), git_commit=summary.get("git_commit"),
+    )
+    if prof:
+        buf = io.StringIO()
+        pstats.Stats(prof, stream=buf).sort_stats("cumulative").print_stats(45)
+        result["profile"] = buf.getvalue()
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--requests", type=int, default=100_000)
+    ap.add_argument("--strategy", default="paged", help="conf/strategy/*: paged, contiguous-max, virtual, ...")
+    ap.add_argument("--profile", action="store_true", help="cProfile the run (slower), top 45 by cumulative time")
+    ap.add_argument("--out", type=Path, default=RESULTS, help="folder of the JSON result")
+    ap.add_argument("--tag", default="", help="suffix of the result file name (e.g. before/after)")
+    ap.add_argument("overrides", nargs="*", help="extra Hydra overrides")
+    args = ap.parse_args(argv)
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    r = run(args.requests, args.strategy, args.overrides, args.profile)
+    prof = r.pop("profile", None)
+    print(json.dumps(r, indent=1))
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = f"{args.strategy}-{args.requests}{'-' + args.tag if args.tag else ''}"
+    (args.out / f"{name}.json").write_text(json.dumps(r, indent=1) + "\n")
+    if prof:
+        (args.out / f"{name}.profile.txt").write_text(prof)
+        print(prof, file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
