@@ -6,18 +6,19 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import torch
 
 from allocators import KVCacheSpec, create_allocator
 from allocators.registry import allocator_class
 from allocators.base import KVAllocator
-from engine.accounting import MemoryAccountant
+from engine.accounting import ChunkedRows, MemoryAccountant, StepLog, StepRecord  # noqa: F401 (StepRecord: re-export)
 from engine.config import EngineConfig
 from engine.fault_isolation import FatalEngineError, FaultIsolator
 from engine.loader import load_model, resolve_config
 from engine.model_config import ModelConfig
 from engine.output_processor import OutputProcessor
-from engine.outputs import RequestOutput
+from engine.outputs import FinishedRequest, RequestOutput
 from engine.runner import ModelRunner, StepHandle
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig
@@ -38,20 +39,6 @@ class RequestState:
     finished: bool = False
     unborn: list[Sequence] = field(default_factory=list)  # n > 1: samples forked once the prompt is in
     prompt_logprobs_sent: bool = False
-
-
-@dataclass
-class StepRecord:
-    time: float
-    duration: float
-    running: int
-    waiting: int
-    num_seqs: int
-    prefill_tokens: int
-    decode_tokens: int
-    preempted: int
-    host_s: float = 0.0  # scheduler, allocator, accounting, input preparation, output handling
-    context_tokens: int = 0  # tokens of KV the step's attention reads (sum of context lengths)
 
 
 class LLMEngine:
@@ -122,8 +109,11 @@ class LLMEngine:
                                    config.max_num_seqs, self.max_model_len, config.enforce_eager))
         self.requests: dict[str, RequestState] = {}
         self.accountant = MemoryAccountant(spec.bytes_per_token)
-        self.step_records: list[StepRecord] = []
-        self.finished_requests: list[RequestState] = []
+        # per step, as compact chunks (a long run spills old ones to disk); reads like a list of StepRecord
+        self.step_records = StepLog()
+        self.finished_requests: list[FinishedRequest] = []  # retired requests: times and counts only
+        # (step, tokens the live sequences hold) of each step that ran a batch (with record_memory)
+        self.logical_tokens = ChunkedRows(2, np.int64)
         self._inflight = None  # async scheduling: the launched step whose tokens are not read yet
         self._wait_s = 0.0
         self.output_processor = OutputProcessor(self.tokenizer if config.detokenize else None)
@@ -188,6 +178,9 @@ class LLMEngine:
                          oracle_len=oracle_len) for i in range(params.n)]
         req = self.requests[request_id] = RequestState(request_id, text, ids, params, seqs, arrival)
         self.output_processor.add(req)
+        if self.output_processor.is_quiet(req, self.config.stream_outputs):
+            for s in seqs:
+                s.quiet = True
         if params.n > 1 and len(ids) >= 2:
             # one sequence computes the prompt; the others fork from it (sharing its KV where
             # the allocator can) and each computes the last prompt token and samples itself
@@ -281,25 +274,35 @@ class LLMEngine:
         handle = self._launch(batch) if batch.seqs else None
         t_launched = self.clock()
         context = self._advance(batch, start)
-        if handle is not None:
+        sampled = None
+        if type(handle) is list:  # a runner without a device, synchronous: tokens known already
+            sampled, handle = handle, None
+        elif handle is not None:
             handle.positions = [seq.append_pending() for seq in handle.seqs]
         if self.config.async_scheduling:
             handle, self._inflight = self._inflight, handle
         t_post = self.clock()
-        outputs = self._resolve(handle) if handle is not None else []
+        if sampled is not None:
+            outputs = self._resolve_sampled(sampled)
+        else:
+            outputs = self._resolve(handle) if handle is not None else []
         now = self.clock()
         host = (t_exec - start) + getattr(self.runner, "last_prep_s", 0.0) + (t_post - t_launched)
         if not self.config.async_scheduling:
-            host += now - t_post - (self._wait_s if handle is not None else 0.0)
-        self.step_records.append(StepRecord(start, now - start, self.num_running, self.num_waiting,
-                                            len(batch), batch.num_prefill_tokens, batch.num_decode_tokens,
-                                            len(batch.preempted), host, context))
+            host += now - t_post - (self._wait_s if handle is not None or sampled is not None else 0.0)
+        sched = self.scheduler
+        self.step_records.append((start, now - start, len(sched.running), len(sched.waiting), len(batch),
+                                  batch.num_prefill_tokens, batch.num_decode_tokens, len(batch.preempted),
+                                  host, context))
         return outputs
 
     def _launch(self, batch):
+        """A StepHandle; or, for a runner without a device (simulate) in synchronous mode, its
+        list of (seq, token, logprob) as it is."""
         if hasattr(self.runner, "launch"):
             return self.runner.launch(batch, self._inflight)
-        return StepHandle.done(self.runner.execute(batch))  # simulate: no device
+        sampled = self.runner.execute(batch)
+        return StepHandle.done(sampled) if self.config.async_scheduling else sampled
 
     def _advance(self, batch, start: float) -> int:
         """What the launched batch changes before its tokens are known; returns its context."""
@@ -312,6 +315,12 @@ class LLMEngine:
                 seq.first_scheduled_time = start
             if seq.fork_pending and seq.num_computed_tokens == seq.prompt_len - 1:
                 forks.append(seq)
+        if self.config.record_memory and batch.seqs:
+            # tokens the live sequences hold (one count per holder): what the allocator holds for
+            # each, i.e. its computed tokens now that this step's are counted (forks come below)
+            held = sum(s.num_computed_tokens for s in self.scheduler.running)
+            if self.logical_tokens.append((self.accountant.num_steps - 1, held)):
+                self.logical_tokens.spill_before(len(self.logical_tokens.chunks))
         release = getattr(self.runner, "release", None)
         if release is not None:
             for seq in batch.preempted:
@@ -332,9 +341,39 @@ class LLMEngine:
                 continue
             seq.resolve(pos, token, logprob, top, now)
             check_stop(seq, pos)
-            touched[seq.request_id] = requests[seq.request_id]
+            if not seq.quiet or seq.status is SeqStatus.FINISHED:
+                touched[seq.request_id] = requests[seq.request_id]
         self.num_generation_tokens += len(results)
         return self.output_processor.process(touched.values(), self)
+
+    def _resolve_sampled(self, sampled: list) -> list[RequestOutput]:
+        """``_resolve`` for tokens known at launch: each appended and checked in one pass; a
+        request that waits for its end (``Sequence.quiet``) reaches the output stage only then."""
+        now = self.clock()
+        self._wait_s = 0.0
+        touched: dict[str, RequestState] = {}
+        requests, check_stop, finish = self.requests, self._check_stop, self._finish_seq
+        for seq, token, logprob in sampled:
+            if seq.status is SeqStatus.FINISHED:
+                continue
+            if logprob is None:  # Sequence.append_token inlined: once per sequence per step
+                seq.token_ids.append(token)
+                seq.output_token_ids.append(token)
+                if seq.first_token_time is None:
+                    seq.first_token_time = now
+                seq.token_times.append(now)
+                pos = len(seq.token_ids) - 1
+            else:
+                pos = seq.append_token(token, logprob, now)
+            if seq.length_only:  # as _check_stop, for requests that only lengths end
+                if pos + 1 - seq.prompt_len >= seq.done_at:
+                    finish(seq, "length", pos)
+            else:
+                check_stop(seq, pos)
+            if not seq.quiet or seq.status is SeqStatus.FINISHED:
+                touched[seq.request_id] = requests[seq.request_id]
+        self.num_generation_tokens += len(sampled)
+        return self.output_processor.process(touched.values(), self) if touched else []
 
     def _fork(self, parent: Sequence) -> None:
         req = self.requests[parent.request_id]
@@ -353,8 +392,7 @@ class LLMEngine:
         req.unborn = []
 
     def _record_memory(self) -> None:
-        live = [(s.seq_id, self.allocator.seq_capacity(s), s.max_len) for s in self.scheduler.running]
-        self.accountant.record(self.allocator.stats(), live)
+        self.accountant.record_seqs(self.allocator.stats(), self.scheduler.running, self.allocator.seq_capacity)
 
     def _check_stop(self, seq: Sequence, pos: int) -> None:
         """Whether the token at ``pos`` ends ``seq``; later (in-flight) tokens do not count.
@@ -415,4 +453,4 @@ class LLMEngine:
     def _retire(self, req: RequestState) -> None:
         req.finished = True
         self.requests.pop(req.request_id, None)
-        self.finished_requests.append(req)
+        self.finished_requests.append(FinishedRequest.of(req))

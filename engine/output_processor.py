@@ -46,6 +46,15 @@ class OutputProcessor:
             for seq in req.seqs:  # text as it comes: for stop strings and for streaming
                 seq.detok = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids, p.stop)
 
+    def is_quiet(self, req: RequestState, stream_outputs: bool) -> bool:
+        """Whether ``_process`` does nothing for ``req`` until one of its samples finishes: no
+        text to follow (no stop strings) and no output before the end (``final_only``, or no
+        streaming and no packed fast path). The engine then skips it on the other steps."""
+        if any(s.detok is not None for s in req.seqs):
+            return False
+        kind = req.params.output_kind
+        return kind == "final_only" or (not stream_outputs and not (self.packed and kind == "delta"))
+
     def process(self, requests: Iterable[RequestState], engine: LLMEngine) -> list[RequestOutput]:
         outputs = []
         for req in requests:

@@ -6,7 +6,10 @@ is new since the request's previous output (streaming at O(new tokens) per step)
 """
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass, field
+
+import numpy as np
 
 TopLogprobs = list[tuple[int, float]]  # (token id, logprob), most likely first
 
@@ -78,3 +81,50 @@ class RequestOutput:
     @property
     def text(self) -> str:
         return self.outputs[0].text
+
+
+@dataclass(slots=True)
+class FinishedSeq:
+    """What ``LLMEngine.finished_requests`` keeps of a finished sample: its times and counts
+    (the per-request table of experiments), not its token ids."""
+
+    seq_id: int
+    index: int
+    prompt_len: int
+    num_output_tokens: int
+    first_scheduled_time: float | None
+    first_token_time: float | None
+    finish_time: float | None
+    num_preemptions: int
+    num_cached_tokens: int
+    finish_reason: str | None
+    stop_reason: int | str | None
+    token_times: np.ndarray  # float64, one per output token
+
+    @classmethod
+    def of(cls, seq) -> FinishedSeq:
+        return cls(seq.seq_id, seq.index, seq.prompt_len, seq.num_output_tokens, seq.first_scheduled_time,
+                   seq.first_token_time, seq.finish_time, seq.num_preemptions, seq.num_cached_tokens,
+                   seq.finish_reason, seq.stop_reason, np.array(seq.token_times, dtype=np.float64))
+
+
+@dataclass(slots=True)
+class FinishedRequest:
+    """A retired request as ``LLMEngine.finished_requests`` keeps it: a few numbers per sample,
+    so a long run does not hold every token it produced."""
+
+    request_id: str
+    prompt_token_ids: array  # 'i' (4 bytes per token)
+    params: object  # SamplingParams
+    seqs: list[FinishedSeq]
+    arrival_time: float
+    finished: bool = True
+
+    @classmethod
+    def of(cls, req) -> FinishedRequest:
+        return cls(req.request_id, array("i", req.prompt_token_ids), req.params,
+                   [FinishedSeq.of(s) for s in req.seqs], req.arrival_time, req.finished)
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_token_ids)

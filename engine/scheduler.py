@@ -129,24 +129,43 @@ class Scheduler:
         batch = ScheduledBatch()
         budget = self.config.max_num_batched_tokens
         allocator = self.allocator
+        can_allocate, allocate = allocator.can_allocate, allocator.allocate
+        running = self.running
+        seqs, news = batch.seqs, batch.num_new_tokens
+        prefill = decode = 0
         i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
-            skip = seq.length_done or (only is not None and seq.request_id not in only)
-            n = 0 if skip else self._chunk(seq, budget)  # done: finished when its token is read
+        # the running loop runs once per sequence per step: _chunk, length_done and
+        # ScheduledBatch.add inlined (simulate mode spends most of its time here)
+        while i < len(running) and budget > 0:
+            seq = running[i]
+            out = seq.output_token_ids
+            # done (finished when its token is read), or not among the requests to run
+            if len(out) >= seq.done_at or (only is not None and seq.request_id not in only):
+                i += 1
+                continue
+            left = len(seq.token_ids) - seq.num_computed_tokens
+            n = seq.prompt_len - 1 - seq.num_computed_tokens if seq.fork_pending else left
+            if n > budget:
+                n = budget
             if n <= 0:
                 i += 1
                 continue
-            while not allocator.can_allocate(seq, n):
-                victim = self.running.pop()
+            while not can_allocate(seq, n):
+                victim = running.pop()
                 self._preempt(victim, batch)
                 if victim is seq:
                     break
             else:
-                allocator.allocate(seq, n)
-                batch.add(seq, n)
+                allocate(seq, n)
+                seqs.append(seq)
+                news.append(n)
+                if n == 1 and out and left == 1:  # as ScheduledBatch.add
+                    decode += 1
+                else:
+                    prefill += n
                 budget -= n
                 i += 1
+        batch.num_prefill_tokens, batch.num_decode_tokens = prefill, decode
         if not batch.preempted:
             if only is None:
                 budget = self._swap_in(batch, budget)

@@ -48,14 +48,22 @@ class Sequence:
     final_sent: bool = False  # its finish has been reported (delta outputs)
     prompt_logprobs: list = field(default_factory=lambda: [None])  # per prompt token (params.prompt_logprobs)
     prompt_top_logprobs: list = field(default_factory=lambda: [None])
+    quiet: bool = False  # its request needs no output stage until a sample finishes (set by the engine)
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
         self.prompt_len = len(self.prompt_token_ids)
-        cap = self.max_model_len if self.params.max_tokens is None else self.prompt_len + self.params.max_tokens
+        p = self.params
+        cap = self.max_model_len if p.max_tokens is None else self.prompt_len + p.max_tokens
         self.max_len = min(cap, self.max_model_len)
         if self.oracle_len <= 0:
             self.oracle_len = self.max_len
+        # output tokens that end it by length (max_tokens=0 still samples one token, then drops it);
+        # token_ids is always the prompt followed by output_token_ids
+        out_cap = self.max_model_len if p.max_tokens is None else max(p.max_tokens, 1)
+        self.done_at = min(out_cap, self.max_model_len - self.prompt_len)
+        # only lengths can end it (the benchmark path): no token needs looking at
+        self.length_only = p.ignore_eos and not p.stop_token_ids and p.max_tokens != 0
 
     @property
     def num_tokens(self) -> int:
@@ -72,9 +80,7 @@ class Sequence:
     @property
     def length_done(self) -> bool:
         """Its last token (maybe still pending) ends it by max_tokens or max_model_len."""
-        max_tokens = self.params.max_tokens  # 0 (scoring a prompt) still samples one token, then drops it
-        return ((max_tokens is not None and len(self.output_token_ids) >= max(max_tokens, 1))
-                or len(self.token_ids) >= self.max_model_len)
+        return len(self.output_token_ids) >= self.done_at
 
     def append_pending(self) -> int:
         """Room for the token being sampled; returns its position."""
@@ -93,6 +99,18 @@ class Sequence:
         if self.first_token_time is None:
             self.first_token_time = now
         self.token_times.append(now)
+
+    def append_token(self, token_id: int, logprob: float | None, now: float) -> int:
+        """``append_pending`` and ``resolve`` in one (the token is known at once: synchronous
+        runners without a device); returns its position."""
+        self.token_ids.append(token_id)
+        self.output_token_ids.append(token_id)
+        if logprob is not None:
+            self.output_logprobs.append(logprob)
+        if self.first_token_time is None:
+            self.first_token_time = now
+        self.token_times.append(now)
+        return len(self.token_ids) - 1
 
     def truncate(self, pos: int) -> None:
         """Drop every token after ``pos`` (sampled ahead of a stop found late)."""

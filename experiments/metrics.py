@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -38,7 +40,7 @@ def requests_frame(finished, t0: float) -> pd.DataFrame:
     e2el / output_len (the PagedAttention paper's normalized latency).
     """
     rows = []
-    for req in finished:
+    for req in finished:  # RequestState or the engine's compact FinishedRequest
         seqs = req.seqs
         s0 = seqs[0]
         out_len = max(s.num_output_tokens for s in seqs)
@@ -66,30 +68,187 @@ def requests_frame(finished, t0: float) -> pd.DataFrame:
             preemptions=sum(s.num_preemptions for s in seqs),
             cached_tokens=s0.num_cached_tokens,
             finish_reason=s0.finish_reason,
-            itl=itl.tolist(),
+            itl=itl,  # float64 array (a list<double> column in parquet)
         ))
     return pd.DataFrame(rows)
 
 
 def steps_frame(records, memory: np.ndarray, capacity: int, t0: float,
-                logical_tokens: dict[int, int] | None = None) -> pd.DataFrame:
+                logical_tokens=None) -> pd.DataFrame:
     """One row per engine step: the step record, the memory fields (STAT_FIELDS, bytes) and capacity.
 
+    ``records``: the engine's ``step_records`` (a StepLog) or a list of StepRecord.
     ``logical_tokens`` (step -> tokens the live sequences hold, shared ones counted once per
-    holder) adds a column of that name where given.
+    holder; a dict, or a ``(steps, counts)`` pair of arrays) adds a column of that name where given.
+    The whole table in memory: ``write_steps`` streams it to parquet instead.
     """
-    df = pd.DataFrame([r.__dict__ for r in records])
-    if df.empty:
-        return df
-    df.insert(0, "step", np.arange(len(df)))
+    parts = list(_record_columns(records))
+    if not parts:
+        return pd.DataFrame()
+    df = pd.DataFrame({k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
+    return _step_rows(df, 0, memory if len(memory) == len(df) else None, capacity, t0,
+                      _logical_index(logical_tokens))
+
+
+def _record_columns(records) -> Iterator[dict[str, np.ndarray]]:
+    if hasattr(records, "iter_columns"):
+        yield from records.iter_columns()
+    elif len(records):
+        df = pd.DataFrame([r.__dict__ for r in records])
+        yield {c: df[c].to_numpy() for c in df.columns}
+
+
+def _logical_index(logical_tokens) -> tuple[np.ndarray, np.ndarray] | None:
+    """Sorted (steps, counts) arrays of a dict or pair; None where there is nothing."""
+    if logical_tokens is None:
+        return None
+    if hasattr(logical_tokens, "iter_chunks"):  # the engine's ChunkedRows of (step, count)
+        parts = list(logical_tokens.iter_chunks())
+        if not parts:
+            return None
+        rows = np.concatenate(parts)
+        steps, counts = rows[:, 0], rows[:, 1]
+    elif isinstance(logical_tokens, dict):
+        if not logical_tokens:
+            return None
+        steps = np.fromiter(logical_tokens.keys(), dtype=np.int64, count=len(logical_tokens))
+        counts = np.fromiter(logical_tokens.values(), dtype=np.float64, count=len(logical_tokens))
+    else:
+        steps, counts = (np.asarray(a) for a in logical_tokens)
+    if not len(steps):
+        return None
+    order = np.argsort(steps, kind="stable")
+    return steps[order], counts[order].astype(np.float64)
+
+
+def _step_rows(df: pd.DataFrame, k0: int, memory: np.ndarray | None, capacity: int, t0: float,
+               logical: tuple[np.ndarray, np.ndarray] | None) -> pd.DataFrame:
+    """Steps ``k0 ..`` of the table: the record columns in ``df`` plus step, memory, logical tokens."""
+    n = len(df)
+    df.insert(0, "step", np.arange(k0, k0 + n))
     df["time"] = df["time"] - t0
-    if len(memory) == len(df):
+    if memory is not None:
         for j, f in enumerate(STAT_FIELDS):
             df[f] = memory[:, j]
         df["capacity"] = capacity
-    if logical_tokens:
-        df["logical_tokens"] = pd.Series(logical_tokens, dtype="float64").reindex(df["step"]).to_numpy()
+    if logical is not None:
+        steps, counts = logical
+        col = np.full(n, np.nan)
+        a, b = np.searchsorted(steps, [k0, k0 + n])
+        col[steps[a:b] - k0] = counts[a:b]
+        df["logical_tokens"] = col
     return df
+
+
+def _aligned(a: Iterator[dict[str, np.ndarray]], b: Iterator[np.ndarray] | None):
+    """Pairs of equal-length pieces of two chunked streams of the same rows (``b`` may be None)."""
+    if b is None:
+        for part in a:
+            yield part, None
+        return
+    rest_b = None
+    for part in a:
+        n = len(next(iter(part.values())))
+        pieces, have = [], 0
+        while have < n:
+            if rest_b is None or not len(rest_b):
+                rest_b = next(b)
+            take = min(n - have, len(rest_b))
+            pieces.append(rest_b[:take])
+            rest_b = rest_b[take:]
+            have += take
+        yield part, pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
+
+def write_steps(path: str | Path, records, accountant, t0: float, logical_tokens=None,
+                max_num_batched_tokens: int | None = None, max_num_seqs: int | None = None) -> dict[str, float]:
+    """``steps.parquet`` written chunk by chunk (atomically), and the figures of the steps that
+    ``summarize`` (batch sizes) and ``memory_summary`` give, from the same pass: memory stays at
+    one chunk of steps however long the run (``accountant.summary()`` streams too).
+
+    The file equals ``steps_frame(...)`` written whole; the figures equal those computed from
+    it (means from exact integer sums where the columns are integers).
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from experiments.atomic import atomic_path
+
+    n_steps = len(records)
+    with_memory = accountant is not None and accountant.num_steps == n_steps and n_steps > 0
+    memory = accountant.iter_table() if with_memory else None
+    capacity = accountant.capacity if accountant is not None else 0
+    logical = _logical_index(logical_tokens)
+    acc = _StepFigures(STAT_FIELDS, max_num_batched_tokens, max_num_seqs,
+                       accountant.bpt if accountant is not None else None)
+    k0 = 0
+    with atomic_path(path) as tmp:
+        writer = None
+        try:
+            for cols, mem in _aligned(_record_columns(records), memory):
+                df = _step_rows(pd.DataFrame(cols), k0, mem, capacity, t0, logical)
+                k0 += len(df)
+                acc.add(df, mem, capacity)
+                table = pa.Table.from_pandas(df, preserve_index=False)
+                if writer is None:
+                    writer = pq.ParquetWriter(tmp, table.schema)
+                writer.write_table(table)
+            if writer is None:  # no steps: an empty table, as DataFrame().to_parquet writes it
+                pd.DataFrame().to_parquet(tmp, index=False)
+        finally:
+            if writer is not None:
+                writer.close()
+    return acc.result()
+
+
+class _StepFigures:
+    """Running sums of the per-step figures of ``summarize`` and ``memory_summary``."""
+
+    def __init__(self, fields, max_num_batched_tokens, max_num_seqs, bytes_per_token):
+        self.fields, self.mnbt, self.mns, self.bpt = fields, max_num_batched_tokens, max_num_seqs, bytes_per_token
+        self.n = self.busy = self.busy_seqs = self.n_sat = 0
+        self.max_seqs = None
+        self.sat_sums = [0] * len(fields)
+        self.capacity = None
+        self.saving_sum, self.saving_n = 0.0, 0
+        self.logical = False
+
+    def add(self, df: pd.DataFrame, mem: np.ndarray | None, capacity: int) -> None:
+        seqs = df["num_seqs"].to_numpy()
+        self.n += len(df)
+        busy = seqs > 0
+        self.busy += int(busy.sum())
+        self.busy_seqs += int(seqs[busy].sum())
+        m = int(seqs.max())
+        self.max_seqs = m if self.max_seqs is None else max(self.max_seqs, m)
+        if mem is None:
+            return
+        self.capacity = capacity
+        sat = saturated_steps(df, self.mnbt, self.mns).to_numpy()
+        self.n_sat += int(sat.sum())
+        for j, s in enumerate(mem[sat].sum(axis=0).tolist()):
+            self.sat_sums[j] += s
+        if self.bpt and "logical_tokens" in df:
+            self.logical = True
+            logical = df["logical_tokens"].to_numpy(float) * self.bpt
+            ok = logical > 0
+            self.saving_sum += float((1 - df["token_states"].to_numpy()[ok] / logical[ok]).sum())
+            self.saving_n += int(ok.sum())
+
+    def result(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        if not self.n:
+            return out
+        out["mean_batch_size"] = self.busy_seqs / self.busy if self.busy else 0.0
+        out["max_concurrency"] = int(self.max_seqs)
+        if self.capacity is None:
+            return out
+        out["saturated_steps"] = self.n_sat / self.n
+        for j, f in enumerate(self.fields):
+            out[f"{f}_saturated"] = self.sat_sums[j] / (self.n_sat * self.capacity) if self.n_sat else math.nan
+        if self.logical and self.saving_n:
+            out["sharing_saving"] = self.saving_sum / self.saving_n
+        return out
 
 
 def _latency_stats(values: np.ndarray, name: str) -> dict[str, float]:
@@ -140,7 +299,7 @@ def memory_summary(steps: pd.DataFrame, bytes_per_token: int | None = None,
     return out
 
 
-def summarize(requests: pd.DataFrame, steps: pd.DataFrame, duration: float) -> dict[str, float]:
+def summarize(requests: pd.DataFrame, steps: pd.DataFrame | None, duration: float) -> dict[str, float]:
     """Throughput and latency of DESIGN.md over ``duration`` (wall or simulated seconds)."""
     out: dict[str, float] = {"duration": duration, "num_requests": len(requests)}
     if requests.empty:
@@ -163,7 +322,7 @@ def summarize(requests: pd.DataFrame, steps: pd.DataFrame, duration: float) -> d
     for name, values in (("ttft", requests["ttft"].to_numpy(float)), ("tpot", requests["tpot"].to_numpy(float)),
                          ("itl", itl), ("e2el", requests["e2el"].to_numpy(float))):
         out.update(_latency_stats(values, name))
-    if not steps.empty:
+    if steps is not None and not steps.empty:  # None: write_steps gives these figures
         busy = steps[steps["num_seqs"] > 0]
         out["mean_batch_size"] = float(busy["num_seqs"].mean()) if len(busy) else 0.0
         out["max_concurrency"] = int(steps["num_seqs"].max())
