@@ -150,14 +150,14 @@ class VirtualAllocator(KVAllocator):
             raise ValueError(
                 f"allocator.args.page_size={page_size} does not hold a whole number of tokens of {token_bytes} "
                 f"bytes (layout '{layout}'): choose a multiple of {token_bytes}, e.g. {fit.page_size}, "
-                "or leave it unset for one chosen to fit")
+                "or allocator.args.page_size=auto for one chosen to fit")
         self.page_tokens = tpp = page_size // token_bytes
         num_groups = capacity_tokens // tpp
         if num_groups == 0:
             raise ValueError(
                 f"allocator.args.page_size={page_size}: the KV pool of {capacity_tokens} tokens holds no page "
                 f"group of {tpp} tokens (layout '{layout}'): choose a smaller page, e.g. "
-                f"allocator.args.page_size={fit.page_size}, leave it unset for one chosen to fit, or give the "
+                f"allocator.args.page_size={fit.page_size} (auto picks one that fits), or give the "
                 "pool more memory (engine.kv_cache_tokens / kv_cache_memory)")
         super().__init__(spec, num_groups * tpp, max_num_seqs, max_model_len)
         self.layout, self.page_size, self.num_groups = layout, page_size, num_groups

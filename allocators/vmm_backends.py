@@ -32,8 +32,8 @@ class VMMBackend(ABC):
         if page_size % self.granularity:
             raise ValueError(
                 f"page_size={page_size} (allocator.args.page_size) is not a multiple of the {self.name} "
-                f"backend's granularity {self.granularity} bytes: choose a multiple of it, or leave page_size "
-                "unset for one chosen to fit")
+                f"backend's granularity {self.granularity} bytes: choose a multiple of it, or "
+                "allocator.args.page_size=auto for one chosen to fit")
         self.page_size = page_size
         self.range_bytes = range_bytes
         self.num_ranges = num_ranges
