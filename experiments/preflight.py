@@ -20,7 +20,7 @@ import difflib
 import itertools
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -53,10 +53,9 @@ class UserError(ValueError):
 
 @dataclass
 class Prepared:
-    """The overrides Hydra gets, and what the checks learnt."""
+    """The overrides Hydra gets, and how many runs they make (None: a preset's sweep decides)."""
     overrides: list[str]
-    num_runs: int = 1
-    notes: list[str] = field(default_factory=list)
+    num_runs: int | None = 1
 
 
 # ---------------------------------------------------------------------------- what exists
@@ -227,10 +226,11 @@ def check_groups(ovs) -> None:
         if key.startswith("hydra") or not is_group(key) or ov.type.name == "DEL":
             continue
         options = group_choices(key)
+        shown = {"ADD": "+", "FORCE_ADD": "++"}.get(ov.type.name, "") + key
         for v in _values(ov):
             if v not in options:
-                raise UserError(f"{key}={v}: no such choice (conf/{key}/{v}.yaml); choose one of "
-                                f"{_choices_text(options)}{did_you_mean(v, options, key + '=')}")
+                raise UserError(f"{shown}={v}: no such choice (conf/{key}/{v}.yaml); choose one of "
+                                f"{_choices_text(options)}{did_you_mean(v, options, shown + '=')}")
 
 
 def check_choices(ovs) -> None:
@@ -312,7 +312,9 @@ def _escape(v: str) -> str:
     return v if all(c not in v for c in " ,()[]{}'\"\\=") else "'" + v.replace("'", "\\'") + "'"
 
 
-def _count_runs(ovs) -> int:
+def _count_runs(ovs) -> int | None:
+    if any(o.key_or_group == "experiment" for o in ovs):
+        return None  # the preset's hydra.sweeper.params sweep too
     return math.prod(len(list(o.sweep_string_iterator())) for o in ovs
                      if o.is_sweep_override() and not o.key_or_group.startswith("hydra"))
 

@@ -350,8 +350,11 @@ def main(cfg: DictConfig) -> None:
 
 
 def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0]}" if text and not isinstance(e, ValueError) else (text[0] if text else repr(e))
+    """The first line of an error; its type too unless it is a ValueError (a bad setting)."""
+    lines = str(e).strip().splitlines()
+    if not lines:
+        return repr(e)
+    return lines[0] if isinstance(e, ValueError) else f"{type(e).__name__}: {lines[0]}"
 
 
 def _resume_argv(resume_dir: Path) -> list[str]:
@@ -368,20 +371,21 @@ def _resume_argv(resume_dir: Path) -> list[str]:
 
 
 def _resume_command(session: Session) -> str:
-    """The command that continues what this process did (finished runs are skipped)."""
-    if session.sweep_dir:
-        return f"kvlab run --resume {shlex.quote(session.sweep_dir)}"
-    argv = [a for a in session.argv if not a.startswith("hydra.run.dir=")]
-    where = [f"hydra.run.dir={session.run_dir}"] if session.run_dir else []
-    return shlex.join(["kvlab", "run", *argv, *where])
+    """The command that continues what this process did: the folder's own command line (finished
+    runs are skipped), or the command as typed if Hydra had not made a folder yet."""
+    folder = session.sweep_dir or session.run_dir
+    if folder:
+        return f"kvlab run --resume {shlex.quote(folder)}"
+    return shlex.join(["kvlab", "run", *session.argv])
 
 
 def _interrupted_line(session: Session) -> str:
-    done = len(session.finished)
-    of = f" of {session.num_runs}" if session.num_runs and session.sweep_dir else ""
-    where = session.sweep_dir or session.run_dir
-    what = (f"{done}{of} run{'s' if (session.num_runs or done) != 1 else ''} finished" + (f" in {where}" if where else "")
-            if session.sweep_dir else "the run did not finish")
+    if session.sweep_dir:
+        done, total = len(session.finished), session.num_runs
+        runs = "run" if (total or done) == 1 else "runs"
+        what = f"{done}{f' of {total}' if total else ''} {runs} finished in {session.sweep_dir}"
+    else:
+        what = "the run did not finish"
     return f"kvlab run: interrupted; {what}; to resume: {_resume_command(session)}"
 
 
@@ -425,7 +429,7 @@ def cli(argv: list[str]) -> int:
     if SESSION.failed:
         lines = [f"  {name}: {_one_line(e)}" for name, e in SESSION.failed]
         ran = len(SESSION.failed) + len(SESSION.finished)
-        print(f"kvlab run: {len(SESSION.failed)} of {ran} run(s) failed (their folders removed):\n"
+        print(f"kvlab run: {len(SESSION.failed)} of {ran} run(s) failed, no results written:\n"
               + "\n".join(lines) + ("" if verbose else "\n(--verbose shows the tracebacks)"), file=sys.stderr)
         user = all(isinstance(e, ValueError) for _, e in SESSION.failed)
         return 2 if user else 1

@@ -84,6 +84,9 @@ def test_ctrl_c_in_a_single_run_names_the_command(tmp_path):
     out = interrupt_when(proc, "KV cache", delay_s=0.5)
     assert proc.returncode == 130 and "Traceback" not in out, out[-3000:]
     line = [ln for ln in out.splitlines() if "interrupted;" in ln]
-    assert len(line) == 1 and "the run did not finish" in line[0]
-    assert f"hydra.run.dir={run_dir}" in line[0] and "workload.request_rate=10" in line[0]
+    assert line == [f"kvlab run: interrupted; the run did not finish; to resume: kvlab run --resume {run_dir}"]
     assert not (run_dir / "summary.json").exists()
+    done = kvlab("run", "--resume", str(run_dir))  # the same command into the same folder
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["request_rate"] == 10 and summary["num_requests"] == 40
