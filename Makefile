@@ -7,10 +7,10 @@ DEMO_DIR ?= runs/quickstart
 .PHONY: setup setup-base demo test test-gpu clean
 
 setup:  # kvlab with the dev extra: tests, serving (and gpu on a machine with an NVIDIA GPU)
-	@bash scripts/setup.sh dev
+	@VENV=$(VENV) bash scripts/setup.sh dev
 
 setup-base:  # kvlab alone (and gpu on a machine with an NVIDIA GPU): enough for the demo
-	@bash scripts/setup.sh base
+	@VENV=$(VENV) bash scripts/setup.sh base
 
 demo: setup-base
 	rm -rf $(DEMO_DIR)
