@@ -318,7 +318,8 @@ class LLMEngine:
         if self.config.record_memory and batch.seqs:
             # tokens the live sequences hold (one count per holder): what the allocator holds for
             # each, i.e. its computed tokens now that this step's are counted (forks come below)
-            held = sum(s.num_computed_tokens for s in self.scheduler.running)
+            running = self.scheduler.running
+            held = context if len(batch.seqs) == len(running) else sum(s.num_computed_tokens for s in running)
             if self.logical_tokens.append((self.accountant.num_steps - 1, held)):
                 self.logical_tokens.spill_before(len(self.logical_tokens.chunks))
         release = getattr(self.runner, "release", None)

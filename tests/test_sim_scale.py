@@ -36,14 +36,32 @@ def config(*overrides: str):
         return compose("config", overrides=["progress=false", "report=false", "resume=false", *overrides])
 
 
+class AllocatorCounts:
+    """Wraps a runner that has no device: at each executed step, the tokens the allocator holds
+    for the running sequences (after scheduling, before compute), by accountant step."""
+
+    def __init__(self, runner, engine):
+        self._runner, self._engine = runner, engine
+        self.counts: dict[int, int] = {}
+
+    def execute(self, batch):
+        e = self._engine
+        self.counts[e.accountant.num_steps - 1] = sum(e.allocator.num_tokens(s) for s in e.scheduler.running)
+        return self._runner.execute(batch)
+
+    def __getattr__(self, name):
+        return getattr(self._runner, name)
+
+
 def run_keeping_engine(monkeypatch, cfg, out):
-    """run_experiment, and the engine it ran (with its probe)."""
+    """run_experiment, and the engine it ran; ``engine.allocator_counts`` as AllocatorCounts reads them."""
     held = {}
     build = run.build_engine
 
     def keep(c):
-        held["engine"] = build(c)
-        return held["engine"]
+        e = held["engine"] = build(c)
+        e.runner = e.allocator_counts = AllocatorCounts(e.runner, e)
+        return e
 
     monkeypatch.setattr(run, "build_engine", keep)
     summary = run.run_experiment(cfg, out)
@@ -69,8 +87,8 @@ def test_chunked_and_spilled_steps_equal_the_whole_table(case, tmp_path, monkeyp
     np.testing.assert_array_equal(e1.accountant.table(), e2.accountant.table())
 
     # streamed to parquet chunk by chunk: the same file and figures as the whole table
-    steps = steps_frame(e2.step_records, e2.accountant.table(), e2.accountant.capacity, 0.0, e2.runner.counts)
-    figs = write_steps(tmp_path / "streamed.parquet", e2.step_records, e2.accountant, 0.0, e2.runner.counts,
+    steps = steps_frame(e2.step_records, e2.accountant.table(), e2.accountant.capacity, 0.0, e2.logical_tokens)
+    figs = write_steps(tmp_path / "streamed.parquet", e2.step_records, e2.accountant, 0.0, e2.logical_tokens,
                        e2.config.max_num_batched_tokens, e2.config.max_num_seqs)
     pd.testing.assert_frame_equal(steps, pd.read_parquet(tmp_path / "streamed.parquet"))
     requests = pd.read_parquet(tmp_path / "chunked" / "requests.parquet")
@@ -88,7 +106,7 @@ def test_engine_logical_tokens_equal_the_allocators_count(case, tmp_path, monkey
     run.py's probe reads from the allocator at each executed step."""
     _, e = run_keeping_engine(monkeypatch, config(*COMMON, *CASES[case]), tmp_path)
     rows = np.concatenate(list(e.logical_tokens.iter_chunks()))
-    assert dict(zip(rows[:, 0].tolist(), rows[:, 1].tolist())) == e.runner.counts
+    assert dict(zip(rows[:, 0].tolist(), rows[:, 1].tolist())) == e.allocator_counts.counts
 
 
 def test_step_store_memory_stays_bounded(tmp_path, monkeypatch):
