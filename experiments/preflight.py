@@ -106,14 +106,14 @@ def _choices_text(options) -> str:
 
 def _parse(overrides: list[str]):
     from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import OverrideParseException
+    from hydra.errors import HydraException
 
     parser = OverridesParser.create()
     out = []
     for line in overrides:
         try:
             out.append(parser.parse_override(line))
-        except OverrideParseException as e:
+        except HydraException as e:  # OverrideParseException, or the grammar's own
             first = str(e).strip().splitlines()[0]
             raise UserError(f"cannot read the override '{line}': {first} (write KEY=VALUE, e.g. "
                             "workload.num_requests=64; a sweep: allocator=paged,contiguous with -m)") from None
@@ -398,6 +398,8 @@ def prepare(overrides: list[str], cwd: Path | None = None) -> Prepared:
                 continue
             problem = _missing_key(structure, _key_of(line))
             if problem:
-                raise UserError(problem)
+                group = _key_of(line).split(".")[0]
+                chosen = [c for c in combo if _key_of(c) == group and is_group(group)]
+                raise UserError(problem + (f" (with {chosen[0].lstrip('+')})" if chosen else ""))
         check_config(compose(combo))
     return Prepared(overrides, num_runs=_count_runs(ovs))
