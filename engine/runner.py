@@ -7,6 +7,7 @@ One host sync per step: the sampled token ids.
 """
 from __future__ import annotations
 
+import logging
 import time
 
 import numpy as np
@@ -21,6 +22,7 @@ from engine.staging import HostStaging
 from kernels.metadata import Addressing, AttentionMetadata
 
 Sampled = list[tuple[Sequence, int, "float | None"]]
+log = logging.getLogger("kvlab.runner")
 
 
 class BatchInputs:
@@ -111,6 +113,7 @@ class ModelRunner:
             width = -(-max_model_len // allocator.block_size)
             self.table = PersistentBlockTable(max_num_seqs + 1, width, self.device)
         self.graphs = None
+        self.max_model_len = max_model_len
         self.last_prep_s = 0.0
         self.staging = HostStaging(self.device)
         if self.device.type == "cuda" and not enforce_eager:
@@ -119,6 +122,42 @@ class ModelRunner:
             self.graphs = DecodeGraphs(model, allocator, self.kv_caches, self.table, max_num_seqs, max_model_len,
                                        self.device)
             self.graphs.capture()
+        if self.device.type == "cuda":
+            self.warmup()
+
+    # batches whose shapes select every kernel variant an eager step can need (query tile sizes,
+    # one or many sequences, token counts of 1, multiples of 16 and others)
+    WARMUP_BATCHES = ([[q] for q in (2, 3, 4, 5, 8, 9, 16, 17, 32, 33, 64, 65, 128, 129, 256, 300, 512, 1000)]
+                      + [[q] + [1] * k for q in (2, 7, 16, 33, 64, 100, 256) for k in (1, 3, 15, 16)])
+
+    @torch.inference_mode()
+    def warmup(self) -> None:
+        """Compile the Triton kernels of eager steps now, on a scratch cache in this allocator's
+        addressing mode: the first mixed step of a new shape would otherwise stall 0.1-0.6 s
+        inside a measured run (or a served request)."""
+        from kernels.metadata import contiguous_metadata
+
+        mc = self.model.config
+        bs = self.allocator.block_size if self.paged else 0
+        need = max(sum(-(-(q + 16) // max(bs, 1)) * max(bs, 1) for q in b) for b in self.WARMUP_BATCHES)
+        k = torch.zeros(need, mc.num_key_value_heads, mc.head_dim, dtype=self.kv_caches[0][0].dtype,
+                        device=self.device)
+        caches = [(k, torch.zeros_like(k))] * mc.num_hidden_layers  # one scratch layer: writes may overlap
+        try:
+            for qs in self.WARMUP_BATCHES:
+                ctx = [q + (16 if q == 1 else 0) for q in qs]  # decode tokens have some context
+                if max(ctx) > self.max_model_len:
+                    continue
+                meta = contiguous_metadata(self.allocator.mode, qs, ctx, self.device, bs)
+                t = sum(qs)
+                ids = torch.zeros(t, dtype=torch.int64, device=self.device)
+                pos = torch.cat([torch.arange(c - q, c, device=self.device) for q, c in zip(qs, ctx)])
+                hidden = self.model(ids, pos, meta, caches)
+                self.model.compute_logits(hidden[meta.query_start_loc[1:].long() - 1]).argmax(-1)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+        except Exception as e:  # an optimisation only: a shape it cannot run is compiled when met
+            log.warning("kernel warm-up stopped early: %r", e)
 
     def _metadata(self, inputs: BatchInputs) -> AttentionMetadata:
         dev = self.staging.to_device

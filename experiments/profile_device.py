@@ -310,9 +310,11 @@ HOST_ALLOCATORS = {"paged": ("paged", {"block_size": 16}), "contiguous": ("conti
 
 def host_rows(model: str, allocator: str, args: dict, *, max_model_len: int, kv_cache_tokens: int,
               device: str, seed: int = 0,
-              phases=((256, 32, 1024, 16, 512), (4, 64, 256, 64, 128))) -> list[dict]:
+              phases=((256, 32, 1024, 16, 512), (4, 64, 256, 64, 128)), skip_steps: int = 20) -> list[dict]:
     """Steps of the real engine: wall time minus device time (end of input preparation to end of
-    sampling). ``phases``: (requests, prompt min, max, output min, max), run one after the other."""
+    sampling). ``phases``: (requests, prompt min, max, output min, max), run one after the other;
+    requests min == max == 0 draws ShareGPT-like lengths. The first ``skip_steps`` are left out
+    (the caching allocator still grows there)."""
     import torch
 
     from engine import LLMEngine, SamplingParams
@@ -341,11 +343,16 @@ def host_rows(model: str, allocator: str, args: dict, *, max_model_len: int, kv_
     rng = np.random.default_rng(seed)
     # a full batch with varied lengths (ramps down through every batch size), then a small one
     for phase, (n, plo, phi, olo, ohi) in enumerate(phases):
-        for i in range(n):
-            plen = int(rng.integers(plo, phi))
-            prompt = rng.integers(10, min(1000, eng.model_config.vocab_size), plen).tolist()
+        if phi == 0:
+            from experiments.workloads import SHAREGPT
+
+            plens, olens = SHAREGPT.sample(rng, n, max_model_len)
+        else:
+            plens, olens = rng.integers(plo, phi, n), rng.integers(olo, ohi, n)
+        for i, (plen, olen) in enumerate(zip(plens, olens)):
+            prompt = rng.integers(10, min(1000, eng.model_config.vocab_size), int(plen)).tolist()
             eng.add_request(f"{phase}-{i}", prompt, SamplingParams(
-                max_tokens=int(rng.integers(olo, ohi)), ignore_eos=True, temperature=0, output_kind="final_only"))
+                max_tokens=int(olen), ignore_eos=True, temperature=0, output_kind="final_only"))
         while eng.has_unfinished_requests():
             eng.step()
     if cuda:
@@ -353,7 +360,7 @@ def host_rows(model: str, allocator: str, args: dict, *, max_model_len: int, kv_
     gpu = {i: max(0.0, a.elapsed_time(b) / 1e3 - prep) for i, a, b, prep in marks}
     rows = []
     for i, r in enumerate(eng.step_records):
-        if r.num_seqs == 0:
+        if r.num_seqs == 0 or i < skip_steps:
             continue
         g = gpu.get(i, 0.0)
         rows.append(dict(table="host", allocator=allocator, batch=r.num_seqs, prefill_tokens=r.prefill_tokens,
@@ -373,6 +380,7 @@ def metadata(device, args) -> dict:
                 commit=os.environ.get("KVLAB_COMMIT") or git_commit(),  # a copy without .git names it
                 created=dt.datetime.now().isoformat(timespec="seconds"), models=args.models,
                 max_model_len=args.max_model_len, pool_tokens=args.pool_tokens, block_sizes=args.block_sizes,
+                host_model=args.host_model or args.models.split(",")[0],
                 command="kvlab profile " + " ".join(args.argv))
     try:
         import triton
@@ -416,7 +424,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--host-requests", type=int, default=256, help="requests of the host-time run's full batch")
     ap.add_argument("--virtual-page-size", type=int, default=None, help="page size of the host-time run (bytes)")
     ap.add_argument("--reps", type=int, default=10)
-    ap.add_argument("--skip", default="", help="tables to leave out, comma-separated (e.g. host,vmm)")
+    ap.add_argument("--skip", default="", help="parts to leave out, comma-separated: host, gemm, models, copy, vmm")
+    ap.add_argument("--merge", default=None, help="an earlier profile: its tables not measured now are kept")
     ap.add_argument("--out", default="results/profiles", help="folder (file name from the device) or .parquet")
     a = ap.parse_args(argv)
     a.argv = list(sys.argv[1:] if argv is None else argv)
@@ -433,6 +442,17 @@ def main(argv: list[str] | None = None) -> int:
     path = out if out.suffix == ".parquet" else out / f"{slug(meta['device'])}.parquet"
     rows: list[dict] = []
     t0 = time.time()
+    if a.merge:  # keep what this run does not re-measure
+        from experiments.profiled_costmodel import load_profile
+
+        old = load_profile(a.merge)
+        measured = {"host": {"host"}, "gemm": {"gemm"}, "copy": {"copy"}, "vmm": {"vmm"},
+                    "models": {"attention", "eager_forward", "prefill_graph", "sample", "decode_graph"}}
+        redo = set().union(*(t for k, t in measured.items() if k not in skip))
+        rows = [{k: v for k, v in r.items() if v == v and v is not None}
+                for r in old.df[~old.df["table"].isin(redo)].to_dict("records")]
+        stamp = {k: meta[k] for k in ("commit", "created", "command")}
+        meta = {**old.meta, "updated": {**old.meta.get("updated", {}), **{t: stamp for t in sorted(redo)}}}
 
     def say(what: str) -> None:
         print(f"[{time.time() - t0:6.1f} s] {what} ({len(rows)} rows)", flush=True)
@@ -441,7 +461,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if "host" not in skip:
         hm = a.host_model or models[0]
-        phases = ((a.host_requests, 32, min(1024, a.max_model_len // 2), 16, min(512, a.max_model_len // 2)),
+        # ShareGPT-like lengths (seeded apart from any workload), uniform ones, then a small batch
+        half = a.max_model_len // 2
+        phases = ((a.host_requests, 0, 0, 0, 0), (a.host_requests // 2, 32, min(1024, half), 16, min(512, half)),
                   (4, 16, 64, 16, 64))
         for alloc, (name, args) in HOST_ALLOCATORS.items():
             if name == "virtual" and a.virtual_page_size:
@@ -460,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
             shapes |= {(q + 2 * kv, h), (h, q), (2 * i, h), (h, i), (mc.vocab_size, h)}
         rows += _rows_gemm(timer, shapes, torch.bfloat16 if device.type == "cuda" else torch.float32, device)
         say("gemm")
-    for m in models:
+    for m in models if "models" not in skip else ():
         rows += _rows_model(timer, m, a.pool_tokens, a.max_model_len, block_sizes, device)
         say(f"model {m}")
     if "copy" not in skip:

@@ -11,8 +11,8 @@ pieces the engine runs:
   prefill chunk, the decode tokens in the mixed kernel configuration; per layer), plus logits
   of the extra sampled rows (``gemm``) and sampling; the step then takes the later of that and
   the launch floor (the smallest eager forward measured: launches, not the device, bound it);
-- host time per step, fitted per allocator from the real engine's steps (``host``:
-  a + b x sequences + c x prefill tokens, separately for graph and eager steps);
+- host time per step, per allocator: the real engine's steps (``host``) minus their modelled
+  device time, median per batch-size bin, separately for graph and eager steps;
 - the allocator's own costs: attention in its addressing mode and block size, VMM page maps
   done on the step's critical path (``vmm``), swap copies by size (``copy``).
 
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -39,9 +38,11 @@ __all__ = ["Grid1D", "Grid2D", "DeviceProfile", "ProfiledCostModel", "load_profi
 
 
 class Grid1D:
-    """y(x) through measured points: linear between them, clamped below, proportional above."""
+    """y(x) through measured points: linear between them, clamped below, proportional above
+    (or clamped: ``above="clamp"``)."""
 
-    def __init__(self, xs, ys):
+    def __init__(self, xs, ys, above: str = "proportional"):
+        self.proportional = above == "proportional"
         order = np.argsort(xs)
         self.xs = np.asarray(xs, dtype=float)[order]
         self.ys = np.asarray(ys, dtype=float)[order]
@@ -49,7 +50,7 @@ class Grid1D:
             raise ValueError("an empty profile table")
 
     def __call__(self, x: float) -> float:
-        if x > self.xs[-1]:
+        if x > self.xs[-1] and self.proportional:
             return float(self.ys[-1] * x / self.xs[-1])
         return float(np.interp(x, self.xs, self.ys))
 
@@ -77,28 +78,26 @@ class Grid2D:
         return (1 - w) * self.rows[lo](b) + w * self.rows[hi](b)
 
 
-@dataclass
-class HostFit:
-    """host seconds = a + b x sequences + c x prefill tokens (least squares over engine steps)."""
+HOST_BINS = [0, 1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 160, 192, 224, 256, 1 << 20]
 
-    a: float
-    b: float
-    c: float
 
-    def __call__(self, seqs: int, prefill_tokens: int) -> float:
-        return max(0.0, self.a + self.b * seqs + self.c * prefill_tokens)
+class HostTable:
+    """Host seconds of a step by its number of sequences: the median, per batch-size bin, of
+    what the real engine's steps took beyond the modelled device time (scheduling, allocation,
+    accounting, input preparation, graph launch, read-back, output handling); interpolated
+    between bins, clamped outside them."""
 
-    @classmethod
-    def fit(cls, rows: pd.DataFrame) -> "HostFit":
-        if rows.empty:
-            return cls(0.0, 0.0, 0.0)
-        # the slowest 1% are GC pauses and the like: they would tilt the fit
-        rows = rows[rows["value"] <= rows["value"].quantile(0.99)]
-        x = np.column_stack([np.ones(len(rows)), rows["batch"], rows["prefill_tokens"]]).astype(float)
-        if rows["prefill_tokens"].nunique() <= 1:
-            x = x[:, :2]
-        coef, *_ = np.linalg.lstsq(x, rows["value"].to_numpy(float), rcond=None)
-        return cls(float(coef[0]), float(coef[1]), float(coef[2]) if len(coef) > 2 else 0.0)
+    def __init__(self, batch, host):
+        df = pd.DataFrame({"batch": np.asarray(batch, float), "host": np.asarray(host, float)})
+        if df.empty:
+            self.grid = None
+            return
+        df["bin"] = pd.cut(df["batch"], HOST_BINS)
+        g = df.groupby("bin", observed=True).agg(batch=("batch", "median"), host=("host", "median"))
+        self.grid = Grid1D(g["batch"], g["host"].clip(lower=0), above="clamp")
+
+    def __call__(self, seqs: int) -> float:
+        return self.grid(seqs) if self.grid is not None else 0.0
 
 
 class DeviceProfile:
@@ -155,7 +154,7 @@ class ProfiledCostModel:
 
     def __init__(self, profile: DeviceProfile, shape, *, model: str, paged: bool, block_size: int = 0,
                  max_graph_batch: int = 256, enforce_eager: bool = False, allocator: str = "paged",
-                 vmm_sync_maps: bool = False):
+                 vmm_sync_maps: bool = False, calibrate_host: bool = True):
         from engine.cuda_graphs import capture_sizes
 
         self.profile, self.model = profile, shape
@@ -209,15 +208,36 @@ class ProfiledCostModel:
             self.prefill_gpu = lambda t: (self.compose * self._dense(t) + self.lm_head(1)
                                           + self.num_layers * self._prefill_attn(t, 0))
             self.eager_forward = lambda t: max(self.launch_floor, self.prefill_gpu(t))
-        host = profile.table("host")
-        mine = host[host["allocator"] == allocator] if "allocator" in host else host
-        mine = mine if not mine.empty else host
-        self.host_graph = HostFit.fit(mine[mine["prefill_tokens"] == 0])
-        self.host_eager = HostFit.fit(mine[mine["prefill_tokens"] > 0])
+        self.host_graph = self.host_eager = HostTable([], [])
+        if calibrate_host:
+            self._calibrate_host(profile, allocator, paged, block_size, max_graph_batch, enforce_eager)
         c = profile.table("copy")
         self.copy = {op: Grid1D(g["bytes"], g["value"]) for op, g in c.groupby("op")} if not c.empty else {}
         v = profile.table("vmm")
         self.map_s = float(v[v["op"] == "cuMemMap+cuMemSetAccess"]["value"].median()) if not v.empty else 0.0
+
+    def _calibrate_host(self, profile, allocator, paged, block_size, max_graph_batch, enforce_eager) -> None:
+        """Host time = the real engine's step time minus what this model says its device did.
+
+        The steps come from ``kvlab profile``'s run of the real engine with this allocator (on
+        one model: host work does not depend on the model's size); their device time is modelled
+        with that model's own tables, so the two add up to the measured steps by construction."""
+        host = profile.table("host")
+        if host.empty:
+            return
+        mine = host[host["allocator"] == allocator]
+        host = mine if not mine.empty else host
+        name = profile.meta.get("host_model") or str(profile.meta.get("models", "")).split(",")[0]
+        if name not in profile.models():
+            name = sorted(profile.models())[0]
+        ref = self if name == self.profiled_model else ProfiledCostModel(
+            profile, _shape(name), model=name, paged=paged, block_size=block_size,
+            max_graph_batch=max_graph_batch, enforce_eager=enforce_eager, calibrate_host=False)
+        device = [ref.device_time(_calibration_work(r)) for r in host.itertuples()]
+        rest = host["duration"].to_numpy(float) - np.array(device)
+        graph = np.array([r.prefill_tokens == 0 and ref.padded(int(r.batch)) is not None for r in host.itertuples()])
+        self.host_graph = HostTable(host["batch"][graph], rest[graph])
+        self.host_eager = HostTable(host["batch"][~graph], rest[~graph])
 
     # -- pieces ----------------------------------------------------------------------------
     def _reference_model(self) -> str:
@@ -318,9 +338,9 @@ class ProfiledCostModel:
     def host_time(self, work: list[tuple[int, int]]) -> float:
         if not work:
             return 0.0
-        prefill_tokens = sum(q for q, _ in work if q > 1)
-        fit = self.host_graph if not prefill_tokens and self.padded(len(work)) else self.host_eager
-        return fit(len(work), prefill_tokens)
+        prefill = any(q > 1 for q, _ in work)
+        table = self.host_graph if not prefill and self.padded(len(work)) else self.host_eager
+        return table(len(work))
 
     def step_time(self, work: list[tuple[int, int]], num_sampled: int | None = None, vmm_maps: int = 0) -> float:
         """Seconds for one engine step: device time + host time (+ VMM maps on the step's path)."""
@@ -341,6 +361,17 @@ class ProfiledCostModel:
         return dict(cost_model=self.name, cost_profile=self.profile.path, cost_profile_device=m.get("device"),
                     cost_profile_commit=m.get("commit"),
                     cost_profile_model=self.profiled_model or f"composed from {self._reference_model()}")
+
+
+def _calibration_work(row) -> list[tuple[int, int]]:
+    """A recorded step as (new tokens, context) pairs: its prefill as one chunk without cached
+    context, the rest decode tokens sharing the remaining context."""
+    batch, prefill = int(row.batch), int(row.prefill_tokens)
+    if not prefill:
+        return [(1, max(1, int(row.context) // batch))] * batch
+    rest = batch - 1
+    ctx = max(rest, int(row.context) - prefill)
+    return [(prefill, prefill)] + ([(1, max(1, ctx // rest))] * rest if rest else [])
 
 
 def _config(name: str):

@@ -134,7 +134,8 @@ def validate(overrides: list[str], out: Path, rates: list[float], sim: str, labe
         if not (real_dir / "summary.json").exists():
             raise FileNotFoundError(f"{real_dir}/summary.json: run without --sim-only first")
         print(f"[{label}] simulate, {mode}", flush=True)
-        run_experiment(compose([*overrides, "mode=simulate", f"sim={sim}", *extra]), sim_dir)
+        # always re-simulated (cheap): the profile or the cost model may have changed since
+        run_experiment(compose([*overrides, "mode=simulate", f"sim={sim}", "resume=false", *extra]), sim_dir)
         for r in compare(_summary(real_dir), _summary(sim_dir), mode):
             rows.append(dict(label=label, **r))
     return rows

@@ -48,3 +48,34 @@ class AttentionMetadata:
                 raise ValueError("PAGED addressing needs block_table and block_size > 0")
         elif self.seq_base is None:
             raise ValueError("LINEAR addressing needs seq_base")
+
+
+def contiguous_metadata(mode: Addressing, q_lens: list[int], seq_lens: list[int], device,
+                        block_size: int = 0) -> AttentionMetadata:
+    """A batch laid out back to back from slot 0 (LINEAR: one base per sequence; PAGED: blocks
+    in order, rows padded with block 0): scratch batches for warm-ups and measurements."""
+    i64 = dict(dtype=torch.int64, device="cpu")
+    qsl = torch.tensor([0, *q_lens], **i64).cumsum(0)
+    slots, bases, rows = [], [], []
+    start = 0
+    for q, n in zip(q_lens, seq_lens):
+        if mode == Addressing.PAGED:
+            nb = -(-n // block_size)
+            rows.append(list(range(start // block_size, start // block_size + nb)))
+            span = nb * block_size
+        else:
+            bases.append(start)
+            span = n
+        slots.extend(range(start + n - q, start + n))
+        start += span
+    meta = AttentionMetadata(
+        mode, qsl.to(device=device, dtype=torch.int32), torch.tensor(seq_lens, dtype=torch.int32, device=device),
+        max(q_lens), max(seq_lens), torch.tensor(slots, dtype=torch.int64, device=device))
+    if mode == Addressing.PAGED:
+        width = max(len(r) for r in rows)
+        table = [r + [0] * (width - len(r)) for r in rows]
+        meta.block_table = torch.tensor(table, dtype=torch.int32, device=device)
+        meta.block_size = block_size
+    else:
+        meta.seq_base = torch.tensor(bases, dtype=torch.int64, device=device)
+    return meta

@@ -1,0 +1,35 @@
+"""The runner's kernel warm-up: every eager batch shape runs on a scratch cache, the pool untouched."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from engine import LLMEngine
+from engine.config import EngineConfig
+from kernels.metadata import Addressing, contiguous_metadata
+
+
+@pytest.mark.parametrize("allocator,args", [("paged", {"block_size": 8}), ("contiguous", {})])
+def test_warmup_runs_every_shape_and_leaves_the_pool_alone(allocator, args, caplog):
+    eng = LLMEngine(EngineConfig(model="tiny-llama", allocator=allocator, allocator_args=args, device="cpu",
+                                 kv_cache_tokens=2048, max_model_len=256))
+    for k, v in eng.runner.kv_caches:
+        k.fill_(0.5)
+        v.fill_(-0.5)
+    with caplog.at_level(logging.WARNING, logger="kvlab.runner"):
+        eng.runner.warmup()
+    assert not caplog.records  # every batch ran
+    for k, v in eng.runner.kv_caches:
+        assert bool((k == 0.5).all()) and bool((v == -0.5).all())
+
+
+def test_contiguous_metadata_lays_sequences_back_to_back():
+    m = contiguous_metadata(Addressing.PAGED, [5, 1], [5, 17], "cpu", block_size=4)
+    assert m.block_table.tolist() == [[0, 1, 0, 0, 0], [2, 3, 4, 5, 6]]
+    assert m.slot_mapping.tolist() == [0, 1, 2, 3, 4, 24]  # block 6, offset 0: token 16 of sequence 2
+    assert m.query_start_loc.tolist() == [0, 5, 6] and m.max_query_len == 5 and m.max_seq_len == 17
+    lin = contiguous_metadata(Addressing.LINEAR, [5, 1], [5, 17], "cpu")
+    assert lin.seq_base.tolist() == [0, 5] and lin.slot_mapping.tolist() == [0, 1, 2, 3, 4, 21]
+    assert lin.seq_base.dtype == torch.int64
