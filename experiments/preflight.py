@@ -8,7 +8,7 @@ before the first one starts.
 Two rewrites happen here too, so Hydra sees plain overrides:
 
 - ``model=DIR`` (a local HF directory, relative or absolute) becomes
-  ``model=hf_dir model.path=/abs/DIR model.name=DIR's basename``;
+  ``model=hf_dir model.path=/abs/DIR`` (named after the directory by conf/model/hf_dir.yaml);
 - ``allocator.args.KEY=V`` for an option some allocator takes becomes ``++allocator.args.KEY=V``,
   so it may be set for every allocator of a sweep; an allocator that does not take it drops it
   when the run starts (``experiments.run.applicable_args``), with one log line.
@@ -45,6 +45,18 @@ HYDRA_INFO_FLAGS = {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i
                     "--shell-completion", "-sc", "--config-path", "-cp", "--config-name", "-cn",
                     "--config-dir", "-cd", "--version"}
 MAX_COMPOSED = 32  # sweep combinations composed one by one; beyond that, one per group choice
+
+
+def register_resolvers() -> None:
+    """``${kvlab.basename:PATH}`` (conf/model/hf_dir.yaml names a run after its directory).
+    Registered on import: every module that composes kvlab's configuration imports this one."""
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("kvlab.basename"):
+        OmegaConf.register_new_resolver("kvlab.basename", lambda path: Path(str(path)).name)
+
+
+register_resolvers()
 
 
 class UserError(ValueError):
@@ -122,9 +134,12 @@ def _parse(overrides: list[str]):
 
 def _values(ov) -> list[str]:
     """An override's value(s) as strings: a sweep's list, or the one value."""
-    if ov.is_sweep_override():
-        return [str(v) for v in ov.sweep_string_iterator()]
     v = ov.value()
+    if ov.is_sweep_override():
+        choices = getattr(v, "list", None)  # a,b,c: the values as written, unescaped
+        if choices is not None:
+            return [str(getattr(c, "text", c)) for c in choices]  # QuotedString -> its text
+        return [str(c) for c in ov.sweep_string_iterator()]
     return [] if v is None else [str(v) if not isinstance(v, str) else v]
 
 
@@ -137,8 +152,8 @@ def _given(ovs, key: str) -> bool:
 
 
 def rewrite_model(overrides: list[str], cwd: Path | None = None) -> list[str]:
-    """``model=DIR`` -> ``model=hf_dir model.path=/abs/DIR model.name=basename``; ``model.path=DIR``
-    with a preset group gets ``model.name=basename`` (runs are labelled by the directory)."""
+    """``model=DIR`` -> ``model=hf_dir model.path=/abs/DIR`` (hf_dir.yaml names it after the
+    directory); ``model.path=DIR`` with a preset group gets ``model.name=basename``."""
     cwd = cwd or Path.cwd()
     ovs = _parse(overrides)
     out: list[str] = []
@@ -159,10 +174,7 @@ def rewrite_model(overrides: list[str], cwd: Path | None = None) -> list[str]:
                     raise UserError(f"model={v}: no such preset or directory; presets: {_choices_text(model_presets())} "
                                     f"or a directory: model=/path/to/hf_dir{did_you_mean(v, presets, 'model=')}")
             paths = [_existing_dir(v, "model", cwd) for v in dirs]
-            out.append("model=hf_dir")
-            out.append(f"model.path={','.join(paths)}")
-            if len(paths) == 1 and not _given(ovs, "model.name"):
-                out.append(f"model.name={_quote(Path(paths[0]).name)}")
+            out += ["model=hf_dir", f"model.path={','.join(_quote(p) for p in paths)}"]  # named by hf_dir.yaml
             continue
         if key == "model.path" and ov.type.name == "CHANGE":
             vals = _values(ov)
@@ -196,7 +208,7 @@ def _existing_dir(v: str, key: str, cwd: Path) -> str:
 
 def _quote(s: str) -> str:
     """A value Hydra reads back as the same string."""
-    return s if all(c.isalnum() or c in "-_." for c in s) else "'" + s.replace("'", "\\'") + "'"
+    return s if all(c.isalnum() or c in "-_./" for c in s) else "'" + s.replace("'", "\\'") + "'"
 
 
 def rewrite_allocator_args(overrides: list[str]) -> list[str]:
@@ -294,7 +306,7 @@ def _combinations(ovs) -> list[list[str]]:
         prefix = {"ADD": "+", "FORCE_ADD": "++", "DEL": "~"}.get(ov.type.name, "")
         key = ov.key_or_group if ov.package is None else f"{ov.key_or_group}@{ov.package}"
         if ov.is_sweep_override():
-            axes.append([f"{prefix}{key}={_escape(v)}" for v in ov.sweep_string_iterator()])
+            axes.append([f"{prefix}{key}={_escape(v)}" for v in _values(ov)])
         else:
             axes.append([ov.input_line])
     combos = list(itertools.islice(itertools.product(*axes), MAX_COMPOSED + 1))
@@ -347,7 +359,7 @@ def _check_resolves(cfg) -> None:
     from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
     if OmegaConf.is_missing(cfg.model, "path"):
-        raise UserError(f"model={cfg.model.name} needs model.path (a local HF directory): "
+        raise UserError("model=hf_dir needs model.path (a local HF directory): "
                         "kvlab run model=/path/to/hf_dir")
     try:
         OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)

@@ -134,3 +134,16 @@ def test_model_directory_runs_labelled_by_its_name(tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["model"] == "my-llama" and summary["cfg.model.path"] == str(tmp_path / "my-llama")
     assert "paged-b16-my-llama-uniform" in proc.stdout + proc.stderr  # run_name
+
+
+def test_a_sweep_over_directories_names_each_run(tmp_path):
+    from conftest import make_hf_checkpoint
+
+    for name in ("a-model", "b model"):
+        make_hf_checkpoint(tmp_path / name, "llama")
+    prepared = preflight.prepare(["model=./a-model,./b model"], cwd=tmp_path)
+    assert prepared.overrides[0] == "model=hf_dir" and prepared.num_runs == 2
+    combos = preflight._combinations(preflight._parse(prepared.overrides))
+    assert [preflight.compose(c).model.name for c in combos] == ["a-model", "b model"]
+    with pytest.raises(preflight.UserError, match="presets or directories, not both"):
+        preflight.prepare(["model=tiny-llama,./a-model"], cwd=tmp_path)
