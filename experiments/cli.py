@@ -65,6 +65,14 @@ def dispatch(argv: list[str]) -> int:
     module, func = cmd.target.split(":")
     fn = getattr(import_module(module), func)
     if cmd.hydra:
+        from experiments import preflight  # registers the kvlab.* resolvers conf/ uses
+
+        flags, overrides = preflight.split_args(rest)
+        try:  # model=DIR as in kvlab run
+            rest = [*flags, *preflight.rewrite_model(overrides)]
+        except preflight.UserError as e:
+            print(f"kvlab {name}: {e}", file=sys.stderr)
+            return 2
         sys.argv = [f"kvlab {name}", *rest]
         return fn() or 0
     return fn(rest) or 0

@@ -44,6 +44,10 @@ ENGINE_PROVIDED = {"self", "spec", "capacity_tokens", "max_num_seqs", "max_model
 HYDRA_INFO_FLAGS = {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--resolve", "-p", "--package",
                     "--shell-completion", "-sc", "--config-path", "-cp", "--config-name", "-cn",
                     "--config-dir", "-cd", "--version"}
+# Hydra flags followed by a value (--cfg job), and --info's optional one
+VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn", "--config-dir",
+               "-cd", "--experimental-rerun"}
+INFO_VALUES = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
 MAX_COMPOSED = 32  # sweep combinations composed one by one; beyond that, one per group choice
 
 
@@ -112,6 +116,24 @@ def did_you_mean(word: str, options, prefix: str = "") -> str:
 
 def _choices_text(options) -> str:
     return ", ".join(str(o) for o in options)
+
+
+def split_args(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Hydra's flags (with their values) and the overrides, each in the order given."""
+    flags, overrides = [], []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a.startswith("-") and "=" not in a:
+            flags.append(a)
+            takes = a in VALUE_FLAGS or (a in ("--info", "-i") and i + 1 < len(argv) and argv[i + 1] in INFO_VALUES)
+            if takes and i + 1 < len(argv):
+                flags.append(argv[i + 1])
+                i += 1
+        else:
+            overrides.append(a)
+        i += 1
+    return flags, overrides
 
 
 # ---------------------------------------------------------------------------- rewrites

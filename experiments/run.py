@@ -402,8 +402,7 @@ def cli(argv: list[str]) -> int:
             if i + 1 >= len(argv):
                 raise UserError("--resume needs the folder of a sweep or run: kvlab run --resume runs/multirun/...")
             argv = [*argv[:i], *_resume_argv(Path(argv[i + 1])), *argv[i + 2:]]
-        flags = [a for a in argv if a.startswith("-") and "=" not in a]
-        overrides = [a for a in argv if a not in flags]
+        flags, overrides = preflight.split_args(argv)
         if not preflight.HYDRA_INFO_FLAGS.intersection(flags):
             prepared = preflight.prepare(overrides)
             SESSION.num_runs = prepared.num_runs

@@ -147,3 +147,17 @@ def test_a_sweep_over_directories_names_each_run(tmp_path):
     assert [preflight.compose(c).model.name for c in combos] == ["a-model", "b model"]
     with pytest.raises(preflight.UserError, match="presets or directories, not both"):
         preflight.prepare(["model=tiny-llama,./a-model"], cwd=tmp_path)
+
+
+def test_hydra_flags_keep_their_values():
+    flags, overrides = preflight.split_args(["allocator=paged", "--cfg", "job", "-m", "seed=1,2", "--info",
+                                             "defaults", "--verbose"])
+    assert flags == ["--cfg", "job", "-m", "--info", "defaults", "--verbose"]
+    assert overrides == ["allocator=paged", "seed=1,2"]
+
+
+def test_serve_takes_a_model_directory_too(capsys):
+    from experiments.cli import main
+
+    assert main(["serve", "model=/no/such/dir"]) == 2
+    assert "no such directory" in capsys.readouterr().err
