@@ -271,6 +271,7 @@ def run_experiment(cfg: DictConfig, out_dir: str | Path, sweep_dir: str | Path |
         )
         if sim:
             summary["simulated_busy_s"] = engine.runner.busy_s
+            summary.update(getattr(engine, "sim_summary", {}))  # the cost model and profile it used
     finally:
         engine.allocator.close()
     write_parquet(out / "requests.parquet", requests)
