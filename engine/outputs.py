@@ -99,13 +99,15 @@ class FinishedSeq:
     num_cached_tokens: int
     finish_reason: str | None
     stop_reason: int | str | None
-    token_times: np.ndarray  # float64, one per output token
+    itl: np.ndarray  # float64: the gaps between its consecutive tokens (seconds)
 
     @classmethod
     def of(cls, seq) -> FinishedSeq:
+        t = seq.token_times
+        itl = np.diff(np.array(t, dtype=np.float64)) if len(t) > 1 else np.zeros(0)
         return cls(seq.seq_id, seq.index, seq.prompt_len, seq.num_output_tokens, seq.first_scheduled_time,
                    seq.first_token_time, seq.finish_time, seq.num_preemptions, seq.num_cached_tokens,
-                   seq.finish_reason, seq.stop_reason, np.array(seq.token_times, dtype=np.float64))
+                   seq.finish_reason, seq.stop_reason, itl)
 
 
 @dataclass(slots=True)

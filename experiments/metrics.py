@@ -46,8 +46,10 @@ def requests_frame(finished, t0: float) -> pd.DataFrame:
         out_len = max(s.num_output_tokens for s in seqs)
         first = min((s.first_token_time for s in seqs if s.first_token_time is not None), default=math.nan)
         finish = max((s.finish_time for s in seqs if s.finish_time is not None), default=math.nan)
-        times = s0.token_times
-        itl = np.diff(times) if len(times) > 1 else np.array([])
+        itl = getattr(s0, "itl", None)  # the engine's FinishedSeq keeps the gaps only
+        if itl is None:
+            times = s0.token_times
+            itl = np.diff(times) if len(times) > 1 else np.array([])
         ttft = first - req.arrival_time
         e2el = finish - req.arrival_time
         rows.append(dict(
