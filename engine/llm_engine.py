@@ -354,24 +354,25 @@ class LLMEngine:
         self._wait_s = 0.0
         touched: dict[str, RequestState] = {}
         requests, check_stop, finish = self.requests, self._check_stop, self._finish_seq
+        FINISHED = SeqStatus.FINISHED
         for seq, token, logprob in sampled:
-            if seq.status is SeqStatus.FINISHED:
+            if seq.status is FINISHED:
                 continue
+            out = seq.output_token_ids
             if logprob is None:  # Sequence.append_token inlined: once per sequence per step
                 seq.token_ids.append(token)
-                seq.output_token_ids.append(token)
+                out.append(token)
                 if seq.first_token_time is None:
                     seq.first_token_time = now
                 seq.token_times.append(now)
-                pos = len(seq.token_ids) - 1
             else:
-                pos = seq.append_token(token, logprob, now)
+                seq.append_token(token, logprob, now)
             if seq.length_only:  # as _check_stop, for requests that only lengths end
-                if pos + 1 - seq.prompt_len >= seq.done_at:
-                    finish(seq, "length", pos)
+                if len(out) >= seq.done_at:
+                    finish(seq, "length", len(seq.token_ids) - 1)
             else:
-                check_stop(seq, pos)
-            if not seq.quiet or seq.status is SeqStatus.FINISHED:
+                check_stop(seq, len(seq.token_ids) - 1)
+            if not seq.quiet or seq.status is FINISHED:
                 touched[seq.request_id] = requests[seq.request_id]
         self.num_generation_tokens += len(sampled)
         return self.output_processor.process(touched.values(), self) if touched else []

@@ -133,22 +133,21 @@ class Scheduler:
         running = self.running
         seqs, news = batch.seqs, batch.num_new_tokens
         prefill = decode = 0
-        i = 0
         # the running loop runs once per sequence per step: _chunk, length_done and
-        # ScheduledBatch.add inlined (simulate mode spends most of its time here)
-        while i < len(running) and budget > 0:
-            seq = running[i]
+        # ScheduledBatch.add inlined (simulate mode spends most of its time here). Preemption
+        # pops from the back, which ends the iteration early, as it should
+        for seq in running:
+            if budget <= 0:
+                break
             out = seq.output_token_ids
             # done (finished when its token is read), or not among the requests to run
             if len(out) >= seq.done_at or (only is not None and seq.request_id not in only):
-                i += 1
                 continue
             left = len(seq.token_ids) - seq.num_computed_tokens
             n = seq.prompt_len - 1 - seq.num_computed_tokens if seq.fork_pending else left
             if n > budget:
                 n = budget
             if n <= 0:
-                i += 1
                 continue
             while not can_allocate(seq, n):
                 victim = running.pop()
@@ -164,7 +163,6 @@ class Scheduler:
                 else:
                     prefill += n
                 budget -= n
-                i += 1
         batch.num_prefill_tokens, batch.num_decode_tokens = prefill, decode
         if not batch.preempted:
             if only is None:
