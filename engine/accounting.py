@@ -18,6 +18,7 @@ import dataclasses
 import operator
 import shutil
 import tempfile
+import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Callable
@@ -53,6 +54,7 @@ class ChunkedRows:
         self.chunks: list[np.ndarray | Path] = []  # full chunks, oldest first (Path: spilled)
         self._first_in_memory = 0  # chunks before it are on disk
         self._dir: str | None = None
+        self._cleanup: weakref.finalize | None = None  # removes the folder, at the latest at exit
 
     def __len__(self) -> int:
         return len(self.chunks) * self.chunk_rows + len(self.rows)
@@ -84,6 +86,7 @@ class ChunkedRows:
             i = self._first_in_memory
             if self._dir is None:
                 self._dir = tempfile.mkdtemp(prefix="kvlab_steps_")
+                self._cleanup = weakref.finalize(self, shutil.rmtree, self._dir, True)
             path = Path(self._dir) / f"{i:06d}.npy"
             np.save(path, self.chunks[i])
             self.chunks[i] = path
@@ -119,15 +122,10 @@ class ChunkedRows:
         self.close()
 
     def close(self) -> None:
-        if self._dir is not None:
-            shutil.rmtree(self._dir, ignore_errors=True)
-            self._dir = None
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:  # interpreter shutdown: modules may be gone already
-            pass
+        """Remove the spilled chunks' folder (spilled chunks are gone with it)."""
+        if self._cleanup is not None:
+            self._cleanup()
+            self._dir = self._cleanup = None
 
 
 @dataclasses.dataclass
