@@ -87,14 +87,19 @@ class HostTable:
     accounting, input preparation, graph launch, read-back, output handling); interpolated
     between bins, clamped outside them."""
 
+    MIN_STEPS = 20  # a bin with fewer steps says more about its outliers than about the bin
+
     def __init__(self, batch, host):
         df = pd.DataFrame({"batch": np.asarray(batch, float), "host": np.asarray(host, float)})
-        if df.empty:
-            self.grid = None
-            return
         df["bin"] = pd.cut(df["batch"], HOST_BINS)
-        g = df.groupby("bin", observed=True).agg(batch=("batch", "median"), host=("host", "median"))
-        self.grid = Grid1D(g["batch"], g["host"].clip(lower=0), above="clamp")
+        g = df.groupby("bin", observed=True).agg(batch=("batch", "median"), host=("host", "median"),
+                                                 n=("host", "size"))
+        g = g[g["n"] >= self.MIN_STEPS]
+        self.grid = Grid1D(g["batch"], g["host"].clip(lower=0), above="clamp") if not g.empty else None
+
+    @property
+    def empty(self) -> bool:
+        return self.grid is None
 
     def __call__(self, seqs: int) -> float:
         return self.grid(seqs) if self.grid is not None else 0.0
@@ -225,8 +230,6 @@ class ProfiledCostModel:
         host = profile.table("host")
         if host.empty:
             return
-        mine = host[host["allocator"] == allocator]
-        host = mine if not mine.empty else host
         name = profile.meta.get("host_model") or str(profile.meta.get("models", "")).split(",")[0]
         if name not in profile.models():
             name = sorted(profile.models())[0]
@@ -236,8 +239,13 @@ class ProfiledCostModel:
         device = [ref.device_time(_calibration_work(r)) for r in host.itertuples()]
         rest = host["duration"].to_numpy(float) - np.array(device)
         graph = np.array([r.prefill_tokens == 0 and ref.padded(int(r.batch)) is not None for r in host.itertuples()])
-        self.host_graph = HostTable(host["batch"][graph], rest[graph])
-        self.host_eager = HostTable(host["batch"][~graph], rest[~graph])
+        mine = (host["allocator"] == allocator).to_numpy() if "allocator" in host else np.ones(len(host), bool)
+        # this allocator's steps; where they are too few to say anything, every allocator's
+        for attr, kind in (("host_graph", graph), ("host_eager", ~graph)):
+            table = HostTable(host["batch"][kind & mine], rest[kind & mine])
+            if table.empty:
+                table = HostTable(host["batch"][kind], rest[kind])
+            setattr(self, attr, table)
 
     # -- pieces ----------------------------------------------------------------------------
     def _reference_model(self) -> str:

@@ -1,6 +1,7 @@
 """The profiled cost model: tables from `kvlab profile`, interpolation, fallback, the profiler on CPU."""
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import math
@@ -20,6 +21,7 @@ CONTEXTS = [16, 128, 512, 2048]
 QUERIES = [16, 128, 1024, 8192]
 
 
+@functools.lru_cache(maxsize=1)
 def synthetic_profile() -> DeviceProfile:
     """Monotone tables of plausible shape (seconds), as `kvlab profile` lays them out."""
     rows = []
@@ -58,7 +60,7 @@ def synthetic_profile() -> DeviceProfile:
         dev = ProfiledCostModel(profile, shape_of(resolve_config(MODEL)), model=MODEL, paged=paged,
                                 block_size=16 if paged else 0, max_graph_batch=64, calibrate_host=False)
         for b in range(1, 65):
-            for p in (0, 0, 256):
+            for p in (0,) * 20 + (256,) * 20:  # enough steps per batch-size bin
                 row = dict(table="host", allocator=alloc, batch=b, prefill_tokens=p, decode_tokens=b - (p > 0),
                            context=b * 300 + p)
                 device = dev.device_time(_calibration_work(pd.Series(row)))
