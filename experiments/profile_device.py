@@ -456,7 +456,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def say(what: str) -> None:
         print(f"[{time.time() - t0:6.1f} s] {what} ({len(rows)} rows)", flush=True)
-        meta["seconds"] = round(time.time() - t0, 1)
+        meta["updated" if a.merge else "seconds"] = (
+            {**meta["updated"], "seconds": round(time.time() - t0, 1)} if a.merge else round(time.time() - t0, 1))
         write_profile(path, rows, {**meta, "partial": True})  # a cut-off run keeps what it measured
 
     if "host" not in skip:
@@ -491,7 +492,6 @@ def main(argv: list[str] | None = None) -> int:
     if "vmm" not in skip:
         rows += _rows_vmm(device)
         say("vmm")
-    meta["seconds"] = round(time.time() - t0, 1)
     write_profile(path, rows, meta)
     print(f"wrote {path}: {len(rows)} rows, {meta['device']}", flush=True)
     return 0

@@ -76,9 +76,15 @@ def plot(df, path: Path) -> None:
 
     from experiments.atomic import save_figure
 
+    from matplotlib.ticker import NullFormatter
+
     metrics = [m for m in TIME_METRICS if m in set(df["metric"])]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.4), squeeze=False)
-    for ax, metric in zip(axes[0], metrics):
+    cols = min(4, len(metrics))
+    rows = -(-len(metrics) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 3.3 * rows), squeeze=False)
+    for ax in axes.flat[len(metrics):]:
+        ax.set_visible(False)
+    for ax, metric in zip(axes.flat, metrics):
         d = df[df["metric"] == metric]
         for label, g in d.groupby("label"):
             ax.scatter(g["real"], g["sim"], label=label, s=22)
@@ -94,6 +100,8 @@ def plot(df, path: Path) -> None:
         ax.set_ylabel("simulated")
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.yaxis.set_minor_formatter(NullFormatter())
     axes[0][0].legend(fontsize=6)
     fig.tight_layout()
     save_figure(path, fig)
@@ -112,7 +120,7 @@ def markdown(df) -> str:
 
 def validate(overrides: list[str], out: Path, rates: list[float], sim: str, label: str,
              sim_only: bool = False, real_only: bool = False, offline: bool = True,
-             online_requests: int | None = None, warmup: int = 0) -> list[dict]:
+             online_requests: int | None = None, warmup: int = 0, cost_model: str = "auto") -> list[dict]:
     from experiments.run import run_experiment
 
     rows = []
@@ -122,7 +130,7 @@ def validate(overrides: list[str], out: Path, rates: list[float], sim: str, labe
                                 f"workload.num_requests={warmup}", "resume=false", "report=false"]),
                        out / "warmup")
     for mode, extra in mode_specs(rates, offline):
-        real_dir, sim_dir = out / "real" / mode, out / "sim" / mode
+        real_dir, sim_dir = out / "real" / mode, out / _suffixed("sim", cost_model) / mode
         run_mode = "offline" if mode == "offline" else "online"
         if run_mode == "online" and online_requests:
             extra = [*extra, f"workload.num_requests={online_requests}"]
@@ -135,10 +143,16 @@ def validate(overrides: list[str], out: Path, rates: list[float], sim: str, labe
             raise FileNotFoundError(f"{real_dir}/summary.json: run without --sim-only first")
         print(f"[{label}] simulate, {mode}", flush=True)
         # always re-simulated (cheap): the profile or the cost model may have changed since
-        run_experiment(compose([*overrides, "mode=simulate", f"sim={sim}", "resume=false", *extra]), sim_dir)
+        run_experiment(compose([*overrides, "mode=simulate", f"sim={sim}", f"sim.cost_model={cost_model}",
+                                "resume=false", *extra]), sim_dir)
         for r in compare(_summary(real_dir), _summary(sim_dir), mode):
             rows.append(dict(label=label, **r))
     return rows
+
+
+def _suffixed(name: str, cost_model: str) -> str:
+    """Results of a forced cost model sit beside the default's: sim-roofline/, validation-roofline.csv."""
+    return name if cost_model == "auto" else f"{name}-{cost_model}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,33 +169,36 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--label", default=None, help="name of this configuration in the tables (default: overrides)")
     ap.add_argument("--sim-only", action="store_true", help="simulate against real runs already in OUT")
     ap.add_argument("--real-only", action="store_true", help="only the real runs (on the device)")
+    ap.add_argument("--cost-model", default="auto", choices=("auto", "profiled", "roofline"),
+                    help="the simulated runs' cost model (a forced one writes beside the default's)")
     ap.add_argument("--collect", action="store_true",
                     help="merge every validation.csv under OUT into one table and plot (no runs)")
     ap.add_argument("--out", required=True)
     a = ap.parse_args(argv)
     out = Path(a.out)
+    name = _suffixed("validation", a.cost_model)
     if a.collect:
-        parts = [pd.read_csv(p) for p in sorted(out.glob("*/validation.csv"))]
+        parts = [pd.read_csv(p) for p in sorted(out.glob(f"*/{name}.csv"))]
         if not parts:
-            raise SystemExit(f"no */validation.csv under {out}")
-        return _write(pd.concat(parts, ignore_index=True), out)
+            raise SystemExit(f"no */{name}.csv under {out}")
+        return _write(pd.concat(parts, ignore_index=True), out, name)
     rates = [float(r) for r in a.rates.split(",") if r]
     label = a.label or " ".join(a.overrides) or "default"
     overrides = ["progress=false", *a.overrides]
     rows = validate(overrides, out, rates, a.sim, label, a.sim_only, a.real_only, not a.no_offline,
-                    a.online_requests, a.warmup)
+                    a.online_requests, a.warmup, a.cost_model)
     if a.real_only:
         return 0
-    return _write(pd.DataFrame(rows), out)
+    return _write(pd.DataFrame(rows), out, name)
 
 
-def _write(df, out: Path) -> int:
+def _write(df, out: Path, name: str = "validation") -> int:
     from experiments.atomic import write_csv, write_text
 
     df = df.astype({"ok": object, "target": object}).where(df.notna(), None)
-    write_csv(out / "validation.csv", df)
-    write_text(out / "validation.md", markdown(df))
-    plot(df, out / "validation.png")
+    write_csv(out / f"{name}.csv", df)
+    write_text(out / f"{name}.md", markdown(df))
+    plot(df, out / f"{name}.png")
     checked = df[df["ok"].notna()]
     good = int((checked["ok"] == True).sum())  # noqa: E712
     print(markdown(df))
