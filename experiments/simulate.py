@@ -214,6 +214,8 @@ def simulated_engine(cfg, engine_config: EngineConfig, clock: VirtualClock | Non
                                                         sim.activation_reserve_bytes)
     if not econf.max_model_len:
         econf.max_model_len = min(shape.max_position_embeddings, 4096)
+    if econf.allocator == "virtual":
+        _gpu_page_size(econf, shape)
     clock = clock or VirtualClock()
     runner: dict = {}
 
@@ -229,6 +231,25 @@ def simulated_engine(cfg, engine_config: EngineConfig, clock: VirtualClock | Non
     engine.sim_summary = (engine.cost_model.describe() if hasattr(engine.cost_model, "describe")
                           else dict(cost_model="roofline", cost_profile=None))
     return engine
+
+
+def _gpu_page_size(econf: EngineConfig, shape: ModelShape) -> None:
+    """``page_size=auto`` picks what the simulated GPU would map: 2 MiB pages (CUDA's VMM
+    granularity) whenever the pool holds a group of them; a pool too small for that (a tiny
+    model) gets the host-side choice, with a line saying so."""
+    from allocators.vmm_backends import CUDA_GRANULARITY
+
+    args = dict(econf.allocator_args)
+    if args.get("page_size") not in (None, "auto") or econf.kv_cache_tokens is None:
+        return
+    shared = args.get("layout", "per_layer") == "shared"
+    token_bytes = shape.kv_bytes_per_token if shared else shape.num_kv_heads * shape.head_dim * shape.dtype_bytes
+    page = CUDA_GRANULARITY // token_bytes * token_bytes
+    if page and econf.kv_cache_tokens >= page // token_bytes:
+        econf.allocator_args = {**args, "page_size": page}
+    else:
+        log.info("virtual allocator: a GPU maps %d-byte pages, more than this %d-token pool holds; "
+                 "simulating the page size chosen to fit", CUDA_GRANULARITY, econf.kv_cache_tokens)
 
 
 def cost_model_for(sim: SimSettings, roofline: RooflineCostModel, shape: ModelShape, model: str,

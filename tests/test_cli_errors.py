@@ -161,3 +161,23 @@ def test_serve_takes_a_model_directory_too(capsys):
 
     assert main(["serve", "model=/no/such/dir"]) == 2
     assert "no such directory" in capsys.readouterr().err
+
+
+def test_serve_without_the_serve_extra_says_how_to_install_it(monkeypatch, capsys):
+    from experiments import serve
+
+    monkeypatch.setattr(serve, "missing_serve_extra", lambda: ["fastapi"])
+    assert serve.main() == 2
+    err = capsys.readouterr().err
+    assert "serve extra" in err and "pip install -e '.[serve]'" in err and len(err.strip().splitlines()) == 1
+
+
+def test_serve_refuses_a_bad_port_in_one_line():
+    import subprocess
+    import sys
+
+    pytest.importorskip("fastapi", reason="kvlab serve needs the serve extra")
+    r = subprocess.run([sys.executable, "-m", "experiments.cli", "serve", "port=99999"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "port=99999" in r.stderr and "[0, 65535]" in r.stderr

@@ -103,9 +103,8 @@ def test_default_virtual_run_works_and_is_not_contiguous_max(tmp_path):
     tokens reach (plus the rest of its last page): 4x the requests run at once and token
     states fill far more of the pool.
     """
-    # page_size=auto is what the allocator does with no page size (LLM(allocator="virtual")); the
-    # config group conf/allocator/virtual.yaml still sets 2 MiB, which this pool cannot hold
-    virtual = kvlab_run(tmp_path / "virtual", "allocator=virtual", "allocator.args.page_size=auto")
+    # conf/allocator/virtual.yaml says page_size=auto: the allocator picks 64-token pages here
+    virtual = kvlab_run(tmp_path / "virtual", "allocator=virtual")
     contiguous = kvlab_run(tmp_path / "contiguous", "allocator=contiguous", "allocator.args.policy=max")
     whole_slot = kvlab_run(tmp_path / "whole_slot", "allocator=virtual", "allocator.args.page_size=65536")
     assert virtual["allocator"] == "virtual" and virtual["num_requests"] == contiguous["num_requests"] == 32

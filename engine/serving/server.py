@@ -99,8 +99,11 @@ def main(cfg: Mapping[str, Any]) -> None:
 
         cfg = OmegaConf.to_container(cfg, resolve=True)
     limits = ServerLimits.from_config(cfg.get("limits"))
+    port = cfg.get("port", 8000)
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ValueError(f"port={port!r}: a TCP port is an integer in [0, 65535] (0: any free port), e.g. port=8000")
     serve(engine_config(cfg), served_model_name=cfg.get("served_model_name") or cfg["model"]["name"],
-          host=cfg.get("host", "127.0.0.1"), port=int(cfg.get("port", 8000)), api_key=cfg.get("api_key"),
+          host=cfg.get("host", "127.0.0.1"), port=port, api_key=cfg.get("api_key"),
           log_level=cfg.get("log_level", "info"), access_log=bool(cfg.get("access_log", True)), limits=limits)
 
 
