@@ -117,24 +117,6 @@ def flat_config(cfg: DictConfig) -> dict:
     return out
 
 
-class _LogicalTokens:
-    """Wraps a runner: at each executed step, the tokens live sequences hold (one count per
-    holder), read at the moment the engine records memory (after scheduling, before compute)."""
-
-    def __init__(self, runner, engine):
-        self._runner, self._engine = runner, engine
-        self.counts: dict[int, int] = {}
-
-    def execute(self, batch):
-        e = self._engine
-        alloc = e.allocator
-        self.counts[e.accountant.num_steps - 1] = sum(alloc.num_tokens(s) for s in e.scheduler.running)
-        return self._runner.execute(batch)
-
-    def __getattr__(self, name):
-        return getattr(self._runner, name)
-
-
 def build_engine(cfg: DictConfig):
     """The engine for ``cfg.mode``: real model, or (simulate) the real scheduler and allocator only."""
     from engine.llm_engine import LLMEngine
@@ -219,14 +201,13 @@ def run_experiment(cfg: DictConfig, out_dir: str | Path, sweep_dir: str | Path |
     import torch
 
     from experiments.driver import drive
-    from experiments.metrics import memory_summary, requests_frame, steps_frame, summarize
+    from experiments.metrics import requests_frame, summarize, write_steps
     from experiments.workloads import make_workload, tokenize_requests
 
     wall0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     engine = build_engine(cfg)
     try:
-        probe = engine.runner = _LogicalTokens(engine.runner, engine)
         workload = OmegaConf.to_container(cfg.workload, resolve=True)
         specs = make_workload(workload, engine.model_config.vocab_size, engine.max_model_len)
         specs = tokenize_requests(specs, engine.tokenizer.encode, engine.max_model_len)
@@ -242,12 +223,12 @@ def run_experiment(cfg: DictConfig, out_dir: str | Path, sweep_dir: str | Path |
             if bar:
                 bar.close()
         requests = requests_frame(engine.finished_requests, t0)
-        steps = steps_frame(engine.step_records, engine.accountant.table(), engine.accountant.capacity, t0,
-                            probe.counts)
-        summary = summarize(requests, steps, t_end - t0)
+        summary = summarize(requests, None, t_end - t0)  # the step figures come from write_steps
         summary.update(engine.accountant.summary())
-        summary.update(memory_summary(steps, engine.accountant.bpt, engine.config.max_num_batched_tokens,
-                                      engine.config.max_num_seqs))
+        # steps.parquet streamed chunk by chunk (written before summary.json, which marks completion)
+        summary.update(write_steps(out / "steps.parquet", engine.step_records, engine.accountant, t0,
+                                   engine.logical_tokens, engine.config.max_num_batched_tokens,
+                                   engine.config.max_num_seqs))
         sim = cfg.mode == "simulate"
         summary.update(
             run_id=out.name,
@@ -275,7 +256,6 @@ def run_experiment(cfg: DictConfig, out_dir: str | Path, sweep_dir: str | Path |
     finally:
         engine.allocator.close()
     write_parquet(out / "requests.parquet", requests)
-    write_parquet(out / "steps.parquet", steps)
     write_json(summary_path, summary)
     if cfg.get("report", True):
         from experiments.report import write_run_plots
