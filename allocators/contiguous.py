@@ -1,9 +1,11 @@
 """Contiguous reservation (static caches, Orca): one region per request from one arena.
 
 Policies size the region when the request is admitted: ``max`` reserves max_model_len
-(Orca-Max, static caches), ``pow2`` the next power of two of prompt + max_tokens
-(Orca-Pow2), ``oracle`` the exact final length (Orca-Oracle: an upper bound no real system
-has). Regions never grow, so a request is admitted only where a hole fits its whole region.
+(Orca-Max, static caches), ``pow2`` prompt + next_pow2(max_tokens): only the output is rounded
+(Orca-Pow2 as the PagedAttention paper defines it: prompt 100, output 50 -> 100 + 64 = 164),
+``oracle`` the exact final length (Orca-Oracle: an upper bound no real system has). Every
+region is capped at max_model_len. Regions never grow, so a request is admitted only where
+a hole fits its whole region.
 """
 from __future__ import annotations
 
@@ -20,6 +22,12 @@ POLICIES = ("max", "pow2", "oracle")
 
 def _next_pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
+
+
+def pow2_reservation(prompt_len: int, max_len: int, max_model_len: int) -> int:
+    """Orca-Pow2: the prompt plus its output budget (``max_len - prompt_len``) rounded up to a
+    power of two, capped at max_model_len (the prompt itself is known, only the output is guessed)."""
+    return min(prompt_len + _next_pow2(max_len - prompt_len), max_model_len)
 
 
 @dataclass(slots=True)
@@ -60,7 +68,7 @@ class ContiguousAllocator(KVAllocator):
         if self.policy == "max":
             return self.max_model_len
         if self.policy == "pow2":
-            return min(_next_pow2(seq.max_len), self.max_model_len)
+            return pow2_reservation(seq.prompt_len, seq.max_len, self.max_model_len)
         return seq.oracle_len
 
     def _grant(self, seq: SequenceLike, num_tokens: int) -> int:

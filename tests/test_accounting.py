@@ -40,7 +40,7 @@ def up(b: int):
 
 CASES = {
     "contiguous-max": ("contiguous", {"policy": "max"}, lambda u: M),
-    "contiguous-pow2": ("contiguous", {"policy": "pow2"}, lambda u: 32),  # next pow2 of 18
+    "contiguous-pow2": ("contiguous", {"policy": "pow2"}, lambda u: P + 8),  # P + next pow2 of O=8
     "contiguous-oracle": ("contiguous", {"policy": "oracle"}, lambda u: F),
     "contiguous-max-buddy": ("contiguous", {"policy": "max", "arena": "buddy"}, lambda u: M),
     "paged-b1": ("paged", {"block_size": 1}, up(1)),
