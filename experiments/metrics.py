@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +23,10 @@ UNITS = {
     "total_output_tokens": "tokens", "saturated_steps": "fraction", "sharing_saving": "fraction",
     "simulated_busy_s": "s", "wall_time_s": "s", "mean_output_len": "tokens", "mean_prompt_len": "tokens",
 }
+UNITS |= {"mean_batch_size_tw": "seqs", "steady_state_start_s": "s", "steady_state_end_s": "s",
+          "steady_state_steps": "count"}
 for _f in STAT_FIELDS:
-    UNITS[_f] = UNITS[f"{_f}_peak"] = UNITS[f"{_f}_saturated"] = "fraction"
+    UNITS[_f] = UNITS[f"{_f}_peak"] = UNITS[f"{_f}_saturated"] = UNITS[f"{_f}_tw"] = "fraction"
 for _l in LATENCIES:
     for _s in ("mean", *(f"p{p}" for p in PERCENTILES)):
         UNITS[f"{_s}_{_l}_ms"] = "ms"
@@ -163,10 +166,12 @@ def _aligned(a: Iterator[dict[str, np.ndarray]], b: Iterator[np.ndarray] | None)
 
 
 def write_steps(path: str | Path, records, accountant, t0: float, logical_tokens=None,
-                max_num_batched_tokens: int | None = None, max_num_seqs: int | None = None) -> dict[str, float]:
+                max_num_batched_tokens: int | None = None, max_num_seqs: int | None = None,
+                window: WindowRule | None = None) -> dict[str, float]:
     """``steps.parquet`` written chunk by chunk (atomically), and the figures of the steps that
     ``summarize`` (batch sizes) and ``memory_summary`` give, from the same pass: memory stays at
-    one chunk of steps however long the run (``accountant.summary()`` streams too).
+    one chunk of steps however long the run (``accountant.summary()`` streams too). With
+    ``window``, the steady-state window and the time-weighted means over it too (``SteadyState``).
 
     The file equals ``steps_frame(...)`` written whole; the figures equal those computed from
     it (means from exact integer sums where the columns are integers).
@@ -183,6 +188,7 @@ def write_steps(path: str | Path, records, accountant, t0: float, logical_tokens
     logical = _logical_index(logical_tokens)
     acc = _StepFigures(STAT_FIELDS, max_num_batched_tokens, max_num_seqs,
                        accountant.bpt if accountant is not None else None)
+    steady = SteadyState(window, max_num_batched_tokens, max_num_seqs) if window is not None else None
     k0 = 0
     with atomic_path(path) as tmp:
         writer = None
@@ -191,6 +197,8 @@ def write_steps(path: str | Path, records, accountant, t0: float, logical_tokens
                 df = _step_rows(pd.DataFrame(cols), k0, mem, capacity, t0, logical)
                 k0 += len(df)
                 acc.add(df, mem, capacity)
+                if steady is not None:
+                    steady.add(df, mem, capacity if with_memory else None)
                 table = pa.Table.from_pandas(df, preserve_index=False)
                 if writer is None:
                     writer = pq.ParquetWriter(tmp, table.schema)
@@ -200,7 +208,7 @@ def write_steps(path: str | Path, records, accountant, t0: float, logical_tokens
         finally:
             if writer is not None:
                 writer.close()
-    return acc.result()
+    return acc.result() | (steady.result() if steady is not None else {})
 
 
 class _StepFigures:
@@ -251,6 +259,110 @@ class _StepFigures:
         if self.logical and self.saving_n:
             out["sharing_saving"] = self.saving_sum / self.saving_n
         return out
+
+
+@dataclass(frozen=True)
+class WindowRule:
+    """How a run's steady-state window is chosen (DESIGN.md, "averaging"); times in seconds from t0.
+
+    ``last_arrival_s``: when the last request arrived; 0 for an offline run (all at t=0).
+    ``warmup_s``: a stated warm-up; where given, the window starts there instead of at saturation.
+    """
+    last_arrival_s: float
+    warmup_s: float | None = None
+
+    @property
+    def offline(self) -> bool:
+        return not self.last_arrival_s > 0
+
+
+TW_FIELDS = STAT_FIELDS  # memory fractions with a time-weighted mean (``<field>_tw``)
+
+
+def busy_steps(steps: pd.DataFrame, max_num_batched_tokens: int | None = None,
+               max_num_seqs: int | None = None) -> pd.Series:
+    """Steps where the pool or the batch is saturated: requests wait for memory
+    (``saturated_steps``), every batch slot is taken, or the token budget is spent."""
+    full = saturated_steps(steps, max_num_batched_tokens, max_num_seqs)
+    if max_num_seqs:
+        full |= steps["num_seqs"] >= max_num_seqs
+    if max_num_batched_tokens:
+        full |= (steps["prefill_tokens"] + steps["decode_tokens"]) >= max_num_batched_tokens
+    return full
+
+
+class SteadyState:
+    """The steady-state window of a run and the time-weighted means over it, chunk by chunk.
+
+    Start: ``warmup_s`` where the rule states one ("warmup"), else the start of the first step
+    where the pool or the batch saturates (``busy_steps``: "saturated").
+    End: the last arrival ("last_arrival"). An offline run has every arrival at t=0, so that
+    would be no window at all; it ends instead with the last step where requests still waited
+    (the end of that step: "queue_drained"), after which the batch only drains.
+    Each step is weighted by the part of its duration inside the window; gaps between steps
+    (an idle engine) weigh nothing.
+    """
+
+    def __init__(self, rule: WindowRule, max_num_batched_tokens: int | None = None,
+                 max_num_seqs: int | None = None):
+        self.rule, self.mnbt, self.mns = rule, max_num_batched_tokens, max_num_seqs
+        self.start = rule.warmup_s if rule.warmup_s is not None else math.inf
+        self.end = math.inf if rule.offline else rule.last_arrival_s  # offline: set by the last waiting step
+        self.sums: np.ndarray | None = None  # weighted [num_seqs, *memory] up to here, and the weight
+        self.at_end: np.ndarray | None = None  # offline: the sums at the end of the last waiting step
+        self.steps = self.steps_at_end = 0
+        self.drained_s = math.nan  # offline: the end of the last step where requests waited
+        self.fields: tuple[str, ...] = ()
+
+    def add(self, df: pd.DataFrame, mem: np.ndarray | None, capacity: int | None) -> None:
+        """The next chunk of steps (``_step_rows`` columns) and its memory rows (bytes) if any."""
+        t, d = df["time"].to_numpy(float), df["duration"].to_numpy(float)
+        if math.isinf(self.start):
+            first = np.flatnonzero(busy_steps(df, self.mnbt, self.mns).to_numpy())
+            if len(first):
+                self.start = float(t[first[0]])
+        w = np.clip(np.minimum(t + d, self.end) - np.maximum(t, self.start), 0.0, None)
+        cols = [df["num_seqs"].to_numpy(float)]
+        if mem is not None and capacity:
+            self.fields = TW_FIELDS
+            cols += [mem[:, STAT_FIELDS.index(f)] / capacity for f in TW_FIELDS]
+        values = np.column_stack([*cols, np.ones(len(df))]) * w[:, None]
+        run = np.cumsum(values, axis=0)
+        before = self.sums if self.sums is not None else np.zeros(values.shape[1])
+        steps_before = self.steps
+        self.sums = before + run[-1]
+        inside = np.cumsum(w > 0)
+        self.steps += int(inside[-1])
+        if self.rule.offline:
+            waited = np.flatnonzero(df["waiting"].to_numpy() > 0)
+            if len(waited):
+                j = waited[-1]
+                self.at_end, self.steps_at_end = before + run[j], steps_before + int(inside[j])
+                self.drained_s = float(t[j] + d[j])
+
+    def result(self) -> dict[str, float | str | None]:
+        rule = self.rule
+        sums, steps = (self.at_end, self.steps_at_end) if rule.offline else (self.sums, self.steps)
+        end = self.drained_s if rule.offline else rule.last_arrival_s
+        start = self.start if math.isfinite(self.start) else math.nan
+        out: dict[str, float | str | None] = {
+            "steady_state_start_s": start, "steady_state_end_s": end,
+            "steady_state_start_rule": "warmup" if rule.warmup_s is not None else "saturated",
+            "steady_state_end_rule": "queue_drained" if rule.offline else "last_arrival",
+            "steady_state_steps": steps, "steady_state_reason": None}
+        names = ["mean_batch_size_tw", *(f"{f}_tw" for f in self.fields)]
+        if sums is None or not sums[-1] > 0:
+            out["steady_state_reason"] = self._why_empty(start, end)
+            out["steady_state_steps"] = 0
+            return out | {n: math.nan for n in names}
+        return out | {n: float(v / sums[-1]) for n, v in zip(names, sums[:-1])}
+
+    def _why_empty(self, start: float, end: float) -> str:
+        if math.isnan(start):
+            return "the pool and the batch never saturated (no request waited, no batch was full)"
+        if math.isnan(end):
+            return "offline run in which no request ever waited: no steady state before the drain"
+        return f"the window starts at {start:.6g} s, not before it ends at {end:.6g} s"
 
 
 def _latency_stats(values: np.ndarray, name: str) -> dict[str, float]:

@@ -392,12 +392,24 @@ def _check_resolves(cfg) -> None:
         raise UserError(str(e).strip().splitlines()[0]) from None
 
 
+def _check_protocol(cfg) -> None:
+    """``repeats`` a whole number >= 1, ``measure.warmup_s`` null or >= 0."""
+    repeats = cfg.get("repeats", 1)
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise UserError(f"repeats={repeats}: give the number of runs, 1 or more (seeds seed, seed+1, ...)")
+    warmup = (cfg.get("measure") or {}).get("warmup_s")
+    if warmup is not None and (isinstance(warmup, bool) or not isinstance(warmup, (int, float)) or not warmup >= 0):
+        raise UserError(f"measure.warmup_s={warmup}: give seconds >= 0, or null to start the steady-state "
+                        "window where the pool or the batch first saturates")
+
+
 def check_config(cfg) -> None:
     """Mode, arrivals and model must agree before anything is built (no torch here)."""
     _check_resolves(cfg)
     if cfg.mode not in MODES:
         raise UserError(f"mode={cfg.mode}: not a valid value; choose one of {_choices_text(MODES)}"
                         f"{did_you_mean(cfg.mode, MODES, 'mode=')}")
+    _check_protocol(cfg)
     rate = float(cfg.workload.get("request_rate", math.inf))
     if cfg.mode == "offline" and math.isfinite(rate):
         raise UserError(f"mode=offline sends every request at t=0 but workload.request_rate={rate:g}: "

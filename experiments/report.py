@@ -3,7 +3,10 @@
 Writes, under ``DIR/report`` (or ``--out``):
 
 - ``summary.csv``: one row per run (metadata, metrics, and the run's configuration as
-  ``cfg.<key>`` columns); ``summary_long.parquet``: (run_id, metric, value, unit);
+  ``cfg.<key>`` columns) — runs that differ only in their seed (``repeats=N``, or a sweep over
+  ``seed``) are one row: each metric's mean, with ``<metric>_ci95`` (half-width of the 95%
+  confidence interval, Student t) and ``<metric>_n`` beside it and ``n`` the runs in the row;
+  ``summary_long.parquet``: (run_id, metric, value, unit), one row per run and metric;
 - ``report.md`` with the tables and the figures below;
 - ``memory_breakdown.png``: where the KV pool goes (stacked bars, % of capacity), mean over
   all engine steps and, where requests waited, over those steps (the saturated pool);
@@ -14,6 +17,9 @@ Writes, under ``DIR/report`` (or ``--out``):
   and normalized latency vs request rate), ``block_size_curves.png``, ``page_size_curves.png``,
   ``sharing_curves.png`` (memory saved by sharing vs samples per request or prefix length),
   ``max_num_seqs_curves.png``.
+
+Where a row holds more than one run, every figure draws the interval: error bars on bars, bands
+around curves, and the CDFs and time series of each run of the row in its colour.
 
 The axes of a sweep are found in the runs' configurations: a ``cfg.*`` column whose value
 differs between runs. Runs that differ in other keys too become separate series.
@@ -73,6 +79,12 @@ def markdown_table(df) -> str:
 
     return table(df)
 
+
+def _tables():
+    from experiments import tables
+
+    return tables
+
 MEMORY_COLORS = {"token_states": "#2a9d8f", "reservation": "#e9c46a", "internal_frag": "#f4a261",
                  "external_frag": "#e76f51", "idle_mapped": "#8fb3d9", "free": "#d9d9d9"}
 LABELS = {"token_states": "token states", "reservation": "reservation", "internal_frag": "internal frag.",
@@ -124,9 +136,24 @@ def find_runs(root: str | Path) -> tuple[list[Path], list[Skipped]]:
     done = {p.parent for p in found} | {Path(s.run_dir) for s in skipped}
     for cfg in sorted(root.rglob(".hydra/config.yaml")):
         run_dir = cfg.parent.parent
-        if run_dir not in done:
+        reps = _repeats(cfg)
+        if reps > 1:  # its results are in rep0 .. rep{N-1}
+            skipped += [Skipped(str(run_dir / f"rep{i}"), _why_unfinished(run_dir)) for i in range(reps)
+                        if run_dir / f"rep{i}" not in done]
+        elif run_dir not in done:
             skipped.append(Skipped(str(run_dir), _why_unfinished(run_dir)))
     return found, skipped
+
+
+def _repeats(hydra_config: Path) -> int:
+    """``repeats`` of the run whose ``.hydra/config.yaml`` this is (1 where unreadable)."""
+    import yaml
+
+    try:
+        n = (yaml.safe_load(hydra_config.read_text()) or {}).get("repeats", 1)
+    except (OSError, yaml.YAMLError):
+        return 1
+    return n if isinstance(n, int) and n > 1 else 1
 
 
 def collect(root: str | Path, skipped: list[Skipped] | None = None) -> pd.DataFrame:
@@ -172,10 +199,32 @@ def order_runs(wide: pd.DataFrame) -> pd.DataFrame:
     return wide.loc[order].reset_index(drop=True)
 
 
+def metric_columns(wide: pd.DataFrame) -> list[str]:
+    """The numeric metric columns (those with a unit)."""
+    units = _units()
+    return [c for c in wide.columns if c in units and pd.api.types.is_numeric_dtype(wide[c])]
+
+
+def group_repeats(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per group of runs that differ only in seed (mean, ``_ci95``, ``_n``, ``n``:
+    experiments/tables.py), labelled and ordered afresh (the seed no longer names a row)."""
+    wide = _tables().aggregate_repeats(runs, metric_columns(runs))
+    wide["label"] = run_labels(wide)
+    return order_runs(wide)
+
+
+def _ci(wide: pd.DataFrame, metric: str, scale: float = 1.0):
+    """The 95% CI half-widths of ``metric`` (NaN -> 0), or None where no row has one."""
+    col = wide.get(f"{metric}_ci95")
+    if col is None or not np.isfinite(col.astype(float)).any():
+        return None
+    return scale * col.astype(float).fillna(0).to_numpy()
+
+
 def long_table(wide: pd.DataFrame) -> pd.DataFrame:
     """(run_id, metric, value, unit) for every numeric metric."""
     units = _units()
-    numeric = [c for c in wide.columns if c in units and pd.api.types.is_numeric_dtype(wide[c])]
+    numeric = metric_columns(wide)
     long = wide.melt(id_vars=["run_id"], value_vars=numeric, var_name="metric", value_name="value")
     long["unit"] = long["metric"].map(units)
     return long.sort_values(["run_id", "metric"]).reset_index(drop=True)
@@ -265,8 +314,9 @@ def _title(wide: pd.DataFrame, what: str) -> str:
 
 def plot_throughput(wide: pd.DataFrame):
     fig, ax = plt.subplots(figsize=(max(4, 0.9 * len(wide) + 2), 3.5))
-    bars = ax.bar(wide["label"], wide["output_throughput"], color="#264653")
-    ax.bar_label(bars, fmt="%.0f", fontsize=8)
+    bars = ax.bar(wide["label"], wide["output_throughput"], color="#264653",
+                  yerr=_ci(wide, "output_throughput"), capsize=3, error_kw=dict(lw=1, ecolor="black"))
+    ax.bar_label(bars, fmt="%.0f", fontsize=8, label_type="center", color="white")
     ax.set_ylabel("output throughput (tok/s)")
     ax.set_title(_title(wide, "Output throughput"), fontsize=9)
     ax.tick_params(axis="x", rotation=30)
@@ -295,6 +345,10 @@ def _memory_panel(ax, wide: pd.DataFrame, suffix: str, title: str) -> None:
     for f in memory_fields(wide, suffix):
         vals = 100 * wide[f"{f}{suffix}"].astype(float).fillna(0).to_numpy()
         ax.bar(wide["label"], vals, bottom=bottom, color=MEMORY_COLORS[f], label=LABELS[f])
+        err = _ci(wide, f"{f}{suffix}", 100)
+        if err is not None and f != "free":  # each segment's own interval, at its top
+            ax.errorbar(np.arange(len(wide)), bottom + vals, yerr=err, fmt="none", ecolor="black", lw=0.8,
+                        capsize=2)
         bottom += vals
     ts = 100 * wide[f"token_states{suffix}"].astype(float).to_numpy()
     for i, v in enumerate(ts):
@@ -331,15 +385,22 @@ def plot_memory(wide: pd.DataFrame):
     return fig
 
 
-def _read_runs(wide: pd.DataFrame, name: str, columns: list[str] | None = None) -> dict[str, pd.DataFrame]:
+def _read_runs(wide: pd.DataFrame, name: str, columns: list[str] | None = None) -> dict[str, list[pd.DataFrame]]:
+    """Each row's table ``name``: one per run of the row (its repeats), empty ones left out."""
     out = {}
     for _, r in wide.iterrows():
-        path = Path(r["run_dir"]) / name
-        if path.exists():
-            df = pd.read_parquet(path, columns=columns)
-            if not df.empty:
-                out[r["run_id"]] = df
+        members = r.get("_members")
+        dirs = members if isinstance(members, list) and members else [r["run_dir"]]
+        tables = [pd.read_parquet(Path(d) / name, columns=columns) for d in dirs if (Path(d) / name).exists()]
+        tables = [t for t in tables if not t.empty]
+        if tables:
+            out[r["run_id"]] = tables
     return out
+
+
+def _once(style: dict, i: int) -> dict:
+    """The style of a row's ``i``-th run: labelled once."""
+    return style if i == 0 else {k: v for k, v in style.items() if k != "label"}
 
 
 def _ecdf(ax, values: np.ndarray, style: dict) -> None:
@@ -379,12 +440,10 @@ def plot_latency_cdfs(wide: pd.DataFrame, requests: dict[str, pd.DataFrame]):
     styles, handles, note = _styles(wide)
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for _, r in wide.iterrows():
-        req = requests.get(r["run_id"])
-        if req is None:
-            continue
-        for ax, (c, _) in zip(axes, cols):
-            vals = (req["e2el"] / req["output_len"]) if c == "normalized_latency" and c not in req else req[c]
-            _ecdf(ax, vals.to_numpy(float), styles[r["run_id"]])
+        for i, req in enumerate(requests.get(r["run_id"], [])):
+            for ax, (c, _) in zip(axes, cols):
+                vals = (req["e2el"] / req["output_len"]) if c == "normalized_latency" and c not in req else req[c]
+                _ecdf(ax, vals.to_numpy(float), _once(styles[r["run_id"]], i))
     for ax, (_, xlabel) in zip(axes, cols):
         ax.set_xlabel(xlabel)
         ax.set_ylabel("requests (cumulative fraction)")
@@ -400,17 +459,9 @@ def plot_usage_over_time(wide: pd.DataFrame, steps: dict[str, pd.DataFrame]):
     styles, handles, note = _styles(wide)
     fig, (ax, ax2) = plt.subplots(2, 1, figsize=(8, 5), sharex=True, height_ratios=[3, 2])
     for _, r in wide.iterrows():
-        st = steps.get(r["run_id"])
-        if st is None or "capacity" not in st:
-            continue
-        style = styles[r["run_id"]]
-        idle = st["idle_mapped"] if "idle_mapped" in st else 0  # kept for reuse: not in use
-        used = 100 * (1 - (st["free"] + idle) / st["capacity"])
-        ax.plot(st["time"], used, lw=1, drawstyle="steps-post", **style)
-        ax.plot(st["time"], 100 * st["token_states"] / st["capacity"], lw=0.8, ls=":", drawstyle="steps-post",
-                **{k: v for k, v in style.items() if k != "label"})
-        ax2.plot(st["time"], st["num_seqs"], lw=1, drawstyle="steps-post",
-                 **{k: v for k, v in style.items() if k != "label"})
+        for i, st in enumerate(steps.get(r["run_id"], [])):
+            if "capacity" in st:
+                _plot_usage(ax, ax2, st, _once(styles[r["run_id"]], i))
     ax.set_ylabel("KV pool in use (%)\n(dotted: token states)")
     ax.set_ylim(0, 102)
     ax.legend(handles=handles or None, fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0))
@@ -418,6 +469,17 @@ def plot_usage_over_time(wide: pd.DataFrame, steps: dict[str, pd.DataFrame]):
     ax2.set_xlabel(("simulated " if (wide.get("mode") == "simulate").all() else "") + "time (s)")
     ax2.set_ylabel("batch size (seqs)")
     return fig
+
+
+def _plot_usage(ax, ax2, st: pd.DataFrame, style: dict) -> None:
+    """One run's pool in use and token states (top) and batch size (bottom)."""
+    unlabelled = {k: v for k, v in style.items() if k != "label"}
+    idle = st["idle_mapped"] if "idle_mapped" in st else 0  # kept for reuse: not in use
+    used = 100 * (1 - (st["free"] + idle) / st["capacity"])
+    ax.plot(st["time"], used, lw=1, drawstyle="steps-post", **style)
+    ax.plot(st["time"], 100 * st["token_states"] / st["capacity"], lw=0.8, ls=":", drawstyle="steps-post",
+            **unlabelled)
+    ax2.plot(st["time"], st["num_seqs"], lw=1, drawstyle="steps-post", **unlabelled)
 
 
 # sweep axis -> (file, x label, x scale, [(metric, y label, percent?)])
@@ -480,8 +542,11 @@ def plot_sweep(wide: pd.DataFrame, axis: str):
             grp = grp.sort_values("_x")
             y = grp[metric].astype(float) * (100 if percent else 1)
             # markers and dashes differ per series, so overlapping curves stay visible
-            ax.plot(grp["_x"], y, marker="osD^v<>"[i % 7], ms=5 - (i % 3), ls=("-", "--", ":", "-.")[i % 4],
-                    label=series)
+            line, = ax.plot(grp["_x"], y, marker="osD^v<>"[i % 7], ms=5 - (i % 3), ls=("-", "--", ":", "-.")[i % 4],
+                            label=series)
+            err = _ci(grp, metric, 100 if percent else 1)
+            if err is not None:  # the 95% CI over repeats
+                ax.fill_between(grp["_x"], y - err, y + err, color=line.get_color(), alpha=0.2, lw=0)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         if "log scale" in ylabel:
@@ -545,18 +610,27 @@ def _percent(df: pd.DataFrame, cols: list[str]) -> pd.DataFrame:
     return df
 
 
+def _percent_table(wide: pd.DataFrame, lead: list[str], cols: list[str], plain: tuple[str, ...] = ()) -> str:
+    """Markdown of ``cols`` in percent (``plain`` as they are), with their 95% CIs where rows repeat."""
+    plain = [c for c in plain if c in wide]
+    ci = pd.DataFrame({f"{c}_ci95": wide[f"{c}_ci95"].astype(float) * (100 if c in cols else 1)
+                       for c in [*cols, *plain] if f"{c}_ci95" in wide}, index=wide.index)
+    table = _percent(wide[lead + cols + plain], cols)
+    return markdown_table(_tables().with_ci(table, cols + plain, ci))
+
+
 def write_report(root: str | Path, out: str | Path | None = None, skipped: list[Skipped] | None = None) -> Path:
     """The report of every run under ``root``; folders left out are listed in report.md and
     appended to ``skipped`` where given."""
     root = Path(root)
     out = Path(out) if out else root / "report"
     left_out: list[Skipped] = []
-    wide = collect(root, left_out)
+    runs = order_runs(collect(root, left_out))
     if skipped is not None:
         skipped.extend(left_out)
-    wide = order_runs(wide)
-    write_csv(out / "summary.csv", wide)
-    write_parquet(out / "summary_long.parquet", long_table(wide))
+    wide = group_repeats(runs)
+    write_csv(out / "summary.csv", wide.drop(columns=["_members"]))
+    write_parquet(out / "summary_long.parquet", long_table(runs))
     figures: dict[str, tuple[str, object]] = {}
     if "output_throughput" in wide:
         figures["throughput.png"] = ("Output throughput", plot_throughput(wide))
@@ -566,7 +640,7 @@ def write_report(root: str | Path, out: str | Path | None = None, skipped: list[
     if requests:
         figures["latency_cdf.png"] = ("Latency CDFs", plot_latency_cdfs(wide, requests))
     steps = _read_runs(wide, "steps.parquet")
-    if any("capacity" in s for s in steps.values()):
+    if any("capacity" in t for tables in steps.values() for t in tables):
         figures["kv_usage_over_time.png"] = ("KV usage and batch size over time", plot_usage_over_time(wide, steps))
     swept = varying(wide)
     for axis in SWEEPS:
@@ -584,22 +658,34 @@ def write_report(root: str | Path, out: str | Path | None = None, skipped: list[
                         "preemptions"] if c in wide]
     mem = [c for c in memory_fields(wide) if c in wide]
     sat = [f"{c}_saturated" for c in memory_fields(wide, "_saturated") if f"{c}_saturated" in wide]
+    repeated = len(runs) > len(wide)
+    if repeated:
+        key.append("n")
     md = [f"# kvlab report: {root}", "", f"{len(wide)} runs"
           + (f"; they differ in {', '.join(f'`{k[4:]}`' for k in swept)}." if swept else "."), "",
+          *([f"Runs that differ only in their seed are one row ({len(runs)} runs in all): the mean ± the "
+             "half-width of its 95% confidence interval (Student t) over the `n` runs.", ""] if repeated else []),
           "Memory figures are percentages of the KV pool capacity (they sum to 100 with `free`)."
           + (" `idle_mapped` is held by no live sequence but kept mapped for reuse (idle virtual slots): "
              "neither use nor waste until a request waits for memory." if "idle_mapped" in mem else ""), "",
-          "## Throughput and latency", "", markdown_table(wide[key + perf]), ""]
+          "## Throughput and latency", "", markdown_table(_tables().with_ci(wide[key + perf], perf, wide)), ""]
     md += ["## Memory", "", "Mean over all engine steps (% of KV pool):", "",
-           markdown_table(_percent(wide[["label", "kv_capacity_tokens"] + mem], mem)), ""]
+           _percent_table(wide, ["label", "kv_capacity_tokens"], mem), ""]
+    tw = [f"{c}_tw" for c in memory_fields(wide, "_tw") if f"{c}_tw" in wide]
+    if tw and wide[tw].notna().any().any():
+        window = [c for c in ("steady_state_start_s", "steady_state_end_s", "steady_state_end_rule") if c in wide]
+        md += ["Time-weighted mean over the steady-state window (% of KV pool; from the first step where the "
+               "pool or the batch saturates, or `measure.warmup_s`, to the last arrival; offline: to the last "
+               "step where requests waited):", "",
+               _percent_table(wide, ["label"], tw, ["mean_batch_size_tw", *window]), ""]
     if sat and wide[sat].notna().any().any():
         md += ["Mean over the steps where requests wait, i.e. the pool is saturated (% of KV pool; "
                "`saturated_steps` is the share of such steps):", "",
-               markdown_table(_percent(wide[["label"] + sat + ["saturated_steps"]], sat + ["saturated_steps"])), ""]
+               _percent_table(wide, ["label"], sat + ["saturated_steps"]), ""]
     extra = [c for c in ("sharing_saving", "prefix_cache_hit_rate") if c in wide and wide[c].fillna(0).any()]
     if extra:
         md += ["Sharing (% of the KV the live tokens would take unshared; prefix-cache hit rate):", "",
-               markdown_table(_percent(wide[["label"] + extra], extra)), ""]
+               _percent_table(wide, ["label"], extra), ""]
     md += ["## Figures", ""]
     for name, (caption, _) in figures.items():
         md += [f"### {caption}", "", f"![{caption}]({name})", ""]

@@ -92,6 +92,9 @@ def config_hash(cfg: DictConfig) -> str:
         d.pop(k, None)
     if cfg.mode != "simulate":
         d.pop("sim", None)
+    d.pop("repeats", None)  # each repeat is a run of its own seed: more repeats resume the first ones
+    if (d.get("measure") or {}).get("warmup_s") is None:
+        d.pop("measure", None)  # the default window: runs made before it existed keep their hash
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -163,8 +166,9 @@ def applicable_config(cfg: DictConfig) -> tuple[DictConfig, dict]:
 
 
 def _same_run_in(folder: Path, cfg_hash: str, me: Path) -> Path | None:
-    """A finished run of the same configuration in ``folder`` (the sweep), other than ``me``."""
-    for path in sorted(folder.glob("*/summary.json")):
+    """A finished run of the same configuration in ``folder`` (the sweep), other than ``me``
+    (a repeated run is compared by its first repeat)."""
+    for path in sorted([*folder.glob("*/summary.json"), *folder.glob("*/rep0/summary.json")]):
         if path.parent.resolve() == me.resolve():
             continue
         try:
@@ -175,14 +179,56 @@ def _same_run_in(folder: Path, cfg_hash: str, me: Path) -> Path | None:
     return None
 
 
+def repeat_configs(cfg: DictConfig) -> list[DictConfig]:
+    """One configuration per repeat (``repeats=N``): seeds ``seed``, ``seed+1``, ... (the
+    workload's seed follows ``seed``)."""
+    import copy
+
+    from omegaconf import open_dict
+
+    out = []
+    for i in range(int(cfg.get("repeats", 1) or 1)):
+        rep = copy.deepcopy(cfg)
+        with open_dict(rep):
+            rep.seed = int(cfg.seed) + i
+        out.append(rep)
+    return out
+
+
 def run_experiment(cfg: DictConfig, out_dir: str | Path, sweep_dir: str | Path | None = None) -> dict:
     """Run one experiment into ``out_dir``; summary.json is written last and marks completion.
+
+    With ``repeats=N`` (N > 1) the experiment runs N times, seeds ``seed`` .. ``seed+N-1``,
+    into ``out_dir/rep0`` .. ``rep{N-1}``, each a complete run folder (resumed one by one); the
+    result is ``{"repeats": [summary, ...]}``. A repeat that fails or is interrupted leaves no
+    folder; the ones before it stay.
 
     With ``sweep_dir``, a run whose configuration a finished run there already has is not run
     again: the result is ``{"duplicate_of": that folder}``.
     """
     out = Path(out_dir)
     check_config(cfg)
+    reps = repeat_configs(cfg)
+    if len(reps) == 1:
+        return _run_one(cfg, out, sweep_dir)
+    summaries = []
+    for i, rep in enumerate(reps):
+        rep_dir = out / f"rep{i}"
+        try:
+            summary = _run_one(rep, rep_dir, sweep_dir if i == 0 else None, repeat=(i, len(reps)))
+        except BaseException:
+            _remove_unfinished(rep_dir)
+            raise
+        if "duplicate_of" in summary:  # the first repeat repeats another run: so do the others
+            shutil.rmtree(rep_dir, ignore_errors=True)
+            return summary
+        summaries.append(summary)
+    return {"repeats": summaries}
+
+
+def _run_one(cfg: DictConfig, out: Path, sweep_dir: str | Path | None = None,
+             repeat: tuple[int, int] | None = None) -> dict:
+    """One run of one seed into ``out`` (``repeat``: its index and the number of repeats)."""
     cfg, dropped = applicable_config(cfg)
     if dropped:
         log.info("%s ignores %s", cfg.allocator.name, ", ".join(f"allocator.args.{k}={v}" for k, v in dropped.items()))
@@ -201,7 +247,7 @@ def run_experiment(cfg: DictConfig, out_dir: str | Path, sweep_dir: str | Path |
     import torch
 
     from experiments.driver import drive
-    from experiments.metrics import requests_frame, summarize, write_steps
+    from experiments.metrics import WindowRule, requests_frame, summarize, write_steps
     from experiments.workloads import make_workload, tokenize_requests
 
     wall0 = time.perf_counter()
@@ -226,9 +272,11 @@ def run_experiment(cfg: DictConfig, out_dir: str | Path, sweep_dir: str | Path |
         summary = summarize(requests, None, t_end - t0)  # the step figures come from write_steps
         summary.update(engine.accountant.summary())
         # steps.parquet streamed chunk by chunk (written before summary.json, which marks completion)
+        window = WindowRule(last_arrival_s=max((s.arrival_s for s in specs), default=0.0),
+                            warmup_s=(cfg.get("measure") or {}).get("warmup_s"))
         summary.update(write_steps(out / "steps.parquet", engine.step_records, engine.accountant, t0,
                                    engine.logical_tokens, engine.config.max_num_batched_tokens,
-                                   engine.config.max_num_seqs))
+                                   engine.config.max_num_seqs, window))
         sim = cfg.mode == "simulate"
         summary.update(
             run_id=out.name,
@@ -243,6 +291,7 @@ def run_experiment(cfg: DictConfig, out_dir: str | Path, sweep_dir: str | Path |
             git_commit=git_commit(),
             time=dt.datetime.now().isoformat(timespec="seconds"),
             seed=cfg.seed,
+            **({"repeat": repeat[0], "repeats": repeat[1]} if repeat else {}),
             kv_capacity_tokens=engine.kv_capacity_tokens,
             prefix_cache_hit_rate=float(getattr(engine.allocator, "prefix_cache_hit_rate", 0.0)),
             max_model_len=engine.max_model_len,
