@@ -197,3 +197,27 @@ def test_validation_compares_time_with_tolerance_and_decisions_exactly():
     assert rows["token_states"]["ok"] and not rows["preemptions"]["ok"] and rows["num_steps"]["ok"]
     online = {r["metric"] for r in compare(real, sim, "online-4rps")}
     assert "preemptions" not in online  # arrivals in time: decisions may differ online
+
+
+def test_validate_sim_end_to_end_on_cpu(tmp_path):
+    """The real engine (CPU) and simulate on one config: files written, decisions and memory exact
+    offline, the simulated runs named by their cost model (the H200 profile, tiny-llama composed)."""
+    import json
+
+    from experiments import validate_sim
+
+    out = tmp_path / "v"
+    args = ["model=tiny-llama", "workload.num_requests=12", "device=cpu", "engine.kv_cache_tokens=512",
+            "--rates", "40", "--online-requests", "6", "--label", "tiny", "--out", str(out)]
+    assert validate_sim.main(args) == 0
+    table = pd.read_csv(out / "validation.csv")
+    exact = table[(table["mode"] == "offline") & (table["target"] == 0.0)]
+    assert len(exact) >= 8 and exact["ok"].astype(str).eq("True").all()
+    assert set(table["mode"]) == {"offline", "online-40rps"}
+    assert (out / "validation.png").stat().st_size > 0 and "| tiny | offline |" in (out / "validation.md").read_text()
+    sim = json.loads((out / "sim" / "offline" / "summary.json").read_text())
+    assert sim["cost_model"] == "profiled" and "composed from" in sim["cost_profile_model"]
+    # --sim-only re-simulates against the real runs already there; a forced roofline sits beside
+    assert validate_sim.main([*args, "--sim-only", "--cost-model", "roofline"]) == 0
+    roof = json.loads((out / "sim-roofline" / "offline" / "summary.json").read_text())
+    assert roof["cost_model"] == "roofline" and (out / "validation-roofline.csv").exists()
