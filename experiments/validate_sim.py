@@ -68,6 +68,38 @@ def compare(real: dict, sim: dict, mode: str) -> list[dict]:
     return rows
 
 
+def step_compare(real_dir: Path, sim_dir: Path):
+    """Offline runs take the same steps: their times side by side, by step kind and batch size
+    (where the cost model is off, and on which steps)."""
+    import numpy as np
+    import pandas as pd
+
+    cols = ["num_seqs", "prefill_tokens", "duration"]
+    real = pd.read_parquet(real_dir / "steps.parquet", columns=cols)
+    sim = pd.read_parquet(sim_dir / "steps.parquet", columns=cols)
+    if len(real) != len(sim):
+        return None
+    df = real.assign(sim=sim["duration"].to_numpy(),
+                     kind=np.where(real["prefill_tokens"] > 0, "prefill/mixed", "decode"),
+                     batch=pd.cut(real["num_seqs"], [0, 1, 4, 16, 32, 64, 128, 256, 1 << 20]).astype(str))
+    df = df[df["num_seqs"] > 0]
+    g = df.groupby(["kind", "batch"], sort=False).agg(
+        steps=("duration", "size"), real_ms=("duration", "median"), sim_ms=("sim", "median"),
+        real_s=("duration", "sum"), sim_s=("sim", "sum")).reset_index()
+    g[["real_ms", "sim_ms"]] *= 1e3
+    g["error"] = g["sim_s"] / g["real_s"] - 1
+    return g
+
+
+def _steps_markdown(g) -> str:
+    lines = ["| step kind | batch | steps | real median ms | sim median ms | real total s | sim total s | error |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in g.itertuples():
+        lines.append(f"| {r.kind} | {r.batch} | {r.steps} | {r.real_ms:.2f} | {r.sim_ms:.2f} | {r.real_s:.2f} | "
+                     f"{r.sim_s:.2f} | {100 * r.error:+.1f}% |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(df, path: Path) -> None:
     import matplotlib
 
@@ -147,6 +179,11 @@ def validate(overrides: list[str], out: Path, rates: list[float], sim: str, labe
                                 "resume=false", *extra]), sim_dir)
         for r in compare(_summary(real_dir), _summary(sim_dir), mode):
             rows.append(dict(label=label, **r))
+        steps = step_compare(real_dir, sim_dir) if mode == "offline" else None
+        if steps is not None:
+            from experiments.atomic import write_text
+
+            write_text(out / (_suffixed("steps_compare", cost_model) + ".md"), _steps_markdown(steps))
     return rows
 
 

@@ -215,6 +215,7 @@ def test_validate_sim_end_to_end_on_cpu(tmp_path):
     assert len(exact) >= 8 and exact["ok"].astype(str).eq("True").all()
     assert set(table["mode"]) == {"offline", "online-40rps"}
     assert (out / "validation.png").stat().st_size > 0 and "| tiny | offline |" in (out / "validation.md").read_text()
+    assert "| decode |" in (out / "steps_compare.md").read_text()  # offline steps side by side
     sim = json.loads((out / "sim" / "offline" / "summary.json").read_text())
     assert sim["cost_model"] == "profiled" and "composed from" in sim["cost_profile_model"]
     # --sim-only re-simulates against the real runs already there; a forced roofline sits beside
