@@ -208,3 +208,14 @@ def test_sweep_curves_draw_a_band_where_rows_repeat():
 def test_repeats_must_be_a_positive_whole_number():
     proc = kvlab("run", "repeats=0", "progress=false")
     assert proc.returncode == 2 and "repeats=0" in proc.stderr
+
+
+def test_report_lists_the_repeats_that_did_not_finish(tmp_path):
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text("repeats: 3\nseed: 0\n")
+    (run / "rep0").mkdir()
+    (run / "rep0" / "summary.json").write_text(json.dumps({"run_id": "rep0", "seed": 0}))
+    found, skipped = report.find_runs(tmp_path)
+    assert found == [run / "rep0" / "summary.json"]
+    assert sorted(Path(s.run_dir).name for s in skipped) == ["rep1", "rep2"]  # not the run folder itself
