@@ -304,72 +304,6 @@ def _rows_vmm(device) -> list[dict]:
     return [dict(table="vmm", op=r["op"], bytes=2 << 20, value=r["median_us"] / 1e6) for r in costs]
 
 
-HOST_ALLOCATORS = {"paged": ("paged", {"block_size": 16}), "contiguous": ("contiguous", {"policy": "max"}),
-                   "virtual": ("virtual", {})}
-
-
-def host_rows(model: str, allocator: str, args: dict, *, max_model_len: int, kv_cache_tokens: int,
-              device: str, seed: int = 0,
-              phases=((256, 32, 1024, 16, 512), (4, 64, 256, 64, 128)), skip_steps: int = 20) -> list[dict]:
-    """Steps of the real engine: wall time minus device time (end of input preparation to end of
-    sampling). ``phases``: (requests, prompt min, max, output min, max), run one after the other;
-    requests min == max == 0 draws ShareGPT-like lengths. The first ``skip_steps`` are left out
-    (the caching allocator still grows there)."""
-    import torch
-
-    from engine import LLMEngine, SamplingParams
-    from engine.config import EngineConfig
-
-    cuda = device.startswith("cuda")
-    eng = LLMEngine(EngineConfig(model=model, allocator=allocator, allocator_args=args, device=device,
-                                 max_model_len=max_model_len, max_num_seqs=256, max_num_batched_tokens=8192,
-                                 kv_cache_tokens=kv_cache_tokens, detokenize=False, stream_outputs=False,
-                                 seed=seed))
-    marks: list = []
-    launch = eng.runner.launch
-
-    def timed_launch(batch, inflight=None):
-        if not cuda:
-            return launch(batch, inflight)
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        h = launch(batch, inflight)
-        b.record()
-        # the device idles while the runner prepares inputs: that part is host time
-        marks.append((len(eng.step_records), a, b, eng.runner.last_prep_s))
-        return h
-
-    eng.runner.launch = timed_launch
-    rng = np.random.default_rng(seed)
-    # a full batch with varied lengths (ramps down through every batch size), then a small one
-    for phase, (n, plo, phi, olo, ohi) in enumerate(phases):
-        if phi == 0:
-            from experiments.workloads import SHAREGPT
-
-            plens, olens = SHAREGPT.sample(rng, n, max_model_len)
-        else:
-            plens, olens = rng.integers(plo, phi, n), rng.integers(olo, ohi, n)
-        for i, (plen, olen) in enumerate(zip(plens, olens)):
-            prompt = rng.integers(10, min(1000, eng.model_config.vocab_size), int(plen)).tolist()
-            eng.add_request(f"{phase}-{i}", prompt, SamplingParams(
-                max_tokens=int(olen), ignore_eos=True, temperature=0, output_kind="final_only"))
-        while eng.has_unfinished_requests():
-            eng.step()
-    if cuda:
-        torch.cuda.synchronize()
-    gpu = {i: max(0.0, a.elapsed_time(b) / 1e3 - prep) for i, a, b, prep in marks}
-    rows = []
-    for i, r in enumerate(eng.step_records):
-        if r.num_seqs == 0 or i < skip_steps:
-            continue
-        g = gpu.get(i, 0.0)
-        rows.append(dict(table="host", allocator=allocator, batch=r.num_seqs, prefill_tokens=r.prefill_tokens,
-                         decode_tokens=r.decode_tokens, context=r.context_tokens, duration=r.duration, gpu=g,
-                         value=max(0.0, r.duration - g)))
-    eng.allocator.close()
-    return rows
-
-
 def metadata(device, args) -> dict:
     import torch
 
@@ -461,6 +395,8 @@ def main(argv: list[str] | None = None) -> int:
         write_profile(path, rows, {**meta, "partial": True})  # a cut-off run keeps what it measured
 
     if "host" not in skip:
+        from experiments.profile_host import HOST_ALLOCATORS, host_rows
+
         hm = a.host_model or models[0]
         # ShareGPT-like lengths (seeded apart from any workload), uniform ones, then a small batch
         half = a.max_model_len // 2
