@@ -398,10 +398,10 @@ def main(argv: list[str] | None = None) -> int:
         from experiments.profile_host import HOST_ALLOCATORS, host_rows
 
         hm = a.host_model or models[0]
-        # ShareGPT-like lengths (seeded apart from any workload), uniform ones, then a small batch
+        # ShareGPT-like lengths (seeded apart from any workload), uniform ones, then a trickle
         half = a.max_model_len // 2
         phases = ((a.host_requests, 0, 0, 0, 0), (a.host_requests // 2, 32, min(1024, half), 16, min(512, half)),
-                  (4, 16, 64, 16, 64))
+                  (-max(8, a.host_requests // 4), 16, min(512, half), 16, 64))  # then one at a time
         for alloc, (name, args) in HOST_ALLOCATORS.items():
             if name == "virtual" and a.virtual_page_size:
                 args = {**args, "page_size": a.virtual_page_size}

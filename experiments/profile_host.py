@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+TRICKLE_STEPS = 8
 HOST_ALLOCATORS = {"paged": ("paged", {"block_size": 16}), "contiguous": ("contiguous", {"policy": "max"}),
                    "virtual": ("virtual", {})}
 
@@ -18,8 +19,10 @@ def host_rows(model: str, allocator: str, args: dict, *, max_model_len: int, kv_
               phases=((256, 32, 1024, 16, 512), (4, 64, 256, 64, 128)), skip_steps: int = 20) -> list[dict]:
     """Steps of the real engine: wall time minus device time (end of input preparation to end of
     sampling). ``phases``: (requests, prompt min, max, output min, max), run one after the other;
-    requests min == max == 0 draws ShareGPT-like lengths. The first ``skip_steps`` are left out
-    (the caching allocator still grows there)."""
+    requests min == max == 0 draws ShareGPT-like lengths; a negative count adds that many
+    requests one at a time, every ``TRICKLE_STEPS`` steps (light load: prefill steps beside a few
+    decoding sequences, as an online run at a low rate has them). The first ``skip_steps`` are
+    left out (the caching allocator still grows there)."""
     import torch
 
     from engine import LLMEngine, SamplingParams
@@ -46,8 +49,8 @@ def host_rows(model: str, allocator: str, args: dict, *, max_model_len: int, kv_
 
     eng.runner.launch = timed_launch
     rng = np.random.default_rng(seed)
-    # a full batch with varied lengths (ramps down through every batch size), then a small one
     for phase, (n, plo, phi, olo, ohi) in enumerate(phases):
+        trickle, n = n < 0, abs(n)
         if phi == 0:
             from experiments.workloads import SHAREGPT
 
@@ -58,6 +61,9 @@ def host_rows(model: str, allocator: str, args: dict, *, max_model_len: int, kv_
             prompt = rng.integers(10, min(1000, eng.model_config.vocab_size), int(plen)).tolist()
             eng.add_request(f"{phase}-{i}", prompt, SamplingParams(
                 max_tokens=int(olen), ignore_eos=True, temperature=0, output_kind="final_only"))
+            for _ in range(TRICKLE_STEPS if trickle else 0):
+                if eng.has_unfinished_requests():
+                    eng.step()
         while eng.has_unfinished_requests():
             eng.step()
     if cuda:

@@ -222,3 +222,15 @@ def test_validate_sim_end_to_end_on_cpu(tmp_path):
     assert validate_sim.main([*args, "--sim-only", "--cost-model", "roofline"]) == 0
     roof = json.loads((out / "sim-roofline" / "offline" / "summary.json").read_text())
     assert roof["cost_model"] == "roofline" and (out / "validation-roofline.csv").exists()
+
+
+def test_host_calibration_trickle_gives_prefills_at_small_batch():
+    """Requests added one at a time: prefill steps beside a few decoding sequences, the shape of
+    a light online load, so the small-batch host bins are measured rather than clamped."""
+    from experiments.profile_host import host_rows
+
+    rows = host_rows(MODEL, "paged", {"block_size": 8}, max_model_len=256, kv_cache_tokens=2048, device="cpu",
+                     phases=((-12, 16, 64, 16, 40),), skip_steps=0)
+    prefill_batches = [r["batch"] for r in rows if r["prefill_tokens"] > 0]
+    assert len(prefill_batches) == 12 and min(prefill_batches) == 1 and max(prefill_batches) <= 6
+    assert all(r["duration"] >= r["value"] >= 0 for r in rows)
