@@ -3,6 +3,8 @@
 The device copy goes through the shared block kernels: ``gather_blocks`` packs a
 sequence's blocks into one dense staging tensor, which crosses to the host in one
 transfer (into pinned memory on CUDA), and ``scatter_blocks`` unpacks it on the way back.
+Host blocks are reference counted: the samples of a request swapped out together hold their
+shared prompt blocks once.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ class HostSwapSpace:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))
+        self._ref = [0] * num_blocks  # holders of each host block
         self._k: list[torch.Tensor] = []
         self._v: list[torch.Tensor] = []
         if spec.materialized and num_blocks:
@@ -39,6 +42,8 @@ class HostSwapSpace:
         if len(device_blocks) > len(self._free):
             raise RuntimeError(f"host swap space has {len(self._free)} free blocks, {len(device_blocks)} needed")
         host = [self._free.pop() for _ in device_blocks]
+        for h in host:
+            self._ref[h] = 1
         if self._k and device_blocks:
             slots = self._slots(host)
             dev = torch.tensor(device_blocks, dtype=torch.int64, device=device_caches[0][0].device)
@@ -53,13 +58,29 @@ class HostSwapSpace:
     def swap_in(self, device_caches: list[tuple[torch.Tensor, torch.Tensor]], host_blocks: list[int],
                 device_blocks: list[int]) -> None:
         """Copy ``host_blocks`` back into ``device_blocks`` and free the host blocks."""
+        self.copy_in(device_caches, host_blocks, device_blocks)
+        self.release(host_blocks)
+
+    def copy_in(self, device_caches: list[tuple[torch.Tensor, torch.Tensor]], host_blocks: list[int],
+                device_blocks: list[int]) -> None:
+        """Copy ``host_blocks`` back into ``device_blocks``; the host blocks stay held."""
         if self._k and host_blocks:
             slots = self._slots(host_blocks)
             dev = torch.tensor(device_blocks, dtype=torch.int64, device=device_caches[0][0].device)
             for (dk, dv), hk, hv in zip(device_caches, self._k, self._v):
                 for cache, src in ((dk, hk), (dv, hv)):
                     kernels.scatter_blocks(cache, dev, self.block_size, src[slots].to(cache.device))
-        self.release(host_blocks)
+
+    def share(self, host_blocks: list[int]) -> None:
+        """One more holder of each of ``host_blocks``."""
+        for h in host_blocks:
+            self._ref[h] += 1
 
     def release(self, host_blocks: list[int]) -> None:
-        self._free.extend(reversed(host_blocks))
+        """One holder less of each; a block is free again when none holds it."""
+        freed = []
+        for h in host_blocks:
+            self._ref[h] -= 1
+            if self._ref[h] == 0:
+                freed.append(h)
+        self._free.extend(reversed(freed))

@@ -378,11 +378,15 @@ class LLMEngine:
         return self.output_processor.process(touched.values(), self) if touched else []
 
     def _fork(self, parent: Sequence) -> None:
+        """``parent``'s prompt (but its last token) is computed: the request's samples not yet
+        born, and those preempted with it (``followers``), fork from it and share that prompt."""
         req = self.requests[parent.request_id]
         parent.fork_pending = 0
+        children = [c for c in req.unborn + parent.followers if c.status is not SeqStatus.FINISHED]
+        parent.followers = []
         sched, alloc = self.scheduler, self.allocator
         at = sched.running.index(parent) + 1
-        for child in req.unborn:
+        for child in children:
             if alloc.supports_fork and alloc.can_fork(parent) and len(sched.running) < self.config.max_num_seqs:
                 alloc.fork(parent, child)
                 child.num_computed_tokens = parent.num_computed_tokens

@@ -6,6 +6,12 @@ memory where the allocator can and ``preemption_mode='swap'``, else by recompute
 swapped sequences come back, then waiting ones are admitted, while the token budget,
 ``max_num_seqs`` and the allocator allow. The scheduler knows nothing of the model, so
 simulate mode runs it unchanged.
+
+The samples of a request (n > 1) are preempted together, as vLLM preempts sequence groups:
+by recompute, one of them (the leader) goes back to the queue with the others parked on it
+(``Sequence.followers``), so that when its prompt is computed again they fork from it and
+share the prompt once more; by swap, their blocks go out and come back together, shared
+blocks once (the allocator's ``swap_out_group`` / ``swap_in_group``).
 """
 from __future__ import annotations
 
@@ -69,6 +75,8 @@ class Scheduler:
         self.num_swaps = 0
         self.prefix_queries = self.prefix_hits = 0  # prompt tokens looked up / found in the prefix cache
         self._swap = config.preemption_mode == "swap" and allocator.supports_swap
+        # groups swap where the allocator can keep their shared blocks shared; else they recompute
+        self._group_swap = self._swap and hasattr(allocator, "swap_out_group")
 
     def add(self, seq: Sequence) -> None:
         seq.status = SeqStatus.WAITING
@@ -85,6 +93,17 @@ class Scheduler:
         if queue is not None and seq in queue:  # identity comparison (Sequence has eq=False)
             queue.remove(seq)
         self.allocator.free(seq)
+        if seq.followers:  # samples parked on it still need a prompt to fork from
+            self._promote(seq)
+
+    def _promote(self, leader: Sequence) -> None:
+        """The first follower of a leader that leaves becomes the group's leader, at the head of
+        the queue with the others parked on it."""
+        heir, rest = leader.followers[0], leader.followers[1:]
+        heir.followers, heir.fork_pending = rest, leader.fork_pending - 1
+        leader.followers, leader.fork_pending = [], 0
+        heir.status = SeqStatus.WAITING
+        self.waiting.appendleft(heir)
 
     def requeue(self, seqs: list[Sequence]) -> None:
         """Put running sequences back at the head of the queue, KV dropped (as a recompute
@@ -124,6 +143,115 @@ class Scheduler:
         seq.status = SeqStatus.WAITING
         self.waiting.appendleft(seq)
 
+    # -- groups: the samples of one request ------------------------------------------------
+    def _preempt_group(self, victim: Sequence, batch: ScheduledBatch, pos: int) -> tuple[int, bool, int]:
+        """Preempt every running sample of ``victim``'s request. ``pos``: the index in
+        ``running`` of the sequence being scheduled. Returns how many members stood before
+        it, whether it is one of them, and the batch tokens given back by members already
+        scheduled this step."""
+        rid, running = victim.request_id, self.running
+        idx = [k for k, s in enumerate(running) if s.request_id == rid]
+        group = [running[k] for k in idx]
+        for k in reversed(idx):
+            del running[k]
+        returned = self._unschedule(group, batch)
+        for seq in group:
+            seq.num_preemptions += 1
+            batch.preempted.append(seq)
+        self.num_preemptions += len(group)
+        if not (self._group_swap and self._swap_out_group(group, batch)):
+            self._recompute_group(group)
+        return sum(k < pos for k in idx), pos in idx, returned
+
+    @staticmethod
+    def _unschedule(group: list[Sequence], batch: ScheduledBatch) -> int:
+        """Take ``group``'s members out of this step's batch; returns their tokens."""
+        members = {id(s) for s in group}
+        keep = [(s, n) for s, n in zip(batch.seqs, batch.num_new_tokens) if id(s) not in members]
+        returned = sum(batch.num_new_tokens) - sum(n for _, n in keep)
+        if returned:
+            batch.seqs[:] = [s for s, _ in keep]
+            batch.num_new_tokens[:] = [n for _, n in keep]
+        return returned
+
+    @staticmethod
+    def _count_tokens(batch: ScheduledBatch) -> tuple[int, int]:
+        """(prefill, decode) tokens of the batch, classified as ``ScheduledBatch.add`` does."""
+        prefill = decode = 0
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            if n == 1 and seq.output_token_ids and len(seq.token_ids) - seq.num_computed_tokens == 1:
+                decode += 1
+            else:
+                prefill += n
+        return prefill, decode
+
+    def _swap_out_group(self, group: list[Sequence], batch: ScheduledBatch) -> bool:
+        if not self.allocator.can_swap_out_group(group):
+            return False
+        self.allocator.swap_out_group(group)
+        for seq in reversed(group):
+            seq.status = SeqStatus.SWAPPED
+            self.swapped.appendleft(seq)
+        self.num_swaps += len(group)
+        batch.swapped_out += len(group)
+        return True
+
+    def _recompute_group(self, group: list[Sequence]) -> None:
+        """KV dropped; one leader goes back to the queue, the others parked on it fork from it
+        again once its prompt is recomputed (so they share the prompt again)."""
+        for seq in group:
+            self.allocator.free(seq)
+            seq.num_computed_tokens = 0
+            seq.status = SeqStatus.WAITING
+        leader = next((s for s in group if s.fork_pending), group[0])  # it may have samples to fork already
+        rest = [s for s in group if s is not leader]
+        if not rest or leader.prompt_len < 2 or not self.allocator.supports_fork:
+            for seq in reversed(group):
+                self.waiting.appendleft(seq)
+            return
+        for seq in rest:
+            leader.followers += [seq, *seq.followers]
+            leader.fork_pending += 1 + seq.fork_pending
+            seq.followers, seq.fork_pending = [], 0
+        self.waiting.appendleft(leader)
+
+    def _group_fits(self, leader: Sequence) -> bool:
+        """Room in the batch for ``leader`` and its parked samples, and memory for their tokens
+        (the prompt once, each sample's own tokens), asked as if one sequence held them all:
+        admitting a group that cannot finish its recompute would only preempt it again.
+        A need larger than any request can ever get is not waited for."""
+        if len(self.running) + 1 + len(leader.followers) > self.config.max_num_seqs:
+            return False
+        shared = leader.prompt_len - 1
+        need = shared + sum(len(s.token_ids) - shared for s in (leader, *leader.followers))
+        need -= leader.num_computed_tokens  # found in the prefix cache: held already
+        return need > self.allocator.max_fit_tokens() or self.allocator.can_allocate(leader, need)
+
+    def _swap_in_group(self, head: Sequence, batch: ScheduledBatch, budget: int) -> tuple[int, bool]:
+        """Bring back every swapped sample of ``head``'s request at once; False where they do
+        not all fit yet."""
+        rid = head.request_id
+        group = [s for s in self.swapped if s.request_id == rid]
+        if len(self.running) + len(group) > self.config.max_num_seqs:
+            return budget, False
+        news, left = [], budget
+        for seq in group:
+            n = max(self._chunk(seq, left), 0)
+            news.append(n)
+            left -= n
+        if not self.allocator.can_swap_in_group(group, news):
+            return budget, False
+        self.allocator.swap_in_group(group)
+        for seq, n in zip(group, news):
+            self.swapped.remove(seq)
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            batch.swapped_in += 1
+            if n > 0:
+                self.allocator.allocate(seq, n)
+                batch.add(seq, n)
+        return left, True
+
     def schedule(self, only: set[str] | None = None) -> ScheduledBatch:
         """``only``: schedule just these requests (the engine isolating a fault); no swap-in."""
         batch = ScheduledBatch()
@@ -133,10 +261,14 @@ class Scheduler:
         running = self.running
         seqs, news = batch.seqs, batch.num_new_tokens
         prefill = decode = 0
+        regrouped = False  # a group preemption took back sequences already in the batch
         # the running loop runs once per sequence per step: _chunk, length_done and
         # ScheduledBatch.add inlined (simulate mode spends most of its time here). Preemption
         # pops from the back, which ends the iteration early, as it should
-        for seq in running:
+        i = 0
+        while i < len(running):
+            seq = running[i]
+            i += 1
             if budget <= 0:
                 break
             out = seq.output_token_ids
@@ -150,7 +282,16 @@ class Scheduler:
             if n <= 0:
                 continue
             while not can_allocate(seq, n):
-                victim = running.pop()
+                victim = running[-1]
+                if victim.params.n > 1:  # its request's samples go together
+                    before, hit, returned = self._preempt_group(victim, batch, i - 1)
+                    i -= before + hit  # the members removed ahead of the next sequence
+                    budget += returned
+                    regrouped = regrouped or returned > 0
+                    if hit:
+                        break
+                    continue
+                running.pop()
                 self._preempt(victim, batch)
                 if victim is seq:
                     break
@@ -163,6 +304,8 @@ class Scheduler:
                 else:
                     prefill += n
                 budget -= n
+        if regrouped:
+            prefill, decode = self._count_tokens(batch)
         batch.num_prefill_tokens, batch.num_decode_tokens = prefill, decode
         if not batch.preempted:
             if only is None:
@@ -174,6 +317,11 @@ class Scheduler:
     def _swap_in(self, batch: ScheduledBatch, budget: int) -> int:
         while self.swapped and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.swapped[0]
+            if self._group_swap and seq.params.n > 1:
+                budget, back = self._swap_in_group(seq, batch, budget)
+                if not back:
+                    break
+                continue
             if not self.allocator.can_swap_in(seq):
                 break
             self.allocator.swap_in(seq)
@@ -204,6 +352,8 @@ class Scheduler:
                     self.allocator.free(seq)
                     cached = 0
                 seq.num_computed_tokens = seq.num_cached_tokens = cached
+            if seq.followers and not self._group_fits(seq):
+                break  # its parked samples rejoin it when it forks: wait for room for the whole group
             n = self._chunk(seq, budget)
             full = (seq.prompt_len - 1 if seq.fork_pending else len(seq.token_ids)) - seq.num_computed_tokens
             if n < full and not self.config.enable_chunked_prefill:

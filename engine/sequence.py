@@ -41,6 +41,7 @@ class Sequence:
     token_times: list[float] = field(default_factory=list)
     oracle_len: int = 0  # exact final length where known; else max_len
     fork_pending: int = 0  # n > 1: samples still to fork from this one when its prompt is computed
+    followers: list = field(default_factory=list)  # samples preempted with this one, forked from it again
     output_top_logprobs: list = field(default_factory=list)  # per token, when params.logprobs > 0
     detok: object = None  # IncrementalDetokenizer, where text is needed
     num_sent: int = 0  # output tokens already handed out (delta outputs)
