@@ -54,6 +54,7 @@ class WorkloadConfig:
     """Mirrors the Hydra group ``conf/workload/*.yaml``."""
 
     name: str = "uniform"          # fixed | uniform | sharegpt | alpaca | shared_prefix | parallel | trace
+    #                                | chatbot | multi_turn
     num_requests: int = 32
     input_len: int = 64            # fixed: exact; uniform: mean when input_len_min/max are unset
     output_len: int = 32
@@ -64,6 +65,9 @@ class WorkloadConfig:
     prefix_len: int = 0            # shared_prefix: tokens shared by every request of a group
     num_prefixes: int = 1          # shared_prefix: number of groups (distinct prefixes)
     n: int = 1                     # parallel samples per request (any workload)
+    turns: int = 1                 # chatbot, multi_turn: requests per conversation
+    history_len: int | None = None  # chatbot: a prompt keeps the last history_len tokens (default 1024)
+    prefix_hit_rate: float | None = None  # multi_turn: share of a follow-up prompt repeating the last one
     trace_path: str | None = None  # trace: local JSONL
     request_rate: float = float("inf")  # req/s; inf = all at t=0 (offline)
     arrival: str = "poisson"       # poisson | gamma
@@ -188,7 +192,8 @@ WORKLOADS: dict[str, Generator] = {}
 _USES: dict[str, frozenset[str]] = {}
 # optional fields: a workload that does not read one must not see it set
 _OPTIONAL = {"input_len_min": None, "input_len_max": None, "output_len_min": None,
-             "output_len_max": None, "prefix_len": 0, "num_prefixes": 1, "trace_path": None}
+             "output_len_max": None, "prefix_len": 0, "num_prefixes": 1, "trace_path": None,
+             "turns": 1, "history_len": None, "prefix_hit_rate": None}
 _RANGES = ("input_len_min", "input_len_max", "output_len_min", "output_len_max")
 
 
@@ -281,6 +286,64 @@ def shared_prefix(cfg: WorkloadConfig, ctx: WorkloadContext) -> list[RequestSpec
     prompt, output = ctx.clip(cfg.prefix_len + suffix, output)
     prompts = [prefixes[i % cfg.num_prefixes] + ctx.tokens(s) for i, s in enumerate(suffix)]
     return ctx.specs(prompts, output, cfg.n)
+
+
+def _conversations(cfg: WorkloadConfig) -> tuple[int, list[tuple[int, int]]]:
+    """(conversations, [(conversation, turn)] in request order): turn t of every conversation
+    before turn t+1 of any, so arrivals (increasing along the list) keep each conversation's turns
+    in order, ``conversations`` requests apart (the think time between two turns)."""
+    convs = -(-cfg.num_requests // cfg.turns)
+    order = [(c, t) for t in range(cfg.turns) for c in range(convs)]
+    return convs, [(c, t) for c, t in order if c * cfg.turns + t < cfg.num_requests]
+
+
+@register_workload("chatbot", uses=("turns", "history_len"))
+def chatbot(cfg: WorkloadConfig, ctx: WorkloadContext) -> list[RequestSpec]:
+    """Conversations of ``turns`` ShareGPT-like exchanges (the PagedAttention paper's chatbot):
+    the prompt of a turn is the conversation so far (earlier questions and answers) and the new
+    question, cut to its last ``history_len`` tokens (1024 in the paper). Earlier answers are
+    drawn tokens, not what the engine generated, so what a prefix cache can reuse is the previous
+    turn's prompt."""
+    history_len = cfg.history_len or 1024
+    convs, order = _conversations(cfg)
+    rng = ctx.lengths_rng
+    user, reply = SHAREGPT.sample(rng, len(order), ctx.max_model_len)
+    history: list[list[int]] = [[] for _ in range(convs)]
+    prompts, outputs = [], []
+    for (c, _), u, r in zip(order, user, reply):
+        question = ctx.tokens(u)
+        prompt = (history[c] + question)[-min(history_len, ctx.max_model_len - 1):]
+        out = int(np.clip(r, 1, ctx.max_model_len - len(prompt)))
+        prompts.append(prompt)
+        outputs.append(out)
+        history[c] = history[c] + question + ctx.tokens(out)
+    specs = ctx.specs(prompts, outputs, cfg.n)
+    for spec, (c, t) in zip(specs, order):
+        spec.request_id = f"chat{c}-turn{t}"
+    return specs
+
+
+@register_workload("multi_turn", uses=_RANGES + ("turns", "prefix_hit_rate"))
+def multi_turn(cfg: WorkloadConfig, ctx: WorkloadContext) -> list[RequestSpec]:
+    """Conversations with a set prefix-hit rate: every follow-up prompt begins with the first
+    ``round(prefix_hit_rate x its length)`` tokens of the conversation's previous prompt (as many
+    as that has) and ends in fresh tokens, so an ideal token-level prefix cache reuses
+    ``prefix_hit_rate`` of every follow-up prompt (block caches: whole blocks of it). Lengths as
+    ``uniform``/``fixed``."""
+    hit = cfg.prefix_hit_rate if cfg.prefix_hit_rate is not None else 0.5
+    convs, order = _conversations(cfg)
+    prompt_lens, outputs = _prompts_and_outputs(dataclasses.replace(cfg, num_requests=len(order)), ctx)
+    last: dict[int, list[int]] = {}
+    prompts = []
+    for (c, _), n in zip(order, prompt_lens):
+        keep = min(int(round(hit * n)), len(last.get(c, ())))
+        prompt = last.get(c, [])[:keep] + ctx.tokens(n - keep)
+        prompts.append(prompt)
+        last[c] = prompt
+    specs = ctx.specs(prompts, outputs, cfg.n)
+    for spec, (c, t) in zip(specs, order):
+        spec.request_id = f"conv{c}-turn{t}"
+    return specs
 
 
 _TRACE_KEYS = {"prompt_len", "prompt", "output_len", "arrival_s", "n", "request_id"}
@@ -396,7 +459,17 @@ def _validate(cfg: WorkloadConfig, vocab_size: int, max_model_len: int, low: int
         _as_int(cfg, key, 1, optional=True)
     _as_int(cfg, "prefix_len", 0)
     _as_int(cfg, "num_prefixes", 1)
+    _as_int(cfg, "turns", 1)
+    _as_int(cfg, "history_len", 1, optional=True)
     _as_int(cfg, "seed", 0)
+    if cfg.prefix_hit_rate is not None:
+        try:
+            cfg.prefix_hit_rate = float(cfg.prefix_hit_rate)
+        except (TypeError, ValueError):
+            cfg.prefix_hit_rate = math.nan
+        if not 0.0 <= cfg.prefix_hit_rate <= 1.0:
+            raise ValueError(f"workload.prefix_hit_rate must be in [0, 1] (the share of a follow-up prompt "
+                             f"that repeats the previous one), got {cfg.prefix_hit_rate}")
     for key, unset in _OPTIONAL.items():
         if getattr(cfg, key) != unset and key not in _USES[cfg.name]:
             raise ValueError(f"workload.{key} is not used by workload '{cfg.name}': remove it "
