@@ -455,19 +455,47 @@ def plot_latency_cdfs(wide: pd.DataFrame, requests: dict[str, pd.DataFrame]):
     return fig
 
 
+SMALL_MULTIPLES_AFTER = 10  # more runs than this: one panel per series instead of one crowded plot
+
+
 def plot_usage_over_time(wide: pd.DataFrame, steps: dict[str, pd.DataFrame]):
     styles, handles, note = _styles(wide)
-    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(8, 5), sharex=True, height_ratios=[3, 2])
-    for _, r in wide.iterrows():
-        for i, st in enumerate(steps.get(r["run_id"], [])):
-            if "capacity" in st:
-                _plot_usage(ax, ax2, st, _once(styles[r["run_id"]], i))
-    ax.set_ylabel("KV pool in use (%)\n(dotted: token states)")
-    ax.set_ylim(0, 102)
-    ax.legend(handles=handles or None, fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    ax.set_title(_title(wide, "KV usage and batch size over time") + note, fontsize=9)
-    ax2.set_xlabel(("simulated " if (wide.get("mode") == "simulate").all() else "") + "time (s)")
-    ax2.set_ylabel("batch size (seqs)")
+    axis = next((a for a in SWEEPS if a in varying(wide)), None)
+    series = run_labels(wide, exclude=(axis,)) if axis else wide["label"]
+    groups = list(dict.fromkeys(series))
+    if len(wide) <= SMALL_MULTIPLES_AFTER or len(groups) < 2:
+        groups = [None]
+    cols = min(4, len(groups))
+    rows = -(-len(groups) // cols)
+    fig, axes = plt.subplots(2 * rows, cols, figsize=(8 if cols == 1 else 3.6 * cols + 1, 5 * rows),
+                             sharex=True, sharey="row", height_ratios=[3, 2] * rows, squeeze=False)
+    for k, group in enumerate(groups):
+        ax, ax2 = axes[2 * (k // cols)][k % cols], axes[2 * (k // cols) + 1][k % cols]
+        for (_, r), s in zip(wide.iterrows(), series):
+            if group is not None and s != group:
+                continue
+            for i, st in enumerate(steps.get(r["run_id"], [])):
+                if "capacity" in st:
+                    _plot_usage(ax, ax2, st, _once(styles[r["run_id"]], i))
+        ax.set_ylim(0, 102)
+        ax.grid(alpha=0.3)
+        ax2.grid(alpha=0.3)
+        if group is not None:
+            ax.set_title(group, fontsize=8)
+        if k % cols == 0:
+            ax.set_ylabel("KV pool in use (%)\n(dotted: token states)")
+            ax2.set_ylabel("batch size (seqs)")
+        if k // cols == rows - 1:
+            ax2.set_xlabel(("simulated " if (wide.get("mode") == "simulate").all() else "") + "time (s)")
+    for k in range(len(groups), rows * cols):  # empty cells of the grid
+        axes[2 * (k // cols)][k % cols].set_visible(False)
+        axes[2 * (k // cols) + 1][k % cols].set_visible(False)
+    if groups == [None]:
+        axes[0][0].legend(handles=handles or None, fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+        axes[0][0].set_title(_title(wide, "KV usage and batch size over time") + note, fontsize=9)
+    else:
+        fig.suptitle(_title(wide, "KV usage and batch size over time") + note, fontsize=10)
+        fig.tight_layout()
     return fig
 
 
@@ -553,9 +581,10 @@ def plot_sweep(wide: pd.DataFrame, axis: str):
             ax.set_yscale("log")
         if scale == "log2":
             ax.set_xscale("log", base=2)
-            from matplotlib.ticker import FuncFormatter
+            from matplotlib.ticker import FuncFormatter, NullFormatter
 
             ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels overlap the major ones
         ax.grid(alpha=0.3)
     if data["_series"].nunique() > 1:
         axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
