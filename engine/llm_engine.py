@@ -159,6 +159,13 @@ class LLMEngine:
             raise ValueError(f"request '{request_id}': stop_token_ids {bad[:5]} outside the vocabulary [0, {vocab})")
         if params.stop and not has_text(self.tokenizer):  # stop strings would never match
             raise self.tokenizer.error("stop strings")
+        if params.beam_width > 1:
+            if self.config.async_scheduling:
+                raise ValueError(f"request '{request_id}': beam search needs async_scheduling=False "
+                                 "(beams are chosen from the step's tokens before the next step is scheduled)")
+            if not self.allocator.supports_fork:
+                raise ValueError(f"request '{request_id}': beam search needs an allocator that can fork "
+                                 f"('{self.config.allocator}' cannot)")
         max_tokens = self.max_model_len if params.max_tokens is None else params.max_tokens
         need = min(n + max(max_tokens, 1), self.max_model_len)
         fit = self.allocator.max_fit_tokens()
@@ -175,16 +182,17 @@ class LLMEngine:
         self.validate(request_id, ids, params)
         arrival = self.clock() if arrival_time is None else arrival_time
         seqs = [Sequence(request_id, ids, params, self.max_model_len, arrival_time=arrival, index=i,
-                         oracle_len=oracle_len) for i in range(params.n)]
+                         oracle_len=oracle_len) for i in range(params.num_seqs)]
         req = self.requests[request_id] = RequestState(request_id, text, ids, params, seqs, arrival)
         self.output_processor.add(req)
         if self.output_processor.is_quiet(req, self.config.stream_outputs):
             for s in seqs:
                 s.quiet = True
-        if params.n > 1 and len(ids) >= 2:
+        if params.num_seqs > 1 and len(ids) >= 2:
             # one sequence computes the prompt; the others fork from it (sharing its KV where
             # the allocator can) and each computes the last prompt token and samples itself
-            seqs[0].fork_pending = params.n - 1
+            # (beam search: the k beams start as k copies of the prompt, see _beam_step)
+            seqs[0].fork_pending = params.num_seqs - 1
             req.unborn = seqs[1:]
             self.scheduler.add(seqs[0])
         else:
@@ -337,14 +345,22 @@ class LLMEngine:
         self._wait_s = now - t0
         touched: dict[str, RequestState] = {}
         requests, check_stop = self.requests, self._check_stop
+        beams: dict[str, list[Sequence]] = {}
         for seq, pos, (token, logprob, top) in zip(handle.seqs, handle.positions, results):
             if seq.finished:  # stopped while this token was in flight
                 continue
             seq.resolve(pos, token, logprob, top, now)
+            if seq.params.beam_width > 1:  # stop checks once the beams are chosen
+                beams.setdefault(seq.request_id, []).append(seq)
+                continue
             check_stop(seq, pos)
             if not seq.quiet or seq.status is SeqStatus.FINISHED:
                 touched[seq.request_id] = requests[seq.request_id]
         self.num_generation_tokens += len(results)
+        for rid, group in beams.items():
+            self._beam_step(group)
+            if any(not s.quiet or s.status is SeqStatus.FINISHED for s in group):
+                touched[rid] = requests[rid]
         return self.output_processor.process(touched.values(), self)
 
     def _resolve_sampled(self, sampled: list) -> list[RequestOutput]:
@@ -355,8 +371,13 @@ class LLMEngine:
         touched: dict[str, RequestState] = {}
         requests, check_stop, finish = self.requests, self._check_stop, self._finish_seq
         FINISHED = SeqStatus.FINISHED
+        beams: dict[str, list[Sequence]] = {}
         for seq, token, logprob in sampled:
             if seq.status is FINISHED:
+                continue
+            if seq.params.beam_width > 1:  # stop checks once the beams are chosen
+                seq.append_token(token, logprob, now)
+                beams.setdefault(seq.request_id, []).append(seq)
                 continue
             out = seq.output_token_ids
             if logprob is None:  # Sequence.append_token inlined: once per sequence per step
@@ -375,7 +396,84 @@ class LLMEngine:
             if not seq.quiet or seq.status is FINISHED:
                 touched[seq.request_id] = requests[seq.request_id]
         self.num_generation_tokens += len(sampled)
+        for rid, group in beams.items():
+            self._beam_step(group)
+            if any(not s.quiet or s.status is FINISHED for s in group):
+                touched[rid] = requests[rid]
         return self.output_processor.process(touched.values(), self) if touched else []
+
+    # -- beam search ---------------------------------------------------------------------
+    def _beam_candidates(self, seq: Sequence, k: int) -> list[tuple[int, float]]:
+        """``seq``'s k best continuations (token, logprob) of this step: from the sampler's
+        logits, or from a runner without logits (simulate) by its own rule."""
+        rule = getattr(self.runner, "beam_candidates", None)
+        if rule is not None:
+            return rule(seq, k)
+        return self.runner.sampler.pop_beam_candidates(seq, k)
+
+    def _beam_step(self, beams: list[Sequence]) -> None:
+        """One step of beam search over the live beams of a request that sampled this step.
+
+        Each beam proposes its k best next tokens (k = beam_width); of these (at most k*k
+        candidates) the ``len(beams)`` best by cumulative logprob survive (ties: the earlier
+        beam, then the likelier token). A beam with at least one surviving child keeps its
+        sequence for the best of them (its last token, not yet computed, is replaced); a beam
+        with none is dropped: its blocks are freed and its sequence becomes another surviving
+        child, forked from that child's parent (``allocator.fork``: the paged allocator shares
+        the parent's blocks copy-on-write, contiguous ones copy). Right after the prompt every
+        beam is the same sequence: only the first proposes. A beam whose chosen token ends it
+        (EOS, stop token, length) finishes and keeps its place among the results; the search
+        goes on with the others (the width shrinks, as no finished hypothesis is replaced).
+        """
+        beams.sort(key=lambda s: s.index)
+        k = beams[0].params.beam_width
+        cands = []
+        proposers = beams[:1] if all(s.num_output_tokens == 1 for s in beams) else beams
+        for b, seq in enumerate(proposers):
+            for j, (tok, lp) in enumerate(self._beam_candidates(seq, k)):
+                cands.append((-(seq.cum_logprob + lp), b, j, tok, lp))
+        cands.sort()
+        chosen = cands[:len(beams)]
+        children: dict[int, list] = {}
+        for c in chosen:
+            children.setdefault(c[1], []).append(c)
+        spare = [seq for b, seq in enumerate(beams) if b not in children]
+        record_lp = beams[0].params.logprobs is not None
+        alloc, release = self.allocator, getattr(self.runner, "release", None)
+        for b, kids in children.items():
+            parent = proposers[b]
+            base_cum = parent.cum_logprob
+            n_out = parent.num_output_tokens - 1
+            for _, _, _, tok, lp in kids[1:]:  # forks first: they copy the parent's history
+                child = spare.pop()
+                alloc.free(child)
+                if release is not None:
+                    release(child)
+                child.token_ids = parent.token_ids[:-1] + [tok]
+                child.output_token_ids = parent.output_token_ids[:-1] + [tok]
+                child.output_logprobs = parent.output_logprobs[:n_out] + ([lp] if record_lp else [])
+                child.output_top_logprobs = []
+                child.token_times = list(parent.token_times)
+                child.first_token_time = parent.first_token_time
+                child.cum_logprob = base_cum + lp
+                child.detok, child.num_decoded, child.num_sent = None, 0, 0
+                if alloc.can_fork(parent):
+                    alloc.fork(parent, child)
+                    child.num_computed_tokens = parent.num_computed_tokens
+                else:  # nothing to share: it computes its history itself
+                    child.num_computed_tokens = 0
+            _, _, _, tok, lp = kids[0]
+            parent.token_ids[-1] = tok
+            parent.output_token_ids[-1] = tok
+            del parent.output_logprobs[n_out:]
+            if record_lp:
+                parent.output_logprobs.append(lp)
+            parent.cum_logprob = base_cum + lp
+        for seq in spare:  # fewer candidates than beams (a vocabulary smaller than the width)
+            self._finish_seq(seq, "length", len(seq.token_ids) - 2)
+        for seq in beams:
+            if seq.status is not SeqStatus.FINISHED:
+                self._check_stop(seq, len(seq.token_ids) - 1)
 
     def _fork(self, parent: Sequence) -> None:
         """``parent``'s prompt (but its last token) is computed: the request's samples not yet

@@ -111,6 +111,9 @@ class OutputProcessor:
         if req.params.output_kind == "delta":
             samples = [self._delta(s, text) for s in req.seqs
                        if s.num_resolved > s.num_sent or (s.finished and not s.final_sent)]
+        elif req.params.beam_width > 1:  # the n best beams, best first, numbered by rank
+            ranked = sorted(req.seqs, key=lambda s: (-s.cum_logprob, s.index))[:req.params.n]
+            samples = [(rank, *self._whole(s, text)[1:]) for rank, s in enumerate(ranked)]
         else:
             samples = [self._whole(s, text) for s in req.seqs]
         p, s0 = req.params, req.seqs[0]

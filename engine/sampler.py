@@ -17,6 +17,8 @@ class Sampler:
         self.device = torch.device(device)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self._seq_generators: dict[int, torch.Generator] = {}
+        # beam search: seq_id -> its k best (token, logprob) of the last step, read by the engine
+        self.beam_candidates: dict[int, list[tuple[int, float]]] = {}
 
     def _generator(self, seq: Sequence) -> torch.Generator:
         if seq.params.seed is None:
@@ -29,6 +31,7 @@ class Sampler:
 
     def forget(self, seq: Sequence) -> None:
         self._seq_generators.pop(seq.seq_id, None)
+        self.beam_candidates.pop(seq.seq_id, None)
 
     def sample(self, logits: torch.Tensor, seqs: list[Sequence], eos_ids: list[int]):
         """(token ids, packed logprobs or None), both still on the logits' device: no sync.
@@ -44,6 +47,9 @@ class Sampler:
             tokens = logits.argmax(dim=-1)
         else:
             tokens = self._sample(logits, seqs)
+        beams = [i for i, s in enumerate(seqs) if s.params.beam_width > 1]
+        if beams:
+            self._beam_topk(logits, seqs, beams)
         if not want:
             return tokens, None
         logprobs = torch.log_softmax(logits, dim=-1)
@@ -53,6 +59,18 @@ class Sampler:
             top = logprobs.topk(k, dim=-1)
             packed += [top.values, top.indices.float()]
         return tokens, torch.cat(packed, dim=1)
+
+    def _beam_topk(self, logits: torch.Tensor, seqs: list[Sequence], rows: list[int]) -> None:
+        """Each beam's ``beam_width`` best continuations (greedy: the argmax is the first)."""
+        k = min(max(seqs[i].params.beam_width for i in rows), logits.shape[1])
+        idx = torch.tensor(rows, device=logits.device)
+        top = torch.log_softmax(logits[idx], dim=-1).topk(k, dim=-1)
+        for i, vals, ids in zip(rows, top.values.tolist(), top.indices.tolist()):
+            w = seqs[i].params.beam_width
+            self.beam_candidates[seqs[i].seq_id] = list(zip(ids[:w], vals[:w]))
+
+    def pop_beam_candidates(self, seq: Sequence, k: int) -> list[tuple[int, float]]:
+        return self.beam_candidates.pop(seq.seq_id)[:k]
 
     @staticmethod
     def _apply_min_tokens(logits: torch.Tensor, seqs: list[Sequence], eos_ids: list[int]) -> None:

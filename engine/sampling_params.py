@@ -44,6 +44,11 @@ class SamplingParams:
     # what step() returns for this request while it runs: everything so far, only what is new
     # since the last output (O(new tokens) per step: streaming), or nothing until it finishes
     output_kind: str = "cumulative"
+    # beam search: k > 1 keeps the k most likely continuations by cumulative logprob (see
+    # ``LLMEngine._beam_step``); the output is the ``n`` best beams (n <= k), best first.
+    # As in vLLM's beam search: greedy only (temperature 0, no top_p / top_k); no stop strings
+    # (a beam's text changes when it is replaced) and no delta outputs.
+    beam_width: int = 1
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -94,7 +99,29 @@ class SamplingParams:
             out.append("stop_token_ids must be non-negative token ids")
         if self.output_kind not in OUTPUT_KINDS:
             out.append(f"output_kind must be one of {OUTPUT_KINDS}, got {self.output_kind!r}")
+        integer("beam_width", 1, MAX_N)
+        if _is_int(self.beam_width) and self.beam_width > 1 and not out:
+            k = self.beam_width
+            if self.n > k:
+                out.append(f"n must be <= beam_width with beam search (the n best of {k} beams), got n={self.n}")
+            if self.temperature >= SAMPLING_EPS or self.top_p != 1.0 or self.top_k not in (-1, 0):
+                out.append("beam search is greedy: it needs temperature=0, top_p=1 and top_k=-1")
+            if self.logprobs:
+                out.append("beam search gives each token's logprob only: logprobs must be None or 0")
+            if self.stop:
+                out.append("stop strings are not supported with beam search (use stop_token_ids)")
+            if self.output_kind == "delta":
+                out.append("output_kind='delta' is not supported with beam search (a beam's tokens can be replaced)")
         return out
+
+    @property
+    def use_beam_search(self) -> bool:
+        return self.beam_width > 1
+
+    @property
+    def num_seqs(self) -> int:
+        """Sequences the request runs: its beams, or its n samples."""
+        return self.beam_width if self.beam_width > 1 else self.n
 
     @property
     def greedy(self) -> bool:

@@ -283,7 +283,7 @@ class Scheduler:
                 continue
             while not can_allocate(seq, n):
                 victim = running[-1]
-                if victim.params.n > 1:  # its request's samples go together
+                if victim.params.num_seqs > 1:  # its request's samples go together
                     before, hit, returned = self._preempt_group(victim, batch, i - 1)
                     i -= before + hit  # the members removed ahead of the next sequence
                     budget += returned
@@ -317,7 +317,7 @@ class Scheduler:
     def _swap_in(self, batch: ScheduledBatch, budget: int) -> int:
         while self.swapped and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.swapped[0]
-            if self._group_swap and seq.params.n > 1:
+            if self._group_swap and seq.params.num_seqs > 1:
                 budget, back = self._swap_in_group(seq, batch, budget)
                 if not back:
                     break

@@ -49,6 +49,7 @@ class Sequence:
     final_sent: bool = False  # its finish has been reported (delta outputs)
     prompt_logprobs: list = field(default_factory=lambda: [None])  # per prompt token (params.prompt_logprobs)
     prompt_top_logprobs: list = field(default_factory=lambda: [None])
+    cum_logprob: float = 0.0  # beam search: sum of the output tokens' logprobs
     quiet: bool = False  # its request needs no output stage until a sample finishes (set by the engine)
 
     def __post_init__(self) -> None:

@@ -11,8 +11,9 @@ from experiments.workloads import RequestSpec
 
 def sampling_params(spec: RequestSpec, seed: int) -> SamplingParams:
     # workloads fix output lengths: ignore_eos makes them exact for every strategy
+    # beam search (spec.beam_width > 1) returns the best beam
     return SamplingParams(n=spec.n, max_tokens=spec.output_len, ignore_eos=True, temperature=0.0, seed=seed,
-                          output_kind="final_only")
+                          output_kind="final_only", beam_width=spec.beam_width)
 
 
 def drive(

@@ -81,6 +81,31 @@ class SimRunner:
         t = 4 + (seq.seq_id * 7919 + seq.num_tokens * 104729) % (self.vocab_size - 4)
         return t if t not in self.eos else 4 + (t + 1 - 4) % (self.vocab_size - 4)
 
+    # beam search without logits: every ``beam_period``-th output token (the first included) the
+    # best beam's continuations take all k places, so the other beams are dropped and forked
+    # again from it; on the other tokens every beam keeps its own best continuation (no fork)
+    beam_period = 4
+    _BEAM_GAP = 1000.0  # a logprob gap no accumulated difference between beams reaches
+
+    def beam_candidates(self, seq, k: int) -> list[tuple[int, float]]:
+        """``seq``'s k continuations (token, logprob), most likely first, by the fixed rule above:
+        on a fork token beam ``i`` (``seq.index``; beam 0 holds the best) proposes logprobs
+        ``-i * GAP - j`` (j = 0 .. k-1), so beam 0 takes every place; on the others each beam
+        proposes ``0, -GAP, -GAP - 1, ..``, so each keeps its own first token. Token ids are
+        deterministic, distinct, never EOS."""
+        fork = (seq.num_output_tokens - 1) % self.beam_period == 0
+        gap = self._BEAM_GAP
+        lps = ([-seq.index * gap - j for j in range(k)] if fork else
+               [0.0] + [-gap - j for j in range(k - 1)])
+        span = self.vocab_size - 4
+        x = 4 + (seq.seq_id * 7919 + seq.num_tokens * 104729) % span
+        tokens: list[int] = []
+        while len(tokens) < min(k, span):
+            if x not in self.eos and x not in tokens:
+                tokens.append(x)
+            x = 4 + (x + 1 - 4) % span
+        return list(zip(tokens, lps))
+
     def _swap_time(self, batch) -> float:
         """PCIe time of the KV swapped out by this step's preemptions and back in for its
         sequences that return from host memory (0 without swapping or bandwidth)."""

@@ -43,6 +43,7 @@ class RequestSpec:
     arrival_s: float = 0.0        # offset from run start
     n: int = 1                    # parallel samples
     prompt_text: str | None = None  # trace replay with text prompts (ids empty until tokenized)
+    beam_width: int = 1           # beam search width (1: none)
 
     @property
     def prompt_len(self) -> int:
@@ -65,6 +66,7 @@ class WorkloadConfig:
     prefix_len: int = 0            # shared_prefix: tokens shared by every request of a group
     num_prefixes: int = 1          # shared_prefix: number of groups (distinct prefixes)
     n: int = 1                     # parallel samples per request (any workload)
+    beam_width: int = 1            # beam search of this width per request (any workload; 1: none)
     turns: int = 1                 # chatbot, multi_turn: requests per conversation
     history_len: int | None = None  # chatbot: a prompt keeps the last history_len tokens (default 1024)
     prefix_hit_rate: float | None = None  # multi_turn: share of a follow-up prompt repeating the last one
@@ -453,7 +455,7 @@ def _validate(cfg: WorkloadConfig, vocab_size: int, max_model_len: int, low: int
     if cfg.name not in WORKLOADS:
         raise ValueError(f"unknown workload '{cfg.name}': set workload.name to one of "
                          f"{available_workloads()}")
-    for key in ("num_requests", "input_len", "output_len", "n"):
+    for key in ("num_requests", "input_len", "output_len", "n", "beam_width"):
         _as_int(cfg, key, 1)
     for key in _RANGES:
         _as_int(cfg, key, 1, optional=True)
@@ -483,6 +485,9 @@ def _validate(cfg: WorkloadConfig, vocab_size: int, max_model_len: int, low: int
     if cfg.name == "shared_prefix" and not 1 <= cfg.prefix_len <= max_model_len - 2:
         raise ValueError(f"workload.prefix_len must be in [1, max_model_len - 2 = "
                          f"{max_model_len - 2}] for shared_prefix, got {cfg.prefix_len}")
+    if cfg.beam_width > 1 and cfg.n > cfg.beam_width:
+        raise ValueError(f"workload.n ({cfg.n}) must be <= workload.beam_width ({cfg.beam_width}): "
+                         "beam search returns the n best of its beams")
     if cfg.name == "parallel" and cfg.n < 2:
         raise ValueError("workload 'parallel' needs workload.n >= 2 samples per prompt")
     if cfg.name == "trace":
@@ -533,6 +538,7 @@ def make_workload(cfg: WorkloadConfig | Mapping, vocab_size: int, max_model_len:
             spec.arrival_s = float(t)
     for i, spec in enumerate(specs):
         spec.request_id = spec.request_id or f"{cfg.name}-{i}"
+        spec.beam_width = cfg.beam_width
     return specs
 
 
