@@ -244,12 +244,7 @@ class Scheduler:
         self.allocator.swap_in_group(group)
         for seq, n in zip(group, news):
             self.swapped.remove(seq)
-            seq.status = SeqStatus.RUNNING
-            self.running.append(seq)
-            batch.swapped_in += 1
-            if n > 0:
-                self.allocator.allocate(seq, n)
-                batch.add(seq, n)
+            self._running_again(seq, n, batch)
         return left, True
 
     def schedule(self, only: set[str] | None = None) -> ScheduledBatch:
@@ -330,14 +325,18 @@ class Scheduler:
                 self.allocator.swap_out(seq)  # room for its KV but not its next token: wait
                 break
             self.swapped.popleft()
-            seq.status = SeqStatus.RUNNING
-            self.running.append(seq)
-            batch.swapped_in += 1
-            if n > 0:
-                self.allocator.allocate(seq, n)
-                batch.add(seq, n)
-                budget -= n
+            self._running_again(seq, n, batch)
+            budget -= n
         return budget
+
+    def _running_again(self, seq, n: int, batch: ScheduledBatch) -> None:
+        """A sequence back from host memory runs again, its next ``n`` tokens in this batch."""
+        seq.status = SeqStatus.RUNNING
+        self.running.append(seq)
+        batch.swapped_in += 1
+        if n > 0:
+            self.allocator.allocate(seq, n)
+            batch.add(seq, n)
 
     def _admit(self, batch: ScheduledBatch, budget: int, only: set[str] | None = None) -> None:
         queue = self.waiting if only is None else deque(s for s in self.waiting if s.request_id in only)
