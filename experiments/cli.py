@@ -31,6 +31,8 @@ COMMANDS: dict[str, Command] = {
                        "measure this engine's operations on the GPU into a device profile"),
     "validate-sim": Command("experiments.validate_sim:main", "validate-sim [...]",
                             "simulate vs the real engine on one workload: error table and plot"),
+    "reproduce": Command("experiments.reproduce:main", "reproduce PAPER [--quick] [--repeats N] [--out DIR]",
+                         "every figure of pagedattention / vattention beside the paper's values"),
 }
 
 
