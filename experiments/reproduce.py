@@ -471,10 +471,10 @@ def fig14_15(ctx: Ctx) -> list[Section]:
                 r.setting = f"OPT-13B, {name}, beam width {k}, {brate:g} req/s, {bn} requests"
                 if r.verdict == "differs":
                     r.why = ("the paper gives one range over widths 2-6; kvlab's saving grows with the width (more beams "
-                             "share the prompt and the common part of their outputs), so the smallest and largest "
-                             "widths fall at or beyond the range's ends. Simulate picks beams by a fixed rule (every "
-                             "4th token the best beam takes all places), not a model's log-probabilities, which sets "
-                             "how much of the outputs the beams share.")
+                             "share the prompt and the common part of their outputs): width 2 falls in the range, "
+                             "wider beams above it. Simulate picks beams by a fixed rule (every 4th token the best "
+                             "beam takes all places), not a model's log-probabilities; that rule sets how much of the "
+                             "outputs the beams share, here more than the paper's model did.")
                 beams.append(r)
             beam_series[f"beam search, {name}, {brate:g} req/s"] = (widths, vals)
     # Fig. 14: the rate each strategy sustains at equal latency, per n
@@ -517,15 +517,12 @@ def fig16(ctx: Ctx) -> list[Section]:
         if r.verdict == "differs":
             batch = {k: mean_ci(per_seed(data[k][rates[-1]], "mean_batch_size_tw"))[0] for k in data}
             r.why += (f"At the top rate kvlab's Orca-Oracle runs {batch['Orca-Oracle']:.0f} requests at a time, each "
-                      f"holding its own copy of the {plen}-token prefix, against vLLM's {batch['vLLM']:.0f} (prefix "
-                      "stored once, max_num_seqs 256): in simulate memory is the only limit, so the ratio follows "
-                      "the number of requests each fits. The paper's 3.58x is likely bounded by costs simulate does "
-                      "not model (per-step scheduling and sampling that grow with the batch); kvlab's translation "
-                      "workload is synthetic (uniform 20-60 token sentences and outputs), not WMT16."
-                      if shots == "5-shot" else
-                      "A 1-shot prefix (80 tokens) is a small part of each request, so sharing it frees little "
-                      "memory; kvlab's ratio is read off a sweep of fixed rates (interpolated) and the translation "
-                      "workload is synthetic (uniform 20-60 token sentences and outputs), not WMT16.")
+                      f"holding its own copy of the {plen}-token prefix (a large part of a request whose own sentence "
+                      f"and output are 20-60 tokens each), against vLLM's {batch['vLLM']:.0f} (prefix stored once, "
+                      "max_num_seqs 256): in simulate memory is the only limit, so the ratio follows the number of "
+                      "requests each fits. The paper's smaller ratio is likely bounded by costs simulate does not "
+                      "model (per-step scheduling and sampling that grow with the batch); kvlab's translation "
+                      "workload is synthetic, not WMT16.")
         rows.append(r)
         plots.append(rate_plot(ctx.out / f"fig16_{shots}.png", data, rates, f"Fig. 16: shared prefix, {shots} ({plen} tokens)",
                                ("Orca-Oracle", r.paper), f"vLLM's rate = {r.paper}x Orca-Oracle's"))
@@ -789,9 +786,12 @@ def write_page(ctx: Ctx, sections: list[Section], seconds: float, argv: list[str
         for r in s.rows:
             k = r.bound + _num(r.kvlab) + (f" ± {_num(r.ci95)}" if math.isfinite(r.ci95) else "")
             lines.append(f"| {r.quantity} ({r.setting}) | {_num(r.paper)} {r.unit} | {k} | {_num(r.ratio)} | {r.verdict} |")
-        whys = [f"- {r.quantity}: {r.why}" for r in s.rows if r.why]
+        whys: dict[str, list[str]] = {}
+        for r in s.rows:
+            if r.why:
+                whys.setdefault(r.why.strip(), []).append(r.quantity)
         if whys:
-            lines += ["", "Why (and notes):", *dict.fromkeys(whys)]
+            lines += ["", "Why (and notes):", *[f"- {'; '.join(qs)}: {w}" for w, qs in whys.items()]]
         if s.note:
             lines += ["", s.note]
         if s.plot:
