@@ -19,6 +19,18 @@ def _plt():
 PAPER_MARK = dict(marker="o", mfc="none", mec="black", ms=9, mew=1.5, ls="none", zorder=5)
 
 
+def finish(fig, ax, path: Path, title: str) -> Path:
+    """Title, legend outside the data, written whole or not at all."""
+    from experiments.atomic import save_figure
+
+    ax.set_title(title, fontsize=10)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
+    fig.tight_layout()
+    save_figure(path, fig)
+    _plt().close(fig)
+    return path
+
+
 def _mark_paper(ax, x, value, label: bool) -> None:
     if value is None:
         return
@@ -40,12 +52,7 @@ def bars(path: Path, rows: list[Row], labels: list[str], ylabel: str, title: str
         _mark_paper(ax, i + 0.3, r.paper, i == 0)
     ax.set_xticks(list(xs), labels, rotation=15)
     ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return finish(fig, ax, path, title)
 
 
 def rate_plot(path: Path, data, rates: list[float], title: str, paper_ratio=None, ratio_label: str = "") -> Path:
@@ -69,12 +76,7 @@ def rate_plot(path: Path, data, rates: list[float], title: str, paper_ratio=None
     ax.set_yscale("log")
     ax.set_xlabel("request rate (req/s)")
     ax.set_ylabel("normalized latency (s/token)")
-    ax.set_title(title, fontsize=10)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return finish(fig, ax, path, title)
 
 
 def sweep_plot(path: Path, series: dict[str, tuple[list, list[list[float]]]], xlabel: str, ylabel: str, title: str,
@@ -91,9 +93,4 @@ def sweep_plot(path: Path, series: dict[str, tuple[list, list[list[float]]]], xl
         ax.set_xscale("log", base=2)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return finish(fig, ax, path, title)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 
 from experiments.reproduce.core import Ctx, ROOT, mean_ci, per_seed, row, run
-from experiments.reproduce.plots import PAPER_MARK, _plt, sweep_plot
+from experiments.reproduce.plots import PAPER_MARK, _plt, finish, sweep_plot
 from experiments.reproduce.pagedattention import Section, _kernel_table
 
 
@@ -105,10 +105,5 @@ def allocation_latency(ctx: Ctx) -> list[Section]:
         ax.plot([ops.index("cuMemMap+cuMemSetAccess") + 0.3], [40.0], **PAPER_MARK, label="paper: ~40 us per page")
         ax.set_xticks(range(len(ops)), [o.replace("+", "+\n") for o in ops], fontsize=7)
     ax.set_ylabel("host time per 2 MiB page (us)")
-    ax.set_title("vAttention: VMM call latency", fontsize=10)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
-    fig.tight_layout()
-    s.plot = ctx.out / "allocation_latency.png"
-    fig.savefig(s.plot, dpi=110)
-    plt.close(fig)
+    s.plot = finish(fig, ax, ctx.out / "allocation_latency.png", "vAttention: VMM call latency")
     return [s]
