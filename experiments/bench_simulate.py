@@ -31,12 +31,9 @@ def overrides(requests: int, strategy: str, extra: list[str]) -> list[str]:
 
 
 def run(requests: int, strategy: str = "paged", extra: list[str] = (), profile: bool = False) -> dict:
-    from hydra import compose, initialize_config_dir
+    from experiments.run import compose, run_experiment
 
-    from experiments.run import CONF_DIR, run_experiment
-
-    with initialize_config_dir(CONF_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=overrides(requests, strategy, list(extra)))
+    cfg = compose(overrides(requests, strategy, list(extra)))
     prof = cProfile.Profile() if profile else None
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     with tempfile.TemporaryDirectory(prefix="sim_scale_") as out:

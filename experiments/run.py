@@ -45,6 +45,16 @@ from experiments.atomic import write_json, write_parquet
 from experiments.preflight import MODES, UserError, check_config  # noqa: F401 (check_config: public here too)
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def compose(overrides: list[str]) -> DictConfig:
+    """The configuration ``kvlab run`` would get from these overrides, for callers outside Hydra's
+    app (validate-sim, reproduce, benchmarks)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(CONF_DIR, version_base="1.3"):
+        return hydra_compose("config", overrides=overrides)
 log = logging.getLogger("kvlab.run")
 # config keys that change how a run is shown or driven, not what it measures
 VOLATILE_KEYS = ("progress", "resume", "report", "run_name", "experiment_name")

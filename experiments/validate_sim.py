@@ -30,16 +30,6 @@ def mode_specs(rates: list[float], offline: bool = True) -> list[tuple[str, list
     return specs
 
 
-def compose(overrides: list[str]):
-    from hydra import compose as hcompose
-    from hydra import initialize_config_dir
-
-    from experiments.run import CONF_DIR
-
-    with initialize_config_dir(CONF_DIR, version_base="1.3"):
-        return hcompose("config", overrides=overrides)
-
-
 def _summary(run_dir: Path) -> dict:
     import json
 
@@ -153,7 +143,7 @@ def markdown(df) -> str:
 def validate(overrides: list[str], out: Path, rates: list[float], sim: str, label: str,
              sim_only: bool = False, real_only: bool = False, offline: bool = True,
              online_requests: int | None = None, warmup: int = 0, cost_model: str = "auto") -> list[dict]:
-    from experiments.run import run_experiment
+    from experiments.run import compose, run_experiment
 
     rows = []
     if warmup and not sim_only:  # the first run on a machine compiles kernels: not in any figure

@@ -139,21 +139,11 @@ class Ctx:
         return quick if self.quick else full
 
 
-def compose(overrides: list[str]):
-    from hydra import compose as hcompose
-    from hydra import initialize_config_dir
-
-    from experiments.run import CONF_DIR
-
-    with initialize_config_dir(CONF_DIR, version_base="1.3"):
-        return hcompose("config", overrides=overrides)
-
-
 def run(ctx: Ctx, study: str, name: str, overrides: list[str], rate: float | None = None,
         num_requests: int | None = None) -> list[dict]:
     """One configuration, ``ctx.repeats`` seeds, into runs/<study>/<name>/: the summaries (resumed
     where finished)."""
-    from experiments.run import run_experiment
+    from experiments.run import compose, run_experiment
 
     ov = [*overrides, f"repeats={ctx.repeats}", "progress=false", "report=false"]
     if ctx.mode != "simulate":
