@@ -131,19 +131,6 @@ def _rows_gemm(timer: Timer, shapes: set[tuple[int, int]], dtype, device) -> lis
     return rows
 
 
-def _linear_meta(batch: int, ctx: int, q: int, device, base_stride: int):
-    import torch
-
-    from kernels.metadata import Addressing, AttentionMetadata
-
-    i32 = dict(dtype=torch.int32, device=device)
-    seq_lens = torch.full((batch,), ctx, **i32)
-    qsl = torch.arange(0, (batch + 1) * q, q, **i32)
-    base = torch.arange(batch, dtype=torch.int64, device=device) * base_stride
-    slots = (base[:, None] + torch.arange(ctx - q, ctx, device=device)).reshape(-1)
-    return AttentionMetadata(Addressing.LINEAR, qsl, seq_lens, q, ctx, slots, seq_base=base)
-
-
 def _paged_meta(batch: int, ctx: int, q: int, bs: int, num_blocks: int, device, gen):
     import torch
 
@@ -167,6 +154,7 @@ def _rows_attention(timer: Timer, mc, name: str, pool: int, block_sizes, dtype, 
     import torch
 
     from kernels import ops
+    from kernels.metadata import Addressing, contiguous_metadata
 
     gen = torch.Generator().manual_seed(0)
     kvh, d, h = mc.num_key_value_heads, mc.head_dim, mc.num_attention_heads
@@ -185,8 +173,8 @@ def _rows_attention(timer: Timer, mc, name: str, pool: int, block_sizes, dtype, 
             metas = []
             for c in range(copies):
                 if mode == "linear":
-                    meta = _linear_meta(b, ctx, q, device, ctx)
-                    meta.seq_base += c * b * ctx
+                    meta = contiguous_metadata(Addressing.LINEAR, [q] * b, [ctx] * b, device)
+                    meta.seq_base += c * b * ctx  # each copy reads its own keys
                 else:
                     meta = _paged_meta(b, ctx, q, bs, pool // bs, device, gen)
                 if mixed:
@@ -206,7 +194,7 @@ def _rows_model(timer: Timer, name: str, pool: int, max_model_len: int, block_si
     from engine.cuda_graphs import DecodeGraphs
     from engine.block_table import PersistentBlockTable
     from engine.loader import load_model, resolve_config
-    from kernels.metadata import Addressing
+    from kernels.metadata import Addressing, contiguous_metadata
 
     mc = resolve_config(name)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -222,7 +210,7 @@ def _rows_model(timer: Timer, name: str, pool: int, max_model_len: int, block_si
         for t_q in PREFILL_QUERIES:
             if t_q > pool:
                 continue
-            meta = _linear_meta(1, t_q, t_q, device, 0)
+            meta = contiguous_metadata(Addressing.LINEAR, [t_q], [t_q], device)
             ids = torch.randint(10, mc.vocab_size, (t_q,), device=device)
             pos = torch.arange(t_q, device=device)
 
