@@ -66,6 +66,15 @@ class PageChoice:
     why: str
 
 
+def range_token_bytes(layout: str, num_layers: int, num_kv_heads: int, head_dim: int,
+                      elem_size: int) -> tuple[int, int]:
+    """(bytes of one token in one virtual range, number of ranges) of a layout: per_layer has a
+    range per layer and K/V, shared one range holding every layer's K and V of a token."""
+    if layout == "per_layer":
+        return num_kv_heads * head_dim * elem_size, 2 * num_layers
+    return 2 * num_layers * num_kv_heads * head_dim * elem_size, 1
+
+
 def page_sizes(token_bytes: int, grain: int) -> list[int]:
     """Candidate page sizes, largest first: powers of two from 2 MiB down to the backend's
     granularity, each rounded down to whole tokens (and whole granules)."""
@@ -134,10 +143,7 @@ class VirtualAllocator(KVAllocator):
         if layout not in LAYOUTS:
             raise ValueError(f"unknown virtual layout '{layout}': choose one of {LAYOUTS}")
         elem = torch.empty((), dtype=spec.dtype).element_size()
-        if layout == "per_layer":
-            token_bytes, num_ranges = spec.num_kv_heads * spec.head_dim * elem, 2 * spec.num_layers
-        else:
-            token_bytes, num_ranges = spec.bytes_per_token, 1
+        token_bytes, num_ranges = range_token_bytes(layout, spec.num_layers, spec.num_kv_heads, spec.head_dim, elem)
         if backend == "auto":
             backend = "sim" if spec.device is None else ("cuda" if str(spec.device).startswith("cuda") else "host")
         grain = granularity(backend) if backend in ("sim", "host", "cuda") else 1  # make_backend names a bad one

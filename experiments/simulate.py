@@ -262,13 +262,14 @@ def _gpu_page_size(econf: EngineConfig, shape: ModelShape) -> None:
     """``page_size=auto`` picks what the simulated GPU would map: 2 MiB pages (CUDA's VMM
     granularity) whenever the pool holds a group of them; a pool too small for that (a tiny
     model) gets the host-side choice, with a line saying so."""
+    from allocators.virtual import range_token_bytes
     from allocators.vmm_backends import CUDA_GRANULARITY
 
     args = dict(econf.allocator_args)
     if args.get("page_size") not in (None, "auto") or econf.kv_cache_tokens is None:
         return
-    shared = args.get("layout", "per_layer") == "shared"
-    token_bytes = shape.kv_bytes_per_token if shared else shape.num_kv_heads * shape.head_dim * shape.dtype_bytes
+    token_bytes, _ = range_token_bytes(args.get("layout", "per_layer"), shape.num_layers, shape.num_kv_heads,
+                                       shape.head_dim, shape.dtype_bytes)
     page = CUDA_GRANULARITY // token_bytes * token_bytes
     if page and econf.kv_cache_tokens >= page // token_bytes:
         econf.allocator_args = {**args, "page_size": page}
