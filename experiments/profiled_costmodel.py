@@ -264,12 +264,13 @@ class ProfiledCostModel:
         (n0, k0), g = min(self._gemm.items(), key=lambda kv: abs(np.log(kv[0][0] * kv[0][1] / (n * k))))
         return lambda m, g=g, r=n * k / (n0 * k0): g(m) * r
 
-    def _dense(self, tokens: int) -> float:
-        """One forward's linear layers (all layers, no lm_head) by composition from ``gemm``."""
-        m = self.model
+    def _dense(self, tokens: int, shape=None) -> float:
+        """One forward's linear layers (all layers, no lm_head) of ``shape`` (default: the
+        simulated model) by composition from ``gemm``."""
+        m = shape or self.model
         q, kv, h, i = m.num_heads * m.head_dim, m.num_kv_heads * m.head_dim, m.hidden_size, m.intermediate_size
         per_layer = sum(self._gemm_fn(n, k)(tokens) for n, k in ((q + 2 * kv, h), (h, q), (2 * i, h), (h, i)))
-        return self.num_layers * per_layer
+        return m.num_layers * per_layer
 
     def _composition_factor(self, ref: str) -> float:
         """Measured decode graph of a profiled model over its composition (elementwise kernels,
@@ -278,15 +279,11 @@ class ProfiledCostModel:
         g = g[g["context"] == g["context"].min()]
         if g.empty:
             return 1.0
-        saved = self.model, self.num_layers
-        self.model = _shape(ref)
-        self.num_layers = self.model.num_layers
-        try:
-            ratios = [row.value / (self._dense(int(row.batch)) + self.lm_head(int(row.batch))
-                                   + self.num_layers * self.attn_decode(row.batch, row.context))
-                      for row in g.itertuples()]
-        finally:
-            self.model, self.num_layers = saved
+        shape = _shape(ref)
+        lm_head = self._gemm_fn(shape.vocab_size, shape.hidden_size)
+        ratios = [row.value / (self._dense(int(row.batch), shape) + lm_head(int(row.batch))
+                               + shape.num_layers * self.attn_decode(row.batch, row.context))
+                  for row in g.itertuples()]
         return float(np.median(ratios))
 
     def _prefill_attn(self, q: int, c0: int) -> float:
