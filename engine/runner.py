@@ -7,6 +7,7 @@ One host sync per step: the sampled token ids.
 """
 from __future__ import annotations
 
+import gc
 import logging
 import time
 
@@ -19,6 +20,7 @@ from engine.sampler import Sampler, unpack_logprobs
 from engine.scheduler import ScheduledBatch
 from engine.sequence import PENDING, Sequence
 from engine.staging import HostStaging
+from kernels import compile_watch
 from kernels.metadata import Addressing, AttentionMetadata
 
 Sampled = list[tuple[Sequence, int, "float | None"]]
@@ -121,9 +123,16 @@ class ModelRunner:
 
             self.graphs = DecodeGraphs(model, allocator, self.kv_caches, self.table, max_num_seqs, max_model_len,
                                        self.device)
-            self.graphs.capture()
+            with compile_watch.expected():
+                self.graphs.capture()
         if self.device.type == "cuda":
-            self.warmup()
+            with compile_watch.expected():
+                self.warmup()
+            compile_watch.install()
+            # what start-up made lives as long as the engine: keep the collector from scanning it
+            # again (a full collection inside a step stalls it)
+            gc.collect()
+            gc.freeze()
 
     # batches whose shapes select every kernel variant an eager step can need (query tile sizes,
     # one or many sequences, token counts of 1, multiples of 16 and others)

@@ -40,14 +40,43 @@ def _summary(run_dir: Path) -> dict:
     return s
 
 
-def compare(real: dict, sim: dict, mode: str) -> list[dict]:
+def real_dirs(out: Path, mode: str, repeats: int | None = None) -> list[Path]:
+    """The real runs of a mode: real/<mode>, then real-2/<mode>, real-3/<mode>... (repeats of the
+    same seed and config: what differs between them is the machine's own noise). ``None``: the
+    ones that exist."""
+    if repeats is not None:
+        return [out / ("real" if i == 1 else f"real-{i}") / mode for i in range(1, repeats + 1)]
+    found = [out / "real" / mode]
+    i = 2
+    while (out / f"real-{i}" / mode / "summary.json").exists():
+        found.append(out / f"real-{i}" / mode)
+        i += 1
+    return found
+
+
+def _mean_ci(values: list[float]) -> tuple[float, float | None]:
+    """Mean and the 95% half-width relative to it (None for one run)."""
+    from experiments.tables import mean_ci95
+
+    m, half, n = mean_ci95(values)
+    return m, (abs(half / m) if n > 1 and m else None)
+
+
+def compare(reals: dict | list[dict], sim: dict, mode: str) -> list[dict]:
+    """Error of each simulated figure against the real runs' mean (``real_ci``: the 95% interval
+    of that mean over repeated real runs, relative; the measurement's own noise)."""
+    reals = [reals] if isinstance(reals, dict) else reals
+    real = reals[0]
     rows = []
     for metric, target in TIME_METRICS.items():
-        r, s = real.get(metric), sim.get(metric)
-        if r is None or s is None or not (math.isfinite(r) and math.isfinite(s)) or r == 0:
+        vals, s = [x.get(metric) for x in reals], sim.get(metric)
+        if any(v is None or not math.isfinite(v) for v in vals) or s is None or not math.isfinite(s):
+            continue
+        r, ci = _mean_ci(vals)
+        if r == 0:
             continue
         rows.append(dict(mode=mode, metric=metric, real=r, sim=s, error=(s - r) / r, target=target,
-                         ok=None if target is None else abs(s - r) / r <= target))
+                         ok=None if target is None else abs(s - r) / r <= target, real_ci=ci, real_n=len(vals)))
     if mode == "offline":  # no arrivals: every decision and memory figure is the real one
         for metric in EXACT_OFFLINE:
             r, s = real.get(metric), sim.get(metric)
@@ -98,6 +127,7 @@ def plot(df, path: Path) -> None:
 
     from experiments.atomic import save_figure
 
+    import pandas as pd
     from matplotlib.ticker import NullFormatter
 
     metrics = [m for m in TIME_METRICS if m in set(df["metric"])]
@@ -109,7 +139,10 @@ def plot(df, path: Path) -> None:
     for ax, metric in zip(axes.flat, metrics):
         d = df[df["metric"] == metric]
         for label, g in d.groupby("label"):
-            ax.scatter(g["real"], g["sim"], label=label, s=22)
+            # horizontal bars: the 95% CI of the measurement over repeated real runs
+            xerr = (g["real"] * pd.to_numeric(g["real_ci"], errors="coerce").fillna(0)).to_numpy() \
+                if "real_ci" in g else None
+            ax.errorbar(g["real"], g["sim"], xerr=xerr, label=label, fmt="o", ms=4, elinewidth=0.8)
         lo, hi = min(d["real"].min(), d["sim"].min()), max(d["real"].max(), d["sim"].max())
         ax.plot([lo, hi], [lo, hi], color="grey", lw=0.8)
         target = TIME_METRICS[metric]
@@ -130,19 +163,27 @@ def plot(df, path: Path) -> None:
 
 
 def markdown(df) -> str:
-    lines = ["| label | mode | metric | measured | simulated | error | target | ok |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| label | mode | metric | measured (95% CI, n) | simulated | error | target | ok |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in df.itertuples():
         target = "" if r.target is None or (isinstance(r.target, float) and math.isnan(r.target)) else \
             ("exact" if r.target == 0 else f"{100 * r.target:.0f}%")
         ok = "" if r.ok is None or (isinstance(r.ok, float) and math.isnan(r.ok)) else ("yes" if r.ok else "**no**")
-        lines.append(f"| {r.label} | {r.mode} | {r.metric} | {r.real:.4g} | {r.sim:.4g} | {100 * r.error:+.1f}% | "
+        ci = getattr(r, "real_ci", None)
+        measured = f"{r.real:.4g}" + (f" ±{100 * ci:.1f}% ({int(r.real_n)})" if _given(ci) else "")
+        lines.append(f"| {r.label} | {r.mode} | {r.metric} | {measured} | {r.sim:.4g} | {100 * r.error:+.1f}% | "
                      f"{target} | {ok} |")
     return "\n".join(lines) + "\n"
 
 
+def _given(x) -> bool:
+    return x is not None and not (isinstance(x, float) and math.isnan(x))
+
+
 def validate(overrides: list[str], out: Path, rates: list[float], sim: str, label: str,
              sim_only: bool = False, real_only: bool = False, offline: bool = True,
-             online_requests: int | None = None, warmup: int = 0, cost_model: str = "auto") -> list[dict]:
+             online_requests: int | None = None, warmup: int = 0, cost_model: str = "auto",
+             real_repeats: int = 1) -> list[dict]:
     from experiments.run import compose, run_experiment
 
     rows = []
@@ -152,22 +193,26 @@ def validate(overrides: list[str], out: Path, rates: list[float], sim: str, labe
                                 f"workload.num_requests={warmup}", "resume=false", "report=false"]),
                        out / "warmup")
     for mode, extra in mode_specs(rates, offline):
-        real_dir, sim_dir = out / "real" / mode, out / _suffixed("sim", cost_model) / mode
+        sim_dir = out / _suffixed("sim", cost_model) / mode
         run_mode = "offline" if mode == "offline" else "online"
         if run_mode == "online" and online_requests:
             extra = [*extra, f"workload.num_requests={online_requests}"]
         if not sim_only:
-            print(f"[{label}] real engine, {mode}", flush=True)
-            run_experiment(compose([*overrides, f"mode={run_mode}", *extra]), real_dir)
+            for i, d in enumerate(real_dirs(out, mode, real_repeats), 1):
+                print(f"[{label}] real engine, {mode}" + (f", run {i} of {real_repeats}" if real_repeats > 1 else ""),
+                      flush=True)
+                run_experiment(compose([*overrides, f"mode={run_mode}", *extra]), d)
         if real_only:
             continue
+        reals = real_dirs(out, mode)
+        real_dir = reals[0]
         if not (real_dir / "summary.json").exists():
             raise FileNotFoundError(f"{real_dir}/summary.json: run without --sim-only first")
         print(f"[{label}] simulate, {mode}", flush=True)
         # always re-simulated (cheap): the profile or the cost model may have changed since
         run_experiment(compose([*overrides, "mode=simulate", f"sim={sim}", f"sim.cost_model={cost_model}",
                                 "resume=false", *extra]), sim_dir)
-        for r in compare(_summary(real_dir), _summary(sim_dir), mode):
+        for r in compare([_summary(d) for d in reals], _summary(sim_dir), mode):
             rows.append(dict(label=label, **r))
         steps = step_compare(real_dir, sim_dir) if mode == "offline" else None
         if steps is not None:
@@ -191,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rates", default="", help="online request rates (req/s), comma-separated")
     ap.add_argument("--no-offline", action="store_true", help="online modes only")
     ap.add_argument("--online-requests", type=int, default=None, help="workload.num_requests of the online runs")
+    ap.add_argument("--real-repeats", type=int, default=1,
+                    help="run the real engine this many times per mode (same seed): the measurement's own 95%% CI")
     ap.add_argument("--warmup", type=int, default=0, help="requests of a discarded first run (kernel compiles)")
     ap.add_argument("--sim", default="h200", help="the simulated device (conf/sim/)")
     ap.add_argument("--label", default=None, help="name of this configuration in the tables (default: overrides)")
@@ -213,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     label = a.label or " ".join(a.overrides) or "default"
     overrides = ["progress=false", *a.overrides]
     rows = validate(overrides, out, rates, a.sim, label, a.sim_only, a.real_only, not a.no_offline,
-                    a.online_requests, a.warmup, a.cost_model)
+                    a.online_requests, a.warmup, a.cost_model, a.real_repeats)
     if a.real_only:
         return 0
     return _write(pd.DataFrame(rows), out, name)

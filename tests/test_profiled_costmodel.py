@@ -199,6 +199,31 @@ def test_validation_compares_time_with_tolerance_and_decisions_exactly():
     assert "preemptions" not in online  # arrivals in time: decisions may differ online
 
 
+def test_validation_against_repeated_real_runs_uses_their_mean_and_ci():
+    reals = [dict(output_throughput=v, mean_ttft_ms=50.0) for v in (90.0, 100.0, 110.0)]
+    rows = {r["metric"]: r for r in compare(reals, dict(output_throughput=104.0, mean_ttft_ms=50.0), "online-4rps")}
+    tput = rows["output_throughput"]
+    assert tput["real"] == pytest.approx(100.0) and tput["real_n"] == 3
+    assert tput["error"] == pytest.approx(0.04) and tput["ok"]
+    # t(0.975, 2) * sd 10 / sqrt(3), relative to the mean 100
+    assert tput["real_ci"] == pytest.approx(4.303 * 10 / 3 ** 0.5 / 100, rel=1e-3)
+    assert rows["mean_ttft_ms"]["real_ci"] == 0.0  # identical repeats: no spread
+
+
+def test_validate_sim_real_repeats_are_found_again_by_sim_only(tmp_path):
+    from experiments import validate_sim
+
+    out = tmp_path / "v"
+    args = ["model=tiny-llama", "workload.num_requests=6", "device=cpu", "engine.kv_cache_tokens=512",
+            "--label", "tiny", "--out", str(out)]
+    assert validate_sim.main([*args, "--real-only", "--real-repeats", "2"]) == 0
+    assert (out / "real" / "offline" / "summary.json").exists() and (out / "real-2" / "offline" / "summary.json").exists()
+    assert validate_sim.main([*args, "--sim-only"]) == 0
+    table = pd.read_csv(out / "validation.csv")
+    assert (table.loc[table["metric"] == "output_throughput", "real_n"] == 2).all()
+    assert "(2) |" in (out / "validation.md").read_text()
+
+
 def test_validate_sim_end_to_end_on_cpu(tmp_path):
     """The real engine (CPU) and simulate on one config: files written, decisions and memory exact
     offline, the simulated runs named by their cost model (the H200 profile, tiny-llama composed)."""

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The H200 measurements behind results/profiles/nvidia-h200.parquet and results/sim_validation,
+# made on ONE machine in consecutive device calls (the profile's host table and the real runs
+# must see the same CPU: eager steps are host-bound). Run from the repository root:
+#   bash results/sim_validation/device_session.sh profile   # kvlab profile + qwen3-0.6b real runs + GPU tests
+#   bash results/sim_validation/device_session.sh llama     # llama3-8b real runs + qwen3-0.6b second real runs
+# Runs accumulate in $KVSV (default /tmp/kvsv) on the machine; each part tars them into $OUT.
+set -uo pipefail
+part=${1:?profile or llama}
+out=${OUT:-/tmp/out}
+runs=${KVSV:-/tmp/kvsv}
+mkdir -p "$out" "$runs"
+kv() { python3 -m experiments.cli "$@"; }
+B="workload=sharegpt workload.num_requests=300 engine.kv_cache_tokens=40000 engine.max_model_len=2048 engine.max_num_seqs=256 engine.max_num_batched_tokens=8192 device=cuda report=false"
+{ date -u; hostname; nvidia-smi --query-gpu=name,uuid,driver_version --format=csv,noheader; lscpu | grep "Model name"; } \
+    | tee -a "$runs/machine.txt"
+real() {  # model rates online-requests repeats
+    local m=$1 rates=$2 n=$3 reps=$4
+    for a in paged contiguous virtual; do
+        kv validate-sim model=$m $B allocator=$a --rates $rates --online-requests $n --real-only \
+            --real-repeats $reps --label $m-$a --out "$runs/$m-$a" >>"$runs/$m-$a.log" 2>&1
+        echo "$m $a: exit $?"; grep -h "^\[" "$runs/$m-$a.log" | tail -2
+    done
+}
+case $part in
+profile)
+    kv profile --models qwen3-0.6b,llama3-8b --out "$runs/nvidia-h200.parquet" 2>&1 | tee "$runs/profile.log"
+    real qwen3-0.6b 8,96 60 1
+    python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_triton.py tests/test_vmm_cuda.py \
+        tests/test_gpu_engine.py tests/test_gpu_serving.py 2>&1 | tee "$runs/gpu_tests.log" | tail -15
+    ;;
+llama)
+    real llama3-8b 4,32 50 1
+    real qwen3-0.6b 8,96 60 2   # resumes run 1, adds run 2
+    ;;
+esac
+grep -h "compiled a kernel variant after warm-up" -r "$runs" --include=*.log | sort | uniq -c | head -20
+tar -czf "$out/kvsv-$part.tgz" -C "$runs" .
+ls -la "$out"
