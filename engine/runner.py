@@ -118,6 +118,8 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.last_prep_s = 0.0
         self.staging = HostStaging(self.device)
+        if self.device.type == "cuda":
+            compile_watch.install()  # from here on, a compile outside warm-up is named in a warning
         if self.device.type == "cuda" and not enforce_eager:
             from engine.cuda_graphs import DecodeGraphs
 
@@ -128,7 +130,6 @@ class ModelRunner:
         if self.device.type == "cuda":
             with compile_watch.expected():
                 self.warmup()
-            compile_watch.install()
             # what start-up made lives as long as the engine: keep the collector from scanning it
             # again (a full collection inside a step stalls it)
             gc.collect()

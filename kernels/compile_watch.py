@@ -16,6 +16,35 @@ log = logging.getLogger(__name__)
 _installed = False
 _expected = 0  # > 0 while a warm-up or graph capture compiles on purpose
 _late: list[tuple[float, str]] = []
+_seen: dict[str, list[dict]] = {}  # kernel -> specialisations compiled in this process
+
+
+def _flat(spec: str) -> dict:
+    """A compile's specialisation (Triton's serialized form) as one flat dict."""
+    import json
+
+    try:
+        o = json.loads(spec)
+    except (TypeError, ValueError):
+        return {}
+    flat = {f"sig.{k}": v for k, v in (o.get("signature") or {}).items()}
+    flat.update({f"const.{k}": repr(v) for k, v in zip(o.get("constant_keys", []), o.get("constant_vals", []))})
+    flat.update({f"attr.{k}": repr(v) for k, v in zip(o.get("attrs_keys", []), o.get("attrs_vals", []))})
+    flat.update({f"opt.{k}": repr(v) for k, v in (o.get("options") or {}).items()})
+    return flat
+
+
+def _nearest_difference(name: str, flat: dict) -> str:
+    """What sets this specialisation apart from the closest one compiled before."""
+    best = None
+    for other in _seen.get(name, []):
+        diff = {k for k in flat.keys() | other.keys() if flat.get(k) != other.get(k)}
+        if best is None or len(diff) < len(best[0]):
+            best = (diff, other)
+    if best is None:
+        return "no earlier variant of this kernel"
+    diff, other = best
+    return "; ".join(f"{k}: {other.get(k)} -> {flat.get(k)}" for k in sorted(diff)) or "identical (a reload)"
 
 
 def install() -> bool:
@@ -33,10 +62,14 @@ def install() -> bool:
     previous = rt.jit_post_compile_hook
 
     def hook(*args, **kwargs):
+        fn = kwargs.get("fn")
+        name = getattr(fn, "name", None) or str(kwargs.get("repr", "?")).split("[")[0]
+        flat = _flat((kwargs.get("compile") or {}).get("specialization_data", ""))
         if _expected == 0:
-            name = kwargs.get("repr") or repr(kwargs.get("key"))
-            _late.append((time.time(), name))
-            log.warning("Triton compiled a kernel variant after warm-up (the step waits for it): %s", name)
+            what = f"{name}: {_nearest_difference(name, flat)}"
+            _late.append((time.time(), what))
+            log.warning("Triton compiled a kernel variant after warm-up (the step waits for it): %s", what)
+        _seen.setdefault(name, []).append(flat)
         return previous(*args, **kwargs) if previous else None
 
     rt.jit_post_compile_hook = hook
