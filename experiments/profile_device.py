@@ -341,7 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-model-len", type=int, default=2048, help="the decode graphs' max_model_len")
     ap.add_argument("--pool-tokens", type=int, default=262144, help="KV slots of the scratch cache")
     ap.add_argument("--block-sizes", default="8,16,32")
-    ap.add_argument("--host-model", default=None, help="model for the host-time steps (default: the first)")
+    ap.add_argument("--host-model", default=None,
+                    help="models of the host-time steps, comma-separated (default: the first of --models)")
     ap.add_argument("--host-kv-tokens", type=int, default=40000)
     ap.add_argument("--host-requests", type=int, default=256, help="requests of the host-time run's full batch")
     ap.add_argument("--virtual-page-size", type=int, default=None, help="page size of the host-time run (bytes)")
@@ -358,6 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     models = [m for m in a.models.split(",") if m]
     block_sizes = [int(b) for b in a.block_sizes.split(",") if b]
     skip = set(a.skip.split(","))
+    host_models = [m for m in (a.host_model or models[0]).split(",") if m]
     timer = Timer(device, a.reps)
     meta = metadata(device, a)
     out = Path(a.out)
@@ -365,14 +367,17 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     t0 = time.time()
     if a.merge:  # keep what this run does not re-measure
-        from experiments.profiled_costmodel import load_profile
+        from experiments.profiled_costmodel import host_model_of, load_profile
 
         old = load_profile(a.merge)
         measured = {"host": {"host"}, "gemm": {"gemm"}, "copy": {"copy"}, "vmm": {"vmm"},
                     "models": {"attention", "eager_forward", "prefill_graph", "sample", "decode_graph"}}
         redo = set().union(*(t for k, t in measured.items() if k not in skip))
+        keep = ~old.df["table"].isin(redo)
+        if "host" in redo:  # host steps are per model: those of models not re-measured now stay
+            keep |= (old.df["table"] == "host") & ~host_model_of(old).reindex(old.df.index).isin(host_models)
         rows = [{k: v for k, v in r.items() if v == v and v is not None}
-                for r in old.df[~old.df["table"].isin(redo)].to_dict("records")]
+                for r in old.df[keep].to_dict("records")]
         stamp = {k: meta[k] for k in ("commit", "created", "command")}
         meta = {**old.meta, "updated": {**old.meta.get("updated", {}), **{t: stamp for t in sorted(redo)}}}
 
@@ -385,17 +390,17 @@ def main(argv: list[str] | None = None) -> int:
     if "host" not in skip:
         from experiments.profile_host import HOST_ALLOCATORS, host_rows
 
-        hm = a.host_model or models[0]
         # ShareGPT-like lengths (seeded apart from any workload), uniform ones, then a trickle
         half = a.max_model_len // 2
         phases = ((a.host_requests, 0, 0, 0, 0), (a.host_requests // 2, 32, min(1024, half), 16, min(512, half)),
                   (-max(8, a.host_requests // 4), 16, min(512, half), 16, 64))  # then one at a time
-        for alloc, (name, args) in HOST_ALLOCATORS.items():
-            if name == "virtual" and a.virtual_page_size:
-                args = {**args, "page_size": a.virtual_page_size}
-            rows += host_rows(hm, name, args, max_model_len=a.max_model_len, kv_cache_tokens=a.host_kv_tokens,
-                              device=str(device), phases=phases)
-            say(f"host steps: {hm} {alloc}")
+        for hm in host_models:
+            for alloc, (name, args) in HOST_ALLOCATORS.items():
+                if name == "virtual" and a.virtual_page_size:
+                    args = {**args, "page_size": a.virtual_page_size}
+                rows += host_rows(hm, name, args, max_model_len=a.max_model_len, kv_cache_tokens=a.host_kv_tokens,
+                                  device=str(device), phases=phases)
+                say(f"host steps: {hm} {alloc}")
     from kernels import compile_watch
 
     with compile_watch.expected():  # the kernel tables compile every shape they time

@@ -74,7 +74,7 @@ def host_rows(model: str, allocator: str, args: dict, *, max_model_len: int, kv_
         if r.num_seqs == 0 or i < skip_steps:
             continue
         g = gpu.get(i, 0.0)
-        rows.append(dict(table="host", allocator=allocator, batch=r.num_seqs, prefill_tokens=r.prefill_tokens,
+        rows.append(dict(table="host", model=model, allocator=allocator, batch=r.num_seqs, prefill_tokens=r.prefill_tokens,
                          decode_tokens=r.decode_tokens, context=r.context_tokens, duration=r.duration, gpu=g,
                          value=max(0.0, r.duration - g)))
     eng.allocator.close()

@@ -224,15 +224,20 @@ class ProfiledCostModel:
     def _calibrate_host(self, profile, allocator, paged, block_size, max_graph_batch, enforce_eager) -> None:
         """Host time = the real engine's step time minus what this model says its device did.
 
-        The steps come from ``kvlab profile``'s run of the real engine with this allocator (on
-        one model: host work does not depend on the model's size); their device time is modelled
-        with that model's own tables, so the two add up to the measured steps by construction."""
+        The steps come from ``kvlab profile``'s runs of the real engine with this allocator, on
+        this model where it has some (``--host-model``), else on the profile's host model; their
+        device time is modelled with that model's own tables, so the two add up to the measured
+        steps by construction."""
         host = profile.table("host")
         if host.empty:
             return
-        name = profile.meta.get("host_model") or str(profile.meta.get("models", "")).split(",")[0]
-        if name not in profile.models():
-            name = sorted(profile.models())[0]
+        models = host_model_of(profile, host)
+        # this model's own steps where profiled (the residual also absorbs what its device tables
+        # miss), else the default host model's: scheduling and launches do not grow with size
+        name = self.profiled_model if self.profiled_model in set(models) else _default_host_model(profile)
+        if name not in set(models) or name not in profile.models():
+            name = models.iloc[0]
+        host = host[(models == name).to_numpy()]
         ref = self if name == self.profiled_model else ProfiledCostModel(
             profile, _shape(name), model=name, paged=paged, block_size=block_size,
             max_graph_batch=max_graph_batch, enforce_eager=enforce_eager, calibrate_host=False)
@@ -366,6 +371,19 @@ class ProfiledCostModel:
         return dict(cost_model=self.name, cost_profile=self.profile.path, cost_profile_device=m.get("device"),
                     cost_profile_commit=m.get("commit"),
                     cost_profile_model=self.profiled_model or f"composed from {self._reference_model()}")
+
+
+def _default_host_model(profile: DeviceProfile) -> str:
+    return profile.meta.get("host_model") or str(profile.meta.get("models", "")).split(",")[0]
+
+
+def host_model_of(profile: DeviceProfile, host: pd.DataFrame | None = None) -> pd.Series:
+    """The model of each host-table row (profiles made before rows named it: the profile's host model)."""
+    host = profile.table("host") if host is None else host
+    default = _default_host_model(profile)
+    if "model" not in host:
+        return pd.Series([default] * len(host), index=host.index, dtype=object)
+    return host["model"].where(host["model"].notna(), default).astype(object)
 
 
 def _calibration_work(row) -> list[tuple[int, int]]:

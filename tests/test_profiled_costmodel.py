@@ -103,6 +103,23 @@ def test_profiled_model_reproduces_its_tables_at_grid_points():
     assert m.device_time(single) == pytest.approx(3e-3, rel=1e-9)  # launch-bound at 128 tokens
 
 
+def test_host_steps_of_another_model_do_not_calibrate_this_one():
+    """Host tables are per model (`--host-model a,b`): rows of another model are left out, and
+    rows from profiles made before rows named their model count as the profile's host model."""
+    from engine.loader import resolve_config
+    from experiments.profiled_costmodel import host_model_of
+
+    prof = synthetic_profile()
+    df = prof.df
+    host = df[df["table"] == "host"]
+    assert (host_model_of(prof) == MODEL).all()  # unnamed rows: the host model (meta "models")
+    other = host.assign(model="another-model", duration=host["duration"] + 1e-3)
+    mixed = DeviceProfile(pd.concat([df, other], ignore_index=True), prof.meta, "synthetic")
+    m = ProfiledCostModel(mixed, shape_of(resolve_config(MODEL)), model=MODEL, paged=True, block_size=16,
+                          max_graph_batch=64, allocator="paged")
+    assert m.host_time([(1, 100)] * 10) == pytest.approx(HOST_BASE["paged"] + 5e-6 * 10, rel=0.03)
+
+
 def test_interpolation_is_monotone_between_grid_points():
     m = cost_model()
     for b in (3, 5, 20, 40, 64):
