@@ -64,7 +64,8 @@ def _mean_ci(values: list[float]) -> tuple[float, float | None]:
 
 def compare(reals: dict | list[dict], sim: dict, mode: str) -> list[dict]:
     """Error of each simulated figure against the real runs' mean (``real_ci``: the 95% interval
-    of that mean over repeated real runs, relative; the measurement's own noise)."""
+    of that mean over repeated real runs, relative; ``real_spread``: their range over the mean;
+    the measurement's own noise)."""
     reals = [reals] if isinstance(reals, dict) else reals
     real = reals[0]
     rows = []
@@ -76,7 +77,8 @@ def compare(reals: dict | list[dict], sim: dict, mode: str) -> list[dict]:
         if r == 0:
             continue
         rows.append(dict(mode=mode, metric=metric, real=r, sim=s, error=(s - r) / r, target=target,
-                         ok=None if target is None else abs(s - r) / r <= target, real_ci=ci, real_n=len(vals)))
+                         ok=None if target is None else abs(s - r) / r <= target, real_ci=ci, real_n=len(vals),
+                         real_spread=(max(vals) - min(vals)) / r))
     if mode == "offline":  # no arrivals: every decision and memory figure is the real one
         for metric in EXACT_OFFLINE:
             r, s = real.get(metric), sim.get(metric)
@@ -163,14 +165,15 @@ def plot(df, path: Path) -> None:
 
 
 def markdown(df) -> str:
-    lines = ["| label | mode | metric | measured (95% CI, n) | simulated | error | target | ok |",
+    lines = ["| label | mode | metric | measured (mean ±95% CI, range over repeats) | simulated | error | target | ok |",
              "|---|---|---|---|---|---|---|---|"]
     for r in df.itertuples():
         target = "" if r.target is None or (isinstance(r.target, float) and math.isnan(r.target)) else \
             ("exact" if r.target == 0 else f"{100 * r.target:.0f}%")
         ok = "" if r.ok is None or (isinstance(r.ok, float) and math.isnan(r.ok)) else ("yes" if r.ok else "**no**")
-        ci = getattr(r, "real_ci", None)
-        measured = f"{r.real:.4g}" + (f" ±{100 * ci:.1f}% ({int(r.real_n)})" if _given(ci) else "")
+        ci, spread = getattr(r, "real_ci", None), getattr(r, "real_spread", None)
+        measured = f"{r.real:.4g}" + (f" ±{100 * ci:.1f}%, range {100 * spread:.1f}% (n={int(r.real_n)})"
+                                      if _given(ci) else "")
         lines.append(f"| {r.label} | {r.mode} | {r.metric} | {measured} | {r.sim:.4g} | {100 * r.error:+.1f}% | "
                      f"{target} | {ok} |")
     return "\n".join(lines) + "\n"

@@ -224,6 +224,7 @@ def test_validation_against_repeated_real_runs_uses_their_mean_and_ci():
     assert tput["error"] == pytest.approx(0.04) and tput["ok"]
     # t(0.975, 2) * sd 10 / sqrt(3), relative to the mean 100
     assert tput["real_ci"] == pytest.approx(4.303 * 10 / 3 ** 0.5 / 100, rel=1e-3)
+    assert tput["real_spread"] == pytest.approx(0.2)
     assert rows["mean_ttft_ms"]["real_ci"] == 0.0  # identical repeats: no spread
 
 
@@ -238,7 +239,7 @@ def test_validate_sim_real_repeats_are_found_again_by_sim_only(tmp_path):
     assert validate_sim.main([*args, "--sim-only"]) == 0
     table = pd.read_csv(out / "validation.csv")
     assert (table.loc[table["metric"] == "output_throughput", "real_n"] == 2).all()
-    assert "(2) |" in (out / "validation.md").read_text()
+    assert "(n=2) |" in (out / "validation.md").read_text()
 
 
 def test_validate_sim_end_to_end_on_cpu(tmp_path):

@@ -4,6 +4,8 @@
 # must see the same CPU: eager steps are host-bound). Run from the repository root:
 #   bash results/sim_validation/device_session.sh profile   # kvlab profile + qwen3-0.6b real runs + GPU tests
 #   bash results/sim_validation/device_session.sh llama     # llama3-8b real runs + qwen3-0.6b second real runs
+#   bash results/sim_validation/device_session.sh final     # llama3-8b host steps (merged into the profile),
+#                                                           # a late-compile diagnosis run, GPU tests
 # Runs accumulate in $KVSV (default /tmp/kvsv) on the machine; each part tars them into $OUT.
 set -uo pipefail
 part=${1:?profile or llama}
@@ -33,7 +35,15 @@ llama)
     real llama3-8b 4,32 50 1
     real qwen3-0.6b 8,96 60 2   # resumes run 1, adds run 2
     ;;
+final)
+    kv validate-sim model=qwen3-0.6b $B allocator=paged --rates 8 --online-requests 60 --no-offline --real-only \
+        --label diag --out "$runs/diag" >"$runs/diag.log" 2>&1; echo "diag: exit $?"
+    kv profile --models qwen3-0.6b,llama3-8b --host-model llama3-8b --skip gemm,models,copy,vmm \
+        --merge results/profiles/nvidia-h200.parquet --out "$runs/nvidia-h200.parquet" 2>&1 | tee "$runs/profile_host_llama.log"
+    python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_triton.py tests/test_vmm_cuda.py \
+        tests/test_gpu_engine.py tests/test_gpu_serving.py 2>&1 | tee "$runs/gpu_tests_final.log" | tail -15
+    ;;
 esac
-grep -h "compiled a kernel variant after warm-up" -r "$runs" --include=*.log | sort | uniq -c | head -20
+grep -h "compiled a kernel variant after warm-up" -r "$runs" --include=*.log | sort | uniq -c | cut -c1-2000 | head -20
 tar -czf "$out/kvsv-$part.tgz" -C "$runs" .
 ls -la "$out"
