@@ -135,10 +135,13 @@ class ModelRunner:
             gc.collect()
             gc.freeze()
 
-    # batches whose shapes select every kernel variant an eager step can need (query tile sizes,
-    # one or many sequences, token counts of 1, multiples of 16 and others)
-    WARMUP_BATCHES = ([[q] for q in (2, 3, 4, 5, 8, 9, 16, 17, 32, 33, 64, 65, 128, 129, 256, 300, 512, 1000)]
-                      + [[q] + [1] * k for q in (2, 7, 16, 33, 64, 100, 256) for k in (1, 3, 15, 16)])
+    # batches whose shapes select every kernel variant an eager step can need: a prefill of 2^i
+    # or 2^i + 1 tokens, alone or beside 1, 3, 15 or 16 decodes, selects every query tile, and
+    # whether one tile holds every sequence's queries, for any head grouping; token and
+    # sequence counts of 1, multiples of 16 and others
+    _PREFILLS = (2, 3, 4, 5, 8, 9, 16, 17, 32, 33, 64, 65)
+    WARMUP_BATCHES = ([[q] for q in (*_PREFILLS, 128, 129, 256, 300, 512, 1000)]
+                      + [[q] + [1] * k for q in (*_PREFILLS, 256) for k in (1, 3, 15, 16)])
 
     @torch.inference_mode()
     def warmup(self) -> None:
@@ -158,7 +161,8 @@ class ModelRunner:
                 ctx = [q + (16 if q == 1 else 0) for q in qs]  # decode tokens have some context
                 if max(ctx) > self.max_model_len:
                     continue
-                meta = contiguous_metadata(self.allocator.mode, qs, ctx, self.device, bs)
+                meta = contiguous_metadata(self.allocator.mode, qs, ctx, self.device, bs,
+                                           self.table.device_t.shape[1] if self.paged else 0)
                 t = sum(qs)
                 ids = torch.zeros(t, dtype=torch.int64, device=self.device)
                 pos = torch.cat([torch.arange(c - q, c, device=self.device) for q, c in zip(qs, ctx)])

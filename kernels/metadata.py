@@ -51,9 +51,10 @@ class AttentionMetadata:
 
 
 def contiguous_metadata(mode: Addressing, q_lens: list[int], seq_lens: list[int], device,
-                        block_size: int = 0) -> AttentionMetadata:
+                        block_size: int = 0, table_width: int = 0) -> AttentionMetadata:
     """A batch laid out back to back from slot 0 (LINEAR: one base per sequence; PAGED: blocks
-    in order, rows padded with block 0): scratch batches for warm-ups and measurements."""
+    in order, rows padded with block 0 to at least ``table_width`` columns, the engine's table
+    width, whose divisibility Triton specialises on): scratch batches for warm-ups and measurements."""
     i64 = dict(dtype=torch.int64, device="cpu")
     qsl = torch.tensor([0, *q_lens], **i64).cumsum(0)
     slots, bases, rows = [], [], []
@@ -72,7 +73,7 @@ def contiguous_metadata(mode: Addressing, q_lens: list[int], seq_lens: list[int]
         mode, qsl.to(device=device, dtype=torch.int32), torch.tensor(seq_lens, dtype=torch.int32, device=device),
         max(q_lens), max(seq_lens), torch.tensor(slots, dtype=torch.int64, device=device))
     if mode == Addressing.PAGED:
-        width = max(len(r) for r in rows)
+        width = max(table_width, max(len(r) for r in rows))
         table = [r + [0] * (width - len(r)) for r in rows]
         meta.block_table = torch.tensor(table, dtype=torch.int32, device=device)
         meta.block_size = block_size
