@@ -21,7 +21,6 @@ import tempfile
 import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -222,14 +221,13 @@ class MemoryAccountant:
             self._see(step, seq_id, cap, max_len)
         self._close_unseen(step)
 
-    def record_seqs(self, stats: MemoryStats, seqs: Sequence, seq_capacity: Callable[[object], int]) -> None:
-        """``record`` for the engine: the live sequences themselves and the allocator's
-        ``seq_capacity`` (one pass, no tuples)."""
+    def record_seqs(self, stats: MemoryStats, seqs: Sequence, capacities: Sequence[int]) -> None:
+        """``record`` for the engine: the live sequences themselves and their capacities (the
+        allocator's ``seq_capacities``), one pass, no tuples."""
         step = self._begin(stats)
         opened = self._open
         kept = 0
-        for s in seqs:
-            cap = seq_capacity(s)
+        for s, cap in zip(seqs, capacities):
             cur = opened.get(s.seq_id)
             if cur is not None and cur[1] == cap:
                 cur[3] = step

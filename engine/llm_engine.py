@@ -496,7 +496,8 @@ class LLMEngine:
         req.unborn = []
 
     def _record_memory(self) -> None:
-        self.accountant.record_seqs(self.allocator.stats(), self.scheduler.running, self.allocator.seq_capacity)
+        running = self.scheduler.running
+        self.accountant.record_seqs(self.allocator.stats(), running, self.allocator.seq_capacities(running))
 
     def _check_stop(self, seq: Sequence, pos: int) -> None:
         """Whether the token at ``pos`` ends ``seq``; later (in-flight) tokens do not count.
