@@ -146,20 +146,29 @@ class PagedAllocator(KVAllocator):
             self._register_full_blocks(st)
 
     def allocate_batch(self, seqs: Seq[SequenceLike], num_new_tokens: int = 1) -> int:
-        # the decode fast path of allocate (a private last block with room) inlined; any other
-        # sequence goes through can_allocate / allocate
+        # allocate's two decode cases inlined: room in a private last block, or a full last
+        # block followed by a free one; anything else goes through can_allocate / allocate
         bs, n, get, pool = self._block_size, num_new_tokens, self._seqs.get, self.pool
         ref, fill, caching = pool.ref, pool.fill, self.enable_prefix_caching
         for i, seq in enumerate(seqs):
             st = get(seq.seq_id)
             if st is not None and st.table:
-                used = st.num_tokens % bs
-                b = st.table[-1]
-                if used and used + n <= bs and ref[b] == 1:
-                    fill[b] += n
-                    pool.filled_total += n
+                table, used = st.table, st.num_tokens % bs
+                if used:
+                    b = table[-1]
+                    if used + n <= bs and ref[b] == 1:
+                        fill[b] += n
+                        pool.filled_total += n
+                        st.num_tokens += n
+                        if caching and used + n == bs:
+                            self._register_full_blocks(st)
+                        continue
+                elif 0 < n <= bs and len(table) * bs == st.num_tokens and pool.num_free:
+                    b = pool.take()
+                    table.append(b)
+                    pool.set_fill(b, n)
                     st.num_tokens += n
-                    if caching and used + n == bs:
+                    if caching and st.num_tokens // bs > len(st.hashes):
                         self._register_full_blocks(st)
                     continue
             if not self.can_allocate(seq, n):

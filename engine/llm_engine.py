@@ -317,11 +317,11 @@ class LLMEngine:
         context = 0
         forks = []
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
-            seq.num_computed_tokens += n
-            context += seq.num_computed_tokens
+            seq.num_computed_tokens = computed = seq.num_computed_tokens + n
+            context += computed
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = start
-            if seq.fork_pending and seq.num_computed_tokens == seq.prompt_len - 1:
+            if seq.fork_pending and computed == seq.prompt_len - 1:
                 forks.append(seq)
         if self.config.record_memory and batch.seqs:
             # tokens the live sequences hold (one count per holder): what the allocator holds for

@@ -143,7 +143,7 @@ OPS = st.one_of(
     st.tuples(st.just("admit"), st.integers(0, 1), st.integers(0, 12), st.lists(st.integers(51, 99), min_size=1,
                                                                                max_size=9), st.booleans(),
               st.integers(0, 12), st.integers(0, 16)),
-    st.tuples(st.just("grow"), st.lists(st.integers(0, 20), max_size=8), st.integers(0, 3)),
+    st.tuples(st.just("grow"), st.lists(st.integers(0, 20), max_size=8), st.integers(0, 5)),
     st.tuples(st.just("grow"), st.lists(st.integers(0, 20), max_size=8), st.just(1)),
     st.tuples(st.just("fork"), st.integers(0, 20)),
     st.tuples(st.just("swap_out"), st.integers(0, 20)),
