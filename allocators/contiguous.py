@@ -10,6 +10,7 @@ a hole fits its whole region.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence as Seq
 
 from allocators.arena import make_arena
 from allocators.base import AllocationError, KVAllocator, KVCacheSpec, SequenceLike
@@ -105,6 +106,21 @@ class ContiguousAllocator(KVAllocator):
                 "a region is sized at admission; with policy 'oracle' give the exact final length")
         r.used += num_new_tokens
 
+    def allocate_batch(self, seqs: Seq[SequenceLike], num_new_tokens: int = 1) -> int:
+        # growing inside its region is the decode path; a new region goes the long way
+        get, n = self._regions.get, num_new_tokens
+        for i, seq in enumerate(seqs):
+            r = get(seq.seq_id)
+            if r is None:
+                if not self.can_allocate(seq, n):
+                    return i
+                self.allocate(seq, n)
+            elif r.used + n <= r.length:
+                r.used += n
+            else:
+                return i
+        return len(seqs)
+
     def free(self, seq: SequenceLike) -> None:
         r = self._regions.pop(seq.seq_id, None)
         if r is not None:
@@ -117,6 +133,10 @@ class ContiguousAllocator(KVAllocator):
     def seq_capacity(self, seq: SequenceLike) -> int:
         r = self._regions.get(seq.seq_id)
         return r.length if r else 0
+
+    def seq_capacities(self, seqs: Seq[SequenceLike]) -> list[int]:
+        get = self._regions.get
+        return [r.length if (r := get(s.seq_id)) is not None else 0 for s in seqs]
 
     # -- fork: a copy into the child's own region ------------------------------------------
     def can_fork(self, parent: SequenceLike) -> bool:

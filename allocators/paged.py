@@ -13,6 +13,7 @@ block is shared after a fork, to its holder with the smallest seq_id.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence as Seq
 
 import torch
 
@@ -144,6 +145,37 @@ class PagedAllocator(KVAllocator):
         if self.enable_prefix_caching and total // bs > len(st.hashes):
             self._register_full_blocks(st)
 
+    def allocate_batch(self, seqs: Seq[SequenceLike], num_new_tokens: int = 1) -> int:
+        # allocate's two decode cases inlined: room in a private last block, or a full last
+        # block followed by a free one; anything else goes through can_allocate / allocate
+        bs, n, get, pool = self._block_size, num_new_tokens, self._seqs.get, self.pool
+        ref, fill, caching = pool.ref, pool.fill, self.enable_prefix_caching
+        for i, seq in enumerate(seqs):
+            st = get(seq.seq_id)
+            if st is not None and st.table:
+                table, used = st.table, st.num_tokens % bs
+                if used:
+                    b = table[-1]
+                    if used + n <= bs and ref[b] == 1:
+                        fill[b] += n
+                        pool.filled_total += n
+                        st.num_tokens += n
+                        if caching and used + n == bs:
+                            self._register_full_blocks(st)
+                        continue
+                elif 0 < n <= bs and len(table) * bs == st.num_tokens and pool.num_free:
+                    b = pool.take()
+                    table.append(b)
+                    pool.set_fill(b, n)
+                    st.num_tokens += n
+                    if caching and st.num_tokens // bs > len(st.hashes):
+                        self._register_full_blocks(st)
+                    continue
+            if not self.can_allocate(seq, n):
+                return i
+            self.allocate(seq, n)
+        return len(seqs)
+
     def _copy_on_write(self, st: _SeqBlocks) -> None:
         """``st``'s last block is shared and about to be written: write a private copy instead."""
         old = st.table[-1]
@@ -207,6 +239,12 @@ class PagedAllocator(KVAllocator):
             if holders is not None and min(holders) != seq.seq_id:
                 return st.num_tokens  # the shared tail is charged to another holder
         return len(st.table) * self._block_size
+
+    def seq_capacities(self, seqs: Seq[SequenceLike]) -> list[int]:
+        if self._tail_holders:  # a shared partial last block is charged to one holder
+            return [self.seq_capacity(s) for s in seqs]
+        bs, get = self._block_size, self._seqs.get
+        return [len(st.table) * bs if (st := get(s.seq_id)) is not None else 0 for s in seqs]
 
     # -- sharing -------------------------------------------------------------------------
     def can_fork(self, parent: SequenceLike) -> bool:

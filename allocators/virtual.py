@@ -42,6 +42,7 @@ import weakref
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Sequence as Seq
 
 import torch
 
@@ -350,6 +351,24 @@ class VirtualAllocator(KVAllocator):
         if self.prefetch:
             self._map_ahead(slot)
 
+    def allocate_batch(self, seqs: Seq[SequenceLike], num_new_tokens: int = 1) -> int:
+        # growing inside the slot's current page, with no page to map ahead, is the decode
+        # path; the rest goes through can_allocate / allocate
+        get, n, tpp = self._by_seq.get, num_new_tokens, self.page_tokens
+        ahead = self.prefetch_tokens if self.prefetch else None
+        for i, seq in enumerate(seqs):
+            slot = get(seq.seq_id)
+            if slot is not None:
+                used, total = slot.used, slot.used + n
+                if (-(-used // tpp) == -(-total // tpp) and total <= len(slot.groups) * tpp
+                        and (ahead is None or total + ahead <= len(slot.groups) * tpp)):
+                    slot.used = total
+                    continue
+            if not self.can_allocate(seq, n):
+                return i
+            self.allocate(seq, n)
+        return len(seqs)
+
     def _grow_mapped(self, slot: _Slot, total: int) -> None:
         """Grow inside pages the slot has: wait only for a page still being mapped ahead."""
         tpp = self.page_tokens
@@ -400,6 +419,20 @@ class VirtualAllocator(KVAllocator):
     def seq_capacity(self, seq: SequenceLike) -> int:
         slot = self._by_seq.get(seq.seq_id)
         return self._charged_pages(slot) * self.page_tokens if slot else 0
+
+    def seq_capacities(self, seqs: Seq[SequenceLike]) -> list[int]:
+        get, tpp = self._by_seq.get, self.page_tokens
+        out = []
+        for s in seqs:  # seq_capacity, inlined
+            slot = get(s.seq_id)
+            if slot is None:
+                out.append(0)
+                continue
+            charged = -(-slot.used // tpp)
+            if charged < slot.want:
+                charged = slot.want
+            out.append(min(charged, len(slot.groups)) * tpp)
+        return out
 
     def max_fit_tokens(self) -> int:
         return min(self.capacity_tokens, self.span)

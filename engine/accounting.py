@@ -21,7 +21,6 @@ import tempfile
 import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -203,7 +202,9 @@ class MemoryAccountant:
         self._exact = 0  # full chunks already corrected (no correction can reach them any more)
         self._carry = 0  # sum of the correction events before chunk ``_exact``
         self._events: dict[int, int] = {}  # step -> change of the correction from that step on
-        self._open: dict[int, list[int]] = {}  # seq_id -> [start step, capacity, max_len, last step seen]
+        self._open: dict[int, list[int]] = {}  # seq_id -> [start step, capacity, max_len]
+        self._ids: list[int] = []  # the live sequences of the last step recorded, and their capacities
+        self._caps: list[int] = []
         self._closed: dict[int, list[tuple[int, int, int, int]]] = {}  # seq_id -> intervals, until it finishes
 
     @property
@@ -218,26 +219,23 @@ class MemoryAccountant:
     def record(self, stats: MemoryStats, live: Sequence[tuple[int, int, int]]) -> None:
         """One step: the allocator's stats and (seq_id, capacity_tokens, max_len) of live sequences."""
         step = self._begin(stats)
-        for seq_id, cap, max_len in live:
-            self._see(step, seq_id, cap, max_len)
-        self._close_unseen(step)
+        self._relive(step, [x[0] for x in live], [x[1] for x in live], [x[2] for x in live])
 
-    def record_seqs(self, stats: MemoryStats, seqs: Sequence, seq_capacity: Callable[[object], int]) -> None:
-        """``record`` for the engine: the live sequences themselves and the allocator's
-        ``seq_capacity`` (one pass, no tuples)."""
+    def record_seqs(self, stats: MemoryStats, seqs: Sequence, capacities: Sequence[int]) -> None:
+        """``record`` for the engine: the live sequences themselves and their capacities (the
+        allocator's ``seq_capacities``), no tuples."""
         step = self._begin(stats)
-        opened = self._open
-        kept = 0
-        for s in seqs:
-            cap = seq_capacity(s)
-            cur = opened.get(s.seq_id)
-            if cur is not None and cur[1] == cap:
-                cur[3] = step
-                kept += 1
-            else:
-                kept += self._see(step, s.seq_id, cap, s.max_len)
-        if kept != len(opened):
-            self._close_unseen(step)
+        ids = [s.seq_id for s in seqs]
+        if ids == self._ids:
+            # the live sequences of the step before (most steps): only a capacity that changed
+            # ends an interval, and whole lists compare at C speed
+            if capacities != self._caps:
+                for s, cap, before in zip(seqs, capacities, self._caps):
+                    if cap != before:
+                        self._reopen(step, s.seq_id, cap, s.max_len)
+                self._caps = list(capacities)
+            return
+        self._relive(step, ids, capacities, [s.max_len for s in seqs])
 
     def _begin(self, stats: MemoryStats) -> int:
         step = len(self._rows)
@@ -246,25 +244,27 @@ class MemoryAccountant:
             self._settle()
         return step
 
-    def _see(self, step: int, seq_id: int, cap: int, max_len: int) -> int:
-        """A live sequence at ``step``; returns 1 if it holds an open interval now."""
-        cur = self._open.get(seq_id)
-        if cur is not None:
-            if cur[1] == cap:
-                cur[3] = step
-                return 1
+    def _relive(self, step: int, ids: list[int], caps: Sequence[int], max_lens: Sequence[int]) -> None:
+        """The sequences live at ``step``: intervals of the others end, changed capacities start new ones."""
+        live = set(ids)
+        for seq_id in [s for s in self._open if s not in live]:
+            self._close(seq_id, step)
+        opened = self._open
+        for seq_id, cap, max_len in zip(ids, caps, max_lens):
+            cur = opened.get(seq_id)
+            if cur is None or cur[1] != cap:
+                self._reopen(step, seq_id, cap, max_len)
+        self._ids, self._caps = ids, list(caps)
+
+    def _reopen(self, step: int, seq_id: int, cap: int, max_len: int) -> None:
+        """``seq_id`` holds ``cap`` tokens from ``step`` on: an interval of another capacity ends."""
+        if seq_id in self._open:
             self._close(seq_id, step)
         if cap > 0:
-            self._open[seq_id] = [step, cap, max_len, step]
-            return 1
-        return 0
-
-    def _close_unseen(self, step: int) -> None:
-        for seq_id in [s for s, v in self._open.items() if v[3] != step]:
-            self._close(seq_id, step)
+            self._open[seq_id] = [step, cap, max_len]
 
     def _close(self, seq_id: int, end: int) -> None:
-        start, cap, max_len, _ = self._open.pop(seq_id)
+        start, cap, max_len = self._open.pop(seq_id)
         if end > start:
             self._closed.setdefault(seq_id, []).append((start, end, cap, max_len))
 

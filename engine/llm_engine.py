@@ -317,11 +317,11 @@ class LLMEngine:
         context = 0
         forks = []
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
-            seq.num_computed_tokens += n
-            context += seq.num_computed_tokens
+            seq.num_computed_tokens = computed = seq.num_computed_tokens + n
+            context += computed
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = start
-            if seq.fork_pending and seq.num_computed_tokens == seq.prompt_len - 1:
+            if seq.fork_pending and computed == seq.prompt_len - 1:
                 forks.append(seq)
         if self.config.record_memory and batch.seqs:
             # tokens the live sequences hold (one count per holder): what the allocator holds for
@@ -496,7 +496,8 @@ class LLMEngine:
         req.unborn = []
 
     def _record_memory(self) -> None:
-        self.accountant.record_seqs(self.allocator.stats(), self.scheduler.running, self.allocator.seq_capacity)
+        running = self.scheduler.running
+        self.accountant.record_seqs(self.allocator.stats(), running, self.allocator.seq_capacities(running))
 
     def _check_stop(self, seq: Sequence, pos: int) -> None:
         """Whether the token at ``pos`` ends ``seq``; later (in-flight) tokens do not count.

@@ -118,6 +118,20 @@ class Scheduler:
             self.waiting.appendleft(seq)
 
     @staticmethod
+    def _decode_run(running: list[Sequence], i: int, limit: int, only: set[str] | None) -> list[Sequence]:
+        """The sequences from ``running[i]`` on (at most ``limit``) that each compute just their
+        last sampled token: a decode token, with no chunk, fork or stop to decide."""
+        run = []
+        for seq in running[i:i + limit]:
+            out = seq.output_token_ids
+            if (not out or seq.fork_pending or len(out) >= seq.done_at
+                    or len(seq.token_ids) - seq.num_computed_tokens != 1
+                    or (only is not None and seq.request_id not in only)):
+                break
+            run.append(seq)
+        return run
+
+    @staticmethod
     def _chunk(seq: Sequence, budget: int) -> int:
         """Tokens to compute for ``seq`` now; a request about to fork stops one short of its
         prompt, so each sample computes (and samples from) the last prompt token itself."""
@@ -252,7 +266,7 @@ class Scheduler:
         batch = ScheduledBatch()
         budget = self.config.max_num_batched_tokens
         allocator = self.allocator
-        can_allocate, allocate = allocator.can_allocate, allocator.allocate
+        can_allocate, allocate, allocate_batch = allocator.can_allocate, allocator.allocate, allocator.allocate_batch
         running = self.running
         seqs, news = batch.seqs, batch.num_new_tokens
         prefill = decode = 0
@@ -261,11 +275,22 @@ class Scheduler:
         # ScheduledBatch.add inlined (simulate mode spends most of its time here). Preemption
         # pops from the back, which ends the iteration early, as it should
         i = 0
-        while i < len(running):
+        while i < len(running) and budget > 0:
+            # a run of sequences that each decode one token grows in one allocator call; the
+            # first of them that does not fit, and every other sequence, takes the general
+            # path below (the same decisions, in the same order)
+            run = self._decode_run(running, i, budget, only)
+            if run:
+                k = allocate_batch(run)
+                seqs += run[:k] if k < len(run) else run
+                news += [1] * k
+                decode += k
+                budget -= k
+                i += k
+                if k == len(run):
+                    continue
             seq = running[i]
             i += 1
-            if budget <= 0:
-                break
             out = seq.output_token_ids
             # done (finished when its token is read), or not among the requests to run
             if len(out) >= seq.done_at or (only is not None and seq.request_id not in only):

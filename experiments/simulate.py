@@ -131,15 +131,15 @@ class SimRunner:
         return tokens * bpt / self.pcie_bandwidth if self.pcie_bandwidth else 0.0
 
     def execute(self, batch) -> list:
-        work = []
-        sampled = []
-        for seq, n in zip(batch.seqs, batch.num_new_tokens):
-            end = seq.num_computed_tokens + n
-            work.append((n, end))
-            if end == len(seq.token_ids):  # samples a token: _token inlined (once per sequence per step)
-                t = 4 + (seq.seq_id * 7919 + end * 104729) % (self.vocab_size - 4)
-                sampled.append((seq, t if t not in self.eos else self._token(seq), None))
-        swap = self._swap_time(batch)
+        # comprehensions, not one loop with appends: this runs once per sequence per step
+        seqs, news = batch.seqs, batch.num_new_tokens
+        ends = [seq.num_computed_tokens + n for seq, n in zip(seqs, news)]
+        work = list(zip(news, ends))
+        span, eos = self.vocab_size - 4, self.eos
+        # a sequence whose new tokens reach its end samples one: _token inlined
+        sampled = [(seq, self._token(seq) if (t := 4 + (seq.seq_id * 7919 + end * 104729) % span) in eos else t, None)
+                   for seq, end in zip(seqs, ends) if end == len(seq.token_ids)]
+        swap = self._swap_time(batch) if batch.preempted or self._swapped else 0.0
         self.swap_s += swap
         if self.profiled:
             maps = self.vmm_counter.take() if self.vmm_counter is not None else 0
