@@ -363,10 +363,16 @@ class Scheduler:
             self.allocator.allocate(seq, n)
             batch.add(seq, n)
 
+    def _unmatch(self, seq: Sequence) -> None:
+        """Give back the cached blocks a waiting request was matched to (they stay cached)."""
+        self.allocator.free(seq)
+        seq.num_computed_tokens = seq.num_cached_tokens = 0
+
     def _admit(self, batch: ScheduledBatch, budget: int, only: set[str] | None = None) -> None:
         queue = self.waiting if only is None else deque(s for s in self.waiting if s.request_id in only)
         while queue and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = queue[0]
+            matched = False
             if (self.config.enable_prefix_caching and seq.num_computed_tokens == 0
                     and seq.params.prompt_logprobs is None):  # prompt logprobs need every prompt token computed
                 # match_prefix leaves at least one token to compute; a request about to fork
@@ -376,13 +382,14 @@ class Scheduler:
                     self.allocator.free(seq)
                     cached = 0
                 seq.num_computed_tokens = seq.num_cached_tokens = cached
-            if seq.followers and not self._group_fits(seq):
-                break  # its parked samples rejoin it when it forks: wait for room for the whole group
+                matched = cached > 0
             n = self._chunk(seq, budget)
             full = (seq.prompt_len - 1 if seq.fork_pending else len(seq.token_ids)) - seq.num_computed_tokens
-            if n < full and not self.config.enable_chunked_prefill:
-                break
-            if not self.allocator.can_allocate(seq, n):
+            if ((seq.followers and not self._group_fits(seq))  # its parked samples rejoin it at the fork
+                    or (n < full and not self.config.enable_chunked_prefill)
+                    or not self.allocator.can_allocate(seq, n)):
+                if matched:  # a waiting request holds no blocks: else requests put back in front of it
+                    self._unmatch(seq)  # by preemption could pin the whole pool in the queue
                 break
             self.allocator.allocate(seq, n)
             queue.popleft()
