@@ -44,6 +44,9 @@ class ScheduledBatch:
     preempted: list[Sequence] = field(default_factory=list)
     swapped_out: int = 0
     swapped_in: int = 0
+    # one entry per host<->device copy this step made: ("d2h" | "h2d", blocks); a group's
+    # shared blocks travel once (simulate charges these)
+    swap_transfers: list[tuple[str, int]] = field(default_factory=list)
     num_prefill_tokens: int = 0
     num_decode_tokens: int = 0
 
@@ -145,7 +148,7 @@ class Scheduler:
         self.num_preemptions += 1
         batch.preempted.append(seq)
         if self._swap and self.allocator.can_swap_out(seq):
-            self.allocator.swap_out(seq)
+            batch.swap_transfers.append(("d2h", len(self.allocator.swap_out(seq))))
             seq.status = SeqStatus.SWAPPED
             self.swapped.appendleft(seq)
             self.num_swaps += 1
@@ -202,7 +205,7 @@ class Scheduler:
     def _swap_out_group(self, group: list[Sequence], batch: ScheduledBatch) -> bool:
         if not self.allocator.can_swap_out_group(group):
             return False
-        self.allocator.swap_out_group(group)
+        batch.swap_transfers.append(("d2h", len(self.allocator.swap_out_group(group))))
         for seq in reversed(group):
             seq.status = SeqStatus.SWAPPED
             self.swapped.appendleft(seq)
@@ -255,7 +258,7 @@ class Scheduler:
             left -= n
         if not self.allocator.can_swap_in_group(group, news):
             return budget, False
-        self.allocator.swap_in_group(group)
+        batch.swap_transfers.append(("h2d", len(self.allocator.swap_in_group(group))))
         for seq, n in zip(group, news):
             self.swapped.remove(seq)
             self._running_again(seq, n, batch)
@@ -344,10 +347,11 @@ class Scheduler:
                 continue
             if not self.allocator.can_swap_in(seq):
                 break
-            self.allocator.swap_in(seq)
+            batch.swap_transfers.append(("h2d", len(self.allocator.swap_in(seq))))
             n = self._chunk(seq, budget)
             if n > 0 and not self.allocator.can_allocate(seq, n):
-                self.allocator.swap_out(seq)  # room for its KV but not its next token: wait
+                # room for its KV but not its next token: back out, and wait
+                batch.swap_transfers.append(("d2h", len(self.allocator.swap_out(seq))))
                 break
             self.swapped.popleft()
             self._running_again(seq, n, batch)

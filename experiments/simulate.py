@@ -27,7 +27,6 @@ from collections.abc import Mapping
 
 from engine.config import EngineConfig
 from engine.model_config import ModelConfig
-from engine.sequence import SeqStatus
 from experiments.costmodel import ModelShape, RooflineCostModel, get_device, get_model_shape
 
 __all__ = ["VirtualClock", "SimRunner", "SimSettings", "shape_of", "model_config_of", "simulated_engine"]
@@ -67,7 +66,6 @@ class SimRunner:
         self.allocator = allocator
         self.pcie_bandwidth = pcie_bandwidth
         self.kv_bytes_per_token = cost_model.model.kv_bytes_per_token
-        self._swapped: dict[int, int] = {}  # seq_id -> tokens swapped out
         self.profiled = getattr(cost_model, "name", "") == "profiled"
         backend = getattr(allocator, "backend", None)
         self.vmm_counter = MapCounter(backend) if self.profiled and backend is not None else None
@@ -107,28 +105,15 @@ class SimRunner:
         return list(zip(tokens, lps))
 
     def _swap_time(self, batch) -> float:
-        """PCIe time of the KV swapped out by this step's preemptions and back in for its
-        sequences that return from host memory (0 without swapping or bandwidth)."""
-        out: list[int] = []
-        back: list[int] = []
-        for seq in batch.preempted:
-            if seq.status == SeqStatus.SWAPPED and self.allocator is not None:
-                n = self.allocator.num_tokens(seq)
-                self._swapped[seq.seq_id] = n
-                out.append(n)
-        if self._swapped:
-            for seq in batch.seqs:
-                n = self._swapped.pop(seq.seq_id, 0)
-                if n:
-                    back.append(n)
-        if not out and not back:
+        """PCIe time of this step's host<->device copies, as the scheduler made them (one per
+        sequence or per group of samples, whose shared blocks travel once; whole blocks)."""
+        if not batch.swap_transfers:
             return 0.0
-        bpt = self.kv_bytes_per_token
-        if self.profiled:  # measured copies, one per sequence and direction
-            return (self.cost_model.swap_time([n * bpt for n in out], "d2h")
-                    + self.cost_model.swap_time([n * bpt for n in back], "h2d"))
-        tokens = sum(out) + sum(back)
-        return tokens * bpt / self.pcie_bandwidth if self.pcie_bandwidth else 0.0
+        block_bytes = getattr(self.allocator, "block_size", 1) * self.kv_bytes_per_token
+        if self.profiled:  # measured copies, by size and direction
+            return sum(self.cost_model.swap_time([n * block_bytes], way) for way, n in batch.swap_transfers)
+        blocks = sum(n for _, n in batch.swap_transfers)
+        return blocks * block_bytes / self.pcie_bandwidth if self.pcie_bandwidth else 0.0
 
     def execute(self, batch) -> list:
         # comprehensions, not one loop with appends: this runs once per sequence per step
@@ -139,7 +124,7 @@ class SimRunner:
         # a sequence whose new tokens reach its end samples one: _token inlined
         sampled = [(seq, self._token(seq) if (t := 4 + (seq.seq_id * 7919 + end * 104729) % span) in eos else t, None)
                    for seq, end in zip(seqs, ends) if end == len(seq.token_ids)]
-        swap = self._swap_time(batch) if batch.preempted or self._swapped else 0.0
+        swap = self._swap_time(batch)
         self.swap_s += swap
         if self.profiled:
             maps = self.vmm_counter.take() if self.vmm_counter is not None else 0

@@ -189,3 +189,39 @@ def test_sharing_saving_under_load_stays_at_light_load(mode, tmp_path):
     assert light["preemptions"] == 0 and loaded["preemptions"] > 0
     assert light["sharing_saving"] > 0.4
     assert abs(loaded["sharing_saving"] - light["sharing_saving"]) < 0.02
+
+
+def test_each_swap_is_one_transfer_of_the_blocks_it_copies():
+    """The scheduler records every host<->device copy as (direction, blocks): a group's shared
+    prompt blocks count once, and simulate charges exactly those blocks at PCIe bandwidth."""
+    from experiments.simulate import SimRunner
+    from engine.scheduler import ScheduledBatch
+
+    e = engine(400, "swap")
+    add_requests(e)
+    alloc, seen = e.allocator, []
+    out_group, schedule = alloc.swap_out_group, e.scheduler.schedule
+
+    def counted_out_group(group):  # distinct blocks, and what copying each sample would move
+        seen.append((len({b for s in group for b in alloc.block_ids(s)}),
+                     sum(len(alloc.block_ids(s)) for s in group), len(group)))
+        return out_group(group)
+
+    def recorded(*a, **k):
+        batch = schedule(*a, **k)
+        transfers.extend(batch.swap_transfers)
+        return batch
+
+    transfers: list[tuple[str, int]] = []
+    alloc.swap_out_group, e.scheduler.schedule = counted_out_group, recorded
+    run_to_end(e)
+    groups_out = [n for way, n in transfers if way == "d2h"]  # every request has 4 samples: all groups
+    assert seen and groups_out == [distinct for distinct, _, _ in seen]
+    shared = [(distinct, copies) for distinct, copies, n in seen if n > 1]
+    assert shared and all(d < c for d, c in shared)  # the shared prompt crossed once
+    assert sum(groups_out) == sum(n for w, n in transfers if w == "h2d")  # and all of it came back
+    runner = SimRunner.__new__(SimRunner)  # the charge alone: blocks x block bytes / bandwidth
+    runner.allocator, runner.kv_bytes_per_token, runner.profiled, runner.pcie_bandwidth = alloc, 100, False, 1e6
+    batch = ScheduledBatch(swap_transfers=[("d2h", 3), ("h2d", 2)])
+    assert runner._swap_time(batch) == pytest.approx(5 * alloc.block_size * 100 / 1e6)
+    assert runner._swap_time(ScheduledBatch()) == 0.0

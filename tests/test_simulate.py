@@ -87,6 +87,7 @@ def test_sim_runner_charges_the_cost_model():
             self.seqs = [s for s, _ in items]
             self.num_new_tokens = [n for _, n in items]
             self.preempted = []
+            self.swap_transfers = []
 
     runner = SimRunner(cm, clock, 50272, [2])
     prefill, decode = Seq(0, 100), Seq(99, 100)
