@@ -1,20 +1,21 @@
-"""KV memory strategies behind one interface (allocators/base.py), selected by name."""
-from allocators.base import AllocationError, KVAllocator, KVCacheSpec, SequenceLike
-from allocators.registry import available, create_allocator, register
+"""KV memory strategies behind one interface (allocators/base.py), selected by name.
+
+``MemoryStats`` loads at once; the rest (and torch with it) on first use, so that reading
+results (``kvlab report``, tables) does not import torch.
+"""
+import importlib
+
 from allocators.stats import MemoryStats
 
-# importing the strategies registers them
-from allocators import contiguous as _contiguous  # noqa: F401,E402
-from allocators import paged as _paged  # noqa: F401,E402
-from allocators import virtual as _virtual  # noqa: F401,E402
+_LAZY = {"AllocationError": "allocators.base", "KVAllocator": "allocators.base", "KVCacheSpec": "allocators.base",
+         "SequenceLike": "allocators.base", "available": "allocators.registry",
+         "create_allocator": "allocators.registry", "register": "allocators.registry"}
 
-__all__ = [
-    "AllocationError",
-    "KVAllocator",
-    "KVCacheSpec",
-    "MemoryStats",
-    "SequenceLike",
-    "available",
-    "create_allocator",
-    "register",
-]
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'allocators' has no attribute {name!r}")
+
+
+__all__ = ["MemoryStats", *_LAZY]

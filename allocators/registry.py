@@ -17,11 +17,19 @@ def register(name: str) -> Callable[[type[KVAllocator]], type[KVAllocator]]:
     return deco
 
 
+def _builtins() -> None:
+    """Importing the strategies registers them (here, not at package import: that needs torch,
+    which tables and plots do not)."""
+    from allocators import contiguous, paged, virtual  # noqa: F401
+
+
 def available() -> list[str]:
+    _builtins()
     return sorted(_REGISTRY)
 
 
 def allocator_class(name: str) -> type[KVAllocator]:
+    _builtins()
     if name not in _REGISTRY:
         raise ValueError(f"unknown allocator '{name}': choose one of {available()} (allocator=NAME)")
     return _REGISTRY[name]
