@@ -200,12 +200,18 @@ class PagedAllocator(KVAllocator):
                 del self._tail_holders[block]
 
     def _register_full_blocks(self, st: _SeqBlocks) -> None:
-        """Index the blocks that became full, chaining each block's hash to its prefix."""
+        """Index the blocks that became full, chaining each block's hash to its prefix.
+
+        A block holding a token not known yet (a negative id: sampled, not read back, under
+        asynchronous scheduling) stops the indexing; the next block to fill picks it up."""
         bs, tokens = self._block_size, st.seq.token_ids
         full = min(st.num_tokens, len(tokens)) // bs
         parent = st.hashes[-1] if st.hashes else ROOT_HASH
         for i in range(len(st.hashes), full):
-            key = (parent, tuple(tokens[i * bs:(i + 1) * bs]))
+            block = tuple(tokens[i * bs:(i + 1) * bs])
+            if min(block) < 0:
+                break
+            key = (parent, block)
             parent = hash(key)
             st.hashes.append(parent)
             self.cache.insert(key, st.table[i])
@@ -274,7 +280,7 @@ class PagedAllocator(KVAllocator):
         parent = ROOT_HASH
         for i in range((len(tokens) - 1) // bs):  # leave at least one token to compute
             key = (parent, tuple(tokens[i * bs:(i + 1) * bs]))
-            b = self.cache.lookup(key)
+            b = self.cache.lookup(key)  # (a block with a pending, negative id is never indexed)
             if b is None:
                 break
             self.pool.share(b)

@@ -29,6 +29,7 @@ class EngineConfig:
     cpu_kv_cache_memory: int = 64 << 20
     enforce_eager: bool = False
     async_scheduling: bool = False  # overlap host work with the device: stops are seen one step late
+    # (works with prefix caching: a block is indexed once its last token is read back)
     seed: int = 0
     detokenize: bool = True
     record_memory: bool = True
@@ -42,9 +43,6 @@ class EngineConfig:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
-        if self.async_scheduling and self.enable_prefix_caching:
-            raise ValueError("async_scheduling hashes blocks before their last token is known: "
-                             "turn off enable_prefix_caching or async_scheduling")
         if self.dtype not in ("auto", *_DTYPES):
             raise ValueError(f"dtype '{self.dtype}': choose auto or one of {sorted(_DTYPES)}")
 

@@ -166,9 +166,32 @@ def test_async_scheduling_stops_late_but_drops_the_extra_token():
     assert llm.generate([PROMPTS[1]], s)[0].text == _llm().generate([PROMPTS[1]], s)[0].text
 
 
-def test_async_scheduling_refuses_prefix_caching():
-    with pytest.raises(ValueError, match="enable_prefix_caching"):
-        _llm(async_scheduling=True, enable_prefix_caching=True)
+@pytest.mark.parametrize("kw", [{}, {"kv_cache_tokens": 160}, {"kv_cache_tokens": 160, "preemption_mode": "swap"}],
+                         ids=["roomy", "recompute", "swap"])
+def test_async_scheduling_with_prefix_caching_gives_the_same_tokens(kw):
+    """Under asynchronous scheduling a block that fills with a token not yet read back is
+    indexed once the token is known: a second turn (prompt + first answer) hits the same cached
+    blocks as under synchronous scheduling, the tokens are the same, and no cached block is keyed
+    on a pending id."""
+    shared = list(range(100, 148))  # three blocks of 16
+    first = [shared + [7, 8, 9], shared + [10, 11], list(range(200, 237))]
+    p = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+
+    def two_turns(**extra):
+        llm = _llm(enable_prefix_caching=True, **kw, **extra)
+        a = llm.generate(first, p)
+        second = [q + o.token_ids for q, o in zip(first, a)]
+        b = llm.generate(second, p)
+        return llm, [o.token_ids for o in a + b], [o.metrics.num_cached_tokens for o in b]
+
+    llm, tokens, hits = two_turns(async_scheduling=True)
+    _, sync_tokens, sync_hits = two_turns()
+    assert tokens == sync_tokens == [o.token_ids for o in _llm(**kw).generate(first, p)] + tokens[3:]
+    assert hits == sync_hits and sum(hits) > 0
+    if not kw:  # room for everything: every full block of turn one, generated tokens included, hits
+        assert hits == [80, 80, 64]
+    keys = llm.engine.allocator.cache._block_of
+    assert keys and all(min(k[1]) >= 0 for k in keys)
 
 
 def test_prefix_caching_under_preemption_never_pins_the_pool():

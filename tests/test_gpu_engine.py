@@ -98,3 +98,20 @@ def test_async_scheduling_equals_sync_on_gpu(tiny_bf16):
         want = LLM(path, **common).generate(prompts, p)
         got = LLM(path, async_scheduling=True, **common).generate(prompts, p)
         assert [[c.token_ids for c in o.outputs] for o in got] == [[c.token_ids for c in o.outputs] for o in want]
+
+
+def test_async_scheduling_with_prefix_caching_equals_sync_on_gpu(tiny_bf16):
+    """A second turn (prompt + first answer) hits blocks that filled while their last token was
+    still on the device: same tokens and hits as the synchronous engine."""
+    path, _ = tiny_bf16
+    first = [p[:40] for p in _prompts(512)][:6]
+    p = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    common = dict(device="cuda", dtype="float32", max_model_len=512, max_num_seqs=16, kv_cache_tokens=8192,
+                  enable_prefix_caching=True)
+    runs = []
+    for async_ in (False, True):
+        llm = LLM(path, async_scheduling=async_, **common)
+        a = llm.generate(first, p)
+        b = llm.generate([q + o.token_ids for q, o in zip(first, a)], p)
+        runs.append(([o.token_ids for o in a + b], [o.metrics.num_cached_tokens for o in b]))
+    assert runs[0] == runs[1] and sum(runs[1][1]) > 0
