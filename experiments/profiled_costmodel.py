@@ -314,13 +314,20 @@ class ProfiledCostModel:
         return None
 
     # -- the step ----------------------------------------------------------------------------
-    def device_time(self, work: list[tuple[int, int]], num_sampled: int | None = None) -> float:
+    def graph_batch(self, work: list[tuple[int, int]]) -> int | None:
+        """The decode CUDA graph a step replays (its padded batch), or None: an eager step."""
+        return None if any(q > 1 for q, _ in work) else self.padded(len(work))
+
+    def device_time(self, work: list[tuple[int, int]], num_sampled: int | None = None,
+                    padded: int | None | bool = False) -> float:
+        """``padded``: ``graph_batch(work)`` where the caller has it already."""
         if not work:
             return 0.0
         sampled = len(work) if num_sampled is None else num_sampled
         prefill = [(q, c) for q, c in work if q > 1]
         context = sum(c for _, c in work)
-        padded = None if prefill else self.padded(len(work))
+        if padded is False:
+            padded = self.graph_batch(work)
         if padded is not None:
             if self.decode_graph is not None:
                 body = self.decode_graph(padded, context / padded)
@@ -345,19 +352,20 @@ class ProfiledCostModel:
         rest = max(0.0, wall - max(self.launch_floor, self.prefill_gpu(tokens)))
         return max(self.launch_floor, gpu) + rest
 
-    def host_time(self, work: list[tuple[int, int]]) -> float:
+    def host_time(self, work: list[tuple[int, int]], padded: int | None | bool = False) -> float:
         if not work:
             return 0.0
-        prefill = any(q > 1 for q, _ in work)
-        table = self.host_graph if not prefill and self.padded(len(work)) else self.host_eager
-        return table(len(work))
+        if padded is False:
+            padded = self.graph_batch(work)
+        return (self.host_graph if padded is not None else self.host_eager)(len(work))
 
     def step_time(self, work: list[tuple[int, int]], num_sampled: int | None = None, vmm_maps: int = 0) -> float:
         """Seconds for one engine step: device time + host time (+ VMM maps on the step's path)."""
         if not work:
             return 0.0
         maps = vmm_maps * self.map_s if self.vmm_sync_maps else 0.0
-        return self.device_time(work, num_sampled) + self.host_time(work) + maps
+        padded = self.graph_batch(work)  # graph or eager: decided once for both parts
+        return self.device_time(work, num_sampled, padded) + self.host_time(work, padded) + maps
 
     def swap_time(self, transfers: list[int], direction: str = "d2h") -> float:
         """Seconds to copy KV of ``transfers`` (bytes, one copy per sequence) between host and device."""
