@@ -58,6 +58,8 @@ class LLMEngine:
         self.device = config.resolved_device()
         self.dtype = config.resolved_dtype(self.device)
         self.max_model_len = config.max_model_len or min(mc.max_position_embeddings, 4096)
+        if mc.sliding_window:
+            self._cap_to_window(mc.sliding_window)
         simulate = runner_factory is not None
         spec = KVCacheSpec(mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim, self.dtype,
                            None if simulate else self.device)
@@ -303,6 +305,18 @@ class LLMEngine:
                                   batch.num_prefill_tokens, batch.num_decode_tokens, len(batch.preempted),
                                   host, context))
         return outputs
+
+    def _cap_to_window(self, window: int) -> None:
+        """kvlab runs full attention; a sliding-window model's tokens equal it up to the window."""
+        if not self.config.max_model_len:
+            log.info("%s attends over a sliding window of %d tokens: max_model_len capped to it",
+                     self.config.model, window)
+            self.max_model_len = min(self.max_model_len, window)
+        elif self.max_model_len > window:
+            raise ValueError(
+                f"{self.config.model} uses sliding-window attention ({window} tokens), which kvlab does not run "
+                f"yet: its outputs would differ beyond the window. Set max_model_len <= {window} (up to the "
+                f"window full attention is the same), got {self.max_model_len}")
 
     def _launch(self, batch):
         """A StepHandle; or, for a runner without a device (simulate) in synchronous mode, its

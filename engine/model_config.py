@@ -6,6 +6,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 SUPPORTED = ("llama", "qwen2", "qwen3", "mistral")
+# config.json "architectures" kvlab runs, and the model_type each belongs to
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
+                 "MistralForCausalLM": "mistral"}
 
 
 @dataclass
@@ -27,6 +30,9 @@ class ModelConfig:
     qk_norm: bool = False  # Qwen3: RMSNorm on q and k per head
     bos_token_id: int | None = 1
     eos_token_id: list[int] = field(default_factory=lambda: [2])
+    # attention window of some or all layers (Mistral, Qwen with use_sliding_window, layer_types):
+    # kvlab runs full attention, which equals it up to this many tokens (the engine caps there)
+    sliding_window: int | None = None
     name: str = "custom"
 
     def __post_init__(self) -> None:
@@ -48,9 +54,17 @@ class ModelConfig:
 
     @classmethod
     def from_hf_dict(cls, d: dict, name: str = "custom") -> "ModelConfig":
-        model_type = d.get("model_type", "llama")
+        model_type = d.get("model_type")
+        if model_type is None:
+            raise ValueError(f"{name}: config.json has no model_type: kvlab runs {SUPPORTED} "
+                             "(set the model_type of the architecture the weights are for)")
         if model_type not in SUPPORTED:
             raise ValueError(f"model_type '{model_type}' is not supported: kvlab runs {SUPPORTED}")
+        for arch in d.get("architectures") or ():
+            if ARCHITECTURES.get(arch) != model_type:
+                raise ValueError(
+                    f"{name}: architecture '{arch}' is not one kvlab runs as model_type '{model_type}': "
+                    f"supported architectures {sorted(ARCHITECTURES)} (each with its own model_type)")
         rope = d.get("rope_parameters") or {}
         scaling = d.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
         eos = d.get("eos_token_id", 2)
@@ -64,6 +78,7 @@ class ModelConfig:
             qk_norm=model_type == "qwen3",
             attention_bias=bool(d.get("attention_bias", model_type == "qwen2")),
             head_dim=d.get("head_dim") or 0,
+            sliding_window=_window(d, model_type),
             name=name,
         )
         return cls(**kw)
@@ -74,3 +89,18 @@ class ModelConfig:
         if not cfg_file.is_file():
             raise FileNotFoundError(f"{cfg_file} not found: a model directory needs config.json")
         return cls.from_hf_dict(json.loads(cfg_file.read_text()), name=Path(path).name)
+
+
+def _window(d: dict, model_type: str) -> int | None:
+    """The attention window a HF config gives any of its layers, or None (full attention)."""
+    w = d.get("sliding_window")
+    if not w:
+        return None
+    layer_types = d.get("layer_types")
+    if layer_types is not None:  # newer configs name each layer's attention
+        return int(w) if "sliding_attention" in layer_types else None
+    if model_type == "mistral":
+        return int(w)
+    if model_type in ("qwen2", "qwen3"):  # their configs carry a window that is off by default
+        return int(w) if d.get("use_sliding_window") else None
+    return None

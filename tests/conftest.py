@@ -39,7 +39,7 @@ def make_hf_checkpoint(path, kind: str = "llama", seed: int = 0, **overrides):
         cfg = transformers.Qwen2Config(**common)
         cls = transformers.Qwen2ForCausalLM
     elif kind == "mistral":
-        cfg = transformers.MistralConfig(sliding_window=None, **common)
+        cfg = transformers.MistralConfig(**{"sliding_window": None, **common})
         cls = transformers.MistralForCausalLM
     else:
         raise ValueError(kind)
