@@ -367,6 +367,12 @@ class Scheduler:
             self.allocator.allocate(seq, n)
             batch.add(seq, n)
 
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        """Prompt tokens found in the prefix cache over those looked up, per admitted request (a
+        request tried again while it waits is looked up again: the allocator's own count has it)."""
+        return self.prefix_hits / self.prefix_queries if self.prefix_queries else 0.0
+
     def _unmatch(self, seq: Sequence) -> None:
         """Give back the cached blocks a waiting request was matched to (they stay cached)."""
         self.allocator.free(seq)

@@ -303,9 +303,7 @@ def _run_one(cfg: DictConfig, out: Path, sweep_dir: str | Path | None = None,
             seed=cfg.seed,
             **({"repeat": repeat[0], "repeats": repeat[1]} if repeat else {}),
             kv_capacity_tokens=engine.kv_capacity_tokens,
-            # per admitted request (as the server's /metrics): a request tried again while it
-            # waits for memory is looked up again, which the allocator's own count includes
-            prefix_cache_hit_rate=engine.scheduler.prefix_hits / max(1, engine.scheduler.prefix_queries),
+            prefix_cache_hit_rate=engine.scheduler.prefix_cache_hit_rate,  # as the server's /metrics
             max_model_len=engine.max_model_len,
             wall_time_s=time.perf_counter() - wall0,
             config_hash=cfg_hash,

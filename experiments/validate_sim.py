@@ -168,9 +168,9 @@ def markdown(df) -> str:
     lines = ["| label | mode | metric | measured (mean ±95% CI, range over repeats) | simulated | error | target | ok |",
              "|---|---|---|---|---|---|---|---|"]
     for r in df.itertuples():
-        target = "" if r.target is None or (isinstance(r.target, float) and math.isnan(r.target)) else \
+        target = "" if not _given(r.target) else \
             ("exact" if r.target == 0 else f"{100 * r.target:.0f}%")
-        ok = "" if r.ok is None or (isinstance(r.ok, float) and math.isnan(r.ok)) else ("yes" if r.ok else "**no**")
+        ok = "" if not _given(r.ok) else ("yes" if r.ok else "**no**")
         ci, spread = getattr(r, "real_ci", None), getattr(r, "real_spread", None)
         measured = f"{r.real:.4g}" + (f" ±{100 * ci:.1f}%, range {100 * spread:.1f}% (n={int(r.real_n)})"
                                       if _given(ci) else "")
