@@ -7,6 +7,8 @@ import torch
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
            "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+# KV cache element types (vLLM's kv_cache_dtype names; "fp8" is e4m3 as there)
+KV_DTYPES = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 
 
 @dataclass
@@ -16,6 +18,9 @@ class EngineConfig:
     allocator_args: dict = field(default_factory=dict)  # e.g. block_size, policy, page_size
     device: str = "auto"  # auto: cuda when available, else cpu
     dtype: str = "auto"  # auto: bfloat16 on cuda, float32 on cpu
+    kv_cache_dtype: str = "auto"  # auto: the model's dtype; fp8_e4m3 | fp8_e5m2: one byte per element
+    kv_scale_granularity: str = "tensor"  # fp8 scales per layer: "tensor" (one for K, one for V) or "head"
+    kv_scale: float | None = None  # fp8 scale for every layer's K and V; None: amax of the first prefill / fp8 max
     max_model_len: int = 0  # 0: min(model's max positions, 4096)
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
@@ -45,6 +50,13 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.dtype not in ("auto", *_DTYPES):
             raise ValueError(f"dtype '{self.dtype}': choose auto or one of {sorted(_DTYPES)}")
+        if self.kv_cache_dtype not in ("auto", *KV_DTYPES):
+            raise ValueError(f"kv_cache_dtype '{self.kv_cache_dtype}': choose auto or one of {sorted(KV_DTYPES)}")
+        if self.kv_scale_granularity not in ("tensor", "head"):
+            raise ValueError(f"kv_scale_granularity '{self.kv_scale_granularity}': choose tensor or head")
+        if self.kv_scale is not None and not (isinstance(self.kv_scale, (int, float)) and 0 < self.kv_scale < 1e6):
+            raise ValueError(f"kv_scale must be a positive number (dequantized = fp8 value x scale) or null "
+                             f"(computed from the first prefill), got {self.kv_scale!r}")
 
     def resolved_device(self) -> str:
         if self.device == "auto":
@@ -52,6 +64,9 @@ class EngineConfig:
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError("device='cuda' but no CUDA device is visible: use device=cpu")
         return self.device
+
+    def resolved_kv_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        return model_dtype if self.kv_cache_dtype == "auto" else KV_DTYPES[self.kv_cache_dtype]
 
     def resolved_dtype(self, device: str) -> torch.dtype:
         if self.dtype == "auto":

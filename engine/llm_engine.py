@@ -58,10 +58,9 @@ class LLMEngine:
         self.device = config.resolved_device()
         self.dtype = config.resolved_dtype(self.device)
         self.max_model_len = config.max_model_len or min(mc.max_position_embeddings, 4096)
-        if mc.sliding_window:
-            self._cap_to_window(mc.sliding_window)
         simulate = runner_factory is not None
-        spec = KVCacheSpec(mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim, self.dtype,
+        self.kv_dtype = config.resolved_kv_dtype(self.dtype)
+        spec = KVCacheSpec(mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim, self.kv_dtype,
                            None if simulate else self.device)
         self.model = None
         if not simulate:
@@ -69,6 +68,7 @@ class LLMEngine:
             self.model = load_model(mc, config.model, self.max_model_len, self.dtype, self.device, config.seed)
             if self.device.startswith("cuda"):
                 self.model.fuse()
+            self.model.set_kv_cache_dtype(self.kv_dtype, config.kv_scale)
         if self.device == "cpu":
             threads = config.cpu_threads or (1 if mc.num_params < 50_000_000 else 0)
             if threads:
@@ -108,7 +108,10 @@ class LLMEngine:
             self.allocator)
         self.runner = (runner_factory(self.allocator) if simulate else
                        ModelRunner(self.model, self.allocator, self.device, self.eos_token_ids, config.seed,
-                                   config.max_num_seqs, self.max_model_len, config.enforce_eager))
+                                   config.max_num_seqs, self.max_model_len, config.enforce_eager,
+                                   kv_calibration=(config.kv_scale_granularity
+                                                   if self.kv_dtype != self.dtype and config.kv_scale is None
+                                                   else "")))
         self.requests: dict[str, RequestState] = {}
         self.accountant = MemoryAccountant(spec.bytes_per_token)
         # per step, as compact chunks (a long run spills old ones to disk); reads like a list of StepRecord
@@ -305,18 +308,6 @@ class LLMEngine:
                                   batch.num_prefill_tokens, batch.num_decode_tokens, len(batch.preempted),
                                   host, context))
         return outputs
-
-    def _cap_to_window(self, window: int) -> None:
-        """kvlab runs full attention; a sliding-window model's tokens equal it up to the window."""
-        if not self.config.max_model_len:
-            log.info("%s attends over a sliding window of %d tokens: max_model_len capped to it",
-                     self.config.model, window)
-            self.max_model_len = min(self.max_model_len, window)
-        elif self.max_model_len > window:
-            raise ValueError(
-                f"{self.config.model} uses sliding-window attention ({window} tokens), which kvlab does not run "
-                f"yet: its outputs would differ beyond the window. Set max_model_len <= {window} (up to the "
-                f"window full attention is the same), got {self.max_model_len}")
 
     def _launch(self, batch):
         """A StepHandle; or, for a runner without a device (simulate) in synchronous mode, its

@@ -31,8 +31,13 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, window: int = 0):
         super().__init__()
+        self.window = window  # > 0: sliding-window attention over this many tokens
+        # fp8 KV caches: dequantized = stored x scale, per KV head (fp32 [H]; see CausalLM.set_kv_cache_dtype)
+        self.k_scale: torch.Tensor | None = None
+        self.v_scale: torch.Tensor | None = None
+        self.calibrate = ""  # "tensor" | "head": this step sets the scales from its K/V amax
         self.num_heads, self.num_kv_heads, self.head_dim = (
             cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)
         h, bias = cfg.hidden_size, cfg.attention_bias
@@ -65,10 +70,7 @@ class Attention(nn.Module):
             kw = self.k_norm.weight if self.qk_norm else None
             fused_ops.qk_norm_rope_(q, k, rope.cos, rope.sin, positions, qw, kw,
                                     self.q_norm.eps if self.qk_norm else 1e-6)
-            k_cache, v_cache = cache
-            kernels.write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
-            out = kernels.attention(q, k_cache, v_cache, meta, self.scale)
-            return self.o_proj(out.view(t, -1))
+            return self.o_proj(self._attend(q, k, v, meta, cache).view(t, -1))
         else:
             q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
             k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
@@ -76,10 +78,24 @@ class Attention(nn.Module):
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rope(positions, q, k)
+        return self.o_proj(self._attend(q, k, v, meta, cache).reshape(t, -1))
+
+    def _attend(self, q, k, v, meta: AttentionMetadata, cache) -> torch.Tensor:
         k_cache, v_cache = cache
-        kernels.write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
-        out = kernels.attention(q, k_cache, v_cache, meta, self.scale)
-        return self.o_proj(out.reshape(t, -1))
+        if self.calibrate:
+            self._calibrate(k, v, k_cache.dtype)
+        kernels.write_kv(k_cache, v_cache, k, v, meta.slot_mapping, self.k_scale, self.v_scale)
+        return kernels.attention(q, k_cache, v_cache, meta, self.scale, self.k_scale, self.v_scale, self.window)
+
+    def _calibrate(self, k: torch.Tensor, v: torch.Tensor, fp8: torch.dtype) -> None:
+        """Scales from this step's keys and values: amax / the format's max, in place (CUDA graphs
+        captured earlier read the same tensors)."""
+        top = torch.finfo(fp8).max
+        for x, scale in ((k, self.k_scale), (v, self.v_scale)):
+            amax = x.detach().abs().amax(dim=(0, 2)).float()
+            if self.calibrate == "tensor":
+                amax = amax.max().expand_as(amax)
+            scale.copy_((amax / top).clamp(min=torch.finfo(torch.float32).tiny))
 
 
 class MLP(nn.Module):
@@ -111,10 +127,10 @@ def _concat_linears(parts: list[nn.Linear]) -> nn.Linear:
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, window: int = 0):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, window)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
@@ -139,7 +155,7 @@ class Backbone(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, w) for w in cfg.layer_windows())
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
@@ -174,6 +190,24 @@ class CausalLM(nn.Module):
             layer.mlp.fuse()
         self.fused = True
         return self
+
+    def set_kv_cache_dtype(self, dtype: torch.dtype, scale: float | None = None) -> None:
+        """fp8 KV caches: per-layer fp32 scales, ``scale`` for all (None: 1.0 until calibrated)."""
+        from kernels.reference import is_fp8
+
+        if not is_fp8(dtype):
+            return
+        dev = self.lm_head.weight.device
+        for layer in self.model.layers:
+            a = layer.self_attn
+            a.k_scale = torch.full((a.num_kv_heads,), scale or 1.0, dtype=torch.float32, device=dev)
+            a.v_scale = torch.full((a.num_kv_heads,), scale or 1.0, dtype=torch.float32, device=dev)
+
+    def calibrate_kv_scales(self, granularity: str) -> None:
+        """The next forward sets every layer's fp8 scales from its keys and values ("tensor" or
+        "head"); ``""`` stops calibrating."""
+        for layer in self.model.layers:
+            layer.self_attn.calibrate = granularity
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 SUPPORTED = ("llama", "qwen2", "qwen3", "mistral")
+LAYER_TYPES = ("full_attention", "sliding_attention")
 # config.json "architectures" kvlab runs, and the model_type each belongs to
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
                  "MistralForCausalLM": "mistral"}
@@ -30,9 +31,10 @@ class ModelConfig:
     qk_norm: bool = False  # Qwen3: RMSNorm on q and k per head
     bos_token_id: int | None = 1
     eos_token_id: list[int] = field(default_factory=lambda: [2])
-    # attention window of some or all layers (Mistral, Qwen with use_sliding_window, layer_types):
-    # kvlab runs full attention, which equals it up to this many tokens (the engine caps there)
+    # attention window of the sliding layers (Mistral: every layer; Qwen with use_sliding_window:
+    # layers from max_window_layers on; layer_types: the layers it names "sliding_attention")
     sliding_window: int | None = None
+    layer_types: list[str] | None = None  # per layer "full_attention" | "sliding_attention"; None: see above
     name: str = "custom"
 
     def __post_init__(self) -> None:
@@ -42,6 +44,25 @@ class ModelConfig:
             self.eos_token_id = [self.eos_token_id]
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+        if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window < 1):
+            raise ValueError(f"sliding_window must be a positive int or None, got {self.sliding_window!r}")
+        if self.layer_types is not None:
+            self.layer_types = list(self.layer_types)
+            bad = sorted(set(self.layer_types) - set(LAYER_TYPES))
+            if bad:
+                raise ValueError(f"layer_types {bad} are not attention kvlab runs: supported {list(LAYER_TYPES)}")
+            if len(self.layer_types) != self.num_hidden_layers:
+                raise ValueError(f"layer_types names {len(self.layer_types)} layers, the model has "
+                                 f"{self.num_hidden_layers}")
+            if "sliding_attention" in self.layer_types and not self.sliding_window:
+                raise ValueError("layer_types has sliding_attention layers but sliding_window is not set")
+
+    def layer_windows(self) -> list[int]:
+        """Per layer, the attention window in tokens (0: full attention)."""
+        w = self.sliding_window or 0
+        if self.layer_types is None:
+            return [w] * self.num_hidden_layers
+        return [w if t == "sliding_attention" else 0 for t in self.layer_types]
 
     @property
     def num_params(self) -> int:
@@ -78,9 +99,9 @@ class ModelConfig:
             qk_norm=model_type == "qwen3",
             attention_bias=bool(d.get("attention_bias", model_type == "qwen2")),
             head_dim=d.get("head_dim") or 0,
-            sliding_window=_window(d, model_type),
             name=name,
         )
+        kw["sliding_window"], kw["layer_types"] = _windows(d, model_type)
         return cls(**kw)
 
     @classmethod
@@ -91,16 +112,16 @@ class ModelConfig:
         return cls.from_hf_dict(json.loads(cfg_file.read_text()), name=Path(path).name)
 
 
-def _window(d: dict, model_type: str) -> int | None:
-    """The attention window a HF config gives any of its layers, or None (full attention)."""
+def _windows(d: dict, model_type: str) -> tuple[int | None, list[str] | None]:
+    """(sliding_window, layer_types) as HF transformers reads them: None, None for full attention."""
     w = d.get("sliding_window")
-    if not w:
-        return None
-    layer_types = d.get("layer_types")
-    if layer_types is not None:  # newer configs name each layer's attention
-        return int(w) if "sliding_attention" in layer_types else None
-    if model_type == "mistral":
-        return int(w)
-    if model_type in ("qwen2", "qwen3"):  # their configs carry a window that is off by default
-        return int(w) if d.get("use_sliding_window") else None
-    return None
+    if model_type == "mistral":  # every layer (HF's Mistral ignores layer_types)
+        return (int(w), None) if w else (None, None)
+    if model_type not in ("qwen2", "qwen3") or not (w and d.get("use_sliding_window")):
+        return None, None  # Llama has no window; Qwen's is off unless use_sliding_window
+    first = int(d.get("max_window_layers", 28))
+    layer_types = d.get("layer_types") or ["sliding_attention" if i >= first else "full_attention"
+                                           for i in range(d["num_hidden_layers"])]
+    if "sliding_attention" not in layer_types:
+        return None, None
+    return int(w), list(layer_types)

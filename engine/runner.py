@@ -102,8 +102,12 @@ class BatchInputs:
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, allocator: KVAllocator, device: str, eos_ids: list[int],
-                 seed: int = 0, max_num_seqs: int = 256, max_model_len: int = 2048, enforce_eager: bool = True):
+                 seed: int = 0, max_num_seqs: int = 256, max_model_len: int = 2048, enforce_eager: bool = True,
+                 kv_calibration: str = ""):
+        """``kv_calibration`` ("tensor" | "head"): fp8 KV scales are set by the first step with a
+        prefill, from its keys and values."""
         self.model = model
+        self.kv_calibration = kv_calibration
         self.allocator = allocator
         self.device = torch.device(device)
         self.eos_ids = eos_ids
@@ -215,7 +219,16 @@ class ModelRunner:
             if feed is not None:
                 ids[feed[0]] = feed[1]
             pos = stage.to_device("positions", inputs.positions)
-            hidden = self.model(ids, pos, meta, self.kv_caches)
+            calibrate = self.kv_calibration and batch.num_prefill_tokens > 0
+            if calibrate:
+                self.model.calibrate_kv_scales(self.kv_calibration)
+            try:
+                hidden = self.model(ids, pos, meta, self.kv_caches)
+            finally:
+                if calibrate:
+                    self.model.calibrate_kv_scales("")
+            if calibrate:
+                self.kv_calibration = ""  # once: later tokens are quantized with these scales
             if inputs.prompt_lp:
                 self._prompt_logprobs(hidden, inputs.prompt_lp)
             if not inputs.sample_rows:

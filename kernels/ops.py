@@ -27,14 +27,16 @@ def _triton():
     return triton_ops
 
 
-def write_kv(k_cache, v_cache, k, v, slot_mapping) -> None:
+def write_kv(k_cache, v_cache, k, v, slot_mapping, k_scale=None, v_scale=None) -> None:
+    """``k_scale``/``v_scale`` (fp32 ``[H]``): fp8 caches only, value = stored x scale."""
     impl = _triton() if _use_triton(k) else reference
-    impl.write_kv(k_cache, v_cache, k, v, slot_mapping)
+    impl.write_kv(k_cache, v_cache, k, v, slot_mapping, k_scale, v_scale)
 
 
-def attention(q, k_cache, v_cache, meta, scale=None) -> torch.Tensor:
+def attention(q, k_cache, v_cache, meta, scale=None, k_scale=None, v_scale=None, window=0) -> torch.Tensor:
+    """``window > 0``: sliding-window attention (keys older than ``window`` are not read)."""
     impl = _triton() if _use_triton(q) else reference
-    return impl.attention(q, k_cache, v_cache, meta, scale)
+    return impl.attention(q, k_cache, v_cache, meta, scale, k_scale, v_scale, window)
 
 
 def copy_blocks(cache, src, dst, block_size) -> None:

@@ -20,18 +20,45 @@ def token_slots(meta: AttentionMetadata, seq: int, length: int) -> torch.Tensor:
     return meta.seq_base[seq].to(torch.int64) + pos
 
 
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def is_fp8(dtype: torch.dtype) -> bool:
+    return dtype in FP8_DTYPES
+
+
+def quantize(x: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None) -> torch.Tensor:
+    """``x [T, H, D]`` in the cache's dtype; fp8: ``x / scale[h]``, saturated to the format's
+    range (a plain cast turns values beyond it into NaN or inf)."""
+    if not is_fp8(dtype):
+        return x.to(dtype)
+    m = torch.finfo(dtype).max
+    return (x.float() / scale.float()[None, :, None]).clamp(-m, m).to(dtype)
+
+
+def dequantize(x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """Cache rows ``[T, H, D]`` as fp32 values (fp8: times the head's scale)."""
+    if not is_fp8(x.dtype):
+        return x.float()
+    return x.float() * scale.float()[None, :, None]
+
+
 def write_kv(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     slot_mapping: torch.Tensor,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> None:
-    """Scatter new keys/values ``[num_tokens, H, D]`` into the caches at ``slot_mapping``."""
+    """Scatter new keys/values ``[num_tokens, H, D]`` into the caches at ``slot_mapping``.
+
+    fp8 caches store ``value / scale`` (``k_scale``, ``v_scale``: fp32 ``[H]``)."""
     valid = slot_mapping >= 0
     slots = slot_mapping[valid]
-    k_cache[slots] = k[valid].to(k_cache.dtype)
-    v_cache[slots] = v[valid].to(v_cache.dtype)
+    k_cache[slots] = quantize(k[valid], k_cache.dtype, k_scale)
+    v_cache[slots] = quantize(v[valid], v_cache.dtype, v_scale)
 
 
 def attention(
@@ -40,8 +67,15 @@ def attention(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+    window: int = 0,
 ) -> torch.Tensor:
-    """Causal GQA attention of ``q [num_tokens, Hq, D]`` over the cached context."""
+    """Causal GQA attention of ``q [num_tokens, Hq, D]`` over the cached context.
+
+    ``window > 0``: query at position i sees keys j with ``i - window < j <= i`` (sliding
+    window, as HF transformers masks it); keys before the window may be gone (freed blocks,
+    unmapped pages, a ring overwritten), so they are never read."""
     num_tokens, num_heads, head_dim = q.shape
     group = num_heads // k_cache.shape[1]
     scale = head_dim**-0.5 if scale is None else scale
@@ -53,13 +87,17 @@ def attention(
         q_len = q1 - q0
         if q_len == 0:
             continue
-        slots = token_slots(meta, s, ctx)
-        keys = k_cache[slots].float().repeat_interleave(group, dim=1)  # [ctx, Hq, D]
-        vals = v_cache[slots].float().repeat_interleave(group, dim=1)
+        first = max(0, ctx - q_len - window + 1) if window > 0 else 0  # oldest key any query sees
+        slots = token_slots(meta, s, ctx)[first:]
+        keys = dequantize(k_cache[slots], k_scale).repeat_interleave(group, dim=1)  # [keys, Hq, D]
+        vals = dequantize(v_cache[slots], v_scale).repeat_interleave(group, dim=1)
         scores = torch.einsum("qhd,khd->hqk", q[q0:q1].float(), keys) * scale
         q_pos = torch.arange(ctx - q_len, ctx, device=q.device)
-        k_pos = torch.arange(ctx, device=q.device)
-        scores.masked_fill_(k_pos[None, None, :] > q_pos[None, :, None], float("-inf"))
+        k_pos = torch.arange(first, ctx, device=q.device)
+        hidden = k_pos[None, None, :] > q_pos[None, :, None]
+        if window > 0:
+            hidden |= k_pos[None, None, :] <= q_pos[None, :, None] - window
+        scores.masked_fill_(hidden, float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         out[q0:q1] = torch.einsum("hqk,khd->qhd", probs, vals).to(q.dtype)
     return out

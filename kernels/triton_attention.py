@@ -25,6 +25,7 @@ import triton.language as tl
 from kernels.metadata import Addressing, AttentionMetadata
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 _LOG2E = 1.4426950408889634
 
 # Split-KV heuristic knobs (see choose_config).
@@ -56,11 +57,13 @@ def _find_seq(qsl_ptr, qblk, num_seqs, BLOCK_Q: tl.constexpr):
     return lo - 1
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["window"])
 def _attn_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, po_ptr, plse_ptr,
     qsl_ptr, seq_lens_ptr, bt_ptr, base_ptr,
+    ks_ptr, vs_ptr,  # fp8 caches (SCALED): fp32 scale per KV head, value = stored x scale
     qk_scale,  # softmax scale * log2(e): the softmax runs in base 2
+    window,  # > 0: query at position i sees keys (i - window, i] (sliding window)
     num_seqs,
     max_blocks,  # block_table.shape[1] (PAGED)
     num_splits, split_chunk,  # split-KV: split j covers keys [j*chunk, (j+1)*chunk)
@@ -78,6 +81,8 @@ def _attn_kernel(
     DIRECT: tl.constexpr,  # every sequence fits one query tile: program i = sequence i
     BT_AHEAD: tl.constexpr,  # PAGED: block ids fetched one iteration ahead (see loop)
     DOT_F32: tl.constexpr,  # exact fp32 dots (fp32 inputs; bf16 under the interpreter)
+    SCALED: tl.constexpr,  # fp8 cache: K/V upcast to q's dtype, scales folded into qk and out
+    WINDOWED: tl.constexpr,  # window > 0 (its value stays a runtime argument)
 ):
     qblk = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -99,10 +104,15 @@ def _attn_kernel(
     # Key range of this program. The split bounds come from launch constants, not from
     # this sequence's length, and there is no early exit: every start-up load (query
     # bounds, length, base or first block ids, q) is issued at once, with no chain.
-    if SPLIT:
-        lo = split * split_chunk
-    else:
+    prefix = ctx - q_len  # query j of the sequence sits at absolute position prefix + j
+    # sliding window: the tile's first query sees keys from prefix + q0 - window + 1 on, later
+    # ones even fewer; keys before that may be freed or overwritten, so they are never loaded
+    if WINDOWED:
+        lo = tl.maximum(prefix + q0 - window + 1, 0)
+    else:  # a constant: no load feeds the first block-id fetch
         lo = 0
+    if SPLIT:  # splits cut the keys this tile sees, from its first one
+        lo = lo + split * split_chunk
     offs_n0 = tl.arange(0, BLOCK_N)
     if MODE == 0:
         bt_row = bt_ptr + seq.to(tl.int64) * stride_bt
@@ -110,7 +120,6 @@ def _attn_kernel(
         blk_next = tl.load(bt_row + tl.minimum((lo + offs_n0) // BLOCK_SIZE, max_blocks - 1))
     else:
         seq_base = tl.load(base_ptr + seq).to(tl.int64)
-    prefix = ctx - q_len  # query j of the sequence sits at absolute position prefix + j
 
     rows = tl.arange(0, BLOCK_M)
     qi = rows // GROUP_P
@@ -127,7 +136,11 @@ def _attn_kernel(
         mask=row_ok[:, None] & d_ok[None, :],
         other=0.0,
     )
-    q = q.to(k_ptr.dtype.element_ty)
+    if SCALED:  # fp8 K/V are upcast to q's dtype tile by tile; their scales are per KV head
+        qk_scale = qk_scale * tl.load(ks_ptr + kvh)
+        v_scale = tl.load(vs_ptr + kvh)
+    else:
+        q = q.to(k_ptr.dtype.element_ty)
 
     # keys this tile needs: [0, kv_end), causal bound of its last query row
     kv_end = prefix + tl.minimum(q_len, q0 + BLOCK_Q)
@@ -164,6 +177,9 @@ def _attn_kernel(
         kv_mask = n_ok[:, None] & d_ok[None, :]
         k = tl.load(k_base + slot[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_base + slot[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
+        if SCALED:
+            k = k.to(q.dtype)
+            v = v.to(q.dtype)
 
         if DOT_F32:
             qk = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
@@ -171,6 +187,8 @@ def _attn_kernel(
             qk = tl.dot(q, tl.trans(k))
         qk = qk * qk_scale
         causal = n_ok[None, :] & (offs_n[None, :] <= q_pos[:, None])
+        if WINDOWED:
+            causal = causal & (offs_n[None, :] > q_pos[:, None] - window)
         qk = tl.where(causal, qk, float("-inf"))
 
         m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -188,6 +206,8 @@ def _attn_kernel(
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
+    if SCALED:
+        out = out * v_scale
     st_mask = row_ok[:, None] & d_ok[None, :]
     if not SPLIT:
         tl.store(
@@ -317,8 +337,8 @@ def _check_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
             raise ValueError(f"{name} must be [num_slots, num_kv_heads, head_dim], got {tuple(c.shape)}")
         if c.stride(2) != 1:
             raise ValueError(f"{name} must be contiguous along head_dim, got strides {c.stride()}")
-        if c.dtype not in _FLOAT_DTYPES:
-            raise ValueError(f"{name} dtype {c.dtype} not supported (fp16, bf16, fp32)")
+        if c.dtype not in _FLOAT_DTYPES + _FP8_DTYPES:
+            raise ValueError(f"{name} dtype {c.dtype} not supported (fp16, bf16, fp32, fp8 e4m3/e5m2)")
         if c.device != q.device:
             raise ValueError(f"{name} is on {c.device}, q on {q.device}")
     if k_cache.shape[1:] != v_cache.shape[1:] or k_cache.dtype != v_cache.dtype:
@@ -372,11 +392,22 @@ def attention_into(
     meta: AttentionMetadata,
     scale: float | None = None,
     config: AttnConfig | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+    window: int = 0,
 ) -> torch.Tensor:
     """Causal GQA attention of ``q [T, Hq, D]`` over the cache, written into ``out [T, Hq, D]``.
 
-    ``config`` overrides the heuristic (tests and tuning)."""
+    ``config`` overrides the heuristic (tests and tuning); ``k_scale``/``v_scale`` (fp32
+    ``[num_kv_heads]``) dequantize fp8 caches; ``window > 0`` is a sliding window."""
     _check_inputs(q, k_cache, v_cache, meta)
+    scaled = k_cache.dtype in _FP8_DTYPES
+    if scaled:
+        from kernels.triton_cache import check_scales
+
+        check_scales(k_scale, v_scale, k_cache.shape[1], q.device)
+    if not isinstance(window, int) or window < 0:
+        raise ValueError(f"window must be an int >= 0 (0: full attention), got {window!r}")
     if out.shape != q.shape or out.stride(2) != 1 or out.device != q.device:
         raise ValueError(f"out must be {tuple(q.shape)} on {q.device}, contiguous along head_dim")
     num_tokens, num_heads, head_dim = q.shape
@@ -386,14 +417,16 @@ def attention_into(
         return out
     group = num_heads // num_kv_heads
     scale = head_dim**-0.5 if scale is None else float(scale)
+    # keys one tile can see: a window bounds them whatever the context length
+    span = min(meta.max_seq_len, window + meta.max_query_len - 1) if window else meta.max_seq_len
     cfg = config or choose_config(
         num_seqs=num_seqs,
         max_query_len=meta.max_query_len,
-        max_seq_len=meta.max_seq_len,
+        max_seq_len=span,
         num_kv_heads=num_kv_heads,
         group=group,
         head_dim=head_dim,
-        elem_size=k_cache.element_size(),
+        elem_size=q.element_size() if scaled else k_cache.element_size(),  # tiles are upcast
         num_sms=device_sms(q.device),
     )
     group_p = _pow2(group)
@@ -408,7 +441,8 @@ def attention_into(
         num_qblocks = num_tokens if cfg.block_q == 1 else num_tokens // cfg.block_q + num_seqs
     # fp32 caches: exact dots. bf16 under the CPU interpreter: its bf16 dot is broken
     # (Triton 3.9), so dot in fp32 there; on the GPU bf16/fp16 use the tensor cores.
-    dot_f32 = k_cache.dtype == torch.float32 or (not q.is_cuda and k_cache.dtype == torch.bfloat16)
+    dot_dtype = q.dtype if scaled else k_cache.dtype
+    dot_f32 = dot_dtype == torch.float32 or (not q.is_cuda and dot_dtype == torch.bfloat16)
 
     split = cfg.num_splits > 1
     if split:
@@ -416,7 +450,7 @@ def attention_into(
         plse = _workspace((cfg.num_splits, num_tokens, num_heads), q.device)
         # keys per split from the launch's max_seq_len, BLOCK_N-aligned (the last split
         # also takes anything beyond, should a sequence be longer)
-        chunk = triton.cdiv(triton.cdiv(max(1, meta.max_seq_len), cfg.num_splits), cfg.block_n) * cfg.block_n
+        chunk = triton.cdiv(triton.cdiv(max(1, span), cfg.num_splits), cfg.block_n) * cfg.block_n
     else:
         po = plse = out  # unused
         chunk = 0
@@ -427,7 +461,9 @@ def attention_into(
     _attn_kernel[grid](
         q, k_cache, v_cache, out, po, plse,
         meta.query_start_loc, meta.seq_lens, bt, base,
+        k_scale if scaled else meta.seq_lens, v_scale if scaled else meta.seq_lens,  # unused unless fp8
         scale * _LOG2E,
+        window,
         num_seqs,
         meta.block_table.shape[1] if paged else 1,
         cfg.num_splits, chunk,
@@ -448,6 +484,8 @@ def attention_into(
         DIRECT=direct,
         BT_AHEAD=cfg.bt_ahead,
         DOT_F32=dot_f32,
+        SCALED=scaled,
+        WINDOWED=window > 0,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if split:
@@ -470,10 +508,13 @@ def attention(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+    window: int = 0,
 ) -> torch.Tensor:
     """Same contract as ``kernels.reference.attention``."""
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    return attention_into(out, q, k_cache, v_cache, meta, scale)
+    return attention_into(out, q, k_cache, v_cache, meta, scale, None, k_scale, v_scale, window)
 
 
 __all__ = ["AttnConfig", "attention", "attention_into", "choose_config", "device_sms"]

@@ -12,6 +12,8 @@ import triton
 import triton.language as tl
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+_CACHE_DTYPES = _FLOAT_DTYPES + _FP8_DTYPES  # block copies move bytes: any of them
 _MAX_TILE = 4096  # elements per program tile: big enough for wide 16-byte accesses
 
 
@@ -22,8 +24,8 @@ def _pow2(n: int) -> int:
 def _check_cache(name: str, cache: torch.Tensor) -> None:
     if cache.dim() != 3:
         raise ValueError(f"{name} must be [num_slots, num_kv_heads, head_dim], got {tuple(cache.shape)}")
-    if cache.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"{name} dtype {cache.dtype} not supported (fp16, bf16, fp32)")
+    if cache.dtype not in _CACHE_DTYPES:
+        raise ValueError(f"{name} dtype {cache.dtype} not supported (fp16, bf16, fp32, fp8 e4m3/e5m2)")
     if cache.stride(2) != 1:
         raise ValueError(f"{name} must be contiguous along head_dim, got strides {cache.stride()}")
 
@@ -41,12 +43,29 @@ def _check_ids(name: str, ids: torch.Tensor, device: torch.device) -> None:
 
 
 @triton.jit
+def _fp8_grid(x, MANT: tl.constexpr, SUB: tl.constexpr):
+    """fp32 ``x`` rounded to nearest-even on the fp8 grid (MANT mantissa bits, subnormal
+    step SUB), so the cast after it is exact everywhere: the GPU's cast rounds the same way,
+    Triton's CPU interpreter mis-rounds where the mantissa carries into the exponent."""
+    u = x.to(tl.int32, bitcast=True)
+    drop: tl.constexpr = 23 - MANT
+    lsb = (u >> drop) & 1
+    u = (u + ((1 << (drop - 1)) - 1) + lsb) & ~((1 << drop) - 1)  # a carry bumps the exponent
+    normal = u.to(tl.float32, bitcast=True)
+    magic = 12582912.0  # 1.5 * 2**23: adding it rounds an fp32 to an integer, nearest-even
+    sub = ((x / SUB + magic) - magic) * SUB
+    return tl.where(tl.abs(x) < SUB * (1 << MANT), sub, normal)
+
+
+@triton.jit
 def _write_kv_kernel(
-    k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr,
+    k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, ks_ptr, vs_ptr,
     stride_kt, stride_kh, stride_vt, stride_vh,
     stride_kcs, stride_kch, stride_vcs, stride_vch,
     num_heads,
     HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    FP8_MAX: tl.constexpr,  # > 0: fp8 cache, store value / scale[head] saturated to +-FP8_MAX
+    FP8_MANT: tl.constexpr, FP8_SUB: tl.constexpr,  # its mantissa bits and subnormal step
 ):
     tok = tl.program_id(0)
     slot = tl.load(slot_ptr + tok).to(tl.int64)
@@ -58,6 +77,12 @@ def _write_kv_kernel(
     tok64 = tok.to(tl.int64)
     k = tl.load(k_ptr + tok64 * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :], mask=mask)
     v = tl.load(v_ptr + tok64 * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :], mask=mask)
+    if FP8_MAX > 0:
+        h_ok = offs_h < num_heads
+        ks = tl.load(ks_ptr + offs_h, mask=h_ok, other=1.0)
+        vs = tl.load(vs_ptr + offs_h, mask=h_ok, other=1.0)
+        k = _fp8_grid(tl.clamp(k.to(tl.float32) / ks[:, None], -FP8_MAX, FP8_MAX), FP8_MANT, FP8_SUB)
+        v = _fp8_grid(tl.clamp(v.to(tl.float32) / vs[:, None], -FP8_MAX, FP8_MAX), FP8_MANT, FP8_SUB)
     tl.store(
         kc_ptr + slot * stride_kcs + offs_h[:, None] * stride_kch + offs_d[None, :],
         k.to(kc_ptr.dtype.element_ty),
@@ -76,13 +101,20 @@ def write_kv(
     k: torch.Tensor,
     v: torch.Tensor,
     slot_mapping: torch.Tensor,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> None:
-    """Scatter ``k, v [num_tokens, H, D]`` into the caches at ``slot_mapping`` (< 0: skip)."""
+    """Scatter ``k, v [num_tokens, H, D]`` into the caches at ``slot_mapping`` (< 0: skip);
+    fp8 caches store ``value / scale[head]`` (``k_scale``, ``v_scale``: fp32 ``[H]``)."""
     _check_cache("k_cache", k_cache)
     _check_cache("v_cache", v_cache)
-    if k_cache.shape != v_cache.shape:
-        raise ValueError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ")
+    if k_cache.shape != v_cache.shape or k_cache.dtype != v_cache.dtype:
+        raise ValueError(f"k_cache {tuple(k_cache.shape)} {k_cache.dtype} and v_cache "
+                         f"{tuple(v_cache.shape)} {v_cache.dtype} differ")
     num_slots, num_heads, head_dim = k_cache.shape
+    fp8 = k_cache.dtype in _FP8_DTYPES
+    if fp8:
+        check_scales(k_scale, v_scale, num_heads, k_cache.device)
     for name, t in (("k", k), ("v", v)):
         if t.dim() != 3 or t.shape[1:] != (num_heads, head_dim):
             raise ValueError(f"{name} must be [num_tokens, {num_heads}, {head_dim}], got {tuple(t.shape)}")
@@ -106,12 +138,26 @@ def write_kv(
     grid = (num_tokens, triton.cdiv(num_heads, block_h))
     _write_kv_kernel[grid](
         k, v, k_cache, v_cache, slot_mapping,
+        k_scale if fp8 else slot_mapping, v_scale if fp8 else slot_mapping,  # unused unless fp8
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         num_heads,
         HEAD_DIM=head_dim, BLOCK_H=block_h, BLOCK_D=block_d,
+        FP8_MAX=float(torch.finfo(k_cache.dtype).max) if fp8 else 0.0,
+        FP8_MANT=3 if k_cache.dtype == torch.float8_e4m3fn else 2,
+        FP8_SUB=2.0**-9 if k_cache.dtype == torch.float8_e4m3fn else 2.0**-16,
         num_warps=4,
     )
+
+
+def check_scales(k_scale, v_scale, num_heads: int, device: torch.device) -> None:
+    """fp8 caches need fp32 ``[num_kv_heads]`` scales for K and V on the cache's device."""
+    for name, t in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if t is None:
+            raise ValueError(f"an fp8 cache needs {name} (fp32 [{num_heads}]): dequantized = stored x scale")
+        if t.shape != (num_heads,) or t.dtype != torch.float32 or t.device != device or t.stride(0) != 1:
+            raise ValueError(f"{name} must be a contiguous fp32 [{num_heads}] tensor on {device}, "
+                             f"got {tuple(t.shape)} {t.dtype} on {t.device}")
 
 
 # ----------------------------------------------------------------------------- block copies
@@ -193,7 +239,7 @@ def _check_dense(name: str, buf: torch.Tensor, cache: torch.Tensor, rows: int) -
         )
     if buf.stride(2) != 1:
         raise ValueError(f"{name} must be contiguous along head_dim, got strides {buf.stride()}")
-    if buf.dtype not in _FLOAT_DTYPES:
+    if buf.dtype not in _CACHE_DTYPES:
         raise ValueError(f"{name} dtype {buf.dtype} not supported")
 
 

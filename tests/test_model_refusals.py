@@ -1,4 +1,4 @@
-"""Configs kvlab cannot run faithfully are refused or capped, never run silently wrong."""
+"""Configs kvlab cannot run faithfully are refused, never run silently wrong."""
 import json
 
 import pytest
@@ -9,32 +9,6 @@ from engine import LLM, SamplingParams
 from engine.model_config import ModelConfig
 
 pytest.importorskip("transformers")
-
-
-@pytest.fixture(scope="module")
-def windowed_mistral(tmp_path_factory):
-    path = tmp_path_factory.mktemp("mistral_w8")
-    return str(path), make_hf_checkpoint(path, "mistral", seed=3, sliding_window=8)
-
-
-def test_a_window_shorter_than_max_model_len_is_refused(windowed_mistral):
-    path, _ = windowed_mistral
-    with pytest.raises(ValueError, match=r"sliding-window attention \(8 tokens\).*max_model_len <= 8"):
-        LLM(path, device="cpu", max_model_len=64)
-
-
-def test_max_model_len_left_to_the_engine_is_capped_to_the_window_and_matches_hf(windowed_mistral):
-    """Up to the window full attention is sliding-window attention: HF's tokens, exactly."""
-    path, hf = windowed_mistral
-    llm = LLM(path, device="cpu", kv_cache_tokens=256)
-    assert llm.engine.max_model_len == 8
-    prompt = [5, 9, 17, 33]
-    ours = llm.generate([prompt], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))[0].token_ids
-    with torch.no_grad():
-        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=4, do_sample=False, min_new_tokens=4)
-    assert ours == ref[0, len(prompt):].tolist()
-    with pytest.raises(ValueError):  # a prompt beyond the window is refused, not cut
-        llm.generate([list(range(5, 15))], SamplingParams(max_tokens=2))
 
 
 def _cfg(**d):
@@ -49,9 +23,20 @@ def test_which_configs_carry_a_window():
     # Qwen2/3 configs carry a window that only use_sliding_window turns on
     assert ModelConfig.from_hf_dict(_cfg(model_type="qwen2", sliding_window=32768)).sliding_window is None
     on = _cfg(model_type="qwen2", sliding_window=4096, use_sliding_window=True)
-    assert ModelConfig.from_hf_dict(on).sliding_window == 4096
+    assert ModelConfig.from_hf_dict(on).sliding_window is None  # layers below max_window_layers (28): full
+    on["max_window_layers"] = 0
+    assert ModelConfig.from_hf_dict(on).layer_windows() == [4096, 4096]
     mixed = _cfg(model_type="qwen3", sliding_window=512, layer_types=["sliding_attention", "full_attention"])
-    assert ModelConfig.from_hf_dict(mixed).sliding_window == 512
+    assert ModelConfig.from_hf_dict(mixed).sliding_window is None  # HF: off without use_sliding_window
+    on = ModelConfig.from_hf_dict({**mixed, "use_sliding_window": True})
+    assert on.sliding_window == 512 and on.layer_windows() == [512, 0]
+    # Qwen's default: layers from max_window_layers on slide
+    deep = ModelConfig.from_hf_dict(_cfg(model_type="qwen2", sliding_window=64, use_sliding_window=True,
+                                         num_hidden_layers=4, max_window_layers=3))
+    assert deep.layer_windows() == [0, 0, 0, 64]
+    assert ModelConfig.from_hf_dict(_cfg(model_type="mistral", sliding_window=32)).layer_windows() == [32, 32]
+    with pytest.raises(ValueError, match="not attention kvlab runs"):
+        ModelConfig(num_hidden_layers=2, sliding_window=8, layer_types=["sliding_attention", "chunked_attention"])
     assert ModelConfig.from_hf_dict(_cfg(model_type="llama", sliding_window=64)).sliding_window is None
 
 
