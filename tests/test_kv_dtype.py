@@ -57,12 +57,12 @@ def test_given_scale_is_used_and_not_recalibrated():
 
 
 def test_fp8_logits_close_to_full_precision():
-    """First sampled token's logprob under fp8 KV: close to the fp32 run's (e4m3 error bound)."""
+    """The greedy token's logprob (the max, continuous in the logits even where near-tied random
+    weights flip the argmax) under fp8 KV: close to the fp32 run's."""
     lp = []
     for kw in ({}, {"kv_cache_dtype": "fp8_e4m3"}):
         out = _llm(**kw).generate(PROMPTS, SamplingParams(max_tokens=1, temperature=0, logprobs=0))
         lp.append([(o.outputs[0].token_ids[0], o.outputs[0].logprobs[0]) for o in out])
     for (t_full, lp_full), (t_fp8, lp_fp8) in zip(*lp):
-        assert t_full == t_fp8
         assert abs(lp_full - lp_fp8) < 0.1
         assert lp_full != lp_fp8  # the fp8 run really rounds K/V
