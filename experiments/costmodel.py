@@ -56,6 +56,8 @@ class ModelShape:
     gated_mlp: bool = True            # Llama-style gate/up/down (3 matrices); OPT: fc1/fc2 (2)
     tie_word_embeddings: bool = False  # lm_head shares the embedding matrix
     max_position_embeddings: int = 2048
+    kv_dtype_bytes: int = 0  # bytes per KV element (1: fp8); 0: dtype_bytes
+    layer_windows: tuple[int, ...] = ()  # per layer, its sliding window (0: full); (): all full
 
     @property
     def layer_params(self) -> int:
@@ -80,8 +82,18 @@ class ModelShape:
         return self.num_params * self.dtype_bytes
 
     @property
+    def kv_elem_bytes(self) -> int:
+        return self.kv_dtype_bytes or self.dtype_bytes
+
+    @property
     def kv_bytes_per_token(self) -> int:
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype_bytes
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.kv_elem_bytes
+
+    def window_groups(self) -> list[tuple[int, int]]:
+        """(number of layers, window) per distinct window (0: full attention)."""
+        if not self.layer_windows:
+            return [(self.num_layers, 0)]
+        return sorted((self.layer_windows.count(w), w) for w in set(self.layer_windows))
 
     @classmethod
     def from_hf_config(cls, config: dict, name: str | None = None) -> ModelShape:
@@ -102,6 +114,19 @@ class ModelShape:
             tie_word_embeddings=config.get("tie_word_embeddings", opt),
             max_position_embeddings=config.get("max_position_embeddings", 2048),
         )
+
+
+def attended_keys(q: int, c: int, window: int = 0) -> int:
+    """Keys the ``q`` new tokens of a ``c``-token context attend to, causally (and within
+    ``window``): query at position p sees min(p + 1, window) keys."""
+    full = q * (c - q) + q * (q + 1) // 2
+    if not window or c <= window:
+        return full
+    # positions c - q .. c - 1; those >= window - 1 see exactly window keys
+    first_capped = max(c - q, window - 1)
+    capped = c - first_capped
+    below = (first_capped - (c - q))  # positions c-q .. first_capped-1 see p + 1 keys
+    return capped * window + below * (c - q + 1 + first_capped) // 2
 
 
 def _opt(name: str, layers: int, hidden: int, heads: int) -> ModelShape:
@@ -176,24 +201,26 @@ class RooflineCostModel:
         self._token_matmul_params = model.num_params - embed - head
         # QK^T and PV: 2 FLOPs per multiply-add, 2 matmuls, per query head, layer, key
         self._attn_flops_per_key = 4 * model.num_layers * model.num_heads * model.head_dim
+        self._groups = model.window_groups()
 
     def step_cost(self, batch: list[tuple[int, int]]) -> StepCost:
         """``batch``: one ``(num_new_tokens, context_len_after)`` per sequence in the step."""
         if not batch:
             return StepCost(0.0, 0.0, 0.0, 0.0, 0.0)
-        new_tokens = context = attended = 0
-        for q, c in batch:
-            new_tokens += q
-            context += c
-            # causal: new token i (of q) sees the c - q earlier tokens and i + 1 of the chunk
-            attended += q * (c - q) + q * (q + 1) // 2
         m = self.model
+        new_tokens = sum(q for q, _ in batch)
+        # per layer group: keys attended (causal, within its window) and KV rows read
+        attended = read = 0.0
+        for layers, w in self._groups:
+            attended += layers * sum(attended_keys(q, c, w) for q, c in batch)
+            read += layers * sum(min(c, w + q - 1) if w else c for q, c in batch)
         # logits only for the last position of each sequence (the sampled one)
         flops = (2 * self._token_matmul_params * new_tokens
                  + 2 * m.lm_head_params * len(batch)
-                 + self._attn_flops_per_key * attended)
+                 + self._attn_flops_per_key * attended / m.num_layers)
         kv = m.kv_bytes_per_token
-        nbytes = m.weight_bytes + kv * context + kv * new_tokens  # weights, KV read, KV written
+        # weights, KV read, KV written
+        nbytes = m.weight_bytes + kv * read / m.num_layers + kv * new_tokens
         eff = self.efficiency
         return StepCost(flops, nbytes, flops / (self.device.flops * eff),
                         nbytes / (self.device.mem_bandwidth * eff), self.step_overhead_s)

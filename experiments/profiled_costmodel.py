@@ -31,6 +31,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from experiments.costmodel import attended_keys
+
 log = logging.getLogger("kvlab.sim")
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -167,7 +169,11 @@ class ProfiledCostModel:
         self.graph_sizes = [] if enforce_eager else capture_sizes(max_graph_batch)
         self.vmm_sync_maps = vmm_sync_maps
         mode = "paged" if paged else "linear"
-        self.profiled_model = model if model in profile.models() else None
+        # the profile times bf16 KV and full attention: an fp8 cache or sliding windows are composed
+        # from its tables, attention scaled by the bytes and keys it streams
+        same_attention = shape.kv_elem_bytes == 2 and all(w == 0 for _, w in shape.window_groups())
+        self.profiled_model = model if model in profile.models() and same_attention else None
+        self.windows = [(n, w) for n, w in shape.window_groups()]
         ref = self.profiled_model or self._reference_model()
         att = profile.table("attention", model=ref, mode=mode)
         if att.empty:
@@ -187,6 +193,7 @@ class ProfiledCostModel:
         if self.profiled_model is None:  # attention streams KV: scale by KV bytes per token and layer
             rc = _config(ref)
             self.kv_scale = (shape.num_kv_heads * shape.head_dim) / (rc.num_key_value_heads * rc.head_dim)
+            self.kv_scale *= shape.kv_elem_bytes / 2  # profiled with bf16 caches
         s = profile.table("sample", model=ref)
         self.sample = Grid1D(s["batch"], s["value"] * shape.vocab_size / _config(ref).vocab_size)
         self._gemm = {(int(n), int(k)): Grid1D(g["m"], g["value"])
@@ -307,6 +314,14 @@ class ProfiledCostModel:
     def _decode_attn(self, batch: int, context: int) -> float:
         return self.attn_decode(batch, context / batch) * self.kv_scale if batch else 0.0
 
+    def _layers_attn(self, work: list[tuple[int, int]]) -> float:
+        """Layers' worth of full attention this step costs: the layer count, less what sliding
+        windows leave unread (time taken as proportional to the keys each layer attends)."""
+        if len(self.windows) == 1 and self.windows[0][1] == 0:
+            return self.num_layers
+        full = sum(attended_keys(q, c) for q, c in work)
+        return sum(n * sum(attended_keys(q, c, w) for q, c in work) for n, w in self.windows) / max(full, 1)
+
     def padded(self, batch: int) -> int | None:
         for s in self.graph_sizes:
             if s >= batch:
@@ -333,7 +348,7 @@ class ProfiledCostModel:
                 body = self.decode_graph(padded, context / padded)
             else:
                 body = self.compose * (self._dense(padded) + self.lm_head(padded)
-                                       + self.num_layers * self._decode_attn(len(work), context))
+                                       + self._layers_attn(work) * self._decode_attn(len(work), context))
             return body + (self.sample(sampled) if sampled else 0.0)
         tokens = sum(q for q, _ in work)
         dec = [(q, c) for q, c in work if q == 1]
@@ -343,7 +358,8 @@ class ProfiledCostModel:
             attn += grid(len(dec), sum(c for _, c in dec) / len(dec)) * self.kv_scale
         # the measured single-sequence forward of as many tokens: its device time with one fresh
         # prefill's attention, one row of logits and sampling swapped for this batch's
-        gpu = self.prefill_gpu(tokens) - self.num_layers * self._prefill_attn(tokens, 0) + self.num_layers * attn
+        gpu = (self.prefill_gpu(tokens) - self.num_layers * self._prefill_attn(tokens, 0)
+               + self._layers_attn(work) * attn)
         if sampled > 1:
             gpu += self.lm_head(sampled) - self.lm_head(1) + self.sample(sampled) - self.sample(1)
         # an eager step waits for the later of its launches and its device work; what the

@@ -187,12 +187,14 @@ def model_config_of(shape: ModelShape) -> ModelConfig:
         tie_word_embeddings=shape.tie_word_embeddings, bos_token_id=None, eos_token_id=[2], name=shape.name)
 
 
-def shape_of(mc: ModelConfig, dtype_bytes: int = 2) -> ModelShape:
+def shape_of(mc: ModelConfig, dtype_bytes: int = 2, kv_dtype_bytes: int = 0) -> ModelShape:
     """The cost-model shape of an engine model config (Llama-style gated MLP)."""
+    windows = mc.layer_windows()
     return ModelShape(mc.name, mc.num_hidden_layers, mc.hidden_size, mc.num_attention_heads,
                       mc.num_key_value_heads, mc.head_dim, mc.intermediate_size, mc.vocab_size,
                       dtype_bytes=dtype_bytes, gated_mlp=True, tie_word_embeddings=mc.tie_word_embeddings,
-                      max_position_embeddings=mc.max_position_embeddings)
+                      max_position_embeddings=mc.max_position_embeddings, kv_dtype_bytes=kv_dtype_bytes,
+                      layer_windows=tuple(windows) if any(windows) else ())
 
 
 def simulated_engine(cfg, engine_config: EngineConfig, clock: VirtualClock | None = None):
@@ -216,6 +218,8 @@ def simulated_engine(cfg, engine_config: EngineConfig, clock: VirtualClock | Non
         mc = resolve_config(econf.model)
         dtype_bytes = 2 if econf.dtype in ("auto", "float16", "fp16", "bfloat16", "bf16") else 4
         shape = shape_of(mc, dtype_bytes)
+    if econf.kv_cache_dtype != "auto":
+        shape = dataclasses.replace(shape, kv_dtype_bytes=1)
     if econf.dtype == "auto":  # the simulated GPU's dtype, not the CPU's float32
         econf.dtype = _DTYPE_BY_BYTES[shape.dtype_bytes]
     cost = RooflineCostModel(shape, device, efficiency=sim.efficiency, step_overhead_s=sim.step_overhead_s)
@@ -254,7 +258,7 @@ def _gpu_page_size(econf: EngineConfig, shape: ModelShape) -> None:
     if args.get("page_size") not in (None, "auto") or econf.kv_cache_tokens is None:
         return
     token_bytes, _ = range_token_bytes(args.get("layout", "per_layer"), shape.num_layers, shape.num_kv_heads,
-                                       shape.head_dim, shape.dtype_bytes)
+                                       shape.head_dim, shape.kv_elem_bytes)
     page = CUDA_GRANULARITY // token_bytes * token_bytes
     if page and econf.kv_cache_tokens >= page // token_bytes:
         econf.allocator_args = {**args, "page_size": page}
