@@ -36,6 +36,7 @@ class _SeqBlocks:
     num_tokens: int = 0
     hashes: list[int] = field(default_factory=list)  # chained hash of each full block so far
     host: list[int] | None = None  # host blocks while swapped out
+    released: int = 0  # leading table entries given back (-1): a sliding window's layers passed them
 
 
 @register("paged")
@@ -228,9 +229,25 @@ class PagedAllocator(KVAllocator):
         if st.table and st.num_tokens % self._block_size:
             self._leave_tail(st.table[-1], st.seq.seq_id)
         # last blocks first: the LRU evicts a prefix's tail before its head
-        for b in reversed(st.table):
+        for b in reversed(st.table[st.released:]):
             self.pool.release(b, cached=self.cache.is_cached(b))
         st.table = []
+
+    def release_head(self, seq: SequenceLike, first_kept: int) -> int:
+        """Give back the blocks wholly before token ``first_kept`` (layers with a sliding window
+        never read them again); their table entries become -1 and the table keeps its length,
+        so positions still index it. The last block always stays. Returns blocks given back."""
+        st = self._seqs.get(seq.seq_id)
+        if st is None or st.host is not None:
+            return 0
+        upto = min(first_kept // self._block_size, len(st.table) - 1)
+        done = 0
+        for i in range(st.released, upto):
+            self.pool.release(st.table[i], cached=False)
+            st.table[i] = -1
+            done += 1
+        st.released = max(st.released, upto)
+        return done
 
     def num_tokens(self, seq: SequenceLike) -> int:
         st = self._seqs.get(seq.seq_id)
@@ -244,13 +261,13 @@ class PagedAllocator(KVAllocator):
             holders = self._tail_holders.get(st.table[-1])
             if holders is not None and min(holders) != seq.seq_id:
                 return st.num_tokens  # the shared tail is charged to another holder
-        return len(st.table) * self._block_size
+        return (len(st.table) - st.released) * self._block_size
 
     def seq_capacities(self, seqs: Seq[SequenceLike]) -> list[int]:
         if self._tail_holders:  # a shared partial last block is charged to one holder
             return [self.seq_capacity(s) for s in seqs]
         bs, get = self._block_size, self._seqs.get
-        return [len(st.table) * bs if (st := get(s.seq_id)) is not None else 0 for s in seqs]
+        return [(len(st.table) - st.released) * bs if (st := get(s.seq_id)) is not None else 0 for s in seqs]
 
     # -- sharing -------------------------------------------------------------------------
     def can_fork(self, parent: SequenceLike) -> bool:
@@ -263,9 +280,10 @@ class PagedAllocator(KVAllocator):
             raise AllocationError(f"fork: parent seq {parent.seq_id} holds no device blocks")
         if child.seq_id in self._seqs:
             raise AllocationError(f"fork: child seq {child.seq_id} already holds blocks")
-        for b in p.table:
+        for b in p.table[p.released:]:
             self.pool.share(b)
-        self._seqs[child.seq_id] = _SeqBlocks(child, list(p.table), p.num_tokens, list(p.hashes))
+        self._seqs[child.seq_id] = _SeqBlocks(child, list(p.table), p.num_tokens, list(p.hashes),
+                                              released=p.released)
         if p.num_tokens % self._block_size:
             self._tail_holders.setdefault(p.table[-1], {parent.seq_id}).add(child.seq_id)
 
@@ -453,13 +471,14 @@ class PagedAllocator(KVAllocator):
             table = st.table
             if not table:
                 continue
-            used = st.num_tokens
-            cap = len(table) * bs
+            gone = st.released * bs  # positions whose blocks went back (sliding window)
+            used = st.num_tokens - gone
+            cap = len(table) * bs - gone
             if holders and used % bs:
                 h = holders.get(table[-1])
                 if h is not None and min(h) != st.seq.seq_id:
                     cap = used
-            bound = st.seq.max_len
+            bound = st.seq.max_len - gone
             if bound > cap:
                 bound = cap
             if bound < used:

@@ -33,6 +33,7 @@ class AttentionMetadata:
     block_table: torch.Tensor | None = None  # int32 [num_seqs, max_blocks] (PAGED)
     block_size: int = 0  # PAGED
     seq_base: torch.Tensor | None = None  # int64 [num_seqs] (LINEAR)
+    ring: int = 0  # LINEAR, > 0: each sequence's region holds ``ring`` slots, token t at seq_base + t % ring
 
     @property
     def num_seqs(self) -> int:
@@ -48,6 +49,8 @@ class AttentionMetadata:
                 raise ValueError("PAGED addressing needs block_table and block_size > 0")
         elif self.seq_base is None:
             raise ValueError("LINEAR addressing needs seq_base")
+        if self.ring and self.mode != Addressing.LINEAR:
+            raise ValueError("ring addressing is LINEAR only (PAGED frees blocks instead)")
 
 
 def contiguous_metadata(mode: Addressing, q_lens: list[int], seq_lens: list[int], device,

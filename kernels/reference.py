@@ -17,6 +17,8 @@ def token_slots(meta: AttentionMetadata, seq: int, length: int) -> torch.Tensor:
     if meta.mode == Addressing.PAGED:
         blocks = meta.block_table[seq, pos // meta.block_size].to(torch.int64)
         return blocks * meta.block_size + pos % meta.block_size
+    if meta.ring:
+        pos = pos % meta.ring
     return meta.seq_base[seq].to(torch.int64) + pos
 
 

@@ -57,13 +57,14 @@ def _find_seq(qsl_ptr, qblk, num_seqs, BLOCK_Q: tl.constexpr):
     return lo - 1
 
 
-@triton.jit(do_not_specialize=["window"])
+@triton.jit(do_not_specialize=["window", "ring"])
 def _attn_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, po_ptr, plse_ptr,
     qsl_ptr, seq_lens_ptr, bt_ptr, base_ptr,
     ks_ptr, vs_ptr,  # fp8 caches (SCALED): fp32 scale per KV head, value = stored x scale
     qk_scale,  # softmax scale * log2(e): the softmax runs in base 2
     window,  # > 0: query at position i sees keys (i - window, i] (sliding window)
+    ring,  # LINEAR, RING: token t of a sequence at seq_base + t % ring
     num_seqs,
     max_blocks,  # block_table.shape[1] (PAGED)
     num_splits, split_chunk,  # split-KV: split j covers keys [j*chunk, (j+1)*chunk)
@@ -83,6 +84,7 @@ def _attn_kernel(
     DOT_F32: tl.constexpr,  # exact fp32 dots (fp32 inputs; bf16 under the interpreter)
     SCALED: tl.constexpr,  # fp8 cache: K/V upcast to q's dtype, scales folded into qk and out
     WINDOWED: tl.constexpr,  # window > 0 (its value stays a runtime argument)
+    RING: tl.constexpr,  # ring > 0
 ):
     qblk = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -172,6 +174,8 @@ def _attn_kernel(
             else:
                 blk = tl.load(bt_row + offs_n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
             slot = blk * BLOCK_SIZE + offs_n % BLOCK_SIZE
+        elif RING:
+            slot = seq_base + offs_n % ring
         else:
             slot = seq_base + offs_n
         kv_mask = n_ok[:, None] & d_ok[None, :]
@@ -464,6 +468,7 @@ def attention_into(
         k_scale if scaled else meta.seq_lens, v_scale if scaled else meta.seq_lens,  # unused unless fp8
         scale * _LOG2E,
         window,
+        meta.ring,
         num_seqs,
         meta.block_table.shape[1] if paged else 1,
         cfg.num_splits, chunk,
@@ -486,6 +491,7 @@ def attention_into(
         DOT_F32=dot_f32,
         SCALED=scaled,
         WINDOWED=window > 0,
+        RING=meta.ring > 0,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if split:

@@ -132,3 +132,30 @@ def test_sliding_window_reference_skips_old_keys():
     assert torch.isfinite(reference.attention(q, kc, vc, meta, window=8)).all()
     with pytest.raises(ValueError, match="window"):
         triton_ops.attention_into(torch.empty_like(q), q, kc, vc, meta, None, None, None, None, -1)
+
+
+@pytest.mark.parametrize("window,ring", [(8, 24), (16, 64), (1, 9)])
+def test_ring_addressing_with_window(window, ring):
+    """LINEAR ring (contiguous and virtual local layers): token t at seq_base + t % ring holds
+    only the last ``ring`` tokens; with ring >= window + q_len - 1 nothing the window needs is
+    overwritten, so attention equals the full cache's."""
+    import dataclasses
+
+    gen = _gen("ring", window, ring)
+    q_max = ring - window + 1
+    lens = [(150, 1), (60, min(q_max, 9)), (ring + 3, q_max), (5, 5 if q_max >= 5 else 1)]
+    q, kc, vc, meta, _ = make_batch(gen, lens, num_kv_heads=2, group=2, head_dim=32, dtype=torch.float16,
+                                    mode=LINEAR)
+    want = reference.attention(q, kc, vc, meta, window=window)
+    n = len(lens)
+    rk = torch.full((n * ring, 2, 32), float("nan"), dtype=torch.float16, device=DEVICE)
+    rv = rk.clone()
+    for s, (ctx, _) in enumerate(lens):
+        t = torch.arange(max(0, ctx - ring), ctx, device=DEVICE)
+        src = reference.token_slots(meta, s, ctx)[t]
+        rk[s * ring + t % ring], rv[s * ring + t % ring] = kc[src], vc[src]
+    rmeta = dataclasses.replace(meta, seq_base=torch.arange(n, device=DEVICE, dtype=torch.int64) * ring, ring=ring)
+    _assert_close_attn(reference.attention(q, rk, rv, rmeta, window=window), want)
+    out = torch.full_like(q, float("nan"))
+    triton_ops.attention_into(out, q, rk, rv, rmeta, None, None, None, None, window)
+    _assert_close_attn(out, want)
