@@ -67,10 +67,13 @@ class ContiguousAllocator(KVAllocator):
     def region_size(self, seq: SequenceLike) -> int:
         """Tokens the policy asks for (the arena may round up: ``arena.size_for``)."""
         if self.policy == "max":
-            return self.max_model_len
-        if self.policy == "pow2":
-            return pow2_reservation(seq.prompt_len, seq.max_len, self.max_model_len)
-        return seq.oracle_len
+            size = self.max_model_len
+        elif self.policy == "pow2":
+            size = pow2_reservation(seq.prompt_len, seq.max_len, self.max_model_len)
+        else:
+            size = seq.oracle_len
+        ring = getattr(seq, "ring", 0)  # a sliding window's layers (layer groups) reuse a ring of slots
+        return min(size, ring) if ring else size
 
     def _grant(self, seq: SequenceLike, num_tokens: int) -> int:
         return self.arena.size_for(max(self.region_size(seq), num_tokens))

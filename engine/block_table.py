@@ -51,8 +51,8 @@ class PersistentBlockTable:
         if not self._free:
             raise RuntimeError("block-table rows exhausted: more live sequences than max_num_seqs")
 
-    def sync(self, staging) -> None:
+    def sync(self, staging, name: str = "block_table") -> None:
         """Send the rows to the device (through ``staging``: the host copy keeps changing)."""
         if self._dirty:
-            self.device_t.copy_(staging.host("block_table", self.host), non_blocking=True)
+            self.device_t.copy_(staging.host(name, self.host), non_blocking=True)
             self._dirty = False

@@ -20,6 +20,7 @@ class EngineConfig:
     dtype: str = "auto"  # auto: bfloat16 on cuda, float32 on cpu
     kv_cache_dtype: str = "auto"  # auto: the model's dtype; fp8_e4m3 | fp8_e5m2: one byte per element
     kv_scale_granularity: str = "tensor"  # fp8 scales per layer: "tensor" (one for K, one for V) or "head"
+    kv_grouping: str = "none"  # sliding-window layers: none (every layer holds every token) | shared (window-aware)
     kv_scale: float | None = None  # fp8 scale for every layer's K and V; None: amax of the first prefill / fp8 max
     max_model_len: int = 0  # 0: min(model's max positions, 4096)
     max_num_seqs: int = 256
@@ -52,6 +53,9 @@ class EngineConfig:
             raise ValueError(f"dtype '{self.dtype}': choose auto or one of {sorted(_DTYPES)}")
         if self.kv_cache_dtype not in ("auto", *KV_DTYPES):
             raise ValueError(f"kv_cache_dtype '{self.kv_cache_dtype}': choose auto or one of {sorted(KV_DTYPES)}")
+        if self.kv_grouping not in ("none", "shared"):
+            raise ValueError(f"kv_grouping '{self.kv_grouping}': choose none (full-length KV for every layer) or "
+                             "shared (layer groups: windowed layers hold their window, vLLM's hybrid allocator)")
         if self.kv_scale_granularity not in ("tensor", "head"):
             raise ValueError(f"kv_scale_granularity '{self.kv_scale_granularity}': choose tensor or head")
         if self.kv_scale is not None and not (isinstance(self.kv_scale, (int, float)) and 0 < self.kv_scale < 1e6):

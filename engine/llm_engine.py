@@ -9,7 +9,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from allocators import KVCacheSpec, create_allocator
+from allocators import KVCacheSpec
+from allocators.layer_groups import grouped_allocator
 from allocators.registry import allocator_class
 from allocators.base import KVAllocator
 from engine.accounting import ChunkedRows, MemoryAccountant, StepLog, StepRecord  # noqa: F401 (StepRecord: re-export)
@@ -83,15 +84,18 @@ class LLMEngine:
             swap_tokens = (capacity if config.swap_space is None
                            else int(config.swap_space * 2**30) // spec.bytes_per_token)
             alloc_args.setdefault("swap_space_tokens", swap_tokens)
-        self.allocator = create_allocator(
-            config.allocator, spec=spec, capacity_tokens=capacity, max_num_seqs=config.max_num_seqs,
+        # layer groups (kv_grouping=shared): window-aware allocation for sliding-window layers
+        self.allocator = grouped_allocator(
+            cls, mc.layer_windows(), config.kv_grouping, config.max_num_batched_tokens,
+            spec=spec, capacity_tokens=capacity, max_num_seqs=config.max_num_seqs,
             max_model_len=self.max_model_len, **alloc_args)
         if self.allocator.max_fit_tokens() <= 0:
             raise ValueError(
                 f"allocator '{config.allocator}' cannot fit a single request: its pool holds "
                 f"{self.allocator.capacity_tokens} tokens but each request reserves {self.max_model_len} "
                 "(max_model_len): raise kv_cache_memory / kv_cache_tokens or lower max_model_len")
-        self.kv_capacity_tokens = self.allocator.capacity_tokens
+        # in tokens of the whole model (a layer-grouped allocator counts tokens of one group)
+        self.kv_capacity_tokens = self.allocator.capacity_tokens * self.allocator.bytes_per_token // spec.bytes_per_token
         log.info("KV cache: %d tokens, max concurrency %.2fx for %d-token requests (%s)",
                  self.kv_capacity_tokens, self.kv_capacity_tokens / self.max_model_len,
                  self.max_model_len, config.allocator)

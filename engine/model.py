@@ -38,6 +38,7 @@ class Attention(nn.Module):
         self.k_scale: torch.Tensor | None = None
         self.v_scale: torch.Tensor | None = None
         self.calibrate = ""  # "tensor" | "head": this step sets the scales from its K/V amax
+        self.group = 0  # layer group (window-aware allocation): which of a list of metadata is this layer's
         self.num_heads, self.num_kv_heads, self.head_dim = (
             cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)
         h, bias = cfg.hidden_size, cfg.attention_bias
@@ -80,7 +81,9 @@ class Attention(nn.Module):
         q, k = rope(positions, q, k)
         return self.o_proj(self._attend(q, k, v, meta, cache).reshape(t, -1))
 
-    def _attend(self, q, k, v, meta: AttentionMetadata, cache) -> torch.Tensor:
+    def _attend(self, q, k, v, meta: AttentionMetadata | list[AttentionMetadata], cache) -> torch.Tensor:
+        if isinstance(meta, list):
+            meta = meta[self.group]
         k_cache, v_cache = cache
         if self.calibrate:
             self._calibrate(k, v, k_cache.dtype)

@@ -95,7 +95,8 @@ class BatchInputs:
                 bs = allocator.block_size
                 self.slots[dec] = table.host[rows, pos // bs].astype(np.int64) * bs + pos % bs
             else:
-                self.slots[dec] = rows + pos
+                ring = getattr(allocator, "ring", 0)  # a windowed layer group's ring of slots
+                self.slots[dec] = rows + (pos % ring if ring else pos)
         self.max_query_len = max(batch.num_new_tokens)
         self.max_seq_len = max(seq_lens)
 
@@ -114,17 +115,25 @@ class ModelRunner:
         self.sampler = Sampler(self.device, seed)
         self.kv_caches = [allocator.kv_cache(i) for i in range(model.config.num_hidden_layers)]
         self.paged = allocator.mode == Addressing.PAGED
-        self.table = None
+        # layer groups (window-aware allocation): addressing and metadata per group, each layer
+        # reading its group's; otherwise the allocator is the one group
+        plan = getattr(allocator, "plan", None)
+        self.views = [allocator.group(k) for k in range(plan.num_groups)] if plan else [allocator]
+        if plan:
+            for i, layer in enumerate(model.model.layers):
+                layer.self_attn.group = plan.locate(i)[0]
+        self.tables: list[PersistentBlockTable | None] = [None] * len(self.views)
         if self.paged:
             width = -(-max_model_len // allocator.block_size)
-            self.table = PersistentBlockTable(max_num_seqs + 1, width, self.device)
+            self.tables = [PersistentBlockTable(max_num_seqs + 1, width, self.device) for _ in self.views]
+        self.table = self.tables[0]
         self.graphs = None
         self.max_model_len = max_model_len
         self.last_prep_s = 0.0
         self.staging = HostStaging(self.device)
         if self.device.type == "cuda":
             compile_watch.install()  # from here on, a compile outside warm-up is named in a warning
-        if self.device.type == "cuda" and not enforce_eager:
+        if self.device.type == "cuda" and not enforce_eager and plan is None:  # graphs: one group only
             from engine.cuda_graphs import DecodeGraphs
 
             self.graphs = DecodeGraphs(model, allocator, self.kv_caches, self.table, max_num_seqs, max_model_len,
@@ -177,17 +186,20 @@ class ModelRunner:
         except Exception as e:  # an optimisation only: a shape it cannot run is compiled when met
             log.warning("kernel warm-up stopped early: %r", e)
 
-    def _metadata(self, inputs: BatchInputs) -> AttentionMetadata:
+    def _metadata(self, inputs: BatchInputs, group: int = 0) -> AttentionMetadata:
         dev = self.staging.to_device
+        tag = f"g{group}" if group else ""  # staging buffers of one group's arrays
         meta = AttentionMetadata(
             mode=self.allocator.mode, query_start_loc=dev("qsl", inputs.qsl), seq_lens=dev("seq_lens", inputs.seq_lens),
             max_query_len=inputs.max_query_len, max_seq_len=inputs.max_seq_len,
-            slot_mapping=dev("slots", inputs.slots))
+            slot_mapping=dev("slots" + tag, inputs.slots))
         if self.paged:
-            meta.block_table = self.table.device_t.index_select(0, dev("addressing", inputs.addressing))
+            table = self.tables[group]
+            meta.block_table = table.device_t.index_select(0, dev("addressing" + tag, inputs.addressing))
             meta.block_size = self.allocator.block_size
         else:
-            meta.seq_base = dev("addressing", inputs.addressing)
+            meta.seq_base = dev("addressing" + tag, inputs.addressing)
+            meta.ring = getattr(self.views[group], "ring", 0)
         return meta
 
     @torch.inference_mode()
@@ -200,9 +212,12 @@ class ModelRunner:
         t0 = time.perf_counter()
         stage = self.staging
         stage.next_step()
-        inputs = BatchInputs(batch, self.allocator, self.table, inflight.rows if inflight else None)
-        if self.table is not None:
-            self.table.sync(stage)
+        pending = inflight.rows if inflight else None
+        inputs = BatchInputs(batch, self.views[0], self.table, pending)
+        more = [BatchInputs(batch, v, t, pending) for v, t in zip(self.views[1:], self.tables[1:])]
+        for k, table in enumerate(self.tables):
+            if table is not None:
+                table.sync(stage, f"block_table{k}" if k else "block_table")
         feed = None
         if inputs.feed:
             idx = stage.to_device("feed", np.array(inputs.feed, dtype=np.int64))
@@ -215,6 +230,8 @@ class ModelRunner:
                 ("seq_lens", inputs.seq_lens), ("addressing", inputs.addressing))), feed=feed)
         else:
             meta = self._metadata(inputs)
+            if more:  # one metadata per layer group
+                meta = [meta] + [self._metadata(x, k) for k, x in enumerate(more, 1)]
             ids = stage.to_device("ids", inputs.input_ids)
             if feed is not None:
                 ids[feed[0]] = feed[1]
@@ -256,8 +273,9 @@ class ModelRunner:
 
     def release(self, seq: Sequence) -> None:
         """The sequence's blocks changed wholesale (preempted, swapped): drop its table row."""
-        if self.table is not None:
-            self.table.release(seq.seq_id)
+        for table in self.tables:
+            if table is not None:
+                table.release(seq.seq_id)
 
     def forget(self, seq: Sequence) -> None:
         self.release(seq)

@@ -41,18 +41,24 @@ def _check(path, hf, allocator, **engine):
     return llm
 
 
+@pytest.mark.parametrize("grouping", ["none", "shared"])
 @pytest.mark.parametrize("allocator", ALLOCATORS)
-def test_mistral_window_smaller_than_prompt_matches_hf(mistral_w8, allocator):
+def test_mistral_window_smaller_than_prompt_matches_hf(mistral_w8, allocator, grouping):
     path, hf = mistral_w8
-    llm = _check(path, hf, allocator)
+    llm = _check(path, hf, allocator, kv_grouping=grouping, max_num_batched_tokens=7 if grouping == "shared" else 1024)
     assert [layer.self_attn.window for layer in llm.engine.model.model.layers] == [8, 8]
 
 
+@pytest.mark.parametrize("grouping", ["none", "shared"])
 @pytest.mark.parametrize("allocator", ALLOCATORS)
-def test_interleaved_local_global_matches_hf(qwen3_interleaved, allocator):
+def test_interleaved_local_global_matches_hf(qwen3_interleaved, allocator, grouping):
+    """Also with window-aware allocation (layer groups): paged frees blocks behind the window,
+    contiguous and virtual keep a ring (small chunks: a ring of 6 + 5 - 1 slots)."""
     path, hf = qwen3_interleaved
-    llm = _check(path, hf, allocator)
+    llm = _check(path, hf, allocator, kv_grouping=grouping, max_num_batched_tokens=5 if grouping == "shared" else 1024)
     assert [layer.self_attn.window for layer in llm.engine.model.model.layers] == [6, 0, 6, 0]
+    if grouping == "shared":
+        assert llm.engine.allocator.plan.windows == (0, 6)
 
 
 def test_chunked_prefill_across_the_window_matches_hf(mistral_w8):
