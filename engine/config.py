@@ -35,6 +35,9 @@ class EngineConfig:
     record_memory: bool = True
     stream_outputs: bool = True  # step() returns every request that got a token; False: finished only
     cpu_threads: int = 0  # torch threads on CPU; 0: one thread for tiny models (they lose to thread overhead)
+    # GPUs (processes) one model is sharded over, Megatron-style by attention heads and MLP columns
+    # (engine/parallel.py); CPU runs use gloo (tests). kv_cache_memory and gpu_memory_utilization are per GPU.
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -43,6 +46,9 @@ class EngineConfig:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        tp = self.tensor_parallel_size
+        if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+            raise ValueError(f"tensor_parallel_size must be an integer >= 1 (1: one device), got {tp!r}")
         if self.dtype not in ("auto", *_DTYPES):
             raise ValueError(f"dtype '{self.dtype}': choose auto or one of {sorted(_DTYPES)}")
 
@@ -52,6 +58,18 @@ class EngineConfig:
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError("device='cuda' but no CUDA device is visible: use device=cpu")
         return self.device
+
+    def check_devices(self, device: str) -> None:
+        """tensor_parallel_size GPUs must be visible (one process per GPU); on CPU any number runs."""
+        tp = self.tensor_parallel_size
+        if tp > 1 and device.startswith("cuda"):
+            if device not in ("cuda", "cuda:0"):
+                raise ValueError(f"tensor_parallel_size={tp} uses cuda:0 .. cuda:{tp - 1}: set device=cuda "
+                                 f"(got device={device!r}); choose the GPUs with CUDA_VISIBLE_DEVICES")
+            n = torch.cuda.device_count()
+            if tp > n:
+                raise ValueError(f"tensor_parallel_size={tp} needs {tp} GPUs but {n} are visible: lower "
+                                 "tensor_parallel_size or make more GPUs visible (CUDA_VISIBLE_DEVICES)")
 
     def resolved_dtype(self, device: str) -> torch.dtype:
         if self.dtype == "auto":
