@@ -21,6 +21,12 @@ PRESETS: dict[str, dict] = {
                       rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
                                         high_freq_factor=4.0, original_max_position_embeddings=8192),
                       bos_token_id=128000, eos_token_id=[128001, 128009]),
+    # Yi-34B's shape (a 34B-class model, the one vAttention serves at TP=2): 68.8 GB of bf16 weights
+    # and 240 KiB of KV per token. A full pool (128 sequences x 4096 tokens: 128 GB of KV) does not
+    # fit one H200 beside the weights; at TP=2 each GPU holds 34 GB of weights and 64 GB of KV
+    "yi-34b": dict(model_type="llama", vocab_size=64000, hidden_size=7168, intermediate_size=20480,
+                   num_hidden_layers=60, num_attention_heads=56, num_key_value_heads=8, rms_norm_eps=1e-5,
+                   rope_theta=5000000.0, max_position_embeddings=4096, bos_token_id=1, eos_token_id=[2]),
 }
 
 

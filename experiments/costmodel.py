@@ -143,6 +143,7 @@ MODEL_SHAPES: dict[str, ModelShape] = {
         ModelShape("llama2-7b", 32, 4096, 32, 32, 128, 11008, 32000, max_position_embeddings=4096),
         ModelShape("llama2-13b", 40, 5120, 40, 40, 128, 13824, 32000, max_position_embeddings=4096),
         ModelShape("llama3-8b", 32, 4096, 32, 8, 128, 14336, 128256, max_position_embeddings=8192),
+        ModelShape("yi-34b", 60, 7168, 56, 8, 128, 20480, 64000, max_position_embeddings=4096),
         ModelShape("qwen3-0.6b", 28, 1024, 16, 8, 128, 3072, 151936, tie_word_embeddings=True,
                    max_position_embeddings=40960),
         ModelShape("tiny-llama", 2, 64, 4, 2, 16, 128, 512, max_position_embeddings=4096),
