@@ -119,9 +119,17 @@ class _Slot:
 
 
 def _shutdown(executor: ThreadPoolExecutor | None, backend: VMMBackend) -> None:
-    if executor is not None:
-        executor.shutdown(wait=True)
-    backend.close()
+    """Finalizer of an allocator nobody closed. The garbage collector may run it inside any
+    thread, even one that holds threading's own locks while it starts: joining the mapping thread
+    (or starting one) there deadlocks. So never wait: the mapping thread, if it exists, closes the
+    backend after its last queued mapping."""
+    if executor is None or not executor._threads:
+        backend.close()
+        if executor is not None:
+            executor.shutdown(wait=False)
+        return
+    executor.submit(backend.close)
+    executor.shutdown(wait=False)
 
 
 @register("virtual")
@@ -213,7 +221,10 @@ class VirtualAllocator(KVAllocator):
                 self._v.append(self._buffer[:, layer, 1])
 
     def close(self) -> None:
-        self._finalizer()
+        if self._finalizer.detach() is not None:  # not closed yet: wait for mappings in flight here
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+            self.backend.close()
 
     # -- pages ---------------------------------------------------------------------------
     def _pages_for(self, tokens: int) -> int:

@@ -163,8 +163,10 @@ class AsyncLLMEngine:
         ctx = mp.get_context("spawn")  # never fork a process that may hold CUDA state
         cmd_recv, cmd_send = ctx.Pipe(duplex=False)
         msg_recv, msg_send = ctx.Pipe(duplex=False)
+        # a daemonic process may not start processes: with tensor parallelism it starts a worker per
+        # GPU, so it is not daemonic (shutdown() stops it; it exits when its command pipe closes)
         proc = ctx.Process(target=run_process, args=(config, cmd_recv, msg_send), name="kvlab-engine-core",
-                           daemon=True)
+                           daemon=config.tensor_parallel_size == 1)
         proc.start()
         cmd_recv.close()
         msg_send.close()

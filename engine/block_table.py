@@ -39,6 +39,11 @@ class PersistentBlockTable:
         self._dirty = True
         return r
 
+    def write_rows(self, rows: np.ndarray, data: np.ndarray) -> None:
+        """Rows as another table has them (a tensor-parallel rank mirrors rank 0's table)."""
+        self.host[rows] = data
+        self._dirty = True
+
     def release(self, seq_id: int) -> None:
         r = self._rows.pop(seq_id, None)
         if r is not None:

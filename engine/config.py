@@ -20,6 +20,7 @@ class EngineConfig:
     dtype: str = "auto"  # auto: bfloat16 on cuda, float32 on cpu
     kv_cache_dtype: str = "auto"  # auto: the model's dtype; fp8_e4m3 | fp8_e5m2: one byte per element
     kv_scale_granularity: str = "tensor"  # fp8 scales per layer: "tensor" (one for K, one for V) or "head"
+    hf_overrides: dict = field(default_factory=dict)  # model config fields replaced, e.g. sliding_window, layer_types
     kv_grouping: str = "none"  # sliding-window layers: none (every layer holds every token) | shared (window-aware)
     kv_scale: float | None = None  # fp8 scale for every layer's K and V; None: amax of the first prefill / fp8 max
     max_model_len: int = 0  # 0: min(model's max positions, 4096)
@@ -41,6 +42,9 @@ class EngineConfig:
     record_memory: bool = True
     stream_outputs: bool = True  # step() returns every request that got a token; False: finished only
     cpu_threads: int = 0  # torch threads on CPU; 0: one thread for tiny models (they lose to thread overhead)
+    # GPUs (processes) one model is sharded over, Megatron-style by attention heads and MLP columns
+    # (engine/parallel.py); CPU runs use gloo (tests). kv_cache_memory and gpu_memory_utilization are per GPU.
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -49,6 +53,9 @@ class EngineConfig:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        tp = self.tensor_parallel_size
+        if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+            raise ValueError(f"tensor_parallel_size must be an integer >= 1 (1: one device), got {tp!r}")
         if self.dtype not in ("auto", *_DTYPES):
             raise ValueError(f"dtype '{self.dtype}': choose auto or one of {sorted(_DTYPES)}")
         if self.kv_cache_dtype not in ("auto", *KV_DTYPES):
@@ -56,6 +63,9 @@ class EngineConfig:
         if self.kv_grouping not in ("none", "shared"):
             raise ValueError(f"kv_grouping '{self.kv_grouping}': choose none (full-length KV for every layer) or "
                              "shared (layer groups: windowed layers hold their window, vLLM's hybrid allocator)")
+        if self.tensor_parallel_size > 1 and (self.kv_cache_dtype != "auto" or self.kv_grouping != "none"):
+            raise ValueError("tensor_parallel_size > 1 runs kv_cache_dtype=auto and kv_grouping=none only (fp8 "
+                             "scales and layer groups are not sent to the other ranks yet): choose one of the two")
         if self.kv_scale_granularity not in ("tensor", "head"):
             raise ValueError(f"kv_scale_granularity '{self.kv_scale_granularity}': choose tensor or head")
         if self.kv_scale is not None and not (isinstance(self.kv_scale, (int, float)) and 0 < self.kv_scale < 1e6):
@@ -71,6 +81,18 @@ class EngineConfig:
 
     def resolved_kv_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
         return model_dtype if self.kv_cache_dtype == "auto" else KV_DTYPES[self.kv_cache_dtype]
+
+    def check_devices(self, device: str) -> None:
+        """tensor_parallel_size GPUs must be visible (one process per GPU); on CPU any number runs."""
+        tp = self.tensor_parallel_size
+        if tp > 1 and device.startswith("cuda"):
+            if device not in ("cuda", "cuda:0"):
+                raise ValueError(f"tensor_parallel_size={tp} uses cuda:0 .. cuda:{tp - 1}: set device=cuda "
+                                 f"(got device={device!r}); choose the GPUs with CUDA_VISIBLE_DEVICES")
+            n = torch.cuda.device_count()
+            if tp > n:
+                raise ValueError(f"tensor_parallel_size={tp} needs {tp} GPUs but {n} are visible: lower "
+                                 "tensor_parallel_size or make more GPUs visible (CUDA_VISIBLE_DEVICES)")
 
     def resolved_dtype(self, device: str) -> torch.dtype:
         if self.dtype == "auto":

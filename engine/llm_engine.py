@@ -19,6 +19,7 @@ from engine.fault_isolation import FatalEngineError, FaultIsolator
 from engine.loader import load_model, resolve_config
 from engine.model_config import ModelConfig
 from engine.output_processor import OutputProcessor
+from engine.parallel import check_shardable
 from engine.outputs import FinishedRequest, RequestOutput
 from engine.runner import ModelRunner, StepHandle
 from engine.sampling_params import SamplingParams
@@ -42,6 +43,18 @@ class RequestState:
     prompt_logprobs_sent: bool = False
 
 
+def start_tp_group(config: EngineConfig, mc: ModelConfig, max_model_len: int, dtype, device: str):
+    """The worker ranks of a tensor-parallel engine (engine/tp_worker.py), after the checks that
+    need no process."""
+    config.check_devices(device)
+    if config.async_scheduling:
+        raise ValueError("async_scheduling=True is not supported with tensor_parallel_size > 1 yet (the workers "
+                         "would need the sampled tokens that never leave rank 0's device): set async_scheduling=False")
+    from engine.tp_worker import TPGroup
+
+    return TPGroup(config, mc, max_model_len, dtype, device)
+
+
 class LLMEngine:
     def __init__(
         self,
@@ -55,20 +68,28 @@ class LLMEngine:
         """``runner_factory`` replaces the model (simulate mode): no weights, no KV tensors."""
         self.config = config = config or EngineConfig(**overrides)
         self.clock = clock or time.perf_counter
-        self.model_config = mc = model_config or resolve_config(config.model)
+        self.model_config = mc = model_config or resolve_config(config.model, config.hf_overrides)
         self.device = config.resolved_device()
         self.dtype = config.resolved_dtype(self.device)
         self.max_model_len = config.max_model_len or min(mc.max_position_embeddings, 4096)
         simulate = runner_factory is not None
         self.kv_dtype = config.resolved_kv_dtype(self.dtype)
-        spec = KVCacheSpec(mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim, self.kv_dtype,
+        tp = config.tensor_parallel_size
+        check_shardable(mc, tp)
+        # each GPU holds every token's KV for its num_kv_heads / tp heads: the allocator's spec is one GPU's
+        spec = KVCacheSpec(mc.num_hidden_layers, mc.num_key_value_heads // tp, mc.head_dim, self.kv_dtype,
                            None if simulate else self.device)
         self.model = None
+        self.tp_group = None
         if not simulate:
             torch.manual_seed(config.seed)
-            self.model = load_model(mc, config.model, self.max_model_len, self.dtype, self.device, config.seed)
-            if self.device.startswith("cuda"):
-                self.model.fuse()
+            if tp > 1:
+                self.tp_group = start_tp_group(config, mc, self.max_model_len, self.dtype, self.device)
+                self.model = self.tp_group.load_model(config.seed)
+            else:
+                self.model = load_model(mc, config.model, self.max_model_len, self.dtype, self.device, config.seed)
+                if self.device.startswith("cuda"):
+                    self.model.fuse()
             self.model.set_kv_cache_dtype(self.kv_dtype, config.kv_scale)
         if self.device == "cpu":
             threads = config.cpu_threads or (1 if mc.num_params < 50_000_000 else 0)
@@ -94,6 +115,8 @@ class LLMEngine:
                 f"allocator '{config.allocator}' cannot fit a single request: its pool holds "
                 f"{self.allocator.capacity_tokens} tokens but each request reserves {self.max_model_len} "
                 "(max_model_len): raise kv_cache_memory / kv_cache_tokens or lower max_model_len")
+        if self.tp_group is not None:  # rank 0 records its allocator calls (scheduler's too); the workers replay them
+            self.allocator = self.tp_group.mirror(self.allocator, config.allocator, alloc_args)
         # in tokens of the whole model (a layer-grouped allocator counts tokens of one group)
         self.kv_capacity_tokens = self.allocator.capacity_tokens * self.allocator.bytes_per_token // spec.bytes_per_token
         log.info("KV cache: %d tokens, max concurrency %.2fx for %d-token requests (%s)",
@@ -110,12 +133,15 @@ class LLMEngine:
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                             config.enable_chunked_prefill, config.enable_prefix_caching, config.preemption_mode),
             self.allocator)
-        self.runner = (runner_factory(self.allocator) if simulate else
-                       ModelRunner(self.model, self.allocator, self.device, self.eos_token_ids, config.seed,
-                                   config.max_num_seqs, self.max_model_len, config.enforce_eager,
-                                   kv_calibration=(config.kv_scale_granularity
-                                                   if self.kv_dtype != self.dtype and config.kv_scale is None
-                                                   else "")))
+        if self.tp_group is not None:
+            self.runner = self.tp_group.runner(self.model, self.allocator, self.eos_token_ids)
+        else:
+            self.runner = (runner_factory(self.allocator) if simulate else
+                           ModelRunner(self.model, self.allocator, self.device, self.eos_token_ids, config.seed,
+                                       config.max_num_seqs, self.max_model_len, config.enforce_eager,
+                                       kv_calibration=(config.kv_scale_granularity
+                                                       if self.kv_dtype != self.dtype and config.kv_scale is None
+                                                       else "")))
         self.requests: dict[str, RequestState] = {}
         self.accountant = MemoryAccountant(spec.bytes_per_token)
         # per step, as compact chunks (a long run spills old ones to disk); reads like a list of StepRecord
@@ -138,9 +164,44 @@ class LLMEngine:
             return int(c.kv_cache_memory) // spec.bytes_per_token
         if not self.device.startswith("cuda"):
             return c.cpu_kv_cache_memory // spec.bytes_per_token
+        if self.tp_group is not None:
+            return self.tp_group.profile_kv_budget(self, spec) // spec.bytes_per_token
         from engine.profiling import profile_kv_budget
 
         return profile_kv_budget(self, spec) // spec.bytes_per_token
+
+    def kv_memory_summary(self) -> dict:
+        """The KV pool per GPU and over all tensor-parallel GPUs (every GPU holds every token, for
+        its share of the KV heads), and the tokens a virtual page holds with this GPU's heads."""
+        tp = self.config.tensor_parallel_size
+        per_gpu = self.allocator.capacity_tokens * self.allocator.bytes_per_token
+        out = dict(tensor_parallel_size=tp, kv_heads_per_gpu=self.model_config.num_key_value_heads // tp,
+                   kv_pool_bytes_per_gpu=per_gpu, kv_pool_bytes_total=per_gpu * tp)
+        page_tokens = getattr(self.allocator, "page_tokens", None)
+        if page_tokens is not None:
+            out.update(kv_page_bytes=self.allocator.page_size, kv_tokens_per_page=page_tokens)
+        windows = self.model_config.layer_windows()
+        out.update(kv_cache_dtype=str(self.kv_dtype).removeprefix("torch."),
+                   kv_bytes_per_token=self.allocator.spec.bytes_per_token * self.model_config.num_hidden_layers
+                   // self.allocator.spec.num_layers,
+                   sliding_window=self.model_config.sliding_window or 0,
+                   num_windowed_layers=sum(1 for w in windows if w), kv_grouping=self.config.kv_grouping)
+        groups = getattr(self.allocator, "summary", None)
+        if groups is not None:  # layer groups: what each holds (mean over steps, peak) and padding's share
+            g = groups()
+            out.update(kv_group_size=g["group_size"], kv_num_groups=g["num_groups"],
+                       kv_padding_layers=g["padding_layers"], kv_padding_mean_bytes=g["padding_mean_bytes"])
+            for kind, w in (("full", False), ("windowed", True)):
+                mine = [x for x in g["groups"] if bool(x["window"]) == w]
+                out[f"kv_{kind}_groups_mean_bytes"] = sum(x["mean_bytes"] for x in mine)
+                out[f"kv_{kind}_groups_peak_bytes"] = sum(x["peak_bytes"] for x in mine)
+        return out
+
+    def close(self) -> None:
+        """Release the KV pool and stop the tensor-parallel workers (the engine is unusable after)."""
+        self.allocator.close()
+        if self.tp_group is not None:
+            self.tp_group.close()
 
     # -- requests ------------------------------------------------------------------------
     def encode(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:

@@ -1,6 +1,7 @@
 """Build a model: a preset with seeded random weights, or a local HF directory (safetensors only)."""
 from __future__ import annotations
 
+import dataclasses
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -13,13 +14,22 @@ from engine.model_config import ModelConfig
 from engine.presets import PRESETS, preset_config
 
 
-def resolve_config(model: str) -> ModelConfig:
-    """A preset name or a local directory; anything else is a clear error."""
+def resolve_config(model: str, overrides: dict | None = None) -> ModelConfig:
+    """A preset name or a local directory; anything else is a clear error. ``overrides``
+    (vLLM's hf_overrides) replace fields of the config, e.g. ``{"sliding_window": 1024}``."""
     if model in PRESETS:
-        return preset_config(model)
-    if Path(model).is_dir():
-        return ModelConfig.from_dir(model)
-    return preset_config(model)  # raises "unknown model ... use a preset or a local HF directory"
+        mc = preset_config(model)
+    elif Path(model).is_dir():
+        mc = ModelConfig.from_dir(model)
+    else:
+        mc = preset_config(model)  # raises "unknown model ... use a preset or a local HF directory"
+    if overrides:
+        known = {f.name for f in dataclasses.fields(ModelConfig)} - {"name"}
+        bad = sorted(set(overrides) - known)
+        if bad:
+            raise ValueError(f"hf_overrides {bad} are not model config fields: choose from {sorted(known)}")
+        mc = dataclasses.replace(mc, **dict(overrides))
+    return mc
 
 
 def _random_init(model: CausalLM, seed: int) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import logging
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -99,6 +100,31 @@ class BatchInputs:
                 self.slots[dec] = rows + (pos % ring if ring else pos)
         self.max_query_len = max(batch.num_new_tokens)
         self.max_seq_len = max(seq_lens)
+        self.num_seqs = len(batch.seqs)
+        self.num_prefill_tokens = batch.num_prefill_tokens
+
+
+@dataclass
+class StepInputs:
+    """A step's model inputs without its sequences (what another tensor-parallel rank runs)."""
+
+    input_ids: np.ndarray
+    positions: np.ndarray
+    slots: np.ndarray
+    seq_lens: np.ndarray
+    qsl: np.ndarray
+    addressing: np.ndarray
+    max_query_len: int
+    max_seq_len: int
+    num_seqs: int
+    num_prefill_tokens: int
+    sample_rows: tuple = ()  # only rank 0 computes logits and samples
+    prompt_lp: tuple = ()
+
+    @classmethod
+    def of(cls, b: BatchInputs) -> "StepInputs":
+        return cls(b.input_ids, b.positions, b.slots, b.seq_lens, b.qsl, b.addressing, b.max_query_len,
+                   b.max_seq_len, b.num_seqs, b.num_prefill_tokens)
 
 
 class ModelRunner:
@@ -223,39 +249,51 @@ class ModelRunner:
             idx = stage.to_device("feed", np.array(inputs.feed, dtype=np.int64))
             feed = (idx[:, 0], inflight.tokens[idx[:, 1]])
         self.last_prep_s = time.perf_counter() - t0
-        if (self.graphs is not None and batch.num_prefill_tokens == 0
-                and self.graphs.padded_size(len(batch.seqs)) is not None):
-            logits = self.graphs.run(len(batch.seqs), *(stage.host(name, a) for name, a in (
-                ("ids", inputs.input_ids), ("positions", inputs.positions), ("slots", inputs.slots),
-                ("seq_lens", inputs.seq_lens), ("addressing", inputs.addressing))), feed=feed)
-        else:
-            meta = self._metadata(inputs)
-            if more:  # one metadata per layer group
-                meta = [meta] + [self._metadata(x, k) for k, x in enumerate(more, 1)]
-            ids = stage.to_device("ids", inputs.input_ids)
-            if feed is not None:
-                ids[feed[0]] = feed[1]
-            pos = stage.to_device("positions", inputs.positions)
-            calibrate = self.kv_calibration and batch.num_prefill_tokens > 0
-            if calibrate:
-                self.model.calibrate_kv_scales(self.kv_calibration)
-            try:
-                hidden = self.model(ids, pos, meta, self.kv_caches)
-            finally:
-                if calibrate:
-                    self.model.calibrate_kv_scales("")
-            if calibrate:
-                self.kv_calibration = ""  # once: later tokens are quantized with these scales
-            if inputs.prompt_lp:
-                self._prompt_logprobs(hidden, inputs.prompt_lp)
-            if not inputs.sample_rows:
-                return StepHandle([])
-            rows = stage.to_device("rows", np.array(inputs.sample_rows, dtype=np.int64))
-            logits = self.model.compute_logits(hidden[rows])
-        if not inputs.sample_seqs:
+        inputs.groups = more  # the other layer groups' addressing (window-aware allocation)
+        self.publish(inputs)
+        logits = self.forward(inputs, feed)
+        if logits is None or not inputs.sample_seqs:
             return StepHandle([])
         tokens, logprobs = self.sampler.sample(logits, inputs.sample_seqs, self.eos_ids)
         return StepHandle(inputs.sample_seqs, tokens, logprobs)
+
+    def publish(self, inputs: BatchInputs) -> None:
+        """Hand a step's inputs to whoever must run it too: nobody on one device (tensor
+        parallelism: the other ranks, ``engine/tp_worker.py``)."""
+
+    def forward(self, inputs: "BatchInputs | StepInputs", feed=None) -> torch.Tensor | None:
+        """The model over a step's inputs (the decode CUDA graph where one fits, else eager);
+        the logits of the rows that sample, None where none does."""
+        stage = self.staging
+        if (self.graphs is not None and inputs.num_prefill_tokens == 0
+                and self.graphs.padded_size(inputs.num_seqs) is not None):
+            return self.graphs.run(inputs.num_seqs, *(stage.host(name, a) for name, a in (
+                ("ids", inputs.input_ids), ("positions", inputs.positions), ("slots", inputs.slots),
+                ("seq_lens", inputs.seq_lens), ("addressing", inputs.addressing))), feed=feed)
+        meta = self._metadata(inputs)
+        more = getattr(inputs, "groups", ())
+        if more:  # one metadata per layer group
+            meta = [meta] + [self._metadata(x, k) for k, x in enumerate(more, 1)]
+        ids = stage.to_device("ids", inputs.input_ids)
+        if feed is not None:
+            ids[feed[0]] = feed[1]
+        pos = stage.to_device("positions", inputs.positions)
+        calibrate = self.kv_calibration and inputs.num_prefill_tokens > 0
+        if calibrate:
+            self.model.calibrate_kv_scales(self.kv_calibration)
+        try:
+            hidden = self.model(ids, pos, meta, self.kv_caches)
+        finally:
+            if calibrate:
+                self.model.calibrate_kv_scales("")
+        if calibrate:
+            self.kv_calibration = ""  # once: later tokens are quantized with these scales
+        if inputs.prompt_lp:
+            self._prompt_logprobs(hidden, inputs.prompt_lp)
+        if not inputs.sample_rows:
+            return None
+        rows = stage.to_device("rows", np.array(inputs.sample_rows, dtype=np.int64))
+        return self.model.compute_logits(hidden[rows])
 
     def _prompt_logprobs(self, hidden: torch.Tensor, items: list[tuple[Sequence, int, int, int]]) -> None:
         """Logprob of each prompt token (and the k most likely) from the rows before it. Rare

@@ -47,8 +47,8 @@ def make_prompts(n: int, lo: int, hi: int, vocab: int, seed: int) -> list[list[i
     return [rng.integers(4, vocab, size=int(k)).tolist() for k in lens]
 
 
-def run_kvlab(model: str, allocator: str, allocator_args: dict, prompts, output_len: int, args) -> dict:
-    cfg = EngineConfig(model=model, allocator=allocator, allocator_args=allocator_args,
+def run_kvlab(model: str, allocator: str, allocator_args: dict, prompts, output_len: int, args, tp: int = 1) -> dict:
+    cfg = EngineConfig(model=model, allocator=allocator, allocator_args=allocator_args, tensor_parallel_size=tp,
                        max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                        max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager,
                        gpu_memory_utilization=args.gpu_memory_utilization, detokenize=False, stream_outputs=False,
@@ -76,9 +76,12 @@ def run_kvlab(model: str, allocator: str, allocator_args: dict, prompts, output_
     torch.cuda.synchronize()
     wall = time.perf_counter() - t0
     steps = pd.DataFrame([r.__dict__ for r in engine.step_records])
+    # one GPU's weights and KV bytes (rank 0's shard under tensor parallelism): the roofline is per GPU
     weight_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
     bpt = engine.allocator.bytes_per_token
-    res = dict(engine="kvlab-async" if args.async_scheduling else "kvlab", allocator=allocator, allocator_args=json.dumps(allocator_args), wall_s=wall,
+    res = dict(engine="kvlab-async" if args.async_scheduling else "kvlab", allocator=allocator, allocator_args=json.dumps(allocator_args),
+               tensor_parallel_size=tp, kv_pool_bytes_per_gpu=engine.kv_memory_summary()["kv_pool_bytes_per_gpu"],
+               wall_s=wall,
                init_s=init_s, output_tokens=out_tokens, output_tok_s=out_tokens / wall,
                kv_capacity_tokens=engine.kv_capacity_tokens, weight_bytes=weight_bytes,
                preemptions=int(steps["preempted"].sum()), steps=len(steps))
@@ -91,6 +94,7 @@ def run_kvlab(model: str, allocator: str, allocator_args: dict, prompts, output_
                    roofline_step_ms=1000 * float(ideal.median()),
                    roofline_frac=float((ideal / full.duration).median()),
                    host_ms_per_decode_step=1000 * float(full.host_s.median()))
+    engine.close()
     del engine
     gc.collect()
     torch.cuda.empty_cache()
@@ -156,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--async-scheduling", action="store_true",
                     help="overlap host work with the device (stops seen one step late)")
+    ap.add_argument("--tensor-parallel-size", default="1",
+                    help="GPUs per model, comma-separated to compare (e.g. 1,2): each runs every allocator")
     ap.add_argument("--no-hf", action="store_true", help="skip the HF transformers baseline")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="results/engine")
@@ -170,14 +176,14 @@ def main(argv: list[str] | None = None) -> int:
     for model in args.models.split(","):
         mc = resolve_config(model)
         prompts = make_prompts(args.num_prompts, lo, hi, mc.vocab_size, args.seed)
-        for alloc in args.allocators.split(","):
+        for tp, alloc in [(int(t), a) for t in args.tensor_parallel_size.split(",") for a in args.allocators.split(",")]:
             try:
-                res = run_kvlab(model, alloc, ALLOCATOR_ARGS.get(alloc, {}), prompts, args.output_len, args)
-            except Exception as e:  # report, keep the other allocators' figures
+                res = run_kvlab(model, alloc, ALLOCATOR_ARGS.get(alloc, {}), prompts, args.output_len, args, tp)
+            except Exception as e:  # report (a model that does not fit one GPU, say), keep the other figures
                 import traceback
 
                 traceback.print_exc()
-                res = dict(engine="kvlab", allocator=alloc, error=repr(e)[:300])
+                res = dict(engine="kvlab", allocator=alloc, tensor_parallel_size=tp, error=repr(e)[:300])
                 gc.collect()
                 torch.cuda.empty_cache()
             rows.append(dict(model=model, **res))
@@ -199,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     tag = device.replace(" ", "_")
     df.to_csv(out / f"throughput_{tag}.csv", index=False)
-    cols = [c for c in ["model", "engine", "allocator", "output_tok_s", "x_hf", "wall_s", "full_batch",
+    cols = [c for c in ["model", "engine", "allocator", "tensor_parallel_size", "output_tok_s", "x_hf", "wall_s", "full_batch",
                         "decode_step_ms", "roofline_step_ms", "roofline_frac", "host_ms_per_decode_step",
                         "kv_capacity_tokens", "preemptions", "error"] if c in df]
     print(df[cols].to_string(index=False))

@@ -7,15 +7,23 @@ it writes) and the time to do its FLOPs, at a fraction ``efficiency`` of datashe
 plus a fixed per-step overhead.  That is the physical limit DESIGN.md names: a decode step
 cannot beat (weight bytes + KV bytes read) / HBM bandwidth.
 
+Tensor parallelism (``tensor_parallel_size`` = tp): each GPU holds ``ModelShape.shard(tp)``: the
+layers' heads and MLP width divided by tp, norms, embedding and lm_head replicated (as the engine
+shards, ``engine/parallel.py``), so weights, KV bytes and FLOPs are one GPU's; every layer adds
+two all-reduces of ``new_tokens x hidden x dtype_bytes`` (after attention and after the MLP),
+each charged as a ring all-reduce over NVLink: ``latency + 2 (tp-1)/tp x bytes / bandwidth``,
+not overlapped with compute (as in Megatron-style inference).
+
 Deliberately ignored (small next to the terms kept, or not a memory-strategy effect):
 activations traffic, the embedding gather, norms/rotary/softmax element-wise work, and
 kernel-level differences between allocators (those are measured on GPU, not simulated).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
-__all__ = ["DeviceSpec", "ModelShape", "DEVICES", "MODEL_SHAPES", "StepCost", "RooflineCostModel",
+__all__ = ["AllReduceCost", "DeviceSpec", "ModelShape", "DEVICES", "MODEL_SHAPES", "StepCost", "RooflineCostModel",
            "get_device", "get_model_shape"]
 
 GiB = 1024**3
@@ -28,16 +36,21 @@ class DeviceSpec:
     mem_bandwidth: float  # bytes/s (HBM)
     flops: float          # dense fp16/bf16 tensor-core FLOP/s (no sparsity)
     memory_bytes: int
+    nvlink_bandwidth: float = 0.0  # bytes/s one way between two GPUs of a node (NVLink, all links)
+    nvlink_latency_s: float = 0.0  # fixed cost of one small all-reduce
 
 
-# NVIDIA datasheet figures (SXM parts); memory is what the driver reports as total.
+# NVIDIA datasheet figures (SXM parts); memory is what the driver reports as total. NVLink: A100
+# 600 GB/s and H100/H200 900 GB/s bidirectional per GPU (datasheets), i.e. half of it each way.
+# The all-reduce latency is not a datasheet figure: ~10 us is the order nccl-tests report for a
+# small all-reduce inside one NVLink node.
 DEVICES: dict[str, DeviceSpec] = {
     d.name: d
     for d in (
-        DeviceSpec("a100-40gb", 1555e9, 312e12, 40 * GiB),
-        DeviceSpec("a100-80gb", 2039e9, 312e12, 80 * GiB),
-        DeviceSpec("h100-sxm", 3.35e12, 989e12, 81559 * MiB),
-        DeviceSpec("h200", 4.8e12, 989e12, 143771 * MiB),
+        DeviceSpec("a100-40gb", 1555e9, 312e12, 40 * GiB, 300e9, 1e-5),
+        DeviceSpec("a100-80gb", 2039e9, 312e12, 80 * GiB, 300e9, 1e-5),
+        DeviceSpec("h100-sxm", 3.35e12, 989e12, 81559 * MiB, 450e9, 1e-5),
+        DeviceSpec("h200", 4.8e12, 989e12, 143771 * MiB, 450e9, 1e-5),
     )
 }
 
@@ -95,6 +108,18 @@ class ModelShape:
             return [(self.num_layers, 0)]
         return sorted((self.layer_windows.count(w), w) for w in set(self.layer_windows))
 
+    def shard(self, tp: int) -> ModelShape:
+        """One GPU's part under tensor parallelism: heads and MLP width / tp, the rest replicated."""
+        if tp == 1:
+            return self
+        for field in ("num_heads", "num_kv_heads", "intermediate_size"):
+            if getattr(self, field) % tp:
+                raise ValueError(f"tensor_parallel_size={tp} does not divide {self.name}'s {field}="
+                                 f"{getattr(self, field)}: choose a tensor_parallel_size that divides it")
+        return dataclasses.replace(self, name=f"{self.name}/tp{tp}", num_heads=self.num_heads // tp,
+                                   num_kv_heads=self.num_kv_heads // tp,
+                                   intermediate_size=self.intermediate_size // tp)
+
     @classmethod
     def from_hf_config(cls, config: dict, name: str | None = None) -> ModelShape:
         """From a HF ``config.json`` dict (Llama/Qwen/Mistral and OPT key names)."""
@@ -143,6 +168,7 @@ MODEL_SHAPES: dict[str, ModelShape] = {
         ModelShape("llama2-7b", 32, 4096, 32, 32, 128, 11008, 32000, max_position_embeddings=4096),
         ModelShape("llama2-13b", 40, 5120, 40, 40, 128, 13824, 32000, max_position_embeddings=4096),
         ModelShape("llama3-8b", 32, 4096, 32, 8, 128, 14336, 128256, max_position_embeddings=8192),
+        ModelShape("yi-34b", 60, 7168, 56, 8, 128, 20480, 64000, max_position_embeddings=4096),
         ModelShape("qwen3-0.6b", 28, 1024, 16, 8, 128, 3072, 151936, tie_word_embeddings=True,
                    max_position_embeddings=40960),
         ModelShape("tiny-llama", 2, 64, 4, 2, 16, 128, 512, max_position_embeddings=4096),
@@ -169,14 +195,42 @@ class StepCost:
     compute_s: float
     memory_s: float
     overhead_s: float
+    comm_s: float = 0.0  # tensor-parallel all-reduces (not overlapped with compute)
 
     @property
     def total_s(self) -> float:
-        return max(self.compute_s, self.memory_s) + self.overhead_s
+        return max(self.compute_s, self.memory_s) + self.comm_s + self.overhead_s
 
     @property
     def memory_bound(self) -> bool:
         return self.memory_s >= self.compute_s
+
+
+class AllReduceCost:
+    """Seconds of a step's tensor-parallel all-reduces: 2 per layer of ``tokens x hidden`` values,
+    each ``latency + 2 (tp-1)/tp x bytes / bandwidth`` (ring all-reduce; 0 at tp=1)."""
+
+    def __init__(self, tp: int, hidden_size: int, num_layers: int, dtype_bytes: int, device: DeviceSpec,
+                 bandwidth: float | None = None, latency_s: float | None = None):
+        if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+            raise ValueError(f"tensor_parallel_size must be an integer >= 1, got {tp!r}")
+        self.tp, self.hidden_size, self.num_layers, self.dtype_bytes = tp, hidden_size, num_layers, dtype_bytes
+        self.bandwidth = device.nvlink_bandwidth if bandwidth is None else bandwidth
+        self.latency_s = device.nvlink_latency_s if latency_s is None else latency_s
+        if tp > 1 and self.bandwidth <= 0:
+            raise ValueError(f"tensor_parallel_size={tp} on {device.name}: no NVLink bandwidth is known for it; "
+                             "set sim.nvlink_bandwidth (bytes/s one way)")
+        if self.latency_s < 0:
+            raise ValueError(f"sim.nvlink_latency_s must be >= 0, got {self.latency_s}")
+
+    def one_s(self, tokens: int) -> float:
+        if self.tp == 1 or tokens == 0:
+            return 0.0
+        nbytes = tokens * self.hidden_size * self.dtype_bytes
+        return self.latency_s + 2 * (self.tp - 1) / self.tp * nbytes / self.bandwidth
+
+    def step_s(self, tokens: int) -> float:
+        return 2 * self.num_layers * self.one_s(tokens)
 
 
 class RooflineCostModel:
@@ -188,11 +242,17 @@ class RooflineCostModel:
     """
 
     def __init__(self, model: ModelShape, device: DeviceSpec, efficiency: float = 0.8,
-                 step_overhead_s: float = 5e-4):
+                 step_overhead_s: float = 5e-4, tensor_parallel_size: int = 1,
+                 nvlink_bandwidth: float | None = None, nvlink_latency_s: float | None = None):
+        """``model``: the whole model; with ``tensor_parallel_size`` > 1 ``self.model`` is one GPU's shard."""
         if not 0 < efficiency <= 1:
             raise ValueError(f"efficiency must be in (0, 1], got {efficiency}")
         if step_overhead_s < 0:
             raise ValueError(f"step_overhead_s must be >= 0, got {step_overhead_s}")
+        self.allreduce = AllReduceCost(tensor_parallel_size, model.hidden_size, model.num_layers, model.dtype_bytes,
+                                       device, nvlink_bandwidth, nvlink_latency_s)
+        self.full_model = model
+        model = model.shard(tensor_parallel_size)
         self.model, self.device = model, device
         self.efficiency, self.step_overhead_s = efficiency, step_overhead_s
         # matmul weights every token goes through (the embedding is a gather, not a GEMM)
@@ -223,7 +283,8 @@ class RooflineCostModel:
         nbytes = m.weight_bytes + kv * read / m.num_layers + kv * new_tokens
         eff = self.efficiency
         return StepCost(flops, nbytes, flops / (self.device.flops * eff),
-                        nbytes / (self.device.mem_bandwidth * eff), self.step_overhead_s)
+                        nbytes / (self.device.mem_bandwidth * eff), self.step_overhead_s,
+                        self.allreduce.step_s(new_tokens))
 
     def step_time(self, batch: list[tuple[int, int]]) -> float:
         """Seconds for one engine step; 0 for an empty batch (no step runs)."""

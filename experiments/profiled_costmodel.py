@@ -161,18 +161,24 @@ class ProfiledCostModel:
 
     def __init__(self, profile: DeviceProfile, shape, *, model: str, paged: bool, block_size: int = 0,
                  max_graph_batch: int = 256, enforce_eager: bool = False, allocator: str = "paged",
-                 vmm_sync_maps: bool = False, calibrate_host: bool = True):
+                 vmm_sync_maps: bool = False, calibrate_host: bool = True, allreduce=None):
+        """``shape``: the whole model; ``allreduce`` (``costmodel.AllReduceCost``) with tp > 1: each
+        GPU's shard is composed from the GEMM and attention tables (a profile measures one GPU
+        running whole models) and every step adds its all-reduces."""
         from engine.cuda_graphs import capture_sizes
 
+        self.allreduce = allreduce
+        tp = allreduce.tp if allreduce is not None else 1
+        shape = shape.shard(tp)
         self.profile, self.model = profile, shape
         self.num_layers = shape.num_layers
         self.graph_sizes = [] if enforce_eager else capture_sizes(max_graph_batch)
         self.vmm_sync_maps = vmm_sync_maps
         mode = "paged" if paged else "linear"
-        # the profile times bf16 KV and full attention: an fp8 cache or sliding windows are composed
-        # from its tables, attention scaled by the bytes and keys it streams
+        # the profile times bf16 KV, full attention and one GPU: an fp8 cache, sliding windows or
+        # tensor parallelism are composed from its tables (attention scaled by the bytes and keys it streams)
         same_attention = shape.kv_elem_bytes == 2 and all(w == 0 for _, w in shape.window_groups())
-        self.profiled_model = model if model in profile.models() and same_attention else None
+        self.profiled_model = model if model in profile.models() and same_attention and tp == 1 else None
         self.windows = [(n, w) for n, w in shape.window_groups()]
         ref = self.profiled_model or self._reference_model()
         att = profile.table("attention", model=ref, mode=mode)
@@ -343,6 +349,10 @@ class ProfiledCostModel:
         context = sum(c for _, c in work)
         if padded is False:
             padded = self.graph_batch(work)
+        comm = self.allreduce.step_s(padded or sum(q for q, _ in work)) if self.allreduce is not None else 0.0
+        return comm + self._device_time(work, sampled, prefill, context, padded)
+
+    def _device_time(self, work, sampled: int, prefill, context: int, padded: int | None) -> float:
         if padded is not None:
             if self.decode_graph is not None:
                 body = self.decode_graph(padded, context / padded)

@@ -533,6 +533,11 @@ SWEEPS = {
         ("sharing_saving", "KV memory saved by sharing (%)", True),
         ("output_throughput", "output throughput (tok/s)", False),
         ("prefix_cache_hit_rate", "prefix cache hit rate (%)", True)]),
+    "cfg.engine.hf_overrides.sliding_window": ("window_curves.png", "sliding window (tokens)", "log2", [
+        ("mean_batch_size", "mean batch size (seqs)", False),
+        ("output_throughput", "output throughput (tok/s)", False),
+        ("kv_windowed_groups_mean_gb", "KV held by windowed layers (GB, mean)", False),
+        ("kv_padding_mean_gb", "KV held by padding layers (GB, mean)", False)]),
     "cfg.engine.max_num_seqs": ("max_num_seqs_curves.png", "max_num_seqs (seqs)", "log2", [
         ("output_throughput", "output throughput (tok/s)", False),
         ("token_states_saturated", "token states, saturated (% of pool)", True)]),
@@ -672,6 +677,10 @@ def write_report(root: str | Path, out: str | Path | None = None, skipped: list[
     if any("capacity" in t for tables in steps.values() for t in tables):
         figures["kv_usage_over_time.png"] = ("KV usage and batch size over time", plot_usage_over_time(wide, steps))
     swept = varying(wide)
+    from experiments.report_axes import add_axis_columns, plot_categories
+
+    add_axis_columns(wide)
+    figures.update(plot_categories(wide, swept))
     for axis in SWEEPS:
         if axis in swept:
             fig = plot_sweep(wide, axis)

@@ -303,6 +303,7 @@ def _run_one(cfg: DictConfig, out: Path, sweep_dir: str | Path | None = None,
             seed=cfg.seed,
             **({"repeat": repeat[0], "repeats": repeat[1]} if repeat else {}),
             kv_capacity_tokens=engine.kv_capacity_tokens,
+            **engine.kv_memory_summary(),  # tensor_parallel_size, KV bytes per GPU and over all GPUs
             prefix_cache_hit_rate=engine.scheduler.prefix_cache_hit_rate,  # as the server's /metrics
             max_model_len=engine.max_model_len,
             wall_time_s=time.perf_counter() - wall0,
@@ -313,7 +314,7 @@ def _run_one(cfg: DictConfig, out: Path, sweep_dir: str | Path | None = None,
             summary["simulated_busy_s"] = engine.runner.busy_s
             summary.update(getattr(engine, "sim_summary", {}))  # the cost model and profile it used
     finally:
-        engine.allocator.close()
+        engine.close()
     write_parquet(out / "requests.parquet", requests)
     write_json(summary_path, summary)
     if cfg.get("report", True):

@@ -166,6 +166,9 @@ class SimSettings:
     pcie_bandwidth: float = 25e9  # bytes/s host<->device for swapped KV (PCIe 4.0 x16, effective)
     cost_model: str = "auto"  # auto (profiled where a profile exists) | profiled | roofline
     profile: str | None = None  # a device profile written by `kvlab profile` (parquet)
+    # tensor parallelism: NVLink bytes/s one way and all-reduce latency; None: the device's datasheet figures
+    nvlink_bandwidth: float | None = None
+    nvlink_latency_s: float | None = None
 
     @classmethod
     def from_mapping(cls, d: Mapping | None) -> SimSettings:
@@ -215,21 +218,24 @@ def simulated_engine(cfg, engine_config: EngineConfig, clock: VirtualClock | Non
         shape = get_model_shape(shape_name)
         mc = model_config_of(shape)
     else:
-        mc = resolve_config(econf.model)
+        mc = resolve_config(econf.model, econf.hf_overrides)
         dtype_bytes = 2 if econf.dtype in ("auto", "float16", "fp16", "bfloat16", "bf16") else 4
         shape = shape_of(mc, dtype_bytes)
     if econf.kv_cache_dtype != "auto":
         shape = dataclasses.replace(shape, kv_dtype_bytes=1)
     if econf.dtype == "auto":  # the simulated GPU's dtype, not the CPU's float32
         econf.dtype = _DTYPE_BY_BYTES[shape.dtype_bytes]
-    cost = RooflineCostModel(shape, device, efficiency=sim.efficiency, step_overhead_s=sim.step_overhead_s)
+    # with tensor_parallel_size > 1 the cost model times one GPU's shard (cost.model) plus the all-reduces
+    cost = RooflineCostModel(shape, device, efficiency=sim.efficiency, step_overhead_s=sim.step_overhead_s,
+                             tensor_parallel_size=econf.tensor_parallel_size, nvlink_bandwidth=sim.nvlink_bandwidth,
+                             nvlink_latency_s=sim.nvlink_latency_s)
     if econf.kv_cache_tokens is None and econf.kv_cache_memory is None:
         econf.kv_cache_tokens = cost.kv_capacity_tokens(econf.gpu_memory_utilization,
                                                         sim.activation_reserve_bytes)
     if not econf.max_model_len:
         econf.max_model_len = min(shape.max_position_embeddings, 4096)
     if econf.allocator == "virtual":
-        _gpu_page_size(econf, shape)
+        _gpu_page_size(econf, cost.model)  # one GPU's heads: a page holds tokens of its shard
     clock = clock or VirtualClock()
     runner: dict = {}
 
@@ -289,7 +295,8 @@ def cost_model_for(sim: SimSettings, roofline: RooflineCostModel, shape: ModelSh
         load_profile(str(path)), shape, model=model, paged=allocator.mode == Addressing.PAGED,
         block_size=getattr(allocator, "block_size", 0), max_graph_batch=econf.max_num_seqs,
         enforce_eager=econf.enforce_eager, allocator=econf.allocator,
-        vmm_sync_maps=hasattr(allocator, "backend") and not getattr(allocator, "prefetch", True))
+        vmm_sync_maps=hasattr(allocator, "backend") and not getattr(allocator, "prefetch", True),
+        allreduce=roofline.allreduce if econf.tensor_parallel_size > 1 else None)
 
 
 def _to_dict(node) -> dict:
