@@ -1,6 +1,6 @@
 """Decode-attention benchmark: Triton PAGED vs LINEAR vs PyTorch SDPA (flash), one GPU run.
 
-    python -m experiments.bench_kernels --out results/kernels [--sweep]
+    python -m experiments.bench_kernels --out results/kernels [--sweep] [--fp8]
 
 Llama-3-8B heads (32 query, 8 KV, head dim 128, bf16), one query token per sequence.
 PAGED uses block size 16 with randomly permuted blocks; LINEAR the same cache with each
@@ -10,6 +10,8 @@ graph of many calls (device time, no Python launch gaps) and taking the median. 
 smaller than a few L2 sizes are rotated among copies so the numbers are HBM, not L2.
 Bandwidth counts the K and V bytes a decode step must read; it is reported against the
 device-to-device copy bandwidth (bytes read + written) measured in the same run.
+``--fp8`` adds ``paged_fp8`` and ``linear_fp8``: the same K/V quantized to fp8 e4m3 with per-head
+scales (half the bytes), checked against the reference over the same fp8 values.
 """
 from __future__ import annotations
 
@@ -29,7 +31,21 @@ SHAPES = [(1, 4096), (8, 4096), (32, 2048), (64, 4096), (128, 1024), (256, 1024)
 HQ, HKV, D, BLOCK = 32, 8, 128, 16
 DTYPE = torch.bfloat16
 IMPLS = ("paged", "linear", "sdpa_flash")
+FP8_IMPLS = ("paged_fp8", "linear_fp8")
 DEV = "cuda"  # "cpu" only for --smoke-cpu (Triton interpreter, wall-clock timing, tiny shapes)
+FP8 = False  # --fp8
+
+
+def _fp8_copy(k: torch.Tensor, v: torch.Tensor) -> dict:
+    """K and V in fp8 e4m3 with per-head scales (empty unless --fp8)."""
+    if not FP8:
+        return {}
+    from kernels import reference
+
+    fp8 = torch.float8_e4m3fn
+    ks = (k.float().abs().amax(dim=(0, 2)) / torch.finfo(fp8).max).contiguous()
+    vs = (v.float().abs().amax(dim=(0, 2)) / torch.finfo(fp8).max).contiguous()
+    return dict(k8=reference.quantize(k, fp8, ks), v8=reference.quantize(v, fp8, vs), ks=ks, vs=vs)
 
 
 def _median_graph_us(fn, calls_per_fn: int, target_ms: float = 4.0, trials: int = 15) -> float:
@@ -133,7 +149,7 @@ class DecodeCase:
             k4 = k[slots].permute(0, 2, 1, 3).contiguous()  # [B, HKV, ctx, D]
             v4 = v[slots].permute(0, 2, 1, 3).contiguous()
             self.sets.append(dict(q=q, k=k, v=v, paged=paged, linear=linear, k4=k4, v4=v4,
-                                  q4=q.view(batch, HQ, 1, D), out=torch.empty_like(q)))
+                                  q4=q.view(batch, HQ, 1, D), out=torch.empty_like(q), **_fp8_copy(k, v)))
 
     def run(self, impl: str, i: int, config=None) -> torch.Tensor:
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -147,6 +163,10 @@ class DecodeCase:
             with sdpa_kernel(backends):
                 o = scaled_dot_product_attention(s["q4"], s["k4"], s["v4"], enable_gqa=True)
             return o.reshape(self.batch, HQ, D)
+        if impl.endswith("_fp8"):
+            triton_ops.attention_into(s["out"], s["q"], s["k8"], s["v8"], s[impl[:-4]], None, config,
+                                      s["ks"], s["vs"])
+            return s["out"]
         triton_ops.attention_into(s["out"], s["q"], s["k"], s["v"], s[impl], config=config)
         return s["out"]
 
@@ -159,11 +179,22 @@ class DecodeCase:
         ref = reference.attention(s["q"], s["k"], s["v"], s["paged"])
         ref_lin = reference.attention(s["q"], s["k"], s["v"], s["linear"])
         errs = {}
-        for impl in IMPLS:
+        for impl in self.impls:
             s["out"].fill_(float("nan"))
             out = self.run(impl, 0).clone()
-            errs[impl] = _rel_err(out, ref if impl != "linear" else ref_lin)
+            if impl.endswith("_fp8"):  # against the reference over the same fp8 values
+                want = reference.attention(s["q"], s["k8"], s["v8"], s[impl[:-4]], None, s["ks"], s["vs"])
+            else:
+                want = ref if impl != "linear" else ref_lin
+            errs[impl] = _rel_err(out, want)
         return errs
+
+    @property
+    def impls(self) -> tuple[str, ...]:
+        return IMPLS + (FP8_IMPLS if FP8 else ())
+
+    def kv_bytes_of(self, impl: str) -> int:
+        return self.kv_bytes // 2 if impl.endswith("_fp8") else self.kv_bytes
 
     def time(self, impl: str, config=None) -> float:
         def fn():
@@ -178,7 +209,7 @@ def _config_str(case: DecodeCase, impl: str, config=None) -> str:
 
     c = config or choose_config(num_seqs=case.batch, max_query_len=1, max_seq_len=case.ctx, num_kv_heads=HKV,
                                 group=HQ // HKV, head_dim=D, elem_size=2, num_sms=device_sms(torch.device(DEV)))
-    bt = ("/ahead" if c.bt_ahead else "/inline") if impl == "paged" else ""
+    bt = ("/ahead" if c.bt_ahead else "/inline") if impl.startswith("paged") else ""
     return f"n{c.block_n}/w{c.num_warps}/s{c.num_stages}/x{c.num_splits}{bt}"
 
 
@@ -283,8 +314,10 @@ def main() -> None:
     ap.add_argument("--sweep-budget-s", type=float, default=180.0)
     ap.add_argument("--shapes", default="", help="subset, e.g. '1x4096,64x4096'")
     ap.add_argument("--smoke-cpu", action="store_true", help="exercise the script on CPU (interpreter)")
+    ap.add_argument("--fp8", action="store_true", help="also time PAGED and LINEAR over fp8 e4m3 caches")
     args = ap.parse_args()
-    global DEV
+    global DEV, FP8
+    FP8 = args.fp8
     if args.smoke_cpu:
         os.environ.setdefault("TRITON_INTERPRET", "1")
         DEV = "cpu"
@@ -313,16 +346,16 @@ def main() -> None:
     for b, ctx in shapes:
         case = DecodeCase(b, ctx, l2)
         errs = case.check()
-        for impl in IMPLS:
+        for impl in case.impls:
             if not errs[impl] < 2e-2:
                 raise SystemExit(f"{impl} {b}x{ctx}: relative error {errs[impl]:.3e} vs reference")
-        for impl in IMPLS:
+        for impl in case.impls:
             us = case.time(impl)
-            gbps = case.kv_bytes / (us * 1e-6) / 1e9
+            gbps = case.kv_bytes_of(impl) / (us * 1e-6) / 1e9
             rows.append(dict(device=device, batch=b, ctx=ctx, impl=impl, time_us=round(us, 2), gbps=round(gbps, 1),
                              pct_copy=round(100 * gbps / copy_bw, 1), rel_err=f"{errs[impl]:.1e}",
                              config=_config_str(case, impl) if impl != "sdpa_flash" else "",
-                             kv_mb=round(case.kv_bytes / 1e6, 1), copy_gbps=round(copy_bw)))
+                             kv_mb=round(case.kv_bytes_of(impl) / 1e6, 1), copy_gbps=round(copy_bw)))
             r = rows[-1]
             print(f"{b:>4}x{ctx:<6} {impl:<11} {us:9.2f} us {gbps:8.1f} GB/s {r['pct_copy']:6.1f}% copy "
                   f"err {r['rel_err']} {r['config']}", flush=True)
@@ -355,7 +388,7 @@ def main() -> None:
         f"{copies['memcpy']:.0f} GB/s and an elementwise copy kernel {copies['kernel']:.0f} GB/s, "
         "1 GiB buffers, after a clock warm-up).",
         "",
-        "Command: `python -m experiments.bench_kernels --out results/kernels`",
+        f"Command: `python -m experiments.bench_kernels --out {args.out}{' --fp8' if FP8 else ''}`",
         "",
         "Llama-3-8B heads (32 query, 8 KV, head dim 128, bf16), one query token per sequence. "
         "PAGED: block size 16, blocks randomly permuted; LINEAR: each sequence contiguous; "
