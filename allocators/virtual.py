@@ -128,7 +128,10 @@ def _shutdown(executor: ThreadPoolExecutor | None, backend: VMMBackend) -> None:
         if executor is not None:
             executor.shutdown(wait=False)
         return
-    executor.submit(backend.close)
+    try:
+        executor.submit(backend.close)
+    except RuntimeError:  # interpreter exit: concurrent.futures has joined its threads already
+        backend.close()
     executor.shutdown(wait=False)
 
 

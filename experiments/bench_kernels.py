@@ -207,8 +207,10 @@ class DecodeCase:
 def _config_str(case: DecodeCase, impl: str, config=None) -> str:
     from kernels.triton_attention import choose_config, device_sms
 
+    fp8 = impl.endswith("_fp8")
     c = config or choose_config(num_seqs=case.batch, max_query_len=1, max_seq_len=case.ctx, num_kv_heads=HKV,
-                                group=HQ // HKV, head_dim=D, elem_size=2, num_sms=device_sms(torch.device(DEV)))
+                                group=HQ // HKV, head_dim=D, elem_size=1 if fp8 else 2,
+                                num_sms=device_sms(torch.device(DEV)), fp8=fp8)
     bt = ("/ahead" if c.bt_ahead else "/inline") if impl.startswith("paged") else ""
     return f"n{c.block_n}/w{c.num_warps}/s{c.num_stages}/x{c.num_splits}{bt}"
 

@@ -138,9 +138,12 @@ def _attn_kernel(
         mask=row_ok[:, None] & d_ok[None, :],
         other=0.0,
     )
-    if SCALED:  # fp8 K/V are upcast to q's dtype tile by tile; their scales are per KV head
+    if SCALED:  # fp8 K/V are upcast tile by tile (to fp16: one instruction on Hopper, bf16 is not);
+        # their scales are per KV head, folded into the softmax scale and the output
         qk_scale = qk_scale * tl.load(ks_ptr + kvh)
         v_scale = tl.load(vs_ptr + kvh)
+        if not DOT_F32:
+            q = q.to(tl.float16)
     else:
         q = q.to(k_ptr.dtype.element_ty)
 
@@ -182,7 +185,7 @@ def _attn_kernel(
         k = tl.load(k_base + slot[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_base + slot[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
         if SCALED:
-            k = k.to(q.dtype)
+            k = k.to(q.dtype)  # fp16 (or fp32 for exact dots)
             v = v.to(q.dtype)
 
         if DOT_F32:
@@ -298,6 +301,7 @@ def choose_config(
     head_dim: int,
     elem_size: int,
     num_sms: int,
+    fp8: bool = False,
 ) -> AttnConfig:
     """Tile sizes and split count from host-side integers only (no device sync, so the
     call is CUDA-graph safe).
@@ -316,6 +320,8 @@ def choose_config(
     if max_query_len <= 1:
         # decode: all heads of a KV head in one tile, BLOCK_N keys per step
         block_n, num_stages = (64 if row_bytes <= 256 else 32), 3
+        if fp8 and row_bytes <= 128:  # one-byte rows: twice the keys per tile keeps the bytes in flight
+            block_n = 128
         smem = (num_stages - 1) * 2 * block_n * row_bytes + 8 * 1024
         wave = max(1, min(8, SMEM_PER_SM // smem)) * num_sms
         pairs = max(1, num_seqs * num_kv_heads)
@@ -430,7 +436,8 @@ def attention_into(
         num_kv_heads=num_kv_heads,
         group=group,
         head_dim=head_dim,
-        elem_size=q.element_size() if scaled else k_cache.element_size(),  # tiles are upcast
+        elem_size=k_cache.element_size(),
+        fp8=scaled,
         num_sms=device_sms(q.device),
     )
     group_p = _pow2(group)

@@ -24,6 +24,10 @@ tests)
         --out "$runs/kernels_fp8" 2>&1 | tee "$runs/bench_kernels_fp8.log" | tail -14
     ;;
 runs)
+    python3 -m pytest -q -p no:cacheprovider tests/test_kernels_fp8_window.py -k "fp8" \
+        2>&1 | tee "$runs/gpu_tests_fp8_after.log" | tail -3
+    python3 -m experiments.bench_kernels --fp8 --shapes 1x4096,8x4096,64x4096,256x1024,16x16384 \
+        --out "$runs/kernels_fp8_after" 2>&1 | tee "$runs/bench_kernels_fp8_after.log" | grep "fp8" | tail -10
     kv run +experiment=kv_dtype mode=offline device=cuda workload.num_requests=500 report=false \
         hydra.sweep.dir="$runs/kv_dtype" 2>&1 | grep -E "output tok/s|Error|error" | tee "$runs/kv_dtype.log"
     kv report "$runs/kv_dtype" --out "$runs/kv_dtype_report" 2>&1 | tail -2
