@@ -302,6 +302,7 @@ class PagedAllocator(KVAllocator):
     def match_prefix(self, seq: SequenceLike) -> int:
         st = self._seqs.get(seq.seq_id)
         if st is not None:
+            self.last_match = PrefixMatch(st.num_tokens, 0, st.num_tokens)
             return st.num_tokens
         self.last_match = PrefixMatch()
         if not self.enable_prefix_caching:

@@ -139,6 +139,10 @@ class StepRecord:
     preempted: int
     host_s: float = 0.0  # scheduler, allocator, accounting, input preparation, output handling
     context_tokens: int = 0  # tokens of KV the step's attention reads (sum of context lengths)
+    tier_loaded_blocks: int = 0  # host KV tier: blocks loaded back to the device for this step
+    tier_stored_blocks: int = 0  # ... blocks copied to host memory (evicted from the device)
+    tier_transfers: int = 0  # ... host<->device memcpys
+    tier_exposed_s: float = 0.0  # ... copy time compute waited for (see LLMEngine._tier_exposed)
 
 
 STEP_FIELDS = tuple(f.name for f in dataclasses.fields(StepRecord))

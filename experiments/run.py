@@ -257,7 +257,7 @@ def _run_one(cfg: DictConfig, out: Path, sweep_dir: str | Path | None = None,
     import torch
 
     from experiments.driver import drive
-    from experiments.metrics import WindowRule, requests_frame, summarize, write_steps
+    from experiments.metrics import WindowRule, host_tier_summary, requests_frame, summarize, write_steps
     from experiments.workloads import make_workload, tokenize_requests
 
     wall0 = time.perf_counter()
@@ -304,6 +304,7 @@ def _run_one(cfg: DictConfig, out: Path, sweep_dir: str | Path | None = None,
             **({"repeat": repeat[0], "repeats": repeat[1]} if repeat else {}),
             kv_capacity_tokens=engine.kv_capacity_tokens,
             prefix_cache_hit_rate=engine.scheduler.prefix_cache_hit_rate,  # as the server's /metrics
+            **host_tier_summary(engine.scheduler, engine.allocator.host_tier),
             max_model_len=engine.max_model_len,
             wall_time_s=time.perf_counter() - wall0,
             config_hash=cfg_hash,

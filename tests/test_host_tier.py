@@ -15,7 +15,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import invariant, rule, run_state_machine_as_test
+from hypothesis.stateful import invariant, precondition, rule, run_state_machine_as_test
 
 from allocators import KVCacheSpec
 from allocators.host_tier import HostTierConfig, LFUPolicy, LRUPolicy
@@ -55,6 +55,25 @@ class HostTierMachine(AllocatorMachine):
         before = self.alloc.host_tier.stats.hits
         self.admit(base, min(shared, 27), extra, True)
         self.loads_seen += self.alloc.host_tier.stats.hits - before
+
+    @precondition(lambda self: self.live)
+    @rule(data=st.data(), extra=st.lists(st.integers(51, 99), min_size=1, max_size=6))
+    def next_turn(self, data, extra):
+        """A conversation's next turn: it finishes, then comes back with its tokens and more."""
+        seq = data.draw(st.sampled_from(self.live))
+        self.alloc.free(seq)
+        self.live.remove(seq)
+        tokens = (seq.token_ids + extra)[:MAX_LEN - 1]
+        new = FakeSeq(tokens, MAX_LEN)
+        cached = self.alloc.match_prefix(new)
+        assert cached < len(tokens) and cached == self.alloc.num_tokens(new)
+        m = self.alloc.last_match  # never more than was ever cached; device + host = what it found
+        assert cached <= m.ideal and m.device + m.host == cached and cached % self.alloc.block_size == 0
+        new.token_ids = tokens[:cached]
+        if self._grow(new, tokens[cached:]):
+            self.live.append(new)
+        else:
+            self.alloc.free(new)
 
     @invariant()
     def host_blocks_hold_their_prefix(self):
@@ -103,8 +122,9 @@ def test_the_machine_really_moves_blocks_between_tiers():
     """The properties above are only worth something if blocks do go to the host and come back."""
     HostTierMachine.totals.update(stored=0, loaded=0)
     run_state_machine_as_test(machine("TierCoverage"), settings=settings(
-        max_examples=15, stateful_step_count=40, deadline=None, suppress_health_check=[HealthCheck.too_slow]))
-    assert HostTierMachine.totals["stored"] > 20 and HostTierMachine.totals["loaded"] > 5, HostTierMachine.totals
+        max_examples=30, stateful_step_count=40, deadline=None, derandomize=True, database=None,
+        suppress_health_check=[HealthCheck.too_slow]))
+    assert HostTierMachine.totals["stored"] > 50 and HostTierMachine.totals["loaded"] > 10, HostTierMachine.totals
 
 
 # -- deterministic checks -------------------------------------------------------------------
@@ -222,3 +242,78 @@ def test_lfu_keeps_the_hot_chunk():
 def test_hostile_tier_config_names_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         HostTierConfig(**kwargs)
+
+
+# -- through the engine: greedy outputs identical with the tier on and off -------------------
+from engine import LLM, SamplingParams  # noqa: E402
+from engine.config import EngineConfig  # noqa: E402
+
+
+def _conversations(llm: LLM, turns: int = 3) -> tuple[list[list[int]], list[int]]:
+    """Four conversations, each turn = the last prompt + its answer + new tokens, one generate
+    call per turn: between a conversation's turns the others push its blocks out of the pool."""
+    p = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    prompts = [[(c * 31 + i * 7) % 200 + 3 for i in range(40)] for c in range(4)]
+    tokens, cached = [], []
+    for t in range(turns):
+        outs = llm.generate(prompts, p)
+        tokens += [o.token_ids for o in outs]
+        cached += [o.metrics.num_cached_tokens for o in outs]
+        prompts = [q + o.token_ids + [(t * 13 + c) % 200 + 3 for c in range(5)] for q, o in zip(prompts, outs)]
+    return tokens, cached
+
+
+def _llm(**kw) -> LLM:
+    kw.setdefault("max_model_len", 256)
+    kw.setdefault("kv_cache_tokens", 160)  # 10 blocks of 16: about one conversation at a time
+    kw.setdefault("max_num_seqs", 2)
+    return LLM("tiny-llama", allocator="paged", allocator_args={"block_size": 16}, device="cpu", **kw)
+
+
+@pytest.fixture(scope="module")
+def without_tier():
+    llm = _llm(enable_prefix_caching=True)
+    tokens, cached = _conversations(llm)
+    return tokens, cached, llm.engine.scheduler.recomputed_tokens
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(host_tier_policy="lfu", host_transfer_blocks=4),
+                                dict(async_scheduling=True)], ids=["lru", "lfu-chunks4", "async"])
+def test_greedy_outputs_identical_with_tier_on_and_off(without_tier, kw):
+    ref_tokens, ref_cached, ref_recomputed = without_tier
+    llm = _llm(enable_prefix_caching=True, host_kv_cache_tokens=2048, **kw)
+    tokens, cached = _conversations(llm)
+    assert tokens == ref_tokens
+    tier, sched = llm.engine.allocator.host_tier, llm.engine.scheduler
+    assert tier.stats.hits > 0 and tier.stats.stored_blocks > 0  # blocks really went out and came back
+    assert sum(cached) > sum(ref_cached)  # the tier found what the device pool had lost
+    assert sched.prefix_host_hits > 0 and sched.recomputed_tokens < ref_recomputed
+    alloc = llm.engine.allocator
+    assert alloc.num_free_blocks == alloc.num_blocks and alloc.pool.filled_total == 0
+
+
+def test_greedy_outputs_identical_without_prefix_caching(without_tier):
+    tokens, _ = _conversations(_llm())
+    assert tokens == without_tier[0]
+
+
+@pytest.mark.parametrize("kw, field", [
+    (dict(host_kv_cache_memory=-1), "host_kv_cache_memory"),
+    (dict(host_kv_cache_memory=float("nan")), "host_kv_cache_memory"),
+    (dict(host_kv_cache_memory="4GB"), "host_kv_cache_memory"),
+    (dict(host_kv_cache_tokens=-5), "host_kv_cache_tokens"),
+    (dict(host_tier_policy="arc"), "host_tier_policy"),
+    (dict(host_transfer_blocks=0), "host_transfer_blocks"),
+    (dict(host_transfer_blocks=2.5), "host_transfer_blocks"),
+    (dict(host_kv_cache_memory=1, enable_prefix_caching=False), "enable_prefix_caching"),
+])
+def test_hostile_engine_values_name_the_field_and_the_fix(kw, field):
+    kw.setdefault("enable_prefix_caching", True)
+    with pytest.raises(ValueError, match=field):
+        EngineConfig(**kw)
+
+
+def test_an_allocator_without_a_host_tier_says_which_has_one():
+    with pytest.raises(ValueError, match="allocator=paged"):
+        LLM("tiny-llama", allocator="contiguous", device="cpu", enable_prefix_caching=True, host_kv_cache_tokens=512,
+            kv_cache_tokens=1024, max_model_len=256)
