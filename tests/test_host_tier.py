@@ -317,3 +317,50 @@ def test_an_allocator_without_a_host_tier_says_which_has_one():
     with pytest.raises(ValueError, match="allocator=paged"):
         LLM("tiny-llama", allocator="contiguous", device="cpu", enable_prefix_caching=True, host_kv_cache_tokens=512,
             kv_cache_tokens=1024, max_model_len=256)
+
+
+def test_host_tier_figures_reach_metrics_and_the_tables():
+    """/metrics (Prometheus text), requests.parquet columns and steps columns carry the tier."""
+    from prometheus_client import parser
+
+    from engine.engine_core import EngineCore
+    from engine.serving.metrics import ServingMetrics
+    from experiments.metrics import host_tier_summary, requests_frame
+
+    llm = _llm(enable_prefix_caching=True, host_kv_cache_tokens=2048)
+    _conversations(llm)
+    core = EngineCore(llm.engine, emit=lambda msg: None)
+
+    class Front:  # what ServingMetrics reads of the async engine
+        is_running = True
+        max_model_len = 256
+
+        def stats(self):
+            return core.stats()
+
+        def add_finish_listener(self, fn):
+            pass
+
+    text = ServingMetrics(Front(), "tiny").render()
+    families = {f.name: f for f in parser.text_string_to_metric_families(text)}
+    sched, tier = llm.engine.scheduler, llm.engine.allocator.host_tier
+    assert families["kvlab:host_tier_hits"].samples[0].value == sched.prefix_host_hits > 0
+    moved = {s.labels["direction"]: s.value for s in families["kvlab:host_tier_bytes"].samples}
+    assert moved == {"d2h": tier.stats.stored_bytes, "h2d": tier.stats.loaded_bytes} and moved["h2d"] > 0
+    assert families["kvlab:recomputed_prompt_tokens"].samples[0].value == sched.recomputed_tokens
+    assert 0 < families["kvlab:host_tier_usage_perc"].samples[0].value <= 1
+    secs = {s.labels["kind"]: s.value for s in families["kvlab:host_tier_transfer_seconds"].samples}
+    assert secs["exposed"] > 0  # CPU: plain synchronous copies, all exposed
+
+    req = requests_frame(llm.engine.finished_requests, 0.0)
+    # per request: its last admission (the scheduler counts a preempted request's every admission)
+    assert 0 < req["host_cached_tokens"].sum() <= sched.prefix_host_hits
+    assert (req["host_cached_tokens"] <= req["cached_tokens"]).all()
+    assert req["recomputed_tokens"].sum() <= sched.recomputed_tokens
+    summary = host_tier_summary(sched, tier)
+    assert summary["host_prefix_hit_rate"] == pytest.approx(sched.prefix_host_hits / sched.prefix_queries)
+    assert summary["host_tier_loaded_bytes"] == tier.stats.loaded_bytes
+    assert summary["host_tier_hidden_fraction"] == pytest.approx(0.0)  # CPU: nothing overlaps
+    steps = list(llm.engine.step_records)
+    assert sum(r.tier_loaded_blocks for r in steps) == tier.stats.loaded_blocks
+    assert sum(r.tier_stored_blocks for r in steps) == tier.stats.stored_blocks
