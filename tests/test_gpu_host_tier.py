@@ -29,19 +29,19 @@ def _content(alloc, seq, n):
 def test_offload_and_reload_on_a_side_stream_keeps_the_data(transfer_blocks):
     spec = KVCacheSpec(num_layers=4, num_kv_heads=8, head_dim=128, dtype=torch.bfloat16, device="cuda")
     bs, gen = 16, torch.Generator(device="cuda").manual_seed(0)
-    alloc = PagedAllocator(spec, 64 * bs, 8, 4096, block_size=bs, host_tier_tokens=256 * bs,
+    alloc = PagedAllocator(spec, 48 * bs, 8, 4096, block_size=bs, host_tier_tokens=256 * bs,
                            host_transfer_blocks=transfer_blocks)
     tier = alloc.host_tier
     assert tier._host.is_pinned() and tier._stream != torch.cuda.current_stream()
     convs = [FakeSeq([c * 1000 + i + 1 for i in range(20 * bs + 3)], 4096) for c in range(3)]
     want = []
-    for seq in convs:  # 3 x 21 blocks; the pool holds 64: the first conversation is evicted
+    for seq in convs:  # 3 x 21 blocks; the pool holds 48: most of the first conversation is evicted
         alloc.allocate(seq, len(seq.token_ids))
         _write(alloc, seq, gen)
         want.append(_content(alloc, seq, 20 * bs))
         alloc.free(seq)
     alloc.flush_transfers()
-    assert tier.stats.stored_blocks >= 20 - 1
+    assert tier.stats.stored_blocks >= 10
     again = FakeSeq(list(convs[0].token_ids), 4096)
     cached = alloc.match_prefix(again)
     assert cached == 20 * bs and alloc.last_match.host > 0  # loaded back, not recomputed
