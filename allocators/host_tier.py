@@ -366,21 +366,29 @@ class HostKVTier:
             self.stats.exposed_s += dt
             return
         dev = self.caches[0][0].device
-        staging = torch.empty(src.shape, dtype=src.dtype, device=dev)
+        compute = torch.cuda.current_stream(dev)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        with torch.cuda.stream(self._stream):
+        with torch.cuda.stream(self._stream):  # staging from the side stream's pool: no wait on compute
+            staging = torch.empty(src.shape, dtype=src.dtype, device=dev)
             start.record(self._stream)
             staging.copy_(src, non_blocking=True)
             end.record(self._stream)
-        staging.record_stream(self._stream)
+        staging.record_stream(compute)  # the scatter below reads it on the compute stream
         wait = torch.cuda.Event(enable_timing=True)
-        wait.record()  # where the compute stream stands when it needs the data
-        torch.cuda.current_stream(dev).wait_event(end)
-        self._scatter(staging[rows], blocks)
+        wait.record(compute)  # where the compute stream stands when it needs the data
+        compute.wait_event(end)
+        self._scatter(staging[self._index(rows, dev)], blocks)
         self._timings.append(("h2d", start, end, wait))
 
+    def _index(self, values: list[int], device: torch.device) -> torch.Tensor:
+        """Indices on ``device``; on CUDA through pinned memory, so the host never waits for the stream."""
+        t = torch.tensor(values, dtype=torch.int64)
+        if device.type != "cuda":
+            return t
+        return t.pin_memory().to(device, non_blocking=True)
+
     def _slots(self, blocks: list[int], device: torch.device) -> torch.Tensor:
-        ids = torch.tensor(blocks, dtype=torch.int64, device=device)[:, None] * self.block_size
+        ids = self._index(blocks, device)[:, None] * self.block_size
         return (ids + torch.arange(self.block_size, device=device)).reshape(-1)
 
     def _gather(self, blocks: list[int]) -> torch.Tensor:
