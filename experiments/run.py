@@ -62,6 +62,8 @@ VOLATILE_KEYS = ("progress", "resume", "report", "run_name", "experiment_name")
 
 def git_commit() -> str:
     try:
+        if os.environ.get("KVLAB_COMMIT"):  # a copy without .git (a device machine) is told its commit
+            return os.environ["KVLAB_COMMIT"]
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               cwd=Path(__file__).parent, timeout=5).stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
