@@ -42,6 +42,10 @@ CASES = {
                         "workload.num_requests=48", "workload.turns=3", "workload.input_len=96",
                         "workload.output_len=16", "workload.prefix_hit_rate=0.75", "engine.enable_prefix_caching=true",
                         "engine.host_kv_cache_tokens=2048", "engine.host_transfer_blocks=2"],
+    # 4 conversations, 4 at a time: each turn comes once the last has finished and left its slot idle
+    "virtual-prefix": ["allocator=virtual", "allocator.args.page_size=4096", "workload=multi_turn",
+                       "engine.max_num_seqs=4", "workload.num_requests=12", "workload.turns=3", "workload.input_len=96", "workload.output_len=16",
+                       "workload.prefix_hit_rate=0.75", "engine.enable_prefix_caching=true"],
 }
 
 
@@ -51,9 +55,10 @@ def test_simulate_memory_equals_real_engine(case, tmp_path):
     through simulate mode: every scheduling decision and every memory figure is the same."""
     if case == "virtual" and "virtual" not in allocators.available():
         pytest.skip("virtual allocator not registered")
-    common = ["model=tiny-llama", "engine.dtype=float32", "engine.kv_cache_tokens=1024",
-              "engine.max_model_len=256", "engine.max_num_batched_tokens=256", "engine.max_num_seqs=16",
-              *CASES[case]]
+    base = ["model=tiny-llama", "engine.dtype=float32", "engine.kv_cache_tokens=1024",
+            "engine.max_model_len=256", "engine.max_num_batched_tokens=256", "engine.max_num_seqs=16"]
+    own = {o.split("=")[0] for o in CASES[case]}  # a case may replace a base setting
+    common = [o for o in base if o.split("=")[0] not in own] + CASES[case]
     real = run_experiment(config("mode=offline", "device=cpu", *common), tmp_path / "real")
     sim = run_experiment(config("mode=simulate", *common), tmp_path / "sim")
     a = pd.read_parquet(tmp_path / "real" / "steps.parquet")
@@ -70,6 +75,9 @@ def test_simulate_memory_equals_real_engine(case, tmp_path):
     cols = ["prompt_len", "output_len", "num_output_tokens", "n", "preemptions"]
     pd.testing.assert_frame_equal(ra.loc[rb.index, cols], rb[cols])
     assert sim["device"] == "simulated a100-40gb" and sim["mode"] == "simulate"
+    if case == "virtual-prefix":  # idle slots' KV reused in place, the same way
+        assert real["prefix_cache_hit_rate"] > 0.1 and real["recomputed_tokens"] == sim["recomputed_tokens"]
+        assert real["prefix_cache_hit_rate"] == sim["prefix_cache_hit_rate"]
     if case == "paged-host-tier":  # the same blocks went to the host and came back
         assert real["host_prefix_hit_rate"] > 0.1
         for key in ("host_prefix_hit_rate", "gpu_prefix_hit_rate", "recomputed_tokens", "host_tier_stored_bytes",
