@@ -22,7 +22,7 @@ from allocators.base import AllocationError, KVAllocator, KVCacheSpec, SequenceL
 from allocators.block_pool import BlockPool
 from allocators.host_swap import HostSwapSpace
 from allocators.host_tier import HostKVTier, HostTierConfig, Transfer
-from allocators.prefix_cache import ROOT_HASH, PrefixCache, PrefixMatch, block_keys
+from allocators.prefix_cache import ROOT_HASH, PrefixCache, PrefixMatch
 from allocators.registry import register
 from allocators.stats import MemoryStats
 from kernels.metadata import Addressing
@@ -308,35 +308,49 @@ class PagedAllocator(KVAllocator):
         if not self.enable_prefix_caching:
             return 0
         bs, tokens = self._block_size, seq.token_ids
-        # leave at least one token to compute (a block with a pending, negative id is never indexed)
-        keys, hashes = block_keys(tokens, bs, (len(tokens) - 1) // bs)
+        n_full = (len(tokens) - 1) // bs  # leave at least one token to compute
+        keys: list = []  # the chain's keys, made only as far as the walk goes (long prompts, many retries)
+        hashes: list[int] = []
+
+        def key(i: int):
+            while len(keys) <= i:
+                j = len(keys)
+                k = (hashes[-1] if hashes else ROOT_HASH, tuple(tokens[j * bs:(j + 1) * bs]))
+                keys.append(k)
+                hashes.append(hash(k))
+            return keys[i]
+
         st = _SeqBlocks(seq)
         pool, i = self.pool, 0
-        while i < len(keys) and (b := self.cache.lookup(keys[i])) is not None:
+        # (a block with a pending, negative id is never indexed)
+        while i < n_full and (b := self.cache.lookup(key(i))) is not None:
             pool.share(b)
             st.table.append(b)
             i += 1
         on_device = i
         tier = self.host_tier
-        if tier is not None and i < len(keys):
+        if tier is not None and i < n_full:
             # the next blocks of the chain from the host tier, into free device blocks
             j = i
-            while j < len(keys) and keys[j] in tier:
+            while j < n_full and key(j) in tier:
                 j += 1
-            tier.stats.lookups += min(j + 1, len(keys)) - i  # the first miss was looked up too
+            tier.stats.lookups += min(j + 1, n_full) - i  # the first miss was looked up too
             j = min(j, i + pool.num_free)
             if j > i:
                 host_keys = keys[i:j]
                 with tier.protect(host_keys):  # evictions below store to the host: keep these
                     dev = [pool.take() for _ in host_keys]
                 tier.load(host_keys, dev)
-                for key, b in zip(host_keys, dev):
+                for k, b in zip(host_keys, dev):
                     pool.set_fill(b, bs)
-                    self.cache.insert(key, b)
+                    self.cache.insert(k, b)
                     st.table.append(b)
                 i = j
-        ideal = i
-        while ideal < len(keys) and hashes[ideal] in self._seen:
+        ideal = i  # how far an unbounded cache would have reached: every block hash ever indexed
+        while ideal < n_full:
+            key(ideal)
+            if hashes[ideal] not in self._seen:
+                break
             ideal += 1
         st.hashes = hashes[:i]
         st.num_tokens = i * bs
