@@ -147,6 +147,8 @@ class StepRecord:
 
 STEP_FIELDS = tuple(f.name for f in dataclasses.fields(StepRecord))
 STEP_INT_FIELDS = tuple(f.name for f in dataclasses.fields(StepRecord) if f.type in ("int", int))
+# the defaults of the trailing fields, for rows written by callers that predate them
+STEP_DEFAULTS = tuple(f.default for f in dataclasses.fields(StepRecord))
 
 
 class StepLog:
@@ -162,6 +164,8 @@ class StepLog:
         """One step, as a tuple in STEP_FIELDS order (or a StepRecord)."""
         if isinstance(row, StepRecord):
             row = dataclasses.astuple(row)
+        elif len(row) < len(STEP_DEFAULTS):
+            row = (*row, *STEP_DEFAULTS[len(row):])
         if self.rows.append(row):
             self.rows.spill_before(len(self.rows.chunks))
 
