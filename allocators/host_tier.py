@@ -207,7 +207,9 @@ class HostKVTier:
         if spec.materialized and device_caches:
             self._cuda = str(spec.device).startswith("cuda")
             shape = (self.num_chunks, T, spec.num_layers, 2, block_size, spec.num_kv_heads, spec.head_dim)
-            self._host = torch.zeros(shape, dtype=spec.dtype, pin_memory=self._cuda)
+            # pinned on CUDA (asynchronous copies); never read before written, so not zeroed there
+            make = torch.empty if self._cuda else torch.zeros
+            self._host = make(shape, dtype=spec.dtype, pin_memory=self._cuda)
             if self._cuda:
                 self._stream = torch.cuda.Stream(device=device_caches[0][0].device)
                 self._timings: list[tuple[str, torch.cuda.Event, torch.cuda.Event, torch.cuda.Event | None]] = []

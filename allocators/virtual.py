@@ -198,6 +198,7 @@ class VirtualAllocator(KVAllocator):
         self._surplus_pages = 0  # groups of live slots beyond their current tokens (stealable)
         self.num_sync_maps = 0  # groups mapped on the critical path
         self.num_async_maps = 0  # groups mapped ahead in the background
+        self.enable_prefix_caching = enable_prefix_caching
         self.prefix = SlotPrefixCache() if enable_prefix_caching else None
 
     def _build_tensors(self) -> None:
