@@ -12,6 +12,7 @@ from typing import ClassVar, Protocol, Sequence as Seq
 
 import torch
 
+from allocators.prefix_cache import PrefixMatch
 from allocators.stats import MemoryStats
 from kernels.metadata import Addressing
 
@@ -75,6 +76,9 @@ class KVAllocator(ABC):
     supports_fork: ClassVar[bool] = False  # fork() works (sharing or copying, see the strategy)
     supports_prefix_caching: ClassVar[bool] = False  # match_prefix() can return > 0
     supports_swap: ClassVar[bool] = False  # swap_out()/swap_in() work (given host space)
+    supports_host_tier: ClassVar[bool] = False  # takes host_tier_tokens (allocators/host_tier.py)
+    host_tier = None  # the HostKVTier where one is configured
+    last_match: PrefixMatch = PrefixMatch()  # the last match_prefix, by tier (recomputed tokens)
 
     def __init__(self, spec: KVCacheSpec, capacity_tokens: int, max_num_seqs: int, max_model_len: int):
         if capacity_tokens <= 0:
@@ -167,6 +171,12 @@ class KVAllocator(ABC):
     def prefix_cache_hit_rate(self) -> float:
         """Tokens found in the prefix cache / tokens looked up (0.0 before any lookup)."""
         return 0.0
+
+    def flush_transfers(self) -> list:
+        """End of a schedule: start the host-tier copies still pending (before the step writes
+        the blocks they read) and return the memcpys (``host_tier.Transfer``) made since the last
+        call; none without a host tier."""
+        return []
 
     # -- swapping (preemption) -----------------------------------------------------------
     def can_swap_out(self, seq: SequenceLike) -> bool:

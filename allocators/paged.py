@@ -21,7 +21,8 @@ import kernels
 from allocators.base import AllocationError, KVAllocator, KVCacheSpec, SequenceLike
 from allocators.block_pool import BlockPool
 from allocators.host_swap import HostSwapSpace
-from allocators.prefix_cache import ROOT_HASH, PrefixCache
+from allocators.host_tier import HostKVTier, HostTierConfig, Transfer
+from allocators.prefix_cache import ROOT_HASH, PrefixCache, PrefixMatch
 from allocators.registry import register
 from allocators.stats import MemoryStats
 from kernels.metadata import Addressing
@@ -45,6 +46,7 @@ class PagedAllocator(KVAllocator):
     supports_fork = True
     supports_prefix_caching = True
     supports_swap = True
+    supports_host_tier = True
 
     def __init__(
         self,
@@ -55,6 +57,9 @@ class PagedAllocator(KVAllocator):
         block_size: int = 16,
         enable_prefix_caching: bool = True,
         swap_space_tokens: int = 0,
+        host_tier_tokens: int = 0,  # host tier (allocators/host_tier.py): evicted cached blocks kept on the host
+        host_tier_policy: str = "lru",
+        host_transfer_blocks: int = 1,
     ):
         if not 1 <= block_size <= MAX_BLOCK_SIZE:
             raise ValueError(f"block_size={block_size}: choose a block size between 1 and {MAX_BLOCK_SIZE}")
@@ -69,16 +74,39 @@ class PagedAllocator(KVAllocator):
         self.pool = BlockPool(num_blocks, block_size)
         self.enable_prefix_caching = enable_prefix_caching
         self.cache = PrefixCache()
-        self.pool.on_evict = self.cache.evict
+        self.pool.on_evict = self._on_evict
         self.swap_space = HostSwapSpace(spec, swap_space_tokens // block_size, block_size)
         self._seqs: dict[int, _SeqBlocks] = {}
         self._tail_holders: dict[int, set[int]] = {}  # shared partial last block -> its holders
         self._make_cache(num_blocks * block_size)
         self._caches = list(zip(self._k, self._v))
+        self.host_tier: HostKVTier | None = None
+        if host_tier_tokens:
+            self.host_tier = HostKVTier(spec, block_size, HostTierConfig(
+                host_tier_tokens // block_size, host_tier_policy, host_transfer_blocks), self._caches)
+        self._seen: set[int] = set()  # chained hash of every block ever indexed (recomputed tokens)
+        self.last_match = PrefixMatch()
 
     @property
     def block_size(self) -> int:
         return self._block_size
+
+    # -- host tier hooks (allocators/host_tier.py) -----------------------------------------
+    def _on_evict(self, block: int) -> None:
+        """A free cached block is taken for new content: the host tier keeps a copy."""
+        if self.host_tier is not None:
+            key = self.cache.key_of(block)
+            if key is not None:
+                self.host_tier.offload(key, block)
+        self.cache.evict(block)
+
+    def _before_write(self) -> None:
+        """Blocks just evicted must be copied out before anything writes them."""
+        if self.host_tier is not None:
+            self.host_tier.flush()
+
+    def flush_transfers(self) -> list[Transfer]:
+        return self.host_tier.take_transfers() if self.host_tier is not None else []
 
     @property
     def num_free_blocks(self) -> int:
@@ -181,6 +209,7 @@ class PagedAllocator(KVAllocator):
         """``st``'s last block is shared and about to be written: write a private copy instead."""
         old = st.table[-1]
         new = self.pool.take()
+        self._before_write()
         if self._caches:
             dev = self._caches[0][0].device
             src = torch.tensor([old], dtype=torch.int64, device=dev)
@@ -215,6 +244,7 @@ class PagedAllocator(KVAllocator):
             key = (parent, block)
             parent = hash(key)
             st.hashes.append(parent)
+            self._seen.add(parent)
             self.cache.insert(key, st.table[i])
 
     def free(self, seq: SequenceLike) -> None:
@@ -290,22 +320,59 @@ class PagedAllocator(KVAllocator):
     def match_prefix(self, seq: SequenceLike) -> int:
         st = self._seqs.get(seq.seq_id)
         if st is not None:
+            self.last_match = PrefixMatch(st.num_tokens, 0, st.num_tokens)
             return st.num_tokens
+        self.last_match = PrefixMatch()
         if not self.enable_prefix_caching:
             return 0
         bs, tokens = self._block_size, seq.token_ids
+        n_full = (len(tokens) - 1) // bs  # leave at least one token to compute
+        keys: list = []  # the chain's keys, made only as far as the walk goes (long prompts, many retries)
+        hashes: list[int] = []
+
+        def key(i: int):
+            while len(keys) <= i:
+                j = len(keys)
+                k = (hashes[-1] if hashes else ROOT_HASH, tuple(tokens[j * bs:(j + 1) * bs]))
+                keys.append(k)
+                hashes.append(hash(k))
+            return keys[i]
+
         st = _SeqBlocks(seq)
-        parent = ROOT_HASH
-        for i in range((len(tokens) - 1) // bs):  # leave at least one token to compute
-            key = (parent, tuple(tokens[i * bs:(i + 1) * bs]))
-            b = self.cache.lookup(key)  # (a block with a pending, negative id is never indexed)
-            if b is None:
-                break
-            self.pool.share(b)
+        pool, i = self.pool, 0
+        # (a block with a pending, negative id is never indexed)
+        while i < n_full and (b := self.cache.lookup(key(i))) is not None:
+            pool.share(b)
             st.table.append(b)
-            parent = hash(key)
-            st.hashes.append(parent)
-        st.num_tokens = len(st.table) * bs
+            i += 1
+        on_device = i
+        tier = self.host_tier
+        if tier is not None and i < n_full:
+            # the next blocks of the chain from the host tier, into free device blocks
+            j = i
+            while j < n_full and key(j) in tier:
+                j += 1
+            tier.stats.lookups += min(j + 1, n_full) - i  # the first miss was looked up too
+            j = min(j, i + pool.num_free)
+            if j > i:
+                host_keys = keys[i:j]
+                with tier.protect(host_keys):  # evictions below store to the host: keep these
+                    dev = [pool.take() for _ in host_keys]
+                tier.load(host_keys, dev)
+                for k, b in zip(host_keys, dev):
+                    pool.set_fill(b, bs)
+                    self.cache.insert(k, b)
+                    st.table.append(b)
+                i = j
+        ideal = i  # how far an unbounded cache would have reached: every block hash ever indexed
+        while ideal < n_full:
+            key(ideal)
+            if hashes[ideal] not in self._seen:
+                break
+            ideal += 1
+        st.hashes = hashes[:i]
+        st.num_tokens = i * bs
+        self.last_match = PrefixMatch(on_device * bs, (i - on_device) * bs, ideal * bs)
         self.cache.record(len(tokens), st.num_tokens)
         if st.table:
             self._seqs[seq.seq_id] = st
@@ -350,6 +417,7 @@ class PagedAllocator(KVAllocator):
                                   f"{self.pool.num_free} free: check can_swap_in first")
         bs = self._block_size
         dev = [self.pool.take() for _ in st.host]
+        self._before_write()
         for i, b in enumerate(dev):
             self.pool.set_fill(b, min(bs, st.num_tokens - i * bs))
         self.swap_space.swap_in(self._caches, st.host, dev)
@@ -419,6 +487,7 @@ class PagedAllocator(KVAllocator):
                                   "check can_swap_in_group first")
         bs, pool = self._block_size, self.pool
         dev = [pool.take() for _ in distinct]
+        self._before_write()
         self.swap_space.copy_in(self._caches, distinct, dev)
         to_dev = dict(zip(distinct, dev))
         filled: set[int] = set()

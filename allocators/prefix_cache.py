@@ -6,9 +6,25 @@ so a lookup compares them exactly; only the 64-bit parent hash could collide.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 ROOT_HASH = 0x6B766C6162  # parent "hash" of the first block
+
+
+@dataclass(frozen=True)
+class PrefixMatch:
+    """Where the prefix ``match_prefix`` found came from, in tokens: the device cache, the host
+    tier; and ``ideal``: the prefix an unbounded cache would have held (every block ever indexed),
+    so ``ideal - device - host`` tokens are recomputed only because they were evicted."""
+
+    device: int = 0
+    host: int = 0
+    ideal: int = 0
+
+    @property
+    def recomputed(self) -> int:
+        return max(0, self.ideal - self.device - self.host)
 
 
 def block_keys(token_ids: Sequence[int], block_size: int, num_blocks: int,
@@ -47,6 +63,9 @@ class PrefixCache:
         self._block_of[key] = block
         self._key_of[block] = key
         return True
+
+    def key_of(self, block: int) -> tuple[int, tuple[int, ...]] | None:
+        return self._key_of.get(block)
 
     def is_cached(self, block: int) -> bool:
         return block in self._key_of

@@ -47,7 +47,9 @@ from typing import Sequence as Seq
 import torch
 
 from allocators.base import AllocationError, KVAllocator, KVCacheSpec, SequenceLike
+from allocators.prefix_cache import PrefixMatch
 from allocators.registry import register
+from allocators.slot_prefix_cache import SlotPrefixCache
 from allocators.stats import MemoryStats
 from allocators.vmm_backends import VMMBackend, granularity, make_backend
 from kernels.metadata import Addressing
@@ -139,6 +141,7 @@ def _shutdown(executor: ThreadPoolExecutor | None, backend: VMMBackend) -> None:
 class VirtualAllocator(KVAllocator):
     mode = Addressing.LINEAR
     supports_fork = True  # by copy into the child's slot
+    supports_prefix_caching = True  # idle slots' KV reused in place (allocators/slot_prefix_cache.py)
 
     def __init__(
         self,
@@ -151,6 +154,7 @@ class VirtualAllocator(KVAllocator):
         backend: str = "auto",
         prefetch: bool = True,
         prefetch_tokens: int | None = None,
+        enable_prefix_caching: bool = False,
     ):
         if layout not in LAYOUTS:
             raise ValueError(f"unknown virtual layout '{layout}': choose one of {LAYOUTS}")
@@ -205,6 +209,8 @@ class VirtualAllocator(KVAllocator):
         self._surplus_pages = 0  # groups of live slots beyond their current tokens (stealable)
         self.num_sync_maps = 0  # groups mapped on the critical path
         self.num_async_maps = 0  # groups mapped ahead in the background
+        self.enable_prefix_caching = enable_prefix_caching
+        self.prefix = SlotPrefixCache() if enable_prefix_caching else None
 
     def _build_tensors(self) -> None:
         s = self.spec
@@ -281,6 +287,8 @@ class VirtualAllocator(KVAllocator):
             take = min(k - len(out), len(victim.groups))
             out += [self._unmap_tail(victim) for _ in range(take)]
             self._idle_pages -= take
+            if self.prefix is not None:  # whole pages leave the tail: the cached prefix keeps its head
+                self.prefix.truncate(victim.index, len(victim.groups) * self.page_tokens)
             if not victim.groups:
                 del self._idle[victim.index]
                 heapq.heappush(self._empty, victim.index)
@@ -301,6 +309,8 @@ class VirtualAllocator(KVAllocator):
     def _pick_slot(self, seq: SequenceLike) -> _Slot | None:
         """An idle slot whose pages best fit ``seq`` (deferred reclamation), else an empty one."""
         want, best, best_key = self._want(seq), None, None
+        if self.prefix is not None and self._empty:  # keep idle slots' cached KV for their next turn
+            return self.slots[self._empty[0]]
         for i in self._idle:
             n = len(self.slots[i].groups)
             key = (n > want, abs(n - want))
@@ -319,6 +329,8 @@ class VirtualAllocator(KVAllocator):
         slot.seq, slot.used, slot.want = seq, 0, self._want(seq)
         self._surplus_pages += len(slot.groups)
         self._by_seq[seq.seq_id] = slot
+        if self.prefix is not None:
+            self.prefix.forget(slot.index)  # its content is the new sequence's now
 
     # -- room for tokens -----------------------------------------------------------------
     def can_allocate(self, seq: SequenceLike, num_new_tokens: int) -> bool:
@@ -416,6 +428,10 @@ class VirtualAllocator(KVAllocator):
         if slot is None:
             return
         self._surplus_pages -= self._surplus(slot)
+        if self.prefix is not None and slot.groups:  # its KV stays mapped: findable by the next turn
+            # only computed tokens (a sequence preempted or undone mid-schedule has room for more)
+            n = min(slot.used, len(slot.groups) * self.page_tokens, getattr(seq, "num_computed_tokens", slot.used))
+            self.prefix.remember(slot.index, seq.token_ids[:n])
         slot.seq, slot.used = None, 0
         if slot.groups:  # deferred reclamation: the pages stay mapped for the next request
             self._idle[slot.index] = None
@@ -450,6 +466,33 @@ class VirtualAllocator(KVAllocator):
 
     def max_fit_tokens(self) -> int:
         return min(self.capacity_tokens, self.span)
+
+    # -- prefix caching: an idle slot's KV reused in place ---------------------------------
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        return self.prefix.hit_rate if self.prefix is not None else 0.0
+
+    def match_prefix(self, seq: SequenceLike) -> int:
+        slot = self._by_seq.get(seq.seq_id)
+        if slot is not None:
+            self.last_match = PrefixMatch(slot.used, 0, slot.used)
+            return slot.used
+        self.last_match = PrefixMatch()
+        if self.prefix is None:
+            return 0
+        tokens = seq.token_ids
+        index, n = self.prefix.best(tokens)
+        self.prefix.record(len(tokens), n)
+        ideal = self.prefix.ideal(tokens)
+        if index is None or n == 0:
+            self.last_match = PrefixMatch(0, 0, ideal)
+            return 0
+        slot = self.slots[index]
+        self._admit(seq, slot)  # the slot and its mapped pages, content included
+        slot.used = n
+        self._surplus_pages -= self._pages_for(n)
+        self.last_match = PrefixMatch(n, 0, max(ideal, n))
+        return n
 
     # -- fork: copy into the child's slot ------------------------------------------------------
     def can_fork(self, parent: SequenceLike) -> bool:

@@ -139,10 +139,16 @@ class StepRecord:
     preempted: int
     host_s: float = 0.0  # scheduler, allocator, accounting, input preparation, output handling
     context_tokens: int = 0  # tokens of KV the step's attention reads (sum of context lengths)
+    tier_loaded_blocks: int = 0  # host KV tier: blocks loaded back to the device for this step
+    tier_stored_blocks: int = 0  # ... blocks copied to host memory (evicted from the device)
+    tier_transfers: int = 0  # ... host<->device memcpys
+    tier_exposed_s: float = 0.0  # ... copy time compute waited for (see LLMEngine._tier_exposed)
 
 
 STEP_FIELDS = tuple(f.name for f in dataclasses.fields(StepRecord))
 STEP_INT_FIELDS = tuple(f.name for f in dataclasses.fields(StepRecord) if f.type in ("int", int))
+# the defaults of the trailing fields, for rows written by callers that predate them
+STEP_DEFAULTS = tuple(f.default for f in dataclasses.fields(StepRecord))
 
 
 class StepLog:
@@ -158,6 +164,8 @@ class StepLog:
         """One step, as a tuple in STEP_FIELDS order (or a StepRecord)."""
         if isinstance(row, StepRecord):
             row = dataclasses.astuple(row)
+        elif len(row) < len(STEP_DEFAULTS):
+            row = (*row, *STEP_DEFAULTS[len(row):])
         if self.rows.append(row):
             self.rows.spill_before(len(self.rows.chunks))
 

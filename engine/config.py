@@ -1,6 +1,7 @@
 """Engine settings (the Hydra group conf/engine/ mirrors these fields)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -30,6 +31,12 @@ class EngineConfig:
     enable_prefix_caching: bool = False
     preemption_mode: str = "recompute"  # or "swap" (allocators that support it; else recompute)
     swap_space: float | None = None  # GiB of host memory for swapped KV; None: as large as the KV pool
+    # host KV tier (allocators/host_tier.py; vLLM's --kv-offloading-size): evicted prefix-cache
+    # blocks kept in pinned host memory and loaded back on a hit; needs enable_prefix_caching
+    host_kv_cache_memory: float = 0.0  # GiB of host memory (0: off) ...
+    host_kv_cache_tokens: int | None = None  # ... or its size in tokens (takes precedence)
+    host_tier_policy: str = "lru"  # lru | lfu (frequency-aware)
+    host_transfer_blocks: int = 1  # blocks per host<->device copy (the transfer granularity)
     kv_cache_tokens: int | None = None  # explicit pool size in tokens ...
     kv_cache_memory: int | None = None  # ... or in bytes ...
     gpu_memory_utilization: float = 0.9  # ... else this share of the GPU (CPU: cpu_kv_cache_memory)
@@ -71,6 +78,36 @@ class EngineConfig:
         if self.kv_scale is not None and not (isinstance(self.kv_scale, (int, float)) and 0 < self.kv_scale < 1e6):
             raise ValueError(f"kv_scale must be a positive number (dequantized = fp8 value x scale) or null "
                              f"(computed from the first prefill), got {self.kv_scale!r}")
+        self._check_host_tier()
+
+    def _check_host_tier(self) -> None:
+        from allocators.host_tier import POLICIES
+
+        mem, tokens = self.host_kv_cache_memory, self.host_kv_cache_tokens
+        if isinstance(mem, bool) or not isinstance(mem, (int, float)) or not math.isfinite(mem) or mem < 0:
+            raise ValueError(f"host_kv_cache_memory={mem!r}: give the GiB of host memory for the host KV tier "
+                             "as a number >= 0 (0 turns it off), e.g. host_kv_cache_memory=4")
+        if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0):
+            raise ValueError(f"host_kv_cache_tokens={tokens!r}: give a whole number of tokens >= 0, "
+                             "or null to size the tier by host_kv_cache_memory")
+        if self.host_tier_policy not in POLICIES:
+            raise ValueError(f"host_tier_policy='{self.host_tier_policy}': choose one of {POLICIES}")
+        tb = self.host_transfer_blocks
+        if isinstance(tb, bool) or not isinstance(tb, int) or tb < 1:
+            raise ValueError(f"host_transfer_blocks={tb!r}: give a whole number of blocks >= 1 per "
+                             "host<->device copy, e.g. host_transfer_blocks=1 (one block) or 8")
+        if (mem or tokens) and self.tensor_parallel_size > 1:
+            raise ValueError("the host KV tier runs with tensor_parallel_size=1 only (the other ranks do not "
+                             "copy their shards yet): set host_kv_cache_memory=0 or tensor_parallel_size=1")
+        if (mem or tokens) and not self.enable_prefix_caching:
+            raise ValueError("the host KV tier keeps evicted prefix-cache blocks: set enable_prefix_caching=true, "
+                             "or host_kv_cache_memory=0 to turn the tier off")
+
+    def host_tier_tokens(self, bytes_per_token: int) -> int:
+        """Tokens of the host KV tier (0: off)."""
+        if self.host_kv_cache_tokens is not None:
+            return self.host_kv_cache_tokens
+        return int(self.host_kv_cache_memory * 2**30) // bytes_per_token
 
     def resolved_device(self) -> str:
         if self.device == "auto":

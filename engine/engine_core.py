@@ -56,6 +56,27 @@ def engine_info(engine: LLMEngine) -> EngineInfo:
 
 
 @dataclass(frozen=True)
+class HostTierSnapshot:
+    hits_total: int  # prompt tokens loaded from the host tier instead of recomputed
+    stored_bytes_total: int
+    loaded_bytes_total: int
+    transfers_total: int
+    exposed_seconds_total: float
+    hidden_seconds_total: float
+    used_blocks: int
+    capacity_blocks: int
+
+    @classmethod
+    def of(cls, scheduler, tier) -> HostTierSnapshot | None:
+        if tier is None:
+            return None
+        tier.poll()
+        st = tier.stats
+        return cls(scheduler.prefix_host_hits, st.stored_bytes, st.loaded_bytes, st.store_transfers + st.load_transfers,
+                   st.exposed_s, st.hidden_s, tier.used_blocks, tier.num_blocks)
+
+
+@dataclass(frozen=True)
 class EngineStats:
     """What /metrics reports; published after every step, read from anywhere."""
 
@@ -73,6 +94,9 @@ class EngineStats:
     num_preemptions_total: int
     finished_total: dict[str, int]  # requests ended, by the first sample's finish reason (stop, length, abort, error)
     steps_total: int
+    # the host KV tier (None: off): prompt tokens loaded from it, its traffic and capacity
+    host_tier: HostTierSnapshot | None = None
+    recomputed_tokens_total: int = 0  # prompt tokens computed again because their cached KV was evicted
 
     @property
     def kv_usage(self) -> float:
@@ -223,6 +247,8 @@ class EngineCore:
             num_preemptions_total=sched.num_preemptions,
             finished_total=dict(self._finished),
             steps_total=self._steps,
+            host_tier=HostTierSnapshot.of(sched, e.allocator.host_tier),
+            recomputed_tokens_total=sched.recomputed_tokens,
         )
 
 

@@ -105,6 +105,14 @@ class LLMEngine:
             swap_tokens = (capacity if config.swap_space is None
                            else int(config.swap_space * 2**30) // spec.bytes_per_token)
             alloc_args.setdefault("swap_space_tokens", swap_tokens)
+        host_tokens = config.host_tier_tokens(spec.bytes_per_token)
+        if host_tokens:
+            if not cls.supports_host_tier:
+                raise ValueError(f"allocator '{config.allocator}' has no host KV tier: use allocator=paged, "
+                                 "or host_kv_cache_memory=0")
+            alloc_args.setdefault("host_tier_tokens", host_tokens)
+            alloc_args.setdefault("host_tier_policy", config.host_tier_policy)
+            alloc_args.setdefault("host_transfer_blocks", config.host_transfer_blocks)
         # layer groups (kv_grouping=shared): window-aware allocation for sliding-window layers
         self.allocator = grouped_allocator(
             cls, mc.layer_windows(), config.kv_grouping, config.max_num_batched_tokens,
@@ -369,10 +377,30 @@ class LLMEngine:
         if not self.config.async_scheduling:
             host += now - t_post - (self._wait_s if handle is not None or sampled is not None else 0.0)
         sched = self.scheduler
+        loaded = stored = 0
+        for t in batch.tier_transfers:
+            if t.direction == "h2d":
+                loaded += t.blocks
+            else:
+                stored += t.blocks
+        exposed = self._tier_exposed()
         self.step_records.append((start, now - start, len(sched.running), len(sched.waiting), len(batch),
                                   batch.num_prefill_tokens, batch.num_decode_tokens, len(batch.preempted),
-                                  host, context))
+                                  host, context, loaded, stored, len(batch.tier_transfers), exposed))
         return outputs
+
+    def _tier_exposed(self) -> float:
+        """Seconds of host-tier copy time compute waited for, newly known at this step (CUDA:
+        copies whose events completed by now; CPU and simulate: this step's)."""
+        tier = self.allocator.host_tier
+        if tier is None:
+            return 0.0
+        tier.poll()
+        total = tier.stats.exposed_s
+        delta, self._tier_exposed_seen = total - self._tier_exposed_seen, total
+        return delta
+
+    _tier_exposed_seen = 0.0
 
     def _launch(self, batch):
         """A StepHandle; or, for a runner without a device (simulate) in synchronous mode, its

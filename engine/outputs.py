@@ -100,6 +100,8 @@ class FinishedSeq:
     finish_reason: str | None
     stop_reason: int | str | None
     itl: np.ndarray  # float64: the gaps between its consecutive tokens (seconds)
+    num_host_cached_tokens: int = 0  # of num_cached_tokens, loaded from the host KV tier
+    num_recomputed_tokens: int = 0  # prompt tokens computed again because their cached KV was evicted
 
     @classmethod
     def of(cls, seq) -> FinishedSeq:
@@ -107,7 +109,7 @@ class FinishedSeq:
         itl = np.diff(np.array(t, dtype=np.float64)) if len(t) > 1 else np.zeros(0)
         return cls(seq.seq_id, seq.index, seq.prompt_len, seq.num_output_tokens, seq.first_scheduled_time,
                    seq.first_token_time, seq.finish_time, seq.num_preemptions, seq.num_cached_tokens,
-                   seq.finish_reason, seq.stop_reason, itl)
+                   seq.finish_reason, seq.stop_reason, itl, seq.num_host_cached_tokens, seq.num_recomputed_tokens)
 
 
 @dataclass(slots=True)

@@ -47,6 +47,8 @@ class ScheduledBatch:
     # one entry per host<->device copy this step made: ("d2h" | "h2d", blocks); a group's
     # shared blocks travel once (simulate charges these)
     swap_transfers: list[tuple[str, int]] = field(default_factory=list)
+    # the host KV tier's memcpys of this step (allocators.host_tier.Transfer); simulate charges these
+    tier_transfers: list = field(default_factory=list)
     num_prefill_tokens: int = 0
     num_decode_tokens: int = 0
 
@@ -77,6 +79,8 @@ class Scheduler:
         self.num_preemptions = 0
         self.num_swaps = 0
         self.prefix_queries = self.prefix_hits = 0  # prompt tokens looked up / found in the prefix cache
+        self.prefix_host_hits = 0  # of prefix_hits, loaded from the host KV tier
+        self.recomputed_tokens = 0  # prompt tokens computed again only because their cached KV was evicted
         self._swap = config.preemption_mode == "swap" and allocator.supports_swap
         # groups swap where the allocator can keep their shared blocks shared; else they recompute
         self._group_swap = self._swap and hasattr(allocator, "swap_out_group")
@@ -335,6 +339,8 @@ class Scheduler:
                 budget = self._swap_in(batch, budget)
             if not self.swapped or only is not None:
                 self._admit(batch, budget, only)
+        # host-tier copies of this schedule start now, before the step writes the blocks they read
+        batch.tier_transfers = allocator.flush_transfers()
         return batch
 
     def _swap_in(self, batch: ScheduledBatch, budget: int) -> int:
@@ -392,6 +398,10 @@ class Scheduler:
                     self.allocator.free(seq)
                     cached = 0
                 seq.num_computed_tokens = seq.num_cached_tokens = cached
+                m = self.allocator.last_match
+                # a request tried again finds on the device what its first try loaded from the host
+                seq.num_host_cached_tokens = min(cached, max(seq.num_host_cached_tokens, m.host))
+                seq.num_recomputed_tokens = max(0, min(m.ideal, seq.prompt_len - 1) - cached)
                 matched = cached > 0
             n = self._chunk(seq, budget)
             full = (seq.prompt_len - 1 if seq.fork_pending else len(seq.token_ids)) - seq.num_computed_tokens
@@ -408,6 +418,8 @@ class Scheduler:
             if self.config.enable_prefix_caching:
                 self.prefix_queries += seq.prompt_len
                 self.prefix_hits += seq.num_cached_tokens
+                self.prefix_host_hits += seq.num_host_cached_tokens
+                self.recomputed_tokens += seq.num_recomputed_tokens
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
             batch.add(seq, n)

@@ -31,6 +31,8 @@ class Sequence:
     output_logprobs: list[float] = field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose KV is in the cache
     num_cached_tokens: int = 0  # of those, found in the prefix cache at admission
+    num_host_cached_tokens: int = 0  # of those, loaded from the host KV tier
+    num_recomputed_tokens: int = 0  # prompt tokens computed although cached once (evicted since)
     status: SeqStatus = SeqStatus.WAITING
     finish_reason: str | None = None
     stop_reason: int | str | None = None

@@ -23,6 +23,12 @@ UNITS = {
     "total_output_tokens": "tokens", "saturated_steps": "fraction", "sharing_saving": "fraction",
     "simulated_busy_s": "s", "wall_time_s": "s", "mean_output_len": "tokens", "mean_prompt_len": "tokens",
 }
+UNITS |= {"gpu_prefix_hit_rate": "fraction", "host_prefix_hit_rate": "fraction", "recomputed_tokens": "tokens",
+          "mean_recomputed_tokens": "tokens", "host_tier_capacity_blocks": "blocks",
+          "host_tier_block_hit_rate": "fraction", "host_tier_stored_bytes": "bytes",
+          "host_tier_loaded_bytes": "bytes", "host_tier_transfers": "count", "host_tier_evicted_blocks": "count",
+          "host_tier_dropped_stores": "count", "host_tier_transfer_s": "s", "host_tier_exposed_s": "s",
+          "host_tier_hidden_s": "s", "host_tier_hidden_fraction": "fraction", "host_tier_unused_slots": "blocks"}
 UNITS |= {"mean_batch_size_tw": "seqs", "steady_state_start_s": "s", "steady_state_end_s": "s",
           "steady_state_steps": "count"}
 for _f in STAT_FIELDS:
@@ -72,6 +78,8 @@ def requests_frame(finished, t0: float) -> pd.DataFrame:
             normalized_latency=e2el / out_len if out_len else math.nan,
             preemptions=sum(s.num_preemptions for s in seqs),
             cached_tokens=s0.num_cached_tokens,
+            host_cached_tokens=getattr(s0, "num_host_cached_tokens", 0),  # of cached_tokens, from the host tier
+            recomputed_tokens=getattr(s0, "num_recomputed_tokens", 0),  # cached once, evicted, computed again
             finish_reason=s0.finish_reason,
             itl=itl,  # float64 array (a list<double> column in parquet)
         ))
@@ -414,6 +422,44 @@ def memory_summary(steps: pd.DataFrame, bytes_per_token: int | None = None,
     return out
 
 
+def host_tier_summary(scheduler, tier) -> dict[str, float]:
+    """Prefix reuse by tier and the host tier's traffic (``tier``: the allocator's HostKVTier or
+    None). Hit rates are shares of the prompt tokens looked up at admission (as
+    ``prefix_cache_hit_rate``, which is their sum); ``recomputed_tokens`` are prompt tokens computed
+    again although an earlier request had cached them (an unbounded cache would have held them).
+    The transfer times are measured (CPU, CUDA events) or charged (simulate); ``hidden`` is the
+    copy time compute did not wait for."""
+    q = scheduler.prefix_queries
+    out: dict[str, float] = dict(
+        gpu_prefix_hit_rate=(scheduler.prefix_hits - scheduler.prefix_host_hits) / q if q else 0.0,
+        host_prefix_hit_rate=scheduler.prefix_host_hits / q if q else 0.0,
+        recomputed_tokens=int(scheduler.recomputed_tokens),
+        host_tier_enabled=tier is not None,
+    )
+    if tier is None:
+        return out
+    tier.flush()
+    tier.poll(wait=True)
+    s = tier.stats
+    out.update(
+        host_tier_capacity_blocks=tier.num_blocks,
+        host_tier_policy=tier.config.policy,
+        host_transfer_blocks=tier.T,
+        host_tier_block_hit_rate=s.hits / s.lookups if s.lookups else 0.0,
+        host_tier_stored_bytes=s.stored_bytes,
+        host_tier_loaded_bytes=s.loaded_bytes,
+        host_tier_transfers=s.store_transfers + s.load_transfers,
+        host_tier_evicted_blocks=s.evicted_blocks,
+        host_tier_dropped_stores=s.dropped_stores,
+        host_tier_unused_slots=tier.unused_slots,
+        host_tier_transfer_s=s.transfer_s,
+        host_tier_exposed_s=min(s.exposed_s, s.transfer_s) if s.transfer_s else s.exposed_s,
+        host_tier_hidden_s=s.hidden_s,
+        host_tier_hidden_fraction=s.hidden_s / s.transfer_s if s.transfer_s else math.nan,
+    )
+    return out
+
+
 def summarize(requests: pd.DataFrame, steps: pd.DataFrame | None, duration: float) -> dict[str, float]:
     """Throughput and latency of DESIGN.md over ``duration`` (wall or simulated seconds)."""
     out: dict[str, float] = {"duration": duration, "num_requests": len(requests)}
@@ -433,6 +479,8 @@ def summarize(requests: pd.DataFrame, steps: pd.DataFrame | None, duration: floa
         normalized_latency=float((requests["e2el"] / requests["output_len"]).mean()),
         preemptions=int(requests["preemptions"].sum()),
     )
+    if "recomputed_tokens" in requests:
+        out["mean_recomputed_tokens"] = float(requests["recomputed_tokens"].mean())
     itl = np.concatenate([np.asarray(x, dtype=float) for x in requests["itl"]]) if len(requests) else np.array([])
     for name, values in (("ttft", requests["ttft"].to_numpy(float)), ("tpot", requests["tpot"].to_numpy(float)),
                          ("itl", itl), ("e2el", requests["e2el"].to_numpy(float))):

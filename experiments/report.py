@@ -98,6 +98,8 @@ SHORT = {"cfg.allocator.name": "", "cfg.allocator.args.policy": "", "cfg.allocat
          "cfg.allocator.args.block_size": "B", "cfg.allocator.args.page_size": "page",
          "cfg.workload.request_rate": "rate", "cfg.workload.n": "n", "cfg.workload.prefix_len": "prefix",
          "cfg.engine.enable_prefix_caching": "prefix caching", "cfg.engine.preemption_mode": "preempt",
+         "cfg.engine.host_kv_cache_memory": "host GiB", "cfg.engine.host_transfer_blocks": "T",
+         "cfg.engine.host_tier_policy": "", "cfg.workload.prefix_hit_rate": "hit",
          "cfg.model.name": "", "cfg.workload.name": "", "cfg.sim.device": "", "cfg.mode": ""}
 
 
@@ -538,6 +540,11 @@ SWEEPS = {
         ("output_throughput", "output throughput (tok/s)", False),
         ("kv_windowed_groups_mean_gb", "KV held by windowed layers (GB, mean)", False),
         ("kv_padding_mean_gb", "KV held by padding layers (GB, mean)", False)]),
+    "cfg.workload.prefix_hit_rate": ("host_tier_curves.png", "prefix hit rate of the workload", "linear", [
+        ("mean_ttft_ms", "mean TTFT (ms)", False),
+        ("output_throughput", "output throughput (tok/s)", False),
+        ("host_prefix_hit_rate", "prompt tokens loaded from host (%)", True),
+        ("mean_recomputed_tokens", "recomputed prompt tokens / request", False)]),
     "cfg.engine.max_num_seqs": ("max_num_seqs_curves.png", "max_num_seqs (seqs)", "log2", [
         ("output_throughput", "output throughput (tok/s)", False),
         ("token_states_saturated", "token states, saturated (% of pool)", True)]),
@@ -724,6 +731,13 @@ def write_report(root: str | Path, out: str | Path | None = None, skipped: list[
     if extra:
         md += ["Sharing (% of the KV the live tokens would take unshared; prefix-cache hit rate):", "",
                _percent_table(wide, ["label"], extra), ""]
+    tier = [c for c in ("gpu_prefix_hit_rate", "host_prefix_hit_rate", "mean_recomputed_tokens",
+                        "host_tier_stored_bytes", "host_tier_loaded_bytes", "host_tier_transfers",
+                        "host_tier_transfer_s", "host_tier_exposed_s", "host_tier_hidden_fraction") if c in wide]
+    if "host_tier_enabled" in wide and wide["host_tier_enabled"].fillna(False).astype(bool).any():
+        md += ["Host KV tier: prompt tokens found on the device / loaded from the host (shares of those looked "
+               "up), prompt tokens recomputed only because their KV was evicted, bytes moved, and the copy time "
+               "hidden behind compute (`host_tier_hidden_fraction`):", "", markdown_table(wide[["label", *tier]]), ""]
     md += ["## Figures", ""]
     for name, (caption, _) in figures.items():
         md += [f"### {caption}", "", f"![{caption}]({name})", ""]

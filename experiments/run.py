@@ -62,6 +62,8 @@ VOLATILE_KEYS = ("progress", "resume", "report", "run_name", "experiment_name")
 
 def git_commit() -> str:
     try:
+        if os.environ.get("KVLAB_COMMIT"):  # a copy without .git (a device machine) is told its commit
+            return os.environ["KVLAB_COMMIT"]
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               cwd=Path(__file__).parent, timeout=5).stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
@@ -153,10 +155,17 @@ def _resume(summary_path: Path, cfg_hash: str) -> dict | None:
     return done
 
 
+HOST_TIER_DEFAULTS = {"host_kv_cache_memory": 0, "host_kv_cache_tokens": None, "host_tier_policy": "lru",
+                      "host_transfer_blocks": 1}
+
+
 def applicable_config(cfg: DictConfig) -> tuple[DictConfig, dict]:
     """``cfg`` without the allocator options its allocator does not take but another one does
-    (a sweep sets ``allocator.args.block_size`` for contiguous too), and what was dropped.
-    An option no allocator takes stays: the allocator refuses it, naming it."""
+    (a sweep sets ``allocator.args.block_size`` for contiguous too), and what was dropped
+    (keys as ``allocator.args.K`` / ``engine.K``). An option no allocator takes stays: the
+    allocator refuses it, naming it. Likewise the host KV tier's engine settings go back to
+    their defaults for an allocator without a host tier, and the tier's policy and granularity
+    where the tier is off (a sweep of the tier off / on x granularity runs "off" once)."""
     import copy
 
     from omegaconf import open_dict
@@ -165,13 +174,23 @@ def applicable_config(cfg: DictConfig) -> tuple[DictConfig, dict]:
     mine = set(options.get(cfg.allocator.name, ()))
     anyone = {a for opts in options.values() for a in opts}
     args = cfg.allocator.get("args") or {}
-    drop = {k: args[k] for k in list(args) if k not in mine and k in anyone}
+    drop = {f"allocator.args.{k}": args[k] for k in list(args) if k not in mine and k in anyone}
+    eng = cfg.get("engine") or {}
+    tierless = cfg.allocator.name in options and "host_tier_tokens" not in mine
+    off = not (eng.get("host_kv_cache_memory") or eng.get("host_kv_cache_tokens"))
+    for k, default in HOST_TIER_DEFAULTS.items():
+        if k in eng and eng[k] != default and (tierless or (off and k in ("host_tier_policy", "host_transfer_blocks"))):
+            drop[f"engine.{k}"] = eng[k]
     if not drop or cfg.allocator.name not in options:
         return cfg, {}
     cfg = copy.deepcopy(cfg)
-    with open_dict(cfg.allocator.args):
-        for k in drop:
-            del cfg.allocator.args[k]
+    with open_dict(cfg):
+        for key in drop:
+            group, k = key.rsplit(".", 1)
+            if group == "engine":
+                cfg.engine[k] = HOST_TIER_DEFAULTS[k]
+            else:
+                del cfg.allocator.args[k]
     return cfg, drop
 
 
@@ -241,7 +260,7 @@ def _run_one(cfg: DictConfig, out: Path, sweep_dir: str | Path | None = None,
     """One run of one seed into ``out`` (``repeat``: its index and the number of repeats)."""
     cfg, dropped = applicable_config(cfg)
     if dropped:
-        log.info("%s ignores %s", cfg.allocator.name, ", ".join(f"allocator.args.{k}={v}" for k, v in dropped.items()))
+        log.info("%s ignores %s", cfg.allocator.name, ", ".join(f"{k}={v}" for k, v in dropped.items()))
     summary_path = out / "summary.json"
     cfg_hash = config_hash(cfg)
     if cfg.get("resume", True):
@@ -257,7 +276,7 @@ def _run_one(cfg: DictConfig, out: Path, sweep_dir: str | Path | None = None,
     import torch
 
     from experiments.driver import drive
-    from experiments.metrics import WindowRule, requests_frame, summarize, write_steps
+    from experiments.metrics import WindowRule, host_tier_summary, requests_frame, summarize, write_steps
     from experiments.workloads import make_workload, tokenize_requests
 
     wall0 = time.perf_counter()
@@ -305,6 +324,7 @@ def _run_one(cfg: DictConfig, out: Path, sweep_dir: str | Path | None = None,
             kv_capacity_tokens=engine.kv_capacity_tokens,
             **engine.kv_memory_summary(),  # tensor_parallel_size, KV bytes per GPU and over all GPUs
             prefix_cache_hit_rate=engine.scheduler.prefix_cache_hit_rate,  # as the server's /metrics
+            **host_tier_summary(engine.scheduler, engine.allocator.host_tier),
             max_model_len=engine.max_model_len,
             wall_time_s=time.perf_counter() - wall0,
             config_hash=cfg_hash,

@@ -58,13 +58,15 @@ class SimRunner:
     """Stands in for ``ModelRunner``: a step costs ``cost_model.step_time`` of its batch."""
 
     def __init__(self, cost_model: RooflineCostModel, clock: VirtualClock, vocab_size: int,
-                 eos_token_ids: list[int] | None = None, allocator=None, pcie_bandwidth: float = 0.0):
+                 eos_token_ids: list[int] | None = None, allocator=None, pcie_bandwidth: float = 0.0,
+                 transfer_latency_s: float = 0.0):
         self.cost_model = cost_model
         self.clock = clock
         self.vocab_size = vocab_size
         self.eos = set(eos_token_ids or ())
         self.allocator = allocator
         self.pcie_bandwidth = pcie_bandwidth
+        self.transfer_latency_s = transfer_latency_s
         self.kv_bytes_per_token = cost_model.model.kv_bytes_per_token
         self.profiled = getattr(cost_model, "name", "") == "profiled"
         backend = getattr(allocator, "backend", None)
@@ -115,6 +117,34 @@ class SimRunner:
         blocks = sum(n for _, n in batch.swap_transfers)
         return blocks * block_bytes / self.pcie_bandwidth if self.pcie_bandwidth else 0.0
 
+    def _copy_time(self, nbytes: int, direction: str) -> float:
+        """One host<->device memcpy: measured by size and direction where profiled, else a fixed
+        cost per transfer plus its bytes over the PCIe bandwidth."""
+        if self.profiled:
+            return self.cost_model.swap_time([nbytes], direction)
+        return self.transfer_latency_s + (nbytes / self.pcie_bandwidth if self.pcie_bandwidth else 0.0)
+
+    def _tier_time(self, batch, compute_s: float) -> float:
+        """Seconds the host tier's copies add to this step. Loads are issued when the step is
+        scheduled and the step waits for them (exposed); stores run on the copy stream beside the
+        step's compute and are exposed only beyond it. The copy times go into the tier's stats."""
+        transfers = getattr(batch, "tier_transfers", None)
+        if not transfers:
+            return 0.0
+        load = store = 0.0
+        for t in transfers:
+            dt = self._copy_time(t.nbytes, t.direction)
+            if t.direction == "h2d":
+                load += dt
+            else:
+                store += dt
+        exposed = load + max(0.0, store - compute_s)
+        stats = self.allocator.host_tier.stats
+        stats.load_s += load
+        stats.store_s += store
+        stats.exposed_s += exposed
+        return exposed
+
     def execute(self, batch) -> list:
         # comprehensions, not one loop with appends: this runs once per sequence per step
         seqs, news = batch.seqs, batch.num_new_tokens
@@ -131,6 +161,7 @@ class SimRunner:
             dt = self.cost_model.step_time(work, len(sampled), maps) + swap
         else:
             dt = self.cost_model.step_time(work) + swap
+        dt += self._tier_time(batch, dt)
         self.clock.advance(dt)
         self.num_steps += 1
         self.busy_s += dt
@@ -164,6 +195,7 @@ class SimSettings:
     step_overhead_s: float = 5e-4
     activation_reserve_bytes: int = 0
     pcie_bandwidth: float = 25e9  # bytes/s host<->device for swapped KV (PCIe 4.0 x16, effective)
+    transfer_latency_s: float = 1e-5  # fixed cost of one host<->device memcpy (host KV tier; roofline)
     cost_model: str = "auto"  # auto (profiled where a profile exists) | profiled | roofline
     profile: str | None = None  # a device profile written by `kvlab profile` (parquet)
     # tensor parallelism: NVLink bytes/s one way and all-reduce latency; None: the device's datasheet figures
@@ -241,7 +273,8 @@ def simulated_engine(cfg, engine_config: EngineConfig, clock: VirtualClock | Non
 
     def factory(allocator):
         step_cost = cost_model_for(sim, cost, shape, shape_name or econf.model, econf, allocator)
-        runner["r"] = SimRunner(step_cost, clock, mc.vocab_size, mc.eos_token_id, allocator, sim.pcie_bandwidth)
+        runner["r"] = SimRunner(step_cost, clock, mc.vocab_size, mc.eos_token_id, allocator, sim.pcie_bandwidth,
+                                sim.transfer_latency_s)
         return runner["r"]
 
     engine = LLMEngine(econf, model_config=mc, runner_factory=factory, clock=clock)

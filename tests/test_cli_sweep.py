@@ -80,9 +80,25 @@ def test_inapplicable_allocator_options_are_dropped():
         cfg = compose("config", overrides=["allocator=contiguous", "++allocator.args.block_size=8"])
         paged = compose("config", overrides=["allocator=paged", "allocator.args.block_size=8"])
     clean, dropped = applicable_config(cfg)
-    assert dropped == {"block_size": 8} and "block_size" not in clean.allocator.args
+    assert dropped == {"allocator.args.block_size": 8} and "block_size" not in clean.allocator.args
     assert clean.allocator.args.policy == "max" and "block_size" in cfg.allocator.args  # a copy
     assert applicable_config(paged) == (paged, {})
+
+
+def test_host_tier_settings_are_dropped_where_they_change_nothing():
+    """A sweep of the tier off / on x granularity x allocators runs each distinct run once."""
+    tier = ["engine.enable_prefix_caching=true", "engine.host_kv_cache_memory=32", "engine.host_transfer_blocks=16"]
+    with initialize_config_dir(CONF_DIR, version_base="1.3"):
+        virtual = compose("config", overrides=["allocator=virtual", *tier])
+        paged_on = compose("config", overrides=["allocator=paged", *tier])
+        paged_off = compose("config", overrides=["allocator=paged", "engine.host_kv_cache_memory=0",
+                                                 "engine.host_transfer_blocks=16"])
+    clean, dropped = applicable_config(virtual)
+    assert dropped == {"engine.host_kv_cache_memory": 32, "engine.host_transfer_blocks": 16}
+    assert clean.engine.host_kv_cache_memory == 0 and clean.engine.host_transfer_blocks == 1
+    assert applicable_config(paged_on) == (paged_on, {})
+    clean, dropped = applicable_config(paged_off)  # off: its granularity means nothing
+    assert dropped == {"engine.host_transfer_blocks": 16} and clean.engine.host_transfer_blocks == 1
 
 
 def test_report_lists_what_it_skipped(tmp_path, capsys):

@@ -30,7 +30,7 @@ GAUGES = ["vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cac
           "kvlab:num_seqs_running", "kvlab:num_seqs_waiting", "kvlab:num_seqs_swapped", "kvlab:engine_up"]
 COUNTERS = ["vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total", "vllm:num_preemptions_total",
             "vllm:prompt_tokens_total", "vllm:generation_tokens_total", "vllm:request_success_total",
-            "kvlab:engine_steps_total"]
+            "kvlab:engine_steps_total", "kvlab:recomputed_prompt_tokens_total"]  # host-tier families only with a tier
 HISTOGRAMS = {
     "vllm:time_to_first_token_seconds": M.TTFT_BUCKETS,
     "vllm:time_per_output_token_seconds": M.TOKEN_LATENCY_BUCKETS,

@@ -37,6 +37,15 @@ CASES = {
                       "workload.output_len=40", "workload.num_requests=24"],
     "paged-swap": ["allocator=paged", "++engine.preemption_mode=swap", "++engine.swap_space=0.001", *UNIFORM],
     "virtual": ["allocator=virtual", "allocator.args.page_size=4096", *UNIFORM],
+    # conversations whose prefixes leave the device pool for the host tier and come back
+    "paged-host-tier": ["allocator=paged", "allocator.args.block_size=8", "workload=multi_turn",
+                        "workload.num_requests=48", "workload.turns=3", "workload.input_len=96",
+                        "workload.output_len=16", "workload.prefix_hit_rate=0.75", "engine.enable_prefix_caching=true",
+                        "engine.host_kv_cache_tokens=2048", "engine.host_transfer_blocks=2"],
+    # 4 conversations, 4 at a time: each turn comes once the last has finished and left its slot idle
+    "virtual-prefix": ["allocator=virtual", "allocator.args.page_size=4096", "workload=multi_turn",
+                       "engine.max_num_seqs=4", "workload.num_requests=12", "workload.turns=3", "workload.input_len=96", "workload.output_len=16",
+                       "workload.prefix_hit_rate=0.75", "engine.enable_prefix_caching=true"],
 }
 
 
@@ -46,9 +55,10 @@ def test_simulate_memory_equals_real_engine(case, tmp_path):
     through simulate mode: every scheduling decision and every memory figure is the same."""
     if case == "virtual" and "virtual" not in allocators.available():
         pytest.skip("virtual allocator not registered")
-    common = ["model=tiny-llama", "engine.dtype=float32", "engine.kv_cache_tokens=1024",
-              "engine.max_model_len=256", "engine.max_num_batched_tokens=256", "engine.max_num_seqs=16",
-              *CASES[case]]
+    base = ["model=tiny-llama", "engine.dtype=float32", "engine.kv_cache_tokens=1024",
+            "engine.max_model_len=256", "engine.max_num_batched_tokens=256", "engine.max_num_seqs=16"]
+    own = {o.split("=")[0] for o in CASES[case]}  # a case may replace a base setting
+    common = [o for o in base if o.split("=")[0] not in own] + CASES[case]
     real = run_experiment(config("mode=offline", "device=cpu", *common), tmp_path / "real")
     sim = run_experiment(config("mode=simulate", *common), tmp_path / "sim")
     a = pd.read_parquet(tmp_path / "real" / "steps.parquet")
@@ -65,6 +75,16 @@ def test_simulate_memory_equals_real_engine(case, tmp_path):
     cols = ["prompt_len", "output_len", "num_output_tokens", "n", "preemptions"]
     pd.testing.assert_frame_equal(ra.loc[rb.index, cols], rb[cols])
     assert sim["device"] == "simulated a100-40gb" and sim["mode"] == "simulate"
+    if case == "virtual-prefix":  # idle slots' KV reused in place, the same way
+        assert real["prefix_cache_hit_rate"] > 0.1 and real["recomputed_tokens"] == sim["recomputed_tokens"]
+        assert real["prefix_cache_hit_rate"] == sim["prefix_cache_hit_rate"]
+    if case == "paged-host-tier":  # the same blocks went to the host and came back
+        assert real["host_prefix_hit_rate"] > 0.1
+        for key in ("host_prefix_hit_rate", "gpu_prefix_hit_rate", "recomputed_tokens", "host_tier_stored_bytes",
+                    "host_tier_loaded_bytes", "host_tier_transfers"):
+            assert real[key] == sim[key], key
+        cols = ["tier_loaded_blocks", "tier_stored_blocks", "tier_transfers"]
+        pd.testing.assert_frame_equal(a[cols], b[cols])
 
 
 # --------------------------------------------------------------------------- the clock
@@ -118,6 +138,29 @@ def test_online_simulation_jumps_idle_time(tmp_path):
     assert s["normalized_latency"] == pytest.approx((req["e2el"] / req["output_len"]).mean())
 
 
+def test_host_tier_copies_are_charged_in_closed_form(tmp_path):
+    """Roofline: each memcpy costs transfer_latency_s + bytes / pcie_bandwidth; loads delay their
+    step, stores only beyond the step's compute."""
+    common = ["mode=simulate", "model=llama3-8b", "sim=h200", "sim.cost_model=roofline", "workload=multi_turn",
+              "workload.num_requests=96", "workload.turns=3", "workload.input_len=1024", "workload.output_len=8",
+              "workload.prefix_hit_rate=0.9", "workload.request_rate=8", "engine.max_model_len=2048",
+              "engine.max_num_batched_tokens=2048", "engine.kv_cache_tokens=8192", "engine.enable_prefix_caching=true"]
+    off = run_experiment(config(*common), tmp_path / "off")
+    on = run_experiment(config(*common, "engine.host_kv_cache_tokens=200000", "engine.host_transfer_blocks=4"),
+                        tmp_path / "on")
+    bw, lat = 50e9, 1e-5  # conf/sim/h200.yaml
+    moved = on["host_tier_stored_bytes"] + on["host_tier_loaded_bytes"]
+    assert on["host_tier_transfers"] > 0 and on["host_prefix_hit_rate"] > 0.3
+    assert on["host_tier_transfer_s"] == pytest.approx(on["host_tier_transfers"] * lat + moved / bw)
+    load_s = on["host_tier_loaded_bytes"] / bw  # + its share of the latencies: loads are always exposed
+    assert load_s <= on["host_tier_exposed_s"] <= on["host_tier_transfer_s"]
+    assert on["host_tier_hidden_s"] == pytest.approx(on["host_tier_transfer_s"] - on["host_tier_exposed_s"])
+    assert on["recomputed_tokens"] < off["recomputed_tokens"] and on["mean_ttft_ms"] < off["mean_ttft_ms"]
+    steps = pd.read_parquet(tmp_path / "on" / "steps.parquet")
+    assert steps["tier_exposed_s"].sum() == pytest.approx(on["host_tier_exposed_s"])
+    assert steps["tier_transfers"].sum() == on["host_tier_transfers"]
+
+
 def test_swap_time_is_charged(tmp_path):
     common = ["mode=simulate", "model=opt-13b", "workload=sharegpt", "workload.num_requests=200",
               "engine.max_model_len=2048", "engine.max_num_batched_tokens=2048", "engine.kv_cache_tokens=4096",
@@ -163,7 +206,7 @@ def test_waste_ordering_matches_the_paper(tmp_path):
 # --------------------------------------------------------------------------- presets and checks
 
 PRESETS = ["waste_breakdown", "rate_sweep", "block_size", "page_size", "parallel_sampling", "shared_prefix",
-           "preemption"]
+           "preemption", "host_tier"]
 
 
 @pytest.mark.parametrize("preset", PRESETS)

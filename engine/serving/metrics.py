@@ -250,6 +250,25 @@ class ServingMetrics:
                 lines.extend(h.render(self.labels))
             # kvlab's own
             counter("kvlab:engine_steps_total", "Engine iterations run.", s.steps_total)
+            counter("kvlab:recomputed_prompt_tokens_total",
+                    "Prompt tokens computed again because their cached KV had been evicted.",
+                    getattr(s, "recomputed_tokens_total", 0))
+            tier = getattr(s, "host_tier", None)
+            if tier is not None:
+                counter("kvlab:host_tier_hits_total",
+                        "Prefix cache hits loaded from the host KV tier, in tokens (part of vllm:prefix_cache_hits_total).",
+                        tier.hits_total)
+                counter("kvlab:host_tier_bytes_total", "Bytes copied between the device and the host KV tier.",
+                        [({"direction": "d2h"}, tier.stored_bytes_total), ({"direction": "h2d"}, tier.loaded_bytes_total)])
+                counter("kvlab:host_tier_transfers_total", "Host<->device copies of the host KV tier.",
+                        tier.transfers_total)
+                counter("kvlab:host_tier_transfer_seconds_total",
+                        "Copy time of the host KV tier: hidden behind compute, or exposed (compute waited).",
+                        [({"kind": "hidden"}, tier.hidden_seconds_total), ({"kind": "exposed"}, tier.exposed_seconds_total)])
+        if getattr(s, "host_tier", None) is not None:
+            t = s.host_tier
+            gauge("kvlab:host_tier_usage_perc", "Share of the host KV tier's blocks holding KV, 0 to 1.",
+                  t.used_blocks / t.capacity_blocks if t.capacity_blocks else 0.0)
         gauge("kvlab:kv_cache_capacity_tokens", "Tokens the KV pool holds.", s.kv_capacity_tokens)
         gauge("kvlab:kv_cache_capacity_bytes", "Bytes of the KV pool.", capacity)
         gauge("kvlab:kv_cache_bytes",
