@@ -40,6 +40,8 @@ from typing import Hashable, Iterable, Iterator
 
 import torch
 
+import kernels
+
 from allocators.base import KVCacheSpec
 
 POLICIES = ("lru", "lfu")
@@ -204,6 +206,7 @@ class HostKVTier:
         self.transfers: list[Transfer] = []  # since the last take_transfers()
         self._host: torch.Tensor | None = None
         self._cuda = False
+        self._ptrs: torch.Tensor | None = None
         if spec.materialized and device_caches:
             self._cuda = str(spec.device).startswith("cuda")
             shape = (self.num_chunks, T, spec.num_layers, 2, block_size, spec.num_kv_heads, spec.head_dim)
@@ -393,23 +396,27 @@ class HostKVTier:
         ids = self._index(blocks, device)[:, None] * self.block_size
         return (ids + torch.arange(self.block_size, device=device)).reshape(-1)
 
+    def _layer_ptrs(self) -> torch.Tensor | None:
+        """Every layer's K/V base address, once (CUDA: one kernel moves all layers' rows; a loop
+        of per-layer copies cost ~130 launches a transfer, seconds of host time a run)."""
+        if self._cuda and self._ptrs is None:
+            from kernels.triton_cache import layer_pointers
+
+            self._ptrs = layer_pointers(self.caches)
+        return self._ptrs
+
     def _gather(self, blocks: list[int]) -> torch.Tensor:
         k0 = self.caches[0][0]
-        n = len(blocks)
-        out = torch.empty((n, len(self.caches), 2, self.block_size, *k0.shape[1:]), dtype=k0.dtype, device=k0.device)
-        slots = self._slots(blocks, k0.device)
-        for layer, (k, v) in enumerate(self.caches):
-            out[:, layer, 0] = k[slots].view(n, self.block_size, *k0.shape[1:])
-            out[:, layer, 1] = v[slots].view(n, self.block_size, *k0.shape[1:])
+        out = torch.empty((len(blocks), len(self.caches), 2, self.block_size, *k0.shape[1:]), dtype=k0.dtype,
+                          device=k0.device)
+        kernels.gather_layers(self.caches, self._slots(blocks, k0.device), self.block_size, out, self._layer_ptrs())
         return out
 
     def _scatter(self, data: torch.Tensor, blocks: list[int]) -> None:
         """``data [n, layers, 2, bs, H, D]`` (on the cache's device, or host on CPU) into ``blocks``."""
         k0 = self.caches[0][0]
-        slots = self._slots(blocks, k0.device)
-        for layer, (k, v) in enumerate(self.caches):
-            k[slots] = data[:, layer, 0].reshape(-1, *k0.shape[1:]).to(k.device)
-            v[slots] = data[:, layer, 1].reshape(-1, *k0.shape[1:]).to(v.device)
+        kernels.scatter_layers(self.caches, self._slots(blocks, k0.device), self.block_size, data.contiguous(),
+                               self._layer_ptrs())
 
     # -- timings, tests ------------------------------------------------------------------
     def poll(self, wait: bool = False) -> None:

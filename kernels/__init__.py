@@ -1,6 +1,7 @@
 """Shared kernels: one implementation per operation, addressing mode as a constant."""
 from kernels.metadata import Addressing, AttentionMetadata
-from kernels.ops import attention, copy_blocks, gather_blocks, scatter_blocks, write_kv
+from kernels.ops import (attention, copy_blocks, gather_blocks, gather_layers, scatter_blocks, scatter_layers,
+                         write_kv)
 
 __all__ = [
     "Addressing",
@@ -8,6 +9,8 @@ __all__ = [
     "attention",
     "copy_blocks",
     "gather_blocks",
+    "gather_layers",
     "scatter_blocks",
+    "scatter_layers",
     "write_kv",
 ]

@@ -52,3 +52,15 @@ def gather_blocks(cache, block_ids, block_size, out) -> None:
 def scatter_blocks(cache, block_ids, block_size, src) -> None:
     impl = _triton() if _use_triton(cache) else reference
     impl.scatter_blocks(cache, block_ids, block_size, src)
+
+
+def gather_layers(caches, slots, block_size, out, ptrs=None) -> None:
+    """Every layer's K and V rows at ``slots`` into ``out [n, layers, 2, block_size, H, D]``,
+    one launch on CUDA (``ptrs``: ``triton_cache.layer_pointers(caches)``, made once)."""
+    impl = _triton() if _use_triton(out) else reference
+    impl.gather_layers(caches, slots, block_size, out, ptrs)
+
+
+def scatter_layers(caches, slots, block_size, src, ptrs=None) -> None:
+    impl = _triton() if _use_triton(src) else reference
+    impl.scatter_layers(caches, slots, block_size, src, ptrs)

@@ -129,3 +129,19 @@ def scatter_blocks(
 ) -> None:
     """Scatter a dense buffer ``src [n * block_size, H, D]`` into blocks (swap-in)."""
     cache[_block_slots(block_ids, block_size)] = src.to(cache.dtype)
+
+
+def gather_layers(caches, slots: torch.Tensor, block_size: int, out: torch.Tensor, ptrs=None) -> None:
+    """``out [n, layers, 2, block_size, H, D]`` = every layer's K and V rows at ``slots``
+    (``n * block_size`` flat slots, block by block); ``ptrs`` is the Triton version's."""
+    n = slots.shape[0] // block_size
+    for layer, (k, v) in enumerate(caches):
+        out[:, layer, 0] = k[slots].view(n, block_size, *k.shape[1:])
+        out[:, layer, 1] = v[slots].view(n, block_size, *v.shape[1:])
+
+
+def scatter_layers(caches, slots: torch.Tensor, block_size: int, src: torch.Tensor, ptrs=None) -> None:
+    """The inverse of gather_layers: ``src`` rows into every layer's K and V at ``slots``."""
+    for layer, (k, v) in enumerate(caches):
+        k[slots] = src[:, layer, 0].reshape(-1, *k.shape[1:]).to(k.device)
+        v[slots] = src[:, layer, 1].reshape(-1, *v.shape[1:]).to(v.device)

@@ -282,3 +282,77 @@ def scatter_blocks(cache: torch.Tensor, block_ids: torch.Tensor, block_size: int
     if src.device != cache.device:  # swap-in from host memory: one bulk transfer first
         src = src.to(cache.device)
     _copy_rows(src, cache, None, block_ids, block_ids.shape[0], block_size)
+
+
+# ----------------------------------------------------------------------------- all layers at once
+
+
+@triton.jit
+def _layers_copy_kernel(
+    ptrs_ptr, stage_ptr, slots_ptr,
+    num_rows, block_size, row_elems, num_caches,
+    TO_STAGE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
+):
+    """Rows of cache ``c`` (K or V of one layer: its base address is ``ptrs[c]``) at ``slots``
+    to or from ``stage [n, num_caches, block_size, row]``: row r of the slot list is token
+    ``r % block_size`` of block ``r // block_size``. One launch moves every layer's rows."""
+    c = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    e = tl.arange(0, BLOCK_E)
+    ok = (rows < num_rows)[:, None] & (e < row_elems)[None, :]
+    base = tl.load(ptrs_ptr + c).to(tl.pointer_type(stage_ptr.dtype.element_ty))
+    slot = tl.load(slots_ptr + rows, mask=rows < num_rows, other=0).to(tl.int64)
+    r64 = rows.to(tl.int64)
+    staged = ((r64 // block_size * num_caches + c) * block_size + r64 % block_size) * row_elems
+    cache_at = base + slot[:, None] * row_elems + e[None, :]
+    stage_at = stage_ptr + staged[:, None] + e[None, :]
+    if TO_STAGE:
+        tl.store(stage_at, tl.load(cache_at, mask=ok), mask=ok)
+    else:
+        tl.store(cache_at, tl.load(stage_at, mask=ok), mask=ok)
+
+
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
+
+
+def layer_pointers(caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Base addresses of every layer's K and V (int64 on their device), for gather/scatter_layers."""
+    for k, v in caches:
+        for c in (k, v):
+            _check_cache("cache", c)
+            if not c.is_contiguous():
+                raise ValueError("gather/scatter_layers need contiguous [num_slots, H, D] caches")
+    return torch.tensor([t.data_ptr() for kv in caches for t in kv], dtype=torch.int64, device=caches[0][0].device)
+
+
+def _layers_copy(ptrs: torch.Tensor, like: torch.Tensor, stage: torch.Tensor, slots: torch.Tensor,
+                 block_size: int, to_stage: bool) -> None:
+    num_caches = ptrs.shape[0]
+    row = like.shape[1] * like.shape[2]
+    n_rows = slots.shape[0]
+    if stage.shape != (n_rows // block_size, num_caches // 2, 2, block_size, like.shape[1], like.shape[2]) \
+            or stage.dtype != like.dtype or not stage.is_contiguous():
+        raise ValueError(f"stage must be a contiguous [n, layers, 2, {block_size}, H, D] {like.dtype} tensor, "
+                         f"got {tuple(stage.shape)} {stage.dtype}")
+    _check_ids("slots", slots, like.device)
+    if n_rows == 0:
+        return
+    block_e = _pow2(row)
+    block_t = max(1, min(16, _MAX_TILE // block_e))
+    grid = (triton.cdiv(n_rows, block_t), num_caches)
+    _layers_copy_kernel[grid](
+        ptrs, stage.view(_INT_OF_SIZE[stage.element_size()]), slots,
+        n_rows, block_size, row, num_caches,
+        TO_STAGE=to_stage, BLOCK_T=block_t, BLOCK_E=block_e, num_warps=4,
+    )
+
+
+def gather_layers(caches, slots: torch.Tensor, block_size: int, out: torch.Tensor, ptrs=None) -> None:
+    """``out [n, layers, 2, block_size, H, D]`` = every layer's K and V rows at ``slots``
+    (``n * block_size`` flat slots, block by block) in one launch."""
+    _layers_copy(layer_pointers(caches) if ptrs is None else ptrs, caches[0][0], out, slots, block_size, True)
+
+
+def scatter_layers(caches, slots: torch.Tensor, block_size: int, src: torch.Tensor, ptrs=None) -> None:
+    """The inverse of gather_layers: ``src`` rows into every layer's K and V at ``slots``."""
+    _layers_copy(layer_pointers(caches) if ptrs is None else ptrs, caches[0][0], src, slots, block_size, False)

@@ -8,7 +8,8 @@ the kernels live in ``kernels.triton_attention`` and ``kernels.triton_cache``.
 from __future__ import annotations
 
 from kernels.triton_attention import AttnConfig, attention, attention_into, choose_config
-from kernels.triton_cache import copy_blocks, gather_blocks, scatter_blocks, write_kv
+from kernels.triton_cache import (copy_blocks, gather_blocks, gather_layers, layer_pointers, scatter_blocks,
+                                  scatter_layers, write_kv)
 
 __all__ = [
     "AttnConfig",
@@ -17,6 +18,9 @@ __all__ = [
     "choose_config",
     "copy_blocks",
     "gather_blocks",
+    "gather_layers",
+    "layer_pointers",
     "scatter_blocks",
+    "scatter_layers",
     "write_kv",
 ]
