@@ -64,6 +64,11 @@ def _load_safetensors(model: CausalLM, path: Path) -> None:
             with torch.no_grad():
                 params[name].copy_(tensor.to(params[name].dtype))
             seen.add(name)
+    check_complete(model, params, seen, path)
+
+
+def check_complete(model: nn.Module, params, seen: set[str], path) -> None:
+    """Every parameter came from the checkpoint (a tied lm_head is the embedding)."""
     if model.config.tie_word_embeddings:
         seen.add("lm_head.weight")
     missing = set(params) - seen

@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from engine.loader import _uninitialized
+from engine.loader import _uninitialized, check_complete
 from engine.model import CausalLM
 from engine.model_config import ModelConfig
 
@@ -148,11 +148,7 @@ def _load_safetensors_sharded(model: CausalLM, path: Path, rank: int, tp: int) -
                 with torch.no_grad():
                     p.copy_(tensor.to(p.dtype))
                 seen.add(name)
-    if model.config.tie_word_embeddings:
-        seen.add("lm_head.weight")
-    missing = set(params) - seen
-    if missing:
-        raise ValueError(f"checkpoint in {path} lacks {sorted(missing)[:5]}")
+    check_complete(model, params, seen, path)
 
 
 def load_sharded_model(mc: ModelConfig, source: str, max_model_len: int, dtype: torch.dtype, device: str,

@@ -5,6 +5,7 @@ import torch
 
 from engine import LLM, SamplingParams
 from experiments.parity import compare, hf_greedy, match_rate
+from tests.test_gpu_engine import tiny_bf16  # noqa: F401 (the fixture)
 
 pytestmark = pytest.mark.gpu
 TIE = 0.06  # bf16 logits: a smaller gap is a tie
@@ -43,16 +44,6 @@ def test_sliding_window_parity_on_gpu(interleaved, allocator, args, grouping):
     for d in divs:
         assert d.matched == d.total or d.logit_gap <= 1e-3, d  # fp32: only exact ties may differ
     assert match_rate(divs) >= 0.9
-
-
-@pytest.fixture(scope="module")
-def tiny_bf16(tmp_path_factory):
-    from conftest import make_hf_checkpoint
-
-    path = tmp_path_factory.mktemp("gpu_fp8_tiny")
-    hf = make_hf_checkpoint(path, "llama", seed=5, hidden_size=128, num_attention_heads=4, num_key_value_heads=1,
-                            intermediate_size=256, vocab_size=512)
-    return str(path), hf.to("cuda", torch.bfloat16)
 
 
 @pytest.mark.parametrize("allocator,args", ALLOCATORS, ids=[a for a, _ in ALLOCATORS])
