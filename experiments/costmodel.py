@@ -268,12 +268,20 @@ class RooflineCostModel:
         if not batch:
             return StepCost(0.0, 0.0, 0.0, 0.0, 0.0)
         m = self.model
-        new_tokens = sum(q for q, _ in batch)
-        # per layer group: keys attended (causal, within its window) and KV rows read
-        attended = read = 0.0
-        for layers, w in self._groups:
-            attended += layers * sum(attended_keys(q, c, w) for q, c in batch)
-            read += layers * sum(min(c, w + q - 1) if w else c for q, c in batch)
+        if self._groups[0][1] == 0 and len(self._groups) == 1:  # full attention: one pass (the hot path)
+            new_tokens = context = keys = 0
+            for q, c in batch:
+                new_tokens += q
+                context += c
+                # causal: new token i (of q) sees the c - q earlier tokens and i + 1 of the chunk
+                keys += q * (c - q) + q * (q + 1) // 2
+            attended, read = m.num_layers * keys, m.num_layers * context
+        else:  # per layer group: keys attended (causal, within its window) and KV rows read
+            new_tokens = sum(q for q, _ in batch)
+            attended = read = 0
+            for layers, w in self._groups:
+                attended += layers * sum(attended_keys(q, c, w) for q, c in batch)
+                read += layers * sum(min(c, w + q - 1) if w else c for q, c in batch)
         # logits only for the last position of each sequence (the sampled one)
         flops = (2 * self._token_matmul_params * new_tokens
                  + 2 * m.lm_head_params * len(batch)
