@@ -299,3 +299,34 @@ def test_greedy_outputs_identical_with_prefix_caching_on_the_virtual_allocator(l
     assert on == off
     assert sum(off_cached) == 0 and sum(cached) > 0 and llm.engine.allocator.prefix_cache_hit_rate > 0
     assert llm.engine.scheduler.prefix_hits == sum(cached) or llm.engine.scheduler.num_preemptions
+
+
+@pytest.mark.parametrize("layout,page_tokens", [("shared", 8), ("per_layer", 32)])
+def test_greedy_outputs_identical_with_live_requests_sharing_prefix_pages(layout, page_tokens):
+    """Concurrent requests with a long common prefix: with a small token budget the first one's
+    prefill takes several steps, the others are admitted while it runs and map its computed
+    prefix pages (live sharing, not in-place reuse); outputs equal those without caching."""
+    from engine import LLM, SamplingParams
+
+    prefix = [(i * 13) % 200 + 3 for i in range(150)]
+    prompts = [prefix + [(c * 7 + j) % 200 + 3 for j in range(3 + c)] for c in range(4)]
+    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+
+    def run(**kw):
+        llm = LLM("tiny-llama", allocator="virtual", allocator_args={"layout": layout, "page_size": 4096},
+                  device="cpu", max_model_len=256, kv_cache_tokens=1024, max_num_seqs=4,
+                  max_num_batched_tokens=64, **kw)
+        outs = llm.generate(prompts, params)
+        return llm, [o.outputs[0].token_ids for o in outs], [o.metrics.num_cached_tokens for o in outs]
+
+    _, off, off_cached = run()
+    llm, on, cached = run(enable_prefix_caching=True)
+    a = llm.engine.allocator
+    assert a.page_tokens == page_tokens
+    assert on == off and sum(off_cached) == 0
+    assert a.num_shared_maps > 0 and sum(cached) >= a.num_shared_maps * page_tokens // 3
+    assert all(c % page_tokens == 0 for c in cached) and max(cached) >= 128
+    assert llm.engine.allocator.prefix_cache_hit_rate > 0
+    s = a.stats()
+    s.check()
+    assert a.num_free_groups + a.num_idle_groups == a.num_groups  # all back (idle slots keep theirs)
