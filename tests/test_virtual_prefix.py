@@ -238,6 +238,26 @@ def test_reclaim_frees_private_idle_pages_before_shared_ones():
     a.close()
 
 
+def test_only_computed_pages_of_a_live_sequence_are_shared():
+    """A page whose tokens were allocated for the step being scheduled is not written yet: it is
+    shared only once the sequence's computed count covers it."""
+    a = _shared_alloc()  # 16 tokens a page
+    first = FakeSeq(list(range(1, 41)), MAX_LEN)
+    _fill(a, first)
+    first.num_computed_tokens = 20  # the engine has computed one page and a bit so far
+    second = FakeSeq(list(range(1, 41)) + [5], MAX_LEN)
+    assert a.match_prefix(second) == 16 and a.num_shared_maps == 1
+    a.free(second)  # back to the queue (scheduler's _unmatch)
+    first.num_computed_tokens = 40
+    third = FakeSeq(list(range(1, 41)) + [6], MAX_LEN)
+    assert a.match_prefix(third) == 32  # now both whole pages
+    for s in (first, third):
+        a.free(s)
+    a.stats().check()
+    assert a.num_free_groups + a.num_idle_groups == a.num_groups
+    a.close()
+
+
 def test_share_prefix_must_be_a_bool():
     with pytest.raises(ValueError, match="allocator.args.share_prefix"):
         VirtualAllocator(SPEC, 128, 4, MAX_LEN, page_size=4096, backend="host", enable_prefix_caching=True,
