@@ -1,24 +1,31 @@
-"""Prefix caching for the virtual allocator: idle slots remember the tokens whose KV they hold.
+"""Prefix caching for the virtual allocator: reuse in place (``SlotPrefixCache``) and page
+sharing between slots (``PageIndex``).
 
-A finished request's slot keeps its pages mapped (deferred reclamation), so its KV is still
-there. A new request whose prompt begins with those tokens is admitted *into that slot*, and
-the common prefix is a hit with no copy and no recompute: a conversation's next turn lands in
-the slot its last turn left. Hits are token-granular (the memory holds every token), capped to
-the pages the slot still maps: when another slot needs memory, pages are reclaimed from idle
-slots' tails (least recently used slot first, whole pages), so a cached prefix loses its end
-first and keeps its head.
+In place: a finished request's slot keeps its pages mapped (deferred reclamation), so its KV is
+still there. A new request whose prompt begins with those tokens is admitted *into that slot*,
+and the common prefix is a hit with no copy, no map and no recompute: a conversation's next turn
+lands in the slot its last turn left. Hits are token-granular (the memory holds every token),
+capped to the pages the slot still maps: when another slot needs memory, pages are reclaimed
+from idle slots' tails (least recently used slot first, whole pages), so a cached prefix loses
+its end first and keeps its head.
 
-What this does not do: share one prefix between *live* slots (vAttention's validation hook; it
-needs a backend that maps one physical page into several slots). Concurrent requests with a
-common prefix each compute it; ``ideal`` (``PrefixMatch``) counts what an unbounded cache
-would have held, so the tokens recomputed for that reason are measured.
+Sharing: every *whole* page of computed tokens of any slot, live or idle, is indexed by a hash
+chained over the pages before it (as paged's block hashes, at page granularity). A request
+whose prompt starts with indexed pages gets those physical page groups mapped at the first
+pages of its own slot (the backend maps one physical page at several addresses; the allocator
+reference-counts the groups), so concurrent requests with a common prefix compute it once. A
+page is shared only when all its tokens are part of the prompt's prefix, and a shared page is
+never written (the allocator drops it from a slot before that slot could write it), so there is
+no copy-on-write. The allocator takes the longer of the two hits; in place wins ties (no map).
+``ideal`` (``PrefixMatch``) counts what an unbounded cache would have held, so tokens recomputed
+because the cache lost them are measured.
 """
 from __future__ import annotations
 
 import os
 from typing import Sequence
 
-from allocators.prefix_cache import block_keys
+from allocators.prefix_cache import ROOT_HASH, block_keys
 
 IDEAL_BLOCK = 16  # granularity of the "ever computed" index behind the recomputed-token count
 
@@ -104,3 +111,57 @@ class SlotPrefixCache:
     def record(self, queried: int, hit: int) -> None:
         self.query_tokens += queried
         self.hit_tokens += hit
+
+
+PageKey = tuple[int, tuple[int, ...]]  # (chained hash of the pages before, this page's tokens)
+
+
+def page_key(parent: int, tokens: Sequence[int]) -> PageKey:
+    return parent, tuple(tokens)
+
+
+class PageIndex:
+    """Whole pages of computed KV by content: chained page key -> page groups holding it.
+
+    Keys keep the page's tokens, so a lookup compares them exactly (only the parent hash could
+    collide). A group has at most one key; several groups may hold the same content (computed
+    twice before either was indexed): the first indexed is found first."""
+
+    def __init__(self) -> None:
+        self._groups: dict[PageKey, dict[int, None]] = {}
+        self._key_of: dict[int, PageKey] = {}
+
+    def __len__(self) -> int:
+        return len(self._key_of)
+
+    def add(self, key: PageKey, group: int) -> None:
+        if group in self._key_of:  # a shared group, indexed by the slot it came from
+            return
+        self._key_of[group] = key
+        self._groups.setdefault(key, {})[group] = None
+
+    def drop(self, group: int) -> None:
+        """``group``'s content is about to change or it went back to the free pool."""
+        key = self._key_of.pop(group, None)
+        if key is not None:
+            groups = self._groups[key]
+            del groups[group]
+            if not groups:
+                del self._groups[key]
+
+    def key_of(self, group: int) -> PageKey | None:
+        return self._key_of.get(group)
+
+    def match(self, tokens: Sequence[int], page_tokens: int, max_pages: int) -> tuple[list[int], list[int]]:
+        """Groups holding the longest run of whole pages of ``tokens`` from its start (at most
+        ``max_pages``), and the chained hash of each."""
+        groups, hashes, parent = [], [], ROOT_HASH
+        for i in range(max_pages):
+            key = page_key(parent, tokens[i * page_tokens:(i + 1) * page_tokens])
+            found = self._groups.get(key)
+            if not found:
+                break
+            groups.append(next(iter(found)))
+            parent = hash(key)
+            hashes.append(parent)
+        return groups, hashes

@@ -28,9 +28,22 @@ slots a page group of the pool at once and splits a ``max_model_len`` sequence i
 slot would map a request's ``max_model_len`` at its first token, which is contiguous-max
 reservation under another name; smaller pages are mapped as the sequence grows.
 
+Prefix caching (``enable_prefix_caching``, allocators/slot_prefix_cache.py): an idle slot's KV
+is reused in place by a request whose prompt starts with it, and (``share_prefix``, on by
+default) whole pages of computed tokens of any slot, live or idle, are mapped into a new
+request's slot when its prompt starts with them. A page group may then be mapped in several
+slots, always at the same page index (it holds the same token positions everywhere):
+``_ref[g]`` counts the slots mapping it and it returns to the free pool only when none does.
+A shared group is full, below the tokens of every live slot mapping it, and never written: a
+slot that is about to write pages (a new request admitted into an idle slot) first drops the
+shared groups from the first page it writes on. Reclaiming memory is page-aware: pages are
+taken from idle slots' tails where that frees a group now (mapped nowhere else); only if that is
+not enough, idle slots drop shared pages too, and never pages that a live slot maps as well.
+
 Accounting: a live sequence is charged for its mapped groups up to the ones its
 ``max_len`` can use; groups beyond that are held by no live sequence and count as external
-fragmentation. All groups of idle slots (deferred reclamation) are ``idle_mapped``: held by
+fragmentation. A group shared by several live slots is counted once (in token states). Groups
+mapped only by idle slots (deferred reclamation) are ``idle_mapped``, each counted once: held by
 no live sequence but kept for the next request, reported on their own, never as usage.
 """
 from __future__ import annotations
@@ -49,7 +62,7 @@ import torch
 from allocators.base import AllocationError, KVAllocator, KVCacheSpec, SequenceLike
 from allocators.prefix_cache import PrefixMatch
 from allocators.registry import register
-from allocators.slot_prefix_cache import SlotPrefixCache
+from allocators.slot_prefix_cache import ROOT_HASH, PageIndex, SlotPrefixCache, page_key
 from allocators.stats import MemoryStats
 from allocators.vmm_backends import VMMBackend, granularity, make_backend
 from kernels.metadata import Addressing
@@ -118,6 +131,7 @@ class _Slot:
     seq: SequenceLike | None = None
     used: int = 0
     want: int = 0  # groups the live sequence can ever use (its max_len)
+    hashes: list[int] = field(default_factory=list)  # chained hash of each page indexed for sharing
 
 
 def _shutdown(executor: ThreadPoolExecutor | None, backend: VMMBackend) -> None:
@@ -141,7 +155,7 @@ def _shutdown(executor: ThreadPoolExecutor | None, backend: VMMBackend) -> None:
 class VirtualAllocator(KVAllocator):
     mode = Addressing.LINEAR
     supports_fork = True  # by copy into the child's slot
-    supports_prefix_caching = True  # idle slots' KV reused in place (allocators/slot_prefix_cache.py)
+    supports_prefix_caching = True  # in place and by sharing pages (allocators/slot_prefix_cache.py)
 
     def __init__(
         self,
@@ -155,7 +169,11 @@ class VirtualAllocator(KVAllocator):
         prefetch: bool = True,
         prefetch_tokens: int | None = None,
         enable_prefix_caching: bool = False,
+        share_prefix: bool = True,  # with prefix caching: map other slots' whole prefix pages
     ):
+        if not isinstance(share_prefix, bool):
+            raise ValueError(f"allocator.args.share_prefix={share_prefix!r}: set true (map other slots' prefix "
+                             "pages into a new request's slot) or false (reuse idle slots in place only)")
         if layout not in LAYOUTS:
             raise ValueError(f"unknown virtual layout '{layout}': choose one of {LAYOUTS}")
         elem = torch.empty((), dtype=spec.dtype).element_size()
@@ -186,8 +204,9 @@ class VirtualAllocator(KVAllocator):
         self.span = -(-max_model_len // tpp) * tpp
         self.pages_per_slot = self.span // tpp
         self.num_ranges = num_ranges
+        sharing = enable_prefix_caching and share_prefix
         self.backend = make_backend(backend, page_size, max_num_seqs * self.span * token_bytes, num_ranges,
-                                    num_groups * num_ranges, spec.device)
+                                    num_groups * num_ranges, spec.device, alias=sharing)
         # token positions before slot 0 that the backend keeps mapped (the tensors start there)
         self.anchor = self.backend.anchor_bytes // token_bytes
         # lead: a group is claimed and mapped this many tokens (decode steps) before it is needed;
@@ -205,12 +224,18 @@ class VirtualAllocator(KVAllocator):
         self._free_groups: list[int] = list(range(num_groups - 1, -1, -1))
         self._idle: OrderedDict[int, None] = OrderedDict()  # slots with pages and no sequence, LRU first
         self._empty: list[int] = list(range(max_num_seqs))  # heap of slots with neither
-        self._idle_pages = 0  # groups mapped in idle slots
+        self._ref = [0] * num_groups  # slots mapping each group (several: a shared prefix page)
+        self._live = [0] * num_groups  # live slots mapping each group
+        self._idle_pages = 0  # groups mapped by idle slots only, each counted once
+        self._dup_pages = 0  # sum over groups of (live slots mapping it - 1): counted once in stats
+        self._num_shared = 0  # groups mapped in more than one slot (0: no scan for shared pages)
         self._surplus_pages = 0  # groups of live slots beyond their current tokens (stealable)
         self.num_sync_maps = 0  # groups mapped on the critical path
         self.num_async_maps = 0  # groups mapped ahead in the background
+        self.num_shared_maps = 0  # groups mapped into a slot from another slot's prefix
         self.enable_prefix_caching = enable_prefix_caching
         self.prefix = SlotPrefixCache() if enable_prefix_caching else None
+        self.pages = PageIndex() if sharing else None
 
     def _build_tensors(self) -> None:
         s = self.spec
@@ -248,7 +273,19 @@ class VirtualAllocator(KVAllocator):
         for r in range(R):
             self.backend.map(group * R + r, r, at)
 
+    def _count(self, g: int, dref: int, dlive: int) -> None:
+        """Group ``g`` gains (loses) ``dref`` slot mappings, ``dlive`` of them live: keeps the
+        once-per-group counters (idle-only, duplicate live mappings, shared) exact."""
+        ref, live = self._ref, self._live
+        r0, l0 = ref[g], live[g]
+        r1, l1 = r0 + dref, l0 + dlive
+        ref[g], live[g] = r1, l1
+        self._idle_pages += (r1 > 0 and l1 == 0) - (r0 > 0 and l0 == 0)
+        self._dup_pages += (l1 - 1 if l1 > 1 else 0) - (l0 - 1 if l0 > 1 else 0)
+        self._num_shared += (r1 > 1) - (r0 > 1)
+
     def _map(self, group: int, slot: _Slot, page: int, ahead: bool) -> None:
+        self._count(group, 1, slot.seq is not None)
         if ahead and self._executor is not None:
             self._inflight[(slot.index, page)] = self._executor.submit(self._map_now, group, slot.index, page)
             self.num_async_maps += 1
@@ -256,54 +293,105 @@ class VirtualAllocator(KVAllocator):
             self._map_now(group, slot.index, page)
             self.num_sync_maps += not ahead
 
-    def _unmap_tail(self, slot: _Slot) -> int:
-        page = len(slot.groups) - 1
+    def _unmap_at(self, slot: _Slot, page: int) -> int | None:
+        """Unmap page ``page`` of ``slot``; returns its group if no slot maps it any more (free
+        now, its index entry gone), else None (another slot still maps it)."""
         fut = self._inflight.pop((slot.index, page), None)
         if fut is not None:
             fut.result()
         at = slot.index * self.pages_per_slot + page
         for r in range(self.num_ranges):
             self.backend.unmap(r, at)
-        return slot.groups.pop()
+        g = slot.groups[page]
+        del slot.hashes[page:]  # the chain of indexed pages stops before it
+        self._count(g, -1, -(slot.seq is not None))
+        if self._ref[g]:
+            return None
+        if self.pages is not None:
+            self.pages.drop(g)
+        return g
+
+    def _unmap_tail(self, slot: _Slot) -> int | None:
+        g = self._unmap_at(slot, len(slot.groups) - 1)
+        slot.groups.pop()
+        return g
+
+    def _cut(self, slot: _Slot, first: int) -> int:
+        """The first page from ``first`` on that ``slot`` shares with another slot (else its
+        page count): a slot about to write from page ``first`` keeps only pages before it."""
+        groups = slot.groups
+        if not self._num_shared:
+            return len(groups)
+        ref = self._ref
+        for j in range(first, len(groups)):
+            if ref[groups[j]] > 1:
+                return j
+        return len(groups)
 
     def _surplus(self, slot: _Slot) -> int:
         return len(slot.groups) - self._pages_for(slot.used)
 
     def _available(self, exclude: _Slot) -> int:
-        """Groups ``exclude`` could be given: free, in idle slots, or surplus of other live slots."""
-        own = len(exclude.groups) if exclude.seq is None else self._surplus(exclude)
-        own_idle = own if exclude.seq is None else 0
-        own_surplus = own if exclude.seq is not None else 0
+        """Groups ``exclude`` could be given: free, mapped by idle slots only, or surplus of other
+        live slots. A slot not yet admitted keeps its private pages before its first shared one
+        (``_cut``): those are not available to it, its shared pages stay where else they are."""
+        if exclude.seq is None:
+            own_idle, own_surplus = self._cut(exclude, 0), 0
+        else:
+            own_idle, own_surplus = 0, self._surplus(exclude)
         return len(self._free_groups) + self._idle_pages - own_idle + self._surplus_pages - own_surplus
 
     def _acquire(self, k: int, exclude: _Slot, surplus_too: bool = True) -> list[int]:
         """``k`` groups: free ones first, then reclaimed from idle slots (LRU), then stolen from
         pages other live slots mapped ahead of their tokens."""
         out = [self._free_groups.pop() for _ in range(min(k, len(self._free_groups)))]
-        while len(out) < k and self._idle:
-            victim = next((self.slots[i] for i in self._idle if i != exclude.index), None)
-            if victim is None:
-                break
-            take = min(k - len(out), len(victim.groups))
-            out += [self._unmap_tail(victim) for _ in range(take)]
-            self._idle_pages -= take
-            if self.prefix is not None:  # whole pages leave the tail: the cached prefix keeps its head
-                self.prefix.truncate(victim.index, len(victim.groups) * self.page_tokens)
-            if not victim.groups:
-                del self._idle[victim.index]
-                heapq.heappush(self._empty, victim.index)
+        if len(out) < k and self._idle:
+            self._reclaim(k, out, exclude)
         if len(out) < k and surplus_too:
             for victim in self._by_seq.values():
                 if victim is exclude:
                     continue
                 take = min(k - len(out), self._surplus(victim))
-                out += [self._unmap_tail(victim) for _ in range(take)]
+                for _ in range(take):  # pages beyond a live slot's tokens are never shared
+                    g = self._unmap_tail(victim)
+                    assert g is not None, "surplus page of a live slot mapped elsewhere"
+                    out.append(g)
                 self._surplus_pages -= take
                 if len(out) == k:
                     break
         if len(out) < k:
             raise AllocationError(f"virtual allocator: {k} page groups wanted, {len(out)} found")
         return out
+
+    def _reclaim(self, k: int, out: list[int], exclude: _Slot) -> None:
+        """Unmap idle slots' tail pages (least recently used slot first) into ``out`` until it
+        holds ``k`` groups, page-aware: first only tail pages mapped nowhere else (each frees a
+        group); then, if short, idle slots drop their tails down to their first group mapped by
+        idle slots only, which frees every group no live slot maps (a page a live slot maps
+        frees nothing anywhere: it stays)."""
+        for whole in (False, True):
+            for i in list(self._idle):
+                if len(out) >= k:
+                    return
+                if i == exclude.index:
+                    continue
+                victim = self.slots[i]
+                groups, ref = victim.groups, self._ref
+                if not whole:
+                    stop = len(groups)
+                    while stop and ref[groups[stop - 1]] == 1:
+                        stop -= 1
+                else:  # pages before the first idle-only group free nothing
+                    stop = next((j for j, g in enumerate(groups) if not self._live[g]), len(groups))
+                while len(groups) > stop and len(out) < k:
+                    g = self._unmap_tail(victim)
+                    if g is not None:
+                        out.append(g)
+                if self.prefix is not None:  # whole pages leave the tail: the cached prefix keeps its head
+                    self.prefix.truncate(victim.index, len(groups) * self.page_tokens)
+                if not groups:
+                    del self._idle[victim.index]
+                    heapq.heappush(self._empty, victim.index)
 
     # -- slots ---------------------------------------------------------------------------
     def _pick_slot(self, seq: SequenceLike) -> _Slot | None:
@@ -320,13 +408,29 @@ class VirtualAllocator(KVAllocator):
             best = self.slots[self._empty[0]]
         return best
 
-    def _admit(self, seq: SequenceLike, slot: _Slot) -> None:
+    def _admit(self, seq: SequenceLike, slot: _Slot, keep: int = 0) -> None:
+        """``seq`` takes ``slot``; it keeps the slot's first ``keep`` tokens (in-place reuse) and
+        writes from there on: shared groups from the page of token ``keep`` on are dropped from
+        the slot (with every page after them), the content of the pages it writes is forgotten."""
         if slot.index in self._idle:
             del self._idle[slot.index]
-            self._idle_pages -= len(slot.groups)
-        else:
+        elif self._empty and self._empty[0] == slot.index:
             heapq.heappop(self._empty)  # _pick_slot took the heap's top
+        else:
+            raise AssertionError(f"slot {slot.index} is neither idle nor the first empty one")
         slot.seq, slot.used, slot.want = seq, 0, self._want(seq)
+        for g in slot.groups:
+            self._count(g, 0, 1)
+        first = keep // self.page_tokens
+        cut = self._cut(slot, first)
+        while len(slot.groups) > cut:
+            g = self._unmap_tail(slot)
+            if g is not None:
+                self._free_groups.append(g)
+        if self.pages is not None:
+            for g in slot.groups[first:]:
+                self.pages.drop(g)
+            del slot.hashes[first:]
         self._surplus_pages += len(slot.groups)
         self._by_seq[seq.seq_id] = slot
         if self.prefix is not None:
@@ -340,7 +444,9 @@ class VirtualAllocator(KVAllocator):
         slot = slot or self._pick_slot(seq)
         if slot is None:
             return False  # every slot holds a live sequence
-        need = self._pages_for(slot.used + num_new_tokens) - len(slot.groups)
+        # a slot not admitted yet keeps its pages before the first shared one (_admit)
+        have = len(slot.groups) if slot.seq is not None else self._cut(slot, 0)
+        need = self._pages_for(slot.used + num_new_tokens) - have
         return need <= 0 or need <= self._available(slot)
 
     def allocate(self, seq: SequenceLike, num_new_tokens: int) -> None:
@@ -432,10 +538,13 @@ class VirtualAllocator(KVAllocator):
             # only computed tokens (a sequence preempted or undone mid-schedule has room for more)
             n = min(slot.used, len(slot.groups) * self.page_tokens, getattr(seq, "num_computed_tokens", slot.used))
             self.prefix.remember(slot.index, seq.token_ids[:n])
+            if self.pages is not None:
+                self._index_pages(slot, n)
         slot.seq, slot.used = None, 0
+        for g in slot.groups:
+            self._count(g, 0, -1)
         if slot.groups:  # deferred reclamation: the pages stay mapped for the next request
             self._idle[slot.index] = None
-            self._idle_pages += len(slot.groups)
         else:
             heapq.heappush(self._empty, slot.index)
 
@@ -467,10 +576,34 @@ class VirtualAllocator(KVAllocator):
     def max_fit_tokens(self) -> int:
         return min(self.capacity_tokens, self.span)
 
-    # -- prefix caching: an idle slot's KV reused in place ---------------------------------
+    # -- prefix caching: an idle slot's KV reused in place, whole pages shared ----------------
     @property
     def prefix_cache_hit_rate(self) -> float:
         return self.prefix.hit_rate if self.prefix is not None else 0.0
+
+    def _index_pages(self, slot: _Slot, n: int) -> None:
+        """Index the whole pages among the first ``n`` tokens of ``slot``'s sequence that are not
+        indexed yet (a page holding a not-yet-known, negative id stops it: the next call goes on)."""
+        tpp, tokens = self.page_tokens, slot.seq.token_ids
+        full = min(n, len(tokens), len(slot.groups) * tpp) // tpp
+        hashes = slot.hashes
+        parent = hashes[-1] if hashes else ROOT_HASH
+        for i in range(len(hashes), full):
+            page = tokens[i * tpp:(i + 1) * tpp]
+            if min(page) < 0:
+                break
+            key = page_key(parent, page)
+            parent = hash(key)
+            hashes.append(parent)
+            self.pages.add(key, slot.groups[i])
+
+    def _index_live(self) -> None:
+        """Live slots' pages computed since the last look: only computed tokens (a step's own
+        tokens are written by that step; the sequence's count moves once it was launched)."""
+        for slot in self._by_seq.values():
+            n = min(slot.used, getattr(slot.seq, "num_computed_tokens", slot.used))
+            if n >= (len(slot.hashes) + 1) * self.page_tokens:
+                self._index_pages(slot, n)
 
     def match_prefix(self, seq: SequenceLike) -> int:
         slot = self._by_seq.get(seq.seq_id)
@@ -480,19 +613,52 @@ class VirtualAllocator(KVAllocator):
         self.last_match = PrefixMatch()
         if self.prefix is None:
             return 0
-        tokens = seq.token_ids
+        tokens, tpp = seq.token_ids, self.page_tokens
         index, n = self.prefix.best(tokens)
-        self.prefix.record(len(tokens), n)
+        if index is not None and n:  # the slot's shared pages from the one it writes on are dropped
+            n = min(n, self._cut(self.slots[index], n // tpp) * tpp)
+        groups, hashes = [], []
+        if self.pages is not None and (len(tokens) - 1) // tpp * tpp > n:
+            self._index_live()
+            groups, hashes = self.pages.match(tokens, tpp, min((len(tokens) - 1) // tpp, self.pages_per_slot))
+        target = self._pick_slot(seq) if len(groups) * tpp > n else None
+        hit = len(groups) * tpp if target is not None else n
+        self.prefix.record(len(tokens), hit)
         ideal = self.prefix.ideal(tokens)
-        if index is None or n == 0:
-            self.last_match = PrefixMatch(0, 0, ideal)
-            return 0
-        slot = self.slots[index]
-        self._admit(seq, slot)  # the slot and its mapped pages, content included
-        slot.used = n
-        self._surplus_pages -= self._pages_for(n)
-        self.last_match = PrefixMatch(n, 0, max(ideal, n))
-        return n
+        self.last_match = PrefixMatch(hit, 0, max(ideal, hit))
+        if target is not None:
+            self._share(seq, target, groups, hashes)
+        elif n:
+            slot = self.slots[index]
+            self._admit(seq, slot, keep=n)  # the slot and its mapped pages, content included
+            slot.used = n
+            self._surplus_pages -= self._pages_for(n)
+        return hit
+
+    def _share(self, seq: SequenceLike, slot: _Slot, groups: list[int], hashes: list[int]) -> None:
+        """Admit ``seq`` into ``slot`` with ``groups`` (other slots' whole prefix pages) mapped at
+        its first pages; the slot's own pages after them stay (deferred reclamation)."""
+        # first pages: the groups wanted (a group sits at one page index in every slot, so the
+        # page replaced is never one of them), while the slot is not live yet; then _admit drops
+        # the slot's shared pages after them
+        for j, g in enumerate(groups):
+            if j < len(slot.groups):
+                if slot.groups[j] == g:
+                    continue
+                old = self._unmap_at(slot, j)
+                if old is not None:
+                    self._free_groups.append(old)
+                slot.groups[j] = g
+            else:
+                slot.groups.append(g)
+            self._count(g, 1, 0)
+            self._map_now(g, slot.index, j)
+            self.num_shared_maps += 1
+        k = len(groups)
+        self._admit(seq, slot, keep=k * self.page_tokens)
+        slot.hashes[:] = hashes
+        slot.used = k * self.page_tokens
+        self._surplus_pages -= k
 
     # -- fork: copy into the child's slot ------------------------------------------------------
     def can_fork(self, parent: SequenceLike) -> bool:
@@ -500,7 +666,7 @@ class VirtualAllocator(KVAllocator):
         if p is None:
             return False
         slot = self._pick_slot(parent)
-        return slot is not None and self._pages_for(p.used) - len(slot.groups) <= self._available(slot)
+        return slot is not None and self._pages_for(p.used) - self._cut(slot, 0) <= self._available(slot)
 
     def fork(self, parent: SequenceLike, child: SequenceLike) -> None:
         p = self._by_seq.get(parent.seq_id)
@@ -548,6 +714,7 @@ class VirtualAllocator(KVAllocator):
             used += u
             reserved += bound - u
             internal += cap - bound
+        used -= self._dup_pages * tpp  # a page shared by live slots: full in each, counted once
         bpt, tpp = self.bytes_per_token, self.page_tokens
         return MemoryStats(
             capacity=self.capacity_tokens * bpt,
@@ -555,7 +722,7 @@ class VirtualAllocator(KVAllocator):
             reservation=reserved * bpt,
             internal_frag=internal * bpt,
             external_frag=unused_live * tpp * bpt,  # mapped to live slots beyond what they can use
-            idle_mapped=self._idle_pages * tpp * bpt,  # idle slots' pages, kept for the next request
+            idle_mapped=self._idle_pages * tpp * bpt,  # mapped by idle slots only, kept for the next request
             free=len(self._free_groups) * tpp * bpt,
         )
 
@@ -570,6 +737,14 @@ class VirtualAllocator(KVAllocator):
 
     def slot_of(self, seq: SequenceLike) -> int:
         return self._by_seq[seq.seq_id].index
+
+    def page_groups(self, seq: SequenceLike) -> list[int]:
+        """The page group mapped at each page of ``seq``'s slot."""
+        return list(self._by_seq[seq.seq_id].groups)
+
+    def group_refs(self) -> list[int]:
+        """Slots mapping each page group (0: free)."""
+        return list(self._ref)
 
     def wait_prefetch(self) -> None:
         """Block until every background mapping is done (tests, benchmarks)."""

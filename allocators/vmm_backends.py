@@ -9,12 +9,21 @@ A backend reserves ``num_ranges`` virtual ranges of ``range_bytes`` each, holds 
 - ``host``: one mmap reserved PROT_NONE with MAP_NORESERVE; mapping is mprotect(READ|WRITE),
   release is madvise(MADV_DONTNEED) + mprotect(PROT_NONE), so the OS really pages memory in
   and out. A "handle" is only a count here: a host page's memory belongs to its address.
+  With ``alias=True`` (the virtual allocator's prefix sharing) a handle is a page of one
+  memfd file instead, mapped MAP_SHARED|MAP_FIXED at every address that maps it, so one
+  physical page shows at several slots as on the GPU; the last unmap of a handle punches its
+  page out of the file (fallocate PUNCH_HOLE), which frees the memory and zeroes it. Each
+  mapped page is then its own kernel VMA (mind vm.max_map_count for pools of >60k pages).
 - ``sim``: accounting only, no memory.
+
+Every backend can map one handle at several (range, page) places at once (``alias``): the
+virtual allocator maps a shared prefix page group into several slots.
 """
 from __future__ import annotations
 
 import ctypes
 import mmap
+import os
 import threading
 from abc import ABC, abstractmethod
 
@@ -85,6 +94,8 @@ class SimBackend(VMMBackend):
 _MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)  # Linux value; Python < 3.13 lacks it
 _MADV_DONTNEED = getattr(mmap, "MADV_DONTNEED", 4)
 _PROT_NONE = getattr(mmap, "PROT_NONE", 0)
+_MAP_FIXED = 0x10  # Linux; the mmap module does not export it
+_FALLOC_PUNCH_HOLE = 0x02 | 0x01  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
 _libc = None
 
 
@@ -98,6 +109,7 @@ def _get_libc() -> ctypes.CDLL:
         libc.mprotect.argtypes = [vp, sz, ci]
         libc.madvise.argtypes = [vp, sz, ci]
         libc.mincore.argtypes = [vp, sz, ctypes.POINTER(ctypes.c_ubyte)]
+        libc.fallocate.argtypes = [ci, ci, ctypes.c_long, ctypes.c_long]
         _libc = libc
     return _libc
 
@@ -112,7 +124,7 @@ class HostBackend(VMMBackend):
     name = "host"
     granularity = mmap.PAGESIZE
 
-    def __init__(self, page_size: int, range_bytes: int, num_ranges: int, num_handles: int):
+    def __init__(self, page_size: int, range_bytes: int, num_ranges: int, num_handles: int, alias: bool = False):
         super().__init__(page_size, range_bytes, num_ranges, num_handles)
         libc = _get_libc()
         self._total = range_bytes * num_ranges
@@ -122,6 +134,12 @@ class HostBackend(VMMBackend):
             raise OSError(ctypes.get_errno(), f"mmap reserve of {self._total} bytes failed: "
                           "lower max_num_seqs x max_model_len or use backend=sim")
         self.base = addr
+        self._fd: int | None = None
+        if alias:  # handles are pages of one file: a page can show at several addresses
+            self._fd = os.memfd_create("kvlab-kv-pages", os.MFD_CLOEXEC)
+            os.ftruncate(self._fd, num_handles * page_size)  # sparse: no memory until written
+            self._handle_at: dict[tuple[int, int], int] = {}  # (range, page) -> handle mapped there
+            self._maps_of = [0] * num_handles  # addresses mapping each handle
         self._buffers = [(ctypes.c_uint8 * range_bytes).from_address(addr + r * range_bytes)
                          for r in range(num_ranges)]
 
@@ -132,13 +150,36 @@ class HostBackend(VMMBackend):
         return torch.frombuffer(self._buffers[r], dtype=torch.uint8)  # no copy, touches nothing
 
     def _map(self, handle: int, r: int, page: int) -> None:
-        _os_check(_get_libc().mprotect(self.addr(r, page), self.page_size, mmap.PROT_READ | mmap.PROT_WRITE),
-                  "mprotect(READ|WRITE)")
+        if self._fd is None:
+            _os_check(_get_libc().mprotect(self.addr(r, page), self.page_size, mmap.PROT_READ | mmap.PROT_WRITE),
+                      "mprotect(READ|WRITE)")
+            return
+        self._mmap_fixed(self.addr(r, page), mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED,
+                         self._fd, handle * self.page_size)
+        with self._lock:  # the prefetch thread maps while the engine thread unmaps
+            self._handle_at[(r, page)] = handle
+            self._maps_of[handle] += 1
 
     def _unmap(self, r: int, page: int) -> None:
         a, libc = self.addr(r, page), _get_libc()
-        _os_check(libc.madvise(a, self.page_size, _MADV_DONTNEED), "madvise(DONTNEED)")  # frees the memory
-        _os_check(libc.mprotect(a, self.page_size, _PROT_NONE), "mprotect(NONE)")
+        if self._fd is None:
+            _os_check(libc.madvise(a, self.page_size, _MADV_DONTNEED), "madvise(DONTNEED)")  # frees the memory
+            _os_check(libc.mprotect(a, self.page_size, _PROT_NONE), "mprotect(NONE)")
+            return
+        # back to the reservation (PROT_NONE, no memory); the file page lives on for other addresses
+        self._mmap_fixed(a, _PROT_NONE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE, -1, 0)
+        with self._lock:
+            handle = self._handle_at.pop((r, page))
+            self._maps_of[handle] -= 1
+            last = self._maps_of[handle] == 0
+        if last:  # no address shows it: give the memory back (the page reads zeros when mapped again)
+            _os_check(libc.fallocate(self._fd, _FALLOC_PUNCH_HOLE, handle * self.page_size, self.page_size),
+                      "fallocate(PUNCH_HOLE)")
+
+    def _mmap_fixed(self, a: int, prot: int, flags: int, fd: int, offset: int) -> None:
+        got = _get_libc().mmap(a, self.page_size, prot, flags | _MAP_FIXED, fd, offset)
+        if got != a:
+            raise OSError(ctypes.get_errno(), f"mmap(MAP_FIXED) at {a:#x} failed: {os.strerror(ctypes.get_errno())}")
 
     def resident_pages(self, r: int, page: int) -> int:
         """OS pages of (r, page) resident in RAM now (mincore): 0 once released."""
@@ -152,6 +193,9 @@ class HostBackend(VMMBackend):
             _get_libc().munmap(self.base, self._total)
             self.base = 0
             self.mapped.clear()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 # -- cuda: driver VMM --------------------------------------------------------------------------
@@ -237,6 +281,9 @@ class CudaBackend(VMMBackend):
         cuda_check(cuda_driver().cuCtxSetCurrent(self._ctx))
 
     def _map(self, handle: int, r: int, page: int) -> None:
+        # a handle may already be mapped at other addresses (a prefix page shared by several
+        # slots): cuMemMap maps one physical allocation at any number of virtual addresses, and
+        # cuMemUnmap of one leaves the others; the handle is released only in close()
         drv, a = cuda_driver(), self.addr(r, page)
         cuda_check(drv.cuMemMap(a, self.page_size, 0, self._handles[handle], 0))
         cuda_check(drv.cuMemSetAccess(a, self.page_size, self._access, 1))
@@ -270,7 +317,8 @@ def granularity(kind: str) -> int:
 
 
 def make_backend(kind: str, page_size: int, range_bytes: int, num_ranges: int, num_handles: int,
-                 device: str | None) -> VMMBackend:
+                 device: str | None, alias: bool = False) -> VMMBackend:
+    """``alias``: handles will be mapped at several places at once (host: memfd-backed pages)."""
     if kind == "sim":
         if device is not None:
             raise ValueError("backend 'sim' keeps no KV tensors: use it in simulate mode, or backend=host/cuda")
@@ -281,7 +329,7 @@ def make_backend(kind: str, page_size: int, range_bytes: int, num_ranges: int, n
     if kind == "host":
         if is_cuda:
             raise ValueError("backend 'host' maps CPU memory: on a CUDA device use backend=cuda")
-        return HostBackend(page_size, range_bytes, num_ranges, num_handles)
+        return HostBackend(page_size, range_bytes, num_ranges, num_handles, alias=alias)
     if kind == "cuda":
         if not is_cuda:
             raise ValueError(f"backend 'cuda' needs a CUDA device, got device={device}: use backend=host")

@@ -46,21 +46,35 @@ CASES = {
     "virtual-prefix": ["allocator=virtual", "allocator.args.page_size=4096", "workload=multi_turn",
                        "engine.max_num_seqs=4", "workload.num_requests=12", "workload.turns=3", "workload.input_len=96", "workload.output_len=16",
                        "workload.prefix_hit_rate=0.75", "engine.enable_prefix_caching=true"],
+    # concurrent requests with two shared 96-token prefixes (12 pages of 8 tokens): live slots map
+    # the pages other slots computed; a small token budget spreads the first prefills over steps
+    "virtual-share": ["allocator=virtual", "allocator.args.page_size=4096", "allocator.args.layout=shared",
+                      "workload=shared_prefix", "workload.num_requests=24", "workload.num_prefixes=2",
+                      "engine.max_num_seqs=6", "engine.max_num_batched_tokens=64", "engine.enable_prefix_caching=true"],
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_simulate_memory_equals_real_engine(case, tmp_path):
+def test_simulate_memory_equals_real_engine(case, tmp_path, monkeypatch):
     """Same workload, seed and allocator through the real engine (tiny model, offline) and
     through simulate mode: every scheduling decision and every memory figure is the same."""
     if case == "virtual" and "virtual" not in allocators.available():
         pytest.skip("virtual allocator not registered")
+    shares: list[int] = []  # virtual: pages mapped from other slots at each shared admission
+    if case == "virtual-share":
+        from allocators.virtual import VirtualAllocator
+        share = VirtualAllocator._share
+        monkeypatch.setattr(VirtualAllocator, "_share",
+                            lambda self, seq, slot, groups, hashes: (shares.append(len(groups)),
+                                                                     share(self, seq, slot, groups, hashes))[1])
     base = ["model=tiny-llama", "engine.dtype=float32", "engine.kv_cache_tokens=1024",
             "engine.max_model_len=256", "engine.max_num_batched_tokens=256", "engine.max_num_seqs=16"]
     own = {o.split("=")[0] for o in CASES[case]}  # a case may replace a base setting
     common = [o for o in base if o.split("=")[0] not in own] + CASES[case]
     real = run_experiment(config("mode=offline", "device=cpu", *common), tmp_path / "real")
+    real_shares, shares[:] = list(shares), []
     sim = run_experiment(config("mode=simulate", *common), tmp_path / "sim")
+    assert real_shares == shares  # virtual-share: the same pages shared at the same admissions
     a = pd.read_parquet(tmp_path / "real" / "steps.parquet")
     b = pd.read_parquet(tmp_path / "sim" / "steps.parquet")
     assert len(a) == len(b) > 0
@@ -75,6 +89,10 @@ def test_simulate_memory_equals_real_engine(case, tmp_path):
     cols = ["prompt_len", "output_len", "num_output_tokens", "n", "preemptions"]
     pd.testing.assert_frame_equal(ra.loc[rb.index, cols], rb[cols])
     assert sim["device"] == "simulated a100-40gb" and sim["mode"] == "simulate"
+    if case == "virtual-share":  # the same pages shared at the same steps
+        assert len(real_shares) >= 3 and min(real_shares) >= 1  # the rest reuse idle slots in place
+        assert real["prefix_cache_hit_rate"] > 0.3 and real["prefix_cache_hit_rate"] == sim["prefix_cache_hit_rate"]
+        assert real["recomputed_tokens"] == sim["recomputed_tokens"]
     if case == "virtual-prefix":  # idle slots' KV reused in place, the same way
         assert real["prefix_cache_hit_rate"] > 0.1 and real["recomputed_tokens"] == sim["recomputed_tokens"]
         assert real["prefix_cache_hit_rate"] == sim["prefix_cache_hit_rate"]

@@ -176,3 +176,70 @@ def test_paged_copy_on_write_and_swap_on_cuda():
     a.free(hog)
     a.swap_in(p)
     check(a, p)
+
+
+def test_one_physical_page_mapped_at_two_addresses():
+    """cuMemMap of one handle at two virtual addresses (a prefix page shared by two slots):
+    a write through one is read through the other, and unmapping one leaves the other."""
+    from allocators.vmm_backends import CudaBackend
+
+    b = CudaBackend(2 * MiB, 8 * 2 * MiB, 2, 4, "cuda")
+    per_page = 2 * MiB // 4
+
+    def page(r: int, p: int) -> torch.Tensor:  # float32 view of page p of range r (after the anchor)
+        start = (b.anchor_bytes + p * b.page_size) // 4
+        return b.tensor(r).view(torch.float32)[start:start + per_page]
+
+    b.map(1, 0, 2)
+    b.map(1, 1, 5)  # the same handle in another range, at another page
+    want = torch.arange(per_page, device="cuda", dtype=torch.float32)
+    page(0, 2).copy_(want)
+    torch.cuda.synchronize()
+    assert torch.equal(page(1, 5), want)
+    b.unmap(0, 2)
+    torch.cuda.synchronize()
+    assert torch.equal(page(1, 5), want)  # the other mapping is intact
+    page(1, 5).mul_(2)
+    b.map(1, 0, 3)  # mapped again elsewhere: the content is the handle's
+    torch.cuda.synchronize()
+    assert torch.equal(page(0, 3), want * 2)
+    b.unmap(0, 3)
+    b.unmap(1, 5)
+    b.close()
+
+
+@pytest.mark.parametrize("layout", ["per_layer", "shared"])
+def test_live_slots_share_prefix_pages_on_vmm(layout):
+    tpp = 1024 if layout == "per_layer" else 256
+    a = VirtualAllocator(SPEC, capacity_tokens=6 * tpp, max_num_seqs=3, max_model_len=4 * tpp,
+                         page_size=2 * MiB, layout=layout, backend="cuda", prefetch=False, enable_prefix_caching=True)
+    prefix = [(7 * i) % 500 + 3 for i in range(2 * tpp + 5)]  # two whole pages and 5 tokens
+    first = FakeSeq(prefix + [1, 2], 4 * tpp)
+    grow(a, first, len(first.token_ids))
+    second = FakeSeq(prefix + [9], 4 * tpp)
+    assert a.match_prefix(second) == 2 * tpp and a.num_shared_maps == 2
+    assert a.page_groups(second)[:2] == a.page_groups(first)[:2]
+
+    def reads_firsts_prefix() -> None:  # second's own addresses show the KV first wrote
+        slots = torch.tensor(a.slot_mapping(second, 0, 2 * tpp), device="cuda")
+        for layer in range(SPEC.num_layers):
+            k, v = values(first, 0, 2 * tpp, layer)
+            kc, vc = a.kv_cache(layer)
+            assert torch.equal(kc.index_select(0, slots), k) and torch.equal(vc.index_select(0, slots), v)
+
+    reads_firsts_prefix()
+    grow(a, second, 6)  # its own third page: the shared ones are never written
+    assert a.page_groups(second)[2] != a.page_groups(first)[2]
+    check(a, first)
+    a.free(first)  # first's slot goes idle; the shared groups stay mapped in second's slot
+    hog = FakeSeq([], 4 * tpp)
+    grow(a, hog, 3 * tpp)  # takes the free groups, then first's private idle page: not the shared ones
+    torch.cuda.synchronize()
+    reads_firsts_prefix()
+    refs = a.group_refs()
+    assert all(refs[g] >= 1 for g in a.page_groups(second)[:2])
+    for s in (second, hog):
+        a.free(s)
+    a.stats().check()
+    assert a.num_free_groups + a.num_idle_groups == a.num_groups
+    a.close()
