@@ -82,3 +82,13 @@ class FakeSeq:
     def __post_init__(self):
         self.prompt_len = self.prompt_len or len(self.token_ids)
         self.oracle_len = self.oracle_len or self.max_len
+
+
+def come_back(alloc, live: list, seq: FakeSeq, extra: list[int], max_len: int):
+    """A conversation's turn ends (``seq`` freed, out of ``live``) and it comes back with its
+    tokens and ``extra``: (the new sequence, its tokens, the prefix tokens the allocator matched)."""
+    alloc.free(seq)
+    live.remove(seq)
+    tokens = (seq.token_ids + extra)[:max_len - 1]
+    new = FakeSeq(tokens, max_len)
+    return new, tokens, alloc.match_prefix(new)

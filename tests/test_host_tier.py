@@ -21,7 +21,7 @@ from allocators import KVCacheSpec
 from allocators.host_tier import HostTierConfig, LFUPolicy, LRUPolicy
 from allocators.paged import PagedAllocator
 from allocators.prefix_cache import ROOT_HASH, block_keys
-from conftest import FakeSeq
+from conftest import FakeSeq, come_back
 from test_allocator_properties import BASES, MAX_LEN, SPEC, AllocatorMachine, kv_values
 
 
@@ -60,12 +60,7 @@ class HostTierMachine(AllocatorMachine):
     @rule(data=st.data(), extra=st.lists(st.integers(51, 99), min_size=1, max_size=6))
     def next_turn(self, data, extra):
         """A conversation's next turn: it finishes, then comes back with its tokens and more."""
-        seq = data.draw(st.sampled_from(self.live))
-        self.alloc.free(seq)
-        self.live.remove(seq)
-        tokens = (seq.token_ids + extra)[:MAX_LEN - 1]
-        new = FakeSeq(tokens, MAX_LEN)
-        cached = self.alloc.match_prefix(new)
+        new, tokens, cached = come_back(self.alloc, self.live, data.draw(st.sampled_from(self.live)), extra, MAX_LEN)
         assert cached < len(tokens) and cached == self.alloc.num_tokens(new)
         m = self.alloc.last_match  # never more than was ever cached; device + host = what it found
         assert cached <= m.ideal and m.device + m.host == cached and cached % self.alloc.block_size == 0

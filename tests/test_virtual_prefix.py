@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import invariant, precondition, rule, run_state_machine_as_test
 
 from allocators.virtual import VirtualAllocator
-from conftest import FakeSeq
+from conftest import FakeSeq, come_back
 from test_allocator_properties import MAX_LEN, SPEC, WIDE, AllocatorMachine
 
 SETTINGS = settings(max_examples=30, stateful_step_count=40, deadline=None,
@@ -98,12 +98,7 @@ class VirtualPrefixMachine(AllocatorMachine):
     @rule(data=st.data(), extra=st.lists(st.integers(51, 99), min_size=1, max_size=6))
     def next_turn(self, data, extra):
         """A conversation finishes, then comes back with its tokens and more."""
-        seq = data.draw(st.sampled_from(self.live))
-        self.alloc.free(seq)
-        self.live.remove(seq)
-        tokens = (seq.token_ids + extra)[:MAX_LEN - 1]
-        new = FakeSeq(tokens, MAX_LEN)
-        cached = self.alloc.match_prefix(new)
+        new, tokens, cached = come_back(self.alloc, self.live, data.draw(st.sampled_from(self.live)), extra, MAX_LEN)
         m = self.alloc.last_match
         assert cached < len(tokens) and cached == self.alloc.num_tokens(new) == m.device
         VirtualPrefixMachine.hits["tokens"] += cached
@@ -128,6 +123,15 @@ TestVirtualPrefixPerLayer = machine("VirtualPrefixPerLayer", spec=WIDE, capacity
 SMALL_PAGES = dict(spec=WIDE, capacity=80, prefetch=True)
 TestVirtualPrefixSmallPages = machine("VirtualPrefixSmallPages", **SMALL_PAGES).TestCase
 TestVirtualPrefixInPlaceOnly = machine("VirtualPrefixInPlaceOnly", share=False).TestCase
+
+
+def _all_back(a, *seqs) -> None:
+    """Free ``seqs``, then every page group is free or idle and the stats add up."""
+    for seq in seqs:
+        a.free(seq)
+    a.stats().check()
+    assert a.num_free_groups + a.num_idle_groups == a.num_groups
+    a.close()
 
 
 @pytest.mark.parametrize("share", [True, False])
@@ -205,11 +209,7 @@ def test_an_idle_slot_never_writes_a_page_it_shares():
     _fill(a, other)
     assert shared[0] not in a.page_groups(other) and shared[1] not in a.page_groups(other)
     assert _read(a, third) == third.token_ids and _read(a, other) == other.token_ids
-    for s in (third, other):
-        a.free(s)
-    a.stats().check()
-    assert a.num_free_groups + a.num_idle_groups == a.num_groups
-    a.close()
+    _all_back(a, third, other)
 
 
 def test_reclaim_frees_private_idle_pages_before_shared_ones():
@@ -231,11 +231,7 @@ def test_reclaim_frees_private_idle_pages_before_shared_ones():
     fourth = FakeSeq(list(range(1, 33)) + [8], MAX_LEN)
     assert a.match_prefix(fourth) == 32  # second's idle slot, in place (its pages are first's)
     a.free(fourth)
-    for s in (first, third):
-        a.free(s)
-    a.stats().check()
-    assert a.num_free_groups + a.num_idle_groups == a.num_groups
-    a.close()
+    _all_back(a, first, third)
 
 
 def test_only_computed_pages_of_a_live_sequence_are_shared():
@@ -251,11 +247,7 @@ def test_only_computed_pages_of_a_live_sequence_are_shared():
     first.num_computed_tokens = 40
     third = FakeSeq(list(range(1, 41)) + [6], MAX_LEN)
     assert a.match_prefix(third) == 32  # now both whole pages
-    for s in (first, third):
-        a.free(s)
-    a.stats().check()
-    assert a.num_free_groups + a.num_idle_groups == a.num_groups
-    a.close()
+    _all_back(a, first, third)
 
 
 def test_share_prefix_must_be_a_bool():
