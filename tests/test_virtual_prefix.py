@@ -56,6 +56,10 @@ class VirtualPrefixMachine(AllocatorMachine):
             assert cached % tpp == 0 and cached // tpp >= self.alloc.num_shared_maps - maps  # equal pages stay
         VirtualPrefixMachine.hits["shared_maps"] += self.alloc.num_shared_maps - maps
         VirtualPrefixMachine.hits["tokens"] += cached
+        self._continue(new, tokens, cached)
+
+    def _continue(self, new, tokens: list[int], cached: int) -> None:
+        """``new`` holds its first ``cached`` tokens: compute the rest, or give it back if it does not fit."""
         new.token_ids = tokens[:cached]
         if self._grow(new, tokens[cached:]):
             self.live.append(new)
@@ -102,12 +106,7 @@ class VirtualPrefixMachine(AllocatorMachine):
         m = self.alloc.last_match
         assert cached < len(tokens) and cached == self.alloc.num_tokens(new) == m.device
         VirtualPrefixMachine.hits["tokens"] += cached
-        new.token_ids = tokens[:cached]
-        if self._grow(new, tokens[cached:]):
-            self.live.append(new)
-        else:
-            self.alloc.free(new)
-            assert self.alloc.num_tokens(new) == 0
+        self._continue(new, tokens, cached)
 
 
 def machine(name, **attrs):
