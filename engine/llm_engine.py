@@ -187,7 +187,8 @@ class LLMEngine:
                    kv_pool_bytes_per_gpu=per_gpu, kv_pool_bytes_total=per_gpu * tp)
         page_tokens = getattr(self.allocator, "page_tokens", None)
         if page_tokens is not None:
-            out.update(kv_page_bytes=self.allocator.page_size, kv_tokens_per_page=page_tokens)
+            out.update(kv_page_bytes=self.allocator.page_size, kv_tokens_per_page=page_tokens,
+                       kv_shared_page_maps=getattr(self.allocator, "num_shared_maps", 0))  # prefix sharing
         windows = self.model_config.layer_windows()
         out.update(kv_cache_dtype=str(self.kv_dtype).removeprefix("torch."),
                    kv_bytes_per_token=self.allocator.spec.bytes_per_token * self.model_config.num_hidden_layers

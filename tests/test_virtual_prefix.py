@@ -336,6 +336,7 @@ def test_greedy_outputs_identical_with_live_requests_sharing_prefix_pages(layout
     assert a.page_tokens == page_tokens
     assert on == off and sum(off_cached) == 0
     assert a.num_shared_maps > 0 and sum(cached) >= a.num_shared_maps * page_tokens // 3
+    assert llm.engine.kv_memory_summary()["kv_shared_page_maps"] == a.num_shared_maps  # in summary.json
     assert all(c % page_tokens == 0 for c in cached) and max(cached) >= 128
     assert llm.engine.allocator.prefix_cache_hit_rate > 0
     s = a.stats()
