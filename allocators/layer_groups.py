@@ -94,17 +94,30 @@ class _Sub:
         return self.seq.token_ids
 
 
+class _Probe:
+    """A sequence of ``n`` tokens that never runs (``max_fit_tokens``); real seq ids are >= 0."""
+
+    seq_id = -1
+
+    def __init__(self, n: int):
+        self.prompt_len = self.max_len = self.oracle_len = n
+        self.token_ids = [0] * n
+
+
 class GroupedAllocator(KVAllocator):
     supports_fork = False  # forks would need every group's copy to succeed together: n > 1 refused
     supports_prefix_caching = False
     supports_swap = False
 
     def __init__(self, inner_cls: type[KVAllocator], spec: KVCacheSpec, capacity_tokens: int, max_num_seqs: int,
-                 max_model_len: int, *, plan: GroupPlan, max_chunk: int, **inner_args):
+                 max_model_len: int, *, plan: GroupPlan, max_chunk: int, probe: bool = True, **inner_args):
+        """``probe``: find ``max_fit_tokens`` on an accounting-only twin (nothing here is touched)."""
         if inner_args.get("enable_prefix_caching"):
             raise ValueError("prefix caching is not supported with layer groups (kv_grouping=shared): "
                              "set enable_prefix_caching=false or kv_grouping=none")
         inner_args.pop("enable_prefix_caching", None)
+        if inner_cls.supports_prefix_caching:  # off, not the strategy's default: no block hashing
+            inner_args["enable_prefix_caching"] = False
         self.plan, self.max_chunk = plan, max_chunk
         g, G = plan.group_size, plan.num_groups
         inner_spec = replace(spec, num_layers=g)
@@ -122,6 +135,15 @@ class GroupedAllocator(KVAllocator):
         self._tokens: dict[int, int] = {}  # logical tokens of each sequence
         self._held = [[0, 0] for _ in range(G)]  # per group: sum over stats() calls of held bytes, peak
         self._samples = 0
+        self._max_fit = 0
+        if probe:
+            twin_args = dict(inner_args)
+            if hasattr(self.inner, "page_size"):  # virtual: the same pages, no driver
+                twin_args.update(page_size=self.inner.page_size, backend="sim", prefetch=False)
+            twin = GroupedAllocator(inner_cls, replace(spec, device=None), capacity_tokens, max_num_seqs,
+                                    max_model_len, plan=plan, max_chunk=max_chunk, probe=False, **twin_args)
+            self._max_fit = twin._probe_max_fit()
+            twin.close()
 
     # -- sub-sequences -------------------------------------------------------------------
     def _subs_of(self, seq: SequenceLike) -> list[_Sub]:
@@ -179,8 +201,10 @@ class GroupedAllocator(KVAllocator):
         subs = self._subs_of(seq)
         fresh = seq.seq_id not in self._subs
         try:
+            # every windowed group gives back first: can_allocate counted those blocks as free
             for k, sub in enumerate(subs):
                 self._release(sub, k, start)
+            for k, sub in enumerate(subs):
                 n = self._grow(sub, k, total)
                 if n > 0 or fresh:
                     self.inner.allocate(sub, max(n, 0))
@@ -207,18 +231,31 @@ class GroupedAllocator(KVAllocator):
         return 0
 
     def max_fit_tokens(self) -> int:
-        """Longest sequence whose groups fit the empty pool together (each within what one
-        sub-sequence may get)."""
-        one = min(self.inner.max_fit_tokens(), self.max_model_len)
+        return self._max_fit
 
-        def need(n: int) -> int:  # group tokens a sequence of n tokens holds at most
-            return sum(min(n, r or (w + self.max_chunk if w and self.paged else n))
-                       for w, r in zip(self.plan.windows, self.rings))
+    def _probe_max_fit(self) -> int:
+        """Longest sequence the empty pool can take to its end: found by growing a probe sequence
+        (prompt chunks of ``max_chunk``, the peak a windowed group holds) and giving it back, so
+        block, page and region rounding of every strategy counts. Run on an accounting-only twin:
+        a virtual allocator keeps freed pages mapped in idle slots."""
+        def fits(n: int) -> bool:
+            probe = _Probe(n)
+            try:
+                done = 0
+                while done < n:
+                    step = min(self.max_chunk, n - done)
+                    if not self.can_allocate(probe, step):
+                        return False
+                    self.allocate(probe, step)
+                    done += step
+                return True
+            finally:
+                self.free(probe)
 
-        lo, hi = 0, one
+        lo, hi = 0, min(self.inner.max_fit_tokens(), self.max_model_len)
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            lo, hi = (mid, hi) if need(mid) <= self.inner.capacity_tokens else (lo, mid - 1)
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
         return lo
 
     # -- addressing ------------------------------------------------------------------------

@@ -189,3 +189,42 @@ class GroupMachine(RuleBasedStateMachine):
 TestGroupMachine = GroupMachine.TestCase
 TestGroupMachine.settings = settings(max_examples=30, stateful_step_count=25, deadline=None,
                                      suppress_health_check=[HealthCheck.too_slow])
+
+
+def test_windowed_blocks_go_back_before_any_group_grows():
+    """can_allocate counts the blocks a window gives back: allocate must give them back before the
+    full-attention group takes its block, or a full pool fails right after saying yes."""
+    spec = KVCacheSpec(num_layers=2, num_kv_heads=1, head_dim=8, dtype=torch.float32, device=None)
+    a = GroupedAllocator(PagedAllocator, spec, 18, 4, 64, plan=plan_groups([4, 0]), max_chunk=8, block_size=4,
+                         enable_prefix_caching=False)
+    s = FakeSeq(list(range(1, 17)), max_len=64)
+    for _ in range(2):  # a prompt in two chunks of 8: the window's blocks are given back a step late
+        assert a.can_allocate(s, 8)
+        a.allocate(s, 8)
+    other = FakeSeq(list(range(1, 5)), max_len=64)
+    a.allocate(other, 4)
+    assert a.inner.pool.num_free == 0
+    assert a.can_allocate(s, 1)
+    a.allocate(s, 1)  # used to raise AllocationError
+    assert a.num_tokens(s) == 17
+    assert not a.inner.enable_prefix_caching  # off in the inner allocator, not its default
+
+
+@pytest.mark.parametrize("alloc,args", [("paged", {"block_size": 4}), ("virtual", {"prefetch": False}),
+                                        ("contiguous", {"policy": "oracle"})])
+def test_a_request_of_max_fit_tokens_finishes(alloc, args, monkeypatch):
+    """max_fit_tokens (request validation, admission) counts blocks, pages and regions as the
+    strategy rounds them: a request that long runs to its end on an empty pool."""
+    monkeypatch.setitem(PRESETS, "tiny-hybrid", {**TINY, "sliding_window": 5})
+    e = LLM("tiny-hybrid", device="cpu", allocator=alloc, allocator_args=args, kv_cache_tokens=130,
+            max_model_len=256, max_num_batched_tokens=4, kv_grouping="shared").engine
+    fit = e.allocator.max_fit_tokens()
+    assert 100 < fit <= 256
+    e.add_request("r", list(range(5, 10)), SamplingParams(max_tokens=fit - 5, temperature=0, ignore_eos=True))
+    for _ in range(2 * fit):
+        if not e.has_unfinished_requests():
+            break
+        e.step()
+    assert not e.has_unfinished_requests() and e.scheduler.num_preemptions == 0
+    with pytest.raises(ValueError, match="may need"):
+        e.add_request("too-long", list(range(5, 10)), SamplingParams(max_tokens=fit, ignore_eos=True))
