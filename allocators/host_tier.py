@@ -309,10 +309,7 @@ class HostKVTier:
         t0 = time.perf_counter()
         dst = self._host[c, :n]
         if not self._cuda:
-            slots = self._slots(blocks, self.caches[0][0].device)
-            for layer, (k, v) in enumerate(self.caches):
-                dst[:, layer, 0] = k[slots].view(n, *dst.shape[3:])
-                dst[:, layer, 1] = v[slots].view(n, *dst.shape[3:])
+            kernels.gather_layers(self.caches, self._slots(blocks, self.caches[0][0].device), self.block_size, dst)
             dt = time.perf_counter() - t0
             self.stats.store_s += dt
             self.stats.exposed_s += dt
