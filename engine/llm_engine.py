@@ -77,7 +77,7 @@ class LLMEngine:
         tp = config.tensor_parallel_size
         check_shardable(mc, tp)
         # each GPU holds every token's KV for its num_kv_heads / tp heads: the allocator's spec is one GPU's
-        spec = KVCacheSpec(mc.num_hidden_layers, mc.num_key_value_heads // tp, mc.head_dim, self.kv_dtype,
+        self.kv_spec = spec = KVCacheSpec(mc.num_hidden_layers, mc.num_key_value_heads // tp, mc.head_dim, self.kv_dtype,
                            None if simulate else self.device)
         self.model = None
         self.tp_group = None
@@ -191,8 +191,7 @@ class LLMEngine:
                        kv_shared_page_maps=getattr(self.allocator, "num_shared_maps", 0))  # prefix sharing
         windows = self.model_config.layer_windows()
         out.update(kv_cache_dtype=str(self.kv_dtype).removeprefix("torch."),
-                   kv_bytes_per_token=self.allocator.spec.bytes_per_token * self.model_config.num_hidden_layers
-                   // self.allocator.spec.num_layers,
+                   kv_bytes_per_token=self.kv_spec.bytes_per_token,  # every layer (a grouped allocator's spec: one group)
                    sliding_window=self.model_config.sliding_window or 0,
                    num_windowed_layers=sum(1 for w in windows if w), kv_grouping=self.config.kv_grouping)
         groups = getattr(self.allocator, "summary", None)
