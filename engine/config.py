@@ -42,6 +42,9 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9  # ... else this share of the GPU (CPU: cpu_kv_cache_memory)
     cpu_kv_cache_memory: int = 64 << 20
     enforce_eager: bool = False
+    # prefill and mixed steps of up to this many tokens replay piecewise CUDA graphs (everything
+    # but attention; engine/piecewise_graphs.py); 0: they run eagerly. Decode steps have their own.
+    cuda_graph_max_tokens: int = 2048
     async_scheduling: bool = False  # overlap host work with the device: stops are seen one step late
     # (works with prefix caching: a block is indexed once its last token is read back)
     seed: int = 0
@@ -56,6 +59,10 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if isinstance(self.cuda_graph_max_tokens, bool) or not isinstance(self.cuda_graph_max_tokens, int) \
+                or not 0 <= self.cuda_graph_max_tokens <= 8192:
+            raise ValueError(f"cuda_graph_max_tokens must be an integer in [0, 8192] (0: prefill and mixed steps "
+                             f"run eagerly), got {self.cuda_graph_max_tokens!r}")
         if self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
         if not 0 < self.gpu_memory_utilization <= 1:

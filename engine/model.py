@@ -61,34 +61,48 @@ class Attention(nn.Module):
     def forward(self, x, positions, rope, meta: AttentionMetadata, cache):
         t = x.shape[0]
         if self.qkv_proj is not None:
-            # fused path: views into one qkv buffer, norm + rope in place, no copies
-            q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-            q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
-            q = q.view(t, self.num_heads, self.head_dim)
-            k = k.view(t, self.num_kv_heads, self.head_dim)
-            v = v.view(t, self.num_kv_heads, self.head_dim)
-            qw = self.q_norm.weight if self.qk_norm else None
-            kw = self.k_norm.weight if self.qk_norm else None
-            fused_ops.qk_norm_rope_(q, k, rope.cos, rope.sin, positions, qw, kw,
-                                    self.q_norm.eps if self.qk_norm else 1e-6)
-            return self.o_proj(self._attend(q, k, v, meta, cache).view(t, -1))
-        else:
-            q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
-            k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
-            v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+            m = group_meta(meta, self.group)
+            q = self.project(x, positions, rope, m.slot_mapping, cache)
+            return self.o_proj(self.attend(q, m, cache).view(t, -1))
+        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rope(positions, q, k)
         return self.o_proj(self._attend(q, k, v, meta, cache).reshape(t, -1))
 
+    def project(self, x, positions, rope, slots: torch.Tensor, cache) -> torch.Tensor:
+        """Fused path up to attention: q, k, v from one GEMM, norm + rope in place, k and v
+        written to the cache at ``slots`` (-1: nowhere); returns q ``[t, heads, head_dim]``.
+        Everything here has static shapes: piecewise CUDA graphs capture it."""
+        t = x.shape[0]
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        qw = self.q_norm.weight if self.qk_norm else None
+        kw = self.k_norm.weight if self.qk_norm else None
+        fused_ops.qk_norm_rope_(q, k, rope.cos, rope.sin, positions, qw, kw,
+                                self.q_norm.eps if self.qk_norm else 1e-6)
+        if self.calibrate:
+            self._calibrate(k, v, cache[0].dtype)
+        kernels.write_kv(cache[0], cache[1], k, v, slots, self.k_scale, self.v_scale)
+        return q
+
+    def attend(self, q, meta: AttentionMetadata, cache, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention of ``q`` over the cache (``out``: where to write it, ``q``'s shape)."""
+        return kernels.attention(q, cache[0], cache[1], meta, self.scale, self.k_scale, self.v_scale, self.window,
+                                 out=out)
+
     def _attend(self, q, k, v, meta: AttentionMetadata | list[AttentionMetadata], cache) -> torch.Tensor:
-        if isinstance(meta, list):
-            meta = meta[self.group]
+        meta = group_meta(meta, self.group)
         k_cache, v_cache = cache
         if self.calibrate:
             self._calibrate(k, v, k_cache.dtype)
         kernels.write_kv(k_cache, v_cache, k, v, meta.slot_mapping, self.k_scale, self.v_scale)
-        return kernels.attention(q, k_cache, v_cache, meta, self.scale, self.k_scale, self.v_scale, self.window)
+        return self.attend(q, meta, cache)
 
     def _calibrate(self, k: torch.Tensor, v: torch.Tensor, fp8: torch.dtype) -> None:
         """Scales from this step's keys and values: amax / the format's max, in place (CUDA graphs
@@ -143,15 +157,30 @@ class DecoderLayer(nn.Module):
 
     def forward_fused(self, x, residual, positions, rope, meta, cache):
         """Residual stream kept apart and updated in place by the fused add+norm kernels."""
-        n1, n2 = self.input_layernorm, self.post_attention_layernorm
+        m = group_meta(meta, self.self_attn.group)
+        q, residual = self.pre_attention(x, residual, positions, rope, m.slot_mapping, cache)
+        return self.post_attention(self.self_attn.attend(q, m, cache), residual)
+
+    def pre_attention(self, x, residual, positions, rope, slots, cache):
+        """(fused path) add + norm, then the attention's projections and cache write: (q, residual)."""
+        n1 = self.input_layernorm
         if residual is None:
             residual = x
             h = fused_ops.rms_norm(x, n1.weight, n1.eps)
         else:
             h = fused_ops.rms_norm(x, n1.weight, n1.eps, residual)
-        h = self.self_attn(h, positions, rope, meta, cache)
-        h = fused_ops.rms_norm(h, n2.weight, n2.eps, residual)
+        return self.self_attn.project(h, positions, rope, slots, cache), residual
+
+    def post_attention(self, attn: torch.Tensor, residual):
+        """(fused path) output projection, add + norm, MLP: (x, residual) for the next layer."""
+        h = self.self_attn.o_proj(attn.view(attn.shape[0], -1))
+        h = fused_ops.rms_norm(h, self.post_attention_layernorm.weight, self.post_attention_layernorm.eps, residual)
         return self.mlp(h), residual
+
+
+def group_meta(meta: AttentionMetadata | list[AttentionMetadata], group: int) -> AttentionMetadata:
+    """A layer's metadata: its layer group's where there is one per group (window-aware allocation)."""
+    return meta[group] if isinstance(meta, list) else meta
 
 
 class Backbone(nn.Module):

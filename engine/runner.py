@@ -1,8 +1,9 @@
 """Model runner: turns a scheduled batch into flat tensors, runs the model, samples.
 
 The allocator supplies slots and addressing; nothing here depends on which one it is
-beyond the addressing mode the kernels take. On CUDA, pure-decode batches replay a
-captured CUDA graph (unless ``enforce_eager``); prefill and mixed batches run eagerly.
+beyond the addressing mode the kernels take. On CUDA (unless ``enforce_eager``), pure-decode
+batches replay a captured CUDA graph of the whole step; prefill and mixed batches up to
+``graph_max_tokens`` replay piecewise graphs (attention eager between them), larger ones run eagerly.
 One host sync per step: the sampled token ids.
 """
 from __future__ import annotations
@@ -130,9 +131,10 @@ class StepInputs:
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, allocator: KVAllocator, device: str, eos_ids: list[int],
                  seed: int = 0, max_num_seqs: int = 256, max_model_len: int = 2048, enforce_eager: bool = True,
-                 kv_calibration: str = ""):
+                 kv_calibration: str = "", graph_max_tokens: int = 0):
         """``kv_calibration`` ("tensor" | "head"): fp8 KV scales are set by the first step with a
-        prefill, from its keys and values."""
+        prefill, from its keys and values. ``graph_max_tokens``: prefill and mixed steps of up to
+        this many tokens replay piecewise CUDA graphs (CUDA, not ``enforce_eager``, fused model)."""
         self.model = model
         self.kv_calibration = kv_calibration
         self.allocator = allocator
@@ -166,6 +168,14 @@ class ModelRunner:
                                        self.device)
             with compile_watch.expected():
                 self.graphs.capture()
+        self.piecewise = None
+        if (self.device.type == "cuda" and not enforce_eager and plan is None and graph_max_tokens > 0
+                and getattr(model, "fused", False)):
+            from engine.piecewise_graphs import PiecewiseGraphs
+
+            self.piecewise = PiecewiseGraphs(model, self.kv_caches, graph_max_tokens, self.device)
+            with compile_watch.expected():
+                self.piecewise.capture()
         if self.device.type == "cuda":
             with compile_watch.expected():
                 self.warmup()
@@ -279,15 +289,20 @@ class ModelRunner:
             ids[feed[0]] = feed[1]
         pos = stage.to_device("positions", inputs.positions)
         calibrate = self.kv_calibration and inputs.num_prefill_tokens > 0
-        if calibrate:
-            self.model.calibrate_kv_scales(self.kv_calibration)
-        try:
-            hidden = self.model(ids, pos, meta, self.kv_caches)
-        finally:
+        n = len(inputs.input_ids)
+        if (self.piecewise is not None and not calibrate and not more
+                and self.piecewise.padded_size(n) is not None):
+            hidden = self.piecewise.run(n, ids, pos, meta.slot_mapping, meta)
+        else:
             if calibrate:
-                self.model.calibrate_kv_scales("")
-        if calibrate:
-            self.kv_calibration = ""  # once: later tokens are quantized with these scales
+                self.model.calibrate_kv_scales(self.kv_calibration)
+            try:
+                hidden = self.model(ids, pos, meta, self.kv_caches)
+            finally:
+                if calibrate:
+                    self.model.calibrate_kv_scales("")
+            if calibrate:
+                self.kv_calibration = ""  # once: later tokens are quantized with these scales
         if inputs.prompt_lp:
             self._prompt_logprobs(hidden, inputs.prompt_lp)
         if not inputs.sample_rows:

@@ -9,7 +9,8 @@ row measures, ``value`` is seconds) that the profiled cost model of simulate mod
   (LINEAR; PAGED per block size), per model;
 - ``eager_forward``: an eager forward of a prefill chunk of ``query`` tokens (launch costs
   included, logits of one row, its token read back), per model; ``prefill_graph``: the same
-  forward's device time alone;
+  forward's device time alone; ``piecewise_forward``: the same chunk through the engine's
+  piecewise CUDA graphs (everything but attention replayed), wall time;
 - ``attention``: one layer's attention kernel by addressing mode, block size, batch, context
   and query length (decode: query 1, alone or ``mixed`` beside a prefill chunk; prefill: one
   sequence), per model head shape;
@@ -49,6 +50,7 @@ SAMPLE_ROWS = [1, 8, 32, 64, 128, 256]
 COPY_BYTES = [1 << s for s in range(16, 29, 2)]  # 64 KiB .. 256 MiB
 L2_ROTATE_BYTES = 256 << 20
 MIXED_MAX_QUERY = 64
+PIECEWISE_MAX_TOKENS = 2048  # the engine's default cuda_graph_max_tokens
 
 
 def slug(device_name: str) -> str:
@@ -223,6 +225,8 @@ def _rows_model(timer: Timer, name: str, pool: int, max_model_len: int, block_si
             # the same forward's device time alone (captured: no launch gaps)
             rows.append(dict(table="prefill_graph", model=name, mode="linear", query=t_q, context=t_q,
                              value=timer.graph([fwd])))
+        if device.type == "cuda":
+            rows += _rows_piecewise(timer, model, caches, name, device)
         for s in SAMPLE_ROWS:
             logits = torch.randn(s, mc.vocab_size, device=device)
             rows.append(dict(table="sample", model=name, batch=s, value=timer.graph([lambda: logits.argmax(-1)])))
@@ -262,6 +266,35 @@ def _rows_model(timer: Timer, name: str, pool: int, max_model_len: int, block_si
     del caches, model
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    return rows
+
+
+def _rows_piecewise(timer: Timer, model, caches, name: str, device) -> list[dict]:
+    """``piecewise_forward``: a prefill chunk of ``query`` tokens through the engine's piecewise
+    CUDA graphs (replays, eager attentions, one row of logits, its token read back), wall time."""
+    import torch
+
+    from engine.piecewise_graphs import PiecewiseGraphs
+    from kernels.metadata import Addressing, contiguous_metadata
+
+    queries = [q for q in PREFILL_QUERIES if q <= PIECEWISE_MAX_TOKENS]
+    graphs = PiecewiseGraphs(model, caches, max(queries), device)
+    graphs.capture()
+    rows = []
+    for t_q in queries:
+        meta = contiguous_metadata(Addressing.LINEAR, [t_q], [t_q], device)
+        ids = torch.randint(10, model.config.vocab_size, (t_q,), device=device)
+        pos = torch.arange(t_q, device=device)
+
+        def fwd():
+            hidden = graphs.run(t_q, ids, pos, meta.slot_mapping, meta)
+            return model.compute_logits(hidden[-1:]).argmax(-1)
+
+        rows.append(dict(table="piecewise_forward", model=name, mode="linear", query=t_q, context=t_q,
+                         value=timer.wall(lambda: fwd().cpu())))
+    rows.append(dict(table="piecewise_capture", model=name, query=max(queries), value=graphs.capture_s))
+    del graphs
+    torch.cuda.empty_cache()
     return rows
 
 
@@ -371,7 +404,8 @@ def main(argv: list[str] | None = None) -> int:
 
         old = load_profile(a.merge)
         measured = {"host": {"host"}, "gemm": {"gemm"}, "copy": {"copy"}, "vmm": {"vmm"},
-                    "models": {"attention", "eager_forward", "prefill_graph", "sample", "decode_graph"}}
+                    "models": {"attention", "eager_forward", "prefill_graph", "sample", "decode_graph",
+                               "piecewise_forward", "piecewise_capture"}}
         redo = set().union(*(t for k, t in measured.items() if k not in skip))
         keep = ~old.df["table"].isin(redo)
         if "host" in redo:  # host steps are per model: those of models not re-measured now stay

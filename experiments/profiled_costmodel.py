@@ -6,11 +6,13 @@ pieces the engine runs:
 - a pure-decode batch that fits a CUDA graph: the measured replay time of the whole model's
   decode graph at the padded batch size and the batch's mean context (``decode_graph``), plus
   sampling;
-- any other batch (prefill chunks, mixed, eager): the device time of a forward of as many
+- any other batch (prefill chunks, mixed; piecewise CUDA graphs up to the engine's
+  ``cuda_graph_max_tokens``, padded to the captured size, else eager): the device time of a forward of as many
   tokens (``prefill_graph``) with its fresh-prefill attention swapped for the batch's own (every
   prefill chunk, the decode tokens in the mixed kernel configuration; per layer), plus logits
   of the extra sampled rows (``gemm``) and sampling; the step then takes the later of that and
-  the launch floor (the smallest eager forward measured: launches, not the device, bound it);
+  the launch floor (the smallest eager, or piecewise, forward measured: launches, not the
+  device, bound it), and what its measured forward spent beyond both;
 - host time per step, per allocator: the real engine's steps (``host``) minus their modelled
   device time, median per batch-size bin, separately for graph and eager steps;
 - the allocator's own costs: attention in its addressing mode and block size, VMM page maps
@@ -31,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from engine.piecewise_graphs import token_sizes
 from experiments.costmodel import attended_keys
 
 log = logging.getLogger("kvlab.sim")
@@ -161,8 +164,11 @@ class ProfiledCostModel:
 
     def __init__(self, profile: DeviceProfile, shape, *, model: str, paged: bool, block_size: int = 0,
                  max_graph_batch: int = 256, enforce_eager: bool = False, allocator: str = "paged",
-                 vmm_sync_maps: bool = False, calibrate_host: bool = True, allreduce=None):
-        """``shape``: the whole model; ``allreduce`` (``costmodel.AllReduceCost``) with tp > 1: each
+                 vmm_sync_maps: bool = False, calibrate_host: bool = True, allreduce=None,
+                 graph_max_tokens: int = 0):
+        """``graph_max_tokens``: prefill/mixed steps up to this many tokens replay piecewise CUDA
+        graphs (the engine's ``cuda_graph_max_tokens``; modelled where the profile has a
+        ``piecewise_forward`` table). ``shape``: the whole model; ``allreduce`` (``costmodel.AllReduceCost``) with tp > 1: each
         GPU's shard is composed from the GEMM and attention tables (a profile measures one GPU
         running whole models) and every step adds its all-reduces."""
         from engine.cuda_graphs import capture_sizes
@@ -173,6 +179,8 @@ class ProfiledCostModel:
         self.profile, self.model = profile, shape
         self.num_layers = shape.num_layers
         self.graph_sizes = [] if enforce_eager else capture_sizes(max_graph_batch)
+        # tensor parallelism: ranks run prefill/mixed steps eagerly (no piecewise graphs there)
+        self.piecewise_sizes = [] if enforce_eager or tp > 1 else token_sizes(graph_max_tokens)
         self.vmm_sync_maps = vmm_sync_maps
         mode = "paged" if paged else "linear"
         # the profile times bf16 KV, full attention and one GPU: an fp8 cache, sliding windows or
@@ -216,6 +224,7 @@ class ProfiledCostModel:
             self.prefill_gpu = Grid1D(pg["query"], pg["value"]) if not pg.empty else self.eager_forward
             self.launch_floor = float(e["value"].min())
             self.compose = 1.0
+            layer_ratio = 1.0
         else:
             self.decode_graph = None
             self.compose = self._composition_factor(ref)
@@ -226,6 +235,17 @@ class ProfiledCostModel:
             self.prefill_gpu = lambda t: (self.compose * self._dense(t) + self.lm_head(1)
                                           + self.num_layers * self._prefill_attn(t, 0))
             self.eager_forward = lambda t: max(self.launch_floor, self.prefill_gpu(t))
+            layer_ratio = self.num_layers / _shape(ref).num_layers
+        # piecewise CUDA graphs: one replay per layer boundary and one attention launch per layer
+        p = profile.table("piecewise_forward", model=ref)
+        self.piecewise_forward = self.piecewise_floor = None
+        if not p.empty and self.piecewise_sizes:
+            self.piecewise_floor = float(p["value"].min()) * layer_ratio
+            self.piecewise_forward = (Grid1D(p["query"], p["value"]) if self.profiled_model
+                                      else lambda t: max(self.piecewise_floor, self.prefill_gpu(t)))
+        elif self.piecewise_sizes:
+            log.warning("profile %s has no piecewise_forward table for %s: prefill and mixed steps are modelled "
+                        "as eager (rerun kvlab profile)", profile.path, ref)
         self.host_graph = self.host_eager = HostTable([], [])
         if calibrate_host:
             self._calibrate_host(profile, allocator, paged, block_size, max_graph_batch, enforce_eager)
@@ -253,7 +273,8 @@ class ProfiledCostModel:
         host = host[(models == name).to_numpy()]
         ref = self if name == self.profiled_model else ProfiledCostModel(
             profile, _shape(name), model=name, paged=paged, block_size=block_size,
-            max_graph_batch=max_graph_batch, enforce_eager=enforce_eager, calibrate_host=False)
+            max_graph_batch=max_graph_batch, enforce_eager=enforce_eager, calibrate_host=False,
+            graph_max_tokens=self.piecewise_sizes[-1] if self.piecewise_sizes else 0)
         device = [ref.device_time(_calibration_work(r)) for r in host.itertuples()]
         rest = host["duration"].to_numpy(float) - np.array(device)
         graph = np.array([r.prefill_tokens == 0 and ref.padded(int(r.batch)) is not None for r in host.itertuples()])
@@ -366,17 +387,31 @@ class ProfiledCostModel:
         if dec:
             grid = self.attn_decode_mixed if prefill else self.attn_decode
             attn += grid(len(dec), sum(c for _, c in dec) / len(dec)) * self.kv_scale
+        # piecewise graphs: the dense layers run at the padded size, attention on the real tokens
+        size = self.piecewise_size(tokens)
+        piecewise = size is not None
+        size = size or tokens
         # the measured single-sequence forward of as many tokens: its device time with one fresh
         # prefill's attention, one row of logits and sampling swapped for this batch's
-        gpu = (self.prefill_gpu(tokens) - self.num_layers * self._prefill_attn(tokens, 0)
+        gpu = (self.prefill_gpu(size) - self.num_layers * self._prefill_attn(size, 0)
                + self._layers_attn(work) * attn)
         if sampled > 1:
             gpu += self.lm_head(sampled) - self.lm_head(1) + self.sample(sampled) - self.sample(1)
-        # an eager step waits for the later of its launches and its device work; what the
-        # measured forward spent beyond both (sync, read-back) carries over
-        wall = self.eager_forward(tokens)
-        rest = max(0.0, wall - max(self.launch_floor, self.prefill_gpu(tokens)))
-        return max(self.launch_floor, gpu) + rest
+        # a step waits for the later of its launches and its device work; what the measured
+        # forward spent beyond both (sync, read-back) carries over
+        wall_of, floor = ((self.piecewise_forward, self.piecewise_floor) if piecewise
+                          else (self.eager_forward, self.launch_floor))
+        rest = max(0.0, wall_of(size) - max(floor, self.prefill_gpu(size)))
+        return max(floor, gpu) + rest
+
+    def piecewise_size(self, tokens: int) -> int | None:
+        """The captured size a prefill/mixed step of ``tokens`` replays, or None: eager."""
+        if self.piecewise_forward is None:
+            return None
+        for s in self.piecewise_sizes:
+            if s >= tokens:
+                return s
+        return None
 
     def host_time(self, work: list[tuple[int, int]], padded: int | None | bool = False) -> float:
         if not work:

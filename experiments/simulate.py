@@ -328,6 +328,7 @@ def cost_model_for(sim: SimSettings, roofline: RooflineCostModel, shape: ModelSh
         load_profile(str(path)), shape, model=model, paged=allocator.mode == Addressing.PAGED,
         block_size=getattr(allocator, "block_size", 0), max_graph_batch=econf.max_num_seqs,
         enforce_eager=econf.enforce_eager, allocator=econf.allocator,
+        graph_max_tokens=min(econf.cuda_graph_max_tokens, econf.max_num_batched_tokens),
         vmm_sync_maps=hasattr(allocator, "backend") and not getattr(allocator, "prefetch", True),
         allreduce=roofline.allreduce if econf.tensor_parallel_size > 1 else None)
 

@@ -33,10 +33,17 @@ def write_kv(k_cache, v_cache, k, v, slot_mapping, k_scale=None, v_scale=None) -
     impl.write_kv(k_cache, v_cache, k, v, slot_mapping, k_scale, v_scale)
 
 
-def attention(q, k_cache, v_cache, meta, scale=None, k_scale=None, v_scale=None, window=0) -> torch.Tensor:
-    """``window > 0``: sliding-window attention (keys older than ``window`` are not read)."""
-    impl = _triton() if _use_triton(q) else reference
-    return impl.attention(q, k_cache, v_cache, meta, scale, k_scale, v_scale, window)
+def attention(q, k_cache, v_cache, meta, scale=None, k_scale=None, v_scale=None, window=0,
+              out: torch.Tensor | None = None) -> torch.Tensor:
+    """``window > 0``: sliding-window attention (keys older than ``window`` are not read);
+    ``out`` (``q``'s shape): written there and returned (a CUDA graph reads it at a fixed address)."""
+    if _use_triton(q):
+        t = _triton()
+        if out is None:
+            return t.attention(q, k_cache, v_cache, meta, scale, k_scale, v_scale, window)
+        return t.attention_into(out, q, k_cache, v_cache, meta, scale, None, k_scale, v_scale, window)
+    result = reference.attention(q, k_cache, v_cache, meta, scale, k_scale, v_scale, window)
+    return result if out is None else out.copy_(result)
 
 
 def copy_blocks(cache, src, dst, block_size) -> None:

@@ -65,16 +65,26 @@ def test_bf16_greedy_parity(request, model, allocator, args):
     assert rate >= 0.5
 
 
-def test_cuda_graphs_equal_eager(tiny_bf16):
+@pytest.mark.parametrize("allocator,args", ALLOCATORS, ids=[a for a, _ in ALLOCATORS])
+def test_cuda_graphs_equal_eager(tiny_bf16, allocator, args):
+    """Decode graphs and piecewise graphs of prefill/mixed steps (a 96-token budget splits the
+    prompts into chunks beside decodes): the eager engine's tokens, every allocator."""
     path, _ = tiny_bf16
     prompts = _prompts(512)
     params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
-    common = dict(device="cuda", dtype="float32", max_model_len=512, max_num_seqs=16, kv_cache_tokens=8192)
+    common = dict(device="cuda", dtype="float32", max_model_len=512, max_num_seqs=16, max_num_batched_tokens=96,
+                  allocator=allocator, allocator_args=dict(args),
+                  kv_cache_tokens=8192 if allocator != "virtual" else 16 * 8192)
     eager = LLM(path, enforce_eager=True, **common).generate(prompts, params)
     graphs = LLM(path, enforce_eager=False, **common)
-    assert graphs.engine.runner.graphs is not None
+    runner = graphs.engine.runner
+    assert runner.graphs is not None and runner.piecewise is not None and runner.piecewise.graphs
+    calls = []
+    run = runner.piecewise.run
+    runner.piecewise.run = lambda n, *a: calls.append(n) or run(n, *a)
     out = graphs.generate(prompts, params)
     assert [o.token_ids for o in out] == [o.token_ids for o in eager]
+    assert len(calls) >= 4 and max(calls) > 16
 
 
 def test_seeded_sampling_is_reproducible_on_gpu(tiny_bf16):

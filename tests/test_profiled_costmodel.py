@@ -277,3 +277,37 @@ def test_host_calibration_trickle_gives_prefills_at_small_batch():
     prefill_batches = [r["batch"] for r in rows if r["prefill_tokens"] > 0]
     assert len(prefill_batches) == 12 and min(prefill_batches) == 1 and max(prefill_batches) <= 6
     assert all(r["duration"] >= r["value"] >= 0 for r in rows)
+
+
+def _with_piecewise(floor: float = 1e-3) -> DeviceProfile:
+    prof = synthetic_profile()
+    rows = [dict(table="piecewise_forward", model=MODEL, query=q, context=q, value=max(floor, 6e-4 + 1e-7 * q))
+            for q in (16, 128, 1024, 2048)]
+    return DeviceProfile(pd.concat([prof.df, pd.DataFrame(rows)], ignore_index=True), prof.meta, "synthetic+pw")
+
+
+def test_piecewise_graph_steps_use_their_table_at_the_padded_size(caplog):
+    """Prefill/mixed steps up to graph_max_tokens cost the piecewise forward of their padded size
+    (its grid points reproduced exactly), larger ones the eager forward; without the table the
+    model says so and stays eager."""
+    from engine.loader import resolve_config
+    from engine.piecewise_graphs import token_sizes
+
+    shape = shape_of(resolve_config(MODEL))
+    args = dict(model=MODEL, paged=True, block_size=16, max_graph_batch=64, allocator="paged")
+    pw = ProfiledCostModel(_with_piecewise(), shape, graph_max_tokens=2048, **args)
+    eager = ProfiledCostModel(_with_piecewise(), shape, graph_max_tokens=0, **args)
+    for q in (16, 128, 1024, 2048):  # grid points: one fresh chunk is the measured forward itself
+        assert pw.piecewise_size(q) == q
+        assert pw.device_time([(q, q)]) == pytest.approx(max(1e-3, 6e-4 + 1e-7 * q), rel=1e-9)
+        assert eager.device_time([(q, q)]) == pytest.approx(max(3e-3, 6e-4 + 1e-7 * q), rel=1e-9)
+    assert pw.piecewise_size(100) == next(s for s in token_sizes(2048) if s >= 100) == 112
+    assert pw.piecewise_size(4096) is None  # beyond the cap: eager
+    assert pw.device_time([(4096, 4096)]) == pytest.approx(eager.device_time([(4096, 4096)]))
+    # padding: a 100-token chunk costs what the 112-token forward costs
+    assert pw.device_time([(100, 100)]) == pytest.approx(pw.device_time([(112, 112)]), rel=0.02)
+    times = [pw.device_time([(q, q)]) for q in range(16, 2049, 37)]
+    assert all(x <= y + 1e-15 for x, y in zip(times, times[1:]))
+    with caplog.at_level(logging.WARNING, logger="kvlab.sim"):
+        old = cost_model(graph_max_tokens=2048)
+    assert old.piecewise_size(128) is None and "no piecewise_forward table" in caplog.text

@@ -1,0 +1,81 @@
+"""Piecewise CUDA graphs (engine/piecewise_graphs.py): the decomposition of a step into pieces
+between attentions, padding to captured sizes included, against the eager forward. On CPU the
+pieces are called as they are (Triton interpreter for the fused kernels); on a GPU they are
+replayed from captured graphs (test_gpu_engine.py)."""
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="Triton: the fused kernels of the GPU path (interpreter on CPU)")
+
+from engine.piecewise_graphs import PiecewiseGraphs, token_sizes  # noqa: E402
+
+
+def test_token_sizes_cover_the_cap_with_bounded_padding():
+    assert token_sizes(0) == []
+    assert token_sizes(8) == [16]  # one size that holds every step
+    sizes = token_sizes(2048)
+    assert sizes[0] == 16 and sizes[-1] == 2048 and sizes == sorted(set(sizes))
+    assert token_sizes(100)[-1] == 112  # the first size that holds the cap
+    for n in range(1, 2049):
+        s = next(s for s in sizes if s >= n)
+        assert s - n < max(16, n / 8), n  # padding: under a sixteen-token tile or an eighth of the step
+
+
+@pytest.fixture
+def fused_cpu(monkeypatch):
+    monkeypatch.setenv("KVLAB_KERNELS", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+@pytest.mark.parametrize("allocator", ["paged", "contiguous", "virtual"])
+def test_piecewise_steps_equal_eager_steps(fused_cpu, allocator):
+    """Prefill and mixed steps (chunked prompts beside decodes) through the pieces give the eager
+    fused model's tokens, every allocator; the steps do take the piecewise path."""
+    from engine import LLM, SamplingParams
+
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [9, 10], list(range(20, 43))]
+    p = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+    kw = dict(device="cpu", max_model_len=64, kv_cache_tokens=256, allocator=allocator, max_num_batched_tokens=24,
+              max_num_seqs=4)
+    eager = LLM("tiny-llama", **kw)
+    eager.engine.model.fuse()
+    want = [o.token_ids for o in eager.generate(prompts, p)]
+
+    llm = LLM("tiny-llama", **kw)
+    runner = llm.engine.runner
+    runner.model.fuse()
+    pw = runner.piecewise = PiecewiseGraphs(runner.model, runner.kv_caches, 24, torch.device("cpu"))
+    pw.capture()
+    assert pw.sizes == [16, 32] and set(pw.pieces) == {16, 32}
+    calls = []
+    run = pw.run
+    pw.run = lambda n, *a: calls.append(n) or run(n, *a)
+    got = [o.token_ids for o in llm.generate(prompts, p)]
+    assert got == want
+    assert calls and max(calls) > 16 and min(calls) < 16  # both sizes, padded
+
+
+def test_pieces_leave_padding_slots_unwritten(fused_cpu):
+    """Padding rows of a piecewise step write no cache slot: the cache outside the real tokens'
+    slots is unchanged."""
+    from engine import LLM
+    from kernels.metadata import contiguous_metadata
+
+    llm = LLM("tiny-llama", device="cpu", max_model_len=64, kv_cache_tokens=256, allocator="contiguous")
+    runner = llm.engine.runner
+    model = runner.model.fuse()
+    pw = PiecewiseGraphs(model, runner.kv_caches, 16, torch.device("cpu"))
+    pw.capture()
+    before = [k.clone() for k, _ in runner.kv_caches]
+    n = 5
+    meta = contiguous_metadata(runner.allocator.mode, [n], [n], torch.device("cpu"), 0, 0)
+    ids = torch.arange(3, 3 + n)
+    hidden = pw.run(n, ids, torch.arange(n), meta.slot_mapping, meta)
+    assert hidden.shape[0] == n and torch.isfinite(hidden).all()
+    ref = model(ids, torch.arange(n), meta, [(k.clone(), v.clone()) for k, v in runner.kv_caches])
+    torch.testing.assert_close(hidden, ref, atol=1e-5, rtol=1e-5)
+    written = set(meta.slot_mapping.tolist())
+    for (k, _), old in zip(runner.kv_caches, before):
+        untouched = [i for i in range(k.shape[0]) if i not in written]
+        assert torch.equal(k[untouched], old[untouched])
+        assert not torch.equal(k[sorted(written)], old[sorted(written)])
