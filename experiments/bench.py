@@ -52,7 +52,7 @@ def run_kvlab(model: str, allocator: str, allocator_args: dict, prompts, output_
                        max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                        max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager,
                        gpu_memory_utilization=args.gpu_memory_utilization, detokenize=False, stream_outputs=False,
-                       async_scheduling=args.async_scheduling,
+                       async_scheduling=args.async_scheduling, cuda_graph_max_tokens=args.cuda_graph_max_tokens,
                        record_memory=False, seed=args.seed)
     t_init = time.perf_counter()
     engine = LLMEngine(cfg)
@@ -80,7 +80,8 @@ def run_kvlab(model: str, allocator: str, allocator_args: dict, prompts, output_
     weight_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
     bpt = engine.allocator.bytes_per_token
     res = dict(engine="kvlab-async" if args.async_scheduling else "kvlab", allocator=allocator, allocator_args=json.dumps(allocator_args),
-               tensor_parallel_size=tp, kv_pool_bytes_per_gpu=engine.kv_memory_summary()["kv_pool_bytes_per_gpu"],
+               tensor_parallel_size=tp, cuda_graph_max_tokens=args.cuda_graph_max_tokens,
+               kv_pool_bytes_per_gpu=engine.kv_memory_summary()["kv_pool_bytes_per_gpu"],
                wall_s=wall,
                init_s=init_s, output_tokens=out_tokens, output_tok_s=out_tokens / wall,
                kv_capacity_tokens=engine.kv_capacity_tokens, weight_bytes=weight_bytes,
@@ -94,6 +95,10 @@ def run_kvlab(model: str, allocator: str, allocator_args: dict, prompts, output_
                    roofline_step_ms=1000 * float(ideal.median()),
                    roofline_frac=float((ideal / full.duration).median()),
                    host_ms_per_decode_step=1000 * float(full.host_s.median()))
+    other = steps[steps.prefill_tokens > 0]  # prefill and mixed steps: where piecewise graphs act
+    if len(other):
+        res.update(prefill_mixed_steps=len(other), prefill_mixed_s=float(other.duration.sum()),
+                   prefill_mixed_step_ms=1000 * float(other.duration.median()))
     engine.close()
     del engine
     gc.collect()
@@ -158,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--cuda-graph-max-tokens", type=int, default=EngineConfig.cuda_graph_max_tokens,
+                    help="prefill/mixed steps up to this many tokens replay piecewise CUDA graphs (0: eager)")
     ap.add_argument("--async-scheduling", action="store_true",
                     help="overlap host work with the device (stops seen one step late)")
     ap.add_argument("--tensor-parallel-size", default="1",

@@ -1,0 +1,156 @@
+"""Step latency of the engine against its physical floors (GPU).
+
+    python -m experiments.bench_latency --models qwen3-0.6b,llama3-8b --out results/engine
+
+Per model, one engine (paged, random bf16 weights), three measurements side by side:
+
+- ``decode``: time per output token of B sequences decoding (512-token prompts), synchronous
+  and asynchronous scheduling, against the memory floor: (weights streamed + KV read) / copy
+  bandwidth measured in the same run (the embedding table is gathered, not streamed, unless
+  tied to the LM head);
+- ``prefill``: one step holding a single prompt of N tokens, and ``mixed``: the same beside 8
+  decodes; each with the piecewise CUDA graphs of prefill/mixed steps and eagerly (the
+  engine's ``cuda_graph_max_tokens`` = 0), medians of repeats: what the graphs take off a step.
+
+Rows go to ``latency_<device>.csv`` and a markdown table on stdout.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from engine import LLMEngine, SamplingParams
+from engine.config import EngineConfig
+from experiments.bench import copy_bandwidth
+from experiments.tables import markdown_table
+
+PROMPT = 512
+
+
+def streamed_weight_bytes(model) -> int:
+    """Bytes a decode step reads of the weights: all of them but an untied embedding table."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    emb = model.model.embed_tokens.weight
+    return total if emb is model.lm_head.weight else total - emb.numel() * emb.element_size()
+
+
+def _drain(engine: LLMEngine) -> None:
+    while engine.has_unfinished_requests():
+        engine.step()
+    torch.cuda.synchronize()
+
+
+def _prompt(i: int, n: int, vocab: int) -> list[int]:
+    rng = np.random.default_rng(i)
+    return rng.integers(4, vocab, size=n).tolist()
+
+
+def decode_rows(engine: LLMEngine, batch: int, steps: int, copy_bw: float, weights: int) -> list[dict]:
+    rows = []
+    vocab = engine.model_config.vocab_size
+    for mode in ("sync", "async"):
+        engine.config.async_scheduling = mode == "async"
+        for i in range(batch):
+            engine.add_request(f"d{mode}{batch}-{i}", _prompt(i, PROMPT, vocab),
+                               SamplingParams(max_tokens=steps + 40, ignore_eos=True, temperature=0))
+        while not engine.step_records or engine.step_records[-1].prefill_tokens or len(engine.step_records) < 3:
+            engine.step()
+        for _ in range(5):
+            engine.step()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        torch.cuda.synchronize()
+        per_token = (time.perf_counter() - t0) / steps
+        _drain(engine)
+        ctx = PROMPT + 5 + steps // 2
+        floor = (weights + batch * ctx * engine.kv_spec.bytes_per_token) / copy_bw
+        rows.append(dict(kind="decode", scheduling=mode, batch=batch, tokens=batch, ms=per_token * 1e3,
+                         floor_ms=floor * 1e3, floor_pct=100 * floor / per_token))
+    engine.config.async_scheduling = False
+    return rows
+
+
+def prefill_rows(engine: LLMEngine, tokens: int, decodes: int, reps: int) -> list[dict]:
+    """Median step time of one ``tokens``-token prompt (beside ``decodes`` decoding sequences),
+    piecewise graphs and eager."""
+    runner, vocab = engine.runner, engine.model_config.vocab_size
+    piecewise = runner.piecewise
+    rows = []
+    for graphs in (True, False):
+        runner.piecewise = piecewise if graphs else None
+        times = []
+        for r in range(reps + 1):
+            for i in range(decodes):
+                engine.add_request(f"m{tokens}-{graphs}-{r}-{i}", _prompt(1000 + i, 64, vocab),
+                                   SamplingParams(max_tokens=64, ignore_eos=True, temperature=0))
+            while engine.has_unfinished_requests() and (not engine.step_records
+                                                        or engine.step_records[-1].prefill_tokens):
+                engine.step()  # the decodes' prompts first
+            engine.add_request(f"p{tokens}-{graphs}-{r}", _prompt(2000 + r, tokens, vocab),
+                               SamplingParams(max_tokens=1, ignore_eos=True, temperature=0))
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            engine.step()
+            torch.cuda.synchronize()
+            if r:  # the first is a warm-up
+                times.append(time.perf_counter() - t0)
+            _drain(engine)
+        rows.append(dict(kind="mixed" if decodes else "prefill", scheduling="sync", batch=decodes + 1,
+                         tokens=tokens + decodes, graphs="piecewise" if graphs else "eager",
+                         ms=float(np.median(times)) * 1e3))
+    runner.piecewise = piecewise
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m experiments.bench_latency", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="qwen3-0.6b,llama3-8b")
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--prefill-tokens", default="16,128,512,1536")
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--out", default="results/engine")
+    a = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_latency needs a CUDA device")
+    device = torch.cuda.get_device_name()
+    bw = copy_bandwidth("cuda")
+    print(f"device: {device}; copy bandwidth {bw / 1e9:.0f} GB/s", flush=True)
+    rows = []
+    for model in a.models.split(","):
+        t0 = time.perf_counter()
+        engine = LLMEngine(EngineConfig(model=model, allocator="paged", max_model_len=4096, max_num_seqs=64,
+                                        kv_cache_tokens=65536, detokenize=False, record_memory=False,
+                                        stream_outputs=False))
+        start = dict(model=model, startup_s=round(time.perf_counter() - t0, 1),
+                     piecewise_capture_s=round(engine.runner.piecewise.capture_s, 1) if engine.runner.piecewise else None)
+        print(start, flush=True)
+        weights = streamed_weight_bytes(engine.model)
+        for b in (int(x) for x in a.batches.split(",")):
+            rows += [dict(model=model, **r) for r in decode_rows(engine, b, a.steps, bw, weights)]
+        for n in (int(x) for x in a.prefill_tokens.split(",")):
+            for decodes in (0, 8):
+                rows += [dict(model=model, **r) for r in prefill_rows(engine, n, decodes, a.reps)]
+        print(markdown_table(pd.DataFrame([r for r in rows if r["model"] == model])), flush=True)
+        del engine
+        torch.cuda.empty_cache()
+    df = pd.DataFrame(rows)
+    df["device"], df["copy_bw_GBps"] = device, bw / 1e9
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"latency_{device.replace(' ', '_')}.csv"
+    df.to_csv(path, index=False)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
