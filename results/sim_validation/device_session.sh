@@ -6,6 +6,12 @@
 #   bash results/sim_validation/device_session.sh llama     # llama3-8b real runs + qwen3-0.6b second real runs
 #   bash results/sim_validation/device_session.sh final     # llama3-8b host steps (merged into the profile),
 #                                                           # a late-compile diagnosis run, GPU tests
+# After piecewise CUDA graphs (prefill/mixed steps), the profile's model and host tables again, then
+# the real runs of both models (each part stops starting runs near the call's limit; a later part
+# on the same machine resumes where it stopped):
+#   bash results/sim_validation/device_session.sh reprofile # model + host tables of both models (merged),
+#                                                           # then qwen3-0.6b real runs
+#   bash results/sim_validation/device_session.sh reruns    # the rest of the real runs, llama3-8b
 # Runs accumulate in $KVSV (default /tmp/kvsv) on the machine; each part tars them into $OUT.
 set -uo pipefail
 part=${1:?profile or llama}
@@ -16,9 +22,12 @@ kv() { python3 -m experiments.cli "$@"; }
 B="workload=sharegpt workload.num_requests=300 engine.kv_cache_tokens=40000 engine.max_model_len=2048 engine.max_num_seqs=256 engine.max_num_batched_tokens=8192 device=cuda report=false"
 { date -u; hostname; nvidia-smi --query-gpu=name,uuid,driver_version --format=csv,noheader; lscpu | grep "Model name"; } \
     | tee -a "$runs/machine.txt"
+t_start=$(date +%s)
+budget=${BUDGET_S:-100000}  # start no run after this many seconds of the part
 real() {  # model rates online-requests repeats
     local m=$1 rates=$2 n=$3 reps=$4
     for a in paged contiguous virtual; do
+        if (( $(date +%s) - t_start > budget )); then echo "$m $a: skipped (time)"; continue; fi
         kv validate-sim model=$m $B allocator=$a --rates $rates --online-requests $n --real-only \
             --real-repeats $reps --label $m-$a --out "$runs/$m-$a" >>"$runs/$m-$a.log" 2>&1
         echo "$m $a: exit $?"; grep -h "^\[" "$runs/$m-$a.log" | tail -2
@@ -42,6 +51,15 @@ final)
         --merge results/profiles/nvidia-h200.parquet --out "$runs/nvidia-h200.parquet" 2>&1 | tee "$runs/profile_host_llama.log"
     python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_triton.py tests/test_vmm_cuda.py \
         tests/test_gpu_engine.py tests/test_gpu_serving.py 2>&1 | tee "$runs/gpu_tests_final.log" | tail -15
+    ;;
+reprofile)
+    kv profile --models qwen3-0.6b,llama3-8b --host-model qwen3-0.6b,llama3-8b --skip gemm,copy,vmm \
+        --merge results/profiles/nvidia-h200.parquet --out "$runs/nvidia-h200.parquet" 2>&1 | tee "$runs/profile.log"
+    real qwen3-0.6b 8,96 60 1
+    ;;
+reruns)
+    real qwen3-0.6b 8,96 60 1
+    real llama3-8b 4,32 50 1
     ;;
 esac
 grep -h "compiled a kernel variant after warm-up" -r "$runs" --include=*.log | sort | uniq -c | cut -c1-2000 | head -20
