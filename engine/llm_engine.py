@@ -1,6 +1,7 @@
 """LLMEngine: requests in, one scheduling iteration per ``step()``, outputs out."""
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from dataclasses import dataclass, field
@@ -208,10 +209,18 @@ class LLMEngine:
         return out
 
     def close(self) -> None:
-        """Release the KV pool and stop the tensor-parallel workers (the engine is unusable after)."""
+        """Release the KV pool and stop the tensor-parallel workers (the engine is unusable after).
+
+        The runner froze what start-up made (``gc.freeze``); unfreezing lets the collector take
+        the engine's reference cycles once it is dropped, its weights and CUDA graphs with them
+        (a process that builds engine after engine would otherwise keep every one)."""
         self.allocator.close()
         if self.tp_group is not None:
             self.tp_group.close()
+        for name in ("graphs", "piecewise"):
+            if getattr(self.runner, name, None) is not None:
+                setattr(self.runner, name, None)
+        gc.unfreeze()
 
     # -- requests ------------------------------------------------------------------------
     def encode(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:

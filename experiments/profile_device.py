@@ -435,6 +435,11 @@ def main(argv: list[str] | None = None) -> int:
                 rows += host_rows(hm, name, args, max_model_len=a.max_model_len, kv_cache_tokens=a.host_kv_tokens,
                                   device=str(device), phases=phases)
                 say(f"host steps: {hm} {alloc}")
+    import gc
+
+    gc.collect()  # the host-time engines, weights and graphs included
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     from kernels import compile_watch
 
     with compile_watch.expected():  # the kernel tables compile every shape they time

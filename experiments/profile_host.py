@@ -77,5 +77,6 @@ def host_rows(model: str, allocator: str, args: dict, *, max_model_len: int, kv_
         rows.append(dict(table="host", model=model, allocator=allocator, batch=r.num_seqs, prefill_tokens=r.prefill_tokens,
                          decode_tokens=r.decode_tokens, context=r.context_tokens, duration=r.duration, gpu=g,
                          value=max(0.0, r.duration - g)))
-    eng.allocator.close()
+    eng.runner.launch = launch  # no cycle through the wrapper
+    eng.close()
     return rows

@@ -223,3 +223,26 @@ def test_prefix_caching_under_preemption_never_pins_the_pool():
     assert not eng.has_unfinished_requests(), f"{eng.num_running} running, pool pinned by waiting requests"
     assert eng.scheduler.num_preemptions > 0 and eng.allocator.prefix_cache_hit_rate > 0
     assert cached == run(False)[0]  # and the same tokens as without the cache
+
+
+def test_a_closed_engine_is_collected_after_start_up_froze_it():
+    """The CUDA runner freezes start-up objects (gc.freeze); close() must let a dropped engine be
+    collected, weights included, or a process that builds engine after engine (bench, profile)
+    keeps them all."""
+    import gc
+    import weakref
+
+    from engine import LLMEngine
+    from engine.config import EngineConfig
+
+    eng = LLMEngine(EngineConfig(model="tiny-llama", device="cpu", max_model_len=64, kv_cache_tokens=256))
+    gc.freeze()  # what ModelRunner does on CUDA after start-up
+    try:
+        model = weakref.ref(eng.model)
+        eng.runner.launch = lambda *a, _e=eng: None  # a cycle through the engine, as wrappers make
+        eng.close()
+        del eng
+        gc.collect()
+        assert model() is None
+    finally:
+        gc.unfreeze()
