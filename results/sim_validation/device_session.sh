@@ -11,7 +11,8 @@
 # on the same machine resumes where it stopped):
 #   bash results/sim_validation/device_session.sh reprofile # model + host tables of both models (merged),
 #                                                           # then qwen3-0.6b real runs
-#   bash results/sim_validation/device_session.sh reruns    # the rest of the real runs, llama3-8b
+#   bash results/sim_validation/device_session.sh reruns    # (the model tables, had reprofile stopped there),
+#                                                           # llama3-8b real runs
 # Runs accumulate in $KVSV (default /tmp/kvsv) on the machine; each part tars them into $OUT.
 set -uo pipefail
 part=${1:?profile or llama}
@@ -57,8 +58,11 @@ reprofile)
         --merge results/profiles/nvidia-h200.parquet --out "$runs/nvidia-h200.parquet" 2>&1 | tee "$runs/profile.log"
     real qwen3-0.6b 8,96 60 1
     ;;
-reruns)
-    real qwen3-0.6b 8,96 60 1
+reruns)  # after a reprofile cut short: the model tables merged onto its partial profile
+    if [ -f results/profiles/nvidia-h200.partial.parquet ]; then
+        kv profile --models qwen3-0.6b,llama3-8b --skip host,gemm,copy,vmm \
+            --merge results/profiles/nvidia-h200.partial.parquet --out "$runs/nvidia-h200.parquet" 2>&1 | tee "$runs/profile_models.log"
+    fi
     real llama3-8b 4,32 50 1
     ;;
 esac
