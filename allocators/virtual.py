@@ -170,6 +170,7 @@ class VirtualAllocator(KVAllocator):
         prefetch_tokens: int | None = None,
         enable_prefix_caching: bool = False,
         share_prefix: bool = True,  # with prefix caching: map other slots' whole prefix pages
+        premap: bool = True,  # with prefetch: empty slots get a first page group ahead of admission
     ):
         if not isinstance(share_prefix, bool):
             raise ValueError(f"allocator.args.share_prefix={share_prefix!r}: set true (map other slots' prefix "
@@ -214,6 +215,12 @@ class VirtualAllocator(KVAllocator):
         # sequence crossing at once (per_layer: 2 x num_layers driver mappings per group)
         self.prefetch = prefetch
         self.prefetch_tokens = max(1, prefetch_tokens if prefetch_tokens is not None else max(2, tpp // 8))
+        if not isinstance(premap, bool):
+            raise ValueError(f"allocator.args.premap={premap!r}: set true (map empty slots' first page ahead of "
+                             "admission) or false (map it when a request is admitted)")
+        # no prefix caching: it prefers empty slots, to keep idle slots' KV for their next turn
+        self.premap = premap and prefetch and not enable_prefix_caching
+        self.num_premaps = 0  # groups mapped ahead into empty slots
         self._executor = (ThreadPoolExecutor(1, thread_name_prefix="kvlab-vmm", initializer=self.backend.bind_thread)
                           if prefetch and backend != "sim" else None)
         self._finalizer = weakref.finalize(self, _shutdown, self._executor, self.backend)
@@ -482,6 +489,8 @@ class VirtualAllocator(KVAllocator):
         self._surplus_pages += self._surplus(slot) - before
         if self.prefetch:
             self._map_ahead(slot)
+        if self.premap:
+            self._premap_empty()
 
     def allocate_batch(self, seqs: Seq[SequenceLike], num_new_tokens: int = 1) -> int:
         # growing inside the slot's current page, with no page to map ahead, is the decode
@@ -529,6 +538,20 @@ class VirtualAllocator(KVAllocator):
         self._surplus_pages += 1
         self._map(g, slot, len(slot.groups) - 1, ahead=True)
 
+    def _premap_empty(self) -> None:
+        """Admission off the critical path: while the free pool holds more groups than there are
+        live sequences (each could still be given one without reclaiming), the first empty slot
+        gets a group mapped in the background and waits idle; a request admitted there finds its
+        first page mapped. Only free groups: never reclaimed or stolen ones."""
+        free = self._free_groups
+        while self._empty and len(free) > len(self._by_seq) + 1:
+            slot = self.slots[heapq.heappop(self._empty)]
+            g = free.pop()
+            slot.groups.append(g)
+            self._idle[slot.index] = None
+            self._map(g, slot, 0, ahead=True)
+            self.num_premaps += 1
+
     def free(self, seq: SequenceLike) -> None:
         slot = self._by_seq.pop(seq.seq_id, None)
         if slot is None:
@@ -547,6 +570,8 @@ class VirtualAllocator(KVAllocator):
             self._idle[slot.index] = None
         else:
             heapq.heappush(self._empty, slot.index)
+        if self.premap:
+            self._premap_empty()
 
     def num_tokens(self, seq: SequenceLike) -> int:
         slot = self._by_seq.get(seq.seq_id)

@@ -16,7 +16,8 @@ pieces the engine runs:
 - host time per step, per allocator: the real engine's steps (``host``) minus their modelled
   device time, median per batch-size bin, separately for graph and eager steps;
 - the allocator's own costs: attention in its addressing mode and block size, VMM page maps
-  done on the step's critical path (``vmm``), swap copies by size (``copy``).
+  and unmaps done on the step's critical path (``vmm``; maps made ahead on the background
+  thread are not), swap copies by size (``copy``).
 
 Tables are interpolated linearly between grid points (so monotonically), clamped below the
 first point and extended in proportion above the last. A model absent from the profile is
@@ -86,9 +87,21 @@ class Grid2D:
 HOST_BINS = [0, 1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 160, 192, 224, 256, 1 << 20]
 
 
+def _trimmed_mean(x: pd.Series) -> float:
+    """Mean without the top and bottom 1%: host time is skewed (a step's time adds up to the
+    run's, so the mean, not the median, is what a simulated run must get right), and a rare
+    stall (a collection, a page fault) says nothing about the next run."""
+    lo, hi = np.quantile(x, [TRIM, 1 - TRIM])
+    kept = x[(x >= lo) & (x <= hi)]
+    return float(kept.mean()) if len(kept) else float(np.median(x))
+
+
+TRIM = 0.01
+
+
 class HostTable:
-    """Host seconds of a step by its number of sequences: the median, per batch-size bin, of
-    what the real engine's steps took beyond the modelled device time (scheduling, allocation,
+    """Host seconds of a step by its number of sequences: the mean (1% trimmed each side), per
+    batch-size bin, of what the real engine's steps took beyond the modelled device time (scheduling, allocation,
     accounting, input preparation, graph launch, read-back, output handling); interpolated
     between bins, clamped outside them."""
 
@@ -97,7 +110,7 @@ class HostTable:
     def __init__(self, batch, host):
         df = pd.DataFrame({"batch": np.asarray(batch, float), "host": np.asarray(host, float)})
         df["bin"] = pd.cut(df["batch"], HOST_BINS)
-        g = df.groupby("bin", observed=True).agg(batch=("batch", "median"), host=("host", "median"),
+        g = df.groupby("bin", observed=True).agg(batch=("batch", "median"), host=("host", _trimmed_mean),
                                                  n=("host", "size"))
         g = g[g["n"] >= self.MIN_STEPS]
         self.grid = Grid1D(g["batch"], g["host"].clip(lower=0), above="clamp") if not g.empty else None
@@ -253,6 +266,8 @@ class ProfiledCostModel:
         self.copy = {op: Grid1D(g["bytes"], g["value"]) for op, g in c.groupby("op")} if not c.empty else {}
         v = profile.table("vmm")
         self.map_s = float(v[v["op"] == "cuMemMap+cuMemSetAccess"]["value"].median()) if not v.empty else 0.0
+        u = v[v["op"] == "cuMemUnmap"] if not v.empty else v
+        self.unmap_s = float(u["value"].median()) if not u.empty else 0.0
 
     def _calibrate_host(self, profile, allocator, paged, block_size, max_graph_batch, enforce_eager) -> None:
         """Host time = the real engine's step time minus what this model says its device did.
@@ -420,11 +435,13 @@ class ProfiledCostModel:
             padded = self.graph_batch(work)
         return (self.host_graph if padded is not None else self.host_eager)(len(work))
 
-    def step_time(self, work: list[tuple[int, int]], num_sampled: int | None = None, vmm_maps: int = 0) -> float:
-        """Seconds for one engine step: device time + host time (+ VMM maps on the step's path)."""
+    def step_time(self, work: list[tuple[int, int]], num_sampled: int | None = None, vmm_maps: int = 0,
+                  vmm_unmaps: int = 0) -> float:
+        """Seconds for one engine step: device time + host time (+ VMM page maps and unmaps on
+        the step's path)."""
         if not work:
             return 0.0
-        maps = vmm_maps * self.map_s if self.vmm_sync_maps else 0.0
+        maps = vmm_maps * self.map_s + vmm_unmaps * self.unmap_s if self.vmm_sync_maps else 0.0
         padded = self.graph_batch(work)  # graph or eager: decided once for both parts
         return self.device_time(work, num_sampled, padded) + self.host_time(work, padded) + maps
 

@@ -69,8 +69,8 @@ class SimRunner:
         self.transfer_latency_s = transfer_latency_s
         self.kv_bytes_per_token = cost_model.model.kv_bytes_per_token
         self.profiled = getattr(cost_model, "name", "") == "profiled"
-        backend = getattr(allocator, "backend", None)
-        self.vmm_counter = MapCounter(backend) if self.profiled and backend is not None else None
+        self.vmm_counter = (MapCounter(allocator) if self.profiled and getattr(allocator, "backend", None) is not None
+                            else None)
         self.num_steps = 0
         self.busy_s = 0.0
         self.swap_s = 0.0
@@ -157,8 +157,8 @@ class SimRunner:
         swap = self._swap_time(batch)
         self.swap_s += swap
         if self.profiled:
-            maps = self.vmm_counter.take() if self.vmm_counter is not None else 0
-            dt = self.cost_model.step_time(work, len(sampled), maps) + swap
+            maps, unmaps = self.vmm_counter.take() if self.vmm_counter is not None else (0, 0)
+            dt = self.cost_model.step_time(work, len(sampled), maps, unmaps) + swap
         else:
             dt = self.cost_model.step_time(work) + swap
         dt += self._tier_time(batch, dt)
@@ -169,21 +169,30 @@ class SimRunner:
 
 
 class MapCounter:
-    """Counts the VMM page maps a virtual allocator makes (in simulate its backend maps nothing)."""
+    """VMM driver calls a virtual allocator makes on a step's critical path: page maps of groups
+    not mapped ahead (the real engine maps those on a background thread), one per range, and
+    every unmap (reclaiming). In simulate its backend maps nothing; the counts are the real
+    engine's, decision for decision."""
 
-    def __init__(self, backend):
-        self.n = 0
-        inner = backend.map
+    def __init__(self, allocator):
+        self.allocator = allocator
+        self.sync_maps = allocator.num_sync_maps
+        self.unmaps = 0
+        backend = allocator.backend
+        inner = backend.unmap
 
         def counted(*args, **kwargs):
-            self.n += 1
+            self.unmaps += 1
             return inner(*args, **kwargs)
 
-        backend.map = counted
+        backend.unmap = counted
 
-    def take(self) -> int:
-        n, self.n = self.n, 0
-        return n
+    def take(self) -> tuple[int, int]:
+        """(page maps, page unmaps) since the last call."""
+        a = self.allocator
+        maps = (a.num_sync_maps - self.sync_maps) * a.num_ranges
+        self.sync_maps, unmaps, self.unmaps = a.num_sync_maps, self.unmaps, 0
+        return maps, unmaps
 
 
 @dataclasses.dataclass
@@ -329,7 +338,7 @@ def cost_model_for(sim: SimSettings, roofline: RooflineCostModel, shape: ModelSh
         block_size=getattr(allocator, "block_size", 0), max_graph_batch=econf.max_num_seqs,
         enforce_eager=econf.enforce_eager, allocator=econf.allocator,
         graph_max_tokens=min(econf.cuda_graph_max_tokens, econf.max_num_batched_tokens),
-        vmm_sync_maps=hasattr(allocator, "backend") and not getattr(allocator, "prefetch", True),
+        vmm_sync_maps=hasattr(allocator, "backend"),  # the maps on the step's path (MapCounter)
         allreduce=roofline.allreduce if econf.tensor_parallel_size > 1 else None)
 
 

@@ -334,6 +334,35 @@ def _sim(capacity=64, slots=4, max_len=32, **kw) -> VirtualAllocator:
                             page_size=4 * NOSPEC.bytes_per_token, layout="shared", backend="sim", **kw)
 
 
+def test_virtual_premaps_empty_slots_ahead_of_admission():
+    """With prefetch, empty slots get a first group from the free pool while it holds more than
+    one per live sequence: the next admission maps nothing on its path. The groups are idle
+    mapped (reclaimable), never taken from idle or live slots, and admission decisions are
+    those without pre-mapping."""
+    a, b = _sim(slots=4, prefetch=True), _sim(slots=4, prefetch=True, premap=False)
+    s1 = seq(3, max_len=8)
+    for x in (a, b):
+        x.allocate(s1, 3)
+    # 16 groups: s1 holds 1 (+1 ahead); the three empty slots get one each
+    assert a.num_premaps == 3 and b.num_premaps == 0
+    st = a.stats()
+    st.check()
+    assert st.idle_mapped == 3 * 4 * a.bytes_per_token and a.num_idle_groups == 3
+    maps = a.num_sync_maps
+    for k in range(3):
+        s = seq(2, max_len=8)
+        assert a.can_allocate(s, 2) == b.can_allocate(s, 2)
+        a.allocate(s, 2)
+        b.allocate(s, 2)
+    assert a.num_sync_maps == maps  # every admission found its first page mapped
+    assert b.num_sync_maps == maps + 3  # without: one map on each admission's path
+    a.stats().check()
+    # a full pool premaps nothing: the free groups are the live sequences' to grow into
+    c = _sim(capacity=12, slots=4, prefetch=True)  # 3 groups
+    c.allocate(seq(2, max_len=4), 2)
+    assert c.num_premaps == 0
+
+
 def test_virtual_deferred_reclamation():
     a = _sim()  # pages of 4 tokens, 16 groups, slots of 32 tokens
     s1 = seq(10, max_len=32)
@@ -387,7 +416,7 @@ def test_virtual_slots_run_out():
 
 
 def test_virtual_prefetch_claims_the_next_group_ahead():
-    a = _sim(prefetch=True)
+    a = _sim(prefetch=True, premap=False)
     s = seq(4, max_len=32)
     a.allocate(s, 4)  # fills group 0 exactly: the next token needs group 1, claimed now
     assert a.seq_capacity(s) == 8 and a.num_free_groups == 14

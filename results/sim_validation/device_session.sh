@@ -11,6 +11,7 @@
 # on the same machine resumes where it stopped):
 #   bash results/sim_validation/device_session.sh reprofile # model + host tables of both models (merged),
 #                                                           # then qwen3-0.6b real runs
+#   bash results/sim_validation/device_session.sh virtual   # virtual real runs with premap + qwen3-0.6b paged vs virtual
 #   bash results/sim_validation/device_session.sh reruns    # (the model tables, had reprofile stopped there),
 #                                                           # llama3-8b real runs
 # Runs accumulate in $KVSV (default /tmp/kvsv) on the machine; each part tars them into $OUT.
@@ -64,6 +65,17 @@ reruns)  # after a reprofile cut short: the model tables merged onto its partial
             --merge results/profiles/nvidia-h200.partial.parquet --out "$runs/nvidia-h200.parquet" 2>&1 | tee "$runs/profile_models.log"
     fi
     real llama3-8b 4,32 50 1
+    ;;
+virtual)  # after pre-mapping empty slots (allocator.args.premap): the virtual real runs again, and
+          # qwen3-0.6b's offline throughput, paged against virtual
+    for spec in "qwen3-0.6b 8,96 60" "llama3-8b 4,32 50"; do
+        set -- $spec
+        kv validate-sim model=$1 $B allocator=virtual --rates $2 --online-requests $3 --real-only \
+            --label $1-virtual --out "$runs/$1-virtual" >>"$runs/$1-virtual.log" 2>&1
+        echo "$1 virtual: exit $?"
+    done
+    timeout 150 python3 -m experiments.cli bench throughput --models qwen3-0.6b --allocators paged,virtual --no-hf \
+        --out "$runs/throughput" 2>&1 | tee "$runs/throughput_qwen3-0.6b.log" | grep "^|" | tail -4
     ;;
 esac
 grep -h "compiled a kernel variant after warm-up" -r "$runs" --include=*.log | sort | uniq -c | cut -c1-2000 | head -20
