@@ -68,8 +68,8 @@ reruns)  # after a reprofile cut short: the model tables merged onto its partial
     ;;
 virtual)  # after pre-mapping empty slots (allocator.args.premap): the virtual real runs again, and
           # qwen3-0.6b's offline throughput, paged against virtual
-    for spec in "qwen3-0.6b 8,96 60" "llama3-8b 4,32 50"; do
-        set -- $spec
+    for m in ${VIRTUAL_MODELS:-qwen3-0.6b llama3-8b}; do
+        if [ "$m" = qwen3-0.6b ]; then set -- $m 8,96 60; else set -- $m 4,32 50; fi
         kv validate-sim model=$1 $B allocator=virtual --rates $2 --online-requests $3 --real-only \
             --label $1-virtual --out "$runs/$1-virtual" >>"$runs/$1-virtual.log" 2>&1
         echo "$1 virtual: exit $?"
