@@ -170,7 +170,7 @@ class VirtualAllocator(KVAllocator):
         prefetch_tokens: int | None = None,
         enable_prefix_caching: bool = False,
         share_prefix: bool = True,  # with prefix caching: map other slots' whole prefix pages
-        premap: bool = True,  # with prefetch: empty slots get a first page group ahead of admission
+        premap: int = 8,  # with prefetch: empty slots kept with a first page group mapped ahead of admission
     ):
         if not isinstance(share_prefix, bool):
             raise ValueError(f"allocator.args.share_prefix={share_prefix!r}: set true (map other slots' prefix "
@@ -215,11 +215,12 @@ class VirtualAllocator(KVAllocator):
         # sequence crossing at once (per_layer: 2 x num_layers driver mappings per group)
         self.prefetch = prefetch
         self.prefetch_tokens = max(1, prefetch_tokens if prefetch_tokens is not None else max(2, tpp // 8))
-        if not isinstance(premap, bool):
-            raise ValueError(f"allocator.args.premap={premap!r}: set true (map empty slots' first page ahead of "
-                             "admission) or false (map it when a request is admitted)")
+        if isinstance(premap, bool) or not isinstance(premap, int) or premap < 0:
+            raise ValueError(f"allocator.args.premap={premap!r}: the number of empty slots kept with their first "
+                             "page mapped ahead of admission, an integer >= 0 (0: map it when a request is admitted)")
         # no prefix caching: it prefers empty slots, to keep idle slots' KV for their next turn
-        self.premap = premap and prefetch and not enable_prefix_caching
+        self.premap = premap if prefetch and not enable_prefix_caching else 0
+        self._premapped: set[int] = set()  # idle slots holding only a group mapped ahead of admission
         self.num_premaps = 0  # groups mapped ahead into empty slots
         self._executor = (ThreadPoolExecutor(1, thread_name_prefix="kvlab-vmm", initializer=self.backend.bind_thread)
                           if prefetch and backend != "sim" else None)
@@ -398,6 +399,7 @@ class VirtualAllocator(KVAllocator):
                     self.prefix.truncate(victim.index, len(groups) * self.page_tokens)
                 if not groups:
                     del self._idle[victim.index]
+                    self._premapped.discard(victim.index)
                     heapq.heappush(self._empty, victim.index)
 
     # -- slots ---------------------------------------------------------------------------
@@ -419,6 +421,7 @@ class VirtualAllocator(KVAllocator):
         """``seq`` takes ``slot``; it keeps the slot's first ``keep`` tokens (in-place reuse) and
         writes from there on: shared groups from the page of token ``keep`` on are dropped from
         the slot (with every page after them), the content of the pages it writes is forgotten."""
+        self._premapped.discard(slot.index)
         if slot.index in self._idle:
             del self._idle[slot.index]
         elif self._empty and self._empty[0] == slot.index:
@@ -539,16 +542,18 @@ class VirtualAllocator(KVAllocator):
         self._map(g, slot, len(slot.groups) - 1, ahead=True)
 
     def _premap_empty(self) -> None:
-        """Admission off the critical path: while the free pool holds more groups than there are
-        live sequences (each could still be given one without reclaiming), the first empty slot
-        gets a group mapped in the background and waits idle; a request admitted there finds its
-        first page mapped. Only free groups: never reclaimed or stolen ones."""
-        free = self._free_groups
-        while self._empty and len(free) > len(self._by_seq) + 1:
+        """Admission off the critical path: up to ``premap`` empty slots get a group mapped in the
+        background and wait idle, while the free pool holds more groups than there are live
+        sequences (each could still be given one without reclaiming); a request admitted there
+        finds its first page mapped. Only free groups, never reclaimed or stolen ones; a bounded
+        reserve, as mapping the whole pool ahead competes with the steps for the driver."""
+        free, ready = self._free_groups, self._premapped
+        while len(ready) < self.premap and self._empty and len(free) > len(self._by_seq) + 1:
             slot = self.slots[heapq.heappop(self._empty)]
             g = free.pop()
             slot.groups.append(g)
             self._idle[slot.index] = None
+            ready.add(slot.index)
             self._map(g, slot, 0, ahead=True)
             self.num_premaps += 1
 

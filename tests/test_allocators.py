@@ -339,7 +339,7 @@ def test_virtual_premaps_empty_slots_ahead_of_admission():
     one per live sequence: the next admission maps nothing on its path. The groups are idle
     mapped (reclaimable), never taken from idle or live slots, and admission decisions are
     those without pre-mapping."""
-    a, b = _sim(slots=4, prefetch=True), _sim(slots=4, prefetch=True, premap=False)
+    a, b = _sim(slots=4, prefetch=True), _sim(slots=4, prefetch=True, premap=0)
     s1 = seq(3, max_len=8)
     for x in (a, b):
         x.allocate(s1, 3)
@@ -361,6 +361,16 @@ def test_virtual_premaps_empty_slots_ahead_of_admission():
     c = _sim(capacity=12, slots=4, prefetch=True)  # 3 groups
     c.allocate(seq(2, max_len=4), 2)
     assert c.num_premaps == 0
+    # a bounded reserve: two slots ready at most, refilled as admissions take them
+    d = _sim(slots=4, prefetch=True, premap=2)
+    d.allocate(seq(3, max_len=8), 3)
+    assert d.num_premaps == 2 and len(d._premapped) == 2
+    d.allocate(seq(2, max_len=8), 2)  # takes a ready slot; the last empty one refills the reserve
+    assert d.num_premaps == 3 and len(d._premapped) == 2
+    d.allocate(seq(2, max_len=8), 2)  # no empty slot left to refill with
+    assert d.num_premaps == 3 and len(d._premapped) == 1
+    with pytest.raises(ValueError, match="premap"):
+        _sim(premap=True)
 
 
 def test_virtual_deferred_reclamation():
@@ -416,7 +426,7 @@ def test_virtual_slots_run_out():
 
 
 def test_virtual_prefetch_claims_the_next_group_ahead():
-    a = _sim(prefetch=True, premap=False)
+    a = _sim(prefetch=True, premap=0)
     s = seq(4, max_len=32)
     a.allocate(s, 4)  # fills group 0 exactly: the next token needs group 1, claimed now
     assert a.seq_capacity(s) == 8 and a.num_free_groups == 14
