@@ -113,7 +113,9 @@ class Twins:
     def fork(self, i: int) -> None:
         parent = self.live[i % len(self.live)]
         if self.a.supports_fork and self.both("can_fork", parent):
-            child = FakeSeq(list(parent.token_ids), parent.max_len, oracle_len=parent.oracle_len)  # samples of one request
+            # samples of one request: the same prompt and lengths (a region is sized from them)
+            child = FakeSeq(list(parent.token_ids), parent.max_len, prompt_len=parent.prompt_len,
+                            oracle_len=parent.oracle_len)
             self.both("fork", parent, child)
             self.live.append(child)
 
