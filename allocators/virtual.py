@@ -48,11 +48,12 @@ no live sequence but kept for the next request, reported on their own, never as 
 """
 from __future__ import annotations
 
+import atexit
 import heapq
 import logging
 import math
 import weakref
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Sequence as Seq
@@ -134,21 +135,32 @@ class _Slot:
     hashes: list[int] = field(default_factory=list)  # chained hash of each page indexed for sharing
 
 
+# allocators nobody closed, collected: their mapping threads and backends, closed at a safe point
+_UNCLOSED: deque = deque()
+
+
 def _shutdown(executor: ThreadPoolExecutor | None, backend: VMMBackend) -> None:
     """Finalizer of an allocator nobody closed. The garbage collector may run it inside any
-    thread, even one that holds threading's own locks while it starts: joining the mapping thread
-    (or starting one) there deadlocks. So never wait: the mapping thread, if it exists, closes the
-    backend after its last queued mapping."""
-    if executor is None or not executor._threads:
-        backend.close()
+    thread, even one that holds threading's or concurrent.futures' own locks (a collection inside
+    another executor's ``submit`` holds its global lock): joining, starting or submitting to a
+    thread there deadlocks. So it takes no lock at all: the pair waits in ``_UNCLOSED`` for the
+    next allocator to be built or closed, or for the interpreter's exit (``reap_unclosed``)."""
+    _UNCLOSED.append((executor, backend))
+
+
+def reap_unclosed() -> None:
+    """Close what collected allocators left: wait for their queued mappings, then release."""
+    while True:
+        try:
+            executor, backend = _UNCLOSED.popleft()
+        except IndexError:
+            return
         if executor is not None:
-            executor.shutdown(wait=False)
-        return
-    try:
-        executor.submit(backend.close)
-    except RuntimeError:  # interpreter exit: concurrent.futures has joined its threads already
+            executor.shutdown(wait=True)
         backend.close()
-    executor.shutdown(wait=False)
+
+
+atexit.register(reap_unclosed)
 
 
 @register("virtual")
@@ -172,6 +184,7 @@ class VirtualAllocator(KVAllocator):
         share_prefix: bool = True,  # with prefix caching: map other slots' whole prefix pages
         premap: int = 8,  # with prefetch: empty slots kept with a first page group mapped ahead of admission
     ):
+        reap_unclosed()  # a safe point: what collected allocators left is released first
         if not isinstance(share_prefix, bool):
             raise ValueError(f"allocator.args.share_prefix={share_prefix!r}: set true (map other slots' prefix "
                              "pages into a new request's slot) or false (reuse idle slots in place only)")
@@ -267,6 +280,7 @@ class VirtualAllocator(KVAllocator):
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
             self.backend.close()
+        reap_unclosed()
 
     # -- pages ---------------------------------------------------------------------------
     def _pages_for(self, tokens: int) -> int:

@@ -32,7 +32,8 @@ def token_sizes(max_tokens: int) -> list[int]:
     sizes += list(range(1152, 2049, 128)) + list(range(2304, 4097, 256)) + list(range(4608, 8193, 512))
     if max_tokens <= 0:
         return []
-    return [s for s in sizes if s < max_tokens] + [next((s for s in sizes if s >= max_tokens), sizes[-1])]
+    return [s for s in sizes if s < max_tokens] + [next((s for s in sizes if s >= max_tokens), sizes[-1])] \
+        if max_tokens <= sizes[-1] else sizes
 
 
 class PiecewiseGraphs:
@@ -45,7 +46,10 @@ class PiecewiseGraphs:
         self.positions = torch.zeros(m, dtype=torch.int64, device=device)
         self.slot_mapping = torch.full((m,), -1, dtype=torch.int64, device=device)
         dtype = model.lm_head.weight.dtype
-        # attention outputs, written eagerly between pieces, read by the next piece in place
+        # every size's pieces write each layer's queries here and read the attention output from
+        # here: one buffer each for all sizes and layers, so that no size keeps its QKV buffers
+        # (a few GiB over 40 sizes) out of the shared pool
+        self.query = torch.zeros(m, cfg.num_attention_heads, cfg.head_dim, dtype=dtype, device=device)
         self.attn_out = torch.zeros(m, cfg.num_attention_heads, cfg.head_dim, dtype=dtype, device=device)
         self.graphs: dict[int, list[torch.cuda.CUDAGraph]] = {}
         # per size, each piece's output: layer i's q, and last the hidden states
@@ -61,18 +65,19 @@ class PiecewiseGraphs:
         layers = self.model.model.layers
         rope, caches = self.model.rope, self.kv_caches
         ids, pos, slots, attn = self.input_ids[:s], self.positions[:s], self.slot_mapping[:s], self.attn_out[:s]
+        query = self.query[:s]
         box: dict = {}
 
         def first():
             x = self.model.model.embed_tokens(ids)
             q, box["residual"] = layers[0].pre_attention(x, None, pos, rope, slots, caches[0])
-            return q
+            return query.copy_(q)
 
         def middle(i):
             def piece():
                 x, res = layers[i - 1].post_attention(attn, box["residual"])
                 q, box["residual"] = layers[i].pre_attention(x, res, pos, rope, slots, caches[i])
-                return q
+                return query.copy_(q)
             return piece
 
         def last():
@@ -106,7 +111,9 @@ class PiecewiseGraphs:
                 if self.pool is None:
                     self.pool = g.pool()
                 graphs.append(g)
-            self.graphs[s], self.outputs[s] = graphs, outs
+            # the queries live in self.query; only the hidden states are this size's own
+            self.graphs[s], self.outputs[s] = graphs, [self.query[:s]] * (len(outs) - 1) + [outs[-1]]
+            del outs
         if cuda:
             torch.cuda.synchronize()
         self.capture_s = time.perf_counter() - t0

@@ -90,9 +90,10 @@ def prefill_rows(engine: LLMEngine, tokens: int, decodes: int, reps: int) -> lis
             for i in range(decodes):
                 engine.add_request(f"m{tokens}-{graphs}-{r}-{i}", _prompt(1000 + i, 64, vocab),
                                    SamplingParams(max_tokens=64, ignore_eos=True, temperature=0))
-            while engine.has_unfinished_requests() and (not engine.step_records
-                                                        or engine.step_records[-1].prefill_tokens):
-                engine.step()  # the decodes' prompts first
+            if decodes:  # the decodes' prompts first, until a step has none left
+                engine.step()
+                while engine.has_unfinished_requests() and engine.step_records[-1].prefill_tokens:
+                    engine.step()
             engine.add_request(f"p{tokens}-{graphs}-{r}", _prompt(2000 + r, tokens, vocab),
                                SamplingParams(max_tokens=1, ignore_eos=True, temperature=0))
             torch.cuda.synchronize()
@@ -140,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             for decodes in (0, 8):
                 rows += [dict(model=model, **r) for r in prefill_rows(engine, n, decodes, a.reps)]
         print(markdown_table(pd.DataFrame([r for r in rows if r["model"] == model])), flush=True)
+        engine.close()  # its weights and graphs go before the next model's
         del engine
         torch.cuda.empty_cache()
     df = pd.DataFrame(rows)

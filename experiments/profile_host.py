@@ -34,9 +34,15 @@ def host_rows(model: str, allocator: str, args: dict, *, max_model_len: int, kv_
                                  kv_cache_tokens=kv_cache_tokens, detokenize=False, stream_outputs=False,
                                  seed=seed))
     marks: list = []
+    vmm: dict[int, tuple[int, int]] = {}  # step -> VMM (maps, unmaps) on its path (virtual)
     launch = eng.runner.launch
+    from experiments.simulate import MapCounter
+
+    counter = MapCounter(eng.allocator) if getattr(eng.allocator, "backend", None) is not None else None
 
     def timed_launch(batch, inflight=None):
+        if counter is not None:  # what this step's scheduling mapped (the allocator runs before launch)
+            vmm[len(eng.step_records)] = counter.take()
         if not cuda:
             return launch(batch, inflight)
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -69,14 +75,20 @@ def host_rows(model: str, allocator: str, args: dict, *, max_model_len: int, kv_
     if cuda:
         torch.cuda.synchronize()
     gpu = {i: max(0.0, a.elapsed_time(b) / 1e3 - prep) for i, a, b, prep in marks}
+    # the configuration the steps ran with: the cost model calibrates against the same graphs
+    pw = getattr(eng.runner, "piecewise", None)
+    graph_max_tokens = pw.sizes[-1] if pw is not None and pw.sizes else 0
+    max_graph_batch = eng.runner.graphs.sizes[-1] if getattr(eng.runner, "graphs", None) is not None else 0
     rows = []
     for i, r in enumerate(eng.step_records):
         if r.num_seqs == 0 or i < skip_steps:
             continue
         g = gpu.get(i, 0.0)
+        maps, unmaps = vmm.get(i, (0, 0))
         rows.append(dict(table="host", model=model, allocator=allocator, batch=r.num_seqs, prefill_tokens=r.prefill_tokens,
                          decode_tokens=r.decode_tokens, context=r.context_tokens, duration=r.duration, gpu=g,
-                         value=max(0.0, r.duration - g)))
-    eng.runner.launch = launch  # no cycle through the wrapper
+                         value=max(0.0, r.duration - g), graph_max_tokens=graph_max_tokens,
+                         max_graph_batch=max_graph_batch, vmm_maps=maps, vmm_unmaps=unmaps))
+    del eng.runner.launch  # no cycle through the wrapper
     eng.close()
     return rows

@@ -259,15 +259,15 @@ class ProfiledCostModel:
         elif self.piecewise_sizes:
             log.warning("profile %s has no piecewise_forward table for %s: prefill and mixed steps are modelled "
                         "as eager (rerun kvlab profile)", profile.path, ref)
-        self.host_graph = self.host_eager = HostTable([], [])
-        if calibrate_host:
-            self._calibrate_host(profile, allocator, paged, block_size, max_graph_batch, enforce_eager)
         c = profile.table("copy")
         self.copy = {op: Grid1D(g["bytes"], g["value"]) for op, g in c.groupby("op")} if not c.empty else {}
         v = profile.table("vmm")
         self.map_s = float(v[v["op"] == "cuMemMap+cuMemSetAccess"]["value"].median()) if not v.empty else 0.0
         u = v[v["op"] == "cuMemUnmap"] if not v.empty else v
         self.unmap_s = float(u["value"].median()) if not u.empty else 0.0
+        self.host_graph = self.host_eager = HostTable([], [])
+        if calibrate_host:
+            self._calibrate_host(profile, allocator, paged, block_size, max_graph_batch, enforce_eager)
 
     def _calibrate_host(self, profile, allocator, paged, block_size, max_graph_batch, enforce_eager) -> None:
         """Host time = the real engine's step time minus what this model says its device did.
@@ -286,12 +286,21 @@ class ProfiledCostModel:
         if name not in set(models) or name not in profile.models():
             name = models.iloc[0]
         host = host[(models == name).to_numpy()]
-        ref = self if name == self.profiled_model else ProfiledCostModel(
+        # model the recorded steps' device time as the engine that ran them ran them: its graph
+        # settings (recorded with the steps), not the simulated config's
+        cap = _recorded(host, "graph_max_tokens", 0)
+        batch_cap = _recorded(host, "max_graph_batch", 0 if enforce_eager else max_graph_batch)
+        settings = (self.profiled_model, self.piecewise_sizes[-1] if self.piecewise_sizes else 0,
+                    self.graph_sizes[-1] if self.graph_sizes else 0)
+        ref = self if (name, cap, batch_cap) == settings else ProfiledCostModel(
             profile, _shape(name), model=name, paged=paged, block_size=block_size,
-            max_graph_batch=max_graph_batch, enforce_eager=enforce_eager, calibrate_host=False,
-            graph_max_tokens=self.piecewise_sizes[-1] if self.piecewise_sizes else 0)
+            max_graph_batch=max(batch_cap, 1), enforce_eager=batch_cap == 0, calibrate_host=False,
+            graph_max_tokens=cap)
         device = [ref.device_time(_calibration_work(r)) for r in host.itertuples()]
         rest = host["duration"].to_numpy(float) - np.array(device)
+        if "vmm_maps" in host:  # the VMM calls of the step's path are charged apart (step_time)
+            rest -= (host["vmm_maps"].fillna(0).to_numpy(float) * self.map_s
+                     + host["vmm_unmaps"].fillna(0).to_numpy(float) * self.unmap_s)
         graph = np.array([r.prefill_tokens == 0 and ref.padded(int(r.batch)) is not None for r in host.itertuples()])
         mine = (host["allocator"] == allocator).to_numpy() if "allocator" in host else np.ones(len(host), bool)
         # this allocator's steps; where they are too few to say anything, every allocator's
@@ -470,6 +479,13 @@ def host_model_of(profile: DeviceProfile, host: pd.DataFrame | None = None) -> p
     if "model" not in host:
         return pd.Series([default] * len(host), index=host.index, dtype=object)
     return host["model"].where(host["model"].notna(), default).astype(object)
+
+
+def _recorded(host: pd.DataFrame, column: str, default: int) -> int:
+    """An engine setting the host steps recorded (profiles made before they did: ``default``)."""
+    if column not in host or host[column].isna().all():
+        return default
+    return int(host[column].max())
 
 
 def _calibration_work(row) -> list[tuple[int, int]]:

@@ -311,3 +311,31 @@ def test_piecewise_graph_steps_use_their_table_at_the_padded_size(caplog):
     with caplog.at_level(logging.WARNING, logger="kvlab.sim"):
         old = cost_model(graph_max_tokens=2048)
     assert old.piecewise_size(128) is None and "no piecewise_forward table" in caplog.text
+
+
+def test_host_time_is_calibrated_with_the_graphs_the_steps_ran_with():
+    """Host steps recorded with piecewise graphs (cap 2048) calibrate a simulated config without
+    them (cap 0, or a budget under the cap) to the same host time: the recorded steps' device
+    time is modelled with the recorded settings, not the simulated ones (else an eager launch
+    floor is taken off steps that never had it, and host time vanishes)."""
+    from engine.loader import resolve_config
+    from experiments.profiled_costmodel import _calibration_work
+
+    shape = shape_of(resolve_config(MODEL))
+    base = _with_piecewise()
+    recorder = ProfiledCostModel(base, shape, model=MODEL, paged=True, block_size=16, max_graph_batch=64,
+                                 graph_max_tokens=2048, calibrate_host=False)
+    df = base.df[base.df["table"] != "host"]
+    rows = []
+    for b in range(1, 33):
+        for p in (0,) * 20 + (128,) * 20:
+            row = dict(table="host", allocator="paged", batch=b, prefill_tokens=p, decode_tokens=b - (p > 0),
+                       context=b * 300 + p, graph_max_tokens=2048, max_graph_batch=64)
+            rows.append(dict(row, duration=recorder.device_time(_calibration_work(pd.Series(row))) + 4e-4))
+    prof = DeviceProfile(pd.concat([df, pd.DataFrame(rows)], ignore_index=True), base.meta, "recorded")
+    prefill = [(128, 128)] + [(1, 300)] * 7
+    for cap in (2048, 512, 0):
+        m = ProfiledCostModel(prof, shape, model=MODEL, paged=True, block_size=16, max_graph_batch=64,
+                              graph_max_tokens=cap)
+        assert m.host_time(prefill) == pytest.approx(4e-4, rel=0.02), cap
+        assert m.host_time([(1, 300)] * 8) == pytest.approx(4e-4, rel=0.02), cap

@@ -175,3 +175,31 @@ def test_engine_generates_the_same_tokens_as_paged(layout):
     bpg = alloc.page_tokens * alloc.bytes_per_token
     assert st.idle_mapped == alloc.num_idle_groups * bpg > 0 and st.free == alloc.num_free_groups * bpg
     assert st.token_states == st.reservation == st.internal_frag == st.external_frag == 0
+
+
+def test_a_collected_allocators_finalizer_takes_no_lock():
+    """The collector may finalize an allocator inside another executor's ``submit``, which holds
+    concurrent.futures' global lock: the finalizer must not take it (it deadlocked the test
+    suite), and what it leaves is released at the next safe point."""
+    import concurrent.futures.thread as cft
+    import threading
+
+    from allocators.virtual import _UNCLOSED, reap_unclosed
+
+    a = make("per_layer", prefetch=True)
+    a.allocate(FakeSeq(list(range(10)), 128), 10)  # maps: the mapping thread exists
+    closed = []
+    close = a.backend.close
+    a.backend.close = lambda: closed.append(True) or close()
+    done = threading.Event()
+
+    def collect():
+        with cft._global_shutdown_lock:  # as inside another executor's submit
+            a._finalizer()  # what the collector calls
+        done.set()
+
+    threading.Thread(target=collect, daemon=True).start()
+    assert done.wait(10), "the finalizer blocked on concurrent.futures' lock"
+    assert len(_UNCLOSED) == 1 and not closed
+    reap_unclosed()
+    assert closed == [True] and not _UNCLOSED
