@@ -176,7 +176,7 @@ class MapCounter:
 
     def __init__(self, allocator):
         self.allocator = allocator
-        self.sync_maps = allocator.num_sync_maps
+        self.sync_maps = self._synchronous()
         self.unmaps = 0
         backend = allocator.backend
         inner = backend.unmap
@@ -187,11 +187,17 @@ class MapCounter:
 
         backend.unmap = counted
 
+    def _synchronous(self) -> int:
+        """Groups mapped on the caller's thread so far: growth and admission, and pages shared
+        from another slot's prefix."""
+        a = self.allocator
+        return a.num_sync_maps + getattr(a, "num_shared_maps", 0)
+
     def take(self) -> tuple[int, int]:
         """(page maps, page unmaps) since the last call."""
-        a = self.allocator
-        maps = (a.num_sync_maps - self.sync_maps) * a.num_ranges
-        self.sync_maps, unmaps, self.unmaps = a.num_sync_maps, self.unmaps, 0
+        now = self._synchronous()
+        maps = (now - self.sync_maps) * self.allocator.num_ranges
+        self.sync_maps, unmaps, self.unmaps = now, self.unmaps, 0
         return maps, unmaps
 
 
