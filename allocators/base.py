@@ -6,6 +6,7 @@ tensors the kernels read, and reports where every byte of its pool is (``stats``
 """
 from __future__ import annotations
 
+import operator
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar, Protocol, Sequence as Seq
@@ -13,7 +14,7 @@ from typing import ClassVar, Protocol, Sequence as Seq
 import torch
 
 from allocators.prefix_cache import PrefixMatch
-from allocators.stats import MemoryStats
+from allocators.stats import STAT_FIELDS, MemoryStats
 from kernels.metadata import Addressing
 
 
@@ -141,6 +142,12 @@ class KVAllocator(ABC):
         """Largest final length a single sequence could ever be given on an empty pool."""
         return self.capacity_tokens
 
+    def decode_run(self, seqs: Seq[SequenceLike]) -> DecodeRun | None:
+        """What steps of one decode token for each of ``seqs`` would do, for simulate mode's
+        bulk path (see :class:`DecodeRun`); None where this allocator (or its state now) has no
+        such model: every step then goes through ``allocate_batch``."""
+        return None
+
     # -- sharing -------------------------------------------------------------------------
     def can_fork(self, parent: SequenceLike) -> bool:
         """Whether ``fork(parent, child)`` would succeed now."""
@@ -253,3 +260,81 @@ class KVAllocator(ABC):
             internal += cap - bound
         bpt = self.bytes_per_token
         return filled * bpt, reserved * bpt, internal * bpt
+
+
+_STAT_ROW = operator.attrgetter(*STAT_FIELDS)
+_TS, _RES, _INT, _FREE = (STAT_FIELDS.index(f) for f in ("token_states", "reservation", "internal_frag", "free"))
+
+
+class DecodeRun:
+    """``k`` steps in which ``allocate_batch(seqs)`` grows each of ``seqs`` by one token and
+    decides nothing: the room is surely there, nothing is shared, copied, evicted, mapped ahead
+    or stolen. Simulate mode advances such runs in bulk (experiments/sim_fastpath.py).
+
+    Made from the allocator's state now (``KVAllocator.decode_run``); nothing changes until
+    ``commit``. ``used``: tokens the allocator holds for each sequence now; ``caps``: their
+    ``seq_capacities`` now. A strategy says how far the run may go (``_steps``), whether a
+    waiting sequence could be admitted (``may_admit``), when capacities grow (``growth``) and
+    makes the change (``commit``); the ``stats`` rows follow here, for every strategy whose
+    live sequences split their capacity as ``live_split`` does.
+    """
+
+    takes_free = False  # capacity grows out of the free pool (paged: new blocks)
+
+    def __init__(self, allocator: KVAllocator, seqs: Seq[SequenceLike], used: list[int], caps: list[int]):
+        self.allocator, self.seqs, self.used, self.caps = allocator, seqs, used, caps
+
+    def steps(self, limit: int) -> int:
+        """How many of the next ``limit`` steps the run may take (0: not even the next)."""
+        # no sequence outgrows its max_len (stats split at min(max_len, capacity) then)
+        room = min(s.max_len - u for s, u in zip(self.seqs, self.used))
+        return max(0, min(limit, room, self._steps(limit)))
+
+    def _steps(self, limit: int) -> int:
+        raise NotImplementedError
+
+    def may_admit(self, seq: SequenceLike, num_new_tokens: int) -> bool:
+        """Whether ``can_allocate(seq, num_new_tokens)`` of a waiting ``seq`` could be true at the
+        run's first step (after its tokens); False also means at no later step of the run, whose
+        steps only ever take room. True when in doubt."""
+        raise NotImplementedError
+
+    def growth(self, k: int) -> list[tuple[int, int, int]]:
+        """(step, index in ``seqs``, capacity after it) of each capacity that grows in steps
+        1..k, by step then index (none by default)."""
+        return []
+
+    def stats_rows(self, k: int, growth: list[tuple[int, int, int]]) -> tuple[int, list[tuple]]:
+        """(capacity, one STAT_FIELDS row per step 1..k): ``stats()`` now, plus the run's tokens
+        and the capacities that grow (``growth``). Every token is below ``min(max_len,
+        capacity)`` (``steps`` sees to it), so each sequence's reservation ends there."""
+        seqs, caps = self.seqs, list(self.caps)
+        d_res, d_int, d_cap = [0] * (k + 1), [0] * (k + 1), [0] * (k + 1)
+        for step, j, cap in growth:
+            m, old = seqs[j].max_len, caps[j]
+            caps[j] = cap
+            d_res[step] += min(m, cap) - min(m, old)
+            d_int[step] += max(cap - m, 0) - max(old - m, 0)
+            d_cap[step] += cap - old
+        now = self.allocator.stats()
+        row = list(_STAT_ROW(now))
+        ts, res, internal, free = row[_TS], row[_RES], row[_INT], row[_FREE]
+        bpt, num = self.allocator.bytes_per_token, len(seqs)
+        rows = []
+        g_res = g_int = g_cap = 0
+        for step in range(1, k + 1):
+            g_res += d_res[step]
+            g_int += d_int[step]
+            g_cap += d_cap[step]
+            row[_TS] = ts + num * step * bpt
+            row[_RES] = res + (g_res - num * step) * bpt
+            row[_INT] = internal + g_int * bpt
+            if self.takes_free:
+                row[_FREE] = free - g_cap * bpt
+            rows.append(tuple(row))
+        return now.capacity, rows
+
+    def commit(self, k: int, growth: list[tuple[int, int, int]]) -> None:
+        """Leave the allocator as ``k`` steps of ``allocate_batch(seqs)`` would (``growth``: from
+        ``growth(k)``)."""
+        raise NotImplementedError

@@ -15,10 +15,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence as Seq
 
+import numpy as np
 import torch
 
 import kernels
-from allocators.base import AllocationError, KVAllocator, KVCacheSpec, SequenceLike
+from allocators.base import AllocationError, DecodeRun, KVAllocator, KVCacheSpec, SequenceLike
 from allocators.block_pool import BlockPool
 from allocators.host_swap import HostSwapSpace
 from allocators.host_tier import HostKVTier, HostTierConfig, Transfer
@@ -204,6 +205,25 @@ class PagedAllocator(KVAllocator):
                 return i
             self.allocate(seq, n)
         return len(seqs)
+
+    def decode_run(self, seqs: Seq[SequenceLike]) -> DecodeRun | None:
+        # new blocks come off the plain free stack, one per sequence every block_size steps;
+        # a prefix cache (registering full blocks, evicting cached ones), a host tier or a
+        # shared partial tail (copy-on-write, charged to one holder) has no bulk model
+        if self.enable_prefix_caching or self.host_tier is not None or self._tail_holders or self.pool.num_cached_free:
+            return None
+        bs, get, ref = self._block_size, self._seqs.get, self.pool.ref
+        sts, used = [], []
+        for seq in seqs:
+            st = get(seq.seq_id)
+            if st is None or st.host is not None or st.released or not st.table:
+                return None
+            n, table = st.num_tokens, st.table
+            if len(table) != -(-n // bs) or (n % bs and ref[table[-1]] != 1):
+                return None
+            sts.append(st)
+            used.append(n)
+        return _PagedDecodeRun(self, seqs, sts, used)
 
     def _copy_on_write(self, st: _SeqBlocks) -> None:
         """``st``'s last block is shared and about to be written: write a private copy instead."""
@@ -563,3 +583,58 @@ class PagedAllocator(KVAllocator):
             external_frag=0,  # any free block serves any sequence
             free=self.pool.num_free * bs * bpt,  # free cached blocks included: any allocation may evict them
         )
+
+
+class _PagedDecodeRun(DecodeRun):
+    """Each sequence takes a free block at the step its last block is full, then every
+    ``block_size`` steps; the run stops before the step that finds the pool empty."""
+
+    takes_free = True
+
+    def __init__(self, allocator: PagedAllocator, seqs: Seq[SequenceLike], sts: list[_SeqBlocks], used: list[int]):
+        bs = self.bs = allocator.block_size
+        super().__init__(allocator, seqs, used, [len(st.table) * bs for st in sts])
+        self.sts = sts
+        self.first = [bs - u % bs + 1 if u % bs else 1 for u in used]  # step of each one's first new block
+        self.free = allocator.pool.num_free
+
+    def _steps(self, limit: int) -> int:
+        # every block_size steps each sequence takes one block: the pool runs out at the
+        # (free + 1)-th new block
+        full_rounds, rest = divmod(self.free, len(self.first))
+        return full_rounds * self.bs + sorted(self.first)[rest] - 1
+
+    def may_admit(self, seq: SequenceLike, num_new_tokens: int) -> bool:
+        if seq.seq_id in self.allocator._seqs:
+            return True  # it holds blocks already: not the plain case
+        return -(-num_new_tokens // self.bs) <= self.free - self.first.count(1)
+
+    def growth(self, k: int) -> list[tuple[int, int, int]]:
+        bs, out = self.bs, []
+        for j, (first, cap) in enumerate(zip(self.first, self.caps)):
+            for step in range(first, k + 1, bs):
+                cap += bs
+                out.append((step, j, cap))
+        out.sort()
+        return out
+
+    def commit(self, k: int, growth: list[tuple[int, int, int]]) -> None:
+        bs, pool = self.bs, self.allocator.pool
+        sts = self.sts
+        # the new blocks, in the order the steps take them (by step, then place in the batch)
+        for _, j, _ in growth:
+            sts[j].table.append(pool.take())  # ref 1, fill 0
+        fill = pool.fill
+        for st, u in zip(sts, self.used):
+            total = st.num_tokens = u + k
+            table = st.table
+            last = len(table) - 1
+            if last * bs < u:  # no new block: the last one takes the k tokens
+                fill[table[last]] += k
+                continue
+            if u % bs:  # the partial last block filled up, then new ones
+                fill[table[u // bs]] = bs
+            for i in range(-(-u // bs), last):
+                fill[table[i]] = bs
+            fill[table[last]] = total - last * bs
+        pool.filled_total += len(sts) * k

@@ -245,6 +245,24 @@ class MemoryAccountant:
             return
         self._relive(step, ids, capacities, [s.max_len for s in seqs])
 
+    def record_run(self, rows: Sequence[tuple], seqs: Sequence,
+                   changes: Sequence[Sequence[tuple[int, int]]]) -> None:
+        """Steps that follow a ``record_seqs`` of the same live ``seqs`` (simulate's runs of
+        decode steps): ``rows[i]`` is a step's stats (STAT_FIELDS order, the same capacity),
+        ``changes[i]`` the (index in ``seqs``, capacity) of each capacity that changed at that
+        step. The same as ``record_seqs`` step by step."""
+        caps = list(self._caps)
+        store = self._rows
+        for row, changed in zip(rows, changes):
+            step = len(store)
+            if store.append(row):
+                self._settle()
+            for j, cap in changed:
+                s = seqs[j]
+                self._reopen(step, s.seq_id, cap, s.max_len)
+                caps[j] = cap
+        self._caps = caps
+
     def _begin(self, stats: MemoryStats) -> int:
         step = len(self._rows)
         self.capacity = stats.capacity

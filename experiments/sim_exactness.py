@@ -5,10 +5,10 @@ folder, then compare two such folders table by table.
     python -m experiments.sim_exactness run /tmp/new            # after it
     python -m experiments.sim_exactness compare /tmp/ref /tmp/new
 
-``compare`` checks every case's ``steps.parquet`` and ``requests.parquet`` for equality (floats
-to a relative 1e-12: the same arithmetic gives the same bits, a reordered sum may not) and its
-``summary.json`` for equal values, but for the keys that describe the process, not the run
-(wall time, date, commit). It exits 1 naming the first differences.
+``compare`` checks every case's ``steps.parquet`` and ``requests.parquet`` for exact equality
+(every float to the bit) and its ``summary.json`` for equal values, but for the keys that
+describe the process, not the run (wall time, date, commit). It exits 1 naming the first
+differences.
 """
 from __future__ import annotations
 
@@ -63,15 +63,15 @@ def run_cases(out: Path, names: list[str] | None = None) -> None:
 
 def _frames_differ(a: pd.DataFrame, b: pd.DataFrame) -> str | None:
     try:
-        pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=1e-12, atol=0.0)
+        pd.testing.assert_frame_equal(a, b, check_exact=True)
     except AssertionError as e:
         return str(e).splitlines()[0] + " " + " ".join(str(e).splitlines()[1:4])
     return None
 
 
 def _same(x, y) -> bool:
-    if isinstance(x, float) and isinstance(y, float):
-        return (math.isnan(x) and math.isnan(y)) or math.isclose(x, y, rel_tol=1e-12, abs_tol=0.0)
+    if isinstance(x, float) and isinstance(y, float) and math.isnan(x):
+        return math.isnan(y)
     return x == y
 
 
@@ -107,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     bad = 0
     for case in sorted(p.name for p in args.a.iterdir() if (p / "summary.json").exists()):
+        if not (args.b / case / "summary.json").exists():
+            print(f"{case}: not in {args.b}")
+            continue
         problems = compare_run(args.a / case, args.b / case)
         print(f"{case}: {'same' if not problems else 'DIFFERENT'}")
         for p in problems[:10]:
