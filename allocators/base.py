@@ -9,7 +9,7 @@ from __future__ import annotations
 import operator
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar, Protocol, Sequence as Seq
+from typing import Callable, ClassVar, Protocol, Sequence as Seq
 
 import torch
 
@@ -267,74 +267,97 @@ _TS, _RES, _INT, _FREE = (STAT_FIELDS.index(f) for f in ("token_states", "reserv
 
 
 class DecodeRun:
-    """``k`` steps in which ``allocate_batch(seqs)`` grows each of ``seqs`` by one token and
-    decides nothing: the room is surely there, nothing is shared, copied, evicted, mapped ahead
-    or stolen. Simulate mode advances such runs in bulk (experiments/sim_fastpath.py).
+    """Steps in which ``allocate_batch(seqs[:num])`` grows each of the first ``num`` of ``seqs``
+    by one token, for simulate mode's bulk path (experiments/sim_fastpath.py), which steps it
+    one step at a time and then makes the change at once (``commit``).
 
-    Made from the allocator's state now (``KVAllocator.decode_run``); nothing changes until
-    ``commit``. ``used``: tokens the allocator holds for each sequence now; ``caps``: their
-    ``seq_capacities`` now. A strategy says how far the run may go (``_steps``), whether a
-    waiting sequence could be admitted (``may_admit``), when capacities grow (``growth``) and
-    makes the change (``commit``); the ``stats`` rows follow here, for every strategy whose
-    live sequences split their capacity as ``live_split`` does.
+    Made from the allocator's state now (``KVAllocator.decode_run``); the allocator does not
+    change until ``commit``. ``used``: tokens the allocator holds for each sequence now;
+    ``caps``: their ``seq_capacities``. A strategy says how many steps it can model at most
+    (``limit``), makes each step's room (``allocate``: where a sequence does not fit, the
+    caller preempts from the back, ``release``), whether a waiting sequence could be admitted
+    (``may_admit``) and makes the change (``commit``). The ``stats`` rows follow here, for
+    every strategy whose live sequences split their capacity as ``live_split`` does.
     """
 
-    takes_free = False  # capacity grows out of the free pool (paged: new blocks)
+    takes_free = False  # capacity grows out of the free pool, and preempted ones give theirs back (paged)
 
     def __init__(self, allocator: KVAllocator, seqs: Seq[SequenceLike], used: list[int], caps: list[int]):
-        self.allocator, self.seqs, self.used, self.caps = allocator, seqs, used, caps
+        self.allocator, self.seqs, self.used, self.caps = allocator, list(seqs), used, caps
+        self.growth: list[tuple[int, int, int]] = []  # (step, index, capacity after it), in step order
+        self.released: list[tuple[int, int]] = []  # (step, index) of each sequence preempted
 
-    def steps(self, limit: int) -> int:
-        """How many of the next ``limit`` steps the run may take (0: not even the next)."""
+    def limit(self) -> int:
+        """Steps the strategy can model from now (0: not even the next)."""
         # no sequence outgrows its max_len (stats split at min(max_len, capacity) then)
         room = min(s.max_len - u for s, u in zip(self.seqs, self.used))
-        return max(0, min(limit, room, self._steps(limit)))
+        return max(0, min(room, self._limit()))
 
-    def _steps(self, limit: int) -> int:
+    def _limit(self) -> int:
         raise NotImplementedError
+
+    def allocate(self, step: int, num: int, start: int = 0) -> int | None:
+        """Room for step ``step``'s token of each of ``seqs[start:num]`` in order; the index of
+        the first that finds none (those before it have theirs), or None."""
+        return None
+
+    def release(self, index: int, step: int) -> bool:
+        """``seqs[index]`` is preempted (by recompute) at step ``step``, before its token: its
+        room goes back. False where that is not modelled (nothing is changed then)."""
+        return False
 
     def may_admit(self, seq: SequenceLike, num_new_tokens: int) -> bool:
-        """Whether ``can_allocate(seq, num_new_tokens)`` of a waiting ``seq`` could be true at the
-        run's first step (after its tokens); False also means at no later step of the run, whose
-        steps only ever take room. True when in doubt."""
+        """Whether ``can_allocate(seq, num_new_tokens)`` of a waiting ``seq`` could be true after
+        the steps made so far; False also means at later steps until one preempts (they only
+        take room). True when in doubt."""
         raise NotImplementedError
 
-    def growth(self, k: int) -> list[tuple[int, int, int]]:
-        """(step, index in ``seqs``, capacity after it) of each capacity that grows in steps
-        1..k, by step then index (none by default)."""
-        return []
-
-    def stats_rows(self, k: int, growth: list[tuple[int, int, int]]) -> tuple[int, list[tuple]]:
-        """(capacity, one STAT_FIELDS row per step 1..k): ``stats()`` now, plus the run's tokens
-        and the capacities that grow (``growth``). Every token is below ``min(max_len,
-        capacity)`` (``steps`` sees to it), so each sequence's reservation ends there."""
+    def stats_rows(self, nums: list[int]) -> tuple[int, list[tuple]]:
+        """(capacity, one STAT_FIELDS row per step): ``stats()`` after each step of the run,
+        ``nums[i]`` sequences in step i + 1: the stats now, plus the run's tokens, the capacities
+        that grew and minus the sequences preempted. Every token is below ``min(max_len,
+        capacity)`` (``limit`` sees to it), so each sequence's reservation ends there."""
+        k = len(nums)
         seqs, caps = self.seqs, list(self.caps)
-        d_res, d_int, d_cap = [0] * (k + 1), [0] * (k + 1), [0] * (k + 1)
-        for step, j, cap in growth:
+        d_ts, d_res, d_int, d_cap = ([0] * (k + 1) for _ in range(4))
+        for step, j, cap in self.growth:
+            if step > k:
+                break
             m, old = seqs[j].max_len, caps[j]
             caps[j] = cap
             d_res[step] += min(m, cap) - min(m, old)
             d_int[step] += max(cap - m, 0) - max(old - m, 0)
             d_cap[step] += cap - old
+        for step, j in self.released:  # its capacity then: it grows no more
+            if step > k:
+                break
+            m, cap, used = seqs[j].max_len, caps[j], self.used[j] + step - 1
+            d_ts[step] -= used
+            d_res[step] -= min(m, cap) - used
+            d_int[step] -= max(cap - m, 0)
+            d_cap[step] -= cap
         now = self.allocator.stats()
         row = list(_STAT_ROW(now))
         ts, res, internal, free = row[_TS], row[_RES], row[_INT], row[_FREE]
-        bpt, num = self.allocator.bytes_per_token, len(seqs)
+        bpt = self.allocator.bytes_per_token
         rows = []
-        g_res = g_int = g_cap = 0
+        g_ts = g_res = g_int = g_cap = 0
         for step in range(1, k + 1):
-            g_res += d_res[step]
+            num = nums[step - 1]  # each grows by a token: its reservation shrinks by one
+            g_ts += num + d_ts[step]
+            g_res += d_res[step] - num
             g_int += d_int[step]
             g_cap += d_cap[step]
-            row[_TS] = ts + num * step * bpt
-            row[_RES] = res + (g_res - num * step) * bpt
+            row[_TS] = ts + g_ts * bpt
+            row[_RES] = res + g_res * bpt
             row[_INT] = internal + g_int * bpt
             if self.takes_free:
                 row[_FREE] = free - g_cap * bpt
             rows.append(tuple(row))
         return now.capacity, rows
 
-    def commit(self, k: int, growth: list[tuple[int, int, int]]) -> None:
-        """Leave the allocator as ``k`` steps of ``allocate_batch(seqs)`` would (``growth``: from
-        ``growth(k)``)."""
+    def commit(self, k: int, preempt: Callable[[int], None]) -> None:
+        """Leave the allocator as steps 1..k did: each survivor ``k`` tokens longer, each
+        preempted one as it was then, ``preempt(index)`` called where the step preempted it
+        (the scheduler's own preemption, which frees it here)."""
         raise NotImplementedError

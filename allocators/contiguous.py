@@ -10,7 +10,7 @@ a hole fits its whole region.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence as Seq
+from typing import Callable, Sequence as Seq
 
 from allocators.arena import make_arena
 from allocators.base import AllocationError, DecodeRun, KVAllocator, KVCacheSpec, SequenceLike
@@ -210,13 +210,13 @@ class _ContiguousDecodeRun(DecodeRun):
         super().__init__(allocator, seqs, [r.used for r in regions], [r.length for r in regions])
         self.regions = regions
 
-    def _steps(self, limit: int) -> int:
+    def _limit(self) -> int:
         return min(r.length - r.used for r in self.regions)
 
     def may_admit(self, seq: SequenceLike, num_new_tokens: int) -> bool:
         alloc = self.allocator
         return seq.seq_id in alloc._regions or alloc.can_allocate(seq, num_new_tokens)
 
-    def commit(self, k: int, growth: list[tuple[int, int, int]]) -> None:
+    def commit(self, k: int, preempt: Callable[[int], None]) -> None:
         for r in self.regions:
             r.used += k

@@ -13,7 +13,7 @@ block is shared after a fork, to its holder with the smallest seq_id.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence as Seq
+from typing import Callable, Sequence as Seq
 
 import numpy as np
 import torch
@@ -207,8 +207,8 @@ class PagedAllocator(KVAllocator):
         return len(seqs)
 
     def decode_run(self, seqs: Seq[SequenceLike]) -> DecodeRun | None:
-        # new blocks come off the plain free stack, one per sequence every block_size steps;
-        # a prefix cache (registering full blocks, evicting cached ones), a host tier or a
+        # new blocks come off the plain free stack, one per sequence every block_size steps,
+        # preempted sequences put theirs back; a prefix cache (registering full blocks, evicting cached ones), a host tier or a
         # shared partial tail (copy-on-write, charged to one holder) has no bulk model
         if self.enable_prefix_caching or self.host_tier is not None or self._tail_holders or self.pool.num_cached_free:
             return None
@@ -587,7 +587,8 @@ class PagedAllocator(KVAllocator):
 
 class _PagedDecodeRun(DecodeRun):
     """Each sequence takes a free block at the step its last block is full, then every
-    ``block_size`` steps; the run stops before the step that finds the pool empty."""
+    ``block_size`` steps; a preempted one gives back all its blocks (only private ones are
+    modelled)."""
 
     takes_free = True
 
@@ -595,46 +596,79 @@ class _PagedDecodeRun(DecodeRun):
         bs = self.bs = allocator.block_size
         super().__init__(allocator, seqs, used, [len(st.table) * bs for st in sts])
         self.sts = sts
-        self.first = [bs - u % bs + 1 if u % bs else 1 for u in used]  # step of each one's first new block
         self.free = allocator.pool.num_free
+        self._caps = list(self.caps)  # as the steps so far leave them
+        # sequences that take a block at a step, by the step's residue: a sequence whose last
+        # block is full takes one at step 1, one holding r tokens of it at step bs - r + 1
+        self._takers: list[list[int]] = [[] for _ in range(bs)]
+        for j, u in enumerate(used):
+            self._takers[(bs - u % bs + 1) % bs if u % bs else 1 % bs].append(j)
+        self._gone: set[int] = set()  # seq ids preempted so far
+        self._events: list[tuple[int, int, bool]] = []  # (step, index, preempted): takes and frees in order
 
-    def _steps(self, limit: int) -> int:
-        # every block_size steps each sequence takes one block: the pool runs out at the
-        # (free + 1)-th new block
-        full_rounds, rest = divmod(self.free, len(self.first))
-        return full_rounds * self.bs + sorted(self.first)[rest] - 1
+    def _limit(self) -> int:
+        return 1 << 62  # the free pool is stepped (allocate)
+
+    def allocate(self, step: int, num: int, start: int = 0) -> int | None:
+        caps, bs = self._caps, self.bs
+        for j in self._takers[step % bs]:
+            if j < start:
+                continue
+            if j >= num:
+                break
+            if not self.free:
+                return j
+            self.free -= 1
+            caps[j] += bs
+            self.growth.append((step, j, caps[j]))
+            self._events.append((step, j, False))
+        return None
+
+    def release(self, index: int, step: int) -> bool:
+        ref = self.allocator.pool.ref
+        if any(ref[b] != 1 for b in self.sts[index].table):
+            return False  # blocks shared with another sequence stay held: not modelled
+        self.free += self._caps[index] // self.bs
+        self.released.append((step, index))
+        self._events.append((step, index, True))
+        self._gone.add(self.seqs[index].seq_id)
+        return True
 
     def may_admit(self, seq: SequenceLike, num_new_tokens: int) -> bool:
-        if seq.seq_id in self.allocator._seqs:
-            return True  # it holds blocks already: not the plain case
-        return -(-num_new_tokens // self.bs) <= self.free - self.first.count(1)
+        if seq.seq_id in self.allocator._seqs and seq.seq_id not in self._gone:
+            return True  # it holds blocks: not the plain case
+        return -(-num_new_tokens // self.bs) <= self.free
 
-    def growth(self, k: int) -> list[tuple[int, int, int]]:
-        bs, out = self.bs, []
-        for j, (first, cap) in enumerate(zip(self.first, self.caps)):
-            for step in range(first, k + 1, bs):
-                cap += bs
-                out.append((step, j, cap))
-        out.sort()
-        return out
-
-    def commit(self, k: int, growth: list[tuple[int, int, int]]) -> None:
+    def commit(self, k: int, preempt: Callable[[int], None]) -> None:
         bs, pool = self.bs, self.allocator.pool
-        sts = self.sts
-        # the new blocks, in the order the steps take them (by step, then place in the batch)
-        for _, j, _ in growth:
-            sts[j].table.append(pool.take())  # ref 1, fill 0
-        fill = pool.fill
-        for st, u in zip(sts, self.used):
-            total = st.num_tokens = u + k
+        fill, sts, used = pool.fill, self.sts, self.used
+        added = 0  # tokens the run adds to the pool's fill count (a freed block takes its fill away)
+
+        def catch_up(j: int, steps: int) -> None:  # seqs[j]'s tokens and fills after ``steps`` steps
+            st, u = sts[j], used[j]
+            total = st.num_tokens = u + steps
+            table = st.table
+            for i in range(u // bs, len(table)):
+                fill[table[i]] = min(bs, total - i * bs)
+
+        # the new blocks and the preemptions in the order the steps make them
+        for step, j, gone in self._events:
+            if step > k:
+                break
+            if gone:
+                catch_up(j, step - 1)
+                added += step - 1
+                preempt(j)
+            else:
+                sts[j].table.append(pool.take())  # ref 1, fill 0
+        alive = len(self.seqs) - sum(1 for step, _ in self.released if step <= k)
+        for j in range(alive):  # survivors are the first ones: preemption takes from the back
+            st, u = sts[j], used[j]
             table = st.table
             last = len(table) - 1
             if last * bs < u:  # no new block: the last one takes the k tokens
+                st.num_tokens = u + k
                 fill[table[last]] += k
-                continue
-            if u % bs:  # the partial last block filled up, then new ones
-                fill[table[u // bs]] = bs
-            for i in range(-(-u // bs), last):
-                fill[table[i]] = bs
-            fill[table[last]] = total - last * bs
-        pool.filled_total += len(sts) * k
+            else:
+                catch_up(j, k)
+        pool.filled_total += added + alive * k

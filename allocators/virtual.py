@@ -55,7 +55,7 @@ import weakref
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Sequence as Seq
+from typing import Callable, Sequence as Seq
 
 import torch
 
@@ -782,13 +782,13 @@ class _VirtualDecodeRun(DecodeRun):
         super().__init__(allocator, seqs, [s.used for s in slots], caps)
         self.slots = slots
 
-    def _steps(self, limit: int) -> int:
+    def _limit(self) -> int:
         return min(self.limits)
 
     def may_admit(self, seq: SequenceLike, num_new_tokens: int) -> bool:
         alloc = self.allocator
         return seq.seq_id in alloc._by_seq or alloc.can_allocate(seq, num_new_tokens)
 
-    def commit(self, k: int, growth: list[tuple[int, int, int]]) -> None:
+    def commit(self, k: int, preempt: Callable[[int], None]) -> None:
         for slot in self.slots:
             slot.used += k

@@ -12,10 +12,13 @@ A run stops before the first step that could differ from that pattern, and that 
 through ``LLMEngine.step`` as always:
 
 - an arrival (the driver adds requests before a step whose clock has passed their time);
-- a step in which the allocator would have to decide something: a block, page or region that
-  might not be there, copy-on-write, mapping ahead (``DecodeRun.steps``);
-- a waiting (or swapped) request that could be admitted: the run is taken only when the
-  queue's head cannot be admitted at its first step, and its steps only ever take memory;
+- a step in which the allocator would have to decide something it has no model of
+  (``KVAllocator.decode_run``): copy-on-write, mapping a page, a region that is full. A paged
+  pool that runs out is modelled: the scheduler preempts from the back (by recompute), the
+  victims' blocks go back to the pool, as ``Scheduler.schedule`` does it;
+- a waiting request that could be admitted: the queue's head is checked at the run's first
+  step and after each preemption (a victim heads the queue); in between, steps only take
+  memory, so a head that cannot be admitted stays so;
 - anything outside the plain case: a sequence that is not one decode token, stop tokens or
   text to check, streamed outputs, beams, forks, prefix caching at admission, a host tier,
   a profiled cost model, windowed attention, asynchronous scheduling, fault isolation.
@@ -26,16 +29,31 @@ test-suite runs both and compares every step (tests/test_sim_fastpath.py).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from allocators.stats import STAT_FIELDS, MemoryStats
-from engine.scheduler import Scheduler
+from engine.scheduler import ScheduledBatch
 
 if TYPE_CHECKING:
+    from allocators.base import DecodeRun
     from engine.llm_engine import LLMEngine
     from engine.outputs import RequestOutput
+    from engine.sequence import Sequence
+
+
+@dataclass
+class _Steps:
+    """The steps of a run, as planned: the clock at each one's start (and after the last), each
+    one's time, how many of the running sequences (the first ones) it computes, how many it
+    preempted, their context."""
+    times: list[float]
+    durations: list[float] = field(default_factory=list)
+    nums: list[int] = field(default_factory=list)
+    preempted: list[int] = field(default_factory=list)
+    contexts: list[int] = field(default_factory=list)  # tokens the batch's sequences hold after it
 
 
 class DecodeFastForward:
@@ -45,8 +63,8 @@ class DecodeFastForward:
         self.engine = engine
         self.runs = 0  # runs taken
         self.steps = 0  # steps they advanced
-        # a run ends where the next step differs (a preemption, an admission, an arrival):
-        # that one goes through engine.step() without being looked at again
+        # a run ends where the next step differs (an admission, an arrival, what the allocator
+        # has no model of): that one goes through engine.step() without being looked at again
         self._after_run = False
         self._plain_types: tuple | None = None
 
@@ -60,26 +78,22 @@ class DecodeFastForward:
         e = self.engine
         sched = e.scheduler
         running = sched.running
-        if not running or sched.swapped or e.isolator.active or not self._plain_engine():
+        if (not running or sched.swapped or e.isolator.active or not self._plain_engine()
+                or len(running) > sched.config.max_num_batched_tokens):
             return None
-        num = len(running)
-        budget = sched.config.max_num_batched_tokens - num  # left after the decode tokens
-        if budget < 0:
-            return None
-        steps, computed = _decode_steps(running)
-        if not steps:
+        left, computed = _decode_state(running)
+        if not left:
             return None
         plan = e.allocator.decode_run(running)
         if plan is None:
             return None
-        steps = plan.steps(steps)
-        if not steps or self._may_admit(plan, budget):
+        steps = self._plan(plan, left, computed, t0, next_arrival_s)
+        if steps is None:
             return None
-        times, durations = self._times(t0, next_arrival_s, num, sum(computed), steps)
         self.runs += 1
-        self.steps += len(durations)
+        self.steps += len(steps.nums)
         self._after_run = True
-        return self._advance(plan, computed, times, durations)
+        return self._advance(plan, steps, computed)
 
     def _plain_engine(self) -> bool:
         """The simulated engine as it was built: its own runner (not wrapped: tests count its
@@ -95,55 +109,108 @@ class DecodeFastForward:
                 and runner.cost_model.full_attention and not runner.profiled
                 and not e.config.async_scheduling and e.allocator.host_tier is None)
 
-    # -- what the run may be -----------------------------------------------------------------
-    def _may_admit(self, plan, budget: int) -> bool:
-        """Whether the queue's head could be admitted at the run's first step (``_admit``'s
-        checks); True when in doubt."""
-        sched = self.engine.scheduler
-        if not sched.waiting or budget <= 0 or len(sched.running) >= sched.config.max_num_seqs:
+    # -- the plan: the steps as Scheduler.schedule would make them ------------------------------
+    def _plan(self, plan: DecodeRun, left: list[int], computed: list[int], t0: float,
+              next_arrival_s: float) -> _Steps | None:
+        """The run's steps: each computes the first ``num`` running sequences' decode tokens,
+        preempting from the back where the pool runs out; the run ends at the first step where
+        a sequence finishes (included), before a step whose schedule would differ or before
+        which the driver would add a request."""
+        e = self.engine
+        sched = e.scheduler
+        running = sched.running
+        limit = plan.limit()
+        if not limit:
+            return None
+        num = len(running)
+        context = [0]  # context[n]: computed tokens of the first n sequences
+        for c in computed:
+            context.append(context[-1] + c)
+        first_done = min(left)  # step at which the first of the first ``num`` finishes
+        # the head of the queue and its tokens (a victim has the tokens of the steps it was in)
+        head = sched.waiting[0] if sched.waiting else None
+        head_len = len(head.token_ids) if head is not None else 0
+        head_computed = head.num_computed_tokens if head is not None else 0
+        check = True  # admission to check: at the first step, and after each preemption
+        can_preempt = not sched._swap  # a victim that swaps: not modelled
+        cost = e.runner.cost_model.decode_step_time
+        t = e.clock()
+        steps = _Steps([t])
+        for step in range(1, limit + 1):
+            if step > 1 and next_arrival_s <= t - t0:
+                break
+            before = num
+            j = plan.allocate(step, num)
+            while j is not None:  # Scheduler.schedule: preempt the last until ``j`` fits
+                victim = num - 1
+                if (not victim or not can_preempt or running[victim].params.num_seqs > 1
+                        or not plan.release(victim, step)):
+                    return self._planned(steps)  # the exact step decides
+                num -= 1
+                if victim == j:
+                    break
+                j = plan.allocate(step, num, start=j)
+            if num < before:  # no admission this step; the last victim heads the queue now
+                head, check = running[num], True
+                head_len, head_computed = len(head.token_ids) + step - 1, 0
+                first_done = min(left[:num])
+            elif check:
+                if self._may_admit(plan, head, head_len, head_computed, num):
+                    break
+                check = False
+            held = context[num] + num * step
+            dt = cost(num, held)
+            if dt > 0:  # VirtualClock.advance
+                t += dt
+            steps.times.append(t)
+            steps.durations.append(dt)
+            steps.nums.append(num)
+            steps.preempted.append(before - num)
+            steps.contexts.append(held)
+            if first_done <= step:
+                break
+        return self._planned(steps)
+
+    @staticmethod
+    def _planned(steps: _Steps) -> _Steps | None:
+        return steps if steps.nums else None
+
+    def _may_admit(self, plan: DecodeRun, head: Sequence | None, head_len: int, computed: int, num: int) -> bool:
+        """Whether ``Scheduler._admit`` could admit ``head`` (``head_len`` tokens, ``computed`` of
+        them computed) at this step, ``num`` sequences decoding; True when in doubt."""
+        if head is None:
+            return False
+        cfg = self.engine.scheduler.config
+        budget = cfg.max_num_batched_tokens - num
+        if budget <= 0 or num >= cfg.max_num_seqs:
             return False  # no admission is tried
-        head = sched.waiting[0]
-        if sched.config.enable_prefix_caching or head.followers:
+        if cfg.enable_prefix_caching or head.followers:
             return True  # a prefix lookup (it changes the cache's counts) or a group: not modelled
-        n = Scheduler._chunk(head, budget)
+        full = (head.prompt_len - 1 if head.fork_pending else head_len) - computed
+        n = min(full, budget)  # Scheduler._chunk
         if n <= 0:
             return True
-        full = (head.prompt_len - 1 if head.fork_pending else len(head.token_ids)) - head.num_computed_tokens
-        if n < full and not sched.config.enable_chunked_prefill:
+        if n < full and not cfg.enable_chunked_prefill:
             return False  # it waits for a budget that decode tokens keep taken
         return plan.may_admit(head, n)
 
-    def _times(self, t0: float, next_arrival_s: float, num: int, context: int,
-               steps: int) -> tuple[list[float], list[float]]:
-        """The clock at the start of each step of the run and after its last, and each step's
-        time (the cost model's, of the batch's sums), as the engine's steps advance it one after
-        the other; a step starts only while the driver would add no request before it."""
-        e = self.engine
-        cost = e.runner.cost_model.decode_step_time
-        t = e.clock()
-        times, durations = [t], []
-        for k in range(1, steps + 1):
-            if k > 1 and next_arrival_s <= t - t0:
-                break
-            dt = cost(num, context + num * k)
-            if dt > 0:  # VirtualClock.advance
-                t += dt
-            times.append(t)
-            durations.append(dt)
-        return times, durations
-
     # -- the run -------------------------------------------------------------------------------
-    def _advance(self, plan, computed: list[int], times: list[float], durations: list[float]) -> list[RequestOutput]:
+    def _advance(self, plan: DecodeRun, steps: _Steps, computed: list[int]) -> list[RequestOutput]:
         e = self.engine
         sched, runner = e.scheduler, e.runner
         running = list(sched.running)
-        num, k = len(running), len(durations)
-        context0 = sum(computed)
-        growth = plan.growth(k)
+        nums, times = steps.nums, steps.times
+        k = len(nums)
+        context = steps.contexts
         if e.config.record_memory:
-            self._record_memory(plan, running, growth, context0, k)
-        plan.commit(k, growth)
-        # the tokens: each sequence samples one per step, the id SimRunner gives it
+            self._record_memory(plan, running, nums, context)
+        # steps each sequence was in: the first nums[-1] all of them, the victims until theirs
+        ins = [k] * len(running)
+        for step, j in plan.released:
+            if step > k:
+                break
+            ins[j] = step - 1
+        # the tokens: one per step in the batch, the ids SimRunner gives
         ends = np.array(computed, dtype=np.int64)[:, None] + np.arange(1, k + 1)
         ids = np.array([s.seq_id for s in running], dtype=np.int64)[:, None]
         span = runner.vocab_size - 4
@@ -153,53 +220,74 @@ class DecodeFastForward:
             hit = np.isin(tokens, eos)
             tokens[hit] = 4 + (tokens[hit] + 1 - 4) % span
         after = times[1:]
-        for seq, toks in zip(running, tokens.tolist()):
-            seq.num_computed_tokens += k
+        for seq, toks, n in zip(running, tokens.tolist(), ins):
+            if n < k:
+                toks = toks[:n]
+            seq.num_computed_tokens += n
             seq.token_ids += toks
             seq.output_token_ids += toks
-            seq.token_times += after
-        e.num_generation_tokens += num * k
+            seq.token_times += after if n == k else after[:n]
+        e.num_generation_tokens += sum(nums)
         # the runner and the clock, as k calls of execute leave them
         busy = runner.busy_s
-        for dt in durations:
+        for dt in steps.durations:
             busy += dt
         runner.busy_s = busy
         runner.num_steps += k
         e.clock.t = times[-1]
+        # the allocator; the victims preempted by the scheduler's own code, in their order
+        batch = ScheduledBatch()
+
+        def preempt(j: int) -> None:
+            victim = sched.running.pop()
+            assert victim is running[j], "a run preempts from the back"
+            sched._preempt(victim, batch)
+
+        plan.commit(k, preempt)
         # step records (the last one after the finishes: it counts the sequences left)
-        waiting = len(sched.waiting)
         append = e.step_records.append
+        waiting = len(sched.waiting) - len(batch.preempted)
         for i in range(k - 1):
-            append((times[i], times[i + 1] - times[i], num, waiting, num, 0, num, 0, 0.0,
-                    context0 + num * (i + 1), 0, 0, 0, 0.0))
-        outputs = self._finish(running)
+            waiting += steps.preempted[i]
+            append((times[i], times[i + 1] - times[i], nums[i], waiting, nums[i], 0, nums[i], steps.preempted[i],
+                    0.0, context[i], 0, 0, 0, 0.0))
+        outputs = self._finish(running[:nums[-1]])
         e._wait_s = 0.0
-        append((times[k - 1], times[k] - times[k - 1], len(sched.running), len(sched.waiting), num,
-                0, num, 0, 0.0, context0 + num * k, 0, 0, 0, 0.0))
+        append((times[k - 1], times[k] - times[k - 1], len(sched.running), len(sched.waiting), nums[-1], 0, nums[-1],
+                steps.preempted[-1], 0.0, context[-1], 0, 0, 0, 0.0))
         e.isolator.step_succeeded()
         return outputs
 
-    def _record_memory(self, plan, running: list, growth: list[tuple[int, int, int]], context0: int,
-                       k: int) -> None:
+    def _record_memory(self, plan: DecodeRun, running: list, nums: list[int], context: list[int]) -> None:
         """What ``_record_memory`` and ``_advance`` record at each step of the run: the stats
         row, the live sequences' capacities (the accountant's intervals) and the tokens they hold."""
         e = self.engine
-        num, acc, logical = len(running), e.accountant, e.logical_tokens
-        capacity, rows = plan.stats_rows(k, growth)
-        # the first step as the engine records it (the live sequences may differ from the last
-        # recorded ones); then only capacities that grow
+        acc, logical = e.accountant, e.logical_tokens
+        capacity, rows = plan.stats_rows(nums)
         caps = list(plan.caps)
-        changes: list[list[tuple[int, int]]] = [[] for _ in range(k)]
-        for step, j, cap in growth:
-            if step == 1:
-                caps[j] = cap
-            else:
-                changes[step - 1].append((j, cap))
+        growth, g = plan.growth, 0
         step0 = acc.num_steps
-        acc.record_seqs(MemoryStats(capacity, **dict(zip(STAT_FIELDS, rows[0]))), running, caps)
-        acc.record_run(rows[1:], running, changes[1:])
-        for i in range(k):
-            if logical.append((step0 + i, context0 + num * (i + 1))):
+        seg_rows: list[tuple] = []  # steps with the live sequences of the step before
+        seg_changes: list[list[tuple[int, int]]] = []
+        for step, (num, row) in enumerate(zip(nums, rows), 1):
+            changed = []
+            while g < len(growth) and growth[g][0] == step:
+                _, j, cap = growth[g]
+                caps[j] = cap
+                changed.append((j, cap))
+                g += 1
+            if step == 1 or num != nums[step - 2]:  # other live sequences: as the engine records
+                if seg_rows:
+                    acc.record_run(seg_rows, running, seg_changes)
+                    seg_rows, seg_changes = [], []
+                acc.record_seqs(MemoryStats(capacity, **dict(zip(STAT_FIELDS, row))), running[:num], caps[:num])
+            else:
+                seg_rows.append(row)
+                seg_changes.append(changed)
+        if seg_rows:
+            acc.record_run(seg_rows, running, seg_changes)
+        for i, held in enumerate(context):
+            if logical.append((step0 + i, held)):
                 logical.spill_before(len(logical.chunks))
 
     def _finish(self, running: list) -> list[RequestOutput]:
@@ -214,19 +302,17 @@ class DecodeFastForward:
         return e.output_processor.process(touched.values(), e) if touched else []
 
 
-def _decode_steps(running: list) -> tuple[int, list[int]]:
-    """(steps until the first of ``running`` samples its last token: the run's last step, the
-    computed tokens of each) if every one of them is in the plain decode case; else (0, [])."""
-    steps = None
-    computed = []
+def _decode_state(running: list) -> tuple[list[int], list[int]]:
+    """(steps until each of ``running`` samples its last token, the tokens each has computed)
+    if every one is in the plain decode case (one token to compute, no stop but its length,
+    nothing to report before its end); else two empty lists."""
+    left, computed = [], []
     for seq in running:
         out = seq.output_token_ids
         if (not out or seq.fork_pending or not seq.length_only or not seq.quiet or seq.params.beam_width > 1
                 or len(seq.token_ids) - seq.num_computed_tokens != 1 or seq.first_token_time is None
-                or seq.first_scheduled_time is None):
-            return 0, []
-        left = seq.done_at - len(out)
-        if steps is None or left < steps:
-            steps = left
+                or seq.first_scheduled_time is None or len(out) >= seq.done_at):
+            return [], []
+        left.append(seq.done_at - len(out))
         computed.append(seq.num_computed_tokens)
-    return max(steps or 0, 0), computed
+    return left, computed
