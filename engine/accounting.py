@@ -243,6 +243,18 @@ class MemoryAccountant:
                         self._reopen(step, s.seq_id, cap, s.max_len)
                 self._caps = list(capacities)
             return
+        n = len(ids)
+        if n < len(self._ids) and ids == self._ids[:n]:
+            # the last ones left (preempted from the back): only their intervals end
+            opened = self._open
+            for seq_id in self._ids[n:]:
+                if seq_id in opened:
+                    self._close(seq_id, step)
+            for s, cap, before in zip(seqs, capacities, self._caps):
+                if cap != before:
+                    self._reopen(step, s.seq_id, cap, s.max_len)
+            self._ids, self._caps = ids, list(capacities)
+            return
         self._relive(step, ids, capacities, [s.max_len for s in seqs])
 
     def record_run(self, rows: Sequence[tuple], seqs: Sequence,
