@@ -264,14 +264,19 @@ class MemoryAccountant:
         ``changes[i]`` the (index in ``seqs``, capacity) of each capacity that changed at that
         step. The same as ``record_seqs`` step by step."""
         caps = list(self._caps)
-        store = self._rows
+        store, opened, closed = self._rows, self._open, self._closed
         for row, changed in zip(rows, changes):
             step = len(store)
             if store.append(row):
                 self._settle()
-            for j, cap in changed:
+            for j, cap in changed:  # _reopen, inlined (a block's worth of steps per sequence)
                 s = seqs[j]
-                self._reopen(step, s.seq_id, cap, s.max_len)
+                seq_id = s.seq_id
+                cur = opened.pop(seq_id, None)
+                if cur is not None and step > cur[0]:
+                    closed.setdefault(seq_id, []).append((cur[0], step, cur[1], cur[2]))
+                if cap > 0:
+                    opened[seq_id] = [step, cap, s.max_len]
                 caps[j] = cap
         self._caps = caps
 
