@@ -276,22 +276,25 @@ class DecodeRun:
     ``caps``: their ``seq_capacities``. A strategy says how many steps it can model at most
     (``limit``), makes each step's room (``allocate``: where a sequence does not fit, the
     caller preempts from the back, ``release``), whether a waiting sequence could be admitted
-    (``may_admit``) and makes the change (``commit``). The ``stats`` rows follow here, for
-    every strategy whose live sequences split their capacity as ``live_split`` does.
+    (``may_admit``), may model its admission at the first step (``admit``) and makes the
+    change (``commit``). The ``stats`` rows follow here, for every strategy whose live
+    sequences split their capacity as ``live_split`` does.
     """
 
     takes_free = False  # capacity grows out of the free pool, and preempted ones give theirs back (paged)
+    admits = False  # ``admit`` can model an admission at the first step
 
     def __init__(self, allocator: KVAllocator, seqs: Seq[SequenceLike], used: list[int], caps: list[int]):
         self.allocator, self.seqs, self.used, self.caps = allocator, list(seqs), used, caps
         self.growth: list[tuple[int, int, int]] = []  # (step, index, capacity after it), in step order
         self.released: list[tuple[int, int]] = []  # (step, index) of each sequence preempted
+        self.joined: list[tuple[int, int]] = []  # (index, tokens) of each sequence admitted at the first step
+        # no sequence outgrows its max_len (stats split at min(max_len, capacity) then)
+        self.room = min(s.max_len - u for s, u in zip(self.seqs, used))
 
     def limit(self) -> int:
         """Steps the strategy can model from now (0: not even the next)."""
-        # no sequence outgrows its max_len (stats split at min(max_len, capacity) then)
-        room = min(s.max_len - u for s, u in zip(self.seqs, self.used))
-        return max(0, min(room, self._limit()))
+        return max(0, min(self.room, self._limit()))
 
     def _limit(self) -> int:
         raise NotImplementedError
@@ -312,14 +315,27 @@ class DecodeRun:
         take room). True when in doubt."""
         raise NotImplementedError
 
-    def stats_rows(self, nums: list[int]) -> tuple[int, list[tuple]]:
+    def admit(self, seq: SequenceLike, num_new_tokens: int) -> bool:
+        """At the first step, after the decode tokens: ``seq`` (holding nothing) is admitted
+        with its ``num_new_tokens`` tokens, all it has: it joins ``seqs`` (at the end) and
+        decodes from the next step on. False (nothing changed) where that is not modelled."""
+        return False
+
+    def stats_rows(self, decoding: list[int]) -> tuple[int, list[tuple]]:
         """(capacity, one STAT_FIELDS row per step): ``stats()`` after each step of the run,
-        ``nums[i]`` sequences in step i + 1: the stats now, plus the run's tokens, the capacities
-        that grew and minus the sequences preempted. Every token is below ``min(max_len,
-        capacity)`` (``limit`` sees to it), so each sequence's reservation ends there."""
-        k = len(nums)
+        ``decoding[i]`` sequences decoding a token in step i + 1: the stats now, plus the run's
+        tokens, the sequences admitted and the capacities that grew, minus the sequences
+        preempted. Every token is below ``min(max_len, capacity)`` (``room`` sees to it), so
+        each sequence's reservation ends there."""
+        k = len(decoding)
         seqs, caps = self.seqs, list(self.caps)
         d_ts, d_res, d_int, d_cap = ([0] * (k + 1) for _ in range(4))
+        for j, tokens in self.joined:
+            m, cap = seqs[j].max_len, caps[j]
+            d_ts[1] += tokens
+            d_res[1] += min(m, cap) - tokens
+            d_int[1] += max(cap - m, 0)
+            d_cap[1] += cap
         for step, j, cap in self.growth:
             if step > k:
                 break
@@ -343,7 +359,7 @@ class DecodeRun:
         rows = []
         g_ts = g_res = g_int = g_cap = 0
         for step in range(1, k + 1):
-            num = nums[step - 1]  # each grows by a token: its reservation shrinks by one
+            num = decoding[step - 1]  # each grows by a token: its reservation shrinks by one
             g_ts += num + d_ts[step]
             g_res += d_res[step] - num
             g_int += d_int[step]
@@ -356,8 +372,9 @@ class DecodeRun:
             rows.append(tuple(row))
         return now.capacity, rows
 
-    def commit(self, k: int, preempt: Callable[[int], None]) -> None:
+    def commit(self, k: int, preempt: Callable[[int], None], admit: Callable[[], None]) -> None:
         """Leave the allocator as steps 1..k did: each survivor ``k`` tokens longer, each
-        preempted one as it was then, ``preempt(index)`` called where the step preempted it
-        (the scheduler's own preemption, which frees it here)."""
+        preempted one as it was then. ``preempt(index)`` is called where a step preempted
+        (the scheduler's own preemption, which frees it here), ``admit()`` where the first
+        step admitted (the scheduler's own admission, which allocates here)."""
         raise NotImplementedError

@@ -585,26 +585,34 @@ class PagedAllocator(KVAllocator):
         )
 
 
+_TAKE, _FREE, _ADMIT = range(3)  # the events of a paged decode run
+
+
 class _PagedDecodeRun(DecodeRun):
     """Each sequence takes a free block at the step its last block is full, then every
     ``block_size`` steps; a preempted one gives back all its blocks (only private ones are
-    modelled)."""
+    modelled); one admitted at the first step takes the blocks of its tokens."""
 
     takes_free = True
+    admits = True
 
     def __init__(self, allocator: PagedAllocator, seqs: Seq[SequenceLike], sts: list[_SeqBlocks], used: list[int]):
         bs = self.bs = allocator.block_size
         super().__init__(allocator, seqs, used, [len(st.table) * bs for st in sts])
-        self.sts = sts
+        self.sts: list[_SeqBlocks | None] = sts  # None: admitted in the run (known at commit)
+        self.base = list(used)  # tokens the pool's fill count has for each
         self.free = allocator.pool.num_free
         self._caps = list(self.caps)  # as the steps so far leave them
         # sequences that take a block at a step, by the step's residue: a sequence whose last
         # block is full takes one at step 1, one holding r tokens of it at step bs - r + 1
         self._takers: list[list[int]] = [[] for _ in range(bs)]
         for j, u in enumerate(used):
-            self._takers[(bs - u % bs + 1) % bs if u % bs else 1 % bs].append(j)
+            self._takers[self._first_take(u) % bs].append(j)
         self._gone: set[int] = set()  # seq ids preempted so far
-        self._events: list[tuple[int, int, bool]] = []  # (step, index, preempted): takes and frees in order
+        self._events: list[tuple[int, int, int]] = []  # (step, index, _TAKE | _FREE | _ADMIT), in order
+
+    def _first_take(self, used: int) -> int:
+        return self.bs - used % self.bs + 1 if used % self.bs else 1
 
     def _limit(self) -> int:
         return 1 << 62  # the free pool is stepped (allocate)
@@ -621,54 +629,87 @@ class _PagedDecodeRun(DecodeRun):
             self.free -= 1
             caps[j] += bs
             self.growth.append((step, j, caps[j]))
-            self._events.append((step, j, False))
+            self._events.append((step, j, _TAKE))
         return None
 
     def release(self, index: int, step: int) -> bool:
-        ref = self.allocator.pool.ref
-        if any(ref[b] != 1 for b in self.sts[index].table):
+        st = self.sts[index]
+        if st is not None and any(self.allocator.pool.ref[b] != 1 for b in st.table):
             return False  # blocks shared with another sequence stay held: not modelled
         self.free += self._caps[index] // self.bs
         self.released.append((step, index))
-        self._events.append((step, index, True))
+        self._events.append((step, index, _FREE))
         self._gone.add(self.seqs[index].seq_id)
         return True
 
+    def _holds(self, seq: SequenceLike) -> bool:
+        return seq.seq_id in self.allocator._seqs and seq.seq_id not in self._gone
+
     def may_admit(self, seq: SequenceLike, num_new_tokens: int) -> bool:
-        if seq.seq_id in self.allocator._seqs and seq.seq_id not in self._gone:
+        if self._holds(seq):
             return True  # it holds blocks: not the plain case
         return -(-num_new_tokens // self.bs) <= self.free
 
-    def commit(self, k: int, preempt: Callable[[int], None]) -> None:
-        bs, pool = self.bs, self.allocator.pool
-        fill, sts, used = pool.fill, self.sts, self.used
+    def admit(self, seq: SequenceLike, num_new_tokens: int) -> bool:
+        bs, n = self.bs, num_new_tokens
+        blocks = -(-n // bs)
+        if self._holds(seq) or blocks > self.free or n < 1:
+            return False
+        if not self.joined:
+            self._events.append((1, -1, _ADMIT))  # the scheduler admits them all at once
+        self.free -= blocks
+        j = len(self.seqs)
+        # from the next step on it decodes as one that held n - 1 tokens before the first
+        used = n - 1
+        self.seqs.append(seq)
+        self.used.append(used)
+        self.base.append(n)
+        self.caps.append(blocks * bs)
+        self._caps.append(blocks * bs)
+        self.sts.append(None)
+        self.joined.append((j, n))
+        first = self._first_take(used)
+        self._takers[(first if first > 1 else first + bs) % bs].append(j)
+        self.room = min(self.room, seq.max_len - used)
+        return True
+
+    def commit(self, k: int, preempt: Callable[[int], None], admit: Callable[[], None]) -> None:
+        bs, alloc = self.bs, self.allocator
+        pool = alloc.pool
+        fill, sts, used, base = pool.fill, self.sts, self.used, self.base
         added = 0  # tokens the run adds to the pool's fill count (a freed block takes its fill away)
 
-        def catch_up(j: int, steps: int) -> None:  # seqs[j]'s tokens and fills after ``steps`` steps
+        def catch_up(j: int, steps: int) -> int:  # seqs[j]'s tokens and fills after ``steps`` steps
             st, u = sts[j], used[j]
             total = st.num_tokens = u + steps
             table = st.table
             for i in range(u // bs, len(table)):
                 fill[table[i]] = min(bs, total - i * bs)
+            return total - base[j]
 
-        # the new blocks and the preemptions in the order the steps make them
-        for step, j, gone in self._events:
+        # the new blocks, admissions and preemptions in the order the steps make them
+        for step, j, kind in self._events:
             if step > k:
                 break
-            if gone:
-                catch_up(j, step - 1)
-                added += step - 1
+            if kind == _TAKE:
+                sts[j].table.append(pool.take())  # ref 1, fill 0
+            elif kind == _FREE:
+                added += catch_up(j, step - 1)
                 preempt(j)
             else:
-                sts[j].table.append(pool.take())  # ref 1, fill 0
+                admit()
+                for i, _ in self.joined:
+                    sts[i] = alloc._seqs[self.seqs[i].seq_id]
         alive = len(self.seqs) - sum(1 for step, _ in self.released if step <= k)
+        plain = len(self.seqs) - len(self.joined)  # the ones running before the run
         for j in range(alive):  # survivors are the first ones: preemption takes from the back
             st, u = sts[j], used[j]
             table = st.table
             last = len(table) - 1
-            if last * bs < u:  # no new block: the last one takes the k tokens
+            if j < plain and last * bs < u:  # no new block: the last one takes the k tokens
                 st.num_tokens = u + k
                 fill[table[last]] += k
+                added += k
             else:
-                catch_up(j, k)
-        pool.filled_total += added + alive * k
+                added += catch_up(j, k)
+        pool.filled_total += added

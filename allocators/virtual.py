@@ -789,6 +789,6 @@ class _VirtualDecodeRun(DecodeRun):
         alloc = self.allocator
         return seq.seq_id in alloc._by_seq or alloc.can_allocate(seq, num_new_tokens)
 
-    def commit(self, k: int, preempt: Callable[[int], None]) -> None:
+    def commit(self, k: int, preempt: Callable[[int], None], admit: Callable[[], None]) -> None:
         for slot in self.slots:
             slot.used += k

@@ -328,12 +328,18 @@ class RooflineCostModel:
         (after the step) summing to ``context``: the same figure from the sums alone (a decode
         token attends to its whole context), so simulate can time a run of decode steps without
         a list per step. Full attention only (a window makes it per sequence)."""
-        if not self.full_attention:
-            raise ValueError("decode_step_time needs full attention: a sliding window counts keys per sequence")
+        return self.sums_step_time(num_seqs, num_seqs, context, context)
+
+    def sums_step_time(self, new_tokens: int, num_seqs: int, keys: int, context: int) -> float:
+        """``step_time`` of a batch given by its sums (full attention only): tokens computed,
+        sequences, keys attended (``q * (c - q) + q * (q + 1) // 2`` per sequence of ``q`` new
+        tokens and context ``c`` after the step) and contexts. The same figure to the bit."""
+        if not self._full:
+            raise ValueError("step times from sums need full attention: a sliding window counts keys per sequence")
         if not num_seqs:
             return 0.0
         layers = self.model.num_layers
-        _, _, compute_s, memory_s, overhead_s, comm_s = self._cost(num_seqs, num_seqs, layers * context,
+        _, _, compute_s, memory_s, overhead_s, comm_s = self._cost(new_tokens, num_seqs, layers * keys,
                                                                     layers * context)
         return _total_s(compute_s, memory_s, comm_s, overhead_s)
 

@@ -36,7 +36,7 @@ def drive(
     Requests are added once the clock passes their arrival; with nothing to do the driver
     waits for the next arrival (sleeps on a wall clock, ``advance_idle`` on a virtual one).
     A simulated engine's ``decode_fast_forward`` may advance several steps at once, up to the
-    next arrival (experiments/sim_fastpath.py).
+    next arrival (experiments/sim_fastpath.py); only finished requests are counted.
     """
     clock = engine.clock
     fast = getattr(engine, "decode_fast_forward", None)
@@ -71,10 +71,10 @@ def drive(
                 elif wait > 0:
                     time.sleep(wait)
                 continue
-            outputs = fast(t0, pending[i].arrival_s if i < len(pending) else math.inf) if fast is not None else None
-            if outputs is None:
-                outputs = engine.step()
-            finished = sum(1 for out in outputs if out.finished)
+            # the bulk path returns how many requests finished (it builds no outputs)
+            finished = fast(t0, pending[i].arrival_s if i < len(pending) else math.inf) if fast is not None else None
+            if finished is None:
+                finished = sum(1 for out in engine.step() if out.finished)
             if finished and on_finish is not None:
                 done += finished
                 on_finish(finished)

@@ -16,9 +16,11 @@ through ``LLMEngine.step`` as always:
   (``KVAllocator.decode_run``): copy-on-write, mapping a page, a region that is full. A paged
   pool that runs out is modelled: the scheduler preempts from the back (by recompute), the
   victims' blocks go back to the pool, as ``Scheduler.schedule`` does it;
-- a waiting request that could be admitted: the queue's head is checked at the run's first
-  step and after each preemption (a victim heads the queue); in between, steps only take
-  memory, so a head that cannot be admitted stays so;
+- a waiting request that could be admitted, but at the run's first step: the queue's head is
+  checked there and after each preemption (a victim heads the queue); in between, steps only
+  take memory, so a head that cannot be admitted stays so. At the first step the admissions
+  are modelled where the allocator can (a paged pool: plain requests whose whole prompt fits
+  the step's budget): they prefill and sample in that step and decode in the next ones;
 - anything outside the plain case: a sequence that is not one decode token, stop tokens or
   text to check, streamed outputs, beams, forks, prefix caching at admission, a host tier,
   a profiled cost model, windowed attention, asynchronous scheduling, fault isolation.
@@ -40,20 +42,27 @@ from engine.scheduler import ScheduledBatch
 if TYPE_CHECKING:
     from allocators.base import DecodeRun
     from engine.llm_engine import LLMEngine
-    from engine.outputs import RequestOutput
     from engine.sequence import Sequence
+
+_BLOCKED, _ADMIT, _UNKNOWN = range(3)  # what Scheduler._admit would do with the queue's head
 
 
 @dataclass
 class _Steps:
-    """The steps of a run, as planned: the clock at each one's start (and after the last), each
-    one's time, how many of the running sequences (the first ones) it computes, how many it
-    preempted, their context."""
-    times: list[float]
+    """The steps of a run, as planned. ``members``: the running sequences, then those admitted
+    at the first step (a step computes the first ``nums[i]`` of them); ``computed``: their
+    computed tokens before the run (one admitted with n tokens: n - 1, as if it decoded its
+    last one in the first step)."""
+    members: list
+    computed: list[int]
+    left: list[int]  # steps until each samples its last token
+    times: list[float]  # the clock at each step's start, and after the last
     durations: list[float] = field(default_factory=list)
-    nums: list[int] = field(default_factory=list)
+    nums: list[int] = field(default_factory=list)  # sequences each step computes
+    decoding: list[int] = field(default_factory=list)  # ... of them decoding (the others are admitted)
     preempted: list[int] = field(default_factory=list)
-    contexts: list[int] = field(default_factory=list)  # tokens the batch's sequences hold after it
+    contexts: list[int] = field(default_factory=list)  # tokens the batch's sequences hold after the step
+    admitted: list[tuple] = field(default_factory=list)  # (seq, tokens) admitted at the first step
 
 
 class DecodeFastForward:
@@ -63,15 +72,16 @@ class DecodeFastForward:
         self.engine = engine
         self.runs = 0  # runs taken
         self.steps = 0  # steps they advanced
-        # a run ends where the next step differs (an admission, an arrival, what the allocator
-        # has no model of): that one goes through engine.step() without being looked at again
+        # a run of an allocator that models no admission ends where the next step likely admits:
+        # that one goes through engine.step() without being looked at again
         self._after_run = False
         self._plain_types: tuple | None = None
 
-    def __call__(self, t0: float, next_arrival_s: float = math.inf) -> list[RequestOutput] | None:
-        """Advance the run of decode steps that starts now, if there is one; None if the next
-        step must go through ``engine.step()``. ``next_arrival_s``: the next request's arrival,
-        as the driver compares it (seconds after ``t0`` on the engine's clock)."""
+    def __call__(self, t0: float, next_arrival_s: float = math.inf) -> int | None:
+        """Advance the run of decode steps that starts now, if there is one, and return how many
+        requests finished in it (their outputs are not built); None if the next step must go
+        through ``engine.step()``. ``next_arrival_s``: the next request's arrival, as the driver
+        compares it (seconds after ``t0`` on the engine's clock)."""
         if self._after_run:
             self._after_run = False
             return None
@@ -92,8 +102,8 @@ class DecodeFastForward:
             return None
         self.runs += 1
         self.steps += len(steps.nums)
-        self._after_run = True
-        return self._advance(plan, steps, computed)
+        self._after_run = not plan.admits
+        return self._advance(plan, steps)
 
     def _plain_engine(self) -> bool:
         """The simulated engine as it was built: its own runner (not wrapped: tests count its
@@ -112,18 +122,19 @@ class DecodeFastForward:
     # -- the plan: the steps as Scheduler.schedule would make them ------------------------------
     def _plan(self, plan: DecodeRun, left: list[int], computed: list[int], t0: float,
               next_arrival_s: float) -> _Steps | None:
-        """The run's steps: each computes the first ``num`` running sequences' decode tokens,
-        preempting from the back where the pool runs out; the run ends at the first step where
-        a sequence finishes (included), before a step whose schedule would differ or before
-        which the driver would add a request."""
+        """The run's steps: each computes the decode tokens of the first ``num`` members,
+        preempting from the back where the pool runs out; the first may admit. The run ends at
+        the first step where a sequence finishes (included), before a step whose schedule would
+        differ or before which the driver would add a request."""
         e = self.engine
         sched = e.scheduler
-        running = sched.running
         limit = plan.limit()
         if not limit:
             return None
-        num = len(running)
-        context = [0]  # context[n]: computed tokens of the first n sequences
+        steps = _Steps(list(sched.running), list(computed), list(left), [e.clock()])
+        members, left = steps.members, steps.left  # both grow with the first step's admissions
+        num = len(members)
+        context = [0]  # context[n]: computed tokens of the first n members
         for c in computed:
             context.append(context[-1] + c)
         first_done = min(left)  # step at which the first of the first ``num`` finishes
@@ -133,40 +144,58 @@ class DecodeFastForward:
         head_computed = head.num_computed_tokens if head is not None else 0
         check = True  # admission to check: at the first step, and after each preemption
         can_preempt = not sched._swap  # a victim that swaps: not modelled
-        cost = e.runner.cost_model.decode_step_time
-        t = e.clock()
-        steps = _Steps([t])
+        cost = e.runner.cost_model
+        t = steps.times[0]
         for step in range(1, limit + 1):
-            if step > 1 and next_arrival_s <= t - t0:
+            if step > plan.room or (step > 1 and next_arrival_s <= t - t0):
                 break
             before = num
             j = plan.allocate(step, num)
             while j is not None:  # Scheduler.schedule: preempt the last until ``j`` fits
                 victim = num - 1
-                if (not victim or not can_preempt or running[victim].params.num_seqs > 1
+                if (not victim or not can_preempt or members[victim].params.num_seqs > 1
                         or not plan.release(victim, step)):
                     return self._planned(steps)  # the exact step decides
                 num -= 1
                 if victim == j:
                     break
                 j = plan.allocate(step, num, start=j)
+            admitted = []
             if num < before:  # no admission this step; the last victim heads the queue now
-                head, check = running[num], True
+                head, check = members[num], True
                 head_len, head_computed = len(head.token_ids) + step - 1, 0
                 first_done = min(left[:num])
             elif check:
-                if self._may_admit(plan, head, head_len, head_computed, num):
-                    break
+                verdict, _ = self._admission(plan, head, head_len, head_computed, num)
+                if verdict != _BLOCKED:
+                    admitted = self._admissions(plan, num) if step == 1 else None
+                    if not admitted:  # one it cannot model, or later than the first step
+                        break
                 check = False
             held = context[num] + num * step
-            dt = cost(num, held)
+            if admitted:  # they prefill all their tokens, and sample
+                steps.admitted = admitted
+                ns = [n for _, n in admitted]
+                dt = cost.sums_step_time(num + sum(ns), num + len(ns), held + sum(n * (n + 1) // 2 for n in ns),
+                                         held + sum(ns))
+                for seq, n in admitted:
+                    members.append(seq)
+                    steps.computed.append(n - 1)
+                    left.append(seq.done_at - len(seq.output_token_ids))
+                    context.append(context[-1] + n - 1)
+                first_done = min(first_done, *left[num:])
+                held += sum(ns)
+            else:
+                dt = cost.decode_step_time(num, held)
             if dt > 0:  # VirtualClock.advance
                 t += dt
             steps.times.append(t)
             steps.durations.append(dt)
-            steps.nums.append(num)
+            steps.nums.append(num + len(admitted))
+            steps.decoding.append(num)
             steps.preempted.append(before - num)
             steps.contexts.append(held)
+            num += len(admitted)
             if first_done <= step:
                 break
         return self._planned(steps)
@@ -175,44 +204,84 @@ class DecodeFastForward:
     def _planned(steps: _Steps) -> _Steps | None:
         return steps if steps.nums else None
 
-    def _may_admit(self, plan: DecodeRun, head: Sequence | None, head_len: int, computed: int, num: int) -> bool:
-        """Whether ``Scheduler._admit`` could admit ``head`` (``head_len`` tokens, ``computed`` of
-        them computed) at this step, ``num`` sequences decoding; True when in doubt."""
+    def _admission(self, plan: DecodeRun, head: Sequence | None, head_len: int, computed: int,
+                   num: int, budget: int | None = None) -> tuple[int, int]:
+        """What ``Scheduler._admit`` would do with ``head`` (``head_len`` tokens, ``computed`` of
+        them computed) at this step, ``num`` sequences in the batch: (_BLOCKED | _ADMIT |
+        _UNKNOWN, tokens it would compute)."""
         if head is None:
-            return False
+            return _BLOCKED, 0
         cfg = self.engine.scheduler.config
-        budget = cfg.max_num_batched_tokens - num
+        if budget is None:
+            budget = cfg.max_num_batched_tokens - num
         if budget <= 0 or num >= cfg.max_num_seqs:
-            return False  # no admission is tried
+            return _BLOCKED, 0  # no admission is tried
         if cfg.enable_prefix_caching or head.followers:
-            return True  # a prefix lookup (it changes the cache's counts) or a group: not modelled
+            return _UNKNOWN, 0  # a prefix lookup (it changes the cache's counts) or a group: not modelled
         full = (head.prompt_len - 1 if head.fork_pending else head_len) - computed
         n = min(full, budget)  # Scheduler._chunk
         if n <= 0:
-            return True
+            return _UNKNOWN, 0
         if n < full and not cfg.enable_chunked_prefill:
-            return False  # it waits for a budget that decode tokens keep taken
-        return plan.may_admit(head, n)
+            return _BLOCKED, 0  # it waits for a budget that decode tokens keep taken
+        if not plan.may_admit(head, n):
+            return _BLOCKED, 0
+        plain = (n == full and not computed and not head.fork_pending and head.params.num_seqs == 1
+                 and head.length_only and head.quiet and head.params.beam_width == 1)
+        return (_ADMIT if plain else _UNKNOWN), n
+
+    def _admissions(self, plan: DecodeRun, num: int) -> list[tuple] | None:
+        """The first step's admissions (``Scheduler._admit``'s loop over the queue), each made in
+        ``plan``; None if one of them is not modelled."""
+        if not plan.admits:
+            return None
+        budget = self.engine.scheduler.config.max_num_batched_tokens - num
+        out: list[tuple] = []
+        for head in self.engine.scheduler.waiting:
+            verdict, n = self._admission(plan, head, len(head.token_ids), head.num_computed_tokens,
+                                         num + len(out), budget)
+            if verdict == _BLOCKED:
+                break
+            if verdict == _UNKNOWN or not plan.admit(head, n):
+                return None
+            out.append((head, n))
+            budget -= n
+        return out
 
     # -- the run -------------------------------------------------------------------------------
-    def _advance(self, plan: DecodeRun, steps: _Steps, computed: list[int]) -> list[RequestOutput]:
+    def _advance(self, plan: DecodeRun, steps: _Steps) -> int:
         e = self.engine
         sched, runner = e.scheduler, e.runner
-        running = list(sched.running)
-        nums, times = steps.nums, steps.times
+        members, nums, times = steps.members, steps.nums, steps.times
         k = len(nums)
-        context = steps.contexts
         if e.config.record_memory:
-            self._record_memory(plan, running, nums, context)
-        # steps each sequence was in: the first nums[-1] all of them, the victims until theirs
-        ins = [k] * len(running)
+            self._record_memory(plan, steps)
+        # the allocator and the scheduler's queues: the victims preempted and the first step's
+        # admissions made by the scheduler's own code, in their order
+        batch = ScheduledBatch()
+
+        def preempt(j: int) -> None:
+            victim = sched.running.pop()
+            assert victim is members[j], "a run preempts from the back"
+            sched._preempt(victim, batch)
+
+        def admit() -> None:
+            admitted = ScheduledBatch()
+            sched._admit(admitted, sched.config.max_num_batched_tokens - steps.decoding[0])
+            assert [(s, n) for s, n in zip(admitted.seqs, admitted.num_new_tokens)] == steps.admitted, \
+                "the run's admissions are the scheduler's"
+
+        waiting = len(sched.waiting) - len(steps.admitted)  # after the first step's admissions
+        plan.commit(k, preempt, admit)
+        # the sequences: one token per step in the batch, the ids SimRunner gives; the victims
+        # until their step (the scheduler has set them back to nothing computed)
+        ins = [k] * len(members)
         for step, j in plan.released:
             if step > k:
                 break
             ins[j] = step - 1
-        # the tokens: one per step in the batch, the ids SimRunner gives
-        ends = np.array(computed, dtype=np.int64)[:, None] + np.arange(1, k + 1)
-        ids = np.array([s.seq_id for s in running], dtype=np.int64)[:, None]
+        ends = np.array(steps.computed, dtype=np.int64)[:, None] + np.arange(1, k + 1)
+        ids = np.array([s.seq_id for s in members], dtype=np.int64)[:, None]
         span = runner.vocab_size - 4
         tokens = 4 + (ids * 7919 + ends * 104729) % span
         eos = [t for t in runner.eos if 4 <= t < runner.vocab_size]  # ids the formula can give
@@ -220,13 +289,21 @@ class DecodeFastForward:
             hit = np.isin(tokens, eos)
             tokens[hit] = 4 + (tokens[hit] + 1 - 4) % span
         after = times[1:]
-        for seq, toks, n in zip(running, tokens.tolist(), ins):
+        for seq, toks, n, c in zip(members, tokens.tolist(), ins, steps.computed):
             if n < k:
-                toks = toks[:n]
-            seq.num_computed_tokens += n
-            seq.token_ids += toks
-            seq.output_token_ids += toks
-            seq.token_times += after if n == k else after[:n]
+                seq.token_ids += toks[:n]
+                seq.output_token_ids += toks[:n]
+                seq.token_times += after[:n]
+            else:
+                seq.num_computed_tokens = c + k
+                seq.token_ids += toks
+                seq.output_token_ids += toks
+                seq.token_times += after
+        for seq, _ in steps.admitted:  # as _advance and _resolve_sampled of the first step
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = times[0]
+            if seq.first_token_time is None:
+                seq.first_token_time = times[1]
         e.num_generation_tokens += sum(nums)
         # the runner and the clock, as k calls of execute leave them
         busy = runner.busy_s
@@ -235,35 +312,28 @@ class DecodeFastForward:
         runner.busy_s = busy
         runner.num_steps += k
         e.clock.t = times[-1]
-        # the allocator; the victims preempted by the scheduler's own code, in their order
-        batch = ScheduledBatch()
-
-        def preempt(j: int) -> None:
-            victim = sched.running.pop()
-            assert victim is running[j], "a run preempts from the back"
-            sched._preempt(victim, batch)
-
-        plan.commit(k, preempt)
         # step records (the last one after the finishes: it counts the sequences left)
-        append = e.step_records.append
-        waiting = len(sched.waiting) - len(batch.preempted)
+        append, context = e.step_records.append, steps.contexts
+        admitted_tokens = sum(n for _, n in steps.admitted)
         for i in range(k - 1):
             waiting += steps.preempted[i]
-            append((times[i], times[i + 1] - times[i], nums[i], waiting, nums[i], 0, nums[i], steps.preempted[i],
-                    0.0, context[i], 0, 0, 0, 0.0))
-        outputs = self._finish(running[:nums[-1]])
+            append((times[i], times[i + 1] - times[i], nums[i], waiting, nums[i], 0 if i else admitted_tokens,
+                    steps.decoding[i], steps.preempted[i], 0.0, context[i], 0, 0, 0, 0.0))
+        finished = self._finish(members[:nums[-1]])
         e._wait_s = 0.0
-        append((times[k - 1], times[k] - times[k - 1], len(sched.running), len(sched.waiting), nums[-1], 0, nums[-1],
-                steps.preempted[-1], 0.0, context[-1], 0, 0, 0, 0.0))
+        append((times[k - 1], times[k] - times[k - 1], len(sched.running), len(sched.waiting), nums[-1],
+                admitted_tokens if k == 1 else 0, steps.decoding[-1], steps.preempted[-1], 0.0, context[-1],
+                0, 0, 0, 0.0))
         e.isolator.step_succeeded()
-        return outputs
+        return finished
 
-    def _record_memory(self, plan: DecodeRun, running: list, nums: list[int], context: list[int]) -> None:
+    def _record_memory(self, plan: DecodeRun, steps: _Steps) -> None:
         """What ``_record_memory`` and ``_advance`` record at each step of the run: the stats
         row, the live sequences' capacities (the accountant's intervals) and the tokens they hold."""
         e = self.engine
         acc, logical = e.accountant, e.logical_tokens
-        capacity, rows = plan.stats_rows(nums)
+        members, nums = steps.members, steps.nums
+        capacity, rows = plan.stats_rows(steps.decoding)
         caps = list(plan.caps)
         growth, g = plan.growth, 0
         step0 = acc.num_steps
@@ -278,28 +348,29 @@ class DecodeFastForward:
                 g += 1
             if step == 1 or num != nums[step - 2]:  # other live sequences: as the engine records
                 if seg_rows:
-                    acc.record_run(seg_rows, running, seg_changes)
+                    acc.record_run(seg_rows, members, seg_changes)
                     seg_rows, seg_changes = [], []
-                acc.record_seqs(MemoryStats(capacity, **dict(zip(STAT_FIELDS, row))), running[:num], caps[:num])
+                acc.record_seqs(MemoryStats(capacity, **dict(zip(STAT_FIELDS, row))), members[:num], caps[:num])
             else:
                 seg_rows.append(row)
                 seg_changes.append(changed)
         if seg_rows:
-            acc.record_run(seg_rows, running, seg_changes)
-        for i, held in enumerate(context):
+            acc.record_run(seg_rows, members, seg_changes)
+        for i, held in enumerate(steps.contexts):
             if logical.append((step0 + i, held)):
                 logical.spill_before(len(logical.chunks))
 
-    def _finish(self, running: list) -> list[RequestOutput]:
+    def _finish(self, batch: list) -> int:
         """The last step's stop checks (``_resolve_sampled``): the sequences whose length is
-        reached finish, in batch order; their requests go to the output stage."""
+        reached finish, in batch order; their requests go to the output stage, which retires
+        them (their outputs are not built: the driver only counts them). Returns that count."""
         e = self.engine
         touched = {}
-        for seq in running:
+        for seq in batch:
             if len(seq.output_token_ids) >= seq.done_at:
                 e._finish_seq(seq, "length", len(seq.token_ids) - 1)
                 touched[seq.request_id] = e.requests[seq.request_id]
-        return e.output_processor.process(touched.values(), e) if touched else []
+        return e.output_processor.retire_quiet(touched.values(), e) if touched else 0
 
 
 def _decode_state(running: list) -> tuple[list[int], list[int]]:
