@@ -167,11 +167,20 @@ class DecodeFastForward:
                 first_done = min(left[:num])
             elif check:
                 verdict, _ = self._admission(plan, head, head_len, head_computed, num)
+                # a head held back by memory stays so until a step frees some; by the token
+                # budget, until fewer sequences decode
+                check = False
                 if verdict != _BLOCKED:
                     admitted = self._admissions(plan, num) if step == 1 else None
                     if not admitted:  # one it cannot model, or later than the first step
                         break
-                check = False
+                    # the next head was held back by what the admitted took of this step's
+                    # budget: the next step's is whole again
+                    waiting = sched.waiting
+                    head = waiting[len(admitted)] if len(waiting) > len(admitted) else None
+                    head_len = len(head.token_ids) if head is not None else 0
+                    head_computed = head.num_computed_tokens if head is not None else 0
+                    check = True
             held = context[num] + num * step
             if admitted:  # they prefill all their tokens, and sample
                 steps.admitted = admitted

@@ -31,6 +31,9 @@ UNIFORM = ["workload=uniform", "workload.num_requests=64", "workload.input_len_m
 CASES = {
     "paged": ["allocator=paged", "allocator.args.block_size=8", *UNIFORM],
     "paged-online": ["allocator=paged", "allocator.args.block_size=8", *UNIFORM, "workload.request_rate=400"],
+    # a pool that holds them all: admission waits for the step's token budget, not for memory
+    "paged-budget": ["allocator=paged", "allocator.args.block_size=8", *UNIFORM, "engine.kv_cache_tokens=16384",
+                     "engine.max_num_seqs=64", "engine.enable_chunked_prefill=false"],
     "paged-swap": ["allocator=paged", "++engine.preemption_mode=swap", "++engine.swap_space=0.001", *UNIFORM],
     "paged-fork-n2": ["allocator=paged", "workload=parallel", "workload.n=2", "workload.input_len=40",
                       "workload.output_len=60", "workload.num_requests=24"],
@@ -40,7 +43,7 @@ CASES = {
     "virtual-online": ["allocator=virtual", "allocator.args.page_size=4096", *UNIFORM, "workload.request_rate=400"],
 }
 # cases whose runs are mostly plain decode steps: the bulk path must take most of them
-MOSTLY_FAST = {"paged", "contiguous-max", "contiguous-pow2", "virtual"}
+MOSTLY_FAST = {"paged", "paged-budget", "contiguous-max", "contiguous-pow2", "virtual"}
 
 
 def config(*overrides: str):
@@ -84,7 +87,7 @@ def test_bulk_run_equals_steps_one_by_one(case, tmp_path, monkeypatch):
     assert ff.steps > 0 and ff.runs > 0, "the bulk path took no step"
     if case in MOSTLY_FAST:
         assert ff.steps > 0.5 * len(eb.step_records), (ff.steps, len(eb.step_records))
-    if case.startswith("paged") and case != "paged-fork-n2":
+    if case.startswith("paged") and case not in ("paged-fork-n2", "paged-budget"):
         assert sa["preemptions"] > 0, "the case should preempt"
     assert_same_run(tmp_path / "steps", tmp_path / "bulk", sa, sb)
     np.testing.assert_array_equal(ea.accountant.table(), eb.accountant.table())
@@ -163,7 +166,7 @@ def _drive(cfg, fast: bool, snapshots: dict | None = None) -> tuple[dict, int]:
     return states, compared
 
 
-@pytest.mark.parametrize("case", ["paged", "paged-online", "contiguous-pow2", "virtual"])
+@pytest.mark.parametrize("case", ["paged", "paged-online", "paged-budget", "contiguous-pow2", "virtual"])
 def test_bulk_run_leaves_the_engine_as_its_steps(case, monkeypatch):
     cfg = config(*COMMON, *CASES[case], "workload.num_requests=40")
     states, _ = _drive(cfg, fast=False)
