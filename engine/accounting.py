@@ -68,6 +68,20 @@ class ChunkedRows:
         self.rows = []
         return True
 
+    def extend(self, rows: list[tuple]) -> int:
+        """``append`` each of ``rows`` in order; returns how many chunks they filled."""
+        filled, i = 0, 0
+        while i < len(rows):
+            open_rows = self.rows
+            take = min(self.chunk_rows - len(open_rows), len(rows) - i)
+            open_rows += rows[i:i + take]
+            i += take
+            if len(open_rows) == self.chunk_rows:
+                self.chunks.append(self._array(open_rows))
+                self.rows = []
+                filled += 1
+        return filled
+
     def _array(self, rows: list[tuple]) -> np.ndarray:
         return np.array(rows, dtype=self.dtype).reshape(len(rows), self.width)
 
@@ -169,6 +183,11 @@ class StepLog:
         if self.rows.append(row):
             self.rows.spill_before(len(self.rows.chunks))
 
+    def extend(self, rows: list[tuple]) -> None:
+        """Steps in order, each a whole row in STEP_FIELDS order."""
+        if self.rows.extend(rows):
+            self.rows.spill_before(len(self.rows.chunks))
+
     def _record(self, row) -> StepRecord:
         return StepRecord(*(int(v) if is_int else float(v) for v, is_int in zip(row, self._int)))
 
@@ -255,7 +274,15 @@ class MemoryAccountant:
                     self._reopen(step, s.seq_id, cap, s.max_len)
             self._ids, self._caps = ids, list(capacities)
             return
-        self._relive(step, ids, capacities, [s.max_len for s in seqs])
+        # _relive, without a list of max_lens (most sequences keep their interval)
+        opened = self._open
+        for seq_id in opened.keys() - set(ids):
+            self._close(seq_id, step)
+        for seq_id, cap, s in zip(ids, capacities, seqs):
+            cur = opened.get(seq_id)
+            if cur is None or cur[1] != cap:
+                self._reopen(step, seq_id, cap, s.max_len)
+        self._ids, self._caps = ids, list(capacities)
 
     def record_run(self, rows: Sequence[tuple], seqs: Sequence,
                    changes: Sequence[Sequence[tuple[int, int]]]) -> None:

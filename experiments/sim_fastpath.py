@@ -322,17 +322,18 @@ class DecodeFastForward:
         runner.num_steps += k
         e.clock.t = times[-1]
         # step records (the last one after the finishes: it counts the sequences left)
-        append, context = e.step_records.append, steps.contexts
+        context, records = steps.contexts, []
         admitted_tokens = sum(n for _, n in steps.admitted)
         for i in range(k - 1):
             waiting += steps.preempted[i]
-            append((times[i], times[i + 1] - times[i], nums[i], waiting, nums[i], 0 if i else admitted_tokens,
-                    steps.decoding[i], steps.preempted[i], 0.0, context[i], 0, 0, 0, 0.0))
+            records.append((times[i], times[i + 1] - times[i], nums[i], waiting, nums[i], 0 if i else admitted_tokens,
+                            steps.decoding[i], steps.preempted[i], 0.0, context[i], 0, 0, 0, 0.0))
         finished = self._finish(members[:nums[-1]])
         e._wait_s = 0.0
-        append((times[k - 1], times[k] - times[k - 1], len(sched.running), len(sched.waiting), nums[-1],
-                admitted_tokens if k == 1 else 0, steps.decoding[-1], steps.preempted[-1], 0.0, context[-1],
-                0, 0, 0, 0.0))
+        records.append((times[k - 1], times[k] - times[k - 1], len(sched.running), len(sched.waiting), nums[-1],
+                        admitted_tokens if k == 1 else 0, steps.decoding[-1], steps.preempted[-1], 0.0, context[-1],
+                        0, 0, 0, 0.0))
+        e.step_records.extend(records)
         e.isolator.step_succeeded()
         return finished
 
@@ -365,9 +366,8 @@ class DecodeFastForward:
                 seg_changes.append(changed)
         if seg_rows:
             acc.record_run(seg_rows, members, seg_changes)
-        for i, held in enumerate(steps.contexts):
-            if logical.append((step0 + i, held)):
-                logical.spill_before(len(logical.chunks))
+        if logical.extend([(step0 + i, held) for i, held in enumerate(steps.contexts)]):
+            logical.spill_before(len(logical.chunks))
 
     def _finish(self, batch: list) -> int:
         """The last step's stop checks (``_resolve_sampled``): the sequences whose length is
