@@ -4,6 +4,10 @@ folder, then compare two such folders table by table.
     python -m experiments.sim_exactness run /tmp/ref            # at the commit before a change
     python -m experiments.sim_exactness run /tmp/new            # after it
     python -m experiments.sim_exactness compare /tmp/ref /tmp/new
+    # simulate's bulk path against every step through LLMEngine.step, 100k requests:
+    python -m experiments.sim_exactness run /tmp/steps --case paged-100k --no-bulk
+    python -m experiments.sim_exactness run /tmp/bulk --case paged-100k
+    python -m experiments.sim_exactness compare /tmp/steps /tmp/bulk
 
 ``compare`` checks every case's ``steps.parquet`` and ``requests.parquet`` for exact equality
 (every float to the bit) and its ``summary.json`` for equal values, but for the keys that
@@ -52,13 +56,33 @@ CASES: dict[str, list[str]] = {
 }
 
 
-def run_cases(out: Path, names: list[str] | None = None) -> None:
-    from experiments.run import compose, run_experiment
+# the benchmark's run (experiments/bench_simulate.py) at full size: run on request only
+LARGE: dict[str, list[str]] = {
+    "paged-100k": [*WASTE, "+strategy=paged", "workload.num_requests=100000", "workload.request_rate=inf"],
+}
 
-    for name in names or list(CASES):
-        t = time.process_time()
-        run_experiment(compose(CASES[name]), out / name)
-        print(f"{name}: {time.process_time() - t:.1f} s CPU", flush=True)
+
+def run_cases(out: Path, names: list[str] | None = None, bulk: bool = True) -> None:
+    """Run the cases into ``out``; ``bulk=False``: every step through ``LLMEngine.step`` (the
+    simulated engine's bulk path off)."""
+    import experiments.run as run
+
+    build = run.build_engine
+
+    def steps_one_by_one(cfg):
+        engine = build(cfg)
+        engine.decode_fast_forward = None  # the driver then steps every step
+        return engine
+
+    if not bulk:
+        run.build_engine = steps_one_by_one
+    try:
+        for name in names or list(CASES):
+            t = time.process_time()
+            run.run_experiment(run.compose({**CASES, **LARGE}[name]), out / name)
+            print(f"{name}: {time.process_time() - t:.1f} s CPU", flush=True)
+    finally:
+        run.build_engine = build
 
 
 def _frames_differ(a: pd.DataFrame, b: pd.DataFrame) -> str | None:
@@ -94,7 +118,10 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run the cases into a folder")
     r.add_argument("out", type=Path)
-    r.add_argument("--case", action="append", choices=list(CASES), help="only these (default: all)")
+    r.add_argument("--case", action="append", choices=[*CASES, *LARGE],
+                   help=f"only these (default: all but {', '.join(LARGE)})")
+    r.add_argument("--no-bulk", action="store_true",
+                   help="every step through LLMEngine.step (simulate's bulk path off): the reference")
     c = sub.add_parser("compare", help="compare two folders of cases")
     c.add_argument("a", type=Path)
     c.add_argument("b", type=Path)
@@ -103,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.ERROR)
     if args.cmd == "run":
-        run_cases(args.out, args.case)
+        run_cases(args.out, args.case, bulk=not args.no_bulk)
         return 0
     bad = 0
     for case in sorted(p.name for p in args.a.iterdir() if (p / "summary.json").exists()):
