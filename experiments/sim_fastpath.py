@@ -1,12 +1,16 @@
-"""Simulate mode in bulk: a run of decode steps in which nothing can change the schedule.
+"""Simulate mode in bulk: runs of decode steps in which the schedule is plain.
 
 Most steps of a saturated simulation are alike: every running sequence computes its one
-decode token, nobody is admitted, preempted or finished, and the allocator only grows each
-sequence by a token. :class:`DecodeFastForward` finds how many such steps come next and
-advances them at once: the cost model's step times from the batch's sums, the step records,
-memory rows and live-token counts appended step by step, the sampled tokens appended to each
-sequence as one list, the allocator changed once (``KVAllocator.decode_run``). At the run's
-last step the sequences that reach their length finish through the engine's own code.
+decode token and the allocator only grows each sequence by a token; now and then the pool runs
+out and the scheduler preempts the last ones, or a request finishes and the queue's head is
+admitted. :class:`DecodeFastForward` plans the run of such steps that starts now, step by step
+but on sums and per-event lists (the cost model's step time from the batch's sums, the
+allocator's ``DecodeRun``: who takes a block when, who is preempted, what the first step
+admits), then applies it at once: the sampled tokens appended to each sequence as one list,
+the step records, memory rows and live-token counts appended per run, the allocator changed
+once (``DecodeRun.commit``), the victims and admissions made by the scheduler's own
+``_preempt`` and ``_admit``. At the run's last step the sequences that reach their length
+finish through the engine's own code.
 
 A run stops before the first step that could differ from that pattern, and that step goes
 through ``LLMEngine.step`` as always:
@@ -17,10 +21,11 @@ through ``LLMEngine.step`` as always:
   pool that runs out is modelled: the scheduler preempts from the back (by recompute), the
   victims' blocks go back to the pool, as ``Scheduler.schedule`` does it;
 - a waiting request that could be admitted, but at the run's first step: the queue's head is
-  checked there and after each preemption (a victim heads the queue); in between, steps only
-  take memory, so a head that cannot be admitted stays so. At the first step the admissions
-  are modelled where the allocator can (a paged pool: plain requests whose whole prompt fits
-  the step's budget): they prefill and sample in that step and decode in the next ones;
+  checked there, at the next step after admissions (its budget is whole again) and after each
+  preemption (a victim heads the queue); in between, steps only take memory and keep the
+  budget, so a head that cannot be admitted stays so. At the first step the admissions are
+  modelled where the allocator can (a paged pool: plain requests whose whole prompt fits the
+  step's budget): they prefill and sample in that step and decode in the next ones;
 - anything outside the plain case: a sequence that is not one decode token, stop tokens or
   text to check, streamed outputs, beams, forks, prefix caching at admission, a host tier,
   a profiled cost model, windowed attention, asynchronous scheduling, fault isolation.
