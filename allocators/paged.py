@@ -15,7 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Sequence as Seq
 
-import numpy as np
 import torch
 
 import kernels
@@ -208,8 +207,9 @@ class PagedAllocator(KVAllocator):
 
     def decode_run(self, seqs: Seq[SequenceLike]) -> DecodeRun | None:
         # new blocks come off the plain free stack, one per sequence every block_size steps,
-        # preempted sequences put theirs back; a prefix cache (registering full blocks, evicting cached ones), a host tier or a
-        # shared partial tail (copy-on-write, charged to one holder) has no bulk model
+        # preempted sequences put theirs back; a prefix cache (registering full blocks, evicting
+        # cached ones), a host tier or a shared partial tail (copy-on-write, charged to one
+        # holder) has no bulk model
         if self.enable_prefix_caching or self.host_tier is not None or self._tail_holders or self.pool.num_cached_free:
             return None
         bs, get, ref = self._block_size, self._seqs.get, self.pool.ref
