@@ -278,9 +278,11 @@ class PagedAllocator(KVAllocator):
     def _release_blocks(self, st: _SeqBlocks) -> None:
         if st.table and st.num_tokens % self._block_size:
             self._leave_tail(st.table[-1], st.seq.seq_id)
-        # last blocks first: the LRU evicts a prefix's tail before its head
+        # last blocks first: the LRU evicts a prefix's tail before its head; without prefix
+        # caching no block is ever indexed, so none is looked up
+        release, cache, caching = self.pool.release, self.cache, self.enable_prefix_caching
         for b in reversed(st.table[st.released:]):
-            self.pool.release(b, cached=self.cache.is_cached(b))
+            release(b, cached=caching and cache.is_cached(b))
         st.table = []
 
     def release_head(self, seq: SequenceLike, first_kept: int) -> int:

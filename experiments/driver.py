@@ -4,6 +4,8 @@ from __future__ import annotations
 import gc
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Callable
 
 from engine.llm_engine import LLMEngine
@@ -16,6 +18,23 @@ def sampling_params(spec: RequestSpec, seed: int) -> SamplingParams:
     # beam search (spec.beam_width > 1) returns the best beam
     return SamplingParams(n=spec.n, max_tokens=spec.output_len, ignore_eos=True, temperature=0.0, seed=seed,
                           output_kind="final_only", beam_width=spec.beam_width)
+
+
+@contextmanager
+def cyclic_gc_paused(pause: bool = True) -> Iterator[None]:
+    """The cyclic garbage collector rests inside (where it runs and ``pause``). A simulation
+    makes millions of long-lived objects (queued and retired requests, their token lists) and
+    no reference cycles: the collector's full passes would rescan them all and find nothing (a
+    tenth of a 100k-request run). Reference counting frees everything as always;
+    tests/test_sim_fastpath.py checks that a simulated run leaves no cycles behind."""
+    pause = pause and gc.isenabled()
+    if pause:
+        gc.disable()
+    try:
+        yield
+    finally:
+        if pause:
+            gc.enable()
 
 
 def _params_key(spec: RequestSpec) -> tuple:
@@ -42,17 +61,10 @@ def drive(
     fast = getattr(engine, "decode_fast_forward", None)
     pending = sorted(specs, key=lambda s: s.arrival_s)
     params: dict[tuple, SamplingParams] = {}  # by _params_key
-    # simulate makes millions of long-lived objects (queued and retired requests) and no
-    # reference cycles: the cyclic collector's full passes would rescan them all and find
-    # nothing (a tenth of a 100k-request run). It rests during the run; reference counting
-    # frees everything as always (tests/test_sim_fastpath.py checks that no cycles pile up)
-    pause_gc = fast is not None and gc.isenabled()
-    if pause_gc:
-        gc.disable()
     t0 = clock()
     i = 0
     done = 0
-    try:
+    with cyclic_gc_paused(fast is not None):
         while i < len(pending) or engine.has_unfinished_requests():
             now = clock() - t0
             while i < len(pending) and pending[i].arrival_s <= now:
@@ -78,7 +90,4 @@ def drive(
             if finished and on_finish is not None:
                 done += finished
                 on_finish(finished)
-    finally:
-        if pause_gc:
-            gc.enable()
     return t0, clock()
