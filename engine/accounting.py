@@ -344,6 +344,8 @@ class MemoryAccountant:
             self._close(seq_id, len(self._rows))
         events = self._events
         for start, end, cap, max_len in self._closed.pop(seq_id, ()):
+            if max_len == final_len:
+                continue  # it ended at its max_len bound: the provisional split was exact
             delta = (max(0, cap - final_len) - max(0, cap - max_len)) * self.bpt
             if delta:
                 events[start] = events.get(start, 0) + delta
