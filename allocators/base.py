@@ -6,14 +6,15 @@ tensors the kernels read, and reports where every byte of its pool is (``stats``
 """
 from __future__ import annotations
 
+import operator
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar, Protocol, Sequence as Seq
+from typing import Callable, ClassVar, Protocol, Sequence as Seq
 
 import torch
 
 from allocators.prefix_cache import PrefixMatch
-from allocators.stats import MemoryStats
+from allocators.stats import STAT_FIELDS, MemoryStats
 from kernels.metadata import Addressing
 
 
@@ -141,6 +142,12 @@ class KVAllocator(ABC):
         """Largest final length a single sequence could ever be given on an empty pool."""
         return self.capacity_tokens
 
+    def decode_run(self, seqs: Seq[SequenceLike]) -> DecodeRun | None:
+        """What steps of one decode token for each of ``seqs`` would do, for simulate mode's
+        bulk path (see :class:`DecodeRun`); None where this allocator (or its state now) has no
+        such model: every step then goes through ``allocate_batch``."""
+        return None
+
     # -- sharing -------------------------------------------------------------------------
     def can_fork(self, parent: SequenceLike) -> bool:
         """Whether ``fork(parent, child)`` would succeed now."""
@@ -253,3 +260,121 @@ class KVAllocator(ABC):
             internal += cap - bound
         bpt = self.bytes_per_token
         return filled * bpt, reserved * bpt, internal * bpt
+
+
+_STAT_ROW = operator.attrgetter(*STAT_FIELDS)
+_TS, _RES, _INT, _FREE = (STAT_FIELDS.index(f) for f in ("token_states", "reservation", "internal_frag", "free"))
+
+
+class DecodeRun:
+    """Steps in which ``allocate_batch(seqs[:num])`` grows each of the first ``num`` of ``seqs``
+    by one token, for simulate mode's bulk path (experiments/sim_fastpath.py), which steps it
+    one step at a time and then makes the change at once (``commit``).
+
+    Made from the allocator's state now (``KVAllocator.decode_run``); the allocator does not
+    change until ``commit``. ``used``: tokens the allocator holds for each sequence now;
+    ``caps``: their ``seq_capacities``. A strategy says how many steps it can model at most
+    (``limit``), makes each step's room (``allocate``: where a sequence does not fit, the
+    caller preempts from the back, ``release``), whether a waiting sequence could be admitted
+    (``may_admit``), may model its admission at the first step (``admit``) and makes the
+    change (``commit``). The ``stats`` rows follow here, for every strategy whose live
+    sequences split their capacity as ``live_split`` does.
+    """
+
+    takes_free = False  # capacity grows out of the free pool, and preempted ones give theirs back (paged)
+    admits = False  # ``admit`` can model an admission at the first step
+
+    def __init__(self, allocator: KVAllocator, seqs: Seq[SequenceLike], used: list[int], caps: list[int]):
+        self.allocator, self.seqs, self.used, self.caps = allocator, list(seqs), used, caps
+        self.growth: list[tuple[int, int, int]] = []  # (step, index, capacity after it), in step order
+        self.released: list[tuple[int, int]] = []  # (step, index) of each sequence preempted
+        self.joined: list[tuple[int, int]] = []  # (index, tokens) of each sequence admitted at the first step
+        # no sequence outgrows its max_len (stats split at min(max_len, capacity) then)
+        self.room = min(s.max_len - u for s, u in zip(self.seqs, used))
+
+    def limit(self) -> int:
+        """Steps the strategy can model from now (0: not even the next)."""
+        return max(0, min(self.room, self._limit()))
+
+    def _limit(self) -> int:
+        raise NotImplementedError
+
+    def allocate(self, step: int, num: int, start: int = 0) -> int | None:
+        """Room for step ``step``'s token of each of ``seqs[start:num]`` in order; the index of
+        the first that finds none (those before it have theirs), or None."""
+        return None
+
+    def release(self, index: int, step: int) -> bool:
+        """``seqs[index]`` is preempted (by recompute) at step ``step``, before its token: its
+        room goes back. False where that is not modelled (nothing is changed then)."""
+        return False
+
+    def may_admit(self, seq: SequenceLike, num_new_tokens: int) -> bool:
+        """Whether ``can_allocate(seq, num_new_tokens)`` of a waiting ``seq`` could be true after
+        the steps made so far; False also means at later steps until one preempts (they only
+        take room). True when in doubt."""
+        raise NotImplementedError
+
+    def admit(self, seq: SequenceLike, num_new_tokens: int) -> bool:
+        """At the first step, after the decode tokens: ``seq`` (holding nothing) is admitted
+        with its ``num_new_tokens`` tokens, all it has: it joins ``seqs`` (at the end) and
+        decodes from the next step on. False (nothing changed) where that is not modelled."""
+        return False
+
+    def stats_rows(self, decoding: list[int]) -> tuple[int, list[tuple]]:
+        """(capacity, one STAT_FIELDS row per step): ``stats()`` after each step of the run,
+        ``decoding[i]`` sequences decoding a token in step i + 1: the stats now, plus the run's
+        tokens, the sequences admitted and the capacities that grew, minus the sequences
+        preempted. Every token is below ``min(max_len, capacity)`` (``room`` sees to it), so
+        each sequence's reservation ends there."""
+        k = len(decoding)
+        seqs, caps = self.seqs, list(self.caps)
+        d_ts, d_res, d_int, d_cap = ([0] * (k + 1) for _ in range(4))
+        for j, tokens in self.joined:
+            m, cap = seqs[j].max_len, caps[j]
+            d_ts[1] += tokens
+            d_res[1] += min(m, cap) - tokens
+            d_int[1] += max(cap - m, 0)
+            d_cap[1] += cap
+        for step, j, cap in self.growth:
+            if step > k:
+                break
+            m, old = seqs[j].max_len, caps[j]
+            caps[j] = cap
+            d_res[step] += min(m, cap) - min(m, old)
+            d_int[step] += max(cap - m, 0) - max(old - m, 0)
+            d_cap[step] += cap - old
+        for step, j in self.released:  # its capacity then: it grows no more
+            if step > k:
+                break
+            m, cap, used = seqs[j].max_len, caps[j], self.used[j] + step - 1
+            d_ts[step] -= used
+            d_res[step] -= min(m, cap) - used
+            d_int[step] -= max(cap - m, 0)
+            d_cap[step] -= cap
+        now = self.allocator.stats()
+        row = list(_STAT_ROW(now))
+        ts, res, internal, free = row[_TS], row[_RES], row[_INT], row[_FREE]
+        bpt = self.allocator.bytes_per_token
+        rows = []
+        g_ts = g_res = g_int = g_cap = 0
+        for step in range(1, k + 1):
+            num = decoding[step - 1]  # each grows by a token: its reservation shrinks by one
+            g_ts += num + d_ts[step]
+            g_res += d_res[step] - num
+            g_int += d_int[step]
+            g_cap += d_cap[step]
+            row[_TS] = ts + g_ts * bpt
+            row[_RES] = res + g_res * bpt
+            row[_INT] = internal + g_int * bpt
+            if self.takes_free:
+                row[_FREE] = free - g_cap * bpt
+            rows.append(tuple(row))
+        return now.capacity, rows
+
+    def commit(self, k: int, preempt: Callable[[int], None], admit: Callable[[], None]) -> None:
+        """Leave the allocator as steps 1..k did: each survivor ``k`` tokens longer, each
+        preempted one as it was then. ``preempt(index)`` is called where a step preempted
+        (the scheduler's own preemption, which frees it here), ``admit()`` where the first
+        step admitted (the scheduler's own admission, which allocates here)."""
+        raise NotImplementedError

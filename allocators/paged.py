@@ -13,12 +13,12 @@ block is shared after a fork, to its holder with the smallest seq_id.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence as Seq
+from typing import Callable, Sequence as Seq
 
 import torch
 
 import kernels
-from allocators.base import AllocationError, KVAllocator, KVCacheSpec, SequenceLike
+from allocators.base import AllocationError, DecodeRun, KVAllocator, KVCacheSpec, SequenceLike
 from allocators.block_pool import BlockPool
 from allocators.host_swap import HostSwapSpace
 from allocators.host_tier import HostKVTier, HostTierConfig, Transfer
@@ -205,6 +205,26 @@ class PagedAllocator(KVAllocator):
             self.allocate(seq, n)
         return len(seqs)
 
+    def decode_run(self, seqs: Seq[SequenceLike]) -> DecodeRun | None:
+        # new blocks come off the plain free stack, one per sequence every block_size steps,
+        # preempted sequences put theirs back; a prefix cache (registering full blocks, evicting
+        # cached ones), a host tier or a shared partial tail (copy-on-write, charged to one
+        # holder) has no bulk model
+        if self.enable_prefix_caching or self.host_tier is not None or self._tail_holders or self.pool.num_cached_free:
+            return None
+        bs, get, ref = self._block_size, self._seqs.get, self.pool.ref
+        sts, used = [], []
+        for seq in seqs:
+            st = get(seq.seq_id)
+            if st is None or st.host is not None or st.released or not st.table:
+                return None
+            n, table = st.num_tokens, st.table
+            if len(table) != -(-n // bs) or (n % bs and ref[table[-1]] != 1):
+                return None
+            sts.append(st)
+            used.append(n)
+        return _PagedDecodeRun(self, seqs, sts, used)
+
     def _copy_on_write(self, st: _SeqBlocks) -> None:
         """``st``'s last block is shared and about to be written: write a private copy instead."""
         old = st.table[-1]
@@ -258,9 +278,11 @@ class PagedAllocator(KVAllocator):
     def _release_blocks(self, st: _SeqBlocks) -> None:
         if st.table and st.num_tokens % self._block_size:
             self._leave_tail(st.table[-1], st.seq.seq_id)
-        # last blocks first: the LRU evicts a prefix's tail before its head
+        # last blocks first: the LRU evicts a prefix's tail before its head; without prefix
+        # caching no block is ever indexed, so none is looked up
+        release, cache, caching = self.pool.release, self.cache, self.enable_prefix_caching
         for b in reversed(st.table[st.released:]):
-            self.pool.release(b, cached=self.cache.is_cached(b))
+            release(b, cached=caching and cache.is_cached(b))
         st.table = []
 
     def release_head(self, seq: SequenceLike, first_kept: int) -> int:
@@ -563,3 +585,133 @@ class PagedAllocator(KVAllocator):
             external_frag=0,  # any free block serves any sequence
             free=self.pool.num_free * bs * bpt,  # free cached blocks included: any allocation may evict them
         )
+
+
+_TAKE, _FREE, _ADMIT = range(3)  # the events of a paged decode run
+
+
+class _PagedDecodeRun(DecodeRun):
+    """Each sequence takes a free block at the step its last block is full, then every
+    ``block_size`` steps; a preempted one gives back all its blocks (only private ones are
+    modelled); one admitted at the first step takes the blocks of its tokens."""
+
+    takes_free = True
+    admits = True
+
+    def __init__(self, allocator: PagedAllocator, seqs: Seq[SequenceLike], sts: list[_SeqBlocks], used: list[int]):
+        bs = self.bs = allocator.block_size
+        super().__init__(allocator, seqs, used, [len(st.table) * bs for st in sts])
+        self.sts: list[_SeqBlocks | None] = sts  # None: admitted in the run (known at commit)
+        self.base = list(used)  # tokens the pool's fill count has for each
+        self.free = allocator.pool.num_free
+        self._caps = list(self.caps)  # as the steps so far leave them
+        # sequences that take a block at a step, by the step's residue: a sequence whose last
+        # block is full takes one at step 1, one holding r tokens of it at step bs - r + 1
+        self._takers: list[list[int]] = [[] for _ in range(bs)]
+        for j, u in enumerate(used):
+            self._takers[self._first_take(u) % bs].append(j)
+        self._gone: set[int] = set()  # seq ids preempted so far
+        self._events: list[tuple[int, int, int]] = []  # (step, index, _TAKE | _FREE | _ADMIT), in order
+
+    def _first_take(self, used: int) -> int:
+        return self.bs - used % self.bs + 1 if used % self.bs else 1
+
+    def _limit(self) -> int:
+        return 1 << 62  # the free pool is stepped (allocate)
+
+    def allocate(self, step: int, num: int, start: int = 0) -> int | None:
+        caps, bs = self._caps, self.bs
+        for j in self._takers[step % bs]:
+            if j < start:
+                continue
+            if j >= num:
+                break
+            if not self.free:
+                return j
+            self.free -= 1
+            caps[j] += bs
+            self.growth.append((step, j, caps[j]))
+            self._events.append((step, j, _TAKE))
+        return None
+
+    def release(self, index: int, step: int) -> bool:
+        st = self.sts[index]
+        if st is not None and any(self.allocator.pool.ref[b] != 1 for b in st.table):
+            return False  # blocks shared with another sequence stay held: not modelled
+        self.free += self._caps[index] // self.bs
+        self.released.append((step, index))
+        self._events.append((step, index, _FREE))
+        self._gone.add(self.seqs[index].seq_id)
+        return True
+
+    def _holds(self, seq: SequenceLike) -> bool:
+        return seq.seq_id in self.allocator._seqs and seq.seq_id not in self._gone
+
+    def may_admit(self, seq: SequenceLike, num_new_tokens: int) -> bool:
+        if self._holds(seq):
+            return True  # it holds blocks: not the plain case
+        return -(-num_new_tokens // self.bs) <= self.free
+
+    def admit(self, seq: SequenceLike, num_new_tokens: int) -> bool:
+        bs, n = self.bs, num_new_tokens
+        blocks = -(-n // bs)
+        if self._holds(seq) or blocks > self.free or n < 1:
+            return False
+        if not self.joined:
+            self._events.append((1, -1, _ADMIT))  # the scheduler admits them all at once
+        self.free -= blocks
+        j = len(self.seqs)
+        # from the next step on it decodes as one that held n - 1 tokens before the first
+        used = n - 1
+        self.seqs.append(seq)
+        self.used.append(used)
+        self.base.append(n)
+        self.caps.append(blocks * bs)
+        self._caps.append(blocks * bs)
+        self.sts.append(None)
+        self.joined.append((j, n))
+        first = self._first_take(used)
+        self._takers[(first if first > 1 else first + bs) % bs].append(j)
+        self.room = min(self.room, seq.max_len - used)
+        return True
+
+    def commit(self, k: int, preempt: Callable[[int], None], admit: Callable[[], None]) -> None:
+        bs, alloc = self.bs, self.allocator
+        pool = alloc.pool
+        fill, sts, used, base = pool.fill, self.sts, self.used, self.base
+        added = 0  # tokens the run adds to the pool's fill count (a freed block takes its fill away)
+
+        def catch_up(j: int, steps: int) -> int:  # seqs[j]'s tokens and fills after ``steps`` steps
+            st, u = sts[j], used[j]
+            total = st.num_tokens = u + steps
+            table = st.table
+            for i in range(u // bs, len(table)):
+                fill[table[i]] = min(bs, total - i * bs)
+            return total - base[j]
+
+        # the new blocks, admissions and preemptions in the order the steps make them
+        for step, j, kind in self._events:
+            if step > k:
+                break
+            if kind == _TAKE:
+                sts[j].table.append(pool.take())  # ref 1, fill 0
+            elif kind == _FREE:
+                added += catch_up(j, step - 1)
+                preempt(j)
+            else:
+                admit()
+                for i, _ in self.joined:
+                    sts[i] = alloc._seqs[self.seqs[i].seq_id]
+        alive = len(self.seqs) - sum(1 for step, _ in self.released if step <= k)
+        plain = len(self.seqs) - len(self.joined)  # the ones running before the run
+        for j in range(alive):  # survivors are the first ones: preemption takes from the back
+            st, u = sts[j], used[j]
+            table = st.table
+            last = len(table) - 1
+            if j < plain and last * bs < u:  # no new block: the last one takes the k tokens
+                st.num_tokens = u + k
+                fill[table[last]] += k
+                added += k
+            else:
+                added += catch_up(j, k)
+        pool.filled_total += added

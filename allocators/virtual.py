@@ -56,11 +56,11 @@ import weakref
 from collections import OrderedDict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Sequence as Seq
+from typing import Callable, Sequence as Seq
 
 import torch
 
-from allocators.base import AllocationError, KVAllocator, KVCacheSpec, SequenceLike
+from allocators.base import AllocationError, DecodeRun, KVAllocator, KVCacheSpec, SequenceLike
 from allocators.prefix_cache import PrefixMatch
 from allocators.registry import register
 from allocators.slot_prefix_cache import ROOT_HASH, PageIndex, SlotPrefixCache, page_key
@@ -527,6 +527,13 @@ class VirtualAllocator(KVAllocator):
             self.allocate(seq, n)
         return len(seqs)
 
+    def decode_run(self, seqs: Seq[SequenceLike]) -> DecodeRun | None:
+        if self._inflight:
+            return None
+        get = self._by_seq.get
+        slots = [get(s.seq_id) for s in seqs]
+        return None if None in slots else _VirtualDecodeRun(self, seqs, slots)
+
     def _grow_mapped(self, slot: _Slot, total: int) -> None:
         """Grow inside pages the slot has: wait only for a page still being mapped ahead."""
         tpp = self.page_tokens
@@ -794,3 +801,38 @@ class VirtualAllocator(KVAllocator):
         """Block until every background mapping is done (tests, benchmarks)."""
         for fut in list(self._inflight.values()):
             fut.result()
+
+
+class _VirtualDecodeRun(DecodeRun):
+    """Decode inside each slot's current page. The run stops before a sequence's first token
+    on a new page (pages change hands there), and, with prefetch, before the step that would
+    map its next page ahead, unless no page can be mapped ahead now (the sequence has all it
+    can use, or the free pool is short: ``_map_ahead`` then does nothing, as nothing frees
+    pages during the run). Charged pages, so capacities, stay the same."""
+
+    def __init__(self, allocator: VirtualAllocator, seqs: Seq[SequenceLike], slots: list[_Slot]):
+        tpp = allocator.page_tokens
+        caps, self.limits = [], []
+        ahead = allocator.prefetch_tokens if allocator.prefetch else None
+        pool_short = len(allocator._free_groups) + allocator._idle_pages <= len(allocator._by_seq)
+        for slot in slots:
+            u, mapped = slot.used, len(slot.groups)
+            charged = max(-(-u // tpp), slot.want)
+            caps.append(min(charged, mapped) * tpp)
+            limit = tpp - u % tpp if u % tpp else 0  # tokens u+1 .. on the page of token u
+            if ahead is not None and mapped < slot.want and not pool_short:
+                limit = min(limit, mapped * tpp - ahead - u)
+            self.limits.append(limit)
+        super().__init__(allocator, seqs, [s.used for s in slots], caps)
+        self.slots = slots
+
+    def _limit(self) -> int:
+        return min(self.limits)
+
+    def may_admit(self, seq: SequenceLike, num_new_tokens: int) -> bool:
+        alloc = self.allocator
+        return seq.seq_id in alloc._by_seq or alloc.can_allocate(seq, num_new_tokens)
+
+    def commit(self, k: int, preempt: Callable[[int], None], admit: Callable[[], None]) -> None:
+        for slot in self.slots:
+            slot.used += k

@@ -68,6 +68,20 @@ class ChunkedRows:
         self.rows = []
         return True
 
+    def extend(self, rows: list[tuple]) -> int:
+        """``append`` each of ``rows`` in order; returns how many chunks they filled."""
+        filled, i = 0, 0
+        while i < len(rows):
+            open_rows = self.rows
+            take = min(self.chunk_rows - len(open_rows), len(rows) - i)
+            open_rows += rows[i:i + take]
+            i += take
+            if len(open_rows) == self.chunk_rows:
+                self.chunks.append(self._array(open_rows))
+                self.rows = []
+                filled += 1
+        return filled
+
     def _array(self, rows: list[tuple]) -> np.ndarray:
         return np.array(rows, dtype=self.dtype).reshape(len(rows), self.width)
 
@@ -169,6 +183,11 @@ class StepLog:
         if self.rows.append(row):
             self.rows.spill_before(len(self.rows.chunks))
 
+    def extend(self, rows: list[tuple]) -> None:
+        """Steps in order, each a whole row in STEP_FIELDS order."""
+        if self.rows.extend(rows):
+            self.rows.spill_before(len(self.rows.chunks))
+
     def _record(self, row) -> StepRecord:
         return StepRecord(*(int(v) if is_int else float(v) for v, is_int in zip(row, self._int)))
 
@@ -243,7 +262,50 @@ class MemoryAccountant:
                         self._reopen(step, s.seq_id, cap, s.max_len)
                 self._caps = list(capacities)
             return
-        self._relive(step, ids, capacities, [s.max_len for s in seqs])
+        n = len(ids)
+        if n < len(self._ids) and ids == self._ids[:n]:
+            # the last ones left (preempted from the back): only their intervals end
+            opened = self._open
+            for seq_id in self._ids[n:]:
+                if seq_id in opened:
+                    self._close(seq_id, step)
+            for s, cap, before in zip(seqs, capacities, self._caps):
+                if cap != before:
+                    self._reopen(step, s.seq_id, cap, s.max_len)
+            self._ids, self._caps = ids, list(capacities)
+            return
+        # _relive, without a list of max_lens (most sequences keep their interval)
+        opened = self._open
+        for seq_id in opened.keys() - set(ids):
+            self._close(seq_id, step)
+        for seq_id, cap, s in zip(ids, capacities, seqs):
+            cur = opened.get(seq_id)
+            if cur is None or cur[1] != cap:
+                self._reopen(step, seq_id, cap, s.max_len)
+        self._ids, self._caps = ids, list(capacities)
+
+    def record_run(self, rows: Sequence[tuple], seqs: Sequence,
+                   changes: Sequence[Sequence[tuple[int, int]]]) -> None:
+        """Steps that follow a ``record_seqs`` of the same live ``seqs`` (simulate's runs of
+        decode steps): ``rows[i]`` is a step's stats (STAT_FIELDS order, the same capacity),
+        ``changes[i]`` the (index in ``seqs``, capacity) of each capacity that changed at that
+        step. The same as ``record_seqs`` step by step."""
+        caps = list(self._caps)
+        store, opened, closed = self._rows, self._open, self._closed
+        for row, changed in zip(rows, changes):
+            step = len(store)
+            if store.append(row):
+                self._settle()
+            for j, cap in changed:  # _reopen, inlined (a block's worth of steps per sequence)
+                s = seqs[j]
+                seq_id = s.seq_id
+                cur = opened.pop(seq_id, None)
+                if cur is not None and step > cur[0]:
+                    closed.setdefault(seq_id, []).append((cur[0], step, cur[1], cur[2]))
+                if cap > 0:
+                    opened[seq_id] = [step, cap, s.max_len]
+                caps[j] = cap
+        self._caps = caps
 
     def _begin(self, stats: MemoryStats) -> int:
         step = len(self._rows)
@@ -282,6 +344,8 @@ class MemoryAccountant:
             self._close(seq_id, len(self._rows))
         events = self._events
         for start, end, cap, max_len in self._closed.pop(seq_id, ()):
+            if max_len == final_len:
+                continue  # it ended at its max_len bound: the provisional split was exact
             delta = (max(0, cap - final_len) - max(0, cap - max_len)) * self.bpt
             if delta:
                 events[start] = events.get(start, 0) + delta

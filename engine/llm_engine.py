@@ -240,7 +240,9 @@ class LLMEngine:
                 f"request '{request_id}': prompt of {n} tokens does not fit max_model_len={self.max_model_len} "
                 "(it needs room for at least one output token): shorten the prompt or raise max_model_len")
         vocab = self.model_config.vocab_size
-        bad = [t for t in token_ids if not (isinstance(t, int) and 0 <= t < vocab)]
+        # plain ints within the vocabulary (checked at C speed), else the ones that are not
+        plain = set(map(type, token_ids)) == {int} and min(token_ids) >= 0 and max(token_ids) < vocab
+        bad = [] if plain else [t for t in token_ids if not (isinstance(t, int) and 0 <= t < vocab)]
         if bad:
             raise ValueError(f"request '{request_id}': token ids {bad[:5]} outside the vocabulary [0, {vocab})")
         bad = [t for t in params.stop_token_ids if not 0 <= t < vocab]

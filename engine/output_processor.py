@@ -69,6 +69,18 @@ class OutputProcessor:
                 outputs.append(out)
         return outputs
 
+    def retire_quiet(self, requests: Iterable[RequestState], engine: LLMEngine) -> int:
+        """``process`` for quiet requests (``is_quiet``: no text, nothing before the end) whose
+        outputs nobody reads (simulate's bulk steps count them only): the requests whose samples
+        have all finished are retired, as ``_process`` does; returns how many."""
+        done = 0
+        for req in requests:
+            req.finished = not req.unborn and all(s.finished for s in req.seqs)
+            if req.finished:
+                engine._retire(req)
+                done += 1
+        return done
+
     def _process(self, req: RequestState, engine: LLMEngine) -> RequestOutput | None:
         for seq in req.seqs:
             det = seq.detok

@@ -7,6 +7,7 @@ The run is the PagedAttention waste-breakdown setup (OPT-13B on a simulated A100
 ``+experiment=waste_breakdown``, paged unless ``--strategy``) with N ShareGPT-like requests at
 t=0, through ``experiments.run.run_experiment`` as ``kvlab run`` does it. Peak memory is the
 process's maximum resident set (``ru_maxrss``), so run one size per process for a clean figure.
+``bulk_steps``: the steps simulate's bulk path advanced (the others went through ``LLMEngine.step``).
 """
 from __future__ import annotations
 
@@ -32,16 +33,29 @@ def overrides(requests: int, strategy: str, extra: list[str]) -> list[str]:
 
 
 def run(requests: int, strategy: str = "paged", extra: list[str] = (), profile: bool = False) -> dict:
+    import experiments.run as run_module
     from experiments.run import compose, run_experiment
 
     cfg = compose(overrides(requests, strategy, list(extra)))
     prof = cProfile.Profile() if profile else None
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    bulk: dict = {}  # how much of the run simulate's bulk path advanced (experiments/sim_fastpath.py)
+    build = run_module.build_engine
+
+    def build_and_watch(c):
+        engine = build(c)
+        bulk["ff"] = getattr(engine, "decode_fast_forward", None)
+        return engine
+
+    run_module.build_engine = build_and_watch
     with tempfile.TemporaryDirectory(prefix="sim_scale_") as out:
         wall, cpu = time.perf_counter(), time.process_time()
         if prof:
             prof.enable()
-        summary = run_experiment(cfg, out)
+        try:
+            summary = run_experiment(cfg, out)
+        finally:
+            run_module.build_engine = build
         if prof:
             prof.disable()
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
@@ -56,6 +70,7 @@ def run(requests: int, strategy: str = "paged", extra: list[str] = (), profile: 
         steps=num_steps, steps_parquet_bytes=steps_bytes,
         simulated_duration_s=round(summary["duration"], 2), output_throughput=round(summary["output_throughput"], 1),
         preemptions=summary["preemptions"], token_states=summary["token_states"],
+        bulk_runs=getattr(bulk.get("ff"), "runs", 0), bulk_steps=getattr(bulk.get("ff"), "steps", 0),
         python=platform.python_version(), machine=platform.machine(), git_commit=summary.get("git_commit"),
     )
     if prof:

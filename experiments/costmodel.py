@@ -188,6 +188,11 @@ def get_model_shape(name: str) -> ModelShape:
     return MODEL_SHAPES[name]
 
 
+def _total_s(compute_s: float, memory_s: float, comm_s: float, overhead_s: float) -> float:
+    """A step's seconds: compute and memory overlap, the all-reduces and the overhead do not."""
+    return max(compute_s, memory_s) + comm_s + overhead_s
+
+
 @dataclass(frozen=True)
 class StepCost:
     flops: float
@@ -199,7 +204,7 @@ class StepCost:
 
     @property
     def total_s(self) -> float:
-        return max(self.compute_s, self.memory_s) + self.comm_s + self.overhead_s
+        return _total_s(self.compute_s, self.memory_s, self.comm_s, self.overhead_s)
 
     @property
     def memory_bound(self) -> bool:
@@ -262,41 +267,81 @@ class RooflineCostModel:
         # QK^T and PV: 2 FLOPs per multiply-add, 2 matmuls, per query head, layer, key
         self._attn_flops_per_key = 4 * model.num_layers * model.num_heads * model.head_dim
         self._groups = model.window_groups()
+        self._full = len(self._groups) == 1 and self._groups[0][1] == 0
 
     def step_cost(self, batch: list[tuple[int, int]]) -> StepCost:
         """``batch``: one ``(num_new_tokens, context_len_after)`` per sequence in the step."""
         if not batch:
             return StepCost(0.0, 0.0, 0.0, 0.0, 0.0)
+        return StepCost(*self._cost(*self._sums(batch)))
+
+    def _sums(self, batch: list[tuple[int, int]]) -> tuple[int, int, int, int]:
+        """(tokens computed, sequences, keys attended, KV rows read) of a batch, the last two
+        summed over layers."""
         m = self.model
-        if self._groups[0][1] == 0 and len(self._groups) == 1:  # full attention: one pass (the hot path)
+        if self._full:  # full attention: one pass (the hot path)
             new_tokens = context = keys = 0
             for q, c in batch:
                 new_tokens += q
                 context += c
                 # causal: new token i (of q) sees the c - q earlier tokens and i + 1 of the chunk
                 keys += q * (c - q) + q * (q + 1) // 2
-            attended, read = m.num_layers * keys, m.num_layers * context
-        else:  # per layer group: keys attended (causal, within its window) and KV rows read
-            new_tokens = sum(q for q, _ in batch)
-            attended = read = 0
-            for layers, w in self._groups:
-                attended += layers * sum(attended_keys(q, c, w) for q, c in batch)
-                read += layers * sum(min(c, w + q - 1) if w else c for q, c in batch)
+            return new_tokens, len(batch), m.num_layers * keys, m.num_layers * context
+        # per layer group: keys attended (causal, within its window) and KV rows read
+        new_tokens = sum(q for q, _ in batch)
+        attended = read = 0
+        for layers, w in self._groups:
+            attended += layers * sum(attended_keys(q, c, w) for q, c in batch)
+            read += layers * sum(min(c, w + q - 1) if w else c for q, c in batch)
+        return new_tokens, len(batch), attended, read
+
+    def _cost(self, new_tokens: int, num_seqs: int, attended: int,
+              read: int) -> tuple[float, float, float, float, float, float]:
+        """The fields of the step's StepCost from its sums: tokens computed, sequences, keys
+        attended and KV rows read (both summed over layers)."""
+        m = self.model
         # logits only for the last position of each sequence (the sampled one)
         flops = (2 * self._token_matmul_params * new_tokens
-                 + 2 * m.lm_head_params * len(batch)
+                 + 2 * m.lm_head_params * num_seqs
                  + self._attn_flops_per_key * attended / m.num_layers)
         kv = m.kv_bytes_per_token
         # weights, KV read, KV written
         nbytes = m.weight_bytes + kv * read / m.num_layers + kv * new_tokens
         eff = self.efficiency
-        return StepCost(flops, nbytes, flops / (self.device.flops * eff),
-                        nbytes / (self.device.mem_bandwidth * eff), self.step_overhead_s,
-                        self.allreduce.step_s(new_tokens))
+        return (flops, nbytes, flops / (self.device.flops * eff), nbytes / (self.device.mem_bandwidth * eff),
+                self.step_overhead_s, self.allreduce.step_s(new_tokens))
 
     def step_time(self, batch: list[tuple[int, int]]) -> float:
         """Seconds for one engine step; 0 for an empty batch (no step runs)."""
-        return self.step_cost(batch).total_s if batch else 0.0
+        if not batch:
+            return 0.0
+        _, _, compute_s, memory_s, overhead_s, comm_s = self._cost(*self._sums(batch))
+        return _total_s(compute_s, memory_s, comm_s, overhead_s)
+
+    @property
+    def full_attention(self) -> bool:
+        """Every layer attends to the whole context (no sliding window)."""
+        return self._full
+
+    def decode_step_time(self, num_seqs: int, context: int) -> float:
+        """``step_time`` of ``num_seqs`` sequences that compute one token each, their contexts
+        (after the step) summing to ``context``: the same figure from the sums alone (a decode
+        token attends to its whole context), so simulate can time a run of decode steps without
+        a list per step. Full attention only (a window makes it per sequence)."""
+        return self.sums_step_time(num_seqs, num_seqs, context, context)
+
+    def sums_step_time(self, new_tokens: int, num_seqs: int, keys: int, context: int) -> float:
+        """``step_time`` of a batch given by its sums (full attention only): tokens computed,
+        sequences, keys attended (``q * (c - q) + q * (q + 1) // 2`` per sequence of ``q`` new
+        tokens and context ``c`` after the step) and contexts. The same figure to the bit."""
+        if not self._full:
+            raise ValueError("step times from sums need full attention: a sliding window counts keys per sequence")
+        if not num_seqs:
+            return 0.0
+        layers = self.model.num_layers
+        _, _, compute_s, memory_s, overhead_s, comm_s = self._cost(new_tokens, num_seqs, layers * keys,
+                                                                    layers * context)
+        return _total_s(compute_s, memory_s, comm_s, overhead_s)
 
     def kv_capacity_tokens(self, gpu_memory_utilization: float = 0.9,
                            activation_reserve_bytes: int = 0) -> int:

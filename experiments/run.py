@@ -275,68 +275,70 @@ def _run_one(cfg: DictConfig, out: Path, sweep_dir: str | Path | None = None,
 
     import torch
 
-    from experiments.driver import drive
+    from experiments.driver import cyclic_gc_paused, drive
     from experiments.metrics import WindowRule, host_tier_summary, requests_frame, summarize, write_steps
     from experiments.workloads import make_workload, tokenize_requests
 
     wall0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
-    engine = build_engine(cfg)
-    try:
-        workload = OmegaConf.to_container(cfg.workload, resolve=True)
-        specs = make_workload(workload, engine.model_config.vocab_size, engine.max_model_len)
-        specs = tokenize_requests(specs, engine.tokenizer.encode, engine.max_model_len)
-        bar = None
-        if cfg.get("progress", True):
-            from tqdm import tqdm
-
-            bar = tqdm(total=len(specs), desc=str(cfg.run_name), unit="req", leave=False, mininterval=0.5)
+    # simulate: the cyclic collector rests until the run is written (cyclic_gc_paused says why)
+    with cyclic_gc_paused(cfg.mode == "simulate"):
+        engine = build_engine(cfg)
         try:
-            t0, t_end = drive(engine, specs, seed=cfg.seed, advance_idle=getattr(engine, "advance_idle", None),
-                              on_finish=bar.update if bar else None)
+            workload = OmegaConf.to_container(cfg.workload, resolve=True)
+            specs = make_workload(workload, engine.model_config.vocab_size, engine.max_model_len)
+            specs = tokenize_requests(specs, engine.tokenizer.encode, engine.max_model_len)
+            bar = None
+            if cfg.get("progress", True):
+                from tqdm import tqdm
+
+                bar = tqdm(total=len(specs), desc=str(cfg.run_name), unit="req", leave=False, mininterval=0.5)
+            try:
+                t0, t_end = drive(engine, specs, seed=cfg.seed, advance_idle=getattr(engine, "advance_idle", None),
+                                  on_finish=bar.update if bar else None)
+            finally:
+                if bar:
+                    bar.close()
+            requests = requests_frame(engine.finished_requests, t0)
+            summary = summarize(requests, None, t_end - t0)  # the step figures come from write_steps
+            summary.update(engine.accountant.summary())
+            # steps.parquet streamed chunk by chunk (written before summary.json, which marks completion)
+            window = WindowRule(last_arrival_s=max((s.arrival_s for s in specs), default=0.0),
+                                warmup_s=(cfg.get("measure") or {}).get("warmup_s"))
+            summary.update(write_steps(out / "steps.parquet", engine.step_records, engine.accountant, t0,
+                                       engine.logical_tokens, engine.config.max_num_batched_tokens,
+                                       engine.config.max_num_seqs, window))
+            sim = cfg.mode == "simulate"
+            summary.update(
+                run_id=out.name,
+                allocator=cfg.allocator.name,
+                allocator_label=cfg.allocator.label,
+                allocator_args=OmegaConf.to_container(cfg.allocator.args, resolve=True),
+                model=cfg.model.name,
+                workload=cfg.workload.name,
+                mode=cfg.mode,
+                request_rate=float(cfg.workload.get("request_rate", math.inf)),
+                device=f"simulated {engine.sim_device}" if sim else device_name(engine.device),
+                git_commit=git_commit(),
+                time=dt.datetime.now().isoformat(timespec="seconds"),
+                seed=cfg.seed,
+                **({"repeat": repeat[0], "repeats": repeat[1]} if repeat else {}),
+                kv_capacity_tokens=engine.kv_capacity_tokens,
+                **engine.kv_memory_summary(),  # tensor_parallel_size, KV bytes per GPU and over all GPUs
+                prefix_cache_hit_rate=engine.scheduler.prefix_cache_hit_rate,  # as the server's /metrics
+                **host_tier_summary(engine.scheduler, engine.allocator.host_tier),
+                max_model_len=engine.max_model_len,
+                wall_time_s=time.perf_counter() - wall0,
+                config_hash=cfg_hash,
+                **flat_config(cfg),
+            )
+            if sim:
+                summary["simulated_busy_s"] = engine.runner.busy_s
+                summary.update(getattr(engine, "sim_summary", {}))  # the cost model and profile it used
         finally:
-            if bar:
-                bar.close()
-        requests = requests_frame(engine.finished_requests, t0)
-        summary = summarize(requests, None, t_end - t0)  # the step figures come from write_steps
-        summary.update(engine.accountant.summary())
-        # steps.parquet streamed chunk by chunk (written before summary.json, which marks completion)
-        window = WindowRule(last_arrival_s=max((s.arrival_s for s in specs), default=0.0),
-                            warmup_s=(cfg.get("measure") or {}).get("warmup_s"))
-        summary.update(write_steps(out / "steps.parquet", engine.step_records, engine.accountant, t0,
-                                   engine.logical_tokens, engine.config.max_num_batched_tokens,
-                                   engine.config.max_num_seqs, window))
-        sim = cfg.mode == "simulate"
-        summary.update(
-            run_id=out.name,
-            allocator=cfg.allocator.name,
-            allocator_label=cfg.allocator.label,
-            allocator_args=OmegaConf.to_container(cfg.allocator.args, resolve=True),
-            model=cfg.model.name,
-            workload=cfg.workload.name,
-            mode=cfg.mode,
-            request_rate=float(cfg.workload.get("request_rate", math.inf)),
-            device=f"simulated {engine.sim_device}" if sim else device_name(engine.device),
-            git_commit=git_commit(),
-            time=dt.datetime.now().isoformat(timespec="seconds"),
-            seed=cfg.seed,
-            **({"repeat": repeat[0], "repeats": repeat[1]} if repeat else {}),
-            kv_capacity_tokens=engine.kv_capacity_tokens,
-            **engine.kv_memory_summary(),  # tensor_parallel_size, KV bytes per GPU and over all GPUs
-            prefix_cache_hit_rate=engine.scheduler.prefix_cache_hit_rate,  # as the server's /metrics
-            **host_tier_summary(engine.scheduler, engine.allocator.host_tier),
-            max_model_len=engine.max_model_len,
-            wall_time_s=time.perf_counter() - wall0,
-            config_hash=cfg_hash,
-            **flat_config(cfg),
-        )
-        if sim:
-            summary["simulated_busy_s"] = engine.runner.busy_s
-            summary.update(getattr(engine, "sim_summary", {}))  # the cost model and profile it used
-    finally:
-        engine.close()
-    write_parquet(out / "requests.parquet", requests)
-    write_json(summary_path, summary)
+            engine.close()
+        write_parquet(out / "requests.parquet", requests)
+        write_json(summary_path, summary)
     if cfg.get("report", True):
         from experiments.report import write_run_plots
 

@@ -13,7 +13,10 @@
   append, stop checks, memory accounting), so every scheduler and allocator decision is the
   real one;
 - ``advance_idle(seconds)`` for the driver: with nothing to run, time jumps to the next
-  arrival instead of sleeping.
+  arrival instead of sleeping;
+- ``decode_fast_forward`` for the driver: runs of steps in which every running sequence just
+  decodes a token and nothing can change the schedule advance in bulk, with the same records
+  (experiments/sim_fastpath.py).
 
 The KV pool, when neither ``engine.kv_cache_tokens`` nor ``engine.kv_cache_memory`` is set,
 is what the simulated device leaves after the weights: ``RooflineCostModel.kv_capacity_tokens``
@@ -28,6 +31,7 @@ from collections.abc import Mapping
 from engine.config import EngineConfig
 from engine.model_config import ModelConfig
 from experiments.costmodel import ModelShape, RooflineCostModel, get_device, get_model_shape
+from experiments.sim_fastpath import DecodeFastForward
 
 __all__ = ["VirtualClock", "SimRunner", "SimSettings", "shape_of", "model_config_of", "simulated_engine"]
 
@@ -251,8 +255,9 @@ def simulated_engine(cfg, engine_config: EngineConfig, clock: VirtualClock | Non
     """An LLMEngine over the real scheduler and allocator, timed by the roofline cost model.
 
     ``cfg`` is the run's config (``cfg.model`` with optional ``shape``; ``cfg.sim``);
-    ``engine_config`` the engine settings of the run. Returns the engine with three extra
-    attributes: ``advance_idle`` (the driver's idle hook), ``sim_device`` and ``cost_model``.
+    ``engine_config`` the engine settings of the run. Returns the engine with extra attributes:
+    ``advance_idle`` and ``decode_fast_forward`` (the driver's hooks), ``sim_device``,
+    ``cost_model`` and ``sim_summary``.
     """
     from engine.llm_engine import LLMEngine
     from engine.loader import resolve_config
@@ -298,6 +303,8 @@ def simulated_engine(cfg, engine_config: EngineConfig, clock: VirtualClock | Non
     engine.cost_model = runner["r"].cost_model
     engine.sim_summary = (engine.cost_model.describe() if hasattr(engine.cost_model, "describe")
                           else dict(cost_model="roofline", cost_profile=None))
+    # the driver advances runs of plain decode steps in bulk (the same steps, far less work)
+    engine.decode_fast_forward = DecodeFastForward(engine)
     return engine
 
 

@@ -16,10 +16,13 @@ REQUESTS = int(os.environ.get("KVLAB_SIM_REQUESTS", "2000"))
 
 def test_simulate_scale(benchmark):
     result = benchmark.pedantic(run, args=(REQUESTS,), rounds=1, iterations=1)
-    benchmark.extra_info.update({k: result[k] for k in ("cpu_s", "wall_s", "peak_rss_mib", "steps",
+    benchmark.extra_info.update({k: result[k] for k in ("cpu_s", "wall_s", "peak_rss_mib", "steps", "bulk_steps",
                                                          "steps_parquet_bytes", "simulated_duration_s")})
     # every request ran to its end: ~10 steps per request at this pool (1000 -> 11,220 steps)
     assert result["requests"] == REQUESTS and result["steps"] > 5 * REQUESTS
     assert result["simulated_duration_s"] > 0 and result["output_throughput"] > 0
     # steps stream to disk in chunks: the parquet holds every step, memory does not
     assert result["steps_parquet_bytes"] > 0
+    # the saturated pool's steps are plain decode, admission and preemption steps: the bulk
+    # path (experiments/sim_fastpath.py) advances almost all of them
+    assert result["bulk_steps"] > 0.9 * result["steps"]

@@ -1,0 +1,403 @@
+"""Simulate mode in bulk: runs of decode steps in which the schedule is plain.
+
+Most steps of a saturated simulation are alike: every running sequence computes its one
+decode token and the allocator only grows each sequence by a token; now and then the pool runs
+out and the scheduler preempts the last ones, or a request finishes and the queue's head is
+admitted. :class:`DecodeFastForward` plans the run of such steps that starts now, step by step
+but on sums and per-event lists (the cost model's step time from the batch's sums, the
+allocator's ``DecodeRun``: who takes a block when, who is preempted, what the first step
+admits), then applies it at once: the sampled tokens appended to each sequence as one list,
+the step records, memory rows and live-token counts appended per run, the allocator changed
+once (``DecodeRun.commit``), the victims and admissions made by the scheduler's own
+``_preempt`` and ``_admit``. At the run's last step the sequences that reach their length
+finish through the engine's own code.
+
+A run stops before the first step that could differ from that pattern, and that step goes
+through ``LLMEngine.step`` as always:
+
+- an arrival (the driver adds requests before a step whose clock has passed their time);
+- a step in which the allocator would have to decide something it has no model of
+  (``KVAllocator.decode_run``): copy-on-write, mapping a page, a region that is full. A paged
+  pool that runs out is modelled: the scheduler preempts from the back (by recompute), the
+  victims' blocks go back to the pool, as ``Scheduler.schedule`` does it;
+- a waiting request that could be admitted, but at the run's first step: the queue's head is
+  checked there, at the next step after admissions (its budget is whole again) and after each
+  preemption (a victim heads the queue); in between, steps only take memory and keep the
+  budget, so a head that cannot be admitted stays so. At the first step the admissions are
+  modelled where the allocator can (a paged pool: plain requests whose whole prompt fits the
+  step's budget): they prefill and sample in that step and decode in the next ones;
+- anything outside the plain case: a sequence that is not one decode token, stop tokens or
+  text to check, streamed outputs, beams, forks, prefix caching at admission, a host tier,
+  a profiled cost model, windowed attention, asynchronous scheduling, fault isolation.
+
+The run then makes the same decisions and the same figures as its steps one by one; the
+test-suite runs both and compares every step (tests/test_sim_fastpath.py).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from allocators.stats import STAT_FIELDS, MemoryStats
+from engine.scheduler import ScheduledBatch
+
+if TYPE_CHECKING:
+    from allocators.base import DecodeRun
+    from engine.llm_engine import LLMEngine
+    from engine.sequence import Sequence
+
+_BLOCKED, _ADMIT, _UNKNOWN = range(3)  # what Scheduler._admit would do with the queue's head
+
+
+@dataclass
+class _Steps:
+    """The steps of a run, as planned. ``members``: the running sequences, then those admitted
+    at the first step (a step computes the first ``nums[i]`` of them); ``computed``: their
+    computed tokens before the run (one admitted with n tokens: n - 1, as if it decoded its
+    last one in the first step)."""
+    members: list
+    computed: list[int]
+    left: list[int]  # steps until each samples its last token
+    times: list[float]  # the clock at each step's start, and after the last
+    durations: list[float] = field(default_factory=list)
+    nums: list[int] = field(default_factory=list)  # sequences each step computes
+    decoding: list[int] = field(default_factory=list)  # ... of them decoding (the others are admitted)
+    preempted: list[int] = field(default_factory=list)
+    contexts: list[int] = field(default_factory=list)  # tokens the batch's sequences hold after the step
+    admitted: list[tuple] = field(default_factory=list)  # (seq, tokens) admitted at the first step
+
+
+class DecodeFastForward:
+    """``engine.decode_fast_forward`` of a simulated engine; the driver calls it before each step."""
+
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self.runs = 0  # runs taken
+        self.steps = 0  # steps they advanced
+        # a run of an allocator that models no admission ends where the next step likely admits:
+        # that one goes through engine.step() without being looked at again
+        self._after_run = False
+        self._plain_types: tuple | None = None
+
+    def __call__(self, t0: float, next_arrival_s: float = math.inf) -> int | None:
+        """Advance the run of decode steps that starts now, if there is one, and return how many
+        requests finished in it (their outputs are not built); None if the next step must go
+        through ``engine.step()``. ``next_arrival_s``: the next request's arrival, as the driver
+        compares it (seconds after ``t0`` on the engine's clock)."""
+        if self._after_run:
+            self._after_run = False
+            return None
+        e = self.engine
+        sched = e.scheduler
+        running = sched.running
+        if (not running or sched.swapped or e.isolator.active or not self._plain_engine()
+                or len(running) > sched.config.max_num_batched_tokens):
+            return None
+        left, computed = _decode_state(running)
+        if not left:
+            return None
+        plan = e.allocator.decode_run(running)
+        if plan is None:
+            return None
+        steps = self._plan(plan, left, computed, t0, next_arrival_s)
+        if steps is None:
+            return None
+        self.runs += 1
+        self.steps += len(steps.nums)
+        self._after_run = not plan.admits
+        return self._advance(plan, steps)
+
+    def _plain_engine(self) -> bool:
+        """The simulated engine as it was built: its own runner (not wrapped: tests count its
+        calls), the roofline model of full attention, synchronous steps, no host tier."""
+        if self._plain_types is None:
+            from experiments.costmodel import RooflineCostModel
+            from experiments.simulate import SimRunner
+
+            self._plain_types = (SimRunner, RooflineCostModel)
+        e = self.engine
+        runner = e.runner
+        return (type(runner) is self._plain_types[0] and type(runner.cost_model) is self._plain_types[1]
+                and runner.cost_model.full_attention and not runner.profiled
+                and not e.config.async_scheduling and e.allocator.host_tier is None)
+
+    # -- the plan: the steps as Scheduler.schedule would make them ------------------------------
+    def _plan(self, plan: DecodeRun, left: list[int], computed: list[int], t0: float,
+              next_arrival_s: float) -> _Steps | None:
+        """The run's steps: each computes the decode tokens of the first ``num`` members,
+        preempting from the back where the pool runs out; the first may admit. The run ends at
+        the first step where a sequence finishes (included), before a step whose schedule would
+        differ or before which the driver would add a request."""
+        e = self.engine
+        sched = e.scheduler
+        limit = plan.limit()
+        if not limit:
+            return None
+        steps = _Steps(list(sched.running), list(computed), list(left), [e.clock()])
+        members, left = steps.members, steps.left  # both grow with the first step's admissions
+        num = len(members)
+        context = [0]  # context[n]: computed tokens of the first n members
+        for c in computed:
+            context.append(context[-1] + c)
+        first_done = min(left)  # step at which the first of the first ``num`` finishes
+        # the head of the queue and its tokens (a victim has the tokens of the steps it was in)
+        head = sched.waiting[0] if sched.waiting else None
+        head_len = len(head.token_ids) if head is not None else 0
+        head_computed = head.num_computed_tokens if head is not None else 0
+        check = True  # admission to check: at the first step, and after each preemption
+        can_preempt = not sched._swap  # a victim that swaps: not modelled
+        cost = e.runner.cost_model
+        t = steps.times[0]
+        for step in range(1, limit + 1):
+            if step > plan.room or (step > 1 and next_arrival_s <= t - t0):
+                break
+            before = num
+            j = plan.allocate(step, num)
+            while j is not None:  # Scheduler.schedule: preempt the last until ``j`` fits
+                victim = num - 1
+                if (not victim or not can_preempt or members[victim].params.num_seqs > 1
+                        or not plan.release(victim, step)):
+                    return self._planned(steps)  # the exact step decides
+                num -= 1
+                if victim == j:
+                    break
+                j = plan.allocate(step, num, start=j)
+            admitted = []
+            if num < before:  # no admission this step; the last victim heads the queue now
+                head, check = members[num], True
+                head_len, head_computed = len(head.token_ids) + step - 1, 0
+                first_done = min(left[:num])
+            elif check:
+                verdict, _ = self._admission(plan, head, head_len, head_computed, num)
+                # a head held back by memory stays so until a step frees some; by the token
+                # budget, until fewer sequences decode
+                check = False
+                if verdict != _BLOCKED:
+                    admitted = self._admissions(plan, num) if step == 1 else None
+                    if not admitted:  # one it cannot model, or later than the first step
+                        break
+                    # the next head was held back by what the admitted took of this step's
+                    # budget: the next step's is whole again
+                    waiting = sched.waiting
+                    head = waiting[len(admitted)] if len(waiting) > len(admitted) else None
+                    head_len = len(head.token_ids) if head is not None else 0
+                    head_computed = head.num_computed_tokens if head is not None else 0
+                    check = True
+            held = context[num] + num * step
+            if admitted:  # they prefill all their tokens, and sample
+                steps.admitted = admitted
+                ns = [n for _, n in admitted]
+                dt = cost.sums_step_time(num + sum(ns), num + len(ns), held + sum(n * (n + 1) // 2 for n in ns),
+                                         held + sum(ns))
+                for seq, n in admitted:
+                    members.append(seq)
+                    steps.computed.append(n - 1)
+                    left.append(seq.done_at - len(seq.output_token_ids))
+                    context.append(context[-1] + n - 1)
+                first_done = min(first_done, *left[num:])
+                held += sum(ns)
+            else:
+                dt = cost.decode_step_time(num, held)
+            if dt > 0:  # VirtualClock.advance
+                t += dt
+            steps.times.append(t)
+            steps.durations.append(dt)
+            steps.nums.append(num + len(admitted))
+            steps.decoding.append(num)
+            steps.preempted.append(before - num)
+            steps.contexts.append(held)
+            num += len(admitted)
+            if first_done <= step:
+                break
+        return self._planned(steps)
+
+    @staticmethod
+    def _planned(steps: _Steps) -> _Steps | None:
+        return steps if steps.nums else None
+
+    def _admission(self, plan: DecodeRun, head: Sequence | None, head_len: int, computed: int,
+                   num: int, budget: int | None = None) -> tuple[int, int]:
+        """What ``Scheduler._admit`` would do with ``head`` (``head_len`` tokens, ``computed`` of
+        them computed) at this step, ``num`` sequences in the batch: (_BLOCKED | _ADMIT |
+        _UNKNOWN, tokens it would compute)."""
+        if head is None:
+            return _BLOCKED, 0
+        cfg = self.engine.scheduler.config
+        if budget is None:
+            budget = cfg.max_num_batched_tokens - num
+        if budget <= 0 or num >= cfg.max_num_seqs:
+            return _BLOCKED, 0  # no admission is tried
+        if cfg.enable_prefix_caching or head.followers:
+            return _UNKNOWN, 0  # a prefix lookup (it changes the cache's counts) or a group: not modelled
+        full = (head.prompt_len - 1 if head.fork_pending else head_len) - computed
+        n = min(full, budget)  # Scheduler._chunk
+        if n <= 0:
+            return _UNKNOWN, 0
+        if n < full and not cfg.enable_chunked_prefill:
+            return _BLOCKED, 0  # it waits for a budget that decode tokens keep taken
+        if not plan.may_admit(head, n):
+            return _BLOCKED, 0
+        plain = (n == full and not computed and not head.fork_pending and head.params.num_seqs == 1
+                 and head.length_only and head.quiet and head.params.beam_width == 1)
+        return (_ADMIT if plain else _UNKNOWN), n
+
+    def _admissions(self, plan: DecodeRun, num: int) -> list[tuple] | None:
+        """The first step's admissions (``Scheduler._admit``'s loop over the queue), each made in
+        ``plan``; None if one of them is not modelled."""
+        if not plan.admits:
+            return None
+        budget = self.engine.scheduler.config.max_num_batched_tokens - num
+        out: list[tuple] = []
+        for head in self.engine.scheduler.waiting:
+            verdict, n = self._admission(plan, head, len(head.token_ids), head.num_computed_tokens,
+                                         num + len(out), budget)
+            if verdict == _BLOCKED:
+                break
+            if verdict == _UNKNOWN or not plan.admit(head, n):
+                return None
+            out.append((head, n))
+            budget -= n
+        return out
+
+    # -- the run -------------------------------------------------------------------------------
+    def _advance(self, plan: DecodeRun, steps: _Steps) -> int:
+        e = self.engine
+        sched, runner = e.scheduler, e.runner
+        members, nums, times = steps.members, steps.nums, steps.times
+        k = len(nums)
+        if e.config.record_memory:
+            self._record_memory(plan, steps)
+        # the allocator and the scheduler's queues: the victims preempted and the first step's
+        # admissions made by the scheduler's own code, in their order
+        batch = ScheduledBatch()
+
+        def preempt(j: int) -> None:
+            victim = sched.running.pop()
+            assert victim is members[j], "a run preempts from the back"
+            sched._preempt(victim, batch)
+
+        def admit() -> None:
+            admitted = ScheduledBatch()
+            sched._admit(admitted, sched.config.max_num_batched_tokens - steps.decoding[0])
+            assert [(s, n) for s, n in zip(admitted.seqs, admitted.num_new_tokens)] == steps.admitted, \
+                "the run's admissions are the scheduler's"
+
+        waiting = len(sched.waiting) - len(steps.admitted)  # after the first step's admissions
+        plan.commit(k, preempt, admit)
+        # the sequences: one token per step in the batch, the ids SimRunner gives; the victims
+        # until their step (the scheduler has set them back to nothing computed)
+        ins = [k] * len(members)
+        for step, j in plan.released:
+            if step > k:
+                break
+            ins[j] = step - 1
+        ends = np.array(steps.computed, dtype=np.int64)[:, None] + np.arange(1, k + 1)
+        ids = np.array([s.seq_id for s in members], dtype=np.int64)[:, None]
+        span = runner.vocab_size - 4
+        tokens = 4 + (ids * 7919 + ends * 104729) % span
+        eos = [t for t in runner.eos if 4 <= t < runner.vocab_size]  # ids the formula can give
+        if eos:
+            hit = np.isin(tokens, eos)
+            tokens[hit] = 4 + (tokens[hit] + 1 - 4) % span
+        after = times[1:]
+        for seq, toks, n, c in zip(members, tokens.tolist(), ins, steps.computed):
+            if n < k:
+                seq.token_ids += toks[:n]
+                seq.output_token_ids += toks[:n]
+                seq.token_times += after[:n]
+            else:
+                seq.num_computed_tokens = c + k
+                seq.token_ids += toks
+                seq.output_token_ids += toks
+                seq.token_times += after
+        for seq, _ in steps.admitted:  # as _advance and _resolve_sampled of the first step
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = times[0]
+            if seq.first_token_time is None:
+                seq.first_token_time = times[1]
+        e.num_generation_tokens += sum(nums)
+        # the runner and the clock, as k calls of execute leave them
+        busy = runner.busy_s
+        for dt in steps.durations:
+            busy += dt
+        runner.busy_s = busy
+        runner.num_steps += k
+        e.clock.t = times[-1]
+        # step records (the last one after the finishes: it counts the sequences left)
+        context, records = steps.contexts, []
+        admitted_tokens = sum(n for _, n in steps.admitted)
+        for i in range(k - 1):
+            waiting += steps.preempted[i]
+            records.append((times[i], times[i + 1] - times[i], nums[i], waiting, nums[i], 0 if i else admitted_tokens,
+                            steps.decoding[i], steps.preempted[i], 0.0, context[i], 0, 0, 0, 0.0))
+        finished = self._finish(members[:nums[-1]])
+        e._wait_s = 0.0
+        records.append((times[k - 1], times[k] - times[k - 1], len(sched.running), len(sched.waiting), nums[-1],
+                        admitted_tokens if k == 1 else 0, steps.decoding[-1], steps.preempted[-1], 0.0, context[-1],
+                        0, 0, 0, 0.0))
+        e.step_records.extend(records)
+        e.isolator.step_succeeded()
+        return finished
+
+    def _record_memory(self, plan: DecodeRun, steps: _Steps) -> None:
+        """What ``_record_memory`` and ``_advance`` record at each step of the run: the stats
+        row, the live sequences' capacities (the accountant's intervals) and the tokens they hold."""
+        e = self.engine
+        acc, logical = e.accountant, e.logical_tokens
+        members, nums = steps.members, steps.nums
+        capacity, rows = plan.stats_rows(steps.decoding)
+        caps = list(plan.caps)
+        growth, g = plan.growth, 0
+        step0 = acc.num_steps
+        seg_rows: list[tuple] = []  # steps with the live sequences of the step before
+        seg_changes: list[list[tuple[int, int]]] = []
+        for step, (num, row) in enumerate(zip(nums, rows), 1):
+            changed = []
+            while g < len(growth) and growth[g][0] == step:
+                _, j, cap = growth[g]
+                caps[j] = cap
+                changed.append((j, cap))
+                g += 1
+            if step == 1 or num != nums[step - 2]:  # other live sequences: as the engine records
+                if seg_rows:
+                    acc.record_run(seg_rows, members, seg_changes)
+                    seg_rows, seg_changes = [], []
+                acc.record_seqs(MemoryStats(capacity, **dict(zip(STAT_FIELDS, row))), members[:num], caps[:num])
+            else:
+                seg_rows.append(row)
+                seg_changes.append(changed)
+        if seg_rows:
+            acc.record_run(seg_rows, members, seg_changes)
+        if logical.extend([(step0 + i, held) for i, held in enumerate(steps.contexts)]):
+            logical.spill_before(len(logical.chunks))
+
+    def _finish(self, batch: list) -> int:
+        """The last step's stop checks (``_resolve_sampled``): the sequences whose length is
+        reached finish, in batch order; their requests go to the output stage, which retires
+        them (their outputs are not built: the driver only counts them). Returns that count."""
+        e = self.engine
+        touched = {}
+        for seq in batch:
+            if len(seq.output_token_ids) >= seq.done_at:
+                e._finish_seq(seq, "length", len(seq.token_ids) - 1)
+                touched[seq.request_id] = e.requests[seq.request_id]
+        return e.output_processor.retire_quiet(touched.values(), e) if touched else 0
+
+
+def _decode_state(running: list) -> tuple[list[int], list[int]]:
+    """(steps until each of ``running`` samples its last token, the tokens each has computed)
+    if every one is in the plain decode case (one token to compute, no stop but its length,
+    nothing to report before its end); else two empty lists."""
+    left, computed = [], []
+    for seq in running:
+        out = seq.output_token_ids
+        if (not out or seq.fork_pending or not seq.length_only or not seq.quiet or seq.params.beam_width > 1
+                or len(seq.token_ids) - seq.num_computed_tokens != 1 or seq.first_token_time is None
+                or seq.first_scheduled_time is None or len(out) >= seq.done_at):
+            return [], []
+        left.append(seq.done_at - len(out))
+        computed.append(seq.num_computed_tokens)
+    return left, computed

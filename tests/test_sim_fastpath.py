@@ -1,0 +1,254 @@
+"""Simulate's bulk path (experiments/sim_fastpath.py): runs of decode steps advanced at once give
+exactly the run of the steps one by one: the same step records, memory rows, requests and
+summary, and the same engine state (allocator included) wherever a run ends."""
+from __future__ import annotations
+
+import itertools
+import math
+import random
+
+import numpy as np
+import pandas as pd
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+import engine.accounting as accounting
+import engine.sequence as sequence
+import experiments.run as run
+from allocators.stats import MemoryStats
+from engine.accounting import MemoryAccountant
+from experiments.costmodel import DEVICES, MODEL_SHAPES, RooflineCostModel
+from experiments.driver import sampling_params
+from experiments.sim_exactness import VOLATILE
+from experiments.workloads import make_workload, tokenize_requests
+
+COMMON = ["mode=simulate", "model=tiny-llama", "engine.kv_cache_tokens=1024", "engine.max_model_len=256",
+          "engine.max_num_batched_tokens=256", "engine.max_num_seqs=16"]
+# 64 requests of up to 176 tokens in a 1024-token pool, all at t=0: the pool runs out and preempts
+UNIFORM = ["workload=uniform", "workload.num_requests=64", "workload.input_len_min=32", "workload.input_len_max=96",
+           "workload.output_len_min=16", "workload.output_len_max=80"]
+CASES = {
+    "paged": ["allocator=paged", "allocator.args.block_size=8", *UNIFORM],
+    "paged-online": ["allocator=paged", "allocator.args.block_size=8", *UNIFORM, "workload.request_rate=400"],
+    # a pool that holds them all: admission waits for the step's token budget, not for memory
+    "paged-budget": ["allocator=paged", "allocator.args.block_size=8", *UNIFORM, "engine.kv_cache_tokens=16384",
+                     "engine.max_num_seqs=64", "engine.enable_chunked_prefill=false"],
+    "paged-swap": ["allocator=paged", "++engine.preemption_mode=swap", "++engine.swap_space=0.001", *UNIFORM],
+    "paged-fork-n2": ["allocator=paged", "workload=parallel", "workload.n=2", "workload.input_len=40",
+                      "workload.output_len=60", "workload.num_requests=24"],
+    "contiguous-max": ["allocator=contiguous", "allocator.args.policy=max", *UNIFORM, "engine.max_model_len=128"],
+    "contiguous-pow2": ["allocator=contiguous", "allocator.args.policy=pow2", *UNIFORM],
+    "virtual": ["allocator=virtual", "allocator.args.page_size=4096", *UNIFORM],
+    "virtual-online": ["allocator=virtual", "allocator.args.page_size=4096", *UNIFORM, "workload.request_rate=400"],
+}
+# cases whose runs are mostly plain decode steps: the bulk path must take most of them
+MOSTLY_FAST = {"paged", "paged-budget", "contiguous-max", "contiguous-pow2", "virtual"}
+
+
+def config(*overrides: str):
+    with initialize_config_dir(run.CONF_DIR, version_base="1.3"):
+        return compose("config", overrides=["progress=false", "report=false", "resume=false", *overrides])
+
+
+def run_with(monkeypatch, cfg, out, fast: bool, eos: set[int] | None = None):
+    """run_experiment with the bulk path on or off; returns (summary, engine)."""
+    held = {}
+    build = run.build_engine
+
+    def keep(c):
+        e = held["engine"] = build(c)
+        if not fast:
+            e.decode_fast_forward = None  # the driver then steps every step
+        if eos is not None:  # the token ids the simulated runner must not give (replaced when hit)
+            e.runner.eos = set(eos)
+        return e
+
+    monkeypatch.setattr(run, "build_engine", keep)
+    summary = run.run_experiment(cfg, out)
+    monkeypatch.setattr(run, "build_engine", build)
+    return summary, held["engine"]
+
+
+def assert_same_run(a, b, sa: dict, sb: dict) -> None:
+    for table in ("steps.parquet", "requests.parquet"):
+        pd.testing.assert_frame_equal(pd.read_parquet(a / table), pd.read_parquet(b / table), check_exact=True)
+    for k in sorted((set(sa) | set(sb)) - VOLATILE):
+        x, y = sa.get(k), sb.get(k)
+        assert x == y or (isinstance(x, float) and math.isnan(x) and math.isnan(y)), k
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bulk_run_equals_steps_one_by_one(case, tmp_path, monkeypatch):
+    cfg = config(*COMMON, *CASES[case])
+    sa, ea = run_with(monkeypatch, cfg, tmp_path / "steps", fast=False)
+    sb, eb = run_with(monkeypatch, cfg, tmp_path / "bulk", fast=True)
+    ff = eb.decode_fast_forward
+    assert ff.steps > 0 and ff.runs > 0, "the bulk path took no step"
+    if case in MOSTLY_FAST:
+        assert ff.steps > 0.5 * len(eb.step_records), (ff.steps, len(eb.step_records))
+    if case.startswith("paged") and case not in ("paged-fork-n2", "paged-budget"):
+        assert sa["preemptions"] > 0, "the case should preempt"
+    assert_same_run(tmp_path / "steps", tmp_path / "bulk", sa, sb)
+    np.testing.assert_array_equal(ea.accountant.table(), eb.accountant.table())
+
+
+def test_bulk_run_replaces_end_of_sequence_tokens_as_the_runner(tmp_path, monkeypatch):
+    """Sampled ids that are EOS ids are replaced by the next id, in bulk as step by step."""
+    cfg = config(*COMMON, *CASES["paged"])
+    eos = set(range(4, 120))  # about a quarter of tiny-llama's 508 ids the formula gives
+    sa, _ = run_with(monkeypatch, cfg, tmp_path / "steps", fast=False, eos=eos)
+    sb, eb = run_with(monkeypatch, cfg, tmp_path / "bulk", fast=True, eos=eos)
+    assert eb.decode_fast_forward.steps > 0
+    assert_same_run(tmp_path / "steps", tmp_path / "bulk", sa, sb)
+
+
+def test_bulk_run_with_tiny_chunks_spilled(tmp_path, monkeypatch):
+    """Memory rows and step records of a run that cross chunks (settled, spilled to disk) as the
+    steps one by one do."""
+    cfg = config(*COMMON, *CASES["paged"])
+    monkeypatch.setattr(accounting, "CHUNK_ROWS", 7)
+    monkeypatch.setattr(accounting, "KEEP_CHUNKS", 1)
+    sa, ea = run_with(monkeypatch, cfg, tmp_path / "steps", fast=False)
+    sb, eb = run_with(monkeypatch, cfg, tmp_path / "bulk", fast=True)
+    assert eb.decode_fast_forward.steps > 0 and eb.accountant.store.num_spilled > 0
+    assert eb.step_records.rows.num_spilled > 0
+    assert_same_run(tmp_path / "steps", tmp_path / "bulk", sa, sb)
+
+
+# ----------------------------------------------------------------- the state where runs end
+
+def _state(e) -> dict:
+    """What the engine holds between steps, allocator included."""
+    sched, alloc = e.scheduler, e.allocator
+    out = dict(running=[s.seq_id for s in sched.running], waiting=[s.seq_id for s in sched.waiting],
+               clock=e.clock(), busy=e.runner.busy_s, generated=e.num_generation_tokens,
+               preemptions=sched.num_preemptions, memory_rows=e.accountant.num_steps,
+               seqs={s.seq_id: (list(s.token_ids), s.num_computed_tokens, list(s.token_times), s.status)
+                     for s in [*sched.running, *sched.waiting]})
+    if hasattr(alloc, "_seqs"):  # paged: block tables, fills, the free stack's order
+        out["blocks"] = {i: (st.num_tokens, list(st.table)) for i, st in alloc._seqs.items()}
+        out["pool"] = (list(alloc.pool.ref), list(alloc.pool.fill), list(alloc.pool._plain), alloc.pool.filled_total)
+    elif hasattr(alloc, "_regions"):
+        out["regions"] = {i: (r.start, r.length, r.used) for i, r in alloc._regions.items()}
+    else:
+        out["slots"] = [(s.seq.seq_id if s.seq else None, s.used, list(s.groups)) for s in alloc.slots]
+        out["free_groups"] = list(alloc._free_groups)
+    return out
+
+
+def _drive(cfg, fast: bool, snapshots: dict | None = None) -> tuple[dict, int]:
+    """The driver's loop, the engine's state taken after every call (keyed by steps so far)."""
+    sequence._ids = itertools.count()  # the same sequence ids (and so tokens) in both runs
+    e = run.build_engine(cfg)
+    specs = make_workload(OmegaConf.to_container(cfg.workload, resolve=True), e.model_config.vocab_size,
+                          e.max_model_len)
+    pending = sorted(tokenize_requests(specs, e.tokenizer.encode, e.max_model_len), key=lambda s: s.arrival_s)
+    states, compared, t0, i = {}, 0, e.clock(), 0
+    while i < len(pending) or e.has_unfinished_requests():
+        while i < len(pending) and pending[i].arrival_s <= e.clock() - t0:
+            s = pending[i]
+            e.add_request(s.request_id, s.prompt_token_ids, sampling_params(s, cfg.seed),
+                          arrival_time=t0 + s.arrival_s, oracle_len=s.prompt_len + s.output_len)
+            i += 1
+        if not e.has_unfinished_requests():
+            e.advance_idle(pending[i].arrival_s - (e.clock() - t0))
+            continue
+        nxt = pending[i].arrival_s if i < len(pending) else math.inf
+        if not fast or e.decode_fast_forward(t0, nxt) is None:
+            e.step()
+        n = len(e.step_records)
+        if snapshots is None:
+            states[n] = _state(e)
+        else:
+            assert _state(e) == snapshots[n], f"the engine differs after step {n}"
+            compared += 1
+    return states, compared
+
+
+@pytest.mark.parametrize("case", ["paged", "paged-online", "paged-budget", "contiguous-pow2", "virtual"])
+def test_bulk_run_leaves_the_engine_as_its_steps(case, monkeypatch):
+    cfg = config(*COMMON, *CASES[case], "workload.num_requests=40")
+    states, _ = _drive(cfg, fast=False)
+    _, compared = _drive(cfg, fast=True, snapshots=states)
+    assert compared < 0.8 * len(states)  # runs of several steps were taken
+
+
+# ----------------------------------------------------------------- the pieces
+
+@pytest.mark.parametrize("shape,tp", [("opt-13b", 1), ("llama3-8b", 1), ("llama3-8b", 4)])
+def test_decode_step_time_is_step_time_to_the_bit(shape, tp):
+    device = DEVICES["h200"] if tp > 1 else DEVICES["a100-40gb"]
+    cm = RooflineCostModel(MODEL_SHAPES[shape], device, tensor_parallel_size=tp)
+    rng = random.Random(0)
+    for _ in range(300):
+        contexts = [rng.randint(1, 4096) for _ in range(rng.randint(1, 256))]
+        assert cm.decode_step_time(len(contexts), sum(contexts)) == cm.step_time([(1, c) for c in contexts])
+    assert cm.decode_step_time(0, 0) == cm.step_time([]) == 0.0
+
+
+def test_accountant_tail_preemption_path_equals_relive():
+    """record_seqs with the last live sequences gone (preempted from the back) takes a short
+    path; the table and summary are those of the general one (``record`` always takes it)."""
+    rng = random.Random(1)
+
+    class Seq:
+        def __init__(self, seq_id, max_len):
+            self.seq_id, self.max_len = seq_id, max_len
+
+    fast, general = MemoryAccountant(8, chunk_rows=5, keep_chunks=1), MemoryAccountant(8, chunk_rows=5, keep_chunks=1)
+    live, caps, next_id, tails = [], {}, 0, 0
+    for _ in range(400):
+        r = rng.random()
+        if r < 0.15 and len(live) > 1:  # the last ones leave
+            gone = live[len(live) - rng.randint(1, min(3, len(live) - 1)):]
+            live = live[:len(live) - len(gone)]
+            tails += 1
+            for s in gone:
+                if rng.random() < 0.5:
+                    final = rng.randint(1, s.max_len)
+                    for acc in (fast, general):
+                        acc.finish(s.seq_id, final)
+        elif r < 0.3:
+            live.append(Seq(next_id, rng.randint(8, 64)))
+            next_id += 1
+        elif r < 0.35 and live:  # one finishes in the middle
+            s = live.pop(rng.randrange(len(live)))
+            final = rng.randint(1, s.max_len)
+            for acc in (fast, general):
+                acc.finish(s.seq_id, final)
+        for s in live:
+            if rng.random() < 0.3:
+                caps[s.seq_id] = caps.get(s.seq_id, 0) + 8
+        stats = MemoryStats(capacity=4096, free=rng.randint(0, 4096))
+        capacities = [caps.get(s.seq_id, 0) for s in live]
+        fast.record_seqs(stats, live, capacities)
+        general.record(stats, [(s.seq_id, c, s.max_len) for s, c in zip(live, capacities)])
+    assert tails > 20
+    np.testing.assert_array_equal(fast.table(), general.table())
+    assert fast.summary() == pytest.approx(general.summary(), nan_ok=True)
+
+
+@pytest.mark.parametrize("case", ["paged", "virtual", "paged-fork-n2"])
+def test_simulation_makes_no_reference_cycles(case):
+    """The driver pauses the cyclic collector during a simulated run: that is only sound while
+    the run leaves nothing for it, however many steps it takes."""
+    import gc
+
+    from experiments.driver import drive
+
+    cfg = config(*COMMON, *CASES[case], "workload.num_requests=120")
+    e = run.build_engine(cfg)
+    specs = tokenize_requests(make_workload(OmegaConf.to_container(cfg.workload, resolve=True),
+                                            e.model_config.vocab_size, e.max_model_len), e.tokenizer.encode,
+                              e.max_model_len)
+    gc.collect()
+    gc.disable()
+    try:
+        drive(e, specs, advance_idle=e.advance_idle)
+        assert not gc.isenabled()  # the driver gives back the collector as it found it
+        found = gc.collect()
+    finally:
+        gc.enable()
+    assert len(e.step_records) > 400
+    assert found < 50, f"{found} objects in reference cycles after {len(e.step_records)} steps"
