@@ -349,8 +349,11 @@ def cost_model_for(sim: SimSettings, roofline: RooflineCostModel, shape: ModelSh
     return ProfiledCostModel(
         load_profile(str(path)), shape, model=model, paged=allocator.mode == Addressing.PAGED,
         block_size=getattr(allocator, "block_size", 0), max_graph_batch=econf.max_num_seqs,
-        enforce_eager=econf.enforce_eager, allocator=econf.allocator,
-        graph_max_tokens=min(econf.cuda_graph_max_tokens, econf.max_num_batched_tokens),
+        # the runner captures no graphs for layer groups (a grouped allocator has a plan)
+        enforce_eager=econf.enforce_eager or getattr(allocator, "plan", None) is not None,
+        allocator=econf.allocator,
+        graph_max_tokens=(0 if getattr(allocator, "plan", None) is not None
+                          else min(econf.cuda_graph_max_tokens, econf.max_num_batched_tokens)),
         vmm_sync_maps=hasattr(allocator, "backend"),  # the maps on the step's path (MapCounter)
         allreduce=roofline.allreduce if econf.tensor_parallel_size > 1 else None)
 

@@ -339,3 +339,18 @@ def test_host_time_is_calibrated_with_the_graphs_the_steps_ran_with():
                               graph_max_tokens=cap)
         assert m.host_time(prefill) == pytest.approx(4e-4, rel=0.02), cap
         assert m.host_time([(1, 300)] * 8) == pytest.approx(4e-4, rel=0.02), cap
+
+
+def test_layer_groups_are_simulated_without_graphs():
+    """The runner captures no CUDA graphs for a layer-grouped allocator: simulate's profiled model
+    times its steps as eager (no decode graph, no piecewise sizes); without groups it has both."""
+    from experiments.run import build_engine
+    from tests.test_simulate import config
+
+    base = ["mode=simulate", "sim=h200", "sim.cost_model=profiled", "model=gemma2-9b-like", "device=cuda",
+            "engine.kv_cache_tokens=20000", "engine.max_model_len=2048", "allocator=paged"]
+    grouped = build_engine(config(*base, "engine.kv_grouping=shared")).cost_model
+    plain = build_engine(config(*base)).cost_model
+    assert grouped.name == plain.name == "profiled"
+    assert grouped.graph_sizes == [] and grouped.piecewise_sizes == []
+    assert plain.graph_sizes and plain.piecewise_sizes
