@@ -6,6 +6,7 @@ replays the graph of the smallest captured size >= B. Padding rows write nowhere
 """
 from __future__ import annotations
 
+import bisect
 import logging
 
 import torch
@@ -14,6 +15,12 @@ from allocators.base import KVAllocator
 from kernels.metadata import Addressing, AttentionMetadata
 
 log = logging.getLogger("kvlab.graphs")
+
+
+def padded(sizes: list[int], n: int) -> int | None:
+    """The smallest of the (sorted) captured ``sizes`` that holds ``n``, or None."""
+    i = bisect.bisect_left(sizes, n)
+    return sizes[i] if i < len(sizes) else None
 
 
 def capture_sizes(max_num_seqs: int) -> list[int]:
@@ -76,10 +83,7 @@ class DecodeGraphs:
         log.info("captured decode CUDA graphs for batch sizes %s", self.sizes)
 
     def padded_size(self, n: int) -> int | None:
-        for s in self.sizes:
-            if s >= n:
-                return s
-        return None
+        return padded(self.sizes, n)
 
     def run(self, n: int, input_ids, positions, slots, seq_lens, addressing, feed=None) -> torch.Tensor:
         """Replay for ``n`` decode tokens; inputs are CPU tensors; addressing is each sequence's

@@ -14,11 +14,13 @@ GEMMs are wasted work, bounded by the spacing of the sizes.
 """
 from __future__ import annotations
 
+import bisect
 import logging
 import time
 
 import torch
 
+from engine.cuda_graphs import padded
 from kernels import fused_ops
 from kernels.metadata import AttentionMetadata
 
@@ -30,10 +32,7 @@ def token_sizes(max_tokens: int) -> list[int]:
     the first that holds ``max_tokens``."""
     sizes = list(range(16, 257, 16)) + list(range(288, 513, 32)) + list(range(576, 1025, 64))
     sizes += list(range(1152, 2049, 128)) + list(range(2304, 4097, 256)) + list(range(4608, 8193, 512))
-    if max_tokens <= 0:
-        return []
-    return [s for s in sizes if s < max_tokens] + [next((s for s in sizes if s >= max_tokens), sizes[-1])] \
-        if max_tokens <= sizes[-1] else sizes
+    return sizes[:bisect.bisect_left(sizes, max_tokens) + 1] if max_tokens > 0 else []
 
 
 class PiecewiseGraphs:
@@ -122,10 +121,7 @@ class PiecewiseGraphs:
                      len(self.sizes), self.sizes[-1], len(self.model.model.layers) + 1, self.capture_s)
 
     def padded_size(self, n: int) -> int | None:
-        for s in self.sizes:
-            if s >= n:
-                return s
-        return None
+        return padded(self.sizes, n)
 
     def _replay(self, s: int, i: int) -> torch.Tensor:
         if s in self.graphs:

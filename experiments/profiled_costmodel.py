@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from engine.cuda_graphs import capture_sizes, padded
 from engine.piecewise_graphs import token_sizes
 from experiments.costmodel import attended_keys
 
@@ -184,8 +185,6 @@ class ProfiledCostModel:
         ``piecewise_forward`` table). ``shape``: the whole model; ``allreduce`` (``costmodel.AllReduceCost``) with tp > 1: each
         GPU's shard is composed from the GEMM and attention tables (a profile measures one GPU
         running whole models) and every step adds its all-reduces."""
-        from engine.cuda_graphs import capture_sizes
-
         self.allreduce = allreduce
         tp = allreduce.tp if allreduce is not None else 1
         shape = shape.shard(tp)
@@ -374,10 +373,7 @@ class ProfiledCostModel:
         return sum(n * sum(attended_keys(q, c, w) for q, c in work) for n, w in self.windows) / max(full, 1)
 
     def padded(self, batch: int) -> int | None:
-        for s in self.graph_sizes:
-            if s >= batch:
-                return s
-        return None
+        return padded(self.graph_sizes, batch)
 
     # -- the step ----------------------------------------------------------------------------
     def graph_batch(self, work: list[tuple[int, int]]) -> int | None:
@@ -430,12 +426,7 @@ class ProfiledCostModel:
 
     def piecewise_size(self, tokens: int) -> int | None:
         """The captured size a prefill/mixed step of ``tokens`` replays, or None: eager."""
-        if self.piecewise_forward is None:
-            return None
-        for s in self.piecewise_sizes:
-            if s >= tokens:
-                return s
-        return None
+        return None if self.piecewise_forward is None else padded(self.piecewise_sizes, tokens)
 
     def host_time(self, work: list[tuple[int, int]], padded: int | None | bool = False) -> float:
         if not work:
