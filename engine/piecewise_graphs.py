@@ -51,8 +51,7 @@ class PiecewiseGraphs:
         self.query = torch.zeros(m, cfg.num_attention_heads, cfg.head_dim, dtype=dtype, device=device)
         self.attn_out = torch.zeros(m, cfg.num_attention_heads, cfg.head_dim, dtype=dtype, device=device)
         self.graphs: dict[int, list[torch.cuda.CUDAGraph]] = {}
-        # per size, each piece's output: layer i's q, and last the hidden states
-        self.outputs: dict[int, list[torch.Tensor]] = {}
+        self.hidden: dict[int, torch.Tensor] = {}  # per size, the last piece's output
         self.pieces: dict[int, list] = {}  # without CUDA: the pieces, called as they are
         self.pool = None
         self.capture_s = 0.0
@@ -102,17 +101,16 @@ class PiecewiseGraphs:
             for p in pieces:  # warm up (Triton compiles, cuBLAS picks kernels); attention is skipped
                 p()
             torch.cuda.synchronize()
-            graphs, outs = [], []
+            graphs = []
             for p in pieces:
                 g = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(g, pool=self.pool):
-                    outs.append(p())
+                    out = p()
                 if self.pool is None:
                     self.pool = g.pool()
                 graphs.append(g)
             # the queries live in self.query; only the hidden states are this size's own
-            self.graphs[s], self.outputs[s] = graphs, [self.query[:s]] * (len(outs) - 1) + [outs[-1]]
-            del outs
+            self.graphs[s], self.hidden[s] = graphs, out
         if cuda:
             torch.cuda.synchronize()
         self.capture_s = time.perf_counter() - t0
@@ -124,9 +122,11 @@ class PiecewiseGraphs:
         return padded(self.sizes, n)
 
     def _replay(self, s: int, i: int) -> torch.Tensor:
+        """Piece ``i`` of size ``s``: a layer's queries into ``self.query``; the last piece's
+        return value is the hidden states."""
         if s in self.graphs:
             self.graphs[s][i].replay()
-            return self.outputs[s][i]
+            return self.hidden[s]
         return self.pieces[s][i]()
 
     @torch.inference_mode()
@@ -139,8 +139,8 @@ class PiecewiseGraphs:
         self.slot_mapping[:n].copy_(slots, non_blocking=True)
         if s > n:
             self.slot_mapping[n:s].fill_(-1)  # padding rows write nowhere
-        out = self.attn_out[:n]
+        q, out = self.query[:n], self.attn_out[:n]
         for i, layer in enumerate(self.model.model.layers):
-            q = self._replay(s, i)
-            layer.self_attn.attend(q[:n], meta, self.kv_caches[i], out=out)
+            self._replay(s, i)  # writes this layer's queries into self.query
+            layer.self_attn.attend(q, meta, self.kv_caches[i], out=out)
         return self._replay(s, len(self.model.model.layers))[:n]
