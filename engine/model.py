@@ -59,11 +59,9 @@ class Attention(nn.Module):
         del self.q_proj, self.k_proj, self.v_proj
 
     def forward(self, x, positions, rope, meta: AttentionMetadata, cache):
+        """The unfused path (CPU, tests); a fused model runs ``project`` and ``attend``
+        (``DecoderLayer.forward_fused``)."""
         t = x.shape[0]
-        if self.qkv_proj is not None:
-            m = group_meta(meta, self.group)
-            q = self.project(x, positions, rope, m.slot_mapping, cache)
-            return self.o_proj(self.attend(q, m, cache).view(t, -1))
         q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
@@ -86,9 +84,7 @@ class Attention(nn.Module):
         kw = self.k_norm.weight if self.qk_norm else None
         fused_ops.qk_norm_rope_(q, k, rope.cos, rope.sin, positions, qw, kw,
                                 self.q_norm.eps if self.qk_norm else 1e-6)
-        if self.calibrate:
-            self._calibrate(k, v, cache[0].dtype)
-        kernels.write_kv(cache[0], cache[1], k, v, slots, self.k_scale, self.v_scale)
+        self._store(k, v, slots, cache)
         return q
 
     def attend(self, q, meta: AttentionMetadata, cache, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -98,11 +94,15 @@ class Attention(nn.Module):
 
     def _attend(self, q, k, v, meta: AttentionMetadata | list[AttentionMetadata], cache) -> torch.Tensor:
         meta = group_meta(meta, self.group)
-        k_cache, v_cache = cache
-        if self.calibrate:
-            self._calibrate(k, v, k_cache.dtype)
-        kernels.write_kv(k_cache, v_cache, k, v, meta.slot_mapping, self.k_scale, self.v_scale)
+        self._store(k, v, meta.slot_mapping, cache)
         return self.attend(q, meta, cache)
+
+    def _store(self, k, v, slots: torch.Tensor, cache) -> None:
+        """K and V into the cache at ``slots`` (fp8: quantized, the scales set first when this
+        step calibrates them)."""
+        if self.calibrate:
+            self._calibrate(k, v, cache[0].dtype)
+        kernels.write_kv(cache[0], cache[1], k, v, slots, self.k_scale, self.v_scale)
 
     def _calibrate(self, k: torch.Tensor, v: torch.Tensor, fp8: torch.dtype) -> None:
         """Scales from this step's keys and values: amax / the format's max, in place (CUDA graphs
