@@ -178,7 +178,7 @@ class ProfiledCostModel:
 
     def __init__(self, profile: DeviceProfile, shape, *, model: str, paged: bool, block_size: int = 0,
                  max_graph_batch: int = 256, enforce_eager: bool = False, allocator: str = "paged",
-                 vmm_sync_maps: bool = False, calibrate_host: bool = True, allreduce=None,
+                 calibrate_host: bool = True, allreduce=None,
                  graph_max_tokens: int = 0):
         """``graph_max_tokens``: prefill/mixed steps up to this many tokens replay piecewise CUDA
         graphs (the engine's ``cuda_graph_max_tokens``; modelled where the profile has a
@@ -193,7 +193,6 @@ class ProfiledCostModel:
         self.graph_sizes = [] if enforce_eager else capture_sizes(max_graph_batch)
         # tensor parallelism: ranks run prefill/mixed steps eagerly (no piecewise graphs there)
         self.piecewise_sizes = [] if enforce_eager or tp > 1 else token_sizes(graph_max_tokens)
-        self.vmm_sync_maps = vmm_sync_maps
         mode = "paged" if paged else "linear"
         # the profile times bf16 KV, full attention and one GPU: an fp8 cache, sliding windows or
         # tensor parallelism are composed from its tables (attention scaled by the bytes and keys it streams)
@@ -441,7 +440,7 @@ class ProfiledCostModel:
         the step's path)."""
         if not work:
             return 0.0
-        maps = vmm_maps * self.map_s + vmm_unmaps * self.unmap_s if self.vmm_sync_maps else 0.0
+        maps = vmm_maps * self.map_s + vmm_unmaps * self.unmap_s  # counted by simulate's MapCounter
         padded = self.graph_batch(work)  # graph or eager: decided once for both parts
         return self.device_time(work, num_sampled, padded) + self.host_time(work, padded) + maps
 

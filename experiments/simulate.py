@@ -354,7 +354,6 @@ def cost_model_for(sim: SimSettings, roofline: RooflineCostModel, shape: ModelSh
         allocator=econf.allocator,
         graph_max_tokens=(0 if getattr(allocator, "plan", None) is not None
                           else min(econf.cuda_graph_max_tokens, econf.max_num_batched_tokens)),
-        vmm_sync_maps=hasattr(allocator, "backend"),  # the maps on the step's path (MapCounter)
         allreduce=roofline.allreduce if econf.tensor_parallel_size > 1 else None)
 
 

@@ -139,7 +139,7 @@ def test_allocator_costs_differ_where_the_profile_says():
     assert linear.device_time(work) < paged16.device_time(work) < paged8.device_time(work)
     assert paged16.host_time(work) > linear.host_time(work)  # paged's host line is higher here
     assert cost_model(block_size=12).block_size in (8, 16)  # nearest measured block size
-    virt = cost_model(paged=False, block_size=0, allocator="virtual", vmm_sync_maps=True)
+    virt = cost_model(paged=False, block_size=0, allocator="virtual")
     assert virt.step_time(work, vmm_maps=3) == pytest.approx(virt.step_time(work) + 3 * 37e-6)
     assert paged16.swap_time([1 << 20, 1 << 20], "d2h") == pytest.approx(2 * (1e-5 + (1 << 20) / 50e9))
 
