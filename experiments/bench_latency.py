@@ -131,8 +131,9 @@ def main(argv: list[str] | None = None) -> int:
         engine = LLMEngine(EngineConfig(model=model, allocator="paged", max_model_len=4096, max_num_seqs=64,
                                         kv_cache_tokens=65536, detokenize=False, record_memory=False,
                                         stream_outputs=False))
+        pw = engine.runner.piecewise
         start = dict(model=model, startup_s=round(time.perf_counter() - t0, 1),
-                     piecewise_capture_s=round(engine.runner.piecewise.capture_s, 1) if engine.runner.piecewise else None)
+                     piecewise_capture_s=round(pw.capture_s, 1) if pw else None)
         print(start, flush=True)
         weights = streamed_weight_bytes(engine.model)
         for b in (int(x) for x in a.batches.split(",")):

@@ -182,8 +182,8 @@ class ProfiledCostModel:
                  graph_max_tokens: int = 0):
         """``graph_max_tokens``: prefill/mixed steps up to this many tokens replay piecewise CUDA
         graphs (the engine's ``cuda_graph_max_tokens``; modelled where the profile has a
-        ``piecewise_forward`` table). ``shape``: the whole model; ``allreduce`` (``costmodel.AllReduceCost``) with tp > 1: each
-        GPU's shard is composed from the GEMM and attention tables (a profile measures one GPU
+        ``piecewise_forward`` table). ``shape``: the whole model; ``allreduce``
+        (``costmodel.AllReduceCost``) with tp > 1: each GPU's shard is composed from the GEMM and attention tables (a profile measures one GPU
         running whole models) and every step adds its all-reduces."""
         self.allreduce = allreduce
         tp = allreduce.tp if allreduce is not None else 1
