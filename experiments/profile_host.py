@@ -23,37 +23,16 @@ def host_rows(model: str, allocator: str, args: dict, *, max_model_len: int, kv_
     requests one at a time, every ``TRICKLE_STEPS`` steps (light load: prefill steps beside a few
     decoding sequences, as an online run at a low rate has them). The first ``skip_steps`` are
     left out (the caching allocator still grows there)."""
-    import torch
-
     from engine import LLMEngine, SamplingParams
     from engine.config import EngineConfig
+    from experiments.step_timing import LaunchTimer
 
     cuda = device.startswith("cuda")
     eng = LLMEngine(EngineConfig(model=model, allocator=allocator, allocator_args=args, device=device,
                                  max_model_len=max_model_len, max_num_seqs=256, max_num_batched_tokens=8192,
                                  kv_cache_tokens=kv_cache_tokens, detokenize=False, stream_outputs=False,
                                  seed=seed))
-    marks: list = []
-    vmm: dict[int, tuple[int, int]] = {}  # step -> VMM (maps, unmaps) on its path (virtual)
-    launch = eng.runner.launch
-    from experiments.simulate import MapCounter
-
-    counter = MapCounter(eng.allocator) if getattr(eng.allocator, "backend", None) is not None else None
-
-    def timed_launch(batch, inflight=None):
-        if counter is not None:  # what this step's scheduling mapped (the allocator runs before launch)
-            vmm[len(eng.step_records)] = counter.take()
-        if not cuda:
-            return launch(batch, inflight)
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        h = launch(batch, inflight)
-        b.record()
-        # the device idles while the runner prepares inputs: that part is host time
-        marks.append((len(eng.step_records), a, b, eng.runner.last_prep_s))
-        return h
-
-    eng.runner.launch = timed_launch
+    timer = LaunchTimer(eng, cuda)
     rng = np.random.default_rng(seed)
     for phase, (n, plo, phi, olo, ohi) in enumerate(phases):
         trickle, n = n < 0, abs(n)
@@ -72,9 +51,7 @@ def host_rows(model: str, allocator: str, args: dict, *, max_model_len: int, kv_
                     eng.step()
         while eng.has_unfinished_requests():
             eng.step()
-    if cuda:
-        torch.cuda.synchronize()
-    gpu = {i: max(0.0, a.elapsed_time(b) / 1e3 - prep) for i, a, b, prep in marks}
+    gpu = {i: d for i, (d, _) in timer.device_times().items()}
     # the configuration the steps ran with: the cost model calibrates against the same graphs
     pw = getattr(eng.runner, "piecewise", None)
     graph_max_tokens = pw.sizes[-1] if pw is not None and pw.sizes else 0
@@ -84,11 +61,11 @@ def host_rows(model: str, allocator: str, args: dict, *, max_model_len: int, kv_
         if r.num_seqs == 0 or i < skip_steps:
             continue
         g = gpu.get(i, 0.0)
-        maps, unmaps = vmm.get(i, (0, 0))
+        maps, unmaps = timer.vmm.get(i, (0, 0))
         rows.append(dict(table="host", model=model, allocator=allocator, batch=r.num_seqs, prefill_tokens=r.prefill_tokens,
                          decode_tokens=r.decode_tokens, context=r.context_tokens, duration=r.duration, gpu=g,
                          value=max(0.0, r.duration - g), graph_max_tokens=graph_max_tokens,
                          max_graph_batch=max_graph_batch, vmm_maps=maps, vmm_unmaps=unmaps))
-    del eng.runner.launch  # no cycle through the wrapper
+    timer.close()
     eng.close()
     return rows

@@ -85,6 +85,7 @@ def _attn_kernel(
     SCALED: tl.constexpr,  # fp8 cache: K/V upcast to q's dtype, scales folded into qk and out
     WINDOWED: tl.constexpr,  # window > 0 (its value stays a runtime argument)
     RING: tl.constexpr,  # ring > 0
+    CAUSAL_SPLIT: tl.constexpr,  # unmasked loop over the keys every query row sees (not SPLIT, WINDOWED)
 ):
     qblk = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -165,51 +166,77 @@ def _attn_kernel(
     # PAGED (BT_AHEAD): the block ids of the *next* tile are fetched one iteration ahead,
     # so K/V addresses never wait on a load of the same iteration; an in-iteration index
     # load (BT_AHEAD=False) costs the software pipeliner stages: with equal num_stages,
-    # fewer K/V tiles in flight
-    for start in range(lo, hi, BLOCK_N):
-        offs_n = start + offs_n0
-        n_ok = offs_n < hi
-        if MODE == 0:
-            if BT_AHEAD:
-                blk = blk_next.to(tl.int64)
-                nxt = offs_n + BLOCK_N
-                blk_next = tl.load(bt_row + nxt // BLOCK_SIZE, mask=nxt < hi, other=0)
+    # fewer K/V tiles in flight.
+    # CAUSAL_SPLIT: keys up to the tile's first query are visible to every row, so the tiles
+    # wholly below it run a first loop without length, causal or padding masks (plain loads,
+    # no selects); the diagonal tiles run the masked loop (FlashAttention's two stages).
+    if CAUSAL_SPLIT:
+        mid = lo + tl.maximum(tl.minimum(prefix + q0 + 1, hi) - lo, 0) // BLOCK_N * BLOCK_N
+    else:
+        mid = lo
+    for phase in tl.static_range(0 if CAUSAL_SPLIT else 1, 2):
+        if phase == 0:
+            start_at = lo
+            stop_at = mid
+        else:
+            start_at = mid
+            stop_at = hi
+        for start in range(start_at, stop_at, BLOCK_N):
+            offs_n = start + offs_n0
+            n_ok = offs_n < hi
+            if MODE == 0:
+                if BT_AHEAD:
+                    blk = blk_next.to(tl.int64)
+                    nxt = offs_n + BLOCK_N
+                    blk_next = tl.load(bt_row + nxt // BLOCK_SIZE, mask=nxt < hi, other=0)
+                elif phase == 0:
+                    blk = tl.load(bt_row + offs_n // BLOCK_SIZE).to(tl.int64)
+                else:
+                    blk = tl.load(bt_row + offs_n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
+                slot = blk * BLOCK_SIZE + offs_n % BLOCK_SIZE
+            elif RING:
+                slot = seq_base + offs_n % ring
             else:
-                blk = tl.load(bt_row + offs_n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
-            slot = blk * BLOCK_SIZE + offs_n % BLOCK_SIZE
-        elif RING:
-            slot = seq_base + offs_n % ring
-        else:
-            slot = seq_base + offs_n
-        kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + slot[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + slot[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
-        if SCALED:
-            k = k.to(q.dtype)  # fp16 (or fp32 for exact dots)
-            v = v.to(q.dtype)
+                slot = seq_base + offs_n
+            k_ptrs = k_base + slot[:, None] * stride_ks + offs_d[None, :]
+            v_ptrs = v_base + slot[:, None] * stride_vs + offs_d[None, :]
+            if phase == 0 and BLOCK_D == HEAD_DIM:
+                k = tl.load(k_ptrs)
+                v = tl.load(v_ptrs)
+            elif phase == 0:
+                k = tl.load(k_ptrs, mask=d_ok[None, :], other=0.0)
+                v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+            else:
+                kv_mask = n_ok[:, None] & d_ok[None, :]
+                k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+                v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+            if SCALED:
+                k = k.to(q.dtype)  # fp16 (or fp32 for exact dots)
+                v = v.to(q.dtype)
 
-        if DOT_F32:
-            qk = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
-        else:
-            qk = tl.dot(q, tl.trans(k))
-        qk = qk * qk_scale
-        causal = n_ok[None, :] & (offs_n[None, :] <= q_pos[:, None])
-        if WINDOWED:
-            causal = causal & (offs_n[None, :] > q_pos[:, None] - window)
-        qk = tl.where(causal, qk, float("-inf"))
+            if DOT_F32:
+                qk = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+            else:
+                qk = tl.dot(q, tl.trans(k))
+            qk = qk * qk_scale
+            if phase == 1:
+                causal = n_ok[None, :] & (offs_n[None, :] <= q_pos[:, None])
+                if WINDOWED:
+                    causal = causal & (offs_n[None, :] > q_pos[:, None] - window)
+                qk = tl.where(causal, qk, float("-inf"))
 
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked row: no NaN
-        p = tl.math.exp2(qk - m_use[:, None])
-        alpha = tl.math.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        p = p.to(v.dtype)
-        if DOT_F32:
-            pv = tl.dot(p.to(tl.float32), v.to(tl.float32), input_precision="ieee")
-        else:
-            pv = tl.dot(p, v)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked row: no NaN
+            p = tl.math.exp2(qk - m_use[:, None])
+            alpha = tl.math.exp2(m_i - m_use)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            p = p.to(v.dtype)
+            if DOT_F32:
+                pv = tl.dot(p.to(tl.float32), v.to(tl.float32), input_precision="ieee")
+            else:
+                pv = tl.dot(p, v)
+            acc = acc * alpha[:, None] + pv
+            m_i = m_new
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
@@ -277,6 +304,9 @@ class AttnConfig:
     # stages for the same K/V depth. Measured on an H200 (Triton 3.6), False with 5 stages
     # was 0-5% slower than True with 3 at every benchmark shape; kept as a tuning knob.
     bt_ahead: bool = True
+    # prefill: tiles below the diagonal skip every mask (the kernel's CAUSAL_SPLIT); decode
+    # keeps one masked loop (its tiles are all but one unmasked already, and it is at bandwidth)
+    causal_split: bool = False
 
 
 @functools.lru_cache(maxsize=None)
@@ -336,7 +366,7 @@ def choose_config(
     # prefill / mixed: ~64 query rows per tile, compute bound
     block_q = max(1, min(_pow2(max_query_len), 64 // group_p))
     block_n = 64 if row_bytes <= 256 else 32
-    return AttnConfig(block_q=block_q, block_n=block_n, num_splits=1, num_warps=4, num_stages=2)
+    return AttnConfig(block_q=block_q, block_n=block_n, num_splits=1, num_warps=4, num_stages=2, causal_split=True)
 
 
 def _check_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata) -> None:
@@ -499,6 +529,7 @@ def attention_into(
         SCALED=scaled,
         WINDOWED=window > 0,
         RING=meta.ring > 0,
+        CAUSAL_SPLIT=cfg.causal_split and not split and window == 0,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if split:

@@ -295,6 +295,24 @@ def test_attention_query_tiling(block_q, short, monkeypatch):
     _assert_close_attn(out, reference.attention(q, kc, vc, meta))
 
 
+@pytest.mark.parametrize("mode,bs,bt_ahead", [(PAGED, 16, True), (PAGED, 4, False), (LINEAR, 0, True)])
+@pytest.mark.parametrize("block_q", [1, 4])
+def test_attention_causal_split(mode, bs, bt_ahead, block_q, monkeypatch):
+    """The unmasked first loop (keys every row of a tile sees) then the masked diagonal one:
+    chunks over long cached prefixes, whole prompts, decodes; 16-key tiles so most tiles are
+    in the first loop, and tiles that straddle blocks (block size 4)."""
+    gen = _gen("causal-split", mode, bs, block_q)
+    lens = [(_randint(gen, 60, 200), _randint(gen, 2, 30)) for _ in range(3)] + [(37, 37), (90, 1), (5, 0)]
+    q, kc, vc, meta, _ = make_batch(
+        gen, lens, num_kv_heads=2, group=4, head_dim=64, dtype=torch.float16, mode=mode, block_size=bs
+    )
+    want = reference.attention(q, kc, vc, meta)
+    for split in (True, False):
+        config = triton_attention.AttnConfig(block_q=block_q, block_n=16, num_splits=1, num_warps=4, num_stages=2,
+                                             bt_ahead=bt_ahead, causal_split=split)
+        _assert_close_attn(run_attention(q, kc, vc, meta, config=config, monkeypatch=monkeypatch), want)
+
+
 @pytest.mark.parametrize("mode,bs", [(PAGED, 16), (PAGED, 1), (LINEAR, 0)])
 def test_attention_layer_interleaved_cache(mode, bs, monkeypatch):
     """Caches as strided views of a [slots, layers, 2, H, D] buffer (others layers NaN)."""

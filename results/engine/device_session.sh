@@ -4,6 +4,11 @@
 #                                                     # + step latency vs floors (bench_latency), both models
 #   bash results/engine/device_session.sh throughput  # kvlab bench throughput, qwen3-0.6b and llama3-8b,
 #                                                     # piecewise graphs off (before) and on (after)
+# Session of 2026-12-02 (fifth):
+#   bash results/engine/device_session.sh measure     # prefill attention (bench_prefill + config sweep),
+#                                                     # decode kernels at batch 1/8 (profile_step), virtual vs
+#                                                     # paged end to end (premap 8), step timing of qwen3-0.6b
+#                                                     # online-8rps and offline (experiments/step_timing.py)
 # Outputs accumulate in $KVE (default /tmp/kve) on the machine; each part tars them into $OUT.
 set -uo pipefail
 part=${1:?tests or throughput}
@@ -26,6 +31,25 @@ throughput)
                 --out "$runs/throughput_${m}_graphs$g" 2>&1 | tee "$runs/throughput_${m}_graphs$g.log" | grep "^|" | tail -5
         done
     done
+    ;;
+measure)
+    timeout 200 python3 -m experiments.bench_prefill --out "$runs" --sweep --sweep-budget-s 110 \
+        2>&1 | tee "$runs/bench_prefill.log" | grep -v "^sweep" | tail -16
+    B="workload=sharegpt workload.num_requests=300 engine.kv_cache_tokens=40000 engine.max_model_len=2048 engine.max_num_seqs=256 engine.max_num_batched_tokens=8192 device=cuda report=false"
+    for mode in online8 offline; do
+        extra=""
+        [ $mode = online8 ] && extra="mode=online workload.request_rate=8 workload.num_requests=60"
+        timeout 120 python3 -m experiments.step_timing model=qwen3-0.6b allocator=paged $B $extra \
+            --out "$runs/step_timing_qwen3-0.6b_paged_$mode" 2>&1 | tail -6
+    done
+    for m in llama3-8b qwen3-0.6b; do
+        for b in 1; do
+            timeout 90 python3 -m experiments.profile_step --model $m --batch $b --prompt-len 512 \
+                2>&1 | tee "$runs/profile_step_${m}_b$b.log" | head -22
+        done
+    done
+    timeout 200 python3 -m experiments.cli bench throughput --models qwen3-0.6b --no-hf \
+        --out "$runs/throughput_qwen3-0.6b_premap8" 2>&1 | tee "$runs/throughput_qwen3-0.6b_premap8.log" | grep "^|" | tail -5
     ;;
 esac
 tar -czf "$out/kve-$part.tgz" -C "$runs" .

@@ -1,0 +1,208 @@
+"""Prefill-attention benchmark: Triton PAGED vs LINEAR vs PyTorch SDPA (flash), one GPU run.
+
+    python -m experiments.bench_prefill --out results/kernels [--sweep --sweep-budget-s 120]
+
+Llama-3-8B heads (32 query, 8 KV, head dim 128, bf16), causal, whole prompts (no cached
+prefix): 1x8192, 4x2048, 8x1024, 16x512 tokens. PAGED: block size 16, blocks randomly
+permuted; LINEAR: each sequence contiguous; SDPA: ``is_causal`` on contiguous [B, H, L, D]
+with the flash backend (FlashAttention-2). TFLOP/s counts the causal half only
+(4 * D * Hq * sum L(L+1)/2) and is reported against the bf16 matmul rate measured in the same
+run (8192^3 ``torch.mm``). Every shape is checked against SDPA first (and the 16x512 shape
+against ``kernels.reference``). ``--sweep`` times other kernel configs (tile sizes, warps,
+stages, the unmasked first loop) into ``prefill_sweep_<device>.csv``.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import os
+import re
+import time
+from pathlib import Path
+
+import torch
+
+from experiments import bench_kernels as bk
+
+SHAPES = [(1, 8192), (4, 2048), (8, 1024), (16, 512)]
+HQ, HKV, D, BLOCK = 32, 8, 128, 16
+DTYPE = torch.bfloat16
+
+
+def matmul_tflops(n: int = 8192) -> float:
+    """bf16 ``torch.mm`` of two n x n matrices (cuBLAS): the device's practical tensor-core rate."""
+    if bk.DEV == "cpu":
+        n = 256
+    a = torch.randn(n, n, device=bk.DEV, dtype=DTYPE)
+    b = torch.randn(n, n, device=bk.DEV, dtype=DTYPE)
+    c = torch.empty(n, n, device=bk.DEV, dtype=DTYPE)
+    us = bk._median_graph_us(lambda: torch.mm(a, b, out=c), 1, target_ms=20)
+    return 2 * n**3 / (us * 1e-6) / 1e12
+
+
+class PrefillCase:
+    """``batch`` prompts of ``length`` tokens, their K/V already in the cache (as the engine
+    writes them before attention)."""
+
+    def __init__(self, batch: int, length: int, seed: int = 0):
+        from kernels.metadata import Addressing, AttentionMetadata
+
+        g = torch.Generator(device=bk.DEV).manual_seed(seed + batch * 100003 + length)
+        self.batch, self.length = batch, length
+        n = batch * length
+        self.flops = 4 * D * HQ * batch * length * (length + 1) // 2
+        self.k = torch.randn(n, HKV, D, device=bk.DEV, dtype=DTYPE, generator=g)
+        self.v = torch.randn(n, HKV, D, device=bk.DEV, dtype=DTYPE, generator=g)
+        self.q = torch.randn(n, HQ, D, device=bk.DEV, dtype=DTYPE, generator=g)
+        self.out = torch.empty_like(self.q)
+        qsl = torch.arange(batch + 1, dtype=torch.int32, device=bk.DEV) * length
+        lens = torch.full((batch,), length, dtype=torch.int32, device=bk.DEV)
+        table = torch.randperm(n // BLOCK, device=bk.DEV, generator=g).to(torch.int32).view(batch, length // BLOCK)
+        slots = (table.long()[:, :, None] * BLOCK + torch.arange(BLOCK, device=bk.DEV)).view(-1)
+        common = dict(query_start_loc=qsl, seq_lens=lens, max_query_len=length, max_seq_len=length)
+        self.meta = {
+            # PAGED: token t of sequence s lives in slot slots[s * length + t]; LINEAR: in order
+            "paged": AttentionMetadata(mode=Addressing.PAGED, block_table=table, block_size=BLOCK,
+                                       slot_mapping=slots, **common),
+            "linear": AttentionMetadata(mode=Addressing.LINEAR, slot_mapping=torch.arange(n, device=bk.DEV),
+                                        seq_base=torch.arange(batch, device=bk.DEV, dtype=torch.int64) * length,
+                                        **common),
+        }
+        # the paged cache holds the same K/V as the linear one, scattered into its blocks
+        self.k_paged = torch.empty_like(self.k)
+        self.v_paged = torch.empty_like(self.v)
+        self.k_paged[slots] = self.k
+        self.v_paged[slots] = self.v
+        self.q4 = self.q.view(batch, length, HQ, D).transpose(1, 2).contiguous()
+        self.k4 = self.k.view(batch, length, HKV, D).transpose(1, 2).contiguous()
+        self.v4 = self.v.view(batch, length, HKV, D).transpose(1, 2).contiguous()
+
+    def run(self, impl: str, config=None) -> torch.Tensor:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        from torch.nn.functional import scaled_dot_product_attention
+
+        from kernels import triton_ops
+
+        if impl == "sdpa_flash":
+            backend = SDPBackend.FLASH_ATTENTION if bk.DEV == "cuda" else SDPBackend.MATH
+            with sdpa_kernel([backend]):
+                o = scaled_dot_product_attention(self.q4, self.k4, self.v4, is_causal=True, enable_gqa=True)
+            return o.transpose(1, 2).reshape(self.q.shape)
+        k, v = (self.k_paged, self.v_paged) if impl == "paged" else (self.k, self.v)
+        triton_ops.attention_into(self.out, self.q, k, v, self.meta[impl], config=config)
+        return self.out
+
+    def check(self, with_reference: bool) -> dict[str, float]:
+        from kernels import reference
+
+        want = self.run("sdpa_flash").clone()
+        errs = {"sdpa_flash": 0.0}
+        if with_reference:
+            errs["sdpa_flash"] = bk._rel_err(want, reference.attention(self.q, self.k, self.v, self.meta["linear"]))
+        for impl in ("paged", "linear"):
+            self.out.fill_(float("nan"))
+            errs[impl] = bk._rel_err(self.run(impl), want)
+        return errs
+
+    def time(self, impl: str, config=None) -> float:
+        return bk._median_graph_us(lambda: self.run(impl, config), 1, target_ms=10)
+
+
+def _config_str(case: PrefillCase, config=None) -> str:
+    from kernels.triton_attention import choose_config, device_sms
+
+    c = config or choose_config(num_seqs=case.batch, max_query_len=case.length, max_seq_len=case.length,
+                                num_kv_heads=HKV, group=HQ // HKV, head_dim=D, elem_size=2,
+                                num_sms=device_sms(torch.device(bk.DEV)))
+    return (f"q{c.block_q}/n{c.block_n}/w{c.num_warps}/s{c.num_stages}"
+            f"{'/split' if c.causal_split else '/masked'}")
+
+
+def sweep_configs():
+    """The previous default first (one masked loop), then the grid, most promising first."""
+    from kernels.triton_attention import AttnConfig
+
+    yield AttnConfig(block_q=16, block_n=64, num_splits=1, num_warps=4, num_stages=2, causal_split=False)
+    for bq, bn, w, s in itertools.product((32, 16), (64, 128, 32), (8, 4), (3, 2, 4)):
+        yield AttnConfig(block_q=bq, block_n=bn, num_splits=1, num_warps=w, num_stages=s, causal_split=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="results/kernels")
+    ap.add_argument("--sweep", action="store_true", help="also time other kernel configs (tuning)")
+    ap.add_argument("--sweep-budget-s", type=float, default=120.0)
+    ap.add_argument("--shapes", default="", help="subset, e.g. '1x8192,4x2048'")
+    ap.add_argument("--smoke-cpu", action="store_true", help="exercise the script on CPU (interpreter, tiny shapes)")
+    a = ap.parse_args(argv)
+    if a.smoke_cpu:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+        bk.DEV = "cpu"
+    elif not torch.cuda.is_available():
+        raise SystemExit("bench_prefill needs a CUDA device")
+    import triton
+
+    out_dir = Path(a.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = torch.cuda.get_device_name(0) if bk.DEV == "cuda" else "cpu-interpreter-smoke"
+    tag = re.sub(r"[^A-Za-z0-9]+", "_", device).strip("_")
+    shapes = SHAPES if not a.shapes else [tuple(int(x) for x in s.split("x")) for s in a.shapes.split(",")]
+    if a.smoke_cpu and not a.shapes:
+        shapes = [(1, 64), (2, 32)]
+    print(f"device {device}, torch {torch.__version__}, triton {triton.__version__}", flush=True)
+    peak = matmul_tflops()
+    print(f"bf16 matmul (8192^3 torch.mm): {peak:.0f} TFLOP/s", flush=True)
+
+    rows, cases = [], []
+    for b, n in shapes:
+        case = PrefillCase(b, n)
+        errs = case.check(with_reference=b * n <= 8192 and n <= 512)
+        for impl, e in errs.items():
+            if not e < 2e-2:
+                raise SystemExit(f"{impl} {b}x{n}: relative error {e:.3e}")
+        for impl in ("paged", "linear", "sdpa_flash"):
+            us = case.time(impl)
+            tf = case.flops / (us * 1e-6) / 1e12
+            rows.append(dict(device=device, batch=b, length=n, impl=impl, time_us=round(us, 2),
+                             tflops=round(tf, 1), pct_matmul=round(100 * tf / peak, 1), rel_err=f"{errs[impl]:.1e}",
+                             config=_config_str(case) if impl != "sdpa_flash" else "", matmul_tflops=round(peak)))
+            r = rows[-1]
+            print(f"{b:>3}x{n:<5} {impl:<10} {us:10.1f} us {tf:7.1f} TFLOP/s {r['pct_matmul']:5.1f}% matmul "
+                  f"err {r['rel_err']} {r['config']}", flush=True)
+        cases.append(case)
+    with (out_dir / f"prefill_{tag}.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+    if a.sweep:
+        t_end = time.time() + a.sweep_budget_s
+        path = out_dir / f"prefill_sweep_{tag}.csv"
+        with path.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["batch", "length", "impl", "config", "time_us", "tflops", "pct_matmul"])
+            w.writeheader()
+            for cfg in sweep_configs():
+                if time.time() > t_end:
+                    print("sweep: budget spent", flush=True)
+                    break
+                for case in cases:
+                    for impl in ("linear", "paged"):
+                        try:
+                            err = bk._rel_err(case.run(impl, cfg).clone(), case.run("sdpa_flash"))
+                            if not err < 2e-2:
+                                raise ValueError(f"relative error {err:.2e}")
+                            us = case.time(impl, cfg)
+                        except Exception as e:  # a config the device cannot run (shared memory): skip it
+                            print(f"sweep {_config_str(case, cfg)} {impl}: {type(e).__name__}: {e}"[:200], flush=True)
+                            continue
+                        tf = case.flops / (us * 1e-6) / 1e12
+                        w.writerow(dict(batch=case.batch, length=case.length, impl=impl, config=_config_str(case, cfg),
+                                        time_us=round(us, 2), tflops=round(tf, 1), pct_matmul=round(100 * tf / peak, 1)))
+                        print(f"sweep {case.batch}x{case.length} {impl:<6} {_config_str(case, cfg):<26} "
+                              f"{tf:7.1f} TFLOP/s", flush=True)
+                f.flush()
+
+
+if __name__ == "__main__":
+    main()
