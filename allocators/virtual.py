@@ -52,6 +52,7 @@ import atexit
 import heapq
 import logging
 import math
+import time
 import weakref
 from collections import OrderedDict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -254,6 +255,10 @@ class VirtualAllocator(KVAllocator):
         self.num_sync_maps = 0  # groups mapped on the critical path
         self.num_async_maps = 0  # groups mapped ahead in the background
         self.num_shared_maps = 0  # groups mapped into a slot from another slot's prefix
+        # seconds in driver map/unmap calls: on the scheduling thread (the step waits for them,
+        # waits for a page still being mapped ahead included) and on the background thread
+        self.vmm_critical_s = 0.0
+        self.vmm_background_s = 0.0
         self.enable_prefix_caching = enable_prefix_caching
         self.prefix = SlotPrefixCache() if enable_prefix_caching else None
         self.pages = PageIndex() if sharing else None
@@ -290,10 +295,23 @@ class VirtualAllocator(KVAllocator):
         """Groups ``seq`` can ever use."""
         return self._pages_for(min(seq.max_len, self.span))
 
-    def _map_now(self, group: int, slot: int, page: int) -> None:
+    def _map_now(self, group: int, slot: int, page: int, background: bool = False) -> None:
+        t0 = time.perf_counter()
         R, at = self.num_ranges, slot * self.pages_per_slot + page
         for r in range(R):
             self.backend.map(group * R + r, r, at)
+        if background:  # one worker thread: the only writer of this counter
+            self.vmm_background_s += time.perf_counter() - t0
+        else:
+            self.vmm_critical_s += time.perf_counter() - t0
+
+    def _wait_mapped(self, slot: int, page: int) -> None:
+        """The step needs page ``page`` of ``slot``: wait if it is still being mapped ahead."""
+        fut = self._inflight.pop((slot, page), None)
+        if fut is not None:
+            t0 = time.perf_counter()
+            fut.result()
+            self.vmm_critical_s += time.perf_counter() - t0
 
     def _count(self, g: int, dref: int, dlive: int) -> None:
         """Group ``g`` gains (loses) ``dref`` slot mappings, ``dlive`` of them live: keeps the
@@ -309,7 +327,7 @@ class VirtualAllocator(KVAllocator):
     def _map(self, group: int, slot: _Slot, page: int, ahead: bool) -> None:
         self._count(group, 1, slot.seq is not None)
         if ahead and self._executor is not None:
-            self._inflight[(slot.index, page)] = self._executor.submit(self._map_now, group, slot.index, page)
+            self._inflight[(slot.index, page)] = self._executor.submit(self._map_now, group, slot.index, page, True)
             self.num_async_maps += 1
         else:
             self._map_now(group, slot.index, page)
@@ -318,12 +336,12 @@ class VirtualAllocator(KVAllocator):
     def _unmap_at(self, slot: _Slot, page: int) -> int | None:
         """Unmap page ``page`` of ``slot``; returns its group if no slot maps it any more (free
         now, its index entry gone), else None (another slot still maps it)."""
-        fut = self._inflight.pop((slot.index, page), None)
-        if fut is not None:
-            fut.result()
+        self._wait_mapped(slot.index, page)
+        t0 = time.perf_counter()
         at = slot.index * self.pages_per_slot + page
         for r in range(self.num_ranges):
             self.backend.unmap(r, at)
+        self.vmm_critical_s += time.perf_counter() - t0
         g = slot.groups[page]
         del slot.hashes[page:]  # the chain of indexed pages stops before it
         self._count(g, -1, -(slot.seq is not None))
@@ -499,9 +517,7 @@ class VirtualAllocator(KVAllocator):
                 slot.groups.append(g)
                 self._map(g, slot, len(slot.groups) - 1, ahead=False)
         for page in range(self._pages_for(slot.used), self._pages_for(total)):  # mapped ahead: done yet?
-            fut = self._inflight.pop((slot.index, page), None)
-            if fut is not None:
-                fut.result()
+            self._wait_mapped(slot.index, page)
         slot.used = total
         self._surplus_pages += self._surplus(slot) - before
         if self.prefetch:
@@ -540,9 +556,7 @@ class VirtualAllocator(KVAllocator):
         old, new = -(-slot.used // tpp), -(-total // tpp)
         if new != old:
             for page in range(old, new):
-                fut = self._inflight.pop((slot.index, page), None)
-                if fut is not None:
-                    fut.result()
+                self._wait_mapped(slot.index, page)
             self._surplus_pages -= new - old
         slot.used = total
         if self.prefetch and total + self.prefetch_tokens > len(slot.groups) * tpp:

@@ -64,6 +64,7 @@ def run_kvlab(model: str, allocator: str, allocator_args: dict, prompts, output_
     while engine.has_unfinished_requests():
         engine.step()
     engine.step_records.clear()
+    vmm0 = _vmm_counters(engine.allocator)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for i, p in enumerate(prompts):
@@ -95,6 +96,13 @@ def run_kvlab(model: str, allocator: str, allocator_args: dict, prompts, output_
                    roofline_step_ms=1000 * float(ideal.median()),
                    roofline_frac=float((ideal / full.duration).median()),
                    host_ms_per_decode_step=1000 * float(full.host_s.median()))
+    vmm1 = _vmm_counters(engine.allocator)
+    if vmm1:  # virtual: the driver's map/unmap time of the timed run, on the step's path and behind it
+        d = {k: vmm1[k] - vmm0[k] for k in vmm1}
+        res.update(vmm_critical_ms=1000 * d["vmm_critical_s"],
+                   vmm_critical_ms_per_step=1000 * d["vmm_critical_s"] / max(1, len(steps)),
+                   vmm_background_ms=1000 * d["vmm_background_s"], vmm_sync_maps=d["num_sync_maps"],
+                   vmm_async_maps=d["num_async_maps"])
     other = steps[steps.prefill_tokens > 0]  # prefill and mixed steps: where piecewise graphs act
     if len(other):
         res.update(prefill_mixed_steps=len(other), prefill_mixed_s=float(other.duration.sum()),
@@ -104,6 +112,12 @@ def run_kvlab(model: str, allocator: str, allocator_args: dict, prompts, output_
     gc.collect()
     torch.cuda.empty_cache()
     return res
+
+
+def _vmm_counters(allocator) -> dict:
+    """The virtual allocator's driver-call counters (empty for the others)."""
+    keys = ("vmm_critical_s", "vmm_background_s", "num_sync_maps", "num_async_maps")
+    return {k: getattr(allocator, k) for k in keys} if hasattr(allocator, "vmm_critical_s") else {}
 
 
 def hf_config(model: str):
@@ -214,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     df.to_csv(out / f"throughput_{tag}.csv", index=False)
     cols = [c for c in ["model", "engine", "allocator", "tensor_parallel_size", "output_tok_s", "x_hf", "wall_s", "full_batch",
                         "decode_step_ms", "roofline_step_ms", "roofline_frac", "host_ms_per_decode_step",
-                        "kv_capacity_tokens", "preemptions", "error"] if c in df]
+                        "vmm_critical_ms_per_step", "vmm_background_ms", "kv_capacity_tokens", "preemptions",
+                        "error"] if c in df]
     print(df[cols].to_string(index=False))
     (out / f"throughput_{tag}.md").write_text(
         f"# Throughput, {device}\n\ncopy bandwidth {args.copy_bw / 1e9:.0f} GB/s\n\n"
