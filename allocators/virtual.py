@@ -18,7 +18,10 @@ there reuses them without touching the driver, and they are unmapped only when a
 slot needs memory the free pool cannot give. With ``prefetch`` the group a sequence will
 need in the next ``prefetch_tokens`` tokens (default: an eighth of a page) is claimed now
 and mapped by a background thread while steps compute; ``allocate`` waits on the driver
-only for memory the step itself needs that was not mapped ahead.
+only for memory the step itself needs that was not mapped ahead. With ``premap`` (default: every
+slot), empty slots get a first group at start-up, before any request, and the reserve is refilled
+in the background as slots empty: an admission then maps nothing on its step's path. Those groups
+are idle mapped (reported as such, reclaimable like any idle slot's).
 
 Page size: vAttention maps 2 MiB pages (the CUDA driver's granularity). Left unset
 (``page_size=None`` or ``"auto"``), it is chosen to fit the model and the pool: the largest
@@ -183,7 +186,8 @@ class VirtualAllocator(KVAllocator):
         prefetch_tokens: int | None = None,
         enable_prefix_caching: bool = False,
         share_prefix: bool = True,  # with prefix caching: map other slots' whole prefix pages
-        premap: int = 8,  # with prefetch: empty slots kept with a first page group mapped ahead of admission
+        premap: int | None = None,  # with prefetch: empty slots kept with a first page group mapped ahead of
+        # admission (None: every slot), mapped at start-up and refilled in the background
     ):
         reap_unclosed()  # a safe point: what collected allocators left is released first
         if not isinstance(share_prefix, bool):
@@ -229,6 +233,8 @@ class VirtualAllocator(KVAllocator):
         # sequence crossing at once (per_layer: 2 x num_layers driver mappings per group)
         self.prefetch = prefetch
         self.prefetch_tokens = max(1, prefetch_tokens if prefetch_tokens is not None else max(2, tpp // 8))
+        if premap is None:
+            premap = max_num_seqs
         if isinstance(premap, bool) or not isinstance(premap, int) or premap < 0:
             raise ValueError(f"allocator.args.premap={premap!r}: the number of empty slots kept with their first "
                              "page mapped ahead of admission, an integer >= 0 (0: map it when a request is admitted)")
@@ -262,6 +268,9 @@ class VirtualAllocator(KVAllocator):
         self.enable_prefix_caching = enable_prefix_caching
         self.prefix = SlotPrefixCache() if enable_prefix_caching else None
         self.pages = PageIndex() if sharing else None
+        if self.premap:  # at start-up, before any step: nothing to compete with for the driver
+            self._premap_empty()
+            self.wait_prefetch()
 
     def _build_tensors(self) -> None:
         s = self.spec
@@ -812,9 +821,9 @@ class VirtualAllocator(KVAllocator):
         return list(self._ref)
 
     def wait_prefetch(self) -> None:
-        """Block until every background mapping is done (tests, benchmarks)."""
-        for fut in list(self._inflight.values()):
-            fut.result()
+        """Block until every background mapping is done (start-up, tests, benchmarks)."""
+        while self._inflight:
+            self._inflight.pop(next(iter(self._inflight))).result()
 
 
 class _VirtualDecodeRun(DecodeRun):

@@ -116,16 +116,24 @@ def _config_str(case: PrefillCase, config=None) -> str:
                                 num_kv_heads=HKV, group=HQ // HKV, head_dim=D, elem_size=2,
                                 num_sms=device_sms(torch.device(bk.DEV)))
     return (f"q{c.block_q}/n{c.block_n}/w{c.num_warps}/s{c.num_stages}"
-            f"{'/split' if c.causal_split else '/masked'}")
+            f"{'/split' if c.causal_split else '/masked'}{'/rev' if c.longest_first else ''}")
 
 
 def sweep_configs():
-    """The previous default first (one masked loop), then the grid, most promising first."""
+    """The previous default first (one masked loop, tiles in order), then the unmasked first loop
+    alone, then tile shapes, warps and stages around the default, longest tiles first."""
     from kernels.triton_attention import AttnConfig
 
-    yield AttnConfig(block_q=16, block_n=64, num_splits=1, num_warps=4, num_stages=2, causal_split=False)
-    for bq, bn, w, s in itertools.product((32, 16), (64, 128, 32), (8, 4), (3, 2, 4)):
-        yield AttnConfig(block_q=bq, block_n=bn, num_splits=1, num_warps=w, num_stages=s, causal_split=True)
+    def c(bq, bn, w, s, split=True, longest=True):
+        return AttnConfig(block_q=bq, block_n=bn, num_splits=1, num_warps=w, num_stages=s, causal_split=split,
+                          longest_first=longest)
+
+    yield c(16, 64, 4, 2, split=False, longest=False)
+    yield c(16, 64, 4, 2, longest=False)
+    for bq, bn, w, s in ((16, 64, 4, 3), (16, 128, 4, 2), (16, 64, 8, 2), (16, 128, 8, 2), (16, 128, 8, 3),
+                         (32, 64, 4, 2), (32, 128, 8, 2), (32, 128, 8, 3), (32, 64, 8, 3), (64, 64, 8, 2),
+                         (64, 128, 8, 2)):
+        yield c(bq, bn, w, s)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -86,8 +86,12 @@ def _attn_kernel(
     WINDOWED: tl.constexpr,  # window > 0 (its value stays a runtime argument)
     RING: tl.constexpr,  # ring > 0
     CAUSAL_SPLIT: tl.constexpr,  # unmasked loop over the keys every query row sees (not SPLIT, WINDOWED)
+    LONGEST_FIRST: tl.constexpr,  # query tiles in reverse order (not DIRECT)
 ):
     qblk = tl.program_id(0)
+    if LONGEST_FIRST:  # the last tiles of a prompt see the most keys: start those first, so that
+        # the launch ends on short tiles rather than waiting on a long one (tail balance)
+        qblk = tl.num_programs(0) - 1 - qblk
     kvh = tl.program_id(1)
     split = tl.program_id(2)
 
@@ -307,6 +311,7 @@ class AttnConfig:
     # prefill: tiles below the diagonal skip every mask (the kernel's CAUSAL_SPLIT); decode
     # keeps one masked loop (its tiles are all but one unmasked already, and it is at bandwidth)
     causal_split: bool = False
+    longest_first: bool = False  # prefill: programs take query tiles last to first
 
 
 @functools.lru_cache(maxsize=None)
@@ -366,7 +371,8 @@ def choose_config(
     # prefill / mixed: ~64 query rows per tile, compute bound
     block_q = max(1, min(_pow2(max_query_len), 64 // group_p))
     block_n = 64 if row_bytes <= 256 else 32
-    return AttnConfig(block_q=block_q, block_n=block_n, num_splits=1, num_warps=4, num_stages=2, causal_split=True)
+    return AttnConfig(block_q=block_q, block_n=block_n, num_splits=1, num_warps=4, num_stages=2, causal_split=True,
+                      longest_first=True)
 
 
 def _check_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata) -> None:
@@ -530,6 +536,7 @@ def attention_into(
         WINDOWED=window > 0,
         RING=meta.ring > 0,
         CAUSAL_SPLIT=cfg.causal_split and not split and window == 0,
+        LONGEST_FIRST=cfg.longest_first and not direct,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if split:

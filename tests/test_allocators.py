@@ -335,40 +335,41 @@ def _sim(capacity=64, slots=4, max_len=32, **kw) -> VirtualAllocator:
 
 
 def test_virtual_premaps_empty_slots_ahead_of_admission():
-    """With prefetch, empty slots get a first group from the free pool while it holds more than
-    one per live sequence: the next admission maps nothing on its path. The groups are idle
-    mapped (reclaimable), never taken from idle or live slots, and admission decisions are
+    """With prefetch, empty slots get a first group at start-up and then from the free pool while
+    it holds more than one per live sequence: admissions map nothing on their path. The groups are
+    idle mapped (reclaimable), never taken from idle or live slots, and admission decisions are
     those without pre-mapping."""
     a, b = _sim(slots=4, prefetch=True), _sim(slots=4, prefetch=True, premap=0)
+    assert a.num_premaps == 4 and b.num_premaps == 0  # every slot (the default), before any request
+    assert a.stats().idle_mapped == 4 * 4 * a.bytes_per_token
     s1 = seq(3, max_len=8)
     for x in (a, b):
         x.allocate(s1, 3)
-    # 16 groups: s1 holds 1 (+1 ahead); the three empty slots get one each
-    assert a.num_premaps == 3 and b.num_premaps == 0
+    # 16 groups: s1 took a pre-mapped slot (+1 group ahead); the other three stay ready
+    assert a.num_premaps == 4 and a.num_sync_maps == 0 and b.num_sync_maps == 1
     st = a.stats()
     st.check()
     assert st.idle_mapped == 3 * 4 * a.bytes_per_token and a.num_idle_groups == 3
-    maps = a.num_sync_maps
     for k in range(3):
         s = seq(2, max_len=8)
         assert a.can_allocate(s, 2) == b.can_allocate(s, 2)
         a.allocate(s, 2)
         b.allocate(s, 2)
-    assert a.num_sync_maps == maps  # every admission found its first page mapped
-    assert b.num_sync_maps == maps + 3  # without: one map on each admission's path
+    assert a.num_sync_maps == 0  # every admission found its first page mapped
+    assert b.num_sync_maps == 4  # without: one map on each admission's path
     a.stats().check()
-    # a full pool premaps nothing: the free groups are the live sequences' to grow into
+    # a small pool premaps only while the free groups outnumber the live sequences
     c = _sim(capacity=12, slots=4, prefetch=True)  # 3 groups
-    c.allocate(seq(2, max_len=4), 2)
-    assert c.num_premaps == 0
+    assert c.num_premaps == 2
     # a bounded reserve: two slots ready at most, refilled as admissions take them
     d = _sim(slots=4, prefetch=True, premap=2)
-    d.allocate(seq(3, max_len=8), 3)
     assert d.num_premaps == 2 and len(d._premapped) == 2
-    d.allocate(seq(2, max_len=8), 2)  # takes a ready slot; the last empty one refills the reserve
+    d.allocate(seq(3, max_len=8), 3)  # takes a ready slot; an empty one refills the reserve
     assert d.num_premaps == 3 and len(d._premapped) == 2
+    d.allocate(seq(2, max_len=8), 2)
+    assert d.num_premaps == 4 and len(d._premapped) == 2
     d.allocate(seq(2, max_len=8), 2)  # no empty slot left to refill with
-    assert d.num_premaps == 3 and len(d._premapped) == 1
+    assert d.num_premaps == 4 and len(d._premapped) == 1
     with pytest.raises(ValueError, match="premap"):
         _sim(premap=True)
 

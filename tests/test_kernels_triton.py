@@ -307,9 +307,9 @@ def test_attention_causal_split(mode, bs, bt_ahead, block_q, monkeypatch):
         gen, lens, num_kv_heads=2, group=4, head_dim=64, dtype=torch.float16, mode=mode, block_size=bs
     )
     want = reference.attention(q, kc, vc, meta)
-    for split in (True, False):
+    for split in (True, False):  # with and without the longest tiles first
         config = triton_attention.AttnConfig(block_q=block_q, block_n=16, num_splits=1, num_warps=4, num_stages=2,
-                                             bt_ahead=bt_ahead, causal_split=split)
+                                             bt_ahead=bt_ahead, causal_split=split, longest_first=split)
         _assert_close_attn(run_attention(q, kc, vc, meta, config=config, monkeypatch=monkeypatch), want)
 
 

@@ -123,7 +123,7 @@ def test_released_pages_leave_ram():
 
 
 def test_prefetch_maps_in_the_background():
-    a = make("per_layer", prefetch=True)
+    a = make("per_layer", prefetch=True, premap=0)  # growth alone (pre-mapping: test_allocators.py)
     s = FakeSeq([], 128)
     tpp = a.page_tokens
     grow(a, s, tpp)  # fills its first group: the next one is mapped ahead, off the critical path

@@ -9,6 +9,9 @@
 #                                                     # decode kernels at batch 1/8 (profile_step), virtual vs
 #                                                     # paged end to end (premap 8), step timing of qwen3-0.6b
 #                                                     # online-8rps and offline (experiments/step_timing.py)
+#   bash results/engine/device_session.sh verify      # GPU tests (engine, kernels, VMM) after the prefill-kernel
+#                                                     # and virtual start-up pre-mapping changes + bench_prefill
+#   bash results/engine/device_session.sh e2e         # bench throughput paged vs virtual, both models
 # Outputs accumulate in $KVE (default /tmp/kve) on the machine; each part tars them into $OUT.
 set -uo pipefail
 part=${1:?tests or throughput}
@@ -30,6 +33,18 @@ throughput)
             timeout 280 python3 -m experiments.cli bench throughput --models $m --no-hf --cuda-graph-max-tokens $g \
                 --out "$runs/throughput_${m}_graphs$g" 2>&1 | tee "$runs/throughput_${m}_graphs$g.log" | grep "^|" | tail -5
         done
+    done
+    ;;
+verify)
+    timeout 340 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_engine.py tests/test_gpu_kv_axes.py \
+        tests/test_kernels_triton.py tests/test_vmm_cuda.py 2>&1 | tee "$runs/gpu_tests.log" | tail -8
+    timeout 200 python3 -m experiments.bench_prefill --out "$runs" --sweep --sweep-budget-s 100 \
+        2>&1 | tee "$runs/bench_prefill.log" | grep -v "^sweep" | tail -16
+    ;;
+e2e)
+    for m in qwen3-0.6b llama3-8b; do
+        timeout 200 python3 -m experiments.cli bench throughput --models $m --no-hf --allocators paged,virtual \
+            --out "$runs/throughput_$m" 2>&1 | tee "$runs/throughput_$m.log" | grep -v "^{" | tail -4
     done
     ;;
 measure)
