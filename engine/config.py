@@ -45,6 +45,9 @@ class EngineConfig:
     # prefill and mixed steps of up to this many tokens replay piecewise CUDA graphs (everything
     # but attention; engine/piecewise_graphs.py); 0: they run eagerly. Decode steps have their own.
     cuda_graph_max_tokens: int = 2048
+    # piecewise: attention runs eagerly between the graphs; full: one graph per size, attention
+    # captured too (engine/full_graphs.py; the step costs one replay, not 2 L launches)
+    cuda_graph_mode: str = "piecewise"
     async_scheduling: bool = False  # overlap host work with the device: stops are seen one step late
     # (works with prefix caching: a block is indexed once its last token is read back)
     seed: int = 0
@@ -63,6 +66,9 @@ class EngineConfig:
                 or not 0 <= self.cuda_graph_max_tokens <= 8192:
             raise ValueError(f"cuda_graph_max_tokens must be an integer in [0, 8192] (0: prefill and mixed steps "
                              f"run eagerly), got {self.cuda_graph_max_tokens!r}")
+        if self.cuda_graph_mode not in ("piecewise", "full"):
+            raise ValueError(f"cuda_graph_mode must be 'piecewise' (attention eager between graphs) or 'full' "
+                             f"(attention captured too), got {self.cuda_graph_mode!r}")
         if self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
         if not 0 < self.gpu_memory_utilization <= 1:

@@ -131,10 +131,11 @@ class StepInputs:
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, allocator: KVAllocator, device: str, eos_ids: list[int],
                  seed: int = 0, max_num_seqs: int = 256, max_model_len: int = 2048, enforce_eager: bool = True,
-                 kv_calibration: str = "", graph_max_tokens: int = 0):
+                 kv_calibration: str = "", graph_max_tokens: int = 0, graph_mode: str = "piecewise"):
         """``kv_calibration`` ("tensor" | "head"): fp8 KV scales are set by the first step with a
         prefill, from its keys and values. ``graph_max_tokens``: prefill and mixed steps of up to
-        this many tokens replay piecewise CUDA graphs (CUDA, not ``enforce_eager``, fused model)."""
+        this many tokens replay CUDA graphs (CUDA, not ``enforce_eager``, fused model): ``graph_mode``
+        "piecewise" (attention eager between them) or "full" (attention captured too)."""
         self.model = model
         self.kv_calibration = kv_calibration
         self.allocator = allocator
@@ -171,9 +172,7 @@ class ModelRunner:
         self.piecewise = None
         if (self.device.type == "cuda" and not enforce_eager and plan is None and graph_max_tokens > 0
                 and getattr(model, "fused", False)):
-            from engine.piecewise_graphs import PiecewiseGraphs
-
-            self.piecewise = PiecewiseGraphs(model, self.kv_caches, graph_max_tokens, self.device)
+            self.piecewise = self._mixed_graphs(graph_mode, graph_max_tokens, max_num_seqs, max_model_len)
             with compile_watch.expected():
                 self.piecewise.capture()
         if self.device.type == "cuda":
@@ -183,6 +182,20 @@ class ModelRunner:
             # again (a full collection inside a step stalls it)
             gc.collect()
             gc.freeze()
+
+    def _mixed_graphs(self, mode: str, max_tokens: int, max_num_seqs: int, max_model_len: int):
+        """The graphs of prefill and mixed steps (not captured yet)."""
+        if mode == "full":
+            from engine.full_graphs import FullGraphs
+
+            return FullGraphs(self.model, self.kv_caches, max_tokens, self.device, mode=self.allocator.mode,
+                              max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+                              table_width=self.table.device_t.shape[1] if self.paged else 0,
+                              block_size=self.allocator.block_size if self.paged else 0,
+                              ring=getattr(self.views[0], "ring", 0))
+        from engine.piecewise_graphs import PiecewiseGraphs
+
+        return PiecewiseGraphs(self.model, self.kv_caches, max_tokens, self.device)
 
     # batches whose shapes select every kernel variant an eager step can need: a prefill of 2^i
     # or 2^i + 1 tokens, alone or beside 1, 3, 15 or 16 decodes, selects every query tile, and

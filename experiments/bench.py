@@ -53,6 +53,7 @@ def run_kvlab(model: str, allocator: str, allocator_args: dict, prompts, output_
                        max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager,
                        gpu_memory_utilization=args.gpu_memory_utilization, detokenize=False, stream_outputs=False,
                        async_scheduling=args.async_scheduling, cuda_graph_max_tokens=args.cuda_graph_max_tokens,
+                       cuda_graph_mode=args.cuda_graph_mode,
                        record_memory=False, seed=args.seed)
     t_init = time.perf_counter()
     engine = LLMEngine(cfg)
@@ -82,6 +83,7 @@ def run_kvlab(model: str, allocator: str, allocator_args: dict, prompts, output_
     bpt = engine.allocator.bytes_per_token
     res = dict(engine="kvlab-async" if args.async_scheduling else "kvlab", allocator=allocator, allocator_args=json.dumps(allocator_args),
                tensor_parallel_size=tp, cuda_graph_max_tokens=args.cuda_graph_max_tokens,
+               cuda_graph_mode=args.cuda_graph_mode,
                kv_pool_bytes_per_gpu=engine.kv_memory_summary()["kv_pool_bytes_per_gpu"],
                wall_s=wall,
                init_s=init_s, output_tokens=out_tokens, output_tok_s=out_tokens / wall,
@@ -179,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--cuda-graph-max-tokens", type=int, default=EngineConfig.cuda_graph_max_tokens,
                     help="prefill/mixed steps up to this many tokens replay piecewise CUDA graphs (0: eager)")
+    ap.add_argument("--cuda-graph-mode", default=EngineConfig.cuda_graph_mode, choices=["piecewise", "full"],
+                    help="prefill/mixed steps: piecewise graphs (attention eager) or full graphs")
     ap.add_argument("--async-scheduling", action="store_true",
                     help="overlap host work with the device (stops seen one step late)")
     ap.add_argument("--tensor-parallel-size", default="1",

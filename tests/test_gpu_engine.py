@@ -65,10 +65,11 @@ def test_bf16_greedy_parity(request, model, allocator, args):
     assert rate >= 0.5
 
 
+@pytest.mark.parametrize("mode", ["piecewise", "full"])
 @pytest.mark.parametrize("allocator,args", ALLOCATORS, ids=[a for a, _ in ALLOCATORS])
-def test_cuda_graphs_equal_eager(tiny_bf16, allocator, args):
-    """Decode graphs and piecewise graphs of prefill/mixed steps (a 96-token budget splits the
-    prompts into chunks beside decodes): the eager engine's tokens, every allocator."""
+def test_cuda_graphs_equal_eager(tiny_bf16, allocator, args, mode):
+    """Decode graphs and piecewise or full graphs of prefill/mixed steps (a 96-token budget splits
+    the prompts into chunks beside decodes): the eager engine's tokens, every allocator."""
     path, _ = tiny_bf16
     prompts = _prompts(512)
     params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
@@ -76,7 +77,7 @@ def test_cuda_graphs_equal_eager(tiny_bf16, allocator, args):
                   allocator=allocator, allocator_args=dict(args),
                   kv_cache_tokens=8192 if allocator != "virtual" else 16 * 8192)
     eager = LLM(path, enforce_eager=True, **common).generate(prompts, params)
-    graphs = LLM(path, enforce_eager=False, **common)
+    graphs = LLM(path, enforce_eager=False, cuda_graph_mode=mode, **common)
     runner = graphs.engine.runner
     assert runner.graphs is not None and runner.piecewise is not None and runner.piecewise.graphs
     calls = []

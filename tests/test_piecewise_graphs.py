@@ -79,3 +79,47 @@ def test_pieces_leave_padding_slots_unwritten(fused_cpu):
         untouched = [i for i in range(k.shape[0]) if i not in written]
         assert torch.equal(k[untouched], old[untouched])
         assert not torch.equal(k[sorted(written)], old[sorted(written)])
+
+
+@pytest.mark.parametrize("allocator", ["paged", "contiguous", "virtual"])
+def test_full_graph_steps_equal_eager_steps(fused_cpu, allocator):
+    """Full graphs (engine/full_graphs.py: attention captured too, its inputs in static buffers
+    padded to max_num_seqs empty sequences and a captured token count) give the eager fused
+    model's tokens for prefill and mixed steps, every allocator; the steps do take that path."""
+    from engine import LLM, SamplingParams
+    from engine.full_graphs import FullGraphs
+
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [9, 10], list(range(20, 43))]
+    p = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+    kw = dict(device="cpu", max_model_len=64, kv_cache_tokens=256, allocator=allocator, max_num_batched_tokens=24,
+              max_num_seqs=4)
+    eager = LLM("tiny-llama", **kw)
+    eager.engine.model.fuse()
+    want = [o.token_ids for o in eager.generate(prompts, p)]
+
+    llm = LLM("tiny-llama", **kw)
+    runner = llm.engine.runner
+    runner.model.fuse()
+    full = runner.piecewise = runner._mixed_graphs("full", 24, 4, 64)
+    assert isinstance(full, FullGraphs) and full.sizes == [16, 32]
+    full.capture()
+    calls = []
+    run = full.run
+    full.run = lambda n, *a: calls.append((n, a[-1].seq_lens.shape[0])) or run(n, *a)
+    got = [o.token_ids for o in llm.generate(prompts, p)]
+    assert got == want
+    assert calls and max(n for n, _ in calls) > 16 and min(n for n, _ in calls) < 16
+    assert any(k > 1 for _, k in calls)  # mixed steps: several sequences in one padded graph
+
+
+def test_full_graphs_refuse_what_they_did_not_capture(fused_cpu):
+    from engine import LLM
+    from kernels.metadata import contiguous_metadata
+
+    llm = LLM("tiny-llama", device="cpu", max_model_len=64, kv_cache_tokens=256, allocator="paged", max_num_seqs=2)
+    runner = llm.engine.runner
+    runner.model.fuse()
+    full = runner._mixed_graphs("full", 16, 2, 64)
+    meta = contiguous_metadata(runner.allocator.mode, [2, 2, 2], [2, 2, 2], torch.device("cpu"), 16, 4)
+    with pytest.raises(ValueError, match="3 sequences"):
+        full.run(6, torch.zeros(6, dtype=torch.int64), torch.zeros(6, dtype=torch.int64), meta.slot_mapping, meta)
