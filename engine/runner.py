@@ -202,7 +202,7 @@ class ModelRunner:
     # whether one tile holds every sequence's queries, for any head grouping; token and
     # sequence counts of 1, multiples of 16 and others
     _PREFILLS = (2, 3, 4, 5, 8, 9, 16, 17, 32, 33, 64, 65)
-    WARMUP_BATCHES = ([[q] for q in (*_PREFILLS, 128, 129, 256, 300, 512, 1000)]
+    WARMUP_BATCHES = ([[q] for q in (*_PREFILLS, 128, 129, 256, 300, 512, 1000, 4096)]
                       + [[q] + [1] * k for q in (*_PREFILLS, 256) for k in (1, 3, 15, 16)])
 
     @torch.inference_mode()

@@ -360,6 +360,15 @@ def test_attention_checks():
         triton_ops.attention(q, kc, vc, bad)
 
 
+def test_long_prompts_take_larger_prefill_tiles():
+    kw = dict(num_seqs=1, max_seq_len=8192, num_kv_heads=8, group=4, head_dim=128, elem_size=2, num_sms=132)
+    short = triton_attention.choose_config(max_query_len=2048, **kw)
+    long = triton_attention.choose_config(max_query_len=triton_attention.LONG_PROMPT, **kw)
+    assert (short.block_q * 4, short.block_n, short.num_warps) == (64, 64, 4)
+    assert (long.block_q * 4, long.block_n, long.num_warps) == (128, 128, 8)
+    assert short.causal_split and long.causal_split and not short.longest_first
+
+
 def test_split_heuristic():
     """Few (seq, KV head) pairs -> split-KV; full batches and prefill -> one pass."""
     cfg = lambda **kw: triton_attention.choose_config(  # noqa: E731
