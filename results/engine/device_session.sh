@@ -42,17 +42,17 @@ verify)
         2>&1 | tee "$runs/bench_prefill.log" | grep -v "^sweep" | tail -16
     ;;
 e2e)
-    timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_vmm_cuda.py tests/test_kernels_triton.py \
+    timeout 140 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_vmm_cuda.py tests/test_kernels_triton.py \
         "tests/test_gpu_kv_axes.py::test_fp8_kv_on_gpu_stays_close_to_bf16" -k "vmm or llama3 or graph or e5m2" \
         2>&1 | tee "$runs/gpu_tests_rest.log" | tail -4
     B="workload=sharegpt workload.num_requests=300 engine.kv_cache_tokens=40000 engine.max_model_len=2048 engine.max_num_seqs=256 engine.max_num_batched_tokens=8192 device=cuda report=false"
-    timeout 80 python3 -m experiments.step_timing model=qwen3-0.6b allocator=paged $B mode=online \
+    timeout 70 python3 -m experiments.step_timing model=qwen3-0.6b allocator=paged $B mode=online \
         workload.request_rate=8 workload.num_requests=60 engine.cuda_graph_mode=full \
         --out "$runs/step_timing_qwen3-0.6b_paged_online8_full" 2>&1 | tail -6
-    timeout 90 python3 -m experiments.cli bench throughput --models qwen3-0.6b --no-hf --allocators paged \
+    timeout 80 python3 -m experiments.cli bench throughput --models qwen3-0.6b --no-hf --allocators paged \
         --cuda-graph-mode full --out "$runs/throughput_qwen3-0.6b_full" 2>&1 | grep -v "^{" | tail -3
     for m in qwen3-0.6b llama3-8b; do
-        timeout 110 python3 -m experiments.cli bench throughput --models $m --no-hf --allocators paged,virtual \
+        timeout 100 python3 -m experiments.cli bench throughput --models $m --no-hf --allocators paged,virtual \
             --out "$runs/throughput_$m" 2>&1 | tee "$runs/throughput_$m.log" | grep -v "^{" | tail -4
     done
     ;;
