@@ -23,6 +23,25 @@ def padded(sizes: list[int], n: int) -> int | None:
     return sizes[i] if i < len(sizes) else None
 
 
+def capture_each(sizes: list[int], forward, pool=None) -> tuple[dict, dict, object]:
+    """One graph per size, largest first so that smaller ones reuse its memory pool: each size's
+    ``forward(size)`` runs once to warm up (Triton compiles, cuBLAS picks kernels), then is
+    captured. Returns (graphs, outputs, pool) by size."""
+    graphs, outs = {}, {}
+    torch.cuda.synchronize()
+    for s in reversed(sizes):
+        forward(s)
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=pool):
+            outs[s] = forward(s)
+        if pool is None:
+            pool = g.pool()
+        graphs[s] = g
+    torch.cuda.synchronize()
+    return graphs, outs, pool
+
+
 def capture_sizes(max_num_seqs: int) -> list[int]:
     sizes = [1, 2, 4, 8] + list(range(16, max_num_seqs + 1, 16))
     sizes = sorted({s for s in sizes if s <= max_num_seqs} | {max_num_seqs})
@@ -69,17 +88,7 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def capture(self) -> None:
-        torch.cuda.synchronize()
-        for bs in reversed(self.sizes):  # largest first: smaller graphs reuse its pool
-            self._forward(bs)  # warm up (Triton compiles, cuBLAS picks kernels)
-            torch.cuda.synchronize()
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=self.pool):
-                self.logits[bs] = self._forward(bs)
-            if self.pool is None:
-                self.pool = g.pool()
-            self.graphs[bs] = g
-        torch.cuda.synchronize()
+        self.graphs, self.logits, self.pool = capture_each(self.sizes, self._forward, self.pool)
         log.info("captured decode CUDA graphs for batch sizes %s", self.sizes)
 
     def padded_size(self, n: int) -> int | None:

@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from engine.cuda_graphs import padded
+from engine.cuda_graphs import capture_each, padded
 from engine.piecewise_graphs import token_sizes
 from kernels.metadata import Addressing, AttentionMetadata
 
@@ -66,17 +66,7 @@ class FullGraphs:
         if self.device.type != "cuda":
             return
         t0 = time.perf_counter()
-        torch.cuda.synchronize()
-        for s in reversed(self.sizes):  # largest first: smaller sizes reuse its pool
-            self._forward(s)  # warm up (Triton compiles, cuBLAS picks kernels)
-            torch.cuda.synchronize()
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=self.pool):
-                self.hidden[s] = self._forward(s)
-            if self.pool is None:
-                self.pool = g.pool()
-            self.graphs[s] = g
-        torch.cuda.synchronize()
+        self.graphs, self.hidden, self.pool = capture_each(self.sizes, self._forward, self.pool)
         self.capture_s = time.perf_counter() - t0
         if self.sizes:
             log.info("full CUDA graphs (attention included) for %d token counts up to %d in %.1f s",

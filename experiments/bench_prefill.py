@@ -205,8 +205,9 @@ def main(argv: list[str] | None = None) -> None:
                             print(f"sweep {_config_str(case, cfg)} {impl}: {type(e).__name__}: {e}"[:200], flush=True)
                             continue
                         tf = case.flops / (us * 1e-6) / 1e12
-                        w.writerow(dict(batch=case.batch, length=case.length, impl=impl, config=_config_str(case, cfg),
-                                        time_us=round(us, 2), tflops=round(tf, 1), pct_matmul=round(100 * tf / peak, 1)))
+                        w.writerow(dict(batch=case.batch, length=case.length, impl=impl,
+                                        config=_config_str(case, cfg), time_us=round(us, 2), tflops=round(tf, 1),
+                                        pct_matmul=round(100 * tf / peak, 1)))
                         print(f"sweep {case.batch}x{case.length} {impl:<6} {_config_str(case, cfg):<26} "
                               f"{tf:7.1f} TFLOP/s", flush=True)
                 f.flush()

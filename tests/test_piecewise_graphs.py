@@ -27,10 +27,9 @@ def fused_cpu(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
-@pytest.mark.parametrize("allocator", ["paged", "contiguous", "virtual"])
-def test_piecewise_steps_equal_eager_steps(fused_cpu, allocator):
-    """Prefill and mixed steps (chunked prompts beside decodes) through the pieces give the eager
-    fused model's tokens, every allocator; the steps do take the piecewise path."""
+def _eager_tokens_and_fused_llm(allocator: str):
+    """Tokens of the eager fused model for prompts whose steps (a 24-token budget) mix chunked
+    prefills with decodes; a second fused LLM whose runner a test gives graphs; its generate."""
     from engine import LLM, SamplingParams
 
     prompts = [[5, 6, 7, 8, 9, 10, 11], [9, 10], list(range(20, 43))]
@@ -40,17 +39,24 @@ def test_piecewise_steps_equal_eager_steps(fused_cpu, allocator):
     eager = LLM("tiny-llama", **kw)
     eager.engine.model.fuse()
     want = [o.token_ids for o in eager.generate(prompts, p)]
-
     llm = LLM("tiny-llama", **kw)
+    llm.engine.runner.model.fuse()
+    return want, llm, lambda: [o.token_ids for o in llm.generate(prompts, p)]
+
+
+@pytest.mark.parametrize("allocator", ["paged", "contiguous", "virtual"])
+def test_piecewise_steps_equal_eager_steps(fused_cpu, allocator):
+    """Prefill and mixed steps (chunked prompts beside decodes) through the pieces give the eager
+    fused model's tokens, every allocator; the steps do take the piecewise path."""
+    want, llm, generate = _eager_tokens_and_fused_llm(allocator)
     runner = llm.engine.runner
-    runner.model.fuse()
     pw = runner.piecewise = PiecewiseGraphs(runner.model, runner.kv_caches, 24, torch.device("cpu"))
     pw.capture()
     assert pw.sizes == [16, 32] and set(pw.pieces) == {16, 32}
     calls = []
     run = pw.run
     pw.run = lambda n, *a: calls.append(n) or run(n, *a)
-    got = [o.token_ids for o in llm.generate(prompts, p)]
+    got = generate()
     assert got == want
     assert calls and max(calls) > 16 and min(calls) < 16  # both sizes, padded
 
@@ -86,27 +92,17 @@ def test_full_graph_steps_equal_eager_steps(fused_cpu, allocator):
     """Full graphs (engine/full_graphs.py: attention captured too, its inputs in static buffers
     padded to max_num_seqs empty sequences and a captured token count) give the eager fused
     model's tokens for prefill and mixed steps, every allocator; the steps do take that path."""
-    from engine import LLM, SamplingParams
     from engine.full_graphs import FullGraphs
 
-    prompts = [[5, 6, 7, 8, 9, 10, 11], [9, 10], list(range(20, 43))]
-    p = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
-    kw = dict(device="cpu", max_model_len=64, kv_cache_tokens=256, allocator=allocator, max_num_batched_tokens=24,
-              max_num_seqs=4)
-    eager = LLM("tiny-llama", **kw)
-    eager.engine.model.fuse()
-    want = [o.token_ids for o in eager.generate(prompts, p)]
-
-    llm = LLM("tiny-llama", **kw)
+    want, llm, generate = _eager_tokens_and_fused_llm(allocator)
     runner = llm.engine.runner
-    runner.model.fuse()
     full = runner.piecewise = runner._mixed_graphs("full", 24, 4, 64)
     assert isinstance(full, FullGraphs) and full.sizes == [16, 32]
     full.capture()
     calls = []
     run = full.run
     full.run = lambda n, *a: calls.append((n, a[-1].seq_lens.shape[0])) or run(n, *a)
-    got = [o.token_ids for o in llm.generate(prompts, p)]
+    got = generate()
     assert got == want
     assert calls and max(n for n, _ in calls) > 16 and min(n for n, _ in calls) < 16
     assert any(k > 1 for _, k in calls)  # mixed steps: several sequences in one padded graph
