@@ -10,7 +10,8 @@ row measures, ``value`` is seconds) that the profiled cost model of simulate mod
 - ``eager_forward``: an eager forward of a prefill chunk of ``query`` tokens (launch costs
   included, logits of one row, its token read back), per model; ``prefill_graph``: the same
   forward's device time alone; ``piecewise_forward``: the same chunk through the engine's
-  piecewise CUDA graphs (everything but attention replayed), wall time;
+  piecewise CUDA graphs (everything but attention replayed), wall time; ``full_forward``: through
+  its full graphs (``cuda_graph_mode=full``: one replay, attention captured), wall time;
 - ``attention``: one layer's attention kernel by addressing mode, block size, batch, context
   and query length (decode: query 1, alone or ``mixed`` beside a prefill chunk; prefill: one
   sequence), per model head shape;
@@ -51,6 +52,7 @@ COPY_BYTES = [1 << s for s in range(16, 29, 2)]  # 64 KiB .. 256 MiB
 L2_ROTATE_BYTES = 256 << 20
 MIXED_MAX_QUERY = 64
 PIECEWISE_MAX_TOKENS = 2048  # the engine's default cuda_graph_max_tokens
+FULL_MAX_SEQS = 256  # full graphs: sequences padded to this many (the engine's max_num_seqs)
 
 
 def slug(device_name: str) -> str:
@@ -226,7 +228,8 @@ def _rows_model(timer: Timer, name: str, pool: int, max_model_len: int, block_si
             rows.append(dict(table="prefill_graph", model=name, mode="linear", query=t_q, context=t_q,
                              value=timer.graph([fwd])))
         if device.type == "cuda":
-            rows += _rows_piecewise(timer, model, caches, name, device)
+            rows += _rows_mixed_graphs(timer, model, caches, name, device, "piecewise")
+            rows += _rows_mixed_graphs(timer, model, caches, name, device, "full")
         for s in SAMPLE_ROWS:
             logits = torch.randn(s, mc.vocab_size, device=device)
             rows.append(dict(table="sample", model=name, batch=s, value=timer.graph([lambda: logits.argmax(-1)])))
@@ -269,16 +272,22 @@ def _rows_model(timer: Timer, name: str, pool: int, max_model_len: int, block_si
     return rows
 
 
-def _rows_piecewise(timer: Timer, model, caches, name: str, device) -> list[dict]:
-    """``piecewise_forward``: a prefill chunk of ``query`` tokens through the engine's piecewise
-    CUDA graphs (replays, eager attentions, one row of logits, its token read back), wall time."""
+def _rows_mixed_graphs(timer: Timer, model, caches, name: str, device, mode: str) -> list[dict]:
+    """``piecewise_forward`` / ``full_forward``: a prefill chunk of ``query`` tokens through the
+    engine's piecewise CUDA graphs (replays, eager attentions) or its full graphs (one replay,
+    attention captured), one row of logits, its token read back: wall time."""
     import torch
 
+    from engine.full_graphs import FullGraphs
     from engine.piecewise_graphs import PiecewiseGraphs
     from kernels.metadata import Addressing, contiguous_metadata
 
     queries = [q for q in PREFILL_QUERIES if q <= PIECEWISE_MAX_TOKENS]
-    graphs = PiecewiseGraphs(model, caches, max(queries), device)
+    if mode == "full":
+        graphs = FullGraphs(model, caches, max(queries), device, mode=Addressing.LINEAR, max_num_seqs=FULL_MAX_SEQS,
+                            max_model_len=max(queries))
+    else:
+        graphs = PiecewiseGraphs(model, caches, max(queries), device)
     graphs.capture()
     rows = []
     for t_q in queries:
@@ -290,9 +299,9 @@ def _rows_piecewise(timer: Timer, model, caches, name: str, device) -> list[dict
             hidden = graphs.run(t_q, ids, pos, meta.slot_mapping, meta)
             return model.compute_logits(hidden[-1:]).argmax(-1)
 
-        rows.append(dict(table="piecewise_forward", model=name, mode="linear", query=t_q, context=t_q,
+        rows.append(dict(table=f"{mode}_forward", model=name, mode="linear", query=t_q, context=t_q,
                          value=timer.wall(lambda: fwd().cpu())))
-    rows.append(dict(table="piecewise_capture", model=name, query=max(queries), value=graphs.capture_s))
+    rows.append(dict(table=f"{mode}_capture", model=name, query=max(queries), value=graphs.capture_s))
     del graphs
     torch.cuda.empty_cache()
     return rows
@@ -405,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
         old = load_profile(a.merge)
         measured = {"host": {"host"}, "gemm": {"gemm"}, "copy": {"copy"}, "vmm": {"vmm"},
                     "models": {"attention", "eager_forward", "prefill_graph", "sample", "decode_graph",
-                               "piecewise_forward", "piecewise_capture"}}
+                               "piecewise_forward", "piecewise_capture", "full_forward", "full_capture"}}
         redo = set().union(*(t for k, t in measured.items() if k not in skip))
         keep = ~old.df["table"].isin(redo)
         if "host" in redo:  # host steps are per model: those of models not re-measured now stay

@@ -179,10 +179,11 @@ class ProfiledCostModel:
     def __init__(self, profile: DeviceProfile, shape, *, model: str, paged: bool, block_size: int = 0,
                  max_graph_batch: int = 256, enforce_eager: bool = False, allocator: str = "paged",
                  calibrate_host: bool = True, allreduce=None,
-                 graph_max_tokens: int = 0):
-        """``graph_max_tokens``: prefill/mixed steps up to this many tokens replay piecewise CUDA
-        graphs (the engine's ``cuda_graph_max_tokens``; modelled where the profile has a
-        ``piecewise_forward`` table). ``shape``: the whole model; ``allreduce``
+                 graph_max_tokens: int = 0, graph_mode: str = "piecewise"):
+        """``graph_max_tokens``: prefill/mixed steps up to this many tokens replay CUDA graphs (the
+        engine's ``cuda_graph_max_tokens``), ``graph_mode`` piecewise or full (its
+        ``cuda_graph_mode``; modelled where the profile has that mode's ``<mode>_forward`` table,
+        full falling back to piecewise with a warning). ``shape``: the whole model; ``allreduce``
         (``costmodel.AllReduceCost``) with tp > 1: each GPU's shard is composed from the GEMM and attention tables (a profile measures one GPU
         running whole models) and every step adds its all-reduces."""
         self.allreduce = allreduce
@@ -247,8 +248,13 @@ class ProfiledCostModel:
                                           + self.num_layers * self._prefill_attn(t, 0))
             self.eager_forward = lambda t: max(self.launch_floor, self.prefill_gpu(t))
             layer_ratio = self.num_layers / _shape(ref).num_layers
-        # piecewise CUDA graphs: one replay per layer boundary and one attention launch per layer
-        p = profile.table("piecewise_forward", model=ref)
+        # piecewise CUDA graphs: one replay per layer boundary and one attention launch per layer;
+        # full graphs: one replay (a profile from before them has no table: piecewise stands in)
+        p = profile.table(f"{graph_mode}_forward", model=ref)
+        if p.empty and graph_mode != "piecewise" and self.piecewise_sizes:
+            log.warning("profile %s has no %s_forward table for %s: prefill and mixed steps are modelled as "
+                        "piecewise graphs (rerun kvlab profile)", profile.path, graph_mode, ref)
+            p = profile.table("piecewise_forward", model=ref)
         self.piecewise_forward = self.piecewise_floor = None
         if not p.empty and self.piecewise_sizes:
             self.piecewise_floor = float(p["value"].min()) * layer_ratio

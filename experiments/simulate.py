@@ -346,10 +346,6 @@ def cost_model_for(sim: SimSettings, roofline: RooflineCostModel, shape: ModelSh
             raise ValueError(msg)
         log.warning("%s; simulating with the roofline cost model", msg)
         return roofline
-    if econf.cuda_graph_mode != "piecewise":
-        log.warning("engine.cuda_graph_mode=%s: the profile times prefill and mixed steps as piecewise graphs "
-                    "(kvlab profile does not measure full graphs yet), so simulated prefill/mixed steps are "
-                    "those of cuda_graph_mode=piecewise", econf.cuda_graph_mode)
     return ProfiledCostModel(
         load_profile(str(path)), shape, model=model, paged=allocator.mode == Addressing.PAGED,
         block_size=getattr(allocator, "block_size", 0), max_graph_batch=econf.max_num_seqs,
@@ -358,6 +354,7 @@ def cost_model_for(sim: SimSettings, roofline: RooflineCostModel, shape: ModelSh
         allocator=econf.allocator,
         graph_max_tokens=(0 if getattr(allocator, "plan", None) is not None
                           else min(econf.cuda_graph_max_tokens, econf.max_num_batched_tokens)),
+        graph_mode=econf.cuda_graph_mode,
         allreduce=roofline.allreduce if econf.tensor_parallel_size > 1 else None)
 
 

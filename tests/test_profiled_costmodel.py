@@ -313,6 +313,28 @@ def test_piecewise_graph_steps_use_their_table_at_the_padded_size(caplog):
     assert old.piecewise_size(128) is None and "no piecewise_forward table" in caplog.text
 
 
+def test_full_graph_steps_use_the_full_table_or_say_they_fall_back(caplog):
+    """cuda_graph_mode=full times prefill/mixed steps from the profile's full_forward table; a
+    profile without one falls back to the piecewise table and says so."""
+    from engine.loader import resolve_config
+
+    shape = shape_of(resolve_config(MODEL))
+    args = dict(model=MODEL, paged=True, block_size=16, max_graph_batch=64, allocator="paged", graph_max_tokens=2048)
+    base = _with_piecewise()
+    rows = [dict(table="full_forward", model=MODEL, query=q, context=q, value=2e-3 + 1e-7 * q)
+            for q in (16, 128, 1024, 2048)]
+    full_prof = DeviceProfile(pd.concat([base.df, pd.DataFrame(rows)], ignore_index=True), base.meta, "synthetic+full")
+    full = ProfiledCostModel(full_prof, shape, graph_mode="full", **args)
+    piecewise = ProfiledCostModel(full_prof, shape, **args)
+    for q in (16, 128, 1024, 2048):
+        assert full.device_time([(q, q)]) == pytest.approx(2e-3 + 1e-7 * q, rel=1e-9)
+        assert piecewise.device_time([(q, q)]) == pytest.approx(max(1e-3, 6e-4 + 1e-7 * q), rel=1e-9)
+    with caplog.at_level(logging.WARNING, logger="kvlab.sim"):
+        fallback = ProfiledCostModel(base, shape, graph_mode="full", **args)
+    assert "no full_forward table" in caplog.text
+    assert fallback.device_time([(128, 128)]) == pytest.approx(piecewise.device_time([(128, 128)]))
+
+
 def test_host_time_is_calibrated_with_the_graphs_the_steps_ran_with():
     """Host steps recorded with piecewise graphs (cap 2048) calibrate a simulated config without
     them (cap 0, or a budget under the cap) to the same host time: the recorded steps' device
