@@ -14,6 +14,10 @@
 #   bash results/sim_validation/device_session.sh virtual   # virtual real runs with premap + qwen3-0.6b paged vs virtual
 #   bash results/sim_validation/device_session.sh reruns    # (the model tables, had reprofile stopped there),
 #                                                           # llama3-8b real runs
+# Prepared (session of 2026-12-02, fifth), not run yet: full graphs for mixed steps
+#   bash results/sim_validation/device_session.sh fullgraphs # model tables again (piecewise_forward and the new
+#                                                           # full_forward), merged; qwen3-0.6b real runs with
+#                                                           # engine.cuda_graph_mode=full
 # Runs accumulate in $KVSV (default /tmp/kvsv) on the machine; each part tars them into $OUT.
 set -uo pipefail
 part=${1:?profile or llama}
@@ -76,6 +80,12 @@ virtual)  # after pre-mapping empty slots (allocator.args.premap): the virtual r
     done
     timeout 150 python3 -m experiments.cli bench throughput --models qwen3-0.6b --allocators paged,virtual --no-hf \
         --out "$runs/throughput" 2>&1 | tee "$runs/throughput_qwen3-0.6b.log" | grep "^|" | tail -4
+    ;;
+fullgraphs)
+    kv profile --models qwen3-0.6b,llama3-8b --skip host,gemm,copy,vmm \
+        --merge results/profiles/nvidia-h200.parquet --out "$runs/nvidia-h200.parquet" 2>&1 | tee "$runs/profile_models.log"
+    B="$B engine.cuda_graph_mode=full"
+    real qwen3-0.6b 8,96 60 1
     ;;
 esac
 grep -h "compiled a kernel variant after warm-up" -r "$runs" --include=*.log | sort | uniq -c | cut -c1-2000 | head -20
