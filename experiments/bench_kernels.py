@@ -309,6 +309,22 @@ def _targets(rows: list[dict]) -> list[str]:
     return lines
 
 
+def use_device(smoke_cpu: bool, prog: str) -> None:
+    """The device the benchmark runs on: CUDA, or with ``smoke_cpu`` the Triton interpreter on CPU
+    (a check that the script runs, timings meaningless); without either, exit saying so."""
+    global DEV
+    if smoke_cpu:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+        DEV = "cpu"
+    elif not torch.cuda.is_available():
+        raise SystemExit(f"{prog} needs a CUDA device")
+
+
+def file_tag(device: str) -> str:
+    """A device name as it goes into file names."""
+    return re.sub(r"[^A-Za-z0-9]+", "_", device).strip("_")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="results/kernels")
@@ -318,13 +334,9 @@ def main() -> None:
     ap.add_argument("--smoke-cpu", action="store_true", help="exercise the script on CPU (interpreter)")
     ap.add_argument("--fp8", action="store_true", help="also time PAGED and LINEAR over fp8 e4m3 caches")
     args = ap.parse_args()
-    global DEV, FP8
+    global FP8
     FP8 = args.fp8
-    if args.smoke_cpu:
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-        DEV = "cpu"
-    elif not torch.cuda.is_available():
-        raise SystemExit("bench_kernels needs a CUDA device")
+    use_device(args.smoke_cpu, "bench_kernels")
     import triton
 
     out_dir = Path(args.out)
@@ -334,7 +346,7 @@ def main() -> None:
         device, sms, l2 = torch.cuda.get_device_name(0), props.multi_processor_count, props.L2_cache_size
     else:
         device, sms, l2 = "cpu-interpreter-smoke", 0, 1 << 20
-    tag = re.sub(r"[^A-Za-z0-9]+", "_", device).strip("_")
+    tag = file_tag(device)
     shapes = SHAPES if not args.shapes else [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
     print(f"device {device}, {sms} SMs, L2 {l2 >> 20} MiB, torch {torch.__version__}, "
           f"triton {triton.__version__}", flush=True)

@@ -52,7 +52,6 @@ COPY_BYTES = [1 << s for s in range(16, 29, 2)]  # 64 KiB .. 256 MiB
 L2_ROTATE_BYTES = 256 << 20
 MIXED_MAX_QUERY = 64
 PIECEWISE_MAX_TOKENS = 2048  # the engine's default cuda_graph_max_tokens
-FULL_MAX_SEQS = 256  # full graphs: sequences padded to this many (the engine's max_num_seqs)
 
 
 def slug(device_name: str) -> str:
@@ -278,14 +277,16 @@ def _rows_mixed_graphs(timer: Timer, model, caches, name: str, device, mode: str
     attention captured), one row of logits, its token read back: wall time."""
     import torch
 
+    from engine.config import EngineConfig
     from engine.full_graphs import FullGraphs
     from engine.piecewise_graphs import PiecewiseGraphs
     from kernels.metadata import Addressing, contiguous_metadata
 
     queries = [q for q in PREFILL_QUERIES if q <= PIECEWISE_MAX_TOKENS]
     if mode == "full":
-        graphs = FullGraphs(model, caches, max(queries), device, mode=Addressing.LINEAR, max_num_seqs=FULL_MAX_SEQS,
-                            max_model_len=max(queries))
+        # sequences padded to the engine's default max_num_seqs, as its graphs pad them
+        graphs = FullGraphs(model, caches, max(queries), device, mode=Addressing.LINEAR,
+                            max_num_seqs=EngineConfig.max_num_seqs, max_model_len=max(queries))
     else:
         graphs = PiecewiseGraphs(model, caches, max(queries), device)
     graphs.capture()
