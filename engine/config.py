@@ -42,12 +42,12 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9  # ... else this share of the GPU (CPU: cpu_kv_cache_memory)
     cpu_kv_cache_memory: int = 64 << 20
     enforce_eager: bool = False
-    # prefill and mixed steps of up to this many tokens replay piecewise CUDA graphs (everything
-    # but attention; engine/piecewise_graphs.py); 0: they run eagerly. Decode steps have their own.
+    # prefill and mixed steps of up to this many tokens replay CUDA graphs (cuda_graph_mode);
+    # 0: they run eagerly. Decode steps have their own.
     cuda_graph_max_tokens: int = 2048
-    # piecewise: attention runs eagerly between the graphs; full: one graph per size, attention
-    # captured too (engine/full_graphs.py; the step costs one replay, not 2 L launches)
-    cuda_graph_mode: str = "piecewise"
+    # full: one graph per size, attention captured too (engine/full_graphs.py; the step costs one
+    # replay, not 2 L launches from Python); piecewise: attention runs eagerly between the graphs
+    cuda_graph_mode: str = "full"
     async_scheduling: bool = False  # overlap host work with the device: stops are seen one step late
     # (works with prefix caching: a block is indexed once its last token is read back)
     seed: int = 0

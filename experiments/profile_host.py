@@ -65,7 +65,8 @@ def host_rows(model: str, allocator: str, args: dict, *, max_model_len: int, kv_
         rows.append(dict(table="host", model=model, allocator=allocator, batch=r.num_seqs, prefill_tokens=r.prefill_tokens,
                          decode_tokens=r.decode_tokens, context=r.context_tokens, duration=r.duration, gpu=g,
                          value=max(0.0, r.duration - g), graph_max_tokens=graph_max_tokens,
-                         max_graph_batch=max_graph_batch, vmm_maps=maps, vmm_unmaps=unmaps))
+                         max_graph_batch=max_graph_batch, graph_mode=eng.config.cuda_graph_mode,
+                         vmm_maps=maps, vmm_unmaps=unmaps))
     timer.close()
     eng.close()
     return rows

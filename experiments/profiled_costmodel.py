@@ -250,11 +250,13 @@ class ProfiledCostModel:
             layer_ratio = self.num_layers / _shape(ref).num_layers
         # piecewise CUDA graphs: one replay per layer boundary and one attention launch per layer;
         # full graphs: one replay (a profile from before them has no table: piecewise stands in)
+        self.graph_mode = graph_mode
         p = profile.table(f"{graph_mode}_forward", model=ref)
         if p.empty and graph_mode != "piecewise" and self.piecewise_sizes:
             log.warning("profile %s has no %s_forward table for %s: prefill and mixed steps are modelled as "
                         "piecewise graphs (rerun kvlab profile)", profile.path, graph_mode, ref)
             p = profile.table("piecewise_forward", model=ref)
+            self.graph_mode = "piecewise"
         self.piecewise_forward = self.piecewise_floor = None
         if not p.empty and self.piecewise_sizes:
             self.piecewise_floor = float(p["value"].min()) * layer_ratio
@@ -294,12 +296,13 @@ class ProfiledCostModel:
         # settings (recorded with the steps), not the simulated config's
         cap = _recorded(host, "graph_max_tokens", 0)
         batch_cap = _recorded(host, "max_graph_batch", 0 if enforce_eager else max_graph_batch)
+        mode = _recorded_mode(host)
         settings = (self.profiled_model, self.piecewise_sizes[-1] if self.piecewise_sizes else 0,
-                    self.graph_sizes[-1] if self.graph_sizes else 0)
-        ref = self if (name, cap, batch_cap) == settings else ProfiledCostModel(
+                    self.graph_sizes[-1] if self.graph_sizes else 0, self.graph_mode)
+        ref = self if (name, cap, batch_cap, mode) == settings else ProfiledCostModel(
             profile, _shape(name), model=name, paged=paged, block_size=block_size,
             max_graph_batch=max(batch_cap, 1), enforce_eager=batch_cap == 0, calibrate_host=False,
-            graph_max_tokens=cap)
+            graph_max_tokens=cap, graph_mode=mode)
         device = [ref.device_time(_calibration_work(r)) for r in host.itertuples()]
         rest = host["duration"].to_numpy(float) - np.array(device)
         if "vmm_maps" in host:  # the VMM calls of the step's path are charged apart (step_time)
@@ -482,6 +485,14 @@ def _recorded(host: pd.DataFrame, column: str, default: int) -> int:
     if column not in host or host[column].isna().all():
         return default
     return int(host[column].max())
+
+
+def _recorded_mode(host: pd.DataFrame) -> str:
+    """The CUDA graph mode the host steps' engine ran prefill/mixed steps with (profiles made
+    before rows named it: piecewise, the default then); a table mixing modes takes the latest."""
+    if "graph_mode" not in host or host["graph_mode"].isna().all():
+        return "piecewise"
+    return str(host["graph_mode"].dropna().iloc[-1])
 
 
 def _calibration_work(row) -> list[tuple[int, int]]:

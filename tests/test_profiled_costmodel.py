@@ -376,3 +376,35 @@ def test_layer_groups_are_simulated_without_graphs():
     assert grouped.name == plain.name == "profiled"
     assert grouped.graph_sizes == [] and grouped.piecewise_sizes == []
     assert plain.graph_sizes and plain.piecewise_sizes
+
+
+def test_host_steps_recorded_with_full_graphs_are_modelled_with_the_full_table():
+    """Host time = a recorded step's duration less its device time as the engine that ran it ran
+    it: steps recorded with full graphs (``graph_mode`` column) are modelled with ``full_forward``,
+    whichever mode is simulated, so host time comes out the same (taking the piecewise table off
+    full-graph steps would leave 1 ms too much or too little host time)."""
+    from engine.loader import resolve_config
+    from experiments.profiled_costmodel import _calibration_work
+
+    shape = shape_of(resolve_config(MODEL))
+    base = _with_piecewise()
+    extra = [dict(table="full_forward", model=MODEL, query=q, context=q, value=2e-3 + 1e-7 * q)
+             for q in (16, 128, 1024, 2048)]
+    df = pd.concat([base.df[base.df["table"] != "host"], pd.DataFrame(extra)], ignore_index=True)
+    args = dict(model=MODEL, paged=True, block_size=16, max_graph_batch=64, graph_max_tokens=2048)
+    recorder = ProfiledCostModel(DeviceProfile(df, base.meta, "x"), shape, graph_mode="full",
+                                 calibrate_host=False, **args)
+    rows = []
+    for b in range(1, 33):
+        for p in (0,) * 20 + (128,) * 20:
+            row = dict(table="host", allocator="paged", batch=b, prefill_tokens=p, decode_tokens=b - (p > 0),
+                       context=b * 300 + p, graph_max_tokens=2048, max_graph_batch=64, graph_mode="full")
+            rows.append(dict(row, duration=recorder.device_time(_calibration_work(pd.Series(row))) + 4e-4))
+    prof = DeviceProfile(pd.concat([df, pd.DataFrame(rows)], ignore_index=True), base.meta, "recorded-full")
+    prefill = [(128, 128)] + [(1, 300)] * 7
+    for mode in ("full", "piecewise"):
+        m = ProfiledCostModel(prof, shape, graph_mode=mode, **args)
+        assert m.host_time(prefill) == pytest.approx(4e-4, rel=0.02), mode
+    # the same rows read as piecewise steps (no graph_mode column) leave a different residual
+    legacy = DeviceProfile(prof.df.drop(columns=["graph_mode"]), base.meta, "legacy")
+    assert ProfiledCostModel(legacy, shape, graph_mode="full", **args).host_time(prefill) > 1e-3

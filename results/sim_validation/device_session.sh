@@ -18,6 +18,12 @@
 #   bash results/sim_validation/device_session.sh fullgraphs # model tables again (piecewise_forward and the new
 #                                                           # full_forward), merged; qwen3-0.6b real runs with
 #                                                           # engine.cuda_graph_mode=full
+# Session of 2026-12-02 (sixth): full graphs the engine's default (cuda_graph_mode=full); a fresh
+# machine may answer each call, so each part stands alone (ALLOCS: the allocators of its real runs)
+#   bash results/sim_validation/device_session.sh full1     # model + host tables of both models (merged),
+#                                                           # then qwen3-0.6b real runs
+#   ALLOCS="..." bash results/sim_validation/device_session.sh full2  # llama3-8b real runs, then qwen3-0.6b
+#                                                           # ones full1 left (QWEN_ALLOCS)
 # Runs accumulate in $KVSV (default /tmp/kvsv) on the machine; each part tars them into $OUT.
 set -uo pipefail
 part=${1:?profile or llama}
@@ -32,11 +38,11 @@ t_start=$(date +%s)
 budget=${BUDGET_S:-100000}  # start no run after this many seconds of the part
 real() {  # model rates online-requests repeats
     local m=$1 rates=$2 n=$3 reps=$4
-    for a in paged contiguous virtual; do
+    for a in ${ALLOCS:-paged contiguous virtual}; do
         if (( $(date +%s) - t_start > budget )); then echo "$m $a: skipped (time)"; continue; fi
         kv validate-sim model=$m $B allocator=$a --rates $rates --online-requests $n --real-only \
             --real-repeats $reps --label $m-$a --out "$runs/$m-$a" >>"$runs/$m-$a.log" 2>&1
-        echo "$m $a: exit $?"; grep -h "^\[" "$runs/$m-$a.log" | tail -2
+        echo "$m $a: exit $? at $(( $(date +%s) - t_start )) s"; grep -h "^\[" "$runs/$m-$a.log" | tail -2
     done
 }
 case $part in
@@ -86,6 +92,15 @@ fullgraphs)
         --merge results/profiles/nvidia-h200.parquet --out "$runs/nvidia-h200.parquet" 2>&1 | tee "$runs/profile_models.log"
     B="$B engine.cuda_graph_mode=full"
     real qwen3-0.6b 8,96 60 1
+    ;;
+full1)
+    kv profile --models qwen3-0.6b,llama3-8b --host-model qwen3-0.6b,llama3-8b --skip gemm,copy,vmm \
+        --merge results/profiles/nvidia-h200.parquet --out "$runs/nvidia-h200.parquet" 2>&1 | tee "$runs/profile.log"
+    real qwen3-0.6b 8,96 60 1
+    ;;
+full2)
+    real llama3-8b 4,32 50 1
+    if [ -n "${QWEN_ALLOCS:-}" ]; then ALLOCS=$QWEN_ALLOCS real qwen3-0.6b 8,96 60 1; fi
     ;;
 esac
 grep -h "compiled a kernel variant after warm-up" -r "$runs" --include=*.log | sort | uniq -c | cut -c1-2000 | head -20
