@@ -2,8 +2,10 @@
 
 ``kvlab profile`` runs the engine once per allocator on a mixed workload and records, for every
 step, its batch shape, wall time and device time (CUDA events from the end of input preparation
-to the end of sampling). The profiled cost model takes host time as what those steps took beyond
-its own modelled device time (experiments/profiled_costmodel.py).
+to the end of sampling), and the time the experiments' driver (experiments/driver.py, which feeds
+the run) spent between it and the next step (``gap``). The profiled cost model takes host time as
+what those steps took beyond its own modelled device time, gap included
+(experiments/profiled_costmodel.py).
 """
 from __future__ import annotations
 
@@ -20,12 +22,14 @@ def host_rows(model: str, allocator: str, args: dict, *, max_model_len: int, kv_
     """Steps of the real engine: wall time minus device time (end of input preparation to end of
     sampling). ``phases``: (requests, prompt min, max, output min, max), run one after the other;
     requests min == max == 0 draws ShareGPT-like lengths; a negative count adds that many
-    requests one at a time, every ``TRICKLE_STEPS`` steps (light load: prefill steps beside a few
+    requests one at a time, arriving every ``TRICKLE_STEPS`` steps' time (light load: prefill steps beside a few
     decoding sequences, as an online run at a low rate has them). The first ``skip_steps`` are
     left out (the caching allocator still grows there)."""
-    from engine import LLMEngine, SamplingParams
+    from engine import LLMEngine
     from engine.config import EngineConfig
+    from experiments.driver import drive
     from experiments.step_timing import LaunchTimer
+    from experiments.workloads import RequestSpec
 
     cuda = device.startswith("cuda")
     eng = LLMEngine(EngineConfig(model=model, allocator=allocator, allocator_args=args, device=device,
@@ -42,29 +46,35 @@ def host_rows(model: str, allocator: str, args: dict, *, max_model_len: int, kv_
             plens, olens = SHAREGPT.sample(rng, n, max_model_len)
         else:
             plens, olens = rng.integers(plo, phi, n), rng.integers(olo, ohi, n)
-        for i, (plen, olen) in enumerate(zip(plens, olens)):
-            prompt = rng.integers(10, min(1000, eng.model_config.vocab_size), int(plen)).tolist()
-            eng.add_request(f"{phase}-{i}", prompt, SamplingParams(
-                max_tokens=int(olen), ignore_eos=True, temperature=0, output_kind="final_only"))
-            for _ in range(TRICKLE_STEPS if trickle else 0):
-                if eng.has_unfinished_requests():
-                    eng.step()
-        while eng.has_unfinished_requests():
-            eng.step()
+        specs = [RequestSpec(f"{phase}-{i}", rng.integers(10, min(1000, eng.model_config.vocab_size),
+                                                          int(plen)).tolist(), int(olen))
+                 for i, (plen, olen) in enumerate(zip(plens, olens))]
+        if trickle:  # one request every TRICKLE_STEPS steps' time (as steps took so far)
+            if not any(r.num_seqs for r in eng.step_records):
+                drive(eng, specs[:1], seed=seed)
+                specs = specs[1:]
+            spacing = TRICKLE_STEPS * float(np.mean([r.duration for r in eng.step_records if r.num_seqs]))
+            for i, spec in enumerate(specs):
+                spec.arrival_s = i * spacing
+        drive(eng, specs, seed=seed)  # the experiments' driver: its time between steps is measured too
     gpu = {i: d for i, (d, _) in timer.device_times().items()}
     # the configuration the steps ran with: the cost model calibrates against the same graphs
     pw = getattr(eng.runner, "piecewise", None)
     graph_max_tokens = pw.sizes[-1] if pw is not None and pw.sizes else 0
     max_graph_batch = eng.runner.graphs.sizes[-1] if getattr(eng.runner, "graphs", None) is not None else 0
+    records = list(eng.step_records)
     rows = []
-    for i, r in enumerate(eng.step_records):
+    for i, r in enumerate(records):
         if r.num_seqs == 0 or i < skip_steps:
             continue
+        # the driver's time between this step and the next (not idle: requests were still there)
+        nxt = records[i + 1] if i + 1 < len(records) else None
+        gap = nxt.time - (r.time + r.duration) if nxt is not None and r.running + r.waiting > 0 else 0.0
         g = gpu.get(i, 0.0)
         maps, unmaps = timer.vmm.get(i, (0, 0))
         rows.append(dict(table="host", model=model, allocator=allocator, batch=r.num_seqs, prefill_tokens=r.prefill_tokens,
                          decode_tokens=r.decode_tokens, context=r.context_tokens, duration=r.duration, gpu=g,
-                         value=max(0.0, r.duration - g), graph_max_tokens=graph_max_tokens,
+                         value=max(0.0, r.duration - g), gap=max(0.0, gap), graph_max_tokens=graph_max_tokens,
                          max_graph_batch=max_graph_batch, graph_mode=eng.config.cuda_graph_mode,
                          vmm_maps=maps, vmm_unmaps=unmaps))
     timer.close()

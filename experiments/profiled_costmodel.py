@@ -14,7 +14,8 @@ pieces the engine runs:
   the launch floor (the smallest eager, or piecewise, forward measured: launches, not the
   device, bound it), and what its measured forward spent beyond both;
 - host time per step, per allocator: the real engine's steps (``host``) minus their modelled
-  device time, median per batch-size bin, separately for graph and eager steps;
+  device time, plus the driver's time between steps, a trimmed mean per batch-size bin,
+  separately for graph and eager steps;
 - the allocator's own costs: attention in its addressing mode and block size, VMM page maps
   and unmaps done on the step's critical path (``vmm``; maps made ahead on the background
   thread are not), swap copies by size (``copy``).
@@ -305,6 +306,8 @@ class ProfiledCostModel:
             graph_max_tokens=cap, graph_mode=mode)
         device = [ref.device_time(_calibration_work(r)) for r in host.itertuples()]
         rest = host["duration"].to_numpy(float) - np.array(device)
+        if "gap" in host:  # the driver's time between steps: a run's wall clock holds it too
+            rest += host["gap"].fillna(0).to_numpy(float)
         if "vmm_maps" in host:  # the VMM calls of the step's path are charged apart (step_time)
             rest -= (host["vmm_maps"].fillna(0).to_numpy(float) * self.map_s
                      + host["vmm_unmaps"].fillna(0).to_numpy(float) * self.unmap_s)
