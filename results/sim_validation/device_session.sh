@@ -24,6 +24,8 @@
 #                                                           # then qwen3-0.6b real runs
 #   ALLOCS="..." bash results/sim_validation/device_session.sh full2  # llama3-8b real runs, then qwen3-0.6b
 #                                                           # ones full1 left (QWEN_ALLOCS)
+#   bash results/sim_validation/device_session.sh repeats   # more real runs of the same configs beside the
+#                                                           # committed ones (QWEN_REPS, LLAMA_REPS in all)
 # Runs accumulate in $KVSV (default /tmp/kvsv) on the machine; each part tars them into $OUT.
 set -uo pipefail
 part=${1:?profile or llama}
@@ -97,6 +99,13 @@ full1)
     kv profile --models qwen3-0.6b,llama3-8b --host-model qwen3-0.6b,llama3-8b --skip gemm,copy,vmm \
         --merge results/profiles/nvidia-h200.parquet --out "$runs/nvidia-h200.parquet" 2>&1 | tee "$runs/profile.log"
     real qwen3-0.6b 8,96 60 1
+    ;;
+repeats)  # in the committed folders: validate-sim keeps run 1 (same config) and adds the others
+    runs=results/sim_validation
+    real qwen3-0.6b 8,96 60 ${QWEN_REPS:-3}
+    real llama3-8b 4,32 50 ${LLAMA_REPS:-2}
+    tar -czf "$out/repeats.tgz" */real *.log
+    exit 0
     ;;
 full2)
     real llama3-8b 4,32 50 1
