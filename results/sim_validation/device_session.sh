@@ -104,7 +104,7 @@ repeats)  # in the committed folders: validate-sim keeps run 1 (same config) and
     runs=results/sim_validation
     real qwen3-0.6b 8,96 60 ${QWEN_REPS:-3}
     real llama3-8b 4,32 50 ${LLAMA_REPS:-2}
-    tar -czf "$out/repeats.tgz" */real *.log
+    tar -czf "$out/repeats.tgz" -C "$runs" $(cd "$runs" && ls -d */real *.log machine.txt)
     exit 0
     ;;
 full2)
