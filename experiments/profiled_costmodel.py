@@ -15,7 +15,7 @@ pieces the engine runs:
   device, bound it), and what its measured forward spent beyond both;
 - host time per step, per allocator: the real engine's steps (``host``) minus their modelled
   device time, plus the driver's time between steps, a trimmed mean per batch-size bin,
-  separately for graph and eager steps;
+  separately for decode graph, prefill/mixed graph and eager steps;
 - the allocator's own costs: attention in its addressing mode and block size, VMM page maps
   and unmaps done on the step's critical path (``vmm``; maps made ahead on the background
   thread are not), swap copies by size (``copy``).
@@ -272,7 +272,8 @@ class ProfiledCostModel:
         self.map_s = float(v[v["op"] == "cuMemMap+cuMemSetAccess"]["value"].median()) if not v.empty else 0.0
         u = v[v["op"] == "cuMemUnmap"] if not v.empty else v
         self.unmap_s = float(u["value"].median()) if not u.empty else 0.0
-        self.host_graph = self.host_eager = HostTable([], [])
+        # host seconds by step kind: decode graph replay, prefill/mixed graph replay, eager
+        self.host_tables = {k: HostTable([], []) for k in ("graph", "mixed_graph", "eager")}
         if calibrate_host:
             self._calibrate_host(profile, allocator, paged, block_size, max_graph_batch, enforce_eager)
 
@@ -311,14 +312,19 @@ class ProfiledCostModel:
         if "vmm_maps" in host:  # the VMM calls of the step's path are charged apart (step_time)
             rest -= (host["vmm_maps"].fillna(0).to_numpy(float) * self.map_s
                      + host["vmm_unmaps"].fillna(0).to_numpy(float) * self.unmap_s)
-        graph = np.array([r.prefill_tokens == 0 and ref.padded(int(r.batch)) is not None for r in host.itertuples()])
+        kinds = np.array([ref.step_kind(int(r.batch), int(r.prefill_tokens), int(r.decode_tokens))
+                          for r in host.itertuples()])
         mine = (host["allocator"] == allocator).to_numpy() if "allocator" in host else np.ones(len(host), bool)
         # this allocator's steps; where they are too few to say anything, every allocator's
-        for attr, kind in (("host_graph", graph), ("host_eager", ~graph)):
-            table = HostTable(host["batch"][kind & mine], rest[kind & mine])
-            if table.empty:
-                table = HostTable(host["batch"][kind], rest[kind])
-            setattr(self, attr, table)
+        for kind in self.host_tables:
+            of = kinds == kind
+            table = HostTable(host["batch"][of & mine], rest[of & mine])
+            self.host_tables[kind] = table if not table.empty else HostTable(host["batch"][of], rest[of])
+        # steps run with other graph settings than simulated (no prefill/mixed graphs, or no eager
+        # prefill steps): the other kind of prefill step stands in
+        for kind, other in (("mixed_graph", "eager"), ("eager", "mixed_graph")):
+            if self.host_tables[kind].empty:
+                self.host_tables[kind] = self.host_tables[other]
 
     # -- pieces ----------------------------------------------------------------------------
     def _reference_model(self) -> str:
@@ -439,12 +445,24 @@ class ProfiledCostModel:
         """The captured size a prefill/mixed step of ``tokens`` replays, or None: eager."""
         return None if self.piecewise_forward is None else padded(self.piecewise_sizes, tokens)
 
+    def step_kind(self, batch: int, prefill_tokens: int, decode_tokens: int) -> str:
+        """How the engine runs a step: ``graph`` (decode graph), ``mixed_graph`` (prefill/mixed
+        graphs) or ``eager``; host work differs between them (a mixed graph step copies its
+        metadata into static buffers, an eager one launches every kernel)."""
+        if prefill_tokens == 0:
+            return "graph" if self.padded(batch) is not None else "eager"
+        return "mixed_graph" if self.piecewise_size(prefill_tokens + decode_tokens) is not None else "eager"
+
     def host_time(self, work: list[tuple[int, int]], padded: int | None | bool = False) -> float:
         if not work:
             return 0.0
         if padded is False:
             padded = self.graph_batch(work)
-        return (self.host_graph if padded is not None else self.host_eager)(len(work))
+        if padded is not None:
+            kind = "graph"
+        else:
+            kind = "mixed_graph" if self.piecewise_size(sum(q for q, _ in work)) is not None else "eager"
+        return self.host_tables[kind](len(work))
 
     def step_time(self, work: list[tuple[int, int]], num_sampled: int | None = None, vmm_maps: int = 0,
                   vmm_unmaps: int = 0) -> float:

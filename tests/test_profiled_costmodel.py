@@ -415,3 +415,30 @@ def test_host_steps_recorded_with_full_graphs_are_modelled_with_the_full_table()
     # the driver's time between steps (``gap``) is part of host time: a run's wall clock holds it
     gapped = DeviceProfile(prof.df.assign(gap=np.where(prof.df["table"] == "host", 1e-4, np.nan)), base.meta, "gap")
     assert ProfiledCostModel(gapped, shape, graph_mode="full", **args).host_time(prefill) == pytest.approx(5e-4, rel=0.02)
+
+
+def test_host_time_of_prefill_steps_by_how_they_run():
+    """Prefill/mixed steps that replay graphs and those that run eagerly have host tables of their
+    own (the one copies metadata into static buffers, the other launches every kernel)."""
+    from engine.loader import resolve_config
+    from experiments.profiled_costmodel import _calibration_work
+
+    shape = shape_of(resolve_config(MODEL))
+    base = _with_piecewise()
+    args = dict(model=MODEL, paged=True, block_size=16, max_graph_batch=64, graph_max_tokens=2048)
+    recorder = ProfiledCostModel(base, shape, calibrate_host=False, **args)
+    df = base.df[base.df["table"] != "host"]
+    rows = []
+    for b in range(1, 17):
+        for p in (0,) * 20 + (128,) * 20 + (4096,) * 20:
+            row = dict(table="host", allocator="paged", batch=b, prefill_tokens=p, decode_tokens=b - (p > 0),
+                       context=b * 300 + p, graph_max_tokens=2048, max_graph_batch=64, graph_mode="piecewise")
+            host = {0: 2e-4, 128: 5e-4, 4096: 9e-4}[p]
+            rows.append(dict(row, duration=recorder.device_time(_calibration_work(pd.Series(row))) + host))
+    m = ProfiledCostModel(DeviceProfile(pd.concat([df, pd.DataFrame(rows)], ignore_index=True), base.meta, "k"),
+                          shape, **args)
+    assert m.step_kind(8, 0, 8) == "graph" and m.step_kind(8, 128, 7) == "mixed_graph"
+    assert m.step_kind(8, 4096, 7) == "eager"
+    assert m.host_time([(1, 300)] * 8) == pytest.approx(2e-4, rel=0.02)
+    assert m.host_time([(128, 128)] + [(1, 300)] * 7) == pytest.approx(5e-4, rel=0.02)
+    assert m.host_time([(4096, 4096)] + [(1, 300)] * 7) == pytest.approx(9e-4, rel=0.02)
