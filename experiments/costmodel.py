@@ -318,6 +318,15 @@ class RooflineCostModel:
         _, _, compute_s, memory_s, overhead_s, comm_s = self._cost(*self._sums(batch))
         return _total_s(compute_s, memory_s, comm_s, overhead_s)
 
+    def host_device_time(self, batch: list[tuple[int, int]], num_sampled: int | None = None, vmm_maps: int = 0,
+                         vmm_unmaps: int = 0) -> tuple[float, float]:
+        """``step_time`` as (host seconds, device seconds): the fixed overhead is the host's (what
+        asynchronous scheduling overlaps with the device's previous step)."""
+        if not batch:
+            return 0.0, 0.0
+        _, _, compute_s, memory_s, overhead_s, comm_s = self._cost(*self._sums(batch))
+        return overhead_s, max(compute_s, memory_s) + comm_s
+
     @property
     def full_attention(self) -> bool:
         """Every layer attends to the whole context (no sliding window)."""

@@ -474,6 +474,16 @@ class ProfiledCostModel:
         padded = self.graph_batch(work)  # graph or eager: decided once for both parts
         return self.device_time(work, num_sampled, padded) + self.host_time(work, padded) + maps
 
+    def host_device_time(self, work: list[tuple[int, int]], num_sampled: int | None = None, vmm_maps: int = 0,
+                         vmm_unmaps: int = 0) -> tuple[float, float]:
+        """``step_time`` as (host seconds, device seconds): host work and the VMM calls made on
+        the scheduling thread, then the device's (what asynchronous scheduling overlaps)."""
+        if not work:
+            return 0.0, 0.0
+        padded = self.graph_batch(work)
+        maps = vmm_maps * self.map_s + vmm_unmaps * self.unmap_s
+        return self.host_time(work, padded) + maps, self.device_time(work, num_sampled, padded)
+
     def swap_time(self, transfers: list[int], direction: str = "d2h") -> float:
         """Seconds to copy KV of ``transfers`` (bytes, one copy per sequence) between host and device."""
         table = self.copy.get(direction)

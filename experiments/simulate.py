@@ -33,7 +33,7 @@ from engine.model_config import ModelConfig
 from experiments.costmodel import ModelShape, RooflineCostModel, get_device, get_model_shape
 from experiments.sim_fastpath import DecodeFastForward
 
-__all__ = ["VirtualClock", "SimRunner", "SimSettings", "shape_of", "model_config_of", "simulated_engine"]
+__all__ = ["VirtualClock", "SimRunner", "AsyncSimRunner", "SimStepHandle", "SimSettings", "shape_of", "model_config_of", "simulated_engine"]
 
 _DTYPE_BY_BYTES = {2: "bfloat16", 4: "float32"}
 log = logging.getLogger("kvlab.sim")
@@ -150,14 +150,7 @@ class SimRunner:
         return exposed
 
     def execute(self, batch) -> list:
-        # comprehensions, not one loop with appends: this runs once per sequence per step
-        seqs, news = batch.seqs, batch.num_new_tokens
-        ends = [seq.num_computed_tokens + n for seq, n in zip(seqs, news)]
-        work = list(zip(news, ends))
-        span, eos = self.vocab_size - 4, self.eos
-        # a sequence whose new tokens reach its end samples one: _token inlined
-        sampled = [(seq, self._token(seq) if (t := 4 + (seq.seq_id * 7919 + end * 104729) % span) in eos else t, None)
-                   for seq, end in zip(seqs, ends) if end == len(seq.token_ids)]
+        sampled, work = self._sample(batch)
         swap = self._swap_time(batch)
         self.swap_s += swap
         if self.profiled:
@@ -170,6 +163,63 @@ class SimRunner:
         self.num_steps += 1
         self.busy_s += dt
         return sampled
+
+    def _sample(self, batch) -> tuple[list, list[tuple[int, int]]]:
+        """The (seq, token, None) samples of a step and its (new tokens, context) work."""
+        # comprehensions, not one loop with appends: this runs once per sequence per step
+        seqs, news = batch.seqs, batch.num_new_tokens
+        ends = [seq.num_computed_tokens + n for seq, n in zip(seqs, news)]
+        work = list(zip(news, ends))
+        span, eos = self.vocab_size - 4, self.eos
+        # a sequence whose new tokens reach its end samples one: _token inlined
+        sampled = [(seq, self._token(seq) if (t := 4 + (seq.seq_id * 7919 + end * 104729) % span) in eos else t, None)
+                   for seq, end in zip(seqs, ends) if end == len(seq.token_ids)]
+        return sampled, work
+
+
+class AsyncSimRunner(SimRunner):
+    """``SimRunner`` for ``async_scheduling``: the engine launches a step, then reads back the
+    previous one's tokens while it runs. The host's part of a step (scheduling, input
+    preparation, VMM calls on its thread) takes the clock forward; its device part starts once
+    the host has launched it and the device has finished the step before, and its tokens are
+    known when it ends (``SimStepHandle``): host work hides behind the device's previous step,
+    and a step period is the longer of the two."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.device_free_at = 0.0
+
+    def launch(self, batch, inflight=None):
+        sampled, work = self._sample(batch)
+        swap = self._swap_time(batch)
+        self.swap_s += swap
+        maps, unmaps = self.vmm_counter.take() if self.vmm_counter is not None else (0, 0)
+        host, device = self.cost_model.host_device_time(work, len(sampled), maps, unmaps)
+        device += swap
+        device += self._tier_time(batch, device)
+        self.clock.advance(host)
+        start = max(self.clock(), self.device_free_at)
+        self.device_free_at = start + device
+        self.num_steps += 1
+        self.busy_s += device
+        return SimStepHandle(sampled, self.device_free_at, self.clock)
+
+
+class SimStepHandle:
+    """A simulated step's tokens, known at ``ready_at`` on the virtual clock: reading them moves
+    the clock there (the wait for the device), as ``StepHandle.results`` waits for an event."""
+
+    __slots__ = ("seqs", "positions", "_ready", "ready_at", "clock")
+
+    def __init__(self, sampled: list, ready_at: float, clock: VirtualClock):
+        self.seqs = [s for s, _, _ in sampled]
+        self.positions: list[int] = []
+        self._ready = [(t, lp, None) for _, t, lp in sampled]
+        self.ready_at, self.clock = ready_at, clock
+
+    def results(self) -> list:
+        self.clock.advance(self.ready_at - self.clock())
+        return self._ready
 
 
 class MapCounter:
@@ -293,8 +343,9 @@ def simulated_engine(cfg, engine_config: EngineConfig, clock: VirtualClock | Non
 
     def factory(allocator):
         step_cost = cost_model_for(sim, cost, shape, shape_name or econf.model, econf, allocator)
-        runner["r"] = SimRunner(step_cost, clock, mc.vocab_size, mc.eos_token_id, allocator, sim.pcie_bandwidth,
-                                sim.transfer_latency_s)
+        cls = AsyncSimRunner if econf.async_scheduling else SimRunner
+        runner["r"] = cls(step_cost, clock, mc.vocab_size, mc.eos_token_id, allocator, sim.pcie_bandwidth,
+                          sim.transfer_latency_s)
         return runner["r"]
 
     engine = LLMEngine(econf, model_config=mc, runner_factory=factory, clock=clock)

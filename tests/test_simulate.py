@@ -47,6 +47,9 @@ CASES = {
                        "engine.max_num_seqs=4", "workload.num_requests=12", "workload.turns=3", "workload.input_len=96", "workload.output_len=16",
                        "workload.prefix_hit_rate=0.75", "engine.enable_prefix_caching=true"],
     # concurrent requests with two shared 96-token prefixes (12 pages of 8 tokens): live slots map
+    # asynchronous scheduling: stops seen a step late, the same way in both
+    "paged-async": ["allocator=paged", "allocator.args.block_size=8", "++engine.async_scheduling=true",
+                    "engine.enable_prefix_caching=true", *UNIFORM],
     # the pages other slots computed; a small token budget spreads the first prefills over steps
     "virtual-share": ["allocator=virtual", "allocator.args.page_size=4096", "allocator.args.layout=shared",
                       "workload=shared_prefix", "workload.num_requests=24", "workload.num_prefixes=2",
@@ -82,7 +85,7 @@ def test_simulate_memory_equals_real_engine(case, tmp_path, monkeypatch):
     for key in (*STAT_FIELDS, *(f"{f}_peak" for f in STAT_FIELDS), "preemptions", "max_concurrency",
                 "total_output_tokens", "kv_capacity_tokens"):
         assert real[key] == sim[key], key
-    if case in ("paged", "paged-swap", "virtual"):  # contiguous reserves at admission: never preempts
+    if case in ("paged", "paged-swap", "virtual", "paged-async"):  # contiguous reserves at admission: never preempts
         assert real["preemptions"] > 0, "the case should exercise preemption"
     ra = pd.read_parquet(tmp_path / "real" / "requests.parquet").set_index("request_id")
     rb = pd.read_parquet(tmp_path / "sim" / "requests.parquet").set_index("request_id")
