@@ -388,6 +388,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="models of the host-time steps, comma-separated (default: the first of --models)")
     ap.add_argument("--host-kv-tokens", type=int, default=40000)
     ap.add_argument("--host-requests", type=int, default=256, help="requests of the host-time run's full batch")
+    ap.add_argument("--host-repeats", type=int, default=1,
+                    help="runs of the host-time steps per model and allocator, each its own engine and seed: "
+                         "one run's host work can be 10-40%% off another's on a VM, the tables pool them")
     ap.add_argument("--virtual-page-size", type=int, default=None, help="page size of the host-time run (bytes)")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--skip", default="", help="parts to leave out, comma-separated: host, gemm, models, copy, vmm")
@@ -395,6 +398,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="results/profiles", help="folder (file name from the device) or .parquet")
     a = ap.parse_args(argv)
     a.argv = list(sys.argv[1:] if argv is None else argv)
+    if a.host_repeats < 1:
+        ap.error(f"--host-repeats must be >= 1, got {a.host_repeats}")
     import torch
 
     device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
@@ -439,13 +444,17 @@ def main(argv: list[str] | None = None) -> int:
         half = a.max_model_len // 2
         phases = ((a.host_requests, 0, 0, 0, 0), (a.host_requests // 2, 32, min(1024, half), 16, min(512, half)),
                   (-max(8, a.host_requests // 4), 16, min(512, half), 16, 64))  # then one at a time
-        for hm in host_models:
-            for alloc, (name, args) in HOST_ALLOCATORS.items():
-                if name == "virtual" and a.virtual_page_size:
-                    args = {**args, "page_size": a.virtual_page_size}
-                rows += host_rows(hm, name, args, max_model_len=a.max_model_len, kv_cache_tokens=a.host_kv_tokens,
-                                  device=str(device), phases=phases)
-                say(f"host steps: {hm} {alloc}")
+        # repeats go round every model and allocator, so a slow spell of the machine falls on all
+        for rep in range(a.host_repeats):
+            for hm in host_models:
+                for alloc, (name, args) in HOST_ALLOCATORS.items():
+                    if name == "virtual" and a.virtual_page_size:
+                        args = {**args, "page_size": a.virtual_page_size}
+                    rows += [dict(r, repeat=rep) for r in host_rows(
+                        hm, name, args, max_model_len=a.max_model_len, kv_cache_tokens=a.host_kv_tokens,
+                        device=str(device), phases=phases, seed=rep)]
+                    say(f"host steps: {hm} {alloc}" + (f" (repeat {rep + 1} of {a.host_repeats})"
+                                                        if a.host_repeats > 1 else ""))
     import gc
 
     gc.collect()  # the host-time engines, weights and graphs included

@@ -191,11 +191,15 @@ def test_profiler_runs_on_cpu_and_simulate_uses_its_profile(tmp_path, monkeypatc
     path = tmp_path / "cpu.parquet"
     assert profile_device.main(["--models", MODEL, "--device", "cpu", "--pool-tokens", "2048", "--reps", "1",
                                 "--max-model-len", "128", "--host-requests", "4", "--host-kv-tokens", "1024",
-                                "--virtual-page-size", "4096", "--out", str(path)]) == 0
+                                "--virtual-page-size", "4096", "--host-repeats", "2", "--out", str(path)]) == 0
     prof = load_profile(str(path))
     assert prof.meta["models"] == MODEL and prof.meta["commit"]
     assert {"host", "gemm", "attention", "eager_forward", "sample", "copy"} <= set(prof.df["table"])
-    assert set(prof.table("host")["allocator"]) == {"paged", "contiguous", "virtual"}
+    host = prof.table("host")
+    assert set(host["allocator"]) == {"paged", "contiguous", "virtual"}
+    # two runs of each allocator's steps, pooled
+    assert {(al, r) for al, r in zip(host["allocator"], host["repeat"])} == {
+        (al, r) for al in ("paged", "contiguous", "virtual") for r in (0, 1)}
     assert (prof.df["value"] > 0).all()
     s = run_experiment(config("mode=simulate", "sim=h200", f"sim.profile={path}", "workload.num_requests=8",
                               "engine.kv_cache_tokens=1024", "engine.max_model_len=128"), tmp_path / "run")

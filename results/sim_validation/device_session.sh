@@ -37,6 +37,10 @@ B="workload=sharegpt workload.num_requests=300 engine.kv_cache_tokens=40000 engi
 { date -u; hostname; nvidia-smi --query-gpu=name,uuid,driver_version --format=csv,noheader; lscpu | grep "Model name"; } \
     | tee -a "$runs/machine.txt"
 t_start=$(date +%s)
+# the GPU's clocks, temperature and power once a second: a slow run can then be told from a slow GPU
+nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,temperature.gpu,power.draw,utilization.gpu \
+    --format=csv,noheader -l 1 >>"$runs/clocks.csv" 2>/dev/null &
+trap 'kill %1 2>/dev/null' EXIT
 budget=${BUDGET_S:-100000}  # start no run after this many seconds of the part
 real() {  # model rates online-requests repeats
     local m=$1 rates=$2 n=$3 reps=$4
@@ -97,14 +101,18 @@ fullgraphs)
     ;;
 full1)
     kv profile --models qwen3-0.6b,llama3-8b --host-model qwen3-0.6b,llama3-8b --skip gemm,copy,vmm \
+        --host-repeats ${HOST_REPEATS:-1} \
         --merge results/profiles/nvidia-h200.parquet --out "$runs/nvidia-h200.parquet" 2>&1 | tee "$runs/profile.log"
     real qwen3-0.6b 8,96 60 1
     ;;
 repeats)  # in the committed folders: validate-sim keeps run 1 (same config) and adds the others
-    runs=results/sim_validation
+    meta=$runs runs=results/sim_validation
     real qwen3-0.6b 8,96 60 ${QWEN_REPS:-3}
     real llama3-8b 4,32 50 ${LLAMA_REPS:-2}
-    tar -czf "$out/repeats.tgz" -C "$runs" $(cd "$runs" && ls -d */real *.log machine.txt)
+    # every run folder: real/ and the repeats' real-2/, real-3/ ... (a listing of */real lost them once)
+    cp "$meta/machine.txt" "$meta/clocks.csv" "$runs/" 2>/dev/null
+    tar -czf "$out/repeats.tgz" -C "$runs" $(cd "$runs" && ls -d */real* *.log machine.txt clocks.csv 2>/dev/null)
+    tar -tzf "$out/repeats.tgz" | grep -c "summary.json" | sed 's/^/summaries archived: /'
     exit 0
     ;;
 full2)
