@@ -3,7 +3,8 @@
 The allocator supplies slots and addressing; nothing here depends on which one it is
 beyond the addressing mode the kernels take. On CUDA (unless ``enforce_eager``), pure-decode
 batches replay a captured CUDA graph of the whole step; prefill and mixed batches up to
-``graph_max_tokens`` replay piecewise graphs (attention eager between them), larger ones run eagerly.
+``graph_max_tokens`` replay graphs of their padded size (``graph_mode``: full, attention captured
+too; or piecewise, attention eager between them), larger ones run eagerly.
 One host sync per step: the sampled token ids.
 """
 from __future__ import annotations
@@ -131,7 +132,7 @@ class StepInputs:
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, allocator: KVAllocator, device: str, eos_ids: list[int],
                  seed: int = 0, max_num_seqs: int = 256, max_model_len: int = 2048, enforce_eager: bool = True,
-                 kv_calibration: str = "", graph_max_tokens: int = 0, graph_mode: str = "piecewise"):
+                 kv_calibration: str = "", graph_max_tokens: int = 0, graph_mode: str = "full"):
         """``kv_calibration`` ("tensor" | "head"): fp8 KV scales are set by the first step with a
         prefill, from its keys and values. ``graph_max_tokens``: prefill and mixed steps of up to
         this many tokens replay CUDA graphs (CUDA, not ``enforce_eager``, fused model): ``graph_mode``
@@ -169,12 +170,12 @@ class ModelRunner:
                                        self.device)
             with compile_watch.expected():
                 self.graphs.capture()
-        self.piecewise = None
+        self.mixed_graphs = None
         if (self.device.type == "cuda" and not enforce_eager and plan is None and graph_max_tokens > 0
                 and getattr(model, "fused", False)):
-            self.piecewise = self._mixed_graphs(graph_mode, graph_max_tokens, max_num_seqs, max_model_len)
+            self.mixed_graphs = self._mixed_graphs(graph_mode, graph_max_tokens, max_num_seqs, max_model_len)
             with compile_watch.expected():
-                self.piecewise.capture()
+                self.mixed_graphs.capture()
         if self.device.type == "cuda":
             with compile_watch.expected():
                 self.warmup()
@@ -303,9 +304,9 @@ class ModelRunner:
         pos = stage.to_device("positions", inputs.positions)
         calibrate = self.kv_calibration and inputs.num_prefill_tokens > 0
         n = len(inputs.input_ids)
-        if (self.piecewise is not None and not calibrate and not more
-                and self.piecewise.padded_size(n) is not None):
-            hidden = self.piecewise.run(n, ids, pos, meta.slot_mapping, meta)
+        if (self.mixed_graphs is not None and not calibrate and not more
+                and self.mixed_graphs.padded_size(n) is not None):
+            hidden = self.mixed_graphs.run(n, ids, pos, meta.slot_mapping, meta)
         else:
             if calibrate:
                 self.model.calibrate_kv_scales(self.kv_calibration)

@@ -9,8 +9,8 @@ Per model, one engine (paged, random bf16 weights), three measurements side by s
   bandwidth measured in the same run (the embedding table is gathered, not streamed, unless
   tied to the LM head);
 - ``prefill``: one step holding a single prompt of N tokens, and ``mixed``: the same beside 8
-  decodes; each with the piecewise CUDA graphs of prefill/mixed steps and eagerly (the
-  engine's ``cuda_graph_max_tokens`` = 0), medians of repeats: what the graphs take off a step.
+  decodes; each with the engine's CUDA graphs of prefill/mixed steps (``cuda_graph_mode``) and
+  eagerly (as with ``cuda_graph_max_tokens`` = 0), medians of repeats: what the graphs take off a step.
 
 Rows go to ``latency_<device>.csv`` and a markdown table on stdout.
 """
@@ -79,12 +79,12 @@ def decode_rows(engine: LLMEngine, batch: int, steps: int, copy_bw: float, weigh
 
 def prefill_rows(engine: LLMEngine, tokens: int, decodes: int, reps: int) -> list[dict]:
     """Median step time of one ``tokens``-token prompt (beside ``decodes`` decoding sequences),
-    piecewise graphs and eager."""
+    the engine's prefill/mixed graphs and eager."""
     runner, vocab = engine.runner, engine.model_config.vocab_size
-    piecewise = runner.piecewise
+    mixed = runner.mixed_graphs
     rows = []
     for graphs in (True, False):
-        runner.piecewise = piecewise if graphs else None
+        runner.mixed_graphs = mixed if graphs else None
         times = []
         for r in range(reps + 1):
             for i in range(decodes):
@@ -104,9 +104,9 @@ def prefill_rows(engine: LLMEngine, tokens: int, decodes: int, reps: int) -> lis
                 times.append(time.perf_counter() - t0)
             _drain(engine)
         rows.append(dict(kind="mixed" if decodes else "prefill", scheduling="sync", batch=decodes + 1,
-                         tokens=tokens + decodes, graphs="piecewise" if graphs else "eager",
+                         tokens=tokens + decodes, graphs=engine.config.cuda_graph_mode if graphs else "eager",
                          ms=float(np.median(times)) * 1e3))
-    runner.piecewise = piecewise
+    runner.mixed_graphs = mixed
     return rows
 
 
@@ -131,9 +131,10 @@ def main(argv: list[str] | None = None) -> int:
         engine = LLMEngine(EngineConfig(model=model, allocator="paged", max_model_len=4096, max_num_seqs=64,
                                         kv_cache_tokens=65536, detokenize=False, record_memory=False,
                                         stream_outputs=False))
-        pw = engine.runner.piecewise
+        pw = engine.runner.mixed_graphs
         start = dict(model=model, startup_s=round(time.perf_counter() - t0, 1),
-                     piecewise_capture_s=round(pw.capture_s, 1) if pw else None)
+                     graph_mode=engine.config.cuda_graph_mode,
+                     mixed_graphs_capture_s=round(pw.capture_s, 1) if pw else None)
         print(start, flush=True)
         weights = streamed_weight_bytes(engine.model)
         for b in (int(x) for x in a.batches.split(",")):

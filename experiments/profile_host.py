@@ -49,17 +49,18 @@ def host_rows(model: str, allocator: str, args: dict, *, max_model_len: int, kv_
         specs = [RequestSpec(f"{phase}-{i}", rng.integers(10, min(1000, eng.model_config.vocab_size),
                                                           int(plen)).tolist(), int(olen))
                  for i, (plen, olen) in enumerate(zip(plens, olens))]
-        if trickle:  # one request every TRICKLE_STEPS steps' time (as steps took so far)
-            if not any(r.num_seqs for r in eng.step_records):
-                drive(eng, specs[:1], seed=seed)
-                specs = specs[1:]
-            spacing = TRICKLE_STEPS * float(np.mean([r.duration for r in eng.step_records if r.num_seqs]))
+        if trickle:  # one request every TRICKLE_STEPS steps' time, as the first one's steps took alone
+            before = len(eng.step_records)
+            drive(eng, specs[:1], seed=seed)
+            specs = specs[1:]
+            alone = [r.duration for r in list(eng.step_records)[before:] if r.num_seqs]
+            spacing = TRICKLE_STEPS * float(np.mean(alone))
             for i, spec in enumerate(specs):
                 spec.arrival_s = i * spacing
         drive(eng, specs, seed=seed)  # the experiments' driver: its time between steps is measured too
     gpu = {i: d for i, (d, _) in timer.device_times().items()}
     # the configuration the steps ran with: the cost model calibrates against the same graphs
-    pw = getattr(eng.runner, "piecewise", None)
+    pw = getattr(eng.runner, "mixed_graphs", None)
     graph_max_tokens = pw.sizes[-1] if pw is not None and pw.sizes else 0
     max_graph_batch = eng.runner.graphs.sizes[-1] if getattr(eng.runner, "graphs", None) is not None else 0
     records = list(eng.step_records)

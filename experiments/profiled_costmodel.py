@@ -180,7 +180,7 @@ class ProfiledCostModel:
     def __init__(self, profile: DeviceProfile, shape, *, model: str, paged: bool, block_size: int = 0,
                  max_graph_batch: int = 256, enforce_eager: bool = False, allocator: str = "paged",
                  calibrate_host: bool = True, allreduce=None,
-                 graph_max_tokens: int = 0, graph_mode: str = "piecewise"):
+                 graph_max_tokens: int = 0, graph_mode: str = "full"):
         """``graph_max_tokens``: prefill/mixed steps up to this many tokens replay CUDA graphs (the
         engine's ``cuda_graph_max_tokens``), ``graph_mode`` piecewise or full (its
         ``cuda_graph_mode``; modelled where the profile has that mode's ``<mode>_forward`` table,
@@ -320,8 +320,9 @@ class ProfiledCostModel:
             of = kinds == kind
             table = HostTable(host["batch"][of & mine], rest[of & mine])
             self.host_tables[kind] = table if not table.empty else HostTable(host["batch"][of], rest[of])
-        # steps run with other graph settings than simulated (no prefill/mixed graphs, or no eager
-        # prefill steps): the other kind of prefill step stands in
+        # steps run with other graph settings than simulated (no prefill/mixed graphs), or too few
+        # of a kind to fill a bin (eager steps are only the full-budget prefills of a large batch):
+        # the other kind of prefill step stands in
         for kind, other in (("mixed_graph", "eager"), ("eager", "mixed_graph")):
             if self.host_tables[kind].empty:
                 self.host_tables[kind] = self.host_tables[other]
@@ -446,11 +447,12 @@ class ProfiledCostModel:
         return None if self.piecewise_forward is None else padded(self.piecewise_sizes, tokens)
 
     def step_kind(self, batch: int, prefill_tokens: int, decode_tokens: int) -> str:
-        """How the engine runs a step: ``graph`` (decode graph), ``mixed_graph`` (prefill/mixed
-        graphs) or ``eager``; host work differs between them (a mixed graph step copies its
-        metadata into static buffers, an eager one launches every kernel)."""
-        if prefill_tokens == 0:
-            return "graph" if self.padded(batch) is not None else "eager"
+        """How the engine runs a step (``ModelRunner.forward``): ``graph`` (a decode graph),
+        ``mixed_graph`` (the prefill/mixed graphs, a decode batch beyond the decode graphs too) or
+        ``eager``; host work differs between them (a mixed graph step copies its metadata into
+        static buffers, an eager one launches every kernel)."""
+        if prefill_tokens == 0 and self.padded(batch) is not None:
+            return "graph"
         return "mixed_graph" if self.piecewise_size(prefill_tokens + decode_tokens) is not None else "eager"
 
     def host_time(self, work: list[tuple[int, int]], padded: int | None | bool = False) -> float:
@@ -461,7 +463,9 @@ class ProfiledCostModel:
         if padded is not None:
             kind = "graph"
         else:
-            kind = "mixed_graph" if self.piecewise_size(sum(q for q, _ in work)) is not None else "eager"
+            tokens = sum(q for q, _ in work)
+            kind = self.step_kind(len(work), tokens - sum(1 for q, _ in work if q == 1),
+                                  sum(1 for q, _ in work if q == 1))
         return self.host_tables[kind](len(work))
 
     def step_time(self, work: list[tuple[int, int]], num_sampled: int | None = None, vmm_maps: int = 0,

@@ -201,7 +201,7 @@ class AsyncSimRunner(SimRunner):
         start = max(self.clock(), self.device_free_at)
         self.device_free_at = start + device
         self.num_steps += 1
-        self.busy_s += device
+        self.busy_s += host + device  # what the step costs, as in SimRunner (overlapped or not)
         return SimStepHandle(sampled, self.device_free_at, self.clock)
 
 
@@ -218,7 +218,8 @@ class SimStepHandle:
         self.ready_at, self.clock = ready_at, clock
 
     def results(self) -> list:
-        self.clock.advance(self.ready_at - self.clock())
+        if self.seqs:  # a step that samples nothing is not waited for (StepHandle.results)
+            self.clock.advance(self.ready_at - self.clock())
         return self._ready
 
 

@@ -96,10 +96,14 @@ def step_compare(real_dir: Path, sim_dir: Path):
     import pandas as pd
 
     cols = ["num_seqs", "prefill_tokens", "duration"]
-    real = pd.read_parquet(real_dir / "steps.parquet", columns=cols)
+    real = pd.read_parquet(real_dir / "steps.parquet", columns=[*cols, "time"])
     sim = pd.read_parquet(sim_dir / "steps.parquet", columns=cols)
     if len(real) != len(sim):
         return None
+    # a simulated step's time holds the driver's time until the next step (profiled host time
+    # includes it): so does the real one's here (offline: no idle waits between steps)
+    gap = (real["time"].shift(-1) - real["time"] - real["duration"]).fillna(0.0).clip(lower=0.0)
+    real = real.assign(duration=real["duration"] + gap)[cols]
     df = real.assign(sim=sim["duration"].to_numpy(),
                      kind=np.where(real["prefill_tokens"] > 0, "prefill/mixed", "decode"),
                      batch=pd.cut(real["num_seqs"], [0, 1, 4, 16, 32, 64, 128, 256, 1 << 20]).astype(str))

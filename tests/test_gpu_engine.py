@@ -79,10 +79,10 @@ def test_cuda_graphs_equal_eager(tiny_bf16, allocator, args, mode):
     eager = LLM(path, enforce_eager=True, **common).generate(prompts, params)
     graphs = LLM(path, enforce_eager=False, cuda_graph_mode=mode, **common)
     runner = graphs.engine.runner
-    assert runner.graphs is not None and runner.piecewise is not None and runner.piecewise.graphs
+    assert runner.graphs is not None and runner.mixed_graphs is not None and runner.mixed_graphs.graphs
     calls = []
-    run = runner.piecewise.run
-    runner.piecewise.run = lambda n, *a: calls.append(n) or run(n, *a)
+    run = runner.mixed_graphs.run
+    runner.mixed_graphs.run = lambda n, *a: calls.append(n) or run(n, *a)
     out = graphs.generate(prompts, params)
     assert [o.token_ids for o in out] == [o.token_ids for o in eager]
     assert len(calls) >= 4 and max(calls) > 16

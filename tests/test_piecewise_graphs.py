@@ -50,7 +50,7 @@ def test_piecewise_steps_equal_eager_steps(fused_cpu, allocator):
     fused model's tokens, every allocator; the steps do take the piecewise path."""
     want, llm, generate = _eager_tokens_and_fused_llm(allocator)
     runner = llm.engine.runner
-    pw = runner.piecewise = PiecewiseGraphs(runner.model, runner.kv_caches, 24, torch.device("cpu"))
+    pw = runner.mixed_graphs = PiecewiseGraphs(runner.model, runner.kv_caches, 24, torch.device("cpu"))
     pw.capture()
     assert pw.sizes == [16, 32] and set(pw.pieces) == {16, 32}
     calls = []
@@ -96,7 +96,7 @@ def test_full_graph_steps_equal_eager_steps(fused_cpu, allocator):
 
     want, llm, generate = _eager_tokens_and_fused_llm(allocator)
     runner = llm.engine.runner
-    full = runner.piecewise = runner._mixed_graphs("full", 24, 4, 64)
+    full = runner.mixed_graphs = runner._mixed_graphs("full", 24, 4, 64)
     assert isinstance(full, FullGraphs) and full.sizes == [16, 32]
     full.capture()
     calls = []

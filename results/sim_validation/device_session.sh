@@ -110,6 +110,7 @@ repeats)  # in the committed folders: validate-sim keeps run 1 (same config) and
     real qwen3-0.6b 8,96 60 ${QWEN_REPS:-3}
     real llama3-8b 4,32 50 ${LLAMA_REPS:-2}
     # every run folder: real/ and the repeats' real-2/, real-3/ ... (a listing of */real lost them once)
+    kill %1 2>/dev/null; wait 2>/dev/null  # clocks.csv complete before it is archived
     cp "$meta/machine.txt" "$meta/clocks.csv" "$runs/" 2>/dev/null
     tar -czf "$out/repeats.tgz" -C "$runs" $(cd "$runs" && ls -d */real* *.log machine.txt clocks.csv 2>/dev/null)
     tar -tzf "$out/repeats.tgz" | grep -c "summary.json" | sed 's/^/summaries archived: /'
@@ -121,5 +122,6 @@ full2)
     ;;
 esac
 grep -h "compiled a kernel variant after warm-up" -r "$runs" --include=*.log | sort | uniq -c | cut -c1-2000 | head -20
+kill %1 2>/dev/null; wait 2>/dev/null
 tar -czf "$out/kvsv-$part.tgz" -C "$runs" .
 ls -la "$out"
