@@ -54,7 +54,7 @@ class FullGraphs:
         return AttentionMetadata(
             mode=self.mode, query_start_loc=self.qsl, seq_lens=self.seq_lens, max_query_len=s,
             max_seq_len=self.max_model_len, slot_mapping=self.slot_mapping[:s], block_table=self.block_table,
-            block_size=self.block_size, seq_base=self.seq_base, ring=self.ring)
+            block_size=self.block_size, seq_base=self.seq_base, ring=self.ring, trailing_padding=True)
 
     def _forward(self, s: int) -> torch.Tensor:
         return self.model(self.input_ids[:s], self.positions[:s], self._meta(s), self.kv_caches)

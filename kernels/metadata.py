@@ -34,6 +34,9 @@ class AttentionMetadata:
     block_size: int = 0  # PAGED
     seq_base: torch.Tensor | None = None  # int64 [num_seqs] (LINEAR)
     ring: int = 0  # LINEAR, > 0: each sequence's region holds ``ring`` slots, token t at seq_base + t % ring
+    # every sequence has queries except empty ones after the last that has (full CUDA graphs pad
+    # to max_num_seqs so): the query-tile grid then needs no tile for the padding
+    trailing_padding: bool = False
 
     @property
     def num_seqs(self) -> int:

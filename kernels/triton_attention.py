@@ -490,8 +490,12 @@ def attention_into(
     direct = meta.max_query_len <= cfg.block_q
     if direct:
         num_qblocks = num_seqs
-    else:  # upper bound on query tiles: see _find_seq
-        num_qblocks = num_tokens if cfg.block_q == 1 else num_tokens // cfg.block_q + num_seqs
+    else:  # upper bound on query tiles (see _find_seq): num_tokens // block_q + one ragged tile a
+        # sequence; where the only empty sequences are trailing padding, at most num_tokens
+        # sequences come before the last real tile (each holds a token): full CUDA graphs pad
+        # to max_num_seqs, and those spare programs each binary-search the sequences for nothing
+        seqs = min(num_seqs, num_tokens) if meta.trailing_padding else num_seqs
+        num_qblocks = num_tokens if cfg.block_q == 1 else num_tokens // cfg.block_q + seqs
     # fp32 caches: exact dots. bf16 under the CPU interpreter: its bf16 dot is broken
     # (Triton 3.9), so dot in fp32 there; on the GPU bf16/fp16 use the tensor cores.
     dot_dtype = q.dtype if scaled else k_cache.dtype

@@ -295,6 +295,33 @@ def test_attention_query_tiling(block_q, short, monkeypatch):
     _assert_close_attn(out, reference.attention(q, kc, vc, meta))
 
 
+@pytest.mark.parametrize("mode", [PAGED, LINEAR])
+def test_attention_trailing_padding_needs_no_tiles(mode, monkeypatch):
+    """Full CUDA graphs pad a step to max_num_seqs empty sequences after the real ones
+    (``trailing_padding``): the grid then bounds the query tiles by the tokens, not by the
+    sequences, and the real ones' output is unchanged."""
+    gen = _gen("trailing", mode)
+    lens = [(40, 3), (17, 1), (60, 5), (9, 1)] + [(0, 0)] * 60  # 10 tokens, 64 sequences
+    q, kc, vc, meta, _ = make_batch(gen, lens, num_kv_heads=2, group=2, head_dim=32, dtype=torch.float16,
+                                    mode=mode, block_size=16)
+    meta.max_query_len = 8  # the padded size's tile config, as a captured graph has it
+    want = reference.attention(q, kc, vc, meta)
+    grids = []
+    kernel = triton_attention._attn_kernel
+
+    class Recorder:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(triton_attention, "_attn_kernel", Recorder())
+    config = triton_attention.AttnConfig(block_q=4, block_n=16, num_splits=1, num_warps=4, num_stages=2)
+    for padding in (False, True):
+        meta.trailing_padding = padding
+        _assert_close_attn(run_attention(q, kc, vc, meta, config=config, monkeypatch=monkeypatch), want)
+    assert [g[0] for g in grids] == [10 // 4 + 64, 10 // 4 + 10]
+
+
 @pytest.mark.parametrize("mode,bs,bt_ahead", [(PAGED, 16, True), (PAGED, 4, False), (LINEAR, 0, True)])
 @pytest.mark.parametrize("block_q", [1, 4])
 def test_attention_causal_split(mode, bs, bt_ahead, block_q, monkeypatch):
