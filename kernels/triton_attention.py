@@ -488,13 +488,13 @@ def attention_into(
     # max_query_len is an upper bound on every q_len (metadata contract): when one tile
     # holds any sequence's queries, map programs to sequences directly (decode)
     direct = meta.max_query_len <= cfg.block_q
+    # where the only empty sequences are trailing padding (full CUDA graphs pad to max_num_seqs),
+    # at most num_tokens real ones come first (each holds a token): the padding needs no program
+    seqs = min(num_seqs, num_tokens) if meta.trailing_padding else num_seqs
     if direct:
-        num_qblocks = num_seqs
+        num_qblocks = seqs
     else:  # upper bound on query tiles (see _find_seq): num_tokens // block_q + one ragged tile a
-        # sequence; where the only empty sequences are trailing padding, at most num_tokens
-        # sequences come before the last real tile (each holds a token): full CUDA graphs pad
-        # to max_num_seqs, and those spare programs each binary-search the sequences for nothing
-        seqs = min(num_seqs, num_tokens) if meta.trailing_padding else num_seqs
+        # sequence (a padding program would binary-search the sequences to do nothing)
         num_qblocks = num_tokens if cfg.block_q == 1 else num_tokens // cfg.block_q + seqs
     # fp32 caches: exact dots. bf16 under the CPU interpreter: its bf16 dot is broken
     # (Triton 3.9), so dot in fp32 there; on the GPU bf16/fp16 use the tensor cores.

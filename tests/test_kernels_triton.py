@@ -315,11 +315,12 @@ def test_attention_trailing_padding_needs_no_tiles(mode, monkeypatch):
             return kernel[grid]
 
     monkeypatch.setattr(triton_attention, "_attn_kernel", Recorder())
-    config = triton_attention.AttnConfig(block_q=4, block_n=16, num_splits=1, num_warps=4, num_stages=2)
-    for padding in (False, True):
-        meta.trailing_padding = padding
-        _assert_close_attn(run_attention(q, kc, vc, meta, config=config, monkeypatch=monkeypatch), want)
-    assert [g[0] for g in grids] == [10 // 4 + 64, 10 // 4 + 10]
+    for block_q in (4, 8):  # tiles searched; one program a sequence (every query fits a tile)
+        config = triton_attention.AttnConfig(block_q=block_q, block_n=16, num_splits=1, num_warps=4, num_stages=2)
+        for padding in (False, True):
+            meta.trailing_padding = padding
+            _assert_close_attn(run_attention(q, kc, vc, meta, config=config, monkeypatch=monkeypatch), want)
+    assert [g[0] for g in grids] == [10 // 4 + 64, 10 // 4 + 10, 64, 10]
 
 
 @pytest.mark.parametrize("mode,bs,bt_ahead", [(PAGED, 16, True), (PAGED, 4, False), (LINEAR, 0, True)])
