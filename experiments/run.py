@@ -107,6 +107,8 @@ def config_hash(cfg: DictConfig) -> str:
     d.pop("repeats", None)  # each repeat is a run of its own seed: more repeats resume the first ones
     if (d.get("measure") or {}).get("warmup_s") is None:
         d.pop("measure", None)  # the default window: runs made before it existed keep their hash
+    if (d.get("engine") or {}).get("async_scheduling") is False:
+        d["engine"].pop("async_scheduling")  # likewise: synchronous runs made before the key existed
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

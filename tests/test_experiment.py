@@ -150,3 +150,20 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         write_parquet(tmp_path / "steps.parquet", Boom({"a": [1]}))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_async_scheduling_is_a_config_key_that_keeps_older_hashes():
+    """``engine.async_scheduling`` is in the engine config (no ``++`` needed); false, its default,
+    hashes as the configs made before the key existed did, so their runs still resume."""
+    from omegaconf import OmegaConf, open_dict
+
+    from experiments.run import config_hash, engine_config
+
+    cfg = _compose()
+    assert cfg.engine.async_scheduling is False and engine_config(cfg).async_scheduling is False
+    older = OmegaConf.create(OmegaConf.to_container(cfg))
+    with open_dict(older):
+        del older.engine["async_scheduling"]
+    assert config_hash(cfg) == config_hash(older)
+    on = _compose("engine.async_scheduling=true")
+    assert engine_config(on).async_scheduling is True and config_hash(on) != config_hash(cfg)

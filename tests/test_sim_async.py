@@ -22,7 +22,7 @@ def _runs(tmp_path, host_s: float):
               f"sim.step_overhead_s={host_s}"]
     out = {}
     for mode in ("sync", "async"):
-        s = run_experiment(config(*common, f"++engine.async_scheduling={mode == 'async'}"), tmp_path / mode)
+        s = run_experiment(config(*common, f"engine.async_scheduling={mode == 'async'}"), tmp_path / mode)
         out[mode] = (s, pd.read_parquet(tmp_path / mode / "steps.parquet"))
     return out
 
@@ -107,7 +107,7 @@ def test_runner_kind_follows_async_scheduling():
 
     base = ["mode=simulate", "model=tiny-llama", "allocator=paged", "engine.kv_cache_tokens=4096"]
     assert type(build_engine(config(*base)).runner) is SimRunner
-    assert type(build_engine(config(*base, "++engine.async_scheduling=true")).runner) is AsyncSimRunner
+    assert type(build_engine(config(*base, "engine.async_scheduling=true")).runner) is AsyncSimRunner
 
 
 def test_host_and_device_parts_add_up_to_the_step_time():

@@ -47,7 +47,7 @@ CASES = {
                        "engine.max_num_seqs=4", "workload.num_requests=12", "workload.turns=3", "workload.input_len=96", "workload.output_len=16",
                        "workload.prefix_hit_rate=0.75", "engine.enable_prefix_caching=true"],
     # asynchronous scheduling: stops seen a step late, the same way in both
-    "paged-async": ["allocator=paged", "allocator.args.block_size=8", "++engine.async_scheduling=true",
+    "paged-async": ["allocator=paged", "allocator.args.block_size=8", "engine.async_scheduling=true",
                     "engine.enable_prefix_caching=true", *UNIFORM],
     # concurrent requests with two shared 96-token prefixes (12 pages of 8 tokens): live slots map
     # the pages other slots computed; a small token budget spreads the first prefills over steps
