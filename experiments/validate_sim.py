@@ -273,6 +273,18 @@ def main(argv: list[str] | None = None) -> int:
     return _write(pd.DataFrame(rows), out, name)
 
 
+def _tally(df) -> str:
+    """How many checked figures are within target: time figures (by tolerance) and the ones that
+    must be exact, apart."""
+    checked = df[df["ok"].notna()]
+    exact = checked["target"].astype(float) == 0
+    parts = []
+    for what, rows in (("time figures", checked[~exact]), ("exact figures", checked[exact])):
+        if len(rows):
+            parts.append(f"{int((rows['ok'] == True).sum())} of {len(rows)} {what}")  # noqa: E712
+    return ", ".join(parts) + " within target" if parts else "no checked figures"
+
+
 def _write(df, out: Path, name: str = "validation") -> int:
     from experiments.atomic import write_csv, write_text
 
@@ -280,10 +292,8 @@ def _write(df, out: Path, name: str = "validation") -> int:
     write_csv(out / f"{name}.csv", df)
     write_text(out / f"{name}.md", markdown(df))
     plot(df, out / f"{name}.png")
-    checked = df[df["ok"].notna()]
-    good = int((checked["ok"] == True).sum())  # noqa: E712
     print(markdown(df))
-    print(f"{good} of {len(checked)} checked figures within target -> {out}")
+    print(f"{_tally(df)} -> {out}")
     return 0
 
 

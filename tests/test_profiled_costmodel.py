@@ -447,3 +447,12 @@ def test_host_time_of_prefill_steps_by_how_they_run():
     assert m.host_time([(1, 300)] * 8) == pytest.approx(2e-4, rel=0.02)
     assert m.host_time([(128, 128)] + [(1, 300)] * 7) == pytest.approx(5e-4, rel=0.02)
     assert m.host_time([(4096, 4096)] + [(1, 300)] * 7) == pytest.approx(9e-4, rel=0.02)
+
+
+def test_validation_tally_counts_time_and_exact_figures_apart():
+    from experiments.validate_sim import _tally
+
+    df = pd.DataFrame(dict(metric=["a", "b", "c", "d", "e"], target=[0.05, 0.15, 0.0, 0.0, None],
+                           ok=[True, False, True, True, None]))
+    assert _tally(df) == "1 of 2 time figures, 2 of 2 exact figures within target"
+    assert _tally(df[df["metric"] == "e"]) == "no checked figures"
