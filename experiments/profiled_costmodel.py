@@ -463,28 +463,25 @@ class ProfiledCostModel:
         if padded is not None:
             kind = "graph"
         else:
-            tokens = sum(q for q, _ in work)
-            kind = self.step_kind(len(work), tokens - sum(1 for q, _ in work if q == 1),
-                                  sum(1 for q, _ in work if q == 1))
+            decodes = sum(1 for q, _ in work if q == 1)
+            kind = self.step_kind(len(work), sum(q for q, _ in work) - decodes, decodes)
         return self.host_tables[kind](len(work))
 
     def step_time(self, work: list[tuple[int, int]], num_sampled: int | None = None, vmm_maps: int = 0,
                   vmm_unmaps: int = 0) -> float:
         """Seconds for one engine step: device time + host time (+ VMM page maps and unmaps on
         the step's path)."""
-        if not work:
-            return 0.0
-        maps = vmm_maps * self.map_s + vmm_unmaps * self.unmap_s  # counted by simulate's MapCounter
-        padded = self.graph_batch(work)  # graph or eager: decided once for both parts
-        return self.device_time(work, num_sampled, padded) + self.host_time(work, padded) + maps
+        host, device = self.host_device_time(work, num_sampled, vmm_maps, vmm_unmaps)
+        return device + host
 
     def host_device_time(self, work: list[tuple[int, int]], num_sampled: int | None = None, vmm_maps: int = 0,
                          vmm_unmaps: int = 0) -> tuple[float, float]:
         """``step_time`` as (host seconds, device seconds): host work and the VMM calls made on
-        the scheduling thread, then the device's (what asynchronous scheduling overlaps)."""
+        the scheduling thread (counted by simulate's MapCounter), then the device's (what
+        asynchronous scheduling overlaps)."""
         if not work:
             return 0.0, 0.0
-        padded = self.graph_batch(work)
+        padded = self.graph_batch(work)  # graph or eager: decided once for both parts
         maps = vmm_maps * self.map_s + vmm_unmaps * self.unmap_s
         return self.host_time(work, padded) + maps, self.device_time(work, num_sampled, padded)
 
