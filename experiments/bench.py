@@ -3,7 +3,9 @@
 N requests of random token ids, input lengths uniform in [lo, hi], fixed output length,
 ignore_eos; every allocator and HF's continuous batching (``generate_batch``) run on the
 same prompts in one process, with a device copy bandwidth measured in the same run for the
-decode roofline: (weight bytes + KV bytes read per step) / copy bandwidth.
+decode roofline: (weight bytes + KV bytes read per step) / copy bandwidth, and with a bf16
+matmul rate measured in the same run for the per-phase floor (``experiments/floors.py``: the
+GEMMs at 256 sequences are compute-bound, which the roofline does not count).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import torch
 from engine import LLMEngine, SamplingParams
 from engine.config import EngineConfig
 from engine.loader import resolve_config
+from experiments.floors import phase_floor_s
 from experiments.tables import markdown_table
 
 
@@ -93,10 +96,14 @@ def run_kvlab(model: str, allocator: str, allocator_args: dict, prompts, output_
     full = decode[decode.num_seqs == decode.num_seqs.max()] if len(decode) else decode
     if len(full):
         ideal = (weight_bytes + full.context_tokens * bpt) / args.copy_bw
+        phase = full.context_tokens.map(lambda ctx: phase_floor_s(engine.model, int(full.num_seqs.iloc[0]), ctx * bpt,
+                                                                  args.copy_bw, args.matmul_flops))
         res.update(full_batch=int(full.num_seqs.iloc[0]), full_batch_steps=len(full),
                    decode_step_ms=1000 * float(full.duration.median()),
                    roofline_step_ms=1000 * float(ideal.median()),
                    roofline_frac=float((ideal / full.duration).median()),
+                   phase_floor_step_ms=1000 * float(phase.median()),
+                   phase_floor_frac=float((phase / full.duration).median()),
                    host_ms_per_decode_step=1000 * float(full.host_s.median()))
     vmm1 = _vmm_counters(engine.allocator)
     if vmm1:  # virtual: the driver's map/unmap time of the timed run, on the step's path and behind it
@@ -196,7 +203,11 @@ def main(argv: list[str] | None = None) -> int:
     lo, hi = (int(x) for x in args.input_len.split(":"))
     device = torch.cuda.get_device_name()
     args.copy_bw = copy_bandwidth("cuda")
-    print(f"device: {device}; copy bandwidth {args.copy_bw / 1e9:.0f} GB/s", flush=True)
+    from experiments.bench_prefill import matmul_tflops
+
+    args.matmul_flops = matmul_tflops() * 1e12
+    print(f"device: {device}; copy bandwidth {args.copy_bw / 1e9:.0f} GB/s, bf16 matmul "
+          f"{args.matmul_flops / 1e12:.0f} TFLOP/s", flush=True)
     rows = []
     for model in args.models.split(","):
         mc = resolve_config(model)
@@ -222,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     df = pd.DataFrame(rows)
     df["device"] = device
     df["copy_bw_GBps"] = args.copy_bw / 1e9
+    df["matmul_TFLOPs"] = args.matmul_flops / 1e12
     for model in df.model.unique():
         hf_rate = df[(df.model == model) & (df.engine == "hf-generate_batch")]["output_tok_s"]
         if len(hf_rate) and hf_rate.notna().all():
@@ -231,11 +243,13 @@ def main(argv: list[str] | None = None) -> int:
     tag = device.replace(" ", "_")
     df.to_csv(out / f"throughput_{tag}.csv", index=False)
     cols = [c for c in ["model", "engine", "allocator", "tensor_parallel_size", "output_tok_s", "x_hf", "wall_s", "full_batch",
-                        "decode_step_ms", "roofline_step_ms", "roofline_frac", "host_ms_per_decode_step",
+                        "decode_step_ms", "roofline_step_ms", "roofline_frac", "phase_floor_step_ms", "phase_floor_frac",
+                        "host_ms_per_decode_step",
                         "vmm_critical_ms_per_step", "vmm_background_ms", "kv_capacity_tokens", "preemptions",
                         "error"] if c in df]
     print(df[cols].to_string(index=False))
     (out / f"throughput_{tag}.md").write_text(
-        f"# Throughput, {device}\n\ncopy bandwidth {args.copy_bw / 1e9:.0f} GB/s\n\n"
+        f"# Throughput, {device}\n\ncopy bandwidth {args.copy_bw / 1e9:.0f} GB/s, bf16 matmul "
+        f"{args.matmul_flops / 1e12:.0f} TFLOP/s\n\n"
         f"command: `kvlab bench {' '.join(argv or [])}`\n\n" + markdown_table(df[cols]) + "\n")
     return 0

@@ -27,16 +27,10 @@ import torch
 from engine import LLMEngine, SamplingParams
 from engine.config import EngineConfig
 from experiments.bench import copy_bandwidth
+from experiments.floors import memory_floor_s
 from experiments.tables import markdown_table
 
 PROMPT = 512
-
-
-def streamed_weight_bytes(model) -> int:
-    """Bytes a decode step reads of the weights: all of them but an untied embedding table."""
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
-    emb = model.model.embed_tokens.weight
-    return total if emb is model.lm_head.weight else total - emb.numel() * emb.element_size()
 
 
 def _drain(engine: LLMEngine) -> None:
@@ -50,7 +44,7 @@ def _prompt(i: int, n: int, vocab: int) -> list[int]:
     return rng.integers(4, vocab, size=n).tolist()
 
 
-def decode_rows(engine: LLMEngine, batch: int, steps: int, copy_bw: float, weights: int) -> list[dict]:
+def decode_rows(engine: LLMEngine, batch: int, steps: int, copy_bw: float) -> list[dict]:
     rows = []
     vocab = engine.model_config.vocab_size
     for mode in ("sync", "async"):
@@ -70,7 +64,7 @@ def decode_rows(engine: LLMEngine, batch: int, steps: int, copy_bw: float, weigh
         per_token = (time.perf_counter() - t0) / steps
         _drain(engine)
         ctx = PROMPT + 5 + steps // 2
-        floor = (weights + batch * ctx * engine.kv_spec.bytes_per_token) / copy_bw
+        floor = memory_floor_s(engine.model, batch * ctx * engine.kv_spec.bytes_per_token, copy_bw)
         rows.append(dict(kind="decode", scheduling=mode, batch=batch, tokens=batch, ms=per_token * 1e3,
                          floor_ms=floor * 1e3, floor_pct=100 * floor / per_token))
     engine.config.async_scheduling = False
@@ -136,9 +130,8 @@ def main(argv: list[str] | None = None) -> int:
                      graph_mode=engine.config.cuda_graph_mode,
                      mixed_graphs_capture_s=round(pw.capture_s, 1) if pw else None)
         print(start, flush=True)
-        weights = streamed_weight_bytes(engine.model)
         for b in (int(x) for x in a.batches.split(",")):
-            rows += [dict(model=model, **r) for r in decode_rows(engine, b, a.steps, bw, weights)]
+            rows += [dict(model=model, **r) for r in decode_rows(engine, b, a.steps, bw)]
         for n in (int(x) for x in a.prefill_tokens.split(",")):
             for decodes in (0, 8):
                 rows += [dict(model=model, **r) for r in prefill_rows(engine, n, decodes, a.reps)]

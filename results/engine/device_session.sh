@@ -12,6 +12,12 @@
 #   bash results/engine/device_session.sh verify      # GPU tests (engine, kernels, VMM) after the prefill-kernel
 #                                                     # and virtual start-up pre-mapping changes + bench_prefill
 #   bash results/engine/device_session.sh e2e         # bench throughput paged vs virtual, both models
+# Session of 2026-12-02 (seventh):
+#   bash results/engine/device_session.sh async7      # GPU engine tests with full graphs as the default; where a
+#                                                     # full-batch decode step goes, sync vs async (profile_step);
+#                                                     # bench throughput llama3-8b paged sync vs async (phase floor)
+#   bash results/engine/device_session.sh latency7    # GPU kernel/VMM/kv-axes tests, bench_latency (full graphs vs
+#                                                     # eager), kvlab profile's full_forward after the grid change
 # Outputs accumulate in $KVE (default /tmp/kve) on the machine; each part tars them into $OUT.
 set -uo pipefail
 part=${1:?tests or throughput}
@@ -74,6 +80,28 @@ measure)
     done
     timeout 200 python3 -m experiments.cli bench throughput --models qwen3-0.6b --no-hf \
         --out "$runs/throughput_qwen3-0.6b_premap8" 2>&1 | tee "$runs/throughput_qwen3-0.6b_premap8.log" | grep "^|" | tail -5
+    ;;
+async7)
+    timeout 280 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=15 tests/test_gpu_engine.py \
+        2>&1 | tee "$runs/gpu_tests_engine.log" | tail -22
+    for sched in "" "--async-scheduling"; do
+        timeout 90 python3 -m experiments.profile_step --model llama3-8b --batch 256 --prompt-len 800 $sched \
+            2>&1 | tee "$runs/profile_step_llama3-8b_b256${sched:+_async}.log" | grep -v "^ " | grep -iv "^-\|^name" | tail -12
+    done
+    for sched in "" "--async-scheduling"; do
+        timeout 110 python3 -m experiments.cli bench throughput --models llama3-8b --no-hf --allocators paged $sched \
+            --out "$runs/throughput_llama3-8b${sched:+_async}" 2>&1 | tee "$runs/throughput_llama3-8b${sched:+_async}.log" \
+            | grep -v "^{" | tail -3
+    done
+    ;;
+latency7)
+    timeout 170 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=10 tests/test_gpu_kv_axes.py \
+        tests/test_kernels_triton.py tests/test_vmm_cuda.py 2>&1 | tee "$runs/gpu_tests_rest.log" | tail -16
+    timeout 170 python3 -m experiments.bench_latency --models qwen3-0.6b,llama3-8b --out "$runs" \
+        2>&1 | tee "$runs/bench_latency.log" | grep -v "^{" | tail -40
+    timeout 220 python3 -m experiments.cli profile --skip host,gemm,copy,vmm --out "$runs/profile.parquet" \
+        --merge results/profiles/nvidia-h200.parquet \
+        2>&1 | tee "$runs/profile.log" | tail -5
     ;;
 esac
 tar -czf "$out/kve-$part.tgz" -C "$runs" .
