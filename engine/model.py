@@ -242,4 +242,6 @@ class CausalLM(nn.Module):
             layer.self_attn.calibrate = granularity
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        """Logits in the model's dtype: greedy steps take their argmax as they are (the same
+        token as in float32); the sampler widens them where it needs probabilities."""
+        return self.lm_head(hidden)

@@ -246,3 +246,31 @@ def test_a_closed_engine_is_collected_after_start_up_froze_it():
         assert model() is None
     finally:
         gc.unfreeze()
+
+
+def test_greedy_sampling_takes_bf16_logits_as_they_are():
+    """Greedy steps argmax the model-dtype logits (no float32 copy); the result is float32's, and
+    min_tokens and logprobs still work (those widen)."""
+    from types import SimpleNamespace
+
+    from engine.sampler import Sampler
+
+    g = torch.Generator().manual_seed(0)
+    logits32 = torch.randn(6, 50, generator=g)
+    logits32[2, 7] = logits32[2].max() + 5  # the EOS is the argmax of row 2
+    logits = logits32.to(torch.bfloat16)
+
+    def seqs(**kw):
+        return [SimpleNamespace(params=SamplingParams(temperature=0, **kw), num_output_tokens=0, seq_id=i)
+                for i in range(6)]
+
+    s = Sampler("cpu")
+    tokens, lp = s.sample(logits.clone(), seqs(), eos_ids=[7])
+    assert lp is None and tokens.tolist() == logits.float().argmax(-1).tolist()
+    assert tokens[2] == 7
+    tokens, _ = s.sample(logits.clone(), seqs(min_tokens=1), eos_ids=[7])  # EOS banned at first
+    assert tokens[2] != 7 and tokens.tolist()[:2] == logits.float().argmax(-1).tolist()[:2]
+    tokens, lp = s.sample(logits.clone(), seqs(logprobs=2), eos_ids=[7])
+    assert lp.dtype == torch.float32
+    ref = torch.log_softmax(logits.float(), -1)
+    assert torch.allclose(lp[:, 0], ref.gather(1, tokens[:, None]).squeeze(1))

@@ -17,7 +17,9 @@
 #                                                     # full-batch decode step goes, sync vs async (profile_step);
 #                                                     # bench throughput llama3-8b paged sync vs async (phase floor)
 #   bash results/engine/device_session.sh latency7    # GPU kernel/VMM/kv-axes tests, bench_latency (full graphs vs
-#                                                     # eager), kvlab profile's full_forward after the grid change
+#                                                     # eager, after the attention grid change; decode b1/b8),
+#                                                     # bench throughput llama3-8b async, qwen3-0.6b sync vs async
+#                                                     # (after greedy sampling on bf16 logits)
 # Outputs accumulate in $KVE (default /tmp/kve) on the machine; each part tars them into $OUT.
 set -uo pipefail
 part=${1:?tests or throughput}
@@ -99,9 +101,13 @@ latency7)
         tests/test_kernels_triton.py tests/test_vmm_cuda.py 2>&1 | tee "$runs/gpu_tests_rest.log" | tail -16
     timeout 170 python3 -m experiments.bench_latency --models qwen3-0.6b,llama3-8b --out "$runs" \
         2>&1 | tee "$runs/bench_latency.log" | grep -v "^{" | tail -40
-    timeout 220 python3 -m experiments.cli profile --skip host,gemm,copy,vmm --out "$runs/profile.parquet" \
-        --merge results/profiles/nvidia-h200.parquet \
-        2>&1 | tee "$runs/profile.log" | tail -5
+    timeout 110 python3 -m experiments.cli bench throughput --models llama3-8b --no-hf --allocators paged --async-scheduling \
+        --out "$runs/throughput_llama3-8b_async" 2>&1 | tee "$runs/throughput_llama3-8b_async.log" | grep -v "^{" | tail -3
+    for sched in "" "--async-scheduling"; do
+        timeout 60 python3 -m experiments.cli bench throughput --models qwen3-0.6b --no-hf --allocators paged $sched \
+            --out "$runs/throughput_qwen3-0.6b${sched:+_async}" 2>&1 | tee "$runs/throughput_qwen3-0.6b${sched:+_async}.log" \
+            | grep -v "^{" | tail -3
+    done
     ;;
 esac
 tar -czf "$out/kve-$part.tgz" -C "$runs" .
