@@ -25,13 +25,15 @@ def test_rms_norm_with_and_without_residual(dtype, n):
     torch.testing.assert_close(got, want, atol=TOL[dtype], rtol=TOL[dtype])
 
 
+@pytest.mark.parametrize("heads", [(4, 2), (6, 3)], ids=["pow2-heads", "odd-heads"])
 @pytest.mark.parametrize("norm", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_qk_norm_rope_in_place_on_strided_views(norm, dtype):
+def test_qk_norm_rope_in_place_on_strided_views(norm, dtype, heads):
+    """Every head of every token, none past them (the tile of heads is padded to a power of two)."""
     from engine.rope import RotaryEmbedding
 
     g = torch.Generator().manual_seed(1)
-    t, hq, hkv, d = 5, 4, 2, 32
+    (hq, hkv), t, d = heads, 5, 32
     rope = RotaryEmbedding(d, 64, 10000.0, None).to(DEV)
     qkv = torch.randn(t, (hq + 2 * hkv) * d, generator=g).to(DEV, dtype)
     q, k, _ = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
