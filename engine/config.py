@@ -48,8 +48,12 @@ class EngineConfig:
     # full: one graph per size, attention captured too (engine/full_graphs.py; the step costs one
     # replay, not 2 L launches from Python); piecewise: attention runs eagerly between the graphs
     cuda_graph_mode: str = "full"
-    async_scheduling: bool = False  # overlap host work with the device: stops are seen one step late
-    # (works with prefix caching: a block is indexed once its last token is read back)
+    # overlap host work with the device (step N+1 launches before step N's tokens are read back;
+    # a stop is seen one step late). auto: on for an engine on one CUDA device and in simulate (it
+    # models one), off on CPU (nothing to overlap) and with tensor_parallel_size > 1; under auto,
+    # steps holding beam-search sequences run synchronously. Works with prefix caching (a block
+    # is indexed once its last token is read back). The experiments' config sets false.
+    async_scheduling: bool | str = "auto"
     seed: int = 0
     detokenize: bool = True
     record_memory: bool = True
@@ -73,6 +77,9 @@ class EngineConfig:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.async_scheduling not in (True, False, "auto"):
+            raise ValueError(f"async_scheduling must be true, false or auto (on for one CUDA device), "
+                             f"got {self.async_scheduling!r}")
         tp = self.tensor_parallel_size
         if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
             raise ValueError(f"tensor_parallel_size must be an integer >= 1 (1: one device), got {tp!r}")
@@ -128,6 +135,12 @@ class EngineConfig:
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError("device='cuda' but no CUDA device is visible: use device=cpu")
         return self.device
+
+    def resolved_async(self, device: str, simulate: bool = False) -> bool:
+        """Whether steps overlap host work with the device: ``async_scheduling``, auto resolved."""
+        if self.async_scheduling != "auto":
+            return bool(self.async_scheduling)
+        return (simulate or device.startswith("cuda")) and self.tensor_parallel_size == 1
 
     def resolved_kv_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
         return model_dtype if self.kv_cache_dtype == "auto" else KV_DTYPES[self.kv_cache_dtype]

@@ -74,6 +74,10 @@ class LLMEngine:
         self.dtype = config.resolved_dtype(self.device)
         self.max_model_len = config.max_model_len or min(mc.max_position_embeddings, 4096)
         simulate = runner_factory is not None
+        # auto resolved once, here (the runner factory and the steps read the bool); with auto a
+        # step holding beam-search sequences runs synchronously, with true they are refused
+        self.async_auto = config.async_scheduling == "auto"
+        config.async_scheduling = config.resolved_async(self.device, simulate)
         self.kv_dtype = config.resolved_kv_dtype(self.dtype)
         tp = config.tensor_parallel_size
         check_shardable(mc, tp)
@@ -162,6 +166,7 @@ class LLMEngine:
         # (step, tokens the live sequences hold) of each step that ran a batch (with record_memory)
         self.logical_tokens = ChunkedRows(2, np.int64)
         self._inflight = None  # async scheduling: the launched step whose tokens are not read yet
+        self._beam_requests = 0  # live beam-search requests: while any, steps run synchronously
         self._wait_s = 0.0
         self.output_processor = OutputProcessor(self.tokenizer if config.detokenize else None)
         self.isolator = FaultIsolator(self)
@@ -252,8 +257,8 @@ class LLMEngine:
         if params.stop and not has_text(self.tokenizer):  # stop strings would never match
             raise self.tokenizer.error("stop strings")
         if params.beam_width > 1:
-            if self.config.async_scheduling:
-                raise ValueError(f"request '{request_id}': beam search needs async_scheduling=False "
+            if self.config.async_scheduling and not self.async_auto:
+                raise ValueError(f"request '{request_id}': beam search needs async_scheduling=false or auto "
                                  "(beams are chosen from the step's tokens before the next step is scheduled)")
             if not self.allocator.supports_fork:
                 raise ValueError(f"request '{request_id}': beam search needs an allocator that can fork "
@@ -276,6 +281,8 @@ class LLMEngine:
         seqs = [Sequence(request_id, ids, params, self.max_model_len, arrival_time=arrival, index=i,
                          oracle_len=oracle_len) for i in range(params.num_seqs)]
         req = self.requests[request_id] = RequestState(request_id, text, ids, params, seqs, arrival)
+        if params.beam_width > 1:
+            self._beam_requests += 1
         self.output_processor.add(req)
         if self.output_processor.is_quiet(req, self.config.stream_outputs):
             for s in seqs:
@@ -370,8 +377,9 @@ class LLMEngine:
         batch = self._batch = self.scheduler.schedule(only)
         if self.config.record_memory:
             self._record_memory()
+        overlap = self.config.async_scheduling and not self._beam_requests
         t_exec = self.clock()
-        handle = self._launch(batch) if batch.seqs else None
+        handle = self._launch(batch, overlap) if batch.seqs else None
         t_launched = self.clock()
         context = self._advance(batch, start)
         sampled = None
@@ -379,16 +387,22 @@ class LLMEngine:
             sampled, handle = handle, None
         elif handle is not None:
             handle.positions = [seq.append_pending() for seq in handle.seqs]
-        if self.config.async_scheduling:
+        earlier = []
+        if overlap:
             handle, self._inflight = self._inflight, handle
+        elif self._inflight is not None:  # back to synchronous steps: the one in flight is read first
+            earlier = self._resolve(self._inflight)
+            self._inflight = None
         t_post = self.clock()
         if sampled is not None:
             outputs = self._resolve_sampled(sampled)
         else:
             outputs = self._resolve(handle) if handle is not None else []
+        if earlier:  # in order: a request may have an output of each step (deltas stay whole)
+            outputs = earlier + outputs
         now = self.clock()
         host = (t_exec - start) + getattr(self.runner, "last_prep_s", 0.0) + (t_post - t_launched)
-        if not self.config.async_scheduling:
+        if not overlap:
             host += now - t_post - (self._wait_s if handle is not None or sampled is not None else 0.0)
         sched = self.scheduler
         loaded = stored = 0
@@ -416,13 +430,13 @@ class LLMEngine:
 
     _tier_exposed_seen = 0.0
 
-    def _launch(self, batch):
+    def _launch(self, batch, overlap: bool):
         """A StepHandle; or, for a runner without a device (simulate) in synchronous mode, its
         list of (seq, token, logprob) as it is."""
         if hasattr(self.runner, "launch"):
             return self.runner.launch(batch, self._inflight)
         sampled = self.runner.execute(batch)
-        return StepHandle.done(sampled) if self.config.async_scheduling else sampled
+        return StepHandle.done(sampled) if overlap else sampled
 
     def _advance(self, batch, start: float) -> int:
         """What the launched batch changes before its tokens are known; returns its context."""
@@ -669,5 +683,6 @@ class LLMEngine:
 
     def _retire(self, req: RequestState) -> None:
         req.finished = True
-        self.requests.pop(req.request_id, None)
+        if self.requests.pop(req.request_id, None) is not None and req.params.beam_width > 1:
+            self._beam_requests -= 1
         self.finished_requests.append(FinishedRequest.of(req))

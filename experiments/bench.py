@@ -44,6 +44,18 @@ def copy_bandwidth(device: str, nbytes: int = 1 << 30, iters: int = 20) -> float
     return 2 * nbytes / secs
 
 
+def add_async_arg(ap: argparse.ArgumentParser) -> None:
+    """``--async-scheduling [auto|true|false]`` (bare: true), the engine's default auto."""
+    ap.add_argument("--async-scheduling", nargs="?", const="true", default="auto", choices=["auto", "true", "false"],
+                    help="overlap host work with the device, a stop seen one step late (auto, the engine's "
+                         "default: on for one CUDA device; a bare flag: true)")
+
+
+def async_value(v: str) -> bool | str:
+    """EngineConfig.async_scheduling from ``--async-scheduling``."""
+    return v if v == "auto" else v == "true"
+
+
 def make_prompts(n: int, lo: int, hi: int, vocab: int, seed: int) -> list[list[int]]:
     rng = np.random.default_rng(seed)
     lens = rng.integers(lo, hi + 1, size=n)
@@ -55,7 +67,7 @@ def run_kvlab(model: str, allocator: str, allocator_args: dict, prompts, output_
                        max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                        max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager,
                        gpu_memory_utilization=args.gpu_memory_utilization, detokenize=False, stream_outputs=False,
-                       async_scheduling=args.async_scheduling, cuda_graph_max_tokens=args.cuda_graph_max_tokens,
+                       async_scheduling=async_value(args.async_scheduling), cuda_graph_max_tokens=args.cuda_graph_max_tokens,
                        cuda_graph_mode=args.cuda_graph_mode,
                        record_memory=False, seed=args.seed)
     t_init = time.perf_counter()
@@ -84,7 +96,7 @@ def run_kvlab(model: str, allocator: str, allocator_args: dict, prompts, output_
     # one GPU's weights and KV bytes (rank 0's shard under tensor parallelism): the roofline is per GPU
     weight_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
     bpt = engine.allocator.bytes_per_token
-    res = dict(engine="kvlab-async" if args.async_scheduling else "kvlab", allocator=allocator, allocator_args=json.dumps(allocator_args),
+    res = dict(engine="kvlab-async" if engine.config.async_scheduling else "kvlab", allocator=allocator, allocator_args=json.dumps(allocator_args),
                tensor_parallel_size=tp, cuda_graph_max_tokens=args.cuda_graph_max_tokens,
                cuda_graph_mode=args.cuda_graph_mode,
                kv_pool_bytes_per_gpu=engine.kv_memory_summary()["kv_pool_bytes_per_gpu"],
@@ -190,8 +202,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="prefill/mixed steps up to this many tokens replay piecewise CUDA graphs (0: eager)")
     ap.add_argument("--cuda-graph-mode", default=EngineConfig.cuda_graph_mode, choices=["piecewise", "full"],
                     help="prefill/mixed steps: piecewise graphs (attention eager) or full graphs")
-    ap.add_argument("--async-scheduling", action="store_true",
-                    help="overlap host work with the device (stops seen one step late)")
+    add_async_arg(ap)
     ap.add_argument("--tensor-parallel-size", default="1",
                     help="GPUs per model, comma-separated to compare (e.g. 1,2): each runs every allocator")
     ap.add_argument("--no-hf", action="store_true", help="skip the HF transformers baseline")

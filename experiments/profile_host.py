@@ -35,7 +35,7 @@ def host_rows(model: str, allocator: str, args: dict, *, max_model_len: int, kv_
     eng = LLMEngine(EngineConfig(model=model, allocator=allocator, allocator_args=args, device=device,
                                  max_model_len=max_model_len, max_num_seqs=256, max_num_batched_tokens=8192,
                                  kv_cache_tokens=kv_cache_tokens, detokenize=False, stream_outputs=False,
-                                 seed=seed))
+                                 seed=seed, async_scheduling=False))  # as the experiments' config runs them
     timer = LaunchTimer(eng, cuda)
     rng = np.random.default_rng(seed)
     for phase, (n, plo, phi, olo, ohi) in enumerate(phases):

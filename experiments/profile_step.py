@@ -1,6 +1,6 @@
 """Profile engine steps on a GPU: top CUDA kernels of decode steps (torch.profiler).
 
-python -m experiments.profile_step --model qwen3-0.6b --batch 64 [--eager] [--async-scheduling]
+python -m experiments.profile_step --model qwen3-0.6b --batch 64 [--eager] [--async-scheduling [auto|true|false]]
 
 Besides the kernels, prints how busy the device was over the profiled steps (the union of its
 kernels' and copies' intervals against the wall time) and the CPU calls that waited for it
@@ -16,6 +16,7 @@ import torch
 
 from engine import LLMEngine, SamplingParams
 from engine.config import EngineConfig
+from experiments.bench import add_async_arg, async_value
 
 
 def main(argv=None) -> None:
@@ -26,12 +27,12 @@ def main(argv=None) -> None:
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--eager", action="store_true")
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--async-scheduling", action="store_true")
+    add_async_arg(ap)
     ap.add_argument("--trace", default="", help="write a Chrome trace of the profiled steps here")
     a = ap.parse_args(argv)
     eng = LLMEngine(EngineConfig(model=a.model, allocator=a.allocator, max_model_len=2048, max_num_seqs=a.batch,
                                  enforce_eager=a.eager, detokenize=False, record_memory=False,
-                                 async_scheduling=a.async_scheduling,
+                                 async_scheduling=async_value(a.async_scheduling),
                                  gpu_memory_utilization=0.5))
     for i in range(a.batch):
         eng.add_request(str(i), [5 + (i + j) % 1000 for j in range(a.prompt_len)],
@@ -47,7 +48,7 @@ def main(argv=None) -> None:
             eng.step()
         torch.cuda.synchronize()
     recs = eng.step_records[-a.steps:]
-    print(f"{a.model} {a.allocator} batch {a.batch} eager={a.eager} async={a.async_scheduling}: step "
+    print(f"{a.model} {a.allocator} batch {a.batch} eager={a.eager} async={eng.config.async_scheduling}: step "
           f"{1000 * sum(r.duration for r in recs) / len(recs):.2f} ms, host "
           f"{1000 * sum(r.host_s for r in recs) / len(recs):.3f} ms")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))

@@ -25,6 +25,7 @@ from pathlib import Path
 import httpx
 
 from experiments.atomic import write_json
+from experiments.bench import add_async_arg, async_value
 
 
 def _workload_args(a: argparse.Namespace) -> list[str]:
@@ -36,7 +37,7 @@ def _workload_args(a: argparse.Namespace) -> list[str]:
 def _engine_overrides(a: argparse.Namespace) -> dict:
     return dict(max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs,
                 max_num_batched_tokens=a.max_num_batched_tokens, gpu_memory_utilization=a.gpu_memory_utilization,
-                kv_cache_tokens=None, async_scheduling=a.async_scheduling)
+                kv_cache_tokens=None, async_scheduling=async_value(a.async_scheduling))
 
 
 def offline(a: argparse.Namespace) -> dict:
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.85)
-    ap.add_argument("--async-scheduling", action="store_true")
+    add_async_arg(ap)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--vocab-high", type=int, default=1000, help="prompt token ids uniform in [10, this)")
     ap.add_argument("--out", default="results/serving")

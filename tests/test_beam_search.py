@@ -50,8 +50,50 @@ def test_beam_params():
 def test_async_scheduling_is_refused():
     e = LLMEngine(EngineConfig(model="tiny-llama", kv_cache_tokens=C, max_model_len=M, device="cpu",
                                async_scheduling=True, detokenize=False))
-    with pytest.raises(ValueError, match="async_scheduling=False"):
+    with pytest.raises(ValueError, match="async_scheduling=false or auto"):
         e.add_request("a", [5, 6, 7], SamplingParams(beam_width=2, temperature=0))
+
+
+def test_auto_async_runs_beam_steps_synchronously(reference, monkeypatch):
+    """async_scheduling=auto as on a GPU (resolved on): plain requests overlap; once a beam-search
+    request is live the steps are synchronous (the one in flight read first, its outputs kept),
+    and they overlap again after it. Every request gets the tokens of a synchronous engine."""
+    monkeypatch.setattr(EngineConfig, "resolved_async", lambda self, device, simulate=False: True)
+    prompt, want = reference
+    plain = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+
+    def run(e: LLMEngine) -> tuple[dict, list[bool]]:
+        overlapped, outs = [], {}
+        e.add_request("p0", [7, 8, 9, 10], plain)
+        e.add_request("p1", [3, 1, 4, 1, 5], plain)
+        for i in range(40):
+            if i == 3:
+                e.add_request("beam", prompt, SamplingParams(beam_width=K, max_tokens=O, temperature=0,
+                                                             ignore_eos=True, logprobs=0))
+            if i == 5:
+                e.add_request("p2", [2, 7, 1, 8], plain)
+            for o in e.step():
+                outs.setdefault(o.request_id, []).append(o)
+            overlapped.append(e._inflight is not None)
+            if not e.has_unfinished_requests() and i > 5:
+                break
+        return outs, overlapped
+
+    auto = LLMEngine(EngineConfig(model="tiny-llama", kv_cache_tokens=C, max_model_len=M, device="cpu",
+                                  detokenize=False))
+    assert auto.async_auto and auto.config.async_scheduling is True
+    got, overlapped = run(auto)
+    monkeypatch.undo()
+    sync = tiny("paged", block_size=16)
+    assert sync.config.async_scheduling is False  # auto on a CPU
+    ref, _ = run(sync)
+    assert overlapped[:3] == [True] * 3 and not any(overlapped[3:3 + O]) and overlapped[-2]
+    for rid in ("p0", "p1", "p2"):
+        assert got[rid][-1].finished and got[rid][-1].outputs[0].token_ids == ref[rid][-1].outputs[0].token_ids
+    beams = [list(c.token_ids) for c in got["beam"][-1].outputs]
+    assert got["beam"][-1].finished and beams == [list(c.token_ids) for c in ref["beam"][-1].outputs]
+    assert beams[0] == want[0][0]  # the brute-force search's best beam
+    assert auto._beam_requests == 0 and auto.allocator.num_free_blocks == auto.allocator.num_blocks  # all back
 
 
 # --------------------------------------------------------------------------- the tiny model

@@ -274,3 +274,19 @@ def test_greedy_sampling_takes_bf16_logits_as_they_are():
     assert lp.dtype == torch.float32
     ref = torch.log_softmax(logits.float(), -1)
     assert torch.allclose(lp[:, 0], ref.gather(1, tokens[:, None]).squeeze(1))
+
+
+def test_async_scheduling_auto_is_on_for_one_cuda_device_and_in_simulate():
+    from engine.config import EngineConfig
+
+    c = EngineConfig()
+    assert c.async_scheduling == "auto"
+    assert c.resolved_async("cuda") and c.resolved_async("cuda:0") and c.resolved_async("cpu", simulate=True)
+    assert not c.resolved_async("cpu")
+    assert not EngineConfig(tensor_parallel_size=2).resolved_async("cuda")
+    assert EngineConfig(async_scheduling=True).resolved_async("cpu")
+    assert not EngineConfig(async_scheduling=False).resolved_async("cuda")
+    with pytest.raises(ValueError, match="async_scheduling must be true, false or auto"):
+        EngineConfig(async_scheduling="yes")
+    e = LLM(model="tiny-llama", device="cpu", kv_cache_tokens=256, max_model_len=64).engine
+    assert e.async_auto and e.config.async_scheduling is False  # resolved once, at start-up
