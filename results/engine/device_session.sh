@@ -20,6 +20,9 @@
 #                                                     # eager, after the attention grid change; decode b1/b8),
 #                                                     # bench throughput llama3-8b async, qwen3-0.6b sync vs async
 #                                                     # (after greedy sampling on bf16 logits)
+#   bash results/engine/device_session.sh auto7       # after async_scheduling=auto became the default and RoPE went
+#                                                     # to one program a token: fused-op and GPU engine/serving tests,
+#                                                     # bench throughput (default scheduling), profile_step b256
 # Outputs accumulate in $KVE (default /tmp/kve) on the machine; each part tars them into $OUT.
 set -uo pipefail
 part=${1:?tests or throughput}
@@ -108,6 +111,17 @@ latency7)
             --out "$runs/throughput_qwen3-0.6b${sched:+_async}" 2>&1 | tee "$runs/throughput_qwen3-0.6b${sched:+_async}.log" \
             | grep -v "^{" | tail -3
     done
+    ;;
+auto7)
+    timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_fused_ops.py 2>&1 | tee "$runs/fused_ops_tests.log" | tail -3
+    timeout 250 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=8 tests/test_gpu_engine.py \
+        tests/test_gpu_serving.py 2>&1 | tee "$runs/gpu_tests_engine_serving.log" | tail -12
+    for m in llama3-8b qwen3-0.6b; do
+        timeout 110 python3 -m experiments.cli bench throughput --models $m --no-hf --allocators paged \
+            --out "$runs/throughput_$m" 2>&1 | tee "$runs/throughput_$m.log" | grep -v "^{" | tail -3
+    done
+    timeout 60 python3 -m experiments.profile_step --model llama3-8b --batch 256 --prompt-len 800 \
+        2>&1 | tee "$runs/profile_step_llama3-8b_b256_auto.log" | grep -v "^ " | grep -iv "^-\\|^name" | tail -8
     ;;
 esac
 tar -czf "$out/kve-$part.tgz" -C "$runs" .
