@@ -121,7 +121,7 @@ auto7)
             --out "$runs/throughput_$m" 2>&1 | tee "$runs/throughput_$m.log" | grep -v "^{" | tail -3
     done
     timeout 60 python3 -m experiments.profile_step --model llama3-8b --batch 256 --prompt-len 800 \
-        2>&1 | tee "$runs/profile_step_llama3-8b_b256_auto.log" | grep -v "^ " | grep -iv "^-\\|^name" | tail -8
+        2>&1 | tee "$runs/profile_step_llama3-8b_b256_auto.log" | grep -v "^ " | grep -iv "^-\|^name" | tail -8
     ;;
 esac
 tar -czf "$out/kve-$part.tgz" -C "$runs" .
