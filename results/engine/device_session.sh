@@ -31,6 +31,12 @@ runs=${KVE:-/tmp/kve}
 mkdir -p "$out" "$runs"
 { date -u; hostname; nvidia-smi --query-gpu=name,uuid,driver_version --format=csv,noheader; lscpu | grep "Model name"; } \
     | tee -a "$runs/machine.txt"
+tput() {  # MODEL TIMEOUT NAME [bench flags]: one paged bench throughput run into $runs/NAME, its table shown
+    local m=$1 t=$2 name=$3
+    shift 3
+    timeout "$t" python3 -m experiments.cli bench throughput --models "$m" --no-hf --allocators paged "$@" \
+        --out "$runs/$name" 2>&1 | tee "$runs/$name.log" | grep -v "^{" | tail -3
+}
 case $part in
 tests)
     timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_engine.py tests/test_gpu_kv_axes.py \
@@ -86,40 +92,32 @@ measure)
     timeout 200 python3 -m experiments.cli bench throughput --models qwen3-0.6b --no-hf \
         --out "$runs/throughput_qwen3-0.6b_premap8" 2>&1 | tee "$runs/throughput_qwen3-0.6b_premap8.log" | grep "^|" | tail -5
     ;;
-async7)
+async7)  # (sched false: synchronous; the scripts' default was synchronous then)
     timeout 280 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=15 tests/test_gpu_engine.py \
         2>&1 | tee "$runs/gpu_tests_engine.log" | tail -22
-    for sched in "" "--async-scheduling"; do
-        timeout 90 python3 -m experiments.profile_step --model llama3-8b --batch 256 --prompt-len 800 $sched \
-            2>&1 | tee "$runs/profile_step_llama3-8b_b256${sched:+_async}.log" | grep -v "^ " | grep -iv "^-\|^name" | tail -12
+    for sched in false true; do
+        sfx=$([ $sched = true ] && echo _async)
+        timeout 90 python3 -m experiments.profile_step --model llama3-8b --batch 256 --prompt-len 800 \
+            --async-scheduling $sched 2>&1 | tee "$runs/profile_step_llama3-8b_b256$sfx.log" | grep -v "^ " \
+            | grep -iv "^-\|^name" | tail -12
     done
-    for sched in "" "--async-scheduling"; do
-        timeout 110 python3 -m experiments.cli bench throughput --models llama3-8b --no-hf --allocators paged $sched \
-            --out "$runs/throughput_llama3-8b${sched:+_async}" 2>&1 | tee "$runs/throughput_llama3-8b${sched:+_async}.log" \
-            | grep -v "^{" | tail -3
-    done
+    for sched in false true; do tput llama3-8b 110 throughput_llama3-8b$([ $sched = true ] && echo _async) \
+        --async-scheduling $sched; done
     ;;
 latency7)
     timeout 170 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=10 tests/test_gpu_kv_axes.py \
         tests/test_kernels_triton.py tests/test_vmm_cuda.py 2>&1 | tee "$runs/gpu_tests_rest.log" | tail -16
     timeout 170 python3 -m experiments.bench_latency --models qwen3-0.6b,llama3-8b --out "$runs" \
         2>&1 | tee "$runs/bench_latency.log" | grep -v "^{" | tail -40
-    timeout 110 python3 -m experiments.cli bench throughput --models llama3-8b --no-hf --allocators paged --async-scheduling \
-        --out "$runs/throughput_llama3-8b_async" 2>&1 | tee "$runs/throughput_llama3-8b_async.log" | grep -v "^{" | tail -3
-    for sched in "" "--async-scheduling"; do
-        timeout 60 python3 -m experiments.cli bench throughput --models qwen3-0.6b --no-hf --allocators paged $sched \
-            --out "$runs/throughput_qwen3-0.6b${sched:+_async}" 2>&1 | tee "$runs/throughput_qwen3-0.6b${sched:+_async}.log" \
-            | grep -v "^{" | tail -3
-    done
+    tput llama3-8b 110 throughput_llama3-8b_async --async-scheduling true
+    for sched in false true; do tput qwen3-0.6b 60 throughput_qwen3-0.6b$([ $sched = true ] && echo _async) \
+        --async-scheduling $sched; done
     ;;
 auto7)
     timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_fused_ops.py 2>&1 | tee "$runs/fused_ops_tests.log" | tail -3
     timeout 250 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=8 tests/test_gpu_engine.py \
         tests/test_gpu_serving.py 2>&1 | tee "$runs/gpu_tests_engine_serving.log" | tail -12
-    for m in llama3-8b qwen3-0.6b; do
-        timeout 110 python3 -m experiments.cli bench throughput --models $m --no-hf --allocators paged \
-            --out "$runs/throughput_$m" 2>&1 | tee "$runs/throughput_$m.log" | grep -v "^{" | tail -3
-    done
+    for m in llama3-8b qwen3-0.6b; do tput $m 110 throughput_$m; done  # default scheduling: auto (async)
     timeout 60 python3 -m experiments.profile_step --model llama3-8b --batch 256 --prompt-len 800 \
         2>&1 | tee "$runs/profile_step_llama3-8b_b256_auto.log" | grep -v "^ " | grep -iv "^-\|^name" | tail -8
     ;;
