@@ -1,6 +1,7 @@
 """LLMEngine: requests in, one scheduling iteration per ``step()``, outputs out."""
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import time
@@ -67,7 +68,8 @@ class LLMEngine:
         **overrides,
     ):
         """``runner_factory`` replaces the model (simulate mode): no weights, no KV tensors."""
-        self.config = config = config or EngineConfig(**overrides)
+        # a copy: auto is resolved into it below, and a caller may build another engine from theirs
+        self.config = config = dataclasses.replace(config) if config else EngineConfig(**overrides)
         self.clock = clock or time.perf_counter
         self.model_config = mc = model_config or resolve_config(config.model, config.hf_overrides)
         self.device = config.resolved_device()
@@ -167,6 +169,7 @@ class LLMEngine:
         self.logical_tokens = ChunkedRows(2, np.int64)
         self._inflight = None  # async scheduling: the launched step whose tokens are not read yet
         self._beam_requests = 0  # live beam-search requests: while any, steps run synchronously
+        self._earlier: list[RequestOutput] = []  # outputs of a step read back before this step's own
         self._wait_s = 0.0
         self.output_processor = OutputProcessor(self.tokenizer if config.detokenize else None)
         self.isolator = FaultIsolator(self)
@@ -360,6 +363,7 @@ class LLMEngine:
         that make it fail are found and failed alone (``FaultIsolator``); the others go on.
         """
         only = self.isolator.begin_step()
+        self._earlier = []
         try:
             outputs = self._step(only)
         except FatalEngineError:
@@ -367,7 +371,8 @@ class LLMEngine:
         except Exception as e:
             if FaultIsolator.is_fatal(e):
                 raise FatalEngineError(f"unrecoverable device error: {e!r}") from e
-            return self.isolator.step_failed(e)
+            # outputs of the step in flight, read before this one failed (requests may have retired)
+            return self._earlier + self.isolator.step_failed(e)
         self.isolator.step_succeeded()
         return outputs
 
@@ -387,12 +392,12 @@ class LLMEngine:
             sampled, handle = handle, None
         elif handle is not None:
             handle.positions = [seq.append_pending() for seq in handle.seqs]
-        earlier = []
+        earlier, earlier_wait = [], 0.0
         if overlap:
             handle, self._inflight = self._inflight, handle
         elif self._inflight is not None:  # back to synchronous steps: the one in flight is read first
-            earlier = self._resolve(self._inflight)
-            self._inflight = None
+            earlier = self._earlier = self._resolve(self._inflight)
+            self._inflight, earlier_wait = None, self._wait_s
         t_post = self.clock()
         if sampled is not None:
             outputs = self._resolve_sampled(sampled)
@@ -401,7 +406,7 @@ class LLMEngine:
         if earlier:  # in order: a request may have an output of each step (deltas stay whole)
             outputs = earlier + outputs
         now = self.clock()
-        host = (t_exec - start) + getattr(self.runner, "last_prep_s", 0.0) + (t_post - t_launched)
+        host = (t_exec - start) + getattr(self.runner, "last_prep_s", 0.0) + (t_post - t_launched) - earlier_wait
         if not overlap:
             host += now - t_post - (self._wait_s if handle is not None or sampled is not None else 0.0)
         sched = self.scheduler

@@ -31,7 +31,8 @@ def streaming_engine(kind: str, max_len: int = 4096, stop: list[str] | None = No
     engine process sets up its engine (before any request: token ids only, packed outputs)."""
     cfg = EngineConfig(model="tiny-llama", allocator="paged", max_model_len=max_len, max_num_seqs=NUM_SEQS,
                        max_num_batched_tokens=NUM_SEQS * PROMPT, kv_cache_tokens=NUM_SEQS * max_len,
-                       record_memory=False, stream_outputs=True)
+                       record_memory=False, stream_outputs=True, async_scheduling=False)  # the host-only
+    # runner computes its tokens at once: the synchronous host path (the serving engine overlaps it on a GPU)
     engine = LLMEngine(cfg, runner_factory=lambda a: HostOnlyRunner(a, NUM_SEQS, max_len, token=3 + ord("a")))
     if core:
         EngineCore(engine, lambda msg: None)

@@ -308,3 +308,33 @@ def test_a_beam_that_stops_keeps_its_place(reference):
     assert all(c.token_ids[-1] == stop for c in out.outputs if c.finish_reason == "stop")
     assert all(len(c.token_ids) == O for c in out.outputs if c.finish_reason == "length")
     assert e.allocator.stats().token_states == 0 and e.allocator.num_free_blocks == C // 4
+
+
+def test_a_failed_switch_step_keeps_the_outputs_of_the_step_in_flight(monkeypatch):
+    """Back to synchronous steps, the step in flight is read first (a plain request may finish
+    there); if the new step then fails, that request's final output still reaches the caller."""
+    monkeypatch.setattr(EngineConfig, "resolved_async", lambda self, device, simulate=False: True)
+    e = LLMEngine(EngineConfig(model="tiny-llama", kv_cache_tokens=C, max_model_len=M, device="cpu",
+                               detokenize=False))
+    e.add_request("p0", [7, 8, 9, 10], SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
+    fails = [RuntimeError("beam step")]
+    beam_step = e._beam_step
+
+    def flaky(group):
+        if fails:
+            raise fails.pop()
+        return beam_step(group)
+
+    monkeypatch.setattr(e, "_beam_step", flaky)
+    finished = {}
+    for i in range(30):
+        if i == 2:
+            e.add_request("beam", [5], SamplingParams(beam_width=2, max_tokens=3, temperature=0, ignore_eos=True))
+        for o in e.step():
+            if o.finished:
+                finished[o.request_id] = o
+        if not e.has_unfinished_requests():
+            break
+    assert not fails  # the failure happened
+    assert "p0" in finished and len(finished["p0"].outputs[0].token_ids) == 2
+    assert "beam" in finished and not e.requests and e._beam_requests == 0

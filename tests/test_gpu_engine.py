@@ -106,7 +106,7 @@ def test_async_scheduling_equals_sync_on_gpu(tiny_bf16):
               SamplingParams(n=2, max_tokens=12, temperature=0.9, seed=3, ignore_eos=True)]
     common = dict(device="cuda", dtype="float32", max_model_len=512, max_num_seqs=16, kv_cache_tokens=8192)
     for p in params:
-        want = LLM(path, **common).generate(prompts, p)
+        want = LLM(path, async_scheduling=False, **common).generate(prompts, p)
         got = LLM(path, async_scheduling=True, **common).generate(prompts, p)
         assert [[c.token_ids for c in o.outputs] for o in got] == [[c.token_ids for c in o.outputs] for o in want]
 

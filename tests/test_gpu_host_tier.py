@@ -64,7 +64,7 @@ def test_greedy_outputs_identical_with_the_tier_on_and_off_on_cuda():
                   max_model_len=256, kv_cache_tokens=160, max_num_seqs=2, enable_prefix_caching=True, **kw)
         return llm, _conversations(llm)[0]
 
-    _, off = run()
+    _, off = run(async_scheduling=False)
     for kw in (dict(host_kv_cache_tokens=2048), dict(host_kv_cache_tokens=2048, async_scheduling=True,
                                                      host_transfer_blocks=4)):
         llm, on = run(**kw)

@@ -22,7 +22,7 @@ def _decoding_engine(allocator, args, record_memory):
     cfg = EngineConfig(model="tiny-llama", allocator=allocator, allocator_args=dict(args), max_model_len=4096,
                        max_num_seqs=NUM_SEQS, max_num_batched_tokens=NUM_SEQS * PROMPT,
                        kv_cache_tokens=NUM_SEQS * 4096, record_memory=record_memory, detokenize=False,
-                       stream_outputs=False)
+                       stream_outputs=False, async_scheduling=False)  # host work of synchronous steps
     engine = LLMEngine(cfg, runner_factory=lambda a: HostOnlyRunner(a, NUM_SEQS, 4096))
     for i in range(NUM_SEQS):
         engine.add_request(str(i), [5 + (i + j) % 500 for j in range(PROMPT)],
