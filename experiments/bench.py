@@ -22,6 +22,7 @@ import torch
 from engine import LLMEngine, SamplingParams
 from engine.config import EngineConfig
 from engine.loader import resolve_config
+from experiments.atomic import write_csv, write_text
 from experiments.floors import phase_floor_s
 from experiments.tables import markdown_table
 
@@ -54,6 +55,30 @@ def add_async_arg(ap: argparse.ArgumentParser) -> None:
 def async_value(v: str) -> bool | str:
     """EngineConfig.async_scheduling from ``--async-scheduling``."""
     return v if v == "auto" else v == "true"
+
+
+def repeat_summary(df: pd.DataFrame, base: str) -> pd.DataFrame:
+    """Per model, engine, allocator and GPU count over the rounds of ``--repeats``: mean and 95% CI
+    of output tok/s, decode step and its share of the per-phase floor; ``vs_<base>``: the mean of
+    each round's tok/s over ``base``'s in the same round (paired: the rounds' drift cancels), - 1."""
+    from experiments.tables import mean_ci95
+
+    kv = df[df.engine.str.startswith("kvlab")]
+    if "error" in kv:
+        kv = kv[kv["error"].isna()]  # a failed run has no figures
+    keys = ["model", "engine", "tensor_parallel_size"]
+    out = []
+    for (model, engine, tp, alloc), g in kv.groupby(keys + ["allocator"], sort=False):
+        row = dict(model=model, engine=engine, tensor_parallel_size=tp, allocator=alloc, rounds=len(g))
+        for col in ("output_tok_s", "decode_step_ms", "phase_floor_frac"):
+            if col in g:
+                row[col], row[f"{col}_ci95"], _ = mean_ci95(g[col])
+        ref = kv[(kv.model == model) & (kv.engine == engine) & (kv.tensor_parallel_size == tp) & (kv.allocator == base)]
+        paired = g.merge(ref[["repeat", "output_tok_s"]], on="repeat", suffixes=("", "_base"))
+        if alloc != base and len(paired):
+            row[f"vs_{base}"], row[f"vs_{base}_ci95"], _ = mean_ci95(paired.output_tok_s / paired.output_tok_s_base - 1)
+        out.append(row)
+    return pd.DataFrame(out)
 
 
 def make_prompts(n: int, lo: int, hi: int, vocab: int, seed: int) -> list[list[int]]:
@@ -207,8 +232,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="GPUs per model, comma-separated to compare (e.g. 1,2): each runs every allocator")
     ap.add_argument("--no-hf", action="store_true", help="skip the HF transformers baseline")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="rounds of every allocator (interleaved): means with 95%% CIs, each allocator against "
+                         "the first of --allocators paired round by round")
     ap.add_argument("--out", default="results/engine")
     args = ap.parse_args(argv)
+    if args.repeats < 1:
+        ap.error(f"--repeats must be >= 1, got {args.repeats}")
     if not torch.cuda.is_available():
         raise SystemExit("kvlab bench throughput needs a CUDA device")
     lo, hi = (int(x) for x in args.input_len.split(":"))
@@ -223,23 +253,25 @@ def main(argv: list[str] | None = None) -> int:
     for model in args.models.split(","):
         mc = resolve_config(model)
         prompts = make_prompts(args.num_prompts, lo, hi, mc.vocab_size, args.seed)
-        for tp, alloc in [(int(t), a) for t in args.tensor_parallel_size.split(",") for a in args.allocators.split(",")]:
-            try:
-                res = run_kvlab(model, alloc, ALLOCATOR_ARGS.get(alloc, {}), prompts, args.output_len, args, tp)
-            except Exception as e:  # report (a model that does not fit one GPU, say), keep the other figures
-                import traceback
+        runs = [(int(t), a) for t in args.tensor_parallel_size.split(",") for a in args.allocators.split(",")]
+        for rep in range(args.repeats):  # each round runs every allocator: a slow spell falls on all
+            for tp, alloc in runs:
+                try:
+                    res = run_kvlab(model, alloc, ALLOCATOR_ARGS.get(alloc, {}), prompts, args.output_len, args, tp)
+                except Exception as e:  # report (a model that does not fit one GPU, say), keep the other figures
+                    import traceback
 
-                traceback.print_exc()
-                res = dict(engine="kvlab", allocator=alloc, tensor_parallel_size=tp, error=repr(e)[:300])
-                gc.collect()
-                torch.cuda.empty_cache()
-            rows.append(dict(model=model, **res))
-            print(json.dumps(rows[-1]), flush=True)
-        if not args.no_hf:
+                    traceback.print_exc()
+                    res = dict(engine="kvlab", allocator=alloc, tensor_parallel_size=tp, error=repr(e)[:300])
+                    gc.collect()
+                    torch.cuda.empty_cache()
+                rows.append(dict(model=model, repeat=rep + 1, **res))
+                print(json.dumps(rows[-1]), flush=True)
+        if not args.no_hf:  # once: the baseline of the ratio, not the comparison
             try:
-                rows.append(dict(model=model, **run_hf(model, prompts, args.output_len, args)))
+                rows.append(dict(model=model, repeat=1, **run_hf(model, prompts, args.output_len, args)))
             except Exception as e:  # report, keep the kvlab figures
-                rows.append(dict(model=model, engine="hf-generate_batch", error=repr(e)[:300]))
+                rows.append(dict(model=model, repeat=1, engine="hf-generate_batch", error=repr(e)[:300]))
             print(json.dumps(rows[-1]), flush=True)
     df = pd.DataFrame(rows)
     df["device"] = device
@@ -252,15 +284,20 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tag = device.replace(" ", "_")
-    df.to_csv(out / f"throughput_{tag}.csv", index=False)
+    write_csv(out / f"throughput_{tag}.csv", df)
     cols = [c for c in ["model", "engine", "allocator", "tensor_parallel_size", "output_tok_s", "x_hf", "wall_s", "full_batch",
                         "decode_step_ms", "roofline_step_ms", "roofline_frac", "phase_floor_step_ms", "phase_floor_frac",
                         "host_ms_per_decode_step",
                         "vmm_critical_ms_per_step", "vmm_background_ms", "kv_capacity_tokens", "preemptions",
                         "error"] if c in df]
     print(df[cols].to_string(index=False))
-    (out / f"throughput_{tag}.md").write_text(
-        f"# Throughput, {device}\n\ncopy bandwidth {args.copy_bw / 1e9:.0f} GB/s, bf16 matmul "
-        f"{args.matmul_flops / 1e12:.0f} TFLOP/s\n\n"
-        f"command: `kvlab bench {' '.join(argv or [])}`\n\n" + markdown_table(df[cols]) + "\n")
+    text = (f"# Throughput, {device}\n\ncopy bandwidth {args.copy_bw / 1e9:.0f} GB/s, bf16 matmul "
+            f"{args.matmul_flops / 1e12:.0f} TFLOP/s\n\n"
+            f"command: `kvlab bench {' '.join(argv or [])}`\n\n" + markdown_table(df[cols]) + "\n")
+    if args.repeats > 1:
+        summary = repeat_summary(df, args.allocators.split(",")[0])
+        write_csv(out / f"throughput_{tag}_summary.csv", summary)
+        print(summary.to_string(index=False))
+        text += f"\n## Over {args.repeats} rounds (mean, 95% CI half-width)\n\n" + markdown_table(summary) + "\n"
+    write_text(out / f"throughput_{tag}.md", text)
     return 0
