@@ -27,6 +27,7 @@ import logging
 import math
 import os
 import platform
+import re
 import shlex
 import shutil
 import subprocess
@@ -381,7 +382,14 @@ def _remove_unfinished(out: Path) -> bool:
     if any(p.name not in _RUN_FILES and not p.name.endswith(".tmp") for p in out.iterdir()):
         return False  # someone else's files: leave them
     shutil.rmtree(out, ignore_errors=True)
-    return not out.exists()
+    if out.exists():
+        return False
+    if re.fullmatch(r"\d{4}-\d{2}-\d{2}", out.parent.name):  # the dated folder Hydra made for it,
+        try:                                                     # if nothing else is there
+            out.parent.rmdir()
+        except OSError:
+            pass
+    return True
 
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")

@@ -97,6 +97,20 @@ def test_a_run_that_fails_is_one_line_and_leaves_no_folder(tmp_path):
     assert not run_dir.exists()
 
 
+def test_a_failed_run_in_the_default_layout_leaves_no_dated_folder(tmp_path):
+    """runs/DATE/TIME-NAME: the run's folder and the date's (Hydra made both) go; runs/ may stay."""
+    import os
+
+    proc = subprocess.run([sys.executable, "-m", "experiments.cli", "run", "mode=simulate", "engine.async_scheduling=maybe",
+                           "workload.num_requests=4", "progress=false"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "async_scheduling must be true, false or auto" in out, out[-2000:]
+    runs = tmp_path / "runs"
+    assert not runs.exists() or not any(runs.iterdir())
+
+
 def test_unknown_command(capsys):
     from experiments.cli import main
 
