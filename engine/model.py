@@ -82,9 +82,13 @@ class Attention(nn.Module):
         v = v.view(t, self.num_kv_heads, self.head_dim)
         qw = self.q_norm.weight if self.qk_norm else None
         kw = self.k_norm.weight if self.qk_norm else None
-        fused_ops.qk_norm_rope_(q, k, rope.cos, rope.sin, positions, qw, kw,
-                                self.q_norm.eps if self.qk_norm else 1e-6)
-        self._store(k, v, slots, cache)
+        eps = self.q_norm.eps if self.qk_norm else 1e-6
+        if cache[0].dtype == k.dtype and not self.calibrate:  # the store in the same kernel
+            fused_ops.qk_norm_rope_(q, k, rope.cos, rope.sin, positions, qw, kw, eps,
+                                    cache=(v, cache[0], cache[1], slots))
+        else:  # fp8 caches quantize (kernels.write_kv)
+            fused_ops.qk_norm_rope_(q, k, rope.cos, rope.sin, positions, qw, kw, eps)
+            self._store(k, v, slots, cache)
         return q
 
     def attend(self, q, meta: AttentionMetadata, cache, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -87,22 +87,41 @@ if triton is not None:
             w2 = tl.load(w_ptr + HALF + offs).to(tl.float32)
             a = ((a * rstd[:, None]).to(dtype).to(tl.float32) * w1).to(dtype).to(tl.float32)
             b = ((b * rstd[:, None]).to(dtype).to(tl.float32) * w2).to(dtype).to(tl.float32)
-        tl.store(p, (a * c - b * s).to(dtype), mask=mask)
-        tl.store(p + HALF, (b * c + a * s).to(dtype), mask=mask)
+        y1 = (a * c - b * s).to(dtype)
+        y2 = (b * c + a * s).to(dtype)
+        tl.store(p, y1, mask=mask)
+        tl.store(p + HALF, y2, mask=mask)
+        return y1, y2
 
     @triton.jit
     def _qk_norm_rope_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, pos_ptr, qw_ptr, kw_ptr,
+                             v_ptr, kc_ptr, vc_ptr, slot_ptr,
                              stride_qt, stride_qh, stride_kt, stride_kh, stride_cs, num_q_heads, num_k_heads, eps,
-                             HALF: tl.constexpr, HQP: tl.constexpr, HKP: tl.constexpr, NORM: tl.constexpr):
+                             stride_vt, stride_vh, stride_kcs, stride_kch, stride_vcs, stride_vch,
+                             HALF: tl.constexpr, HQP: tl.constexpr, HKP: tl.constexpr, NORM: tl.constexpr,
+                             STORE: tl.constexpr):
         # one program a token, all its heads: a program a head (40 x 256 of them in a llama3-8b
-        # step of 256 sequences) spent its time being scheduled, not moving its 256 bytes
+        # step of 256 sequences) spent its time being scheduled, not moving its 256 bytes.
+        # STORE: the rotated k and v go to the cache slot too (one kernel a layer fewer)
         t = tl.program_id(0)
         pos = tl.load(pos_ptr + t)
         offs = tl.arange(0, HALF)[None, :]
         c = tl.load(cos_ptr + pos * stride_cs + offs)
         s = tl.load(sin_ptr + pos * stride_cs + offs)
         _norm_rope_heads(q_ptr + t * stride_qt, stride_qh, num_q_heads, qw_ptr, c, s, eps, HALF, HQP, NORM)
-        _norm_rope_heads(k_ptr + t * stride_kt, stride_kh, num_k_heads, kw_ptr, c, s, eps, HALF, HKP, NORM)
+        k1, k2 = _norm_rope_heads(k_ptr + t * stride_kt, stride_kh, num_k_heads, kw_ptr, c, s, eps, HALF, HKP, NORM)
+        if STORE:
+            slot = tl.load(slot_ptr + t).to(tl.int64)
+            if slot >= 0:  # < 0: a padding token, written nowhere
+                heads = tl.arange(0, HKP)[:, None]
+                mask = heads < num_k_heads
+                kc = kc_ptr + slot * stride_kcs + heads * stride_kch + offs
+                tl.store(kc, k1.to(kc_ptr.dtype.element_ty), mask=mask)
+                tl.store(kc + HALF, k2.to(kc_ptr.dtype.element_ty), mask=mask)
+                vp = v_ptr + t * stride_vt + heads * stride_vh + offs
+                vc = vc_ptr + slot * stride_vcs + heads * stride_vch + offs
+                tl.store(vc, tl.load(vp, mask=mask), mask=mask)
+                tl.store(vc + HALF, tl.load(vp + HALF, mask=mask), mask=mask)
 
     @triton.jit
     def _silu_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, n, BLOCK: tl.constexpr):
@@ -141,8 +160,10 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, residual: torch.Tenso
 
 def qk_norm_rope_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                   positions: torch.Tensor, q_w: torch.Tensor | None = None, k_w: torch.Tensor | None = None,
-                  eps: float = 1e-6) -> None:
-    """In place on ``q [T, Hq, D]`` and ``k [T, Hkv, D]``: optional per-head RMSNorm, then RoPE."""
+                  eps: float = 1e-6, cache: tuple | None = None) -> None:
+    """In place on ``q [T, Hq, D]`` and ``k [T, Hkv, D]``: optional per-head RMSNorm, then RoPE.
+    ``cache`` = (v, k_cache, v_cache, slots): also write the rotated k and v at ``slots`` (< 0:
+    nowhere), as ``kernels.write_kv`` would for a cache of k's dtype."""
     t, hq, d = q.shape
     if k.shape[0] != t or k.shape[2] != d or q.stride(2) != 1 or k.stride(2) != 1:
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree on tokens and head_dim, "
@@ -153,11 +174,33 @@ def qk_norm_rope_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torc
         return
     norm = q_w is not None
     hk = k.shape[1]
+    store = cache is not None
+    if store:
+        v, k_cache, v_cache, slots = cache
+        _check_store(k, v, k_cache, v_cache, slots)
+    else:
+        v = k_cache = v_cache = slots = positions  # unused
     _qk_norm_rope_kernel[(t,)](
-        q, k, cos, sin, positions, q_w if norm else cos, k_w if norm else cos,
+        q, k, cos, sin, positions, q_w if norm else cos, k_w if norm else cos, v, k_cache, v_cache, slots,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0), hq, hk, eps,
-        HALF=d // 2, HQP=triton.next_power_of_2(hq), HKP=triton.next_power_of_2(hk), NORM=norm,
+        *(v.stride(0), v.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1))
+        if store else (0,) * 6,
+        HALF=d // 2, HQP=triton.next_power_of_2(hq), HKP=triton.next_power_of_2(hk), NORM=norm, STORE=store,
         num_warps=4 if hq * d >= 2048 else 1)
+
+
+def _check_store(k, v, k_cache, v_cache, slots) -> None:
+    """What ``qk_norm_rope_(cache=...)`` writes: v like k, caches [slots, heads, head_dim] of k's
+    dtype (fp8 caches quantize: ``kernels.write_kv``), one int slot a token."""
+    if v.shape != k.shape or v.stride(2) != 1:
+        raise ValueError(f"v {tuple(v.shape)} must be shaped like k {tuple(k.shape)}, contiguous along head_dim")
+    for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if c.dim() != 3 or c.shape[1:] != k.shape[1:] or c.stride(2) != 1 or c.dtype != k.dtype:
+            raise ValueError(f"{name} must be [num_slots, {k.shape[1]}, {k.shape[2]}] of {k.dtype}, contiguous "
+                             f"along head_dim, got {tuple(c.shape)} {c.dtype} strides {c.stride()}")
+    if slots.shape != (k.shape[0],) or slots.dtype not in (torch.int32, torch.int64) or slots.device != k.device:
+        raise ValueError(f"slots must be int32/int64 [{k.shape[0]}] on {k.device}, got {tuple(slots.shape)} "
+                         f"{slots.dtype} on {slots.device}")
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:

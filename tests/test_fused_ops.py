@@ -49,6 +49,52 @@ def test_qk_norm_rope_in_place_on_strided_views(norm, dtype, heads):
     assert torch.equal(qkv[:, (hq + hkv) * d:], v_before), "v must be untouched"
 
 
+@pytest.mark.parametrize("heads", [(4, 2), (6, 3)], ids=["pow2-heads", "odd-heads"])
+@pytest.mark.parametrize("norm", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_with_the_cache_store_equals_rope_then_write_kv(norm, dtype, heads):
+    """``cache=``: the same q and k, and the caches written as ``kernels.write_kv`` writes them
+    (padding slots -1 untouched, other slots untouched)."""
+    from engine.rope import RotaryEmbedding
+    from kernels import reference
+
+    g = torch.Generator().manual_seed(4)
+    (hq, hkv), t, d, slots_n = heads, 6, 32, 20
+    rope = RotaryEmbedding(d, 64, 10000.0, None).to(DEV)
+    qkv = torch.randn(t, (hq + 2 * hkv) * d, generator=g).to(DEV, dtype)
+    pos = torch.tensor([0, 3, 9, 17, 63, 5], device=DEV)
+    slots = torch.tensor([7, -1, 0, 19, 3, -1], device=DEV)
+    qw = (1 + 0.1 * torch.randn(d, generator=g)).to(DEV, dtype) if norm else None
+    kw = (1 + 0.1 * torch.randn(d, generator=g)).to(DEV, dtype) if norm else None
+
+    def views(x):
+        q, k, v = x.split([hq * d, hkv * d, hkv * d], dim=-1)
+        return q.view(t, hq, d), k.view(t, hkv, d), v.view(t, hkv, d)
+
+    caches = [torch.randn(slots_n, hkv, d, generator=g).to(DEV, dtype) for _ in range(2)]
+    want = [c.clone() for c in caches]
+    q1, k1, v1 = views(qkv.clone())
+    F.qk_norm_rope_(q1, k1, rope.cos, rope.sin, pos, qw, kw, 1e-6)
+    reference.write_kv(want[0], want[1], k1, v1, slots)
+    q2, k2, v2 = views(qkv.clone())
+    F.qk_norm_rope_(q2, k2, rope.cos, rope.sin, pos, qw, kw, 1e-6, cache=(v2, caches[0], caches[1], slots))
+    assert torch.equal(q2, q1) and torch.equal(k2, k1)
+    assert torch.equal(caches[0], want[0]) and torch.equal(caches[1], want[1])
+
+
+def test_rope_cache_store_refuses_what_it_cannot_write():
+    q, k, v = (torch.zeros(2, h, 16, device=DEV) for h in (4, 2, 2))
+    cos = sin = torch.zeros(8, 8, device=DEV)
+    pos = torch.zeros(2, dtype=torch.int64, device=DEV)
+    slots = torch.zeros(2, dtype=torch.int64, device=DEV)
+    fp8 = torch.zeros(4, 2, 16, device=DEV).to(torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match="k_cache must be"):
+        F.qk_norm_rope_(q, k, cos, sin, pos, cache=(v, fp8, fp8, slots))
+    with pytest.raises(ValueError, match="slots must be"):
+        F.qk_norm_rope_(q, k, cos, sin, pos, cache=(v, torch.zeros(4, 2, 16, device=DEV),
+                                                    torch.zeros(4, 2, 16, device=DEV), slots[:1]))
+
+
 def test_rope_matches_the_model_rotary():
     """The fused rope equals engine.rope (the one HF parity is tested with) in fp32."""
     from engine.rope import RotaryEmbedding
