@@ -103,7 +103,7 @@ if triton is not None:
         # one program a token, all its heads: a program a head (40 x 256 of them in a llama3-8b
         # step of 256 sequences) spent its time being scheduled, not moving its 256 bytes.
         # STORE: the rotated k and v go to the cache slot too (one kernel a layer fewer)
-        t = tl.program_id(0)
+        t = tl.program_id(0).to(tl.int64)  # t x the qkv row stride passes 2**31 from ~200k tokens (70B)
         pos = tl.load(pos_ptr + t)
         offs = tl.arange(0, HALF)[None, :]
         c = tl.load(cos_ptr + pos * stride_cs + offs)
@@ -195,9 +195,11 @@ def _check_store(k, v, k_cache, v_cache, slots) -> None:
     if v.shape != k.shape or v.stride(2) != 1:
         raise ValueError(f"v {tuple(v.shape)} must be shaped like k {tuple(k.shape)}, contiguous along head_dim")
     for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if c.dim() != 3 or c.shape[1:] != k.shape[1:] or c.stride(2) != 1 or c.dtype != k.dtype:
-            raise ValueError(f"{name} must be [num_slots, {k.shape[1]}, {k.shape[2]}] of {k.dtype}, contiguous "
-                             f"along head_dim, got {tuple(c.shape)} {c.dtype} strides {c.stride()}")
+        if (c.dim() != 3 or c.shape[1:] != k.shape[1:] or c.stride(2) != 1 or c.dtype != k.dtype
+                or c.device != k.device):
+            raise ValueError(f"{name} must be [num_slots, {k.shape[1]}, {k.shape[2]}] of {k.dtype} on {k.device}, "
+                             f"contiguous along head_dim, got {tuple(c.shape)} {c.dtype} on {c.device} "
+                             f"strides {c.stride()}")
     if slots.shape != (k.shape[0],) or slots.dtype not in (torch.int32, torch.int64) or slots.device != k.device:
         raise ValueError(f"slots must be int32/int64 [{k.shape[0]}] on {k.device}, got {tuple(slots.shape)} "
                          f"{slots.dtype} on {slots.device}")

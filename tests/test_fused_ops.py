@@ -53,8 +53,9 @@ def test_qk_norm_rope_in_place_on_strided_views(norm, dtype, heads):
 @pytest.mark.parametrize("norm", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rope_with_the_cache_store_equals_rope_then_write_kv(norm, dtype, heads):
-    """``cache=``: the same q and k, and the caches written as ``kernels.write_kv`` writes them
-    (padding slots -1 untouched, other slots untouched)."""
+    """``cache=``: the same q and k, and the caches written as ``kernels.write_kv`` writes them:
+    K a layer's view of a [slots, layers, 2, heads, dim + pad] buffer, V of a [slots, heads + 1, dim]
+    one (every stride differs from k's, v's and the other cache's), nothing else written."""
     from engine.rope import RotaryEmbedding
     from kernels import reference
 
@@ -71,15 +72,19 @@ def test_rope_with_the_cache_store_equals_rope_then_write_kv(norm, dtype, heads)
         q, k, v = x.split([hq * d, hkv * d, hkv * d], dim=-1)
         return q.view(t, hq, d), k.view(t, hkv, d), v.view(t, hkv, d)
 
-    caches = [torch.randn(slots_n, hkv, d, generator=g).to(DEV, dtype) for _ in range(2)]
-    want = [c.clone() for c in caches]
+    kbuf = torch.randn(slots_n, 3, 2, hkv, d + 8, generator=g).to(DEV, dtype)
+    vbuf = torch.randn(slots_n, hkv + 1, d, generator=g).to(DEV, dtype)
+    want_k, want_v = kbuf.clone(), vbuf.clone()
     q1, k1, v1 = views(qkv.clone())
     F.qk_norm_rope_(q1, k1, rope.cos, rope.sin, pos, qw, kw, 1e-6)
-    reference.write_kv(want[0], want[1], k1, v1, slots)
+    reference.write_kv(want_k[:, 1, 0, :, :d], want_v[:, :hkv], k1, v1, slots)
     q2, k2, v2 = views(qkv.clone())
-    F.qk_norm_rope_(q2, k2, rope.cos, rope.sin, pos, qw, kw, 1e-6, cache=(v2, caches[0], caches[1], slots))
+    v_apart = torch.zeros(t, hkv, d + 4, dtype=dtype, device=DEV)[..., :d]  # strides of its own
+    v_apart.copy_(v2)
+    F.qk_norm_rope_(q2, k2, rope.cos, rope.sin, pos, qw, kw, 1e-6,
+                    cache=(v_apart, kbuf[:, 1, 0, :, :d], vbuf[:, :hkv], slots))
     assert torch.equal(q2, q1) and torch.equal(k2, k1)
-    assert torch.equal(caches[0], want[0]) and torch.equal(caches[1], want[1])
+    assert torch.equal(kbuf, want_k) and torch.equal(vbuf, want_v)  # the written rows, nothing else
 
 
 def test_rope_cache_store_refuses_what_it_cannot_write():
