@@ -392,19 +392,19 @@ class LLMEngine:
             sampled, handle = handle, None
         elif handle is not None:
             handle.positions = [seq.append_pending() for seq in handle.seqs]
-        earlier, earlier_wait = [], 0.0
+        earlier_wait = 0.0
         if overlap:
             handle, self._inflight = self._inflight, handle
         elif self._inflight is not None:  # back to synchronous steps: the one in flight is read first
-            earlier = self._earlier = self._resolve(self._inflight)
+            self._earlier = self._resolve(self._inflight)
             self._inflight, earlier_wait = None, self._wait_s
         t_post = self.clock()
         if sampled is not None:
             outputs = self._resolve_sampled(sampled)
         else:
             outputs = self._resolve(handle) if handle is not None else []
-        if earlier:  # in order: a request may have an output of each step (deltas stay whole)
-            outputs = earlier + outputs
+        if self._earlier:  # in order: a request may have an output of each step (deltas stay whole)
+            outputs = self._earlier + outputs
         now = self.clock()
         host = (t_exec - start) + getattr(self.runner, "last_prep_s", 0.0) + (t_post - t_launched) - earlier_wait
         if not overlap:

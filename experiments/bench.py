@@ -133,8 +133,9 @@ def run_kvlab(model: str, allocator: str, allocator_args: dict, prompts, output_
     full = decode[decode.num_seqs == decode.num_seqs.max()] if len(decode) else decode
     if len(full):
         ideal = (weight_bytes + full.context_tokens * bpt) / args.copy_bw
-        phase = full.context_tokens.map(lambda ctx: phase_floor_s(engine.model, int(full.num_seqs.iloc[0]), ctx * bpt,
-                                                                  args.copy_bw, args.matmul_flops))
+        # the floor is linear in the KV read: the weights' part once, not a walk of the model a step
+        weights_floor = phase_floor_s(engine.model, int(full.num_seqs.iloc[0]), 0, args.copy_bw, args.matmul_flops)
+        phase = weights_floor + full.context_tokens * bpt / args.copy_bw
         res.update(full_batch=int(full.num_seqs.iloc[0]), full_batch_steps=len(full),
                    decode_step_ms=1000 * float(full.duration.median()),
                    roofline_step_ms=1000 * float(ideal.median()),

@@ -192,17 +192,18 @@ def qk_norm_rope_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torc
 def _check_store(k, v, k_cache, v_cache, slots) -> None:
     """What ``qk_norm_rope_(cache=...)`` writes: v like k, caches [slots, heads, head_dim] of k's
     dtype (fp8 caches quantize: ``kernels.write_kv``), one int slot a token."""
+    from kernels.triton_cache import _check_cache, _check_ids  # write_kv's own checks
+
     if v.shape != k.shape or v.stride(2) != 1:
         raise ValueError(f"v {tuple(v.shape)} must be shaped like k {tuple(k.shape)}, contiguous along head_dim")
     for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if (c.dim() != 3 or c.shape[1:] != k.shape[1:] or c.stride(2) != 1 or c.dtype != k.dtype
-                or c.device != k.device):
+        _check_cache(name, c)
+        if c.shape[1:] != k.shape[1:] or c.dtype != k.dtype or c.device != k.device:
             raise ValueError(f"{name} must be [num_slots, {k.shape[1]}, {k.shape[2]}] of {k.dtype} on {k.device}, "
-                             f"contiguous along head_dim, got {tuple(c.shape)} {c.dtype} on {c.device} "
-                             f"strides {c.stride()}")
-    if slots.shape != (k.shape[0],) or slots.dtype not in (torch.int32, torch.int64) or slots.device != k.device:
-        raise ValueError(f"slots must be int32/int64 [{k.shape[0]}] on {k.device}, got {tuple(slots.shape)} "
-                         f"{slots.dtype} on {slots.device}")
+                             f"got {tuple(c.shape)} {c.dtype} on {c.device}")
+    _check_ids("slots", slots, k.device)
+    if slots.shape != (k.shape[0],):
+        raise ValueError(f"slots must be [{k.shape[0]}], one slot a token, got {tuple(slots.shape)}")
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
