@@ -26,6 +26,13 @@
 #                                                           # ones full1 left (QWEN_ALLOCS)
 #   bash results/sim_validation/device_session.sh repeats   # more real runs of the same configs beside the
 #                                                           # committed ones (QWEN_REPS, LLAMA_REPS in all)
+# Session of 2026-12-02 (eighth): the asynchronous engine (engine.async_scheduling=true, the engine's
+# default on one GPU since the seventh session), its real runs under async/ (SUB)
+#   BUDGET_S=430 bash results/sim_validation/device_session.sh async1  # GPU tests of the RoPE + cache-store
+#                                                           # kernel (fused ops, engine), the model tables of
+#                                                           # both models again (merged), qwen3-0.6b async runs
+#   ALLOCS=... QWEN_ALLOCS=... bash results/sim_validation/device_session.sh async2  # llama3-8b async runs,
+#                                                           # then the qwen3-0.6b ones async1 left
 # Runs accumulate in $KVSV (default /tmp/kvsv) on the machine; each part tars them into $OUT.
 set -uo pipefail
 part=${1:?profile or llama}
@@ -47,7 +54,7 @@ real() {  # model rates online-requests repeats
     for a in ${ALLOCS:-paged contiguous virtual}; do
         if (( $(date +%s) - t_start > budget )); then echo "$m $a: skipped (time)"; continue; fi
         kv validate-sim model=$m $B allocator=$a --rates $rates --online-requests $n --real-only \
-            --real-repeats $reps --label $m-$a --out "$runs/$m-$a" >>"$runs/$m-$a.log" 2>&1
+            --real-repeats $reps --label $m-$a --out "$runs/${SUB:-}$m-$a" >>"$runs/${SUB:-}$m-$a.log" 2>&1
         echo "$m $a: exit $? at $(( $(date +%s) - t_start )) s"; grep -h "^\[" "$runs/$m-$a.log" | tail -2
     done
 }
@@ -115,6 +122,20 @@ repeats)  # in the committed folders: validate-sim keeps run 1 (same config) and
     tar -czf "$out/repeats.tgz" -C "$runs" $(cd "$runs" && ls -d */real* *.log machine.txt clocks.csv 2>/dev/null)
     tar -tzf "$out/repeats.tgz" | grep -c "summary.json" | sed 's/^/summaries archived: /'
     exit 0
+    ;;
+async1)
+    timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_fused_ops.py 2>&1 | tee "$runs/fused_ops_tests.log" | tail -3
+    timeout 260 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=6 tests/test_gpu_engine.py \
+        2>&1 | tee "$runs/gpu_tests_engine.log" | tail -10
+    t_start=$(date +%s)  # the budget counts from here
+    kv profile --models qwen3-0.6b,llama3-8b --skip host,gemm,copy,vmm \
+        --merge results/profiles/nvidia-h200.parquet --out "$runs/nvidia-h200.parquet" 2>&1 | tee "$runs/profile_models.log"
+    mkdir -p "$runs/async"; B="$B engine.async_scheduling=true" SUB=async/ real qwen3-0.6b 8,96 60 1
+    ;;
+async2)
+    mkdir -p "$runs/async"; B="$B engine.async_scheduling=true"
+    SUB=async/ real llama3-8b 4,32 50 1
+    if [ -n "${QWEN_ALLOCS:-}" ]; then ALLOCS=$QWEN_ALLOCS SUB=async/ real qwen3-0.6b 8,96 60 1; fi
     ;;
 full2)
     real llama3-8b 4,32 50 1
