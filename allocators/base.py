@@ -80,6 +80,7 @@ class KVAllocator(ABC):
     supports_host_tier: ClassVar[bool] = False  # takes host_tier_tokens (allocators/host_tier.py)
     host_tier = None  # the HostKVTier where one is configured
     last_match: PrefixMatch = PrefixMatch()  # the last match_prefix, by tier (recomputed tokens)
+    fence: Callable[[], None] | None = None  # see set_fence
 
     def __init__(self, spec: KVCacheSpec, capacity_tokens: int, max_num_seqs: int, max_model_len: int):
         if capacity_tokens <= 0:
@@ -240,6 +241,12 @@ class KVAllocator(ABC):
         for _ in range(s.num_layers):
             self._k.append(torch.zeros(num_slots, s.num_kv_heads, s.head_dim, dtype=s.dtype, device=s.device))
             self._v.append(torch.zeros(num_slots, s.num_kv_heads, s.head_dim, dtype=s.dtype, device=s.device))
+
+    def set_fence(self, fence: Callable[[], None] | None) -> None:
+        """``fence()`` returns once the device has finished every step launched so far. The
+        engine sets it; an allocator calls it before work the device's stream does not order
+        after those steps (unmapping memory that a step still in flight may read or write)."""
+        self.fence = fence
 
     def close(self) -> None:
         """Release what outlives the object (mappings, threads); the allocator is unusable after."""

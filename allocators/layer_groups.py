@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, replace
-from typing import Sequence as Seq
+from typing import Callable, Sequence as Seq
 
 from allocators.base import AllocationError, KVAllocator, KVCacheSpec, SequenceLike
 from allocators.stats import MemoryStats
@@ -271,6 +271,10 @@ class GroupedAllocator(KVAllocator):
 
     def kv_cache(self, layer: int):
         return self.inner.kv_cache(self.plan.locate(layer)[1])
+
+    def set_fence(self, fence: Callable[[], None] | None) -> None:
+        super().set_fence(fence)
+        self.inner.set_fence(fence)
 
     def close(self) -> None:
         self.inner.close()

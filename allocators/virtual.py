@@ -346,6 +346,8 @@ class VirtualAllocator(KVAllocator):
         """Unmap page ``page`` of ``slot``; returns its group if no slot maps it any more (free
         now, its index entry gone), else None (another slot still maps it)."""
         self._wait_mapped(slot.index, page)
+        if self.fence is not None:  # with asynchronous scheduling a launched step may still use the page
+            self.fence()
         t0 = time.perf_counter()
         at = slot.index * self.pages_per_slot + page
         for r in range(self.num_ranges):

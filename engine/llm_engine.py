@@ -171,6 +171,8 @@ class LLMEngine:
         self._beam_requests = 0  # live beam-search requests: while any, steps run synchronously
         self._earlier: list[RequestOutput] = []  # outputs of a step read back before this step's own
         self._wait_s = 0.0
+        self._fence_s = 0.0  # this step's wait for the step in flight, asked by the allocator
+        self.allocator.set_fence(self._fence)
         self.output_processor = OutputProcessor(self.tokenizer if config.detokenize else None)
         self.isolator = FaultIsolator(self)
         self.num_generation_tokens = 0  # tokens sampled, all requests
@@ -378,6 +380,7 @@ class LLMEngine:
 
     def _step(self, only: set[str] | None) -> list[RequestOutput]:
         start = self.clock()
+        self._fence_s = 0.0
         self._batch = None  # until scheduled: a failure in schedule() blames no batch
         batch = self._batch = self.scheduler.schedule(only)
         if self.config.record_memory:
@@ -406,7 +409,8 @@ class LLMEngine:
         if self._earlier:  # in order: a request may have an output of each step (deltas stay whole)
             outputs = self._earlier + outputs
         now = self.clock()
-        host = (t_exec - start) + getattr(self.runner, "last_prep_s", 0.0) + (t_post - t_launched) - earlier_wait
+        host = ((t_exec - start) + getattr(self.runner, "last_prep_s", 0.0) + (t_post - t_launched) - earlier_wait
+                - self._fence_s)
         if not overlap:
             host += now - t_post - (self._wait_s if handle is not None or sampled is not None else 0.0)
         sched = self.scheduler
@@ -421,6 +425,15 @@ class LLMEngine:
                                   batch.num_prefill_tokens, batch.num_decode_tokens, len(batch.preempted),
                                   host, context, loaded, stored, len(batch.tier_transfers), exposed))
         return outputs
+
+    def _fence(self) -> None:
+        """The allocator's fence (``KVAllocator.set_fence``): waits for the step in flight, if
+        any; the wait is device time, kept out of the step's host time."""
+        handle = self._inflight
+        if handle is not None and not handle.complete:
+            t0 = self.clock()
+            handle.wait()
+            self._fence_s += self.clock() - t0
 
     def _tier_exposed(self) -> float:
         """Seconds of host-tier copy time compute waited for, newly known at this step (CUDA:

@@ -359,6 +359,7 @@ class StepHandle:
         self.tokens = tokens
         self.positions: list[int] = []  # where each sample goes in its sequence (set by the engine)
         self._ready = ready
+        self.complete = ready is not None  # the device has finished the step (wait() returned)
         self._host = self._lp_host = self._event = None
         if tokens is not None and tokens.is_cuda:
             self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
@@ -376,6 +377,12 @@ class StepHandle:
         """A handle over results already on the host (runners without ``launch``)."""
         return cls([s for s, _, _ in sampled], ready=[(t, lp, None) for _, t, lp in sampled])
 
+    def wait(self) -> None:
+        """Return once the device has finished the step."""
+        if self._event is not None and not self.complete:
+            self._event.synchronize()
+        self.complete = True
+
     def results(self) -> list[tuple[int, float | None, list | None]]:
         """(token, logprob or None, top logprobs or None) per sampled sequence; waits for the
         device if needed."""
@@ -383,8 +390,7 @@ class StepHandle:
             return self._ready
         if not self.seqs:
             return []
-        if self._event is not None:
-            self._event.synchronize()
+        self.wait()
         tokens = self._host.tolist()
         if self._lp_host is None:
             return [(t, None, None) for t in tokens]

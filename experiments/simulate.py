@@ -217,9 +217,16 @@ class SimStepHandle:
         self._ready = [(t, lp, None) for _, t, lp in sampled]
         self.ready_at, self.clock = ready_at, clock
 
-    def results(self) -> list:
+    @property
+    def complete(self) -> bool:
+        return not self.seqs or self.clock() >= self.ready_at
+
+    def wait(self) -> None:
         if self.seqs:  # a step that samples nothing is not waited for (StepHandle.results)
             self.clock.advance(self.ready_at - self.clock())
+
+    def results(self) -> list:
+        self.wait()
         return self._ready
 
 

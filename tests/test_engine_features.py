@@ -150,6 +150,32 @@ def test_async_scheduling_gives_the_same_outputs(case, allocator, args, kw):
     assert stats.free + stats.external_frag + stats.idle_mapped == stats.capacity
 
 
+def test_async_virtual_unmaps_only_once_the_step_in_flight_is_done():
+    """Unmapping a page is not ordered by the device's stream: with a step in flight (one that
+    may still read or write the page) the virtual allocator first waits for it. Without that
+    wait an H200 faulted (illegal address) in qwen3-0.6b's offline run; here, on CPU, the
+    handle of the step in flight must be complete at every unmap, and the tokens are the
+    synchronous engine's."""
+    prompts = [list(range(5, 5 + n)) for n in (3, 40, 64, 17, 90, 120, 33, 7)]
+    p = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    kw = dict(max_model_len=256, kv_cache_tokens=256, max_num_seqs=8)  # tight: idle slots' pages reclaimed
+    args = {"backend": "host", "page_size": 4096}
+    want = _llm("virtual", args, async_scheduling=False, **kw).generate(prompts, p)
+    llm = _llm("virtual", args, async_scheduling=True, **kw)
+    eng = llm.engine
+    backend, seen = eng.allocator.backend, []
+    inner = backend.unmap
+
+    def unmap(r, page):
+        seen.append(eng._inflight is None or eng._inflight.complete)
+        inner(r, page)
+
+    backend.unmap = unmap
+    got = llm.generate(prompts, p)
+    assert len(seen) > 0 and all(seen)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+
+
 def test_async_scheduling_stops_late_but_drops_the_extra_token():
     """A stop token is seen one step after it was sampled; the token sampled past it is dropped."""
     greedy = _llm().generate([PROMPTS[1]], GREEDY)[0].token_ids

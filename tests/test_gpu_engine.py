@@ -111,6 +111,34 @@ def test_async_scheduling_equals_sync_on_gpu(tiny_bf16):
         assert [[c.token_ids for c in o.outputs] for o in got] == [[c.token_ids for c in o.outputs] for o in want]
 
 
+def test_async_virtual_reclaiming_pages_equals_sync_on_gpu(tmp_path):
+    """A pool too small for every slot's pages: growing sequences unmap idle slots' pages while a
+    step is in flight (the allocator waits for it first: unmapping under a running kernel faults)."""
+    from conftest import make_hf_checkpoint
+
+    # 4 layers x 8 KV heads x 64 x fp32, K and V: 16 KiB a token, 128 tokens a 2 MiB page
+    make_hf_checkpoint(tmp_path, "llama", seed=5, hidden_size=512, num_attention_heads=8, num_key_value_heads=8,
+                       intermediate_size=512, vocab_size=512, num_hidden_layers=4)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(4, 512, (k,), generator=g).tolist() for k in [100, 250, 180, 33, 300, 150, 220, 64] * 3]
+    p = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    common = dict(device="cuda", dtype="float32", max_model_len=512, max_num_seqs=16, kv_cache_tokens=2048,
+                  allocator="virtual", allocator_args={"layout": "shared"})
+    want = LLM(str(tmp_path), async_scheduling=False, **common).generate(prompts, p)
+    llm = LLM(str(tmp_path), async_scheduling=True, **common)
+    backend, unmaps = llm.engine.allocator.backend, []
+    inner = backend.unmap
+
+    def unmap(r, page):
+        unmaps.append(page)
+        inner(r, page)
+
+    backend.unmap = unmap
+    got = llm.generate(prompts, p)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert len(unmaps) > 0
+
+
 def test_async_scheduling_with_prefix_caching_equals_sync_on_gpu(tiny_bf16):
     """A second turn (prompt + first answer) hits blocks that filled while their last token was
     still on the device: same tokens and hits as the synchronous engine."""
