@@ -411,8 +411,8 @@ class LLMEngine:
         now = self.clock()
         host = ((t_exec - start) + getattr(self.runner, "last_prep_s", 0.0) + (t_post - t_launched) - earlier_wait
                 - self._fence_s)
-        if not overlap:
-            host += now - t_post - (self._wait_s if handle is not None or sampled is not None else 0.0)
+        # output handling: this step's tokens, or overlapped, the previous step's (its wait left out)
+        host += now - t_post - (self._wait_s if handle is not None or sampled is not None else 0.0)
         sched = self.scheduler
         loaded = stored = 0
         for t in batch.tier_transfers:

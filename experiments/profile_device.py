@@ -21,7 +21,9 @@ row measures, ``value`` is seconds) that the profiled cost model of simulate mod
 - ``copy``: host<->device copies (pinned) by size (swap);
 - ``vmm``: CUDA VMM map / unmap per page (vAttention);
 - ``host``: engine steps of the real engine per allocator: wall time minus device time
-  (scheduling, allocation, accounting, input preparation, output handling), by batch.
+  (scheduling, allocation, accounting, input preparation, output handling), by batch; with
+  ``--host-scheduling async`` (or ``sync,async``) also steps of the asynchronous engine, whose CPU
+  time per step (waits for the device left out) simulate takes as an overlapped step's host part.
 
 Kernel timings run inside a CUDA graph (no launch cost), operands rotated over copies larger
 than L2 so no layer reads another's weights from cache. Metadata (device, versions, commit,
@@ -391,6 +393,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--host-repeats", type=int, default=1,
                     help="runs of the host-time steps per model and allocator, each its own engine and seed: "
                          "one run's host work can be 10-40%% off another's on a VM, the tables pool them")
+    ap.add_argument("--host-scheduling", default="sync",
+                    help="how the host-time runs schedule, comma-separated: sync (steps one after another), "
+                         "async (each step launched before the previous one is read back: what simulate "
+                         "uses for engine.async_scheduling=true)")
     ap.add_argument("--virtual-page-size", type=int, default=None, help="page size of the host-time run (bytes)")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--skip", default="", help="parts to leave out, comma-separated: host, gemm, models, copy, vmm")
@@ -400,6 +406,9 @@ def main(argv: list[str] | None = None) -> int:
     a.argv = list(sys.argv[1:] if argv is None else argv)
     if a.host_repeats < 1:
         ap.error(f"--host-repeats must be >= 1, got {a.host_repeats}")
+    schedulings = [s for s in a.host_scheduling.split(",") if s]
+    if not schedulings or set(schedulings) - {"sync", "async"}:
+        ap.error(f"--host-scheduling: sync, async or both comma-separated, got {a.host_scheduling!r}")
     import torch
 
     device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
@@ -415,6 +424,8 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     t0 = time.time()
     if a.merge:  # keep what this run does not re-measure
+        import pandas as pd
+
         from experiments.profiled_costmodel import host_model_of, load_profile
 
         old = load_profile(a.merge)
@@ -423,8 +434,11 @@ def main(argv: list[str] | None = None) -> int:
                                "piecewise_forward", "piecewise_capture", "full_forward", "full_capture"}}
         redo = set().union(*(t for k, t in measured.items() if k not in skip))
         keep = ~old.df["table"].isin(redo)
-        if "host" in redo:  # host steps are per model: those of models not re-measured now stay
-            keep |= (old.df["table"] == "host") & ~host_model_of(old).reindex(old.df.index).isin(host_models)
+        if "host" in redo:  # host steps are per model and scheduling: those not re-measured now stay
+            old_sched = (old.df["scheduling"].fillna("sync") if "scheduling" in old.df
+                         else pd.Series("sync", index=old.df.index))
+            remeasured = host_model_of(old).reindex(old.df.index).isin(host_models) & old_sched.isin(schedulings)
+            keep |= (old.df["table"] == "host") & ~remeasured
         rows = [{k: v for k, v in r.items() if v == v and v is not None}
                 for r in old.df[keep].to_dict("records")]
         stamp = {k: meta[k] for k in ("commit", "created", "command")}
@@ -450,11 +464,12 @@ def main(argv: list[str] | None = None) -> int:
                 for alloc, (name, args) in HOST_ALLOCATORS.items():
                     if name == "virtual" and a.virtual_page_size:
                         args = {**args, "page_size": a.virtual_page_size}
-                    rows += [dict(r, repeat=rep) for r in host_rows(
-                        hm, name, args, max_model_len=a.max_model_len, kv_cache_tokens=a.host_kv_tokens,
-                        device=str(device), phases=phases, seed=rep)]
-                    say(f"host steps: {hm} {alloc}" + (f" (repeat {rep + 1} of {a.host_repeats})"
-                                                        if a.host_repeats > 1 else ""))
+                    for sched in schedulings:
+                        rows += [dict(r, repeat=rep) for r in host_rows(
+                            hm, name, args, max_model_len=a.max_model_len, kv_cache_tokens=a.host_kv_tokens,
+                            device=str(device), phases=phases, seed=rep, async_scheduling=sched == "async")]
+                        say(f"host steps: {hm} {alloc} {sched}" + (f" (repeat {rep + 1} of {a.host_repeats})"
+                                                                    if a.host_repeats > 1 else ""))
     import gc
 
     gc.collect()  # the host-time engines, weights and graphs included

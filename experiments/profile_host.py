@@ -6,6 +6,12 @@ to the end of sampling), and the time the experiments' driver (experiments/drive
 the run) spent between it and the next step (``gap``). The profiled cost model takes host time as
 what those steps took beyond its own modelled device time, gap included
 (experiments/profiled_costmodel.py).
+
+With ``async_scheduling`` (``kvlab profile --host-scheduling async``) the steps overlap the
+device's previous one and a step's wall time is the longer of the two; what the cost model needs
+is then the CPU's own part, recorded as ``value``: the step's host work (``host_s``: scheduling,
+input preparation, output handling) plus the CPU time of its launch (graphs, kernels, copies),
+every wait for the device left out.
 """
 from __future__ import annotations
 
@@ -18,7 +24,8 @@ HOST_ALLOCATORS = {"paged": ("paged", {"block_size": 16}), "contiguous": ("conti
 
 def host_rows(model: str, allocator: str, args: dict, *, max_model_len: int, kv_cache_tokens: int,
               device: str, seed: int = 0,
-              phases=((256, 32, 1024, 16, 512), (4, 64, 256, 64, 128)), skip_steps: int = 20) -> list[dict]:
+              phases=((256, 32, 1024, 16, 512), (4, 64, 256, 64, 128)), skip_steps: int = 20,
+              async_scheduling: bool = False) -> list[dict]:
     """Steps of the real engine: wall time minus device time (end of input preparation to end of
     sampling). ``phases``: (requests, prompt min, max, output min, max), run one after the other;
     requests min == max == 0 draws ShareGPT-like lengths; a negative count adds that many
@@ -35,7 +42,7 @@ def host_rows(model: str, allocator: str, args: dict, *, max_model_len: int, kv_
     eng = LLMEngine(EngineConfig(model=model, allocator=allocator, allocator_args=args, device=device,
                                  max_model_len=max_model_len, max_num_seqs=256, max_num_batched_tokens=8192,
                                  kv_cache_tokens=kv_cache_tokens, detokenize=False, stream_outputs=False,
-                                 seed=seed, async_scheduling=False))  # as the experiments' config runs them
+                                 seed=seed, async_scheduling=async_scheduling))
     timer = LaunchTimer(eng, cuda)
     rng = np.random.default_rng(seed)
     for phase, (n, plo, phi, olo, ohi) in enumerate(phases):
@@ -58,7 +65,7 @@ def host_rows(model: str, allocator: str, args: dict, *, max_model_len: int, kv_
             for i, spec in enumerate(specs):
                 spec.arrival_s = i * spacing
         drive(eng, specs, seed=seed)  # the experiments' driver: its time between steps is measured too
-    gpu = {i: d for i, (d, _) in timer.device_times().items()}
+    timed = timer.device_times()
     # the configuration the steps ran with: the cost model calibrates against the same graphs
     pw = getattr(eng.runner, "mixed_graphs", None)
     graph_max_tokens = pw.sizes[-1] if pw is not None and pw.sizes else 0
@@ -71,13 +78,18 @@ def host_rows(model: str, allocator: str, args: dict, *, max_model_len: int, kv_
         # the driver's time between this step and the next (not idle: requests were still there)
         nxt = records[i + 1] if i + 1 < len(records) else None
         gap = nxt.time - (r.time + r.duration) if nxt is not None and r.running + r.waiting > 0 else 0.0
-        g = gpu.get(i, 0.0)
+        g, launch_cpu = timed.get(i, (0.0, 0.0))
         maps, unmaps = timer.vmm.get(i, (0, 0))
-        rows.append(dict(table="host", model=model, allocator=allocator, batch=r.num_seqs, prefill_tokens=r.prefill_tokens,
-                         decode_tokens=r.decode_tokens, context=r.context_tokens, duration=r.duration, gpu=g,
-                         value=max(0.0, r.duration - g), gap=max(0.0, gap), graph_max_tokens=graph_max_tokens,
-                         max_graph_batch=max_graph_batch, graph_mode=eng.config.cuda_graph_mode,
-                         vmm_maps=maps, vmm_unmaps=unmaps))
+        row = dict(table="host", model=model, allocator=allocator, batch=r.num_seqs, prefill_tokens=r.prefill_tokens,
+                   decode_tokens=r.decode_tokens, context=r.context_tokens, duration=r.duration,
+                   gap=max(0.0, gap), graph_max_tokens=graph_max_tokens, max_graph_batch=max_graph_batch,
+                   graph_mode=eng.config.cuda_graph_mode, vmm_maps=maps, vmm_unmaps=unmaps,
+                   scheduling="async" if async_scheduling else "sync", host_s=r.host_s, launch_cpu=launch_cpu)
+        if async_scheduling:  # the events around a launch also hold the wait for the step before
+            row["value"] = r.host_s + launch_cpu
+        else:
+            row.update(gpu=g, value=max(0.0, r.duration - g))
+        rows.append(row)
     timer.close()
     eng.close()
     return rows

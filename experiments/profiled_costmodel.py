@@ -15,7 +15,12 @@ pieces the engine runs:
   device, bound it), and what its measured forward spent beyond both;
 - host time per step, per allocator: the real engine's steps (``host``) minus their modelled
   device time, plus the driver's time between steps, a trimmed mean per batch-size bin,
-  separately for decode graph, prefill/mixed graph and eager steps;
+  separately for decode graph, prefill/mixed graph and eager steps. With asynchronous
+  scheduling (``overlapped``) a step's host part is what hides behind the device's previous
+  step, so it is measured as such: the CPU time of the profile's asynchronous steps (all of
+  the step but its waits for the device: scheduling, input preparation, launching the graphs
+  and kernels, output handling) plus the driver's gap; a profile without such steps falls
+  back to the synchronous residual, which misses the launch's CPU time (a warning says so);
 - the allocator's own costs: attention in its addressing mode and block size, VMM page maps
   and unmaps done on the step's critical path (``vmm``; maps made ahead on the background
   thread are not), swap copies by size (``copy``).
@@ -180,14 +185,17 @@ class ProfiledCostModel:
     def __init__(self, profile: DeviceProfile, shape, *, model: str, paged: bool, block_size: int = 0,
                  max_graph_batch: int = 256, enforce_eager: bool = False, allocator: str = "paged",
                  calibrate_host: bool = True, allreduce=None,
-                 graph_max_tokens: int = 0, graph_mode: str = "full"):
+                 graph_max_tokens: int = 0, graph_mode: str = "full", overlapped: bool = False):
         """``graph_max_tokens``: prefill/mixed steps up to this many tokens replay CUDA graphs (the
         engine's ``cuda_graph_max_tokens``), ``graph_mode`` piecewise or full (its
         ``cuda_graph_mode``; modelled where the profile has that mode's ``<mode>_forward`` table,
         full falling back to piecewise with a warning). ``shape``: the whole model; ``allreduce``
         (``costmodel.AllReduceCost``) with tp > 1: each GPU's shard is composed from the GEMM and attention tables (a profile measures one GPU
-        running whole models) and every step adds its all-reduces."""
+        running whole models) and every step adds its all-reduces. ``overlapped``: the engine
+        schedules asynchronously (host time from the profile's asynchronous steps)."""
         self.allreduce = allreduce
+        self.overlapped = overlapped
+        self.host_scheduling = "sync"  # which steps the host tables come from (describe())
         tp = allreduce.tp if allreduce is not None else 1
         shape = shape.shard(tp)
         self.profile, self.model = profile, shape
@@ -287,6 +295,7 @@ class ProfiledCostModel:
         host = profile.table("host")
         if host.empty:
             return
+        host, self.host_scheduling = _host_rows_for(host, self.overlapped, profile)
         models = host_model_of(profile, host)
         # this model's own steps where profiled (the residual also absorbs what its device tables
         # miss), else the default host model's: scheduling and launches do not grow with size
@@ -305,8 +314,11 @@ class ProfiledCostModel:
             profile, _shape(name), model=name, paged=paged, block_size=block_size,
             max_graph_batch=max(batch_cap, 1), enforce_eager=batch_cap == 0, calibrate_host=False,
             graph_max_tokens=cap, graph_mode=mode)
-        device = [ref.device_time(_calibration_work(r)) for r in host.itertuples()]
-        rest = host["duration"].to_numpy(float) - np.array(device)
+        if self.host_scheduling == "async":  # the CPU's own time: nothing of the device's to take out
+            rest = host["value"].to_numpy(float).copy()
+        else:
+            device = [ref.device_time(_calibration_work(r)) for r in host.itertuples()]
+            rest = host["duration"].to_numpy(float) - np.array(device)
         if "gap" in host:  # the driver's time between steps: a run's wall clock holds it too
             rest += host["gap"].fillna(0).to_numpy(float)
         if "vmm_maps" in host:  # the VMM calls of the step's path are charged apart (step_time)
@@ -495,8 +507,29 @@ class ProfiledCostModel:
     def describe(self) -> dict:
         m = self.profile.meta
         return dict(cost_model=self.name, cost_profile=self.profile.path, cost_profile_device=m.get("device"),
-                    cost_profile_commit=m.get("commit"),
+                    cost_profile_commit=m.get("commit"), cost_host_steps=self.host_scheduling,
                     cost_profile_model=self.profiled_model or f"composed from {self._reference_model()}")
+
+
+def _host_rows_for(host: pd.DataFrame, overlapped: bool, profile: DeviceProfile) -> tuple[pd.DataFrame, str]:
+    """The host steps to calibrate with, and their scheduling: asynchronous ones for an
+    overlapped engine where the profile has them, else synchronous ones (profiles made before
+    rows named it: all of them)."""
+    sched = (host["scheduling"].fillna("sync") if "scheduling" in host
+             else pd.Series("sync", index=host.index))
+    if overlapped and (sched == "async").any():
+        return host[(sched == "async").to_numpy()], "async"
+    if overlapped:
+        _warn_no_async_host(profile.path)
+    sync = host[(sched == "sync").to_numpy()]
+    return (sync if not sync.empty else host), "sync"
+
+
+@lru_cache(maxsize=None)
+def _warn_no_async_host(path: str) -> None:
+    log.warning("profile %s has no asynchronous host steps: simulated asynchronous steps take host time "
+                "from synchronous ones, which leave out the CPU time of launching the step (rerun "
+                "`kvlab profile --host-scheduling async --merge %s`)", path, path)
 
 
 def _default_host_model(profile: DeviceProfile) -> str:

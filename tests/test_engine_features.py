@@ -176,6 +176,26 @@ def test_async_virtual_unmaps_only_once_the_step_in_flight_is_done():
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
 
 
+@pytest.mark.parametrize("async_", [False, True], ids=["sync", "async"])
+def test_step_host_time_holds_output_handling(async_):
+    """A step's recorded host time holds its output handling in both modes (overlapped: the
+    previous step's outputs, handled while this one runs): simulate's host tables are made of it."""
+    import time
+
+    llm = _llm(async_scheduling=async_)
+    eng = llm.engine
+    process = eng.output_processor.process
+
+    def slow(*a, **k):
+        time.sleep(0.004)
+        return process(*a, **k)
+
+    eng.output_processor.process = slow
+    llm.generate(PROMPTS, GREEDY)
+    handled = [r.host_s for r in eng.step_records if r.num_seqs][1:]  # async: the first step reads nothing
+    assert handled and min(handled) >= 0.004
+
+
 def test_async_scheduling_stops_late_but_drops_the_extra_token():
     """A stop token is seen one step after it was sampled; the token sampled past it is dropped."""
     greedy = _llm().generate([PROMPTS[1]], GREEDY)[0].token_ids

@@ -456,3 +456,76 @@ def test_validation_tally_counts_time_and_exact_figures_apart():
                            ok=[True, False, True, True, None]))
     assert _tally(df) == "1 of 2 time figures, 2 of 2 exact figures within target"
     assert _tally(df[df["metric"] == "e"]) == "no checked figures"
+
+
+def _with_async_host(cpu_s=lambda b: 9e-4 + 2e-5 * b) -> DeviceProfile:
+    """The synthetic profile plus asynchronous host steps (``--host-scheduling async``): their CPU
+    time per step is ``cpu_s(batch)``, far above the synchronous residual."""
+    prof = synthetic_profile()
+    rows = [dict(table="host", model=MODEL, allocator=alloc, batch=b, prefill_tokens=0, decode_tokens=b,
+                 context=100 * b, duration=5e-3, gap=0.0, scheduling="async", value=cpu_s(b))
+            for alloc in ("paged", "contiguous") for b in range(1, 65) for _ in range(25)]
+    return DeviceProfile(pd.concat([prof.df, pd.DataFrame(rows)], ignore_index=True), prof.meta, "synthetic+async")
+
+
+def test_overlapped_steps_take_host_time_from_asynchronous_steps():
+    """An asynchronous engine's host part is the CPU time of the profile's asynchronous steps
+    (launch included), reproduced at their batch sizes; a synchronous engine keeps the residual of
+    synchronous steps, and the summary names which steps calibrated it."""
+    from engine.loader import resolve_config
+
+    prof = _with_async_host()
+    args = dict(model=MODEL, paged=True, block_size=16, max_graph_batch=64, allocator="paged")
+    over = ProfiledCostModel(prof, shape_of(resolve_config(MODEL)), overlapped=True, **args)
+    sync = ProfiledCostModel(prof, shape_of(resolve_config(MODEL)), **args)
+    for b in (1, 3, 10, 40):
+        assert over.host_time([(1, 100)] * b) == pytest.approx(9e-4 + 2e-5 * b, rel=0.03)
+        assert sync.host_time([(1, 100)] * b) == pytest.approx(HOST_BASE["paged"] + 5e-6 * b, rel=0.03)
+    assert over.describe()["cost_host_steps"] == "async" and sync.describe()["cost_host_steps"] == "sync"
+    host, device = over.host_device_time([(1, 100)] * 10)
+    assert host == pytest.approx(over.host_time([(1, 100)] * 10)) and device == over.device_time([(1, 100)] * 10)
+
+
+def test_overlapped_without_asynchronous_steps_warns_and_uses_synchronous_ones(caplog):
+    from engine.loader import resolve_config
+
+    with caplog.at_level(logging.WARNING, logger="kvlab.sim"):
+        m = ProfiledCostModel(synthetic_profile(), shape_of(resolve_config(MODEL)), model=MODEL, paged=True,
+                              block_size=16, max_graph_batch=64, allocator="paged", overlapped=True)
+    assert m.describe()["cost_host_steps"] == "sync"
+    assert m.host_time([(1, 100)] * 10) == pytest.approx(HOST_BASE["paged"] + 5e-6 * 10, rel=0.03)
+    assert any("no asynchronous host steps" in r.getMessage() for r in caplog.records)
+
+
+def test_asynchronous_host_steps_record_the_cpu_time_without_waits():
+    """``host_rows(async_scheduling=True)``: each row's value is the step's host work plus its
+    launch's CPU time, never more than the step took (waits left out)."""
+    from experiments.profile_host import host_rows
+
+    rows = host_rows(MODEL, "paged", {"block_size": 8}, max_model_len=256, kv_cache_tokens=2048, device="cpu",
+                     phases=((12, 16, 64, 16, 40),), skip_steps=0, async_scheduling=True)
+    assert rows and all(r["scheduling"] == "async" for r in rows)
+    assert all(r["value"] == pytest.approx(r["host_s"] + r["launch_cpu"]) for r in rows)
+    assert all(0 < r["value"] <= r["duration"] * 1.001 for r in rows)
+    sync = host_rows(MODEL, "paged", {"block_size": 8}, max_model_len=256, kv_cache_tokens=2048, device="cpu",
+                     phases=((12, 16, 64, 16, 40),), skip_steps=0)
+    assert all(r["scheduling"] == "sync" and r["duration"] >= r["value"] >= 0 for r in sync)
+
+
+def test_profile_merge_keeps_host_steps_of_the_other_scheduling(tmp_path):
+    """``--host-scheduling async --merge old``: the old profile's synchronous host steps stay, its
+    asynchronous ones of the re-measured model are replaced."""
+    old = tmp_path / "old.parquet"
+    profile_device.main(["--models", MODEL, "--device", "cpu", "--skip", "gemm,models,copy,vmm",
+                         "--host-requests", "8", "--out", str(old)])
+    before = load_profile(str(old)).table("host")
+    new = tmp_path / "new.parquet"
+    profile_device.main(["--models", MODEL, "--device", "cpu", "--skip", "gemm,models,copy,vmm",
+                         "--host-requests", "8", "--host-scheduling", "async", "--merge", str(old),
+                         "--out", str(new)])
+    host = load_profile(str(new)).table("host")
+    sched = host["scheduling"].fillna("sync")
+    assert (sched == "sync").sum() == len(before) and (sched == "async").sum() > 0
+    with pytest.raises(SystemExit):
+        profile_device.main(["--models", MODEL, "--device", "cpu", "--host-scheduling", "overlapped",
+                             "--out", str(tmp_path / "x.parquet")])

@@ -35,6 +35,12 @@
 #                                                           # then the qwen3-0.6b ones async1 left
 # Session of 2026-12-03: async1's outputs were lost with the eighth session, so async1 again
 # (ENGINE_TESTS=0: the engine's GPU tests passed there and run in the last call instead), then async2
+# Session of 2026-12-03: async1 again (its outputs were lost), async2 twice (llama3-8b paged and
+# contiguous; then the virtual runs after the unmap fence). Prepared, not run yet: simulate's host
+# part of asynchronous steps from the profile's asynchronous steps (--host-scheduling async)
+#   BUDGET_S=300 bash results/sim_validation/device_session.sh asynchost  # async host steps of both
+#                                                           # models (merged), then qwen3-0.6b async runs
+#   ALLOCS=... QWEN_ALLOCS=... bash results/sim_validation/device_session.sh async2  # then as above
 # Runs accumulate in $KVSV (default /tmp/kvsv) on the machine; each part tars them into $OUT.
 set -uo pipefail
 part=${1:?profile or llama}
@@ -57,7 +63,7 @@ real() {  # model rates online-requests repeats
         if (( $(date +%s) - t_start > budget )); then echo "$m $a: skipped (time)"; continue; fi
         kv validate-sim model=$m $B allocator=$a --rates $rates --online-requests $n --real-only \
             --real-repeats $reps --label $m-$a --out "$runs/${SUB:-}$m-$a" >>"$runs/${SUB:-}$m-$a.log" 2>&1
-        echo "$m $a: exit $? at $(( $(date +%s) - t_start )) s"; grep -h "^\[" "$runs/$m-$a.log" | tail -2
+        echo "$m $a: exit $? at $(( $(date +%s) - t_start )) s"; grep -h "^\[" "$runs/${SUB:-}$m-$a.log" | tail -2
     done
 }
 case $part in
@@ -134,6 +140,12 @@ async1)
     t_start=$(date +%s)  # the budget counts from here
     kv profile --models qwen3-0.6b,llama3-8b --skip host,gemm,copy,vmm \
         --merge results/profiles/nvidia-h200.parquet --out "$runs/nvidia-h200.parquet" 2>&1 | tee "$runs/profile_models.log"
+    mkdir -p "$runs/async"; B="$B engine.async_scheduling=true" SUB=async/ real qwen3-0.6b 8,96 60 1
+    ;;
+asynchost)
+    kv profile --models qwen3-0.6b,llama3-8b --host-model qwen3-0.6b,llama3-8b --host-scheduling async \
+        --skip gemm,models,copy,vmm --merge results/profiles/nvidia-h200.parquet \
+        --out "$runs/nvidia-h200.parquet" 2>&1 | tee "$runs/profile_host_async.log"
     mkdir -p "$runs/async"; B="$B engine.async_scheduling=true" SUB=async/ real qwen3-0.6b 8,96 60 1
     ;;
 async2)
