@@ -168,6 +168,7 @@ class LLMEngine:
         # (step, tokens the live sequences hold) of each step that ran a batch (with record_memory)
         self.logical_tokens = ChunkedRows(2, np.int64)
         self._inflight = None  # async scheduling: the launched step whose tokens are not read yet
+        self._launched = None  # the newest launched step's handle: the fence waits for it
         self._beam_requests = 0  # live beam-search requests: while any, steps run synchronously
         self._earlier: list[RequestOutput] = []  # outputs of a step read back before this step's own
         self._wait_s = 0.0
@@ -334,6 +335,7 @@ class LLMEngine:
         sampled but not read back are forgotten, with the in-flight step (whose sequences are
         undone too: their last token must be sampled again)."""
         seqs = list(seqs)
+        self._fence()  # what a launched step still uses may be unmapped next
         if self._inflight is not None:
             seqs += [s for s in self._inflight.seqs if s.status == SeqStatus.RUNNING and s not in seqs]
             self._inflight = None
@@ -388,6 +390,8 @@ class LLMEngine:
         overlap = self.config.async_scheduling and not self._beam_requests
         t_exec = self.clock()
         handle = self._launch(batch, overlap) if batch.seqs else None
+        if handle is not None and type(handle) is not list:
+            self._launched = handle
         t_launched = self.clock()
         context = self._advance(batch, start)
         sampled = None
@@ -427,9 +431,10 @@ class LLMEngine:
         return outputs
 
     def _fence(self) -> None:
-        """The allocator's fence (``KVAllocator.set_fence``): waits for the step in flight, if
-        any; the wait is device time, kept out of the step's host time."""
-        handle = self._inflight
+        """The allocator's fence (``KVAllocator.set_fence``): waits for the newest launched step
+        (the device runs steps in order: every earlier one is done then), read back or not,
+        sampling or not, failed or not; the wait is device time, kept out of the step's host time."""
+        handle = self._launched
         if handle is not None and not handle.complete:
             t0 = self.clock()
             handle.wait()

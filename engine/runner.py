@@ -277,9 +277,12 @@ class ModelRunner:
         self.publish(inputs)
         logits = self.forward(inputs, feed)
         if logits is None or not inputs.sample_seqs:
-            return StepHandle([])
-        tokens, logprobs = self.sampler.sample(logits, inputs.sample_seqs, self.eos_ids)
-        return StepHandle(inputs.sample_seqs, tokens, logprobs)
+            handle = StepHandle([], on_cuda=self.device.type == "cuda")
+        else:
+            tokens, logprobs = self.sampler.sample(logits, inputs.sample_seqs, self.eos_ids)
+            handle = StepHandle(inputs.sample_seqs, tokens, logprobs)
+        stage.used_by(handle)
+        return handle
 
     def publish(self, inputs: BatchInputs) -> None:
         """Hand a step's inputs to whoever must run it too: nobody on one device (tensor
@@ -353,7 +356,9 @@ class StepHandle:
     """The sampled tokens of a launched step, copied to pinned host memory without waiting."""
 
     def __init__(self, seqs: list[Sequence], tokens: torch.Tensor | None = None,
-                 logprobs: torch.Tensor | None = None, ready: list | None = None):
+                 logprobs: torch.Tensor | None = None, ready: list | None = None, on_cuda: bool = False):
+        """``on_cuda``: a CUDA step that samples nothing still gets an event, so that ``wait``
+        waits for it (the allocator's fence, the reuse of its pinned inputs)."""
         self.seqs = seqs
         self.rows = {s.seq_id: i for i, s in enumerate(seqs)}
         self.tokens = tokens
@@ -361,16 +366,18 @@ class StepHandle:
         self._ready = ready
         self.complete = ready is not None  # the device has finished the step (wait() returned)
         self._host = self._lp_host = self._event = None
-        if tokens is not None and tokens.is_cuda:
+        cuda = tokens is not None and tokens.is_cuda
+        if cuda:
             self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
             self._host.copy_(tokens, non_blocking=True)
             if logprobs is not None:
                 self._lp_host = torch.empty(logprobs.shape, dtype=logprobs.dtype, pin_memory=True)
                 self._lp_host.copy_(logprobs, non_blocking=True)
-            self._event = torch.cuda.Event()
-            self._event.record()
         else:
             self._host, self._lp_host = tokens, logprobs
+        if cuda or on_cuda:
+            self._event = torch.cuda.Event()
+            self._event.record()
 
     @classmethod
     def done(cls, sampled: Sampled) -> "StepHandle":

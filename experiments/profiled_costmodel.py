@@ -295,7 +295,6 @@ class ProfiledCostModel:
         host = profile.table("host")
         if host.empty:
             return
-        host, self.host_scheduling = _host_rows_for(host, self.overlapped, profile)
         models = host_model_of(profile, host)
         # this model's own steps where profiled (the residual also absorbs what its device tables
         # miss), else the default host model's: scheduling and launches do not grow with size
@@ -303,6 +302,7 @@ class ProfiledCostModel:
         if name not in set(models) or name not in profile.models():
             name = models.iloc[0]
         host = host[(models == name).to_numpy()]
+        host, self.host_scheduling = _host_rows_for(host, self.overlapped, profile, name)
         # model the recorded steps' device time as the engine that ran them ran them: its graph
         # settings (recorded with the steps), not the simulated config's
         cap = _recorded(host, "graph_max_tokens", 0)
@@ -511,25 +511,30 @@ class ProfiledCostModel:
                     cost_profile_model=self.profiled_model or f"composed from {self._reference_model()}")
 
 
-def _host_rows_for(host: pd.DataFrame, overlapped: bool, profile: DeviceProfile) -> tuple[pd.DataFrame, str]:
-    """The host steps to calibrate with, and their scheduling: asynchronous ones for an
-    overlapped engine where the profile has them, else synchronous ones (profiles made before
-    rows named it: all of them)."""
+def _host_rows_for(host: pd.DataFrame, overlapped: bool, profile: DeviceProfile,
+                   model: str) -> tuple[pd.DataFrame, str]:
+    """One model's host steps to calibrate with, and their scheduling: the engine's own
+    (asynchronous for an overlapped engine), else the other kind with a warning (profiles made
+    before rows named their scheduling: synchronous)."""
     sched = (host["scheduling"].fillna("sync") if "scheduling" in host
              else pd.Series("sync", index=host.index))
-    if overlapped and (sched == "async").any():
-        return host[(sched == "async").to_numpy()], "async"
-    if overlapped:
-        _warn_no_async_host(profile.path)
-    sync = host[(sched == "sync").to_numpy()]
-    return (sync if not sync.empty else host), "sync"
+    want = "async" if overlapped else "sync"
+    if not (sched == want).any():
+        want = "sync" if overlapped else "async"
+        _warn_host_fallback(profile.path, model, overlapped)
+    return host[(sched == want).to_numpy()], want
 
 
 @lru_cache(maxsize=None)
-def _warn_no_async_host(path: str) -> None:
-    log.warning("profile %s has no asynchronous host steps: simulated asynchronous steps take host time "
-                "from synchronous ones, which leave out the CPU time of launching the step (rerun "
-                "`kvlab profile --host-scheduling async --merge %s`)", path, path)
+def _warn_host_fallback(path: str, model: str, overlapped: bool) -> None:
+    if overlapped:
+        log.warning("profile %s has no asynchronous host steps of %s: simulated asynchronous steps take host "
+                    "time from synchronous ones, which leave out the CPU time of launching the step (rerun "
+                    "`kvlab profile --host-scheduling async --merge %s`)", path, model, path)
+    else:
+        log.warning("profile %s has only asynchronous host steps of %s: simulated synchronous steps take "
+                    "their CPU time, launch included, as host time (an overestimate: rerun `kvlab profile "
+                    "--host-scheduling sync --merge %s`)", path, model, path)
 
 
 def _default_host_model(profile: DeviceProfile) -> str:

@@ -219,14 +219,14 @@ class SimStepHandle:
 
     @property
     def complete(self) -> bool:
-        return not self.seqs or self.clock() >= self.ready_at
+        return self.clock() >= self.ready_at
 
     def wait(self) -> None:
-        if self.seqs:  # a step that samples nothing is not waited for (StepHandle.results)
-            self.clock.advance(self.ready_at - self.clock())
+        self.clock.advance(self.ready_at - self.clock())
 
     def results(self) -> list:
-        self.wait()
+        if self.seqs:  # a step that samples nothing is not waited for (StepHandle.results)
+            self.wait()
         return self._ready
 
 

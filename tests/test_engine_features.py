@@ -150,30 +150,56 @@ def test_async_scheduling_gives_the_same_outputs(case, allocator, args, kw):
     assert stats.free + stats.external_frag + stats.idle_mapped == stats.capacity
 
 
-def test_async_virtual_unmaps_only_once_the_step_in_flight_is_done():
-    """Unmapping a page is not ordered by the device's stream: with a step in flight (one that
-    may still read or write the page) the virtual allocator first waits for it. Without that
-    wait an H200 faulted (illegal address) in qwen3-0.6b's offline run; here, on CPU, the
-    handle of the step in flight must be complete at every unmap, and the tokens are the
-    synchronous engine's."""
-    prompts = [list(range(5, 5 + n)) for n in (3, 40, 64, 17, 90, 120, 33, 7)]
+@pytest.mark.parametrize("case", ["reclaim", "chunked", "failed-step"])
+def test_async_virtual_unmaps_only_once_the_launched_steps_are_done(case):
+    """Unmapping a page is not ordered by the device's stream: with asynchronous scheduling the
+    virtual allocator first waits for the newest launched step (the device runs steps in order),
+    whether it was read back or not, sampled anything or not (a prefill chunk), or failed. Without
+    that wait an H200 faulted (illegal address) in qwen3-0.6b's offline run. On CPU: at every
+    unmap the newest launched step's handle has completed, and the tokens are the synchronous
+    engine's (where no step was made to fail)."""
+    prompts = [list(range(5, 5 + n)) for n in (3, 40, 64, 17, 90, 120, 33, 7, 150, 60)]
     p = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
-    kw = dict(max_model_len=256, kv_cache_tokens=256, max_num_seqs=8)  # tight: idle slots' pages reclaimed
+    # tight: idle slots' pages are reclaimed; "chunked": prompts split into chunks that sample nothing
+    kw = dict(max_model_len=256, kv_cache_tokens=256, max_num_seqs=8,
+              max_num_batched_tokens=32 if case == "chunked" else 2048)
     args = {"backend": "host", "page_size": 4096}
-    want = _llm("virtual", args, async_scheduling=False, **kw).generate(prompts, p)
     llm = _llm("virtual", args, async_scheduling=True, **kw)
     eng = llm.engine
-    backend, seen = eng.allocator.backend, []
-    inner = backend.unmap
+    launched, seen = [], []
+    launch = eng.runner.launch
 
-    def unmap(r, page):
-        seen.append(eng._inflight is None or eng._inflight.complete)
-        inner(r, page)
+    def tracked(batch, inflight=None):
+        launched.append(launch(batch, inflight))
+        return launched[-1]
 
-    backend.unmap = unmap
+    eng.runner.launch = tracked
+    backend = eng.allocator.backend
+    unmap = backend.unmap
+
+    def checked(r, page):
+        seen.append(not launched or launched[-1].complete)
+        unmap(r, page)
+
+    backend.unmap = checked
+    if case == "failed-step":  # output handling fails once: the step in flight is undone, unread
+        resolve, calls = eng._resolve, [0]
+
+        def failing(handle):
+            calls[0] += 1
+            if calls[0] == 34:  # a point after which pages are reclaimed (found by trying)
+                raise RuntimeError("injected output-handling failure")
+            return resolve(handle)
+
+        eng._resolve = failing
     got = llm.generate(prompts, p)
     assert len(seen) > 0 and all(seen)
-    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert not eng.has_unfinished_requests()
+    if case != "failed-step":
+        want = _llm("virtual", args, async_scheduling=False, **kw).generate(prompts, p)
+        assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    if case == "chunked":  # the case it is about: steps that sampled nothing were launched
+        assert any(not h.seqs for h in launched)
 
 
 @pytest.mark.parametrize("async_", [False, True], ids=["sync", "async"])

@@ -488,13 +488,33 @@ def test_overlapped_steps_take_host_time_from_asynchronous_steps():
 
 def test_overlapped_without_asynchronous_steps_warns_and_uses_synchronous_ones(caplog):
     from engine.loader import resolve_config
+    from experiments.profiled_costmodel import _warn_host_fallback
 
+    _warn_host_fallback.cache_clear()  # once per profile and model: another test may have warned
     with caplog.at_level(logging.WARNING, logger="kvlab.sim"):
         m = ProfiledCostModel(synthetic_profile(), shape_of(resolve_config(MODEL)), model=MODEL, paged=True,
                               block_size=16, max_graph_batch=64, allocator="paged", overlapped=True)
     assert m.describe()["cost_host_steps"] == "sync"
     assert m.host_time([(1, 100)] * 10) == pytest.approx(HOST_BASE["paged"] + 5e-6 * 10, rel=0.03)
     assert any("no asynchronous host steps" in r.getMessage() for r in caplog.records)
+
+
+def test_synchronous_engine_with_only_asynchronous_steps_takes_their_cpu_time(caplog):
+    """A profile made with ``--host-scheduling async`` alone: a synchronous engine takes those
+    steps' CPU time (their wall time overlapped the device: no residual to take), with a warning."""
+    from engine.loader import resolve_config
+    from experiments.profiled_costmodel import _warn_host_fallback
+
+    prof = _with_async_host()
+    df = prof.df
+    only_async = DeviceProfile(df[(df["table"] != "host") | (df.get("scheduling") == "async")], prof.meta, "async-only")
+    _warn_host_fallback.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="kvlab.sim"):
+        m = ProfiledCostModel(only_async, shape_of(resolve_config(MODEL)), model=MODEL, paged=True, block_size=16,
+                              max_graph_batch=64, allocator="paged")
+    assert m.describe()["cost_host_steps"] == "async"
+    assert m.host_time([(1, 100)] * 10) == pytest.approx(9e-4 + 2e-5 * 10, rel=0.03)
+    assert any("only asynchronous host steps" in r.getMessage() for r in caplog.records)
 
 
 def test_asynchronous_host_steps_record_the_cpu_time_without_waits():
@@ -518,7 +538,11 @@ def test_profile_merge_keeps_host_steps_of_the_other_scheduling(tmp_path):
     old = tmp_path / "old.parquet"
     profile_device.main(["--models", MODEL, "--device", "cpu", "--skip", "gemm,models,copy,vmm",
                          "--host-requests", "8", "--out", str(old)])
+    made = load_profile(str(old))  # as profiles were written before host rows named their scheduling
+    old = tmp_path / "legacy.parquet"
+    profile_device.write_profile(old, made.df.drop(columns="scheduling").to_dict("records"), made.meta)
     before = load_profile(str(old)).table("host")
+    assert "scheduling" not in before
     new = tmp_path / "new.parquet"
     profile_device.main(["--models", MODEL, "--device", "cpu", "--skip", "gemm,models,copy,vmm",
                          "--host-requests", "8", "--host-scheduling", "async", "--merge", str(old),
