@@ -38,8 +38,9 @@
 # Session of 2026-12-03: async1 again (its outputs were lost), async2 twice (llama3-8b paged and
 # contiguous; then the virtual runs after the unmap fence). Prepared, not run yet: simulate's host
 # part of asynchronous steps from the profile's asynchronous steps (--host-scheduling async)
-#   BUDGET_S=300 bash results/sim_validation/device_session.sh asynchost  # async host steps of both
-#                                                           # models (merged), then qwen3-0.6b async runs
+#   BUDGET_S=300 bash results/sim_validation/device_session.sh asynchost  # the engine's async GPU tests,
+#                                                           # async host steps of both models (merged),
+#                                                           # then qwen3-0.6b async runs
 #   ALLOCS=... QWEN_ALLOCS=... bash results/sim_validation/device_session.sh async2  # then as above
 # Runs accumulate in $KVSV (default /tmp/kvsv) on the machine; each part tars them into $OUT.
 set -uo pipefail
@@ -143,6 +144,10 @@ async1)
     mkdir -p "$runs/async"; B="$B engine.async_scheduling=true" SUB=async/ real qwen3-0.6b 8,96 60 1
     ;;
 asynchost)
+    # the fence's GPU path after review (events of steps that sample nothing, undo, staging)
+    timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_engine.py -k async \
+        2>&1 | tee "$runs/gpu_tests_async.log" | tail -4
+    t_start=$(date +%s)  # the budget counts from here
     kv profile --models qwen3-0.6b,llama3-8b --host-model qwen3-0.6b,llama3-8b --host-scheduling async \
         --skip gemm,models,copy,vmm --merge results/profiles/nvidia-h200.parquet \
         --out "$runs/nvidia-h200.parquet" 2>&1 | tee "$runs/profile_host_async.log"
