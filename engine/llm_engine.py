@@ -226,6 +226,8 @@ class LLMEngine:
         The runner froze what start-up made (``gc.freeze``); unfreezing lets the collector take
         the engine's reference cycles once it is dropped, its weights and CUDA graphs with them
         (a process that builds engine after engine would otherwise keep every one)."""
+        self.allocator.set_fence(None)  # the engine's bound method: a cycle through the allocator
+        self._launched = self._inflight = None
         self.allocator.close()
         if self.tp_group is not None:
             self.tp_group.close()
