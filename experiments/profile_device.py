@@ -424,9 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     t0 = time.time()
     if a.merge:  # keep what this run does not re-measure
-        import pandas as pd
-
-        from experiments.profiled_costmodel import host_model_of, load_profile
+        from experiments.profiled_costmodel import host_model_of, host_scheduling_of, load_profile
 
         old = load_profile(a.merge)
         measured = {"host": {"host"}, "gemm": {"gemm"}, "copy": {"copy"}, "vmm": {"vmm"},
@@ -435,9 +433,8 @@ def main(argv: list[str] | None = None) -> int:
         redo = set().union(*(t for k, t in measured.items() if k not in skip))
         keep = ~old.df["table"].isin(redo)
         if "host" in redo:  # host steps are per model and scheduling: those not re-measured now stay
-            old_sched = (old.df["scheduling"].fillna("sync") if "scheduling" in old.df
-                         else pd.Series("sync", index=old.df.index))
-            remeasured = host_model_of(old).reindex(old.df.index).isin(host_models) & old_sched.isin(schedulings)
+            remeasured = (host_model_of(old).reindex(old.df.index).isin(host_models)
+                          & host_scheduling_of(old.df).isin(schedulings))
             keep |= (old.df["table"] == "host") & ~remeasured
         rows = [{k: v for k, v in r.items() if v == v and v is not None}
                 for r in old.df[keep].to_dict("records")]

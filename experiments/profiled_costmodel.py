@@ -516,8 +516,7 @@ def _host_rows_for(host: pd.DataFrame, overlapped: bool, profile: DeviceProfile,
     """One model's host steps to calibrate with, and their scheduling: the engine's own
     (asynchronous for an overlapped engine), else the other kind with a warning (profiles made
     before rows named their scheduling: synchronous)."""
-    sched = (host["scheduling"].fillna("sync") if "scheduling" in host
-             else pd.Series("sync", index=host.index))
+    sched = host_scheduling_of(host)
     want = "async" if overlapped else "sync"
     if not (sched == want).any():
         want = "sync" if overlapped else "async"
@@ -539,6 +538,14 @@ def _warn_host_fallback(path: str, model: str, overlapped: bool) -> None:
 
 def _default_host_model(profile: DeviceProfile) -> str:
     return profile.meta.get("host_model") or str(profile.meta.get("models", "")).split(",")[0]
+
+
+def host_scheduling_of(df: pd.DataFrame) -> pd.Series:
+    """How each row's host steps were scheduled, sync or async (rows made before they named it:
+    sync)."""
+    if "scheduling" not in df:
+        return pd.Series("sync", index=df.index, dtype=object)
+    return df["scheduling"].fillna("sync")
 
 
 def host_model_of(profile: DeviceProfile, host: pd.DataFrame | None = None) -> pd.Series:
