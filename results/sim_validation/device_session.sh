@@ -42,6 +42,8 @@
 #                                                           # async host steps of both models (merged),
 #                                                           # then qwen3-0.6b async runs
 #   ALLOCS=... QWEN_ALLOCS=... bash results/sim_validation/device_session.sh async2  # then as above
+# Session of 2026-12-03 (second): `ragged` = experiments.bench_ragged (decode attention of ragged
+# batches against uniform ones of the same mean), then async2
 # Runs accumulate in $KVSV (default /tmp/kvsv) on the machine; each part tars them into $OUT.
 set -uo pipefail
 part=${1:?profile or llama}
@@ -153,6 +155,10 @@ asynchost)
         --out "$runs/nvidia-h200.parquet" 2>&1 | tee "$runs/profile_host_async.log"
     mkdir -p "$runs/async"; B="$B engine.async_scheduling=true" SUB=async/ real qwen3-0.6b 8,96 60 1
     ;;
+ragged)  # decode attention of ragged batches (bench_ragged), then as async2
+    timeout 150 python3 -m experiments.bench_ragged --out "$runs/ragged" 2>&1 | tail -60 > "$runs/ragged.log"
+    tail -5 "$runs/ragged.log"
+    ;&
 async2)
     mkdir -p "$runs/async"; B="$B engine.async_scheduling=true"
     SUB=async/ real llama3-8b 4,32 50 1
