@@ -58,6 +58,7 @@ def _ragged_paged(ctxs: list[int], bs: int, width: int, num_blocks: int, device,
 
 
 def run(models: list[str], block_size: int, max_model_len: int, out: Path, reps: int) -> list[dict]:
+    import pandas as pd
     import torch
 
     from engine.presets import preset_config
@@ -102,6 +103,8 @@ def run(models: list[str], block_size: int, max_model_len: int, out: Path, reps:
                         r = rows[-1]
                         print(f"{name} {mode:6s} b={b:3d} mean={mean:4d} {dist:9s} max={r['max_ctx']:5d} "
                               f"{r['us']:8.2f} us", flush=True)
+            out.mkdir(parents=True, exist_ok=True)  # what is measured so far, should the call be cut
+            pd.DataFrame(rows).to_csv(out / "ragged_decode.csv", index=False)
         del k_cache, v_cache
         torch.cuda.empty_cache()
     return rows
@@ -130,11 +133,7 @@ def main(argv=None) -> None:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--out", type=Path, default=Path("results/sim_validation/ragged"))
     a = ap.parse_args(argv)
-    import pandas as pd
-
     rows = run(a.models.split(","), a.block_size, a.max_model_len, a.out, a.reps)
-    a.out.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(rows).to_csv(a.out / "ragged_decode.csv", index=False)
     text = summarize(rows)
     (a.out / "ragged_decode.md").write_text(text + "\n")
     print(text)
