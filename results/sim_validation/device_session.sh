@@ -156,7 +156,7 @@ asynchost)
     mkdir -p "$runs/async"; B="$B engine.async_scheduling=true" SUB=async/ real qwen3-0.6b 8,96 60 1
     ;;
 ragged)  # decode attention of ragged batches (bench_ragged), then as async2
-    timeout 150 python3 -m experiments.bench_ragged --out "$runs/ragged" 2>&1 > "$runs/ragged.log"
+    timeout 150 python3 -m experiments.bench_ragged --out "$runs/ragged" > "$runs/ragged.log" 2>&1
     tail -5 "$runs/ragged.log"
     ;&
 async2)
