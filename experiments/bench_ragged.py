@@ -20,6 +20,7 @@ import numpy as np
 
 BATCHES = [4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256]
 MEANS = [300, 700]
+SWEEP_SPLITS = [1, 2, 3, 4, 6, 8, 12, 16]
 
 
 def contexts(dist: str, batch: int, mean: int, max_len: int, rng: np.random.Generator) -> list[int]:
@@ -57,14 +58,32 @@ def _ragged_paged(ctxs: list[int], bs: int, width: int, num_blocks: int, device,
                              1, max(ctxs), slots, block_table=t, block_size=bs)
 
 
-def run(models: list[str], block_size: int, max_model_len: int, out: Path, reps: int) -> list[dict]:
+def _configs(b: int, max_model_len: int, mc, sweep: bool, device) -> list[tuple[str, object]]:
+    """(variant, AttnConfig): the kernel's fixed-width splits (``fixed``, what the engine ran
+    before even splits), its default now, and with ``sweep`` even splits of every count."""
+    import dataclasses
+
+    from kernels.triton_attention import choose_config, device_sms
+
+    kw = dict(num_seqs=b, max_query_len=1, max_seq_len=max_model_len, num_kv_heads=mc.num_key_value_heads,
+              group=mc.num_attention_heads // mc.num_key_value_heads, head_dim=mc.head_dim, elem_size=2,
+              num_sms=device_sms(device))
+    default = choose_config(**kw)
+    out = [("fixed", choose_config(**kw, even_split=False)), ("default", default)]
+    if sweep:
+        out += [(f"even-x{sp}", dataclasses.replace(default, num_splits=sp, even_split=True))
+                for sp in SWEEP_SPLITS if sp * 256 <= max_model_len and sp != default.num_splits]
+    return out
+
+
+def run(models: list[str], block_size: int, max_model_len: int, out: Path, reps: int, sweep_models: set[str]):
     import pandas as pd
     import torch
 
     from engine.presets import preset_config
     from experiments.profile_device import Timer
-    from kernels import ops
     from kernels.metadata import Addressing, contiguous_metadata
+    from kernels.triton_attention import attention_into
 
     device = torch.device("cuda")
     timer = Timer(device, reps=reps)
@@ -79,6 +98,7 @@ def run(models: list[str], block_size: int, max_model_len: int, out: Path, reps:
         v_cache = torch.randn_like(k_cache)
         for mode in ("paged", "linear"):
             for b in BATCHES:
+                configs = _configs(b, max_model_len, mc, name in sweep_models, device)
                 for mean in MEANS:
                     for dist in ("uniform", "lognormal", "twopoint"):
                         ctxs = contexts(dist, b, mean, max_model_len, rng)
@@ -94,15 +114,18 @@ def run(models: list[str], block_size: int, max_model_len: int, out: Path, reps:
                             m.max_seq_len = max_model_len  # the decode graph's split config
                             metas.append(m)
                         q = torch.randn(b, h, d, dtype=torch.bfloat16, device=device)
-                        t = timer.graph([(lambda m=m: ops.attention(q, k_cache, v_cache, m, d**-0.5))
-                                         for m in metas])
-                        rows.append(dict(model=name, mode=mode, block_size=block_size if mode == "paged" else 0,
-                                         batch=b, dist=dist, mean_ctx=float(np.mean(ctxs)), max_ctx=max(ctxs),
-                                         p90_ctx=float(np.percentile(ctxs, 90)), layers=mc.num_hidden_layers,
-                                         us=t * 1e6, contexts=json.dumps(ctxs)))
-                        r = rows[-1]
-                        print(f"{name} {mode:6s} b={b:3d} mean={mean:4d} {dist:9s} max={r['max_ctx']:5d} "
-                              f"{r['us']:8.2f} us", flush=True)
+                        o = torch.empty_like(q)
+                        for variant, cfg in configs:
+                            t = timer.graph([(lambda m=m, cfg=cfg: attention_into(o, q, k_cache, v_cache, m, d**-0.5,
+                                                                                  cfg)) for m in metas])
+                            rows.append(dict(model=name, mode=mode, block_size=block_size if mode == "paged" else 0,
+                                             batch=b, dist=dist, variant=variant, splits=cfg.num_splits,
+                                             even=cfg.even_split, mean_ctx=float(np.mean(ctxs)), max_ctx=max(ctxs),
+                                             p90_ctx=float(np.percentile(ctxs, 90)), layers=mc.num_hidden_layers,
+                                             us=t * 1e6, contexts=json.dumps(ctxs)))
+                        r = {v: x["us"] for v, x in ((x["variant"], x) for x in rows[-len(configs):])}
+                        print(f"{name} {mode:6s} b={b:3d} mean={mean:4d} {dist:9s} max={max(ctxs):5d} "
+                              + " ".join(f"{v}={u:.1f}" for v, u in r.items()), flush=True)
             out.mkdir(parents=True, exist_ok=True)  # what is measured so far, should the call be cut
             pd.DataFrame(rows).to_csv(out / "ragged_decode.csv", index=False)
         del k_cache, v_cache
@@ -111,17 +134,28 @@ def run(models: list[str], block_size: int, max_model_len: int, out: Path, reps:
 
 
 def summarize(rows: list[dict]) -> str:
-    """Ragged over uniform, per model, mode, batch and mean: the step's extra (all layers)."""
+    """Per model, mode, batch and mean: uniform, lognormal and two-point batches under the fixed
+    splits and the default; the step's extra (all layers) of a lognormal batch over a uniform one."""
     import pandas as pd
 
     df = pd.DataFrame(rows)
-    lines = ["| model | mode | batch | mean ctx | uniform us | lognormal us (x) | twopoint us (x) | "
-             "lognormal extra ms a step |", "|---|---|---|---|---|---|---|---|"]
-    for (m, mode, b), g in df.groupby(["model", "mode", "batch"], sort=False):
-        for i in range(0, len(g), 3):
-            u, ln, tp = g.iloc[i], g.iloc[i + 1], g.iloc[i + 2]
-            lines.append(f"| {m} | {mode} | {b} | {u.mean_ctx:.0f} | {u.us:.1f} | {ln.us:.1f} ({ln.us / u.us:.2f}) | "
-                         f"{tp.us:.1f} ({tp.us / u.us:.2f}) | {(ln.us - u.us) * u.layers / 1e3:.3f} |")
+    df["mean_bin"] = df.groupby(["model", "mode", "batch", "dist", "variant"]).cumcount()
+    lines = ["| model | mode | batch | mean ctx | splits fixed / default | uniform us fixed / default | "
+             "lognormal us fixed / default | twopoint us fixed / default | lognormal extra ms a step, "
+             "fixed / default | best even split (lognormal) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for (m, mode, b, mb), g in df.groupby(["model", "mode", "batch", "mean_bin"], sort=False):
+        t = g.set_index(["variant", "dist"])["us"]
+        sp = g.groupby("variant")["splits"].first()
+        layers = g["layers"].iloc[0]
+        mean = g[g.dist == "uniform"]["mean_ctx"].iloc[0]
+        ln = g[g.dist == "lognormal"]
+        best = ln.loc[ln["us"].idxmin()] if len(ln) else None
+        extra = [(t[(v, "lognormal")] - t[(v, "uniform")]) * layers / 1e3 for v in ("fixed", "default")]
+        lines.append(
+            f"| {m} | {mode} | {b} | {mean:.0f} | {sp['fixed']} / {sp['default']} | "
+            + " | ".join(f"{t[('fixed', dd)]:.1f} / {t[('default', dd)]:.1f}" for dd in ("uniform", "lognormal", "twopoint"))
+            + f" | {extra[0]:.3f} / {extra[1]:.3f} | "
+            + (f"x{best.splits} {'even' if best.even else 'fixed'} {best.us:.1f}" if best is not None else "") + " |")
     return "\n".join(lines)
 
 
@@ -131,9 +165,10 @@ def main(argv=None) -> None:
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--sweep-models", default="llama3-8b", help="models also timed at every even split count")
     ap.add_argument("--out", type=Path, default=Path("results/sim_validation/ragged"))
     a = ap.parse_args(argv)
-    rows = run(a.models.split(","), a.block_size, a.max_model_len, a.out, a.reps)
+    rows = run(a.models.split(","), a.block_size, a.max_model_len, a.out, a.reps, set(a.sweep_models.split(",")))
     text = summarize(rows)
     (a.out / "ragged_decode.md").write_text(text + "\n")
     print(text)

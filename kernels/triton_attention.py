@@ -31,6 +31,7 @@ _LOG2E = 1.4426950408889634
 # Split-KV heuristic knobs (see choose_config).
 SPLIT_MIN_TOKENS = 256  # never give a split fewer keys than this
 SPLIT_MAX = 64
+RAGGED_PROGRAMS_PER_SM = 4  # decode, even splits: at least this many programs an SM (see choose_config)
 LONG_PROMPT = 4096  # prefill tiles grow from this query length on (choose_config)
 SMEM_PER_SM = 227 * 1024  # usable shared memory per SM (Hopper); sets decode occupancy
 
@@ -68,7 +69,7 @@ def _attn_kernel(
     ring,  # LINEAR, RING: token t of a sequence at seq_base + t % ring
     num_seqs,
     max_blocks,  # block_table.shape[1] (PAGED)
-    num_splits, split_chunk,  # split-KV: split j covers keys [j*chunk, (j+1)*chunk)
+    num_splits, split_chunk,  # split-KV: split j covers keys [j*chunk, (j+1)*chunk) (not EVEN_SPLIT)
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_ks, stride_kh, stride_vs, stride_vh,
     stride_bt,
@@ -80,6 +81,7 @@ def _attn_kernel(
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     SPLIT: tl.constexpr,  # write partial results for _merge_kernel (num_splits > 1)
+    EVEN_SPLIT: tl.constexpr,  # split j: the j-th of num_splits equal parts of the tile's keys
     DIRECT: tl.constexpr,  # every sequence fits one query tile: program i = sequence i
     BT_AHEAD: tl.constexpr,  # PAGED: block ids fetched one iteration ahead (see loop)
     DOT_F32: tl.constexpr,  # exact fp32 dots (fp32 inputs; bf16 under the interpreter)
@@ -117,10 +119,24 @@ def _attn_kernel(
     # ones even fewer; keys before that may be freed or overwritten, so they are never loaded
     if WINDOWED:
         lo = tl.maximum(prefix + q0 - window + 1, 0)
-    else:  # a constant: no load feeds the first block-id fetch
+    else:  # a constant: no load feeds the first block-id fetch (but EVEN_SPLIT's)
         lo = 0
-    if SPLIT:  # splits cut the keys this tile sees, from its first one
+    # keys this tile needs: [lo, kv_end), causal bound of its last query row
+    kv_end = prefix + tl.minimum(q_len, q0 + BLOCK_Q)
+    hi = kv_end
+    if SPLIT and EVEN_SPLIT:
+        # this tile's own keys cut into num_splits equal, tile-aligned parts: a long sequence
+        # of a ragged batch spreads over all its programs instead of ending on its longest
+        # fixed-width chunk (later splits of a short one are empty)
+        span = tl.maximum(kv_end - lo, 0)
+        chunk = (span + num_splits * BLOCK_N - 1) // (num_splits * BLOCK_N) * BLOCK_N
+        lo = lo + split * chunk
+        hi = tl.minimum(lo + chunk, kv_end)
+    elif SPLIT:  # fixed-width splits from the launch's max_seq_len, from the tile's first key;
+        # the last one takes whatever is left, so a stale max_seq_len (e.g. a CUDA graph
+        # captured earlier) costs balance, never correctness
         lo = lo + split * split_chunk
+        hi = tl.where(split == num_splits - 1, kv_end, tl.minimum(lo + split_chunk, kv_end))
     offs_n0 = tl.arange(0, BLOCK_N)
     if MODE == 0:
         bt_row = bt_ptr + seq.to(tl.int64) * stride_bt
@@ -153,13 +169,6 @@ def _attn_kernel(
     else:
         q = q.to(k_ptr.dtype.element_ty)
 
-    # keys this tile needs: [0, kv_end), causal bound of its last query row
-    kv_end = prefix + tl.minimum(q_len, q0 + BLOCK_Q)
-    hi = kv_end
-    if SPLIT:
-        # the last split takes whatever is left, so a stale max_seq_len (e.g. a CUDA
-        # graph captured earlier) costs balance, never correctness
-        hi = tl.where(split == num_splits - 1, kv_end, tl.minimum(lo + split_chunk, kv_end))
     hi = tl.where(q0 < q_len, hi, lo)  # spare tile (the grid is an upper bound): no keys
 
     k_base = k_ptr + kvh.to(tl.int64) * stride_kh
@@ -313,6 +322,10 @@ class AttnConfig:
     # keeps one masked loop (its tiles are all but one unmasked already, and it is at bandwidth)
     causal_split: bool = False
     longest_first: bool = False  # prefill: programs take query tiles last to first
+    # split-KV: each tile's own keys in num_splits equal parts (True), or fixed-width parts of the
+    # launch's max_seq_len (False: in a CUDA graph captured at max_model_len a short sequence uses
+    # only the first splits, and a ragged batch ends on its longest sequences' full-width chunks)
+    even_split: bool = True
 
 
 @functools.lru_cache(maxsize=None)
@@ -338,6 +351,7 @@ def choose_config(
     elem_size: int,
     num_sms: int,
     fp8: bool = False,
+    even_split: bool = True,
 ) -> AttnConfig:
     """Tile sizes and split count from host-side integers only (no device sync, so the
     call is CUDA-graph safe).
@@ -367,8 +381,11 @@ def choose_config(
             splits = triton.cdiv(3 * wave, pairs)
         else:
             splits = 1
+        if even_split:  # a ragged batch: enough programs that its longest sequences do not set the time
+            splits = max(splits, triton.cdiv(RAGGED_PROGRAMS_PER_SM * num_sms, pairs))
         splits = max(1, min(splits, max_seq_len // SPLIT_MIN_TOKENS, SPLIT_MAX))
-        return AttnConfig(block_q=1, block_n=block_n, num_splits=splits, num_warps=4, num_stages=num_stages)
+        return AttnConfig(block_q=1, block_n=block_n, num_splits=splits, num_warps=4, num_stages=num_stages,
+                          even_split=even_split)
     # prefill / mixed: compute bound; ~64 query rows per tile and 64 keys, one warpgroup; prompts of
     # LONG_PROMPT tokens or more take 128 x 128 tiles, 8 warps (H200, Llama-3-8B heads, bench_prefill:
     # 1x8192 442 vs 414 TFLOP/s; 4x2048 347 vs 361). Unmasked first loop; tiles in launch order
@@ -539,6 +556,7 @@ def attention_into(
         BLOCK_Q=cfg.block_q, BLOCK_M=block_m, BLOCK_N=cfg.block_n,
         HEAD_DIM=head_dim, BLOCK_D=block_d,
         SPLIT=split,
+        EVEN_SPLIT=cfg.even_split,
         DIRECT=direct,
         BT_AHEAD=cfg.bt_ahead,
         DOT_F32=dot_f32,

@@ -261,6 +261,24 @@ def test_attention_split_kv_stale_max_seq_len(mode, bs, monkeypatch):
     _assert_close_attn(out, reference.attention(q, kc, vc, meta))
 
 
+@pytest.mark.parametrize("even", [True, False], ids=["even", "fixed"])
+@pytest.mark.parametrize("mode,bs", [(PAGED, 16), (LINEAR, 0)])
+def test_attention_split_kv_ragged_graph_bound(mode, bs, even, monkeypatch):
+    """A ragged decode batch under a CUDA graph's bound (max_seq_len = max_model_len, far above
+    every context): even splits cut each sequence's own keys (some splits of the shortest ones
+    empty), fixed ones cut the bound; both exact."""
+    gen = _gen("ragged", mode, bs, even)
+    lens = [(n, 1) for n in (1, 7, 33, _randint(gen, 40, 90), _randint(gen, 150, 300))]
+    q, kc, vc, meta, _ = make_batch(
+        gen, lens, num_kv_heads=2, group=4, head_dim=64, dtype=torch.float16, mode=mode, block_size=bs
+    )
+    meta.max_seq_len = 2048
+    config = triton_attention.AttnConfig(block_q=1, block_n=16, num_splits=5, num_warps=4, num_stages=2,
+                                         even_split=even)
+    out = run_attention(q, kc, vc, meta, config=config, monkeypatch=monkeypatch)
+    _assert_close_attn(out, reference.attention(q, kc, vc, meta))
+
+
 @pytest.mark.parametrize("mode,bs", [(PAGED, 16), (LINEAR, 0)])
 def test_attention_split_kv_mixed_batch(mode, bs, monkeypatch):
     """Split-KV is general: prefill tiles split too (causal rows with no key in a split)."""
@@ -408,6 +426,13 @@ def test_split_heuristic():
     assert cfg(num_seqs=1, max_query_len=1, max_seq_len=100).num_splits == 1  # too short
     assert cfg(num_seqs=256, max_query_len=1, max_seq_len=1024).num_splits == 1
     assert cfg(num_seqs=4, max_query_len=512, max_seq_len=4096).num_splits == 1
+    # even splits (the default): a mid-size batch of short and long sequences is split too
+    assert cfg(num_seqs=32, max_query_len=1, max_seq_len=2048).num_splits > 1
+    assert cfg(num_seqs=32, max_query_len=1, max_seq_len=2048, even_split=False).num_splits == 1
+    for b in (1, 8, 16, 32, 64, 128, 256):
+        even = cfg(num_seqs=b, max_query_len=1, max_seq_len=2048)
+        assert even.even_split and even.num_splits >= cfg(num_seqs=b, max_query_len=1, max_seq_len=2048,
+                                                          even_split=False).num_splits
 
 
 def test_ops_dispatch_to_triton(monkeypatch):

@@ -23,6 +23,11 @@
 #   bash results/engine/device_session.sh auto7       # after async_scheduling=auto became the default and RoPE went
 #                                                     # to one program a token: fused-op and GPU engine/serving tests,
 #                                                     # bench throughput (default scheduling), profile_step b256
+# Session of 2026-12-03 (second):
+#   bash results/engine/device_session.sh even        # after even split-KV for decode: bench_ragged (fixed vs even
+#                                                     # splits on ragged batches, every split count for llama3-8b),
+#                                                     # the kernel tests on the GPU, the engine's GPU tests, and
+#                                                     # llama3-8b paged async real runs of the simulate validation
 # Outputs accumulate in $KVE (default /tmp/kve) on the machine; each part tars them into $OUT.
 set -uo pipefail
 part=${1:?tests or throughput}
@@ -120,6 +125,19 @@ auto7)
     for m in llama3-8b qwen3-0.6b; do tput $m 110 throughput_$m; done  # default scheduling: auto (async)
     timeout 60 python3 -m experiments.profile_step --model llama3-8b --batch 256 --prompt-len 800 \
         2>&1 | tee "$runs/profile_step_llama3-8b_b256_auto.log" | grep -v "^ " | grep -iv "^-\|^name" | tail -8
+    ;;
+even)
+    timeout 170 python3 -m experiments.bench_ragged --out "$runs/ragged" > "$runs/ragged.log" 2>&1
+    echo "bench_ragged: exit $?"; tail -2 "$runs/ragged.log"
+    timeout 120 python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_kernels_triton.py \
+        tests/test_kernels_fp8_window.py 2>&1 | tee "$runs/gpu_tests_kernels.log" | tail -3
+    timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=5 tests/test_gpu_engine.py \
+        2>&1 | tee "$runs/gpu_tests_engine.log" | tail -8
+    B="workload=sharegpt workload.num_requests=300 engine.kv_cache_tokens=40000 engine.max_model_len=2048"
+    B="$B engine.max_num_seqs=256 engine.max_num_batched_tokens=8192 device=cuda report=false engine.async_scheduling=true"
+    timeout 120 python3 -m experiments.cli validate-sim model=llama3-8b $B allocator=paged --rates 4,32 \
+        --online-requests 50 --real-only --label llama3-8b-paged --out "$runs/llama3-8b-paged" \
+        > "$runs/llama3-8b-paged.log" 2>&1; echo "llama3-8b paged real: exit $?"
     ;;
 esac
 tar -czf "$out/kve-$part.tgz" -C "$runs" .
