@@ -7,8 +7,10 @@ short and long ones. With split-KV fixed by the CUDA graph's ``max_model_len``, 
 is its sequence's keys, so a ragged batch may end on its longest programs rather than at the mean.
 This measures that on the device: the engine's decode attention kernel (one layer, the graph's
 config) for uniform, lognormal (ShareGPT-like) and two-point context mixes of equal mean, per
-batch size and addressing mode. Rows (CSV): mode, batch, dist, mean/max/p90 context, the
-contexts themselves, and the device time of one call (``profile_device.Timer``).
+batch size and addressing mode, with fixed-width splits (the kernel before even splits), the
+default, and (``--sweep-models``) every even split count. Rows (CSV): mode, batch, dist, variant,
+splits, mean/max/p90 context, the contexts themselves, and the device time of one call
+(``profile_device.Timer``). ``--from-csv`` prints the tables of a run again on any machine.
 """
 from __future__ import annotations
 
@@ -159,6 +161,34 @@ def summarize(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+DIST_WEIGHTS = {"uniform": 1, "lognormal": 2, "twopoint": 1}  # real batches are ragged: lognormal counts twice
+
+
+def split_sweep(df) -> str:
+    """Swept models: per batch, mode and mean, each even split count's weighted geometric mean time
+    over the three distributions, against the fixed splits' and the default's; the best count."""
+    import pandas as pd
+
+    df = df[df.model.isin(df[df.variant.str.startswith("even-")].model.unique())].copy()
+    df["mean_bin"] = df.groupby(["model", "mode", "batch", "dist", "variant"]).cumcount()
+    wsum = sum(DIST_WEIGHTS.values())
+
+    def geo(g: pd.DataFrame) -> float:
+        t = g.set_index("dist")["us"]
+        return float(np.exp(sum(w * np.log(t[d]) for d, w in DIST_WEIGHTS.items()) / wsum))
+
+    lines = ["| model | mode | batch | mean ctx | fixed splits: us | default splits: us | even splits: us | best |",
+             "|---|---|---|---|---|---|---|---|"]
+    for (m, mode, b, _), g in df.groupby(["model", "mode", "batch", "mean_bin"], sort=False):
+        even = {int(sp): geo(h) for sp, h in g[g.even].groupby("splits")}
+        fixed, default = g[g.variant == "fixed"], g[g.variant == "default"]
+        best = min(even, key=even.get)
+        lines.append(f"| {m} | {mode} | {b} | {g[g.dist == 'uniform'].mean_ctx.iloc[0]:.0f} | "
+                     f"x{fixed.splits.iloc[0]}: {geo(fixed):.1f} | x{default.splits.iloc[0]}: {geo(default):.1f} | "
+                     + " ".join(f"x{sp}: {t:.1f}" for sp, t in sorted(even.items())) + f" | x{best} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="llama3-8b,qwen3-0.6b")
@@ -167,9 +197,18 @@ def main(argv=None) -> None:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--sweep-models", default="llama3-8b", help="models also timed at every even split count")
     ap.add_argument("--out", type=Path, default=Path("results/sim_validation/ragged"))
+    ap.add_argument("--from-csv", type=Path, help="summarize a run's ragged_decode.csv again (no GPU)")
     a = ap.parse_args(argv)
+    if a.from_csv is not None:
+        import pandas as pd
+
+        df = pd.read_csv(a.from_csv)
+        print(summarize(df.to_dict("records")) + "\n\n" + split_sweep(df))
+        return
     rows = run(a.models.split(","), a.block_size, a.max_model_len, a.out, a.reps, set(a.sweep_models.split(",")))
-    text = summarize(rows)
+    import pandas as pd
+
+    text = summarize(rows) + "\n\n" + split_sweep(pd.DataFrame(rows))
     (a.out / "ragged_decode.md").write_text(text + "\n")
     print(text)
 

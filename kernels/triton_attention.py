@@ -363,7 +363,16 @@ def choose_config(
     KV head) pairs than 2 x SMs, split-KV brings the count up to that; with between one
     and two waves of pairs it cuts programs into ~3 waves, so the last partial wave costs
     little; from two waves on, one pass. (H200 sweep, Llama-3-8B heads: 8x4096 best at
-    4 splits, 16x16384 at 2, 64x4096 at 3, 32x2048 and 128x1024 unsplit.)"""
+    4 splits, 16x16384 at 2, 64x4096 at 3, 32x2048 and 128x1024 unsplit.)
+
+    Those figures are for batches whose sequences share one length. A real batch is ragged, and
+    one program streams at only ~20 GB/s, so a batch ends on its longest sequences' programs:
+    with even splits (each sequence's own keys cut in equal parts) the count is at least
+    ``RAGGED_PROGRAMS_PER_SM`` programs an SM. H200, Llama-3-8B heads, 2048-token graph bound
+    (experiments/bench_ragged.py, results/engine/session_2026-12-03b): lognormal batches of 8-48
+    sequences 16-29% faster than fixed-width splits (e.g. 24 of mean 700: 46.0 -> 31.8 us), within
+    ~5% of the best split count from 4 to 256 sequences; uniform ones of 24-48 sequences up to 26%
+    slower, unchanged from 64 on."""
     group_p = _pow2(group)
     block_d = max(16, _pow2(head_dim))
     row_bytes = block_d * elem_size
