@@ -34,6 +34,13 @@ part=${1:?tests or throughput}
 out=${OUT:-/tmp/out}
 runs=${KVE:-/tmp/kve}
 mkdir -p "$out" "$runs"
+# hydra, fastapi, uvicorn... are not on the device: install the wheels carried in .whl/ (see the
+# repository README's device notes; `pip download` them here, gitignored) or stop before any run
+if [ -d .whl ] && ! python3 -c "import hydra" 2>/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >/dev/null 2>&1
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+python3 -c "import hydra" 2>/dev/null || echo "WARNING: hydra is missing (carry .whl): kvlab run/validate-sim will fail"
 { date -u; hostname; nvidia-smi --query-gpu=name,uuid,driver_version --format=csv,noheader; lscpu | grep "Model name"; } \
     | tee -a "$runs/machine.txt"
 tput() {  # MODEL TIMEOUT NAME [bench flags]: one paged bench throughput run into $runs/NAME, its table shown

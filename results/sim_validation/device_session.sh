@@ -50,6 +50,13 @@ part=${1:?profile or llama}
 out=${OUT:-/tmp/out}
 runs=${KVSV:-/tmp/kvsv}
 mkdir -p "$out" "$runs"
+# hydra, fastapi, uvicorn... are not on the device: install the wheels carried in .whl/ (see the
+# repository README's device notes; `pip download` them here, gitignored) or stop before any run
+if [ -d .whl ] && ! python3 -c "import hydra" 2>/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >/dev/null 2>&1
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+python3 -c "import hydra" 2>/dev/null || echo "WARNING: hydra is missing (carry .whl): kvlab run/validate-sim will fail"
 kv() { python3 -m experiments.cli "$@"; }
 B="workload=sharegpt workload.num_requests=300 engine.kv_cache_tokens=40000 engine.max_model_len=2048 engine.max_num_seqs=256 engine.max_num_batched_tokens=8192 device=cuda report=false"
 { date -u; hostname; nvidia-smi --query-gpu=name,uuid,driver_version --format=csv,noheader; lscpu | grep "Model name"; } \
