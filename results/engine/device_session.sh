@@ -35,7 +35,7 @@ out=${OUT:-/tmp/out}
 runs=${KVE:-/tmp/kve}
 mkdir -p "$out" "$runs"
 # hydra, fastapi, uvicorn... are not on the device: install the wheels carried in .whl/ (see the
-# repository README's device notes; `pip download` them here, gitignored) or stop before any run
+# wheel list in results/serving/README.md; `pip download` them here, gitignored) or stop before any run
 if [ -d .whl ] && ! python3 -c "import hydra" 2>/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >/dev/null 2>&1
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
