@@ -111,9 +111,10 @@ def _attn_kernel(
         q0 = (qblk - (q_start // BLOCK_Q + seq)) * BLOCK_Q
     else:
         q0 = qblk - q_start
-    # Key range of this program. The split bounds come from launch constants, not from
-    # this sequence's length, and there is no early exit: every start-up load (query
-    # bounds, length, base or first block ids, q) is issued at once, with no chain.
+    # Key range of this program, with no early exit. Fixed-width split bounds come from launch
+    # constants, so every start-up load (query bounds, length, base or first block ids, q) is
+    # issued at once; even splits need the length first (one dependent load before the first
+    # block ids, PAGED: included in the H200 figures of choose_config).
     prefix = ctx - q_len  # query j of the sequence sits at absolute position prefix + j
     # sliding window: the tile's first query sees keys from prefix + q0 - window + 1 on, later
     # ones even fewer; keys before that may be freed or overwritten, so they are never loaded
@@ -362,8 +363,9 @@ def choose_config(
     once. Two resident programs per SM already keep HBM busy, so with fewer (sequence,
     KV head) pairs than 2 x SMs, split-KV brings the count up to that; with between one
     and two waves of pairs it cuts programs into ~3 waves, so the last partial wave costs
-    little; from two waves on, one pass. (H200 sweep, Llama-3-8B heads: 8x4096 best at
-    4 splits, 16x16384 at 2, 64x4096 at 3, 32x2048 and 128x1024 unsplit.)
+    little; from two waves on, one pass. (H200 sweep of fixed-width splits on batches of one
+    length, Llama-3-8B heads: 8x4096 best at 4 splits, 16x16384 at 2, 64x4096 at 3, 32x2048 and
+    128x1024 unsplit.)
 
     Those figures are for batches whose sequences share one length. A real batch is ragged, and
     one program streams at only ~20 GB/s, so a batch ends on its longest sequences' programs:

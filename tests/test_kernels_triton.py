@@ -246,17 +246,20 @@ def test_attention_decode_split_kv(mode, bs, splits, monkeypatch):
     _assert_close_attn(out, reference.attention(q, kc, vc, meta))
 
 
+@pytest.mark.parametrize("even", [True, False], ids=["even", "fixed"])
 @pytest.mark.parametrize("mode,bs", [(PAGED, 16), (LINEAR, 0)])
-def test_attention_split_kv_stale_max_seq_len(mode, bs, monkeypatch):
-    """Split bounds come from meta.max_seq_len; if it is stale (smaller than a context, as
-    in a CUDA graph captured earlier) the last split takes the rest: still exact."""
+def test_attention_split_kv_stale_max_seq_len(mode, bs, even, monkeypatch):
+    """Fixed-width split bounds come from meta.max_seq_len; if it is stale (smaller than a
+    context, as in a CUDA graph captured earlier) the last split takes the rest: still exact.
+    Even splits never read it."""
     gen = _gen("stale", mode, bs)
     lens = [(_randint(gen, 100, 300), 1) for _ in range(3)]
     q, kc, vc, meta, _ = make_batch(
         gen, lens, num_kv_heads=2, group=4, head_dim=64, dtype=torch.float16, mode=mode, block_size=bs
     )
     meta.max_seq_len = 40
-    config = triton_attention.AttnConfig(block_q=1, block_n=16, num_splits=3, num_warps=4, num_stages=2)
+    config = triton_attention.AttnConfig(block_q=1, block_n=16, num_splits=3, num_warps=4, num_stages=2,
+                                         even_split=even)
     out = run_attention(q, kc, vc, meta, config=config, monkeypatch=monkeypatch)
     _assert_close_attn(out, reference.attention(q, kc, vc, meta))
 
@@ -268,7 +271,8 @@ def test_attention_split_kv_ragged_graph_bound(mode, bs, even, monkeypatch):
     every context): even splits cut each sequence's own keys (some splits of the shortest ones
     empty), fixed ones cut the bound; both exact."""
     gen = _gen("ragged", mode, bs, even)
-    lens = [(n, 1) for n in (1, 7, 33, _randint(gen, 40, 90), _randint(gen, 150, 300))]
+    # 321 keys in 5 splits of 16-key tiles: parts of 80, the last one holding a single key
+    lens = [(n, 1) for n in (1, 7, 33, _randint(gen, 40, 90), _randint(gen, 150, 300), 321)]
     q, kc, vc, meta, _ = make_batch(
         gen, lens, num_kv_heads=2, group=4, head_dim=64, dtype=torch.float16, mode=mode, block_size=bs
     )
