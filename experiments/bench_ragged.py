@@ -60,18 +60,25 @@ def _ragged_paged(ctxs: list[int], bs: int, width: int, num_blocks: int, device,
                              1, max(ctxs), slots, block_table=t, block_size=bs)
 
 
+def _decode_config(mc, batch: int, span: int, num_sms: int, even_split: bool = True):
+    """The engine's decode attention config for ``batch`` sequences of ``mc``'s heads (bf16) under
+    a CUDA graph's bound ``span``."""
+    from kernels.triton_attention import choose_config
+
+    return choose_config(num_seqs=batch, max_query_len=1, max_seq_len=span, num_kv_heads=mc.num_key_value_heads,
+                         group=mc.num_attention_heads // mc.num_key_value_heads, head_dim=mc.head_dim,
+                         elem_size=2, num_sms=num_sms, even_split=even_split)
+
+
 def _configs(b: int, max_model_len: int, mc, sweep: bool, device) -> list[tuple[str, object]]:
     """(variant, AttnConfig): the kernel's fixed-width splits (``fixed``, what the engine ran
     before even splits), its default now, and with ``sweep`` even splits of every count."""
     import dataclasses
 
-    from kernels.triton_attention import choose_config, device_sms
+    from kernels.triton_attention import device_sms
 
-    kw = dict(num_seqs=b, max_query_len=1, max_seq_len=max_model_len, num_kv_heads=mc.num_key_value_heads,
-              group=mc.num_attention_heads // mc.num_key_value_heads, head_dim=mc.head_dim, elem_size=2,
-              num_sms=device_sms(device))
-    default = choose_config(**kw)
-    out = [("fixed", choose_config(**kw, even_split=False)), ("default", default)]
+    default = _decode_config(mc, b, max_model_len, device_sms(device))
+    out = [("fixed", _decode_config(mc, b, max_model_len, device_sms(device), even_split=False)), ("default", default)]
     if sweep:
         out += [(f"even-x{sp}", dataclasses.replace(default, num_splits=sp, even_split=True))
                 for sp in SWEEP_SPLITS if sp * 256 <= max_model_len and sp != default.num_splits]
@@ -135,13 +142,17 @@ def run(models: list[str], block_size: int, max_model_len: int, out: Path, reps:
     return rows
 
 
+def _mean_bins(df):
+    """``df`` with ``mean_bin``: which of MEANS a row's batch was drawn for (rows come in MEANS order)."""
+    return df.assign(mean_bin=df.groupby(["model", "mode", "batch", "dist", "variant"]).cumcount())
+
+
 def summarize(rows: list[dict]) -> str:
     """Per model, mode, batch and mean: uniform, lognormal and two-point batches under the fixed
     splits and the default; the step's extra (all layers) of a lognormal batch over a uniform one."""
     import pandas as pd
 
-    df = pd.DataFrame(rows)
-    df["mean_bin"] = df.groupby(["model", "mode", "batch", "dist", "variant"]).cumcount()
+    df = _mean_bins(pd.DataFrame(rows))
     lines = ["| model | mode | batch | mean ctx | splits fixed / default | uniform us fixed / default | "
              "lognormal us fixed / default | twopoint us fixed / default | lognormal extra ms a step, "
              "fixed / default | best even split (lognormal) |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -169,7 +180,9 @@ def program_keys(ctxs: list[int], splits: int, even: bool, block_n: int, span: i
     if even:
         chunk = -(-c // (splits * block_n)) * block_n
         return np.clip(c - j * chunk, 0, chunk).ravel()
-    chunk = -(-(-(-span // splits)) // block_n) * block_n
+    from kernels.triton_attention import fixed_split_chunk
+
+    chunk = fixed_split_chunk(span, splits, block_n)
     k = np.clip(c - j * chunk, 0, chunk)
     k[:, -1] = np.maximum(c[:, 0] - (splits - 1) * chunk, 0)
     return k.ravel()
@@ -183,22 +196,19 @@ def critical_path_fit(df, num_sms: int = 132, span: int = 2048) -> str:
     import pandas as pd
 
     from engine.presets import preset_config
-    from kernels.triton_attention import SMEM_PER_SM, choose_config
+    from kernels.triton_attention import decode_wave
 
     rows = []
     for r in df.itertuples():
         mc = preset_config(r.model)
-        cfg = choose_config(num_seqs=r.batch, max_query_len=1, max_seq_len=span, num_kv_heads=mc.num_key_value_heads,
-                            group=mc.num_attention_heads // mc.num_key_value_heads, head_dim=mc.head_dim,
-                            elem_size=2, num_sms=num_sms, even_split=bool(getattr(r, "even", False)))
-        splits = int(getattr(r, "splits", cfg.num_splits))
-        keys = program_keys(json.loads(r.contexts), splits, bool(getattr(r, "even", False)), cfg.block_n, span)
+        even = bool(getattr(r, "even", False))  # the first run timed fixed splits only, unlabelled
+        cfg = _decode_config(mc, r.batch, span, num_sms, even)
+        keys = program_keys(json.loads(r.contexts), int(getattr(r, "splits", cfg.num_splits)), even, cfg.block_n, span)
         row_bytes = mc.head_dim * 2
-        smem = (cfg.num_stages - 1) * 2 * cfg.block_n * row_bytes + 8 * 1024
         rows.append(dict(key=(r.model, r.mode, r.batch, getattr(r, "variant", "fixed"), round(r.mean_ctx, -2)),
                          dist=r.dist, us=r.us, longest_mb=keys.max() * 2 * row_bytes / 1e6,
                          programs=len(keys) * mc.num_key_value_heads,
-                         slots=max(1, min(8, SMEM_PER_SM // smem)) * num_sms))
+                         slots=decode_wave(cfg.block_n, cfg.num_stages, row_bytes, num_sms)))
     d = pd.DataFrame(rows)
     uni = d[d.dist == "uniform"].set_index("key")["us"]
     rag = d[d.dist != "uniform"].copy()
@@ -227,8 +237,7 @@ def split_sweep(df) -> str:
     over the three distributions, against the fixed splits' and the default's; the best count."""
     import pandas as pd
 
-    df = df[df.model.isin(df[df.variant.str.startswith("even-")].model.unique())].copy()
-    df["mean_bin"] = df.groupby(["model", "mode", "batch", "dist", "variant"]).cumcount()
+    df = _mean_bins(df[df.model.isin(df[df.variant.str.startswith("even-")].model.unique())])
     wsum = sum(DIST_WEIGHTS.values())
 
     def geo(g: pd.DataFrame) -> float:
@@ -261,11 +270,10 @@ def main(argv=None) -> None:
         import pandas as pd
 
         df = pd.read_csv(a.from_csv)
-        sweep = split_sweep(df) if "variant" in df else ""  # the first run timed one config
-        if "variant" not in df:
+        if "variant" not in df:  # the first run timed one config
             print(critical_path_fit(df))
             return
-        print(summarize(df.to_dict("records")) + "\n\n" + sweep)
+        print(summarize(df.to_dict("records")) + "\n\n" + split_sweep(df))
         for v in ("fixed", "default"):
             print(f"{v} splits: " + critical_path_fit(df[df.variant == v]))
         return

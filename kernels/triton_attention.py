@@ -341,6 +341,19 @@ def device_sms(device: torch.device) -> int:
     return 8
 
 
+def decode_wave(block_n: int, num_stages: int, row_bytes: int, num_sms: int) -> int:
+    """Decode programs resident at once: as many an SM as its shared memory holds (the K/V
+    tiles in flight plus ~8 KiB of the rest), at most 8."""
+    smem = (num_stages - 1) * 2 * block_n * row_bytes + 8 * 1024
+    return max(1, min(8, SMEM_PER_SM // smem)) * num_sms
+
+
+def fixed_split_chunk(span: int, num_splits: int, block_n: int) -> int:
+    """Keys of each fixed-width split (``even_split=False``): ``span`` in ``num_splits`` parts,
+    BLOCK_N-aligned (the last split also takes anything beyond)."""
+    return triton.cdiv(triton.cdiv(max(1, span), num_splits), block_n) * block_n
+
+
 def choose_config(
     *,
     num_seqs: int,
@@ -383,8 +396,7 @@ def choose_config(
         block_n, num_stages = (64 if row_bytes <= 256 else 32), 3
         if fp8 and row_bytes <= 128:  # one-byte rows: twice the keys per tile keeps the bytes in flight
             block_n = 128
-        smem = (num_stages - 1) * 2 * block_n * row_bytes + 8 * 1024
-        wave = max(1, min(8, SMEM_PER_SM // smem)) * num_sms
+        wave = decode_wave(block_n, num_stages, row_bytes, num_sms)
         pairs = max(1, num_seqs * num_kv_heads)
         if pairs <= 2 * num_sms:
             splits = 2 * num_sms // pairs
@@ -533,9 +545,8 @@ def attention_into(
     if split:
         po = _workspace((cfg.num_splits, num_tokens, num_heads, head_dim), q.device)
         plse = _workspace((cfg.num_splits, num_tokens, num_heads), q.device)
-        # keys per split from the launch's max_seq_len, BLOCK_N-aligned (the last split
-        # also takes anything beyond, should a sequence be longer)
-        chunk = triton.cdiv(triton.cdiv(max(1, span), cfg.num_splits), cfg.block_n) * cfg.block_n
+        # fixed-width splits: keys per split from the launch's max_seq_len (even ones: the kernel's own)
+        chunk = 0 if cfg.even_split else fixed_split_chunk(span, cfg.num_splits, cfg.block_n)
     else:
         po = plse = out  # unused
         chunk = 0
@@ -567,7 +578,7 @@ def attention_into(
         BLOCK_Q=cfg.block_q, BLOCK_M=block_m, BLOCK_N=cfg.block_n,
         HEAD_DIM=head_dim, BLOCK_D=block_d,
         SPLIT=split,
-        EVEN_SPLIT=cfg.even_split,
+        EVEN_SPLIT=split and cfg.even_split,  # one variant of an unsplit launch
         DIRECT=direct,
         BT_AHEAD=cfg.bt_ahead,
         DOT_F32=dot_f32,
@@ -607,4 +618,5 @@ def attention(
     return attention_into(out, q, k_cache, v_cache, meta, scale, None, k_scale, v_scale, window)
 
 
-__all__ = ["AttnConfig", "attention", "attention_into", "choose_config", "device_sms"]
+__all__ = ["AttnConfig", "attention", "attention_into", "choose_config", "decode_wave", "device_sms",
+           "fixed_split_chunk"]
