@@ -10,7 +10,9 @@ config) for uniform, lognormal (ShareGPT-like) and two-point context mixes of eq
 batch size and addressing mode, with fixed-width splits (the kernel before even splits), the
 default, and (``--sweep-models``) every even split count. Rows (CSV): mode, batch, dist, variant,
 splits, mean/max/p90 context, the contexts themselves, and the device time of one call
-(``profile_device.Timer``). ``--from-csv`` prints the tables of a run again on any machine.
+(``profile_device.Timer``). ``--from-csv`` prints the tables of a run again on any machine;
+``--check PROFILE`` compares the profiled cost model's ragged decode steps with the whole steps
+the profile measured (its ``decode_graph_ragged`` table).
 """
 from __future__ import annotations
 
@@ -20,44 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
+from experiments.ragged_decode import contexts
+
 BATCHES = [4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256]
 MEANS = [300, 700]
+DISTS = ("uniform", "lognormal", "twopoint")
 SWEEP_SPLITS = [1, 2, 3, 4, 6, 8, 12, 16]
-
-
-def contexts(dist: str, batch: int, mean: int, max_len: int, rng: np.random.Generator) -> list[int]:
-    """``batch`` context lengths in [16, max_len] of mean ~``mean``."""
-    if dist == "uniform":
-        c = np.full(batch, float(mean))
-    elif dist == "lognormal":  # ShareGPT-like spread
-        c = rng.lognormal(0.0, 0.8, batch)
-    elif dist == "twopoint":  # most short, a few near the limit
-        long = max(1, batch // 8)
-        c = np.concatenate([np.full(batch - long, 1.0), np.full(long, 6.0)])
-    else:
-        raise ValueError(dist)
-    for _ in range(20):  # rescale to the mean through the clipping
-        c = np.clip(c * mean / c.mean(), 16, max_len)
-    return [int(x) for x in np.round(c)]
-
-
-def _ragged_paged(ctxs: list[int], bs: int, width: int, num_blocks: int, device, gen):
-    import torch
-
-    from kernels.metadata import Addressing, AttentionMetadata
-
-    nbs = [-(-c // bs) for c in ctxs]
-    perm = torch.randperm(num_blocks, generator=gen)[: sum(nbs)].tolist()
-    table, at = [], 0
-    for nb in nbs:
-        table.append(perm[at:at + nb] + [0] * (width - nb))
-        at += nb
-    t = torch.tensor(table, dtype=torch.int32, device=device)
-    i32 = dict(dtype=torch.int32, device=device)
-    last = torch.tensor([c - 1 for c in ctxs], device=device)
-    slots = t[torch.arange(len(ctxs), device=device), last // bs].long() * bs + last % bs
-    return AttentionMetadata(Addressing.PAGED, torch.arange(len(ctxs) + 1, **i32), torch.tensor(ctxs, **i32),
-                             1, max(ctxs), slots, block_table=t, block_size=bs)
 
 
 def _decode_config(mc, batch: int, span: int, num_sms: int, even_split: bool = True):
@@ -90,7 +60,7 @@ def run(models: list[str], block_size: int, max_model_len: int, out: Path, reps:
     import torch
 
     from engine.presets import preset_config
-    from experiments.profile_device import Timer
+    from experiments.profile_device import Timer, _paged_meta
     from kernels.metadata import Addressing, contiguous_metadata
     from kernels.triton_attention import attention_into
 
@@ -109,14 +79,14 @@ def run(models: list[str], block_size: int, max_model_len: int, out: Path, reps:
             for b in BATCHES:
                 configs = _configs(b, max_model_len, mc, name in sweep_models, device)
                 for mean in MEANS:
-                    for dist in ("uniform", "lognormal", "twopoint"):
+                    for dist in DISTS:
                         ctxs = contexts(dist, b, mean, max_model_len, rng)
                         copies = max(1, min(4, pool // (2 * sum(ctxs))))
                         metas = []
                         for c in range(copies):
                             if mode == "paged":
-                                m = _ragged_paged(ctxs, block_size, -(-max_model_len // block_size),
-                                                  pool // block_size, device, gen)
+                                m = _paged_meta(ctxs, 1, block_size, pool // block_size, device, gen,
+                                                -(-max_model_len // block_size))
                             else:
                                 m = contiguous_metadata(Addressing.LINEAR, [1] * b, ctxs, device)
                                 m.seq_base += c * sum(ctxs)
@@ -172,61 +142,29 @@ def summarize(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def program_keys(ctxs: list[int], splits: int, even: bool, block_n: int, span: int) -> np.ndarray:
-    """Keys each program of one KV head streams: the kernel's split rule (even: each sequence's own
-    keys in ``splits`` tile-aligned parts; fixed: parts of ``span``, the last taking the rest)."""
-    c = np.asarray(ctxs, dtype=np.int64)[:, None]
-    j = np.arange(splits)[None, :]
-    if even:
-        chunk = -(-c // (splits * block_n)) * block_n
-        return np.clip(c - j * chunk, 0, chunk).ravel()
-    from kernels.triton_attention import fixed_split_chunk
-
-    chunk = fixed_split_chunk(span, splits, block_n)
-    k = np.clip(c - j * chunk, 0, chunk)
-    k[:, -1] = np.maximum(c[:, 0] - (splits - 1) * chunk, 0)
-    return k.ravel()
-
-
 def critical_path_fit(df, num_sms: int = 132, span: int = 2048) -> str:
-    """How well the uniform batch's time predicts a ragged one's, alone and with a critical-path
-    term: one program streams at ``rate``; if every program fits the resident slots, the batch
-    takes max(uniform, c0 + longest program), else uniform + k x longest program (the longest may
-    start in the last wave). Least mean |relative error| over a grid of (rate, c0, k)."""
-    import pandas as pd
-
+    """How well the uniform batch's time predicts a ragged one's, alone and with the critical-path
+    term of experiments/ragged_decode.py (fitted to these batches)."""
     from engine.presets import preset_config
-    from kernels.triton_attention import decode_wave
+    from experiments.ragged_decode import decode_programs, fit
 
-    rows = []
-    for r in df.itertuples():
+    df = _mean_bins(df if "variant" in df else df.assign(variant="fixed"))  # the first run: fixed, unlabelled
+    key = ["model", "mode", "batch", "variant", "mean_bin"]
+    uni = df[df.dist == "uniform"].set_index(key)["us"]
+    rag = df[df.dist != "uniform"]
+    rag = rag[[k in uni.index for k in zip(*(rag[c] for c in key))]]
+    progs = []
+    for r in rag.itertuples():
         mc = preset_config(r.model)
-        even = bool(getattr(r, "even", False))  # the first run timed fixed splits only, unlabelled
-        cfg = _decode_config(mc, r.batch, span, num_sms, even)
-        keys = program_keys(json.loads(r.contexts), int(getattr(r, "splits", cfg.num_splits)), even, cfg.block_n, span)
-        row_bytes = mc.head_dim * 2
-        rows.append(dict(key=(r.model, r.mode, r.batch, getattr(r, "variant", "fixed"), round(r.mean_ctx, -2)),
-                         dist=r.dist, us=r.us, longest_mb=keys.max() * 2 * row_bytes / 1e6,
-                         programs=len(keys) * mc.num_key_value_heads,
-                         slots=decode_wave(cfg.block_n, cfg.num_stages, row_bytes, num_sms)))
-    d = pd.DataFrame(rows)
-    uni = d[d.dist == "uniform"].set_index("key")["us"]
-    rag = d[d.dist != "uniform"].copy()
-    rag["uni"] = [uni.get(k, np.nan) for k in rag.key]
-    rag = rag.dropna(subset=["uni"])
-    base = np.abs(rag.uni / rag.us - 1)
-    best = None
-    for rate in np.arange(10.0, 40.0, 1.0):  # GB/s a program
-        t = rag.longest_mb * 1e3 / rate  # us
-        for c0 in np.arange(0.0, 8.0, 0.5):
-            for k in np.arange(0.0, 1.01, 0.05):
-                pred = np.where(rag.programs <= rag.slots, np.maximum(rag.uni, c0 + t), rag.uni + k * t)
-                err = np.abs(pred / rag.us - 1)
-                if best is None or err.mean() < best[0]:
-                    best = (err.mean(), np.percentile(err, 90), rate, c0, k)
-    return (f"ragged batches ({len(rag)}): the uniform batch's time alone is off by {base.mean():.1%} on average "
-            f"(p90 {np.percentile(base, 90):.1%}); with the critical-path term (a program at {best[2]:.0f} GB/s, "
-            f"c0 {best[3]:.1f} us, tail k {best[4]:.2f}) by {best[0]:.1%} (p90 {best[1]:.1%})")
+        even = bool(getattr(r, "even", False))
+        progs.append(decode_programs(json.loads(r.contexts), num_kv_heads=mc.num_key_value_heads,
+                                     group=mc.num_attention_heads // mc.num_key_value_heads, head_dim=mc.head_dim,
+                                     elem_size=2, num_sms=num_sms, span=span, even_split=even,
+                                     num_splits=int(getattr(r, "splits", 0)) or None))
+    u = np.array([uni[k] for k in zip(*(rag[c] for c in key))]) * 1e-6
+    f = fit(u, rag["us"].to_numpy() * 1e-6, [p.longest_bytes for p in progs], [p.uniform_bytes for p in progs],
+            [p.programs for p in progs], [p.slots for p in progs])
+    return f.describe()
 
 
 DIST_WEIGHTS = {"uniform": 1, "lognormal": 2, "twopoint": 1}  # real batches are ragged: lognormal counts twice
@@ -256,6 +194,40 @@ def split_sweep(df) -> str:
     return "\n".join(lines)
 
 
+def check_profile(path: str) -> str:
+    """The profiled cost model's decode steps against the profile's own measured whole steps of
+    ragged batches (``decode_graph_ragged``): with the uniform tables alone and with the ragged term."""
+    from experiments.profiled_costmodel import ProfiledCostModel, _shape, load_profile
+
+    prof = load_profile(path)
+    t = prof.table("decode_graph_ragged")
+    if t.empty:
+        return f"{path} has no decode_graph_ragged table: rerun kvlab profile"
+    lines = ["| model | mode | batch | mean ctx | max ctx | measured ms | uniform tables ms (error) | "
+             "with ragged term ms (error) |", "|---|---|---|---|---|---|---|---|"]
+    errs = {"uniform": [], "ragged": []}
+    for (model, mode, bs), g in t.groupby(["model", "mode", "block_size"]):
+        cm = ProfiledCostModel(prof, _shape(model), model=model, paged=mode == "paged", block_size=int(bs),
+                               calibrate_host=False)
+        for r in g.itertuples():
+            work = [(1, c) for c in json.loads(r.contexts)]
+            with_term = cm.device_time(work, num_sampled=0)
+            ragged, cm.ragged = cm.ragged, None
+            without = cm.device_time(work, num_sampled=0)
+            cm.ragged = ragged
+            errs["uniform"].append(without / r.value - 1)
+            errs["ragged"].append(with_term / r.value - 1)
+            lines.append(f"| {model} | {mode}{int(bs) or ''} | {r.batch} | {r.context:.0f} | {r.max_context} | "
+                         f"{r.value * 1e3:.3f} | {without * 1e3:.3f} ({without / r.value - 1:+.1%}) | "
+                         f"{with_term * 1e3:.3f} ({with_term / r.value - 1:+.1%}) |")
+    lines.append("")
+    for k, e in errs.items():
+        e = np.abs(e)
+        lines.append(f"{k}: mean |error| {e.mean():.1%}, p90 {np.percentile(e, 90):.1%}, max {e.max():.1%} "
+                     f"over {len(e)} steps")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="llama3-8b,qwen3-0.6b")
@@ -265,7 +237,12 @@ def main(argv=None) -> None:
     ap.add_argument("--sweep-models", default="llama3-8b", help="models also timed at every even split count")
     ap.add_argument("--out", type=Path, default=Path("results/sim_validation/ragged"))
     ap.add_argument("--from-csv", type=Path, help="summarize a run's ragged_decode.csv again (no GPU)")
+    ap.add_argument("--check", metavar="PROFILE", help="the profiled cost model's ragged decode steps against the "
+                    "profile's measured ones (no GPU)")
     a = ap.parse_args(argv)
+    if a.check:
+        print(check_profile(a.check))
+        return
     if a.from_csv is not None:
         import pandas as pd
 

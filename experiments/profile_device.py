@@ -13,8 +13,13 @@ row measures, ``value`` is seconds) that the profiled cost model of simulate mod
   piecewise CUDA graphs (everything but attention replayed), wall time; ``full_forward``: through
   its full graphs (``cuda_graph_mode=full``: one replay, attention captured), wall time;
 - ``attention``: one layer's attention kernel by addressing mode, block size, batch, context
-  and query length (decode: query 1, alone or ``mixed`` beside a prefill chunk; prefill: one
-  sequence), per model head shape;
+  and query length (decode: query 1, alone, split as under the decode graph's ``max_model_len``,
+  or ``mixed`` beside a prefill chunk; prefill: one sequence), per model head shape;
+- ``decode_graph_ragged``: ``decode_graph`` of lognormal (ShareGPT-like) batches, the check of
+  the cost model's ragged term on whole steps (``python -m experiments.bench_ragged --check``);
+- ``ragged``: decode attention of ragged batches (lognormal, two-point) and uniform ones of the
+  same mean, with the programs the kernel launches for them (experiments/ragged_decode.py): the
+  profiled cost model fits its critical-path term to these;
 - ``gemm``: a bf16 linear layer by token count ``m`` for every (n, k) of the profiled models
   (another model size interpolates from these);
 - ``sample``: greedy sampling of ``batch`` rows of logits;
@@ -54,6 +59,9 @@ COPY_BYTES = [1 << s for s in range(16, 29, 2)]  # 64 KiB .. 256 MiB
 L2_ROTATE_BYTES = 256 << 20
 MIXED_MAX_QUERY = 64
 PIECEWISE_MAX_TOKENS = 2048  # the engine's default cuda_graph_max_tokens
+RAGGED_BATCHES = [4, 8, 16, 32, 64, 128, 256]
+RAGGED_MEANS = [300, 700]
+RAGGED_DISTS = ("uniform", "lognormal", "twopoint")
 
 
 def slug(device_name: str) -> str:
@@ -136,26 +144,35 @@ def _rows_gemm(timer: Timer, shapes: set[tuple[int, int]], dtype, device) -> lis
     return rows
 
 
-def _paged_meta(batch: int, ctx: int, q: int, bs: int, num_blocks: int, device, gen):
+def _paged_meta(ctxs: list[int], q: int, bs: int, num_blocks: int, device, gen, width: int = 0):
+    """PAGED metadata of sequences of ``ctxs`` keys each, the last ``q`` of them queried, their
+    blocks drawn at random from the pool; a block table ``width`` wide (default: the longest)."""
     import torch
 
     from kernels.metadata import Addressing, AttentionMetadata
 
     i32 = dict(dtype=torch.int32, device=device)
-    nb = -(-ctx // bs)
-    blocks = torch.randperm(num_blocks, generator=gen)[: batch * nb].view(batch, nb).to(device=device,
-                                                                                           dtype=torch.int32)
-    pos = torch.arange(ctx - q, ctx, device=device)
-    slots = (blocks[:, pos // bs].long() * bs + pos % bs).reshape(-1)
-    return AttentionMetadata(Addressing.PAGED, torch.arange(0, (batch + 1) * q, q, **i32),
-                             torch.full((batch,), ctx, **i32), q, ctx, slots, block_table=blocks, block_size=bs)
+    nbs = [-(-c // bs) for c in ctxs]
+    width = max(width, max(nbs))
+    perm = torch.randperm(num_blocks, generator=gen)[: sum(nbs)].tolist()
+    rows, at = [], 0
+    for nb in nbs:
+        rows.append(perm[at:at + nb] + [0] * (width - nb))
+        at += nb
+    blocks = torch.tensor(rows, **i32)
+    seq = torch.arange(len(ctxs), device=device).repeat_interleave(q)
+    pos = (torch.tensor(ctxs, device=device).repeat_interleave(q)
+           - q + torch.arange(q, device=device).repeat(len(ctxs)))
+    slots = blocks[seq, pos // bs].long() * bs + pos % bs
+    return AttentionMetadata(Addressing.PAGED, torch.arange(0, (len(ctxs) + 1) * q, q, **i32),
+                             torch.tensor(ctxs, **i32), q, max(ctxs), slots, block_table=blocks, block_size=bs)
 
 
 def _modes(block_sizes: list[int]) -> list[tuple[str, int]]:
     return [("linear", 0)] + [("paged", bs) for bs in block_sizes]
 
 
-def _rows_attention(timer: Timer, mc, name: str, pool: int, block_sizes, dtype, device) -> list[dict]:
+def _rows_attention(timer: Timer, mc, name: str, pool: int, block_sizes, dtype, device, span: int) -> list[dict]:
     import torch
 
     from kernels import ops
@@ -181,14 +198,59 @@ def _rows_attention(timer: Timer, mc, name: str, pool: int, block_sizes, dtype, 
                     meta = contiguous_metadata(Addressing.LINEAR, [q] * b, [ctx] * b, device)
                     meta.seq_base += c * b * ctx  # each copy reads its own keys
                 else:
-                    meta = _paged_meta(b, ctx, q, bs, pool // bs, device, gen)
+                    meta = _paged_meta([ctx] * b, q, bs, pool // bs, device, gen)
                 if mixed:
                     meta.max_query_len = MIXED_MAX_QUERY  # an upper bound, as a prefill chunk beside makes it
+                elif q == 1:  # a decode batch runs in the decode graph, split under its bound
+                    meta.max_seq_len = max(span, ctx)
                 metas.append(meta)
             qt = torch.randn(b * q, h, d, dtype=dtype, device=device)
             t = timer.graph([(lambda m=m: ops.attention(qt, k_cache, v_cache, m, d**-0.5)) for m in metas])
             rows.append(dict(table="attention", model=name, mode=mode, block_size=bs, batch=b, context=ctx,
                              query=q, mixed=mixed, value=t))
+    return rows
+
+
+def _rows_ragged(timer: Timer, mc, name: str, pool: int, span: int, block_sizes, dtype, device) -> list[dict]:
+    """Decode attention (one layer, the decode graph's config: split under ``span``) of ragged
+    batches and uniform ones of the same mean (experiments/ragged_decode.py), per mode; each row
+    with the batch's programs as the kernel launches them, for the profiled cost model's fit."""
+    import torch
+
+    from experiments.ragged_decode import contexts, decode_programs
+    from kernels import ops
+    from kernels.metadata import Addressing, contiguous_metadata
+    from kernels.triton_attention import device_sms
+
+    rng = np.random.default_rng(0)
+    gen = torch.Generator().manual_seed(0)
+    kvh, d, h = mc.num_key_value_heads, mc.head_dim, mc.num_attention_heads
+    k_cache = torch.zeros(pool, kvh, d, dtype=dtype, device=device)
+    v_cache = torch.zeros_like(k_cache)
+    rows = []
+    for mode, bs in _modes(block_sizes):
+        for b, mean, dist in ((b, m, dd) for b in RAGGED_BATCHES for m in RAGGED_MEANS for dd in RAGGED_DISTS):
+            ctxs = contexts(dist, b, mean, span, rng)
+            if 2 * sum(ctxs) > pool:
+                continue
+            metas = []
+            for c in range(max(1, min(4, pool // (2 * sum(ctxs))))):
+                if mode == "paged":
+                    m = _paged_meta(ctxs, 1, bs, pool // bs, device, gen, -(-span // bs))
+                else:
+                    m = contiguous_metadata(Addressing.LINEAR, [1] * b, ctxs, device)
+                    m.seq_base += c * sum(ctxs)
+                m.max_seq_len = span  # what the decode graph's metadata says: its split config
+                metas.append(m)
+            qt = torch.randn(b, h, d, dtype=dtype, device=device)
+            out = torch.empty_like(qt)
+            t = timer.graph([(lambda m=m: ops.attention(qt, k_cache, v_cache, m, d**-0.5, out=out)) for m in metas])
+            p = decode_programs(ctxs, num_kv_heads=kvh, group=h // kvh, head_dim=d, elem_size=k_cache.element_size(),
+                                num_sms=device_sms(device), span=span)
+            rows.append(dict(table="ragged", model=name, mode=mode, block_size=bs, batch=b, dist=dist, mean=mean,
+                             context=float(np.mean(ctxs)), max_context=max(ctxs), span=span,
+                             longest_bytes=p.longest_bytes, uniform_bytes=p.uniform_bytes, programs=p.programs,
+                             slots=p.slots, contexts=json.dumps(ctxs), value=t))
     return rows
 
 
@@ -207,7 +269,7 @@ def _rows_model(timer: Timer, name: str, pool: int, max_model_len: int, block_si
     model = load_model(mc, name, max(max_model_len, max(PREFILL_QUERIES)), dtype, str(device), 0)
     if device.type == "cuda":
         model.fuse()
-    rows = _rows_attention(timer, mc, name, pool, block_sizes, dtype, device)
+    rows = _rows_attention(timer, mc, name, pool, block_sizes, dtype, device, max_model_len)
     caches = [(torch.zeros(pool, mc.num_key_value_heads, mc.head_dim, dtype=dtype, device=device),
                torch.zeros(pool, mc.num_key_value_heads, mc.head_dim, dtype=dtype, device=device))
               for _ in range(mc.num_hidden_layers)]
@@ -236,7 +298,10 @@ def _rows_model(timer: Timer, name: str, pool: int, max_model_len: int, block_si
             rows.append(dict(table="sample", model=name, batch=s, value=timer.graph([lambda: logits.argmax(-1)])))
         if device.type != "cuda":
             return rows
+        from experiments.ragged_decode import contexts
+
         gen = torch.Generator().manual_seed(1)
+        rng = np.random.default_rng(1)
         sizes = [b for b in DECODE_BATCHES]
         for mode, bs in _modes(block_sizes):
             paged = mode == "paged"
@@ -249,28 +314,44 @@ def _rows_model(timer: Timer, name: str, pool: int, max_model_len: int, block_si
                 for ctx in CONTEXTS:
                     if ctx > max_model_len or b * ctx > pool:
                         continue
-                    graphs.seq_lens[:b] = ctx
-                    graphs.positions[:b] = ctx - 1
-                    graphs.input_ids[:b] = 11
-                    if paged:
-                        nb = -(-ctx // bs)
-                        blocks = torch.randperm(pool // bs, generator=gen)[: b * nb].view(b, nb)
-                        table.device_t[:b, :nb] = blocks.to(device=device, dtype=torch.int32)
-                        graphs.addressing[:b] = torch.arange(b, device=device)
-                        graphs.slot_mapping[:b] = (blocks[:, (ctx - 1) // bs] * bs + (ctx - 1) % bs).to(device)
-                    else:
-                        base = torch.arange(b, device=device) * ctx
-                        graphs.addressing[:b] = base
-                        graphs.slot_mapping[:b] = base + ctx - 1
-                    t = timer.replay(graphs.graphs[b].replay)
+                    _fill_decode_graph(graphs, table, [ctx] * b, bs, pool, gen, device)
                     rows.append(dict(table="decode_graph", model=name, mode=mode, block_size=bs, batch=b,
-                                     context=ctx, value=t))
+                                     context=ctx, value=timer.replay(graphs.graphs[b].replay)))
+            # whole steps of ragged batches: what the cost model's ragged term is checked against
+            for b, mean in ((b, m) for b in RAGGED_BATCHES if b in graphs.graphs for m in RAGGED_MEANS):
+                ctxs = contexts("lognormal", b, mean, max_model_len, rng)
+                if sum(ctxs) <= pool:
+                    _fill_decode_graph(graphs, table, ctxs, bs, pool, gen, device)
+                    rows.append(dict(table="decode_graph_ragged", model=name, mode=mode, block_size=bs, batch=b,
+                                     mean=mean, context=float(np.mean(ctxs)), max_context=max(ctxs),
+                                     contexts=json.dumps(ctxs), value=timer.replay(graphs.graphs[b].replay)))
             del graphs
             torch.cuda.empty_cache()
     del caches, model
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return rows
+
+
+def _fill_decode_graph(graphs, table, ctxs: list[int], bs: int, pool: int, gen, device) -> None:
+    """The decode graph's inputs for sequences of ``ctxs`` tokens (each decoding its last): PAGED
+    (``bs`` > 0) with blocks drawn at random from the pool, else LINEAR regions one after another."""
+    import torch
+
+    b = len(ctxs)
+    c = torch.tensor(ctxs, device=device)
+    graphs.seq_lens[:b] = c
+    graphs.positions[:b] = c - 1
+    graphs.input_ids[:b] = 11
+    if bs:
+        meta = _paged_meta(ctxs, 1, bs, pool // bs, device, gen)
+        table.device_t[:b, :meta.block_table.shape[1]] = meta.block_table
+        graphs.addressing[:b] = torch.arange(b, device=device)
+        graphs.slot_mapping[:b] = meta.slot_mapping
+    else:
+        base = torch.cumsum(c, 0) - c
+        graphs.addressing[:b] = base
+        graphs.slot_mapping[:b] = base + c - 1
 
 
 def _rows_mixed_graphs(timer: Timer, model, caches, name: str, device, mode: str) -> list[dict]:
@@ -341,6 +422,7 @@ def metadata(device, args) -> dict:
     import torch
 
     from experiments.run import git_commit
+    from kernels.triton_attention import device_sms
 
     meta = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.machine()})",
                 torch=torch.__version__, python=platform.python_version(),
@@ -348,6 +430,7 @@ def metadata(device, args) -> dict:
                 created=dt.datetime.now().isoformat(timespec="seconds"), models=args.models,
                 max_model_len=args.max_model_len, pool_tokens=args.pool_tokens, block_sizes=args.block_sizes,
                 host_model=args.host_model or args.models.split(",")[0],
+                num_sms=device_sms(device),  # the ragged decode term's split rule
                 command="kvlab profile " + " ".join(args.argv))
     try:
         import triton
@@ -399,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
                          "uses for engine.async_scheduling=true)")
     ap.add_argument("--virtual-page-size", type=int, default=None, help="page size of the host-time run (bytes)")
     ap.add_argument("--reps", type=int, default=10)
-    ap.add_argument("--skip", default="", help="parts to leave out, comma-separated: host, gemm, models, copy, vmm")
+    ap.add_argument("--skip", default="", help="parts to leave out, comma-separated: host, gemm, models, ragged, copy, vmm")
     ap.add_argument("--merge", default=None, help="an earlier profile: its tables not measured now are kept")
     ap.add_argument("--out", default="results/profiles", help="folder (file name from the device) or .parquet")
     a = ap.parse_args(argv)
@@ -427,9 +510,9 @@ def main(argv: list[str] | None = None) -> int:
         from experiments.profiled_costmodel import host_model_of, host_scheduling_of, load_profile
 
         old = load_profile(a.merge)
-        measured = {"host": {"host"}, "gemm": {"gemm"}, "copy": {"copy"}, "vmm": {"vmm"},
+        measured = {"host": {"host"}, "gemm": {"gemm"}, "copy": {"copy"}, "vmm": {"vmm"}, "ragged": {"ragged"},
                     "models": {"attention", "eager_forward", "prefill_graph", "sample", "decode_graph",
-                               "piecewise_forward", "piecewise_capture", "full_forward", "full_capture"}}
+                               "decode_graph_ragged", "piecewise_forward", "piecewise_capture", "full_forward", "full_capture"}}
         redo = set().union(*(t for k, t in measured.items() if k not in skip))
         keep = ~old.df["table"].isin(redo)
         if "host" in redo:  # host steps are per model and scheduling: those not re-measured now stay
@@ -489,6 +572,12 @@ def main(argv: list[str] | None = None) -> int:
         for m in models if "models" not in skip else ():
             rows += _rows_model(timer, m, a.pool_tokens, a.max_model_len, block_sizes, device)
             say(f"model {m}")
+        for m in models if "ragged" not in skip else ():
+            from engine.loader import resolve_config
+
+            rows += _rows_ragged(timer, resolve_config(m), m, a.pool_tokens, a.max_model_len, block_sizes,
+                                 torch.bfloat16 if device.type == "cuda" else torch.float32, device)
+            say(f"ragged decode {m}")
         if "copy" not in skip:
             rows += _rows_copy(timer, device)
             say("copy")

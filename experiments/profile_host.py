@@ -81,7 +81,8 @@ def host_rows(model: str, allocator: str, args: dict, *, max_model_len: int, kv_
         g, launch_cpu = timed.get(i, (0.0, 0.0))
         maps, unmaps = timer.vmm.get(i, (0, 0))
         row = dict(table="host", model=model, allocator=allocator, batch=r.num_seqs, prefill_tokens=r.prefill_tokens,
-                   decode_tokens=r.decode_tokens, context=r.context_tokens, duration=r.duration,
+                   decode_tokens=r.decode_tokens, context=r.context_tokens, max_context=timer.longest.get(i, 0),
+                   duration=r.duration,
                    gap=max(0.0, gap), graph_max_tokens=graph_max_tokens, max_graph_batch=max_graph_batch,
                    graph_mode=eng.config.cuda_graph_mode, vmm_maps=maps, vmm_unmaps=unmaps,
                    scheduling="async" if async_scheduling else "sync", host_s=r.host_s, launch_cpu=launch_cpu)

@@ -21,6 +21,9 @@ pieces the engine runs:
   the step but its waits for the device: scheduling, input preparation, launching the graphs
   and kernels, output handling) plus the driver's gap; a profile without such steps falls
   back to the synchronous residual, which misses the launch's CPU time (a warning says so);
+- a decode graph step of a ragged batch (sequences of unequal context) adds what its attention
+  takes beyond a uniform batch of the same mean: the critical-path term
+  (experiments/ragged_decode.py) fitted to the profile's ``ragged`` table;
 - the allocator's own costs: attention in its addressing mode and block size, VMM page maps
   and unmaps done on the step's critical path (``vmm``; maps made ahead on the background
   thread are not), swap copies by size (``copy``).
@@ -135,6 +138,7 @@ class DeviceProfile:
 
     def __init__(self, df: pd.DataFrame, meta: dict, path: str = ""):
         self.df, self.meta, self.path = df, meta, path
+        self.ragged_fits: dict = {}  # (model, mode, block size) -> ragged_fit's answer
 
     @property
     def device(self) -> str:
@@ -185,14 +189,17 @@ class ProfiledCostModel:
     def __init__(self, profile: DeviceProfile, shape, *, model: str, paged: bool, block_size: int = 0,
                  max_graph_batch: int = 256, enforce_eager: bool = False, allocator: str = "paged",
                  calibrate_host: bool = True, allreduce=None,
-                 graph_max_tokens: int = 0, graph_mode: str = "full", overlapped: bool = False):
+                 graph_max_tokens: int = 0, graph_mode: str = "full", overlapped: bool = False,
+                 max_model_len: int = 0):
         """``graph_max_tokens``: prefill/mixed steps up to this many tokens replay CUDA graphs (the
         engine's ``cuda_graph_max_tokens``), ``graph_mode`` piecewise or full (its
         ``cuda_graph_mode``; modelled where the profile has that mode's ``<mode>_forward`` table,
         full falling back to piecewise with a warning). ``shape``: the whole model; ``allreduce``
         (``costmodel.AllReduceCost``) with tp > 1: each GPU's shard is composed from the GEMM and attention tables (a profile measures one GPU
         running whole models) and every step adds its all-reduces. ``overlapped``: the engine
-        schedules asynchronously (host time from the profile's asynchronous steps)."""
+        schedules asynchronously (host time from the profile's asynchronous steps).
+        ``max_model_len``: the decode graphs' bound on a sequence's keys, which sets their split
+        rule (default: the profile's)."""
         self.allreduce = allreduce
         self.overlapped = overlapped
         self.host_scheduling = "sync"  # which steps the host tables come from (describe())
@@ -224,6 +231,9 @@ class ProfiledCostModel:
         pre = att[(att["query"] > 1) & (att["batch"] == 1)]
         c0 = pre["context"] - pre["query"]
         self.attn_prefill = {float(k): Grid1D(g["query"], g["value"]) for k, g in pre.groupby(c0)}
+        self.span = int(max_model_len or profile.meta.get("max_model_len") or 0)
+        self.num_sms = int(profile.meta.get("num_sms") or 0)
+        self.ragged = ragged_fit(profile, ref, mode, self.block_size) if self.span else None
         self.kv_scale = 1.0
         if self.profiled_model is None:  # attention streams KV: scale by KV bytes per token and layer
             rc = _config(ref)
@@ -303,17 +313,23 @@ class ProfiledCostModel:
             name = models.iloc[0]
         host = host[(models == name).to_numpy()]
         host, self.host_scheduling = _host_rows_for(host, self.overlapped, profile, name)
+        if (self.ragged is not None and self.host_scheduling == "sync"
+                and ("max_context" not in host or host["max_context"].isna().any())):
+            # the residual of such steps holds their ragged excess already: it would count twice
+            _warn_no_max_context(profile.path, name)
+            self.ragged = None
         # model the recorded steps' device time as the engine that ran them ran them: its graph
         # settings (recorded with the steps), not the simulated config's
         cap = _recorded(host, "graph_max_tokens", 0)
         batch_cap = _recorded(host, "max_graph_batch", 0 if enforce_eager else max_graph_batch)
         mode = _recorded_mode(host)
+        span = int(profile.meta.get("max_model_len") or self.span)  # the host steps' engine's
         settings = (self.profiled_model, self.piecewise_sizes[-1] if self.piecewise_sizes else 0,
-                    self.graph_sizes[-1] if self.graph_sizes else 0, self.graph_mode)
-        ref = self if (name, cap, batch_cap, mode) == settings else ProfiledCostModel(
+                    self.graph_sizes[-1] if self.graph_sizes else 0, self.graph_mode, self.span)
+        ref = self if (name, cap, batch_cap, mode, span) == settings else ProfiledCostModel(
             profile, _shape(name), model=name, paged=paged, block_size=block_size,
             max_graph_batch=max(batch_cap, 1), enforce_eager=batch_cap == 0, calibrate_host=False,
-            graph_max_tokens=cap, graph_mode=mode)
+            graph_max_tokens=cap, graph_mode=mode, max_model_len=span)
         if self.host_scheduling == "async":  # the CPU's own time: nothing of the device's to take out
             rest = host["value"].to_numpy(float).copy()
         else:
@@ -405,6 +421,23 @@ class ProfiledCostModel:
     def padded(self, batch: int) -> int | None:
         return padded(self.graph_sizes, batch)
 
+    def _ragged_excess(self, work: list[tuple[int, int]], padded: int) -> float:
+        """What a decode graph step's attention takes beyond a uniform batch of its mean context
+        (all layers; each window group with its keys capped): the critical-path term fitted to
+        the profile's ``ragged`` table (experiments/ragged_decode.py)."""
+        from experiments.ragged_decode import decode_programs
+
+        m = self.model
+        ctxs = [c for _, c in work] + [0] * (padded - len(work))  # padding rows read nothing
+        total = 0.0
+        for n, w in self.windows:
+            keys = [min(c, w) for c in ctxs] if w else ctxs
+            p = decode_programs(keys, num_kv_heads=m.num_kv_heads, group=max(1, m.num_heads // m.num_kv_heads),
+                                head_dim=m.head_dim, elem_size=m.kv_elem_bytes, num_sms=self.num_sms,
+                                span=self.span, fp8=m.kv_elem_bytes == 1)
+            total += n * self.ragged.excess(self.attn_decode(padded, sum(keys) / padded) * self.kv_scale, p)
+        return total
+
     # -- the step ----------------------------------------------------------------------------
     def graph_batch(self, work: list[tuple[int, int]]) -> int | None:
         """The decode CUDA graph a step replays (its padded batch), or None: an eager step."""
@@ -430,6 +463,8 @@ class ProfiledCostModel:
             else:
                 body = self.compose * (self._dense(padded) + self.lm_head(padded)
                                        + self._layers_attn(work) * self._decode_attn(len(work), context))
+            if self.ragged is not None:
+                body += self._ragged_excess(work, padded)
             return body + (self.sample(sampled) if sampled else 0.0)
         tokens = sum(q for q, _ in work)
         dec = [(q, c) for q, c in work if q == 1]
@@ -511,6 +546,39 @@ class ProfiledCostModel:
                     cost_profile_model=self.profiled_model or f"composed from {self._reference_model()}")
 
 
+def ragged_fit(profile: DeviceProfile, model: str, mode: str, block_size: int):
+    """The critical-path term of ragged decode batches fitted to the profile's ``ragged`` table
+    of ``model`` in ``mode`` (the nearest block size), or None where it has none."""
+    key = (model, mode, block_size)
+    fits = profile.ragged_fits
+    if key in fits:
+        return fits[key]
+    from experiments.ragged_decode import fit
+
+    t = profile.table("ragged", model=model, mode=mode) if "dist" in profile.df else profile.df.iloc[:0]
+    if t.empty or not profile.meta.get("num_sms"):
+        fits[key] = None
+        return None
+    if mode == "paged":
+        t = t[t["block_size"] == _nearest(t["block_size"], block_size)]
+    uni = t[t["dist"] == "uniform"].set_index(["batch", "mean"])["value"]
+    paired = np.array([k in uni.index for k in zip(t["batch"], t["mean"])], dtype=bool)
+    rag = t[(t["dist"] != "uniform").to_numpy() & paired]
+    fits[key] = None if rag.empty else fit(
+        uni.loc[list(zip(rag["batch"], rag["mean"]))].to_numpy(), rag["value"], rag["longest_bytes"],
+        rag["uniform_bytes"], rag["programs"], rag["slots"])
+    if fits[key] is not None:
+        log.info("profile %s, %s %s: %s", profile.path, model, mode, fits[key].describe())
+    return fits[key]
+
+
+@lru_cache(maxsize=None)
+def _warn_no_max_context(path: str, model: str) -> None:
+    log.warning("profile %s: the synchronous host steps of %s do not record their longest context, so their "
+                "calibration cannot take out the ragged decode term: simulating without it (rerun `kvlab profile "
+                "--host-scheduling sync --merge %s`)", path, model, path)
+
+
 def _host_rows_for(host: pd.DataFrame, overlapped: bool, profile: DeviceProfile,
                    model: str) -> tuple[pd.DataFrame, str]:
     """One model's host steps to calibrate with, and their scheduling: the engine's own
@@ -574,8 +642,13 @@ def _recorded_mode(host: pd.DataFrame) -> str:
 
 def _calibration_work(row) -> list[tuple[int, int]]:
     """A recorded step as (new tokens, context) pairs: its prefill as one chunk without cached
-    context, the rest decode tokens sharing the remaining context."""
+    context, the rest decode tokens sharing the remaining context (a decode step that recorded
+    its longest context: that one, the others sharing the rest)."""
     batch, prefill = int(row.batch), int(row.prefill_tokens)
+    longest = getattr(row, "max_context", None)
+    if not prefill and batch > 1 and longest == longest and longest:
+        rest = max(batch - 1, int(row.context) - int(longest))
+        return [(1, int(longest))] + [(1, max(1, rest // (batch - 1)))] * (batch - 1)
     if not prefill:
         return [(1, max(1, int(row.context) // batch))] * batch
     rest = batch - 1

@@ -20,7 +20,7 @@ from pathlib import Path
 
 class LaunchTimer:
     """Wraps ``eng.runner.launch``: per step, CUDA events around the launch (device time) and
-    the CPU time the launch call took; with a VMM allocator, the maps its scheduling made
+    the CPU time the launch call took, the batch's longest context; with a VMM allocator, the maps its scheduling made
     (``MapCounter``). ``close()`` unwraps it (no cycle through the wrapper)."""
 
     def __init__(self, eng, cuda: bool):
@@ -31,12 +31,15 @@ class LaunchTimer:
         self.eng, self.cuda, self.torch = eng, cuda, torch
         self.marks: list = []  # (step index, start event, end event, prep s, launch cpu s)
         self.vmm: dict[int, tuple[int, int]] = {}  # step -> VMM (maps, unmaps) on its path
+        self.longest: dict[int, int] = {}  # step -> its longest sequence's context (keys attention reads)
         self.counter = MapCounter(eng.allocator) if getattr(eng.allocator, "backend", None) is not None else None
         self._launch = eng.runner.launch
         eng.runner.launch = self
 
     def __call__(self, batch, inflight=None):
         step = len(self.eng.step_records)
+        self.longest[step] = max((s.num_computed_tokens + n for s, n in zip(batch.seqs, batch.num_new_tokens)),
+                                 default=0)
         if self.counter is not None:  # what this step's scheduling mapped (the allocator runs before launch)
             self.vmm[step] = self.counter.take()
         if not self.cuda:

@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from experiments.bench_ragged import contexts, program_keys
+from experiments.bench_ragged import contexts
+from experiments.ragged_decode import program_keys
 
 
 @pytest.mark.parametrize("dist", ["uniform", "lognormal", "twopoint"])

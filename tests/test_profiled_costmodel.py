@@ -188,13 +188,24 @@ def test_profiler_runs_on_cpu_and_simulate_uses_its_profile(tmp_path, monkeypatc
     monkeypatch.setattr(profile_device, "GEMM_M", [1, 16])
     monkeypatch.setattr(profile_device, "SAMPLE_ROWS", [1, 4])
     monkeypatch.setattr(profile_device, "COPY_BYTES", [1 << 16])
+    monkeypatch.setattr(profile_device, "RAGGED_BATCHES", [4, 8])
     path = tmp_path / "cpu.parquet"
     assert profile_device.main(["--models", MODEL, "--device", "cpu", "--pool-tokens", "2048", "--reps", "1",
                                 "--max-model-len", "128", "--host-requests", "4", "--host-kv-tokens", "1024",
                                 "--virtual-page-size", "4096", "--host-repeats", "2", "--out", str(path)]) == 0
     prof = load_profile(str(path))
     assert prof.meta["models"] == MODEL and prof.meta["commit"]
-    assert {"host", "gemm", "attention", "eager_forward", "sample", "copy"} <= set(prof.df["table"])
+    assert {"host", "gemm", "attention", "eager_forward", "sample", "copy", "ragged"} <= set(prof.df["table"])
+    assert prof.meta["num_sms"] > 0
+    ragged = prof.table("ragged")
+    # every mode, batch, mean and distribution; contexts within the graph's bound (128 here)
+    assert len(ragged) == 4 * 2 * 2 * 3 and (ragged["max_context"] <= 128).all()
+    uni = ragged[ragged["dist"] == "uniform"]
+    assert (uni["longest_bytes"] == uni["uniform_bytes"]).all()
+    assert (ragged["programs"] > 0).all() and (ragged["slots"] > 0).all()
+    # the steps' longest contexts, for calibrating against ragged steps
+    steps = prof.table("host")
+    assert (steps["max_context"] * steps["batch"] >= steps["context"]).all() and (steps["max_context"] > 0).all()
     host = prof.table("host")
     assert set(host["allocator"]) == {"paged", "contiguous", "virtual"}
     # two runs of each allocator's steps, pooled

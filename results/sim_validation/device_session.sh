@@ -44,6 +44,11 @@
 #   ALLOCS=... QWEN_ALLOCS=... bash results/sim_validation/device_session.sh async2  # then as above
 # Session of 2026-12-03 (second): `ragged` = experiments.bench_ragged (decode attention of ragged
 # batches against uniform ones of the same mean), then async2
+# Session of 2026-12-03 (third): the profile's model tables for the even-split kernel, its new ragged
+# tables (kernel and whole decode steps), the cost model's check against the latter, then the async runs
+#   BUDGET_S=... bash results/sim_validation/device_session.sh ragged1  # model + ragged tables (merged),
+#                                                           # bench_ragged --check, qwen3-0.6b async runs
+#   ALLOCS=... QWEN_ALLOCS=... bash results/sim_validation/device_session.sh async2  # as above
 # Runs accumulate in $KVSV (default /tmp/kvsv) on the machine; each part tars them into $OUT.
 set -uo pipefail
 part=${1:?profile or llama}
@@ -150,6 +155,15 @@ async1)
     t_start=$(date +%s)  # the budget counts from here
     kv profile --models qwen3-0.6b,llama3-8b --skip host,gemm,copy,vmm \
         --merge results/profiles/nvidia-h200.parquet --out "$runs/nvidia-h200.parquet" 2>&1 | tee "$runs/profile_models.log"
+    mkdir -p "$runs/async"; B="$B engine.async_scheduling=true" SUB=async/ real qwen3-0.6b 8,96 60 1
+    ;;
+ragged1)
+    t_start=$(date +%s)
+    kv profile --models qwen3-0.6b,llama3-8b --skip host,gemm,copy,vmm \
+        --merge results/profiles/nvidia-h200.parquet --out "$runs/nvidia-h200.parquet" 2>&1 | tee "$runs/profile_models.log"
+    python3 -m experiments.bench_ragged --check "$runs/nvidia-h200.parquet" > "$runs/ragged_check.md" 2>&1
+    tail -3 "$runs/ragged_check.md"
+    t_start=$(date +%s)  # the budget counts from here
     mkdir -p "$runs/async"; B="$B engine.async_scheduling=true" SUB=async/ real qwen3-0.6b 8,96 60 1
     ;;
 asynchost)
