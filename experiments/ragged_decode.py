@@ -19,6 +19,7 @@ the kernel's own (``choose_config``, ``decode_wave``, ``fixed_split_chunk``).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -74,19 +75,28 @@ def decode_programs(ctxs, *, num_kv_heads: int, group: int, head_dim: int, elem_
                     span: int, fp8: bool = False, num_splits: int | None = None,
                     even_split: bool = True) -> DecodePrograms:
     """``ctxs``: each sequence's keys (a CUDA graph's padding rows as 0); ``span``: the graph's
-    bound on them (``max_model_len``). ``num_splits`` overrides the config's count."""
+    bound on them (``max_model_len``). ``num_splits`` overrides the config's count. A sequence's
+    longest program grows with its keys, so the batch's is its longest sequence's."""
+    batch = len(ctxs)
+    block_n, splits, slots = _launch(batch, num_kv_heads, group, head_dim, elem_size, num_sms, span, fp8, even_split)
+    splits = num_splits or splits
+    row = 2 * head_dim * elem_size  # a key and its value
+    longest = int(program_keys([max(ctxs)], splits, even_split, block_n, span).max()) if batch else 0
+    mean = int(round(sum(ctxs) / batch)) if batch else 0
+    uniform = int(program_keys([mean], splits, even_split, block_n, span).max())
+    return DecodePrograms(longest * row, uniform * row, batch * splits * num_kv_heads, slots)
+
+
+@lru_cache(maxsize=4096)
+def _launch(batch: int, num_kv_heads: int, group: int, head_dim: int, elem_size: int, num_sms: int, span: int,
+            fp8: bool, even_split: bool) -> tuple[int, int, int]:
+    """(BLOCK_N, splits, resident slots) of the decode kernel's launch for ``batch`` sequences."""
     from kernels.triton_attention import _pow2, choose_config, decode_wave
 
-    batch = len(ctxs)
     cfg = choose_config(num_seqs=batch, max_query_len=1, max_seq_len=span, num_kv_heads=num_kv_heads, group=group,
                         head_dim=head_dim, elem_size=elem_size, num_sms=num_sms, fp8=fp8, even_split=even_split)
-    splits = num_splits or cfg.num_splits
-    row = 2 * head_dim * elem_size  # a key and its value
-    longest = int(program_keys(ctxs, splits, even_split, cfg.block_n, span).max()) if batch else 0
-    mean = int(round(float(np.mean(ctxs)))) if batch else 0
-    uniform = int(program_keys([mean], splits, even_split, cfg.block_n, span).max())
-    slots = decode_wave(cfg.block_n, cfg.num_stages, max(16, _pow2(head_dim)) * elem_size, num_sms)
-    return DecodePrograms(longest * row, uniform * row, batch * splits * num_kv_heads, slots)
+    return cfg.block_n, cfg.num_splits, decode_wave(cfg.block_n, cfg.num_stages,
+                                                    max(16, _pow2(head_dim)) * elem_size, num_sms)
 
 
 @dataclass(frozen=True)
