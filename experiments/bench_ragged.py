@@ -217,7 +217,7 @@ def check_profile(path: str) -> str:
             cm.ragged = ragged
             errs["uniform"].append(without / r.value - 1)
             errs["ragged"].append(with_term / r.value - 1)
-            lines.append(f"| {model} | {mode}{int(bs) or ''} | {r.batch} | {r.context:.0f} | {r.max_context} | "
+            lines.append(f"| {model} | {mode}{int(bs) or ''} | {int(r.batch)} | {r.context:.0f} | {int(r.max_context)} | "
                          f"{r.value * 1e3:.3f} | {without * 1e3:.3f} ({without / r.value - 1:+.1%}) | "
                          f"{with_term * 1e3:.3f} ({with_term / r.value - 1:+.1%}) |")
     lines.append("")

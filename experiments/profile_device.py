@@ -523,7 +523,8 @@ def main(argv: list[str] | None = None) -> int:
                 for r in old.df[keep].to_dict("records")]
         stamp = {k: meta[k] for k in ("commit", "created", "command")}
         kept = {k: v for k, v in old.meta.items() if k != "partial"}  # this run's own end says whether it is
-        meta = {**kept, "updated": {**old.meta.get("updated", {}), **{t: stamp for t in sorted(redo)}}}
+        meta = {**kept, "num_sms": meta["num_sms"],  # the device's, which the ragged decode term needs
+                "updated": {**old.meta.get("updated", {}), **{t: stamp for t in sorted(redo)}}}
 
     def say(what: str) -> None:
         print(f"[{time.time() - t0:6.1f} s] {what} ({len(rows)} rows)", flush=True)
