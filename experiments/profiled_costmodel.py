@@ -25,8 +25,9 @@ pieces the engine runs:
   takes beyond a uniform batch of the same mean: the critical-path term
   (experiments/ragged_decode.py) fitted to the profile's ``ragged`` table;
 - the allocator's own costs: attention in its addressing mode and block size, VMM page maps
-  and unmaps done on the step's critical path (``vmm``; maps made ahead on the background
-  thread are not), swap copies by size (``copy``).
+  and unmaps done on the step's critical path (``vmm``, scaled by what such calls cost the
+  profile's engine steps beyond the driver call; maps made ahead on the background thread are
+  not charged), swap copies by size (``copy``).
 
 Tables are interpolated linearly between grid points (so monotonically), clamped below the
 first point and extended in proportion above the last. A model absent from the profile is
@@ -290,6 +291,7 @@ class ProfiledCostModel:
         self.map_s = float(v[v["op"] == "cuMemMap+cuMemSetAccess"]["value"].median()) if not v.empty else 0.0
         u = v[v["op"] == "cuMemUnmap"] if not v.empty else v
         self.unmap_s = float(u["value"].median()) if not u.empty else 0.0
+        self.vmm_scale = 1.0  # a VMM call's host time on the step's path over the driver call's (_vmm_scale)
         # host seconds by step kind: decode graph replay, prefill/mixed graph replay, eager
         self.host_tables = {k: HostTable([], []) for k in ("graph", "mixed_graph", "eager")}
         if calibrate_host:
@@ -337,11 +339,13 @@ class ProfiledCostModel:
             rest = host["duration"].to_numpy(float) - np.array(device)
         if "gap" in host:  # the driver's time between steps: a run's wall clock holds it too
             rest += host["gap"].fillna(0).to_numpy(float)
-        if "vmm_maps" in host:  # the VMM calls of the step's path are charged apart (step_time)
-            rest -= (host["vmm_maps"].fillna(0).to_numpy(float) * self.map_s
-                     + host["vmm_unmaps"].fillna(0).to_numpy(float) * self.unmap_s)
         kinds = np.array([ref.step_kind(int(r.batch), int(r.prefill_tokens), int(r.decode_tokens))
                           for r in host.itertuples()])
+        if "vmm_maps" in host:  # the VMM calls of the step's path are charged apart (step_time)
+            driver = (host["vmm_maps"].fillna(0).to_numpy(float) * self.map_s
+                      + host["vmm_unmaps"].fillna(0).to_numpy(float) * self.unmap_s)
+            self.vmm_scale = _vmm_scale(rest, driver, kinds, host["batch"].to_numpy())
+            rest -= driver * self.vmm_scale
         mine = (host["allocator"] == allocator).to_numpy() if "allocator" in host else np.ones(len(host), bool)
         # this allocator's steps; where they are too few to say anything, every allocator's
         for kind in self.host_tables:
@@ -529,7 +533,7 @@ class ProfiledCostModel:
         if not work:
             return 0.0, 0.0
         padded = self.graph_batch(work)  # graph or eager: decided once for both parts
-        maps = vmm_maps * self.map_s + vmm_unmaps * self.unmap_s
+        maps = (vmm_maps * self.map_s + vmm_unmaps * self.unmap_s) * self.vmm_scale
         return self.host_time(work, padded) + maps, self.device_time(work, num_sampled, padded)
 
     def swap_time(self, transfers: list[int], direction: str = "d2h") -> float:
@@ -544,6 +548,23 @@ class ProfiledCostModel:
         return dict(cost_model=self.name, cost_profile=self.profile.path, cost_profile_device=m.get("device"),
                     cost_profile_commit=m.get("commit"), cost_host_steps=self.host_scheduling,
                     cost_profile_model=self.profiled_model or f"composed from {self._reference_model()}")
+
+
+def _vmm_scale(rest: np.ndarray, driver: np.ndarray, kinds: np.ndarray, batch: np.ndarray) -> float:
+    """What a VMM call on a step's path costs the host, as a multiple of the driver call's own time
+    (the ``vmm`` table): beyond the call, the allocator's work around it (reclaiming a slot's
+    pages, the fence before an unmap). Per step kind and batch-size bin, steps that made calls
+    against steps that made none; weighted by the steps with calls; 1 where too few say."""
+    bins = np.digitize(batch, HOST_BINS)
+    num = den = 0.0
+    for kind in np.unique(kinds):
+        for b in np.unique(bins):
+            of = (kinds == kind) & (bins == b)
+            made, none = of & (driver > 0), of & (driver == 0)
+            if made.sum() >= 5 and none.sum() >= HostTable.MIN_STEPS:
+                num += made.sum() * (rest[made].mean() - rest[none].mean())
+                den += made.sum() * driver[made].mean()
+    return max(1.0, num / den) if den > 0 else 1.0
 
 
 def ragged_fit(profile: DeviceProfile, model: str, mode: str, block_size: int):

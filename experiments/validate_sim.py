@@ -259,7 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out)
     name = _suffixed("validation", a.cost_model)
     if a.collect:
-        parts = [pd.read_csv(p) for p in sorted(out.glob(f"*/{name}.csv"))]
+        # each configuration's table; a folder that is itself a collection (async/ here) is not one
+        parts = [pd.read_csv(p) for p in sorted(out.glob(f"*/{name}.csv"))
+                 if not any(p.parent.glob(f"*/{name}.csv"))]
         if not parts:
             raise SystemExit(f"no */{name}.csv under {out}")
         return _write(pd.concat(parts, ignore_index=True), out, name)

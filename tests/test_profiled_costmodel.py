@@ -566,3 +566,38 @@ def test_profile_merge_keeps_host_steps_of_the_other_scheduling(tmp_path):
     with pytest.raises(SystemExit):
         profile_device.main(["--models", MODEL, "--device", "cpu", "--host-scheduling", "overlapped",
                              "--out", str(tmp_path / "x.parquet")])
+
+
+def test_vmm_calls_cost_what_the_engine_steps_say_beyond_the_driver_call():
+    """Steps that made VMM calls took 1.6x the driver's time for them beyond steps that made none
+    (the allocator's work around a call): the host tables leave that out and the calls are charged
+    at that scale; too few steps with calls, or calls cheaper than the driver's, leave it at 1."""
+    from experiments.profiled_costmodel import _vmm_scale
+
+    rng = np.random.default_rng(0)
+    batch = rng.integers(17, 64, 600)
+    kinds = np.array(["graph"] * 400 + ["mixed_graph"] * 200)
+    driver = np.where(rng.random(600) < 0.1, rng.integers(10, 150, 600) * 40e-6, 0.0)
+    rest = 1e-3 + 5e-6 * batch + (kinds == "mixed_graph") * 8e-4 + 1.6 * driver + rng.normal(0, 2e-5, 600)
+    assert _vmm_scale(rest, driver, kinds, batch) == pytest.approx(1.6, rel=0.05)
+    few = driver * (np.arange(600) < 30)  # 3 steps with calls at most per bin
+    assert _vmm_scale(rest - 1.6 * driver, few, kinds, batch) == 1.0
+    assert _vmm_scale(rest - 1.6 * driver + 0.5 * driver, driver, kinds, batch) == 1.0  # never below the call
+    m = cost_model(allocator="virtual", paged=False, block_size=0)
+    m.vmm_scale = 1.6
+    host, _ = m.host_device_time([(1, 100)] * 8, vmm_maps=3)
+    assert host == pytest.approx(m.host_time([(1, 100)] * 8) + 3 * 1.6 * 37e-6)
+
+
+def test_collect_merges_configurations_not_a_nested_collection(tmp_path):
+    """`validate-sim --collect`: every configuration's table under OUT, once; a subfolder that is
+    itself a collection (results/sim_validation/async/) is left out."""
+    from experiments.validate_sim import main
+
+    row = dict(mode="offline", metric="output_throughput", real=100.0, sim=101.0, error=0.01, target=0.05, ok=True)
+    for folder, label in (("a", "cfg-a"), ("b", "cfg-b"), ("nested/c", "cfg-c")):
+        (tmp_path / folder).mkdir(parents=True)
+        pd.DataFrame([dict(row, label=label)]).to_csv(tmp_path / folder / "validation.csv", index=False)
+    assert main(["--collect", "--out", str(tmp_path / "nested")]) == 0  # nested/validation.csv: a collection
+    assert main(["--collect", "--out", str(tmp_path)]) == 0
+    assert sorted(pd.read_csv(tmp_path / "validation.csv")["label"]) == ["cfg-a", "cfg-b"]
