@@ -523,8 +523,9 @@ def main(argv: list[str] | None = None) -> int:
                 for r in old.df[keep].to_dict("records")]
         stamp = {k: meta[k] for k in ("commit", "created", "command")}
         kept = {k: v for k, v in old.meta.items() if k != "partial"}  # this run's own end says whether it is
-        meta = {**kept, "num_sms": meta["num_sms"],  # the device's, which the ragged decode term needs
-                "updated": {**old.meta.get("updated", {}), **{t: stamp for t in sorted(redo)}}}
+        # the SM count sets the ragged decode term's split rule: the device's that measured the tables
+        sms = meta["num_sms"] if redo & {"ragged", "decode_graph"} else old.meta.get("num_sms", meta["num_sms"])
+        meta = {**kept, "num_sms": sms, "updated": {**old.meta.get("updated", {}), **{t: stamp for t in sorted(redo)}}}
 
     def say(what: str) -> None:
         print(f"[{time.time() - t0:6.1f} s] {what} ({len(rows)} rows)", flush=True)

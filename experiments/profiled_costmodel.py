@@ -332,6 +332,8 @@ class ProfiledCostModel:
             profile, _shape(name), model=name, paged=paged, block_size=block_size,
             max_graph_batch=max(batch_cap, 1), enforce_eager=batch_cap == 0, calibrate_host=False,
             graph_max_tokens=cap, graph_mode=mode, max_model_len=span)
+        if self.ragged is None:  # the device part taken out is the one simulated
+            ref.ragged = None
         if self.host_scheduling == "async":  # the CPU's own time: nothing of the device's to take out
             rest = host["value"].to_numpy(float).copy()
         else:
@@ -436,9 +438,10 @@ class ProfiledCostModel:
         total = 0.0
         for n, w in self.windows:
             keys = [min(c, w) for c in ctxs] if w else ctxs
+            # a window bounds the keys a program can see, and so the kernel's split config
             p = decode_programs(keys, num_kv_heads=m.num_kv_heads, group=max(1, m.num_heads // m.num_kv_heads),
                                 head_dim=m.head_dim, elem_size=m.kv_elem_bytes, num_sms=self.num_sms,
-                                span=self.span, fp8=m.kv_elem_bytes == 1)
+                                span=min(self.span, w) if w else self.span, fp8=m.kv_elem_bytes == 1)
             total += n * self.ragged.excess(self.attn_decode(padded, sum(keys) / padded) * self.kv_scale, p)
         return total
 
@@ -547,6 +550,7 @@ class ProfiledCostModel:
         m = self.profile.meta
         return dict(cost_model=self.name, cost_profile=self.profile.path, cost_profile_device=m.get("device"),
                     cost_profile_commit=m.get("commit"), cost_host_steps=self.host_scheduling,
+                    cost_ragged_term=self.ragged is not None, cost_vmm_scale=round(self.vmm_scale, 3),
                     cost_profile_model=self.profiled_model or f"composed from {self._reference_model()}")
 
 

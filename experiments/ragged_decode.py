@@ -8,7 +8,8 @@ rather than at the mean (experiments/bench_ragged.py measures this; 1.1-2.6x on 
 The model, fitted to measured ragged batches against uniform ones of the same mean:
 
 - every program resident at once (programs <= the device's resident slots): the batch takes
-  max(uniform, c0 + longest / rate);
+  max(uniform, c0 + longest / rate) (beyond a twin whose own longest program sets its time: the
+  difference of the two critical paths);
 - more programs than slots: uniform + k x (longest - a uniform batch's longest) / rate; the
   longest program may start in the last wave.
 
@@ -112,10 +113,14 @@ class RaggedFit:
     n: int = 0
 
     def time(self, uniform_s: float, p: DecodePrograms) -> float:
-        """Seconds of the ragged batch whose uniform twin takes ``uniform_s``."""
+        """Seconds of the ragged batch whose uniform twin takes ``uniform_s``: never more than that
+        where its longest program is no longer than the twin's (at 1-2 sequences one program can
+        set even the twin's time, which the measured ``uniform_s`` holds already)."""
+        rate = self.rate_gbs * 1e9
         if p.programs <= p.slots:
-            return max(uniform_s, self.c0_us * 1e-6 + p.longest_bytes / (self.rate_gbs * 1e9))
-        return uniform_s + self.k * max(0.0, p.longest_bytes - p.uniform_bytes) / (self.rate_gbs * 1e9)
+            twin = max(uniform_s, self.c0_us * 1e-6 + p.uniform_bytes / rate)
+            return uniform_s + max(0.0, self.c0_us * 1e-6 + p.longest_bytes / rate - twin)
+        return uniform_s + self.k * max(0.0, p.longest_bytes - p.uniform_bytes) / rate
 
     def excess(self, uniform_s: float, p: DecodePrograms) -> float:
         return self.time(uniform_s, p) - uniform_s

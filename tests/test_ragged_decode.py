@@ -80,11 +80,18 @@ def test_fit_recovers_the_constants_it_was_made_with():
     assert (rag.programs <= rag.slots).any() and (rag.programs > rag.slots).any()
 
 
-def test_time_is_never_below_the_uniform_twin():
+def test_time_is_never_below_the_uniform_twin_and_a_uniform_batch_is_its_twin():
     p_res = DecodePrograms(longest_bytes=1e3, uniform_bytes=1e3, programs=10, slots=64)
     assert TRUTH.time(50e-6, p_res) == 50e-6  # a short longest program hides behind the batch
     p_tail = DecodePrograms(longest_bytes=1e6, uniform_bytes=2e6, programs=100, slots=64)
     assert TRUTH.time(50e-6, p_tail) == 50e-6  # shorter than a uniform batch's: no excess
+    # one or two sequences: one program can take longer than the fitted rate says the measured
+    # uniform batch took; the same batch is still its own twin, and only what is longer counts
+    one = DecodePrograms(longest_bytes=2e5, uniform_bytes=2e5, programs=8, slots=64)
+    assert TRUTH.c0_us * 1e-6 + 2e5 / (TRUTH.rate_gbs * 1e9) > 9e-6
+    assert TRUTH.time(9e-6, one) == 9e-6
+    longer = DecodePrograms(longest_bytes=3e5, uniform_bytes=2e5, programs=8, slots=64)
+    assert TRUTH.time(9e-6, longer) == pytest.approx(9e-6 + 1e5 / (TRUTH.rate_gbs * 1e9))
 
 
 @pytest.mark.parametrize("paged", [True, False])
@@ -213,3 +220,38 @@ def test_profiler_fills_the_decode_graph_for_each_sequences_own_context(bs):
         assert len(set(used)) == len(used)  # no two sequences share a block
     else:
         assert graphs.addressing[:4].tolist() == [0, 5, 45, 62] and slots == [4, 44, 61, 62]
+
+
+def test_a_window_bounds_the_split_config_of_its_layers(monkeypatch):
+    """Windowed layers: the kernel picks its split config under the window, not max_model_len."""
+    import dataclasses
+
+    import experiments.ragged_decode as rd
+    from engine.loader import resolve_config
+    from experiments.simulate import shape_of
+
+    spans = []
+    real = rd.decode_programs
+    monkeypatch.setattr(rd, "decode_programs", lambda ctxs, **kw: spans.append(kw["span"]) or real(ctxs, **kw))
+    shape = dataclasses.replace(shape_of(resolve_config(MODEL)), layer_windows=(512, 0))
+    m = ProfiledCostModel(ragged_profile(), shape, model=MODEL, paged=True, block_size=16, max_graph_batch=64,
+                          calibrate_host=False)
+    m.device_time([(1, 2000)] + [(1, 100)] * 7)
+    assert sorted(spans) == [512, SPAN]
+
+
+def test_a_term_turned_off_is_not_taken_out_of_host_time_either():
+    """Synchronous host steps, some without their longest context: the term is off, and the host
+    tables are those of a profile without it, also where the steps' own engine is modelled apart
+    (here: another max_model_len than the recorded one)."""
+    def longest(h):  # ragged steps where recorded, the others not recorded
+        return np.where(np.arange(len(h)) % 2 == 0, h["context"] - (h["batch"] - 1) * 16, np.nan)
+
+    with_term = with_host_max_context(ragged_profile(), longest)
+    df = with_term.df[with_term.df["table"] != "ragged"]
+    without = DeviceProfile(df, with_term.meta, "no-ragged")
+    a = cost_model(with_term, calibrate_host=True, max_model_len=1024)
+    b = cost_model(without, calibrate_host=True, max_model_len=1024)
+    assert a.ragged is None and b.ragged is None
+    for n in (1, 8, 32, 64):
+        assert a.host_time([(1, 300)] * n) == pytest.approx(b.host_time([(1, 300)] * n), rel=1e-12)
