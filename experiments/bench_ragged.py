@@ -60,8 +60,7 @@ def run(models: list[str], block_size: int, max_model_len: int, out: Path, reps:
     import torch
 
     from engine.presets import preset_config
-    from experiments.profile_device import Timer, _paged_meta
-    from kernels.metadata import Addressing, contiguous_metadata
+    from experiments.profile_device import Timer, _decode_metas
     from kernels.triton_attention import attention_into
 
     device = torch.device("cuda")
@@ -81,17 +80,8 @@ def run(models: list[str], block_size: int, max_model_len: int, out: Path, reps:
                 for mean in MEANS:
                     for dist in DISTS:
                         ctxs = contexts(dist, b, mean, max_model_len, rng)
-                        copies = max(1, min(4, pool // (2 * sum(ctxs))))
-                        metas = []
-                        for c in range(copies):
-                            if mode == "paged":
-                                m = _paged_meta(ctxs, 1, block_size, pool // block_size, device, gen,
-                                                -(-max_model_len // block_size))
-                            else:
-                                m = contiguous_metadata(Addressing.LINEAR, [1] * b, ctxs, device)
-                                m.seq_base += c * sum(ctxs)
-                            m.max_seq_len = max_model_len  # the decode graph's split config
-                            metas.append(m)
+                        metas = _decode_metas(ctxs, block_size if mode == "paged" else 0, max_model_len, pool,
+                                              device, gen)
                         q = torch.randn(b, h, d, dtype=torch.bfloat16, device=device)
                         o = torch.empty_like(q)
                         for variant, cfg in configs:

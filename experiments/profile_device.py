@@ -211,6 +211,24 @@ def _rows_attention(timer: Timer, mc, name: str, pool: int, block_sizes, dtype, 
     return rows
 
 
+def _decode_metas(ctxs: list[int], bs: int, span: int, pool: int, device, gen) -> list:
+    """Decode metadata of sequences of ``ctxs`` keys as the decode graph launches them (split
+    under its bound ``span``): PAGED (``bs`` > 0) or LINEAR, in up to 4 copies that each read
+    their own keys of a ``pool``-slot cache (no copy finds another's in L2)."""
+    from kernels.metadata import Addressing, contiguous_metadata
+
+    metas = []
+    for c in range(max(1, min(4, pool // (2 * sum(ctxs))))):
+        if bs:
+            m = _paged_meta(ctxs, 1, bs, pool // bs, device, gen, -(-span // bs))
+        else:
+            m = contiguous_metadata(Addressing.LINEAR, [1] * len(ctxs), ctxs, device)
+            m.seq_base += c * sum(ctxs)
+        m.max_seq_len = span  # what the decode graph's metadata says: its split config
+        metas.append(m)
+    return metas
+
+
 def _rows_ragged(timer: Timer, mc, name: str, pool: int, span: int, block_sizes, dtype, device) -> list[dict]:
     """Decode attention (one layer, the decode graph's config: split under ``span``) of ragged
     batches and uniform ones of the same mean (experiments/ragged_decode.py), per mode; each row
@@ -219,7 +237,6 @@ def _rows_ragged(timer: Timer, mc, name: str, pool: int, span: int, block_sizes,
 
     from experiments.ragged_decode import contexts, decode_programs
     from kernels import ops
-    from kernels.metadata import Addressing, contiguous_metadata
     from kernels.triton_attention import device_sms
 
     rng = np.random.default_rng(0)
@@ -233,15 +250,7 @@ def _rows_ragged(timer: Timer, mc, name: str, pool: int, span: int, block_sizes,
             ctxs = contexts(dist, b, mean, span, rng)
             if 2 * sum(ctxs) > pool:
                 continue
-            metas = []
-            for c in range(max(1, min(4, pool // (2 * sum(ctxs))))):
-                if mode == "paged":
-                    m = _paged_meta(ctxs, 1, bs, pool // bs, device, gen, -(-span // bs))
-                else:
-                    m = contiguous_metadata(Addressing.LINEAR, [1] * b, ctxs, device)
-                    m.seq_base += c * sum(ctxs)
-                m.max_seq_len = span  # what the decode graph's metadata says: its split config
-                metas.append(m)
+            metas = _decode_metas(ctxs, bs, span, pool, device, gen)
             qt = torch.randn(b, h, d, dtype=dtype, device=device)
             out = torch.empty_like(qt)
             t = timer.graph([(lambda m=m: ops.attention(qt, k_cache, v_cache, m, d**-0.5, out=out)) for m in metas])
