@@ -49,6 +49,10 @@
 #   BUDGET_S=... bash results/sim_validation/device_session.sh ragged1  # model + ragged tables (merged),
 #                                                           # bench_ragged --check, qwen3-0.6b async runs
 #   ALLOCS=... QWEN_ALLOCS=... bash results/sim_validation/device_session.sh async2  # as above
+# Session of 2026-12-03 (fourth): the profile's host steps again, both schedulings (each step's longest
+# context recorded now, so that the cost model can take the ragged term out of them), one call each
+#   SCHED=async bash results/sim_validation/device_session.sh host   # merged onto the committed profile
+#   SCHED=sync bash results/sim_validation/device_session.sh host    # merged onto the first call's
 # Runs accumulate in $KVSV (default /tmp/kvsv) on the machine; each part tars them into $OUT.
 set -uo pipefail
 part=${1:?profile or llama}
@@ -175,6 +179,11 @@ asynchost)
         --skip gemm,models,copy,vmm --merge results/profiles/nvidia-h200.parquet \
         --out "$runs/nvidia-h200.parquet" 2>&1 | tee "$runs/profile_host_async.log"
     mkdir -p "$runs/async"; B="$B engine.async_scheduling=true" SUB=async/ real qwen3-0.6b 8,96 60 1
+    ;;
+host)
+    kv profile --models qwen3-0.6b,llama3-8b --host-model qwen3-0.6b,llama3-8b --host-scheduling ${SCHED:-async} \
+        --skip gemm,models,ragged,copy,vmm --merge results/profiles/nvidia-h200.parquet \
+        --out "$runs/nvidia-h200.parquet" 2>&1 | tee "$runs/profile_host_${SCHED:-async}.log"
     ;;
 ragged)  # decode attention of ragged batches (bench_ragged), then as async2
     timeout 150 python3 -m experiments.bench_ragged --out "$runs/ragged" > "$runs/ragged.log" 2>&1
