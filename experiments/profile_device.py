@@ -493,6 +493,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--skip", default="", help="parts to leave out, comma-separated: host, gemm, models, ragged, copy, vmm")
     ap.add_argument("--merge", default=None, help="an earlier profile: its tables not measured now are kept")
+    ap.add_argument("--host-add", action="store_true",
+                    help="with --merge: keep the earlier profile's host steps of the models and schedulings "
+                         "measured now and add this run's as further repeats (the tables pool them: host work "
+                         "differs from one machine to another)")
     ap.add_argument("--out", default="results/profiles", help="folder (file name from the device) or .parquet")
     a = ap.parse_args(argv)
     a.argv = list(sys.argv[1:] if argv is None else argv)
@@ -515,6 +519,9 @@ def main(argv: list[str] | None = None) -> int:
     path = out if out.suffix == ".parquet" else out / f"{slug(meta['device'])}.parquet"
     rows: list[dict] = []
     t0 = time.time()
+    first_repeat = 0
+    if a.host_add and not a.merge:
+        ap.error("--host-add adds to the host steps of a --merge profile: name one")
     if a.merge:  # keep what this run does not re-measure
         from experiments.profiled_costmodel import host_model_of, host_scheduling_of, load_profile
 
@@ -527,7 +534,10 @@ def main(argv: list[str] | None = None) -> int:
         if "host" in redo:  # host steps are per model and scheduling: those not re-measured now stay
             remeasured = (host_model_of(old).reindex(old.df.index).isin(host_models)
                           & host_scheduling_of(old.df).isin(schedulings))
-            keep |= (old.df["table"] == "host") & ~remeasured
+            keep |= (old.df["table"] == "host") & (~remeasured | a.host_add)
+            if a.host_add:  # this run's repeats follow the kept ones (a run is a repeat's steps in order)
+                prior = old.df[(old.df["table"] == "host") & remeasured]
+                first_repeat = int(prior["repeat"].fillna(0).max()) + 1 if "repeat" in prior and len(prior) else 0
         rows = [{k: v for k, v in r.items() if v == v and v is not None}
                 for r in old.df[keep].to_dict("records")]
         stamp = {k: meta[k] for k in ("commit", "created", "command")}
@@ -556,7 +566,7 @@ def main(argv: list[str] | None = None) -> int:
                     if name == "virtual" and a.virtual_page_size:
                         args = {**args, "page_size": a.virtual_page_size}
                     for sched in schedulings:
-                        rows += [dict(r, repeat=rep) for r in host_rows(
+                        rows += [dict(r, repeat=first_repeat + rep) for r in host_rows(
                             hm, name, args, max_model_len=a.max_model_len, kv_cache_tokens=a.host_kv_tokens,
                             device=str(device), phases=phases, seed=rep, async_scheduling=sched == "async")]
                         say(f"host steps: {hm} {alloc} {sched}" + (f" (repeat {rep + 1} of {a.host_repeats})"

@@ -118,13 +118,15 @@ class HostTable:
 
     MIN_STEPS = 20  # a bin with fewer steps says more about its outliers than about the bin
 
-    def __init__(self, batch, host):
+    def __init__(self, batch, host, signed: bool = False):
+        """``signed``: keep bins whose mean is negative (a correction, not a time)."""
         df = pd.DataFrame({"batch": np.asarray(batch, float), "host": np.asarray(host, float)})
         df["bin"] = pd.cut(df["batch"], HOST_BINS)
         g = df.groupby("bin", observed=True).agg(batch=("batch", "median"), host=("host", _trimmed_mean),
                                                  n=("host", "size"))
         g = g[g["n"] >= self.MIN_STEPS]
-        self.grid = Grid1D(g["batch"], g["host"].clip(lower=0), above="clamp") if not g.empty else None
+        self.grid = (Grid1D(g["batch"], g["host"] if signed else g["host"].clip(lower=0), above="clamp")
+                     if not g.empty else None)
 
     @property
     def empty(self) -> bool:
@@ -294,6 +296,9 @@ class ProfiledCostModel:
         self.vmm_scale = 1.0  # a VMM call's host time on the step's path over the driver call's (_vmm_scale)
         # host seconds by step kind: decode graph replay, prefill/mixed graph replay, eager
         self.host_tables = {k: HostTable([], []) for k in ("graph", "mixed_graph", "eager")}
+        # asynchronous decode graph steps: seconds a step's period holds beyond its modelled device
+        # time (prefill/mixed steps: none, their period depends on more than the batch size)
+        self.period_tables = {"graph": HostTable([], [])}
         if calibrate_host:
             self._calibrate_host(profile, allocator, paged, block_size, max_graph_batch, enforce_eager)
 
@@ -343,6 +348,8 @@ class ProfiledCostModel:
             rest += host["gap"].fillna(0).to_numpy(float)
         kinds = np.array([ref.step_kind(int(r.batch), int(r.prefill_tokens), int(r.decode_tokens))
                           for r in host.itertuples()])
+        if self.host_scheduling == "async" and self.overlapped:
+            self._calibrate_period(profile, name, host, ref, rest.copy(), kinds, allocator)
         if "vmm_maps" in host:  # the VMM calls of the step's path are charged apart (step_time)
             driver = (host["vmm_maps"].fillna(0).to_numpy(float) * self.map_s
                       + host["vmm_unmaps"].fillna(0).to_numpy(float) * self.unmap_s)
@@ -360,6 +367,35 @@ class ProfiledCostModel:
         for kind, other in (("mixed_graph", "eager"), ("eager", "mixed_graph")):
             if self.host_tables[kind].empty:
                 self.host_tables[kind] = self.host_tables[other]
+
+    def _calibrate_period(self, profile, name, host, ref, cpu, kinds, allocator) -> None:
+        """What a device-bound asynchronous decode graph step's period holds beyond this model's
+        device time of the step (input copies, event records, the bubble between one step's graph
+        and the next), per batch-size bin: the profile's asynchronous steps, each paired with the
+        step before it (a step's wall time holds its wait for the previous one), where the CPU's
+        part (``cpu``: host work, launch, the driver's gap) was under 3/4 of that device time.
+        Needs each step's longest context (else the ragged excess of the step would count twice:
+        the term is then left out, with a warning)."""
+        if "max_context" not in host or host["max_context"].isna().any() or not (host["max_context"] > 0).any():
+            _warn_no_period(profile.path, name)
+            return
+        dev = np.array([ref.device_time(_calibration_work(r)) for r in host.itertuples()])
+        period = host["duration"].to_numpy(float) + (host["gap"].fillna(0).to_numpy(float) if "gap" in host else 0.0)
+        run = list(zip(host["allocator"] if "allocator" in host else [""] * len(host),
+                       host["repeat"].fillna(0) if "repeat" in host else [0] * len(host)))
+        same = np.array([False] + [a == b for a, b in zip(run[1:], run[:-1])])
+        prev = np.r_[np.inf, dev[:-1]]
+        waited = same & (cpu < 0.75 * prev)
+        # steady: the step before waited for the device too (its own start did not wait on the CPU)
+        bound = waited & np.r_[False, waited[:-1]]
+        excess = period - prev
+        batch, alloc = np.r_[0, host["batch"].to_numpy(float)[:-1]], np.array([r[0] for r in run], dtype=object)
+        of_kind = np.r_[[""], kinds[:-1]]
+        mine = alloc == allocator
+        for kind in self.period_tables:
+            of = bound & (of_kind == kind)
+            table = HostTable(batch[of & mine], excess[of & mine], signed=True)
+            self.period_tables[kind] = table if not table.empty else HostTable(batch[of], excess[of], signed=True)
 
     # -- pieces ----------------------------------------------------------------------------
     def _reference_model(self) -> str:
@@ -537,7 +573,10 @@ class ProfiledCostModel:
             return 0.0, 0.0
         padded = self.graph_batch(work)  # graph or eager: decided once for both parts
         maps = (vmm_maps * self.map_s + vmm_unmaps * self.unmap_s) * self.vmm_scale
-        return self.host_time(work, padded) + maps, self.device_time(work, num_sampled, padded)
+        device = self.device_time(work, num_sampled, padded)
+        if self.overlapped and padded is not None:  # a decode graph step's period beyond its device work
+            device = max(0.0, device + self.period_tables["graph"](len(work)))
+        return self.host_time(work, padded) + maps, device
 
     def swap_time(self, transfers: list[int], direction: str = "d2h") -> float:
         """Seconds to copy KV of ``transfers`` (bytes, one copy per sequence) between host and device."""
@@ -551,6 +590,7 @@ class ProfiledCostModel:
         return dict(cost_model=self.name, cost_profile=self.profile.path, cost_profile_device=m.get("device"),
                     cost_profile_commit=m.get("commit"), cost_host_steps=self.host_scheduling,
                     cost_ragged_term=self.ragged is not None, cost_vmm_scale=round(self.vmm_scale, 3),
+                    cost_period_term=not all(t.empty for t in self.period_tables.values()),
                     cost_profile_model=self.profiled_model or f"composed from {self._reference_model()}")
 
 
@@ -595,6 +635,13 @@ def ragged_fit(profile: DeviceProfile, model: str, mode: str, block_size: int):
     if fits[key] is not None:
         log.info("profile %s, %s %s: %s", profile.path, model, mode, fits[key].describe())
     return fits[key]
+
+
+@lru_cache(maxsize=None)
+def _warn_no_period(path: str, model: str) -> None:
+    log.warning("profile %s: the asynchronous host steps of %s do not record their longest context, so what a "
+                "step's period holds beyond its device time cannot be told from its ragged excess: simulating "
+                "without it (rerun `kvlab profile --host-scheduling async --merge %s`)", path, model, path)
 
 
 @lru_cache(maxsize=None)

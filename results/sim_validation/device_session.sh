@@ -53,6 +53,8 @@
 # context recorded now, so that the cost model can take the ragged term out of them), one call each
 #   SCHED=async bash results/sim_validation/device_session.sh host   # merged onto the committed profile
 #   SCHED=sync bash results/sim_validation/device_session.sh host    # merged onto the first call's
+#   HOST_ADD=1 SCHED=async bash results/sim_validation/device_session.sh host  # a second run of the
+#                                                           # asynchronous steps, pooled with the first
 # Runs accumulate in $KVSV (default /tmp/kvsv) on the machine; each part tars them into $OUT.
 set -uo pipefail
 part=${1:?profile or llama}
@@ -182,7 +184,7 @@ asynchost)
     ;;
 host)
     kv profile --models qwen3-0.6b,llama3-8b --host-model qwen3-0.6b,llama3-8b --host-scheduling ${SCHED:-async} \
-        --skip gemm,models,ragged,copy,vmm --merge results/profiles/nvidia-h200.parquet \
+        --skip gemm,models,ragged,copy,vmm --merge results/profiles/nvidia-h200.parquet ${HOST_ADD:+--host-add} \
         --out "$runs/nvidia-h200.parquet" 2>&1 | tee "$runs/profile_host_${SCHED:-async}.log"
     ;;
 ragged)  # decode attention of ragged batches (bench_ragged), then as async2
