@@ -55,6 +55,8 @@
 #   SCHED=sync bash results/sim_validation/device_session.sh host    # merged onto the first call's
 #   HOST_ADD=1 SCHED=async bash results/sim_validation/device_session.sh host  # a second run of the
 #                                                           # asynchronous steps, pooled with the first
+#   BUDGET_S=330 bash results/sim_validation/device_session.sh asyncrepeats  # a second real run of every
+#                                                           # async configuration (real-2/), on another machine
 # Runs accumulate in $KVSV (default /tmp/kvsv) on the machine; each part tars them into $OUT.
 set -uo pipefail
 part=${1:?profile or llama}
@@ -181,6 +183,17 @@ asynchost)
         --skip gemm,models,copy,vmm --merge results/profiles/nvidia-h200.parquet \
         --out "$runs/nvidia-h200.parquet" 2>&1 | tee "$runs/profile_host_async.log"
     mkdir -p "$runs/async"; B="$B engine.async_scheduling=true" SUB=async/ real qwen3-0.6b 8,96 60 1
+    ;;
+asyncrepeats)  # in the committed async/ folders: validate-sim keeps run 1 and adds run 2
+    meta=$runs runs=results/sim_validation
+    B="$B engine.async_scheduling=true"
+    SUB=async/ real qwen3-0.6b 8,96 60 ${QWEN_REPS:-2}
+    SUB=async/ real llama3-8b 4,32 50 ${LLAMA_REPS:-2}
+    kill %1 2>/dev/null; wait 2>/dev/null
+    cp "$meta/machine.txt" "$meta/clocks.csv" "$runs/async/" 2>/dev/null
+    tar -czf "$out/asyncrepeats.tgz" -C "$runs/async" $(cd "$runs/async" && ls -d */real-* *.log machine.txt clocks.csv 2>/dev/null)
+    tar -tzf "$out/asyncrepeats.tgz" | grep -c "summary.json" | sed 's/^/summaries archived: /'
+    exit 0
     ;;
 host)
     kv profile --models qwen3-0.6b,llama3-8b --host-model qwen3-0.6b,llama3-8b --host-scheduling ${SCHED:-async} \
