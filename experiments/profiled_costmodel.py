@@ -24,6 +24,10 @@ pieces the engine runs:
 - a decode graph step of a ragged batch (sequences of unequal context) adds what its attention
   takes beyond a uniform batch of the same mean: the critical-path term
   (experiments/ragged_decode.py) fitted to the profile's ``ragged`` table;
+- with asynchronous scheduling, a decode graph step's device part adds what the profile's
+  device-bound asynchronous steps took beyond their modelled device time (input copies, events,
+  the bubble between graphs; also any difference between the GPU that ran the host steps and the
+  one that measured the tables), per batch-size bin (``period_tables``);
 - the allocator's own costs: attention in its addressing mode and block size, VMM page maps
   and unmaps done on the step's critical path (``vmm``, scaled by what such calls cost the
   profile's engine steps beyond the driver call; maps made ahead on the background thread are

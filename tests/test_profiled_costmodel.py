@@ -601,3 +601,82 @@ def test_collect_merges_configurations_not_a_nested_collection(tmp_path):
     assert main(["--collect", "--out", str(tmp_path / "nested")]) == 0  # nested/validation.csv: a collection
     assert main(["--collect", "--out", str(tmp_path)]) == 0
     assert sorted(pd.read_csv(tmp_path / "validation.csv")["label"]) == ["cfg-a", "cfg-b"]
+
+
+def _with_async_periods(bubble_s=lambda b: 6e-5 + 1e-6 * b, cpu_s=2e-4, max_context=True) -> DeviceProfile:
+    """The synthetic profile plus asynchronous decode runs (two repeats, as ``--host-add`` pools
+    them) whose periods are the step before's modelled device time plus ``bubble_s(batch)``; the
+    first steps of each batch size wait on the CPU (their CPU part above the device time)."""
+    from engine.loader import resolve_config
+    from experiments.profiled_costmodel import _calibration_work
+
+    prof = synthetic_profile()
+    dev = ProfiledCostModel(prof, shape_of(resolve_config(MODEL)), model=MODEL, paged=True, block_size=16,
+                            max_graph_batch=64, calibrate_host=False, max_model_len=2048)
+    rows = []
+    for rep in (0, 1):
+        prev = None
+        for b in range(1, 65):
+            for i in range(30):
+                row = dict(table="host", model=MODEL, allocator="paged", batch=b, prefill_tokens=0, decode_tokens=b,
+                           context=b * 300 + 40 * b, max_context=(300 + 40 * b + 200 if b > 1 else 340)
+                           if max_context else None, gap=1e-5, scheduling="async", repeat=rep)
+                d = dev.device_time(_calibration_work(pd.Series(row)))
+                cpu = 3 * d if i < 2 else cpu_s  # a CPU-bound start: left out
+                period = max(cpu, (prev if prev is not None else d) + bubble_s(b))
+                rows.append(dict(row, value=cpu - 1e-5, duration=period - 1e-5))
+                prev = d
+    return DeviceProfile(pd.concat([prof.df, pd.DataFrame(rows)], ignore_index=True), prof.meta, "synthetic+periods")
+
+
+def test_asynchronous_decode_steps_take_the_period_the_profile_steps_took():
+    """Device-bound asynchronous steps took their modelled device time plus a bubble that grows
+    with the batch: an overlapped engine's decode graph steps add it to their device part (read
+    off each step's successor's period, CPU-bound steps left out); a synchronous engine, whose
+    host residual holds it, and prefill steps do not."""
+    from engine.loader import resolve_config
+
+    prof = _with_async_periods()
+    args = dict(model=MODEL, paged=True, block_size=16, max_graph_batch=64, allocator="paged", max_model_len=2048)
+    over = ProfiledCostModel(prof, shape_of(resolve_config(MODEL)), overlapped=True, **args)
+    sync = ProfiledCostModel(prof, shape_of(resolve_config(MODEL)), **args)
+    assert over.describe()["cost_period_term"] and not sync.describe()["cost_period_term"]
+    for b in (1, 3, 10, 40):
+        work = [(1, 340)] * b
+        host, device = over.host_device_time(work)
+        assert device - over.device_time(work) == pytest.approx(6e-5 + 1e-6 * b, rel=0.15)
+        assert sync.host_device_time(work)[1] == sync.device_time(work)
+    prefill = [(256, 256)] + [(1, 340)] * 3
+    assert over.host_device_time(prefill)[1] == over.device_time(prefill)
+
+
+def test_asynchronous_steps_without_their_longest_context_leave_the_period_term_out(caplog):
+    """Steps that do not record their longest context cannot tell a bubble from a ragged batch's
+    excess: no term, with a warning naming the command that records it."""
+    from engine.loader import resolve_config
+    from experiments.profiled_costmodel import _warn_no_period
+
+    _warn_no_period.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="kvlab.sim"):
+        m = ProfiledCostModel(_with_async_periods(max_context=False), shape_of(resolve_config(MODEL)), model=MODEL,
+                              paged=True, block_size=16, max_graph_batch=64, allocator="paged", overlapped=True,
+                              max_model_len=2048)
+    assert not m.describe()["cost_period_term"]
+    assert m.host_device_time([(1, 340)] * 8)[1] == m.device_time([(1, 340)] * 8)
+    assert any("--host-scheduling async --merge" in r.getMessage() for r in caplog.records)
+
+
+def test_profile_host_add_pools_another_run_as_further_repeats(tmp_path):
+    """``--host-add --merge old``: the old host steps stay and this run's follow them as the next
+    repeat (the tables pool both); without --merge it is refused."""
+    old = tmp_path / "old.parquet"
+    args = ["--models", MODEL, "--device", "cpu", "--skip", "gemm,models,ragged,copy,vmm", "--host-requests", "8"]
+    profile_device.main([*args, "--out", str(old)])
+    before = load_profile(str(old)).table("host")
+    new = tmp_path / "new.parquet"
+    profile_device.main([*args, "--merge", str(old), "--host-add", "--out", str(new)])
+    after = load_profile(str(new)).table("host")
+    assert len(after) > len(before) and set(after["repeat"]) == {0, 1}
+    assert (after["repeat"] == 0).sum() == len(before)
+    with pytest.raises(SystemExit):
+        profile_device.main([*args, "--host-add", "--out", str(tmp_path / "x.parquet")])
