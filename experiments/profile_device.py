@@ -128,6 +128,19 @@ class Timer:
         return float(np.median(times))
 
 
+def _gemm_shapes(models: list[str]) -> set[tuple[int, int]]:
+    """The (n, k) of every linear layer of ``models``: fused QKV, output, fused gate-up, down, LM head."""
+    from engine.loader import resolve_config
+
+    shapes = set()
+    for m in models:
+        mc = resolve_config(m)
+        q, kv, h, i = mc.num_attention_heads * mc.head_dim, mc.num_key_value_heads * mc.head_dim, \
+            mc.hidden_size, mc.intermediate_size
+        shapes |= {(q + 2 * kv, h), (h, q), (2 * i, h), (h, i), (mc.vocab_size, h)}
+    return shapes
+
+
 def _rows_gemm(timer: Timer, shapes: set[tuple[int, int]], dtype, device) -> list[dict]:
     import torch
     import torch.nn.functional as F
@@ -531,6 +544,14 @@ def main(argv: list[str] | None = None) -> int:
                                "decode_graph_ragged", "piecewise_forward", "piecewise_capture", "full_forward", "full_capture"}}
         redo = set().union(*(t for k, t in measured.items() if k not in skip))
         keep = ~old.df["table"].isin(redo)
+        if "model" in old.df:  # a model's tables measured now replace that model's: the others' stay
+            per_model = redo & (measured["models"] | measured["ragged"])
+            keep |= old.df["table"].isin(per_model) & old.df["model"].notna() & ~old.df["model"].isin(models)
+        if "gemm" in redo:  # GEMM shapes of models not measured now stay
+            shapes = _gemm_shapes(models)
+            if {"n", "k"} <= set(old.df.columns):
+                remeasured = [(n, k) in shapes for n, k in zip(old.df["n"], old.df["k"])]
+                keep |= (old.df["table"] == "gemm") & ~np.array(remeasured, dtype=bool)
         if "host" in redo:  # host steps are per model and scheduling: those not re-measured now stay
             remeasured = (host_model_of(old).reindex(old.df.index).isin(host_models)
                           & host_scheduling_of(old.df).isin(schedulings))
@@ -544,7 +565,10 @@ def main(argv: list[str] | None = None) -> int:
         kept = {k: v for k, v in old.meta.items() if k != "partial"}  # this run's own end says whether it is
         # the SM count sets the ragged decode term's split rule: the device's that measured the tables
         sms = meta["num_sms"] if redo & {"ragged", "decode_graph"} else old.meta.get("num_sms", meta["num_sms"])
-        meta = {**kept, "num_sms": sms, "updated": {**old.meta.get("updated", {}), **{t: stamp for t in sorted(redo)}}}
+        names = [m for m in str(kept.get("models", "")).split(",") if m]
+        names += [m for m in models if m not in names and (redo & measured["models"] or redo & measured["ragged"])]
+        meta = {**kept, "num_sms": sms, "models": ",".join(names),
+                "updated": {**old.meta.get("updated", {}), **{t: stamp for t in sorted(redo)}}}
 
     def say(what: str) -> None:
         print(f"[{time.time() - t0:6.1f} s] {what} ({len(rows)} rows)", flush=True)
@@ -580,15 +604,8 @@ def main(argv: list[str] | None = None) -> int:
 
     with compile_watch.expected():  # the kernel tables compile every shape they time
         if "gemm" not in skip:
-            from engine.loader import resolve_config
-
-            shapes = set()
-            for m in models:
-                mc = resolve_config(m)
-                q, kv, h, i = mc.num_attention_heads * mc.head_dim, mc.num_key_value_heads * mc.head_dim, \
-                    mc.hidden_size, mc.intermediate_size
-                shapes |= {(q + 2 * kv, h), (h, q), (2 * i, h), (h, i), (mc.vocab_size, h)}
-            rows += _rows_gemm(timer, shapes, torch.bfloat16 if device.type == "cuda" else torch.float32, device)
+            rows += _rows_gemm(timer, _gemm_shapes(models), torch.bfloat16 if device.type == "cuda" else torch.float32,
+                               device)
             say("gemm")
         for m in models if "models" not in skip else ():
             rows += _rows_model(timer, m, a.pool_tokens, a.max_model_len, block_sizes, device)

@@ -680,3 +680,29 @@ def test_profile_host_add_pools_another_run_as_further_repeats(tmp_path):
     assert (after["repeat"] == 0).sum() == len(before)
     with pytest.raises(SystemExit):
         profile_device.main([*args, "--host-add", "--out", str(tmp_path / "x.parquet")])
+
+
+def test_profile_merge_remeasuring_one_model_keeps_the_others_tables(tmp_path, monkeypatch):
+    """``--models B --merge old`` (old: A and B): B's model, ragged and GEMM tables are replaced,
+    A's stay (and A's GEMM shapes), and the metadata names both models."""
+    monkeypatch.setattr(profile_device, "CONTEXTS", [16, 64])
+    monkeypatch.setattr(profile_device, "PREFILL_QUERIES", [16])
+    monkeypatch.setattr(profile_device, "GEMM_M", [1, 16])
+    monkeypatch.setattr(profile_device, "SAMPLE_ROWS", [1])
+    monkeypatch.setattr(profile_device, "RAGGED_BATCHES", [4])
+    args = ["--device", "cpu", "--pool-tokens", "2048", "--reps", "1", "--max-model-len", "128",
+            "--block-sizes", "16", "--skip", "host,copy,vmm"]
+    old, new = tmp_path / "old.parquet", tmp_path / "new.parquet"
+    profile_device.main(["--models", f"{MODEL},tiny-qwen3", *args, "--out", str(old)])
+    before = load_profile(str(old)).df
+    profile_device.main(["--models", "tiny-qwen3", *args, "--merge", str(old), "--out", str(new)])
+    prof = load_profile(str(new))
+    after = prof.df
+    assert prof.models() == {MODEL, "tiny-qwen3"} and set(prof.meta["models"].split(",")) == {MODEL, "tiny-qwen3"}
+    for table in ("eager_forward", "attention", "ragged", "sample"):
+        mine = lambda df, m: df[(df["table"] == table) & (df["model"] == m)]  # noqa: E731
+        assert len(mine(after, MODEL)) == len(mine(before, MODEL)) > 0
+        assert mine(after, MODEL)["value"].tolist() == mine(before, MODEL)["value"].tolist()  # kept, not re-timed
+        assert len(mine(after, "tiny-qwen3")) == len(mine(before, "tiny-qwen3")) > 0
+    gemm = lambda df: set(zip(df[df["table"] == "gemm"]["n"], df[df["table"] == "gemm"]["k"]))  # noqa: E731
+    assert gemm(after) == gemm(before) and len(after[after["table"] == "gemm"]) == len(before[before["table"] == "gemm"])
