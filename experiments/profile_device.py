@@ -509,7 +509,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--host-add", action="store_true",
                     help="with --merge: keep the earlier profile's host steps of the models and schedulings "
                          "measured now and add this run's as further repeats (the tables pool them: host work "
-                         "differs from one machine to another)")
+                         "differs from one machine to another); its workloads are the first run's (seeds from 0), "
+                         "so machines are compared on the same steps")
     ap.add_argument("--out", default="results/profiles", help="folder (file name from the device) or .parquet")
     a = ap.parse_args(argv)
     a.argv = list(sys.argv[1:] if argv is None else argv)
@@ -558,7 +559,8 @@ def main(argv: list[str] | None = None) -> int:
             keep |= (old.df["table"] == "host") & (~remeasured | a.host_add)
             if a.host_add:  # this run's repeats follow the kept ones (a run is a repeat's steps in order)
                 prior = old.df[(old.df["table"] == "host") & remeasured]
-                first_repeat = int(prior["repeat"].fillna(0).max()) + 1 if "repeat" in prior and len(prior) else 0
+                if len(prior):  # rows from before the column: one run, repeat 0
+                    first_repeat = (int(prior["repeat"].fillna(0).max()) if "repeat" in prior else 0) + 1
         rows = [{k: v for k, v in r.items() if v == v and v is not None}
                 for r in old.df[keep].to_dict("records")]
         stamp = {k: meta[k] for k in ("commit", "created", "command")}
@@ -569,6 +571,11 @@ def main(argv: list[str] | None = None) -> int:
         names += [m for m in models if m not in names and (redo & measured["models"] or redo & measured["ragged"])]
         meta = {**kept, "num_sms": sms, "models": ",".join(names),
                 "updated": {**old.meta.get("updated", {}), **{t: stamp for t in sorted(redo)}}}
+        if a.host_add and "host" in redo:  # the pooled runs' stamps, each (the last one is "host")
+            before = old.meta.get("updated", {})
+            # the first run: the merged profile's own, or its own merge's
+            runs = before.get("host_runs") or [before.get("host") or {k: old.meta.get(k) for k in stamp}]
+            meta["updated"]["host_runs"] = [*runs, {**stamp, "first_repeat": first_repeat}]
 
     def say(what: str) -> None:
         print(f"[{time.time() - t0:6.1f} s] {what} ({len(rows)} rows)", flush=True)

@@ -80,7 +80,8 @@ def host_rows(model: str, allocator: str, args: dict, *, max_model_len: int, kv_
         gap = nxt.time - (r.time + r.duration) if nxt is not None and r.running + r.waiting > 0 else 0.0
         g, launch_cpu = timed.get(i, (0.0, 0.0))
         maps, unmaps = timer.vmm.get(i, (0, 0))
-        row = dict(table="host", model=model, allocator=allocator, batch=r.num_seqs, prefill_tokens=r.prefill_tokens,
+        row = dict(table="host", model=model, allocator=allocator, step=i, batch=r.num_seqs,
+                   prefill_tokens=r.prefill_tokens,
                    decode_tokens=r.decode_tokens, context=r.context_tokens, max_context=timer.longest.get(i, 0),
                    duration=r.duration,
                    gap=max(0.0, gap), graph_max_tokens=graph_max_tokens, max_graph_batch=max_graph_batch,

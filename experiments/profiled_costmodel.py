@@ -146,6 +146,7 @@ class DeviceProfile:
     def __init__(self, df: pd.DataFrame, meta: dict, path: str = ""):
         self.df, self.meta, self.path = df, meta, path
         self.ragged_fits: dict = {}  # (model, mode, block size) -> ragged_fit's answer
+        self.host_device: dict = {}  # calibration settings -> modelled device time of each host step
 
     @property
     def device(self) -> str:
@@ -343,17 +344,22 @@ class ProfiledCostModel:
             graph_max_tokens=cap, graph_mode=mode, max_model_len=span)
         if self.ragged is None:  # the device part taken out is the one simulated
             ref.ragged = None
+        # the device time the reference models for each step: a few seconds for a profile's
+        # thousands of steps, so once per profile and settings (every simulated run builds a model)
+        key = (name, self.host_scheduling, paged, self.block_size, cap, batch_cap, mode, span, ref.ragged is None)
+        if key not in profile.host_device:
+            profile.host_device[key] = np.array([ref.device_time(_calibration_work(r)) for r in host.itertuples()])
+        device = profile.host_device[key]
         if self.host_scheduling == "async":  # the CPU's own time: nothing of the device's to take out
             rest = host["value"].to_numpy(float).copy()
         else:
-            device = [ref.device_time(_calibration_work(r)) for r in host.itertuples()]
-            rest = host["duration"].to_numpy(float) - np.array(device)
+            rest = host["duration"].to_numpy(float) - device
         if "gap" in host:  # the driver's time between steps: a run's wall clock holds it too
             rest += host["gap"].fillna(0).to_numpy(float)
         kinds = np.array([ref.step_kind(int(r.batch), int(r.prefill_tokens), int(r.decode_tokens))
                           for r in host.itertuples()])
         if self.host_scheduling == "async" and self.overlapped:
-            self._calibrate_period(profile, name, host, ref, rest.copy(), kinds, allocator)
+            self._calibrate_period(profile, name, host, device, rest.copy(), kinds, allocator)
         if "vmm_maps" in host:  # the VMM calls of the step's path are charged apart (step_time)
             driver = (host["vmm_maps"].fillna(0).to_numpy(float) * self.map_s
                       + host["vmm_unmaps"].fillna(0).to_numpy(float) * self.unmap_s)
@@ -372,30 +378,36 @@ class ProfiledCostModel:
             if self.host_tables[kind].empty:
                 self.host_tables[kind] = self.host_tables[other]
 
-    def _calibrate_period(self, profile, name, host, ref, cpu, kinds, allocator) -> None:
+    def _calibrate_period(self, profile, name, host, dev, cpu, kinds, allocator) -> None:
         """What a device-bound asynchronous decode graph step's period holds beyond this model's
         device time of the step (input copies, event records, the bubble between one step's graph
         and the next), per batch-size bin: the profile's asynchronous steps, each paired with the
         step before it (a step's wall time holds its wait for the previous one), where the CPU's
-        part (``cpu``: host work, launch, the driver's gap) was under 3/4 of that device time.
-        Needs each step's longest context (else the ragged excess of the step would count twice:
-        the term is then left out, with a warning)."""
-        if "max_context" not in host or host["max_context"].isna().any() or not (host["max_context"] > 0).any():
+        part (``cpu``: host work, launch, the driver's gap) was under 3/4 of that device time, and
+        the two steps before were decode graph steps (a prefill's heavier output handling falls in
+        its successor's iteration). With the ragged term, it needs each step's longest context
+        (else a ragged batch's excess would count twice: the term is then left out, with a warning)."""
+        if self.ragged is not None and ("max_context" not in host or host["max_context"].isna().any()
+                                        or not (host["max_context"] > 0).any()):
             _warn_no_period(profile.path, name)
             return
-        dev = np.array([ref.device_time(_calibration_work(r)) for r in host.itertuples()])
+        n = len(host)
         period = host["duration"].to_numpy(float) + (host["gap"].fillna(0).to_numpy(float) if "gap" in host else 0.0)
-        run = list(zip(host["allocator"] if "allocator" in host else [""] * len(host),
-                       host["repeat"].fillna(0) if "repeat" in host else [0] * len(host)))
+        run = list(zip(host["allocator"] if "allocator" in host else [""] * n,
+                       host["repeat"].fillna(0) if "repeat" in host else [0] * n))
         same = np.array([False] + [a == b for a, b in zip(run[1:], run[:-1])])
+        if "step" in host and host["step"].notna().all():  # a left-out step (an idle one) breaks the pair
+            same[1:] &= np.diff(host["step"].to_numpy(float)) == 1
         prev = np.r_[np.inf, dev[:-1]]
         waited = same & (cpu < 0.75 * prev)
         # steady: the step before waited for the device too (its own start did not wait on the CPU)
         bound = waited & np.r_[False, waited[:-1]]
+        graph = kinds == "graph"
+        bound &= np.r_[False, graph[:-1]] & np.r_[False, False, graph[:-2]]
         excess = period - prev
         batch, alloc = np.r_[0, host["batch"].to_numpy(float)[:-1]], np.array([r[0] for r in run], dtype=object)
         of_kind = np.r_[[""], kinds[:-1]]
-        mine = alloc == allocator
+        mine = np.r_[False, (alloc == allocator)[:-1]]
         for kind in self.period_tables:
             of = bound & (of_kind == kind)
             table = HostTable(batch[of & mine], excess[of & mine], signed=True)

@@ -603,37 +603,51 @@ def test_collect_merges_configurations_not_a_nested_collection(tmp_path):
     assert sorted(pd.read_csv(tmp_path / "validation.csv")["label"]) == ["cfg-a", "cfg-b"]
 
 
-def _with_async_periods(bubble_s=lambda b: 6e-5 + 1e-6 * b, cpu_s=2e-4, max_context=True) -> DeviceProfile:
-    """The synthetic profile plus asynchronous decode runs (two repeats, as ``--host-add`` pools
-    them) whose periods are the step before's modelled device time plus ``bubble_s(batch)``; the
-    first steps of each batch size wait on the CPU (their CPU part above the device time)."""
+def _bubble(b: int) -> float:
+    return 6e-5 + 1e-6 * b
+
+
+def _with_async_periods(base: DeviceProfile | None = None, max_context=True) -> DeviceProfile:
+    """``base`` (the synthetic profile) plus asynchronous decode runs as ``kvlab profile`` records
+    them: every step's batch differs from the one before, and a device-bound step's period is the
+    step before's modelled device time plus ``_bubble`` of that step's batch. Every eighth step
+    waits on the CPU; each run starts with a long period and ends on 40 sequences (pairing across
+    runs would read that period against the other run's last step); one step of each run was left
+    out (an idle one: the step after it is not paired across the hole)."""
     from engine.loader import resolve_config
     from experiments.profiled_costmodel import _calibration_work
 
-    prof = synthetic_profile()
+    prof = base or synthetic_profile()
     dev = ProfiledCostModel(prof, shape_of(resolve_config(MODEL)), model=MODEL, paged=True, block_size=16,
                             max_graph_batch=64, calibrate_host=False, max_model_len=2048)
     rows = []
-    for rep in (0, 1):
+    for rep in range(6):
+        batches = [1 + (j * 7 + rep) % 64 for j in range(199)] + [40]
         prev = None
-        for b in range(1, 65):
-            for i in range(30):
-                row = dict(table="host", model=MODEL, allocator="paged", batch=b, prefill_tokens=0, decode_tokens=b,
-                           context=b * 300 + 40 * b, max_context=(300 + 40 * b + 200 if b > 1 else 340)
-                           if max_context else None, gap=1e-5, scheduling="async", repeat=rep)
-                d = dev.device_time(_calibration_work(pd.Series(row)))
-                cpu = 3 * d if i < 2 else cpu_s  # a CPU-bound start: left out
-                period = max(cpu, (prev if prev is not None else d) + bubble_s(b))
-                rows.append(dict(row, value=cpu - 1e-5, duration=period - 1e-5))
-                prev = d
-    return DeviceProfile(pd.concat([prof.df, pd.DataFrame(rows)], ignore_index=True), prof.meta, "synthetic+periods")
+        for j, b in enumerate(batches):
+            step = j + (j >= 100)  # step 100 left out
+            row = dict(table="host", model=MODEL, allocator="paged", step=step, batch=b, prefill_tokens=0,
+                       decode_tokens=b, context=b * 300 + 40 * b,
+                       max_context=(340 + 200 * (b > 1)) if max_context else None, gap=1e-5, scheduling="async",
+                       repeat=rep)
+            d = dev.device_time(_calibration_work(pd.Series(row)))
+            if prev is None or j == 100:  # a run's first step, the one after the hole: a long wait
+                cpu, period = 2e-4, 10e-3
+            elif j % 8 == 0:  # waits on the CPU
+                cpu = period = 3 * prev[0] + 1e-4
+            else:
+                cpu, period = 2e-4, prev[0] + _bubble(prev[1])
+            rows.append(dict(row, value=cpu - 1e-5, duration=period - 1e-5))
+            prev = (d, b)
+    return DeviceProfile(pd.concat([prof.df, pd.DataFrame(rows)], ignore_index=True), prof.meta,
+                         prof.path + "+periods")
 
 
 def test_asynchronous_decode_steps_take_the_period_the_profile_steps_took():
-    """Device-bound asynchronous steps took their modelled device time plus a bubble that grows
-    with the batch: an overlapped engine's decode graph steps add it to their device part (read
-    off each step's successor's period, CPU-bound steps left out); a synchronous engine, whose
-    host residual holds it, and prefill steps do not."""
+    """Device-bound asynchronous steps took their predecessor's modelled device time plus a bubble
+    that grows with its batch: an overlapped engine's decode graph steps add that bubble to their
+    device part (read off each step's successor, CPU-bound steps, run boundaries and holes left
+    out); a synchronous engine, whose host residual holds it, and prefill steps do not."""
     from engine.loader import resolve_config
 
     prof = _with_async_periods()
@@ -641,29 +655,34 @@ def test_asynchronous_decode_steps_take_the_period_the_profile_steps_took():
     over = ProfiledCostModel(prof, shape_of(resolve_config(MODEL)), overlapped=True, **args)
     sync = ProfiledCostModel(prof, shape_of(resolve_config(MODEL)), **args)
     assert over.describe()["cost_period_term"] and not sync.describe()["cost_period_term"]
-    for b in (1, 3, 10, 40):
+    for b in (1, 3, 10, 40, 60):
         work = [(1, 340)] * b
         host, device = over.host_device_time(work)
-        assert device - over.device_time(work) == pytest.approx(6e-5 + 1e-6 * b, rel=0.15)
+        assert device - over.device_time(work) == pytest.approx(_bubble(b), rel=0.1, abs=3e-6)
         assert sync.host_device_time(work)[1] == sync.device_time(work)
     prefill = [(256, 256)] + [(1, 340)] * 3
     assert over.host_device_time(prefill)[1] == over.device_time(prefill)
 
 
 def test_asynchronous_steps_without_their_longest_context_leave_the_period_term_out(caplog):
-    """Steps that do not record their longest context cannot tell a bubble from a ragged batch's
-    excess: no term, with a warning naming the command that records it."""
+    """With the ragged term, steps that do not record their longest context cannot tell a bubble
+    from a ragged batch's excess: no period term, with a warning naming the command that records
+    it. Without the ragged term nothing can count twice: the term is there."""
     from engine.loader import resolve_config
     from experiments.profiled_costmodel import _warn_no_period
+    from tests.test_ragged_decode import ragged_profile
 
     _warn_no_period.cache_clear()
+    args = dict(model=MODEL, paged=True, block_size=16, max_graph_batch=64, allocator="paged", overlapped=True,
+                max_model_len=2048)
     with caplog.at_level(logging.WARNING, logger="kvlab.sim"):
-        m = ProfiledCostModel(_with_async_periods(max_context=False), shape_of(resolve_config(MODEL)), model=MODEL,
-                              paged=True, block_size=16, max_graph_batch=64, allocator="paged", overlapped=True,
-                              max_model_len=2048)
-    assert not m.describe()["cost_period_term"]
+        m = ProfiledCostModel(_with_async_periods(ragged_profile(), max_context=False),
+                              shape_of(resolve_config(MODEL)), **args)
+    assert m.ragged is not None and not m.describe()["cost_period_term"]
     assert m.host_device_time([(1, 340)] * 8)[1] == m.device_time([(1, 340)] * 8)
     assert any("--host-scheduling async --merge" in r.getMessage() for r in caplog.records)
+    plain = ProfiledCostModel(_with_async_periods(max_context=False), shape_of(resolve_config(MODEL)), **args)
+    assert plain.ragged is None and plain.describe()["cost_period_term"]
 
 
 def test_profile_host_add_pools_another_run_as_further_repeats(tmp_path):
@@ -678,6 +697,14 @@ def test_profile_host_add_pools_another_run_as_further_repeats(tmp_path):
     after = load_profile(str(new)).table("host")
     assert len(after) > len(before) and set(after["repeat"]) == {0, 1}
     assert (after["repeat"] == 0).sum() == len(before)
+    runs = load_profile(str(new)).meta["updated"]["host_runs"]
+    assert [r.get("first_repeat") for r in runs] == [None, 1] and "--host-add" in runs[-1]["command"]
+    # a profile from before the repeat column: its steps are run 0, the added ones run 1
+    legacy = tmp_path / "legacy.parquet"
+    made = load_profile(str(old))
+    profile_device.write_profile(legacy, made.df.drop(columns="repeat").to_dict("records"), made.meta)
+    profile_device.main([*args, "--merge", str(legacy), "--host-add", "--out", str(new)])
+    assert set(load_profile(str(new)).table("host")["repeat"].fillna(0)) == {0, 1}
     with pytest.raises(SystemExit):
         profile_device.main([*args, "--host-add", "--out", str(tmp_path / "x.parquet")])
 
