@@ -136,13 +136,10 @@ def critical_path_fit(df, num_sms: int = 132, span: int = 2048) -> str:
     """How well the uniform batch's time predicts a ragged one's, alone and with the critical-path
     term of experiments/ragged_decode.py (fitted to these batches)."""
     from engine.presets import preset_config
-    from experiments.ragged_decode import decode_programs, fit
+    from experiments.ragged_decode import decode_programs, fit, paired
 
     df = _mean_bins(df if "variant" in df else df.assign(variant="fixed"))  # the first run: fixed, unlabelled
-    key = ["model", "mode", "batch", "variant", "mean_bin"]
-    uni = df[df.dist == "uniform"].set_index(key)["us"]
-    rag = df[df.dist != "uniform"]
-    rag = rag[[k in uni.index for k in zip(*(rag[c] for c in key))]]
+    rag, u = paired(df, ["model", "mode", "batch", "variant", "mean_bin"], "us")
     progs = []
     for r in rag.itertuples():
         mc = preset_config(r.model)
@@ -151,8 +148,7 @@ def critical_path_fit(df, num_sms: int = 132, span: int = 2048) -> str:
                                      group=mc.num_attention_heads // mc.num_key_value_heads, head_dim=mc.head_dim,
                                      elem_size=2, num_sms=num_sms, span=span, even_split=even,
                                      num_splits=int(getattr(r, "splits", 0)) or None))
-    u = np.array([uni[k] for k in zip(*(rag[c] for c in key))]) * 1e-6
-    f = fit(u, rag["us"].to_numpy() * 1e-6, [p.longest_bytes for p in progs], [p.uniform_bytes for p in progs],
+    f = fit(u * 1e-6, rag["us"].to_numpy() * 1e-6, [p.longest_bytes for p in progs], [p.uniform_bytes for p in progs],
             [p.programs for p in progs], [p.slots for p in progs])
     return f.describe()
 

@@ -634,7 +634,7 @@ def ragged_fit(profile: DeviceProfile, model: str, mode: str, block_size: int):
     fits = profile.ragged_fits
     if key in fits:
         return fits[key]
-    from experiments.ragged_decode import fit
+    from experiments.ragged_decode import fit, paired
 
     t = profile.table("ragged", model=model, mode=mode) if "dist" in profile.df else profile.df.iloc[:0]
     if t.empty or not profile.meta.get("num_sms"):
@@ -642,12 +642,9 @@ def ragged_fit(profile: DeviceProfile, model: str, mode: str, block_size: int):
         return None
     if mode == "paged":
         t = t[t["block_size"] == _nearest(t["block_size"], block_size)]
-    uni = t[t["dist"] == "uniform"].set_index(["batch", "mean"])["value"]
-    paired = np.array([k in uni.index for k in zip(t["batch"], t["mean"])], dtype=bool)
-    rag = t[(t["dist"] != "uniform").to_numpy() & paired]
-    fits[key] = None if rag.empty else fit(
-        uni.loc[list(zip(rag["batch"], rag["mean"]))].to_numpy(), rag["value"], rag["longest_bytes"],
-        rag["uniform_bytes"], rag["programs"], rag["slots"])
+    rag, uni = paired(t, ["batch", "mean"], "value")
+    fits[key] = None if rag.empty else fit(uni, rag["value"], rag["longest_bytes"], rag["uniform_bytes"],
+                                          rag["programs"], rag["slots"])
     if fits[key] is not None:
         log.info("profile %s, %s %s: %s", profile.path, model, mode, fits[key].describe())
     return fits[key]

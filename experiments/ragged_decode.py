@@ -131,6 +131,15 @@ class RaggedFit:
                 f"us, tail k {self.k:.2f}) by {self.mean_error:.1%} (p90 {self.p90_error:.1%})")
 
 
+def paired(df, key: list[str], value: str):
+    """A table's ragged rows (``dist`` not uniform) that have a uniform twin of the same ``key``
+    (at least two columns), and each one's twin's ``value``: what ``fit`` compares them with."""
+    uni = df[df["dist"] == "uniform"].set_index(key)[value]
+    has = np.array([k in uni.index for k in zip(*(df[c] for c in key))], dtype=bool)
+    rag = df[(df["dist"] != "uniform").to_numpy() & has]
+    return rag, uni.loc[list(zip(*(rag[c] for c in key)))].to_numpy(float)
+
+
 def fit(uniform_s, measured_s, longest_bytes, uniform_bytes, programs, slots) -> RaggedFit:
     """Least mean |relative error| over the grid of (rate, c0, k): per rate, c0 only moves the
     batches whose programs are all resident and k only the others, so each is chosen apart."""
