@@ -544,15 +544,15 @@ def main(argv: list[str] | None = None) -> int:
                     "models": {"attention", "eager_forward", "prefill_graph", "sample", "decode_graph",
                                "decode_graph_ragged", "piecewise_forward", "piecewise_capture", "full_forward", "full_capture"}}
         redo = set().union(*(t for k, t in measured.items() if k not in skip))
+        per_model = redo & (measured["models"] | measured["ragged"])
         keep = ~old.df["table"].isin(redo)
         if "model" in old.df:  # a model's tables measured now replace that model's: the others' stay
-            per_model = redo & (measured["models"] | measured["ragged"])
             keep |= old.df["table"].isin(per_model) & old.df["model"].notna() & ~old.df["model"].isin(models)
         if "gemm" in redo:  # GEMM shapes of models not measured now stay
             shapes = _gemm_shapes(models)
             if {"n", "k"} <= set(old.df.columns):
-                remeasured = [(n, k) in shapes for n, k in zip(old.df["n"], old.df["k"])]
-                keep |= (old.df["table"] == "gemm") & ~np.array(remeasured, dtype=bool)
+                timed_now = [(n, k) in shapes for n, k in zip(old.df["n"], old.df["k"])]
+                keep |= (old.df["table"] == "gemm") & ~np.array(timed_now, dtype=bool)
         if "host" in redo:  # host steps are per model and scheduling: those not re-measured now stay
             remeasured = (host_model_of(old).reindex(old.df.index).isin(host_models)
                           & host_scheduling_of(old.df).isin(schedulings))
@@ -568,7 +568,7 @@ def main(argv: list[str] | None = None) -> int:
         # the SM count sets the ragged decode term's split rule: the device's that measured the tables
         sms = meta["num_sms"] if redo & {"ragged", "decode_graph"} else old.meta.get("num_sms", meta["num_sms"])
         names = [m for m in str(kept.get("models", "")).split(",") if m]
-        names += [m for m in models if m not in names and (redo & measured["models"] or redo & measured["ragged"])]
+        names += [m for m in models if m not in names and per_model]
         meta = {**kept, "num_sms": sms, "models": ",".join(names),
                 "updated": {**old.meta.get("updated", {}), **{t: stamp for t in sorted(redo)}}}
         if a.host_add and "host" in redo:  # the pooled runs' stamps, each (the last one is "host")

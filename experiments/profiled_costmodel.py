@@ -27,7 +27,7 @@ pieces the engine runs:
 - with asynchronous scheduling, a decode graph step's device part adds what the profile's
   device-bound asynchronous steps took beyond their modelled device time (input copies, events,
   the bubble between graphs; also any difference between the GPU that ran the host steps and the
-  one that measured the tables), per batch-size bin (``period_tables``);
+  one that measured the tables), per batch-size bin (``period_table``);
 - the allocator's own costs: attention in its addressing mode and block size, VMM page maps
   and unmaps done on the step's critical path (``vmm``, scaled by what such calls cost the
   profile's engine steps beyond the driver call; maps made ahead on the background thread are
@@ -303,7 +303,7 @@ class ProfiledCostModel:
         self.host_tables = {k: HostTable([], []) for k in ("graph", "mixed_graph", "eager")}
         # asynchronous decode graph steps: seconds a step's period holds beyond its modelled device
         # time (prefill/mixed steps: none, their period depends on more than the batch size)
-        self.period_tables = {"graph": HostTable([], [])}
+        self.period_table = HostTable([], [])
         if calibrate_host:
             self._calibrate_host(profile, allocator, paged, block_size, max_graph_batch, enforce_eager)
 
@@ -344,16 +344,20 @@ class ProfiledCostModel:
             graph_max_tokens=cap, graph_mode=mode, max_model_len=span)
         if self.ragged is None:  # the device part taken out is the one simulated
             ref.ragged = None
-        # the device time the reference models for each step: a few seconds for a profile's
-        # thousands of steps, so once per profile and settings (every simulated run builds a model)
         key = (name, self.host_scheduling, paged, self.block_size, cap, batch_cap, mode, span, ref.ragged is None)
-        if key not in profile.host_device:
-            profile.host_device[key] = np.array([ref.device_time(_calibration_work(r)) for r in host.itertuples()])
-        device = profile.host_device[key]
+
+        def device() -> np.ndarray:
+            """The device time ``ref`` models for each step: a few seconds for a profile's thousands
+            of steps, so once per profile and settings (every simulated run builds a model)."""
+            if key not in profile.host_device:
+                profile.host_device[key] = np.array([ref.device_time(_calibration_work(r))
+                                                     for r in host.itertuples()])
+            return profile.host_device[key]
+
         if self.host_scheduling == "async":  # the CPU's own time: nothing of the device's to take out
             rest = host["value"].to_numpy(float).copy()
         else:
-            rest = host["duration"].to_numpy(float) - device
+            rest = host["duration"].to_numpy(float) - device()
         if "gap" in host:  # the driver's time between steps: a run's wall clock holds it too
             rest += host["gap"].fillna(0).to_numpy(float)
         kinds = np.array([ref.step_kind(int(r.batch), int(r.prefill_tokens), int(r.decode_tokens))
@@ -378,7 +382,7 @@ class ProfiledCostModel:
             if self.host_tables[kind].empty:
                 self.host_tables[kind] = self.host_tables[other]
 
-    def _calibrate_period(self, profile, name, host, dev, cpu, kinds, allocator) -> None:
+    def _calibrate_period(self, profile, name, host, device, cpu, kinds, allocator) -> None:
         """What a device-bound asynchronous decode graph step's period holds beyond this model's
         device time of the step (input copies, event records, the bubble between one step's graph
         and the next), per batch-size bin: the profile's asynchronous steps, each paired with the
@@ -386,7 +390,8 @@ class ProfiledCostModel:
         part (``cpu``: host work, launch, the driver's gap) was under 3/4 of that device time, and
         the two steps before were decode graph steps (a prefill's heavier output handling falls in
         its successor's iteration). With the ragged term, it needs each step's longest context
-        (else a ragged batch's excess would count twice: the term is then left out, with a warning)."""
+        (else a ragged batch's excess would count twice: the term is then left out, with a warning).
+        ``device()``: this model's device time of each step."""
         if self.ragged is not None and ("max_context" not in host or host["max_context"].isna().any()
                                         or not (host["max_context"] > 0).any()):
             _warn_no_period(profile.path, name)
@@ -398,20 +403,17 @@ class ProfiledCostModel:
         same = np.array([False] + [a == b for a, b in zip(run[1:], run[:-1])])
         if "step" in host and host["step"].notna().all():  # a left-out step (an idle one) breaks the pair
             same[1:] &= np.diff(host["step"].to_numpy(float)) == 1
-        prev = np.r_[np.inf, dev[:-1]]
+        prev = np.r_[np.inf, device()[:-1]]
         waited = same & (cpu < 0.75 * prev)
         # steady: the step before waited for the device too (its own start did not wait on the CPU)
         bound = waited & np.r_[False, waited[:-1]]
         graph = kinds == "graph"
         bound &= np.r_[False, graph[:-1]] & np.r_[False, False, graph[:-2]]
         excess = period - prev
-        batch, alloc = np.r_[0, host["batch"].to_numpy(float)[:-1]], np.array([r[0] for r in run], dtype=object)
-        of_kind = np.r_[[""], kinds[:-1]]
-        mine = np.r_[False, (alloc == allocator)[:-1]]
-        for kind in self.period_tables:
-            of = bound & (of_kind == kind)
-            table = HostTable(batch[of & mine], excess[of & mine], signed=True)
-            self.period_tables[kind] = table if not table.empty else HostTable(batch[of], excess[of], signed=True)
+        batch = np.r_[0, host["batch"].to_numpy(float)[:-1]]  # the step whose period it is: the one before
+        mine = bound & (np.array([r[0] for r in run], dtype=object) == allocator)  # a pair is one run's
+        table = HostTable(batch[mine], excess[mine], signed=True)
+        self.period_table = table if not table.empty else HostTable(batch[bound], excess[bound], signed=True)
 
     # -- pieces ----------------------------------------------------------------------------
     def _reference_model(self) -> str:
@@ -591,7 +593,7 @@ class ProfiledCostModel:
         maps = (vmm_maps * self.map_s + vmm_unmaps * self.unmap_s) * self.vmm_scale
         device = self.device_time(work, num_sampled, padded)
         if self.overlapped and padded is not None:  # a decode graph step's period beyond its device work
-            device = max(0.0, device + self.period_tables["graph"](len(work)))
+            device = max(0.0, device + self.period_table(len(work)))
         return self.host_time(work, padded) + maps, device
 
     def swap_time(self, transfers: list[int], direction: str = "d2h") -> float:
@@ -606,7 +608,7 @@ class ProfiledCostModel:
         return dict(cost_model=self.name, cost_profile=self.profile.path, cost_profile_device=m.get("device"),
                     cost_profile_commit=m.get("commit"), cost_host_steps=self.host_scheduling,
                     cost_ragged_term=self.ragged is not None, cost_vmm_scale=round(self.vmm_scale, 3),
-                    cost_period_term=not all(t.empty for t in self.period_tables.values()),
+                    cost_period_term=not self.period_table.empty,
                     cost_profile_model=self.profiled_model or f"composed from {self._reference_model()}")
 
 
