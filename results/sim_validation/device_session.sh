@@ -55,6 +55,8 @@
 #   SCHED=sync bash results/sim_validation/device_session.sh host    # merged onto the first call's
 #   HOST_ADD=1 SCHED=async bash results/sim_validation/device_session.sh host  # a second run of the
 #                                                           # asynchronous steps, pooled with the first
+#   BUDGET_S=430 bash results/sim_validation/device_session.sh sync  # the synchronous real runs of the
+#       six configurations for the engine with even splits (replacing the committed ones)
 #   BUDGET_S=330 bash results/sim_validation/device_session.sh asyncrepeats  # a second real run of every
 #                                                           # async configuration (real-2/), on another machine
 # Runs accumulate in $KVSV (default /tmp/kvsv) on the machine; each part tars them into $OUT.
@@ -208,6 +210,11 @@ async2)
     mkdir -p "$runs/async"; B="$B engine.async_scheduling=true"
     SUB=async/ real llama3-8b 4,32 50 1
     if [ -n "${QWEN_ALLOCS:-}" ]; then ALLOCS=$QWEN_ALLOCS SUB=async/ real qwen3-0.6b 8,96 60 1; fi
+    ;;
+sync)  # the synchronous real runs of the six configurations for the current engine (even splits),
+      # in fresh folders ($runs/<model>-<allocator>/real): they replace the committed ones
+    real qwen3-0.6b 8,96 60 1
+    real llama3-8b 4,32 50 1
     ;;
 full2)
     real llama3-8b 4,32 50 1
