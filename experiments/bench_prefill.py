@@ -3,13 +3,17 @@
     python -m experiments.bench_prefill --out results/kernels [--sweep --sweep-budget-s 120]
 
 Llama-3-8B heads (32 query, 8 KV, head dim 128, bf16), causal, whole prompts (no cached
-prefix): 1x8192, 4x2048, 8x1024, 16x512 tokens. PAGED: block size 16, blocks randomly
-permuted; LINEAR: each sequence contiguous; SDPA: ``is_causal`` on contiguous [B, H, L, D]
-with the flash backend (FlashAttention-2). TFLOP/s counts the causal half only
-(4 * D * Hq * sum L(L+1)/2) and is reported against the bf16 matmul rate measured in the same
-run (8192^3 ``torch.mm``). Every shape is checked against SDPA first (and the 16x512 shape
-against ``kernels.reference``). ``--sweep`` times other kernel configs (tile sizes, warps,
-stages, the unmasked first loop) into ``prefill_sweep_<device>.csv``.
+prefix): 1x8192, 4x2048, 8x1024, 16x512 tokens; and chunks over a cached prefix (``1x4096+4096``:
+one sequence, 4,096 cached tokens, a 4,096-token chunk). PAGED: block size 16, blocks randomly
+permuted; LINEAR: each sequence contiguous. Each is timed reading every key from the cache
+(``paged``, ``linear``) and as the engine runs a prefill (``paged+new``, ``linear+new``): the
+step's own keys from its k and v (strided views of a fused QKV output), only a cached prefix
+from the cache. SDPA: ``is_causal`` on contiguous [B, H, L, D] with the flash backend
+(FlashAttention-2), whole prompts only. TFLOP/s counts the causal part only (4 * D * Hq * sum
+over queries of the keys each sees) and is reported against the bf16 matmul rate measured in the
+same run (8192^3 ``torch.mm``). Every whole-prompt shape is checked against SDPA first (and the
+16x512 and chunk shapes against ``kernels.reference``). ``--sweep`` times other kernel configs
+(tile sizes, warps, stages, the unmasked first loop) into ``prefill_sweep_<device>.csv``.
 """
 from __future__ import annotations
 
@@ -23,6 +27,8 @@ import torch
 from experiments import bench_kernels as bk
 
 SHAPES = [(1, 8192), (4, 2048), (8, 1024), (16, 512)]
+CHUNK_SHAPES = [(1, 4096, 4096), (4, 1024, 1024)]  # (batch, chunk, cached prefix)
+IMPLS = ("paged", "linear", "paged+new", "linear+new")
 HQ, HKV, D, BLOCK = 32, 8, 128, 16
 DTYPE = torch.bfloat16
 
@@ -39,31 +45,40 @@ def matmul_tflops(n: int = 8192) -> float:
 
 
 class PrefillCase:
-    """``batch`` prompts of ``length`` tokens, their K/V already in the cache (as the engine
-    writes them before attention)."""
+    """``batch`` sequences of ``prefix`` cached tokens and a ``length``-token query chunk (whole
+    prompts: no prefix), every key already in the cache (as the engine writes them before
+    attention); the chunk's own keys also as the engine's QKV projection holds them."""
 
-    def __init__(self, batch: int, length: int, seed: int = 0):
+    def __init__(self, batch: int, length: int, prefix: int = 0, seed: int = 0):
         from kernels.metadata import Addressing, AttentionMetadata
 
-        g = torch.Generator(device=bk.DEV).manual_seed(seed + batch * 100003 + length)
-        self.batch, self.length = batch, length
-        n = batch * length
-        self.flops = 4 * D * HQ * batch * length * (length + 1) // 2
+        g = torch.Generator(device=bk.DEV).manual_seed(seed + batch * 100003 + length + 7 * prefix)
+        self.batch, self.length, self.prefix = batch, length, prefix
+        ctx = prefix + length
+        n, nq = batch * ctx, batch * length
+        # each query sees the prefix and the chunk's keys up to itself
+        self.flops = 4 * D * HQ * batch * (length * prefix + length * (length + 1) // 2)
         self.k = torch.randn(n, HKV, D, device=bk.DEV, dtype=DTYPE, generator=g)
         self.v = torch.randn(n, HKV, D, device=bk.DEV, dtype=DTYPE, generator=g)
-        self.q = torch.randn(n, HQ, D, device=bk.DEV, dtype=DTYPE, generator=g)
+        self.q = torch.randn(nq, HQ, D, device=bk.DEV, dtype=DTYPE, generator=g)
         self.out = torch.empty_like(self.q)
+        # the chunk's own k, v as strided views of a fused [tokens, (Hq + 2 Hkv) D] projection
+        qkv = torch.empty(nq, (HQ + 2 * HKV) * D, device=bk.DEV, dtype=DTYPE)
+        own = torch.arange(n, device=bk.DEV).view(batch, ctx)[:, prefix:].reshape(-1)
+        self.new_kv = (qkv[:, HQ * D:(HQ + HKV) * D].view(nq, HKV, D), qkv[:, (HQ + HKV) * D:].view(nq, HKV, D))
+        self.new_kv[0].copy_(self.k[own])
+        self.new_kv[1].copy_(self.v[own])
         qsl = torch.arange(batch + 1, dtype=torch.int32, device=bk.DEV) * length
-        lens = torch.full((batch,), length, dtype=torch.int32, device=bk.DEV)
-        table = torch.randperm(n // BLOCK, device=bk.DEV, generator=g).to(torch.int32).view(batch, length // BLOCK)
+        lens = torch.full((batch,), ctx, dtype=torch.int32, device=bk.DEV)
+        table = torch.randperm(n // BLOCK, device=bk.DEV, generator=g).to(torch.int32).view(batch, ctx // BLOCK)
         slots = (table.long()[:, :, None] * BLOCK + torch.arange(BLOCK, device=bk.DEV)).view(-1)
-        common = dict(query_start_loc=qsl, seq_lens=lens, max_query_len=length, max_seq_len=length)
+        common = dict(query_start_loc=qsl, seq_lens=lens, max_query_len=length, max_seq_len=ctx)
         self.meta = {
-            # PAGED: token t of sequence s lives in slot slots[s * length + t]; LINEAR: in order
+            # PAGED: token t of sequence s lives in slot slots[s * ctx + t]; LINEAR: in order
             "paged": AttentionMetadata(mode=Addressing.PAGED, block_table=table, block_size=BLOCK,
-                                       slot_mapping=slots, **common),
-            "linear": AttentionMetadata(mode=Addressing.LINEAR, slot_mapping=torch.arange(n, device=bk.DEV),
-                                        seq_base=torch.arange(batch, device=bk.DEV, dtype=torch.int64) * length,
+                                       slot_mapping=slots[own], **common),
+            "linear": AttentionMetadata(mode=Addressing.LINEAR, slot_mapping=own,
+                                        seq_base=torch.arange(batch, device=bk.DEV, dtype=torch.int64) * ctx,
                                         **common),
         }
         # the paged cache holds the same K/V as the linear one, scattered into its blocks
@@ -71,9 +86,17 @@ class PrefillCase:
         self.v_paged = torch.empty_like(self.v)
         self.k_paged[slots] = self.k
         self.v_paged[slots] = self.v
-        self.q4 = self.q.view(batch, length, HQ, D).transpose(1, 2).contiguous()
-        self.k4 = self.k.view(batch, length, HKV, D).transpose(1, 2).contiguous()
-        self.v4 = self.v.view(batch, length, HKV, D).transpose(1, 2).contiguous()
+        if not prefix:
+            self.q4 = self.q.view(batch, length, HQ, D).transpose(1, 2).contiguous()
+            self.k4 = self.k.view(batch, length, HKV, D).transpose(1, 2).contiguous()
+            self.v4 = self.v.view(batch, length, HKV, D).transpose(1, 2).contiguous()
+
+    @property
+    def name(self) -> str:
+        return f"{self.batch}x{self.length}" + (f"+{self.prefix}" if self.prefix else "")
+
+    def impls(self) -> tuple[str, ...]:
+        return IMPLS if self.prefix else IMPLS + ("sdpa_flash",)  # SDPA's is_causal has no prefix
 
     def run(self, impl: str, config=None) -> torch.Tensor:
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -86,18 +109,25 @@ class PrefillCase:
             with sdpa_kernel([backend]):
                 o = scaled_dot_product_attention(self.q4, self.k4, self.v4, is_causal=True, enable_gqa=True)
             return o.transpose(1, 2).reshape(self.q.shape)
-        k, v = (self.k_paged, self.v_paged) if impl == "paged" else (self.k, self.v)
-        triton_ops.attention_into(self.out, self.q, k, v, self.meta[impl], config=config)
+        mode = impl.removesuffix("+new")
+        k, v = (self.k_paged, self.v_paged) if mode == "paged" else (self.k, self.v)
+        new_kv = self.new_kv if impl.endswith("+new") else None
+        triton_ops.attention_into(self.out, self.q, k, v, self.meta[mode], config=config, new_kv=new_kv)
         return self.out
 
     def check(self, with_reference: bool) -> dict[str, float]:
         from kernels import reference
 
-        want = self.run("sdpa_flash").clone()
-        errs = {"sdpa_flash": 0.0}
-        if with_reference:
-            errs["sdpa_flash"] = bk._rel_err(want, reference.attention(self.q, self.k, self.v, self.meta["linear"]))
-        for impl in ("paged", "linear"):
+        if self.prefix:  # the reference is the oracle (SDPA has no bottom-right causal mask here)
+            want = reference.attention(self.q, self.k, self.v, self.meta["linear"])
+            errs = {}
+        else:
+            want = self.run("sdpa_flash").clone()
+            errs = {"sdpa_flash": 0.0}
+            if with_reference:
+                errs["sdpa_flash"] = bk._rel_err(want, reference.attention(self.q, self.k, self.v,
+                                                                           self.meta["linear"]))
+        for impl in IMPLS:
             self.out.fill_(float("nan"))
             errs[impl] = bk._rel_err(self.run(impl), want)
         return errs
@@ -109,7 +139,8 @@ class PrefillCase:
 def _config_str(case: PrefillCase, config=None) -> str:
     from kernels.triton_attention import choose_config, device_sms
 
-    c = config or choose_config(num_seqs=case.batch, max_query_len=case.length, max_seq_len=case.length,
+    c = config or choose_config(num_seqs=case.batch, max_query_len=case.length,
+                                max_seq_len=case.prefix + case.length,
                                 num_kv_heads=HKV, group=HQ // HKV, head_dim=D, elem_size=2,
                                 num_sms=device_sms(torch.device(bk.DEV)))
     return (f"q{c.block_q}/n{c.block_n}/w{c.num_warps}/s{c.num_stages}"
@@ -134,6 +165,31 @@ def sweep_configs():
         yield c(bq, bn, w, s)
 
 
+def parse_shape(text: str) -> tuple[int, int, int]:
+    """``BxN`` (whole prompts) or ``BxN+P`` (N-token chunks over P cached tokens)."""
+    try:
+        bn, _, pre = text.partition("+")
+        b, n = (int(x) for x in bn.split("x"))
+        p = int(pre) if pre else 0
+    except ValueError:
+        raise SystemExit(f"--shapes: {text!r} is not BxN or BxN+P (e.g. 4x2048, 1x4096+4096)") from None
+    if b < 1 or n < 1 or p < 0 or (n + p) % BLOCK:
+        raise SystemExit(f"--shapes: {text!r}: B, N >= 1, P >= 0 and N + P a multiple of {BLOCK}")
+    return b, n, p
+
+
+def paged_vs_linear(rows: list[dict]) -> str:
+    """PAGED's time against LINEAR's per shape, as the engine runs prefill and from the cache alone."""
+    t = {(r["batch"], r["length"], r["prefix"], r["impl"]): r["time_us"] for r in rows}
+    lines = ["| shape | PAGED / LINEAR - 1 (engine: own keys from k, v) | (every key from the cache) |",
+             "|---|---|---|"]
+    for b, n, p in dict.fromkeys((k[0], k[1], k[2]) for k in t):
+        new = t[b, n, p, "paged+new"] / t[b, n, p, "linear+new"] - 1
+        cache = t[b, n, p, "paged"] / t[b, n, p, "linear"] - 1
+        lines.append(f"| {b}x{n}{f'+{p}' if p else ''} | {100 * new:+.1f}% | {100 * cache:+.1f}% |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="results/kernels")
@@ -149,30 +205,34 @@ def main(argv: list[str] | None = None) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     device = torch.cuda.get_device_name(0) if bk.DEV == "cuda" else "cpu-interpreter-smoke"
     tag = bk.file_tag(device)
-    shapes = SHAPES if not a.shapes else [tuple(int(x) for x in s.split("x")) for s in a.shapes.split(",")]
-    if a.smoke_cpu and not a.shapes:
-        shapes = [(1, 64), (2, 32)]
+    if a.shapes:
+        shapes = [parse_shape(s) for s in a.shapes.split(",")]
+    elif a.smoke_cpu:
+        shapes = [(1, 64, 0), (2, 32, 0), (1, 32, 32)]
+    else:
+        shapes = [(b, n, 0) for b, n in SHAPES] + CHUNK_SHAPES
     print(f"device {device}, torch {torch.__version__}, triton {triton.__version__}", flush=True)
     peak = matmul_tflops()
     print(f"bf16 matmul (8192^3 torch.mm): {peak:.0f} TFLOP/s", flush=True)
 
     rows, cases = [], []
-    for b, n in shapes:
-        case = PrefillCase(b, n)
-        errs = case.check(with_reference=b * n <= 8192 and n <= 512)
+    for b, n, pre in shapes:
+        case = PrefillCase(b, n, pre)
+        errs = case.check(with_reference=pre > 0 or (b * n <= 8192 and n <= 512))
         for impl, e in errs.items():
             if not e < 2e-2:
-                raise SystemExit(f"{impl} {b}x{n}: relative error {e:.3e}")
-        for impl in ("paged", "linear", "sdpa_flash"):
+                raise SystemExit(f"{impl} {case.name}: relative error {e:.3e}")
+        for impl in case.impls():
             us = case.time(impl)
             tf = case.flops / (us * 1e-6) / 1e12
-            rows.append(dict(device=device, batch=b, length=n, impl=impl, time_us=round(us, 2),
+            rows.append(dict(device=device, batch=b, length=n, prefix=pre, impl=impl, time_us=round(us, 2),
                              tflops=round(tf, 1), pct_matmul=round(100 * tf / peak, 1), rel_err=f"{errs[impl]:.1e}",
                              config=_config_str(case) if impl != "sdpa_flash" else "", matmul_tflops=round(peak)))
             r = rows[-1]
-            print(f"{b:>3}x{n:<5} {impl:<10} {us:10.1f} us {tf:7.1f} TFLOP/s {r['pct_matmul']:5.1f}% matmul "
+            print(f"{case.name:<11} {impl:<11} {us:10.1f} us {tf:7.1f} TFLOP/s {r['pct_matmul']:5.1f}% matmul "
                   f"err {r['rel_err']} {r['config']}", flush=True)
         cases.append(case)
+    print(paged_vs_linear(rows), flush=True)
     with (out_dir / f"prefill_{tag}.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
@@ -182,14 +242,17 @@ def main(argv: list[str] | None = None) -> None:
         t_end = time.time() + a.sweep_budget_s
         path = out_dir / f"prefill_sweep_{tag}.csv"
         with path.open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=["batch", "length", "impl", "config", "time_us", "tflops", "pct_matmul"])
+            w = csv.DictWriter(f, fieldnames=["batch", "length", "prefix", "impl", "config", "time_us", "tflops",
+                                              "pct_matmul"])
             w.writeheader()
             for cfg in sweep_configs():
                 if time.time() > t_end:
                     print("sweep: budget spent", flush=True)
                     break
                 for case in cases:
-                    for impl in ("linear", "paged"):
+                    if case.prefix:
+                        continue
+                    for impl in ("linear+new", "paged+new", "paged"):
                         try:
                             err = bk._rel_err(case.run(impl, cfg).clone(), case.run("sdpa_flash"))
                             if not err < 2e-2:
@@ -199,10 +262,10 @@ def main(argv: list[str] | None = None) -> None:
                             print(f"sweep {_config_str(case, cfg)} {impl}: {type(e).__name__}: {e}"[:200], flush=True)
                             continue
                         tf = case.flops / (us * 1e-6) / 1e12
-                        w.writerow(dict(batch=case.batch, length=case.length, impl=impl,
+                        w.writerow(dict(batch=case.batch, length=case.length, prefix=0, impl=impl,
                                         config=_config_str(case, cfg), time_us=round(us, 2), tflops=round(tf, 1),
                                         pct_matmul=round(100 * tf / peak, 1)))
-                        print(f"sweep {case.batch}x{case.length} {impl:<6} {_config_str(case, cfg):<26} "
+                        print(f"sweep {case.name} {impl:<10} {_config_str(case, cfg):<26} "
                               f"{tf:7.1f} TFLOP/s", flush=True)
                 f.flush()
 

@@ -363,6 +363,78 @@ def test_attention_causal_split(mode, bs, bt_ahead, block_q, monkeypatch):
         _assert_close_attn(run_attention(q, kc, vc, meta, config=config, monkeypatch=monkeypatch), want)
 
 
+def _new_kv_from_cache(gen, kc, vc, meta, dtype):
+    """The step's own keys and values as a fused qkv projection holds them (strided views of one
+    [T, (Hq + 2 Hkv) D] buffer), copied out of the cache; their cache slots then turn NaN, so a
+    kernel that gathers them back instead of reading new_kv fails."""
+    slots = meta.slot_mapping
+    t, hkv, d = slots.numel(), kc.shape[1], kc.shape[2]
+    qkv = _randn(gen, t, (2 + 2 * hkv) * d, dtype=dtype)
+    kn = qkv[:, 2 * d: (2 + hkv) * d].view(t, hkv, d)
+    vn = qkv[:, (2 + hkv) * d:].view(t, hkv, d)
+    kn.copy_(kc[slots])
+    vn.copy_(vc[slots])
+    kc[slots] = float("nan")
+    vc[slots] = float("nan")
+    return kn, vn
+
+
+@pytest.mark.parametrize("mode,bs,bt_ahead", [(PAGED, 16, True), (PAGED, 4, False), (LINEAR, 0, True)])
+@pytest.mark.parametrize("block_q", [1, 4])
+def test_attention_new_kv(mode, bs, bt_ahead, block_q, monkeypatch):
+    """Prefill reads its own tokens' keys from new_kv (their cache slots are NaN here): whole
+    prompts, chunks over cached prefixes of every alignment to the 16-key tiles, decodes and an
+    empty sequence in one mixed batch; the heuristic's config and a 16-key one."""
+    gen = _gen("new-kv", mode, bs, block_q)
+    lens = [(_randint(gen, 40, 200), _randint(gen, 2, 30)) for _ in range(3)]
+    lens += [(37, 37), (16, 16), (20, 5), (90, 1), (5, 0)]
+    q, kc, vc, meta, _ = make_batch(
+        gen, lens, num_kv_heads=2, group=4, head_dim=64, dtype=torch.float16, mode=mode, block_size=bs
+    )
+    want = reference.attention(q, kc, vc, meta)
+    new_kv = _new_kv_from_cache(gen, kc, vc, meta, torch.float16)
+    small = triton_attention.AttnConfig(block_q=block_q, block_n=16, num_splits=1, num_warps=4, num_stages=2,
+                                        bt_ahead=bt_ahead, causal_split=True)
+    heuristic = triton_attention.choose_config(
+        num_seqs=len(lens), max_query_len=meta.max_query_len, max_seq_len=meta.max_seq_len, num_kv_heads=2,
+        group=4, head_dim=64, elem_size=2, num_sms=8)
+    for config in (small, heuristic):
+        assert triton_attention.uses_new_kv(config, meta, window=0, fp8=False)
+        out = _nan_like(q)
+        triton_ops.attention_into(out, q, kc, vc, meta, config=config, new_kv=new_kv)
+        _assert_close_attn(out, want)
+    # without new_kv the kernel gathers the (now NaN) new keys from the cache: the test can fail
+    out = triton_ops.attention(q, kc, vc, meta)
+    assert not torch.isfinite(out).all()
+
+
+def test_new_kv_only_where_it_is_read():
+    """Decode, split-KV, windows, rings and fp8 caches keep reading the cache; new_kv is checked."""
+    gen = _gen("new-kv-when")
+    q, kc, vc, meta, _ = make_batch(
+        gen, [(30, 30), (50, 1)], num_kv_heads=2, group=2, head_dim=32, dtype=torch.float16, mode=PAGED
+    )
+    cfg = triton_attention.AttnConfig(block_q=4, block_n=16, num_splits=1, num_warps=4, num_stages=2,
+                                      causal_split=True)
+    use = triton_attention.uses_new_kv
+    assert use(cfg, meta, 0, False)
+    assert not use(cfg, meta, 8, False) and not use(cfg, meta, 0, True)
+    assert not use(triton_attention.AttnConfig(1, 16, 4, 4, 3), meta, 0, False)
+    decode = AttentionMetadata(**{**meta.__dict__, "max_query_len": 1})
+    assert not use(cfg, decode, 0, False)
+    ring = AttentionMetadata(**{**meta.__dict__, "ring": 64})
+    assert not use(cfg, ring, 0, False)
+    k = torch.zeros(31, 2, 32, dtype=torch.float16, device=DEVICE)
+    with pytest.raises(ValueError, match="new_kv k must be"):
+        triton_ops.attention(q, kc, vc, meta, new_kv=(k[:, :1], k))
+    with pytest.raises(ValueError, match="new_kv k must be"):
+        triton_ops.attention(q, kc, vc, meta, new_kv=(k[:30], k))
+    with pytest.raises(ValueError, match="new_kv v must be"):
+        triton_ops.attention(q, kc, vc, meta, new_kv=(k, k.float()))
+    with pytest.raises(ValueError, match="pair"):
+        triton_ops.attention(q, kc, vc, meta, new_kv=[k, k])
+
+
 @pytest.mark.parametrize("mode,bs", [(PAGED, 16), (PAGED, 1), (LINEAR, 0)])
 def test_attention_layer_interleaved_cache(mode, bs, monkeypatch):
     """Caches as strided views of a [slots, layers, 2, H, D] buffer (others layers NaN)."""

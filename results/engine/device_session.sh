@@ -28,6 +28,11 @@
 #                                                     # splits on ragged batches, every split count for llama3-8b),
 #                                                     # the kernel tests on the GPU, the engine's GPU tests, and
 #                                                     # llama3-8b paged async real runs of the simulate validation
+# Session of 2026-12-03 (fifth):
+#   bash results/engine/device_session.sh newkv       # after prefill reads its own keys from the step's k, v:
+#                                                     # kernel + fused-op tests on the GPU, bench_prefill (cache
+#                                                     # gather vs own keys, PAGED vs LINEAR, chunk shapes) with a
+#                                                     # config sweep, the engine's GPU tests (HF parity, graphs)
 # Outputs accumulate in $KVE (default /tmp/kve) on the machine; each part tars them into $OUT.
 set -uo pipefail
 part=${1:?tests or throughput}
@@ -145,6 +150,14 @@ even)
     timeout 120 python3 -m experiments.cli validate-sim model=llama3-8b $B allocator=paged --rates 4,32 \
         --online-requests 50 --real-only --label llama3-8b-paged --out "$runs/llama3-8b-paged" \
         > "$runs/llama3-8b-paged.log" 2>&1; echo "llama3-8b paged real: exit $?"
+    ;;
+newkv)
+    timeout 150 python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_kernels_triton.py \
+        tests/test_kernels_fp8_window.py tests/test_fused_ops.py 2>&1 | tee "$runs/gpu_tests_kernels.log" | tail -3
+    timeout 200 python3 -m experiments.bench_prefill --out "$runs/prefill" --sweep --sweep-budget-s ${SWEEP_S:-60} \
+        2>&1 | tee "$runs/bench_prefill.log" | grep -v "^sweep" | tail -30
+    timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=5 tests/test_gpu_engine.py \
+        2>&1 | tee "$runs/gpu_tests_engine.log" | tail -8
     ;;
 esac
 tar -czf "$out/kve-$part.tgz" -C "$runs" .

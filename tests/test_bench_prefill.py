@@ -1,0 +1,44 @@
+"""experiments.bench_prefill's cases on CPU (Triton's interpreter): every implementation it times,
+the engine's read of a chunk's own keys included, agrees with the reference, and its table says
+PAGED against LINEAR."""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():  # must precede the first Triton import
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton", reason="Triton: the dev extra (its interpreter on a CPU) or the gpu extra")
+
+from experiments import bench_kernels as bk  # noqa: E402
+from experiments import bench_prefill as bp  # noqa: E402
+
+
+@pytest.fixture
+def on_cpu(monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("a CPU check; the device runs the benchmark itself")
+    monkeypatch.setattr(bk, "DEV", "cpu")
+
+
+def test_a_chunk_over_a_cached_prefix_reads_its_own_keys_from_k_v(on_cpu):
+    case = bp.PrefillCase(2, 16, prefix=32)
+    # the chunk's own keys are the cache's rows at its slots, held apart as the engine's QKV holds them
+    torch.testing.assert_close(case.new_kv[0], case.k_paged[case.meta["paged"].slot_mapping])
+    assert case.new_kv[0].stride(0) == (bp.HQ + 2 * bp.HKV) * bp.D
+    errs = case.check(with_reference=True)
+    assert set(errs) == set(bp.IMPLS) and max(errs.values()) < 2e-2
+    assert case.flops == 4 * bp.D * bp.HQ * 2 * (16 * 32 + 16 * 17 // 2)
+    assert "sdpa_flash" not in case.impls() and case.name == "2x16+32"
+
+
+def test_shapes_and_the_paged_vs_linear_table():
+    assert bp.parse_shape("4x2048") == (4, 2048, 0)
+    assert bp.parse_shape("1x4096+4096") == (1, 4096, 4096)
+    for bad in ("4x", "x+1", "2x10", "1x16+-16"):
+        with pytest.raises(SystemExit, match="--shapes"):
+            bp.parse_shape(bad)
+    rows = [dict(batch=1, length=64, prefix=0, impl=i, time_us=t)
+            for i, t in (("paged", 12.0), ("linear", 10.0), ("paged+new", 10.1), ("linear+new", 10.0))]
+    table = bp.paged_vs_linear(rows)
+    assert "| 1x64 | +1.0% | +20.0% |" in table
