@@ -57,6 +57,8 @@
 #                                                           # asynchronous steps, pooled with the first
 #   BUDGET_S=430 bash results/sim_validation/device_session.sh sync  # the synchronous real runs of the
 #       six configurations for the engine with even splits (replacing the committed ones)
+#   bash results/sim_validation/device_session.sh syncdiag  # the profile's sync host steps against validate-sim's
+#       real engine on one machine (llama3-8b)
 #   BUDGET_S=330 bash results/sim_validation/device_session.sh asyncrepeats  # a second real run of every
 #                                                           # async configuration (real-2/), on another machine
 # Runs accumulate in $KVSV (default /tmp/kvsv) on the machine; each part tars them into $OUT.
@@ -215,6 +217,15 @@ sync)  # the synchronous real runs of the six configurations for the current eng
       # in fresh folders ($runs/<model>-<allocator>/real): they replace the committed ones
     real qwen3-0.6b 8,96 60 1
     real llama3-8b 4,32 50 1
+    ;;
+syncdiag)  # the profile's synchronous host steps (llama3-8b, one sequence: 5.35 ms a step) against
+           # validate-sim's real engine (4.88 ms, on other machines): both harnesses on one machine, and
+           # validate-sim's light-load workload under the profile's launch timer (experiments/step_timing.py)
+    ALLOCS=paged real llama3-8b 4 50 1
+    timeout 100 python3 -m experiments.step_timing model=llama3-8b $B allocator=paged mode=online \
+        workload.request_rate=4 workload.num_requests=50 --out "$runs/step_timing_sync" 2>&1 | tail -6
+    timeout 220 python3 -m experiments.cli profile --models llama3-8b --host-model llama3-8b --host-scheduling sync \
+        --skip gemm,models,ragged,copy,vmm --out "$runs/sync_llama.parquet" 2>&1 | tail -3
     ;;
 full2)
     real llama3-8b 4,32 50 1
