@@ -39,6 +39,7 @@ def test_shapes_and_the_paged_vs_linear_table():
         with pytest.raises(SystemExit, match="--shapes"):
             bp.parse_shape(bad)
     rows = [dict(batch=1, length=64, prefix=0, impl=i, time_us=t)
-            for i, t in (("paged", 12.0), ("linear", 10.0), ("paged+new", 10.1), ("linear+new", 10.0))]
+            for i, t in (("paged", 12.0), ("linear", 10.0), ("paged+new", 10.1), ("linear+new", 10.0),
+                         ("paged+newc", 10.3))]
     table = bp.paged_vs_linear(rows)
-    assert "| 1x64 | +1.0% | +20.0% |" in table
+    assert "| 1x64 | +20.0% | +1.0% | +3.0% |" in table
