@@ -70,11 +70,10 @@ class Attention(nn.Module):
         q, k = rope(positions, q, k)
         return self.o_proj(self._attend(q, k, v, meta, cache).reshape(t, -1))
 
-    def project(self, x, positions, rope, slots: torch.Tensor, cache):
+    def project(self, x, positions, rope, slots: torch.Tensor, cache) -> torch.Tensor:
         """Fused path up to attention: q, k, v from one GEMM, norm + rope in place, k and v
-        written to the cache at ``slots`` (-1: nowhere); returns (q, k, v), ``[t, heads, head_dim]``
-        views of the GEMM's output. Everything here has static shapes: piecewise CUDA graphs
-        capture it."""
+        written to the cache at ``slots`` (-1: nowhere); returns q ``[t, heads, head_dim]``.
+        Everything here has static shapes: piecewise CUDA graphs capture it."""
         t = x.shape[0]
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
@@ -90,22 +89,17 @@ class Attention(nn.Module):
         else:  # fp8 caches quantize (kernels.write_kv)
             fused_ops.qk_norm_rope_(q, k, rope.cos, rope.sin, positions, qw, kw, eps)
             self._store(k, v, slots, cache)
-        return q, k, v
+        return q
 
-    def attend(self, q, meta: AttentionMetadata, cache, out: torch.Tensor | None = None,
-               new_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """Attention of ``q`` over the cache (``out``: where to write it, ``q``'s shape). ``new_kv``:
-        the step's own k and v, already stored; a prefill reads its prompt's keys from them
-        (contiguous, where a PAGED cache would gather them back) when the cache holds them as is."""
-        if new_kv is not None and new_kv[0].dtype != cache[0].dtype:  # fp8: queries see the stored keys
-            new_kv = None
+    def attend(self, q, meta: AttentionMetadata, cache, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention of ``q`` over the cache (``out``: where to write it, ``q``'s shape)."""
         return kernels.attention(q, cache[0], cache[1], meta, self.scale, self.k_scale, self.v_scale, self.window,
-                                 out=out, new_kv=new_kv)
+                                 out=out)
 
     def _attend(self, q, k, v, meta: AttentionMetadata | list[AttentionMetadata], cache) -> torch.Tensor:
         meta = group_meta(meta, self.group)
         self._store(k, v, meta.slot_mapping, cache)
-        return self.attend(q, meta, cache, new_kv=(k, v))
+        return self.attend(q, meta, cache)
 
     def _store(self, k, v, slots: torch.Tensor, cache) -> None:
         """K and V into the cache at ``slots`` (fp8: quantized, the scales set first when this
@@ -168,12 +162,11 @@ class DecoderLayer(nn.Module):
     def forward_fused(self, x, residual, positions, rope, meta, cache):
         """Residual stream kept apart and updated in place by the fused add+norm kernels."""
         m = group_meta(meta, self.self_attn.group)
-        (q, k, v), residual = self.pre_attention(x, residual, positions, rope, m.slot_mapping, cache)
-        return self.post_attention(self.self_attn.attend(q, m, cache, new_kv=(k, v)), residual)
+        q, residual = self.pre_attention(x, residual, positions, rope, m.slot_mapping, cache)
+        return self.post_attention(self.self_attn.attend(q, m, cache), residual)
 
     def pre_attention(self, x, residual, positions, rope, slots, cache):
-        """(fused path) add + norm, then the attention's projections and cache write:
-        ((q, k, v), residual)."""
+        """(fused path) add + norm, then the attention's projections and cache write: (q, residual)."""
         n1 = self.input_layernorm
         if residual is None:
             residual = x

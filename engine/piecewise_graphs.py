@@ -68,15 +68,13 @@ class PiecewiseGraphs:
 
         def first():
             x = self.model.model.embed_tokens(ids)
-            # attention runs between the graphs: only q outlives its piece (k and v are read
-            # back from the cache, their buffers are the graph pool's)
-            (q, _, _), box["residual"] = layers[0].pre_attention(x, None, pos, rope, slots, caches[0])
+            q, box["residual"] = layers[0].pre_attention(x, None, pos, rope, slots, caches[0])
             return query.copy_(q)
 
         def middle(i):
             def piece():
                 x, res = layers[i - 1].post_attention(attn, box["residual"])
-                (q, _, _), box["residual"] = layers[i].pre_attention(x, res, pos, rope, slots, caches[i])
+                q, box["residual"] = layers[i].pre_attention(x, res, pos, rope, slots, caches[i])
                 return query.copy_(q)
             return piece
 

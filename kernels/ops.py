@@ -34,16 +34,14 @@ def write_kv(k_cache, v_cache, k, v, slot_mapping, k_scale=None, v_scale=None) -
 
 
 def attention(q, k_cache, v_cache, meta, scale=None, k_scale=None, v_scale=None, window=0,
-              out: torch.Tensor | None = None, new_kv=None) -> torch.Tensor:
+              out: torch.Tensor | None = None) -> torch.Tensor:
     """``window > 0``: sliding-window attention (keys older than ``window`` are not read);
-    ``out`` (``q``'s shape): written there and returned (a CUDA graph reads it at a fixed address);
-    ``new_kv``: the step's own (k, v), already in the cache; the Triton kernel reads a prefill's
-    own keys from them (the reference reads the cache: the same values)."""
+    ``out`` (``q``'s shape): written there and returned (a CUDA graph reads it at a fixed address)."""
     if _use_triton(q):
         t = _triton()
         if out is None:
-            return t.attention(q, k_cache, v_cache, meta, scale, k_scale, v_scale, window, new_kv)
-        return t.attention_into(out, q, k_cache, v_cache, meta, scale, None, k_scale, v_scale, window, new_kv)
+            return t.attention(q, k_cache, v_cache, meta, scale, k_scale, v_scale, window)
+        return t.attention_into(out, q, k_cache, v_cache, meta, scale, None, k_scale, v_scale, window)
     result = reference.attention(q, k_cache, v_cache, meta, scale, k_scale, v_scale, window)
     return result if out is None else out.copy_(result)
 

@@ -72,12 +72,8 @@ def attention(
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
     window: int = 0,
-    new_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Causal GQA attention of ``q [num_tokens, Hq, D]`` over the cached context.
-
-    ``new_kv`` (the step's own keys and values, already in the cache) is accepted for the Triton
-    kernel's signature and not read: the cache holds the same values.
 
     ``window > 0``: query at position i sees keys j with ``i - window < j <= i`` (sliding
     window, as HF transformers masks it); keys before the window may be gone (freed blocks,

@@ -63,7 +63,6 @@ def _find_seq(qsl_ptr, qblk, num_seqs, BLOCK_Q: tl.constexpr):
 def _attn_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, po_ptr, plse_ptr,
     qsl_ptr, seq_lens_ptr, bt_ptr, base_ptr,
-    kn_ptr, vn_ptr,  # NEW_KV: this step's own keys and values [tokens, kv heads, head_dim]
     ks_ptr, vs_ptr,  # fp8 caches (SCALED): fp32 scale per KV head, value = stored x scale
     qk_scale,  # softmax scale * log2(e): the softmax runs in base 2
     window,  # > 0: query at position i sees keys (i - window, i] (sliding window)
@@ -74,7 +73,6 @@ def _attn_kernel(
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_ks, stride_kh, stride_vs, stride_vh,
     stride_bt,
-    stride_knt, stride_knh, stride_vnt, stride_vnh,
     stride_pos, stride_pot, stride_poh,
     stride_pls, stride_plt,
     MODE: tl.constexpr,  # Addressing.PAGED (0) or Addressing.LINEAR (1)
@@ -92,7 +90,6 @@ def _attn_kernel(
     RING: tl.constexpr,  # ring > 0
     CAUSAL_SPLIT: tl.constexpr,  # unmasked loop over the keys every query row sees (not SPLIT, WINDOWED)
     LONGEST_FIRST: tl.constexpr,  # query tiles in reverse order (not DIRECT)
-    NEW_KV: tl.constexpr,  # keys of the step's own tokens from kn/vn, not the cache (CAUSAL_SPLIT only)
 ):
     qblk = tl.program_id(0)
     if LONGEST_FIRST:  # the last tiles of a prompt see the most keys: start those first, so that
@@ -188,65 +185,40 @@ def _attn_kernel(
     # CAUSAL_SPLIT: keys up to the tile's first query are visible to every row, so the tiles
     # wholly below it run a first loop without length, causal or padding masks (plain loads,
     # no selects); the diagonal tiles run the masked loop (FlashAttention's two stages).
-    # NEW_KV: the keys of this step's own tokens (position prefix + j is token q_start + j) are
-    # read from its contiguous k, v rather than gathered back from the cache: a PAGED prefill
-    # then streams its prompt as LINEAR does. The cache part [lo, c_hi) holds only keys before
-    # the first query, visible to every row; the new part [n_lo, hi) splits at the diagonal.
-    if NEW_KV:
-        c_hi = tl.maximum(tl.minimum(prefix, hi), lo)
-        c_mid = lo + (c_hi - lo) // BLOCK_N * BLOCK_N
-        n_lo = tl.maximum(prefix, lo)
-        n_mid = n_lo + tl.maximum(tl.minimum(prefix + q0 + 1, hi) - n_lo, 0) // BLOCK_N * BLOCK_N
-        kn_base = kn_ptr + kvh.to(tl.int64) * stride_knh
-        vn_base = vn_ptr + kvh.to(tl.int64) * stride_vnh
-    elif CAUSAL_SPLIT:
-        c_hi = hi
-        c_mid = lo + tl.maximum(tl.minimum(prefix + q0 + 1, hi) - lo, 0) // BLOCK_N * BLOCK_N
+    if CAUSAL_SPLIT:
+        mid = lo + tl.maximum(tl.minimum(prefix + q0 + 1, hi) - lo, 0) // BLOCK_N * BLOCK_N
     else:
-        c_hi = hi
-        c_mid = lo
-    # phases: 0 cache unmasked, 1 cache masked, 2 new unmasked, 3 new masked
-    for phase in tl.static_range(0 if CAUSAL_SPLIT else 1, 4 if NEW_KV else 2):
+        mid = lo
+    for phase in tl.static_range(0 if CAUSAL_SPLIT else 1, 2):
         if phase == 0:
             start_at = lo
-            stop_at = c_mid
-        elif phase == 1:
-            start_at = c_mid
-            stop_at = c_hi
-        elif phase == 2:
-            start_at = n_lo
-            stop_at = n_mid
+            stop_at = mid
         else:
-            start_at = n_mid
+            start_at = mid
             stop_at = hi
         for start in range(start_at, stop_at, BLOCK_N):
             offs_n = start + offs_n0
-            n_ok = offs_n < stop_at
-            if phase >= 2:
-                tok_n = (q_start + offs_n - prefix).to(tl.int64)
-                k_ptrs = kn_base + tok_n[:, None] * stride_knt + offs_d[None, :]
-                v_ptrs = vn_base + tok_n[:, None] * stride_vnt + offs_d[None, :]
-            else:
-                if MODE == 0:
-                    if BT_AHEAD:
-                        blk = blk_next.to(tl.int64)
-                        nxt = offs_n + BLOCK_N
-                        blk_next = tl.load(bt_row + nxt // BLOCK_SIZE, mask=nxt < c_hi, other=0)
-                    elif phase == 0:
-                        blk = tl.load(bt_row + offs_n // BLOCK_SIZE).to(tl.int64)
-                    else:
-                        blk = tl.load(bt_row + offs_n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
-                    slot = blk * BLOCK_SIZE + offs_n % BLOCK_SIZE
-                elif RING:
-                    slot = seq_base + offs_n % ring
+            n_ok = offs_n < hi
+            if MODE == 0:
+                if BT_AHEAD:
+                    blk = blk_next.to(tl.int64)
+                    nxt = offs_n + BLOCK_N
+                    blk_next = tl.load(bt_row + nxt // BLOCK_SIZE, mask=nxt < hi, other=0)
+                elif phase == 0:
+                    blk = tl.load(bt_row + offs_n // BLOCK_SIZE).to(tl.int64)
                 else:
-                    slot = seq_base + offs_n
-                k_ptrs = k_base + slot[:, None] * stride_ks + offs_d[None, :]
-                v_ptrs = v_base + slot[:, None] * stride_vs + offs_d[None, :]
-            if phase % 2 == 0 and BLOCK_D == HEAD_DIM:
+                    blk = tl.load(bt_row + offs_n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
+                slot = blk * BLOCK_SIZE + offs_n % BLOCK_SIZE
+            elif RING:
+                slot = seq_base + offs_n % ring
+            else:
+                slot = seq_base + offs_n
+            k_ptrs = k_base + slot[:, None] * stride_ks + offs_d[None, :]
+            v_ptrs = v_base + slot[:, None] * stride_vs + offs_d[None, :]
+            if phase == 0 and BLOCK_D == HEAD_DIM:
                 k = tl.load(k_ptrs)
                 v = tl.load(v_ptrs)
-            elif phase % 2 == 0:
+            elif phase == 0:
                 k = tl.load(k_ptrs, mask=d_ok[None, :], other=0.0)
                 v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
             else:
@@ -262,7 +234,7 @@ def _attn_kernel(
             else:
                 qk = tl.dot(q, tl.trans(k))
             qk = qk * qk_scale
-            if phase % 2 == 1:
+            if phase == 1:
                 causal = n_ok[None, :] & (offs_n[None, :] <= q_pos[:, None])
                 if WINDOWED:
                     causal = causal & (offs_n[None, :] > q_pos[:, None] - window)
@@ -499,26 +471,6 @@ def _check_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
             raise ValueError(f"{name} is on {t.device}, q on {q.device}")
 
 
-def uses_new_kv(cfg: AttnConfig, meta: AttentionMetadata, window: int, fp8: bool) -> bool:
-    """Whether a launch reads the step's own keys from ``new_kv``: prefill and mixed steps of the
-    unmasked-first-loop config. Not decode (one new key a sequence), fp8 caches (queries must see
-    the quantized keys decode will see), windows or rings (their keys are addressed otherwise)."""
-    return (meta.max_query_len > 1 and cfg.causal_split and cfg.num_splits == 1 and window == 0
-            and meta.ring == 0 and not fp8)
-
-
-def _check_new_kv(new_kv, q: torch.Tensor, k_cache: torch.Tensor) -> None:
-    if not isinstance(new_kv, tuple) or len(new_kv) != 2:
-        raise ValueError("new_kv must be a (k, v) pair")
-    want = (q.shape[0], k_cache.shape[1], k_cache.shape[2])
-    for name, t in zip(("k", "v"), new_kv):
-        if t.dim() != 3 or tuple(t.shape) != want:
-            raise ValueError(f"new_kv {name} must be [num_tokens, num_kv_heads, head_dim] = {list(want)}, "
-                             f"got {tuple(t.shape)}")
-        if t.dtype != k_cache.dtype or t.device != q.device or t.stride(2) != 1:
-            raise ValueError(f"new_kv {name} must be {k_cache.dtype} on {q.device}, contiguous along head_dim")
-
-
 def _workspace(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """Split-KV scratch (fp32). A module-level hook so tests can poison it."""
     return torch.empty(shape, dtype=torch.float32, device=device)
@@ -535,15 +487,11 @@ def attention_into(
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
     window: int = 0,
-    new_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Causal GQA attention of ``q [T, Hq, D]`` over the cache, written into ``out [T, Hq, D]``.
 
     ``config`` overrides the heuristic (tests and tuning); ``k_scale``/``v_scale`` (fp32
-    ``[num_kv_heads]``) dequantize fp8 caches; ``window > 0`` is a sliding window.
-    ``new_kv``: this step's keys and values ``[T, H, D]``, token for token as ``q`` and already
-    written to the cache: a prefill reads its own tokens' keys from them, contiguous, instead
-    of gathering them back (``uses_new_kv`` says when; otherwise they are not read)."""
+    ``[num_kv_heads]``) dequantize fp8 caches; ``window > 0`` is a sliding window."""
     _check_inputs(q, k_cache, v_cache, meta)
     scaled = k_cache.dtype in _FP8_DTYPES
     if scaled:
@@ -602,10 +550,6 @@ def attention_into(
     else:
         po = plse = out  # unused
         chunk = 0
-    use_new = new_kv is not None and uses_new_kv(cfg, meta, window, scaled)
-    if use_new:
-        _check_new_kv(new_kv, q, k_cache)
-    kn, vn = new_kv if use_new else (q, q)  # unused pointers otherwise
     paged = meta.mode == Addressing.PAGED
     bt = meta.block_table if paged else meta.seq_lens  # unused pointer in the other mode
     base = meta.seq_base if not paged else meta.seq_lens
@@ -613,7 +557,6 @@ def attention_into(
     _attn_kernel[grid](
         q, k_cache, v_cache, out, po, plse,
         meta.query_start_loc, meta.seq_lens, bt, base,
-        kn, vn,
         k_scale if scaled else meta.seq_lens, v_scale if scaled else meta.seq_lens,  # unused unless fp8
         scale * _LOG2E,
         window,
@@ -624,7 +567,6 @@ def attention_into(
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         meta.block_table.stride(0) if paged else 0,
-        kn.stride(0), kn.stride(1), vn.stride(0), vn.stride(1),
         po.stride(0) if split else 0,
         po.stride(1) if split else 0,
         po.stride(2) if split else 0,
@@ -645,7 +587,6 @@ def attention_into(
         RING=meta.ring > 0,
         CAUSAL_SPLIT=cfg.causal_split and not split and window == 0,
         LONGEST_FIRST=cfg.longest_first and not direct,
-        NEW_KV=use_new,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if split:
@@ -671,12 +612,11 @@ def attention(
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
     window: int = 0,
-    new_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Same contract as ``kernels.reference.attention`` (``new_kv``: see ``attention_into``)."""
+    """Same contract as ``kernels.reference.attention``."""
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    return attention_into(out, q, k_cache, v_cache, meta, scale, None, k_scale, v_scale, window, new_kv)
+    return attention_into(out, q, k_cache, v_cache, meta, scale, None, k_scale, v_scale, window)
 
 
 __all__ = ["AttnConfig", "attention", "attention_into", "choose_config", "decode_wave", "device_sms",
-           "fixed_split_chunk", "uses_new_kv"]
+           "fixed_split_chunk"]
