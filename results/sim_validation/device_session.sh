@@ -57,6 +57,8 @@
 #                                                           # asynchronous steps, pooled with the first
 #   BUDGET_S=430 bash results/sim_validation/device_session.sh sync  # the synchronous real runs of the
 #       six configurations for the engine with even splits (replacing the committed ones)
+#   MODEL=qwen3-0.6b bash results/sim_validation/device_session.sh syncsame  # sync host steps + real runs on one
+#       machine (then MODEL=llama3-8b); simulate with sim.profile=<its merged profile>
 #   bash results/sim_validation/device_session.sh syncdiag  # the profile's sync host steps against validate-sim's
 #       real engine on one machine (llama3-8b)
 #   BUDGET_S=330 bash results/sim_validation/device_session.sh asyncrepeats  # a second real run of every
@@ -217,6 +219,15 @@ sync)  # the synchronous real runs of the six configurations for the current eng
       # in fresh folders ($runs/<model>-<allocator>/real): they replace the committed ones
     real qwen3-0.6b 8,96 60 1
     real llama3-8b 4,32 50 1
+    ;;
+syncsame)  # host steps and real runs on one machine, synchronous, one model a call (MODEL=qwen3-0.6b | llama3-8b):
+           # simulate then has the host time of the machine the runs ran on (host time differs 2-3x between
+           # machines: README, session of 2026-12-03 fifth); the profile is merged into $runs, not committed as is
+    m=${MODEL:?MODEL=qwen3-0.6b or llama3-8b}
+    kv profile --models qwen3-0.6b,llama3-8b --host-model $m --host-scheduling sync --skip gemm,models,ragged,copy,vmm \
+        --merge results/profiles/nvidia-h200.parquet --out "$runs/nvidia-h200-$m-sync.parquet" 2>&1 | tail -3
+    t_start=$(date +%s)
+    if [ $m = qwen3-0.6b ]; then real $m 8,96 60 1; else real $m 4,32 50 1; fi
     ;;
 syncdiag)  # the profile's synchronous host steps (llama3-8b, one sequence: 5.35 ms a step) against
            # validate-sim's real engine (4.88 ms, on other machines): both harnesses on one machine, and
