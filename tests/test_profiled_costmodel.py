@@ -455,6 +455,15 @@ def test_host_time_of_prefill_steps_by_how_they_run():
                           shape, **args)
     assert m.step_kind(8, 0, 8) == "graph" and m.step_kind(8, 128, 7) == "mixed_graph"
     assert m.step_kind(8, 4096, 7) == "eager"
+    # the calibration's vectorized kinds are step_kind's, at the graphs' edges too (64 sequences, 2048 tokens)
+    grid = [(b, p, d) for b in (1, 63, 64, 65, 300) for p in (0, 1, 1983, 1984, 2047, 2048, 2049)
+            for d in (0, b - 1, b) if p + d > 0]
+    b, p, d = (np.array(x) for x in zip(*grid))
+    assert m.step_kinds(b, p, d).tolist() == [m.step_kind(*g) for g in grid]
+    assert {"graph", "mixed_graph", "eager"} == set(m.step_kinds(b, p, d))
+    eager = ProfiledCostModel(base, shape, calibrate_host=False, model=MODEL, paged=True, block_size=16,
+                              enforce_eager=True)
+    assert eager.step_kinds(b, p, d).tolist() == [eager.step_kind(*g) for g in grid] == ["eager"] * len(grid)
     assert m.host_time([(1, 300)] * 8) == pytest.approx(2e-4, rel=0.02)
     assert m.host_time([(128, 128)] + [(1, 300)] * 7) == pytest.approx(5e-4, rel=0.02)
     assert m.host_time([(4096, 4096)] + [(1, 300)] * 7) == pytest.approx(9e-4, rel=0.02)
