@@ -8,7 +8,10 @@ is its sequence's keys, so a ragged batch may end on its longest programs rather
 This measures that on the device: the engine's decode attention kernel (one layer, the graph's
 config) for uniform, lognormal (ShareGPT-like) and two-point context mixes of equal mean, per
 batch size and addressing mode, with fixed-width splits (the kernel before even splits), the
-default, and (``--sweep-models``) every even split count. Rows (CSV): mode, batch, dist, variant,
+default, and (``--sweep-models``) every even split count. From ``ORDER_MIN_BATCH`` sequences (one
+split: a batch ends on its longest programs) also the same batch ordered longest first, launched
+head by head (``longest-first``) and sequence by sequence (``longest-first-seq-major``:
+``AttnConfig.seq_major``). Rows (CSV): mode, batch, dist, variant,
 splits, mean/max/p90 context, the contexts themselves, and the device time of one call
 (``profile_device.Timer``). ``--from-csv`` prints the tables of a run again on any machine;
 ``--check PROFILE`` compares the profiled cost model's ragged decode steps with the whole steps
@@ -28,6 +31,8 @@ BATCHES = [4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256]
 MEANS = [300, 700]
 DISTS = ("uniform", "lognormal", "twopoint")
 SWEEP_SPLITS = [1, 2, 3, 4, 6, 8, 12, 16]
+ORDER_MIN_BATCH = 64
+ORDER_VARIANTS = ("longest-first", "longest-first-seq-major")
 
 
 def _decode_config(mc, batch: int, span: int, num_sms: int, even_split: bool = True):
@@ -56,6 +61,8 @@ def _configs(b: int, max_model_len: int, mc, sweep: bool, device) -> list[tuple[
 
 
 def run(models: list[str], block_size: int, max_model_len: int, out: Path, reps: int, sweep_models: set[str]):
+    import dataclasses
+
     import pandas as pd
     import torch
 
@@ -80,19 +87,26 @@ def run(models: list[str], block_size: int, max_model_len: int, out: Path, reps:
                 for mean in MEANS:
                     for dist in DISTS:
                         ctxs = contexts(dist, b, mean, max_model_len, rng)
-                        metas = _decode_metas(ctxs, block_size if mode == "paged" else 0, max_model_len, pool,
-                                              device, gen)
+                        bs = block_size if mode == "paged" else 0
+                        metas = _decode_metas(ctxs, bs, max_model_len, pool, device, gen)
                         q = torch.randn(b, h, d, dtype=torch.bfloat16, device=device)
                         o = torch.empty_like(q)
-                        for variant, cfg in configs:
+                        timed = [(variant, cfg, ctxs, metas) for variant, cfg in configs]
+                        if b >= ORDER_MIN_BATCH:  # the same sequences, longest first
+                            ordered = sorted(ctxs, reverse=True)
+                            metas_o = _decode_metas(ordered, bs, max_model_len, pool, device, gen)
+                            default = dict(configs)["default"]
+                            timed += [(v, dataclasses.replace(default, seq_major=v.endswith("seq-major")), ordered,
+                                       metas_o) for v in ORDER_VARIANTS]
+                        for variant, cfg, cs, ms in timed:
                             t = timer.graph([(lambda m=m, cfg=cfg: attention_into(o, q, k_cache, v_cache, m, d**-0.5,
-                                                                                  cfg)) for m in metas])
-                            rows.append(dict(model=name, mode=mode, block_size=block_size if mode == "paged" else 0,
+                                                                                  cfg)) for m in ms])
+                            rows.append(dict(model=name, mode=mode, block_size=bs,
                                              batch=b, dist=dist, variant=variant, splits=cfg.num_splits,
-                                             even=cfg.even_split, mean_ctx=float(np.mean(ctxs)), max_ctx=max(ctxs),
-                                             p90_ctx=float(np.percentile(ctxs, 90)), layers=mc.num_hidden_layers,
-                                             us=t * 1e6, contexts=json.dumps(ctxs)))
-                        r = {v: x["us"] for v, x in ((x["variant"], x) for x in rows[-len(configs):])}
+                                             even=cfg.even_split, mean_ctx=float(np.mean(cs)), max_ctx=max(cs),
+                                             p90_ctx=float(np.percentile(cs, 90)), layers=mc.num_hidden_layers,
+                                             us=t * 1e6, contexts=json.dumps(cs)))
+                        r = {v: x["us"] for v, x in ((x["variant"], x) for x in rows[-len(timed):])}
                         print(f"{name} {mode:6s} b={b:3d} mean={mean:4d} {dist:9s} max={max(ctxs):5d} "
                               + " ".join(f"{v}={u:.1f}" for v, u in r.items()), flush=True)
             out.mkdir(parents=True, exist_ok=True)  # what is measured so far, should the call be cut
@@ -100,6 +114,26 @@ def run(models: list[str], block_size: int, max_model_len: int, out: Path, reps:
         del k_cache, v_cache
         torch.cuda.empty_cache()
     return rows
+
+
+def order_table(df) -> str:
+    """From ``ORDER_MIN_BATCH`` sequences: each distribution's time in the launch order of the
+    engine (``default``: the batch as admitted) and ordered longest first, head by head and
+    sequence by sequence; the lognormal batch's extra over a uniform one, a step (all layers)."""
+    df = _mean_bins(df[df.batch >= ORDER_MIN_BATCH])
+    if not df.variant.isin(ORDER_VARIANTS).any():
+        return ""
+    variants = ("default",) + ORDER_VARIANTS
+    lines = ["| model | mode | batch | mean ctx | uniform us | lognormal us | twopoint us | lognormal extra ms a step |",
+             "|---|---|---|---|---|---|---|---|", "(each cell: " + " / ".join(variants) + ")"]
+    for (m, mode, b, _), g in df.groupby(["model", "mode", "batch", "mean_bin"], sort=False):
+        t = g.set_index(["variant", "dist"])["us"]
+        layers = g["layers"].iloc[0]
+        cells = [" / ".join(f"{t[(v, dd)]:.1f}" for v in variants) for dd in DISTS]
+        extra = " / ".join(f"{(t[(v, 'lognormal')] - t[(v, 'uniform')]) * layers / 1e3:.3f}" for v in variants)
+        lines.append(f"| {m} | {mode} | {b} | {g[g.dist == 'uniform'].mean_ctx.iloc[0]:.0f} | "
+                     + " | ".join(cells) + f" | {extra} |")
+    return "\n".join(lines)
 
 
 def _mean_bins(df):
@@ -171,7 +205,8 @@ def split_sweep(df) -> str:
     lines = ["| model | mode | batch | mean ctx | fixed splits: us | default splits: us | even splits: us | best |",
              "|---|---|---|---|---|---|---|---|"]
     for (m, mode, b, _), g in df.groupby(["model", "mode", "batch", "mean_bin"], sort=False):
-        even = {int(sp): geo(h) for sp, h in g[g.even].groupby("splits")}
+        swept = g.variant.str.startswith("even-") | (g.variant == "default")  # not the ordered launches
+        even = {int(sp): geo(h) for sp, h in g[g.even & swept].groupby("splits")}
         fixed, default = g[g.variant == "fixed"], g[g.variant == "default"]
         best = min(even, key=even.get)
         lines.append(f"| {m} | {mode} | {b} | {g[g.dist == 'uniform'].mean_ctx.iloc[0]:.0f} | "
@@ -236,14 +271,14 @@ def main(argv=None) -> None:
         if "variant" not in df:  # the first run timed one config
             print(critical_path_fit(df))
             return
-        print(summarize(df.to_dict("records")) + "\n\n" + split_sweep(df))
+        print(summarize(df.to_dict("records")) + "\n\n" + split_sweep(df) + "\n\n" + order_table(df))
         for v in ("fixed", "default"):
             print(f"{v} splits: " + critical_path_fit(df[df.variant == v]))
         return
     rows = run(a.models.split(","), a.block_size, a.max_model_len, a.out, a.reps, set(a.sweep_models.split(",")))
     import pandas as pd
 
-    text = summarize(rows) + "\n\n" + split_sweep(pd.DataFrame(rows))
+    text = summarize(rows) + "\n\n" + split_sweep(pd.DataFrame(rows)) + "\n\n" + order_table(pd.DataFrame(rows))
     (a.out / "ragged_decode.md").write_text(text + "\n")
     print(text)
 

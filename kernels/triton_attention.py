@@ -90,12 +90,17 @@ def _attn_kernel(
     RING: tl.constexpr,  # ring > 0
     CAUSAL_SPLIT: tl.constexpr,  # unmasked loop over the keys every query row sees (not SPLIT, WINDOWED)
     LONGEST_FIRST: tl.constexpr,  # query tiles in reverse order (not DIRECT)
+    SEQ_MAJOR: tl.constexpr,  # DIRECT: grid (KV heads, sequences): a sequence's programs launch together
 ):
-    qblk = tl.program_id(0)
+    if SEQ_MAJOR:
+        kvh = tl.program_id(0)
+        qblk = tl.program_id(1)
+    else:
+        qblk = tl.program_id(0)
+        kvh = tl.program_id(1)
     if LONGEST_FIRST:  # the last tiles of a prompt see the most keys: start those first, so that
         # the launch ends on short tiles rather than waiting on a long one (tail balance)
         qblk = tl.num_programs(0) - 1 - qblk
-    kvh = tl.program_id(1)
     split = tl.program_id(2)
 
     if DIRECT:  # decode: no search, so no chain of dependent loads before the first K tile
@@ -323,6 +328,10 @@ class AttnConfig:
     # keeps one masked loop (its tiles are all but one unmasked already, and it is at bandwidth)
     causal_split: bool = False
     longest_first: bool = False  # prefill: programs take query tiles last to first
+    # decode: programs launch sequence by sequence, all KV heads of one together (grid (heads,
+    # sequences)), not head by head; with the batch ordered longest first that starts a ragged
+    # batch's longest programs first. A tuning knob: experiments/bench_ragged.py times it
+    seq_major: bool = False
     # split-KV: each tile's own keys in num_splits equal parts (True), or fixed-width parts of the
     # launch's max_seq_len (False: in a CUDA graph captured at max_model_len a short sequence uses
     # only the first splits, and a ragged batch ends on its longest sequences' full-width chunks)
@@ -553,7 +562,8 @@ def attention_into(
     paged = meta.mode == Addressing.PAGED
     bt = meta.block_table if paged else meta.seq_lens  # unused pointer in the other mode
     base = meta.seq_base if not paged else meta.seq_lens
-    grid = (num_qblocks, num_kv_heads, cfg.num_splits)
+    seq_major = cfg.seq_major and direct
+    grid = (num_kv_heads, num_qblocks, cfg.num_splits) if seq_major else (num_qblocks, num_kv_heads, cfg.num_splits)
     _attn_kernel[grid](
         q, k_cache, v_cache, out, po, plse,
         meta.query_start_loc, meta.seq_lens, bt, base,
@@ -587,6 +597,7 @@ def attention_into(
         RING=meta.ring > 0,
         CAUSAL_SPLIT=cfg.causal_split and not split and window == 0,
         LONGEST_FIRST=cfg.longest_first and not direct,
+        SEQ_MAJOR=seq_major,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if split:

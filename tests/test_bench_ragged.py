@@ -27,3 +27,39 @@ def test_even_parts_are_balanced_and_fixed_ones_are_not():
     fixed = program_keys([2000, 300], 4, False, 64, 2048).reshape(2, 4)
     assert even[0].max() == 512 and even[1].max() == 128  # each sequence's own quarter, tile-aligned
     assert fixed[1].tolist() == [300, 0, 0, 0]  # a short sequence: one program does all its keys
+
+
+def _rows(batch, variants):
+    """Synthetic bench_ragged rows: per variant and distribution, a time that says which it is."""
+    rows = []
+    for mean in (300, 700):
+        for dist in ("uniform", "lognormal", "twopoint"):
+            for i, v in enumerate(variants):
+                splits = {"fixed": 2, "even-x3": 3}.get(v, 1)
+                us = 10.0 + (dist != "uniform") * (5.0 - i) + mean / 100
+                rows.append(dict(model="m", mode="paged", block_size=16, batch=batch, dist=dist, variant=v,
+                                 splits=splits, even=v != "fixed", mean_ctx=float(mean), max_ctx=2 * mean,
+                                 p90_ctx=1.5 * mean, layers=32, us=us, contexts="[]"))
+    return rows
+
+
+def test_the_ordered_launches_are_tabled_and_kept_out_of_the_split_sweep():
+    import pandas as pd
+
+    from experiments.bench_ragged import ORDER_VARIANTS, order_table, split_sweep
+
+    variants = ["fixed", "default", "even-x3", *ORDER_VARIANTS]
+    df = pd.DataFrame(_rows(128, variants) + _rows(32, variants[:3]))
+    table = order_table(df)
+    lines = [ln for ln in table.splitlines() if ln.startswith("| m |")]
+    assert len(lines) == 2  # batch 128, two means; batch 32 is below ORDER_MIN_BATCH
+    # mean 300: uniform 13.0 everywhere; lognormal default 17 (i=1), longest-first 15, seq-major 14
+    assert "| 13.0 / 13.0 / 13.0 | 17.0 / 15.0 / 14.0 |" in lines[0]
+    assert lines[0].endswith("| 0.128 / 0.064 / 0.032 |")  # (lognormal - uniform) x 32 layers, ms
+    sweep = split_sweep(df)
+    # the default's one split is its own, not averaged with the ordered launches of the same count
+    row = [ln for ln in sweep.splitlines() if ln.startswith("| m | paged | 128 | 300 |")][0]
+    # weighted geometric means (lognormal twice): x1 = the default's 13, 17, 17, 17 -> 15.9; with the
+    # ordered launches' 15 and 14 mixed in it would be lower
+    assert "x1: 15.9" in row and "x3: 15.2" in row
+    assert order_table(pd.DataFrame(_rows(128, variants[:3]))) == ""

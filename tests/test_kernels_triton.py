@@ -246,6 +246,38 @@ def test_attention_decode_split_kv(mode, bs, splits, monkeypatch):
     _assert_close_attn(out, reference.attention(q, kc, vc, meta))
 
 
+@pytest.mark.parametrize("mode,bs", [(PAGED, 16), (LINEAR, 0)])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_attention_decode_seq_major(mode, bs, splits, monkeypatch):
+    """``seq_major``: a decode launch's grid is (KV heads, sequences, splits), the same outputs;
+    a batch with prefill tiles keeps its (tiles, heads) grid."""
+    gen = _gen("seq-major", mode, bs, splits)
+    lens = sorted((_randint(gen, 1, 300) for _ in range(6)), reverse=True)  # longest first, as it is meant
+    q, kc, vc, meta, _ = make_batch(gen, [(c, 1) for c in lens], num_kv_heads=3, group=2, head_dim=32,
+                                    dtype=torch.float16, mode=mode, block_size=bs)
+    grids = []
+    kernel = triton_attention._attn_kernel
+
+    class Recorder:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(triton_attention, "_attn_kernel", Recorder())
+    for seq_major in (False, True):
+        cfg = triton_attention.AttnConfig(block_q=1, block_n=32, num_splits=splits, num_warps=4, num_stages=2,
+                                          seq_major=seq_major)
+        _assert_close_attn(run_attention(q, kc, vc, meta, config=cfg, monkeypatch=monkeypatch),
+                           reference.attention(q, kc, vc, meta))
+    assert grids == [(6, 3, splits), (3, 6, splits)]
+    q2, kc2, vc2, mixed, _ = make_batch(gen, [(40, 5), (30, 1)], num_kv_heads=3, group=2, head_dim=32,
+                                        dtype=torch.float16, mode=mode, block_size=bs)
+    cfg = triton_attention.AttnConfig(block_q=2, block_n=32, num_splits=1, num_warps=4, num_stages=2, seq_major=True)
+    _assert_close_attn(run_attention(q2, kc2, vc2, mixed, config=cfg, monkeypatch=monkeypatch),
+                       reference.attention(q2, kc2, vc2, mixed))
+    assert grids[-1][1] == 3  # not direct: tiles first, heads second
+
+
 @pytest.mark.parametrize("even", [True, False], ids=["even", "fixed"])
 @pytest.mark.parametrize("mode,bs", [(PAGED, 16), (LINEAR, 0)])
 def test_attention_split_kv_stale_max_seq_len(mode, bs, even, monkeypatch):

@@ -29,10 +29,13 @@
 #                                                     # the kernel tests on the GPU, the engine's GPU tests, and
 #                                                     # llama3-8b paged async real runs of the simulate validation
 # Session of 2026-12-03 (fifth):
-#   bash results/engine/device_session.sh newkv       # after prefill reads its own keys from the step's k, v:
-#                                                     # kernel + fused-op tests on the GPU, bench_prefill (cache
-#                                                     # gather vs own keys, PAGED vs LINEAR, chunk shapes) with a
-#                                                     # config sweep, the engine's GPU tests (HF parity, graphs)
+#   bash results/engine/device_session.sh newkv       # (at 0722911, reverted since) after prefill read its own keys
+#                                                     # from the step's k, v: kernel + fused-op tests on the GPU,
+#                                                     # bench_prefill with a config sweep, the engine's GPU tests
+#   bash results/engine/device_session.sh order       # ragged decode batches of >= 64 sequences ordered longest
+#                                                     # first, head by head and sequence by sequence (seq_major),
+#                                                     # against the batch as admitted (bench_ragged), and the
+#                                                     # kernel tests on the GPU
 # Outputs accumulate in $KVE (default /tmp/kve) on the machine; each part tars them into $OUT.
 set -uo pipefail
 part=${1:?tests or throughput}
@@ -150,6 +153,13 @@ even)
     timeout 120 python3 -m experiments.cli validate-sim model=llama3-8b $B allocator=paged --rates 4,32 \
         --online-requests 50 --real-only --label llama3-8b-paged --out "$runs/llama3-8b-paged" \
         > "$runs/llama3-8b-paged.log" 2>&1; echo "llama3-8b paged real: exit $?"
+    ;;
+order)
+    timeout 150 python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_kernels_triton.py \
+        2>&1 | tee "$runs/gpu_tests_kernels.log" | tail -3
+    timeout 360 python3 -m experiments.bench_ragged --sweep-models none --out "$runs/ragged_order" \
+        > "$runs/ragged_order.log" 2>&1
+    echo "bench_ragged: exit $?"; grep -A40 "^| model | mode | batch | mean ctx | uniform us" "$runs/ragged_order.log" | head -45
     ;;
 newkv)
     timeout 150 python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_kernels_triton.py \
