@@ -554,19 +554,26 @@ class ProfiledCostModel:
         """The captured size a prefill/mixed step of ``tokens`` replays, or None: eager."""
         return None if self.piecewise_forward is None else padded(self.piecewise_sizes, tokens)
 
+    def _graph_limits(self) -> tuple[int, int]:
+        """The largest decode batch a decode graph takes and the most tokens a prefill/mixed graph
+        takes (0: none)."""
+        graph_max = self.graph_sizes[-1] if self.graph_sizes else 0
+        mixed_max = self.piecewise_sizes[-1] if self.piecewise_sizes and self.piecewise_forward is not None else 0
+        return graph_max, mixed_max
+
     def step_kind(self, batch: int, prefill_tokens: int, decode_tokens: int) -> str:
         """How the engine runs a step (``ModelRunner.forward``): ``graph`` (a decode graph),
         ``mixed_graph`` (the prefill/mixed graphs, a decode batch beyond the decode graphs too) or
         ``eager``; host work differs between them (a mixed graph step copies its metadata into
         static buffers, an eager one launches every kernel)."""
-        if prefill_tokens == 0 and self.padded(batch) is not None:
+        graph_max, mixed_max = self._graph_limits()
+        if prefill_tokens == 0 and batch <= graph_max:
             return "graph"
-        return "mixed_graph" if self.piecewise_size(prefill_tokens + decode_tokens) is not None else "eager"
+        return "mixed_graph" if prefill_tokens + decode_tokens <= mixed_max else "eager"
 
     def step_kinds(self, batch: np.ndarray, prefill_tokens: np.ndarray, decode_tokens: np.ndarray) -> np.ndarray:
         """``step_kind`` of many steps at once (a profile's host steps: ~100k of them)."""
-        graph_max = self.graph_sizes[-1] if self.graph_sizes else 0
-        mixed_max = self.piecewise_sizes[-1] if self.piecewise_sizes and self.piecewise_forward is not None else 0
+        graph_max, mixed_max = self._graph_limits()
         tokens = np.asarray(prefill_tokens) + np.asarray(decode_tokens)
         mixed = np.where(tokens <= mixed_max, "mixed_graph", "eager")
         return np.where((np.asarray(prefill_tokens) == 0) & (np.asarray(batch) <= graph_max), "graph", mixed)

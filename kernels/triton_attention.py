@@ -92,6 +92,7 @@ def _attn_kernel(
     LONGEST_FIRST: tl.constexpr,  # query tiles in reverse order (not DIRECT)
     SEQ_MAJOR: tl.constexpr,  # DIRECT: grid (KV heads, sequences): a sequence's programs launch together
 ):
+    tl.static_assert(not (SEQ_MAJOR and LONGEST_FIRST))  # the one reverses axis 0, the other moves it
     if SEQ_MAJOR:
         kvh = tl.program_id(0)
         qblk = tl.program_id(1)
@@ -329,8 +330,9 @@ class AttnConfig:
     causal_split: bool = False
     longest_first: bool = False  # prefill: programs take query tiles last to first
     # decode: programs launch sequence by sequence, all KV heads of one together (grid (heads,
-    # sequences)), not head by head; with the batch ordered longest first that starts a ragged
-    # batch's longest programs first. A tuning knob: experiments/bench_ragged.py times it
+    # sequences, splits)), not head by head; with the batch ordered longest first that starts a
+    # ragged batch's longest programs first (unsplit: split j of every pair launches after split
+    # j - 1 of all). A tuning knob: experiments/bench_ragged.py times it
     seq_major: bool = False
     # split-KV: each tile's own keys in num_splits equal parts (True), or fixed-width parts of the
     # launch's max_seq_len (False: in a CUDA graph captured at max_model_len a short sequence uses

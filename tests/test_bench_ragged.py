@@ -63,3 +63,8 @@ def test_the_ordered_launches_are_tabled_and_kept_out_of_the_split_sweep():
     # ordered launches' 15 and 14 mixed in it would be lower
     assert "x1: 15.9" in row and "x3: 15.2" in row
     assert order_table(pd.DataFrame(_rows(128, variants[:3]))) == ""
+    # summarize's best split count is a split count's (even-x3: 16.0), not an ordered launch's 14.0
+    from experiments.bench_ragged import summarize
+
+    row = [ln for ln in summarize(_rows(128, variants)).splitlines() if ln.startswith("| m | paged | 128 | 300 |")]
+    assert row[0].endswith("| x3 even 16.0 |")

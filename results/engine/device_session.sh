@@ -32,7 +32,7 @@
 #   bash results/engine/device_session.sh newkv       # (at 0722911, reverted since) after prefill read its own keys
 #                                                     # from the step's k, v: kernel + fused-op tests on the GPU,
 #                                                     # bench_prefill with a config sweep, the engine's GPU tests
-#   bash results/engine/device_session.sh order       # ragged decode batches of >= 64 sequences ordered longest
+#   bash results/engine/device_session.sh order       # ragged decode batches of >= 128 sequences ordered longest
 #                                                     # first, head by head and sequence by sequence (seq_major),
 #                                                     # against the batch as admitted (bench_ragged), and the
 #                                                     # kernel tests on the GPU
@@ -159,7 +159,7 @@ order)
         2>&1 | tee "$runs/gpu_tests_kernels.log" | tail -3
     timeout 360 python3 -m experiments.bench_ragged --sweep-models none --out "$runs/ragged_order" \
         > "$runs/ragged_order.log" 2>&1
-    echo "bench_ragged: exit $?"; grep -A40 "^| model | mode | batch | mean ctx | uniform us" "$runs/ragged_order.log" | head -45
+    echo "bench_ragged: exit $?"; sed -n '/^Each cell: default/,$p' "$runs/ragged_order.log"
     ;;
 newkv)
     timeout 150 python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_kernels_triton.py \

@@ -55,7 +55,7 @@
 #   SCHED=sync bash results/sim_validation/device_session.sh host    # merged onto the first call's
 #   HOST_ADD=1 SCHED=async bash results/sim_validation/device_session.sh host  # a second run of the
 #                                                           # asynchronous steps, pooled with the first
-#   BUDGET_S=430 bash results/sim_validation/device_session.sh sync  # the synchronous real runs of the
+#   BUDGET_S=420 bash results/sim_validation/device_session.sh sync  # the synchronous real runs of the
 #       six configurations for the engine with even splits (replacing the committed ones)
 #   MODEL=qwen3-0.6b bash results/sim_validation/device_session.sh syncsame  # sync host steps + real runs on one
 #       machine (then MODEL=llama3-8b); simulate with sim.profile=<its merged profile>
