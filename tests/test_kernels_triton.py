@@ -183,6 +183,19 @@ def run_attention(q, k_cache, v_cache, meta, scale=None, config=None, monkeypatc
     return out
 
 
+def record_grids(monkeypatch) -> list:
+    """The grid of every attention launch from now on, in order."""
+    grids, kernel = [], triton_attention._attn_kernel
+
+    class Recorder:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(triton_attention, "_attn_kernel", Recorder())
+    return grids
+
+
 PAGED, LINEAR = Addressing.PAGED, Addressing.LINEAR
 
 # (mode, block_size, group, dtype, head_dim, num_kv_heads): every block size, GQA ratio,
@@ -255,15 +268,7 @@ def test_attention_decode_seq_major(mode, bs, splits, monkeypatch):
     lens = sorted((_randint(gen, 1, 300) for _ in range(6)), reverse=True)  # longest first, as it is meant
     q, kc, vc, meta, _ = make_batch(gen, [(c, 1) for c in lens], num_kv_heads=3, group=2, head_dim=32,
                                     dtype=torch.float16, mode=mode, block_size=bs)
-    grids = []
-    kernel = triton_attention._attn_kernel
-
-    class Recorder:
-        def __getitem__(self, grid):
-            grids.append(grid)
-            return kernel[grid]
-
-    monkeypatch.setattr(triton_attention, "_attn_kernel", Recorder())
+    grids = record_grids(monkeypatch)
     for seq_major in (False, True):
         cfg = triton_attention.AttnConfig(block_q=1, block_n=32, num_splits=splits, num_warps=4, num_stages=2,
                                           seq_major=seq_major)
@@ -360,15 +365,7 @@ def test_attention_trailing_padding_needs_no_tiles(mode, monkeypatch):
                                     mode=mode, block_size=16)
     meta.max_query_len = 8  # the padded size's tile config, as a captured graph has it
     want = reference.attention(q, kc, vc, meta)
-    grids = []
-    kernel = triton_attention._attn_kernel
-
-    class Recorder:
-        def __getitem__(self, grid):
-            grids.append(grid)
-            return kernel[grid]
-
-    monkeypatch.setattr(triton_attention, "_attn_kernel", Recorder())
+    grids = record_grids(monkeypatch)
     for block_q in (4, 8):  # tiles searched; one program a sequence (every query fits a tile)
         config = triton_attention.AttnConfig(block_q=block_q, block_n=16, num_splits=1, num_warps=4, num_stages=2)
         for padding in (False, True):
