@@ -31,6 +31,15 @@ def test_a_chunk_over_a_cached_prefix(on_cpu):
     assert "sdpa_flash" not in case.impls() and case.name == "2x16+32"
 
 
+def test_whole_prompts_through_the_linear_kernel_over_qkv_views(on_cpu):
+    case = bp.PrefillCase(2, 32)
+    assert case.k_qkv.stride(0) == (bp.HQ + 2 * bp.HKV) * bp.D  # strided, as the engine's projection
+    assert case.meta["prompt-qkv"].seq_base.tolist() == [0, 32]  # each sequence at its first token
+    errs = case.check(with_reference=True)
+    assert set(errs) == {*bp.IMPLS, "prompt-qkv", "sdpa_flash"} and max(errs.values()) < 2e-2
+    assert case.impls() == (*bp.IMPLS, "prompt-qkv", "sdpa_flash")
+
+
 def test_shapes_and_the_paged_vs_linear_table():
     assert bp.parse_shape("4x2048") == (4, 2048, 0)
     assert bp.parse_shape("1x4096+4096") == (1, 4096, 4096)
@@ -39,5 +48,6 @@ def test_shapes_and_the_paged_vs_linear_table():
             bp.parse_shape(bad)
     rows = [dict(batch=b, length=64, prefix=p, impl=i, time_us=t)
             for b, p in ((1, 0), (2, 64)) for i, t in (("paged", 12.0 * b), ("linear", 10.0))]
+    rows.append(dict(batch=1, length=64, prefix=0, impl="prompt-qkv", time_us=10.2))
     table = bp.paged_vs_linear(rows)
-    assert "| 1x64 | +20.0% |" in table and "| 2x64+64 | +140.0% |" in table
+    assert "| 1x64 | +20.0% | +2.0% |" in table and "| 2x64+64 | +140.0% | - |" in table

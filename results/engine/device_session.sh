@@ -36,6 +36,9 @@
 #                                                     # first, head by head and sequence by sequence (seq_major),
 #                                                     # against the batch as admitted (bench_ragged), and the
 #                                                     # kernel tests on the GPU
+#   bash results/engine/device_session.sh prompt      # bench_prefill: whole prompts through the LINEAR kernel over
+#                                                     # the fused QKV output's views (prompt-qkv) against PAGED and
+#                                                     # LINEAR from the cache, with a config sweep
 # Outputs accumulate in $KVE (default /tmp/kve) on the machine; each part tars them into $OUT.
 set -uo pipefail
 part=${1:?tests or throughput}
@@ -153,6 +156,10 @@ even)
     timeout 120 python3 -m experiments.cli validate-sim model=llama3-8b $B allocator=paged --rates 4,32 \
         --online-requests 50 --real-only --label llama3-8b-paged --out "$runs/llama3-8b-paged" \
         > "$runs/llama3-8b-paged.log" 2>&1; echo "llama3-8b paged real: exit $?"
+    ;;
+prompt)
+    timeout 240 python3 -m experiments.bench_prefill --out "$runs/prefill_prompt" --sweep --sweep-budget-s ${SWEEP_S:-90} \
+        2>&1 | tee "$runs/bench_prefill.log" | grep -v "^sweep" | tail -30
     ;;
 order)
     timeout 150 python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_kernels_triton.py \
