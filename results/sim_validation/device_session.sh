@@ -59,6 +59,8 @@
 #       six configurations for the engine with even splits (replacing the committed ones)
 #   MODEL=qwen3-0.6b bash results/sim_validation/device_session.sh syncsame  # sync host steps + real runs on one
 #       machine (then MODEL=llama3-8b); simulate with sim.profile=<its merged profile>
+#   BUDGET_S=... bash results/sim_validation/device_session.sh syncboth  # syncsame's host steps of both models, then
+#       the six configurations' real runs; again on the same machine to finish the runs (session of 2026-12-04)
 #   bash results/sim_validation/device_session.sh syncdiag  # the profile's sync host steps against validate-sim's
 #       real engine on one machine (llama3-8b)
 #   BUDGET_S=330 bash results/sim_validation/device_session.sh asyncrepeats  # a second real run of every
@@ -89,6 +91,7 @@ budget=${BUDGET_S:-100000}  # start no run after this many seconds of the part
 real() {  # model rates online-requests repeats
     local m=$1 rates=$2 n=$3 reps=$4
     for a in ${ALLOCS:-paged contiguous virtual}; do
+        if [ -n "${RESUME:-}" ] && [ -d "$runs/${SUB:-}$m-$a/real/online-${rates#*,}rps" ]; then echo "$m $a: done before"; continue; fi
         if (( $(date +%s) - t_start > budget )); then echo "$m $a: skipped (time)"; continue; fi
         kv validate-sim model=$m $B allocator=$a --rates $rates --online-requests $n --real-only \
             --real-repeats $reps --label $m-$a --out "$runs/${SUB:-}$m-$a" >>"$runs/${SUB:-}$m-$a.log" 2>&1
@@ -228,6 +231,18 @@ syncsame)  # host steps and real runs on one machine, synchronous, one model a c
         --merge results/profiles/nvidia-h200.parquet --out "$runs/nvidia-h200-$m-sync.parquet" 2>&1 | tail -3
     t_start=$(date +%s)
     if [ $m = qwen3-0.6b ]; then real $m 8,96 60 1; else real $m 4,32 50 1; fi
+    ;;
+syncboth)  # syncsame for both models in one or two calls on ONE machine: the synchronous host steps of both
+           # (merged into $runs/nvidia-h200-sync-same.parquet), then the six configurations' real runs; a
+           # second call on the same machine (machine.txt shows it) resumes the runs the first left (RESUME=1)
+    if [ ! -f "$runs/nvidia-h200-sync-same.parquet" ]; then
+        kv profile --models qwen3-0.6b,llama3-8b --host-model qwen3-0.6b,llama3-8b --host-scheduling sync \
+            --skip gemm,models,ragged,copy,vmm --merge results/profiles/nvidia-h200.parquet \
+            --out "$runs/nvidia-h200-sync-same.parquet" 2>&1 | tee "$runs/profile_host_sync.log" | tail -3
+    fi
+    t_start=$(date +%s)
+    RESUME=1 real qwen3-0.6b 8,96 60 1
+    RESUME=1 real llama3-8b 4,32 50 1
     ;;
 syncdiag)  # the profile's synchronous host steps (llama3-8b, one sequence: 5.35 ms a step) against
            # validate-sim's real engine (4.88 ms, on other machines): both harnesses on one machine, and
