@@ -301,6 +301,7 @@ class ProfiledCostModel:
         self.vmm_scale = 1.0  # a VMM call's host time on the step's path over the driver call's (_vmm_scale)
         # host seconds by step kind: decode graph replay, prefill/mixed graph replay, eager
         self.host_tables = {k: HostTable([], []) for k in ("graph", "mixed_graph", "eager")}
+        self.token_slope = {k: 0.0 for k in self.host_tables}  # host seconds a step's token adds (_token_slope)
         # asynchronous decode graph steps: seconds a step's period holds beyond its modelled device
         # time (prefill/mixed steps: none, their period depends on more than the batch size)
         self.period_table = HostTable([], [])
@@ -370,17 +371,23 @@ class ProfiledCostModel:
             self.vmm_scale = _vmm_scale(rest, driver, kinds, host["batch"].to_numpy())
             rest -= driver * self.vmm_scale
         mine = (host["allocator"] == allocator).to_numpy() if "allocator" in host else np.ones(len(host), bool)
+        batch = host["batch"].to_numpy(float)
+        tokens = (host["prefill_tokens"] + host["decode_tokens"]).to_numpy(float)
         # this allocator's steps; where they are too few to say anything, every allocator's
         for kind in self.host_tables:
             of = kinds == kind
-            table = HostTable(host["batch"][of & mine], rest[of & mine])
-            self.host_tables[kind] = table if not table.empty else HostTable(host["batch"][of], rest[of])
+            rows = of & mine if not HostTable(batch[of & mine], rest[of & mine]).empty else of
+            # prefill/mixed steps: what the device tables miss varies with the step's tokens as well
+            slope = _token_slope(batch[rows], tokens[rows], rest[rows]) if kind != "graph" else 0.0
+            self.host_tables[kind] = HostTable(batch[rows], rest[rows] - slope * tokens[rows])
+            self.token_slope[kind] = slope
         # steps run with other graph settings than simulated (no prefill/mixed graphs), or too few
         # of a kind to fill a bin (eager steps are only the full-budget prefills of a large batch):
         # the other kind of prefill step stands in
         for kind, other in (("mixed_graph", "eager"), ("eager", "mixed_graph")):
             if self.host_tables[kind].empty:
                 self.host_tables[kind] = self.host_tables[other]
+                self.token_slope[kind] = self.token_slope[other]
 
     def _calibrate_period(self, profile, name, host, device, cpu, kinds, allocator) -> None:
         """What a device-bound asynchronous decode graph step's period holds beyond this model's
@@ -584,11 +591,11 @@ class ProfiledCostModel:
         if padded is False:
             padded = self.graph_batch(work)
         if padded is not None:
-            kind = "graph"
-        else:
-            decodes = sum(1 for q, _ in work if q == 1)
-            kind = self.step_kind(len(work), sum(q for q, _ in work) - decodes, decodes)
-        return self.host_tables[kind](len(work))
+            return self.host_tables["graph"](len(work))
+        tokens = sum(q for q, _ in work)
+        decodes = sum(1 for q, _ in work if q == 1)
+        kind = self.step_kind(len(work), tokens - decodes, decodes)
+        return max(0.0, self.host_tables[kind](len(work)) + self.token_slope[kind] * tokens)
 
     def step_time(self, work: list[tuple[int, int]], num_sampled: int | None = None, vmm_maps: int = 0,
                   vmm_unmaps: int = 0) -> float:
@@ -625,6 +632,26 @@ class ProfiledCostModel:
                     cost_ragged_term=self.ragged is not None, cost_vmm_scale=round(self.vmm_scale, 3),
                     cost_period_term=not self.period_table.empty,
                     cost_profile_model=self.profiled_model or f"composed from {self._reference_model()}")
+
+
+def _token_slope(batch: np.ndarray, tokens: np.ndarray, rest: np.ndarray) -> float:
+    """Seconds per token of what prefill/mixed steps took beyond their modelled device time, at
+    a given batch size: the least-squares slope within each batch-size bin (HOST_BINS), the 1%
+    tails left out. Light load runs mixed steps of a few short prompts, a saturated pool ones of
+    full budgets: a table by batch size alone would charge each the other's mean. 0 with too few
+    steps to say (fewer than HostTable.MIN_STEPS, or no spread of tokens within bins)."""
+    if len(rest) < HostTable.MIN_STEPS:
+        return 0.0
+    lo, hi = np.quantile(rest, [TRIM, 1 - TRIM])
+    keep = (rest >= lo) & (rest <= hi)
+    b, t, r = np.digitize(batch[keep], HOST_BINS), tokens[keep], rest[keep]
+    dt, dr = t.copy(), r.copy()
+    for c in np.unique(b):
+        s = b == c
+        dt[s] -= t[s].mean()
+        dr[s] -= r[s].mean()
+    var = float((dt * dt).sum())
+    return float((dt * dr).sum()) / var if var > 0 else 0.0
 
 
 def _vmm_scale(rest: np.ndarray, driver: np.ndarray, kinds: np.ndarray, batch: np.ndarray) -> float:

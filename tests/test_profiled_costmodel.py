@@ -469,6 +469,39 @@ def test_host_time_of_prefill_steps_by_how_they_run():
     assert m.host_time([(4096, 4096)] + [(1, 300)] * 7) == pytest.approx(9e-4, rel=0.02)
 
 
+def test_host_time_of_mixed_steps_follows_their_tokens():
+    """What prefill/mixed steps take beyond their modelled device time grows or shrinks with their
+    tokens at one batch size: a light-load step (a short prompt beside a few decodes) is charged
+    its own, not the mean of the bin's full-budget steps."""
+    from engine.loader import resolve_config
+    from experiments.profiled_costmodel import _calibration_work, _token_slope
+
+    shape = shape_of(resolve_config(MODEL))
+    base = _with_piecewise()
+    args = dict(model=MODEL, paged=True, block_size=16, max_graph_batch=64, graph_max_tokens=2048,
+                graph_mode="piecewise")
+    recorder = ProfiledCostModel(base, shape, calibrate_host=False, **args)
+    rng = np.random.default_rng(0)
+    rows = []
+    for b in (2, 6, 12, 40):
+        for p in rng.integers(16, 1900, 60):  # light-load prompts beside full-budget chunks
+            row = dict(table="host", allocator="paged", batch=b, prefill_tokens=int(p), decode_tokens=b - 1,
+                       context=b * 300 + int(p), graph_max_tokens=2048, max_graph_batch=64, graph_mode="piecewise")
+            host = 3e-4 + 1e-5 * b + 4e-7 * (p + b - 1)  # 0.4 us a token on top of the batch's base
+            rows.append(dict(row, duration=recorder.device_time(_calibration_work(pd.Series(row))) + host))
+    df = base.df[base.df["table"] != "host"]
+    m = ProfiledCostModel(DeviceProfile(pd.concat([df, pd.DataFrame(rows)], ignore_index=True), base.meta, "k"),
+                          shape, **args)
+    assert m.token_slope["mixed_graph"] == pytest.approx(4e-7, rel=0.01)
+    for b, p in ((6, 64), (6, 1500), (12, 200), (40, 1800)):
+        work = [(p, p)] + [(1, 300)] * (b - 1)
+        assert m.host_time(work) == pytest.approx(3e-4 + 1e-5 * b + 4e-7 * (p + b - 1), rel=0.03), (b, p)
+    # decode graph steps keep their table by batch size alone; no spread of tokens within a bin: no slope
+    assert m.token_slope["graph"] == 0.0
+    assert _token_slope(np.full(40, 8.0), np.full(40, 100.0), rng.random(40)) == 0.0
+    assert _token_slope(np.full(5, 8.0), np.arange(5.0), np.arange(5.0)) == 0.0  # too few steps
+
+
 def test_validation_tally_counts_time_and_exact_figures_apart():
     from experiments.validate_sim import _tally
 
