@@ -24,7 +24,7 @@ from engine.scheduler import ScheduledBatch
 from engine.sequence import PENDING, Sequence
 from engine.staging import HostStaging
 from kernels import compile_watch
-from kernels.metadata import Addressing, AttentionMetadata
+from kernels.metadata import SEQ_MAJOR_MIN_SEQS, Addressing, AttentionMetadata
 
 Sampled = list[tuple[Sequence, int, "float | None"]]
 log = logging.getLogger("kvlab.runner")
@@ -38,9 +38,10 @@ class BatchInputs:
     """
 
     def __init__(self, batch: ScheduledBatch, allocator: KVAllocator, table: PersistentBlockTable | None,
-                 pending_rows: dict[int, int] | None = None):
+                 pending_rows: dict[int, int] | None = None, order: list[int] | None = None):
         """``pending_rows``: seq_id -> row of the in-flight step's sampled tokens, for inputs that
-        are still on the device (asynchronous scheduling); they go to ``feed``."""
+        are still on the device (asynchronous scheduling); they go to ``feed``. ``order``: the
+        batch's sequences in this order (indices into ``batch.seqs``), else as scheduled."""
         # Python lists first, one numpy conversion each: cheaper than per-element numpy writes
         ids: list[int] = []
         positions: list[int] = []
@@ -56,7 +57,10 @@ class BatchInputs:
         paged = allocator.mode == Addressing.PAGED
         live = batch.seqs
         t = 0
-        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+        items = zip(batch.seqs, batch.num_new_tokens)
+        if order is not None:
+            items = [(batch.seqs[i], batch.num_new_tokens[i]) for i in order]
+        for seq, n in items:
             start = seq.num_computed_tokens
             end = start + n
             addressing.append(table.row(seq.seq_id, allocator.block_ids(seq), live) if paged
@@ -263,8 +267,9 @@ class ModelRunner:
         stage = self.staging
         stage.next_step()
         pending = inflight.rows if inflight else None
-        inputs = BatchInputs(batch, self.views[0], self.table, pending)
-        more = [BatchInputs(batch, v, t, pending) for v, t in zip(self.views[1:], self.tables[1:])]
+        order = self._decode_order(batch)
+        inputs = BatchInputs(batch, self.views[0], self.table, pending, order)
+        more = [BatchInputs(batch, v, t, pending, order) for v, t in zip(self.views[1:], self.tables[1:])]
         for k, table in enumerate(self.tables):
             if table is not None:
                 table.sync(stage, f"block_table{k}" if k else "block_table")
@@ -283,6 +288,20 @@ class ModelRunner:
             handle = StepHandle(inputs.sample_seqs, tokens, logprobs)
         stage.used_by(handle)
         return handle
+
+    def _decode_order(self, batch: ScheduledBatch) -> list[int] | None:
+        """A decode batch whose attention launches sequence by sequence (``decode_seq_major`` at
+        its launch size: the padded graph's, else its own) goes longest first, so that its
+        longest sequences' programs start first; else None (as scheduled). Sampled tokens follow
+        their sequences (``StepHandle.seqs``), so nothing else sees the order."""
+        n = len(batch.seqs)
+        if not n or batch.num_prefill_tokens:
+            return None
+        size = (self.graphs.padded_size(n) if self.graphs is not None else None) or n
+        if size < SEQ_MAJOR_MIN_SEQS:
+            return None
+        ctx = [seq.num_computed_tokens for seq in batch.seqs]
+        return sorted(range(n), key=ctx.__getitem__, reverse=True)
 
     def publish(self, inputs: BatchInputs) -> None:
         """Hand a step's inputs to whoever must run it too: nobody on one device (tensor

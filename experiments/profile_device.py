@@ -248,7 +248,7 @@ def _rows_ragged(timer: Timer, mc, name: str, pool: int, span: int, block_sizes,
     with the batch's programs as the kernel launches them, for the profiled cost model's fit."""
     import torch
 
-    from experiments.ragged_decode import contexts, decode_programs
+    from experiments.ragged_decode import as_launched, contexts, decode_programs
     from kernels import ops
     from kernels.triton_attention import device_sms
 
@@ -263,16 +263,17 @@ def _rows_ragged(timer: Timer, mc, name: str, pool: int, span: int, block_sizes,
             ctxs = contexts(dist, b, mean, span, rng)
             if 2 * sum(ctxs) > pool:
                 continue
+            p = decode_programs(ctxs, num_kv_heads=kvh, group=h // kvh, head_dim=d, elem_size=k_cache.element_size(),
+                                num_sms=device_sms(device), span=span)
+            ctxs = as_launched(ctxs, p)
             metas = _decode_metas(ctxs, bs, span, pool, device, gen)
             qt = torch.randn(b, h, d, dtype=dtype, device=device)
             out = torch.empty_like(qt)
             t = timer.graph([(lambda m=m: ops.attention(qt, k_cache, v_cache, m, d**-0.5, out=out)) for m in metas])
-            p = decode_programs(ctxs, num_kv_heads=kvh, group=h // kvh, head_dim=d, elem_size=k_cache.element_size(),
-                                num_sms=device_sms(device), span=span)
             rows.append(dict(table="ragged", model=name, mode=mode, block_size=bs, batch=b, dist=dist, mean=mean,
                              context=float(np.mean(ctxs)), max_context=max(ctxs), span=span,
                              longest_bytes=p.longest_bytes, uniform_bytes=p.uniform_bytes, programs=p.programs,
-                             slots=p.slots, contexts=json.dumps(ctxs), value=t))
+                             slots=p.slots, ordered=p.ordered, contexts=json.dumps(ctxs), value=t))
     return rows
 
 
@@ -320,7 +321,8 @@ def _rows_model(timer: Timer, name: str, pool: int, max_model_len: int, block_si
             rows.append(dict(table="sample", model=name, batch=s, value=timer.graph([lambda: logits.argmax(-1)])))
         if device.type != "cuda":
             return rows
-        from experiments.ragged_decode import contexts
+        from experiments.ragged_decode import as_launched, contexts, decode_programs
+        from kernels.triton_attention import device_sms
 
         gen = torch.Generator().manual_seed(1)
         rng = np.random.default_rng(1)
@@ -342,6 +344,10 @@ def _rows_model(timer: Timer, name: str, pool: int, max_model_len: int, block_si
             # whole steps of ragged batches: what the cost model's ragged term is checked against
             for b, mean in ((b, m) for b in RAGGED_BATCHES if b in graphs.graphs for m in RAGGED_MEANS):
                 ctxs = contexts("lognormal", b, mean, max_model_len, rng)
+                ctxs = as_launched(ctxs, decode_programs(ctxs, num_kv_heads=mc.num_key_value_heads,
+                                                         group=mc.num_attention_heads // mc.num_key_value_heads,
+                                                         head_dim=mc.head_dim, elem_size=caches[0][0].element_size(),
+                                                         num_sms=device_sms(device), span=max_model_len))
                 if sum(ctxs) <= pool:
                     _fill_decode_graph(graphs, table, ctxs, bs, pool, gen, device)
                     rows.append(dict(table="decode_graph_ragged", model=name, mode=mode, block_size=bs, batch=b,

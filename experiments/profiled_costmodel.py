@@ -686,6 +686,8 @@ def ragged_fit(profile: DeviceProfile, model: str, mode: str, block_size: int):
         return None
     if mode == "paged":
         t = t[t["block_size"] == _nearest(t["block_size"], block_size)]
+    if "ordered" in t:  # batches the engine orders take their uniform twin's time: no term to fit
+        t = t[~t["ordered"].fillna(False).astype(bool)]
     rag, uni = paired(t, ["batch", "mean"], "value")
     fits[key] = None if rag.empty else fit(uni, rag["value"], rag["longest_bytes"], rag["uniform_bytes"],
                                           rag["programs"], rag["slots"])

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.metadata import Addressing, AttentionMetadata
+from kernels.metadata import Addressing, AttentionMetadata, decode_seq_major
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
@@ -419,7 +419,7 @@ def choose_config(
             splits = max(splits, triton.cdiv(RAGGED_PROGRAMS_PER_SM * num_sms, pairs))
         splits = max(1, min(splits, max_seq_len // SPLIT_MIN_TOKENS, SPLIT_MAX))
         return AttnConfig(block_q=1, block_n=block_n, num_splits=splits, num_warps=4, num_stages=num_stages,
-                          even_split=even_split)
+                          even_split=even_split, seq_major=decode_seq_major(num_seqs, splits))
     # prefill / mixed: compute bound; ~64 query rows per tile and 64 keys, one warpgroup; prompts of
     # LONG_PROMPT tokens or more take 128 x 128 tiles, 8 warps (H200, Llama-3-8B heads, bench_prefill:
     # 1x8192 442 vs 414 TFLOP/s; 4x2048 347 vs 361). Unmasked first loop; tiles in launch order

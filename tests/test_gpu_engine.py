@@ -154,3 +154,44 @@ def test_async_scheduling_with_prefix_caching_equals_sync_on_gpu(tiny_bf16):
         b = llm.generate([q + o.token_ids for q, o in zip(first, a)], p)
         runs.append(([o.token_ids for o in a + b], [o.metrics.num_cached_tokens for o in b]))
     assert runs[0] == runs[1] and sum(runs[1][1]) > 0
+
+
+@pytest.mark.parametrize("allocator,args", ALLOCATORS[:2], ids=[a for a, _ in ALLOCATORS[:2]])
+def test_decode_batches_launched_longest_first_equal_as_scheduled_on_gpu(qwen3_06b_shape, allocator, args,
+                                                                        monkeypatch):
+    """From SEQ_MAJOR_MIN_SEQS sequences a decode graph launches sequence by sequence, its batch
+    longest first (engine/runner.py): 160 ragged sequences of Qwen3-0.6B's heads (one split),
+    asynchronous steps, the same tokens as head by head in the order scheduled."""
+    import engine.runner as runner
+    import kernels.metadata as metadata
+    from kernels.triton_attention import choose_config
+
+    path, hf = qwen3_06b_shape
+    c = hf.config
+    heads = dict(max_query_len=1, max_seq_len=512, num_kv_heads=c.num_key_value_heads,
+                 group=c.num_attention_heads // c.num_key_value_heads, head_dim=c.head_dim, elem_size=2,
+                 num_sms=torch.cuda.get_device_properties(0).multi_processor_count)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(4, c.vocab_size, (int(n),), generator=g).tolist()
+               for n in torch.randint(1, 300, (160,), generator=g)]
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    common = dict(device="cuda", dtype="bfloat16", max_model_len=512, max_num_seqs=192, async_scheduling=True,
+                  allocator=allocator, allocator_args=dict(args), kv_cache_tokens=160 * 512)
+    outs, seen = [], []
+    for threshold in (metadata.SEQ_MAJOR_MIN_SEQS, 10**9):
+        monkeypatch.setattr(metadata, "SEQ_MAJOR_MIN_SEQS", threshold)  # the kernel config's (choose_config)
+        monkeypatch.setattr(runner, "SEQ_MAJOR_MIN_SEQS", threshold)  # the runner's order
+        assert choose_config(num_seqs=160, **heads).seq_major == (threshold < 10**9)
+        llm = LLM(path, **common)
+        forward = llm.engine.runner.forward
+        lens = []
+        llm.engine.runner.forward = lambda inputs, feed=None: (
+            lens.append(inputs.seq_lens.tolist()) if inputs.num_prefill_tokens == 0 else None) or forward(inputs, feed)
+        outs.append([o.token_ids for o in llm.generate(prompts, params)])
+        seen.append([x for x in lens if len(x) >= 128])
+    # rows of a GEMM may round differently at another position in the batch (a bf16 near-tie then
+    # flips a greedy token); a wrong order would give sequences each other's tokens: none would match
+    same = sum(a == b for a, b in zip(*outs))
+    assert same >= 0.95 * len(prompts), same
+    assert seen[0] and all(x == sorted(x, reverse=True) for x in seen[0])
+    assert any(x != sorted(x, reverse=True) for x in seen[1])

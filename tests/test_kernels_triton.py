@@ -283,6 +283,23 @@ def test_attention_decode_seq_major(mode, bs, splits, monkeypatch):
     assert grids[-1][1] == 3  # not direct: tiles first, heads second
 
 
+def test_decode_goes_sequence_by_sequence_from_one_split_of_enough_sequences():
+    """choose_config: decode in one split from SEQ_MAJOR_MIN_SEQS sequences launches sequence by
+    sequence (the engine orders such batches longest first); fewer sequences, split launches and
+    prefill keep the head-by-head grid."""
+    from kernels.metadata import SEQ_MAJOR_MIN_SEQS
+
+    llama = dict(max_seq_len=2048, num_kv_heads=8, group=4, head_dim=128, elem_size=2, num_sms=132)
+    for n in (SEQ_MAJOR_MIN_SEQS, 256):
+        cfg = triton_attention.choose_config(num_seqs=n, max_query_len=1, **llama)
+        assert cfg.num_splits == 1 and cfg.seq_major, n
+    assert not triton_attention.choose_config(num_seqs=SEQ_MAJOR_MIN_SEQS - 1, max_query_len=1, **llama).seq_major
+    few_heads = triton_attention.choose_config(num_seqs=SEQ_MAJOR_MIN_SEQS, max_query_len=1,
+                                               **{**llama, "num_kv_heads": 1})
+    assert few_heads.num_splits > 1 and not few_heads.seq_major
+    assert not triton_attention.choose_config(num_seqs=256, max_query_len=64, **llama).seq_major
+
+
 @pytest.mark.parametrize("even", [True, False], ids=["even", "fixed"])
 @pytest.mark.parametrize("mode,bs", [(PAGED, 16), (LINEAR, 0)])
 def test_attention_split_kv_stale_max_seq_len(mode, bs, even, monkeypatch):

@@ -255,3 +255,41 @@ def test_a_term_turned_off_is_not_taken_out_of_host_time_either():
     assert a.ragged is None and b.ragged is None
     for n in (1, 8, 32, 64):
         assert a.host_time([(1, 300)] * n) == pytest.approx(b.host_time([(1, 300)] * n), rel=1e-12)
+
+
+def test_batches_the_engine_orders_take_their_uniform_twins_time(monkeypatch):
+    """From SEQ_MAJOR_MIN_SEQS sequences in one split the engine hands the kernel its batch longest
+    first and launches it sequence by sequence (bench_ragged: about a uniform batch's time): no
+    ragged term there, and such rows of a profile's ragged table are left out of the fit."""
+    import dataclasses
+
+    import experiments.ragged_decode as rd
+    from experiments.profiled_costmodel import ragged_fit
+    from experiments.ragged_decode import as_launched
+
+    ctxs = [2000] + [100] * 63
+    p = decode_programs(ctxs, **HEADS)
+    assert p.programs > p.slots and not p.ordered  # 64 < SEQ_MAJOR_MIN_SEQS
+    assert TRUTH.excess(50e-6, p) > 0 and as_launched(ctxs, p) == ctxs
+    monkeypatch.setattr(rd, "decode_seq_major", lambda n, splits: splits == 1 and n >= 64)
+    q = decode_programs(ctxs, **HEADS)
+    assert q.ordered and TRUTH.time(50e-6, q) == 50e-6
+    assert as_launched([5, 700, 30], dataclasses.replace(q)) == [700, 30, 5]
+    m = cost_model()
+    work = [(1, c) for c in ctxs]
+    plain = cost_model(synthetic_profile())
+    assert m.device_time(work) == pytest.approx(plain.device_time(work), rel=1e-12)
+    assert m.device_time(work[:16]) > plain.device_time(work[:16])  # 16 sequences: split, not ordered
+    # a profile's ordered rows (their time: the uniform twin's) are not the critical path: not fitted
+    prof = ragged_profile()
+    df = prof.df.copy()
+    rag = (df["table"] == "ragged") & (df["batch"] == 16)  # resident: rate and c0 come from batch 4 then
+    uniform = df[rag & (df["dist"] == "uniform")].set_index(["mode", "mean"])["value"]
+    df["ordered"] = np.where(df["table"] == "ragged", rag.to_numpy(), np.nan)
+    df.loc[rag, "value"] = [uniform[(r.mode, r.mean)] for r in df[rag].itertuples()]
+    with_ordered = DeviceProfile(df, prof.meta, "ordered-rows")
+    got = ragged_fit(with_ordered, MODEL, "paged", 16)
+    assert got.mean_error < 1e-9  # the rows left are TRUTH's exactly
+    mixed_in = ragged_fit(DeviceProfile(df.drop(columns=["ordered"]), prof.meta, "unmarked"), MODEL, "paged", 16)
+    paged = prof.table("ragged", mode="paged").query("dist != 'uniform'")
+    assert got.n == (paged["batch"] != 16).sum() and mixed_in.n == len(paged)

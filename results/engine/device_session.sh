@@ -39,6 +39,12 @@
 #   bash results/engine/device_session.sh prompt      # bench_prefill: whole prompts through the LINEAR kernel over
 #                                                     # the fused QKV output's views (prompt-qkv) against PAGED and
 #                                                     # LINEAR from the cache, with a config sweep
+# Session of 2026-12-04:
+#   bash results/engine/device_session.sh order2      # after decode batches of >= 128 sequences launch sequence by
+#                                                     # sequence, longest first (kernels.metadata.SEQ_MAJOR_MIN_SEQS):
+#                                                     # kernel and engine GPU tests, bench throughput before
+#                                                     # (KVLAB_SEQ_MAJOR_MIN_SEQS=1000000: head by head as admitted)
+#                                                     # and after, llama3-8b then qwen3-0.6b; logs straight into $OUT
 # Outputs accumulate in $KVE (default /tmp/kve) on the machine; each part tars them into $OUT.
 set -uo pipefail
 part=${1:?tests or throughput}
@@ -167,6 +173,22 @@ order)
     timeout 360 python3 -m experiments.bench_ragged --sweep-models none --out "$runs/ragged_order" \
         > "$runs/ragged_order.log" 2>&1
     echo "bench_ragged: exit $?"; sed -n '/^Each cell: default/,$p' "$runs/ragged_order.log"
+    ;;
+order2)
+    t0=$(date +%s)
+    timeout 130 python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_kernels_triton.py \
+        2>&1 | tee "$out/gpu_tests_kernels.log" | tail -2
+    timeout 170 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=5 tests/test_gpu_engine.py \
+        -k "longest_first or parity" 2>&1 | tee "$out/gpu_tests_engine.log" | tail -8
+    for m in llama3-8b qwen3-0.6b; do
+        for v in before after; do
+            if (( $(date +%s) - t0 > ${BUDGET_S:-480} )); then echo "$m $v: skipped (time)"; continue; fi
+            env=$([ $v = before ] && echo KVLAB_SEQ_MAJOR_MIN_SEQS=1000000)
+            env $env timeout 110 python3 -m experiments.cli bench throughput --models $m --no-hf --allocators paged \
+                --out "$out/throughput_${m}_$v" > "$out/throughput_${m}_$v.log" 2>&1
+            echo "$m $v: exit $? at $(( $(date +%s) - t0 )) s"; grep -v "^{" "$out/throughput_${m}_$v.log" | tail -2 | cut -c1-260
+        done
+    done
     ;;
 newkv)
     timeout 150 python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_kernels_triton.py \
