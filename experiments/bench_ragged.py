@@ -8,10 +8,10 @@ is its sequence's keys, so a ragged batch may end on its longest programs rather
 This measures that on the device: the engine's decode attention kernel (one layer, the graph's
 config) for uniform, lognormal (ShareGPT-like) and two-point context mixes of equal mean, per
 batch size and addressing mode, with fixed-width splits (the kernel before even splits), the
-default (from ``SEQ_MAJOR_MIN_SEQS`` sequences, one split: launched sequence by sequence, the batch
-longest first, as the engine hands it over), and (``--sweep-models``) every even split count. From
-``ORDER_MIN_BATCH`` sequences also the launch before that: head by head, the batch as admitted
-(``head-major``), and head by head longest first (``longest-first``). Rows (CSV): mode, batch, dist, variant,
+default (the engine's launch: with ``KVLAB_SEQ_MAJOR_MIN_SEQS`` set, sequence by sequence and
+longest first from that many sequences), and (``--sweep-models``) every even split count. From
+``ORDER_MIN_BATCH`` sequences also the batch longest first, launched head by head (``longest-first``)
+and sequence by sequence (``seq-major``). Rows (CSV): mode, batch, dist, variant,
 splits, mean/max/p90 context, the contexts themselves, and the device time of one call
 (``profile_device.Timer``). ``--from-csv`` prints the tables of a run again on any machine;
 ``--check PROFILE`` compares the profiled cost model's ragged decode steps with the whole steps
@@ -26,14 +26,14 @@ from pathlib import Path
 import numpy as np
 
 from experiments.ragged_decode import contexts
-from kernels.metadata import SEQ_MAJOR_MIN_SEQS, decode_seq_major
+from kernels.metadata import SEQ_MAJOR_FROM, decode_seq_major
 
 BATCHES = [4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256]
 MEANS = [300, 700]
 DISTS = ("uniform", "lognormal", "twopoint")
 SWEEP_SPLITS = [1, 2, 3, 4, 6, 8, 12, 16]
-ORDER_MIN_BATCH = SEQ_MAJOR_MIN_SEQS  # the default's first batch of one split (choose_config: 3 at 64, 2 at 96)
-ORDER_VARIANTS = ("head-major", "longest-first")  # the default before seq_major: as admitted, ordered
+ORDER_MIN_BATCH = SEQ_MAJOR_FROM  # the default's first batch of one split (choose_config: 3 at 64, 2 at 96)
+ORDER_VARIANTS = ("longest-first", "seq-major")  # longest first, launched head by head / sequence by sequence
 
 
 def _decode_config(mc, batch: int, span: int, num_sms: int, even_split: bool = True):
@@ -98,9 +98,10 @@ def run(models: list[str], block_size: int, max_model_len: int, out: Path, reps:
                         # the engine's order for its launch (the default's): longest first where seq_major
                         timed = [(variant, cfg, *((ordered, metas_o) if cfg.seq_major else (ctxs, metas)))
                                  for variant, cfg in configs]
-                        if b >= ORDER_MIN_BATCH:  # head by head: as admitted, and longest first
-                            head = dataclasses.replace(dict(configs)["default"], seq_major=False)
-                            timed += [("head-major", head, ctxs, metas), ("longest-first", head, ordered, metas_o)]
+                        if b >= ORDER_MIN_BATCH:  # longest first: head by head, and sequence by sequence
+                            default = dict(configs)["default"]
+                            timed += [(v, dataclasses.replace(default, seq_major=v == "seq-major"), ordered, metas_o)
+                                      for v in ORDER_VARIANTS]
                         for variant, cfg, cs, ms in timed:
                             t = timer.graph([(lambda m=m, cfg=cfg: attention_into(o, q, k_cache, v_cache, m, d**-0.5,
                                                                                   cfg)) for m in ms])
@@ -120,14 +121,13 @@ def run(models: list[str], block_size: int, max_model_len: int, out: Path, reps:
 
 
 def order_table(df) -> str:
-    """From ``ORDER_MIN_BATCH`` sequences: each distribution's time launched head by head as
-    admitted (the engine before seq_major) and longest first, and as the engine launches it now
-    (``default``: sequence by sequence, longest first); the lognormal batch's extra over a uniform
-    one, a step (all layers)."""
+    """From ``ORDER_MIN_BATCH`` sequences: each distribution's time as the engine launches it
+    (``default``) and longest first, head by head and sequence by sequence; the lognormal batch's
+    extra over a uniform one, a step (all layers)."""
     df = _mean_bins(df[df.batch >= ORDER_MIN_BATCH])
     if not df.variant.isin(ORDER_VARIANTS).any():
         return ""
-    variants = ORDER_VARIANTS + ("default",)
+    variants = ("default",) + ORDER_VARIANTS
     lines = ["Each cell: " + " / ".join(variants) + ".", "",
              "| model | mode | batch | mean ctx | uniform us | lognormal us | twopoint us | lognormal extra ms a step |",
              "|---|---|---|---|---|---|---|---|"]
@@ -195,8 +195,9 @@ def critical_path_fit(df, num_sms: int = 132, span: int = 2048) -> str:
                             num_splits=int(getattr(r, "splits", 0)) or None)
         progs.append(p)
         # the term is the critical path of a batch launched as admitted, head by head; longest-first
-        # launches (the default's from SEQ_MAJOR_MIN_SEQS sequences) take about the uniform time
-        keep.append(not (r.variant.startswith("longest-first") or (r.variant == "default" and p.ordered)))
+        # launches (the default's, switched on: KVLAB_SEQ_MAJOR_MIN_SEQS) take about the uniform time
+        keep.append(r.variant not in ORDER_VARIANTS + ("longest-first-seq-major",)
+                    and not (r.variant == "default" and p.ordered))
     keep = np.array(keep, dtype=bool)
     progs = [p for p, k in zip(progs, keep) if k]
     f = fit(u[keep] * 1e-6, rag["us"].to_numpy()[keep] * 1e-6, [p.longest_bytes for p in progs],

@@ -53,9 +53,9 @@ def test_the_ordered_launches_are_tabled_and_kept_out_of_the_split_sweep():
     table = order_table(df)
     lines = [ln for ln in table.splitlines() if ln.startswith("| m |")]
     assert len(lines) == 2  # batch 128, two means; batch 32 is below ORDER_MIN_BATCH
-    # mean 300: uniform 13.0 everywhere; lognormal head-major 15 (i=3), longest-first 14, default 17 (i=1)
-    assert "| 13.0 / 13.0 / 13.0 | 15.0 / 14.0 / 17.0 |" in lines[0]
-    assert lines[0].endswith("| 0.064 / 0.032 / 0.128 |")  # (lognormal - uniform) x 32 layers, ms
+    # mean 300: uniform 13.0 everywhere; lognormal default 17 (i=1), longest-first 15, seq-major 14
+    assert "| 13.0 / 13.0 / 13.0 | 17.0 / 15.0 / 14.0 |" in lines[0]
+    assert lines[0].endswith("| 0.128 / 0.064 / 0.032 |")  # (lognormal - uniform) x 32 layers, ms
     sweep = split_sweep(df)
     # the default's one split is its own, not averaged with the ordered launches of the same count
     row = [ln for ln in sweep.splitlines() if ln.startswith("| m | paged | 128 | 300 |")][0]

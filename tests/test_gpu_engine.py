@@ -159,7 +159,7 @@ def test_async_scheduling_with_prefix_caching_equals_sync_on_gpu(tiny_bf16):
 @pytest.mark.parametrize("allocator,args", ALLOCATORS[:2], ids=[a for a, _ in ALLOCATORS[:2]])
 def test_decode_batches_launched_longest_first_equal_as_scheduled_on_gpu(qwen3_06b_shape, allocator, args,
                                                                         monkeypatch):
-    """From SEQ_MAJOR_MIN_SEQS sequences a decode graph launches sequence by sequence, its batch
+    """Switched on, from SEQ_MAJOR_FROM sequences a decode graph launches sequence by sequence, its batch
     longest first (engine/runner.py): 160 ragged sequences of Qwen3-0.6B's heads (one split),
     asynchronous steps, the same tokens as head by head in the order scheduled."""
     import engine.runner as runner
@@ -178,7 +178,7 @@ def test_decode_batches_launched_longest_first_equal_as_scheduled_on_gpu(qwen3_0
     common = dict(device="cuda", dtype="bfloat16", max_model_len=512, max_num_seqs=192, async_scheduling=True,
                   allocator=allocator, allocator_args=dict(args), kv_cache_tokens=160 * 512)
     outs, seen = [], []
-    for threshold in (metadata.SEQ_MAJOR_MIN_SEQS, 10**9):
+    for threshold in (metadata.SEQ_MAJOR_FROM, 10**9):  # on (KVLAB_SEQ_MAJOR_MIN_SEQS=128), off
         monkeypatch.setattr(metadata, "SEQ_MAJOR_MIN_SEQS", threshold)  # the kernel config's (choose_config)
         monkeypatch.setattr(runner, "SEQ_MAJOR_MIN_SEQS", threshold)  # the runner's order
         assert choose_config(num_seqs=160, **heads).seq_major == (threshold < 10**9)

@@ -283,13 +283,18 @@ def test_attention_decode_seq_major(mode, bs, splits, monkeypatch):
     assert grids[-1][1] == 3  # not direct: tiles first, heads second
 
 
-def test_decode_goes_sequence_by_sequence_from_one_split_of_enough_sequences():
-    """choose_config: decode in one split from SEQ_MAJOR_MIN_SEQS sequences launches sequence by
-    sequence (the engine orders such batches longest first); fewer sequences, split launches and
-    prefill keep the head-by-head grid."""
-    from kernels.metadata import SEQ_MAJOR_MIN_SEQS
+def test_decode_goes_sequence_by_sequence_from_one_split_of_enough_sequences(monkeypatch):
+    """choose_config: switched on (KVLAB_SEQ_MAJOR_MIN_SEQS), decode in one split from that many
+    sequences launches sequence by sequence (the engine orders such batches longest first); fewer
+    sequences, split launches and prefill keep the head-by-head grid. Off by default."""
+    from kernels import metadata
+    from kernels.metadata import SEQ_MAJOR_FROM
 
     llama = dict(max_seq_len=2048, num_kv_heads=8, group=4, head_dim=128, elem_size=2, num_sms=132)
+    if "KVLAB_SEQ_MAJOR_MIN_SEQS" not in os.environ:
+        assert not triton_attention.choose_config(num_seqs=256, max_query_len=1, **llama).seq_major
+    monkeypatch.setattr(metadata, "SEQ_MAJOR_MIN_SEQS", SEQ_MAJOR_FROM)
+    SEQ_MAJOR_MIN_SEQS = SEQ_MAJOR_FROM
     for n in (SEQ_MAJOR_MIN_SEQS, 256):
         cfg = triton_attention.choose_config(num_seqs=n, max_query_len=1, **llama)
         assert cfg.num_splits == 1 and cfg.seq_major, n

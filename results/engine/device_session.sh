@@ -42,9 +42,10 @@
 # Session of 2026-12-04:
 #   bash results/engine/device_session.sh order2      # after decode batches of >= 128 sequences launch sequence by
 #                                                     # sequence, longest first (kernels.metadata.SEQ_MAJOR_MIN_SEQS):
-#                                                     # kernel and engine GPU tests, bench throughput before
-#                                                     # (KVLAB_SEQ_MAJOR_MIN_SEQS=1000000: head by head as admitted)
-#                                                     # and after, llama3-8b then qwen3-0.6b; logs straight into $OUT
+#                                                     # the engine's GPU tests of it, bench throughput before
+#                                                     # (the default: head by head as admitted) and after
+#                                                     # (KVLAB_SEQ_MAJOR_MIN_SEQS=128), llama3-8b then qwen3-0.6b;
+#                                                     # logs straight into $OUT
 # Outputs accumulate in $KVE (default /tmp/kve) on the machine; each part tars them into $OUT.
 set -uo pipefail
 part=${1:?tests or throughput}
@@ -176,14 +177,12 @@ order)
     ;;
 order2)
     t0=$(date +%s)
-    timeout 130 python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_kernels_triton.py \
-        2>&1 | tee "$out/gpu_tests_kernels.log" | tail -2
-    timeout 170 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=5 tests/test_gpu_engine.py \
-        -k "longest_first or parity" 2>&1 | tee "$out/gpu_tests_engine.log" | tail -8
+    timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=5 tests/test_gpu_engine.py \
+        -k "longest_first or async_scheduling_equals" 2>&1 | tee "$out/gpu_tests_engine.log" | tail -6
     for m in llama3-8b qwen3-0.6b; do
         for v in before after; do
             if (( $(date +%s) - t0 > ${BUDGET_S:-480} )); then echo "$m $v: skipped (time)"; continue; fi
-            env=$([ $v = before ] && echo KVLAB_SEQ_MAJOR_MIN_SEQS=1000000)
+            env=$([ $v = after ] && echo KVLAB_SEQ_MAJOR_MIN_SEQS=128)
             env $env timeout 110 python3 -m experiments.cli bench throughput --models $m --no-hf --allocators paged \
                 --out "$out/throughput_${m}_$v" > "$out/throughput_${m}_$v.log" 2>&1
             echo "$m $v: exit $? at $(( $(date +%s) - t0 )) s"; grep -v "^{" "$out/throughput_${m}_$v.log" | tail -2 | cut -c1-260
