@@ -500,6 +500,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--host-model", default=None,
                     help="models of the host-time steps, comma-separated (default: the first of --models)")
     ap.add_argument("--host-kv-tokens", type=int, default=40000)
+    ap.add_argument("--host-in-process", action="store_true",
+                    help="run the host-time engines in this process (default: each in a process of its own, "
+                         "as validate-sim's real runs are)")
     ap.add_argument("--host-requests", type=int, default=256, help="requests of the host-time run's full batch")
     ap.add_argument("--host-repeats", type=int, default=1,
                     help="runs of the host-time steps per model and allocator, each its own engine and seed: "
@@ -590,7 +593,9 @@ def main(argv: list[str] | None = None) -> int:
         write_profile(path, rows, {**meta, "partial": True})  # a cut-off run keeps what it measured
 
     if "host" not in skip:
-        from experiments.profile_host import HOST_ALLOCATORS, host_rows
+        from experiments.profile_host import HOST_ALLOCATORS, host_rows, host_rows_apart
+
+        run_host = host_rows if a.host_in_process else host_rows_apart
 
         # ShareGPT-like lengths (seeded apart from any workload), uniform ones, then a trickle
         half = a.max_model_len // 2
@@ -603,7 +608,7 @@ def main(argv: list[str] | None = None) -> int:
                     if name == "virtual" and a.virtual_page_size:
                         args = {**args, "page_size": a.virtual_page_size}
                     for sched in schedulings:
-                        rows += [dict(r, repeat=first_repeat + rep) for r in host_rows(
+                        rows += [dict(r, repeat=first_repeat + rep) for r in run_host(
                             hm, name, args, max_model_len=a.max_model_len, kv_cache_tokens=a.host_kv_tokens,
                             device=str(device), phases=phases, seed=rep, async_scheduling=sched == "async")]
                         say(f"host steps: {hm} {alloc} {sched}" + (f" (repeat {rep + 1} of {a.host_repeats})"

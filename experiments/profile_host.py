@@ -95,3 +95,39 @@ def host_rows(model: str, allocator: str, args: dict, *, max_model_len: int, kv_
     timer.close()
     eng.close()
     return rows
+
+
+def host_rows_apart(model: str, allocator: str, args: dict, **kw) -> list[dict]:
+    """``host_rows`` in a process of its own, as each of validate-sim's real runs is: an engine
+    built after others in one process ran its host work 10-20% slower (H200, llama3-8b paged;
+    results/sim_validation/README.md, session of 2026-12-04), and the profile's host steps must
+    be the real runs' host steps."""
+    import json
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory(prefix="kvlab-host-") as tmp:
+        out = Path(tmp) / "rows.json"
+        spec = json.dumps(dict(model=model, allocator=allocator, args=args, **kw))
+        subprocess.run([sys.executable, "-m", "experiments.profile_host", spec, str(out)], check=True)
+        return json.loads(out.read_text())
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m experiments.profile_host SPEC OUT``: ``host_rows(**SPEC)`` (JSON), its rows to OUT."""
+    import json
+    import sys
+
+    spec, out = argv if argv is not None else sys.argv[1:]
+    kw = json.loads(spec)
+    if "phases" in kw:
+        kw["phases"] = tuple(tuple(p) for p in kw["phases"])
+    rows = host_rows(kw.pop("model"), kw.pop("allocator"), kw.pop("args"), **kw)
+    with open(out, "w") as f:
+        json.dump(rows, f)
+
+
+if __name__ == "__main__":
+    main()

@@ -585,11 +585,26 @@ def test_asynchronous_host_steps_record_the_cpu_time_without_waits():
     assert all(r["scheduling"] == "sync" and r["duration"] >= r["value"] >= 0 for r in sync)
 
 
+def test_host_steps_run_apart_in_a_process_of_their_own():
+    """``kvlab profile`` records each host-time engine in a process of its own (as each real run of
+    validate-sim is one): the same steps as in this process, and what ran there is not here."""
+    from experiments.profile_host import host_rows, host_rows_apart
+
+    spec = dict(max_model_len=256, kv_cache_tokens=2048, device="cpu", phases=((10, 16, 64, 16, 40),), skip_steps=0)
+    here = host_rows(MODEL, "paged", {"block_size": 8}, **spec)
+    apart = host_rows_apart(MODEL, "paged", {"block_size": 8}, **spec)
+    shape = ("step", "batch", "prefill_tokens", "decode_tokens", "context", "allocator", "scheduling")
+    assert [tuple(r[k] for k in shape) for r in apart] == [tuple(r[k] for k in shape) for r in here]
+    assert all(r["duration"] > 0 for r in apart)
+    with pytest.raises(Exception):  # the child's failure is the caller's
+        host_rows_apart(MODEL, "no-such-allocator", {}, **spec)
+
+
 def test_profile_merge_keeps_host_steps_of_the_other_scheduling(tmp_path):
     """``--host-scheduling async --merge old``: the old profile's synchronous host steps stay, its
     asynchronous ones of the re-measured model are replaced."""
     old = tmp_path / "old.parquet"
-    profile_device.main(["--models", MODEL, "--device", "cpu", "--skip", "gemm,models,ragged,copy,vmm",
+    profile_device.main(["--models", MODEL, "--device", "cpu", "--skip", "gemm,models,ragged,copy,vmm", "--host-in-process",
                          "--host-requests", "8", "--out", str(old)])
     made = load_profile(str(old))  # as profiles were written before host rows named their scheduling
     old = tmp_path / "legacy.parquet"
@@ -598,7 +613,7 @@ def test_profile_merge_keeps_host_steps_of_the_other_scheduling(tmp_path):
     before = load_profile(str(old)).table("host")
     assert "scheduling" not in before
     new = tmp_path / "new.parquet"
-    profile_device.main(["--models", MODEL, "--device", "cpu", "--skip", "gemm,models,ragged,copy,vmm",
+    profile_device.main(["--models", MODEL, "--device", "cpu", "--skip", "gemm,models,ragged,copy,vmm", "--host-in-process",
                          "--host-requests", "8", "--host-scheduling", "async", "--merge", str(old),
                          "--out", str(new)])
     assert load_profile(str(new)).meta["num_sms"] > 0  # the measuring device's, for the ragged term
@@ -731,7 +746,7 @@ def test_profile_host_add_pools_another_run_as_further_repeats(tmp_path):
     """``--host-add --merge old``: the old host steps stay and this run's follow them as the next
     repeat (the tables pool both); without --merge it is refused."""
     old = tmp_path / "old.parquet"
-    args = ["--models", MODEL, "--device", "cpu", "--skip", "gemm,models,ragged,copy,vmm", "--host-requests", "8"]
+    args = ["--models", MODEL, "--device", "cpu", "--skip", "gemm,models,ragged,copy,vmm", "--host-in-process", "--host-requests", "8"]
     profile_device.main([*args, "--out", str(old)])
     before = load_profile(str(old)).table("host")
     new = tmp_path / "new.parquet"
