@@ -24,7 +24,7 @@ from engine.scheduler import ScheduledBatch
 from engine.sequence import PENDING, Sequence
 from engine.staging import HostStaging
 from kernels import compile_watch
-from kernels.metadata import SEQ_MAJOR_MIN_SEQS, Addressing, AttentionMetadata
+from kernels.metadata import Addressing, AttentionMetadata, orders_decode
 
 Sampled = list[tuple[Sequence, int, "float | None"]]
 log = logging.getLogger("kvlab.runner")
@@ -290,15 +290,17 @@ class ModelRunner:
         return handle
 
     def _decode_order(self, batch: ScheduledBatch) -> list[int] | None:
-        """A decode batch whose attention launches sequence by sequence (``decode_seq_major`` at
-        its launch size: the padded graph's, else its own) goes longest first, so that its
-        longest sequences' programs start first; else None (as scheduled). Sampled tokens follow
-        their sequences (``StepHandle.seqs``), so nothing else sees the order."""
+        """A decode batch of ``orders_decode`` size (its launch size: the padded graph's, else its
+        own) goes longest first, so that where its attention launches sequence by sequence (one
+        split: ``decode_seq_major``) its longest sequences' programs start first; else None (as
+        scheduled). Sampled tokens follow their sequences (``StepHandle.seqs``): greedy and seeded
+        sampling give the same tokens either way; unseeded sampling draws its noise by row, and a
+        step's outputs come in the launched order."""
         n = len(batch.seqs)
         if not n or batch.num_prefill_tokens:
             return None
         size = (self.graphs.padded_size(n) if self.graphs is not None else None) or n
-        if size < SEQ_MAJOR_MIN_SEQS:
+        if not orders_decode(size):
             return None
         ctx = [seq.num_computed_tokens for seq in batch.seqs]
         return sorted(range(n), key=ctx.__getitem__, reverse=True)

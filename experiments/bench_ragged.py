@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from experiments.ragged_decode import contexts
-from kernels.metadata import SEQ_MAJOR_FROM, decode_seq_major
+from kernels.metadata import SEQ_MAJOR_FROM, decode_seq_major, orders_decode
 
 BATCHES = [4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256]
 MEANS = [300, 700]
@@ -93,15 +93,17 @@ def run(models: list[str], block_size: int, max_model_len: int, out: Path, reps:
                         metas = _decode_metas(ctxs, bs, max_model_len, pool, device, gen)
                         q = torch.randn(b, h, d, dtype=torch.bfloat16, device=device)
                         o = torch.empty_like(q)
-                        ordered = sorted(ctxs, reverse=True)
-                        metas_o = _decode_metas(ordered, bs, max_model_len, pool, device, gen)
-                        # the engine's order for its launch (the default's): longest first where seq_major
-                        timed = [(variant, cfg, *((ordered, metas_o) if cfg.seq_major else (ctxs, metas)))
-                                 for variant, cfg in configs]
-                        if b >= ORDER_MIN_BATCH:  # longest first: head by head, and sequence by sequence
-                            default = dict(configs)["default"]
-                            timed += [(v, dataclasses.replace(default, seq_major=v == "seq-major"), ordered, metas_o)
-                                      for v in ORDER_VARIANTS]
+                        timed = [(variant, cfg, ctxs, metas) for variant, cfg in configs]
+                        if b >= ORDER_MIN_BATCH or orders_decode(b):  # the same sequences, longest first
+                            ordered = sorted(ctxs, reverse=True)
+                            metas_o = _decode_metas(ordered, bs, max_model_len, pool, device, gen)
+                            # the engine's order for its launch (the switch's: KVLAB_SEQ_MAJOR_MIN_SEQS)
+                            timed = [(v, cfg, *((ordered, metas_o) if orders_decode(b) else (cs, ms)))
+                                     for v, cfg, cs, ms in timed]
+                            if b >= ORDER_MIN_BATCH:  # longest first: head by head, and sequence by sequence
+                                default = dict(configs)["default"]
+                                timed += [(v, dataclasses.replace(default, seq_major=v == "seq-major"), ordered,
+                                           metas_o) for v in ORDER_VARIANTS]
                         for variant, cfg, cs, ms in timed:
                             t = timer.graph([(lambda m=m, cfg=cfg: attention_into(o, q, k_cache, v_cache, m, d**-0.5,
                                                                                   cfg)) for m in ms])
@@ -109,6 +111,7 @@ def run(models: list[str], block_size: int, max_model_len: int, out: Path, reps:
                                              batch=b, dist=dist, variant=variant, splits=cfg.num_splits,
                                              even=cfg.even_split, mean_ctx=float(np.mean(cs)), max_ctx=max(cs),
                                              p90_ctx=float(np.percentile(cs, 90)), layers=mc.num_hidden_layers,
+                                             seq_major=cfg.seq_major, longest_first=cs is not ctxs,
                                              us=t * 1e6, contexts=json.dumps(cs)))
                         r = {v: x["us"] for v, x in ((x["variant"], x) for x in rows[-len(timed):])}
                         print(f"{name} {mode:6s} b={b:3d} mean={mean:4d} {dist:9s} max={max(ctxs):5d} "
@@ -118,6 +121,19 @@ def run(models: list[str], block_size: int, max_model_len: int, out: Path, reps:
         del k_cache, v_cache
         torch.cuda.empty_cache()
     return rows
+
+
+def load_rows(df):
+    """A run's rows as this version names them: the session of 2026-12-04's first run called the
+    ordered sequence-by-sequence launch ``longest-first-seq-major``, and its rows do not say how
+    each launch went (``seq_major``, ``longest_first``: from the variant then, every other launch
+    head by head as admitted)."""
+    if "variant" not in df:
+        return df
+    df = df.assign(variant=df["variant"].replace({"longest-first-seq-major": "seq-major"}))
+    if "seq_major" not in df:
+        df = df.assign(seq_major=df["variant"] == "seq-major", longest_first=df["variant"].isin(ORDER_VARIANTS))
+    return df
 
 
 def order_table(df) -> str:
@@ -181,23 +197,20 @@ def critical_path_fit(df, num_sms: int = 132, span: int = 2048) -> str:
     """How well the uniform batch's time predicts a ragged one's, alone and with the critical-path
     term of experiments/ragged_decode.py (fitted to these batches)."""
     from engine.presets import preset_config
-    from experiments.ragged_decode import decode_programs, fit, paired
+    from experiments.ragged_decode import fit, model_programs, paired
 
-    df = _mean_bins(df if "variant" in df else df.assign(variant="fixed"))  # the first run: fixed, unlabelled
+    df = _mean_bins(load_rows(df) if "variant" in df else df.assign(variant="fixed"))  # first run: fixed, unlabelled
     rag, u = paired(df, ["model", "mode", "batch", "variant", "mean_bin"], "us")
     progs, keep = [], []
     for r in rag.itertuples():
         mc = preset_config(r.model)
         even = bool(getattr(r, "even", False))
-        p = decode_programs(json.loads(r.contexts), num_kv_heads=mc.num_key_value_heads,
-                            group=mc.num_attention_heads // mc.num_key_value_heads, head_dim=mc.head_dim,
-                            elem_size=2, num_sms=num_sms, span=span, even_split=even,
-                            num_splits=int(getattr(r, "splits", 0)) or None)
+        p = model_programs(mc, json.loads(r.contexts), elem_size=2, num_sms=num_sms, span=span, even_split=even,
+                           num_splits=int(getattr(r, "splits", 0)) or None)
         progs.append(p)
         # the term is the critical path of a batch launched as admitted, head by head; longest-first
-        # launches (the default's, switched on: KVLAB_SEQ_MAJOR_MIN_SEQS) take about the uniform time
-        keep.append(r.variant not in ORDER_VARIANTS + ("longest-first-seq-major",)
-                    and not (r.variant == "default" and p.ordered))
+        # launches (the engine's, switched on: KVLAB_SEQ_MAJOR_MIN_SEQS) take about the uniform time
+        keep.append(not (getattr(r, "seq_major", False) or getattr(r, "longest_first", False)))
     keep = np.array(keep, dtype=bool)
     progs = [p for p, k in zip(progs, keep) if k]
     f = fit(u[keep] * 1e-6, rag["us"].to_numpy()[keep] * 1e-6, [p.longest_bytes for p in progs],
@@ -285,7 +298,7 @@ def main(argv=None) -> None:
     if a.from_csv is not None:
         import pandas as pd
 
-        df = pd.read_csv(a.from_csv)
+        df = load_rows(pd.read_csv(a.from_csv))
         if "variant" not in df:  # the first run timed one config
             print(critical_path_fit(df))
             return

@@ -248,7 +248,7 @@ def _rows_ragged(timer: Timer, mc, name: str, pool: int, span: int, block_sizes,
     with the batch's programs as the kernel launches them, for the profiled cost model's fit."""
     import torch
 
-    from experiments.ragged_decode import as_launched, contexts, decode_programs
+    from experiments.ragged_decode import as_launched, contexts, model_programs
     from kernels import ops
     from kernels.triton_attention import device_sms
 
@@ -263,8 +263,7 @@ def _rows_ragged(timer: Timer, mc, name: str, pool: int, span: int, block_sizes,
             ctxs = contexts(dist, b, mean, span, rng)
             if 2 * sum(ctxs) > pool:
                 continue
-            p = decode_programs(ctxs, num_kv_heads=kvh, group=h // kvh, head_dim=d, elem_size=k_cache.element_size(),
-                                num_sms=device_sms(device), span=span)
+            p = model_programs(mc, ctxs, elem_size=k_cache.element_size(), num_sms=device_sms(device), span=span)
             ctxs = as_launched(ctxs, p)
             metas = _decode_metas(ctxs, bs, span, pool, device, gen)
             qt = torch.randn(b, h, d, dtype=dtype, device=device)
@@ -321,7 +320,7 @@ def _rows_model(timer: Timer, name: str, pool: int, max_model_len: int, block_si
             rows.append(dict(table="sample", model=name, batch=s, value=timer.graph([lambda: logits.argmax(-1)])))
         if device.type != "cuda":
             return rows
-        from experiments.ragged_decode import as_launched, contexts, decode_programs
+        from experiments.ragged_decode import as_launched, contexts, model_programs
         from kernels.triton_attention import device_sms
 
         gen = torch.Generator().manual_seed(1)
@@ -344,10 +343,8 @@ def _rows_model(timer: Timer, name: str, pool: int, max_model_len: int, block_si
             # whole steps of ragged batches: what the cost model's ragged term is checked against
             for b, mean in ((b, m) for b in RAGGED_BATCHES if b in graphs.graphs for m in RAGGED_MEANS):
                 ctxs = contexts("lognormal", b, mean, max_model_len, rng)
-                ctxs = as_launched(ctxs, decode_programs(ctxs, num_kv_heads=mc.num_key_value_heads,
-                                                         group=mc.num_attention_heads // mc.num_key_value_heads,
-                                                         head_dim=mc.head_dim, elem_size=caches[0][0].element_size(),
-                                                         num_sms=device_sms(device), span=max_model_len))
+                ctxs = as_launched(ctxs, model_programs(mc, ctxs, elem_size=caches[0][0].element_size(),
+                                                        num_sms=device_sms(device), span=max_model_len))
                 if sum(ctxs) <= pool:
                     _fill_decode_graph(graphs, table, ctxs, bs, pool, gen, device)
                     rows.append(dict(table="decode_graph_ragged", model=name, mode=mode, block_size=bs, batch=b,
@@ -446,6 +443,14 @@ def _rows_vmm(device) -> list[dict]:
     return [dict(table="vmm", op=r["op"], bytes=2 << 20, value=r["median_us"] / 1e6) for r in costs]
 
 
+def metadata_switch() -> int:
+    """The decode launches this process times: sequence by sequence from this many sequences
+    (``kernels.metadata.SEQ_MAJOR_MIN_SEQS``, KVLAB_SEQ_MAJOR_MIN_SEQS)."""
+    from kernels import metadata as km
+
+    return int(km.SEQ_MAJOR_MIN_SEQS)
+
+
 def metadata(device, args) -> dict:
     import torch
 
@@ -459,6 +464,8 @@ def metadata(device, args) -> dict:
                 max_model_len=args.max_model_len, pool_tokens=args.pool_tokens, block_sizes=args.block_sizes,
                 host_model=args.host_model or args.models.split(",")[0],
                 num_sms=device_sms(device),  # the ragged decode term's split rule
+                # the decode launches its tables timed: sequence by sequence from this many (kernels.metadata)
+                seq_major_min_seqs=metadata_switch(),
                 command="kvlab profile " + " ".join(args.argv))
     try:
         import triton
@@ -578,6 +585,8 @@ def main(argv: list[str] | None = None) -> int:
         sms = meta["num_sms"] if redo & {"ragged", "decode_graph"} else old.meta.get("num_sms", meta["num_sms"])
         names = [m for m in str(kept.get("models", "")).split(",") if m]
         names += [m for m in models if m not in names and per_model]
+        if redo & (measured["models"] | measured["ragged"]):  # decode launches timed under this process's switch
+            kept["seq_major_min_seqs"] = metadata_switch()
         meta = {**kept, "num_sms": sms, "models": ",".join(names),
                 "updated": {**old.meta.get("updated", {}), **{t: stamp for t in sorted(redo)}}}
         if a.host_add and "host" in redo:  # the pooled runs' stamps, each (the last one is "host")

@@ -94,6 +94,12 @@ def decode_programs(ctxs, *, num_kv_heads: int, group: int, head_dim: int, elem_
                           decode_seq_major(batch, splits))
 
 
+def model_programs(mc, ctxs, **kw) -> DecodePrograms:
+    """``decode_programs`` of a model config's heads (``elem_size``, ``num_sms``, ``span``... in ``kw``)."""
+    return decode_programs(ctxs, num_kv_heads=mc.num_key_value_heads,
+                           group=mc.num_attention_heads // mc.num_key_value_heads, head_dim=mc.head_dim, **kw)
+
+
 def as_launched(ctxs: list[int], p: DecodePrograms) -> list[int]:
     """A decode batch's keys in the order the engine hands the kernel its sequences (``p``: the
     batch's launch): longest first where it goes sequence by sequence (engine/runner.py), else

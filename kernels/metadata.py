@@ -94,15 +94,21 @@ def contiguous_metadata(mode: Addressing, q_lens: list[int], seq_lens: list[int]
 # on its longest sequences' programs. H200, bench_ragged (results/engine/session_2026-12-04): a
 # lognormal batch of 128-256 sequences took 0.28-0.67 ms a step (32 layers, 28 for qwen3-0.6b)
 # beyond a uniform one of the same mean as admitted, -0.24..+0.31 ms ordered this way; uniform
-# batches 0.4-2.5% faster.
+# batches 0.4-2.6% faster.
 SEQ_MAJOR_FROM = 128
 # Off by default until the simulate validation's real runs are made with it (results/sim_validation:
 # their engine launched head by head as admitted, and the cost model follows this switch):
 # KVLAB_SEQ_MAJOR_MIN_SEQS=128 (read once, at import) turns it on from that many sequences
-SEQ_MAJOR_MIN_SEQS = int(os.environ.get("KVLAB_SEQ_MAJOR_MIN_SEQS", str(1 << 30)))
+SEQ_MAJOR_MIN_SEQS = int(os.environ.get("KVLAB_SEQ_MAJOR_MIN_SEQS") or 1 << 30)
+
+
+def orders_decode(num_seqs: int) -> bool:
+    """Whether the runner hands the kernel a decode batch of ``num_seqs`` sequences (CUDA graphs:
+    the padded size) longest first (engine/runner.py). Harmless to a launch that stays head by head."""
+    return num_seqs >= SEQ_MAJOR_MIN_SEQS
 
 
 def decode_seq_major(num_seqs: int, num_splits: int) -> bool:
     """Whether a decode launch of ``num_seqs`` sequences (CUDA graphs: the padded size) in
-    ``num_splits`` splits goes sequence by sequence, its batch ordered longest first."""
-    return num_splits == 1 and num_seqs >= SEQ_MAJOR_MIN_SEQS
+    ``num_splits`` splits goes sequence by sequence (its batch is then ordered longest first)."""
+    return num_splits == 1 and orders_decode(num_seqs)

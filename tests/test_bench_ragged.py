@@ -68,3 +68,21 @@ def test_the_ordered_launches_are_tabled_and_kept_out_of_the_split_sweep():
 
     row = [ln for ln in summarize(_rows(128, variants)).splitlines() if ln.startswith("| m | paged | 128 | 300 |")]
     assert row[0].endswith("| x3 even 16.0 |")
+
+
+def test_a_first_runs_rows_read_as_this_versions():
+    """The session of 2026-12-04's first run named the ordered sequence-by-sequence launch
+    ``longest-first-seq-major`` and did not record how each launch went: read again, its tables come
+    out as this version's, and the critical-path fit leaves its longest-first launches out."""
+    import pandas as pd
+
+    from experiments.bench_ragged import load_rows, order_table
+
+    old = pd.DataFrame(_rows(128, ["fixed", "default", "even-x3", "longest-first", "longest-first-seq-major"]))
+    new = pd.DataFrame(_rows(128, ["fixed", "default", "even-x3", "longest-first", "seq-major"]))
+    got = load_rows(old)
+    assert set(got["variant"]) == set(new["variant"])
+    assert got["seq_major"].tolist() == (got["variant"] == "seq-major").tolist()
+    assert got["longest_first"].tolist() == got["variant"].isin(["longest-first", "seq-major"]).tolist()
+    assert order_table(got) == order_table(load_rows(new)) != ""
+

@@ -162,7 +162,6 @@ def test_decode_batches_launched_longest_first_equal_as_scheduled_on_gpu(qwen3_0
     """Switched on, from SEQ_MAJOR_FROM sequences a decode graph launches sequence by sequence, its batch
     longest first (engine/runner.py): 160 ragged sequences of Qwen3-0.6B's heads (one split),
     asynchronous steps, the same tokens as head by head in the order scheduled."""
-    import engine.runner as runner
     import kernels.metadata as metadata
     from kernels.triton_attention import choose_config
 
@@ -179,8 +178,7 @@ def test_decode_batches_launched_longest_first_equal_as_scheduled_on_gpu(qwen3_0
                   allocator=allocator, allocator_args=dict(args), kv_cache_tokens=160 * 512)
     outs, seen = [], []
     for threshold in (metadata.SEQ_MAJOR_FROM, 10**9):  # on (KVLAB_SEQ_MAJOR_MIN_SEQS=128), off
-        monkeypatch.setattr(metadata, "SEQ_MAJOR_MIN_SEQS", threshold)  # the kernel config's (choose_config)
-        monkeypatch.setattr(runner, "SEQ_MAJOR_MIN_SEQS", threshold)  # the runner's order
+        monkeypatch.setattr(metadata, "SEQ_MAJOR_MIN_SEQS", threshold)  # the kernel config's and the runner's
         assert choose_config(num_seqs=160, **heads).seq_major == (threshold < 10**9)
         llm = LLM(path, **common)
         forward = llm.engine.runner.forward

@@ -483,7 +483,7 @@ def test_host_time_of_mixed_steps_follows_their_tokens():
     recorder = ProfiledCostModel(base, shape, calibrate_host=False, **args)
     rng = np.random.default_rng(0)
     rows = []
-    for b in (2, 6, 12, 40):
+    for b in (2, 6, 8, 12, 16, 40):  # 8 and 16: the bins' right edges
         for p in rng.integers(16, 1900, 60):  # light-load prompts beside full-budget chunks
             row = dict(table="host", allocator="paged", batch=b, prefill_tokens=int(p), decode_tokens=b - 1,
                        context=b * 300 + int(p), graph_max_tokens=2048, max_graph_batch=64, graph_mode="piecewise")
@@ -493,7 +493,7 @@ def test_host_time_of_mixed_steps_follows_their_tokens():
     m = ProfiledCostModel(DeviceProfile(pd.concat([df, pd.DataFrame(rows)], ignore_index=True), base.meta, "k"),
                           shape, **args)
     assert m.token_slope["mixed_graph"] == pytest.approx(4e-7, rel=0.01)
-    for b, p in ((6, 64), (6, 1500), (12, 200), (40, 1800)):
+    for b, p in ((6, 64), (6, 1500), (8, 100), (12, 200), (16, 1700), (40, 1800)):
         work = [(p, p)] + [(1, 300)] * (b - 1)
         assert m.host_time(work) == pytest.approx(3e-4 + 1e-5 * b + 4e-7 * (p + b - 1), rel=0.03), (b, p)
     # decode graph steps keep their table by batch size alone; no spread of tokens within a bin: no slope
@@ -596,7 +596,9 @@ def test_host_steps_run_apart_in_a_process_of_their_own():
     shape = ("step", "batch", "prefill_tokens", "decode_tokens", "context", "allocator", "scheduling")
     assert [tuple(r[k] for k in shape) for r in apart] == [tuple(r[k] for k in shape) for r in here]
     assert all(r["duration"] > 0 for r in apart)
-    with pytest.raises(Exception):  # the child's failure is the caller's
+    import subprocess
+
+    with pytest.raises(subprocess.CalledProcessError):  # the child's failure is the caller's
         host_rows_apart(MODEL, "no-such-allocator", {}, **spec)
 
 
