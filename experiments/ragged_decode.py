@@ -64,6 +64,21 @@ def program_keys(ctxs, splits: int, even: bool, block_n: int, span: int) -> np.n
     return k.ravel()
 
 
+def longest_keys(ctx: int, splits: int, even: bool, block_n: int, span: int) -> int:
+    """``program_keys([ctx], ...).max()`` without arrays: a cost model asks it for each of a
+    profile's ~100k steps. Even splits: the first part is the longest; fixed ones: the first, or
+    the last, which takes the rest."""
+    ctx = max(0, int(ctx))
+    if even:
+        return min(ctx, -(-ctx // (splits * block_n)) * block_n)
+    if splits == 1:
+        return ctx
+    from kernels.triton_attention import fixed_split_chunk
+
+    chunk = fixed_split_chunk(span, splits, block_n)
+    return max(min(ctx, chunk), ctx - (splits - 1) * chunk)
+
+
 @dataclass(frozen=True)
 class DecodePrograms:
     """A decode batch as the kernel launches it: bytes (K and V, one KV head) of its longest
@@ -87,9 +102,9 @@ def decode_programs(ctxs, *, num_kv_heads: int, group: int, head_dim: int, elem_
     block_n, splits, slots = _launch(batch, num_kv_heads, group, head_dim, elem_size, num_sms, span, fp8, even_split)
     splits = num_splits or splits
     row = 2 * head_dim * elem_size  # a key and its value
-    longest = int(program_keys([max(ctxs)], splits, even_split, block_n, span).max()) if batch else 0
+    longest = longest_keys(max(ctxs), splits, even_split, block_n, span) if batch else 0
     mean = int(round(sum(ctxs) / batch)) if batch else 0
-    uniform = int(program_keys([mean], splits, even_split, block_n, span).max())
+    uniform = longest_keys(mean, splits, even_split, block_n, span)
     return DecodePrograms(longest * row, uniform * row, batch * splits * num_kv_heads, slots,
                           decode_seq_major(batch, splits))
 

@@ -22,6 +22,17 @@ def test_program_keys_cover_each_sequence_once(even):
     assert (keys >= 0).all()
 
 
+@pytest.mark.parametrize("even", [True, False])
+def test_longest_keys_is_the_longest_program(even):
+    from experiments.ragged_decode import longest_keys
+
+    for splits in (1, 2, 3, 5, 16):
+        for span in (512, 2048):
+            for c in (0, 1, 63, 64, 65, 300, 511, 512, 513, 2047, 2048, 3000):
+                want = int(program_keys([c], splits, even, 64, span).max())
+                assert longest_keys(c, splits, even, 64, span) == want, (splits, span, c)
+
+
 def test_even_parts_are_balanced_and_fixed_ones_are_not():
     even = program_keys([2000, 300], 4, True, 64, 2048).reshape(2, 4)
     fixed = program_keys([2000, 300], 4, False, 64, 2048).reshape(2, 4)
