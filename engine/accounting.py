@@ -157,6 +157,9 @@ class StepRecord:
     tier_stored_blocks: int = 0  # ... blocks copied to host memory (evicted from the device)
     tier_transfers: int = 0  # ... host<->device memcpys
     tier_exposed_s: float = 0.0  # ... copy time compute waited for (see LLMEngine._tier_exposed)
+    # CPU seconds of the step's launch call beyond its input preparation (graph replay or kernel
+    # launches, copies, sampling's launches; on a CPU device the forward itself); 0 in simulate
+    launch_s: float = 0.0
 
 
 STEP_FIELDS = tuple(f.name for f in dataclasses.fields(StepRecord))

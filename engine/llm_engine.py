@@ -76,6 +76,7 @@ class LLMEngine:
         self.dtype = config.resolved_dtype(self.device)
         self.max_model_len = config.max_model_len or min(mc.max_position_embeddings, 4096)
         simulate = runner_factory is not None
+        self.simulated = simulate  # a runner without a device: its steps' launch times are not a launch's
         # auto resolved once, here (the runner factory and the steps read the bool); with auto a
         # step holding beam-search sequences runs synchronously, with true they are refused
         self.async_auto = config.async_scheduling == "auto"
@@ -427,9 +428,10 @@ class LLMEngine:
             else:
                 stored += t.blocks
         exposed = self._tier_exposed()
+        launch = 0.0 if self.simulated else max(0.0, t_launched - t_exec - getattr(self.runner, "last_prep_s", 0.0))
         self.step_records.append((start, now - start, len(sched.running), len(sched.waiting), len(batch),
                                   batch.num_prefill_tokens, batch.num_decode_tokens, len(batch.preempted),
-                                  host, context, loaded, stored, len(batch.tier_transfers), exposed))
+                                  host, context, loaded, stored, len(batch.tier_transfers), exposed, launch))
         return outputs
 
     def _fence(self) -> None:

@@ -332,12 +332,12 @@ class DecodeFastForward:
         for i in range(k - 1):
             waiting += steps.preempted[i]
             records.append((times[i], times[i + 1] - times[i], nums[i], waiting, nums[i], 0 if i else admitted_tokens,
-                            steps.decoding[i], steps.preempted[i], 0.0, context[i], 0, 0, 0, 0.0))
+                            steps.decoding[i], steps.preempted[i], 0.0, context[i], 0, 0, 0, 0.0, 0.0))
         finished = self._finish(members[:nums[-1]])
         e._wait_s = 0.0
         records.append((times[k - 1], times[k] - times[k - 1], len(sched.running), len(sched.waiting), nums[-1],
                         admitted_tokens if k == 1 else 0, steps.decoding[-1], steps.preempted[-1], 0.0, context[-1],
-                        0, 0, 0, 0.0))
+                        0, 0, 0, 0.0, 0.0))
         e.step_records.extend(records)
         e.isolator.step_succeeded()
         return finished

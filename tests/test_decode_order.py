@@ -59,3 +59,14 @@ def test_the_runner_keeps_the_scheduled_order_by_default():
     assert SEQ_MAJOR_FROM == 128
     _, seen = _run("paged", {"block_size": 8})
     assert any(lens != sorted(lens, reverse=True) for lens in seen)
+
+
+def test_steps_record_their_launch_time_apart_from_host_work():
+    """``StepRecord.launch_s``: the CPU time of a step's launch call beyond its input preparation
+    (on a CPU device, the forward itself), within the step; simulate records none."""
+    eng = LLMEngine(EngineConfig(model="tiny-llama", device="cpu", max_model_len=128, kv_cache_tokens=2048, seed=0))
+    eng.add_request("a", list(range(3, 40)), SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+    while eng.has_unfinished_requests():
+        eng.step()
+    steps = [r for r in eng.step_records if r.num_seqs]
+    assert steps and all(0 < r.launch_s and r.launch_s + r.host_s <= r.duration * 1.001 for r in steps)

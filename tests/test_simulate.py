@@ -82,6 +82,8 @@ def test_simulate_memory_equals_real_engine(case, tmp_path, monkeypatch):
     b = pd.read_parquet(tmp_path / "sim" / "steps.parquet")
     assert len(a) == len(b) > 0
     pd.testing.assert_frame_equal(a[DECISIONS + MEMORY], b[DECISIONS + MEMORY])
+    busy = a["num_seqs"] > 0
+    assert (a.loc[busy, "launch_s"] > 0).all() and (b["launch_s"] == 0).all()  # simulate launches nothing
     for key in (*STAT_FIELDS, *(f"{f}_peak" for f in STAT_FIELDS), "preemptions", "max_concurrency",
                 "total_output_tokens", "kv_capacity_tokens"):
         assert real[key] == sim[key], key
