@@ -1,6 +1,7 @@
 """The profiled cost model: tables from `kvlab profile`, interpolation, fallback, the profiler on CPU."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import logging
@@ -792,3 +793,29 @@ def test_profile_merge_remeasuring_one_model_keeps_the_others_tables(tmp_path, m
         assert len(mine(after, "tiny-qwen3")) == len(mine(before, "tiny-qwen3")) > 0
     gemm = lambda df: set(zip(df[df["table"] == "gemm"]["n"], df[df["table"] == "gemm"]["k"]))  # noqa: E731
     assert gemm(after) == gemm(before) and len(after[after["table"] == "gemm"]) == len(before[before["table"] == "gemm"])
+
+
+def test_host_compare_sets_a_profiles_host_steps_beside_a_runs():
+    """``python -m experiments.host_compare``: per step kind and batch bin, the profile's residual
+    (wall less modelled device time) is the host time its steps were made with, and a real run's
+    steps come with their own host work and launch time."""
+    from engine import LLMEngine
+    from engine.config import EngineConfig
+    from engine.sampling_params import SamplingParams
+    from experiments.host_compare import compare
+
+    eng = LLMEngine(EngineConfig(model=MODEL, device="cpu", max_model_len=256, kv_cache_tokens=4096, seed=0))
+    for i in range(12):
+        eng.add_request(str(i), list(range(3, 20 + 9 * i)),  # requests end one by one: every batch size
+                        SamplingParams(max_tokens=4 + 3 * i, temperature=0, ignore_eos=True))
+    while eng.has_unfinished_requests():
+        eng.step()
+    steps = pd.DataFrame([dataclasses.asdict(r) for r in eng.step_records])
+    table = compare(synthetic_profile(), steps, model=MODEL, allocator="paged", graph_max_tokens=0)
+    dec = table.loc["graph"]
+    assert len(dec) >= 2 and (dec["n_profile"] > 0).all() and (dec["n_run"] > 0).all()
+    for b, row in dec.iterrows():  # synthetic host time: HOST_BASE + 5 us a sequence
+        mid = (max(b.left, 0) + b.right) / 2
+        assert row["residual_ms_profile"] == pytest.approx((HOST_BASE["paged"] + 5e-6 * mid) * 1e3, rel=0.15), b
+    assert (dec["launch_ms_run"] > 0).all() and dec["launch_ms_profile"].isna().all()
+    assert np.allclose(dec["residual_ratio"], dec["residual_ms_profile"] / dec["residual_ms_run"])
