@@ -20,25 +20,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-BINS = [0, 1, 4, 8, 16, 32, 64, 128, 256, 1 << 20]
-
-
-def _uniform_work(batch: int, prefill: int, context: int) -> list[tuple[int, int]]:
-    """A step as (new tokens, context) pairs without its longest context: its prefill as one
-    chunk, the decodes sharing the rest of the context evenly."""
-    if not prefill:
-        return [(1, max(1, context // batch))] * batch
-    rest = batch - 1
-    return [(prefill, prefill)] + ([(1, max(1, max(rest, context - prefill) // rest))] * rest if rest else [])
-
-
 def compare(profile, steps: pd.DataFrame, *, model: str, allocator: str, scheduling: str = "sync",
             block_size: int = 16, graph_max_tokens: int = 2048, graph_mode: str = "full") -> pd.DataFrame:
     """One row per (step kind, batch bin) present on both sides: counts, medians of host work and
     launch CPU time, means of the residual, profile over run ratios. ``profile``: a path or a
     ``DeviceProfile``; ``steps``: a run's ``steps.parquet``."""
-    from experiments.profiled_costmodel import (ProfiledCostModel, _shape, host_model_of, host_scheduling_of,
-                                                load_profile)
+    from experiments.profiled_costmodel import (HOST_BINS, ProfiledCostModel, _calibration_work, _shape,
+                                                host_model_of, host_scheduling_of, load_profile)
 
     prof = load_profile(profile) if isinstance(profile, (str, Path)) else profile
     host = prof.table("host")
@@ -52,11 +40,11 @@ def compare(profile, steps: pd.DataFrame, *, model: str, allocator: str, schedul
     cm.ragged = None  # neither side's longest context is known to both: uniform work on both
     steps = steps[steps["num_seqs"] > 0]
     sides = {
-        "profile": pd.DataFrame({"batch": host["batch"], "prefill": host["prefill_tokens"],
+        "profile": pd.DataFrame({"batch": host["batch"], "prefill_tokens": host["prefill_tokens"],
                                  "decode": host["decode_tokens"], "context": host["context"],
                                  "wall": host["duration"] + (host["gap"].fillna(0) if "gap" in host else 0.0),
                                  "host": host.get("host_s", np.nan), "launch": host.get("launch_cpu", np.nan)}),
-        "run": pd.DataFrame({"batch": steps["num_seqs"], "prefill": steps["prefill_tokens"],
+        "run": pd.DataFrame({"batch": steps["num_seqs"], "prefill_tokens": steps["prefill_tokens"],
                              "decode": steps["decode_tokens"], "context": steps["context_tokens"],
                              "wall": steps["duration"], "host": steps["host_s"],
                              "launch": steps["launch_s"] if "launch_s" in steps else np.nan}),
@@ -64,11 +52,11 @@ def compare(profile, steps: pd.DataFrame, *, model: str, allocator: str, schedul
     stats = {}
     for side, d in sides.items():
         d = d.reset_index(drop=True)
-        d["device"] = [cm.device_time(_uniform_work(int(b), int(p), int(c)))
-                       for b, p, c in zip(d["batch"], d["prefill"], d["context"])]
+        # the cost model's own reading of a recorded step (no longest context on either side: uniform)
+        d["device"] = [cm.device_time(_calibration_work(r)) for r in d.itertuples()]
         d["residual"] = d["wall"] - d["device"]
-        d["kind"] = cm.step_kinds(d["batch"].to_numpy(), d["prefill"].to_numpy(), d["decode"].to_numpy())
-        d["bin"] = pd.cut(d["batch"], BINS)
+        d["kind"] = cm.step_kinds(d["batch"].to_numpy(), d["prefill_tokens"].to_numpy(), d["decode"].to_numpy())
+        d["bin"] = pd.cut(d["batch"], HOST_BINS)
         stats[side] = d.groupby(["kind", "bin"], observed=True).agg(
             n=("wall", "size"), host_ms=("host", "median"), launch_ms=("launch", "median"),
             residual_ms=("residual", "mean"))
