@@ -65,6 +65,10 @@
 #       real engine on one machine (llama3-8b)
 #   BUDGET_S=330 bash results/sim_validation/device_session.sh asyncrepeats  # a second real run of every
 #                                                           # async configuration (real-2/), on another machine
+# Session of 2026-12-04 (second): real runs start after measure.clock_warmup_s (0.5 s) of device work
+#   bash results/sim_validation/device_session.sh clockdiag  # qwen3-0.6b paged offline async, without and with
+#       the clock warm-up, twice each alternately: first steps and mean TTFT; the warm-up's GPU test
+#   QWEN_REPS=3 LLAMA_REPS=3 BUDGET_S=420 bash results/sim_validation/device_session.sh asyncrepeats  # real-3/
 # Runs accumulate in $KVSV (default /tmp/kvsv) on the machine; each part tars them into $OUT.
 set -uo pipefail
 part=${1:?profile or llama}
@@ -192,6 +196,29 @@ asynchost)
         --skip gemm,models,copy,vmm --merge results/profiles/nvidia-h200.parquet \
         --out "$runs/nvidia-h200.parquet" 2>&1 | tee "$runs/profile_host_async.log"
     mkdir -p "$runs/async"; B="$B engine.async_scheduling=true" SUB=async/ real qwen3-0.6b 8,96 60 1
+    ;;
+clockdiag)
+    python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_protocol.py -k clock 2>&1 | tail -2
+    for i in 1 2; do
+        for w in 0 0.5; do
+            kv run model=qwen3-0.6b $B allocator=paged engine.async_scheduling=true mode=offline workload.request_rate=inf \
+                measure.clock_warmup_s=$w progress=false hydra.run.dir="$runs/clockdiag/w$w-$i" >"$runs/clockdiag-w$w-$i.log" 2>&1
+            echo "warm-up $w s, run $i: exit $?"
+        done
+    done
+    python3 - "$runs/clockdiag" <<'PY' | tee "$runs/clockdiag.txt"
+import sys, json, pathlib
+import pandas as pd
+for d in sorted(pathlib.Path(sys.argv[1]).iterdir()):
+    q, s = pd.read_parquet(d / "requests.parquet"), pd.read_parquet(d / "steps.parquet")
+    print(d.name, "mean TTFT %.1f ms" % (q.ttft.mean() * 1e3), "first 6 steps ms", (s.duration.head(6) * 1e3).round(1).tolist(),
+          "decode median %.3f ms" % (s[s.prefill_tokens == 0].duration.median() * 1e3),
+          "clock_warmup_s", json.loads((d / "summary.json").read_text()).get("clock_warmup_s"))
+PY
+    kill %1 2>/dev/null; wait 2>/dev/null
+    cp "$runs/clocks.csv" "$runs/machine.txt" "$runs/clockdiag/" 2>/dev/null; cp "$runs"/clockdiag*.txt "$runs/clockdiag/"
+    tar -czf "$out/clockdiag.tgz" -C "$runs" clockdiag
+    exit 0
     ;;
 asyncrepeats)  # in the committed async/ folders: validate-sim keeps run 1 and adds run 2
     meta=$runs runs=results/sim_validation
