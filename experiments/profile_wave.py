@@ -1,0 +1,95 @@
+"""Where an offline run's first prefill wave spends its time (GPU).
+
+    python -m experiments.profile_wave model=qwen3-0.6b allocator=paged engine.async_scheduling=true [--steps 6]
+
+Builds the engine of a ``kvlab run`` config (overrides as for ``kvlab run``; the sim-validation
+setup by default) and runs its workload three times, all requests at t=0: the first ``--steps``
+steps of wave 1 under torch.profiler (device busy time, CPU calls that wait for the device or
+allocate memory, CPU ops by self time), of wave 2 under cProfile (Python functions by own time),
+wave 3 plain. Prints each wave's first steps: duration, host and launch CPU time.
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import re
+
+SETUP = ["workload=sharegpt", "workload.num_requests=300", "engine.kv_cache_tokens=40000", "engine.max_model_len=2048",
+         "engine.max_num_seqs=256", "engine.max_num_batched_tokens=8192", "device=cuda", "mode=offline",
+         "workload.request_rate=inf"]
+CALLS = re.compile(r"Synchronize|cudaMemcpy(?!Async)|aten::item|_local_scalar_dense|cudaMalloc|cudaHostAlloc|cudaFree|"
+                   r"cudaHostRegister|cudaLaunchKernel|cuLaunchKernel|cudaGraphLaunch")
+
+
+def _wave(eng, specs, seed: int, tag: str, steps: int, wrap=None) -> None:
+    from experiments.driver import sampling_params
+
+    first = len(eng.step_records)
+    for s in specs:
+        eng.add_request(f"{tag}-{s.request_id}", s.prompt_token_ids, sampling_params(s, seed))
+    if wrap is not None:
+        with wrap:
+            for _ in range(steps):
+                eng.step()
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+    while eng.has_unfinished_requests():
+        eng.step()
+    recs = eng.step_records[first:first + steps]
+    print(f"{tag}: first {steps} steps (ms): duration / host / launch, seqs, prefill tokens")
+    for r in recs:
+        print(f"  {r.duration * 1e3:7.2f} {r.host_s * 1e3:6.2f} {r.launch_s * 1e3:6.2f}  {r.num_seqs:4d} {r.prefill_tokens:5d}")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("overrides", nargs="*")
+    ap.add_argument("--steps", type=int, default=6)
+    a = ap.parse_args(argv)
+    import torch
+
+    from experiments.profile_step import device_busy
+    from experiments.run import build_engine, compose
+    from experiments.workloads import make_workload, tokenize_requests
+
+    cfg = compose([*SETUP, *a.overrides])
+    eng = build_engine(cfg)
+    specs = tokenize_requests(make_workload(dict(cfg.workload), eng.model_config.vocab_size, eng.max_model_len),
+                              eng.tokenizer.encode, eng.max_model_len)
+    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA])
+    _wave(eng, specs, cfg.seed, "wave1-torch-profiler", a.steps, prof)
+    busy, span = device_busy(prof.events())
+    print(f"device busy {busy * 1e3:.2f} of {span * 1e3:.2f} ms ({100 * busy / max(span, 1e-9):.1f}%)")
+    avg = prof.key_averages()
+    for e in sorted(avg, key=lambda e: -e.cpu_time_total):
+        if CALLS.search(e.key):
+            print(f"  CPU {e.key}: {e.count} calls, {e.cpu_time_total / 1e3:.2f} ms")
+    print(avg.table(sort_by="self_cpu_time_total", row_limit=30))
+    cp = cProfile.Profile()
+    _wave(eng, specs, cfg.seed, "wave2-cprofile", a.steps, _Enabled(cp))
+    buf = io.StringIO()
+    pstats.Stats(cp, stream=buf).sort_stats("tottime").print_stats(35)
+    print(buf.getvalue())
+    _wave(eng, specs, cfg.seed, "wave3-plain", a.steps)
+    eng.close()
+
+
+class _Enabled:
+    """cProfile as a context manager over the profiled steps only."""
+
+    def __init__(self, cp: cProfile.Profile):
+        self.cp = cp
+
+    def __enter__(self):
+        self.cp.enable()
+
+    def __exit__(self, *exc):
+        self.cp.disable()
+
+
+if __name__ == "__main__":
+    main()
