@@ -158,6 +158,10 @@ def _resume(summary_path: Path, cfg_hash: str) -> dict | None:
             f"{summary_path} holds a run of a different configuration (config_hash {done.get('config_hash')} "
             f"!= {cfg_hash}): give this run its own folder (hydra.run.dir / hydra.sweep.dir) or set resume=false "
             "to overwrite it")
+    missing = [n for n in ("steps.parquet", "requests.parquet") if not (summary_path.parent / n).exists()]
+    if missing:  # a run's tables were removed (e.g. simulate's, not committed): make it again
+        log.info("running %s again: its %s is missing", summary_path.parent, " and ".join(missing))
+        return None
     return done
 
 

@@ -114,6 +114,18 @@ def test_resume_skips_only_the_same_configuration(tmp_path):
     assert json.loads((tmp_path / "summary.json").read_text())["num_requests"] == 9
 
 
+def test_resume_runs_again_where_the_tables_are_missing(tmp_path):
+    """summary.json alone (simulate's tables are not committed) is not a finished run: it runs
+    again and writes its tables."""
+    from experiments.run import run_experiment
+
+    run_experiment(_compose(), tmp_path)
+    (tmp_path / "steps.parquet").unlink()
+    stamp = (tmp_path / "summary.json").stat().st_mtime_ns
+    run_experiment(_compose(), tmp_path)
+    assert (tmp_path / "steps.parquet").exists() and (tmp_path / "summary.json").stat().st_mtime_ns != stamp
+
+
 def test_interrupted_run_leaves_no_partial_files(tmp_path):
     """Ctrl-C in the middle of a run: the folder holds Hydra's config and nothing else."""
     import signal

@@ -10,7 +10,7 @@ import pandas as pd
 
 here = Path(__file__).parent
 real = pd.read_parquet(here / "llama3-8b-paged/real/online-4rps/steps.parquet")
-timed = pd.read_csv(here / "step_timing_sync/step_timing.csv")
+timed = pd.read_csv(here / "step_timing_sync/step_timing.csv.gz")
 prof = pd.read_parquet(here / "sync_llama.parquet")
 prof = prof[(prof.table == "host") & (prof.allocator == "paged") & (prof.prefill_tokens == 0)]
 print("| sequences | validate-sim real: steps, median ms (host) | step_timing: steps, median ms (host, launch CPU) "
