@@ -46,6 +46,11 @@
 #                                                     # (the default: head by head as admitted) and after
 #                                                     # (KVLAB_SEQ_MAJOR_MIN_SEQS=128), llama3-8b then qwen3-0.6b;
 #                                                     # logs straight into $OUT
+# Session of 2026-12-04 (second):
+#   bash results/engine/device_session.sh graphs8k    # an offline wave (the sim validation's offline config, paged,
+#                                                     # asynchronous) with graphs up to 2048 tokens (the default)
+#                                                     # and up to 8192 (engine.cuda_graph_max_tokens=8192),
+#                                                     # alternating, qwen3-0.6b twice each, llama3-8b once each
 # Outputs accumulate in $KVE (default /tmp/kve) on the machine; each part tars them into $OUT.
 set -uo pipefail
 part=${1:?tests or throughput}
@@ -188,6 +193,33 @@ order2)
             echo "$m $v: exit $? at $(( $(date +%s) - t0 )) s"; grep -v "^{" "$out/throughput_${m}_$v.log" | tail -2 | cut -c1-260
         done
     done
+    ;;
+graphs8k)
+    B="workload=sharegpt workload.num_requests=300 engine.kv_cache_tokens=40000 engine.max_model_len=2048 engine.max_num_seqs=256 engine.max_num_batched_tokens=8192 device=cuda report=false progress=false mode=offline workload.request_rate=inf allocator=paged engine.async_scheduling=true"
+    for m in qwen3-0.6b qwen3-0.6b llama3-8b; do
+        for g in 2048 8192; do
+            i=$(ls -d "$runs"/g8k/$m-g$g-* 2>/dev/null | wc -l)
+            d="$runs/g8k/$m-g$g-$i"
+            timeout 200 python3 -m experiments.cli run model=$m $B engine.cuda_graph_max_tokens=$g hydra.run.dir="$d" >"$d.log" 2>&1
+            echo "$m graphs up to $g (run $i): exit $?"; grep -h "captured\|graphs" "$d.log" "$d/run.log" 2>/dev/null | tail -2
+        done
+    done
+    python3 - "$runs/g8k" <<'PY' | tee "$runs/g8k/summary.txt"
+import sys, json, pathlib
+import pandas as pd
+for d in sorted(p for p in pathlib.Path(sys.argv[1]).iterdir() if p.is_dir()):
+    if not (d / "summary.json").exists():
+        print(d.name, "no summary"); continue
+    sm = json.loads((d / "summary.json").read_text())
+    s = pd.read_parquet(d / "steps.parquet")
+    big = s[s.prefill_tokens > 2048]
+    print(f"{d.name}: output tok/s {sm['output_throughput']:.0f}, mean TTFT {sm['mean_ttft_ms']:.1f} ms, mean TPOT "
+          f"{sm['mean_tpot_ms']:.3f} ms, wall {sm['wall_time_s']:.1f} s; steps > 2048 tokens: {len(big)}, "
+          f"duration {big.duration.mean() * 1e3:.2f} ms, launch {big.launch_s.mean() * 1e3:.2f} ms, "
+          f"host {big.host_s.mean() * 1e3:.2f} ms")
+PY
+    nvidia-smi --query-gpu=uuid --format=csv,noheader >"$runs/g8k/machine.txt"
+    tar -czf "$out/graphs8k.tgz" -C "$runs" g8k
     ;;
 newkv)
     timeout 150 python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_kernels_triton.py \
