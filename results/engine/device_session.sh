@@ -196,6 +196,7 @@ order2)
     ;;
 graphs8k)
     B="workload=sharegpt workload.num_requests=300 engine.kv_cache_tokens=40000 engine.max_model_len=2048 engine.max_num_seqs=256 engine.max_num_batched_tokens=8192 device=cuda report=false progress=false mode=offline workload.request_rate=inf allocator=paged engine.async_scheduling=true"
+    mkdir -p "$runs/g8k"
     for m in qwen3-0.6b qwen3-0.6b llama3-8b; do
         for g in 2048 8192; do
             i=$(ls -d "$runs"/g8k/$m-g$g-* 2>/dev/null | wc -l)
