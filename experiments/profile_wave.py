@@ -60,7 +60,8 @@ def main(argv=None) -> None:
     eng = build_engine(cfg)
     specs = tokenize_requests(make_workload(dict(cfg.workload), eng.model_config.vocab_size, eng.max_model_len),
                               eng.tokenizer.encode, eng.max_model_len)
-    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA])
+    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA],
+                                  with_stack=True)
     _wave(eng, specs, cfg.seed, "wave1-torch-profiler", a.steps, prof)
     busy, span = device_busy(prof.events())
     print(f"device busy {busy * 1e3:.2f} of {span * 1e3:.2f} ms ({100 * busy / max(span, 1e-9):.1f}%)")
@@ -69,6 +70,16 @@ def main(argv=None) -> None:
         if CALLS.search(e.key):
             print(f"  CPU {e.key}: {e.count} calls, {e.cpu_time_total / 1e3:.2f} ms")
     print(avg.table(sort_by="self_cpu_time_total", row_limit=30))
+    print("CPU calls of 1 ms or more (the innermost ones), with where they were made:")
+    long = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CPU
+            and e.time_range.elapsed_us() >= 1000 and not any(c.time_range.elapsed_us() >= 1000 for c in e.cpu_children)]
+    for e in sorted(long, key=lambda e: e.time_range.start)[:40]:
+        frames, p = [], e.cpu_parent
+        while p is not None and len(frames) < 5:
+            if ".py(" in p.name and not p.name.startswith(("torch/", "<built-in")):
+                frames.append(p.name)
+            p = p.cpu_parent
+        print(f"  {e.time_range.elapsed_us() / 1e3:7.2f} ms {e.name}  <- {' <- '.join(frames)}")
     cp = cProfile.Profile()
     _wave(eng, specs, cfg.seed, "wave2-cprofile", a.steps, _Enabled(cp))
     buf = io.StringIO()
