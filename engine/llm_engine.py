@@ -157,6 +157,7 @@ class LLMEngine:
                                        config.max_num_seqs, self.max_model_len, config.enforce_eager,
                                        graph_max_tokens=min(config.cuda_graph_max_tokens,
                                                             config.max_num_batched_tokens),
+                                       max_num_batched_tokens=config.max_num_batched_tokens,
                                        graph_mode=config.cuda_graph_mode,
                                        kv_calibration=(config.kv_scale_granularity
                                                        if self.kv_dtype != self.dtype and config.kv_scale is None

@@ -133,14 +133,27 @@ class StepInputs:
                    b.max_seq_len, b.num_seqs, b.num_prefill_tokens)
 
 
+def eager_token_counts(graph_max_tokens: int, max_tokens: int, stride: int = 128) -> list[int]:
+    """Token counts of eager steps whose GEMMs the warm-up runs: above the captured graphs'
+    largest (``graph_max_tokens``; 0: every step is eager) up to ``max_tokens``, every ``stride``
+    tokens and the powers of two below it (cuBLAS picks its kernels by ranges of M), and
+    ``max_tokens`` itself."""
+    counts = {2 ** i for i in range(stride.bit_length() - 1)} | set(range(stride, max_tokens + 1, stride))
+    if max_tokens > 0:
+        counts.add(max_tokens)
+    return sorted(n for n in counts if graph_max_tokens < n <= max_tokens)
+
+
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, allocator: KVAllocator, device: str, eos_ids: list[int],
                  seed: int = 0, max_num_seqs: int = 256, max_model_len: int = 2048, enforce_eager: bool = True,
-                 kv_calibration: str = "", graph_max_tokens: int = 0, graph_mode: str = "full"):
+                 kv_calibration: str = "", graph_max_tokens: int = 0, graph_mode: str = "full",
+                 max_num_batched_tokens: int = 0):
         """``kv_calibration`` ("tensor" | "head"): fp8 KV scales are set by the first step with a
         prefill, from its keys and values. ``graph_max_tokens``: prefill and mixed steps of up to
         this many tokens replay CUDA graphs (CUDA, not ``enforce_eager``, fused model): ``graph_mode``
-        "piecewise" (attention eager between them) or "full" (attention captured too)."""
+        "piecewise" (attention eager between them) or "full" (attention captured too).
+        ``max_num_batched_tokens``: the largest eager step, whose GEMMs the warm-up loads."""
         self.model = model
         self.kv_calibration = kv_calibration
         self.allocator = allocator
@@ -163,6 +176,8 @@ class ModelRunner:
         self.table = self.tables[0]
         self.graphs = None
         self.max_model_len = max_model_len
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
         self.last_prep_s = 0.0
         self.staging = HostStaging(self.device)
         if self.device.type == "cuda":
@@ -235,10 +250,38 @@ class ModelRunner:
                 pos = torch.cat([torch.arange(c - q, c, device=self.device) for q, c in zip(qs, ctx)])
                 hidden = self.model(ids, pos, meta, caches)
                 self.model.compute_logits(hidden[meta.query_start_loc[1:].long() - 1]).argmax(-1)
+            self.warm_gemms()
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
         except Exception as e:  # an optimisation only: a shape it cannot run is compiled when met
             log.warning("kernel warm-up stopped early: %r", e)
+
+    @torch.inference_mode()
+    def warm_gemms(self) -> list[tuple[int, tuple[int, int]]]:
+        """Run the logits GEMM at every number of sampled rows (1 to max_num_seqs) and each
+        linear layer's GEMM at the token counts of eager steps (``eager_token_counts``); returns
+        the (rows, weight shape) pairs run. cuBLAS picks its kernel by shape, and the driver loads
+        a kernel at its first launch (lazy module loading), which waits for the device to go
+        idle: inside a run, that stalls the step in flight behind it (measured on an H200: 15-350
+        ms launches in an offline run's first prefill wave, `experiments/profile_wave.py`)."""
+        top = self.mixed_graphs.sizes[-1] if self.mixed_graphs is not None and self.mixed_graphs.sizes else 0
+        counts = eager_token_counts(top, self.max_num_batched_tokens)
+        linears = {}
+        for m in self.model.model.modules():
+            if isinstance(m, torch.nn.Linear):
+                linears.setdefault((tuple(m.weight.shape), m.bias is not None, m.weight.dtype), m)
+        head = self.model.lm_head.weight
+        width = max([head.shape[1]] + [shape[1] for shape, _, _ in linears])
+        flat = torch.zeros(max([self.max_num_seqs, *counts]) * width, dtype=head.dtype, device=self.device)
+        done = []  # inputs contiguous, as in a step: cuBLAS may choose by leading dimension too
+        for r in range(1, self.max_num_seqs + 1):
+            self.model.compute_logits(flat[:r * head.shape[1]].view(r, head.shape[1])).argmax(-1)
+            done.append((r, tuple(head.shape)))
+        for n in counts:
+            for (shape, _, _), lin in linears.items():
+                lin(flat[:n * shape[1]].view(n, shape[1]))
+                done.append((n, shape))
+        return done
 
     def _metadata(self, inputs: BatchInputs, group: int = 0) -> AttentionMetadata:
         dev = self.staging.to_device

@@ -1,6 +1,7 @@
 """Where an offline run's first prefill wave spends its time (GPU).
 
-    python -m experiments.profile_wave model=qwen3-0.6b allocator=paged engine.async_scheduling=true [--steps 6]
+    python -m experiments.profile_wave model=qwen3-0.6b allocator=paged engine.async_scheduling=true [--steps 6] \
+        [--no-warm-gemms]
 
 Builds the engine of a ``kvlab run`` config (overrides as for ``kvlab run``; the sim-validation
 setup by default) and runs its workload three times, all requests at t=0: the first ``--steps``
@@ -49,6 +50,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("overrides", nargs="*")
     ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--no-warm-gemms", action="store_true",
+                    help="the engine as before ModelRunner.warm_gemms (its start-up leaves GEMM shapes cold)")
     a = ap.parse_args(argv)
     import torch
 
@@ -57,6 +60,10 @@ def main(argv=None) -> None:
     from experiments.workloads import make_workload, tokenize_requests
 
     cfg = compose([*SETUP, *a.overrides])
+    if a.no_warm_gemms:
+        from engine.runner import ModelRunner
+
+        ModelRunner.warm_gemms = lambda self: []
     eng = build_engine(cfg)
     specs = tokenize_requests(make_workload(dict(cfg.workload), eng.model_config.vocab_size, eng.max_model_len),
                               eng.tokenizer.encode, eng.max_model_len)
@@ -70,6 +77,11 @@ def main(argv=None) -> None:
         if CALLS.search(e.key):
             print(f"  CPU {e.key}: {e.count} calls, {e.cpu_time_total / 1e3:.2f} ms")
     print(avg.table(sort_by="self_cpu_time_total", row_limit=30))
+    events = prof.events()
+    gemms = [e.time_range for e in events if e.name in ("aten::mm", "aten::addmm")]
+    loads = [e.time_range for e in events if e.name == "Lazy Function Loading"]
+    print(f"kernels loaded at first launch (lazy loading): {len(loads)}, inside a GEMM call: "
+          f"{sum(any(g.start <= t.start <= g.end for g in gemms) for t in loads)}")
     print("CPU calls of 1 ms or more (the innermost ones), with where they were made:")
     long = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CPU
             and e.time_range.elapsed_us() >= 1000 and not any(c.time_range.elapsed_us() >= 1000 for c in e.cpu_children)]

@@ -57,3 +57,36 @@ def test_warmup_covers_every_attention_variant_of_a_mixed_step(group):
 def test_warmup_block_table_has_the_engines_width():
     m = contiguous_metadata(Addressing.PAGED, [5, 1], [5, 17], "cpu", block_size=4, table_width=16)
     assert m.block_table.shape == (2, 16) and m.block_table[1, :5].tolist() == [2, 3, 4, 5, 6]
+
+
+def test_eager_token_counts_cover_the_steps_above_the_graphs():
+    from engine.runner import eager_token_counts
+
+    assert eager_token_counts(2048, 8192) == list(range(2176, 8193, 128))
+    assert eager_token_counts(2048, 8000)[-1] == 8000  # the largest step itself
+    assert eager_token_counts(8192, 8192) == []  # every step replays a graph
+    assert eager_token_counts(0, 512) == [1, 2, 4, 8, 16, 32, 64, 128, 256, 384, 512]  # all eager
+
+
+def test_warm_gemms_runs_every_sampled_row_count_and_each_linear_at_eager_counts():
+    """The logits GEMM at 1..max_num_seqs rows; every distinct linear layer at every eager token
+    count (no graphs on the CPU: all of them up to max_num_batched_tokens)."""
+    eng = LLMEngine(EngineConfig(model="tiny-llama", allocator="paged", device="cpu", kv_cache_tokens=2048,
+                                 max_model_len=256, max_num_seqs=8, max_num_batched_tokens=300))
+    runner = eng.runner
+    calls = []
+    originals = {}
+    for m in runner.model.modules():
+        if isinstance(m, torch.nn.Linear) and m not in originals:
+            originals[m] = m.forward
+            m.forward = (lambda f, w: lambda x: (calls.append((x.shape[0], tuple(w.shape), x.is_contiguous())), f(x))[1])(
+                m.forward, m.weight)
+    done = runner.warm_gemms()
+    head = tuple(runner.model.lm_head.weight.shape)
+    assert [r for r, s in done if s == head][:8] == list(range(1, 9))
+    shapes = {tuple(m.weight.shape) for m in runner.model.model.modules() if isinstance(m, torch.nn.Linear)}
+    counts = [1, 2, 4, 8, 16, 32, 64, 128, 256, 300]
+    for shape in shapes:
+        assert sorted({n for n, s, _ in calls if s == shape}) == counts
+    assert all(contiguous for _, _, contiguous in calls)
+    assert {(n, s) for n, s, _ in calls} == set(done)

@@ -51,6 +51,10 @@
 #                                                     # asynchronous) with graphs up to 2048 tokens (the default)
 #                                                     # and up to 8192 (engine.cuda_graph_max_tokens=8192),
 #                                                     # alternating, qwen3-0.6b twice each, llama3-8b once each
+#   bash results/engine/device_session.sh warmgemm    # after ModelRunner.warm_gemms: its GPU test and the engine's
+#                                                     # graphs/async GPU tests; the first prefill wave (profile_wave,
+#                                                     # qwen3-0.6b paged async) without (--no-warm-gemms) and with it;
+#                                                     # llama3-8b with graphs up to 8192 tokens, with it
 # Outputs accumulate in $KVE (default /tmp/kve) on the machine; each part tars them into $OUT.
 set -uo pipefail
 part=${1:?tests or throughput}
@@ -221,6 +225,17 @@ for d in sorted(p for p in pathlib.Path(sys.argv[1]).iterdir() if p.is_dir()):
 PY
     nvidia-smi --query-gpu=uuid --format=csv,noheader >"$runs/g8k/machine.txt"
     tar -czf "$out/graphs8k.tgz" -C "$runs" g8k
+    ;;
+warmgemm)
+    python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_engine.py -k "lazily or graphs_equal or async_scheduling_equals" \
+        2>&1 | tee "$out/gpu_tests_warmgemm.log" | tail -3
+    for x in "qwen3-0.6b 2048 --no-warm-gemms" "qwen3-0.6b 2048" "llama3-8b 8192"; do
+        set -- $x
+        timeout 150 python3 -m experiments.profile_wave model=$1 allocator=paged engine.async_scheduling=true \
+            engine.cuda_graph_max_tokens=$2 progress=false ${3:-} 2>&1 | grep -v USDT >"$out/wave_$1_g$2${3:+_cold}.log"
+        echo "== $1 graphs up to $2 ${3:-(warm GEMMs)}: exit $?"
+        grep -h -A7 "^wave1\|^wave3" "$out/wave_$1_g$2${3:+_cold}.log"; grep -h "lazy loading" "$out/wave_$1_g$2${3:+_cold}.log"
+    done
     ;;
 newkv)
     timeout 150 python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_kernels_triton.py \
