@@ -393,8 +393,7 @@ def _check_resolves(cfg) -> None:
 
 
 def _check_protocol(cfg) -> None:
-    """``repeats`` a whole number >= 1, ``measure.warmup_s`` null or >= 0, ``measure.clock_warmup_s``
-    0 to 60."""
+    """``repeats`` a whole number >= 1, ``measure.warmup_s`` null or >= 0."""
     repeats = cfg.get("repeats", 1)
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise UserError(f"repeats={repeats}: give the number of runs, 1 or more (seeds seed, seed+1, ...)")
@@ -402,10 +401,6 @@ def _check_protocol(cfg) -> None:
     if warmup is not None and (isinstance(warmup, bool) or not isinstance(warmup, (int, float)) or not warmup >= 0):
         raise UserError(f"measure.warmup_s={warmup}: give seconds >= 0, or null to start the steady-state "
                         "window where the pool or the batch first saturates")
-    clock = (cfg.get("measure") or {}).get("clock_warmup_s", 0.5)
-    if isinstance(clock, bool) or not isinstance(clock, (int, float)) or not 0 <= clock <= 60:
-        raise UserError(f"measure.clock_warmup_s={clock}: give seconds from 0 to 60 of device work before a real "
-                        "GPU run (0: none)")
 
 
 def check_config(cfg) -> None:

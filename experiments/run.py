@@ -106,10 +106,7 @@ def config_hash(cfg: DictConfig) -> str:
     if cfg.mode != "simulate":
         d.pop("sim", None)
     d.pop("repeats", None)  # each repeat is a run of its own seed: more repeats resume the first ones
-    measure = d.get("measure") or {}
-    if measure.get("clock_warmup_s") == 0.5:
-        measure.pop("clock_warmup_s")  # the default protocol: runs made before the key existed keep their hash
-    if measure.get("warmup_s") is None and not set(measure) - {"warmup_s"}:
+    if (d.get("measure") or {}).get("warmup_s") is None:
         d.pop("measure", None)  # the default window: runs made before it existed keep their hash
     if (d.get("engine") or {}).get("async_scheduling") is False:
         d["engine"].pop("async_scheduling")  # likewise: synchronous runs made before the key existed
@@ -285,7 +282,6 @@ def _run_one(cfg: DictConfig, out: Path, sweep_dir: str | Path | None = None,
 
     import torch
 
-    from experiments.device_clocks import warm_clocks
     from experiments.driver import cyclic_gc_paused, drive
     from experiments.metrics import WindowRule, host_tier_summary, requests_frame, summarize, write_steps
     from experiments.workloads import make_workload, tokenize_requests
@@ -304,10 +300,7 @@ def _run_one(cfg: DictConfig, out: Path, sweep_dir: str | Path | None = None,
                 from tqdm import tqdm
 
                 bar = tqdm(total=len(specs), desc=str(cfg.run_name), unit="req", leave=False, mininterval=0.5)
-            clock_warm = 0.0
             try:
-                if cfg.mode != "simulate":
-                    clock_warm = warm_clocks(engine.device, (cfg.get("measure") or {}).get("clock_warmup_s", 0.5))
                 t0, t_end = drive(engine, specs, seed=cfg.seed, advance_idle=getattr(engine, "advance_idle", None),
                                   on_finish=bar.update if bar else None)
             finally:
@@ -316,7 +309,6 @@ def _run_one(cfg: DictConfig, out: Path, sweep_dir: str | Path | None = None,
             requests = requests_frame(engine.finished_requests, t0)
             summary = summarize(requests, None, t_end - t0)  # the step figures come from write_steps
             summary.update(engine.accountant.summary())
-            summary["clock_warmup_s"] = round(clock_warm, 3)  # device work before t0 (measure.clock_warmup_s)
             # steps.parquet streamed chunk by chunk (written before summary.json, which marks completion)
             window = WindowRule(last_arrival_s=max((s.arrival_s for s in specs), default=0.0),
                                 warmup_s=(cfg.get("measure") or {}).get("warmup_s"))

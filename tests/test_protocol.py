@@ -219,39 +219,3 @@ def test_report_lists_the_repeats_that_did_not_finish(tmp_path):
     found, skipped = report.find_runs(tmp_path)
     assert found == [run / "rep0" / "summary.json"]
     assert sorted(Path(s.run_dir).name for s in skipped) == ["rep1", "rep2"]  # not the run folder itself
-
-
-@pytest.mark.parametrize("value", ["-1", "61", "true", "abc"])
-def test_clock_warmup_must_be_seconds_from_0_to_60(value):
-    from experiments.preflight import UserError, check_config
-    from experiments.run import compose
-
-    cfg = compose(["mode=simulate", "progress=false", f"measure.clock_warmup_s={value}"])
-    with pytest.raises(UserError, match="measure.clock_warmup_s"):
-        check_config(cfg)
-
-
-def test_clock_warmup_default_keeps_older_hashes_and_is_no_op_off_gpu():
-    """The default (0.5 s) hashes as configs made before the key existed; another value is another
-    run. Off a GPU the warm-up does nothing."""
-    from omegaconf import OmegaConf, open_dict
-
-    from experiments.device_clocks import warm_clocks
-    from experiments.run import compose, config_hash
-
-    cfg = compose(["mode=simulate", "progress=false"])
-    assert cfg.measure.clock_warmup_s == 0.5
-    older = OmegaConf.create(OmegaConf.to_container(cfg))
-    with open_dict(older):
-        del older.measure["clock_warmup_s"]
-    assert config_hash(cfg) == config_hash(older)
-    assert config_hash(compose(["mode=simulate", "progress=false", "measure.clock_warmup_s=0"])) != config_hash(cfg)
-    assert warm_clocks("cpu", 5.0) == 0.0
-
-
-@pytest.mark.gpu
-def test_clock_warmup_keeps_the_gpu_busy_for_its_seconds():
-    from experiments.device_clocks import warm_clocks
-
-    spent = warm_clocks("cuda", 0.3)
-    assert 0.3 <= spent < 1.5

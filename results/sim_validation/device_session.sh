@@ -65,7 +65,8 @@
 #       real engine on one machine (llama3-8b)
 #   BUDGET_S=330 bash results/sim_validation/device_session.sh asyncrepeats  # a second real run of every
 #                                                           # async configuration (real-2/), on another machine
-# Session of 2026-12-04 (second): real runs start after measure.clock_warmup_s (0.5 s) of device work
+# Session of 2026-12-04 (second), at commit 510eb57 (real runs then started after measure.clock_warmup_s, 0.5 s of
+# device work; the key was removed after clockdiag showed it made no difference, so clockdiag no longer runs):
 #   bash results/sim_validation/device_session.sh clockdiag  # qwen3-0.6b paged offline async, without and with
 #       the clock warm-up, twice each alternately: first steps and mean TTFT; the warm-up's GPU test
 #   QWEN_REPS=3 LLAMA_REPS=3 BUDGET_S=420 bash results/sim_validation/device_session.sh asyncrepeats  # real-3/
