@@ -250,22 +250,32 @@ class ModelRunner:
                 pos = torch.cat([torch.arange(c - q, c, device=self.device) for q, c in zip(qs, ctx)])
                 hidden = self.model(ids, pos, meta, caches)
                 self.model.compute_logits(hidden[meta.query_start_loc[1:].long() - 1]).argmax(-1)
-            self.warm_gemms()
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
         except Exception as e:  # an optimisation only: a shape it cannot run is compiled when met
             log.warning("kernel warm-up stopped early: %r", e)
+        try:
+            self.warm_gemms()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+        except Exception as e:  # likewise: a GEMM shape it did not run is loaded when met
+            log.warning("GEMM warm-up stopped early: %r", e)
 
     @torch.inference_mode()
     def warm_gemms(self) -> list[tuple[int, tuple[int, int]]]:
         """Run the logits GEMM at every number of sampled rows (1 to max_num_seqs) and each
-        linear layer's GEMM at the token counts of eager steps (``eager_token_counts``); returns
-        the (rows, weight shape) pairs run. cuBLAS picks its kernel by shape, and the driver loads
+        linear layer's GEMM at the token counts of eager steps (``eager_token_counts``; with no
+        decode graphs, every batch size too); returns the (rows, weight shape) pairs run. A grid,
+        not every count: one qwen3-0.6b eager count still loaded a kernel in its first wave. cuBLAS picks its kernel by shape, and the driver loads
         a kernel at its first launch (lazy module loading), which waits for the device to go
         idle: inside a run, that stalls the step in flight behind it (measured on an H200: 15-350
         ms launches in an offline run's first prefill wave, `experiments/profile_wave.py`)."""
         top = self.mixed_graphs.sizes[-1] if self.mixed_graphs is not None and self.mixed_graphs.sizes else 0
+        if self.kv_calibration:
+            top = 0  # the calibrating step (the first with a prefill) runs eager at any size
         counts = eager_token_counts(top, self.max_num_batched_tokens)
+        if self.graphs is None:  # decode steps run eager too, at every batch size
+            counts = sorted(set(counts) | set(range(1, self.max_num_seqs + 1)))
         linears = {}
         for m in self.model.model.modules():
             if isinstance(m, torch.nn.Linear):
@@ -279,7 +289,8 @@ class ModelRunner:
             done.append((r, tuple(head.shape)))
         for n in counts:
             for (shape, _, _), lin in linears.items():
-                lin(flat[:n * shape[1]].view(n, shape[1]))
+                # the GEMM alone: a tensor-parallel layer's forward would add a collective
+                torch.nn.functional.linear(flat[:n * shape[1]].view(n, shape[1]), lin.weight, lin.bias)
                 done.append((n, shape))
         return done
 
