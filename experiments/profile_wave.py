@@ -24,6 +24,15 @@ CALLS = re.compile(r"Synchronize|cudaMemcpy(?!Async)|aten::item|_local_scalar_de
                    r"cudaHostRegister|cudaLaunchKernel|cuLaunchKernel|cudaGraphLaunch")
 
 
+def lazy_gemm_loads(events) -> tuple[int, int]:
+    """(kernels loaded at their first launch, how many of them inside a GEMM call) among a
+    torch.profiler run's events (CPU and CUDA activities). A load is an activity record of its
+    own, not a child op: it is placed by time inside an ``aten::mm`` / ``aten::addmm`` call."""
+    gemms = [e.time_range for e in events if e.name in ("aten::mm", "aten::addmm")]
+    loads = [e.time_range for e in events if e.name == "Lazy Function Loading"]
+    return len(loads), sum(any(g.start <= t.start <= g.end for g in gemms) for t in loads)
+
+
 def _wave(eng, specs, seed: int, tag: str, steps: int, wrap=None) -> None:
     from experiments.driver import sampling_params
 
@@ -77,11 +86,8 @@ def main(argv=None) -> None:
         if CALLS.search(e.key):
             print(f"  CPU {e.key}: {e.count} calls, {e.cpu_time_total / 1e3:.2f} ms")
     print(avg.table(sort_by="self_cpu_time_total", row_limit=30))
-    events = prof.events()
-    gemms = [e.time_range for e in events if e.name in ("aten::mm", "aten::addmm")]
-    loads = [e.time_range for e in events if e.name == "Lazy Function Loading"]
-    print(f"kernels loaded at first launch (lazy loading): {len(loads)}, inside a GEMM call: "
-          f"{sum(any(g.start <= t.start <= g.end for g in gemms) for t in loads)}")
+    loads, inside = lazy_gemm_loads(prof.events())
+    print(f"kernels loaded at first launch (lazy loading): {loads}, inside a GEMM call: {inside}")
     print("CPU calls of 1 ms or more (the innermost ones), with where they were made:")
     long = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CPU
             and e.time_range.elapsed_us() >= 1000 and not any(c.time_range.elapsed_us() >= 1000 for c in e.cpu_children)]

@@ -195,28 +195,51 @@ def test_decode_batches_launched_longest_first_equal_as_scheduled_on_gpu(qwen3_0
     assert any(x != sorted(x, reverse=True) for x in seen[1])
 
 
+_WAVE = """
+import json, sys
+import torch
+from engine import LLM, SamplingParams
+from engine.runner import ModelRunner
+from experiments.profile_wave import lazy_gemm_loads
+
+path, warm = sys.argv[1], sys.argv[2] == "warm"
+if not warm:
+    ModelRunner.warm_gemms = lambda self: []
+llm = LLM(path, device="cuda", dtype="bfloat16", max_model_len=1024, max_num_seqs=64, kv_cache_tokens=64 * 1024,
+          max_num_batched_tokens=4096, cuda_graph_max_tokens=1024, async_scheduling=True)
+eng = llm.engine
+g = torch.Generator().manual_seed(4)
+for i, n in enumerate(torch.randint(20, 1000, (64,), generator=g).tolist()):
+    eng.add_request(str(i), torch.randint(4, 1000, (n,), generator=g).tolist(),
+                    SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                        torch.profiler.ProfilerActivity.CUDA]) as prof:
+    while eng.has_unfinished_requests():
+        eng.step()
+loads, inside = lazy_gemm_loads(prof.events())
+print(json.dumps(dict(loads=loads, inside=inside, max_prefill=max(r.prefill_tokens for r in eng.step_records))))
+"""
+
+
+def _first_wave(path: str, warm: bool) -> dict:
+    """A first wave of 64 ragged prompts (eager steps above the graphs, a new number of sampled rows
+    each step) in a fresh process (kernels load once a process), with or without ``warm_gemms``."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    proc = subprocess.run([sys.executable, "-c", _WAVE, path, "warm" if warm else "cold"], capture_output=True,
+                          text=True, timeout=600, cwd=Path(__file__).resolve().parent.parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def test_first_prefill_wave_loads_no_gemm_kernel_lazily(qwen3_06b_shape):
-    """The warm-up ran every GEMM shape a step can have (``ModelRunner.warm_gemms``): the first
-    wave of ragged prompts (eager steps above the graphs, sampling a new number of rows each step)
-    loads no GEMM kernel at its first launch, the load that waits for the device to go idle."""
+    """With the warm-up's GEMMs (``ModelRunner.warm_gemms``) the first wave loads no GEMM kernel at
+    its first launch (the load waits for the device to go idle); without them it does (the control)."""
     path, _ = qwen3_06b_shape
-    llm = LLM(path, device="cuda", dtype="bfloat16", max_model_len=1024, max_num_seqs=64, kv_cache_tokens=64 * 1024,
-              max_num_batched_tokens=4096, cuda_graph_max_tokens=1024, async_scheduling=True)
-    eng = llm.engine
-    g = torch.Generator().manual_seed(4)
-    for i, n in enumerate(torch.randint(20, 1000, (64,), generator=g).tolist()):
-        eng.add_request(str(i), torch.randint(4, 1000, (n,), generator=g).tolist(),
-                        SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
-        while eng.has_unfinished_requests():
-            eng.step()
-    records = eng.step_records
-    assert max(r.prefill_tokens for r in records) > 1024  # eager steps were among them
-    events = prof.events()
-    gemms = [e.time_range for e in events if e.name in ("aten::mm", "aten::addmm")]
-    loads = [e.time_range for e in events if e.name == "Lazy Function Loading"]
-    assert gemms
-    # a load is an activity record of its own, not a child op: placed by time inside a GEMM call
-    lazy = [t for t in loads if any(g.start <= t.start <= g.end for g in gemms)]
-    assert lazy == []
+    warm, cold = _first_wave(path, True), _first_wave(path, False)
+    assert warm["max_prefill"] > 1024  # eager steps were among them
+    assert cold["inside"] > 0, cold
+    assert warm["inside"] == 0, warm
