@@ -58,7 +58,6 @@ SAMPLE_ROWS = [1, 8, 32, 64, 128, 256]
 COPY_BYTES = [1 << s for s in range(16, 29, 2)]  # 64 KiB .. 256 MiB
 L2_ROTATE_BYTES = 256 << 20
 MIXED_MAX_QUERY = 64
-PIECEWISE_MAX_TOKENS = 2048  # the engine's default cuda_graph_max_tokens
 RAGGED_BATCHES = [4, 8, 16, 32, 64, 128, 256]
 RAGGED_MEANS = [300, 700]
 RAGGED_DISTS = ("uniform", "lognormal", "twopoint")
@@ -390,7 +389,7 @@ def _rows_mixed_graphs(timer: Timer, model, caches, name: str, device, mode: str
     from engine.piecewise_graphs import PiecewiseGraphs
     from kernels.metadata import Addressing, contiguous_metadata
 
-    queries = [q for q in PREFILL_QUERIES if q <= PIECEWISE_MAX_TOKENS]
+    queries = [q for q in PREFILL_QUERIES if q <= EngineConfig.cuda_graph_max_tokens]  # the engine's default
     if mode == "full":
         # sequences padded to the engine's default max_num_seqs, as its graphs pad them
         graphs = FullGraphs(model, caches, max(queries), device, mode=Addressing.LINEAR,
