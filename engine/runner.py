@@ -265,11 +265,13 @@ class ModelRunner:
     def warm_gemms(self) -> list[tuple[int, tuple[int, int]]]:
         """Run the logits GEMM at every number of sampled rows (1 to max_num_seqs) and each
         linear layer's GEMM at the token counts of eager steps (``eager_token_counts``; with no
-        decode graphs, every batch size too); returns the (rows, weight shape) pairs run. A grid,
-        not every count: one qwen3-0.6b eager count still loaded a kernel in its first wave. cuBLAS picks its kernel by shape, and the driver loads
-        a kernel at its first launch (lazy module loading), which waits for the device to go
-        idle: inside a run, that stalls the step in flight behind it (measured on an H200: 15-350
-        ms launches in an offline run's first prefill wave, `experiments/profile_wave.py`)."""
+        decode graphs, every batch size too); returns the (rows, weight shape) pairs run.
+
+        cuBLAS picks its kernel by shape, and the driver loads a kernel at its first launch (lazy
+        module loading), which waits for the device to go idle: inside a run, that stalls the step
+        in flight behind it (measured on an H200: 15-350 ms launches in an offline run's first
+        prefill wave, ``experiments/profile_wave.py``). A grid, not every count: one qwen3-0.6b
+        eager count still loaded a kernel in its first wave."""
         top = self.mixed_graphs.sizes[-1] if self.mixed_graphs is not None and self.mixed_graphs.sizes else 0
         if self.kv_calibration:
             top = 0  # the calibrating step (the first with a prefill) runs eager at any size

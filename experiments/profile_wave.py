@@ -34,6 +34,8 @@ def lazy_gemm_loads(events) -> tuple[int, int]:
 
 
 def _wave(eng, specs, seed: int, tag: str, steps: int, wrap=None) -> None:
+    import torch
+
     from experiments.driver import sampling_params
 
     first = len(eng.step_records)
@@ -43,8 +45,6 @@ def _wave(eng, specs, seed: int, tag: str, steps: int, wrap=None) -> None:
         with wrap:
             for _ in range(steps):
                 eng.step()
-            import torch
-
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
     while eng.has_unfinished_requests():
@@ -63,6 +63,7 @@ def main(argv=None) -> None:
                     help="the engine as before ModelRunner.warm_gemms (its start-up leaves GEMM shapes cold)")
     a = ap.parse_args(argv)
     import torch
+    from omegaconf import OmegaConf
 
     from experiments.profile_step import device_busy
     from experiments.run import build_engine, compose
@@ -74,7 +75,8 @@ def main(argv=None) -> None:
 
         ModelRunner.warm_gemms = lambda self: []
     eng = build_engine(cfg)
-    specs = tokenize_requests(make_workload(dict(cfg.workload), eng.model_config.vocab_size, eng.max_model_len),
+    workload = OmegaConf.to_container(cfg.workload, resolve=True)
+    specs = tokenize_requests(make_workload(workload, eng.model_config.vocab_size, eng.max_model_len),
                               eng.tokenizer.encode, eng.max_model_len)
     prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA],
                                   with_stack=True)
