@@ -155,11 +155,16 @@ def _resume(summary_path: Path, cfg_hash: str) -> dict | None:
             f"{summary_path} holds a run of a different configuration (config_hash {done.get('config_hash')} "
             f"!= {cfg_hash}): give this run its own folder (hydra.run.dir / hydra.sweep.dir) or set resume=false "
             "to overwrite it")
-    missing = [n for n in ("steps.parquet", "requests.parquet") if not (summary_path.parent / n).exists()]
+    missing = missing_tables(summary_path.parent)
     if missing:  # a run's tables were removed (e.g. simulate's, not committed): make it again
         log.info("running %s again: its %s is missing", summary_path.parent, " and ".join(missing))
         return None
     return done
+
+
+def missing_tables(run_dir: Path) -> list[str]:
+    """The tables a finished run writes before its summary.json that ``run_dir`` lacks."""
+    return [n for n in ("steps.parquet", "requests.parquet") if not (Path(run_dir) / n).exists()]
 
 
 HOST_TIER_DEFAULTS = {"host_kv_cache_memory": 0, "host_kv_cache_tokens": None, "host_tier_policy": "lru",

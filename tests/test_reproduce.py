@@ -126,3 +126,19 @@ def test_ratio_row_bounds():
     r = rp.ratio_row("pagedattention", "Fig. 17", "vLLM / Orca-Oracle rate at equal latency", data, rates)
     assert r.bound == "" and r.kvlab == pytest.approx((1 + 0.19 / 0.29) / 1.0)
     assert r.verdict == "differs"  # 1.66 vs 2.0
+
+
+def test_a_run_missing_its_tables_counts_as_ran_not_resumed(tmp_path):
+    """``run`` counts a folder as resumed only where the run is finished (summary and tables): one
+    whose tables were removed runs again and counts as made by this invocation."""
+    from experiments.reproduce.core import Ctx, run
+
+    ctx = Ctx(paper="t", runs=tmp_path, out=tmp_path / "out", repeats=1, quick=True, mode="simulate")
+    over = ["model=tiny-llama", "workload.num_requests=6", "device=cpu"]
+    run(ctx, "s", "c", over)
+    assert (ctx.ran, ctx.resumed) == (1, 0)
+    run(ctx, "s", "c", over)
+    assert (ctx.ran, ctx.resumed) == (1, 1)
+    next((tmp_path / "s" / "c").rglob("steps.parquet")).unlink()
+    run(ctx, "s", "c", over)
+    assert (ctx.ran, ctx.resumed) == (2, 1)

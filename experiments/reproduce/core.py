@@ -143,7 +143,7 @@ def run(ctx: Ctx, study: str, name: str, overrides: list[str], rate: float | Non
         num_requests: int | None = None) -> list[dict]:
     """One configuration, ``ctx.repeats`` seeds, into runs/<study>/<name>/: the summaries (resumed
     where finished)."""
-    from experiments.run import compose, run_experiment
+    from experiments.run import compose, missing_tables, run_experiment
 
     ov = [*overrides, f"repeats={ctx.repeats}", "progress=false", "report=false"]
     if ctx.mode != "simulate":
@@ -156,7 +156,7 @@ def run(ctx: Ctx, study: str, name: str, overrides: list[str], rate: float | Non
             ov.append(f"measure.warmup_s={0.1 * num_requests / rate:.6g}")
     t = time.perf_counter()
     folder = ctx.runs / study / name
-    done = sum(1 for _ in folder.glob("**/summary.json")) if folder.is_dir() else 0
+    done = sum(not missing_tables(p.parent) for p in folder.glob("**/summary.json")) if folder.is_dir() else 0
     res = run_experiment(compose(ov), folder)
     ctx.log.append(f"{study}/{name}: {time.perf_counter() - t:.1f} s")
     summaries = res["repeats"] if "repeats" in res else [res]
