@@ -156,8 +156,10 @@ def _resume(summary_path: Path, cfg_hash: str) -> dict | None:
             f"!= {cfg_hash}): give this run its own folder (hydra.run.dir / hydra.sweep.dir) or set resume=false "
             "to overwrite it")
     missing = missing_tables(summary_path.parent)
-    if missing:  # a run's tables were removed (e.g. simulate's, not committed): make it again
+    if missing:  # a run's tables were removed (e.g. simulate's, not committed): make it again, its
+        # old summary gone first, so that an interrupted rerun leaves an unfinished folder, not a mix
         log.info("running %s again: its %s is missing", summary_path.parent, " and ".join(missing))
+        summary_path.unlink()
         return None
     return done
 

@@ -119,8 +119,12 @@ def test_resume_runs_again_where_the_tables_are_missing(tmp_path):
     again and writes its tables."""
     from experiments.run import run_experiment
 
+    from experiments.run import _resume, config_hash
+
     first = run_experiment(_compose(), tmp_path)
     (tmp_path / "steps.parquet").unlink()
+    assert _resume(tmp_path / "summary.json", config_hash(_compose())) is None
+    assert not (tmp_path / "summary.json").exists()  # an interrupted rerun leaves no old summary beside new tables
     again = run_experiment(_compose(), tmp_path)
     assert (tmp_path / "steps.parquet").exists() and again["wall_time_s"] != first["wall_time_s"]
 
