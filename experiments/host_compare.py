@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+
 def compare(profile, steps: pd.DataFrame, *, model: str, allocator: str, scheduling: str = "sync",
             block_size: int = 16, graph_max_tokens: int = 2048, graph_mode: str = "full") -> pd.DataFrame:
     """One row per (step kind, batch bin) present on both sides: counts, medians of host work and
