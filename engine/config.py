@@ -44,7 +44,7 @@ class EngineConfig:
     enforce_eager: bool = False
     # prefill and mixed steps of up to this many tokens replay CUDA graphs (cuda_graph_mode);
     # 0: they run eagerly. Decode steps have their own.
-    cuda_graph_max_tokens: int = 2048
+    cuda_graph_max_tokens: int = 8192
     # full: one graph per size, attention captured too (engine/full_graphs.py; the step costs one
     # replay, not 2 L launches from Python); piecewise: attention runs eagerly between the graphs
     cuda_graph_mode: str = "full"

@@ -311,9 +311,6 @@ def _rows_model(timer: Timer, name: str, pool: int, max_model_len: int, block_si
             # the same forward's device time alone (captured: no launch gaps)
             rows.append(dict(table="prefill_graph", model=name, mode="linear", query=t_q, context=t_q,
                              value=timer.graph([fwd])))
-        if device.type == "cuda":
-            rows += _rows_mixed_graphs(timer, model, caches, name, device, "piecewise")
-            rows += _rows_mixed_graphs(timer, model, caches, name, device, "full")
         for s in SAMPLE_ROWS:
             logits = torch.randn(s, mc.vocab_size, device=device)
             rows.append(dict(table="sample", model=name, batch=s, value=timer.graph([lambda: logits.argmax(-1)])))
@@ -378,6 +375,35 @@ def _fill_decode_graph(graphs, table, ctxs: list[int], bs: int, pool: int, gen, 
         graphs.slot_mapping[:b] = base + c - 1
 
 
+def _rows_graphs(timer: Timer, name: str, pool: int, device) -> list[dict]:
+    """``piecewise_forward`` and ``full_forward`` of the model as the engine builds it (CUDA only):
+    a part of its own (``graphs``), so that raising ``cuda_graph_max_tokens`` re-measures these alone."""
+    import torch
+
+    from engine.loader import load_model, resolve_config
+
+    mc = resolve_config(name)
+    queries = _graph_queries()
+    model = load_model(mc, name, max(queries), torch.bfloat16, str(device), 0)
+    model.fuse()
+    caches = [(torch.zeros(pool, mc.num_key_value_heads, mc.head_dim, dtype=torch.bfloat16, device=device),
+               torch.zeros(pool, mc.num_key_value_heads, mc.head_dim, dtype=torch.bfloat16, device=device))
+              for _ in range(mc.num_hidden_layers)]
+    with torch.inference_mode():
+        rows = (_rows_mixed_graphs(timer, model, caches, name, device, "piecewise")
+                + _rows_mixed_graphs(timer, model, caches, name, device, "full"))
+    del caches, model
+    torch.cuda.empty_cache()
+    return rows
+
+
+def _graph_queries() -> list[int]:
+    """The prefill sizes timed through the graphs: those the engine's default captures."""
+    from engine.config import EngineConfig
+
+    return [q for q in PREFILL_QUERIES if q <= EngineConfig.cuda_graph_max_tokens]
+
+
 def _rows_mixed_graphs(timer: Timer, model, caches, name: str, device, mode: str) -> list[dict]:
     """``piecewise_forward`` / ``full_forward``: a prefill chunk of ``query`` tokens through the
     engine's piecewise CUDA graphs (replays, eager attentions) or its full graphs (one replay,
@@ -389,7 +415,7 @@ def _rows_mixed_graphs(timer: Timer, model, caches, name: str, device, mode: str
     from engine.piecewise_graphs import PiecewiseGraphs
     from kernels.metadata import Addressing, contiguous_metadata
 
-    queries = [q for q in PREFILL_QUERIES if q <= EngineConfig.cuda_graph_max_tokens]  # the engine's default
+    queries = _graph_queries()
     if mode == "full":
         # sequences padded to the engine's default max_num_seqs, as its graphs pad them
         graphs = FullGraphs(model, caches, max(queries), device, mode=Addressing.LINEAR,
@@ -519,7 +545,8 @@ def main(argv: list[str] | None = None) -> int:
                          "uses for engine.async_scheduling=true)")
     ap.add_argument("--virtual-page-size", type=int, default=None, help="page size of the host-time run (bytes)")
     ap.add_argument("--reps", type=int, default=10)
-    ap.add_argument("--skip", default="", help="parts to leave out, comma-separated: host, gemm, models, ragged, copy, vmm")
+    ap.add_argument("--skip", default="", help="parts to leave out, comma-separated: host, gemm, models, graphs "
+                    "(prefill/mixed CUDA graphs), ragged, copy, vmm")
     ap.add_argument("--merge", default=None, help="an earlier profile: its tables not measured now are kept")
     ap.add_argument("--host-add", action="store_true",
                     help="with --merge: keep the earlier profile's host steps of the models and schedulings "
@@ -557,9 +584,10 @@ def main(argv: list[str] | None = None) -> int:
         old = load_profile(a.merge)
         measured = {"host": {"host"}, "gemm": {"gemm"}, "copy": {"copy"}, "vmm": {"vmm"}, "ragged": {"ragged"},
                     "models": {"attention", "eager_forward", "prefill_graph", "sample", "decode_graph",
-                               "decode_graph_ragged", "piecewise_forward", "piecewise_capture", "full_forward", "full_capture"}}
+                               "decode_graph_ragged"},
+                    "graphs": {"piecewise_forward", "piecewise_capture", "full_forward", "full_capture"}}
         redo = set().union(*(t for k, t in measured.items() if k not in skip))
-        per_model = redo & (measured["models"] | measured["ragged"])
+        per_model = redo & (measured["models"] | measured["ragged"] | measured["graphs"])
         keep = ~old.df["table"].isin(redo)
         if "model" in old.df:  # a model's tables measured now replace that model's: the others' stay
             keep |= old.df["table"].isin(per_model) & old.df["model"].notna() & ~old.df["model"].isin(models)
@@ -636,6 +664,9 @@ def main(argv: list[str] | None = None) -> int:
         for m in models if "models" not in skip else ():
             rows += _rows_model(timer, m, a.pool_tokens, a.max_model_len, block_sizes, device)
             say(f"model {m}")
+        for m in models if "graphs" not in skip and device.type == "cuda" else ():
+            rows += _rows_graphs(timer, m, a.pool_tokens, device)
+            say(f"graphs {m}")
         for m in models if "ragged" not in skip else ():
             from engine.loader import resolve_config
 

@@ -70,6 +70,10 @@
 #   bash results/sim_validation/device_session.sh clockdiag  # qwen3-0.6b paged offline async, without and with
 #       the clock warm-up, twice each alternately: first steps and mean TTFT; the warm-up's GPU test
 #   QWEN_REPS=3 LLAMA_REPS=3 BUDGET_S=420 bash results/sim_validation/device_session.sh asyncrepeats  # real-3/
+# Session of 2026-12-04 (third): prefill/mixed graphs up to 8,192 tokens the default (cuda_graph_max_tokens)
+#   BUDGET_S=... bash results/sim_validation/device_session.sh graphs8k  # the engine's GPU tests of the warm-up and
+#       the graphs, the profile's graph tables (full_forward to 8,192 tokens, merged), then asynchronous real runs
+#       of the six configurations in fresh folders (ALLOCS / LLAMA_ALLOCS: which; RUN_MODELS: which models)
 # Runs accumulate in $KVSV (default /tmp/kvsv) on the machine; each part tars them into $OUT.
 set -uo pipefail
 part=${1:?profile or llama}
@@ -117,7 +121,7 @@ llama)
 final)
     kv validate-sim model=qwen3-0.6b $B allocator=paged --rates 8 --online-requests 60 --no-offline --real-only \
         --label diag --out "$runs/diag" >"$runs/diag.log" 2>&1; echo "diag: exit $?"
-    kv profile --models qwen3-0.6b,llama3-8b --host-model llama3-8b --skip gemm,models,copy,vmm \
+    kv profile --models qwen3-0.6b,llama3-8b --host-model llama3-8b --skip gemm,models,graphs,copy,vmm \
         --merge results/profiles/nvidia-h200.parquet --out "$runs/nvidia-h200.parquet" 2>&1 | tee "$runs/profile_host_llama.log"
     python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_triton.py tests/test_vmm_cuda.py \
         tests/test_gpu_engine.py tests/test_gpu_serving.py 2>&1 | tee "$runs/gpu_tests_final.log" | tail -15
@@ -194,7 +198,7 @@ asynchost)
         2>&1 | tee "$runs/gpu_tests_async.log" | tail -4
     t_start=$(date +%s)  # the budget counts from here
     kv profile --models qwen3-0.6b,llama3-8b --host-model qwen3-0.6b,llama3-8b --host-scheduling async \
-        --skip gemm,models,copy,vmm --merge results/profiles/nvidia-h200.parquet \
+        --skip gemm,models,graphs,copy,vmm --merge results/profiles/nvidia-h200.parquet \
         --out "$runs/nvidia-h200.parquet" 2>&1 | tee "$runs/profile_host_async.log"
     mkdir -p "$runs/async"; B="$B engine.async_scheduling=true" SUB=async/ real qwen3-0.6b 8,96 60 1
     ;;
@@ -221,6 +225,22 @@ PY
     tar -czf "$out/clockdiag.tgz" -C "$runs" clockdiag
     exit 0
     ;;
+graphs8k)
+    if [ "${GPU_TESTS:-1}" = 1 ]; then
+        timeout 220 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_engine.py \
+            -k "lazily or graphs_equal or async_scheduling_equals_sync" 2>&1 | tee "$runs/gpu_tests_graphs8k.log" | tail -4
+    fi
+    if [ "${GRAPH_TABLES:-1}" = 1 ]; then
+        kv profile --models qwen3-0.6b,llama3-8b --skip host,gemm,models,ragged,copy,vmm \
+            --merge results/profiles/nvidia-h200.parquet --out "$runs/nvidia-h200.parquet" 2>&1 | tee "$runs/profile_graphs.log"
+    fi
+    t_start=$(date +%s)  # the budget counts from here
+    mkdir -p "$runs/async"; B="$B engine.async_scheduling=true"
+    for m in ${RUN_MODELS:-qwen3-0.6b llama3-8b}; do
+        if [ $m = qwen3-0.6b ]; then SUB=async/ real $m 8,96 60 ${REPS:-1}
+        else ALLOCS=${LLAMA_ALLOCS:-${ALLOCS:-paged contiguous virtual}} SUB=async/ real $m 4,32 50 ${REPS:-1}; fi
+    done
+    ;;
 asyncrepeats)  # in the committed async/ folders: validate-sim keeps run 1 and adds run 2
     meta=$runs runs=results/sim_validation
     B="$B engine.async_scheduling=true"
@@ -234,7 +254,7 @@ asyncrepeats)  # in the committed async/ folders: validate-sim keeps run 1 and a
     ;;
 host)
     kv profile --models qwen3-0.6b,llama3-8b --host-model qwen3-0.6b,llama3-8b --host-scheduling ${SCHED:-async} \
-        --skip gemm,models,ragged,copy,vmm --merge results/profiles/nvidia-h200.parquet ${HOST_ADD:+--host-add} \
+        --skip gemm,models,graphs,ragged,copy,vmm --merge results/profiles/nvidia-h200.parquet ${HOST_ADD:+--host-add} \
         --out "$runs/nvidia-h200.parquet" 2>&1 | tee "$runs/profile_host_${SCHED:-async}.log"
     ;;
 ragged)  # decode attention of ragged batches (bench_ragged), then as async2
@@ -255,7 +275,7 @@ syncsame)  # host steps and real runs on one machine, synchronous, one model a c
            # simulate then has the host time of the machine the runs ran on (host time differs 2-3x between
            # machines: README, session of 2026-12-03 fifth); the profile is merged into $runs, not committed as is
     m=${MODEL:?MODEL=qwen3-0.6b or llama3-8b}
-    kv profile --models qwen3-0.6b,llama3-8b --host-model $m --host-scheduling sync --skip gemm,models,ragged,copy,vmm \
+    kv profile --models qwen3-0.6b,llama3-8b --host-model $m --host-scheduling sync --skip gemm,models,graphs,ragged,copy,vmm \
         --merge results/profiles/nvidia-h200.parquet --out "$runs/nvidia-h200-$m-sync.parquet" 2>&1 | tail -3
     t_start=$(date +%s)
     if [ $m = qwen3-0.6b ]; then real $m 8,96 60 1; else real $m 4,32 50 1; fi
@@ -265,7 +285,7 @@ syncboth)  # syncsame for both models in one or two calls on ONE machine: the sy
            # second call on the same machine (machine.txt shows it) resumes the runs the first left (RESUME=1)
     if [ ! -f "$runs/nvidia-h200-sync-same.parquet" ]; then
         kv profile --models qwen3-0.6b,llama3-8b --host-model qwen3-0.6b,llama3-8b --host-scheduling sync \
-            --skip gemm,models,ragged,copy,vmm --merge results/profiles/nvidia-h200.parquet \
+            --skip gemm,models,graphs,ragged,copy,vmm --merge results/profiles/nvidia-h200.parquet \
             --out "$runs/nvidia-h200-sync-same.parquet" 2>&1 | tee "$runs/profile_host_sync.log" | tail -3
     fi
     t_start=$(date +%s)
@@ -279,7 +299,7 @@ syncdiag)  # the profile's synchronous host steps (llama3-8b, one sequence: 5.35
     timeout 100 python3 -m experiments.step_timing model=llama3-8b $B allocator=paged mode=online \
         workload.request_rate=4 workload.num_requests=50 --out "$runs/step_timing_sync" 2>&1 | tail -6
     timeout 220 python3 -m experiments.cli profile --models llama3-8b --host-model llama3-8b --host-scheduling sync \
-        --skip gemm,models,ragged,copy,vmm --out "$runs/sync_llama.parquet" 2>&1 | tail -3
+        --skip gemm,models,graphs,ragged,copy,vmm --out "$runs/sync_llama.parquet" 2>&1 | tail -3
     ;;
 full2)
     real llama3-8b 4,32 50 1
