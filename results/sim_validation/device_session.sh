@@ -74,6 +74,9 @@
 #   BUDGET_S=... bash results/sim_validation/device_session.sh graphs8k  # the engine's GPU tests of the warm-up and
 #       the graphs, the profile's graph tables (full_forward to 8,192 tokens, merged), then asynchronous real runs
 #       of the six configurations in fresh folders (ALLOCS / LLAMA_ALLOCS: which; RUN_MODELS: which models)
+#   bash results/sim_validation/device_session.sh graphs8k2  # qwen3-0.6b's asynchronous host steps with the new
+#       default (merged onto the graph tables' profile), the llama3-8b async runs graphs8k left, the lazy-load
+#       GPU test in the validation's config; each part archived into $OUT as it ends
 # Runs accumulate in $KVSV (default /tmp/kvsv) on the machine; each part tars them into $OUT.
 set -uo pipefail
 part=${1:?profile or llama}
@@ -240,6 +243,19 @@ graphs8k)
         if [ $m = qwen3-0.6b ]; then SUB=async/ real $m 8,96 60 ${REPS:-1}
         else ALLOCS=${LLAMA_ALLOCS:-${ALLOCS:-paged contiguous virtual}} SUB=async/ real $m 4,32 50 ${REPS:-1}; fi
     done
+    ;;
+graphs8k2)
+    kv profile --models qwen3-0.6b,llama3-8b --host-model qwen3-0.6b --host-scheduling async \
+        --skip gemm,models,graphs,ragged,copy,vmm --merge results/profiles/nvidia-h200.parquet \
+        --out "$runs/nvidia-h200.parquet" 2>&1 | tee "$runs/profile_host_async.log" | tail -4
+    tar -czf "$out/host.tgz" -C "$runs" nvidia-h200.parquet profile_host_async.log machine.txt
+    t_start=$(date +%s)
+    mkdir -p "$runs/async"; B="$B engine.async_scheduling=true"
+    ALLOCS=${LLAMA_ALLOCS:-contiguous virtual} SUB=async/ real llama3-8b 4,32 50 1
+    tar -czf "$out/llama.tgz" -C "$runs" async
+    timeout ${TEST_S:-150} python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_engine.py -k lazily \
+        2>&1 | tee "$out/gpu_test_lazily.log" | tail -4
+    exit 0
     ;;
 asyncrepeats)  # in the committed async/ folders: validate-sim keeps run 1 and adds run 2
     meta=$runs runs=results/sim_validation
