@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from engine import LLM, SamplingParams
+from engine.config import EngineConfig
 from experiments.parity import compare, hf_greedy, match_rate
 
 pytestmark = pytest.mark.gpu
@@ -202,13 +203,13 @@ from engine import LLM, SamplingParams
 from engine.runner import ModelRunner
 from experiments.profile_wave import lazy_gemm_loads
 
-path, warm = sys.argv[1], sys.argv[2] == "warm"
+path, warm, graphs = sys.argv[1], sys.argv[2] == "warm", int(sys.argv[3])
 if not warm:
     ModelRunner.warm_gemms = lambda self: []
 # the sim validation's offline config, where the loads were found (a smaller one loaded its GEMM
 # kernels in the warm-up's own shapes already); graphs to 2048 tokens leave its 8k steps eager
 llm = LLM(path, device="cuda", dtype="bfloat16", max_model_len=2048, max_num_seqs=256, kv_cache_tokens=40000,
-          max_num_batched_tokens=8192, cuda_graph_max_tokens=2048, async_scheduling=True)
+          max_num_batched_tokens=8192, cuda_graph_max_tokens=graphs, async_scheduling=True)
 eng = llm.engine
 g = torch.Generator().manual_seed(4)
 lens = torch.empty(300).log_normal_(4.6, 0.9, generator=g).clamp(8, 1000).int()  # ShareGPT-like, mean ~160
@@ -224,7 +225,7 @@ print(json.dumps(dict(loads=loads, inside=inside, max_prefill=max(r.prefill_toke
 """
 
 
-def _first_wave(path: str, warm: bool) -> dict:
+def _first_wave(path: str, warm: bool, graphs: int) -> dict:
     """A first wave of 300 ragged prompts (eager steps above the graphs, a new number of sampled rows
     each step) in a fresh process (kernels load once a process), with or without ``warm_gemms``."""
     import json
@@ -232,17 +233,22 @@ def _first_wave(path: str, warm: bool) -> dict:
     import sys
     from pathlib import Path
 
-    proc = subprocess.run([sys.executable, "-c", _WAVE, path, "warm" if warm else "cold"], capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", _WAVE, path, "warm" if warm else "cold", str(graphs)],
+                          capture_output=True,
                           text=True, timeout=600, cwd=Path(__file__).resolve().parent.parent)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def test_first_prefill_wave_loads_no_gemm_kernel_lazily(qwen3_06b_shape):
-    """With the warm-up's GEMMs (``ModelRunner.warm_gemms``) the first wave loads no GEMM kernel at
-    its first launch (the load waits for the device to go idle); without them it does (the control)."""
+    """The default engine (graphs up to the token budget, ``ModelRunner.warm_gemms`` in the warm-up)
+    loads no GEMM kernel at its first launch in the first wave (such a load waits for the device to go
+    idle). With graphs to 2048 tokens its 8k steps run eager: without the warm-up's GEMMs they load
+    kernels (the control), with them fewer (its grid of token counts misses some)."""
     path, _ = qwen3_06b_shape
-    warm, cold = _first_wave(path, True), _first_wave(path, False)
-    assert warm["max_prefill"] > 2048  # eager steps were among them
+    default = _first_wave(path, True, EngineConfig.cuda_graph_max_tokens)
+    cold, warm = _first_wave(path, False, 2048), _first_wave(path, True, 2048)
+    assert warm["max_prefill"] > 2048 and default["max_prefill"] > 2048  # the budget's steps were among them
     assert cold["inside"] > 0, cold
-    assert warm["inside"] == 0, warm
+    assert warm["inside"] < cold["inside"], (warm, cold)
+    assert default["inside"] == 0, default

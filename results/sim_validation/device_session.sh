@@ -77,6 +77,9 @@
 #   bash results/sim_validation/device_session.sh graphs8k2  # qwen3-0.6b's asynchronous host steps with the new
 #       default (merged onto the graph tables' profile), the llama3-8b async runs graphs8k left, the lazy-load
 #       GPU test in the validation's config; each part archived into $OUT as it ends
+#   QWEN_REPS=2 LLAMA_REPS=2 BUDGET_S=... bash results/sim_validation/device_session.sh graphs8k3  # a second
+#       asynchronous real run of each configuration in the committed async/ folders (graphs to 8,192), then the
+#       lazy-load GPU test again (default engine, and graphs to 2048 without and with the warm-up's GEMMs)
 # Runs accumulate in $KVSV (default /tmp/kvsv) on the machine; each part tars them into $OUT.
 set -uo pipefail
 part=${1:?profile or llama}
@@ -94,7 +97,7 @@ kv() { python3 -m experiments.cli "$@"; }
 B="workload=sharegpt workload.num_requests=300 engine.kv_cache_tokens=40000 engine.max_model_len=2048 engine.max_num_seqs=256 engine.max_num_batched_tokens=8192 device=cuda report=false"
 { date -u; hostname; nvidia-smi --query-gpu=name,uuid,driver_version --format=csv,noheader; lscpu | grep "Model name"; } \
     | tee -a "$runs/machine.txt"
-t_start=$(date +%s)
+t_start=$(date +%s); t0_call=$t_start
 # the GPU's clocks, temperature and power once a second: a slow run can then be told from a slow GPU
 nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,temperature.gpu,power.draw,utilization.gpu \
     --format=csv,noheader -l 1 >>"$runs/clocks.csv" 2>/dev/null &
@@ -255,6 +258,21 @@ graphs8k2)
     tar -czf "$out/llama.tgz" -C "$runs" async
     timeout ${TEST_S:-150} python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_engine.py -k lazily \
         2>&1 | tee "$out/gpu_test_lazily.log" | tail -4
+    exit 0
+    ;;
+graphs8k3)
+    meta=$runs runs=results/sim_validation
+    B="$B engine.async_scheduling=true"
+    SUB=async/ real qwen3-0.6b 8,96 60 ${QWEN_REPS:-2}
+    tar -czf "$out/qwen.tgz" -C "$runs/async" $(cd "$runs/async" && ls -d qwen*/real-* qwen*.log 2>/dev/null)
+    SUB=async/ real llama3-8b 4,32 50 ${LLAMA_REPS:-2}
+    tar -czf "$out/llama.tgz" -C "$runs/async" $(cd "$runs/async" && ls -d llama*/real-* llama*.log 2>/dev/null)
+    cp "$meta/machine.txt" "$out/"
+    left=$(( ${CALL_S:-570} - ($(date +%s) - t0_call) ))
+    if (( left > 60 )); then
+        timeout $left python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_engine.py -k lazily \
+            2>&1 | tee "$out/gpu_test_lazily.log" | tail -4
+    fi
     exit 0
     ;;
 asyncrepeats)  # in the committed async/ folders: validate-sim keeps run 1 and adds run 2
