@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from pathlib import Path
+
+from experiments.preflight import UserError
 
 # metric -> allowed |error| (issue targets); figures that must match exactly have 0
 TIME_METRICS = {"output_throughput": 0.05, "mean_ttft_ms": 0.05, "mean_tpot_ms": 0.05, "p99_tpot_ms": 0.15,
@@ -38,6 +41,26 @@ def _summary(run_dir: Path) -> dict:
     s = json.loads((run_dir / "summary.json").read_text())
     s["num_steps"] = len(pd.read_parquet(run_dir / "steps.parquet", columns=["num_seqs"]))
     return s
+
+
+def config_mismatch(real: dict, sim: dict) -> dict[str, tuple]:
+    """The run settings (``cfg.*``, but the mode and the simulated device) a real run's summary
+    and a simulated one's both record and that differ: {key: (real, simulated)}. A real run made
+    under an older default (e.g. ``engine.cuda_graph_max_tokens``) is another engine."""
+    keys = {k for k in real if k.startswith("cfg.") and k != "cfg.mode" and not k.startswith("cfg.sim.")}
+    return {k[len("cfg."):]: (real[k], sim[k]) for k in sorted(keys & set(sim)) if real[k] != sim[k]}
+
+
+def check_same_config(reals: dict[Path, dict], sim: dict) -> None:
+    """Refuse to compare a simulated run with real runs of other settings, naming the fix."""
+    for d, real in reals.items():
+        diff = config_mismatch(real, sim)
+        if diff:
+            said = ", ".join(f"{k}: real {r!r}, simulated {s!r}" for k, (r, s) in diff.items())
+            fix = " ".join(f"{k}={r}" for k, (r, _) in diff.items())
+            raise UserError(f"{d} was measured with other settings than the simulated run ({said}): add "
+                             f"the real run's overrides ({fix}) to simulate its engine, or run the real engine "
+                             "again (without --sim-only)")
 
 
 def real_dirs(out: Path, mode: str, repeats: int | None = None) -> list[Path]:
@@ -214,12 +237,14 @@ def validate(overrides: list[str], out: Path, rates: list[float], sim: str, labe
         reals = real_dirs(out, mode)
         real_dir = reals[0]
         if not (real_dir / "summary.json").exists():
-            raise FileNotFoundError(f"{real_dir}/summary.json: run without --sim-only first")
+            raise UserError(f"{real_dir}/summary.json: no real run there; run without --sim-only first")
         print(f"[{label}] simulate, {mode}", flush=True)
         # always re-simulated (cheap): the profile or the cost model may have changed since
         run_experiment(compose([*overrides, "mode=simulate", f"sim={sim}", f"sim.cost_model={cost_model}",
                                 "resume=false", *extra]), sim_dir)
-        for r in compare([_summary(d) for d in reals], _summary(sim_dir), mode):
+        real_summaries, sim_summary = {d: _summary(d) for d in reals}, _summary(sim_dir)
+        check_same_config(real_summaries, sim_summary)
+        for r in compare(list(real_summaries.values()), sim_summary, mode):
             rows.append(dict(label=label, **r))
         steps = step_compare(real_dir, sim_dir) if mode == "offline" else None
         if steps is not None:
@@ -268,8 +293,12 @@ def main(argv: list[str] | None = None) -> int:
     rates = [float(r) for r in a.rates.split(",") if r]
     label = a.label or " ".join(a.overrides) or "default"
     overrides = ["progress=false", *a.overrides]
-    rows = validate(overrides, out, rates, a.sim, label, a.sim_only, a.real_only, not a.no_offline,
-                    a.online_requests, a.warmup, a.cost_model, a.real_repeats)
+    try:
+        rows = validate(overrides, out, rates, a.sim, label, a.sim_only, a.real_only, not a.no_offline,
+                        a.online_requests, a.warmup, a.cost_model, a.real_repeats)
+    except UserError as e:
+        print(f"kvlab validate-sim: {e}", file=sys.stderr)
+        return 2
     if a.real_only:
         return 0
     return _write(pd.DataFrame(rows), out, name)

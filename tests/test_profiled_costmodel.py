@@ -5,6 +5,7 @@ import dataclasses
 import functools
 import itertools
 import logging
+import re
 import math
 
 import numpy as np
@@ -244,7 +245,7 @@ def test_validation_against_repeated_real_runs_uses_their_mean_and_ci():
     assert rows["mean_ttft_ms"]["real_ci"] == 0.0  # identical repeats: no spread
 
 
-def test_validate_sim_real_repeats_are_found_again_by_sim_only(tmp_path):
+def test_validate_sim_real_repeats_are_found_again_by_sim_only(tmp_path, capsys):
     from experiments import validate_sim
 
     out = tmp_path / "v"
@@ -256,6 +257,21 @@ def test_validate_sim_real_repeats_are_found_again_by_sim_only(tmp_path):
     table = pd.read_csv(out / "validation.csv")
     assert (table.loc[table["metric"] == "output_throughput", "real_n"] == 2).all()
     assert "(n=2) |" in (out / "validation.md").read_text()
+    # runs of other settings (e.g. an older default) are another engine: refused, naming the key and the fix
+    capsys.readouterr()
+    assert validate_sim.main(["engine.max_num_seqs=8", *args, "--sim-only"]) == 2
+    assert re.search(r"engine\.max_num_seqs: real 64, simulated 8.*engine\.max_num_seqs=64", capsys.readouterr().err)
+
+
+def test_config_mismatch_names_settings_both_runs_record():
+    from experiments.validate_sim import config_mismatch
+
+    real = {"cfg.mode": "offline", "cfg.engine.cuda_graph_max_tokens": 2048, "cfg.engine.max_num_seqs": 256,
+            "cfg.allocator.name": "paged", "mean_ttft_ms": 1.0}
+    sim = {"cfg.mode": "simulate", "cfg.engine.cuda_graph_max_tokens": 8192, "cfg.engine.max_num_seqs": 256,
+           "cfg.sim.name": "h200", "mean_ttft_ms": 2.0}
+    assert config_mismatch(real, sim) == {"engine.cuda_graph_max_tokens": (2048, 8192)}
+    assert config_mismatch(real, {**sim, "cfg.engine.cuda_graph_max_tokens": 2048}) == {}
 
 
 def test_validate_sim_end_to_end_on_cpu(tmp_path):
