@@ -80,6 +80,11 @@
 #   QWEN_REPS=2 LLAMA_REPS=2 BUDGET_S=... bash results/sim_validation/device_session.sh graphs8k3  # a second
 #       asynchronous real run of each configuration in the committed async/ folders (graphs to 8,192), then the
 #       lazy-load GPU test again (default engine, and graphs to 2048 without and with the warm-up's GEMMs)
+# Prepared for the next session (not run yet): the synchronous table for the engine with graphs to 8,192 tokens.
+# Real runs of the six configurations in fresh folders, archived into $OUT/runs.tgz after each one
+# (ARCHIVE_EACH=1), then the synchronous host steps of both models on the same machine if time is left:
+#   ARCHIVE_EACH=1 BUDGET_S=420 bash results/sim_validation/device_session.sh sync
+#   SCHED=sync bash results/sim_validation/device_session.sh host
 # Runs accumulate in $KVSV (default /tmp/kvsv) on the machine; each part tars them into $OUT.
 set -uo pipefail
 part=${1:?profile or llama}
@@ -111,6 +116,9 @@ real() {  # model rates online-requests repeats
         kv validate-sim model=$m $B allocator=$a --rates $rates --online-requests $n --real-only \
             --real-repeats $reps --label $m-$a --out "$runs/${SUB:-}$m-$a" >>"$runs/${SUB:-}$m-$a.log" 2>&1
         echo "$m $a: exit $? at $(( $(date +%s) - t_start )) s"; grep -h "^\[" "$runs/${SUB:-}$m-$a.log" | tail -2
+        if [ -n "${ARCHIVE_EACH:-}" ]; then  # a call cut off by its time limit still returns what ran
+            tar -czf "$out/runs.tgz" -C "$runs" --exclude='*.parquet.tmp*' $(cd "$runs" && ls -d ${SUB:-}*-*/real* ${SUB:-}*.log machine.txt 2>/dev/null)
+        fi
     done
 }
 case $part in
