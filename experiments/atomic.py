@@ -58,6 +58,11 @@ def _umask() -> int:
     return mask
 
 
+def as_written(obj):
+    """``obj`` as ``write_json`` stores it and a reader gets it back (non-finite floats: None)."""
+    return json.loads(json.dumps(_finite(obj), default=_jsonable, allow_nan=False))
+
+
 def _finite(obj):
     if isinstance(obj, float) and not math.isfinite(obj):
         return None

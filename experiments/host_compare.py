@@ -20,9 +20,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from engine.config import EngineConfig
+
 
 def compare(profile, steps: pd.DataFrame, *, model: str, allocator: str, scheduling: str = "sync",
-            block_size: int = 16, graph_max_tokens: int = 2048, graph_mode: str = "full") -> pd.DataFrame:
+            block_size: int = 16, graph_max_tokens: int = EngineConfig.cuda_graph_max_tokens,
+            graph_mode: str = "full") -> pd.DataFrame:
     """One row per (step kind, batch bin) present on both sides: counts, medians of host work and
     launch CPU time, means of the residual, profile over run ratios. ``profile``: a path or a
     ``DeviceProfile``; ``steps``: a run's ``steps.parquet``."""
@@ -68,6 +71,21 @@ def compare(profile, steps: pd.DataFrame, *, model: str, allocator: str, schedul
     return out
 
 
+def run_graph_tokens(run_dir: Path) -> int:
+    """The prefill/mixed graphs' token bound a run's engine had (its summary's settings, capped at
+    its token budget as the engine caps it; the engine's default where the summary has none)."""
+    import json
+
+    from engine.config import EngineConfig
+    from experiments.run import effective_graph_tokens
+
+    path = Path(run_dir) / "summary.json"
+    s = json.loads(path.read_text()) if path.exists() else {}
+    eng = {"cuda_graph_max_tokens": s.get("cfg.engine.cuda_graph_max_tokens", EngineConfig.cuda_graph_max_tokens),
+           "max_num_batched_tokens": s.get("cfg.engine.max_num_batched_tokens")}
+    return effective_graph_tokens(eng)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m experiments.host_compare", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -77,15 +95,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--allocator", required=True, choices=["paged", "contiguous", "virtual"])
     ap.add_argument("--scheduling", default="sync", choices=["sync", "async"])
     ap.add_argument("--block-size", type=int, default=16)
-    ap.add_argument("--graph-max-tokens", type=int, default=2048,
-                    help="the runs' prefill/mixed CUDA graphs (engine.cuda_graph_max_tokens; 0: eager)")
+    ap.add_argument("--graph-max-tokens", type=int, default=None,
+                    help="the runs' prefill/mixed CUDA graphs (engine.cuda_graph_max_tokens; 0: eager; default: "
+                         "what the run's summary.json records, capped at its max_num_batched_tokens)")
     ap.add_argument("--graph-mode", default="full", choices=["full", "piecewise"])
     a = ap.parse_args(argv)
     steps_path = a.run_dir / "steps.parquet"
     if not steps_path.exists():
         ap.error(f"{steps_path} does not exist: name a run folder (e.g. <config>/real/offline)")
+    graphs = a.graph_max_tokens if a.graph_max_tokens is not None else run_graph_tokens(a.run_dir)
     table = compare(a.profile, pd.read_parquet(steps_path), model=a.model, allocator=a.allocator,
-                    scheduling=a.scheduling, block_size=a.block_size, graph_max_tokens=a.graph_max_tokens,
+                    scheduling=a.scheduling, block_size=a.block_size, graph_max_tokens=graphs,
                     graph_mode=a.graph_mode)
     print(table.round(3).to_string())
 

@@ -383,15 +383,15 @@ def _rows_graphs(timer: Timer, name: str, pool: int, device) -> list[dict]:
     from engine.loader import load_model, resolve_config
 
     mc = resolve_config(name)
-    queries = _graph_queries()
+    queries = [q for q in _graph_queries() if q <= pool]  # a prefill writes its keys into the scratch cache
     model = load_model(mc, name, max(queries), torch.bfloat16, str(device), 0)
     model.fuse()
     caches = [(torch.zeros(pool, mc.num_key_value_heads, mc.head_dim, dtype=torch.bfloat16, device=device),
                torch.zeros(pool, mc.num_key_value_heads, mc.head_dim, dtype=torch.bfloat16, device=device))
               for _ in range(mc.num_hidden_layers)]
     with torch.inference_mode():
-        rows = (_rows_mixed_graphs(timer, model, caches, name, device, "piecewise")
-                + _rows_mixed_graphs(timer, model, caches, name, device, "full"))
+        rows = (_rows_mixed_graphs(timer, model, caches, name, device, "piecewise", queries)
+                + _rows_mixed_graphs(timer, model, caches, name, device, "full", queries))
     del caches, model
     torch.cuda.empty_cache()
     return rows
@@ -404,7 +404,7 @@ def _graph_queries() -> list[int]:
     return [q for q in PREFILL_QUERIES if q <= EngineConfig.cuda_graph_max_tokens]
 
 
-def _rows_mixed_graphs(timer: Timer, model, caches, name: str, device, mode: str) -> list[dict]:
+def _rows_mixed_graphs(timer: Timer, model, caches, name: str, device, mode: str, queries: list[int]) -> list[dict]:
     """``piecewise_forward`` / ``full_forward``: a prefill chunk of ``query`` tokens through the
     engine's piecewise CUDA graphs (replays, eager attentions) or its full graphs (one replay,
     attention captured), one row of logits, its token read back: wall time."""
@@ -415,7 +415,6 @@ def _rows_mixed_graphs(timer: Timer, model, caches, name: str, device, mode: str
     from engine.piecewise_graphs import PiecewiseGraphs
     from kernels.metadata import Addressing, contiguous_metadata
 
-    queries = _graph_queries()
     if mode == "full":
         # sequences padded to the engine's default max_num_seqs, as its graphs pad them
         graphs = FullGraphs(model, caches, max(queries), device, mode=Addressing.LINEAR,
@@ -519,6 +518,23 @@ def write_profile(path: Path, rows: list[dict], meta: dict) -> None:
         pq.write_table(table, tmp)
 
 
+def _check_same_graphs(ap, prior, cuda: bool) -> None:
+    """``--host-add`` pools host steps only of engines with this one's graphs: the cost model models
+    a pool's steps with one graph setting (the profile's host engine: 8,192-token budget, defaults)."""
+    from engine.config import EngineConfig
+
+    from engine.piecewise_graphs import token_sizes
+
+    cap = token_sizes(min(EngineConfig.cuda_graph_max_tokens, 8192))[-1] if cuda else 0  # none on a CPU
+    for key, now in (("graph_max_tokens", cap), ("graph_mode", EngineConfig.cuda_graph_mode)):
+        if key in prior and prior[key].notna().any():
+            old = sorted(set(prior[key].dropna()) - {now})
+            if old:
+                ap.error(f"--host-add: the profile's host steps were recorded with {key} {old}, this engine's is "
+                         f"{now!r}; pooled, the cost model would model them as one: record them again without "
+                         "--host-add")
+
+
 def main(argv: list[str] | None = None) -> int:
     import sys
 
@@ -567,7 +583,12 @@ def main(argv: list[str] | None = None) -> int:
                           ("cpu" if a.device == "auto" else a.device))
     models = [m for m in a.models.split(",") if m]
     block_sizes = [int(b) for b in a.block_sizes.split(",") if b]
-    skip = set(a.skip.split(","))
+    skip = {k for k in a.skip.split(",") if k}
+    parts = {"host", "gemm", "models", "graphs", "ragged", "copy", "vmm"}
+    if skip - parts:
+        ap.error(f"--skip: unknown part(s) {sorted(skip - parts)}; the parts are {', '.join(sorted(parts))}")
+    if device.type != "cuda":
+        skip.add("graphs")  # CUDA graphs only: a merge on a CPU keeps the profile's graph tables
     host_models = [m for m in (a.host_model or models[0]).split(",") if m]
     timer = Timer(device, a.reps)
     meta = metadata(device, a)
@@ -602,6 +623,7 @@ def main(argv: list[str] | None = None) -> int:
             keep |= (old.df["table"] == "host") & (~remeasured | a.host_add)
             if a.host_add:  # this run's repeats follow the kept ones (a run is a repeat's steps in order)
                 prior = old.df[(old.df["table"] == "host") & remeasured]
+                _check_same_graphs(ap, prior, device.type == "cuda")
                 if len(prior):  # rows from before the column: one run, repeat 0
                     first_repeat = (int(prior["repeat"].fillna(0).max()) if "repeat" in prior else 0) + 1
         rows = [{k: v for k, v in r.items() if v == v and v is not None}

@@ -190,6 +190,8 @@ def _nearest(values, want: float) -> float:
     return min(values, key=lambda v: (abs(np.log2(max(v, 1)) - np.log2(max(want, 1))), v))
 
 
+_WARNED_SHORT: set = set()  # (profile, model, largest size) whose short graph table was warned about once
+
 class ProfiledCostModel:
     """Step time of a batch from a device profile (see the module docstring)."""
 
@@ -290,6 +292,12 @@ class ProfiledCostModel:
             self.graph_mode = "piecewise"
         self.piecewise_forward = self.piecewise_floor = None
         if not p.empty and self.piecewise_sizes:
+            measured = int(p["query"].max())
+            if measured < self.piecewise_sizes[-1] and (profile.path, ref, measured) not in _WARNED_SHORT:
+                _WARNED_SHORT.add((profile.path, ref, measured))
+                log.warning("profile %s times %s's %s graphs up to %d tokens, the engine replays them up to %d: "
+                            "larger steps are extrapolated (rerun kvlab profile without --skip graphs)",
+                            profile.path, ref, self.graph_mode, measured, self.piecewise_sizes[-1])
             self.piecewise_floor = float(p["value"].min()) * layer_ratio
             self.piecewise_forward = (Grid1D(p["query"], p["value"]) if self.profiled_model
                                       else lambda t: max(self.piecewise_floor, self.prefill_gpu(t)))

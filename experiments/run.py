@@ -98,6 +98,16 @@ def engine_config(cfg: DictConfig):
                         device=cfg.device, seed=cfg.seed, **{**quiet, **eng})
 
 
+OLD_GRAPH_MAX_TOKENS = 2048  # engine.cuda_graph_max_tokens before it became 8192 (2026-12-04)
+
+
+def effective_graph_tokens(engine: dict) -> int | None:
+    """The prefill/mixed CUDA graphs' token bound an engine config really gets: the engine caps
+    ``cuda_graph_max_tokens`` at ``max_num_batched_tokens``."""
+    cap, budget = engine.get("cuda_graph_max_tokens"), engine.get("max_num_batched_tokens")
+    return cap if cap is None or budget is None else min(cap, budget)
+
+
 def config_hash(cfg: DictConfig) -> str:
     """What a run measures: the resolved config without the keys that only change its display."""
     d = OmegaConf.to_container(cfg, resolve=True)
@@ -110,6 +120,12 @@ def config_hash(cfg: DictConfig) -> str:
         d.pop("measure", None)  # the default window: runs made before it existed keep their hash
     if (d.get("engine") or {}).get("async_scheduling") is False:
         d["engine"].pop("async_scheduling")  # likewise: synchronous runs made before the key existed
+    eng = d.get("engine") or {}
+    if "cuda_graph_max_tokens" in eng and effective_graph_tokens(eng) == effective_graph_tokens(
+            {**eng, "cuda_graph_max_tokens": OLD_GRAPH_MAX_TOKENS}):
+        # the same engine as under the old default (the engine caps it at the token budget): runs made
+        # before the default moved keep their hash
+        eng["cuda_graph_max_tokens"] = OLD_GRAPH_MAX_TOKENS
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

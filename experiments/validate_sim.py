@@ -43,24 +43,54 @@ def _summary(run_dir: Path) -> dict:
     return s
 
 
-def config_mismatch(real: dict, sim: dict) -> dict[str, tuple]:
-    """The run settings (``cfg.*``, but the mode and the simulated device) a real run's summary
-    and a simulated one's both record and that differ: {key: (real, simulated)}. A real run made
-    under an older default (e.g. ``engine.cuda_graph_max_tokens``) is another engine."""
-    keys = {k for k in real if k.startswith("cfg.") and k != "cfg.mode" and not k.startswith("cfg.sim.")}
-    return {k[len("cfg."):]: (real[k], sim[k]) for k in sorted(keys & set(sim)) if real[k] != sim[k]}
+# recorded where a run was made, not what it measured (the model's files differ between machines)
+_NOT_SETTINGS = ("cfg.mode", "cfg.model.path")
+
+
+def _settings(summary: dict) -> dict:
+    """A summary's ``cfg.*`` settings, the graph bound as the engine takes it (capped at the budget)."""
+    from experiments.run import effective_graph_tokens
+
+    out = {k: v for k, v in summary.items()
+           if k.startswith("cfg.") and k not in _NOT_SETTINGS and not k.startswith("cfg.sim.")}
+    if "cfg.engine.cuda_graph_max_tokens" in out:
+        out["cfg.engine.cuda_graph_max_tokens"] = effective_graph_tokens(
+            {"cuda_graph_max_tokens": out["cfg.engine.cuda_graph_max_tokens"],
+             "max_num_batched_tokens": out.get("cfg.engine.max_num_batched_tokens")})
+    return out
+
+
+def config_mismatch(real: dict, sim: dict) -> tuple[dict[str, tuple], list[str]]:
+    """The settings a real run's summary and a simulated one's both record and that differ,
+    {key: (real, simulated)}, and the keys only the simulated one records (a real run from before
+    they existed). A real run made under an older default (e.g. ``engine.cuda_graph_max_tokens``)
+    is another engine."""
+    r, s = _settings(real), _settings(sim)
+    diff = {k[len("cfg."):]: (r[k], s[k]) for k in sorted(set(r) & set(s)) if r[k] != s[k]}
+    return diff, sorted(k[len("cfg."):] for k in set(s) - set(r))
+
+
+def _hydra_value(v) -> str:
+    import json
+
+    return "null" if v is None else json.dumps(v, separators=(",", ":")) if isinstance(v, (bool, list, dict)) else str(v)
 
 
 def check_same_config(reals: dict[Path, dict], sim: dict) -> None:
     """Refuse to compare a simulated run with real runs of other settings, naming the fix."""
+    import logging
+
     for d, real in reals.items():
-        diff = config_mismatch(real, sim)
+        diff, unknown = config_mismatch(real, sim)
         if diff:
             said = ", ".join(f"{k}: real {r!r}, simulated {s!r}" for k, (r, s) in diff.items())
-            fix = " ".join(f"{k}={r}" for k, (r, _) in diff.items())
+            fix = " ".join(f"{k}={_hydra_value(r)}" for k, (r, _) in diff.items())
             raise UserError(f"{d} was measured with other settings than the simulated run ({said}): add "
-                             f"the real run's overrides ({fix}) to simulate its engine, or run the real engine "
-                             "again (without --sim-only)")
+                            f"the real run's overrides ({fix}) to simulate its engine, or run the real engine "
+                            "again (without --sim-only)")
+        if unknown:
+            logging.getLogger(__name__).warning(
+                "%s does not record %s (a run from before they existed): compared as if equal", d, ", ".join(unknown))
 
 
 def real_dirs(out: Path, mode: str, repeats: int | None = None) -> list[Path]:
@@ -214,7 +244,8 @@ def validate(overrides: list[str], out: Path, rates: list[float], sim: str, labe
              sim_only: bool = False, real_only: bool = False, offline: bool = True,
              online_requests: int | None = None, warmup: int = 0, cost_model: str = "auto",
              real_repeats: int = 1) -> list[dict]:
-    from experiments.run import compose, run_experiment
+    from experiments.atomic import as_written
+    from experiments.run import applicable_config, compose, flat_config, run_experiment
 
     rows = []
     if warmup and not sim_only:  # the first run on a machine compiles kernels: not in any figure
@@ -239,12 +270,14 @@ def validate(overrides: list[str], out: Path, rates: list[float], sim: str, labe
         if not (real_dir / "summary.json").exists():
             raise UserError(f"{real_dir}/summary.json: no real run there; run without --sim-only first")
         print(f"[{label}] simulate, {mode}", flush=True)
+        sim_cfg = compose([*overrides, "mode=simulate", f"sim={sim}", f"sim.cost_model={cost_model}",
+                           "resume=false", *extra])
+        real_summaries = {d: _summary(d) for d in reals}
+        # before simulating: a refused run leaves the committed simulated one as it was
+        check_same_config(real_summaries, as_written(flat_config(applicable_config(sim_cfg)[0])))
         # always re-simulated (cheap): the profile or the cost model may have changed since
-        run_experiment(compose([*overrides, "mode=simulate", f"sim={sim}", f"sim.cost_model={cost_model}",
-                                "resume=false", *extra]), sim_dir)
-        real_summaries, sim_summary = {d: _summary(d) for d in reals}, _summary(sim_dir)
-        check_same_config(real_summaries, sim_summary)
-        for r in compare(list(real_summaries.values()), sim_summary, mode):
+        run_experiment(sim_cfg, sim_dir)
+        for r in compare(list(real_summaries.values()), _summary(sim_dir), mode):
             rows.append(dict(label=label, **r))
         steps = step_compare(real_dir, sim_dir) if mode == "offline" else None
         if steps is not None:

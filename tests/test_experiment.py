@@ -167,6 +167,18 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_graph_bound_default_keeps_the_hash_of_runs_it_does_not_change():
+    """``engine.cuda_graph_max_tokens`` went from 2048 to 8192. The engine caps it at the token budget,
+    so under a budget of 2048 or less the two are one engine and hash alike (their runs resume);
+    above, they are two."""
+    from experiments.run import config_hash
+
+    assert config_hash(_compose()) == config_hash(_compose("engine.cuda_graph_max_tokens=2048"))  # budget 1024
+    big = "engine.max_num_batched_tokens=8192"
+    assert config_hash(_compose(big)) != config_hash(_compose(big, "engine.cuda_graph_max_tokens=2048"))
+    assert config_hash(_compose(big, "engine.cuda_graph_max_tokens=1024")) != config_hash(_compose(big))
+
+
 def test_async_scheduling_is_a_config_key_that_keeps_older_hashes():
     """``engine.async_scheduling`` is in the engine config (no ``++`` needed); false, its default,
     hashes as the configs made before the key existed did, so their runs still resume."""

@@ -259,19 +259,25 @@ def test_validate_sim_real_repeats_are_found_again_by_sim_only(tmp_path, capsys)
     assert "(n=2) |" in (out / "validation.md").read_text()
     # runs of other settings (e.g. an older default) are another engine: refused, naming the key and the fix
     capsys.readouterr()
+    simulated = (out / "sim" / "offline" / "summary.json").read_text()
     assert validate_sim.main(["engine.max_num_seqs=8", *args, "--sim-only"]) == 2
+    assert (out / "sim" / "offline" / "summary.json").read_text() == simulated  # refused before simulating
     assert re.search(r"engine\.max_num_seqs: real 64, simulated 8.*engine\.max_num_seqs=64", capsys.readouterr().err)
 
 
 def test_config_mismatch_names_settings_both_runs_record():
     from experiments.validate_sim import config_mismatch
 
-    real = {"cfg.mode": "offline", "cfg.engine.cuda_graph_max_tokens": 2048, "cfg.engine.max_num_seqs": 256,
-            "cfg.allocator.name": "paged", "mean_ttft_ms": 1.0}
-    sim = {"cfg.mode": "simulate", "cfg.engine.cuda_graph_max_tokens": 8192, "cfg.engine.max_num_seqs": 256,
-           "cfg.sim.name": "h200", "mean_ttft_ms": 2.0}
-    assert config_mismatch(real, sim) == {"engine.cuda_graph_max_tokens": (2048, 8192)}
-    assert config_mismatch(real, {**sim, "cfg.engine.cuda_graph_max_tokens": 2048}) == {}
+    real = {"cfg.mode": "offline", "cfg.engine.cuda_graph_max_tokens": 2048, "cfg.engine.max_num_batched_tokens": 8192,
+            "cfg.allocator.name": "paged", "cfg.model.path": "/device/ckpt", "mean_ttft_ms": 1.0}
+    sim = {"cfg.mode": "simulate", "cfg.engine.cuda_graph_max_tokens": 8192, "cfg.engine.max_num_batched_tokens": 8192,
+           "cfg.allocator.name": "paged", "cfg.model.path": "/cpu/ckpt", "cfg.sim.name": "h200",
+           "cfg.engine.cuda_graph_mode": "full", "mean_ttft_ms": 2.0}
+    assert config_mismatch(real, sim) == ({"engine.cuda_graph_max_tokens": (2048, 8192)}, ["engine.cuda_graph_mode"])
+    assert config_mismatch(real, {**sim, "cfg.engine.cuda_graph_max_tokens": 2048})[0] == {}
+    # the engine caps the graphs at the token budget: under a 2048-token budget both are one engine
+    small = {"cfg.engine.max_num_batched_tokens": 2048}
+    assert config_mismatch({**real, **small}, {**sim, **small})[0] == {}
 
 
 def test_validate_sim_end_to_end_on_cpu(tmp_path):
@@ -644,6 +650,25 @@ def test_profile_merge_keeps_host_steps_of_the_other_scheduling(tmp_path):
                              "--out", str(tmp_path / "x.parquet")])
 
 
+def test_profile_merge_on_a_cpu_keeps_the_graph_tables(tmp_path, monkeypatch):
+    """The prefill/mixed graph tables are a part of their own (``graphs``, CUDA only): a merge that
+    measures nothing of it keeps them, named as before; an unknown part is refused."""
+    monkeypatch.setattr(profile_device, "COPY_BYTES", [1 << 16])
+    old = tmp_path / "old.parquet"
+    graph_rows = [dict(table=t, model=MODEL, mode="linear", query=q, context=q, value=1e-3 * q)
+                  for t in ("full_forward", "piecewise_forward") for q in (16, 8192)]
+    profile_device.write_profile(old, graph_rows, {"device": "cpu", "models": MODEL})
+    new = tmp_path / "new.parquet"
+    profile_device.main(["--models", MODEL, "--device", "cpu", "--skip", "host,gemm,models,ragged,vmm",
+                         "--merge", str(old), "--out", str(new)])
+    merged = load_profile(str(new))
+    assert len(merged.table("full_forward", model=MODEL)) == 2 and len(merged.table("piecewise_forward")) == 2
+    assert set(merged.meta["updated"]) >= {"copy"} and "full_forward" not in merged.meta["updated"]
+    assert len(merged.table("copy")) > 0
+    with pytest.raises(SystemExit):
+        profile_device.main(["--models", MODEL, "--device", "cpu", "--skip", "graph", "--out", str(tmp_path / "x.parquet")])
+
+
 def test_vmm_calls_cost_what_the_engine_steps_say_beyond_the_driver_call():
     """Steps that made VMM calls took 1.6x the driver's time for them beyond steps that made none
     (the allocator's work around a call): the host tables leave that out and the calls are charged
@@ -783,6 +808,12 @@ def test_profile_host_add_pools_another_run_as_further_repeats(tmp_path):
     assert set(load_profile(str(new)).table("host")["repeat"].fillna(0)) == {0, 1}
     with pytest.raises(SystemExit):
         profile_device.main([*args, "--host-add", "--out", str(tmp_path / "x.parquet")])
+    # steps of an engine with other graphs (here 2048 tokens; on a CPU none) are not pooled with these
+    other = tmp_path / "other.parquet"
+    profile_device.write_profile(other, made.df.assign(graph_max_tokens=2048.0).to_dict("records"), made.meta)
+    with pytest.raises(SystemExit):
+        profile_device.main([*args, "--merge", str(other), "--host-add", "--out", str(tmp_path / "y.parquet")])
+    assert not (tmp_path / "y.parquet").exists()
 
 
 def test_profile_merge_remeasuring_one_model_keeps_the_others_tables(tmp_path, monkeypatch):
@@ -835,3 +866,21 @@ def test_host_compare_sets_a_profiles_host_steps_beside_a_runs():
         assert row["residual_ms_profile"] == pytest.approx((HOST_BASE["paged"] + 5e-6 * mid) * 1e3, rel=0.15), b
     assert (dec["launch_ms_run"] > 0).all() and dec["launch_ms_profile"].isna().all()
     assert np.allclose(dec["residual_ratio"], dec["residual_ms_profile"] / dec["residual_ms_run"])
+
+
+def test_host_compare_reads_the_runs_graph_bound(tmp_path):
+    """The graph bound a run's engine had: its recorded setting capped at its token budget."""
+    import json
+
+    from engine.config import EngineConfig
+    from experiments.host_compare import run_graph_tokens
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "summary.json").write_text(json.dumps({"cfg.engine.cuda_graph_max_tokens": 2048,
+                                                  "cfg.engine.max_num_batched_tokens": 8192}))
+    assert run_graph_tokens(run) == 2048
+    (run / "summary.json").write_text(json.dumps({"cfg.engine.cuda_graph_max_tokens": 8192,
+                                                  "cfg.engine.max_num_batched_tokens": 1024}))
+    assert run_graph_tokens(run) == 1024
+    assert run_graph_tokens(tmp_path / "none") == EngineConfig.cuda_graph_max_tokens

@@ -117,7 +117,8 @@ real() {  # model rates online-requests repeats
             --real-repeats $reps --label $m-$a --out "$runs/${SUB:-}$m-$a" >>"$runs/${SUB:-}$m-$a.log" 2>&1
         echo "$m $a: exit $? at $(( $(date +%s) - t_start )) s"; grep -h "^\[" "$runs/${SUB:-}$m-$a.log" | tail -2
         if [ -n "${ARCHIVE_EACH:-}" ]; then  # a call cut off by its time limit still returns what ran
-            tar -czf "$out/runs.tgz" -C "$runs" --exclude='*.parquet.tmp*' $(cd "$runs" && ls -d ${SUB:-}*-*/real* ${SUB:-}*.log machine.txt 2>/dev/null)
+            tar -czf "$out/runs.tgz.part" -C "$runs" --exclude='.*.tmp' $(cd "$runs" && ls -d ${SUB:-}*-*/real* ${SUB:-}*.log machine.txt 2>/dev/null) \
+                && mv "$out/runs.tgz.part" "$out/runs.tgz"  # a cut-off tar leaves the last good one
         fi
     done
 }
@@ -177,6 +178,7 @@ full1)
     ;;
 repeats)  # in the committed folders: validate-sim keeps run 1 (same config) and adds the others
     meta=$runs runs=results/sim_validation
+    B="$B engine.cuda_graph_max_tokens=2048"  # the committed synchronous runs' engine (the default until 2026-12-04)
     real qwen3-0.6b 8,96 60 ${QWEN_REPS:-3}
     real llama3-8b 4,32 50 ${LLAMA_REPS:-2}
     # every run folder: real/ and the repeats' real-2/, real-3/ ... (a listing of */real lost them once)
