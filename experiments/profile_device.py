@@ -522,7 +522,6 @@ def _check_same_graphs(ap, prior, cuda: bool) -> None:
     """``--host-add`` pools host steps only of engines with this one's graphs: the cost model models
     a pool's steps with one graph setting (the profile's host engine: 8,192-token budget, defaults)."""
     from engine.config import EngineConfig
-
     from engine.piecewise_graphs import token_sizes
 
     cap = token_sizes(min(EngineConfig.cuda_graph_max_tokens, 8192))[-1] if cuda else 0  # none on a CPU
