@@ -162,12 +162,16 @@ def build_engine(cfg: DictConfig):
     return LLMEngine(engine_config(cfg))
 
 
+class ResumeConflict(RuntimeError):
+    """A run folder holds a finished run of another configuration."""
+
+
 def _resume(summary_path: Path, cfg_hash: str) -> dict | None:
     if not summary_path.exists():
         return None
     done = json.loads(summary_path.read_text())
     if done.get("config_hash", cfg_hash) != cfg_hash:
-        raise RuntimeError(
+        raise ResumeConflict(
             f"{summary_path} holds a run of a different configuration (config_hash {done.get('config_hash')} "
             f"!= {cfg_hash}): give this run its own folder (hydra.run.dir / hydra.sweep.dir) or set resume=false "
             "to overwrite it")

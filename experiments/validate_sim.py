@@ -326,10 +326,12 @@ def main(argv: list[str] | None = None) -> int:
     rates = [float(r) for r in a.rates.split(",") if r]
     label = a.label or " ".join(a.overrides) or "default"
     overrides = ["progress=false", *a.overrides]
+    from experiments.run import ResumeConflict
+
     try:
         rows = validate(overrides, out, rates, a.sim, label, a.sim_only, a.real_only, not a.no_offline,
                         a.online_requests, a.warmup, a.cost_model, a.real_repeats)
-    except UserError as e:
+    except (UserError, ResumeConflict) as e:  # a real run's folder holding other settings (e.g. an older default)
         print(f"kvlab validate-sim: {e}", file=sys.stderr)
         return 2
     if a.real_only:

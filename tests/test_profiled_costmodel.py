@@ -263,6 +263,9 @@ def test_validate_sim_real_repeats_are_found_again_by_sim_only(tmp_path, capsys)
     assert validate_sim.main(["engine.max_num_seqs=8", *args, "--sim-only"]) == 2
     assert (out / "sim" / "offline" / "summary.json").read_text() == simulated  # refused before simulating
     assert re.search(r"engine\.max_num_seqs: real 64, simulated 8.*engine\.max_num_seqs=64", capsys.readouterr().err)
+    # the real engine again into those folders with other settings: refused with the message, not a traceback
+    assert validate_sim.main(["engine.max_num_seqs=8", *args, "--real-only"]) == 2
+    assert "holds a run of a different configuration" in capsys.readouterr().err
 
 
 def test_config_mismatch_names_settings_both_runs_record():
