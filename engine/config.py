@@ -12,6 +12,15 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.flo
 KV_DTYPES = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 
 
+def graph_token_bound(cuda_graph_max_tokens: int | None, max_num_batched_tokens: int | None) -> int | None:
+    """The prefill/mixed CUDA graphs' token bound an engine really gets: ``cuda_graph_max_tokens``
+    capped at the token budget (no step is larger). None where either is unknown (a record
+    without it)."""
+    if cuda_graph_max_tokens is None or max_num_batched_tokens is None:
+        return cuda_graph_max_tokens
+    return min(cuda_graph_max_tokens, max_num_batched_tokens)
+
+
 @dataclass
 class EngineConfig:
     model: str = "tiny-llama"  # a preset name or a local HF directory
@@ -62,6 +71,11 @@ class EngineConfig:
     # GPUs (processes) one model is sharded over, Megatron-style by attention heads and MLP columns
     # (engine/parallel.py); CPU runs use gloo (tests). kv_cache_memory and gpu_memory_utilization are per GPU.
     tensor_parallel_size: int = 1
+
+    @property
+    def graph_max_tokens(self) -> int:
+        """``cuda_graph_max_tokens`` as the engine takes it (``graph_token_bound``)."""
+        return graph_token_bound(self.cuda_graph_max_tokens, self.max_num_batched_tokens)
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:

@@ -155,8 +155,7 @@ class LLMEngine:
             self.runner = (runner_factory(self.allocator) if simulate else
                            ModelRunner(self.model, self.allocator, self.device, self.eos_token_ids, config.seed,
                                        config.max_num_seqs, self.max_model_len, config.enforce_eager,
-                                       graph_max_tokens=min(config.cuda_graph_max_tokens,
-                                                            config.max_num_batched_tokens),
+                                       graph_max_tokens=config.graph_max_tokens,
                                        max_num_batched_tokens=config.max_num_batched_tokens,
                                        graph_mode=config.cuda_graph_mode,
                                        kv_calibration=(config.kv_scale_granularity

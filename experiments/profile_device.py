@@ -291,9 +291,7 @@ def _rows_model(timer: Timer, name: str, pool: int, max_model_len: int, block_si
     if device.type == "cuda":
         model.fuse()
     rows = _rows_attention(timer, mc, name, pool, block_sizes, dtype, device, max_model_len)
-    caches = [(torch.zeros(pool, mc.num_key_value_heads, mc.head_dim, dtype=dtype, device=device),
-               torch.zeros(pool, mc.num_key_value_heads, mc.head_dim, dtype=dtype, device=device))
-              for _ in range(mc.num_hidden_layers)]
+    caches = _scratch_caches(mc, pool, dtype, device)
     with torch.inference_mode():
         for t_q in PREFILL_QUERIES:
             if t_q > pool:
@@ -386,15 +384,21 @@ def _rows_graphs(timer: Timer, name: str, pool: int, device) -> list[dict]:
     queries = [q for q in _graph_queries() if q <= pool]  # a prefill writes its keys into the scratch cache
     model = load_model(mc, name, max(queries), torch.bfloat16, str(device), 0)
     model.fuse()
-    caches = [(torch.zeros(pool, mc.num_key_value_heads, mc.head_dim, dtype=torch.bfloat16, device=device),
-               torch.zeros(pool, mc.num_key_value_heads, mc.head_dim, dtype=torch.bfloat16, device=device))
-              for _ in range(mc.num_hidden_layers)]
+    caches = _scratch_caches(mc, pool, torch.bfloat16, device)
     with torch.inference_mode():
         rows = (_rows_mixed_graphs(timer, model, caches, name, device, "piecewise", queries)
                 + _rows_mixed_graphs(timer, model, caches, name, device, "full", queries))
     del caches, model
     torch.cuda.empty_cache()
     return rows
+
+
+def _scratch_caches(mc, pool: int, dtype, device) -> list[tuple]:
+    """A LINEAR K and V cache of ``pool`` slots per layer, zeroed: what the model tables write into."""
+    import torch
+
+    return [tuple(torch.zeros(pool, mc.num_key_value_heads, mc.head_dim, dtype=dtype, device=device) for _ in "kv")
+            for _ in range(mc.num_hidden_layers)]
 
 
 def _graph_queries() -> list[int]:
@@ -520,11 +524,13 @@ def write_profile(path: Path, rows: list[dict], meta: dict) -> None:
 
 def _check_same_graphs(ap, prior, cuda: bool) -> None:
     """``--host-add`` pools host steps only of engines with this one's graphs: the cost model models
-    a pool's steps with one graph setting (the profile's host engine: 8,192-token budget, defaults)."""
-    from engine.config import EngineConfig
+    a pool's steps with one graph setting (the profile's host engine: ``HOST_MAX_NUM_BATCHED_TOKENS``, defaults)."""
+    from engine.config import EngineConfig, graph_token_bound
     from engine.piecewise_graphs import token_sizes
+    from experiments.profile_host import HOST_MAX_NUM_BATCHED_TOKENS
 
-    cap = token_sizes(min(EngineConfig.cuda_graph_max_tokens, 8192))[-1] if cuda else 0  # none on a CPU
+    cap = (token_sizes(graph_token_bound(EngineConfig.cuda_graph_max_tokens, HOST_MAX_NUM_BATCHED_TOKENS))[-1]
+           if cuda else 0)  # none on a CPU
     for key, now in (("graph_max_tokens", cap), ("graph_mode", EngineConfig.cuda_graph_mode)):
         if key in prior and prior[key].notna().any():
             old = sorted(set(prior[key].dropna()) - {now})

@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 TRICKLE_STEPS = 8
+HOST_MAX_NUM_BATCHED_TOKENS = 8192  # the host-time engines' token budget (the sim validation's)
 HOST_ALLOCATORS = {"paged": ("paged", {"block_size": 16}), "contiguous": ("contiguous", {"policy": "max"}),
                    "virtual": ("virtual", {})}
 
@@ -40,7 +41,7 @@ def host_rows(model: str, allocator: str, args: dict, *, max_model_len: int, kv_
 
     cuda = device.startswith("cuda")
     eng = LLMEngine(EngineConfig(model=model, allocator=allocator, allocator_args=args, device=device,
-                                 max_model_len=max_model_len, max_num_seqs=256, max_num_batched_tokens=8192,
+                                 max_model_len=max_model_len, max_num_seqs=256, max_num_batched_tokens=HOST_MAX_NUM_BATCHED_TOKENS,
                                  kv_cache_tokens=kv_cache_tokens, detokenize=False, stream_outputs=False,
                                  seed=seed, async_scheduling=async_scheduling))
     timer = LaunchTimer(eng, cuda)

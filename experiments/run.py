@@ -102,10 +102,11 @@ OLD_GRAPH_MAX_TOKENS = 2048  # engine.cuda_graph_max_tokens before it became 819
 
 
 def effective_graph_tokens(engine: dict) -> int | None:
-    """The prefill/mixed CUDA graphs' token bound an engine config really gets: the engine caps
-    ``cuda_graph_max_tokens`` at ``max_num_batched_tokens``."""
-    cap, budget = engine.get("cuda_graph_max_tokens"), engine.get("max_num_batched_tokens")
-    return cap if cap is None or budget is None else min(cap, budget)
+    """``engine.config.graph_token_bound`` of an engine config as a dict (a resolved config's or a
+    summary's ``cfg.engine.*``)."""
+    from engine.config import graph_token_bound
+
+    return graph_token_bound(engine.get("cuda_graph_max_tokens"), engine.get("max_num_batched_tokens"))
 
 
 def config_hash(cfg: DictConfig) -> str:

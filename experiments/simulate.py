@@ -412,7 +412,7 @@ def cost_model_for(sim: SimSettings, roofline: RooflineCostModel, shape: ModelSh
         enforce_eager=econf.enforce_eager or getattr(allocator, "plan", None) is not None,
         allocator=econf.allocator,
         graph_max_tokens=(0 if getattr(allocator, "plan", None) is not None
-                          else min(econf.cuda_graph_max_tokens, econf.max_num_batched_tokens)),
+                          else econf.graph_max_tokens),
         graph_mode=econf.cuda_graph_mode, overlapped=bool(econf.async_scheduling),
         max_model_len=econf.max_model_len or 0,
         allreduce=roofline.allreduce if econf.tensor_parallel_size > 1 else None)
