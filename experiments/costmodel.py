@@ -332,11 +332,13 @@ class RooflineCostModel:
         """Every layer attends to the whole context (no sliding window)."""
         return self._full
 
-    def decode_step_time(self, num_seqs: int, context: int) -> float:
+    def decode_step_time(self, num_seqs: int, context: int, longest: int = 0, vmm_maps: int = 0,
+                         vmm_unmaps: int = 0) -> float:
         """``step_time`` of ``num_seqs`` sequences that compute one token each, their contexts
         (after the step) summing to ``context``: the same figure from the sums alone (a decode
         token attends to its whole context), so simulate can time a run of decode steps without
-        a list per step. Full attention only (a window makes it per sequence)."""
+        a list per step. Full attention only (a window makes it per sequence). ``longest`` and the
+        VMM calls: the profiled model's (``ProfiledCostModel.decode_step_time``); none here."""
         return self.sums_step_time(num_seqs, num_seqs, context, context)
 
     def sums_step_time(self, new_tokens: int, num_seqs: int, keys: int, context: int) -> float:

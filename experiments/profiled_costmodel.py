@@ -51,6 +51,7 @@ import pandas as pd
 from engine.cuda_graphs import capture_sizes, padded
 from engine.piecewise_graphs import token_sizes
 from experiments.costmodel import attended_keys
+from experiments.ragged_decode import programs_of_sums
 from kernels import metadata as km
 
 log = logging.getLogger("kvlab.sim")
@@ -507,19 +508,22 @@ class ProfiledCostModel:
         """What a decode graph step's attention takes beyond a uniform batch of its mean context
         (all layers; each window group with its keys capped): the critical-path term fitted to
         the profile's ``ragged`` table (experiments/ragged_decode.py)."""
-        from experiments.ragged_decode import decode_programs
-
-        m = self.model
         ctxs = [c for _, c in work] + [0] * (padded - len(work))  # padding rows read nothing
         total = 0.0
         for n, w in self.windows:
             keys = [min(c, w) for c in ctxs] if w else ctxs
-            # a window bounds the keys a program can see, and so the kernel's split config
-            p = decode_programs(keys, num_kv_heads=m.num_kv_heads, group=max(1, m.num_heads // m.num_kv_heads),
-                                head_dim=m.head_dim, elem_size=m.kv_elem_bytes, num_sms=self.num_sms,
-                                span=min(self.span, w) if w else self.span, fp8=m.kv_elem_bytes == 1)
-            total += n * self.ragged.excess(self.attn_decode(padded, sum(keys) / padded) * self.kv_scale, p)
+            total += n * self._group_excess(padded, sum(keys), max(keys), w)
         return total
+
+    def _group_excess(self, padded: int, keys: int, longest: int, window: int) -> float:
+        """One layer's ragged term: ``padded`` rows reading ``keys`` keys, the longest ``longest``."""
+        m = self.model
+        # a window bounds the keys a program can see, and so the kernel's split config
+        p = programs_of_sums(padded, keys, longest, num_kv_heads=m.num_kv_heads,
+                             group=max(1, m.num_heads // m.num_kv_heads), head_dim=m.head_dim,
+                             elem_size=m.kv_elem_bytes, num_sms=self.num_sms,
+                             span=min(self.span, window) if window else self.span, fp8=m.kv_elem_bytes == 1)
+        return self.ragged.excess(self.attn_decode(padded, keys / padded) * self.kv_scale, p)
 
     # -- the step ----------------------------------------------------------------------------
     def graph_batch(self, work: list[tuple[int, int]]) -> int | None:
@@ -541,14 +545,8 @@ class ProfiledCostModel:
 
     def _device_time(self, work, sampled: int, prefill, context: int, padded: int | None) -> float:
         if padded is not None:
-            if self.decode_graph is not None:
-                body = self.decode_graph(padded, context / padded)
-            else:
-                body = self.compose * (self._dense(padded) + self.lm_head(padded)
-                                       + self._layers_attn(work) * self._decode_attn(len(work), context))
-            if self.ragged is not None:
-                body += self._ragged_excess(work, padded)
-            return body + (self.sample(sampled) if sampled else 0.0)
+            return self._graph_device(padded, len(work), context, sampled, self._layers_attn(work),
+                                      self._ragged_excess(work, padded) if self.ragged is not None else None)
         tokens = sum(q for q, _ in work)
         dec = [(q, c) for q, c in work if q == 1]
         attn = sum(self._prefill_attn(q, c - q) for q, c in prefill)
@@ -571,6 +569,43 @@ class ProfiledCostModel:
                           else (self.eager_forward, self.launch_floor))
         rest = max(0.0, wall_of(size) - max(floor, self.prefill_gpu(size)))
         return max(floor, gpu) + rest
+
+    def _graph_device(self, padded: int, num: int, context: int, sampled: int, layers_attn: float,
+                      excess: float | None) -> float:
+        """A decode graph step's device time: ``num`` sequences (``padded`` rows) holding ``context``
+        keys, ``excess`` its ragged term (None: none modelled)."""
+        if self.decode_graph is not None:
+            body = self.decode_graph(padded, context / padded)
+        else:
+            body = self.compose * (self._dense(padded) + self.lm_head(padded)
+                                   + layers_attn * self._decode_attn(num, context))
+        if excess is not None:
+            body += excess
+        return body + (self.sample(sampled) if sampled else 0.0)
+
+    @property
+    def full_attention(self) -> bool:
+        """Every layer attends to the whole context (no sliding window): what ``decode_step_time`` needs."""
+        return len(self.windows) == 1 and self.windows[0][1] == 0
+
+    def decode_step_time(self, num_seqs: int, context: int, longest: int, vmm_maps: int = 0,
+                         vmm_unmaps: int = 0) -> float | None:
+        """``step_time`` of ``num_seqs`` sequences that compute one token each and all sample, their
+        contexts (after the step) summing to ``context``, the longest ``longest``: the same figure
+        to the bit from the sums alone, for simulate's bulk path; None where a decode graph does not
+        take the batch (an eager step needs more than sums) or with sliding windows."""
+        padded = self.padded(num_seqs) if num_seqs else None
+        if padded is None or not self.full_attention:
+            return None
+        excess = (self.windows[0][0] * self._group_excess(padded, context, longest, 0) if self.ragged is not None
+                  else None)
+        device = self._graph_device(padded, num_seqs, context, num_seqs, self.num_layers, excess)
+        if self.allreduce is not None:
+            device = self.allreduce.step_s(padded) + device
+        if self.overlapped:
+            device = max(0.0, device + self.period_table(num_seqs))
+        maps = (vmm_maps * self.map_s + vmm_unmaps * self.unmap_s) * self.vmm_scale
+        return device + (self.host_tables["graph"](num_seqs) + maps)
 
     def piecewise_size(self, tokens: int) -> int | None:
         """The captured size a prefill/mixed step of ``tokens`` replays, or None: eager."""

@@ -98,12 +98,21 @@ def decode_programs(ctxs, *, num_kv_heads: int, group: int, head_dim: int, elem_
     """``ctxs``: each sequence's keys (a CUDA graph's padding rows as 0); ``span``: the graph's
     bound on them (``max_model_len``). ``num_splits`` overrides the config's count. A sequence's
     longest program grows with its keys, so the batch's is its longest sequence's."""
-    batch = len(ctxs)
+    return programs_of_sums(len(ctxs), sum(ctxs), max(ctxs) if len(ctxs) else 0, num_kv_heads=num_kv_heads,
+                            group=group, head_dim=head_dim, elem_size=elem_size, num_sms=num_sms, span=span, fp8=fp8,
+                            num_splits=num_splits, even_split=even_split)
+
+
+def programs_of_sums(batch: int, total: int, longest_ctx: int, *, num_kv_heads: int, group: int, head_dim: int,
+                     elem_size: int, num_sms: int, span: int, fp8: bool = False, num_splits: int | None = None,
+                     even_split: bool = True) -> DecodePrograms:
+    """``decode_programs`` of a batch given by its size, its keys' sum and its longest sequence's
+    keys: all it reads of the list (simulate's bulk path times runs of decode steps from sums)."""
     block_n, splits, slots = _launch(batch, num_kv_heads, group, head_dim, elem_size, num_sms, span, fp8, even_split)
     splits = num_splits or splits
     row = 2 * head_dim * elem_size  # a key and its value
-    longest = longest_keys(max(ctxs), splits, even_split, block_n, span) if batch else 0
-    mean = int(round(sum(ctxs) / batch)) if batch else 0
+    longest = longest_keys(longest_ctx, splits, even_split, block_n, span) if batch else 0
+    mean = int(round(total / batch)) if batch else 0
     uniform = longest_keys(mean, splits, even_split, block_n, span)
     return DecodePrograms(longest * row, uniform * row, batch * splits * num_kv_heads, slots,
                           decode_seq_major(batch, splits))

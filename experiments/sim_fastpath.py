@@ -28,7 +28,8 @@ through ``LLMEngine.step`` as always:
   step's budget): they prefill and sample in that step and decode in the next ones;
 - anything outside the plain case: a sequence that is not one decode token, stop tokens or
   text to check, streamed outputs, beams, forks, prefix caching at admission, a host tier,
-  a profiled cost model, windowed attention, asynchronous scheduling, fault isolation.
+  windowed attention, asynchronous scheduling, fault isolation; with the profiled cost model, a
+  decode step that no decode CUDA graph takes (its time needs more than the batch's sums).
 
 The run then makes the same decisions and the same figures as its steps one by one; the
 test-suite runs both and compares every step (tests/test_sim_fastpath.py).
@@ -112,17 +113,23 @@ class DecodeFastForward:
 
     def _plain_engine(self) -> bool:
         """The simulated engine as it was built: its own runner (not wrapped: tests count its
-        calls), the roofline model of full attention, synchronous steps, no host tier."""
+        calls), the roofline or the profiled model of full attention, synchronous steps, no host tier."""
         if self._plain_types is None:
             from experiments.costmodel import RooflineCostModel
+            from experiments.profiled_costmodel import ProfiledCostModel
             from experiments.simulate import SimRunner
 
-            self._plain_types = (SimRunner, RooflineCostModel)
+            self._plain_types = (SimRunner, (RooflineCostModel, ProfiledCostModel))
         e = self.engine
         runner = e.runner
-        return (type(runner) is self._plain_types[0] and type(runner.cost_model) is self._plain_types[1]
-                and runner.cost_model.full_attention and not runner.profiled
-                and not e.config.async_scheduling and e.allocator.host_tier is None)
+        roofline, profiled = self._plain_types[1]
+        cost = runner.cost_model
+        if type(runner) is not self._plain_types[0] or not cost.full_attention:
+            return False
+        # the profiled model times decode steps from sums where they replay a decode graph
+        timed = (type(cost) is profiled and runner.profiled and bool(cost.graph_sizes)
+                 or type(cost) is roofline and not runner.profiled)
+        return timed and not e.config.async_scheduling and e.allocator.host_tier is None
 
     # -- the plan: the steps as Scheduler.schedule would make them ------------------------------
     def _plan(self, plan: DecodeRun, left: list[int], computed: list[int], t0: float,
@@ -140,8 +147,10 @@ class DecodeFastForward:
         members, left = steps.members, steps.left  # both grow with the first step's admissions
         num = len(members)
         context = [0]  # context[n]: computed tokens of the first n members
+        longest = [0]  # longest[n]: the most any of them has computed (the profiled model's ragged term)
         for c in computed:
             context.append(context[-1] + c)
+            longest.append(max(longest[-1], c))
         first_done = min(left)  # step at which the first of the first ``num`` finishes
         # the head of the queue and its tokens (a victim has the tokens of the steps it was in)
         head = sched.waiting[0] if sched.waiting else None
@@ -149,7 +158,10 @@ class DecodeFastForward:
         head_computed = head.num_computed_tokens if head is not None else 0
         check = True  # admission to check: at the first step, and after each preemption
         can_preempt = not sched._swap  # a victim that swaps: not modelled
-        cost = e.runner.cost_model
+        runner = e.runner
+        cost = runner.cost_model
+        # the profiled model charges VMM calls made since the last step to the next one
+        vmm = runner.vmm_counter.peek() if runner.profiled and runner.vmm_counter is not None else (0, 0)
         t = steps.times[0]
         for step in range(1, limit + 1):
             if step > plan.room or (step > 1 and next_arrival_s <= t - t0):
@@ -187,20 +199,28 @@ class DecodeFastForward:
                     head_computed = head.num_computed_tokens if head is not None else 0
                     check = True
             held = context[num] + num * step
+            maps, unmaps = vmm if step == 1 else (0, 0)
             if admitted:  # they prefill all their tokens, and sample
-                steps.admitted = admitted
                 ns = [n for _, n in admitted]
-                dt = cost.sums_step_time(num + sum(ns), num + len(ns), held + sum(n * (n + 1) // 2 for n in ns),
-                                         held + sum(ns))
+                if runner.profiled:  # SimRunner.execute's work: the decodes, then the admitted prompts
+                    work = [(1, c + 1) for c in computed[:num]] + [(n, n) for n in ns]
+                    dt = cost.step_time(work, len(work), maps, unmaps)
+                else:
+                    dt = cost.sums_step_time(num + sum(ns), num + len(ns),
+                                             held + sum(n * (n + 1) // 2 for n in ns), held + sum(ns))
+                steps.admitted = admitted
                 for seq, n in admitted:
                     members.append(seq)
                     steps.computed.append(n - 1)
                     left.append(seq.done_at - len(seq.output_token_ids))
                     context.append(context[-1] + n - 1)
+                    longest.append(max(longest[-1], n - 1))
                 first_done = min(first_done, *left[num:])
                 held += sum(ns)
             else:
-                dt = cost.decode_step_time(num, held)
+                dt = cost.decode_step_time(num, held, longest[num] + step, maps, unmaps)
+                if dt is None:  # the step is not timed from sums (an eager decode step): it goes alone
+                    break
             if dt > 0:  # VirtualClock.advance
                 t += dt
             steps.times.append(t)
@@ -325,6 +345,8 @@ class DecodeFastForward:
             busy += dt
         runner.busy_s = busy
         runner.num_steps += k
+        if runner.profiled and runner.vmm_counter is not None:
+            runner.vmm_counter.take()  # charged to the run's first step (before its finishes unmap)
         e.clock.t = times[-1]
         # step records (the last one after the finishes: it counts the sequences left)
         context, records = steps.contexts, []

@@ -255,12 +255,15 @@ class MapCounter:
         a = self.allocator
         return a.num_sync_maps + getattr(a, "num_shared_maps", 0)
 
+    def peek(self) -> tuple[int, int]:
+        """(page maps, page unmaps) since the last ``take``, which it leaves counted."""
+        return (self._synchronous() - self.sync_maps) * self.allocator.num_ranges, self.unmaps
+
     def take(self) -> tuple[int, int]:
         """(page maps, page unmaps) since the last call."""
-        now = self._synchronous()
-        maps = (now - self.sync_maps) * self.allocator.num_ranges
-        self.sync_maps, unmaps, self.unmaps = now, self.unmaps, 0
-        return maps, unmaps
+        counts = self.peek()
+        self.sync_maps, self.unmaps = self._synchronous(), 0
+        return counts
 
 
 @dataclasses.dataclass

@@ -226,13 +226,13 @@ def test_a_window_bounds_the_split_config_of_its_layers(monkeypatch):
     """Windowed layers: the kernel picks its split config under the window, not max_model_len."""
     import dataclasses
 
-    import experiments.ragged_decode as rd
+    import experiments.profiled_costmodel as pcm
     from engine.loader import resolve_config
     from experiments.simulate import shape_of
 
     spans = []
-    real = rd.decode_programs
-    monkeypatch.setattr(rd, "decode_programs", lambda ctxs, **kw: spans.append(kw["span"]) or real(ctxs, **kw))
+    real = pcm.programs_of_sums
+    monkeypatch.setattr(pcm, "programs_of_sums", lambda *a, **kw: spans.append(kw["span"]) or real(*a, **kw))
     shape = dataclasses.replace(shape_of(resolve_config(MODEL)), layer_windows=(512, 0))
     m = ProfiledCostModel(ragged_profile(), shape, model=MODEL, paged=True, block_size=16, max_graph_batch=64,
                           calibrate_host=False)

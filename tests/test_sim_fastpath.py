@@ -3,9 +3,11 @@ exactly the run of the steps one by one: the same step records, memory rows, req
 summary, and the same engine state (allocator included) wherever a run ends."""
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import random
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -41,9 +43,16 @@ CASES = {
     "contiguous-pow2": ["allocator=contiguous", "allocator.args.policy=pow2", *UNIFORM],
     "virtual": ["allocator=virtual", "allocator.args.page_size=4096", *UNIFORM],
     "virtual-online": ["allocator=virtual", "allocator.args.page_size=4096", *UNIFORM, "workload.request_rate=400"],
+    # the profiled cost model (the committed H200 profile): a model it holds, VMM calls on the step's path,
+    # and a model composed from another's tables
+    "paged-profiled": ["allocator=paged", *UNIFORM, "sim=h200", "model=qwen3-0.6b"],
+    "virtual-profiled": ["allocator=virtual", "allocator.args.page_size=262144", *UNIFORM, "sim=h200",
+                         "model=qwen3-0.6b"],
+    "contiguous-profiled": ["allocator=contiguous", "allocator.args.policy=pow2", *UNIFORM, "sim=h200"],
 }
 # cases whose runs are mostly plain decode steps: the bulk path must take most of them
-MOSTLY_FAST = {"paged", "paged-budget", "contiguous-max", "contiguous-pow2", "virtual"}
+MOSTLY_FAST = {"paged", "paged-budget", "contiguous-max", "contiguous-pow2", "virtual", "paged-profiled",
+               "virtual-profiled", "contiguous-profiled"}
 
 
 def config(*overrides: str):
@@ -85,6 +94,7 @@ def test_bulk_run_equals_steps_one_by_one(case, tmp_path, monkeypatch):
     sb, eb = run_with(monkeypatch, cfg, tmp_path / "bulk", fast=True)
     ff = eb.decode_fast_forward
     assert ff.steps > 0 and ff.runs > 0, "the bulk path took no step"
+    assert eb.runner.profiled == ("profiled" in case)
     if case in MOSTLY_FAST:
         assert ff.steps > 0.5 * len(eb.step_records), (ff.steps, len(eb.step_records))
     if case.startswith("paged") and case not in ("paged-fork-n2", "paged-budget"):
@@ -166,7 +176,8 @@ def _drive(cfg, fast: bool, snapshots: dict | None = None) -> tuple[dict, int]:
     return states, compared
 
 
-@pytest.mark.parametrize("case", ["paged", "paged-online", "paged-budget", "contiguous-pow2", "virtual"])
+@pytest.mark.parametrize("case", ["paged", "paged-online", "paged-budget", "contiguous-pow2", "virtual",
+                                  "virtual-profiled"])
 def test_bulk_run_leaves_the_engine_as_its_steps(case, monkeypatch):
     cfg = config(*COMMON, *CASES[case], "workload.num_requests=40")
     states, _ = _drive(cfg, fast=False)
@@ -185,6 +196,46 @@ def test_decode_step_time_is_step_time_to_the_bit(shape, tp):
         contexts = [rng.randint(1, 4096) for _ in range(rng.randint(1, 256))]
         assert cm.decode_step_time(len(contexts), sum(contexts)) == cm.step_time([(1, c) for c in contexts])
     assert cm.decode_step_time(0, 0) == cm.step_time([]) == 0.0
+
+
+@functools.lru_cache(maxsize=1)
+def committed_profile():
+    from experiments.profiled_costmodel import load_profile
+
+    return load_profile(str(Path(run.CONF_DIR).parent / "results" / "profiles" / "nvidia-h200.parquet"))
+
+
+@pytest.mark.parametrize("model,allocator,tp,overlapped", [
+    ("llama3-8b", "paged", 1, False),  # the profiled model's own tables: decode graphs, the ragged term
+    ("qwen3-0.6b", "virtual", 1, True),  # VMM calls on the step's path, asynchronous steps' period term
+    ("tiny-llama", "contiguous", 1, False),  # composed from another model's tables
+    ("llama3-8b", "paged", 2, False),  # tensor parallelism: composed, plus the all-reduces
+])
+def test_profiled_decode_step_time_is_step_time_to_the_bit(model, allocator, tp, overlapped):
+    """What simulate's bulk path asks the profiled model for a decode step (sums, longest context,
+    VMM calls) is ``step_time`` of the step's list, to the bit; None where no decode graph takes it."""
+    from engine.loader import resolve_config
+    from experiments.costmodel import AllReduceCost
+    from experiments.profiled_costmodel import ProfiledCostModel
+    from experiments.simulate import shape_of
+
+    shape = shape_of(resolve_config(model))
+    allreduce = (AllReduceCost(tp, shape.hidden_size, shape.num_layers, shape.dtype_bytes, DEVICES["h200"])
+                 if tp > 1 else None)
+    cm = ProfiledCostModel(committed_profile(), shape, model=model, paged=allocator == "paged",
+                           block_size=16 if allocator == "paged" else 0, max_graph_batch=128, allocator=allocator,
+                           graph_max_tokens=2048, overlapped=overlapped, max_model_len=2048, allreduce=allreduce)
+    # its own decode graph table, or composed from the reference model's; the ragged term in both
+    assert cm.full_attention and cm.ragged is not None
+    assert (cm.decode_graph is not None) == (model != "tiny-llama" and tp == 1)
+    rng = random.Random(0)
+    for _ in range(300):
+        contexts = [rng.randint(1, 2048) for _ in range(rng.randint(1, 128))]
+        maps, unmaps = (rng.randint(0, 3), rng.randint(0, 2)) if allocator == "virtual" else (0, 0)
+        got = cm.decode_step_time(len(contexts), sum(contexts), max(contexts), maps, unmaps)
+        assert got == cm.step_time([(1, c) for c in contexts], len(contexts), maps, unmaps)
+    assert cm.decode_step_time(129, 129 * 100, 100) is None  # beyond the decode graphs: eager, not from sums
+    assert cm.decode_step_time(0, 0, 0) is None
 
 
 def test_accountant_tail_preemption_path_equals_relive():
