@@ -71,8 +71,19 @@ class Grid1D:
         self.ys = np.asarray(ys, dtype=float)[order]
         if len(self.xs) == 0:
             raise ValueError("an empty profile table")
+        # values at integer points (batch sizes, token counts: a few thousand at most), kept: a
+        # simulated run asks for the same ones millions of times, and np.interp on a scalar is slow
+        self._at: dict[int, float] = {}
 
     def __call__(self, x: float) -> float:
+        if type(x) is int:
+            y = self._at.get(x)
+            if y is None:
+                y = self._at[x] = self._value(x)
+            return y
+        return self._value(x)
+
+    def _value(self, x: float) -> float:
         if x > self.xs[-1] and self.proportional:
             return float(self.ys[-1] * x / self.xs[-1])
         return float(np.interp(x, self.xs, self.ys))
@@ -547,12 +558,19 @@ class ProfiledCostModel:
         if padded is not None:
             return self._graph_device(padded, len(work), context, sampled, self._layers_attn(work),
                                       self._ragged_excess(work, padded) if self.ragged is not None else None)
-        tokens = sum(q for q, _ in work)
-        dec = [(q, c) for q, c in work if q == 1]
-        attn = sum(self._prefill_attn(q, c - q) for q, c in prefill)
-        if dec:
-            grid = self.attn_decode_mixed if prefill else self.attn_decode
-            attn += grid(len(dec), sum(c for _, c in dec) / len(dec)) * self.kv_scale
+        dec = [c for q, c in work if q == 1]
+        return self._mixed_device(sum(q for q, _ in work), sampled,
+                                  sum(self._prefill_attn(q, c - q) for q, c in prefill), len(dec), sum(dec),
+                                  bool(prefill), self._layers_attn(work))
+
+    def _mixed_device(self, tokens: int, sampled: int, prefill_attn: float, decodes: int, decode_context: int,
+                      has_prefill: bool, layers_attn: float) -> float:
+        """A prefill/mixed (or eager) step's device time: ``tokens`` computed, ``prefill_attn`` one
+        layer's attention of its prefill chunks, ``decodes`` decode tokens of ``decode_context`` keys."""
+        attn = prefill_attn
+        if decodes:
+            grid = self.attn_decode_mixed if has_prefill else self.attn_decode
+            attn += grid(decodes, decode_context / decodes) * self.kv_scale
         # piecewise graphs: the dense layers run at the padded size, attention on the real tokens
         size = self.piecewise_size(tokens)
         piecewise = size is not None
@@ -560,7 +578,7 @@ class ProfiledCostModel:
         # the measured single-sequence forward of as many tokens: its device time with one fresh
         # prefill's attention, one row of logits and sampling swapped for this batch's
         gpu = (self.prefill_gpu(size) - self.num_layers * self._prefill_attn(size, 0)
-               + self._layers_attn(work) * attn)
+               + layers_attn * attn)
         if sampled > 1:
             gpu += self.lm_head(sampled) - self.lm_head(1) + self.sample(sampled) - self.sample(1)
         # a step waits for the later of its launches and its device work; what the measured
@@ -642,10 +660,29 @@ class ProfiledCostModel:
             padded = self.graph_batch(work)
         if padded is not None:
             return self.host_tables["graph"](len(work))
-        tokens = sum(q for q, _ in work)
-        decodes = sum(1 for q, _ in work if q == 1)
-        kind = self.step_kind(len(work), tokens - decodes, decodes)
-        return max(0.0, self.host_tables[kind](len(work)) + self.token_slope[kind] * tokens)
+        return self._mixed_host(len(work), sum(q for q, _ in work), sum(1 for q, _ in work if q == 1))
+
+    def _mixed_host(self, num: int, tokens: int, decodes: int) -> float:
+        kind = self.step_kind(num, tokens - decodes, decodes)
+        return max(0.0, self.host_tables[kind](num) + self.token_slope[kind] * tokens)
+
+    def admission_step_time(self, decodes: int, decode_context: int, prompts: list[int], vmm_maps: int = 0,
+                            vmm_unmaps: int = 0) -> float | None:
+        """``step_time`` of ``decodes`` sequences computing one token each (their contexts after the
+        step summing to ``decode_context``) and whole prompts of ``prompts`` tokens, every one
+        sampling: the same figure to the bit, for simulate's bulk path (no list of the decodes).
+        None where that step would be a decode graph's (prompts of one token) or with sliding windows."""
+        if not prompts or min(prompts) < 2 or not self.full_attention:
+            return None
+        num = decodes + len(prompts)
+        tokens = decodes + sum(prompts)
+        # as _device_time's sum over the prefill chunks: each prompt's own keys, in batch order
+        device = self._mixed_device(tokens, num, sum(self._prefill_attn(n, 0) for n in prompts), decodes,
+                                    decode_context, True, self.num_layers)
+        if self.allreduce is not None:
+            device = self.allreduce.step_s(tokens) + device
+        maps = (vmm_maps * self.map_s + vmm_unmaps * self.unmap_s) * self.vmm_scale
+        return device + (self._mixed_host(num, tokens, decodes) + maps)
 
     def step_time(self, work: list[tuple[int, int]], num_sampled: int | None = None, vmm_maps: int = 0,
                   vmm_unmaps: int = 0) -> float:

@@ -203,8 +203,10 @@ class DecodeFastForward:
             if admitted:  # they prefill all their tokens, and sample
                 ns = [n for _, n in admitted]
                 if runner.profiled:  # SimRunner.execute's work: the decodes, then the admitted prompts
-                    work = [(1, c + 1) for c in computed[:num]] + [(n, n) for n in ns]
-                    dt = cost.step_time(work, len(work), maps, unmaps)
+                    dt = cost.admission_step_time(num, held, ns, maps, unmaps)
+                    if dt is None:
+                        work = [(1, c + 1) for c in computed[:num]] + [(n, n) for n in ns]
+                        dt = cost.step_time(work, len(work), maps, unmaps)
                 else:
                     dt = cost.sums_step_time(num + sum(ns), num + len(ns),
                                              held + sum(n * (n + 1) // 2 for n in ns), held + sum(ns))

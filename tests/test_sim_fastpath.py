@@ -213,7 +213,8 @@ def committed_profile():
 ])
 def test_profiled_decode_step_time_is_step_time_to_the_bit(model, allocator, tp, overlapped):
     """What simulate's bulk path asks the profiled model for a decode step (sums, longest context,
-    VMM calls) is ``step_time`` of the step's list, to the bit; None where no decode graph takes it."""
+    VMM calls) or a step admitting whole prompts is ``step_time`` of the step's list, to the bit;
+    None where the sums do not say it."""
     from engine.loader import resolve_config
     from experiments.costmodel import AllReduceCost
     from experiments.profiled_costmodel import ProfiledCostModel
@@ -234,7 +235,12 @@ def test_profiled_decode_step_time_is_step_time_to_the_bit(model, allocator, tp,
         maps, unmaps = (rng.randint(0, 3), rng.randint(0, 2)) if allocator == "virtual" else (0, 0)
         got = cm.decode_step_time(len(contexts), sum(contexts), max(contexts), maps, unmaps)
         assert got == cm.step_time([(1, c) for c in contexts], len(contexts), maps, unmaps)
+        prompts = [rng.randint(2, 1024) for _ in range(rng.randint(1, 4))]
+        got = cm.admission_step_time(len(contexts), sum(contexts), prompts, maps, unmaps)
+        assert got == cm.step_time([(1, c) for c in contexts] + [(n, n) for n in prompts],
+                                   len(contexts) + len(prompts), maps, unmaps)
     assert cm.decode_step_time(129, 129 * 100, 100) is None  # beyond the decode graphs: eager, not from sums
+    assert cm.admission_step_time(3, 300, [1]) is None  # a one-token prompt: a decode graph step
     assert cm.decode_step_time(0, 0, 0) is None
 
 
