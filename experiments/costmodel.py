@@ -345,14 +345,28 @@ class RooflineCostModel:
         """``step_time`` of a batch given by its sums (full attention only): tokens computed,
         sequences, keys attended (``q * (c - q) + q * (q + 1) // 2`` per sequence of ``q`` new
         tokens and context ``c`` after the step) and contexts. The same figure to the bit."""
-        if not self._full:
-            raise ValueError("step times from sums need full attention: a sliding window counts keys per sequence")
         if not num_seqs:
             return 0.0
-        layers = self.model.num_layers
-        _, _, compute_s, memory_s, overhead_s, comm_s = self._cost(new_tokens, num_seqs, layers * keys,
-                                                                    layers * context)
+        _, _, compute_s, memory_s, overhead_s, comm_s = self._sums_cost(new_tokens, num_seqs, keys, context)
         return _total_s(compute_s, memory_s, comm_s, overhead_s)
+
+    def sums_host_device(self, new_tokens: int, num_seqs: int, keys: int, context: int) -> tuple[float, float]:
+        """``host_device_time`` of a batch given by its sums (as ``sums_step_time``), to the bit."""
+        if not num_seqs:
+            return 0.0, 0.0
+        _, _, compute_s, memory_s, overhead_s, comm_s = self._sums_cost(new_tokens, num_seqs, keys, context)
+        return overhead_s, max(compute_s, memory_s) + comm_s
+
+    def decode_host_device(self, num_seqs: int, context: int, longest: int = 0, vmm_maps: int = 0,
+                           vmm_unmaps: int = 0) -> tuple[float, float]:
+        """``decode_step_time`` as (host seconds, device seconds)."""
+        return self.sums_host_device(num_seqs, num_seqs, context, context)
+
+    def _sums_cost(self, new_tokens: int, num_seqs: int, keys: int, context: int):
+        if not self._full:
+            raise ValueError("step times from sums need full attention: a sliding window counts keys per sequence")
+        layers = self.model.num_layers
+        return self._cost(new_tokens, num_seqs, layers * keys, layers * context)
 
     def kv_capacity_tokens(self, gpu_memory_utilization: float = 0.9,
                            activation_reserve_bytes: int = 0) -> int:

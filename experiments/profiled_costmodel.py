@@ -612,6 +612,12 @@ class ProfiledCostModel:
         contexts (after the step) summing to ``context``, the longest ``longest``: the same figure
         to the bit from the sums alone, for simulate's bulk path; None where a decode graph does not
         take the batch (an eager step needs more than sums) or with sliding windows."""
+        split = self.decode_host_device(num_seqs, context, longest, vmm_maps, vmm_unmaps)
+        return None if split is None else split[1] + split[0]
+
+    def decode_host_device(self, num_seqs: int, context: int, longest: int, vmm_maps: int = 0,
+                           vmm_unmaps: int = 0) -> tuple[float, float] | None:
+        """``decode_step_time`` as ``host_device_time``'s (host seconds, device seconds)."""
         padded = self.padded(num_seqs) if num_seqs else None
         if padded is None or not self.full_attention:
             return None
@@ -622,8 +628,11 @@ class ProfiledCostModel:
             device = self.allreduce.step_s(padded) + device
         if self.overlapped:
             device = max(0.0, device + self.period_table(num_seqs))
-        maps = (vmm_maps * self.map_s + vmm_unmaps * self.unmap_s) * self.vmm_scale
-        return device + (self.host_tables["graph"](num_seqs) + maps)
+        return self.host_tables["graph"](num_seqs) + self._vmm_s(vmm_maps, vmm_unmaps), device
+
+    def _vmm_s(self, maps: int, unmaps: int) -> float:
+        """Host seconds of VMM page maps and unmaps on a step's path."""
+        return (maps * self.map_s + unmaps * self.unmap_s) * self.vmm_scale
 
     def piecewise_size(self, tokens: int) -> int | None:
         """The captured size a prefill/mixed step of ``tokens`` replays, or None: eager."""
@@ -672,6 +681,12 @@ class ProfiledCostModel:
         step summing to ``decode_context``) and whole prompts of ``prompts`` tokens, every one
         sampling: the same figure to the bit, for simulate's bulk path (no list of the decodes).
         None where that step would be a decode graph's (prompts of one token) or with sliding windows."""
+        split = self.admission_host_device(decodes, decode_context, prompts, vmm_maps, vmm_unmaps)
+        return None if split is None else split[1] + split[0]
+
+    def admission_host_device(self, decodes: int, decode_context: int, prompts: list[int], vmm_maps: int = 0,
+                              vmm_unmaps: int = 0) -> tuple[float, float] | None:
+        """``admission_step_time`` as ``host_device_time``'s (host seconds, device seconds)."""
         if not prompts or min(prompts) < 2 or not self.full_attention:
             return None
         num = decodes + len(prompts)
@@ -681,8 +696,7 @@ class ProfiledCostModel:
                                     decode_context, True, self.num_layers)
         if self.allreduce is not None:
             device = self.allreduce.step_s(tokens) + device
-        maps = (vmm_maps * self.map_s + vmm_unmaps * self.unmap_s) * self.vmm_scale
-        return device + (self._mixed_host(num, tokens, decodes) + maps)
+        return self._mixed_host(num, tokens, decodes) + self._vmm_s(vmm_maps, vmm_unmaps), device
 
     def step_time(self, work: list[tuple[int, int]], num_sampled: int | None = None, vmm_maps: int = 0,
                   vmm_unmaps: int = 0) -> float:
@@ -699,7 +713,7 @@ class ProfiledCostModel:
         if not work:
             return 0.0, 0.0
         padded = self.graph_batch(work)  # graph or eager: decided once for both parts
-        maps = (vmm_maps * self.map_s + vmm_unmaps * self.unmap_s) * self.vmm_scale
+        maps = self._vmm_s(vmm_maps, vmm_unmaps)
         device = self.device_time(work, num_sampled, padded)
         if self.overlapped and padded is not None:  # a decode graph step's period beyond its device work
             device = max(0.0, device + self.period_table(len(work)))

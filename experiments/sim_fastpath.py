@@ -12,6 +12,15 @@ once (``DecodeRun.commit``), the victims and admissions made by the scheduler's 
 ``_preempt`` and ``_admit``. At the run's last step the sequences that reach their length
 finish through the engine's own code.
 
+Asynchronous scheduling (``AsyncSimRunner``): a run starts with a step in flight that sampled
+the last token of every running sequence. Each step launches (the host's part moves the clock,
+the device's starts when the device is free), then reads back the step before it (the clock
+waits for the device); the first step reads back the step in flight, and the last one is left
+in flight, its tokens pending, as ``LLMEngine._step`` leaves it. A sequence whose last token is
+in flight is not scheduled again and finishes when it is read back, so a run stops after the
+step that samples a last token, and its finishes fall in the next step, which goes through the
+engine. The cost model gives each step's host and device parts from the sums.
+
 A run stops before the first step that could differ from that pattern, and that step goes
 through ``LLMEngine.step`` as always:
 
@@ -28,8 +37,8 @@ through ``LLMEngine.step`` as always:
   step's budget): they prefill and sample in that step and decode in the next ones;
 - anything outside the plain case: a sequence that is not one decode token, stop tokens or
   text to check, streamed outputs, beams, forks, prefix caching at admission, a host tier,
-  windowed attention, asynchronous scheduling, fault isolation; with the profiled cost model, a
-  decode step that no decode CUDA graph takes (its time needs more than the batch's sums).
+  windowed attention, fault isolation; with the profiled cost model, a decode step that no
+  decode CUDA graph takes (its time needs more than the batch's sums).
 
 The run then makes the same decisions and the same figures as its steps one by one; the
 test-suite runs both and compares every step (tests/test_sim_fastpath.py).
@@ -44,6 +53,7 @@ import numpy as np
 
 from allocators.stats import STAT_FIELDS, MemoryStats
 from engine.scheduler import ScheduledBatch
+from engine.sequence import PENDING
 
 if TYPE_CHECKING:
     from allocators.base import DecodeRun
@@ -63,12 +73,16 @@ class _Steps:
     computed: list[int]
     left: list[int]  # steps until each samples its last token
     times: list[float]  # the clock at each step's start, and after the last
-    durations: list[float] = field(default_factory=list)
     nums: list[int] = field(default_factory=list)  # sequences each step computes
     decoding: list[int] = field(default_factory=list)  # ... of them decoding (the others are admitted)
     preempted: list[int] = field(default_factory=list)
     contexts: list[int] = field(default_factory=list)  # tokens the batch's sequences hold after the step
     admitted: list[tuple] = field(default_factory=list)  # (seq, tokens) admitted at the first step
+    busy: list[float] = field(default_factory=list)  # what each step adds to the runner's busy time
+    # asynchronous steps: the device's end of the last step (its tokens' ready time) and the
+    # wait for the step before it, as the engine's last read-back measured it
+    device_free: float = 0.0
+    last_wait: float = 0.0
 
 
 class DecodeFastForward:
@@ -97,7 +111,10 @@ class DecodeFastForward:
         if (not running or sched.swapped or e.isolator.active or not self._plain_engine()
                 or len(running) > sched.config.max_num_batched_tokens):
             return None
-        left, computed = _decode_state(running)
+        inflight = e._inflight if e.config.async_scheduling else None
+        if e.config.async_scheduling and not _inflight_decodes(e, inflight):
+            return None
+        left, computed = _decode_state(running, pending=inflight is not None)
         if not left:
             return None
         plan = e.allocator.decode_run(running)
@@ -117,19 +134,20 @@ class DecodeFastForward:
         if self._plain_types is None:
             from experiments.costmodel import RooflineCostModel
             from experiments.profiled_costmodel import ProfiledCostModel
-            from experiments.simulate import SimRunner
+            from experiments.simulate import AsyncSimRunner, SimRunner
 
-            self._plain_types = (SimRunner, (RooflineCostModel, ProfiledCostModel))
+            self._plain_types = (SimRunner, AsyncSimRunner, RooflineCostModel, ProfiledCostModel)
         e = self.engine
         runner = e.runner
-        roofline, profiled = self._plain_types[1]
+        sync_runner, async_runner, roofline, profiled = self._plain_types
         cost = runner.cost_model
-        if type(runner) is not self._plain_types[0] or not cost.full_attention:
+        if type(runner) is not (async_runner if e.config.async_scheduling else sync_runner) or not cost.full_attention:
             return False
         # the profiled model times decode steps from sums where they replay a decode graph
         timed = (type(cost) is profiled and runner.profiled and bool(cost.graph_sizes)
                  or type(cost) is roofline and not runner.profiled)
-        return timed and not e.config.async_scheduling and e.allocator.host_tier is None
+        # beam search anywhere turns asynchronous steps synchronous (LLMEngine._step)
+        return timed and e.allocator.host_tier is None and not (e.config.async_scheduling and e._beam_requests)
 
     # -- the plan: the steps as Scheduler.schedule would make them ------------------------------
     def _plan(self, plan: DecodeRun, left: list[int], computed: list[int], t0: float,
@@ -163,6 +181,9 @@ class DecodeFastForward:
         # the profiled model charges VMM calls made since the last step to the next one
         vmm = runner.vmm_counter.peek() if runner.profiled and runner.vmm_counter is not None else (0, 0)
         t = steps.times[0]
+        overlap = e.config.async_scheduling
+        if overlap:  # AsyncSimRunner.launch, then the read-back of the step before (SimStepHandle.wait)
+            free, ready = runner.device_free_at, e._inflight.ready_at
         for step in range(1, limit + 1):
             if step > plan.room or (step > 1 and next_arrival_s <= t - t0):
                 break
@@ -203,13 +224,13 @@ class DecodeFastForward:
             if admitted:  # they prefill all their tokens, and sample
                 ns = [n for _, n in admitted]
                 if runner.profiled:  # SimRunner.execute's work: the decodes, then the admitted prompts
-                    dt = cost.admission_step_time(num, held, ns, maps, unmaps)
-                    if dt is None:
+                    split = cost.admission_host_device(num, held, ns, maps, unmaps)
+                    if split is None:
                         work = [(1, c + 1) for c in computed[:num]] + [(n, n) for n in ns]
-                        dt = cost.step_time(work, len(work), maps, unmaps)
+                        split = cost.host_device_time(work, len(work), maps, unmaps)
                 else:
-                    dt = cost.sums_step_time(num + sum(ns), num + len(ns),
-                                             held + sum(n * (n + 1) // 2 for n in ns), held + sum(ns))
+                    split = cost.sums_host_device(num + sum(ns), num + len(ns),
+                                                  held + sum(n * (n + 1) // 2 for n in ns), held + sum(ns))
                 steps.admitted = admitted
                 for seq, n in admitted:
                     members.append(seq)
@@ -220,13 +241,27 @@ class DecodeFastForward:
                 first_done = min(first_done, *left[num:])
                 held += sum(ns)
             else:
-                dt = cost.decode_step_time(num, held, longest[num] + step, maps, unmaps)
-                if dt is None:  # the step is not timed from sums (an eager decode step): it goes alone
+                split = cost.decode_host_device(num, held, longest[num] + step, maps, unmaps)
+                if split is None:  # the step is not timed from sums (an eager decode step): it goes alone
                     break
-            if dt > 0:  # VirtualClock.advance
-                t += dt
+            host, device = split
+            if overlap:
+                if host > 0:  # VirtualClock.advance
+                    t += host
+                launched = t
+                free = max(t, free) + device
+                wait = ready - t
+                if wait > 0:
+                    t += wait
+                steps.last_wait = t - launched
+                ready = steps.device_free = free
+                steps.busy.append(host + device)
+            else:
+                dt = device + host  # SimRunner.execute: the cost model's step_time
+                if dt > 0:
+                    t += dt
+                steps.busy.append(dt)
             steps.times.append(t)
-            steps.durations.append(dt)
             steps.nums.append(num + len(admitted))
             steps.decoding.append(num)
             steps.preempted.append(before - num)
@@ -324,26 +359,18 @@ class DecodeFastForward:
         if eos:
             hit = np.isin(tokens, eos)
             tokens[hit] = 4 + (tokens[hit] + 1 - 4) % span
-        after = times[1:]
-        for seq, toks, n, c in zip(members, tokens.tolist(), ins, steps.computed):
-            if n < k:
-                seq.token_ids += toks[:n]
-                seq.output_token_ids += toks[:n]
-                seq.token_times += after[:n]
-            else:
-                seq.num_computed_tokens = c + k
-                seq.token_ids += toks
-                seq.output_token_ids += toks
-                seq.token_times += after
+        overlap = e.config.async_scheduling
+        if overlap:
+            self._read_back(e._inflight, times[1])
+        self._append_tokens(steps, tokens.tolist(), ins, overlap)
         for seq, _ in steps.admitted:  # as _advance and _resolve_sampled of the first step
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = times[0]
-            if seq.first_token_time is None:
-                seq.first_token_time = times[1]
-        e.num_generation_tokens += sum(nums)
-        # the runner and the clock, as k calls of execute leave them
+            if seq.first_token_time is None and (k > 1 or not overlap):  # asynchronous: read back a step later
+                seq.first_token_time = times[2 if overlap else 1]
+        # the runner and the clock, as k launches (or calls of execute) leave them
         busy = runner.busy_s
-        for dt in steps.durations:
+        for dt in steps.busy:
             busy += dt
         runner.busy_s = busy
         runner.num_steps += k
@@ -353,18 +380,69 @@ class DecodeFastForward:
         # step records (the last one after the finishes: it counts the sequences left)
         context, records = steps.contexts, []
         admitted_tokens = sum(n for _, n in steps.admitted)
-        for i in range(k - 1):
+        for i in range(k if overlap else k - 1):  # asynchronous: no sequence finishes in a run
             waiting += steps.preempted[i]
             records.append((times[i], times[i + 1] - times[i], nums[i], waiting, nums[i], 0 if i else admitted_tokens,
                             steps.decoding[i], steps.preempted[i], 0.0, context[i], 0, 0, 0, 0.0, 0.0))
-        finished = self._finish(members[:nums[-1]])
-        e._wait_s = 0.0
-        records.append((times[k - 1], times[k] - times[k - 1], len(sched.running), len(sched.waiting), nums[-1],
-                        admitted_tokens if k == 1 else 0, steps.decoding[-1], steps.preempted[-1], 0.0, context[-1],
-                        0, 0, 0, 0.0, 0.0))
+        if overlap:
+            finished = 0
+            self._in_flight(members[:nums[-1]], tokens[:, -1].tolist(), steps)
+            e._wait_s = steps.last_wait
+        else:
+            e.num_generation_tokens += sum(nums)
+            finished = self._finish(members[:nums[-1]])
+            e._wait_s = 0.0
+            records.append((times[k - 1], times[k] - times[k - 1], len(sched.running), len(sched.waiting), nums[-1],
+                            admitted_tokens if k == 1 else 0, steps.decoding[-1], steps.preempted[-1], 0.0,
+                            context[-1], 0, 0, 0, 0.0, 0.0))
         e.step_records.extend(records)
         e.isolator.step_succeeded()
         return finished
+
+    @staticmethod
+    def _append_tokens(steps: _Steps, tokens: list[list[int]], ins: list[int], overlap: bool) -> None:
+        """Each member's tokens of the run: those of the ``ins[j]`` steps it took part in, at the
+        times they were read back: synchronous steps at each step's end; asynchronous ones at the
+        next step's (the run's first step reads back the step before it: ``_read_back``), the last
+        step's still in flight (a pending place, as ``Sequence.append_pending``)."""
+        times, k = steps.times, len(steps.nums)
+        after = times[2:] if overlap else times[1:]
+        for seq, toks, n, c in zip(steps.members, tokens, ins, steps.computed):
+            if n < k:  # preempted before step n + 1 (asynchronous: its token of step n read back there)
+                seq.token_ids += toks[:n]
+                seq.output_token_ids += toks[:n]
+                seq.token_times += after[:n]
+            elif overlap:
+                seq.num_computed_tokens = c + k
+                seq.token_ids += toks[:k - 1]
+                seq.token_ids.append(PENDING)
+                seq.output_token_ids += toks[:k - 1]
+                seq.output_token_ids.append(PENDING)
+                seq.token_times += after
+            else:
+                seq.num_computed_tokens = c + k
+                seq.token_ids += toks
+                seq.output_token_ids += toks
+                seq.token_times += after
+
+    def _read_back(self, handle, now: float) -> None:
+        """The run's first step reads back the step launched before it (``LLMEngine._resolve``): no
+        token ends its sequence (``_decode_state`` saw to it), so no request has an output."""
+        for seq, pos, (token, logprob, top) in zip(handle.seqs, handle.positions, handle._ready):
+            seq.resolve(pos, token, logprob, top, now)
+        self.engine.num_generation_tokens += len(handle.seqs)
+
+    def _in_flight(self, seqs: list, tokens: list[int], steps: _Steps) -> None:
+        """The run's last step, launched and not read back: its handle, as ``AsyncSimRunner.launch``
+        and ``LLMEngine._step`` leave it (every step before it was read back by the next)."""
+        from experiments.simulate import SimStepHandle
+
+        e = self.engine
+        e.num_generation_tokens += sum(steps.nums[:-1])
+        handle = SimStepHandle([(seq, t, None) for seq, t in zip(seqs, tokens)], steps.device_free, e.clock)
+        handle.positions = [len(seq.token_ids) - 1 for seq in seqs]
+        e._inflight = e._launched = handle
+        e.runner.device_free_at = steps.device_free
 
     def _record_memory(self, plan: DecodeRun, steps: _Steps) -> None:
         """What ``_record_memory`` and ``_advance`` record at each step of the run: the stats
@@ -411,17 +489,31 @@ class DecodeFastForward:
         return e.output_processor.retire_quiet(touched.values(), e) if touched else 0
 
 
-def _decode_state(running: list) -> tuple[list[int], list[int]]:
+def _decode_state(running: list, pending: bool = False) -> tuple[list[int], list[int]]:
     """(steps until each of ``running`` samples its last token, the tokens each has computed)
     if every one is in the plain decode case (one token to compute, no stop but its length,
-    nothing to report before its end); else two empty lists."""
+    nothing to report before its end); else two empty lists. ``pending``: asynchronous steps,
+    each one's last token still in flight (``_inflight_decodes``; its first may be too)."""
     left, computed = [], []
     for seq in running:
         out = seq.output_token_ids
         if (not out or seq.fork_pending or not seq.length_only or not seq.quiet or seq.params.beam_width > 1
-                or len(seq.token_ids) - seq.num_computed_tokens != 1 or seq.first_token_time is None
+                or len(seq.token_ids) - seq.num_computed_tokens != 1
+                or (seq.first_token_time is None and not pending)
                 or seq.first_scheduled_time is None or len(out) >= seq.done_at):
             return [], []
         left.append(seq.done_at - len(out))
         computed.append(seq.num_computed_tokens)
     return left, computed
+
+
+def _inflight_decodes(e: LLMEngine, handle) -> bool:
+    """Asynchronous steps: the step in flight (launched, not read back) sampled the last token
+    of every running sequence, in their order, and of no other: the state a run starts from."""
+    running = e.scheduler.running
+    if handle is None or handle is not e._launched or len(handle.seqs) != len(running):
+        return False
+    for seq, other, pos in zip(running, handle.seqs, handle.positions):
+        if seq is not other or pos != len(seq.token_ids) - 1 or seq.token_ids[pos] != PENDING:
+            return False
+    return True

@@ -49,10 +49,21 @@ CASES = {
     "virtual-profiled": ["allocator=virtual", "allocator.args.page_size=262144", *UNIFORM, "sim=h200",
                          "model=qwen3-0.6b"],
     "contiguous-profiled": ["allocator=contiguous", "allocator.args.policy=pow2", *UNIFORM, "sim=h200"],
+    # asynchronous steps (the engine's default): each run starts and ends with a step in flight
+    "paged-async": ["allocator=paged", "allocator.args.block_size=8", *UNIFORM, "engine.async_scheduling=true"],
+    "paged-online-async": ["allocator=paged", "allocator.args.block_size=8", *UNIFORM, "workload.request_rate=400",
+                           "engine.async_scheduling=true"],
+    "contiguous-max-async": ["allocator=contiguous", "allocator.args.policy=max", *UNIFORM, "engine.max_model_len=128",
+                             "engine.async_scheduling=true"],
+    "virtual-async": ["allocator=virtual", "allocator.args.page_size=4096", *UNIFORM, "engine.async_scheduling=true"],
+    "paged-profiled-async": ["allocator=paged", *UNIFORM, "sim=h200", "model=qwen3-0.6b", "engine.async_scheduling=true"],
+    "virtual-profiled-async": ["allocator=virtual", "allocator.args.page_size=262144", *UNIFORM, "sim=h200",
+                               "model=qwen3-0.6b", "engine.async_scheduling=true"],
 }
 # cases whose runs are mostly plain decode steps: the bulk path must take most of them
 MOSTLY_FAST = {"paged", "paged-budget", "contiguous-max", "contiguous-pow2", "virtual", "paged-profiled",
-               "virtual-profiled", "contiguous-profiled"}
+               "virtual-profiled", "contiguous-profiled", "paged-async", "contiguous-max-async", "virtual-async",
+               "paged-profiled-async", "virtual-profiled-async"}
 
 
 def config(*overrides: str):
@@ -136,6 +147,10 @@ def _state(e) -> dict:
                preemptions=sched.num_preemptions, memory_rows=e.accountant.num_steps,
                seqs={s.seq_id: (list(s.token_ids), s.num_computed_tokens, list(s.token_times), s.status)
                      for s in [*sched.running, *sched.waiting]})
+    h = e._inflight  # asynchronous steps: the step in flight, and when the device is free
+    if h is not None:
+        out["inflight"] = ([s.seq_id for s in h.seqs], list(h.positions), list(h._ready), h.ready_at,
+                           e.runner.device_free_at, e._launched is h)
     if hasattr(alloc, "_seqs"):  # paged: block tables, fills, the free stack's order
         out["blocks"] = {i: (st.num_tokens, list(st.table)) for i, st in alloc._seqs.items()}
         out["pool"] = (list(alloc.pool.ref), list(alloc.pool.fill), list(alloc.pool._plain), alloc.pool.filled_total)
@@ -177,7 +192,7 @@ def _drive(cfg, fast: bool, snapshots: dict | None = None) -> tuple[dict, int]:
 
 
 @pytest.mark.parametrize("case", ["paged", "paged-online", "paged-budget", "contiguous-pow2", "virtual",
-                                  "virtual-profiled"])
+                                  "virtual-profiled", "paged-async", "paged-online-async", "virtual-profiled-async"])
 def test_bulk_run_leaves_the_engine_as_its_steps(case, monkeypatch):
     cfg = config(*COMMON, *CASES[case], "workload.num_requests=40")
     states, _ = _drive(cfg, fast=False)
@@ -194,7 +209,15 @@ def test_decode_step_time_is_step_time_to_the_bit(shape, tp):
     rng = random.Random(0)
     for _ in range(300):
         contexts = [rng.randint(1, 4096) for _ in range(rng.randint(1, 256))]
-        assert cm.decode_step_time(len(contexts), sum(contexts)) == cm.step_time([(1, c) for c in contexts])
+        work = [(1, c) for c in contexts]
+        assert cm.decode_step_time(len(contexts), sum(contexts)) == cm.step_time(work)
+        assert cm.decode_host_device(len(contexts), sum(contexts)) == cm.host_device_time(work)
+        prompts = [rng.randint(1, 512) for _ in range(rng.randint(1, 4))]
+        sums = (len(work) + sum(prompts), len(work) + len(prompts),
+                sum(contexts) + sum(n * (n + 1) // 2 for n in prompts), sum(contexts) + sum(prompts))
+        work += [(n, n) for n in prompts]
+        assert cm.sums_step_time(*sums) == cm.step_time(work)
+        assert cm.sums_host_device(*sums) == cm.host_device_time(work)
     assert cm.decode_step_time(0, 0) == cm.step_time([]) == 0.0
 
 
@@ -233,12 +256,17 @@ def test_profiled_decode_step_time_is_step_time_to_the_bit(model, allocator, tp,
     for _ in range(300):
         contexts = [rng.randint(1, 2048) for _ in range(rng.randint(1, 128))]
         maps, unmaps = (rng.randint(0, 3), rng.randint(0, 2)) if allocator == "virtual" else (0, 0)
+        work = [(1, c) for c in contexts]
         got = cm.decode_step_time(len(contexts), sum(contexts), max(contexts), maps, unmaps)
-        assert got == cm.step_time([(1, c) for c in contexts], len(contexts), maps, unmaps)
+        assert got == cm.step_time(work, len(work), maps, unmaps)
+        split = cm.decode_host_device(len(contexts), sum(contexts), max(contexts), maps, unmaps)
+        assert split == cm.host_device_time(work, len(work), maps, unmaps)  # asynchronous steps' two parts
         prompts = [rng.randint(2, 1024) for _ in range(rng.randint(1, 4))]
+        work += [(n, n) for n in prompts]
         got = cm.admission_step_time(len(contexts), sum(contexts), prompts, maps, unmaps)
-        assert got == cm.step_time([(1, c) for c in contexts] + [(n, n) for n in prompts],
-                                   len(contexts) + len(prompts), maps, unmaps)
+        assert got == cm.step_time(work, len(work), maps, unmaps)
+        split = cm.admission_host_device(len(contexts), sum(contexts), prompts, maps, unmaps)
+        assert split == cm.host_device_time(work, len(work), maps, unmaps)
     assert cm.decode_step_time(129, 129 * 100, 100) is None  # beyond the decode graphs: eager, not from sums
     assert cm.admission_step_time(3, 300, [1]) is None  # a one-token prompt: a decode graph step
     assert cm.decode_step_time(0, 0, 0) is None
