@@ -656,14 +656,14 @@ def main(argv: list[str] | None = None) -> int:
         write_profile(path, rows, {**meta, "partial": True})  # a cut-off run keeps what it measured
 
     if "host" not in skip:
-        from experiments.profile_host import HOST_ALLOCATORS, host_rows, host_rows_apart
+        from experiments.profile_host import HOST_ALLOCATORS, TRICKLE_MAX_PROMPT, host_rows, host_rows_apart
 
         run_host = host_rows if a.host_in_process else host_rows_apart
 
         # ShareGPT-like lengths (seeded apart from any workload), uniform ones, then a trickle
         half = a.max_model_len // 2
         phases = ((a.host_requests, 0, 0, 0, 0), (a.host_requests // 2, 32, min(1024, half), 16, min(512, half)),
-                  (-max(8, a.host_requests // 4), 16, min(512, half), 16, 64))  # then one at a time
+                  (-max(8, a.host_requests // 4), 16, min(TRICKLE_MAX_PROMPT, half), 16, 64))  # then one at a time
         # repeats go round every model and allocator, so a slow spell of the machine falls on all
         for rep in range(a.host_repeats):
             for hm in host_models:

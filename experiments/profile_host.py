@@ -18,6 +18,10 @@ from __future__ import annotations
 import numpy as np
 
 TRICKLE_STEPS = 8
+# the trickle's longest prompt (at most half of max_model_len): light-load prefill steps beside a few
+# decodes of up to 1,024 prompt tokens, as ShareGPT-like online runs have them (it stopped at 512 until
+# the session of 2026-12-04 fourth, and longer such steps were extrapolated: results/sim_validation)
+TRICKLE_MAX_PROMPT = 1024
 HOST_MAX_NUM_BATCHED_TOKENS = 8192  # the host-time engines' token budget (the sim validation's)
 HOST_ALLOCATORS = {"paged": ("paged", {"block_size": 16}), "contiguous": ("contiguous", {"policy": "max"}),
                    "virtual": ("virtual", {})}

@@ -84,7 +84,8 @@
 # Real runs of the six configurations in fresh folders, archived into $OUT/runs.tgz after each one
 # (ARCHIVE_EACH=1), then the synchronous host steps of both models on the same machine if time is left:
 #   ARCHIVE_EACH=1 BUDGET_S=420 bash results/sim_validation/device_session.sh sync
-#   SCHED=sync bash results/sim_validation/device_session.sh host
+#   SCHED=sync bash results/sim_validation/device_session.sh host  # (a second call, same machine: ~250 s;
+#       the profile's trickle of single prompts now reaches 1,024 tokens: TRICKLE_MAX_PROMPT)
 # Runs accumulate in $KVSV (default /tmp/kvsv) on the machine; each part tars them into $OUT.
 set -uo pipefail
 part=${1:?profile or llama}
@@ -300,6 +301,9 @@ host)
     kv profile --models qwen3-0.6b,llama3-8b --host-model qwen3-0.6b,llama3-8b --host-scheduling ${SCHED:-async} \
         --skip gemm,models,graphs,ragged,copy,vmm --merge results/profiles/nvidia-h200.parquet ${HOST_ADD:+--host-add} \
         --out "$runs/nvidia-h200.parquet" 2>&1 | tee "$runs/profile_host_${SCHED:-async}.log"
+    # into $OUT at once (the runs' archive does not hold it); a cut-off profile keeps its partial file there
+    cp -f "$runs/nvidia-h200.parquet" "$runs/profile_host_${SCHED:-async}.log" "$out/" 2>/dev/null
+    ls -l "$out"
     ;;
 ragged)  # decode attention of ragged batches (bench_ragged), then as async2
     timeout 150 python3 -m experiments.bench_ragged --out "$runs/ragged" > "$runs/ragged.log" 2>&1
