@@ -49,5 +49,21 @@ def test_shapes_and_the_paged_vs_linear_table():
     rows = [dict(batch=b, length=64, prefix=p, impl=i, time_us=t)
             for b, p in ((1, 0), (2, 64)) for i, t in (("paged", 12.0 * b), ("linear", 10.0))]
     rows.append(dict(batch=1, length=64, prefix=0, impl="prompt-qkv", time_us=10.2))
+    rows.append(dict(batch=2, length=64, prefix=64, impl="linear-tma", time_us=9.0))
     table = bp.paged_vs_linear(rows)
-    assert "| 1x64 | +20.0% | +2.0% |" in table and "| 2x64+64 | +140.0% | - |" in table
+    assert "| 1x64 | +20.0% | +2.0% | - |" in table and "| 2x64+64 | +140.0% | - | -10.0% |" in table
+
+
+def test_a_candidate_that_does_not_run_is_reported_not_timed(on_cpu, monkeypatch):
+    """The TMA kernel failing (a Triton or device without tensor descriptors) drops it from the
+    case with its error; the kernels in the engine are still checked and timed."""
+    import kernels.triton_prefill_tma as tma
+
+    def broken(*a, **k):
+        raise RuntimeError("no TMA here")
+
+    monkeypatch.setattr(tma, "prefill_tma_into", broken)
+    case = bp.PrefillCase(1, 32)
+    errs = case.check(with_reference=False)
+    assert "linear-tma" not in errs and "linear-tma" not in case.impls()
+    assert case.failed == {"linear-tma": "RuntimeError: no TMA here"} and "linear" in errs

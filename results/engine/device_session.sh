@@ -55,6 +55,10 @@
 #                                                     # graphs/async GPU tests; the first prefill wave (profile_wave,
 #                                                     # qwen3-0.6b paged async) without (--no-warm-gemms) and with it;
 #                                                     # llama3-8b with graphs up to 8192 tokens, with it
+# Prepared in the session of 2026-12-04 (fourth), not run yet:
+#   bash results/engine/device_session.sh tma         # the TMA prefill kernel's tests on the GPU, then bench_prefill
+#                                                     # (linear-tma beside PAGED, LINEAR, prompt-qkv, SDPA) with a
+#                                                     # sweep of its tiles; outputs into $OUT as each ends (~4 min)
 # Outputs accumulate in $KVE (default /tmp/kve) on the machine; each part tars them into $OUT.
 set -uo pipefail
 part=${1:?tests or throughput}
@@ -172,6 +176,14 @@ even)
     timeout 120 python3 -m experiments.cli validate-sim model=llama3-8b $B allocator=paged --rates 4,32 \
         --online-requests 50 --real-only --label llama3-8b-paged --out "$runs/llama3-8b-paged" \
         > "$runs/llama3-8b-paged.log" 2>&1; echo "llama3-8b paged real: exit $?"
+    ;;
+tma)
+    timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_prefill_tma.py 2>&1 \
+        | tee "$runs/gpu_tests_tma.log" | tail -3
+    cp -f "$runs/gpu_tests_tma.log" "$out/"
+    timeout 300 python3 -m experiments.bench_prefill --out "$runs/prefill_tma" --sweep --sweep-budget-s ${SWEEP_S:-120} \
+        2>&1 | tee "$runs/bench_prefill_tma.log" | grep -v "^sweep" | tail -30
+    tar -czf "$out/prefill_tma.tgz" -C "$runs" prefill_tma bench_prefill_tma.log machine.txt
     ;;
 prompt)
     timeout 240 python3 -m experiments.bench_prefill --out "$runs/prefill_prompt" --sweep --sweep-budget-s ${SWEEP_S:-90} \
