@@ -9,7 +9,8 @@ permuted; LINEAR: each sequence contiguous; ``prompt-qkv`` (whole prompts): the 
 over the step's own keys as the engine's fused QKV projection holds them (strided views, each
 sequence at its first query token), what a PAGED engine could run for a step of whole prompts
 without reading its cache; ``linear-tma``: LINEAR through ``kernels.triton_prefill_tma`` (tensor
-descriptors, one TMA copy a K/V tile), a candidate not yet in the engine. SDPA: ``is_causal`` on
+descriptors, one TMA copy a K/V tile), a candidate not yet in the engine, and ``linear-tma-ws``, the
+same with Triton's warp specialisation of its key loop. SDPA: ``is_causal`` on
 contiguous [B, H, L, D] with the flash backend
 (FlashAttention-2), whole prompts only. TFLOP/s counts the causal part only (4 * D * Hq * sum
 over queries of the keys each sees) and is reported against the bf16 matmul rate measured in the
@@ -30,7 +31,8 @@ from experiments import bench_kernels as bk
 
 SHAPES = [(1, 8192), (4, 2048), (8, 1024), (16, 512)]
 CHUNK_SHAPES = [(1, 4096, 4096), (4, 1024, 1024)]  # (batch, chunk, cached prefix)
-IMPLS = ("paged", "linear", "linear-tma")
+IMPLS = ("paged", "linear", "linear-tma", "linear-tma-ws")
+CANDIDATES = ("linear-tma", "linear-tma-ws")  # kernels not in the engine: one that does not run is reported
 HQ, HKV, D, BLOCK = 32, 8, 128, 16
 DTYPE = torch.bfloat16
 
@@ -118,10 +120,11 @@ class PrefillCase:
             with sdpa_kernel([backend]):
                 o = scaled_dot_product_attention(self.q4, self.k4, self.v4, is_causal=True, enable_gqa=True)
             return o.transpose(1, 2).reshape(self.q.shape)
-        if impl == "linear-tma":
+        if impl in CANDIDATES:
             from kernels.triton_prefill_tma import prefill_tma_into
 
-            return prefill_tma_into(self.out, self.q, self.k, self.v, self.meta["linear"], config=config)
+            return prefill_tma_into(self.out, self.q, self.k, self.v, self.meta["linear"], config=config,
+                                    warp_specialize=impl == "linear-tma-ws")
         if impl == "paged":
             k, v = self.k_paged, self.v_paged
         elif impl == "linear":
@@ -148,7 +151,7 @@ class PrefillCase:
             try:
                 errs[impl] = bk._rel_err(self.run(impl), want)
             except Exception as e:  # a candidate this device or Triton cannot run: reported, not timed
-                if impl != "linear-tma":
+                if impl not in CANDIDATES:
                     raise
                 self.failed[impl] = f"{type(e).__name__}: {e}"[:300]
                 print(f"{self.name} {impl}: did not run: {self.failed[impl]}", flush=True)

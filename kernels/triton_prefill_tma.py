@@ -28,6 +28,38 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
+def _tile(q, k_desc, v_desc, row, col, start, hi, q_pos, m_i, l_i, acc, qk_scale,
+          MASKED: tl.constexpr, BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr):
+    """One K/V tile (cache rows ``row ..``, keys ``start ..``) into the running softmax."""
+    k = k_desc.load([row, col])
+    v = v_desc.load([row, col])
+    if DOT_F32:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+        qk = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        qk = tl.dot(q, tl.trans(k))
+    qk = qk * qk_scale
+    if MASKED:
+        offs_n = start + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < hi
+        qk = tl.where(n_ok[None, :] & (offs_n[None, :] <= q_pos[:, None]), qk, float("-inf"))
+        # rows past the sequence's keys hold another sequence's (or never written) values: a
+        # weight of 0 times a NaN there would still be NaN
+        v = tl.where(n_ok[:, None], v, 0.0)
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked row: no NaN
+    p = tl.math.exp2(qk - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if DOT_F32:
+        pv = tl.dot(p, v, input_precision="ieee")
+    else:
+        pv = tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc * alpha[:, None] + pv
+
+
+@triton.jit
 def _prefill_tma_kernel(
     q_ptr, k_desc, v_desc, o_ptr,
     qsl_ptr, seq_lens_ptr, base_ptr,
@@ -37,6 +69,7 @@ def _prefill_tma_kernel(
     GROUP: tl.constexpr, GROUP_P: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     DOT_F32: tl.constexpr,  # exact fp32 dots (fp32 inputs; bf16 under the interpreter)
+    WARP_SPEC: tl.constexpr,  # Triton's automatic warp specialisation of the key loop
 ):
     qblk = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -69,7 +102,6 @@ def _prefill_tma_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     # keys up to the tile's first query are seen by every row: those whole tiles take no mask
     mid = tl.maximum(tl.minimum(prefix + q0 + 1, hi), 0) // BLOCK_N * BLOCK_N
-    offs_n0 = tl.arange(0, BLOCK_N)
     for phase in tl.static_range(2):
         if phase == 0:
             start_at = 0
@@ -77,34 +109,14 @@ def _prefill_tma_kernel(
         else:
             start_at = mid
             stop_at = hi
-        for start in range(start_at, stop_at, BLOCK_N):
-            k = k_desc.load([row0 + start, col])
-            v = v_desc.load([row0 + start, col])
-            if DOT_F32:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-                qk = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                qk = tl.dot(q, tl.trans(k))
-            qk = qk * qk_scale
-            if phase == 1:
-                offs_n = start + offs_n0
-                n_ok = offs_n < hi
-                qk = tl.where(n_ok[None, :] & (offs_n[None, :] <= q_pos[:, None]), qk, float("-inf"))
-                # rows past the sequence's keys hold another sequence's (or never written) values:
-                # a weight of 0 times a NaN there would still be NaN
-                v = tl.where(n_ok[:, None], v, 0.0)
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked row: no NaN
-            p = tl.math.exp2(qk - m_use[:, None])
-            alpha = tl.math.exp2(m_i - m_use)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            if DOT_F32:
-                pv = tl.dot(p, v, input_precision="ieee")
-            else:
-                pv = tl.dot(p.to(v.dtype), v)
-            acc = acc * alpha[:, None] + pv
-            m_i = m_new
+        if WARP_SPEC:  # loads and math in warp groups of their own (only this branch names the option)
+            for start in tl.range(start_at, stop_at, BLOCK_N, warp_specialize=True):
+                m_i, l_i, acc = _tile(q, k_desc, v_desc, row0 + start, col, start, hi, q_pos, m_i, l_i, acc,
+                                      qk_scale, phase == 1, BLOCK_N, DOT_F32)
+        else:
+            for start in range(start_at, stop_at, BLOCK_N):
+                m_i, l_i, acc = _tile(q, k_desc, v_desc, row0 + start, col, start, hi, q_pos, m_i, l_i, acc,
+                                      qk_scale, phase == 1, BLOCK_N, DOT_F32)
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(o_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
@@ -147,10 +159,11 @@ def check_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
 
 def prefill_tma_into(out: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      meta: AttentionMetadata, scale: float | None = None,
-                     config: AttnConfig | None = None) -> torch.Tensor:
+                     config: AttnConfig | None = None, warp_specialize: bool = False) -> torch.Tensor:
     """Causal GQA attention of ``q [T, Hq, D]`` over a LINEAR cache into ``out``: the contract of
     ``triton_attention.attention_into`` for what ``check_inputs`` takes. ``config``: tile sizes,
-    warps and stages (``block_q > 1``; the default is the pointer kernel's prefill choice)."""
+    warps and stages (``block_q > 1``; the default is the pointer kernel's prefill choice);
+    ``warp_specialize``: Triton's warp specialisation of the key loop (where Triton has it)."""
     check_inputs(q, k_cache, v_cache, meta)
     if out.shape != q.shape or out.stride(2) != 1 or out.device != q.device:
         raise ValueError(f"out must be {tuple(q.shape)} on {q.device}, contiguous along head_dim")
@@ -175,7 +188,7 @@ def prefill_tma_into(out: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor, 
         scale * _LOG2E, num_seqs,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         GROUP=group, GROUP_P=group_p, BLOCK_Q=cfg.block_q, BLOCK_M=max(16, cfg.block_q * group_p),
-        BLOCK_N=cfg.block_n, HEAD_DIM=head_dim, DOT_F32=dot_f32,
+        BLOCK_N=cfg.block_n, HEAD_DIM=head_dim, DOT_F32=dot_f32, WARP_SPEC=warp_specialize,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out

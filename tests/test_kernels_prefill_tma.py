@@ -36,15 +36,16 @@ def test_tma_prefill_mixed_batch(dtype, block_q, block_n):
                        reference.attention(q, kc, vc, meta, scale=0.2))
 
 
-@pytest.mark.parametrize("group", [1, 2, 3])
-def test_tma_prefill_groups_and_default_config(group):
+@pytest.mark.parametrize("group,warp_specialize", [(1, False), (2, True), (3, False)])
+def test_tma_prefill_groups_and_default_config(group, warp_specialize):
     """Grouped-query heads packed in a tile, a group that is not a power of two; the pointer kernel's
-    own prefill choice of tiles."""
+    own prefill choice of tiles; the warp-specialised key loop (the interpreter runs it as written)."""
     gen = _gen("tma-groups", group)
     lens = [(_randint(gen, 40, 120), _randint(gen, 2, 40)) for _ in range(3)] + [(25, 25), (60, 1)]
     q, kc, vc, meta, _ = make_batch(gen, lens, num_kv_heads=2, group=group, head_dim=32, dtype=torch.float32,
                                     mode=LINEAR)
-    _assert_close_attn(run_tma(q, kc, vc, meta), reference.attention(q, kc, vc, meta))
+    out = prefill_tma_into(_nan_like(q), q, kc, vc, meta, warp_specialize=warp_specialize)
+    _assert_close_attn(out, reference.attention(q, kc, vc, meta))
 
 
 def test_tma_prefill_strided_caches():
