@@ -284,7 +284,9 @@ class DecodeRun:
     (``limit``), makes each step's room (``allocate``: where a sequence does not fit, the
     caller preempts from the back, ``release``), whether a waiting sequence could be admitted
     (``may_admit``), may model its admission at the first step (``admit``) and makes the
-    change (``commit``). The ``stats`` rows follow here, for every strategy whose live
+    change (``commit``). The caller may give up a step it has begun (``allocate``, ``release``)
+    and commit only the steps before it: ``commit``, ``stats_rows`` and the caller skip every
+    entry of a later step. The ``stats`` rows follow here, for every strategy whose live
     sequences split their capacity as ``live_split`` does.
     """
 

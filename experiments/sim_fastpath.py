@@ -511,7 +511,8 @@ def _inflight_decodes(e: LLMEngine, handle) -> bool:
     """Asynchronous steps: the step in flight (launched, not read back) sampled the last token
     of every running sequence, in their order, and of no other: the state a run starts from."""
     running = e.scheduler.running
-    if handle is None or handle is not e._launched or len(handle.seqs) != len(running):
+    if (handle is None or handle is not e._launched or len(handle.seqs) != len(running)
+            or len(handle.positions) != len(running)):
         return False
     for seq, other, pos in zip(running, handle.seqs, handle.positions):
         if seq is not other or pos != len(seq.token_ids) - 1 or seq.token_ids[pos] != PENDING:
