@@ -317,9 +317,9 @@ def test_host_calibration_trickle_gives_prefills_at_small_batch():
     rows = host_rows(MODEL, "paged", {"block_size": 8}, max_model_len=256, kv_cache_tokens=2048, device="cpu",
                      phases=((-12, 16, 64, 16, 40),), skip_steps=0)
     prefill_batches = [r["batch"] for r in rows if r["prefill_tokens"] > 0]
-    # every request prefilled on its own step, the first alone; the others arrive spaced in time
-    # (how many overlap depends on the CPU's speed then), never all at once
-    assert len(prefill_batches) == 12 and prefill_batches[0] == 1 and max(prefill_batches) < 12
+    # the first request prefilled alone; the others arrive spaced in time, each on a step of its own
+    # unless a slow step (a busy CI machine) lets two arrive before the next one; never all at once
+    assert 8 <= len(prefill_batches) <= 12 and prefill_batches[0] == 1 and max(prefill_batches) < 12
     assert all(r["duration"] >= r["value"] >= 0 for r in rows)
     assert sum(r["gap"] > 0 for r in rows) > len(rows) // 2 and max(r["gap"] for r in rows) < 1.0
 
