@@ -130,7 +130,8 @@ class DecodeFastForward:
 
     def _plain_engine(self) -> bool:
         """The simulated engine as it was built: its own runner (not wrapped: tests count its
-        calls), the roofline or the profiled model of full attention, synchronous steps, no host tier."""
+        calls; ``AsyncSimRunner`` with asynchronous steps), the roofline or the profiled model of full
+        attention, no host tier."""
         if self._plain_types is None:
             from experiments.costmodel import RooflineCostModel
             from experiments.profiled_costmodel import ProfiledCostModel
