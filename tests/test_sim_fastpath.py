@@ -114,14 +114,19 @@ def test_bulk_run_equals_steps_one_by_one(case, tmp_path, monkeypatch):
     np.testing.assert_array_equal(ea.accountant.table(), eb.accountant.table())
 
 
-def test_bulk_run_replaces_end_of_sequence_tokens_as_the_runner(tmp_path, monkeypatch):
-    """Sampled ids that are EOS ids are replaced by the next id, in bulk as step by step."""
-    cfg = config(*COMMON, *CASES["paged"])
-    eos = set(range(4, 120))  # about a quarter of tiny-llama's 508 ids the formula gives
-    sa, _ = run_with(monkeypatch, cfg, tmp_path / "steps", fast=False, eos=eos)
-    sb, eb = run_with(monkeypatch, cfg, tmp_path / "bulk", fast=True, eos=eos)
-    assert eb.decode_fast_forward.steps > 0
-    assert_same_run(tmp_path / "steps", tmp_path / "bulk", sa, sb)
+@pytest.mark.parametrize("eos", [range(4, 120), range(4, 12)], ids=["many", "few"])
+def test_bulk_run_replaces_end_of_sequence_tokens_as_the_runner(eos):
+    """Sampled ids that are EOS ids are replaced by the next id, in bulk as step by step (the
+    sequences' token ids compared after every call; the step tables hold no ids): a quarter of
+    tiny-llama's 508 ids the formula gives, or a model's few."""
+    cfg = config(*COMMON, *CASES["paged"], "workload.num_requests=40")
+
+    def set_eos(e):
+        e.runner.eos = set(eos)
+
+    states, _ = _drive(cfg, fast=False, before_call=set_eos)
+    _, compared = _drive(cfg, fast=True, snapshots=states, before_call=set_eos)
+    assert compared < 0.8 * len(states)  # runs of several steps were taken
 
 
 def test_bulk_run_with_tiny_chunks_spilled(tmp_path, monkeypatch):
