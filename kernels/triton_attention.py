@@ -59,6 +59,18 @@ def _find_seq(qsl_ptr, qblk, num_seqs, BLOCK_Q: tl.constexpr):
     return lo - 1
 
 
+@triton.jit
+def _tile_rows(q_start, q0, q_len, prefix, kvh, GROUP: tl.constexpr, GROUP_P: tl.constexpr, BLOCK_Q: tl.constexpr,
+               BLOCK_M: tl.constexpr):
+    """A query tile's rows (row = token * GROUP_P + head of the KV head's group): which are real,
+    their token, query head and absolute position."""
+    rows = tl.arange(0, BLOCK_M)
+    qi = rows // GROUP_P
+    hg = rows % GROUP_P
+    row_ok = (qi < BLOCK_Q) & (q0 + qi < q_len) & (hg < GROUP)
+    return row_ok, (q_start + q0 + qi).to(tl.int64), kvh * GROUP + hg, prefix + q0 + qi
+
+
 @triton.jit(do_not_specialize=["window", "ring"])
 def _attn_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, po_ptr, plse_ptr,
@@ -152,13 +164,7 @@ def _attn_kernel(
     else:
         seq_base = tl.load(base_ptr + seq).to(tl.int64)
 
-    rows = tl.arange(0, BLOCK_M)
-    qi = rows // GROUP_P
-    hg = rows % GROUP_P
-    row_ok = (qi < BLOCK_Q) & (q0 + qi < q_len) & (hg < GROUP)
-    tok = (q_start + q0 + qi).to(tl.int64)
-    head = kvh * GROUP + hg
-    q_pos = prefix + q0 + qi
+    row_ok, tok, head, q_pos = _tile_rows(q_start, q0, q_len, prefix, kvh, GROUP, GROUP_P, BLOCK_Q, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
 

@@ -22,7 +22,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels.metadata import Addressing, AttentionMetadata
-from kernels.triton_attention import _LOG2E, AttnConfig, _find_seq, _pow2, choose_config, device_sms
+from kernels.triton_attention import _LOG2E, AttnConfig, _find_seq, _pow2, _tile_rows, choose_config, device_sms
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -84,13 +84,7 @@ def _prefill_tma_kernel(
     row0 = tl.load(base_ptr + seq).to(tl.int32)  # the sequence's first cache row
     col = kvh * HEAD_DIM  # the KV head's columns of a cache row
 
-    rows = tl.arange(0, BLOCK_M)
-    qi = rows // GROUP_P
-    hg = rows % GROUP_P
-    row_ok = (qi < BLOCK_Q) & (q0 + qi < q_len) & (hg < GROUP)
-    tok = (q_start + q0 + qi).to(tl.int64)
-    head = kvh * GROUP + hg
-    q_pos = prefix + q0 + qi
+    row_ok, tok, head, q_pos = _tile_rows(q_start, q0, q_len, prefix, kvh, GROUP, GROUP_P, BLOCK_Q, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     q = tl.load(q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
                 mask=row_ok[:, None], other=0.0)
