@@ -9,6 +9,8 @@ results/sim_scale/). The default size keeps CI short.
 """
 import os
 
+import pytest
+
 from experiments.bench_simulate import run
 
 REQUESTS = int(os.environ.get("KVLAB_SIM_REQUESTS", "2000"))
@@ -26,3 +28,18 @@ def test_simulate_scale(benchmark):
     # the saturated pool's steps are plain decode, admission and preemption steps: the bulk
     # path (experiments/sim_fastpath.py) advances almost all of them
     assert result["bulk_steps"] > 0.9 * result["steps"]
+
+
+@pytest.mark.parametrize("scheduling", ["sync", "async"])
+def test_simulate_scale_h200_profile(benchmark, scheduling):
+    """The sim validation's config on the H200 profile (the profiled cost model), synchronous and
+    asynchronous steps: its bulk path advances most steps (100k requests: results/sim_scale/)."""
+    extra = ["engine.async_scheduling=true"] if scheduling == "async" else []
+    n = min(REQUESTS, 600)
+    result = benchmark.pedantic(run, args=(n, "paged", extra, False, "h200"), rounds=1, iterations=1)
+    benchmark.extra_info.update({k: result[k] for k in ("cpu_s", "peak_rss_mib", "steps", "bulk_steps")})
+    assert result["cost_model"] == "profiled" and result["async_scheduling"] == (scheduling == "async")
+    assert result["requests"] == n and result["output_throughput"] > 0
+    # 600 ShareGPT-like requests at t=0 in a 40,000-token pool: most steps plain decode runs (asynchronous
+    # runs leave the step after each one to the engine: ~78% of them at 100k)
+    assert result["bulk_steps"] > (0.6 if scheduling == "async" else 0.9) * result["steps"]
