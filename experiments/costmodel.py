@@ -332,41 +332,27 @@ class RooflineCostModel:
         """Every layer attends to the whole context (no sliding window)."""
         return self._full
 
-    def decode_step_time(self, num_seqs: int, context: int, longest: int = 0, vmm_maps: int = 0,
-                         vmm_unmaps: int = 0) -> float:
-        """``step_time`` of ``num_seqs`` sequences that compute one token each, their contexts
-        (after the step) summing to ``context``: the same figure from the sums alone (a decode
-        token attends to its whole context), so simulate can time a run of decode steps without
-        a list per step. Full attention only (a window makes it per sequence). ``longest`` and the
-        VMM calls: the profiled model's (``ProfiledCostModel.decode_step_time``); none here."""
-        return self.sums_step_time(num_seqs, num_seqs, context, context)
-
-    def sums_step_time(self, new_tokens: int, num_seqs: int, keys: int, context: int) -> float:
-        """``step_time`` of a batch given by its sums (full attention only): tokens computed,
-        sequences, keys attended (``q * (c - q) + q * (q + 1) // 2`` per sequence of ``q`` new
-        tokens and context ``c`` after the step) and contexts. The same figure to the bit."""
-        if not num_seqs:
-            return 0.0
-        _, _, compute_s, memory_s, overhead_s, comm_s = self._sums_cost(new_tokens, num_seqs, keys, context)
-        return _total_s(compute_s, memory_s, comm_s, overhead_s)
-
     def sums_host_device(self, new_tokens: int, num_seqs: int, keys: int, context: int) -> tuple[float, float]:
-        """``host_device_time`` of a batch given by its sums (as ``sums_step_time``), to the bit."""
+        """``host_device_time`` of a batch given by its sums (full attention only): tokens computed,
+        sequences, keys attended (``q * (c - q) + q * (q + 1) // 2`` per sequence of ``q`` new
+        tokens and context ``c`` after the step) and contexts. The same figures to the bit, so
+        simulate's bulk path times a run of steps without a list per step."""
+        if not self._full:
+            raise ValueError("step times from sums need full attention: a sliding window counts keys per sequence")
         if not num_seqs:
             return 0.0, 0.0
-        _, _, compute_s, memory_s, overhead_s, comm_s = self._sums_cost(new_tokens, num_seqs, keys, context)
+        layers = self.model.num_layers
+        _, _, compute_s, memory_s, overhead_s, comm_s = self._cost(new_tokens, num_seqs, layers * keys,
+                                                                    layers * context)
         return overhead_s, max(compute_s, memory_s) + comm_s
 
     def decode_host_device(self, num_seqs: int, context: int, longest: int = 0, vmm_maps: int = 0,
                            vmm_unmaps: int = 0) -> tuple[float, float]:
-        """``decode_step_time`` as (host seconds, device seconds)."""
+        """``sums_host_device`` of ``num_seqs`` sequences that compute one token each, their contexts
+        (after the step) summing to ``context`` (a decode token attends to its whole context).
+        ``longest`` and the VMM calls: the profiled model's (``ProfiledCostModel.decode_host_device``);
+        none here."""
         return self.sums_host_device(num_seqs, num_seqs, context, context)
-
-    def _sums_cost(self, new_tokens: int, num_seqs: int, keys: int, context: int):
-        if not self._full:
-            raise ValueError("step times from sums need full attention: a sliding window counts keys per sequence")
-        layers = self.model.num_layers
-        return self._cost(new_tokens, num_seqs, layers * keys, layers * context)
 
     def kv_capacity_tokens(self, gpu_memory_utilization: float = 0.9,
                            activation_reserve_bytes: int = 0) -> int:

@@ -204,6 +204,7 @@ def _nearest(values, want: float) -> float:
 
 _WARNED_SHORT: set = set()  # (profile, model, largest size) whose short graph table was warned about once
 
+
 class ProfiledCostModel:
     """Step time of a batch from a device profile (see the module docstring)."""
 
@@ -507,7 +508,7 @@ class ProfiledCostModel:
     def _layers_attn(self, work: list[tuple[int, int]]) -> float:
         """Layers' worth of full attention this step costs: the layer count, less what sliding
         windows leave unread (time taken as proportional to the keys each layer attends)."""
-        if len(self.windows) == 1 and self.windows[0][1] == 0:
+        if self.full_attention:
             return self.num_layers
         full = sum(attended_keys(q, c) for q, c in work)
         return sum(n * sum(attended_keys(q, c, w) for q, c in work) for n, w in self.windows) / max(full, 1)
@@ -603,21 +604,16 @@ class ProfiledCostModel:
 
     @property
     def full_attention(self) -> bool:
-        """Every layer attends to the whole context (no sliding window): what ``decode_step_time`` needs."""
+        """Every layer attends to the whole context (no sliding window): what the sums need."""
         return len(self.windows) == 1 and self.windows[0][1] == 0
-
-    def decode_step_time(self, num_seqs: int, context: int, longest: int, vmm_maps: int = 0,
-                         vmm_unmaps: int = 0) -> float | None:
-        """``step_time`` of ``num_seqs`` sequences that compute one token each and all sample, their
-        contexts (after the step) summing to ``context``, the longest ``longest``: the same figure
-        to the bit from the sums alone, for simulate's bulk path; None where a decode graph does not
-        take the batch (an eager step needs more than sums) or with sliding windows."""
-        split = self.decode_host_device(num_seqs, context, longest, vmm_maps, vmm_unmaps)
-        return None if split is None else split[1] + split[0]
 
     def decode_host_device(self, num_seqs: int, context: int, longest: int, vmm_maps: int = 0,
                            vmm_unmaps: int = 0) -> tuple[float, float] | None:
-        """``decode_step_time`` as ``host_device_time``'s (host seconds, device seconds)."""
+        """``host_device_time``'s (host seconds, device seconds) of ``num_seqs`` sequences that compute
+        one token each and all sample, their contexts (after the step) summing to ``context``, the
+        longest ``longest``: the same figures to the bit from the sums alone, for simulate's bulk path;
+        None where a decode graph does not take the batch (an eager step needs more than sums) or
+        with sliding windows."""
         padded = self.padded(num_seqs) if num_seqs else None
         if padded is None or not self.full_attention:
             return None
@@ -675,18 +671,13 @@ class ProfiledCostModel:
         kind = self.step_kind(num, tokens - decodes, decodes)
         return max(0.0, self.host_tables[kind](num) + self.token_slope[kind] * tokens)
 
-    def admission_step_time(self, decodes: int, decode_context: int, prompts: list[int], vmm_maps: int = 0,
-                            vmm_unmaps: int = 0) -> float | None:
-        """``step_time`` of ``decodes`` sequences computing one token each (their contexts after the
-        step summing to ``decode_context``) and whole prompts of ``prompts`` tokens, every one
-        sampling: the same figure to the bit, for simulate's bulk path (no list of the decodes).
-        None where that step would be a decode graph's (prompts of one token) or with sliding windows."""
-        split = self.admission_host_device(decodes, decode_context, prompts, vmm_maps, vmm_unmaps)
-        return None if split is None else split[1] + split[0]
-
     def admission_host_device(self, decodes: int, decode_context: int, prompts: list[int], vmm_maps: int = 0,
                               vmm_unmaps: int = 0) -> tuple[float, float] | None:
-        """``admission_step_time`` as ``host_device_time``'s (host seconds, device seconds)."""
+        """``host_device_time``'s (host seconds, device seconds) of ``decodes`` sequences computing one
+        token each (their contexts after the step summing to ``decode_context``) and whole prompts of
+        ``prompts`` tokens, every one sampling: the same figures to the bit, for simulate's bulk path
+        (no list of the decodes). None where that step would be a decode graph's (prompts of one
+        token) or with sliding windows."""
         if not prompts or min(prompts) < 2 or not self.full_attention:
             return None
         num = decodes + len(prompts)

@@ -234,22 +234,26 @@ def test_vmm_calls_before_a_run_are_charged_to_its_first_step(case):
 # ----------------------------------------------------------------- the pieces
 
 @pytest.mark.parametrize("shape,tp", [("opt-13b", 1), ("llama3-8b", 1), ("llama3-8b", 4)])
-def test_decode_step_time_is_step_time_to_the_bit(shape, tp):
+def test_roofline_sums_give_step_time_to_the_bit(shape, tp):
+    """The bulk path's step times from sums: host and device parts as ``host_device_time``'s, and
+    device + host (a synchronous step) as ``step_time``, to the bit."""
     device = DEVICES["h200"] if tp > 1 else DEVICES["a100-40gb"]
     cm = RooflineCostModel(MODEL_SHAPES[shape], device, tensor_parallel_size=tp)
     rng = random.Random(0)
     for _ in range(300):
         contexts = [rng.randint(1, 4096) for _ in range(rng.randint(1, 256))]
         work = [(1, c) for c in contexts]
-        assert cm.decode_step_time(len(contexts), sum(contexts)) == cm.step_time(work)
-        assert cm.decode_host_device(len(contexts), sum(contexts)) == cm.host_device_time(work)
+        host, device = cm.decode_host_device(len(contexts), sum(contexts))
+        assert device + host == cm.step_time(work)
+        assert (host, device) == cm.host_device_time(work)
         prompts = [rng.randint(1, 512) for _ in range(rng.randint(1, 4))]
         sums = (len(work) + sum(prompts), len(work) + len(prompts),
                 sum(contexts) + sum(n * (n + 1) // 2 for n in prompts), sum(contexts) + sum(prompts))
         work += [(n, n) for n in prompts]
-        assert cm.sums_step_time(*sums) == cm.step_time(work)
-        assert cm.sums_host_device(*sums) == cm.host_device_time(work)
-    assert cm.decode_step_time(0, 0) == cm.step_time([]) == 0.0
+        host, device = cm.sums_host_device(*sums)
+        assert device + host == cm.step_time(work)
+        assert (host, device) == cm.host_device_time(work)
+    assert cm.decode_host_device(0, 0) == cm.host_device_time([]) == (0.0, 0.0) and cm.step_time([]) == 0.0
 
 
 @functools.lru_cache(maxsize=1)
@@ -265,10 +269,10 @@ def committed_profile():
     ("tiny-llama", "contiguous", 1, False),  # composed from another model's tables
     ("llama3-8b", "paged", 2, False),  # tensor parallelism: composed, plus the all-reduces
 ])
-def test_profiled_decode_step_time_is_step_time_to_the_bit(model, allocator, tp, overlapped):
+def test_profiled_sums_give_step_time_to_the_bit(model, allocator, tp, overlapped):
     """What simulate's bulk path asks the profiled model for a decode step (sums, longest context,
-    VMM calls) or a step admitting whole prompts is ``step_time`` of the step's list, to the bit;
-    None where the sums do not say it."""
+    VMM calls) or a step admitting whole prompts is ``host_device_time`` of the step's list, and
+    device + host its ``step_time``, to the bit; None where the sums do not say it."""
     from engine.loader import resolve_config
     from experiments.costmodel import AllReduceCost
     from experiments.profiled_costmodel import ProfiledCostModel
@@ -288,19 +292,17 @@ def test_profiled_decode_step_time_is_step_time_to_the_bit(model, allocator, tp,
         contexts = [rng.randint(1, 2048) for _ in range(rng.randint(1, 128))]
         maps, unmaps = (rng.randint(0, 3), rng.randint(0, 2)) if allocator == "virtual" else (0, 0)
         work = [(1, c) for c in contexts]
-        got = cm.decode_step_time(len(contexts), sum(contexts), max(contexts), maps, unmaps)
-        assert got == cm.step_time(work, len(work), maps, unmaps)
-        split = cm.decode_host_device(len(contexts), sum(contexts), max(contexts), maps, unmaps)
-        assert split == cm.host_device_time(work, len(work), maps, unmaps)  # asynchronous steps' two parts
+        host, device = cm.decode_host_device(len(contexts), sum(contexts), max(contexts), maps, unmaps)
+        assert device + host == cm.step_time(work, len(work), maps, unmaps)
+        assert (host, device) == cm.host_device_time(work, len(work), maps, unmaps)  # asynchronous steps' parts
         prompts = [rng.randint(2, 1024) for _ in range(rng.randint(1, 4))]
         work += [(n, n) for n in prompts]
-        got = cm.admission_step_time(len(contexts), sum(contexts), prompts, maps, unmaps)
-        assert got == cm.step_time(work, len(work), maps, unmaps)
-        split = cm.admission_host_device(len(contexts), sum(contexts), prompts, maps, unmaps)
-        assert split == cm.host_device_time(work, len(work), maps, unmaps)
-    assert cm.decode_step_time(129, 129 * 100, 100) is None  # beyond the decode graphs: eager, not from sums
-    assert cm.admission_step_time(3, 300, [1]) is None  # a one-token prompt: a decode graph step
-    assert cm.decode_step_time(0, 0, 0) is None
+        host, device = cm.admission_host_device(len(contexts), sum(contexts), prompts, maps, unmaps)
+        assert device + host == cm.step_time(work, len(work), maps, unmaps)
+        assert (host, device) == cm.host_device_time(work, len(work), maps, unmaps)
+    assert cm.decode_host_device(129, 129 * 100, 100) is None  # beyond the decode graphs: eager, not from sums
+    assert cm.admission_host_device(3, 300, [1]) is None  # a one-token prompt: a decode graph step
+    assert cm.decode_host_device(0, 0, 0) is None
 
 
 def test_accountant_tail_preemption_path_equals_relive():
