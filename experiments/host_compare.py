@@ -76,14 +76,11 @@ def run_graph_tokens(run_dir: Path) -> int:
     its token budget as the engine caps it; the engine's default where the summary has none)."""
     import json
 
-    from engine.config import EngineConfig
-    from experiments.run import effective_graph_tokens
+    from experiments.run import summary_graph_tokens
 
     path = Path(run_dir) / "summary.json"
-    s = json.loads(path.read_text()) if path.exists() else {}
-    eng = {"cuda_graph_max_tokens": s.get("cfg.engine.cuda_graph_max_tokens", EngineConfig.cuda_graph_max_tokens),
-           "max_num_batched_tokens": s.get("cfg.engine.max_num_batched_tokens")}
-    return effective_graph_tokens(eng)
+    return summary_graph_tokens(json.loads(path.read_text()) if path.exists() else {},
+                                EngineConfig.cuda_graph_max_tokens)
 
 
 def main(argv: list[str] | None = None) -> None:

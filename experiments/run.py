@@ -109,6 +109,13 @@ def effective_graph_tokens(engine: dict) -> int | None:
     return graph_token_bound(engine.get("cuda_graph_max_tokens"), engine.get("max_num_batched_tokens"))
 
 
+def summary_graph_tokens(summary: dict, default: int | None = None) -> int | None:
+    """``effective_graph_tokens`` of a run's ``summary.json`` (its ``cfg.engine.*`` settings);
+    ``default``: the bound where the summary records none."""
+    return effective_graph_tokens({"cuda_graph_max_tokens": summary.get("cfg.engine.cuda_graph_max_tokens", default),
+                                   "max_num_batched_tokens": summary.get("cfg.engine.max_num_batched_tokens")})
+
+
 def config_hash(cfg: DictConfig) -> str:
     """What a run measures: the resolved config without the keys that only change its display."""
     d = OmegaConf.to_container(cfg, resolve=True)

@@ -49,14 +49,12 @@ _NOT_SETTINGS = ("cfg.mode", "cfg.model.path")
 
 def _settings(summary: dict) -> dict:
     """A summary's ``cfg.*`` settings, the graph bound as the engine takes it (capped at the budget)."""
-    from experiments.run import effective_graph_tokens
+    from experiments.run import summary_graph_tokens
 
     out = {k: v for k, v in summary.items()
            if k.startswith("cfg.") and k not in _NOT_SETTINGS and not k.startswith("cfg.sim.")}
     if "cfg.engine.cuda_graph_max_tokens" in out:
-        out["cfg.engine.cuda_graph_max_tokens"] = effective_graph_tokens(
-            {"cuda_graph_max_tokens": out["cfg.engine.cuda_graph_max_tokens"],
-             "max_num_batched_tokens": out.get("cfg.engine.max_num_batched_tokens")})
+        out["cfg.engine.cuda_graph_max_tokens"] = summary_graph_tokens(summary)
     return out
 
 
