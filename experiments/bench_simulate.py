@@ -82,8 +82,8 @@ def run(requests: int, strategy: str = "paged", extra: list[str] = (), profile: 
         num_steps = pq.ParquetFile(Path(out) / "steps.parquet").metadata.num_rows
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     result = dict(
-        requests=requests, setup=setup, strategy=strategy, overrides=list(extra),
-        cost_model=summary.get("cost_model"), async_scheduling=bool(cfg.engine.async_scheduling), wall_s=round(wall, 2), cpu_s=round(cpu, 2),
+        requests=requests, setup=setup, strategy=strategy, overrides=list(extra), cost_model=summary.get("cost_model"),
+        async_scheduling=bool(cfg.engine.async_scheduling), wall_s=round(wall, 2), cpu_s=round(cpu, 2),
         peak_rss_mib=round(peak / 1024, 1), rss_before_mib=round(rss0 / 1024, 1),
         steps=num_steps, steps_parquet_bytes=steps_bytes,
         simulated_duration_s=round(summary["duration"], 2), output_throughput=round(summary["output_throughput"], 1),

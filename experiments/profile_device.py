@@ -522,6 +522,13 @@ def write_profile(path: Path, rows: list[dict], meta: dict) -> None:
         pq.write_table(table, tmp)
 
 
+# the parts of a profile (--skip names them) and the tables each writes
+PART_TABLES = {"host": {"host"}, "gemm": {"gemm"}, "copy": {"copy"}, "vmm": {"vmm"}, "ragged": {"ragged"},
+               "models": {"attention", "eager_forward", "prefill_graph", "sample", "decode_graph",
+                          "decode_graph_ragged"},
+               "graphs": {"piecewise_forward", "piecewise_capture", "full_forward", "full_capture"}}
+
+
 def _check_same_graphs(ap, prior, cuda: bool) -> None:
     """``--host-add`` pools host steps only of engines with this one's graphs: the cost model models
     a pool's steps with one graph setting (the profile's host engine: ``HOST_MAX_NUM_BATCHED_TOKENS``, defaults)."""
@@ -589,9 +596,9 @@ def main(argv: list[str] | None = None) -> int:
     models = [m for m in a.models.split(",") if m]
     block_sizes = [int(b) for b in a.block_sizes.split(",") if b]
     skip = {k for k in a.skip.split(",") if k}
-    parts = {"host", "gemm", "models", "graphs", "ragged", "copy", "vmm"}
-    if skip - parts:
-        ap.error(f"--skip: unknown part(s) {sorted(skip - parts)}; the parts are {', '.join(sorted(parts))}")
+    if skip - set(PART_TABLES):
+        ap.error(f"--skip: unknown part(s) {sorted(skip - set(PART_TABLES))}; the parts are "
+                 f"{', '.join(sorted(PART_TABLES))}")
     if device.type != "cuda":
         skip.add("graphs")  # CUDA graphs only: a merge on a CPU keeps the profile's graph tables
     host_models = [m for m in (a.host_model or models[0]).split(",") if m]
@@ -608,12 +615,8 @@ def main(argv: list[str] | None = None) -> int:
         from experiments.profiled_costmodel import host_model_of, host_scheduling_of, load_profile
 
         old = load_profile(a.merge)
-        measured = {"host": {"host"}, "gemm": {"gemm"}, "copy": {"copy"}, "vmm": {"vmm"}, "ragged": {"ragged"},
-                    "models": {"attention", "eager_forward", "prefill_graph", "sample", "decode_graph",
-                               "decode_graph_ragged"},
-                    "graphs": {"piecewise_forward", "piecewise_capture", "full_forward", "full_capture"}}
-        redo = set().union(*(t for k, t in measured.items() if k not in skip))
-        per_model = redo & (measured["models"] | measured["ragged"] | measured["graphs"])
+        redo = set().union(*(t for k, t in PART_TABLES.items() if k not in skip))
+        per_model = redo & (PART_TABLES["models"] | PART_TABLES["ragged"] | PART_TABLES["graphs"])
         keep = ~old.df["table"].isin(redo)
         if "model" in old.df:  # a model's tables measured now replace that model's: the others' stay
             keep |= old.df["table"].isin(per_model) & old.df["model"].notna() & ~old.df["model"].isin(models)
@@ -639,7 +642,7 @@ def main(argv: list[str] | None = None) -> int:
         sms = meta["num_sms"] if redo & {"ragged", "decode_graph"} else old.meta.get("num_sms", meta["num_sms"])
         names = [m for m in str(kept.get("models", "")).split(",") if m]
         names += [m for m in models if m not in names and per_model]
-        if redo & (measured["models"] | measured["ragged"]):  # decode launches timed under this process's switch
+        if redo & (PART_TABLES["models"] | PART_TABLES["ragged"]):  # decode launches timed under this process's switch
             kept["seq_major_min_seqs"] = metadata_switch()
         meta = {**kept, "num_sms": sms, "models": ",".join(names),
                 "updated": {**old.meta.get("updated", {}), **{t: stamp for t in sorted(redo)}}}
