@@ -10,9 +10,8 @@ over the step's own keys as the engine's fused QKV projection holds them (stride
 sequence at its first query token), what a PAGED engine could run for a step of whole prompts
 without reading its cache; ``linear-tma``: LINEAR through ``kernels.triton_prefill_tma`` (tensor
 descriptors, one TMA copy a K/V tile), a candidate not yet in the engine, and ``linear-tma-ws``, the
-same with Triton's warp specialisation of its key loop. SDPA: ``is_causal`` on
-contiguous [B, H, L, D] with the flash backend
-(FlashAttention-2), whole prompts only. TFLOP/s counts the causal part only (4 * D * Hq * sum
+same with Triton's warp specialisation of its key loop. SDPA: ``is_causal`` on contiguous
+[B, H, L, D] with the flash backend (FlashAttention-2), whole prompts only. TFLOP/s counts the causal part only (4 * D * Hq * sum
 over queries of the keys each sees) and is reported against the bf16 matmul rate measured in the
 same run (8192^3 ``torch.mm``). Every whole-prompt shape is checked against SDPA first (and the
 16x512 and chunk shapes against ``kernels.reference``). ``--sweep`` times other kernel configs
@@ -209,14 +208,15 @@ def parse_shape(text: str) -> tuple[int, int, int]:
 
 
 def paged_vs_linear(rows: list[dict]) -> str:
-    """PAGED's time against LINEAR's per shape (issue 14's goal: within 3%), and for whole prompts
-    the LINEAR kernel over the QKV views against LINEAR."""
+    """PAGED's time against LINEAR's per shape (issue 14's goal: within 3%), for whole prompts the
+    LINEAR kernel over the QKV views against LINEAR, and the candidate kernels against LINEAR."""
     t = {(r["batch"], r["length"], r["prefix"], r["impl"]): r["time_us"] for r in rows}
-    lines = ["| shape | PAGED / LINEAR - 1 | prompt-qkv / LINEAR - 1 | linear-tma / LINEAR - 1 |", "|---|---|---|---|"]
+    against = ("paged", "prompt-qkv", *CANDIDATES)
+    lines = ["| shape | " + " | ".join(f"{'PAGED' if i == 'paged' else i} / LINEAR - 1" for i in against) + " |",
+             "|---|" + "---|" * len(against)]
     for b, n, p in dict.fromkeys((k[0], k[1], k[2]) for k in t):
         linear = t[b, n, p, "linear"]
-        cells = [f"{100 * (x / linear - 1):+.1f}%" if (x := t.get((b, n, p, impl))) else "-"
-                 for impl in ("paged", "prompt-qkv", "linear-tma")]
+        cells = [f"{100 * (x / linear - 1):+.1f}%" if (x := t.get((b, n, p, impl))) else "-" for impl in against]
         lines.append(f"| {shape_name(b, n, p)} | {' | '.join(cells)} |")
     return "\n".join(lines)
 
