@@ -308,9 +308,10 @@ class DecodeRun:
     def _limit(self) -> int:
         raise NotImplementedError
 
-    def allocate(self, step: int, num: int, start: int = 0) -> int | None:
-        """Room for step ``step``'s token of each of ``seqs[start:num]`` in order; the index of
-        the first that finds none (those before it have theirs), or None."""
+    def allocate(self, step: int, num: int, start: int = 0, skip: Seq[int] = ()) -> int | None:
+        """Room for step ``step``'s token of each of ``seqs[start:num]`` but those in ``skip``,
+        in order; the index of the first that finds none (those before it have theirs), or None.
+        A sequence skipped at a step computes no token then, and no more after it."""
         return None
 
     def release(self, index: int, step: int) -> bool:
@@ -381,9 +382,10 @@ class DecodeRun:
             rows.append(tuple(row))
         return now.capacity, rows
 
-    def commit(self, k: int, preempt: Callable[[int], None], admit: Callable[[], None]) -> None:
-        """Leave the allocator as steps 1..k did: each survivor ``k`` tokens longer, each
-        preempted one as it was then. ``preempt(index)`` is called where a step preempted
+    def commit(self, k: int, preempt: Callable[[int], None], admit: Callable[[], None],
+               short: Seq[int] = ()) -> None:
+        """Leave the allocator as steps 1..k did: each survivor ``k`` tokens longer (those in
+        ``short``, skipped at step k, ``k - 1``), each preempted one as it was then. ``preempt(index)`` is called where a step preempted
         (the scheduler's own preemption, which frees it here), ``admit()`` where the first
         step admitted (the scheduler's own admission, which allocates here)."""
         raise NotImplementedError

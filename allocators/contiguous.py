@@ -217,6 +217,9 @@ class _ContiguousDecodeRun(DecodeRun):
         alloc = self.allocator
         return seq.seq_id in alloc._regions or alloc.can_allocate(seq, num_new_tokens)
 
-    def commit(self, k: int, preempt: Callable[[int], None], admit: Callable[[], None]) -> None:
+    def commit(self, k: int, preempt: Callable[[int], None], admit: Callable[[], None],
+               short: Seq[int] = ()) -> None:
         for r in self.regions:
             r.used += k
+        for j in short:
+            self.regions[j].used -= 1

@@ -619,10 +619,10 @@ class _PagedDecodeRun(DecodeRun):
     def _limit(self) -> int:
         return 1 << 62  # the free pool is stepped (allocate)
 
-    def allocate(self, step: int, num: int, start: int = 0) -> int | None:
+    def allocate(self, step: int, num: int, start: int = 0, skip: Seq[int] = ()) -> int | None:
         caps, bs = self._caps, self.bs
         for j in self._takers[step % bs]:
-            if j < start:
+            if j < start or j in skip:
                 continue
             if j >= num:
                 break
@@ -675,7 +675,8 @@ class _PagedDecodeRun(DecodeRun):
         self.room = min(self.room, seq.max_len - used)
         return True
 
-    def commit(self, k: int, preempt: Callable[[int], None], admit: Callable[[], None]) -> None:
+    def commit(self, k: int, preempt: Callable[[int], None], admit: Callable[[], None],
+               short: Seq[int] = ()) -> None:
         bs, alloc = self.bs, self.allocator
         pool = alloc.pool
         fill, sts, used, base = pool.fill, self.sts, self.used, self.base
@@ -708,10 +709,11 @@ class _PagedDecodeRun(DecodeRun):
             st, u = sts[j], used[j]
             table = st.table
             last = len(table) - 1
-            if j < plain and last * bs < u:  # no new block: the last one takes the k tokens
-                st.num_tokens = u + k
-                fill[table[last]] += k
-                added += k
+            n = k - 1 if short and j in short else k
+            if j < plain and last * bs < u:  # no new block: the last one takes the n tokens
+                st.num_tokens = u + n
+                fill[table[last]] += n
+                added += n
             else:
-                added += catch_up(j, k)
+                added += catch_up(j, n)
         pool.filled_total += added

@@ -858,6 +858,9 @@ class _VirtualDecodeRun(DecodeRun):
         alloc = self.allocator
         return seq.seq_id in alloc._by_seq or alloc.can_allocate(seq, num_new_tokens)
 
-    def commit(self, k: int, preempt: Callable[[int], None], admit: Callable[[], None]) -> None:
+    def commit(self, k: int, preempt: Callable[[int], None], admit: Callable[[], None],
+               short: Seq[int] = ()) -> None:
         for slot in self.slots:
             slot.used += k
+        for j in short:
+            self.slots[j].used -= 1

@@ -17,9 +17,10 @@ the last token of every running sequence. Each step launches (the host's part mo
 the device's starts when the device is free), then reads back the step before it (the clock
 waits for the device); the first step reads back the step in flight, and the last one is left
 in flight, its tokens pending, as ``LLMEngine._step`` leaves it. A sequence whose last token is
-in flight is not scheduled again and finishes when it is read back, so a run stops after the
-step that samples a last token, and its finishes fall in the next step, which goes through the
-engine. The cost model gives each step's host and device parts from the sums.
+in flight is not scheduled again and finishes when it is read back: a run that samples a last
+token goes on for one more step, in which the others decode and those finish, if that step is
+plain (it preempts nothing and the queue's head could not be admitted), and stops there. The
+cost model gives each step's host and device parts from the sums.
 
 A run stops before the first step that could differ from that pattern, and that step goes
 through ``LLMEngine.step`` as always:
@@ -79,10 +80,15 @@ class _Steps:
     contexts: list[int] = field(default_factory=list)  # tokens the batch's sequences hold after the step
     admitted: list[tuple] = field(default_factory=list)  # (seq, tokens) admitted at the first step
     busy: list[float] = field(default_factory=list)  # what each step adds to the runner's busy time
-    # asynchronous steps: the device's end of the last step (its tokens' ready time) and the
-    # wait for the step before it, as the engine's last read-back measured it
+    # asynchronous steps: the device's end of the last step launched, the ready time of the step
+    # the next one reads back, and the wait for it, as the engine's last read-back measured it
     device_free: float = 0.0
+    ready: float = 0.0
     last_wait: float = 0.0
+    # asynchronous steps: the members the last step skipped, their last token sampled by the step
+    # before (it reads that back, and they finish), and the tokens all members hold after it
+    done: list[int] = field(default_factory=list)
+    held_last: int = 0
 
 
 class DecodeFastForward:
@@ -181,12 +187,11 @@ class DecodeFastForward:
         cost = runner.cost_model
         # the profiled model charges VMM calls made since the last step to the next one
         vmm = runner.vmm_counter.peek() if runner.profiled and runner.vmm_counter is not None else (0, 0)
-        t = steps.times[0]
         overlap = e.config.async_scheduling
-        if overlap:  # AsyncSimRunner.launch, then the read-back of the step before (SimStepHandle.wait)
-            free, ready = runner.device_free_at, e._inflight.ready_at
+        if overlap:
+            steps.device_free, steps.ready = runner.device_free_at, e._inflight.ready_at
         for step in range(1, limit + 1):
-            if step > plan.room or (step > 1 and next_arrival_s <= t - t0):
+            if step > plan.room or (step > 1 and next_arrival_s <= steps.times[-1] - t0):
                 break
             before = num
             j = plan.allocate(step, num)
@@ -245,32 +250,46 @@ class DecodeFastForward:
                 split = cost.decode_host_device(num, held, longest[num] + step, maps, unmaps)
                 if split is None:  # the step is not timed from sums (an eager decode step): it goes alone
                     break
-            host, device = split
-            if overlap:
-                if host > 0:  # VirtualClock.advance
-                    t += host
-                launched = t
-                free = max(t, free) + device
-                wait = ready - t
-                if wait > 0:
-                    t += wait
-                steps.last_wait = t - launched
-                ready = steps.device_free = free
-                steps.busy.append(host + device)
-            else:
-                dt = device + host  # SimRunner.execute: the cost model's step_time
-                if dt > 0:
-                    t += dt
-                steps.busy.append(dt)
-            steps.times.append(t)
+            _clock(steps, *split, overlap)
             steps.nums.append(num + len(admitted))
             steps.decoding.append(num)
             steps.preempted.append(before - num)
             steps.contexts.append(held)
             num += len(admitted)
             if first_done <= step:
+                if overlap and step < limit and step < plan.room and next_arrival_s > steps.times[-1] - t0:
+                    self._finishing_step(plan, steps, num, step + 1, head, head_len, head_computed)
                 break
         return self._planned(steps)
+
+    def _finishing_step(self, plan: DecodeRun, steps: _Steps, num: int, step: int, head: Sequence | None,
+                        head_len: int, head_computed: int) -> None:
+        """Asynchronous steps: the step after one that sampled a last token, if it is plain. The
+        scheduler skips the members whose last token is in flight (they hold their blocks), the
+        others decode; it reads those last tokens back, and they finish. Not planned (the engine
+        makes it) where nothing would decode, where the pool runs out or where the queue's head
+        could be admitted (the budget is larger by the members skipped)."""
+        left, computed = steps.left, steps.computed
+        done = [j for j in range(num) if left[j] < step]
+        batch = num - len(done)
+        if not batch or plan.allocate(step, num, skip=done) is not None:
+            return
+        budget = self.engine.scheduler.config.max_num_batched_tokens - batch
+        if self._admission(plan, head, head_len, head_computed, num, budget)[0] != _BLOCKED:
+            return
+        gone = set(done)
+        kept = [c for j, c in enumerate(computed[:num]) if j not in gone]
+        held = sum(kept) + batch * step  # the tokens of the batch's sequences after it
+        split = self.engine.runner.cost_model.decode_host_device(batch, held, max(kept) + step, 0, 0)
+        if split is None:
+            return
+        _clock(steps, *split, True)
+        steps.nums.append(batch)
+        steps.decoding.append(batch)
+        steps.preempted.append(0)
+        steps.contexts.append(held)
+        steps.done = done
+        steps.held_last = held + sum(computed[j] + step - 1 for j in done)
 
     @staticmethod
     def _planned(steps: _Steps) -> _Steps | None:
@@ -344,14 +363,18 @@ class DecodeFastForward:
                 "the run's admissions are the scheduler's"
 
         waiting = len(sched.waiting) - len(steps.admitted)  # after the first step's admissions
-        plan.commit(k, preempt, admit)
+        done = steps.done
+        plan.commit(k, preempt, admit, short=done)
         # the sequences: one token per step in the batch, the ids SimRunner gives; the victims
-        # until their step (the scheduler has set them back to nothing computed)
+        # until their step (the scheduler has set them back to nothing computed), the members
+        # the last step skipped until the step before
         ins = [k] * len(members)
         for step, j in plan.released:
             if step > k:
                 break
             ins[j] = step - 1
+        for j in done:
+            ins[j] = k - 1
         ends = np.array(steps.computed, dtype=np.int64)[:, None] + np.arange(1, k + 1)
         ids = np.array([s.seq_id for s in members], dtype=np.int64)[:, None]
         span = runner.vocab_size - 4
@@ -368,6 +391,8 @@ class DecodeFastForward:
         if overlap:
             self._read_back(e._inflight, times[1])
         self._append_tokens(steps, tokens.tolist(), ins, overlap)
+        for j in done:
+            members[j].num_computed_tokens = steps.computed[j] + k - 1
         for seq, _ in steps.admitted:  # as _advance and _resolve_sampled of the first step
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = times[0]
@@ -390,9 +415,12 @@ class DecodeFastForward:
             records.append((times[i], times[i + 1] - times[i], nums[i], waiting, nums[i], 0 if i else admitted_tokens,
                             steps.decoding[i], steps.preempted[i], 0.0, context[i], 0, 0, 0, 0.0, 0.0))
         if overlap:
-            finished = 0
-            self._in_flight(members[:nums[-1]], tokens[:, -1].tolist(), steps)
+            gone = set(done)
+            last = [j for j in range(nums[-1] + len(done)) if j not in gone]  # the last step's batch
+            self._in_flight([members[j] for j in last], tokens[last, -1].tolist(), steps)
             e._wait_s = steps.last_wait
+            # the last step read back the last tokens of those it skipped (LLMEngine._resolve)
+            finished = self._finish([members[j] for j in done]) if done else 0
         else:
             e.num_generation_tokens += sum(nums)
             finished = self._finish(members[:nums[-1]])
@@ -454,7 +482,9 @@ class DecodeFastForward:
         row, the live sequences' capacities (the accountant's intervals) and the tokens they hold."""
         e = self.engine
         acc, logical = e.accountant, e.logical_tokens
-        members, nums = steps.members, steps.nums
+        members, nums, held = steps.members, steps.nums, steps.contexts
+        if steps.done:  # the members the last step skipped are live until it reads them back
+            nums, held = nums[:-1] + nums[-2:-1], held[:-1] + [steps.held_last]
         capacity, rows = plan.stats_rows(steps.decoding)
         caps = list(plan.caps)
         growth, g = plan.growth, 0
@@ -478,7 +508,7 @@ class DecodeFastForward:
                 seg_changes.append(changed)
         if seg_rows:
             acc.record_run(seg_rows, members, seg_changes)
-        if logical.extend([(step0 + i, held) for i, held in enumerate(steps.contexts)]):
+        if logical.extend([(step0 + i, h) for i, h in enumerate(held)]):
             logical.spill_before(len(logical.chunks))
 
     def _finish(self, batch: list) -> int:
@@ -492,6 +522,31 @@ class DecodeFastForward:
                 e._finish_seq(seq, "length", len(seq.token_ids) - 1)
                 touched[seq.request_id] = e.requests[seq.request_id]
         return e.output_processor.retire_quiet(touched.values(), e) if touched else 0
+
+
+def _clock(steps: _Steps, host: float, device: float, overlap: bool) -> None:
+    """The clock after a step of ``host`` and ``device`` seconds: synchronous, the runner's
+    ``execute`` (the cost model's step time); asynchronous, ``AsyncSimRunner.launch`` (the host's
+    part moves the clock, the device's starts when the device is free), then the read-back of the
+    step before (``SimStepHandle.wait``: the clock waits for its device end)."""
+    t = steps.times[-1]
+    if overlap:
+        if host > 0:  # VirtualClock.advance
+            t += host
+        launched = t
+        free = steps.device_free = max(t, steps.device_free) + device
+        wait = steps.ready - t
+        if wait > 0:  # t + wait, as VirtualClock.advance adds it (not always steps.ready)
+            t += wait
+        steps.last_wait = t - launched
+        steps.ready = free
+        steps.busy.append(host + device)
+    else:
+        dt = device + host
+        if dt > 0:
+            t += dt
+        steps.busy.append(dt)
+    steps.times.append(t)
 
 
 def _decode_state(running: list, pending: bool = False) -> tuple[list[int], list[int]]:
