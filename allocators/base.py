@@ -9,7 +9,7 @@ from __future__ import annotations
 import operator
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Callable, ClassVar, Protocol, Sequence as Seq
+from typing import Callable, ClassVar, Mapping, Protocol, Sequence as Seq
 
 import torch
 
@@ -389,3 +389,25 @@ class DecodeRun:
         (the scheduler's own preemption, which frees it here), ``admit()`` where the first
         step admitted (the scheduler's own admission, which allocates here)."""
         raise NotImplementedError
+
+
+class InPlaceDecodeRun(DecodeRun):
+    """A run in which each sequence grows inside room it holds already (a contiguous region, a
+    virtual slot's mapped pages): nothing is taken or given back meanwhile, so the change is each
+    holder's ``used`` count; a waiting sequence may be admitted where the allocator allows it now.
+    ``held``: the allocator's map from seq_id to holder (one holding nothing may be admitted)."""
+
+    def __init__(self, allocator: KVAllocator, seqs: Seq[SequenceLike], holders: list, caps: list[int],
+                 held: Mapping[int, object]):
+        super().__init__(allocator, seqs, [h.used for h in holders], caps)
+        self.holders, self._held = holders, held
+
+    def may_admit(self, seq: SequenceLike, num_new_tokens: int) -> bool:
+        return seq.seq_id in self._held or self.allocator.can_allocate(seq, num_new_tokens)
+
+    def commit(self, k: int, preempt: Callable[[int], None], admit: Callable[[], None],
+               short: Seq[int] = ()) -> None:
+        for h in self.holders:
+            h.used += k
+        for j in short:
+            self.holders[j].used -= 1

@@ -10,10 +10,10 @@ a hole fits its whole region.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence as Seq
+from typing import Sequence as Seq
 
 from allocators.arena import make_arena
-from allocators.base import AllocationError, DecodeRun, KVAllocator, KVCacheSpec, SequenceLike
+from allocators.base import AllocationError, DecodeRun, InPlaceDecodeRun, KVAllocator, KVCacheSpec, SequenceLike
 from allocators.registry import register
 from allocators.stats import MemoryStats
 from kernels.metadata import Addressing
@@ -202,24 +202,12 @@ class ContiguousAllocator(KVAllocator):
         return {i: (r.start, r.length) for i, r in self._regions.items()}
 
 
-class _ContiguousDecodeRun(DecodeRun):
+class _ContiguousDecodeRun(InPlaceDecodeRun):
     """Decode grows inside each region, which never changes: the run lasts while every
     sequence has room left in its region; the arena does not change meanwhile."""
 
     def __init__(self, allocator: ContiguousAllocator, seqs: Seq[SequenceLike], regions: list[_Region]):
-        super().__init__(allocator, seqs, [r.used for r in regions], [r.length for r in regions])
-        self.regions = regions
+        super().__init__(allocator, seqs, regions, [r.length for r in regions], allocator._regions)
 
     def _limit(self) -> int:
-        return min(r.length - r.used for r in self.regions)
-
-    def may_admit(self, seq: SequenceLike, num_new_tokens: int) -> bool:
-        alloc = self.allocator
-        return seq.seq_id in alloc._regions or alloc.can_allocate(seq, num_new_tokens)
-
-    def commit(self, k: int, preempt: Callable[[int], None], admit: Callable[[], None],
-               short: Seq[int] = ()) -> None:
-        for r in self.regions:
-            r.used += k
-        for j in short:
-            self.regions[j].used -= 1
+        return min(r.length - r.used for r in self.holders)

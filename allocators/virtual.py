@@ -60,11 +60,11 @@ import weakref
 from collections import OrderedDict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Sequence as Seq
+from typing import Sequence as Seq
 
 import torch
 
-from allocators.base import AllocationError, DecodeRun, KVAllocator, KVCacheSpec, SequenceLike
+from allocators.base import AllocationError, DecodeRun, InPlaceDecodeRun, KVAllocator, KVCacheSpec, SequenceLike
 from allocators.prefix_cache import PrefixMatch
 from allocators.registry import register
 from allocators.slot_prefix_cache import ROOT_HASH, PageIndex, SlotPrefixCache, page_key
@@ -828,7 +828,7 @@ class VirtualAllocator(KVAllocator):
             self._inflight.pop(next(iter(self._inflight))).result()
 
 
-class _VirtualDecodeRun(DecodeRun):
+class _VirtualDecodeRun(InPlaceDecodeRun):
     """Decode inside each slot's current page. The run stops before a sequence's first token
     on a new page (pages change hands there), and, with prefetch, before the step that would
     map its next page ahead, unless no page can be mapped ahead now (the sequence has all it
@@ -848,19 +848,7 @@ class _VirtualDecodeRun(DecodeRun):
             if ahead is not None and mapped < slot.want and not pool_short:
                 limit = min(limit, mapped * tpp - ahead - u)
             self.limits.append(limit)
-        super().__init__(allocator, seqs, [s.used for s in slots], caps)
-        self.slots = slots
+        super().__init__(allocator, seqs, slots, caps, allocator._by_seq)
 
     def _limit(self) -> int:
         return min(self.limits)
-
-    def may_admit(self, seq: SequenceLike, num_new_tokens: int) -> bool:
-        alloc = self.allocator
-        return seq.seq_id in alloc._by_seq or alloc.can_allocate(seq, num_new_tokens)
-
-    def commit(self, k: int, preempt: Callable[[int], None], admit: Callable[[], None],
-               short: Seq[int] = ()) -> None:
-        for slot in self.slots:
-            slot.used += k
-        for j in short:
-            self.slots[j].used -= 1
