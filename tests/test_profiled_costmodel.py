@@ -5,12 +5,15 @@ import dataclasses
 import functools
 import itertools
 import logging
-import re
 import math
+import re
+import struct
 
 import numpy as np
 import pandas as pd
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from experiments import profile_device
 from experiments.profiled_costmodel import DeviceProfile, Grid1D, Grid2D, ProfiledCostModel, load_profile
@@ -89,6 +92,23 @@ def test_grids_reproduce_points_and_interpolate_between():
     g2 = Grid2D([1, 1, 8, 8], [10, 100, 10, 100], [1.0, 2.0, 3.0, 5.0])
     assert g2(1, 10) == 1.0 and g2(8, 100) == 5.0
     assert 1.0 < g2(4, 10) < 3.0 and 2.0 < g2(4, 100) < 5.0
+
+
+@settings(max_examples=200, deadline=None)
+@given(xs=st.lists(st.integers(1, 5000), min_size=1, max_size=12),
+       ys=st.lists(st.floats(1e-7, 1.0), min_size=12, max_size=12),
+       probes=st.lists(st.one_of(st.integers(-10, 12000), st.floats(-10, 12000)), max_size=20))
+def test_grid_interpolates_as_np_interp_to_the_bit(xs, ys, probes):
+    """Grid1D interpolates scalars in Python floats (np.interp is slow on one value): the same
+    values to the bit, at the points (repeated ones too), between and around them."""
+    g = Grid1D(xs, ys[:len(xs)], above="clamp")
+    pts = [*xs, *(x + d for x in xs for d in (-1, -0.5, 0.25, 1)), *probes]
+    for x in pts:
+        assert struct.pack("d", g(x)) == struct.pack("d", float(np.interp(x, g.xs, g.ys))), x
+    p = Grid1D(xs, ys[:len(xs)])  # proportional above the last point
+    top = float(p.xs[-1])
+    for x in (top + 0.5, top + 7, 2 * top + 3):
+        assert struct.pack("d", p(x)) == struct.pack("d", float(p.ys[-1] * x / p.xs[-1]))
 
 
 def test_profiled_model_reproduces_its_tables_at_grid_points():
