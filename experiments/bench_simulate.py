@@ -60,7 +60,7 @@ def run(requests: int, strategy: str = "paged", extra: list[str] = (), profile: 
     build = run_module.build_engine
 
     def build_and_watch(c):
-        engine = build(c)
+        engine = bulk["engine"] = build(c)
         bulk["ff"] = getattr(engine, "decode_fast_forward", None)
         return engine
 
@@ -83,7 +83,7 @@ def run(requests: int, strategy: str = "paged", extra: list[str] = (), profile: 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     result = dict(
         requests=requests, setup=setup, strategy=strategy, overrides=list(extra), cost_model=summary.get("cost_model"),
-        async_scheduling=bool(cfg.engine.async_scheduling), wall_s=round(wall, 2), cpu_s=round(cpu, 2),
+        async_scheduling=bool(bulk["engine"].config.async_scheduling), wall_s=round(wall, 2), cpu_s=round(cpu, 2),
         peak_rss_mib=round(peak / 1024, 1), rss_before_mib=round(rss0 / 1024, 1),
         steps=num_steps, steps_parquet_bytes=steps_bytes,
         simulated_duration_s=round(summary["duration"], 2), output_throughput=round(summary["output_throughput"], 1),
@@ -117,7 +117,9 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps(r, indent=1))
     args.out.mkdir(parents=True, exist_ok=True)
     prefix = "" if args.setup == "waste_breakdown" else f"{args.setup}-"
-    name = f"{prefix}{args.strategy}-{args.requests}{'-' + args.tag if args.tag else ''}"
+    # asynchronous steps in the name, so that the two runs of a pair never share a file
+    steps = "-async" if r.get("async_scheduling") else ""
+    name = f"{prefix}{args.strategy}-{args.requests}{steps}{'-' + args.tag if args.tag else ''}"
     (args.out / f"{name}.json").write_text(json.dumps(r, indent=1) + "\n")
     if prof:
         (args.out / f"{name}.profile.txt").write_text(prof)
