@@ -311,7 +311,8 @@ class DecodeRun:
     def allocate(self, step: int, num: int, start: int = 0, skip: Seq[int] = ()) -> int | None:
         """Room for step ``step``'s token of each of ``seqs[start:num]`` but those in ``skip``,
         in order; the index of the first that finds none (those before it have theirs), or None.
-        A sequence skipped at a step computes no token then, and no more after it."""
+        ``skip``: sequences that compute no token at this step, which is then the run's last
+        (``commit``'s ``skipped``: asynchronous steps, whose last tokens are in flight)."""
         return None
 
     def release(self, index: int, step: int) -> bool:
@@ -383,11 +384,12 @@ class DecodeRun:
         return now.capacity, rows
 
     def commit(self, k: int, preempt: Callable[[int], None], admit: Callable[[], None],
-               short: Seq[int] = ()) -> None:
+               skipped: Seq[int] = ()) -> None:
         """Leave the allocator as steps 1..k did: each survivor ``k`` tokens longer (those in
-        ``short``, skipped at step k, ``k - 1``), each preempted one as it was then. ``preempt(index)`` is called where a step preempted
-        (the scheduler's own preemption, which frees it here), ``admit()`` where the first
-        step admitted (the scheduler's own admission, which allocates here)."""
+        ``skipped``, which step k skipped, ``k - 1``), each preempted one as it was then.
+        ``preempt(index)`` is called where a step preempted (the scheduler's own preemption,
+        which frees it here), ``admit()`` where the first step admitted (the scheduler's own
+        admission, which allocates here)."""
         raise NotImplementedError
 
 
@@ -406,8 +408,9 @@ class InPlaceDecodeRun(DecodeRun):
         return seq.seq_id in self._held or self.allocator.can_allocate(seq, num_new_tokens)
 
     def commit(self, k: int, preempt: Callable[[int], None], admit: Callable[[], None],
-               short: Seq[int] = ()) -> None:
+               skipped: Seq[int] = ()) -> None:
         for h in self.holders:
             h.used += k
-        for j in short:
+        # (the simulator frees the skipped ones right after: their count is for the contract)
+        for j in skipped:
             self.holders[j].used -= 1

@@ -676,7 +676,7 @@ class _PagedDecodeRun(DecodeRun):
         return True
 
     def commit(self, k: int, preempt: Callable[[int], None], admit: Callable[[], None],
-               short: Seq[int] = ()) -> None:
+               skipped: Seq[int] = ()) -> None:
         bs, alloc = self.bs, self.allocator
         pool = alloc.pool
         fill, sts, used, base = pool.fill, self.sts, self.used, self.base
@@ -709,7 +709,7 @@ class _PagedDecodeRun(DecodeRun):
             st, u = sts[j], used[j]
             table = st.table
             last = len(table) - 1
-            n = k - 1 if short and j in short else k
+            n = k - 1 if skipped and j in skipped else k
             if j < plain and last * bs < u:  # no new block: the last one takes the n tokens
                 st.num_tokens = u + n
                 fill[table[last]] += n

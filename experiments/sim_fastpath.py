@@ -86,7 +86,7 @@ class _Steps:
     ready: float = 0.0
     last_wait: float = 0.0
     # asynchronous steps: the members the last step skipped, their last token sampled by the step
-    # before (it reads that back, and they finish), and the tokens all members hold after it
+    # before (it reads that back, and they finish), and the tokens the live members hold after it
     done: list[int] = field(default_factory=list)
     held_last: int = 0
 
@@ -161,8 +161,9 @@ class DecodeFastForward:
               next_arrival_s: float) -> _Steps | None:
         """The run's steps: each computes the decode tokens of the first ``num`` members,
         preempting from the back where the pool runs out; the first may admit. The run ends at
-        the first step where a sequence finishes (included), before a step whose schedule would
-        differ or before which the driver would add a request."""
+        the first step where a sequence finishes (included; asynchronous: the step that samples
+        a last token, then the one that skips and finishes it, ``_finishing_step``), before a step
+        whose schedule would differ or before which the driver would add a request."""
         e = self.engine
         sched = e.scheduler
         limit = plan.limit()
@@ -364,7 +365,7 @@ class DecodeFastForward:
 
         waiting = len(sched.waiting) - len(steps.admitted)  # after the first step's admissions
         done = steps.done
-        plan.commit(k, preempt, admit, short=done)
+        plan.commit(k, preempt, admit, skipped=done)
         # the sequences: one token per step in the batch, the ids SimRunner gives; the victims
         # until their step (the scheduler has set them back to nothing computed), the members
         # the last step skipped until the step before
@@ -410,7 +411,9 @@ class DecodeFastForward:
         # step records (the last one after the finishes: it counts the sequences left)
         context, records = steps.contexts, []
         admitted_tokens = sum(n for _, n in steps.admitted)
-        for i in range(k if overlap else k - 1):  # asynchronous: no sequence finishes in a run
+        # asynchronous: all k here (the sequences running after a finishing step are its batch,
+        # nums[-1]); synchronous: the last one after the finishes below
+        for i in range(k if overlap else k - 1):
             waiting += steps.preempted[i]
             records.append((times[i], times[i + 1] - times[i], nums[i], waiting, nums[i], 0 if i else admitted_tokens,
                             steps.decoding[i], steps.preempted[i], 0.0, context[i], 0, 0, 0, 0.0, 0.0))
