@@ -249,7 +249,8 @@ def split_sweep(df) -> str:
 def check_profile(path: str) -> str:
     """The profiled cost model's decode steps against the profile's own measured whole steps of
     ragged batches (``decode_graph_ragged``): with the uniform tables alone and with the ragged term."""
-    from experiments.profiled_costmodel import ProfiledCostModel, _shape, load_profile
+    from experiments.device_profile import load_profile
+    from experiments.profiled_costmodel import ProfiledCostModel, _shape
 
     prof = load_profile(path)
     t = prof.table("decode_graph_ragged")

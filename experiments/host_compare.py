@@ -29,8 +29,8 @@ def compare(profile, steps: pd.DataFrame, *, model: str, allocator: str, schedul
     """One row per (step kind, batch bin) present on both sides: counts, medians of host work and
     launch CPU time, means of the residual, profile over run ratios. ``profile``: a path or a
     ``DeviceProfile``; ``steps``: a run's ``steps.parquet``."""
-    from experiments.profiled_costmodel import (HOST_BINS, ProfiledCostModel, _calibration_work, _shape,
-                                                host_model_of, host_scheduling_of, load_profile)
+    from experiments.device_profile import HOST_BINS, host_model_of, host_scheduling_of, load_profile
+    from experiments.profiled_costmodel import ProfiledCostModel, _calibration_work, _shape
 
     prof = load_profile(profile) if isinstance(profile, (str, Path)) else profile
     host = prof.table("host")

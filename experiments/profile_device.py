@@ -612,7 +612,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.host_add and not a.merge:
         ap.error("--host-add adds to the host steps of a --merge profile: name one")
     if a.merge:  # keep what this run does not re-measure
-        from experiments.profiled_costmodel import host_model_of, host_scheduling_of, load_profile
+        from experiments.device_profile import host_model_of, host_scheduling_of, load_profile
 
         old = load_profile(a.merge)
         redo = set().union(*(t for k, t in PART_TABLES.items() if k not in skip))

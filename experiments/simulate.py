@@ -393,7 +393,8 @@ def _gpu_page_size(econf: EngineConfig, shape: ModelShape) -> None:
 def cost_model_for(sim: SimSettings, roofline: RooflineCostModel, shape: ModelShape, model: str,
                    econf: EngineConfig, allocator):
     """The profiled model where the device has a profile (``sim.profile``), else the roofline."""
-    from experiments.profiled_costmodel import ProfiledCostModel, load_profile, resolve_profile_path
+    from experiments.device_profile import load_profile, resolve_profile_path
+    from experiments.profiled_costmodel import ProfiledCostModel
     from kernels.metadata import Addressing
 
     if sim.cost_model not in ("auto", "profiled", "roofline"):

@@ -16,7 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from experiments import profile_device
-from experiments.profiled_costmodel import DeviceProfile, Grid1D, Grid2D, ProfiledCostModel, load_profile
+from experiments.device_profile import DeviceProfile, Grid1D, Grid2D, load_profile
+from experiments.profiled_costmodel import ProfiledCostModel
 from experiments.simulate import shape_of
 from experiments.validate_sim import compare
 
@@ -129,7 +130,7 @@ def test_host_steps_of_another_model_do_not_calibrate_this_one():
     """Host tables are per model (`--host-model a,b`): rows of another model are left out, and
     rows from profiles made before rows named their model count as the profile's host model."""
     from engine.loader import resolve_config
-    from experiments.profiled_costmodel import host_model_of
+    from experiments.device_profile import host_model_of
 
     prof = synthetic_profile()
     df = prof.df

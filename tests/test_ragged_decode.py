@@ -8,7 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from experiments.profiled_costmodel import DeviceProfile, ProfiledCostModel, _calibration_work
+from experiments.device_profile import DeviceProfile
+from experiments.profiled_costmodel import ProfiledCostModel, _calibration_work
 from experiments.ragged_decode import DecodePrograms, RaggedFit, contexts, decode_programs, fit
 from tests.test_profiled_costmodel import MODEL, synthetic_profile
 
