@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 
 import torch
@@ -19,6 +20,22 @@ def graph_token_bound(cuda_graph_max_tokens: int | None, max_num_batched_tokens:
     if cuda_graph_max_tokens is None or max_num_batched_tokens is None:
         return cuda_graph_max_tokens
     return min(cuda_graph_max_tokens, max_num_batched_tokens)
+
+
+_TOKENS = (1 << 31) - 1
+# whole-number settings: (least, null allowed, most) and what they count
+WHOLE = {"max_model_len": (0, False, _TOKENS), "max_num_seqs": (1, False, 1 << 20),
+         "max_num_batched_tokens": (1, False, _TOKENS), "kv_cache_tokens": (1, True, _TOKENS),
+         "kv_cache_memory": (1, True, 1 << 50), "cpu_kv_cache_memory": (1, False, 1 << 50),
+         "seed": (0, False, (1 << 63) - 1), "cpu_threads": (0, False, 1 << 12)}
+WHOLE_MEANING = {"max_model_len": "tokens a sequence may hold; 0: the model's limit, at most 4096",
+                 "max_num_seqs": "sequences in a batch", "max_num_batched_tokens": "tokens a step computes",
+                 "kv_cache_tokens": "the KV pool in tokens; null: sized by kv_cache_memory or the device",
+                 "kv_cache_memory": "the KV pool in bytes; null: a share of the device",
+                 "cpu_kv_cache_memory": "bytes of the KV pool on CPU", "seed": "the sampling seed",
+                 "cpu_threads": "torch threads on CPU; 0: chosen by model size"}
+FLAGS = ("enable_chunked_prefill", "enable_prefix_caching", "enforce_eager", "detokenize", "record_memory",
+         "stream_outputs")
 
 
 @dataclass
@@ -78,6 +95,7 @@ class EngineConfig:
         return graph_token_bound(self.cuda_graph_max_tokens, self.max_num_batched_tokens)
 
     def __post_init__(self) -> None:
+        self._check_types()
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if isinstance(self.cuda_graph_max_tokens, bool) or not isinstance(self.cuda_graph_max_tokens, int) \
@@ -113,6 +131,29 @@ class EngineConfig:
             raise ValueError(f"kv_scale must be a positive number (dequantized = fp8 value x scale) or null "
                              f"(computed from the first prefill), got {self.kv_scale!r}")
         self._check_host_tier()
+
+    def _check_types(self) -> None:
+        """Whole numbers where a count is meant and true/false where a switch is: a float, inf or
+        nan would be truncated or compared silently (2.5 sequences, a pool of 1000.7 tokens)."""
+        for name, (low, none_ok, high) in WHOLE.items():
+            v = getattr(self, name)
+            if v is None and none_ok:
+                continue
+            if isinstance(v, float) and v.is_integer() or isinstance(v, numbers.Integral) and not isinstance(v, bool):
+                v = int(v)  # 4e9 bytes, a numpy count: the same whole number
+            if not isinstance(v, int) or isinstance(v, bool) or not low <= v <= high:
+                raise ValueError(f"{name}={v!r}: give a whole number in [{low}, {high}]"
+                                 + (" or null" if none_ok else "") + f" ({WHOLE_MEANING[name]})")
+            setattr(self, name, v)
+        for name in FLAGS:
+            v = getattr(self, name)
+            if not isinstance(v, bool):
+                raise ValueError(f"{name}={v!r}: give true or false")
+        sw = self.swap_space
+        if sw is not None and (isinstance(sw, bool) or not isinstance(sw, (int, float)) or not math.isfinite(sw)
+                               or not 0 <= sw <= 1 << 20):
+            raise ValueError(f"swap_space={sw!r}: give the GiB of host memory for swapped KV as a number >= 0, or "
+                             "null for as much as the KV pool")
 
     def _check_host_tier(self) -> None:
         from allocators.host_tier import POLICIES

@@ -38,8 +38,16 @@ class ModelConfig:
     name: str = "custom"
 
     def __post_init__(self) -> None:
+        # a config.json or hf_overrides is hostile input: every size a whole number in a real range
+        for f in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "max_position_embeddings"):
+            _check_size(self.name, f, getattr(self, f), 1)
+        _check_size(self.name, "head_dim", self.head_dim, 0)
         if self.head_dim <= 0:
             self.head_dim = self.hidden_size // self.num_attention_heads
+            if self.head_dim < 1:
+                raise ValueError(f"{self.name}: hidden_size {self.hidden_size} is smaller than num_attention_heads "
+                                 f"{self.num_attention_heads}: give head_dim, or fix the config")
         if isinstance(self.eos_token_id, int):
             self.eos_token_id = [self.eos_token_id]
         if self.num_attention_heads % self.num_key_value_heads:
@@ -125,3 +133,12 @@ def _windows(d: dict, model_type: str) -> tuple[int | None, list[str] | None]:
     if "sliding_attention" not in layer_types:
         return None, None
     return int(w), list(layer_types)
+
+
+MAX_SIZE = 1 << 24  # larger than any dimension, layer count or vocabulary of a real model
+
+
+def _check_size(name: str, field_name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= MAX_SIZE:
+        raise ValueError(f"{name}: {field_name}={value!r} is not a model size: give a whole number in "
+                         f"[{minimum}, {MAX_SIZE}] (config.json or engine.hf_overrides)")

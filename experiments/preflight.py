@@ -301,6 +301,25 @@ def _missing_key(cfg, key: str) -> str | None:
     return None
 
 
+# sections whose keys are fixed: a key added there (``+key=``) is a typo, not an option (the engine,
+# workload, allocator and sim sections refuse theirs where they are read)
+CLOSED_SECTIONS = ("", "measure")
+
+
+def _check_added(cfg, key: str) -> None:
+    """``+key=...`` at the top level or in a closed section: only where that key exists already
+    (Hydra would add a key nobody reads, e.g. ``+repeat=3`` for ``repeats=3``)."""
+    where, _, name = key.rpartition(".")
+    if where not in CLOSED_SECTIONS:
+        return
+    node = cfg if not where else cfg.get(where)
+    if node is None or name in node:
+        return
+    known = [f"{where}.{k}" if where else str(k) for k in node.keys() if k != "hydra"]
+    raise UserError(f"+{key}: no such key, and kvlab reads none by that name; "
+                    f"{where or 'the top level'} has {_choices_text(sorted(known))}{did_you_mean(key, known)}")
+
+
 def _check_value_types(base, ovs) -> None:
     """A number where the configuration has a number (before it fails deep inside a run)."""
     from omegaconf import OmegaConf
@@ -410,7 +429,11 @@ def check_config(cfg) -> None:
         raise UserError(f"mode={cfg.mode}: not a valid value; choose one of {_choices_text(MODES)}"
                         f"{did_you_mean(cfg.mode, MODES, 'mode=')}")
     _check_protocol(cfg)
-    rate = float(cfg.workload.get("request_rate", math.inf))
+    rate = cfg.workload.get("request_rate", math.inf)
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)):
+        raise UserError(f"workload.request_rate={'null' if rate is None else rate}: give requests per second (a number > 0), or inf to "
+                        "send every request at t=0")
+    rate = float(rate)
     if cfg.mode == "offline" and math.isfinite(rate):
         raise UserError(f"mode=offline sends every request at t=0 but workload.request_rate={rate:g}: "
                         "use mode=online (or simulate) for arrivals at a rate, or request_rate=inf")
@@ -444,6 +467,11 @@ def prepare(overrides: list[str], cwd: Path | None = None) -> Prepared:
     for combo in _combinations(ovs):
         groups_only = [c for c in combo if is_group(_key_of(c)) or c.startswith("+") and not c.startswith("++")]
         structure = compose(groups_only)
+        added = [_key_of(c) for c in combo if c.startswith("+") and not is_group(_key_of(c))]
+        if added:  # against the configuration without them
+            chosen = compose([c for c in combo if is_group(_key_of(c))])
+            for key in added:
+                _check_added(chosen, key)
         for line in combo:
             if line.startswith(("+", "~")) or is_group(_key_of(line)):
                 continue

@@ -177,7 +177,13 @@ class ResumeConflict(RuntimeError):
 def _resume(summary_path: Path, cfg_hash: str) -> dict | None:
     if not summary_path.exists():
         return None
-    done = json.loads(summary_path.read_text())
+    try:
+        done = json.loads(summary_path.read_text())
+        if not isinstance(done, dict):
+            raise ValueError(f"a JSON {type(done).__name__}, not an object")
+    except (OSError, ValueError) as e:  # written last and whole by kvlab: edited or damaged since
+        raise ResumeConflict(f"{summary_path} is not a run summary ({e}): delete it to make the run again, or "
+                             "set resume=false to overwrite the folder") from None
     if done.get("config_hash", cfg_hash) != cfg_hash:
         raise ResumeConflict(
             f"{summary_path} holds a run of a different configuration (config_hash {done.get('config_hash')} "
@@ -473,12 +479,25 @@ def _resume_argv(resume_dir: Path) -> list[str]:
     """The command line of the sweep (or run) in ``resume_dir``, pointed at that folder."""
     sweep_file = resume_dir / "multirun.yaml"
     if sweep_file.is_file():
-        hydra_cfg = OmegaConf.load(sweep_file).hydra
-        keep = [o for o in hydra_cfg.overrides.hydra if not str(o).startswith(("hydra.sweep.dir", "hydra.mode"))]
-        return ["-m", *map(str, hydra_cfg.overrides.task), *map(str, keep), f"hydra.sweep.dir={resume_dir}"]
+        try:
+            hydra_cfg = OmegaConf.load(sweep_file).hydra
+            keep = [o for o in hydra_cfg.overrides.hydra if not str(o).startswith(("hydra.sweep.dir", "hydra.mode"))]
+            return ["-m", *map(str, hydra_cfg.overrides.task), *map(str, keep), f"hydra.sweep.dir={resume_dir}"]
+        except Exception as e:  # a file kvlab wrote, since edited or cut short
+            raise UserError(f"--resume {resume_dir}: {sweep_file} is not the sweep file kvlab wrote "
+                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); run the sweep again "
+                            "with its command line and hydra.sweep.dir= that folder") from None
     run_file = resume_dir / ".hydra" / "overrides.yaml"
     if run_file.is_file():
-        return [*map(str, OmegaConf.load(run_file)), f"hydra.run.dir={resume_dir}"]
+        try:
+            lines = OmegaConf.load(run_file)
+            if not OmegaConf.is_list(lines):
+                raise ValueError("not a list of overrides")
+            return [*map(str, lines), f"hydra.run.dir={resume_dir}"]
+        except Exception as e:
+            raise UserError(f"--resume {resume_dir}: {run_file} is not the list of overrides kvlab wrote "
+                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); run it again "
+                            "with its command line and hydra.run.dir= that folder") from None
     raise UserError(f"--resume {resume_dir}: no sweep (multirun.yaml) or run (.hydra/overrides.yaml) there")
 
 

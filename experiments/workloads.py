@@ -439,14 +439,19 @@ def arrival_times(num: int, request_rate: float, arrival: str = "poisson",
 # ---------------------------------------------------------------- entry point
 
 
-def _as_int(cfg: WorkloadConfig, key: str, minimum: int, optional: bool = False) -> None:
+MAX_REQUESTS = 10_000_000  # ~25 GB and hours of simulate: beyond it a typo, not a study
+MAX_TOKENS = (1 << 31) - 1
+
+
+def _as_int(cfg: WorkloadConfig, key: str, minimum: int, optional: bool = False, maximum: int = MAX_TOKENS,
+            why: str = "") -> None:
     v = getattr(cfg, key)
     if v is None and optional:
         return
     if isinstance(v, float) and v.is_integer():
         v = int(v)
-    if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
-        raise ValueError(f"workload.{key} must be an integer >= {minimum}, got {v!r}")
+    if not isinstance(v, int) or isinstance(v, bool) or not minimum <= v <= maximum:
+        raise ValueError(f"workload.{key} must be an integer in [{minimum}, {maximum}]{why}, got {v!r}")
     setattr(cfg, key, v)
 
 
@@ -455,15 +460,20 @@ def _validate(cfg: WorkloadConfig, vocab_size: int, max_model_len: int, low: int
     if cfg.name not in WORKLOADS:
         raise ValueError(f"unknown workload '{cfg.name}': set workload.name to one of "
                          f"{available_workloads()}")
-    for key in ("num_requests", "input_len", "output_len", "n", "beam_width"):
+    _as_int(cfg, "num_requests", 1, maximum=MAX_REQUESTS)
+    for key in ("input_len", "output_len"):
         _as_int(cfg, key, 1)
+    for key in ("n", "beam_width"):
+        _as_int(cfg, key, 1, maximum=1024)
     for key in _RANGES:
         _as_int(cfg, key, 1, optional=True)
     _as_int(cfg, "prefix_len", 0)
-    _as_int(cfg, "num_prefixes", 1)
-    _as_int(cfg, "turns", 1)
+    # more prefixes or turns than requests go unused (and would all be built first)
+    most = max(cfg.num_requests, 1024)
+    for key in ("num_prefixes", "turns"):
+        _as_int(cfg, key, 1, maximum=most, why=" (num_requests, or 1024 where that is less)")
     _as_int(cfg, "history_len", 1, optional=True)
-    _as_int(cfg, "seed", 0)
+    _as_int(cfg, "seed", 0, maximum=(1 << 63) - 1)
     if cfg.prefix_hit_rate is not None:
         try:
             cfg.prefix_hit_rate = float(cfg.prefix_hit_rate)

@@ -189,7 +189,12 @@ def test_trace_replay_with_text_prompts(tmp_path):
 @pytest.mark.parametrize("cfg, match", [
     (dict(name="zipf"), "unknown workload 'zipf'.*workload.name"),
     (dict(name="uniform", input_length=5), "unknown workload field 'input_length'.*workload.input_len"),
-    (dict(name="fixed", num_requests=0), "workload.num_requests must be an integer >= 1"),
+    (dict(name="fixed", num_requests=0), r"workload.num_requests must be an integer in \[1, 10000000\]"),
+    (dict(name="fixed", num_requests=10**9), r"workload.num_requests must be an integer in \[1, 10000000\]"),
+    (dict(name="uniform", input_len_min=1, input_len_max=10**19), r"input_len_max must be an integer in \[1, "),
+    (dict(name="shared_prefix", prefix_len=4, num_prefixes=10**9), "num_prefixes must be an integer in.*num_requests"),
+    (dict(name="multi_turn", turns=10**9), "turns must be an integer in.*num_requests"),
+    (dict(name="parallel", n=10**6), r"workload.n must be an integer in \[1, 1024\]"),
     (dict(name="fixed", output_len=2.5), "workload.output_len must be an integer"),
     (dict(name="uniform", input_len_min=10), "input_len_min and input_len_max go together"),
     (dict(name="uniform", output_len_min=10, output_len_max=5), "output_len_min.*> output_len_max"),

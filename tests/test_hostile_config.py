@@ -1,0 +1,146 @@
+"""Config values are hostile input: a count must be a whole number in a real range, a switch true
+or false, a model size a size, a simulated device's figures finite, a resumed folder's files what
+kvlab wrote. Each is refused with the key and the fix, before the run does anything."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine.config import EngineConfig
+from engine.model_config import ModelConfig
+from experiments.run import cli
+from experiments.simulate import SimSettings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("field, value", [
+    ("max_num_seqs", 2.5), ("max_num_seqs", True), ("max_model_len", math.inf), ("max_model_len", math.nan),
+    ("kv_cache_tokens", 1000.7), ("max_num_batched_tokens", 10**18), ("kv_cache_memory", "lots"),
+    ("seed", -1), ("cpu_threads", 10**6),
+])
+def test_engine_counts_are_whole_numbers_in_range(field, value):
+    with pytest.raises(ValueError, match=rf"^{field}=.*give a whole number in \["):
+        EngineConfig(**{field: value})
+
+
+def test_engine_counts_take_integral_floats_and_numpy_ints():
+    # 4e9 bytes as Hydra parses it, a count computed with numpy: the same whole numbers
+    c = EngineConfig(kv_cache_memory=4e9, kv_cache_tokens=np.int64(4096), max_model_len=2048.0)
+    assert (c.kv_cache_memory, c.kv_cache_tokens, c.max_model_len) == (4_000_000_000, 4096, 2048)
+    assert all(type(v) is int for v in (c.kv_cache_memory, c.kv_cache_tokens, c.max_model_len))
+    assert EngineConfig(kv_cache_tokens=None).kv_cache_tokens is None
+
+
+@pytest.mark.parametrize("field", ["enable_chunked_prefill", "enable_prefix_caching", "enforce_eager",
+                                   "detokenize", "record_memory", "stream_outputs"])
+@pytest.mark.parametrize("value", ["maybe", 0, 1, [1]])
+def test_engine_switches_are_true_or_false(field, value):
+    with pytest.raises(ValueError, match=rf"^{field}=.*give true or false"):
+        EngineConfig(**{field: value})
+
+
+@pytest.mark.parametrize("value", ["lots", -1, math.nan, math.inf, True])
+def test_swap_space_is_gib_or_null(value):
+    with pytest.raises(ValueError, match="swap_space=.*GiB of host memory"):
+        EngineConfig(swap_space=value)
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(num_hidden_layers=-1), dict(num_hidden_layers=2.5), dict(num_key_value_heads=0),
+    dict(hidden_size="abc"), dict(head_dim=10**9), dict(vocab_size=True), dict(max_position_embeddings=0),
+])
+def test_model_sizes_are_sizes(overrides):
+    (field, value), = overrides.items()
+    with pytest.raises(ValueError, match=rf"{field}={value!r} is not a model size"):
+        ModelConfig(**overrides)
+
+
+def test_head_dim_below_one_is_named():
+    with pytest.raises(ValueError, match="hidden_size 2 is smaller than num_attention_heads 4"):
+        ModelConfig(hidden_size=2, num_attention_heads=4, num_key_value_heads=2)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("pcie_bandwidth", 0), ("pcie_bandwidth", -1e9), ("pcie_bandwidth", math.nan), ("step_overhead_s", math.inf),
+    ("step_overhead_s", math.nan), ("transfer_latency_s", -1), ("activation_reserve_bytes", -1e12),
+    ("nvlink_bandwidth", math.nan), ("nvlink_latency_s", -1.0), ("pcie_bandwidth", "fast"),
+])
+def test_simulated_device_figures_are_finite_and_in_range(field, value):
+    with pytest.raises(ValueError, match=rf"sim.{field}=.*give a finite number"):
+        SimSettings(**{field: value})
+    SimSettings(nvlink_bandwidth=None, nvlink_latency_s=None)  # null: the datasheet's
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["+repeat=3"], ["+repeat: no such key", "did you mean repeats?"]),
+    (["+measure.warmup=5"], ["+measure.warmup: no such key", "did you mean measure.warmup_s?"]),
+    (["++bogus=1"], ["+bogus: no such key"]),
+    (["mode=simulate", "workload.request_rate=null"], ["workload.request_rate=null", "requests per second"]),
+])
+def test_preflight_refuses_added_typos_and_a_null_rate(capsys, args, expected):
+    code = cli([*args, "progress=false", "report=false"])
+    err = capsys.readouterr().err
+    assert code == 2
+    for text in expected:
+        assert text in err, f"{text!r} not in {err!r}"
+    assert "Traceback" not in err
+
+
+def test_an_added_key_that_exists_somewhere_open_still_passes(tmp_path):
+    """``+engine.hf_overrides.*`` (an open mapping) and a preset group are not typos."""
+    from experiments import preflight
+
+    prep = preflight.prepare(["mode=simulate", "+engine.hf_overrides.num_hidden_layers=3", "+experiment=waste_breakdown"],
+                             cwd=tmp_path)
+    assert prep.overrides
+
+
+def _run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "experiments.cli", "run", "progress=false", "report=false", *args],
+                          cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def test_hostile_engine_and_model_values_end_in_one_line_and_no_folder(tmp_path):
+    cases = [(["engine.max_num_seqs=2.5"], "max_num_seqs=2.5: give a whole number"),
+             (["+engine.hf_overrides.num_hidden_layers=-1"], "num_hidden_layers=-1 is not a model size"),
+             (["sim.pcie_bandwidth=0"], "sim.pcie_bandwidth=0: give a finite number > 0")]
+    for i, (args, text) in enumerate(cases):
+        run_dir = tmp_path / f"r{i}"
+        proc = _run("mode=simulate", "workload.num_requests=4", f"hydra.run.dir={run_dir}", *args)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 2 and text in out and "Traceback" not in out, out[-2000:]
+        assert not run_dir.exists()
+
+
+def test_resume_names_a_damaged_file_and_the_fix(tmp_path):
+    run_dir = tmp_path / "run"
+    assert _run("mode=simulate", "workload.num_requests=4", f"hydra.run.dir={run_dir}").returncode == 0
+    summary = run_dir / "summary.json"
+    for text in ("{bad", json.dumps([1, 2])):
+        summary.write_text(text)
+        proc = _run("--resume", str(run_dir))
+        out = proc.stdout + proc.stderr
+        assert proc.returncode != 0 and f"{summary} is not a run summary" in out and "delete it" in out, out[-2000:]
+        assert summary.read_text() == text  # the folder is the user's: nothing is removed
+    for text in (": : :", "a: 1"):
+        (run_dir / ".hydra" / "overrides.yaml").write_text(text)
+        proc = _run("--resume", str(run_dir))
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 2 and "is not the list of overrides kvlab wrote" in out, out[-2000:]
+        assert "Traceback" not in out
+
+
+@pytest.mark.parametrize("text, why", [("x: [", "ParserError"), ("x: 1", "Missing key hydra")])
+def test_resume_of_a_damaged_sweep_file_is_one_line(capsys, tmp_path, text, why):
+    (tmp_path / "multirun.yaml").write_text(text)
+    code = cli(["--resume", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "multirun.yaml is not the sweep file kvlab wrote" in err and why in err, err
+    assert "Traceback" not in err
