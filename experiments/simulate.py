@@ -365,6 +365,8 @@ def simulated_engine(cfg, engine_config: EngineConfig, clock: VirtualClock | Non
     if econf.kv_cache_tokens is None and econf.kv_cache_memory is None:
         econf.kv_cache_tokens = cost.kv_capacity_tokens(econf.gpu_memory_utilization,
                                                         sim.activation_reserve_bytes)
+    else:
+        _check_pool_fits(econf, cost, device)
     if not econf.max_model_len:
         econf.max_model_len = min(shape.max_position_embeddings, 4096)
     if econf.allocator == "virtual":
@@ -388,6 +390,20 @@ def simulated_engine(cfg, engine_config: EngineConfig, clock: VirtualClock | Non
     # the driver advances runs of plain decode steps in bulk (the same steps, far less work)
     engine.decode_fast_forward = DecodeFastForward(engine)
     return engine
+
+
+def _check_pool_fits(econf: EngineConfig, cost: RooflineCostModel, device) -> None:
+    """A pool set by hand and the weights must fit the simulated GPU (per GPU with tensor
+    parallelism): a study of a pool no device holds measures nothing real."""
+    m = cost.model  # one GPU's shard
+    key, pool = (("kv_cache_tokens", econf.kv_cache_tokens * m.kv_bytes_per_token) if econf.kv_cache_tokens is not None
+                 else ("kv_cache_memory", econf.kv_cache_memory))
+    if pool + m.weight_bytes > device.memory_bytes:
+        gib = 1 << 30
+        raise ValueError(f"engine.{key}={getattr(econf, key)}: a KV pool of {pool / gib:.1f} GiB per GPU and "
+                         f"{m.weight_bytes / gib:.1f} GiB of weights do not fit the simulated {device.name}'s "
+                         f"{device.memory_bytes / gib:.1f} GiB: lower it, or set engine.kv_cache_tokens=null "
+                         "engine.kv_cache_memory=null to size the pool from the device")
 
 
 def _gpu_page_size(econf: EngineConfig, shape: ModelShape) -> None:

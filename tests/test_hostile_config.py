@@ -110,7 +110,10 @@ def _run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
 def test_hostile_engine_and_model_values_end_in_one_line_and_no_folder(tmp_path):
     cases = [(["engine.max_num_seqs=2.5"], "max_num_seqs=2.5: give a whole number"),
              (["+engine.hf_overrides.num_hidden_layers=-1"], "num_hidden_layers=-1 is not a model size"),
-             (["sim.pcie_bandwidth=0"], "sim.pcie_bandwidth=0: give a finite number > 0")]
+             (["sim.pcie_bandwidth=0"], "sim.pcie_bandwidth=0: give a finite number > 0"),
+             # 1M tokens of llama2-7b's KV (512 KiB each) on a simulated A100-40GB
+             (["model=llama2-7b", "engine.kv_cache_tokens=1000000"],
+              "a KV pool of 488.3 GiB per GPU and 12.6 GiB of weights do not fit the simulated a100-40gb's 40.0 GiB")]
     for i, (args, text) in enumerate(cases):
         run_dir = tmp_path / f"r{i}"
         proc = _run("mode=simulate", "workload.num_requests=4", f"hydra.run.dir={run_dir}", *args)
