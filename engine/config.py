@@ -145,6 +145,10 @@ class EngineConfig:
                 raise ValueError(f"{name}={v!r}: give a whole number in [{low}, {high}]"
                                  + (" or null" if none_ok else "") + f" ({WHOLE_MEANING[name]})")
             setattr(self, name, v)
+        if self.kv_cache_tokens is not None and self.kv_cache_memory is not None:
+            raise ValueError(f"kv_cache_tokens={self.kv_cache_tokens} and kv_cache_memory={self.kv_cache_memory} both "
+                             "size the KV pool: give one (kvlab run's default is kv_cache_tokens=4096: add "
+                             "engine.kv_cache_tokens=null to size it by kv_cache_memory)")
         for name in FLAGS:
             v = getattr(self, name)
             if not isinstance(v, bool):

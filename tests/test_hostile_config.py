@@ -32,10 +32,17 @@ def test_engine_counts_are_whole_numbers_in_range(field, value):
 
 def test_engine_counts_take_integral_floats_and_numpy_ints():
     # 4e9 bytes as Hydra parses it, a count computed with numpy: the same whole numbers
-    c = EngineConfig(kv_cache_memory=4e9, kv_cache_tokens=np.int64(4096), max_model_len=2048.0)
-    assert (c.kv_cache_memory, c.kv_cache_tokens, c.max_model_len) == (4_000_000_000, 4096, 2048)
-    assert all(type(v) is int for v in (c.kv_cache_memory, c.kv_cache_tokens, c.max_model_len))
+    c = EngineConfig(kv_cache_memory=4e9, max_model_len=2048.0, max_num_seqs=np.int64(64))
+    assert (c.kv_cache_memory, c.max_num_seqs, c.max_model_len) == (4_000_000_000, 64, 2048)
+    assert all(type(v) is int for v in (c.kv_cache_memory, c.max_num_seqs, c.max_model_len))
     assert EngineConfig(kv_cache_tokens=None).kv_cache_tokens is None
+
+
+def test_a_pool_sized_two_ways_is_refused():
+    # kvlab run's default kv_cache_tokens=4096 would silently win over a kv_cache_memory given
+    with pytest.raises(ValueError, match="kv_cache_tokens=4096 and kv_cache_memory=1000000 both size the KV pool"
+                                         ".*engine.kv_cache_tokens=null"):
+        EngineConfig(kv_cache_tokens=4096, kv_cache_memory=1_000_000)
 
 
 @pytest.mark.parametrize("field", ["enable_chunked_prefill", "enable_prefix_caching", "enforce_eager",
