@@ -154,3 +154,11 @@ def test_resume_of_a_damaged_sweep_file_is_one_line(capsys, tmp_path, text, why)
     err = capsys.readouterr().err
     assert code == 2 and "multirun.yaml is not the sweep file kvlab wrote" in err and why in err, err
     assert "Traceback" not in err
+
+
+def test_max_model_len_beyond_the_models_positions_is_refused():
+    from engine.llm_engine import LLMEngine
+
+    with pytest.raises(ValueError, match=r"max_model_len=100000 is more than tiny-llama's max_position_embeddings "
+                                         r"\(4096\)"):
+        LLMEngine(EngineConfig(model="tiny-llama", max_model_len=100000))
