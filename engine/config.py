@@ -145,6 +145,9 @@ class EngineConfig:
                 raise ValueError(f"{name}={v!r}: give a whole number in [{low}, {high}]"
                                  + (" or null" if none_ok else "") + f" ({WHOLE_MEANING[name]})")
             setattr(self, name, v)
+        if not isinstance(self.device, str) or not self.device:
+            raise ValueError(f"device={'null' if self.device is None else repr(self.device)}: give auto, cpu, cuda "
+                             "or cuda:N")
         if self.kv_cache_tokens is not None and self.kv_cache_memory is not None:
             raise ValueError(f"kv_cache_tokens={self.kv_cache_tokens} and kv_cache_memory={self.kv_cache_memory} both "
                              "size the KV pool: give one (kvlab run's default is kv_cache_tokens=4096: add "

@@ -117,7 +117,13 @@ class ModelConfig:
         cfg_file = Path(path) / "config.json"
         if not cfg_file.is_file():
             raise FileNotFoundError(f"{cfg_file} not found: a model directory needs config.json")
-        return cls.from_hf_dict(json.loads(cfg_file.read_text()), name=Path(path).name)
+        try:
+            d = json.loads(cfg_file.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise ValueError(f"{cfg_file} is not a readable JSON config ({e}): restore the model's config.json") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"{cfg_file} holds a JSON {type(d).__name__}, not the object of a model config")
+        return cls.from_hf_dict(d, name=Path(path).name)
 
 
 def _windows(d: dict, model_type: str) -> tuple[int | None, list[str] | None]:

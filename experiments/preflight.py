@@ -334,7 +334,7 @@ def _check_value_types(base, ovs) -> None:
             try:
                 float(v)
             except ValueError:
-                if v not in ("null", "inf", ".inf", "-inf"):
+                if v not in ("null", "inf", ".inf", "-inf") and not v.startswith("${"):  # an interpolation resolves later
                     raise UserError(f"{ov.key_or_group}={v}: expects a number (default {default})") from None
 
 

@@ -87,6 +87,12 @@ def engine_config(cfg: DictConfig):
 
     eng = OmegaConf.to_container(cfg.engine, resolve=True)
     known = {f.name for f in dataclasses.fields(EngineConfig)}
+    # set at the top level of a run's config (one value for the engine and the rest of the run)
+    top = {"model": "model=", "allocator": "allocator=", "allocator_args": "allocator.args.*", "seed": "seed=",
+           "device": "device="}
+    given = sorted(set(eng) & set(top))
+    if given:
+        raise ValueError(f"engine.{given[0]}: set by the run's own {top[given[0]]} (remove the engine. one)")
     unknown = sorted(set(eng) - known)
     if unknown:
         raise ValueError(f"engine option(s) {unknown} are not supported by this engine (engine/config.py "

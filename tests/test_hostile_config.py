@@ -162,3 +162,31 @@ def test_max_model_len_beyond_the_models_positions_is_refused():
     with pytest.raises(ValueError, match=r"max_model_len=100000 is more than tiny-llama's max_position_embeddings "
                                          r"\(4096\)"):
         LLMEngine(EngineConfig(model="tiny-llama", max_model_len=100000))
+
+
+@pytest.mark.parametrize("text, expected", [("{bad", "is not a readable JSON config"), ("", "is not a readable JSON"),
+                                            ("[1, 2]", "holds a JSON list, not the object of a model config")])
+def test_a_damaged_config_json_is_named(tmp_path, text, expected):
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(ValueError, match=expected) as e:
+        ModelConfig.from_dir(tmp_path)
+    assert str(tmp_path / "config.json") in str(e.value)
+
+
+def test_engine_keys_of_the_run_itself_point_to_them():
+    from experiments.preflight import compose
+    from experiments.run import engine_config
+
+    for key, where in (("seed", "seed="), ("device", "device="), ("model", "model=")):
+        with pytest.raises(ValueError, match=rf"engine.{key}: set by the run's own {where}"):
+            engine_config(compose([f"+engine.{key}=x"]))
+    with pytest.raises(ValueError, match="device=null: give auto, cpu, cuda or cuda:N"):
+        EngineConfig(device=None)
+
+
+def test_an_interpolated_number_is_not_refused_as_text():
+    from experiments import preflight
+
+    prep = preflight.prepare(["mode=simulate", "workload.num_requests=${engine.max_num_seqs}"])
+    cfg = preflight.compose(prep.overrides)
+    assert cfg.workload.num_requests == cfg.engine.max_num_seqs
