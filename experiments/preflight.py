@@ -40,6 +40,10 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 # constructor arguments the engine passes itself: never allocator options of a config
 ENGINE_PROVIDED = {"self", "spec", "capacity_tokens", "max_num_seqs", "max_model_len"}
+# allocator arguments the engine sets from its own settings, which check them (allocator.args.* would not)
+ENGINE_SETS = {"enable_prefix_caching": "engine.enable_prefix_caching", "swap_space_tokens": "engine.swap_space (GiB)",
+               "host_tier_tokens": "engine.host_kv_cache_memory (GiB) or engine.host_kv_cache_tokens",
+               "host_tier_policy": "engine.host_tier_policy", "host_transfer_blocks": "engine.host_transfer_blocks"}
 # flags after which Hydra does something other than run (help, print the config, ...): no checks
 HYDRA_INFO_FLAGS = {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--resolve", "-p", "--package",
                     "--shell-completion", "-sc", "--config-path", "-cp", "--config-name", "-cn",
@@ -243,6 +247,8 @@ def rewrite_allocator_args(overrides: list[str]) -> list[str]:
         key = ov.key_or_group
         if key.startswith("allocator.args.") and ov.type.name == "CHANGE":
             name = key.split(".", 2)[2]
+            if name in ENGINE_SETS:  # given here it would skip the engine's checks (and its accounting)
+                raise UserError(f"allocator.args.{name}: the engine sets it from {ENGINE_SETS[name]}: give that")
             if name not in every:
                 takes = "; ".join(f"{a}: {_choices_text(o)}" for a, o in sorted(known.items()))
                 raise UserError(f"allocator.args.{name}: no allocator takes this option ({takes})"

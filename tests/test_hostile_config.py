@@ -190,3 +190,13 @@ def test_an_interpolated_number_is_not_refused_as_text():
     prep = preflight.prepare(["mode=simulate", "workload.num_requests=${engine.max_num_seqs}"])
     cfg = preflight.compose(prep.overrides)
     assert cfg.workload.num_requests == cfg.engine.max_num_seqs
+
+
+@pytest.mark.parametrize("name, engine_key", [("host_tier_tokens", "engine.host_kv_cache_memory"),
+                                              ("enable_prefix_caching", "engine.enable_prefix_caching"),
+                                              ("swap_space_tokens", "engine.swap_space"),
+                                              ("host_transfer_blocks", "engine.host_transfer_blocks")])
+def test_allocator_arguments_the_engine_sets_point_to_its_keys(capsys, name, engine_key):
+    code = cli(["mode=simulate", f"allocator.args.{name}=1"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"allocator.args.{name}: the engine sets it from {engine_key}" in err, err
