@@ -416,7 +416,7 @@ class PagedAllocator(KVAllocator):
         if len(st.table) > self.swap_space.num_free:
             raise AllocationError(
                 f"swap_out: seq {seq.seq_id} needs {len(st.table)} host blocks, {self.swap_space.num_free} free: "
-                "raise allocator_args.swap_space_tokens or preempt by recompute")
+                "raise swap_space (GiB; allocator argument swap_space_tokens) or preempt by recompute")
         host = self.swap_space.swap_out(self._caches, st.table)
         pairs = list(zip(st.table, host))
         self._release_blocks(st)
