@@ -428,6 +428,21 @@ def _check_protocol(cfg) -> None:
                         "window where the pool or the batch first saturates")
 
 
+# the longest a run's arrivals may span: online runs wait in real time; simulated clocks lose their
+# resolution (a float's) long before 1e9 s
+MAX_ARRIVAL_SPAN_S = {"online": 24 * 3600.0, "simulate": 1e9}
+
+
+def _check_arrival_span(cfg, rate: float) -> None:
+    n = cfg.workload.get("num_requests")
+    most = MAX_ARRIVAL_SPAN_S.get(cfg.mode)
+    if most is None or cfg.workload.get("name") == "trace" or not isinstance(n, (int, float)) or isinstance(n, bool):
+        return
+    if 0 < rate < math.inf and n / rate > most:
+        raise UserError(f"workload.request_rate={rate:g}: {n:g} requests would arrive over ~{n / rate:.3g} s "
+                        f"(at most {most:g} s in mode={cfg.mode}): raise the rate or lower workload.num_requests")
+
+
 def check_config(cfg) -> None:
     """Mode, arrivals and model must agree before anything is built (no torch here)."""
     _check_resolves(cfg)
@@ -446,6 +461,7 @@ def check_config(cfg) -> None:
     if cfg.mode == "online" and not math.isfinite(rate):
         raise UserError("mode=online needs arrivals over time: set workload.request_rate (req/s), "
                         "e.g. workload.request_rate=4")
+    _check_arrival_span(cfg, rate)
     from engine.presets import PRESETS  # a plain dict: engine/__init__ imports torch lazily
 
     path = str(cfg.model.path)

@@ -412,8 +412,9 @@ def _trace_record(r, path: Path, lineno: int) -> dict:
             raise ValueError(f"{where}: '{key}' must be an integer >= 1, got {r[key]!r}")
     if "prompt" in r and not isinstance(r["prompt"], str):
         raise ValueError(f"{where}: 'prompt' must be a string")
-    if "arrival_s" in r and not (isinstance(r["arrival_s"], (int, float)) and r["arrival_s"] >= 0):
-        raise ValueError(f"{where}: 'arrival_s' must be a number >= 0, got {r['arrival_s']!r}")
+    a = r.get("arrival_s", 0)
+    if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0 <= a <= MAX_ARRIVAL_S:
+        raise ValueError(f"{where}: 'arrival_s' must be seconds in [0, {MAX_ARRIVAL_S:g}], got {a!r}")
     return r
 
 
@@ -439,6 +440,7 @@ def arrival_times(num: int, request_rate: float, arrival: str = "poisson",
 # ---------------------------------------------------------------- entry point
 
 
+MAX_ARRIVAL_S = 1e9  # a trace's arrivals: beyond it the clock (a float of seconds) loses its resolution
 MAX_REQUESTS = 10_000_000  # ~25 GB and hours of simulate: beyond it a typo, not a study
 MAX_TOKENS = (1 << 31) - 1
 

@@ -200,3 +200,23 @@ def test_allocator_arguments_the_engine_sets_point_to_its_keys(capsys, name, eng
     code = cli(["mode=simulate", f"allocator.args.{name}=1"])
     err = capsys.readouterr().err
     assert code == 2 and f"allocator.args.{name}: the engine sets it from {engine_key}" in err, err
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["mode=online", "workload.num_requests=4", "workload.request_rate=1e-6"], "(at most 86400 s in mode=online)"),
+    (["mode=simulate", "workload.num_requests=8", "workload.request_rate=1e-300"], "(at most 1e+09 s in mode=simulate)"),
+])
+def test_arrivals_spread_beyond_any_run_are_refused(capsys, args, expected):
+    code = cli(args)
+    err = capsys.readouterr().err
+    assert code == 2 and "requests would arrive over" in err and expected in err, err
+
+
+@pytest.mark.parametrize("arrival", ["Infinity", "1e308", "NaN", "-1", "true"])
+def test_a_trace_arrival_beyond_any_clock_is_refused(tmp_path, arrival):
+    from experiments.workloads import make_workload
+
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"prompt_len": 4, "output_len": 2, "arrival_s": %s}\n' % arrival)
+    with pytest.raises(ValueError, match=r"line 1: 'arrival_s' must be seconds in \[0, 1e\+09\]"):
+        make_workload(dict(name="trace", trace_path=str(path)), 1000, 256)
