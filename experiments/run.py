@@ -211,6 +211,7 @@ def missing_tables(run_dir: Path) -> list[str]:
 
 HOST_TIER_DEFAULTS = {"host_kv_cache_memory": 0, "host_kv_cache_tokens": None, "host_tier_policy": "lru",
                       "host_transfer_blocks": 1}
+ENGINE_DEFAULTS = {**HOST_TIER_DEFAULTS, "enable_prefix_caching": False}  # what a dropped engine key goes back to
 
 
 def applicable_config(cfg: DictConfig) -> tuple[DictConfig, dict]:
@@ -219,7 +220,9 @@ def applicable_config(cfg: DictConfig) -> tuple[DictConfig, dict]:
     (keys as ``allocator.args.K`` / ``engine.K``). An option no allocator takes stays: the
     allocator refuses it, naming it. Likewise the host KV tier's engine settings go back to
     their defaults for an allocator without a host tier, and the tier's policy and granularity
-    where the tier is off (a sweep of the tier off / on x granularity runs "off" once)."""
+    where the tier is off (a sweep of the tier off / on x granularity runs "off" once), and
+    prefix caching for an allocator without a prefix cache (contiguous: it would run off, while
+    the summary said on)."""
     import copy
 
     from omegaconf import open_dict
@@ -235,6 +238,8 @@ def applicable_config(cfg: DictConfig) -> tuple[DictConfig, dict]:
     for k, default in HOST_TIER_DEFAULTS.items():
         if k in eng and eng[k] != default and (tierless or (off and k in ("host_tier_policy", "host_transfer_blocks"))):
             drop[f"engine.{k}"] = eng[k]
+    if eng.get("enable_prefix_caching") and "enable_prefix_caching" not in mine:
+        drop["engine.enable_prefix_caching"] = eng["enable_prefix_caching"]
     if not drop or cfg.allocator.name not in options:
         return cfg, {}
     cfg = copy.deepcopy(cfg)
@@ -242,7 +247,7 @@ def applicable_config(cfg: DictConfig) -> tuple[DictConfig, dict]:
         for key in drop:
             group, k = key.rsplit(".", 1)
             if group == "engine":
-                cfg.engine[k] = HOST_TIER_DEFAULTS[k]
+                cfg.engine[k] = ENGINE_DEFAULTS[k]
             else:
                 del cfg.allocator.args[k]
     return cfg, drop

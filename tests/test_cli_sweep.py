@@ -101,6 +101,17 @@ def test_host_tier_settings_are_dropped_where_they_change_nothing():
     assert dropped == {"engine.host_transfer_blocks": 16} and clean.engine.host_transfer_blocks == 1
 
 
+def test_prefix_caching_is_dropped_for_an_allocator_without_a_prefix_cache():
+    """Contiguous regions share nothing: caching on runs as off, and its summary says off (a sweep
+    of caching off / on runs contiguous once)."""
+    with initialize_config_dir(CONF_DIR, version_base="1.3"):
+        contiguous = compose("config", overrides=["allocator=contiguous", "engine.enable_prefix_caching=true"])
+        paged = compose("config", overrides=["allocator=paged", "engine.enable_prefix_caching=true"])
+    clean, dropped = applicable_config(contiguous)
+    assert dropped == {"engine.enable_prefix_caching": True} and clean.engine.enable_prefix_caching is False
+    assert applicable_config(paged) == (paged, {})
+
+
 def test_report_lists_what_it_skipped(tmp_path, capsys):
     _sim(tmp_path / "done")
     interrupted = tmp_path / "interrupted"
