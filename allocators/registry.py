@@ -1,6 +1,8 @@
 """Allocators by name, so that Hydra selects them with ``allocator=NAME``."""
 from __future__ import annotations
 
+import inspect
+import math
 from typing import Callable
 
 from allocators.base import KVAllocator
@@ -37,3 +39,32 @@ def allocator_class(name: str) -> type[KVAllocator]:
 
 def create_allocator(name: str, **kwargs) -> KVAllocator:
     return allocator_class(name)(**kwargs)
+
+
+def checked_args(cls: type[KVAllocator], args: dict) -> dict:
+    """``args`` of the allocator ``cls`` with the types its constructor's defaults have: true or
+    false for a switch, a whole number for a count (an integral float is taken), a finite number,
+    text (``allocator.args.block_size=16.5`` would fail deep inside it, naming nothing). Ranges
+    are the allocator's to check; an argument it does not take is left for it to refuse."""
+    params = inspect.signature(cls.__init__).parameters
+    out = dict(args)
+    for name, v in args.items():
+        p = params.get(name)
+        if p is None or p.default is inspect.Parameter.empty or p.default is None:
+            continue
+        kind = type(p.default)
+        where = f"allocator.args.{name}={v!r} ({cls.name})"
+        if kind is bool:
+            if not isinstance(v, bool):
+                raise ValueError(f"{where}: give true or false")
+        elif kind is int:
+            if isinstance(v, float) and v.is_integer():
+                out[name] = v = int(v)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ValueError(f"{where}: give a whole number (default {p.default})")
+        elif kind is float:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"{where}: give a finite number (default {p.default})")
+        elif kind is str and not isinstance(v, str):
+            raise ValueError(f"{where}: give one of the names it takes (default {p.default!r})")
+    return out

@@ -13,7 +13,7 @@ import torch
 
 from allocators import KVCacheSpec
 from allocators.layer_groups import grouped_allocator
-from allocators.registry import allocator_class
+from allocators.registry import allocator_class, checked_args
 from allocators.base import KVAllocator
 from engine.accounting import ChunkedRows, MemoryAccountant, StepLog, StepRecord  # noqa: F401 (StepRecord: re-export)
 from engine.config import EngineConfig
@@ -107,8 +107,8 @@ class LLMEngine:
             if threads:
                 torch.set_num_threads(threads)
         capacity = self._kv_capacity_tokens(spec)
-        alloc_args = dict(config.allocator_args)
         cls = allocator_class(config.allocator)
+        alloc_args = checked_args(cls, dict(config.allocator_args))
         if cls.supports_prefix_caching:
             # the allocator hashes full blocks only when the scheduler will look them up
             alloc_args.setdefault("enable_prefix_caching", config.enable_prefix_caching)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -118,6 +119,7 @@ def test_hostile_engine_and_model_values_end_in_one_line_and_no_folder(tmp_path)
     cases = [(["engine.max_num_seqs=2.5"], "max_num_seqs=2.5: give a whole number"),
              (["+engine.hf_overrides.num_hidden_layers=-1"], "num_hidden_layers=-1 is not a model size"),
              (["sim.pcie_bandwidth=0"], "sim.pcie_bandwidth=0: give a finite number > 0"),
+             (["allocator.args.block_size=16.5"], "allocator.args.block_size=16.5 (paged): give a whole number"),
              # 1M tokens of llama2-7b's KV (512 KiB each) on a simulated A100-40GB
              (["model=llama2-7b", "engine.kv_cache_tokens=1000000"],
               "a KV pool of 488.3 GiB per GPU and 12.6 GiB of weights do not fit the simulated a100-40gb's 40.0 GiB")]
@@ -220,3 +222,23 @@ def test_a_trace_arrival_beyond_any_clock_is_refused(tmp_path, arrival):
     path.write_text('{"prompt_len": 4, "output_len": 2, "arrival_s": %s}\n' % arrival)
     with pytest.raises(ValueError, match=r"line 1: 'arrival_s' must be seconds in \[0, 1e\+09\]"):
         make_workload(dict(name="trace", trace_path=str(path)), 1000, 256)
+
+
+@pytest.mark.parametrize("allocator, args, expected", [
+    ("paged", dict(block_size="big"), "block_size='big' (paged): give a whole number"),
+    ("virtual", dict(prefetch=-3), "prefetch=-3 (virtual): give true or false"),
+    ("virtual", dict(layout=3), "layout=3 (virtual): give one of the names it takes"),
+    ("contiguous", dict(policy=["max"]), "policy=['max'] (contiguous): give one of the names"),
+])
+def test_allocator_arguments_have_their_constructors_types(allocator, args, expected):
+    from allocators.registry import allocator_class, checked_args
+
+    with pytest.raises(ValueError, match=re.escape(f"allocator.args.{expected}")):
+        checked_args(allocator_class(allocator), args)
+
+
+def test_allocator_arguments_of_the_right_type_pass_and_whole_floats_become_ints():
+    from allocators.registry import allocator_class, checked_args
+
+    out = checked_args(allocator_class("paged"), dict(block_size=32.0, enable_prefix_caching=True, bogus=1))
+    assert out == dict(block_size=32, enable_prefix_caching=True, bogus=1) and type(out["block_size"]) is int
