@@ -99,9 +99,15 @@ def engine_config(cfg: DictConfig):
                          f"EngineConfig knows {sorted(known - {'model', 'allocator', 'allocator_args'})})")
     # experiments read lengths and times, never text, and count only finished requests
     quiet = {k: False for k in ("detokenize", "stream_outputs") if k in known}
-    return EngineConfig(model=cfg.model.path, allocator=cfg.allocator.name,
-                        allocator_args=OmegaConf.to_container(cfg.allocator.args, resolve=True) or {},
-                        device=cfg.device, seed=cfg.seed, **{**quiet, **eng})
+    try:
+        return EngineConfig(model=cfg.model.path, allocator=cfg.allocator.name,
+                            allocator_args=OmegaConf.to_container(cfg.allocator.args, resolve=True) or {},
+                            device=cfg.device, seed=cfg.seed, **{**quiet, **eng})
+    except ValueError as e:  # EngineConfig names its fields; a run's config has them under engine.
+        first = re.match(r"\w+", str(e))
+        if first and first.group() in eng:
+            raise ValueError(f"engine.{e}") from None
+        raise
 
 
 OLD_GRAPH_MAX_TOKENS = 2048  # engine.cuda_graph_max_tokens before it became 8192 (2026-12-04)

@@ -116,7 +116,7 @@ def _run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
 
 
 def test_hostile_engine_and_model_values_end_in_one_line_and_no_folder(tmp_path):
-    cases = [(["engine.max_num_seqs=2.5"], "max_num_seqs=2.5: give a whole number"),
+    cases = [(["engine.max_num_seqs=2.5"], "engine.max_num_seqs=2.5: give a whole number"),
              (["+engine.hf_overrides.num_hidden_layers=-1"], "num_hidden_layers=-1 is not a model size"),
              (["sim.pcie_bandwidth=0"], "sim.pcie_bandwidth=0: give a finite number > 0"),
              (["allocator.args.block_size=16.5"], "allocator.args.block_size=16.5 (paged): give a whole number"),
