@@ -120,7 +120,8 @@ class ModelConfig:
         try:
             d = json.loads(cfg_file.read_text())
         except (OSError, UnicodeDecodeError, ValueError) as e:
-            raise ValueError(f"{cfg_file} is not a readable JSON config ({e}): restore the model's config.json") from None
+            raise ValueError(f"{cfg_file} is not a readable JSON config ({e}): "
+                             "restore the model's config.json") from None
         if not isinstance(d, dict):
             raise ValueError(f"{cfg_file} holds a JSON {type(d).__name__}, not the object of a model config")
         return cls.from_hf_dict(d, name=Path(path).name)

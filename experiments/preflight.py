@@ -340,7 +340,8 @@ def _check_value_types(base, ovs) -> None:
             try:
                 float(v)
             except ValueError:
-                if v not in ("null", "inf", ".inf", "-inf") and not v.startswith("${"):  # an interpolation resolves later
+                # (an interpolation, ${...}, resolves later)
+                if v not in ("null", "inf", ".inf", "-inf") and not v.startswith("${"):
                     raise UserError(f"{ov.key_or_group}={v}: expects a number (default {default})") from None
 
 
@@ -428,14 +429,16 @@ def _check_protocol(cfg) -> None:
                         "window where the pool or the batch first saturates")
 
 
-# the longest a run's arrivals may span: online runs wait in real time; simulated clocks lose their
-# resolution (a float's) long before 1e9 s
-MAX_ARRIVAL_SPAN_S = {"online": 24 * 3600.0, "simulate": 1e9}
+MAX_ONLINE_SPAN_S = 24 * 3600.0  # online runs wait for their arrivals in real time
 
 
 def _check_arrival_span(cfg, rate: float) -> None:
+    """Arrivals no run can span: online over a day of real time; simulated over the clock's
+    resolution (``workloads.MAX_ARRIVAL_S``, a trace's bound too)."""
+    from experiments.workloads import MAX_ARRIVAL_S
+
     n = cfg.workload.get("num_requests")
-    most = MAX_ARRIVAL_SPAN_S.get(cfg.mode)
+    most = {"online": MAX_ONLINE_SPAN_S, "simulate": MAX_ARRIVAL_S}.get(cfg.mode)
     if most is None or cfg.workload.get("name") == "trace" or not isinstance(n, (int, float)) or isinstance(n, bool):
         return
     if 0 < rate < math.inf and n / rate > most:
@@ -452,8 +455,8 @@ def check_config(cfg) -> None:
     _check_protocol(cfg)
     rate = cfg.workload.get("request_rate", math.inf)
     if isinstance(rate, bool) or not isinstance(rate, (int, float)):
-        raise UserError(f"workload.request_rate={'null' if rate is None else rate}: give requests per second (a number > 0), or inf to "
-                        "send every request at t=0")
+        raise UserError(f"workload.request_rate={'null' if rate is None else rate}: give requests per second "
+                        "(a number > 0), or inf to send every request at t=0")
     rate = float(rate)
     if cfg.mode == "offline" and math.isfinite(rate):
         raise UserError(f"mode=offline sends every request at t=0 but workload.request_rate={rate:g}: "

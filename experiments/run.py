@@ -501,9 +501,8 @@ def _resume_argv(resume_dir: Path) -> list[str]:
             keep = [o for o in hydra_cfg.overrides.hydra if not str(o).startswith(("hydra.sweep.dir", "hydra.mode"))]
             return ["-m", *map(str, hydra_cfg.overrides.task), *map(str, keep), f"hydra.sweep.dir={resume_dir}"]
         except Exception as e:  # a file kvlab wrote, since edited or cut short
-            raise UserError(f"--resume {resume_dir}: {sweep_file} is not the sweep file kvlab wrote "
-                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); run the sweep again "
-                            "with its command line and hydra.sweep.dir= that folder") from None
+            raise UserError(f"--resume {resume_dir}: {sweep_file} is not the sweep file kvlab wrote ({_why(e)}); "
+                            "run the sweep again with its command line and hydra.sweep.dir= that folder") from None
     run_file = resume_dir / ".hydra" / "overrides.yaml"
     if run_file.is_file():
         try:
@@ -512,10 +511,15 @@ def _resume_argv(resume_dir: Path) -> list[str]:
                 raise ValueError("not a list of overrides")
             return [*map(str, lines), f"hydra.run.dir={resume_dir}"]
         except Exception as e:
-            raise UserError(f"--resume {resume_dir}: {run_file} is not the list of overrides kvlab wrote "
-                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); run it again "
-                            "with its command line and hydra.run.dir= that folder") from None
+            raise UserError(f"--resume {resume_dir}: {run_file} is not the list of overrides kvlab wrote ({_why(e)}); "
+                            "run it again with its command line and hydra.run.dir= that folder") from None
     raise UserError(f"--resume {resume_dir}: no sweep (multirun.yaml) or run (.hydra/overrides.yaml) there")
+
+
+def _why(e: Exception) -> str:
+    """An exception in one line: its type and its message's first line."""
+    first = str(e).splitlines()[0] if str(e) else ""
+    return f"{type(e).__name__}: {first}"
 
 
 def _resume_command(session: Session) -> str:

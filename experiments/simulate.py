@@ -292,18 +292,18 @@ class SimSettings:
             raise ValueError(f"unknown sim settings {unknown}: valid keys are {sorted(names)}")
         return cls(**d)
 
-    # numbers: (least, whether the least itself is allowed, what they mean); null where the field allows it
-    RANGES = {"step_overhead_s": (0.0, True, "seconds of CPU per step"),
-              "activation_reserve_bytes": (0.0, True, "bytes kept for activations"),
-              "pcie_bandwidth": (0.0, False, "bytes/s host<->device, e.g. 25e9"),
-              "transfer_latency_s": (0.0, True, "seconds per host<->device copy"),
-              "nvlink_bandwidth": (0.0, False, "bytes/s one way, or null for the datasheet's"),
-              "nvlink_latency_s": (0.0, True, "seconds per all-reduce, or null for the datasheet's")}
+    # numbers: (least, whether the least itself is allowed, whether null is, what they mean)
+    RANGES = {"step_overhead_s": (0.0, True, False, "seconds of CPU per step"),
+              "activation_reserve_bytes": (0.0, True, False, "bytes kept for activations"),
+              "pcie_bandwidth": (0.0, False, False, "bytes/s host<->device, e.g. 25e9"),
+              "transfer_latency_s": (0.0, True, False, "seconds per host<->device copy"),
+              "nvlink_bandwidth": (0.0, False, True, "bytes/s one way, or null for the datasheet's"),
+              "nvlink_latency_s": (0.0, True, True, "seconds per all-reduce, or null for the datasheet's")}
 
     def __post_init__(self) -> None:
-        for name, (low, closed, meaning) in self.RANGES.items():
+        for name, (low, closed, nullable, meaning) in self.RANGES.items():
             v = getattr(self, name)
-            if v is None and name.startswith("nvlink"):
+            if v is None and nullable:
                 continue
             ok = (not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
                   and (v >= low if closed else v > low))

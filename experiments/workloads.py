@@ -440,7 +440,7 @@ def arrival_times(num: int, request_rate: float, arrival: str = "poisson",
 # ---------------------------------------------------------------- entry point
 
 
-MAX_ARRIVAL_S = 1e9  # a trace's arrivals: beyond it the clock (a float of seconds) loses its resolution
+MAX_ARRIVAL_S = 1e9  # arrivals (a trace's, a simulated run's): beyond it a float clock loses its resolution
 MAX_REQUESTS = 10_000_000  # ~25 GB and hours of simulate: beyond it a typo, not a study
 MAX_TOKENS = (1 << 31) - 1
 
