@@ -74,6 +74,13 @@ class EngineConfig:
     # full: one graph per size, attention captured too (engine/full_graphs.py; the step costs one
     # replay, not 2 L launches from Python); piecewise: attention runs eagerly between the graphs
     cuda_graph_mode: str = "full"
+    # where a step of whole prompts (every sequence from token 0: no cached prefix, no decode) reads
+    # its keys: cache (through the allocator's addressing, as every other step) | qkv (from the
+    # step's own K/V projection, LINEAR; the cache is written all the same). Only PAGED differs: its
+    # prefill attention then runs at LINEAR's speed (results/kernels/prefill: +12-24% from the
+    # cache). qkv needs caches of the model's dtype and one layer group; piecewise graphs read the
+    # cache. cache by default until the simulate validation's real runs are made with qkv.
+    prompt_attention: str = "cache"
     # overlap host work with the device (step N+1 launches before step N's tokens are read back;
     # a stop is seen one step late). auto: on for an engine on one CUDA device and in simulate (it
     # models one), off on CPU (nothing to overlap) and with tensor_parallel_size > 1; under auto,
@@ -102,6 +109,9 @@ class EngineConfig:
                 or not 0 <= self.cuda_graph_max_tokens <= 8192:
             raise ValueError(f"cuda_graph_max_tokens must be an integer in [0, 8192] (0: prefill and mixed steps "
                              f"run eagerly), got {self.cuda_graph_max_tokens!r}")
+        if self.prompt_attention not in ("cache", "qkv"):
+            raise ValueError(f"prompt_attention must be 'cache' (keys through the allocator's addressing) or 'qkv' "
+                             f"(a step of whole prompts reads its own K/V projection), got {self.prompt_attention!r}")
         if self.cuda_graph_mode not in ("piecewise", "full"):
             raise ValueError(f"cuda_graph_mode must be 'piecewise' (attention eager between graphs) or 'full' "
                              f"(attention captured too), got {self.cuda_graph_mode!r}")

@@ -11,6 +11,9 @@ tiles (``triton_attention``'s spare tiles do nothing). Its tile config is the on
 tokens gets, whatever the step's longest query (the eager path picks it per step), so each size
 is one graph and a step is one replay.
 
+``own_kv`` (a PAGED engine's ``prompt_qkv``): each size has a second graph for steps of whole
+prompts, whose attention reads the step's own K and V LINEAR (``AttentionMetadata.own_kv``).
+
 Same interface as ``PiecewiseGraphs``: ``sizes``, ``padded_size``, ``capture``, ``run``.
 Without CUDA nothing is captured and ``run`` calls the padded forward as it is (CPU tests).
 """
@@ -30,7 +33,8 @@ log = logging.getLogger("kvlab.graphs")
 
 class FullGraphs:
     def __init__(self, model, kv_caches, max_tokens: int, device: torch.device, *, mode: Addressing,
-                 max_num_seqs: int, max_model_len: int, table_width: int = 0, block_size: int = 0, ring: int = 0):
+                 max_num_seqs: int, max_model_len: int, table_width: int = 0, block_size: int = 0, ring: int = 0,
+                 own_kv: bool = False):
         self.model, self.kv_caches, self.device = model, kv_caches, device
         self.sizes = token_sizes(max_tokens)
         self.max_model_len = max_model_len
@@ -45,19 +49,28 @@ class FullGraphs:
         # PAGED: the step's block-table rows, copied in; LINEAR: each sequence's base slot
         self.block_table = torch.zeros(S, max(1, table_width), **i32) if mode == Addressing.PAGED else None
         self.seq_base = torch.zeros(S, **i64) if mode != Addressing.PAGED else None
+        self.own_kv = own_kv
+        self.own_base = torch.zeros(S, **i64) if own_kv else None  # own_kv: each sequence's first query row
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.hidden: dict[int, torch.Tensor] = {}
+        self.own_graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.own_hidden: dict[int, torch.Tensor] = {}
         self.pool = None
         self.capture_s = 0.0
 
-    def _meta(self, s: int) -> AttentionMetadata:
+    def _meta(self, s: int, own: bool = False) -> AttentionMetadata:
+        if own:
+            return AttentionMetadata(
+                mode=Addressing.LINEAR, query_start_loc=self.qsl, seq_lens=self.seq_lens, max_query_len=s,
+                max_seq_len=s, slot_mapping=self.slot_mapping[:s], seq_base=self.own_base, trailing_padding=True,
+                own_kv=True)
         return AttentionMetadata(
             mode=self.mode, query_start_loc=self.qsl, seq_lens=self.seq_lens, max_query_len=s,
             max_seq_len=self.max_model_len, slot_mapping=self.slot_mapping[:s], block_table=self.block_table,
             block_size=self.block_size, seq_base=self.seq_base, ring=self.ring, trailing_padding=True)
 
-    def _forward(self, s: int) -> torch.Tensor:
-        return self.model(self.input_ids[:s], self.positions[:s], self._meta(s), self.kv_caches)
+    def _forward(self, s: int, own: bool = False) -> torch.Tensor:
+        return self.model(self.input_ids[:s], self.positions[:s], self._meta(s, own), self.kv_caches)
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -67,10 +80,13 @@ class FullGraphs:
             return
         t0 = time.perf_counter()
         self.graphs, self.hidden, self.pool = capture_each(self.sizes, self._forward, self.pool)
+        if self.own_kv:
+            self.own_graphs, self.own_hidden, _ = capture_each(self.sizes, lambda s: self._forward(s, True),
+                                                               self.pool)
         self.capture_s = time.perf_counter() - t0
         if self.sizes:
-            log.info("full CUDA graphs (attention included) for %d token counts up to %d in %.1f s",
-                     len(self.sizes), self.sizes[-1], self.capture_s)
+            log.info("full CUDA graphs (attention included) for %d token counts up to %d%s in %.1f s",
+                     len(self.sizes), self.sizes[-1], " (twice: own_kv)" if self.own_kv else "", self.capture_s)
 
     def padded_size(self, n: int) -> int | None:
         return padded(self.sizes, n)
@@ -92,14 +108,20 @@ class FullGraphs:
         self.qsl[k + 1:].fill_(n)  # empty sequences after the real ones: no queries ...
         self.seq_lens[:k].copy_(meta.seq_lens, non_blocking=True)
         self.seq_lens[k:].fill_(0)  # ... and no keys
-        if self.block_table is not None:
+        own = meta.own_kv
+        if own:
+            if not self.own_kv:
+                raise ValueError("an own_kv step, but no own_kv graphs were captured")
+            self.own_base[:k].copy_(meta.seq_base, non_blocking=True)
+        elif self.block_table is not None:
             width = meta.block_table.shape[1]
             if width > self.block_table.shape[1]:
                 raise ValueError(f"block table of {width} columns: wider than the {self.block_table.shape[1]} captured")
             self.block_table[:k, :width].copy_(meta.block_table, non_blocking=True)
         else:
             self.seq_base[:k].copy_(meta.seq_base, non_blocking=True)
-        if s in self.graphs:
-            self.graphs[s].replay()
-            return self.hidden[s][:n]
-        return self._forward(s)[:n]
+        graphs, hidden = (self.own_graphs, self.own_hidden) if own else (self.graphs, self.hidden)
+        if s in graphs:
+            graphs[s].replay()
+            return hidden[s][:n]
+        return self._forward(s, own)[:n]

@@ -161,6 +161,7 @@ class LLMEngine:
                                        graph_max_tokens=config.graph_max_tokens,
                                        max_num_batched_tokens=config.max_num_batched_tokens,
                                        graph_mode=config.cuda_graph_mode,
+                                       prompt_qkv=config.prompt_attention == "qkv",
                                        kv_calibration=(config.kv_scale_granularity
                                                        if self.kv_dtype != self.dtype and config.kv_scale is None
                                                        else "")))

@@ -70,10 +70,11 @@ class Attention(nn.Module):
         q, k = rope(positions, q, k)
         return self.o_proj(self._attend(q, k, v, meta, cache).reshape(t, -1))
 
-    def project(self, x, positions, rope, slots: torch.Tensor, cache) -> torch.Tensor:
+    def project(self, x, positions, rope, slots: torch.Tensor, cache) -> tuple[torch.Tensor, tuple]:
         """Fused path up to attention: q, k, v from one GEMM, norm + rope in place, k and v
-        written to the cache at ``slots`` (-1: nowhere); returns q ``[t, heads, head_dim]``.
-        Everything here has static shapes: piecewise CUDA graphs capture it."""
+        written to the cache at ``slots`` (-1: nowhere); returns q ``[t, heads, head_dim]`` and the
+        step's own (k, v) ``[t, kv_heads, head_dim]`` (views of the GEMM's output: ``own_kv``
+        attention reads them). Everything here has static shapes: piecewise CUDA graphs capture it."""
         t = x.shape[0]
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
@@ -89,17 +90,21 @@ class Attention(nn.Module):
         else:  # fp8 caches quantize (kernels.write_kv)
             fused_ops.qk_norm_rope_(q, k, rope.cos, rope.sin, positions, qw, kw, eps)
             self._store(k, v, slots, cache)
-        return q
+        return q, (k, v)
 
-    def attend(self, q, meta: AttentionMetadata, cache, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Attention of ``q`` over the cache (``out``: where to write it, ``q``'s shape)."""
+    def attend(self, q, meta: AttentionMetadata, cache, out: torch.Tensor | None = None,
+               own: tuple | None = None) -> torch.Tensor:
+        """Attention of ``q`` over the cache, or over the step's own ``(k, v)`` where ``meta.own_kv``
+        (``out``: where to write it, ``q``'s shape)."""
+        if meta.own_kv:
+            cache = own  # the same values the cache holds now (own_kv: caches of the model's dtype)
         return kernels.attention(q, cache[0], cache[1], meta, self.scale, self.k_scale, self.v_scale, self.window,
                                  out=out)
 
     def _attend(self, q, k, v, meta: AttentionMetadata | list[AttentionMetadata], cache) -> torch.Tensor:
         meta = group_meta(meta, self.group)
         self._store(k, v, meta.slot_mapping, cache)
-        return self.attend(q, meta, cache)
+        return self.attend(q, meta, cache, own=(k, v))
 
     def _store(self, k, v, slots: torch.Tensor, cache) -> None:
         """K and V into the cache at ``slots`` (fp8: quantized, the scales set first when this
@@ -162,11 +167,12 @@ class DecoderLayer(nn.Module):
     def forward_fused(self, x, residual, positions, rope, meta, cache):
         """Residual stream kept apart and updated in place by the fused add+norm kernels."""
         m = group_meta(meta, self.self_attn.group)
-        q, residual = self.pre_attention(x, residual, positions, rope, m.slot_mapping, cache)
-        return self.post_attention(self.self_attn.attend(q, m, cache), residual)
+        (q, own), residual = self.pre_attention(x, residual, positions, rope, m.slot_mapping, cache)
+        return self.post_attention(self.self_attn.attend(q, m, cache, own=own), residual)
 
     def pre_attention(self, x, residual, positions, rope, slots, cache):
-        """(fused path) add + norm, then the attention's projections and cache write: (q, residual)."""
+        """(fused path) add + norm, then the attention's projections and cache write:
+        ((q, (k, v)), residual)."""
         n1 = self.input_layernorm
         if residual is None:
             residual = x

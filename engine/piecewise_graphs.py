@@ -36,6 +36,8 @@ def token_sizes(max_tokens: int) -> list[int]:
 
 
 class PiecewiseGraphs:
+    own_kv = False  # attention reads the cache (a step of whole prompts too: no K/V buffers between pieces)
+
     def __init__(self, model, kv_caches, max_tokens: int, device: torch.device):
         self.model, self.kv_caches, self.device = model, kv_caches, device
         self.sizes = token_sizes(max_tokens)
@@ -68,13 +70,13 @@ class PiecewiseGraphs:
 
         def first():
             x = self.model.model.embed_tokens(ids)
-            q, box["residual"] = layers[0].pre_attention(x, None, pos, rope, slots, caches[0])
+            (q, _), box["residual"] = layers[0].pre_attention(x, None, pos, rope, slots, caches[0])
             return query.copy_(q)
 
         def middle(i):
             def piece():
                 x, res = layers[i - 1].post_attention(attn, box["residual"])
-                q, box["residual"] = layers[i].pre_attention(x, res, pos, rope, slots, caches[i])
+                (q, _), box["residual"] = layers[i].pre_attention(x, res, pos, rope, slots, caches[i])
                 return query.copy_(q)
             return piece
 
@@ -133,6 +135,8 @@ class PiecewiseGraphs:
     def run(self, n: int, input_ids, positions, slots, meta: AttentionMetadata) -> torch.Tensor:
         """Final-normed hidden states of ``n`` tokens (device tensors ``[n]`` of ids, positions
         and cache slots); ``meta`` describes the n real tokens, for the eager attentions."""
+        if meta.own_kv:
+            raise ValueError("piecewise graphs attend over the cache: an own_kv step runs eager or in full graphs")
         s = self.padded_size(n)
         self.input_ids[:n].copy_(input_ids, non_blocking=True)
         self.positions[:n].copy_(positions, non_blocking=True)

@@ -56,6 +56,9 @@ class BatchInputs:
         self.prompt_lp: list[tuple[Sequence, int, int, int]] = []  # (seq, first row, first position, rows)
         paged = allocator.mode == Addressing.PAGED
         live = batch.seqs
+        # every sequence computes its whole context in this step (prompts from token 0, no cached
+        # prefix, no decode): its keys are all in the step's own K and V (AttentionMetadata.own_kv)
+        self.whole_prompts = True
         t = 0
         items = zip(batch.seqs, batch.num_new_tokens)
         if order is not None:
@@ -63,6 +66,7 @@ class BatchInputs:
         for seq, n in items:
             start = seq.num_computed_tokens
             end = start + n
+            self.whole_prompts = self.whole_prompts and start == 0
             addressing.append(table.row(seq.seq_id, allocator.block_ids(seq), live) if paged
                               else allocator.seq_base(seq))
             if n == 1:
@@ -124,13 +128,14 @@ class StepInputs:
     max_seq_len: int
     num_seqs: int
     num_prefill_tokens: int
+    whole_prompts: bool
     sample_rows: tuple = ()  # only rank 0 computes logits and samples
     prompt_lp: tuple = ()
 
     @classmethod
     def of(cls, b: BatchInputs) -> "StepInputs":
         return cls(b.input_ids, b.positions, b.slots, b.seq_lens, b.qsl, b.addressing, b.max_query_len,
-                   b.max_seq_len, b.num_seqs, b.num_prefill_tokens)
+                   b.max_seq_len, b.num_seqs, b.num_prefill_tokens, b.whole_prompts)
 
 
 def eager_token_counts(graph_max_tokens: int, max_tokens: int, stride: int = 128) -> list[int]:
@@ -148,12 +153,15 @@ class ModelRunner:
     def __init__(self, model: torch.nn.Module, allocator: KVAllocator, device: str, eos_ids: list[int],
                  seed: int = 0, max_num_seqs: int = 256, max_model_len: int = 2048, enforce_eager: bool = True,
                  kv_calibration: str = "", graph_max_tokens: int = 0, graph_mode: str = "full",
-                 max_num_batched_tokens: int = 0):
+                 max_num_batched_tokens: int = 0, prompt_qkv: bool = False):
         """``kv_calibration`` ("tensor" | "head"): fp8 KV scales are set by the first step with a
         prefill, from its keys and values. ``graph_max_tokens``: prefill and mixed steps of up to
         this many tokens replay CUDA graphs (CUDA, not ``enforce_eager``, fused model): ``graph_mode``
         "piecewise" (attention eager between them) or "full" (attention captured too).
-        ``max_num_batched_tokens``: the largest eager step, whose GEMMs the warm-up loads."""
+        ``max_num_batched_tokens``: the largest eager step, whose GEMMs the warm-up loads.
+        ``prompt_qkv`` (PAGED, caches of the model's dtype, one layer group): a step of whole prompts
+        attends over its own K and V, LINEAR (``AttentionMetadata.own_kv``), except where piecewise
+        graphs take it (their attention reads the cache)."""
         self.model = model
         self.kv_calibration = kv_calibration
         self.allocator = allocator
@@ -174,6 +182,9 @@ class ModelRunner:
             width = -(-max_model_len // allocator.block_size)
             self.tables = [PersistentBlockTable(max_num_seqs + 1, width, self.device) for _ in self.views]
         self.table = self.tables[0]
+        model_dtype = next(model.parameters()).dtype
+        self.prompt_qkv = (prompt_qkv and self.paged and plan is None and not kv_calibration
+                           and self.kv_caches[0][0].dtype == model_dtype)
         self.graphs = None
         self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
@@ -212,7 +223,7 @@ class ModelRunner:
                               max_num_seqs=max_num_seqs, max_model_len=max_model_len,
                               table_width=self.table.device_t.shape[1] if self.paged else 0,
                               block_size=self.allocator.block_size if self.paged else 0,
-                              ring=getattr(self.views[0], "ring", 0))
+                              ring=getattr(self.views[0], "ring", 0), own_kv=self.prompt_qkv)
         from engine.piecewise_graphs import PiecewiseGraphs
 
         return PiecewiseGraphs(self.model, self.kv_caches, max_tokens, self.device)
@@ -296,14 +307,19 @@ class ModelRunner:
                 done.append((n, shape))
         return done
 
-    def _metadata(self, inputs: BatchInputs, group: int = 0) -> AttentionMetadata:
+    def _metadata(self, inputs: BatchInputs, group: int = 0, own_kv: bool = False) -> AttentionMetadata:
+        """``own_kv``: a step of whole prompts read LINEAR from its own K and V, each sequence's
+        keys from its first query row on."""
         dev = self.staging.to_device
         tag = f"g{group}" if group else ""  # staging buffers of one group's arrays
         meta = AttentionMetadata(
             mode=self.allocator.mode, query_start_loc=dev("qsl", inputs.qsl), seq_lens=dev("seq_lens", inputs.seq_lens),
             max_query_len=inputs.max_query_len, max_seq_len=inputs.max_seq_len,
             slot_mapping=dev("slots" + tag, inputs.slots))
-        if self.paged:
+        if own_kv:
+            meta.mode, meta.own_kv = Addressing.LINEAR, True
+            meta.seq_base = dev("own_base", inputs.qsl[:-1].astype(np.int64))
+        elif self.paged:
             table = self.tables[group]
             meta.block_table = table.device_t.index_select(0, dev("addressing" + tag, inputs.addressing))
             meta.block_size = self.allocator.block_size
@@ -374,18 +390,21 @@ class ModelRunner:
             return self.graphs.run(inputs.num_seqs, *(stage.host(name, a) for name, a in (
                 ("ids", inputs.input_ids), ("positions", inputs.positions), ("slots", inputs.slots),
                 ("seq_lens", inputs.seq_lens), ("addressing", inputs.addressing))), feed=feed)
-        meta = self._metadata(inputs)
         more = getattr(inputs, "groups", ())
+        calibrate = self.kv_calibration and inputs.num_prefill_tokens > 0
+        n = len(inputs.input_ids)
+        graphed = (self.mixed_graphs is not None and not calibrate and not more
+                   and self.mixed_graphs.padded_size(n) is not None)
+        own_kv = (self.prompt_qkv and inputs.whole_prompts
+                  and not (graphed and not self.mixed_graphs.own_kv))
+        meta = self._metadata(inputs, own_kv=own_kv)
         if more:  # one metadata per layer group
             meta = [meta] + [self._metadata(x, k) for k, x in enumerate(more, 1)]
         ids = stage.to_device("ids", inputs.input_ids)
         if feed is not None:
             ids[feed[0]] = feed[1]
         pos = stage.to_device("positions", inputs.positions)
-        calibrate = self.kv_calibration and inputs.num_prefill_tokens > 0
-        n = len(inputs.input_ids)
-        if (self.mixed_graphs is not None and not calibrate and not more
-                and self.mixed_graphs.padded_size(n) is not None):
+        if graphed:
             hidden = self.mixed_graphs.run(n, ids, pos, meta.slot_mapping, meta)
         else:
             if calibrate:

@@ -119,7 +119,8 @@ class TPGroup:
     def runner(self, model, recorder: RecordingAllocator, eos_ids: list[int]) -> "TPModelRunner":
         c = self.config
         return TPModelRunner(self, recorder, model, recorder, self.device, eos_ids, c.seed, c.max_num_seqs,
-                             self.max_model_len, c.enforce_eager, max_num_batched_tokens=c.max_num_batched_tokens)
+                             self.max_model_len, c.enforce_eager, max_num_batched_tokens=c.max_num_batched_tokens,
+                             prompt_qkv=c.prompt_attention == "qkv")
 
     def probe(self) -> list[dict]:
         """Each worker's allocator as rank 0 would describe it (``allocator_view``), after the calls
@@ -320,7 +321,8 @@ def worker_main(rank: int, setup: WorkerSetup, conn) -> None:
                                              max_model_len=setup.max_model_len, **args)
                 replay = AllocatorReplay(allocator)
                 runner = ModelRunner(model, allocator, device, [], c.seed, c.max_num_seqs, setup.max_model_len,
-                                     c.enforce_eager, max_num_batched_tokens=c.max_num_batched_tokens)
+                                     c.enforce_eager, max_num_batched_tokens=c.max_num_batched_tokens,
+                                     prompt_qkv=c.prompt_attention == "qkv")
             elif kind == "probe":
                 replay.apply(msg[1])
                 conn.send_bytes(pickle.dumps(("probe", allocator_view(allocator, replay.seqs.values()))))

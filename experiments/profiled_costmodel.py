@@ -76,7 +76,7 @@ class ProfiledCostModel:
                  max_graph_batch: int = 256, enforce_eager: bool = False, allocator: str = "paged",
                  calibrate_host: bool = True, allreduce=None,
                  graph_max_tokens: int = 0, graph_mode: str = "full", overlapped: bool = False,
-                 max_model_len: int = 0):
+                 max_model_len: int = 0, prompt_qkv: bool = False):
         """``graph_max_tokens``: prefill/mixed steps up to this many tokens replay CUDA graphs (the
         engine's ``cuda_graph_max_tokens``), ``graph_mode`` piecewise or full (its
         ``cuda_graph_mode``; modelled where the profile has that mode's ``<mode>_forward`` table,
@@ -117,6 +117,16 @@ class ProfiledCostModel:
         pre = att[(att["query"] > 1) & (att["batch"] == 1)]
         c0 = pre["context"] - pre["query"]
         self.attn_prefill = {float(k): Grid1D(g["query"], g["value"]) for k, g in pre.groupby(c0)}
+        # the engine's prompt_attention=qkv: a PAGED step of whole prompts attends LINEAR over its own
+        # K and V (ModelRunner.prompt_qkv: bf16 caches; not in piecewise graphs, see _own_kv)
+        self.attn_prompt = None
+        if prompt_qkv and paged and shape.kv_elem_bytes == 2:
+            lin = profile.table("attention", model=ref, mode="linear")
+            lin = lin[(lin["query"] > 1) & (lin["batch"] == 1) & (lin["context"] == lin["query"])]
+            if lin.empty:
+                raise ValueError(f"profile {profile.path} has no linear prefill attention for {ref}: "
+                                 "rerun kvlab profile")
+            self.attn_prompt = Grid1D(lin["query"], lin["value"])
         self.span = int(max_model_len or profile.meta.get("max_model_len") or 0)
         self.num_sms = int(profile.meta.get("num_sms") or 0)
         self.ragged = ragged_fit(profile, ref, mode, self.block_size) if self.span else None
@@ -422,9 +432,19 @@ class ProfiledCostModel:
             return self._graph_device(padded, len(work), context, sampled, self._layers_attn(work),
                                       self._ragged_excess(work, padded) if self.ragged is not None else None)
         dec = [c for q, c in work if q == 1]
-        return self._mixed_device(sum(q for q, _ in work), sampled,
-                                  sum(self._prefill_attn(q, c - q) for q, c in prefill), len(dec), sum(dec),
-                                  bool(prefill), self._layers_attn(work))
+        tokens = sum(q for q, _ in work)
+        if self._own_kv(work, prefill, tokens):
+            attn = sum(self.attn_prompt(q) for q, _ in prefill) * self.kv_scale
+        else:
+            attn = sum(self._prefill_attn(q, c - q) for q, c in prefill)
+        return self._mixed_device(tokens, sampled, attn, len(dec), sum(dec), bool(prefill), self._layers_attn(work))
+
+    def _own_kv(self, work, prefill, tokens: int) -> bool:
+        """Whether the engine's attention of this eager or prefill/mixed-graph step reads the step's own
+        K and V (``ModelRunner.forward``): prompt_attention=qkv, every sequence from token 0 (a
+        single-token prompt counts, as in ``BatchInputs.whole_prompts``), not in a piecewise graph."""
+        return (self.attn_prompt is not None and bool(prefill) and all(c == q for q, c in work)
+                and not (self.graph_mode == "piecewise" and self.piecewise_size(tokens) is not None))
 
     def _mixed_device(self, tokens: int, sampled: int, prefill_attn: float, decodes: int, decode_context: int,
                       has_prefill: bool, layers_attn: float) -> float:

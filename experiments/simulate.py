@@ -455,6 +455,7 @@ def cost_model_for(sim: SimSettings, roofline: RooflineCostModel, shape: ModelSh
                           else econf.graph_max_tokens),
         graph_mode=econf.cuda_graph_mode, overlapped=bool(econf.async_scheduling),
         max_model_len=econf.max_model_len or 0,
+        prompt_qkv=econf.prompt_attention == "qkv" and getattr(allocator, "plan", None) is None,
         allreduce=roofline.allreduce if econf.tensor_parallel_size > 1 else None)
 
 

@@ -38,6 +38,10 @@ class AttentionMetadata:
     # every sequence has queries except empty ones after the last that has (full CUDA graphs pad
     # to max_num_seqs so): the query-tile grid then needs no tile for the padding
     trailing_padding: bool = False
+    # every sequence a whole prompt (no cached prefix, no decode): its keys are the step's own K and
+    # V, which attention reads from the projection's rows (LINEAR, seq_base = query_start_loc), not
+    # from the cache; a PAGED engine then attends at LINEAR's speed (engine.prompt_attention=qkv)
+    own_kv: bool = False
 
     @property
     def num_seqs(self) -> int:
@@ -55,6 +59,8 @@ class AttentionMetadata:
             raise ValueError("LINEAR addressing needs seq_base")
         if self.ring and self.mode != Addressing.LINEAR:
             raise ValueError("ring addressing is LINEAR only (PAGED frees blocks instead)")
+        if self.own_kv and (self.mode != Addressing.LINEAR or self.ring):
+            raise ValueError("own_kv reads the step's K and V LINEAR, without a ring")
 
 
 def contiguous_metadata(mode: Addressing, q_lens: list[int], seq_lens: list[int], device,

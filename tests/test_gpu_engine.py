@@ -89,6 +89,29 @@ def test_cuda_graphs_equal_eager(tiny_bf16, allocator, args, mode):
     assert len(calls) >= 4 and max(calls) > 16
 
 
+@pytest.mark.parametrize("mode", ["eager", "piecewise", "full"])
+def test_prompt_attention_qkv_equals_cache_on_gpu(tiny_bf16, mode):
+    """prompt_attention=qkv (PAGED): steps of whole prompts attend over their own K/V projection
+    (eager and full graphs; piecewise graphs read the cache), the tokens of reading the cache; the
+    long prompts' later chunks and the decodes read the cache."""
+    path, _ = tiny_bf16
+    prompts = _prompts(512)
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    common = dict(device="cuda", dtype="float32", max_model_len=512, max_num_seqs=16, max_num_batched_tokens=96,
+                  allocator="paged", kv_cache_tokens=8192, enforce_eager=mode == "eager",
+                  cuda_graph_mode="full" if mode == "eager" else mode)
+    want = LLM(path, **common).generate(prompts, params)
+    llm = LLM(path, prompt_attention="qkv", **common)
+    runner = llm.engine.runner
+    assert runner.prompt_qkv
+    own = []
+    meta_of = runner._metadata
+    runner._metadata = lambda inputs, group=0, own_kv=False: own.append(own_kv) or meta_of(inputs, group, own_kv)
+    got = llm.generate(prompts, params)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert False in own and (True in own) == (mode != "piecewise")
+
+
 def test_seeded_sampling_is_reproducible_on_gpu(tiny_bf16):
     path, _ = tiny_bf16
     llm = LLM(path, device="cuda", max_model_len=256, kv_cache_tokens=4096)

@@ -27,7 +27,7 @@ def fused_cpu(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
-def _eager_tokens_and_fused_llm(allocator: str):
+def _eager_tokens_and_fused_llm(allocator: str, prompt_attention: str = "cache"):
     """Tokens of the eager fused model for prompts whose steps (a 24-token budget) mix chunked
     prefills with decodes; a second fused LLM whose runner a test gives graphs; its generate."""
     from engine import LLM, SamplingParams
@@ -39,7 +39,7 @@ def _eager_tokens_and_fused_llm(allocator: str):
     eager = LLM("tiny-llama", **kw)
     eager.engine.model.fuse()
     want = [o.token_ids for o in eager.generate(prompts, p)]
-    llm = LLM("tiny-llama", **kw)
+    llm = LLM("tiny-llama", prompt_attention=prompt_attention, **kw)
     llm.engine.runner.model.fuse()
     return want, llm, lambda: [o.token_ids for o in llm.generate(prompts, p)]
 
@@ -108,9 +108,28 @@ def test_full_graph_steps_equal_eager_steps(fused_cpu, allocator):
     assert any(k > 1 for _, k in calls)  # mixed steps: several sequences in one padded graph
 
 
+@pytest.mark.parametrize("mode", ["full", "piecewise"])
+def test_graph_steps_of_whole_prompts_with_prompt_attention_qkv(fused_cpu, mode):
+    """prompt_attention=qkv (PAGED): full graphs take a step of whole prompts through their own_kv
+    variant (attention over the step's own K and V), the others through the cache's; piecewise
+    graphs always read the cache. Tokens as the eager fused model's reading the cache."""
+    want, llm, generate = _eager_tokens_and_fused_llm("paged", "qkv")
+    runner = llm.engine.runner
+    assert runner.prompt_qkv
+    graphs = runner.mixed_graphs = runner._mixed_graphs(mode, 24, 4, 64)
+    assert graphs.own_kv == (mode == "full")
+    graphs.capture()
+    calls = []
+    run = graphs.run
+    graphs.run = lambda n, *a: calls.append(a[-1].own_kv) or run(n, *a)
+    assert generate() == want
+    assert False in calls
+    assert (True in calls) == (mode == "full")
+
+
 def test_full_graphs_refuse_what_they_did_not_capture(fused_cpu):
     from engine import LLM
-    from kernels.metadata import contiguous_metadata
+    from kernels.metadata import Addressing, contiguous_metadata
 
     llm = LLM("tiny-llama", device="cpu", max_model_len=64, kv_cache_tokens=256, allocator="paged", max_num_seqs=2)
     runner = llm.engine.runner
@@ -119,3 +138,7 @@ def test_full_graphs_refuse_what_they_did_not_capture(fused_cpu):
     meta = contiguous_metadata(runner.allocator.mode, [2, 2, 2], [2, 2, 2], torch.device("cpu"), 16, 4)
     with pytest.raises(ValueError, match="3 sequences"):
         full.run(6, torch.zeros(6, dtype=torch.int64), torch.zeros(6, dtype=torch.int64), meta.slot_mapping, meta)
+    own = contiguous_metadata(Addressing.LINEAR, [2, 2], [2, 2], torch.device("cpu"))
+    own.own_kv = True
+    with pytest.raises(ValueError, match="no own_kv graphs"):  # a cache-only engine's graphs
+        full.run(4, torch.zeros(4, dtype=torch.int64), torch.zeros(4, dtype=torch.int64), own.slot_mapping, own)

@@ -908,3 +908,34 @@ def test_host_compare_reads_the_runs_graph_bound(tmp_path):
                                                   "cfg.engine.max_num_batched_tokens": 1024}))
     assert run_graph_tokens(run) == 1024
     assert run_graph_tokens(tmp_path / "none") == EngineConfig.cuda_graph_max_tokens
+
+
+def test_prompt_attention_qkv_times_whole_prompt_steps_with_linear_attention():
+    """engine.prompt_attention=qkv: a PAGED step of whole prompts attends LINEAR over its own K and
+    V (ModelRunner.prompt_qkv), so its attention comes from the linear table; a step with a cached
+    prefix or a decode, a piecewise graph's step and a linear allocator's steps are as before."""
+    def attn_of(m, work):
+        seen = []
+        inner = m._mixed_device
+        m._mixed_device = lambda tokens, sampled, attn, *a: seen.append(attn) or inner(tokens, sampled, attn, *a)
+        m.device_time(work)
+        return seen[0]
+
+    whole = [(1024, 1024), (128, 128), (16, 16)]
+    cache, qkv = cost_model(), cost_model(prompt_qkv=True)
+    linear = cost_model(paged=False, block_size=0, allocator="contiguous")
+    assert cache.attn_prompt is None and qkv.attn_prompt is not None
+    want = sum(linear._prefill_attn(q, 0) for q, _ in whole)  # the linear table at those grid points
+    assert attn_of(qkv, whole) == pytest.approx(want, rel=1e-12)
+    assert attn_of(cache, whole) == pytest.approx(sum(cache._prefill_attn(q, 0) for q, _ in whole), rel=1e-12)
+    assert attn_of(cache, whole) > attn_of(qkv, whole)  # PAGED from the cache costs more
+    for work in ([(1024, 2048), (128, 128)], [(128, 128), (1, 300)]):  # a cached prefix; a decode
+        assert attn_of(qkv, work) == attn_of(cache, work)
+    qkv_linear = cost_model(paged=False, block_size=0, allocator="contiguous", prompt_qkv=True)
+    assert qkv_linear.attn_prompt is None
+    pw = ProfiledCostModel(_with_piecewise(), cache.model, model=MODEL, paged=True, block_size=16,
+                           max_graph_batch=64, allocator="paged", graph_mode="piecewise", graph_max_tokens=2048,
+                           prompt_qkv=True)
+    assert pw.piecewise_size(1168) is not None
+    assert attn_of(pw, whole) == pytest.approx(attn_of(cache, whole), rel=1e-12)  # piecewise reads the cache
+    assert attn_of(pw, [(4096, 4096)]) == pytest.approx(linear._prefill_attn(4096, 0), rel=1e-12)  # eager

@@ -59,6 +59,13 @@
 #   bash results/engine/device_session.sh tma         # the TMA prefill kernel's tests on the GPU, then bench_prefill
 #                                                     # (linear-tma beside PAGED, LINEAR, prompt-qkv, SDPA) with a
 #                                                     # sweep of its tiles; outputs into $OUT as each ends (~4 min)
+# Session of 2026-12-05 (second): engine.prompt_attention=qkv (a step of whole prompts reads its own K/V
+# projection, LINEAR) beside the TMA candidate:
+#   bash results/engine/device_session.sh prefill2    # GPU tests (prompt_attention in eager/piecewise/full
+#                                                     # graphs, the TMA kernel), bench_prompt_attention (llama3-8b:
+#                                                     # PAGED from the cache / own K,V / contiguous, one step of
+#                                                     # whole prompts), then bench_prefill with a tile sweep;
+#                                                     # each into $OUT as it ends
 # Outputs accumulate in $KVE (default /tmp/kve) on the machine; each part tars them into $OUT.
 set -uo pipefail
 part=${1:?tests or throughput}
@@ -184,6 +191,16 @@ tma)
     timeout 300 python3 -m experiments.bench_prefill --out "$runs/prefill_tma" --sweep --sweep-budget-s ${SWEEP_S:-120} \
         2>&1 | tee "$runs/bench_prefill_tma.log" | grep -v "^sweep" | tail -30
     tar -czf "$out/prefill_tma.tgz" -C "$runs" prefill_tma bench_prefill_tma.log machine.txt
+    ;;
+prefill2)
+    timeout 150 python3 -m pytest -q -p no:cacheprovider -m "gpu or not gpu" tests/test_kernels_prefill_tma.py \
+        "tests/test_gpu_engine.py::test_prompt_attention_qkv_equals_cache_on_gpu" 2>&1 | tee "$out/gpu_tests_prefill2.log" | tail -4
+    timeout 200 python3 -m experiments.bench_prompt_attention --models llama3-8b --out "$out/prompt_attention" \
+        2>&1 | tee "$out/bench_prompt_attention.log" | grep -v "^{" | tail -16
+    timeout 230 python3 -m experiments.bench_prefill --out "$runs/prefill_tma" --sweep --sweep-budget-s ${SWEEP_S:-90} \
+        2>&1 | tee "$out/bench_prefill.log" | grep -v "^sweep" | tail -30
+    cp -f "$runs"/prefill_tma/*.csv "$runs/machine.txt" "$out/" 2>/dev/null
+    exit 0
     ;;
 prompt)
     timeout 240 python3 -m experiments.bench_prefill --out "$runs/prefill_prompt" --sweep --sweep-budget-s ${SWEEP_S:-90} \
