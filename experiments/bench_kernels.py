@@ -241,6 +241,11 @@ def sweep(cases: dict, copy_bw: float, out_dir: Path, tag: str, budget_s: float)
         c = base(*shape)
         plan += [(shape, dataclasses.replace(c, num_splits=sp), ("paged", "linear"))
                  for sp in (1, 2, 3, 4, 6, 8, 12, 16) if sp != c.num_splits and sp * 256 <= shape[1]]
+        # splits of fewer than 256 keys (under SPLIT_MIN_TOKENS) where the batch leaves SMs idle:
+        # how far more programs take a latency-bound shape (1x4096: 32.5% of copy at 16 splits)
+        plan += [(shape, dataclasses.replace(c, num_splits=sp), ("paged", "linear"))
+                 for sp in (24, 32, 48, 64) if sp != c.num_splits and sp * 64 <= shape[1]
+                 and shape[0] * HKV * sp <= 8 * sms]
     done = 0
     for (b, ctx), cfg, impls in plan:
         if time.time() > t_end:

@@ -64,8 +64,9 @@
 #   bash results/engine/device_session.sh prefill2    # GPU tests (prompt_attention in eager/piecewise/full
 #                                                     # graphs, the TMA kernel), bench_prompt_attention (llama3-8b:
 #                                                     # PAGED from the cache / own K,V / contiguous, one step of
-#                                                     # whole prompts), then bench_prefill with a tile sweep;
-#                                                     # each into $OUT as it ends
+#                                                     # whole prompts), decode splits under 256 keys at
+#                                                     # 1x4096 (bench_kernels sweep), then bench_prefill with
+#                                                     # a tile sweep in the time left; each into $OUT as it ends
 # Outputs accumulate in $KVE (default /tmp/kve) on the machine; each part tars them into $OUT.
 set -uo pipefail
 part=${1:?tests or throughput}
@@ -193,13 +194,21 @@ tma)
     tar -czf "$out/prefill_tma.tgz" -C "$runs" prefill_tma bench_prefill_tma.log machine.txt
     ;;
 prefill2)
-    timeout 150 python3 -m pytest -q -p no:cacheprovider -m "gpu or not gpu" tests/test_kernels_prefill_tma.py \
+    t0=$(date +%s)
+    timeout 120 python3 -m pytest -q -p no:cacheprovider -m "gpu or not gpu" tests/test_kernels_prefill_tma.py \
         "tests/test_gpu_engine.py::test_prompt_attention_qkv_equals_cache_on_gpu" 2>&1 | tee "$out/gpu_tests_prefill2.log" | tail -4
     timeout 200 python3 -m experiments.bench_prompt_attention --models llama3-8b --out "$out/prompt_attention" \
         2>&1 | tee "$out/bench_prompt_attention.log" | grep -v "^{" | tail -16
-    timeout 230 python3 -m experiments.bench_prefill --out "$runs/prefill_tma" --sweep --sweep-budget-s ${SWEEP_S:-90} \
-        2>&1 | tee "$out/bench_prefill.log" | grep -v "^sweep" | tail -30
-    cp -f "$runs"/prefill_tma/*.csv "$runs/machine.txt" "$out/" 2>/dev/null
+    # decode at 1x4096 (latency-bound, 32.5% of copy): splits of fewer than 256 keys
+    timeout 80 python3 -m experiments.bench_kernels --shapes 1x4096,8x4096 --sweep --sweep-budget-s 30 \
+        --out "$runs/kernels_splits" > "$out/bench_kernels_splits.log" 2>&1
+    grep -E "^sweep +1x4096|^\| 1x4096|^\| 8x4096" "$out/bench_kernels_splits.log" | tail -24
+    left=$(( ${CALL_S:-580} - ($(date +%s) - t0) ))
+    if (( left > 60 )); then
+        timeout $left python3 -m experiments.bench_prefill --out "$runs/prefill_tma" --sweep \
+            --sweep-budget-s $(( left > 200 ? 90 : left / 3 )) 2>&1 | tee "$out/bench_prefill.log" | grep -v "^sweep" | tail -30
+    fi
+    cp -f "$runs"/prefill_tma/*.csv "$runs"/kernels_splits/*.csv "$runs/machine.txt" "$out/" 2>/dev/null
     exit 0
     ;;
 prompt)
