@@ -433,18 +433,19 @@ class ProfiledCostModel:
                                       self._ragged_excess(work, padded) if self.ragged is not None else None)
         dec = [c for q, c in work if q == 1]
         tokens = sum(q for q, _ in work)
-        if self._own_kv(work, prefill, tokens):
-            attn = sum(self.attn_prompt(q) for q, _ in prefill) * self.kv_scale
-        else:
-            attn = sum(self._prefill_attn(q, c - q) for q, c in prefill)
-        return self._mixed_device(tokens, sampled, attn, len(dec), sum(dec), bool(prefill), self._layers_attn(work))
+        # every sequence from token 0 (a single-token prompt counts, as in BatchInputs.whole_prompts)
+        whole = all(c == q for q, c in work)
+        return self._mixed_device(tokens, sampled, self._chunks_attn(prefill, whole, tokens), len(dec), sum(dec),
+                                  bool(prefill), self._layers_attn(work))
 
-    def _own_kv(self, work, prefill, tokens: int) -> bool:
-        """Whether the engine's attention of this eager or prefill/mixed-graph step reads the step's own
-        K and V (``ModelRunner.forward``): prompt_attention=qkv, every sequence from token 0 (a
-        single-token prompt counts, as in ``BatchInputs.whole_prompts``), not in a piecewise graph."""
-        return (self.attn_prompt is not None and bool(prefill) and all(c == q for q, c in work)
-                and not (self.graph_mode == "piecewise" and self.piecewise_size(tokens) is not None))
+    def _chunks_attn(self, prefill: list[tuple[int, int]], whole: bool, tokens: int) -> float:
+        """One layer's attention of a step's prefill chunks ``(queries, context)``. With the engine's
+        prompt_attention=qkv a step of whole prompts (``whole``) reads its own K and V, LINEAR
+        (``ModelRunner.forward``), except in a piecewise graph."""
+        if (self.attn_prompt is not None and whole and prefill
+                and not (self.graph_mode == "piecewise" and self.piecewise_size(tokens) is not None)):
+            return sum(self.attn_prompt(q) for q, _ in prefill) * self.kv_scale
+        return sum(self._prefill_attn(q, c - q) for q, c in prefill)
 
     def _mixed_device(self, tokens: int, sampled: int, prefill_attn: float, decodes: int, decode_context: int,
                       has_prefill: bool, layers_attn: float) -> float:
@@ -565,8 +566,8 @@ class ProfiledCostModel:
         num = decodes + len(prompts)
         tokens = decodes + sum(prompts)
         # as _device_time's sum over the prefill chunks: each prompt's own keys, in batch order
-        device = self._mixed_device(tokens, num, sum(self._prefill_attn(n, 0) for n in prompts), decodes,
-                                    decode_context, True, self.num_layers)
+        attn = self._chunks_attn([(n, n) for n in prompts], decodes == 0, tokens)
+        device = self._mixed_device(tokens, num, attn, decodes, decode_context, True, self.num_layers)
         if self.allreduce is not None:
             device = self.allreduce.step_s(tokens) + device
         return self._mixed_host(num, tokens, decodes) + self._vmm_s(vmm_maps, vmm_unmaps), device

@@ -280,13 +280,14 @@ def committed_profile():
     return load_profile(str(Path(run.CONF_DIR).parent / "results" / "profiles" / "nvidia-h200.parquet"))
 
 
-@pytest.mark.parametrize("model,allocator,tp,overlapped", [
-    ("llama3-8b", "paged", 1, False),  # the profiled model's own tables: decode graphs, the ragged term
-    ("qwen3-0.6b", "virtual", 1, True),  # VMM calls on the step's path, asynchronous steps' period term
-    ("tiny-llama", "contiguous", 1, False),  # composed from another model's tables
-    ("llama3-8b", "paged", 2, False),  # tensor parallelism: composed, plus the all-reduces
+@pytest.mark.parametrize("model,allocator,tp,overlapped,prompt_qkv", [
+    ("llama3-8b", "paged", 1, False, False),  # the profiled model's own tables: decode graphs, the ragged term
+    ("qwen3-0.6b", "virtual", 1, True, False),  # VMM calls on the step's path, asynchronous steps' period term
+    ("tiny-llama", "contiguous", 1, False, False),  # composed from another model's tables
+    ("llama3-8b", "paged", 2, False, False),  # tensor parallelism: composed, plus the all-reduces
+    ("llama3-8b", "paged", 1, False, True),  # prompt_attention=qkv: steps of whole prompts attend LINEAR
 ])
-def test_profiled_sums_give_step_time_to_the_bit(model, allocator, tp, overlapped):
+def test_profiled_sums_give_step_time_to_the_bit(model, allocator, tp, overlapped, prompt_qkv):
     """What simulate's bulk path asks the profiled model for a decode step (sums, longest context,
     VMM calls) or a step admitting whole prompts is ``host_device_time`` of the step's list, and
     device + host its ``step_time``, to the bit; None where the sums do not say it."""
@@ -300,7 +301,9 @@ def test_profiled_sums_give_step_time_to_the_bit(model, allocator, tp, overlappe
                  if tp > 1 else None)
     cm = ProfiledCostModel(committed_profile(), shape, model=model, paged=allocator == "paged",
                            block_size=16 if allocator == "paged" else 0, max_graph_batch=128, allocator=allocator,
-                           graph_max_tokens=2048, overlapped=overlapped, max_model_len=2048, allreduce=allreduce)
+                           graph_max_tokens=2048, overlapped=overlapped, max_model_len=2048, allreduce=allreduce,
+                           prompt_qkv=prompt_qkv)
+    assert (cm.attn_prompt is not None) == prompt_qkv
     # its own decode graph table, or composed from the reference model's; the ragged term in both
     assert cm.full_attention and cm.ragged is not None
     assert (cm.decode_graph is not None) == (model != "tiny-llama" and tp == 1)
@@ -317,6 +320,9 @@ def test_profiled_sums_give_step_time_to_the_bit(model, allocator, tp, overlappe
         host, device = cm.admission_host_device(len(contexts), sum(contexts), prompts, maps, unmaps)
         assert device + host == cm.step_time(work, len(work), maps, unmaps)
         assert (host, device) == cm.host_device_time(work, len(work), maps, unmaps)
+        only = [(n, n) for n in prompts]  # a step of whole prompts alone
+        assert cm.admission_host_device(0, 0, prompts, maps, unmaps) == cm.host_device_time(only, len(only), maps,
+                                                                                              unmaps)
     assert cm.decode_host_device(129, 129 * 100, 100) is None  # beyond the decode graphs: eager, not from sums
     assert cm.admission_host_device(3, 300, [1]) is None  # a one-token prompt: a decode graph step
     assert cm.decode_host_device(0, 0, 0) is None
