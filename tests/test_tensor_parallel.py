@@ -64,14 +64,16 @@ def _check_same_allocator(engine: LLMEngine) -> None:
 @pytest.mark.parametrize("model", ["tiny-llama", "tiny-qwen3"])
 @pytest.mark.parametrize("allocator", ["paged", "contiguous", "virtual"])
 def test_tp2_greedy_equals_tp1(model: str, allocator: str) -> None:
-    # paged: prefix caching, and preemption by swapping in a pool too small for the batch
+    # paged: prefix caching, and preemption by swapping in a pool too small for the batch; the
+    # shards' steps of whole prompts read their own K/V (prompt_attention=qkv), rank 0 alone the cache
     extra = dict(enable_prefix_caching=True, preemption_mode="swap", kv_cache_tokens=96) if allocator == "paged" else {}
     one = _engine(model, allocator, 1, **extra)
     want = _workload(one)
     one.close()
-    two = _engine(model, allocator, 2, **extra)
+    two = _engine(model, allocator, 2, **extra, prompt_attention="qkv")
     try:
         got = _workload(two, probe=True)
+        assert two.runner.prompt_qkv == (allocator == "paged")
         if allocator == "paged":
             assert sum(r.preempted for r in two.step_records) > 0
             assert two.allocator.prefix_cache_hit_rate > 0
