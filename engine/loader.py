@@ -54,17 +54,32 @@ def _load_safetensors(model: CausalLM, path: Path) -> None:
     params = dict(model.named_parameters())
     seen: set[str] = set()
     for f in files:
-        for name, tensor in load_file(str(f)).items():
+        with unreadable_names(f):
+            tensors = load_file(str(f))
+        for name, tensor in tensors.items():
             if name not in params:
                 if "rotary_emb" in name:
                     continue
-                raise ValueError(f"checkpoint tensor '{name}' has no place in the kvlab model")
+                raise ValueError(f"{f.name}: checkpoint tensor '{name}' has no place in the kvlab model")
             if params[name].shape != tensor.shape:
-                raise ValueError(f"'{name}': checkpoint {tuple(tensor.shape)} vs model {tuple(params[name].shape)}")
+                raise ValueError(f"{f.name}: '{name}': checkpoint {tuple(tensor.shape)} vs model "
+                                 f"{tuple(params[name].shape)}")
             with torch.no_grad():
                 params[name].copy_(tensor.to(params[name].dtype))
             seen.add(name)
     check_complete(model, params, seen, path)
+
+
+@contextmanager
+def unreadable_names(f: Path) -> Iterator[None]:
+    """A file safetensors cannot read (truncated, not safetensors at all) is named in the error."""
+    try:
+        yield
+    except Exception as e:
+        if type(e).__name__ != "SafetensorError" and not isinstance(e, OSError):
+            raise
+        raise ValueError(f"{f}: not a readable safetensors file ({e}); save the model again with "
+                         "save_pretrained(safe_serialization=True)") from e
 
 
 def check_complete(model: nn.Module, params, seen: set[str], path) -> None:

@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from engine.loader import _uninitialized, check_complete
+from engine.loader import _uninitialized, check_complete, unreadable_names
 from engine.model import CausalLM
 from engine.model_config import ModelConfig
 
@@ -130,12 +130,14 @@ def _load_safetensors_sharded(model: CausalLM, path: Path, rank: int, tp: int) -
     params = dict(model.named_parameters())
     seen: set[str] = set()
     for f in files:
-        with safe_open(str(f), framework="pt", device="cpu") as st:
+        with unreadable_names(f):
+            st = safe_open(str(f), framework="pt", device="cpu")
+        with st:
             for name in st.keys():
                 if name not in params:
                     if "rotary_emb" in name:
                         continue
-                    raise ValueError(f"checkpoint tensor '{name}' has no place in the kvlab model")
+                    raise ValueError(f"{f.name}: checkpoint tensor '{name}' has no place in the kvlab model")
                 p, dim = params[name], shard_dim(name)
                 sl = st.get_slice(name)
                 shape = tuple(sl.get_shape())
@@ -143,7 +145,7 @@ def _load_safetensors_sharded(model: CausalLM, path: Path, rank: int, tp: int) -
                 if dim is not None:
                     want[dim] *= tp
                 if shape != tuple(want):
-                    raise ValueError(f"'{name}': checkpoint {shape} vs model {tuple(want)}")
+                    raise ValueError(f"{f.name}: '{name}': checkpoint {shape} vs model {tuple(want)}")
                 tensor = sl[shard_slice(shape, dim, rank, tp)] if dim is not None else sl[:]
                 with torch.no_grad():
                     p.copy_(tensor.to(p.dtype))

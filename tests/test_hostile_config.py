@@ -242,3 +242,20 @@ def test_allocator_arguments_of_the_right_type_pass_and_whole_floats_become_ints
 
     out = checked_args(allocator_class("paged"), dict(block_size=32.0, enable_prefix_caching=True, bogus=1))
     assert out == dict(block_size=32, enable_prefix_caching=True, bogus=1) and type(out["block_size"]) is int
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_a_damaged_checkpoint_file_is_named(tmp_path, tp):
+    """A truncated safetensors file (and one of garbage) is refused naming the file, on one device
+    and in each tensor-parallel rank's sliced read."""
+    pytest.importorskip("transformers")
+    from conftest import make_hf_checkpoint
+
+    from engine.llm_engine import LLMEngine
+
+    make_hf_checkpoint(tmp_path, "llama")
+    weights = next(tmp_path.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ValueError, match=rf"{weights}: not a readable safetensors file \(.*\); save the model again"):
+        LLMEngine(EngineConfig(model=str(tmp_path), device="cpu", dtype="float32", tensor_parallel_size=tp,
+                               max_model_len=64, kv_cache_tokens=256))
