@@ -259,3 +259,15 @@ def test_a_damaged_checkpoint_file_is_named(tmp_path, tp):
     with pytest.raises(ValueError, match=rf"{weights}: not a readable safetensors file \(.*\); save the model again"):
         LLMEngine(EngineConfig(model=str(tmp_path), device="cpu", dtype="float32", tensor_parallel_size=tp,
                                max_model_len=64, kv_cache_tokens=256))
+
+
+@pytest.mark.parametrize("value", [-3, 0])
+def test_virtual_prefetch_tokens_below_one_is_refused_not_clamped(value):
+    from engine.llm_engine import LLMEngine
+
+    with pytest.raises(ValueError, match=rf"allocator.args.prefetch_tokens={value}: .*give a whole number >= 1"):
+        LLMEngine(EngineConfig(model="tiny-llama", device="cpu", allocator="virtual", max_model_len=64,
+                               kv_cache_tokens=1024, allocator_args=dict(backend="host", prefetch_tokens=value)))
+    ok = LLMEngine(EngineConfig(model="tiny-llama", device="cpu", allocator="virtual", max_model_len=64,
+                                kv_cache_tokens=1024, allocator_args=dict(backend="host", prefetch_tokens=5)))
+    assert ok.allocator.prefetch_tokens == 5
