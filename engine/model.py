@@ -97,6 +97,8 @@ class Attention(nn.Module):
         """Attention of ``q`` over the cache, or over the step's own ``(k, v)`` where ``meta.own_kv``
         (``out``: where to write it, ``q``'s shape)."""
         if meta.own_kv:
+            if own is None:
+                raise ValueError("own_kv attention reads the step's own (k, v): pass own= (Attention.project's)")
             cache = own  # the same values the cache holds now (own_kv: caches of the model's dtype)
         return kernels.attention(q, cache[0], cache[1], meta, self.scale, self.k_scale, self.v_scale, self.window,
                                  out=out)

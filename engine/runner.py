@@ -185,6 +185,9 @@ class ModelRunner:
         model_dtype = next(model.parameters()).dtype
         self.prompt_qkv = (prompt_qkv and self.paged and plan is None and not kv_calibration
                            and self.kv_caches[0][0].dtype == model_dtype)
+        if prompt_qkv and not self.prompt_qkv:
+            log.info("prompt_attention=qkv has no effect here: it needs the paged allocator, a KV cache of the "
+                     "model's dtype (not fp8) and one layer group; every step reads the cache")
         self.graphs = None
         self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
@@ -256,11 +259,11 @@ class ModelRunner:
                     continue
                 meta = contiguous_metadata(self.allocator.mode, qs, ctx, self.device, bs,
                                            self.table.device_t.shape[1] if self.paged else 0)
-                t = sum(qs)
-                ids = torch.zeros(t, dtype=torch.int64, device=self.device)
-                pos = torch.cat([torch.arange(c - q, c, device=self.device) for q, c in zip(qs, ctx)])
-                hidden = self.model(ids, pos, meta, caches)
-                self.model.compute_logits(hidden[meta.query_start_loc[1:].long() - 1]).argmax(-1)
+                self._warm_step(qs, ctx, meta, caches)
+                if self.prompt_qkv:  # the same tokens as whole prompts over their own K and V (LINEAR)
+                    own = contiguous_metadata(Addressing.LINEAR, qs, qs, self.device)
+                    own.seq_base, own.own_kv = own.query_start_loc[:-1].long(), True
+                    self._warm_step(qs, qs, own, caches)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
         except Exception as e:  # an optimisation only: a shape it cannot run is compiled when met
@@ -271,6 +274,13 @@ class ModelRunner:
                 torch.cuda.synchronize(self.device)
         except Exception as e:  # likewise: a GEMM shape it did not run is loaded when met
             log.warning("GEMM warm-up stopped early: %r", e)
+
+    def _warm_step(self, qs: list[int], ctx: list[int], meta: AttentionMetadata, caches) -> None:
+        """One warm-up forward: sequences of ``qs`` new tokens reaching ``ctx``, and their logits."""
+        ids = torch.zeros(sum(qs), dtype=torch.int64, device=self.device)
+        pos = torch.cat([torch.arange(c - q, c, device=self.device) for q, c in zip(qs, ctx)])
+        hidden = self.model(ids, pos, meta, caches)
+        self.model.compute_logits(hidden[meta.query_start_loc[1:].long() - 1]).argmax(-1)
 
     @torch.inference_mode()
     def warm_gemms(self) -> list[tuple[int, tuple[int, int]]]:

@@ -345,8 +345,8 @@ def _check_value_types(base, ovs) -> None:
                     raise UserError(f"{ov.key_or_group}={v}: expects a number (default {default})") from None
 
 
-def _combinations(ovs) -> list[list[str]]:
-    """Override lines of each run of a sweep (Hydra's basic sweeper: the cartesian product)."""
+def _axes(ovs) -> list[list[str]]:
+    """Per override, the override line of each of its values (one line where it sweeps nothing)."""
     axes = []
     for ov in ovs:
         if ov.key_or_group.startswith("hydra"):
@@ -357,6 +357,23 @@ def _combinations(ovs) -> list[list[str]]:
             axes.append([f"{prefix}{key}={_escape(v)}" for v in _values(ov)])
         else:
             axes.append([ov.input_line])
+    return axes
+
+
+def value_probes(overrides: list[str]) -> list[list[str]]:
+    """Override lines of runs that between them hold every value of a sweep: its runs where there
+    are at most ``MAX_COMPOSED``, else each swept value with every other key at its first value (a
+    value's valid range seldom hangs on another swept key's)."""
+    axes = _axes(_parse(overrides))
+    if math.prod(len(a) for a in axes) <= MAX_COMPOSED:
+        return [list(c) for c in itertools.product(*axes)]
+    first = [a[0] for a in axes]
+    return [first] + [first[:i] + [v] + first[i + 1:] for i, a in enumerate(axes) for v in a[1:]]
+
+
+def _combinations(ovs) -> list[list[str]]:
+    """Override lines of each run of a sweep (Hydra's basic sweeper: the cartesian product)."""
+    axes = _axes(ovs)
     combos = list(itertools.islice(itertools.product(*axes), MAX_COMPOSED + 1))
     if len(combos) > MAX_COMPOSED:  # large sweep: every group choice once, first value of the rest
         group_axes = [a if is_group(_key_of(a[0])) else a[:1] for a in axes]

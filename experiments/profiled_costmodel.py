@@ -118,7 +118,8 @@ class ProfiledCostModel:
         c0 = pre["context"] - pre["query"]
         self.attn_prefill = {float(k): Grid1D(g["query"], g["value"]) for k, g in pre.groupby(c0)}
         # the engine's prompt_attention=qkv: a PAGED step of whole prompts attends LINEAR over its own
-        # K and V (ModelRunner.prompt_qkv: bf16 caches; not in piecewise graphs, see _own_kv)
+        # K and V (ModelRunner.prompt_qkv: caches of the model's dtype, bf16 here; not in piecewise
+        # graphs, see _chunks_attn)
         self.attn_prompt = None
         if prompt_qkv and paged and shape.kv_elem_bytes == 2:
             lin = profile.table("attention", model=ref, mode="linear")
@@ -169,6 +170,7 @@ class ProfiledCostModel:
         # piecewise CUDA graphs: one replay per layer boundary and one attention launch per layer;
         # full graphs: one replay (a profile from before them has no table: piecewise stands in)
         self.graph_mode = graph_mode
+        self.engine_graph_mode = graph_mode  # the engine's, where a profile's tables make graph_mode another
         p = profile.table(f"{graph_mode}_forward", model=ref)
         if p.empty and graph_mode != "piecewise" and self.piecewise_sizes:
             log.warning("profile %s has no %s_forward table for %s: prefill and mixed steps are modelled as "
@@ -443,7 +445,7 @@ class ProfiledCostModel:
         prompt_attention=qkv a step of whole prompts (``whole``) reads its own K and V, LINEAR
         (``ModelRunner.forward``), except in a piecewise graph."""
         if (self.attn_prompt is not None and whole and prefill
-                and not (self.graph_mode == "piecewise" and self.piecewise_size(tokens) is not None)):
+                and not (self.engine_graph_mode == "piecewise" and self.piecewise_size(tokens) is not None)):
             return sum(self.attn_prompt(q) for q, _ in prefill) * self.kv_scale
         return sum(self._prefill_attn(q, c - q) for q, c in prefill)
 

@@ -110,6 +110,33 @@ def engine_config(cfg: DictConfig):
         raise
 
 
+def check_ranges(cfg: DictConfig) -> None:
+    """What a run checks as it starts, as far as that needs no model: its engine config, its
+    allocator's arguments and (simulate) its settings; ValueError names the key and the fix."""
+    from allocators.registry import allocator_class, checked_args
+
+    cfg, _ = applicable_config(cfg)
+    econf = engine_config(cfg)
+    checked_args(allocator_class(econf.allocator), dict(econf.allocator_args))
+    if cfg.mode == "simulate":
+        from experiments.simulate import SimSettings, _to_dict
+
+        SimSettings.from_mapping(_to_dict(cfg.get("sim")))
+
+
+def check_sweep_ranges(overrides: list[str]) -> None:
+    """Every value of a sweep (``kvlab run -m``) through ``check_ranges`` before its first run starts:
+    a bad value in its fifth run is not found after four have run."""
+    ovs = preflight._parse(overrides)
+    swept = {preflight._key_of(ov.input_line) for ov in ovs if ov.is_sweep_override()}
+    for probe in preflight.value_probes(overrides):
+        try:
+            check_ranges(preflight.compose(probe))
+        except ValueError as e:
+            run = " ".join(line for line in probe if preflight._key_of(line) in swept)
+            raise UserError(f"{e} (a run of this sweep: {run}); nothing has run") from None
+
+
 OLD_GRAPH_MAX_TOKENS = 2048  # engine.cuda_graph_max_tokens before it became 8192 (2026-12-04)
 
 
@@ -559,6 +586,8 @@ def cli(argv: list[str]) -> int:
             prepared = preflight.prepare(overrides)
             SESSION.num_runs = prepared.num_runs
             overrides = prepared.overrides
+            if {"-m", "--multirun"} & set(flags) and prepared.num_runs != 1:
+                check_sweep_ranges(overrides)
     except UserError as e:
         if verbose:
             traceback.print_exc()

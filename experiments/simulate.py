@@ -301,6 +301,10 @@ class SimSettings:
               "nvlink_latency_s": (0.0, True, True, "seconds per all-reduce, or null for the datasheet's")}
 
     def __post_init__(self) -> None:
+        e = self.efficiency
+        if isinstance(e, bool) or not isinstance(e, (int, float)) or not 0 < e <= 1:
+            raise ValueError(f"sim.efficiency={e!r}: give a number in (0, 1] (the share of the device's peak "
+                             "rates the roofline model reaches)")
         for name, (low, closed, nullable, meaning) in self.RANGES.items():
             v = getattr(self, name)
             if v is None and nullable:

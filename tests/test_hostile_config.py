@@ -3,6 +3,7 @@ or false, a model size a size, a simulated device's figures finite, a resumed fo
 kvlab wrote. Each is refused with the key and the fix, before the run does anything."""
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -271,3 +272,34 @@ def test_virtual_prefetch_tokens_below_one_is_refused_not_clamped(value):
     ok = LLMEngine(EngineConfig(model="tiny-llama", device="cpu", allocator="virtual", max_model_len=64,
                                 kv_cache_tokens=1024, allocator_args=dict(backend="host", prefetch_tokens=5)))
     assert ok.allocator.prefetch_tokens == 5
+
+
+def test_a_sweeps_bad_value_is_refused_before_any_run(capsys, tmp_path):
+    """kvlab run -m: every swept value is range-checked (engine config, allocator arguments, simulate
+    settings) before the first run starts, naming the run of the sweep that holds it."""
+    common = ["-m", "mode=simulate", "workload.num_requests=6", f"hydra.sweep.dir={tmp_path}", "report=false",
+              "progress=false"]
+    code = cli([*common, "engine.max_num_seqs=4,-5", "allocator=paged,contiguous"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "engine.max_num_seqs=-5: give a whole number in [1, 1048576]" in err
+    assert "(a run of this sweep: engine.max_num_seqs=-5 allocator=paged); nothing has run" in err
+    assert not any(tmp_path.iterdir())
+    code = cli([*common, "sim.efficiency=0.8,-1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "sim.efficiency" in err and "nothing has run" in err, err
+    assert not any(tmp_path.iterdir())
+
+
+def test_value_probes_hold_every_swept_value():
+    from experiments.preflight import MAX_COMPOSED, value_probes
+
+    small = value_probes(["engine.max_num_seqs=1,2", "seed=3,4"])
+    assert sorted(map(tuple, small)) == sorted(itertools.product(["engine.max_num_seqs=1", "engine.max_num_seqs=2"],
+                                                                 ["seed=3", "seed=4"]))
+    many = [f"seed={','.join(map(str, range(MAX_COMPOSED)))}", "engine.max_num_seqs=7,8", "mode=simulate"]
+    probes = value_probes(many)
+    assert len(probes) == 1 + (MAX_COMPOSED - 1) + 1  # each value once beside the others' first
+    assert {p[0] for p in probes} == {f"seed={i}" for i in range(MAX_COMPOSED)}
+    assert {p[1] for p in probes} == {"engine.max_num_seqs=7", "engine.max_num_seqs=8"}
+    assert all(p[2] == "mode=simulate" for p in probes)

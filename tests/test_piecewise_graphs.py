@@ -127,6 +127,45 @@ def test_graph_steps_of_whole_prompts_with_prompt_attention_qkv(fused_cpu, mode)
     assert (True in calls) == (mode == "full")
 
 
+def test_full_graphs_replay_the_own_kv_graph_they_captured(fused_cpu, monkeypatch):
+    """The capture side of prompt_attention=qkv's graphs, on CPU: capture_each stood in by "graphs"
+    whose replay runs the captured forward again into its output, as a CUDA graph would. Steps of
+    whole prompts replay the own_kv graph (its block table is not copied in: replaying the other
+    would read stale rows), which writes the shared output; the tokens are the eager model's."""
+    import types
+
+    from engine import full_graphs
+
+    class Replay:
+        def __init__(self, forward, s, out):
+            self.forward, self.s, self.out = forward, s, out
+
+        def replay(self):
+            self.out.copy_(self.forward(self.s))
+
+    captured = []
+
+    def capture_each(sizes, forward, pool=None):
+        outs = {s: forward(s) for s in sizes}
+        captured.append(outs)
+        return {s: Replay(forward, s, outs[s]) for s in sizes}, outs, pool
+
+    monkeypatch.setattr(full_graphs, "capture_each", capture_each)
+    want, llm, generate = _eager_tokens_and_fused_llm("paged", "qkv")
+    runner = llm.engine.runner
+    full = runner.mixed_graphs = runner._mixed_graphs("full", 24, 4, 64)
+    full.device = types.SimpleNamespace(type="cuda")  # capture() captures
+    full.capture()
+    assert len(captured) == 2 and full.own_graphs and set(full.own_graphs) == set(full.graphs)
+    assert all(full.own_hidden[s] is full.hidden[s] for s in full.sizes)  # one set of outputs
+    replayed = []
+    for graphs, own in ((full.graphs, False), (full.own_graphs, True)):
+        for s, g in graphs.items():
+            g.replay = (lambda g, own: lambda: replayed.append(own) or Replay.replay(g))(g, own)
+    assert generate() == want
+    assert True in replayed and False in replayed
+
+
 def test_full_graphs_refuse_what_they_did_not_capture(fused_cpu):
     from engine import LLM
     from kernels.metadata import Addressing, contiguous_metadata

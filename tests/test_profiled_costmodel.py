@@ -939,3 +939,10 @@ def test_prompt_attention_qkv_times_whole_prompt_steps_with_linear_attention():
     assert pw.piecewise_size(1168) is not None
     assert attn_of(pw, whole) == pytest.approx(attn_of(cache, whole), rel=1e-12)  # piecewise reads the cache
     assert attn_of(pw, [(4096, 4096)]) == pytest.approx(linear._prefill_attn(4096, 0), rel=1e-12)  # eager
+    # full graphs timed with the piecewise table (a profile without full_forward): the engine's full
+    # graphs still read the step's own K and V
+    full = ProfiledCostModel(_with_piecewise(), cache.model, model=MODEL, paged=True, block_size=16,
+                             max_graph_batch=64, allocator="paged", graph_mode="full", graph_max_tokens=2048,
+                             prompt_qkv=True)
+    assert full.graph_mode == "piecewise" and full.piecewise_size(1168) is not None
+    assert attn_of(full, whole) == pytest.approx(want, rel=1e-12)

@@ -73,9 +73,11 @@ def test_linear_allocators_read_their_cache(allocator):
     assert steps and not any(own for _, own, _ in steps)
 
 
-def test_fp8_caches_read_the_cache():
-    """An fp8 cache holds other values than the projection: attention reads what decode reads."""
-    _, steps, llm = _generate("qkv", kv_cache_dtype="fp8_e4m3")
+@pytest.mark.parametrize("scale", [None, 0.05])
+def test_fp8_caches_read_the_cache(scale):
+    """An fp8 cache holds other values than the projection: attention reads what decode reads
+    (scales calibrated by the first prefill, or fixed: then only the cache's dtype says so)."""
+    _, steps, llm = _generate("qkv", kv_cache_dtype="fp8_e4m3", kv_scale=scale)
     assert not llm.engine.runner.prompt_qkv and not any(own for _, own, _ in steps)
 
 

@@ -92,3 +92,25 @@ def test_warm_gemms_runs_every_sampled_row_count_and_each_linear_at_eager_counts
         assert sorted({n for n, s, _ in calls if s == shape}) == counts
     assert all(contiguous for _, _, contiguous in calls)
     assert {(n, s) for n, s, _ in calls} == set(done)
+
+
+def test_warmup_runs_whole_prompts_over_their_own_kv_with_prompt_attention_qkv(caplog):
+    """prompt_attention=qkv: each warm-up batch runs again as whole prompts read LINEAR from their own
+    K and V (the kernel variant an eager step of whole prompts launches), the pool untouched."""
+    eng = LLMEngine(EngineConfig(model="tiny-llama", allocator="paged", allocator_args={"block_size": 8},
+                                 device="cpu", kv_cache_tokens=2048, max_model_len=256, prompt_attention="qkv"))
+    runner = eng.runner
+    for k, v in runner.kv_caches:
+        k.fill_(0.5)
+    seen = []
+    forward = runner.model.forward
+    runner.model.forward = lambda ids, pos, meta, caches: seen.append(meta) or forward(ids, pos, meta, caches)
+    with caplog.at_level(logging.WARNING, logger="kvlab.runner"):
+        runner.warmup()
+    assert not caplog.records
+    own = [m for m in seen if m.own_kv]
+    assert len(own) == len(seen) // 2 > 0
+    for m in own:
+        assert m.mode == Addressing.LINEAR and torch.equal(m.seq_base, m.query_start_loc[:-1].long())
+        assert torch.equal(m.seq_lens, m.query_start_loc.diff())  # whole prompts
+    assert all(bool((k == 0.5).all()) for k, _ in runner.kv_caches)

@@ -64,8 +64,8 @@ def _check_same_allocator(engine: LLMEngine) -> None:
 @pytest.mark.parametrize("model", ["tiny-llama", "tiny-qwen3"])
 @pytest.mark.parametrize("allocator", ["paged", "contiguous", "virtual"])
 def test_tp2_greedy_equals_tp1(model: str, allocator: str) -> None:
-    # paged: prefix caching, and preemption by swapping in a pool too small for the batch; the
-    # shards' steps of whole prompts read their own K/V (prompt_attention=qkv), rank 0 alone the cache
+    # paged: prefix caching, and preemption by swapping in a pool too small for the batch; at TP=2 every
+    # rank's steps of whole prompts read their own K/V shard (prompt_attention=qkv), TP=1 the cache
     extra = dict(enable_prefix_caching=True, preemption_mode="swap", kv_cache_tokens=96) if allocator == "paged" else {}
     one = _engine(model, allocator, 1, **extra)
     want = _workload(one)
