@@ -413,8 +413,10 @@ class ProfiledCostModel:
 
     # -- the step ----------------------------------------------------------------------------
     def graph_batch(self, work: list[tuple[int, int]]) -> int | None:
-        """The decode CUDA graph a step replays (its padded batch), or None: an eager step."""
-        return None if any(q > 1 for q, _ in work) else self.padded(len(work))
+        """The decode CUDA graph a step replays (its padded batch), or None: a prefill/mixed step. A
+        one-token prompt (one query, one key: no decode has fewer than two) is prefill to the
+        scheduler (``ScheduledBatch.add``), so its step replays no decode graph."""
+        return None if any(q > 1 or c == 1 for q, c in work) else self.padded(len(work))
 
     def device_time(self, work: list[tuple[int, int]], num_sampled: int | None = None,
                     padded: int | None | bool = False) -> float:
@@ -561,8 +563,8 @@ class ProfiledCostModel:
         """``host_device_time``'s (host seconds, device seconds) of ``decodes`` sequences computing one
         token each (their contexts after the step summing to ``decode_context``) and whole prompts of
         ``prompts`` tokens, every one sampling: the same figures to the bit, for simulate's bulk path
-        (no list of the decodes). None where that step would be a decode graph's (prompts of one
-        token) or with sliding windows."""
+        (no list of the decodes). None for prompts of one token (the engine's step then) or with
+        sliding windows."""
         if not prompts or min(prompts) < 2 or not self.full_attention:
             return None
         num = decodes + len(prompts)

@@ -946,3 +946,12 @@ def test_prompt_attention_qkv_times_whole_prompt_steps_with_linear_attention():
                              prompt_qkv=True)
     assert full.graph_mode == "piecewise" and full.piecewise_size(1168) is not None
     assert attn_of(full, whole) == pytest.approx(want, rel=1e-12)
+
+
+def test_a_step_of_one_token_prompts_is_no_decode_graph_step():
+    """The scheduler counts a one-token prompt as prefill (ScheduledBatch.add), so the runner replays
+    no decode graph for it: neither does the model (one query over one key: no decode has fewer)."""
+    m = cost_model()
+    assert m.graph_batch([(1, 300), (1, 20)]) == m.padded(2)
+    assert m.graph_batch([(1, 1)]) is None and m.graph_batch([(1, 300), (1, 1)]) is None
+    assert m.device_time([(1, 1), (1, 300)]) == m._device_time([(1, 1), (1, 300)], 2, [], 301, None)

@@ -309,7 +309,7 @@ def test_profiled_sums_give_step_time_to_the_bit(model, allocator, tp, overlappe
     assert (cm.decode_graph is not None) == (model != "tiny-llama" and tp == 1)
     rng = random.Random(0)
     for _ in range(300):
-        contexts = [rng.randint(1, 2048) for _ in range(rng.randint(1, 128))]
+        contexts = [rng.randint(2, 2048) for _ in range(rng.randint(1, 128))]  # a decode reads >= 2 keys
         maps, unmaps = (rng.randint(0, 3), rng.randint(0, 2)) if allocator == "virtual" else (0, 0)
         work = [(1, c) for c in contexts]
         host, device = cm.decode_host_device(len(contexts), sum(contexts), max(contexts), maps, unmaps)
@@ -324,7 +324,7 @@ def test_profiled_sums_give_step_time_to_the_bit(model, allocator, tp, overlappe
         assert cm.admission_host_device(0, 0, prompts, maps, unmaps) == cm.host_device_time(only, len(only), maps,
                                                                                               unmaps)
     assert cm.decode_host_device(129, 129 * 100, 100) is None  # beyond the decode graphs: eager, not from sums
-    assert cm.admission_host_device(3, 300, [1]) is None  # a one-token prompt: a decode graph step
+    assert cm.admission_host_device(3, 300, [1]) is None  # a one-token prompt: the engine times it
     assert cm.decode_host_device(0, 0, 0) is None
 
 
