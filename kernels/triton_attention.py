@@ -391,7 +391,9 @@ class AttnConfig:
     # only the first splits, and a ragged batch ends on its longest sequences' full-width chunks)
     even_split: bool = True
     # split-KV: the last split of a tile to finish merges the partial outputs (an atomic count per
-    # tile), instead of a second kernel; a tuning knob until timed on the device (bench_kernels)
+    # tile), instead of a second kernel. Off: slower on an H200 (1x4096, Llama-3-8B heads: 16.5 vs
+    # 12.1 us at 16 splits, 35 us at 64; the last split merges alone after the others,
+    # results/kernels/splits_2026-12-05); a knob for other devices and shapes
     fused_merge: bool = False
 
 
