@@ -10,7 +10,7 @@ bf16 weights, the engine's defaults otherwise (full CUDA graphs up to 8,192 toke
 ``step()`` until the device is idle, median of ``--reps`` (the three alternate, after a warm-up
 each). Every timed step is checked to have read its keys the way its row says. Rows go to
 ``prompt_attention_<device>.csv`` and a markdown table with each row against LINEAR.
-On CPU (tests) it runs a tiny model eagerly with the reference kernels.
+On a CPU it runs tiny-llama on short prompts by default (a smoke run: the reference kernels, eager).
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from engine.config import EngineConfig
 from experiments.tables import markdown_table
 
 SHAPES = "1x8192,4x2048,8x1024,16x512"
+CPU_SHAPES = "2x64,1x128"
 
 
 def _sync(engine: LLMEngine) -> None:
@@ -102,19 +103,22 @@ def run(model: str, shapes: list[tuple[int, int]], reps: int, **engine_kw) -> pd
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m experiments.bench_prompt_attention", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default="llama3-8b")
-    ap.add_argument("--shapes", default=SHAPES, help="BxN,...: B whole prompts of N tokens in one step")
+    ap.add_argument("--models", default=None, help="default: llama3-8b on a GPU, tiny-llama on a CPU")
+    ap.add_argument("--shapes", default=None,
+                    help=f"BxN,...: B whole prompts of N tokens in one step (default {SHAPES}; CPU {CPU_SHAPES})")
     ap.add_argument("--reps", type=int, default=9)
     ap.add_argument("--out", default="results/engine/prompt_attention")
     a = ap.parse_args(argv)
     if a.reps < 1:
         ap.error(f"--reps must be >= 1, got {a.reps}")
+    cuda = torch.cuda.is_available()
+    a.models = a.models or ("llama3-8b" if cuda else "tiny-llama")
+    a.shapes = a.shapes or (SHAPES if cuda else CPU_SHAPES)
     try:
         shapes = [tuple(int(x) for x in s.split("x")) for s in a.shapes.split(",")]
         assert all(len(s) == 2 and min(s) > 0 for s in shapes)
     except (ValueError, AssertionError):
         ap.error(f"--shapes takes BxN,... with positive B and N, got {a.shapes!r}")
-    cuda = torch.cuda.is_available()
     device = torch.cuda.get_device_name() if cuda else "cpu"
     # both engines on one device: pools of a fixed size, not a share of its memory each; contiguous
     # reserves max_model_len a sequence
