@@ -232,12 +232,13 @@ class VirtualAllocator(KVAllocator):
         # by default an eighth of a page, so that the background thread keeps up with every
         # sequence crossing at once (per_layer: 2 x num_layers driver mappings per group)
         self.prefetch = prefetch
+        lead = max(2, tpp // 8)
         if prefetch_tokens is not None and (isinstance(prefetch_tokens, bool) or not isinstance(prefetch_tokens, int)
                                             or prefetch_tokens < 1):
             raise ValueError(f"allocator.args.prefetch_tokens={prefetch_tokens!r}: how many tokens ahead a group is "
                              f"claimed and mapped off the critical path: give a whole number >= 1 (default "
-                             f"{max(2, tpp // 8)}: an eighth of a page), or prefetch=false to map on demand")
-        self.prefetch_tokens = prefetch_tokens if prefetch_tokens is not None else max(2, tpp // 8)
+                             f"{lead}: an eighth of a page), or prefetch=false to map on demand")
+        self.prefetch_tokens = lead if prefetch_tokens is None else prefetch_tokens
         if premap is None:
             premap = max_num_seqs
         if isinstance(premap, bool) or not isinstance(premap, int) or premap < 0:

@@ -73,11 +73,11 @@ def _load_safetensors(model: CausalLM, path: Path) -> None:
 @contextmanager
 def unreadable_names(f: Path) -> Iterator[None]:
     """A file safetensors cannot read (truncated, not safetensors at all) is named in the error."""
+    from safetensors import SafetensorError
+
     try:
         yield
-    except Exception as e:
-        if type(e).__name__ != "SafetensorError" and not isinstance(e, OSError):
-            raise
+    except (SafetensorError, OSError) as e:
         raise ValueError(f"{f}: not a readable safetensors file ({e}); save the model again with "
                          "save_pretrained(safe_serialization=True)") from e
 

@@ -405,8 +405,8 @@ class ModelRunner:
         n = len(inputs.input_ids)
         graphed = (self.mixed_graphs is not None and not calibrate and not more
                    and self.mixed_graphs.padded_size(n) is not None)
-        own_kv = (self.prompt_qkv and inputs.whole_prompts
-                  and not (graphed and not self.mixed_graphs.own_kv))
+        # piecewise graphs have no own_kv variant: their steps read the cache
+        own_kv = self.prompt_qkv and inputs.whole_prompts and (not graphed or self.mixed_graphs.own_kv)
         meta = self._metadata(inputs, own_kv=own_kv)
         if more:  # one metadata per layer group
             meta = [meta] + [self._metadata(x, k) for k, x in enumerate(more, 1)]
