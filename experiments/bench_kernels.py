@@ -212,15 +212,14 @@ def _config_str(case: DecodeCase, impl: str, config=None) -> str:
                                 group=HQ // HKV, head_dim=D, elem_size=1 if fp8 else 2,
                                 num_sms=device_sms(torch.device(DEV)), fp8=fp8)
     bt = ("/ahead" if c.bt_ahead else "/inline") if impl.startswith("paged") else ""
-    fm = "/fm" if c.fused_merge and c.num_splits > 1 else ""
-    return f"n{c.block_n}/w{c.num_warps}/s{c.num_stages}/x{c.num_splits}{bt}{fm}"
+    return f"n{c.block_n}/w{c.num_warps}/s{c.num_stages}/x{c.num_splits}{bt}"
 
 
 def sweep(cases: dict, copy_bw: float, out_dir: Path, tag: str, budget_s: float) -> None:
-    """Tuning aid, time-boxed: (C) PAGED with the other block-id fetch, (D) splits under 256 keys
-    and the fused merge, then (B) split counts, on every shape. Rows go to sweep_<device>.csv as
+    """Tuning aid, time-boxed: (C) PAGED with the other block-id fetch, (D) splits under 256 keys,
+    then (B) split counts, on every shape. Rows go to sweep_<device>.csv as
     they come (not the headline)."""
-    from kernels.triton_attention import AttnConfig, choose_config, device_sms
+    from kernels.triton_attention import choose_config, device_sms
 
     sms = device_sms(torch.device(DEV))
     t_end = time.time() + budget_s
@@ -239,16 +238,12 @@ def sweep(cases: dict, copy_bw: float, out_dir: Path, tag: str, budget_s: float)
         c = base(*shape)
         alt = dataclasses.replace(c, bt_ahead=not c.bt_ahead, num_stages=c.num_stages + (2 if c.bt_ahead else -2))
         plan.append((shape, alt, ("paged",)))
-    for shape in cases:  # (D) first, being new: splits of fewer than 256 keys (under SPLIT_MIN_TOKENS)
-        # where the batch leaves SMs idle (1x4096: 32.5% of copy at 16 splits), and the merge in the
-        # attention kernel (AttnConfig.fused_merge) at the default split and more
+    for shape in cases:  # (D) splits of fewer than 256 keys (under SPLIT_MIN_TOKENS) where the batch
+        # leaves SMs idle (1x4096: 32.5% of copy at 16 splits)
         c = base(*shape)
         plan += [(shape, dataclasses.replace(c, num_splits=sp), ("paged", "linear"))
                  for sp in (24, 32, 48, 64) if sp != c.num_splits and sp * 64 <= shape[1]
                  and shape[0] * HKV * sp <= 8 * sms]
-        plan += [(shape, dataclasses.replace(c, num_splits=sp, fused_merge=True), ("paged", "linear"))
-                 for sp in sorted({c.num_splits, 32, 64}) if sp > 1 and sp * 64 <= shape[1]
-                 and (sp == c.num_splits or shape[0] * HKV * sp <= 8 * sms)]
     for shape in cases:  # (B) split counts: a runtime argument, so no recompiles
         c = base(*shape)
         plan += [(shape, dataclasses.replace(c, num_splits=sp), ("paged", "linear"))

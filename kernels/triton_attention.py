@@ -74,7 +74,6 @@ def _tile_rows(q_start, q0, q_len, prefix, kvh, GROUP: tl.constexpr, GROUP_P: tl
 @triton.jit(do_not_specialize=["window", "ring"])
 def _attn_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, po_ptr, plse_ptr,
-    cnt_ptr,  # FUSED_MERGE: int32 [programs of a split], zero between launches: splits done
     qsl_ptr, seq_lens_ptr, bt_ptr, base_ptr,
     ks_ptr, vs_ptr,  # fp8 caches (SCALED): fp32 scale per KV head, value = stored x scale
     qk_scale,  # softmax scale * log2(e): the softmax runs in base 2
@@ -104,7 +103,6 @@ def _attn_kernel(
     CAUSAL_SPLIT: tl.constexpr,  # unmasked loop over the keys every query row sees (not SPLIT, WINDOWED)
     LONGEST_FIRST: tl.constexpr,  # query tiles in reverse order (not DIRECT)
     SEQ_MAJOR: tl.constexpr,  # DIRECT: grid (KV heads, sequences): a sequence's programs launch together
-    FUSED_MERGE: tl.constexpr,  # SPLIT: the last split of a tile to finish merges them (no _merge_kernel)
 ):
     tl.static_assert(not (SEQ_MAJOR and LONGEST_FIRST))  # the one reverses axis 0, the other moves it
     if SEQ_MAJOR:
@@ -289,50 +287,6 @@ def _attn_kernel(
             mask=st_mask,
         )
         tl.store(plse_ptr + split64 * stride_pls + tok * stride_plt + head, lse, mask=row_ok)
-        if FUSED_MERGE:
-            # the program count of this tile's splits; the one that brings it to num_splits merges.
-            # The barrier orders every warp's partial stores before the (gpu-scope, acq_rel) add,
-            # whose acquire side lets the last program read the others' partials (.cg: past L1)
-            tl.debug_barrier()
-            if SEQ_MAJOR:  # grid (KV heads, tiles, splits)
-                cnt = cnt_ptr + kvh * tl.num_programs(1) + qblk
-            else:  # grid (tiles, KV heads, splits)
-                cnt = cnt_ptr + qblk * tl.num_programs(1) + kvh
-            done = tl.atomic_add(cnt, 1, sem="acq_rel")
-            if done == num_splits - 1:
-                _merge_rows(po_ptr, plse_ptr, o_ptr, tok, head, row_ok, offs_d, d_ok, num_splits,
-                            stride_pos, stride_pot, stride_poh, stride_pls, stride_plt, stride_ot, stride_oh, BLOCK_M,
-                            BLOCK_D)
-                tl.atomic_xchg(cnt, 0)  # zero for the next launch (a CUDA graph replays this one)
-
-
-@triton.jit
-def _merge_rows(po_ptr, plse_ptr, o_ptr, tok, head, row_ok, offs_d, d_ok, num_splits,
-                stride_pos, stride_pot, stride_poh, stride_pls, stride_plt, stride_ot, stride_oh,
-                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """A tile's rows merged from its splits' partial outputs (``_merge_kernel``'s sum, online):
-    out = sum_j w_j o_j / sum_j w_j, w_j = 2^(lse_j - max lse); an empty split (lse -inf) weighs 0."""
-    m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    w_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    lse_ptrs = plse_ptr + tok * stride_plt + head  # split j's: j strides on (pointers: 64-bit sums)
-    o_ptrs = po_ptr + tok[:, None] * stride_pot + head[:, None] * stride_poh + offs_d[None, :]
-    for _ in range(num_splits):
-        lse = tl.load(lse_ptrs, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
-        o = tl.load(o_ptrs, mask=row_ok[:, None] & d_ok[None, :] & (lse > float("-inf"))[:, None], other=0.0,
-                    cache_modifier=".cg")
-        lse_ptrs += stride_pls
-        o_ptrs += stride_pos
-        m_new = tl.maximum(m, lse)
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing yet: no NaN
-        alpha = tl.math.exp2(m - m_use)
-        w = tl.math.exp2(lse - m_use)
-        acc = acc * alpha[:, None] + o * w[:, None]
-        w_sum = w_sum * alpha + w
-        m = m_new
-    out = acc / tl.where(w_sum == 0.0, 1.0, w_sum)[:, None]
-    tl.store(o_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
-             out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
@@ -390,11 +344,6 @@ class AttnConfig:
     # launch's max_seq_len (False: in a CUDA graph captured at max_model_len a short sequence uses
     # only the first splits, and a ragged batch ends on its longest sequences' full-width chunks)
     even_split: bool = True
-    # split-KV: the last split of a tile to finish merges the partial outputs (an atomic count per
-    # tile), instead of a second kernel. Off: slower on an H200 (1x4096, Llama-3-8B heads: 16.5 vs
-    # 12.1 us at 16 splits, 35 us at 64; the last split merges alone after the others,
-    # results/kernels/splits_2026-12-05); a knob for other devices and shapes
-    fused_merge: bool = False
 
 
 @functools.lru_cache(maxsize=None)
@@ -544,20 +493,6 @@ def _workspace(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
     return torch.empty(shape, dtype=torch.float32, device=device)
 
 
-_COUNTS: dict[tuple[str, int], torch.Tensor] = {}
-
-
-def _split_counts(n: int, device: torch.device) -> torch.Tensor:
-    """``fused_merge``'s counts of finished splits, one per program of a split: zeroed once, kept
-    (the merging program zeroes its count again), so a CUDA graph replays no memset. One per
-    size and device: launches that share it run one after another on one stream."""
-    key = (str(device), n)
-    t = _COUNTS.get(key)
-    if t is None:
-        t = _COUNTS[key] = torch.zeros(n, dtype=torch.int32, device=device)
-    return t
-
-
 def attention_into(
     out: torch.Tensor,
     q: torch.Tensor,
@@ -632,15 +567,13 @@ def attention_into(
     else:
         po = plse = out  # unused
         chunk = 0
-    fused = split and cfg.fused_merge
     paged = meta.mode == Addressing.PAGED
     bt = meta.block_table if paged else meta.seq_lens  # unused pointer in the other mode
     base = meta.seq_base if not paged else meta.seq_lens
     seq_major = cfg.seq_major and direct
     grid = (num_kv_heads, num_qblocks, cfg.num_splits) if seq_major else (num_qblocks, num_kv_heads, cfg.num_splits)
-    counts = _split_counts(num_qblocks * num_kv_heads, q.device) if fused else meta.seq_lens  # unused unless fused
     _attn_kernel[grid](
-        q, k_cache, v_cache, out, po, plse, counts,
+        q, k_cache, v_cache, out, po, plse,
         meta.query_start_loc, meta.seq_lens, bt, base,
         k_scale if scaled else meta.seq_lens, v_scale if scaled else meta.seq_lens,  # unused unless fp8
         scale * _LOG2E,
@@ -673,10 +606,9 @@ def attention_into(
         CAUSAL_SPLIT=cfg.causal_split and not split and window == 0,
         LONGEST_FIRST=cfg.longest_first and not direct,
         SEQ_MAJOR=seq_major,
-        FUSED_MERGE=fused,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    if split and not fused:
+    if split:
         _merge_kernel[(num_tokens, num_heads)](
             po, plse, out,
             po.stride(0), po.stride(1), po.stride(2),

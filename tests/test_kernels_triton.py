@@ -8,7 +8,6 @@ hold NaN, output and split-KV scratch buffers start as NaN.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import zlib
 
@@ -341,37 +340,6 @@ def test_attention_split_kv_ragged_graph_bound(mode, bs, even, monkeypatch):
                                          even_split=even)
     out = run_attention(q, kc, vc, meta, config=config, monkeypatch=monkeypatch)
     _assert_close_attn(out, reference.attention(q, kc, vc, meta))
-
-
-@pytest.mark.parametrize("mode,bs", [(PAGED, 16), (LINEAR, 0)])
-@pytest.mark.parametrize("splits,seq_major", [(3, False), (8, True), (5, False)])
-def test_attention_split_kv_fused_merge(mode, bs, splits, seq_major, monkeypatch):
-    """``fused_merge``: the last split of each tile to finish merges the partials (no merge kernel),
-    with splits left empty by short contexts and NaN-poisoned scratch; its counts are back at zero
-    after the launch, so a second launch (a CUDA graph's replay) is exact too."""
-    gen = _gen("fused-merge", mode, bs, splits)
-    lens = [(n, 1) for n in (1, 7, _randint(gen, 40, 90), _randint(gen, 150, 300), 321)]
-    q, kc, vc, meta, _ = make_batch(gen, lens, num_kv_heads=2, group=4, head_dim=64, dtype=torch.float16,
-                                    mode=mode, block_size=bs)
-    launches = []
-    merge = triton_attention._merge_kernel
-
-    class Merges:
-        def __getitem__(self, grid):
-            launches.append(grid)
-            return merge[grid]
-
-    monkeypatch.setattr(triton_attention, "_merge_kernel", Merges())
-    cfg = triton_attention.AttnConfig(block_q=1, block_n=16, num_splits=splits, num_warps=4, num_stages=2,
-                                      seq_major=seq_major, fused_merge=True)
-    ref = reference.attention(q, kc, vc, meta)
-    for _ in range(2):
-        _assert_close_attn(run_attention(q, kc, vc, meta, config=cfg, monkeypatch=monkeypatch), ref)
-    counts = triton_attention._split_counts(len(lens) * 2, q.device)
-    assert not launches and counts.numel() == 10 and not counts.any()
-    unfused = dataclasses.replace(cfg, fused_merge=False)
-    _assert_close_attn(run_attention(q, kc, vc, meta, config=unfused, monkeypatch=monkeypatch), ref)
-    assert len(launches) == 1
 
 
 @pytest.mark.parametrize("mode,bs", [(PAGED, 16), (LINEAR, 0)])

@@ -64,9 +64,8 @@
 #   bash results/engine/device_session.sh prefill2    # GPU tests (prompt_attention in eager/piecewise/full
 #                                                     # graphs, the TMA kernel), bench_prompt_attention (llama3-8b:
 #                                                     # PAGED from the cache / own K,V / contiguous, one step of
-#                                                     # whole prompts), decode splits under 256 keys and the
-#                                                     # fused split merge (AttnConfig.fused_merge, its GPU test
-#                                                     # too) at 1x4096 (bench_kernels sweep), then bench_prefill with
+#                                                     # whole prompts), decode splits under 256 keys
+#                                                     # at 1x4096 (bench_kernels sweep), then bench_prefill with
 #                                                     # a tile sweep in the time left; each into $OUT as it ends
 # Outputs accumulate in $KVE (default /tmp/kve) on the machine; each part tars them into $OUT.
 set -uo pipefail
@@ -197,8 +196,7 @@ tma)
 prefill2)
     t0=$(date +%s)
     timeout 120 python3 -m pytest -q -p no:cacheprovider -m "gpu or not gpu" tests/test_kernels_prefill_tma.py \
-        "tests/test_gpu_engine.py::test_prompt_attention_qkv_equals_cache_on_gpu" \
-        "tests/test_kernels_triton.py::test_attention_split_kv_fused_merge" 2>&1 | tee "$out/gpu_tests_prefill2.log" | tail -4
+        "tests/test_gpu_engine.py::test_prompt_attention_qkv_equals_cache_on_gpu" 2>&1 | tee "$out/gpu_tests_prefill2.log" | tail -4
     timeout 200 python3 -m experiments.bench_prompt_attention --models llama3-8b --out "$out/prompt_attention" \
         2>&1 | tee "$out/bench_prompt_attention.log" | grep -v "^{" | tail -16
     # decode at 1x4096 (latency-bound, 32.5% of copy): splits of fewer than 256 keys
