@@ -6,6 +6,7 @@ import math
 from typing import Callable
 
 from allocators.base import KVAllocator
+from allocators.checks import is_int, is_real
 
 _REGISTRY: dict[str, type[KVAllocator]] = {}
 
@@ -60,10 +61,10 @@ def checked_args(cls: type[KVAllocator], args: dict) -> dict:
         elif kind is int:
             if isinstance(v, float) and v.is_integer():
                 out[name] = v = int(v)
-            if isinstance(v, bool) or not isinstance(v, int):
+            if not is_int(v):
                 raise ValueError(f"{where}: give a whole number (default {p.default})")
         elif kind is float:
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            if not is_real(v) or not math.isfinite(v):
                 raise ValueError(f"{where}: give a finite number (default {p.default})")
         elif kind is str and not isinstance(v, str):
             raise ValueError(f"{where}: give one of the names it takes (default {p.default!r})")

@@ -65,6 +65,7 @@ from typing import Sequence as Seq
 import torch
 
 from allocators.base import AllocationError, DecodeRun, InPlaceDecodeRun, KVAllocator, KVCacheSpec, SequenceLike
+from allocators.checks import is_int
 from allocators.prefix_cache import PrefixMatch
 from allocators.registry import register
 from allocators.slot_prefix_cache import ROOT_HASH, PageIndex, SlotPrefixCache, page_key
@@ -233,15 +234,14 @@ class VirtualAllocator(KVAllocator):
         # sequence crossing at once (per_layer: 2 x num_layers driver mappings per group)
         self.prefetch = prefetch
         lead = max(2, tpp // 8)
-        if prefetch_tokens is not None and (isinstance(prefetch_tokens, bool) or not isinstance(prefetch_tokens, int)
-                                            or prefetch_tokens < 1):
+        if prefetch_tokens is not None and (not is_int(prefetch_tokens) or prefetch_tokens < 1):
             raise ValueError(f"allocator.args.prefetch_tokens={prefetch_tokens!r}: how many tokens ahead a group is "
                              f"claimed and mapped off the critical path: give a whole number >= 1 (default "
                              f"{lead}: an eighth of a page), or prefetch=false to map on demand")
         self.prefetch_tokens = lead if prefetch_tokens is None else prefetch_tokens
         if premap is None:
             premap = max_num_seqs
-        if isinstance(premap, bool) or not isinstance(premap, int) or premap < 0:
+        if not is_int(premap) or premap < 0:
             raise ValueError(f"allocator.args.premap={premap!r}: the number of empty slots kept with their first "
                              "page mapped ahead of admission, an integer >= 0 (0: map it when a request is admitted)")
         # no prefix caching: it prefers empty slots, to keep idle slots' KV for their next turn

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass, field
 
 import torch
+
+from allocators.checks import is_int, is_real
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
            "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -105,8 +106,7 @@ class EngineConfig:
         self._check_types()
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
-        if isinstance(self.cuda_graph_max_tokens, bool) or not isinstance(self.cuda_graph_max_tokens, int) \
-                or not 0 <= self.cuda_graph_max_tokens <= 8192:
+        if not is_int(self.cuda_graph_max_tokens) or not 0 <= self.cuda_graph_max_tokens <= 8192:
             raise ValueError(f"cuda_graph_max_tokens must be an integer in [0, 8192] (0: prefill and mixed steps "
                              f"run eagerly), got {self.cuda_graph_max_tokens!r}")
         if self.prompt_attention not in ("cache", "qkv"):
@@ -123,7 +123,7 @@ class EngineConfig:
             raise ValueError(f"async_scheduling must be true, false or auto (on for one CUDA device), "
                              f"got {self.async_scheduling!r}")
         tp = self.tensor_parallel_size
-        if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+        if not is_int(tp) or tp < 1:
             raise ValueError(f"tensor_parallel_size must be an integer >= 1 (1: one device), got {tp!r}")
         if self.dtype not in ("auto", *_DTYPES):
             raise ValueError(f"dtype '{self.dtype}': choose auto or one of {sorted(_DTYPES)}")
@@ -149,9 +149,9 @@ class EngineConfig:
             v = getattr(self, name)
             if v is None and none_ok:
                 continue
-            if isinstance(v, float) and v.is_integer() or isinstance(v, numbers.Integral) and not isinstance(v, bool):
+            if isinstance(v, float) and v.is_integer() or is_int(v):
                 v = int(v)  # 4e9 bytes, a numpy count: the same whole number
-            if not isinstance(v, int) or isinstance(v, bool) or not low <= v <= high:
+            if not is_int(v) or not low <= v <= high:
                 raise ValueError(f"{name}={v!r}: give a whole number in [{low}, {high}]"
                                  + (" or null" if none_ok else "") + f" ({WHOLE_MEANING[name]})")
             setattr(self, name, v)
@@ -167,8 +167,7 @@ class EngineConfig:
             if not isinstance(v, bool):
                 raise ValueError(f"{name}={v!r}: give true or false")
         sw = self.swap_space
-        if sw is not None and (isinstance(sw, bool) or not isinstance(sw, (int, float)) or not math.isfinite(sw)
-                               or not 0 <= sw <= 1 << 20):
+        if sw is not None and (not is_real(sw) or not math.isfinite(sw) or not 0 <= sw <= 1 << 20):
             raise ValueError(f"swap_space={sw!r}: give the GiB of host memory for swapped KV as a number >= 0, or "
                              "null for as much as the KV pool")
 
@@ -176,16 +175,16 @@ class EngineConfig:
         from allocators.host_tier import POLICIES
 
         mem, tokens = self.host_kv_cache_memory, self.host_kv_cache_tokens
-        if isinstance(mem, bool) or not isinstance(mem, (int, float)) or not math.isfinite(mem) or mem < 0:
+        if not is_real(mem) or not math.isfinite(mem) or mem < 0:
             raise ValueError(f"host_kv_cache_memory={mem!r}: give the GiB of host memory for the host KV tier "
                              "as a number >= 0 (0 turns it off), e.g. host_kv_cache_memory=4")
-        if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0):
+        if tokens is not None and (not is_int(tokens) or tokens < 0):
             raise ValueError(f"host_kv_cache_tokens={tokens!r}: give a whole number of tokens >= 0, "
                              "or null to size the tier by host_kv_cache_memory")
         if self.host_tier_policy not in POLICIES:
             raise ValueError(f"host_tier_policy='{self.host_tier_policy}': choose one of {POLICIES}")
         tb = self.host_transfer_blocks
-        if isinstance(tb, bool) or not isinstance(tb, int) or tb < 1:
+        if not is_int(tb) or tb < 1:
             raise ValueError(f"host_transfer_blocks={tb!r}: give a whole number of blocks >= 1 per "
                              "host<->device copy, e.g. host_transfer_blocks=1 (one block) or 8")
         if (mem or tokens) and self.tensor_parallel_size > 1:

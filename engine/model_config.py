@@ -5,6 +5,8 @@ import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from allocators.checks import is_int
+
 SUPPORTED = ("llama", "qwen2", "qwen3", "mistral")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 # config.json "architectures" kvlab runs, and the model_type each belongs to
@@ -146,6 +148,6 @@ MAX_SIZE = 1 << 24  # larger than any dimension, layer count or vocabulary of a 
 
 
 def _check_size(name: str, field_name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= MAX_SIZE:
+    if not is_int(value) or not minimum <= value <= MAX_SIZE:
         raise ValueError(f"{name}: {field_name}={value!r} is not a model size: give a whole number in "
                          f"[{minimum}, {MAX_SIZE}] (config.json or engine.hf_overrides)")

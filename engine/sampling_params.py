@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from numbers import Integral, Real
+
+from allocators.checks import is_int, is_real
 
 SAMPLING_EPS = 1e-5  # temperatures below this are greedy (as in vLLM): 1/T would overflow
 MAX_SEED = 2**63 - 1  # torch generators take 64-bit seeds; seed + sample index must stay in range
@@ -17,14 +18,6 @@ MAX_TOP_K = 2**31 - 1  # larger values mean "no limit" in effect; beyond int32 t
 MAX_LOGPROBS = 20  # top logprobs per token (OpenAI's limit)
 MAX_N = 1024
 OUTPUT_KINDS = ("cumulative", "delta", "final_only")
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, Integral) and not isinstance(v, bool)
-
-
-def _is_real(v) -> bool:
-    return isinstance(v, Real) and not isinstance(v, bool)
 
 
 @dataclass
@@ -70,23 +63,23 @@ class SamplingParams:
             v = getattr(self, name)
             if v is None and optional:
                 return
-            if not _is_int(v) or not lo <= v <= hi:
+            if not is_int(v) or not lo <= v <= hi:
                 out.append(f"{name} must be an integer in [{lo}, {hi}], got {v!r}")
 
         def real(name: str, ok, rng: str) -> None:
             v = getattr(self, name)
-            if not _is_real(v) or not math.isfinite(v) or not ok(v):
+            if not is_real(v) or not math.isfinite(v) or not ok(v):
                 out.append(f"{name} must be a finite number {rng}, got {v!r}")
 
         integer("n", 1, MAX_N)
         real("temperature", lambda v: v >= 0, ">= 0")
         real("top_p", lambda v: 0 < v <= 1, "in (0, 1]")
-        if not _is_int(self.top_k) or not -1 <= self.top_k <= MAX_TOP_K:
+        if not is_int(self.top_k) or not -1 <= self.top_k <= MAX_TOP_K:
             out.append(f"top_k must be -1 or 0 (no limit) or an integer in [1, {MAX_TOP_K}], got {self.top_k!r}")
         integer("max_tokens", 0, 2**31 - 1, optional=True)
         if self.max_tokens == 0 and self.prompt_logprobs is None:
             out.append("max_tokens must be >= 1 (0 is only allowed with prompt_logprobs, to score a prompt)")
-        hi = self.max_tokens if _is_int(self.max_tokens) else 2**31 - 1
+        hi = self.max_tokens if is_int(self.max_tokens) else 2**31 - 1
         integer("min_tokens", 0, hi)
         integer("seed", -MAX_SEED - 1, MAX_SEED, optional=True)
         integer("logprobs", 0, MAX_LOGPROBS, optional=True)
@@ -95,12 +88,12 @@ class SamplingParams:
             out.append(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
         if not all(isinstance(s, str) and s for s in self.stop):
             out.append("stop must be a list of non-empty strings")
-        if not all(_is_int(t) and 0 <= t < 2**31 for t in self.stop_token_ids):
+        if not all(is_int(t) and 0 <= t < 2**31 for t in self.stop_token_ids):
             out.append("stop_token_ids must be non-negative token ids")
         if self.output_kind not in OUTPUT_KINDS:
             out.append(f"output_kind must be one of {OUTPUT_KINDS}, got {self.output_kind!r}")
         integer("beam_width", 1, MAX_N)
-        if _is_int(self.beam_width) and self.beam_width > 1 and not out:
+        if is_int(self.beam_width) and self.beam_width > 1 and not out:
             k = self.beam_width
             if self.n > k:
                 out.append(f"n must be <= beam_width with beam search (the n best of {k} beams), got n={self.n}")

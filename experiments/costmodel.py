@@ -23,6 +23,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from allocators.checks import is_int
+
 __all__ = ["AllReduceCost", "DeviceSpec", "ModelShape", "DEVICES", "MODEL_SHAPES", "StepCost", "RooflineCostModel",
            "get_device", "get_model_shape"]
 
@@ -217,7 +219,7 @@ class AllReduceCost:
 
     def __init__(self, tp: int, hidden_size: int, num_layers: int, dtype_bytes: int, device: DeviceSpec,
                  bandwidth: float | None = None, latency_s: float | None = None):
-        if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+        if not is_int(tp) or tp < 1:
             raise ValueError(f"tensor_parallel_size must be an integer >= 1, got {tp!r}")
         self.tp, self.hidden_size, self.num_layers, self.dtype_bytes = tp, hidden_size, num_layers, dtype_bytes
         self.bandwidth = device.nvlink_bandwidth if bandwidth is None else bandwidth

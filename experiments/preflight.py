@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from allocators.checks import is_int, is_real
+
 ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = ROOT / "conf"
 MODES = ("offline", "online", "simulate")
@@ -334,7 +336,7 @@ def _check_value_types(base, ovs) -> None:
         if ov.type.name != "CHANGE" or is_group(ov.key_or_group) or ov.key_or_group.startswith("hydra"):
             continue
         default = OmegaConf.select(base, ov.key_or_group, default=None, throw_on_missing=False)
-        if isinstance(default, bool) or not isinstance(default, (int, float)):
+        if not is_real(default):
             continue
         for v in _values(ov):
             try:
@@ -438,10 +440,10 @@ def _check_resolves(cfg) -> None:
 def _check_protocol(cfg) -> None:
     """``repeats`` a whole number >= 1, ``measure.warmup_s`` null or >= 0."""
     repeats = cfg.get("repeats", 1)
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+    if not is_int(repeats) or repeats < 1:
         raise UserError(f"repeats={repeats}: give the number of runs, 1 or more (seeds seed, seed+1, ...)")
     warmup = (cfg.get("measure") or {}).get("warmup_s")
-    if warmup is not None and (isinstance(warmup, bool) or not isinstance(warmup, (int, float)) or not warmup >= 0):
+    if warmup is not None and (not is_real(warmup) or not warmup >= 0):
         raise UserError(f"measure.warmup_s={warmup}: give seconds >= 0, or null to start the steady-state "
                         "window where the pool or the batch first saturates")
 
@@ -456,7 +458,7 @@ def _check_arrival_span(cfg, rate: float) -> None:
 
     n = cfg.workload.get("num_requests")
     most = {"online": MAX_ONLINE_SPAN_S, "simulate": MAX_ARRIVAL_S}.get(cfg.mode)
-    if most is None or cfg.workload.get("name") == "trace" or not isinstance(n, (int, float)) or isinstance(n, bool):
+    if most is None or cfg.workload.get("name") == "trace" or not is_real(n):
         return
     if 0 < rate < math.inf and n / rate > most:
         raise UserError(f"workload.request_rate={rate:g}: {n:g} requests would arrive over ~{n / rate:.3g} s "
@@ -471,7 +473,7 @@ def check_config(cfg) -> None:
                         f"{did_you_mean(cfg.mode, MODES, 'mode=')}")
     _check_protocol(cfg)
     rate = cfg.workload.get("request_rate", math.inf)
-    if isinstance(rate, bool) or not isinstance(rate, (int, float)):
+    if not is_real(rate):
         raise UserError(f"workload.request_rate={'null' if rate is None else rate}: give requests per second "
                         "(a number > 0), or inf to send every request at t=0")
     rate = float(rate)

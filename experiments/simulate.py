@@ -29,6 +29,7 @@ import logging
 import math
 from collections.abc import Mapping
 
+from allocators.checks import is_real
 from engine.config import EngineConfig
 from engine.model_config import ModelConfig
 from experiments.costmodel import ModelShape, RooflineCostModel, get_device, get_model_shape
@@ -302,15 +303,14 @@ class SimSettings:
 
     def __post_init__(self) -> None:
         e = self.efficiency
-        if isinstance(e, bool) or not isinstance(e, (int, float)) or not 0 < e <= 1:
+        if not is_real(e) or not 0 < e <= 1:
             raise ValueError(f"sim.efficiency={e!r}: give a number in (0, 1] (the share of the device's peak "
                              "rates the roofline model reaches)")
         for name, (low, closed, nullable, meaning) in self.RANGES.items():
             v = getattr(self, name)
             if v is None and nullable:
                 continue
-            ok = (not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
-                  and (v >= low if closed else v > low))
+            ok = is_real(v) and math.isfinite(v) and (v >= low if closed else v > low)
             if not ok:
                 raise ValueError(f"sim.{name}={v!r}: give a finite number {'>=' if closed else '>'} {low:g} "
                                  f"({meaning})")

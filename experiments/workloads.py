@@ -28,6 +28,8 @@ from statistics import NormalDist
 
 import numpy as np
 
+from allocators.checks import is_int, is_real
+
 __all__ = [
     "RequestSpec", "WorkloadConfig", "WorkloadContext", "LogNormalLengths", "SHAREGPT", "ALPACA",
     "WORKLOADS", "register_workload", "available_workloads", "make_workload", "arrival_times",
@@ -408,12 +410,12 @@ def _trace_record(r, path: Path, lineno: int) -> dict:
     if "output_len" not in r:
         raise ValueError(f"{where}: missing 'output_len'")
     for key in ("prompt_len", "output_len", "n"):
-        if key in r and (not isinstance(r[key], int) or isinstance(r[key], bool) or r[key] < 1):
+        if key in r and (not is_int(r[key]) or r[key] < 1):
             raise ValueError(f"{where}: '{key}' must be an integer >= 1, got {r[key]!r}")
     if "prompt" in r and not isinstance(r["prompt"], str):
         raise ValueError(f"{where}: 'prompt' must be a string")
     a = r.get("arrival_s", 0)
-    if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0 <= a <= MAX_ARRIVAL_S:
+    if not is_real(a) or not 0 <= a <= MAX_ARRIVAL_S:
         raise ValueError(f"{where}: 'arrival_s' must be seconds in [0, {MAX_ARRIVAL_S:g}], got {a!r}")
     return r
 
@@ -452,7 +454,7 @@ def _as_int(cfg: WorkloadConfig, key: str, minimum: int, optional: bool = False,
         return
     if isinstance(v, float) and v.is_integer():
         v = int(v)
-    if not isinstance(v, int) or isinstance(v, bool) or not minimum <= v <= maximum:
+    if not is_int(v) or not minimum <= v <= maximum:
         raise ValueError(f"workload.{key} must be an integer in [{minimum}, {maximum}]{why}, got {v!r}")
     setattr(cfg, key, v)
 

@@ -40,6 +40,17 @@ def test_engine_counts_take_integral_floats_and_numpy_ints():
     assert EngineConfig(kv_cache_tokens=None).kv_cache_tokens is None
 
 
+def test_whole_numbers_and_numbers_refuse_bools():
+    from allocators.checks import is_int, is_real
+
+    assert [is_int(v) for v in (3, np.int64(3), True, 3.0, "3", None)] == [True, True, False, False, False, False]
+    assert [is_real(v) for v in (3, 2.5, np.float32(2.5), math.nan, False, "2.5")] == [True] * 4 + [False] * 2
+    # the shared check in its call sites: a bool is not a size, a numpy count is
+    with pytest.raises(ValueError, match="cuda_graph_max_tokens"):
+        EngineConfig(cuda_graph_max_tokens=True)
+    assert EngineConfig(tensor_parallel_size=np.int64(1)).tensor_parallel_size == 1
+
+
 def test_a_pool_sized_two_ways_is_refused():
     # kvlab run's default kv_cache_tokens=4096 would silently win over a kv_cache_memory given
     with pytest.raises(ValueError, match="kv_cache_tokens=4096 and kv_cache_memory=1000000 both size the KV pool"

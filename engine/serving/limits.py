@@ -27,6 +27,7 @@ import h11
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from allocators.checks import is_int, is_real
 from engine.sampling_params import MAX_N
 from engine.serving.errors import error_json
 
@@ -54,11 +55,10 @@ class ServerLimits:
             if f.name == "max_concurrency" and value is None:
                 continue
             if f.name.endswith("_s"):
-                ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
-                    and value > 0
+                ok = is_real(value) and math.isfinite(value) and value > 0
                 if not ok:
                     raise LimitsConfigError(f"limits.{f.name} must be a positive number of seconds, got {value!r}")
-            elif not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            elif not is_int(value) or value < 1:
                 raise LimitsConfigError(f"limits.{f.name} must be a positive integer, got {value!r}")
         if self.max_n > MAX_N:
             raise LimitsConfigError(f"limits.max_n must be at most {MAX_N} (the engine's limit), got {self.max_n}")

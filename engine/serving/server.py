@@ -11,6 +11,7 @@ from typing import Any, Mapping
 
 import uvicorn
 
+from allocators.checks import is_int
 from engine.async_engine import AsyncLLMEngine
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
@@ -100,7 +101,7 @@ def main(cfg: Mapping[str, Any]) -> None:
         cfg = OmegaConf.to_container(cfg, resolve=True)
     limits = ServerLimits.from_config(cfg.get("limits"))
     port = cfg.get("port", 8000)
-    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+    if not is_int(port) or not 0 <= port <= 65535:
         raise ValueError(f"port={port!r}: a TCP port is an integer in [0, 65535] (0: any free port), e.g. port=8000")
     serve(engine_config(cfg), served_model_name=cfg.get("served_model_name") or cfg["model"]["name"],
           host=cfg.get("host", "127.0.0.1"), port=port, api_key=cfg.get("api_key"),
