@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -172,11 +173,8 @@ class DecodeFastForward:
         steps = _Steps(list(sched.running), list(computed), list(left), [e.clock()])
         members, left = steps.members, steps.left  # both grow with the first step's admissions
         num = len(members)
-        context = [0]  # context[n]: computed tokens of the first n members
-        longest = [0]  # longest[n]: the most any of them has computed (the profiled model's ragged term)
-        for c in computed:
-            context.append(context[-1] + c)
-            longest.append(max(longest[-1], c))
+        context = [0, *accumulate(computed)]  # context[n]: computed tokens of the first n members
+        longest = [0, *accumulate(computed, max)]  # longest[n]: the most any of them has computed (ragged term)
         first_done = min(left)  # step at which the first of the first ``num`` finishes
         # the head of the queue and its tokens (a victim has the tokens of the steps it was in)
         head = sched.waiting[0] if sched.waiting else None
