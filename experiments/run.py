@@ -127,9 +127,10 @@ def check_ranges(cfg: DictConfig) -> None:
 def check_sweep_ranges(overrides: list[str]) -> None:
     """Every value of a sweep (``kvlab run -m``) through ``check_ranges`` before its first run starts:
     a bad value in its fifth run is not found after four have run."""
-    ovs = preflight._parse(overrides)
-    swept = {preflight._key_of(ov.input_line) for ov in ovs if ov.is_sweep_override()}
-    for probe in preflight.value_probes(overrides):
+    probes = preflight.value_probes(overrides)
+    # the keys whose line differs between probes (each probe holds every override, in one order)
+    swept = {preflight._key_of(lines[0]) for lines in zip(*probes) if len(set(lines)) > 1}
+    for probe in probes:
         try:
             check_ranges(preflight.compose(probe))
         except ValueError as e:
