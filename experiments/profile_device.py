@@ -571,6 +571,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="how the host-time runs schedule, comma-separated: sync (steps one after another), "
                          "async (each step launched before the previous one is read back: what simulate "
                          "uses for engine.async_scheduling=true)")
+    ap.add_argument("--host-events", action="store_true",
+                    help="CUDA events around each host-time step's launch too, for its device time (the gpu "
+                         "column; diagnostics: the real runs the steps stand for have no such events)")
     ap.add_argument("--virtual-page-size", type=int, default=None, help="page size of the host-time run (bytes)")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--skip", default="", help="parts to leave out, comma-separated: host, gemm, models, graphs "
@@ -676,7 +679,8 @@ def main(argv: list[str] | None = None) -> int:
                     for sched in schedulings:
                         rows += [dict(r, repeat=first_repeat + rep) for r in run_host(
                             hm, name, args, max_model_len=a.max_model_len, kv_cache_tokens=a.host_kv_tokens,
-                            device=str(device), phases=phases, seed=rep, async_scheduling=sched == "async")]
+                            device=str(device), phases=phases, seed=rep, async_scheduling=sched == "async",
+                            events=a.host_events)]
                         say(f"host steps: {hm} {alloc} {sched}" + (f" (repeat {rep + 1} of {a.host_repeats})"
                                                                     if a.host_repeats > 1 else ""))
     import gc

@@ -15,6 +15,8 @@ every wait for the device left out.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 TRICKLE_STEPS = 8
@@ -30,13 +32,15 @@ HOST_ALLOCATORS = {"paged": ("paged", {"block_size": 16}), "contiguous": ("conti
 def host_rows(model: str, allocator: str, args: dict, *, max_model_len: int, kv_cache_tokens: int,
               device: str, seed: int = 0,
               phases=((256, 32, 1024, 16, 512), (4, 64, 256, 64, 128)), skip_steps: int = 20,
-              async_scheduling: bool = False) -> list[dict]:
+              async_scheduling: bool = False, events: bool = False) -> list[dict]:
     """Steps of the real engine: wall time minus device time (end of input preparation to end of
     sampling). ``phases``: (requests, prompt min, max, output min, max), run one after the other;
     requests min == max == 0 draws ShareGPT-like lengths; a negative count adds that many
     requests one at a time, arriving every ``TRICKLE_STEPS`` steps' time (light load: prefill steps beside a few
     decoding sequences, as an online run at a low rate has them). The first ``skip_steps`` are
-    left out (the caching allocator still grows there)."""
+    left out (the caching allocator still grows there). ``events``: CUDA events around each
+    launch as well, for its device time (``gpu``, diagnostics only: the cost model takes the
+    device part from its own tables), which the real runs these steps stand for do not have."""
     from engine import LLMEngine
     from engine.config import EngineConfig
     from experiments.driver import drive
@@ -48,7 +52,7 @@ def host_rows(model: str, allocator: str, args: dict, *, max_model_len: int, kv_
                                  max_model_len=max_model_len, max_num_seqs=256, max_num_batched_tokens=HOST_MAX_NUM_BATCHED_TOKENS,
                                  kv_cache_tokens=kv_cache_tokens, detokenize=False, stream_outputs=False,
                                  seed=seed, async_scheduling=async_scheduling))
-    timer = LaunchTimer(eng, cuda)
+    timer = LaunchTimer(eng, cuda, events=events)
     rng = np.random.default_rng(seed)
     for phase, (n, plo, phi, olo, ohi) in enumerate(phases):
         trickle, n = n < 0, abs(n)
@@ -91,10 +95,11 @@ def host_rows(model: str, allocator: str, args: dict, *, max_model_len: int, kv_
                    duration=r.duration,
                    gap=max(0.0, gap), graph_max_tokens=graph_max_tokens, max_graph_batch=max_graph_batch,
                    graph_mode=eng.config.cuda_graph_mode, vmm_maps=maps, vmm_unmaps=unmaps,
-                   scheduling="async" if async_scheduling else "sync", host_s=r.host_s, launch_cpu=launch_cpu)
+                   scheduling="async" if async_scheduling else "sync", host_s=r.host_s, launch_cpu=launch_cpu,
+                   events=timer.events)
         if async_scheduling:  # the events around a launch also hold the wait for the step before
             row["value"] = r.host_s + launch_cpu
-        else:
+        elif not math.isnan(g):  # no device (all host), or its time measured (events)
             row.update(gpu=g, value=max(0.0, r.duration - g))
         rows.append(row)
     timer.close()

@@ -14,21 +14,24 @@ input preparation to the end of sampling.
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from pathlib import Path
 
 
 class LaunchTimer:
-    """Wraps ``eng.runner.launch``: per step, CUDA events around the launch (device time) and
-    the CPU time the launch call took, the batch's longest context; with a VMM allocator, the maps its scheduling made
-    (``MapCounter``). ``close()`` unwraps it (no cycle through the wrapper)."""
+    """Wraps ``eng.runner.launch``: per step, CUDA events around the launch (device time; only
+    with ``events``) and the CPU time the launch call took, the batch's longest context; with a
+    VMM allocator, the maps its scheduling made (``MapCounter``). ``close()`` unwraps it (no
+    cycle through the wrapper). Without ``events`` the steps run as in a run with no timer on
+    the device's side (``kvlab profile``'s host steps: the real runs they stand for have none)."""
 
-    def __init__(self, eng, cuda: bool):
+    def __init__(self, eng, cuda: bool, events: bool = True):
         import torch
 
         from experiments.simulate import MapCounter
 
-        self.eng, self.cuda, self.torch = eng, cuda, torch
+        self.eng, self.cuda, self.events, self.torch = eng, cuda, cuda and events, torch
         self.marks: list = []  # (step index, start event, end event, prep s, launch cpu s)
         self.vmm: dict[int, tuple[int, int]] = {}  # step -> VMM (maps, unmaps) on its path
         self.longest: dict[int, int] = {}  # step -> its longest sequence's context (keys attention reads)
@@ -44,11 +47,15 @@ class LaunchTimer:
             self.vmm[step] = self.counter.take()
         if not self.cuda:
             return self._launch(batch, inflight)
-        a, b = self.torch.cuda.Event(enable_timing=True), self.torch.cuda.Event(enable_timing=True)
+        a = b = None
+        if self.events:
+            a, b = self.torch.cuda.Event(enable_timing=True), self.torch.cuda.Event(enable_timing=True)
         t0 = time.perf_counter()
-        a.record()
+        if a is not None:
+            a.record()
         h = self._launch(batch, inflight)
-        b.record()
+        if b is not None:
+            b.record()
         cpu = time.perf_counter() - t0
         prep = self.eng.runner.last_prep_s
         # the device idles while the runner prepares inputs: that part is host time
@@ -56,10 +63,11 @@ class LaunchTimer:
         return h
 
     def device_times(self) -> dict[int, tuple[float, float]]:
-        """step -> (device s, launch cpu s); synchronizes."""
-        if self.cuda:
+        """step -> (device s, launch cpu s), device s NaN without ``events``; synchronizes."""
+        if self.events:
             self.torch.cuda.synchronize()
-        return {i: (max(0.0, a.elapsed_time(b) / 1e3 - prep), cpu) for i, a, b, prep, cpu in self.marks}
+        return {i: (max(0.0, a.elapsed_time(b) / 1e3 - prep) if a is not None else math.nan, cpu)
+                for i, a, b, prep, cpu in self.marks}
 
     def close(self) -> None:
         del self.eng.runner.launch

@@ -632,6 +632,52 @@ def test_asynchronous_host_steps_record_the_cpu_time_without_waits():
     assert all(r["scheduling"] == "sync" and r["duration"] >= r["value"] >= 0 for r in sync)
 
 
+def test_host_steps_leave_the_device_alone_unless_asked_for_events(monkeypatch):
+    """``kvlab profile``'s host steps stand for real runs, which have no timer: by default the
+    launch timer makes and records no CUDA event (the CPU time of the launch, the longest context
+    and the VMM calls are still kept) and rows carry no device time; ``events=True`` brackets each
+    launch with two, for the ``gpu`` column. (The device path, driven on a CPU engine with stand-in
+    events.)"""
+    import torch
+
+    import experiments.step_timing as step_timing
+    from experiments.profile_host import host_rows
+
+    made = []
+
+    class Event:  # torch.cuda.Event's part the timer uses
+        def __init__(self, enable_timing=False):
+            made.append(self)
+
+        def record(self):
+            self.recorded = True
+
+        def elapsed_time(self, end):
+            return 2.0  # ms
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    real = step_timing.LaunchTimer
+    timers = []
+
+    def on_device(eng, cuda, events=True):  # as on a GPU, whatever the engine's device
+        timers.append(real(eng, True, events=events))
+        return timers[-1]
+
+    monkeypatch.setattr(step_timing, "LaunchTimer", on_device)
+    spec = dict(max_model_len=256, kv_cache_tokens=2048, device="cpu", phases=((6, 16, 64, 8, 16),), skip_steps=0)
+    quiet = host_rows(MODEL, "paged", {"block_size": 8}, **spec)
+    assert quiet and not made and all(not r["events"] and "gpu" not in r and "value" not in r for r in quiet)
+    assert all(r["launch_cpu"] > 0 and r["max_context"] > 0 for r in quiet)
+    assert all(math.isnan(d) for d, _ in timers[-1].device_times().values())
+    timed = host_rows(MODEL, "paged", {"block_size": 8}, **spec, events=True)
+    assert len(made) == 2 * len(timers[-1].marks) and all(e.recorded for e in made)
+    assert all(r["events"] and r["gpu"] >= 0 and r["value"] == max(0.0, r["duration"] - r["gpu"]) for r in timed)
+    # the same steps either way
+    shape = ("step", "batch", "prefill_tokens", "decode_tokens", "context")
+    assert [tuple(r[k] for k in shape) for r in quiet] == [tuple(r[k] for k in shape) for r in timed]
+
+
 def test_host_steps_run_apart_in_a_process_of_their_own():
     """``kvlab profile`` records each host-time engine in a process of its own (as each real run of
     validate-sim is one): the same steps as in this process, and what ran there is not here."""

@@ -86,6 +86,10 @@
 #   ARCHIVE_EACH=1 BUDGET_S=420 bash results/sim_validation/device_session.sh sync
 #   SCHED=sync bash results/sim_validation/device_session.sh host  # (a second call, same machine: ~250 s;
 #       the profile's trickle of single prompts now reaches 1,024 tokens: TRICKLE_MAX_PROMPT)
+# Prepared (session of 2026-12-05, third), not run yet: does the profile's launch timer slow the steps it times?
+#   bash results/sim_validation/device_session.sh timerdiag  # qwen3-0.6b paged: a real run at 8 req/s, then the
+#       profile's synchronous host steps four times, without and with the timer's CUDA events alternately
+#       (logs/timerdiag/diag.py; ~3 min). kvlab profile's host steps run without the events since that session.
 # Runs accumulate in $KVSV (default /tmp/kvsv) on the machine; each part tars them into $OUT.
 set -uo pipefail
 part=${1:?profile or llama}
@@ -348,6 +352,12 @@ syncdiag)  # the profile's synchronous host steps (llama3-8b, one sequence: 5.35
         workload.request_rate=4 workload.num_requests=50 --out "$runs/step_timing_sync" 2>&1 | tail -6
     timeout 220 python3 -m experiments.cli profile --models llama3-8b --host-model llama3-8b --host-scheduling sync \
         --skip gemm,models,graphs,ragged,copy,vmm --out "$runs/sync_llama.parquet" 2>&1 | tail -3
+    ;;
+timerdiag)
+    mkdir -p "$runs/timerdiag"
+    kv validate-sim model=qwen3-0.6b $B allocator=paged --rates 8 --online-requests 60 --no-offline --real-only \
+        --label timerdiag --out "$runs/timerdiag" >"$runs/timerdiag.log" 2>&1; echo "real run: exit $?"
+    timeout 300 python3 results/sim_validation/logs/timerdiag/diag.py "$runs/timerdiag" 2>&1 | tee -a "$runs/timerdiag.log"
     ;;
 full2)
     real llama3-8b 4,32 50 1
