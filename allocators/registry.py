@@ -63,9 +63,11 @@ def checked_args(cls: type[KVAllocator], args: dict) -> dict:
                 out[name] = v = int(v)
             if not is_int(v):
                 raise ValueError(f"{where}: give a whole number (default {p.default})")
+            out[name] = int(v)  # a numpy count: a plain int for the allocator and the kernels
         elif kind is float:
             if not is_real(v) or not math.isfinite(v):
                 raise ValueError(f"{where}: give a finite number (default {p.default})")
+            out[name] = float(v)
         elif kind is str and not isinstance(v, str):
             raise ValueError(f"{where}: give one of the names it takes (default {p.default!r})")
     return out

@@ -206,11 +206,12 @@ class VirtualAllocator(KVAllocator):
             page_size = fit.page_size
             log.info("virtual allocator: page_size=%d bytes (%d tokens a page, layout %s): %s; "
                      "set allocator.args.page_size to choose another", page_size, fit.page_tokens, layout, fit.why)
-        elif not isinstance(page_size, int) or page_size <= 0 or page_size % token_bytes:
+        elif not is_int(page_size) or page_size <= 0 or page_size % token_bytes:
             raise ValueError(
                 f"allocator.args.page_size={page_size} does not hold a whole number of tokens of {token_bytes} "
                 f"bytes (layout '{layout}'): choose a multiple of {token_bytes}, e.g. {fit.page_size}, "
                 "or allocator.args.page_size=auto for one chosen to fit")
+        page_size = int(page_size)
         self.page_tokens = tpp = page_size // token_bytes
         num_groups = capacity_tokens // tpp
         if num_groups == 0:

@@ -109,6 +109,7 @@ class EngineConfig:
         if not is_int(self.cuda_graph_max_tokens) or not 0 <= self.cuda_graph_max_tokens <= 8192:
             raise ValueError(f"cuda_graph_max_tokens must be an integer in [0, 8192] (0: prefill and mixed steps "
                              f"run eagerly), got {self.cuda_graph_max_tokens!r}")
+        self.cuda_graph_max_tokens = int(self.cuda_graph_max_tokens)  # a numpy count: a plain int from here on
         if self.prompt_attention not in ("cache", "qkv"):
             raise ValueError(f"prompt_attention must be 'cache' (keys through the allocator's addressing) or 'qkv' "
                              f"(a step of whole prompts reads its own K/V projection), got {self.prompt_attention!r}")
@@ -125,6 +126,7 @@ class EngineConfig:
         tp = self.tensor_parallel_size
         if not is_int(tp) or tp < 1:
             raise ValueError(f"tensor_parallel_size must be an integer >= 1 (1: one device), got {tp!r}")
+        self.tensor_parallel_size = int(tp)
         if self.dtype not in ("auto", *_DTYPES):
             raise ValueError(f"dtype '{self.dtype}': choose auto or one of {sorted(_DTYPES)}")
         if self.kv_cache_dtype not in ("auto", *KV_DTYPES):
@@ -137,9 +139,11 @@ class EngineConfig:
                              "scales and layer groups are not sent to the other ranks yet): choose one of the two")
         if self.kv_scale_granularity not in ("tensor", "head"):
             raise ValueError(f"kv_scale_granularity '{self.kv_scale_granularity}': choose tensor or head")
-        if self.kv_scale is not None and not (isinstance(self.kv_scale, (int, float)) and 0 < self.kv_scale < 1e6):
+        if self.kv_scale is not None and not (is_real(self.kv_scale) and 0 < self.kv_scale < 1e6):
             raise ValueError(f"kv_scale must be a positive number (dequantized = fp8 value x scale) or null "
                              f"(computed from the first prefill), got {self.kv_scale!r}")
+        if self.kv_scale is not None:
+            self.kv_scale = float(self.kv_scale)
         self._check_host_tier()
 
     def _check_types(self) -> None:
@@ -181,12 +185,15 @@ class EngineConfig:
         if tokens is not None and (not is_int(tokens) or tokens < 0):
             raise ValueError(f"host_kv_cache_tokens={tokens!r}: give a whole number of tokens >= 0, "
                              "or null to size the tier by host_kv_cache_memory")
+        if tokens is not None:
+            self.host_kv_cache_tokens = int(tokens)
         if self.host_tier_policy not in POLICIES:
             raise ValueError(f"host_tier_policy='{self.host_tier_policy}': choose one of {POLICIES}")
         tb = self.host_transfer_blocks
         if not is_int(tb) or tb < 1:
             raise ValueError(f"host_transfer_blocks={tb!r}: give a whole number of blocks >= 1 per "
                              "host<->device copy, e.g. host_transfer_blocks=1 (one block) or 8")
+        self.host_transfer_blocks = int(tb)
         if (mem or tokens) and self.tensor_parallel_size > 1:
             raise ValueError("the host KV tier runs with tensor_parallel_size=1 only (the other ranks do not "
                              "copy their shards yet): set host_kv_cache_memory=0 or tensor_parallel_size=1")

@@ -54,8 +54,10 @@ class ModelConfig:
             self.eos_token_id = [self.eos_token_id]
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
-        if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window < 1):
-            raise ValueError(f"sliding_window must be a positive int or None, got {self.sliding_window!r}")
+        if self.sliding_window is not None:
+            if not is_int(self.sliding_window) or self.sliding_window < 1:
+                raise ValueError(f"sliding_window must be a positive int or None, got {self.sliding_window!r}")
+            self.sliding_window = int(self.sliding_window)
         if self.layer_types is not None:
             self.layer_types = list(self.layer_types)
             bad = sorted(set(self.layer_types) - set(LAYER_TYPES))

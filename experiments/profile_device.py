@@ -529,9 +529,11 @@ PART_TABLES = {"host": {"host"}, "gemm": {"gemm"}, "copy": {"copy"}, "vmm": {"vm
                "graphs": {"piecewise_forward", "piecewise_capture", "full_forward", "full_capture"}}
 
 
-def _check_same_graphs(ap, prior, cuda: bool) -> None:
+def _check_same_graphs(ap, prior, cuda: bool, events: bool = False) -> None:
     """``--host-add`` pools host steps only of engines with this one's graphs: the cost model models
-    a pool's steps with one graph setting (the profile's host engine: ``HOST_MAX_NUM_BATCHED_TOKENS``, defaults)."""
+    a pool's steps with one graph setting (the profile's host engine: ``HOST_MAX_NUM_BATCHED_TOKENS``, defaults);
+    and only of one timer: steps with CUDA events around each launch (``--host-events``; every step on a
+    GPU before the ``events`` column) took longer before the device's wait than steps without."""
     from engine.config import EngineConfig, graph_token_bound
     from engine.piecewise_graphs import token_sizes
     from experiments.profile_host import HOST_MAX_NUM_BATCHED_TOKENS
@@ -545,6 +547,14 @@ def _check_same_graphs(ap, prior, cuda: bool) -> None:
                 ap.error(f"--host-add: the profile's host steps were recorded with {key} {old}, this engine's is "
                          f"{now!r}; pooled, the cost model would model them as one: record them again without "
                          "--host-add")
+    if len(prior):
+        was = prior["events"].tolist() if "events" in prior else [None] * len(prior)
+        was = {bool(v) if v == v and v is not None else cuda for v in was}
+        if was != {cuda and events}:
+            ap.error(f"--host-add: the profile's host steps were recorded {'with' if True in was else 'without'} the "
+                     f"launch timer's CUDA events, these {'with' if cuda and events else 'without'}; pooled, two "
+                     "timings would be averaged: give the same --host-events, or record them again without "
+                     "--host-add")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -634,7 +644,7 @@ def main(argv: list[str] | None = None) -> int:
             keep |= (old.df["table"] == "host") & (~remeasured | a.host_add)
             if a.host_add:  # this run's repeats follow the kept ones (a run is a repeat's steps in order)
                 prior = old.df[(old.df["table"] == "host") & remeasured]
-                _check_same_graphs(ap, prior, device.type == "cuda")
+                _check_same_graphs(ap, prior, device.type == "cuda", a.host_events)
                 if len(prior):  # rows from before the column: one run, repeat 0
                     first_repeat = (int(prior["repeat"].fillna(0).max()) if "repeat" in prior else 0) + 1
         rows = [{k: v for k, v in r.items() if v == v and v is not None}

@@ -1,9 +1,10 @@
 """The host part of a device profile: the real engine's steps, wall time minus device time.
 
 ``kvlab profile`` runs the engine once per allocator on a mixed workload and records, for every
-step, its batch shape, wall time and device time (CUDA events from the end of input preparation
-to the end of sampling), and the time the experiments' driver (experiments/driver.py, which feeds
-the run) spent between it and the next step (``gap``). The profiled cost model takes host time as
+step, its batch shape, wall time, the CPU time of its launch, and the time the experiments' driver
+(experiments/driver.py, which feeds the run) spent between it and the next step (``gap``); with
+``--host-events`` also its device time (CUDA events from the end of input preparation to the end of
+sampling: diagnostics, left out by default since the real runs have no such events). The profiled cost model takes host time as
 what those steps took beyond its own modelled device time, gap included
 (experiments/profiled_costmodel.py).
 

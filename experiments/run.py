@@ -134,7 +134,8 @@ def check_sweep_ranges(overrides: list[str]) -> None:
         try:
             check_ranges(preflight.compose(probe))
         except ValueError as e:
-            run = " ".join(line for line in probe if preflight._key_of(line) in swept)
+            # (a "sweep" of one value per key: every line of its one run)
+            run = " ".join(line for line in probe if preflight._key_of(line) in swept or not swept)
             raise UserError(f"{e} (a run of this sweep: {run}); nothing has run") from None
 
 

@@ -3,6 +3,7 @@ or false, a model size a size, a simulated device's figures finite, a resumed fo
 kvlab wrote. Each is refused with the key and the fix, before the run does anything."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -49,6 +50,26 @@ def test_whole_numbers_and_numbers_refuse_bools():
     with pytest.raises(ValueError, match="cuda_graph_max_tokens"):
         EngineConfig(cuda_graph_max_tokens=True)
     assert EngineConfig(tensor_parallel_size=np.int64(1)).tensor_parallel_size == 1
+
+
+def test_numpy_counts_reach_the_engine_as_plain_ints():
+    """A count computed with numpy passes the checks as the number it is, and what is stored is a
+    plain int/float: the kernels' own checks (block_size), the host tier's and JSON take no numpy."""
+    from allocators.paged import PagedAllocator
+    from allocators.registry import checked_args
+
+    args = checked_args(PagedAllocator, {"block_size": np.int64(16)})
+    assert args["block_size"] == 16 and type(args["block_size"]) is int
+    c = EngineConfig(tensor_parallel_size=np.int64(1), host_transfer_blocks=np.int32(4), kv_scale=np.float32(0.5),
+                     cuda_graph_max_tokens=np.int64(512))
+    assert [type(v) for v in (c.tensor_parallel_size, c.host_transfer_blocks, c.kv_scale, c.cuda_graph_max_tokens)] \
+        == [int, int, float, int]
+    json.dumps(dataclasses.asdict(c))
+    with pytest.raises(ValueError, match="kv_scale"):
+        EngineConfig(kv_scale=True)
+    with pytest.raises(ValueError, match="sliding_window"):
+        ModelConfig(sliding_window=True)
+    assert type(ModelConfig(sliding_window=np.int64(8)).sliding_window) is int
 
 
 def test_a_pool_sized_two_ways_is_refused():
@@ -296,6 +317,8 @@ def test_a_sweeps_bad_value_is_refused_before_any_run(capsys, tmp_path):
     assert "engine.max_num_seqs=-5: give a whole number in [1, 1048576]" in err
     assert "(a run of this sweep: engine.max_num_seqs=-5 allocator=paged); nothing has run" in err
     assert not any(tmp_path.iterdir())
+    code = cli([*common, "engine.max_num_seqs=-5,-5"])  # a sweep of one value: its run named whole
+    assert code == 2 and "progress=false engine.max_num_seqs=-5); nothing has run" in capsys.readouterr().err
     code = cli([*common, "sim.efficiency=0.8,-1"])
     err = capsys.readouterr().err
     assert code == 2 and "sim.efficiency" in err and "nothing has run" in err, err

@@ -884,6 +884,12 @@ def test_profile_host_add_pools_another_run_as_further_repeats(tmp_path):
     with pytest.raises(SystemExit):
         profile_device.main([*args, "--merge", str(other), "--host-add", "--out", str(tmp_path / "y.parquet")])
     assert not (tmp_path / "y.parquet").exists()
+    # nor steps timed with the launch timer's CUDA events (--host-events) with steps without them
+    timed = tmp_path / "timed.parquet"
+    profile_device.write_profile(timed, made.df.assign(events=True).to_dict("records"), made.meta)
+    with pytest.raises(SystemExit):
+        profile_device.main([*args, "--merge", str(timed), "--host-add", "--out", str(tmp_path / "z.parquet")])
+    assert not (tmp_path / "z.parquet").exists()
 
 
 def test_profile_merge_remeasuring_one_model_keeps_the_others_tables(tmp_path, monkeypatch):

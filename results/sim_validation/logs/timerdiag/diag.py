@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pandas as pd
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[4]))  # the repository (a device copy installs nothing)
+
 BINS = ((1, 1), (2, 4), (5, 8), (9, 32))
 ORDER = (False, True, False, True)
 
