@@ -60,7 +60,7 @@ def checked_args(cls: type[KVAllocator], args: dict) -> dict:
                 raise ValueError(f"{where}: give true or false")
         elif kind is int:
             if isinstance(v, float) and v.is_integer():
-                out[name] = v = int(v)
+                v = int(v)
             if not is_int(v):
                 raise ValueError(f"{where}: give a whole number (default {p.default})")
             out[name] = int(v)  # a numpy count: a plain int for the allocator and the kernels

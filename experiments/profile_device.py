@@ -529,7 +529,7 @@ PART_TABLES = {"host": {"host"}, "gemm": {"gemm"}, "copy": {"copy"}, "vmm": {"vm
                "graphs": {"piecewise_forward", "piecewise_capture", "full_forward", "full_capture"}}
 
 
-def _check_same_graphs(ap, prior, cuda: bool, events: bool = False) -> None:
+def _check_same_host_engine(ap, prior, cuda: bool, events: bool = False) -> None:
     """``--host-add`` pools host steps only of engines with this one's graphs: the cost model models
     a pool's steps with one graph setting (the profile's host engine: ``HOST_MAX_NUM_BATCHED_TOKENS``, defaults);
     and only of one timer: steps with CUDA events around each launch (``--host-events``; every step on a
@@ -644,7 +644,7 @@ def main(argv: list[str] | None = None) -> int:
             keep |= (old.df["table"] == "host") & (~remeasured | a.host_add)
             if a.host_add:  # this run's repeats follow the kept ones (a run is a repeat's steps in order)
                 prior = old.df[(old.df["table"] == "host") & remeasured]
-                _check_same_graphs(ap, prior, device.type == "cuda", a.host_events)
+                _check_same_host_engine(ap, prior, device.type == "cuda", a.host_events)
                 if len(prior):  # rows from before the column: one run, repeat 0
                     first_repeat = (int(prior["repeat"].fillna(0).max()) if "repeat" in prior else 0) + 1
         rows = [{k: v for k, v in r.items() if v == v and v is not None}

@@ -4,9 +4,9 @@
 step, its batch shape, wall time, the CPU time of its launch, and the time the experiments' driver
 (experiments/driver.py, which feeds the run) spent between it and the next step (``gap``); with
 ``--host-events`` also its device time (CUDA events from the end of input preparation to the end of
-sampling: diagnostics, left out by default since the real runs have no such events). The profiled cost model takes host time as
-what those steps took beyond its own modelled device time, gap included
-(experiments/profiled_costmodel.py).
+sampling: diagnostics, left out by default since the real runs have no such events). The profiled
+cost model takes host time as what those steps took beyond its own modelled device time, gap
+included (experiments/profiled_costmodel.py).
 
 With ``async_scheduling`` (``kvlab profile --host-scheduling async``) the steps overlap the
 device's previous one and a step's wall time is the longer of the two; what the cost model needs
@@ -98,7 +98,7 @@ def host_rows(model: str, allocator: str, args: dict, *, max_model_len: int, kv_
                    graph_mode=eng.config.cuda_graph_mode, vmm_maps=maps, vmm_unmaps=unmaps,
                    scheduling="async" if async_scheduling else "sync", host_s=r.host_s, launch_cpu=launch_cpu,
                    events=timer.events)
-        if async_scheduling:  # the events around a launch also hold the wait for the step before
+        if async_scheduling:  # events around a launch would also hold the wait for the step before
             row["value"] = r.host_s + launch_cpu
         elif not math.isnan(g):  # no device (all host), or its time measured (events)
             row.update(gpu=g, value=max(0.0, r.duration - g))
