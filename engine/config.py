@@ -207,6 +207,15 @@ class EngineConfig:
             return self.host_kv_cache_tokens
         return int(self.host_kv_cache_memory * 2**30) // bytes_per_token
 
+    def resolved_max_model_len(self, mc) -> int:
+        """``max_model_len``, 0 resolved to min(the model's positions, 4096); more positions than
+        the model was trained on are refused."""
+        n = self.max_model_len or min(mc.max_position_embeddings, 4096)
+        if n > mc.max_position_embeddings:
+            raise ValueError(f"max_model_len={n} is more than {mc.name}'s max_position_embeddings "
+                             f"({mc.max_position_embeddings}): lower it, or 0 for min(that, 4096)")
+        return n
+
     def resolved_device(self) -> str:
         if self.device == "auto":
             return "cuda" if torch.cuda.is_available() else "cpu"

@@ -74,10 +74,7 @@ class LLMEngine:
         self.model_config = mc = model_config or resolve_config(config.model, config.hf_overrides)
         self.device = config.resolved_device()
         self.dtype = config.resolved_dtype(self.device)
-        self.max_model_len = config.max_model_len or min(mc.max_position_embeddings, 4096)
-        if self.max_model_len > mc.max_position_embeddings:  # positions the model was never trained on
-            raise ValueError(f"max_model_len={self.max_model_len} is more than {mc.name}'s max_position_embeddings "
-                             f"({mc.max_position_embeddings}): lower it, or 0 for min(that, 4096)")
+        self.max_model_len = config.resolved_max_model_len(mc)
         simulate = runner_factory is not None
         self.simulated = simulate  # a runner without a device: its steps' launch times are not a launch's
         # auto resolved once, here (the runner factory and the steps read the bool); with auto a

@@ -111,9 +111,12 @@ def engine_config(cfg: DictConfig):
 
 
 def check_ranges(cfg: DictConfig) -> None:
-    """What a run checks as it starts, as far as that needs no model: its engine config, its
-    allocator's arguments and (simulate) its settings; ValueError names the key and the fix."""
+    """What a run checks as it starts, as far as that needs no weights: its engine config, its
+    allocator's arguments, its workload and (simulate) its settings; in simulate mode the run's
+    own engine is built (no weights), so the allocator's ranges that hang on the model's KV
+    layout and the pool are checked too. ValueError names the key and the fix."""
     from allocators.registry import allocator_class, checked_args
+    from experiments.workloads import check_workload
 
     cfg, _ = applicable_config(cfg)
     econf = engine_config(cfg)
@@ -122,6 +125,32 @@ def check_ranges(cfg: DictConfig) -> None:
         from experiments.simulate import SimSettings, _to_dict
 
         SimSettings.from_mapping(_to_dict(cfg.get("sim")))
+        engine = _dry_build(cfg)
+        if engine is None:
+            return
+        mc, max_len = engine.model_config, engine.max_model_len
+    else:  # the pool of a real run is known only once its weights are loaded
+        from engine.loader import resolve_config
+
+        mc = resolve_config(econf.model, econf.hf_overrides)
+        max_len = econf.resolved_max_model_len(mc)
+    check_workload(OmegaConf.to_container(cfg.workload, resolve=True), mc.vocab_size, max_len)
+
+
+def _dry_build(cfg: DictConfig):
+    """The simulated engine the run would build, its logs held back (the run logs them); None where
+    it fails for a reason other than a bad value (the run then reports it as its own failure)."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        return build_engine(cfg)
+    except ValueError:
+        raise
+    except Exception as e:  # noqa: BLE001 - not this check's to report
+        log.debug("dry build of %s: %s", cfg.get("run_name"), _one_line(e))
+        return None
+    finally:
+        logging.disable(previous)
 
 
 def check_sweep_ranges(overrides: list[str]) -> None:

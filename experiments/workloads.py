@@ -528,6 +528,17 @@ def _validate(cfg: WorkloadConfig, vocab_size: int, max_model_len: int, low: int
     return cfg
 
 
+def check_workload(cfg: WorkloadConfig | Mapping, vocab_size: int, max_model_len: int,
+                   *, low: int = 4) -> WorkloadConfig:
+    """``cfg`` as a checked WorkloadConfig, without drawing a request (a sweep checks every run's
+    workload before the first starts); ValueError names the field and the fix."""
+    if not isinstance(cfg, WorkloadConfig):
+        if not isinstance(cfg, Mapping):
+            raise ValueError(f"workload config must be a WorkloadConfig or a mapping, got {type(cfg).__name__}")
+        cfg = WorkloadConfig.from_dict(cfg)
+    return _validate(cfg, vocab_size, max_model_len, low)
+
+
 def make_workload(cfg: WorkloadConfig | Mapping, vocab_size: int, max_model_len: int,
                   *, low: int = 4) -> list[RequestSpec]:
     """Build the requests of a workload.
@@ -536,11 +547,7 @@ def make_workload(cfg: WorkloadConfig | Mapping, vocab_size: int, max_model_len:
     Prompt token ids are drawn uniformly from ``[low, vocab_size)``; ``low=4`` skips the ids
     that OPT and Llama-2 tokenizers reserve for pad/bos/eos/unk.
     """
-    if not isinstance(cfg, WorkloadConfig):
-        if not isinstance(cfg, Mapping):
-            raise ValueError(f"workload config must be a WorkloadConfig or a mapping, got {type(cfg).__name__}")
-        cfg = WorkloadConfig.from_dict(cfg)
-    cfg = _validate(cfg, vocab_size, max_model_len, low)
+    cfg = check_workload(cfg, vocab_size, max_model_len, low=low)
     lengths_ss, tokens_ss, arrivals_ss = np.random.SeedSequence(cfg.seed).spawn(3)
     ctx = WorkloadContext(vocab_size, max_model_len, np.random.default_rng(lengths_ss),
                           np.random.default_rng(tokens_ss), low)

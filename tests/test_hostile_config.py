@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import logging
 import math
 import re
 import subprocess
@@ -323,6 +324,34 @@ def test_a_sweeps_bad_value_is_refused_before_any_run(capsys, tmp_path):
     err = capsys.readouterr().err
     assert code == 2 and "sim.efficiency" in err and "nothing has run" in err, err
     assert not any(tmp_path.iterdir())
+
+
+def test_a_sweeps_value_that_needs_the_kv_layout_or_the_workload_is_refused_before_any_run(capsys, tmp_path):
+    """Ranges checked only where the model is known: simulate builds each run's own engine (no
+    weights) first, so a virtual page that holds no whole token, or a prefetch of 0, stops the
+    sweep before its first run; the workload of every mode is checked against the model's
+    vocabulary and length."""
+    common = ["-m", "workload.num_requests=6", f"hydra.sweep.dir={tmp_path}", "report=false", "progress=false"]
+    code = cli([*common, "mode=simulate", "allocator=virtual", "allocator.args.page_size=4096,100"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "allocator.args.page_size=100 does not hold a whole number of tokens of 64 bytes" in err
+    assert "nothing has run" in err
+    code = cli([*common, "mode=simulate", "allocator=virtual", "+allocator.args.prefetch_tokens=16,0"])
+    err = capsys.readouterr().err
+    assert code == 2 and "allocator.args.prefetch_tokens=0" in err and "nothing has run" in err, err
+    code = cli([*common, "mode=offline", "device=cpu", "workload.input_len_min=4,9", "workload.input_len_max=8"])
+    err = capsys.readouterr().err
+    assert code == 2 and "workload.input_len_min (9) > input_len_max (8)" in err and "nothing has run" in err, err
+    code = cli([*common, "mode=simulate", "workload=shared_prefix", "workload.prefix_len=8,600"])
+    err = capsys.readouterr().err
+    assert code == 2 and "workload.prefix_len must be in [1, max_model_len - 2" in err, err
+    assert not any(tmp_path.iterdir())
+    # a valid sweep of the same keys runs, and the dry builds' logs are not left switched off
+    code = cli([*common, "mode=simulate", "allocator=virtual", "allocator.args.page_size=4096,8192"])
+    assert code == 0, capsys.readouterr().err
+    assert len(list(tmp_path.glob("*/summary.json"))) == 2
+    assert logging.root.manager.disable == logging.NOTSET
 
 
 def test_value_probes_hold_every_swept_value():
