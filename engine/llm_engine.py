@@ -273,6 +273,13 @@ class LLMEngine:
             if not self.allocator.supports_fork:
                 raise ValueError(f"request '{request_id}': beam search needs an allocator that can fork "
                                  f"('{self.config.allocator}' cannot)")
+            # every live beam runs in each step of the search (Scheduler._beam_cap)
+            most = min(self.config.max_num_seqs, self.config.max_num_batched_tokens)
+            if params.beam_width > most:
+                raise ValueError(f"request '{request_id}': beam_width={params.beam_width} beams run in one step "
+                                 f"but a step holds at most {most} sequences (max_num_seqs="
+                                 f"{self.config.max_num_seqs}, max_num_batched_tokens="
+                                 f"{self.config.max_num_batched_tokens}): lower beam_width or raise them")
         max_tokens = self.max_model_len if params.max_tokens is None else params.max_tokens
         need = min(n + max(max_tokens, 1), self.max_model_len)
         fit = self.allocator.max_fit_tokens()
@@ -293,6 +300,7 @@ class LLMEngine:
         req = self.requests[request_id] = RequestState(request_id, text, ids, params, seqs, arrival)
         if params.beam_width > 1:
             self._beam_requests += 1
+            self.scheduler.has_beams = True
         self.output_processor.add(req)
         if self.output_processor.is_quiet(req, self.config.stream_outputs):
             for s in seqs:
@@ -637,6 +645,23 @@ class LLMEngine:
         children = [c for c in req.unborn + parent.followers if c.status is not SeqStatus.FINISHED]
         parent.followers = []
         sched, alloc = self.scheduler, self.allocator
+        if parent.params.beam_width > 1 and children:
+            if self._fork_beams(parent, children):
+                req.unborn = []
+                return
+            if len(sched.running) == 1:  # nothing else holds memory that could be freed for them
+                raise ValueError(f"request '{parent.request_id}': its {len(children) + 1} beams do not fit the KV "
+                                 f"pool together (allocator '{self.config.allocator}'): lower beam_width or raise "
+                                 "kv_cache_memory / kv_cache_tokens")
+            # the beams start together or not at all: the prompt waits again, the beams parked on it
+            sched.running.remove(parent)
+            alloc.free(parent)
+            parent.num_computed_tokens = 0
+            parent.followers, parent.fork_pending = children, len(children)
+            parent.status = SeqStatus.WAITING
+            sched.waiting.appendleft(parent)
+            req.unborn = []
+            return
         at = sched.running.index(parent) + 1
         for child in children:
             if alloc.supports_fork and alloc.can_fork(parent) and len(sched.running) < self.config.max_num_seqs:
@@ -648,6 +673,27 @@ class LLMEngine:
             else:
                 sched.add(child)  # no room to share: it computes the prompt itself
         req.unborn = []
+
+    def _fork_beams(self, parent: Sequence, children: list[Sequence]) -> bool:
+        """Fork every beam from ``parent`` into the batch, or none (False): a beam that computed
+        its prompt alone would sample out of step with the others."""
+        sched, alloc = self.scheduler, self.allocator
+        if not alloc.supports_fork or len(sched.running) + len(children) > self.config.max_num_seqs:
+            return False
+        forked = []
+        for child in children:
+            if not alloc.can_fork(parent):  # a copying allocator out of room
+                for c in forked:
+                    alloc.free(c)
+                return False
+            alloc.fork(parent, child)
+            forked.append(child)
+        at = sched.running.index(parent) + 1
+        for child in children:
+            child.num_computed_tokens = parent.num_computed_tokens
+            child.status = SeqStatus.RUNNING
+        sched.running[at:at] = children
+        return True
 
     def _record_memory(self) -> None:
         running = self.scheduler.running
@@ -713,4 +759,5 @@ class LLMEngine:
         req.finished = True
         if self.requests.pop(req.request_id, None) is not None and req.params.beam_width > 1:
             self._beam_requests -= 1
+            self.scheduler.has_beams = self._beam_requests > 0
         self.finished_requests.append(FinishedRequest.of(req))

@@ -84,6 +84,9 @@ class Scheduler:
         self._swap = config.preemption_mode == "swap" and allocator.supports_swap
         # groups swap where the allocator can keep their shared blocks shared; else they recompute
         self._group_swap = self._swap and hasattr(allocator, "swap_out_group")
+        # set by the engine while a beam-search request lives: its beams then run in lockstep
+        # (every live beam in the same step, the same tokens each; see _beam_cap)
+        self.has_beams = False
 
     def add(self, seq: Sequence) -> None:
         seq.status = SeqStatus.WAITING
@@ -137,6 +140,18 @@ class Scheduler:
                 break
             run.append(seq)
         return run
+
+    @staticmethod
+    def _beam_cap(running: list[Sequence], i: int, n: int, budget: int) -> tuple[int, int]:
+        """Beam search reads every live beam's token of a step together (LLMEngine._beam_step),
+        so the beams of ``running[i]``'s request (next to each other in ``running``, with as
+        many tokens to compute each) compute the same tokens in the same step: at most ``n``
+        each, all within ``budget``. Returns (tokens each, 0: not this step; the group's size)."""
+        rid, j = running[i].request_id, i
+        while j < len(running) and running[j].request_id == rid:
+            j += 1
+        size = j - i
+        return min(n, budget // size), size
 
     @staticmethod
     def _chunk(seq: Sequence, budget: int) -> int:
@@ -281,12 +296,14 @@ class Scheduler:
         # the running loop runs once per sequence per step: _chunk, length_done and
         # ScheduledBatch.add inlined (simulate mode spends most of its time here). Preemption
         # pops from the back, which ends the iteration early, as it should
+        beams = self.has_beams
+        cap, cap_rid = 0, None  # beam search: the tokens each beam of request cap_rid computes now
         i = 0
         while i < len(running) and budget > 0:
             # a run of sequences that each decode one token grows in one allocator call; the
             # first of them that does not fit, and every other sequence, takes the general
             # path below (the same decisions, in the same order)
-            run = self._decode_run(running, i, budget, only)
+            run = [] if beams else self._decode_run(running, i, budget, only)
             if run:
                 k = allocate_batch(run)
                 seqs += run[:k] if k < len(run) else run
@@ -306,6 +323,13 @@ class Scheduler:
             n = seq.prompt_len - 1 - seq.num_computed_tokens if seq.fork_pending else left
             if n > budget:
                 n = budget
+            if beams and seq.params.beam_width > 1:
+                if seq.request_id != cap_rid:
+                    cap_rid, cap, size = seq.request_id, *self._beam_cap(running, i - 1, n, budget)
+                    if not cap:  # the beams wait together: skip them all
+                        i += size - 1
+                        continue
+                n = min(n, cap)
             if n <= 0:
                 continue
             while not can_allocate(seq, n):
@@ -386,8 +410,13 @@ class Scheduler:
 
     def _admit(self, batch: ScheduledBatch, budget: int, only: set[str] | None = None) -> None:
         queue = self.waiting if only is None else deque(s for s in self.waiting if s.request_id in only)
-        while queue and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        # beams still to fork from running prompts hold their places in the batch
+        held = sum(s.fork_pending for s in self.running if s.params.beam_width > 1) if self.has_beams else 0
+        while queue and budget > 0 and len(self.running) + held < self.config.max_num_seqs:
             seq = queue[0]
+            beams = seq.fork_pending if seq.params.beam_width > 1 else 0
+            if beams and len(self.running) + held + 1 + beams > self.config.max_num_seqs:
+                break  # room for every beam it will fork, or it waits
             matched = False
             if (self.config.enable_prefix_caching and seq.num_computed_tokens == 0
                     and seq.params.prompt_logprobs is None):  # prompt logprobs need every prompt token computed
@@ -424,3 +453,4 @@ class Scheduler:
             self.running.append(seq)
             batch.add(seq, n)
             budget -= n
+            held += beams

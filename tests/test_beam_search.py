@@ -291,6 +291,58 @@ def test_beams_under_memory_pressure_are_unchanged(mode):
     assert s.token_states == 0 and e.allocator.num_free_blocks == 50
 
 
+def crowded(**kw) -> tuple[dict, LLMEngine]:
+    """4 requests x 4 beams, greedy, in an engine with ``kw``; their beams by request."""
+    e = LLMEngine(EngineConfig(model="tiny-llama", device="cpu", detokenize=False, max_model_len=64,
+                               **{"kv_cache_tokens": 2048, **kw}))
+    for i, prompt in enumerate([[5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15, 16], [3, 4, 5, 6, 7, 8, 9]]):
+        e.add_request(str(i), prompt, SamplingParams(beam_width=4, n=4, max_tokens=12, temperature=0,
+                                                     ignore_eos=True))
+    outs = {}
+    while e.has_unfinished_requests():
+        for o in e.step():
+            if o.finished:
+                outs[o.request_id] = [c.token_ids for c in o.outputs]
+    return outs, e
+
+
+@pytest.mark.parametrize("kw", [
+    dict(max_num_seqs=4), dict(max_num_seqs=6),  # a request's beams would not all fit beside another's
+    dict(max_num_batched_tokens=5), dict(max_num_seqs=8, max_num_batched_tokens=6),  # nor in the budget
+    dict(allocator="contiguous", kv_cache_tokens=400),  # forks that copy, out of room
+])
+def test_a_requests_beams_run_together_in_a_crowded_engine(kw):
+    """Every live beam of a request runs in each step, the same tokens each: with room for few
+    sequences, a small token budget, or a copying allocator out of memory, the beams equal the
+    roomy engine's (they used to lose step: duplicated or wrong beams, silently)."""
+    roomy, _ = crowded(max_num_seqs=64)
+    assert all(len({tuple(b) for b in beams}) == 4 for beams in roomy.values())
+    outs, e = crowded(**kw)
+    assert outs == roomy
+    assert e.allocator.stats().token_states == 0
+
+
+def test_beams_that_cannot_fit_are_refused():
+    """More beams than a step holds is refused when added; beams whose copies cannot all fit the
+    pool even alone fail that request only."""
+    e = LLMEngine(EngineConfig(model="tiny-llama", device="cpu", max_model_len=64, kv_cache_tokens=1024,
+                               max_num_seqs=3))
+    with pytest.raises(ValueError, match=r"beam_width=4 beams run in one step but a step holds at most 3 "
+                                         r"sequences \(max_num_seqs=3"):
+        e.add_request("b", [5, 6, 7], SamplingParams(beam_width=4, temperature=0))
+    e = LLMEngine(EngineConfig(model="tiny-llama", device="cpu", max_model_len=64, kv_cache_tokens=150,
+                               allocator="contiguous", detokenize=False))
+    e.add_request("b", [5, 6, 7, 8], SamplingParams(beam_width=4, n=4, max_tokens=12, temperature=0))
+    e.add_request("plain", [1, 2, 3], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
+    outs = {}
+    while e.has_unfinished_requests():
+        for o in e.step():
+            if o.finished:
+                outs[o.request_id] = o
+    assert [c.finish_reason for c in outs["b"].outputs] == ["error"] * 4
+    assert len(outs["plain"].outputs[0].token_ids) == 5
+
+
 def test_a_beam_that_stops_keeps_its_place(reference):
     """A stop token ends the beam that chose it; the others go on to max_tokens; the pool ends empty."""
     prompt, want = reference
