@@ -242,47 +242,127 @@ def validate(overrides: list[str], out: Path, rates: list[float], sim: str, labe
              sim_only: bool = False, real_only: bool = False, offline: bool = True,
              online_requests: int | None = None, warmup: int = 0, cost_model: str = "auto",
              real_repeats: int = 1) -> list[dict]:
-    from experiments.atomic import as_written
-    from experiments.run import applicable_config, compose, flat_config, run_experiment
+    from experiments.run import compose, run_experiment
 
-    rows = []
-    if warmup and not sim_only:  # the first run on a machine compiles kernels: not in any figure
-        print(f"[{label}] warm-up run ({warmup} requests, discarded)", flush=True)
-        run_experiment(compose([*overrides, "mode=offline", "workload.request_rate=inf",
-                                f"workload.num_requests={warmup}", "resume=false", "report=false"]),
-                       out / "warmup")
+    warm = [*overrides, "mode=offline", "workload.request_rate=inf", f"workload.num_requests={warmup}",
+            "resume=false", "report=false"] if warmup and not sim_only else None
+    plan = []  # (mode, the real runs' overrides, the simulated run's)
     for mode, extra in mode_specs(rates, offline):
-        sim_dir = out / _suffixed("sim", cost_model) / mode
         run_mode = "offline" if mode == "offline" else "online"
         if run_mode == "online" and online_requests:
             extra = [*extra, f"workload.num_requests={online_requests}"]
+        simulated = [*overrides, "mode=simulate", f"sim={sim}", f"sim.cost_model={cost_model}", "resume=false", *extra]
+        plan.append((mode, [*overrides, f"mode={run_mode}", *extra], simulated))
+    # every run checked before the first starts: a bad value found later wastes the real runs before it
+    check_runs(([("the warm-up run", warm)] if warm else [])
+               + [(f"the real engine, {mode}", real) for mode, real, _ in plan if not sim_only]
+               + [(f"simulate, {mode}", simulated) for mode, _, simulated in plan if not real_only])
+    if sim_only:  # every mode's real runs there, of the same settings, before simulating any
+        for mode, _, simulated in plan:
+            _real_summaries(out, mode, compose(simulated))
+
+    rows = []
+    if warm:  # the first run on a machine compiles kernels: not in any figure
+        print(f"[{label}] warm-up run ({warmup} requests, discarded)", flush=True)
+        run_experiment(compose(warm), out / "warmup")
+    for mode, real, simulated in plan:
+        sim_dir = out / _suffixed("sim", cost_model) / mode
         if not sim_only:
             for i, d in enumerate(real_dirs(out, mode, real_repeats), 1):
                 print(f"[{label}] real engine, {mode}" + (f", run {i} of {real_repeats}" if real_repeats > 1 else ""),
                       flush=True)
-                run_experiment(compose([*overrides, f"mode={run_mode}", *extra]), d)
+                run_experiment(compose(real), d)
         if real_only:
             continue
-        reals = real_dirs(out, mode)
-        real_dir = reals[0]
-        if not (real_dir / "summary.json").exists():
-            raise UserError(f"{real_dir}/summary.json: no real run there; run without --sim-only first")
         print(f"[{label}] simulate, {mode}", flush=True)
-        sim_cfg = compose([*overrides, "mode=simulate", f"sim={sim}", f"sim.cost_model={cost_model}",
-                           "resume=false", *extra])
-        real_summaries = {d: _summary(d) for d in reals}
+        sim_cfg = compose(simulated)
         # before simulating: a refused run leaves the committed simulated one as it was
-        check_same_config(real_summaries, as_written(flat_config(applicable_config(sim_cfg)[0])))
+        real_summaries = _real_summaries(out, mode, sim_cfg)
         # always re-simulated (cheap): the profile or the cost model may have changed since
         run_experiment(sim_cfg, sim_dir)
         for r in compare(list(real_summaries.values()), _summary(sim_dir), mode):
             rows.append(dict(label=label, **r))
-        steps = step_compare(real_dir, sim_dir) if mode == "offline" else None
+        steps = step_compare(real_dirs(out, mode)[0], sim_dir) if mode == "offline" else None
         if steps is not None:
             from experiments.atomic import write_text
 
             write_text(out / (_suffixed("steps_compare", cost_model) + ".md"), _steps_markdown(steps))
     return rows
+
+
+def _real_summaries(out: Path, mode: str, sim_cfg) -> dict[Path, dict]:
+    """The real runs of a mode, refused where there are none or their settings are not the
+    simulated run's."""
+    from experiments.atomic import as_written
+    from experiments.run import applicable_config, flat_config
+
+    reals = real_dirs(out, mode)
+    if not (reals[0] / "summary.json").exists():
+        raise UserError(f"{reals[0]}/summary.json: no real run there; run without --sim-only first")
+    summaries = {d: _summary(d) for d in reals}
+    check_same_config(summaries, as_written(flat_config(applicable_config(sim_cfg)[0])))
+    return summaries
+
+
+# keys validate-sim sets for every run itself (given as an override, one would be replaced unsaid): the fix
+SETS_ITSELF = {"mode": "drop it (the real engine runs offline and online, then simulate)",
+               "workload.request_rate": "give --rates {} instead (the offline run is at inf)",
+               "sim": "give --sim {} instead", "sim.cost_model": "give --cost-model {} instead"}
+
+
+def check_args(a) -> list[float]:
+    """The flags and overrides, one line naming the flag and the fix if one is wrong (before any
+    run); the online rates."""
+    from experiments.preflight import did_you_mean, group_choices
+    from experiments.reproduce.core import check_folder
+
+    rates = []
+    for r in filter(None, a.rates.split(",")):
+        try:
+            rate = float(r)
+        except ValueError:
+            rate = math.nan
+        if not 0 < rate < math.inf:  # nan too
+            raise UserError(f"--rates {a.rates}: {r} is not a request rate: give rates in req/s > 0, "
+                            "comma-separated (e.g. --rates 4,16)")
+        rates.append(rate)
+    if a.sim_only and a.real_only:
+        raise UserError("--sim-only and --real-only exclude each other: give one, or neither for both")
+    if a.no_offline and not rates:
+        raise UserError("nothing to validate: give --rates or drop --no-offline")
+    for flag, v, least, what in (("--online-requests", a.online_requests, 1, "the online runs' number of requests"),
+                                 ("--real-repeats", a.real_repeats, 1, "the number of real runs per mode"),
+                                 ("--warmup", a.warmup, 0, "the warm-up run's requests (0: none)")):
+        if v is not None and v < least:
+            raise UserError(f"{flag} {v}: give {what}, {least} or more")
+    sims = group_choices("sim")
+    if a.sim not in sims:
+        raise UserError(f"--sim {a.sim}: no such simulated device (conf/sim/{a.sim}.yaml); choose one of "
+                        f"{', '.join(sims)}{did_you_mean(a.sim, sims, '--sim ')}")
+    for line in a.overrides:
+        key, _, value = line.partition("=")
+        key = key.lstrip("+~")
+        if key in SETS_ITSELF:
+            raise UserError(f"{line}: validate-sim sets {key} itself: {SETS_ITSELF[key].format(value)}")
+    check_folder("--out", Path(a.out))
+    return rates
+
+
+def check_runs(runs: list[tuple[str, list[str]]]) -> None:
+    """Each run's configuration through kvlab run's checks (keys, choices, values, mode and rate,
+    the engine, allocator and workload) before the first run starts: a bad value is one line, not
+    a traceback after the real runs. A run that fails for another reason still surfaces."""
+    from experiments import preflight
+    from experiments.run import check_config, check_ranges
+
+    for what, overrides in runs:
+        try:
+            preflight.prepare(overrides)  # named as kvlab run names them (did you mean ...)
+            cfg = preflight.compose(overrides)  # as the run composes them
+            check_config(cfg)
+            check_ranges(cfg)
+        except ValueError as e:  # UserError too
+            raise UserError(f"{e} ({what}); nothing has run") from None
 
 
 def _suffixed(name: str, cost_model: str) -> str:
@@ -319,14 +399,15 @@ def main(argv: list[str] | None = None) -> int:
         parts = [pd.read_csv(p) for p in sorted(out.glob(f"*/{name}.csv"))
                  if not any(p.parent.glob(f"*/{name}.csv"))]
         if not parts:
-            raise SystemExit(f"no */{name}.csv under {out}")
+            print(f"kvlab validate-sim: --collect: no */{name}.csv under {out}", file=sys.stderr)
+            return 2
         return _write(pd.concat(parts, ignore_index=True), out, name)
-    rates = [float(r) for r in a.rates.split(",") if r]
     label = a.label or " ".join(a.overrides) or "default"
     overrides = ["progress=false", *a.overrides]
     from experiments.run import ResumeConflict
 
     try:
+        rates = check_args(a)
         rows = validate(overrides, out, rates, a.sim, label, a.sim_only, a.real_only, not a.no_offline,
                         a.online_requests, a.warmup, a.cost_model, a.real_repeats)
     except (UserError, ResumeConflict) as e:  # a real run's folder holding other settings (e.g. an older default)

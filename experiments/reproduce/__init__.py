@@ -14,6 +14,10 @@ The studies use the papers' settings: online at fixed request rates (Poisson arr
 KV pool the simulated device leaves after the weights (``engine.kv_cache_tokens=null``),
 Orca-Pow2 as the paper defines it. Figures measured on a GPU by other kvlab commands
 (kernels, VMM driver calls) are quoted from ``results/`` rather than re-measured.
+
+``--mode offline|online`` runs the real engine instead, where a paper's models have weights
+(vAttention's Llama-3-8B preset; PagedAttention's OPT-13B and LLaMA-13B are simulate-only shapes,
+refused before any run). Offline sends every request at t=0: a study's rate does not apply.
 """
 from __future__ import annotations
 

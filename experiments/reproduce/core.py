@@ -139,21 +139,69 @@ class Ctx:
         return quick if self.quick else full
 
 
+def run_overrides(ctx: Ctx, overrides: list[str], rate: float | None = None,
+                  num_requests: int | None = None) -> list[str]:
+    """A study's configuration in ``ctx.mode``: offline sends every request at t=0, so a study's
+    rate (and the steady-state window it sets) does not apply there."""
+    ov = [*overrides, f"repeats={ctx.repeats}", "progress=false", "report=false"]
+    if ctx.mode != "simulate":
+        ov.append(f"mode={ctx.mode}")
+    if num_requests is not None:
+        ov.append(f"workload.num_requests={num_requests}")
+    if ctx.mode == "offline":
+        ov.append("workload.request_rate=inf")  # presets set a rate: offline has none
+    elif rate is not None:
+        ov.append(f"workload.request_rate={rate}")
+        if num_requests:  # the steady-state window: after the first tenth of the arrivals
+            ov.append(f"measure.warmup_s={0.1 * num_requests / rate:.6g}")
+    return ov
+
+
+def check_studies(ctx: Ctx, bases: list[list[str]]) -> None:
+    """Each study preset of a paper (``bases``) in ``ctx.mode`` through kvlab run's checks before
+    any run: a mode its models cannot run in is one line, not a traceback from the first run."""
+    from experiments.preflight import UserError
+    from experiments.run import check_config, compose
+
+    for base in bases:
+        cfg = compose(run_overrides(ctx, base, rate=1.0, num_requests=10))
+        if ctx.mode != "simulate" and cfg.model.get("shape"):
+            raise UserError(f"--mode {ctx.mode}: {ctx.paper}'s studies use model={cfg.model.name}, a "
+                            "simulate-only shape (no weights): use --mode simulate (the default)")
+        try:
+            check_config(cfg)
+        except UserError as e:
+            raise UserError(f"{e} (a study of {ctx.paper}, --mode {ctx.mode}); nothing has run") from None
+
+
+def check_folder(flag: str, path: Path) -> None:
+    """UserError unless ``path`` is a folder that can be written into, or can be made: checked
+    before any run. Creates nothing (a probe folder in the nearest existing one goes at once)."""
+    import os
+    import tempfile
+
+    from experiments.preflight import UserError
+
+    p = Path(path).expanduser().absolute()
+    while not p.exists() and not p.is_symlink():  # (a dangling link is in the way too)
+        p = p.parent
+    if not p.is_dir():
+        what = "not a folder" if p == Path(path).expanduser().absolute() else f"{p} is not a folder"
+        raise UserError(f"{flag} {path}: {what}: give a folder to write into")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".kvlab-probe-", dir=p))
+    except OSError as e:  # a probe, not os.access: root passes that and still cannot write in /proc
+        raise UserError(f"{flag} {path}: cannot make folders in {p} ({e.strerror}): "
+                        "give a folder you can write to") from None
+
+
 def run(ctx: Ctx, study: str, name: str, overrides: list[str], rate: float | None = None,
         num_requests: int | None = None) -> list[dict]:
     """One configuration, ``ctx.repeats`` seeds, into runs/<study>/<name>/: the summaries (resumed
     where finished)."""
     from experiments.run import compose, missing_tables, run_experiment
 
-    ov = [*overrides, f"repeats={ctx.repeats}", "progress=false", "report=false"]
-    if ctx.mode != "simulate":
-        ov.append(f"mode={ctx.mode}")
-    if num_requests is not None:
-        ov.append(f"workload.num_requests={num_requests}")
-    if rate is not None:
-        ov.append(f"workload.request_rate={rate}")
-        if num_requests:  # the steady-state window: after the first tenth of the arrivals
-            ov.append(f"measure.warmup_s={0.1 * num_requests / rate:.6g}")
+    ov = run_overrides(ctx, overrides, rate, num_requests)
     t = time.perf_counter()
     folder = ctx.runs / study / name
     done = sum(not missing_tables(p.parent) for p in folder.glob("**/summary.json")) if folder.is_dir() else 0

@@ -4,16 +4,20 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-from experiments.reproduce.core import Ctx, PAPERS, TITLES, _bounds
+from experiments.reproduce import pagedattention, vattention
+from experiments.reproduce.core import Ctx, PAPERS, TITLES, _bounds, check_folder, check_studies
 from experiments.reproduce.pagedattention import Section, fig14_15, fig16, fig17, fig18, fig19, fig2_12_13
 from experiments.reproduce.vattention import allocation_latency, page_size_study
 
 STUDIES = {"pagedattention": [fig2_12_13, fig14_15, fig16, fig17, fig18, fig19],
            "vattention": [page_size_study, allocation_latency]}
+BASES = {"pagedattention": pagedattention.BASES, "vattention": vattention.BASES}
 
 
 
@@ -79,7 +83,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--quick", action="store_true", help="small sizes (CI, tests)")
     ap.add_argument("--repeats", type=int, default=3, help="seeds per configuration (default 3)")
     ap.add_argument("--mode", choices=("simulate", "offline", "online"), default="simulate",
-                    help="simulate (default) or the real engine on a GPU")
+                    help="simulate (default) or the real engine on a GPU, where the paper's models have weights "
+                         "(offline: every request at t=0, the studies' rates unused)")
     ap.add_argument("--runs", default=None, help="run folders (default runs/reproduce/<paper>)")
     ap.add_argument("--out", default=None, help="the page's folder (default results/reproduction/<paper>)")
     args = ap.parse_args(argv)
@@ -88,17 +93,37 @@ def main(argv: list[str]) -> int:
         return 2
     import logging
 
+    from experiments.preflight import UserError
+    from experiments.run import ResumeConflict
+
     logging.getLogger("kvlab.run").setLevel(logging.WARNING)
     logging.getLogger("kvlab.sim").setLevel(logging.ERROR)  # no profile for the A100s: roofline, said on the page
     out = Path(args.out or f"results/reproduction/{args.paper}")
-    out.mkdir(parents=True, exist_ok=True)
-    ctx = Ctx(args.paper, Path(args.runs or f"runs/reproduce/{args.paper}"), out, args.repeats, args.quick, args.mode)
-    t0 = time.perf_counter()
-    sections = []
-    for study in STUDIES[args.paper]:
-        t = time.perf_counter()
-        sections += study(ctx)
-        print(f"kvlab reproduce {args.paper}: {study.__name__} done ({time.perf_counter() - t:.0f} s)", flush=True)
-    page = write_page(ctx, sections, time.perf_counter() - t0, [args.paper, *[a for a in argv if a != args.paper]])
-    print(f"kvlab reproduce {args.paper}: {page}")
+    runs = Path(args.runs or f"runs/reproduce/{args.paper}")
+    # the page and plots are made in a folder of their own and moved into OUT at the end: a study
+    # that fails leaves OUT as it was
+    stage = None
+    try:
+        check_folder("--out", out)
+        check_folder("--runs", runs)
+        ctx = Ctx(args.paper, runs, out, args.repeats, args.quick, args.mode)
+        check_studies(ctx, BASES[args.paper])
+        ctx.out = stage = Path(tempfile.mkdtemp(prefix=f"kvlab-reproduce-{args.paper}-"))
+        t0 = time.perf_counter()
+        sections = []
+        for study in STUDIES[args.paper]:
+            t = time.perf_counter()
+            sections += study(ctx)
+            print(f"kvlab reproduce {args.paper}: {study.__name__} done ({time.perf_counter() - t:.0f} s)", flush=True)
+        write_page(ctx, sections, time.perf_counter() - t0, [args.paper, *[a for a in argv if a != args.paper]])
+        out.mkdir(parents=True, exist_ok=True)
+        for f in sorted(stage.iterdir()):
+            shutil.move(f, out / f.name)
+    except (UserError, ResumeConflict) as e:  # ResumeConflict: a run folder under --runs holds other settings
+        print(f"kvlab reproduce: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if stage is not None:
+            shutil.rmtree(stage, ignore_errors=True)
+    print(f"kvlab reproduce {args.paper}: {out / 'README.md'}")
     return 0

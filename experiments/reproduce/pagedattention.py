@@ -12,6 +12,8 @@ from experiments.reproduce.plots import bars, rate_plot, sweep_plot
 
 
 OPT = ["+experiment=rate_sweep"]  # OPT-13B, simulated A100-40GB, pool left by the weights, Poisson arrivals
+SHARED_PREFIX = ["+experiment=shared_prefix"]  # LLaMA-13B, simulated A100-40GB (Fig. 16)
+BASES = [OPT, SHARED_PREFIX]  # every study's preset (its model and device): checked before any run
 STRATS = {"Orca-Max": ["+strategy=contiguous-max"], "Orca-Pow2": ["+strategy=contiguous-pow2"],
           "Orca-Oracle": ["+strategy=contiguous-oracle"], "vLLM": ["+strategy=paged"]}
 P = "pagedattention"
@@ -167,7 +169,7 @@ def fig14_15(ctx: Ctx) -> list[Section]:
 def fig16(ctx: Ctx) -> list[Section]:
     rates = [4.0, 16.0, 64.0] if ctx.quick else [4.0, 8.0, 16.0, 32.0, 48.0, 64.0, 96.0, 128.0, 192.0, 256.0, 384.0]
     nreq = ctx.n(1000, 60)
-    base = ["+experiment=shared_prefix"]
+    base = SHARED_PREFIX
     rows, plots = [], []
     strategies = {"Orca-Oracle": ["+strategy=contiguous-oracle", "engine.enable_prefix_caching=false"],
                   "vLLM": ["+strategy=paged", "engine.enable_prefix_caching=true"]}

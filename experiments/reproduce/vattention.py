@@ -9,12 +9,14 @@ from experiments.reproduce.pagedattention import Section, _kernel_table
 
 
 V = "vattention"
+PAGE_SIZE = ["+experiment=page_size", "engine.kv_cache_tokens=null", "engine.gpu_memory_utilization=0.9"]
+BASES = [PAGE_SIZE]  # every study's preset (its model and device): checked before any run
 
 
 def page_size_study(ctx: Ctx) -> list[Section]:
     sizes = [131072, 2097152] if ctx.quick else [131072, 262144, 524288, 1048576, 2097152]
     nreq, rate = ctx.n(500, 40), ctx.n(8, 8)
-    base = ["+experiment=page_size", "engine.kv_cache_tokens=null", "engine.gpu_memory_utilization=0.9"]
+    base = PAGE_SIZE
     series, res = {}, {}
     waste = lambda s: [100 * (a + b) for a, b in zip(per_seed(s, "reservation_tw"), per_seed(s, "internal_frag_tw"))]  # noqa: E731
     for layout in ("per_layer", "shared"):
