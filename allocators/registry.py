@@ -1,6 +1,7 @@
 """Allocators by name, so that Hydra selects them with ``allocator=NAME``."""
 from __future__ import annotations
 
+import difflib
 import inspect
 import math
 from typing import Callable
@@ -9,6 +10,9 @@ from allocators.base import KVAllocator
 from allocators.checks import is_int, is_real
 
 _REGISTRY: dict[str, type[KVAllocator]] = {}
+# constructor arguments the engine passes from its own settings (not allocator.args)
+_SET_BY_ENGINE = {"self", "spec", "capacity_tokens", "max_num_seqs", "max_model_len", "enable_prefix_caching",
+                  "swap_space_tokens", "host_tier_tokens", "host_tier_policy", "host_transfer_blocks"}
 
 
 def register(name: str) -> Callable[[type[KVAllocator]], type[KVAllocator]]:
@@ -51,7 +55,13 @@ def checked_args(cls: type[KVAllocator], args: dict) -> dict:
     out = dict(args)
     for name, v in args.items():
         p = params.get(name)
-        if p is None or p.default is inspect.Parameter.empty or p.default is None:
+        if p is None:
+            takes = [k for k, q in params.items() if k not in _SET_BY_ENGINE and q.default is not inspect.Parameter.empty]
+            hint = difflib.get_close_matches(str(name), takes, n=1)
+            raise ValueError(f"allocator.args.{name}: allocator '{cls.name}' takes no such argument"
+                             + (f" (did you mean allocator.args.{hint[0]}?)" if hint else "")
+                             + f"; it takes {', '.join(takes)}")
+        if p.default is inspect.Parameter.empty or p.default is None:
             continue
         kind = type(p.default)
         where = f"allocator.args.{name}={v!r} ({cls.name})"

@@ -200,13 +200,19 @@ class VirtualAllocator(KVAllocator):
         token_bytes, num_ranges = range_token_bytes(layout, spec.num_layers, spec.num_kv_heads, spec.head_dim, elem)
         if backend == "auto":
             backend = "sim" if spec.device is None else ("cuda" if str(spec.device).startswith("cuda") else "host")
+        elif backend == "cuda" and spec.device is not None and not str(spec.device).startswith("cuda"):
+            raise ValueError(f"allocator.args.backend=cuda maps GPU memory but the KV cache is on {spec.device}: "
+                             "use backend=auto (host on a CPU), or device=cuda")
         grain = granularity(backend) if backend in ("sim", "host", "cuda") else 1  # make_backend names a bad one
         fit = default_page_size(token_bytes, grain, capacity_tokens, max_num_seqs, max_model_len)
         if page_size is None or page_size == "auto":
             page_size = fit.page_size
             log.info("virtual allocator: page_size=%d bytes (%d tokens a page, layout %s): %s; "
                      "set allocator.args.page_size to choose another", page_size, fit.page_tokens, layout, fit.why)
-        elif not is_int(page_size) or page_size <= 0 or page_size % token_bytes:
+        elif not is_int(page_size) or page_size <= 0:
+            raise ValueError(f"allocator.args.page_size={page_size!r}: give a positive number of bytes, a multiple "
+                             f"of {token_bytes} (e.g. {fit.page_size}), or auto for one chosen to fit")
+        elif page_size % token_bytes:
             raise ValueError(
                 f"allocator.args.page_size={page_size} does not hold a whole number of tokens of {token_bytes} "
                 f"bytes (layout '{layout}'): choose a multiple of {token_bytes}, e.g. {fit.page_size}, "

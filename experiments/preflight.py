@@ -438,10 +438,17 @@ def _check_resolves(cfg) -> None:
 
 
 def _check_protocol(cfg) -> None:
-    """``repeats`` a whole number >= 1, ``measure.warmup_s`` null or >= 0."""
+    """``repeats`` a whole number >= 1, the switches true or false, ``run_name`` one folder name,
+    ``measure.warmup_s`` null or >= 0."""
     repeats = cfg.get("repeats", 1)
     if not is_int(repeats) or repeats < 1:
         raise UserError(f"repeats={repeats}: give the number of runs, 1 or more (seeds seed, seed+1, ...)")
+    for key in ("resume", "progress", "report"):
+        if not isinstance(cfg.get(key, True), bool):
+            raise UserError(f"{key}={cfg.get(key)}: give true or false")
+    name = str(cfg.get("run_name", ""))
+    if "/" in name or "\\" in name or name in ("", ".", ".."):
+        raise UserError(f"run_name={name!r}: give a folder name without / (it names the run's folder)")
     warmup = (cfg.get("measure") or {}).get("warmup_s")
     if warmup is not None and (not is_real(warmup) or not warmup >= 0):
         raise UserError(f"measure.warmup_s={warmup}: give seconds >= 0, or null to start the steady-state "

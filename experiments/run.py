@@ -134,7 +134,12 @@ def check_ranges(cfg: DictConfig) -> None:
 
         mc = resolve_config(econf.model, econf.hf_overrides)
         max_len = econf.resolved_max_model_len(mc)
-    check_workload(OmegaConf.to_container(cfg.workload, resolve=True), mc.vocab_size, max_len)
+    work = check_workload(OmegaConf.to_container(cfg.workload, resolve=True), mc.vocab_size, max_len)
+    most = min(econf.max_num_seqs, econf.max_num_batched_tokens)
+    if work.beam_width > most:  # every live beam runs in each step (the engine refuses each request)
+        raise ValueError(f"workload.beam_width={work.beam_width}: a step holds at most {most} sequences "
+                         f"(engine.max_num_seqs={econf.max_num_seqs}, max_num_batched_tokens="
+                         f"{econf.max_num_batched_tokens}): lower it or raise them")
 
 
 def _dry_build(cfg: DictConfig):
@@ -619,6 +624,11 @@ def cli(argv: list[str]) -> int:
             overrides = prepared.overrides
             if {"-m", "--multirun"} & set(flags) and prepared.num_runs != 1:
                 check_sweep_ranges(overrides)
+            elif prepared.num_runs == 1:  # one run: its bad value in one line too, before Hydra starts
+                try:
+                    check_ranges(preflight.compose(overrides))
+                except ValueError as e:
+                    raise UserError(str(e)) from None
     except UserError as e:
         if verbose:
             traceback.print_exc()

@@ -496,6 +496,13 @@ def _validate(cfg: WorkloadConfig, vocab_size: int, max_model_len: int, low: int
             raise ValueError(f"workload.{kind}_len_min and {kind}_len_max go together: set both")
         if lo is not None and lo > hi:
             raise ValueError(f"workload.{kind}_len_min ({lo}) > {kind}_len_max ({hi})")
+    # the drawn prompts' shortest (uniform without a range: input_len - input_len // 2); every
+    # prompt at max_model_len or more would be clipped to max_model_len - 1 with one output token
+    key = "input_len_min" if cfg.input_len_min is not None else "input_len"
+    shortest = getattr(cfg, key) - (cfg.input_len // 2 if cfg.name == "uniform" and key == "input_len" else 0)
+    if cfg.name in ("fixed", "uniform", "parallel") and shortest >= max_model_len:
+        raise ValueError(f"workload.{key}={getattr(cfg, key)}: no prompt that long fits max_model_len={max_model_len} with an "
+                         "output token: lower it or raise engine.max_model_len")
     if cfg.name == "shared_prefix" and not 1 <= cfg.prefix_len <= max_model_len - 2:
         raise ValueError(f"workload.prefix_len must be in [1, max_model_len - 2 = "
                          f"{max_model_len - 2}] for shared_prefix, got {cfg.prefix_len}")

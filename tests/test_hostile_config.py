@@ -274,8 +274,50 @@ def test_allocator_arguments_have_their_constructors_types(allocator, args, expe
 def test_allocator_arguments_of_the_right_type_pass_and_whole_floats_become_ints():
     from allocators.registry import allocator_class, checked_args
 
-    out = checked_args(allocator_class("paged"), dict(block_size=32.0, enable_prefix_caching=True, bogus=1))
-    assert out == dict(block_size=32, enable_prefix_caching=True, bogus=1) and type(out["block_size"]) is int
+    out = checked_args(allocator_class("paged"), dict(block_size=32.0, enable_prefix_caching=True))
+    assert out == dict(block_size=32, enable_prefix_caching=True) and type(out["block_size"]) is int
+
+
+def test_an_allocator_argument_it_does_not_take_is_refused_naming_what_it_takes():
+    from allocators.registry import allocator_class, checked_args
+
+    with pytest.raises(ValueError, match=r"allocator.args.block_sise: allocator 'paged' takes no such argument "
+                                         r"\(did you mean allocator.args.block_size\?\); it takes block_size$"):
+        checked_args(allocator_class("paged"), dict(block_sise=8))
+    with pytest.raises(ValueError, match=r"allocator.args.bogus: allocator 'virtual' takes no such argument; "
+                                         r"it takes page_size, layout, backend, "):
+        checked_args(allocator_class("virtual"), dict(bogus=1))
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["mode=simulate", "report=maybe"], "report=maybe: give true or false"),
+    (["mode=simulate", "resume=1"], "resume=1: give true or false"),
+    (["mode=simulate", "run_name=../../x"], "run_name='../../x': give a folder name without /"),
+    (["mode=simulate", "+allocator.args.bogus=1"], "allocator.args.bogus: allocator 'paged' takes no such argument"),
+    (["mode=simulate", "allocator=virtual", "allocator.args.page_size=-4096"],
+     "allocator.args.page_size=-4096: give a positive number of bytes"),
+    (["mode=simulate", "workload.input_len_min=600", "workload.input_len_max=700"],
+     "workload.input_len_min=600: no prompt that long fits max_model_len=512"),
+    (["mode=simulate", "workload=fixed", "workload.input_len=512"], "workload.input_len=512: no prompt that long"),
+    (["mode=simulate", "workload.beam_width=4", "engine.max_num_seqs=2"],
+     "workload.beam_width=4: a step holds at most 2 sequences"),
+    (["mode=simulate", "seed=nan"], "seed=nan: give a whole number"),
+    (["mode=offline", "device=cpu", "engine.max_num_seqs=0"], "engine.max_num_seqs=0: give a whole number"),
+])
+def test_a_single_runs_bad_value_is_one_line_before_it_starts(args, msg, capsys, tmp_path):
+    """One run (no -m) is range-checked before Hydra starts, as a sweep is: one line, exit 2, no folder."""
+    code = cli([*args, f"hydra.run.dir={tmp_path / 'run'}", "progress=false"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(f"kvlab run: {msg}") and err.count("\n") == 1, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_cuda_vmm_backend_on_a_cpu_cache_is_refused():
+    from engine.llm_engine import LLMEngine
+
+    with pytest.raises(ValueError, match="allocator.args.backend=cuda maps GPU memory but the KV cache is on cpu"):
+        LLMEngine(EngineConfig(model="tiny-llama", device="cpu", allocator="virtual", max_model_len=64,
+                               kv_cache_tokens=1024, allocator_args=dict(backend="cuda")))
 
 
 @pytest.mark.parametrize("tp", [1, 2])

@@ -122,8 +122,8 @@ def test_config_object_and_mapping_agree_and_config_is_not_mutated():
 
 
 @pytest.mark.parametrize("cfg", [
-    dict(name="uniform", input_len_min=1000, input_len_max=5000, output_len_min=500, output_len_max=3000),
-    dict(name="fixed", input_len=4000, output_len=4000),
+    dict(name="uniform", input_len_min=100, input_len_max=5000, output_len_min=500, output_len_max=3000),
+    dict(name="fixed", input_len=200, output_len=4000),
     dict(name="sharegpt"),
     dict(name="shared_prefix", prefix_len=200, input_len=100, output_len=300),
 ])
@@ -132,6 +132,20 @@ def test_lengths_clipped_to_max_model_len(cfg):
     p, o = lengths(specs)
     assert p.min() >= 1 and o.min() >= 1 and (p + o).max() <= 256
     assert (p + o).max() == 256  # the cap binds for all of these
+
+
+@pytest.mark.parametrize("cfg, key", [
+    (dict(name="uniform", input_len_min=256, input_len_max=5000), "input_len_min=256"),
+    (dict(name="uniform", input_len=600), "input_len=600"),  # [300, 900]
+    (dict(name="fixed", input_len=256), "input_len=256"),
+    (dict(name="parallel", input_len=4000, n=2), "input_len=4000"),
+])
+def test_a_workload_whose_every_prompt_is_too_long_is_refused(cfg, key):
+    """Every prompt would be clipped to max_model_len - 1 with one output token: not the workload
+    asked for, so it is refused naming the key (some prompts clipped is still the documented cap)."""
+    with pytest.raises(ValueError, match=rf"workload.{key}: no prompt that long fits max_model_len=256"):
+        make_workload({**cfg, "num_requests": 5}, VOCAB, max_model_len=256)
+    make_workload({**cfg, "num_requests": 5}, VOCAB, max_model_len=2 * 4096)
 
 
 def test_shared_prefix_groups_share_exactly_their_prefix():
