@@ -273,6 +273,26 @@ def _resume(summary_path: Path, cfg_hash: str) -> dict | None:
     return done
 
 
+def _check_run_folder(cfg: DictConfig, overrides: list[str]) -> None:
+    """A run given a folder (``hydra.run.dir``) that holds a finished run of another configuration
+    is refused before Hydra starts: Hydra would first rewrite the folder's ``.hydra`` files, and
+    the folder would then resume as neither run."""
+    dirs = [o.split("=", 1)[1] for o in overrides if o.lstrip("+").startswith("hydra.run.dir=")]
+    if not dirs or not cfg.get("resume", True):
+        return
+    folder = Path(dirs[-1]).expanduser()
+    first = repeat_configs(cfg)[0]
+    for path in (folder / "summary.json", folder / "rep0" / "summary.json"):
+        if path.is_file():
+            try:
+                done = json.loads(path.read_text())
+            except (OSError, ValueError):
+                done = None
+            want = config_hash(applicable_config(first)[0])
+            if not isinstance(done, dict) or done.get("config_hash", want) != want:
+                _resume(path, want)  # raises ResumeConflict, naming the folder and the fix
+
+
 def missing_tables(run_dir: Path) -> list[str]:
     """The tables a finished run writes before its summary.json that ``run_dir`` lacks."""
     return [n for n in ("steps.parquet", "requests.parquet") if not (Path(run_dir) / n).exists()]
@@ -626,8 +646,10 @@ def cli(argv: list[str]) -> int:
                 check_sweep_ranges(overrides)
             elif prepared.num_runs == 1:  # one run: its bad value in one line too, before Hydra starts
                 try:
-                    check_ranges(preflight.compose(overrides))
-                except ValueError as e:
+                    cfg = preflight.compose(overrides)
+                    check_ranges(cfg)
+                    _check_run_folder(cfg, overrides)
+                except (ValueError, ResumeConflict) as e:
                     raise UserError(str(e)) from None
     except UserError as e:
         if verbose:
@@ -652,7 +674,7 @@ def cli(argv: list[str]) -> int:
         ran = len(SESSION.failed) + len(SESSION.finished)
         print(f"kvlab run: {len(SESSION.failed)} of {ran} run(s) failed, no results written:\n"
               + "\n".join(lines) + ("" if verbose else "\n(--verbose shows the tracebacks)"), file=sys.stderr)
-        user = all(isinstance(e, ValueError) for _, e in SESSION.failed)
+        user = all(isinstance(e, (ValueError, ResumeConflict)) for _, e in SESSION.failed)
         return 2 if user else 1
     return 0
 

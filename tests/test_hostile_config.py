@@ -408,3 +408,22 @@ def test_value_probes_hold_every_swept_value():
     assert {p[0] for p in probes} == {f"seed={i}" for i in range(MAX_COMPOSED)}
     assert {p[1] for p in probes} == {"engine.max_num_seqs=7", "engine.max_num_seqs=8"}
     assert all(p[2] == "mode=simulate" for p in probes)
+
+
+def test_a_run_into_a_folder_of_another_run_is_refused_before_hydra_rewrites_it(capsys, tmp_path):
+    """The folder's finished run, its .hydra files and its --resume stay as they were; the same run
+    again is skipped (resume), and resume=false overwrites."""
+    run = tmp_path / "run"
+    common = ["mode=simulate", f"hydra.run.dir={run}", "progress=false", "report=false"]
+    assert cli([*common, "workload.num_requests=4"]) == 0
+    before = {p.name: p.read_bytes() for p in (run / ".hydra").iterdir()}
+    summary = (run / "summary.json").read_bytes()
+    code = cli([*common, "workload.num_requests=7"])
+    err = capsys.readouterr().err
+    assert code == 2 and "summary.json holds a run of a different configuration" in err
+    assert {p.name: p.read_bytes() for p in (run / ".hydra").iterdir()} == before
+    assert (run / "summary.json").read_bytes() == summary
+    assert cli(["--resume", str(run)]) == 0 and cli([*common, "workload.num_requests=4"]) == 0
+    assert (run / "summary.json").read_bytes() == summary  # skipped: the same run
+    assert cli([*common, "workload.num_requests=7", "resume=false"]) == 0
+    assert json.loads((run / "summary.json").read_text())["num_requests"] == 7
