@@ -10,6 +10,7 @@ route can answer is declared with OpenAI's error body (and no 422, which is neve
 
 import asyncio
 import hmac
+import logging
 import re
 import time
 import uuid
@@ -36,9 +37,13 @@ from engine.serving.protocol import (
     ModelCard,
     ModelList,
     request_models,
+    unknown_fields,
 )
 
 T = TypeVar("T")
+log = logging.getLogger("kvlab.serving")
+IGNORED_FIELDS_HEADER = "X-Kvlab-Ignored-Fields"  # the request's fields this server did not read
+MAX_WARNED_FIELDS = 256  # names of ignored fields logged once each; beyond, no more log lines
 
 _ERROR_DESCRIPTIONS = {
     400: "Invalid request: the body is not valid JSON, a field has the wrong type or value, a field is not "
@@ -164,10 +169,33 @@ def create_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | No
             param = req.sampling_field_names.get(field, field) if field else None
             raise APIError(400, str(e), param=param, code="invalid_value") from e
 
+    warned: set[str] = set()
+
+    def ignored(req: CompletionRequest | ChatCompletionRequest, path: str, response: Response) -> Response:
+        """Name the request's ignored fields in a response header (the client sees what was not
+        read), and log each name once (the operator learns of it; a client repeating it at a
+        benchmark's rate adds no lines)."""
+        names = unknown_fields(req)
+        if names:
+            # escaped to printable ASCII: a name is the client's text (control characters, non-Latin-1)
+            response.headers[IGNORED_FIELDS_HEADER] = ", ".join(n.encode("unicode_escape").decode("ascii")
+                                                                for n in names)[:1024]
+            new = [n for n in names if n not in warned]
+            if new and len(warned) < MAX_WARNED_FIELDS:
+                warned.update(new)
+                log.warning("%s: ignored request field(s) %s: this server does not read them (named in the %s "
+                            "response header; logged once per name)", path, ", ".join(repr(n)[:80] for n in new),
+                            IGNORED_FIELDS_HEADER)
+        return response
+
     def post_responses(body_model: type) -> dict[int | str, dict[str, Any]]:
         ok = {"model": body_model, "description": "The whole response (JSON), or with `stream: true` server-sent "
                                                   "events, one chunk per event, ending with `data: [DONE]`",
-              "content": {"text/event-stream": {"itemSchema": _SSE_EVENT}}}
+              "content": {"text/event-stream": {"itemSchema": _SSE_EVENT}},
+              "headers": {IGNORED_FIELDS_HEADER: {
+                  "description": "The request's top-level fields this server ignored (fields it does not model; "
+                                 "a near miss of a field it does is a 400), comma-separated",
+                  "schema": {"type": "string"}}}}
         return {200: ok, **_errors(400, *auth, 404, 503)}
 
     @app.get("/health", response_class=Response,
@@ -205,7 +233,7 @@ def create_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | No
         if req.stream:
             chunker = responses.CompletionChunker(engine, request_id, model, params, len(streams),
                                                   req.include_usage, echo=echo)
-            return EventStreamResponse(responses.sse_events(streams, chunker))
+            return ignored(req, raw.url.path, EventStreamResponse(responses.sse_events(streams, chunker)))
         try:
             outputs = await until_disconnect(raw, responses.final_outputs(streams))
         finally:
@@ -215,7 +243,7 @@ def create_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | No
             return Response(status_code=499)  # the client is gone; nobody reads this
         body = responses.completion_response(engine, request_id, model, outputs, params.n,
                                              req.logprobs is not None, echo)
-        return JSONResponse(body.model_dump())
+        return ignored(req, raw.url.path, JSONResponse(body.model_dump()))
 
     @app.post("/v1/chat/completions", responses=post_responses(ChatCompletionResponse))
     async def chat_completions(req: chat_request, raw: Request) -> Response:
@@ -227,14 +255,15 @@ def create_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | No
         top = (req.top_logprobs or 0) if req.logprobs else None
         if req.stream:
             chunker = responses.ChatChunker(engine, request_id, model, params, top, req.include_usage)
-            return EventStreamResponse(responses.sse_events([stream], chunker))
+            return ignored(req, raw.url.path, EventStreamResponse(responses.sse_events([stream], chunker)))
         try:
             outputs = await until_disconnect(raw, responses.final_outputs([stream]))
         finally:
             stream.abort()
         if outputs is None:
             return Response(status_code=499)
-        return JSONResponse(responses.chat_response(engine, request_id, model, outputs[0], top).model_dump())
+        return ignored(req, raw.url.path,
+                       JSONResponse(responses.chat_response(engine, request_id, model, outputs[0], top).model_dump()))
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

@@ -51,12 +51,31 @@ def _error_param(error: dict) -> str | None:
     return str(loc[0]) if loc and isinstance(loc[0], str) else None
 
 
-def _validation_error(exc: RequestValidationError) -> APIError:
+_NOT_AN_OBJECT = {"model_attributes_type", "model_type", "dict_type"}
+_JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number",
+               bool: "a boolean", type(None): "null"}
+
+
+def _is_json(content_type: str | None) -> bool:
+    """Whether FastAPI reads a body of this Content-Type as JSON (application/json or */*+json)."""
+    media = (content_type or "").split(";")[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
+def _validation_error(exc: RequestValidationError, content_type: str | None = None) -> APIError:
     errors = exc.errors()
     first = errors[0] if errors else {}
     if first.get("type") == "json_invalid":
         return APIError(400, "We could not parse the JSON body of your request. The body must be valid "
                              f"JSON ({(first.get('ctx') or {}).get('error', 'malformed JSON')}).")
+    if first.get("type") in _NOT_AN_OBJECT and [p for p in first.get("loc", ()) if p != "body"] == []:
+        # the whole body is not an object: unread (not sent as JSON), or JSON of another type
+        if not _is_json(content_type) and isinstance(first.get("input"), (bytes, str)):
+            return APIError(400, "The request body must be a JSON object sent with the header Content-Type: "
+                                 f"application/json (this request's Content-Type: {content_type or 'none'}).",
+                            code="invalid_content_type")
+        got = _JSON_TYPES.get(type(first.get("input")), "not an object")
+        return APIError(400, f"The request body must be a JSON object (this one is {got}).", code="invalid_value")
     msgs = []
     for e in errors[:3]:
         where = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
@@ -74,7 +93,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return api_error_response(_validation_error(exc))
+        return api_error_response(_validation_error(exc, request.headers.get("content-type")))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

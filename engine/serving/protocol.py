@@ -1,12 +1,21 @@
 """Request and response bodies of OpenAI's API (the subset kvlab serves), as pydantic models.
 
-Requests are validated strictly: ``"10"`` is not an integer and ``"yes"`` not a boolean (JSON
-integers are accepted for numbers and, as JSON Schema's ``integer`` has it, ``10.0`` for
-integers). Unknown request fields are ignored, as OpenAI-compatible servers do; known fields
-that the engine cannot honour (tools, response formats, penalties, logit_bias, suffix, ...)
-are rejected with a 400 naming the field rather than silently dropped, and the published
-schema lists only the values that are accepted (``null``, or the neutral value). ``top_k``, ``min_tokens``, ``ignore_eos`` and ``stop_token_ids`` are vLLM's
-extensions (clients send them through ``extra_body``); benchmarks need ``ignore_eos``.
+Requests are validated strictly: ``"10"`` is not an integer, ``"yes"`` not a boolean and
+``NaN`` or ``Infinity`` not a number (JSON integers are accepted for numbers and, as JSON
+Schema's ``integer`` has it, ``10.0`` for integers). Known fields that the engine cannot honour
+(tools, response formats, penalties, logit_bias, suffix, ...) are rejected with a 400 naming
+the field rather than silently dropped, and the published schema lists only the values that
+are accepted (``null``, or the neutral value). ``top_k``, ``min_tokens``, ``ignore_eos`` and
+``stop_token_ids`` are vLLM's extensions (clients send them through ``extra_body``);
+benchmarks need ``ignore_eos``.
+
+Unknown top-level request fields: one that is a near miss of a field of the request
+(``max_token``, ``temprature``, ``maxTokens``) is a 400 naming it and the field meant, as
+OpenAI answers an unrecognized argument; any other (fields of OpenAI's or vLLM's API this
+server does not model, such as ``metadata``, ``store`` or ``prompt_logprobs``, or a client's
+own) is accepted and ignored, as vLLM does, and named in the response's
+``X-Kvlab-Ignored-Fields`` header (and once per name in the server log; see
+``misspelt_field``, ``FOREIGN_FIELDS``).
 
 Every validation error names the top-level field at fault: field errors through their
 location, cross-field errors through ``ctx["param"]`` (see ``field_error``).
@@ -16,6 +25,7 @@ model name and context length, so that the OpenAPI schema matches what it accept
 """
 from __future__ import annotations
 
+import difflib
 import time
 from typing import Annotated, Any, ClassVar, Literal, Protocol
 
@@ -25,6 +35,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationInfo,
     WithJsonSchema,
     create_model,
@@ -117,7 +128,7 @@ _STREAM_OPTIONS_NEED_STREAM = {
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
     _integer_fields: ClassVar[frozenset[str]] = frozenset()  # fields of integers (or lists of them)
 
     @field_validator("*", mode="before")
@@ -142,9 +153,57 @@ def _integral(value: Any) -> Any:
 
 TokenId = Annotated[int, Field(ge=0, le=MAX_TOKENS)]
 
+# fields of OpenAI's and vLLM's (and other servers') request bodies that this server does not
+# model: accepted and ignored, never taken for a misspelling of a field it models (``store`` is
+# close to ``stop``, ``prompt_logprobs`` to ``logprobs``)
+FOREIGN_FIELDS = frozenset({
+    # OpenAI
+    "metadata", "store", "service_tier", "reasoning_effort", "reasoning", "verbosity", "prompt_cache_key",
+    "prompt_cache_retention", "safety_identifier", "background", "include", "instructions", "text",
+    "truncation", "messages", "prompt",
+    # vLLM
+    "use_beam_search", "length_penalty", "include_stop_str_in_output", "skip_special_tokens",
+    "spaces_between_special_tokens", "truncate_prompt_tokens", "allowed_token_ids", "bad_words",
+    "prompt_logprobs", "add_special_tokens", "return_tokens_as_token_ids", "return_token_ids", "priority",
+    "request_id", "guided_json", "guided_regex", "guided_choice", "guided_grammar", "guided_decoding_backend",
+    "guided_whitespace_pattern", "structural_tag", "structured_outputs", "logits_processors", "cache_salt",
+    "kv_transfer_params", "vllm_xargs", "echo", "add_generation_prompt", "continue_final_message",
+    "documents", "chat_template", "chat_template_kwargs", "mm_processor_kwargs", "media_io_kwargs",
+    "min_p", "best_of",
+    # TGI, SGLang, Aphrodite, llama.cpp
+    "top_a", "typical_p", "tfs", "mirostat", "mirostat_tau", "mirostat_eta", "do_sample", "watermark",
+    "details", "decoder_input_details", "return_full_text", "top_n_tokens", "regex", "json_schema", "ebnf",
+    "lora_path", "return_hidden_states", "cache_prompt", "n_probs", "n_predict",
+})
+MISSPELLING_CUTOFF = 0.8  # difflib's ratio at which an unknown field is taken for a known one
+
+
+def _squash(name: str) -> str:
+    return name.lower().replace("_", "").replace("-", "")
+
+
+def misspelt_field(name: str, known) -> str | None:
+    """The field of ``known`` that the unknown field ``name`` is a near miss of (``max_token``,
+    ``Temperature``, ``maxTokens``, ``top-p``), or None: a field of another API
+    (``FOREIGN_FIELDS``), or none close enough (``MISSPELLING_CUTOFF``)."""
+    if name in FOREIGN_FIELDS:
+        return None
+    known = sorted(known)
+    same = [k for k in known if _squash(k) == _squash(name)]
+    if same:
+        return same[0]
+    close = difflib.get_close_matches(name.lower(), known, n=1, cutoff=MISSPELLING_CUTOFF)
+    return close[0] if close else None
+
+
+def unknown_fields(model: BaseModel) -> tuple[str, ...]:
+    """The request's top-level fields that this server ignored (none is a near miss of a field)."""
+    return getattr(model, "_ignored_fields", ())
+
 
 class _SamplingRequest(_Strict):
     _integer_fields = frozenset({"n", "seed", "top_k", "min_tokens", "max_tokens", "stop_token_ids"})
+    _ignored_fields: tuple[str, ...] = PrivateAttr(default=())
 
     model: str | None = Field(None, description="The served model's name (null: the served model).")
     n: int | None = Field(None, ge=1, le=MAX_N)
@@ -167,6 +226,24 @@ class _SamplingRequest(_Strict):
     repetition_penalty: OneOnly = None
     min_p: ZeroOnly = None
     logit_bias: EmptyMapOnly = None
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _unknown_fields(cls, data: Any, handler):
+        """A near miss of a field is a 400 naming both; other unknown fields are kept in
+        ``_ignored_fields`` (the response names them)."""
+        if not isinstance(data, dict):
+            return handler(data)
+        known = cls.model_fields
+        unknown = [k for k in data if isinstance(k, str) and k not in known]
+        misses = [(k, m) for k in unknown if (m := misspelt_field(k, known))]
+        if misses:
+            listed = ", ".join(f"{k} (did you mean {m}?)" for k, m in misses)
+            many = "s" if len(misses) > 1 else ""
+            raise field_error(misses[0][0], f"Unrecognized request argument{many} supplied: {listed}")
+        model = handler(data)
+        model._ignored_fields = tuple(unknown)
+        return model
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self):
