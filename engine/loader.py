@@ -47,7 +47,7 @@ def _load_safetensors(model: CausalLM, path: Path) -> None:
 
     files = sorted(path.glob("*.safetensors"))
     if not files:
-        raise FileNotFoundError(
+        raise ValueError(  # a user's folder: a clear error (exit 2), not a missing-file crash
             f"no *.safetensors in {path}: save the model with save_pretrained(safe_serialization=True); "
             "pickle checkpoints are not loaded"
         )

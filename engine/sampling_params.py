@@ -79,7 +79,7 @@ class SamplingParams:
         integer("max_tokens", 0, 2**31 - 1, optional=True)
         if self.max_tokens == 0 and self.prompt_logprobs is None:
             out.append("max_tokens must be >= 1 (0 is only allowed with prompt_logprobs, to score a prompt)")
-        hi = self.max_tokens if is_int(self.max_tokens) else 2**31 - 1
+        hi = self.max_tokens if is_int(self.max_tokens) and self.max_tokens >= 0 else 2**31 - 1  # (one error)
         integer("min_tokens", 0, hi)
         integer("seed", -MAX_SEED - 1, MAX_SEED, optional=True)
         integer("logprobs", 0, MAX_LOGPROBS, optional=True)

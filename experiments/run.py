@@ -667,8 +667,9 @@ def cli(argv: list[str]) -> int:
         print(f"\n{_interrupted_line(SESSION)}", file=sys.stderr)
         return 130
     if SESSION.duplicates:
-        log.info("%d run(s) of this sweep repeat an earlier one once inapplicable allocator options are "
-                 "dropped: not run twice (%s)", len(SESSION.duplicates), ", ".join(SESSION.duplicates))
+        log.info("%d run(s) of this sweep have the configuration of an earlier one (the same values, or the same "
+                 "once options their allocator does not take are dropped): not run twice (%s)",
+                 len(SESSION.duplicates), ", ".join(SESSION.duplicates))
     if SESSION.failed:
         lines = [f"  {name}: {_one_line(e)}" for name, e in SESSION.failed]
         ran = len(SESSION.failed) + len(SESSION.finished)

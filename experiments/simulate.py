@@ -449,8 +449,14 @@ def cost_model_for(sim: SimSettings, roofline: RooflineCostModel, shape: ModelSh
             raise ValueError(msg)
         log.warning("%s; simulating with the roofline cost model", msg)
         return roofline
+    try:
+        profile = load_profile(str(path))
+    except (OSError, ValueError) as e:  # pyarrow's errors are both; a user's file, named with the key
+        raise ValueError(f"sim.profile={sim.profile or path}: not a device profile ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}): give a parquet file `kvlab profile` "
+                         "wrote, or null for the roofline cost model") from None
     return ProfiledCostModel(
-        load_profile(str(path)), shape, model=model, paged=allocator.mode == Addressing.PAGED,
+        profile, shape, model=model, paged=allocator.mode == Addressing.PAGED,
         block_size=getattr(allocator, "block_size", 0), max_graph_batch=econf.max_num_seqs,
         # the runner captures no graphs for layer groups (a grouped allocator has a plan)
         enforce_eager=econf.enforce_eager or getattr(allocator, "plan", None) is not None,

@@ -303,6 +303,7 @@ def test_an_allocator_argument_it_does_not_take_is_refused_naming_what_it_takes(
      "workload.beam_width=4: a step holds at most 2 sequences"),
     (["mode=simulate", "seed=nan"], "seed=nan: give a whole number"),
     (["mode=offline", "device=cpu", "engine.max_num_seqs=0"], "engine.max_num_seqs=0: give a whole number"),
+    (["mode=simulate", "sim.profile=README.md"], "sim.profile=README.md: not a device profile (ArrowInvalid"),
 ])
 def test_a_single_runs_bad_value_is_one_line_before_it_starts(args, msg, capsys, tmp_path):
     """One run (no -m) is range-checked before Hydra starts, as a sweep is: one line, exit 2, no folder."""
@@ -427,3 +428,25 @@ def test_a_run_into_a_folder_of_another_run_is_refused_before_hydra_rewrites_it(
     assert (run / "summary.json").read_bytes() == summary  # skipped: the same run
     assert cli([*common, "workload.num_requests=7", "resume=false"]) == 0
     assert json.loads((run / "summary.json").read_text())["num_requests"] == 7
+
+
+def test_a_model_folder_without_weights_is_a_value_error(tmp_path):
+    pytest.importorskip("transformers")
+    from conftest import make_hf_checkpoint
+
+    from engine.llm_engine import LLMEngine
+
+    make_hf_checkpoint(tmp_path)
+    for f in tmp_path.glob("*.safetensors"):
+        f.unlink()
+    with pytest.raises(ValueError, match=r"no \*.safetensors in .*: save the model with save_pretrained"):
+        LLMEngine(EngineConfig(model=str(tmp_path), device="cpu", dtype="float32", max_model_len=64,
+                               kv_cache_tokens=256))
+
+
+def test_a_negative_max_tokens_is_one_error():
+    from engine.sampling_params import SamplingParams
+
+    with pytest.raises(ValueError) as e:
+        SamplingParams(max_tokens=-1)
+    assert str(e.value) == "invalid SamplingParams: max_tokens must be an integer in [0, 2147483647], got -1"
