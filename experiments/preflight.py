@@ -472,6 +472,25 @@ def _check_arrival_span(cfg, rate: float) -> None:
                         f"(at most {most:g} s in mode={cfg.mode}): raise the rate or lower workload.num_requests")
 
 
+def check_folder(flag: str, path: Path, sep: str = " ") -> None:
+    """UserError unless ``path`` is a folder that can be written into, or can be made: checked
+    before any run. Creates nothing (a probe folder in the nearest existing one goes at once)."""
+    import os
+    import tempfile
+
+    p = Path(path).expanduser().absolute()
+    while not p.exists() and not p.is_symlink():  # (a dangling link is in the way too)
+        p = p.parent
+    if not p.is_dir():
+        what = "not a folder" if p == Path(path).expanduser().absolute() else f"{p} is not a folder"
+        raise UserError(f"{flag}{sep}{path}: {what}: give a folder to write into")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".kvlab-probe-", dir=p))
+    except OSError as e:  # a probe, not os.access: root passes that and still cannot write in /proc
+        raise UserError(f"{flag}{sep}{path}: cannot make folders in {p} ({e.strerror}): "
+                        "give a folder you can write to") from None
+
+
 def check_config(cfg) -> None:
     """Mode, arrivals and model must agree before anything is built (no torch here)."""
     _check_resolves(cfg)

@@ -642,6 +642,10 @@ def cli(argv: list[str]) -> int:
             prepared = preflight.prepare(overrides)
             SESSION.num_runs = prepared.num_runs
             overrides = prepared.overrides
+            for o in overrides:  # a folder given for the results must take them (Hydra would crash)
+                key, _, value = o.lstrip("+").partition("=")
+                if key in ("hydra.run.dir", "hydra.sweep.dir") and value:
+                    preflight.check_folder(key, Path(value), sep="=")
             if {"-m", "--multirun"} & set(flags) and prepared.num_runs != 1:
                 check_sweep_ranges(overrides)
             elif prepared.num_runs == 1:  # one run: its bad value in one line too, before Hydra starts

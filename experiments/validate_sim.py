@@ -314,7 +314,7 @@ def check_args(a) -> list[float]:
     """The flags and overrides, one line naming the flag and the fix if one is wrong (before any
     run); the online rates."""
     from experiments.preflight import did_you_mean, group_choices
-    from experiments.reproduce.core import check_folder
+    from experiments.preflight import check_folder
 
     rates = []
     for r in filter(None, a.rates.split(",")):

@@ -313,6 +313,16 @@ def test_a_single_runs_bad_value_is_one_line_before_it_starts(args, msg, capsys,
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("key", ["hydra.run.dir", "hydra.sweep.dir"])
+def test_a_results_folder_that_cannot_be_made_is_one_line(key, capsys, tmp_path):
+    (tmp_path / "file").write_text("x")
+    code = cli(["-m" if key == "hydra.sweep.dir" else "mode=simulate", "mode=simulate", "progress=false",
+                f"{key}={tmp_path / 'file' / 'run'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"kvlab run: {key}={tmp_path / 'file' / 'run'}: {tmp_path / 'file'} is not a folder" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
 def test_a_cuda_vmm_backend_on_a_cpu_cache_is_refused():
     from engine.llm_engine import LLMEngine
 

@@ -174,27 +174,6 @@ def check_studies(ctx: Ctx, bases: list[list[str]]) -> None:
             raise UserError(f"{e} (a study of {ctx.paper}, --mode {ctx.mode}); nothing has run") from None
 
 
-def check_folder(flag: str, path: Path) -> None:
-    """UserError unless ``path`` is a folder that can be written into, or can be made: checked
-    before any run. Creates nothing (a probe folder in the nearest existing one goes at once)."""
-    import os
-    import tempfile
-
-    from experiments.preflight import UserError
-
-    p = Path(path).expanduser().absolute()
-    while not p.exists() and not p.is_symlink():  # (a dangling link is in the way too)
-        p = p.parent
-    if not p.is_dir():
-        what = "not a folder" if p == Path(path).expanduser().absolute() else f"{p} is not a folder"
-        raise UserError(f"{flag} {path}: {what}: give a folder to write into")
-    try:
-        os.rmdir(tempfile.mkdtemp(prefix=".kvlab-probe-", dir=p))
-    except OSError as e:  # a probe, not os.access: root passes that and still cannot write in /proc
-        raise UserError(f"{flag} {path}: cannot make folders in {p} ({e.strerror}): "
-                        "give a folder you can write to") from None
-
-
 def run(ctx: Ctx, study: str, name: str, overrides: list[str], rate: float | None = None,
         num_requests: int | None = None) -> list[dict]:
     """One configuration, ``ctx.repeats`` seeds, into runs/<study>/<name>/: the summaries (resumed

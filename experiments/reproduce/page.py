@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 
 from experiments.reproduce import pagedattention, vattention
-from experiments.reproduce.core import Ctx, PAPERS, TITLES, _bounds, check_folder, check_studies
+from experiments.preflight import check_folder
+from experiments.reproduce.core import Ctx, PAPERS, TITLES, _bounds, check_studies
 from experiments.reproduce.pagedattention import Section, fig14_15, fig16, fig17, fig18, fig19, fig2_12_13
 from experiments.reproduce.vattention import allocation_latency, page_size_study
 
