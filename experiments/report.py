@@ -29,6 +29,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from importlib import import_module
 from pathlib import Path
@@ -105,17 +108,34 @@ SHORT = {"cfg.allocator.name": "", "cfg.allocator.args.policy": "", "cfg.allocat
 
 # ---------------------------------------------------------------------------- tables
 
+class ReportInputError(ValueError):
+    """A mistake in what ``kvlab report`` was given (no such folder): one line, exit code 2."""
+
+
+class NoRuns(FileNotFoundError):
+    """No run under the folder has results (yet): nothing to report, exit code 1."""
+
+
 @dataclass(frozen=True)
 class Skipped:
-    """A run folder the report leaves out, and why."""
+    """A run folder the report leaves out, and why; with ``table`` (``requests.parquet``), only
+    that damaged table of the run is left out (of the figures that draw it)."""
     run_dir: str
     reason: str
+    table: str | None = None
+
+
+# how to make a damaged run again (kvlab run --resume remakes a run whose summary or tables are gone)
+REMAKE = "delete it and rerun that run (its command, or `kvlab run --resume SWEEP_DIR`)"
 
 
 def _why_unfinished(run_dir: Path) -> str:
     """The reason a run folder has no summary.json, from its log where it says."""
     log = run_dir / "run.log"
-    text = log.read_text(errors="replace") if log.is_file() else ""
+    try:
+        text = log.read_text(errors="replace") if log.is_file() else ""
+    except OSError:  # unreadable: say what the folder lacks
+        text = ""
     if "interrupted" in text:
         return "interrupted (no summary.json): rerun its command or `kvlab run --resume SWEEP_DIR` to finish it"
     failed = [ln for ln in text.splitlines() if "failed" in ln or "ERROR" in ln]
@@ -126,15 +146,22 @@ def _why_unfinished(run_dir: Path) -> str:
 
 def find_runs(root: str | Path) -> tuple[list[Path], list[Skipped]]:
     """summary.json files under ``root`` that can be read, and the run folders left out (a Hydra
-    run folder without summary.json, or a summary.json that is not valid JSON)."""
+    run folder without summary.json, or a summary.json that is not a JSON object)."""
     root = Path(root)
+    if not root.exists():
+        raise ReportInputError(f"{root} does not exist: give the folder of a run or a sweep "
+                               "(hydra.sweep.dir, e.g. multirun/DATE/TIME)")
+    if not root.is_dir():
+        raise ReportInputError(f"{root} is not a folder: give the folder of a run or a sweep, not a file in it")
     found, skipped = [], []
     for path in sorted(root.rglob("summary.json")):
         try:
-            json.loads(path.read_text())
+            rec = json.loads(path.read_text())
+            if not isinstance(rec, dict):
+                raise ValueError(f"a JSON {type(rec).__name__}, not an object")
             found.append(path)
         except (OSError, ValueError) as e:
-            skipped.append(Skipped(str(path.parent), f"summary.json unreadable: {e}"))
+            skipped.append(Skipped(str(path.parent), f"summary.json unreadable ({_first_line(e)}): {REMAKE}"))
     done = {p.parent for p in found} | {Path(s.run_dir) for s in skipped}
     for cfg in sorted(root.rglob(".hydra/config.yaml")):
         run_dir = cfg.parent.parent
@@ -145,6 +172,14 @@ def find_runs(root: str | Path) -> tuple[list[Path], list[Skipped]]:
         elif run_dir not in done:
             skipped.append(Skipped(str(run_dir), _why_unfinished(run_dir)))
     return found, skipped
+
+
+def _first_line(e: BaseException, path: Path | None = None) -> str:
+    """The first line of an error's message (pyarrow's run on), the file's path in it shortened."""
+    text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    if path is not None:  # pyarrow: "Could not open Parquet input source '<path>': <why>. <advice>."
+        text = text.split(f"'{path}': ", 1)[-1].split(". ")[0].replace(str(path), "the file")
+    return text
 
 
 def _repeats(hydra_config: Path) -> int:
@@ -163,23 +198,42 @@ def collect(root: str | Path, skipped: list[Skipped] | None = None) -> pd.DataFr
     appended to ``skipped`` where given."""
     root = Path(root)
     paths, left_out = find_runs(root)
-    if skipped is not None:
-        skipped.extend(left_out)
     rows = []
+    units = _units()
     for path in paths:
         rec = json.loads(path.read_text())
+        wrong = next((k for k in units if k in rec and not _number(rec[k])), None)
+        if wrong is not None or not any(k in rec for k in units):  # edited by hand, or not kvlab's
+            what = f"{wrong} is {str(rec[wrong])[:40]!r}, not a number" if wrong else "no metric in it"
+            left_out.append(Skipped(str(path.parent), f"summary.json damaged ({what}): {REMAKE}"))
+            continue
+        for key in RATE_KEYS:  # summary.json holds no infinities: an offline run's rate (inf) is null
+            if key in rec and rec[key] is None:
+                rec[key] = math.inf
         rec["run_dir"] = str(path.parent)
         rel = path.parent.relative_to(root).as_posix()
         rec["run_id"] = rel if rel != "." else rec.get("run_id", path.parent.name)
         rows.append(rec)
+    if skipped is not None:
+        skipped.extend(left_out)
     if not rows:
         why = f" ({len(left_out)} run folder(s) without results: {left_out[0].reason})" if left_out else ""
-        raise FileNotFoundError(f"no run under {root} has a summary.json{why}: run `kvlab run` first")
+        raise NoRuns(f"no run under {root} has a summary.json{why}: run `kvlab run` first")
     df = pd.DataFrame(rows)
     if "allocator_args" in df:
         df["allocator_args"] = df["allocator_args"].map(lambda a: json.dumps(a, sort_keys=True))
     df["label"] = run_labels(df)
     return df
+
+
+# a request rate can only be a number > 0 (workloads.check_workload), inf included, which
+# write_json stores as null: so null is inf
+RATE_KEYS = ("cfg.workload.request_rate", "request_rate")
+
+
+def _number(v) -> bool:
+    """A metric's value as summary.json holds it: a number, or null (not measured, or not finite)."""
+    return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
 
 
 ALLOCATOR_ORDER = {"contiguous": 0, "paged": 1, "virtual": 2}
@@ -387,13 +441,36 @@ def plot_memory(wide: pd.DataFrame):
     return fig
 
 
-def _read_runs(wide: pd.DataFrame, name: str, columns: list[str] | None = None) -> dict[str, list[pd.DataFrame]]:
-    """Each row's table ``name``: one per run of the row (its repeats), empty ones left out."""
+STEP_COLUMNS = ("time", "capacity", "free", "token_states", "num_seqs")  # what the usage plots draw
+
+
+def _read_runs(wide: pd.DataFrame, name: str, columns: list[str] | None = None,
+               damaged: list[Skipped] | None = None) -> dict[str, list[pd.DataFrame]]:
+    """Each row's table ``name``: one per run of the row (its repeats), empty ones left out, and
+    damaged ones (not parquet, truncated, without the columns drawn) too, each appended to
+    ``damaged`` where given: a run's figures leave out what is gone, as where the file is missing."""
+    import pyarrow as pa
+
     out = {}
     for _, r in wide.iterrows():
         members = r.get("_members")
         dirs = members if isinstance(members, list) and members else [r["run_dir"]]
-        tables = [pd.read_parquet(Path(d) / name, columns=columns) for d in dirs if (Path(d) / name).exists()]
+        tables = []
+        for d in dirs:
+            path = Path(d) / name
+            if not path.exists():
+                continue
+            try:
+                table = pd.read_parquet(path, columns=columns)
+                lacking = [c for c in STEP_COLUMNS if c not in table] if "capacity" in table else []
+                if lacking:
+                    raise ValueError(f"no column {', '.join(lacking)}")
+            except (OSError, ValueError, KeyError, pa.ArrowException) as e:
+                if damaged is not None:
+                    damaged.append(Skipped(str(d), f"unreadable ({_first_line(e, path)}): left out of the figures; "
+                                                   f"{REMAKE}", table=name))
+                continue
+            tables.append(table)
         tables = [t for t in tables if not t.empty]
         if tables:
             out[r["run_id"]] = tables
@@ -428,9 +505,11 @@ def _styles(wide: pd.DataFrame) -> tuple[dict[str, dict], list, str]:
     series = run_labels(wide, exclude=(axis,))
     colors = {s: cycle[i % len(cycle)] for i, s in enumerate(dict.fromkeys(series))}
     x = pd.to_numeric(wide[axis], errors="coerce")
-    rank = x.rank(method="dense")
-    top = max(rank.max(), 1)
-    styles = {r["run_id"]: dict(color=colors[series[i]], alpha=0.25 + 0.75 * (rank[i] / top if top > 1 else 1))
+    rank = x.rank(method="dense")  # inf (an offline rate) ranks last, the darkest; NaN has no rank
+    top = rank.max() if rank.notna().any() else 1
+    # a run without a value on the axis (contiguous in a block-size sweep) is drawn in full
+    shade = (rank / top if top > 1 else pd.Series(1.0, index=rank.index)).fillna(1.0)
+    styles = {r["run_id"]: dict(color=colors[series[i]], alpha=float(0.25 + 0.75 * shade[i]))
               for i, r in wide.iterrows()}
     handles = [Line2D([], [], color=c, label=s) for s, c in colors.items()]
     lo, hi = x.min(), x.max()
@@ -488,7 +567,8 @@ def plot_usage_over_time(wide: pd.DataFrame, steps: dict[str, pd.DataFrame]):
             ax.set_ylabel("KV pool in use (%)\n(dotted: token states)")
             ax2.set_ylabel("batch size (seqs)")
         if k // cols == rows - 1:
-            ax2.set_xlabel(("simulated " if (wide.get("mode") == "simulate").all() else "") + "time (s)")
+            sim = "mode" in wide and (wide["mode"] == "simulate").all()  # runs before "mode" was recorded: not said
+            ax2.set_xlabel(("simulated " if sim else "") + "time (s)")
     for k in range(len(groups), rows * cols):  # empty cells of the grid
         axes[2 * (k // cols)][k % cols].set_visible(False)
         axes[2 * (k // cols) + 1][k % cols].set_visible(False)
@@ -654,6 +734,7 @@ def _percent(df: pd.DataFrame, cols: list[str]) -> pd.DataFrame:
 def _percent_table(wide: pd.DataFrame, lead: list[str], cols: list[str], plain: tuple[str, ...] = ()) -> str:
     """Markdown of ``cols`` in percent (``plain`` as they are), with their 95% CIs where rows repeat."""
     plain = [c for c in plain if c in wide]
+    lead = [c for c in lead if c in wide]
     ci = pd.DataFrame({f"{c}_ci95": wide[f"{c}_ci95"].astype(float) * (100 if c in cols else 1)
                        for c in [*cols, *plain] if f"{c}_ci95" in wide}, index=wide.index)
     table = _percent(wide[lead + cols + plain], cols)
@@ -661,14 +742,74 @@ def _percent_table(wide: pd.DataFrame, lead: list[str], cols: list[str], plain: 
 
 
 def write_report(root: str | Path, out: str | Path | None = None, skipped: list[Skipped] | None = None) -> Path:
-    """The report of every run under ``root``; folders left out are listed in report.md and
-    appended to ``skipped`` where given."""
+    """The report of every run under ``root``; folders left out (and damaged tables left out of
+    the figures) are listed in report.md and appended to ``skipped`` where given.
+
+    All or nothing: the report is written into a temporary folder beside ``out`` and its files
+    moved into ``out`` at the end, so a report that fails (or is interrupted) leaves no part of
+    itself behind, and an earlier report in ``out`` as it was."""
     root = Path(root)
     out = Path(out) if out else root / "report"
     left_out: list[Skipped] = []
-    runs = order_runs(collect(root, left_out))
+    runs = order_runs(collect(root, left_out))  # before anything is written: no runs, no folder
+    if out.exists() and not out.is_dir():
+        raise ReportInputError(f"{out} is a file, not a folder: give --out a folder (it is made where missing)")
+    made = _make_parents(out)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    except BaseException:
+        _remove_empty(made)
+        raise
+    drawn = set(plt.get_fignums())
+    try:
+        _write_report(root, tmp, runs, left_out)
+        _move_into(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(made)
+        for n in set(plt.get_fignums()) - drawn:  # the figures it drew before it failed
+            plt.close(n)
+        raise
     if skipped is not None:
         skipped.extend(left_out)
+    return out
+
+
+def _make_parents(out: Path) -> list[Path]:
+    """Make ``out``'s missing parent folders; those made, deepest first."""
+    made = [p for p in out.absolute().parents if not p.exists()]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return made
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for folder in folders:  # deepest first
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
+def _move_into(tmp: Path, out: Path) -> None:
+    """The finished report in ``tmp`` into ``out``: renamed whole where ``out`` is new, else file
+    by file (``--out`` may name a folder that holds other things)."""
+    if not out.exists():
+        os.replace(tmp, out)
+        os.chmod(out, 0o777 & ~_umask())  # mkdtemp makes 0700; reports are meant to be shared
+        return
+    for f in sorted(tmp.iterdir()):
+        os.replace(f, out / f.name)
+    tmp.rmdir()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _write_report(root: Path, out: Path, runs: pd.DataFrame, left_out: list[Skipped]) -> None:
+    """The report's files, into ``out`` (a fresh folder); damaged tables appended to ``left_out``."""
     wide = group_repeats(runs)
     write_csv(out / "summary.csv", wide.drop(columns=["_members"]))
     write_parquet(out / "summary_long.parquet", long_table(runs))
@@ -677,10 +818,10 @@ def write_report(root: str | Path, out: str | Path | None = None, skipped: list[
         figures["throughput.png"] = ("Output throughput", plot_throughput(wide))
     if _has_memory(wide):
         figures["memory_breakdown.png"] = ("Where the KV memory goes", plot_memory(wide))
-    requests = _read_runs(wide, "requests.parquet", ["ttft", "e2el", "output_len"])
+    requests = _read_runs(wide, "requests.parquet", ["ttft", "e2el", "output_len"], left_out)
     if requests:
         figures["latency_cdf.png"] = ("Latency CDFs", plot_latency_cdfs(wide, requests))
-    steps = _read_runs(wide, "steps.parquet")
+    steps = _read_runs(wide, "steps.parquet", damaged=left_out)
     if any("capacity" in t for tables in steps.values() for t in tables):
         figures["kv_usage_over_time.png"] = ("KV usage and batch size over time", plot_usage_over_time(wide, steps))
     swept = varying(wide)
@@ -744,12 +885,20 @@ def write_report(root: str | Path, out: str | Path | None = None, skipped: list[
     md += ["## Runs", "", markdown_table(wide[["label", "run_id"]]), "",
            "Each run folder holds `summary.json`, `requests.parquet`, `steps.parquet` and "
            "`kv_usage_over_time.png`.", ""]
-    if left_out:
-        md += ["## Skipped", "", f"{len(left_out)} run folder(s) without results are not in this report:", "",
-               *[f"- `{Path(s.run_dir).relative_to(root) if Path(s.run_dir).is_relative_to(root) else s.run_dir}`: "
-                 f"{s.reason}" for s in left_out], ""]
+    runs_out = [s for s in left_out if s.table is None]
+    tables_out = [s for s in left_out if s.table is not None]
+    if runs_out:
+        md += ["## Skipped", "", f"{len(runs_out)} run folder(s) without results are not in this report:", "",
+               *[f"- `{_rel(s.run_dir, root)}`: {s.reason}" for s in runs_out], ""]
+    if tables_out:
+        md += ["## Damaged tables", "", f"{len(tables_out)} table(s) of runs above could not be read: their runs "
+               "are in the tables but not in the figures drawn from them:", "",
+               *[f"- `{_rel(s.run_dir, root)}/{s.table}`: {s.reason}" for s in tables_out], ""]
     write_text(out / "report.md", "\n".join(md))
-    return out
+
+
+def _rel(run_dir: str, root: Path) -> str:
+    return str(Path(run_dir).relative_to(root)) if Path(run_dir).is_relative_to(root) else run_dir
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -763,12 +912,29 @@ def main(argv: list[str] | None = None) -> int:
     skipped: list[Skipped] = []
     try:
         out = write_report(args.dir, args.out, skipped)
-    except FileNotFoundError as e:
+    except ReportInputError as e:
+        print(f"kvlab report: {e}", file=sys.stderr)
+        return 2
+    except NoRuns as e:  # no run has results (yet): nothing to report
         print(f"kvlab report: {e}", file=sys.stderr)
         return 1
-    if skipped:
-        print(f"kvlab report: skipped {len(skipped)} run folder(s) without results:", file=sys.stderr)
-        for s in skipped:
+    except KeyboardInterrupt:
+        print("kvlab report: interrupted; no report written (an earlier one is as it was)", file=sys.stderr)
+        return 130
+    except OSError as e:  # the report's folder cannot be written
+        where = args.out or str(Path(args.dir) / "report")
+        print(f"kvlab report: cannot write the report to {where} ({e.strerror or e}): "
+              "give --out a folder you can write to", file=sys.stderr)
+        return 2
+    runs_out = [s for s in skipped if s.table is None]
+    tables_out = [s for s in skipped if s.table is not None]
+    if runs_out:
+        print(f"kvlab report: skipped {len(runs_out)} run folder(s) without results:", file=sys.stderr)
+        for s in runs_out:
             print(f"  {s.run_dir}: {s.reason}", file=sys.stderr)
+    if tables_out:
+        print(f"kvlab report: left {len(tables_out)} damaged table(s) out of the figures:", file=sys.stderr)
+        for s in tables_out:
+            print(f"  {Path(s.run_dir) / s.table}: {s.reason}", file=sys.stderr)
     print(f"report written to {out}/report.md")
     return 0
