@@ -405,13 +405,18 @@ def compose(overrides: list[str]):
 
 @lru_cache(maxsize=64)  # the checks compose the same lists more than once (no overrides: 3 times)
 def _compose(overrides: tuple[str, ...]):
+    return compose_named("config", list(overrides))
+
+
+def compose_named(name: str, overrides: list[str]):
+    """conf/NAME.yaml with ``overrides`` (no hydra node); Hydra's errors as one-line UserError."""
     from hydra import compose as hydra_compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
     try:
         with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-            return hydra_compose("config", overrides=list(overrides))
+            return hydra_compose(name, overrides=overrides)
     except (HydraException, OmegaConfBaseException) as e:
         lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
         msg = lines[0] if lines else type(e).__name__

@@ -33,21 +33,9 @@ def missing_serve_extra() -> list[str]:
 
 def _compose(overrides: list[str]):
     """conf/serve.yaml with ``overrides`` (no hydra node); Hydra's errors as one-line UserError."""
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
+    from experiments.preflight import compose_named
 
-    from experiments.preflight import UserError
-
-    try:
-        with initialize_config_dir(CONF_DIR, version_base="1.3"):
-            return compose("serve", overrides=overrides)
-    except (HydraException, OmegaConfBaseException) as e:
-        lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
-        msg = lines[0] if lines else type(e).__name__
-        if "To append" in " ".join(lines[1:]):  # Hydra's "use +key=value" hint: the key is misspelt
-            msg = msg.replace("Could not override", "no such key")
-        raise UserError(msg) from None
+    return compose_named("serve", overrides)
 
 
 def _top_level_keys(cfg) -> list[str]:

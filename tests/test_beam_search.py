@@ -261,6 +261,16 @@ def _alpaca(k: int):
 
 
 # --------------------------------------------------------------------------- pressure, stops
+def beams_by_request(e: LLMEngine) -> dict:
+    """Step ``e`` until done: each finished request's beams (token ids)."""
+    outs = {}
+    while e.has_unfinished_requests():
+        for o in e.step():
+            if o.finished:
+                outs[o.request_id] = [c.token_ids for c in o.outputs]
+    return outs
+
+
 def pressed(pool: int, mode: str) -> tuple[dict, LLMEngine]:
     e = LLMEngine(EngineConfig(model="tiny-llama", allocator="paged", allocator_args={"block_size": 8},
                                kv_cache_tokens=pool, max_model_len=256, device="cpu", max_num_batched_tokens=256,
@@ -269,12 +279,7 @@ def pressed(pool: int, mode: str) -> tuple[dict, LLMEngine]:
         prompt = [(7 * i + j) % 100 + 3 for j in range(40)]
         e.add_request(str(i), prompt, SamplingParams(beam_width=4, n=4, max_tokens=30, ignore_eos=True,
                                                      temperature=0))
-    outs = {}
-    while e.has_unfinished_requests():
-        for o in e.step():
-            if o.finished:
-                outs[o.request_id] = [c.token_ids for c in o.outputs]
-    return outs, e
+    return beams_by_request(e), e
 
 
 @pytest.mark.parametrize("mode", ["recompute", "swap"])
@@ -298,12 +303,7 @@ def crowded(**kw) -> tuple[dict, LLMEngine]:
     for i, prompt in enumerate([[5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15, 16], [3, 4, 5, 6, 7, 8, 9]]):
         e.add_request(str(i), prompt, SamplingParams(beam_width=4, n=4, max_tokens=12, temperature=0,
                                                      ignore_eos=True))
-    outs = {}
-    while e.has_unfinished_requests():
-        for o in e.step():
-            if o.finished:
-                outs[o.request_id] = [c.token_ids for c in o.outputs]
-    return outs, e
+    return beams_by_request(e), e
 
 
 @pytest.mark.parametrize("kw", [
