@@ -159,7 +159,8 @@ class AsyncLLMEngine:
     @classmethod
     def start_process(cls, config: EngineConfig, timeout: float = 3600.0) -> AsyncLLMEngine:
         """Start the engine in a process of its own and wait until it is ready (weights loaded,
-        KV pool sized); raises RuntimeError with the engine's reason if it cannot start."""
+        KV pool sized); raises the engine's reason if it cannot start: ValueError for a setting it
+        refused, else RuntimeError."""
         ctx = mp.get_context("spawn")  # never fork a process that may hold CUDA state
         cmd_recv, cmd_send = ctx.Pipe(duplex=False)
         msg_recv, msg_send = ctx.Pipe(duplex=False)
@@ -180,7 +181,7 @@ class AsyncLLMEngine:
             raise RuntimeError(f"the engine process exited with code {proc.exitcode} before it was ready") from None
         if first[0] != "ready":
             proc.join(5)
-            raise RuntimeError(first[1])
+            raise (ValueError if first[2:3] == ("setting",) else RuntimeError)(first[1])
         _, _, stats = msg_recv.recv()  # the core's first snapshot, sent before it serves
         return cls(_process=(proc, cmd_send, msg_recv, first[1], stats))
 

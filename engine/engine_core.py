@@ -7,7 +7,7 @@ the GIL, as in vLLM V1). Commands and messages are plain tuples, cheap to pickle
   commands:  ("add", request_id, token_ids, params, arrival) | ("abort", request_id)
              | ("stop_sample", request_id, index, stop string, tokens kept) | ("stop",)
   messages:  ("ready", EngineInfo) | ("added", request_id, error or None)
-             | ("outputs", [packed outputs], EngineStats or None[, fast columns]) | ("dead", message)
+             | ("outputs", [packed outputs], EngineStats or None[, fast columns]) | ("dead", message[, "setting" | "fault"])
 
 Outputs are packed as tuples (``OutputProcessor(packed=True)``, read back by ``unpack_output``);
 only a finished output carries its metrics.
@@ -260,7 +260,8 @@ def run_process(config: EngineConfig, commands, messages) -> None:
     try:
         engine = LLMEngine(config)
     except Exception as e:
-        messages.send(("dead", f"the engine could not start: {e}"))
+        # a ValueError is a setting the engine refused (the front end answers it as a user error)
+        messages.send(("dead", f"the engine could not start: {e}", "setting" if isinstance(e, ValueError) else "fault"))
         sys.exit(1)
 
     def get(timeout: float | None):

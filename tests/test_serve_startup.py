@@ -203,8 +203,7 @@ def test_allocator_option_its_yaml_lacks_is_added_as_in_kvlab_run():
 
 
 def test_engine_that_cannot_start_is_one_line_exit_1(monkeypatch, capsys):
-    """What the engine process refuses after the checks (a fault, or a setting only the loaded model
-    shows): one line, no traceback; exit code 1, since its process sends the reason as text only."""
+    """A fault of the engine process after the checks: one line, no traceback, exit code 1."""
     from engine.async_engine import AsyncLLMEngine
     from experiments import serve
 
@@ -220,6 +219,23 @@ def test_engine_that_cannot_start_is_one_line_exit_1(monkeypatch, capsys):
     assert e.value.code == 1, err
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert lines == ["kvlab serve: the engine could not start: weights of layer 3 are missing"], err
+
+
+def test_a_setting_the_engine_process_refuses_is_a_value_error(tmp_path):
+    """A setting only the engine process finds (here a model folder without weights, found as the
+    weights load) comes back as ValueError (kvlab serve: exit 2), a fault as RuntimeError."""
+    pytest.importorskip("transformers")
+    from conftest import make_hf_checkpoint
+
+    from engine import EngineConfig
+    from engine.async_engine import AsyncLLMEngine
+
+    make_hf_checkpoint(tmp_path)
+    for f in tmp_path.glob("*.safetensors"):
+        f.unlink()
+    with pytest.raises(ValueError, match=r"the engine could not start: no \*.safetensors in "):
+        AsyncLLMEngine.start_process(EngineConfig(model=str(tmp_path), device="cpu", dtype="float32",
+                                                  max_model_len=64, kv_cache_tokens=256))
 
 
 def test_python_m_experiments_serve_exits_with_the_code(tmp_path):
