@@ -313,8 +313,7 @@ SETS_ITSELF = {"mode": "drop it (the real engine runs offline and online, then s
 def check_args(a) -> list[float]:
     """The flags and overrides, one line naming the flag and the fix if one is wrong (before any
     run); the online rates."""
-    from experiments.preflight import did_you_mean, group_choices
-    from experiments.preflight import check_folder
+    from experiments.preflight import check_folder, did_you_mean, group_choices
 
     rates = []
     for r in filter(None, a.rates.split(",")):
