@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -159,7 +160,7 @@ class EngineConfig:
                 raise ValueError(f"{name}={v!r}: give a whole number in [{low}, {high}]"
                                  + (" or null" if none_ok else "") + f" ({WHOLE_MEANING[name]})")
             setattr(self, name, v)
-        if not isinstance(self.device, str) or not self.device:
+        if not isinstance(self.device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"device={'null' if self.device is None else repr(self.device)}: give auto, cpu, cuda "
                              "or cuda:N")
         if self.kv_cache_tokens is not None and self.kv_cache_memory is not None:

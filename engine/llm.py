@@ -32,11 +32,18 @@ class LLM:
 
         Every prompt is checked before any is queued, so a bad one costs no work.
         """
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        if not isinstance(prompts, (str, list, tuple)) and not hasattr(prompts, "tolist"):
+            raise ValueError(f"prompts: give text, token ids, or a list of them, got {type(prompts).__name__}")
+        if hasattr(prompts, "tolist"):  # a numpy array: one prompt's ids, or a row per prompt
+            prompts = prompts.tolist()
+        if isinstance(prompts, str) or (prompts and not isinstance(prompts[0], (str, list, tuple))):
             prompts = [prompts]
         params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
         if len(params_list) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params_list)} SamplingParams")
+        for i, p in enumerate(params_list):
+            if not isinstance(p, SamplingParams):
+                raise ValueError(f"params[{i}]: give a SamplingParams, got {type(p).__name__}")
         ids = []
         for prompt, p in zip(prompts, params_list):
             rid = f"gen-{self._counter}"

@@ -13,6 +13,7 @@ import torch
 
 from allocators import KVCacheSpec
 from allocators.layer_groups import grouped_allocator
+from allocators.checks import is_int
 from allocators.registry import allocator_class, checked_args
 from allocators.base import KVAllocator
 from engine.accounting import ChunkedRows, MemoryAccountant, StepLog, StepRecord  # noqa: F401 (StepRecord: re-export)
@@ -240,9 +241,25 @@ class LLMEngine:
 
     # -- requests ------------------------------------------------------------------------
     def encode(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+        """(text, token ids) of a prompt given as text or as token ids (Python or numpy ints,
+        stored as Python ints); ValueError for anything else."""
         if isinstance(prompt, str):
-            return prompt, self.tokenizer.encode(prompt)
-        return None, list(prompt)
+            try:
+                return prompt, self.tokenizer.encode(prompt)
+            except UnicodeError as e:  # e.g. a lone surrogate: no tokenizer can take it
+                raise ValueError(f"the prompt is not valid text ({e.reason} at character {e.start}): "
+                                 "give UTF-8 text or token ids") from None
+        try:
+            ids = list(prompt)
+        except TypeError:
+            raise ValueError(f"a prompt is text or a list of token ids, got {type(prompt).__name__}") from None
+        # numpy ints (an array's items) are the same ids; a bool is not an id (checked at C speed first)
+        if set(map(type, ids)) - {int}:
+            bad = next((t for t in ids if not is_int(t)), None)
+            if bad is not None:
+                raise ValueError(f"token ids must be whole numbers, got {bad!r} ({type(bad).__name__})")
+            ids = [int(t) for t in ids]
+        return None, ids
 
     def validate(self, request_id: str, token_ids: list[int], params: SamplingParams) -> None:
         """Reject what can never run, before anything is queued."""
@@ -266,6 +283,9 @@ class LLMEngine:
             raise ValueError(f"request '{request_id}': stop_token_ids {bad[:5]} outside the vocabulary [0, {vocab})")
         if params.stop and not has_text(self.tokenizer):  # stop strings would never match
             raise self.tokenizer.error("stop strings")
+        if params.stop and not self.config.detokenize:  # no text to find them in
+            raise ValueError(f"request '{request_id}': stop strings need the output text, but the engine runs with "
+                             "detokenize=False: set detokenize=True, or stop on token ids (stop_token_ids)")
         if params.beam_width > 1:
             if self.config.async_scheduling and not self.async_auto:
                 raise ValueError(f"request '{request_id}': beam search needs async_scheduling=false or auto "

@@ -46,8 +46,11 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        self.stop = list(self.stop or [])
-        self.stop_token_ids = list(self.stop_token_ids or [])
+        for name in ("stop", "stop_token_ids"):  # a list of them (a lone id or a number is a mistake)
+            v = getattr(self, name)
+            if v is not None and not isinstance(v, (list, tuple, set, frozenset)):
+                raise ValueError(f"invalid SamplingParams: {name} must be a list, got {v!r}")
+            setattr(self, name, list(v or []))
         problems = self._problems()
         if problems:
             raise ValueError("invalid SamplingParams: " + "; ".join(problems))

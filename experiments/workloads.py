@@ -351,6 +351,7 @@ def multi_turn(cfg: WorkloadConfig, ctx: WorkloadContext) -> list[RequestSpec]:
 
 
 _TRACE_KEYS = {"prompt_len", "prompt", "output_len", "arrival_s", "n", "request_id"}
+MAX_TRACE_N = 1024  # SamplingParams' bound on n
 
 
 @register_workload("trace", uses=("trace_path",))
@@ -369,14 +370,27 @@ def trace(cfg: WorkloadConfig, ctx: WorkloadContext) -> list[RequestSpec]:
     """
     path = Path(cfg.trace_path)
     records = []
-    with path.open() as f:
-        for lineno, line in enumerate(f, 1):
+    ids: dict[str, int] = {}  # request id -> its line
+    with path.open("rb") as f:  # bytes: each line decoded by itself, so an error names its line
+        for lineno, raw in enumerate(f, 1):
+            try:  # utf-8-sig: a byte-order mark some editors write is not part of the first line
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"trace {path} line {lineno}: not UTF-8 text ({e.reason}): save the trace "
+                                 "as UTF-8") from None
             if line.strip():
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise ValueError(f"trace {path} line {lineno}: not valid JSON ({e.msg})") from None
-                records.append((lineno, _trace_record(record, path, lineno)))
+                r = _trace_record(record, path, lineno)
+                rid = str(r["request_id"]) if "request_id" in r else None
+                if rid is not None:
+                    if rid in ids:
+                        raise ValueError(f"trace {path} line {lineno}: request_id {rid!r} is also on line {ids[rid]}: "
+                                         "give each request its own id (or none)")
+                    ids[rid] = lineno
+                records.append((lineno, r))
             if len(records) == cfg.num_requests:
                 break
     if not records:
@@ -414,6 +428,15 @@ def _trace_record(r, path: Path, lineno: int) -> dict:
             raise ValueError(f"{where}: '{key}' must be an integer >= 1, got {r[key]!r}")
     if "prompt" in r and not isinstance(r["prompt"], str):
         raise ValueError(f"{where}: 'prompt' must be a string")
+    if "prompt" in r:
+        try:
+            r["prompt"].encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate (JSON "\ud800"): no tokenizer can take it
+            raise ValueError(f"{where}: 'prompt' is not valid text ({e.reason} at character {e.start})") from None
+    if "request_id" in r and not (isinstance(r["request_id"], str) or is_int(r["request_id"])):
+        raise ValueError(f"{where}: 'request_id' must be a string, got {r['request_id']!r}")
+    if r.get("n", 1) > MAX_TRACE_N:
+        raise ValueError(f"{where}: 'n' must be at most {MAX_TRACE_N} samples, got {r['n']!r}")
     a = r.get("arrival_s", 0)
     if not is_real(a) or not 0 <= a <= MAX_ARRIVAL_S:
         raise ValueError(f"{where}: 'arrival_s' must be seconds in [0, {MAX_ARRIVAL_S:g}], got {a!r}")

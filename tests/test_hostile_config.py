@@ -460,3 +460,43 @@ def test_a_negative_max_tokens_is_one_error():
     with pytest.raises(ValueError) as e:
         SamplingParams(max_tokens=-1)
     assert str(e.value) == "invalid SamplingParams: max_tokens must be an integer in [0, 2147483647], got -1"
+
+
+def test_the_python_api_refuses_what_is_not_a_prompt_or_params():
+    """LLM.generate and SamplingParams answer a wrong type with a ValueError naming it (not a
+    TypeError from deep inside); numpy token ids are the same ids."""
+    from engine.llm import LLM
+    from engine.sampling_params import SamplingParams
+
+    llm = LLM("tiny-llama", device="cpu")
+    for prompts, params, msg in [
+        (None, None, "prompts: give text, token ids, or a list of them, got NoneType"),
+        (5, None, "prompts: give text, token ids, or a list of them, got int"),
+        ([[True, 5]], None, r"token ids must be whole numbers, got True \(bool\)"),
+        (["a\ud800b"], None, r"the prompt is not valid text \(surrogates not allowed at character 1\)"),
+        (["a"], [{"max_tokens": 3}], r"params\[0\]: give a SamplingParams, got dict"),
+    ]:
+        with pytest.raises(ValueError, match=msg):
+            llm.generate(prompts, params)
+    greedy = SamplingParams(max_tokens=3, temperature=0)
+    want = llm.generate([[1, 5, 6]], greedy)[0].outputs[0].token_ids
+    for ids in ([np.int64(1), np.int64(5), np.int64(6)], np.array([1, 5, 6])):
+        out = llm.generate(ids if isinstance(ids, np.ndarray) else [ids], greedy)[0]
+        assert out.outputs[0].token_ids == want and out.prompt_token_ids == [1, 5, 6]
+        assert all(type(t) is int for t in out.prompt_token_ids)
+    for kw in (dict(stop_token_ids=5), dict(stop=5)):
+        with pytest.raises(ValueError, match=rf"{next(iter(kw))} must be a list, got 5"):
+            SamplingParams(**kw)
+    with pytest.raises(ValueError, match="device='tpu': give auto, cpu, cuda or cuda:N"):
+        EngineConfig(device="tpu")
+
+
+def test_stop_strings_without_detokenizing_are_refused():
+    """With detokenize=False there is no text to find a stop string in: refused, not ignored."""
+    from engine.llm import LLM
+    from engine.sampling_params import SamplingParams
+
+    llm = LLM("tiny-llama", device="cpu", detokenize=False)
+    with pytest.raises(ValueError, match="stop strings need the output text, but the engine runs with detokenize=False"):
+        llm.generate("Hello", SamplingParams(max_tokens=5, stop=["8>4"]))
+    assert llm.generate("Hello", SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))[0].outputs[0].token_ids

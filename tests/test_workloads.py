@@ -261,3 +261,29 @@ def test_registered_workload_plugs_in():
     finally:
         del WORKLOADS["_test_const"]
         del wl._USES["_test_const"]
+
+
+@pytest.mark.parametrize("content, msg", [
+    (b'{"prompt": "\\ud800x", "output_len": 3}\n', r"line 1: 'prompt' is not valid text \(surrogates not allowed"),
+    (b'{"prompt_len": 2, "output_len": 3}\n{"prompt": "caf\xe9", "output_len": 3}\n',
+     r"line 2: not UTF-8 text \(invalid continuation byte\): save the trace as UTF-8"),
+    (b'{"prompt_len": 3, "output_len": 3, "request_id": "a"}\n\n{"prompt_len": 3, "output_len": 3, "request_id": "a"}\n',
+     r"line 3: request_id 'a' is also on line 1"),
+    (b'{"prompt_len": 3, "output_len": 3, "n": 100000}\n', r"line 1: 'n' must be at most 1024 samples"),
+    (b'{"prompt_len": 3, "output_len": 3, "request_id": [1]}\n', r"line 1: 'request_id' must be a string"),
+])
+def test_a_hostile_trace_line_is_named(content, msg, tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=rf"trace {path} {msg}"):
+        make_workload(dict(name="trace", trace_path=str(path), num_requests=10), VOCAB, MAX_LEN)
+
+
+def test_a_trace_with_a_byte_order_mark_reads_as_without(tmp_path):
+    plain, bom = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    line = b'{"prompt_len": 3, "output_len": 4, "request_id": 7}\n'
+    plain.write_bytes(line)
+    bom.write_bytes(b"\xef\xbb\xbf" + line)
+    a, b = (make_workload(dict(name="trace", trace_path=str(p), num_requests=10), VOCAB, MAX_LEN) for p in (plain, bom))
+    assert [(s.request_id, s.output_len, s.prompt_len) for s in a] == [(s.request_id, s.output_len, s.prompt_len)
+                                                                       for s in b] == [("7", 4, 3)]
