@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -211,8 +212,63 @@ ALLOCATOR_ARGS = {"paged": {"block_size": 16}, "contiguous": {"policy": "max"},
                   "virtual": {"backend": "cuda"}}
 
 
+def check_args(args) -> tuple[int, int]:
+    """Every flag, one line naming the flag and the fix if one is wrong: before the CUDA check and
+    the bandwidth/matmul measurements, not a traceback after them. Returns the input lengths."""
+    from allocators.registry import available
+    from experiments.preflight import UserError, check_folder, did_you_mean
+
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise UserError(msg)
+    lo_hi = args.input_len.split(":")
+    try:
+        lo, hi = (int(x) for x in lo_hi)
+    except ValueError:  # not two whole numbers
+        fixed = f"; one length: {args.input_len}:{args.input_len}" if args.input_len.isdigit() else ""
+        raise UserError(f"--input-len {args.input_len}: give lo:hi, the prompt lengths in tokens (uniform), "
+                        f"e.g. --input-len 100:1024{fixed}") from None
+    need(1 <= lo <= hi, f"--input-len {args.input_len}: give lo:hi with 1 <= lo <= hi, e.g. --input-len 100:1024")
+    for flag, v, least, what in (("--num-prompts", args.num_prompts, 1, "the number of requests"),
+                                 ("--output-len", args.output_len, 1, "the tokens each request generates"),
+                                 ("--max-model-len", args.max_model_len, 0, "the tokens a sequence may hold (0: the "
+                                  "model's limit, at most 4096)"),
+                                 ("--max-num-seqs", args.max_num_seqs, 1, "the sequences of a batch"),
+                                 ("--max-num-batched-tokens", args.max_num_batched_tokens, 1, "the tokens of a step"),
+                                 ("--seed", args.seed, 0, "the seed"),
+                                 ("--repeats", args.repeats, 1, "the rounds of every allocator")):
+        need(v >= least, f"{flag} {v}: give {what}, {least} or more")
+    need(0 < args.gpu_memory_utilization <= 1, f"--gpu-memory-utilization {args.gpu_memory_utilization}: give the "
+         "share of the GPU's memory the engine may use, in (0, 1], e.g. 0.85")
+    need(0 <= args.cuda_graph_max_tokens <= 8192, f"--cuda-graph-max-tokens {args.cuda_graph_max_tokens}: give "
+         "a token count in [0, 8192] (0: prefill and mixed steps run eagerly)")
+    tps = args.tensor_parallel_size.split(",")
+    need(all(t.isdigit() and int(t) >= 1 for t in tps), f"--tensor-parallel-size {args.tensor_parallel_size}: "
+         "give GPUs per model, whole numbers >= 1, comma-separated (e.g. 1,2)")
+    known = available()
+    for a in args.allocators.split(","):
+        need(a in known, f"--allocators {args.allocators}: no allocator '{a}'; choose from {', '.join(known)}, "
+             f"comma-separated{did_you_mean(a, known, '--allocators ')}")
+    for m in args.models.split(","):
+        need(m != "", f"--models {args.models}: an empty name; give presets or HF directories, comma-separated")
+        try:
+            mc = resolve_config(m)
+        except (ValueError, OSError) as e:  # not a preset, or no readable HF directory
+            raise UserError(f"--models {args.models}: {e}") from None
+        most = args.max_model_len or min(mc.max_position_embeddings, 4096)  # the engine's resolution of 0
+        need(most <= mc.max_position_embeddings, f"--max-model-len {args.max_model_len}: more than {m}'s "
+             f"{mc.max_position_embeddings} positions: lower it, or 0 for min(that, 4096)")
+        need(hi < most, f"--input-len {args.input_len}: a prompt of {hi} tokens does not fit {m}'s max_model_len "
+             f"{most} (room for an output token): lower hi or raise --max-model-len")
+    check_folder("--out", Path(args.out))
+    return lo, hi
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="kvlab bench throughput", description=__doc__)
+    from experiments.cli import Parser
+    from experiments.preflight import UserError
+
+    ap = Parser(prog="kvlab bench throughput", description=__doc__)
     ap.add_argument("what", choices=["throughput"])
     ap.add_argument("--models", default="qwen3-0.6b,llama3-8b")
     ap.add_argument("--allocators", default="paged,virtual,contiguous")
@@ -238,11 +294,13 @@ def main(argv: list[str] | None = None) -> int:
                          "the first of --allocators paired round by round")
     ap.add_argument("--out", default="results/engine")
     args = ap.parse_args(argv)
-    if args.repeats < 1:
-        ap.error(f"--repeats must be >= 1, got {args.repeats}")
+    try:
+        lo, hi = check_args(args)
+    except UserError as e:
+        print(f"kvlab bench throughput: {e}", file=sys.stderr)
+        return 2
     if not torch.cuda.is_available():
         raise SystemExit("kvlab bench throughput needs a CUDA device")
-    lo, hi = (int(x) for x in args.input_len.split(":"))
     device = torch.cuda.get_device_name()
     args.copy_bw = copy_bandwidth("cuda")
     from experiments.bench_prefill import matmul_tflops

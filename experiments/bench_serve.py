@@ -32,6 +32,7 @@ WORDS = np.array("the of and to in is was for on that with as by at from his her
                  "had not but one all were they there been has would more when time some into only other new "
                  "could may than first any people water after way over".split())
 COUNTERS = ("vllm:generation_tokens_total", "kvlab_generation_tokens_total")  # /metrics, first found
+VOCAB_HIGH = 1000  # token-id prompts' bound when the server does not publish its vocabulary (vLLM's default)
 
 
 @dataclass
@@ -72,7 +73,8 @@ def make_requests(args: argparse.Namespace) -> list[Request]:
         if args.text:
             prompt: list[int] | str = " ".join(trng.choice(WORDS, size=i).tolist())
         else:
-            prompt = trng.integers(args.vocab_low, args.vocab_high, size=i).tolist()
+            high = VOCAB_HIGH if args.vocab_high is None else args.vocab_high
+            prompt = trng.integers(args.vocab_low, high, size=i).tolist()
         reqs.append(Request(prompt, i, o))
     return reqs
 
@@ -291,17 +293,17 @@ def summarize(args: argparse.Namespace, outs: list[Output], duration: float) -> 
         "errors": [o.error for o in outs],
     }
     for m, xs in samples.items():
-        ms = np.asarray(xs or [0.0]) * 1000
-        res[f"mean_{m}_ms"], res[f"median_{m}_ms"], res[f"std_{m}_ms"] = (
-            float(ms.mean()), float(np.median(ms)), float(ms.std()))
-        for p in args.percentiles:
-            res[f"p{_pkey(p)}_{m}_ms"] = float(np.percentile(ms, p))
+        ms = np.asarray(xs) * 1000
+        stats = {"mean": np.mean, "median": np.median, "std": np.std,
+                 **{f"p{_pkey(p)}": lambda x, p=p: np.percentile(x, p) for p in args.percentiles}}
+        for stat, fn in stats.items():  # null where nothing was timed (every request failed): not a 0 ms figure
+            res[f"{stat}_{m}_ms"] = float(fn(ms)) if len(ms) else None
     return res
 
 
 def print_table(args: argparse.Namespace, r: dict) -> None:
     def row(name: str, v) -> None:
-        print(f"{name:<40} {v:<10{'.2f' if isinstance(v, float) else ''}}")
+        print(f"{name:<40} {'n/a' if v is None else v:<10{'.2f' if isinstance(v, float) else ''}}")
 
     print(f"{' Serving Benchmark Result ':=^50}")
     for name, key in [("Successful requests", "completed"), ("Failed requests", "failed"),
@@ -347,7 +349,9 @@ def scrape_counters(args: argparse.Namespace) -> dict[str, float]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from experiments.cli import Parser  # errors in one line
+
+    ap = Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = ap.add_argument
     a("--base-url", default="http://127.0.0.1:8000", help="server root (default %(default)s)")
     a("--endpoint", default="/v1/completions", help="/v1/completions (default) or /v1/chat/completions")
@@ -368,7 +372,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a("--prompt-format", choices=["tokens", "text"], help="tokens: prompt as token ids (exact length, "
       "/v1/completions only; default there); text: random words the server tokenizes (chat: always)")
     a("--vocab-low", type=int, default=10, help="token-id prompts: ids uniform in [low, high)")
-    a("--vocab-high", type=int, default=1000)
+    a("--vocab-high", type=int, help="default: the server's vocabulary where it publishes it (kvlab: in "
+      f"/openapi.json), at most {VOCAB_HIGH}; else {VOCAB_HIGH}")
     a("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
       help="send vLLM's ignore_eos so every request makes exactly its output length (default on)")
     a("--temperature", type=float, default=0.0)
@@ -393,9 +398,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     need(args.random_input_len >= 1 and args.random_output_len >= 1, "--random-input-len and --random-output-len must be >= 1")
     need(0 <= args.random_range_ratio < 1, f"--random-range-ratio must be in [0, 1) (got {args.random_range_ratio})")
     need(args.max_model_len >= 2, "--max-model-len must be >= 2")
-    need(0 <= args.vocab_low < args.vocab_high, "--vocab-low must be >= 0 and below --vocab-high")
+    need(0 <= args.vocab_low < (VOCAB_HIGH if args.vocab_high is None else args.vocab_high),
+         "--vocab-low must be >= 0 and below --vocab-high")
+    need(args.temperature >= 0, f"--temperature must be >= 0 (0: greedy; got {args.temperature})")
     need(args.timeout > 0, "--timeout must be > 0 seconds")
-    need(args.endpoint.startswith("/"), f"--endpoint must be a path such as /v1/completions (got {args.endpoint!r})")
+    # the client speaks the completions and chat protocols only: another path is a 404 per request
+    need(args.endpoint.startswith("/") and args.endpoint.rstrip("/").endswith("/completions"),
+         f"--endpoint must be /v1/completions or /v1/chat/completions (got {args.endpoint!r})")
     need(args.base_url.startswith(("http://", "https://")), f"--base-url must start with http:// or https:// (got {args.base_url!r})")
     args.chat = args.endpoint.rstrip("/").endswith("chat/completions")
     need(not (args.chat and args.prompt_format == "tokens"), "--prompt-format tokens needs /v1/completions; "
@@ -412,6 +421,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+class FlagError(RuntimeError):
+    """A flag the server shows to be wrong (before any load is sent): exit code 2."""
+
+
 def resolve_model(args: argparse.Namespace) -> str:
     """GET /v1/models: the first id, and a reachability check before any load is sent."""
     import httpx
@@ -421,19 +434,81 @@ def resolve_model(args: argparse.Namespace) -> str:
         r = httpx.get(url, headers=_headers(args), timeout=10, trust_env=False)
     except httpx.TransportError as e:
         raise RuntimeError(f"cannot reach {url} ({type(e).__name__}: {e}); start the server or fix --base-url") from None
-    if args.model:
-        return args.model
     try:
-        r.raise_for_status()
-        return r.json()["data"][0]["id"]
+        cards = r.raise_for_status().json()["data"]
+        model = args.model or cards[0]["id"]
     except Exception as e:
+        if args.model:
+            return args.model
         raise RuntimeError(f"GET {url} gave no model id ({e}); pass --model") from None
+    card = next((c for c in cards if isinstance(c, dict) and c.get("id") == model), {})
+    if isinstance(card.get("max_model_len"), int):  # kvlab and vLLM publish it
+        check_lengths(args, card["max_model_len"])
+    return model
+
+
+def check_lengths(args: argparse.Namespace, server_len: int) -> None:
+    """Requests within the server's context: longer ones fail every request (HTTP 400)."""
+    if args.dataset_name == "sharegpt":
+        if args.max_model_len > server_len:
+            raise FlagError(f"--max-model-len {args.max_model_len}: more than the server's max_model_len "
+                            f"{server_len}: give --max-model-len {server_len} or less")
+        return
+    r = args.random_range_ratio
+    longest = [max(1, math.ceil(n * (1 + r))) for n in (args.random_input_len, args.random_output_len)]
+    if sum(longest) > server_len:
+        raise FlagError(f"--random-input-len {args.random_input_len} and --random-output-len "
+                        f"{args.random_output_len}: requests of up to {sum(longest)} tokens, more than the server's "
+                        f"max_model_len {server_len}: lower them")
+
+
+def server_vocab(args: argparse.Namespace) -> int | None:
+    """The server's vocabulary size, where it publishes it: kvlab's /openapi.json bounds the
+    prompt's token ids (0..vocab-1); None for a server that does not (vLLM) or an unreadable one."""
+    import httpx
+
+    try:
+        doc = httpx.get(args.base_url.rstrip("/") + "/openapi.json", headers=_headers(args), timeout=10,
+                        trust_env=False).raise_for_status().json()
+        prompt = doc["components"]["schemas"]["CompletionRequest"]["properties"]["prompt"]
+    except Exception:  # noqa: BLE001 (no schema, another layout: nothing learnt)
+        return None
+    tops = []
+
+    def walk(node) -> None:  # token ids: integers with a maximum, at any depth of the prompt's anyOf
+        if isinstance(node, dict):
+            if node.get("type") == "integer" and isinstance(node.get("maximum"), int):
+                tops.append(node["maximum"])
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+    walk(prompt)
+    return min(tops) + 1 if tops else None
+
+
+def check_vocab(args: argparse.Namespace) -> None:
+    """Token-id prompts inside the server's vocabulary: ids beyond it fail every request (HTTP 400)."""
+    vocab = server_vocab(args)
+    if vocab is None:
+        return
+    if args.vocab_high is not None and args.vocab_high > vocab:
+        raise FlagError(f"--vocab-high {args.vocab_high}: the server's model has {vocab} token ids: give "
+                        f"--vocab-high {vocab} or less, or leave it out")
+    if args.vocab_high is None:
+        args.vocab_high = min(VOCAB_HIGH, vocab)
+    if args.vocab_low >= args.vocab_high:
+        raise FlagError(f"--vocab-low {args.vocab_low}: the server's model has {vocab} token ids: give "
+                        f"--vocab-low below {args.vocab_high}")
 
 
 def benchmark(args: argparse.Namespace) -> dict:
     from tqdm import tqdm
 
     args.model = resolve_model(args)
+    if not args.text:
+        check_vocab(args)
     reqs = make_requests(args)
     rng = np.random.default_rng(np.random.SeedSequence(args.seed).spawn(3)[2])
     arrivals = arrival_times(len(reqs), args.request_rate, "poisson" if args.burstiness == 1 else "gamma",
@@ -460,6 +535,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         res = benchmark(args)
         print_table(args, res)
+        if not res["completed"]:  # a table of failures is no measurement: nothing saved, exit 1
+            print(f"{PROG}: every request failed ({res['failed']}); nothing saved", file=sys.stderr)
+            return 1
         if args.save_result:
             conc = f"-concurrency{args.max_concurrency}" if args.max_concurrency else ""
             name = args.result_filename or (
@@ -468,11 +546,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"saved {Path(args.result_dir) / name}")
     except (RuntimeError, OSError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(e, FlagError) else 1
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; nothing saved", file=sys.stderr)
         return 130
-    return 0 if res["completed"] else 1  # nothing succeeded: the table says why, the exit code too
+    return 0
 
 
 if __name__ == "__main__":

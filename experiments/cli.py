@@ -2,6 +2,7 @@
 (``kvlab --help`` imports nothing heavy)."""
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from dataclasses import dataclass
@@ -28,12 +29,21 @@ COMMANDS: dict[str, Command] = {
     "bench serve": Command("experiments.bench_serve:main", "bench serve [...]",
                            "load generator for any OpenAI-compatible server (like vllm bench serve)"),
     "profile": Command("experiments.profile_device:main", "profile [...]",
-                       "measure this engine's operations on the GPU into a device profile"),
+                       "time this engine's operations into a device profile: on the GPU, else "
+                       "(minutes, wall times) on the CPU"),
     "validate-sim": Command("experiments.validate_sim:main", "validate-sim [...]",
                             "simulate vs the real engine on one workload: error table and plot"),
     "reproduce": Command("experiments.reproduce:main", "reproduce PAPER [--quick] [--repeats N] [--out DIR]",
                          "every figure of pagedattention / vattention beside the paper's values"),
 }
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (``PROG: error: ...``, exit 2): the usage
+    block argparse prints first buries the message; ``--help`` still shows it."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
 
 
 def usage() -> str:
@@ -50,9 +60,23 @@ def find(argv: list[str]) -> tuple[str, Command, list[str]] | None:
         if len(argv) >= words and name in COMMANDS:
             cmd = COMMANDS[name]
             return name, cmd, argv[words - cmd.keep:]
-    if argv and argv[0] == "bench":  # an unknown benchmark: bench.main names the ones it knows
-        return "bench throughput", COMMANDS["bench throughput"], argv[1:]
     return None
+
+
+def bench_error(argv: list[str]) -> tuple[int, str]:
+    """``kvlab bench`` without a known benchmark: the exit code and the line to print (usage
+    of the benchmarks for --help)."""
+    names = [n.split()[1] for n in COMMANDS if n.startswith("bench ")]
+    if len(argv) < 2:
+        return 2, f"kvlab bench: name a benchmark: {' or '.join(names)} (e.g. kvlab bench {names[0]} --help)"
+    if argv[1] in ("-h", "--help", "help"):
+        lines = [f"  kvlab {COMMANDS['bench ' + n].usage:<24} {COMMANDS['bench ' + n].help}" for n in names]
+        return 0, "usage: kvlab bench BENCHMARK [args]\n\n" + "\n".join(lines)
+    import difflib
+
+    close = difflib.get_close_matches(argv[1], names, n=1)
+    hint = f" (did you mean kvlab bench {close[0]}?)" if close else ""
+    return 2, f"kvlab bench: unknown benchmark '{argv[1]}': choose {' or '.join(names)}{hint}"
 
 
 def dispatch(argv: list[str]) -> int:
@@ -60,6 +84,10 @@ def dispatch(argv: list[str]) -> int:
         print(usage())
         return 0
     found = find(argv)
+    if found is None and argv[0] == "bench":
+        code, text = bench_error(argv)
+        print(text, file=sys.stderr if code else sys.stdout)
+        return code
     if found is None:
         print(f"kvlab: unknown command '{argv[0]}'\n\n{usage()}", file=sys.stderr)
         return 2

@@ -557,11 +557,65 @@ def _check_same_host_engine(ap, prior, cuda: bool, events: bool = False) -> None
                      "--host-add")
 
 
+def check_args(a) -> None:
+    """The flags, one line naming the flag and the fix if one is wrong: before anything is timed
+    (a bad one was a traceback seconds or minutes in, or in the host-time subprocess)."""
+    import re
+
+    from allocators.paged import MAX_BLOCK_SIZE
+    from engine.loader import resolve_config
+    from experiments.device_profile import load_profile, resolve_profile_path
+    from experiments.preflight import UserError, check_folder
+
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise UserError(msg)
+    for flag, v, what in (("--reps", a.reps, "the timed calls per figure"),
+                          ("--max-model-len", a.max_model_len, "the decode graphs' max_model_len in tokens"),
+                          ("--pool-tokens", a.pool_tokens, "the scratch cache's KV slots"),
+                          ("--host-kv-tokens", a.host_kv_tokens, "the host-time engines' KV slots"),
+                          ("--host-requests", a.host_requests, "the host-time run's full batch"),
+                          ("--virtual-page-size", a.virtual_page_size, "the page size in bytes (or leave it out)")):
+        need(v is None or v >= 1, f"{flag} {v}: give {what}, 1 or more")
+    sizes = [b for b in a.block_sizes.split(",") if b]
+    need(all(b.isdigit() and 1 <= int(b) <= MAX_BLOCK_SIZE for b in sizes), f"--block-sizes {a.block_sizes}: give "
+         f"block sizes in tokens, whole numbers in [1, {MAX_BLOCK_SIZE}], comma-separated (e.g. 8,16,32)")
+    models = [m for m in a.models.split(",") if m]
+    need(bool(models), "--models: give presets or HF directories, comma-separated (e.g. --models tiny-llama)")
+    for flag, names in (("--models", models), ("--host-model", [m for m in (a.host_model or "").split(",") if m])):
+        for m in names:
+            try:
+                resolve_config(m)
+            except (ValueError, OSError) as e:  # not a preset, or no readable HF directory
+                raise UserError(f"{flag} {m}: {e}") from None
+    need(re.fullmatch(r"auto|cpu|cuda(:\d+)?", a.device) is not None, f"--device {a.device}: give auto, cpu, cuda "
+         "or cuda:N")
+    if a.device.startswith("cuda"):
+        import torch
+
+        need(torch.cuda.is_available(), f"--device {a.device}: no CUDA device is visible: give --device cpu or auto")
+    if a.merge:
+        need(resolve_profile_path(a.merge) is not None, f"--merge {a.merge}: no such file: give an earlier "
+             "profile's .parquet file (kvlab profile --out wrote it)")
+        try:  # cached: the merge reads it again for nothing
+            load_profile(a.merge)
+        except Exception as e:  # noqa: BLE001 (pyarrow's errors: not a parquet file, a cut-off one, ...)
+            why = " ".join(str(e).split())  # one line
+            raise UserError(f"--merge {a.merge}: not a readable device profile ({type(e).__name__}: {why})") from None
+    out = Path(a.out)
+    if out.suffix == ".parquet":  # a file: its folder must take it
+        check_folder(f"--out {a.out}: its folder", out.parent)
+    else:
+        check_folder("--out", out)
+
+
 def main(argv: list[str] | None = None) -> int:
     import sys
 
-    ap = argparse.ArgumentParser(prog="kvlab profile", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    from experiments.cli import Parser
+    from experiments.preflight import UserError
+
+    ap = Parser(prog="kvlab profile", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="qwen3-0.6b,llama3-8b", help="presets or HF directories, comma-separated")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--max-model-len", type=int, default=2048, help="the decode graphs' max_model_len")
@@ -602,16 +656,23 @@ def main(argv: list[str] | None = None) -> int:
     schedulings = [s for s in a.host_scheduling.split(",") if s]
     if not schedulings or set(schedulings) - {"sync", "async"}:
         ap.error(f"--host-scheduling: sync, async or both comma-separated, got {a.host_scheduling!r}")
+    skip = {k for k in a.skip.split(",") if k}
+    if skip - set(PART_TABLES):
+        ap.error(f"--skip: unknown part(s) {sorted(skip - set(PART_TABLES))}; the parts are "
+                 f"{', '.join(sorted(PART_TABLES))}")
+    if a.host_add and not a.merge:
+        ap.error("--host-add adds to the host steps of a --merge profile: name one")
+    try:
+        check_args(a)
+    except UserError as e:
+        print(f"kvlab profile: {e}", file=sys.stderr)
+        return 2
     import torch
 
     device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if a.device == "auto" else a.device))
     models = [m for m in a.models.split(",") if m]
     block_sizes = [int(b) for b in a.block_sizes.split(",") if b]
-    skip = {k for k in a.skip.split(",") if k}
-    if skip - set(PART_TABLES):
-        ap.error(f"--skip: unknown part(s) {sorted(skip - set(PART_TABLES))}; the parts are "
-                 f"{', '.join(sorted(PART_TABLES))}")
     if device.type != "cuda":
         skip.add("graphs")  # CUDA graphs only: a merge on a CPU keeps the profile's graph tables
     host_models = [m for m in (a.host_model or models[0]).split(",") if m]
@@ -622,8 +683,6 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     t0 = time.time()
     first_repeat = 0
-    if a.host_add and not a.merge:
-        ap.error("--host-add adds to the host steps of a --merge profile: name one")
     if a.merge:  # keep what this run does not re-measure
         from experiments.device_profile import host_model_of, host_scheduling_of, load_profile
 
