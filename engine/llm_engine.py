@@ -12,8 +12,8 @@ import numpy as np
 import torch
 
 from allocators import KVCacheSpec
-from allocators.layer_groups import grouped_allocator
 from allocators.checks import is_int
+from allocators.layer_groups import grouped_allocator
 from allocators.registry import allocator_class, checked_args
 from allocators.base import KVAllocator
 from engine.accounting import ChunkedRows, MemoryAccountant, StepLog, StepRecord  # noqa: F401 (StepRecord: re-export)
