@@ -92,3 +92,26 @@ def come_back(alloc, live: list, seq: FakeSeq, extra: list[int], max_len: int):
     tokens = (seq.token_ids + extra)[:max_len - 1]
     new = FakeSeq(tokens, max_len)
     return new, tokens, alloc.match_prefix(new)
+
+
+def serve_in_thread(app):
+    """Serve the ASGI ``app`` with uvicorn on a free local port in a daemon thread: yields its base
+    URL, then stops it (a generator for a fixture to ``yield from``)."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    for _ in range(500):
+        if srv.started:
+            break
+        time.sleep(0.01)
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    srv.should_exit = True
+    thread.join(5)

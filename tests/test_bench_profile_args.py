@@ -3,12 +3,10 @@ a bad flag is one line naming it, exit code 2, before any device work (no GPU ne
 from __future__ import annotations
 
 import json
-import socket
-import threading
-import time
 
 import pytest
 
+from conftest import serve_in_thread
 from experiments import bench, bench_serve, profile_device
 from experiments.cli import main as cli_main
 
@@ -230,18 +228,8 @@ def make_server():
 @pytest.fixture(scope="module")
 def server():
     app, seen = make_server()
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    for _ in range(500):
-        if srv.started:
-            break
-        time.sleep(0.01)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}", seen
-    srv.should_exit = True
-    thread.join(5)
+    for url in serve_in_thread(app):
+        yield url, seen
 
 
 def serve_args(url: str, tmp_path, *extra: str) -> list[str]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-import threading
 import time
 
 import numpy as np
@@ -16,6 +15,7 @@ uvicorn = pytest.importorskip("uvicorn", reason="a stand-in server: the serve ex
 
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse  # noqa: E402
 
+from conftest import serve_in_thread  # noqa: E402
 from experiments import bench_serve  # noqa: E402
 from experiments.cli import main as cli_main  # noqa: E402
 from experiments.workloads import arrival_times  # noqa: E402
@@ -101,18 +101,8 @@ def make_app(fake: Fake) -> fastapi.FastAPI:
 @pytest.fixture(scope="module")
 def server():
     fake = Fake()
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    srv = uvicorn.Server(uvicorn.Config(make_app(fake), log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    for _ in range(500):
-        if srv.started:
-            break
-        time.sleep(0.01)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}", fake
-    srv.should_exit = True
-    thread.join(5)
+    for url in serve_in_thread(make_app(fake)):
+        yield url, fake
 
 
 def run(server, tmp_path, *extra: str, name: str = "r.json") -> dict:
