@@ -1,9 +1,11 @@
 """Engine settings (the Hydra group conf/engine/ mirrors these fields)."""
 from __future__ import annotations
 
+import logging
 import math
 import re
 from dataclasses import dataclass, field
+from typing import Callable, TypeVar
 
 import torch
 
@@ -22,6 +24,26 @@ def graph_token_bound(cuda_graph_max_tokens: int | None, max_num_batched_tokens:
     if cuda_graph_max_tokens is None or max_num_batched_tokens is None:
         return cuda_graph_max_tokens
     return min(cuda_graph_max_tokens, max_num_batched_tokens)
+
+
+T = TypeVar("T")
+
+
+def checked_quietly(build: Callable[[], T], what: str) -> T | None:
+    """``build()`` as a check made before the real thing (an engine built without weights): its
+    logs below ERROR held back (the real build logs them), a ValueError (a refused setting)
+    raised, any other failure left for the real build to report (None)."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        return build()
+    except ValueError:
+        raise
+    except Exception as e:  # noqa: BLE001 - not this check's to report
+        logging.getLogger("kvlab.engine").debug("%s skipped: %s: %s", what, type(e).__name__, e)
+        return None
+    finally:
+        logging.disable(previous)
 
 
 _TOKENS = (1 << 31) - 1
@@ -97,6 +119,11 @@ class EngineConfig:
     # GPUs (processes) one model is sharded over, Megatron-style by attention heads and MLP columns
     # (engine/parallel.py); CPU runs use gloo (tests). kv_cache_memory and gpu_memory_utilization are per GPU.
     tensor_parallel_size: int = 1
+
+    @property
+    def step_sequences(self) -> int:
+        """The most sequences one step holds (a beam-search request's beams all run in each step)."""
+        return min(self.max_num_seqs, self.max_num_batched_tokens)
 
     @property
     def graph_max_tokens(self) -> int:

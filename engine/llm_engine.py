@@ -294,7 +294,7 @@ class LLMEngine:
                 raise ValueError(f"request '{request_id}': beam search needs an allocator that can fork "
                                  f"('{self.config.allocator}' cannot)")
             # every live beam runs in each step of the search (Scheduler._beam_cap)
-            most = min(self.config.max_num_seqs, self.config.max_num_batched_tokens)
+            most = self.config.step_sequences
             if params.beam_width > most:
                 raise ValueError(f"request '{request_id}': beam_width={params.beam_width} beams run in one step "
                                  f"but a step holds at most {most} sequences (max_num_seqs="

@@ -116,6 +116,7 @@ def check_ranges(cfg: DictConfig) -> None:
     own engine is built (no weights), so the allocator's ranges that hang on the model's KV
     layout and the pool are checked too. ValueError names the key and the fix."""
     from allocators.registry import allocator_class, checked_args
+    from engine.config import checked_quietly
     from experiments.workloads import check_workload
 
     cfg, _ = applicable_config(cfg)
@@ -125,7 +126,8 @@ def check_ranges(cfg: DictConfig) -> None:
         from experiments.simulate import SimSettings, _to_dict
 
         SimSettings.from_mapping(_to_dict(cfg.get("sim")))
-        engine = _dry_build(cfg)
+        # the run's own simulated engine (no weights): allocator ranges that need the KV layout
+        engine = checked_quietly(lambda: build_engine(cfg), f"the dry build of {cfg.get('run_name')}")
         if engine is None:
             return
         mc, max_len = engine.model_config, engine.max_model_len
@@ -135,27 +137,11 @@ def check_ranges(cfg: DictConfig) -> None:
         mc = resolve_config(econf.model, econf.hf_overrides)
         max_len = econf.resolved_max_model_len(mc)
     work = check_workload(OmegaConf.to_container(cfg.workload, resolve=True), mc.vocab_size, max_len)
-    most = min(econf.max_num_seqs, econf.max_num_batched_tokens)
+    most = econf.step_sequences
     if work.beam_width > most:  # every live beam runs in each step (the engine refuses each request)
         raise ValueError(f"workload.beam_width={work.beam_width}: a step holds at most {most} sequences "
                          f"(engine.max_num_seqs={econf.max_num_seqs}, max_num_batched_tokens="
                          f"{econf.max_num_batched_tokens}): lower it or raise them")
-
-
-def _dry_build(cfg: DictConfig):
-    """The simulated engine the run would build, its logs held back (the run logs them); None where
-    it fails for a reason other than a bad value (the run then reports it as its own failure)."""
-    previous = logging.root.manager.disable
-    logging.disable(logging.WARNING)
-    try:
-        return build_engine(cfg)
-    except ValueError:
-        raise
-    except Exception as e:  # noqa: BLE001 - not this check's to report
-        log.debug("dry build of %s: %s", cfg.get("run_name"), _one_line(e))
-        return None
-    finally:
-        logging.disable(previous)
 
 
 def check_sweep_ranges(overrides: list[str]) -> None:
@@ -250,6 +236,21 @@ class ResumeConflict(RuntimeError):
 
 
 def _resume(summary_path: Path, cfg_hash: str) -> dict | None:
+    done = _finished_run(summary_path, cfg_hash)
+    if done is None:
+        return None
+    missing = missing_tables(summary_path.parent)
+    if missing:  # a run's tables were removed (e.g. simulate's, not committed): make it again, its
+        # old summary gone first, so that an interrupted rerun leaves an unfinished folder, not a mix
+        log.info("running %s again: its %s is missing", summary_path.parent, " and ".join(missing))
+        summary_path.unlink()
+        return None
+    return done
+
+
+def _finished_run(summary_path: Path, cfg_hash: str) -> dict | None:
+    """The summary at ``summary_path`` (None: none there); ResumeConflict where it is damaged or
+    holds a run of another configuration."""
     if not summary_path.exists():
         return None
     try:
@@ -264,12 +265,6 @@ def _resume(summary_path: Path, cfg_hash: str) -> dict | None:
             f"{summary_path} holds a run of a different configuration (config_hash {done.get('config_hash')} "
             f"!= {cfg_hash}): give this run its own folder (hydra.run.dir / hydra.sweep.dir) or set resume=false "
             "to overwrite it")
-    missing = missing_tables(summary_path.parent)
-    if missing:  # a run's tables were removed (e.g. simulate's, not committed): make it again, its
-        # old summary gone first, so that an interrupted rerun leaves an unfinished folder, not a mix
-        log.info("running %s again: its %s is missing", summary_path.parent, " and ".join(missing))
-        summary_path.unlink()
-        return None
     return done
 
 
@@ -282,15 +277,9 @@ def _check_run_folder(cfg: DictConfig, overrides: list[str]) -> None:
         return
     folder = Path(dirs[-1]).expanduser()
     first = repeat_configs(cfg)[0]
+    want = config_hash(applicable_config(first)[0])
     for path in (folder / "summary.json", folder / "rep0" / "summary.json"):
-        if path.is_file():
-            try:
-                done = json.loads(path.read_text())
-            except (OSError, ValueError):
-                done = None
-            want = config_hash(applicable_config(first)[0])
-            if not isinstance(done, dict) or done.get("config_hash", want) != want:
-                _resume(path, want)  # raises ResumeConflict, naming the folder and the fix
+        _finished_run(path, want)  # ResumeConflict names the folder and the fix
 
 
 def missing_tables(run_dir: Path) -> list[str]:

@@ -17,7 +17,7 @@ from uvicorn.config import LOG_LEVELS
 
 from allocators.checks import is_int
 from engine.async_engine import AsyncLLMEngine
-from engine.config import EngineConfig
+from engine.config import EngineConfig, checked_quietly
 from engine.llm_engine import LLMEngine
 from engine.serving.app import create_app
 from engine.serving.limits import ServerLimits
@@ -74,20 +74,15 @@ def check_engine(config: EngineConfig) -> None:
 
     device = config.resolved_device()
     config.check_devices(device)
-    previous = logging.root.manager.disable
-    logging.disable(logging.WARNING)  # the engine process logs what it builds; this build is a check
-    try:
+
+    def check() -> None:
         if device.startswith("cuda") and config.kv_cache_tokens is None and config.kv_cache_memory is None:
             config.resolved_max_model_len(resolve_config(config.model, config.hf_overrides))
             checked_args(allocator_class(config.allocator), dict(config.allocator_args))
             return
         _dry_build(config)
-    except ValueError:
-        raise
-    except Exception as e:  # noqa: BLE001 - not this check's to report: the engine process says it
-        log.debug("engine check skipped: %s: %s", type(e).__name__, e)
-    finally:
-        logging.disable(previous)
+
+    checked_quietly(check, "the engine check")  # the engine process logs what it builds and reports the rest
 
 
 class _NoRunner:
