@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,6 +25,37 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+@contextmanager
+def staged_folder(out: str | Path) -> Iterator[Path]:
+    """Yield a temporary folder beside ``out`` to write a set of files into; if the block succeeds
+    they are moved into ``out`` (the folder renamed whole where ``out`` is new, else file by file:
+    ``out`` may hold other things), else removed with any parent of ``out`` made for them, so a
+    failure (or Ctrl-C) leaves no part behind and what ``out`` held as it was."""
+    out = Path(out)
+    made = [p for p in out.absolute().parents if not p.exists()]  # deepest first
+    tmp = None
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+        yield tmp
+        if not out.exists():
+            os.replace(tmp, out)
+            os.chmod(out, 0o777 & ~_umask())  # mkdtemp makes 0700; results are meant to be shared
+        else:
+            for f in sorted(tmp.iterdir()):
+                os.replace(f, out / f.name)
+            tmp.rmdir()
+    except BaseException:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        for folder in made:
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
 
 
 def write_json(path: str | Path, obj) -> None:

@@ -29,14 +29,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from importlib import import_module
 from pathlib import Path
 
-from experiments.atomic import save_figure, write_csv, write_parquet, write_text
+from experiments.atomic import save_figure, staged_folder, write_csv, write_parquet, write_text
 
 
 class _Lazy:
@@ -754,58 +751,17 @@ def write_report(root: str | Path, out: str | Path | None = None, skipped: list[
     runs = order_runs(collect(root, left_out))  # before anything is written: no runs, no folder
     if out.exists() and not out.is_dir():
         raise ReportInputError(f"{out} is a file, not a folder: give --out a folder (it is made where missing)")
-    made = _make_parents(out)
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    except BaseException:
-        _remove_empty(made)
-        raise
     drawn = set(plt.get_fignums())
     try:
-        _write_report(root, tmp, runs, left_out)
-        _move_into(tmp, out)
+        with staged_folder(out) as tmp:
+            _write_report(root, tmp, runs, left_out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        _remove_empty(made)
         for n in set(plt.get_fignums()) - drawn:  # the figures it drew before it failed
             plt.close(n)
         raise
     if skipped is not None:
         skipped.extend(left_out)
     return out
-
-
-def _make_parents(out: Path) -> list[Path]:
-    """Make ``out``'s missing parent folders; those made, deepest first."""
-    made = [p for p in out.absolute().parents if not p.exists()]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return made
-
-
-def _remove_empty(folders: list[Path]) -> None:
-    for folder in folders:  # deepest first
-        try:
-            folder.rmdir()
-        except OSError:
-            return
-
-
-def _move_into(tmp: Path, out: Path) -> None:
-    """The finished report in ``tmp`` into ``out``: renamed whole where ``out`` is new, else file
-    by file (``--out`` may name a folder that holds other things)."""
-    if not out.exists():
-        os.replace(tmp, out)
-        os.chmod(out, 0o777 & ~_umask())  # mkdtemp makes 0700; reports are meant to be shared
-        return
-    for f in sorted(tmp.iterdir()):
-        os.replace(f, out / f.name)
-    tmp.rmdir()
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _write_report(root: Path, out: Path, runs: pd.DataFrame, left_out: list[Skipped]) -> None:

@@ -4,13 +4,12 @@ from __future__ import annotations
 import argparse
 import csv
 import math
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from experiments.reproduce import pagedattention, vattention
+from experiments.atomic import staged_folder
 from experiments.preflight import check_folder
 from experiments.reproduce.core import Ctx, PAPERS, TITLES, _bounds, check_studies
 from experiments.reproduce.pagedattention import Section, fig14_15, fig16, fig17, fig18, fig19, fig2_12_13
@@ -103,28 +102,23 @@ def main(argv: list[str]) -> int:
     runs = Path(args.runs or f"runs/reproduce/{args.paper}")
     # the page and plots are made in a folder of their own and moved into OUT at the end: a study
     # that fails leaves OUT as it was
-    stage = None
     try:
         check_folder("--out", out)
         check_folder("--runs", runs)
         ctx = Ctx(args.paper, runs, out, args.repeats, args.quick, args.mode)
         check_studies(ctx, BASES[args.paper])
-        ctx.out = stage = Path(tempfile.mkdtemp(prefix=f"kvlab-reproduce-{args.paper}-"))
-        t0 = time.perf_counter()
-        sections = []
-        for study in STUDIES[args.paper]:
-            t = time.perf_counter()
-            sections += study(ctx)
-            print(f"kvlab reproduce {args.paper}: {study.__name__} done ({time.perf_counter() - t:.0f} s)", flush=True)
-        write_page(ctx, sections, time.perf_counter() - t0, [args.paper, *[a for a in argv if a != args.paper]])
-        out.mkdir(parents=True, exist_ok=True)
-        for f in sorted(stage.iterdir()):
-            shutil.move(f, out / f.name)
+        with staged_folder(out) as stage:
+            ctx.out = stage
+            t0 = time.perf_counter()
+            sections = []
+            for study in STUDIES[args.paper]:
+                t = time.perf_counter()
+                sections += study(ctx)
+                print(f"kvlab reproduce {args.paper}: {study.__name__} done ({time.perf_counter() - t:.0f} s)",
+                      flush=True)
+            write_page(ctx, sections, time.perf_counter() - t0, [args.paper, *[a for a in argv if a != args.paper]])
     except (UserError, ResumeConflict) as e:  # ResumeConflict: a run folder under --runs holds other settings
         print(f"kvlab reproduce: {e}", file=sys.stderr)
         return 2
-    finally:
-        if stage is not None:
-            shutil.rmtree(stage, ignore_errors=True)
     print(f"kvlab reproduce {args.paper}: {out / 'README.md'}")
     return 0
