@@ -7,6 +7,12 @@ import importlib
 
 from allocators.stats import MemoryStats
 
+# allocator arguments the engine passes from its own settings (given in allocator.args they would
+# skip the engine's checks and accounting): where each is set instead
+ENGINE_SETS = {"enable_prefix_caching": "engine.enable_prefix_caching", "swap_space_tokens": "engine.swap_space (GiB)",
+               "host_tier_tokens": "engine.host_kv_cache_memory (GiB) or engine.host_kv_cache_tokens",
+               "host_tier_policy": "engine.host_tier_policy", "host_transfer_blocks": "engine.host_transfer_blocks"}
+
 _LAZY = {"AllocationError": "allocators.base", "KVAllocator": "allocators.base", "KVCacheSpec": "allocators.base",
          "SequenceLike": "allocators.base", "available": "allocators.registry",
          "create_allocator": "allocators.registry", "register": "allocators.registry"}
@@ -18,4 +24,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'allocators' has no attribute {name!r}")
 
 
-__all__ = ["MemoryStats", *_LAZY]
+__all__ = ["ENGINE_SETS", "MemoryStats", *_LAZY]

@@ -6,13 +6,13 @@ import inspect
 import math
 from typing import Callable
 
+from allocators import ENGINE_SETS
 from allocators.base import KVAllocator
 from allocators.checks import is_int, is_real
 
 _REGISTRY: dict[str, type[KVAllocator]] = {}
 # constructor arguments the engine passes from its own settings (not allocator.args)
-_SET_BY_ENGINE = {"self", "spec", "capacity_tokens", "max_num_seqs", "max_model_len", "enable_prefix_caching",
-                  "swap_space_tokens", "host_tier_tokens", "host_tier_policy", "host_transfer_blocks"}
+_SET_BY_ENGINE = {"self", "spec", "capacity_tokens", "max_num_seqs", "max_model_len", *ENGINE_SETS}
 
 
 def register(name: str) -> Callable[[type[KVAllocator]], type[KVAllocator]]:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from allocators import ENGINE_SETS
 from allocators.checks import is_int, is_real
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,9 +44,6 @@ CHOICES: dict[str, tuple[str, ...]] = {
 # constructor arguments the engine passes itself: never allocator options of a config
 ENGINE_PROVIDED = {"self", "spec", "capacity_tokens", "max_num_seqs", "max_model_len"}
 # allocator arguments the engine sets from its own settings, which check them (allocator.args.* would not)
-ENGINE_SETS = {"enable_prefix_caching": "engine.enable_prefix_caching", "swap_space_tokens": "engine.swap_space (GiB)",
-               "host_tier_tokens": "engine.host_kv_cache_memory (GiB) or engine.host_kv_cache_tokens",
-               "host_tier_policy": "engine.host_tier_policy", "host_transfer_blocks": "engine.host_transfer_blocks"}
 # flags after which Hydra does something other than run (help, print the config, ...): no checks
 HYDRA_INFO_FLAGS = {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--resolve", "-p", "--package",
                     "--shell-completion", "-sc", "--config-path", "-cp", "--config-name", "-cn",
