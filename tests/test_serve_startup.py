@@ -318,6 +318,29 @@ def test_near_miss_of_a_field_is_400_naming_the_field_meant(app, path, body, par
         assert m in err["message"], err
 
 
+@pytest.mark.parametrize("path,body,param,where,meant", [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "contnet": "hi"}]}, "messages", "messages.0",
+     "contnet (did you mean content?)"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}, {"rol": "user", "content": "x"}]},
+     "messages", "messages.1", "rol (did you mean role?)"),
+    ("/v1/completions", {"prompt": "Hi", "stream": True, "stream_options": {"include_usge": True}},
+     "stream_options", "stream_options", "include_usge (did you mean include_usage?)"),
+])
+def test_near_miss_inside_a_message_or_stream_options_is_400(app, path, body, param, where, meant):
+    # ignored, the message would be sent empty and the usage chunk silently left out
+    err = error_of(call(app, path, json=body))
+    assert err["param"] == param and err["type"] == "invalid_request_error", err
+    assert f"{where}: Unrecognized request argument supplied: {meant}" in err["message"], err
+
+
+def test_other_apis_fields_inside_a_message_are_served(app):
+    msg = {"role": "assistant", "content": "a", "tool_calls": [], "refusal": None, "reasoning_content": "r"}
+    r = call(app, "/v1/chat/completions", json={"messages": [msg, {"role": "user", "content": "hi"}], "max_tokens": 2,
+                                                "stream": True, "stream_options": {"include_usage": True,
+                                                                                   "continuous_usage_stats": True}})
+    assert r.status_code == 200 and '"usage": {' in r.text.replace('"usage":{', '"usage": {'), r.text
+
+
 def test_other_unknown_fields_are_served_and_named_in_a_header(app, caplog):
     from engine.serving.app import IGNORED_FIELDS_HEADER
 

@@ -15,7 +15,8 @@ OpenAI answers an unrecognized argument; any other (fields of OpenAI's or vLLM's
 server does not model, such as ``metadata``, ``store`` or ``prompt_logprobs``, or a client's
 own) is accepted and ignored, as vLLM does, and named in the response's
 ``X-Kvlab-Ignored-Fields`` header (and once per name in the server log; see
-``misspelt_field``, ``FOREIGN_FIELDS``).
+``misspelt_field``, ``FOREIGN_FIELDS``). Inside a message or ``stream_options`` a near miss
+(``contnet``, ``include_usge``) is a 400 too, blaming the top-level field that holds it.
 
 Every validation error names the top-level field at fault: field errors through their
 location, cross-field errors through ``ctx["param"]`` (see ``field_error``).
@@ -130,14 +131,35 @@ _STREAM_OPTIONS_NEED_STREAM = {
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
     _integer_fields: ClassVar[frozenset[str]] = frozenset()  # fields of integers (or lists of them)
+    _foreign_fields: ClassVar[frozenset[str]] = frozenset()  # other APIs' fields: ignored, never a near miss
+    _top_level: ClassVar[bool] = False  # a near miss blames itself (top level) or the field holding it
 
     @field_validator("*", mode="before")
     @classmethod
     def _integral_floats(cls, value: Any, info: ValidationInfo) -> Any:
         return _integral(value) if info.field_name in cls._integer_fields else value
 
+    @model_validator(mode="wrap")
+    @classmethod
+    def _near_misses(cls, data: Any, handler):
+        """A near miss of a field (``max_token``, or ``contnet`` inside a message) is a 400 naming
+        both, at any depth: ignoring it would silently drop what the client meant to set."""
+        if isinstance(data, dict):
+            known = cls.model_fields
+            misses = [(k, m) for k in data if isinstance(k, str) and k not in known
+                      and (m := misspelt_field(k, known, cls._foreign_fields))]
+            if misses:
+                listed = ", ".join(f"{k} (did you mean {m}?)" for k, m in misses)
+                message = f"Unrecognized request argument{'s' if len(misses) > 1 else ''} supplied: {listed}"
+                if cls._top_level:
+                    raise field_error(misses[0][0], message)
+                raise PydanticCustomError("invalid_value", "{message}", {"message": message})
+        return handler(data)
+
 
 class StreamOptions(_Strict):
+    _foreign_fields = frozenset({"continuous_usage_stats", "include_obfuscation"})  # vLLM's, OpenAI's
+
     include_usage: bool | None = False
 
 
@@ -182,11 +204,11 @@ def _squash(name: str) -> str:
     return name.lower().replace("_", "").replace("-", "")
 
 
-def misspelt_field(name: str, known) -> str | None:
+def misspelt_field(name: str, known, foreign=FOREIGN_FIELDS) -> str | None:
     """The field of ``known`` that the unknown field ``name`` is a near miss of (``max_token``,
-    ``Temperature``, ``maxTokens``, ``top-p``), or None: a field of another API
-    (``FOREIGN_FIELDS``), or none close enough (``MISSPELLING_CUTOFF``)."""
-    if name in FOREIGN_FIELDS:
+    ``Temperature``, ``maxTokens``, ``top-p``), or None: a field of another API (``foreign``), or
+    none close enough (``MISSPELLING_CUTOFF``)."""
+    if name in foreign:
         return None
     known = sorted(known)
     same = [k for k in known if _squash(k) == _squash(name)]
@@ -203,6 +225,8 @@ def unknown_fields(model: BaseModel) -> tuple[str, ...]:
 
 class _SamplingRequest(_Strict):
     _integer_fields = frozenset({"n", "seed", "top_k", "min_tokens", "max_tokens", "stop_token_ids"})
+    _foreign_fields = FOREIGN_FIELDS
+    _top_level = True
     _ignored_fields: tuple[str, ...] = PrivateAttr(default=())
 
     model: str | None = Field(None, description="The served model's name (null: the served model).")
@@ -230,19 +254,11 @@ class _SamplingRequest(_Strict):
     @model_validator(mode="wrap")
     @classmethod
     def _unknown_fields(cls, data: Any, handler):
-        """A near miss of a field is a 400 naming both; other unknown fields are kept in
-        ``_ignored_fields`` (the response names them)."""
-        if not isinstance(data, dict):
-            return handler(data)
-        known = cls.model_fields
-        unknown = [k for k in data if isinstance(k, str) and k not in known]
-        misses = [(k, m) for k in unknown if (m := misspelt_field(k, known))]
-        if misses:
-            listed = ", ".join(f"{k} (did you mean {m}?)" for k, m in misses)
-            many = "s" if len(misses) > 1 else ""
-            raise field_error(misses[0][0], f"Unrecognized request argument{many} supplied: {listed}")
+        """Unknown top-level fields that are no near miss (``_near_misses``) are kept in
+        ``_ignored_fields``: the response names them."""
         model = handler(data)
-        model._ignored_fields = tuple(unknown)
+        if isinstance(data, dict):
+            model._ignored_fields = tuple(k for k in data if isinstance(k, str) and k not in cls.model_fields)
         return model
 
     @model_validator(mode="after")
@@ -330,6 +346,10 @@ class TextPart(_Strict):
 
 
 class ChatMessage(_Strict):
+    # OpenAI's and vLLM's message fields this server does not read
+    _foreign_fields = frozenset({"tool_calls", "tool_call_id", "function_call", "refusal", "audio", "annotations",
+                                 "reasoning", "reasoning_content", "prefix", "weight"})
+
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
