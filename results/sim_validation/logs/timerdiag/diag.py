@@ -10,6 +10,7 @@ run at 8 req/s made just before (``device_session.sh timerdiag``):
 
     python3 results/sim_validation/logs/timerdiag/diag.py RUNS_DIR           # on the device
     python3 results/sim_validation/logs/timerdiag/diag.py RUNS_DIR --compare  # the table again, anywhere
+    python3 results/sim_validation/logs/timerdiag/diag.py RUNS_DIR --verdict  # exit 0 if no events match the real
 
 RUNS_DIR holds ``real/online-8rps/steps.parquet`` (the real run) and gets ``host-<i>-<events>.parquet``
 and ``compare.md`` (median step time, host work and launch CPU time of decode steps by batch bin).
@@ -62,10 +63,32 @@ def compare(runs: Path) -> str:
             + "\n".join(lines) + "\n")
 
 
+def verdict(runs: Path, tolerance_s: float = 1e-4) -> bool:
+    """Whether the host steps without events match the real run: median decode step of 1-8
+    sequences within ``tolerance_s`` (the device call then goes on to the host steps of both
+    models, ``device_session.sh syncboth``)."""
+    def median(df, batch):
+        d = df[(df[batch] >= 1) & (df[batch] <= 8)]
+        return float(d["duration"].median())
+
+    real = pd.read_parquet(runs / "real/online-8rps/steps.parquet")
+    real = median(real[(real.prefill_tokens == 0) & (real.num_seqs > 0)], "num_seqs")
+    gaps = {}
+    for events in ("none", "events"):
+        hs = [pd.read_parquet(p) for p in sorted(runs.glob(f"host-*-{events}.parquet"))]
+        gaps[events] = median(pd.concat([h[h.prefill_tokens == 0] for h in hs]), "batch") - real if hs else float("nan")
+    ok = abs(gaps["none"]) <= tolerance_s
+    print(f"VERDICT real {1e3 * real:.3f} ms; host steps without events {1e3 * gaps['none']:+.3f} ms, with events "
+          f"{1e3 * gaps['events']:+.3f} ms: {'match' if ok else 'differ'}")
+    return ok
+
+
 if __name__ == "__main__":
     runs = Path(sys.argv[1])
-    if "--compare" not in sys.argv:
+    if "--compare" not in sys.argv and "--verdict" not in sys.argv:
         measure(runs)
+    if "--verdict" in sys.argv:
+        sys.exit(0 if verdict(runs) else 3)
     table = compare(runs)
     (runs / "compare.md").write_text(table)
     print(table)
