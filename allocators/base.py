@@ -100,6 +100,12 @@ class KVAllocator(ABC):
     def allocate(self, seq: SequenceLike, num_new_tokens: int) -> None:
         """Make room for the next ``num_new_tokens`` tokens of ``seq`` (copy-on-write included)."""
 
+    def can_grow_together(self, items: Seq[tuple[SequenceLike, int]]) -> bool:
+        """Whether ``allocate`` of each ``(seq, num_new_tokens)`` in turn would all succeed: the
+        sequences are live and grow together (one request's layer groups, ``layer_groups``).
+        Strategies whose growth draws on a shared pool override it; here each grows alone."""
+        return all(self.can_allocate(seq, n) for seq, n in items)
+
     def allocate_batch(self, seqs: Seq[SequenceLike], num_new_tokens: int = 1) -> int:
         """``can_allocate`` then ``allocate`` of ``num_new_tokens`` for each of ``seqs`` in order,
         stopping at the first that does not fit (it and those after it are left as they were);

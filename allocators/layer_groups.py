@@ -193,7 +193,8 @@ class GroupedAllocator(KVAllocator):
                     need -= max(0, min((self._tokens[seq.seq_id] - w) // self.inner.block_size,
                                        len(st.table) - 1) - st.released)
             return need <= self.inner.pool.num_free
-        return all(self.inner.can_allocate(sub, self._grow(sub, k, total)) for k, sub in enumerate(subs))
+        # one request's groups grow together (virtual: from one pool of page groups)
+        return self.inner.can_grow_together([(sub, self._grow(sub, k, total)) for k, sub in enumerate(subs)])
 
     def allocate(self, seq: SequenceLike, num_new_tokens: int) -> None:
         start = self._tokens.get(seq.seq_id, 0)

@@ -515,6 +515,21 @@ class VirtualAllocator(KVAllocator):
         need = self._pages_for(slot.used + num_new_tokens) - have
         return need <= 0 or need <= self._available(slot)
 
+    def can_grow_together(self, items: Seq[tuple[SequenceLike, int]]) -> bool:
+        """Live slots growing together draw on one pool (free, idle and other slots' surplus
+        pages, ``_available``): their page needs count together, less what each keeps spare
+        (``can_allocate`` of each alone would count the same free pages for all)."""
+        slots = [(self._by_seq.get(seq.seq_id), n) for seq, n in items]
+        if any(slot is None for slot, _ in slots):
+            return super().can_grow_together(items)
+        need = own = 0
+        for slot, n in slots:
+            if slot.used + n > self.span:
+                return False
+            need += self._pages_for(slot.used + n) - len(slot.groups)  # negative: spare after growing
+            own += self._surplus(slot)
+        return need <= len(self._free_groups) + self._idle_pages + self._surplus_pages - own
+
     def allocate(self, seq: SequenceLike, num_new_tokens: int) -> None:
         slot = self._by_seq.get(seq.seq_id)
         if slot is not None and slot.used + num_new_tokens <= len(slot.groups) * self.page_tokens:

@@ -114,6 +114,9 @@ MAKERS = {
     "paged": lambda: dict(inner_cls=PagedAllocator, block_size=4, enable_prefix_caching=False),
     "contiguous": lambda: dict(inner_cls=ContiguousAllocator),
     "virtual": lambda: dict(inner_cls=VirtualAllocator, prefetch=False, backend="sim"),
+    # pages of a few tokens: a request's groups often need a page in the same step
+    "virtual-small-pages": lambda: dict(inner_cls=VirtualAllocator, prefetch=False, backend="sim", page_size=128,
+                                        premap=0),
 }
 
 
@@ -189,6 +192,27 @@ class GroupMachine(RuleBasedStateMachine):
 TestGroupMachine = GroupMachine.TestCase
 TestGroupMachine.settings = settings(max_examples=30, stateful_step_count=25, deadline=None,
                                      suppress_health_check=[HealthCheck.too_slow])
+
+
+def test_virtual_groups_that_grow_together_share_the_free_pages():
+    """A request's groups draw their pages from one pool: with one page free and both groups at a
+    page's end, the request cannot grow (each group alone would see the page free)."""
+    spec = KVCacheSpec(num_layers=2, num_kv_heads=1, head_dim=8, dtype=torch.float32, device=None)
+    a = GroupedAllocator(VirtualAllocator, spec, 14, 4, 48, plan=plan_groups([6, 0]), max_chunk=8, prefetch=False,
+                         backend="sim", page_size=128, premap=0)
+    t = a.inner.page_tokens
+    grower = FakeSeq(list(range(t)), max_len=40)
+    a.allocate(grower, t)
+    fillers = []
+    while len(a.inner._free_groups) > 1:  # 7 page groups: 2 a request
+        fillers.append(FakeSeq(list(range(t)), max_len=t + 1))
+        a.allocate(fillers[-1], t)
+    assert len(a.inner._free_groups) == 1 and a.rings[1] > t  # both groups would need a page
+    assert not a.can_allocate(grower, 1)
+    a.free(fillers[0])
+    assert a.can_allocate(grower, 1)
+    a.allocate(grower, 1)
+    assert a.num_tokens(grower) == t + 1
 
 
 def test_windowed_blocks_go_back_before_any_group_grows():
