@@ -1,4 +1,4 @@
-"""MemoryStats: where every byte of the KV pool is, summing to its capacity (DESIGN.md).
+"""MemoryStats: where every byte of the KV pool is, summing to its capacity (README, "Results").
 
 ``idle_mapped`` is memory held by no live sequence but kept for reuse (the mapped pages of
 idle virtual slots, deferred reclamation). It is neither usage nor fragmentation: it turns

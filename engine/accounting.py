@@ -1,4 +1,4 @@
-"""Exact memory accounting over engine steps (DESIGN.md, "Metric definitions").
+"""Exact memory accounting over engine steps (README, "Results").
 
 At each step the allocator gives a provisional breakdown in which reservation and
 internal fragmentation are split at each live sequence's ``max_len`` bound. When a

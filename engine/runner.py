@@ -98,7 +98,7 @@ class BatchInputs:
         for first, slots in prefill_slots:
             self.slots[first:first + len(slots)] = slots
         if dec_tok:
-            # the addressing rule of DESIGN.md, for every single-token sequence at once
+            # the PAGED / LINEAR addressing rule (docs/ARCHITECTURE.md), for every single-token sequence at once
             dec = np.array(dec_tok, dtype=np.int64)
             pos = self.positions[dec]
             rows = self.addressing[np.searchsorted(self.qsl, dec, side="right") - 1]

@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--cuda-graph-max-tokens", type=int, default=EngineConfig.cuda_graph_max_tokens,
-                    help="prefill/mixed steps up to this many tokens replay piecewise CUDA graphs (0: eager)")
+                    help="prefill/mixed steps up to this many tokens replay CUDA graphs (--cuda-graph-mode; 0: eager)")
     ap.add_argument("--cuda-graph-mode", default=EngineConfig.cuda_graph_mode, choices=["piecewise", "full"],
                     help="prefill/mixed steps: piecewise graphs (attention eager) or full graphs")
     add_async_arg(ap)

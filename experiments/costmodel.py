@@ -4,7 +4,7 @@ In simulate mode the real scheduler and allocator run but no model does: each en
 advances a virtual clock by ``RooflineCostModel.step_time(batch)``, the larger of the time
 to stream the bytes the step must touch (weights once, the KV cache it attends over, the KV
 it writes) and the time to do its FLOPs, at a fraction ``efficiency`` of datasheet peak,
-plus a fixed per-step overhead.  That is the physical limit DESIGN.md names: a decode step
+plus a fixed per-step overhead.  That is the physical limit: a decode step
 cannot beat (weight bytes + KV bytes read) / HBM bandwidth.
 
 Tensor parallelism (``tensor_parallel_size`` = tp): each GPU holds ``ModelShape.shard(tp)``: the

@@ -1,4 +1,4 @@
-"""Per-request and per-step tables, and the summary metrics of DESIGN.md."""
+"""Per-request and per-step tables, and the summary metrics (README, "Results")."""
 from __future__ import annotations
 
 import math
@@ -271,7 +271,7 @@ class _StepFigures:
 
 @dataclass(frozen=True)
 class WindowRule:
-    """How a run's steady-state window is chosen (DESIGN.md, "averaging"); times in seconds from t0.
+    """How a run's steady-state window is chosen (docs/ARCHITECTURE.md, "Measurement protocol"); times in seconds from t0.
 
     ``last_arrival_s``: when the last request arrived; 0 for an offline run (all at t=0).
     ``warmup_s``: a stated warm-up; where given, the window starts there instead of at saturation.
@@ -461,7 +461,7 @@ def host_tier_summary(scheduler, tier) -> dict[str, float]:
 
 
 def summarize(requests: pd.DataFrame, steps: pd.DataFrame | None, duration: float) -> dict[str, float]:
-    """Throughput and latency of DESIGN.md over ``duration`` (wall or simulated seconds)."""
+    """Throughput and latency over ``duration`` (wall or simulated seconds)."""
     out: dict[str, float] = {"duration": duration, "num_requests": len(requests)}
     if requests.empty:
         return out

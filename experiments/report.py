@@ -15,8 +15,10 @@ Writes, under ``DIR/report`` (or ``--out``):
 - ``kv_usage_over_time.png``: KV pool in use and batch size over (simulated) time;
 - sweep curves, each only when runs differ along its axis: ``rate_curves.png`` (throughput
   and normalized latency vs request rate), ``block_size_curves.png``, ``page_size_curves.png``,
-  ``sharing_curves.png`` (memory saved by sharing vs samples per request or prefix length),
-  ``max_num_seqs_curves.png``.
+  ``sharing_curves.png`` (memory saved by sharing vs samples per request), ``prefix_curves.png``
+  (vs shared prefix length), ``window_curves.png`` (sliding window), ``host_tier_curves.png``
+  (vs the workload's prefix hit rate), ``max_num_seqs_curves.png``; and bars by category:
+  ``kv_dtype.png`` (KV cache dtype), ``kv_grouping.png`` (layer grouping).
 
 Where a row holds more than one run, every figure draws the interval: error bars on bars, bands
 around curves, and the CDFs and time series of each run of the row in its colour.

@@ -1,4 +1,5 @@
-"""Server vs offline engine on one model and one workload, in one run (the serving target of DESIGN.md).
+"""Server vs offline engine on one model and one workload, in one run: what the server delivers of
+the engine's speed.
 
 1. offline: an LLMEngine with the server's settings runs the workload's exact prompts (all at
    once), in a process of its own so that its GPU memory is gone before the server starts;

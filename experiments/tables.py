@@ -1,5 +1,5 @@
 """Tables of a report: markdown without extra dependencies, and the mean and 95% confidence
-interval of runs repeated over seeds (DESIGN.md, "repeats")."""
+interval of runs repeated over seeds (docs/ARCHITECTURE.md, "Measurement protocol")."""
 from __future__ import annotations
 
 import math

@@ -4,7 +4,8 @@ For each mode (offline, online at each rate) runs the real engine and then simul
 with the same overrides, seed and pool, and writes the error of every simulated figure:
 
     kvlab validate-sim model=llama3-8b allocator=paged workload=sharegpt workload.num_requests=300 \\
-        engine.kv_cache_tokens=40000 engine.max_model_len=2048 --rates 4,16 --sim h200 --out DIR
+        engine.kv_cache_tokens=40000 engine.max_model_len=2048 engine.max_num_seqs=256 \\
+        engine.max_num_batched_tokens=8192 --rates 4,32 --online-requests 50 --sim h200 --out DIR
 
 DIR/real/<mode>/ and DIR/sim/<mode>/ are ordinary run folders (a rerun reuses finished ones,
 so ``--sim-only`` re-simulates against runs measured earlier, e.g. on another machine).

@@ -1,4 +1,4 @@
-"""Memory accounting against closed forms (DESIGN.md, "Metric definitions").
+"""Memory accounting against closed forms (README, "Results").
 
 N identical requests (prompt P, output O) that fit at once: step k (1..O) holds
 ``P + k - 1`` tokens per request; the accountant's final length is F = P + O. With a

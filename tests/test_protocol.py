@@ -1,4 +1,4 @@
-"""The measurement protocol (DESIGN.md, "averaging" and "repeats"): the steady-state window and
+"""The measurement protocol (docs/ARCHITECTURE.md, "Measurement protocol"): the steady-state window and
 time-weighted means on hand-made step traces, the 95% CI over repeats, and `kvlab run repeats=N`
 then `kvlab report` end to end."""
 from __future__ import annotations
