@@ -122,6 +122,8 @@ def _top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> 
     p = torch.tensor(top_p, device=logits.device)
     probs = torch.softmax(sorted_logits.masked_fill(mask, float("-inf")), dim=-1)
     cum = probs.cumsum(dim=-1) - probs  # mass before this token
-    mask |= cum > p[:, None]
+    # the smallest prefix whose mass reaches p, as vLLM and HF keep; p = 1 keeps everything (float32
+    # rounding can bring the mass before a tail token of a large vocabulary to 1.0)
+    mask |= (cum >= p[:, None]) & (p[:, None] < 1.0)
     sorted_logits = sorted_logits.masked_fill(mask, float("-inf"))
     return torch.empty_like(logits).scatter_(1, idx, sorted_logits)
