@@ -476,7 +476,9 @@ def summarize(requests: pd.DataFrame, steps: pd.DataFrame | None, duration: floa
         request_throughput=len(requests) / duration,
         output_throughput=total_out / duration,
         total_token_throughput=(total_in + total_out) / duration,
-        normalized_latency=float((requests["e2el"] / requests["output_len"]).mean()),
+        # the requests' own column: NaN (no output token) left out, as in TPOT; older tables lack it
+        normalized_latency=float(requests["normalized_latency"].mean() if "normalized_latency" in requests
+                                 else (requests["e2el"] / requests["output_len"]).mean()),
         preemptions=int(requests["preemptions"].sum()),
     )
     if "recomputed_tokens" in requests:
