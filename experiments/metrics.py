@@ -271,7 +271,8 @@ class _StepFigures:
 
 @dataclass(frozen=True)
 class WindowRule:
-    """How a run's steady-state window is chosen (docs/ARCHITECTURE.md, "Measurement protocol"); times in seconds from t0.
+    """How a run's steady-state window is chosen (docs/ARCHITECTURE.md, "Measurement protocol");
+    times in seconds from t0.
 
     ``last_arrival_s``: when the last request arrived; 0 for an offline run (all at t=0).
     ``warmup_s``: a stated warm-up; where given, the window starts there instead of at saturation.
