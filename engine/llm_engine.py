@@ -29,6 +29,7 @@ from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig
 from engine.sequence import PENDING, SeqStatus, Sequence
 from engine.tokenizer import has_text, load_tokenizer
+from kernels.metadata import Addressing
 
 log = logging.getLogger("kvlab.engine")
 
@@ -308,6 +309,19 @@ class LLMEngine:
                 f"request '{request_id}' may need {need} KV tokens but allocator '{self.config.allocator}' "
                 f"can give one request at most {fit}: raise kv_cache_memory / kv_cache_tokens, "
                 "or lower max_tokens")
+        k = params.num_seqs
+        if k > 1 and self.allocator.supports_fork:
+            # a request's samples (beams) are scheduled and preempted together, so they must fit the
+            # pool together: else the group is admitted, preempted and readmitted for ever
+            bs = max(1, self.allocator.block_size)
+            paged = self.allocator.mode == Addressing.PAGED
+            shared = (n - 1) // bs * bs if paged else 0  # whole prompt blocks the samples share
+            group = shared + k * (-(-(need - shared) // bs) * bs)
+            if group > self.allocator.capacity_tokens:
+                raise ValueError(
+                    f"request '{request_id}': its {k} samples may need {group} KV tokens together but allocator "
+                    f"'{self.config.allocator}' holds {self.allocator.capacity_tokens}: raise kv_cache_memory / "
+                    f"kv_cache_tokens, or lower {'beam_width' if params.beam_width > 1 else 'n'} or max_tokens")
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
                     arrival_time: float | None = None, oracle_len: int = 0) -> None:

@@ -259,7 +259,9 @@ class Scheduler:
         if len(self.running) + 1 + len(leader.followers) > self.config.max_num_seqs:
             return False
         shared = leader.prompt_len - 1
-        need = shared + sum(len(s.token_ids) - shared for s in (leader, *leader.followers))
+        bs = max(1, self.allocator.block_size)
+        whole = shared // bs * bs  # the blocks the samples share; each sample's tail in blocks of its own
+        need = whole + sum(-(-(len(s.token_ids) + 1 - whole) // bs) * bs for s in (leader, *leader.followers))
         need -= leader.num_computed_tokens  # found in the prefix cache: held already
         return need > self.allocator.max_fit_tokens() or self.allocator.can_allocate(leader, need)
 

@@ -420,7 +420,12 @@ def _gpu_page_size(econf: EngineConfig, shape: ModelShape) -> None:
     args = dict(econf.allocator_args)
     if args.get("page_size") not in (None, "auto") or econf.kv_cache_tokens is None:
         return
-    token_bytes, _ = range_token_bytes(args.get("layout", "per_layer"), shape.num_layers, shape.num_kv_heads,
+    layers = shape.num_layers
+    if econf.kv_grouping == "shared" and any(shape.layer_windows):  # a range holds one layer group's layers
+        from allocators.layer_groups import plan_groups
+
+        layers = plan_groups(shape.layer_windows).group_size
+    token_bytes, _ = range_token_bytes(args.get("layout", "per_layer"), layers, shape.num_kv_heads,
                                        shape.head_dim, shape.kv_elem_bytes)
     page = CUDA_GRANULARITY // token_bytes * token_bytes
     if page and econf.kv_cache_tokens >= page // token_bytes:

@@ -42,6 +42,24 @@ def test_request_larger_than_pool():
         llm.generate([list(range(3, 7))], SamplingParams(max_tokens=100))
 
 
+@pytest.mark.parametrize("allocator,n,beams,want", [
+    # the prompt (200 tokens) shares 12 whole blocks (192 tokens); each sample holds 48 of its own
+    ("paged", 2, 1, 192 + 2 * 48), ("paged", 1, 3, 192 + 3 * 48), ("virtual", 3, 1, 3 * 240)])
+def test_samples_that_cannot_fit_the_pool_together_are_refused(allocator, n, beams, want):
+    """A request's samples (beams) are scheduled and preempted together: if they cannot fit the pool
+    together, the group would be admitted, preempted and readmitted for ever (it hung)."""
+    llm = LLM("tiny-llama", allocator=allocator, max_model_len=256, kv_cache_tokens=256)
+    params = SamplingParams(max_tokens=40, n=n, beam_width=beams, temperature=0 if beams > 1 else 1.0,
+                            ignore_eos=True)
+    with pytest.raises(ValueError, match=rf"its {max(n, beams)} samples may need {want} KV tokens together "
+                                         rf".*holds 256.*lower {'beam_width' if beams > 1 else 'n'}"):
+        llm.generate([list(range(3, 203))], params)
+    # one sample fits; so do two short ones
+    assert len(llm.generate([list(range(3, 203))], SamplingParams(max_tokens=40, ignore_eos=True))[0].token_ids) == 40
+    out = llm.generate([list(range(3, 23))], SamplingParams(max_tokens=20, n=2, ignore_eos=True))[0]
+    assert [len(c.token_ids) for c in out.outputs] == [20, 20]
+
+
 def test_pool_with_no_block():
     with pytest.raises(ValueError, match=r"holds no block of 16.*smaller block_size"):
         LLM("tiny-llama", allocator="paged", kv_cache_tokens=8)

@@ -252,3 +252,20 @@ def test_a_request_of_max_fit_tokens_finishes(alloc, args, monkeypatch):
     assert not e.has_unfinished_requests() and e.scheduler.num_preemptions == 0
     with pytest.raises(ValueError, match="may need"):
         e.add_request("too-long", list(range(5, 10)), SamplingParams(max_tokens=fit, ignore_eos=True))
+
+
+def test_simulated_auto_page_size_holds_whole_tokens_of_a_layer_group():
+    """``page_size=auto`` in simulate sizes a 2 MiB page in tokens of one layer group's layers (a
+    range holds one group under kv_grouping=shared): sized for all 62 layers it held no whole
+    number of a group's tokens, and the run was refused for a page size nobody set."""
+    from experiments.run import build_engine, compose
+
+    cfg = compose(["mode=simulate", "model=gemma3-27b-like", "sim=h200", "allocator=virtual",
+                   "allocator.args.layout=shared", "engine.kv_grouping=shared"])
+    eng = build_engine(cfg)
+    inner, plan = eng.allocator.inner, eng.allocator.plan
+    spec = eng.allocator.spec
+    # layout shared: one range holds K and V of every layer of the group
+    token_bytes = plan.group_size * 2 * spec.num_kv_heads * spec.head_dim * spec.dtype.itemsize
+    assert plan.group_size < 62 and inner.page_size % token_bytes == 0
+    assert 2 * 2**20 - token_bytes < inner.page_size <= 2 * 2**20
