@@ -19,7 +19,7 @@ UNITS = {
     "request_throughput": "req/s", "output_throughput": "tok/s", "total_token_throughput": "tok/s",
     "normalized_latency": "s/token", "kv_capacity_tokens": "tokens", "max_concurrency": "seqs",
     "mean_batch_size": "seqs", "preemptions": "count", "prefix_cache_hit_rate": "fraction",
-    "duration": "s", "num_requests": "count", "total_input_tokens": "tokens",
+    "duration": "s", "num_requests": "count", "num_failed_requests": "count", "total_input_tokens": "tokens",
     "total_output_tokens": "tokens", "saturated_steps": "fraction", "sharing_saving": "fraction",
     "simulated_busy_s": "s", "wall_time_s": "s", "mean_output_len": "tokens", "mean_prompt_len": "tokens",
 }
@@ -482,6 +482,8 @@ def summarize(requests: pd.DataFrame, steps: pd.DataFrame | None, duration: floa
                                  else (requests["e2el"] / requests["output_len"]).mean()),
         preemptions=int(requests["preemptions"].sum()),
     )
+    if "finish_reason" in requests:  # ended by a fault of their own (fault isolation): still counted above
+        out["num_failed_requests"] = int((requests["finish_reason"] == "error").sum())
     if "recomputed_tokens" in requests:
         out["mean_recomputed_tokens"] = float(requests["recomputed_tokens"].mean())
     itl = np.concatenate([np.asarray(x, dtype=float) for x in requests["itl"]]) if len(requests) else np.array([])

@@ -486,6 +486,10 @@ def _run_one(cfg: DictConfig, out: Path, sweep_dir: str | Path | None = None,
     log.info("%s: %.1f output tok/s, token_states %.1f%%%s, %d preemptions, %.1f s -> %s", cfg.run_name,
              summary.get("output_throughput", 0), 100 * summary.get("token_states", 0), waiting,
              summary.get("preemptions", 0), summary["wall_time_s"], out)
+    failed = summary.get("num_failed_requests", 0)
+    if failed:  # the run finished, but its figures count requests that ended in an error
+        log.warning("%s: %d of %d requests failed (finish_reason=error; run.log says why): the figures count them",
+                    cfg.run_name, failed, summary.get("num_requests", 0))
     return summary
 
 

@@ -188,3 +188,10 @@ def test_a_request_without_output_tokens_leaves_normalized_latency_finite():
     row["normalized_latency"], row["tpot"] = math.nan, math.nan
     summary = summarize(pd.concat([df, row], ignore_index=True), None, duration=5.0)
     assert summary["normalized_latency"] == approx(expected_summary()["normalized_latency"])
+
+
+def test_failed_requests_are_counted_in_the_summary():
+    df = requests_frame(finished_requests("compact"), T0)
+    assert summarize(df, None, duration=5.0)["num_failed_requests"] == 0
+    df.loc[1, "finish_reason"] = "error"
+    assert summarize(df, None, duration=5.0)["num_failed_requests"] == 1
