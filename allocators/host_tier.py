@@ -62,7 +62,7 @@ class HostTierConfig:
         if self.num_blocks < self.transfer_blocks:
             raise ValueError(
                 f"host tier of {self.num_blocks} blocks holds no chunk of host_transfer_blocks={self.transfer_blocks}: "
-                "raise host_kv_cache_memory or lower host_transfer_blocks")
+                "raise host_kv_cache_memory (or host_kv_cache_tokens, where set) or lower host_transfer_blocks")
 
 
 @dataclass(frozen=True)

@@ -292,8 +292,10 @@ class LLMEngine:
                 raise ValueError(f"request '{request_id}': beam search needs async_scheduling=false or auto "
                                  "(beams are chosen from the step's tokens before the next step is scheduled)")
             if not self.allocator.supports_fork:
-                raise ValueError(f"request '{request_id}': beam search needs an allocator that can fork "
-                                 f"('{self.config.allocator}' cannot)")
+                why = ("layer groups cannot fork (kv_grouping=shared): set kv_grouping=none or beam_width=1"
+                       if getattr(self.allocator, "plan", None) is not None
+                       else f"'{self.config.allocator}' cannot")
+                raise ValueError(f"request '{request_id}': beam search needs an allocator that can fork ({why})")
             # every live beam runs in each step of the search (Scheduler._beam_cap)
             most = self.config.step_sequences
             if params.beam_width > most:

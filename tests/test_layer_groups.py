@@ -109,6 +109,13 @@ def test_prefix_caching_with_groups_is_refused(monkeypatch):
         LLM("tiny-hybrid", device="cpu", kv_cache_tokens=1024, kv_grouping="vllm")
 
 
+def test_beam_search_with_groups_names_the_setting(monkeypatch):
+    monkeypatch.setitem(PRESETS, "tiny-hybrid", TINY)
+    llm = LLM("tiny-hybrid", device="cpu", kv_cache_tokens=1024, kv_grouping="shared")
+    with pytest.raises(ValueError, match=r"layer groups cannot fork \(kv_grouping=shared\): set kv_grouping=none"):
+        llm.generate([[5, 6, 7]], SamplingParams(beam_width=2, temperature=0, max_tokens=4))
+
+
 SPEC = KVCacheSpec(num_layers=4, num_kv_heads=1, head_dim=8, dtype=torch.float32, device=None)
 MAKERS = {
     "paged": lambda: dict(inner_cls=PagedAllocator, block_size=4, enable_prefix_caching=False),
