@@ -26,7 +26,7 @@ from engine.parallel import check_shardable
 from engine.outputs import FinishedRequest, RequestOutput
 from engine.runner import ModelRunner, StepHandle
 from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler, SchedulerConfig
+from engine.scheduler import Scheduler, SchedulerConfig, group_kv_tokens
 from engine.sequence import PENDING, SeqStatus, Sequence
 from engine.tokenizer import has_text, load_tokenizer
 from kernels.metadata import Addressing
@@ -315,10 +315,8 @@ class LLMEngine:
         if k > 1 and self.allocator.supports_fork:
             # a request's samples (beams) are scheduled and preempted together, so they must fit the
             # pool together: else the group is admitted, preempted and readmitted for ever
-            bs = max(1, self.allocator.block_size)
-            paged = self.allocator.mode == Addressing.PAGED
-            shared = (n - 1) // bs * bs if paged else 0  # whole prompt blocks the samples share
-            group = shared + k * (-(-(need - shared) // bs) * bs)
+            group = group_kv_tokens(n, [need] * k, self.allocator.block_size,
+                                    share_prompt=self.allocator.mode == Addressing.PAGED)  # copies share nothing
             if group > self.allocator.capacity_tokens:
                 raise ValueError(
                     f"request '{request_id}': its {k} samples may need {group} KV tokens together but allocator "

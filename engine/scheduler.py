@@ -24,6 +24,15 @@ from engine.sequence import SeqStatus, Sequence
 PREEMPTION_MODES = ("recompute", "swap")
 
 
+def group_kv_tokens(prompt_len: int, sample_lens, block_size: int, share_prompt: bool = True) -> int:
+    """KV tokens a request's samples (beams) hold together when each reaches its length in
+    ``sample_lens``: the prompt's whole blocks once (``share_prompt``: forks share them), each
+    sample's tail in blocks of its own."""
+    bs = max(1, block_size)
+    whole = (prompt_len - 1) // bs * bs if share_prompt else 0
+    return whole + sum(-(-(n - whole) // bs) * bs for n in sample_lens)
+
+
 @dataclass
 class SchedulerConfig:
     max_num_seqs: int = 256
@@ -258,10 +267,8 @@ class Scheduler:
         A need larger than any request can ever get is not waited for."""
         if len(self.running) + 1 + len(leader.followers) > self.config.max_num_seqs:
             return False
-        shared = leader.prompt_len - 1
-        bs = max(1, self.allocator.block_size)
-        whole = shared // bs * bs  # the blocks the samples share; each sample's tail in blocks of its own
-        need = whole + sum(-(-(len(s.token_ids) + 1 - whole) // bs) * bs for s in (leader, *leader.followers))
+        need = group_kv_tokens(leader.prompt_len, [len(s.token_ids) + 1 for s in (leader, *leader.followers)],
+                               self.allocator.block_size)
         need -= leader.num_computed_tokens  # found in the prefix cache: held already
         return need > self.allocator.max_fit_tokens() or self.allocator.can_allocate(leader, need)
 
