@@ -355,6 +355,80 @@ def test_attention_split_kv_mixed_batch(mode, bs, monkeypatch):
     _assert_close_attn(out, reference.attention(q, kc, vc, meta))
 
 
+def _no_merge_kernel(monkeypatch) -> None:
+    class Refuse:
+        def __getitem__(self, grid):
+            raise AssertionError("a fused merge launched _merge_kernel")
+
+    monkeypatch.setattr(triton_attention, "_merge_kernel", Refuse())
+
+
+def _counters_zero(device) -> bool:
+    return all(int(b.count_nonzero()) == 0 for b in triton_attention._COUNTERS.get(device, []))
+
+
+@pytest.mark.parametrize("even", [True, False], ids=["even", "fixed"])
+@pytest.mark.parametrize("mode,bs", [(PAGED, 1), (PAGED, 16), (LINEAR, 0)])
+@pytest.mark.parametrize("splits,seq_major", [(2, False), (3, True), (8, False)])
+def test_attention_decode_fused_merge(mode, bs, splits, seq_major, even, monkeypatch):
+    """``fused_merge``: the last split of each (sequence, KV head) to arrive merges the partials
+    (empty splits of short contexts included); no merge kernel, the same output, and every
+    arrival counter back to zero for the next launch (a CUDA graph replays them)."""
+    gen = _gen("fused-merge", mode, bs, splits, even)
+    lens = [(_randint(gen, 1, 400), 1) for _ in range(3)] + [(1, 1), (_randint(gen, 2, 40), 1)]
+    q, kc, vc, meta, _ = make_batch(
+        gen, lens, num_kv_heads=2, group=4, head_dim=64, dtype=torch.float16, mode=mode, block_size=bs
+    )
+    _no_merge_kernel(monkeypatch)
+    cfg = triton_attention.AttnConfig(block_q=1, block_n=32, num_splits=splits, num_warps=4, num_stages=2,
+                                      seq_major=seq_major, even_split=even, fused_merge=True)
+    for _ in range(2):  # the second launch finds the counters the first left
+        out = run_attention(q, kc, vc, meta, config=cfg, monkeypatch=monkeypatch)
+        _assert_close_attn(out, reference.attention(q, kc, vc, meta))
+        assert _counters_zero(q.device)
+
+
+@pytest.mark.parametrize("mode,bs", [(PAGED, 16), (LINEAR, 0)])
+def test_attention_fused_merge_mixed_batch(mode, bs, monkeypatch):
+    """A fused merge over query tiles of several rows (prefill chunks, spare tiles of the grid's
+    upper bound, a non-power-of-two group), as the unfused split path allows."""
+    gen = _gen("fused-merge-mixed", mode, bs)
+    lens = random_lens(gen, num_seqs=4, max_ctx=150, max_prefill=40)
+    q, kc, vc, meta, _ = make_batch(
+        gen, lens, num_kv_heads=2, group=3, head_dim=64, dtype=torch.bfloat16, mode=mode, block_size=bs
+    )
+    _no_merge_kernel(monkeypatch)
+    cfg = triton_attention.AttnConfig(block_q=4, block_n=16, num_splits=4, num_warps=4, num_stages=2,
+                                      fused_merge=True)
+    out = run_attention(q, kc, vc, meta, config=cfg, monkeypatch=monkeypatch)
+    _assert_close_attn(out, reference.attention(q, kc, vc, meta))
+    assert _counters_zero(q.device)
+
+
+def test_fused_merge_is_chosen_only_where_switched_on_and_split(monkeypatch):
+    llama = dict(max_query_len=1, num_kv_heads=8, group=4, head_dim=128, elem_size=2, num_sms=132)
+    if "KVLAB_FUSED_MERGE" not in os.environ:  # off by default
+        assert not triton_attention.choose_config(num_seqs=1, max_seq_len=4096, **llama).fused_merge
+    monkeypatch.setattr(triton_attention, "FUSED_MERGE", True)
+    split = triton_attention.choose_config(num_seqs=1, max_seq_len=4096, **llama)
+    assert split.num_splits > 1 and split.fused_merge
+    whole = triton_attention.choose_config(num_seqs=256, max_seq_len=1024, **llama)
+    assert whole.num_splits == 1 and not whole.fused_merge
+    prompt = triton_attention.choose_config(num_seqs=4, max_seq_len=4096, **{**llama, "max_query_len": 512})
+    assert not prompt.fused_merge
+
+
+def test_merge_counters_grow_and_keep_older_buffers():
+    dev = torch.device("cpu")
+    before = list(triton_attention._COUNTERS.get(dev, []))
+    small = triton_attention.merge_counters(8, dev)
+    assert small.dtype == torch.int32 and small.numel() >= 8 and int(small.count_nonzero()) == 0
+    big = triton_attention.merge_counters(small.numel() + 1, dev)
+    assert big.numel() > small.numel() and triton_attention.merge_counters(8, dev) is big
+    assert any(b is small for b in triton_attention._COUNTERS[dev])  # still referenced
+    triton_attention._COUNTERS[dev] = before
+
+
 @pytest.mark.parametrize("block_q", [1, 2, 8])
 @pytest.mark.parametrize("short", [True, False], ids=["spec-decode", "chunks"])
 def test_attention_query_tiling(block_q, short, monkeypatch):
