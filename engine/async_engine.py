@@ -208,9 +208,9 @@ class AsyncLLMEngine:
         loop = asyncio.get_running_loop()
 
         def work() -> tuple[str, list[int]]:
-            text = (self._encoder.apply_chat_template(prompt.messages) if isinstance(prompt, ChatPrompt)
-                    else prompt)
-            return text, self._encoder.encode(text)
+            if isinstance(prompt, ChatPrompt):  # the template's special tokens are not added twice
+                return self._encoder.encode_chat(prompt.messages)
+            return prompt, self._encoder.encode(prompt)
 
         return await loop.run_in_executor(self._tokenize_pool, work)
 

@@ -19,6 +19,13 @@ class Tokenizer(Protocol):
 
     def apply_chat_template(self, messages: list[dict]) -> str: ...
 
+    def encode_chat(self, messages: list[dict]) -> tuple[str, list[int]]: ...
+
+
+class ChatTemplateError(ValueError):
+    """The model's chat template refused the messages (``raise_exception`` in the template, e.g.
+    "System role not supported", or a message it cannot render): the request's fault."""
+
 
 def default_chat_prompt(messages: list[dict]) -> str:
     """A plain template for tokenizers without one."""
@@ -59,6 +66,10 @@ class ByteTokenizer:
 
     def apply_chat_template(self, messages: list[dict]) -> str:
         return default_chat_prompt(messages)
+
+    def encode_chat(self, messages: list[dict]) -> tuple[str, list[int]]:
+        text = self.apply_chat_template(messages)  # the plain template writes no BOS: encode adds it
+        return text, self.encode(text)
 
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes the token stands for (one byte may be part of a UTF-8 character)."""
@@ -120,8 +131,21 @@ class HFTokenizer:
 
     def apply_chat_template(self, messages: list[dict]) -> str:
         if getattr(self.tok, "chat_template", None):
-            return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            from jinja2 import TemplateError
+
+            try:
+                return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            except TemplateError as e:  # the template's own refusal (raise_exception) or an undefined value
+                raise ChatTemplateError(f"the model's chat template cannot render these messages: {e}") from None
         return default_chat_prompt(messages)
+
+    def encode_chat(self, messages: list[dict]) -> tuple[str, list[int]]:
+        """The chat prompt's text and ids. A model's template writes its special tokens (BOS)
+        itself, so they are not added again (a second BOS changes the output), as HF's
+        ``apply_chat_template(tokenize=True)`` and vLLM's chat endpoint tokenize it."""
+        text = self.apply_chat_template(messages)
+        templated = bool(getattr(self.tok, "chat_template", None))
+        return text, self.tok.encode(text, add_special_tokens=not templated)
 
 
 # any of these beside config.json: HF's fast tokenizer, its config, a SentencePiece model, a BPE vocabulary
@@ -149,6 +173,9 @@ class NoTokenizer:
         raise self.error()
 
     def apply_chat_template(self, messages: list[dict]) -> str:
+        raise self.error("chat messages")
+
+    def encode_chat(self, messages: list[dict]) -> tuple[str, list[int]]:
         raise self.error("chat messages")
 
     def decode(self, ids: list[int]) -> str:

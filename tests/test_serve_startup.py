@@ -393,3 +393,22 @@ def test_openai_client_fields_pass_and_a_typo_in_extra_body_is_a_bad_request(app
 
     ok = asyncio.run(run())
     assert ok.http_response.status_code == 200 and "x-kvlab-ignored-fields" not in ok.http_response.headers
+
+
+@pytest.mark.parametrize("path,body,status,param", [
+    ("/v1/completions", b'{"prompt": "hi", "model": "\\ud800x"}', 404, "model"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "model": "\\udfff"}', 404, "model"),
+    ("/v1/completions", b'{"prompt": "hi", "max_token\\ud800": 2}', 400, "max_token\\ud800"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "contnet\\ud800": "hi"}]}', 400, "messages"),
+], ids=["model", "chat-model", "near-miss-field", "near-miss-in-message"])
+def test_lone_surrogate_echoed_in_an_error_is_escaped_not_a_500(app, path, body, status, param):
+    """JSON may carry a lone surrogate (``"\\ud800"``); an error message that quotes it (the model
+    asked for, a misspelt field's name) is still sent, with the surrogate escaped, not a 500."""
+    err = error_of(call(app, path, content=body, headers=JSON), status)
+    assert err["param"] == param and "\\ud" in err["message"], err
+
+
+def test_empty_body_says_it_is_empty(app):
+    err = error_of(call(app, "/v1/completions", content=b"", headers=JSON))
+    assert err["message"].startswith("The request body is empty") and "Content-Type: application/json" in \
+        err["message"], err

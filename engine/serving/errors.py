@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from engine.serving.protocol import ErrorDetail, ErrorResponse
+from engine.serving.protocol import ErrorDetail, ErrorResponse, encodable
 
 log = logging.getLogger("kvlab.serving")
 
@@ -28,8 +28,8 @@ class APIError(Exception):
                  type: str | None = None):
         super().__init__(message)
         self.status = status
-        self.detail = ErrorDetail(message=message, type=type or _TYPES.get(status, "server_error"),
-                                  param=param, code=code)
+        self.detail = ErrorDetail(message=encodable(message), type=type or _TYPES.get(status, "server_error"),
+                                  param=encodable(param), code=code)
 
 
 def error_json(status: int, message: str, param: str | None = None, code: str | None = None,
@@ -68,6 +68,10 @@ def _validation_error(exc: RequestValidationError, content_type: str | None = No
     if first.get("type") == "json_invalid":
         return APIError(400, "We could not parse the JSON body of your request. The body must be valid "
                              f"JSON ({(first.get('ctx') or {}).get('error', 'malformed JSON')}).")
+    if first.get("type") == "missing" and [p for p in first.get("loc", ()) if p != "body"] == []:
+        # no body at all (FastAPI reads an empty one as missing): "Field required" names nothing
+        return APIError(400, "The request body is empty: send a JSON object with the header Content-Type: "
+                             "application/json.", code="invalid_value")
     if first.get("type") in _NOT_AN_OBJECT and [p for p in first.get("loc", ()) if p != "body"] == []:
         # the whole body is not an object: unread (not sent as JSON), or JSON of another type
         if not _is_json(content_type) and isinstance(first.get("input"), (bytes, str)):

@@ -51,6 +51,12 @@ from engine.sampling_params import MAX_LOGPROBS, MAX_N, MAX_SEED, MAX_TOP_K, Sam
 MAX_TOKENS = 2**31 - 1  # the engine's bound on max_tokens / min_tokens / token ids
 
 
+def encodable(text: str | None) -> str | None:
+    """``text`` as UTF-8 can carry it: a lone surrogate the client sent (JSON's ``"\\ud800"``, in a
+    model name or a field's name) is written as its escape, else the error quoting it fails (500)."""
+    return None if text is None else text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def field_error(param: str, message: str) -> PydanticCustomError:
     """A validation error that is not tied to one field's location but blames ``param``."""
     return PydanticCustomError("invalid_value", "{message}", {"message": message, "param": param})
@@ -148,7 +154,8 @@ class _Strict(BaseModel):
             known = cls.model_fields
             misses = [(k, m) for k in data if isinstance(k, str) and k not in known
                       and (m := misspelt_field(k, known, cls._foreign_fields))]
-            if misses:
+            if misses:  # the client's names, escaped: pydantic cannot render a lone surrogate
+                misses = [(encodable(k), m) for k, m in misses]
                 listed = ", ".join(f"{k} (did you mean {m}?)" for k, m in misses)
                 message = f"Unrecognized request argument{'s' if len(misses) > 1 else ''} supplied: {listed}"
                 if cls._top_level:
