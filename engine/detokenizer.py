@@ -6,6 +6,10 @@ rules of SentencePiece-style tokenizers come out as a whole decode would give th
 may still change is held back: an incomplete UTF-8 character (U+FFFD at the end), and the
 last ``len(longest stop string) - 1`` characters, which could be the start of a stop string
 (a stop string and what follows it never reach the caller).
+
+As in vLLM: the text of the first ``min_tokens`` output tokens is not searched for stop strings
+(a stop string may still end in a later token's text), and a sequence ended by a stop token or
+EOS (``stop_terminated``) gets no text for that token.
 """
 from __future__ import annotations
 
@@ -15,8 +19,10 @@ PROMPT_CONTEXT = 5  # prompt tokens decoded before the first output token (spaci
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], stop: list[str]):
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], stop: list[str], min_tokens: int = 0):
         self.tokenizer = tokenizer
+        self.min_tokens = min_tokens
+        self.num_tokens = 0  # output tokens given to ``add``
         self.ids = list(prompt_ids[-PROMPT_CONTEXT:])
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
@@ -27,9 +33,22 @@ class IncrementalDetokenizer:
         self.stop_found: str | None = None
         self.check_stop = True
 
-    def add(self, token_ids: list[int], check_stop: bool = True) -> str | None:
-        """Decode newly sampled tokens; returns the stop string if one now appears in the text
-        (``check_stop=False``: not yet, e.g. before min_tokens)."""
+    def add(self, token_ids: list[int], stop_terminated: bool = False) -> str | None:
+        """Decode newly sampled tokens; returns the stop string if one now appears in the text.
+        ``stop_terminated``: the last of them is the stop token (or EOS) that ends the sequence:
+        it counts, but its text is left out."""
+        first = self.num_tokens
+        self.num_tokens += len(token_ids)
+        if stop_terminated:
+            token_ids = token_ids[:-1]
+        quiet = max(0, min(self.min_tokens - first, len(token_ids)))  # tokens within min_tokens
+        if quiet:
+            self._decode(token_ids[:quiet], check_stop=False)
+        if quiet < len(token_ids) and self.stop_found is None:
+            self._decode(token_ids[quiet:], check_stop=True)
+        return self.stop_found
+
+    def _decode(self, token_ids: list[int], check_stop: bool) -> None:
         self.check_stop = check_stop
         self.ids.extend(token_ids)
         decode = self.tokenizer.decode
@@ -38,7 +57,6 @@ class IncrementalDetokenizer:
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
             self._append(full[len(prefix):])
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-        return self.stop_found
 
     def flush(self) -> None:
         """The sequence ended: whatever is still undecoded counts (an invalid byte as U+FFFD)."""
@@ -51,12 +69,13 @@ class IncrementalDetokenizer:
     def _append(self, new: str) -> None:
         if self.stop_found is not None or not new:
             return
-        # held-back text is the only place a stop string can start before the new text
-        start = max(0, len(self.pending) - self.holdback)
+        # a stop string counts where it ends in the new text (it may start in the held-back text;
+        # text before min_tokens was never searched and must not match on its own)
+        old = len(self.pending)
         self.pending += new
         if not self.check_stop:
             return
-        hits = [(i, s) for s in self.stop if (i := self.pending.find(s, start)) >= 0]
+        hits = [(i, s) for s in self.stop if (i := self.pending.find(s, max(0, old - len(s) + 1))) >= 0]
         if hits:
             i, self.stop_found = min(hits)
             self.pending = self.pending[:i]

@@ -24,21 +24,33 @@ class LLM:
 
     def generate(
         self,
-        prompts: list[str | list[int]] | str | list[int],
-        params: SamplingParams | list[SamplingParams] | None = None,
+        prompts: list[str | list[int] | dict] | str | list[int] | dict,
+        sampling_params: SamplingParams | list[SamplingParams] | None = None,
         use_tqdm: bool = False,
+        *,
+        params: SamplingParams | list[SamplingParams] | None = None,
     ) -> list[RequestOutput]:
         """Generate for every prompt; outputs come back in the order of the prompts.
 
+        A prompt is text, token ids, or as in vLLM a dict ``{"prompt": text}`` (TextPrompt) or
+        ``{"prompt_token_ids": ids}`` (TokensPrompt). ``sampling_params`` (vLLM's name; ``params``
+        is the same) is one SamplingParams for all prompts or one per prompt.
         Every prompt is checked before any is queued, so a bad one costs no work.
         """
-        if not isinstance(prompts, (str, list, tuple)) and not hasattr(prompts, "tolist"):
+        if params is not None:
+            if sampling_params is not None:
+                raise ValueError("give sampling_params or params, not both")
+            sampling_params = params
+        if not isinstance(prompts, (str, list, tuple, dict)) and not hasattr(prompts, "tolist"):
             raise ValueError(f"prompts: give text, token ids, or a list of them, got {type(prompts).__name__}")
         if hasattr(prompts, "tolist"):  # a numpy array: one prompt's ids, or a row per prompt
             prompts = prompts.tolist()
-        if isinstance(prompts, str) or (prompts and not isinstance(prompts[0], (str, list, tuple))):
+        if isinstance(prompts, (str, dict)) or (prompts and not isinstance(prompts[0], (str, list, tuple, dict))):
             prompts = [prompts]
-        params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        prompts = [_prompt_of(p, i) for i, p in enumerate(prompts)]
+        params = sampling_params
+        params_list = (list(params) if isinstance(params, (list, tuple))
+                       else [params or SamplingParams()] * len(prompts))
         if len(params_list) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params_list)} SamplingParams")
         for i, p in enumerate(params_list):
@@ -67,3 +79,15 @@ class LLM:
         if bar:
             bar.close()
         return [done[rid] for rid in ids]
+
+
+def _prompt_of(prompt, i: int):
+    """A prompt as text or token ids: vLLM's TextPrompt / TokensPrompt dicts are unwrapped."""
+    if not isinstance(prompt, dict):
+        return prompt
+    if "prompt_token_ids" in prompt:
+        return prompt["prompt_token_ids"]
+    if "prompt" in prompt:
+        return prompt["prompt"]
+    raise ValueError(f"prompts[{i}]: a prompt dict needs 'prompt' (text) or 'prompt_token_ids', "
+                     f"got keys {sorted(map(str, prompt))}")

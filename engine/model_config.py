@@ -30,6 +30,7 @@ class ModelConfig:
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # Qwen2: bias on q/k/v
+    o_proj_bias: bool = False  # Llama / Qwen3 with attention_bias: on o_proj too (HF); never Qwen2's
     qk_norm: bool = False  # Qwen3: RMSNorm on q and k per head
     bos_token_id: int | None = 1
     eos_token_id: list[int] = field(default_factory=lambda: [2])
@@ -110,6 +111,7 @@ class ModelConfig:
             eos_token_id=list(eos) if isinstance(eos, (list, tuple)) else [eos],
             qk_norm=model_type == "qwen3",
             attention_bias=bool(d.get("attention_bias", model_type == "qwen2")),
+            o_proj_bias=bool(d.get("attention_bias")) and model_type in ("llama", "qwen3"),
             head_dim=d.get("head_dim") or 0,
             name=name,
         )

@@ -46,7 +46,7 @@ class OutputProcessor:
         p = req.params
         if self.tokenizer is not None and (p.stop or p.output_kind != "final_only"):
             for seq in req.seqs:  # text as it comes: for stop strings and for streaming
-                seq.detok = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids, p.stop)
+                seq.detok = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids, p.stop, p.min_tokens)
 
     def is_quiet(self, req: RequestState, stream_outputs: bool) -> bool:
         """Whether ``_process`` does nothing for ``req`` until one of its samples finishes: no
@@ -88,7 +88,7 @@ class OutputProcessor:
                 continue
             n = seq.num_resolved
             if n > seq.num_decoded:
-                stop = det.add(seq.output_token_ids[seq.num_decoded:n], check_stop=n >= req.params.min_tokens)
+                stop = det.add(seq.output_token_ids[seq.num_decoded:n], stop_terminated=_stop_terminated(seq))
                 seq.num_decoded = n
                 if stop is not None:
                     engine.finish_on_stop_string(seq, stop)
@@ -148,11 +148,12 @@ class OutputProcessor:
         if self.tokenizer is None:
             return ""
         if seq.detok is None:
-            seq.detok = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, seq.params.stop)
+            seq.detok = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, seq.params.stop,
+                                               seq.params.min_tokens)
         det = seq.detok
         n = seq.num_resolved
         if n > seq.num_decoded:
-            det.add(seq.output_token_ids[seq.num_decoded:n])
+            det.add(seq.output_token_ids[seq.num_decoded:n], stop_terminated=_stop_terminated(seq))
             seq.num_decoded = n
         if finished:
             det.flush()
@@ -191,3 +192,8 @@ class OutputProcessor:
                 max(done) if req.finished and done else None, sum(s.num_preemptions for s in req.seqs),
                 s0.num_cached_tokens, len(req.prompt_token_ids), sum(s.num_resolved for s in req.seqs),
                 req.params.n, req.params.max_tokens, gaps)
+
+
+def _stop_terminated(seq: Sequence) -> bool:
+    """Whether ``seq`` ended on a stop token or EOS, whose text (as in vLLM) is not in the output."""
+    return seq.finish_reason == "stop" and not isinstance(seq.stop_reason, str)

@@ -40,8 +40,11 @@ class Sampler:
         logprobs and then their token ids (as floats: exact below 2**24), K the batch's largest
         ``logprobs``; see ``unpack_logprobs``.
         """
-        self._apply_min_tokens(logits, seqs, eos_ids)
         want = [s.params.logprobs for s in seqs if s.params.logprobs is not None]
+        # logprobs of the model's own distribution, before min_tokens bans EOS and stop tokens
+        # (vLLM's default raw logprobs; temperature, top-k and top-p never touch them either)
+        logprobs = torch.log_softmax(logits.float(), dim=-1) if want else None
+        self._apply_min_tokens(logits, seqs, eos_ids)
         beams = [i for i, s in enumerate(seqs) if s.params.beam_width > 1]
         greedy = all(s.params.greedy for s in seqs)
         if greedy and not want and not beams:
@@ -54,7 +57,6 @@ class Sampler:
             self._beam_topk(logits, seqs, beams)
         if not want:
             return tokens, None
-        logprobs = torch.log_softmax(logits, dim=-1)
         packed = [logprobs.gather(1, tokens[:, None])]
         k = min(max(want), logprobs.shape[1])
         if k > 0:

@@ -94,3 +94,15 @@ def test_prompt_logprobs_match_hf(request, fixture):
     torch.testing.assert_close(torch.tensor(out.prompt_logprobs[1:]), want, atol=1e-4, rtol=1e-4)
     top = ref[:-1].topk(3, dim=-1)
     assert [[t for t, _ in row] for row in out.prompt_top_logprobs[1:]] == top.indices.tolist()
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+def test_attention_bias_loads_and_matches_hf(tmp_path, kind):
+    """attention_bias=True puts a bias on o_proj too in HF's Llama and Qwen3 (not Qwen2's)."""
+    from conftest import make_hf_checkpoint
+
+    hf = make_hf_checkpoint(tmp_path, kind, seed=6, attention_bias=True)
+    prompts = _prompts(hf.config.vocab_size, seed=2)[:3]
+    llm = LLM(str(tmp_path), allocator="paged", device="cpu")
+    outs = llm.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True))
+    assert [o.token_ids for o in outs] == _hf_greedy(hf, prompts)

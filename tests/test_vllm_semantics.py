@@ -1,0 +1,125 @@
+"""Output semantics a vLLM user relies on, checked against vLLM's documented behaviour:
+the text of a sample that a stop token or EOS ends, stop strings and min_tokens, raw logprobs,
+and the input forms of ``LLM.generate``."""
+import pytest
+import torch
+
+from engine import LLM, SamplingParams
+from engine.detokenizer import IncrementalDetokenizer
+from engine.frontend_output import FrontendOutput
+from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from engine.tokenizer import ByteTokenizer
+
+PROMPT = [5, 6, 7, 8]
+GREEDY = dict(max_tokens=12, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM("tiny-llama", device="cpu", max_model_len=128, kv_cache_tokens=1024)
+
+
+@pytest.fixture(scope="module")
+def greedy(llm):
+    return llm.generate([PROMPT], SamplingParams(**GREEDY))[0]
+
+
+def _bytes(text: str) -> list[int]:
+    return ByteTokenizer(320, bos_token_id=None).encode(text)
+
+
+def test_a_stop_token_s_text_is_not_in_the_output(llm, greedy):
+    """vLLM (v1 detokenizer): a sample ended by a stop token or EOS keeps the token id but not
+    its text (unless include_stop_str_in_output)."""
+    tok = llm.tokenizer
+    stop_at = greedy.token_ids[2]
+    out = llm.generate([PROMPT], SamplingParams(max_tokens=12, temperature=0, stop_token_ids=[stop_at]))[0]
+    assert out.token_ids == greedy.token_ids[:3] and out.outputs[0].stop_reason == stop_at
+    assert tok.decode([stop_at]) and out.text == tok.decode(greedy.token_ids[:2])
+    # streamed: the deltas add up to the same text
+    eng = llm.engine
+    eng.config.stream_outputs = True
+    try:
+        eng.add_request("s", PROMPT, SamplingParams(max_tokens=12, temperature=0, stop_token_ids=[stop_at],
+                                                    output_kind="delta"))
+        text = ""
+        while eng.has_unfinished_requests():
+            text += "".join(o.outputs[0].text for o in eng.step() if o.outputs)
+    finally:
+        eng.config.stream_outputs = False
+    assert text == out.text
+
+
+def test_the_front_end_leaves_out_the_stop_token_s_text_too():
+    tok = ByteTokenizer(320, bos_token_id=None, eos_token_ids=[2])
+    ids = _bytes("abc")
+    fe = FrontendOutput(tok, [5], SamplingParams(stop_token_ids=[ids[-1]]))
+    core = RequestOutput("r", [5], [CompletionOutput(0, ids, "", "stop", ids[-1])], True,
+                         RequestMetrics(0.0, 0.0, 0.0, 0.0))
+    assert fe.process(core).outputs[0].text == "ab"
+    # a sample that ends by length keeps every token's text
+    fe = FrontendOutput(tok, [5], SamplingParams())
+    core.outputs = [CompletionOutput(0, ids, "", "length", None)]
+    assert fe.process(core).outputs[0].text == "abc"
+
+
+@pytest.mark.parametrize("chunks", [[8], [1] * 8, [3, 2, 3], [4, 4]])
+def test_stop_strings_ignore_the_text_of_the_first_min_tokens(chunks):
+    """vLLM: the text of the first min_tokens tokens is not searched for stop strings; a stop
+    string that ends in a later token counts, even where it starts earlier."""
+    tok = ByteTokenizer(320, bos_token_id=None)
+    ids = _bytes("abcXdefX")
+    for stop, min_tokens, want in [("X", 4, "abcXdef"), ("X", 3, "abc"), ("cX", 4, None), ("Xd", 4, "abc"),
+                                   ("b", 4, None)]:
+        det = IncrementalDetokenizer(tok, [5], [stop], min_tokens)
+        at = 0
+        for n in chunks:
+            det.add(ids[at:at + n])
+            at += n
+        det.flush()
+        det.delta(True)
+        assert det.stop_found == (stop if want is not None else None), (stop, min_tokens)
+        assert det.text() == (want if want is not None else "abcXdefX"), (stop, min_tokens)
+
+
+def test_min_tokens_with_a_stop_string_in_the_last_guarded_token(llm, greedy):
+    """The engine end to end: a stop string that only the min_tokens-th token's text holds
+    does not stop the sample there."""
+    texts = [llm.tokenizer.decode([t]) for t in greedy.token_ids]
+    k = next(i for i in range(1, len(texts)) if texts[i] and texts[i][-1] not in "".join(texts[:i]))
+    stop = texts[k][-1]
+    out = llm.generate([PROMPT], SamplingParams(**GREEDY, stop=[stop], min_tokens=k + 1))[0]
+    assert len(out.token_ids) > k + 1
+    assert out.text.startswith("".join(texts[:k + 1]))
+
+
+def test_logprobs_are_the_model_s_before_min_tokens_bans_eos(llm, monkeypatch):
+    """vLLM returns raw logprobs by default: the EOS that min_tokens forbids keeps its logprob."""
+    model, eos = llm.engine.model, llm.engine.eos_token_ids[0]
+    plain = model.compute_logits
+
+    def eos_first(hidden):  # EOS the likeliest token everywhere
+        logits = plain(hidden)
+        logits[:, eos] = logits.max(dim=-1).values + 3.0
+        return logits
+
+    monkeypatch.setattr(model, "compute_logits", eos_first)
+    out = llm.generate([PROMPT], SamplingParams(max_tokens=3, min_tokens=3, temperature=0, logprobs=1))[0]
+    c = out.outputs[0]
+    assert eos not in c.token_ids and len(c.token_ids) == 3
+    for lp, top in zip(c.logprobs, c.top_logprobs):
+        assert top[0][0] == eos and lp < top[0][1]
+
+
+def test_generate_takes_vllm_s_keyword_and_prompt_dicts(llm, greedy):
+    sp = SamplingParams(**GREEDY)
+    assert llm.generate([PROMPT], sampling_params=sp)[0].token_ids == greedy.token_ids
+    assert llm.generate({"prompt_token_ids": PROMPT}, sp)[0].token_ids == greedy.token_ids
+    outs = llm.generate([{"prompt_token_ids": PROMPT}, {"prompt": "hi"}], [sp, sp])
+    assert outs[0].token_ids == greedy.token_ids
+    assert outs[1].prompt == "hi" and outs[1].prompt_token_ids == llm.tokenizer.encode("hi")
+    assert llm.generate([PROMPT], (sp,))[0].token_ids == greedy.token_ids
+    with pytest.raises(ValueError, match="'prompt'.*'prompt_token_ids'"):
+        llm.generate([{"text": "hi"}], sp)
+    with pytest.raises(ValueError, match="not both"):
+        llm.generate([PROMPT], sp, params=sp)
