@@ -103,6 +103,7 @@ class DecodeFastForward:
         # that one goes through engine.step() without being looked at again
         self._after_run = False
         self._plain_types: tuple | None = None
+        self.finishing_preemptions = 0  # asynchronous runs whose finishing step preempted
 
     def __call__(self, t0: float, next_arrival_s: float = math.inf) -> int | None:
         """Advance the run of decode steps that starts now, if there is one, and return how many
@@ -265,18 +266,31 @@ class DecodeFastForward:
                         head_len: int, head_computed: int) -> None:
         """Asynchronous steps: the step after one that sampled a last token, if it is plain. The
         scheduler skips the members whose last token is in flight (they hold their blocks), the
-        others decode; it reads those last tokens back, and they finish. Not planned (the engine
-        makes it) where nothing would decode, where the pool runs out or where the queue's head
-        could be admitted (the budget is larger by the members skipped)."""
-        left, computed = steps.left, steps.computed
+        others decode, preempting from the back where the pool runs out; it reads those last tokens
+        back, and they finish. Not planned (the engine makes it) where nothing would decode, where a
+        victim would be one of the skipped (or one the run cannot preempt), or where the queue's head
+        could be admitted (the budget is larger by the members skipped; a step that preempts admits
+        nothing)."""
+        left, computed, members = steps.left, steps.computed, steps.members
         done = [j for j in range(num) if left[j] < step]
+        gone = set(done)
+        before = num
+        j = plan.allocate(step, num, skip=done)
+        while j is not None:  # Scheduler.schedule: preempt the last until ``j`` fits (as _plan)
+            victim = num - 1
+            if (victim in gone or self.engine.scheduler._swap or members[victim].params.num_seqs > 1
+                    or not plan.release(victim, step)):
+                return  # the plan's state past the run's steps is never committed
+            num -= 1
+            if victim == j:
+                break
+            j = plan.allocate(step, num, start=j, skip=done)
         batch = num - len(done)
-        if not batch or plan.allocate(step, num, skip=done) is not None:
+        if not batch:
             return
         budget = self.engine.scheduler.config.max_num_batched_tokens - batch
-        if self._admission(plan, head, head_len, head_computed, num, budget)[0] != _BLOCKED:
+        if num == before and self._admission(plan, head, head_len, head_computed, num, budget)[0] != _BLOCKED:
             return
-        gone = set(done)
         kept = [c for j, c in enumerate(computed[:num]) if j not in gone]
         held = sum(kept) + batch * step  # the tokens of the batch's sequences after it
         split = self.engine.runner.cost_model.decode_host_device(batch, held, max(kept) + step, 0, 0)
@@ -285,10 +299,11 @@ class DecodeFastForward:
         _clock(steps, *split, True)
         steps.nums.append(batch)
         steps.decoding.append(batch)
-        steps.preempted.append(0)
+        steps.preempted.append(before - num)
         steps.contexts.append(held)
         steps.done = done
         steps.held_last = held + sum(computed[j] + step - 1 for j in done)
+        self.finishing_preemptions += before > num
 
     @staticmethod
     def _planned(steps: _Steps) -> _Steps | None:
@@ -485,7 +500,7 @@ class DecodeFastForward:
         acc, logical = e.accountant, e.logical_tokens
         members, nums, held = steps.members, steps.nums, steps.contexts
         if steps.done:  # the members the last step skipped are live until it reads them back
-            nums, held = nums[:-1] + nums[-2:-1], held[:-1] + [steps.held_last]
+            nums, held = nums[:-1] + [nums[-1] + len(steps.done)], held[:-1] + [steps.held_last]
         capacity, rows = plan.stats_rows(steps.decoding)
         caps = list(plan.caps)
         growth, g = plan.growth, 0

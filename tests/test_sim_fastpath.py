@@ -121,6 +121,8 @@ def test_bulk_run_equals_steps_one_by_one(case, tmp_path, monkeypatch):
         assert ff.steps > 0.5 * len(eb.step_records), (ff.steps, len(eb.step_records))
     if case.startswith("paged") and case != "paged-fork-n2" and "budget" not in case:
         assert sa["preemptions"] > 0, "the case should preempt"
+    if case in ("paged-async", "paged-profiled-async"):  # the step that finishes a run's sequences preempts
+        assert ff.finishing_preemptions > 0, "the case should reach a finishing step that preempts"
     assert_same_run(tmp_path / "steps", tmp_path / "bulk", sa, sb)
     np.testing.assert_array_equal(ea.accountant.table(), eb.accountant.table())
 
