@@ -54,6 +54,24 @@ def make_hf_checkpoint(path, kind: str = "llama", seed: int = 0, **overrides):
     return model
 
 
+def make_bpe_tokenizer(corpus: str, bos_post: bool = False):
+    """A byte-level BPE tokenizer trained offline on ``corpus`` (300 ids, <unk> <s> </s> first),
+    as an HF fast tokenizer to save beside a checkpoint; ``bos_post``: encode adds <s> (id 1), as
+    Llama's and Mistral's do."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([corpus] * 50, trainer)
+    if bos_post:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
 @pytest.fixture(scope="session")
 def hf_llama(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_llama_hf")

@@ -578,24 +578,14 @@ def test_front_end_text_with_a_byte_level_bpe_tokenizer(tmp_path):
     """A local HF directory with a real (byte-level BPE) tokenizer: streamed text, decoded a few
     tokens at a time in the front end, equals decoding the whole output at once, and each token's
     bytes are its own (a token may hold part of a UTF-8 character)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from conftest import make_hf_checkpoint
+    from conftest import make_bpe_tokenizer, make_hf_checkpoint
     from engine import SamplingParams
     from engine.async_engine import AsyncLLMEngine
     from engine.config import EngineConfig
     from engine.llm_engine import LLMEngine
 
     make_hf_checkpoint(tmp_path, "llama", vocab_size=320)
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(["hello world ünïcødé ✓ the quick brown fox jumps over the lazy dog"] * 50, trainer)
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                            unk_token="<unk>").save_pretrained(tmp_path)
+    make_bpe_tokenizer("hello world ünïcødé ✓ the quick brown fox jumps over the lazy dog").save_pretrained(tmp_path)
     ae = AsyncLLMEngine(LLMEngine(EngineConfig(model=str(tmp_path), device="cpu", max_model_len=128,
                                                kv_cache_tokens=1024)))
 

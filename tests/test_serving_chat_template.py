@@ -24,10 +24,7 @@ TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %
 
 @pytest.fixture(scope="module")
 def hf_app(tmp_path_factory):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from conftest import make_hf_checkpoint
+    from conftest import make_bpe_tokenizer, make_hf_checkpoint
     from engine.async_engine import AsyncLLMEngine
     from engine.config import EngineConfig
     from engine.llm_engine import LLMEngine
@@ -35,14 +32,7 @@ def hf_app(tmp_path_factory):
 
     path = tmp_path_factory.mktemp("hf_chat")
     make_hf_checkpoint(path, "llama", vocab_size=320)
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(["hello world the quick brown fox jumps over the lazy dog"] * 50, trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS)])
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    hf = make_bpe_tokenizer("hello world the quick brown fox jumps over the lazy dog", bos_post=True)
     hf.chat_template = TEMPLATE
     hf.save_pretrained(path)
     engine = AsyncLLMEngine(LLMEngine(EngineConfig(model=str(path), device="cpu", max_model_len=128,
