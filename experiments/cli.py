@@ -113,8 +113,13 @@ def _exit_now(code: int) -> None:
     about a second on a small CPU and does nothing for us. Files are closed and flushed first."""
     import atexit
     import logging
+    import threading
 
     try:
+        # what the interpreter runs before the atexit functions: the hooks thread pools register with
+        # threading (loky's, behind hydra/launcher=joblib, stops its idle workers there); without it
+        # multiprocessing's atexit function waits for those workers forever
+        threading._shutdown()
         atexit._run_exitfuncs()  # tempfile clean-up, joblib/loky workers, ...
         logging.shutdown()
         sys.stdout.flush()

@@ -126,6 +126,7 @@ class Skipped:
 
 # how to make a damaged run again (kvlab run --resume remakes a run whose summary or tables are gone)
 REMAKE = "delete it and rerun that run (its command, or `kvlab run --resume SWEEP_DIR`)"
+REMAKE_MISSING = "rerun that run (its command, or `kvlab run --resume SWEEP_DIR`: a run without its tables runs again)"
 
 
 def _why_unfinished(run_dir: Path) -> str:
@@ -446,8 +447,8 @@ STEP_COLUMNS = ("time", "capacity", "free", "token_states", "num_seqs")  # what 
 def _read_runs(wide: pd.DataFrame, name: str, columns: list[str] | None = None,
                damaged: list[Skipped] | None = None) -> dict[str, list[pd.DataFrame]]:
     """Each row's table ``name``: one per run of the row (its repeats), empty ones left out, and
-    damaged ones (not parquet, truncated, without the columns drawn) too, each appended to
-    ``damaged`` where given: a run's figures leave out what is gone, as where the file is missing."""
+    damaged ones (not parquet, truncated, without the columns drawn) and missing ones too, each
+    appended to ``damaged`` where given: a run's figures leave out what is gone."""
     import pyarrow as pa
 
     out = {}
@@ -457,7 +458,9 @@ def _read_runs(wide: pd.DataFrame, name: str, columns: list[str] | None = None,
         tables = []
         for d in dirs:
             path = Path(d) / name
-            if not path.exists():
+            if not path.exists():  # removed since the run (a finished run writes it before summary.json):
+                if damaged is not None:  # said, not silently a run short in the figures
+                    damaged.append(Skipped(str(d), f"missing: left out of the figures; {REMAKE_MISSING}", table=name))
                 continue
             try:
                 table = pd.read_parquet(path, columns=columns)
@@ -849,7 +852,7 @@ def _write_report(root: Path, out: Path, runs: pd.DataFrame, left_out: list[Skip
         md += ["## Skipped", "", f"{len(runs_out)} run folder(s) without results are not in this report:", "",
                *[f"- `{_rel(s.run_dir, root)}`: {s.reason}" for s in runs_out], ""]
     if tables_out:
-        md += ["## Damaged tables", "", f"{len(tables_out)} table(s) of runs above could not be read: their runs "
+        md += ["## Damaged tables", "", f"{len(tables_out)} table(s) of runs above are missing or could not be read: their runs "
                "are in the tables but not in the figures drawn from them:", "",
                *[f"- `{_rel(s.run_dir, root)}/{s.table}`: {s.reason}" for s in tables_out], ""]
     write_text(out / "report.md", "\n".join(md))
@@ -891,7 +894,8 @@ def main(argv: list[str] | None = None) -> int:
         for s in runs_out:
             print(f"  {s.run_dir}: {s.reason}", file=sys.stderr)
     if tables_out:
-        print(f"kvlab report: left {len(tables_out)} damaged table(s) out of the figures:", file=sys.stderr)
+        print(f"kvlab report: left {len(tables_out)} damaged table(s) out of the figures (missing or unreadable):",
+              file=sys.stderr)
         for s in tables_out:
             print(f"  {Path(s.run_dir) / s.table}: {s.reason}", file=sys.stderr)
     print(f"report written to {out}/report.md")

@@ -34,11 +34,19 @@ def add_axis_columns(wide: pd.DataFrame) -> None:
 def _series_key(wide: pd.DataFrame, axis: str, swept: list[str]) -> pd.Series:
     """What a group of bars stands for: the allocator and every other swept key but ``axis``."""
     others = [k for k in swept if k != axis and k in wide]
-    def name(r):
+    def name(r, keys):
         parts = [str(r.get("allocator_label") or r.get("allocator"))]
-        parts += [f"{k.split('.')[-1]}={r[k]}" for k in others if "strategy" not in k and "allocator" not in k]
+        parts += [f"{k.split('.')[-1]}={r[k]}" for k in keys]
         return ", ".join(parts)
-    return wide.apply(name, axis=1)
+    shown = [k for k in others if "strategy" not in k and "allocator" not in k]
+    names = wide.apply(name, axis=1, args=(shown,))
+    # one bar per group and value: allocator arguments its label leaves out (arena, prefetch, ...) and,
+    # failing those, the run folder tell apart runs the names above would merge
+    if pd.DataFrame({"g": names, "v": wide[axis].astype(str)}).duplicated().any():
+        names = wide.apply(name, axis=1, args=(others,))
+    if pd.DataFrame({"g": names, "v": wide[axis].astype(str)}).duplicated().any():
+        names = names + " (" + wide["run_id"].astype(str) + ")"
+    return names
 
 
 def plot_axis(wide: pd.DataFrame, axis: str, swept: list[str]):

@@ -289,7 +289,9 @@ def missing_tables(run_dir: Path) -> list[str]:
 
 HOST_TIER_DEFAULTS = {"host_kv_cache_memory": 0, "host_kv_cache_tokens": None, "host_tier_policy": "lru",
                       "host_transfer_blocks": 1}
-ENGINE_DEFAULTS = {**HOST_TIER_DEFAULTS, "enable_prefix_caching": False}  # what a dropped engine key goes back to
+# what a dropped engine key goes back to
+ENGINE_DEFAULTS = {**HOST_TIER_DEFAULTS, "enable_prefix_caching": False, "preemption_mode": "recompute",
+                   "swap_space": None}
 
 
 def applicable_config(cfg: DictConfig) -> tuple[DictConfig, dict]:
@@ -300,7 +302,8 @@ def applicable_config(cfg: DictConfig) -> tuple[DictConfig, dict]:
     their defaults for an allocator without a host tier, and the tier's policy and granularity
     where the tier is off (a sweep of the tier off / on x granularity runs "off" once), and
     prefix caching for an allocator without a prefix cache (contiguous: it would run off, while
-    the summary said on)."""
+    the summary said on), and swap preemption (with its swap space) for an allocator that cannot
+    swap (contiguous, virtual: the engine preempts them by recompute, while the summary said swap)."""
     import copy
 
     from omegaconf import open_dict
@@ -318,6 +321,11 @@ def applicable_config(cfg: DictConfig) -> tuple[DictConfig, dict]:
             drop[f"engine.{k}"] = eng[k]
     if eng.get("enable_prefix_caching") and "enable_prefix_caching" not in mine:
         drop["engine.enable_prefix_caching"] = eng["enable_prefix_caching"]
+    if cfg.allocator.name in options and "swap_space_tokens" not in mine:  # no swap: the engine recomputes
+        if eng.get("preemption_mode") == "swap":
+            drop["engine.preemption_mode"] = eng["preemption_mode"]
+            if eng.get("swap_space") is not None:  # the host space of a swap that never happens
+                drop["engine.swap_space"] = eng["swap_space"]
     if not drop or cfg.allocator.name not in options:
         return cfg, {}
     cfg = copy.deepcopy(cfg)
@@ -549,19 +557,67 @@ def main(cfg: DictConfig) -> None:
     except Exception as e:  # noqa: BLE001 - one run fails, the sweep goes on; reported at the end
         SESSION.failed.append((out.name, e))
         log.error("%s failed: %s", cfg.get("run_name", out.name), _one_line(e))
-        if SESSION.verbose:
+        if SESSION.verbose or os.environ.get("HYDRA_FULL_ERROR") == "1":
             log.error("%s", "".join(traceback.format_exception(e)))
         _remove_unfinished(out)
+        _tell_parent("failed", out, e)
         return
     if "duplicate_of" in summary:
         SESSION.duplicates.append(out.name)
         _remove_unfinished(out)
+        _tell_parent("duplicate", out)
     else:
         SESSION.finished.append(out.name)
+        _tell_parent("finished", out)
+
+
+# A launcher that runs a sweep's jobs in other processes (hydra/launcher=parallel: loky workers) returns
+# nothing of them to `cli`: each worker writes what became of its job into this folder (made by `cli`,
+# outside the results), and `cli` reads it for its closing lines and exit code.
+JOBS_ENV, JOBS_PID_ENV = "KVLAB_SWEEP_JOBS", "KVLAB_SWEEP_PID"
+
+
+class WorkerFailure(Exception):
+    """A run that failed in a launcher's worker process, as `cli` learns of it."""
+
+    def __init__(self, line: str, user: bool):
+        super().__init__(line)
+        self.line, self.user = line, user
+
+
+def _tell_parent(status: str, out: Path, error: BaseException | None = None) -> None:
+    """In a launcher's worker process, what became of the job in ``out``, for ``cli`` (``_hear_workers``)."""
+    folder = os.environ.get(JOBS_ENV)
+    if not folder or os.environ.get(JOBS_PID_ENV) == str(os.getpid()):  # cli's own process: SESSION has it
+        return
+    record = {"status": status, "name": out.name, "sweep_dir": SESSION.sweep_dir, "run_dir": SESSION.run_dir}
+    if error is not None:
+        record.update(line=_one_line(error), user=isinstance(error, (ValueError, ResumeConflict)))
+    try:
+        write_json(Path(folder) / f"{os.getpid()}-{time.time_ns()}.json", record)
+    except OSError as e:  # the run's own outcome stands; only the closing lines miss it
+        log.warning("could not tell kvlab run about %s (%s)", out.name, e)
+
+
+def _hear_workers(session: Session, folder: Path) -> None:
+    """What the launcher's worker processes did (``_tell_parent``), into ``session``."""
+    for path in sorted(folder.glob("*.json")):
+        try:
+            rec = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        session.sweep_dir = session.sweep_dir or rec.get("sweep_dir")
+        session.run_dir = session.run_dir or rec.get("run_dir")
+        if rec.get("status") == "failed":
+            session.failed.append((rec["name"], WorkerFailure(rec.get("line", ""), bool(rec.get("user")))))
+        else:
+            (session.duplicates if rec.get("status") == "duplicate" else session.finished).append(rec["name"])
 
 
 def _one_line(e: BaseException) -> str:
     """The first line of an error; its type too unless it is a ValueError (a bad setting)."""
+    if isinstance(e, WorkerFailure):  # already one line, in the worker
+        return e.line
     lines = str(e).strip().splitlines()
     if not lines:
         return repr(e)
@@ -590,6 +646,26 @@ def _resume_argv(resume_dir: Path) -> list[str]:
             raise UserError(f"--resume {resume_dir}: {run_file} is not the list of overrides kvlab wrote ({_why(e)}); "
                             "run it again with its command line and hydra.run.dir= that folder") from None
     raise UserError(f"--resume {resume_dir}: no sweep (multirun.yaml) or run (.hydra/overrides.yaml) there")
+
+
+def _check_resume_extras(resume_dir: Path, resumed: list[str], extra: list[str]) -> None:
+    """``--resume DIR`` goes on with DIR's own command line; overrides given beside it may change how
+    it runs (progress=false, hydra/launcher=parallel), not what its runs measure: Hydra would first
+    write them into DIR's multirun.yaml (the command --resume reads), then every finished run would
+    conflict with its folder and new runs of the other configuration would join the old ones."""
+    _, more = preflight.split_args(extra)
+    if not more:
+        return
+    _, base = preflight.split_args(resumed)
+
+    def runs(overrides: list[str]) -> list[str]:  # what each run (of a large sweep: each value) measures
+        return [config_hash(applicable_config(repeat_configs(preflight.compose(probe))[0])[0])
+                for probe in preflight.value_probes(preflight.prepare(overrides).overrides)]
+
+    if runs(base) != runs([*base, *more]):
+        raise UserError(f"--resume {resume_dir} goes on with that folder's own settings, and {' '.join(more)} "
+                        "changes what its runs measure (or which runs it makes): run it with that change into a "
+                        "new folder (hydra.sweep.dir / hydra.run.dir), or resume without it")
 
 
 def _why(e: Exception) -> str:
@@ -629,7 +705,9 @@ def cli(argv: list[str]) -> int:
             i = argv.index("--resume")
             if i + 1 >= len(argv):
                 raise UserError("--resume needs the folder of a sweep or run: kvlab run --resume runs/multirun/...")
-            argv = [*argv[:i], *_resume_argv(Path(argv[i + 1])), *argv[i + 2:]]
+            resumed, extra = _resume_argv(Path(argv[i + 1])), [*argv[:i], *argv[i + 2:]]
+            _check_resume_extras(Path(argv[i + 1]), resumed, extra)
+            argv = [*argv[:i], *resumed, *argv[i + 2:]]
         flags, overrides = preflight.split_args(argv)
         if not preflight.HYDRA_INFO_FLAGS.intersection(flags):
             prepared = preflight.prepare(overrides)
@@ -656,13 +734,28 @@ def cli(argv: list[str]) -> int:
     if verbose:
         os.environ["HYDRA_FULL_ERROR"] = "1"
     sys.argv = ["kvlab run", *flags, *overrides]
+    import tempfile
+
+    # what a launcher's worker processes did; one folder per process, since loky keeps its workers
+    # (and the environment they started with) for the next sweep of the same process
+    jobs = Path(tempfile.gettempdir()) / f"kvlab-jobs-{os.getpid()}"
+    shutil.rmtree(jobs, ignore_errors=True)
+    jobs.mkdir(mode=0o700)
+    os.environ[JOBS_ENV], os.environ[JOBS_PID_ENV] = str(jobs), str(os.getpid())
     try:
         main()
     except KeyboardInterrupt:
         if verbose:
             traceback.print_exc()
+        _hear_workers(SESSION, jobs)
         print(f"\n{_interrupted_line(SESSION)}", file=sys.stderr)
         return 130
+    else:
+        _hear_workers(SESSION, jobs)
+    finally:
+        os.environ.pop(JOBS_ENV, None)
+        os.environ.pop(JOBS_PID_ENV, None)
+        shutil.rmtree(jobs, ignore_errors=True)
     if SESSION.duplicates:
         log.info("%d run(s) of this sweep have the configuration of an earlier one (the same values, or the same "
                  "once options their allocator does not take are dropped): not run twice (%s)",
@@ -672,7 +765,7 @@ def cli(argv: list[str]) -> int:
         ran = len(SESSION.failed) + len(SESSION.finished)
         print(f"kvlab run: {len(SESSION.failed)} of {ran} run(s) failed, no results written:\n"
               + "\n".join(lines) + ("" if verbose else "\n(--verbose shows the tracebacks)"), file=sys.stderr)
-        user = all(isinstance(e, (ValueError, ResumeConflict)) for _, e in SESSION.failed)
+        user = all(isinstance(e, (ValueError, ResumeConflict)) or getattr(e, "user", False) for _, e in SESSION.failed)
         return 2 if user else 1
     return 0
 

@@ -10,7 +10,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from experiments import report
-from experiments.run import CONF_DIR, applicable_config, run_experiment
+from experiments.run import CONF_DIR, applicable_config, config_hash, run_experiment
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -109,6 +109,25 @@ def test_prefix_caching_is_dropped_for_an_allocator_without_a_prefix_cache():
         paged = compose("config", overrides=["allocator=paged", "engine.enable_prefix_caching=true"])
     clean, dropped = applicable_config(contiguous)
     assert dropped == {"engine.enable_prefix_caching": True} and clean.engine.enable_prefix_caching is False
+    assert applicable_config(paged) == (paged, {})
+
+
+def test_swap_preemption_is_dropped_for_an_allocator_that_cannot_swap():
+    """Contiguous and virtual preempt by recompute whatever preemption_mode says: their summaries
+    say recompute (a report labelled "preempt=swap" showed recompute runs), and a sweep of
+    recompute / swap runs them once."""
+    swap = ["engine.preemption_mode=swap", "engine.swap_space=4"]
+    with initialize_config_dir(CONF_DIR, version_base="1.3"):
+        virtual = compose("config", overrides=["allocator=virtual", *swap])
+        contiguous = compose("config", overrides=["allocator=contiguous", "engine.preemption_mode=swap"])
+        paged = compose("config", overrides=["allocator=paged", *swap])
+        recompute = compose("config", overrides=["allocator=virtual", "engine.preemption_mode=recompute"])
+    clean, dropped = applicable_config(virtual)
+    assert dropped == {"engine.preemption_mode": "swap", "engine.swap_space": 4}
+    assert clean.engine.preemption_mode == "recompute" and clean.engine.swap_space is None
+    assert config_hash(clean) == config_hash(recompute)  # the same run as recompute: not run twice
+    clean, dropped = applicable_config(contiguous)
+    assert dropped == {"engine.preemption_mode": "swap"} and clean.engine.preemption_mode == "recompute"
     assert applicable_config(paged) == (paged, {})
 
 

@@ -192,6 +192,27 @@ def test_resume_of_a_damaged_sweep_file_is_one_line(capsys, tmp_path, text, why)
     assert "Traceback" not in err
 
 
+def test_resume_with_an_override_that_changes_the_runs_is_refused_before_the_sweep_file_changes(capsys, tmp_path):
+    """``--resume DIR KEY=V`` with a KEY that changes what the runs measure: Hydra rewrote DIR's
+    multirun.yaml with it (so --resume never again found the sweep's own command), every finished
+    run then conflicted, and a run whose folder did not conflict ran the other configuration among
+    the old runs. Overrides that change only how it runs still resume."""
+    sweep = tmp_path / "sweep"
+    common = ["mode=simulate", "workload.num_requests=2", "progress=false", "report=false"]
+    assert cli(["-m", "allocator=paged,contiguous", *common, f"hydra.sweep.dir={sweep}"]) == 0
+    sweep_file = (sweep / "multirun.yaml").read_text()
+    runs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    capsys.readouterr()
+    assert cli(["--resume", str(sweep), "workload.num_requests=3"]) == 2
+    err = capsys.readouterr().err
+    assert f"--resume {sweep} goes on with that folder's own settings" in err and "workload.num_requests=3" in err
+    assert (sweep / "multirun.yaml").read_text() == sweep_file
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == runs
+    assert cli(["--resume", str(sweep), "allocator=paged"]) == 2  # one value of the sweep: a narrower sweep file
+    assert (sweep / "multirun.yaml").read_text() == sweep_file
+    assert cli(["--resume", str(sweep), "progress=true", "report=true"]) == 0  # how it runs, not what
+
+
 def test_max_model_len_beyond_the_models_positions_is_refused():
     from engine.llm_engine import LLMEngine
 

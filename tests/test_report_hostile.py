@@ -154,6 +154,24 @@ def test_a_corrupt_requests_parquet_is_left_out_of_the_figures_with_a_warning(in
     assert "## Damaged tables" in md and f"`{bad.parent.name}/requests.parquet`" in md
 
 
+def test_a_removed_table_is_named_not_silently_left_out_of_the_figures(inf_sweep, tmp_path, capsys):
+    """A finished run writes both tables before summary.json: one that is gone since (deleted, not
+    copied) leaves its run out of the figures drawn from it, and the report says so."""
+    root = _copy(inf_sweep, tmp_path / "runs", 3)
+    gone = _run_dir(root, 1) / "requests.parquet"
+    gone.unlink()
+    (_run_dir(root, 2) / "steps.parquet").unlink()
+    code, stdout, err = _report(capsys, root)
+    assert code == 0, err
+    assert "left 2 damaged table(s) out of the figures" in err
+    line = next(ln for ln in err.splitlines() if str(gone) in ln)
+    assert "missing" in line and "kvlab run --resume" in line
+    md = (root / "report" / "report.md").read_text()
+    assert "## Damaged tables" in md and f"`{gone.parent.name}/requests.parquet`: missing" in md
+    assert f"`{_run_dir(root, 2).name}/steps.parquet`: missing" in md
+    assert len(pd.read_csv(root / "report" / "summary.csv")) == 3  # still in the tables
+
+
 def test_a_steps_table_without_the_columns_drawn_is_damaged(inf_sweep, tmp_path):
     root = _copy(inf_sweep, tmp_path / "runs", 2)
     steps = _run_dir(root, 0) / "steps.parquet"
@@ -217,3 +235,23 @@ def test_a_file_instead_of_a_folder(inf_sweep, tmp_path, capsys):
     code, _, err = _report(capsys, inf_sweep, "--out", a_file)  # --out a file: refused, nothing written
     assert code == 2 and len(err.strip().splitlines()) == 1 and "give --out a folder" in err
     assert a_file.read_text() == "x: 1\n" and sorted(p.name for p in tmp_path.iterdir()) == ["multirun.yaml"]
+
+
+# ---------------------------------------------------------------------------- categorical bars
+
+def test_kv_dtype_bars_of_runs_whose_label_hides_an_allocator_argument(tmp_path, capsys):
+    """A kv_cache_dtype sweep crossed with an allocator argument its label does not show (arena): two
+    bars of one name and value made pandas refuse to reindex, and the report ended in a traceback."""
+    root = tmp_path / "runs"
+    assert cli(["-m", "mode=simulate", "workload.num_requests=2", "allocator=contiguous",
+                "engine.kv_cache_dtype=auto,fp8", "allocator.args.arena=first_fit,buddy",
+                f"hydra.sweep.dir={root}", "progress=false", "report=false"]) == 0
+    capsys.readouterr()
+    code, _, err = _report(capsys, root)
+    assert code == 0, err
+    assert (root / "report" / "kv_dtype.png").exists()
+    from experiments.report_axes import _series_key
+
+    wide = report.order_runs(report.collect(root))
+    names = _series_key(wide, "cfg.engine.kv_cache_dtype", report.varying(wide))
+    assert sorted(set(names)) == ["contiguous-max, arena=buddy", "contiguous-max, arena=first_fit"]
