@@ -9,7 +9,10 @@ last ``len(longest stop string) - 1`` characters, which could be the start of a 
 
 As in vLLM: the text of the first ``min_tokens`` output tokens is not searched for stop strings
 (a stop string may still end in a later token's text), and a sequence ended by a stop token or
-EOS (``stop_terminated``) gets no text for that token.
+EOS (``stop_terminated``) gets no text for that token. With ``include_stop_str_in_output`` (as
+vLLM's detokenizer) the stop string stays (the text ends where it ends), the stop token's text
+too, and nothing is held back: the text searched for a stop string's start then reaches back
+into what was handed out already (``recent``).
 """
 from __future__ import annotations
 
@@ -19,7 +22,8 @@ PROMPT_CONTEXT = 5  # prompt tokens decoded before the first output token (spaci
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], stop: list[str], min_tokens: int = 0):
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], stop: list[str], min_tokens: int = 0,
+                 include_stop_str_in_output: bool = False):
         self.tokenizer = tokenizer
         self.min_tokens = min_tokens
         self.num_tokens = 0  # output tokens given to ``add``
@@ -29,17 +33,21 @@ class IncrementalDetokenizer:
         self.parts: list[str] = []  # text handed out (deltas), joined only for whole outputs
         self.pending = ""  # decoded but held back
         self.stop = stop
-        self.holdback = max((len(s) for s in stop), default=1) - 1
+        self.include_stop = include_stop_str_in_output
+        longest = max((len(s) for s in stop), default=1) - 1
+        self.holdback = 0 if include_stop_str_in_output else longest
+        self.lookback = longest if include_stop_str_in_output else 0  # chars of ``recent`` kept
+        self.recent = ""  # the end of the text handed out (include_stop_str_in_output: a stop may start there)
         self.stop_found: str | None = None
         self.check_stop = True
 
     def add(self, token_ids: list[int], stop_terminated: bool = False) -> str | None:
         """Decode newly sampled tokens; returns the stop string if one now appears in the text.
         ``stop_terminated``: the last of them is the stop token (or EOS) that ends the sequence:
-        it counts, but its text is left out."""
+        it counts, but its text is left out (kept with ``include_stop_str_in_output``)."""
         first = self.num_tokens
         self.num_tokens += len(token_ids)
-        if stop_terminated:
+        if stop_terminated and not self.include_stop:
             token_ids = token_ids[:-1]
         quiet = max(0, min(self.min_tokens - first, len(token_ids)))  # tokens within min_tokens
         if quiet:
@@ -75,10 +83,14 @@ class IncrementalDetokenizer:
         self.pending += new
         if not self.check_stop:
             return
-        hits = [(i, s) for s in self.stop if (i := self.pending.find(s, max(0, old - len(s) + 1))) >= 0]
+        back = self.recent if self.include_stop else ""
+        text, old = back + self.pending, old + len(back)
+        hits = [(i, s) for s in self.stop if (i := text.find(s, max(0, old - len(s) + 1))) >= 0]
         if hits:
             i, self.stop_found = min(hits)
-            self.pending = self.pending[:i]
+            # the text ends before the stop string, or with it (it ends in the new text: past ``back``)
+            end = i + len(self.stop_found) if self.include_stop else i
+            self.pending = self.pending[:end - len(back)]
 
     def delta(self, finished: bool) -> str:
         """Text not handed out yet, short of what may still change unless ``finished``."""
@@ -88,6 +100,8 @@ class IncrementalDetokenizer:
             return ""
         out, self.pending = self.pending[:n], self.pending[n:]
         self.parts.append(out)
+        if self.lookback:
+            self.recent = (self.recent + out)[-self.lookback:]
         return out
 
     def text(self) -> str:

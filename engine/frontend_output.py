@@ -73,7 +73,9 @@ class FrontendOutput:
     def _sample(self, index: int) -> _Sample:
         s = self.samples.get(index)
         if s is None:
-            det = (IncrementalDetokenizer(self.tokenizer, self.prompt_ids, self.params.stop, self.params.min_tokens)
+            p = self.params
+            det = (IncrementalDetokenizer(self.tokenizer, self.prompt_ids, p.stop, p.min_tokens,
+                                          p.include_stop_str_in_output)
                    if self.tokenizer is not None else None)
             s = self.samples[index] = _Sample(det)
         return s
@@ -90,7 +92,8 @@ class FrontendOutput:
                 continue
             s.num_tokens += len(c.token_ids)
             if s.detok is not None:
-                # a stop token or EOS that ends the sample has no text (as in vLLM)
+                # a stop token or EOS that ends the sample has no text (as in vLLM), unless
+                # include_stop_str_in_output (the detokenizer keeps it then)
                 ended_on_token = c.finish_reason == "stop" and not isinstance(c.stop_reason, str)
                 hit = s.detok.add(c.token_ids, stop_terminated=ended_on_token) if c.token_ids else None
                 if hit is not None and c.finish_reason is None:

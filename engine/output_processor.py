@@ -46,7 +46,8 @@ class OutputProcessor:
         p = req.params
         if self.tokenizer is not None and (p.stop or p.output_kind != "final_only"):
             for seq in req.seqs:  # text as it comes: for stop strings and for streaming
-                seq.detok = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids, p.stop, p.min_tokens)
+                seq.detok = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids, p.stop, p.min_tokens,
+                                                   p.include_stop_str_in_output)
 
     def is_quiet(self, req: RequestState, stream_outputs: bool) -> bool:
         """Whether ``_process`` does nothing for ``req`` until one of its samples finishes: no
@@ -149,7 +150,7 @@ class OutputProcessor:
             return ""
         if seq.detok is None:
             seq.detok = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, seq.params.stop,
-                                               seq.params.min_tokens)
+                                               seq.params.min_tokens, seq.params.include_stop_str_in_output)
         det = seq.detok
         n = seq.num_resolved
         if n > seq.num_decoded:
@@ -195,5 +196,6 @@ class OutputProcessor:
 
 
 def _stop_terminated(seq: Sequence) -> bool:
-    """Whether ``seq`` ended on a stop token or EOS, whose text (as in vLLM) is not in the output."""
+    """Whether ``seq`` ended on a stop token or EOS, whose text (as in vLLM) is not in the output
+    unless ``include_stop_str_in_output`` (the detokenizer reads that flag)."""
     return seq.finish_reason == "stop" and not isinstance(seq.stop_reason, str)

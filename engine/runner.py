@@ -194,6 +194,7 @@ class ModelRunner:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.last_prep_s = 0.0
         self.staging = HostStaging(self.device)
+        self.sampler.staging = self.staging
         if self.device.type == "cuda":
             compile_watch.install()  # from here on, a compile outside warm-up is named in a warning
         if self.device.type == "cuda" and not enforce_eager and plan is None:  # graphs: one group only
@@ -366,7 +367,7 @@ class ModelRunner:
         if logits is None or not inputs.sample_seqs:
             handle = StepHandle([], on_cuda=self.device.type == "cuda")
         else:
-            tokens, logprobs = self.sampler.sample(logits, inputs.sample_seqs, self.eos_ids)
+            tokens, logprobs = self.sampler.sample(logits, inputs.sample_seqs, self.eos_ids, inflight)
             handle = StepHandle(inputs.sample_seqs, tokens, logprobs)
         stage.used_by(handle)
         return handle

@@ -18,6 +18,7 @@ MAX_TOP_K = 2**31 - 1  # larger values mean "no limit" in effect; beyond int32 t
 MAX_LOGPROBS = 20  # top logprobs per token (OpenAI's limit)
 MAX_N = 1024
 OUTPUT_KINDS = ("cumulative", "delta", "final_only")
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.001, 1000  # see _problems
 
 
 @dataclass
@@ -42,6 +43,18 @@ class SamplingParams:
     # As in vLLM's beam search: greedy only (temperature 0, no top_p / top_k); no stop strings
     # (a beam's text changes when it is replaced) and no delta outputs.
     beam_width: int = 1
+    # vLLM's penalties (OpenAI's definition for presence / frequency, applied to the output tokens
+    # so far: logits -= frequency_penalty * count + presence_penalty * (count > 0); HF's / CTRL's
+    # repetition_penalty over prompt and output tokens: a positive logit divided by it, a negative
+    # one multiplied) and min_p (after temperature, tokens less likely than min_p times the
+    # likeliest are dropped). See ``Sampler``.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_p: float = 0.0
+    # the stop string that ends a sample stays at the end of its text (and a stop token's or
+    # EOS's text, as in vLLM; a special token's text is empty)
+    include_stop_str_in_output: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -58,6 +71,11 @@ class SamplingParams:
             self.top_k = -1
         self.temperature = float(self.temperature)
         self.top_p = float(self.top_p)
+        for name in ("presence_penalty", "frequency_penalty", "repetition_penalty", "min_p"):
+            setattr(self, name, float(getattr(self, name)))
+        # whether the sampler must count this sample's tokens (a penalty that is not neutral): read
+        # per sequence per step, so kept as a plain attribute (set, as the checks run, at construction)
+        self.penalized = bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
 
     def _problems(self) -> list[str]:
         out: list[str] = []
@@ -95,6 +113,15 @@ class SamplingParams:
             out.append("stop_token_ids must be non-negative token ids")
         if self.output_kind not in OUTPUT_KINDS:
             out.append(f"output_kind must be one of {OUTPUT_KINDS}, got {self.output_kind!r}")
+        real("presence_penalty", lambda v: -2 <= v <= 2, "in [-2, 2]")
+        real("frequency_penalty", lambda v: -2 <= v <= 2, "in [-2, 2]")
+        # vLLM takes any value > 0; beyond these bounds float32 logits divided or multiplied by it
+        # overflow (a NaN or infinite row), and 1000 already makes every seen token's logit ~0 or ~-inf
+        real("repetition_penalty", lambda v: MIN_REPETITION_PENALTY <= v <= MAX_REPETITION_PENALTY,
+             f"in [{MIN_REPETITION_PENALTY}, {MAX_REPETITION_PENALTY}]")
+        real("min_p", lambda v: 0 <= v <= 1, "in [0, 1]")
+        if not isinstance(self.include_stop_str_in_output, bool):
+            out.append(f"include_stop_str_in_output must be true or false, got {self.include_stop_str_in_output!r}")
         integer("beam_width", 1, MAX_N)
         if is_int(self.beam_width) and self.beam_width > 1 and not out:
             k = self.beam_width
@@ -108,6 +135,10 @@ class SamplingParams:
                 out.append("stop strings are not supported with beam search (use stop_token_ids)")
             if self.output_kind == "delta":
                 out.append("output_kind='delta' is not supported with beam search (a beam's tokens can be replaced)")
+            if self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1:
+                # as vLLM's BeamSearchParams, which has none: beams are ranked by the model's logprobs
+                out.append("penalties are not supported with beam search (presence_penalty=0, "
+                           "frequency_penalty=0, repetition_penalty=1)")
         return out
 
     @property

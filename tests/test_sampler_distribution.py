@@ -1,5 +1,6 @@
 """What the sampler draws, against an oracle: temperature, top-k and top-p (and the three
-together) checked on fixed logits, by membership (no draw outside the allowed set) and by
+together; min-p with them, HF's MinPLogitsWarper as its oracle) checked on fixed logits, by
+membership (no draw outside the allowed set) and by
 frequency (the empirical distribution is softmax(logits / T) renormalised over that set).
 
 The oracle is written here in float64 numpy, independently of engine/sampler.py. Every case
@@ -211,3 +212,50 @@ def test_top_p_exact_boundary_excludes_the_token_after_mass_p():
     x = torch.tensor(logits, dtype=torch.float32).repeat(len(seqs), 1)
     tokens, _ = Sampler("cpu", seed=3).sample(x, seqs, eos_ids=[])
     assert set(np.unique(tokens.numpy()).tolist()) == {1, 3}
+
+
+# -- min_p: HF's MinPLogitsWarper on logits / T is the oracle's first filter (vLLM's order: min-p
+# after temperature, before top-k and top-p)
+MIN_P_CASES = {  # (temperature, top_k, top_p, min_p)
+    "minp0.1": (1.0, -1, 1.0, 0.1),
+    "minp0.3-T0.7": (0.7, -1, 1.0, 0.3),
+    "minp0.2-T2": (2.0, -1, 1.0, 0.2),
+    "minp0.2-k6": (1.0, 6, 1.0, 0.2),
+    "minp0.1-p0.8": (1.0, -1, 0.8, 0.1),
+    "minp0": (1.0, -1, 1.0, 0.0),  # beside the others: untouched
+}
+
+
+def min_p_oracle(t: float, k: int, p: float, min_p: float) -> np.ndarray:
+    from transformers import MinPLogitsWarper
+
+    z = torch.tensor(LOGITS / t, dtype=torch.float64)[None]
+    if min_p > 0:
+        z = MinPLogitsWarper(min_p)(None, z)
+    return oracle(1.0, k, p, logits=z[0].numpy())
+
+
+@pytest.fixture(scope="module")
+def min_p_draws() -> dict[str, np.ndarray]:
+    seqs = []
+    for i, (t, k, p, mp) in enumerate(MIN_P_CASES.values()):
+        params = SamplingParams(temperature=t, top_k=k, top_p=p, min_p=mp, max_tokens=1)
+        seqs += [Sequence(f"minp{i}", [1, 2, 3], params, max_model_len=64)] * N
+    x = torch.tensor(LOGITS, dtype=torch.float32).repeat(len(seqs), 1)
+    tokens, _ = Sampler("cpu", seed=2468).sample(x, seqs, eos_ids=[])
+    return dict(zip(MIN_P_CASES, tokens.numpy().reshape(len(MIN_P_CASES), N)))
+
+
+@pytest.mark.parametrize("case", list(MIN_P_CASES))
+def test_min_p_frequencies_match_hf_s_warper(min_p_draws, case):
+    q = min_p_oracle(*MIN_P_CASES[case])
+    drawn = set(np.unique(min_p_draws[case]).tolist())
+    assert drawn <= set(np.flatnonzero(q).tolist()), f"{case}: drew tokens that min_p removes"
+    _check_frequencies(min_p_draws[case], q, case)
+
+
+def test_the_min_p_cases_remove_tokens():
+    """Sanity: each min_p case's kept set is smaller than without min_p (else ignoring it would pass)."""
+    for case, (t, k, p, mp) in MIN_P_CASES.items():
+        if mp:
+            assert np.count_nonzero(min_p_oracle(t, k, p, mp)) < np.count_nonzero(oracle(t, k, p)), case

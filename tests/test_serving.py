@@ -197,6 +197,44 @@ def test_stop_string_is_cut_in_both_modes(client):
     assert streamed == expected  # nothing of the stop string leaked out before it was complete
 
 
+def test_include_stop_str_in_output_keeps_the_stop_string(client):
+    """vLLM's include_stop_str_in_output (extra_body): the text ends with the stop string, whole
+    and streamed, in completions and chat."""
+    kw = dict(model=MODEL, prompt="stop here", max_tokens=24, temperature=0, extra_body={"ignore_eos": True})
+    full = client.completions.create(**kw).choices[0].text
+    stop = full[10:13]
+    expected = full[: full.find(stop) + len(stop)]
+    keep = dict(model=MODEL, prompt="stop here", max_tokens=24, temperature=0,
+                extra_body={"ignore_eos": True, "include_stop_str_in_output": True})
+    r = client.completions.create(**keep, stop=[stop])
+    assert r.choices[0].text == expected and r.choices[0].finish_reason == "stop"
+    streamed = "".join(c.choices[0].text for c in client.completions.create(**keep, stop=[stop], stream=True))
+    assert streamed == expected
+
+    messages = [{"role": "user", "content": "stop here"}]
+    ckw = dict(model=MODEL, messages=messages, max_tokens=24, temperature=0)
+    full = client.chat.completions.create(**ckw, extra_body={"ignore_eos": True}).choices[0].message.content
+    stop = full[8:10]
+    expected = full[: full.find(stop) + len(stop)]
+    extra = {"ignore_eos": True, "include_stop_str_in_output": True}
+    r = client.chat.completions.create(**ckw, stop=stop, extra_body=extra)
+    assert r.choices[0].message.content == expected and r.choices[0].finish_reason == "stop"
+    chunks = client.chat.completions.create(**ckw, stop=stop, extra_body=extra, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
+
+
+def test_penalties_change_greedy_text(client):
+    """presence / frequency (OpenAI's own parameters) and repetition_penalty (extra_body) reach the
+    sampler: greedy text with a strong penalty is not the plain greedy text, and is reproducible."""
+    kw = dict(model=MODEL, prompt="repeat", max_tokens=24, temperature=0, extra_body={"ignore_eos": True})
+    plain = client.completions.create(**kw).choices[0].text
+    for extra in ({"frequency_penalty": 2.0}, {"presence_penalty": 2.0},
+                  {"extra_body": {"ignore_eos": True, "repetition_penalty": 2.0}}):
+        args = {**kw, **extra}
+        a, b = (client.completions.create(**args).choices[0].text for _ in range(2))
+        assert a == b and a != plain, extra
+
+
 # -- load ------------------------------------------------------------------------------------
 async def _stream(http: httpx.AsyncClient, i: int) -> tuple[list[dict], int, int]:
     """One streaming request (chat or completion, n=1 or 2); returns its events and expectations."""
@@ -292,8 +330,12 @@ BAD_REQUESTS = [
      400, "messages", "invalid_value"),
     ("top_logprobs alone", "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
                                                     "top_logprobs": 2}, AUTH, 400, "top_logprobs", "invalid_value"),
-    ("penalty", "/v1/completions", {"model": MODEL, "prompt": "hi", "presence_penalty": 1.0}, AUTH, 400,
+    ("penalty", "/v1/completions", {"model": MODEL, "prompt": "hi", "presence_penalty": 2.5}, AUTH, 400,
      "presence_penalty", "invalid_value"),
+    ("repetition_penalty", "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                                                    "repetition_penalty": 0}, AUTH, 400, "repetition_penalty",
+     "invalid_value"),
+    ("min_p", "/v1/completions", {"model": MODEL, "prompt": "hi", "min_p": 2}, AUTH, 400, "min_p", "invalid_value"),
     ("missing key", "/v1/completions", {"model": MODEL, "prompt": "hi"}, {}, 401, None, None),
     ("wrong key", "/v1/completions", {"model": MODEL, "prompt": "hi"}, {"Authorization": "Bearer nope"}, 401,
      None, "invalid_api_key"),

@@ -66,6 +66,9 @@ COMMON = {
     "stream_options": field(st.fixed_dictionaries({}, optional={"include_usage": field(st.booleans())})),
     "presence_penalty": field(floats),
     "frequency_penalty": field(floats),
+    "repetition_penalty": field(floats),
+    "min_p": field(floats),
+    "include_stop_str_in_output": field(st.booleans()),
     "logit_bias": field(st.dictionaries(texts, floats, max_size=3)),
     "user": field(texts),
 }
@@ -109,6 +112,12 @@ EDGE_COMMON = {
     "stop_token_ids": st.lists(st.one_of(st.integers(0, VOCAB + 2), st.sampled_from([2, VOCAB - 1, VOCAB, 2**31 - 1])),
                                max_size=4),
     "stream": st.booleans(),
+    # penalties and min_p at and just past their bounds (a whole vocabulary seen: tiny prompts, 512 ids)
+    "presence_penalty": st.sampled_from([-2, -2.0, 0, 1.5, 2, 2.0000001]),
+    "frequency_penalty": st.sampled_from([-2, 0.5, 2, -2.5]),
+    "repetition_penalty": st.sampled_from([0.001, 0.5, 1, 1.3, 1000, 1000.5, 0]),
+    "min_p": st.sampled_from([0, 5e-324, 0.5, 1, 1.0000001]),
+    "include_stop_str_in_output": st.booleans(),
 }
 EDGE_COMPLETION = {
     **EDGE_COMMON,

@@ -319,12 +319,11 @@ UNSUPPORTED_CASES = [
     ("/v1/chat/completions", chat(response_format={"type": "json_object"}), "response_format"),
     ("/v1/chat/completions", chat(modalities=["text", "audio"]), "modalities"),
     ("/v1/chat/completions", chat(logit_bias={"50": 1}), "logit_bias"),
-    ("/v1/chat/completions", chat(frequency_penalty=-1), "frequency_penalty"),
-    ("/v1/completions", completion(presence_penalty=0.5), "presence_penalty"),
     ("/v1/completions", completion(logit_bias={"50": -100}), "logit_bias"),
     ("/v1/completions", completion(suffix="the end"), "suffix"),
     ("/v1/completions", completion(best_of=3), "best_of"),
-    ("/v1/completions", completion(repetition_penalty=1.2), "repetition_penalty"),
+    ("/v1/completions", completion(skip_special_tokens=False), "skip_special_tokens"),
+    ("/v1/chat/completions", chat(spaces_between_special_tokens=False), "spaces_between_special_tokens"),
 ]
 
 
@@ -337,7 +336,8 @@ def test_unsupported_field_is_400_naming_it(live, path, body, param):
 def test_neutral_values_of_unsupported_fields_are_accepted(live):
     r = call(live.app, "POST", "/v1/chat/completions",
              json=chat(tools=None, tool_choice=None, response_format={"type": "text"}, logit_bias={},
-                       presence_penalty=0, frequency_penalty=0.0, modalities=["text"]))
+                       presence_penalty=0, frequency_penalty=0.0, modalities=["text"], skip_special_tokens=True,
+                       spaces_between_special_tokens=None))
     assert r.status_code == 200, r.text
     r = call(live.app, "POST", "/v1/completions", json=completion(n=2, best_of=2, suffix=None, logit_bias=None))
     assert r.status_code == 200, r.text
@@ -360,6 +360,19 @@ SAMPLING_CASES = [
     ("/v1/completions", completion(stream_options={"include_usage": True}), "stream_options"),
     ("/v1/completions", completion(prompt=[]), "prompt"),
     ("/v1/completions", completion(stop=""), "stop"),
+    # penalties and min_p: vLLM's (and OpenAI's) ranges
+    ("/v1/completions", completion(presence_penalty=2.5), "presence_penalty"),
+    ("/v1/chat/completions", chat(presence_penalty=-2.01), "presence_penalty"),
+    ("/v1/completions", completion(frequency_penalty=-3), "frequency_penalty"),
+    ("/v1/chat/completions", chat(frequency_penalty=2.5), "frequency_penalty"),
+    ("/v1/completions", completion(repetition_penalty=0), "repetition_penalty"),
+    ("/v1/chat/completions", chat(repetition_penalty=-1.5), "repetition_penalty"),
+    ("/v1/completions", completion(repetition_penalty=1e300), "repetition_penalty"),
+    ("/v1/completions", completion(min_p=1.5), "min_p"),
+    ("/v1/chat/completions", chat(min_p=-0.1), "min_p"),
+    ("/v1/completions", completion(min_p="0.1"), "min_p"),
+    ("/v1/completions", completion(include_stop_str_in_output="yes"), "include_stop_str_in_output"),
+    ("/v1/chat/completions", chat(include_stop_str_in_output=1), "include_stop_str_in_output"),
 ]
 
 
@@ -389,6 +402,25 @@ def test_sampling_params_mapping():
     assert (p.output_kind, p.logprobs, p.max_tokens) == ("delta", 0, 3)
     p = ChatCompletionRequest(messages=[{"role": "user", "content": "x"}], logprobs=False).sampling_params()
     assert p.logprobs is None
+    assert (p.presence_penalty, p.frequency_penalty, p.repetition_penalty, p.min_p, p.include_stop_str_in_output,
+            p.penalized) == (0, 0, 1, 0, False, False)
+    p = CompletionRequest(prompt="x", presence_penalty=-2, frequency_penalty=1.5, repetition_penalty=1.2,
+                          min_p=0.05, include_stop_str_in_output=True).sampling_params()
+    assert (p.presence_penalty, p.frequency_penalty, p.repetition_penalty, p.min_p,
+            p.include_stop_str_in_output) == (-2, 1.5, 1.2, 0.05, True)
+    p = ChatCompletionRequest(messages=[{"role": "user", "content": "x"}], frequency_penalty=2, min_p=1,
+                              repetition_penalty=0.5, include_stop_str_in_output=True).sampling_params()
+    assert (p.frequency_penalty, p.min_p, p.repetition_penalty, p.include_stop_str_in_output) == (2, 1, 0.5, True)
+
+
+def test_penalties_and_min_p_are_accepted(live):
+    for path, body in (("/v1/completions", completion(presence_penalty=1.0, frequency_penalty=-0.5,
+                                                      repetition_penalty=1.3, min_p=0.1, temperature=0.7, seed=1)),
+                       ("/v1/chat/completions", chat(presence_penalty=2, frequency_penalty=2.0, repetition_penalty=2,
+                                                     min_p=1, include_stop_str_in_output=True))):
+        r = call(live.app, "POST", path, json=body)
+        assert r.status_code == 200, r.text
+        assert "X-Kvlab-Ignored-Fields" not in r.headers
 
 
 def test_echo_with_max_tokens_zero_scores_the_prompt(live):

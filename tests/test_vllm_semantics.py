@@ -123,3 +123,94 @@ def test_generate_takes_vllm_s_keyword_and_prompt_dicts(llm, greedy):
         llm.generate([{"text": "hi"}], sp)
     with pytest.raises(ValueError, match="not both"):
         llm.generate([PROMPT], sp, params=sp)
+
+
+# -- include_stop_str_in_output (vLLM: the stop string, or a stop token's text, stays) ----------
+def _stream_text(det: IncrementalDetokenizer, ids: list[int], chunks: list[int], stop_terminated: bool = False):
+    """Feed ``ids`` in ``chunks``, handing text out after each (streaming), as the output stage does."""
+    text, at = "", 0
+    for j, n in enumerate(chunks):
+        det.add(ids[at:at + n], stop_terminated=stop_terminated and at + n == len(ids))
+        at += n
+        last = at == len(ids) or det.stop_found is not None
+        if last:
+            det.flush()
+        text += det.delta(last)
+        if det.stop_found is not None:
+            break
+    return text
+
+
+@pytest.mark.parametrize("chunks", [[8], [1] * 8, [3, 2, 3], [4, 4], [2, 6]])
+def test_include_stop_str_in_output_keeps_the_stop_string(chunks):
+    """The text ends where the stop string ends, even when it starts in text already handed out
+    (nothing is held back with include_stop_str_in_output); without it, where it starts."""
+    tok = ByteTokenizer(320, bos_token_id=None)
+    ids = _bytes("abcXdefXgh")
+    chunks = chunks + [len(ids) - sum(chunks)]
+    for stop, min_tokens, found, keep, cut in [
+            (["X"], 0, "X", "abcX", "abc"), (["cX"], 0, "cX", "abcX", "ab"),
+            (["Xd", "fX"], 0, "Xd", "abcXd", "abc"), (["X"], 4, "X", "abcXdefX", "abcXdef"),
+            (["cX"], 3, "cX", "abcX", "ab"),  # starts in the text of min_tokens, ends after it
+            (["cX"], 4, None, None, None), (["b"], 4, None, None, None),
+            (["Xg"], 0, "Xg", "abcXdefXg", "abcXdef")]:
+        for include, want in ((True, keep), (False, cut)):
+            det = IncrementalDetokenizer(tok, [5], stop, min_tokens, include_stop_str_in_output=include)
+            got = _stream_text(det, ids, chunks)
+            assert got == (want if want is not None else "abcXdefXgh"), (stop, min_tokens, include)
+            assert det.text() == got and det.stop_found == found, (stop, min_tokens, include)
+
+
+def test_include_stop_str_in_output_hands_text_out_at_once():
+    """Nothing is held back for a stop string's sake: each token's text streams as it comes."""
+    tok = ByteTokenizer(320, bos_token_id=None)
+    det = IncrementalDetokenizer(tok, [5], ["XYZ"], include_stop_str_in_output=True)
+    held = IncrementalDetokenizer(tok, [5], ["XYZ"])
+    for c in "abXY":
+        for d in (det, held):
+            d.add(_bytes(c))
+    assert det.delta(False) == "abXY" and held.delta(False) == "ab"
+
+
+def test_include_stop_str_in_output_keeps_the_stop_token_s_text():
+    tok = ByteTokenizer(320, bos_token_id=None, eos_token_ids=[2])
+    ids = _bytes("abc")
+    fe = FrontendOutput(tok, [5], SamplingParams(stop_token_ids=[ids[-1]], include_stop_str_in_output=True))
+    core = RequestOutput("r", [5], [CompletionOutput(0, ids, "", "stop", ids[-1])], True,
+                         RequestMetrics(0.0, 0.0, 0.0, 0.0))
+    assert fe.process(core).outputs[0].text == "abc"
+    det = IncrementalDetokenizer(tok, [5], [], include_stop_str_in_output=True)
+    assert _stream_text(det, ids, [1, 2], stop_terminated=True) == "abc"
+
+
+def test_include_stop_str_in_output_through_llm_generate(llm, greedy):
+    """End to end (the engine's output stage), whole and streamed: a stop string and a stop
+    token stay in the text with include_stop_str_in_output, and are cut without it."""
+    tok = llm.tokenizer
+    full = greedy.text
+    texts = [tok.decode([t]) for t in greedy.token_ids]
+    # a stop string that ends inside a later token's text and starts in an earlier one's
+    k = next(i for i in range(2, len(texts)) if texts[i] and texts[i - 1])
+    start = len("".join(texts[:k])) - 1
+    stop = full[start:start + 2]
+    assert stop and full.find(stop) == start, "pick a stop string that occurs first here"
+    stop_tok = greedy.token_ids[2]
+    for kw, with_, without in [(dict(stop=[stop]), full[:start + 2], full[:start]),
+                               (dict(stop_token_ids=[stop_tok]), tok.decode(greedy.token_ids[:3]),
+                                tok.decode(greedy.token_ids[:2]))]:
+        for include, want in ((True, with_), (False, without)):
+            p = SamplingParams(max_tokens=12, temperature=0, include_stop_str_in_output=include, **kw)
+            out = llm.generate([PROMPT], p)[0]
+            assert out.text == want and out.outputs[0].finish_reason == "stop", (kw, include)
+            eng = llm.engine
+            eng.config.stream_outputs = True
+            try:
+                eng.add_request(f"s{include}{len(kw)}{stop_tok}", PROMPT,
+                                SamplingParams(max_tokens=12, temperature=0, include_stop_str_in_output=include,
+                                               output_kind="delta", **kw))
+                text = ""
+                while eng.has_unfinished_requests():
+                    text += "".join(o.outputs[0].text for o in eng.step() if o.outputs)
+            finally:
+                eng.config.stream_outputs = False
+            assert text == want, (kw, include)

@@ -3,11 +3,12 @@
 Requests are validated strictly: ``"10"`` is not an integer, ``"yes"`` not a boolean and
 ``NaN`` or ``Infinity`` not a number (JSON integers are accepted for numbers and, as JSON
 Schema's ``integer`` has it, ``10.0`` for integers). Known fields that the engine cannot honour
-(tools, response formats, penalties, logit_bias, suffix, ...) are rejected with a 400 naming
-the field rather than silently dropped, and the published schema lists only the values that
-are accepted (``null``, or the neutral value). ``top_k``, ``min_tokens``, ``ignore_eos`` and
-``stop_token_ids`` are vLLM's extensions (clients send them through ``extra_body``);
-benchmarks need ``ignore_eos``.
+(tools, response formats, logit_bias, suffix, vLLM's ``skip_special_tokens=false``, ...) are
+rejected with a 400 naming the field rather than silently dropped, and the published schema
+lists only the values that are accepted (``null``, or the neutral value). ``top_k``,
+``min_tokens``, ``ignore_eos``, ``stop_token_ids``, ``repetition_penalty``, ``min_p`` and
+``include_stop_str_in_output`` are vLLM's extensions (clients send them through
+``extra_body``); benchmarks need ``ignore_eos``.
 
 Unknown top-level request fields: one that is a near miss of a field of the request
 (``max_token``, ``temprature``, ``maxTokens``) is a 400 naming it and the field meant, as
@@ -46,7 +47,15 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from engine.sampling_params import MAX_LOGPROBS, MAX_N, MAX_SEED, MAX_TOP_K, SamplingParams
+from engine.sampling_params import (
+    MAX_LOGPROBS,
+    MAX_N,
+    MAX_REPETITION_PENALTY,
+    MAX_SEED,
+    MAX_TOP_K,
+    MIN_REPETITION_PENALTY,
+    SamplingParams,
+)
 
 MAX_TOKENS = 2**31 - 1  # the engine's bound on max_tokens / min_tokens / token ids
 
@@ -74,21 +83,15 @@ def _null_only(value: Any, info: ValidationInfo) -> Any:
     return None
 
 
-def _zero_only(value: float | None, info: ValidationInfo) -> float | None:
-    if value:
-        raise _unsupported(info.field_name, "0")
-    return value
-
-
-def _one_only(value: float | None, info: ValidationInfo) -> float | None:
-    if value is not None and value != 1:
-        raise _unsupported(info.field_name, "1")
-    return value
-
-
 def _empty_only(value: Any, info: ValidationInfo) -> Any:
     if value:
         raise _unsupported(info.field_name, "empty")
+    return value
+
+
+def _true_only(value: Any, info: ValidationInfo) -> Any:
+    if value is not None and value is not True:
+        raise _unsupported(info.field_name, "true")
     return value
 
 
@@ -111,16 +114,14 @@ def _doc(schema: dict, what: str) -> dict:
 
 _NULL = {"type": "null"}
 Unsupported = Annotated[Any, BeforeValidator(_null_only), WithJsonSchema(_doc(_NULL, ""))]
-ZeroOnly = Annotated[float | None, AfterValidator(_zero_only),
-                     WithJsonSchema(_doc({"anyOf": [{"type": "number", "enum": [0]}, _NULL]}, "Accepted: 0."))]
-OneOnly = Annotated[float | None, AfterValidator(_one_only),
-                    WithJsonSchema(_doc({"anyOf": [{"type": "number", "enum": [1]}, _NULL]}, "Accepted: 1."))]
 EmptyMapOnly = Annotated[dict[str, float] | None, AfterValidator(_empty_only),
                          WithJsonSchema(_doc({"anyOf": [{"type": "object", "maxProperties": 0}, _NULL]},
                                              "Accepted: {}."))]
 EmptyTextOnly = Annotated[str | None, AfterValidator(_empty_only),
                           WithJsonSchema(_doc({"anyOf": [{"type": "string", "maxLength": 0}, _NULL]},
                                               'Accepted: "".'))]
+TrueOnly = Annotated[Any, BeforeValidator(_true_only),
+                     WithJsonSchema(_doc({"anyOf": [{"type": "boolean", "enum": [True]}, _NULL]}, "Accepted: true."))]
 TextFormatOnly = Annotated[Any, BeforeValidator(_text_format_only), WithJsonSchema(_doc({"anyOf": [
     {"type": "object", "properties": {"type": {"type": "string", "enum": ["text"]}}, "required": ["type"],
      "additionalProperties": False}, _NULL]}, 'Accepted: {"type": "text"}.'))]
@@ -191,14 +192,13 @@ FOREIGN_FIELDS = frozenset({
     "prompt_cache_retention", "safety_identifier", "background", "include", "instructions", "text",
     "truncation", "messages", "prompt",
     # vLLM
-    "use_beam_search", "length_penalty", "include_stop_str_in_output", "skip_special_tokens",
-    "spaces_between_special_tokens", "truncate_prompt_tokens", "allowed_token_ids", "bad_words",
+    "use_beam_search", "length_penalty", "truncate_prompt_tokens", "allowed_token_ids", "bad_words",
     "prompt_logprobs", "add_special_tokens", "return_tokens_as_token_ids", "return_token_ids", "priority",
     "request_id", "guided_json", "guided_regex", "guided_choice", "guided_grammar", "guided_decoding_backend",
     "guided_whitespace_pattern", "structural_tag", "structured_outputs", "logits_processors", "cache_salt",
     "kv_transfer_params", "vllm_xargs", "echo", "add_generation_prompt", "continue_final_message",
     "documents", "chat_template", "chat_template_kwargs", "mm_processor_kwargs", "media_io_kwargs",
-    "min_p", "best_of",
+    "best_of",
     # TGI, SGLang, Aphrodite, llama.cpp
     "top_a", "typical_p", "tfs", "mirostat", "mirostat_tau", "mirostat_eta", "do_sample", "watermark",
     "details", "decoder_input_details", "return_full_text", "top_n_tokens", "regex", "json_schema", "ebnf",
@@ -251,12 +251,22 @@ class _SamplingRequest(_Strict):
                                    description="At most max_tokens (vLLM extension).")
     ignore_eos: bool | None = False
     stop_token_ids: list[TokenId] | None = None
+    presence_penalty: float | None = Field(
+        None, ge=-2, le=2, description="Subtracted from the logit of each token the output holds already.")
+    frequency_penalty: float | None = Field(
+        None, ge=-2, le=2, description="Times its count, subtracted from the logit of each token the output holds.")
+    repetition_penalty: float | None = Field(
+        None, ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY,
+        description="Tokens of the prompt or the output: a logit > 0 divided by it, else multiplied (vLLM "
+                    "extension; 1: none).")
+    min_p: float | None = Field(None, ge=0, le=1, description="After temperature, tokens less likely than min_p "
+                                                              "times the likeliest are dropped (vLLM extension).")
+    include_stop_str_in_output: bool | None = Field(
+        False, description="The stop string (or stop token's text) that ends a choice stays in it (vLLM extension).")
     # known, not supported (rejected unless neutral)
-    presence_penalty: ZeroOnly = None
-    frequency_penalty: ZeroOnly = None
-    repetition_penalty: OneOnly = None
-    min_p: ZeroOnly = None
     logit_bias: EmptyMapOnly = None
+    skip_special_tokens: TrueOnly = None  # special tokens' text is always left out (vLLM's default)
+    spaces_between_special_tokens: TrueOnly = None
 
     @model_validator(mode="wrap")
     @classmethod
@@ -291,6 +301,11 @@ class _SamplingRequest(_Strict):
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
             output_kind="delta" if self.stream else "final_only",
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            min_p=self.min_p or 0.0,
+            include_stop_str_in_output=bool(self.include_stop_str_in_output),
         )
 
     @property
