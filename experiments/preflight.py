@@ -453,8 +453,8 @@ def _check_protocol(cfg) -> None:
     if "/" in name or "\\" in name or name in ("", ".", ".."):
         raise UserError(f"run_name={name!r}: give a folder name without / (it names the run's folder)")
     warmup = (cfg.get("measure") or {}).get("warmup_s")
-    if warmup is not None and (not is_real(warmup) or not warmup >= 0):
-        raise UserError(f"measure.warmup_s={warmup}: give seconds >= 0, or null to start the steady-state "
+    if warmup is not None and (not is_real(warmup) or not 0 <= warmup < math.inf):  # inf: an empty window
+        raise UserError(f"measure.warmup_s={warmup}: give finite seconds >= 0, or null to start the steady-state "
                         "window where the pool or the batch first saturates")
 
 

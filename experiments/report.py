@@ -248,8 +248,11 @@ def order_runs(wide: pd.DataFrame) -> pd.DataFrame:
     keys["_p"] = wide.get("cfg.allocator.args.policy", pd.Series(None, index=wide.index)).map(POLICY_ORDER).fillna(9)
     cols = ["_a", "_p"]
     for i, k in enumerate(varying(wide)):
-        keys[f"_{i}"] = pd.to_numeric(wide[k], errors="coerce") if wide[k].dtype != object else wide[k].astype(str)
-        cols.append(f"_{i}")
+        # numbers by value (numeric or string columns alike: pandas 3 reads text as ``str``, not
+        # object), then what is not a number (``auto`` beside page sizes) by its text, after them
+        keys[f"_{i}"] = pd.to_numeric(wide[k], errors="coerce")
+        keys[f"_{i}t"] = wide[k].astype(str)
+        cols += [f"_{i}", f"_{i}t"]
     keys["_label"] = wide.get("label", wide["run_id"]).astype(str)
     order = keys.sort_values(cols + ["_label"], kind="stable").index
     return wide.loc[order].reset_index(drop=True)

@@ -125,6 +125,8 @@ def test_simulated_device_figures_are_finite_and_in_range(field, value):
     (["+measure.warmup=5"], ["+measure.warmup: no such key", "did you mean measure.warmup_s?"]),
     (["++bogus=1"], ["+bogus: no such key"]),
     (["mode=simulate", "workload.request_rate=null"], ["workload.request_rate=null", "requests per second"]),
+    (["mode=simulate", "measure.warmup_s=inf"], ["measure.warmup_s=inf", "finite seconds >= 0"]),
+    (["mode=simulate", "measure.warmup_s=-1"], ["measure.warmup_s=-1", "finite seconds >= 0"]),
 ])
 def test_preflight_refuses_added_typos_and_a_null_rate(capsys, args, expected):
     code = cli([*args, "progress=false", "report=false"])

@@ -113,3 +113,19 @@ def test_report_without_per_run_tables(tmp_path, rate_sweep):
 def test_report_cli_on_empty_dir(tmp_path, capsys):
     assert report.main([str(tmp_path)]) == 1
     assert "no run under" in capsys.readouterr().err
+
+
+def test_runs_are_ordered_by_value_where_a_swept_key_mixes_numbers_and_text():
+    """A page-size sweep with ``auto`` beside sizes: sizes by value (not as text, "1048576" before
+    "131072"), then ``auto``; a swept key of text alone goes by its text."""
+    wide = pd.DataFrame({"run_id": list("abcdef"), "allocator": ["virtual"] * 6,
+                         "cfg.allocator.args.page_size": [1048576, "auto", 131072, 2097152, 65536, 4096],
+                         "cfg.workload.name": ["z", "a", "m", "a", "z", "m"]})
+    out = report.order_runs(wide)
+    assert out["cfg.allocator.args.page_size"].tolist() == [4096, 65536, 131072, 1048576, 2097152, "auto"]
+    text = report.order_runs(wide.drop(columns=["cfg.allocator.args.page_size"]))
+    assert text["cfg.workload.name"].tolist() == ["a", "a", "m", "m", "z", "z"]
+    numbers_as_text = wide.assign(**{"cfg.allocator.args.page_size": ["1048576", "auto", "131072", "2097152",
+                                                                         "65536", "4096"]})
+    assert report.order_runs(numbers_as_text)["cfg.allocator.args.page_size"].tolist() == [
+        "4096", "65536", "131072", "1048576", "2097152", "auto"]
