@@ -412,3 +412,27 @@ def test_empty_body_says_it_is_empty(app):
     err = error_of(call(app, "/v1/completions", content=b"", headers=JSON))
     assert err["message"].startswith("The request body is empty") and "Content-Type: application/json" in \
         err["message"], err
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/completions", {"prompt": "Hi", "max_tokens": 3, "n": 2}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}),
+], ids=["completions", "chat"])
+@pytest.mark.parametrize("include_usage", [True, False])
+def test_stream_chunks_carry_usage_null_until_the_usage_chunk(app, path, body, include_usage):
+    """OpenAI: with ``stream_options.include_usage`` every chunk has ``"usage": null`` but the last,
+    which has the usage and no choices; without it no chunk has a usage key."""
+    import json
+
+    r = call(app, path, json={**body, "stream": True, "stream_options": {"include_usage": include_usage},
+                              "ignore_eos": True})
+    assert r.status_code == 200, r.text
+    events = [line[len("data: "):] for line in r.text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert len(chunks) > 2 and all(c["choices"] for c in chunks[:-1])
+    if include_usage:
+        assert all("usage" in c and c["usage"] is None for c in chunks[:-1]), chunks
+        assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 3 * body.get("n", 1)
+    else:
+        assert not any("usage" in c for c in chunks), chunks

@@ -215,6 +215,7 @@ def chat_response(engine: AsyncLLMEngine, request_id: str, model: str, output: R
 
 # -- streams --------------------------------------------------------------------------------
 _TAIL = ',"system_fingerprint":null}\n\n'
+_TAIL_USAGE = ',"system_fingerprint":null,"usage":null}\n\n'
 
 
 def _js(value) -> str:
@@ -250,6 +251,8 @@ class CompletionChunker:
         # the hot path (a text delta, no logprobs) formats its JSON directly: ~10x cheaper than pydantic
         self._head = (f'data: {{"id":{_js(request_id)},"object":"{self.object_type.model_fields["object"].default}",'
                       f'"created":{self.created},"model":{_js(model)},"choices":[{{"index":')
+        # with include_usage every chunk but the last carries "usage": null (OpenAI), as pydantic's do
+        self._tail = _TAIL_USAGE if include_usage else _TAIL
 
     def start(self) -> list[str]:
         return []
@@ -276,7 +279,7 @@ class CompletionChunker:
                 continue
             if lp is None:
                 events.append(f'{self._head}{i * self.params.n + c.index},"text":{_js(text)},"logprobs":null,'
-                              f'"finish_reason":{_js(c.finish_reason)}}}]{_TAIL}')
+                              f'"finish_reason":{_js(c.finish_reason)}}}]{self._tail}')
                 continue
             choice = CompletionChoice(index=i * self.params.n + c.index, text=text, logprobs=lp,
                                       finish_reason=c.finish_reason)
@@ -318,10 +321,10 @@ class ChatChunker(CompletionChunker):
                 events.append(self._chunk(c.index, DeltaMessage(content=c.text), lp))
             elif c.text:
                 events.append(f'{self._head}{c.index},"delta":{{"content":{_js(c.text)}}},"logprobs":null,'
-                              f'"finish_reason":null}}]{_TAIL}')
+                              f'"finish_reason":null}}]{self._tail}')
             if c.finish_reason is not None:
                 events.append(f'{self._head}{c.index},"delta":{{}},"logprobs":null,'
-                              f'"finish_reason":{_js(c.finish_reason)}}}]{_TAIL}')
+                              f'"finish_reason":{_js(c.finish_reason)}}}]{self._tail}')
         return events
 
     def _chunk(self, index: int, delta: DeltaMessage, logprobs=None, finish_reason=None) -> str:
