@@ -21,6 +21,12 @@ from engine.tokenizer import Tokenizer
 PROMPT_CONTEXT = 5  # prompt tokens decoded before the first output token (spacing, merges)
 
 
+def ended_on_token(finish_reason: str | None, stop_reason) -> bool:
+    """A sample that ended on a stop token or EOS (not on a stop string, whose reason is the string):
+    that token's text is left out (``IncrementalDetokenizer.add``'s ``stop_terminated``), as in vLLM."""
+    return finish_reason == "stop" and not isinstance(stop_reason, str)
+
+
 class IncrementalDetokenizer:
     def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], stop: list[str], min_tokens: int = 0,
                  include_stop_str_in_output: bool = False):

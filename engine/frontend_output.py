@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from engine.detokenizer import IncrementalDetokenizer
+from engine.detokenizer import IncrementalDetokenizer, ended_on_token
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import Tokenizer
@@ -92,10 +92,8 @@ class FrontendOutput:
                 continue
             s.num_tokens += len(c.token_ids)
             if s.detok is not None:
-                # a stop token or EOS that ends the sample has no text (as in vLLM), unless
-                # include_stop_str_in_output (the detokenizer keeps it then)
-                ended_on_token = c.finish_reason == "stop" and not isinstance(c.stop_reason, str)
-                hit = s.detok.add(c.token_ids, stop_terminated=ended_on_token) if c.token_ids else None
+                stop = ended_on_token(c.finish_reason, c.stop_reason)  # its text left out unless asked for
+                hit = s.detok.add(c.token_ids, stop_terminated=stop) if c.token_ids else None
                 if hit is not None and c.finish_reason is None:
                     c.finish_reason, c.stop_reason = "stop", hit
                     self.stop_commands.append((c.index, hit, s.num_tokens))

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 
-from engine.detokenizer import IncrementalDetokenizer
+from engine.detokenizer import IncrementalDetokenizer, ended_on_token
 from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from engine.tokenizer import Tokenizer
 
@@ -89,7 +89,7 @@ class OutputProcessor:
                 continue
             n = seq.num_resolved
             if n > seq.num_decoded:
-                stop = det.add(seq.output_token_ids[seq.num_decoded:n], stop_terminated=_stop_terminated(seq))
+                stop = det.add(seq.output_token_ids[seq.num_decoded:n], stop_terminated=ended_on_token(seq.finish_reason, seq.stop_reason))
                 seq.num_decoded = n
                 if stop is not None:
                     engine.finish_on_stop_string(seq, stop)
@@ -154,7 +154,7 @@ class OutputProcessor:
         det = seq.detok
         n = seq.num_resolved
         if n > seq.num_decoded:
-            det.add(seq.output_token_ids[seq.num_decoded:n], stop_terminated=_stop_terminated(seq))
+            det.add(seq.output_token_ids[seq.num_decoded:n], stop_terminated=ended_on_token(seq.finish_reason, seq.stop_reason))
             seq.num_decoded = n
         if finished:
             det.flush()
@@ -193,9 +193,3 @@ class OutputProcessor:
                 max(done) if req.finished and done else None, sum(s.num_preemptions for s in req.seqs),
                 s0.num_cached_tokens, len(req.prompt_token_ids), sum(s.num_resolved for s in req.seqs),
                 req.params.n, req.params.max_tokens, gaps)
-
-
-def _stop_terminated(seq: Sequence) -> bool:
-    """Whether ``seq`` ended on a stop token or EOS, whose text (as in vLLM) is not in the output
-    unless ``include_stop_str_in_output`` (the detokenizer reads that flag)."""
-    return seq.finish_reason == "stop" and not isinstance(seq.stop_reason, str)
