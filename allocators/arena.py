@@ -132,7 +132,11 @@ class BuddyArena:
 ARENAS = {"first_fit": FirstFitArena, "buddy": BuddyArena}
 
 
-def make_arena(kind: str, size: int) -> FirstFitArena | BuddyArena:
+def check_arena(kind: str) -> None:
     if kind not in ARENAS:
         raise ValueError(f"unknown arena '{kind}': choose one of {sorted(ARENAS)} (allocator_args.arena)")
+
+
+def make_arena(kind: str, size: int) -> FirstFitArena | BuddyArena:
+    check_arena(kind)
     return ARENAS[kind](size)

@@ -82,6 +82,12 @@ class KVAllocator(ABC):
     last_match: PrefixMatch = PrefixMatch()  # the last match_prefix, by tier (recomputed tokens)
     fence: Callable[[], None] | None = None  # see set_fence
 
+    @classmethod
+    def check_args(cls, args: dict) -> None:
+        """The ranges of ``args`` (``allocator.args``, types already checked) that need neither the
+        model nor the pool, so that a run or a sweep is refused before any of it starts; the
+        constructor checks them again with the rest (ValueError naming the argument and the fix)."""
+
     def __init__(self, spec: KVCacheSpec, capacity_tokens: int, max_num_seqs: int, max_model_len: int):
         if capacity_tokens <= 0:
             raise ValueError(f"KV pool of {capacity_tokens} tokens: give the allocator more memory")

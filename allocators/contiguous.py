@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence as Seq
 
-from allocators.arena import make_arena
+from allocators.arena import check_arena, make_arena
 from allocators.base import AllocationError, DecodeRun, InPlaceDecodeRun, KVAllocator, KVCacheSpec, SequenceLike
 from allocators.registry import register
 from allocators.stats import MemoryStats
@@ -45,6 +45,12 @@ class ContiguousAllocator(KVAllocator):
     mode = Addressing.LINEAR
     supports_fork = True  # by copy: regions cannot be shared
 
+    @classmethod
+    def check_args(cls, args: dict) -> None:
+        if args.get("policy", "max") not in POLICIES:
+            raise ValueError(f"unknown contiguous policy '{args['policy']}': choose one of {POLICIES}")
+        check_arena(args.get("arena", "first_fit"))
+
     def __init__(
         self,
         spec: KVCacheSpec,
@@ -54,8 +60,7 @@ class ContiguousAllocator(KVAllocator):
         policy: str = "max",
         arena: str = "first_fit",
     ):
-        if policy not in POLICIES:
-            raise ValueError(f"unknown contiguous policy '{policy}': choose one of {POLICIES}")
+        self.check_args({"policy": policy, "arena": arena})
         super().__init__(spec, capacity_tokens, max_num_seqs, max_model_len)
         self.policy = policy
         self.arena_kind = arena

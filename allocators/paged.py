@@ -48,6 +48,12 @@ class PagedAllocator(KVAllocator):
     supports_swap = True
     supports_host_tier = True
 
+    @classmethod
+    def check_args(cls, args: dict) -> None:
+        block_size = args.get("block_size", 16)
+        if not 1 <= block_size <= MAX_BLOCK_SIZE:
+            raise ValueError(f"block_size={block_size}: choose a block size between 1 and {MAX_BLOCK_SIZE}")
+
     def __init__(
         self,
         spec: KVCacheSpec,
@@ -61,8 +67,7 @@ class PagedAllocator(KVAllocator):
         host_tier_policy: str = "lru",
         host_transfer_blocks: int = 1,
     ):
-        if not 1 <= block_size <= MAX_BLOCK_SIZE:
-            raise ValueError(f"block_size={block_size}: choose a block size between 1 and {MAX_BLOCK_SIZE}")
+        self.check_args({"block_size": block_size})
         num_blocks = capacity_tokens // block_size
         if num_blocks == 0:
             raise ValueError(

@@ -49,8 +49,8 @@ def create_allocator(name: str, **kwargs) -> KVAllocator:
 def checked_args(cls: type[KVAllocator], args: dict) -> dict:
     """``args`` of the allocator ``cls`` with the types its constructor's defaults have: true or
     false for a switch, a whole number for a count (an integral float is taken), a finite number,
-    text (``allocator.args.block_size=16.5`` would fail deep inside it, naming nothing). Ranges
-    are the allocator's to check; an argument it does not take is left for it to refuse."""
+    text (``allocator.args.block_size=16.5`` would fail deep inside it, naming nothing), then the
+    ranges it can tell without the model or the pool (``KVAllocator.check_args``)."""
     params = inspect.signature(cls.__init__).parameters
     out = dict(args)
     for name, v in args.items():
@@ -80,4 +80,5 @@ def checked_args(cls: type[KVAllocator], args: dict) -> dict:
             out[name] = float(v)
         elif kind is str and not isinstance(v, str):
             raise ValueError(f"{where}: give one of the names it takes (default {p.default!r})")
+    cls.check_args(out)  # the ranges that need neither the model nor the pool: before anything runs
     return out

@@ -174,6 +174,28 @@ class VirtualAllocator(KVAllocator):
     supports_fork = True  # by copy into the child's slot
     supports_prefix_caching = True  # in place and by sharing pages (allocators/slot_prefix_cache.py)
 
+    @classmethod
+    def check_args(cls, args: dict) -> None:
+        share_prefix, layout = args.get("share_prefix", True), args.get("layout", "per_layer")
+        if not isinstance(share_prefix, bool):
+            raise ValueError(f"allocator.args.share_prefix={share_prefix!r}: set true (map other slots' prefix "
+                             "pages into a new request's slot) or false (reuse idle slots in place only)")
+        if layout not in LAYOUTS:
+            raise ValueError(f"unknown virtual layout '{layout}': choose one of {LAYOUTS}")
+        page_size = args.get("page_size")  # its multiple of a token's bytes needs the model: the constructor's
+        if page_size not in (None, "auto") and (not is_int(page_size) or page_size <= 0):
+            raise ValueError(f"allocator.args.page_size={page_size!r}: give a positive number of bytes, a multiple "
+                             "of one token's K/V bytes in the layout, or auto for one chosen to fit")
+        prefetch_tokens = args.get("prefetch_tokens")
+        if prefetch_tokens is not None and (not is_int(prefetch_tokens) or prefetch_tokens < 1):
+            raise ValueError(f"allocator.args.prefetch_tokens={prefetch_tokens!r}: how many tokens ahead a group is "
+                             "claimed and mapped off the critical path: give a whole number >= 1 (default: an "
+                             "eighth of a page), or prefetch=false to map on demand")
+        premap = args.get("premap")
+        if premap is not None and (not is_int(premap) or premap < 0):
+            raise ValueError(f"allocator.args.premap={premap!r}: the number of empty slots kept with their first "
+                             "page mapped ahead of admission, an integer >= 0 (0: map it when a request is admitted)")
+
     def __init__(
         self,
         spec: KVCacheSpec,
@@ -191,11 +213,8 @@ class VirtualAllocator(KVAllocator):
         # admission (None: every slot), mapped at start-up and refilled in the background
     ):
         reap_unclosed()  # a safe point: what collected allocators left is released first
-        if not isinstance(share_prefix, bool):
-            raise ValueError(f"allocator.args.share_prefix={share_prefix!r}: set true (map other slots' prefix "
-                             "pages into a new request's slot) or false (reuse idle slots in place only)")
-        if layout not in LAYOUTS:
-            raise ValueError(f"unknown virtual layout '{layout}': choose one of {LAYOUTS}")
+        self.check_args(dict(page_size=page_size, layout=layout, share_prefix=share_prefix,
+                             prefetch_tokens=prefetch_tokens, premap=premap))
         elem = torch.empty((), dtype=spec.dtype).element_size()
         token_bytes, num_ranges = range_token_bytes(layout, spec.num_layers, spec.num_kv_heads, spec.head_dim, elem)
         if backend == "auto":
@@ -241,16 +260,9 @@ class VirtualAllocator(KVAllocator):
         # sequence crossing at once (per_layer: 2 x num_layers driver mappings per group)
         self.prefetch = prefetch
         lead = max(2, tpp // 8)
-        if prefetch_tokens is not None and (not is_int(prefetch_tokens) or prefetch_tokens < 1):
-            raise ValueError(f"allocator.args.prefetch_tokens={prefetch_tokens!r}: how many tokens ahead a group is "
-                             f"claimed and mapped off the critical path: give a whole number >= 1 (default "
-                             f"{lead}: an eighth of a page), or prefetch=false to map on demand")
         self.prefetch_tokens = lead if prefetch_tokens is None else prefetch_tokens
         if premap is None:
             premap = max_num_seqs
-        if not is_int(premap) or premap < 0:
-            raise ValueError(f"allocator.args.premap={premap!r}: the number of empty slots kept with their first "
-                             "page mapped ahead of admission, an integer >= 0 (0: map it when a request is admitted)")
         # no prefix caching: it prefers empty slots, to keep idle slots' KV for their next turn
         self.premap = premap if prefetch and not enable_prefix_caching else 0
         self._premapped: set[int] = set()  # idle slots holding only a group mapped ahead of admission

@@ -402,6 +402,25 @@ def test_a_sweeps_bad_value_is_refused_before_any_run(capsys, tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("allocator, values, expected", [
+    ("paged", "allocator.args.block_size=16,0", "block_size=0: choose a block size between 1 and"),
+    ("contiguous", "allocator.args.arena=first_fit,bestfit", "unknown arena 'bestfit'"),
+    ("virtual", "allocator.args.premap=4,-1", "allocator.args.premap=-1"),
+    ("virtual", "allocator.args.page_size=4096,-64", "allocator.args.page_size=-64: give a positive number"),
+])
+def test_a_real_sweeps_bad_allocator_argument_is_refused_before_any_run(capsys, tmp_path, allocator, values,
+                                                                        expected):
+    """Offline (the real engine, whose pool is known only once its weights load): the allocator's
+    ranges that need neither the model nor the pool (``KVAllocator.check_args``) stop the sweep
+    before its first run, as simulate's dry build does; a good value's run is not made first."""
+    code = cli(["-m", "mode=offline", "device=cpu", "workload.num_requests=4", f"allocator={allocator}", values,
+                f"hydra.sweep.dir={tmp_path}", "report=false", "progress=false"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert expected in err and "nothing has run" in err, err
+    assert not any(tmp_path.iterdir())
+
+
 def test_a_sweeps_value_that_needs_the_kv_layout_or_the_workload_is_refused_before_any_run(capsys, tmp_path):
     """Ranges checked only where the model is known: simulate builds each run's own engine (no
     weights) first, so a virtual page that holds no whole token, or a prefetch of 0, stops the
