@@ -11,13 +11,11 @@ looking up its own block, so a tile may span several small blocks.
 
 Split-KV (flash-decoding): when a batch has too few (sequence, KV head) pairs to fill the
 GPU, the key range of each tile is cut into ``num_splits`` chunks handled by separate
-programs that write partial outputs plus their log-sum-exp; a small kernel merges them, or
-(``AttnConfig.fused_merge``) the last of a tile's programs to finish does, counted by an atomic.
+programs that write partial outputs plus their log-sum-exp; a small kernel merges them.
 """
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
@@ -33,9 +31,6 @@ _LOG2E = 1.4426950408889634
 # Split-KV heuristic knobs (see choose_config).
 SPLIT_MIN_TOKENS = 256  # never give a split fewer keys than this
 SPLIT_MAX = 64
-# decode split-KV merged by the last split of each tile (AttnConfig.fused_merge): off until timed on
-# the device; KVLAB_FUSED_MERGE=1 (read once, at import) turns it on for choose_config's configs
-FUSED_MERGE = os.environ.get("KVLAB_FUSED_MERGE", "") == "1"
 RAGGED_PROGRAMS_PER_SM = 4  # decode, even splits: at least this many programs an SM (see choose_config)
 LONG_PROMPT = 4096  # prefill tiles grow from this query length on (choose_config)
 SMEM_PER_SM = 227 * 1024  # usable shared memory per SM (Hopper); sets decode occupancy
@@ -80,7 +75,6 @@ def _tile_rows(q_start, q0, q_len, prefix, kvh, GROUP: tl.constexpr, GROUP_P: tl
 def _attn_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, po_ptr, plse_ptr,
     qsl_ptr, seq_lens_ptr, bt_ptr, base_ptr,
-    cnt_ptr,  # FUSED_MERGE: int32 arrival counters, one per (query tile, KV head), zero between launches
     ks_ptr, vs_ptr,  # fp8 caches (SCALED): fp32 scale per KV head, value = stored x scale
     qk_scale,  # softmax scale * log2(e): the softmax runs in base 2
     window,  # > 0: query at position i sees keys (i - window, i] (sliding window)
@@ -99,7 +93,6 @@ def _attn_kernel(
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     SPLIT: tl.constexpr,  # write partial results for _merge_kernel (num_splits > 1)
-    FUSED_MERGE: tl.constexpr,  # SPLIT: the last split of a tile to finish merges them (no _merge_kernel)
     EVEN_SPLIT: tl.constexpr,  # split j: the j-th of num_splits equal parts of the tile's keys
     DIRECT: tl.constexpr,  # every sequence fits one query tile: program i = sequence i
     BT_AHEAD: tl.constexpr,  # PAGED: block ids fetched one iteration ahead (see loop)
@@ -115,11 +108,9 @@ def _attn_kernel(
     if SEQ_MAJOR:
         kvh = tl.program_id(0)
         qblk = tl.program_id(1)
-        num_kvh = tl.num_programs(0)
     else:
         qblk = tl.program_id(0)
         kvh = tl.program_id(1)
-        num_kvh = tl.num_programs(1)
     if LONGEST_FIRST:  # the last tiles of a prompt see the most keys: start those first, so that
         # the launch ends on short tiles rather than waiting on a long one (tail balance)
         qblk = tl.num_programs(0) - 1 - qblk
@@ -296,47 +287,6 @@ def _attn_kernel(
             mask=st_mask,
         )
         tl.store(plse_ptr + split64 * stride_pls + tok * stride_plt + head, lse, mask=row_ok)
-        if FUSED_MERGE:
-            # the tile's splits count their arrivals; the last one merges all of them (its rows are
-            # theirs), which saves the merge kernel's launch: at small batches the step's attention
-            # is a few microseconds, of which a second launch is a large part. The barrier and
-            # acq_rel order every thread's partial stores before the count and the reads after it
-            cnt = cnt_ptr + qblk * num_kvh + kvh
-            tl.debug_barrier()
-            ticket = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
-            if ticket == num_splits - 1:
-                _merge_rows(po_ptr, plse_ptr, o_ptr, tok, head, row_ok, offs_d, st_mask, num_splits,
-                            stride_pos, stride_pot, stride_poh, stride_pls, stride_plt, stride_ot, stride_oh,
-                            BLOCK_M, BLOCK_D)
-                tl.store(cnt, 0)  # ready for the next launch (a CUDA graph replays the same counters)
-
-
-@triton.jit
-def _merge_rows(po_ptr, plse_ptr, o_ptr, tok, head, row_ok, offs_d, st_mask, num_splits,
-                stride_pos, stride_pot, stride_poh, stride_pls, stride_plt, stride_ot, stride_oh,
-                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """_merge_kernel's sum for one tile's rows, split by split (online, base 2). The partials
-    were written by other programs: read from L2 (.cg), never a stale L1 line."""
-    m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    den = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for s in range(0, num_splits):
-        s64 = tl.full([], s, tl.int64)
-        lse = tl.load(plse_ptr + s64 * stride_pls + tok * stride_plt + head, mask=row_ok, other=float("-inf"),
-                      cache_modifier=".cg")
-        used = lse > float("-inf")  # an empty split: weight 0, its output never read
-        po = tl.load(po_ptr + s64 * stride_pos + tok[:, None] * stride_pot + head[:, None] * stride_poh
-                     + offs_d[None, :], mask=st_mask & used[:, None], other=0.0, cache_modifier=".cg")
-        m_new = tl.maximum(m, lse)
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m - m_use)
-        w = tl.where(used, tl.math.exp2(lse - m_use), 0.0)
-        acc = acc * alpha[:, None] + po * w[:, None]
-        den = den * alpha + w
-        m = m_new
-    out = acc / tl.where(den == 0.0, 1.0, den)[:, None]
-    tl.store(o_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
-             out.to(o_ptr.dtype.element_ty), mask=st_mask)
 
 
 @triton.jit
@@ -394,9 +344,6 @@ class AttnConfig:
     # launch's max_seq_len (False: in a CUDA graph captured at max_model_len a short sequence uses
     # only the first splits, and a ragged batch ends on its longest sequences' full-width chunks)
     even_split: bool = True
-    # split-KV: the last split of each tile to finish merges them all (an arrival counter per tile and
-    # KV head), instead of a second kernel; KVLAB_FUSED_MERGE=1 makes it choose_config's choice
-    fused_merge: bool = False
 
 
 @functools.lru_cache(maxsize=None)
@@ -478,8 +425,7 @@ def choose_config(
             splits = max(splits, triton.cdiv(RAGGED_PROGRAMS_PER_SM * num_sms, pairs))
         splits = max(1, min(splits, max_seq_len // SPLIT_MIN_TOKENS, SPLIT_MAX))
         return AttnConfig(block_q=1, block_n=block_n, num_splits=splits, num_warps=4, num_stages=num_stages,
-                          even_split=even_split, seq_major=decode_seq_major(num_seqs, splits),
-                          fused_merge=FUSED_MERGE and splits > 1)
+                          even_split=even_split, seq_major=decode_seq_major(num_seqs, splits))
     # prefill / mixed: compute bound; ~64 query rows per tile and 64 keys, one warpgroup; prompts of
     # LONG_PROMPT tokens or more take 128 x 128 tiles, 8 warps (H200, Llama-3-8B heads, bench_prefill:
     # 1x8192 442 vs 414 TFLOP/s; 4x2048 347 vs 361). Unmasked first loop; tiles in launch order
@@ -545,20 +491,6 @@ def _check_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
 def _workspace(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """Split-KV scratch (fp32). A module-level hook so tests can poison it."""
     return torch.empty(shape, dtype=torch.float32, device=device)
-
-
-_COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
-
-
-def merge_counters(n: int, device: torch.device) -> torch.Tensor:
-    """``n`` int32 arrival counters for fused split merges, zero between launches (each launch's
-    last split resets its own). One buffer a device, shared by every launch on its stream; a larger
-    one when needed, the smaller ones kept alive (a captured CUDA graph may still use them)."""
-    bufs = _COUNTERS.setdefault(device, [])
-    if not bufs or bufs[-1].numel() < n:
-        bufs.append(torch.zeros(max(n, 4096, 2 * bufs[-1].numel() if bufs else 0), dtype=torch.int32,
-                                device=device))
-    return bufs[-1]
 
 
 def attention_into(
@@ -635,7 +567,6 @@ def attention_into(
     else:
         po = plse = out  # unused
         chunk = 0
-    fused = split and cfg.fused_merge
     paged = meta.mode == Addressing.PAGED
     bt = meta.block_table if paged else meta.seq_lens  # unused pointer in the other mode
     base = meta.seq_base if not paged else meta.seq_lens
@@ -644,7 +575,6 @@ def attention_into(
     _attn_kernel[grid](
         q, k_cache, v_cache, out, po, plse,
         meta.query_start_loc, meta.seq_lens, bt, base,
-        merge_counters(num_qblocks * num_kv_heads, q.device) if fused else meta.seq_lens,  # unused unless fused
         k_scale if scaled else meta.seq_lens, v_scale if scaled else meta.seq_lens,  # unused unless fp8
         scale * _LOG2E,
         window,
@@ -666,7 +596,6 @@ def attention_into(
         BLOCK_Q=cfg.block_q, BLOCK_M=block_m, BLOCK_N=cfg.block_n,
         HEAD_DIM=head_dim, BLOCK_D=block_d,
         SPLIT=split,
-        FUSED_MERGE=fused,
         EVEN_SPLIT=split and cfg.even_split,  # one variant of an unsplit launch
         DIRECT=direct,
         BT_AHEAD=cfg.bt_ahead,
@@ -679,7 +608,7 @@ def attention_into(
         SEQ_MAJOR=seq_major,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    if split and not fused:
+    if split:
         _merge_kernel[(num_tokens, num_heads)](
             po, plse, out,
             po.stride(0), po.stride(1), po.stride(2),
@@ -709,4 +638,4 @@ def attention(
 
 
 __all__ = ["AttnConfig", "attention", "attention_into", "choose_config", "decode_wave", "device_sms",
-           "fixed_split_chunk", "merge_counters"]
+           "fixed_split_chunk"]

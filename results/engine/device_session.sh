@@ -67,13 +67,6 @@
 #                                                     # whole prompts), decode splits under 256 keys
 #                                                     # at 1x4096 (bench_kernels sweep), then bench_prefill with
 #                                                     # a tile sweep in the time left; each into $OUT as it ends
-# Session of 2026-12-05 (sixth, no device): split-KV merged in the attention kernel (fused_merge, off by default):
-#   bash results/engine/device_session.sh fused       # the kernel tests on the GPU (fused merge, TMA prefill),
-#                                                     # bench_kernels at 1x4096 / 8x4096 with the fused merge beside
-#                                                     # the merge kernel (checked against the reference after the
-#                                                     # timing replays), decode per output token at batch 1 / 8
-#                                                     # without and with KVLAB_FUSED_MERGE=1 (bench_latency, one
-#                                                     # process each), then bench_prefill (TMA) in the time left
 # Outputs accumulate in $KVE (default /tmp/kve) on the machine; each part tars them into $OUT.
 set -uo pipefail
 part=${1:?tests or throughput}
@@ -216,27 +209,6 @@ prefill2)
             --sweep-budget-s $(( left > 200 ? 90 : left / 3 )) 2>&1 | tee "$out/bench_prefill.log" | grep -v "^sweep" | tail -30
     fi
     cp -f "$runs"/prefill_tma/*.csv "$runs"/kernels_splits/*.csv "$runs/machine.txt" "$out/" 2>/dev/null
-    exit 0
-    ;;
-fused)
-    t0=$(date +%s)
-    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_triton.py tests/test_kernels_prefill_tma.py \
-        2>&1 | tee "$out/gpu_tests_kernels_fused.log" | tail -4
-    timeout 90 python3 -m experiments.bench_kernels --shapes 1x4096,8x4096 --sweep --sweep-budget-s 40 \
-        --out "$runs/kernels_fused" > "$out/bench_kernels_fused.log" 2>&1
-    grep -E "^sweep|^\| [18]x4096" "$out/bench_kernels_fused.log" | head -24
-    for fm in 0 1; do  # KVLAB_FUSED_MERGE is read at import: one process each
-        KVLAB_FUSED_MERGE=$fm timeout 120 python3 -m experiments.bench_latency --models qwen3-0.6b,llama3-8b \
-            --prefill-tokens 16 --reps 5 --out "$runs/latency_fm$fm" 2>&1 | tee "$out/bench_latency_fm$fm.log" \
-            | grep -iE "decode|batch|floor" | tail -8
-    done
-    left=$(( ${CALL_S:-580} - ($(date +%s) - t0) ))
-    if (( left > 60 )); then
-        timeout $left python3 -m experiments.bench_prefill --out "$runs/prefill_tma" --sweep \
-            --sweep-budget-s $(( left > 200 ? 90 : left / 3 )) 2>&1 | tee "$out/bench_prefill.log" | grep -v "^sweep" | tail -30
-    fi
-    cp -f "$runs"/kernels_fused/*.csv "$runs"/prefill_tma/*.csv "$runs/machine.txt" "$out/" 2>/dev/null
-    for fm in 0 1; do cp -f "$runs/latency_fm$fm"/latency_*.csv "$out/latency_fm$fm.csv" 2>/dev/null; done
     exit 0
     ;;
 prompt)
