@@ -182,7 +182,6 @@ class DecodeFastForward:
         head_len = len(head.token_ids) if head is not None else 0
         head_computed = head.num_computed_tokens if head is not None else 0
         check = True  # admission to check: at the first step, and after each preemption
-        can_preempt = not sched._swap  # a victim that swaps: not modelled
         runner = e.runner
         cost = runner.cost_model
         # the profiled model charges VMM calls made since the last step to the next one
@@ -194,16 +193,9 @@ class DecodeFastForward:
             if step > plan.room or (step > 1 and next_arrival_s <= steps.times[-1] - t0):
                 break
             before = num
-            j = plan.allocate(step, num)
-            while j is not None:  # Scheduler.schedule: preempt the last until ``j`` fits
-                victim = num - 1
-                if (not victim or not can_preempt or members[victim].params.num_seqs > 1
-                        or not plan.release(victim, step)):
-                    return self._planned(steps)  # the exact step decides
-                num -= 1
-                if victim == j:
-                    break
-                j = plan.allocate(step, num, start=j)
+            num = self._preempt_to_fit(plan, members, step, num)
+            if num is None:
+                return self._planned(steps)  # the exact step decides
             admitted = []
             if num < before:  # no admission this step; the last victim heads the queue now
                 head, check = members[num], True
@@ -271,20 +263,13 @@ class DecodeFastForward:
         victim would be one of the skipped (or one the run cannot preempt), or where the queue's head
         could be admitted (the budget is larger by the members skipped; a step that preempts admits
         nothing)."""
-        left, computed, members = steps.left, steps.computed, steps.members
+        left, computed = steps.left, steps.computed
         done = [j for j in range(num) if left[j] < step]
         gone = set(done)
         before = num
-        j = plan.allocate(step, num, skip=done)
-        while j is not None:  # Scheduler.schedule: preempt the last until ``j`` fits (as _plan)
-            victim = num - 1
-            if (victim in gone or self.engine.scheduler._swap or members[victim].params.num_seqs > 1
-                    or not plan.release(victim, step)):
-                return  # the plan's state past the run's steps is never committed
-            num -= 1
-            if victim == j:
-                break
-            j = plan.allocate(step, num, start=j, skip=done)
+        num = self._preempt_to_fit(plan, steps.members, step, num, done)
+        if num is None:
+            return  # the plan's state past the run's steps is never committed
         batch = num - len(done)
         if not batch:
             return
@@ -304,6 +289,24 @@ class DecodeFastForward:
         steps.done = done
         steps.held_last = held + sum(computed[j] + step - 1 for j in done)
         self.finishing_preemptions += before > num
+
+    def _preempt_to_fit(self, plan: DecodeRun, members: list, step: int, num: int,
+                        skip: list[int] = ()) -> int | None:
+        """``Scheduler.schedule`` at ``step`` (the first ``num`` members decoding, ``skip`` left
+        out): the last one preempted by recompute until the one that could not grow fits. The
+        members left, or None where a victim is not modelled (the only one, a skipped one, a
+        request's group, a swap, blocks shared with another)."""
+        j = plan.allocate(step, num, skip=skip)
+        while j is not None:
+            victim = num - 1
+            if (not victim or victim in skip or self.engine.scheduler._swap
+                    or members[victim].params.num_seqs > 1 or not plan.release(victim, step)):
+                return None
+            num -= 1
+            if victim == j:
+                break
+            j = plan.allocate(step, num, start=j, skip=skip)
+        return num
 
     @staticmethod
     def _planned(steps: _Steps) -> _Steps | None:
