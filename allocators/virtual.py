@@ -228,10 +228,7 @@ class VirtualAllocator(KVAllocator):
             page_size = fit.page_size
             log.info("virtual allocator: page_size=%d bytes (%d tokens a page, layout %s): %s; "
                      "set allocator.args.page_size to choose another", page_size, fit.page_tokens, layout, fit.why)
-        elif not is_int(page_size) or page_size <= 0:
-            raise ValueError(f"allocator.args.page_size={page_size!r}: give a positive number of bytes, a multiple "
-                             f"of {token_bytes} (e.g. {fit.page_size}), or auto for one chosen to fit")
-        elif page_size % token_bytes:
+        elif page_size % token_bytes:  # a positive whole number: check_args
             raise ValueError(
                 f"allocator.args.page_size={page_size} does not hold a whole number of tokens of {token_bytes} "
                 f"bytes (layout '{layout}'): choose a multiple of {token_bytes}, e.g. {fit.page_size}, "
