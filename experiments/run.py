@@ -592,11 +592,16 @@ def _tell_parent(status: str, out: Path, error: BaseException | None = None) -> 
         return
     record = {"status": status, "name": out.name, "sweep_dir": SESSION.sweep_dir, "run_dir": SESSION.run_dir}
     if error is not None:
-        record.update(line=_one_line(error), user=isinstance(error, (ValueError, ResumeConflict)))
+        record.update(line=_one_line(error), user=_users_fault(error))
     try:
         write_json(Path(folder) / f"{os.getpid()}-{time.time_ns()}.json", record)
     except OSError as e:  # the run's own outcome stands; only the closing lines miss it
         log.warning("could not tell kvlab run about %s (%s)", out.name, e)
+
+
+def _users_fault(e: BaseException) -> bool:
+    """A run's failure from its settings (exit 2), not from kvlab (exit 1); a worker's, as it said."""
+    return isinstance(e, (ValueError, ResumeConflict)) or (isinstance(e, WorkerFailure) and e.user)
 
 
 def _hear_workers(session: Session, folder: Path) -> None:
@@ -765,7 +770,7 @@ def cli(argv: list[str]) -> int:
         ran = len(SESSION.failed) + len(SESSION.finished)
         print(f"kvlab run: {len(SESSION.failed)} of {ran} run(s) failed, no results written:\n"
               + "\n".join(lines) + ("" if verbose else "\n(--verbose shows the tracebacks)"), file=sys.stderr)
-        user = all(isinstance(e, (ValueError, ResumeConflict)) or getattr(e, "user", False) for _, e in SESSION.failed)
+        user = all(_users_fault(e) for _, e in SESSION.failed)
         return 2 if user else 1
     return 0
 
