@@ -16,6 +16,8 @@ from engine.sampler import Sampler, apply_min_p
 from engine.sequence import PENDING, Sequence
 
 V = 97
+# the unit oracles on the GPU too: its scatter_add / index_put_ counting and the in-flight token
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
 def _seq(prompt: list[int], output: list[int], **params) -> Sequence:
@@ -64,13 +66,14 @@ SETTINGS = [
 ]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("seed", range(5))
-def test_penalties_equal_hf_repetition_penalty_and_the_closed_form(seed):
+def test_penalties_equal_hf_repetition_penalty_and_the_closed_form(seed, device):
     logits, seqs = _random_case(seed, SETTINGS)
-    got = logits.clone()
-    Sampler("cpu")._apply_penalties(got, seqs, [i for i, s in enumerate(seqs) if s.params.penalized], None)
-    torch.testing.assert_close(got, _oracle(logits, seqs), rtol=0, atol=1e-6)
-    assert torch.equal(got[-1], logits[-1])
+    got = logits.clone().to(device)
+    Sampler(device)._apply_penalties(got, seqs, [i for i, s in enumerate(seqs) if s.params.penalized], None)
+    torch.testing.assert_close(got.cpu(), _oracle(logits, seqs), rtol=0, atol=1e-5)
+    assert torch.equal(got[-1].cpu(), logits[-1])
 
 
 @pytest.mark.parametrize("penalty", [0.5, 1.2, 3.0])
@@ -103,17 +106,20 @@ def test_presence_and_frequency_count_the_output_only():
     assert torch.equal(logits[0], want)  # 7 (prompt only) untouched
 
 
-def test_greedy_takes_the_argmax_of_the_penalised_logits_and_logprobs_stay_raw():
+@pytest.mark.parametrize("device", DEVICES)
+def test_greedy_takes_the_argmax_of_the_penalised_logits_and_logprobs_stay_raw(device):
     """A batch of greedy rows with and without penalties: each token is the argmax of its own
     row's penalised logits; the logprobs reported are the model's (vLLM's raw logprobs)."""
     logits, seqs = _random_case(7, SETTINGS)
-    tokens, _ = Sampler("cpu").sample(logits.clone(), seqs, eos_ids=[])
+    tokens, _ = Sampler(device).sample(logits.clone().to(device), seqs, eos_ids=[])
+    tokens = tokens.cpu()
     assert tokens.tolist() == _oracle(logits, seqs).argmax(dim=-1).tolist()
     # the penalties decide some of these tokens (else the test would not tell)
     assert tokens.tolist() != logits.argmax(dim=-1).tolist()
     for s in seqs:
         s.params.logprobs = 2
-    tokens2, packed = Sampler("cpu").sample(logits.clone(), seqs, eos_ids=[])
+    tokens2, packed = Sampler(device).sample(logits.clone().to(device), seqs, eos_ids=[])
+    packed = packed.cpu()
     assert tokens2.tolist() == tokens.tolist()
     raw = torch.log_softmax(logits, dim=-1)
     torch.testing.assert_close(packed[:, 0], raw.gather(1, tokens[:, None])[:, 0])
@@ -128,7 +134,8 @@ class _Inflight:
         self.tokens = torch.tensor(tokens)
 
 
-def test_a_token_still_in_flight_is_counted_from_the_device():
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_token_still_in_flight_is_counted_from_the_device(device):
     """Asynchronous scheduling: the last output token may not be read back yet (PENDING); the
     penalties count it from the in-flight step's sampled tokens, as if it were known."""
     logits, known = _random_case(11, SETTINGS[:6])
@@ -146,11 +153,13 @@ def test_a_token_still_in_flight_is_counted_from_the_device():
     # the in-flight step sampled other sequences too, in another order
     others = [_seq([1], []) for _ in range(3)]
     inflight = _Inflight(others[:1] + pending[::-1] + others[1:], [0] + last[::-1] + [0, 0])
+    inflight.tokens = inflight.tokens.to(device)
     rows = list(range(len(known)))
-    a, b = logits.clone(), logits.clone()
-    Sampler("cpu")._apply_penalties(a, known, rows, None)
-    Sampler("cpu")._apply_penalties(b, pending, rows, inflight)
+    a, b = logits.clone().to(device), logits.clone().to(device)
+    Sampler(device)._apply_penalties(a, known, rows, None)
+    Sampler(device)._apply_penalties(b, pending, rows, inflight)
     assert torch.equal(a, b)
+    assert not torch.equal(a.cpu(), logits)
 
 
 def test_a_batch_without_penalties_never_counts_tokens(monkeypatch):
@@ -248,13 +257,14 @@ class _OpenAIPenalties(LogitsProcessor):
 
 
 def _hf(model, prompts, **kw):
+    dev = next(model.parameters()).device
     out = []
     for p in prompts:
         extra = {}
         if "frequency_penalty" in kw:
             extra["logits_processor"] = LogitsProcessorList([_OpenAIPenalties(len(p), kw["frequency_penalty"],
                                                                               kw["presence_penalty"])])
-        ids = model.generate(torch.tensor([p]), max_new_tokens=MAX_TOKENS, do_sample=False, eos_token_id=None,
+        ids = model.generate(torch.tensor([p], device=dev), max_new_tokens=MAX_TOKENS, do_sample=False, eos_token_id=None,
                              pad_token_id=0, repetition_penalty=kw.get("repetition_penalty", 1.0), **extra)
         out.append(ids[0, len(p):].tolist())
     return out
@@ -323,3 +333,58 @@ def test_async_scheduling_gives_the_same_tokens_with_penalties(allocator, kw):
     for a, b in zip(outs[True], outs[False]):
         assert [c.token_ids for c in a.outputs] == [c.token_ids for c in b.outputs]
         assert [c.logprobs for c in a.outputs] == [c.logprobs for c in b.outputs]
+
+
+# -- on the GPU: the runner's staging, CUDA graphs and asynchronous steps --------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+@pytest.mark.parametrize("case", ["repetition", "presence-frequency", "repetition-below-1"])
+def test_greedy_with_penalties_on_the_gpu_equals_hf_generate(hf_llama, case, async_scheduling):
+    """float32 on the GPU (CUDA graphs for decode, the runner's pinned staging of the penalty
+    tables), HF's generate on the same weights on the same GPU."""
+    import copy
+
+    path, hf_cpu = hf_llama
+    hf = copy.deepcopy(hf_cpu).to("cuda")
+    kw = PENALTY_CASES[case]
+    prompts = _prompts(hf.config.vocab_size)
+    want = [[int(t) for t in o] for o in _hf(hf, prompts, **kw)]
+    plain = [[int(t) for t in o] for o in _hf(hf, prompts)]
+    assert want != plain
+    llm = LLM(path, device="cuda", dtype="float32", async_scheduling=async_scheduling, max_model_len=128)
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True, **kw)
+    greedy = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
+    outs = llm.generate(prompts + prompts, [params] * len(prompts) + [greedy] * len(prompts))
+    assert [o.token_ids for o in outs[:len(prompts)]] == want
+    assert [o.token_ids for o in outs[len(prompts):]] == plain
+
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("allocator,args", [("paged", {}), ("contiguous", {"policy": "max"}),
+                                            ("virtual", {"layout": "shared"})], ids=["paged", "contiguous", "virtual"])
+def test_async_scheduling_gives_the_same_tokens_with_penalties_on_the_gpu(allocator, args):
+    """As on the CPU: seeded sampling with every penalty and min_p, beside plain greedy rows, the
+    same tokens and logprobs whether steps overlap or not (bf16, CUDA graphs)."""
+    prompts = [list(range(5, 5 + n)) for n in (3, 12, 30, 7, 21, 9, 14)]
+    params = [SamplingParams(n=2, max_tokens=24, temperature=1.0, seed=11, ignore_eos=True, repetition_penalty=1.3,
+                             frequency_penalty=0.5, presence_penalty=0.3, min_p=0.05),
+              SamplingParams(max_tokens=24, temperature=0, ignore_eos=True),
+              SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, repetition_penalty=2.0, logprobs=1),
+              SamplingParams(max_tokens=24, temperature=0.8, seed=3, ignore_eos=True, frequency_penalty=-0.5),
+              SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, presence_penalty=1.5),
+              SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, repetition_penalty=0.5),
+              SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, presence_penalty=-1.0)]
+    outs = {}
+    for async_ in (False, True):
+        llm = LLM("tiny-llama", allocator, allocator_args=dict(args), device="cuda", max_model_len=128,
+                  kv_cache_tokens=4096 if allocator != "virtual" else 16 * 8192, async_scheduling=async_)
+        outs[async_] = llm.generate(prompts, params)
+    for a, b in zip(outs[True], outs[False]):
+        assert [c.token_ids for c in a.outputs] == [c.token_ids for c in b.outputs]
+        assert [c.logprobs for c in a.outputs] == [c.logprobs for c in b.outputs]
+    # the penalties act on the GPU too: without them the greedy rows' tokens differ
+    bare = LLM("tiny-llama", allocator, allocator_args=dict(args), device="cuda", max_model_len=128,
+               kv_cache_tokens=4096 if allocator != "virtual" else 16 * 8192).generate(
+        prompts[2:3], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))
+    assert bare[0].token_ids != outs[False][2].token_ids
