@@ -351,7 +351,8 @@ def test_greedy_with_penalties_on_the_gpu_equals_hf_generate(hf_llama, case, asy
     want = [[int(t) for t in o] for o in _hf(hf, prompts, **kw)]
     plain = [[int(t) for t in o] for o in _hf(hf, prompts)]
     assert want != plain
-    llm = LLM(path, device="cuda", dtype="float32", async_scheduling=async_scheduling, max_model_len=128)
+    llm = LLM(path, device="cuda", dtype="float32", async_scheduling=async_scheduling, max_model_len=128,
+              kv_cache_tokens=4096)  # not 90% of the GPU: the last test's engine may not be freed yet
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True, **kw)
     greedy = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
     outs = llm.generate(prompts + prompts, [params] * len(prompts) + [greedy] * len(prompts))

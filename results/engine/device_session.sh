@@ -67,6 +67,10 @@
 #                                                     # whole prompts), decode splits under 256 keys
 #                                                     # at 1x4096 (bench_kernels sweep), then bench_prefill with
 #                                                     # a tile sweep in the time left; each into $OUT as it ends
+# Session of 2026-12-05 (seventh), on an H100 (the device lent one): prefill2 as above, then
+#   bash results/engine/device_session.sh regress     # every gpu-marked test but tensor parallelism (one GPU),
+#                                                     # then the kernel test files on the GPU (their reference
+#                                                     # checks), one log each into $OUT
 # Outputs accumulate in $KVE (default /tmp/kve) on the machine; each part tars them into $OUT.
 set -uo pipefail
 part=${1:?tests or throughput}
@@ -209,6 +213,14 @@ prefill2)
             --sweep-budget-s $(( left > 200 ? 90 : left / 3 )) 2>&1 | tee "$out/bench_prefill.log" | grep -v "^sweep" | tail -30
     fi
     cp -f "$runs"/prefill_tma/*.csv "$runs"/kernels_splits/*.csv "$runs/machine.txt" "$out/" 2>/dev/null
+    exit 0
+    ;;
+regress)
+    timeout 400 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=12 tests --ignore=tests/test_gpu_tp.py \
+        2>&1 | tee "$out/gpu_tests_marked.log" | tail -25
+    timeout 170 python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_kernels_triton.py \
+        tests/test_kernels_prefill_tma.py tests/test_kernels_fp8_window.py tests/test_kernels_layers_copy.py \
+        tests/test_fused_ops.py 2>&1 | tee "$out/gpu_tests_kernels.log" | tail -6
     exit 0
     ;;
 prompt)
