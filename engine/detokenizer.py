@@ -12,7 +12,8 @@ As in vLLM: the text of the first ``min_tokens`` output tokens is not searched f
 EOS (``stop_terminated``) gets no text for that token. With ``include_stop_str_in_output`` (as
 vLLM's detokenizer) the stop string stays (the text ends where it ends), the stop token's text
 too, and nothing is held back: the text searched for a stop string's start then reaches back
-into what was handed out already (``recent``).
+into what was handed out already (``recent``). With ``skip_special_tokens=False`` special tokens'
+text (BOS, EOS, a chat template's markers) stays in the output.
 """
 from __future__ import annotations
 
@@ -29,8 +30,9 @@ def ended_on_token(finish_reason: str | None, stop_reason) -> bool:
 
 class IncrementalDetokenizer:
     def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], stop: list[str], min_tokens: int = 0,
-                 include_stop_str_in_output: bool = False):
+                 include_stop_str_in_output: bool = False, skip_special_tokens: bool = True):
         self.tokenizer = tokenizer
+        self.skip_special = skip_special_tokens
         self.min_tokens = min_tokens
         self.num_tokens = 0  # output tokens given to ``add``
         self.ids = list(prompt_ids[-PROMPT_CONTEXT:])
@@ -46,6 +48,15 @@ class IncrementalDetokenizer:
         self.recent = ""  # the end of the text handed out (include_stop_str_in_output: a stop may start there)
         self.stop_found: str | None = None
         self.check_stop = True
+
+    @classmethod
+    def for_params(cls, tokenizer: Tokenizer, prompt_ids: list[int], params) -> IncrementalDetokenizer:
+        """The detokenizer of a sample of a request with these SamplingParams."""
+        return cls(tokenizer, prompt_ids, params.stop, params.min_tokens, params.include_stop_str_in_output,
+                   params.skip_special_tokens)
+
+    def _text_of(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special)
 
     def add(self, token_ids: list[int], stop_terminated: bool = False) -> str | None:
         """Decode newly sampled tokens; returns the stop string if one now appears in the text.
@@ -65,7 +76,7 @@ class IncrementalDetokenizer:
     def _decode(self, token_ids: list[int], check_stop: bool) -> None:
         self.check_stop = check_stop
         self.ids.extend(token_ids)
-        decode = self.tokenizer.decode
+        decode = self._text_of
         prefix = decode(self.ids[self.prefix_offset:self.read_offset])
         full = decode(self.ids[self.prefix_offset:])
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
@@ -75,7 +86,7 @@ class IncrementalDetokenizer:
     def flush(self) -> None:
         """The sequence ended: whatever is still undecoded counts (an invalid byte as U+FFFD)."""
         if self.stop_found is None and self.read_offset < len(self.ids):
-            decode = self.tokenizer.decode
+            decode = self._text_of
             full = decode(self.ids[self.prefix_offset:])
             self._append(full[len(decode(self.ids[self.prefix_offset:self.read_offset])):])
             self.read_offset = len(self.ids)

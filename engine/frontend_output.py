@@ -74,8 +74,7 @@ class FrontendOutput:
         s = self.samples.get(index)
         if s is None:
             p = self.params
-            det = (IncrementalDetokenizer(self.tokenizer, self.prompt_ids, p.stop, p.min_tokens,
-                                          p.include_stop_str_in_output)
+            det = (IncrementalDetokenizer.for_params(self.tokenizer, self.prompt_ids, p)
                    if self.tokenizer is not None else None)
             s = self.samples[index] = _Sample(det)
         return s

@@ -46,8 +46,7 @@ class OutputProcessor:
         p = req.params
         if self.tokenizer is not None and (p.stop or p.output_kind != "final_only"):
             for seq in req.seqs:  # text as it comes: for stop strings and for streaming
-                seq.detok = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids, p.stop, p.min_tokens,
-                                                   p.include_stop_str_in_output)
+                seq.detok = IncrementalDetokenizer.for_params(self.tokenizer, req.prompt_token_ids, p)
 
     def is_quiet(self, req: RequestState, stream_outputs: bool) -> bool:
         """Whether ``_process`` does nothing for ``req`` until one of its samples finishes: no
@@ -149,8 +148,7 @@ class OutputProcessor:
         if self.tokenizer is None:
             return ""
         if seq.detok is None:
-            seq.detok = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, seq.params.stop,
-                                               seq.params.min_tokens, seq.params.include_stop_str_in_output)
+            seq.detok = IncrementalDetokenizer.for_params(self.tokenizer, seq.prompt_token_ids, seq.params)
         det = seq.detok
         n = seq.num_resolved
         if n > seq.num_decoded:

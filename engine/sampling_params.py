@@ -55,6 +55,10 @@ class SamplingParams:
     # the stop string that ends a sample stays at the end of its text (and a stop token's or
     # EOS's text, as in vLLM; a special token's text is empty)
     include_stop_str_in_output: bool = False
+    # the text of special tokens (BOS, EOS, a chat template's markers) is left out of the output
+    # text; false keeps it (vLLM's skip_special_tokens). A stop token's or EOS's text that ends a
+    # sample is left out either way, unless include_stop_str_in_output
+    skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -120,8 +124,9 @@ class SamplingParams:
         real("repetition_penalty", lambda v: MIN_REPETITION_PENALTY <= v <= MAX_REPETITION_PENALTY,
              f"in [{MIN_REPETITION_PENALTY}, {MAX_REPETITION_PENALTY}]")
         real("min_p", lambda v: 0 <= v <= 1, "in [0, 1]")
-        if not isinstance(self.include_stop_str_in_output, bool):
-            out.append(f"include_stop_str_in_output must be true or false, got {self.include_stop_str_in_output!r}")
+        for name in ("include_stop_str_in_output", "skip_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                out.append(f"{name} must be true or false, got {getattr(self, name)!r}")
         integer("beam_width", 1, MAX_N)
         if is_int(self.beam_width) and self.beam_width > 1 and not out:
             k = self.beam_width

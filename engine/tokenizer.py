@@ -15,7 +15,7 @@ class Tokenizer(Protocol):
 
     def encode(self, text: str) -> list[int]: ...
 
-    def decode(self, ids: list[int]) -> str: ...
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str: ...
 
     def apply_chat_template(self, messages: list[dict]) -> str: ...
 
@@ -34,7 +34,8 @@ def default_chat_prompt(messages: list[dict]) -> str:
 
 
 class ByteTokenizer:
-    """UTF-8 bytes shifted past the special ids; ids beyond the byte range print as ``<id>``."""
+    """UTF-8 bytes shifted past the special ids; ids beyond the byte range print as ``<id>``, and
+    so do the special ids (BOS, EOS, those below the bytes) where they are not skipped."""
 
     OFFSET = 3
 
@@ -49,7 +50,7 @@ class ByteTokenizer:
         ids = [b + self.OFFSET for b in text.encode("utf-8")]
         return ([self.bos_token_id] if self.bos_token_id is not None else []) + ids
 
-    def decode(self, ids: list[int]) -> str:
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         out, run = [], bytearray()
         for i in ids:
             if self.OFFSET <= i < 256 + self.OFFSET:
@@ -58,7 +59,8 @@ class ByteTokenizer:
             if run:
                 out.append(run.decode("utf-8", errors="replace"))
                 run = bytearray()
-            if i != self.bos_token_id and i not in self.eos_token_ids and i >= self.OFFSET:
+            if not skip_special_tokens or (i != self.bos_token_id and i not in self.eos_token_ids
+                                           and i >= self.OFFSET):
                 out.append(f"<{i}>")
         if run:
             out.append(run.decode("utf-8", errors="replace"))
@@ -107,8 +109,8 @@ class HFTokenizer:
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text)
 
-    def decode(self, ids: list[int]) -> str:
-        return self.tok.decode(ids, skip_special_tokens=True)
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes the token stands for: byte-level BPE and SentencePiece byte tokens exactly."""
@@ -178,7 +180,7 @@ class NoTokenizer:
     def encode_chat(self, messages: list[dict]) -> tuple[str, list[int]]:
         raise self.error("chat messages")
 
-    def decode(self, ids: list[int]) -> str:
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return ""  # outputs of token-id prompts carry their token ids; there is no text to give
 
     def token_bytes(self, token_id: int) -> bytes:

@@ -322,7 +322,6 @@ UNSUPPORTED_CASES = [
     ("/v1/completions", completion(logit_bias={"50": -100}), "logit_bias"),
     ("/v1/completions", completion(suffix="the end"), "suffix"),
     ("/v1/completions", completion(best_of=3), "best_of"),
-    ("/v1/completions", completion(skip_special_tokens=False), "skip_special_tokens"),
     ("/v1/chat/completions", chat(spaces_between_special_tokens=False), "spaces_between_special_tokens"),
 ]
 

@@ -3,11 +3,11 @@
 Requests are validated strictly: ``"10"`` is not an integer, ``"yes"`` not a boolean and
 ``NaN`` or ``Infinity`` not a number (JSON integers are accepted for numbers and, as JSON
 Schema's ``integer`` has it, ``10.0`` for integers). Known fields that the engine cannot honour
-(tools, response formats, logit_bias, suffix, vLLM's ``skip_special_tokens=false``, ...) are
+(tools, response formats, logit_bias, suffix, vLLM's ``spaces_between_special_tokens=false``, ...) are
 rejected with a 400 naming the field rather than silently dropped, and the published schema
 lists only the values that are accepted (``null``, or the neutral value). ``top_k``,
-``min_tokens``, ``ignore_eos``, ``stop_token_ids``, ``repetition_penalty``, ``min_p`` and
-``include_stop_str_in_output`` are vLLM's extensions (clients send them through
+``min_tokens``, ``ignore_eos``, ``stop_token_ids``, ``repetition_penalty``, ``min_p``,
+``include_stop_str_in_output`` and ``skip_special_tokens`` are vLLM's extensions (clients send them through
 ``extra_body``); benchmarks need ``ignore_eos``.
 
 Unknown top-level request fields: one that is a near miss of a field of the request
@@ -263,10 +263,12 @@ class _SamplingRequest(_Strict):
                                                               "times the likeliest are dropped (vLLM extension).")
     include_stop_str_in_output: bool | None = Field(
         False, description="The stop string (or stop token's text) that ends a choice stays in it (vLLM extension).")
+    skip_special_tokens: bool | None = Field(
+        True, description="Leave the text of special tokens (BOS, EOS, a chat template's markers) out of the "
+                          "output (vLLM extension; false keeps it).")
     # known, not supported (rejected unless neutral)
     logit_bias: EmptyMapOnly = None
-    skip_special_tokens: TrueOnly = None  # special tokens' text is always left out (vLLM's default)
-    spaces_between_special_tokens: TrueOnly = None
+    spaces_between_special_tokens: TrueOnly = None  # HF's fast tokenizers put no spaces between them
 
     @model_validator(mode="wrap")
     @classmethod
@@ -306,6 +308,7 @@ class _SamplingRequest(_Strict):
             repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
             min_p=self.min_p or 0.0,
             include_stop_str_in_output=bool(self.include_stop_str_in_output),
+            skip_special_tokens=self.skip_special_tokens is not False,
         )
 
     @property
