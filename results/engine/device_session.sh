@@ -215,10 +215,11 @@ prefill2)
     cp -f "$runs"/prefill_tma/*.csv "$runs"/kernels_splits/*.csv "$runs/machine.txt" "$out/" 2>/dev/null
     exit 0
     ;;
-regress)
-    timeout 400 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=12 tests --ignore=tests/test_gpu_tp.py \
-        2>&1 | tee "$out/gpu_tests_marked.log" | tail -25
-    timeout 170 python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_kernels_triton.py \
+regress)  # most telling first: each file's log is in $OUT even if a timeout cuts the rest
+    timeout ${MARKED_S:-330} python3 -m pytest -q -m gpu -p no:cacheprovider --durations=12 tests/test_penalties.py \
+        tests/test_gpu_engine.py tests/test_gpu_serving.py tests/test_gpu_kv_axes.py tests/test_vmm_cuda.py \
+        tests/test_gpu_host_tier.py 2>&1 | tee "$out/gpu_tests_marked.log" | tail -25
+    timeout ${KERNELS_S:-150} python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_kernels_triton.py \
         tests/test_kernels_prefill_tma.py tests/test_kernels_fp8_window.py tests/test_kernels_layers_copy.py \
         tests/test_fused_ops.py 2>&1 | tee "$out/gpu_tests_kernels.log" | tail -6
     exit 0
