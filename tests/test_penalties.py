@@ -308,6 +308,23 @@ def test_greedy_with_penalties_equals_hf_generate(hf_llama, case, async_scheduli
     assert (sum(in_flight) > 0) == async_scheduling
 
 
+def _mixed_penalty_batch(max_tokens: int) -> tuple[list[list[int]], list[SamplingParams]]:
+    """Prompts, and seeded random sampling with every penalty and min_p (n=2) beside greedy rows
+    with one penalty each or none."""
+    prompts = [list(range(5, 5 + n)) for n in (3, 12, 30, 7, 21, 9, 14)]
+    common = dict(max_tokens=max_tokens, ignore_eos=True)
+    params = [SamplingParams(n=2, temperature=1.0, seed=11, repetition_penalty=1.3, frequency_penalty=0.5,
+                             presence_penalty=0.3, min_p=0.05, **common),
+              SamplingParams(temperature=0, **common),
+              SamplingParams(temperature=0, repetition_penalty=2.0, logprobs=1, **common),
+              SamplingParams(temperature=0.8, seed=3, frequency_penalty=-0.5, **common),
+              SamplingParams(temperature=0, presence_penalty=1.5, **common),
+              # favouring repeats: the token in flight decides the next
+              SamplingParams(temperature=0, repetition_penalty=0.5, **common),
+              SamplingParams(temperature=0, presence_penalty=-1.0, **common)]
+    return prompts, params
+
+
 @pytest.mark.parametrize("allocator,kw", [
     ("paged", dict(block_size=4)),
     ("paged", dict(block_size=4, kv_cache_tokens=96)),  # recompute preemption
@@ -316,16 +333,7 @@ def test_greedy_with_penalties_equals_hf_generate(hf_llama, case, async_scheduli
 def test_async_scheduling_gives_the_same_tokens_with_penalties(allocator, kw):
     """Seeded random sampling with every penalty and min_p, n=2, beside plain requests: the same
     tokens whether each step's tokens are read back at once or one step late."""
-    prompts = [list(range(5, 5 + n)) for n in (3, 12, 30, 7, 21, 9, 14)]
-    params = [SamplingParams(n=2, max_tokens=20, temperature=1.0, seed=11, ignore_eos=True, repetition_penalty=1.3,
-                             frequency_penalty=0.5, presence_penalty=0.3, min_p=0.05),
-              SamplingParams(max_tokens=20, temperature=0, ignore_eos=True),
-              SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, repetition_penalty=2.0, logprobs=1),
-              SamplingParams(max_tokens=20, temperature=0.8, seed=3, ignore_eos=True, frequency_penalty=-0.5),
-              SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, presence_penalty=1.5),
-              # favouring repeats: the token in flight decides the next
-              SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, repetition_penalty=0.5),
-              SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, presence_penalty=-1.0)]
+    prompts, params = _mixed_penalty_batch(max_tokens=20)
     outs = {}
     for async_ in (False, True):
         llm = LLM("tiny-llama", allocator, device="cpu", max_model_len=128, async_scheduling=async_, **kw)
@@ -367,15 +375,7 @@ def test_greedy_with_penalties_on_the_gpu_equals_hf_generate(hf_llama, case, asy
 def test_async_scheduling_gives_the_same_tokens_with_penalties_on_the_gpu(allocator, args):
     """As on the CPU: seeded sampling with every penalty and min_p, beside plain greedy rows, the
     same tokens and logprobs whether steps overlap or not (bf16, CUDA graphs)."""
-    prompts = [list(range(5, 5 + n)) for n in (3, 12, 30, 7, 21, 9, 14)]
-    params = [SamplingParams(n=2, max_tokens=24, temperature=1.0, seed=11, ignore_eos=True, repetition_penalty=1.3,
-                             frequency_penalty=0.5, presence_penalty=0.3, min_p=0.05),
-              SamplingParams(max_tokens=24, temperature=0, ignore_eos=True),
-              SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, repetition_penalty=2.0, logprobs=1),
-              SamplingParams(max_tokens=24, temperature=0.8, seed=3, ignore_eos=True, frequency_penalty=-0.5),
-              SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, presence_penalty=1.5),
-              SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, repetition_penalty=0.5),
-              SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, presence_penalty=-1.0)]
+    prompts, params = _mixed_penalty_batch(max_tokens=24)
     outs = {}
     for async_ in (False, True):
         llm = LLM("tiny-llama", allocator, allocator_args=dict(args), device="cuda", max_model_len=128,
