@@ -424,9 +424,12 @@ def _memory_panel(ax, wide: pd.DataFrame, suffix: str, title: str) -> None:
 
 def plot_memory(wide: pd.DataFrame):
     """Stacked bars of the memory fields (the PagedAttention paper's Fig. 2), with an "idle
-    mapped" segment where a run keeps memory mapped for reuse (virtual)."""
+    mapped" segment where a run keeps memory mapped for reuse (virtual); where runs have a
+    steady-state window, its time-weighted means too (what is compared with the paper)."""
     saturated = "token_states_saturated" in wide and wide["token_states_saturated"].notna().any()
     panels = [("", "mean over all engine steps")]
+    if "token_states_tw" in wide and wide["token_states_tw"].notna().any():
+        panels.append(("_tw", "time-weighted over the steady-state window"))
     if saturated:
         panels.append(("_saturated", "mean over steps where requests wait (saturated pool)"))
     many = len(wide) > 8  # many bars: panels one above the other

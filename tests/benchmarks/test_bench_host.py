@@ -1,4 +1,4 @@
-"""Host time per decode step at 256 running sequences, per allocator (DESIGN: target <= 1 ms).
+"""Host time per decode step at 256 running sequences, per allocator (target: <= 1 ms).
 
 The model is replaced by ``experiments.host_runner.HostOnlyRunner`` (all host-side work of
 the real runner, no model), so the figure is scheduler + allocator + accounting + input
