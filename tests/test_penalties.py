@@ -42,6 +42,7 @@ def _random_case(seed: int, settings: list[dict]):
 def _closed_form(logits_row: torch.Tensor, output: list[int], freq: float, pres: float) -> torch.Tensor:
     """OpenAI's definition: logits -= frequency * count + presence * (count > 0), over the output."""
     counts = torch.bincount(torch.tensor(output, dtype=torch.long), minlength=logits_row.shape[-1]).float()
+    counts = counts.to(logits_row.device)
     return logits_row - freq * counts - pres * (counts > 0).float()
 
 
