@@ -370,8 +370,11 @@ class RooflineCostModel:
         budget = gpu_memory_utilization * self.device.memory_bytes
         free = budget - self.model.weight_bytes - activation_reserve_bytes
         if free < self.model.kv_bytes_per_token:
+            reserve = (f" and sim.activation_reserve_bytes={activation_reserve_bytes:g}" if activation_reserve_bytes
+                       else "")
             raise ValueError(
-                f"{self.model.name} ({self.model.weight_bytes / GiB:.1f} GiB of weights) leaves no KV "
-                f"memory in {gpu_memory_utilization:.0%} of {self.device.name}: use a larger device "
-                "or raise gpu_memory_utilization")
+                f"{self.model.name} ({self.model.weight_bytes / GiB:.1f} GiB of weights){reserve} "
+                f"leave{'' if reserve else 's'} no KV memory in {gpu_memory_utilization:.0%} of {self.device.name}: "
+                "use a larger device or raise gpu_memory_utilization"
+                + (" or lower sim.activation_reserve_bytes" if reserve else ""))
         return int(free // self.model.kv_bytes_per_token)

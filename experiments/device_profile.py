@@ -2,9 +2,9 @@
 
 ``DeviceProfile`` holds the tables (one parquet file, its metadata: device, versions, commit);
 ``Grid1D`` and ``Grid2D`` interpolate a table linearly between its measured points (clamped
-below the first, in proportion above the last); ``HostTable`` is a step's host time by batch
-size (a trimmed mean per bin). The cost model built from them is ``ProfiledCostModel``
-(experiments/profiled_costmodel.py).
+below the first, in proportion above the last, or along the last segment: ``above="linear"``);
+``HostTable`` is a step's host time by batch size (a trimmed mean per bin). The cost model built
+from them is ``ProfiledCostModel`` (experiments/profiled_costmodel.py).
 """
 from __future__ import annotations
 
@@ -18,16 +18,18 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parent.parent
 
-__all__ = ["Grid1D", "Grid2D", "HostTable", "DeviceProfile", "load_profile", "resolve_profile_path",
+__all__ = ["Grid1D", "Grid2D", "HostTable", "DeviceProfile", "load_profile", "check_profile", "resolve_profile_path",
            "host_model_of", "host_scheduling_of"]
 
 
 class Grid1D:
     """y(x) through measured points: linear between them, clamped below, proportional above
-    (or clamped: ``above="clamp"``)."""
+    (or clamped: ``above="clamp"``; or along the last segment, never falling: ``above="linear"``,
+    for a time with a fixed part, such as a decode step's weights, that does not grow with x)."""
 
     def __init__(self, xs, ys, above: str = "proportional"):
         self.proportional = above == "proportional"
+        self.linear = above == "linear"
         order = np.argsort(xs)
         self.xs = np.asarray(xs, dtype=float)[order]
         self.ys = np.asarray(ys, dtype=float)[order]
@@ -52,6 +54,8 @@ class Grid1D:
         xs, ys = self._xl, self._yl
         if x > xs[-1] and self.proportional:
             return ys[-1] * x / xs[-1]
+        if x > xs[-1] and self.linear and len(xs) > 1:
+            return ys[-1] + max(0.0, (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])) * (x - xs[-1])
         j = bisect_right(xs, x) - 1
         if j < 0:
             return ys[0]
@@ -62,11 +66,12 @@ class Grid1D:
 
 class Grid2D:
     """z(a, b) on rows of a (each its own b points): 1-D in b within the two rows around a,
-    then linear in a (clamped below the first row, proportional above the last)."""
+    then linear in a (clamped below the first row, proportional above the last). ``above``: each
+    row's extension above its last b point (``Grid1D``)."""
 
-    def __init__(self, a, b, z):
+    def __init__(self, a, b, z, above: str = "proportional"):
         df = pd.DataFrame({"a": a, "b": b, "z": z})
-        self.rows = {float(k): Grid1D(g["b"].to_numpy(), g["z"].to_numpy()) for k, g in df.groupby("a")}
+        self.rows = {float(k): Grid1D(g["b"].to_numpy(), g["z"].to_numpy(), above=above) for k, g in df.groupby("a")}
         self.keys = np.array(sorted(self.rows))
         if len(self.keys) == 0:
             raise ValueError("an empty profile table")
@@ -166,7 +171,36 @@ def load_profile(path: str) -> DeviceProfile:
         raise FileNotFoundError(f"no device profile at {path}")
     table = pq.read_table(p)
     meta = json.loads((table.schema.metadata or {}).get(b"kvlab_profile", b"{}"))
-    return DeviceProfile(table.to_pandas(), meta, str(path))
+    df = table.to_pandas()
+    check_profile(df)
+    return DeviceProfile(df, meta, str(path))
+
+
+def check_profile(df: pd.DataFrame) -> None:
+    """A profile's rows hold times a step can be built from, else ValueError naming the table: a
+    parquet file of another tool (no ``table``/``value`` columns) was a KeyError deep in the cost
+    model, and a NaN, zero or negative time a silently wrong run (the virtual clock skips a step
+    time that is not positive: a NaN decode graph made llama3-8b 9x faster)."""
+    missing = [c for c in ("table", "value") if c not in df]
+    if missing:
+        raise ValueError(f"no {' or '.join(repr(c) for c in missing)} column (a parquet file of another tool?)")
+    if df.empty:
+        raise ValueError("no rows")
+    host = (df["table"] == "host").to_numpy()
+    value = pd.to_numeric(df["value"], errors="coerce").to_numpy(float)
+    # host rows: a residual may be 0 (or absent where the step's device time was not measured);
+    # every other table is a measured time
+    bad = np.where(host, ~np.isnan(value) & ~(np.isfinite(value) & (value >= 0)), ~(np.isfinite(value) & (value > 0)))
+    if host.any():
+        duration = (pd.to_numeric(df["duration"], errors="coerce").to_numpy(float) if "duration" in df
+                    else np.full(len(df), np.nan))
+        bad |= host & ~(np.isfinite(duration) & (duration >= 0))
+    if bad.any():
+        counts = df.loc[bad, "table"].astype(str).value_counts()
+        which = (", ".join(f"{n} of table {t!r}" for t, n in list(counts.items())[:3])
+                 + (", ..." if len(counts) > 3 else ""))
+        raise ValueError(f"{int(bad.sum())} rows with a NaN, infinite, zero or negative time ({which}): rerun "
+                         "kvlab profile")
 
 
 # -- what the profile's host steps recorded ----------------------------------------------

@@ -675,11 +675,15 @@ def main(argv: list[str] | None = None) -> int:
     block_sizes = [int(b) for b in a.block_sizes.split(",") if b]
     if device.type != "cuda":
         skip.add("graphs")  # CUDA graphs only: a merge on a CPU keeps the profile's graph tables
+        skip.add("vmm")  # CUDA's driver calls only (_rows_vmm: none here): nor did it keep the vmm table
     host_models = [m for m in (a.host_model or models[0]).split(",") if m]
     timer = Timer(device, a.reps)
     meta = metadata(device, a)
     out = Path(a.out)
     path = out if out.suffix == ".parquet" else out / f"{slug(meta['device'])}.parquet"
+    # what a cut-off run measured goes beside the profile, not over it: --merge P --out P (the README's
+    # way to add host steps) replaced P at its first part with P less the tables not yet re-measured
+    partial = path.with_name(f"{path.stem}.partial.parquet")
     rows: list[dict] = []
     t0 = time.time()
     first_repeat = 0
@@ -725,10 +729,10 @@ def main(argv: list[str] | None = None) -> int:
             meta["updated"]["host_runs"] = [*runs, {**stamp, "first_repeat": first_repeat}]
 
     def say(what: str) -> None:
-        print(f"[{time.time() - t0:6.1f} s] {what} ({len(rows)} rows)", flush=True)
+        print(f"[{time.time() - t0:6.1f} s] {what} ({len(rows)} rows, so far in {partial})", flush=True)
         meta["updated" if a.merge else "seconds"] = (
             {**meta["updated"], "seconds": round(time.time() - t0, 1)} if a.merge else round(time.time() - t0, 1))
-        write_profile(path, rows, {**meta, "partial": True})  # a cut-off run keeps what it measured
+        write_profile(partial, rows, {**meta, "partial": True})  # a cut-off run keeps what it measured
 
     if "host" not in skip:
         from experiments.profile_host import HOST_ALLOCATORS, TRICKLE_MAX_PROMPT, host_rows, host_rows_apart
@@ -783,6 +787,7 @@ def main(argv: list[str] | None = None) -> int:
             rows += _rows_vmm(device)
             say("vmm")
     write_profile(path, rows, meta)
+    partial.unlink(missing_ok=True)
     print(f"wrote {path}: {len(rows)} rows, {meta['device']}", flush=True)
     return 0
 

@@ -34,9 +34,10 @@ pieces the engine runs:
   not charged), swap copies by size (``copy``).
 
 Tables are interpolated linearly between grid points (so monotonically), clamped below the
-first point and extended in proportion above the last. A model absent from the profile is
-composed from the ``gemm`` and ``attention`` tables, scaled by how the composition of a
-profiled model compares with its measured tables.
+first point and extended in proportion above the last; the decode graph above its longest context
+along its last segment (a whole step's weights do not grow with the context, only its attention).
+A model absent from the profile is composed from the ``gemm`` and ``attention`` tables, scaled by
+how the composition of a profiled model compares with its measured tables.
 """
 from __future__ import annotations
 
@@ -140,16 +141,24 @@ class ProfiledCostModel:
             self.kv_scale = (shape.num_kv_heads * shape.head_dim) / (rc.num_key_value_heads * rc.head_dim)
             self.kv_scale *= shape.kv_elem_bytes / 2  # profiled with bf16 caches
         s = profile.table("sample", model=ref)
+        if s.empty:  # (Grid1D's own error names no table)
+            raise ValueError(f"profile {profile.path} has no sample table for {ref}: rerun kvlab profile")
         self.sample = Grid1D(s["batch"], s["value"] * shape.vocab_size / _config(ref).vocab_size)
         self._gemm = {(int(n), int(k)): Grid1D(g["m"], g["value"])
                       for (n, k), g in profile.table("gemm").groupby(["n", "k"])}
         self.lm_head = self._gemm_fn(shape.vocab_size, shape.hidden_size)
         if self.profiled_model:
             g = profile.table("decode_graph", model=ref, mode=mode, block_size=self.block_size)
-            self.decode_graph = Grid2D(g["batch"], g["context"], g["value"]) if not g.empty else None
+            # beyond the longest context measured (2048, 1024 at the largest batches) the step grows by its
+            # attention, not in proportion: 16k-context steps were 7x too long, and 3 sequences (padded to 4,
+            # a shorter mean context) faster than 2
+            self.decode_graph = (Grid2D(g["batch"], g["context"], g["value"], above="linear") if not g.empty
+                                 else None)
             if self.decode_graph is None:  # profiled without CUDA graphs (a CPU): every step is eager
                 self.graph_sizes = []
             e = profile.table("eager_forward", model=ref)
+            if e.empty:
+                raise ValueError(f"profile {profile.path} has no eager_forward table for {ref}: rerun kvlab profile")
             self.eager_forward = Grid1D(e["query"], e["value"])
             pg = profile.table("prefill_graph", model=ref)
             self.prefill_gpu = Grid1D(pg["query"], pg["value"]) if not pg.empty else self.eager_forward

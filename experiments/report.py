@@ -491,7 +491,7 @@ def _once(style: dict, i: int) -> dict:
 
 
 def _ecdf(ax, values: np.ndarray, style: dict) -> None:
-    v = np.sort(values[~np.isnan(values) & (values > 0)])
+    v = np.sort(values[np.isfinite(values) & (values > 0)])  # no output token: e2el / 0 is no latency
     if len(v):
         ax.step(v, np.arange(1, len(v) + 1) / len(v), where="post", lw=1.2, **style)
 

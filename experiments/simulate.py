@@ -28,6 +28,7 @@ import dataclasses
 import logging
 import math
 from collections.abc import Mapping
+from pathlib import Path
 
 from allocators.checks import is_real
 from engine.config import EngineConfig
@@ -302,6 +303,9 @@ class SimSettings:
               "nvlink_latency_s": (0.0, True, True, "seconds per all-reduce, or null for the datasheet's")}
 
     def __post_init__(self) -> None:
+        if self.profile is not None and not isinstance(self.profile, str):  # sim.profile=123: a TypeError in the run
+            raise ValueError(f"sim.profile={self.profile!r}: give the path of a .parquet file `kvlab profile` wrote, "
+                             "or null (the roofline cost model)")
         e = self.efficiency
         if not is_real(e) or not 0 < e <= 1:
             raise ValueError(f"sim.efficiency={e!r}: give a number in (0, 1] (the share of the device's peak "
@@ -438,7 +442,7 @@ def _gpu_page_size(econf: EngineConfig, shape: ModelShape) -> None:
 def cost_model_for(sim: SimSettings, roofline: RooflineCostModel, shape: ModelShape, model: str,
                    econf: EngineConfig, allocator):
     """The profiled model where the device has a profile (``sim.profile``), else the roofline."""
-    from experiments.device_profile import load_profile, resolve_profile_path
+    from experiments.device_profile import ROOT, load_profile, resolve_profile_path
     from experiments.profiled_costmodel import ProfiledCostModel
     from kernels.metadata import Addressing
 
@@ -447,6 +451,10 @@ def cost_model_for(sim: SimSettings, roofline: RooflineCostModel, shape: ModelSh
     if sim.cost_model == "roofline":
         return roofline
     path = resolve_profile_path(sim.profile)
+    if path is None and sim.profile and any(p.is_dir() for p in (Path(sim.profile), ROOT / sim.profile)):
+        # (kvlab profile --out takes a folder: sim.profile does not) not a missing profile: no roofline unsaid
+        raise ValueError(f"sim.profile={sim.profile}: a folder, not a profile: name the .parquet file in it "
+                         "(kvlab profile --out FOLDER writes FOLDER/<device>.parquet)")
     if path is None:
         msg = (f"no device profile for {sim.device}" + (f" ({sim.profile} does not exist)" if sim.profile else "")
                + ": run `kvlab profile` on that device and set sim.profile")
@@ -460,6 +468,13 @@ def cost_model_for(sim: SimSettings, roofline: RooflineCostModel, shape: ModelSh
         raise ValueError(f"sim.profile={sim.profile or path}: not a device profile ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''}): give a parquet file `kvlab profile` "
                          "wrote, or null for the roofline cost model") from None
+    if not _same_device(sim.device, profile.device):
+        log.warning("sim.profile=%s was measured on %s, not the simulated %s: its step times are that device's, "
+                    "the KV pool is sized from %s's memory (set sim to the profile's device, or give a profile of %s)",
+                    sim.profile, profile.device, sim.device, sim.device, sim.device)
+    if profile.meta.get("partial"):
+        log.warning("sim.profile=%s is partial (a kvlab profile run that was cut off): the tables it had not measured "
+                    "yet are missing or composed; rerun kvlab profile with --merge %s", sim.profile, sim.profile)
     return ProfiledCostModel(
         profile, shape, model=model, paged=allocator.mode == Addressing.PAGED,
         block_size=getattr(allocator, "block_size", 0), max_graph_batch=econf.max_num_seqs,
@@ -472,6 +487,19 @@ def cost_model_for(sim: SimSettings, roofline: RooflineCostModel, shape: ModelSh
         max_model_len=econf.max_model_len or 0,
         prompt_qkv=econf.prompt_attention == "qkv" and getattr(allocator, "plan", None) is None,
         allreduce=roofline.allreduce if econf.tensor_parallel_size > 1 else None)
+
+
+def _same_device(sim_device: str, profiled: str) -> bool:
+    """Whether a profile's device (``torch.cuda.get_device_name``: "NVIDIA H200", "NVIDIA
+    A100-SXM4-80GB") is the simulated one (``conf/sim``: h200, a100-80gb): the chip, and the
+    memory where both name it."""
+    import re
+
+    words = set(re.split(r"[^a-z0-9]+", str(profiled).lower()))
+    chip, *rest = sim_device.split("-")
+    memory = {w for w in rest if re.fullmatch(r"\d+gb", w)}
+    named = {w for w in words if re.fullmatch(r"\d+gb", w)}
+    return chip in words and not (memory and named and not memory & named)
 
 
 def _to_dict(node) -> dict:

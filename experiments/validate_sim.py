@@ -391,13 +391,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--collect", action="store_true",
                     help="merge every validation.csv under OUT into one table and plot (no runs)")
     ap.add_argument("--out", required=True)
-    a = ap.parse_args(argv)
+    # overrides before, between or after the flags (parse_args took only those before the first flag)
+    a = ap.parse_intermixed_args(argv)
     out = Path(a.out)
     name = _suffixed("validation", a.cost_model)
     if a.collect:
         # each configuration's table; a folder that is itself a collection (async/ here) is not one
-        parts = [pd.read_csv(p) for p in sorted(out.glob(f"*/{name}.csv"))
-                 if not any(p.parent.glob(f"*/{name}.csv"))]
+        try:
+            parts = [_read_table(p) for p in sorted(out.glob(f"*/{name}.csv"))
+                     if not any(p.parent.glob(f"*/{name}.csv"))]
+        except UserError as e:
+            print(f"kvlab validate-sim: --collect: {e}", file=sys.stderr)
+            return 2
         if not parts:
             print(f"kvlab validate-sim: --collect: no */{name}.csv under {out}", file=sys.stderr)
             return 2
@@ -416,6 +421,29 @@ def main(argv: list[str] | None = None) -> int:
     if a.real_only:
         return 0
     return _write(pd.DataFrame(rows), out, name)
+
+
+COLUMNS = ("label", "mode", "metric", "real", "sim", "error", "target", "ok")
+
+
+def _read_table(path: Path):
+    """One configuration's validation.csv for --collect, or UserError naming it: a damaged or
+    foreign file was a pandas traceback (or, with text where a number belongs, a merged .csv
+    written beside no .md)."""
+    import pandas as pd
+
+    try:
+        df = pd.read_csv(path)
+    except (ValueError, OSError) as e:  # pandas' ParserError and EmptyDataError are ValueErrors
+        raise UserError(f"{path}: not a readable table ({type(e).__name__}: {' '.join(str(e).split())}): rerun "
+                        "validate-sim for that configuration (--sim-only re-simulates) or remove it") from None
+    missing = [c for c in COLUMNS if c not in df]
+    numbers = [c for c in ("real", "sim", "error") if c in df and not pd.api.types.is_numeric_dtype(df[c])]
+    if missing or numbers:
+        why = f"no {', '.join(missing)} column(s)" if missing else f"{', '.join(numbers)} not numbers"
+        raise UserError(f"{path}: not a validate-sim table ({why}): rerun validate-sim for that configuration "
+                        "(--sim-only re-simulates) or remove it")
+    return df
 
 
 def _tally(df) -> str:

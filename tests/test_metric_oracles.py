@@ -29,3 +29,24 @@ def test_memory_breakdown_draws_the_time_weighted_steady_state():
         assert heights[0] == pytest.approx(90.0) and sum(heights) == pytest.approx(100.0)
     finally:
         plt.close(fig)
+
+
+def test_latency_cdf_leaves_out_requests_without_an_output_token():
+    """normalized latency is e2el / output_len: a request with no output token has none (the
+    summary's column is NaN there); the CDF drew it as infinity, counted in every fraction."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+    import pandas as pd
+
+    from experiments import report
+
+    wide = pd.DataFrame([{"run_id": "r", "label": "paged", "model": "m", "workload": "w"}])
+    req = pd.DataFrame({"ttft": [0.1, 0.2, 0.3], "e2el": [1.0, 2.0, 0.5], "output_len": [10, 20, 0]})
+    fig = report.plot_latency_cdfs(wide, {"r": [req]})
+    try:
+        lines = fig.axes[2].get_lines()
+        assert len(lines) == 1
+        x, y = lines[0].get_data()
+        assert np.isfinite(x).all() and list(x) == [0.1, 0.1] and y[-1] == 1.0
+    finally:
+        plt.close(fig)
