@@ -56,7 +56,8 @@ class IncrementalDetokenizer:
                    params.skip_special_tokens)
 
     def _text_of(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special)
+        # the keyword only where it is not the default: a tokenizer of decode(ids) alone still serves
+        return self.tokenizer.decode(ids) if self.skip_special else self.tokenizer.decode(ids, skip_special_tokens=False)
 
     def add(self, token_ids: list[int], stop_terminated: bool = False) -> str | None:
         """Decode newly sampled tokens; returns the stop string if one now appears in the text.
