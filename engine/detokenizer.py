@@ -57,7 +57,8 @@ class IncrementalDetokenizer:
 
     def _text_of(self, ids: list[int]) -> str:
         # the keyword only where it is not the default: a tokenizer of decode(ids) alone still serves
-        return self.tokenizer.decode(ids) if self.skip_special else self.tokenizer.decode(ids, skip_special_tokens=False)
+        decode = self.tokenizer.decode
+        return decode(ids) if self.skip_special else decode(ids, skip_special_tokens=False)
 
     def add(self, token_ids: list[int], stop_terminated: bool = False) -> str | None:
         """Decode newly sampled tokens; returns the stop string if one now appears in the text.
