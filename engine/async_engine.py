@@ -30,7 +30,7 @@ from engine.frontend_output import FrontendOutput, core_params, merge_deltas
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
-from engine.tokenizer import Tokenizer, load_tokenizer
+from engine.tokenizer import Tokenizer, decode_text, load_tokenizer
 
 log = logging.getLogger("kvlab.async_engine")
 
@@ -121,7 +121,7 @@ class AsyncLLMEngine:
         self._streams: dict[str, _Stream] = {}  # guarded by _lock
         self._listeners: list[Callable[[RequestOutput], None]] = []
         self._dead_listeners: list[Callable[[str], None]] = []
-        self._token_texts: dict[int, str] = {}
+        self._token_texts: dict[tuple[int, bool], str] = {}
         self._lock = threading.Lock()
         self._dead: str | None = None
         self._stats: EngineStats | None = None
@@ -265,11 +265,13 @@ class AsyncLLMEngine:
             self._send(("abort", request_id))
         _deliver(stream.loop, [(stream, None)])
 
-    def token_text(self, token_id: int) -> str:
-        """Text of one token (for logprobs)."""
-        text = self._token_texts.get(token_id)
+    def token_text(self, token_id: int, skip_special_tokens: bool = True) -> str:
+        """Text of one token (for logprobs): a special token's is empty unless not ``skip_special_tokens``,
+        as in the request's text."""
+        key = (token_id, skip_special_tokens)
+        text = self._token_texts.get(key)
         if text is None:
-            text = self._token_texts[token_id] = self.tokenizer.decode([token_id])
+            text = self._token_texts[key] = decode_text(self.tokenizer, [token_id], skip_special_tokens)
         return text
 
     def token_bytes(self, token_id: int) -> list[int]:

@@ -17,7 +17,7 @@ text (BOS, EOS, a chat template's markers) stays in the output.
 """
 from __future__ import annotations
 
-from engine.tokenizer import Tokenizer
+from engine.tokenizer import Tokenizer, decode_text
 
 PROMPT_CONTEXT = 5  # prompt tokens decoded before the first output token (spacing, merges)
 
@@ -56,9 +56,7 @@ class IncrementalDetokenizer:
                    params.skip_special_tokens)
 
     def _text_of(self, ids: list[int]) -> str:
-        # the keyword only where it is not the default: a tokenizer of decode(ids) alone still serves
-        decode = self.tokenizer.decode
-        return decode(ids) if self.skip_special else decode(ids, skip_special_tokens=False)
+        return decode_text(self.tokenizer, ids, self.skip_special)
 
     def add(self, token_ids: list[int], stop_terminated: bool = False) -> str | None:
         """Decode newly sampled tokens; returns the stop string if one now appears in the text.

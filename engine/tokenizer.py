@@ -187,6 +187,13 @@ class NoTokenizer:
         return b""
 
 
+def decode_text(tokenizer: Tokenizer, ids: list[int], skip_special_tokens: bool = True) -> str:
+    """``tokenizer.decode``, the keyword only where it is not the default: a tokenizer with
+    ``decode(ids)`` alone (one of its own, a test's stand-in) still serves every request that
+    skips special tokens."""
+    return tokenizer.decode(ids) if skip_special_tokens else tokenizer.decode(ids, skip_special_tokens=False)
+
+
 def has_text(tokenizer: Tokenizer) -> bool:
     """Whether the tokenizer turns text into ids and back (stop strings, text prompts)."""
     return not isinstance(tokenizer, NoTokenizer)

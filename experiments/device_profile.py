@@ -36,6 +36,11 @@ class Grid1D:
         if len(self.xs) == 0:
             raise ValueError("an empty profile table")
         self._xl, self._yl = self.xs.tolist(), self.ys.tolist()  # for scalars: np.interp costs ~2 us a call
+        xl, yl = self._xl, self._yl
+        # above="linear": the last segment's slope, or ``min_slope`` where that is steeper (Grid2D: a
+        # larger batch's step grows with the context at least as fast as a smaller one's)
+        self.last_slope = (yl[-1] - yl[-2]) / (xl[-1] - xl[-2]) if len(xl) > 1 and xl[-1] > xl[-2] else 0.0
+        self.min_slope = 0.0
         # values at integer points (batch sizes, token counts: a few thousand at most), kept: a
         # simulated run asks for the same ones millions of times, and np.interp on a scalar is slow
         self._at: dict[int, float] = {}
@@ -54,8 +59,8 @@ class Grid1D:
         xs, ys = self._xl, self._yl
         if x > xs[-1] and self.proportional:
             return ys[-1] * x / xs[-1]
-        if x > xs[-1] and self.linear and len(xs) > 1:
-            return ys[-1] + max(0.0, (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])) * (x - xs[-1])
+        if x > xs[-1] and self.linear:
+            return ys[-1] + max(0.0, self.min_slope, self.last_slope) * (x - xs[-1])
         j = bisect_right(xs, x) - 1
         if j < 0:
             return ys[0]
@@ -67,7 +72,8 @@ class Grid1D:
 class Grid2D:
     """z(a, b) on rows of a (each its own b points): 1-D in b within the two rows around a,
     then linear in a (clamped below the first row, proportional above the last). ``above``: each
-    row's extension above its last b point (``Grid1D``)."""
+    row's extension above its last b point (``Grid1D``); with ``"linear"`` a row grows there at
+    least as steeply as the rows of smaller a (its own last segment, or a single point, may not)."""
 
     def __init__(self, a, b, z, above: str = "proportional"):
         df = pd.DataFrame({"a": a, "b": b, "z": z})
@@ -76,6 +82,12 @@ class Grid2D:
         if len(self.keys) == 0:
             raise ValueError("an empty profile table")
         self._kl = self.keys.tolist()
+        if above == "linear":  # each row's extension at least as steep as a smaller a's: with its own last
+            steepest = 0.0     # segment only (or a single point) z could fall in a above the grid
+            for k in self._kl:
+                row = self.rows[k]
+                row.min_slope = steepest = max(steepest, row.last_slope)
+                row._at.clear()
 
     def __call__(self, a: float, b: float) -> float:
         k = self._kl

@@ -127,6 +127,26 @@ def test_decode_steps_beyond_the_profiled_contexts_grow_by_their_attention_only(
     assert cm.decode_graph(8, 1024) == pytest.approx(row)
 
 
+def test_decode_graph_rows_beyond_the_grid_never_fall_in_batch():
+    """Above its last context each row grew along its own last segment: a larger batch's row with a
+    shallower last segment (or one measured point, flat) fell below a smaller batch's. llama3-8b
+    contiguous (the linear tables): one sequence's step slower than two's from 4,096 keys (1.1% at
+    32k, 2.6% at 128k)."""
+    from experiments.device_profile import Grid2D
+
+    # a=1: 1.0 at 1024, 2.0 at 2048; a=2 (shallower last segment): 1.5 at 512, 1.8 at 1024; a=4: one point
+    g = Grid2D([1, 1, 2, 2, 4], [1024, 2048, 512, 1024, 512], [1.0, 2.0, 1.5, 1.8, 3.0], above="linear")
+    for b in (1024, 2048, 4096, 65536):
+        z = [g(a, b) for a in (1, 2, 3, 4)]
+        assert all(y >= x for x, y in zip(z, z[1:])), (b, z)
+    assert g(1, 4096) == pytest.approx(4.0) and g(2, 1024) == pytest.approx(1.8)  # the measured rows as before
+    cm = engine("sim=h200", "allocator=contiguous", "engine.kv_cache_tokens=null",
+                "engine.max_model_len=32768").cost_model
+    for c in (4096, 16384, 32000):
+        times = [cm.device_time([(1, c)] * b) for b in range(1, 17)]
+        assert all(b >= a * (1 - 1e-9) for a, b in zip(times, times[1:])), (c, np.round(times, 5))
+
+
 def test_an_activation_reserve_that_leaves_no_pool_is_named():
     with pytest.raises(ValueError, match=r"sim\.activation_reserve_bytes=1e\+30 leave no KV memory.*or lower "
                                          r"sim\.activation_reserve_bytes"):

@@ -5,6 +5,7 @@ or EOS's text that ends a sample is left out either way (vLLM), unless include_s
 from __future__ import annotations
 
 import asyncio
+import json
 from collections import Counter
 
 import pytest
@@ -145,5 +146,73 @@ def test_server_takes_skip_special_tokens(model_dir):
         assert r.status_code == 400 and r.json()["error"]["param"] == "skip_special_tokens", r.text
         r = asyncio.run(post({"prompt": "hello", "spaces_between_special_tokens": False}))
         assert r.status_code == 400 and r.json()["error"]["param"] == "spaces_between_special_tokens", r.text
+    finally:
+        ae.shutdown()
+
+
+def _ascii(text: str) -> str:
+    """The text less its non-ASCII characters: a token that is part of a UTF-8 character reads as
+    U+FFFD alone, and as the character in the whole text."""
+    return "".join(ch for ch in text if ch < "\x80")
+
+
+def test_logprobs_tokens_and_echo_follow_skip_special_tokens(model_dir):
+    """The logprobs' token strings are the text's pieces (text_offset indexes the choice's text), with
+    special tokens' text or without it as the text has it; so is an echoed token-id prompt."""
+    pytest.importorskip("fastapi", reason="kvlab serve's packages: the serve extra (make setup installs dev)")
+    import httpx
+
+    from engine.async_engine import AsyncLLMEngine
+    from engine.config import EngineConfig
+    from engine.llm_engine import LLMEngine
+    from engine.serving.app import create_app
+
+    path, tok = model_dir
+    ae = AsyncLLMEngine(LLMEngine(EngineConfig(model=path, device="cpu", max_model_len=128, kv_cache_tokens=2048)))
+    app = create_app(ae, "m")
+
+    async def post(route, body):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=60) as http:
+            return await http.post(route, json={"model": "m", "max_tokens": 24, "temperature": 0, "ignore_eos": True,
+                                                **body})
+
+    try:
+        for skip in (False, True):
+            prompts = [[BOS] + tok.encode(p) for p in PROMPTS]
+            for echo in (False, True):
+                r = asyncio.run(post("/v1/completions", {"prompt": prompts, "skip_special_tokens": skip,
+                                                         "logprobs": 1, "echo": echo}))
+                assert r.status_code == 200, r.text
+                choices = r.json()["choices"]
+                assert any("<s>" in c["text"] for c in choices) is not skip
+                for c in choices:
+                    lp = c["logprobs"]
+                    assert _ascii("".join(lp["tokens"])) == _ascii(c["text"]), (skip, echo)
+                    assert lp["tokens"].count("<s>") == c["text"].count("<s>"), (skip, echo)
+            # streamed: each chunk's tokens are its text's pieces too
+            r = asyncio.run(post("/v1/completions", {"prompt": prompts, "skip_special_tokens": skip, "logprobs": 1,
+                                                     "echo": True, "stream": True}))
+            assert r.status_code == 200, r.text
+            text, tokens = {}, {}
+            for line in r.text.splitlines():
+                if line.startswith("data: {"):
+                    for c in json.loads(line[6:])["choices"]:
+                        text[c["index"]] = text.get(c["index"], "") + c["text"]
+                        tokens[c["index"]] = tokens.get(c["index"], []) + (c["logprobs"] or {}).get("tokens", [])
+            assert len(text) == len(PROMPTS) and any("<s>" in t for t in text.values()) is not skip
+            for i in text:
+                assert _ascii("".join(tokens[i])) == _ascii(text[i]) and tokens[i].count("<s>") == text[i].count("<s>")
+            texts = []
+            for p in PROMPTS:
+                r = asyncio.run(post("/v1/chat/completions", {"messages": [{"role": "user", "content": p}],
+                                                              "skip_special_tokens": skip, "logprobs": True}))
+                assert r.status_code == 200, r.text
+                c = r.json()["choices"][0]
+                texts.append(c["message"]["content"])
+                tokens = [t["token"] for t in c["logprobs"]["content"]]
+                assert _ascii("".join(tokens)) == _ascii(c["message"]["content"]), skip
+                assert tokens.count("<s>") == c["message"]["content"].count("<s>"), skip
+            assert any("<s>" in t for t in texts) is not skip
     finally:
         ae.shutdown()

@@ -242,7 +242,7 @@ def create_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | No
         if outputs is None:
             return Response(status_code=499)  # the client is gone; nobody reads this
         body = responses.completion_response(engine, request_id, model, outputs, params.n,
-                                             req.logprobs is not None, echo)
+                                             req.logprobs is not None, echo, params.skip_special_tokens)
         return ignored(req, raw.url.path, JSONResponse(body.model_dump()))
 
     @app.post("/v1/chat/completions", responses=post_responses(ChatCompletionResponse))
@@ -263,7 +263,8 @@ def create_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | No
         if outputs is None:
             return Response(status_code=499)
         return ignored(req, raw.url.path,
-                       JSONResponse(responses.chat_response(engine, request_id, model, outputs[0], top).model_dump()))
+                       JSONResponse(responses.chat_response(engine, request_id, model, outputs[0], top,
+                                                            params.skip_special_tokens).model_dump()))
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

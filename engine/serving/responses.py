@@ -35,6 +35,7 @@ from engine.serving.protocol import (
     TopLogprob,
     UsageInfo,
 )
+from engine.tokenizer import decode_text
 
 DONE = "data: [DONE]\n\n"
 ENGINE_FAILED = "The server had an error while processing your request (the engine failed on it); retry it."
@@ -134,80 +135,86 @@ def usage_of(outputs: list[RequestOutput]) -> UsageInfo:
 
 
 # -- logprobs -------------------------------------------------------------------------------
-def _top_dict(engine: AsyncLLMEngine, token: int, logprob: float, top: TopLogprobs | None) -> dict[str, float]:
-    d = {engine.token_text(t): lp for t, lp in top} if top else {}
-    d.setdefault(engine.token_text(token), logprob)  # the sampled token is always listed
+def _top_dict(engine: AsyncLLMEngine, token: int, logprob: float, top: TopLogprobs | None,
+              skip_special: bool = True) -> dict[str, float]:
+    d = {engine.token_text(t, skip_special): lp for t, lp in top} if top else {}
+    d.setdefault(engine.token_text(token, skip_special), logprob)  # the sampled token is always listed
     return d
 
 
 def completion_logprobs(engine: AsyncLLMEngine, token_ids: list[int], logprobs: list[float],
                         tops: list[TopLogprobs] | None, offset: int,
-                        out: CompletionLogprobs | None = None) -> CompletionLogprobs:
+                        out: CompletionLogprobs | None = None, skip_special: bool = True) -> CompletionLogprobs:
+    """``skip_special``: the request's ``skip_special_tokens`` (token strings as its text has them)."""
     out = out or CompletionLogprobs()
     for j, (t, lp) in enumerate(zip(token_ids, logprobs)):
-        text = engine.token_text(t)
+        text = engine.token_text(t, skip_special)
         out.tokens.append(text)
         out.token_logprobs.append(lp)
-        out.top_logprobs.append(_top_dict(engine, t, lp, tops[j] if tops else None))
+        out.top_logprobs.append(_top_dict(engine, t, lp, tops[j] if tops else None, skip_special))
         out.text_offset.append(offset)
         offset += len(text)
     return out
 
 
-def prompt_logprobs(engine: AsyncLLMEngine, out: RequestOutput) -> CompletionLogprobs:
+def prompt_logprobs(engine: AsyncLLMEngine, out: RequestOutput, skip_special: bool = True) -> CompletionLogprobs:
     """Echoed prompt tokens with their logprobs (None for the first: nothing predicts it)."""
     lp = CompletionLogprobs()
     offset = 0
     lps = out.prompt_logprobs or [None] * len(out.prompt_token_ids)
     tops = out.prompt_top_logprobs or [None] * len(out.prompt_token_ids)
     for t, p, top in zip(out.prompt_token_ids, lps, tops):
-        text = engine.token_text(t)
+        text = engine.token_text(t, skip_special)
         lp.tokens.append(text)
         lp.token_logprobs.append(p)
-        lp.top_logprobs.append(None if p is None else _top_dict(engine, t, p, top))
+        lp.top_logprobs.append(None if p is None else _top_dict(engine, t, p, top, skip_special))
         lp.text_offset.append(offset)
         offset += len(text)
     return lp
 
 
 def chat_logprobs(engine: AsyncLLMEngine, token_ids: list[int], logprobs: list[float],
-                  tops: list[TopLogprobs] | None, top: int) -> ChatLogprobs:
+                  tops: list[TopLogprobs] | None, top: int, skip_special: bool = True) -> ChatLogprobs:
     content = []
     for j, (t, lp) in enumerate(zip(token_ids, logprobs)):
-        alts = [TopLogprob(token=engine.token_text(a), logprob=alp, bytes=engine.token_bytes(a))
+        alts = [TopLogprob(token=engine.token_text(a, skip_special), logprob=alp, bytes=engine.token_bytes(a))
                 for a, alp in (tops[j] if tops else [])[:top]]
-        content.append(TokenLogprob(token=engine.token_text(t), logprob=lp, bytes=engine.token_bytes(t),
+        content.append(TokenLogprob(token=engine.token_text(t, skip_special), logprob=lp, bytes=engine.token_bytes(t),
                                     top_logprobs=alts))
     return ChatLogprobs(content=content)
 
 
-def _echo_text(engine: AsyncLLMEngine, out: RequestOutput) -> str:
-    return out.prompt if out.prompt is not None else engine.tokenizer.decode(out.prompt_token_ids)
+def _echo_text(engine: AsyncLLMEngine, out: RequestOutput, skip_special: bool = True) -> str:
+    if out.prompt is not None:
+        return out.prompt
+    return decode_text(engine.tokenizer, out.prompt_token_ids, skip_special)
 
 
 # -- whole responses ------------------------------------------------------------------------
 def completion_response(engine: AsyncLLMEngine, request_id: str, model: str, outputs: list[RequestOutput],
-                        n: int, want_logprobs: bool, echo: bool = False) -> CompletionResponse:
+                        n: int, want_logprobs: bool, echo: bool = False,
+                        skip_special: bool = True) -> CompletionResponse:
     choices = []
     for i, out in enumerate(outputs):
-        prefix = _echo_text(engine, out) if echo else ""
+        prefix = _echo_text(engine, out, skip_special) if echo else ""
         for c in out.outputs:
             lp = None
             if want_logprobs:
-                lp = prompt_logprobs(engine, out) if echo else None
+                lp = prompt_logprobs(engine, out, skip_special) if echo else None
                 offset = sum(len(t) for t in lp.tokens) if lp else 0
-                lp = completion_logprobs(engine, c.token_ids, c.logprobs or [], c.top_logprobs, offset, lp)
+                lp = completion_logprobs(engine, c.token_ids, c.logprobs or [], c.top_logprobs, offset, lp,
+                                         skip_special)
             choices.append(CompletionChoice(index=i * n + c.index, text=prefix + c.text, logprobs=lp,
                                             finish_reason=c.finish_reason))
     return CompletionResponse(id=request_id, model=model, choices=choices, usage=usage_of(outputs))
 
 
 def chat_response(engine: AsyncLLMEngine, request_id: str, model: str, output: RequestOutput,
-                  top_logprobs: int | None) -> ChatCompletionResponse:
+                  top_logprobs: int | None, skip_special: bool = True) -> ChatCompletionResponse:
     choices = []
     for c in output.outputs:
         lp = None if top_logprobs is None else chat_logprobs(engine, c.token_ids, c.logprobs or [],
-                                                             c.top_logprobs, top_logprobs)
+                                                             c.top_logprobs, top_logprobs, skip_special)
         choices.append(ChatChoice(index=c.index, message=AssistantMessage(content=c.text), logprobs=lp,
                                   finish_reason=c.finish_reason))
     return ChatCompletionResponse(id=request_id, model=model, choices=choices, usage=usage_of([output]))
@@ -267,13 +274,13 @@ class CompletionChunker:
             want_lp = self.params.logprobs is not None
             if self.echo and not self.echoed[i][c.index]:
                 self.echoed[i][c.index] = True
-                text = _echo_text(self.engine, out) + text
+                text = _echo_text(self.engine, out, self.params.skip_special_tokens) + text
                 if want_lp:
-                    lp = prompt_logprobs(self.engine, out)
+                    lp = prompt_logprobs(self.engine, out, self.params.skip_special_tokens)
                     self.offsets[i][c.index] = sum(len(t) for t in lp.tokens)
             if want_lp:
                 lp = completion_logprobs(self.engine, c.token_ids, c.logprobs or [], c.top_logprobs,
-                                         self.offsets[i][c.index], lp)
+                                         self.offsets[i][c.index], lp, self.params.skip_special_tokens)
                 self.offsets[i][c.index] = (lp.text_offset[-1] + len(lp.tokens[-1])) if lp.tokens else 0
             if not text and c.finish_reason is None and not (lp and lp.tokens):
                 continue
@@ -316,7 +323,8 @@ class ChatChunker(CompletionChunker):
             self.completion_tokens += len(c.token_ids)
             lp = None
             if self.top_logprobs is not None and c.token_ids:
-                lp = chat_logprobs(self.engine, c.token_ids, c.logprobs or [], c.top_logprobs, self.top_logprobs)
+                lp = chat_logprobs(self.engine, c.token_ids, c.logprobs or [], c.top_logprobs, self.top_logprobs,
+                                   self.params.skip_special_tokens)
             if lp is not None:
                 events.append(self._chunk(c.index, DeltaMessage(content=c.text), lp))
             elif c.text:
