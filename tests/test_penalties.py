@@ -73,7 +73,8 @@ def test_penalties_equal_hf_repetition_penalty_and_the_closed_form(seed, device)
     logits, seqs = _random_case(seed, SETTINGS)
     got = logits.clone().to(device)
     Sampler(device)._apply_penalties(got, seqs, [i for i, s in enumerate(seqs) if s.params.penalized], None)
-    torch.testing.assert_close(got.cpu(), _oracle(logits, seqs), rtol=0, atol=1e-5)
+    # the GPU's float32 division may differ from the CPU's in the last bit
+    torch.testing.assert_close(got.cpu(), _oracle(logits, seqs), rtol=0, atol=1e-6 if device == "cpu" else 1e-5)
     assert torch.equal(got[-1].cpu(), logits[-1])
 
 
