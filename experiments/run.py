@@ -432,6 +432,11 @@ def _run_one(cfg: DictConfig, out: Path, sweep_dir: str | Path | None = None,
         try:
             workload = OmegaConf.to_container(cfg.workload, resolve=True)
             specs = make_workload(workload, engine.model_config.vocab_size, engine.max_model_len)
+            last = max((s.arrival_s for s in specs), default=0.0)
+            if workload.get("name") == "trace" and cfg.mode != "simulate" and last > preflight.MAX_ONLINE_SPAN_S:
+                raise ValueError(f"workload.trace_path: arrival_s up to {last:g} s, but mode={cfg.mode} waits for "
+                                 f"arrivals in real time (at most {preflight.MAX_ONLINE_SPAN_S:g} s): replay the trace "
+                                 "with mode=simulate, or shorten its arrivals")
             specs = tokenize_requests(specs, engine.tokenizer.encode, engine.max_model_len)
             bar = None
             if cfg.get("progress", True):

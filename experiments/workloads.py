@@ -370,7 +370,7 @@ def trace(cfg: WorkloadConfig, ctx: WorkloadContext) -> list[RequestSpec]:
     """
     path = Path(cfg.trace_path)
     records = []
-    ids: dict[str, int] = {}  # request id -> its line
+    named: dict[str, int] = {}  # request id -> its line
     with path.open("rb") as f:  # bytes: each line decoded by itself, so an error names its line
         for lineno, raw in enumerate(f, 1):
             try:  # utf-8-sig: a byte-order mark some editors write is not part of the first line
@@ -383,13 +383,19 @@ def trace(cfg: WorkloadConfig, ctx: WorkloadContext) -> list[RequestSpec]:
                     record = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise ValueError(f"trace {path} line {lineno}: not valid JSON ({e.msg})") from None
+                except (ValueError, RecursionError) as e:  # a number past Python's 4300 digits; nesting too deep
+                    why = "nested too deeply" if isinstance(e, RecursionError) else "a number with too many digits"
+                    raise ValueError(f"trace {path} line {lineno}: not a trace line ({why})") from None
                 r = _trace_record(record, path, lineno)
                 rid = str(r["request_id"]) if "request_id" in r else None
                 if rid is not None:
-                    if rid in ids:
-                        raise ValueError(f"trace {path} line {lineno}: request_id {rid!r} is also on line {ids[rid]}: "
+                    if rid in named:
+                        raise ValueError(f"trace {path} line {lineno}: request_id {rid!r} is also on line {named[rid]}: "
                                          "give each request its own id (or none)")
-                    ids[rid] = lineno
+                    named[rid] = lineno
+                if cfg.beam_width > 1 and r.get("n", cfg.n) > cfg.beam_width:
+                    raise ValueError(f"trace {path} line {lineno}: 'n' ({r['n']}) must be <= workload.beam_width "
+                                     f"({cfg.beam_width}): beam search returns the n best of its beams")
                 records.append((lineno, r))
             if len(records) == cfg.num_requests:
                 break
@@ -406,7 +412,13 @@ def trace(cfg: WorkloadConfig, ctx: WorkloadContext) -> list[RequestSpec]:
         else:
             prompt, output = ctx.clip(r["prompt_len"], output)
             ids, text = ctx.tokens(prompt), None
-        spec = RequestSpec(str(r.get("request_id", "")), ids, int(output),
+        rid = str(r.get("request_id", ""))
+        if not rid:  # unnamed: the id make_workload gives it, unless another line took that
+            rid = f"{cfg.name}-{i}"
+            if rid in named:
+                raise ValueError(f"trace {path} line {named[rid]}: request_id {rid!r} is the id of the unnamed request on "
+                                 f"line {lineno}: give it another id (or give every line one)")
+        spec = RequestSpec(rid, ids, int(output),
                            float(r.get("arrival_s", 0.0)), int(r.get("n", cfg.n)), text)
         specs.append(spec)
     return specs
@@ -428,6 +440,8 @@ def _trace_record(r, path: Path, lineno: int) -> dict:
             raise ValueError(f"{where}: '{key}' must be an integer >= 1, got {r[key]!r}")
     if "prompt" in r and not isinstance(r["prompt"], str):
         raise ValueError(f"{where}: 'prompt' must be a string")
+    if r.get("prompt") == "":
+        raise ValueError(f"{where}: 'prompt' is empty: give its text (or 'prompt_len')")
     if "prompt" in r:
         try:
             r["prompt"].encode("utf-8")
@@ -503,6 +517,8 @@ def _validate(cfg: WorkloadConfig, vocab_size: int, max_model_len: int, low: int
     _as_int(cfg, "seed", 0, maximum=(1 << 63) - 1)
     if cfg.prefix_hit_rate is not None:
         try:
+            if isinstance(cfg.prefix_hit_rate, bool):
+                raise TypeError
             cfg.prefix_hit_rate = float(cfg.prefix_hit_rate)
         except (TypeError, ValueError):
             cfg.prefix_hit_rate = math.nan
@@ -523,12 +539,15 @@ def _validate(cfg: WorkloadConfig, vocab_size: int, max_model_len: int, low: int
     # prompt at max_model_len or more would be clipped to max_model_len - 1 with one output token
     key = "input_len_min" if cfg.input_len_min is not None else "input_len"
     shortest = getattr(cfg, key) - (cfg.input_len // 2 if cfg.name == "uniform" and key == "input_len" else 0)
-    if cfg.name in ("fixed", "uniform", "parallel") and shortest >= max_model_len:
+    if cfg.name in ("fixed", "uniform", "parallel", "multi_turn") and shortest >= max_model_len:
         raise ValueError(f"workload.{key}={getattr(cfg, key)}: no prompt that long fits max_model_len={max_model_len} with an "
                          "output token: lower it or raise engine.max_model_len")
     if cfg.name == "shared_prefix" and not 1 <= cfg.prefix_len <= max_model_len - 2:
         raise ValueError(f"workload.prefix_len must be in [1, max_model_len - 2 = "
                          f"{max_model_len - 2}] for shared_prefix, got {cfg.prefix_len}")
+    if cfg.name == "shared_prefix" and cfg.prefix_len + shortest >= max_model_len:
+        raise ValueError(f"workload.prefix_len + workload.{key} = {cfg.prefix_len} + {shortest}: no prompt that long fits "
+                         f"max_model_len={max_model_len} with an output token: lower them or raise engine.max_model_len")
     if cfg.beam_width > 1 and cfg.n > cfg.beam_width:
         raise ValueError(f"workload.n ({cfg.n}) must be <= workload.beam_width ({cfg.beam_width}): "
                          "beam search returns the n best of its beams")
@@ -538,6 +557,8 @@ def _validate(cfg: WorkloadConfig, vocab_size: int, max_model_len: int, low: int
         if cfg.trace_path is None or not Path(cfg.trace_path).is_file():
             raise ValueError(f"workload.trace_path must name a local JSONL file, got {cfg.trace_path!r}")
     try:
+        if isinstance(cfg.request_rate, bool) or isinstance(cfg.burstiness, bool):
+            raise TypeError
         cfg.request_rate = float(cfg.request_rate)
         cfg.burstiness = float(cfg.burstiness)
     except (TypeError, ValueError):

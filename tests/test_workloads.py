@@ -125,7 +125,7 @@ def test_config_object_and_mapping_agree_and_config_is_not_mutated():
     dict(name="uniform", input_len_min=100, input_len_max=5000, output_len_min=500, output_len_max=3000),
     dict(name="fixed", input_len=200, output_len=4000),
     dict(name="sharegpt"),
-    dict(name="shared_prefix", prefix_len=200, input_len=100, output_len=300),
+    dict(name="shared_prefix", prefix_len=200, input_len=40, output_len=300),  # 240-token prompts
 ])
 def test_lengths_clipped_to_max_model_len(cfg):
     specs = make_workload({**cfg, "num_requests": 500}, VOCAB, max_model_len=256)
