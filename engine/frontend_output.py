@@ -73,8 +73,7 @@ class FrontendOutput:
     def _sample(self, index: int) -> _Sample:
         s = self.samples.get(index)
         if s is None:
-            p = self.params
-            det = (IncrementalDetokenizer.for_params(self.tokenizer, self.prompt_ids, p)
+            det = (IncrementalDetokenizer.for_params(self.tokenizer, self.prompt_ids, self.params)
                    if self.tokenizer is not None else None)
             s = self.samples[index] = _Sample(det)
         return s

@@ -86,12 +86,9 @@ class OutputProcessor:
             det = seq.detok
             if det is None:
                 continue
-            n = seq.num_resolved
-            if n > seq.num_decoded:
-                stop = det.add(seq.output_token_ids[seq.num_decoded:n], stop_terminated=ended_on_token(seq.finish_reason, seq.stop_reason))
-                seq.num_decoded = n
-                if stop is not None:
-                    engine.finish_on_stop_string(seq, stop)
+            stop = self._decode_new(seq, det)
+            if stop is not None:
+                engine.finish_on_stop_string(seq, stop)
             if seq.finished:
                 det.flush()
         req.finished = not req.unborn and all(s.finished for s in req.seqs)
@@ -150,13 +147,22 @@ class OutputProcessor:
         if seq.detok is None:
             seq.detok = IncrementalDetokenizer.for_params(self.tokenizer, seq.prompt_token_ids, seq.params)
         det = seq.detok
-        n = seq.num_resolved
-        if n > seq.num_decoded:
-            det.add(seq.output_token_ids[seq.num_decoded:n], stop_terminated=ended_on_token(seq.finish_reason, seq.stop_reason))
-            seq.num_decoded = n
+        self._decode_new(seq, det)
         if finished:
             det.flush()
         return det.delta(finished)
+
+    @staticmethod
+    def _decode_new(seq: Sequence, det: IncrementalDetokenizer) -> str | None:
+        """The tokens resolved since the last call into ``det`` (a stop token's text left out):
+        the stop string found in them, if any."""
+        n = seq.num_resolved
+        if n <= seq.num_decoded:
+            return None
+        stop = det.add(seq.output_token_ids[seq.num_decoded:n],
+                       stop_terminated=ended_on_token(seq.finish_reason, seq.stop_reason))
+        seq.num_decoded = n
+        return stop
 
     # samples and metrics as tuples in the field order of CompletionOutput and RequestMetrics
     def _delta(self, seq: Sequence, text: bool = True) -> tuple:

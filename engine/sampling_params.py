@@ -96,6 +96,10 @@ class SamplingParams:
             if not is_real(v) or not math.isfinite(v) or not ok(v):
                 out.append(f"{name} must be a finite number {rng}, got {v!r}")
 
+        def boolean(name: str) -> None:
+            if not isinstance(getattr(self, name), bool):
+                out.append(f"{name} must be true or false, got {getattr(self, name)!r}")
+
         integer("n", 1, MAX_N)
         real("temperature", lambda v: v >= 0, ">= 0")
         real("top_p", lambda v: 0 < v <= 1, "in (0, 1]")
@@ -109,8 +113,7 @@ class SamplingParams:
         integer("seed", -MAX_SEED - 1, MAX_SEED, optional=True)
         integer("logprobs", 0, MAX_LOGPROBS, optional=True)
         integer("prompt_logprobs", 0, MAX_LOGPROBS, optional=True)
-        if not isinstance(self.ignore_eos, bool):
-            out.append(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
+        boolean("ignore_eos")
         if not all(isinstance(s, str) and s for s in self.stop):
             out.append("stop must be a list of non-empty strings")
         if not all(is_int(t) and 0 <= t < 2**31 for t in self.stop_token_ids):
@@ -124,9 +127,8 @@ class SamplingParams:
         real("repetition_penalty", lambda v: MIN_REPETITION_PENALTY <= v <= MAX_REPETITION_PENALTY,
              f"in [{MIN_REPETITION_PENALTY}, {MAX_REPETITION_PENALTY}]")
         real("min_p", lambda v: 0 <= v <= 1, "in [0, 1]")
-        for name in ("include_stop_str_in_output", "skip_special_tokens"):
-            if not isinstance(getattr(self, name), bool):
-                out.append(f"{name} must be true or false, got {getattr(self, name)!r}")
+        boolean("include_stop_str_in_output")
+        boolean("skip_special_tokens")
         integer("beam_width", 1, MAX_N)
         if is_int(self.beam_width) and self.beam_width > 1 and not out:
             k = self.beam_width

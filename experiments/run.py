@@ -432,7 +432,7 @@ def _run_one(cfg: DictConfig, out: Path, sweep_dir: str | Path | None = None,
         try:
             workload = OmegaConf.to_container(cfg.workload, resolve=True)
             specs = make_workload(workload, engine.model_config.vocab_size, engine.max_model_len)
-            last = max((s.arrival_s for s in specs), default=0.0)
+            last = max((s.arrival_s for s in specs), default=0.0)  # (tokenizing keeps the arrivals)
             if workload.get("name") == "trace" and cfg.mode != "simulate" and last > preflight.MAX_ONLINE_SPAN_S:
                 raise ValueError(f"workload.trace_path: arrival_s up to {last:g} s, but mode={cfg.mode} waits for "
                                  f"arrivals in real time (at most {preflight.MAX_ONLINE_SPAN_S:g} s): replay the trace "
@@ -453,7 +453,7 @@ def _run_one(cfg: DictConfig, out: Path, sweep_dir: str | Path | None = None,
             summary = summarize(requests, None, t_end - t0)  # the step figures come from write_steps
             summary.update(engine.accountant.summary())
             # steps.parquet streamed chunk by chunk (written before summary.json, which marks completion)
-            window = WindowRule(last_arrival_s=max((s.arrival_s for s in specs), default=0.0),
+            window = WindowRule(last_arrival_s=last,
                                 warmup_s=(cfg.get("measure") or {}).get("warmup_s"))
             summary.update(write_steps(out / "steps.parquet", engine.step_records, engine.accountant, t0,
                                        engine.logical_tokens, engine.config.max_num_batched_tokens,
