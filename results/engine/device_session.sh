@@ -71,6 +71,10 @@
 #   bash results/engine/device_session.sh regress     # every gpu-marked test but tensor parallelism (one GPU),
 #                                                     # then the kernel test files on the GPU (their reference
 #                                                     # checks), one log each into $OUT
+# Session of 2026-12-06:
+#   bash results/engine/device_session.sh regress2    # the no-regression benchmarks: the decode table of
+#                                                     # results/kernels/ (bench_kernels, no sweep), then kvlab against
+#                                                     # HF generate_batch (bench throughput, TPUT_MODELS), into $OUT
 # Outputs accumulate in $KVE (default /tmp/kve) on the machine; each part tars them into $OUT.
 set -uo pipefail
 part=${1:?tests or throughput}
@@ -222,6 +226,13 @@ regress)  # most telling first: each file's log is in $OUT even if a timeout cut
     timeout ${KERNELS_S:-150} python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_kernels_triton.py \
         tests/test_kernels_prefill_tma.py tests/test_kernels_fp8_window.py tests/test_kernels_layers_copy.py \
         tests/test_fused_ops.py 2>&1 | tee "$out/gpu_tests_kernels.log" | tail -6
+    exit 0
+    ;;
+regress2)
+    timeout ${KERNELS_S:-150} python3 -m experiments.bench_kernels --out "$out/kernels" 2>&1 \
+        | tee "$out/bench_kernels.log" | tail -12
+    timeout ${TPUT_S:-420} python3 -m experiments.cli bench throughput --models ${TPUT_MODELS:-llama3-8b} \
+        --out "$out/throughput" 2>&1 | tee "$out/throughput.log" | grep -v "^{" | tail -14
     exit 0
     ;;
 prompt)
