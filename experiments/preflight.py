@@ -509,9 +509,9 @@ def check_config(cfg) -> None:
     if cfg.mode == "offline" and math.isfinite(rate):
         raise UserError(f"mode=offline sends every request at t=0 but workload.request_rate={rate:g}: "
                         "use mode=online (or simulate) for arrivals at a rate, or request_rate=inf")
-    if cfg.mode == "online" and not math.isfinite(rate):
+    if cfg.mode == "online" and not math.isfinite(rate) and cfg.workload.get("name") != "trace":
         raise UserError("mode=online needs arrivals over time: set workload.request_rate (req/s), "
-                        "e.g. workload.request_rate=4")
+                        "e.g. workload.request_rate=4, or replay a trace's arrival_s (workload=trace)")
     _check_arrival_span(cfg, rate)
     from engine.presets import PRESETS  # a plain dict: engine/__init__ imports torch lazily
 

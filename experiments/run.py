@@ -1,8 +1,10 @@
 """``kvlab run``: one experiment (or a sweep with -m), results written atomically per run folder.
 
 Modes (``mode=``):
-- ``offline``: every request at t=0 (``workload.request_rate`` must be inf): throughput.
-- ``online``: requests arrive at ``workload.request_rate`` (Poisson or gamma): latency vs rate.
+- ``offline``: every request at t=0 (``workload.request_rate`` must be inf; a trace's arrivals
+  unused): throughput.
+- ``online``: requests arrive at ``workload.request_rate`` (Poisson or gamma), or at a trace's
+  ``arrival_s``: latency vs rate.
 - ``simulate``: the real scheduler and allocator, no model compute; the roofline cost model
   of ``sim=<device>`` advances a virtual clock (experiments/simulate.py). Arrivals as the
   workload says (all at t=0 when the rate is inf).
@@ -422,7 +424,7 @@ def _run_one(cfg: DictConfig, out: Path, sweep_dir: str | Path | None = None,
 
     from experiments.driver import cyclic_gc_paused, drive
     from experiments.metrics import WindowRule, host_tier_summary, requests_frame, summarize, write_steps
-    from experiments.workloads import make_workload, tokenize_requests
+    from experiments.workloads import at_time_zero, make_workload, tokenize_requests
 
     wall0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
@@ -432,9 +434,11 @@ def _run_one(cfg: DictConfig, out: Path, sweep_dir: str | Path | None = None,
         try:
             workload = OmegaConf.to_container(cfg.workload, resolve=True)
             specs = make_workload(workload, engine.model_config.vocab_size, engine.max_model_len)
+            if cfg.mode == "offline":  # a throughput run: a trace's arrival_s are for online and simulate
+                specs = at_time_zero(specs)
             last = max((s.arrival_s for s in specs), default=0.0)  # (tokenizing keeps the arrivals)
-            if workload.get("name") == "trace" and cfg.mode != "simulate" and last > preflight.MAX_ONLINE_SPAN_S:
-                raise ValueError(f"workload.trace_path: arrival_s up to {last:g} s, but mode={cfg.mode} waits for "
+            if workload.get("name") == "trace" and cfg.mode == "online" and last > preflight.MAX_ONLINE_SPAN_S:
+                raise ValueError(f"workload.trace_path: arrival_s up to {last:g} s, but mode=online waits for "
                                  f"arrivals in real time (at most {preflight.MAX_ONLINE_SPAN_S:g} s): replay the trace "
                                  "with mode=simulate, or shorten its arrivals")
             specs = tokenize_requests(specs, engine.tokenizer.encode, engine.max_model_len)

@@ -33,7 +33,7 @@ from allocators.checks import is_int, is_real
 __all__ = [
     "RequestSpec", "WorkloadConfig", "WorkloadContext", "LogNormalLengths", "SHAREGPT", "ALPACA",
     "WORKLOADS", "register_workload", "available_workloads", "make_workload", "arrival_times",
-    "tokenize_requests",
+    "tokenize_requests", "at_time_zero",
 ]
 
 
@@ -612,6 +612,12 @@ def make_workload(cfg: WorkloadConfig | Mapping, vocab_size: int, max_model_len:
         spec.request_id = spec.request_id or f"{cfg.name}-{i}"
         spec.beam_width = cfg.beam_width
     return specs
+
+
+def at_time_zero(specs: list[RequestSpec]) -> list[RequestSpec]:
+    """Every request at t=0, as mode=offline sends them (a trace's ``arrival_s`` are replayed by
+    mode=online and simulate only)."""
+    return [dataclasses.replace(s, arrival_s=0.0) if s.arrival_s else s for s in specs]
 
 
 def tokenize_requests(specs: list[RequestSpec], encode: Callable[[str], list[int]],

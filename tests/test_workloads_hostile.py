@@ -74,18 +74,49 @@ def test_prompts_that_fit_still_pass():
     assert {s.prompt_len for s in specs} == {127}
 
 
-def test_a_trace_whose_arrivals_span_past_a_day_is_refused_on_the_real_engine(tmp_path, capsys, monkeypatch):
-    # was: mode=offline waited for arrival_s in real time (a trace allows 1e9 s, ~31 years); online's one-day
+def _far_trace(tmp_path):
+    path = tmp_path / "far.jsonl"
+    path.write_text('{"prompt_len": 8, "output_len": 2, "arrival_s": 0}\n'
+                    '{"prompt_len": 8, "output_len": 2, "arrival_s": 3}\n')
+    return path
+
+
+def test_a_trace_whose_arrivals_span_past_a_day_is_refused_online(tmp_path, capsys, monkeypatch):
+    # was: the real engine waited for arrival_s in real time (a trace allows 1e9 s, ~31 years); online's one-day
     # bound (preflight.MAX_ONLINE_SPAN_S) skips traces. The day is 1 s here, so the unfixed run takes 3 s and fails.
     from experiments import preflight
     from experiments.run import cli
 
     monkeypatch.setattr(preflight, "MAX_ONLINE_SPAN_S", 1.0)
-    path = tmp_path / "far.jsonl"
-    path.write_text('{"prompt_len": 8, "output_len": 2, "arrival_s": 0}\n'
-                    '{"prompt_len": 8, "output_len": 2, "arrival_s": 3}\n')
-    code = cli(["mode=offline", "device=cpu", "model=tiny-llama", "workload=trace", f"workload.trace_path={path}",
+    code = cli(["mode=online", "device=cpu", "model=tiny-llama", "workload=trace",
+                f"workload.trace_path={_far_trace(tmp_path)}",
                 f"hydra.run.dir={tmp_path / 'run'}", "progress=false", "report=false"])
     err = capsys.readouterr().err
-    assert code == 2 and "arrival_s up to 3 s, but mode=offline waits for arrivals in real time (at most 1 s)" in err, err
+    assert code == 2 and "arrival_s up to 3 s, but mode=online waits for arrivals in real time (at most 1 s)" in err, err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("mode", ["offline", "online"])
+def test_offline_sends_a_trace_at_t0_and_online_replays_its_arrivals(tmp_path, mode):
+    # was: offline kept a trace's arrival_s (README: "every request at t=0") and online refused a trace
+    # (request_rate=inf: "needs arrivals over time"), so no mode named what it did with one
+    import pandas as pd
+
+    from experiments.run import cli
+
+    run = tmp_path / "run"
+    assert cli([f"mode={mode}", "device=cpu", "model=tiny-llama", "workload=trace",
+                f"workload.trace_path={_far_trace(tmp_path)}", f"hydra.run.dir={run}",
+                "progress=false", "report=false"]) == 0
+    arrivals = sorted(pd.read_parquet(run / "requests.parquet")["arrival"])
+    if mode == "offline":
+        assert arrivals == [0.0, 0.0]
+    else:
+        assert arrivals[0] == 0.0 and arrivals[1] == pytest.approx(3.0, abs=0.05)
+
+
+def test_online_without_a_rate_is_still_refused_for_generated_arrivals(capsys):
+    from experiments.run import cli
+
+    assert cli(["mode=online", "device=cpu", "model=tiny-llama", "workload=uniform", "progress=false"]) == 2
+    assert "mode=online needs arrivals over time" in capsys.readouterr().err
