@@ -30,6 +30,8 @@ def main(argv=None) -> None:
     add_async_arg(ap)
     ap.add_argument("--trace", default="", help="write a Chrome trace of the profiled steps here")
     a = ap.parse_args(argv)
+    if not torch.cuda.is_available():  # else it builds the model on the CPU and fails at its first CUDA call
+        raise SystemExit("profile_step needs a CUDA device")
     eng = LLMEngine(EngineConfig(model=a.model, allocator=a.allocator, max_model_len=2048, max_num_seqs=a.batch,
                                  enforce_eager=a.eager, detokenize=False, record_memory=False,
                                  async_scheduling=async_value(a.async_scheduling),

@@ -145,6 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     if a.offline_only:
         print(json.dumps(offline(a)))
         return 0
+    import torch
+
+    if not torch.cuda.is_available():  # its engine settings size the KV pool from GPU memory
+        raise SystemExit("serve_vs_offline needs a CUDA device")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     argv = list(sys.argv[1:] if argv is None else argv)

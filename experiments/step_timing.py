@@ -96,7 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.mode == "simulate":
         raise SystemExit("step_timing times the real engine: not mode=simulate")
     torch.manual_seed(cfg.seed)
-    eng = build_engine(cfg)
+    try:
+        eng = build_engine(cfg)
+    except ValueError as e:  # a setting this machine cannot run (device=cuda without one, ...): one line
+        raise SystemExit(f"step_timing: {e}") from None
     timer = LaunchTimer(eng, str(eng.device).startswith("cuda"))
     specs = make_workload(OmegaConf.to_container(cfg.workload, resolve=True), eng.model_config.vocab_size,
                           eng.max_model_len)
