@@ -529,6 +529,15 @@ PART_TABLES = {"host": {"host"}, "gemm": {"gemm"}, "copy": {"copy"}, "vmm": {"vm
                "graphs": {"piecewise_forward", "piecewise_capture", "full_forward", "full_capture"}}
 
 
+def _same_device_kind(profiled: str | None, now: str) -> bool:
+    """Whether a run on ``now`` may merge into a profile of ``profiled`` (the device names kvlab
+    profile writes; every CPU is "cpu (machine)", some older profiles say "cpu"; no name: unknown)."""
+    def kind(name: str) -> str:
+        return "cpu" if name.startswith("cpu") else name
+
+    return not profiled or kind(str(profiled)) == kind(now)
+
+
 def _check_same_host_engine(ap, prior, cuda: bool, events: bool = False) -> None:
     """``--host-add`` pools host steps only of engines with this one's graphs: the cost model models
     a pool's steps with one graph setting (the profile's host engine: ``HOST_MAX_NUM_BATCHED_TOKENS``, defaults);
@@ -691,6 +700,10 @@ def main(argv: list[str] | None = None) -> int:
         from experiments.device_profile import host_model_of, host_scheduling_of, load_profile
 
         old = load_profile(a.merge)
+        if not _same_device_kind(old.meta.get("device"), meta["device"]):  # its times would be named the other's
+            ap.error(f"--merge {a.merge}: measured on {old.meta['device']}, this run is on {meta['device']}: a "
+                     "profile holds one device's tables (simulate names them by it): profile this device into a "
+                     "new file (--out without --merge)")
         redo = set().union(*(t for k, t in PART_TABLES.items() if k not in skip))
         per_model = redo & (PART_TABLES["models"] | PART_TABLES["ragged"] | PART_TABLES["graphs"])
         keep = ~old.df["table"].isin(redo)

@@ -892,6 +892,20 @@ def test_profile_host_add_pools_another_run_as_further_repeats(tmp_path):
     assert not (tmp_path / "z.parquet").exists()
 
 
+def test_profile_merge_of_another_device_is_refused(tmp_path):
+    """A run on one device merged into another's profile kept the old device name over this
+    device's times (an H100's host steps in "NVIDIA H200"'s profile): refused before measuring."""
+    old = tmp_path / "h200.parquet"
+    profile_device.write_profile(old, [dict(table="copy", bytes=1 << 16, value=1e-6)], {"device": "NVIDIA H200"})
+    new = tmp_path / "new.parquet"
+    with pytest.raises(SystemExit):
+        profile_device.main(["--models", MODEL, "--device", "cpu", "--skip", "host,gemm,models,ragged,vmm",
+                             "--merge", str(old), "--out", str(new)])
+    assert not new.exists() and not new.with_name("new.partial.parquet").exists()
+    assert not profile_device._same_device_kind("NVIDIA H200", "NVIDIA H100 80GB HBM3")
+    assert profile_device._same_device_kind("cpu", "cpu (x86_64)") and profile_device._same_device_kind(None, "x")
+
+
 def test_profile_merge_remeasuring_one_model_keeps_the_others_tables(tmp_path, monkeypatch):
     """``--models B --merge old`` (old: A and B): B's model, ragged and GEMM tables are replaced,
     A's stay (and A's GEMM shapes), and the metadata names both models."""
