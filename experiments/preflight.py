@@ -310,6 +310,9 @@ def _missing_key(cfg, key: str) -> str | None:
 # sections whose keys are fixed: a key added there (``+key=``) is a typo, not an option (the engine,
 # workload, allocator and sim sections refuse theirs where they are read)
 CLOSED_SECTIONS = ("", "measure")
+# top-level keys no section has but a config group reads where set (conf/strategy/virtual.yaml: a preset's
+# page size, `oc.select`): a user may add them as a preset does
+READ_WHERE_SET = ("virtual_page_size",)
 
 
 def _check_added(cfg, key: str) -> None:
@@ -319,7 +322,7 @@ def _check_added(cfg, key: str) -> None:
     if where not in CLOSED_SECTIONS:
         return
     node = cfg if not where else cfg.get(where)
-    if node is None or name in node:
+    if node is None or name in node or (not where and name in READ_WHERE_SET):
         return
     known = [f"{where}.{k}" if where else str(k) for k in node.keys() if k != "hydra"]
     raise UserError(f"+{key}: no such key, and kvlab reads none by that name; "

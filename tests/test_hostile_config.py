@@ -146,6 +146,17 @@ def test_an_added_key_that_exists_somewhere_open_still_passes(tmp_path):
     assert prep.overrides
 
 
+def test_a_preset_key_that_a_strategy_reads_may_be_added(tmp_path):
+    # was: +virtual_page_size (a preset's key, read by +strategy=virtual) refused as a key nothing reads
+    from experiments import preflight
+    from experiments.run import compose
+
+    prep = preflight.prepare(["+strategy=virtual", "+virtual_page_size=auto"], cwd=tmp_path)
+    assert compose(prep.overrides).allocator.args.page_size == "auto"
+    with pytest.raises(preflight.UserError, match=r"\+virtual_pagesize: no such key"):
+        preflight.prepare(["+strategy=virtual", "+virtual_pagesize=auto"], cwd=tmp_path)
+
+
 def _run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "experiments.cli", "run", "progress=false", "report=false", *args],
                           cwd=cwd, capture_output=True, text=True, timeout=300)
