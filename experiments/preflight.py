@@ -273,6 +273,31 @@ def check_groups(ovs) -> None:
                                 f"{_choices_text(options)}{did_you_mean(v, options, shown + '=')}")
 
 
+# launchers of conf/hydra/launcher that need a Hydra plugin kvlab does not install: (module, pip name)
+LAUNCHER_PLUGINS = {"slurm": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher")}
+
+
+def check_launcher(ovs) -> None:
+    """``hydra/launcher=slurm`` without its plugin: Hydra says only that a config could not be loaded."""
+    for ov in ovs:
+        if ov.key_or_group != "hydra/launcher":
+            continue
+        for v in _values(ov):
+            module, package = LAUNCHER_PLUGINS.get(v, (None, None))
+            if module and not _importable(module):
+                raise UserError(f"hydra/launcher={v} needs the Hydra plugin {package}, not installed here: "
+                                f"pip install {package}")
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # its parent package is missing too
+        return False
+
+
 def check_choices(ovs) -> None:
     """Keys with a closed set of values, before composing (every value of a sweep)."""
     for ov in ovs:
@@ -536,6 +561,7 @@ def prepare(overrides: list[str], cwd: Path | None = None) -> Prepared:
     overrides = rewrite_allocator_args(rewrite_model(overrides, cwd))
     ovs = _parse(overrides)
     check_groups(ovs)
+    check_launcher(ovs)
     check_choices(ovs)
     base = compose([o.input_line for o in ovs if not o.key_or_group.startswith("hydra")
                     and (is_group(o.key_or_group) and not o.is_sweep_override())])

@@ -553,3 +553,14 @@ def test_stop_strings_without_detokenizing_are_refused():
     with pytest.raises(ValueError, match="stop strings need the output text, but the engine runs with detokenize=False"):
         llm.generate("Hello", SamplingParams(max_tokens=5, stop=["8>4"]))
     assert llm.generate("Hello", SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))[0].outputs[0].token_ids
+
+
+def test_a_launcher_without_its_plugin_names_the_package(monkeypatch, tmp_path):
+    # was: Hydra's "Could not load 'hydra/launcher/submitit_slurm'" and a config search path
+    from experiments import preflight
+
+    monkeypatch.setitem(preflight.LAUNCHER_PLUGINS, "slurm", ("kvlab_no_such_pkg.launcher", "some-plugin"))
+    with pytest.raises(preflight.UserError, match="hydra/launcher=slurm needs the Hydra plugin some-plugin.*"
+                                                  "pip install some-plugin"):
+        preflight.prepare(["hydra/launcher=slurm"], cwd=tmp_path)
+    assert preflight._importable("experiments.preflight") and not preflight._importable("kvlab_no_such_pkg.x")
