@@ -305,13 +305,15 @@ class DecodeRun:
     takes_free = False  # capacity grows out of the free pool, and preempted ones give theirs back (paged)
     admits = False  # ``admit`` can model an admission at the first step
 
-    def __init__(self, allocator: KVAllocator, seqs: Seq[SequenceLike], used: list[int], caps: list[int]):
+    def __init__(self, allocator: KVAllocator, seqs: Seq[SequenceLike], used: list[int], caps: list[int],
+                 room: int | None = None):
         self.allocator, self.seqs, self.used, self.caps = allocator, list(seqs), used, caps
         self.growth: list[tuple[int, int, int]] = []  # (step, index, capacity after it), in step order
         self.released: list[tuple[int, int]] = []  # (step, index) of each sequence preempted
         self.joined: list[tuple[int, int]] = []  # (index, tokens) of each sequence admitted at the first step
-        # no sequence outgrows its max_len (stats split at min(max_len, capacity) then)
-        self.room = min(s.max_len - u for s, u in zip(self.seqs, used))
+        # no sequence outgrows its max_len (stats split at min(max_len, capacity) then); a
+        # strategy may pass it, found in its own pass over the sequences
+        self.room = min(s.max_len - u for s, u in zip(self.seqs, used)) if room is None else room
 
     def limit(self) -> int:
         """Steps the strategy can model from now (0: not even the next)."""
@@ -375,7 +377,7 @@ class DecodeRun:
             d_res[step] -= min(m, cap) - used
             d_int[step] -= max(cap - m, 0)
             d_cap[step] -= cap
-        now = self.allocator.stats()
+        now = self._stats()
         row = list(_STAT_ROW(now))
         ts, res, internal, free = row[_TS], row[_RES], row[_INT], row[_FREE]
         bpt = self.allocator.bytes_per_token
@@ -394,6 +396,10 @@ class DecodeRun:
                 row[_FREE] = free - g_cap * bpt
             rows.append(tuple(row))
         return now.capacity, rows
+
+    def _stats(self) -> MemoryStats:
+        """The allocator's ``stats()`` now (before the run)."""
+        return self.allocator.stats()
 
     def commit(self, k: int, preempt: Callable[[int], None], admit: Callable[[], None],
                skipped: Seq[int] = ()) -> None:

@@ -581,7 +581,11 @@ class PagedAllocator(KVAllocator):
                 bound = used
             reserved += bound - used
             internal += cap - bound
-        bpt = self.bytes_per_token
+        return self._stats_of(reserved, internal)
+
+    def _stats_of(self, reserved: int, internal: int) -> MemoryStats:
+        """``stats()`` of the sequences' reservation and internal fragmentation (in tokens)."""
+        bs, bpt = self._block_size, self.bytes_per_token
         return MemoryStats(
             capacity=self.capacity_tokens * bpt,
             token_states=self.pool.filled_total * bpt,
@@ -605,16 +609,24 @@ class _PagedDecodeRun(DecodeRun):
 
     def __init__(self, allocator: PagedAllocator, seqs: Seq[SequenceLike], sts: list[_SeqBlocks], used: list[int]):
         bs = self.bs = allocator.block_size
-        super().__init__(allocator, seqs, used, [len(st.table) * bs for st in sts])
+        # one pass: capacities, the room to max_len, and the sequences that take a block at a
+        # step, by the step's residue (``_first_take``: a sequence whose last block is full takes
+        # one at step 1, one holding r tokens of it at step bs - r + 1)
+        caps, room = [], 1 << 62
+        takers: list[list[int]] = [[] for _ in range(bs)]
+        for j, (seq, st, u) in enumerate(zip(seqs, sts, used)):
+            caps.append(len(st.table) * bs)
+            r = u % bs
+            takers[(bs - r + 1) % bs if r else 1 % bs].append(j)
+            if seq.max_len - u < room:
+                room = seq.max_len - u
+        super().__init__(allocator, seqs, used, caps, room)
+        self._takers = takers
         self.sts: list[_SeqBlocks | None] = sts  # None: admitted in the run (known at commit)
+        self.plain = len(sts)  # the sequences running before the run
         self.base = list(used)  # tokens the pool's fill count has for each
         self.free = allocator.pool.num_free
-        self._caps = list(self.caps)  # as the steps so far leave them
-        # sequences that take a block at a step, by the step's residue: a sequence whose last
-        # block is full takes one at step 1, one holding r tokens of it at step bs - r + 1
-        self._takers: list[list[int]] = [[] for _ in range(bs)]
-        for j, u in enumerate(used):
-            self._takers[self._first_take(u) % bs].append(j)
+        self._caps = list(caps)  # as the steps so far leave them
         self._gone: set[int] = set()  # seq ids preempted so far
         self._events: list[tuple[int, int, int]] = []  # (step, index, _TAKE | _FREE | _ADMIT), in order
 
@@ -679,6 +691,23 @@ class _PagedDecodeRun(DecodeRun):
         self._takers[(first if first > 1 else first + bs) % bs].append(j)
         self.room = min(self.room, seq.max_len - used)
         return True
+
+    def _stats(self) -> MemoryStats:
+        # where the allocator holds only the run's sequences (``decode_run``: no window, no
+        # shared tail), ``stats()``'s split from the plan's figures, without its own pass
+        alloc, plain = self.allocator, self.plain
+        if len(alloc._seqs) != plain:
+            return alloc.stats()
+        reserved = internal = 0
+        for st, used, cap in zip(self.sts[:plain], self.used, self.caps):
+            bound = st.seq.max_len
+            if bound > cap:
+                bound = cap
+            if bound < used:
+                bound = used
+            reserved += bound - used
+            internal += cap - bound
+        return alloc._stats_of(reserved, internal)
 
     def commit(self, k: int, preempt: Callable[[int], None], admit: Callable[[], None],
                skipped: Seq[int] = ()) -> None:

@@ -406,8 +406,9 @@ class DecodeFastForward:
                 tokens[hit] = 4 + (tokens[hit] + 1 - 4) % span
         overlap = e.config.async_scheduling
         if overlap:
-            self._read_back(e._inflight, times[1])
-        self._append_tokens(steps, tokens.tolist(), ins, overlap)
+            handle = self._append_pending(steps, tokens.tolist(), ins, e._inflight)
+        else:
+            self._append_tokens(steps, tokens.tolist(), ins)
         for j in done:
             members[j].num_computed_tokens = steps.computed[j] + k - 1
         for seq, _ in steps.admitted:  # as _advance and _resolve_sampled of the first step
@@ -434,9 +435,9 @@ class DecodeFastForward:
             records.append((times[i], times[i + 1] - times[i], nums[i], waiting, nums[i], 0 if i else admitted_tokens,
                             steps.decoding[i], steps.preempted[i], 0.0, context[i], 0, 0, 0, 0.0, 0.0))
         if overlap:
-            gone = set(done)
-            last = [j for j in range(nums[-1] + len(done)) if j not in gone]  # the last step's batch
-            self._in_flight([members[j] for j in last], tokens[last, -1].tolist(), steps)
+            e.num_generation_tokens += sum(nums[:-1])
+            e._inflight = e._launched = handle
+            runner.device_free_at = steps.device_free
             e._wait_s = steps.last_wait
             # the last step read back the last tokens of those it skipped (LLMEngine._resolve)
             finished = self._finish([members[j] for j in done]) if done else 0
@@ -452,49 +453,65 @@ class DecodeFastForward:
         return finished
 
     @staticmethod
-    def _append_tokens(steps: _Steps, tokens: list[list[int]], ins: list[int], overlap: bool) -> None:
-        """Each member's tokens of the run: those of the ``ins[j]`` steps it took part in, at the
-        times they were read back: synchronous steps at each step's end; asynchronous ones at the
-        next step's (the run's first step reads back the step before it: ``_read_back``), the last
-        step's still in flight (a pending place, as ``Sequence.append_pending``)."""
+    def _append_tokens(steps: _Steps, tokens: list[list[int]], ins: list[int]) -> None:
+        """Synchronous steps: each member's tokens of the ``ins[j]`` steps it took part in, each
+        read at its step's end."""
         times, k = steps.times, len(steps.nums)
-        after = times[2:] if overlap else times[1:]
+        after = times[1:]
         for seq, toks, n, c in zip(steps.members, tokens, ins, steps.computed):
-            if n < k:  # preempted before step n + 1 (asynchronous: its token of step n read back there)
-                seq.token_ids += toks[:n]
-                seq.output_token_ids += toks[:n]
+            if n < k:  # preempted before step n + 1
+                toks = toks[:n]
+                seq.token_ids += toks
+                seq.output_token_ids += toks
                 seq.token_times += after[:n]
-            elif overlap:
-                seq.num_computed_tokens = c + k
-                seq.token_ids += toks[:k - 1]
-                seq.token_ids.append(PENDING)
-                seq.output_token_ids += toks[:k - 1]
-                seq.output_token_ids.append(PENDING)
-                seq.token_times += after
             else:
                 seq.num_computed_tokens = c + k
                 seq.token_ids += toks
                 seq.output_token_ids += toks
                 seq.token_times += after
 
-    def _read_back(self, handle, now: float) -> None:
-        """The run's first step reads back the step launched before it (``LLMEngine._resolve``): no
-        token ends its sequence (``_decode_state`` saw to it), so no request has an output."""
-        for seq, pos, (token, logprob, top) in zip(handle.seqs, handle.positions, handle._ready):
-            seq.resolve(pos, token, logprob, top, now)
-        self.engine.num_generation_tokens += len(handle.seqs)
-
-    def _in_flight(self, seqs: list, tokens: list[int], steps: _Steps) -> None:
-        """The run's last step, launched and not read back: its handle, as ``AsyncSimRunner.launch``
-        and ``LLMEngine._step`` leave it (every step before it was read back by the next)."""
+    def _append_pending(self, steps: _Steps, tokens: list[list[int]], ins: list[int], inflight):
+        """Asynchronous steps, in one pass over the members: the run's first step reads back the
+        step launched before it (``LLMEngine._resolve``: the pending last token of each running
+        member, no token ends its sequence, ``_decode_state`` saw to it); each step's tokens are
+        read back at the next step; the last step's stay in flight (a pending place, as
+        ``Sequence.append_pending``), in the handle returned, as ``AsyncSimRunner.launch`` and
+        ``LLMEngine._step`` leave it."""
         from experiments.simulate import SimStepHandle
 
-        e = self.engine
-        e.num_generation_tokens += sum(steps.nums[:-1])
-        handle = SimStepHandle([(seq, t, None) for seq, t in zip(seqs, tokens)], steps.device_free, e.clock)
-        handle.positions = [len(seq.token_ids) - 1 for seq in seqs]
-        e._inflight = e._launched = handle
-        e.runner.device_free_at = steps.device_free
+        times, k = steps.times, len(steps.nums)
+        now, read = times[1], times[1:]  # the read-back times of the step in flight, then the run's
+        ready = inflight._ready
+        held = len(inflight.seqs)  # the first ``held`` members (``_inflight_decodes``)
+        self.engine.num_generation_tokens += held
+        seqs, last, positions = [], [], []  # the last step's batch, its tokens and their places
+        for j, (seq, toks, n, c) in enumerate(zip(steps.members, tokens, ins, steps.computed)):
+            ids, out, at = seq.token_ids, seq.output_token_ids, seq.token_times
+            if j < held:  # Sequence.resolve of its token in flight (the last place)
+                token, logprob, top = ready[j]
+                ids[-1] = out[-1] = token
+                if logprob is not None:
+                    seq.output_logprobs.append(logprob)
+                if top is not None:
+                    seq.output_top_logprobs.append(top)
+                if seq.first_token_time is None:
+                    seq.first_token_time = now
+                at.append(now)
+            if n < k:  # preempted before step n + 1 (or skipped by the last): its tokens of n steps
+                toks = toks[:n]
+                ids += toks
+                out += toks
+                at += read[1:n + 1]
+            else:
+                seq.num_computed_tokens = c + k
+                seqs.append(seq)
+                last.append((toks[-1], None, None))
+                toks[-1] = PENDING
+                ids += toks
+                out += toks
+                at += read[1:]
+                positions.append(len(ids) - 1)
+        return SimStepHandle.pending(seqs, last, positions, steps.device_free, self.engine.clock)
 
     def _record_memory(self, plan: DecodeRun, steps: _Steps) -> None:
         """What ``_record_memory`` and ``_advance`` record at each step of the run: the stats

@@ -220,6 +220,16 @@ class SimStepHandle:
         self._ready = [(t, lp, None) for _, t, lp in sampled]
         self.ready_at, self.clock = ready_at, clock
 
+    @classmethod
+    def pending(cls, seqs: list, ready: list, positions: list[int], ready_at: float,
+                clock: VirtualClock) -> SimStepHandle:
+        """A launched step as ``LLMEngine._step`` leaves it (its places set), from lists made
+        already (simulate's bulk path)."""
+        handle = cls.__new__(cls)
+        handle.seqs, handle._ready, handle.positions = seqs, ready, positions
+        handle.ready_at, handle.clock = ready_at, clock
+        return handle
+
     @property
     def complete(self) -> bool:
         return self.clock() >= self.ready_at
