@@ -295,8 +295,8 @@ class DecodeRun:
     ``caps``: their ``seq_capacities``. A strategy says how many steps it can model at most
     (``limit``), makes each step's room (``allocate``: where a sequence does not fit, the
     caller preempts from the back, ``release``), whether a waiting sequence could be admitted
-    (``may_admit``), may model its admission at the first step (``admit``) and makes the
-    change (``commit``). The caller may give up a step it has begun (``allocate``, ``release``)
+    (``may_admit``), may model its admission at a step (``admit``) and a sequence that finishes
+    (``finish``: the run goes on past it) and makes the change (``commit``). The caller may give up a step it has begun (``allocate``, ``release``)
     and commit only the steps before it: ``commit``, ``stats_rows`` and the caller skip every
     entry of a later step. The ``stats`` rows follow here, for every strategy whose live
     sequences split their capacity as ``live_split`` does.
@@ -310,14 +310,16 @@ class DecodeRun:
         self.allocator, self.seqs, self.used, self.caps = allocator, list(seqs), used, caps
         self.growth: list[tuple[int, int, int]] = []  # (step, index, capacity after it), in step order
         self.released: list[tuple[int, int]] = []  # (step, index) of each sequence preempted
-        self.joined: list[tuple[int, int]] = []  # (index, tokens) of each sequence admitted at the first step
+        self.joined: list[tuple[int, int, int]] = []  # (step, index, tokens) of each sequence admitted
+        self.finished: list[tuple[int, int, int]] = []  # (step, index, tokens it holds) of each that finishes
         # no sequence outgrows its max_len (stats split at min(max_len, capacity) then); a
         # strategy may pass it, found in its own pass over the sequences
         self.room = min(s.max_len - u for s, u in zip(self.seqs, used)) if room is None else room
 
     def limit(self) -> int:
-        """Steps the strategy can model from now (0: not even the next)."""
-        return max(0, min(self.room, self._limit()))
+        """Steps the strategy can model from now (0: not even the next); ``room`` bounds them
+        too, while the sequences it counts are live (the caller sees to it)."""
+        return max(0, self._limit())
 
     def _limit(self) -> int:
         raise NotImplementedError
@@ -340,10 +342,17 @@ class DecodeRun:
         take room). True when in doubt."""
         raise NotImplementedError
 
-    def admit(self, seq: SequenceLike, num_new_tokens: int) -> bool:
-        """At the first step, after the decode tokens: ``seq`` (holding nothing) is admitted
-        with its ``num_new_tokens`` tokens, all it has: it joins ``seqs`` (at the end) and
-        decodes from the next step on. False (nothing changed) where that is not modelled."""
+    def admit(self, seq: SequenceLike, num_new_tokens: int, step: int = 1) -> bool:
+        """At step ``step``, after its decode tokens: ``seq`` (holding nothing) is admitted with
+        its ``num_new_tokens`` tokens, all it has: it joins ``seqs`` (at the end) and decodes
+        from the next step on (``used``: its tokens minus ``step``, as if it had decoded since
+        the first). False (nothing changed) where that is not modelled."""
+        return False
+
+    def finish(self, indices: list[int], step: int, held: list[int]) -> bool:
+        """``seqs[j]`` for j in ``indices`` finish after step ``step`` holding ``held`` tokens:
+        their room goes back before the next step. False where that is not modelled (nothing is
+        changed then: the run ends with that step, and the caller finishes them after ``commit``)."""
         return False
 
     def stats_rows(self, decoding: list[int]) -> tuple[int, list[tuple]]:
@@ -355,12 +364,14 @@ class DecodeRun:
         k = len(decoding)
         seqs, caps = self.seqs, list(self.caps)
         d_ts, d_res, d_int, d_cap = ([0] * (k + 1) for _ in range(4))
-        for j, tokens in self.joined:
+        for step, j, tokens in self.joined:
+            if step > k:
+                continue
             m, cap = seqs[j].max_len, caps[j]
-            d_ts[1] += tokens
-            d_res[1] += min(m, cap) - tokens
-            d_int[1] += max(cap - m, 0)
-            d_cap[1] += cap
+            d_ts[step] += tokens
+            d_res[step] += min(m, cap) - tokens
+            d_int[step] += max(cap - m, 0)
+            d_cap[step] += cap
         for step, j, cap in self.growth:
             if step > k:
                 break
@@ -369,10 +380,14 @@ class DecodeRun:
             d_res[step] += min(m, cap) - min(m, old)
             d_int[step] += max(cap - m, 0) - max(old - m, 0)
             d_cap[step] += cap - old
-        for step, j in self.released:  # its capacity then: it grows no more
+        # those preempted (before their token of that step) and those finished (from the next
+        # step's row on), at their capacity then: they grow no more
+        gone = [(step, j, self.used[j] + step - 1) for step, j in self.released]
+        gone += [(step + 1, j, held) for step, j, held in self.finished]
+        for step, j, used in gone:
             if step > k:
-                break
-            m, cap, used = seqs[j].max_len, caps[j], self.used[j] + step - 1
+                continue
+            m, cap = seqs[j].max_len, caps[j]
             d_ts[step] -= used
             d_res[step] -= min(m, cap) - used
             d_int[step] -= max(cap - m, 0)
@@ -401,13 +416,14 @@ class DecodeRun:
         """The allocator's ``stats()`` now (before the run)."""
         return self.allocator.stats()
 
-    def commit(self, k: int, preempt: Callable[[int], None], admit: Callable[[], None],
-               skipped: Seq[int] = ()) -> None:
+    def commit(self, k: int, preempt: Callable[[int], None], admit: Callable[[int], None],
+               skipped: Seq[int] = (), finish: Callable[[int, list[int]], None] | None = None) -> None:
         """Leave the allocator as steps 1..k did: each survivor ``k`` tokens longer (those in
         ``skipped``, which step k skipped, ``k - 1``), each preempted one as it was then.
         ``preempt(index)`` is called where a step preempted (the scheduler's own preemption,
-        which frees it here), ``admit()`` where the first step admitted (the scheduler's own
-        admission, which allocates here)."""
+        which frees it here), ``admit(step)`` where a step admitted (the scheduler's own
+        admission, which allocates here), ``finish(step, indices)`` after a step whose
+        sequences finished (``finish`` above; the engine's own code, which frees them here)."""
         raise NotImplementedError
 
 
@@ -425,8 +441,8 @@ class InPlaceDecodeRun(DecodeRun):
     def may_admit(self, seq: SequenceLike, num_new_tokens: int) -> bool:
         return seq.seq_id in self._held or self.allocator.can_allocate(seq, num_new_tokens)
 
-    def commit(self, k: int, preempt: Callable[[int], None], admit: Callable[[], None],
-               skipped: Seq[int] = ()) -> None:
+    def commit(self, k: int, preempt: Callable[[int], None], admit: Callable[[int], None],
+               skipped: Seq[int] = (), finish: Callable[[int, list[int]], None] | None = None) -> None:
         for h in self.holders:
             h.used += k
         # (the simulator frees the skipped ones right after: their count is for the contract)

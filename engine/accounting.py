@@ -254,7 +254,17 @@ class MemoryAccountant:
     def record_seqs(self, stats: MemoryStats, seqs: Sequence, capacities: Sequence[int]) -> None:
         """``record`` for the engine: the live sequences themselves and their capacities (the
         allocator's ``seq_capacities``), no tuples."""
-        step = self._begin(stats)
+        self._live(self._begin(stats), seqs, capacities)
+
+    def record_row(self, capacity: int, row: tuple, seqs: Sequence, capacities: Sequence[int]) -> None:
+        """``record_seqs`` of stats given as their capacity and a row in STAT_FIELDS order."""
+        step = len(self._rows)
+        self.capacity = capacity
+        if self._rows.append(row):
+            self._settle()
+        self._live(step, seqs, capacities)
+
+    def _live(self, step: int, seqs: Sequence, capacities: Sequence[int]) -> None:
         ids = [s.seq_id for s in seqs]
         if ids == self._ids:
             # the live sequences of the step before (most steps): only a capacity that changed

@@ -5,22 +5,27 @@ decode token and the allocator only grows each sequence by a token; now and then
 out and the scheduler preempts the last ones, or a request finishes and the queue's head is
 admitted. :class:`DecodeFastForward` plans the run of such steps that starts now, step by step
 but on sums and per-event lists (the cost model's step time from the batch's sums, the
-allocator's ``DecodeRun``: who takes a block when, who is preempted, what the first step
-admits), then applies it at once: the sampled tokens appended to each sequence as one list,
+allocator's ``DecodeRun``: who takes a block when, who is preempted, who is admitted, who
+finishes), then applies it at once: the sampled tokens appended to each sequence as one list,
 the step records, memory rows and live-token counts appended per run, the allocator changed
 once (``DecodeRun.commit``), the victims and admissions made by the scheduler's own
-``_preempt`` and ``_admit``. At the run's last step the sequences that reach their length
-finish through the engine's own code.
+``_preempt`` and ``_admit``, and the sequences that reach their length finished by the engine's
+own code, each in its place among them (the memory rows up to its step recorded first).
+
+Where the allocator models finishes and admissions at any step (a paged pool: ``DecodeRun.finish``,
+``DecodeRun.admit``), a run goes on past the steps at which sequences finish: their blocks go
+back to the pool, and the next step admits from the queue (a victim of the run too, with the
+tokens it had). Elsewhere a run ends with the first step at which some finish, and admits at
+its first step only. A run makes ``MAX_STEPS`` steps at most.
 
 Asynchronous scheduling (``AsyncSimRunner``): a run starts with a step in flight that sampled
 the last token of every running sequence. Each step launches (the host's part moves the clock,
 the device's starts when the device is free), then reads back the step before it (the clock
 waits for the device); the first step reads back the step in flight, and the last one is left
 in flight, its tokens pending, as ``LLMEngine._step`` leaves it. A sequence whose last token is
-in flight is not scheduled again and finishes when it is read back: a run that samples a last
-token goes on for one more step, in which the others decode and those finish, if that step is
-plain (it preempts nothing and the queue's head could not be admitted), and stops there. The
-cost model gives each step's host and device parts from the sums.
+in flight is not scheduled again (it holds its KV; the step's token budget is larger by it) and
+finishes when the step reads that token back. The cost model gives each step's host and device
+parts from the sums.
 
 A run stops before the first step that could differ from that pattern, and that step goes
 through ``LLMEngine.step`` as always:
@@ -29,13 +34,15 @@ through ``LLMEngine.step`` as always:
 - a step in which the allocator would have to decide something it has no model of
   (``KVAllocator.decode_run``): copy-on-write, mapping a page, a region that is full. A paged
   pool that runs out is modelled: the scheduler preempts from the back (by recompute), the
-  victims' blocks go back to the pool, as ``Scheduler.schedule`` does it;
-- a waiting request that could be admitted, but at the run's first step: the queue's head is
-  checked there, at the next step after admissions (its budget is whole again) and after each
-  preemption (a victim heads the queue); in between, steps only take memory and keep the
-  budget, so a head that cannot be admitted stays so. At the first step the admissions are
-  modelled where the allocator can (a paged pool: plain requests whose whole prompt fits the
-  step's budget): they prefill and sample in that step and decode in the next ones;
+  victims' blocks go back to the pool, as ``Scheduler.schedule`` does it; a victim that would
+  be an asynchronous step's skipped sequence is not;
+- a waiting request that could be admitted where the allocator models no admission (or not
+  this one: a paged pool admits plain requests whose whole prompt fits the step's budget; they
+  prefill and sample in that step and decode in the next ones). The queue's head is checked at
+  the first step, after admissions (the next step's budget is whole again), preemptions (a
+  victim heads the queue), finishes (memory came back) and at steps that skip some; in
+  between, steps only take memory and keep the budget, so a head that cannot be admitted
+  stays so;
 - anything outside the plain case: a sequence that is not one decode token, stop tokens or
   text to check, streamed outputs, beams, forks, prefix caching at admission, a host tier,
   windowed attention, fault isolation; with the profiled cost model, a decode step that no
@@ -46,14 +53,13 @@ test-suite runs both and compares every step (tests/test_sim_fastpath.py).
 """
 from __future__ import annotations
 
+import heapq
 import math
 from dataclasses import dataclass, field
-from itertools import accumulate
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from allocators.stats import STAT_FIELDS, MemoryStats
 from engine.scheduler import ScheduledBatch
 from engine.sequence import PENDING
 
@@ -63,33 +69,71 @@ if TYPE_CHECKING:
     from engine.sequence import Sequence
 
 _BLOCKED, _ADMIT, _UNKNOWN = range(3)  # what Scheduler._admit would do with the queue's head
+MAX_STEPS = 64  # steps of one run at most: its token table is members x steps
 
 
 @dataclass
 class _Steps:
-    """The steps of a run, as planned. ``members``: the running sequences, then those admitted
-    at the first step (a step computes the first ``nums[i]`` of them); ``computed``: their
-    computed tokens before the run (one admitted with n tokens: n - 1, as if it decoded its
-    last one in the first step)."""
+    """The steps of a run, as planned. ``members``: the running sequences, then those admitted,
+    in the order they joined (one preempted and admitted again joins twice); ``computed``: the
+    tokens each holds after step i is ``computed[j] + i`` (at the steps it computes in: one
+    admitted at step a with n tokens has n - a)."""
     members: list
     computed: list[int]
-    left: list[int]  # steps until each samples its last token
+    left: list[int]  # the step at which each samples its last token
     times: list[float]  # the clock at each step's start, and after the last
+    first: list[int] = field(default_factory=list)  # the first step each computes in
+    count: list[int] = field(default_factory=list)  # steps each computed in, once it left (-1: live at the end)
+    base: list[tuple[int, int]] = field(default_factory=list)  # its (tokens, output tokens) when it joined
     nums: list[int] = field(default_factory=list)  # sequences each step computes
     decoding: list[int] = field(default_factory=list)  # ... of them decoding (the others are admitted)
     preempted: list[int] = field(default_factory=list)
     contexts: list[int] = field(default_factory=list)  # tokens the batch's sequences hold after the step
-    admitted: list[tuple] = field(default_factory=list)  # (seq, tokens) admitted at the first step
+    held: list[int] = field(default_factory=list)  # ... the live sequences hold (skipped ones too)
+    running: list[int] = field(default_factory=list)  # sequences running after each step
+    waiting: list[int] = field(default_factory=list)  # ... waiting after it
+    admitted: dict[int, list[tuple]] = field(default_factory=dict)  # step -> (seq, tokens) it admits
+    finished: dict[int, list[int]] = field(default_factory=dict)  # step -> members that finish in it
+    lives: dict[int, list[int]] = field(default_factory=dict)  # step -> the live members, where they changed
+    modelled: set[int] = field(default_factory=set)  # steps whose finishes the plan made (``DecodeRun.finish``)
     busy: list[float] = field(default_factory=list)  # what each step adds to the runner's busy time
     # asynchronous steps: the device's end of the last step launched, the ready time of the step
     # the next one reads back, and the wait for it, as the engine's last read-back measured it
     device_free: float = 0.0
     ready: float = 0.0
     last_wait: float = 0.0
-    # asynchronous steps: the members the last step skipped, their last token sampled by the step
-    # before (it reads that back, and they finish), and the tokens the live members hold after it
-    done: list[int] = field(default_factory=list)
-    held_last: int = 0
+
+    def join(self, seq: Sequence, computed: int, left: int, first: int, tokens: int, out: int) -> int:
+        self.members.append(seq)
+        self.computed.append(computed)
+        self.left.append(left)
+        self.first.append(first)
+        self.count.append(-1)
+        self.base.append((tokens, out))
+        return len(self.members) - 1
+
+
+class _Queue:
+    """The waiting queue as a run's steps change it: victims put back at its head, the admitted
+    taken from it. An entry: (seq, tokens, computed tokens, output tokens)."""
+
+    def __init__(self, waiting):
+        self.waiting, self.taken, self.front = waiting, 0, []  # front: victims, the head last
+
+    def entries(self):
+        yield from reversed(self.front)
+        waiting = self.waiting
+        for i in range(self.taken, len(waiting)):
+            seq = waiting[i]
+            yield seq, len(seq.token_ids), seq.num_computed_tokens, len(seq.output_token_ids)
+
+    def head(self) -> tuple:
+        return next(self.entries(), (None, 0, 0, 0))
+
+    def take(self, n: int) -> None:
+        front = min(n, len(self.front))
+        del self.front[len(self.front) - front:]
+        self.taken += n - front
 
 
 class DecodeFastForward:
@@ -103,7 +147,9 @@ class DecodeFastForward:
         # that one goes through engine.step() without being looked at again
         self._after_run = False
         self._plain_types: tuple | None = None
-        self.finishing_preemptions = 0  # asynchronous runs whose finishing step preempted
+        self.finishing_preemptions = 0  # asynchronous steps that finish some (skipped) and preempt
+        self.finishes_within = 0  # steps after which a run went on past finishes (``DecodeRun.finish``)
+        self.readmissions = 0  # sequences admitted again in the run that preempted them
 
     def __call__(self, t0: float, next_arrival_s: float = math.inf) -> int | None:
         """Advance the run of decode steps that starts now, if there is one, and return how many
@@ -161,156 +207,167 @@ class DecodeFastForward:
     # -- the plan: the steps as Scheduler.schedule would make them ------------------------------
     def _plan(self, plan: DecodeRun, left: list[int], computed: list[int], t0: float,
               next_arrival_s: float) -> _Steps | None:
-        """The run's steps: each computes the decode tokens of the first ``num`` members,
-        preempting from the back where the pool runs out; the first may admit. The run ends at
-        the first step where a sequence finishes (included; asynchronous: the step that samples
-        a last token, then the one that skips and finishes it, ``_finishing_step``), before a step
-        whose schedule would differ or before which the driver would add a request."""
+        """The run's steps: each computes the decode tokens of the live members, preempting from
+        the back where the pool runs out, and may admit (where the queue's head could be
+        admitted: at the first step, after a preemption, an admission or a finish, and at a step
+        that skips some); asynchronous steps skip a member whose last token is in flight (it
+        finishes at the step's read-back). Where the plan models finishes (``DecodeRun.finish``)
+        the run goes on past them, else it ends with the first step at which some finish. It
+        ends before a step whose schedule is not modelled or before which the driver would add
+        a request, and after ``MAX_STEPS``."""
         e = self.engine
         sched = e.scheduler
-        limit = plan.limit()
+        cfg = sched.config
+        limit = min(plan.limit(), MAX_STEPS)
         if not limit:
             return None
-        steps = _Steps(list(sched.running), list(computed), list(left), [e.clock()])
-        members, left = steps.members, steps.left  # both grow with the first step's admissions
-        num = len(members)
-        context = [0, *accumulate(computed)]  # context[n]: computed tokens of the first n members
-        longest = [0, *accumulate(computed, max)]  # longest[n]: the most any of them has computed (ragged term)
-        first_done = min(left)  # step at which the first of the first ``num`` finishes
-        # the head of the queue and its tokens (a victim has the tokens of the steps it was in)
-        head = sched.waiting[0] if sched.waiting else None
-        head_len = len(head.token_ids) if head is not None else 0
-        head_computed = head.num_computed_tokens if head is not None else 0
-        check = True  # admission to check: at the first step, and after each preemption
+        overlap = e.config.async_scheduling
+        running = sched.running
+        steps = _Steps([], [], [], [e.clock()])
+        for seq, c, l in zip(running, computed, left):
+            steps.join(seq, c, l, 1, len(seq.token_ids), len(seq.output_token_ids))
+        members, vc = steps.members, steps.computed
+        live = list(range(len(members)))  # the running order
+        alive = [True] * len(members)
+        ending: dict[int, list[int]] = {}  # step -> members that sample their last token there
+        for j, l in enumerate(left):
+            ending.setdefault(l, []).append(j)
+        queue = _Queue(sched.waiting)
+        waiting = len(sched.waiting)
+        # over the live members: their computed tokens, the most of them, and the steps to a
+        # max_len (a heap of each one's, the left ones taken out where it matters)
+        total, top, room = sum(computed), max(computed), plan.room
+        rooms = [(seq.max_len - c, j) for j, (seq, c) in enumerate(zip(members, vc))]
+        heapq.heapify(rooms)
+        check = True  # admission to check: the head or the budget may have changed
+        changed = True  # the live members changed since the last step's row
         runner = e.runner
         cost = runner.cost_model
         # the profiled model charges VMM calls made since the last step to the next one
         vmm = runner.vmm_counter.peek() if runner.profiled and runner.vmm_counter is not None else (0, 0)
-        overlap = e.config.async_scheduling
         if overlap:
             steps.device_free, steps.ready = runner.device_free_at, e._inflight.ready_at
         for step in range(1, limit + 1):
-            if step > plan.room or (step > 1 and next_arrival_s <= steps.times[-1] - t0):
+            if not live or step > room or (step > 1 and next_arrival_s <= steps.times[-1] - t0):
                 break
-            before = num
-            num = self._preempt_to_fit(plan, members, step, num)
-            if num is None:
-                return self._planned(steps)  # the exact step decides
-            admitted = []
-            if num < before:  # no admission this step; the last victim heads the queue now
-                head, check = members[num], True
-                head_len, head_computed = len(head.token_ids) + step - 1, 0
-                first_done = min(left[:num])
-            elif check:
-                verdict, _ = self._admission(plan, head, head_len, head_computed, num)
-                # a head held back by memory stays so until a step frees some; by the token
-                # budget, until fewer sequences decode
+            skip = [j for j in ending.get(step - 1, ()) if alive[j]] if overlap else []
+            victims = self._fit(plan, live, step, skip)
+            if victims is None:
+                break  # the exact step decides
+            n_live = len(live) - len(victims)
+            batch = n_live - len(skip)
+            if not batch or batch > cfg.max_num_batched_tokens:
+                break
+            admitted: list[tuple] = []
+            if victims:  # no admission this step; the last victim heads the queue now
+                check = True
+            elif check or skip:
                 check = False
-                if verdict != _BLOCKED:
-                    admitted = self._admissions(plan, num) if step == 1 else None
-                    if not admitted:  # one it cannot model, or later than the first step
+                head, tokens, done, _ = queue.head()
+                budget = cfg.max_num_batched_tokens - batch
+                if self._admission(plan, head, tokens, done, n_live, budget)[0] != _BLOCKED:
+                    admitted = self._admissions(plan, queue, n_live, budget, step)
+                    if not admitted:  # one it cannot model
                         break
-                    # the next head was held back by what the admitted took of this step's
-                    # budget: the next step's is whole again
-                    waiting = sched.waiting
-                    head = waiting[len(admitted)] if len(waiting) > len(admitted) else None
-                    head_len = len(head.token_ids) if head is not None else 0
-                    head_computed = head.num_computed_tokens if head is not None else 0
-                    check = True
-            held = context[num] + num * step
+                    check = True  # the next head was held back by this step's budget only
+            if victims:
+                top = max(vc[j] for j in live[:n_live])
+            # the decoding members' computed tokens: their sum and the most (the ragged term)
+            held = total - sum(vc[j] for j in live[n_live:]) - sum(vc[j] for j in skip) + batch * step
+            longest = top
+            if any(vc[j] == top for j in skip):
+                longest = max(vc[j] for j in live[:n_live] if j not in skip)
+            ns = [n for _, n, _ in admitted]
             maps, unmaps = vmm if step == 1 else (0, 0)
             if admitted:  # they prefill all their tokens, and sample
-                ns = [n for _, n in admitted]
                 if runner.profiled:  # SimRunner.execute's work: the decodes, then the admitted prompts
-                    split = cost.admission_host_device(num, held, ns, maps, unmaps)
+                    split = cost.admission_host_device(batch, held, ns, maps, unmaps)
                     if split is None:
-                        work = [(1, c + 1) for c in computed[:num]] + [(n, n) for n in ns]
+                        work = [(1, vc[j] + step) for j in live[:n_live] if j not in skip] + [(n, n) for n in ns]
                         split = cost.host_device_time(work, len(work), maps, unmaps)
                 else:
-                    split = cost.sums_host_device(num + sum(ns), num + len(ns),
+                    split = cost.sums_host_device(batch + sum(ns), batch + len(ns),
                                                   held + sum(n * (n + 1) // 2 for n in ns), held + sum(ns))
-                steps.admitted = admitted
-                for seq, n in admitted:
-                    members.append(seq)
-                    steps.computed.append(n - 1)
-                    left.append(seq.done_at - len(seq.output_token_ids))
-                    context.append(context[-1] + n - 1)
-                    longest.append(max(longest[-1], n - 1))
-                first_done = min(first_done, *left[num:])
-                held += sum(ns)
             else:
-                split = cost.decode_host_device(num, held, longest[num] + step, maps, unmaps)
+                split = cost.decode_host_device(batch, held, longest + step, maps, unmaps)
                 if split is None:  # the step is not timed from sums (an eager decode step): it goes alone
                     break
+            # the step is made
             _clock(steps, *split, overlap)
-            steps.nums.append(num + len(admitted))
-            steps.decoding.append(num)
-            steps.preempted.append(before - num)
-            steps.contexts.append(held)
-            num += len(admitted)
-            if first_done <= step:
-                if overlap and step < limit and step < plan.room and next_arrival_s > steps.times[-1] - t0:
-                    self._finishing_step(plan, steps, num, step + 1, head, head_len, head_computed)
+            for v in victims:  # (last first) each heads the queue in turn, with its tokens then
+                alive[v] = False
+                c = steps.count[v] = step - steps.first[v]
+                tokens, out = steps.base[v]
+                queue.front.append((members[v], tokens + c, 0, out + c))
+            del live[n_live:]
+            total -= sum(vc[v] for v in victims)
+            self.readmissions += min(len(admitted), len(queue.front))  # the queue's head: the run's victims
+            queue.take(len(admitted))
+            for seq, n, out in admitted:  # each decodes from the next step on
+                j = steps.join(seq, n - step, step - 1 + seq.done_at - out, step, n, out)
+                alive.append(True)
+                live.append(j)
+                ending.setdefault(steps.left[j], []).append(j)
+                total += vc[j]
+                top = max(top, vc[j])
+                room = min(room, seq.max_len - vc[j])
+                heapq.heappush(rooms, (seq.max_len - vc[j], j))
+            if admitted:
+                steps.admitted[step] = [(seq, n) for seq, n, _ in admitted]
+            if changed or victims or admitted:
+                steps.lives[step] = list(live)
+            steps.nums.append(batch + len(admitted))
+            steps.decoding.append(batch)
+            steps.preempted.append(len(victims))
+            steps.contexts.append(held + sum(ns))
+            steps.held.append(held + sum(ns) + sum(vc[j] + step - 1 for j in skip))
+            waiting += len(victims) - len(admitted)
+            self.finishing_preemptions += bool(skip and victims)
+            # who finishes: synchronous, those that sampled their last token; asynchronous, those
+            # the step skipped (it reads their last token back)
+            done = skip if overlap else [j for j in ending.get(step, ()) if alive[j]]
+            changed = bool(done)
+            if done:
+                steps.finished[step] = done
+                for j in done:
+                    alive[j] = False
+                    steps.count[j] = step - steps.first[j] + (0 if overlap else 1)
+                live = [j for j in live if alive[j]]
+                total -= sum(vc[j] for j in done)
+                top = max((vc[j] for j in live), default=0)
+                modelled = plan.finish(done, step, [vc[j] + step - overlap for j in done])
+                if modelled:
+                    steps.modelled.add(step)
+                    self.finishes_within += 1
+                    while rooms and not alive[rooms[0][1]]:
+                        heapq.heappop(rooms)
+                    room = rooms[0][0] if rooms else room
+            steps.running.append(len(live))
+            steps.waiting.append(waiting)
+            if done and not modelled:
                 break
-        return self._planned(steps)
+            if done:
+                check = True  # their memory is free at the next step
+        return steps if steps.nums else None
 
-    def _finishing_step(self, plan: DecodeRun, steps: _Steps, num: int, step: int, head: Sequence | None,
-                        head_len: int, head_computed: int) -> None:
-        """Asynchronous steps: the step after one that sampled a last token, if it is plain. The
-        scheduler skips the members whose last token is in flight (they hold their blocks), the
-        others decode, preempting from the back where the pool runs out; it reads those last tokens
-        back, and they finish. Not planned (the engine makes it) where nothing would decode, where a
-        victim would be one of the skipped (or one the run cannot preempt), or where the queue's head
-        could be admitted (the budget is larger by the members skipped; a step that preempts admits
-        nothing)."""
-        left, computed = steps.left, steps.computed
-        done = [j for j in range(num) if left[j] < step]
-        gone = set(done)
-        before = num
-        num = self._preempt_to_fit(plan, steps.members, step, num, done)
-        if num is None:
-            return  # the plan's state past the run's steps is never committed
-        batch = num - len(done)
-        if not batch:
-            return
-        budget = self.engine.scheduler.config.max_num_batched_tokens - batch
-        if num == before and self._admission(plan, head, head_len, head_computed, num, budget)[0] != _BLOCKED:
-            return
-        kept = [c for j, c in enumerate(computed[:num]) if j not in gone]
-        held = sum(kept) + batch * step  # the tokens of the batch's sequences after it
-        split = self.engine.runner.cost_model.decode_host_device(batch, held, max(kept) + step, 0, 0)
-        if split is None:
-            return
-        _clock(steps, *split, True)
-        steps.nums.append(batch)
-        steps.decoding.append(batch)
-        steps.preempted.append(before - num)
-        steps.contexts.append(held)
-        steps.done = done
-        steps.held_last = held + sum(computed[j] + step - 1 for j in done)
-        self.finishing_preemptions += before > num
-
-    def _preempt_to_fit(self, plan: DecodeRun, members: list, step: int, num: int,
-                        skip: list[int] = ()) -> int | None:
-        """``Scheduler.schedule`` at ``step`` (the first ``num`` members decoding, ``skip`` left
-        out): the last one preempted by recompute until the one that could not grow fits. The
-        members left, or None where a victim is not modelled (the only one, a skipped one, a
+    def _fit(self, plan: DecodeRun, live: list[int], step: int, skip: list[int]) -> list[int] | None:
+        """``Scheduler.schedule`` at ``step`` (the live members decoding, ``skip`` left out): the
+        last one preempted by recompute until the one that could not grow fits. The victims, the
+        last member first, or None where a victim is not modelled (the only one, a skipped one, a
         request's group, a swap, blocks shared with another)."""
-        j = plan.allocate(step, num, skip=skip)
+        victims: list[int] = []
+        j = plan.allocate(step, live[-1] + 1, skip=skip)
         while j is not None:
-            victim = num - 1
-            if (not victim or victim in skip or self.engine.scheduler._swap
-                    or members[victim].params.num_seqs > 1 or not plan.release(victim, step)):
+            left = len(live) - len(victims)
+            victim = live[left - 1]
+            if (left <= 1 or victim in skip or self.engine.scheduler._swap
+                    or plan.seqs[victim].params.num_seqs > 1 or not plan.release(victim, step)):
                 return None
-            num -= 1
+            victims.append(victim)
             if victim == j:
                 break
-            j = plan.allocate(step, num, start=j, skip=skip)
-        return num
-
-    @staticmethod
-    def _planned(steps: _Steps) -> _Steps | None:
-        return steps if steps.nums else None
+            j = plan.allocate(step, victim, start=j, skip=skip)
+        return victims
 
     def _admission(self, plan: DecodeRun, head: Sequence | None, head_len: int, computed: int,
                    num: int, budget: int | None = None) -> tuple[int, int]:
@@ -338,62 +395,112 @@ class DecodeFastForward:
                  and head.length_only and head.quiet and head.params.beam_width == 1)
         return (_ADMIT if plain else _UNKNOWN), n
 
-    def _admissions(self, plan: DecodeRun, num: int) -> list[tuple] | None:
-        """The first step's admissions (``Scheduler._admit``'s loop over the queue), each made in
-        ``plan``; None if one of them is not modelled."""
+    def _admissions(self, plan: DecodeRun, queue: _Queue, num: int, budget: int,
+                    step: int) -> list[tuple] | None:
+        """A step's admissions (``Scheduler._admit``'s loop over the queue), each made in
+        ``plan``: (seq, tokens, its output tokens); None if one of them is not modelled."""
         if not plan.admits:
             return None
-        budget = self.engine.scheduler.config.max_num_batched_tokens - num
         out: list[tuple] = []
-        for head in self.engine.scheduler.waiting:
-            verdict, n = self._admission(plan, head, len(head.token_ids), head.num_computed_tokens,
-                                         num + len(out), budget)
+        for seq, tokens, computed, out_len in queue.entries():
+            verdict, n = self._admission(plan, seq, tokens, computed, num + len(out), budget)
             if verdict == _BLOCKED:
                 break
-            if verdict == _UNKNOWN or not plan.admit(head, n):
+            if verdict == _UNKNOWN or not plan.admit(seq, n, step):
                 return None
-            out.append((head, n))
+            out.append((seq, n, out_len))
             budget -= n
         return out
 
     # -- the run -------------------------------------------------------------------------------
     def _advance(self, plan: DecodeRun, steps: _Steps) -> int:
+        """Make the planned steps: the allocator's change (``DecodeRun.commit``) with the
+        scheduler's own preemptions and admissions and the engine's own finishes in their
+        order, the memory rows up to each finish, each member's tokens, the step records."""
         e = self.engine
         sched, runner = e.scheduler, e.runner
         members, nums, times = steps.members, steps.nums, steps.times
         k = len(nums)
-        if e.config.record_memory:
-            self._record_memory(plan, steps)
-        # the allocator and the scheduler's queues: the victims preempted and the first step's
-        # admissions made by the scheduler's own code, in their order
+        overlap = e.config.async_scheduling
+        tokens = self._tokens(steps, k)
+        inflight = e._inflight if overlap else None
+        first_held = len(inflight.seqs) if overlap else 0  # members whose last token is in flight now
+        rows = _MemoryRows(e, plan, steps) if e.config.record_memory else None
+        if runner.profiled and runner.vmm_counter is not None:
+            runner.vmm_counter.take()  # charged to the run's first step (before its finishes unmap)
         batch = ScheduledBatch()
+        finished = 0
 
-        def preempt(j: int) -> None:
+        def append(j: int) -> None:
+            self._append(steps, j, tokens[j], inflight if j < first_held else None, overlap)
+
+        def preempt(j: int) -> None:  # its tokens first: it may be admitted again in the run
             victim = sched.running.pop()
             assert victim is members[j], "a run preempts from the back"
+            append(j)
             sched._preempt(victim, batch)
 
-        def admit() -> None:
+        def admit(step: int) -> None:
             admitted = ScheduledBatch()
-            sched._admit(admitted, sched.config.max_num_batched_tokens - steps.decoding[0])
-            assert [(s, n) for s, n in zip(admitted.seqs, admitted.num_new_tokens)] == steps.admitted, \
+            sched._admit(admitted, sched.config.max_num_batched_tokens - steps.decoding[step - 1])
+            assert list(zip(admitted.seqs, admitted.num_new_tokens)) == steps.admitted[step], \
                 "the run's admissions are the scheduler's"
+            for seq in admitted.seqs:  # as _advance and the read-back of its first token
+                if seq.first_scheduled_time is None:
+                    seq.first_scheduled_time = times[step - 1]
+                if seq.first_token_time is None and (step < k or not overlap):
+                    seq.first_token_time = times[step + 1 if overlap else step]
 
-        waiting = len(sched.waiting) - len(steps.admitted)  # after the first step's admissions
-        done = steps.done
-        plan.commit(k, preempt, admit, skipped=done)
-        # the sequences: one token per step in the batch, the ids SimRunner gives; the victims
-        # until their step (the scheduler has set them back to nothing computed), the members
-        # the last step skipped until the step before
-        ins = [k] * len(members)
-        for step, j in plan.released:
-            if step > k:
-                break
-            ins[j] = step - 1
-        for j in done:
-            ins[j] = k - 1
+        def finish(step: int, done: list[int]) -> None:
+            nonlocal finished
+            if rows is not None:
+                rows.upto(step)  # the accountant ends their intervals at the rows so far
+            e.clock.t = times[step]
+            finished += self._finish(steps, done, step, append)
+
+        last = steps.finished.get(k) if k not in steps.modelled else None  # the plan does not free them
+        plan.commit(k, preempt, admit, skipped=last if overlap and last else (), finish=finish)
+        if rows is not None:
+            rows.upto(k)
+        # the members live at the end (they computed the last step; asynchronous: its tokens pending)
+        live = [j for j, c in enumerate(steps.count) if c < 0]
+        for j in live:
+            append(j)
+        busy = runner.busy_s
+        for dt in steps.busy:
+            busy += dt
+        runner.busy_s = busy
+        runner.num_steps += k
+        e.clock.t = times[-1]
+        if last:
+            finished += self._finish(steps, last, k, append)
+        if overlap:
+            from experiments.simulate import SimStepHandle
+
+            e.num_generation_tokens += first_held + sum(nums[:-1])
+            seqs = [members[j] for j in live]
+            handle = SimStepHandle.pending(seqs, [(tokens[j][k - 1], None, None) for j in live],
+                                           [len(seq.token_ids) - 1 for seq in seqs], steps.device_free, e.clock)
+            e._inflight = e._launched = handle
+            runner.device_free_at = steps.device_free
+            e._wait_s = steps.last_wait
+        else:
+            e.num_generation_tokens += sum(nums)
+            e._wait_s = 0.0
+        admitted = steps.admitted
+        e.step_records.extend([
+            (times[i], times[i + 1] - times[i], steps.running[i], steps.waiting[i], nums[i],
+             sum(n for _, n in admitted.get(i + 1, ())), steps.decoding[i], steps.preempted[i], 0.0,
+             steps.contexts[i], 0, 0, 0, 0.0, 0.0) for i in range(k)])
+        e.isolator.step_succeeded()
+        return finished
+
+    def _tokens(self, steps: _Steps, k: int) -> list[list[int]]:
+        """The ids SimRunner samples for each member at each of the k steps (used at the steps it
+        computes in): a formula of its seq_id and length, EOS ids replaced as the runner does."""
+        runner = self.engine.runner
         ends = np.array(steps.computed, dtype=np.int64)[:, None] + np.arange(1, k + 1)
-        ids = np.array([s.seq_id for s in members], dtype=np.int64)[:, None]
+        ids = np.array([s.seq_id for s in steps.members], dtype=np.int64)[:, None]
         span = runner.vocab_size - 4
         tokens = 4 + (ids * 7919 + ends * 104729) % span
         eos = [t for t in runner.eos if 4 <= t < runner.vocab_size]  # ids the formula can give
@@ -404,160 +511,99 @@ class DecodeFastForward:
                 hit |= tokens == t
             if hit.any():
                 tokens[hit] = 4 + (tokens[hit] + 1 - 4) % span
-        overlap = e.config.async_scheduling
-        if overlap:
-            handle = self._append_pending(steps, tokens.tolist(), ins, e._inflight)
-        else:
-            self._append_tokens(steps, tokens.tolist(), ins)
-        for j in done:
-            members[j].num_computed_tokens = steps.computed[j] + k - 1
-        for seq, _ in steps.admitted:  # as _advance and _resolve_sampled of the first step
-            if seq.first_scheduled_time is None:
-                seq.first_scheduled_time = times[0]
-            if seq.first_token_time is None and (k > 1 or not overlap):  # asynchronous: read back a step later
-                seq.first_token_time = times[2 if overlap else 1]
-        # the runner and the clock, as k launches (or calls of execute) leave them
-        busy = runner.busy_s
-        for dt in steps.busy:
-            busy += dt
-        runner.busy_s = busy
-        runner.num_steps += k
-        if runner.profiled and runner.vmm_counter is not None:
-            runner.vmm_counter.take()  # charged to the run's first step (before its finishes unmap)
-        e.clock.t = times[-1]
-        # step records (the last one after the finishes: it counts the sequences left)
-        context, records = steps.contexts, []
-        admitted_tokens = sum(n for _, n in steps.admitted)
-        # asynchronous: all k here (the sequences running after a finishing step are its batch,
-        # nums[-1]); synchronous: the last one after the finishes below
-        for i in range(k if overlap else k - 1):
-            waiting += steps.preempted[i]
-            records.append((times[i], times[i + 1] - times[i], nums[i], waiting, nums[i], 0 if i else admitted_tokens,
-                            steps.decoding[i], steps.preempted[i], 0.0, context[i], 0, 0, 0, 0.0, 0.0))
-        if overlap:
-            e.num_generation_tokens += sum(nums[:-1])
-            e._inflight = e._launched = handle
-            runner.device_free_at = steps.device_free
-            e._wait_s = steps.last_wait
-            # the last step read back the last tokens of those it skipped (LLMEngine._resolve)
-            finished = self._finish([members[j] for j in done]) if done else 0
-        else:
-            e.num_generation_tokens += sum(nums)
-            finished = self._finish(members[:nums[-1]])
-            e._wait_s = 0.0
-            records.append((times[k - 1], times[k] - times[k - 1], len(sched.running), len(sched.waiting), nums[-1],
-                            admitted_tokens if k == 1 else 0, steps.decoding[-1], steps.preempted[-1], 0.0,
-                            context[-1], 0, 0, 0, 0.0, 0.0))
-        e.step_records.extend(records)
-        e.isolator.step_succeeded()
-        return finished
+        return tokens.tolist()
 
     @staticmethod
-    def _append_tokens(steps: _Steps, tokens: list[list[int]], ins: list[int]) -> None:
-        """Synchronous steps: each member's tokens of the ``ins[j]`` steps it took part in, each
-        read at its step's end."""
-        times, k = steps.times, len(steps.nums)
-        after = times[1:]
-        for seq, toks, n, c in zip(steps.members, tokens, ins, steps.computed):
-            if n < k:  # preempted before step n + 1
-                toks = toks[:n]
-                seq.token_ids += toks
-                seq.output_token_ids += toks
-                seq.token_times += after[:n]
-            else:
-                seq.num_computed_tokens = c + k
-                seq.token_ids += toks
-                seq.output_token_ids += toks
-                seq.token_times += after
-
-    def _append_pending(self, steps: _Steps, tokens: list[list[int]], ins: list[int], inflight):
-        """Asynchronous steps, in one pass over the members: the run's first step reads back the
-        step launched before it (``LLMEngine._resolve``: the pending last token of each running
-        member, no token ends its sequence, ``_decode_state`` saw to it); each step's tokens are
-        read back at the next step; the last step's stay in flight (a pending place, as
-        ``Sequence.append_pending``), in the handle returned, as ``AsyncSimRunner.launch`` and
-        ``LLMEngine._step`` leave it."""
-        from experiments.simulate import SimStepHandle
-
-        times, k = steps.times, len(steps.nums)
-        now, read = times[1], times[1:]  # the read-back times of the step in flight, then the run's
-        ready = inflight._ready
-        held = len(inflight.seqs)  # the first ``held`` members (``_inflight_decodes``)
-        self.engine.num_generation_tokens += held
-        seqs, last, positions = [], [], []  # the last step's batch, its tokens and their places
-        for j, (seq, toks, n, c) in enumerate(zip(steps.members, tokens, ins, steps.computed)):
-            ids, out, at = seq.token_ids, seq.output_token_ids, seq.token_times
-            if j < held:  # Sequence.resolve of its token in flight (the last place)
-                token, logprob, top = ready[j]
-                ids[-1] = out[-1] = token
-                if logprob is not None:
-                    seq.output_logprobs.append(logprob)
-                if top is not None:
-                    seq.output_top_logprobs.append(top)
-                if seq.first_token_time is None:
-                    seq.first_token_time = now
-                at.append(now)
-            if n < k:  # preempted before step n + 1 (or skipped by the last): its tokens of n steps
-                toks = toks[:n]
-                ids += toks
-                out += toks
-                at += read[1:n + 1]
-            else:
-                seq.num_computed_tokens = c + k
-                seqs.append(seq)
-                last.append((toks[-1], None, None))
+    def _append(steps: _Steps, j: int, row: list[int], inflight, overlap: bool) -> None:
+        """Member j's tokens of the steps it computed in, at the times they were read back:
+        synchronous steps at each step's end; asynchronous ones at the next step's (the first
+        step reads back the step launched before it, ``inflight``: its last token, as
+        ``LLMEngine._resolve``; no token ends its sequence, ``_decode_state`` saw to it), the last
+        step's still in flight (a pending place, as ``Sequence.append_pending``)."""
+        seq, first, count, times = steps.members[j], steps.first[j], steps.count[j], steps.times
+        ids, out, at = seq.token_ids, seq.output_token_ids, seq.token_times
+        if inflight is not None:  # Sequence.resolve of its token in flight (the last place)
+            token, logprob, top = inflight._ready[j]
+            ids[-1] = out[-1] = token
+            if logprob is not None:
+                seq.output_logprobs.append(logprob)
+            if top is not None:
+                seq.output_top_logprobs.append(top)
+            if seq.first_token_time is None:
+                seq.first_token_time = times[1]
+            at.append(times[1])
+        k = len(steps.nums)
+        if count < 0:  # live at the end
+            count = k - first + 1
+            seq.num_computed_tokens = steps.computed[j] + k
+        toks = row[first - 1:first - 1 + count]
+        if overlap:
+            if first + count > k:  # the last step's token: pending
                 toks[-1] = PENDING
-                ids += toks
-                out += toks
-                at += read[1:]
-                positions.append(len(ids) - 1)
-        return SimStepHandle.pending(seqs, last, positions, steps.device_free, self.engine.clock)
+            at += times[first + 1:first + 1 + count]
+        else:
+            at += times[first:first + count]
+        ids += toks
+        out += toks
 
-    def _record_memory(self, plan: DecodeRun, steps: _Steps) -> None:
-        """What ``_record_memory`` and ``_advance`` record at each step of the run: the stats
-        row, the live sequences' capacities (the accountant's intervals) and the tokens they hold."""
-        e = self.engine
-        acc, logical = e.accountant, e.logical_tokens
-        members, nums, held = steps.members, steps.nums, steps.contexts
-        if steps.done:  # the members the last step skipped are live until it reads them back
-            nums, held = nums[:-1] + [nums[-1] + len(steps.done)], held[:-1] + [steps.held_last]
-        capacity, rows = plan.stats_rows(steps.decoding)
-        caps = list(plan.caps)
-        growth, g = plan.growth, 0
-        step0 = acc.num_steps
-        seg_rows: list[tuple] = []  # steps with the live sequences of the step before
-        seg_changes: list[list[tuple[int, int]]] = []
-        for step, (num, row) in enumerate(zip(nums, rows), 1):
-            changed = []
-            while g < len(growth) and growth[g][0] == step:
-                _, j, cap = growth[g]
-                caps[j] = cap
-                changed.append((j, cap))
-                g += 1
-            if step == 1 or num != nums[step - 2]:  # other live sequences: as the engine records
-                if seg_rows:
-                    acc.record_run(seg_rows, members, seg_changes)
-                    seg_rows, seg_changes = [], []
-                acc.record_seqs(MemoryStats(capacity, **dict(zip(STAT_FIELDS, row))), members[:num], caps[:num])
-            else:
-                seg_rows.append(row)
-                seg_changes.append(changed)
-        if seg_rows:
-            acc.record_run(seg_rows, members, seg_changes)
-        if logical.extend([(step0 + i, h) for i, h in enumerate(held)]):
-            logical.spill_before(len(logical.chunks))
-
-    def _finish(self, batch: list) -> int:
-        """The last step's stop checks (``_resolve_sampled``): the sequences whose length is
-        reached finish, in batch order; their requests go to the output stage, which retires
-        them (their outputs are not built: the driver only counts them). Returns that count."""
+    def _finish(self, steps: _Steps, done: list[int], step: int, append) -> int:
+        """The stop checks of ``step`` (``_resolve_sampled``, or ``_resolve`` reading back the
+        last tokens of those it skipped): ``done`` finish, in batch order; their requests go to
+        the output stage, which retires them (their outputs are not built: the driver only
+        counts them). Returns that count."""
         e = self.engine
         touched = {}
-        for seq in batch:
-            if len(seq.output_token_ids) >= seq.done_at:
-                e._finish_seq(seq, "length", len(seq.token_ids) - 1)
-                touched[seq.request_id] = e.requests[seq.request_id]
-        return e.output_processor.retire_quiet(touched.values(), e) if touched else 0
+        for j in done:
+            seq = steps.members[j]
+            append(j)
+            seq.num_computed_tokens = steps.computed[j] + step - e.config.async_scheduling
+            e._finish_seq(seq, "length", len(seq.token_ids) - 1)
+            touched[seq.request_id] = e.requests[seq.request_id]
+        return e.output_processor.retire_quiet(touched.values(), e)
+
+
+class _MemoryRows:
+    """The run's memory rows (``LLMEngine._record_memory`` at each step: the stats row, the live
+    sequences' capacities for the accountant's intervals), recorded up to a step on demand: a
+    finish needs the rows up to its step first. The tokens the live ones hold (``_advance``'s
+    logical count) go at once."""
+
+    def __init__(self, engine: LLMEngine, plan: DecodeRun, steps: _Steps):
+        self.acc, self.steps = engine.accountant, steps
+        self.capacity, self.rows = plan.stats_rows(steps.decoding)
+        self.caps, self.growth, self.g = list(plan.caps), plan.growth, 0
+        self.made = 0  # steps recorded
+        self.seqs: list = []  # the live sequences of the last row, and their places
+        self.place: dict[int, int] = {}
+        logical, step0 = engine.logical_tokens, self.acc.num_steps
+        if logical.extend([(step0 + i, h) for i, h in enumerate(steps.held)]):
+            logical.spill_before(len(logical.chunks))
+
+    def upto(self, k: int) -> None:
+        acc, caps, growth, lives, members = self.acc, self.caps, self.growth, self.steps.lives, self.steps.members
+        seg_rows: list[tuple] = []  # steps with the live sequences of the step before
+        seg_changes: list[list[tuple[int, int]]] = []
+        for step in range(self.made + 1, k + 1):
+            grew = []
+            while self.g < len(growth) and growth[self.g][0] == step:
+                _, j, cap = growth[self.g]
+                caps[j] = cap
+                grew.append(j)
+                self.g += 1
+            live = lives.get(step)
+            if live is None:
+                seg_rows.append(self.rows[step - 1])
+                seg_changes.append([(self.place[j], caps[j]) for j in grew])
+                continue
+            if seg_rows:
+                acc.record_run(seg_rows, self.seqs, seg_changes)
+                seg_rows, seg_changes = [], []
+            self.seqs = [members[j] for j in live]
+            self.place = {j: i for i, j in enumerate(live)}
+            acc.record_row(self.capacity, self.rows[step - 1], self.seqs, [caps[j] for j in live])
+        if seg_rows:
+            acc.record_run(seg_rows, self.seqs, seg_changes)
+        self.made = k
 
 
 def _clock(steps: _Steps, host: float, device: float, overlap: bool) -> None:

@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 import engine.accounting as accounting
 import engine.sequence as sequence
 import experiments.run as run
+import experiments.sim_fastpath as sim_fastpath
 from allocators.stats import MemoryStats
 from engine.accounting import MemoryAccountant
 from experiments.costmodel import DEVICES, MODEL_SHAPES, RooflineCostModel
@@ -123,6 +124,10 @@ def test_bulk_run_equals_steps_one_by_one(case, tmp_path, monkeypatch):
         assert sa["preemptions"] > 0, "the case should preempt"
     if case in ("paged-async", "paged-profiled-async"):  # the step that finishes a run's sequences preempts
         assert ff.finishing_preemptions > 0, "the case should reach a finishing step that preempts"
+    if case.startswith("paged"):  # a paged pool models finishes and admissions at any step
+        assert ff.finishes_within > 0, "runs should go on past finishes"
+    if case in ("paged", "paged-async", "paged-profiled", "paged-profiled-async"):
+        assert ff.readmissions > 0, "the case should admit a run's victim again in that run"
     assert_same_run(tmp_path / "steps", tmp_path / "bulk", sa, sb)
     np.testing.assert_array_equal(ea.accountant.table(), eb.accountant.table())
 
@@ -220,7 +225,11 @@ def _drive(cfg, fast: bool, snapshots: dict | None = None, before_call=None) -> 
 @pytest.mark.parametrize("case", ["paged", "paged-online", "paged-budget", "contiguous-pow2", "virtual",
                                   "virtual-profiled", "paged-async", "paged-online-async", "paged-budget-async",
                                   "virtual-profiled-async"])
-def test_bulk_run_leaves_the_engine_as_its_steps(case, monkeypatch):
+@pytest.mark.parametrize("max_steps", [5, sim_fastpath.MAX_STEPS])
+def test_bulk_run_leaves_the_engine_as_its_steps(case, max_steps, monkeypatch):
+    """The state is compared where runs end: runs of at most 5 steps end all along (mid-run
+    finishes, admissions and preemptions behind them)."""
+    monkeypatch.setattr(sim_fastpath, "MAX_STEPS", max_steps)
     cfg = config(*COMMON, *CASES[case], "workload.num_requests=40")
     states, _ = _drive(cfg, fast=False)
     _, compared = _drive(cfg, fast=True, snapshots=states)
