@@ -327,8 +327,9 @@ class DecodeRun:
     def allocate(self, step: int, num: int, start: int = 0, skip: Seq[int] = ()) -> int | None:
         """Room for step ``step``'s token of each of ``seqs[start:num]`` but those in ``skip``,
         in order; the index of the first that finds none (those before it have theirs), or None.
-        ``skip``: sequences that compute no token at this step, which is then the run's last
-        (``commit``'s ``skipped``: asynchronous steps, whose last tokens are in flight)."""
+        ``skip``: sequences that compute no token at this step (asynchronous steps, whose last
+        tokens are in flight: they finish at it, ``finish``, or it is the run's last, ``commit``'s
+        ``skipped``); a strategy that models ``finish`` skips the sequences gone by itself."""
         return None
 
     def release(self, index: int, step: int) -> bool:
