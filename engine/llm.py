@@ -48,9 +48,9 @@ class LLM:
         if isinstance(prompts, (str, dict)) or (prompts and not isinstance(prompts[0], (str, list, tuple, dict))):
             prompts = [prompts]
         prompts = [_prompt_of(p, i) for i, p in enumerate(prompts)]
-        params = sampling_params
-        params_list = (list(params) if isinstance(params, (list, tuple))
-                       else [params or SamplingParams()] * len(prompts))
+        params = SamplingParams() if sampling_params is None else sampling_params
+        # only None means the defaults: a falsy mistake ({}, 0) is refused below, not replaced
+        params_list = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(params_list) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params_list)} SamplingParams")
         for i, p in enumerate(params_list):
@@ -81,13 +81,32 @@ class LLM:
         return [done[rid] for rid in ids]
 
 
+PROMPT_KEYS = ("prompt", "prompt_token_ids")  # vLLM's TextPrompt / TokensPrompt keys that kvlab runs
+
+
 def _prompt_of(prompt, i: int):
-    """A prompt as text or token ids: vLLM's TextPrompt / TokensPrompt dicts are unwrapped."""
+    """A prompt as text or token ids: vLLM's TextPrompt / TokensPrompt dicts are unwrapped.
+
+    Each key must hold its own kind (text in ``prompt``, ids in ``prompt_token_ids``): a string of
+    "ids" would otherwise be tokenized as text. Keys kvlab cannot honour (``multi_modal_data``, ...)
+    are refused rather than silently dropped."""
     if not isinstance(prompt, dict):
         return prompt
+    if not set(prompt) & set(PROMPT_KEYS):
+        raise ValueError(f"prompts[{i}]: a prompt dict needs 'prompt' (text) or 'prompt_token_ids', "
+                         f"got keys {sorted(map(str, prompt))}")
+    other = sorted(map(str, set(prompt) - set(PROMPT_KEYS)))
+    if other:
+        raise ValueError(f"prompts[{i}]: kvlab takes no {other} in a prompt dict, only 'prompt' (text) "
+                         "or 'prompt_token_ids': leave them out")
     if "prompt_token_ids" in prompt:
-        return prompt["prompt_token_ids"]
-    if "prompt" in prompt:
-        return prompt["prompt"]
-    raise ValueError(f"prompts[{i}]: a prompt dict needs 'prompt' (text) or 'prompt_token_ids', "
-                     f"got keys {sorted(map(str, prompt))}")
+        ids = prompt["prompt_token_ids"]
+        if isinstance(ids, (str, bytes, dict)):
+            raise ValueError(f"prompts[{i}]: 'prompt_token_ids' must be a list of token ids, got "
+                             f"{type(ids).__name__} (give text as {{'prompt': text}})")
+        return ids
+    text = prompt["prompt"]
+    if not isinstance(text, str):
+        raise ValueError(f"prompts[{i}]: 'prompt' must be text, got {type(text).__name__} "
+                         "(give token ids as {'prompt_token_ids': ids})")
+    return text

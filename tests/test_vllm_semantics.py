@@ -214,3 +214,35 @@ def test_include_stop_str_in_output_through_llm_generate(llm, greedy):
             finally:
                 eng.config.stream_outputs = False
             assert text == want, (kw, include)
+
+
+# -- LLM.generate's inputs: what vLLM would refuse is refused, not run another way -----------------
+@pytest.mark.parametrize("bad", [{}, 0, False, ""])
+def test_only_none_means_default_sampling_params(llm, bad):
+    """A falsy mistake for sampling_params ({} meant as keyword arguments, 0) is refused, naming
+    the type, instead of running with the default SamplingParams (random, 16 tokens)."""
+    with pytest.raises(ValueError, match=r"params\[0\]: give a SamplingParams"):
+        llm.generate([PROMPT], bad)
+
+
+@pytest.mark.parametrize("prompt,match", [
+    ({"prompt_token_ids": "abc"}, "'prompt_token_ids' must be a list of token ids, got str"),
+    ({"prompt": [5, 6, 7]}, "'prompt' must be text, got list"),
+    ({"prompt_token_ids": PROMPT, "multi_modal_data": {"image": None}}, r"kvlab takes no \['multi_modal_data'\]"),
+    ({}, "a prompt dict needs 'prompt'"),
+])
+def test_prompt_dicts_hold_their_own_kind(llm, prompt, match):
+    """vLLM's TextPrompt holds text and TokensPrompt ids: a string under 'prompt_token_ids' is not
+    tokenized as text, and keys kvlab cannot honour are not dropped silently."""
+    with pytest.raises(ValueError, match=r"prompts\[0\]: " + match):
+        llm.generate([prompt], SamplingParams(**GREEDY))
+
+
+def test_cumulative_logprob_is_the_sum_of_the_sampled_logprobs(llm):
+    """vLLM's CompletionOutput.cumulative_logprob: the sum of the sampled tokens' logprobs with
+    logprobs requested (0 included), None without."""
+    outs = llm.generate([PROMPT, PROMPT], [SamplingParams(**GREEDY, logprobs=0), SamplingParams(**GREEDY)])
+    c = outs[0].outputs[0]
+    assert len(c.logprobs) == len(c.token_ids) and c.cumulative_logprob == pytest.approx(sum(c.logprobs))
+    assert c.cumulative_logprob < 0
+    assert outs[1].outputs[0].cumulative_logprob is None
