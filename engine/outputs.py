@@ -6,6 +6,7 @@ is new since the request's previous output (streaming at O(new tokens) per step)
 """
 from __future__ import annotations
 
+import math
 from array import array
 from dataclasses import dataclass, field
 
@@ -57,6 +58,13 @@ class CompletionOutput:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def cumulative_logprob(self) -> float | None:
+        """vLLM's: the sum of the sampled tokens' logprobs, None unless SamplingParams.logprobs is
+        set (it is the sum of ``logprobs``, so with output_kind='delta' it covers this output's
+        tokens only, where vLLM's keeps the running total)."""
+        return None if self.logprobs is None else math.fsum(self.logprobs)
 
 
 @dataclass

@@ -106,3 +106,21 @@ def test_attention_bias_loads_and_matches_hf(tmp_path, kind):
     llm = LLM(str(tmp_path), allocator="paged", device="cpu")
     outs = llm.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True))
     assert [o.token_ids for o in outs] == _hf_greedy(hf, prompts)
+
+
+@pytest.mark.parametrize("fixture", ["hf_llama", "hf_qwen3"])
+def test_sample_logprobs_match_hf(request, fixture):
+    """Each sampled token's logprob, its top-k and the cumulative logprob (vLLM's
+    ``CompletionOutput.cumulative_logprob``) equal HF's teacher-forced log-softmax of the
+    prompt and the tokens kvlab sampled (seeded random sampling: not only the argmax)."""
+    path, hf = request.getfixturevalue(fixture)
+    prompt = _prompts(hf.config.vocab_size)[1]
+    llm = LLM(str(path), allocator="paged", device="cpu")
+    c = llm.generate([prompt], SamplingParams(max_tokens=8, seed=5, ignore_eos=True, logprobs=3))[0].outputs[0]
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([prompt + c.token_ids])).logits[0].float(), dim=-1)
+    rows = ref[len(prompt) - 1:-1]
+    want = rows.gather(1, torch.tensor(c.token_ids)[:, None]).squeeze(1)
+    torch.testing.assert_close(torch.tensor(c.logprobs), want, atol=1e-4, rtol=1e-4)
+    assert [[t for t, _ in row] for row in c.top_logprobs] == rows.topk(3, dim=-1).indices.tolist()
+    assert c.cumulative_logprob == pytest.approx(want.sum().item(), abs=1e-3)
