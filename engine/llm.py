@@ -45,7 +45,7 @@ class LLM:
             raise ValueError(f"prompts: give text, token ids, or a list of them, got {type(prompts).__name__}")
         if hasattr(prompts, "tolist"):  # a numpy array: one prompt's ids, or a row per prompt
             prompts = prompts.tolist()
-        if isinstance(prompts, (str, dict)) or (prompts and not isinstance(prompts[0], (str, list, tuple, dict))):
+        if isinstance(prompts, (str, dict)) or (prompts and not _is_prompt(prompts[0])):
             prompts = [prompts]
         prompts = [_prompt_of(p, i) for i, p in enumerate(prompts)]
         params = SamplingParams() if sampling_params is None else sampling_params
@@ -84,6 +84,12 @@ class LLM:
 PROMPT_KEYS = ("prompt", "prompt_token_ids")  # vLLM's TextPrompt / TokensPrompt keys that kvlab runs
 
 
+def _is_prompt(x) -> bool:
+    """Whether ``x`` is one prompt (text, ids, a prompt dict, a 1-d numpy array or tensor of ids)
+    rather than one token id: a list of arrays is a prompt per array, not one prompt."""
+    return isinstance(x, (str, list, tuple, dict)) or getattr(x, "ndim", 0) >= 1
+
+
 def _prompt_of(prompt, i: int):
     """A prompt as text or token ids: vLLM's TextPrompt / TokensPrompt dicts are unwrapped.
 
@@ -91,7 +97,8 @@ def _prompt_of(prompt, i: int):
     "ids" would otherwise be tokenized as text. Keys kvlab cannot honour (``multi_modal_data``, ...)
     are refused rather than silently dropped."""
     if not isinstance(prompt, dict):
-        return prompt
+        # an array's or a tensor's ids as Python ints (a tensor's items are tensors, not ids)
+        return prompt.tolist() if getattr(prompt, "ndim", 0) >= 1 else prompt
     if not set(prompt) & set(PROMPT_KEYS):
         raise ValueError(f"prompts[{i}]: a prompt dict needs 'prompt' (text) or 'prompt_token_ids', "
                          f"got keys {sorted(map(str, prompt))}")

@@ -246,3 +246,15 @@ def test_cumulative_logprob_is_the_sum_of_the_sampled_logprobs(llm):
     assert len(c.logprobs) == len(c.token_ids) and c.cumulative_logprob == pytest.approx(sum(c.logprobs))
     assert c.cumulative_logprob < 0
     assert outs[1].outputs[0].cumulative_logprob is None
+
+
+def test_a_list_of_arrays_is_a_prompt_per_array(llm, greedy):
+    """Prompts built with numpy or torch: a list of 1-d arrays (tensors) is one prompt each, as a
+    2-d array's rows already were, not one prompt whose "ids" are arrays."""
+    import numpy as np
+
+    sp = SamplingParams(**GREEDY)
+    for rows in ([np.array(PROMPT), np.array(PROMPT[:3])], [torch.tensor(PROMPT), torch.tensor(PROMPT[:3])]):
+        outs = llm.generate(rows, sp)
+        assert [o.prompt_token_ids for o in outs] == [PROMPT, PROMPT[:3]]
+        assert outs[0].token_ids == greedy.token_ids
