@@ -22,6 +22,11 @@ class LLM:
     def tokenizer(self):
         return self.engine.tokenizer
 
+    def get_tokenizer(self):
+        """vLLM's accessor, the same object as ``tokenizer`` (an HF tokenizer for a checkpoint with
+        tokenizer files; a preset's ``ByteTokenizer`` otherwise)."""
+        return self.engine.tokenizer
+
     def generate(
         self,
         prompts: list[str | list[int] | dict] | str | list[int] | dict,

@@ -113,6 +113,7 @@ def test_logprobs_are_the_model_s_before_min_tokens_bans_eos(llm, monkeypatch):
 
 def test_generate_takes_vllm_s_keyword_and_prompt_dicts(llm, greedy):
     sp = SamplingParams(**GREEDY)
+    assert llm.get_tokenizer() is llm.tokenizer  # vLLM's accessor
     assert llm.generate([PROMPT], sampling_params=sp)[0].token_ids == greedy.token_ids
     assert llm.generate({"prompt_token_ids": PROMPT}, sp)[0].token_ids == greedy.token_ids
     outs = llm.generate([{"prompt_token_ids": PROMPT}, {"prompt": "hi"}], [sp, sp])
