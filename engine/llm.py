@@ -116,7 +116,7 @@ def _prompt_of(prompt, i: int):
         if isinstance(ids, (str, bytes, dict)):
             raise ValueError(f"prompts[{i}]: 'prompt_token_ids' must be a list of token ids, got "
                              f"{type(ids).__name__} (give text as {{'prompt': text}})")
-        return ids
+        return ids.tolist() if getattr(ids, "ndim", 0) >= 1 else ids
     text = prompt["prompt"]
     if not isinstance(text, str):
         raise ValueError(f"prompts[{i}]: 'prompt' must be text, got {type(text).__name__} "

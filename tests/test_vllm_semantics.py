@@ -259,3 +259,4 @@ def test_a_list_of_arrays_is_a_prompt_per_array(llm, greedy):
         outs = llm.generate(rows, sp)
         assert [o.prompt_token_ids for o in outs] == [PROMPT, PROMPT[:3]]
         assert outs[0].token_ids == greedy.token_ids
+        assert llm.generate({"prompt_token_ids": rows[0]}, sp)[0].token_ids == greedy.token_ids
