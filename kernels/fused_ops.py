@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from kernels import value_checks
+
 try:
     import triton
     import triton.language as tl
@@ -140,6 +142,13 @@ def _check_rows(x: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name} must be 2-D with contiguous rows, got shape {tuple(x.shape)} strides {x.stride()}")
 
 
+def _check_vector(w: torch.Tensor, name: str, n: int, like: torch.Tensor) -> None:
+    """A per-column weight the kernels read at ``w + i`` for ``i < n``."""
+    if w.shape != (n,) or (n > 1 and w.stride(0) != 1) or w.device != like.device:
+        raise ValueError(f"{name} must be a contiguous [{n}] tensor on {like.device}, "
+                         f"got {tuple(w.shape)} strides {w.stride()} on {w.device}")
+
+
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, residual: torch.Tensor | None = None) -> torch.Tensor:
     """RMSNorm of rows of ``x`` (of ``x + residual``, stored back into ``residual``, when given)."""
     _check_rows(x, "x")
@@ -147,6 +156,7 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, residual: torch.Tenso
         _check_rows(residual, "residual")
         if residual.shape != x.shape:
             raise ValueError(f"residual {tuple(residual.shape)} and x {tuple(x.shape)} differ")
+    _check_vector(w, "w", x.shape[1], x)
     out = torch.empty_like(x)
     if x.shape[0] == 0:
         return out
@@ -170,6 +180,23 @@ def qk_norm_rope_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torc
                          "contiguous along head_dim")
     if d % 2 or d & (d - 1):
         raise ValueError(f"head_dim {d} must be a power of two")
+    if positions.shape != (t,) or (t > 1 and positions.stride(0) != 1) \
+            or positions.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"positions must be a contiguous int32/int64 [{t}] tensor, one a token, "
+                         f"got {tuple(positions.shape)} {positions.dtype} strides {positions.stride()}")
+    if cos.dim() != 2 or cos.shape[1] != d // 2 or cos.stride(1) != 1 or cos.device != q.device:
+        raise ValueError(f"cos must be [max_positions, {d // 2}] with contiguous rows on {q.device}, "
+                         f"got {tuple(cos.shape)} strides {cos.stride()} on {cos.device}")
+    if sin.shape != cos.shape or sin.stride() != cos.stride() or sin.device != cos.device:
+        raise ValueError(f"sin must be shaped and strided like cos {tuple(cos.shape)} {cos.stride()} (the kernel "
+                         f"reads both with cos's strides), got {tuple(sin.shape)} {sin.stride()}")
+    if q_w is not None:
+        if k_w is None:
+            raise ValueError("q_w and k_w: both (per-head RMSNorm) or neither")
+        _check_vector(q_w, "q_w", d, q)
+        _check_vector(k_w, "k_w", d, q)
+    if t and value_checks.active():  # KVLAB_KERNEL_CHECKS=1: reads the positions back (a sync)
+        value_checks.slots("positions", positions, cos.shape[0], rows="cos and sin's rows")
     if t == 0:
         return
     norm = q_w is not None
@@ -178,6 +205,8 @@ def qk_norm_rope_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torc
     if store:
         v, k_cache, v_cache, slots = cache
         _check_store(k, v, k_cache, v_cache, slots)
+        if value_checks.active():
+            value_checks.slots("slots", slots, k_cache.shape[0], padding=True)
     else:
         v = k_cache = v_cache = slots = positions  # unused
     _qk_norm_rope_kernel[(t,)](
@@ -201,6 +230,8 @@ def _check_store(k, v, k_cache, v_cache, slots) -> None:
         if c.shape[1:] != k.shape[1:] or c.dtype != k.dtype or c.device != k.device:
             raise ValueError(f"{name} must be [num_slots, {k.shape[1]}, {k.shape[2]}] of {k.dtype} on {k.device}, "
                              f"got {tuple(c.shape)} {c.dtype} on {c.device}")
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ")
     _check_ids("slots", slots, k.device)
     if slots.shape != (k.shape[0],):
         raise ValueError(f"slots must be [{k.shape[0]}], one slot a token, got {tuple(slots.shape)}")
@@ -209,6 +240,8 @@ def _check_store(k, v, k_cache, v_cache, slots) -> None:
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """``silu(x[:, :n]) * x[:, n:]`` for ``x [T, 2n]``."""
     _check_rows(x, "x")
+    if x.shape[1] % 2:
+        raise ValueError(f"x must be [T, 2n] (gate then up), got an odd width {x.shape[1]}")
     n = x.shape[1] // 2
     out = torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
     if x.shape[0] == 0:

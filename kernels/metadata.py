@@ -5,6 +5,7 @@ The addressing mode is the only thing that differs between allocators inside a k
 from __future__ import annotations
 
 import enum
+import operator
 import os
 from dataclasses import dataclass
 
@@ -52,6 +53,13 @@ class AttentionMetadata:
         return self.max_query_len == 1
 
     def check(self) -> None:
+        for name in ("block_size", "ring"):  # Triton takes them as ints: a float would be truncated
+            try:
+                operator.index(getattr(self, name))
+            except TypeError:
+                raise ValueError(f"{name} must be an int, got {getattr(self, name)!r}") from None
+        if self.ring < 0:
+            raise ValueError(f"ring must be >= 0 (0: no ring), got {self.ring}")
         if self.mode == Addressing.PAGED:
             if self.block_table is None or self.block_size <= 0:
                 raise ValueError("PAGED addressing needs block_table and block_size > 0")

@@ -2,6 +2,8 @@
 
 ``KVLAB_KERNELS=reference`` forces the reference everywhere (debugging);
 ``KVLAB_KERNELS=triton`` forces Triton (tests under ``TRITON_INTERPRET=1`` on CPU).
+The Triton wrappers check shapes, dtypes, devices and strides on every call (host-side, free);
+``KVLAB_KERNEL_CHECKS=1`` also checks index values (``kernels.value_checks``: a device sync a launch).
 """
 from __future__ import annotations
 

@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import value_checks
 from kernels.metadata import Addressing, AttentionMetadata, decode_seq_major
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -450,8 +451,9 @@ def _check_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
             raise ValueError(f"{name} dtype {c.dtype} not supported (fp16, bf16, fp32, fp8 e4m3/e5m2)")
         if c.device != q.device:
             raise ValueError(f"{name} is on {c.device}, q on {q.device}")
-    if k_cache.shape[1:] != v_cache.shape[1:] or k_cache.dtype != v_cache.dtype:
-        raise ValueError("k_cache and v_cache must agree on heads, head_dim and dtype")
+    if k_cache.shape != v_cache.shape or k_cache.dtype != v_cache.dtype:
+        raise ValueError(f"k_cache {tuple(k_cache.shape)} {k_cache.dtype} and v_cache {tuple(v_cache.shape)} "
+                         f"{v_cache.dtype} must agree on slots, heads, head_dim and dtype")
     if q.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"q dtype {q.dtype} not supported (fp16, bf16, fp32)")
     if q.stride(2) != 1:
@@ -463,7 +465,14 @@ def _check_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     if num_heads % num_kv_heads != 0:
         raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
     meta.check()
+    if meta.seq_lens.dim() != 1:
+        raise ValueError(f"seq_lens must be [num_seqs], got {tuple(meta.seq_lens.shape)}")
     num_seqs = meta.seq_lens.shape[0]
+    # max_query_len bounds every sequence's query count (one tile a sequence from it on): the
+    # tokens must fit num_seqs of them, else rows past the bound are never written
+    if q.shape[0] > num_seqs * max(meta.max_query_len, 0):
+        raise ValueError(f"max_query_len {meta.max_query_len} is below the longest query: {q.shape[0]} tokens in "
+                         f"{num_seqs} sequences (pass the largest query_start_loc[i + 1] - query_start_loc[i])")
     if meta.query_start_loc.shape != (num_seqs + 1,):
         raise ValueError(
             f"query_start_loc must be [num_seqs + 1] = [{num_seqs + 1}], got {tuple(meta.query_start_loc.shape)}"
@@ -486,6 +495,9 @@ def _check_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
             raise ValueError(f"{name} must be int32 or int64, got {t.dtype}")
         if t.device != q.device:
             raise ValueError(f"{name} is on {t.device}, q on {q.device}")
+        if t.stride(-1) != 1 and t.shape[-1] > 1:  # the kernel reads element i at ptr + i
+            raise ValueError(f"{name} must be contiguous along its last dim, got strides {t.stride()} "
+                             f"(pass {name}.contiguous())")
 
 
 def _workspace(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
@@ -519,6 +531,8 @@ def attention_into(
         raise ValueError(f"window must be an int >= 0 (0: full attention), got {window!r}")
     if out.shape != q.shape or out.stride(2) != 1 or out.device != q.device:
         raise ValueError(f"out must be {tuple(q.shape)} on {q.device}, contiguous along head_dim")
+    if value_checks.active():  # KVLAB_KERNEL_CHECKS=1: reads the metadata back (a sync)
+        value_checks.attention(q, k_cache.shape[0], meta, window)
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[1]
     num_seqs = meta.seq_lens.shape[0]

@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import value_checks
+
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 _CACHE_DTYPES = _FLOAT_DTYPES + _FP8_DTYPES  # block copies move bytes: any of them
@@ -37,6 +39,8 @@ def _check_ids(name: str, ids: torch.Tensor, device: torch.device) -> None:
         raise ValueError(f"{name} must be int32 or int64, got {ids.dtype}")
     if ids.device != device:
         raise ValueError(f"{name} is on {ids.device}, cache on {device}")
+    if ids.numel() > 1 and ids.stride(0) != 1:  # the kernels read element i at ids + i
+        raise ValueError(f"{name} must be contiguous, got stride {ids.stride(0)} (pass {name}.contiguous())")
 
 
 # ----------------------------------------------------------------------------- write_kv
@@ -131,6 +135,8 @@ def write_kv(
             "must agree on num_tokens"
         )
     _check_ids("slot_mapping", slot_mapping, k_cache.device)
+    if value_checks.active():  # KVLAB_KERNEL_CHECKS=1: reads the slots back (a sync)
+        value_checks.slots("slot_mapping", slot_mapping, num_slots, padding=True)
     if num_tokens == 0:
         return
     block_d = max(16, _pow2(head_dim))
@@ -255,6 +261,11 @@ def copy_blocks(cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, block
     _check_block_size(block_size)
     if src.shape != dst.shape:
         raise ValueError(f"src {tuple(src.shape)} and dst {tuple(dst.shape)} must have the same length")
+    if value_checks.active():  # KVLAB_KERNEL_CHECKS=1: reads the ids back (a sync)
+        value_checks.blocks("src", src, cache.shape[0], block_size)
+        value_checks.blocks("dst", dst, cache.shape[0], block_size)
+        if set(src.tolist()) & set(dst.tolist()):
+            raise ValueError("copy_blocks: a dst block is also a src block (the copies would race)")
     _copy_rows(cache, cache, src, dst, src.shape[0], block_size)
 
 
@@ -264,6 +275,8 @@ def gather_blocks(cache: torch.Tensor, block_ids: torch.Tensor, block_size: int,
     _check_ids("block_ids", block_ids, cache.device)
     _check_block_size(block_size)
     _check_dense("out", out, cache, block_ids.shape[0] * block_size)
+    if value_checks.active():  # KVLAB_KERNEL_CHECKS=1: reads the ids back (a sync)
+        value_checks.blocks("block_ids", block_ids, cache.shape[0], block_size)
     if out.device != cache.device:
         # swap-out to host memory: gather on the device, then one bulk transfer
         staged = torch.empty(out.shape, dtype=out.dtype, device=cache.device)
@@ -279,6 +292,8 @@ def scatter_blocks(cache: torch.Tensor, block_ids: torch.Tensor, block_size: int
     _check_ids("block_ids", block_ids, cache.device)
     _check_block_size(block_size)
     _check_dense("src", src, cache, block_ids.shape[0] * block_size)
+    if value_checks.active():  # KVLAB_KERNEL_CHECKS=1: reads the ids back (a sync)
+        value_checks.blocks("block_ids", block_ids, cache.shape[0], block_size)
     if src.device != cache.device:  # swap-in from host memory: one bulk transfer first
         src = src.to(cache.device)
     _copy_rows(src, cache, None, block_ids, block_ids.shape[0], block_size)
@@ -317,11 +332,16 @@ _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
 
 def layer_pointers(caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     """Base addresses of every layer's K and V (int64 on their device), for gather/scatter_layers."""
+    first = caches[0][0]
     for k, v in caches:
         for c in (k, v):
             _check_cache("cache", c)
             if not c.is_contiguous():
                 raise ValueError("gather/scatter_layers need contiguous [num_slots, H, D] caches")
+            # one launch moves every layer with the first cache's row size and dtype
+            if c.shape != first.shape or c.dtype != first.dtype or c.device != first.device:
+                raise ValueError(f"gather/scatter_layers need every layer's K and V alike: {tuple(first.shape)} "
+                                 f"{first.dtype} on {first.device}, got {tuple(c.shape)} {c.dtype} on {c.device}")
     return torch.tensor([t.data_ptr() for kv in caches for t in kv], dtype=torch.int64, device=caches[0][0].device)
 
 
@@ -330,11 +350,16 @@ def _layers_copy(ptrs: torch.Tensor, like: torch.Tensor, stage: torch.Tensor, sl
     num_caches = ptrs.shape[0]
     row = like.shape[1] * like.shape[2]
     n_rows = slots.shape[0]
+    _check_block_size(block_size)
+    if n_rows % block_size:  # the stage holds whole blocks: a partial one would be written past its end
+        raise ValueError(f"slots must be whole blocks: {n_rows} slots is not a multiple of block_size {block_size}")
     if stage.shape != (n_rows // block_size, num_caches // 2, 2, block_size, like.shape[1], like.shape[2]) \
             or stage.dtype != like.dtype or not stage.is_contiguous():
         raise ValueError(f"stage must be a contiguous [n, layers, 2, {block_size}, H, D] {like.dtype} tensor, "
                          f"got {tuple(stage.shape)} {stage.dtype}")
     _check_ids("slots", slots, like.device)
+    if value_checks.active():  # KVLAB_KERNEL_CHECKS=1: reads the slots back (a sync)
+        value_checks.slots("slots", slots, like.shape[0])
     if n_rows == 0:
         return
     block_e = _pow2(row)
@@ -347,12 +372,21 @@ def _layers_copy(ptrs: torch.Tensor, like: torch.Tensor, stage: torch.Tensor, sl
     )
 
 
+def _pointers(caches, ptrs) -> torch.Tensor:
+    if ptrs is None:
+        return layer_pointers(caches)
+    if ptrs.shape != (2 * len(caches),) or ptrs.dtype != torch.int64 or ptrs.device != caches[0][0].device:
+        raise ValueError(f"ptrs must be layer_pointers(caches): int64 [{2 * len(caches)}] on {caches[0][0].device}, "
+                         f"got {tuple(ptrs.shape)} {ptrs.dtype} on {ptrs.device}")
+    return ptrs
+
+
 def gather_layers(caches, slots: torch.Tensor, block_size: int, out: torch.Tensor, ptrs=None) -> None:
     """``out [n, layers, 2, block_size, H, D]`` = every layer's K and V rows at ``slots``
     (``n * block_size`` flat slots, block by block) in one launch."""
-    _layers_copy(layer_pointers(caches) if ptrs is None else ptrs, caches[0][0], out, slots, block_size, True)
+    _layers_copy(_pointers(caches, ptrs), caches[0][0], out, slots, block_size, True)
 
 
 def scatter_layers(caches, slots: torch.Tensor, block_size: int, src: torch.Tensor, ptrs=None) -> None:
     """The inverse of gather_layers: ``src`` rows into every layer's K and V at ``slots``."""
-    _layers_copy(layer_pointers(caches) if ptrs is None else ptrs, caches[0][0], src, slots, block_size, False)
+    _layers_copy(_pointers(caches, ptrs), caches[0][0], src, slots, block_size, False)

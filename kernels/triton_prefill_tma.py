@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from kernels import value_checks
 from kernels.metadata import Addressing, AttentionMetadata
 from kernels.triton_attention import _LOG2E, AttnConfig, _find_seq, _pow2, _tile_rows, choose_config, device_sms
 
@@ -149,6 +150,17 @@ def check_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         raise ValueError("LINEAR metadata needs seq_base, one per sequence")
     if meta.query_start_loc.shape != (meta.seq_lens.shape[0] + 1,):
         raise ValueError("query_start_loc must be [num_seqs + 1]")
+    if k_cache.shape[0] != v_cache.shape[0]:
+        raise ValueError(f"k_cache and v_cache must hold as many slots, got {k_cache.shape[0]} and {v_cache.shape[0]}")
+    for name in ("query_start_loc", "seq_lens", "seq_base"):
+        t = getattr(meta, name)
+        if t.dim() != 1 or t.dtype not in (torch.int32, torch.int64) or t.device != q.device \
+                or (t.shape[0] > 1 and t.stride(0) != 1):  # the kernel reads element i at ptr + i
+            raise ValueError(f"{name} must be a contiguous 1-D int32/int64 tensor on {q.device}, "
+                             f"got {tuple(t.shape)} {t.dtype} strides {t.stride()} on {t.device}")
+    if q.shape[0] > meta.seq_lens.shape[0] * max(meta.max_query_len, 0):
+        raise ValueError(f"max_query_len {meta.max_query_len} is below the longest query: {q.shape[0]} tokens in "
+                         f"{meta.seq_lens.shape[0]} sequences")
 
 
 def prefill_tma_into(out: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -161,6 +173,8 @@ def prefill_tma_into(out: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor, 
     check_inputs(q, k_cache, v_cache, meta)
     if out.shape != q.shape or out.stride(2) != 1 or out.device != q.device:
         raise ValueError(f"out must be {tuple(q.shape)} on {q.device}, contiguous along head_dim")
+    if value_checks.active():  # KVLAB_KERNEL_CHECKS=1: reads the metadata back (a sync)
+        value_checks.attention(q, k_cache.shape[0], meta, 0)
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads, num_seqs = k_cache.shape[1], meta.seq_lens.shape[0]
     if num_tokens == 0 or num_seqs == 0:
