@@ -164,6 +164,12 @@ def test_validate_sim_takes_overrides_before_and_after_its_flags(tmp_path, capsy
     assert "engine.max_num_seqs" in err and "unrecognized" not in err
 
 
+def on_this_cpu(metadata):
+    """The committed profile's metadata as this CPU's (a merge takes only the device's own profile)."""
+    meta = json.loads(metadata[b"kvlab_profile"])
+    return {**metadata, b"kvlab_profile": json.dumps({**meta, "device": "cpu"}).encode()}
+
+
 def profile_args(path, skip):
     return ["--models", "tiny-llama", "--device", "cpu", "--reps", "1", "--skip", skip, "--merge", str(path),
             "--out", str(path)]
@@ -175,7 +181,7 @@ def test_an_interrupted_profile_merge_leaves_the_merged_profile_as_it_was(commit
     from experiments import profile_device
 
     df, meta = committed
-    path = write(df, tmp_path / "p.parquet", meta)
+    path = write(df, tmp_path / "p.parquet", on_this_cpu(meta))
     before = path.read_bytes()
     monkeypatch.setattr(profile_device, "GEMM_M", [1])
 
@@ -203,7 +209,7 @@ def test_a_profile_merge_on_a_cpu_keeps_the_vmm_table(committed, tmp_path, monke
     from experiments import profile_device
 
     df, meta = committed
-    path = write(df, tmp_path / "p.parquet", meta)
+    path = write(df, tmp_path / "p.parquet", on_this_cpu(meta))
     monkeypatch.setattr(profile_device, "COPY_BYTES", [1 << 16])
     assert profile_device.main(profile_args(path, "host,gemm,models,graphs,ragged")) == 0
     merged = pq.read_table(path).to_pandas()
