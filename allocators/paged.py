@@ -574,13 +574,9 @@ class PagedAllocator(KVAllocator):
                 h = holders.get(table[-1])
                 if h is not None and min(h) != st.seq.seq_id:
                     cap = used
-            bound = st.seq.max_len - gone
-            if bound > cap:
-                bound = cap
-            if bound < used:
-                bound = used
-            reserved += bound - used
-            internal += cap - bound
+            r, i = _split(st.seq.max_len - gone, used, cap)
+            reserved += r
+            internal += i
         return self._stats_of(reserved, internal)
 
     def _stats_of(self, reserved: int, internal: int) -> MemoryStats:
@@ -594,6 +590,15 @@ class PagedAllocator(KVAllocator):
             external_frag=0,  # any free block serves any sequence
             free=self.pool.num_free * bs * bpt,  # free cached blocks included: any allocation may evict them
         )
+
+
+def _split(max_len: int, used: int, cap: int) -> tuple[int, int]:
+    """A sequence's (reservation, internal fragmentation) in tokens: its capacity beyond its
+    tokens up to its max_len (the bound, within what it holds) is reserved, the rest internal."""
+    bound = min(max_len, cap)
+    if bound < used:
+        bound = used
+    return bound - used, cap - bound
 
 
 _TAKE, _FREE, _ADMIT, _FINISH = range(4)  # the events of a paged decode run
@@ -710,13 +715,9 @@ class _PagedDecodeRun(DecodeRun):
             return alloc.stats()
         reserved = internal = 0
         for st, used, cap in zip(self.sts[:plain], self.used, self.caps):
-            bound = st.seq.max_len
-            if bound > cap:
-                bound = cap
-            if bound < used:
-                bound = used
-            reserved += bound - used
-            internal += cap - bound
+            r, i = _split(st.seq.max_len, used, cap)
+            reserved += r
+            internal += i
         return alloc._stats_of(reserved, internal)
 
     def commit(self, k: int, preempt: Callable[[int], None], admit: Callable[[int], None],
