@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import logging
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -29,6 +30,8 @@ from statistics import NormalDist
 import numpy as np
 
 from allocators.checks import is_int, is_real
+
+log = logging.getLogger("kvlab.workloads")
 
 __all__ = [
     "RequestSpec", "WorkloadConfig", "WorkloadContext", "LogNormalLengths", "SHAREGPT", "ALPACA",
@@ -404,14 +407,16 @@ def trace(cfg: WorkloadConfig, ctx: WorkloadContext) -> list[RequestSpec]:
     timed = sum("arrival_s" in r for _, r in records)
     if 0 < timed < len(records):
         raise ValueError(f"trace {path}: give arrival_s on every line or on none")
-    specs = []
+    specs, cut = [], []
     for i, (lineno, r) in enumerate(records):
         output = int(min(max(r["output_len"], 1), ctx.max_model_len - 1))
-        if "prompt" in r:
-            ids, text = [], r["prompt"]
+        if "prompt" in r:  # (tokenize_requests cuts text prompts)
+            ids, text, whole = [], r["prompt"], True
         else:
             prompt, output = ctx.clip(r["prompt_len"], output)
-            ids, text = ctx.tokens(prompt), None
+            ids, text, whole = ctx.tokens(prompt), None, prompt == r["prompt_len"]
+        if not whole or output != r["output_len"]:
+            cut.append(lineno)
         rid = str(r.get("request_id", ""))
         if not rid:  # unnamed: the id make_workload gives it, unless another line took that
             rid = f"{cfg.name}-{i}"
@@ -421,7 +426,15 @@ def trace(cfg: WorkloadConfig, ctx: WorkloadContext) -> list[RequestSpec]:
         spec = RequestSpec(rid, ids, int(output),
                            float(r.get("arrival_s", 0.0)), int(r.get("n", cfg.n)), text)
         specs.append(spec)
+    if cut:
+        _say_cut(f"trace {path}", len(cut), len(records), f"line {cut[0]}", ctx.max_model_len)
     return specs
+
+
+def _say_cut(what: str, cut: int, total: int, first: str, max_model_len: int) -> None:
+    """A replayed request is no longer the one given: said once per workload, not per request."""
+    log.warning("%s: %d of %d requests cut to fit max_model_len=%d (prompt + output; the first: %s): "
+                "raise engine.max_model_len to replay them whole", what, cut, total, max_model_len, first)
 
 
 def _trace_record(r, path: Path, lineno: int) -> dict:
@@ -625,7 +638,7 @@ def tokenize_requests(specs: list[RequestSpec], encode: Callable[[str], list[int
     """Tokenize text prompts (trace replay).  With ``max_model_len``, clip as the generators
     do: the prompt keeps its first ``max_model_len - 1`` tokens, the output what is left.
     Specs that already have token ids pass through unchanged."""
-    out = []
+    out, cut = [], []
     for spec in specs:
         if spec.prompt_text is not None and not spec.prompt_token_ids:
             ids = list(encode(spec.prompt_text))
@@ -633,8 +646,14 @@ def tokenize_requests(specs: list[RequestSpec], encode: Callable[[str], list[int
                 raise ValueError(f"request {spec.request_id}: its prompt text tokenizes to nothing")
             output = spec.output_len
             if max_model_len is not None:
+                whole = len(ids)
                 ids = ids[: max_model_len - 1]
                 output = max(1, min(output, max_model_len - len(ids)))
+                if len(ids) < whole or output < spec.output_len:
+                    cut.append(spec.request_id)
             spec = dataclasses.replace(spec, prompt_token_ids=ids, output_len=output)
         out.append(spec)
+    if cut:
+        _say_cut("text prompts", len(cut), sum(s.prompt_text is not None for s in specs), f"request {cut[0]}",
+                 max_model_len)
     return out

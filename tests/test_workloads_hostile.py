@@ -120,3 +120,30 @@ def test_online_without_a_rate_is_still_refused_for_generated_arrivals(capsys):
 
     assert cli(["mode=online", "device=cpu", "model=tiny-llama", "workload=uniform", "progress=false"]) == 2
     assert "mode=online needs arrivals over time" in capsys.readouterr().err
+
+
+def test_a_trace_cut_to_max_model_len_says_so_once(tmp_path, caplog):
+    # was: silent (a replayed trace's longest requests shortened, its figures not the trace's)
+    path = tmp_path / "long.jsonl"
+    path.write_text('{"prompt_len": 8, "output_len": 4}\n{"prompt_len": 500, "output_len": 4}\n'
+                    '{"prompt_len": 8, "output_len": 900}\n{"prompt_len": 900, "output_len": 900}\n')
+    with caplog.at_level("WARNING", logger="kvlab.workloads"):
+        specs = make_workload(dict(name="trace", trace_path=str(path)), VOCAB, 256)
+    assert [s.prompt_len + s.output_len <= 256 for s in specs] == [True] * 4
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and "3 of 4 requests cut to fit max_model_len=256" in said[0] and "line 2" in said[0], said
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="kvlab.workloads"):
+        make_workload(dict(name="trace", trace_path=str(path), num_requests=1), VOCAB, 256)
+    assert not caplog.records
+
+
+def test_text_prompts_cut_to_max_model_len_say_so_once(caplog):
+    from experiments.workloads import RequestSpec, tokenize_requests
+
+    specs = [RequestSpec(f"r{i}", [], 4, prompt_text="x" * n) for i, n in enumerate((5, 50, 60))]
+    with caplog.at_level("WARNING", logger="kvlab.workloads"):
+        out = tokenize_requests(specs, lambda t: list(range(1, len(t) + 1)), max_model_len=32)
+    assert [s.prompt_len for s in out] == [5, 31, 31]
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and "text prompts: 2 of 3 requests cut" in said[0] and "request r1" in said[0], said
