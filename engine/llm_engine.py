@@ -32,6 +32,7 @@ from engine.tokenizer import has_text, load_tokenizer
 from kernels.metadata import Addressing
 
 log = logging.getLogger("kvlab.engine")
+CPU_SLOW_PARAMS = 2_000_000_000  # a real run on the CPU of a model above this is said to be slow
 
 
 @dataclass
@@ -92,6 +93,10 @@ class LLMEngine:
         self.model = None
         self.tp_group = None
         if not simulate:
+            if self.device == "cpu" and mc.num_params > CPU_SLOW_PARAMS:  # said before minutes of weight init
+                log.warning("%s: %.1fB parameters on the CPU: building the weights takes minutes and a step seconds "
+                            "(a GPU: device=cuda; kvlab run mode=simulate for figures without one)",
+                            config.model, mc.num_params / 1e9)
             torch.manual_seed(config.seed)
             if tp > 1:
                 self.tp_group = start_tp_group(config, mc, self.max_model_len, self.dtype, self.device)

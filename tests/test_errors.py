@@ -83,3 +83,18 @@ def test_token_ids_outside_vocab():
 def test_unknown_engine_dtype():
     with pytest.raises(ValueError, match=r"dtype 'float8'"):
         EngineConfig(dtype="float8")
+
+
+def test_a_large_model_on_the_cpu_is_said_to_be_slow_before_its_weights(monkeypatch, caplog):
+    # was: a README GPU command run on a CPU (validate-sim, llama3-8b) built 8B random weights for minutes, unsaid
+    import engine.llm_engine as llm_engine
+
+    monkeypatch.setattr(llm_engine, "CPU_SLOW_PARAMS", 1000)  # tiny-llama's ~0.1M parameters count as large
+    with caplog.at_level("WARNING", logger="kvlab.engine"):
+        LLMEngine(EngineConfig(model="tiny-llama", device="cpu"))
+    assert any("parameters on the CPU" in r.getMessage() and "device=cuda" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    monkeypatch.setattr(llm_engine, "CPU_SLOW_PARAMS", 2_000_000_000)
+    with caplog.at_level("WARNING", logger="kvlab.engine"):
+        LLMEngine(EngineConfig(model="tiny-llama", device="cpu"))
+    assert not any("parameters on the CPU" in r.getMessage() for r in caplog.records)
