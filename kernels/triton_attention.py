@@ -468,11 +468,7 @@ def _check_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     if meta.seq_lens.dim() != 1:
         raise ValueError(f"seq_lens must be [num_seqs], got {tuple(meta.seq_lens.shape)}")
     num_seqs = meta.seq_lens.shape[0]
-    # max_query_len bounds every sequence's query count (one tile a sequence from it on): the
-    # tokens must fit num_seqs of them, else rows past the bound are never written
-    if q.shape[0] > num_seqs * max(meta.max_query_len, 0):
-        raise ValueError(f"max_query_len {meta.max_query_len} is below the longest query: {q.shape[0]} tokens in "
-                         f"{num_seqs} sequences (pass the largest query_start_loc[i + 1] - query_start_loc[i])")
+    check_query_bound(q, meta)
     if meta.query_start_loc.shape != (num_seqs + 1,):
         raise ValueError(
             f"query_start_loc must be [num_seqs + 1] = [{num_seqs + 1}], got {tuple(meta.query_start_loc.shape)}"
@@ -498,6 +494,15 @@ def _check_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         if t.stride(-1) != 1 and t.shape[-1] > 1:  # the kernel reads element i at ptr + i
             raise ValueError(f"{name} must be contiguous along its last dim, got strides {t.stride()} "
                              f"(pass {name}.contiguous())")
+
+
+def check_query_bound(q: torch.Tensor, meta: AttentionMetadata) -> None:
+    """max_query_len bounds every sequence's query count (one tile a sequence from it on): ``q``'s
+    tokens must fit ``num_seqs`` of them, else rows past the bound are never written."""
+    num_seqs = meta.seq_lens.shape[0]
+    if q.shape[0] > num_seqs * max(meta.max_query_len, 0):
+        raise ValueError(f"max_query_len {meta.max_query_len} is below the longest query: {q.shape[0]} tokens in "
+                         f"{num_seqs} sequences (pass the largest query_start_loc[i + 1] - query_start_loc[i])")
 
 
 def _workspace(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:

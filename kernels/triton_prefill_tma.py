@@ -23,7 +23,8 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels import value_checks
 from kernels.metadata import Addressing, AttentionMetadata
-from kernels.triton_attention import _LOG2E, AttnConfig, _find_seq, _pow2, _tile_rows, choose_config, device_sms
+from kernels.triton_attention import (_LOG2E, AttnConfig, _find_seq, _pow2, _tile_rows, check_query_bound,
+                                      choose_config, device_sms)
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -158,9 +159,7 @@ def check_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
                 or (t.shape[0] > 1 and t.stride(0) != 1):  # the kernel reads element i at ptr + i
             raise ValueError(f"{name} must be a contiguous 1-D int32/int64 tensor on {q.device}, "
                              f"got {tuple(t.shape)} {t.dtype} strides {t.stride()} on {t.device}")
-    if q.shape[0] > meta.seq_lens.shape[0] * max(meta.max_query_len, 0):
-        raise ValueError(f"max_query_len {meta.max_query_len} is below the longest query: {q.shape[0]} tokens in "
-                         f"{meta.seq_lens.shape[0]} sequences")
+    check_query_bound(q, meta)
 
 
 def prefill_tma_into(out: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
