@@ -1,0 +1,187 @@
+"""A decoder layer's linear part at decode batch sizes: cuBLAS + fused elementwise kernels (the
+engine's path today) against ``kernels.small_linear`` (norm, SiLU and residual in the GEMM), one run.
+
+    python -m experiments.bench_small_linear --out results/kernels/small_linear [--sweep]
+
+For each model and batch (1, 8, 16 tokens), two sequences over as many layers' distinct weights
+as the model has (so the weights stream from HBM, not L2), each in a CUDA graph:
+
+- ``cublas``: add+RMSNorm, QKV GEMM, O GEMM, add+RMSNorm, gate_up GEMM, SiLU-and-mul, down GEMM
+  (``kernels.fused_ops`` + ``F.linear``: what ``DecoderLayer.forward_fused`` runs around attention);
+- ``fused``: QKV with the norm in its prologue, O adding into the residual, gate_up with norm and
+  SiLU, down adding into the residual (``small_linear``: four kernels a layer).
+
+Each is checked against ``small_linear_ref`` first. Reported: microseconds a layer, its weight
+bytes over that time against the device-to-device copy bandwidth of the same run, and each GEMM
+alone (cuBLAS vs small_linear). ``--sweep`` times every tile config of each GEMM shape and prints
+the best (the heuristic's choice is ``choose_config``).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from engine.presets import preset_config
+from experiments.bench_kernels import _median_graph_us, copy_bandwidth_gbps
+from kernels import fused_ops
+from kernels.small_linear import LinearConfig, choose_config, small_linear, small_linear_ref
+
+BATCHES = (1, 8, 16)
+DTYPE = torch.bfloat16
+
+
+def _weights(cfg, layers: int, dev: str) -> list[dict]:
+    h, d = cfg.hidden_size, cfg.head_dim
+    qkv = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * d
+    inter = cfg.intermediate_size
+    g = torch.Generator(device=dev).manual_seed(0)
+
+    def mat(n, k):
+        return (torch.randn(n, k, generator=g, device=dev) / k ** 0.5).to(DTYPE)
+
+    return [dict(qkv=mat(qkv, h), o=mat(h, cfg.num_attention_heads * d), gate_up=mat(2 * inter, h),
+                 down=mat(h, inter), n1=1 + 0.1 * torch.randn(h, generator=g, device=dev).to(DTYPE),
+                 n2=1 + 0.1 * torch.randn(h, generator=g, device=dev).to(DTYPE)) for _ in range(layers)]
+
+
+def cublas_layer(w: dict, x: torch.Tensor, res: torch.Tensor, attn: torch.Tensor, eps: float) -> torch.Tensor:
+    """The engine's fused path's linear part: (x: the last MLP output, res: the stream)."""
+    h = fused_ops.rms_norm(x, w["n1"], eps, res)
+    F.linear(h, w["qkv"])  # q, k, v: attention is not part of this benchmark
+    o = F.linear(attn, w["o"])
+    h = fused_ops.rms_norm(o, w["n2"], eps, res)
+    return F.linear(fused_ops.silu_and_mul(F.linear(h, w["gate_up"])), w["down"])
+
+
+def fused_layer(w: dict, stream: torch.Tensor, attn: torch.Tensor, eps: float, cfgs: dict) -> None:
+    small_linear(stream, w["qkv"], norm_weight=w["n1"], eps=eps, config=cfgs.get("qkv"))
+    small_linear(attn, w["o"], residual=stream, config=cfgs.get("o"))
+    act = small_linear(stream, w["gate_up"], norm_weight=w["n2"], eps=eps, gated=True, config=cfgs.get("gate_up"))
+    small_linear(act, w["down"], residual=stream, config=cfgs.get("down"))
+
+
+def check(w: dict, m: int, h: int, attn_w: int, eps: float, dev: str) -> float:
+    """Largest relative error of the fused layer's stream against the unfused reference."""
+    g = torch.Generator(device=dev).manual_seed(m)
+    stream = torch.randn(m, h, generator=g, device=dev).to(DTYPE)
+    attn = torch.randn(m, attn_w, generator=g, device=dev).to(DTYPE)
+    ref = stream.clone()
+    want_qkv = small_linear_ref(ref, w["qkv"], norm_weight=w["n1"], eps=eps)
+    small_linear_ref(attn, w["o"], residual=ref)
+    small_linear_ref(small_linear_ref(ref, w["gate_up"], norm_weight=w["n2"], eps=eps, gated=True), w["down"],
+                     residual=ref)
+    got_qkv = small_linear(stream, w["qkv"], norm_weight=w["n1"], eps=eps)
+    fused_layer(w, stream, attn, eps, {})
+    err = [((a.double() - b.double()).norm() / b.double().norm()).item() for a, b in ((got_qkv, want_qkv), (stream, ref))]
+    return max(err)
+
+
+def sweep(wt: torch.Tensor, m: int, kind: str, dev: str, budget_s: float) -> list[tuple[float, LinearConfig]]:
+    x = torch.randn(m, wt.shape[1], device=dev).to(DTYPE)
+    nw = torch.ones(wt.shape[1], device=dev, dtype=DTYPE)
+    out = []
+    t_end = time.time() + budget_s
+    for bn, bk, warps, stages in itertools.product((16, 32, 64), (128, 256, 512), (4, 8), (3, 4, 5)):
+        if warps == 8 and bn < 64:
+            continue
+        if time.time() > t_end:
+            break
+        cfg = LinearConfig(bn, bk, warps, stages)
+        kw = dict(norm_weight=nw) if kind in ("qkv", "gate_up") else {}
+        try:
+            us = _median_graph_us(lambda: small_linear(x, wt, gated=kind == "gate_up", config=cfg, **kw), 1,
+                                  target_ms=2.0, trials=7)
+        except Exception as e:  # noqa: BLE001  (a config that does not compile or fit: skipped, said)
+            print(f"  {kind} {cfg}: {type(e).__name__}")
+            continue
+        out.append((us, cfg))
+    return sorted(out, key=lambda t: t[0])
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default="llama3-8b,qwen3-0.6b")
+    ap.add_argument("--batches", default=",".join(map(str, BATCHES)))
+    ap.add_argument("--sweep", action="store_true", help="time every tile config of each GEMM (batch 1 and 8)")
+    ap.add_argument("--sweep-models", default="llama3-8b", help="the models --sweep sweeps")
+    ap.add_argument("--sweep-budget-s", type=float, default=25.0, help="seconds of sweep per GEMM shape and batch")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_small_linear needs a CUDA device (the kernels run under the interpreter only in tests)")
+    dev = "cuda"
+    copy = copy_bandwidth_gbps()
+    copy_gbps = max(copy.values())
+    print(f"{torch.cuda.get_device_name()}: copy {copy_gbps:.0f} GB/s")
+    rows = []
+    for name in args.models.split(","):
+        cfg = preset_config(name)
+        eps = cfg.rms_norm_eps
+        layers = _weights(cfg, cfg.num_hidden_layers, dev)
+        h, attn_w = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim
+        layer_bytes = sum(layers[0][k].numel() * 2 for k in ("qkv", "o", "gate_up", "down"))
+        for m in map(int, args.batches.split(",")):
+            err = check(layers[0], m, h, attn_w, eps, dev)
+            x = torch.randn(m, h, device=dev).to(DTYPE)
+            res = torch.randn(m, h, device=dev).to(DTYPE)
+            attn = torch.randn(m, attn_w, device=dev).to(DTYPE)
+            stream = res.clone()
+
+            def run_cublas():
+                for w in layers:
+                    cublas_layer(w, x, res, attn, eps)
+
+            def run_fused():
+                for w in layers:
+                    fused_layer(w, stream, attn, eps, {})
+
+            n = len(layers)
+            t_cublas = _median_graph_us(run_cublas, n, target_ms=20, trials=9)
+            t_fused = _median_graph_us(run_fused, n, target_ms=20, trials=9)
+            row = dict(model=name, batch=m, rel_err=err, layer_mb=layer_bytes / 1e6, cublas_us=t_cublas, fused_us=t_fused,
+                       cublas_pct_copy=100 * layer_bytes / (t_cublas * 1e-6) / 1e9 / copy_gbps,
+                       fused_pct_copy=100 * layer_bytes / (t_fused * 1e-6) / 1e9 / copy_gbps)
+            for kind in ("qkv", "o", "gate_up", "down"):  # each GEMM alone, over all layers' weights
+                a = x if kind in ("qkv", "gate_up") else (attn if kind == "o" else
+                                                          torch.randn(m, cfg.intermediate_size, device=dev).to(DTYPE))
+                row[f"{kind}_cublas_us"] = _median_graph_us(lambda: [F.linear(a, w[kind]) for w in layers], n,
+                                                            target_ms=10, trials=7)
+                row[f"{kind}_small_us"] = _median_graph_us(
+                    lambda: [small_linear(a, w[kind], gated=kind == "gate_up") for w in layers], n, target_ms=10, trials=7)
+            rows.append(row)
+            print(f"{name} batch {m}: rel err {err:.1e}; a layer {t_cublas:.1f} us cuBLAS path "
+                  f"({row['cublas_pct_copy']:.1f}% of copy) vs {t_fused:.1f} us fused ({row['fused_pct_copy']:.1f}%); "
+                  + ", ".join(f"{k} {row[k + '_cublas_us']:.1f}/{row[k + '_small_us']:.1f}" for k in
+                              ("qkv", "o", "gate_up", "down")), flush=True)
+            if args.sweep and m in (1, 8) and name in args.sweep_models.split(","):
+                for kind in ("qkv", "o", "gate_up", "down"):
+                    wt = layers[0][kind]
+                    best = sweep(wt, m, kind, dev, args.sweep_budget_s)
+                    heur = choose_config(wt.shape[0] // (2 if kind == "gate_up" else 1), wt.shape[1],
+                                         torch.cuda.get_device_properties(0).multi_processor_count)
+                    print(f"  sweep {name} b{m} {kind} {tuple(wt.shape)}: heuristic {heur}; best "
+                          + "; ".join(f"{us:.2f} us {c}" for us, c in best[:3]), flush=True)
+                    rows.append(dict(model=name, batch=m, sweep=kind, heuristic=str(heur),
+                                     best=[(us, str(c)) for us, c in best[:5]]))
+        del layers
+        torch.cuda.empty_cache()
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        table = [r for r in rows if "sweep" not in r]
+        with open(args.out / "small_linear.csv", "w", newline="") as f:
+            wr = csv.DictWriter(f, fieldnames=list(table[0]))
+            wr.writeheader()
+            wr.writerows(table)
+        (args.out / "small_linear.json").write_text(json.dumps(dict(device=torch.cuda.get_device_name(),
+                                                                    copy_gbps=copy, rows=rows), indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""Linear layers of a small batch (decode at 1-16 tokens) with their neighbours fused in.
+
+At batch 1 an 8B model's decode step is its weights streamed once, and cuBLAS streams the big
+ones at ~90% of copy bandwidth; what the step loses is elsewhere: two RMSNorms, SiLU-and-mul and
+two split-K reductions a layer, each a kernel bound by launch latency (H200, llama3-8b:
+~10 us a layer beside ~115 us of GEMMs, results/engine/decode_b1). Here one kernel does
+``[RMSNorm] -> x @ W^T [+ bias] -> [SiLU(gate) * up] -> [+= residual]``: the norm in the
+prologue (each program recomputes the rows' RMS: a few KiB of L2 reads at these batch sizes),
+the gate and up rows of a fused ``gate_up`` weight in one program, the residual stream updated
+in place by the program that owns those columns. No split-K: programs own whole rows of W.
+
+Numerics are HF's bf16 rounding points (as ``kernels.fused_ops``): the norm in fp32, rounded,
+then times its weight; the GEMM's output rounded before SiLU and before the residual add.
+``small_linear_ref`` is the torch reference (CPU, and the tests' oracle).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kernels.fused_ops import _check_rows, _check_vector, rms_norm_ref
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the reference still works
+    triton = None
+
+MAX_TOKENS = 16  # rows of x one program holds (tl.dot's smallest tile side)
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # fp32: exact dots (tests; slow on a GPU)
+
+
+def small_linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                     norm_weight: torch.Tensor | None = None, eps: float = 1e-6, gated: bool = False,
+                     residual: torch.Tensor | None = None) -> torch.Tensor:
+    """The unfused sequence: ``rms_norm`` (if ``norm_weight``), ``F.linear``, SiLU(gate) * up
+    (if ``gated``: ``weight`` is gate's rows then up's), ``residual += y`` in place (returned)."""
+    if norm_weight is not None:
+        x = rms_norm_ref(x, norm_weight, eps)
+    y = torch.nn.functional.linear(x, weight, bias)
+    if gated:
+        gate, up = y.chunk(2, dim=-1)
+        y = torch.nn.functional.silu(gate) * up
+    if residual is None:
+        return y
+    return residual.copy_((residual.float() + y.float()).to(residual.dtype))
+
+
+@dataclass(frozen=True)
+class LinearConfig:
+    block_n: int  # rows of W a program owns (output columns)
+    block_k: int  # columns of W a loop step loads
+    num_warps: int
+    num_stages: int
+
+
+def choose_config(n: int, k: int, num_sms: int) -> LinearConfig:
+    """Rows a program so that about three programs an SM stream at once (a program streams
+    ``block_n x block_k`` bf16 a step, ``num_stages - 1`` steps ahead); from host integers only."""
+    block_n = 64
+    while block_n > 16 and triton.cdiv(n, block_n) < 3 * num_sms:
+        block_n //= 2
+    block_k = min(512, max(64, triton.next_power_of_2(k) // 2))
+    return LinearConfig(block_n=block_n, block_k=block_k, num_warps=4, num_stages=4)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _small_linear_kernel(x_ptr, w_ptr, b_ptr, nw_ptr, res_ptr, out_ptr,
+                             M, N, K, stride_xm, stride_wn, stride_rm, stride_om, eps,
+                             NORM: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                             RESIDUAL: tl.constexpr, EVEN_K: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                             NUM_STAGES: tl.constexpr, DOT_F32: tl.constexpr):
+        pid = tl.program_id(0)
+        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        offs_m = tl.arange(0, BLOCK_M)
+        m_ok = offs_m < M
+        offs_k = tl.arange(0, BLOCK_K)
+        x_rows = x_ptr + offs_m[:, None] * stride_xm
+        w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
+        dtype = w_ptr.dtype.element_ty
+        if NORM:  # the rows' RMS first: every program reads all of x (M x K, from L2)
+            ss = tl.zeros([BLOCK_M], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                kk = k0 + offs_k
+                xv = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & (kk < K)[None, :], other=0.0).to(tl.float32)
+                ss += tl.sum(xv * xv, axis=1)
+            rstd = 1.0 / tl.sqrt(ss / K + eps)
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        acc_up = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        for k0 in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
+            kk = k0 + offs_k
+            if EVEN_K:
+                xv = tl.load(x_rows + kk[None, :], mask=m_ok[:, None], other=0.0)
+                w = tl.load(w_rows + kk[None, :], mask=n_ok[:, None], other=0.0)
+            else:
+                k_ok = kk < K
+                xv = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+                w = tl.load(w_rows + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            if NORM:
+                nw = tl.load(nw_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
+                xv = ((xv.to(tl.float32) * rstd[:, None]).to(dtype).to(tl.float32) * nw[None, :]).to(dtype)
+            xt = tl.trans(xv.to(dtype))
+            if DOT_F32:  # fp32 (and the CPU interpreter, whose 16-bit dots are not the GPU's numerics)
+                xt = xt.to(tl.float32)
+                w = w.to(tl.float32)
+            acc = tl.dot(w, xt, acc, input_precision="ieee" if DOT_F32 else None)  # [BLOCK_N, BLOCK_M]
+            if GATED:  # up's rows are N rows below gate's
+                if EVEN_K:
+                    wu = tl.load(w_rows + N * stride_wn + kk[None, :], mask=n_ok[:, None], other=0.0)
+                else:
+                    wu = tl.load(w_rows + N * stride_wn + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+                if DOT_F32:
+                    wu = wu.to(tl.float32)
+                acc_up = tl.dot(wu, xt, acc_up, input_precision="ieee" if DOT_F32 else None)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+            if GATED:
+                acc_up += tl.load(b_ptr + N + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+        y = acc.to(dtype).to(tl.float32)
+        if GATED:
+            y = (y / (1.0 + tl.exp(-y))).to(dtype).to(tl.float32) * acc_up.to(dtype).to(tl.float32)
+            y = y.to(dtype).to(tl.float32)
+        mask = n_ok[:, None] & m_ok[None, :]
+        if RESIDUAL:  # this program's columns of the stream: read and written here only
+            r_ptrs = res_ptr + offs_m[None, :] * stride_rm + offs_n[:, None]
+            r = tl.load(r_ptrs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(r_ptrs, (y + r).to(res_ptr.dtype.element_ty), mask=mask)
+        else:
+            tl.store(out_ptr + offs_m[None, :] * stride_om + offs_n[:, None], y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _check(x, weight, bias, norm_weight, gated, residual) -> int:
+    """Shapes, strides, dtypes and devices the kernel reads; returns N (output columns)."""
+    _check_rows(x, "x")
+    _check_rows(weight, "weight")
+    if x.dtype not in DTYPES or weight.dtype != x.dtype or weight.device != x.device:
+        raise ValueError(f"x and weight must be bf16, fp16 or fp32 of one dtype on one device, got {x.dtype} on {x.device} "
+                         f"and {weight.dtype} on {weight.device}")
+    if not 0 < x.shape[0] <= MAX_TOKENS:
+        raise ValueError(f"small_linear takes 1 to {MAX_TOKENS} rows of x, got {x.shape[0]} (larger batches: F.linear)")
+    if weight.shape[1] != x.shape[1]:
+        raise ValueError(f"weight {tuple(weight.shape)} must have x's {x.shape[1]} columns")
+    if gated and weight.shape[0] % 2:
+        raise ValueError(f"gated: weight must be [2n, K] (gate's rows then up's), got {weight.shape[0]} rows")
+    n = weight.shape[0] // 2 if gated else weight.shape[0]
+    if bias is not None:
+        _check_vector(bias, "bias", weight.shape[0], x)
+    if norm_weight is not None:
+        _check_vector(norm_weight, "norm_weight", x.shape[1], x)
+    if residual is not None:
+        _check_rows(residual, "residual")
+        if residual.shape != (x.shape[0], n) or residual.dtype != x.dtype or residual.device != x.device:
+            raise ValueError(f"residual must be [{x.shape[0]}, {n}] of {x.dtype} on {x.device}, "
+                             f"got {tuple(residual.shape)} {residual.dtype} on {residual.device}")
+    return n
+
+
+def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                 norm_weight: torch.Tensor | None = None, eps: float = 1e-6, gated: bool = False,
+                 residual: torch.Tensor | None = None, config: LinearConfig | None = None) -> torch.Tensor:
+    """``small_linear_ref`` in one kernel, for 1 to ``MAX_TOKENS`` rows of ``x``. With ``residual``
+    the result is added into it in place and it is returned; else a new ``[M, N]`` tensor."""
+    from kernels.triton_attention import device_sms
+
+    n = _check(x, weight, bias, norm_weight, gated, residual)
+    m, k = x.shape
+    cfg = config or choose_config(n, k, device_sms(x.device))
+    out = residual if residual is not None else torch.empty((m, n), dtype=x.dtype, device=x.device)
+    _small_linear_kernel[(triton.cdiv(n, cfg.block_n),)](
+        x, weight, bias if bias is not None else weight, norm_weight if norm_weight is not None else weight,
+        out, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0), out.stride(0), eps,
+        NORM=norm_weight is not None, GATED=gated, HAS_BIAS=bias is not None, RESIDUAL=residual is not None,
+        EVEN_K=k % cfg.block_k == 0, BLOCK_M=MAX_TOKENS, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        NUM_STAGES=cfg.num_stages, DOT_F32=x.device.type == "cpu" or x.dtype == torch.float32, num_warps=cfg.num_warps)
+    return out

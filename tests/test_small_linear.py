@@ -1,0 +1,92 @@
+"""kernels.small_linear against its torch reference (interpreter on CPU; the GPU's own numerics
+under the gpu marker)."""
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="Triton: the dev extra (its interpreter on a CPU) or the gpu extra")
+
+from kernels.small_linear import MAX_TOKENS, LinearConfig, choose_config, small_linear, small_linear_ref  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+SMALL = LinearConfig(block_n=16, block_k=64, num_warps=4, num_stages=2)  # several programs and K steps
+
+
+def _inputs(m, n, k, dtype, *, gated=False, bias=False, norm=False, residual=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g)
+    w = torch.randn((2 if gated else 1) * n, k, generator=g) / k ** 0.5
+    b = torch.randn(w.shape[0], generator=g) if bias else None
+    nw = 1 + 0.1 * torch.randn(k, generator=g) if norm else None
+    r = torch.randn(m, n, generator=g) if residual else None
+    return [t if t is None else t.to(DEV, dtype) for t in (x, w, b, nw, r)]
+
+
+@pytest.mark.parametrize("m", [1, 5, MAX_TOKENS])
+@pytest.mark.parametrize("n,k", [(48, 128), (40, 100)], ids=["even", "ragged"])  # 40: a part tile; 100: K masks
+@pytest.mark.parametrize("gated,bias,norm,residual", [
+    (False, False, False, False), (False, False, True, False), (True, False, True, False),
+    (False, True, False, True), (True, True, True, False), (False, True, True, True)],
+    ids=["plain", "norm", "norm-gated", "bias-residual", "all-gated", "all-residual"])
+def test_equals_the_unfused_sequence_fp32(m, n, k, gated, bias, norm, residual):
+    """Every prologue/epilogue combination, exact dots: only summation order differs."""
+    x, w, b, nw, r = _inputs(m, n, k, torch.float32, gated=gated, bias=bias, norm=norm, residual=residual)
+    x_before = x.clone()
+    want = small_linear_ref(x, w, b, norm_weight=nw, eps=1e-5, gated=gated, residual=None if r is None else r.clone())
+    got = small_linear(x, w, b, norm_weight=nw, eps=1e-5, gated=gated, residual=r, config=SMALL)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert got.shape == (m, n)
+    if residual:
+        assert got.data_ptr() == r.data_ptr(), "with residual=, the stream is updated in place and returned"
+    assert torch.equal(x, x_before), "x is read only"
+
+
+@pytest.mark.parametrize("gated,norm,residual", [(False, True, False), (True, True, False), (False, False, True)])
+def test_bf16_within_rounding_of_the_reference(gated, norm, residual):
+    x, w, _, nw, r = _inputs(8, 64, 256, torch.bfloat16, gated=gated, norm=norm, residual=residual, seed=3)
+    want = small_linear_ref(x, w, norm_weight=nw, gated=gated, residual=None if r is None else r.clone())
+    got = small_linear(x, w, norm_weight=nw, gated=gated, residual=r, config=SMALL)
+    err = ((got.double() - want.double()).norm() / want.double().norm()).item()
+    assert err < (1e-2 if DEV == "cuda" else 5e-2), err  # the interpreter's bf16 casts truncate
+
+
+def test_the_heuristic_config_covers_every_column():
+    """The default tiles (as the engine calls it): every output column written, none past N."""
+    x, w, _, nw, _ = _inputs(3, 200, 192, torch.float32, norm=True, seed=5)
+    cfg = choose_config(200, 192, num_sms=4)
+    assert 200 % cfg.block_n, "the shape must leave a part tile for this test to mean something"
+    got = small_linear(x, w, norm_weight=nw, config=cfg)
+    torch.testing.assert_close(got, small_linear_ref(x, w, norm_weight=nw), atol=1e-4, rtol=1e-4)
+
+
+def test_choose_config_gives_programs_to_every_multiprocessor():
+    """Rows a program shrink (to 16) until about three programs an SM stream; big layers keep 64."""
+    assert choose_config(6144, 4096, num_sms=132).block_n == 16  # llama3-8b QKV: 384 programs
+    assert choose_config(28672, 4096, num_sms=132).block_n == 64  # a wide gate_up: 448 programs
+    assert choose_config(1024, 3072, num_sms=132).block_n == 16  # the floor
+    assert choose_config(4096, 100, num_sms=4).block_k == 64
+
+
+@pytest.mark.parametrize("case,match", [
+    (dict(m=0), "1 to 16 rows"), (dict(m=MAX_TOKENS + 1), "1 to 16 rows"),
+    (dict(wk=64), "x's 128 columns"), (dict(gated_rows=47), "gate's rows then up's"),
+    (dict(bias_n=10), "bias must be"), (dict(norm_k=10), "norm_weight must be"),
+    (dict(res_shape=(2, 5)), "residual must be"), (dict(dtype=torch.int32), "bf16, fp16 or fp32"),
+    (dict(strided_x=True), "contiguous rows"),
+])
+def test_hostile_inputs_are_refused_naming_the_argument(case, match):
+    m = case.get("m", 2)
+    x = torch.randn(max(m, 1), 128)[:m] if m else torch.randn(0, 128)
+    if case.get("strided_x"):
+        x = torch.randn(128, 2).t()
+    w = torch.randn(case.get("gated_rows", 48), case.get("wk", 128))
+    kw = {}
+    if "bias_n" in case:
+        kw["bias"] = torch.randn(case["bias_n"])
+    if "norm_k" in case:
+        kw["norm_weight"] = torch.randn(case["norm_k"])
+    if "res_shape" in case:
+        kw["residual"] = torch.randn(*case["res_shape"])
+    if "dtype" in case:
+        x, w = x.to(case["dtype"]), w.to(case["dtype"])
+    with pytest.raises(ValueError, match=match):
+        small_linear(x, w, gated="gated_rows" in case, **kw)
