@@ -170,7 +170,7 @@ def main(argv=None) -> None:
                           + "; ".join(f"{us:.2f} us {c}" for us, c in best[:3]), flush=True)
                     rows.append(dict(model=name, batch=m, sweep=kind, heuristic=str(heur),
                                      best=[(us, str(c)) for us, c in best[:5]]))
-        del layers
+        layers = None  # noqa: F841  (frees the weights before the next model)
         torch.cuda.empty_cache()
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
