@@ -98,6 +98,10 @@ class EngineConfig:
     # full: one graph per size, attention captured too (engine/full_graphs.py; the step costs one
     # replay, not 2 L launches from Python); piecewise: attention runs eagerly between the graphs
     cuda_graph_mode: str = "full"
+    # steps of up to this many tokens (decode at small batches; at most 16) run each linear layer with
+    # its RMSNorm, SiLU-and-mul or residual add inside one kernel (kernels/small_linear.py): four
+    # kernels a layer where cuBLAS and the fused ops take nine. 0: off (cuBLAS for every step)
+    fused_gemv_max_tokens: int = 0
     # where a step of whole prompts (every sequence from token 0: no cached prefix, no decode) reads
     # its keys: cache (through the allocator's addressing, as every other step) | qkv (from the
     # step's own K/V projection, LINEAR; the cache is written all the same). Only PAGED differs: its
@@ -138,6 +142,10 @@ class EngineConfig:
             raise ValueError(f"cuda_graph_max_tokens must be an integer in [0, 8192] (0: prefill and mixed steps "
                              f"run eagerly), got {self.cuda_graph_max_tokens!r}")
         self.cuda_graph_max_tokens = int(self.cuda_graph_max_tokens)  # a numpy count: a plain int from here on
+        if not is_int(self.fused_gemv_max_tokens) or not 0 <= self.fused_gemv_max_tokens <= 16:
+            raise ValueError(f"fused_gemv_max_tokens must be an integer in [0, 16] (0: cuBLAS for every step), "
+                             f"got {self.fused_gemv_max_tokens!r}")
+        self.fused_gemv_max_tokens = int(self.fused_gemv_max_tokens)
         if self.prompt_attention not in ("cache", "qkv"):
             raise ValueError(f"prompt_attention must be 'cache' (keys through the allocator's addressing) or 'qkv' "
                              f"(a step of whole prompts reads its own K/V projection), got {self.prompt_attention!r}")

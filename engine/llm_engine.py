@@ -104,7 +104,7 @@ class LLMEngine:
             else:
                 self.model = load_model(mc, config.model, self.max_model_len, self.dtype, self.device, config.seed)
                 if self.device.startswith("cuda"):
-                    self.model.fuse()
+                    self.model.fuse(config.fused_gemv_max_tokens)
             self.model.set_kv_cache_dtype(self.kv_dtype, config.kv_scale)
         if self.device == "cpu":
             threads = config.cpu_threads or (1 if mc.num_params < 50_000_000 else 0)

@@ -12,7 +12,7 @@ from torch import nn
 
 import kernels
 from engine.model_config import ModelConfig
-from kernels import fused_ops
+from kernels import fused_ops, small_linear
 from engine.rope import RotaryEmbedding
 from kernels.metadata import AttentionMetadata
 
@@ -70,14 +70,16 @@ class Attention(nn.Module):
         q, k = rope(positions, q, k)
         return self.o_proj(self._attend(q, k, v, meta, cache).reshape(t, -1))
 
-    def project(self, x, positions, rope, slots: torch.Tensor, cache) -> tuple[torch.Tensor, tuple]:
-        """Fused path up to attention: q, k, v from one GEMM, norm + rope in place, k and v
-        written to the cache at ``slots`` (-1: nowhere); returns q ``[t, heads, head_dim]`` and the
-        step's own (k, v) ``[t, kv_heads, head_dim]`` (views of the GEMM's output: ``own_kv``
-        attention reads them). Everything here has static shapes: piecewise CUDA graphs capture it."""
+    def project(self, x, positions, rope, slots: torch.Tensor, cache,
+                qkv: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple]:
+        """Fused path up to attention: q, k, v from one GEMM (or ``qkv``, its output computed
+        elsewhere), norm + rope in place, k and v written to the cache at ``slots`` (-1: nowhere);
+        returns q ``[t, heads, head_dim]`` and the step's own (k, v) ``[t, kv_heads, head_dim]`` (views
+        of the GEMM's output: ``own_kv`` attention reads them). Everything here has static shapes:
+        piecewise CUDA graphs capture it."""
         t = x.shape[0]
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
+        q, k, v = (self.qkv_proj(x) if qkv is None else qkv).split([q_size, kv_size, kv_size], dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
@@ -161,6 +163,15 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(cfg, window)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
+        self.gemv_max_tokens = 0  # fused path: steps of up to this many tokens take kernels.small_linear
+
+    def gemv(self, x: torch.Tensor) -> bool:
+        """Whether a fused step of ``x``'s tokens runs its linear layers as ``small_linear`` kernels
+        (norm, SiLU and residual inside them): up to ``gemv_max_tokens`` tokens and plain ``nn.Linear``
+        output projections (a tensor-parallel one all-reduces before the add). fp32 weights take exact
+        (slow) dots: for tests; a GPU model is bf16 or fp16."""
+        return (0 < x.shape[0] <= self.gemv_max_tokens and x.dtype in small_linear.DTYPES
+                and type(self.self_attn.o_proj) is nn.Linear and type(self.mlp.down_proj) is nn.Linear)
 
     def forward(self, x, positions, rope, meta, cache):
         x = x + self.self_attn(self.input_layernorm(x), positions, rope, meta, cache)
@@ -176,6 +187,11 @@ class DecoderLayer(nn.Module):
         """(fused path) add + norm, then the attention's projections and cache write:
         ((q, (k, v)), residual)."""
         n1 = self.input_layernorm
+        if self.gemv(x):  # the stream is the residual from here: post_attention adds into it in place
+            stream = x if residual is None else residual.add_(x)
+            qkv_proj = self.self_attn.qkv_proj
+            qkv = small_linear.small_linear(stream, qkv_proj.weight, qkv_proj.bias, norm_weight=n1.weight, eps=n1.eps)
+            return self.self_attn.project(stream, positions, rope, slots, cache, qkv=qkv), stream
         if residual is None:
             residual = x
             h = fused_ops.rms_norm(x, n1.weight, n1.eps)
@@ -184,7 +200,16 @@ class DecoderLayer(nn.Module):
         return self.self_attn.project(h, positions, rope, slots, cache), residual
 
     def post_attention(self, attn: torch.Tensor, residual):
-        """(fused path) output projection, add + norm, MLP: (x, residual) for the next layer."""
+        """(fused path) output projection, add + norm, MLP: (x, residual) for the next layer; with
+        ``small_linear`` kernels (x, None): x the whole stream, both additions made in it."""
+        if self.gemv(attn):
+            o, n2 = self.self_attn.o_proj, self.post_attention_layernorm
+            gate_up, down = self.mlp.gate_up_proj, self.mlp.down_proj
+            small_linear.small_linear(attn.view(attn.shape[0], -1), o.weight, o.bias, residual=residual)
+            act = small_linear.small_linear(residual, gate_up.weight, gate_up.bias, norm_weight=n2.weight, eps=n2.eps,
+                                            gated=True)
+            small_linear.small_linear(act, down.weight, down.bias, residual=residual)
+            return residual, None
         h = self.self_attn.o_proj(attn.view(attn.shape[0], -1))
         h = fused_ops.rms_norm(h, self.post_attention_layernorm.weight, self.post_attention_layernorm.eps, residual)
         return self.mlp(h), residual
@@ -227,11 +252,16 @@ class CausalLM(nn.Module):
             x = layer(x, positions, self.rope, meta, cache)
         return norm(x)
 
-    def fuse(self) -> "CausalLM":
-        """Fused projections and Triton elementwise kernels (GPU inference, after loading)."""
+    def fuse(self, gemv_max_tokens: int = 0) -> "CausalLM":
+        """Fused projections and Triton elementwise kernels (GPU inference, after loading); steps of
+        up to ``gemv_max_tokens`` tokens run each linear layer with its norm, SiLU or residual add as
+        one ``kernels.small_linear`` kernel (``EngineConfig.fused_gemv_max_tokens``)."""
+        if not 0 <= gemv_max_tokens <= small_linear.MAX_TOKENS:
+            raise ValueError(f"gemv_max_tokens must be in [0, {small_linear.MAX_TOKENS}], got {gemv_max_tokens}")
         for layer in self.model.layers:
             layer.self_attn.fuse()
             layer.mlp.fuse()
+            layer.gemv_max_tokens = gemv_max_tokens
         self.fused = True
         return self
 

@@ -564,3 +564,10 @@ def test_a_launcher_without_its_plugin_names_the_package(monkeypatch, tmp_path):
                                                   "pip install some-plugin"):
         preflight.prepare(["hydra/launcher=slurm"], cwd=tmp_path)
     assert preflight._importable("experiments.preflight") and not preflight._importable("kvlab_no_such_pkg.x")
+
+
+@pytest.mark.parametrize("value", [-1, 17, True, 2.5, "8"])
+def test_fused_gemv_max_tokens_is_a_count_the_kernel_takes(value):
+    with pytest.raises(ValueError, match=r"fused_gemv_max_tokens must be an integer in \[0, 16\]"):
+        EngineConfig(fused_gemv_max_tokens=value)
+    assert EngineConfig(fused_gemv_max_tokens=np.int64(16)).fused_gemv_max_tokens == 16

@@ -27,7 +27,7 @@ def fused_cpu(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
-def _eager_tokens_and_fused_llm(allocator: str, prompt_attention: str = "cache"):
+def _eager_tokens_and_fused_llm(allocator: str, prompt_attention: str = "cache", gemv_max_tokens: int = 0):
     """Tokens of the eager fused model for prompts whose steps (a 24-token budget) mix chunked
     prefills with decodes; a second fused LLM whose runner a test gives graphs; its generate."""
     from engine import LLM, SamplingParams
@@ -40,15 +40,17 @@ def _eager_tokens_and_fused_llm(allocator: str, prompt_attention: str = "cache")
     eager.engine.model.fuse()
     want = [o.token_ids for o in eager.generate(prompts, p)]
     llm = LLM("tiny-llama", prompt_attention=prompt_attention, **kw)
-    llm.engine.runner.model.fuse()
+    llm.engine.runner.model.fuse(gemv_max_tokens)
     return want, llm, lambda: [o.token_ids for o in llm.generate(prompts, p)]
 
 
-@pytest.mark.parametrize("allocator", ["paged", "contiguous", "virtual"])
-def test_piecewise_steps_equal_eager_steps(fused_cpu, allocator):
+@pytest.mark.parametrize("allocator,gemv", [("paged", 0), ("contiguous", 0), ("virtual", 0), ("paged", 16)],
+                         ids=["paged", "contiguous", "virtual", "paged-small-linear"])
+def test_piecewise_steps_equal_eager_steps(fused_cpu, allocator, gemv):
     """Prefill and mixed steps (chunked prompts beside decodes) through the pieces give the eager
-    fused model's tokens, every allocator; the steps do take the piecewise path."""
-    want, llm, generate = _eager_tokens_and_fused_llm(allocator)
+    fused model's tokens, every allocator; the steps do take the piecewise path. With small_linear
+    for steps of up to 16 tokens, the stream passes between pieces as the whole hidden state."""
+    want, llm, generate = _eager_tokens_and_fused_llm(allocator, gemv_max_tokens=gemv)
     runner = llm.engine.runner
     pw = runner.mixed_graphs = PiecewiseGraphs(runner.model, runner.kv_caches, 24, torch.device("cpu"))
     pw.capture()

@@ -90,3 +90,65 @@ def test_hostile_inputs_are_refused_naming_the_argument(case, match):
         x, w = x.to(case["dtype"]), w.to(case["dtype"])
     with pytest.raises(ValueError, match=match):
         small_linear(x, w, gated="gated_rows" in case, **kw)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU-interpreter check; on a GPU the engine's tokens are "
+                    "checked against HF in test_gpu_engine.py")
+@pytest.mark.parametrize("gemv_max_tokens", [16, 3], ids=["every-step", "decode-only"])
+def test_fused_model_with_small_linear_gives_the_reference_tokens(monkeypatch, gemv_max_tokens):
+    """The whole fused forward with small_linear for steps of up to ``gemv_max_tokens`` tokens (3:
+    the 4- and 6-token prompt steps take cuBLAS, decodes small_linear) gives the torch path's tokens."""
+    from engine import LLM, SamplingParams
+    from kernels import small_linear as module
+
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    p = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    monkeypatch.setenv("KVLAB_KERNELS", "reference")
+    ref = LLM("tiny-llama", device="cpu", max_model_len=64, kv_cache_tokens=256).generate(prompts, p)
+    monkeypatch.setenv("KVLAB_KERNELS", "triton")
+    llm = LLM("tiny-llama", device="cpu", max_model_len=64, kv_cache_tokens=256, max_num_batched_tokens=6)
+    llm.engine.model.fuse(gemv_max_tokens)
+    rows = []
+    call = module.small_linear
+    monkeypatch.setattr(module, "small_linear", lambda x, *a, **k: rows.append(x.shape[0]) or call(x, *a, **k))
+    got = llm.generate(prompts, p)
+    assert [o.token_ids for o in got] == [o.token_ids for o in ref]
+    layers = llm.engine.model.config.num_hidden_layers
+    assert rows and max(rows) <= gemv_max_tokens and len(rows) % (4 * layers) == 0  # four kernels a layer
+    assert (max(rows) > 3) == (gemv_max_tokens == 16)
+
+
+def test_fuse_refuses_a_bound_past_the_kernel():
+    from engine.model import CausalLM
+    from engine.presets import preset_config
+
+    with pytest.raises(ValueError, match=r"gemv_max_tokens must be in \[0, 16\]"):
+        CausalLM(preset_config("tiny-llama"), 64).fuse(17)
+
+
+def test_a_layer_with_small_linear_equals_it_without(monkeypatch):
+    """One decoder layer's fused halves, taking a pending addend (x beside a residual stream) as
+    the cuBLAS path does: the same queries, and the same stream after the layer."""
+    monkeypatch.setenv("KVLAB_KERNELS", "triton")
+    from engine.model import CausalLM
+    from engine.presets import preset_config
+
+    torch.manual_seed(0)
+    cfg = preset_config("tiny-llama")
+    model = CausalLM(cfg, 64).to(DEV).fuse()
+    for p in model.parameters():  # norms away from 1: their weights must be applied
+        p.data.add_(0.05 * torch.randn_like(p))
+    layer = model.model.layers[0]
+    t, d, hkv = 3, cfg.head_dim, cfg.num_key_value_heads
+    cache = (torch.zeros(8, hkv, d, device=DEV), torch.zeros(8, hkv, d, device=DEV))
+    x, res = torch.randn(t, cfg.hidden_size, device=DEV), torch.randn(t, cfg.hidden_size, device=DEV)
+    pos, slots = torch.arange(t, device=DEV), torch.full((t,), -1, device=DEV)
+    attn = torch.randn(t, cfg.num_attention_heads, d, device=DEV)
+    out = {}
+    for bound in (0, 16):
+        layer.gemv_max_tokens = bound
+        (q, _), r = layer.pre_attention(x.clone(), res.clone(), pos, model.rope, slots, cache)
+        h, r2 = layer.post_attention(attn, r)
+        out[bound] = q, (h if r2 is None else r2 + h)  # the stream after the layer, either way
+    torch.testing.assert_close(out[16][0], out[0][0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out[16][1], out[0][1], atol=1e-4, rtol=1e-4)
