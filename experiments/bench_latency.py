@@ -12,6 +12,10 @@ Per model, one engine (paged, random bf16 weights), three measurements side by s
   decodes; each with the engine's CUDA graphs of prefill/mixed steps (``cuda_graph_mode``) and
   eagerly (as with ``cuda_graph_max_tokens`` = 0), medians of repeats: what the graphs take off a step.
 
+``--fused-gemv-max-tokens 0,16`` builds one engine per value (``engine.fused_gemv_max_tokens``:
+steps of up to that many tokens run each linear layer as a ``kernels.small_linear`` kernel) and
+measures each in turn: the same run, the same device, before and after.
+
 Rows go to ``latency_<device>.csv`` and a markdown table on stdout.
 """
 from __future__ import annotations
@@ -112,31 +116,37 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prefill-tokens", default="16,128,512,1536")
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--fused-gemv-max-tokens", default="0",
+                    help="comma-separated engine.fused_gemv_max_tokens values, one engine each (0: cuBLAS)")
     ap.add_argument("--out", default="results/engine")
     a = ap.parse_args(argv)
+    gemvs = [int(x) for x in a.fused_gemv_max_tokens.split(",")]
+    prefills = [int(x) for x in a.prefill_tokens.split(",") if x]
     if not torch.cuda.is_available():
         raise SystemExit("bench_latency needs a CUDA device")
     device = torch.cuda.get_device_name()
     bw = copy_bandwidth("cuda")
     print(f"device: {device}; copy bandwidth {bw / 1e9:.0f} GB/s", flush=True)
     rows = []
-    for model in a.models.split(","):
+    for model, gemv in ((m, g) for m in a.models.split(",") for g in gemvs):
         t0 = time.perf_counter()
         engine = LLMEngine(EngineConfig(model=model, allocator="paged", max_model_len=4096, max_num_seqs=64,
                                         kv_cache_tokens=65536, detokenize=False, record_memory=False,
-                                        stream_outputs=False))
+                                        stream_outputs=False, fused_gemv_max_tokens=gemv))
         pw = engine.runner.mixed_graphs
-        start = dict(model=model, startup_s=round(time.perf_counter() - t0, 1),
+        start = dict(model=model, fused_gemv_max_tokens=gemv, startup_s=round(time.perf_counter() - t0, 1),
                      graph_mode=engine.config.cuda_graph_mode,
                      mixed_graphs_capture_s=round(pw.capture_s, 1) if pw else None)
         print(start, flush=True)
+        tag = dict(model=model, fused_gemv=gemv)
         for b in (int(x) for x in a.batches.split(",")):
-            rows += [dict(model=model, **r) for r in decode_rows(engine, b, a.steps, bw)]
-        for n in (int(x) for x in a.prefill_tokens.split(",")):
+            rows += [dict(**tag, **r) for r in decode_rows(engine, b, a.steps, bw)]
+        for n in prefills:
             for decodes in (0, 8):
-                rows += [dict(model=model, **r) for r in prefill_rows(engine, n, decodes, a.reps)]
-        print(markdown_table(pd.DataFrame([r for r in rows if r["model"] == model])), flush=True)
-        engine.close()  # its weights and graphs go before the next model's
+                rows += [dict(**tag, **r) for r in prefill_rows(engine, n, decodes, a.reps)]
+        print(markdown_table(pd.DataFrame([r for r in rows if r["model"] == model and r["fused_gemv"] == gemv])),
+              flush=True)
+        engine.close()  # its weights and graphs go before the next engine's
         del engine
         torch.cuda.empty_cache()
     df = pd.DataFrame(rows)
