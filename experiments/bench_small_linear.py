@@ -165,7 +165,7 @@ def main(argv=None) -> None:
                     wt = layers[0][kind]
                     best = sweep(wt, m, kind, dev, args.sweep_budget_s)
                     heur = choose_config(wt.shape[0] // (2 if kind == "gate_up" else 1), wt.shape[1],
-                                         torch.cuda.get_device_properties(0).multi_processor_count)
+                                         torch.cuda.get_device_properties(0).multi_processor_count, kind == "gate_up")
                     print(f"  sweep {name} b{m} {kind} {tuple(wt.shape)}: heuristic {heur}; best "
                           + "; ".join(f"{us:.2f} us {c}" for us, c in best[:3]), flush=True)
                     rows.append(dict(model=name, batch=m, sweep=kind, heuristic=str(heur),

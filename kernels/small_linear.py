@@ -55,14 +55,20 @@ class LinearConfig:
     num_stages: int
 
 
-def choose_config(n: int, k: int, num_sms: int) -> LinearConfig:
+SMEM_BUDGET = 160 * 1024  # of an SM's shared memory (227 KiB on Hopper) for one program's stages
+
+
+def choose_config(n: int, k: int, num_sms: int, gated: bool = False) -> LinearConfig:
     """Rows a program so that about three programs an SM stream at once (a program streams
-    ``block_n x block_k`` bf16 a step, ``num_stages - 1`` steps ahead); from host integers only."""
+    ``block_n x block_k`` 16-bit weights a step, twice that gated, ``num_stages - 1`` steps ahead),
+    the stages within ``SMEM_BUDGET``; from host integers only."""
     block_n = 64
     while block_n > 16 and triton.cdiv(n, block_n) < 3 * num_sms:
         block_n //= 2
-    block_k = min(512, max(64, triton.next_power_of_2(k) // 2))
-    return LinearConfig(block_n=block_n, block_k=block_k, num_warps=4, num_stages=4)
+    block_k, stages = min(512, max(64, triton.next_power_of_2(k) // 2)), 4
+    while block_k > 64 and stages * ((2 if gated else 1) * block_n + MAX_TOKENS) * block_k * 2 > SMEM_BUDGET:
+        block_k //= 2
+    return LinearConfig(block_n=block_n, block_k=block_k, num_warps=4, num_stages=stages)
 
 
 if triton is not None:
@@ -169,7 +175,7 @@ def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
     n = _check(x, weight, bias, norm_weight, gated, residual)
     m, k = x.shape
-    cfg = config or choose_config(n, k, device_sms(x.device))
+    cfg = config or choose_config(n, k, device_sms(x.device), gated)
     out = residual if residual is not None else torch.empty((m, n), dtype=x.dtype, device=x.device)
     _small_linear_kernel[(triton.cdiv(n, cfg.block_n),)](
         x, weight, bias if bias is not None else weight, norm_weight if norm_weight is not None else weight,
