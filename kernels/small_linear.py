@@ -55,20 +55,22 @@ class LinearConfig:
     num_stages: int
 
 
+NORM_ELEMENTS = 4096  # x elements a program loads at once for the norm's RMS (32 fp32 a thread)
 SMEM_BUDGET = 160 * 1024  # of an SM's shared memory (227 KiB on Hopper) for one program's stages
 
 
 def choose_config(n: int, k: int, num_sms: int, gated: bool = False) -> LinearConfig:
-    """Rows a program so that about three programs an SM stream at once (a program streams
-    ``block_n x block_k`` 16-bit weights a step, twice that gated, ``num_stages - 1`` steps ahead),
-    the stages within ``SMEM_BUDGET``; from host integers only."""
-    block_n = 64
-    while block_n > 16 and triton.cdiv(n, block_n) < 3 * num_sms:
+    """Tiles from an H100 sweep of llama3-8b's shapes at 1 and 8 tokens (bench_small_linear --sweep,
+    results/kernels/small_linear): 32 rows a program and 256-wide K steps, gated (two weight tiles a
+    step) 64 rows, 128-wide steps and 8 warps; 16 rows where that leaves fewer programs than half the SMs
+    (``num_sms``; o_proj's 128 programs of 32 rows were faster than 256 of 16 on 132 SMs); K steps no wider than K, the stages within ``SMEM_BUDGET``. Host integers only."""
+    block_n, block_k, warps, stages = (64, 128, 8, 3) if gated else (32, 256, 4, 4)
+    while block_n > 16 and triton.cdiv(n, block_n) < num_sms // 2:
         block_n //= 2
-    block_k, stages = min(512, max(64, triton.next_power_of_2(k) // 2)), 4
+    block_k = max(64, min(block_k, triton.next_power_of_2(k)))
     while block_k > 64 and stages * ((2 if gated else 1) * block_n + MAX_TOKENS) * block_k * 2 > SMEM_BUDGET:
         block_k //= 2
-    return LinearConfig(block_n=block_n, block_k=block_k, num_warps=4, num_stages=stages)
+    return LinearConfig(block_n=block_n, block_k=block_k, num_warps=warps, num_stages=stages)
 
 
 if triton is not None:
@@ -79,7 +81,8 @@ if triton is not None:
                              NORM: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
                              RESIDUAL: tl.constexpr, EVEN_K: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                             NUM_STAGES: tl.constexpr, DOT_F32: tl.constexpr):
+                             NUM_STAGES: tl.constexpr, DOT_F32: tl.constexpr,
+                             NORM_M: tl.constexpr, NORM_K: tl.constexpr):
         pid = tl.program_id(0)
         offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
@@ -89,13 +92,19 @@ if triton is not None:
         x_rows = x_ptr + offs_m[:, None] * stride_xm
         w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
         dtype = w_ptr.dtype.element_ty
-        if NORM:  # the rows' RMS first: every program reads all of x (M x K, from L2)
-            ss = tl.zeros([BLOCK_M], dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                kk = k0 + offs_k
-                xv = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & (kk < K)[None, :], other=0.0).to(tl.float32)
+        if NORM:  # the rows' RMS first: every program reads all of x (M x K, from L2) in wide chunks
+            # of the real rows only (NORM_M = M's power of two): one or two loads' latency, not K / BLOCK_K
+            offs_nm = tl.arange(0, NORM_M)
+            offs_nk = tl.arange(0, NORM_K)
+            ss = tl.zeros([NORM_M], dtype=tl.float32)
+            for k0 in tl.range(0, K, NORM_K, num_stages=2):
+                kk = k0 + offs_nk
+                xv = tl.load(x_ptr + offs_nm[:, None] * stride_xm + kk[None, :],
+                             mask=(offs_nm < M)[:, None] & (kk < K)[None, :], other=0.0).to(tl.float32)
                 ss += tl.sum(xv * xv, axis=1)
-            rstd = 1.0 / tl.sqrt(ss / K + eps)
+            rstd_m = 1.0 / tl.sqrt(ss / K + eps)
+            # onto the tile's BLOCK_M rows (rows past M: never stored)
+            rstd = tl.sum(tl.where(offs_m[:, None] == offs_nm[None, :], rstd_m[None, :], 0.0), axis=1)
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         acc_up = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         for k0 in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
@@ -182,5 +191,7 @@ def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         out, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0), out.stride(0), eps,
         NORM=norm_weight is not None, GATED=gated, HAS_BIAS=bias is not None, RESIDUAL=residual is not None,
         EVEN_K=k % cfg.block_k == 0, BLOCK_M=MAX_TOKENS, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        NUM_STAGES=cfg.num_stages, DOT_F32=x.device.type == "cpu" or x.dtype == torch.float32, num_warps=cfg.num_warps)
+        NUM_STAGES=cfg.num_stages, DOT_F32=x.device.type == "cpu" or x.dtype == torch.float32,
+        NORM_M=triton.next_power_of_2(m), NORM_K=min(triton.next_power_of_2(k), NORM_ELEMENTS // triton.next_power_of_2(m)),
+        num_warps=cfg.num_warps)
     return out

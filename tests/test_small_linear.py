@@ -58,12 +58,18 @@ def test_the_heuristic_config_covers_every_column():
     torch.testing.assert_close(got, small_linear_ref(x, w, norm_weight=nw), atol=1e-4, rtol=1e-4)
 
 
-def test_choose_config_gives_programs_to_every_multiprocessor():
-    """Rows a program shrink (to 16) until about three programs an SM stream; big layers keep 64."""
-    assert choose_config(6144, 4096, num_sms=132).block_n == 16  # llama3-8b QKV: 384 programs
-    assert choose_config(28672, 4096, num_sms=132).block_n == 64  # a wide gate_up: 448 programs
-    assert choose_config(1024, 3072, num_sms=132).block_n == 16  # the floor
-    assert choose_config(4096, 100, num_sms=4).block_k == 64
+def test_choose_config_keeps_every_multiprocessor_busy_and_fits_shared_memory():
+    """The swept tiles where they give a program an SM; fewer rows a program where they do not."""
+    from kernels.small_linear import SMEM_BUDGET
+
+    assert choose_config(6144, 4096, num_sms=132).block_n == 32  # llama3-8b QKV: 192 programs
+    assert choose_config(4096, 4096, num_sms=132).block_n == 32  # o_proj: 128 programs, as swept
+    assert choose_config(1024, 2048, num_sms=132).block_n == 16  # qwen3-0.6b's: 32 programs of 32 rows
+    assert choose_config(14336, 4096, num_sms=132, gated=True) == LinearConfig(64, 128, 8, 3)
+    assert choose_config(4096, 100, num_sms=4).block_k == 128  # no wider than K's power of two
+    for n, k, gated in ((6144, 4096, False), (14336, 4096, True), (1024, 3072, False), (3072, 1024, True)):
+        c = choose_config(n, k, num_sms=132, gated=gated)
+        assert c.num_stages * ((2 if gated else 1) * c.block_n + MAX_TOKENS) * c.block_k * 2 <= SMEM_BUDGET
 
 
 @pytest.mark.parametrize("case,match", [
