@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     bw = copy_bandwidth("cuda")
     print(f"device: {device}; copy bandwidth {bw / 1e9:.0f} GB/s", flush=True)
     rows = []
-    for model, gemv in ((m, g) for m in a.models.split(",") for g in gemvs):
+    for run, (model, gemv) in enumerate((m, g) for m in a.models.split(",") for g in gemvs):
         t0 = time.perf_counter()
         engine = LLMEngine(EngineConfig(model=model, allocator="paged", max_model_len=4096, max_num_seqs=64,
                                         kv_cache_tokens=65536, detokenize=False, record_memory=False,
@@ -138,14 +138,13 @@ def main(argv: list[str] | None = None) -> int:
                      graph_mode=engine.config.cuda_graph_mode,
                      mixed_graphs_capture_s=round(pw.capture_s, 1) if pw else None)
         print(start, flush=True)
-        tag = dict(model=model, fused_gemv=gemv)
+        tag = dict(model=model, fused_gemv=gemv, engine_run=run)  # a value given twice: repeats, told apart
         for b in (int(x) for x in a.batches.split(",")):
             rows += [dict(**tag, **r) for r in decode_rows(engine, b, a.steps, bw)]
         for n in prefills:
             for decodes in (0, 8):
                 rows += [dict(**tag, **r) for r in prefill_rows(engine, n, decodes, a.reps)]
-        print(markdown_table(pd.DataFrame([r for r in rows if r["model"] == model and r["fused_gemv"] == gemv])),
-              flush=True)
+        print(markdown_table(pd.DataFrame([r for r in rows if r["engine_run"] == run])), flush=True)
         engine.close()  # its weights and graphs go before the next engine's
         del engine
         torch.cuda.empty_cache()
