@@ -482,6 +482,11 @@ def cost_model_for(sim: SimSettings, roofline: RooflineCostModel, shape: ModelSh
         log.warning("sim.profile=%s was measured on %s, not the simulated %s: its step times are that device's, "
                     "the KV pool is sized from %s's memory (set sim to the profile's device, or give a profile of %s)",
                     sim.profile, profile.device, sim.device, sim.device, sim.device)
+    if econf.fused_gemv_max_tokens:  # kvlab profile times the linear layers through cuBLAS
+        log.warning("engine.fused_gemv_max_tokens=%d: the profile times linear layers as cuBLAS runs them; the real "
+                    "engine's steps of up to %d tokens run kernels.small_linear instead (an H100 decode step of one "
+                    "sequence: 3-5%% faster): simulated times of those steps are cuBLAS's", econf.fused_gemv_max_tokens,
+                    econf.fused_gemv_max_tokens)
     if profile.meta.get("partial"):
         log.warning("sim.profile=%s is partial (a kvlab profile run that was cut off): the tables it had not measured "
                     "yet are missing or composed; rerun kvlab profile with --merge %s", sim.profile, sim.profile)

@@ -1021,3 +1021,17 @@ def test_a_step_of_one_token_prompts_is_no_decode_graph_step():
     assert m.graph_batch([(1, 300), (1, 20)]) == m.padded(2)
     assert m.graph_batch([(1, 1)]) is None and m.graph_batch([(1, 300), (1, 1)]) is None
     assert m.device_time([(1, 1), (1, 300)]) == m._device_time([(1, 1), (1, 300)], 2, [], 301, None)
+
+
+def test_simulating_small_linear_steps_says_the_profile_times_cublas(caplog):
+    """engine.fused_gemv_max_tokens changes the real engine's small steps, not the profile's tables:
+    simulate says so (and only then)."""
+    from tests.test_simulate import config
+    from experiments.run import build_engine
+
+    for value, said in ((0, False), (8, True)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="kvlab.sim"):
+            build_engine(config("mode=simulate", "sim=h200", f"engine.fused_gemv_max_tokens={value}"))
+        assert any("fused_gemv_max_tokens=8" in r.getMessage() and "cuBLAS" in r.getMessage()
+                   for r in caplog.records) == said
