@@ -164,6 +164,11 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
         self.gemv_max_tokens = 0  # fused path: steps of up to this many tokens take kernels.small_linear
+        # (set by CausalLM.fuse) parts of the stream rows' sums of squares, each written by the kernel that
+        # adds into the stream for the norm after it: (after attention, after the MLP); row_sq_in: the one
+        # this layer's first norm reads (None: the first layer's reads its input, the embeddings)
+        self.row_sq_out: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.row_sq_in: torch.Tensor | None = None
 
     def gemv(self, x: torch.Tensor) -> bool:
         """Whether a fused step of ``x``'s tokens runs its linear layers as ``small_linear`` kernels
@@ -190,7 +195,8 @@ class DecoderLayer(nn.Module):
         if self.gemv(x):  # the stream is the residual from here: post_attention adds into it in place
             stream = x if residual is None else residual.add_(x)
             qkv_proj = self.self_attn.qkv_proj
-            qkv = small_linear.small_linear(stream, qkv_proj.weight, qkv_proj.bias, norm_weight=n1.weight, eps=n1.eps)
+            qkv = small_linear.small_linear(stream, qkv_proj.weight, qkv_proj.bias, norm_weight=n1.weight, eps=n1.eps,
+                                            row_sq=self.row_sq_in if residual is None else None)
             return self.self_attn.project(stream, positions, rope, slots, cache, qkv=qkv), stream
         if residual is None:
             residual = x
@@ -205,10 +211,12 @@ class DecoderLayer(nn.Module):
         if self.gemv(attn):
             o, n2 = self.self_attn.o_proj, self.post_attention_layernorm
             gate_up, down = self.mlp.gate_up_proj, self.mlp.down_proj
-            small_linear.small_linear(attn.view(attn.shape[0], -1), o.weight, o.bias, residual=residual)
+            after_attn, after_mlp = self.row_sq_out
+            small_linear.small_linear(attn.view(attn.shape[0], -1), o.weight, o.bias, residual=residual,
+                                      row_sq_out=after_attn)
             act = small_linear.small_linear(residual, gate_up.weight, gate_up.bias, norm_weight=n2.weight, eps=n2.eps,
-                                            gated=True)
-            small_linear.small_linear(act, down.weight, down.bias, residual=residual)
+                                            gated=True, row_sq=after_attn)
+            small_linear.small_linear(act, down.weight, down.bias, residual=residual, row_sq_out=after_mlp)
             return residual, None
         h = self.self_attn.o_proj(attn.view(attn.shape[0], -1))
         h = fused_ops.rms_norm(h, self.post_attention_layernorm.weight, self.post_attention_layernorm.eps, residual)
@@ -262,8 +270,23 @@ class CausalLM(nn.Module):
             layer.self_attn.fuse()
             layer.mlp.fuse()
             layer.gemv_max_tokens = gemv_max_tokens
+        if gemv_max_tokens:
+            self._share_row_sq()
         self.fused = True
         return self
+
+    def _share_row_sq(self) -> None:
+        """One buffer of sums-of-squares parts for all layers (stream-ordered: each part is read by the
+        next kernel but one before it is written again); a layer reads the one its predecessor wrote."""
+        cfg, dev = self.config, self.lm_head.weight.device
+        h = cfg.hidden_size
+        n_attn = small_linear.num_programs(h, cfg.num_attention_heads * cfg.head_dim, dev)
+        n_mlp = small_linear.num_programs(h, cfg.intermediate_size, dev)
+        buf = torch.zeros(2, max(n_attn, n_mlp), small_linear.MAX_TOKENS, dtype=torch.float32, device=dev)
+        after_attn, after_mlp = buf[0, :n_attn], buf[1, :n_mlp]
+        for i, layer in enumerate(self.model.layers):
+            layer.row_sq_out = (after_attn, after_mlp)
+            layer.row_sq_in = after_mlp if i else None
 
     def set_kv_cache_dtype(self, dtype: torch.dtype, scale: float | None = None) -> None:
         """fp8 KV caches: per-layer fp32 scales, ``scale`` for all (None: 1.0 until calibrated)."""

@@ -9,7 +9,8 @@ as the model has (so the weights stream from HBM, not L2), each in a CUDA graph:
 - ``cublas``: add+RMSNorm, QKV GEMM, O GEMM, add+RMSNorm, gate_up GEMM, SiLU-and-mul, down GEMM
   (``kernels.fused_ops`` + ``F.linear``: what ``DecoderLayer.forward_fused`` runs around attention);
 - ``fused``: QKV with the norm in its prologue, O adding into the residual, gate_up with norm and
-  SiLU, down adding into the residual (``small_linear``: four kernels a layer).
+  SiLU, down adding into the residual (``small_linear``: four kernels a layer; the norms take the
+  rows' sums of squares from the kernel before them, as the engine's do).
 
 Each is checked against ``small_linear_ref`` first. Reported: microseconds a layer, its weight
 bytes over that time against the device-to-device copy bandwidth of the same run, and each GEMM
@@ -60,14 +61,27 @@ def cublas_layer(w: dict, x: torch.Tensor, res: torch.Tensor, attn: torch.Tensor
     return F.linear(fused_ops.silu_and_mul(F.linear(h, w["gate_up"])), w["down"])
 
 
-def fused_layer(w: dict, stream: torch.Tensor, attn: torch.Tensor, eps: float, cfgs: dict) -> None:
-    small_linear(stream, w["qkv"], norm_weight=w["n1"], eps=eps, config=cfgs.get("qkv"))
-    small_linear(attn, w["o"], residual=stream, config=cfgs.get("o"))
-    act = small_linear(stream, w["gate_up"], norm_weight=w["n2"], eps=eps, gated=True, config=cfgs.get("gate_up"))
-    small_linear(act, w["down"], residual=stream, config=cfgs.get("down"))
+def row_sq_buffers(cfg, dev: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The parts of the stream rows' sums of squares the O and down kernels write (as CausalLM.fuse)."""
+    from kernels.small_linear import MAX_TOKENS, num_programs
+
+    h = cfg.hidden_size
+    n_attn = num_programs(h, cfg.num_attention_heads * cfg.head_dim, torch.device(dev))
+    n_mlp = num_programs(h, cfg.intermediate_size, torch.device(dev))
+    return (torch.zeros(n_attn, MAX_TOKENS, device=dev), torch.zeros(n_mlp, MAX_TOKENS, device=dev))
 
 
-def check(w: dict, m: int, h: int, attn_w: int, eps: float, dev: str) -> float:
+def fused_layer(w: dict, stream: torch.Tensor, attn: torch.Tensor, eps: float, sq: tuple, first: bool) -> None:
+    """The engine's small_linear path (DecoderLayer.pre_attention / post_attention): the first layer's norm
+    reads its input, the others the sums of squares the previous layer's down kernel wrote."""
+    after_attn, after_mlp = sq
+    small_linear(stream, w["qkv"], norm_weight=w["n1"], eps=eps, row_sq=None if first else after_mlp)
+    small_linear(attn, w["o"], residual=stream, row_sq_out=after_attn)
+    act = small_linear(stream, w["gate_up"], norm_weight=w["n2"], eps=eps, gated=True, row_sq=after_attn)
+    small_linear(act, w["down"], residual=stream, row_sq_out=after_mlp)
+
+
+def check(w: dict, m: int, h: int, attn_w: int, eps: float, dev: str, sq: tuple) -> float:
     """Largest relative error of the fused layer's stream against the unfused reference."""
     g = torch.Generator(device=dev).manual_seed(m)
     stream = torch.randn(m, h, generator=g, device=dev).to(DTYPE)
@@ -78,7 +92,7 @@ def check(w: dict, m: int, h: int, attn_w: int, eps: float, dev: str) -> float:
     small_linear_ref(small_linear_ref(ref, w["gate_up"], norm_weight=w["n2"], eps=eps, gated=True), w["down"],
                      residual=ref)
     got_qkv = small_linear(stream, w["qkv"], norm_weight=w["n1"], eps=eps)
-    fused_layer(w, stream, attn, eps, {})
+    fused_layer(w, stream, attn, eps, sq, first=True)
     err = [((a.double() - b.double()).norm() / b.double().norm()).item() for a, b in ((got_qkv, want_qkv), (stream, ref))]
     return max(err)
 
@@ -128,7 +142,8 @@ def main(argv=None) -> None:
         h, attn_w = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim
         layer_bytes = sum(layers[0][k].numel() * 2 for k in ("qkv", "o", "gate_up", "down"))
         for m in map(int, args.batches.split(",")):
-            err = check(layers[0], m, h, attn_w, eps, dev)
+            sq = row_sq_buffers(cfg, dev)
+            err = check(layers[0], m, h, attn_w, eps, dev, sq)
             x = torch.randn(m, h, device=dev).to(DTYPE)
             res = torch.randn(m, h, device=dev).to(DTYPE)
             attn = torch.randn(m, attn_w, device=dev).to(DTYPE)
@@ -139,8 +154,8 @@ def main(argv=None) -> None:
                     cublas_layer(w, x, res, attn, eps)
 
             def run_fused():
-                for w in layers:
-                    fused_layer(w, stream, attn, eps, {})
+                for i, w in enumerate(layers):
+                    fused_layer(w, stream, attn, eps, sq, first=i == 0)
 
             n = len(layers)
             t_cublas = _median_graph_us(run_cublas, n, target_ms=20, trials=9)

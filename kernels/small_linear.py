@@ -76,9 +76,10 @@ def choose_config(n: int, k: int, num_sms: int, gated: bool = False) -> LinearCo
 if triton is not None:
 
     @triton.jit
-    def _small_linear_kernel(x_ptr, w_ptr, b_ptr, nw_ptr, res_ptr, out_ptr,
-                             M, N, K, stride_xm, stride_wn, stride_rm, stride_om, eps,
-                             NORM: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
+    def _small_linear_kernel(x_ptr, w_ptr, b_ptr, nw_ptr, res_ptr, out_ptr, sq_in_ptr, sq_out_ptr,
+                             M, N, K, stride_xm, stride_wn, stride_rm, stride_om, eps, num_sq_in,
+                             NORM: tl.constexpr, SQ_IN: tl.constexpr, SQ_OUT: tl.constexpr,
+                             GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
                              RESIDUAL: tl.constexpr, EVEN_K: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                              NUM_STAGES: tl.constexpr, DOT_F32: tl.constexpr,
@@ -92,7 +93,16 @@ if triton is not None:
         x_rows = x_ptr + offs_m[:, None] * stride_xm
         w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
         dtype = w_ptr.dtype.element_ty
-        if NORM:  # the rows' RMS first: every program reads all of x (M x K, from L2) in wide chunks
+        if NORM and SQ_IN:  # the rows' sums of squares from the kernel that wrote x: its programs' parts,
+            # added in a fixed order (deterministic, unlike atomics)
+            offs_p = tl.arange(0, 64)
+            ss = tl.zeros([BLOCK_M], dtype=tl.float32)
+            for p0 in range(0, num_sq_in, 64):
+                pp = p0 + offs_p
+                ss += tl.sum(tl.load(sq_in_ptr + pp[:, None] * BLOCK_M + offs_m[None, :],
+                                     mask=(pp < num_sq_in)[:, None], other=0.0), axis=0)
+            rstd = 1.0 / tl.sqrt(ss / K + eps)
+        elif NORM:  # the rows' RMS first: every program reads all of x (M x K, from L2) in wide chunks
             # of the real rows only (NORM_M = M's power of two): one or two loads' latency, not K / BLOCK_K
             offs_nm = tl.arange(0, NORM_M)
             offs_nk = tl.arange(0, NORM_K)
@@ -144,9 +154,20 @@ if triton is not None:
         if RESIDUAL:  # this program's columns of the stream: read and written here only
             r_ptrs = res_ptr + offs_m[None, :] * stride_rm + offs_n[:, None]
             r = tl.load(r_ptrs, mask=mask, other=0.0).to(tl.float32)
-            tl.store(r_ptrs, (y + r).to(res_ptr.dtype.element_ty), mask=mask)
+            new = (y + r).to(res_ptr.dtype.element_ty)
+            tl.store(r_ptrs, new, mask=mask)
+            if SQ_OUT:  # this program's part of each row's sum of squares, for the next norm
+                nf = tl.where(mask, new.to(tl.float32), 0.0)
+                tl.store(sq_out_ptr + pid * BLOCK_M + offs_m, tl.sum(nf * nf, axis=0))
         else:
             tl.store(out_ptr + offs_m[None, :] * stride_om + offs_n[:, None], y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _check_row_sq(t: torch.Tensor, name: str, rows: int, like: torch.Tensor, exact: bool) -> None:
+    ok = t.dim() == 2 and t.shape[1] == MAX_TOKENS and (t.shape[0] == rows if exact else t.shape[0] >= rows)
+    if not ok or t.dtype != torch.float32 or not t.is_contiguous() or t.device != like.device:
+        raise ValueError(f"{name} must be a contiguous float32 [{'' if exact else '>= '}{rows}, {MAX_TOKENS}] tensor on "
+                         f"{like.device} (parts of each row's sum of squares), got {tuple(t.shape)} {t.dtype} on {t.device}")
 
 
 def _check(x, weight, bias, norm_weight, gated, residual) -> int:
@@ -175,21 +196,46 @@ def _check(x, weight, bias, norm_weight, gated, residual) -> int:
     return n
 
 
-def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-                 norm_weight: torch.Tensor | None = None, eps: float = 1e-6, gated: bool = False,
-                 residual: torch.Tensor | None = None, config: LinearConfig | None = None) -> torch.Tensor:
-    """``small_linear_ref`` in one kernel, for 1 to ``MAX_TOKENS`` rows of ``x``. With ``residual``
-    the result is added into it in place and it is returned; else a new ``[M, N]`` tensor."""
+def num_programs(n: int, k: int, device: torch.device, gated: bool = False) -> int:
+    """Programs (``row_sq_out`` rows) of a ``small_linear`` of N output columns over K with the default tiles."""
     from kernels.triton_attention import device_sms
 
+    return triton.cdiv(n, choose_config(n, k, device_sms(device), gated).block_n)
+
+
+def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                 norm_weight: torch.Tensor | None = None, eps: float = 1e-6, gated: bool = False,
+                 residual: torch.Tensor | None = None, row_sq: torch.Tensor | None = None,
+                 row_sq_out: torch.Tensor | None = None, config: LinearConfig | None = None) -> torch.Tensor:
+    """``small_linear_ref`` in one kernel, for 1 to ``MAX_TOKENS`` rows of ``x``. With ``residual``
+    the result is added into it in place and it is returned; else a new ``[M, N]`` tensor.
+
+    ``row_sq_out`` (with ``residual``): each program writes its part of each new residual row's sum of
+    squares into its row (``num_programs`` rows; float32 ``[>= programs, 16]``); the next kernel's norm
+    takes them as ``row_sq`` (those rows exactly) instead of reading all of x first."""
     n = _check(x, weight, bias, norm_weight, gated, residual)
     m, k = x.shape
-    cfg = config or choose_config(n, k, device_sms(x.device), gated)
+    if config is None:
+        from kernels.triton_attention import device_sms
+
+        config = choose_config(n, k, device_sms(x.device), gated)
+    cfg, grid = config, triton.cdiv(n, config.block_n)
+    if row_sq is not None:
+        if norm_weight is None:
+            raise ValueError("row_sq gives the norm's sums of squares: pass norm_weight too")
+        _check_row_sq(row_sq, "row_sq", row_sq.shape[0] if row_sq.dim() == 2 else 1, x, exact=True)
+    if row_sq_out is not None:
+        if residual is None:
+            raise ValueError("row_sq_out sums the squares of the new residual rows: pass residual too")
+        _check_row_sq(row_sq_out, "row_sq_out", grid, x, exact=False)
     out = residual if residual is not None else torch.empty((m, n), dtype=x.dtype, device=x.device)
-    _small_linear_kernel[(triton.cdiv(n, cfg.block_n),)](
+    _small_linear_kernel[(grid,)](
         x, weight, bias if bias is not None else weight, norm_weight if norm_weight is not None else weight,
-        out, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0), out.stride(0), eps,
-        NORM=norm_weight is not None, GATED=gated, HAS_BIAS=bias is not None, RESIDUAL=residual is not None,
+        out, out, row_sq if row_sq is not None else x, row_sq_out if row_sq_out is not None else x,
+        m, n, k, x.stride(0), weight.stride(0), out.stride(0), out.stride(0), eps,
+        row_sq.shape[0] if row_sq is not None else 0,
+        NORM=norm_weight is not None, SQ_IN=row_sq is not None, SQ_OUT=row_sq_out is not None,
+        GATED=gated, HAS_BIAS=bias is not None, RESIDUAL=residual is not None,
         EVEN_K=k % cfg.block_k == 0, BLOCK_M=MAX_TOKENS, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         NUM_STAGES=cfg.num_stages, DOT_F32=x.device.type == "cpu" or x.dtype == torch.float32,
         NORM_M=triton.next_power_of_2(m), NORM_K=min(triton.next_power_of_2(k), NORM_ELEMENTS // triton.next_power_of_2(m)),

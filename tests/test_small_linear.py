@@ -132,29 +132,72 @@ def test_fuse_refuses_a_bound_past_the_kernel():
         CausalLM(preset_config("tiny-llama"), 64).fuse(17)
 
 
-def test_a_layer_with_small_linear_equals_it_without(monkeypatch):
-    """One decoder layer's fused halves, taking a pending addend (x beside a residual stream) as
-    the cuBLAS path does: the same queries, and the same stream after the layer."""
+def test_layers_with_small_linear_equal_them_without(monkeypatch):
+    """Every decoder layer's fused halves in turn, the first taking a pending addend (x beside a
+    residual stream) as the cuBLAS path does: the same queries at every layer and the same stream
+    after the last (the later layers' norms read the parts of the sums of squares the kernel before
+    them wrote)."""
     monkeypatch.setenv("KVLAB_KERNELS", "triton")
     from engine.model import CausalLM
     from engine.presets import preset_config
 
     torch.manual_seed(0)
     cfg = preset_config("tiny-llama")
-    model = CausalLM(cfg, 64).to(DEV).fuse()
+    model = CausalLM(cfg, 64).to(DEV).fuse(16)
     for p in model.parameters():  # norms away from 1: their weights must be applied
         p.data.add_(0.05 * torch.randn_like(p))
-    layer = model.model.layers[0]
     t, d, hkv = 3, cfg.head_dim, cfg.num_key_value_heads
     cache = (torch.zeros(8, hkv, d, device=DEV), torch.zeros(8, hkv, d, device=DEV))
-    x, res = torch.randn(t, cfg.hidden_size, device=DEV), torch.randn(t, cfg.hidden_size, device=DEV)
+    x0, res0 = torch.randn(t, cfg.hidden_size, device=DEV), torch.randn(t, cfg.hidden_size, device=DEV)
     pos, slots = torch.arange(t, device=DEV), torch.full((t,), -1, device=DEV)
-    attn = torch.randn(t, cfg.num_attention_heads, d, device=DEV)
+    g = torch.Generator().manual_seed(1)
+    attn = [torch.randn(t, cfg.num_attention_heads, d, generator=g).to(DEV) for _ in model.model.layers]
     out = {}
     for bound in (0, 16):
-        layer.gemv_max_tokens = bound
-        (q, _), r = layer.pre_attention(x.clone(), res.clone(), pos, model.rope, slots, cache)
-        h, r2 = layer.post_attention(attn, r)
-        out[bound] = q, (h if r2 is None else r2 + h)  # the stream after the layer, either way
-    torch.testing.assert_close(out[16][0], out[0][0], atol=1e-4, rtol=1e-4)
+        x, res, qs = x0.clone(), res0.clone(), []
+        for layer, a in zip(model.model.layers, attn):
+            layer.gemv_max_tokens = bound
+            (q, _), res = layer.pre_attention(x, res, pos, model.rope, slots, cache)
+            qs.append(q.clone())
+            x, res = layer.post_attention(a, res)
+        out[bound] = qs, (x if res is None else res + x)  # the stream after the last layer, either way
+    assert len(out[16][0]) == cfg.num_hidden_layers >= 2
+    for q16, q0 in zip(out[16][0], out[0][0]):
+        torch.testing.assert_close(q16, q0, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(out[16][1], out[0][1], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("m", [1, 6])
+def test_row_sq_parts_feed_the_next_norm(m):
+    """A residual kernel's row_sq_out: its programs' parts add up to each new row's sum of squares
+    (rows past M: 0); the next kernel's norm from them equals its norm from x."""
+    from kernels.small_linear import num_programs
+
+    x, w, _, _, r = _inputs(m, 72, 96, torch.float32, residual=True, seed=7)  # 72 columns: a part tile
+    _, w2, _, nw, _ = _inputs(m, 40, 72, torch.float32, norm=True, seed=8)
+    grid = -(-72 // SMALL.block_n)
+    parts = torch.full((grid + 2, MAX_TOKENS), float("nan"), device=DEV)  # rows past the grid: untouched
+    small_linear(x, w, residual=r, row_sq_out=parts, config=SMALL)
+    torch.testing.assert_close(parts[:grid].sum(0)[:m], r.pow(2).sum(-1), atol=1e-4, rtol=1e-5)
+    assert torch.equal(parts[:grid, m:], torch.zeros(grid, MAX_TOKENS - m, device=DEV))
+    assert parts[grid:].isnan().all()
+    want = small_linear(r, w2, norm_weight=nw, eps=1e-5, config=SMALL)
+    got = small_linear(r, w2, norm_weight=nw, eps=1e-5, row_sq=parts[:grid], config=SMALL)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, small_linear_ref(r, w2, norm_weight=nw, eps=1e-5), atol=1e-4, rtol=1e-4)
+    assert num_programs(72, 96, torch.device(DEV)) >= 1
+
+
+@pytest.mark.parametrize("case,match", [
+    ("row_sq without norm", "pass norm_weight too"), ("row_sq_out without residual", "pass residual too"),
+    ("short row_sq_out", r"row_sq_out must be a contiguous float32 \[>= 3, 16\]"),
+    ("bf16 row_sq", r"row_sq must be a contiguous float32"),
+])
+def test_row_sq_arguments_are_checked(case, match):
+    x, w = torch.randn(2, 64), torch.randn(48, 64)
+    kw = {"row_sq without norm": dict(row_sq=torch.zeros(3, 16)),
+          "row_sq_out without residual": dict(row_sq_out=torch.zeros(3, 16)),
+          "short row_sq_out": dict(residual=torch.zeros(2, 48), row_sq_out=torch.zeros(2, 16)),
+          "bf16 row_sq": dict(norm_weight=torch.ones(64), row_sq=torch.zeros(3, 16, dtype=torch.bfloat16))}[case]
+    with pytest.raises(ValueError, match=match):
+        small_linear(x, w, config=SMALL, **kw)
