@@ -75,6 +75,11 @@
 #   bash results/engine/device_session.sh regress2    # the no-regression benchmarks: the decode table of
 #                                                     # results/kernels/ (bench_kernels, no sweep), then kvlab against
 #                                                     # HF generate_batch (bench throughput, TPUT_MODELS), into $OUT
+# Session of 2026-12-06 (ninth):
+#   bash results/engine/device_session.sh gemv        # kernels.small_linear on this device: its tests and the engine's
+#                                                     # GPU tests (parity with HF through it), the layer table
+#                                                     # (bench_small_linear), decode per token with fused_gemv_max_tokens
+#                                                     # 0 and 16, three interleaved engines a model (bench_latency)
 # Outputs accumulate in $KVE (default /tmp/kve) on the machine; each part tars them into $OUT.
 set -uo pipefail
 part=${1:?tests or throughput}
@@ -226,6 +231,16 @@ regress)  # most telling first: each file's log is in $OUT even if a timeout cut
     timeout ${KERNELS_S:-150} python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_kernels_triton.py \
         tests/test_kernels_prefill_tma.py tests/test_kernels_fp8_window.py tests/test_kernels_layers_copy.py \
         tests/test_fused_ops.py 2>&1 | tee "$out/gpu_tests_kernels.log" | tail -6
+    exit 0
+    ;;
+gemv)
+    timeout ${TESTS_S:-200} python3 -m pytest -q -p no:cacheprovider tests/test_small_linear.py tests/test_gpu_engine.py \
+        -m "gpu or not gpu" -k "small_linear or parity" -rfE --tb=short 2>&1 | tee "$out/gpu_tests_gemv.log" | tail -4
+    timeout ${LAYER_S:-90} python3 -m experiments.bench_small_linear --out "$out/small_linear" 2>&1 \
+        | tee "$out/bench_small_linear.log"
+    timeout ${LAT_S:-300} python3 -m experiments.bench_latency --models ${LAT_MODELS:-llama3-8b,qwen3-0.6b} --batches 1,8 \
+        --prefill-tokens "" --fused-gemv-max-tokens 0,16,0,16,0,16 --steps 150 --out "$out/latency" 2>&1 \
+        | tee "$out/bench_latency.log" | grep "| decode"
     exit 0
     ;;
 regress2)
