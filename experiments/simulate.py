@@ -482,15 +482,10 @@ def cost_model_for(sim: SimSettings, roofline: RooflineCostModel, shape: ModelSh
         log.warning("sim.profile=%s was measured on %s, not the simulated %s: its step times are that device's, "
                     "the KV pool is sized from %s's memory (set sim to the profile's device, or give a profile of %s)",
                     sim.profile, profile.device, sim.device, sim.device, sim.device)
-    if econf.fused_gemv_max_tokens:  # kvlab profile times the linear layers through cuBLAS
-        log.warning("engine.fused_gemv_max_tokens=%d: the profile times linear layers as cuBLAS runs them; the real "
-                    "engine's steps of up to %d tokens run kernels.small_linear instead (an H100 decode step of one "
-                    "sequence: 3-5%% faster): simulated times of those steps are cuBLAS's", econf.fused_gemv_max_tokens,
-                    econf.fused_gemv_max_tokens)
     if profile.meta.get("partial"):
         log.warning("sim.profile=%s is partial (a kvlab profile run that was cut off): the tables it had not measured "
                     "yet are missing or composed; rerun kvlab profile with --merge %s", sim.profile, sim.profile)
-    return ProfiledCostModel(
+    cost = ProfiledCostModel(
         profile, shape, model=model, paged=allocator.mode == Addressing.PAGED,
         block_size=getattr(allocator, "block_size", 0), max_graph_batch=econf.max_num_seqs,
         # the runner captures no graphs for layer groups (a grouped allocator has a plan)
@@ -501,7 +496,14 @@ def cost_model_for(sim: SimSettings, roofline: RooflineCostModel, shape: ModelSh
         graph_mode=econf.cuda_graph_mode, overlapped=bool(econf.async_scheduling),
         max_model_len=econf.max_model_len or 0,
         prompt_qkv=econf.prompt_attention == "qkv" and getattr(allocator, "plan", None) is None,
-        allreduce=roofline.allreduce if econf.tensor_parallel_size > 1 else None)
+        allreduce=roofline.allreduce if econf.tensor_parallel_size > 1 else None,
+        gemv_max_tokens=econf.fused_gemv_max_tokens)
+    if econf.fused_gemv_max_tokens and cost.decode_graph_gemv is None:  # profiles before it: cuBLAS's
+        log.warning("engine.fused_gemv_max_tokens=%d: sim.profile=%s has no decode graphs measured through "
+                    "kernels.small_linear (rerun kvlab profile); decode steps of up to %d sequences are timed as "
+                    "cuBLAS runs them (an H100's step of one sequence: 3-5%% slower than the engine's)",
+                    econf.fused_gemv_max_tokens, sim.profile or path, econf.fused_gemv_max_tokens)
+    return cost
 
 
 def _same_device(sim_device: str, profiled: str) -> bool:

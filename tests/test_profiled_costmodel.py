@@ -1035,3 +1035,36 @@ def test_simulating_small_linear_steps_says_the_profile_times_cublas(caplog):
             build_engine(config("mode=simulate", "sim=h200", f"engine.fused_gemv_max_tokens={value}"))
         assert any("fused_gemv_max_tokens=8" in r.getMessage() and "cuBLAS" in r.getMessage()
                    for r in caplog.records) == said
+
+
+def _with_gemv_rows(factor: float) -> DeviceProfile:
+    """The synthetic profile plus decode graphs measured through small_linear (``gemv`` 16): the
+    cuBLAS rows of up to 16 sequences times ``factor``."""
+    p = synthetic_profile()
+    g = p.table("decode_graph")
+    fast = g[g["batch"] <= 16].assign(gemv=16, value=lambda d: d["value"] * factor)
+    return DeviceProfile(pd.concat([p.df, fast], ignore_index=True), p.meta, "synthetic-gemv")
+
+
+@pytest.mark.parametrize("bound", [8, 16])
+def test_decode_graphs_through_small_linear_are_timed_from_their_rows(bound):
+    """engine.fused_gemv_max_tokens=N: decode graphs of up to N rows from the gemv rows, larger ones (and
+    every one with N=0) from cuBLAS's; the composition factor and the cuBLAS grid ignore the gemv rows."""
+    from engine.loader import resolve_config
+
+    shape = shape_of(resolve_config(MODEL))
+    kw = dict(model=MODEL, paged=True, block_size=16, max_graph_batch=64, allocator="paged", calibrate_host=False)
+    with_rows = _with_gemv_rows(0.9)
+    fast = ProfiledCostModel(with_rows, shape, gemv_max_tokens=bound, **kw)
+    off = ProfiledCostModel(with_rows, shape, **kw)
+    plain = ProfiledCostModel(synthetic_profile(), shape, **kw)
+    assert fast.describe()["cost_gemv_table"] and not off.describe()["cost_gemv_table"]
+    for b in (1, 2, 4, 8, 16, 32):
+        work = [(1, 512)] * b
+        want = plain.device_time(work, num_sampled=0)
+        assert off.device_time(work, num_sampled=0) == pytest.approx(want, rel=1e-12)
+        got = fast.device_time(work, num_sampled=0)
+        assert got == pytest.approx(0.9 * want if b <= bound else want, rel=1e-9), b
+    no_rows = ProfiledCostModel(synthetic_profile(), shape, gemv_max_tokens=bound, **kw)
+    assert no_rows.decode_graph_gemv is None
+    assert no_rows.device_time([(1, 512)], num_sampled=0) == plain.device_time([(1, 512)], num_sampled=0)
