@@ -34,6 +34,11 @@ Kernel timings run inside a CUDA graph (no launch cost), operands rotated over c
 than L2 so no layer reads another's weights from cache. Metadata (device, versions, commit,
 settings) is stored in the parquet file's key-value metadata ``kvlab_profile``.
 
+Progress goes to stderr (stdout: the ``wrote ...`` line): each part's start (which of the run's
+parts, how many figures, the ``--skip`` that leaves it out), a line every ~10 s inside it (done of
+total, elapsed, time left; each host-time engine its phases), its end (elapsed, rows);
+``--no-progress`` keeps the end lines alone.
+
     kvlab profile --models qwen3-0.6b,llama3-8b --out results/profiles
 """
 from __future__ import annotations
@@ -44,9 +49,11 @@ import json
 import math
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Callable
 
 import numpy as np
 
@@ -61,6 +68,63 @@ MIXED_MAX_QUERY = 64
 RAGGED_BATCHES = [4, 8, 16, 32, 64, 128, 256]
 RAGGED_MEANS = [300, 700]
 RAGGED_DISTS = ("uniform", "lognormal", "twopoint")
+PROGRESS_EVERY_S = 10.0  # a progress line at least this often inside a part (a GPU profile's parts take minutes)
+
+
+def say_progress(t0: float, text: str) -> None:
+    """One progress line on stderr, timed from ``t0`` (``time.time()`` at the profile's start; the
+    host-time subprocesses get it too): stdout keeps the result line."""
+    print(f"[{time.time() - t0:6.1f} s] {text}", file=sys.stderr, flush=True)
+
+
+def _no_tick() -> None:
+    pass
+
+
+def _ticked(items, tick: Callable[[], None]):
+    """``items``, ``tick()`` after the loop's body is done with each (a ``continue`` included)."""
+    for x in items:
+        yield x
+        tick()
+
+
+class Progress:
+    """The progress lines of a ``kvlab profile`` run: a part's start (which of the run's parts, how
+    many figures it times, how to leave it out), a line every ``PROGRESS_EVERY_S`` inside it (done
+    of total, elapsed, time left) and its end (elapsed, rows). ``enabled`` False (``--no-progress``):
+    the end lines alone, as before there were others."""
+
+    def __init__(self, t0: float, parts: int, enabled: bool = True):
+        self.t0, self.parts, self.enabled = t0, parts, enabled
+        self.index, self.label, self.unit, self.total, self.done = 0, "", "", 0, 0
+        self.started = self.last = t0
+
+    def line(self, text: str) -> None:
+        if self.enabled:
+            say_progress(self.t0, text)
+
+    def start(self, part: str, label: str, total: int, unit: str = "measurements") -> None:
+        self.index += 1
+        self.label, self.unit, self.total, self.done = label, unit, total, 0
+        self.started = self.last = time.time()
+        self.line(f"{label} (part {self.index} of {self.parts}): {total} {unit} (--skip {part} leaves them out)")
+
+    def tick(self, what: str = "", force: bool = False) -> None:
+        """One measurement done; a line if ``PROGRESS_EVERY_S`` passed since the last (``force``: now)."""
+        self.done += 1
+        now = time.time()
+        if force or now - self.last >= PROGRESS_EVERY_S:
+            self.last = now
+            took = now - self.started
+            left = took / self.done * (self.total - self.done)
+            eta = f", about {left:.0f} s left" if self.done < self.total else ""
+            self.line(f"{self.label}: {self.done} of {self.total} in {took:.1f} s{eta}{what}")
+
+    def end(self, rows: int, total_rows: int, partial: Path) -> None:
+        """The part's end: always said (with --no-progress too: these lines predate the others)."""
+        done = f"{self.done}" if self.done == self.total else f"{self.done} of {self.total}"
+        say_progress(self.t0, f"{self.label}: done, {done} {self.unit} in {time.time() - self.started:.1f} s, "
+                              f"{rows} rows ({total_rows} so far in {partial})")
 
 
 def slug(device_name: str) -> str:
@@ -140,7 +204,8 @@ def _gemm_shapes(models: list[str]) -> set[tuple[int, int]]:
     return shapes
 
 
-def _rows_gemm(timer: Timer, shapes: set[tuple[int, int]], dtype, device) -> list[dict]:
+def _rows_gemm(timer: Timer, shapes: set[tuple[int, int]], dtype, device,
+               tick: Callable[[], None] = _no_tick) -> list[dict]:
     import torch
     import torch.nn.functional as F
 
@@ -148,7 +213,7 @@ def _rows_gemm(timer: Timer, shapes: set[tuple[int, int]], dtype, device) -> lis
     for n, k in sorted(shapes):
         copies = max(1, min(8, math.ceil(L2_ROTATE_BYTES / (n * k * 2))))
         ws = [torch.randn(n, k, dtype=dtype, device=device) * 0.02 for _ in range(copies)]
-        for m in GEMM_M:
+        for m in _ticked(GEMM_M, tick):
             x = torch.randn(m, k, dtype=dtype, device=device)
             t = timer.graph([(lambda w=w: F.linear(x, w)) for w in ws])
             rows.append(dict(table="gemm", m=m, n=n, k=k, value=t))
@@ -184,7 +249,17 @@ def _modes(block_sizes: list[int]) -> list[tuple[str, int]]:
     return [("linear", 0)] + [("paged", bs) for bs in block_sizes]
 
 
-def _rows_attention(timer: Timer, mc, name: str, pool: int, block_sizes, dtype, device, span: int) -> list[dict]:
+def _attention_cases(pool: int, block_sizes) -> list[tuple]:
+    """(mode, block size, batch, context, query, mixed) of the attention table that fit ``pool``."""
+    shapes = [(b, c, 1, False) for b in (1, 4, 16, 64, 128, 256) for c in CONTEXTS]
+    # decode tokens inside a mixed batch: the kernel then runs its prefill tiles, without split-KV
+    shapes += [(b, c, 1, True) for b in (1, 4, 16, 64, 128, 256) for c in CONTEXTS]
+    shapes += [(1, q + c0, q, False) for q in PREFILL_QUERIES for c0 in (0, 1024)]
+    return [(mode, bs, *s) for mode, bs in _modes(block_sizes) for s in shapes if s[0] * s[1] <= pool // 2]
+
+
+def _rows_attention(timer: Timer, mc, name: str, pool: int, block_sizes, dtype, device, span: int,
+                    tick: Callable[[], None] = _no_tick) -> list[dict]:
     import torch
 
     from kernels import ops
@@ -195,31 +270,24 @@ def _rows_attention(timer: Timer, mc, name: str, pool: int, block_sizes, dtype, 
     k_cache = torch.zeros(pool, kvh, d, dtype=dtype, device=device)
     v_cache = torch.zeros_like(k_cache)
     rows = []
-    shapes = [(b, c, 1, False) for b in (1, 4, 16, 64, 128, 256) for c in CONTEXTS]
-    # decode tokens inside a mixed batch: the kernel then runs its prefill tiles, without split-KV
-    shapes += [(b, c, 1, True) for b in (1, 4, 16, 64, 128, 256) for c in CONTEXTS]
-    shapes += [(1, q + c0, q, False) for q in PREFILL_QUERIES for c0 in (0, 1024)]
-    for mode, bs in _modes(block_sizes):
-        for b, ctx, q, mixed in shapes:
-            if b * ctx > pool // 2:
-                continue
-            copies = max(1, min(4, pool // max(1, b * ctx * 2)))
-            metas = []
-            for c in range(copies):
-                if mode == "linear":
-                    meta = contiguous_metadata(Addressing.LINEAR, [q] * b, [ctx] * b, device)
-                    meta.seq_base += c * b * ctx  # each copy reads its own keys
-                else:
-                    meta = _paged_meta([ctx] * b, q, bs, pool // bs, device, gen)
-                if mixed:
-                    meta.max_query_len = MIXED_MAX_QUERY  # an upper bound, as a prefill chunk beside makes it
-                elif q == 1:  # a decode batch runs in the decode graph, split under its bound
-                    meta.max_seq_len = max(span, ctx)
-                metas.append(meta)
-            qt = torch.randn(b * q, h, d, dtype=dtype, device=device)
-            t = timer.graph([(lambda m=m: ops.attention(qt, k_cache, v_cache, m, d**-0.5)) for m in metas])
-            rows.append(dict(table="attention", model=name, mode=mode, block_size=bs, batch=b, context=ctx,
-                             query=q, mixed=mixed, value=t))
+    for mode, bs, b, ctx, q, mixed in _ticked(_attention_cases(pool, block_sizes), tick):
+        copies = max(1, min(4, pool // max(1, b * ctx * 2)))
+        metas = []
+        for c in range(copies):
+            if mode == "linear":
+                meta = contiguous_metadata(Addressing.LINEAR, [q] * b, [ctx] * b, device)
+                meta.seq_base += c * b * ctx  # each copy reads its own keys
+            else:
+                meta = _paged_meta([ctx] * b, q, bs, pool // bs, device, gen)
+            if mixed:
+                meta.max_query_len = MIXED_MAX_QUERY  # an upper bound, as a prefill chunk beside makes it
+            elif q == 1:  # a decode batch runs in the decode graph, split under its bound
+                meta.max_seq_len = max(span, ctx)
+            metas.append(meta)
+        qt = torch.randn(b * q, h, d, dtype=dtype, device=device)
+        t = timer.graph([(lambda m=m: ops.attention(qt, k_cache, v_cache, m, d**-0.5)) for m in metas])
+        rows.append(dict(table="attention", model=name, mode=mode, block_size=bs, batch=b, context=ctx,
+                         query=q, mixed=mixed, value=t))
     return rows
 
 
@@ -241,7 +309,15 @@ def _decode_metas(ctxs: list[int], bs: int, span: int, pool: int, device, gen) -
     return metas
 
 
-def _rows_ragged(timer: Timer, mc, name: str, pool: int, span: int, block_sizes, dtype, device) -> list[dict]:
+def _ragged_cases(block_sizes) -> list[tuple]:
+    """(mode, block size, batch, mean, distribution) of the ragged table (a drawn batch that does not
+    fit the pool is left out when drawn)."""
+    return [(mode, bs, b, m, dd) for mode, bs in _modes(block_sizes)
+            for b in RAGGED_BATCHES for m in RAGGED_MEANS for dd in RAGGED_DISTS]
+
+
+def _rows_ragged(timer: Timer, mc, name: str, pool: int, span: int, block_sizes, dtype, device,
+                 tick: Callable[[], None] = _no_tick) -> list[dict]:
     """Decode attention (one layer, the decode graph's config: split under ``span``) of ragged
     batches and uniform ones of the same mean (experiments/ragged_decode.py), per mode; each row
     with the batch's programs as the kernel launches them, for the profiled cost model's fit."""
@@ -257,25 +333,40 @@ def _rows_ragged(timer: Timer, mc, name: str, pool: int, span: int, block_sizes,
     k_cache = torch.zeros(pool, kvh, d, dtype=dtype, device=device)
     v_cache = torch.zeros_like(k_cache)
     rows = []
-    for mode, bs in _modes(block_sizes):
-        for b, mean, dist in ((b, m, dd) for b in RAGGED_BATCHES for m in RAGGED_MEANS for dd in RAGGED_DISTS):
-            ctxs = contexts(dist, b, mean, span, rng)
-            if 2 * sum(ctxs) > pool:
-                continue
-            p = model_programs(mc, ctxs, elem_size=k_cache.element_size(), num_sms=device_sms(device), span=span)
-            ctxs = as_launched(ctxs, p)
-            metas = _decode_metas(ctxs, bs, span, pool, device, gen)
-            qt = torch.randn(b, h, d, dtype=dtype, device=device)
-            out = torch.empty_like(qt)
-            t = timer.graph([(lambda m=m: ops.attention(qt, k_cache, v_cache, m, d**-0.5, out=out)) for m in metas])
-            rows.append(dict(table="ragged", model=name, mode=mode, block_size=bs, batch=b, dist=dist, mean=mean,
-                             context=float(np.mean(ctxs)), max_context=max(ctxs), span=span,
-                             longest_bytes=p.longest_bytes, uniform_bytes=p.uniform_bytes, programs=p.programs,
-                             slots=p.slots, ordered=p.ordered, contexts=json.dumps(ctxs), value=t))
+    for mode, bs, b, mean, dist in _ticked(_ragged_cases(block_sizes), tick):
+        ctxs = contexts(dist, b, mean, span, rng)
+        if 2 * sum(ctxs) > pool:
+            continue
+        p = model_programs(mc, ctxs, elem_size=k_cache.element_size(), num_sms=device_sms(device), span=span)
+        ctxs = as_launched(ctxs, p)
+        metas = _decode_metas(ctxs, bs, span, pool, device, gen)
+        qt = torch.randn(b, h, d, dtype=dtype, device=device)
+        out = torch.empty_like(qt)
+        t = timer.graph([(lambda m=m: ops.attention(qt, k_cache, v_cache, m, d**-0.5, out=out)) for m in metas])
+        rows.append(dict(table="ragged", model=name, mode=mode, block_size=bs, batch=b, dist=dist, mean=mean,
+                         context=float(np.mean(ctxs)), max_context=max(ctxs), span=span,
+                         longest_bytes=p.longest_bytes, uniform_bytes=p.uniform_bytes, programs=p.programs,
+                         slots=p.slots, ordered=p.ordered, contexts=json.dumps(ctxs), value=t))
     return rows
 
 
-def _rows_model(timer: Timer, name: str, pool: int, max_model_len: int, block_sizes, device) -> list[dict]:
+def _decode_graph_cases(pool: int, max_model_len: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """Per mode, the decode graphs timed: (batch, context) of uniform batches that fit, and (batch,
+    mean) of ragged ones (a drawn batch that does not fit the pool is left out when drawn)."""
+    uniform = [(b, ctx) for b in DECODE_BATCHES for ctx in CONTEXTS if ctx <= max_model_len and b * ctx <= pool]
+    return uniform, [(b, m) for b in RAGGED_BATCHES if b in DECODE_BATCHES for m in RAGGED_MEANS]
+
+
+def _model_count(pool: int, max_model_len: int, block_sizes, cuda: bool) -> int:
+    """The figures ``_rows_model`` times (its progress total): one per loop case of its tables."""
+    n = len(_attention_cases(pool, block_sizes)) + len([q for q in PREFILL_QUERIES if q <= pool]) + len(SAMPLE_ROWS)
+    if cuda:
+        n += len(_modes(block_sizes)) * sum(map(len, _decode_graph_cases(pool, max_model_len)))
+    return n
+
+
+def _rows_model(timer: Timer, name: str, pool: int, max_model_len: int, block_sizes, device,
+                tick: Callable[[], None] = _no_tick) -> list[dict]:
     """decode_graph and eager_forward of the model as the engine builds it; attention and sample."""
     import torch
 
@@ -290,12 +381,10 @@ def _rows_model(timer: Timer, name: str, pool: int, max_model_len: int, block_si
     model = load_model(mc, name, max(max_model_len, max(PREFILL_QUERIES)), dtype, str(device), 0)
     if device.type == "cuda":
         model.fuse()
-    rows = _rows_attention(timer, mc, name, pool, block_sizes, dtype, device, max_model_len)
+    rows = _rows_attention(timer, mc, name, pool, block_sizes, dtype, device, max_model_len, tick)
     caches = _scratch_caches(mc, pool, dtype, device)
     with torch.inference_mode():
-        for t_q in PREFILL_QUERIES:
-            if t_q > pool:
-                continue
+        for t_q in _ticked([q for q in PREFILL_QUERIES if q <= pool], tick):
             meta = contiguous_metadata(Addressing.LINEAR, [t_q], [t_q], device)
             ids = torch.randint(10, mc.vocab_size, (t_q,), device=device)
             pos = torch.arange(t_q, device=device)
@@ -309,7 +398,7 @@ def _rows_model(timer: Timer, name: str, pool: int, max_model_len: int, block_si
             # the same forward's device time alone (captured: no launch gaps)
             rows.append(dict(table="prefill_graph", model=name, mode="linear", query=t_q, context=t_q,
                              value=timer.graph([fwd])))
-        for s in SAMPLE_ROWS:
+        for s in _ticked(SAMPLE_ROWS, tick):
             logits = torch.randn(s, mc.vocab_size, device=device)
             rows.append(dict(table="sample", model=name, batch=s, value=timer.graph([lambda: logits.argmax(-1)])))
         if device.type != "cuda":
@@ -320,6 +409,7 @@ def _rows_model(timer: Timer, name: str, pool: int, max_model_len: int, block_si
         gen = torch.Generator().manual_seed(1)
         rng = np.random.default_rng(1)
         sizes = [b for b in DECODE_BATCHES]
+        uniform, ragged = _decode_graph_cases(pool, max_model_len)
         for mode, bs in _modes(block_sizes):
             paged = mode == "paged"
             stub = SimpleNamespace(mode=Addressing.PAGED if paged else Addressing.LINEAR, block_size=bs)
@@ -327,15 +417,12 @@ def _rows_model(timer: Timer, name: str, pool: int, max_model_len: int, block_si
             graphs = DecodeGraphs(model, stub, caches, table, max(sizes), max_model_len, device)
             graphs.sizes = sizes
             graphs.capture()
-            for b in sizes:
-                for ctx in CONTEXTS:
-                    if ctx > max_model_len or b * ctx > pool:
-                        continue
-                    _fill_decode_graph(graphs, table, [ctx] * b, bs, pool, gen, device)
-                    rows.append(dict(table="decode_graph", model=name, mode=mode, block_size=bs, batch=b,
-                                     context=ctx, value=timer.replay(graphs.graphs[b].replay)))
+            for b, ctx in _ticked(uniform, tick):
+                _fill_decode_graph(graphs, table, [ctx] * b, bs, pool, gen, device)
+                rows.append(dict(table="decode_graph", model=name, mode=mode, block_size=bs, batch=b,
+                                 context=ctx, value=timer.replay(graphs.graphs[b].replay)))
             # whole steps of ragged batches: what the cost model's ragged term is checked against
-            for b, mean in ((b, m) for b in RAGGED_BATCHES if b in graphs.graphs for m in RAGGED_MEANS):
+            for b, mean in _ticked(ragged, tick):
                 ctxs = contexts("lognormal", b, mean, max_model_len, rng)
                 ctxs = as_launched(ctxs, model_programs(mc, ctxs, elem_size=caches[0][0].element_size(),
                                                         num_sms=device_sms(device), span=max_model_len))
@@ -373,7 +460,12 @@ def _fill_decode_graph(graphs, table, ctxs: list[int], bs: int, pool: int, gen, 
         graphs.slot_mapping[:b] = base + c - 1
 
 
-def _rows_graphs(timer: Timer, name: str, pool: int, device) -> list[dict]:
+def _graphs_count(pool: int) -> int:
+    """The figures ``_rows_graphs`` times: each prefill size through piecewise and full graphs."""
+    return 2 * len([q for q in _graph_queries() if q <= pool])
+
+
+def _rows_graphs(timer: Timer, name: str, pool: int, device, tick: Callable[[], None] = _no_tick) -> list[dict]:
     """``piecewise_forward`` and ``full_forward`` of the model as the engine builds it (CUDA only):
     a part of its own (``graphs``), so that raising ``cuda_graph_max_tokens`` re-measures these alone."""
     import torch
@@ -386,8 +478,8 @@ def _rows_graphs(timer: Timer, name: str, pool: int, device) -> list[dict]:
     model.fuse()
     caches = _scratch_caches(mc, pool, torch.bfloat16, device)
     with torch.inference_mode():
-        rows = (_rows_mixed_graphs(timer, model, caches, name, device, "piecewise", queries)
-                + _rows_mixed_graphs(timer, model, caches, name, device, "full", queries))
+        rows = (_rows_mixed_graphs(timer, model, caches, name, device, "piecewise", queries, tick)
+                + _rows_mixed_graphs(timer, model, caches, name, device, "full", queries, tick))
     del caches, model
     torch.cuda.empty_cache()
     return rows
@@ -408,7 +500,8 @@ def _graph_queries() -> list[int]:
     return [q for q in PREFILL_QUERIES if q <= EngineConfig.cuda_graph_max_tokens]
 
 
-def _rows_mixed_graphs(timer: Timer, model, caches, name: str, device, mode: str, queries: list[int]) -> list[dict]:
+def _rows_mixed_graphs(timer: Timer, model, caches, name: str, device, mode: str, queries: list[int],
+                       tick: Callable[[], None] = _no_tick) -> list[dict]:
     """``piecewise_forward`` / ``full_forward``: a prefill chunk of ``query`` tokens through the
     engine's piecewise CUDA graphs (replays, eager attentions) or its full graphs (one replay,
     attention captured), one row of logits, its token read back: wall time."""
@@ -427,7 +520,7 @@ def _rows_mixed_graphs(timer: Timer, model, caches, name: str, device, mode: str
         graphs = PiecewiseGraphs(model, caches, max(queries), device)
     graphs.capture()
     rows = []
-    for t_q in queries:
+    for t_q in _ticked(queries, tick):
         meta = contiguous_metadata(Addressing.LINEAR, [t_q], [t_q], device)
         ids = torch.randint(10, model.config.vocab_size, (t_q,), device=device)
         pos = torch.arange(t_q, device=device)
@@ -444,11 +537,11 @@ def _rows_mixed_graphs(timer: Timer, model, caches, name: str, device, mode: str
     return rows
 
 
-def _rows_copy(timer: Timer, device) -> list[dict]:
+def _rows_copy(timer: Timer, device, tick: Callable[[], None] = _no_tick) -> list[dict]:
     import torch
 
     rows = []
-    for n in COPY_BYTES:
+    for n in _ticked(COPY_BYTES, tick):
         host = torch.empty(n, dtype=torch.uint8, pin_memory=device.type == "cuda")
         dev = torch.empty(n, dtype=torch.uint8, device=device)
         for op, fn in (("h2d", lambda: dev.copy_(host, non_blocking=True)),
@@ -458,7 +551,7 @@ def _rows_copy(timer: Timer, device) -> list[dict]:
     return rows
 
 
-def _rows_vmm(device) -> list[dict]:
+def _rows_vmm(device, tick: Callable[[], None] = _no_tick) -> list[dict]:
     if device.type != "cuda":
         return []
     try:
@@ -466,8 +559,10 @@ def _rows_vmm(device) -> list[dict]:
 
         costs = driver_costs(64, 2 << 20)
     except Exception as e:  # cuda-bindings missing or no VMM support: the model does without
-        print(f"vmm: not measured ({e!r})", flush=True)
+        print(f"vmm: not measured ({e!r})", file=sys.stderr, flush=True)  # a remark: stdout is the result
         return []
+    finally:
+        tick()
     return [dict(table="vmm", op=r["op"], bytes=2 << 20, value=r["median_us"] / 1e6) for r in costs]
 
 
@@ -658,6 +753,9 @@ def main(argv: list[str] | None = None) -> int:
                          "differs from one machine to another); its workloads are the first run's (seeds from 0), "
                          "so machines are compared on the same steps")
     ap.add_argument("--out", default="results/profiles", help="folder (file name from the device) or .parquet")
+    ap.add_argument("--no-progress", action="store_true",
+                    help="no progress lines (each part's start, and one every ~10 s inside it) on stderr: its end "
+                         "lines only (as kvlab run's progress=false leaves out its bar)")
     a = ap.parse_args(argv)
     a.argv = list(sys.argv[1:] if argv is None else argv)
     if a.host_repeats < 1:
@@ -741,11 +839,24 @@ def main(argv: list[str] | None = None) -> int:
             runs = before.get("host_runs") or [before.get("host") or {k: old.meta.get(k) for k in stamp}]
             meta["updated"]["host_runs"] = [*runs, {**stamp, "first_repeat": first_repeat}]
 
-    def say(what: str) -> None:
-        print(f"[{time.time() - t0:6.1f} s] {what} ({len(rows)} rows, so far in {partial})", flush=True)
+    cuda = device.type == "cuda"
+    per_model = sum(k not in skip for k in ("models", "graphs", "ragged"))  # graphs, vmm: in skip off CUDA
+    parts = sum(k not in skip for k in ("host", "gemm", "copy", "vmm")) + len(models) * per_model
+    progress = Progress(t0, parts, not a.no_progress)
+
+    def checkpoint() -> None:
         meta["updated" if a.merge else "seconds"] = (
             {**meta["updated"], "seconds": round(time.time() - t0, 1)} if a.merge else round(time.time() - t0, 1))
         write_profile(partial, rows, {**meta, "partial": True})  # a cut-off run keeps what it measured
+
+    def part(name: str, label: str, total: int, measure: Callable[[Callable[[], None]], list[dict]],
+             unit: str = "measurements") -> None:
+        """One part (or one model's share of it): its start line, ``measure(tick)``, the checkpoint, its end line."""
+        progress.start(name, label, total, unit)
+        new = measure(progress.tick)
+        rows.extend(new)
+        checkpoint()
+        progress.end(len(new), len(rows), partial)
 
     if "host" not in skip:
         from experiments.profile_host import HOST_ALLOCATORS, TRICKLE_MAX_PROMPT, host_rows, host_rows_apart
@@ -757,18 +868,24 @@ def main(argv: list[str] | None = None) -> int:
         phases = ((a.host_requests, 0, 0, 0, 0), (a.host_requests // 2, 32, min(1024, half), 16, min(512, half)),
                   (-max(8, a.host_requests // 4), 16, min(TRICKLE_MAX_PROMPT, half), 16, 64))  # then one at a time
         # repeats go round every model and allocator, so a slow spell of the machine falls on all
-        for rep in range(a.host_repeats):
-            for hm in host_models:
-                for alloc, (name, args) in HOST_ALLOCATORS.items():
-                    if name == "virtual" and a.virtual_page_size:
-                        args = {**args, "page_size": a.virtual_page_size}
-                    for sched in schedulings:
-                        rows += [dict(r, repeat=first_repeat + rep) for r in run_host(
-                            hm, name, args, max_model_len=a.max_model_len, kv_cache_tokens=a.host_kv_tokens,
-                            device=str(device), phases=phases, seed=rep, async_scheduling=sched == "async",
-                            events=a.host_events)]
-                        say(f"host steps: {hm} {alloc} {sched}" + (f" (repeat {rep + 1} of {a.host_repeats})"
-                                                                    if a.host_repeats > 1 else ""))
+        runs = [(rep, hm, alloc, sched) for rep in range(a.host_repeats) for hm in host_models
+                for alloc in HOST_ALLOCATORS for sched in schedulings]
+        progress.start("host", "host steps", len(runs), "engine runs (model, allocator, scheduling, repeat)")
+        before = len(rows)
+        for rep, hm, alloc, sched in runs:
+            name, args = HOST_ALLOCATORS[alloc]
+            if name == "virtual" and a.virtual_page_size:
+                args = {**args, "page_size": a.virtual_page_size}
+            what = f"{hm} {alloc} {sched}" + (f" (repeat {rep + 1} of {a.host_repeats})" if a.host_repeats > 1 else "")
+            progress.line(f"host steps: {what}: the real engine's steps"
+                          + ("" if a.host_in_process else " (in a process of its own)"))
+            rows += [dict(r, repeat=first_repeat + rep) for r in run_host(
+                hm, name, args, max_model_len=a.max_model_len, kv_cache_tokens=a.host_kv_tokens,
+                device=str(device), phases=phases, seed=rep, async_scheduling=sched == "async",
+                events=a.host_events, progress_t0=t0 if progress.enabled else None)]
+            checkpoint()
+            progress.tick(f" ({what})", force=True)  # a run takes ~30 s on a GPU: a line each
+        progress.end(len(rows) - before, len(rows), partial)
     import gc
 
     gc.collect()  # the host-time engines, weights and graphs included
@@ -776,29 +893,29 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.empty_cache()
     from kernels import compile_watch
 
+    dtype = torch.bfloat16 if cuda else torch.float32
     with compile_watch.expected():  # the kernel tables compile every shape they time
         if "gemm" not in skip:
-            rows += _rows_gemm(timer, _gemm_shapes(models), torch.bfloat16 if device.type == "cuda" else torch.float32,
-                               device)
-            say("gemm")
+            shapes = _gemm_shapes(models)
+            part("gemm", "gemm", len(shapes) * len(GEMM_M),
+                 lambda tick: _rows_gemm(timer, shapes, dtype, device, tick))
         for m in models if "models" not in skip else ():
-            rows += _rows_model(timer, m, a.pool_tokens, a.max_model_len, block_sizes, device)
-            say(f"model {m}")
-        for m in models if "graphs" not in skip and device.type == "cuda" else ():
-            rows += _rows_graphs(timer, m, a.pool_tokens, device)
-            say(f"graphs {m}")
+            part("models", f"model {m}", _model_count(a.pool_tokens, a.max_model_len, block_sizes, cuda),
+                 lambda tick: _rows_model(timer, m, a.pool_tokens, a.max_model_len, block_sizes, device, tick))
+        for m in models if "graphs" not in skip and cuda else ():
+            part("graphs", f"graphs {m}", _graphs_count(a.pool_tokens),
+                 lambda tick: _rows_graphs(timer, m, a.pool_tokens, device, tick))
         for m in models if "ragged" not in skip else ():
             from engine.loader import resolve_config
 
-            rows += _rows_ragged(timer, resolve_config(m), m, a.pool_tokens, a.max_model_len, block_sizes,
-                                 torch.bfloat16 if device.type == "cuda" else torch.float32, device)
-            say(f"ragged decode {m}")
+            part("ragged", f"ragged decode {m}", len(_ragged_cases(block_sizes)),
+                 lambda tick: _rows_ragged(timer, resolve_config(m), m, a.pool_tokens, a.max_model_len, block_sizes,
+                                           dtype, device, tick))
         if "copy" not in skip:
-            rows += _rows_copy(timer, device)
-            say("copy")
+            part("copy", "copy", len(COPY_BYTES), lambda tick: _rows_copy(timer, device, tick),
+                 "sizes (h2d and d2h each)")
         if "vmm" not in skip:
-            rows += _rows_vmm(device)
-            say("vmm")
+            part("vmm", "vmm", 1, lambda tick: _rows_vmm(device, tick), "measurement (map and unmap per page)")
     write_profile(path, rows, meta)
     partial.unlink(missing_ok=True)
     print(f"wrote {path}: {len(rows)} rows, {meta['device']}", flush=True)

@@ -33,7 +33,7 @@ HOST_ALLOCATORS = {"paged": ("paged", {"block_size": 16}), "contiguous": ("conti
 def host_rows(model: str, allocator: str, args: dict, *, max_model_len: int, kv_cache_tokens: int,
               device: str, seed: int = 0,
               phases=((256, 32, 1024, 16, 512), (4, 64, 256, 64, 128)), skip_steps: int = 20,
-              async_scheduling: bool = False, events: bool = False) -> list[dict]:
+              async_scheduling: bool = False, events: bool = False, progress_t0: float | None = None) -> list[dict]:
     """Steps of the real engine: wall time minus device time (end of input preparation to end of
     sampling). ``phases``: (requests, prompt min, max, output min, max), run one after the other;
     requests min == max == 0 draws ShareGPT-like lengths; a negative count adds that many
@@ -41,22 +41,37 @@ def host_rows(model: str, allocator: str, args: dict, *, max_model_len: int, kv_
     decoding sequences, as an online run at a low rate has them). The first ``skip_steps`` are
     left out (the caching allocator still grows there). ``events``: CUDA events around each
     launch as well, for its device time (``gpu``, diagnostics only: the cost model takes the
-    device part from its own tables), which the real runs these steps stand for do not have."""
+    device part from its own tables), which the real runs these steps stand for do not have.
+    ``progress_t0``: progress lines on stderr (the engine built, each phase), timed from this
+    ``time.time()`` (kvlab profile's start: a process of its own says its lines on the same clock)."""
+    import time
+
     from engine import LLMEngine
     from engine.config import EngineConfig
     from experiments.driver import drive
     from experiments.step_timing import LaunchTimer
     from experiments.workloads import RequestSpec
 
+    def say(text: str) -> None:
+        if progress_t0 is not None:
+            from experiments.profile_device import say_progress
+
+            say_progress(progress_t0, f"  {model} {allocator}{' async' if async_scheduling else ''}: {text}")
+
     cuda = device.startswith("cuda")
+    built = time.time()
     eng = LLMEngine(EngineConfig(model=model, allocator=allocator, allocator_args=args, device=device,
                                  max_model_len=max_model_len, max_num_seqs=256, max_num_batched_tokens=HOST_MAX_NUM_BATCHED_TOKENS,
                                  kv_cache_tokens=kv_cache_tokens, detokenize=False, stream_outputs=False,
                                  seed=seed, async_scheduling=async_scheduling))
     timer = LaunchTimer(eng, cuda, events=events)
+    say(f"engine built in {time.time() - built:.1f} s")
     rng = np.random.default_rng(seed)
     for phase, (n, plo, phi, olo, ohi) in enumerate(phases):
         trickle, n = n < 0, abs(n)
+        # between phases only: a phase's last step has nothing left, so no step's gap holds this line
+        say(f"phase {phase + 1} of {len(phases)}: {n} requests"
+            + (", one at a time" if trickle else ", ShareGPT-like lengths" if phi == 0 else f", prompts {plo}-{phi}"))
         if phi == 0:
             from experiments.workloads import SHAREGPT
 
@@ -105,6 +120,7 @@ def host_rows(model: str, allocator: str, args: dict, *, max_model_len: int, kv_
         rows.append(row)
     timer.close()
     eng.close()
+    say(f"{len(rows)} steps recorded")
     return rows
 
 

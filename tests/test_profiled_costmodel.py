@@ -241,6 +241,62 @@ def test_profiler_runs_on_cpu_and_simulate_uses_its_profile(tmp_path, monkeypatc
     assert s["output_throughput"] > 0
 
 
+PROGRESS_LINE = r"^\[ *[\d.]+ s\] "
+PART_START = re.compile(PROGRESS_LINE + r"(.+) \(part (\d+) of (\d+)\): (\d+) .* \(--skip (\w+) leaves them out\)$",
+                        re.M)
+PART_TICK = re.compile(PROGRESS_LINE + r"(.+): (\d+) of (\d+) in [\d.]+ s", re.M)
+PART_END = re.compile(PROGRESS_LINE + r"(.+): done, (\d+) .* in [\d.]+ s, (\d+) rows \((\d+) so far in .+\)$", re.M)
+
+
+def test_profiler_says_each_part_on_stderr_and_writes_the_same_rows(tmp_path, monkeypatch, capfd):
+    """kvlab profile's progress, on stderr: a start line for each part it runs (which of how many,
+    its measurements, the --skip that leaves it out), done/total lines inside it, an end line
+    (its rows); the host steps' processes say their phases; a part left out says nothing. Stdout
+    keeps the result line alone, and the profile's rows are those of a run without progress."""
+    for name, v in (("CONTEXTS", [16, 64]), ("PREFILL_QUERIES", [16]), ("GEMM_M", [1, 16]), ("SAMPLE_ROWS", [1]),
+                    ("COPY_BYTES", [1 << 16]), ("PROGRESS_EVERY_S", 0.0)):  # 0: a line at each measurement
+        monkeypatch.setattr(profile_device, name, v)
+    args = ["--models", MODEL, "--device", "cpu", "--pool-tokens", "2048", "--reps", "1", "--max-model-len", "128",
+            "--block-sizes", "16", "--host-requests", "4", "--host-kv-tokens", "1024"]
+    on = tmp_path / "on.parquet"
+    assert profile_device.main([*args, "--skip", "ragged", "--out", str(on)]) == 0
+    out, err = capfd.readouterr()  # capfd: the host steps' processes write to the same stderr
+    prof = load_profile(str(on))
+    assert out.splitlines() == [f"wrote {on}: {len(prof.df)} rows, {prof.meta['device']}"]
+    starts, ends = PART_START.findall(err), PART_END.findall(err)
+    labels = ["host steps", "gemm", f"model {MODEL}", "copy"]  # ragged left out; graphs and vmm: CUDA only
+    assert [s[0] for s in starts] == labels and [e[0] for e in ends] == labels
+    assert [s[4] for s in starts] == ["host", "gemm", "models", "copy"]
+    assert [(int(s[1]), int(s[2])) for s in starts] == [(i, 4) for i in (1, 2, 3, 4)]
+    assert [e[1] for e in ends] == [s[3] for s in starts]  # every measurement said counted, none more
+    assert not re.search(PROGRESS_LINE + r"(ragged|graphs|vmm)", err, re.M)
+    df = prof.df
+    assert int(ends[-1][3]) == len(df)
+    tables = {"host steps": {"host"}, "gemm": {"gemm"}, "copy": {"copy"},
+              f"model {MODEL}": {"attention", "eager_forward", "prefill_graph", "sample"}}
+    assert [int(e[2]) for e in ends] == [int(df["table"].isin(tables[lab]).sum()) for lab in labels]
+    gemm = int(starts[1][3])
+    assert [t[1:] for t in PART_TICK.findall(err) if t[0] == "gemm"] == [(str(i), str(gemm))
+                                                                          for i in range(1, gemm + 1)]
+    for alloc in ("paged", "contiguous", "virtual"):  # from each host-time process: its engine, each phase
+        assert re.search(PROGRESS_LINE + rf"  {MODEL} {alloc}: engine built in", err, re.M)
+        assert all(f"{MODEL} {alloc}: phase {i} of 3:" in err for i in (1, 2, 3))
+
+    off = tmp_path / "off.parquet"  # --no-progress: the end lines alone, the same rows
+    assert profile_device.main([*args, "--skip", "ragged,host", "--no-progress", "--out", str(off)]) == 0
+    out, err = capfd.readouterr()
+    assert out.startswith(f"wrote {off}:") and not PART_START.search(err) and not PART_TICK.search(err)
+    assert [e[0] for e in PART_END.findall(err)] == labels[1:]
+
+    def keys(d: pd.DataFrame) -> pd.DataFrame:  # the rows less their timings
+        d = d[d["table"] != "host"].drop(columns="value").dropna(axis=1, how="all")
+        d = d[sorted(d.columns)]
+        return d.sort_values(list(d.columns)).reset_index(drop=True)
+
+    assert len(keys(df)) == len(df) - int(ends[0][2])  # every row but the host steps' compared
+    pd.testing.assert_frame_equal(keys(df), keys(load_profile(str(off)).df), check_dtype=False)
+
+
 def test_validation_compares_time_with_tolerance_and_decisions_exactly():
     real = dict(output_throughput=100.0, mean_ttft_ms=50.0, mean_tpot_ms=10.0, p99_tpot_ms=20.0,
                 token_states=0.5, preemptions=3, num_steps=40)

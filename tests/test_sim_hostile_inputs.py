@@ -185,7 +185,7 @@ def test_an_interrupted_profile_merge_leaves_the_merged_profile_as_it_was(commit
     before = path.read_bytes()
     monkeypatch.setattr(profile_device, "GEMM_M", [1])
 
-    def cut(timer, device):
+    def cut(timer, device, tick):  # tick: the progress lines' count
         raise KeyboardInterrupt
 
     monkeypatch.setattr(profile_device, "_rows_copy", cut)
@@ -197,7 +197,7 @@ def test_an_interrupted_profile_merge_leaves_the_merged_profile_as_it_was(commit
     kept = pq.read_table(partial)
     assert json.loads(kept.schema.metadata[b"kvlab_profile"])["partial"] is True
     # a finished run replaces P and leaves no checkpoint behind
-    monkeypatch.setattr(profile_device, "_rows_copy", lambda timer, device: [])
+    monkeypatch.setattr(profile_device, "_rows_copy", lambda timer, device, tick: [])
     assert profile_device.main(args) == 0
     assert not partial.exists()
     assert "partial" not in json.loads(pq.read_table(path).schema.metadata[b"kvlab_profile"])
