@@ -223,6 +223,11 @@ class DecoderLayer(nn.Module):
         return self.mlp(h), residual
 
 
+def _check_gemv(gemv_max_tokens: int) -> None:
+    if not 0 <= gemv_max_tokens <= small_linear.MAX_TOKENS:
+        raise ValueError(f"gemv_max_tokens must be in [0, {small_linear.MAX_TOKENS}], got {gemv_max_tokens}")
+
+
 def group_meta(meta: AttentionMetadata | list[AttentionMetadata], group: int) -> AttentionMetadata:
     """A layer's metadata: its layer group's where there is one per group (window-aware allocation)."""
     return meta[group] if isinstance(meta, list) else meta
@@ -264,15 +269,21 @@ class CausalLM(nn.Module):
         """Fused projections and Triton elementwise kernels (GPU inference, after loading); steps of
         up to ``gemv_max_tokens`` tokens run each linear layer with its norm, SiLU or residual add as
         one ``kernels.small_linear`` kernel (``EngineConfig.fused_gemv_max_tokens``)."""
-        if not 0 <= gemv_max_tokens <= small_linear.MAX_TOKENS:
-            raise ValueError(f"gemv_max_tokens must be in [0, {small_linear.MAX_TOKENS}], got {gemv_max_tokens}")
+        _check_gemv(gemv_max_tokens)  # before anything is fused
         for layer in self.model.layers:
             layer.self_attn.fuse()
             layer.mlp.fuse()
-            layer.gemv_max_tokens = gemv_max_tokens
-        if gemv_max_tokens:
-            self._share_row_sq()
         self.fused = True
+        return self.set_gemv_max_tokens(gemv_max_tokens)
+
+    def set_gemv_max_tokens(self, gemv_max_tokens: int) -> "CausalLM":
+        """(fused model) Steps of up to this many tokens through ``kernels.small_linear`` from now on
+        (CUDA graphs captured before keep the path they captured)."""
+        _check_gemv(gemv_max_tokens)
+        for layer in self.model.layers:
+            layer.gemv_max_tokens = gemv_max_tokens
+        if gemv_max_tokens and self.model.layers[0].row_sq_out is None:
+            self._share_row_sq()
         return self
 
     def _share_row_sq(self) -> None:

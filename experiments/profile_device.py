@@ -68,6 +68,7 @@ MIXED_MAX_QUERY = 64
 RAGGED_BATCHES = [4, 8, 16, 32, 64, 128, 256]
 RAGGED_MEANS = [300, 700]
 RAGGED_DISTS = ("uniform", "lognormal", "twopoint")
+GEMV_TOKENS = 16  # decode graphs of up to this many sequences also timed through kernels.small_linear
 PROGRESS_EVERY_S = 10.0  # a progress line at least this often inside a part (a GPU profile's parts take minutes)
 
 
@@ -357,11 +358,17 @@ def _decode_graph_cases(pool: int, max_model_len: int) -> tuple[list[tuple[int, 
     return uniform, [(b, m) for b in RAGGED_BATCHES if b in DECODE_BATCHES for m in RAGGED_MEANS]
 
 
+def _gemv_cases(uniform: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The uniform decode graphs timed again through ``kernels.small_linear``: up to GEMV_TOKENS sequences."""
+    return [(b, ctx) for b, ctx in uniform if b <= GEMV_TOKENS]
+
+
 def _model_count(pool: int, max_model_len: int, block_sizes, cuda: bool) -> int:
     """The figures ``_rows_model`` times (its progress total): one per loop case of its tables."""
     n = len(_attention_cases(pool, block_sizes)) + len([q for q in PREFILL_QUERIES if q <= pool]) + len(SAMPLE_ROWS)
     if cuda:
-        n += len(_modes(block_sizes)) * sum(map(len, _decode_graph_cases(pool, max_model_len)))
+        uniform, ragged = _decode_graph_cases(pool, max_model_len)
+        n += len(_modes(block_sizes)) * (len(uniform) + len(ragged) + len(_gemv_cases(uniform)))
     return n
 
 
@@ -370,8 +377,6 @@ def _rows_model(timer: Timer, name: str, pool: int, max_model_len: int, block_si
     """decode_graph and eager_forward of the model as the engine builds it; attention and sample."""
     import torch
 
-    from engine.cuda_graphs import DecodeGraphs
-    from engine.block_table import PersistentBlockTable
     from engine.loader import load_model, resolve_config
     from kernels.metadata import Addressing, contiguous_metadata
 
@@ -401,40 +406,69 @@ def _rows_model(timer: Timer, name: str, pool: int, max_model_len: int, block_si
         for s in _ticked(SAMPLE_ROWS, tick):
             logits = torch.randn(s, mc.vocab_size, device=device)
             rows.append(dict(table="sample", model=name, batch=s, value=timer.graph([lambda: logits.argmax(-1)])))
-        if device.type != "cuda":
-            return rows
-        from experiments.ragged_decode import as_launched, contexts, model_programs
-        from kernels.triton_attention import device_sms
-
-        gen = torch.Generator().manual_seed(1)
-        rng = np.random.default_rng(1)
-        sizes = [b for b in DECODE_BATCHES]
-        uniform, ragged = _decode_graph_cases(pool, max_model_len)
-        for mode, bs in _modes(block_sizes):
-            paged = mode == "paged"
-            stub = SimpleNamespace(mode=Addressing.PAGED if paged else Addressing.LINEAR, block_size=bs)
-            table = PersistentBlockTable(max(sizes) + 1, -(-max_model_len // bs), device) if paged else None
-            graphs = DecodeGraphs(model, stub, caches, table, max(sizes), max_model_len, device)
-            graphs.sizes = sizes
-            graphs.capture()
-            for b, ctx in _ticked(uniform, tick):
-                _fill_decode_graph(graphs, table, [ctx] * b, bs, pool, gen, device)
-                rows.append(dict(table="decode_graph", model=name, mode=mode, block_size=bs, batch=b,
-                                 context=ctx, value=timer.replay(graphs.graphs[b].replay)))
-            # whole steps of ragged batches: what the cost model's ragged term is checked against
-            for b, mean in _ticked(ragged, tick):
-                ctxs = contexts("lognormal", b, mean, max_model_len, rng)
-                ctxs = as_launched(ctxs, model_programs(mc, ctxs, elem_size=caches[0][0].element_size(),
-                                                        num_sms=device_sms(device), span=max_model_len))
-                if sum(ctxs) <= pool:
-                    _fill_decode_graph(graphs, table, ctxs, bs, pool, gen, device)
-                    rows.append(dict(table="decode_graph_ragged", model=name, mode=mode, block_size=bs, batch=b,
-                                     mean=mean, context=float(np.mean(ctxs)), max_context=max(ctxs),
-                                     contexts=json.dumps(ctxs), value=timer.replay(graphs.graphs[b].replay)))
-            del graphs
-            torch.cuda.empty_cache()
+        if device.type == "cuda":
+            rows += _rows_decode_graphs(timer, model, caches, mc, name, pool, max_model_len, block_sizes, device, tick)
     del caches, model
     if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _rows_decode_graphs(timer: Timer, model, caches, mc, name: str, pool: int, max_model_len: int, block_sizes,
+                        device, tick: Callable[[], None] = _no_tick) -> list[dict]:
+    """(CUDA) the model's decode graphs: uniform batches (``decode_graph``), ragged ones
+    (``decode_graph_ragged``), and the uniform ones of up to GEMV_TOKENS sequences again through
+    ``kernels.small_linear`` (``decode_graph`` rows with ``gemv``); the model is left with it on."""
+    import torch
+
+    from engine.block_table import PersistentBlockTable
+    from engine.cuda_graphs import DecodeGraphs
+    from experiments.ragged_decode import as_launched, contexts, model_programs
+    from kernels.metadata import Addressing
+    from kernels.triton_attention import device_sms
+
+    rows: list[dict] = []
+    gen = torch.Generator().manual_seed(1)
+    rng = np.random.default_rng(1)
+    uniform, ragged = _decode_graph_cases(pool, max_model_len)
+
+    def captured(mode: str, bs: int, sizes: list[int]):
+        paged = mode == "paged"
+        stub = SimpleNamespace(mode=Addressing.PAGED if paged else Addressing.LINEAR, block_size=bs)
+        table = PersistentBlockTable(max(sizes) + 1, -(-max_model_len // bs), device) if paged else None
+        graphs = DecodeGraphs(model, stub, caches, table, max(sizes), max_model_len, device)
+        graphs.sizes = sizes
+        graphs.capture()
+        return graphs, table
+
+    for mode, bs in _modes(block_sizes):
+        graphs, table = captured(mode, bs, list(DECODE_BATCHES))
+        for b, ctx in _ticked(uniform, tick):
+            _fill_decode_graph(graphs, table, [ctx] * b, bs, pool, gen, device)
+            rows.append(dict(table="decode_graph", model=name, mode=mode, block_size=bs, batch=b,
+                             context=ctx, value=timer.replay(graphs.graphs[b].replay)))
+        # whole steps of ragged batches: what the cost model's ragged term is checked against
+        for b, mean in _ticked(ragged, tick):
+            ctxs = contexts("lognormal", b, mean, max_model_len, rng)
+            ctxs = as_launched(ctxs, model_programs(mc, ctxs, elem_size=caches[0][0].element_size(),
+                                                    num_sms=device_sms(device), span=max_model_len))
+            if sum(ctxs) <= pool:
+                _fill_decode_graph(graphs, table, ctxs, bs, pool, gen, device)
+                rows.append(dict(table="decode_graph_ragged", model=name, mode=mode, block_size=bs, batch=b,
+                                 mean=mean, context=float(np.mean(ctxs)), max_context=max(ctxs),
+                                 contexts=json.dumps(ctxs), value=timer.replay(graphs.graphs[b].replay)))
+        del graphs
+        torch.cuda.empty_cache()
+    # the uniform decode graphs of up to GEMV_TOKENS sequences again through kernels.small_linear
+    # (engine.fused_gemv_max_tokens): the cost model's `gemv` rows
+    model.set_gemv_max_tokens(GEMV_TOKENS)
+    for mode, bs in _modes(block_sizes):
+        graphs, table = captured(mode, bs, [b for b in DECODE_BATCHES if b <= GEMV_TOKENS])
+        for b, ctx in _ticked(_gemv_cases(uniform), tick):
+            _fill_decode_graph(graphs, table, [ctx] * b, bs, pool, gen, device)
+            rows.append(dict(table="decode_graph", model=name, mode=mode, block_size=bs, batch=b, context=ctx,
+                             gemv=GEMV_TOKENS, value=timer.replay(graphs.graphs[b].replay)))
+        del graphs
         torch.cuda.empty_cache()
     return rows
 

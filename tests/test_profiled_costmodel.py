@@ -1124,3 +1124,48 @@ def test_decode_graphs_through_small_linear_are_timed_from_their_rows(bound):
     no_rows = ProfiledCostModel(synthetic_profile(), shape, gemv_max_tokens=bound, **kw)
     assert no_rows.decode_graph_gemv is None
     assert no_rows.device_time([(1, 512)], num_sampled=0) == plain.device_time([(1, 512)], num_sampled=0)
+
+
+def test_decode_graph_rows_through_small_linear_with_stand_in_graphs(monkeypatch):
+    """The profile's CUDA-only decode-graph part, driven on a CPU with stand-in graphs: the uniform
+    batches of up to GEMV_TOKENS sequences are timed again with graphs captured through small_linear
+    (``gemv`` rows), the others with cuBLAS's; as many figures as the progress total says."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from engine.loader import resolve_config
+    from engine.model import CausalLM
+
+    monkeypatch.setattr(profile_device, "DECODE_BATCHES", [1, 2, 16, 32])
+    monkeypatch.setattr(profile_device, "CONTEXTS", [16, 64])
+    monkeypatch.setattr(profile_device, "RAGGED_BATCHES", [2, 32])
+    replays = []
+
+    class Graphs:  # engine.cuda_graphs.DecodeGraphs's inputs; replay says which path it captured
+        def __init__(self, model, stub, caches, table, max_bs, max_model_len, device):
+            self.model, self.sizes, self.graphs = model, [], {}
+            self.seq_lens, self.positions, self.input_ids, self.addressing, self.slot_mapping = (
+                torch.zeros(max_bs, dtype=torch.long) for _ in range(5))
+
+        def capture(self):
+            gemv = self.model.model.layers[0].gemv_max_tokens
+            self.graphs = {s: SimpleNamespace(replay=lambda s=s, g=gemv: replays.append((s, g))) for s in self.sizes}
+
+    monkeypatch.setattr("engine.cuda_graphs.DecodeGraphs", Graphs)
+    mc = resolve_config("tiny-llama")
+    model = CausalLM(mc, 256).fuse()
+    caches = profile_device._scratch_caches(mc, 4096, torch.float32, torch.device("cpu"))
+    ticks = []
+    timer = SimpleNamespace(replay=lambda run: run() or 1e-3)
+    rows = pd.DataFrame(profile_device._rows_decode_graphs(timer, model, caches, mc, "tiny-llama", 4096, 256, [16],
+                                                           torch.device("cpu"), tick=lambda: ticks.append(1)))
+    dg = rows[rows["table"] == "decode_graph"]
+    gemv = dg[dg["gemv"].notna()]
+    assert set(gemv["gemv"]) == {profile_device.GEMV_TOKENS} and set(gemv["batch"]) == {1, 2, 16}
+    assert len(gemv) == 2 * 3 * 2  # linear and paged 16 x batches 1, 2, 16 x two contexts
+    assert set(dg[dg["gemv"].isna()]["batch"]) == {1, 2, 16, 32}
+    assert {g for s, g in replays if s == 32} == {0}  # cuBLAS's graphs replayed for those rows
+    assert sorted(replays[-len(gemv):]) == sorted((int(b), 16) for b in gemv["batch"])
+    cpu_part = profile_device._model_count(4096, 256, [16], cuda=False)
+    assert len(ticks) == profile_device._model_count(4096, 256, [16], cuda=True) - cpu_part

@@ -201,3 +201,14 @@ def test_row_sq_arguments_are_checked(case, match):
           "bf16 row_sq": dict(norm_weight=torch.ones(64), row_sq=torch.zeros(3, 16, dtype=torch.bfloat16))}[case]
     with pytest.raises(ValueError, match=match):
         small_linear(x, w, config=SMALL, **kw)
+
+
+def test_a_refused_bound_leaves_the_model_unfused():
+    from engine.model import CausalLM
+    from engine.presets import preset_config
+
+    model = CausalLM(preset_config("tiny-llama"), 64)
+    with pytest.raises(ValueError, match="gemv_max_tokens"):
+        model.fuse(-1)
+    assert not model.fused and model.model.layers[0].self_attn.qkv_proj is None
+    assert model.fuse(4).set_gemv_max_tokens(0).model.layers[1].gemv_max_tokens == 0
