@@ -163,11 +163,11 @@ if triton is not None:
             tl.store(out_ptr + offs_m[None, :] * stride_om + offs_n[:, None], y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _check_row_sq(t: torch.Tensor, name: str, rows: int, like: torch.Tensor, exact: bool) -> None:
-    ok = t.dim() == 2 and t.shape[1] == MAX_TOKENS and (t.shape[0] == rows if exact else t.shape[0] >= rows)
+def _check_row_sq(t: torch.Tensor, name: str, rows: int, like: torch.Tensor, hint: str = "") -> None:
+    ok = t.dim() == 2 and t.shape[1] == MAX_TOKENS and t.shape[0] == rows
     if not ok or t.dtype != torch.float32 or not t.is_contiguous() or t.device != like.device:
-        raise ValueError(f"{name} must be a contiguous float32 [{'' if exact else '>= '}{rows}, {MAX_TOKENS}] tensor on "
-                         f"{like.device} (parts of each row's sum of squares), got {tuple(t.shape)} {t.dtype} on {t.device}")
+        raise ValueError(f"{name} must be a contiguous float32 [{rows}, {MAX_TOKENS}] tensor on {like.device} (parts of "
+                         f"each row's sum of squares{hint}), got {tuple(t.shape)} {t.dtype} on {t.device}")
 
 
 def _check(x, weight, bias, norm_weight, gated, residual) -> int:
@@ -196,11 +196,12 @@ def _check(x, weight, bias, norm_weight, gated, residual) -> int:
     return n
 
 
-def num_programs(n: int, k: int, device: torch.device, gated: bool = False) -> int:
-    """Programs (``row_sq_out`` rows) of a ``small_linear`` of N output columns over K with the default tiles."""
+def num_programs(n: int, k: int, device: torch.device, gated: bool = False, config: LinearConfig | None = None) -> int:
+    """Programs (``row_sq_out`` rows) of a ``small_linear`` of N output columns over K with ``config``'s
+    tiles (None: the default ones, as ``small_linear`` picks them)."""
     from kernels.triton_attention import device_sms
 
-    return triton.cdiv(n, choose_config(n, k, device_sms(device), gated).block_n)
+    return triton.cdiv(n, (config or choose_config(n, k, device_sms(device), gated)).block_n)
 
 
 def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -211,8 +212,9 @@ def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     the result is added into it in place and it is returned; else a new ``[M, N]`` tensor.
 
     ``row_sq_out`` (with ``residual``): each program writes its part of each new residual row's sum of
-    squares into its row (``num_programs`` rows; float32 ``[>= programs, 16]``); the next kernel's norm
-    takes them as ``row_sq`` (those rows exactly) instead of reading all of x first."""
+    squares into its row (float32 ``[num_programs(..., config=config), 16]``: exactly the grid's rows, so
+    that no stale row of an earlier launch is summed); the next kernel's norm takes them as ``row_sq``
+    instead of reading all of x first."""
     n = _check(x, weight, bias, norm_weight, gated, residual)
     m, k = x.shape
     if config is None:
@@ -223,11 +225,13 @@ def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     if row_sq is not None:
         if norm_weight is None:
             raise ValueError("row_sq gives the norm's sums of squares: pass norm_weight too")
-        _check_row_sq(row_sq, "row_sq", row_sq.shape[0] if row_sq.dim() == 2 else 1, x, exact=True)
+        _check_row_sq(row_sq, "row_sq", row_sq.shape[0] if row_sq.dim() == 2 else 1, x)
     if row_sq_out is not None:
         if residual is None:
             raise ValueError("row_sq_out sums the squares of the new residual rows: pass residual too")
-        _check_row_sq(row_sq_out, "row_sq_out", grid, x, exact=False)
+        # exactly: the next norm sums every row of it, and rows past this grid would hold stale parts
+        # (a buffer sized by num_programs' default tiles, launched with another config=)
+        _check_row_sq(row_sq_out, "row_sq_out", grid, x, hint="; rows: num_programs(n, k, device, gated, config)")
     out = residual if residual is not None else torch.empty((m, n), dtype=x.dtype, device=x.device)
     _small_linear_kernel[(grid,)](
         x, weight, bias if bias is not None else weight, norm_weight if norm_weight is not None else weight,

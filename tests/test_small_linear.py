@@ -176,21 +176,38 @@ def test_row_sq_parts_feed_the_next_norm(m):
     x, w, _, _, r = _inputs(m, 72, 96, torch.float32, residual=True, seed=7)  # 72 columns: a part tile
     _, w2, _, nw, _ = _inputs(m, 40, 72, torch.float32, norm=True, seed=8)
     grid = -(-72 // SMALL.block_n)
-    parts = torch.full((grid + 2, MAX_TOKENS), float("nan"), device=DEV)  # rows past the grid: untouched
+    assert num_programs(72, 96, torch.device(DEV), config=SMALL) == grid
+    buf = torch.full((grid + 2, MAX_TOKENS), float("nan"), device=DEV)  # rows past the grid: untouched
+    parts = buf[:grid]
     small_linear(x, w, residual=r, row_sq_out=parts, config=SMALL)
-    torch.testing.assert_close(parts[:grid].sum(0)[:m], r.pow(2).sum(-1), atol=1e-4, rtol=1e-5)
-    assert torch.equal(parts[:grid, m:], torch.zeros(grid, MAX_TOKENS - m, device=DEV))
-    assert parts[grid:].isnan().all()
+    torch.testing.assert_close(parts.sum(0)[:m], r.pow(2).sum(-1), atol=1e-4, rtol=1e-5)
+    assert torch.equal(parts[:, m:], torch.zeros(grid, MAX_TOKENS - m, device=DEV))
+    assert buf[grid:].isnan().all()
     want = small_linear(r, w2, norm_weight=nw, eps=1e-5, config=SMALL)
-    got = small_linear(r, w2, norm_weight=nw, eps=1e-5, row_sq=parts[:grid], config=SMALL)
+    got = small_linear(r, w2, norm_weight=nw, eps=1e-5, row_sq=parts, config=SMALL)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got, small_linear_ref(r, w2, norm_weight=nw, eps=1e-5), atol=1e-4, rtol=1e-4)
-    assert num_programs(72, 96, torch.device(DEV)) >= 1
+
+
+def test_row_sq_out_of_another_grid_than_the_launch_is_refused():
+    """A buffer sized for the default tiles (num_programs) but launched with wider ones would keep
+    stale parts in the rows past the grid, and the next norm sums every row: refused, not summed."""
+    from kernels.small_linear import num_programs
+
+    x, w, _, _, r = _inputs(2, 72, 96, torch.float32, residual=True, seed=7)
+    wide = LinearConfig(block_n=32, block_k=64, num_warps=4, num_stages=2)
+    rows = num_programs(72, 96, torch.device(DEV))
+    assert rows > num_programs(72, 96, torch.device(DEV), config=wide) == 3, "the shape must tell the grids apart"
+    parts = torch.zeros(rows, MAX_TOKENS, device=DEV)
+    small_linear(x, w, residual=r.clone(), row_sq_out=parts)  # the default tiles fill every row
+    with pytest.raises(ValueError, match=r"row_sq_out must be a contiguous float32 \[3, 16\].*num_programs"):
+        small_linear(x, w, residual=r, row_sq_out=parts, config=wide)
 
 
 @pytest.mark.parametrize("case,match", [
     ("row_sq without norm", "pass norm_weight too"), ("row_sq_out without residual", "pass residual too"),
-    ("short row_sq_out", r"row_sq_out must be a contiguous float32 \[>= 3, 16\]"),
+    ("short row_sq_out", r"row_sq_out must be a contiguous float32 \[3, 16\]"),
+    ("long row_sq_out", r"row_sq_out must be a contiguous float32 \[3, 16\]"),
     ("bf16 row_sq", r"row_sq must be a contiguous float32"),
 ])
 def test_row_sq_arguments_are_checked(case, match):
@@ -198,6 +215,7 @@ def test_row_sq_arguments_are_checked(case, match):
     kw = {"row_sq without norm": dict(row_sq=torch.zeros(3, 16)),
           "row_sq_out without residual": dict(row_sq_out=torch.zeros(3, 16)),
           "short row_sq_out": dict(residual=torch.zeros(2, 48), row_sq_out=torch.zeros(2, 16)),
+          "long row_sq_out": dict(residual=torch.zeros(2, 48), row_sq_out=torch.zeros(4, 16)),
           "bf16 row_sq": dict(norm_weight=torch.ones(64), row_sq=torch.zeros(3, 16, dtype=torch.bfloat16))}[case]
     with pytest.raises(ValueError, match=match):
         small_linear(x, w, config=SMALL, **kw)
