@@ -92,6 +92,7 @@ if triton is not None:
         offs_k = tl.arange(0, BLOCK_K)
         x_rows = x_ptr + offs_m[:, None] * stride_xm
         w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
+        w_up = w_ptr + (N + offs_n)[:, None].to(tl.int64) * stride_wn  # (GATED) N * stride_wn in int32 could wrap
         dtype = w_ptr.dtype.element_ty
         if NORM and SQ_IN:  # the rows' sums of squares from the kernel that wrote x: its programs' parts,
             # added in a fixed order (deterministic, unlike atomics)
@@ -136,9 +137,9 @@ if triton is not None:
             acc = tl.dot(w, xt, acc, input_precision="ieee" if DOT_F32 else None)  # [BLOCK_N, BLOCK_M]
             if GATED:  # up's rows are N rows below gate's
                 if EVEN_K:
-                    wu = tl.load(w_rows + N * stride_wn + kk[None, :], mask=n_ok[:, None], other=0.0)
+                    wu = tl.load(w_up + kk[None, :], mask=n_ok[:, None], other=0.0)
                 else:
-                    wu = tl.load(w_rows + N * stride_wn + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+                    wu = tl.load(w_up + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
                 if DOT_F32:
                     wu = wu.to(tl.float32)
                 acc_up = tl.dot(wu, xt, acc_up, input_precision="ieee" if DOT_F32 else None)
