@@ -238,7 +238,8 @@ class ModelRunner:
     # sequence counts of 1, multiples of 16 and others
     _PREFILLS = (2, 3, 4, 5, 8, 9, 16, 17, 32, 33, 64, 65)
     WARMUP_BATCHES = ([[q] for q in (*_PREFILLS, 128, 129, 256, 300, 512, 1000, 4096)]
-                      + [[q] + [1] * k for q in (*_PREFILLS, 256) for k in (1, 3, 15, 16)])
+                      + [[q] + [1] * k for q in (*_PREFILLS, 256) for k in (1, 3, 15, 16)]
+                      + [[1]])  # one token: small_linear's own variant (NORM_M = 1) in eager decodes of one sequence
 
     @torch.inference_mode()
     def warmup(self) -> None:

@@ -114,3 +114,21 @@ def test_warmup_runs_whole_prompts_over_their_own_kv_with_prompt_attention_qkv(c
         assert m.mode == Addressing.LINEAR and torch.equal(m.seq_base, m.query_start_loc[:-1].long())
         assert torch.equal(m.seq_lens, m.query_start_loc.diff())  # whole prompts
     assert all(bool((k == 0.5).all()) for k, _ in runner.kv_caches)
+
+
+def test_warmup_covers_every_small_linear_variant_of_an_eager_step():
+    """Steps of up to 16 tokens take kernels.small_linear (engine.fused_gemv_max_tokens), whose
+    variants differ by the rows' power of two (NORM_M, a constexpr) and Triton's specialisation of
+    M (1, a multiple of 16): an eager step of one token (enforce_eager, layer groups: decodes of one
+    sequence) compiled its own after the warm-up."""
+    import triton
+
+    from engine.runner import ModelRunner
+
+    def variant(m):
+        return triton.next_power_of_2(m), m == 1, m % 16 == 0
+
+    warm = {variant(sum(b)) for b in ModelRunner.WARMUP_BATCHES if sum(b) <= 16}
+    for m in range(1, 17):
+        assert variant(m) in warm, m
+
