@@ -171,6 +171,30 @@ def _check_row_sq(t: torch.Tensor, name: str, rows: int, like: torch.Tensor, hin
                          f"each row's sum of squares{hint}), got {tuple(t.shape)} {t.dtype} on {t.device}")
 
 
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    """(first byte, past the last byte) of a tensor of contiguous rows."""
+    rows = t.shape[0] if t.dim() == 2 else 1
+    width = t.shape[-1] * t.element_size()
+    lo = t.data_ptr()
+    return lo, lo + ((rows - 1) * t.stride(0) * t.element_size() if rows > 1 else 0) + width
+
+
+def _check_aliasing(x, residual, row_sq, row_sq_out) -> None:
+    """Each program writes its columns of ``residual`` (its row of ``row_sq_out``) while the others read
+    all of ``x`` (every row of ``row_sq``): memory both written and read races (x += x @ W^T). By byte
+    spans, a few attribute reads; rows interleaved without sharing an element are refused too."""
+    for wname, w, rname, r in (("residual", residual, "x", x), ("row_sq_out", row_sq_out, "row_sq", row_sq)):
+        if w is None or r is None or not w.numel() or not r.numel():
+            continue
+        (w0, w1), (r0, r1) = _span(w), _span(r)
+        if w.device == r.device and w0 < r1 and r0 < w1:
+            raise ValueError(f"{wname} shares memory with {rname}: the kernel writes it while other programs read "
+                             f"{rname} (a race); pass a copy of {rname}")
+    if residual is not None and residual.shape[0] > 1 and residual.stride(0) < residual.shape[1]:
+        raise ValueError(f"residual's rows overlap (strides {residual.stride()}): its programs would write one element "
+                         "twice; pass a tensor with a row stride of at least its width")
+
+
 def _check(x, weight, bias, norm_weight, gated, residual) -> int:
     """Shapes, strides, dtypes and devices the kernel reads; returns N (output columns)."""
     _check_rows(x, "x")
@@ -233,6 +257,7 @@ def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         # exactly: the next norm sums every row of it, and rows past this grid would hold stale parts
         # (a buffer sized by num_programs' default tiles, launched with another config=)
         _check_row_sq(row_sq_out, "row_sq_out", grid, x, hint="; rows: num_programs(n, k, device, gated, config)")
+    _check_aliasing(x, residual, row_sq, row_sq_out)
     out = residual if residual is not None else torch.empty((m, n), dtype=x.dtype, device=x.device)
     _small_linear_kernel[(grid,)](
         x, weight, bias if bias is not None else weight, norm_weight if norm_weight is not None else weight,

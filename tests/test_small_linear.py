@@ -230,3 +230,60 @@ def test_a_refused_bound_leaves_the_model_unfused():
         model.fuse(-1)
     assert not model.fused and model.model.layers[0].self_attn.qkv_proj is None
     assert model.fuse(4).set_gemv_max_tokens(0).model.layers[1].gemv_max_tokens == 0
+
+
+@pytest.mark.parametrize("gated,bias,residual", [(False, False, False), (True, False, False), (True, True, False),
+                                                 (False, True, True), (True, False, True)],
+                         ids=["norm", "gated", "gated-bias", "bias-residual", "gated-residual"])
+def test_fp16_rounds_where_the_reference_does(gated, bias, residual):
+    """fp16 (the interpreter rounds it to nearest, as a GPU does; its bf16 casts truncate): the norm
+    rounded before its weight, the GEMM's output before SiLU and before the residual add. Only the
+    summation order differs from the reference, so nearly every element is the same bits (a dropped
+    rounding point changed 20-60% of them)."""
+    x, w, b, nw, r = _inputs(8, 64, 256, torch.float32, gated=gated, bias=bias, norm=True, residual=residual, seed=3)
+    x, w, nw = (3 * x).half(), w.half(), (1 + 3 * (nw - 1)).half()  # norm weights well away from 1
+    b, r = (None if b is None else b.half()), (None if r is None else r.half())
+    want = small_linear_ref(x, w, b, norm_weight=nw, gated=gated, residual=None if r is None else r.clone())
+    got = small_linear(x, w, b, norm_weight=nw, gated=gated, residual=r, config=SMALL)
+    assert got.dtype == torch.float16
+    assert (got != want).float().mean().item() <= 0.02
+    torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)
+
+
+def test_strided_rows_are_read_and_written_at_their_strides():
+    """x, the weight and the residual each a view of wider rows (none contiguous): the same result as on
+    contiguous copies, the norm's read of all of x included, and nothing outside the views written."""
+    g = torch.Generator().manual_seed(11)
+    xbuf, rbuf = torch.randn(5, 130, generator=g).to(DEV), torch.randn(5, 70, generator=g).to(DEV)
+    w = (torch.randn(64, 96, generator=g) / 10).to(DEV)
+    wide = torch.randn(64, 100, generator=g).to(DEV)
+    wide[:, :96] = w
+    x, res, nw = xbuf[:, 2:98], rbuf[:, 3:67], (1 + 0.1 * torch.randn(96, generator=g)).to(DEV)
+    before = rbuf.clone()
+    want = small_linear_ref(x.clone(), w, norm_weight=nw, residual=res.clone())
+    got = small_linear(x, wide[:, :96], norm_weight=nw, residual=res, config=SMALL)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert torch.equal(rbuf[:, :3], before[:, :3]) and torch.equal(rbuf[:, 67:], before[:, 67:])
+
+
+@pytest.mark.parametrize("case", ["residual is x", "residual apart from x", "one parts buffer in and out",
+                                  "residual rows overlap"])
+def test_writes_that_race_with_reads_are_refused(case):
+    """Programs write their columns of residual (their row of row_sq_out) while others read all of x
+    (every row of row_sq): memory both written and read is refused, naming both."""
+    x, w = torch.randn(3, 64, device=DEV), torch.randn(64, 64, device=DEV)
+    parts = torch.zeros(4, MAX_TOKENS, device=DEV)
+    nw = torch.ones(64, device=DEV)
+    call, match = {
+        "residual is x": (dict(residual=x), "residual shares memory with x"),
+        "residual apart from x": (dict(residual=torch.randn(3, 128, device=DEV)[:, :64]), None),
+        "one parts buffer in and out": (dict(residual=torch.zeros(3, 64, device=DEV), norm_weight=nw,
+                                             row_sq=parts, row_sq_out=parts), "row_sq_out shares memory with row_sq"),
+        "residual rows overlap": (dict(residual=torch.zeros(64, device=DEV).expand(3, 64)), "rows overlap"),
+    }[case]
+    if match is None:  # a view of its own buffer, apart from x: taken
+        got = small_linear(x, w, config=SMALL, **call)
+        assert got.data_ptr() == call["residual"].data_ptr()
+        return
+    with pytest.raises(ValueError, match=match):
+        small_linear(x, w, config=SMALL, **call)
