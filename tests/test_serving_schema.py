@@ -149,6 +149,13 @@ def test_published_schema_declares_what_is_sent(app):
             assert responses[status]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
     assert doc["paths"]["/health"]["get"]["responses"]["200"].get("content", {}) == {}
     assert set(doc["paths"]["/metrics"]["get"]["responses"]["200"]["content"]) == {"text/plain"}
+    # limits.max_concurrency: a 503 with Retry-After on every route it counts (not /health, /metrics)
+    for path, method in (("/v1/models", "get"), ("/v1/models/{model_id}", "get"), ("/v1/completions", "post")):
+        busy = doc["paths"][path][method]["responses"]["503"]
+        assert "max_concurrency" in busy["description"] and "Retry-After" in busy["headers"], path
+    assert "not running" in doc["paths"]["/v1/completions"]["post"]["responses"]["503"]["description"]
+    assert "503" not in doc["paths"]["/metrics"]["get"]["responses"]
+    assert "max_concurrency" not in doc["paths"]["/health"]["get"]["responses"]["503"]["description"]
     request = doc["components"]["schemas"]["CompletionRequest"]["properties"]
     assert request["n"]["anyOf"][0]["maximum"] == 3
     assert request["max_tokens"]["anyOf"][0]["maximum"] == MAX_MODEL_LEN - 1

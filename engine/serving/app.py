@@ -3,7 +3,8 @@
 The published OpenAPI schema is the server's behaviour: request models carry this server's
 limits, model name and context length (``protocol.request_models``); every error status a
 route can answer is declared with OpenAI's error body (and no 422, which is never sent);
-``/health`` answers an empty 200 and ``/metrics`` Prometheus text.
+``/health`` answers an empty 200 and ``/metrics`` Prometheus text. Beyond ``limits.max_concurrency``
+requests in flight, every route but ``/health`` and ``/metrics`` answers 503 with ``Retry-After``.
 """
 # no ``from __future__ import annotations``: the routes' request types are built per app, and
 # FastAPI must see them as objects, not as names to look up in this module
@@ -25,7 +26,14 @@ from engine.async_engine import AsyncLLMEngine, ChatPrompt
 from engine.sampling_params import MAX_SEED, MAX_TOP_K, SamplingParams
 from engine.serving import responses
 from engine.serving.errors import APIError, error_json, install_error_handlers
-from engine.serving.limits import BodyLimitMiddleware, HeaderLimitMiddleware, ServerLimits
+from engine.serving.limits import (
+    RETRY_AFTER_S,
+    UNCOUNTED_PATHS,
+    BodyLimitMiddleware,
+    ConcurrencyLimitMiddleware,
+    HeaderLimitMiddleware,
+    ServerLimits,
+)
 from engine.serving.metrics import CONTENT_TYPE, ServingMetrics
 from engine.serving.protocol import (
     ChatCompletionRequest,
@@ -55,6 +63,7 @@ _ERROR_DESCRIPTIONS = {
     431: "The request line and headers are too large (the connection is closed)",
     503: "The engine is not running",
 }
+_BUSY = "The server is at its limit of requests in flight (`limits.max_concurrency`; retry after `Retry-After` s)"
 # one event of a streamed response: `data: <chunk as JSON>`, the last one `data: [DONE]`
 _SSE_EVENT = {"type": "object", "properties": {"data": {"type": "string"}, "event": {"type": "string"},
                                                "id": {"type": "string"}}}
@@ -131,8 +140,8 @@ def _vocab_size(engine: AsyncLLMEngine) -> int | None:
 def create_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | None = None,
                limits: ServerLimits | None = None) -> FastAPI:
     """The API over ``engine``. ``limits`` (default: ``ServerLimits()``) bound what one request may
-    ask (body size and time, prompts, ``n``, stop strings); the protocol-level limits (headers,
-    connections) are uvicorn's, set by ``server.build_server``."""
+    ask (body size and time, prompts, ``n``, stop strings) and the requests in flight; the
+    protocol-level limits (headers, connections) are uvicorn's, set by ``server.build_server``."""
     limits = limits or ServerLimits()
     completion_request, chat_request = request_models(limits, served_model_name, engine.max_model_len,
                                                       _vocab_size(engine))
@@ -142,7 +151,9 @@ def create_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | No
                        body_timeout=limits.body_timeout_s)
     if api_key:  # a bad key is a 401 before any of the body is read
         app.add_middleware(APIKeyMiddleware, api_key=api_key)
-    app.add_middleware(HeaderLimitMiddleware, max_header_bytes=limits.max_header_bytes)  # outermost
+    app.add_middleware(HeaderLimitMiddleware, max_header_bytes=limits.max_header_bytes)
+    if limits.max_concurrency is not None:  # outermost: a refusal costs nothing, not even reading the body
+        app.add_middleware(ConcurrencyLimitMiddleware, max_concurrency=limits.max_concurrency)
     metrics = ServingMetrics(engine, served_model_name)
     created = int(time.time())
     app.state.engine, app.state.metrics, app.state.limits = engine, metrics, limits
@@ -268,7 +279,7 @@ def create_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | No
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            app.openapi_schema = _published_schema(app, bool(api_key))
+            app.openapi_schema = _published_schema(app, bool(api_key), limits.max_concurrency is not None)
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
@@ -293,9 +304,10 @@ def _exact_bounds(node: Any) -> None:
             _exact_bounds(item)
 
 
-def _published_schema(app: FastAPI, bearer: bool) -> dict[str, Any]:
+def _published_schema(app: FastAPI, bearer: bool, busy: bool = False) -> dict[str, Any]:
     """FastAPI's schema, less what this server never does: no 422 (bad input is a 400 with
-    OpenAI's error body); plus what the limits answer on any route (408, 413, 431); with an API
+    OpenAI's error body); plus what the limits answer on any route (408, 413, 431) and, with
+    ``busy`` (a concurrency limit), on the counted ones (503 with ``Retry-After``); with an API
     key, bearer auth on /v1."""
     schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
     error_body = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
@@ -305,6 +317,12 @@ def _published_schema(app: FastAPI, bearer: bool) -> dict[str, Any]:
             for status in (408, 413, 431):
                 op["responses"].setdefault(str(status), {"description": _ERROR_DESCRIPTIONS[status],
                                                          "content": error_body})
+            if busy and path not in UNCOUNTED_PATHS:
+                engine_down = op["responses"].get("503", {}).get("description")  # the routes that start requests
+                retry_after = {"description": f"Seconds to wait before retrying ({RETRY_AFTER_S})",
+                               "schema": {"type": "integer"}}
+                op["responses"]["503"] = {"description": f"{_BUSY}; or {engine_down.lower()}" if engine_down else _BUSY,
+                                          "content": error_body, "headers": {"Retry-After": retry_after}}
             if bearer and path.startswith("/v1"):
                 op["security"] = [{"bearer": []}]
     _exact_bounds(schema)

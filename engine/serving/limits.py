@@ -6,9 +6,11 @@ server starts. They are enforced in three places:
 - the HTTP protocol (``uvicorn_settings``): the bytes buffered for an incomplete request head
   (h11's incomplete-event limit: beyond it, 400 and the connection is closed), the time to send
   a request head (``TimedH11Protocol``: a connection that opens and stalls, or sends half a
-  head, is closed), idle keep-alive connections, and the number of concurrent connections
-  (503 beyond);
-- ASGI middleware: the size of a complete request head (``HeaderLimitMiddleware``, 431: h11
+  head, is closed), idle keep-alive connections, and, as a backstop well above
+  ``max_concurrency``, open connections (uvicorn's plain-text 503 beyond);
+- ASGI middleware: the requests in flight (``ConcurrencyLimitMiddleware``, 503 with OpenAI's
+  error body and ``Retry-After``; ``/health`` and ``/metrics`` are not counted), the size of a
+  complete request head (``HeaderLimitMiddleware``, 431: h11
   checks only heads that arrive in pieces), the body size, from Content-Length and again while
   the body streams in, before anything parses it (413), and the time to receive the whole body
   (408) (``BodyLimitMiddleware``); these answers close the connection;
@@ -19,7 +21,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import math
+import time
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
@@ -30,6 +34,8 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from allocators.checks import is_int, is_real
 from engine.sampling_params import MAX_N
 from engine.serving.errors import error_json
+
+log = logging.getLogger("kvlab.serving")
 
 
 class LimitsConfigError(ValueError):
@@ -47,7 +53,7 @@ class ServerLimits:
     header_timeout_s: float = 10.0  # from a connection's first byte (or its opening) to a complete request head
     body_timeout_s: float = 30.0  # from a complete request head to a complete body (else 408)
     keep_alive_timeout_s: float = 5.0  # an idle keep-alive connection is closed after this
-    max_concurrency: int | None = 2048  # open connections + requests in flight; beyond: 503 (null: no limit)
+    max_concurrency: int | None = 2048  # requests in flight (not /health, /metrics); beyond: 503 (null: no limit)
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -82,7 +88,16 @@ class ServerLimits:
         return dict(http=timed_h11_protocol(self.header_timeout_s),
                     h11_max_incomplete_event_size=self.max_header_bytes,
                     timeout_keep_alive=self.keep_alive_timeout_s,
-                    limit_concurrency=self.max_concurrency)
+                    limit_concurrency=self.connection_backstop())
+
+    def connection_backstop(self) -> int | None:
+        """uvicorn's ``limit_concurrency``: a bound on everything, far enough above
+        ``max_concurrency`` that the app's own JSON 503 answers first. uvicorn counts open
+        connections (idle keep-alive ones too, and the one asking) and tasks (refusals and
+        /health, /metrics too) and answers a plain-text 503 that OpenAI clients cannot read:
+        twice the limit leaves each client in flight an idle connection besides, and 64 more
+        keep room for health checks and scrapes under a small limit."""
+        return None if self.max_concurrency is None else 2 * self.max_concurrency + 64
 
 
 # -- request heads ------------------------------------------------------------------------------
@@ -238,3 +253,63 @@ class BodyLimitMiddleware:
             return await receive()  # later calls wait for the disconnect, as the app expects
 
         await self.app(scope, replay, send)
+
+
+# -- requests in flight -------------------------------------------------------------------------
+RETRY_AFTER_S = 1  # a slot frees as soon as any request in flight ends: a short wait, then try again
+# a supervisor's health check and a Prometheus scrape must answer on a busy server: a saturated
+# server is not a dead one, and its metrics matter most then (both are cheap and touch no engine work)
+UNCOUNTED_PATHS = frozenset({"/health", "/metrics"})
+REFUSAL_LOG_INTERVAL_S = 60.0  # refusals come in floods: one log line per interval, with their count
+
+
+class ConcurrencyLimitMiddleware:
+    """503 for an HTTP request that arrives while ``max_concurrency`` requests are in flight, with
+    OpenAI's error body (``type: server_error``, naming the limit) and ``Retry-After``, before
+    anything of it is read.
+
+    A request is in flight from its arrival until the app returns: a stream until its last event
+    is sent or its client disconnects. The slot is released in a ``finally``, so an exception or a
+    cancellation (server shutdown) releases it too. Requests to ``UNCOUNTED_PATHS`` are neither
+    counted nor refused. The connection of a refused request stays open: uvicorn discards the
+    unread body (bounded by the head timeout), and closing a socket with unread bytes can reset it
+    before the client has read the 503.
+    """
+
+    def __init__(self, app: ASGIApp, max_concurrency: int):
+        self.app = app
+        self.max_concurrency = max_concurrency
+        self.in_flight = 0
+        self.refused_total = 0
+        self._unlogged = 0
+        self._logged_at = -math.inf
+
+    def _busy(self) -> Any:
+        return error_json(503, f"The server is at its limit of {self.max_concurrency} concurrent requests "
+                               f"(limits.max_concurrency); retry after {RETRY_AFTER_S} s. The server's operator "
+                               "can raise it (kvlab serve limits.max_concurrency=N, or the limits: block of "
+                               "conf/serve.yaml).", code="server_overloaded",
+                          headers={"Retry-After": str(RETRY_AFTER_S)})
+
+    def _note_refusal(self) -> None:
+        self.refused_total += 1
+        self._unlogged += 1
+        now = time.monotonic()
+        if now - self._logged_at >= REFUSAL_LOG_INTERVAL_S:
+            log.warning("refused %d request(s) with 503: %d in flight, the limit limits.max_concurrency=%d "
+                        "(at most one such line a minute)", self._unlogged, self.in_flight, self.max_concurrency)
+            self._logged_at, self._unlogged = now, 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in UNCOUNTED_PATHS:
+            await self.app(scope, receive, send)
+            return
+        if self.in_flight >= self.max_concurrency:
+            self._note_refusal()
+            await self._busy()(scope, receive, send)
+            return
+        self.in_flight += 1  # no await between the check and here: no other request passes in between
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
