@@ -133,3 +133,35 @@ def serve_in_thread(app):
     yield f"http://127.0.0.1:{sock.getsockname()[1]}"
     srv.should_exit = True
     thread.join(5)
+
+
+def serve_engine_in_thread(limits, model: str = "tiny", max_model_len: int = 64):
+    """``kvlab serve``'s server (``build_server``) over a tiny CPU engine with ``limits``, on a free
+    local port in a daemon thread: yields (base URL, port, its AsyncEngine), then stops both (a
+    generator for a fixture to ``yield from``)."""
+    import socket
+    import threading
+    import time
+
+    from engine import EngineConfig, LLMEngine
+    from engine.serving.server import build_server
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    engine = LLMEngine(EngineConfig(model="tiny-llama", device="cpu", max_model_len=max_model_len,
+                                    kv_cache_tokens=1024, record_memory=False))
+    server, async_engine = build_server(engine, model, "127.0.0.1", port, log_level="warning", access_log=False,
+                                        limits=limits)
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}", port, async_engine, server
+    finally:
+        server.should_exit = True
+        thread.join(15)
+        async_engine.shutdown()

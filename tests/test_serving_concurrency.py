@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
+import itertools
 import threading
 import time
 from types import SimpleNamespace
@@ -36,12 +36,6 @@ RELEASE_S = 10.0  # a slot is freed at once; this only bounds the wait on a load
 ANSWER_S = 10.0  # a refusal is immediate and a released request ends at once: a hang fails soon
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
 def _limiter(app) -> ConcurrencyLimitMiddleware:
     """The app's instance, which counts the requests in flight."""
     node = app.middleware_stack
@@ -52,28 +46,11 @@ def _limiter(app) -> ConcurrencyLimitMiddleware:
 
 @pytest.fixture(scope="module")
 def live():
-    from engine import EngineConfig, LLMEngine
-    from engine.serving.server import build_server
+    from conftest import serve_engine_in_thread
 
-    port = _free_port()
-    engine = LLMEngine(EngineConfig(model="tiny-llama", device="cpu", max_model_len=64, kv_cache_tokens=1024,
-                                    record_memory=False))
-    server, async_engine = build_server(engine, MODEL, HOST, port, log_level="warning", access_log=False,
-                                        limits=LIMITS)
-    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 120
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        url = f"http://{HOST}:{port}"
+    for url, _, _, server in serve_engine_in_thread(LIMITS, MODEL):
         assert httpx.get(f"{url}/health", timeout=ANSWER_S).status_code == 200  # Starlette builds its middleware now
         yield SimpleNamespace(url=url, limiter=_limiter(server.config.app))
-    finally:
-        server.should_exit = True
-        thread.join(15)
-        async_engine.shutdown()
 
 
 @pytest.fixture
@@ -115,7 +92,9 @@ def completion(**fields) -> dict:
 @contextlib.contextmanager
 def held_streams(url: str, n: int = LIMIT) -> Iterator[list[Iterator[str]]]:
     """``n`` streamed completions, each past its first event (in flight, held by the gate); the
-    iterators of their remaining lines. Leaving the block disconnects any still open."""
+    iterators of their lines, that first event included (on a loaded machine the engine may finish
+    before the stream's first event: then it holds every token and the finish reason). Leaving the
+    block disconnects any still open."""
     with contextlib.ExitStack() as stack:
         rest = []
         for _ in range(n):
@@ -123,8 +102,9 @@ def held_streams(url: str, n: int = LIMIT) -> Iterator[list[Iterator[str]]]:
             r = stack.enter_context(http.stream("POST", "/v1/completions", json=completion(stream=True)))
             assert r.status_code == 200, r.read()
             lines = (line for line in r.iter_lines() if line)
-            assert next(lines).startswith("data: {")
-            rest.append(lines)
+            first = next(lines)
+            assert first.startswith("data: {")
+            rest.append(itertools.chain([first], lines))
         yield rest
 
 

@@ -11,7 +11,6 @@ import json
 import logging
 import select
 import socket
-import threading
 import time
 from types import SimpleNamespace
 
@@ -31,37 +30,14 @@ LIMITS = ServerLimits(max_body_bytes=64 * 1024, max_prompts_per_request=4, max_n
 SLACK_S = 3.0  # scheduling slack on a loaded machine
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def live():
     """A real uvicorn server (as ``kvlab serve`` builds it) and an in-process app over the same engine."""
-    from engine import EngineConfig, LLMEngine
+    from conftest import serve_engine_in_thread
     from engine.serving.app import create_app
-    from engine.serving.server import build_server
 
-    port = _free_port()
-    engine = LLMEngine(EngineConfig(model="tiny-llama", device="cpu", max_model_len=MAX_MODEL_LEN,
-                                    kv_cache_tokens=1024, record_memory=False))
-    server, async_engine = build_server(engine, MODEL, HOST, port, log_level="warning", access_log=False,
-                                        limits=LIMITS)
-    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 120
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield SimpleNamespace(url=f"http://{HOST}:{port}", port=port, engine=async_engine,
-                              app=create_app(async_engine, MODEL, limits=LIMITS))
-    finally:
-        server.should_exit = True
-        thread.join(15)
-        async_engine.shutdown()
+    for url, port, async_engine, _ in serve_engine_in_thread(LIMITS, MODEL, MAX_MODEL_LEN):
+        yield SimpleNamespace(url=url, port=port, engine=async_engine, app=create_app(async_engine, MODEL, limits=LIMITS))
 
 
 def call(app, method: str, path: str, raise_app_exceptions: bool = True, **kw) -> httpx.Response:
