@@ -76,8 +76,8 @@ def choose_config(n: int, k: int, num_sms: int, gated: bool = False) -> LinearCo
 if triton is not None:
 
     @triton.jit
-    def _small_linear_kernel(x_ptr, w_ptr, b_ptr, nw_ptr, res_ptr, out_ptr, sq_in_ptr, sq_out_ptr,
-                             M, N, K, stride_xm, stride_wn, stride_rm, stride_om, eps, num_sq_in,
+    def _small_linear_kernel(x_ptr, w_ptr, b_ptr, nw_ptr, out_ptr, sq_in_ptr, sq_out_ptr,
+                             M, N, K, stride_xm, stride_wn, stride_om, eps, num_sq_in,
                              NORM: tl.constexpr, SQ_IN: tl.constexpr, SQ_OUT: tl.constexpr,
                              GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
                              RESIDUAL: tl.constexpr, EVEN_K: tl.constexpr,
@@ -152,16 +152,16 @@ if triton is not None:
             y = (y / (1.0 + tl.exp(-y))).to(dtype).to(tl.float32) * acc_up.to(dtype).to(tl.float32)
             y = y.to(dtype).to(tl.float32)
         mask = n_ok[:, None] & m_ok[None, :]
-        if RESIDUAL:  # this program's columns of the stream: read and written here only
-            r_ptrs = res_ptr + offs_m[None, :] * stride_rm + offs_n[:, None]
-            r = tl.load(r_ptrs, mask=mask, other=0.0).to(tl.float32)
-            new = (y + r).to(res_ptr.dtype.element_ty)
-            tl.store(r_ptrs, new, mask=mask)
+        out_ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
+        if RESIDUAL:  # out is the stream: this program's columns of it, read and written here only
+            r = tl.load(out_ptrs, mask=mask, other=0.0).to(tl.float32)
+            new = (y + r).to(out_ptr.dtype.element_ty)
+            tl.store(out_ptrs, new, mask=mask)
             if SQ_OUT:  # this program's part of each row's sum of squares, for the next norm
                 nf = tl.where(mask, new.to(tl.float32), 0.0)
                 tl.store(sq_out_ptr + pid * BLOCK_M + offs_m, tl.sum(nf * nf, axis=0))
         else:
-            tl.store(out_ptr + offs_m[None, :] * stride_om + offs_n[:, None], y.to(out_ptr.dtype.element_ty), mask=mask)
+            tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _check_row_sq(t: torch.Tensor, name: str, rows: int, like: torch.Tensor, hint: str = "") -> None:
@@ -221,12 +221,17 @@ def _check(x, weight, bias, norm_weight, gated, residual) -> int:
     return n
 
 
+def _tiles(n: int, k: int, device: torch.device, gated: bool, config: LinearConfig | None) -> LinearConfig:
+    """``config``, or the default tiles for this device."""
+    from kernels.triton_attention import device_sms
+
+    return config or choose_config(n, k, device_sms(device), gated)
+
+
 def num_programs(n: int, k: int, device: torch.device, gated: bool = False, config: LinearConfig | None = None) -> int:
     """Programs (``row_sq_out`` rows) of a ``small_linear`` of N output columns over K with ``config``'s
     tiles (None: the default ones, as ``small_linear`` picks them)."""
-    from kernels.triton_attention import device_sms
-
-    return triton.cdiv(n, (config or choose_config(n, k, device_sms(device), gated)).block_n)
+    return triton.cdiv(n, _tiles(n, k, device, gated, config).block_n)
 
 
 def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -242,11 +247,8 @@ def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     instead of reading all of x first."""
     n = _check(x, weight, bias, norm_weight, gated, residual)
     m, k = x.shape
-    if config is None:
-        from kernels.triton_attention import device_sms
-
-        config = choose_config(n, k, device_sms(x.device), gated)
-    cfg, grid = config, triton.cdiv(n, config.block_n)
+    cfg = _tiles(n, k, x.device, gated, config)
+    grid = triton.cdiv(n, cfg.block_n)
     if row_sq is not None:
         if norm_weight is None:
             raise ValueError("row_sq gives the norm's sums of squares: pass norm_weight too")
@@ -261,8 +263,8 @@ def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     out = residual if residual is not None else torch.empty((m, n), dtype=x.dtype, device=x.device)
     _small_linear_kernel[(grid,)](
         x, weight, bias if bias is not None else weight, norm_weight if norm_weight is not None else weight,
-        out, out, row_sq if row_sq is not None else x, row_sq_out if row_sq_out is not None else x,
-        m, n, k, x.stride(0), weight.stride(0), out.stride(0), out.stride(0), eps,
+        out, row_sq if row_sq is not None else x, row_sq_out if row_sq_out is not None else x,
+        m, n, k, x.stride(0), weight.stride(0), out.stride(0), eps,
         row_sq.shape[0] if row_sq is not None else 0,
         NORM=norm_weight is not None, SQ_IN=row_sq is not None, SQ_OUT=row_sq_out is not None,
         GATED=gated, HAS_BIAS=bias is not None, RESIDUAL=residual is not None,
