@@ -441,12 +441,15 @@ def _rows_decode_graphs(timer: Timer, model, caches, mc, name: str, pool: int, m
         graphs.capture()
         return graphs, table
 
+    def uniform_rows(graphs, table, mode: str, bs: int, cases, **extra) -> None:
+        for b, ctx in _ticked(cases, tick):
+            _fill_decode_graph(graphs, table, [ctx] * b, bs, pool, gen, device)
+            rows.append(dict(table="decode_graph", model=name, mode=mode, block_size=bs, batch=b, context=ctx, **extra,
+                             value=timer.replay(graphs.graphs[b].replay)))
+
     for mode, bs in _modes(block_sizes):
         graphs, table = captured(mode, bs, list(DECODE_BATCHES))
-        for b, ctx in _ticked(uniform, tick):
-            _fill_decode_graph(graphs, table, [ctx] * b, bs, pool, gen, device)
-            rows.append(dict(table="decode_graph", model=name, mode=mode, block_size=bs, batch=b,
-                             context=ctx, value=timer.replay(graphs.graphs[b].replay)))
+        uniform_rows(graphs, table, mode, bs, uniform)
         # whole steps of ragged batches: what the cost model's ragged term is checked against
         for b, mean in _ticked(ragged, tick):
             ctxs = contexts("lognormal", b, mean, max_model_len, rng)
@@ -464,10 +467,7 @@ def _rows_decode_graphs(timer: Timer, model, caches, mc, name: str, pool: int, m
     model.set_gemv_max_tokens(GEMV_TOKENS)
     for mode, bs in _modes(block_sizes):
         graphs, table = captured(mode, bs, [b for b in DECODE_BATCHES if b <= GEMV_TOKENS])
-        for b, ctx in _ticked(_gemv_cases(uniform), tick):
-            _fill_decode_graph(graphs, table, [ctx] * b, bs, pool, gen, device)
-            rows.append(dict(table="decode_graph", model=name, mode=mode, block_size=bs, batch=b, context=ctx,
-                             gemv=GEMV_TOKENS, value=timer.replay(graphs.graphs[b].replay)))
+        uniform_rows(graphs, table, mode, bs, _gemv_cases(uniform), gemv=GEMV_TOKENS)
         del graphs
         torch.cuda.empty_cache()
     return rows
