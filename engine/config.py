@@ -59,7 +59,7 @@ WHOLE_MEANING = {"max_model_len": "tokens a sequence may hold; 0: the model's li
                  "cpu_kv_cache_memory": "bytes of the KV pool on CPU", "seed": "the sampling seed",
                  "cpu_threads": "torch threads on CPU; 0: chosen by model size"}
 FLAGS = ("enable_chunked_prefill", "enable_prefix_caching", "enforce_eager", "detokenize", "record_memory",
-         "stream_outputs")
+         "stream_outputs", "enable_pdl")
 
 
 @dataclass
@@ -102,6 +102,9 @@ class EngineConfig:
     # its RMSNorm, SiLU-and-mul or residual add inside one kernel (kernels/small_linear.py): four
     # kernels a layer where cuBLAS and the fused ops take nine. 0: off (cuBLAS for every step)
     fused_gemv_max_tokens: int = 0
+    # programmatic dependent launch (Hopper and newer; kernels/pdl.py): the step's Triton kernels start
+    # while the one before them finishes and pull their weights into L2 meanwhile. false: off
+    enable_pdl: bool = False
     # where a step of whole prompts (every sequence from token 0: no cached prefix, no decode) reads
     # its keys: cache (through the allocator's addressing, as every other step) | qkv (from the
     # step's own K/V projection, LINEAR; the cache is written all the same). Only PAGED differs: its
@@ -170,6 +173,9 @@ class EngineConfig:
         if self.kv_grouping not in ("none", "shared"):
             raise ValueError(f"kv_grouping '{self.kv_grouping}': choose none (full-length KV for every layer) or "
                              "shared (layer groups: windowed layers hold their window, vLLM's hybrid allocator)")
+        if self.tensor_parallel_size > 1 and self.enable_pdl is True:
+            raise ValueError("enable_pdl=true runs with tensor_parallel_size=1 only (the workers' steps launch "
+                             "without it): set enable_pdl=false or tensor_parallel_size=1")
         if self.tensor_parallel_size > 1 and (self.kv_cache_dtype != "auto" or self.kv_grouping != "none"):
             raise ValueError("tensor_parallel_size > 1 runs kv_cache_dtype=auto and kv_grouping=none only (fp8 "
                              "scales and layer groups are not sent to the other ranks yet): choose one of the two")

@@ -29,6 +29,7 @@ from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig, group_kv_tokens
 from engine.sequence import PENDING, SeqStatus, Sequence
 from engine.tokenizer import has_text, load_tokenizer
+from kernels import pdl
 from kernels.metadata import Addressing
 
 log = logging.getLogger("kvlab.engine")
@@ -97,6 +98,8 @@ class LLMEngine:
                 log.warning("%s: %.1fB parameters on the CPU: building the weights takes minutes and a step seconds "
                             "(a GPU: device=cuda; kvlab run mode=simulate for figures without one)",
                             config.model, mc.num_params / 1e9)
+            if config.enable_pdl:
+                pdl.check_supported(self.device)
             torch.manual_seed(config.seed)
             if tp > 1:
                 self.tp_group = start_tp_group(config, mc, self.max_model_len, self.dtype, self.device)
@@ -105,6 +108,7 @@ class LLMEngine:
                 self.model = load_model(mc, config.model, self.max_model_len, self.dtype, self.device, config.seed)
                 if self.device.startswith("cuda"):
                     self.model.fuse(config.fused_gemv_max_tokens)
+                self.model.pdl = config.enable_pdl  # (checked above, before the weights were made)
             self.model.set_kv_cache_dtype(self.kv_dtype, config.kv_scale)
         if self.device == "cpu":
             threads = config.cpu_threads or (1 if mc.num_params < 50_000_000 else 0)

@@ -12,7 +12,7 @@ from torch import nn
 
 import kernels
 from engine.model_config import ModelConfig
-from kernels import fused_ops, small_linear
+from kernels import fused_ops, pdl, small_linear
 from engine.rope import RotaryEmbedding
 from kernels.metadata import AttentionMetadata
 
@@ -251,9 +251,16 @@ class CausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rope = RotaryEmbedding(cfg.head_dim, max_model_len, cfg.rope_theta, cfg.rope_scaling)
         self.fused = False
+        self.pdl = False  # the step's Triton kernels with programmatic dependent launch (kernels.pdl)
 
     def forward(self, input_ids, positions, meta: AttentionMetadata, kv_caches) -> torch.Tensor:
         """Final-normed hidden states of every token; ``kv_caches[i]`` is layer i's (k, v)."""
+        if self.pdl:  # read by each kernel when launched (and so kept by a CUDA graph captured here)
+            with pdl.launches():
+                return self._forward(input_ids, positions, meta, kv_caches)
+        return self._forward(input_ids, positions, meta, kv_caches)
+
+    def _forward(self, input_ids, positions, meta: AttentionMetadata, kv_caches) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)
         norm = self.model.norm
         if self.fused:

@@ -21,7 +21,7 @@ import time
 import torch
 
 from engine.cuda_graphs import padded
-from kernels import fused_ops
+from kernels import fused_ops, pdl
 from kernels.metadata import AttentionMetadata
 
 log = logging.getLogger("kvlab.graphs")
@@ -95,6 +95,16 @@ class PiecewiseGraphs:
         cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.synchronize()
+        with pdl.launches(self.model.pdl):  # the graphs keep the launches' PDL attribute
+            self._capture_all(cuda)
+        if cuda:
+            torch.cuda.synchronize()
+        self.capture_s = time.perf_counter() - t0
+        if self.sizes:
+            log.info("piecewise CUDA graphs for %d token counts up to %d (%d graphs each) in %.1f s",
+                     len(self.sizes), self.sizes[-1], len(self.model.model.layers) + 1, self.capture_s)
+
+    def _capture_all(self, cuda: bool) -> None:
         for s in reversed(self.sizes):  # largest first: smaller sizes reuse its pool
             pieces = self._pieces(s)
             if not cuda:
@@ -113,12 +123,6 @@ class PiecewiseGraphs:
                 graphs.append(g)
             # the queries live in self.query; only the hidden states are this size's own
             self.graphs[s], self.hidden[s] = graphs, out
-        if cuda:
-            torch.cuda.synchronize()
-        self.capture_s = time.perf_counter() - t0
-        if self.sizes:
-            log.info("piecewise CUDA graphs for %d token counts up to %d (%d graphs each) in %.1f s",
-                     len(self.sizes), self.sizes[-1], len(self.model.model.layers) + 1, self.capture_s)
 
     def padded_size(self, n: int) -> int | None:
         return padded(self.sizes, n)
@@ -144,7 +148,8 @@ class PiecewiseGraphs:
         if s > n:
             self.slot_mapping[n:s].fill_(-1)  # padding rows write nowhere
         q, out = self.query[:n], self.attn_out[:n]
-        for i, layer in enumerate(self.model.model.layers):
-            self._replay(s, i)  # writes this layer's queries into self.query
-            layer.self_attn.attend(q, meta, self.kv_caches[i], out=out)
-        return self._replay(s, len(self.model.model.layers))[:n]
+        with pdl.launches(self.model.pdl):  # the eager attentions (and pieces without CUDA)
+            for i, layer in enumerate(self.model.model.layers):
+                self._replay(s, i)  # writes this layer's queries into self.query
+                layer.self_attn.attend(q, meta, self.kv_caches[i], out=out)
+            return self._replay(s, len(self.model.model.layers))[:n]

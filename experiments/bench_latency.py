@@ -14,7 +14,9 @@ Per model, one engine (paged, random bf16 weights), three measurements side by s
 
 ``--fused-gemv-max-tokens 0,16`` builds one engine per value (``engine.fused_gemv_max_tokens``:
 steps of up to that many tokens run each linear layer as a ``kernels.small_linear`` kernel) and
-measures each in turn: the same run, the same device, before and after.
+measures each in turn: the same run, the same device, before and after. ``--enable-pdl 0,1`` (one
+value for all, or one per engine beside ``--fused-gemv-max-tokens``) sets ``engine.enable_pdl``
+(programmatic dependent launch of the step's Triton kernels, kernels/pdl.py).
 
 Rows go to ``latency_<device>.csv`` and a markdown table on stdout.
 """
@@ -118,9 +120,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--fused-gemv-max-tokens", default="0",
                     help="comma-separated engine.fused_gemv_max_tokens values, one engine each (0: cuBLAS)")
+    ap.add_argument("--enable-pdl", default="0",
+                    help="comma-separated engine.enable_pdl values (0/1): one for every engine or one each")
     ap.add_argument("--out", default="results/engine")
     a = ap.parse_args(argv)
     gemvs = [int(x) for x in a.fused_gemv_max_tokens.split(",")]
+    pdls = [x.strip() in ("1", "true") for x in a.enable_pdl.split(",")]
+    if len(pdls) not in (1, len(gemvs)):
+        ap.error(f"--enable-pdl: one value or one per --fused-gemv-max-tokens value ({len(gemvs)}), got {len(pdls)}")
+    variants = list(zip(gemvs, pdls * len(gemvs) if len(pdls) == 1 else pdls))
     prefills = [int(x) for x in a.prefill_tokens.split(",") if x]
     if not torch.cuda.is_available():
         raise SystemExit("bench_latency needs a CUDA device")
@@ -128,17 +136,18 @@ def main(argv: list[str] | None = None) -> int:
     bw = copy_bandwidth("cuda")
     print(f"device: {device}; copy bandwidth {bw / 1e9:.0f} GB/s", flush=True)
     rows = []
-    for run, (model, gemv) in enumerate((m, g) for m in a.models.split(",") for g in gemvs):
+    for run, (model, (gemv, pdl)) in enumerate((m, v) for m in a.models.split(",") for v in variants):
         t0 = time.perf_counter()
         engine = LLMEngine(EngineConfig(model=model, allocator="paged", max_model_len=4096, max_num_seqs=64,
                                         kv_cache_tokens=65536, detokenize=False, record_memory=False,
-                                        stream_outputs=False, fused_gemv_max_tokens=gemv))
+                                        stream_outputs=False, fused_gemv_max_tokens=gemv, enable_pdl=pdl))
         pw = engine.runner.mixed_graphs
-        start = dict(model=model, fused_gemv_max_tokens=gemv, startup_s=round(time.perf_counter() - t0, 1),
+        start = dict(model=model, fused_gemv_max_tokens=gemv, enable_pdl=pdl,
+                     startup_s=round(time.perf_counter() - t0, 1),
                      graph_mode=engine.config.cuda_graph_mode,
                      mixed_graphs_capture_s=round(pw.capture_s, 1) if pw else None)
         print(start, flush=True)
-        tag = dict(model=model, fused_gemv=gemv, engine_run=run)  # a value given twice: repeats, told apart
+        tag = dict(model=model, fused_gemv=gemv, pdl=int(pdl), engine_run=run)  # a value given twice: repeats, told apart
         for b in (int(x) for x in a.batches.split(",")):
             rows += [dict(**tag, **r) for r in decode_rows(engine, b, a.steps, bw)]
         for n in prefills:

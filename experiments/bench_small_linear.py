@@ -10,7 +10,10 @@ as the model has (so the weights stream from HBM, not L2), each in a CUDA graph:
   (``kernels.fused_ops`` + ``F.linear``: what ``DecoderLayer.forward_fused`` runs around attention);
 - ``fused``: QKV with the norm in its prologue, O adding into the residual, gate_up with norm and
   SiLU, down adding into the residual (``small_linear``: four kernels a layer; the norms take the
-  rows' sums of squares from the kernel before them, as the engine's do).
+  rows' sums of squares from the kernel before them, as the engine's do);
+- ``fused_pdl``: the same kernels launched with programmatic dependent launch (``kernels.pdl``,
+  Hopper and newer: each kernel's programs start and prefetch their weights into L2 while the kernel
+  before runs).
 
 Each is checked against ``small_linear_ref`` first. Reported: microseconds a layer, its weight
 bytes over that time against the device-to-device copy bandwidth of the same run, and each GEMM
@@ -31,7 +34,7 @@ import torch.nn.functional as F
 
 from engine.presets import preset_config
 from experiments.bench_kernels import _median_graph_us, copy_bandwidth_gbps
-from kernels import fused_ops
+from kernels import fused_ops, pdl
 from kernels.small_linear import LinearConfig, choose_config, small_linear, small_linear_ref
 
 BATCHES = (1, 8, 16)
@@ -157,12 +160,19 @@ def main(argv=None) -> None:
                 for i, w in enumerate(layers):
                     fused_layer(w, stream, attn, eps, sq, first=i == 0)
 
+            def run_fused_pdl():  # the same kernels launched with PDL (engine.enable_pdl)
+                with pdl.launches():
+                    run_fused()
+
             n = len(layers)
             t_cublas = _median_graph_us(run_cublas, n, target_ms=20, trials=9)
             t_fused = _median_graph_us(run_fused, n, target_ms=20, trials=9)
+            t_pdl = _median_graph_us(run_fused_pdl, n, target_ms=20, trials=9) if pdl.supported(dev) else float("nan")
             row = dict(model=name, batch=m, rel_err=err, layer_mb=layer_bytes / 1e6, cublas_us=t_cublas, fused_us=t_fused,
+                       fused_pdl_us=t_pdl,
                        cublas_pct_copy=100 * layer_bytes / (t_cublas * 1e-6) / 1e9 / copy_gbps,
-                       fused_pct_copy=100 * layer_bytes / (t_fused * 1e-6) / 1e9 / copy_gbps)
+                       fused_pct_copy=100 * layer_bytes / (t_fused * 1e-6) / 1e9 / copy_gbps,
+                       fused_pdl_pct_copy=100 * layer_bytes / (t_pdl * 1e-6) / 1e9 / copy_gbps)
             for kind in ("qkv", "o", "gate_up", "down"):  # each GEMM alone, over all layers' weights
                 a = x if kind in ("qkv", "gate_up") else (attn if kind == "o" else
                                                           torch.randn(m, cfg.intermediate_size, device=dev).to(DTYPE))
@@ -172,7 +182,8 @@ def main(argv=None) -> None:
                     lambda: [small_linear(a, w[kind], gated=kind == "gate_up") for w in layers], n, target_ms=10, trials=7)
             rows.append(row)
             print(f"{name} batch {m}: rel err {err:.1e}; a layer {t_cublas:.1f} us cuBLAS path "
-                  f"({row['cublas_pct_copy']:.1f}% of copy) vs {t_fused:.1f} us fused ({row['fused_pct_copy']:.1f}%); "
+                  f"({row['cublas_pct_copy']:.1f}% of copy) vs {t_fused:.1f} us fused ({row['fused_pct_copy']:.1f}%), "
+                  f"{t_pdl:.1f} us with PDL ({row['fused_pdl_pct_copy']:.1f}%); "
                   + ", ".join(f"{k} {row[k + '_cublas_us']:.1f}/{row[k + '_small_us']:.1f}" for k in
                               ("qkv", "o", "gate_up", "down")), flush=True)
             if args.sweep and m in (1, 8) and name in args.sweep_models.split(","):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels import value_checks
+from kernels import pdl, value_checks
 
 try:
     import triton
@@ -52,6 +52,7 @@ def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
 
 # -- Triton kernels -----------------------------------------------------------------------------
 if triton is not None:
+    from kernels.pdl import enter as pdl_enter
 
     @triton.jit
     def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, stride_x, stride_r, stride_o, n, eps,
@@ -101,10 +102,11 @@ if triton is not None:
                              stride_qt, stride_qh, stride_kt, stride_kh, stride_cs, num_q_heads, num_k_heads, eps,
                              stride_vt, stride_vh, stride_kcs, stride_kch, stride_vcs, stride_vch,
                              HALF: tl.constexpr, HQP: tl.constexpr, HKP: tl.constexpr, NORM: tl.constexpr,
-                             STORE: tl.constexpr):
+                             STORE: tl.constexpr, PDL: tl.constexpr = False, TRIGGER_EARLY: tl.constexpr = True):
         # one program a token, all its heads: a program a head (40 x 256 of them in a llama3-8b
         # step of 256 sequences) spent its time being scheduled, not moving its 256 bytes.
         # STORE: the rotated k and v go to the cache slot too (one kernel a layer fewer)
+        pdl_enter(PDL, TRIGGER_EARLY)  # kernels.pdl
         t = tl.program_id(0).to(tl.int64)  # t x the qkv row stride passes 2**31 from ~200k tokens (70B)
         pos = tl.load(pos_ptr + t)
         offs = tl.arange(0, HALF)[None, :]
@@ -209,13 +211,14 @@ def qk_norm_rope_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torc
             value_checks.slots("slots", slots, k_cache.shape[0], padding=True)
     else:
         v = k_cache = v_cache = slots = positions  # unused
+    on = pdl.enabled(q.device)
     _qk_norm_rope_kernel[(t,)](
         q, k, cos, sin, positions, q_w if norm else cos, k_w if norm else cos, v, k_cache, v_cache, slots,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0), hq, hk, eps,
         *(v.stride(0), v.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1))
         if store else (0,) * 6,
         HALF=d // 2, HQP=triton.next_power_of_2(hq), HKP=triton.next_power_of_2(hk), NORM=norm, STORE=store,
-        num_warps=4 if hq * d >= 2048 else 1)
+        PDL=on, TRIGGER_EARLY=pdl.TRIGGER_EARLY, num_warps=4 if hq * d >= 2048 else 1, **pdl.launch_kwargs(on))
 
 
 def _check_store(k, v, k_cache, v_cache, slots) -> None:

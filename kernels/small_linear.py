@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels import pdl
 from kernels.fused_ops import _check_rows, _check_vector, rms_norm_ref
 
 try:
@@ -74,6 +75,13 @@ def choose_config(n: int, k: int, num_sms: int, gated: bool = False) -> LinearCo
 
 
 if triton is not None:
+    from kernels.pdl import launch_dependents, prefetch_l2, wait
+
+    @triton.jit
+    def _prefetch_rows(w_rows, K, LINES: tl.constexpr, LINE_ELEMS: tl.constexpr):
+        """The first ``LINES`` cache lines of each row at ``w_rows`` ([BLOCK_N, 1] pointers) into L2."""
+        cols = tl.minimum(tl.arange(0, LINES) * LINE_ELEMS, K - 1)
+        prefetch_l2(w_rows + cols[None, :])
 
     @triton.jit
     def _small_linear_kernel(x_ptr, w_ptr, b_ptr, nw_ptr, out_ptr, sq_in_ptr, sq_out_ptr,
@@ -83,7 +91,11 @@ if triton is not None:
                              RESIDUAL: tl.constexpr, EVEN_K: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                              NUM_STAGES: tl.constexpr, DOT_F32: tl.constexpr,
-                             NORM_M: tl.constexpr, NORM_K: tl.constexpr):
+                             NORM_M: tl.constexpr, NORM_K: tl.constexpr,
+                             PDL: tl.constexpr, TRIGGER_EARLY: tl.constexpr,
+                             PREFETCH_LINES: tl.constexpr, LINE_ELEMS: tl.constexpr):
+        if TRIGGER_EARLY:  # kernels.pdl: nothing before wait() reads or writes what a kernel writes
+            launch_dependents(PDL)
         pid = tl.program_id(0)
         offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
@@ -94,6 +106,14 @@ if triton is not None:
         w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
         w_up = w_ptr + (N + offs_n)[:, None].to(tl.int64) * stride_wn  # (GATED) N * stride_wn in int32 could wrap
         dtype = w_ptr.dtype.element_ty
+        if PREFETCH_LINES > 0:  # (PDL) this program's weights start for L2 while the kernel before runs
+            rows = tl.minimum(offs_n, N - 1)  # a partial last tile: its real rows again
+            _prefetch_rows(w_ptr + rows[:, None].to(tl.int64) * stride_wn, K, PREFETCH_LINES, LINE_ELEMS)
+            if GATED:
+                _prefetch_rows(w_ptr + (N + rows)[:, None].to(tl.int64) * stride_wn, K, PREFETCH_LINES, LINE_ELEMS)
+        wait(PDL)  # x, row_sq and the residual: the kernels before wrote them
+        if not TRIGGER_EARLY:
+            launch_dependents(PDL)
         if NORM and SQ_IN:  # the rows' sums of squares from the kernel that wrote x: its programs' parts,
             # added in a fixed order (deterministic, unlike atomics)
             offs_p = tl.arange(0, 64)
@@ -261,6 +281,7 @@ def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         _check_row_sq(row_sq_out, "row_sq_out", grid, x, hint="; rows: num_programs(n, k, device, gated, config)")
     _check_aliasing(x, residual, row_sq, row_sq_out)
     out = residual if residual is not None else torch.empty((m, n), dtype=x.dtype, device=x.device)
+    on = pdl.enabled(x.device)
     _small_linear_kernel[(grid,)](
         x, weight, bias if bias is not None else weight, norm_weight if norm_weight is not None else weight,
         out, row_sq if row_sq is not None else x, row_sq_out if row_sq_out is not None else x,
@@ -271,5 +292,7 @@ def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         EVEN_K=k % cfg.block_k == 0, BLOCK_M=MAX_TOKENS, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         NUM_STAGES=cfg.num_stages, DOT_F32=x.device.type == "cpu" or x.dtype == torch.float32,
         NORM_M=triton.next_power_of_2(m), NORM_K=min(triton.next_power_of_2(k), NORM_ELEMENTS // triton.next_power_of_2(m)),
-        num_warps=cfg.num_warps)
+        PDL=on, TRIGGER_EARLY=pdl.TRIGGER_EARLY,
+        PREFETCH_LINES=pdl.prefetch_lines(weight.shape[0], k * weight.element_size()) if on else 0,
+        LINE_ELEMS=pdl.LINE // weight.element_size(), num_warps=cfg.num_warps, **pdl.launch_kwargs(on))
     return out

@@ -22,8 +22,10 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import value_checks
+from kernels import pdl, value_checks
 from kernels.metadata import Addressing, AttentionMetadata, decode_seq_major
+
+from kernels.pdl import enter as pdl_enter  # noqa: E402 (a jit function the kernels call)
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
@@ -104,7 +106,9 @@ def _attn_kernel(
     CAUSAL_SPLIT: tl.constexpr,  # unmasked loop over the keys every query row sees (not SPLIT, WINDOWED)
     LONGEST_FIRST: tl.constexpr,  # query tiles in reverse order (not DIRECT)
     SEQ_MAJOR: tl.constexpr,  # DIRECT: grid (KV heads, sequences): a sequence's programs launch together
+    PDL: tl.constexpr = False, TRIGGER_EARLY: tl.constexpr = True,  # kernels.pdl
 ):
+    pdl_enter(PDL, TRIGGER_EARLY)  # everything below reads what the kernels before wrote
     tl.static_assert(not (SEQ_MAJOR and LONGEST_FIRST))  # the one reverses axis 0, the other moves it
     if SEQ_MAJOR:
         kvh = tl.program_id(0)
@@ -299,8 +303,10 @@ def _merge_kernel(
     num_splits,
     SPLITS_P: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    PDL: tl.constexpr = False, TRIGGER_EARLY: tl.constexpr = True,
 ):
     """out[t, h] = sum_j w_j * o_j / sum_j w_j with w_j = 2^(lse_j - max lse)."""
+    pdl_enter(PDL, TRIGGER_EARLY)
     tok = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     offs_s = tl.arange(0, SPLITS_P)
@@ -590,6 +596,7 @@ def attention_into(
     bt = meta.block_table if paged else meta.seq_lens  # unused pointer in the other mode
     base = meta.seq_base if not paged else meta.seq_lens
     seq_major = cfg.seq_major and direct
+    on = pdl.enabled(q.device)
     grid = (num_kv_heads, num_qblocks, cfg.num_splits) if seq_major else (num_qblocks, num_kv_heads, cfg.num_splits)
     _attn_kernel[grid](
         q, k_cache, v_cache, out, po, plse,
@@ -625,7 +632,8 @@ def attention_into(
         CAUSAL_SPLIT=cfg.causal_split and not split and window == 0,
         LONGEST_FIRST=cfg.longest_first and not direct,
         SEQ_MAJOR=seq_major,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        PDL=on, TRIGGER_EARLY=pdl.TRIGGER_EARLY,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl.launch_kwargs(on),
     )
     if split:
         _merge_kernel[(num_tokens, num_heads)](
@@ -636,7 +644,8 @@ def attention_into(
             cfg.num_splits,
             SPLITS_P=_pow2(cfg.num_splits),
             HEAD_DIM=head_dim, BLOCK_D=block_d,
-            num_warps=1 if block_d <= 64 else 2,
+            PDL=on, TRIGGER_EARLY=pdl.TRIGGER_EARLY,
+            num_warps=1 if block_d <= 64 else 2, **pdl.launch_kwargs(on),
         )
     return out
 

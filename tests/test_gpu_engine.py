@@ -48,19 +48,22 @@ def qwen3_06b_shape(tmp_path_factory):
     return str(path), hf.to("cuda")
 
 
-# and paged with decode steps of up to 16 sequences through kernels.small_linear (fused_gemv_max_tokens)
-PARITY = [(a, args, 0) for a, args in ALLOCATORS] + [("paged", {}, 16)]
+# and paged with decode steps of up to 16 sequences through kernels.small_linear (fused_gemv_max_tokens), and
+# both with the Triton kernels launched with programmatic dependent launch (enable_pdl: kernels/pdl.py)
+PARITY = [(a, args, 0, False) for a, args in ALLOCATORS] + [("paged", {}, 16, False), ("paged", {}, 0, True),
+                                                            ("paged", {}, 16, True)]
 
 
-@pytest.mark.parametrize("allocator,args,gemv", PARITY, ids=[a + ("-small-linear" if g else "") for a, _, g in PARITY])
+@pytest.mark.parametrize("allocator,args,gemv,pdl", PARITY,
+                         ids=[a + ("-small-linear" if g else "") + ("-pdl" if p else "") for a, _, g, p in PARITY])
 @pytest.mark.parametrize("model", ["tiny_bf16", "qwen3_06b_shape"])
-def test_bf16_greedy_parity(request, model, allocator, args, gemv):
+def test_bf16_greedy_parity(request, model, allocator, args, gemv, pdl):
     path, hf = request.getfixturevalue(model)
     prompts = _prompts(hf.config.vocab_size)
     expected = hf_greedy(hf, prompts, MAX_TOKENS)
     llm = LLM(path, allocator=allocator, allocator_args=dict(args), device="cuda", dtype="bfloat16",
               max_model_len=512, max_num_seqs=16, kv_cache_tokens=8192 if allocator != "virtual" else 16 * 8192,
-              fused_gemv_max_tokens=gemv)
+              fused_gemv_max_tokens=gemv, enable_pdl=pdl)
     outs = llm.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True))
     divs = compare(hf, prompts, expected, [o.token_ids for o in outs])
     rate = match_rate(divs)

@@ -80,6 +80,13 @@
 #                                                     # GPU tests (parity with HF through it), the layer table
 #                                                     # (bench_small_linear), decode per token with fused_gemv_max_tokens
 #                                                     # 0 and 16, three interleaved engines a model (bench_latency)
+# Session of 2026-12-06 (tenth):
+#   bash results/engine/device_session.sh pdl         # programmatic dependent launch (kernels/pdl.py): its GPU tests,
+#                                                     # small_linear's and the engine's parity tests (with PDL),
+#                                                     # the layer table with a PDL column, decode per token with
+#                                                     # (gemv, pdl) = (0,0) (16,0) (16,1) twice interleaved, both
+#                                                     # models, then PDL without the L2 prefetch and with the late
+#                                                     # trigger (KVLAB_PDL_PREFETCH_MB=0, KVLAB_PDL_TRIGGER=late)
 # Outputs accumulate in $KVE (default /tmp/kve) on the machine; each part tars them into $OUT.
 set -uo pipefail
 part=${1:?tests or throughput}
@@ -241,6 +248,22 @@ gemv)
     timeout ${LAT_S:-300} python3 -m experiments.bench_latency --models ${LAT_MODELS:-llama3-8b,qwen3-0.6b} --batches 1,8 \
         --prefill-tokens "" --fused-gemv-max-tokens 0,16,0,16,0,16 --steps 150 --out "$out/latency" 2>&1 \
         | tee "$out/bench_latency.log" | grep "| decode"
+    exit 0
+    ;;
+pdl)
+    timeout ${TESTS_S:-240} python3 -m pytest -q -p no:cacheprovider tests/test_pdl.py tests/test_small_linear.py \
+        tests/test_gpu_engine.py -m "gpu or not gpu" -k "pdl or small_linear or parity" -rfE --tb=short 2>&1 \
+        | tee "$out/gpu_tests_pdl.log" | tail -6
+    timeout ${LAYER_S:-100} python3 -m experiments.bench_small_linear --batches 1,8 --out "$out/small_linear" 2>&1 \
+        | tee "$out/bench_small_linear.log"
+    timeout ${LAT_S:-240} python3 -m experiments.bench_latency --models ${LAT_MODELS:-llama3-8b,qwen3-0.6b} --batches 1,8 \
+        --prefill-tokens "" --fused-gemv-max-tokens 0,16,16,0,16,16 --enable-pdl 0,0,1,0,0,1 --steps 150 \
+        --out "$out/latency" 2>&1 | tee "$out/bench_latency.log" | grep "| decode"
+    for knob in KVLAB_PDL_PREFETCH_MB=0 KVLAB_PDL_TRIGGER=late; do
+        env $knob timeout ${KNOB_S:-90} python3 -m experiments.bench_latency --models ${LAT_MODELS:-llama3-8b,qwen3-0.6b} \
+            --batches 1,8 --prefill-tokens "" --fused-gemv-max-tokens 16 --enable-pdl 1 --steps 150 \
+            --out "$out/latency_${knob%%=*}" 2>&1 | tee "$out/bench_latency_${knob%%=*}.log" | grep "| decode"
+    done
     exit 0
     ;;
 regress2)

@@ -1,0 +1,150 @@
+"""Programmatic dependent launch (PDL, Hopper and newer) for the decode step's Triton kernels.
+
+A decode step of a small batch is a chain of ~7 short kernels a layer, and between two of them the
+device idles: the next kernel launches only when the last program of the one before has exited,
+and then ramps up. With PDL a kernel launched with ``launch_pdl=True`` may start while the kernel
+before it on the stream still runs; its programs do what depends on nothing of that kernel (here:
+pull their slice of the weights into L2) and then block in ``wait`` until it has finished and its
+writes are visible. CUDA graphs keep this (programmatic edges, CUDA >= 12.3).
+
+The rules every kernel launched through ``launch_kwargs`` keeps, so that any chain of them is as
+ordered as without PDL:
+
+- ``wait(PDL)`` in every program, on every path, before its first load of anything another kernel of
+  the step writes and before its first store (a program that returned early without it would let
+  the kernel "finish" before the one before it);
+- before ``wait``: only weights (no kernel of a step writes them) and launch arguments. Then a
+  kernel's ``wait`` returning means every kernel before it has finished (each finished only after
+  its own ``wait``), however early each called ``launch_dependents``;
+- ``launch_dependents(PDL)`` first thing (``TRIGGER_EARLY``, the default): the next kernel launches
+  as soon as every program here is resident, and its programs start their weight prefetch while this
+  kernel still runs (``KVLAB_PDL_TRIGGER=late``: after ``wait``, a tuning knob for experiments).
+
+``launches(on)`` turns it on for the kernels launched inside it (``CausalLM.forward`` with
+``engine.enable_pdl``); the kernels read ``enabled(device)`` when launched, so a CUDA graph
+captured inside keeps it. Under Triton's CPU interpreter ``wait``, ``launch_dependents`` and
+``prefetch_l2`` are no-ops (programs run one after another there): the CPU tests run the same
+kernel code with ``PDL`` on.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs
+    triton = None
+
+_ON = contextvars.ContextVar("kvlab_pdl", default=False)
+MIN_CAPABILITY = (9, 0)  # griddepcontrol: sm_90 and newer
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def supported(device: torch.device | str) -> bool:
+    """Whether kernels on ``device`` can be launched with PDL (a CUDA device of compute capability >= 9.0,
+    not under the interpreter; there the kernels still take the PDL path, with no-op waits)."""
+    device = torch.device(device)
+    if device.type != "cuda" or interpreting() or not torch.cuda.is_available():
+        return False
+    return torch.cuda.get_device_capability(device) >= MIN_CAPABILITY
+
+
+def check_supported(device: torch.device | str, field: str = "engine.enable_pdl") -> None:
+    if not supported(device):
+        raise ValueError(f"{field}=true needs a CUDA device of compute capability >= 9.0 (Hopper or newer), "
+                         f"got {device}{' under TRITON_INTERPRET=1' if interpreting() else ''}: set {field}=false")
+
+
+@contextlib.contextmanager
+def launches(on: bool = True):
+    """Kernels launched inside (this thread or task) use PDL where the device supports it."""
+    token = _ON.set(bool(on))
+    try:
+        yield
+    finally:
+        _ON.reset(token)
+
+
+def enabled(device: torch.device) -> bool:
+    """Whether a kernel launched now on ``device`` takes the PDL path (``PDL`` constexpr)."""
+    return _ON.get() and (device.type == "cuda" and supported(device) or device.type == "cpu" and interpreting())
+
+
+def launch_kwargs(on: bool) -> dict:
+    """Extra launch keyword arguments: ``launch_pdl`` only on a real device (the interpreter rejects it)."""
+    return {"launch_pdl": True} if on and not interpreting() else {}
+
+
+LINE = 128  # bytes: one L2 prefetch a cache line
+TRIGGER_EARLY = os.environ.get("KVLAB_PDL_TRIGGER", "early") != "late"
+# of a launch's weights, at most this many bytes pulled into L2 before ``wait`` (a tuning knob:
+# KVLAB_PDL_PREFETCH_MB; 0: none). Half of an H100/H200's 50 MB L2, so that the lines a kernel
+# prefetched are still there when its programs reach them.
+PREFETCH_BYTES = int(float(os.environ.get("KVLAB_PDL_PREFETCH_MB", "24")) * 2**20)
+
+
+def prefetch_lines(rows: int, row_bytes: int, budget: int | None = None) -> int:
+    """Lines of each of ``rows`` weight rows of ``row_bytes`` to prefetch: a power of two (0: none), the
+    launch's total within ``budget`` bytes (``PREFETCH_BYTES``), no more lines than the row has."""
+    budget = PREFETCH_BYTES if budget is None else budget
+    per_row = min(row_bytes, budget // max(rows, 1)) // LINE
+    if per_row < 1:
+        return 0
+    return 1 << (per_row.bit_length() - 1)
+
+if triton is not None:
+    if interpreting():  # programs run one after another: nothing to wait for, no L2 to fill
+
+        @triton.jit
+        def wait(PDL: tl.constexpr):
+            pass
+
+        @triton.jit
+        def launch_dependents(PDL: tl.constexpr):
+            pass
+
+        @triton.jit
+        def prefetch_l2(ptrs):
+            pass
+
+        @triton.jit
+        def enter(PDL: tl.constexpr, TRIGGER_EARLY: tl.constexpr):
+            pass
+
+    else:
+        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+        @triton.jit
+        def wait(PDL: tl.constexpr):
+            """Until the kernel before has finished and its writes are visible (PDL launches only)."""
+            if PDL:
+                gdc_wait()
+
+        @triton.jit
+        def launch_dependents(PDL: tl.constexpr):
+            """Let the next kernel launch once every program here has called this (after ``wait``)."""
+            if PDL:
+                gdc_launch_dependents()
+
+        @triton.jit
+        def prefetch_l2(ptrs):
+            """Ask L2 for the lines at ``ptrs`` (one pointer a line); nothing waits for them."""
+            tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n mov.u32 $0, 0;", "=r,l", [ptrs],
+                                      dtype=tl.int32, is_pure=False, pack=1)
+
+        @triton.jit
+        def enter(PDL: tl.constexpr, TRIGGER_EARLY: tl.constexpr):
+            """The start of a kernel with no work before ``wait``: trigger (early or late) and wait."""
+            if TRIGGER_EARLY:
+                launch_dependents(PDL)
+            wait(PDL)
+            if not TRIGGER_EARLY:
+                launch_dependents(PDL)
