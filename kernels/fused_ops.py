@@ -102,11 +102,11 @@ if triton is not None:
                              stride_qt, stride_qh, stride_kt, stride_kh, stride_cs, num_q_heads, num_k_heads, eps,
                              stride_vt, stride_vh, stride_kcs, stride_kch, stride_vcs, stride_vch,
                              HALF: tl.constexpr, HQP: tl.constexpr, HKP: tl.constexpr, NORM: tl.constexpr,
-                             STORE: tl.constexpr, PDL: tl.constexpr = False, TRIGGER_EARLY: tl.constexpr = True):
+                             STORE: tl.constexpr, PDL: tl.constexpr = False, TRIGGER: tl.constexpr = 2):
         # one program a token, all its heads: a program a head (40 x 256 of them in a llama3-8b
         # step of 256 sequences) spent its time being scheduled, not moving its 256 bytes.
         # STORE: the rotated k and v go to the cache slot too (one kernel a layer fewer)
-        pdl_enter(PDL, TRIGGER_EARLY)  # kernels.pdl
+        pdl_enter(PDL, TRIGGER)  # kernels.pdl (TRIGGER_END: at exit)
         t = tl.program_id(0).to(tl.int64)  # t x the qkv row stride passes 2**31 from ~200k tokens (70B)
         pos = tl.load(pos_ptr + t)
         offs = tl.arange(0, HALF)[None, :]
@@ -218,7 +218,7 @@ def qk_norm_rope_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torc
         *(v.stride(0), v.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1))
         if store else (0,) * 6,
         HALF=d // 2, HQP=triton.next_power_of_2(hq), HKP=triton.next_power_of_2(hk), NORM=norm, STORE=store,
-        PDL=on, TRIGGER_EARLY=pdl.TRIGGER_EARLY, num_warps=4 if hq * d >= 2048 else 1, **pdl.launch_kwargs(on))
+        PDL=on, TRIGGER=pdl.TRIGGER, num_warps=4 if hq * d >= 2048 else 1, **pdl.launch_kwargs(on))
 
 
 def _check_store(k, v, k_cache, v_cache, slots) -> None:

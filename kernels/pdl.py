@@ -15,10 +15,13 @@ ordered as without PDL:
   the kernel "finish" before the one before it);
 - before ``wait``: only weights (no kernel of a step writes them) and launch arguments. Then a
   kernel's ``wait`` returning means every kernel before it has finished (each finished only after
-  its own ``wait``), however early each called ``launch_dependents``;
-- ``launch_dependents(PDL)`` first thing (``TRIGGER_EARLY``, the default): the next kernel launches
-  as soon as every program here is resident, and its programs start their weight prefetch while this
-  kernel still runs (``KVLAB_PDL_TRIGGER=late``: after ``wait``, a tuning knob for experiments).
+  its own ``wait``), wherever each called ``launch_dependents``;
+- ``launch_dependents(PDL)`` where ``TRIGGER`` says: ``TRIGGER_END`` (the default) once a program's
+  main loop is done (kernels without one: at exit), so the next kernel's programs launch into SMs
+  that are free or about to be, one per SM as without PDL. Triggering at the start (``early``) or
+  right after ``wait`` (``wait``) let waiting programs take the first SMs to free up, two to an SM,
+  and llama3-8b's decode step got 7-13% slower (H100, results/engine/session_2026-12-06c);
+  ``KVLAB_PDL_TRIGGER=early|wait|end`` is a tuning knob for experiments.
 
 ``launches(on)`` turns it on for the kernels launched inside it (``CausalLM.forward`` with
 ``engine.enable_pdl``); the kernels read ``enabled(device)`` when launched, so a CUDA graph
@@ -84,7 +87,9 @@ def launch_kwargs(on: bool) -> dict:
 
 
 LINE = 128  # bytes: one L2 prefetch a cache line
-TRIGGER_EARLY = os.environ.get("KVLAB_PDL_TRIGGER", "early") != "late"
+TRIGGER_EARLY, TRIGGER_WAIT, TRIGGER_END = 0, 1, 2
+TRIGGERS = {"early": TRIGGER_EARLY, "wait": TRIGGER_WAIT, "end": TRIGGER_END}
+TRIGGER = TRIGGERS.get(os.environ.get("KVLAB_PDL_TRIGGER", "end"), TRIGGER_END)
 # of a launch's weights, at most this many bytes pulled into L2 before ``wait`` (a tuning knob:
 # KVLAB_PDL_PREFETCH_MB; 0: none). Half of an H100/H200's 50 MB L2, so that the lines a kernel
 # prefetched are still there when its programs reach them.
@@ -116,7 +121,11 @@ if triton is not None:
             pass
 
         @triton.jit
-        def enter(PDL: tl.constexpr, TRIGGER_EARLY: tl.constexpr):
+        def enter(PDL: tl.constexpr, TRIGGER: tl.constexpr):
+            pass
+
+        @triton.jit
+        def trigger_at(PDL: tl.constexpr, TRIGGER: tl.constexpr, HERE: tl.constexpr):
             pass
 
     else:
@@ -141,10 +150,15 @@ if triton is not None:
                                       dtype=tl.int32, is_pure=False, pack=1)
 
         @triton.jit
-        def enter(PDL: tl.constexpr, TRIGGER_EARLY: tl.constexpr):
-            """The start of a kernel with no work before ``wait``: trigger (early or late) and wait."""
-            if TRIGGER_EARLY:
+        def trigger_at(PDL: tl.constexpr, TRIGGER: tl.constexpr, HERE: tl.constexpr):
+            """``launch_dependents`` if this is the place (``HERE``) the launch's ``TRIGGER`` names."""
+            if TRIGGER == HERE:
                 launch_dependents(PDL)
+
+        @triton.jit
+        def enter(PDL: tl.constexpr, TRIGGER: tl.constexpr):
+            """The start of a kernel with no work before ``wait``: ``wait``, and the early or wait
+            trigger (the end one: where the kernel calls ``trigger_at(..., TRIGGER_END)``, else at exit)."""
+            trigger_at(PDL, TRIGGER, 0)
             wait(PDL)
-            if not TRIGGER_EARLY:
-                launch_dependents(PDL)
+            trigger_at(PDL, TRIGGER, 1)

@@ -75,7 +75,7 @@ def choose_config(n: int, k: int, num_sms: int, gated: bool = False) -> LinearCo
 
 
 if triton is not None:
-    from kernels.pdl import launch_dependents, prefetch_l2, wait
+    from kernels.pdl import prefetch_l2, trigger_at, wait
 
     @triton.jit
     def _prefetch_rows(w_rows, K, LINES: tl.constexpr, LINE_ELEMS: tl.constexpr):
@@ -92,10 +92,9 @@ if triton is not None:
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                              NUM_STAGES: tl.constexpr, DOT_F32: tl.constexpr,
                              NORM_M: tl.constexpr, NORM_K: tl.constexpr,
-                             PDL: tl.constexpr, TRIGGER_EARLY: tl.constexpr,
+                             PDL: tl.constexpr, TRIGGER: tl.constexpr,
                              PREFETCH_LINES: tl.constexpr, LINE_ELEMS: tl.constexpr):
-        if TRIGGER_EARLY:  # kernels.pdl: nothing before wait() reads or writes what a kernel writes
-            launch_dependents(PDL)
+        trigger_at(PDL, TRIGGER, 0)  # kernels.pdl: nothing before wait() reads or writes what a kernel writes
         pid = tl.program_id(0)
         offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
@@ -112,8 +111,7 @@ if triton is not None:
             if GATED:
                 _prefetch_rows(w_ptr + (N + rows)[:, None].to(tl.int64) * stride_wn, K, PREFETCH_LINES, LINE_ELEMS)
         wait(PDL)  # x, row_sq and the residual: the kernels before wrote them
-        if not TRIGGER_EARLY:
-            launch_dependents(PDL)
+        trigger_at(PDL, TRIGGER, 1)
         if NORM and SQ_IN:  # the rows' sums of squares from the kernel that wrote x: its programs' parts,
             # added in a fixed order (deterministic, unlike atomics)
             offs_p = tl.arange(0, 64)
@@ -163,6 +161,7 @@ if triton is not None:
                 if DOT_F32:
                     wu = wu.to(tl.float32)
                 acc_up = tl.dot(wu, xt, acc_up, input_precision="ieee" if DOT_F32 else None)
+        trigger_at(PDL, TRIGGER, 2)  # the weights are read: the next kernel's programs may come
         if HAS_BIAS:
             acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
             if GATED:
@@ -292,7 +291,7 @@ def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         EVEN_K=k % cfg.block_k == 0, BLOCK_M=MAX_TOKENS, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         NUM_STAGES=cfg.num_stages, DOT_F32=x.device.type == "cpu" or x.dtype == torch.float32,
         NORM_M=triton.next_power_of_2(m), NORM_K=min(triton.next_power_of_2(k), NORM_ELEMENTS // triton.next_power_of_2(m)),
-        PDL=on, TRIGGER_EARLY=pdl.TRIGGER_EARLY,
+        PDL=on, TRIGGER=pdl.TRIGGER,
         PREFETCH_LINES=pdl.prefetch_lines(weight.shape[0], k * weight.element_size()) if on else 0,
         LINE_ELEMS=pdl.LINE // weight.element_size(), num_warps=cfg.num_warps, **pdl.launch_kwargs(on))
     return out

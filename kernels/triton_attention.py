@@ -25,7 +25,7 @@ import triton.language as tl
 from kernels import pdl, value_checks
 from kernels.metadata import Addressing, AttentionMetadata, decode_seq_major
 
-from kernels.pdl import enter as pdl_enter  # noqa: E402 (a jit function the kernels call)
+from kernels.pdl import enter as pdl_enter, trigger_at as pdl_trigger_at  # noqa: E402 (jit functions)
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
@@ -106,9 +106,9 @@ def _attn_kernel(
     CAUSAL_SPLIT: tl.constexpr,  # unmasked loop over the keys every query row sees (not SPLIT, WINDOWED)
     LONGEST_FIRST: tl.constexpr,  # query tiles in reverse order (not DIRECT)
     SEQ_MAJOR: tl.constexpr,  # DIRECT: grid (KV heads, sequences): a sequence's programs launch together
-    PDL: tl.constexpr = False, TRIGGER_EARLY: tl.constexpr = True,  # kernels.pdl
+    PDL: tl.constexpr = False, TRIGGER: tl.constexpr = 2,  # kernels.pdl
 ):
-    pdl_enter(PDL, TRIGGER_EARLY)  # everything below reads what the kernels before wrote
+    pdl_enter(PDL, TRIGGER)  # everything below reads what the kernels before wrote
     tl.static_assert(not (SEQ_MAJOR and LONGEST_FIRST))  # the one reverses axis 0, the other moves it
     if SEQ_MAJOR:
         kvh = tl.program_id(0)
@@ -270,6 +270,7 @@ def _attn_kernel(
             acc = acc * alpha[:, None] + pv
             m_i = m_new
 
+    pdl_trigger_at(PDL, TRIGGER, 2)  # the keys are read
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
     if SCALED:
@@ -303,10 +304,10 @@ def _merge_kernel(
     num_splits,
     SPLITS_P: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    PDL: tl.constexpr = False, TRIGGER_EARLY: tl.constexpr = True,
+    PDL: tl.constexpr = False, TRIGGER: tl.constexpr = 2,
 ):
     """out[t, h] = sum_j w_j * o_j / sum_j w_j with w_j = 2^(lse_j - max lse)."""
-    pdl_enter(PDL, TRIGGER_EARLY)
+    pdl_enter(PDL, TRIGGER)
     tok = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     offs_s = tl.arange(0, SPLITS_P)
@@ -632,7 +633,7 @@ def attention_into(
         CAUSAL_SPLIT=cfg.causal_split and not split and window == 0,
         LONGEST_FIRST=cfg.longest_first and not direct,
         SEQ_MAJOR=seq_major,
-        PDL=on, TRIGGER_EARLY=pdl.TRIGGER_EARLY,
+        PDL=on, TRIGGER=pdl.TRIGGER,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl.launch_kwargs(on),
     )
     if split:
@@ -644,7 +645,7 @@ def attention_into(
             cfg.num_splits,
             SPLITS_P=_pow2(cfg.num_splits),
             HEAD_DIM=head_dim, BLOCK_D=block_d,
-            PDL=on, TRIGGER_EARLY=pdl.TRIGGER_EARLY,
+            PDL=on, TRIGGER=pdl.TRIGGER,
             num_warps=1 if block_d <= 64 else 2, **pdl.launch_kwargs(on),
         )
     return out

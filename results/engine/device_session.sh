@@ -87,6 +87,10 @@
 #                                                     # (gemv, pdl) = (0,0) (16,0) (16,1) twice interleaved, both
 #                                                     # models, then PDL without the L2 prefetch and with the late
 #                                                     # trigger (KVLAB_PDL_PREFETCH_MB=0, KVLAB_PDL_TRIGGER=late)
+#   bash results/engine/device_session.sh pdl2        # after the trigger moved to the end of each kernel's main loop:
+#                                                     # the PDL tests on the GPU, the layer table, decode per token
+#                                                     # with (gemv, pdl) = (0,0) (16,0) (16,1) (0,1) twice interleaved,
+#                                                     # both models, then (16,1) without the L2 prefetch
 # Outputs accumulate in $KVE (default /tmp/kve) on the machine; each part tars them into $OUT.
 set -uo pipefail
 part=${1:?tests or throughput}
@@ -264,6 +268,19 @@ pdl)
             --batches 1,8 --prefill-tokens "" --fused-gemv-max-tokens 16 --enable-pdl 1 --steps 150 \
             --out "$out/latency_${knob%%=*}" 2>&1 | tee "$out/bench_latency_${knob%%=*}.log" | grep "| decode"
     done
+    exit 0
+    ;;
+pdl2)
+    timeout ${TESTS_S:-150} python3 -m pytest -q -p no:cacheprovider tests/test_pdl.py tests/test_gpu_engine.py \
+        -m "gpu or not gpu" -k "pdl" -rfE --tb=short 2>&1 | tee "$out/gpu_tests_pdl.log" | tail -4
+    timeout ${LAYER_S:-100} python3 -m experiments.bench_small_linear --batches 1,8 --out "$out/small_linear" 2>&1 \
+        | tee "$out/bench_small_linear.log"
+    timeout ${LAT_S:-240} python3 -m experiments.bench_latency --models ${LAT_MODELS:-llama3-8b,qwen3-0.6b} --batches 1,8 \
+        --prefill-tokens "" --fused-gemv-max-tokens 0,16,16,0,0,16,16,0 --enable-pdl 0,0,1,1,0,0,1,1 --steps 150 \
+        --out "$out/latency" 2>&1 | tee "$out/bench_latency.log" | grep "| decode"
+    KVLAB_PDL_PREFETCH_MB=0 timeout ${KNOB_S:-90} python3 -m experiments.bench_latency --models ${LAT_MODELS:-llama3-8b,qwen3-0.6b} \
+        --batches 1,8 --prefill-tokens "" --fused-gemv-max-tokens 16 --enable-pdl 1 --steps 150 \
+        --out "$out/latency_no_prefetch" 2>&1 | tee "$out/bench_latency_no_prefetch.log" | grep "| decode"
     exit 0
     ;;
 regress2)
