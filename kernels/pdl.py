@@ -91,9 +91,11 @@ TRIGGER_EARLY, TRIGGER_WAIT, TRIGGER_END = 0, 1, 2
 TRIGGERS = {"early": TRIGGER_EARLY, "wait": TRIGGER_WAIT, "end": TRIGGER_END}
 TRIGGER = TRIGGERS.get(os.environ.get("KVLAB_PDL_TRIGGER", "end"), TRIGGER_END)
 # of a launch's weights, at most this many bytes pulled into L2 before ``wait`` (a tuning knob:
-# KVLAB_PDL_PREFETCH_MB; 0: none). Half of an H100/H200's 50 MB L2, so that the lines a kernel
-# prefetched are still there when its programs reach them.
-PREFETCH_BYTES = int(float(os.environ.get("KVLAB_PDL_PREFETCH_MB", "24")) * 2**20)
+# KVLAB_PDL_PREFETCH_MB, e.g. 24: half of an H100/H200's 50 MB L2). Off by default: with the end
+# trigger a kernel's programs start only as the one before ends, and the prefetch cost more than it
+# hid (H100: llama3-8b 86.0% of the memory floor at batch 1 without, 85.0% with 24 MB;
+# results/engine/session_2026-12-06c/end_trigger)
+PREFETCH_BYTES = int(float(os.environ.get("KVLAB_PDL_PREFETCH_MB", "0")) * 2**20)
 
 
 def prefetch_lines(rows: int, row_bytes: int, budget: int | None = None) -> int:

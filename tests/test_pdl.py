@@ -66,7 +66,8 @@ def test_prefetch_lines_stay_within_the_budget_and_the_row(rows, row_bytes, budg
 
 
 @pytest.mark.parametrize("gated,norm,residual", [(True, True, False), (False, False, True), (False, True, False)])
-def test_small_linear_with_pdl_equals_it_without_and_prefetches(monkeypatch, gated, norm, residual):
+@pytest.mark.parametrize("prefetch_mb", [0, 24])
+def test_small_linear_with_pdl_equals_it_without_and_prefetches(monkeypatch, gated, norm, residual, prefetch_mb):
     from kernels import small_linear as module
 
     g = torch.Generator().manual_seed(0)
@@ -77,6 +78,7 @@ def test_small_linear_with_pdl_equals_it_without_and_prefetches(monkeypatch, gat
     r = torch.randn(m, n, generator=g).to(DEV) if residual else None
     spy = Spy(module._small_linear_kernel)
     monkeypatch.setattr(module, "_small_linear_kernel", spy)
+    monkeypatch.setattr(pdl, "PREFETCH_BYTES", prefetch_mb << 20)
     cfg = module.LinearConfig(block_n=16, block_k=64, num_warps=4, num_stages=2)
     off = module.small_linear(x, w, norm_weight=nw, gated=gated, residual=None if r is None else r.clone(), config=cfg)
     with pdl.launches():
@@ -85,7 +87,8 @@ def test_small_linear_with_pdl_equals_it_without_and_prefetches(monkeypatch, gat
     assert torch.equal(on, off)
     assert spy.launches[0]["PDL"] is False and spy.launches[0]["PREFETCH_LINES"] == 0
     assert spy.launches[1]["PDL"] is True
-    assert spy.launches[1]["PREFETCH_LINES"] == pdl.prefetch_lines(w.shape[0], k * w.element_size()) > 0
+    assert spy.launches[1]["PREFETCH_LINES"] == pdl.prefetch_lines(w.shape[0], k * w.element_size())
+    assert (spy.launches[1]["PREFETCH_LINES"] > 0) == (prefetch_mb > 0)
 
 
 def test_attention_and_rope_with_pdl_equal_them_without(monkeypatch):

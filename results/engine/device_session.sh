@@ -91,6 +91,9 @@
 #                                                     # the PDL tests on the GPU, the layer table, decode per token
 #                                                     # with (gemv, pdl) = (0,0) (16,0) (16,1) (0,1) twice interleaved,
 #                                                     # both models, then (16,1) without the L2 prefetch
+#   bash results/engine/device_session.sh pdl3        # with the L2 prefetch off by default: the chain test and the
+#                                                     # small_linear + PDL parity tests, decode per token (16,0) vs
+#                                                     # (16,1) three times interleaved, both models
 # Outputs accumulate in $KVE (default /tmp/kve) on the machine; each part tars them into $OUT.
 set -uo pipefail
 part=${1:?tests or throughput}
@@ -281,6 +284,14 @@ pdl2)
     KVLAB_PDL_PREFETCH_MB=0 timeout ${KNOB_S:-90} python3 -m experiments.bench_latency --models ${LAT_MODELS:-llama3-8b,qwen3-0.6b} \
         --batches 1,8 --prefill-tokens "" --fused-gemv-max-tokens 16 --enable-pdl 1 --steps 150 \
         --out "$out/latency_no_prefetch" 2>&1 | tee "$out/bench_latency_no_prefetch.log" | grep "| decode"
+    exit 0
+    ;;
+pdl3)
+    timeout ${TESTS_S:-120} python3 -m pytest -q -p no:cacheprovider tests/test_pdl.py tests/test_gpu_engine.py \
+        -m gpu -k "chain or small-linear-pdl" -rfE --tb=short 2>&1 | tee "$out/gpu_tests_pdl.log" | tail -4
+    timeout ${LAT_S:-240} python3 -m experiments.bench_latency --models ${LAT_MODELS:-llama3-8b,qwen3-0.6b} --batches 1,8 \
+        --prefill-tokens "" --fused-gemv-max-tokens 16,16,16,16,16,16 --enable-pdl 0,1,0,1,0,1 --steps 150 \
+        --out "$out/latency" 2>&1 | tee "$out/bench_latency.log" | grep "| decode"
     exit 0
     ;;
 regress2)
