@@ -18,9 +18,9 @@ ordered as without PDL:
   its own ``wait``), wherever each called ``launch_dependents``;
 - ``launch_dependents(PDL)`` where ``TRIGGER`` says: ``TRIGGER_END`` (the default) once a program's
   main loop is done (kernels without one: at exit), so the next kernel's programs launch into SMs
-  that are free or about to be, one per SM as without PDL. Triggering at the start (``early``) or
-  right after ``wait`` (``wait``) let waiting programs take the first SMs to free up, two to an SM,
-  and llama3-8b's decode step got 7-13% slower (H100, results/engine/session_2026-12-06c);
+  that are free or about to be, as without PDL. Triggering at the start (``early``) or right after
+  ``wait`` (``wait``) made llama3-8b's decode step 8-13% slower on an H100 (our reading: the waiting
+  programs take the first SMs to free up, two to an SM; results/engine/session_2026-12-06c);
   ``KVLAB_PDL_TRIGGER=early|wait|end`` is a tuning knob for experiments.
 
 ``launches(on)`` turns it on for the kernels launched inside it (``CausalLM.forward`` with

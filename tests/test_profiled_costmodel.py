@@ -1093,6 +1093,18 @@ def test_simulating_small_linear_steps_says_the_profile_times_cublas(caplog):
                    for r in caplog.records) == said
 
 
+def test_simulating_pdl_says_the_profile_was_measured_without_it(caplog):
+    from tests.test_simulate import config
+    from experiments.run import build_engine
+
+    for value, said in ((False, False), (True, True)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="kvlab.sim"):
+            build_engine(config("mode=simulate", "sim=h200", f"engine.enable_pdl={str(value).lower()}"))
+        assert any("enable_pdl=true" in r.getMessage() and "without programmatic dependent launch" in r.getMessage()
+                   for r in caplog.records) == said
+
+
 def _with_gemv_rows(factor: float) -> DeviceProfile:
     """The synthetic profile plus decode graphs measured through small_linear (``gemv`` 16): the
     cuBLAS rows of up to 16 sequences times ``factor``."""
