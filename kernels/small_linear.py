@@ -228,10 +228,11 @@ def _check(x, weight, bias, norm_weight, gated, residual) -> int:
     if gated and weight.shape[0] % 2:
         raise ValueError(f"gated: weight must be [2n, K] (gate's rows then up's), got {weight.shape[0]} rows")
     n = weight.shape[0] // 2 if gated else weight.shape[0]
-    if bias is not None:
-        _check_vector(bias, "bias", weight.shape[0], x)
-    if norm_weight is not None:
-        _check_vector(norm_weight, "norm_weight", x.shape[1], x)
+    for name, v, size in (("bias", bias, weight.shape[0]), ("norm_weight", norm_weight, x.shape[1])):
+        if v is not None:
+            _check_vector(v, name, size, x)
+            if v.dtype != x.dtype:  # the reference (F.linear, rms_norm_ref) takes x's dtype only
+                raise ValueError(f"{name} must be {x.dtype} like x and weight, got {v.dtype}")
     if residual is not None:
         _check_rows(residual, "residual")
         if residual.shape != (x.shape[0], n) or residual.dtype != x.dtype or residual.device != x.device:
@@ -271,7 +272,9 @@ def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     if row_sq is not None:
         if norm_weight is None:
             raise ValueError("row_sq gives the norm's sums of squares: pass norm_weight too")
-        _check_row_sq(row_sq, "row_sq", row_sq.shape[0] if row_sq.dim() == 2 else 1, x)
+        # any number of parts, at least one: with none the norm would divide by sqrt(eps) alone
+        _check_row_sq(row_sq, "row_sq", max(row_sq.shape[0], 1) if row_sq.dim() == 2 else 1, x,
+                      hint="; at least one row: the parts the kernel before wrote")
     if row_sq_out is not None:
         if residual is None:
             raise ValueError("row_sq_out sums the squares of the new residual rows: pass residual too")

@@ -78,6 +78,8 @@ def test_choose_config_keeps_every_multiprocessor_busy_and_fits_shared_memory():
     (dict(bias_n=10), "bias must be"), (dict(norm_k=10), "norm_weight must be"),
     (dict(res_shape=(2, 5)), "residual must be"), (dict(dtype=torch.int32), "bf16, fp16 or fp32"),
     (dict(strided_x=True), "contiguous rows"),
+    (dict(bias_n=48, bias_dtype=torch.float64), "bias must be torch.float32 like x"),
+    (dict(norm_k=128, norm_dtype=torch.bfloat16), "norm_weight must be torch.float32 like x"),
 ])
 def test_hostile_inputs_are_refused_naming_the_argument(case, match):
     m = case.get("m", 2)
@@ -87,9 +89,9 @@ def test_hostile_inputs_are_refused_naming_the_argument(case, match):
     w = torch.randn(case.get("gated_rows", 48), case.get("wk", 128))
     kw = {}
     if "bias_n" in case:
-        kw["bias"] = torch.randn(case["bias_n"])
+        kw["bias"] = torch.randn(case["bias_n"]).to(case.get("bias_dtype", torch.float32))
     if "norm_k" in case:
-        kw["norm_weight"] = torch.randn(case["norm_k"])
+        kw["norm_weight"] = torch.randn(case["norm_k"]).to(case.get("norm_dtype", torch.float32))
     if "res_shape" in case:
         kw["residual"] = torch.randn(*case["res_shape"])
     if "dtype" in case:
@@ -209,6 +211,7 @@ def test_row_sq_out_of_another_grid_than_the_launch_is_refused():
     ("short row_sq_out", r"row_sq_out must be a contiguous float32 \[3, 16\]"),
     ("long row_sq_out", r"row_sq_out must be a contiguous float32 \[3, 16\]"),
     ("bf16 row_sq", r"row_sq must be a contiguous float32"),
+    ("empty row_sq", r"row_sq must be a contiguous float32 \[1, 16\] .*at least one row"),
 ])
 def test_row_sq_arguments_are_checked(case, match):
     x, w = torch.randn(2, 64), torch.randn(48, 64)
@@ -216,7 +219,8 @@ def test_row_sq_arguments_are_checked(case, match):
           "row_sq_out without residual": dict(row_sq_out=torch.zeros(3, 16)),
           "short row_sq_out": dict(residual=torch.zeros(2, 48), row_sq_out=torch.zeros(2, 16)),
           "long row_sq_out": dict(residual=torch.zeros(2, 48), row_sq_out=torch.zeros(4, 16)),
-          "bf16 row_sq": dict(norm_weight=torch.ones(64), row_sq=torch.zeros(3, 16, dtype=torch.bfloat16))}[case]
+          "bf16 row_sq": dict(norm_weight=torch.ones(64), row_sq=torch.zeros(3, 16, dtype=torch.bfloat16)),
+          "empty row_sq": dict(norm_weight=torch.ones(64), row_sq=torch.zeros(0, 16))}[case]
     with pytest.raises(ValueError, match=match):
         small_linear(x, w, config=SMALL, **kw)
 
