@@ -94,7 +94,7 @@ def run_kvlab(model: str, allocator: str, allocator_args: dict, prompts, output_
                        max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager,
                        gpu_memory_utilization=args.gpu_memory_utilization, detokenize=False, stream_outputs=False,
                        async_scheduling=async_value(args.async_scheduling), cuda_graph_max_tokens=args.cuda_graph_max_tokens,
-                       cuda_graph_mode=args.cuda_graph_mode,
+                       cuda_graph_mode=args.cuda_graph_mode, enable_pdl=args.enable_pdl,
                        record_memory=False, seed=args.seed)
     t_init = time.perf_counter()
     engine = LLMEngine(cfg)
@@ -124,7 +124,7 @@ def run_kvlab(model: str, allocator: str, allocator_args: dict, prompts, output_
     bpt = engine.allocator.bytes_per_token
     res = dict(engine="kvlab-async" if engine.config.async_scheduling else "kvlab", allocator=allocator, allocator_args=json.dumps(allocator_args),
                tensor_parallel_size=tp, cuda_graph_max_tokens=args.cuda_graph_max_tokens,
-               cuda_graph_mode=args.cuda_graph_mode,
+               cuda_graph_mode=args.cuda_graph_mode, enable_pdl=args.enable_pdl,
                kv_pool_bytes_per_gpu=engine.kv_memory_summary()["kv_pool_bytes_per_gpu"],
                wall_s=wall,
                init_s=init_s, output_tokens=out_tokens, output_tok_s=out_tokens / wall,
@@ -287,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     add_async_arg(ap)
     ap.add_argument("--tensor-parallel-size", default="1",
                     help="GPUs per model, comma-separated to compare (e.g. 1,2): each runs every allocator")
+    ap.add_argument("--enable-pdl", action="store_true",
+                    help="engine.enable_pdl: the step's Triton kernels with programmatic dependent launch (Hopper+)")
     ap.add_argument("--no-hf", action="store_true", help="skip the HF transformers baseline")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=1,

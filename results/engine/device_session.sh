@@ -94,6 +94,9 @@
 #   bash results/engine/device_session.sh pdl3        # with the L2 prefetch off by default: the chain test and the
 #                                                     # small_linear + PDL parity tests, decode per token (16,0) vs
 #                                                     # (16,1) three times interleaved, both models
+#   bash results/engine/device_session.sh pdl4        # on an H200: the small_linear/PDL GPU tests and decode per token
+#                                                     # with (gemv, pdl) = (0,0) (16,0) (16,1) twice, both models; on
+#                                                     # an H100: full-batch throughput (llama3-8b, paged) PDL off / on
 # Outputs accumulate in $KVE (default /tmp/kve) on the machine; each part tars them into $OUT.
 set -uo pipefail
 part=${1:?tests or throughput}
@@ -292,6 +295,22 @@ pdl3)
     timeout ${LAT_S:-240} python3 -m experiments.bench_latency --models ${LAT_MODELS:-llama3-8b,qwen3-0.6b} --batches 1,8 \
         --prefill-tokens "" --fused-gemv-max-tokens 16,16,16,16,16,16 --enable-pdl 0,1,0,1,0,1 --steps 150 \
         --out "$out/latency" 2>&1 | tee "$out/bench_latency.log" | grep "| decode"
+    exit 0
+    ;;
+pdl4)
+    if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
+        timeout ${TESTS_S:-120} python3 -m pytest -q -p no:cacheprovider tests/test_pdl.py tests/test_gpu_engine.py \
+            -m gpu -k "chain or small-linear" -rfE --tb=short 2>&1 | tee "$out/gpu_tests_pdl_h200.log" | tail -4
+        timeout ${LAT_S:-240} python3 -m experiments.bench_latency --models llama3-8b,qwen3-0.6b --batches 1,8 \
+            --prefill-tokens "" --fused-gemv-max-tokens 0,16,16,0,16,16 --enable-pdl 0,0,1,0,0,1 --steps 150 \
+            --out "$out/latency_h200" 2>&1 | tee "$out/bench_latency_h200.log" | grep "| decode"
+    else
+        for v in off on; do
+            timeout ${TPUT_S:-170} python3 -m experiments.cli bench throughput --models llama3-8b --no-hf \
+                --allocators paged $([ $v = on ] && echo --enable-pdl) --out "$out/throughput_pdl_$v" 2>&1 \
+                | tee "$out/throughput_pdl_$v.log" | grep -v "^{" | tail -3
+        done
+    fi
     exit 0
     ;;
 regress2)
