@@ -97,6 +97,23 @@ def test_cuda_graphs_equal_eager(tiny_bf16, allocator, args, mode):
     assert len(calls) >= 4 and max(calls) > 16
 
 
+@pytest.mark.parametrize("mode", ["piecewise", "full"])
+def test_graphs_with_pdl_equal_eager_without(tiny_bf16, mode):
+    """enable_pdl (kernels/pdl.py) with small_linear decodes, captured in decode graphs and piecewise or
+    full graphs of prefill/mixed steps (piecewise: the attentions launched eagerly between graph replays,
+    with PDL too): the tokens of the eager engine without PDL, bit for bit in fp32."""
+    path, _ = tiny_bf16
+    prompts = _prompts(512)
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    common = dict(device="cuda", dtype="float32", max_model_len=512, max_num_seqs=16, max_num_batched_tokens=96,
+                  allocator="paged", kv_cache_tokens=8192, fused_gemv_max_tokens=16)
+    eager = LLM(path, enforce_eager=True, **common).generate(prompts, params)
+    llm = LLM(path, enforce_eager=False, cuda_graph_mode=mode, enable_pdl=True, **common)
+    assert llm.engine.model.pdl and llm.engine.runner.mixed_graphs.graphs
+    out = llm.generate(prompts, params)
+    assert [o.token_ids for o in out] == [o.token_ids for o in eager]
+
+
 @pytest.mark.parametrize("mode", ["eager", "piecewise", "full"])
 def test_prompt_attention_qkv_equals_cache_on_gpu(tiny_bf16, mode):
     """prompt_attention=qkv (PAGED): steps of whole prompts attend over their own K/V projection
