@@ -363,12 +363,13 @@ def _gemv_cases(uniform: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return [(b, ctx) for b, ctx in uniform if b <= GEMV_TOKENS]
 
 
-def _model_count(pool: int, max_model_len: int, block_sizes, cuda: bool) -> int:
-    """The figures ``_rows_model`` times (its progress total): one per loop case of its tables."""
+def _model_count(pool: int, max_model_len: int, block_sizes, cuda: bool, pdl: bool = False) -> int:
+    """The figures ``_rows_model`` times (its progress total): one per loop case of its tables
+    (``pdl``: the device takes programmatic dependent launch, the small_linear graphs timed twice)."""
     n = len(_attention_cases(pool, block_sizes)) + len([q for q in PREFILL_QUERIES if q <= pool]) + len(SAMPLE_ROWS)
     if cuda:
         uniform, ragged = _decode_graph_cases(pool, max_model_len)
-        n += len(_modes(block_sizes)) * (len(uniform) + len(ragged) + len(_gemv_cases(uniform)))
+        n += len(_modes(block_sizes)) * (len(uniform) + len(ragged) + len(_gemv_cases(uniform)) * (2 if pdl else 1))
     return n
 
 
@@ -415,11 +416,15 @@ def _rows_model(timer: Timer, name: str, pool: int, max_model_len: int, block_si
 
 
 def _rows_decode_graphs(timer: Timer, model, caches, mc, name: str, pool: int, max_model_len: int, block_sizes,
-                        device, tick: Callable[[], None] = _no_tick) -> list[dict]:
+                        device, tick: Callable[[], None] = _no_tick, pdl: bool | None = None) -> list[dict]:
     """(CUDA) the model's decode graphs: uniform batches (``decode_graph``), ragged ones
     (``decode_graph_ragged``), and the uniform ones of up to GEMV_TOKENS sequences again through
-    ``kernels.small_linear`` (``decode_graph`` rows with ``gemv``); the model is left with it on."""
+    ``kernels.small_linear`` (``decode_graph`` rows with ``gemv``), and once more with programmatic
+    dependent launch where the device takes it (``pdl``, default: ``kernels.pdl.supported``; rows with
+    ``pdl`` 1); the model is left with both on."""
     import torch
+
+    from kernels import pdl as pdl_module
 
     from engine.block_table import PersistentBlockTable
     from engine.cuda_graphs import DecodeGraphs
@@ -465,11 +470,15 @@ def _rows_decode_graphs(timer: Timer, model, caches, mc, name: str, pool: int, m
     # the uniform decode graphs of up to GEMV_TOKENS sequences again through kernels.small_linear
     # (engine.fused_gemv_max_tokens): the cost model's `gemv` rows
     model.set_gemv_max_tokens(GEMV_TOKENS)
-    for mode, bs in _modes(block_sizes):
-        graphs, table = captured(mode, bs, [b for b in DECODE_BATCHES if b <= GEMV_TOKENS])
-        uniform_rows(graphs, table, mode, bs, _gemv_cases(uniform), gemv=GEMV_TOKENS)
-        del graphs
-        torch.cuda.empty_cache()
+    # and with programmatic dependent launch (engine.enable_pdl): the cost model's `pdl` rows
+    for launch in ([False, True] if (pdl_module.supported(device) if pdl is None else pdl) else [False]):
+        model.pdl = launch
+        for mode, bs in _modes(block_sizes):
+            graphs, table = captured(mode, bs, [b for b in DECODE_BATCHES if b <= GEMV_TOKENS])
+            uniform_rows(graphs, table, mode, bs, _gemv_cases(uniform), gemv=GEMV_TOKENS,
+                         **({"pdl": 1} if launch else {}))
+            del graphs
+            torch.cuda.empty_cache()
     return rows
 
 
@@ -926,6 +935,7 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         torch.cuda.empty_cache()
     from kernels import compile_watch
+    from kernels.pdl import supported as pdl_supported
 
     dtype = torch.bfloat16 if cuda else torch.float32
     with compile_watch.expected():  # the kernel tables compile every shape they time
@@ -934,7 +944,8 @@ def main(argv: list[str] | None = None) -> int:
             part("gemm", "gemm", len(shapes) * len(GEMM_M),
                  lambda tick: _rows_gemm(timer, shapes, dtype, device, tick))
         for m in models if "models" not in skip else ():
-            part("models", f"model {m}", _model_count(a.pool_tokens, a.max_model_len, block_sizes, cuda),
+            part("models", f"model {m}", _model_count(a.pool_tokens, a.max_model_len, block_sizes, cuda,
+                                                      pdl_supported(device)),
                  lambda tick: _rows_model(timer, m, a.pool_tokens, a.max_model_len, block_sizes, device, tick))
         for m in models if "graphs" not in skip and cuda else ():
             part("graphs", f"graphs {m}", _graphs_count(a.pool_tokens),

@@ -77,7 +77,7 @@ class ProfiledCostModel:
                  max_graph_batch: int = 256, enforce_eager: bool = False, allocator: str = "paged",
                  calibrate_host: bool = True, allreduce=None,
                  graph_max_tokens: int = 0, graph_mode: str = "full", overlapped: bool = False,
-                 max_model_len: int = 0, prompt_qkv: bool = False, gemv_max_tokens: int = 0):
+                 max_model_len: int = 0, prompt_qkv: bool = False, gemv_max_tokens: int = 0, pdl: bool = False):
         """``graph_max_tokens``: prefill/mixed steps up to this many tokens replay CUDA graphs (the
         engine's ``cuda_graph_max_tokens``), ``graph_mode`` piecewise or full (its
         ``cuda_graph_mode``; modelled where the profile has that mode's ``<mode>_forward`` table,
@@ -88,11 +88,16 @@ class ProfiledCostModel:
         ``max_model_len``: the decode graphs' bound on a sequence's keys, which sets their split
         rule (default: the profile's). ``gemv_max_tokens``: the engine's ``fused_gemv_max_tokens``: decode
         graphs of up to that many rows are timed from the profile's ``decode_graph`` rows measured with
-        ``kernels.small_linear`` (``gemv`` column) where it has them, else (``gemv_table`` False) as cuBLAS's."""
+        ``kernels.small_linear`` (``gemv`` column) where it has them, else (``gemv_table`` False) as cuBLAS's;
+        ``pdl`` (the engine's ``enable_pdl``): those from the rows measured with programmatic dependent launch
+        (``pdl`` column 1) where the profile has them, else (``cost_pdl_table`` False) from those without.
+        cuBLAS's decode graphs have no PDL rows: with cuBLAS, PDL changes a step within noise (H100)."""
         self.allreduce = allreduce
         self.overlapped = overlapped
         self.gemv_max_tokens = gemv_max_tokens
         self.decode_graph_gemv = None  # Grid2D of decode graphs through small_linear (the profile's gemv rows)
+        self.pdl = pdl
+        self.gemv_pdl = False  # decode_graph_gemv is from rows measured with PDL
         self.host_scheduling = "sync"  # which steps the host tables come from (describe())
         tp = allreduce.tp if allreduce is not None else 1
         shape = shape.shard(tp)
@@ -153,15 +158,18 @@ class ProfiledCostModel:
         self.lm_head = self._gemm_fn(shape.vocab_size, shape.hidden_size)
         if self.profiled_model:
             g = profile.table("decode_graph", model=ref, mode=mode, block_size=self.block_size)
-            gemv = g["gemv"].fillna(0) if "gemv" in g else pd.Series(0, index=g.index)
+            gemv = _column(g, "gemv")
+            launched = _column(g, "pdl")
             # beyond the longest context measured (2048, 1024 at the largest batches) the step grows by its
             # attention, not in proportion: 16k-context steps were 7x too long, and 3 sequences (padded to 4,
             # a shorter mean context) faster than 2
-            base = g[gemv == 0]  # cuBLAS linear layers
+            base = g[(gemv == 0) & (launched == 0)]  # cuBLAS linear layers
             self.decode_graph = (Grid2D(base["batch"], base["context"], base["value"], above="linear")
                                  if not base.empty else None)
             # small_linear rows: measured with every decode graph of up to `gemv` rows through it
             fast = g[(gemv >= gemv_max_tokens) & (g["batch"] <= gemv_max_tokens)] if gemv_max_tokens else g[:0]
+            self.gemv_pdl = pdl and bool((launched[fast.index] == 1).any())
+            fast = fast[launched[fast.index] == int(self.gemv_pdl)]
             if not fast.empty:
                 self.decode_graph_gemv = Grid2D(fast["batch"], fast["context"], fast["value"], above="linear")
             if self.decode_graph is None:  # profiled without CUDA graphs (a CPU): every step is eager
@@ -372,8 +380,7 @@ class ProfiledCostModel:
         """Measured decode graph of a profiled model over its composition (elementwise kernels,
         gaps between kernels): carried over to a model composed from tables."""
         g = self.profile.table("decode_graph", model=ref, mode="linear")
-        if "gemv" in g:  # cuBLAS's rows: what the composition (GEMM tables) is of
-            g = g[g["gemv"].fillna(0) == 0]
+        g = g[(_column(g, "gemv") == 0) & (_column(g, "pdl") == 0)]  # cuBLAS's rows: what the composition is of
         g = g[g["context"] == g["context"].min()]
         if g.empty:
             return 1.0
@@ -633,8 +640,13 @@ class ProfiledCostModel:
                     cost_profile_commit=m.get("commit"), cost_host_steps=self.host_scheduling,
                     cost_ragged_term=self.ragged is not None, cost_vmm_scale=round(self.vmm_scale, 3),
                     cost_period_term=not self.period_table.empty,
-                    cost_gemv_table=self.decode_graph_gemv is not None,
+                    cost_gemv_table=self.decode_graph_gemv is not None, cost_pdl_table=self.gemv_pdl,
                     cost_profile_model=self.profiled_model or f"composed from {self._reference_model()}")
+
+
+def _column(g: pd.DataFrame, name: str) -> pd.Series:
+    """A decode-graph variant column (``gemv``, ``pdl``) with 0 where a row (or the profile) has none."""
+    return g[name].fillna(0) if name in g else pd.Series(0, index=g.index)
 
 
 def _token_slope(batch: np.ndarray, tokens: np.ndarray, rest: np.ndarray) -> float:

@@ -497,16 +497,18 @@ def cost_model_for(sim: SimSettings, roofline: RooflineCostModel, shape: ModelSh
         max_model_len=econf.max_model_len or 0,
         prompt_qkv=econf.prompt_attention == "qkv" and getattr(allocator, "plan", None) is None,
         allreduce=roofline.allreduce if econf.tensor_parallel_size > 1 else None,
-        gemv_max_tokens=econf.fused_gemv_max_tokens)
+        gemv_max_tokens=econf.fused_gemv_max_tokens, pdl=econf.enable_pdl)
     if econf.fused_gemv_max_tokens and cost.decode_graph_gemv is None:  # profiles before it: cuBLAS's
         log.warning("engine.fused_gemv_max_tokens=%d: sim.profile=%s has no decode graphs measured through "
                     "kernels.small_linear (rerun kvlab profile); decode steps of up to %d sequences are timed as "
                     "cuBLAS runs them (an H100's step of one sequence: 3-5%% slower than the engine's)",
                     econf.fused_gemv_max_tokens, sim.profile or path, econf.fused_gemv_max_tokens)
-    if econf.enable_pdl:  # no profile table is measured with it
-        log.warning("engine.enable_pdl=true: sim.profile=%s was measured without programmatic dependent launch; "
-                    "steps are timed as without it (an H100's decode step of 1-8 sequences: 1.5%% (llama3-8b) to "
-                    "5%% (qwen3-0.6b) slower than the engine's)", sim.profile or path)
+    if econf.enable_pdl and econf.fused_gemv_max_tokens and cost.decode_graph_gemv is not None \
+            and not cost.gemv_pdl:  # profiles before it (with cuBLAS, PDL changes a step within noise)
+        log.warning("engine.enable_pdl=true: sim.profile=%s has no decode graphs measured with programmatic dependent "
+                    "launch (rerun kvlab profile on a Hopper GPU); steps of up to %d sequences are timed as without it "
+                    "(an H100's: 1.5%% (llama3-8b) to 5%% (qwen3-0.6b) slower than the engine's)",
+                    sim.profile or path, econf.fused_gemv_max_tokens)
     return cost
 
 

@@ -1093,16 +1093,31 @@ def test_simulating_small_linear_steps_says_the_profile_times_cublas(caplog):
                    for r in caplog.records) == said
 
 
-def test_simulating_pdl_says_the_profile_was_measured_without_it(caplog):
+@pytest.mark.parametrize("pdl_rows", [False, True], ids=["profile-without-pdl-rows", "profile-with-them"])
+def test_simulating_pdl_says_where_the_profile_has_no_pdl_rows(caplog, monkeypatch, pdl_rows):
+    """engine.enable_pdl with small_linear decodes: simulate warns where the profile's small_linear decode graphs
+    were all measured without PDL (and not with cuBLAS decodes, where PDL changes a step within noise)."""
     from tests.test_simulate import config
+    from experiments import device_profile
     from experiments.run import build_engine
 
-    for value, said in ((False, False), (True, True)):
+    real = device_profile.load_profile
+
+    def with_gemv_rows(path):  # the committed profile plus small_linear rows (and PDL rows)
+        p = real(path)
+        g = p.table("decode_graph")
+        extra = [g[g["batch"] <= 16].assign(gemv=16)] + ([g[g["batch"] <= 16].assign(gemv=16, pdl=1)] if pdl_rows else [])
+        return DeviceProfile(pd.concat([p.df, *extra], ignore_index=True), p.meta, p.path)
+
+    monkeypatch.setattr(device_profile, "load_profile", with_gemv_rows)
+    for gemv, pdl, said in ((8, False, False), (8, True, not pdl_rows), (0, True, False)):
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="kvlab.sim"):
-            build_engine(config("mode=simulate", "sim=h200", f"engine.enable_pdl={str(value).lower()}"))
-        assert any("enable_pdl=true" in r.getMessage() and "without programmatic dependent launch" in r.getMessage()
-                   for r in caplog.records) == said
+            eng = build_engine(config("mode=simulate", "sim=h200", "model=qwen3-0.6b",  # a model the profile has
+                                      f"engine.fused_gemv_max_tokens={gemv}", f"engine.enable_pdl={str(pdl).lower()}"))
+        assert any("enable_pdl=true" in r.getMessage() and "programmatic dependent launch" in r.getMessage()
+                   for r in caplog.records) == said, (gemv, pdl)
+        assert eng.cost_model.describe()["cost_pdl_table"] == (pdl and pdl_rows and gemv > 0)
 
 
 def _with_gemv_rows(factor: float) -> DeviceProfile:
@@ -1138,10 +1153,40 @@ def test_decode_graphs_through_small_linear_are_timed_from_their_rows(bound):
     assert no_rows.device_time([(1, 512)], num_sampled=0) == plain.device_time([(1, 512)], num_sampled=0)
 
 
-def test_decode_graph_rows_through_small_linear_with_stand_in_graphs(monkeypatch):
+def test_decode_graphs_with_pdl_are_timed_from_their_rows():
+    """engine.enable_pdl with fused_gemv_max_tokens: small_linear decode graphs from the rows measured with
+    PDL; without enable_pdl (or without such rows) from those measured without; cuBLAS's untouched."""
+    from engine.loader import resolve_config
+
+    shape = shape_of(resolve_config(MODEL))
+    kw = dict(model=MODEL, paged=True, block_size=16, max_graph_batch=64, allocator="paged", calibrate_host=False)
+    p = _with_gemv_rows(0.9)
+    g = p.table("decode_graph")
+    launched = g[g["gemv"] == 16].assign(pdl=1, value=lambda d: d["value"] * 0.8)
+    both = DeviceProfile(pd.concat([p.df, launched], ignore_index=True), p.meta, "synthetic-pdl")
+    plain = ProfiledCostModel(synthetic_profile(), shape, **kw)
+    on = ProfiledCostModel(both, shape, gemv_max_tokens=16, pdl=True, **kw)
+    off = ProfiledCostModel(both, shape, gemv_max_tokens=16, **kw)
+    no_rows = ProfiledCostModel(p, shape, gemv_max_tokens=16, pdl=True, **kw)
+    cublas = ProfiledCostModel(both, shape, pdl=True, **kw)
+    assert on.describe()["cost_pdl_table"] and not off.describe()["cost_pdl_table"]
+    assert not no_rows.describe()["cost_pdl_table"] and no_rows.describe()["cost_gemv_table"]
+    for b in (1, 8, 16, 32):
+        work = [(1, 512)] * b
+        want = plain.device_time(work, num_sampled=0)
+        small = b <= 16
+        assert on.device_time(work, num_sampled=0) == pytest.approx(want * (0.9 * 0.8 if small else 1), rel=1e-9), b
+        assert off.device_time(work, num_sampled=0) == pytest.approx(want * (0.9 if small else 1), rel=1e-9), b
+        assert no_rows.device_time(work, num_sampled=0) == pytest.approx(want * (0.9 if small else 1), rel=1e-9), b
+        assert cublas.device_time(work, num_sampled=0) == pytest.approx(want, rel=1e-12), b
+
+
+@pytest.mark.parametrize("pdl", [False, True])
+def test_decode_graph_rows_through_small_linear_with_stand_in_graphs(monkeypatch, pdl):
     """The profile's CUDA-only decode-graph part, driven on a CPU with stand-in graphs: the uniform
     batches of up to GEMV_TOKENS sequences are timed again with graphs captured through small_linear
-    (``gemv`` rows), the others with cuBLAS's; as many figures as the progress total says."""
+    (``gemv`` rows), and (``pdl``: a Hopper GPU) once more captured with programmatic dependent launch
+    (``pdl`` rows), the others with cuBLAS's; as many figures as the progress total says."""
     from types import SimpleNamespace
 
     import torch
@@ -1161,8 +1206,9 @@ def test_decode_graph_rows_through_small_linear_with_stand_in_graphs(monkeypatch
                 torch.zeros(max_bs, dtype=torch.long) for _ in range(5))
 
         def capture(self):
-            gemv = self.model.model.layers[0].gemv_max_tokens
-            self.graphs = {s: SimpleNamespace(replay=lambda s=s, g=gemv: replays.append((s, g))) for s in self.sizes}
+            gemv, launch = self.model.model.layers[0].gemv_max_tokens, self.model.pdl
+            self.graphs = {s: SimpleNamespace(replay=lambda s=s, g=gemv, p=launch: replays.append((s, g, p)))
+                           for s in self.sizes}
 
     monkeypatch.setattr("engine.cuda_graphs.DecodeGraphs", Graphs)
     mc = resolve_config("tiny-llama")
@@ -1171,13 +1217,17 @@ def test_decode_graph_rows_through_small_linear_with_stand_in_graphs(monkeypatch
     ticks = []
     timer = SimpleNamespace(replay=lambda run: run() or 1e-3)
     rows = pd.DataFrame(profile_device._rows_decode_graphs(timer, model, caches, mc, "tiny-llama", 4096, 256, [16],
-                                                           torch.device("cpu"), tick=lambda: ticks.append(1)))
+                                                           torch.device("cpu"), tick=lambda: ticks.append(1), pdl=pdl))
     dg = rows[rows["table"] == "decode_graph"]
     gemv = dg[dg["gemv"].notna()]
+    launched = gemv[gemv["pdl"] == 1] if "pdl" in gemv else gemv[:0]
     assert set(gemv["gemv"]) == {profile_device.GEMV_TOKENS} and set(gemv["batch"]) == {1, 2, 16}
-    assert len(gemv) == 2 * 3 * 2  # linear and paged 16 x batches 1, 2, 16 x two contexts
+    # linear and paged 16 x batches 1, 2, 16 x two contexts, twice with pdl
+    assert len(gemv) == 2 * 3 * 2 * (2 if pdl else 1) and len(launched) == (2 * 3 * 2 if pdl else 0)
     assert set(dg[dg["gemv"].isna()]["batch"]) == {1, 2, 16, 32}
-    assert {g for s, g in replays if s == 32} == {0}  # cuBLAS's graphs replayed for those rows
-    assert sorted(replays[-len(gemv):]) == sorted((int(b), 16) for b in gemv["batch"])
+    assert {(g, p) for s, g, p in replays if s == 32} == {(0, False)}  # cuBLAS's graphs replayed for those rows
+    assert sorted(replays[-len(launched) or len(replays):]) == sorted((int(b), 16, pdl) for b in gemv["batch"][
+        -len(launched) or len(gemv):])
+    assert [p for s, g, p in replays if g].count(True) == len(launched)
     cpu_part = profile_device._model_count(4096, 256, [16], cuda=False)
-    assert len(ticks) == profile_device._model_count(4096, 256, [16], cuda=True) - cpu_part
+    assert len(ticks) == profile_device._model_count(4096, 256, [16], cuda=True, pdl=pdl) - cpu_part
