@@ -34,6 +34,8 @@ IMPLS = ("paged", "linear", "sdpa_flash")
 FP8_IMPLS = ("paged_fp8", "linear_fp8")
 DEV = "cuda"  # "cpu" only for --smoke-cpu (Triton interpreter, wall-clock timing, tiny shapes)
 FP8 = False  # --fp8
+PDL_IMPLS = ("paged_pdl", "linear_pdl")  # --pdl: launched with programmatic dependent launch (kernels.pdl)
+PDL = False
 
 
 def _fp8_copy(k: torch.Tensor, v: torch.Tensor) -> dict:
@@ -157,6 +159,11 @@ class DecodeCase:
 
         from kernels import triton_ops
 
+        if impl.endswith("_pdl"):  # each call's kernels may start as the previous call's end, as in a step
+            from kernels import pdl
+
+            with pdl.launches():
+                return self.run(impl[:-4], i, config)
         s = self.sets[i]
         if impl == "sdpa_flash":
             backends = [SDPBackend.FLASH_ATTENTION] if DEV == "cuda" else [SDPBackend.MATH]
@@ -185,13 +192,13 @@ class DecodeCase:
             if impl.endswith("_fp8"):  # against the reference over the same fp8 values
                 want = reference.attention(s["q"], s["k8"], s["v8"], s[impl[:-4]], None, s["ks"], s["vs"])
             else:
-                want = ref if impl != "linear" else ref_lin
+                want = ref if not impl.startswith("linear") else ref_lin
             errs[impl] = _rel_err(out, want)
         return errs
 
     @property
     def impls(self) -> tuple[str, ...]:
-        return IMPLS + (FP8_IMPLS if FP8 else ())
+        return IMPLS + (FP8_IMPLS if FP8 else ()) + (PDL_IMPLS if PDL else ())
 
     def kv_bytes_of(self, impl: str) -> int:
         return self.kv_bytes // 2 if impl.endswith("_fp8") else self.kv_bytes
@@ -340,9 +347,11 @@ def main() -> None:
     ap.add_argument("--shapes", default="", help="subset, e.g. '1x4096,64x4096'")
     ap.add_argument("--smoke-cpu", action="store_true", help="exercise the script on CPU (interpreter)")
     ap.add_argument("--fp8", action="store_true", help="also time PAGED and LINEAR over fp8 e4m3 caches")
+    ap.add_argument("--pdl", action="store_true", help="also time PAGED and LINEAR launched with programmatic "
+                    "dependent launch (Hopper+; engine.enable_pdl): repeated calls overlap as a step's kernels do")
     args = ap.parse_args()
-    global FP8
-    FP8 = args.fp8
+    global FP8, PDL
+    FP8, PDL = args.fp8, args.pdl
     use_device(args.smoke_cpu, "bench_kernels")
     import triton
 
@@ -409,7 +418,8 @@ def main() -> None:
         f"{copies['memcpy']:.0f} GB/s and an elementwise copy kernel {copies['kernel']:.0f} GB/s, "
         "1 GiB buffers, after a clock warm-up).",
         "",
-        f"Command: `python -m experiments.bench_kernels --out {args.out}{' --fp8' if FP8 else ''}`",
+        f"Command: `python -m experiments.bench_kernels --out {args.out}{' --fp8' if FP8 else ''}"
+        f"{' --pdl' if PDL else ''}`",
         "",
         "Llama-3-8B heads (32 query, 8 KV, head dim 128, bf16), one query token per sequence. "
         "PAGED: block size 16, blocks randomly permuted; LINEAR: each sequence contiguous; "
