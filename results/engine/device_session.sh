@@ -97,6 +97,14 @@
 #   bash results/engine/device_session.sh pdl4        # on an H200: the small_linear/PDL GPU tests and decode per token
 #                                                     # with (gemv, pdl) = (0,0) (16,0) (16,1) twice, both models; on
 #                                                     # an H100: full-batch throughput (llama3-8b, paged) PDL off / on
+# Next, on an H200 (not lent this session):
+#   bash results/engine/device_session.sh h200pdl     # small_linear and PDL on the device: their GPU tests and
+#                                                     # parity, decode per token (gemv, pdl) = (0,0) (16,0) (16,1)
+#                                                     # twice, both models, and the 1x4096 / 8x4096 decode kernels
+#                                                     # with and without PDL (bench_kernels --pdl); then the profile's
+#                                                     # models part (small_linear + PDL decode-graph rows):
+#   kvlab profile --models qwen3-0.6b,llama3-8b --skip host,gemm,graphs,ragged,copy,vmm \
+#       --merge results/profiles/nvidia-h200.parquet
 # Outputs accumulate in $KVE (default /tmp/kve) on the machine; each part tars them into $OUT.
 set -uo pipefail
 part=${1:?tests or throughput}
@@ -311,6 +319,16 @@ pdl4)
                 | tee "$out/throughput_pdl_$v.log" | grep -v "^{" | tail -3
         done
     fi
+    exit 0
+    ;;
+h200pdl)
+    timeout ${TESTS_S:-150} python3 -m pytest -q -p no:cacheprovider tests/test_pdl.py tests/test_gpu_engine.py \
+        -m gpu -k "chain or small-linear or pdl" -rfE --tb=short 2>&1 | tee "$out/gpu_tests_pdl.log" | tail -4
+    timeout ${LAT_S:-240} python3 -m experiments.bench_latency --models llama3-8b,qwen3-0.6b --batches 1,8 \
+        --prefill-tokens "" --fused-gemv-max-tokens 0,16,16,0,16,16 --enable-pdl 0,0,1,0,0,1 --steps 150 \
+        --out "$out/latency" 2>&1 | tee "$out/bench_latency.log" | grep "| decode"
+    timeout ${KERNELS_S:-120} python3 -m experiments.bench_kernels --pdl --shapes 1x4096,8x4096 --out "$out/kernels_pdl" \
+        2>&1 | tee "$out/bench_kernels_pdl.log" | grep "x4096"
     exit 0
     ;;
 regress2)
