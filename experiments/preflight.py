@@ -275,10 +275,15 @@ def check_groups(ovs) -> None:
 
 # launchers of conf/hydra/launcher that need a Hydra plugin kvlab does not install: (module, pip name)
 LAUNCHER_PLUGINS = {"slurm": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher")}
+# ... and a scheduler command on PATH (submitit submits with it: without, a traceback from deep inside)
+LAUNCHER_COMMANDS = {"slurm": ("sbatch", "SLURM")}
 
 
 def check_launcher(ovs) -> None:
-    """``hydra/launcher=slurm`` without its plugin: Hydra says only that a config could not be loaded."""
+    """``hydra/launcher=slurm`` without its plugin (Hydra says only that a config could not be loaded) or
+    off a cluster (submitit's FileNotFoundError for sbatch, after the sweep folder is made)."""
+    import shutil
+
     for ov in ovs:
         if ov.key_or_group != "hydra/launcher":
             continue
@@ -287,6 +292,11 @@ def check_launcher(ovs) -> None:
             if module and not _importable(module):
                 raise UserError(f"hydra/launcher={v} needs the Hydra plugin {package}, not installed here: "
                                 f"pip install {package}")
+            command, scheduler = LAUNCHER_COMMANDS.get(v, (None, None))
+            if command and shutil.which(command) is None:
+                raise UserError(f"hydra/launcher={v} submits each run with {scheduler}'s {command}, not on PATH here: "
+                                f"run kvlab on a {scheduler} login node, or drop hydra/launcher={v} (hydra/launcher="
+                                "parallel: this machine's cores)")
 
 
 def _importable(module: str) -> bool:

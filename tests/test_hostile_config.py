@@ -566,6 +566,23 @@ def test_a_launcher_without_its_plugin_names_the_package(monkeypatch, tmp_path):
     assert preflight._importable("experiments.preflight") and not preflight._importable("kvlab_no_such_pkg.x")
 
 
+def test_a_cluster_launcher_off_the_cluster_says_so(monkeypatch, tmp_path):
+    # was (plugin installed, no SLURM): submitit's FileNotFoundError for sbatch, a traceback, after the sweep
+    # folder was made
+    import shutil
+
+    from experiments import preflight
+
+    monkeypatch.setitem(preflight.LAUNCHER_PLUGINS, "slurm", ("experiments.preflight", "some-plugin"))  # "installed"
+    monkeypatch.setattr(shutil, "which", lambda cmd: None)
+    with pytest.raises(preflight.UserError, match="hydra/launcher=slurm submits each run with SLURM's sbatch, not on "
+                                                  "PATH here: run kvlab on a SLURM login node"):
+        preflight.prepare(["hydra/launcher=slurm"], cwd=tmp_path)
+    assert not any(tmp_path.iterdir())  # nothing made
+    monkeypatch.setattr(shutil, "which", lambda cmd: f"/usr/bin/{cmd}")
+    preflight.check_launcher(preflight._parse(["hydra/launcher=slurm"]))  # on a cluster: no complaint
+
+
 @pytest.mark.parametrize("value", [-1, 17, True, 2.5, "8"])
 def test_fused_gemv_max_tokens_is_a_count_the_kernel_takes(value):
     with pytest.raises(ValueError, match=r"fused_gemv_max_tokens must be an integer in \[0, 16\]"):
