@@ -281,10 +281,13 @@ def _ci(wide: pd.DataFrame, metric: str, scale: float = 1.0):
 
 
 def long_table(wide: pd.DataFrame) -> pd.DataFrame:
-    """(run_id, metric, value, unit) for every numeric metric."""
+    """(run_id, metric, value, unit) for every numeric metric a run has: a metric that does not apply to a
+    run (an online figure of an offline run, a steady-state one where the window is empty) is null in the
+    wide table and no row here (tidy data: a row is a measurement)."""
     units = _units()
     numeric = metric_columns(wide)
     long = wide.melt(id_vars=["run_id"], value_vars=numeric, var_name="metric", value_name="value")
+    long = long.dropna(subset=["value"])
     long["unit"] = long["metric"].map(units)
     return long.sort_values(["run_id", "metric"]).reset_index(drop=True)
 

@@ -52,6 +52,9 @@ def test_report_of_a_rate_sweep(rate_sweep):
     assert units["output_throughput"] == "tok/s" and units["p99_ttft_ms"] == "ms"
     assert units["normalized_latency"] == "s/token" and units["token_states_saturated"] == "fraction"
     assert long["unit"].notna().all()
+    # a row per figure a run has: the wide table's nulls (figures that do not apply) are no rows
+    assert long["value"].notna().all()
+    assert len(long) == int(wide[long["metric"].unique()].notna().sum().sum())
     for png in ("throughput.png", "memory_breakdown.png", "latency_cdf.png", "kv_usage_over_time.png",
                 "rate_curves.png"):
         assert (out / png).stat().st_size > 5000, png
