@@ -102,8 +102,8 @@ class EngineConfig:
     # its RMSNorm, SiLU-and-mul or residual add inside one kernel (kernels/small_linear.py): four
     # kernels a layer where cuBLAS and the fused ops take nine. 0: off (cuBLAS for every step)
     fused_gemv_max_tokens: int = 0
-    # programmatic dependent launch (Hopper and newer; kernels/pdl.py): the step's Triton kernels start
-    # while the one before them finishes and pull their weights into L2 meanwhile. false: off
+    # programmatic dependent launch (Hopper and newer; kernels/pdl.py): each of the step's Triton kernels
+    # launches while the one before it finishes (the launch gaps of a small batch's decode hidden). false: off
     enable_pdl: bool = False
     # where a step of whole prompts (every sequence from token 0: no cached prefix, no decode) reads
     # its keys: cache (through the allocator's addressing, as every other step) | qkv (from the

@@ -3,9 +3,9 @@
 A decode step of a small batch is a chain of ~7 short kernels a layer, and between two of them the
 device idles: the next kernel launches only when the last program of the one before has exited,
 and then ramps up. With PDL a kernel launched with ``launch_pdl=True`` may start while the kernel
-before it on the stream still runs; its programs do what depends on nothing of that kernel (here:
-pull their slice of the weights into L2) and then block in ``wait`` until it has finished and its
-writes are visible. CUDA graphs keep this (programmatic edges, CUDA >= 12.3).
+before it on the stream still runs: it launches and ramps up meanwhile, its programs may do what
+depends on nothing of that kernel (optionally: pull their slice of the weights into L2), and they
+block in ``wait`` until it has finished and its writes are visible. CUDA graphs keep this (programmatic edges, CUDA >= 12.3).
 
 The rules every kernel launched through ``launch_kwargs`` keeps, so that any chain of them is as
 ordered as without PDL:
@@ -107,6 +107,7 @@ def prefetch_lines(rows: int, row_bytes: int, budget: int | None = None) -> int:
         return 0
     return 1 << (per_row.bit_length() - 1)
 
+
 if triton is not None:
     if interpreting():  # programs run one after another: nothing to wait for, no L2 to fill
 
@@ -141,7 +142,7 @@ if triton is not None:
 
         @triton.jit
         def launch_dependents(PDL: tl.constexpr):
-            """Let the next kernel launch once every program here has called this (after ``wait``)."""
+            """Let the next kernel launch once every program here has called this (or exited)."""
             if PDL:
                 gdc_launch_dependents()
 
