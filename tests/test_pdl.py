@@ -222,3 +222,19 @@ def test_a_chain_of_kernels_with_pdl_in_a_cuda_graph_equals_it_without(m):
         g.replay()
         torch.cuda.synchronize()
         assert torch.equal(stream, expected)
+
+
+def test_every_pdl_kernel_waits_before_its_first_global_access_in_its_ptx():
+    """The ordering itself, without a GPU: each kernel launched with PDL, compiled for sm_90 with the GPU versions of
+    kernels.pdl's helpers (a process without TRITON_INTERPRET), every trigger placement: one griddepcontrol.wait and
+    no global load, store, async copy or atomic before it in its PTX (tests/pdl_ptx_check.py). The interpreter's
+    no-op helpers cannot see a load moved above ``wait``; this does (and so would a compiler that hoisted one)."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.backends.nvidia", reason="Triton's NVIDIA backend (PTX)")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = os.path.join(os.path.dirname(__file__), "pdl_ptx_check.py")
+    run = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0 and run.stdout.rstrip().endswith("OK"), run.stdout[-4000:] + run.stderr[-2000:]
