@@ -89,7 +89,17 @@ def launch_kwargs(on: bool) -> dict:
 LINE = 128  # bytes: one L2 prefetch a cache line
 TRIGGER_EARLY, TRIGGER_WAIT, TRIGGER_END = 0, 1, 2
 TRIGGERS = {"early": TRIGGER_EARLY, "wait": TRIGGER_WAIT, "end": TRIGGER_END}
-TRIGGER = TRIGGERS.get(os.environ.get("KVLAB_PDL_TRIGGER", "end"), TRIGGER_END)
+
+
+def _trigger(value: str) -> int:
+    """``KVLAB_PDL_TRIGGER``'s placement; an unknown value is refused (not silently the default: a run
+    labelled with another placement would measure this one)."""
+    if value not in TRIGGERS:
+        raise ValueError(f"KVLAB_PDL_TRIGGER={value!r}: choose one of {', '.join(TRIGGERS)}")
+    return TRIGGERS[value]
+
+
+TRIGGER = _trigger(os.environ.get("KVLAB_PDL_TRIGGER", "end"))
 # of a launch's weights, at most this many bytes pulled into L2 before ``wait`` (a tuning knob:
 # KVLAB_PDL_PREFETCH_MB, e.g. 24: half of an H100/H200's 50 MB L2). Off by default: with the end
 # trigger a kernel's programs start only as the one before ends, and the prefetch cost more than it

@@ -189,11 +189,18 @@ def test_a_cpu_engine_with_pdl_is_refused_before_its_weights_are_made(monkeypatc
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or not pdl.supported("cuda"), reason="a Hopper (or newer) GPU")
 @pytest.mark.parametrize("m", [1, 8])
-def test_a_chain_of_kernels_with_pdl_in_a_cuda_graph_equals_it_without(m):
+@pytest.mark.parametrize("trigger,prefetch_mb", [(pdl.TRIGGER_END, 0), (pdl.TRIGGER_END, 24), (pdl.TRIGGER_EARLY, 24),
+                                                 (pdl.TRIGGER_WAIT, 0)])
+def test_a_chain_of_kernels_with_pdl_in_a_cuda_graph_equals_it_without(monkeypatch, m, trigger, prefetch_mb):
     """Layers of llama3-8b's MLP shapes (the residual stream updated in place, the next norm reading the
     parts of the sums of squares the kernel before wrote), captured in a CUDA graph with PDL: each
-    kernel's programs start before the one before has finished; bit for bit the eager chain without."""
+    kernel's programs start before the one before has finished; bit for bit the eager chain without.
+    Every trigger placement (KVLAB_PDL_TRIGGER; the early one leans on wait's transitivity most) and the
+    L2 prefetch (KVLAB_PDL_PREFETCH_MB), as the session's timing runs launched them."""
     from kernels.small_linear import num_programs, small_linear
+
+    monkeypatch.setattr(pdl, "TRIGGER", trigger)
+    monkeypatch.setattr(pdl, "PREFETCH_BYTES", prefetch_mb << 20)
 
     torch.manual_seed(0)
     h, inter, layers, dev = 4096, 14336, 6, torch.device("cuda")
@@ -238,3 +245,10 @@ def test_every_pdl_kernel_waits_before_its_first_global_access_in_its_ptx():
     script = os.path.join(os.path.dirname(__file__), "pdl_ptx_check.py")
     run = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0 and run.stdout.rstrip().endswith("OK"), run.stdout[-4000:] + run.stderr[-2000:]
+
+
+def test_an_unknown_trigger_placement_is_refused():
+    """KVLAB_PDL_TRIGGER=late (the name of "wait" at first) no longer silently means the default."""
+    assert pdl._trigger("wait") == pdl.TRIGGER_WAIT and pdl._trigger("end") == pdl.TRIGGER_END
+    with pytest.raises(ValueError, match=r"KVLAB_PDL_TRIGGER='late': choose one of early, wait, end"):
+        pdl._trigger("late")

@@ -86,7 +86,7 @@
 #                                                     # the layer table with a PDL column, decode per token with
 #                                                     # (gemv, pdl) = (0,0) (16,0) (16,1) twice interleaved, both
 #                                                     # models, then PDL without the L2 prefetch and with the late
-#                                                     # trigger (KVLAB_PDL_PREFETCH_MB=0, KVLAB_PDL_TRIGGER=late)
+#                                                     # trigger (KVLAB_PDL_PREFETCH_MB=0, KVLAB_PDL_TRIGGER=wait, 'late' at 584dea4)
 #   bash results/engine/device_session.sh pdl2        # after the trigger moved to the end of each kernel's main loop:
 #                                                     # the PDL tests on the GPU, the layer table, decode per token
 #                                                     # with (gemv, pdl) = (0,0) (16,0) (16,1) (0,1) twice interleaved,
@@ -277,7 +277,7 @@ pdl)
     timeout ${LAT_S:-240} python3 -m experiments.bench_latency --models ${LAT_MODELS:-llama3-8b,qwen3-0.6b} --batches 1,8 \
         --prefill-tokens "" --fused-gemv-max-tokens 0,16,16,0,16,16 --enable-pdl 0,0,1,0,0,1 --steps 150 \
         --out "$out/latency" 2>&1 | tee "$out/bench_latency.log" | grep "| decode"
-    for knob in KVLAB_PDL_PREFETCH_MB=0 KVLAB_PDL_TRIGGER=late; do
+    for knob in KVLAB_PDL_PREFETCH_MB=0 KVLAB_PDL_TRIGGER=wait; do
         env $knob timeout ${KNOB_S:-90} python3 -m experiments.bench_latency --models ${LAT_MODELS:-llama3-8b,qwen3-0.6b} \
             --batches 1,8 --prefill-tokens "" --fused-gemv-max-tokens 16 --enable-pdl 1 --steps 150 \
             --out "$out/latency_${knob%%=*}" 2>&1 | tee "$out/bench_latency_${knob%%=*}.log" | grep "| decode"
