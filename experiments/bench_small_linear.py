@@ -12,8 +12,8 @@ as the model has (so the weights stream from HBM, not L2), each in a CUDA graph:
   SiLU, down adding into the residual (``small_linear``: four kernels a layer; the norms take the
   rows' sums of squares from the kernel before them, as the engine's do);
 - ``fused_pdl``: the same kernels launched with programmatic dependent launch (``kernels.pdl``,
-  Hopper and newer: each kernel's programs start and prefetch their weights into L2 while the kernel
-  before runs).
+  Hopper and newer: each kernel launches while the kernel before finishes; with
+  ``KVLAB_PDL_PREFETCH_MB`` its programs also pull their weights into L2 before they wait).
 
 Each is checked against ``small_linear_ref`` first. Reported: microseconds a layer, its weight
 bytes over that time against the device-to-device copy bandwidth of the same run, and each GEMM

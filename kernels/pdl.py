@@ -10,24 +10,34 @@ block in ``wait`` until it has finished and its writes are visible. CUDA graphs 
 The rules every kernel launched through ``launch_kwargs`` keeps, so that any chain of them is as
 ordered as without PDL:
 
-- ``wait(PDL)`` in every program, on every path, before its first load of anything another kernel of
-  the step writes and before its first store (a program that returned early without it would let
-  the kernel "finish" before the one before it);
-- before ``wait``: only weights (no kernel of a step writes them) and launch arguments. Then a
-  kernel's ``wait`` returning means every kernel before it has finished (each finished only after
-  its own ``wait``), wherever each called ``launch_dependents``;
+- ``wait(PDL)`` in every program, on every path, before its first global load of anything but
+  weights and before its first store (each program's own accesses need it; and a kernel none of whose
+  programs waited could complete before the one before it), and never inside a software-pipelined loop
+  (Triton may issue the loop's first loads ahead of it: triton-lang/triton#11905);
+- before ``wait``: only launch arguments and weights that nothing writes once loaded (not the fp8 KV
+  scales: a calibrating step writes them), and the L2 prefetch (a hint: L2 is coherent, a line it
+  pulls early cannot be stale). ``PDL=on`` and ``**launch_kwargs(on)`` go together: a kernel launched
+  with the attribute must wait;
+- then ``wait`` returning means the kernel before has completed and its writes are visible; that one
+  completed only after its own ``wait`` returned (launched with PDL) or started only once the
+  operation before it had completed (launched without: cuBLAS, torch ops, copies, graph launches), so
+  by induction every earlier operation on the stream has completed, wherever each kernel called
+  ``launch_dependents``. ``tests/pdl_ptx_check.py`` checks the first two rules in each kernel's PTX;
 - ``launch_dependents(PDL)`` where ``TRIGGER`` says: ``TRIGGER_END`` (the default) once a program's
   main loop is done (kernels without one: at exit), so the next kernel's programs launch into SMs
   that are free or about to be, as without PDL. Triggering at the start (``early``) or right after
-  ``wait`` (``wait``) made llama3-8b's decode step 8-13% slower on an H100 (our reading: the waiting
+  ``wait`` (``wait``) made llama3-8b's decode step 8-15% slower on an H100 with the 24 MB L2 prefetch on
+  (the early trigger without it: 6-12%) (our reading: the waiting
   programs take the first SMs to free up, two to an SM; results/engine/session_2026-12-06c);
   ``KVLAB_PDL_TRIGGER=early|wait|end`` is a tuning knob for experiments.
 
 ``launches(on)`` turns it on for the kernels launched inside it (``CausalLM.forward`` with
 ``engine.enable_pdl``); the kernels read ``enabled(device)`` when launched, so a CUDA graph
-captured inside keeps it. Under Triton's CPU interpreter ``wait``, ``launch_dependents`` and
-``prefetch_l2`` are no-ops (programs run one after another there): the CPU tests run the same
-kernel code with ``PDL`` on.
+captured inside keeps it. Under Triton's CPU interpreter ``wait``, ``launch_dependents``,
+``prefetch_l2``, ``enter`` and ``trigger_at`` are no-op stubs chosen at import (programs run one after
+another there): the CPU tests check that ``PDL`` and the launch arguments reach every launch inside
+``launches`` and run the rest of each kernel with them, not the ordering (the PTX check and the GPU
+tests do).
 """
 from __future__ import annotations
 
