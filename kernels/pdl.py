@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import os
 
 import torch
@@ -67,7 +68,13 @@ def supported(device: torch.device | str) -> bool:
     device = torch.device(device)
     if device.type != "cuda" or interpreting() or not torch.cuda.is_available():
         return False
-    return torch.cuda.get_device_capability(device) >= MIN_CAPABILITY
+    return _capable(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _capable(index: int) -> bool:
+    """(cached: ``enabled`` asks at every launch of an eager step, ~7 a layer)"""
+    return torch.cuda.get_device_capability(index) >= MIN_CAPABILITY
 
 
 def check_supported(device: torch.device | str, field: str = "engine.enable_pdl") -> None:
