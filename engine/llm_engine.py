@@ -94,12 +94,12 @@ class LLMEngine:
         self.model = None
         self.tp_group = None
         if not simulate:
+            if config.enable_pdl:  # refused before anything is said or built
+                pdl.check_supported(self.device)
             if self.device == "cpu" and mc.num_params > CPU_SLOW_PARAMS:  # said before minutes of weight init
                 log.warning("%s: %.1fB parameters on the CPU: building the weights takes minutes and a step seconds "
                             "(a GPU: device=cuda; kvlab run mode=simulate for figures without one)",
                             config.model, mc.num_params / 1e9)
-            if config.enable_pdl:
-                pdl.check_supported(self.device)
             torch.manual_seed(config.seed)
             if tp > 1:
                 self.tp_group = start_tp_group(config, mc, self.max_model_len, self.dtype, self.device)

@@ -125,7 +125,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="results/engine")
     a = ap.parse_args(argv)
     gemvs = [int(x) for x in a.fused_gemv_max_tokens.split(",")]
-    pdls = [x.strip() in ("1", "true") for x in a.enable_pdl.split(",")]
+    values = [x.strip().lower() for x in a.enable_pdl.split(",")]
+    if not set(values) <= {"0", "1", "true", "false"}:
+        ap.error(f"--enable-pdl {a.enable_pdl}: give 0/1 (or false/true) values, comma-separated")
+    pdls = [x in ("1", "true") for x in values]
     if len(pdls) not in (1, len(gemvs)):
         ap.error(f"--enable-pdl: one value or one per --fused-gemv-max-tokens value ({len(gemvs)}), got {len(pdls)}")
     variants = list(zip(gemvs, pdls * len(gemvs) if len(pdls) == 1 else pdls))
