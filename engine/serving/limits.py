@@ -1,13 +1,15 @@
 """What one client may ask of the server, and how long it may take to ask it.
 
 ``ServerLimits`` holds every limit (the ``limits:`` block of conf/serve.yaml), checked when the
-server starts. They are enforced in three places:
+server starts. They are enforced in four places:
 
 - the HTTP protocol (``uvicorn_settings``): the bytes buffered for an incomplete request head
   (h11's incomplete-event limit: beyond it, 400 and the connection is closed), the time to send
   a request head (``TimedH11Protocol``: a connection that opens and stalls, or sends half a
   head, is closed), idle keep-alive connections, and, as a backstop well above
   ``max_concurrency``, open connections (uvicorn's plain-text 503 beyond);
+- the process: the soft open-file limit is raised for the connections above, and where the
+  hard limit cannot hold them, ``max_concurrency`` is lowered or refused (``descriptors.py``);
 - ASGI middleware: the requests in flight (``ConcurrencyLimitMiddleware``, 503 with OpenAI's
   error body and ``Retry-After``; ``/health`` and ``/metrics`` are not counted), the size of a
   complete request head (``HeaderLimitMiddleware``, 431: h11
@@ -38,6 +40,9 @@ from engine.serving.errors import error_json
 log = logging.getLogger("kvlab.serving")
 
 
+DEFAULT_MAX_CONCURRENCY = 2048
+
+
 class LimitsConfigError(ValueError):
     """A ``limits.*`` setting that no server can run with."""
 
@@ -53,7 +58,9 @@ class ServerLimits:
     header_timeout_s: float = 10.0  # from a connection's first byte (or its opening) to a complete request head
     body_timeout_s: float = 30.0  # from a complete request head to a complete body (else 408)
     keep_alive_timeout_s: float = 5.0  # an idle keep-alive connection is closed after this
-    max_concurrency: int | None = 2048  # requests in flight (not /health, /metrics); beyond: 503 (null: no limit)
+    # requests in flight (not /health, /metrics); beyond: 503 (null: no limit); the default is lowered
+    # to fit the open-file limit (descriptors.py), a value chosen otherwise that cannot fit is refused
+    max_concurrency: int | None = DEFAULT_MAX_CONCURRENCY
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -91,13 +98,21 @@ class ServerLimits:
                     limit_concurrency=self.connection_backstop())
 
     def connection_backstop(self) -> int | None:
-        """uvicorn's ``limit_concurrency``: a bound on everything, far enough above
-        ``max_concurrency`` that the app's own JSON 503 answers first. uvicorn counts open
-        connections (idle keep-alive ones too, and the one asking) and tasks (refusals and
-        /health, /metrics too) and answers a plain-text 503 that OpenAI clients cannot read:
-        twice the limit leaves each client in flight an idle connection besides, and 64 more
-        keep room for health checks and scrapes under a small limit."""
-        return None if self.max_concurrency is None else 2 * self.max_concurrency + 64
+        """uvicorn's ``limit_concurrency`` (``connection_backstop``); None without a limit."""
+        return None if self.max_concurrency is None else connection_backstop(self.max_concurrency)
+
+
+BACKSTOP_SPARE = 64  # connections above twice the limit: health checks and scrapes under a small limit
+
+
+def connection_backstop(max_concurrency: int) -> int:
+    """uvicorn's ``limit_concurrency``: a bound on everything, far enough above
+    ``max_concurrency`` that the app's own JSON 503 answers first. uvicorn counts open
+    connections (idle keep-alive ones too, and the one asking) and tasks (refusals and
+    /health, /metrics too) and answers a plain-text 503 that OpenAI clients cannot read:
+    twice the limit leaves each client in flight an idle connection besides, and
+    ``BACKSTOP_SPARE`` more keep room for health checks and scrapes under a small limit."""
+    return 2 * max_concurrency + BACKSTOP_SPARE
 
 
 # -- request heads ------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from engine.async_engine import AsyncLLMEngine
 from engine.config import EngineConfig, checked_quietly
 from engine.llm_engine import LLMEngine
 from engine.serving.app import create_app
+from engine.serving.descriptors import fit_to_descriptors
 from engine.serving.limits import ServerLimits
 
 log = logging.getLogger("kvlab.serving")
@@ -167,8 +168,10 @@ def build_server(engine: LLMEngine | AsyncLLMEngine, served_model_name: str, hos
                  api_key: str | None = None, log_level: str = "info", access_log: bool = True,
                  limits: ServerLimits | None = None) -> tuple[uvicorn.Server, AsyncLLMEngine]:
     """uvicorn serving the app over ``engine``; ``limits`` (default ``ServerLimits()``) go to the app
-    (body, prompts, n, stop strings) and to uvicorn (headers, head timeout, keep-alive, connections)."""
-    limits = limits or ServerLimits()
+    (body, prompts, n, stop strings) and to uvicorn (headers, head timeout, keep-alive, connections),
+    once fitted to the open-file limit (``fit_to_descriptors``: may raise it, or lower the default
+    ``max_concurrency`` with a warning; LimitsConfigError for another value that cannot fit)."""
+    limits = fit_to_descriptors(limits or ServerLimits())
     async_engine = engine if isinstance(engine, AsyncLLMEngine) else AsyncLLMEngine(engine)
     app = create_app(async_engine, served_model_name, api_key, limits=limits)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=access_log,
@@ -228,7 +231,8 @@ def _raise_terminated(signum, frame) -> None:
 def main(cfg: Mapping[str, Any]) -> None:
     """Serve from a composed config (``conf/serve.yaml``): the groups of ``kvlab run`` plus host,
     port, api_key, served_model_name, log_level, access_log and limits (``ServerLimits``). A bad
-    setting is a ValueError naming its key, raised before the model loads: the limits, port, log
+    setting is a ValueError naming its key, raised before the model loads: the limits (against
+    the open-file limit too, ``fit_to_descriptors``), port, log
     level, the engine's settings and what the engine checks without weights (``check_engine``),
     then the host and port, bound and released (``check_listen``). An engine process that fails
     to start after that raises EngineStartError (its reason, one line)."""
@@ -236,7 +240,8 @@ def main(cfg: Mapping[str, Any]) -> None:
         from omegaconf import OmegaConf
 
         cfg = OmegaConf.to_container(cfg, resolve=True)
-    limits = ServerLimits.from_config(cfg.get("limits"))
+    # first: a limit that cannot fit the open-file limit fails now, and the engine process inherits the raised one
+    limits = fit_to_descriptors(ServerLimits.from_config(cfg.get("limits")))
     port = cfg.get("port", 8000)
     if not is_int(port) or isinstance(port, bool) or not 0 <= port <= 65535:
         raise ValueError(f"port={port!r}: a TCP port is an integer in [0, 65535] (0: any free port), e.g. port=8000")
