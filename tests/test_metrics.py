@@ -18,6 +18,7 @@ from allocators.stats import STAT_FIELDS, MemoryStats
 from engine.engine_core import EngineStats
 from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from engine.serving import metrics as M
+from engine.serving.limits import InFlight
 from engine.serving.metrics import CONTENT_TYPE, ServingMetrics
 
 
@@ -31,6 +32,9 @@ GAUGES = ["vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cac
 COUNTERS = ["vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total", "vllm:num_preemptions_total",
             "vllm:prompt_tokens_total", "vllm:generation_tokens_total", "vllm:request_success_total",
             "kvlab:engine_steps_total", "kvlab:recomputed_prompt_tokens_total"]  # host-tier families only with a tier
+# the HTTP server's concurrency limiter: only with limits.max_concurrency set
+LIMITER_GAUGES = ["kvlab:http_requests_in_flight"]
+LIMITER_COUNTERS = ["kvlab:http_requests_overloaded_total"]
 HISTOGRAMS = {
     "vllm:time_to_first_token_seconds": M.TTFT_BUCKETS,
     "vllm:time_per_output_token_seconds": M.TOKEN_LATENCY_BUCKETS,
@@ -125,20 +129,24 @@ def families(text: str) -> dict:
 # -- names, types, format ----------------------------------------------------------------------
 
 def test_every_family_is_there_with_its_type_and_vllm_labels():
-    sm = ServingMetrics(FakeEngine(), MODEL)
+    sm = ServingMetrics(FakeEngine(), MODEL, in_flight=InFlight())
     sm.observe(output())
     text = sm.render()
     fams = families(text)
-    for name in GAUGES:
+    gauges, counters = GAUGES + LIMITER_GAUGES, COUNTERS + LIMITER_COUNTERS
+    for name in gauges:
         assert fams[name].type == "gauge", name
-    for name in COUNTERS:  # exposed with _total; the parser names the family without it
+    for name in counters:  # exposed with _total; the parser names the family without it
         fam = fams[name[: -len("_total")]]
         assert fam.type == "counter", name
         assert {s.name for s in fam.samples} == {name}
         assert f"# TYPE {name} counter" in text
     for name in HISTOGRAMS:
         assert fams[name].type == "histogram", name
-    assert set(fams) == set(GAUGES) | {c[:-6] for c in COUNTERS} | set(HISTOGRAMS)  # nothing unexpected
+    assert set(fams) == set(gauges) | {c[:-6] for c in counters} | set(HISTOGRAMS)  # nothing unexpected
+    # no concurrency limit (limits.max_concurrency=null): no limiter, none of its families
+    unlimited = families(ServingMetrics(FakeEngine(), MODEL).render())
+    assert set(unlimited) == set(GAUGES) | {c[:-6] for c in COUNTERS} | set(HISTOGRAMS)
     for fam in fams.values():
         for s in fam.samples:
             assert s.labels["model_name"] == MODEL and s.labels["engine"] == "0", s
@@ -221,6 +229,18 @@ def test_counters_come_from_the_snapshot():
     assert m["vllm:num_preemptions_total"] == 3 and m["kvlab:engine_steps_total"] == 89
     assert {r: m[f'vllm:request_success_total{{finished_reason="{r}"}}'] for r in M.FINISH_REASONS} == {
         "stop": 4, "length": 6, "abort": 1, "error": 0}
+
+
+def test_limiter_counts_are_read_at_each_render():
+    counts = InFlight()
+    sm = ServingMetrics(FakeEngine(), MODEL, in_flight=counts)
+    m = samples(sm.render())
+    assert m["kvlab:http_requests_in_flight"] == 0 and m["kvlab:http_requests_overloaded_total"] == 0
+    counts.count, counts.refused_total = 3, 7
+    m = samples(sm.render())
+    assert m["kvlab:http_requests_in_flight"] == 3 and m["kvlab:http_requests_overloaded_total"] == 7
+    counts.count = 1  # a gauge goes down
+    assert samples(sm.render())["kvlab:http_requests_in_flight"] == 1
 
 
 def test_engine_up_follows_the_engine():

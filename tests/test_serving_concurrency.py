@@ -182,6 +182,34 @@ def test_whole_responses_count_until_they_are_sent(live, gate):
     assert_full_again(live, gate)
 
 
+# -- /metrics ------------------------------------------------------------------------------------
+def limiter_metrics(url: str) -> tuple[float, float]:
+    """(kvlab:http_requests_in_flight, kvlab:http_requests_overloaded_total) as /metrics shows them."""
+    from prometheus_client import parser  # a dev dependency: always installed
+
+    text = httpx.get(f"{url}/metrics", timeout=ANSWER_S).text
+    fams = {f.name: f for f in parser.text_string_to_metric_families(text)}
+    (in_flight,) = fams["kvlab:http_requests_in_flight"].samples
+    (refused,) = fams["kvlab:http_requests_overloaded"].samples
+    assert fams["kvlab:http_requests_in_flight"].type == "gauge" and refused.name.endswith("_total")
+    return in_flight.value, refused.value
+
+
+def test_metrics_show_the_requests_in_flight_and_the_refusals(live, gate):
+    wait_idle(live)
+    in_flight, refused = limiter_metrics(live.url)
+    assert in_flight == 0
+    with held_streams(live.url):
+        assert limiter_metrics(live.url) == (LIMIT, refused)  # the scrape itself is not counted
+        for _ in range(3):
+            assert_busy(httpx.post(f"{live.url}/v1/completions", json=completion(), timeout=ANSWER_S))
+        assert limiter_metrics(live.url) == (LIMIT, refused + 3)
+        assert live.limiter.refused_total == refused + 3  # the same counts as the limiter's
+        gate.set()
+    wait_idle(live)
+    assert limiter_metrics(live.url) == (0, refused + 3)
+
+
 # -- every way out frees the slot -------------------------------------------------------------------
 def test_a_client_leaving_mid_stream_frees_its_slot(live, gate):
     with held_streams(live.url):

@@ -278,6 +278,17 @@ UNCOUNTED_PATHS = frozenset({"/health", "/metrics"})
 REFUSAL_LOG_INTERVAL_S = 60.0  # refusals come in floods: one log line per interval, with their count
 
 
+class InFlight:
+    """The limiter's counts, read by /metrics. Shared through this object because Starlette
+    builds the middleware itself, on the first request, after the app and its metrics exist."""
+
+    __slots__ = ("count", "refused_total")
+
+    def __init__(self) -> None:
+        self.count = 0  # requests in flight now
+        self.refused_total = 0  # requests answered 503 server_overloaded since the start
+
+
 class ConcurrencyLimitMiddleware:
     """503 for an HTTP request that arrives while ``max_concurrency`` requests are in flight, with
     OpenAI's error body (``type: server_error``, naming the limit) and ``Retry-After``, before
@@ -288,16 +299,24 @@ class ConcurrencyLimitMiddleware:
     cancellation (server shutdown) releases it too. Requests to ``UNCOUNTED_PATHS`` are neither
     counted nor refused. The connection of a refused request stays open: uvicorn discards the
     unread body (bounded by the head timeout), and closing a socket with unread bytes can reset it
-    before the client has read the 503.
+    before the client has read the 503. The counts live in ``counts`` (``InFlight``), which
+    /metrics reads.
     """
 
-    def __init__(self, app: ASGIApp, max_concurrency: int):
+    def __init__(self, app: ASGIApp, max_concurrency: int, counts: InFlight | None = None):
         self.app = app
         self.max_concurrency = max_concurrency
-        self.in_flight = 0
-        self.refused_total = 0
+        self.counts = counts if counts is not None else InFlight()
         self._unlogged = 0
         self._logged_at = -math.inf
+
+    @property
+    def in_flight(self) -> int:
+        return self.counts.count
+
+    @property
+    def refused_total(self) -> int:
+        return self.counts.refused_total
 
     def _busy(self) -> Any:
         return error_json(503, f"The server is at its limit of {self.max_concurrency} concurrent requests "
@@ -307,24 +326,25 @@ class ConcurrencyLimitMiddleware:
                           headers={"Retry-After": str(RETRY_AFTER_S)})
 
     def _note_refusal(self) -> None:
-        self.refused_total += 1
+        self.counts.refused_total += 1
         self._unlogged += 1
         now = time.monotonic()
         if now - self._logged_at >= REFUSAL_LOG_INTERVAL_S:
             log.warning("refused %d request(s) with 503: %d in flight, the limit limits.max_concurrency=%d "
-                        "(at most one such line a minute)", self._unlogged, self.in_flight, self.max_concurrency)
+                        "(at most one such line a minute)", self._unlogged, self.counts.count, self.max_concurrency)
             self._logged_at, self._unlogged = now, 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in UNCOUNTED_PATHS:
             await self.app(scope, receive, send)
             return
-        if self.in_flight >= self.max_concurrency:
+        counts = self.counts
+        if counts.count >= self.max_concurrency:
             self._note_refusal()
             await self._busy()(scope, receive, send)
             return
-        self.in_flight += 1  # no await between the check and here: no other request passes in between
+        counts.count += 1  # no await between the check and here: no other request passes in between
         try:
             await self.app(scope, receive, send)
         finally:
-            self.in_flight -= 1
+            counts.count -= 1

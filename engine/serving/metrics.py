@@ -4,7 +4,9 @@ A Grafana dashboard or alert written for vLLM works unchanged: the ``vllm:*`` fa
 carry vLLM V1's names, types, label names (``model_name`` and ``engine``; ``finished_reason``
 on ``vllm:request_success_total``), meanings and histogram buckets. kvlab's own figures,
 which vLLM lacks (the KV pool by MemoryStats field, ``idle_mapped`` included), are the
-``kvlab:*`` families.
+``kvlab:*`` families, the HTTP server's concurrency limiter's among them (with a limit set):
+``kvlab:http_requests_in_flight`` and ``kvlab:http_requests_overloaded_total`` (503
+``server_overloaded``), read from its ``InFlight`` counts.
 
 Gauges and counters come from the engine's latest ``EngineStats`` snapshot, so rendering
 never touches the engine; a counter never goes down from one render to the next. Histograms
@@ -28,10 +30,13 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 from allocators.stats import STAT_FIELDS
 from engine.outputs import RequestOutput
+
+if TYPE_CHECKING:
+    from engine.serving.limits import InFlight
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -126,10 +131,12 @@ class Histogram:
 class ServingMetrics:
     """Everything /metrics shows for one engine. ``engine`` needs ``stats()``,
     ``add_finish_listener(fn)`` and ``is_running``; ``max_model_len`` (its attribute, or the
-    argument) sets the buckets of the token-count histograms, as in vLLM."""
+    argument) sets the buckets of the token-count histograms, as in vLLM. ``in_flight``: the
+    concurrency limiter's counts (None: no limit, no such families)."""
 
-    def __init__(self, engine, model_name: str, max_model_len: int | None = None):
+    def __init__(self, engine, model_name: str, max_model_len: int | None = None, in_flight: InFlight | None = None):
         self.engine = engine
+        self.in_flight = in_flight
         self.labels = {"model_name": model_name, "engine": ENGINE_INDEX}
         self._lock = threading.Lock()
         self._floor: dict[tuple[str, tuple], float] = {}  # counters: highest value rendered
@@ -285,6 +292,14 @@ class ServingMetrics:
         gauge("kvlab:num_seqs_swapped", "Sequences (samples) preempted with their KV swapped to host memory.",
               s.num_seqs_swapped)
         gauge("kvlab:engine_up", "1 while the engine loop serves requests.", int(bool(self.engine.is_running)))
+        if self.in_flight is not None:  # the HTTP server's limiter (limits.max_concurrency), not the engine's queue
+            gauge("kvlab:http_requests_in_flight",
+                  "HTTP requests in flight, as limits.max_concurrency counts them (not /health, /metrics).",
+                  self.in_flight.count)
+            with self._lock:  # the counters' floors
+                counter("kvlab:http_requests_overloaded_total",
+                        "HTTP requests refused with 503 server_overloaded: limits.max_concurrency were in flight.",
+                        self.in_flight.refused_total)
         return "\n".join(lines) + "\n"
 
 
