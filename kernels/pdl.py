@@ -5,7 +5,8 @@ device idles: the next kernel launches only when the last program of the one bef
 and then ramps up. With PDL a kernel launched with ``launch_pdl=True`` may start while the kernel
 before it on the stream still runs: it launches and ramps up meanwhile, its programs may do what
 depends on nothing of that kernel (optionally: pull their slice of the weights into L2), and they
-block in ``wait`` until it has finished and its writes are visible. CUDA graphs keep this (programmatic edges, CUDA >= 12.3).
+block in ``wait`` until it has finished and its writes are visible. CUDA graphs keep this
+(programmatic edges, CUDA >= 12.3).
 
 The rules every kernel launched through ``launch_kwargs`` keeps, so that any chain of them is as
 ordered as without PDL:
@@ -26,9 +27,9 @@ ordered as without PDL:
 - ``launch_dependents(PDL)`` where ``TRIGGER`` says: ``TRIGGER_END`` (the default) once a program's
   main loop is done (kernels without one: at exit), so the next kernel's programs launch into SMs
   that are free or about to be, as without PDL. Triggering at the start (``early``) or right after
-  ``wait`` (``wait``) made llama3-8b's decode step 8-15% slower on an H100 with the 24 MB L2 prefetch on
-  (the early trigger without it: 6-12%) (our reading: the waiting
-  programs take the first SMs to free up, two to an SM; results/engine/session_2026-12-06c);
+  ``wait`` (``wait``) made llama3-8b's decode step 8-15% slower on an H100 with the 24 MB L2 prefetch
+  on (the early trigger without it: 6-12%); our reading: the waiting programs take the first SMs to
+  free up, two to an SM (results/engine/session_2026-12-06c);
   ``KVLAB_PDL_TRIGGER=early|wait|end`` is a tuning knob for experiments.
 
 ``launches(on)`` turns it on for the kernels launched inside it (``CausalLM.forward`` with
