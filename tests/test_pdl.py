@@ -252,3 +252,58 @@ def test_an_unknown_trigger_placement_is_refused():
     assert pdl._trigger("wait") == pdl.TRIGGER_WAIT and pdl._trigger("end") == pdl.TRIGGER_END
     with pytest.raises(ValueError, match=r"KVLAB_PDL_TRIGGER='late': choose one of early, wait, end"):
         pdl._trigger("late")
+
+
+@pytest.mark.parametrize("capability,expected", [((8, 0), False), ((8, 9), False), ((9, 0), True), ((10, 0), True)])
+def test_only_hopper_and_newer_gpus_take_pdl(monkeypatch, capability, expected):
+    """A CUDA device of compute capability below 9.0 (A100, L4) has no griddepcontrol: neither supported nor
+    enabled inside ``launches``; 9.0 and newer are (the interpreter's stand-in answers aside)."""
+    monkeypatch.setattr(pdl, "interpreting", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capability)
+    pdl._capable.cache_clear()
+    try:
+        dev = torch.device("cuda", 0)
+        assert pdl.supported(dev) is expected
+        with pdl.launches():
+            assert pdl.enabled(dev) is expected
+        assert not pdl.enabled(dev)
+        if not expected:
+            with pytest.raises(ValueError, match="compute capability >= 9.0"):
+                pdl.check_supported(dev)
+    finally:
+        pdl._capable.cache_clear()
+
+
+def test_piecewise_steps_launch_with_pdl_only_for_a_pdl_model(monkeypatch):
+    """Piecewise graphs' pieces and eager attentions (CPU: the pieces called as they are) launch with PDL for a
+    model with ``pdl`` on, and a model without it in the same process launches without: nothing leaks."""
+    from engine.model import CausalLM
+    from engine.piecewise_graphs import PiecewiseGraphs
+    from engine.presets import preset_config
+    from kernels import triton_attention as ta
+    from kernels.metadata import Addressing, contiguous_metadata
+
+    monkeypatch.setenv("KVLAB_KERNELS", "triton")
+    cfg = preset_config("tiny-llama")
+    seen = []
+    launch = ta._attn_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            return lambda *a, **k: seen.append(k["PDL"]) or launch[grid](*a, **k)
+
+    monkeypatch.setattr(ta, "_attn_kernel", Spy())
+    for on in (True, False):
+        torch.manual_seed(0)
+        model = CausalLM(cfg, 64).fuse(16)
+        model.pdl = on
+        d, hkv = cfg.head_dim, cfg.num_key_value_heads
+        caches = [(torch.zeros(64, hkv, d), torch.zeros(64, hkv, d)) for _ in model.model.layers]
+        pw = PiecewiseGraphs(model, caches, 8, torch.device("cpu"))
+        pw.capture()
+        meta = contiguous_metadata(Addressing.LINEAR, [3], [3], torch.device("cpu"))
+        seen.clear()
+        pw.run(3, torch.tensor([5, 6, 7]), torch.arange(3), torch.arange(3), meta)
+        assert seen and set(seen) == {on}, on
+    assert not pdl.enabled(torch.device("cpu"))
