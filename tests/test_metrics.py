@@ -33,7 +33,7 @@ COUNTERS = ["vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total", "
             "vllm:prompt_tokens_total", "vllm:generation_tokens_total", "vllm:request_success_total",
             "kvlab:engine_steps_total", "kvlab:recomputed_prompt_tokens_total"]  # host-tier families only with a tier
 # the HTTP server's concurrency limiter: only with limits.max_concurrency set
-LIMITER_GAUGES = ["kvlab:http_requests_in_flight"]
+LIMITER_GAUGES = ["kvlab:http_requests_in_flight", "kvlab:http_max_concurrency"]
 LIMITER_COUNTERS = ["kvlab:http_requests_overloaded_total"]
 HISTOGRAMS = {
     "vllm:time_to_first_token_seconds": M.TTFT_BUCKETS,
@@ -129,7 +129,7 @@ def families(text: str) -> dict:
 # -- names, types, format ----------------------------------------------------------------------
 
 def test_every_family_is_there_with_its_type_and_vllm_labels():
-    sm = ServingMetrics(FakeEngine(), MODEL, in_flight=InFlight())
+    sm = ServingMetrics(FakeEngine(), MODEL, in_flight=InFlight(64))
     sm.observe(output())
     text = sm.render()
     fams = families(text)
@@ -232,10 +232,11 @@ def test_counters_come_from_the_snapshot():
 
 
 def test_limiter_counts_are_read_at_each_render():
-    counts = InFlight()
+    counts = InFlight(352)
     sm = ServingMetrics(FakeEngine(), MODEL, in_flight=counts)
     m = samples(sm.render())
     assert m["kvlab:http_requests_in_flight"] == 0 and m["kvlab:http_requests_overloaded_total"] == 0
+    assert m["kvlab:http_max_concurrency"] == 352
     counts.count, counts.refused_total = 3, 7
     m = samples(sm.render())
     assert m["kvlab:http_requests_in_flight"] == 3 and m["kvlab:http_requests_overloaded_total"] == 7

@@ -192,6 +192,8 @@ def limiter_metrics(url: str) -> tuple[float, float]:
     (in_flight,) = fams["kvlab:http_requests_in_flight"].samples
     (refused,) = fams["kvlab:http_requests_overloaded"].samples
     assert fams["kvlab:http_requests_in_flight"].type == "gauge" and refused.name.endswith("_total")
+    (limit,) = fams["kvlab:http_max_concurrency"].samples  # what the in-flight gauge is compared with
+    assert limit.value == LIMIT
     return in_flight.value, refused.value
 
 

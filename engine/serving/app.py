@@ -153,7 +153,7 @@ def create_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | No
     if api_key:  # a bad key is a 401 before any of the body is read
         app.add_middleware(APIKeyMiddleware, api_key=api_key)
     app.add_middleware(HeaderLimitMiddleware, max_header_bytes=limits.max_header_bytes)
-    in_flight = InFlight() if limits.max_concurrency is not None else None
+    in_flight = InFlight(limits.max_concurrency) if limits.max_concurrency is not None else None
     if in_flight is not None:  # outermost: a refusal costs nothing, not even reading the body
         app.add_middleware(ConcurrencyLimitMiddleware, max_concurrency=limits.max_concurrency, counts=in_flight)
     metrics = ServingMetrics(engine, served_model_name, in_flight=in_flight)

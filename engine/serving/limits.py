@@ -282,11 +282,12 @@ class InFlight:
     """The limiter's counts, read by /metrics. Shared through this object because Starlette
     builds the middleware itself, on the first request, after the app and its metrics exist."""
 
-    __slots__ = ("count", "refused_total")
+    __slots__ = ("count", "refused_total", "limit")
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int | None = None) -> None:
         self.count = 0  # requests in flight now
         self.refused_total = 0  # requests answered 503 server_overloaded since the start
+        self.limit = limit  # limits.max_concurrency as served (after fitting the open-file limit)
 
 
 class ConcurrencyLimitMiddleware:

@@ -296,6 +296,10 @@ class ServingMetrics:
             gauge("kvlab:http_requests_in_flight",
                   "HTTP requests in flight, as limits.max_concurrency counts them (not /health, /metrics).",
                   self.in_flight.count)
+            if self.in_flight.limit is not None:  # what the in-flight gauge is compared with on a dashboard
+                gauge("kvlab:http_max_concurrency",
+                      "HTTP requests served at once before 503 server_overloaded (limits.max_concurrency as served: "
+                      "lowered at start to fit the open-file limit where it did not).", self.in_flight.limit)
             with self._lock:  # the counters' floors
                 counter("kvlab:http_requests_overloaded_total",
                         "HTTP requests refused with 503 server_overloaded: limits.max_concurrency were in flight.",
