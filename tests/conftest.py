@@ -165,3 +165,17 @@ def serve_engine_in_thread(limits, model: str = "tiny", max_model_len: int = 64)
         server.should_exit = True
         thread.join(15)
         async_engine.shutdown()
+
+
+class KernelSpy:
+    """Stands in for a ``@triton.jit`` kernel (monkeypatched over it): records each launch's PDL-related
+    arguments (``PDL``, ``PREFETCH_LINES``, ``launch_pdl``), then launches the kernel."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append({k: kwargs.get(k) for k in ("PDL", "PREFETCH_LINES", "launch_pdl")})
+            return self.kernel[grid](*args, **kwargs)
+        return launch

@@ -72,22 +72,17 @@ def test_a_candidate_that_does_not_run_is_reported_not_timed(on_cpu, monkeypatch
 def test_bench_kernels_pdl_impls_are_the_kernels_launched_with_pdl(on_cpu, monkeypatch):
     """bench_kernels --pdl: paged_pdl and linear_pdl run the same kernels inside pdl.launches (the PDL path),
     give their plain impls' outputs, and are checked against the reference as those are."""
+    from conftest import KernelSpy
     from kernels import pdl, triton_attention as ta
 
     monkeypatch.setattr(bk, "PDL", True)
     case = bk.DecodeCase(2, 32, 1 << 16)
     assert set(bk.PDL_IMPLS) <= set(case.impls)
-    seen = []
-    launch = ta._attn_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            return lambda *a, **k: seen.append(k["PDL"]) or launch[grid](*a, **k)
-
-    monkeypatch.setattr(ta, "_attn_kernel", Spy())
+    spy = KernelSpy(ta._attn_kernel)
+    monkeypatch.setattr(ta, "_attn_kernel", spy)
     for impl in ("paged", "linear"):
         plain = case.run(impl, 0).clone()
         assert torch.equal(case.run(impl + "_pdl", 0), plain)
-    assert seen == [False, True, False, True] and not pdl.enabled(torch.device("cpu"))
+    assert [s["PDL"] for s in spy.launches] == [False, True, False, True] and not pdl.enabled(torch.device("cpu"))
     errs = case.check()
     assert errs["paged_pdl"] == errs["paged"] and errs["linear_pdl"] == errs["linear"] < 2e-2

@@ -9,22 +9,12 @@ import torch
 
 pytest.importorskip("triton", reason="Triton: the dev extra (its interpreter on a CPU) or the gpu extra")
 
+from conftest import KernelSpy as Spy  # noqa: E402
 from kernels import pdl  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-class Spy:
-    """Stands in for a ``@triton.jit`` kernel: records each launch's PDL-related arguments."""
-
-    def __init__(self, kernel):
-        self.kernel, self.launches = kernel, []
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            self.launches.append({k: kwargs.get(k) for k in ("PDL", "PREFETCH_LINES", "launch_pdl")})
-            return self.kernel[grid](*args, **kwargs)
-        return launch
 
 
 def test_launches_turns_pdl_on_inside_only_and_restores_on_exit():
@@ -286,14 +276,8 @@ def test_piecewise_steps_launch_with_pdl_only_for_a_pdl_model(monkeypatch):
 
     monkeypatch.setenv("KVLAB_KERNELS", "triton")
     cfg = preset_config("tiny-llama")
-    seen = []
-    launch = ta._attn_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            return lambda *a, **k: seen.append(k["PDL"]) or launch[grid](*a, **k)
-
-    monkeypatch.setattr(ta, "_attn_kernel", Spy())
+    spy = Spy(ta._attn_kernel)
+    monkeypatch.setattr(ta, "_attn_kernel", spy)
     for on in (True, False):
         torch.manual_seed(0)
         model = CausalLM(cfg, 64).fuse(16)
@@ -303,7 +287,7 @@ def test_piecewise_steps_launch_with_pdl_only_for_a_pdl_model(monkeypatch):
         pw = PiecewiseGraphs(model, caches, 8, torch.device("cpu"))
         pw.capture()
         meta = contiguous_metadata(Addressing.LINEAR, [3], [3], torch.device("cpu"))
-        seen.clear()
+        spy.launches.clear()
         pw.run(3, torch.tensor([5, 6, 7]), torch.arange(3), torch.arange(3), meta)
-        assert seen and set(seen) == {on}, on
+        assert spy.launches and {s["PDL"] for s in spy.launches} == {on}, on
     assert not pdl.enabled(torch.device("cpu"))
