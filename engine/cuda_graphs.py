@@ -23,13 +23,16 @@ def padded(sizes: list[int], n: int) -> int | None:
     return sizes[i] if i < len(sizes) else None
 
 
-def capture_each(sizes: list[int], forward, pool=None) -> tuple[dict, dict, object]:
+def capture_each(sizes: list[int], forward, pool=None, prepare=None) -> tuple[dict, dict, object]:
     """One graph per size, largest first so that smaller ones reuse its memory pool: each size's
     ``forward(size)`` runs once to warm up (Triton compiles, cuBLAS picks kernels), then is
-    captured. Returns (graphs, outputs, pool) by size."""
+    captured. ``prepare(size)``, outside the capture, first sets its static inputs. Returns
+    (graphs, outputs, pool) by size."""
     graphs, outs = {}, {}
     torch.cuda.synchronize()
     for s in reversed(sizes):
+        if prepare is not None:
+            prepare(s)
         forward(s)
         torch.cuda.synchronize()
         g = torch.cuda.CUDAGraph()

@@ -22,9 +22,10 @@ from __future__ import annotations
 import logging
 import time
 
+import numpy as np
 import torch
 
-from engine.cuda_graphs import capture_each, padded
+from engine.cuda_graphs import capture_each, capture_sizes, padded
 from engine.piecewise_graphs import token_sizes
 from kernels.metadata import Addressing, AttentionMetadata
 
@@ -32,25 +33,46 @@ log = logging.getLogger("kvlab.graphs")
 
 
 class FullGraphs:
+    """``run`` takes a step's host arrays (``BatchInputs``): they are packed into one pinned buffer and
+    copied with one transfer into the graph's static inputs, and the graph gathers the PAGED
+    block-table rows from the persistent table and computes the logits of the sampled rows itself
+    (``logits``): a mixed step's launch is one copy and one replay, not a copy and a kernel per array."""
+
+    host_inputs = True  # ModelRunner.forward hands over host arrays (PiecewiseGraphs: device metadata)
+
     def __init__(self, model, kv_caches, max_tokens: int, device: torch.device, *, mode: Addressing,
-                 max_num_seqs: int, max_model_len: int, table_width: int = 0, block_size: int = 0, ring: int = 0,
-                 own_kv: bool = False):
+                 max_num_seqs: int, max_model_len: int, table=None, block_size: int = 0, ring: int = 0,
+                 own_kv: bool = False, logits: bool = True):
+        """``table``: the runner's ``PersistentBlockTable`` (PAGED); ``logits``: each graph also computes
+        the logits of up to min(size, ``max_num_seqs``) sampled rows (rows named by the step)."""
         self.model, self.kv_caches, self.device = model, kv_caches, device
         self.sizes = token_sizes(max_tokens)
         self.max_model_len = max_model_len
         m, S = (self.sizes[-1] if self.sizes else 0), max_num_seqs
-        i32, i64 = dict(dtype=torch.int32, device=device), dict(dtype=torch.int64, device=device)
-        self.input_ids = torch.zeros(m, **i64)
-        self.positions = torch.zeros(m, **i64)
-        self.slot_mapping = torch.full((m,), -1, **i64)
-        self.qsl = torch.zeros(S + 1, **i32)
-        self.seq_lens = torch.zeros(S, **i32)
-        self.mode, self.block_size, self.ring = mode, block_size, ring
-        # PAGED: the step's block-table rows, copied in; LINEAR: each sequence's base slot
-        self.block_table = torch.zeros(S, max(1, table_width), **i32) if mode == Addressing.PAGED else None
-        self.seq_base = torch.zeros(S, **i64) if mode != Addressing.PAGED else None
+        self.max_num_seqs = S
+        # one int64 buffer: [query starts and sequence lengths (int32 pairs in S + 1 words) | addressing S |
+        # sampled rows S | then, for the replayed size s: token ids s | positions s | slots s]
+        self.head = 3 * S + 1
+        self.packed = torch.zeros(self.head + 3 * m, dtype=torch.int64, device=device)
+        words = self.packed[:S + 1].view(torch.int32)
+        self.qsl, self.seq_lens = words[:S + 1], words[S + 1:2 * S + 1]
+        self.addressing = self.packed[S + 1:2 * S + 1]  # PAGED: block-table row; LINEAR: base slot
+        self.rows = self.packed[2 * S + 1:3 * S + 1]
+        if mode == Addressing.PAGED and table is None:
+            raise ValueError("PAGED full graphs need the runner's block table")
+        self.mode, self.table, self.block_size, self.ring = mode, table, block_size, ring
         self.own_kv = own_kv
-        self.own_base = torch.zeros(S, **i64) if own_kv else None  # own_kv: each sequence's first query row
+        # logits: each step graph gathers its sampled rows' hidden states into ``sampled``; a small graph per
+        # row count (the decode graphs' sizes) multiplies as many by lm_head into ``logits``, so a step pays
+        # the GEMM of its own rows, not of max_num_seqs (lm_head at 256 rows: ~1.4x its time at 1-128)
+        self.logits = self.sampled = None
+        self.row_sizes: list[int] = []
+        self.logit_graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        if logits and m:
+            head = model.lm_head.weight
+            self.row_sizes = capture_sizes(S)
+            self.sampled = torch.zeros(S, head.shape[1], dtype=head.dtype, device=device)
+            self.logits = torch.empty(S, head.shape[0], dtype=head.dtype, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.hidden: dict[int, torch.Tensor] = {}
         self.own_graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -58,19 +80,38 @@ class FullGraphs:
         self.pool = None
         self.capture_s = 0.0
 
+    def _tokens(self, s: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The static token ids, positions and slots of size ``s``."""
+        h = self.head
+        return self.packed[h:h + s], self.packed[h + s:h + 2 * s], self.packed[h + 2 * s:h + 3 * s]
+
     def _meta(self, s: int, own: bool = False) -> AttentionMetadata:
-        if own:
+        slots = self._tokens(s)[2]
+        if own:  # each sequence's keys from its first query row on (the cast is captured)
             return AttentionMetadata(
                 mode=Addressing.LINEAR, query_start_loc=self.qsl, seq_lens=self.seq_lens, max_query_len=s,
-                max_seq_len=s, slot_mapping=self.slot_mapping[:s], seq_base=self.own_base, trailing_padding=True,
+                max_seq_len=s, slot_mapping=slots, seq_base=self.qsl[:-1].to(torch.int64), trailing_padding=True,
                 own_kv=True)
-        return AttentionMetadata(
+        meta = AttentionMetadata(
             mode=self.mode, query_start_loc=self.qsl, seq_lens=self.seq_lens, max_query_len=s,
-            max_seq_len=self.max_model_len, slot_mapping=self.slot_mapping[:s], block_table=self.block_table,
-            block_size=self.block_size, seq_base=self.seq_base, ring=self.ring, trailing_padding=True)
+            max_seq_len=self.max_model_len, slot_mapping=slots, trailing_padding=True)
+        if self.mode == Addressing.PAGED:  # the rows gathered inside the graph, as decode graphs do
+            meta.block_table = self.table.device_t.index_select(0, self.addressing)
+            meta.block_size = self.block_size
+        else:
+            meta.seq_base, meta.ring = self.addressing, self.ring
+        return meta
 
     def _forward(self, s: int, own: bool = False) -> torch.Tensor:
-        return self.model(self.input_ids[:s], self.positions[:s], self._meta(s, own), self.kv_caches)
+        ids, pos, _ = self._tokens(s)
+        hidden = self.model(ids, pos, self._meta(s, own), self.kv_caches)
+        if self.sampled is not None:
+            r = min(s, self.max_num_seqs)  # padding rows name row 0: gathered, never read
+            torch.index_select(hidden, 0, self.rows[:r], out=self.sampled[:r])
+        return hidden
+
+    def _logits(self, r: int) -> torch.Tensor:
+        return self.model.compute_logits_into(self.sampled[:r], self.logits[:r])
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -79,12 +120,14 @@ class FullGraphs:
         if self.device.type != "cuda":
             return
         t0 = time.perf_counter()
-        self.graphs, self.hidden, self.pool = capture_each(self.sizes, self._forward, self.pool)
+        self.graphs, self.hidden, self.pool = capture_each(self.sizes, self._forward, self.pool, self._empty)
         if self.own_kv:
             # each writes its hidden states into the other graph's of its size: the pool then holds
             # no second set of outputs (~0.8 GiB for llama3-8b up to 8,192 tokens)
             self.own_graphs, self.own_hidden, _ = capture_each(
-                self.sizes, lambda s: self.hidden[s].copy_(self._forward(s, True)), self.pool)
+                self.sizes, lambda s: self.hidden[s].copy_(self._forward(s, True)), self.pool, self._empty)
+        if self.row_sizes:
+            self.logit_graphs, _, _ = capture_each(self.row_sizes, self._logits, self.pool)
         self.capture_s = time.perf_counter() - t0
         if self.sizes:
             log.info("full CUDA graphs (attention included) for %d token counts up to %d%s in %.1f s",
@@ -93,37 +136,64 @@ class FullGraphs:
     def padded_size(self, n: int) -> int | None:
         return padded(self.sizes, n)
 
+    def _empty(self, s: int) -> None:
+        """Size ``s``'s inputs as a step of no sequences: token 0 at position 0, written nowhere."""
+        self.packed[:self.head].zero_()
+        self.packed[self.head:self.head + 2 * s].zero_()
+        self._tokens(s)[2].fill_(-1)
+
+    def pack(self, inputs, s: int) -> np.ndarray:
+        """The host words of a step (``BatchInputs`` or ``StepInputs``) padded to size ``s``: empty
+        sequences after the real ones (no queries, no keys), padding tokens that write nowhere."""
+        S, n, k = self.max_num_seqs, len(inputs.input_ids), len(inputs.seq_lens)
+        if k > S:
+            raise ValueError(f"{k} sequences in a step: more than the {S} captured")
+        rows = inputs.sample_rows
+        if len(rows) > min(s, S):
+            raise ValueError(f"{len(rows)} sampled rows in a step of {s} tokens: more than the graph computes")
+        out = np.zeros(self.head + 3 * s, dtype=np.int64)
+        words = out[:S + 1].view(np.int32)
+        words[:k + 1] = inputs.qsl
+        words[k + 1:S + 1] = n
+        words[S + 1:S + 1 + k] = inputs.seq_lens
+        out[S + 1:S + 1 + k] = inputs.addressing
+        out[2 * S + 1:2 * S + 1 + len(rows)] = rows
+        h = self.head
+        out[h:h + n] = inputs.input_ids
+        out[h + s:h + s + n] = inputs.positions
+        out[h + 2 * s:h + 2 * s + n] = inputs.slots
+        out[h + 2 * s + n:] = -1
+        return out
+
     @torch.inference_mode()
-    def run(self, n: int, input_ids, positions, slots, meta: AttentionMetadata) -> torch.Tensor:
-        """Final-normed hidden states of ``n`` tokens (device tensors); ``meta`` (device tensors
-        too) describes the step's sequences and is copied into the static buffers."""
+    def run(self, inputs, own: bool = False, feed=None, host=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The final-normed hidden states of the step's tokens and the logits of its sampled rows (None
+        where it samples none). ``own``: attention over the step's own K and V (a step of whole prompts).
+        ``feed``: (token index, token) device tensors of inputs still on the device. ``host``: puts an
+        array in a pinned buffer (``HostStaging.host``; default: the array as it is)."""
+        n = len(inputs.input_ids)
         s = self.padded_size(n)
-        k = meta.seq_lens.shape[0]
-        if k > self.seq_lens.shape[0]:
-            raise ValueError(f"{k} sequences in a step: more than the {self.seq_lens.shape[0]} captured")
-        self.input_ids[:n].copy_(input_ids, non_blocking=True)
-        self.positions[:n].copy_(positions, non_blocking=True)
-        self.slot_mapping[:n].copy_(slots, non_blocking=True)
-        if s > n:
-            self.slot_mapping[n:s].fill_(-1)  # padding rows write nowhere
-        self.qsl[:k + 1].copy_(meta.query_start_loc, non_blocking=True)
-        self.qsl[k + 1:].fill_(n)  # empty sequences after the real ones: no queries ...
-        self.seq_lens[:k].copy_(meta.seq_lens, non_blocking=True)
-        self.seq_lens[k:].fill_(0)  # ... and no keys
-        own = meta.own_kv
-        if own:
-            if not self.own_kv:
-                raise ValueError("an own_kv step, but no own_kv graphs were captured")
-            self.own_base[:k].copy_(meta.seq_base, non_blocking=True)
-        elif self.block_table is not None:
-            width = meta.block_table.shape[1]
-            if width > self.block_table.shape[1]:
-                raise ValueError(f"block table of {width} columns: wider than the {self.block_table.shape[1]} captured")
-            self.block_table[:k, :width].copy_(meta.block_table, non_blocking=True)
-        else:
-            self.seq_base[:k].copy_(meta.seq_base, non_blocking=True)
+        if s is None:
+            raise ValueError(f"a step of {n} tokens: more than the {self.sizes[-1] if self.sizes else 0} captured")
+        if own and not self.own_kv:
+            raise ValueError("an own_kv step, but no own_kv graphs were captured")
+        words = self.pack(inputs, s)
+        staged = host("full_graph", words) if host is not None else torch.from_numpy(words)
+        self.packed[:words.size].copy_(staged, non_blocking=True)
+        if feed is not None:  # tokens of the previous step that never left the device
+            self._tokens(s)[0][feed[0]] = feed[1]
         graphs, hidden = (self.own_graphs, self.own_hidden) if own else (self.graphs, self.hidden)
         if s in graphs:
             graphs[s].replay()
-            return hidden[s][:n]
-        return self._forward(s, own)[:n]
+            out = hidden[s]
+        else:
+            out = self._forward(s, own)
+        r = len(inputs.sample_rows)
+        if not r or self.logits is None:
+            return out[:n], None
+        b = padded(self.row_sizes, r)
+        if b in self.logit_graphs:
+            self.logit_graphs[b].replay()
+        else:
+            self._logits(b)
+        return out[:n], self.logits[:r]

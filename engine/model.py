@@ -328,3 +328,7 @@ class CausalLM(nn.Module):
         """Logits in the model's dtype: greedy steps take their argmax as they are (the same
         token as in float32); the sampler widens them where it needs probabilities."""
         return self.lm_head(hidden)
+
+    def compute_logits_into(self, hidden: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``compute_logits`` written into ``out`` (a CUDA graph's static buffer): the same product."""
+        return torch.mm(hidden, self.lm_head.weight.t(), out=out)

@@ -37,6 +37,7 @@ def token_sizes(max_tokens: int) -> list[int]:
 
 class PiecewiseGraphs:
     own_kv = False  # attention reads the cache (a step of whole prompts too: no K/V buffers between pieces)
+    host_inputs = False  # run takes device tensors and metadata (FullGraphs: host arrays)
 
     def __init__(self, model, kv_caches, max_tokens: int, device: torch.device):
         self.model, self.kv_caches, self.device = model, kv_caches, device

@@ -224,8 +224,7 @@ class ModelRunner:
             from engine.full_graphs import FullGraphs
 
             return FullGraphs(self.model, self.kv_caches, max_tokens, self.device, mode=self.allocator.mode,
-                              max_num_seqs=max_num_seqs, max_model_len=max_model_len,
-                              table_width=self.table.device_t.shape[1] if self.paged else 0,
+                              max_num_seqs=max_num_seqs, max_model_len=max_model_len, table=self.table,
                               block_size=self.allocator.block_size if self.paged else 0,
                               ring=getattr(self.views[0], "ring", 0), own_kv=self.prompt_qkv)
         from engine.piecewise_graphs import PiecewiseGraphs
@@ -409,6 +408,11 @@ class ModelRunner:
                    and self.mixed_graphs.padded_size(n) is not None)
         # piecewise graphs have no own_kv variant: their steps read the cache
         own_kv = self.prompt_qkv and inputs.whole_prompts and (not graphed or self.mixed_graphs.own_kv)
+        if graphed and self.mixed_graphs.host_inputs:  # full graphs: one copy, one replay, logits included
+            hidden, logits = self.mixed_graphs.run(inputs, own_kv, feed, stage.host)
+            if inputs.prompt_lp:
+                self._prompt_logprobs(hidden, inputs.prompt_lp)
+            return logits
         meta = self._metadata(inputs, own_kv=own_kv)
         if more:  # one metadata per layer group
             meta = [meta] + [self._metadata(x, k) for k, x in enumerate(more, 1)]

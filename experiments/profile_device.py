@@ -567,8 +567,15 @@ def _rows_mixed_graphs(timer: Timer, model, caches, name: str, device, mode: str
         meta = contiguous_metadata(Addressing.LINEAR, [t_q], [t_q], device)
         ids = torch.randint(10, model.config.vocab_size, (t_q,), device=device)
         pos = torch.arange(t_q, device=device)
+        # full graphs take the step's host arrays, as the engine hands them over, and compute its logits
+        step = SimpleNamespace(input_ids=ids.cpu().numpy(), positions=pos.cpu().numpy(),
+                               slots=meta.slot_mapping.cpu().numpy(), qsl=meta.query_start_loc.cpu().numpy(),
+                               seq_lens=meta.seq_lens.cpu().numpy(), addressing=meta.seq_base.cpu().numpy(),
+                               sample_rows=[t_q - 1])
 
         def fwd():
+            if mode == "full":
+                return graphs.run(step)[1].argmax(-1)
             hidden = graphs.run(t_q, ids, pos, meta.slot_mapping, meta)
             return model.compute_logits(hidden[-1:]).argmax(-1)
 

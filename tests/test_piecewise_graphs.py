@@ -103,7 +103,7 @@ def test_full_graph_steps_equal_eager_steps(fused_cpu, allocator):
     full.capture()
     calls = []
     run = full.run
-    full.run = lambda n, *a: calls.append((n, a[-1].seq_lens.shape[0])) or run(n, *a)
+    full.run = lambda inputs, *a: calls.append((len(inputs.input_ids), len(inputs.seq_lens))) or run(inputs, *a)
     got = generate()
     assert got == want
     assert calls and max(n for n, _ in calls) > 16 and min(n for n, _ in calls) < 16
@@ -123,7 +123,10 @@ def test_graph_steps_of_whole_prompts_with_prompt_attention_qkv(fused_cpu, mode)
     graphs.capture()
     calls = []
     run = graphs.run
-    graphs.run = lambda n, *a: calls.append(a[-1].own_kv) or run(n, *a)
+    if mode == "full":
+        graphs.run = lambda inputs, own, *a: calls.append(own) or run(inputs, own, *a)
+    else:
+        graphs.run = lambda n, *a: calls.append(a[-1].own_kv) or run(n, *a)
     assert generate() == want
     assert False in calls
     assert (True in calls) == (mode == "full")
@@ -147,8 +150,13 @@ def test_full_graphs_replay_the_own_kv_graph_they_captured(fused_cpu, monkeypatc
 
     captured = []
 
-    def capture_each(sizes, forward, pool=None):
-        outs = {s: forward(s) for s in sizes}
+    def capture_each(sizes, forward, pool=None, prepare=None):
+        outs = {}
+        for s in sizes:
+            if prepare is not None:  # the step graphs start from a step of no sequences
+                prepare(s)
+                assert (full._tokens(s)[2] == -1).all() and not full.seq_lens.any()
+            outs[s] = forward(s)
         captured.append(outs)
         return {s: Replay(forward, s, outs[s]) for s in sizes}, outs, pool
 
@@ -158,28 +166,125 @@ def test_full_graphs_replay_the_own_kv_graph_they_captured(fused_cpu, monkeypatc
     full = runner.mixed_graphs = runner._mixed_graphs("full", 24, 4, 64)
     full.device = types.SimpleNamespace(type="cuda")  # capture() captures
     full.capture()
-    assert len(captured) == 2 and full.own_graphs and set(full.own_graphs) == set(full.graphs)
+    assert len(captured) == 3 and full.own_graphs and set(full.own_graphs) == set(full.graphs)
+    assert set(full.logit_graphs) == {1, 2, 4}  # the logits of 1-4 sampled rows (max_num_seqs 4)
     assert all(full.own_hidden[s] is full.hidden[s] for s in full.sizes)  # one set of outputs
     replayed = []
     for graphs, own in ((full.graphs, False), (full.own_graphs, True)):
         for s, g in graphs.items():
             g.replay = (lambda g, own: lambda: replayed.append(own) or Replay.replay(g))(g, own)
+    rows = []
+    for b, g in full.logit_graphs.items():
+        g.replay = (lambda g, b: lambda: rows.append(b) or Replay.replay(g))(g, b)
     assert generate() == want
     assert True in replayed and False in replayed
+    assert len(rows) == len(replayed) and set(rows) == {1, 2, 4}  # a logits replay a step, by its sampled rows
+
+
+def _step(qs: list[int], ctx: list[int], sample: list[int] | None = None, base: int = 0):
+    """A step's host arrays as ``ModelRunner.forward`` hands them to the graphs: sequences of ``qs``
+    new tokens reaching ``ctx``, LINEAR, back to back from slot ``base`` (as ``contiguous_metadata``)."""
+    import types
+
+    import numpy as np
+
+    qsl = np.concatenate([[0], np.cumsum(qs)]).astype(np.int32)
+    pos = np.concatenate([np.arange(c - q, c) for q, c in zip(qs, ctx)]).astype(np.int64)
+    addressing = base + np.concatenate([[0], np.cumsum(ctx)[:-1]]).astype(np.int64)
+    seq = np.repeat(np.arange(len(qs)), qs)
+    return types.SimpleNamespace(
+        input_ids=(7 + 3 * np.arange(int(qsl[-1]))).astype(np.int64) % 250, positions=pos,
+        slots=addressing[seq] + pos, qsl=qsl, seq_lens=np.array(ctx, dtype=np.int32), addressing=addressing,
+        sample_rows=list(qsl[1:] - 1) if sample is None else sample)
+
+
+def test_full_graphs_pack_a_step_into_one_buffer(fused_cpu):
+    """``FullGraphs.pack``: one int64 array holds the whole step, padded to the captured size as the
+    graph needs it: the query starts of empty sequences at the token count, their lengths 0, padding
+    tokens' slots -1 (written nowhere), the sampled rows after the addressing."""
+    import numpy as np
+
+    from engine import LLM
+
+    llm = LLM("tiny-llama", device="cpu", max_model_len=64, kv_cache_tokens=256, allocator="contiguous", max_num_seqs=4)
+    runner = llm.engine.runner
+    runner.model.fuse()
+    full = runner._mixed_graphs("full", 24, 4, 64)
+    step = _step([5, 1, 3], [5, 20, 9])
+    words = full.pack(step, 16)
+    S, h = 4, full.head
+    assert words.shape == (h + 3 * 16,) and h == 3 * S + 1
+    w32 = words[:S + 1].view(np.int32)
+    assert w32[:S + 1].tolist() == [0, 5, 6, 9, 9]  # the fourth sequence: empty, starting at n
+    assert w32[S + 1:2 * S + 1].tolist() == [5, 20, 9, 0]
+    assert words[S + 1:2 * S + 1].tolist() == step.addressing.tolist() + [0]
+    assert words[2 * S + 1:3 * S + 1].tolist() == [4, 5, 8, 0]
+    assert words[h:h + 9].tolist() == step.input_ids.tolist() and not words[h + 9:h + 16].any()
+    assert words[h + 16:h + 25].tolist() == step.positions.tolist()
+    assert words[h + 32:h + 41].tolist() == step.slots.tolist() and (words[h + 41:h + 48] == -1).all()
+
+
+def test_full_graphs_return_the_sampled_rows_logits(fused_cpu):
+    """A full-graph step computes the logits of its sampled rows inside the graph (into one static
+    buffer): those of the eager model's hidden states at those rows; a step that samples none
+    returns no logits. The cache writes are the eager model's too."""
+    from engine import LLM
+    from kernels.metadata import contiguous_metadata
+
+    llm = LLM("tiny-llama", device="cpu", max_model_len=64, kv_cache_tokens=256, allocator="contiguous", max_num_seqs=4)
+    runner = llm.engine.runner
+    model = runner.model.fuse()
+    full = runner._mixed_graphs("full", 24, 4, 64)
+    caches = [(k.clone(), v.clone()) for k, v in runner.kv_caches]
+    step = _step([6, 4, 7], [6, 4, 7], sample=[5, 16])
+    hidden, logits = full.run(step)
+    meta = contiguous_metadata(runner.allocator.mode, [6, 4, 7], [6, 4, 7], torch.device("cpu"))
+    ref = model(torch.from_numpy(step.input_ids), torch.from_numpy(step.positions), meta, caches)
+    torch.testing.assert_close(hidden, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits, model.compute_logits(ref[[5, 16]]), atol=1e-5, rtol=1e-5)
+    for (k, _), (k_ref, _) in zip(runner.kv_caches, caches):
+        assert torch.equal(k, k_ref) and k[:17].any()
+    step.sample_rows = []
+    assert full.run(step)[1] is None
+
+
+def test_full_graph_steps_copy_their_inputs_once(fused_cpu):
+    """A prefill/mixed step through the full graphs builds no device metadata: no per-array copy
+    (``HostStaging.to_device``) and no eager logits (``compute_logits``); its words go through one
+    pinned buffer (``HostStaging.host``) into the graph's. The tokens stay the eager model's."""
+    want, llm, generate = _eager_tokens_and_fused_llm("paged")
+    runner = llm.engine.runner
+    full = runner.mixed_graphs = runner._mixed_graphs("full", 24, 4, 64)
+    full.capture()
+    seen: list[str] = []
+    for obj, name in ((runner.staging, "to_device"), (runner.staging, "host"), (runner.model, "compute_logits")):
+        fn = getattr(obj, name)
+        setattr(obj, name, (lambda fn, name: lambda *a, **k: seen.append(name if name != "host" else a[0])
+                            or fn(*a, **k))(fn, name))
+    steps = []
+    run = full.run
+
+    def traced(*a):
+        seen.clear()
+        out = run(*a)
+        steps.append(list(seen))
+        return out
+
+    full.run = traced
+    assert generate() == want
+    assert steps and all(s == ["full_graph"] for s in steps)
 
 
 def test_full_graphs_refuse_what_they_did_not_capture(fused_cpu):
     from engine import LLM
-    from kernels.metadata import Addressing, contiguous_metadata
 
     llm = LLM("tiny-llama", device="cpu", max_model_len=64, kv_cache_tokens=256, allocator="paged", max_num_seqs=2)
     runner = llm.engine.runner
     runner.model.fuse()
     full = runner._mixed_graphs("full", 16, 2, 64)
-    meta = contiguous_metadata(runner.allocator.mode, [2, 2, 2], [2, 2, 2], torch.device("cpu"), 16, 4)
     with pytest.raises(ValueError, match="3 sequences"):
-        full.run(6, torch.zeros(6, dtype=torch.int64), torch.zeros(6, dtype=torch.int64), meta.slot_mapping, meta)
-    own = contiguous_metadata(Addressing.LINEAR, [2, 2], [2, 2], torch.device("cpu"))
-    own.own_kv = True
+        full.run(_step([2, 2, 2], [2, 2, 2]))
     with pytest.raises(ValueError, match="no own_kv graphs"):  # a cache-only engine's graphs
-        full.run(4, torch.zeros(4, dtype=torch.int64), torch.zeros(4, dtype=torch.int64), own.slot_mapping, own)
+        full.run(_step([2, 2], [2, 2]), True)
+    with pytest.raises(ValueError, match="40 tokens"):
+        full.run(_step([20, 20], [20, 20]))
