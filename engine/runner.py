@@ -398,9 +398,7 @@ class ModelRunner:
         stage = self.staging
         if (self.graphs is not None and inputs.num_prefill_tokens == 0
                 and self.graphs.padded_size(inputs.num_seqs) is not None):
-            return self.graphs.run(inputs.num_seqs, *(stage.host(name, a) for name, a in (
-                ("ids", inputs.input_ids), ("positions", inputs.positions), ("slots", inputs.slots),
-                ("seq_lens", inputs.seq_lens), ("addressing", inputs.addressing))), feed=feed)
+            return self.graphs.run(inputs, feed, stage.host)
         more = getattr(inputs, "groups", ())
         calibrate = self.kv_calibration and inputs.num_prefill_tokens > 0
         n = len(inputs.input_ids)

@@ -489,18 +489,19 @@ def _fill_decode_graph(graphs, table, ctxs: list[int], bs: int, pool: int, gen, 
 
     b = len(ctxs)
     c = torch.tensor(ctxs, device=device)
+    addressing, ids, positions, slots = graphs.static_inputs(b)  # the graph of b sequences replays
     graphs.seq_lens[:b] = c
-    graphs.positions[:b] = c - 1
-    graphs.input_ids[:b] = 11
+    positions[:] = c - 1
+    ids[:] = 11
     if bs:
         meta = _paged_meta(ctxs, 1, bs, pool // bs, device, gen)
         table.device_t[:b, :meta.block_table.shape[1]] = meta.block_table
-        graphs.addressing[:b] = torch.arange(b, device=device)
-        graphs.slot_mapping[:b] = meta.slot_mapping
+        addressing[:] = torch.arange(b, device=device)
+        slots[:] = meta.slot_mapping
     else:
         base = torch.cumsum(c, 0) - c
-        graphs.addressing[:b] = base
-        graphs.slot_mapping[:b] = base + c - 1
+        addressing[:] = base
+        slots[:] = base + c - 1
 
 
 def _graphs_count(pool: int) -> int:

@@ -288,3 +288,48 @@ def test_full_graphs_refuse_what_they_did_not_capture(fused_cpu):
         full.run(_step([2, 2], [2, 2]), True)
     with pytest.raises(ValueError, match="40 tokens"):
         full.run(_step([20, 20], [20, 20]))
+
+
+@pytest.mark.parametrize("allocator", ["paged", "contiguous"])
+def test_decode_graph_steps_equal_eager_steps(fused_cpu, allocator):
+    """Decode graphs (engine/cuda_graphs.py), their inputs packed into one buffer and copied once a
+    step, called as they are on a CPU: the eager fused model's tokens, batches padded to 1, 2 and 4
+    rows (padding rows read nothing and write nowhere)."""
+    from engine.cuda_graphs import DecodeGraphs
+
+    want, llm, generate = _eager_tokens_and_fused_llm(allocator)
+    runner = llm.engine.runner
+    graphs = runner.graphs = DecodeGraphs(runner.model, runner.allocator, runner.kv_caches, runner.table, 4, 64,
+                                          torch.device("cpu"))
+    assert graphs.sizes == [1, 2, 4]
+    calls = []
+    run = graphs.run
+    graphs.run = lambda inputs, *a: calls.append(len(inputs.seq_lens)) or run(inputs, *a)
+    assert generate() == want
+    assert {1, 3} <= set(calls)  # three padded to four
+
+
+def test_decode_graphs_pack_a_step_into_one_buffer():
+    """``DecodeGraphs.pack``: sequence lengths as int32 pairs, then addressing, token ids, positions and
+    slots of the padded size; padding rows of length 0 and slot -1."""
+    import types
+
+    import numpy as np
+
+    from engine.cuda_graphs import DecodeGraphs
+    from kernels.metadata import Addressing
+
+    alloc = types.SimpleNamespace(mode=Addressing.LINEAR)
+    graphs = DecodeGraphs(None, alloc, [], None, 16, 64, torch.device("cpu"))
+    step = types.SimpleNamespace(seq_lens=np.array([9, 4, 30], np.int32), addressing=np.array([0, 64, 128]),
+                                 input_ids=np.array([5, 6, 7]), positions=np.array([8, 3, 29]),
+                                 slots=np.array([8, 67, 157]))
+    words = graphs.pack(step, 4)
+    h = graphs.head
+    assert h == 8 and words.shape == (h + 16,)
+    assert words[:h].view(np.int32).tolist() == [9, 4, 30] + [0] * 13
+    assert words[h:].tolist() == [0, 64, 128, 0, 5, 6, 7, 0, 8, 3, 29, 0, 8, 67, 157, -1]
+    graphs.packed[:words.size].copy_(torch.from_numpy(words))
+    addressing, ids, pos, slots = graphs.static_inputs(4)
+    assert graphs.seq_lens[:4].tolist() == [9, 4, 30, 0] and slots.tolist() == [8, 67, 157, -1]
+    assert ids.tolist() == [5, 6, 7, 0] and pos.tolist() == [8, 3, 29, 0] and addressing.tolist() == [0, 64, 128, 0]

@@ -1202,8 +1202,11 @@ def test_decode_graph_rows_through_small_linear_with_stand_in_graphs(monkeypatch
     class Graphs:  # engine.cuda_graphs.DecodeGraphs's inputs; replay says which path it captured
         def __init__(self, model, stub, caches, table, max_bs, max_model_len, device):
             self.model, self.sizes, self.graphs = model, [], {}
-            self.seq_lens, self.positions, self.input_ids, self.addressing, self.slot_mapping = (
-                torch.zeros(max_bs, dtype=torch.long) for _ in range(5))
+            self.seq_lens = torch.zeros(max_bs, dtype=torch.int32)
+            self.inputs = torch.zeros(4, max_bs, dtype=torch.long)
+
+        def static_inputs(self, bs):
+            return tuple(self.inputs[:, :bs])
 
         def capture(self):
             gemv, launch = self.model.model.layers[0].gemv_max_tokens, self.model.pdl
