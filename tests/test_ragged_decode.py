@@ -204,23 +204,27 @@ def test_profiler_fills_the_decode_graph_for_each_sequences_own_context(bs):
 
     import torch
 
+    from engine.cuda_graphs import DecodeGraphs
     from experiments.profile_device import _fill_decode_graph
+    from kernels.metadata import Addressing
 
     ctxs = [5, 40, 17, 1]
-    z = lambda dtype: torch.zeros(8, dtype=dtype)  # noqa: E731
-    graphs = SimpleNamespace(seq_lens=z(torch.int32), positions=z(torch.int64), input_ids=z(torch.int64),
-                             addressing=z(torch.int64), slot_mapping=z(torch.int64))
     table = SimpleNamespace(device_t=torch.full((8, 4), -1, dtype=torch.int32))
+    stub = SimpleNamespace(mode=Addressing.PAGED if bs else Addressing.LINEAR, block_size=bs)
+    graphs = DecodeGraphs(None, stub, [], table, 8, 64, torch.device("cpu"))
     _fill_decode_graph(graphs, table, ctxs, bs, 1024, torch.Generator().manual_seed(0), torch.device("cpu"))
-    assert graphs.seq_lens[:4].tolist() == ctxs and graphs.positions[:4].tolist() == [c - 1 for c in ctxs]
-    slots = graphs.slot_mapping[:4].tolist()
+    addressing, ids, positions, slots = graphs.static_inputs(4)  # the inputs the graph of four sequences reads
+    assert graphs.seq_lens[:4].tolist() == ctxs and positions.tolist() == [c - 1 for c in ctxs]
+    assert ids.tolist() == [11] * 4
+    slots = slots.tolist()
     if bs:
         rows = table.device_t[:4].tolist()
+        assert addressing.tolist() == [0, 1, 2, 3]
         assert slots == [rows[i][(c - 1) // bs] * bs + (c - 1) % bs for i, c in enumerate(ctxs)]
         used = [b for i, c in enumerate(ctxs) for b in rows[i][:-(-c // bs)]]
         assert len(set(used)) == len(used)  # no two sequences share a block
     else:
-        assert graphs.addressing[:4].tolist() == [0, 5, 45, 62] and slots == [4, 44, 61, 62]
+        assert addressing.tolist() == [0, 5, 45, 62] and slots == [4, 44, 61, 62]
 
 
 def test_a_window_bounds_the_split_config_of_its_layers(monkeypatch):

@@ -105,6 +105,13 @@
 #                                                     # models part (small_linear + PDL decode-graph rows):
 #   kvlab profile --models qwen3-0.6b,llama3-8b --skip host,gemm,graphs,ragged,copy,vmm \
 #       --merge results/profiles/nvidia-h200.parquet
+# Session of 2026-12-06 (eleventh): a step's graph inputs packed into one copy, logits inside the full graphs.
+# BASE: a tree of the commit before (git archive | tar into build/base, carried), run from there as "before":
+#   bash results/engine/device_session.sh packed      # the engine's GPU tests, then profile_launch (qwen3-0.6b,
+#                                                     # paged, synchronous: launch CPU time by step kind) before /
+#                                                     # after / before / after, each in its own process
+#   bash results/engine/device_session.sh packed2     # bench_latency (decode b1/b8, prefill and mixed steps with
+#                                                     # and without graphs) before / after, qwen3-0.6b then llama3-8b
 # Outputs accumulate in $KVE (default /tmp/kve) on the machine; each part tars them into $OUT.
 set -uo pipefail
 part=${1:?tests or throughput}
@@ -336,6 +343,30 @@ regress2)
         | tee "$out/bench_kernels.log" | tail -12
     timeout ${TPUT_S:-420} python3 -m experiments.cli bench throughput --models ${TPUT_MODELS:-llama3-8b} \
         --out "$out/throughput" 2>&1 | tee "$out/throughput.log" | grep -v "^{" | tail -14
+    exit 0
+    ;;
+packed)
+    timeout ${TESTS_S:-240} python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu_engine.py -rfE --tb=short \
+        2>&1 | tee "$out/gpu_tests_engine.log" | tail -6
+    for r in 1 2; do
+        for side in before after; do
+            dir=.; [ $side = before ] && dir=${BASE:-build/base}
+            (cd "$dir" && timeout ${LAUNCH_S:-150} python3 -m experiments.profile_launch model=qwen3-0.6b allocator=paged \
+                --steps ${STEPS:-300}) > "$out/profile_launch_${side}_$r.log" 2>&1
+            echo "== $side $r"; grep -A3 "^median ms" "$out/profile_launch_${side}_$r.log"
+        done
+    done
+    exit 0
+    ;;
+packed2)
+    for m in ${LAT_MODELS:-qwen3-0.6b llama3-8b}; do
+        for side in before after; do
+            dir=.; [ $side = before ] && dir=${BASE:-build/base}
+            (cd "$dir" && timeout ${LAT_S:-150} python3 -m experiments.bench_latency --models $m --out "$out/latency_$side") \
+                > "$out/bench_latency_${m}_$side.log" 2>&1
+            echo "== $m $side"; grep "^|" "$out/bench_latency_${m}_$side.log" | tail -16
+        done
+    done
     exit 0
     ;;
 prompt)
