@@ -333,3 +333,35 @@ def test_decode_graphs_pack_a_step_into_one_buffer():
     addressing, ids, pos, slots = graphs.static_inputs(4)
     assert graphs.seq_lens[:4].tolist() == [9, 4, 30, 0] and slots.tolist() == [8, 67, 157, -1]
     assert ids.tolist() == [5, 6, 7, 0] and pos.tolist() == [8, 3, 29, 0] and addressing.tolist() == [0, 64, 128, 0]
+
+
+def test_profile_times_the_prefill_graphs_as_the_engine_runs_them(fused_cpu):
+    """``kvlab profile``'s graphs part (``_rows_mixed_graphs``) runs a lone prompt through the engine's
+    graphs (full: its host arrays, the logits from the graph; piecewise: device metadata, logits after)
+    and reads its token back: one ``<mode>_forward`` row a size and the capture time, here on a CPU through
+    the uncaptured forwards. Both modes give the same tokens for the same prompts."""
+    from types import SimpleNamespace
+
+    from engine.loader import resolve_config
+    from engine.model import CausalLM
+    from experiments import profile_device
+
+    mc = resolve_config("tiny-llama")
+    model = CausalLM(mc, 256).fuse()
+    tokens = {}
+    for mode in ("full", "piecewise"):
+        caches = profile_device._scratch_caches(mc, 64, torch.float32, torch.device("cpu"))
+        got = tokens[mode] = []
+
+        def wall(fn):
+            got.append(fn().tolist())
+            return 1e-3
+
+        torch.manual_seed(0)  # the same prompts
+        with torch.inference_mode():
+            rows = profile_device._rows_mixed_graphs(SimpleNamespace(wall=wall), model, caches, "tiny-llama",
+                                                     torch.device("cpu"), mode, [16, 20])
+        assert [(r["table"], r.get("query")) for r in rows] == [
+            (f"{mode}_forward", 16), (f"{mode}_forward", 20), (f"{mode}_capture", 20)]
+    assert len(tokens["full"]) == 2 and all(len(t) == 1 for t in tokens["full"])
+    assert tokens["full"] == tokens["piecewise"]
