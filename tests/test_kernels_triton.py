@@ -396,6 +396,72 @@ def test_attention_trailing_padding_needs_no_tiles(mode, monkeypatch):
     assert [g[0] for g in grids] == [10 // 4 + 64, 10 // 4 + 10, 64, 10]
 
 
+def _find_seq_py(qsl: list[int], tile: int, num_seqs: int, block_q: int) -> int:
+    """The kernel's _find_seq, one tile at a time (its binary search, written out)."""
+    lo, hi = 0, num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        start = qsl[mid] // block_q + mid if block_q > 1 else qsl[mid]
+        lo, hi = (mid + 1, hi) if start <= tile else (lo, mid)
+    return lo - 1
+
+
+@pytest.mark.parametrize("block_q", [1, 2, 4, 16])
+def test_tile_owners_are_the_kernels_search(block_q):
+    """``tile_owners`` (the host's map of query tiles to sequences) gives, for every tile of a launch,
+    the sequence the kernel's own search finds: ragged prompts, decodes, empty trailing sequences."""
+    import numpy as np
+
+    from kernels.metadata import tile_owners
+    from kernels.triton_attention import query_tiles
+
+    gen = _gen("tile-owners", block_q)
+    for _ in range(20):
+        q_lens = [_randint(gen, 0, 40) for _ in range(_randint(gen, 1, 12))] + [0] * _randint(gen, 0, 6)
+        qsl = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+        tiles = query_tiles(int(qsl[-1]), len(q_lens), block_q)
+        got = tile_owners(qsl, block_q, tiles)
+        assert got.dtype == np.int32
+        assert got.tolist() == [_find_seq_py(qsl.tolist(), t, len(q_lens), block_q) for t in range(tiles)]
+
+
+@pytest.mark.parametrize("mode", [PAGED, LINEAR])
+def test_attention_with_a_tile_map_equals_its_search(mode, monkeypatch):
+    """A launch given each query tile's sequence (``tile_seq``, as full CUDA graphs write it with the
+    step) computes what its own search of the query starts computes, bit for bit: mixed prompts and
+    decodes, trailing empty sequences, tiles in launch order and longest first. A map made for other
+    tiles, of another dtype or too short is refused."""
+    import numpy as np
+
+    from kernels.metadata import tile_owners
+    from kernels.triton_attention import query_tiles
+
+    gen = _gen("tile-map", mode)
+    lens = [(70, 30), (17, 1), (60, 25), (9, 9), (33, 1)] + [(0, 0)] * 27  # 66 tokens, 32 sequences
+    q, kc, vc, meta, _ = make_batch(gen, lens, num_kv_heads=2, group=2, head_dim=32, dtype=torch.float16,
+                                    mode=mode, block_size=16)
+    meta.max_query_len, meta.trailing_padding = 64, True
+    block_q = 8
+    qsl = meta.query_start_loc.cpu().numpy()
+    owners = tile_owners(qsl, block_q, query_tiles(66, 32, block_q))
+    for longest in (False, True):
+        config = triton_attention.AttnConfig(block_q=block_q, block_n=16, num_splits=1, num_warps=4, num_stages=2,
+                                             causal_split=True, longest_first=longest)
+        meta.tile_seq = None
+        searched = run_attention(q, kc, vc, meta, config=config, monkeypatch=monkeypatch)
+        meta.tile_seq, meta.tile_q = torch.from_numpy(np.concatenate([owners, np.full(5, -7, np.int32)])).to(DEVICE), block_q
+        _assert_same(run_attention(q, kc, vc, meta, config=config, monkeypatch=monkeypatch), searched)
+    _assert_close_attn(searched, reference.attention(q, kc, vc, meta))
+    config = triton_attention.AttnConfig(block_q=4, block_n=16, num_splits=1, num_warps=4, num_stages=2)
+    with pytest.raises(ValueError, match="tiles of 8 query tokens"):
+        run_attention(q, kc, vc, meta, config=config, monkeypatch=monkeypatch)
+    config = triton_attention.AttnConfig(block_q=8, block_n=16, num_splits=1, num_warps=4, num_stages=2)
+    for bad in (meta.tile_seq.long(), meta.tile_seq[:len(owners) - 1]):
+        meta.tile_seq = bad
+        with pytest.raises(ValueError, match="tile_seq must be int32"):
+            run_attention(q, kc, vc, meta, config=config, monkeypatch=monkeypatch)
+
+
 @pytest.mark.parametrize("mode,bs,bt_ahead", [(PAGED, 16, True), (PAGED, 4, False), (LINEAR, 0, True)])
 @pytest.mark.parametrize("block_q", [1, 4])
 def test_attention_causal_split(mode, bs, bt_ahead, block_q, monkeypatch):

@@ -27,15 +27,18 @@ def fused_cpu(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
-def _eager_tokens_and_fused_llm(allocator: str, prompt_attention: str = "cache", gemv_max_tokens: int = 0):
-    """Tokens of the eager fused model for prompts whose steps (a 24-token budget) mix chunked
+def _eager_tokens_and_fused_llm(allocator: str, prompt_attention: str = "cache", gemv_max_tokens: int = 0,
+                                budget: int = 24):
+    """Tokens of the eager fused model for prompts whose steps (a ``budget``-token budget) mix chunked
     prefills with decodes; a second fused LLM whose runner a test gives graphs; its generate."""
     from engine import LLM, SamplingParams
 
     prompts = [[5, 6, 7, 8, 9, 10, 11], [9, 10], list(range(20, 43))]
+    if budget > 24:  # steps of more than one attention tile's queries (tiny-llama: 32)
+        prompts += [list(range(50, 100)), [3] * 37]
     p = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
-    kw = dict(device="cpu", max_model_len=64, kv_cache_tokens=256, allocator=allocator, max_num_batched_tokens=24,
-              max_num_seqs=4)
+    kw = dict(device="cpu", max_model_len=128 if budget > 24 else 64, kv_cache_tokens=512, allocator=allocator,
+              max_num_batched_tokens=budget, max_num_seqs=4)
     eager = LLM("tiny-llama", **kw)
     eager.engine.model.fuse()
     want = [o.token_ids for o in eager.generate(prompts, p)]
@@ -198,6 +201,23 @@ def _step(qs: list[int], ctx: list[int], sample: list[int] | None = None, base: 
         sample_rows=list(qsl[1:] - 1) if sample is None else sample)
 
 
+@pytest.mark.parametrize("allocator", ["paged", "contiguous"])
+def test_full_graph_steps_with_tile_maps_equal_eager_steps(fused_cpu, allocator):
+    """Graph sizes of more tokens than an attention tile holds (tiny-llama: 32 query tokens from 48-token
+    graphs on) give the attention each query tile's sequence with the step's words (a tile map, not a
+    search over max_num_seqs padded sequences): the eager fused model's tokens, mixed steps of several
+    sequences among them."""
+    want, llm, generate = _eager_tokens_and_fused_llm(allocator, budget=64)
+    runner = llm.engine.runner
+    full = runner.mixed_graphs = runner._mixed_graphs("full", 64, 4, 128)
+    assert full.sizes == [16, 32, 48, 64] and full.tile_q == {16: 0, 32: 0, 48: 32, 64: 32}
+    calls = []
+    run = full.run
+    full.run = lambda inputs, *a: calls.append((len(inputs.input_ids), len(inputs.seq_lens))) or run(inputs, *a)
+    assert generate() == want
+    assert any(n > 32 and k > 1 for n, k in calls)
+
+
 def test_full_graphs_pack_a_step_into_one_buffer(fused_cpu):
     """``FullGraphs.pack``: one int64 array holds the whole step, padded to the captured size as the
     graph needs it: the query starts of empty sequences at the token count, their lengths 0, padding
@@ -222,6 +242,28 @@ def test_full_graphs_pack_a_step_into_one_buffer(fused_cpu):
     assert words[h:h + 9].tolist() == step.input_ids.tolist() and not words[h + 9:h + 16].any()
     assert words[h + 16:h + 25].tolist() == step.positions.tolist()
     assert words[h + 32:h + 41].tolist() == step.slots.tolist() and (words[h + 41:h + 48] == -1).all()
+    assert full.tile_q == {16: 0, 32: 0}  # a tile holds any sequence's queries: no tile map
+
+
+def test_full_graphs_pack_the_owner_of_each_attention_tile(fused_cpu):
+    """A size whose attention tiles hold fewer query tokens than the step (tiny-llama: 32 from 48-token
+    graphs) packs each tile's sequence, over the padded query starts (the kernel's rule)."""
+    import numpy as np
+
+    from engine import LLM
+    from kernels.metadata import tile_owners
+
+    llm = LLM("tiny-llama", device="cpu", max_model_len=128, kv_cache_tokens=512, allocator="paged", max_num_seqs=4)
+    runner = llm.engine.runner
+    runner.model.fuse()
+    full = runner._mixed_graphs("full", 64, 4, 128)
+    step = _step([40, 1, 3], [40, 20, 9])
+    words = full.pack(step, 48)
+    S, tiles = 4, 48 // 32 + 4
+    qsl = words[:S + 1].view(np.int32)[:S + 1]
+    assert qsl.tolist() == [0, 40, 41, 44, 44]
+    owners = words[3 * S + 1:full.head].view(np.int32)[:tiles]
+    assert owners.tolist() == tile_owners(qsl, 32, tiles).tolist() == [0, 0, 1, 2, 3]
 
 
 def test_full_graphs_return_the_sampled_rows_logits(fused_cpu):
