@@ -457,6 +457,28 @@ def test_full_graph_steps_use_the_full_table_or_say_they_fall_back(caplog):
     assert fallback.device_time([(128, 128)]) == pytest.approx(piecewise.device_time([(128, 128)]))
 
 
+def test_full_graph_steps_pay_the_logits_of_their_padded_rows():
+    """A full-graph step computes its sampled rows' logits by a graph of the decode graphs' row counts
+    (``FullGraphs.logit_graphs``: 9 rows replay the 16-row GEMM); a piecewise or eager step, or a
+    full-graph engine's step too large for its graphs, multiplies exactly its rows."""
+    from engine.loader import resolve_config
+
+    shape = shape_of(resolve_config(MODEL))
+    args = dict(model=MODEL, paged=True, block_size=16, max_graph_batch=64, allocator="paged", graph_max_tokens=2048)
+    base = _with_piecewise()
+    rows = [dict(table="full_forward", model=MODEL, query=q, context=q, value=2e-3 + 1e-7 * q)
+            for q in (16, 128, 1024, 2048)]
+    prof = DeviceProfile(pd.concat([base.df, pd.DataFrame(rows)], ignore_index=True), base.meta, "synthetic+full")
+    mixed = [(100, 100)] + [(1, 50)] * 8  # nine sampled rows, 108 tokens: a graphed step
+    for mode, work, want in (("full", mixed, 16), ("piecewise", mixed, 9),
+                             ("full", [(3000, 3000)] + [(1, 50)] * 8, 9)):  # over the cap: eager
+        m = ProfiledCostModel(prof, shape, graph_mode=mode, **args)
+        seen, lm_head = [], m.lm_head
+        m.lm_head = lambda r, lm_head=lm_head: seen.append(r) or lm_head(r)
+        m.device_time(work)
+        assert want in seen and 9 + 16 - want not in seen, (mode, seen)
+
+
 def test_host_time_is_calibrated_with_the_graphs_the_steps_ran_with():
     """Host steps recorded with piecewise graphs (cap 2048) calibrate a simulated config without
     them (cap 0, or a budget under the cap) to the same host time: the recorded steps' device
