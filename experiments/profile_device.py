@@ -554,6 +554,7 @@ def _rows_mixed_graphs(timer: Timer, model, caches, name: str, device, mode: str
     from engine.config import EngineConfig
     from engine.full_graphs import FullGraphs
     from engine.piecewise_graphs import PiecewiseGraphs
+    from engine.staging import HostStaging
     from kernels.metadata import Addressing, contiguous_metadata
 
     if mode == "full":
@@ -563,6 +564,7 @@ def _rows_mixed_graphs(timer: Timer, model, caches, name: str, device, mode: str
     else:
         graphs = PiecewiseGraphs(model, caches, max(queries), device)
     graphs.capture()
+    stage = HostStaging(device)  # the step's words from pinned memory, as the engine copies them (each call syncs)
     rows = []
     for t_q in _ticked(queries, tick):
         meta = contiguous_metadata(Addressing.LINEAR, [t_q], [t_q], device)
@@ -576,7 +578,7 @@ def _rows_mixed_graphs(timer: Timer, model, caches, name: str, device, mode: str
 
         def fwd():
             if mode == "full":
-                return graphs.run(step)[1].argmax(-1)
+                return graphs.run(step, host=stage.host)[1].argmax(-1)
             hidden = graphs.run(t_q, ids, pos, meta.slot_mapping, meta)
             return model.compute_logits(hidden[-1:]).argmax(-1)
 
