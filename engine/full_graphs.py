@@ -27,6 +27,7 @@ import torch
 
 from engine.cuda_graphs import capture_each, capture_sizes, padded
 from engine.piecewise_graphs import token_sizes
+from kernels import metadata as km
 from kernels.metadata import Addressing, AttentionMetadata, tile_owners
 from kernels.triton_attention import query_tile, query_tiles
 
@@ -59,7 +60,7 @@ class FullGraphs:
         self.tile_q: dict[int, int] = {}
         for s in self.sizes:
             q = query_tile(s, group, cfg.head_dim, elem)
-            self.tile_q[s] = q if s > q else 0  # s <= q: DIRECT, program i = sequence i
+            self.tile_q[s] = q if s > q and km.TILE_MAP else 0  # s <= q: DIRECT, program i = sequence i
         tiles = max((query_tiles(s, min(S, s), q) for s, q in self.tile_q.items() if q), default=0)
         # one int64 buffer: [query starts and sequence lengths (int32 pairs in S + 1 words) | addressing S |
         # sampled rows S | tile owners (int32 pairs) | then, for the replayed size s: token ids s | positions s |

@@ -77,6 +77,12 @@ class AttentionMetadata:
             raise ValueError("own_kv reads the step's K and V LINEAR, without a ring")
 
 
+# Full CUDA graphs give their attention a tile map (``tile_seq``) only with KVLAB_TILE_MAP=1 (read once, at
+# import): checked against the kernel's own search under the interpreter, not yet compiled and timed on a GPU
+# (results/engine/session_2026-12-06d/README.md says how); off, the kernel searches the query starts
+TILE_MAP = os.environ.get("KVLAB_TILE_MAP", "0") == "1"
+
+
 def tile_owners(qsl: np.ndarray, block_q: int, num_tiles: int) -> np.ndarray:
     """The sequence owning each of ``num_tiles`` query tiles of ``block_q`` tokens (int32), the rule of the
     attention kernel's ``_find_seq``: sequence i's tiles start at ``qsl[i] // block_q + i`` (block_q > 1: room

@@ -202,13 +202,15 @@ def _step(qs: list[int], ctx: list[int], sample: list[int] | None = None, base: 
 
 
 @pytest.mark.parametrize("allocator", ["paged", "contiguous"])
-def test_full_graph_steps_with_tile_maps_equal_eager_steps(fused_cpu, allocator):
+def test_full_graph_steps_with_tile_maps_equal_eager_steps(fused_cpu, allocator, monkeypatch):
     """Graph sizes of more tokens than an attention tile holds (tiny-llama: 32 query tokens from 48-token
     graphs on) give the attention each query tile's sequence with the step's words (a tile map, not a
     search over max_num_seqs padded sequences): the eager fused model's tokens, mixed steps of several
     sequences among them."""
     want, llm, generate = _eager_tokens_and_fused_llm(allocator, budget=64)
     runner = llm.engine.runner
+    assert runner._mixed_graphs("full", 64, 4, 128).tile_q == {16: 0, 32: 0, 48: 0, 64: 0}  # off by default
+    monkeypatch.setattr("kernels.metadata.TILE_MAP", True)  # KVLAB_TILE_MAP=1
     full = runner.mixed_graphs = runner._mixed_graphs("full", 64, 4, 128)
     assert full.sizes == [16, 32, 48, 64] and full.tile_q == {16: 0, 32: 0, 48: 32, 64: 32}
     calls = []
@@ -245,7 +247,7 @@ def test_full_graphs_pack_a_step_into_one_buffer(fused_cpu):
     assert full.tile_q == {16: 0, 32: 0}  # a tile holds any sequence's queries: no tile map
 
 
-def test_full_graphs_pack_the_owner_of_each_attention_tile(fused_cpu):
+def test_full_graphs_pack_the_owner_of_each_attention_tile(fused_cpu, monkeypatch):
     """A size whose attention tiles hold fewer query tokens than the step (tiny-llama: 32 from 48-token
     graphs) packs each tile's sequence, over the padded query starts (the kernel's rule)."""
     import numpy as np
@@ -253,6 +255,7 @@ def test_full_graphs_pack_the_owner_of_each_attention_tile(fused_cpu):
     from engine import LLM
     from kernels.metadata import tile_owners
 
+    monkeypatch.setattr("kernels.metadata.TILE_MAP", True)  # KVLAB_TILE_MAP=1
     llm = LLM("tiny-llama", device="cpu", max_model_len=128, kv_cache_tokens=512, allocator="paged", max_num_seqs=4)
     runner = llm.engine.runner
     runner.model.fuse()

@@ -112,6 +112,10 @@
 #                                                     # after / before / after, each in its own process
 #   bash results/engine/device_session.sh packed2     # bench_latency (decode b1/b8, prefill and mixed steps with
 #                                                     # and without graphs) before / after, qwen3-0.6b then llama3-8b
+# Prepared, not run (no device time left): the full graphs' tile map (KVLAB_TILE_MAP=1, off by default):
+#   bash results/engine/device_session.sh tilemap     # its kernel tests and the engine's full-graph GPU tests with it
+#                                                     # on, then kvlab profile's graphs part (a lone prompt through
+#                                                     # full and piecewise graphs, both models) off / on / off / on
 # Outputs accumulate in $KVE (default /tmp/kve) on the machine; each part tars them into $OUT.
 set -uo pipefail
 part=${1:?tests or throughput}
@@ -365,6 +369,23 @@ packed2)
             (cd "$dir" && timeout ${LAT_S:-150} python3 -m experiments.bench_latency --models $m --out "$out/latency_$side") \
                 > "$out/bench_latency_${m}_$side.log" 2>&1
             echo "== $m $side"; grep "^|" "$out/bench_latency_${m}_$side.log" | tail -16
+        done
+    done
+    exit 0
+    ;;
+tilemap)
+    timeout ${TESTS_S:-90} python3 -m pytest -q -p no:cacheprovider tests/test_kernels_triton.py \
+        -k "tile_map or tile_owners or trailing" -rfE --tb=short 2>&1 | tee "$out/gpu_tests_tilemap.log" | tail -2
+    KVLAB_TILE_MAP=1 timeout ${ENGINE_S:-200} python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu_engine.py \
+        -k "full" -rfE --tb=short 2>&1 | tee -a "$out/gpu_tests_tilemap.log" | tail -2
+    for r in 1 2; do
+        for on in 0 1; do
+            KVLAB_TILE_MAP=$on timeout ${PROFILE_S:-120} python3 -m experiments.cli profile --models qwen3-0.6b,llama3-8b \
+                --skip host,gemm,models,ragged,copy,vmm --out "$out/graphs_tilemap${on}_$r.parquet" \
+                > "$out/profile_graphs_tilemap${on}_$r.log" 2>&1
+            python3 -c "
+import pandas as pd; d = pd.read_parquet('$out/graphs_tilemap${on}_$r.parquet')
+print('KVLAB_TILE_MAP=$on run $r'); print(d[d.table.str.endswith('forward')].pivot_table(index='query', columns=['model', 'table'], values='value').mul(1e3).round(3).to_string())"
         done
     done
     exit 0
