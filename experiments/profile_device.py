@@ -627,6 +627,14 @@ def metadata_switch() -> int:
     return int(km.SEQ_MAJOR_MIN_SEQS)
 
 
+def tile_map_switch() -> bool:
+    """Whether this process's full graphs give their attention a tile map (``kernels.metadata.TILE_MAP``,
+    KVLAB_TILE_MAP): their forwards and the engine steps run through them depend on it."""
+    from kernels import metadata as km
+
+    return bool(km.TILE_MAP)
+
+
 def metadata(device, args) -> dict:
     import torch
 
@@ -642,6 +650,7 @@ def metadata(device, args) -> dict:
                 num_sms=device_sms(device),  # the ragged decode term's split rule
                 # the decode launches its tables timed: sequence by sequence from this many (kernels.metadata)
                 seq_major_min_seqs=metadata_switch(),
+                tile_map=tile_map_switch(),  # full graphs' attention: a tile map (KVLAB_TILE_MAP) or a search
                 command="kvlab profile " + " ".join(args.argv))
     try:
         import triton
@@ -884,6 +893,8 @@ def main(argv: list[str] | None = None) -> int:
         names += [m for m in models if m not in names and per_model]
         if redo & (PART_TABLES["models"] | PART_TABLES["ragged"]):  # decode launches timed under this process's switch
             kept["seq_major_min_seqs"] = metadata_switch()
+        if redo & (PART_TABLES["graphs"] | PART_TABLES["host"]):  # full graphs run under this process's switch
+            kept["tile_map"] = tile_map_switch()
         meta = {**kept, "num_sms": sms, "models": ",".join(names),
                 "updated": {**old.meta.get("updated", {}), **{t: stamp for t in sorted(redo)}}}
         if a.host_add and "host" in redo:  # the pooled runs' stamps, each (the last one is "host")

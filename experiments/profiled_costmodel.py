@@ -146,6 +146,9 @@ class ProfiledCostModel:
         timed = int(profile.meta.get("seq_major_min_seqs") or 1 << 30)  # profiles from before it: off
         if timed != km.SEQ_MAJOR_MIN_SEQS:
             _warn_other_launch(profile.path, timed, km.SEQ_MAJOR_MIN_SEQS)
+        # profiles from before the switch: full graphs searched (no map)
+        if graph_mode == "full" and graph_max_tokens > 0 and bool(profile.meta.get("tile_map")) != km.TILE_MAP:
+            _warn_other_tile_map(profile.path, bool(profile.meta.get("tile_map")), km.TILE_MAP)
         self.kv_scale = 1.0
         if self.profiled_model is None:  # attention streams KV: scale by KV bytes per token and layer
             rc = _config(ref)
@@ -726,6 +729,16 @@ def _warn_other_launch(path: str, timed: int, now: int) -> None:
     log.warning("profile %s timed decode launches that go sequence by sequence %s, this engine's %s "
                 "(KVLAB_SEQ_MAJOR_MIN_SEQS): its decode tables of such batches are 0.4-2.6%% off (rerun kvlab profile "
                 "with the same setting)", path, says(timed), says(now))
+
+
+@lru_cache(maxsize=None)
+def _warn_other_tile_map(path: str, timed: bool, now: bool) -> None:
+    def says(on: bool) -> str:
+        return "with a tile map" if on else "searching the query starts"
+
+    log.warning("profile %s timed the full graphs' attention %s, this engine's runs %s (KVLAB_TILE_MAP): its "
+                "full_forward and host tables are of the other kind (rerun kvlab profile with the same setting)",
+                path, says(timed), says(now))
 
 
 @lru_cache(maxsize=None)
