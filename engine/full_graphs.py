@@ -36,17 +36,18 @@ log = logging.getLogger("kvlab.graphs")
 
 class FullGraphs:
     """``run`` takes a step's host arrays (``BatchInputs``): they are packed into one pinned buffer and
-    copied with one transfer into the graph's static inputs, and the graph gathers the PAGED
-    block-table rows from the persistent table and computes the logits of the sampled rows itself
-    (``logits``): a mixed step's launch is one copy and one replay, not a copy and a kernel per array."""
+    copied with one transfer into the graph's static inputs; the graph gathers the PAGED block-table rows
+    from the persistent table and the sampled rows' hidden states, whose logits a small graph of their row
+    count computes (``logits``): a mixed step's launch is one copy and two replays, not a copy and a
+    kernel per array and an eager GEMM."""
 
     host_inputs = True  # ModelRunner.forward hands over host arrays (PiecewiseGraphs: device metadata)
 
     def __init__(self, model, kv_caches, max_tokens: int, device: torch.device, *, mode: Addressing,
                  max_num_seqs: int, max_model_len: int, table=None, block_size: int = 0, ring: int = 0,
                  own_kv: bool = False, logits: bool = True):
-        """``table``: the runner's ``PersistentBlockTable`` (PAGED); ``logits``: each graph also computes
-        the logits of up to min(size, ``max_num_seqs``) sampled rows (rows named by the step)."""
+        """``table``: the runner's ``PersistentBlockTable`` (PAGED); ``logits``: the graphs also compute
+        the logits of the step's sampled rows (up to min(size, ``max_num_seqs``), named by the step)."""
         self.model, self.kv_caches, self.device = model, kv_caches, device
         self.sizes = token_sizes(max_tokens)
         self.max_model_len = max_model_len
