@@ -220,18 +220,23 @@ def test_full_graph_steps_with_tile_maps_equal_eager_steps(fused_cpu, allocator,
     assert any(n > 32 and k > 1 for n, k in calls)
 
 
+def _full_graphs(allocator: str, max_tokens: int, max_model_len: int):
+    """A fused tiny-llama engine's full graphs (four sequences) on a CPU, not captured."""
+    from engine import LLM
+
+    llm = LLM("tiny-llama", device="cpu", max_model_len=max_model_len, kv_cache_tokens=4 * max_model_len,
+              allocator=allocator, max_num_seqs=4)
+    llm.engine.runner.model.fuse()
+    return llm.engine.runner._mixed_graphs("full", max_tokens, 4, max_model_len)
+
+
 def test_full_graphs_pack_a_step_into_one_buffer(fused_cpu):
     """``FullGraphs.pack``: one int64 array holds the whole step, padded to the captured size as the
     graph needs it: the query starts of empty sequences at the token count, their lengths 0, padding
     tokens' slots -1 (written nowhere), the sampled rows after the addressing."""
     import numpy as np
 
-    from engine import LLM
-
-    llm = LLM("tiny-llama", device="cpu", max_model_len=64, kv_cache_tokens=256, allocator="contiguous", max_num_seqs=4)
-    runner = llm.engine.runner
-    runner.model.fuse()
-    full = runner._mixed_graphs("full", 24, 4, 64)
+    full = _full_graphs("contiguous", 24, 64)
     step = _step([5, 1, 3], [5, 20, 9])
     words = full.pack(step, 16)
     S, h = 4, full.head
@@ -252,14 +257,10 @@ def test_full_graphs_pack_the_owner_of_each_attention_tile(fused_cpu, monkeypatc
     graphs) packs each tile's sequence, over the padded query starts (the kernel's rule)."""
     import numpy as np
 
-    from engine import LLM
     from kernels.metadata import tile_owners
 
     monkeypatch.setattr("kernels.metadata.TILE_MAP", True)  # KVLAB_TILE_MAP=1
-    llm = LLM("tiny-llama", device="cpu", max_model_len=128, kv_cache_tokens=512, allocator="paged", max_num_seqs=4)
-    runner = llm.engine.runner
-    runner.model.fuse()
-    full = runner._mixed_graphs("full", 64, 4, 128)
+    full = _full_graphs("paged", 64, 128)
     step = _step([40, 1, 3], [40, 20, 9])
     words = full.pack(step, 48)
     S, tiles = 4, 48 // 32 + 4

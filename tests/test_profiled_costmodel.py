@@ -436,6 +436,14 @@ def test_piecewise_graph_steps_use_their_table_at_the_padded_size(caplog):
     assert old.piecewise_size(128) is None and "no piecewise_forward table" in caplog.text
 
 
+def _with_full_forward() -> DeviceProfile:
+    """``_with_piecewise``'s profile with a full_forward table: 2 ms + 0.1 us a token."""
+    base = _with_piecewise()
+    rows = [dict(table="full_forward", model=MODEL, query=q, context=q, value=2e-3 + 1e-7 * q)
+            for q in (16, 128, 1024, 2048)]
+    return DeviceProfile(pd.concat([base.df, pd.DataFrame(rows)], ignore_index=True), base.meta, "synthetic+full")
+
+
 def test_full_graph_steps_use_the_full_table_or_say_they_fall_back(caplog):
     """cuda_graph_mode=full times prefill/mixed steps from the profile's full_forward table; a
     profile without one falls back to the piecewise table and says so."""
@@ -444,9 +452,7 @@ def test_full_graph_steps_use_the_full_table_or_say_they_fall_back(caplog):
     shape = shape_of(resolve_config(MODEL))
     args = dict(model=MODEL, paged=True, block_size=16, max_graph_batch=64, allocator="paged", graph_max_tokens=2048)
     base = _with_piecewise()
-    rows = [dict(table="full_forward", model=MODEL, query=q, context=q, value=2e-3 + 1e-7 * q)
-            for q in (16, 128, 1024, 2048)]
-    full_prof = DeviceProfile(pd.concat([base.df, pd.DataFrame(rows)], ignore_index=True), base.meta, "synthetic+full")
+    full_prof = _with_full_forward()
     full = ProfiledCostModel(full_prof, shape, graph_mode="full", **args)
     piecewise = ProfiledCostModel(full_prof, shape, graph_mode="piecewise", **args)
     for q in (16, 128, 1024, 2048):
@@ -490,10 +496,7 @@ def test_full_graph_steps_pay_the_logits_of_their_padded_rows():
 
     shape = shape_of(resolve_config(MODEL))
     args = dict(model=MODEL, paged=True, block_size=16, max_graph_batch=64, allocator="paged", graph_max_tokens=2048)
-    base = _with_piecewise()
-    rows = [dict(table="full_forward", model=MODEL, query=q, context=q, value=2e-3 + 1e-7 * q)
-            for q in (16, 128, 1024, 2048)]
-    prof = DeviceProfile(pd.concat([base.df, pd.DataFrame(rows)], ignore_index=True), base.meta, "synthetic+full")
+    prof = _with_full_forward()
     mixed = [(100, 100)] + [(1, 50)] * 8  # nine sampled rows, 108 tokens: a graphed step
     for mode, work, want in (("full", mixed, 16), ("piecewise", mixed, 9),
                              ("full", [(3000, 3000)] + [(1, 50)] * 8, 9)):  # over the cap: eager
