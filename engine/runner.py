@@ -406,11 +406,20 @@ class ModelRunner:
                    and self.mixed_graphs.padded_size(n) is not None)
         # piecewise graphs have no own_kv variant: their steps read the cache
         own_kv = self.prompt_qkv and inputs.whole_prompts and (not graphed or self.mixed_graphs.own_kv)
-        if graphed and self.mixed_graphs.host_inputs:  # full graphs: one copy, one replay, logits included
+        if graphed and self.mixed_graphs.host_inputs:  # full graphs: one copy in, the logits from their graphs
             hidden, logits = self.mixed_graphs.run(inputs, own_kv, feed, stage.host)
-            if inputs.prompt_lp:
-                self._prompt_logprobs(hidden, inputs.prompt_lp)
+        else:
+            hidden, logits = self._forward_metadata(inputs, feed, graphed, own_kv, calibrate, more), None
+        if inputs.prompt_lp:
+            self._prompt_logprobs(hidden, inputs.prompt_lp)
+        if not inputs.sample_rows or logits is not None:
             return logits
+        rows = stage.to_device("rows", np.array(inputs.sample_rows, dtype=np.int64))
+        return self.model.compute_logits(hidden[rows])
+
+    def _forward_metadata(self, inputs, feed, graphed: bool, own_kv: bool, calibrate, more) -> torch.Tensor:
+        """The hidden states of a step run eagerly or through piecewise graphs, from device metadata."""
+        stage = self.staging
         meta = self._metadata(inputs, own_kv=own_kv)
         if more:  # one metadata per layer group
             meta = [meta] + [self._metadata(x, k) for k, x in enumerate(more, 1)]
@@ -419,23 +428,17 @@ class ModelRunner:
             ids[feed[0]] = feed[1]
         pos = stage.to_device("positions", inputs.positions)
         if graphed:
-            hidden = self.mixed_graphs.run(n, ids, pos, meta.slot_mapping, meta)
-        else:
+            return self.mixed_graphs.run(len(inputs.input_ids), ids, pos, meta.slot_mapping, meta)
+        if calibrate:
+            self.model.calibrate_kv_scales(self.kv_calibration)
+        try:
+            hidden = self.model(ids, pos, meta, self.kv_caches)
+        finally:
             if calibrate:
-                self.model.calibrate_kv_scales(self.kv_calibration)
-            try:
-                hidden = self.model(ids, pos, meta, self.kv_caches)
-            finally:
-                if calibrate:
-                    self.model.calibrate_kv_scales("")
-            if calibrate:
-                self.kv_calibration = ""  # once: later tokens are quantized with these scales
-        if inputs.prompt_lp:
-            self._prompt_logprobs(hidden, inputs.prompt_lp)
-        if not inputs.sample_rows:
-            return None
-        rows = stage.to_device("rows", np.array(inputs.sample_rows, dtype=np.int64))
-        return self.model.compute_logits(hidden[rows])
+                self.model.calibrate_kv_scales("")
+        if calibrate:
+            self.kv_calibration = ""  # once: later tokens are quantized with these scales
+        return hidden
 
     def _prompt_logprobs(self, hidden: torch.Tensor, items: list[tuple[Sequence, int, int, int]]) -> None:
         """Logprob of each prompt token (and the k most likely) from the rows before it. Rare

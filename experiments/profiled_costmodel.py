@@ -104,8 +104,6 @@ class ProfiledCostModel:
         self.profile, self.model = profile, shape
         self.num_layers = shape.num_layers
         self.graph_sizes = [] if enforce_eager else capture_sizes(max_graph_batch)
-        # full graphs' logits graphs: one per decode-graph row count (FullGraphs.row_sizes)
-        self.row_sizes = capture_sizes(max_graph_batch) if max_graph_batch > 0 else []
         # tensor parallelism: ranks run prefill/mixed steps eagerly (no piecewise graphs there)
         self.piecewise_sizes = [] if enforce_eager or tp > 1 else token_sizes(graph_max_tokens)
         mode = "paged" if paged else "linear"
@@ -502,10 +500,10 @@ class ProfiledCostModel:
                + layers_attn * attn)
         if sampled > 1:
             # full graphs: the sampled rows' logits by a graph of the decode graphs' row counts
-            # (FullGraphs.logit_graphs: 9 rows replay the 16-row GEMM); else exactly the rows
+            # (FullGraphs.logit_graphs, capture_sizes(max_num_seqs): 9 rows replay the 16-row GEMM); else exactly
             rows = sampled
             if piecewise and self.engine_graph_mode == "full":
-                rows = padded(self.row_sizes, sampled) or sampled
+                rows = padded(self.graph_sizes, sampled) or sampled
             gpu += self.lm_head(rows) - self.lm_head(1) + self.sample(sampled) - self.sample(1)
         # a step waits for the later of its launches and its device work; what the measured
         # forward spent beyond both (sync, read-back) carries over
