@@ -80,7 +80,15 @@ class AttentionMetadata:
 # Full CUDA graphs give their attention a tile map (``tile_seq``) only with KVLAB_TILE_MAP=1 (read once, at
 # import): checked against the kernel's own search under the interpreter, not yet compiled and timed on a GPU
 # (results/engine/session_2026-12-06d/README.md says how); off, the kernel searches the query starts
-TILE_MAP = os.environ.get("KVLAB_TILE_MAP", "0") == "1"
+def _switch(name: str, value: str) -> bool:
+    """An on/off environment knob: 0 or 1; anything else is refused (not silently off: a run
+    believed to measure the knob would not)."""
+    if value not in ("0", "1"):
+        raise ValueError(f"{name}={value!r}: set 0 (off) or 1 (on)")
+    return value == "1"
+
+
+TILE_MAP = _switch("KVLAB_TILE_MAP", os.environ.get("KVLAB_TILE_MAP", "0"))
 
 
 def tile_owners(qsl: np.ndarray, block_q: int, num_tiles: int) -> np.ndarray:

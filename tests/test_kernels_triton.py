@@ -425,6 +425,15 @@ def test_tile_owners_are_the_kernels_search(block_q):
         assert got.tolist() == [_find_seq_py(qsl.tolist(), t, len(q_lens), block_q) for t in range(tiles)]
 
 
+def test_tile_map_switch_takes_0_or_1_only():
+    from kernels.metadata import _switch
+
+    assert _switch("KVLAB_TILE_MAP", "1") is True and _switch("KVLAB_TILE_MAP", "0") is False
+    for bad in ("true", "", "yes", "2"):
+        with pytest.raises(ValueError, match="KVLAB_TILE_MAP=.*set 0 \\(off\\) or 1 \\(on\\)"):
+            _switch("KVLAB_TILE_MAP", bad)
+
+
 @pytest.mark.parametrize("mode", [PAGED, LINEAR])
 def test_attention_with_a_tile_map_equals_its_search(mode, monkeypatch):
     """A launch given each query tile's sequence (``tile_seq``, as full CUDA graphs write it with the
