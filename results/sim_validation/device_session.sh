@@ -90,6 +90,11 @@
 #   bash results/sim_validation/device_session.sh timerdiag  # qwen3-0.6b paged: a real run at 8 req/s, then the
 #       profile's synchronous host steps four times, without and with the timer's CUDA events alternately
 #       (logs/timerdiag/diag.py; ~3 min). kvlab profile's host steps run without the events since that session.
+# Session of 2026-12-06 (twelfth): the engine with one copy a step into its CUDA graphs (0160c2e), on one machine
+# in two consecutive calls: the graph tables and the asynchronous host steps of both models (merged onto the
+# committed profile), then the six configurations' asynchronous real runs in fresh folders under async/
+#   bash results/sim_validation/device_session.sh onecopy1   # tables, host steps, then qwen3-0.6b runs
+#   bash results/sim_validation/device_session.sh onecopy2   # the runs onecopy1 left (RESUME), llama3-8b first
 # Runs accumulate in $KVSV (default /tmp/kvsv) on the machine; each part tars them into $OUT.
 set -uo pipefail
 part=${1:?profile or llama}
@@ -358,6 +363,23 @@ timerdiag)
     kv validate-sim model=qwen3-0.6b $B allocator=paged --rates 8 --online-requests 60 --no-offline --real-only \
         --label timerdiag --out "$runs/timerdiag" >"$runs/timerdiag.log" 2>&1; echo "real run: exit $?"
     timeout 300 python3 results/sim_validation/logs/timerdiag/diag.py "$runs/timerdiag" 2>&1 | tee -a "$runs/timerdiag.log"
+    ;;
+onecopy1)
+    kv profile --models qwen3-0.6b,llama3-8b --skip host,gemm,models,ragged,copy,vmm \
+        --merge results/profiles/nvidia-h200.parquet --out "$runs/nvidia-h200.parquet" 2>&1 | tee "$runs/profile_graphs.log"
+    kv profile --models qwen3-0.6b,llama3-8b --host-model qwen3-0.6b,llama3-8b --host-scheduling async \
+        --skip gemm,models,graphs,ragged,copy,vmm --merge "$runs/nvidia-h200.parquet" \
+        --out "$runs/nvidia-h200.parquet" 2>&1 | tee "$runs/profile_host_async.log"
+    cp -f "$runs/nvidia-h200.parquet" "$runs/profile_graphs.log" "$runs/profile_host_async.log" "$out/" 2>/dev/null
+    t_start=$t0_call; budget=${BUDGET_S:-470}  # the call's own clock: no run starts after 470 s of it
+    mkdir -p "$runs/async"; B="$B engine.async_scheduling=true"
+    ARCHIVE_EACH=1 SUB=async/ real qwen3-0.6b 8,96 60 1
+    ;;
+onecopy2)
+    t_start=$t0_call; budget=${BUDGET_S:-420}
+    mkdir -p "$runs/async"; B="$B engine.async_scheduling=true"
+    RESUME=1 ARCHIVE_EACH=1 SUB=async/ real llama3-8b 4,32 50 1
+    RESUME=1 ARCHIVE_EACH=1 SUB=async/ real qwen3-0.6b 8,96 60 1
     ;;
 full2)
     real llama3-8b 4,32 50 1
