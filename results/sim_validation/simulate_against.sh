@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Simulate (CPU) against the synchronous real runs of one device call and collect the table:
 #   bash results/sim_validation/simulate_against.sh RUNS [PROFILE]
+#   SCHED=async bash results/sim_validation/simulate_against.sh RUNS [PROFILE]   # asynchronous real runs
 # RUNS holds <model>-<allocator>/real/ folders (as device_session.sh leaves them in $KVSV);
 # PROFILE (default: the committed one) is the profile to simulate with, e.g. the same machine's
 # synchronous host steps merged onto the committed profile (RUNS/nvidia-h200-sync-same.parquet).
@@ -10,6 +11,7 @@ set -euo pipefail
 runs=${1:?the folder of <model>-<allocator>/real/ runs}
 profile=${2:-}
 B="workload=sharegpt workload.num_requests=300 engine.kv_cache_tokens=40000 engine.max_model_len=2048 engine.max_num_seqs=256 engine.max_num_batched_tokens=8192 device=cuda report=false"
+[ "${SCHED:-sync}" = async ] && B="$B engine.async_scheduling=true"
 extra=()
 [ -n "$profile" ] && extra=("sim.profile=$(realpath "$profile")")
 for m in qwen3-0.6b llama3-8b; do
