@@ -93,8 +93,9 @@
 # Session of 2026-12-06 (twelfth): the engine with one copy a step into its CUDA graphs (0160c2e), on one machine
 # in two consecutive calls: the graph tables and the asynchronous host steps of both models (merged onto the
 # committed profile), then the six configurations' asynchronous real runs in fresh folders under async/
-#   bash results/sim_validation/device_session.sh onecopy1   # tables, host steps, then qwen3-0.6b runs
-#   bash results/sim_validation/device_session.sh onecopy2   # the runs onecopy1 left (RESUME), llama3-8b first
+#   bash results/sim_validation/device_session.sh onecopy1   # graph tables, qwen3-0.6b's async host steps, then runs
+#   bash results/sim_validation/device_session.sh onecopy2   # the runs onecopy1 left (RESUME), then llama3-8b's
+#                                                           # async host steps if the call has time
 # Runs accumulate in $KVSV (default /tmp/kvsv) on the machine; each part tars them into $OUT.
 set -uo pipefail
 part=${1:?profile or llama}
@@ -364,22 +365,28 @@ timerdiag)
         --label timerdiag --out "$runs/timerdiag" >"$runs/timerdiag.log" 2>&1; echo "real run: exit $?"
     timeout 300 python3 results/sim_validation/logs/timerdiag/diag.py "$runs/timerdiag" 2>&1 | tee -a "$runs/timerdiag.log"
     ;;
-onecopy1)
+onecopy1)  # tables first (a fresh machine for call 2 redoes nothing: the runs resume, the tables are in $OUT)
     kv profile --models qwen3-0.6b,llama3-8b --skip host,gemm,models,ragged,copy,vmm \
         --merge results/profiles/nvidia-h200.parquet --out "$runs/nvidia-h200.parquet" 2>&1 | tee "$runs/profile_graphs.log"
-    kv profile --models qwen3-0.6b,llama3-8b --host-model qwen3-0.6b,llama3-8b --host-scheduling async \
+    kv profile --models qwen3-0.6b,llama3-8b --host-model qwen3-0.6b --host-scheduling async \
         --skip gemm,models,graphs,ragged,copy,vmm --merge "$runs/nvidia-h200.parquet" \
         --out "$runs/nvidia-h200.parquet" 2>&1 | tee "$runs/profile_host_async.log"
     cp -f "$runs/nvidia-h200.parquet" "$runs/profile_graphs.log" "$runs/profile_host_async.log" "$out/" 2>/dev/null
-    t_start=$t0_call; budget=${BUDGET_S:-470}  # the call's own clock: no run starts after 470 s of it
+    ;&
+onecopy2)  # the six configurations' real runs, resuming; llama3-8b's host steps last if the call has time
+    t_start=$t0_call; budget=${BUDGET_S:-430}  # the call's own clock: no run starts after 430 s of it
     mkdir -p "$runs/async"; B="$B engine.async_scheduling=true"
-    ARCHIVE_EACH=1 SUB=async/ real qwen3-0.6b 8,96 60 1
-    ;;
-onecopy2)
-    t_start=$t0_call; budget=${BUDGET_S:-420}
-    mkdir -p "$runs/async"; B="$B engine.async_scheduling=true"
-    RESUME=1 ARCHIVE_EACH=1 SUB=async/ real llama3-8b 4,32 50 1
-    RESUME=1 ARCHIVE_EACH=1 SUB=async/ real qwen3-0.6b 8,96 60 1
+    for m in ${RUN_MODELS:-qwen3-0.6b llama3-8b}; do  # RUN_MODELS: a fresh machine skips the models done
+        if [ $m = qwen3-0.6b ]; then RESUME=1 ARCHIVE_EACH=1 SUB=async/ real $m 8,96 60 1
+        else RESUME=1 ARCHIVE_EACH=1 SUB=async/ real $m 4,32 50 1; fi
+    done
+    left=$(( ${CALL_S:-560} - ($(date +%s) - t0_call) ))
+    if (( left > 160 )) && [ -f "$runs/nvidia-h200.parquet" ] && ! grep -q llama "$runs/profile_host_async.log"; then
+        timeout $left python3 -m experiments.cli profile --models qwen3-0.6b,llama3-8b --host-model llama3-8b \
+            --host-scheduling async --skip gemm,models,graphs,ragged,copy,vmm --merge "$runs/nvidia-h200.parquet" \
+            --out "$runs/nvidia-h200.parquet" 2>&1 | tee -a "$runs/profile_host_async.log"
+        cp -f "$runs/nvidia-h200.parquet" "$runs/profile_host_async.log" "$out/" 2>/dev/null
+    fi
     ;;
 full2)
     real llama3-8b 4,32 50 1
