@@ -96,6 +96,7 @@
 #   bash results/sim_validation/device_session.sh onecopy1   # graph tables, qwen3-0.6b's async host steps, then runs
 #   bash results/sim_validation/device_session.sh onecopy2   # the runs onecopy1 left (RESUME), then llama3-8b's
 #                                                           # async host steps if the call has time
+#   bash results/sim_validation/device_session.sh h100qwen   # (no H200 lent) qwen3-0.6b on an H100: profile + runs
 # Runs accumulate in $KVSV (default /tmp/kvsv) on the machine; each part tars them into $OUT.
 set -uo pipefail
 part=${1:?profile or llama}
@@ -364,6 +365,15 @@ timerdiag)
     kv validate-sim model=qwen3-0.6b $B allocator=paged --rates 8 --online-requests 60 --no-offline --real-only \
         --label timerdiag --out "$runs/timerdiag" >"$runs/timerdiag.log" 2>&1; echo "real run: exit $?"
     timeout 300 python3 results/sim_validation/logs/timerdiag/diag.py "$runs/timerdiag" 2>&1 | tee -a "$runs/timerdiag.log"
+    ;;
+h100qwen)  # no H200 lent: an H100 profile of qwen3-0.6b (every table, asynchronous host steps) and the
+           # qwen3-0.6b asynchronous real runs on the same machine, under h100/ (simulate: --sim h100-sxm)
+    kv profile --models qwen3-0.6b --host-model qwen3-0.6b --host-scheduling async \
+        --out "$runs/nvidia-h100.parquet" 2>&1 | tee "$runs/profile_h100.log"
+    cp -f "$runs/nvidia-h100.parquet" "$runs/profile_h100.log" "$out/" 2>/dev/null
+    t_start=$t0_call; budget=${BUDGET_S:-470}
+    mkdir -p "$runs/h100"; B="$B engine.async_scheduling=true"
+    ARCHIVE_EACH=1 SUB=h100/ real qwen3-0.6b 8,96 60 1
     ;;
 onecopy1)  # tables first (a fresh machine for call 2 redoes nothing: the runs resume, the tables are in $OUT)
     kv profile --models qwen3-0.6b,llama3-8b --skip host,gemm,models,ragged,copy,vmm \
