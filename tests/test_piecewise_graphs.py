@@ -390,13 +390,13 @@ def test_profile_times_the_prefill_graphs_as_the_engine_runs_them(fused_cpu):
 
     from engine.loader import resolve_config
     from engine.model import CausalLM
-    from experiments import profile_device
+    from experiments import profile_models
 
     mc = resolve_config("tiny-llama")
     model = CausalLM(mc, 256).fuse()
     tokens = {}
     for mode in ("full", "piecewise"):
-        caches = profile_device._scratch_caches(mc, 64, torch.float32, torch.device("cpu"))
+        caches = profile_models._scratch_caches(mc, 64, torch.float32, torch.device("cpu"))
         got = tokens[mode] = []
 
         def wall(fn):
@@ -405,7 +405,7 @@ def test_profile_times_the_prefill_graphs_as_the_engine_runs_them(fused_cpu):
 
         torch.manual_seed(0)  # the same prompts
         with torch.inference_mode():
-            rows = profile_device._rows_mixed_graphs(SimpleNamespace(wall=wall), model, caches, "tiny-llama",
+            rows = profile_models._rows_mixed_graphs(SimpleNamespace(wall=wall), model, caches, "tiny-llama",
                                                      torch.device("cpu"), mode, [16, 20])
         assert [(r["table"], r.get("query")) for r in rows] == [
             (f"{mode}_forward", 16), (f"{mode}_forward", 20), (f"{mode}_capture", 20)]

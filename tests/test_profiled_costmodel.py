@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from experiments import profile_device
+from experiments import profile_cases, profile_device, profile_models, profile_timing
 from experiments.device_profile import DeviceProfile, Grid1D, Grid2D, load_profile
 from experiments.profiled_costmodel import ProfiledCostModel
 from experiments.simulate import shape_of
@@ -206,12 +206,12 @@ def test_profiler_runs_on_cpu_and_simulate_uses_its_profile(tmp_path, monkeypatc
     from tests.test_simulate import config
     from experiments.run import run_experiment
 
-    monkeypatch.setattr(profile_device, "CONTEXTS", [16, 64])
-    monkeypatch.setattr(profile_device, "PREFILL_QUERIES", [16, 64])
-    monkeypatch.setattr(profile_device, "GEMM_M", [1, 16])
-    monkeypatch.setattr(profile_device, "SAMPLE_ROWS", [1, 4])
-    monkeypatch.setattr(profile_device, "COPY_BYTES", [1 << 16])
-    monkeypatch.setattr(profile_device, "RAGGED_BATCHES", [4, 8])
+    monkeypatch.setattr(profile_cases, "CONTEXTS", [16, 64])
+    monkeypatch.setattr(profile_cases, "PREFILL_QUERIES", [16, 64])
+    monkeypatch.setattr(profile_cases, "GEMM_M", [1, 16])
+    monkeypatch.setattr(profile_cases, "SAMPLE_ROWS", [1, 4])
+    monkeypatch.setattr(profile_cases, "COPY_BYTES", [1 << 16])
+    monkeypatch.setattr(profile_cases, "RAGGED_BATCHES", [4, 8])
     path = tmp_path / "cpu.parquet"
     assert profile_device.main(["--models", MODEL, "--device", "cpu", "--pool-tokens", "2048", "--reps", "1",
                                 "--max-model-len", "128", "--host-requests", "4", "--host-kv-tokens", "1024",
@@ -255,8 +255,9 @@ def test_profiler_says_each_part_on_stderr_and_writes_the_same_rows(tmp_path, mo
     (its rows); the host steps' processes say their phases; a part left out says nothing. Stdout
     keeps the result line alone, and the profile's rows are those of a run without progress."""
     for name, v in (("CONTEXTS", [16, 64]), ("PREFILL_QUERIES", [16]), ("GEMM_M", [1, 16]), ("SAMPLE_ROWS", [1]),
-                    ("COPY_BYTES", [1 << 16]), ("PROGRESS_EVERY_S", 0.0)):  # 0: a line at each measurement
-        monkeypatch.setattr(profile_device, name, v)
+                    ("COPY_BYTES", [1 << 16])):
+        monkeypatch.setattr(profile_cases, name, v)
+    monkeypatch.setattr(profile_timing, "PROGRESS_EVERY_S", 0.0)  # 0: a line at each measurement
     args = ["--models", MODEL, "--device", "cpu", "--pool-tokens", "2048", "--reps", "1", "--max-model-len", "128",
             "--block-sizes", "16", "--host-requests", "4", "--host-kv-tokens", "1024"]
     on = tmp_path / "on.parquet"
@@ -829,7 +830,7 @@ def test_profile_merge_keeps_host_steps_of_the_other_scheduling(tmp_path):
 def test_profile_merge_on_a_cpu_keeps_the_graph_tables(tmp_path, monkeypatch):
     """The prefill/mixed graph tables are a part of their own (``graphs``, CUDA only): a merge that
     measures nothing of it keeps them, named as before; an unknown part is refused."""
-    monkeypatch.setattr(profile_device, "COPY_BYTES", [1 << 16])
+    monkeypatch.setattr(profile_cases, "COPY_BYTES", [1 << 16])
     old = tmp_path / "old.parquet"
     graph_rows = [dict(table=t, model=MODEL, mode="linear", query=q, context=q, value=1e-3 * q)
                   for t in ("full_forward", "piecewise_forward") for q in (16, 8192)]
@@ -1015,11 +1016,11 @@ def test_profile_merge_of_another_device_is_refused(tmp_path):
 def test_profile_merge_remeasuring_one_model_keeps_the_others_tables(tmp_path, monkeypatch):
     """``--models B --merge old`` (old: A and B): B's model, ragged and GEMM tables are replaced,
     A's stay (and A's GEMM shapes), and the metadata names both models."""
-    monkeypatch.setattr(profile_device, "CONTEXTS", [16, 64])
-    monkeypatch.setattr(profile_device, "PREFILL_QUERIES", [16])
-    monkeypatch.setattr(profile_device, "GEMM_M", [1, 16])
-    monkeypatch.setattr(profile_device, "SAMPLE_ROWS", [1])
-    monkeypatch.setattr(profile_device, "RAGGED_BATCHES", [4])
+    monkeypatch.setattr(profile_cases, "CONTEXTS", [16, 64])
+    monkeypatch.setattr(profile_cases, "PREFILL_QUERIES", [16])
+    monkeypatch.setattr(profile_cases, "GEMM_M", [1, 16])
+    monkeypatch.setattr(profile_cases, "SAMPLE_ROWS", [1])
+    monkeypatch.setattr(profile_cases, "RAGGED_BATCHES", [4])
     args = ["--device", "cpu", "--pool-tokens", "2048", "--reps", "1", "--max-model-len", "128",
             "--block-sizes", "16", "--skip", "host,copy,vmm"]
     old, new = tmp_path / "old.parquet", tmp_path / "new.parquet"
@@ -1244,9 +1245,9 @@ def test_decode_graph_rows_through_small_linear_with_stand_in_graphs(monkeypatch
     from engine.loader import resolve_config
     from engine.model import CausalLM
 
-    monkeypatch.setattr(profile_device, "DECODE_BATCHES", [1, 2, 16, 32])
-    monkeypatch.setattr(profile_device, "CONTEXTS", [16, 64])
-    monkeypatch.setattr(profile_device, "RAGGED_BATCHES", [2, 32])
+    monkeypatch.setattr(profile_cases, "DECODE_BATCHES", [1, 2, 16, 32])
+    monkeypatch.setattr(profile_cases, "CONTEXTS", [16, 64])
+    monkeypatch.setattr(profile_cases, "RAGGED_BATCHES", [2, 32])
     replays = []
 
     class Graphs:  # engine.cuda_graphs.DecodeGraphs's inputs; replay says which path it captured
@@ -1266,15 +1267,15 @@ def test_decode_graph_rows_through_small_linear_with_stand_in_graphs(monkeypatch
     monkeypatch.setattr("engine.cuda_graphs.DecodeGraphs", Graphs)
     mc = resolve_config("tiny-llama")
     model = CausalLM(mc, 256).fuse()
-    caches = profile_device._scratch_caches(mc, 4096, torch.float32, torch.device("cpu"))
+    caches = profile_models._scratch_caches(mc, 4096, torch.float32, torch.device("cpu"))
     ticks = []
     timer = SimpleNamespace(replay=lambda run: run() or 1e-3)
-    rows = pd.DataFrame(profile_device._rows_decode_graphs(timer, model, caches, mc, "tiny-llama", 4096, 256, [16],
+    rows = pd.DataFrame(profile_models._rows_decode_graphs(timer, model, caches, mc, "tiny-llama", 4096, 256, [16],
                                                            torch.device("cpu"), tick=lambda: ticks.append(1), pdl=pdl))
     dg = rows[rows["table"] == "decode_graph"]
     gemv = dg[dg["gemv"].notna()]
     launched = gemv[gemv["pdl"] == 1] if "pdl" in gemv else gemv[:0]
-    assert set(gemv["gemv"]) == {profile_device.GEMV_TOKENS} and set(gemv["batch"]) == {1, 2, 16}
+    assert set(gemv["gemv"]) == {profile_cases.GEMV_TOKENS} and set(gemv["batch"]) == {1, 2, 16}
     # linear and paged 16 x batches 1, 2, 16 x two contexts, twice with pdl
     assert len(gemv) == 2 * 3 * 2 * (2 if pdl else 1) and len(launched) == (2 * 3 * 2 if pdl else 0)
     assert set(dg[dg["gemv"].isna()]["batch"]) == {1, 2, 16, 32}
@@ -1282,5 +1283,5 @@ def test_decode_graph_rows_through_small_linear_with_stand_in_graphs(monkeypatch
     assert sorted(replays[-len(launched) or len(replays):]) == sorted((int(b), 16, pdl) for b in gemv["batch"][
         -len(launched) or len(gemv):])
     assert [p for s, g, p in replays if g].count(True) == len(launched)
-    cpu_part = profile_device._model_count(4096, 256, [16], cuda=False)
-    assert len(ticks) == profile_device._model_count(4096, 256, [16], cuda=True, pdl=pdl) - cpu_part
+    cpu_part = profile_cases._model_count(4096, 256, [16], cuda=False)
+    assert len(ticks) == profile_cases._model_count(4096, 256, [16], cuda=True, pdl=pdl) - cpu_part

@@ -198,14 +198,14 @@ def test_check_compares_the_model_with_measured_ragged_steps(tmp_path):
 
 @pytest.mark.parametrize("bs", [0, 16])
 def test_profiler_fills_the_decode_graph_for_each_sequences_own_context(bs):
-    """profile_device's decode-graph inputs for a ragged batch: each sequence's length, position
+    """kvlab profile's decode-graph inputs for a ragged batch: each sequence's length, position
     and the slot of its last token (LINEAR regions back to back; PAGED through its block row)."""
     from types import SimpleNamespace
 
     import torch
 
     from engine.cuda_graphs import DecodeGraphs
-    from experiments.profile_device import _fill_decode_graph
+    from experiments.profile_models import _fill_decode_graph
     from kernels.metadata import Addressing
 
     ctxs = [5, 40, 17, 1]

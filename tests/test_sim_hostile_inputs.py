@@ -178,17 +178,17 @@ def profile_args(path, skip):
 def test_an_interrupted_profile_merge_leaves_the_merged_profile_as_it_was(committed, tmp_path, monkeypatch):
     """`kvlab profile --merge P --out P` (the README's way to add host steps) wrote each part's
     checkpoint over P: cut off after the first part, P had lost the tables it was re-measuring."""
-    from experiments import profile_device
+    from experiments import profile_cases, profile_device
 
     df, meta = committed
     path = write(df, tmp_path / "p.parquet", on_this_cpu(meta))
     before = path.read_bytes()
-    monkeypatch.setattr(profile_device, "GEMM_M", [1])
+    monkeypatch.setattr(profile_cases, "GEMM_M", [1])
 
     def cut(timer, device, tick):  # tick: the progress lines' count
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(profile_device, "_rows_copy", cut)
+    monkeypatch.setattr(profile_device, "_rows_copy", cut)  # main calls it through profile_device's name
     args = profile_args(path, "host,models,graphs,ragged,vmm")  # gemm, then copy
     with pytest.raises(KeyboardInterrupt):
         profile_device.main(args)
@@ -206,11 +206,11 @@ def test_an_interrupted_profile_merge_leaves_the_merged_profile_as_it_was(commit
 def test_a_profile_merge_on_a_cpu_keeps_the_vmm_table(committed, tmp_path, monkeypatch):
     """A CPU measures no VMM calls (``_rows_vmm``: none): a merge there dropped the GPU's vmm table
     unless --skip vmm was given (CUDA graphs were already kept so)."""
-    from experiments import profile_device
+    from experiments import profile_cases, profile_device
 
     df, meta = committed
     path = write(df, tmp_path / "p.parquet", on_this_cpu(meta))
-    monkeypatch.setattr(profile_device, "COPY_BYTES", [1 << 16])
+    monkeypatch.setattr(profile_cases, "COPY_BYTES", [1 << 16])
     assert profile_device.main(profile_args(path, "host,gemm,models,graphs,ragged")) == 0
     merged = pq.read_table(path).to_pandas()
     assert len(merged[merged["table"] == "vmm"]) == len(df[df["table"] == "vmm"]) > 0
