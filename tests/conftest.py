@@ -1,4 +1,5 @@
 import itertools
+import logging
 import os
 from dataclasses import dataclass, field
 
@@ -10,6 +11,21 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _root_logging_restored():
+    """Hydra's job logging (``kvlab serve``'s ``@hydra.main`` run in-process) puts a root handler on
+    the stream this test captured; left there, a later test's log line meets a closed stream and
+    prints a logging error into that test's stderr. Handlers a test adds are taken off after it
+    (pytest's own capture handlers come and go by themselves)."""
+    root = logging.getLogger()
+    before, level = set(root.handlers), root.level
+    yield
+    for h in root.handlers[:]:
+        if h not in before and not type(h).__module__.startswith("_pytest"):
+            root.removeHandler(h)
+    root.setLevel(level)
 
 
 def pytest_collection_modifyitems(config, items):
