@@ -11,7 +11,7 @@ Two rewrites happen here too, so Hydra sees plain overrides:
   ``model=hf_dir model.path=/abs/DIR`` (named after the directory by conf/model/hf_dir.yaml);
 - ``allocator.args.KEY=V`` for an option some allocator takes becomes ``++allocator.args.KEY=V``,
   so it may be set for every allocator of a sweep; an allocator that does not take it drops it
-  when the run starts (``experiments.run.applicable_args``), with one log line.
+  when the run starts (``experiments.run_config.applicable_config``), with one log line.
 """
 from __future__ import annotations
 
