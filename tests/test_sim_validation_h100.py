@@ -1,0 +1,32 @@
+"""The committed H100 validation (results/sim_validation/h100/): simulate, with the committed H100
+profile, against the committed real runs of this engine stays within the issue's targets."""
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNS = ROOT / "results" / "sim_validation" / "h100"
+B = ("workload=sharegpt workload.num_requests=300 engine.kv_cache_tokens=40000 engine.max_model_len=2048 "
+     "engine.max_num_seqs=256 engine.max_num_batched_tokens=8192 device=cuda report=false "
+     "engine.async_scheduling=true").split()
+
+
+@pytest.mark.parametrize("allocator", ["paged", "virtual"])
+def test_h100_profile_simulates_the_committed_real_runs_within_target(tmp_path, allocator):
+    from experiments.validate_sim import main
+
+    label = f"qwen3-0.6b-{allocator}"
+    shutil.copytree(RUNS / label / "real" / "online-8rps", tmp_path / "real" / "online-8rps")
+    code = main(["model=qwen3-0.6b", *B, f"allocator={allocator}",
+                 "sim.profile=results/profiles/nvidia-h100.parquet", "--sim", "h100-sxm", "--rates", "8",
+                 "--no-offline", "--online-requests", "60", "--sim-only", "--label", label, "--out", str(tmp_path)])
+    assert code == 0
+    table = pd.read_csv(tmp_path / "validation.csv").set_index("metric")
+    timed = table.loc[["output_throughput", "mean_ttft_ms", "mean_tpot_ms", "p99_tpot_ms"]]
+    assert timed["ok"].all(), timed[["real", "sim", "error"]].to_string()
+    committed = pd.read_csv(RUNS / label / "validation.csv")
+    committed = committed[committed["mode"] == "online-8rps"].set_index("metric")
+    # the same simulate on the same runs and profile: the committed table is what it makes
+    assert timed["sim"].to_numpy() == pytest.approx(committed.loc[timed.index, "sim"].to_numpy(), rel=1e-6)
