@@ -46,7 +46,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
 import platform
 import time
 from pathlib import Path
@@ -85,12 +84,12 @@ def tile_map_switch() -> bool:
 def metadata(device, args) -> dict:
     import torch
 
-    from experiments.run import git_commit
+    from experiments.run_config import git_commit
     from kernels.triton_attention import device_sms
 
     meta = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.machine()})",
                 torch=torch.__version__, python=platform.python_version(),
-                commit=os.environ.get("KVLAB_COMMIT") or git_commit(),  # a copy without .git names it
+                commit=git_commit(),  # KVLAB_COMMIT where the copy has no .git
                 created=dt.datetime.now().isoformat(timespec="seconds"), models=args.models,
                 max_model_len=args.max_model_len, pool_tokens=args.pool_tokens, block_sizes=args.block_sizes,
                 host_model=args.host_model or args.models.split(",")[0],
