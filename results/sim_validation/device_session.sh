@@ -97,6 +97,9 @@
 #   bash results/sim_validation/device_session.sh onecopy2   # the runs onecopy1 left (RESUME), then llama3-8b's
 #                                                           # async host steps if the call has time
 #   bash results/sim_validation/device_session.sh h100qwen   # (no H200 lent) qwen3-0.6b on an H100: profile + runs
+# Session of 2026-12-06 (thirteenth): llama3-8b on an H100 beside the committed qwen3-0.6b (one machine, consecutive calls)
+#   bash results/sim_validation/device_session.sh h100llama  # llama3-8b's tables + async host steps merged onto
+#                                                           # results/profiles/nvidia-h100.parquet, then its runs (RESUME)
 # Runs accumulate in $KVSV (default /tmp/kvsv) on the machine; each part tars them into $OUT.
 set -uo pipefail
 part=${1:?profile or llama}
@@ -374,6 +377,18 @@ h100qwen)  # no H200 lent: an H100 profile of qwen3-0.6b (every table, asynchron
     t_start=$t0_call; budget=${BUDGET_S:-470}
     mkdir -p "$runs/h100"; B="$B engine.async_scheduling=true"
     ARCHIVE_EACH=1 SUB=h100/ real qwen3-0.6b 8,96 60 1
+    ;;
+h100llama)  # (no H200 lent) llama3-8b on an H100: its model, graph, ragged and GEMM tables and its asynchronous host
+            # steps merged onto the committed qwen3-0.6b H100 profile, then its asynchronous real runs under h100/ on
+            # the same machine; a second call on that machine resumes the runs (the profile is not redone)
+    if [ ! -f "$runs/nvidia-h100.parquet" ]; then
+        kv profile --models llama3-8b --host-model llama3-8b --host-scheduling async --skip copy,vmm \
+            --merge results/profiles/nvidia-h100.parquet --out "$runs/nvidia-h100.parquet" 2>&1 | tee "$runs/profile_h100_llama.log"
+        cp -f "$runs/nvidia-h100.parquet" "$runs/profile_h100_llama.log" "$out/" 2>/dev/null
+    fi
+    t_start=$t0_call; budget=${BUDGET_S:-440}
+    mkdir -p "$runs/h100"; B="$B engine.async_scheduling=true"
+    RESUME=1 ARCHIVE_EACH=1 SUB=h100/ real llama3-8b 4,32 50 1
     ;;
 onecopy1)  # tables first (a fresh machine for call 2 redoes nothing: the runs resume, the tables are in $OUT)
     kv profile --models qwen3-0.6b,llama3-8b --skip host,gemm,models,ragged,copy,vmm \
