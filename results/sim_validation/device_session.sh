@@ -100,6 +100,7 @@
 # Session of 2026-12-06 (thirteenth): llama3-8b on an H100 beside the committed qwen3-0.6b (one machine, consecutive calls)
 #   bash results/sim_validation/device_session.sh h100llama  # llama3-8b's tables + async host steps merged onto
 #                                                           # results/profiles/nvidia-h100.parquet, then its runs (RESUME)
+#   bash results/sim_validation/device_session.sh h100sync   # qwen3-0.6b's sync host steps (merged), its sync runs (h100/sync/)
 # Runs accumulate in $KVSV (default /tmp/kvsv) on the machine; each part tars them into $OUT.
 set -uo pipefail
 part=${1:?profile or llama}
@@ -389,6 +390,17 @@ h100llama)  # (no H200 lent) llama3-8b on an H100: its model, graph, ragged and 
     t_start=$t0_call; budget=${BUDGET_S:-440}
     mkdir -p "$runs/h100"; B="$B engine.async_scheduling=true"
     RESUME=1 ARCHIVE_EACH=1 SUB=h100/ real llama3-8b 4,32 50 1
+    ;;
+h100sync)  # the experiments' default, synchronous scheduling, of the current engine on an H100: qwen3-0.6b's synchronous
+           # host steps merged onto the H100 profile (this machine's own if h100llama ran here), then its synchronous
+           # real runs under h100/sync/
+    base=results/profiles/nvidia-h100.parquet; [ -f "$runs/nvidia-h100.parquet" ] && base="$runs/nvidia-h100.parquet"
+    kv profile --models qwen3-0.6b --host-model qwen3-0.6b --host-scheduling sync --skip gemm,models,graphs,ragged,copy,vmm \
+        --merge "$base" --out "$runs/nvidia-h100.parquet" 2>&1 | tee "$runs/profile_h100_sync.log"
+    cp -f "$runs/nvidia-h100.parquet" "$runs/profile_h100_sync.log" "$out/" 2>/dev/null
+    t_start=$t0_call; budget=${BUDGET_S:-440}
+    mkdir -p "$runs/h100/sync"
+    RESUME=1 ARCHIVE_EACH=1 SUB=h100/sync/ real qwen3-0.6b 8,96 60 1
     ;;
 onecopy1)  # tables first (a fresh machine for call 2 redoes nothing: the runs resume, the tables are in $OUT)
     kv profile --models qwen3-0.6b,llama3-8b --skip host,gemm,models,ragged,copy,vmm \
