@@ -48,96 +48,45 @@ Accounting: a live sequence is charged for its mapped groups up to the ones its
 fragmentation. A group shared by several live slots is counted once (in token states). Groups
 mapped only by idle slots (deferred reclamation) are ``idle_mapped``, each counted once: held by
 no live sequence but kept for the next request, reported on their own, never as usage.
+
+Modules: this one holds ``VirtualAllocator`` (its arguments, the virtual ranges and tensors,
+slots and admission, growth, free, addressing) and its decode run; the page size is chosen in
+``virtual_pages.py``; the page groups (mapping, unmapping, reclaiming, mapping ahead) are
+``VirtualPoolMixin`` (``virtual_pool.py``), prefix caching and fork ``VirtualSharingMixin``
+(``virtual_sharing.py``), capacities and ``stats`` ``VirtualAccountingMixin``
+(``virtual_accounting.py``), all three inherited by ``VirtualAllocator``.
 """
 from __future__ import annotations
 
 import atexit
 import heapq
 import logging
-import math
-import time
 import weakref
 from collections import OrderedDict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Sequence as Seq
 
 import torch
 
 from allocators.base import AllocationError, DecodeRun, InPlaceDecodeRun, KVAllocator, KVCacheSpec, SequenceLike
 from allocators.checks import is_int
-from allocators.prefix_cache import PrefixMatch
 from allocators.registry import register
-from allocators.slot_prefix_cache import ROOT_HASH, PageIndex, SlotPrefixCache, page_key
-from allocators.stats import MemoryStats
+from allocators.slot_prefix_cache import PageIndex, SlotPrefixCache
+from allocators.virtual_accounting import VirtualAccountingMixin
+from allocators.virtual_pages import (MAX_PAGE_SIZE, MIN_PAGES_PER_SEQ, MiB, PageChoice, default_page_size,
+                                      page_sizes, range_token_bytes)
+from allocators.virtual_pool import VirtualPoolMixin, _Slot
+from allocators.virtual_sharing import VirtualSharingMixin
 from allocators.vmm_backends import VMMBackend, granularity, make_backend
 from kernels.metadata import Addressing
 
 log = logging.getLogger("kvlab.allocators")
+# the names moved to virtual_pages, virtual_pool, virtual_sharing and virtual_accounting stay importable here
+__all__ = ["LAYOUTS", "MAX_PAGE_SIZE", "MIN_PAGES_PER_SEQ", "MiB", "PageChoice", "VirtualAccountingMixin",
+           "VirtualAllocator", "VirtualPoolMixin", "VirtualSharingMixin", "_Slot", "_UNCLOSED", "_VirtualDecodeRun",
+           "_shutdown", "default_page_size", "page_sizes", "range_token_bytes", "reap_unclosed"]
 
 LAYOUTS = ("per_layer", "shared")
-MiB = 1 << 20
-MAX_PAGE_SIZE = 2 * MiB  # vAttention's page: the CUDA driver's mapping granularity
-MIN_PAGES_PER_SEQ = 4  # a default page splits a max_model_len sequence into at least this many
-
-
-@dataclass(frozen=True)
-class PageChoice:
-    page_size: int
-    page_tokens: int
-    why: str
-
-
-def range_token_bytes(layout: str, num_layers: int, num_kv_heads: int, head_dim: int,
-                      elem_size: int) -> tuple[int, int]:
-    """(bytes of one token in one virtual range, number of ranges) of a layout: per_layer has a
-    range per layer and K/V, shared one range holding every layer's K and V of a token."""
-    if layout == "per_layer":
-        return num_kv_heads * head_dim * elem_size, 2 * num_layers
-    return 2 * num_layers * num_kv_heads * head_dim * elem_size, 1
-
-
-def page_sizes(token_bytes: int, grain: int) -> list[int]:
-    """Candidate page sizes, largest first: powers of two from 2 MiB down to the backend's
-    granularity, each rounded down to whole tokens (and whole granules)."""
-    unit = math.lcm(token_bytes, grain)
-    sizes, p = [], MAX_PAGE_SIZE
-    while p >= grain:
-        size = p // unit * unit
-        if size and size not in sizes:
-            sizes.append(size)
-        p //= 2
-    return sizes or [unit]
-
-
-def default_page_size(token_bytes: int, grain: int, capacity_tokens: int, max_num_seqs: int,
-                      max_model_len: int) -> PageChoice:
-    """The largest candidate whose page group fits each slot's share of the pool and splits a
-    max_model_len sequence into MIN_PAGES_PER_SEQ pages; else the smallest that fits the pool."""
-    share = capacity_tokens // max(1, max_num_seqs)
-    sizes = page_sizes(token_bytes, grain)
-    for size in sizes:
-        tpp = size // token_bytes
-        if tpp <= share and tpp * MIN_PAGES_PER_SEQ <= max_model_len:
-            return PageChoice(size, tpp, (
-                f"the largest page up to {MAX_PAGE_SIZE >> 20} MiB that gives each of the {max_num_seqs} slots "
-                f"a page of the {capacity_tokens}-token pool and at least {MIN_PAGES_PER_SEQ} pages to a "
-                f"{max_model_len}-token sequence"))
-    size = sizes[-1]
-    return PageChoice(size, size // token_bytes, (
-        f"no page up to {MAX_PAGE_SIZE >> 20} MiB gives each of the {max_num_seqs} slots a page of the "
-        f"{capacity_tokens}-token pool and {MIN_PAGES_PER_SEQ} pages to a {max_model_len}-token sequence; "
-        f"this is the smallest the backend maps (granularity {grain} bytes)"))
-
-
-@dataclass(slots=True, eq=False)
-class _Slot:
-    index: int
-    groups: list[int] = field(default_factory=list)  # page group mapped at page j of this slot
-    seq: SequenceLike | None = None
-    used: int = 0
-    want: int = 0  # groups the live sequence can ever use (its max_len)
-    hashes: list[int] = field(default_factory=list)  # chained hash of each page indexed for sharing
 
 
 # allocators nobody closed, collected: their mapping threads and backends, closed at a safe point
@@ -169,7 +118,7 @@ atexit.register(reap_unclosed)
 
 
 @register("virtual")
-class VirtualAllocator(KVAllocator):
+class VirtualAllocator(VirtualPoolMixin, VirtualSharingMixin, VirtualAccountingMixin, KVAllocator):
     mode = Addressing.LINEAR
     supports_fork = True  # by copy into the child's slot
     supports_prefix_caching = True  # in place and by sharing pages (allocators/slot_prefix_cache.py)
@@ -318,155 +267,6 @@ class VirtualAllocator(KVAllocator):
             self.backend.close()
         reap_unclosed()
 
-    # -- pages ---------------------------------------------------------------------------
-    def _pages_for(self, tokens: int) -> int:
-        return -(-tokens // self.page_tokens)
-
-    def _want(self, seq: SequenceLike) -> int:
-        """Groups ``seq`` can ever use."""
-        return self._pages_for(min(seq.max_len, self.span))
-
-    def _map_now(self, group: int, slot: int, page: int, background: bool = False) -> None:
-        t0 = time.perf_counter()
-        R, at = self.num_ranges, slot * self.pages_per_slot + page
-        for r in range(R):
-            self.backend.map(group * R + r, r, at)
-        if background:  # one worker thread: the only writer of this counter
-            self.vmm_background_s += time.perf_counter() - t0
-        else:
-            self.vmm_critical_s += time.perf_counter() - t0
-
-    def _wait_mapped(self, slot: int, page: int) -> None:
-        """The step needs page ``page`` of ``slot``: wait if it is still being mapped ahead."""
-        fut = self._inflight.pop((slot, page), None)
-        if fut is not None:
-            t0 = time.perf_counter()
-            fut.result()
-            self.vmm_critical_s += time.perf_counter() - t0
-
-    def _count(self, g: int, dref: int, dlive: int) -> None:
-        """Group ``g`` gains (loses) ``dref`` slot mappings, ``dlive`` of them live: keeps the
-        once-per-group counters (idle-only, duplicate live mappings, shared) exact."""
-        ref, live = self._ref, self._live
-        r0, l0 = ref[g], live[g]
-        r1, l1 = r0 + dref, l0 + dlive
-        ref[g], live[g] = r1, l1
-        self._idle_pages += (r1 > 0 and l1 == 0) - (r0 > 0 and l0 == 0)
-        self._dup_pages += (l1 - 1 if l1 > 1 else 0) - (l0 - 1 if l0 > 1 else 0)
-        self._num_shared += (r1 > 1) - (r0 > 1)
-
-    def _map(self, group: int, slot: _Slot, page: int, ahead: bool) -> None:
-        self._count(group, 1, slot.seq is not None)
-        if ahead and self._executor is not None:
-            self._inflight[(slot.index, page)] = self._executor.submit(self._map_now, group, slot.index, page, True)
-            self.num_async_maps += 1
-        else:
-            self._map_now(group, slot.index, page)
-            self.num_sync_maps += not ahead
-
-    def _unmap_at(self, slot: _Slot, page: int) -> int | None:
-        """Unmap page ``page`` of ``slot``; returns its group if no slot maps it any more (free
-        now, its index entry gone), else None (another slot still maps it)."""
-        self._wait_mapped(slot.index, page)
-        if self.fence is not None:  # with asynchronous scheduling a launched step may still use the page
-            self.fence()
-        t0 = time.perf_counter()
-        at = slot.index * self.pages_per_slot + page
-        for r in range(self.num_ranges):
-            self.backend.unmap(r, at)
-        self.vmm_critical_s += time.perf_counter() - t0
-        g = slot.groups[page]
-        del slot.hashes[page:]  # the chain of indexed pages stops before it
-        self._count(g, -1, -(slot.seq is not None))
-        if self._ref[g]:
-            return None
-        if self.pages is not None:
-            self.pages.drop(g)
-        return g
-
-    def _unmap_tail(self, slot: _Slot) -> int | None:
-        g = self._unmap_at(slot, len(slot.groups) - 1)
-        slot.groups.pop()
-        return g
-
-    def _cut(self, slot: _Slot, first: int) -> int:
-        """The first page from ``first`` on that ``slot`` shares with another slot (else its
-        page count): a slot about to write from page ``first`` keeps only pages before it."""
-        groups = slot.groups
-        if not self._num_shared:
-            return len(groups)
-        ref = self._ref
-        for j in range(first, len(groups)):
-            if ref[groups[j]] > 1:
-                return j
-        return len(groups)
-
-    def _surplus(self, slot: _Slot) -> int:
-        return len(slot.groups) - self._pages_for(slot.used)
-
-    def _available(self, exclude: _Slot) -> int:
-        """Groups ``exclude`` could be given: free, mapped by idle slots only, or surplus of other
-        live slots. A slot not yet admitted keeps its private pages before its first shared one
-        (``_cut``): those are not available to it, its shared pages stay where else they are."""
-        if exclude.seq is None:
-            own_idle, own_surplus = self._cut(exclude, 0), 0
-        else:
-            own_idle, own_surplus = 0, self._surplus(exclude)
-        return len(self._free_groups) + self._idle_pages - own_idle + self._surplus_pages - own_surplus
-
-    def _acquire(self, k: int, exclude: _Slot, surplus_too: bool = True) -> list[int]:
-        """``k`` groups: free ones first, then reclaimed from idle slots (LRU), then stolen from
-        pages other live slots mapped ahead of their tokens."""
-        out = [self._free_groups.pop() for _ in range(min(k, len(self._free_groups)))]
-        if len(out) < k and self._idle:
-            self._reclaim(k, out, exclude)
-        if len(out) < k and surplus_too:
-            for victim in self._by_seq.values():
-                if victim is exclude:
-                    continue
-                take = min(k - len(out), self._surplus(victim))
-                for _ in range(take):  # pages beyond a live slot's tokens are never shared
-                    g = self._unmap_tail(victim)
-                    assert g is not None, "surplus page of a live slot mapped elsewhere"
-                    out.append(g)
-                self._surplus_pages -= take
-                if len(out) == k:
-                    break
-        if len(out) < k:
-            raise AllocationError(f"virtual allocator: {k} page groups wanted, {len(out)} found")
-        return out
-
-    def _reclaim(self, k: int, out: list[int], exclude: _Slot) -> None:
-        """Unmap idle slots' tail pages (least recently used slot first) into ``out`` until it
-        holds ``k`` groups, page-aware: first only tail pages mapped nowhere else (each frees a
-        group); then, if short, idle slots drop their tails down to their first group mapped by
-        idle slots only, which frees every group no live slot maps (a page a live slot maps
-        frees nothing anywhere: it stays)."""
-        for whole in (False, True):
-            for i in list(self._idle):
-                if len(out) >= k:
-                    return
-                if i == exclude.index:
-                    continue
-                victim = self.slots[i]
-                groups, ref = victim.groups, self._ref
-                if not whole:
-                    stop = len(groups)
-                    while stop and ref[groups[stop - 1]] == 1:
-                        stop -= 1
-                else:  # pages before the first idle-only group free nothing
-                    stop = next((j for j, g in enumerate(groups) if not self._live[g]), len(groups))
-                while len(groups) > stop and len(out) < k:
-                    g = self._unmap_tail(victim)
-                    if g is not None:
-                        out.append(g)
-                if self.prefix is not None:  # whole pages leave the tail: the cached prefix keeps its head
-                    self.prefix.truncate(victim.index, len(groups) * self.page_tokens)
-                if not groups:
-                    del self._idle[victim.index]
-                    self._premapped.discard(victim.index)
-                    heapq.heappush(self._empty, victim.index)
-
     # -- slots ---------------------------------------------------------------------------
     def _pick_slot(self, seq: SequenceLike) -> _Slot | None:
         """An idle slot whose pages best fit ``seq`` (deferred reclamation), else an empty one."""
@@ -610,36 +410,6 @@ class VirtualAllocator(KVAllocator):
         if self.prefetch and total + self.prefetch_tokens > len(slot.groups) * tpp:
             self._map_ahead(slot)
 
-    def _map_ahead(self, slot: _Slot) -> None:
-        """Claim the group the next ``prefetch_tokens`` tokens need and map it off the critical
-        path, while every live sequence could still get a group without stealing."""
-        if slot.used + self.prefetch_tokens <= len(slot.groups) * self.page_tokens:
-            return
-        if len(slot.groups) >= slot.want:
-            return
-        if len(self._free_groups) + self._idle_pages <= len(self._by_seq):
-            return
-        g = self._acquire(1, slot, surplus_too=False)[0]
-        slot.groups.append(g)
-        self._surplus_pages += 1
-        self._map(g, slot, len(slot.groups) - 1, ahead=True)
-
-    def _premap_empty(self) -> None:
-        """Admission off the critical path: up to ``premap`` empty slots get a group mapped in the
-        background and wait idle, while the free pool holds more groups than there are live
-        sequences (each could still be given one without reclaiming); a request admitted there
-        finds its first page mapped. Only free groups, never reclaimed or stolen ones; a bounded
-        reserve, as mapping the whole pool ahead competes with the steps for the driver."""
-        free, ready = self._free_groups, self._premapped
-        while len(ready) < self.premap and self._empty and len(free) > len(self._by_seq) + 1:
-            slot = self.slots[heapq.heappop(self._empty)]
-            g = free.pop()
-            slot.groups.append(g)
-            self._idle[slot.index] = None
-            ready.add(slot.index)
-            self._map(g, slot, 0, ahead=True)
-            self.num_premaps += 1
-
     def free(self, seq: SequenceLike) -> None:
         slot = self._by_seq.pop(seq.seq_id, None)
         if slot is None:
@@ -661,142 +431,6 @@ class VirtualAllocator(KVAllocator):
         if self.premap:
             self._premap_empty()
 
-    def num_tokens(self, seq: SequenceLike) -> int:
-        slot = self._by_seq.get(seq.seq_id)
-        return slot.used if slot else 0
-
-    def _charged_pages(self, slot: _Slot) -> int:
-        return min(len(slot.groups), max(slot.want, self._pages_for(slot.used)))
-
-    def seq_capacity(self, seq: SequenceLike) -> int:
-        slot = self._by_seq.get(seq.seq_id)
-        return self._charged_pages(slot) * self.page_tokens if slot else 0
-
-    def seq_capacities(self, seqs: Seq[SequenceLike]) -> list[int]:
-        get, tpp = self._by_seq.get, self.page_tokens
-        out = []
-        for s in seqs:  # seq_capacity, inlined
-            slot = get(s.seq_id)
-            if slot is None:
-                out.append(0)
-                continue
-            charged = -(-slot.used // tpp)
-            if charged < slot.want:
-                charged = slot.want
-            out.append(min(charged, len(slot.groups)) * tpp)
-        return out
-
-    def max_fit_tokens(self) -> int:
-        return min(self.capacity_tokens, self.span)
-
-    # -- prefix caching: an idle slot's KV reused in place, whole pages shared ----------------
-    @property
-    def prefix_cache_hit_rate(self) -> float:
-        return self.prefix.hit_rate if self.prefix is not None else 0.0
-
-    def _index_pages(self, slot: _Slot, n: int) -> None:
-        """Index the whole pages among the first ``n`` tokens of ``slot``'s sequence that are not
-        indexed yet (a page holding a not-yet-known, negative id stops it: the next call goes on)."""
-        tpp, tokens = self.page_tokens, slot.seq.token_ids
-        full = min(n, len(tokens), len(slot.groups) * tpp) // tpp
-        hashes = slot.hashes
-        parent = hashes[-1] if hashes else ROOT_HASH
-        for i in range(len(hashes), full):
-            page = tokens[i * tpp:(i + 1) * tpp]
-            if min(page) < 0:
-                break
-            key = page_key(parent, page)
-            parent = hash(key)
-            hashes.append(parent)
-            self.pages.add(key, slot.groups[i])
-
-    def _index_live(self) -> None:
-        """Live slots' pages computed since the last look: only computed tokens (a step's own
-        tokens are written by that step; the sequence's count moves once it was launched)."""
-        for slot in self._by_seq.values():
-            n = min(slot.used, getattr(slot.seq, "num_computed_tokens", slot.used))
-            if n >= (len(slot.hashes) + 1) * self.page_tokens:
-                self._index_pages(slot, n)
-
-    def match_prefix(self, seq: SequenceLike) -> int:
-        slot = self._by_seq.get(seq.seq_id)
-        if slot is not None:
-            self.last_match = PrefixMatch(slot.used, 0, slot.used)
-            return slot.used
-        self.last_match = PrefixMatch()
-        if self.prefix is None:
-            return 0
-        tokens, tpp = seq.token_ids, self.page_tokens
-        index, n = self.prefix.best(tokens)
-        if index is not None and n:  # the slot's shared pages from the one it writes on are dropped
-            n = min(n, self._cut(self.slots[index], n // tpp) * tpp)
-        groups, hashes = [], []
-        if self.pages is not None and (len(tokens) - 1) // tpp * tpp > n:
-            self._index_live()
-            groups, hashes = self.pages.match(tokens, tpp, min((len(tokens) - 1) // tpp, self.pages_per_slot))
-        target = self._pick_slot(seq) if len(groups) * tpp > n else None
-        hit = len(groups) * tpp if target is not None else n
-        self.prefix.record(len(tokens), hit)
-        ideal = self.prefix.ideal(tokens)
-        self.last_match = PrefixMatch(hit, 0, max(ideal, hit))
-        if target is not None:
-            self._share(seq, target, groups, hashes)
-        elif n:
-            slot = self.slots[index]
-            self._admit(seq, slot, keep=n)  # the slot and its mapped pages, content included
-            slot.used = n
-            self._surplus_pages -= self._pages_for(n)
-        return hit
-
-    def _share(self, seq: SequenceLike, slot: _Slot, groups: list[int], hashes: list[int]) -> None:
-        """Admit ``seq`` into ``slot`` with ``groups`` (other slots' whole prefix pages) mapped at
-        its first pages; the slot's own pages after them stay (deferred reclamation)."""
-        # first pages: the groups wanted (a group sits at one page index in every slot, so the
-        # page replaced is never one of them), while the slot is not live yet; then _admit drops
-        # the slot's shared pages after them
-        for j, g in enumerate(groups):
-            if j < len(slot.groups):
-                if slot.groups[j] == g:
-                    continue
-                old = self._unmap_at(slot, j)
-                if old is not None:
-                    self._free_groups.append(old)
-                slot.groups[j] = g
-            else:
-                slot.groups.append(g)
-            self._count(g, 1, 0)
-            self._map_now(g, slot.index, j)
-            self.num_shared_maps += 1
-        k = len(groups)
-        self._admit(seq, slot, keep=k * self.page_tokens)
-        slot.hashes[:] = hashes
-        slot.used = k * self.page_tokens
-        self._surplus_pages -= k
-
-    # -- fork: copy into the child's slot ------------------------------------------------------
-    def can_fork(self, parent: SequenceLike) -> bool:
-        p = self._by_seq.get(parent.seq_id)
-        if p is None:
-            return False
-        slot = self._pick_slot(parent)
-        return slot is not None and self._pages_for(p.used) - self._cut(slot, 0) <= self._available(slot)
-
-    def fork(self, parent: SequenceLike, child: SequenceLike) -> None:
-        p = self._by_seq.get(parent.seq_id)
-        if p is None:
-            raise AllocationError(f"fork: parent seq {parent.seq_id} holds no slot")
-        if child.seq_id in self._by_seq:
-            raise AllocationError(f"fork: child seq {child.seq_id} already holds a slot")
-        self.allocate(child, p.used)
-        c = self._by_seq[child.seq_id]
-        src, dst, n = self.anchor + p.index * self.span, self.anchor + c.index * self.span, p.used
-        if self.layout == "shared" and self._k:
-            self._buffer[dst:dst + n] = self._buffer[src:src + n]
-        else:
-            for k, v in zip(self._k, self._v):
-                k[dst:dst + n] = k[src:src + n]
-                v[dst:dst + n] = v[src:src + n]
-
     # -- addressing ----------------------------------------------------------------------------
     def slot_mapping(self, seq: SequenceLike, start: int, end: int) -> list[int]:
         base = self.anchor + self._by_seq[seq.seq_id].index * self.span
@@ -804,65 +438,6 @@ class VirtualAllocator(KVAllocator):
 
     def seq_base(self, seq: SequenceLike) -> int:
         return self.anchor + self._by_seq[seq.seq_id].index * self.span
-
-    # -- accounting ----------------------------------------------------------------------------
-    def stats(self) -> MemoryStats:
-        tpp = self.page_tokens
-        used = reserved = internal = 0
-        unused_live = 0  # groups of live slots their sequence can never use
-        for slot in self._by_seq.values():  # _charged_pages + live_split, inlined: called every step
-            u, mapped = slot.used, len(slot.groups)
-            charged = -(-u // tpp)
-            if charged < slot.want:
-                charged = slot.want
-            if charged > mapped:
-                charged = mapped
-            unused_live += mapped - charged
-            cap = charged * tpp
-            bound = slot.seq.max_len
-            if bound > cap:
-                bound = cap
-            if bound < u:
-                bound = u
-            used += u
-            reserved += bound - u
-            internal += cap - bound
-        used -= self._dup_pages * tpp  # a page shared by live slots: full in each, counted once
-        bpt, tpp = self.bytes_per_token, self.page_tokens
-        return MemoryStats(
-            capacity=self.capacity_tokens * bpt,
-            token_states=used * bpt,
-            reservation=reserved * bpt,
-            internal_frag=internal * bpt,
-            external_frag=unused_live * tpp * bpt,  # mapped to live slots beyond what they can use
-            idle_mapped=self._idle_pages * tpp * bpt,  # mapped by idle slots only, kept for the next request
-            free=len(self._free_groups) * tpp * bpt,
-        )
-
-    # -- introspection (tests, experiments) ---------------------------------------------------
-    @property
-    def num_free_groups(self) -> int:
-        return len(self._free_groups)
-
-    @property
-    def num_idle_groups(self) -> int:
-        return self._idle_pages
-
-    def slot_of(self, seq: SequenceLike) -> int:
-        return self._by_seq[seq.seq_id].index
-
-    def page_groups(self, seq: SequenceLike) -> list[int]:
-        """The page group mapped at each page of ``seq``'s slot."""
-        return list(self._by_seq[seq.seq_id].groups)
-
-    def group_refs(self) -> list[int]:
-        """Slots mapping each page group (0: free)."""
-        return list(self._ref)
-
-    def wait_prefetch(self) -> None:
-        """Block until every background mapping is done (start-up, tests, benchmarks)."""
-        while self._inflight:
-            self._inflight.pop(next(iter(self._inflight))).result()
 
 
 class _VirtualDecodeRun(InPlaceDecodeRun):
