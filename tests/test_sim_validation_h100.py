@@ -13,20 +13,25 @@ B = ("workload=sharegpt workload.num_requests=300 engine.kv_cache_tokens=40000 e
      "engine.async_scheduling=true").split()
 
 
-@pytest.mark.parametrize("allocator", ["paged", "virtual"])
-def test_h100_profile_simulates_the_committed_real_runs_within_target(tmp_path, allocator):
+@pytest.mark.parametrize("model,allocator,rate,requests", [
+    ("qwen3-0.6b", "paged", 8, 60), ("qwen3-0.6b", "virtual", 8, 60),
+    ("llama3-8b", "contiguous", 4, 50),  # the profile's llama3-8b tables: merged onto the qwen3-0.6b ones
+])
+def test_h100_profile_simulates_the_committed_real_runs_within_target(tmp_path, model, allocator, rate, requests):
     from experiments.validate_sim import main
 
-    label = f"qwen3-0.6b-{allocator}"
-    shutil.copytree(RUNS / label / "real" / "online-8rps", tmp_path / "real" / "online-8rps")
-    code = main(["model=qwen3-0.6b", *B, f"allocator={allocator}",
-                 "sim.profile=results/profiles/nvidia-h100.parquet", "--sim", "h100-sxm", "--rates", "8",
-                 "--no-offline", "--online-requests", "60", "--sim-only", "--label", label, "--out", str(tmp_path)])
+    label = f"{model}-{allocator}"
+    mode = f"online-{rate}rps"
+    shutil.copytree(RUNS / label / "real" / mode, tmp_path / "real" / mode)
+    code = main([f"model={model}", *B, f"allocator={allocator}",
+                 "sim.profile=results/profiles/nvidia-h100.parquet", "--sim", "h100-sxm", "--rates", str(rate),
+                 "--no-offline", "--online-requests", str(requests), "--sim-only", "--label", label,
+                 "--out", str(tmp_path)])
     assert code == 0
     table = pd.read_csv(tmp_path / "validation.csv").set_index("metric")
     timed = table.loc[["output_throughput", "mean_ttft_ms", "mean_tpot_ms", "p99_tpot_ms"]]
     assert timed["ok"].all(), timed[["real", "sim", "error"]].to_string()
     committed = pd.read_csv(RUNS / label / "validation.csv")
-    committed = committed[committed["mode"] == "online-8rps"].set_index("metric")
+    committed = committed[committed["mode"] == mode].set_index("metric")
     # the same simulate on the same runs and profile: the committed table is what it makes
     assert timed["sim"].to_numpy() == pytest.approx(committed.loc[timed.index, "sim"].to_numpy(), rel=1e-6)
