@@ -1,5 +1,6 @@
-"""The committed H100 validation (results/sim_validation/h100/): simulate, with the committed H100
-profile, against the committed real runs of this engine stays within the issue's targets."""
+"""The committed H100 validation (results/sim_validation/h100/, synchronous runs in h100/sync/): simulate,
+with the committed H100 profile, against the committed real runs of this engine stays within the issue's
+targets, and makes the committed table."""
 import shutil
 from pathlib import Path
 
