@@ -14,214 +14,21 @@ an interval in it; corrections are kept as a difference array (``step -> delta``
 """
 from __future__ import annotations
 
-import dataclasses
 import operator
-import shutil
-import tempfile
-import weakref
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 
 import numpy as np
 
 from allocators.stats import STAT_FIELDS, MemoryStats
+from engine.chunked_rows import CHUNK_ROWS, KEEP_CHUNKS, ChunkedRows
+from engine.step_log import STEP_DEFAULTS, STEP_FIELDS, STEP_INT_FIELDS, StepLog, StepRecord
 
-CHUNK_ROWS = 16384  # steps per chunk
-KEEP_CHUNKS = 4  # full chunks kept in memory before older ones go to disk
+__all__ = ["CHUNK_ROWS", "KEEP_CHUNKS", "ChunkedRows", "MemoryAccountant", "STEP_DEFAULTS", "STEP_FIELDS",
+           "STEP_INT_FIELDS", "StepLog", "StepRecord"]
 
 _RES, _INT = STAT_FIELDS.index("reservation"), STAT_FIELDS.index("internal_frag")
 _FREE, _IDLE = STAT_FIELDS.index("free"), STAT_FIELDS.index("idle_mapped")
 _stat_row = operator.attrgetter(*STAT_FIELDS)
-
-
-class ChunkedRows:
-    """Numeric rows of a fixed width, appended one at a time.
-
-    The open chunk is a list of tuples (a cheap append); a full chunk becomes one
-    ``[chunk_rows, width]`` array; ``spill_before`` moves old full chunks to ``.npy`` files in
-    a temporary folder (removed with the store) once more than ``keep_chunks`` are in memory.
-    """
-
-    def __init__(self, width: int, dtype=np.int64, chunk_rows: int | None = None, keep_chunks: int | None = None):
-        chunk_rows = CHUNK_ROWS if chunk_rows is None else chunk_rows  # read at call time: tests shrink them
-        keep_chunks = KEEP_CHUNKS if keep_chunks is None else keep_chunks
-        if chunk_rows < 1:
-            raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
-        self.width, self.dtype = width, np.dtype(dtype)
-        self.chunk_rows, self.keep_chunks = chunk_rows, keep_chunks
-        self.rows: list[tuple] = []  # the open chunk
-        self.chunks: list[np.ndarray | Path] = []  # full chunks, oldest first (Path: spilled)
-        self._first_in_memory = 0  # chunks before it are on disk
-        self._dir: str | None = None
-        self._cleanup: weakref.finalize | None = None  # removes the folder, at the latest at exit
-
-    def __len__(self) -> int:
-        return len(self.chunks) * self.chunk_rows + len(self.rows)
-
-    def append(self, row: tuple) -> bool:
-        """Add one row; True when it filled the open chunk (now a full chunk)."""
-        rows = self.rows
-        rows.append(row)
-        if len(rows) < self.chunk_rows:
-            return False
-        self.chunks.append(self._array(rows))
-        self.rows = []
-        return True
-
-    def extend(self, rows: list[tuple]) -> int:
-        """``append`` each of ``rows`` in order; returns how many chunks they filled."""
-        filled, i = 0, 0
-        while i < len(rows):
-            open_rows = self.rows
-            take = min(self.chunk_rows - len(open_rows), len(rows) - i)
-            open_rows += rows[i:i + take]
-            i += take
-            if len(open_rows) == self.chunk_rows:
-                self.chunks.append(self._array(open_rows))
-                self.rows = []
-                filled += 1
-        return filled
-
-    def _array(self, rows: list[tuple]) -> np.ndarray:
-        return np.array(rows, dtype=self.dtype).reshape(len(rows), self.width)
-
-    @property
-    def in_memory_rows(self) -> int:
-        return (len(self.chunks) - self._first_in_memory) * self.chunk_rows + len(self.rows)
-
-    @property
-    def num_spilled(self) -> int:
-        return self._first_in_memory
-
-    def spill_before(self, k: int) -> None:
-        """Write full chunks older than chunk ``k`` to disk while more than ``keep_chunks`` are in memory."""
-        while self._first_in_memory < k and len(self.chunks) - self._first_in_memory > self.keep_chunks:
-            i = self._first_in_memory
-            if self._dir is None:
-                self._dir = tempfile.mkdtemp(prefix="kvlab_steps_")
-                self._cleanup = weakref.finalize(self, shutil.rmtree, self._dir, True)
-            path = Path(self._dir) / f"{i:06d}.npy"
-            np.save(path, self.chunks[i])
-            self.chunks[i] = path
-            self._first_in_memory += 1
-
-    def chunk(self, i: int) -> np.ndarray:
-        """Full chunk ``i`` (read back from disk if spilled; the caller may not keep it writable)."""
-        c = self.chunks[i]
-        return np.load(c) if isinstance(c, Path) else c
-
-    def iter_chunks(self) -> Iterator[np.ndarray]:
-        """Every row, one array per chunk, oldest first (the open chunk last, if not empty)."""
-        for i in range(len(self.chunks)):
-            yield self.chunk(i)
-        if self.rows:
-            yield self._array(self.rows)
-
-    def row(self, i: int) -> tuple:
-        n = len(self)
-        if i < 0:
-            i += n
-        if not 0 <= i < n:
-            raise IndexError(f"row {i} of {n}")
-        k, j = divmod(i, self.chunk_rows)
-        if k == len(self.chunks):
-            return self.rows[j]
-        return tuple(self.chunk(k)[j].tolist())
-
-    def clear(self) -> None:
-        self.rows = []
-        self.chunks = []
-        self._first_in_memory = 0
-        self.close()
-
-    def close(self) -> None:
-        """Remove the spilled chunks' folder (spilled chunks are gone with it)."""
-        if self._cleanup is not None:
-            self._cleanup()
-            self._dir = self._cleanup = None
-
-
-@dataclasses.dataclass
-class StepRecord:
-    time: float
-    duration: float
-    running: int
-    waiting: int
-    num_seqs: int
-    prefill_tokens: int
-    decode_tokens: int
-    preempted: int
-    host_s: float = 0.0  # scheduler, allocator, accounting, input preparation, output handling
-    context_tokens: int = 0  # tokens of KV the step's attention reads (sum of context lengths)
-    tier_loaded_blocks: int = 0  # host KV tier: blocks loaded back to the device for this step
-    tier_stored_blocks: int = 0  # ... blocks copied to host memory (evicted from the device)
-    tier_transfers: int = 0  # ... host<->device memcpys
-    tier_exposed_s: float = 0.0  # ... copy time compute waited for (see LLMEngine._tier_exposed)
-    # CPU seconds of the step's launch call beyond its input preparation (graph replay or kernel
-    # launches, copies, sampling's launches; on a CPU device the forward itself); 0 in simulate
-    launch_s: float = 0.0
-
-
-STEP_FIELDS = tuple(f.name for f in dataclasses.fields(StepRecord))
-STEP_INT_FIELDS = tuple(f.name for f in dataclasses.fields(StepRecord) if f.type in ("int", int))
-# the defaults of the trailing fields, for rows written by callers that predate them
-STEP_DEFAULTS = tuple(f.default for f in dataclasses.fields(StepRecord))
-
-
-class StepLog:
-    """``LLMEngine.step_records``: what each step did, as float64 rows in :class:`ChunkedRows`
-    (a tuple appended per step; old chunks spill to disk). Reads like the list of
-    :class:`StepRecord` it replaces: ``len``, ``[i]``, ``[-1]``, slices, iteration, ``clear()``."""
-
-    def __init__(self, chunk_rows: int | None = None, keep_chunks: int | None = None):
-        self.rows = ChunkedRows(len(STEP_FIELDS), np.float64, chunk_rows, keep_chunks)
-        self._int = [f in STEP_INT_FIELDS for f in STEP_FIELDS]
-
-    def append(self, row: tuple | StepRecord) -> None:
-        """One step, as a tuple in STEP_FIELDS order (or a StepRecord)."""
-        if isinstance(row, StepRecord):
-            row = dataclasses.astuple(row)
-        elif len(row) < len(STEP_DEFAULTS):
-            row = (*row, *STEP_DEFAULTS[len(row):])
-        if self.rows.append(row):
-            self.rows.spill_before(len(self.rows.chunks))
-
-    def extend(self, rows: list[tuple]) -> None:
-        """Steps in order, each a whole row in STEP_FIELDS order."""
-        if self.rows.extend(rows):
-            self.rows.spill_before(len(self.rows.chunks))
-
-    def _record(self, row) -> StepRecord:
-        return StepRecord(*(int(v) if is_int else float(v) for v, is_int in zip(row, self._int)))
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self._record(self.rows.row(j)) for j in range(*i.indices(len(self)))]
-        return self._record(self.rows.row(i))
-
-    def __iter__(self) -> Iterator[StepRecord]:
-        for arr in self.rows.iter_chunks():
-            for row in arr.tolist():
-                yield self._record(row)
-
-    def __eq__(self, other) -> bool:
-        if isinstance(other, (list, StepLog)):
-            return len(self) == len(other) and all(a == b for a, b in zip(self, other))
-        return NotImplemented
-
-    __hash__ = None
-
-    def iter_columns(self) -> Iterator[dict[str, np.ndarray]]:
-        """Chunk by chunk: one array per field (int64 for counts, float64 for times)."""
-        for arr in self.rows.iter_chunks():
-            yield {f: (arr[:, j].astype(np.int64) if is_int else arr[:, j].copy())
-                   for j, (f, is_int) in enumerate(zip(STEP_FIELDS, self._int))}
-
-    def clear(self) -> None:
-        self.rows.clear()
 
 
 class MemoryAccountant:

@@ -15,7 +15,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-import engine.accounting as accounting
+import engine.chunked_rows as chunked_rows
 import engine.sequence as sequence
 import experiments.run as run
 import experiments.sim_fastpath as sim_fastpath
@@ -151,8 +151,8 @@ def test_bulk_run_with_tiny_chunks_spilled(tmp_path, monkeypatch):
     """Memory rows and step records of a run that cross chunks (settled, spilled to disk) as the
     steps one by one do."""
     cfg = config(*COMMON, *CASES["paged"])
-    monkeypatch.setattr(accounting, "CHUNK_ROWS", 7)
-    monkeypatch.setattr(accounting, "KEEP_CHUNKS", 1)
+    monkeypatch.setattr(chunked_rows, "CHUNK_ROWS", 7)
+    monkeypatch.setattr(chunked_rows, "KEEP_CHUNKS", 1)
     sa, ea = run_with(monkeypatch, cfg, tmp_path / "steps", fast=False)
     sb, eb = run_with(monkeypatch, cfg, tmp_path / "bulk", fast=True)
     assert eb.decode_fast_forward.steps > 0 and eb.accountant.store.num_spilled > 0

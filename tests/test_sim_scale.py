@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
 
-import engine.accounting as accounting
+import engine.chunked_rows as chunked_rows
 import experiments.run as run
 from allocators.stats import STAT_FIELDS, MemoryStats
 from engine.accounting import MemoryAccountant, StepLog, StepRecord
@@ -74,8 +74,8 @@ def test_chunked_and_spilled_steps_equal_the_whole_table(case, tmp_path, monkeyp
     cfg = config(*COMMON, *CASES[case])
     whole, e1 = run_keeping_engine(monkeypatch, cfg, tmp_path / "whole")
     # tiny chunks, one kept in memory: almost every chunk goes through the disk
-    monkeypatch.setattr(accounting, "CHUNK_ROWS", 7)
-    monkeypatch.setattr(accounting, "KEEP_CHUNKS", 1)
+    monkeypatch.setattr(chunked_rows, "CHUNK_ROWS", 7)
+    monkeypatch.setattr(chunked_rows, "KEEP_CHUNKS", 1)
     chunked, e2 = run_keeping_engine(monkeypatch, cfg, tmp_path / "chunked")
     assert e2.step_records.rows.num_spilled > 0 and e2.accountant.store.num_spilled > 0
     a = pd.read_parquet(tmp_path / "whole" / "steps.parquet")
@@ -111,8 +111,8 @@ def test_engine_logical_tokens_equal_the_allocators_count(case, tmp_path, monkey
 
 def test_step_store_memory_stays_bounded(tmp_path, monkeypatch):
     """However many steps, the rows held in memory stay within a few chunks."""
-    monkeypatch.setattr(accounting, "CHUNK_ROWS", 16)
-    monkeypatch.setattr(accounting, "KEEP_CHUNKS", 2)
+    monkeypatch.setattr(chunked_rows, "CHUNK_ROWS", 16)
+    monkeypatch.setattr(chunked_rows, "KEEP_CHUNKS", 2)
     held = {"steps": 0, "memory": 0}
     record = MemoryAccountant.record_seqs
 
