@@ -187,7 +187,7 @@ def write_steps(path: str | Path, records, accountant, t0: float, logical_tokens
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from experiments.atomic import atomic_path
+    from experiments.atomic import PARQUET_COMPRESSION, atomic_path
 
     n_steps = len(records)
     with_memory = accountant is not None and accountant.num_steps == n_steps and n_steps > 0
@@ -209,7 +209,7 @@ def write_steps(path: str | Path, records, accountant, t0: float, logical_tokens
                     steady.add(df, mem, capacity if with_memory else None)
                 table = pa.Table.from_pandas(df, preserve_index=False)
                 if writer is None:
-                    writer = pq.ParquetWriter(tmp, table.schema)
+                    writer = pq.ParquetWriter(tmp, table.schema, compression=PARQUET_COMPRESSION)
                 writer.write_table(table)
             if writer is None:  # no steps: an empty table, as DataFrame().to_parquet writes it
                 pd.DataFrame().to_parquet(tmp, index=False)
