@@ -51,18 +51,18 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-
 from experiments import profile_cases
 # main calls these through this module's names, so a test's monkeypatch of one here (Timer, _rows_copy)
 # reaches main; say_progress and _decode_metas are also imported from here (profile_host, bench_ragged)
 from experiments.profile_cases import _gemm_shapes, _graphs_count, _model_count, _ragged_cases
+# the merge's checks moved to profile_merge stay importable from here
+from experiments.profile_merge import _check_same_host_engine, _same_device_kind, merge_base
 from experiments.profile_models import _rows_graphs, _rows_model
 from experiments.profile_tables import _decode_metas, _rows_copy, _rows_gemm, _rows_ragged, _rows_vmm
 from experiments.profile_timing import Progress, Timer, say_progress, slug
 
 __all__ = ["main", "check_args", "metadata", "metadata_switch", "tile_map_switch", "write_profile", "PART_TABLES",
-           "Timer", "say_progress", "_decode_metas"]
+           "Timer", "say_progress", "_decode_metas", "_same_device_kind", "_check_same_host_engine"]
 
 
 def metadata_switch() -> int:
@@ -132,43 +132,6 @@ PART_TABLES = {"host": {"host"}, "gemm": {"gemm"}, "copy": {"copy"}, "vmm": {"vm
                "graphs": {"piecewise_forward", "piecewise_capture", "full_forward", "full_capture"}}
 
 
-def _same_device_kind(profiled: str | None, now: str) -> bool:
-    """Whether a run on ``now`` may merge into a profile of ``profiled`` (the device names kvlab
-    profile writes; every CPU is "cpu (machine)", some older profiles say "cpu"; no name: unknown)."""
-    def kind(name: str) -> str:
-        return "cpu" if name.startswith("cpu") else name
-
-    return not profiled or kind(str(profiled)) == kind(now)
-
-
-def _check_same_host_engine(ap, prior, cuda: bool, events: bool = False) -> None:
-    """``--host-add`` pools host steps only of engines with this one's graphs: the cost model models
-    a pool's steps with one graph setting (the profile's host engine: ``HOST_MAX_NUM_BATCHED_TOKENS``, defaults);
-    and only of one timer: steps with CUDA events around each launch (``--host-events``; every step on a
-    GPU before the ``events`` column) took longer before the device's wait than steps without."""
-    from engine.config import EngineConfig, graph_token_bound
-    from engine.piecewise_graphs import token_sizes
-    from experiments.profile_host import HOST_MAX_NUM_BATCHED_TOKENS
-
-    cap = (token_sizes(graph_token_bound(EngineConfig.cuda_graph_max_tokens, HOST_MAX_NUM_BATCHED_TOKENS))[-1]
-           if cuda else 0)  # none on a CPU
-    for key, now in (("graph_max_tokens", cap), ("graph_mode", EngineConfig.cuda_graph_mode)):
-        if key in prior and prior[key].notna().any():
-            old = sorted(set(prior[key].dropna()) - {now})
-            if old:
-                ap.error(f"--host-add: the profile's host steps were recorded with {key} {old}, this engine's is "
-                         f"{now!r}; pooled, the cost model would model them as one: record them again without "
-                         "--host-add")
-    if len(prior):
-        was = prior["events"].tolist() if "events" in prior else [None] * len(prior)
-        was = {bool(v) if v == v and v is not None else cuda for v in was}
-        if was != {cuda and events}:
-            ap.error(f"--host-add: the profile's host steps were recorded {'with' if True in was else 'without'} the "
-                     f"launch timer's CUDA events, these {'with' if cuda and events else 'without'}; pooled, two "
-                     "timings would be averaged: give the same --host-events, or record them again without "
-                     "--host-add")
-
-
 def check_args(a) -> None:
     """The flags, one line naming the flag and the fix if one is wrong: before anything is timed
     (a bad one was a traceback seconds or minutes in, or in the host-time subprocess)."""
@@ -221,11 +184,9 @@ def check_args(a) -> None:
         check_folder("--out", out)
 
 
-def main(argv: list[str] | None = None) -> int:
-    import sys
-
+def _parser():
+    """The flags of ``kvlab profile``."""
     from experiments.cli import Parser
-    from experiments.preflight import UserError
 
     ap = Parser(prog="kvlab profile", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="qwen3-0.6b,llama3-8b", help="presets or HF directories, comma-separated")
@@ -264,8 +225,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-progress", action="store_true",
                     help="no progress lines (each part's start, and one every ~10 s inside it) on stderr: its end "
                          "lines only (as kvlab run's progress=false leaves out its bar)")
-    a = ap.parse_args(argv)
-    a.argv = list(sys.argv[1:] if argv is None else argv)
+    return ap
+
+
+def _parts_and_schedulings(ap, a) -> tuple[list[str], set[str]]:
+    """The host-time schedulings and the parts to skip the flags name; a wrong one is ``ap.error``
+    (``check_args`` checks the rest)."""
     if a.host_repeats < 1:
         ap.error(f"--host-repeats must be >= 1, got {a.host_repeats}")
     schedulings = [s for s in a.host_scheduling.split(",") if s]
@@ -277,6 +242,18 @@ def main(argv: list[str] | None = None) -> int:
                  f"{', '.join(sorted(PART_TABLES))}")
     if a.host_add and not a.merge:
         ap.error("--host-add adds to the host steps of a --merge profile: name one")
+    return schedulings, skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    import sys
+
+    from experiments.preflight import UserError
+
+    ap = _parser()
+    a = ap.parse_args(argv)
+    a.argv = list(sys.argv[1:] if argv is None else argv)
+    schedulings, skip = _parts_and_schedulings(ap, a)
     try:
         check_args(a)
     except UserError as e:
@@ -303,53 +280,9 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     first_repeat = 0
     if a.merge:  # keep what this run does not re-measure
-        from experiments.device_profile import host_model_of, host_scheduling_of, load_profile
+        rows, meta, first_repeat = merge_base(ap, a, meta, skip, models, host_models, schedulings,
+                                              device.type == "cuda")
 
-        old = load_profile(a.merge)
-        if not _same_device_kind(old.meta.get("device"), meta["device"]):  # its times would be named the other's
-            ap.error(f"--merge {a.merge}: measured on {old.meta['device']}, this run is on {meta['device']}: a "
-                     "profile holds one device's tables (simulate names them by it): profile this device into a "
-                     "new file (--out without --merge)")
-        redo = set().union(*(t for k, t in PART_TABLES.items() if k not in skip))
-        per_model = redo & (PART_TABLES["models"] | PART_TABLES["ragged"] | PART_TABLES["graphs"])
-        keep = ~old.df["table"].isin(redo)
-        if "model" in old.df:  # a model's tables measured now replace that model's: the others' stay
-            keep |= old.df["table"].isin(per_model) & old.df["model"].notna() & ~old.df["model"].isin(models)
-        if "gemm" in redo:  # GEMM shapes of models not measured now stay
-            shapes = _gemm_shapes(models)
-            if {"n", "k"} <= set(old.df.columns):
-                timed_now = [(n, k) in shapes for n, k in zip(old.df["n"], old.df["k"])]
-                keep |= (old.df["table"] == "gemm") & ~np.array(timed_now, dtype=bool)
-        if "host" in redo:  # host steps are per model and scheduling: those not re-measured now stay
-            remeasured = (host_model_of(old).reindex(old.df.index).isin(host_models)
-                          & host_scheduling_of(old.df).isin(schedulings))
-            keep |= (old.df["table"] == "host") & (~remeasured | a.host_add)
-            if a.host_add:  # this run's repeats follow the kept ones (a run is a repeat's steps in order)
-                prior = old.df[(old.df["table"] == "host") & remeasured]
-                _check_same_host_engine(ap, prior, device.type == "cuda", a.host_events)
-                if len(prior):  # rows from before the column: one run, repeat 0
-                    first_repeat = (int(prior["repeat"].fillna(0).max()) if "repeat" in prior else 0) + 1
-        rows = [{k: v for k, v in r.items() if v == v and v is not None}
-                for r in old.df[keep].to_dict("records")]
-        stamp = {k: meta[k] for k in ("commit", "created", "command")}
-        kept = {k: v for k, v in old.meta.items() if k != "partial"}  # this run's own end says whether it is
-        # the SM count sets the ragged decode term's split rule: the device's that measured the tables
-        sms = meta["num_sms"] if redo & {"ragged", "decode_graph"} else old.meta.get("num_sms", meta["num_sms"])
-        names = [m for m in str(kept.get("models", "")).split(",") if m]
-        names += [m for m in models if m not in names and per_model]
-        if redo & (PART_TABLES["models"] | PART_TABLES["ragged"]):  # decode launches timed under this process's switch
-            kept["seq_major_min_seqs"] = metadata_switch()
-        if redo & (PART_TABLES["graphs"] | PART_TABLES["host"]):  # full graphs run under this process's switch
-            kept["tile_map"] = tile_map_switch()
-        meta = {**kept, "num_sms": sms, "models": ",".join(names),
-                "updated": {**old.meta.get("updated", {}), **{t: stamp for t in sorted(redo)}}}
-        if a.host_add and "host" in redo:  # the pooled runs' stamps, each (the last one is "host")
-            before = old.meta.get("updated", {})
-            # the first run: the merged profile's own, or its own merge's
-            runs = before.get("host_runs") or [before.get("host") or {k: old.meta.get(k) for k in stamp}]
-            meta["updated"]["host_runs"] = [*runs, {**stamp, "first_repeat": first_repeat}]
-
-    cuda = device.type == "cuda"
     per_model = sum(k not in skip for k in ("models", "graphs", "ragged"))  # graphs, vmm: in skip off CUDA
     parts = sum(k not in skip for k in ("host", "gemm", "copy", "vmm")) + len(models) * per_model
     progress = Progress(t0, parts, not a.no_progress)
@@ -369,41 +302,62 @@ def main(argv: list[str] | None = None) -> int:
         progress.end(len(new), len(rows), partial)
 
     if "host" not in skip:
-        from experiments.profile_host import HOST_ALLOCATORS, TRICKLE_MAX_PROMPT, host_rows, host_rows_apart
-
-        run_host = host_rows if a.host_in_process else host_rows_apart
-
-        # ShareGPT-like lengths (seeded apart from any workload), uniform ones, then a trickle
-        half = a.max_model_len // 2
-        phases = ((a.host_requests, 0, 0, 0, 0), (a.host_requests // 2, 32, min(1024, half), 16, min(512, half)),
-                  (-max(8, a.host_requests // 4), 16, min(TRICKLE_MAX_PROMPT, half), 16, 64))  # then one at a time
-        # repeats go round every model and allocator, so a slow spell of the machine falls on all
-        runs = [(rep, hm, alloc, sched) for rep in range(a.host_repeats) for hm in host_models
-                for alloc in HOST_ALLOCATORS for sched in schedulings]
-        progress.start("host", "host steps", len(runs), "engine runs (model, allocator, scheduling, repeat)")
-        before = len(rows)
-        for rep, hm, alloc, sched in runs:
-            name, args = HOST_ALLOCATORS[alloc]
-            if name == "virtual" and a.virtual_page_size:
-                args = {**args, "page_size": a.virtual_page_size}
-            what = f"{hm} {alloc} {sched}" + (f" (repeat {rep + 1} of {a.host_repeats})" if a.host_repeats > 1 else "")
-            progress.line(f"host steps: {what}: the real engine's steps"
-                          + ("" if a.host_in_process else " (in a process of its own)"))
-            rows += [dict(r, repeat=first_repeat + rep) for r in run_host(
-                hm, name, args, max_model_len=a.max_model_len, kv_cache_tokens=a.host_kv_tokens,
-                device=str(device), phases=phases, seed=rep, async_scheduling=sched == "async",
-                events=a.host_events, progress_t0=t0 if progress.enabled else None)]
-            checkpoint()
-            progress.tick(f" ({what})", force=True)  # a run takes ~30 s on a GPU: a line each
-        progress.end(len(rows) - before, len(rows), partial)
+        _host_part(a, device, host_models, schedulings, first_repeat, rows, progress, checkpoint, partial, t0)
     import gc
 
     gc.collect()  # the host-time engines, weights and graphs included
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    _kernel_parts(part, timer, a, models, block_sizes, skip, device)
+    write_profile(path, rows, meta)
+    partial.unlink(missing_ok=True)
+    print(f"wrote {path}: {len(rows)} rows, {meta['device']}", flush=True)
+    return 0
+
+
+def _host_part(a, device, host_models: list[str], schedulings: list[str], first_repeat: int, rows: list[dict],
+               progress: Progress, checkpoint: Callable[[], None], partial: Path, t0: float) -> None:
+    """The ``host`` part: the real engine's steps of every host model, allocator and scheduling, each
+    repeat (``--host-repeats``) numbered from ``first_repeat``, added to ``rows`` with a checkpoint
+    after each engine run."""
+    from experiments.profile_host import HOST_ALLOCATORS, TRICKLE_MAX_PROMPT, host_rows, host_rows_apart
+
+    run_host = host_rows if a.host_in_process else host_rows_apart
+
+    # ShareGPT-like lengths (seeded apart from any workload), uniform ones, then a trickle
+    half = a.max_model_len // 2
+    phases = ((a.host_requests, 0, 0, 0, 0), (a.host_requests // 2, 32, min(1024, half), 16, min(512, half)),
+              (-max(8, a.host_requests // 4), 16, min(TRICKLE_MAX_PROMPT, half), 16, 64))  # then one at a time
+    # repeats go round every model and allocator, so a slow spell of the machine falls on all
+    runs = [(rep, hm, alloc, sched) for rep in range(a.host_repeats) for hm in host_models
+            for alloc in HOST_ALLOCATORS for sched in schedulings]
+    progress.start("host", "host steps", len(runs), "engine runs (model, allocator, scheduling, repeat)")
+    before = len(rows)
+    for rep, hm, alloc, sched in runs:
+        name, args = HOST_ALLOCATORS[alloc]
+        if name == "virtual" and a.virtual_page_size:
+            args = {**args, "page_size": a.virtual_page_size}
+        what = f"{hm} {alloc} {sched}" + (f" (repeat {rep + 1} of {a.host_repeats})" if a.host_repeats > 1 else "")
+        progress.line(f"host steps: {what}: the real engine's steps"
+                      + ("" if a.host_in_process else " (in a process of its own)"))
+        rows += [dict(r, repeat=first_repeat + rep) for r in run_host(
+            hm, name, args, max_model_len=a.max_model_len, kv_cache_tokens=a.host_kv_tokens,
+            device=str(device), phases=phases, seed=rep, async_scheduling=sched == "async",
+            events=a.host_events, progress_t0=t0 if progress.enabled else None)]
+        checkpoint()
+        progress.tick(f" ({what})", force=True)  # a run takes ~30 s on a GPU: a line each
+    progress.end(len(rows) - before, len(rows), partial)
+
+
+def _kernel_parts(part, timer, a, models: list[str], block_sizes: list[int], skip: set[str], device) -> None:
+    """The kernel and forward parts not in ``skip`` (gemm; per model: models, graphs, ragged; copy, vmm),
+    each through ``part`` (main's: its progress lines and checkpoint)."""
+    import torch
+
     from kernels import compile_watch
     from kernels.pdl import supported as pdl_supported
 
+    cuda = device.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
     with compile_watch.expected():  # the kernel tables compile every shape they time
         if "gemm" not in skip:
@@ -428,10 +382,6 @@ def main(argv: list[str] | None = None) -> int:
                  "sizes (h2d and d2h each)")
         if "vmm" not in skip:
             part("vmm", "vmm", 1, lambda tick: _rows_vmm(device, tick), "measurement (map and unmap per page)")
-    write_profile(path, rows, meta)
-    partial.unlink(missing_ok=True)
-    print(f"wrote {path}: {len(rows)} rows, {meta['device']}", flush=True)
-    return 0
 
 
 if __name__ == "__main__":
