@@ -44,16 +44,13 @@ from __future__ import annotations
 import logging
 from functools import lru_cache
 
-import numpy as np
-
 from engine.cuda_graphs import capture_sizes, padded
 from engine.piecewise_graphs import token_sizes
-from experiments.costmodel import attended_keys
+from experiments.device_pieces import DevicePiecesMixin
 from experiments.device_profile import DeviceProfile, Grid1D, Grid2D, HostTable
 from experiments.host_calibration import (HostCalibrationMixin, _calibration_work, _host_rows_for, _token_slope,
                                           _vmm_scale, _warn_host_fallback, _warn_no_max_context, _warn_no_period)
 from experiments.profile_lookup import _column, _config, _nearest, _shape, ragged_fit
-from experiments.ragged_decode import programs_of_sums
 from kernels import metadata as km
 
 log = logging.getLogger("kvlab.sim")
@@ -66,7 +63,7 @@ __all__ = ["ProfiledCostModel", "_calibration_work", "_column", "_config", "_hos
 _WARNED_SHORT: set = set()  # (profile, model, largest size) whose short graph table was warned about once
 
 
-class ProfiledCostModel(HostCalibrationMixin):
+class ProfiledCostModel(HostCalibrationMixin, DevicePiecesMixin):
     """Step time of a batch from a device profile (see the module docstring)."""
 
     name = "profiled"
@@ -235,93 +232,9 @@ class ProfiledCostModel(HostCalibrationMixin):
         if calibrate_host:
             self._calibrate_host(profile, allocator, paged, block_size, max_graph_batch, enforce_eager)
 
-    # -- pieces ----------------------------------------------------------------------------
-    def _reference_model(self) -> str:
-        models = sorted(self.profile.models())
-        if not models:
-            raise ValueError(f"profile {self.profile.path} holds no model tables: rerun kvlab profile")
-        target = self.model.num_params
-        return min(models, key=lambda m: abs(np.log(_shape(m).num_params / target)))
-
-    def _gemm_fn(self, n: int, k: int):
-        if (n, k) in self._gemm:
-            return self._gemm[(n, k)]
-        if not self._gemm:
-            raise ValueError(f"profile {self.profile.path} has no gemm table")
-        # the nearest measured shape, scaled by the weight size (GEMMs here stream their weights)
-        (n0, k0), g = min(self._gemm.items(), key=lambda kv: abs(np.log(kv[0][0] * kv[0][1] / (n * k))))
-        return lambda m, g=g, r=n * k / (n0 * k0): g(m) * r
-
-    def _dense(self, tokens: int, shape=None) -> float:
-        """One forward's linear layers (all layers, no lm_head) of ``shape`` (default: the
-        simulated model) by composition from ``gemm``."""
-        m = shape or self.model
-        q, kv, h, i = m.num_heads * m.head_dim, m.num_kv_heads * m.head_dim, m.hidden_size, m.intermediate_size
-        per_layer = sum(self._gemm_fn(n, k)(tokens) for n, k in ((q + 2 * kv, h), (h, q), (2 * i, h), (h, i)))
-        return m.num_layers * per_layer
-
-    def _composition_factor(self, ref: str) -> float:
-        """Measured decode graph of a profiled model over its composition (elementwise kernels,
-        gaps between kernels): carried over to a model composed from tables."""
-        g = self.profile.table("decode_graph", model=ref, mode="linear")
-        g = g[(_column(g, "gemv") == 0) & (_column(g, "pdl") == 0)]  # cuBLAS's rows: what the composition is of
-        g = g[g["context"] == g["context"].min()]
-        if g.empty:
-            return 1.0
-        shape = _shape(ref)
-        lm_head = self._gemm_fn(shape.vocab_size, shape.hidden_size)
-        ratios = [row.value / (self._dense(int(row.batch), shape) + lm_head(int(row.batch))
-                               + shape.num_layers * self.attn_decode(row.batch, row.context))
-                  for row in g.itertuples()]
-        return float(np.median(ratios))
-
-    def _prefill_attn(self, q: int, c0: int) -> float:
-        """One layer's attention for a chunk of ``q`` queries after ``c0`` cached tokens."""
-        keys = sorted(self.attn_prefill)
-        if not keys:
-            return 0.0
-        lo = self.attn_prefill[keys[0]](q)
-        if len(keys) == 1 or c0 <= keys[0]:
-            return lo * self.kv_scale
-        hi_k = keys[-1] if c0 >= keys[-1] else keys[int(np.searchsorted(keys, c0))]
-        lo_k = keys[0] if c0 >= keys[-1] else keys[int(np.searchsorted(keys, c0)) - 1]
-        a, b = self.attn_prefill[lo_k](q), self.attn_prefill[hi_k](q)
-        return (a + (b - a) * (c0 - lo_k) / (hi_k - lo_k)) * self.kv_scale  # linear in the keys read
-
-    def _decode_attn(self, batch: int, context: int) -> float:
-        return self.attn_decode(batch, context / batch) * self.kv_scale if batch else 0.0
-
-    def _layers_attn(self, work: list[tuple[int, int]]) -> float:
-        """Layers' worth of full attention this step costs: the layer count, less what sliding
-        windows leave unread (time taken as proportional to the keys each layer attends)."""
-        if self.full_attention:
-            return self.num_layers
-        full = sum(attended_keys(q, c) for q, c in work)
-        return sum(n * sum(attended_keys(q, c, w) for q, c in work) for n, w in self.windows) / max(full, 1)
-
+    # -- pieces (those read from the tables: device_pieces.DevicePiecesMixin) ----------------
     def padded(self, batch: int) -> int | None:
         return padded(self.graph_sizes, batch)
-
-    def _ragged_excess(self, work: list[tuple[int, int]], padded: int) -> float:
-        """What a decode graph step's attention takes beyond a uniform batch of its mean context
-        (all layers; each window group with its keys capped): the critical-path term fitted to
-        the profile's ``ragged`` table (experiments/ragged_decode.py)."""
-        ctxs = [c for _, c in work] + [0] * (padded - len(work))  # padding rows read nothing
-        total = 0.0
-        for n, w in self.windows:
-            keys = [min(c, w) for c in ctxs] if w else ctxs
-            total += n * self._group_excess(padded, sum(keys), max(keys), w)
-        return total
-
-    def _group_excess(self, padded: int, keys: int, longest: int, window: int) -> float:
-        """One layer's ragged term: ``padded`` rows reading ``keys`` keys, the longest ``longest``."""
-        m = self.model
-        # a window bounds the keys a program can see, and so the kernel's split config
-        p = programs_of_sums(padded, keys, longest, num_kv_heads=m.num_kv_heads,
-                             group=max(1, m.num_heads // m.num_kv_heads), head_dim=m.head_dim,
-                             elem_size=m.kv_elem_bytes, num_sms=self.num_sms,
-                             span=min(self.span, window) if window else self.span, fp8=m.kv_elem_bytes == 1)
-        return self.ragged.excess(self.attn_decode(padded, keys / padded) * self.kv_scale, p)
 
     # -- the step ----------------------------------------------------------------------------
     def graph_batch(self, work: list[tuple[int, int]]) -> int | None:

@@ -231,13 +231,13 @@ def test_a_window_bounds_the_split_config_of_its_layers(monkeypatch):
     """Windowed layers: the kernel picks its split config under the window, not max_model_len."""
     import dataclasses
 
-    import experiments.profiled_costmodel as pcm
+    import experiments.device_pieces as pieces  # _group_excess calls it through this module's name
     from engine.loader import resolve_config
     from experiments.simulate import shape_of
 
     spans = []
-    real = pcm.programs_of_sums
-    monkeypatch.setattr(pcm, "programs_of_sums", lambda *a, **kw: spans.append(kw["span"]) or real(*a, **kw))
+    real = pieces.programs_of_sums
+    monkeypatch.setattr(pieces, "programs_of_sums", lambda *a, **kw: spans.append(kw["span"]) or real(*a, **kw))
     shape = dataclasses.replace(shape_of(resolve_config(MODEL)), layer_windows=(512, 0))
     m = ProfiledCostModel(ragged_profile(), shape, model=MODEL, paged=True, block_size=16, max_graph_batch=64,
                           calibrate_host=False)
