@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Callable
 
 from experiments import profile_cases
-# main calls these through this module's names, so a test's monkeypatch of one here (Timer, _rows_copy)
+# main and its parts call these through this module's names, so a test's monkeypatch of one here (Timer, _rows_copy)
 # reaches main; say_progress and _decode_metas are also imported from here (profile_host, bench_ragged)
 from experiments.profile_cases import _gemm_shapes, _graphs_count, _model_count, _ragged_cases
 # the merge's checks moved to profile_merge stay importable from here
