@@ -212,7 +212,7 @@ def write_steps(path: str | Path, records, accountant, t0: float, logical_tokens
                     writer = pq.ParquetWriter(tmp, table.schema, compression=PARQUET_COMPRESSION)
                 writer.write_table(table)
             if writer is None:  # no steps: an empty table, as DataFrame().to_parquet writes it
-                pd.DataFrame().to_parquet(tmp, index=False)
+                pd.DataFrame().to_parquet(tmp, index=False, compression=PARQUET_COMPRESSION)
         finally:
             if writer is not None:
                 writer.close()
