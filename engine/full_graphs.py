@@ -27,9 +27,7 @@ import torch
 
 from engine.cuda_graphs import capture_each, capture_sizes, padded
 from engine.piecewise_graphs import token_sizes
-from kernels import metadata as km
-from kernels.metadata import Addressing, AttentionMetadata, tile_owners
-from kernels.triton_attention import query_tile, query_tiles
+from kernels.metadata import Addressing, AttentionMetadata
 
 log = logging.getLogger("kvlab.graphs")
 
@@ -53,26 +51,14 @@ class FullGraphs:
         self.max_model_len = max_model_len
         m, S = (self.sizes[-1] if self.sizes else 0), max_num_seqs
         self.max_num_seqs = S
-        # each size's attention tiles: their query tokens (0: a tile holds any sequence's queries, no map)
-        # and how many the launch has, so that a step's words say which sequence owns each
-        cfg = model.config
-        group = cfg.num_attention_heads // cfg.num_key_value_heads
-        elem = kv_caches[0][0].element_size() if kv_caches else 2
-        self.tile_q: dict[int, int] = {}
-        for s in self.sizes:
-            q = query_tile(s, group, cfg.head_dim, elem)
-            self.tile_q[s] = q if s > q and km.TILE_MAP else 0  # s <= q: DIRECT, program i = sequence i
-        tiles = max((query_tiles(s, min(S, s), q) for s, q in self.tile_q.items() if q), default=0)
         # one int64 buffer: [query starts and sequence lengths (int32 pairs in S + 1 words) | addressing S |
-        # sampled rows S | tile owners (int32 pairs) | then, for the replayed size s: token ids s | positions s |
-        # slots s]
-        self.head = 3 * S + 1 + (tiles + 1) // 2
+        # sampled rows S | then, for the replayed size s: token ids s | positions s | slots s]
+        self.head = 3 * S + 1
         self.packed = torch.zeros(self.head + 3 * m, dtype=torch.int64, device=device)
         words = self.packed[:S + 1].view(torch.int32)
         self.qsl, self.seq_lens = words[:S + 1], words[S + 1:2 * S + 1]
         self.addressing = self.packed[S + 1:2 * S + 1]  # PAGED: block-table row; LINEAR: base slot
         self.rows = self.packed[2 * S + 1:3 * S + 1]
-        self.tile_seq = self.packed[3 * S + 1:self.head].view(torch.int32)
         if mode == Addressing.PAGED and table is None:
             raise ValueError("PAGED full graphs need the runner's block table")
         self.mode, self.table, self.block_size, self.ring = mode, table, block_size, ring
@@ -102,15 +88,14 @@ class FullGraphs:
 
     def _meta(self, s: int, own: bool = False) -> AttentionMetadata:
         slots = self._tokens(s)[2]
-        tiles = dict(tile_seq=self.tile_seq, tile_q=self.tile_q[s]) if self.tile_q[s] else {}
         if own:  # each sequence's keys from its first query row on (the cast is captured)
             return AttentionMetadata(
                 mode=Addressing.LINEAR, query_start_loc=self.qsl, seq_lens=self.seq_lens, max_query_len=s,
                 max_seq_len=s, slot_mapping=slots, seq_base=self.qsl[:-1].to(torch.int64), trailing_padding=True,
-                own_kv=True, **tiles)
+                own_kv=True)
         meta = AttentionMetadata(
             mode=self.mode, query_start_loc=self.qsl, seq_lens=self.seq_lens, max_query_len=s,
-            max_seq_len=self.max_model_len, slot_mapping=slots, trailing_padding=True, **tiles)
+            max_seq_len=self.max_model_len, slot_mapping=slots, trailing_padding=True)
         if self.mode == Addressing.PAGED:  # the rows gathered inside the graph, as decode graphs do
             meta.block_table = self.table.device_t.index_select(0, self.addressing)
             meta.block_size = self.block_size
@@ -174,10 +159,6 @@ class FullGraphs:
         words[S + 1:S + 1 + k] = inputs.seq_lens
         out[S + 1:S + 1 + k] = inputs.addressing
         out[2 * S + 1:2 * S + 1 + len(rows)] = rows
-        q = self.tile_q[s]
-        if q:  # the owner of each of the launch's query tiles, over the padded query starts
-            owners = tile_owners(words[:S + 1], q, query_tiles(s, min(S, s), q))
-            out[3 * S + 1:self.head].view(np.int32)[:len(owners)] = owners
         h = self.head
         out[h:h + n] = inputs.input_ids
         out[h + s:h + s + n] = inputs.positions

@@ -61,7 +61,7 @@ from experiments.profile_models import _rows_graphs, _rows_model
 from experiments.profile_tables import _decode_metas, _rows_copy, _rows_gemm, _rows_ragged, _rows_vmm
 from experiments.profile_timing import Progress, Timer, say_progress, slug
 
-__all__ = ["main", "check_args", "metadata", "metadata_switch", "tile_map_switch", "write_profile", "PART_TABLES",
+__all__ = ["main", "check_args", "metadata", "metadata_switch", "write_profile", "PART_TABLES",
            "Timer", "say_progress", "_decode_metas", "_same_device_kind", "_check_same_host_engine"]
 
 
@@ -71,14 +71,6 @@ def metadata_switch() -> int:
     from kernels import metadata as km
 
     return int(km.SEQ_MAJOR_MIN_SEQS)
-
-
-def tile_map_switch() -> bool:
-    """Whether this process's full graphs give their attention a tile map (``kernels.metadata.TILE_MAP``,
-    KVLAB_TILE_MAP): their forwards and the engine steps run through them depend on it."""
-    from kernels import metadata as km
-
-    return bool(km.TILE_MAP)
 
 
 def metadata(device, args) -> dict:
@@ -96,7 +88,6 @@ def metadata(device, args) -> dict:
                 num_sms=device_sms(device),  # the ragged decode term's split rule
                 # the decode launches its tables timed: sequence by sequence from this many (kernels.metadata)
                 seq_major_min_seqs=metadata_switch(),
-                tile_map=tile_map_switch(),  # full graphs' attention: a tile map (KVLAB_TILE_MAP) or a search
                 command="kvlab profile " + " ".join(args.argv))
     try:
         import triton

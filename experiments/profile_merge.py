@@ -61,7 +61,7 @@ def merge_base(ap, a, meta: dict, skip: set[str], models: list[str], host_models
     that must not be merged is ``ap.error``."""
     from experiments.device_profile import host_model_of, host_scheduling_of, load_profile
     # not at the top: profile_device imports this module
-    from experiments.profile_device import PART_TABLES, metadata_switch, tile_map_switch
+    from experiments.profile_device import PART_TABLES, metadata_switch
 
     first_repeat = 0
     old = load_profile(a.merge)
@@ -98,8 +98,6 @@ def merge_base(ap, a, meta: dict, skip: set[str], models: list[str], host_models
     names += [m for m in models if m not in names and per_model]
     if redo & (PART_TABLES["models"] | PART_TABLES["ragged"]):  # decode launches timed under this process's switch
         kept["seq_major_min_seqs"] = metadata_switch()
-    if redo & (PART_TABLES["graphs"] | PART_TABLES["host"]):  # full graphs run under this process's switch
-        kept["tile_map"] = tile_map_switch()
     meta = {**kept, "num_sms": sms, "models": ",".join(names),
             "updated": {**old.meta.get("updated", {}), **{t: stamp for t in sorted(redo)}}}
     if a.host_add and "host" in redo:  # the pooled runs' stamps, each (the last one is "host")

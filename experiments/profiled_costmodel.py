@@ -57,7 +57,7 @@ log = logging.getLogger("kvlab.sim")
 # the helpers moved to host_calibration and profile_lookup stay importable from here
 __all__ = ["ProfiledCostModel", "_calibration_work", "_column", "_config", "_host_rows_for", "_nearest", "_shape",
            "_token_slope", "_vmm_scale", "_warn_host_fallback", "_warn_no_max_context", "_warn_no_period",
-           "_warn_other_launch", "_warn_other_tile_map", "ragged_fit"]
+           "_warn_other_launch", "ragged_fit"]
 
 
 _WARNED_SHORT: set = set()  # (profile, model, largest size) whose short graph table was warned about once
@@ -139,9 +139,6 @@ class ProfiledCostModel(HostCalibrationMixin, DevicePiecesMixin):
         timed = int(profile.meta.get("seq_major_min_seqs") or 1 << 30)  # profiles from before it: off
         if timed != km.SEQ_MAJOR_MIN_SEQS:
             _warn_other_launch(profile.path, timed, km.SEQ_MAJOR_MIN_SEQS)
-        # profiles from before the switch: full graphs searched (no map)
-        if graph_mode == "full" and graph_max_tokens > 0 and bool(profile.meta.get("tile_map")) != km.TILE_MAP:
-            _warn_other_tile_map(profile.path, bool(profile.meta.get("tile_map")), km.TILE_MAP)
         self.kv_scale = 1.0
         if self.profiled_model is None:  # attention streams KV: scale by KV bytes per token and layer
             rc = _config(ref)
@@ -418,11 +415,3 @@ def _warn_other_launch(path: str, timed: int, now: int) -> None:
                 "with the same setting)", path, says(timed), says(now))
 
 
-@lru_cache(maxsize=None)
-def _warn_other_tile_map(path: str, timed: bool, now: bool) -> None:
-    def says(on: bool) -> str:
-        return "with a tile map" if on else "searching the query starts"
-
-    log.warning("profile %s timed the full graphs' attention %s, this engine's runs %s (KVLAB_TILE_MAP): its "
-                "full_forward and host tables are of the other kind (rerun kvlab profile with the same setting)",
-                path, says(timed), says(now))

@@ -9,7 +9,6 @@ import operator
 import os
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 
@@ -44,11 +43,6 @@ class AttentionMetadata:
     # V, which attention reads from the projection's rows (LINEAR, seq_base = query_start_loc), not
     # from the cache; a PAGED engine then attends at LINEAR's speed (engine.prompt_attention=qkv)
     own_kv: bool = False
-    # int32 [>= query tiles]: the sequence owning each query tile of ``tile_q`` tokens, as the kernel's
-    # search of query_start_loc would find it (``tile_owners``); full CUDA graphs write it with the step
-    # (their max_num_seqs padded sequences make that search ~9 dependent loads deep). None: search
-    tile_seq: torch.Tensor | None = None
-    tile_q: int = 0
 
     @property
     def num_seqs(self) -> int:
@@ -75,31 +69,6 @@ class AttentionMetadata:
             raise ValueError("ring addressing is LINEAR only (PAGED frees blocks instead)")
         if self.own_kv and (self.mode != Addressing.LINEAR or self.ring):
             raise ValueError("own_kv reads the step's K and V LINEAR, without a ring")
-
-
-# Full CUDA graphs give their attention a tile map (``tile_seq``) only with KVLAB_TILE_MAP=1 (read once, at
-# import): checked against the kernel's own search under the interpreter, not yet compiled and timed on a GPU
-# (results/engine/session_2026-12-06d/README.md says how); off, the kernel searches the query starts
-def _switch(name: str, value: str) -> bool:
-    """An on/off environment knob: 0 or 1; anything else is refused (not silently off: a run
-    believed to measure the knob would not)."""
-    if value not in ("0", "1"):
-        raise ValueError(f"{name}={value!r}: set 0 (off) or 1 (on)")
-    return value == "1"
-
-
-TILE_MAP = _switch("KVLAB_TILE_MAP", os.environ.get("KVLAB_TILE_MAP", "0"))
-
-
-def tile_owners(qsl: np.ndarray, block_q: int, num_tiles: int) -> np.ndarray:
-    """The sequence owning each of ``num_tiles`` query tiles of ``block_q`` tokens (int32), the rule of the
-    attention kernel's ``_find_seq``: sequence i's tiles start at ``qsl[i] // block_q + i`` (block_q > 1: room
-    for a ragged last tile) or at ``qsl[i]``; a tile belongs to the last sequence starting at or before it.
-    ``qsl``: the launch's query starts, one entry a sequence (its last, the token count, is not read)."""
-    starts = qsl[:-1].astype(np.int64)
-    if block_q > 1:
-        starts = starts // block_q + np.arange(len(starts))
-    return (np.searchsorted(starts, np.arange(num_tiles), side="right") - 1).astype(np.int32)
 
 
 def contiguous_metadata(mode: Addressing, q_lens: list[int], seq_lens: list[int], device,

@@ -78,7 +78,6 @@ def _tile_rows(q_start, q0, q_len, prefix, kvh, GROUP: tl.constexpr, GROUP_P: tl
 def _attn_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, po_ptr, plse_ptr,
     qsl_ptr, seq_lens_ptr, bt_ptr, base_ptr,
-    tile_ptr,  # TILE_MAP: int32 owner sequence of each query tile (what _find_seq would find)
     ks_ptr, vs_ptr,  # fp8 caches (SCALED): fp32 scale per KV head, value = stored x scale
     qk_scale,  # softmax scale * log2(e): the softmax runs in base 2
     window,  # > 0: query at position i sees keys (i - window, i] (sliding window)
@@ -107,7 +106,6 @@ def _attn_kernel(
     CAUSAL_SPLIT: tl.constexpr,  # unmasked loop over the keys every query row sees (not SPLIT, WINDOWED)
     LONGEST_FIRST: tl.constexpr,  # query tiles in reverse order (not DIRECT)
     SEQ_MAJOR: tl.constexpr,  # DIRECT: grid (KV heads, sequences): a sequence's programs launch together
-    TILE_MAP: tl.constexpr = False,  # not DIRECT: a tile's sequence from tile_ptr (one load), not a search
     PDL: tl.constexpr = False, TRIGGER: tl.constexpr = 2,  # kernels.pdl
 ):
     pdl_enter(PDL, TRIGGER)  # everything below reads what the kernels before wrote
@@ -125,8 +123,6 @@ def _attn_kernel(
 
     if DIRECT:  # decode: no search, so no chain of dependent loads before the first K tile
         seq = qblk
-    elif TILE_MAP:  # full CUDA graphs: max_num_seqs padded sequences would make the search ~9 loads deep
-        seq = tl.load(tile_ptr + qblk)
     else:
         seq = _find_seq(qsl_ptr, qblk, num_seqs, BLOCK_Q)
     q_start = tl.load(qsl_ptr + seq)
@@ -450,15 +446,6 @@ def choose_config(
     return AttnConfig(block_q=block_q, block_n=block_n, num_splits=1, num_warps=4, num_stages=2, causal_split=True)
 
 
-def query_tile(max_query_len: int, group: int, head_dim: int, elem_size: int) -> int:
-    """Query tokens a tile of a prefill/mixed launch holds (``choose_config``'s ``block_q``; it depends on
-    nothing else there): what a tile map (``AttentionMetadata.tile_seq``) is made for."""
-    if max_query_len <= 1:
-        raise ValueError("query_tile is for prefill/mixed launches (max_query_len > 1)")
-    return choose_config(num_seqs=1, max_query_len=max_query_len, max_seq_len=max_query_len, num_kv_heads=1,
-                         group=group, head_dim=head_dim, elem_size=elem_size, num_sms=1).block_q
-
-
 def query_tiles(num_tokens: int, num_seqs: int, block_q: int) -> int:
     """Programs along the query axis of a launch that is not DIRECT: an upper bound on its tiles,
     ``num_tokens // block_q`` plus one ragged tile a sequence (``num_seqs``: those that can hold queries)."""
@@ -594,14 +581,6 @@ def attention_into(
     # at most num_tokens real ones come first (each holds a token): the padding needs no program
     seqs = min(num_seqs, num_tokens) if meta.trailing_padding else num_seqs
     num_qblocks = seqs if direct else query_tiles(num_tokens, seqs, cfg.block_q)
-    tile_map = meta.tile_seq is not None and not direct
-    if tile_map:
-        if meta.tile_q != cfg.block_q:
-            raise ValueError(f"tile_seq maps tiles of {meta.tile_q} query tokens, this launch's tiles hold "
-                             f"{cfg.block_q} (make it with query_tile for the step's max_query_len)")
-        if meta.tile_seq.dtype != torch.int32 or meta.tile_seq.numel() < num_qblocks:
-            raise ValueError(f"tile_seq must be int32 with at least {num_qblocks} entries (query_tiles), "
-                             f"got {meta.tile_seq.dtype} [{meta.tile_seq.numel()}]")
     # fp32 caches: exact dots. bf16 under the CPU interpreter: its bf16 dot is broken
     # (Triton 3.9), so dot in fp32 there; on the GPU bf16/fp16 use the tensor cores.
     dot_dtype = q.dtype if scaled else k_cache.dtype
@@ -625,7 +604,6 @@ def attention_into(
     _attn_kernel[grid](
         q, k_cache, v_cache, out, po, plse,
         meta.query_start_loc, meta.seq_lens, bt, base,
-        meta.tile_seq if tile_map else meta.seq_lens,  # unused unless TILE_MAP
         k_scale if scaled else meta.seq_lens, v_scale if scaled else meta.seq_lens,  # unused unless fp8
         scale * _LOG2E,
         window,
@@ -657,7 +635,6 @@ def attention_into(
         CAUSAL_SPLIT=cfg.causal_split and not split and window == 0,
         LONGEST_FIRST=cfg.longest_first and not direct,
         SEQ_MAJOR=seq_major,
-        TILE_MAP=tile_map,
         PDL=on, TRIGGER=pdl.TRIGGER,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl.launch_kwargs(on),
     )

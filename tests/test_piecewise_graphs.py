@@ -202,17 +202,14 @@ def _step(qs: list[int], ctx: list[int], sample: list[int] | None = None, base: 
 
 
 @pytest.mark.parametrize("allocator", ["paged", "contiguous"])
-def test_full_graph_steps_with_tile_maps_equal_eager_steps(fused_cpu, allocator, monkeypatch):
+def test_full_graph_steps_of_several_query_tiles_equal_eager_steps(fused_cpu, allocator):
     """Graph sizes of more tokens than an attention tile holds (tiny-llama: 32 query tokens from 48-token
-    graphs on) give the attention each query tile's sequence with the step's words (a tile map, not a
-    search over max_num_seqs padded sequences): the eager fused model's tokens, mixed steps of several
-    sequences among them."""
+    graphs on), whose tiles the kernel finds by searching the max_num_seqs padded query starts: the eager
+    fused model's tokens, mixed steps of several sequences among them."""
     want, llm, generate = _eager_tokens_and_fused_llm(allocator, budget=64)
     runner = llm.engine.runner
-    assert runner._mixed_graphs("full", 64, 4, 128).tile_q == {16: 0, 32: 0, 48: 0, 64: 0}  # off by default
-    monkeypatch.setattr("kernels.metadata.TILE_MAP", True)  # KVLAB_TILE_MAP=1
     full = runner.mixed_graphs = runner._mixed_graphs("full", 64, 4, 128)
-    assert full.sizes == [16, 32, 48, 64] and full.tile_q == {16: 0, 32: 0, 48: 32, 64: 32}
+    assert full.sizes == [16, 32, 48, 64]
     calls = []
     run = full.run
     full.run = lambda inputs, *a: calls.append((len(inputs.input_ids), len(inputs.seq_lens))) or run(inputs, *a)
@@ -249,25 +246,6 @@ def test_full_graphs_pack_a_step_into_one_buffer(fused_cpu):
     assert words[h:h + 9].tolist() == step.input_ids.tolist() and not words[h + 9:h + 16].any()
     assert words[h + 16:h + 25].tolist() == step.positions.tolist()
     assert words[h + 32:h + 41].tolist() == step.slots.tolist() and (words[h + 41:h + 48] == -1).all()
-    assert full.tile_q == {16: 0, 32: 0}  # a tile holds any sequence's queries: no tile map
-
-
-def test_full_graphs_pack_the_owner_of_each_attention_tile(fused_cpu, monkeypatch):
-    """A size whose attention tiles hold fewer query tokens than the step (tiny-llama: 32 from 48-token
-    graphs) packs each tile's sequence, over the padded query starts (the kernel's rule)."""
-    import numpy as np
-
-    from kernels.metadata import tile_owners
-
-    monkeypatch.setattr("kernels.metadata.TILE_MAP", True)  # KVLAB_TILE_MAP=1
-    full = _full_graphs("paged", 64, 128)
-    step = _step([40, 1, 3], [40, 20, 9])
-    words = full.pack(step, 48)
-    S, tiles = 4, 48 // 32 + 4
-    qsl = words[:S + 1].view(np.int32)[:S + 1]
-    assert qsl.tolist() == [0, 40, 41, 44, 44]
-    owners = words[3 * S + 1:full.head].view(np.int32)[:tiles]
-    assert owners.tolist() == tile_owners(qsl, 32, tiles).tolist() == [0, 0, 1, 2, 3]
 
 
 def test_full_graphs_return_the_sampled_rows_logits(fused_cpu):

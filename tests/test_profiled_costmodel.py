@@ -220,7 +220,6 @@ def test_profiler_runs_on_cpu_and_simulate_uses_its_profile(tmp_path, monkeypatc
     assert prof.meta["models"] == MODEL and prof.meta["commit"]
     assert {"host", "gemm", "attention", "eager_forward", "sample", "copy", "ragged"} <= set(prof.df["table"])
     assert prof.meta["num_sms"] > 0
-    assert prof.meta["tile_map"] is False  # the full graphs' attention as this process runs it (KVLAB_TILE_MAP)
     ragged = prof.table("ragged")
     # every mode, batch, mean and distribution; contexts within the graph's bound (128 here)
     assert len(ragged) == 4 * 2 * 2 * 3 and (ragged["max_context"] <= 128).all()
@@ -463,30 +462,6 @@ def test_full_graph_steps_use_the_full_table_or_say_they_fall_back(caplog):
         fallback = ProfiledCostModel(base, shape, graph_mode="full", **args)
     assert "no full_forward table" in caplog.text
     assert fallback.device_time([(128, 128)]) == pytest.approx(piecewise.device_time([(128, 128)]))
-
-
-def test_a_profile_of_the_other_tile_map_setting_is_named(caplog, monkeypatch):
-    """A full-graph engine simulated with a profile whose full graphs ran the other way round (a tile map
-    for their attention, KVLAB_TILE_MAP, or the search) is warned about; the same setting, piecewise graphs or
-    none are not. ``kvlab profile`` records its process's setting."""
-    from engine.loader import resolve_config
-    from experiments import profiled_costmodel as pcm
-
-    shape = shape_of(resolve_config(MODEL))
-    args = dict(model=MODEL, paged=True, block_size=16, max_graph_batch=64, allocator="paged")
-    base = _with_piecewise()
-    for meta_on, now, mode, tokens, warned in [(False, False, "full", 2048, False), (False, True, "full", 2048, True),
-                                               (True, False, "full", 2048, True), (True, True, "full", 2048, False),
-                                               (False, True, "piecewise", 2048, False), (False, True, "full", 0, False)]:
-        pcm._warn_other_tile_map.cache_clear()
-        monkeypatch.setattr("kernels.metadata.TILE_MAP", now)
-        prof = DeviceProfile(base.df, {**base.meta, **({"tile_map": True} if meta_on else {})}, f"p{meta_on}")
-        caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="kvlab.sim"):
-            ProfiledCostModel(prof, shape, graph_mode=mode, graph_max_tokens=tokens, **args)
-        assert ("KVLAB_TILE_MAP" in caplog.text) == warned, (meta_on, now, mode, tokens)
-    monkeypatch.setattr("kernels.metadata.TILE_MAP", True)
-    assert profile_device.tile_map_switch() is True
 
 
 def test_full_graph_steps_pay_the_logits_of_their_padded_rows():

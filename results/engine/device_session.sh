@@ -112,7 +112,8 @@
 #                                                     # after / before / after, each in its own process
 #   bash results/engine/device_session.sh packed2     # bench_latency (decode b1/b8, prefill and mixed steps with
 #                                                     # and without graphs) before / after, qwen3-0.6b then llama3-8b
-# Prepared, not run (no device time left): the full graphs' tile map (KVLAB_TILE_MAP=1, off by default):
+# The full graphs' tile map (KVLAB_TILE_MAP=1), run in the session of 2026-12-06 (fourteenth) at commit d13fa33 on an
+# H100 (session_2026-12-06e/): no gain, removed after (this part needs that commit):
 #   bash results/engine/device_session.sh tilemap     # its kernel tests and the engine's full-graph GPU tests with it
 #                                                     # on, then kvlab profile's graphs part (a lone prompt through
 #                                                     # full and piecewise graphs, both models) off / on / off / on
