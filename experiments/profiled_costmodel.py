@@ -108,6 +108,33 @@ class ProfiledCostModel(HostCalibrationMixin, DevicePiecesMixin):
         self.profiled_model = model if model in profile.models() and same_attention and tp == 1 else None
         self.windows = [(n, w) for n, w in shape.window_groups()]
         ref = self.profiled_model or self._reference_model()
+        self._attention_tables(profile, ref, mode, shape, block_size=block_size, paged=paged,
+                               prompt_qkv=prompt_qkv, max_model_len=max_model_len)
+        s = profile.table("sample", model=ref)
+        if s.empty:  # (Grid1D's own error names no table)
+            raise ValueError(f"profile {profile.path} has no sample table for {ref}: rerun kvlab profile")
+        self.sample = Grid1D(s["batch"], s["value"] * shape.vocab_size / _config(ref).vocab_size)
+        self._gemm = {(int(n), int(k)): Grid1D(g["m"], g["value"])
+                      for (n, k), g in profile.table("gemm").groupby(["n", "k"])}
+        self.lm_head = self._gemm_fn(shape.vocab_size, shape.hidden_size)
+        layer_ratio = self._forward_tables(profile, ref, mode, gemv_max_tokens=gemv_max_tokens, pdl=pdl)
+        self._graph_tables(profile, ref, graph_mode, layer_ratio)
+        self._transfer_tables(profile)
+        self.vmm_scale = 1.0  # a VMM call's host time on the step's path over the driver call's (_vmm_scale)
+        # host seconds by step kind: decode graph replay, prefill/mixed graph replay, eager
+        self.host_tables = {k: HostTable([], []) for k in ("graph", "mixed_graph", "eager")}
+        self.token_slope = {k: 0.0 for k in self.host_tables}  # host seconds a step's token adds (_token_slope)
+        # asynchronous decode graph steps: seconds a step's period holds beyond its modelled device
+        # time (prefill/mixed steps: none, their period depends on more than the batch size)
+        self.period_table = HostTable([], [])
+        if calibrate_host:
+            self._calibrate_host(profile, allocator, paged, block_size, max_graph_batch, enforce_eager)
+
+    # -- __init__'s parts: each reads one group of the profile's tables ----------------------
+    def _attention_tables(self, profile: DeviceProfile, ref: str, mode: str, shape, *, block_size: int,
+                          paged: bool, prompt_qkv: bool, max_model_len: int) -> None:
+        """Attention by phase (decode, decode in mixed steps, prefill by cached prefix, the prompt_qkv
+        path), its ragged-batch term and, for a model composed from another's tables, the KV scale."""
         att = profile.table("attention", model=ref, mode=mode)
         if att.empty:
             raise ValueError(f"profile {profile.path} has no {mode} attention for {ref}: rerun kvlab profile")
@@ -144,13 +171,12 @@ class ProfiledCostModel(HostCalibrationMixin, DevicePiecesMixin):
             rc = _config(ref)
             self.kv_scale = (shape.num_kv_heads * shape.head_dim) / (rc.num_key_value_heads * rc.head_dim)
             self.kv_scale *= shape.kv_elem_bytes / 2  # profiled with bf16 caches
-        s = profile.table("sample", model=ref)
-        if s.empty:  # (Grid1D's own error names no table)
-            raise ValueError(f"profile {profile.path} has no sample table for {ref}: rerun kvlab profile")
-        self.sample = Grid1D(s["batch"], s["value"] * shape.vocab_size / _config(ref).vocab_size)
-        self._gemm = {(int(n), int(k)): Grid1D(g["m"], g["value"])
-                      for (n, k), g in profile.table("gemm").groupby(["n", "k"])}
-        self.lm_head = self._gemm_fn(shape.vocab_size, shape.hidden_size)
+
+    def _forward_tables(self, profile: DeviceProfile, ref: str, mode: str, *, gemv_max_tokens: int,
+                        pdl: bool) -> float:
+        """Whole forwards: decode graphs (cuBLAS, small_linear, with PDL), eager and prefill graph
+        forwards of the profiled model, or their composition from the tables for another model.
+        Returns the layer ratio that scales the graph tables' floor (1: the profiled model)."""
         if self.profiled_model:
             g = profile.table("decode_graph", model=ref, mode=mode, block_size=self.block_size)
             gemv = _column(g, "gemv")
@@ -177,18 +203,21 @@ class ProfiledCostModel(HostCalibrationMixin, DevicePiecesMixin):
             self.prefill_gpu = Grid1D(pg["query"], pg["value"]) if not pg.empty else self.eager_forward
             self.launch_floor = float(e["value"].min())
             self.compose = 1.0
-            layer_ratio = 1.0
-        else:
-            self.decode_graph = None
-            self.compose = self._composition_factor(ref)
-            e = profile.table("eager_forward", model=ref)
-            # launches scale with the layer count; device time is composed from the tables
-            self.launch_floor = (float(e["value"].min()) * self.num_layers / _shape(ref).num_layers
-                                 if not e.empty else 0.0)
-            self.prefill_gpu = lambda t: (self.compose * self._dense(t) + self.lm_head(1)
-                                          + self.num_layers * self._prefill_attn(t, 0))
-            self.eager_forward = lambda t: max(self.launch_floor, self.prefill_gpu(t))
-            layer_ratio = self.num_layers / _shape(ref).num_layers
+            return 1.0
+        self.decode_graph = None
+        self.compose = self._composition_factor(ref)
+        e = profile.table("eager_forward", model=ref)
+        # launches scale with the layer count; device time is composed from the tables
+        self.launch_floor = (float(e["value"].min()) * self.num_layers / _shape(ref).num_layers
+                             if not e.empty else 0.0)
+        self.prefill_gpu = lambda t: (self.compose * self._dense(t) + self.lm_head(1)
+                                      + self.num_layers * self._prefill_attn(t, 0))
+        self.eager_forward = lambda t: max(self.launch_floor, self.prefill_gpu(t))
+        return self.num_layers / _shape(ref).num_layers
+
+    def _graph_tables(self, profile: DeviceProfile, ref: str, graph_mode: str, layer_ratio: float) -> None:
+        """Prefill/mixed steps through piecewise or full CUDA graphs (full falls back to piecewise
+        where the profile has no full_forward table)."""
         # piecewise CUDA graphs: one replay per layer boundary and one attention launch per layer;
         # full graphs: one replay (a profile from before them has no table: piecewise stands in)
         self.graph_mode = graph_mode
@@ -213,21 +242,15 @@ class ProfiledCostModel(HostCalibrationMixin, DevicePiecesMixin):
         elif self.piecewise_sizes:
             log.warning("profile %s has no piecewise_forward table for %s: prefill and mixed steps are modelled "
                         "as eager (rerun kvlab profile)", profile.path, ref)
+
+    def _transfer_tables(self, profile: DeviceProfile) -> None:
+        """Host-device copies by size (swap, the host tier) and VMM map/unmap per page."""
         c = profile.table("copy")
         self.copy = {op: Grid1D(g["bytes"], g["value"]) for op, g in c.groupby("op")} if not c.empty else {}
         v = profile.table("vmm")
         self.map_s = float(v[v["op"] == "cuMemMap+cuMemSetAccess"]["value"].median()) if not v.empty else 0.0
         u = v[v["op"] == "cuMemUnmap"] if not v.empty else v
         self.unmap_s = float(u["value"].median()) if not u.empty else 0.0
-        self.vmm_scale = 1.0  # a VMM call's host time on the step's path over the driver call's (_vmm_scale)
-        # host seconds by step kind: decode graph replay, prefill/mixed graph replay, eager
-        self.host_tables = {k: HostTable([], []) for k in ("graph", "mixed_graph", "eager")}
-        self.token_slope = {k: 0.0 for k in self.host_tables}  # host seconds a step's token adds (_token_slope)
-        # asynchronous decode graph steps: seconds a step's period holds beyond its modelled device
-        # time (prefill/mixed steps: none, their period depends on more than the batch size)
-        self.period_table = HostTable([], [])
-        if calibrate_host:
-            self._calibrate_host(profile, allocator, paged, block_size, max_graph_batch, enforce_eager)
 
     # -- pieces (those read from the tables: device_pieces.DevicePiecesMixin) ----------------
     def padded(self, batch: int) -> int | None:
