@@ -15,43 +15,33 @@ Two rewrites happen here too, so Hydra sees plain overrides:
 """
 from __future__ import annotations
 
-import ast
-import difflib
 import itertools
 import math
-import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 from allocators import ENGINE_SETS
 from allocators.checks import is_int, is_real
+# what conf/ offers, Hydra's flags and UserError live in preflight_conf.py; the rewrites and the override
+# parsing in preflight_rewrites.py
+from experiments.preflight_conf import (
+    CHOICES, CONF_DIR, ENGINE_PROVIDED, HYDRA_INFO_FLAGS, INFO_VALUES, MODES, ROOT, VALUE_FLAGS, UserError,
+    _choices_text, allocator_options, did_you_mean, group_choices, is_group, model_presets, split_args,
+)
+from experiments.preflight_rewrites import (
+    _existing_dir, _given, _looks_like_path, _parse, _quote, _values, rewrite_allocator_args, rewrite_model,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
-CONF_DIR = ROOT / "conf"
-MODES = ("offline", "online", "simulate")
-# values a key may take, where the set is closed (allocators/*.py, engine/config.py keep the truth;
-# tests/test_cli_errors.py checks that these agree)
-CHOICES: dict[str, tuple[str, ...]] = {
-    "mode": MODES,
-    "device": ("auto", "cpu", "cuda"),
-    "allocator.args.policy": ("max", "pow2", "oracle"),
-    "allocator.args.layout": ("per_layer", "shared"),
-    "allocator.args.backend": ("auto", "sim", "host", "cuda"),
-    "engine.preemption_mode": ("recompute", "swap"),
-    "workload.arrival": ("poisson", "gamma"),
-}
-# constructor arguments the engine passes itself: never allocator options of a config
-ENGINE_PROVIDED = {"self", "spec", "capacity_tokens", "max_num_seqs", "max_model_len"}
-# allocator arguments the engine sets from its own settings, which check them (allocator.args.* would not)
-# flags after which Hydra does something other than run (help, print the config, ...): no checks
-HYDRA_INFO_FLAGS = {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--resolve", "-p", "--package",
-                    "--shell-completion", "-sc", "--config-path", "-cp", "--config-name", "-cn",
-                    "--config-dir", "-cd", "--version"}
-# Hydra flags followed by a value (--cfg job), and --info's optional one
-VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn", "--config-dir",
-               "-cd", "--experimental-rerun"}
-INFO_VALUES = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
+__all__ = [
+    "CHOICES", "CLOSED_SECTIONS", "CONF_DIR", "ENGINE_PROVIDED", "ENGINE_SETS", "HYDRA_INFO_FLAGS", "INFO_VALUES",
+    "LAUNCHER_COMMANDS", "LAUNCHER_PLUGINS", "MAX_COMPOSED", "MAX_ONLINE_SPAN_S", "MODES", "READ_WHERE_SET", "ROOT",
+    "VALUE_FLAGS", "Prepared", "UserError", "allocator_options", "check_choices", "check_config", "check_folder",
+    "check_groups", "check_launcher", "compose", "compose_named", "did_you_mean", "group_choices", "is_group",
+    "model_presets", "prepare", "register_resolvers", "rewrite_allocator_args", "rewrite_model", "split_args",
+    "value_probes", "_choices_text", "_existing_dir", "_given", "_looks_like_path", "_parse", "_quote", "_values",
+]
+
 MAX_COMPOSED = 32  # sweep combinations composed one by one; beyond that, one per group choice
 
 
@@ -67,195 +57,11 @@ def register_resolvers() -> None:
 register_resolvers()
 
 
-class UserError(ValueError):
-    """A mistake in the command line or the configuration: shown as its message, exit code 2."""
-
-
 @dataclass
 class Prepared:
     """The overrides Hydra gets, and how many runs they make (None: a preset's sweep decides)."""
     overrides: list[str]
     num_runs: int | None = 1
-
-
-# ---------------------------------------------------------------------------- what exists
-
-def group_choices(group: str) -> list[str]:
-    """Options of a config group: the yaml files in conf/<group>/."""
-    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
-
-
-def model_presets() -> list[str]:
-    """Models by name (random weights of a real model's shape); hf_dir is the directory entry."""
-    return [m for m in group_choices("model") if m != "hf_dir"]
-
-
-def is_group(key: str) -> bool:
-    return (CONF_DIR / key).is_dir()
-
-
-@lru_cache(maxsize=1)
-def allocator_options() -> dict[str, tuple[str, ...]]:
-    """Allocator name -> the options its constructor takes, read from allocators/*.py without
-    importing them (they import torch)."""
-    out: dict[str, tuple[str, ...]] = {}
-    for path in sorted((ROOT / "allocators").glob("*.py")):
-        for node in ast.parse(path.read_text()).body:
-            if not isinstance(node, ast.ClassDef):
-                continue
-            names = [d.args[0].value for d in node.decorator_list if isinstance(d, ast.Call)
-                     and getattr(d.func, "id", None) == "register" and d.args and isinstance(d.args[0], ast.Constant)]
-            init = next((f for f in node.body if isinstance(f, ast.FunctionDef) and f.name == "__init__"), None)
-            if names and init:
-                params = [a.arg for a in init.args.args + init.args.kwonlyargs if a.arg not in ENGINE_PROVIDED]
-                out[names[0]] = tuple(params)
-    return out
-
-
-def did_you_mean(word: str, options, prefix: str = "") -> str:
-    """" (did you mean PREFIX+closest?)" or nothing."""
-    close = difflib.get_close_matches(str(word), [str(o) for o in options], n=1, cutoff=0.6)
-    return f" (did you mean {prefix}{close[0]}?)" if close else ""
-
-
-def _choices_text(options) -> str:
-    return ", ".join(str(o) for o in options)
-
-
-def split_args(argv: list[str]) -> tuple[list[str], list[str]]:
-    """Hydra's flags (with their values) and the overrides, each in the order given."""
-    flags, overrides = [], []
-    i = 0
-    while i < len(argv):
-        a = argv[i]
-        if a.startswith("-") and "=" not in a:
-            flags.append(a)
-            takes = a in VALUE_FLAGS or (a in ("--info", "-i") and i + 1 < len(argv) and argv[i + 1] in INFO_VALUES)
-            if takes and i + 1 < len(argv):
-                flags.append(argv[i + 1])
-                i += 1
-        else:
-            overrides.append(a)
-        i += 1
-    return flags, overrides
-
-
-# ---------------------------------------------------------------------------- rewrites
-
-def _parse(overrides: list[str]):
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-
-    parser = OverridesParser.create()
-    out = []
-    for line in overrides:
-        try:
-            out.append(parser.parse_override(line))
-        except HydraException as e:  # OverrideParseException, or the grammar's own
-            first = str(e).strip().splitlines()[0]
-            raise UserError(f"cannot read the override '{line}': {first} (write KEY=VALUE, e.g. "
-                            "workload.num_requests=64; a sweep: allocator=paged,contiguous with -m)") from None
-    return out
-
-
-def _values(ov) -> list[str]:
-    """An override's value(s) as strings: a sweep's list, or the one value."""
-    v = ov.value()
-    if ov.is_sweep_override():
-        choices = getattr(v, "list", None)  # a,b,c: the values as written, unescaped
-        if choices is not None:
-            return [str(getattr(c, "text", c)) for c in choices]  # QuotedString -> its text
-        return [str(c) for c in ov.sweep_string_iterator()]
-    return [] if v is None else [str(v) if not isinstance(v, str) else v]
-
-
-def _looks_like_path(v: str) -> bool:
-    return os.sep in v or v.startswith((".", "~")) or Path(v).is_dir()
-
-
-def _given(ovs, key: str) -> bool:
-    return any(o.key_or_group == key for o in ovs)
-
-
-def rewrite_model(overrides: list[str], cwd: Path | None = None) -> list[str]:
-    """``model=DIR`` -> ``model=hf_dir model.path=/abs/DIR`` (hf_dir.yaml names it after the
-    directory); ``model.path=DIR`` with a preset group gets ``model.name=basename``."""
-    cwd = cwd or Path.cwd()
-    ovs = _parse(overrides)
-    out: list[str] = []
-    presets = group_choices("model")
-    for line, ov in zip(overrides, ovs):
-        key = ov.key_or_group
-        if key == "model" and ov.type.name == "CHANGE":
-            vals = _values(ov)
-            if all(v in presets for v in vals):
-                out.append(line)
-                continue
-            dirs = [v for v in vals if v not in presets]
-            if len(dirs) != len(vals):
-                raise UserError(f"model={','.join(vals)}: a sweep takes presets or directories, not both; "
-                                "sweep directories with model=hf_dir model.path=DIR1,DIR2")
-            for v in dirs:
-                if not _looks_like_path(v):
-                    raise UserError(f"model={v}: no such preset or directory; presets: {_choices_text(model_presets())} "
-                                    f"or a directory: model=/path/to/hf_dir{did_you_mean(v, presets, 'model=')}")
-            paths = [_existing_dir(v, "model", cwd) for v in dirs]
-            out += ["model=hf_dir", f"model.path={','.join(_quote(p) for p in paths)}"]  # named by hf_dir.yaml
-            continue
-        if key == "model.path" and ov.type.name == "CHANGE":
-            vals = _values(ov)
-            from engine.presets import PRESETS  # a plain dict: no torch
-
-            for v in vals:
-                if v not in PRESETS:
-                    if not _looks_like_path(v):
-                        raise UserError(f"model.path={v}: no such directory or preset; presets: "
-                                        f"{_choices_text(sorted(PRESETS))}{did_you_mean(v, PRESETS, 'model.path=')}")
-                    _existing_dir(v, "model.path", cwd)
-            if len(vals) == 1 and vals[0] not in PRESETS and not _given(ovs, "model.name"):
-                out += [line, f"model.name={_quote(Path(vals[0]).expanduser().resolve().name)}"]
-                continue
-        out.append(line)
-    return out
-
-
-def _existing_dir(v: str, key: str, cwd: Path) -> str:
-    p = Path(v).expanduser()
-    p = (p if p.is_absolute() else cwd / p).resolve()
-    if not p.is_dir():
-        raise UserError(f"{key}={v}: no such directory ({p}); a model is a preset "
-                        f"({_choices_text(model_presets())}) or a local HF directory "
-                        "with config.json and *.safetensors")
-    if not (p / "config.json").is_file():
-        raise UserError(f"{key}={v}: {p} has no config.json: a model directory is a Hugging Face "
-                        "checkpoint (config.json and *.safetensors)")
-    return str(p)
-
-
-def _quote(s: str) -> str:
-    """A value Hydra reads back as the same string."""
-    return s if all(c.isalnum() or c in "-_./" for c in s) else "'" + s.replace("'", "\\'") + "'"
-
-
-def rewrite_allocator_args(overrides: list[str]) -> list[str]:
-    """``allocator.args.K=V`` -> ``++allocator.args.K=V`` where some allocator takes K (the config
-    group of the others lacks the key); an option no allocator takes is an error."""
-    known = allocator_options()
-    every = sorted({a for opts in known.values() for a in opts})
-    out = []
-    for line, ov in zip(overrides, _parse(overrides)):
-        key = ov.key_or_group
-        if key.startswith("allocator.args.") and ov.type.name == "CHANGE":
-            name = key.split(".", 2)[2]
-            if name in ENGINE_SETS:  # given here it would skip the engine's checks (and its accounting)
-                raise UserError(f"allocator.args.{name}: the engine sets it from {ENGINE_SETS[name]}: give that")
-            if name not in every:
-                takes = "; ".join(f"{a}: {_choices_text(o)}" for a, o in sorted(known.items()))
-                raise UserError(f"allocator.args.{name}: no allocator takes this option ({takes})"
-                                f"{did_you_mean(name, every, 'allocator.args.')}")
-            line = "++" + line
-        out.append(line)
-    return out
 
 
 # ---------------------------------------------------------------------------- checks
