@@ -117,6 +117,10 @@
 #   bash results/engine/device_session.sh tilemap     # its kernel tests and the engine's full-graph GPU tests with it
 #                                                     # on, then kvlab profile's graphs part (a lone prompt through
 #                                                     # full and piecewise graphs, both models) off / on / off / on
+# Session of 2026-12-06 (fourteenth), after the tile map's removal (any GPU; ~400 s):
+#   bash results/engine/device_session.sh pdlkernels  # decode attention at 1x4096 / 8x4096 / 64x4096 with and without
+#                                                     # PDL (bench_kernels --pdl: never timed before), then every kernel
+#                                                     # test and the engine's full-graph and parity GPU tests
 # Outputs accumulate in $KVE (default /tmp/kve) on the machine; each part tars them into $OUT.
 set -uo pipefail
 part=${1:?tests or throughput}
@@ -462,6 +466,14 @@ newkv)
         2>&1 | tee "$runs/bench_prefill.log" | grep -v "^sweep" | tail -30
     timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=5 tests/test_gpu_engine.py \
         2>&1 | tee "$runs/gpu_tests_engine.log" | tail -8
+    ;;
+pdlkernels)
+    timeout 150 python3 -m experiments.bench_kernels --pdl --shapes 1x4096,8x4096,64x4096 --out "$runs/kernels_pdl" \
+        2>&1 | tee "$runs/bench_kernels_pdl.log" | tail -22
+    timeout 200 python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_kernels_triton.py -rfE \
+        --tb=short 2>&1 | tee "$runs/gpu_tests_kernels.log" | tail -3
+    timeout 180 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_engine.py -k "full or parity" -rfE \
+        --tb=short 2>&1 | tee "$runs/gpu_tests_engine.log" | tail -3
     ;;
 esac
 tar -czf "$out/kve-$part.tgz" -C "$runs" .
