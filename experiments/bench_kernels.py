@@ -35,6 +35,9 @@ FP8_IMPLS = ("paged_fp8", "linear_fp8")
 DEV = "cuda"  # "cpu" only for --smoke-cpu (Triton interpreter, wall-clock timing, tiny shapes)
 FP8 = False  # --fp8
 PDL_IMPLS = ("paged_pdl", "linear_pdl")  # --pdl: launched with programmatic dependent launch (kernels.pdl)
+# --sweep (E): decode tiles (keys a loop step, warps, stages) besides choose_config's 64 / 4 / 3; 128 keys with
+# 3 stages holds 128 KiB of K/V in shared memory (one program an SM on Hopper)
+DECODE_TILES = ((128, 4, 2), (128, 4, 3), (128, 8, 3), (64, 8, 3), (64, 4, 4), (32, 4, 6))
 PDL = False
 
 
@@ -178,23 +181,22 @@ class DecodeCase:
         return s["out"]
 
     def check(self) -> dict[str, float]:
-        """Relative error of each implementation against the reference (first input set);
-        the paged run uses a fresh NaN-poisoned output."""
+        """Relative error of each implementation against the reference (first input set)."""
+        return {impl: self.error(impl) for impl in self.impls}
+
+    def error(self, impl: str, config=None) -> float:
+        """Relative error of one implementation (under ``config``: a swept one) against the reference on
+        the first input set, run into a NaN-poisoned output; fp8 against the reference over the same fp8
+        values, SDPA against PAGED's (the same keys in order)."""
         from kernels import reference
 
         s = self.sets[0]
-        ref = reference.attention(s["q"], s["k"], s["v"], s["paged"])
-        ref_lin = reference.attention(s["q"], s["k"], s["v"], s["linear"])
-        errs = {}
-        for impl in self.impls:
-            s["out"].fill_(float("nan"))
-            out = self.run(impl, 0).clone()
-            if impl.endswith("_fp8"):  # against the reference over the same fp8 values
-                want = reference.attention(s["q"], s["k8"], s["v8"], s[impl[:-4]], None, s["ks"], s["vs"])
-            else:
-                want = ref if not impl.startswith("linear") else ref_lin
-            errs[impl] = _rel_err(out, want)
-        return errs
+        s["out"].fill_(float("nan"))
+        out = self.run(impl, 0, config).clone()
+        if impl.endswith("_fp8"):
+            return _rel_err(out, reference.attention(s["q"], s["k8"], s["v8"], s[impl[:-4]], None, s["ks"], s["vs"]))
+        meta = s["linear"] if impl.startswith("linear") else s["paged"]
+        return _rel_err(out, reference.attention(s["q"], s["k"], s["v"], meta))
 
     @property
     def impls(self) -> tuple[str, ...]:
@@ -223,15 +225,15 @@ def _config_str(case: DecodeCase, impl: str, config=None) -> str:
 
 
 def sweep(cases: dict, copy_bw: float, out_dir: Path, tag: str, budget_s: float) -> None:
-    """Tuning aid, time-boxed: (C) PAGED with the other block-id fetch, (D) splits under 256 keys,
-    then (B) split counts, on every shape. Rows go to sweep_<device>.csv as
-    they come (not the headline)."""
+    """Tuning aid, time-boxed: (E) larger key tiles, more warps or stages at the default split, (C) PAGED
+    with the other block-id fetch, (D) splits under 256 keys, then (B) split counts, on every shape. Rows go
+    to sweep_<device>.csv as they come (not the headline), each with its error against the reference."""
     from kernels.triton_attention import choose_config, device_sms
 
     sms = device_sms(torch.device(DEV))
     t_end = time.time() + budget_s
     path = out_dir / f"sweep_{tag}.csv"
-    fields = ["batch", "ctx", "impl", "config", "time_us", "gbps", "pct_copy", "default"]
+    fields = ["batch", "ctx", "impl", "config", "time_us", "gbps", "pct_copy", "default", "err"]
     f = path.open("w", newline="")
     writer = csv.DictWriter(f, fieldnames=fields)
     writer.writeheader()
@@ -241,6 +243,12 @@ def sweep(cases: dict, copy_bw: float, out_dir: Path, tag: str, budget_s: float)
                              head_dim=D, elem_size=2, num_sms=sms)
 
     plan = []  # (shape, config, impls)
+    for shape in cases:  # (E) a program's keys a loop step, its warps and stages: is a lone sequence's ~1 us a
+        # 64-key step (1x4096: ~7 us of fixed cost besides) the loop's own latency or its bytes in flight?
+        c = base(*shape)
+        plan += [(shape, dataclasses.replace(c, block_n=n, num_warps=w, num_stages=st), ("paged", "linear"))
+                 for n, w, st in DECODE_TILES if (n, w, st) != (c.block_n, c.num_warps, c.num_stages)
+                 and n * c.num_splits <= shape[1]]
     for shape in cases:  # (C) PAGED block-id fetch: the other way, at the default split
         c = base(*shape)
         alt = dataclasses.replace(c, bt_ahead=not c.bt_ahead, num_stages=c.num_stages + (2 if c.bt_ahead else -2))
@@ -270,10 +278,11 @@ def sweep(cases: dict, copy_bw: float, out_dir: Path, tag: str, budget_s: float)
             gbps = case.kv_bytes / (us * 1e-6) / 1e9
             row = dict(batch=b, ctx=ctx, impl=impl, config=_config_str(case, impl, cfg), time_us=round(us, 2),
                        gbps=round(gbps, 1), pct_copy=round(100 * gbps / copy_bw, 1),
-                       default=cfg == base(b, ctx))
+                       default=cfg == base(b, ctx), err=case.error(impl, cfg))
             writer.writerow(row)
             f.flush()
-            print(f"sweep {b:>4}x{ctx:<6} {impl:<7} {row['config']:<16} {us:9.2f} us {row['pct_copy']:6.1f}% copy",
+            print(f"sweep {b:>4}x{ctx:<6} {impl:<7} {row['config']:<16} {us:9.2f} us {row['pct_copy']:6.1f}% copy "
+                  f"err {row['err']:.1e}",
                   flush=True)
         done += 1
     f.close()

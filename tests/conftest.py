@@ -185,13 +185,15 @@ def serve_engine_in_thread(limits, model: str = "tiny", max_model_len: int = 64)
 
 class KernelSpy:
     """Stands in for a ``@triton.jit`` kernel (monkeypatched over it): records each launch's PDL-related
-    arguments (``PDL``, ``PREFETCH_LINES``, ``launch_pdl``), then launches the kernel."""
+    arguments (``PDL``, ``PREFETCH_LINES``, ``launch_pdl``) and its tile (``BLOCK_N``, ``num_warps``,
+    ``num_stages``), then launches the kernel."""
 
     def __init__(self, kernel):
         self.kernel, self.launches = kernel, []
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            self.launches.append({k: kwargs.get(k) for k in ("PDL", "PREFETCH_LINES", "launch_pdl")})
+            self.launches.append({k: kwargs.get(k) for k in ("PDL", "PREFETCH_LINES", "launch_pdl", "BLOCK_N",
+                                                            "num_warps", "num_stages")})
             return self.kernel[grid](*args, **kwargs)
         return launch

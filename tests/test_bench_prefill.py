@@ -86,3 +86,29 @@ def test_bench_kernels_pdl_impls_are_the_kernels_launched_with_pdl(on_cpu, monke
     assert [s["PDL"] for s in spy.launches] == [False, True, False, True] and not pdl.enabled(torch.device("cpu"))
     errs = case.check()
     assert errs["paged_pdl"] == errs["paged"] and errs["linear_pdl"] == errs["linear"] < 2e-2
+
+
+def test_bench_kernels_sweep_times_decode_tiles_with_their_error(on_cpu, monkeypatch, tmp_path):
+    """bench_kernels --sweep (E): the decode tiles besides choose_config's (keys a loop step, warps, stages)
+    at the default split, each row with its error against the reference; a tile of more keys than a split
+    holds is left out."""
+    import csv
+
+    from conftest import KernelSpy
+    from kernels import triton_attention as ta
+
+    monkeypatch.setattr(bk, "DECODE_TILES", ((32, 4, 6), (64, 8, 3), (128, 4, 3)))
+    monkeypatch.setattr(bk, "_median_graph_us", lambda fn, calls: fn() or 1.0)
+    spy = KernelSpy(ta._attn_kernel)
+    monkeypatch.setattr(ta, "_attn_kernel", spy)
+    case = bk.DecodeCase(1, 64, 1)
+    bk.sweep({(1, 64): case}, copy_bw=1.0, out_dir=tmp_path, tag="cpu", budget_s=600)
+    # every swept tile was launched as named, for its time and for its error
+    assert sum((s["BLOCK_N"], s["num_warps"], s["num_stages"]) == (32, 4, 6) for s in spy.launches) == 4
+    rows = list(csv.DictReader((tmp_path / "sweep_cpu.csv").open()))
+    tiles = {(r["impl"], r["config"].split("/x")[0]) for r in rows}
+    assert {("paged", "n32/w4/s6"), ("linear", "n32/w4/s6"), ("paged", "n64/w8/s3"), ("linear", "n64/w8/s3")} <= tiles
+    assert not any(c.startswith("n128") for _, c in tiles)  # 128 keys a step: more than the 64 a split has
+    assert all(float(r["err"]) < 2e-2 for r in rows), [(r["config"], r["err"]) for r in rows]
+    monkeypatch.setattr(case, "run", lambda impl, i, config=None: torch.zeros(1, bk.HQ, bk.D))
+    assert case.error("linear") > 0.5  # what a config computes is checked, not assumed

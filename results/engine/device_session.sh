@@ -119,8 +119,9 @@
 #                                                     # full and piecewise graphs, both models) off / on / off / on
 # Session of 2026-12-06 (fourteenth), after the tile map's removal (any GPU; ~400 s):
 #   bash results/engine/device_session.sh pdlkernels  # decode attention at 1x4096 / 8x4096 / 64x4096 with and without
-#                                                     # PDL (bench_kernels --pdl: never timed before), then every kernel
-#                                                     # test and the engine's full-graph and parity GPU tests
+#                                                     # PDL (bench_kernels --pdl: never timed before) and the sweep's
+#                                                     # decode tiles (E: 32-128 keys a loop step, 4-8 warps, 2-6 stages),
+#                                                     # then every kernel test and the engine's full-graph/parity GPU tests
 # Outputs accumulate in $KVE (default /tmp/kve) on the machine; each part tars them into $OUT.
 set -uo pipefail
 part=${1:?tests or throughput}
@@ -468,8 +469,8 @@ newkv)
         2>&1 | tee "$runs/gpu_tests_engine.log" | tail -8
     ;;
 pdlkernels)
-    timeout 150 python3 -m experiments.bench_kernels --pdl --shapes 1x4096,8x4096,64x4096 --out "$runs/kernels_pdl" \
-        2>&1 | tee "$runs/bench_kernels_pdl.log" | tail -22
+    timeout 200 python3 -m experiments.bench_kernels --pdl --shapes 1x4096,8x4096,64x4096 --sweep --sweep-budget-s 80 \
+        --out "$runs/kernels_pdl" 2>&1 | tee "$runs/bench_kernels_pdl.log" | tail -45
     timeout 200 python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_kernels_triton.py -rfE \
         --tb=short 2>&1 | tee "$runs/gpu_tests_kernels.log" | tail -3
     timeout 180 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_engine.py -k "full or parity" -rfE \
