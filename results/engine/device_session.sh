@@ -469,11 +469,11 @@ newkv)
         2>&1 | tee "$runs/gpu_tests_engine.log" | tail -8
     ;;
 pdlkernels)
-    timeout 200 python3 -m experiments.bench_kernels --pdl --shapes 1x4096,8x4096,64x4096 --sweep --sweep-budget-s 80 \
+    timeout ${BENCH_S:-200} python3 -m experiments.bench_kernels --pdl --shapes 1x4096,8x4096,64x4096 --sweep --sweep-budget-s ${SWEEP_S:-80} \
         --out "$runs/kernels_pdl" 2>&1 | tee "$runs/bench_kernels_pdl.log" | tail -45
-    timeout 200 python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_kernels_triton.py -rfE \
+    timeout ${TESTS_S:-200} python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_kernels_triton.py -rfE \
         --tb=short 2>&1 | tee "$runs/gpu_tests_kernels.log" | tail -3
-    timeout 180 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_engine.py -k "full or parity" -rfE \
+    timeout ${ENGINE_S:-180} python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_engine.py -k "full or parity" -rfE \
         --tb=short 2>&1 | tee "$runs/gpu_tests_engine.log" | tail -3
     ;;
 esac
