@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING
 
 from engine.fault_isolation import FatalEngineError, FaultIsolator
 from engine.outputs import RequestOutput
-from engine.runner import StepHandle
 from engine.sequence import SeqStatus, Sequence
+from engine.step_handle import StepHandle
 
 if TYPE_CHECKING:
     from engine.llm_engine import RequestState
