@@ -118,6 +118,29 @@ def copy_bandwidth_gbps(nbytes: int = 1 << 30) -> dict[str, float]:
     return res
 
 
+def read_bandwidth_gbps(nbytes: int = 1 << 30) -> dict[str, float]:
+    """Bytes read alone (no writes) of a 1 GiB buffer: ``torch.sum`` and a persistent Triton loop of
+    wide loads. A decode GEMM only reads its weights, so this, not copy, is what it could reach:
+    the floors stay at copy bandwidth (the issue's definition), this says how far above them a
+    kernel could still go. Same warm-up and timing as ``copy_bandwidth_gbps``."""
+    if DEV == "cpu":
+        nbytes = 1 << 24
+    src = torch.randn(nbytes // 4, device=DEV)
+    t_end = time.time() + (0.5 if DEV == "cuda" else 0)
+    while time.time() < t_end:
+        src.sum()
+        if DEV == "cuda":
+            torch.cuda.synchronize()
+    res = {"torch_sum": nbytes / (_median_graph_us(lambda: src.sum(), 1, target_ms=20) * 1e-6) / 1e9}
+    if DEV == "cuda":
+        from experiments.read_stream import stream_read
+
+        part = torch.empty(4096, device=DEV)
+        res["triton"] = nbytes / (_median_graph_us(lambda: stream_read(src, part), 1, target_ms=20) * 1e-6) / 1e9
+    del src
+    return res
+
+
 def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     if not torch.isfinite(out).all():
         return float("inf")
@@ -383,6 +406,9 @@ def main() -> None:
     copy_bw = max(copies.values())
     print(f"copy bandwidth (read+write): {copy_bw:.0f} GB/s (memcpy {copies['memcpy']:.0f}, "
           f"elementwise kernel {copies['kernel']:.0f})", flush=True)
+    reads = read_bandwidth_gbps()
+    print(f"read bandwidth (no writes): {max(reads.values()):.0f} GB/s, {100 * max(reads.values()) / copy_bw:.0f}% of copy ("
+          + ", ".join(f"{k} {v:.0f}" for k, v in reads.items()) + ")", flush=True)
 
     rows, cases = [], {}
     for b, ctx in shapes:

@@ -7,7 +7,8 @@ Per model, one engine (paged, random bf16 weights), three measurements side by s
 - ``decode``: time per output token of B sequences decoding (512-token prompts), synchronous
   and asynchronous scheduling, against the memory floor: (weights streamed + KV read) / copy
   bandwidth measured in the same run (the embedding table is gathered, not streamed, unless
-  tied to the LM head);
+  tied to the LM head); ``read_floor_pct``: the same floor at the bandwidth of reads alone (a
+  kernel that only reads, as decode GEMMs read weights, can go above copy bandwidth);
 - ``prefill``: one step holding a single prompt of N tokens, and ``mixed``: the same beside 8
   decodes; each with the engine's CUDA graphs of prefill/mixed steps (``cuda_graph_mode``) and
   eagerly (as with ``cuda_graph_max_tokens`` = 0), medians of repeats: what the graphs take off a step.
@@ -33,6 +34,7 @@ import torch
 from engine import LLMEngine, SamplingParams
 from engine.config import EngineConfig
 from experiments.bench import copy_bandwidth
+from experiments.bench_kernels import read_bandwidth_gbps
 from experiments.floors import memory_floor_s
 from experiments.tables import markdown_table
 
@@ -50,7 +52,9 @@ def _prompt(i: int, n: int, vocab: int) -> list[int]:
     return rng.integers(4, vocab, size=n).tolist()
 
 
-def decode_rows(engine: LLMEngine, batch: int, steps: int, copy_bw: float) -> list[dict]:
+def decode_rows(engine: LLMEngine, batch: int, steps: int, copy_bw: float, read_bw: float | None = None) -> list[dict]:
+    """Decode time a token at ``batch``, both schedulings, against the memory floor at ``copy_bw``
+    (and, given ``read_bw``, at the read-only rate: how far above the floor a step could still go)."""
     rows = []
     vocab = engine.model_config.vocab_size
     for mode in ("sync", "async"):
@@ -73,6 +77,8 @@ def decode_rows(engine: LLMEngine, batch: int, steps: int, copy_bw: float) -> li
         floor = memory_floor_s(engine.model, batch * ctx * engine.kv_spec.bytes_per_token, copy_bw)
         rows.append(dict(kind="decode", scheduling=mode, batch=batch, tokens=batch, ms=per_token * 1e3,
                          floor_ms=floor * 1e3, floor_pct=100 * floor / per_token))
+        if read_bw:
+            rows[-1]["read_floor_pct"] = 100 * floor * copy_bw / read_bw / per_token
     engine.config.async_scheduling = False
     return rows
 
@@ -137,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("bench_latency needs a CUDA device")
     device = torch.cuda.get_device_name()
     bw = copy_bandwidth("cuda")
-    print(f"device: {device}; copy bandwidth {bw / 1e9:.0f} GB/s", flush=True)
+    read_bw = max(read_bandwidth_gbps().values()) * 1e9
+    print(f"device: {device}; copy bandwidth {bw / 1e9:.0f} GB/s, read alone {read_bw / 1e9:.0f} GB/s", flush=True)
     rows = []
     for run, (model, (gemv, pdl)) in enumerate((m, v) for m in a.models.split(",") for v in variants):
         t0 = time.perf_counter()
@@ -152,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         print(start, flush=True)
         tag = dict(model=model, fused_gemv=gemv, pdl=int(pdl), engine_run=run)  # a value given twice: repeats, told apart
         for b in (int(x) for x in a.batches.split(",")):
-            rows += [dict(**tag, **r) for r in decode_rows(engine, b, a.steps, bw)]
+            rows += [dict(**tag, **r) for r in decode_rows(engine, b, a.steps, bw, read_bw)]
         for n in prefills:
             for decodes in (0, 8):
                 rows += [dict(**tag, **r) for r in prefill_rows(engine, n, decodes, a.reps)]
@@ -161,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         del engine
         torch.cuda.empty_cache()
     df = pd.DataFrame(rows)
-    df["device"], df["copy_bw_GBps"] = device, bw / 1e9
+    df["device"], df["copy_bw_GBps"], df["read_bw_GBps"] = device, bw / 1e9, read_bw / 1e9
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"latency_{device.replace(' ', '_')}.csv"

@@ -112,3 +112,16 @@ def test_bench_kernels_sweep_times_decode_tiles_with_their_error(on_cpu, monkeyp
     assert all(float(r["err"]) < 2e-2 for r in rows), [(r["config"], r["err"]) for r in rows]
     monkeypatch.setattr(case, "run", lambda impl, i, config=None: torch.zeros(1, bk.HQ, bk.D))
     assert case.error("linear") > 0.5  # what a config computes is checked, not assumed
+
+
+def test_read_stream_sums_every_element_once(on_cpu):
+    """bench_kernels' read-only bandwidth kernel: its partial sums add up to the buffer's sum, so it
+    reads every element exactly once (a skipped or doubled block changes the total)."""
+    from experiments.read_stream import BLOCK, stream_read
+
+    x = torch.arange(3 * BLOCK + 123, dtype=torch.float32) % 7 - 3  # integers: exact in fp32
+    part = torch.empty(8)
+    got = stream_read(x, part, programs_per_sm=2).sum()  # two loop steps a program
+    assert got.item() == x.sum().item()
+    with pytest.raises(ValueError, match="float32"):
+        stream_read(x.half(), part)
