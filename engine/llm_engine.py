@@ -94,6 +94,42 @@ class LLMEngine(RequestChecksMixin, ForkingMixin, StepMixin, FinishingMixin):
         # each GPU holds every token's KV for its num_kv_heads / tp heads: the allocator's spec is one GPU's
         self.kv_spec = spec = KVCacheSpec(mc.num_hidden_layers, mc.num_key_value_heads // tp, mc.head_dim, self.kv_dtype,
                            None if simulate else self.device)
+        self._build_model(simulate)
+        self._build_allocator(spec)
+        self.tokenizer = load_tokenizer(config.model, mc.vocab_size, mc.bos_token_id, mc.eos_token_id)
+        self.eos_token_ids = list(self.tokenizer.eos_token_ids)
+        if not config.enable_chunked_prefill and config.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(
+                f"enable_chunked_prefill=False needs max_num_batched_tokens >= max_model_len (got "
+                f"{config.max_num_batched_tokens} < {self.max_model_len}), or no long prompt could ever run: "
+                "raise max_num_batched_tokens, lower max_model_len, or enable chunked prefill")
+        self.scheduler = Scheduler(
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
+                            config.enable_chunked_prefill, config.enable_prefix_caching, config.preemption_mode),
+            self.allocator)
+        self._build_runner(runner_factory)
+        self.requests: dict[str, RequestState] = {}
+        self.accountant = MemoryAccountant(spec.bytes_per_token)
+        # per step, as compact chunks (a long run spills old ones to disk); reads like a list of StepRecord
+        self.step_records = StepLog()
+        self.finished_requests: list[FinishedRequest] = []  # retired requests: times and counts only
+        # (step, tokens the live sequences hold) of each step that ran a batch (with record_memory)
+        self.logical_tokens = ChunkedRows(2, np.int64)
+        self._inflight = None  # async scheduling: the launched step whose tokens are not read yet
+        self._launched = None  # the newest launched step's handle: the fence waits for it
+        self._beam_requests = 0  # live beam-search requests: while any, steps run synchronously
+        self._earlier: list[RequestOutput] = []  # outputs of a step read back before this step's own
+        self._wait_s = 0.0
+        self._fence_s = 0.0  # this step's wait for the step in flight, asked by the allocator
+        self.allocator.set_fence(self._fence)
+        self.output_processor = OutputProcessor(self.tokenizer if config.detokenize else None)
+        self.isolator = FaultIsolator(self)
+        self.num_generation_tokens = 0  # tokens sampled, all requests
+
+    # -- construction (the steps of __init__, in order) ------------------------------------------
+    def _build_model(self, simulate: bool) -> None:
+        """The weights (none in simulate mode), on one device or a tensor-parallel group."""
+        config, mc, tp = self.config, self.model_config, self.config.tensor_parallel_size
         self.model = None
         self.tp_group = None
         if not simulate:
@@ -117,6 +153,10 @@ class LLMEngine(RequestChecksMixin, ForkingMixin, StepMixin, FinishingMixin):
             threads = config.cpu_threads or (1 if mc.num_params < 50_000_000 else 0)
             if threads:
                 torch.set_num_threads(threads)
+
+    def _build_allocator(self, spec: KVCacheSpec) -> None:
+        """The KV allocator over the pool the config (or, on a GPU, the memory left) allows."""
+        config, mc = self.config, self.model_config
         capacity = self._kv_capacity_tokens(spec)
         cls = allocator_class(config.allocator)
         alloc_args = checked_args(cls, dict(config.allocator_args))
@@ -152,21 +192,14 @@ class LLMEngine(RequestChecksMixin, ForkingMixin, StepMixin, FinishingMixin):
         log.info("KV cache: %d tokens, max concurrency %.2fx for %d-token requests (%s)",
                  self.kv_capacity_tokens, self.kv_capacity_tokens / self.max_model_len,
                  self.max_model_len, config.allocator)
-        self.tokenizer = load_tokenizer(config.model, mc.vocab_size, mc.bos_token_id, mc.eos_token_id)
-        self.eos_token_ids = list(self.tokenizer.eos_token_ids)
-        if not config.enable_chunked_prefill and config.max_num_batched_tokens < self.max_model_len:
-            raise ValueError(
-                f"enable_chunked_prefill=False needs max_num_batched_tokens >= max_model_len (got "
-                f"{config.max_num_batched_tokens} < {self.max_model_len}), or no long prompt could ever run: "
-                "raise max_num_batched_tokens, lower max_model_len, or enable chunked prefill")
-        self.scheduler = Scheduler(
-            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
-                            config.enable_chunked_prefill, config.enable_prefix_caching, config.preemption_mode),
-            self.allocator)
+
+    def _build_runner(self, runner_factory: Callable[[KVAllocator], object] | None) -> None:
+        """What runs a step: the model runner, a tensor-parallel group's, or simulate's."""
+        config = self.config
         if self.tp_group is not None:
             self.runner = self.tp_group.runner(self.model, self.allocator, self.eos_token_ids)
         else:
-            self.runner = (runner_factory(self.allocator) if simulate else
+            self.runner = (runner_factory(self.allocator) if runner_factory is not None else
                            ModelRunner(self.model, self.allocator, self.device, self.eos_token_ids, config.seed,
                                        config.max_num_seqs, self.max_model_len, config.enforce_eager,
                                        graph_max_tokens=config.graph_max_tokens,
@@ -176,23 +209,6 @@ class LLMEngine(RequestChecksMixin, ForkingMixin, StepMixin, FinishingMixin):
                                        kv_calibration=(config.kv_scale_granularity
                                                        if self.kv_dtype != self.dtype and config.kv_scale is None
                                                        else "")))
-        self.requests: dict[str, RequestState] = {}
-        self.accountant = MemoryAccountant(spec.bytes_per_token)
-        # per step, as compact chunks (a long run spills old ones to disk); reads like a list of StepRecord
-        self.step_records = StepLog()
-        self.finished_requests: list[FinishedRequest] = []  # retired requests: times and counts only
-        # (step, tokens the live sequences hold) of each step that ran a batch (with record_memory)
-        self.logical_tokens = ChunkedRows(2, np.int64)
-        self._inflight = None  # async scheduling: the launched step whose tokens are not read yet
-        self._launched = None  # the newest launched step's handle: the fence waits for it
-        self._beam_requests = 0  # live beam-search requests: while any, steps run synchronously
-        self._earlier: list[RequestOutput] = []  # outputs of a step read back before this step's own
-        self._wait_s = 0.0
-        self._fence_s = 0.0  # this step's wait for the step in flight, asked by the allocator
-        self.allocator.set_fence(self._fence)
-        self.output_processor = OutputProcessor(self.tokenizer if config.detokenize else None)
-        self.isolator = FaultIsolator(self)
-        self.num_generation_tokens = 0  # tokens sampled, all requests
 
     # -- capacity ------------------------------------------------------------------------
     def _kv_capacity_tokens(self, spec: KVCacheSpec) -> int:
