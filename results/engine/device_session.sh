@@ -122,6 +122,10 @@
 #                                                     # PDL (bench_kernels --pdl: never timed before) and the sweep's
 #                                                     # decode tiles (E: 32-128 keys a loop step, 4-8 warps, 2-6 stages),
 #                                                     # then every kernel test and the engine's full-graph/parity GPU tests
+# Session of 2026-12-06 (fifteenth): small_linear's default tiles from a sweep over every layer's weights (any GPU):
+#   bash results/engine/device_session.sh tiles       # small_linear + engine small-linear parity + sliding-window GPU
+#                                                     # tests, then decode a token at batch 1 / 8 (small_linear + PDL),
+#                                                     # new tiles / old tiles (build/small_linear_before.py) twice
 # Outputs accumulate in $KVE (default /tmp/kve) on the machine; each part tars them into $OUT.
 set -uo pipefail
 part=${1:?tests or throughput}
@@ -475,6 +479,23 @@ pdlkernels)
         --tb=short 2>&1 | tee "$runs/gpu_tests_kernels.log" | tail -3
     timeout ${ENGINE_S:-180} python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_engine.py -k "full or parity" -rfE \
         --tb=short 2>&1 | tee "$runs/gpu_tests_engine.log" | tail -3
+    ;;
+tiles)  # small_linear's tiles from the fifteenth session's sweep: before (build/small_linear_before.py, carried) / after
+    timeout ${TESTS_S:-60} python3 -m pytest -q -p no:cacheprovider tests/test_small_linear.py -rfE --tb=short 2>&1 \
+        | tee "$runs/gpu_tests_small_linear.log" | tail -2
+    timeout ${ENGINE_S:-120} python3 -m pytest -q -p no:cacheprovider tests/test_gpu_engine.py tests/test_gpu_kv_axes.py -m gpu \
+        -k "small-linear or sliding_window" -rfE --tb=short 2>&1 | tee "$runs/gpu_tests_tiles.log" | tail -2
+    rm -rf /tmp/before && mkdir -p /tmp/before && cp -r engine kernels experiments conf allocators /tmp/before/
+    cp build/small_linear_before.py /tmp/before/kernels/small_linear.py
+    for r in 1 2; do
+        for side in after before; do
+            dir=.; [ $side = before ] && dir=/tmp/before
+            (cd "$dir" && timeout ${LAT_S:-130} python3 -m experiments.bench_latency --models llama3-8b,qwen3-0.6b --batches 1,8 \
+                --prefill-tokens "" --fused-gemv-max-tokens 16 --enable-pdl 1 --steps 150 --out "$runs/latency_${side}_$r") \
+                > "$runs/bench_latency_${side}_$r.log" 2>&1
+            echo "== $side $r"; grep "| decode" "$runs/bench_latency_${side}_$r.log"
+        done
+    done
     ;;
 esac
 tar -czf "$out/kve-$part.tgz" -C "$runs" .
