@@ -488,6 +488,7 @@ tiles)  # small_linear's tiles from the fifteenth session's sweep: before (build
     rm -rf /tmp/before && mkdir -p /tmp/before && cp -r engine kernels experiments conf allocators /tmp/before/
     cp build/small_linear_before.py /tmp/before/kernels/small_linear.py
     for r in 1 2; do
+        if (( r > 1 && SECONDS > ${ROUND2_BY_S:-330} )); then echo "round $r: skipped (time)"; break; fi
         for side in after before; do
             dir=.; [ $side = before ] && dir=/tmp/before
             (cd "$dir" && timeout ${LAT_S:-130} python3 -m experiments.bench_latency --models llama3-8b,qwen3-0.6b --batches 1,8 \
