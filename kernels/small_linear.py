@@ -15,7 +15,6 @@ then times its weight; the GEMM's output rounded before SiLU and before the resi
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -61,47 +60,21 @@ NORM_ELEMENTS = 4096  # x elements a program loads at once for the norm's RMS (3
 SMEM_BUDGET = 160 * 1024  # of an SM's shared memory (227 KiB on Hopper) for one program's stages
 
 
-FEW_TOKENS = 4  # gated GEMMs of up to this many rows take wider K steps (see choose_config)
-
-
-def choose_config(n: int, k: int, num_sms: int, gated: bool = False, m: int = MAX_TOKENS,
-                  smem_optin: int = 0) -> LinearConfig:
-    """Tiles from an H100 sweep of llama3-8b's shapes at 1 and 8 tokens, every layer's weights in turn
-    (bench_small_linear --sweep; results/engine/session_2026-12-06f). Ungated: 64 rows a program, 256-wide
-    K steps, 4 warps, 4 stages; 32 rows and 5 stages where 64 leave fewer programs than half the SMs
-    (``num_sms``: o_proj and down_proj at N=4096), 16 below that. Gated (gate's and up's tiles a step):
-    64 rows, 128-wide steps, 8 warps, 3 stages; at up to ``FEW_TOKENS`` rows of x (``m``) 256-wide steps
-    and 4 warps where the device lets a program have their 216 KiB of shared memory (``smem_optin``:
-    bytes a block may opt in to; 0: unknown). K steps no wider than K, stages within ``SMEM_BUDGET``
-    otherwise. The rows a program owns never depend on ``m`` (``num_programs`` sizes buffers without it).
-    Host integers only."""
-    block_n, block_k, warps, stages = (64, 128, 8, 3) if gated else (64, 256, 4, 4)
+def choose_config(n: int, k: int, num_sms: int, gated: bool = False) -> LinearConfig:
+    """Tiles from an H100 sweep of llama3-8b's shapes at 1 and 8 tokens (bench_small_linear --sweep,
+    results/kernels/small_linear): 32 rows a program and 256-wide K steps, gated (two weight tiles a
+    step) 64 rows, 128-wide steps and 8 warps; 16 rows where that leaves fewer programs than half the SMs
+    (``num_sms``; o_proj's 128 programs of 32 rows were faster than 256 of 16 on 132 SMs); K steps no wider
+    than K, the stages within ``SMEM_BUDGET``. Host integers only. (Swept again over every layer's weights
+    in turn in the session of 2026-12-06, fifteenth: that sweep's best tiles moved a decode step by -1.0% to
+    +0.9%, one round, not adopted: results/engine/session_2026-12-06f.)"""
+    block_n, block_k, warps, stages = (64, 128, 8, 3) if gated else (32, 256, 4, 4)
     while block_n > 16 and triton.cdiv(n, block_n) < num_sms // 2:
         block_n //= 2
-    if not gated and block_n < 64:
-        stages = 5
     block_k = max(64, min(block_k, triton.next_power_of_2(k)))
-    budget = SMEM_BUDGET
-    if gated and m <= FEW_TOKENS and k >= 256:
-        wide = 3 * (2 * block_n + MAX_TOKENS) * 256 * 2
-        if wide + 8 * 1024 <= smem_optin:  # (a margin for the compiler's own scratch)
-            block_k, warps, budget = 256, 4, wide
-    while block_k > 64 and stages * ((2 if gated else 1) * block_n + MAX_TOKENS) * block_k * 2 > budget:
+    while block_k > 64 and stages * ((2 if gated else 1) * block_n + MAX_TOKENS) * block_k * 2 > SMEM_BUDGET:
         block_k //= 2
     return LinearConfig(block_n=block_n, block_k=block_k, num_warps=warps, num_stages=stages)
-
-
-@functools.lru_cache(maxsize=None)
-def _smem_optin(device_index: int) -> int:
-    return int(getattr(torch.cuda.get_device_properties(device_index), "shared_memory_per_block_optin", 0))
-
-
-def device_smem_optin(device: torch.device) -> int:
-    """Shared memory a block may opt in to on ``device`` (0 off CUDA: the interpreter's tests)."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return 0
-    return _smem_optin(device.index if device.index is not None else torch.cuda.current_device())
 
 
 if triton is not None:
@@ -271,12 +244,11 @@ def _check(x, weight, bias, norm_weight, gated, residual) -> int:
     return n
 
 
-def _tiles(n: int, k: int, device: torch.device, gated: bool, config: LinearConfig | None,
-           m: int = MAX_TOKENS) -> LinearConfig:
-    """``config``, or the default tiles for this device and ``m`` rows of x."""
+def _tiles(n: int, k: int, device: torch.device, gated: bool, config: LinearConfig | None) -> LinearConfig:
+    """``config``, or the default tiles for this device."""
     from kernels.attention_config import device_sms
 
-    return config or choose_config(n, k, device_sms(device), gated, m, device_smem_optin(device))
+    return config or choose_config(n, k, device_sms(device), gated)
 
 
 def num_programs(n: int, k: int, device: torch.device, gated: bool = False, config: LinearConfig | None = None) -> int:
@@ -298,7 +270,7 @@ def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     instead of reading all of x first."""
     n = _check(x, weight, bias, norm_weight, gated, residual)
     m, k = x.shape
-    cfg = _tiles(n, k, x.device, gated, config, x.shape[0])
+    cfg = _tiles(n, k, x.device, gated, config)
     grid = triton.cdiv(n, cfg.block_n)
     if row_sq is not None:
         if norm_weight is None:

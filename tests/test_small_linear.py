@@ -62,32 +62,14 @@ def test_choose_config_keeps_every_multiprocessor_busy_and_fits_shared_memory():
     """The swept tiles where they give a program an SM; fewer rows a program where they do not."""
     from kernels.small_linear import SMEM_BUDGET
 
-    assert choose_config(6144, 4096, num_sms=132) == LinearConfig(64, 256, 4, 4)  # llama3-8b QKV: 96 programs
-    assert choose_config(4096, 4096, num_sms=132) == LinearConfig(32, 256, 4, 5)  # o_proj: 128 programs, as swept
-    assert choose_config(4096, 14336, num_sms=132) == LinearConfig(32, 256, 4, 5)  # down_proj
-    assert choose_config(1024, 2048, num_sms=132).block_n == 16  # qwen3-0.6b's o_proj: 64 programs of 16 rows
+    assert choose_config(6144, 4096, num_sms=132).block_n == 32  # llama3-8b QKV: 192 programs
+    assert choose_config(4096, 4096, num_sms=132).block_n == 32  # o_proj: 128 programs, as swept
+    assert choose_config(1024, 2048, num_sms=132).block_n == 16  # qwen3-0.6b's: 32 programs of 32 rows
     assert choose_config(14336, 4096, num_sms=132, gated=True) == LinearConfig(64, 128, 8, 3)
     assert choose_config(4096, 100, num_sms=4).block_k == 128  # no wider than K's power of two
     for n, k, gated in ((6144, 4096, False), (14336, 4096, True), (1024, 3072, False), (3072, 1024, True)):
         c = choose_config(n, k, num_sms=132, gated=gated)
         assert c.num_stages * ((2 if gated else 1) * c.block_n + MAX_TOKENS) * c.block_k * 2 <= SMEM_BUDGET
-
-
-def test_choose_config_widens_gated_k_steps_at_few_tokens_where_shared_memory_allows():
-    """gate_up at 1-4 tokens: 256-wide K steps on 4 warps (the H100 sweep's best), only on a device whose
-    blocks may opt in to their 216 KiB; 5+ tokens, or too little shared memory: the 128-wide default. The
-    rows a program owns stay the same either way (num_programs sizes buffers without m)."""
-    hopper = 227 * 1024
-    base = choose_config(14336, 4096, num_sms=132, gated=True)
-    for m in (1, 4):
-        wide = choose_config(14336, 4096, num_sms=132, gated=True, m=m, smem_optin=hopper)
-        assert wide == LinearConfig(64, 256, 4, 3)
-        assert wide.num_stages * (2 * wide.block_n + MAX_TOKENS) * wide.block_k * 2 + 8 * 1024 <= hopper
-    assert choose_config(14336, 4096, num_sms=132, gated=True, m=5, smem_optin=hopper) == base
-    assert choose_config(14336, 4096, num_sms=132, gated=True, m=1, smem_optin=164 * 1024) == base  # A100's
-    assert choose_config(14336, 4096, num_sms=132, gated=True, m=1) == base  # unknown (0)
-    for m in (1, 16):  # ungated tiles never depend on m
-        assert choose_config(6144, 4096, num_sms=132, m=m, smem_optin=hopper) == choose_config(6144, 4096, num_sms=132)
 
 
 @pytest.mark.parametrize("case,match", [
@@ -309,11 +291,3 @@ def test_writes_that_race_with_reads_are_refused(case):
         return
     with pytest.raises(ValueError, match=match):
         small_linear(x, w, config=SMALL, **call)
-
-
-def test_the_wide_gated_tiles_compute_the_same():
-    """LinearConfig(64, 256, 4, 3), the few-token gate_up tiles: a part tile of rows and two K steps, against
-    the reference (fp32 exact dots)."""
-    x, w, _, nw, _ = _inputs(2, 80, 512, torch.float32, gated=True, norm=True, seed=11)
-    got = small_linear(x, w, norm_weight=nw, gated=True, config=LinearConfig(64, 256, 4, 3))
-    torch.testing.assert_close(got, small_linear_ref(x, w, norm_weight=nw, gated=True), atol=1e-4, rtol=1e-4)

@@ -122,7 +122,8 @@
 #                                                     # PDL (bench_kernels --pdl: never timed before) and the sweep's
 #                                                     # decode tiles (E: 32-128 keys a loop step, 4-8 warps, 2-6 stages),
 #                                                     # then every kernel test and the engine's full-graph/parity GPU tests
-# Session of 2026-12-06 (fifteenth): small_linear's default tiles from a sweep over every layer's weights (any GPU):
+# Session of 2026-12-06 (fifteenth): candidate small_linear tiles from a sweep over every layer's weights, run at commit
+# da6fe9e (the candidate; not adopted after, so this part needs that commit; session_2026-12-06f/):
 #   bash results/engine/device_session.sh tiles       # small_linear + engine small-linear parity + sliding-window GPU
 #                                                     # tests, then decode a token at batch 1 / 8 (small_linear + PDL),
 #                                                     # new tiles / old tiles (build/small_linear_before.py) twice
