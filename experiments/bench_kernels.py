@@ -96,6 +96,20 @@ def _median_graph_us(fn, calls_per_fn: int, target_ms: float = 4.0, trials: int 
     return statistics.median(times)
 
 
+def _clocks_up(fn, seconds: float = 0.5) -> None:
+    """Run ``fn`` for ``seconds`` (on a GPU), so that the clocks are up before it is timed."""
+    t_end = time.time() + (seconds if DEV == "cuda" else 0)
+    while time.time() < t_end:
+        fn()
+        if DEV == "cuda":
+            torch.cuda.synchronize()
+
+
+def _rate_gbps(nbytes: int, fn) -> float:
+    """GB/s of ``fn`` moving ``nbytes``, from its median time in a CUDA graph (after ``_clocks_up``)."""
+    return nbytes / (_median_graph_us(fn, 1, target_ms=20) * 1e-6) / 1e9
+
+
 def copy_bandwidth_gbps(nbytes: int = 1 << 30) -> dict[str, float]:
     """Device-to-device copy of a 1 GiB buffer, counting bytes read plus bytes written:
     ``copy_`` (cudaMemcpy) and an elementwise kernel (``mul(x, 1, out=y)``), after a
@@ -104,15 +118,10 @@ def copy_bandwidth_gbps(nbytes: int = 1 << 30) -> dict[str, float]:
         nbytes = 1 << 24
     src = torch.randn(nbytes // 4, device=DEV)
     dst = torch.empty_like(src)
-    t_end = time.time() + (0.5 if DEV == "cuda" else 0)
-    while time.time() < t_end:  # clocks up
-        dst.copy_(src)
-        if DEV == "cuda":
-            torch.cuda.synchronize()
+    _clocks_up(lambda: dst.copy_(src))
     res = {
-        "memcpy": 2 * nbytes / (_median_graph_us(lambda: dst.copy_(src), 1, target_ms=20) * 1e-6) / 1e9,
-        "kernel": 2 * nbytes / (_median_graph_us(lambda: torch.mul(src, 1.0, out=dst), 1, target_ms=20) * 1e-6)
-        / 1e9,
+        "memcpy": _rate_gbps(2 * nbytes, lambda: dst.copy_(src)),
+        "kernel": _rate_gbps(2 * nbytes, lambda: torch.mul(src, 1.0, out=dst)),
     }
     del src, dst
     return res
@@ -126,17 +135,13 @@ def read_bandwidth_gbps(nbytes: int = 1 << 30) -> dict[str, float]:
     if DEV == "cpu":
         nbytes = 1 << 24
     src = torch.randn(nbytes // 4, device=DEV)
-    t_end = time.time() + (0.5 if DEV == "cuda" else 0)
-    while time.time() < t_end:
-        src.sum()
-        if DEV == "cuda":
-            torch.cuda.synchronize()
-    res = {"torch_sum": nbytes / (_median_graph_us(lambda: src.sum(), 1, target_ms=20) * 1e-6) / 1e9}
+    _clocks_up(src.sum)
+    res = {"torch_sum": _rate_gbps(nbytes, src.sum)}
     if DEV == "cuda":
         from experiments.read_stream import stream_read
 
         part = torch.empty(4096, device=DEV)
-        res["triton"] = nbytes / (_median_graph_us(lambda: stream_read(src, part), 1, target_ms=20) * 1e-6) / 1e9
+        res["triton"] = _rate_gbps(nbytes, lambda: stream_read(src, part))
     del src
     return res
 

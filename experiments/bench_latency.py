@@ -52,9 +52,9 @@ def _prompt(i: int, n: int, vocab: int) -> list[int]:
     return rng.integers(4, vocab, size=n).tolist()
 
 
-def decode_rows(engine: LLMEngine, batch: int, steps: int, copy_bw: float, read_bw: float | None = None) -> list[dict]:
+def decode_rows(engine: LLMEngine, batch: int, steps: int, copy_bw: float, read_bw: float) -> list[dict]:
     """Decode time a token at ``batch``, both schedulings, against the memory floor at ``copy_bw``
-    (and, given ``read_bw``, at the read-only rate: how far above the floor a step could still go)."""
+    and at the read-only rate ``read_bw`` (how far above the floor a step could still go)."""
     rows = []
     vocab = engine.model_config.vocab_size
     for mode in ("sync", "async"):
@@ -76,9 +76,8 @@ def decode_rows(engine: LLMEngine, batch: int, steps: int, copy_bw: float, read_
         ctx = PROMPT + 5 + steps // 2
         floor = memory_floor_s(engine.model, batch * ctx * engine.kv_spec.bytes_per_token, copy_bw)
         rows.append(dict(kind="decode", scheduling=mode, batch=batch, tokens=batch, ms=per_token * 1e3,
-                         floor_ms=floor * 1e3, floor_pct=100 * floor / per_token))
-        if read_bw:
-            rows[-1]["read_floor_pct"] = 100 * floor * copy_bw / read_bw / per_token
+                         floor_ms=floor * 1e3, floor_pct=100 * floor / per_token,
+                         read_floor_pct=100 * floor * copy_bw / read_bw / per_token))
     engine.config.async_scheduling = False
     return rows
 
