@@ -51,8 +51,11 @@ class ModelConfig:
             if self.head_dim < 1:
                 raise ValueError(f"{self.name}: hidden_size {self.hidden_size} is smaller than num_attention_heads "
                                  f"{self.num_attention_heads}: give head_dim, or fix the config")
-        if isinstance(self.eos_token_id, int):
+        if self.eos_token_id is None:  # config.json's null: the model has no EOS token
+            self.eos_token_id = []
+        if is_int(self.eos_token_id):
             self.eos_token_id = [self.eos_token_id]
+        _check_token_ids(self.name, self.eos_token_id, self.bos_token_id, self.vocab_size)
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
         if self.sliding_window is not None:
@@ -108,7 +111,7 @@ class ModelConfig:
             model_type=model_type,
             rope_theta=float(rope.get("rope_theta", d.get("rope_theta", 10000.0))),
             rope_scaling=dict(scaling) if scaling else None,
-            eos_token_id=list(eos) if isinstance(eos, (list, tuple)) else [eos],
+            eos_token_id=list(eos) if isinstance(eos, (list, tuple)) else eos,  # null or an id: __post_init__
             qk_norm=model_type == "qwen3",
             attention_bias=bool(d.get("attention_bias", model_type == "qwen2")),
             o_proj_bias=bool(d.get("attention_bias")) and model_type in ("llama", "qwen3"),
@@ -149,6 +152,18 @@ def _windows(d: dict, model_type: str) -> tuple[int | None, list[str] | None]:
 
 
 MAX_SIZE = 1 << 24  # larger than any dimension, layer count or vocabulary of a real model
+
+
+def _check_token_ids(name: str, eos, bos, vocab_size: int) -> None:
+    """EOS and BOS ids are ids of the vocabulary: a null EOS in the list, a text or an id outside it
+    made every request with min_tokens fail inside a step (the sampler bans EOS by index), and a
+    negative one banned another token."""
+    if not isinstance(eos, (list, tuple)) or not all(is_int(t) and 0 <= t < vocab_size for t in eos):
+        raise ValueError(f"{name}: eos_token_id={eos!r} is not a token id (or a list of them) in the vocabulary "
+                         f"[0, {vocab_size}): fix it in config.json or engine.hf_overrides (null: no EOS token)")
+    if bos is not None and not (is_int(bos) and 0 <= bos < vocab_size):
+        raise ValueError(f"{name}: bos_token_id={bos!r} is not a token id in the vocabulary [0, {vocab_size}): "
+                         "fix it in config.json or engine.hf_overrides (null: no BOS token)")
 
 
 def _check_size(name: str, field_name: str, value, minimum: int) -> None:

@@ -51,3 +51,27 @@ def test_missing_model_type_and_unknown_architectures_are_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(_cfg(model_type="gemma2")))
     with pytest.raises(ValueError, match="model_type 'gemma2' is not supported"):
         LLM(str(tmp_path), device="cpu")
+
+
+@pytest.mark.parametrize("eos", ["2", [2, None], 320, -5, 2.0])
+def test_eos_ids_outside_the_vocabulary_are_refused_naming_the_field(eos):
+    """An EOS id that is no id of the vocabulary (config.json or hf_overrides) failed every request
+    with min_tokens inside a step (the sampler bans EOS by index): IndexError / RuntimeError, the
+    request's finish_reason "error"; a negative one banned another token instead."""
+    with pytest.raises(ValueError, match=r"eos_token_id=.* not a token id .* vocabulary \[0, 320\).*config.json"):
+        ModelConfig.from_hf_dict(_cfg(model_type="llama", eos_token_id=eos))
+    with pytest.raises(ValueError, match=r"bos_token_id=.* not a token id"):
+        ModelConfig.from_hf_dict(_cfg(model_type="llama", bos_token_id=320))
+
+
+def test_a_null_eos_means_no_eos_and_min_tokens_still_runs(tmp_path):
+    """config.json's ``"eos_token_id": null`` (a real HF config may have it) became [None]: every
+    request with min_tokens then failed with finish_reason "error"."""
+    make_hf_checkpoint(tmp_path, "llama")
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["eos_token_id"] = None
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert ModelConfig.from_dir(tmp_path).eos_token_id == []
+    llm = LLM(str(tmp_path), device="cpu", max_model_len=64)
+    (out,) = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=4, min_tokens=2, temperature=0))
+    assert out.outputs[0].finish_reason == "length" and len(out.token_ids) == 4
