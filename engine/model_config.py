@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from allocators.checks import is_int
+from allocators.checks import is_int, is_real
 
 SUPPORTED = ("llama", "qwen2", "qwen3", "mistral")
 LAYER_TYPES = ("full_attention", "sliding_attention")
@@ -56,6 +57,12 @@ class ModelConfig:
         if is_int(self.eos_token_id):
             self.eos_token_id = [self.eos_token_id]
         _check_token_ids(self.name, self.eos_token_id, self.bos_token_id, self.vocab_size)
+        # NaN, zero or negative values ran and gave NaN hidden states (every output token 0), a text or a
+        # malformed rope_scaling failed with a KeyError / TypeError while the model was built
+        for f in ("rms_norm_eps", "rope_theta"):
+            _check_positive(self.name, f, getattr(self, f))
+            setattr(self, f, float(getattr(self, f)))
+        _check_rope_scaling(self.name, self.rope_scaling)
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
         if self.sliding_window is not None:
@@ -103,14 +110,16 @@ class ModelConfig:
                     f"{name}: architecture '{arch}' is not one kvlab runs as model_type '{model_type}': "
                     f"supported architectures {sorted(ARCHITECTURES)} (each with its own model_type)")
         rope = d.get("rope_parameters") or {}
+        if not isinstance(rope, dict):
+            raise ValueError(f"{name}: rope_parameters={rope!r} in config.json is not an object of RoPE settings")
         scaling = d.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
         eos = d.get("eos_token_id", 2)
         known = {f.name for f in fields(cls)}
         kw = {k: v for k, v in d.items() if k in known and v is not None}
         kw.update(
             model_type=model_type,
-            rope_theta=float(rope.get("rope_theta", d.get("rope_theta", 10000.0))),
-            rope_scaling=dict(scaling) if scaling else None,
+            rope_theta=rope.get("rope_theta", d.get("rope_theta", 10000.0)),  # checked by __post_init__
+            rope_scaling=dict(scaling) if isinstance(scaling, dict) else scaling or None,
             eos_token_id=list(eos) if isinstance(eos, (list, tuple)) else eos,  # null or an id: __post_init__
             qk_norm=model_type == "qwen3",
             attention_bias=bool(d.get("attention_bias", model_type == "qwen2")),
@@ -140,7 +149,7 @@ def _windows(d: dict, model_type: str) -> tuple[int | None, list[str] | None]:
     """(sliding_window, layer_types) as HF transformers reads them: None, None for full attention."""
     w = d.get("sliding_window")
     if model_type == "mistral":  # every layer (HF's Mistral ignores layer_types)
-        return (int(w), None) if w else (None, None)
+        return (w, None) if w else (None, None)  # __post_init__ checks it (int() cut 4.5 to 4, failed on a list)
     if model_type not in ("qwen2", "qwen3") or not (w and d.get("use_sliding_window")):
         return None, None  # Llama has no window; Qwen's is off unless use_sliding_window
     first = int(d.get("max_window_layers", 28))
@@ -148,7 +157,7 @@ def _windows(d: dict, model_type: str) -> tuple[int | None, list[str] | None]:
                                            for i in range(d["num_hidden_layers"])]
     if "sliding_attention" not in layer_types:
         return None, None
-    return int(w), list(layer_types)
+    return w, list(layer_types)
 
 
 MAX_SIZE = 1 << 24  # larger than any dimension, layer count or vocabulary of a real model
@@ -164,6 +173,30 @@ def _check_token_ids(name: str, eos, bos, vocab_size: int) -> None:
     if bos is not None and not (is_int(bos) and 0 <= bos < vocab_size):
         raise ValueError(f"{name}: bos_token_id={bos!r} is not a token id in the vocabulary [0, {vocab_size}): "
                          "fix it in config.json or engine.hf_overrides (null: no BOS token)")
+
+
+# the RoPE scalings kvlab runs (engine/rope.py) and the numbers each reads
+ROPE_SCALING_KEYS = {"linear": ("factor",),
+                     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+
+
+def _check_positive(name: str, field_name: str, value) -> None:
+    if not (is_real(value) and math.isfinite(value) and value > 0):
+        raise ValueError(f"{name}: {field_name}={value!r} must be a finite number > 0 (config.json or "
+                         "engine.hf_overrides)")
+
+
+def _check_rope_scaling(name: str, scaling) -> None:
+    """rope_scaling (or rope_parameters) as engine/rope.py reads it: an object, the numbers of its type."""
+    if scaling is None:
+        return
+    if not isinstance(scaling, dict):
+        raise ValueError(f"{name}: rope_scaling={scaling!r} is not an object of RoPE settings (config.json or "
+                         "engine.hf_overrides)")
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    # another type is refused where the model is built (engine/rope.py): simulate needs no RoPE
+    for key in ROPE_SCALING_KEYS.get(kind, ()):
+        _check_positive(name, f"rope_scaling.{key}", scaling.get(key))
 
 
 def _check_size(name: str, field_name: str, value, minimum: int) -> None:

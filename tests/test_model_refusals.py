@@ -75,3 +75,28 @@ def test_a_null_eos_means_no_eos_and_min_tokens_still_runs(tmp_path):
     llm = LLM(str(tmp_path), device="cpu", max_model_len=64)
     (out,) = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=4, min_tokens=2, temperature=0))
     assert out.outputs[0].finish_reason == "length" and len(out.token_ids) == 4
+
+
+@pytest.mark.parametrize("fields, expected", [
+    (dict(rms_norm_eps=-1.0), "rms_norm_eps=-1.0 must be a finite number > 0"),  # ran: NaN, every token 0
+    (dict(rms_norm_eps="1e-6"), "rms_norm_eps='1e-6' must be a finite number > 0"),
+    (dict(rope_theta=0), "rope_theta=0 must be a finite number > 0"),
+    (dict(rope_theta=[1]), r"rope_theta=\[1\] must be"),  # TypeError
+    (dict(rope_parameters={"rope_theta": float("nan"), "rope_type": "default"}), "rope_theta=nan must be"),
+    (dict(rope_parameters="x"), "rope_parameters='x' in config.json is not an object"),  # AttributeError
+    (dict(rope_scaling="linear"), "rope_scaling='linear' is not an object"),
+    (dict(rope_scaling={"rope_type": "linear", "factor": 0}), "rope_scaling.factor=0 must be"),  # ran: NaN
+    (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}), "rope_scaling.low_freq_factor=None"),  # KeyError
+    (dict(model_type="mistral", sliding_window=4.5), "sliding_window must be a positive int"),  # cut to 4
+])
+def test_rope_and_norm_numbers_are_checked_naming_the_field(fields, expected):
+    """config.json's RoPE and RMSNorm numbers are hostile input too: a NaN, zero or negative value ran
+    and every output token was 0 (NaN hidden states), a text or a malformed scaling failed with a
+    TypeError / KeyError / AttributeError while the model was built."""
+    with pytest.raises(ValueError, match=expected):
+        ModelConfig.from_hf_dict(_cfg(**{"model_type": "llama", **fields}))
+
+
+def test_a_negative_norm_eps_through_hf_overrides_is_refused_before_the_model_runs():
+    with pytest.raises(ValueError, match=r"rms_norm_eps=-1.0 must be a finite number > 0 .*hf_overrides"):
+        LLM("tiny-llama", device="cpu", hf_overrides={"rms_norm_eps": -1.0})
