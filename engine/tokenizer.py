@@ -97,13 +97,17 @@ def _byte_decoder() -> dict[str, int]:
 class HFTokenizer:
     """A tokenizer saved beside the model (tokenizer.json etc.), loaded offline."""
 
-    def __init__(self, path: str | Path, eos_token_ids: list[int]):
+    def __init__(self, path: str | Path, eos_token_ids: list[int], vocab_size: int | None = None):
         from transformers import AutoTokenizer
 
         self.tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         ids = list(eos_token_ids)
-        if self.tok.eos_token_id is not None and self.tok.eos_token_id not in ids:
-            ids.append(self.tok.eos_token_id)
+        eos = self.tok.eos_token_id
+        # the tokenizer's own EOS too, unless the model cannot produce it: an id past the model's
+        # vocabulary (a tokenizer with more tokens) failed every request with min_tokens inside a
+        # step, where the sampler bans EOS by index
+        if eos is not None and eos not in ids and (vocab_size is None or 0 <= eos < vocab_size):
+            ids.append(eos)
         self.eos_token_ids = ids
 
     def encode(self, text: str) -> list[int]:
@@ -207,5 +211,5 @@ def load_tokenizer(source: str, vocab_size: int, bos: int | None, eos: list[int]
     if source in PRESETS or not path.is_dir():
         return ByteTokenizer(vocab_size, bos, eos)
     if any((path / f).exists() for f in TOKENIZER_FILES):
-        return HFTokenizer(path, eos)
+        return HFTokenizer(path, eos, vocab_size)
     return NoTokenizer(path, eos)

@@ -80,3 +80,24 @@ def test_a_directory_with_tokenizer_files_loads_them(tmp_path, bare_dir):
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>").save_pretrained(tmp_path)
     loaded = load_tokenizer(str(tmp_path), 320, 1, [2])
     assert not isinstance(loaded, (NoTokenizer, ByteTokenizer)) and loaded.encode("hello world") == [3, 4]
+
+
+def _word_tokenizer(path, eos_id: int) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({"<unk>": 0, "<s>": 1, "hello": 3, "world": 4, "</s>": eos_id},
+                                     unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>").save_pretrained(path)
+
+
+def test_a_tokenizer_eos_beyond_the_models_vocabulary_does_not_fail_min_tokens(tmp_path):
+    """The tokenizer's EOS (id 400) is past the model's vocabulary (320): it was added to the EOS ids,
+    and every request with min_tokens failed inside a step (IndexError, finish_reason "error")."""
+    make_hf_checkpoint(tmp_path, "llama")
+    _word_tokenizer(tmp_path, 400)
+    llm = LLM(model=str(tmp_path), device="cpu", max_model_len=64, kv_cache_tokens=256)
+    assert llm.engine.eos_token_ids == [2]  # config.json's; the model cannot produce 400
+    (out,) = llm.generate(["hello world"], SamplingParams(max_tokens=4, min_tokens=2, temperature=0))
+    assert out.outputs[0].finish_reason == "length" and len(out.outputs[0].token_ids) == 4
