@@ -100,7 +100,13 @@ class HFTokenizer:
     def __init__(self, path: str | Path, eos_token_ids: list[int], vocab_size: int | None = None):
         from transformers import AutoTokenizer
 
-        self.tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        try:
+            self.tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        except Exception as e:  # a damaged file: JSON's, tokenizers' or transformers' error names none
+            files = ", ".join(f for f in TOKENIZER_FILES if (Path(path) / f).exists())
+            raise ValueError(f"the tokenizer files in {path} ({files}) cannot be loaded ({type(e).__name__}: {e}): "
+                             "save the tokenizer again (tokenizer.save_pretrained(dir)), or remove its files to "
+                             "run on token ids") from e
         ids = list(eos_token_ids)
         eos = self.tok.eos_token_id
         # the tokenizer's own EOS too, unless the model cannot produce it: an id past the model's

@@ -101,3 +101,15 @@ def test_a_tokenizer_eos_beyond_the_models_vocabulary_does_not_fail_min_tokens(t
     assert llm.engine.eos_token_ids == [2]  # config.json's; the model cannot produce 400
     (out,) = llm.generate(["hello world"], SamplingParams(max_tokens=4, min_tokens=2, temperature=0))
     assert out.outputs[0].finish_reason == "length" and len(out.outputs[0].token_ids) == 4
+
+
+@pytest.mark.parametrize("name, text", [("tokenizer.json", "{bad"), ("tokenizer.json", ""),
+                                        ("tokenizer_config.json", "{bad")])
+def test_damaged_tokenizer_files_are_named_with_the_fix(tmp_path, name, text):
+    """A damaged tokenizer file failed the engine's start with JSON's own message ("Expecting value:
+    line 1 column 1"), naming neither the file nor the folder."""
+    _word_tokenizer(tmp_path, 2)
+    (tmp_path / name).write_text(text)
+    with pytest.raises(ValueError, match=r"the tokenizer files in .* cannot be loaded .*save the tokenizer again") as e:
+        load_tokenizer(str(tmp_path), 320, 1, [2])
+    assert str(tmp_path) in str(e.value) and name in str(e.value)
