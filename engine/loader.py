@@ -52,11 +52,12 @@ def _load_safetensors(model: CausalLM, path: Path) -> None:
             "pickle checkpoints are not loaded"
         )
     params = dict(model.named_parameters())
-    seen: set[str] = set()
+    seen: dict[str, Path] = {}
     for f in files:
         with unreadable_names(f):
             tensors = load_file(str(f))
         for name, tensor in tensors.items():
+            note_once(seen, name, f)
             if name not in params:
                 if "rotary_emb" in name:
                     continue
@@ -66,8 +67,16 @@ def _load_safetensors(model: CausalLM, path: Path) -> None:
                                  f"{tuple(params[name].shape)}")
             with torch.no_grad():
                 params[name].copy_(tensor.to(params[name].dtype))
-            seen.add(name)
-    check_complete(model, params, seen, path)
+    check_complete(model, params, set(seen), path)
+
+
+def note_once(seen: dict[str, Path], name: str, f: Path) -> None:
+    """Record that tensor ``name`` comes from file ``f``; a tensor in two files (a stale file beside
+    a re-saved model, two shardings in one folder) is refused: the later file silently won."""
+    if name in seen:
+        raise ValueError(f"checkpoint tensor '{name}' is in both {seen[name].name} and {f.name} in {f.parent}: "
+                         "remove the file(s) of the other save, so each tensor is in one *.safetensors file")
+    seen[name] = f
 
 
 @contextmanager

@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from engine.loader import _uninitialized, check_complete, unreadable_names
+from engine.loader import _uninitialized, check_complete, note_once, unreadable_names
 from engine.model import CausalLM
 from engine.model_config import ModelConfig
 
@@ -128,12 +128,13 @@ def _load_safetensors_sharded(model: CausalLM, path: Path, rank: int, tp: int) -
             f"no *.safetensors in {path}: save the model with save_pretrained(safe_serialization=True); "
             "pickle checkpoints are not loaded")
     params = dict(model.named_parameters())
-    seen: set[str] = set()
+    seen: dict[str, Path] = {}
     for f in files:
         with unreadable_names(f):
             st = safe_open(str(f), framework="pt", device="cpu")
         with st:
             for name in st.keys():
+                note_once(seen, name, f)
                 if name not in params:
                     if "rotary_emb" in name:
                         continue
@@ -149,8 +150,7 @@ def _load_safetensors_sharded(model: CausalLM, path: Path, rank: int, tp: int) -
                 tensor = sl[shard_slice(shape, dim, rank, tp)] if dim is not None else sl[:]
                 with torch.no_grad():
                     p.copy_(tensor.to(p.dtype))
-                seen.add(name)
-    check_complete(model, params, seen, path)
+    check_complete(model, params, set(seen), path)
 
 
 def load_sharded_model(mc: ModelConfig, source: str, max_model_len: int, dtype: torch.dtype, device: str,

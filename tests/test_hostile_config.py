@@ -382,6 +382,26 @@ def test_a_damaged_checkpoint_file_is_named(tmp_path, tp):
                                max_model_len=64, kv_cache_tokens=256))
 
 
+@pytest.mark.parametrize("tp", [1, 2])
+def test_a_tensor_in_two_checkpoint_files_is_refused(tmp_path, tp):
+    """A stale weights file beside a re-saved model (another save's shards): every *.safetensors file
+    is read, so each tensor both hold silently came from whichever sorted last."""
+    pytest.importorskip("transformers")
+    from safetensors.torch import load_file, save_file
+
+    from conftest import make_hf_checkpoint
+    from engine.llm_engine import LLMEngine
+
+    make_hf_checkpoint(tmp_path, "llama")
+    weights = next(tmp_path.glob("*.safetensors"))
+    old = {k: v * 2 for k, v in load_file(str(weights)).items() if "layers.0." in k}
+    save_file(old, str(tmp_path / "model-00001-of-00002.safetensors"))
+    with pytest.raises(ValueError, match=r"checkpoint tensor 'model.layers.0.* is in both model-00001-of-00002"
+                                         r".safetensors and model.safetensors .*remove the file"):
+        LLMEngine(EngineConfig(model=str(tmp_path), device="cpu", dtype="float32", tensor_parallel_size=tp,
+                               max_model_len=64, kv_cache_tokens=256))
+
+
 @pytest.mark.parametrize("value", [-3, 0])
 def test_virtual_prefetch_tokens_below_one_is_refused_not_clamped(value):
     from engine.llm_engine import LLMEngine
