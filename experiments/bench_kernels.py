@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from experiments.atomic import atomic_path, write_text
+
 SHAPES = [(1, 4096), (8, 4096), (32, 2048), (64, 4096), (128, 1024), (256, 1024), (16, 16384)]
 HQ, HKV, D, BLOCK = 32, 8, 128, 16
 DTYPE = torch.bfloat16
@@ -440,7 +442,7 @@ def main() -> None:
                 torch.cuda.empty_cache()
 
     csv_path = out_dir / f"decode_{tag}.csv"
-    with csv_path.open("w", newline="") as f:
+    with atomic_path(csv_path) as tmp, tmp.open("w", newline="") as f:  # no partial file if cut off
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
@@ -481,7 +483,7 @@ def main() -> None:
         f"Files: `{csv_path.name}`, `{png_path.name}`.",
         "",
     ]
-    (out_dir / "README.md").write_text("\n".join(readme))
+    write_text(out_dir / "README.md", "\n".join(readme))
     print("\n".join(table))
     print("\n".join(targets))
     print(f"wrote {csv_path}, {png_path}, {out_dir / 'README.md'} in {time.time() - t0:.0f}s", flush=True)

@@ -33,6 +33,7 @@ import torch
 
 from engine import LLMEngine, SamplingParams
 from engine.config import EngineConfig
+from experiments.atomic import write_csv
 from experiments.bench import copy_bandwidth
 from experiments.bench_kernels import read_bandwidth_gbps
 from experiments.floors import memory_floor_s
@@ -171,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"latency_{device.replace(' ', '_')}.csv"
-    df.to_csv(path, index=False)
+    write_csv(path, df)  # atomic: a cut-off write leaves no partial file
     print(f"wrote {path}")
     return 0
 

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from experiments import bench_kernels as bk
+from experiments.atomic import atomic_path
 
 SHAPES = [(1, 8192), (4, 2048), (8, 1024), (16, 512)]
 CHUNK_SHAPES = [(1, 4096, 4096), (4, 1024, 1024)]  # (batch, chunk, cached prefix)
@@ -264,7 +265,7 @@ def main(argv: list[str] | None = None) -> None:
                   f"err {r['rel_err']} {r['config']}", flush=True)
         cases.append(case)
     print(paged_vs_linear(rows), flush=True)
-    with (out_dir / f"prefill_{tag}.csv").open("w", newline="") as f:
+    with atomic_path(out_dir / f"prefill_{tag}.csv") as tmp, tmp.open("w", newline="") as f:  # no partial file
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)

@@ -24,6 +24,7 @@ import torch
 
 from engine import LLMEngine, SamplingParams
 from engine.config import EngineConfig
+from experiments.atomic import write_csv
 from experiments.tables import markdown_table
 
 SHAPES = "1x8192,4x2048,8x1024,16x512"
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"prompt_attention_{device.replace(' ', '_')}.csv"
-    df.to_csv(path, index=False)
+    write_csv(path, df)  # atomic: a cut-off write leaves no partial file
     print(f"device: {device}\n" + markdown_table(df) + f"\n-> {path}", flush=True)
     return 0
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from experiments.atomic import write_csv, write_text
 from experiments.ragged_decode import contexts
 from kernels.metadata import SEQ_MAJOR_FROM, decode_seq_major, orders_decode
 
@@ -65,7 +66,6 @@ def _configs(b: int, max_model_len: int, mc, sweep: bool, device) -> list[tuple[
 def run(models: list[str], block_size: int, max_model_len: int, out: Path, reps: int, sweep_models: set[str]):
     import dataclasses
 
-    import pandas as pd
     import torch
 
     from engine.presets import preset_config
@@ -116,11 +116,20 @@ def run(models: list[str], block_size: int, max_model_len: int, out: Path, reps:
                         r = {v: x["us"] for v, x in ((x["variant"], x) for x in rows[-len(timed):])}
                         print(f"{name} {mode:6s} b={b:3d} mean={mean:4d} {dist:9s} max={max(ctxs):5d} "
                               + " ".join(f"{v}={u:.1f}" for v, u in r.items()), flush=True)
-            out.mkdir(parents=True, exist_ok=True)  # what is measured so far, should the call be cut
-            pd.DataFrame(rows).to_csv(out / "ragged_decode.csv", index=False)
+            save_rows(out, rows)  # what is measured so far, should the call be cut
         del k_cache, v_cache
         torch.cuda.empty_cache()
     return rows
+
+
+def save_rows(out: Path, rows: list[dict]) -> Path:
+    """``rows`` to ``out/ragged_decode.csv``, atomically: the checkpoint is rewritten after each model
+    and mode, and a write cut short must leave the previous complete file, not a truncated one."""
+    import pandas as pd
+
+    path = out / "ragged_decode.csv"
+    write_csv(path, pd.DataFrame(rows))
+    return path
 
 
 def load_rows(df):
@@ -311,7 +320,7 @@ def main(argv=None) -> None:
     import pandas as pd
 
     text = summarize(rows) + "\n\n" + split_sweep(pd.DataFrame(rows)) + "\n\n" + order_table(pd.DataFrame(rows))
-    (a.out / "ragged_decode.md").write_text(text + "\n")
+    write_text(a.out / "ragged_decode.md", text + "\n")  # atomic: never a cut-off table
     print(text)
 
 

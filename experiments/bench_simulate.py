@@ -30,6 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from experiments.atomic import write_text
+
 RESULTS = Path(__file__).resolve().parent.parent / "results" / "sim_scale"
 
 
@@ -120,9 +122,9 @@ def main(argv: list[str] | None = None) -> None:
     # asynchronous steps in the name, so that the two runs of a pair never share a file
     steps = "-async" if r.get("async_scheduling") else ""
     name = f"{prefix}{args.strategy}-{args.requests}{steps}{'-' + args.tag if args.tag else ''}"
-    (args.out / f"{name}.json").write_text(json.dumps(r, indent=1) + "\n")
+    write_text(args.out / f"{name}.json", json.dumps(r, indent=1) + "\n")  # atomic: no partial file
     if prof:
-        (args.out / f"{name}.profile.txt").write_text(prof)
+        write_text(args.out / f"{name}.profile.txt", prof)
         print(prof, file=sys.stderr)
 
 

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.presets import preset_config
+from experiments.atomic import atomic_path, write_text
 from experiments.bench_kernels import _median_graph_us, copy_bandwidth_gbps, read_bandwidth_gbps
 from kernels import fused_ops, pdl
 from kernels.small_linear import LinearConfig, choose_config, small_linear, small_linear_ref
@@ -206,12 +207,12 @@ def main(argv=None) -> None:
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         table = [r for r in rows if "sweep" not in r]
-        with open(args.out / "small_linear.csv", "w", newline="") as f:
+        with atomic_path(args.out / "small_linear.csv") as tmp, tmp.open("w", newline="") as f:  # no partial file
             wr = csv.DictWriter(f, fieldnames=list(table[0]))
             wr.writeheader()
             wr.writerows(table)
-        (args.out / "small_linear.json").write_text(json.dumps(dict(device=torch.cuda.get_device_name(),
-                                                                    copy_gbps=copy, read_gbps=read_gbps, rows=rows), indent=1))
+        write_text(args.out / "small_linear.json", json.dumps(dict(device=torch.cuda.get_device_name(),
+                                                                   copy_gbps=copy, read_gbps=read_gbps, rows=rows), indent=1))
 
 
 if __name__ == "__main__":

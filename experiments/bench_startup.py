@@ -21,6 +21,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from experiments.atomic import write_text
+
 ROOT = Path(__file__).resolve().parent.parent
 # name -> kvlab arguments; {run_dir} is a fresh folder per repetition
 COMMANDS: dict[str, list[str]] = {
@@ -73,8 +75,8 @@ def main(argv: list[str] | None = None) -> int:
               f"exit {r.exit_codes})", flush=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"cwd": str(args.cwd), "cpus": os.cpu_count(),
-                                        "timings": [asdict(r) for r in rows]}, indent=2) + "\n")
+        write_text(args.out, json.dumps({"cwd": str(args.cwd), "cpus": os.cpu_count(),
+                                         "timings": [asdict(r) for r in rows]}, indent=2) + "\n")
     return 0
 
 

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from experiments.atomic import atomic_path, write_text
+
 MiB = 1 << 20
 
 
@@ -157,7 +159,7 @@ def allocator_steps(batch: int, sleep_s: float) -> list[dict]:
 
 def write_csv(path: Path, rows: list[dict]) -> None:
     keys = list(dict.fromkeys(k for r in rows for k in r))
-    with path.open("w", newline="") as f:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:  # no partial file if cut off
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         w.writerows(rows)
@@ -208,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
           f"({args.batch} sequences, Llama-3-8B KV shape, {args.sleep_ms} ms forward stand-in)", "",
           markdown(arows, ["op", "layout", "prefetch", "lead_tokens", "pages_per_group", "n", "median_us", "p90_us", "max_us",
                            "sync_maps", "async_maps"]), ""]
-    (out / "vmm.md").write_text("\n".join(md))
+    write_text(out / "vmm.md", "\n".join(md))
     print("\n".join(md))
 
 

@@ -88,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from omegaconf import OmegaConf
 
+    from experiments.atomic import write_csv
     from experiments.driver import drive
     from experiments.run import build_engine, compose
     from experiments.workloads import make_workload, tokenize_requests
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     df = pd.DataFrame(rows)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    df.to_csv(out / "step_timing.csv", index=False)
+    write_csv(out / "step_timing.csv", df)  # atomic: a cut-off write leaves no partial file
     ms = df.assign(**{c: df[c] * 1e3 for c in ("wall_s", "host_s", "launch_cpu_s", "device_s", "gap_before_s")})
     summary = ms[ms.batch > 0].groupby("kind").agg(
         steps=("step", "size"), tokens=("prefill_tokens", "median"), wall_ms=("wall_s", "median"),

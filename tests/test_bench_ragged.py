@@ -97,3 +97,28 @@ def test_a_first_runs_rows_read_as_this_versions():
     assert got["longest_first"].tolist() == got["variant"].isin(["longest-first", "seq-major"]).tolist()
     assert order_table(got) == order_table(load_rows(new)) != ""
 
+
+
+def test_a_cut_off_checkpoint_keeps_the_previous_complete_csv(tmp_path, monkeypatch):
+    """``run`` rewrites ragged_decode.csv after each model and mode; a write cut short (Ctrl-C, a
+    killed job) must leave the previous complete file and no partial or temporary file."""
+    import pandas as pd
+
+    from experiments.bench_ragged import save_rows
+
+    first = _rows(4, ["fixed", "default"])
+    path = save_rows(tmp_path, first)
+    before = path.read_text()
+
+    def cut(self, target, *args, **kwargs):  # half a file, then the interrupt
+        with open(target, "w") as f:
+            f.write("model,mo")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", cut)
+    with pytest.raises(KeyboardInterrupt):
+        save_rows(tmp_path, first + _rows(8, ["fixed", "default"]))
+    assert path.read_text() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["ragged_decode.csv"]
+    monkeypatch.undo()
+    assert len(pd.read_csv(path)) == len(first)
