@@ -45,15 +45,9 @@ def _random_init(model: CausalLM, seed: int) -> None:
 def _load_safetensors(model: CausalLM, path: Path) -> None:
     from safetensors.torch import load_file
 
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise ValueError(  # a user's folder: a clear error (exit 2), not a missing-file crash
-            f"no *.safetensors in {path}: save the model with save_pretrained(safe_serialization=True); "
-            "pickle checkpoints are not loaded"
-        )
     params = dict(model.named_parameters())
     seen: dict[str, Path] = {}
-    for f in files:
+    for f in checkpoint_files(path):
         with unreadable_names(f):
             tensors = load_file(str(f))
         for name, tensor in tensors.items():
@@ -68,6 +62,17 @@ def _load_safetensors(model: CausalLM, path: Path) -> None:
             with torch.no_grad():
                 params[name].copy_(tensor.to(params[name].dtype))
     check_complete(model, params, set(seen), path)
+
+
+def checkpoint_files(path: Path) -> list[Path]:
+    """The folder's *.safetensors files in order, shared by the one-device and the per-rank loaders so
+    that both refuse a folder without weights alike: a user's folder is a clear error (ValueError,
+    exit 2), not a missing-file crash."""
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"no *.safetensors in {path}: save the model with save_pretrained(safe_serialization=True); "
+                         "pickle checkpoints are not loaded")
+    return files
 
 
 def note_once(seen: dict[str, Path], name: str, f: Path) -> None:

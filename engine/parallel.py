@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from engine.loader import _uninitialized, check_complete, note_once, unreadable_names
+from engine.loader import _uninitialized, check_complete, checkpoint_files, note_once, unreadable_names
 from engine.model import CausalLM
 from engine.model_config import ModelConfig
 
@@ -122,14 +122,9 @@ def _load_safetensors_sharded(model: CausalLM, path: Path, rank: int, tp: int) -
     """Each rank reads only its slice of each tensor (safetensors slices lazily)."""
     from safetensors import safe_open
 
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(
-            f"no *.safetensors in {path}: save the model with save_pretrained(safe_serialization=True); "
-            "pickle checkpoints are not loaded")
     params = dict(model.named_parameters())
     seen: dict[str, Path] = {}
-    for f in files:
+    for f in checkpoint_files(path):  # a folder without weights: the one-device loader's ValueError
         with unreadable_names(f):
             st = safe_open(str(f), framework="pt", device="cpu")
         with st:

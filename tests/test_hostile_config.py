@@ -513,7 +513,10 @@ def test_a_run_into_a_folder_of_another_run_is_refused_before_hydra_rewrites_it(
     assert json.loads((run / "summary.json").read_text())["num_requests"] == 7
 
 
-def test_a_model_folder_without_weights_is_a_value_error(tmp_path):
+@pytest.mark.parametrize("tp", [1, 2])
+def test_a_model_folder_without_weights_is_a_value_error(tmp_path, tp):
+    """One device and each tensor-parallel rank give the same clear error (a setting, exit 2), not a
+    FileNotFoundError."""
     pytest.importorskip("transformers")
     from conftest import make_hf_checkpoint
 
@@ -523,8 +526,8 @@ def test_a_model_folder_without_weights_is_a_value_error(tmp_path):
     for f in tmp_path.glob("*.safetensors"):
         f.unlink()
     with pytest.raises(ValueError, match=r"no \*.safetensors in .*: save the model with save_pretrained"):
-        LLMEngine(EngineConfig(model=str(tmp_path), device="cpu", dtype="float32", max_model_len=64,
-                               kv_cache_tokens=256))
+        LLMEngine(EngineConfig(model=str(tmp_path), device="cpu", dtype="float32", tensor_parallel_size=tp,
+                               max_model_len=64, kv_cache_tokens=256))
 
 
 def test_a_negative_max_tokens_is_one_error():
