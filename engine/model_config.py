@@ -127,7 +127,7 @@ class ModelConfig:
             head_dim=d.get("head_dim") or 0,
             name=name,
         )
-        kw["sliding_window"], kw["layer_types"] = _windows(d, model_type)
+        kw["sliding_window"], kw["layer_types"] = _windows(d, model_type, name)
         return cls(**kw)
 
     @classmethod
@@ -145,16 +145,22 @@ class ModelConfig:
         return cls.from_hf_dict(d, name=Path(path).name)
 
 
-def _windows(d: dict, model_type: str) -> tuple[int | None, list[str] | None]:
+def _windows(d: dict, model_type: str, name: str = "custom") -> tuple[int | None, list[str] | None]:
     """(sliding_window, layer_types) as HF transformers reads them: None, None for full attention."""
     w = d.get("sliding_window")
     if model_type == "mistral":  # every layer (HF's Mistral ignores layer_types)
         return (w, None) if w else (None, None)  # __post_init__ checks it (int() cut 4.5 to 4, failed on a list)
     if model_type not in ("qwen2", "qwen3") or not (w and d.get("use_sliding_window")):
         return None, None  # Llama has no window; Qwen's is off unless use_sliding_window
-    first = int(d.get("max_window_layers", 28))
-    layer_types = d.get("layer_types") or ["sliding_attention" if i >= first else "full_attention"
-                                           for i in range(d["num_hidden_layers"])]
+    layer_types = d.get("layer_types")
+    if not layer_types:
+        # config.json is hostile input, read here before __post_init__'s checks: a text max_window_layers
+        # (int()) and a null, text or missing num_hidden_layers (range()) crashed without naming the field.
+        # A max_window_layers above the layer count is real (Qwen2.5-14B: 70, of 48 layers): no layer slides.
+        first, layers = d.get("max_window_layers", 28), d.get("num_hidden_layers")
+        _check_size(name, "max_window_layers", first, 0, where="config.json")
+        _check_size(name, "num_hidden_layers", layers, 1, where="config.json")
+        layer_types = ["sliding_attention" if i >= first else "full_attention" for i in range(layers)]
     if "sliding_attention" not in layer_types:
         return None, None
     return w, list(layer_types)
@@ -199,7 +205,8 @@ def _check_rope_scaling(name: str, scaling) -> None:
         _check_positive(name, f"rope_scaling.{key}", scaling.get(key))
 
 
-def _check_size(name: str, field_name: str, value, minimum: int) -> None:
+def _check_size(name: str, field_name: str, value, minimum: int,
+                where: str = "config.json or engine.hf_overrides") -> None:
     if not is_int(value) or not minimum <= value <= MAX_SIZE:
         raise ValueError(f"{name}: {field_name}={value!r} is not a model size: give a whole number in "
-                         f"[{minimum}, {MAX_SIZE}] (config.json or engine.hf_overrides)")
+                         f"[{minimum}, {MAX_SIZE}] ({where})")

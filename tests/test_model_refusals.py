@@ -100,3 +100,30 @@ def test_rope_and_norm_numbers_are_checked_naming_the_field(fields, expected):
 def test_a_negative_norm_eps_through_hf_overrides_is_refused_before_the_model_runs():
     with pytest.raises(ValueError, match=r"rms_norm_eps=-1.0 must be a finite number > 0 .*hf_overrides"):
         LLM("tiny-llama", device="cpu", hf_overrides={"rms_norm_eps": -1.0})
+
+
+@pytest.mark.parametrize("fields, expected", [
+    (dict(max_window_layers="28"), "max_window_layers='28' is not a model size"),  # int() took the text
+    (dict(max_window_layers="x"), "max_window_layers='x' is not a model size"),  # ValueError naming nothing
+    (dict(max_window_layers=None), "max_window_layers=None is not a model size"),  # TypeError
+    (dict(max_window_layers=-1), r"max_window_layers=-1 is not a model size: give a whole number in \[0, "),  # all slid
+    (dict(num_hidden_layers=None), "num_hidden_layers=None is not a model size"),  # TypeError in range()
+    (dict(num_hidden_layers="2"), "num_hidden_layers='2' is not a model size"),  # TypeError in range()
+])
+def test_qwen_window_layer_counts_are_checked_naming_the_field(fields, expected):
+    """A Qwen config with use_sliding_window reads max_window_layers and num_hidden_layers to lay out
+    its sliding layers, before the size checks: a wrong type crashed naming no field."""
+    d = _cfg(model_type="qwen2", sliding_window=64, use_sliding_window=True, **fields)
+    with pytest.raises(ValueError, match=rf"custom: {expected}.*\(config.json\)"):
+        ModelConfig.from_hf_dict(d)
+
+
+def test_qwen_window_layer_counts_missing_or_beyond_the_layers():
+    d = _cfg(model_type="qwen2", sliding_window=64, use_sliding_window=True)
+    del d["num_hidden_layers"]  # KeyError
+    with pytest.raises(ValueError, match=r"num_hidden_layers=None is not a model size"):
+        ModelConfig.from_hf_dict(d)
+    # real Qwen2.5 configs: max_window_layers above the layer count, so no layer slides
+    big = ModelConfig.from_hf_dict(_cfg(model_type="qwen2", sliding_window=64, use_sliding_window=True,
+                                        max_window_layers=70))
+    assert big.sliding_window is None and big.layer_windows() == [0, 0]
