@@ -47,6 +47,8 @@ class ModelConfig:
                   "num_key_value_heads", "max_position_embeddings"):
             _check_size(self.name, f, getattr(self, f), 1)
         _check_size(self.name, "head_dim", self.head_dim, 0)
+        for f in ("tie_word_embeddings", "attention_bias", "o_proj_bias", "qk_norm"):
+            _check_bool(self.name, f, getattr(self, f))
         if self.head_dim <= 0:
             self.head_dim = self.hidden_size // self.num_attention_heads
             if self.head_dim < 1:
@@ -114,6 +116,9 @@ class ModelConfig:
             raise ValueError(f"{name}: rope_parameters={rope!r} in config.json is not an object of RoPE settings")
         scaling = d.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
         eos = d.get("eos_token_id", 2)
+        bias = d.get("attention_bias")  # bool() below would take a text "false" as true
+        if bias is not None:
+            _check_bool(name, "attention_bias", bias, where="config.json")
         known = {f.name for f in fields(cls)}
         kw = {k: v for k, v in d.items() if k in known and v is not None}
         kw.update(
@@ -122,8 +127,8 @@ class ModelConfig:
             rope_scaling=dict(scaling) if isinstance(scaling, dict) else scaling or None,
             eos_token_id=list(eos) if isinstance(eos, (list, tuple)) else eos,  # null or an id: __post_init__
             qk_norm=model_type == "qwen3",
-            attention_bias=bool(d.get("attention_bias", model_type == "qwen2")),
-            o_proj_bias=bool(d.get("attention_bias")) and model_type in ("llama", "qwen3"),
+            attention_bias=model_type == "qwen2" if bias is None else bias,
+            o_proj_bias=bool(bias) and model_type in ("llama", "qwen3"),
             head_dim=d.get("head_dim") or 0,
             name=name,
         )
@@ -150,8 +155,13 @@ def _windows(d: dict, model_type: str, name: str = "custom") -> tuple[int | None
     w = d.get("sliding_window")
     if model_type == "mistral":  # every layer (HF's Mistral ignores layer_types)
         return (w, None) if w else (None, None)  # __post_init__ checks it (int() cut 4.5 to 4, failed on a list)
-    if model_type not in ("qwen2", "qwen3") or not (w and d.get("use_sliding_window")):
-        return None, None  # Llama has no window; Qwen's is off unless use_sliding_window
+    if model_type not in ("qwen2", "qwen3"):
+        return None, None  # Llama has no window
+    use = d.get("use_sliding_window")
+    if use is not None:  # a text "false" was taken as true
+        _check_bool(name, "use_sliding_window", use, where="config.json")
+    if not (w and use):
+        return None, None  # Qwen's window is off unless use_sliding_window
     layer_types = d.get("layer_types")
     if not layer_types:
         # config.json is hostile input, read here before __post_init__'s checks: a text max_window_layers
@@ -203,6 +213,13 @@ def _check_rope_scaling(name: str, scaling) -> None:
     # another type is refused where the model is built (engine/rope.py): simulate needs no RoPE
     for key in ROPE_SCALING_KEYS.get(kind, ()):
         _check_positive(name, f"rope_scaling.{key}", scaling.get(key))
+
+
+def _check_bool(name: str, field_name: str, value, where: str = "config.json or engine.hf_overrides") -> None:
+    """A JSON true or false: a text such as "false" is truthy and was taken as true (an untied checkpoint
+    with ``tie_word_embeddings: "false"`` was built tied, and failed at load naming lm_head.weight)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}: {field_name}={value!r} is not a boolean: give true or false ({where})")
 
 
 def _check_size(name: str, field_name: str, value, minimum: int,

@@ -127,3 +127,37 @@ def test_qwen_window_layer_counts_missing_or_beyond_the_layers():
     big = ModelConfig.from_hf_dict(_cfg(model_type="qwen2", sliding_window=64, use_sliding_window=True,
                                         max_window_layers=70))
     assert big.sliding_window is None and big.layer_windows() == [0, 0]
+
+
+@pytest.mark.parametrize("fields", [
+    dict(tie_word_embeddings="false"),
+    dict(tie_word_embeddings=0),
+    dict(attention_bias="false"),
+    dict(model_type="qwen2", attention_bias="no"),
+    dict(model_type="qwen2", sliding_window=64, use_sliding_window="false"),  # every layer slid
+])
+def test_boolean_fields_of_config_json_must_be_booleans(fields):
+    """bool("false") is True: a text false was taken as true (a window turned on, a bias or a tied
+    lm_head that the checkpoint does not have), failing later naming another thing or not at all."""
+    (field, value), = [(k, v) for k, v in fields.items() if k not in ("model_type", "sliding_window")]
+    with pytest.raises(ValueError, match=rf"custom: {field}={value!r} is not a boolean: give true or false"):
+        ModelConfig.from_hf_dict(_cfg(**{"model_type": "llama", "max_window_layers": 0, **fields}))
+
+
+def test_null_booleans_keep_their_defaults():
+    null = dict(tie_word_embeddings=None, attention_bias=None, use_sliding_window=None, sliding_window=64)
+    assert not ModelConfig.from_hf_dict(_cfg(model_type="llama", **null)).tie_word_embeddings
+    qwen = ModelConfig.from_hf_dict(_cfg(model_type="qwen2", **null))
+    assert qwen.attention_bias and qwen.sliding_window is None  # Qwen2's bias; no window unless turned on
+
+
+def test_a_text_false_in_a_saved_folder_or_hf_overrides_is_refused_naming_the_field(tmp_path):
+    """The saved untied model with ``"tie_word_embeddings": "false"`` failed at load with "checkpoint
+    tensor 'lm_head.weight' has no place in the kvlab model", which does not name the cause."""
+    make_hf_checkpoint(tmp_path, "llama")
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": "false"}))
+    with pytest.raises(ValueError, match=r"tie_word_embeddings='false' is not a boolean: give true or false"):
+        LLM(str(tmp_path), device="cpu", max_model_len=64)
+    with pytest.raises(ValueError, match=r"qk_norm='false' is not a boolean: .*engine.hf_overrides"):
+        LLM("tiny-llama", device="cpu", hf_overrides={"qk_norm": "false"})
