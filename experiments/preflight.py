@@ -5,13 +5,14 @@ and a close match. The checks compose the configuration with Hydra's compose API
 milliseconds) for every combination of a sweep, so a typo in the fifth run of a sweep is found
 before the first one starts.
 
-Two rewrites happen here too, so Hydra sees plain overrides:
+Three rewrites happen here too, so Hydra sees plain overrides:
 
 - ``model=DIR`` (a local HF directory, relative or absolute) becomes
   ``model=hf_dir model.path=/abs/DIR`` (named after the directory by conf/model/hf_dir.yaml);
 - ``allocator.args.KEY=V`` for an option some allocator takes becomes ``++allocator.args.KEY=V``,
   so it may be set for every allocator of a sweep; an allocator that does not take it drops it
-  when the run starts (``experiments.run_config.applicable_config``), with one log line.
+  when the run starts (``experiments.run_config.applicable_config``), with one log line;
+- ``run_name=null`` is left out (null: unset, the default name), not a folder named ``...-None``.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from experiments.preflight_conf import (
 )
 from experiments.preflight_rewrites import (
     _existing_dir, _given, _looks_like_path, _parse, _quote, _values, rewrite_allocator_args, rewrite_model,
+    rewrite_run_name,
 )
 
 __all__ = [
@@ -38,8 +40,9 @@ __all__ = [
     "LAUNCHER_COMMANDS", "LAUNCHER_PLUGINS", "MAX_COMPOSED", "MAX_ONLINE_SPAN_S", "MODES", "READ_WHERE_SET", "ROOT",
     "VALUE_FLAGS", "Prepared", "UserError", "allocator_options", "check_choices", "check_config", "check_folder",
     "check_groups", "check_launcher", "compose", "compose_named", "did_you_mean", "group_choices", "is_group",
-    "model_presets", "prepare", "register_resolvers", "rewrite_allocator_args", "rewrite_model", "split_args",
-    "value_probes", "_choices_text", "_existing_dir", "_given", "_looks_like_path", "_parse", "_quote", "_values",
+    "model_presets", "prepare", "register_resolvers", "rewrite_allocator_args", "rewrite_model", "rewrite_run_name",
+    "split_args", "value_probes", "_choices_text", "_existing_dir", "_given", "_looks_like_path", "_parse", "_quote",
+    "_values",
 ]
 
 MAX_COMPOSED = 32  # sweep combinations composed one by one; beyond that, one per group choice
@@ -293,6 +296,9 @@ def _check_protocol(cfg) -> None:
     for key in ("resume", "progress", "report"):
         if not isinstance(cfg.get(key, True), bool):
             raise UserError(f"{key}={cfg.get(key)}: give true or false")
+    if cfg.get("run_name", "") is None:  # what the rewrite leaves: a sweep's null (Hydra: a folder ...-None)
+        raise UserError("run_name=null: give a folder name, or leave run_name out for its default name "
+                        "(allocator-model-workload)")
     name = str(cfg.get("run_name", ""))
     if "/" in name or "\\" in name or name in ("", ".", ".."):
         raise UserError(f"run_name={name!r}: give a folder name without / (it names the run's folder)")
@@ -374,7 +380,7 @@ def check_config(cfg) -> None:
 
 def prepare(overrides: list[str], cwd: Path | None = None) -> Prepared:
     """Rewrite and check ``kvlab run`` overrides (without -m / --multirun and other flags)."""
-    overrides = rewrite_allocator_args(rewrite_model(overrides, cwd))
+    overrides = rewrite_run_name(rewrite_allocator_args(rewrite_model(overrides, cwd)))
     ovs = _parse(overrides)
     check_groups(ovs)
     check_launcher(ovs)

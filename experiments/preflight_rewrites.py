@@ -1,7 +1,7 @@
-"""The two rewrites of ``kvlab run`` overrides (``experiments.preflight``), so Hydra sees plain
-overrides: ``model=DIR`` -> ``model=hf_dir model.path=/abs/DIR``, and ``allocator.args.KEY=V`` ->
-``++allocator.args.KEY=V`` for an option some allocator takes; and the parsing of override lines
-(``_parse``, ``_values``) the checks share."""
+"""The rewrites of ``kvlab run`` overrides (``experiments.preflight``), so Hydra sees plain
+overrides: ``model=DIR`` -> ``model=hf_dir model.path=/abs/DIR``, ``allocator.args.KEY=V`` ->
+``++allocator.args.KEY=V`` for an option some allocator takes, and ``run_name=null`` left out; and
+the parsing of override lines (``_parse``, ``_values``) the checks share."""
 from __future__ import annotations
 
 import os
@@ -125,5 +125,21 @@ def rewrite_allocator_args(overrides: list[str]) -> list[str]:
                 raise UserError(f"allocator.args.{name}: no allocator takes this option ({takes})"
                                 f"{did_you_mean(name, every, 'allocator.args.')}")
             line = "++" + line
+        out.append(line)
+    return out
+
+
+def rewrite_run_name(overrides: list[str]) -> list[str]:
+    """``run_name=null`` is left out: to a Hydra user null means unset, so the run keeps its default
+    name (allocator-model-workload); given to Hydra, it named the run folder ``...-None``. A null
+    among a sweep's names cannot be left out: refused."""
+    out = []
+    for line, ov in zip(overrides, _parse(overrides)):
+        if ov.key_or_group == "run_name" and ov.type.name in ("CHANGE", "FORCE_ADD"):
+            if not ov.is_sweep_override() and ov.value() is None:
+                continue
+            if None in (getattr(ov.value(), "list", None) or ()):  # the sweep's checks would see "None"
+                raise UserError(f"{line}: run_name=null in a sweep names that run's folder N-None: give each run "
+                                "a folder name, or leave run_name out for the default (allocator-model-workload)")
         out.append(line)
     return out

@@ -611,3 +611,25 @@ def test_fused_gemv_max_tokens_is_a_count_the_kernel_takes(value):
     with pytest.raises(ValueError, match=r"fused_gemv_max_tokens must be an integer in \[0, 16\]"):
         EngineConfig(fused_gemv_max_tokens=value)
     assert EngineConfig(fused_gemv_max_tokens=np.int64(16)).fused_gemv_max_tokens == 16
+
+
+def test_a_null_run_name_means_unset_and_keeps_the_default_name(tmp_path, monkeypatch, capsys):
+    """To a Hydra user ``run_name=null`` means unset: the run folder was named ``<time>-None``."""
+    from experiments.preflight import compose
+
+    monkeypatch.chdir(tmp_path)  # the default run folder: runs/<date>/<time>-<run_name>
+    common = ["mode=simulate", "workload.num_requests=4", "report=false", "progress=false"]
+    assert cli([*common, "run_name=null"]) == 0
+    (run,) = (tmp_path / "runs").glob("*/*")
+    default = compose(common).run_name  # allocator-model-workload
+    assert run.name.endswith(f"-{default}") and (run / "summary.json").is_file()
+    # a null among a sweep's names is refused before any run (Hydra would name the folder 0-None)
+    capsys.readouterr()
+    assert cli(["-m", *common, "run_name=null,x", f"hydra.sweep.dir={tmp_path / 'sweep'}"]) == 2
+    assert "run_name=null,x: run_name=null in a sweep names that run's folder N-None" in capsys.readouterr().err
+    assert not (tmp_path / "sweep").exists()
+    # a null that reaches the configuration (a preset's, run_experiment's) is refused, not named None
+    from experiments.preflight import UserError, check_config
+
+    with pytest.raises(UserError, match=r"run_name=null: give a folder name, or leave run_name out"):
+        check_config(compose([*common, "run_name=null"]))
