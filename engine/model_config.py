@@ -111,6 +111,12 @@ class ModelConfig:
                 raise ValueError(
                     f"{name}: architecture '{arch}' is not one kvlab runs as model_type '{model_type}': "
                     f"supported architectures {sorted(ARCHITECTURES)} (each with its own model_type)")
+        # the dataclass's defaults are a tiny test model's: a size config.json leaves out (or nulls) would
+        # silently build (or, in simulate, time) a model of another shape
+        missing = [k for k in REQUIRED_SIZES if d.get(k) is None]
+        if missing:
+            raise ValueError(f"{name}: config.json gives no {', '.join(missing)}: restore the model's config.json "
+                             "(save_pretrained writes every size)")
         rope = d.get("rope_parameters") or {}
         if not isinstance(rope, dict):
             raise ValueError(f"{name}: rope_parameters={rope!r} in config.json is not an object of RoPE settings")
@@ -130,6 +136,9 @@ class ModelConfig:
             attention_bias=model_type == "qwen2" if bias is None else bias,
             o_proj_bias=bool(bias) and model_type in ("llama", "qwen3"),
             head_dim=d.get("head_dim") or 0,
+            # HF: no num_key_value_heads is multi-head attention (one KV head a query head)
+            num_key_value_heads=d["num_attention_heads"] if d.get("num_key_value_heads") is None
+            else d["num_key_value_heads"],
             name=name,
         )
         kw["sliding_window"], kw["layer_types"] = _windows(d, model_type, name)
@@ -176,6 +185,8 @@ def _windows(d: dict, model_type: str, name: str = "custom") -> tuple[int | None
     return w, list(layer_types)
 
 
+# the sizes a config.json must give (HF's own defaults for them are some 7B model's, never the checkpoint's)
+REQUIRED_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 MAX_SIZE = 1 << 24  # larger than any dimension, layer count or vocabulary of a real model
 
 

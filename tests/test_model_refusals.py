@@ -107,7 +107,6 @@ def test_a_negative_norm_eps_through_hf_overrides_is_refused_before_the_model_ru
     (dict(max_window_layers="x"), "max_window_layers='x' is not a model size"),  # ValueError naming nothing
     (dict(max_window_layers=None), "max_window_layers=None is not a model size"),  # TypeError
     (dict(max_window_layers=-1), r"max_window_layers=-1 is not a model size: give a whole number in \[0, "),  # all slid
-    (dict(num_hidden_layers=None), "num_hidden_layers=None is not a model size"),  # TypeError in range()
     (dict(num_hidden_layers="2"), "num_hidden_layers='2' is not a model size"),  # TypeError in range()
 ])
 def test_qwen_window_layer_counts_are_checked_naming_the_field(fields, expected):
@@ -120,8 +119,8 @@ def test_qwen_window_layer_counts_are_checked_naming_the_field(fields, expected)
 
 def test_qwen_window_layer_counts_missing_or_beyond_the_layers():
     d = _cfg(model_type="qwen2", sliding_window=64, use_sliding_window=True)
-    del d["num_hidden_layers"]  # KeyError
-    with pytest.raises(ValueError, match=r"num_hidden_layers=None is not a model size"):
+    del d["num_hidden_layers"]  # KeyError (now refused with every missing size, before the windows)
+    with pytest.raises(ValueError, match=r"config.json gives no num_hidden_layers"):
         ModelConfig.from_hf_dict(d)
     # real Qwen2.5 configs: max_window_layers above the layer count, so no layer slides
     big = ModelConfig.from_hf_dict(_cfg(model_type="qwen2", sliding_window=64, use_sliding_window=True,
@@ -161,3 +160,26 @@ def test_a_text_false_in_a_saved_folder_or_hf_overrides_is_refused_naming_the_fi
         LLM(str(tmp_path), device="cpu", max_model_len=64)
     with pytest.raises(ValueError, match=r"qk_norm='false' is not a boolean: .*engine.hf_overrides"):
         LLM("tiny-llama", device="cpu", hf_overrides={"qk_norm": "false"})
+
+
+@pytest.mark.parametrize("key", ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                 "num_attention_heads"])
+@pytest.mark.parametrize("how", ["missing", "null"])
+def test_a_size_config_json_leaves_out_is_refused_not_taken_from_a_tiny_default(key, how):
+    """A size left out of config.json (or null) took the dataclass's tiny default (2 layers, hidden 64):
+    simulate then timed a model of another shape without a word."""
+    d = _cfg(model_type="llama")
+    if how == "missing":
+        del d[key]
+    else:
+        d[key] = None
+    with pytest.raises(ValueError, match=rf"config.json gives no {key}: restore"):
+        ModelConfig.from_hf_dict(d)
+
+
+def test_no_num_key_value_heads_is_one_kv_head_a_query_head_as_in_hf():
+    d = _cfg(model_type="llama")
+    del d["num_key_value_heads"]
+    assert ModelConfig.from_hf_dict(d).num_key_value_heads == 4
+    with pytest.raises(ValueError, match="num_key_value_heads=0"):  # a zero is refused, not replaced
+        ModelConfig.from_hf_dict(_cfg(model_type="llama", num_key_value_heads=0))
