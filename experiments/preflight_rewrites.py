@@ -35,9 +35,17 @@ def _values(ov) -> list[str]:
     if ov.is_sweep_override():
         choices = getattr(v, "list", None)  # a,b,c: the values as written, unescaped
         if choices is not None:
-            return [str(getattr(c, "text", c)) for c in choices]  # QuotedString -> its text
+            return [_text(getattr(c, "text", c)) for c in choices]  # QuotedString -> its text
         return [str(c) for c in ov.sweep_string_iterator()]
     return [] if v is None else [str(v) if not isinstance(v, str) else v]
+
+
+def _text(v) -> str:
+    """A parsed sweep value as Hydra's grammar writes it: str() made a null the text "None" (a run of
+    the sweep then composed, and was checked, with that string instead of null)."""
+    if v is None:
+        return "null"
+    return str(v).lower() if isinstance(v, bool) else str(v)
 
 
 def _looks_like_path(v: str) -> bool:

@@ -494,6 +494,17 @@ def test_value_probes_hold_every_swept_value():
     assert all(p[2] == "mode=simulate" for p in probes)
 
 
+def test_a_sweeps_null_and_bools_are_checked_as_hydra_runs_them(tmp_path):
+    """A null among a sweep's values became the text "None": ``engine.kv_cache_tokens=null,40000``, a
+    sweep whose runs both run, was refused ("expects a number") before any of them started."""
+    from experiments.preflight import prepare, value_probes
+
+    probes = value_probes(["engine.kv_cache_tokens=null,40000", "engine.enforce_eager=true,false"])
+    assert {p[0] for p in probes} == {"engine.kv_cache_tokens=null", "engine.kv_cache_tokens=40000"}
+    assert {p[1] for p in probes} == {"engine.enforce_eager=true", "engine.enforce_eager=false"}
+    prepare(["mode=simulate", "engine.kv_cache_tokens=null,40000", f"hydra.sweep.dir={tmp_path / 's'}"])
+
+
 def test_a_run_into_a_folder_of_another_run_is_refused_before_hydra_rewrites_it(capsys, tmp_path):
     """The folder's finished run, its .hydra files and its --resume stay as they were; the same run
     again is skipped (resume), and resume=false overwrites."""
