@@ -72,6 +72,7 @@ class ModelConfig:
                 raise ValueError(f"sliding_window must be a positive int or None, got {self.sliding_window!r}")
             self.sliding_window = int(self.sliding_window)
         if self.layer_types is not None:
+            _check_layer_types(self.name, self.layer_types)
             self.layer_types = list(self.layer_types)
             bad = sorted(set(self.layer_types) - set(LAYER_TYPES))
             if bad:
@@ -172,6 +173,8 @@ def _windows(d: dict, model_type: str, name: str = "custom") -> tuple[int | None
     if not (w and use):
         return None, None  # Qwen's window is off unless use_sliding_window
     layer_types = d.get("layer_types")
+    if layer_types is not None:
+        _check_layer_types(name, layer_types)
     if not layer_types:
         # config.json is hostile input, read here before __post_init__'s checks: a text max_window_layers
         # (int()) and a null, text or missing num_hidden_layers (range()) crashed without naming the field.
@@ -182,7 +185,7 @@ def _windows(d: dict, model_type: str, name: str = "custom") -> tuple[int | None
         layer_types = ["sliding_attention" if i >= first else "full_attention" for i in range(layers)]
     if "sliding_attention" not in layer_types:
         return None, None
-    return w, list(layer_types)
+    return w, layer_types  # checked by __post_init__
 
 
 # the sizes a config.json must give (HF's own defaults for them are some 7B model's, never the checkpoint's)
@@ -224,6 +227,12 @@ def _check_rope_scaling(name: str, scaling) -> None:
     # another type is refused where the model is built (engine/rope.py): simulate needs no RoPE
     for key in ROPE_SCALING_KEYS.get(kind, ()):
         _check_positive(name, f"rope_scaling.{key}", scaling.get(key))
+
+
+def _check_layer_types(name: str, layer_types) -> None:
+    if not isinstance(layer_types, (list, tuple)):  # list() of a text made its characters "layers"
+        raise ValueError(f"{name}: layer_types={layer_types!r} must be a list, one attention type a layer "
+                         f"({list(LAYER_TYPES)}): fix it in config.json or engine.hf_overrides")
 
 
 def _check_bool(name: str, field_name: str, value, where: str = "config.json or engine.hf_overrides") -> None:

@@ -183,3 +183,14 @@ def test_no_num_key_value_heads_is_one_kv_head_a_query_head_as_in_hf():
     assert ModelConfig.from_hf_dict(d).num_key_value_heads == 4
     with pytest.raises(ValueError, match="num_key_value_heads=0"):  # a zero is refused, not replaced
         ModelConfig.from_hf_dict(_cfg(model_type="llama", num_key_value_heads=0))
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "llama"])
+def test_a_text_layer_types_is_refused_naming_the_field(model_type):
+    """A text layer_types was split into characters (Qwen: "layers" 's', 'l', ...), or ignored where it
+    held no "sliding_attention"; through hf_overrides it reaches the dataclass directly."""
+    d = _cfg(model_type="qwen2", sliding_window=64, use_sliding_window=True, layer_types="full_attention")
+    with pytest.raises(ValueError, match=r"layer_types='full_attention' must be a list"):
+        ModelConfig.from_hf_dict(d)
+    with pytest.raises(ValueError, match=r"layer_types='sliding_attention' must be a list"):
+        ModelConfig(model_type=model_type, layer_types="sliding_attention", sliding_window=8)
