@@ -430,7 +430,10 @@ def test_stream_chunks_carry_usage_null_until_the_usage_chunk(app, path, body, i
     events = [line[len("data: "):] for line in r.text.splitlines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
     chunks = [json.loads(e) for e in events[:-1]]
-    assert len(chunks) > 2 and all(c["choices"] for c in chunks[:-1])
+    # a slow reader gets a choice's tokens coalesced into fewer chunks (as vLLM's stream may): at least one
+    # chunk a choice, each with its choice, then the usage chunk where asked for
+    content = chunks[:-1] if include_usage else chunks
+    assert len(content) >= body.get("n", 1) and all(c["choices"] for c in content), chunks
     if include_usage:
         assert all("usage" in c and c["usage"] is None for c in chunks[:-1]), chunks
         assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 3 * body.get("n", 1)
