@@ -31,6 +31,11 @@ UNITS |= {"gpu_prefix_hit_rate": "fraction", "host_prefix_hit_rate": "fraction",
           "host_tier_hidden_s": "s", "host_tier_hidden_fraction": "fraction", "host_tier_unused_slots": "blocks"}
 UNITS |= {"mean_batch_size_tw": "seqs", "steady_state_start_s": "s", "steady_state_end_s": "s",
           "steady_state_steps": "count"}
+# layer groups' held bytes (mean and peak over steps) and virtual's shared page maps depend on the
+# seed's requests: measurements, so repeats average them (with a CI) like every other figure; without a
+# unit they were metadata and a repeated row kept its first run's value (kv_grouping.png drew that)
+UNITS |= {f"kv_{kind}_groups_{stat}_bytes": "bytes" for kind in ("full", "windowed") for stat in ("mean", "peak")}
+UNITS |= {"kv_padding_mean_bytes": "bytes", "kv_shared_page_maps": "count"}
 for _f in STAT_FIELDS:
     UNITS[_f] = UNITS[f"{_f}_peak"] = UNITS[f"{_f}_saturated"] = UNITS[f"{_f}_tw"] = "fraction"
 for _l in LATENCIES:

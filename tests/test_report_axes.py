@@ -88,3 +88,19 @@ def test_other_swept_keys_split_the_groups_and_bytes_become_gb():
         assert {k: v[0] for k, v in _bars(windowed[0]).items()} == {"none": 2.0, "shared": 0.5}
     finally:
         plt.close(fig)
+
+
+def test_repeats_average_the_layer_group_bytes_with_their_interval():
+    """Two seeds of one grouped run: the row's windowed bytes (what kv_grouping.png draws) are their mean,
+    with the Student-t 95% half-width t(0.975, 1) * s / sqrt(2) = 12.7062 * |a - b| / 2, not the first seed's."""
+    from experiments.report import group_repeats
+
+    runs = pd.DataFrame({"allocator": ["paged", "paged"], GROUPING: ["shared", "shared"], "cfg.seed": [0, 1],
+                         "seed": [0, 1], "run_id": ["g/rep0", "g/rep1"], "run_dir": ["g/rep0", "g/rep1"],
+                         "output_throughput": [100.0, 110.0],
+                         "kv_windowed_groups_mean_bytes": [1.0e9, 3.0e9], "kv_padding_mean_bytes": [0.0, 2.0e9]})
+    row = group_repeats(runs).iloc[0]
+    assert row["n"] == 2
+    assert row["kv_windowed_groups_mean_bytes"] == pytest.approx(2.0e9)
+    assert row["kv_windowed_groups_mean_bytes_ci95"] == pytest.approx(12.7062047 * 1.0e9, rel=1e-7)
+    assert row["kv_padding_mean_bytes"] == pytest.approx(1.0e9)
