@@ -27,8 +27,9 @@ CATEGORIES = {
 def add_axis_columns(wide: pd.DataFrame) -> None:
     """GB columns of the layer-group byte figures (runs without groups: 0 padding)."""
     for col in ("kv_windowed_groups_mean_bytes", "kv_full_groups_mean_bytes", "kv_padding_mean_bytes"):
-        if col in wide:
-            wide[col.replace("_bytes", "_gb")] = wide[col].astype(float) / GB
+        for c in (col, f"{col}_ci95"):  # the repeats' interval in the same unit, for the error bars
+            if c in wide:
+                wide[c.replace("_bytes", "_gb")] = wide[c].astype(float) / GB
 
 
 def _series_key(wide: pd.DataFrame, axis: str, swept: list[str]) -> pd.Series:
@@ -63,7 +64,11 @@ def plot_axis(wide: pd.DataFrame, axis: str, swept: list[str]):
     for ax, (metric, ylabel) in zip(axes[0], metrics):
         for i, v in enumerate(values):
             rows = data[data["_value"] == v].set_index("_group").reindex(groups)
-            bars = ax.bar(x + (i - (len(values) - 1) / 2) * width, rows[metric].astype(float), width, label=v)
+            # rows of repeats: each bar its 95% CI, as every other figure of the report draws it
+            ci = f"{metric}_ci95"
+            err = rows[ci].astype(float).fillna(0).to_numpy() if ci in rows and rows[ci].notna().any() else None
+            bars = ax.bar(x + (i - (len(values) - 1) / 2) * width, rows[metric].astype(float), width, label=v,
+                          yerr=err, capsize=3 if err is not None else 0, error_kw=dict(lw=1, ecolor="black"))
             ax.bar_label(bars, fmt="%.3g", fontsize=6)
         ax.set_xticks(x, groups, rotation=30, ha="right", fontsize=7)
         ax.set_ylabel(ylabel)

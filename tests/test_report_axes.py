@@ -104,3 +104,30 @@ def test_repeats_average_the_layer_group_bytes_with_their_interval():
     assert row["kv_windowed_groups_mean_bytes"] == pytest.approx(2.0e9)
     assert row["kv_windowed_groups_mean_bytes_ci95"] == pytest.approx(12.7062047 * 1.0e9, rel=1e-7)
     assert row["kv_padding_mean_bytes"] == pytest.approx(1.0e9)
+
+
+def test_bars_of_repeated_rows_draw_their_95_ci():
+    """A row of repeats carries ``<metric>_ci95``: its bar spans mean ± that half-width (GB for the
+    layer-group bytes), as the report's other bars do."""
+    from matplotlib.container import ErrorbarContainer
+
+    wide = pd.DataFrame({GROUPING: ["none", "shared"], "allocator": ["paged", "paged"],
+                         "output_throughput": [100.0, 150.0], "output_throughput_ci95": [4.0, 6.0],
+                         "kv_windowed_groups_mean_bytes": [2e9, 5e8],
+                         "kv_windowed_groups_mean_bytes_ci95": [3e8, 1e8]})
+    add_axis_columns(wide)
+    assert wide["kv_windowed_groups_mean_gb_ci95"].tolist() == pytest.approx([0.3, 0.1])
+    fig = plot_axis(wide, GROUPING, [GROUPING])
+    try:
+        want = {"output throughput (tok/s)": {"none": (96.0, 104.0), "shared": (144.0, 156.0)},
+                "KV held by windowed layers (GB, mean)": {"none": (1.7, 2.3), "shared": (0.4, 0.6)}}
+        for ax in fig.axes:
+            if ax.get_ylabel() not in want:
+                continue
+            errs = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+            assert len(errs) == 2, ax.get_ylabel()
+            for value, c in zip(("none", "shared"), errs):  # one bar per value, in the axis' order
+                (lo, hi), = [seg[:, 1] for seg in c.lines[2][0].get_segments()]
+                assert (lo, hi) == pytest.approx(want[ax.get_ylabel()][value])
+    finally:
+        plt.close(fig)
