@@ -21,6 +21,7 @@ UNITS = {
     "mean_batch_size": "seqs", "preemptions": "count", "prefix_cache_hit_rate": "fraction",
     "duration": "s", "num_requests": "count", "num_failed_requests": "count", "total_input_tokens": "tokens",
     "total_output_tokens": "tokens", "saturated_steps": "fraction", "sharing_saving": "fraction",
+    "sharing_saving_tw": "fraction",
     "simulated_busy_s": "s", "wall_time_s": "s", "mean_output_len": "tokens", "mean_prompt_len": "tokens",
 }
 UNITS |= {"gpu_prefix_hit_rate": "fraction", "host_prefix_hit_rate": "fraction", "recomputed_tokens": "tokens",
@@ -201,7 +202,8 @@ def write_steps(path: str | Path, records, accountant, t0: float, logical_tokens
     logical = _logical_index(logical_tokens)
     acc = _StepFigures(STAT_FIELDS, max_num_batched_tokens, max_num_seqs,
                        accountant.bpt if accountant is not None else None)
-    steady = SteadyState(window, max_num_batched_tokens, max_num_seqs) if window is not None else None
+    steady = SteadyState(window, max_num_batched_tokens, max_num_seqs,
+                         accountant.bpt if accountant is not None else None) if window is not None else None
     k0 = 0
     with atomic_path(path) as tmp:
         writer = None
@@ -318,8 +320,9 @@ class SteadyState:
     """
 
     def __init__(self, rule: WindowRule, max_num_batched_tokens: int | None = None,
-                 max_num_seqs: int | None = None):
-        self.rule, self.mnbt, self.mns = rule, max_num_batched_tokens, max_num_seqs
+                 max_num_seqs: int | None = None, bytes_per_token: int | None = None):
+        self.rule, self.mnbt, self.mns, self.bpt = rule, max_num_batched_tokens, max_num_seqs, bytes_per_token
+        self.saving = False  # steps with logical_tokens: sharing_saving_tw too (weighted by steps with live tokens)
         self.start = rule.warmup_s if rule.warmup_s is not None else math.inf
         self.end = math.inf if rule.offline else rule.last_arrival_s  # offline: set by the last waiting step
         self.sums: np.ndarray | None = None  # weighted [num_seqs, *memory] up to here, and the weight
@@ -340,6 +343,12 @@ class SteadyState:
         if mem is not None and capacity:
             self.fields = TW_FIELDS
             cols += [mem[:, STAT_FIELDS.index(f)] / capacity for f in TW_FIELDS]
+            if self.bpt and "logical_tokens" in df:
+                self.saving = True
+                logical = df["logical_tokens"].to_numpy(float) * self.bpt
+                live = logical > 0
+                ts = mem[:, STAT_FIELDS.index("token_states")]
+                cols += [np.where(live, 1 - ts / np.where(live, logical, 1), 0.0), live.astype(float)]
         values = np.column_stack([*cols, np.ones(len(df))]) * w[:, None]
         run = np.cumsum(values, axis=0)
         before = self.sums if self.sums is not None else np.zeros(values.shape[1])
@@ -365,11 +374,17 @@ class SteadyState:
             "steady_state_end_rule": "queue_drained" if rule.offline else "last_arrival",
             "steady_state_steps": steps, "steady_state_reason": None}
         names = ["mean_batch_size_tw", *(f"{f}_tw" for f in self.fields)]
+        if self.saving:
+            names.append("sharing_saving_tw")
         if sums is None or not sums[-1] > 0:
             out["steady_state_reason"] = self._why_empty(start, end)
             out["steady_state_steps"] = 0
             return out | {n: math.nan for n in names}
-        return out | {n: float(v / sums[-1]) for n, v in zip(names, sums[:-1])}
+        out |= {n: float(v / sums[-1]) for n, v in zip(names, sums[:-1])}
+        if self.saving:  # weighted by the window's time with live tokens only, as sharing_saving counts steps
+            saved, live = sums[-3], sums[-2]
+            out["sharing_saving_tw"] = float(saved / live) if live > 0 else math.nan
+        return out
 
     def _why_empty(self, start: float, end: float) -> str:
         if math.isnan(start):

@@ -64,6 +64,23 @@ def test_window_from_saturation_to_last_arrival_weighted_by_time(cuts):
     assert out["mean_batch_size_tw"] == pytest.approx((4 * 1 + 4 * 2 + 2 * 1) / 4)  # 3.5; per step: 2.4
 
 
+@pytest.mark.parametrize("cuts", [(), (2,), (1, 3, 4)])
+def test_sharing_saving_time_weighted_over_the_window_steps_with_live_tokens(cuts):
+    """``sharing_saving_tw`` (the paper comparison's Fig. 15 figure): 1 - token states / live tokens
+    unshared, weighted by each step's time in the window, over steps with live tokens only."""
+    df, mem = trace(ONLINE)
+    df["logical_tokens"] = [10, 50, 100, 0, 20]  # savings 0, 0.2, 0.4, (none), 0; step 3 holds none
+    s = SteadyState(WindowRule(last_arrival_s=5.0), MAX_TOKENS, MAX_SEQS, bytes_per_token=1)
+    bounds = [0, *cuts, len(df)]
+    for a, b in zip(bounds, bounds[1:]):
+        s.add(df.iloc[a:b].reset_index(drop=True), mem[a:b], CAPACITY)
+    out = s.result()
+    # window [1, 5]: step 1 weighs 1 s, step 2 2 s, step 3 (no live tokens) nothing of the saving's weight
+    assert out["sharing_saving_tw"] == pytest.approx((0.2 * 1 + 0.4 * 2) / 3)
+    assert out["token_states_tw"] == pytest.approx(0.6)  # the other means keep the whole window's weight
+    assert "sharing_saving_tw" not in steady(WindowRule(last_arrival_s=5.0), *trace(ONLINE))  # no logical tokens
+
+
 def test_stated_warmup_starts_the_window():
     # window [1.5, 5]: step 1 weighs 0.5 s
     out = steady(WindowRule(last_arrival_s=5.0, warmup_s=1.5), *trace(ONLINE))
