@@ -146,7 +146,7 @@ def rewrite_run_name(overrides: list[str]) -> list[str]:
         if ov.key_or_group == "run_name" and ov.type.name in ("CHANGE", "FORCE_ADD"):
             if not ov.is_sweep_override() and ov.value() is None:
                 continue
-            if None in (getattr(ov.value(), "list", None) or ()):  # the sweep's checks would see "None"
+            if None in (getattr(ov.value(), "list", None) or ()):  # Hydra would name that run's folder N-None
                 raise UserError(f"{line}: run_name=null in a sweep names that run's folder N-None: give each run "
                                 "a folder name, or leave run_name out for the default (allocator-model-workload)")
         out.append(line)
