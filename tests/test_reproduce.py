@@ -157,7 +157,7 @@ def _expected_rows(paper: str, runs: Path, repeats: int) -> dict[tuple[str, str,
                 lambda row, den=den: _check_ratio(row, rs, den=den))
         for n in (2, 6):
             out[("Fig. 15a", f"memory saving, parallel sampling n={n}", f"OPT-13B, Alpaca, parallel n={n}")] = _metric(
-                runs / "parallel" / f"vLLM-n{n}", "sharing_saving", 100)
+                runs / "parallel" / f"vLLM-n{n}", "sharing_saving_tw", 100)
             pr = {k: {r: runs / "parallel_rates" / f"n{n}" / f"{k}-r{r:g}" for r in (8.0, 32.0)}
                   for k in ("Orca-Oracle", "vLLM")}
             out[("Fig. 14", f"vLLM / Orca-Oracle rate at equal latency, parallel n={n}",
@@ -166,7 +166,7 @@ def _expected_rows(paper: str, runs: Path, repeats: int) -> dict[tuple[str, str,
             for k in (2, 6):
                 out[("Fig. 15b", f"memory saving, beam search k={k}, {name}",
                      f"OPT-13B, {name}, beam width {k}, {rate} req/s, {nreq} requests")] = _metric(
-                    runs / "beam" / f"{wl}-k{k}", "sharing_saving", 100)
+                    runs / "beam" / f"{wl}-k{k}", "sharing_saving_tw", 100)
         for shots, plen in (("1-shot", 80), ("5-shot", 341)):
             sp = {k: {r: runs / "shared_prefix" / shots / f"{k}-r{r:g}" for r in (4.0, 16.0, 64.0)}
                   for k in ("Orca-Oracle", "vLLM")}
