@@ -69,6 +69,16 @@ def write_text(path: str | Path, text: str) -> None:
         tmp.write_text(text)
 
 
+def write_rows(path: str | Path, rows: list[dict], fieldnames: list[str] | None = None) -> None:
+    """Dict rows as a CSV (``csv`` module formatting); columns ``fieldnames``, else the first row's keys."""
+    import csv
+
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fieldnames if fieldnames is not None else list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
 # zstd: about 30% smaller than the default snappy for step and request tables (committed run folders)
 PARQUET_COMPRESSION = "zstd"
 

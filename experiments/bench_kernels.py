@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from experiments.atomic import atomic_path, write_text
+from experiments.atomic import write_rows, write_text
 
 SHAPES = [(1, 4096), (8, 4096), (32, 2048), (64, 4096), (128, 1024), (256, 1024), (16, 16384)]
 HQ, HKV, D, BLOCK = 32, 8, 128, 16
@@ -442,10 +442,7 @@ def main() -> None:
                 torch.cuda.empty_cache()
 
     csv_path = out_dir / f"decode_{tag}.csv"
-    with atomic_path(csv_path) as tmp, tmp.open("w", newline="") as f:  # no partial file if cut off
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_rows(csv_path, rows)  # atomic: no partial file if cut off
     png_path = out_dir / f"decode_{tag}.png"
     plot(rows, copy_bw, device, png_path)
     targets = _targets(rows) if not args.shapes else []

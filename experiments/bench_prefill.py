@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from experiments import bench_kernels as bk
-from experiments.atomic import atomic_path
+from experiments.atomic import write_rows
 
 SHAPES = [(1, 8192), (4, 2048), (8, 1024), (16, 512)]
 CHUNK_SHAPES = [(1, 4096, 4096), (4, 1024, 1024)]  # (batch, chunk, cached prefix)
@@ -265,10 +265,7 @@ def main(argv: list[str] | None = None) -> None:
                   f"err {r['rel_err']} {r['config']}", flush=True)
         cases.append(case)
     print(paged_vs_linear(rows), flush=True)
-    with atomic_path(out_dir / f"prefill_{tag}.csv") as tmp, tmp.open("w", newline="") as f:  # no partial file
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_rows(out_dir / f"prefill_{tag}.csv", rows)  # atomic: no partial file
 
     if a.sweep:
         t_end = time.time() + a.sweep_budget_s

@@ -23,7 +23,6 @@ the best (the heuristic's choice is ``choose_config``).
 from __future__ import annotations
 
 import argparse
-import csv
 import itertools
 import json
 import time
@@ -33,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.presets import preset_config
-from experiments.atomic import atomic_path, write_text
+from experiments.atomic import write_rows, write_text
 from experiments.bench_kernels import _median_graph_us, copy_bandwidth_gbps, read_bandwidth_gbps
 from kernels import fused_ops, pdl
 from kernels.small_linear import LinearConfig, choose_config, small_linear, small_linear_ref
@@ -207,10 +206,7 @@ def main(argv=None) -> None:
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         table = [r for r in rows if "sweep" not in r]
-        with atomic_path(args.out / "small_linear.csv") as tmp, tmp.open("w", newline="") as f:  # no partial file
-            wr = csv.DictWriter(f, fieldnames=list(table[0]))
-            wr.writeheader()
-            wr.writerows(table)
+        write_rows(args.out / "small_linear.csv", table)  # atomic: no partial file
         write_text(args.out / "small_linear.json", json.dumps(dict(device=torch.cuda.get_device_name(),
                                                                    copy_gbps=copy, read_gbps=read_gbps, rows=rows), indent=1))
 

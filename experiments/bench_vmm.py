@@ -15,7 +15,6 @@ versions, command) to ``--out``.
 from __future__ import annotations
 
 import argparse
-import csv
 import platform
 import statistics
 import sys
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from experiments.atomic import atomic_path, write_text
+from experiments.atomic import write_rows, write_text
 
 MiB = 1 << 20
 
@@ -158,11 +157,7 @@ def allocator_steps(batch: int, sleep_s: float) -> list[dict]:
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:  # no partial file if cut off
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
+    write_rows(path, rows, list(dict.fromkeys(k for r in rows for k in r)))  # every row's keys; atomic
 
 
 def markdown(rows: list[dict], cols: list[str]) -> str:
