@@ -226,6 +226,15 @@ def write_steps(path: str | Path, records, accountant, t0: float, logical_tokens
     return acc.result() | (steady.result() if steady is not None else {})
 
 
+def step_savings(token_states, logical_tokens, bytes_per_token: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per step: 1 - token-state bytes / bytes the live sequences' tokens would take unshared, and
+    which steps hold live tokens (the saving of the others is undefined: 0 here, never counted)."""
+    logical = np.asarray(logical_tokens, dtype=float) * bytes_per_token
+    live = logical > 0
+    ts = np.asarray(token_states, dtype=float)
+    return np.where(live, 1 - ts / np.where(live, logical, 1), 0.0), live
+
+
 class _StepFigures:
     """Running sums of the per-step figures of ``summarize`` and ``memory_summary``."""
 
@@ -255,10 +264,9 @@ class _StepFigures:
             self.sat_sums[j] += s
         if self.bpt and "logical_tokens" in df:
             self.logical = True
-            logical = df["logical_tokens"].to_numpy(float) * self.bpt
-            ok = logical > 0
-            self.saving_sum += float((1 - df["token_states"].to_numpy()[ok] / logical[ok]).sum())
-            self.saving_n += int(ok.sum())
+            saving, live = step_savings(df["token_states"], df["logical_tokens"], self.bpt)
+            self.saving_sum += float(saving[live].sum())
+            self.saving_n += int(live.sum())
 
     def result(self) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -345,10 +353,8 @@ class SteadyState:
             cols += [mem[:, STAT_FIELDS.index(f)] / capacity for f in TW_FIELDS]
             if self.bpt and "logical_tokens" in df:
                 self.saving = True
-                logical = df["logical_tokens"].to_numpy(float) * self.bpt
-                live = logical > 0
-                ts = mem[:, STAT_FIELDS.index("token_states")]
-                cols += [np.where(live, 1 - ts / np.where(live, logical, 1), 0.0), live.astype(float)]
+                saving, live = step_savings(mem[:, STAT_FIELDS.index("token_states")], df["logical_tokens"], self.bpt)
+                cols += [saving, live.astype(float)]
         values = np.column_stack([*cols, np.ones(len(df))]) * w[:, None]
         run = np.cumsum(values, axis=0)
         before = self.sums if self.sums is not None else np.zeros(values.shape[1])
@@ -436,10 +442,9 @@ def memory_summary(steps: pd.DataFrame, bytes_per_token: int | None = None,
     for f in STAT_FIELDS:
         out[f"{f}_saturated"] = float((steps.loc[sat, f] / cap[sat]).mean()) if sat.any() else math.nan
     if bytes_per_token and "logical_tokens" in steps:
-        logical = steps["logical_tokens"].astype(float) * bytes_per_token
-        ok = logical > 0
-        if ok.any():
-            out["sharing_saving"] = float((1 - steps.loc[ok, "token_states"] / logical[ok]).mean())
+        saving, live = step_savings(steps["token_states"], steps["logical_tokens"], bytes_per_token)
+        if live.any():
+            out["sharing_saving"] = float(saving[live].mean())
     return out
 
 
