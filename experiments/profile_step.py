@@ -1,6 +1,7 @@
 """Profile engine steps on a GPU: top CUDA kernels of decode steps (torch.profiler).
 
 python -m experiments.profile_step --model qwen3-0.6b --batch 64 [--eager] [--async-scheduling [auto|true|false]]
+    [--fused-gemv-max-tokens 16] [--enable-pdl]
 
 Besides the kernels, prints how busy the device was over the profiled steps (the union of its
 kernels' and copies' intervals against the wall time) and the CPU calls that waited for it
@@ -27,6 +28,9 @@ def main(argv=None) -> None:
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--eager", action="store_true")
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--fused-gemv-max-tokens", type=int, default=0,
+                    help="engine.fused_gemv_max_tokens: steps of up to this many tokens run kernels.small_linear")
+    ap.add_argument("--enable-pdl", action="store_true", help="engine.enable_pdl: programmatic dependent launch")
     add_async_arg(ap)
     ap.add_argument("--trace", default="", help="write a Chrome trace of the profiled steps here")
     a = ap.parse_args(argv)
@@ -35,7 +39,8 @@ def main(argv=None) -> None:
     eng = LLMEngine(EngineConfig(model=a.model, allocator=a.allocator, max_model_len=2048, max_num_seqs=a.batch,
                                  enforce_eager=a.eager, detokenize=False, record_memory=False,
                                  async_scheduling=async_value(a.async_scheduling),
-                                 gpu_memory_utilization=0.5))
+                                 gpu_memory_utilization=0.5, fused_gemv_max_tokens=a.fused_gemv_max_tokens,
+                                 enable_pdl=a.enable_pdl))
     for i in range(a.batch):
         eng.add_request(str(i), [5 + (i + j) % 1000 for j in range(a.prompt_len)],
                         SamplingParams(max_tokens=10_000, ignore_eos=True, temperature=0))
@@ -50,7 +55,8 @@ def main(argv=None) -> None:
             eng.step()
         torch.cuda.synchronize()
     recs = eng.step_records[-a.steps:]
-    print(f"{a.model} {a.allocator} batch {a.batch} eager={a.eager} async={eng.config.async_scheduling}: step "
+    print(f"{a.model} {a.allocator} batch {a.batch} eager={a.eager} async={eng.config.async_scheduling} "
+          f"gemv={a.fused_gemv_max_tokens} pdl={a.enable_pdl}: step "
           f"{1000 * sum(r.duration for r in recs) / len(recs):.2f} ms, host "
           f"{1000 * sum(r.host_s for r in recs) / len(recs):.3f} ms")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))

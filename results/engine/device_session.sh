@@ -127,6 +127,11 @@
 #   bash results/engine/device_session.sh tiles       # small_linear + engine small-linear parity + sliding-window GPU
 #                                                     # tests, then decode a token at batch 1 / 8 (small_linear + PDL),
 #                                                     # new tiles / old tiles (build/small_linear_before.py) twice
+# Session of 2026-12-07 (seventeenth): RoPE, the per-head norm and the K/V store in the qkv small_linear's epilogue
+# (one kernel a layer fewer at batch 1-16). BASE: a tree of the commit before (git archive into build/base, carried):
+#   bash results/engine/device_session.sh rope17      # small_linear/PDL/engine-parity GPU tests, bench_small_linear,
+#                                                     # decode per token (small_linear + PDL) after / before twice,
+#                                                     # then profile_step at batch 1 (small_linear + PDL), both models
 # Outputs accumulate in $KVE (default /tmp/kve) on the machine; each part tars them into $OUT.
 set -uo pipefail
 part=${1:?tests or throughput}
@@ -497,6 +502,30 @@ tiles)  # small_linear's tiles from the fifteenth session's sweep: before (build
                 > "$runs/bench_latency_${side}_$r.log" 2>&1
             echo "== $side $r"; grep "| decode" "$runs/bench_latency_${side}_$r.log"
         done
+    done
+    ;;
+rope17)  # RoPE + KV store in the qkv small_linear's epilogue: its tests on the GPU, the layer table, then decode a
+    # token at batch 1 / 8 (small_linear + PDL) after / before (BASE: the commit before, git archive'd, carried) twice
+    timeout ${TESTS_S:-150} python3 -m pytest -q -p no:cacheprovider tests/test_small_linear.py tests/test_pdl.py \
+        tests/test_gpu_engine.py tests/test_gpu_kv_axes.py -m gpu -k "small or pdl or chain or parity or sliding_window" \
+        -rfE --tb=short 2>&1 | tee "$runs/gpu_tests_rope17.log" | tail -3
+    timeout ${LAYER_S:-90} python3 -m experiments.bench_small_linear --out "$runs/small_linear" 2>&1 \
+        | tee "$runs/bench_small_linear.log" | tail -8
+    for r in 1 2; do
+        if (( r > 1 && SECONDS > ${ROUND2_BY_S:-380} )); then echo "round $r: skipped (time)"; break; fi
+        for side in after before; do
+            dir=.; [ $side = before ] && dir=${BASE:-build/base}
+            (cd "$dir" && timeout ${LAT_S:-110} python3 -m experiments.bench_latency --models llama3-8b,qwen3-0.6b --batches 1,8 \
+                --prefill-tokens "" --fused-gemv-max-tokens 16 --enable-pdl 1 --steps 150 --out "$runs/latency_${side}_$r") \
+                > "$runs/bench_latency_${side}_$r.log" 2>&1
+            echo "== $side $r"; grep "| decode" "$runs/bench_latency_${side}_$r.log"
+        done
+    done
+    for m in qwen3-0.6b llama3-8b; do  # where a batch-1 step goes now (the last profile is 2026-12-02's, cuBLAS, no PDL)
+        if (( SECONDS > ${PROFILE_BY_S:-470} )); then echo "profile $m: skipped (time)"; continue; fi
+        timeout ${PROF_S:-70} python3 -m experiments.profile_step --model $m --batch 1 --fused-gemv-max-tokens 16 --enable-pdl \
+            > "$runs/profile_step_${m}_b1.log" 2>&1
+        grep -E "step|_kernel|nvjet" "$runs/profile_step_${m}_b1.log" | cut -c1-60,100-200 | head -14
     done
     ;;
 esac
