@@ -153,6 +153,20 @@ tput() {  # MODEL TIMEOUT NAME [bench flags]: one paged bench throughput run int
     timeout "$t" python3 -m experiments.cli bench throughput --models "$m" --no-hf --allocators paged "$@" \
         --out "$runs/$name" 2>&1 | tee "$runs/$name.log" | grep -v "^{" | tail -3
 }
+decode_rounds() {  # BEFORE_DIR ROUND2_BY LAT_S: decode a token at batch 1 / 8 (small_linear + PDL), after (this tree) /
+    # before (BEFORE_DIR) alternately, two rounds (the second only if started by ROUND2_BY s), into $runs/latency_<side>_<r>
+    local before=$1 by=${ROUND2_BY_S:-$2} lat=${LAT_S:-$3} r side dir
+    for r in 1 2; do
+        if (( r > 1 && SECONDS > by )); then echo "round $r: skipped (time)"; break; fi
+        for side in after before; do
+            dir=.; [ $side = before ] && dir=$before
+            (cd "$dir" && timeout "$lat" python3 -m experiments.bench_latency --models llama3-8b,qwen3-0.6b --batches 1,8 \
+                --prefill-tokens "" --fused-gemv-max-tokens 16 --enable-pdl 1 --steps 150 --out "$runs/latency_${side}_$r") \
+                > "$runs/bench_latency_${side}_$r.log" 2>&1
+            echo "== $side $r"; grep "| decode" "$runs/bench_latency_${side}_$r.log"
+        done
+    done
+}
 case $part in
 tests)
     timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_engine.py tests/test_gpu_kv_axes.py \
@@ -493,16 +507,7 @@ tiles)  # small_linear's tiles from the fifteenth session's sweep: before (build
         -k "small-linear or sliding_window" -rfE --tb=short 2>&1 | tee "$runs/gpu_tests_tiles.log" | tail -2
     rm -rf /tmp/before && mkdir -p /tmp/before && cp -r engine kernels experiments conf allocators /tmp/before/
     cp build/small_linear_before.py /tmp/before/kernels/small_linear.py
-    for r in 1 2; do
-        if (( r > 1 && SECONDS > ${ROUND2_BY_S:-330} )); then echo "round $r: skipped (time)"; break; fi
-        for side in after before; do
-            dir=.; [ $side = before ] && dir=/tmp/before
-            (cd "$dir" && timeout ${LAT_S:-130} python3 -m experiments.bench_latency --models llama3-8b,qwen3-0.6b --batches 1,8 \
-                --prefill-tokens "" --fused-gemv-max-tokens 16 --enable-pdl 1 --steps 150 --out "$runs/latency_${side}_$r") \
-                > "$runs/bench_latency_${side}_$r.log" 2>&1
-            echo "== $side $r"; grep "| decode" "$runs/bench_latency_${side}_$r.log"
-        done
-    done
+    decode_rounds /tmp/before 330 130
     ;;
 rope17)  # RoPE + KV store in the qkv small_linear's epilogue: its tests on the GPU, the layer table, then decode a
     # token at batch 1 / 8 (small_linear + PDL) after / before (BASE: the commit before, git archive'd, carried) twice
@@ -511,16 +516,7 @@ rope17)  # RoPE + KV store in the qkv small_linear's epilogue: its tests on the 
         -rfE --tb=short 2>&1 | tee "$runs/gpu_tests_rope17.log" | tail -3
     timeout ${LAYER_S:-90} python3 -m experiments.bench_small_linear --out "$runs/small_linear" 2>&1 \
         | tee "$runs/bench_small_linear.log" | tail -8
-    for r in 1 2; do
-        if (( r > 1 && SECONDS > ${ROUND2_BY_S:-380} )); then echo "round $r: skipped (time)"; break; fi
-        for side in after before; do
-            dir=.; [ $side = before ] && dir=${BASE:-build/base}
-            (cd "$dir" && timeout ${LAT_S:-110} python3 -m experiments.bench_latency --models llama3-8b,qwen3-0.6b --batches 1,8 \
-                --prefill-tokens "" --fused-gemv-max-tokens 16 --enable-pdl 1 --steps 150 --out "$runs/latency_${side}_$r") \
-                > "$runs/bench_latency_${side}_$r.log" 2>&1
-            echo "== $side $r"; grep "| decode" "$runs/bench_latency_${side}_$r.log"
-        done
-    done
+    decode_rounds "${BASE:-build/base}" 380 110
     for m in qwen3-0.6b llama3-8b; do  # where a batch-1 step goes now (the last profile is 2026-12-02's, cuBLAS, no PDL)
         if (( SECONDS > ${PROFILE_BY_S:-470} )); then echo "profile $m: skipped (time)"; continue; fi
         timeout ${PROF_S:-70} python3 -m experiments.profile_step --model $m --batch 1 --fused-gemv-max-tokens 16 --enable-pdl \
