@@ -151,6 +151,35 @@ def _check_vector(w: torch.Tensor, name: str, n: int, like: torch.Tensor) -> Non
                          f"got {tuple(w.shape)} strides {w.stride()} on {w.device}")
 
 
+def check_rope_tables(cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, tokens: int, head_dim: int,
+                      device: torch.device) -> None:
+    """RoPE's inputs as the kernels read them: one int position a token, ``cos`` and ``sin`` tables of
+    ``head_dim / 2`` columns read with cos's strides (``KVLAB_KERNEL_CHECKS``: every position a row)."""
+    if positions.shape != (tokens,) or (tokens > 1 and positions.stride(0) != 1) \
+            or positions.dtype not in (torch.int32, torch.int64) or positions.device != device:
+        raise ValueError(f"positions must be a contiguous int32/int64 [{tokens}] tensor on {device}, one a token, "
+                         f"got {tuple(positions.shape)} {positions.dtype} strides {positions.stride()} on "
+                         f"{positions.device}")
+    if cos.dim() != 2 or cos.shape[1] != head_dim // 2 or cos.stride(1) != 1 or cos.device != device:
+        raise ValueError(f"cos must be [max_positions, {head_dim // 2}] with contiguous rows on {device}, "
+                         f"got {tuple(cos.shape)} strides {cos.stride()} on {cos.device}")
+    if sin.shape != cos.shape or sin.stride() != cos.stride() or sin.device != cos.device:
+        raise ValueError(f"sin must be shaped and strided like cos {tuple(cos.shape)} {cos.stride()} (the kernel "
+                         f"reads both with cos's strides), got {tuple(sin.shape)} {sin.stride()}")
+    if tokens and value_checks.active():  # KVLAB_KERNEL_CHECKS=1: reads the positions back (a sync)
+        value_checks.slots("positions", positions, cos.shape[0], rows="cos and sin's rows")
+
+
+def check_head_norm(q_w: torch.Tensor | None, k_w: torch.Tensor | None, head_dim: int, like: torch.Tensor,
+                    names: tuple[str, str] = ("q_w", "k_w")) -> None:
+    """The per-head RMSNorm's weights: both or neither, each a contiguous ``[head_dim]`` vector."""
+    if (q_w is None) != (k_w is None):
+        raise ValueError(f"{names[0]} and {names[1]}: both (per-head RMSNorm) or neither")
+    if q_w is not None:
+        _check_vector(q_w, names[0], head_dim, like)
+        _check_vector(k_w, names[1], head_dim, like)
+
+
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, residual: torch.Tensor | None = None) -> torch.Tensor:
     """RMSNorm of rows of ``x`` (of ``x + residual``, stored back into ``residual``, when given)."""
     _check_rows(x, "x")
@@ -182,23 +211,8 @@ def qk_norm_rope_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torc
                          "contiguous along head_dim")
     if d % 2 or d & (d - 1):
         raise ValueError(f"head_dim {d} must be a power of two")
-    if positions.shape != (t,) or (t > 1 and positions.stride(0) != 1) \
-            or positions.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"positions must be a contiguous int32/int64 [{t}] tensor, one a token, "
-                         f"got {tuple(positions.shape)} {positions.dtype} strides {positions.stride()}")
-    if cos.dim() != 2 or cos.shape[1] != d // 2 or cos.stride(1) != 1 or cos.device != q.device:
-        raise ValueError(f"cos must be [max_positions, {d // 2}] with contiguous rows on {q.device}, "
-                         f"got {tuple(cos.shape)} strides {cos.stride()} on {cos.device}")
-    if sin.shape != cos.shape or sin.stride() != cos.stride() or sin.device != cos.device:
-        raise ValueError(f"sin must be shaped and strided like cos {tuple(cos.shape)} {cos.stride()} (the kernel "
-                         f"reads both with cos's strides), got {tuple(sin.shape)} {sin.stride()}")
-    if q_w is not None:
-        if k_w is None:
-            raise ValueError("q_w and k_w: both (per-head RMSNorm) or neither")
-        _check_vector(q_w, "q_w", d, q)
-        _check_vector(k_w, "k_w", d, q)
-    if t and value_checks.active():  # KVLAB_KERNEL_CHECKS=1: reads the positions back (a sync)
-        value_checks.slots("positions", positions, cos.shape[0], rows="cos and sin's rows")
+    check_rope_tables(cos, sin, positions, t, d, q.device)
+    check_head_norm(q_w, k_w, d, q)
     if t == 0:
         return
     norm = q_w is not None
@@ -207,8 +221,6 @@ def qk_norm_rope_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torc
     if store:
         v, k_cache, v_cache, slots = cache
         _check_store(k, v, k_cache, v_cache, slots)
-        if value_checks.active():
-            value_checks.slots("slots", slots, k_cache.shape[0], padding=True)
     else:
         v = k_cache = v_cache = slots = positions  # unused
     on = pdl.enabled(q.device)
@@ -224,20 +236,30 @@ def qk_norm_rope_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torc
 def _check_store(k, v, k_cache, v_cache, slots) -> None:
     """What ``qk_norm_rope_(cache=...)`` writes: v like k, caches [slots, heads, head_dim] of k's
     dtype (fp8 caches quantize: ``kernels.write_kv``), one int slot a token."""
-    from kernels.triton_cache import _check_cache, _check_ids  # write_kv's own checks
-
     if v.shape != k.shape or v.stride(2) != 1:
         raise ValueError(f"v {tuple(v.shape)} must be shaped like k {tuple(k.shape)}, contiguous along head_dim")
+    check_cache_store(k_cache, v_cache, slots, *k.shape, k.dtype, k.device)
+
+
+def check_cache_store(k_cache, v_cache, slots, tokens: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
+                      device: torch.device) -> None:
+    """Caches a kernel writes ``tokens`` rows of k and v into as they are (no quantization): [num_slots,
+    kv_heads, head_dim] of ``dtype``, one int slot a token (< 0: nowhere; ``KVLAB_KERNEL_CHECKS``: the
+    others inside the cache)."""
+    from kernels.triton_cache import _check_cache, _check_ids  # write_kv's own checks
+
     for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
         _check_cache(name, c)
-        if c.shape[1:] != k.shape[1:] or c.dtype != k.dtype or c.device != k.device:
-            raise ValueError(f"{name} must be [num_slots, {k.shape[1]}, {k.shape[2]}] of {k.dtype} on {k.device}, "
+        if c.shape[1:] != (kv_heads, head_dim) or c.dtype != dtype or c.device != device:
+            raise ValueError(f"{name} must be [num_slots, {kv_heads}, {head_dim}] of {dtype} on {device}, "
                              f"got {tuple(c.shape)} {c.dtype} on {c.device}")
     if k_cache.shape != v_cache.shape:
         raise ValueError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ")
-    _check_ids("slots", slots, k.device)
-    if slots.shape != (k.shape[0],):
-        raise ValueError(f"slots must be [{k.shape[0]}], one slot a token, got {tuple(slots.shape)}")
+    _check_ids("slots", slots, device)
+    if slots.shape != (tokens,):
+        raise ValueError(f"slots must be [{tokens}], one slot a token, got {tuple(slots.shape)}")
+    if value_checks.active():
+        value_checks.slots("slots", slots, k_cache.shape[0], padding=True)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
