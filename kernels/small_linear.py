@@ -19,8 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import pdl
+from kernels import pdl, small_linear_rope
 from kernels.fused_ops import _check_rows, _check_vector, rms_norm_ref
+from kernels.small_linear_rope import RopeEpilogue
 
 try:
     import triton
@@ -34,12 +35,16 @@ DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # fp32: exact dots (tes
 
 def small_linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                      norm_weight: torch.Tensor | None = None, eps: float = 1e-6, gated: bool = False,
-                     residual: torch.Tensor | None = None) -> torch.Tensor:
+                     residual: torch.Tensor | None = None, rope: RopeEpilogue | None = None) -> torch.Tensor:
     """The unfused sequence: ``rms_norm`` (if ``norm_weight``), ``F.linear``, SiLU(gate) * up
-    (if ``gated``: ``weight`` is gate's rows then up's), ``residual += y`` in place (returned)."""
+    (if ``gated``: ``weight`` is gate's rows then up's), ``residual += y`` in place (returned);
+    with ``rope``: ``fused_ops.qk_norm_rope_ref`` on q and k, then k and v into ``rope.cache``
+    (``kernels.reference.write_kv``, in place)."""
     if norm_weight is not None:
         x = rms_norm_ref(x, norm_weight, eps)
     y = torch.nn.functional.linear(x, weight, bias)
+    if rope is not None:
+        return small_linear_rope.reference(y, rope)
     if gated:
         gate, up = y.chunk(2, dim=-1)
         y = torch.nn.functional.silu(gate) * up
@@ -71,10 +76,28 @@ def choose_config(n: int, k: int, num_sms: int, gated: bool = False) -> LinearCo
     block_n, block_k, warps, stages = (64, 128, 8, 3) if gated else (32, 256, 4, 4)
     while block_n > 16 and triton.cdiv(n, block_n) < num_sms // 2:
         block_n //= 2
+    return LinearConfig(block_n=block_n, block_k=_fit_block_k(block_k, k, block_n, 2 if gated else 1, stages),
+                        num_warps=warps, num_stages=stages)
+
+
+def _fit_block_k(block_k: int, k: int, block_n: int, tiles: int, stages: int) -> int:
+    """K steps no wider than K's power of two, ``stages`` of them (``tiles`` weight tiles and x) within
+    ``SMEM_BUDGET``."""
     block_k = max(64, min(block_k, triton.next_power_of_2(k)))
-    while block_k > 64 and stages * ((2 if gated else 1) * block_n + MAX_TOKENS) * block_k * 2 > SMEM_BUDGET:
+    while block_k > 64 and stages * (tiles * block_n + MAX_TOKENS) * block_k * 2 > SMEM_BUDGET:
         block_k //= 2
-    return LinearConfig(block_n=block_n, block_k=block_k, num_warps=warps, num_stages=stages)
+    return block_k
+
+
+def choose_rope_config(n: int, k: int, num_sms: int, head_dim: int, norm_heads: bool) -> LinearConfig:
+    """ROPE mode (``n`` output columns: n / 2 pairs, two weight tiles a step like gated): the gated tiles
+    over the pairs, no more pairs a program than half a head (a program's pairs lie in one head), exactly
+    half a head with the per-head norm (its RMS needs the whole head). Not swept yet."""
+    cfg = choose_config(n // 2, k, num_sms, gated=True)
+    half = head_dim // 2
+    block_n = half if norm_heads else min(cfg.block_n, half)
+    return LinearConfig(block_n=block_n, block_k=_fit_block_k(cfg.block_k, k, block_n, 2, cfg.num_stages),
+                        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 if triton is not None:
@@ -87,11 +110,54 @@ if triton is not None:
         prefetch_l2(w_rows + cols[None, :])
 
     @triton.jit
+    def _rope_epilogue(a, b, out_ptrs, mask, head, offs_i, offs_m, m_ok, cos_ptr, sin_ptr, pos_ptr, qw_ptr, kw_ptr,
+                       kc_ptr, vc_ptr, slot_ptr, stride_cs, num_q_heads, num_kv_heads,
+                       stride_kcs, stride_kch, stride_vcs, stride_vch, eps,
+                       HALF: tl.constexpr, NORM_HEADS: tl.constexpr, STORE_KV: tl.constexpr):
+        """(ROPE) ``a``, ``b``: the GEMM's rounded output (fp32 [BLOCK_N, BLOCK_M]) at pairs ``offs_i`` and
+        ``HALF + offs_i`` of ``head``. q and k heads: ``fused_ops._norm_rope_heads``' norm and rotation, its
+        rounding points; v heads as they are. All stored at their columns; k and v at their cache slots too."""
+        dtype = out_ptrs.dtype.element_ty
+        rotate = head < num_q_heads + num_kv_heads  # a q or k head
+        if NORM_HEADS:  # the tile is the whole head (BLOCK_N == HALF): its RMS over both halves, per token
+            w1 = tl.where(head < num_q_heads, tl.load(qw_ptr + offs_i), tl.load(kw_ptr + offs_i)).to(tl.float32)
+            w2 = tl.where(head < num_q_heads, tl.load(qw_ptr + HALF + offs_i),
+                          tl.load(kw_ptr + HALF + offs_i)).to(tl.float32)
+            rstd = 1.0 / tl.sqrt((tl.sum(a * a, axis=0) + tl.sum(b * b, axis=0)) / (2 * HALF) + eps)
+            na = ((a * rstd[None, :]).to(dtype).to(tl.float32) * w1[:, None]).to(dtype).to(tl.float32)
+            nb = ((b * rstd[None, :]).to(dtype).to(tl.float32) * w2[:, None]).to(dtype).to(tl.float32)
+            a = tl.where(rotate, na, a)
+            b = tl.where(rotate, nb, b)
+        pos = tl.load(pos_ptr + offs_m, mask=m_ok, other=0).to(tl.int64)  # each token's row of cos and sin
+        cs = pos[None, :] * stride_cs + offs_i[:, None]
+        c = tl.load(cos_ptr + cs, mask=m_ok[None, :], other=0.0)
+        s = tl.load(sin_ptr + cs, mask=m_ok[None, :], other=0.0)
+        y1 = tl.where(rotate, a * c - b * s, a).to(dtype)
+        y2 = tl.where(rotate, b * c + a * s, b).to(dtype)
+        tl.store(out_ptrs, y1, mask=mask)
+        tl.store(out_ptrs + HALF, y2, mask=mask)
+        if STORE_KV:
+            slot = tl.load(slot_ptr + offs_m, mask=m_ok, other=-1).to(tl.int64)
+            ok = mask & (slot >= 0)[None, :]  # < 0: a padding token, written nowhere
+            if head >= num_q_heads + num_kv_heads:
+                c_ptrs = vc_ptr + (head - num_q_heads - num_kv_heads) * stride_vch + slot[None, :] * stride_vcs
+                tl.store(c_ptrs + offs_i[:, None], y1, mask=ok)
+                tl.store(c_ptrs + HALF + offs_i[:, None], y2, mask=ok)
+            elif head >= num_q_heads:
+                c_ptrs = kc_ptr + (head - num_q_heads) * stride_kch + slot[None, :] * stride_kcs
+                tl.store(c_ptrs + offs_i[:, None], y1, mask=ok)
+                tl.store(c_ptrs + HALF + offs_i[:, None], y2, mask=ok)
+
+    @triton.jit
     def _small_linear_kernel(x_ptr, w_ptr, b_ptr, nw_ptr, out_ptr, sq_in_ptr, sq_out_ptr,
+                             cos_ptr, sin_ptr, pos_ptr, qw_ptr, kw_ptr, kc_ptr, vc_ptr, slot_ptr,
                              M, N, K, stride_xm, stride_wn, stride_om, eps, num_sq_in,
+                             stride_cs, num_q_heads, num_kv_heads, stride_kcs, stride_kch, stride_vcs, stride_vch,
+                             head_eps,
                              NORM: tl.constexpr, SQ_IN: tl.constexpr, SQ_OUT: tl.constexpr,
                              GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
                              RESIDUAL: tl.constexpr, EVEN_K: tl.constexpr,
+                             ROPE: tl.constexpr, NORM_HEADS: tl.constexpr, STORE_KV: tl.constexpr, HALF: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                              NUM_STAGES: tl.constexpr, DOT_F32: tl.constexpr,
                              NORM_M: tl.constexpr, NORM_K: tl.constexpr,
@@ -99,20 +165,29 @@ if triton is not None:
                              PREFETCH_LINES: tl.constexpr, LINE_ELEMS: tl.constexpr):
         trigger_at(PDL, TRIGGER, 0)  # kernels.pdl: nothing before wait() reads or writes what a kernel writes
         pid = tl.program_id(0)
-        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        if ROPE:  # BLOCK_N pairs of one head (BLOCK_N divides HALF): its rows i and HALF + i, as two tiles
+            head = pid * BLOCK_N // HALF
+            offs_i = pid * BLOCK_N % HALF + tl.arange(0, BLOCK_N)
+            offs_n = head * (2 * HALF) + offs_i
+            offs_up = offs_n + HALF
+        else:
+            offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+            offs_up = N + offs_n  # (GATED) up's rows are N rows below gate's
         n_ok = offs_n < N
         offs_m = tl.arange(0, BLOCK_M)
         m_ok = offs_m < M
         offs_k = tl.arange(0, BLOCK_K)
         x_rows = x_ptr + offs_m[:, None] * stride_xm
         w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
-        w_up = w_ptr + (N + offs_n)[:, None].to(tl.int64) * stride_wn  # (GATED) N * stride_wn in int32 could wrap
+        w_up = w_ptr + offs_up[:, None].to(tl.int64) * stride_wn  # (GATED, ROPE) N * stride_wn in int32 could wrap
         dtype = w_ptr.dtype.element_ty
         if PREFETCH_LINES > 0:  # (PDL) this program's weights start for L2 while the kernel before runs
             rows = tl.minimum(offs_n, N - 1)  # a partial last tile: its real rows again
             _prefetch_rows(w_ptr + rows[:, None].to(tl.int64) * stride_wn, K, PREFETCH_LINES, LINE_ELEMS)
             if GATED:
                 _prefetch_rows(w_ptr + (N + rows)[:, None].to(tl.int64) * stride_wn, K, PREFETCH_LINES, LINE_ELEMS)
+            if ROPE:  # (every row of a ROPE tile is real)
+                _prefetch_rows(w_up, K, PREFETCH_LINES, LINE_ELEMS)
         wait(PDL)  # x, row_sq and the residual: the kernels before wrote them
         trigger_at(PDL, TRIGGER, 1)
         if NORM and SQ_IN:  # the rows' sums of squares from the kernel that wrote x: its programs' parts,
@@ -156,7 +231,7 @@ if triton is not None:
                 xt = xt.to(tl.float32)
                 w = w.to(tl.float32)
             acc = tl.dot(w, xt, acc, input_precision="ieee" if DOT_F32 else None)  # [BLOCK_N, BLOCK_M]
-            if GATED:  # up's rows are N rows below gate's
+            if GATED or ROPE:  # the second tile: up's rows, or the heads' second halves
                 if EVEN_K:
                     wu = tl.load(w_up + kk[None, :], mask=n_ok[:, None], other=0.0)
                 else:
@@ -167,15 +242,20 @@ if triton is not None:
         trigger_at(PDL, TRIGGER, 2)  # the weights are read: the next kernel's programs may come
         if HAS_BIAS:
             acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-            if GATED:
-                acc_up += tl.load(b_ptr + N + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+            if GATED or ROPE:
+                acc_up += tl.load(b_ptr + offs_up, mask=n_ok, other=0.0).to(tl.float32)[:, None]
         y = acc.to(dtype).to(tl.float32)
         if GATED:
             y = (y / (1.0 + tl.exp(-y))).to(dtype).to(tl.float32) * acc_up.to(dtype).to(tl.float32)
             y = y.to(dtype).to(tl.float32)
         mask = n_ok[:, None] & m_ok[None, :]
         out_ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
-        if RESIDUAL:  # out is the stream: this program's columns of it, read and written here only
+        if ROPE:
+            _rope_epilogue(y, acc_up.to(dtype).to(tl.float32), out_ptrs, mask, head, offs_i, offs_m, m_ok,
+                           cos_ptr, sin_ptr, pos_ptr, qw_ptr, kw_ptr, kc_ptr, vc_ptr, slot_ptr, stride_cs,
+                           num_q_heads, num_kv_heads, stride_kcs, stride_kch, stride_vcs, stride_vch, head_eps,
+                           HALF, NORM_HEADS, STORE_KV)
+        elif RESIDUAL:  # out is the stream: this program's columns of it, read and written here only
             r = tl.load(out_ptrs, mask=mask, other=0.0).to(tl.float32)
             new = (y + r).to(out_ptr.dtype.element_ty)
             tl.store(out_ptrs, new, mask=mask)
@@ -244,11 +324,16 @@ def _check(x, weight, bias, norm_weight, gated, residual) -> int:
     return n
 
 
-def _tiles(n: int, k: int, device: torch.device, gated: bool, config: LinearConfig | None) -> LinearConfig:
+def _tiles(n: int, k: int, device: torch.device, gated: bool, config: LinearConfig | None,
+           rope: RopeEpilogue | None = None) -> LinearConfig:
     """``config``, or the default tiles for this device."""
     from kernels.attention_config import device_sms
 
-    return config or choose_config(n, k, device_sms(device), gated)
+    if config:
+        return config
+    if rope is not None:
+        return choose_rope_config(n, k, device_sms(device), rope.head_dim, rope.norm)
+    return choose_config(n, k, device_sms(device), gated)
 
 
 def num_programs(n: int, k: int, device: torch.device, gated: bool = False, config: LinearConfig | None = None) -> int:
@@ -260,18 +345,27 @@ def num_programs(n: int, k: int, device: torch.device, gated: bool = False, conf
 def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                  norm_weight: torch.Tensor | None = None, eps: float = 1e-6, gated: bool = False,
                  residual: torch.Tensor | None = None, row_sq: torch.Tensor | None = None,
-                 row_sq_out: torch.Tensor | None = None, config: LinearConfig | None = None) -> torch.Tensor:
+                 row_sq_out: torch.Tensor | None = None, config: LinearConfig | None = None,
+                 rope: RopeEpilogue | None = None) -> torch.Tensor:
     """``small_linear_ref`` in one kernel, for 1 to ``MAX_TOKENS`` rows of ``x``. With ``residual``
     the result is added into it in place and it is returned; else a new ``[M, N]`` tensor.
 
     ``row_sq_out`` (with ``residual``): each program writes its part of each new residual row's sum of
     squares into its row (float32 ``[num_programs(..., config=config), 16]``: exactly the grid's rows, so
     that no stale row of an earlier launch is summed); the next kernel's norm takes them as ``row_sq``
-    instead of reading all of x first."""
+    instead of reading all of x first.
+
+    ``rope`` (``small_linear_rope.RopeEpilogue``; the qkv projection): q and k come out (per-head normed
+    and) rotated, and k and v are also written into ``rope.cache`` at its slots, as ``small_linear_ref``
+    then ``fused_ops.qk_norm_rope_`` would (caches of x's dtype only: fp8 ones quantize, ``write_kv``)."""
     n = _check(x, weight, bias, norm_weight, gated, residual)
+    if rope is not None:
+        small_linear_rope.check(rope, x, weight, gated, residual)
     m, k = x.shape
-    cfg = _tiles(n, k, x.device, gated, config)
-    grid = triton.cdiv(n, cfg.block_n)
+    cfg = _tiles(n, k, x.device, gated, config, rope)
+    if rope is not None:
+        small_linear_rope.check_tiles(rope, cfg.block_n)
+    grid = (n // 2) // cfg.block_n if rope is not None else triton.cdiv(n, cfg.block_n)
     if row_sq is not None:
         if norm_weight is None:
             raise ValueError("row_sq gives the norm's sums of squares: pass norm_weight too")
@@ -290,8 +384,8 @@ def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     _small_linear_kernel[(grid,)](
         x, weight, bias if bias is not None else weight, norm_weight if norm_weight is not None else weight,
         out, row_sq if row_sq is not None else x, row_sq_out if row_sq_out is not None else x,
-        m, n, k, x.stride(0), weight.stride(0), out.stride(0), eps,
-        row_sq.shape[0] if row_sq is not None else 0,
+        M=m, N=n, K=k, stride_xm=x.stride(0), stride_wn=weight.stride(0), stride_om=out.stride(0), eps=eps,
+        num_sq_in=row_sq.shape[0] if row_sq is not None else 0, **small_linear_rope.kernel_args(rope, x),
         NORM=norm_weight is not None, SQ_IN=row_sq is not None, SQ_OUT=row_sq_out is not None,
         GATED=gated, HAS_BIAS=bias is not None, RESIDUAL=residual is not None,
         EVEN_K=k % cfg.block_k == 0, BLOCK_M=MAX_TOKENS, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
