@@ -12,7 +12,7 @@ from torch import nn
 
 import kernels
 from engine.model_config import ModelConfig
-from kernels import fused_ops, pdl, small_linear
+from kernels import fused_ops, pdl, small_linear, small_linear_rope
 from engine.rope import RotaryEmbedding
 from kernels.metadata import AttentionMetadata
 
@@ -71,28 +71,49 @@ class Attention(nn.Module):
         return self.o_proj(self._attend(q, k, v, meta, cache).reshape(t, -1))
 
     def project(self, x, positions, rope, slots: torch.Tensor, cache,
-                qkv: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple]:
+                qkv: torch.Tensor | None = None, rotated: bool = False) -> tuple[torch.Tensor, tuple]:
         """Fused path up to attention: q, k, v from one GEMM (or ``qkv``, its output computed
         elsewhere), norm + rope in place, k and v written to the cache at ``slots`` (-1: nowhere);
         returns q ``[t, heads, head_dim]`` and the step's own (k, v) ``[t, kv_heads, head_dim]`` (views
-        of the GEMM's output: ``own_kv`` attention reads them). Everything here has static shapes:
-        piecewise CUDA graphs capture it."""
+        of the GEMM's output: ``own_kv`` attention reads them). ``rotated``: ``qkv`` came from
+        ``small_linear`` with ``rope_epilogue``'s epilogue (normed, rotated and stored already).
+        Everything here has static shapes: piecewise CUDA graphs capture it."""
         t = x.shape[0]
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = (self.qkv_proj(x) if qkv is None else qkv).split([q_size, kv_size, kv_size], dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
+        if rotated:
+            if qkv is None:
+                raise ValueError("rotated=True describes a qkv computed elsewhere: pass qkv=")
+            return q, (k, v)
         qw = self.q_norm.weight if self.qk_norm else None
         kw = self.k_norm.weight if self.qk_norm else None
         eps = self.q_norm.eps if self.qk_norm else 1e-6
-        if cache[0].dtype == k.dtype and not self.calibrate:  # the store in the same kernel
+        if self._stores_as_is(cache, k.dtype):  # the store in the same kernel
             fused_ops.qk_norm_rope_(q, k, rope.cos, rope.sin, positions, qw, kw, eps,
                                     cache=(v, cache[0], cache[1], slots))
         else:  # fp8 caches quantize (kernels.write_kv)
             fused_ops.qk_norm_rope_(q, k, rope.cos, rope.sin, positions, qw, kw, eps)
             self._store(k, v, slots, cache)
         return q, (k, v)
+
+    def _stores_as_is(self, cache, dtype: torch.dtype) -> bool:
+        """Whether k and v go into the cache as they are, so the kernel that makes them can store them
+        (fp8 caches quantize, and a calibrating step sets their scales first: ``_store``)."""
+        return cache[0].dtype == dtype and not self.calibrate
+
+    def rope_epilogue(self, positions, rope, slots: torch.Tensor, cache,
+                      dtype: torch.dtype) -> small_linear_rope.RopeEpilogue | None:
+        """The qkv ``small_linear``'s RoPE epilogue (q and k normed and rotated, k and v stored in the
+        same kernel: ``fused_ops.qk_norm_rope_``'s launch saved), or None where ``project`` must do it:
+        caches it cannot store into as they are, heads narrower than the kernel's tiles."""
+        if not self._stores_as_is(cache, dtype) or self.head_dim < small_linear_rope.MIN_HEAD_DIM:
+            return None
+        qk = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.qk_norm else (None, None, 1e-6)
+        return small_linear_rope.RopeEpilogue(rope.cos, rope.sin, positions, self.head_dim, self.num_heads,
+                                              self.num_kv_heads, *qk, cache=(cache[0], cache[1], slots))
 
     def attend(self, q, meta: AttentionMetadata, cache, out: torch.Tensor | None = None,
                own: tuple | None = None) -> torch.Tensor:
@@ -194,10 +215,12 @@ class DecoderLayer(nn.Module):
         n1 = self.input_layernorm
         if self.gemv(x):  # the stream is the residual from here: post_attention adds into it in place
             stream = x if residual is None else residual.add_(x)
-            qkv_proj = self.self_attn.qkv_proj
-            qkv = small_linear.small_linear(stream, qkv_proj.weight, qkv_proj.bias, norm_weight=n1.weight, eps=n1.eps,
-                                            row_sq=self.row_sq_in if residual is None else None)
-            return self.self_attn.project(stream, positions, rope, slots, cache, qkv=qkv), stream
+            attn = self.self_attn
+            epilogue = attn.rope_epilogue(positions, rope, slots, cache, stream.dtype)
+            qkv = small_linear.small_linear(stream, attn.qkv_proj.weight, attn.qkv_proj.bias, norm_weight=n1.weight,
+                                            eps=n1.eps, row_sq=self.row_sq_in if residual is None else None,
+                                            rope=epilogue)
+            return attn.project(stream, positions, rope, slots, cache, qkv=qkv, rotated=epilogue is not None), stream
         if residual is None:
             residual = x
             h = fused_ops.rms_norm(x, n1.weight, n1.eps)

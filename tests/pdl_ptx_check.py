@@ -15,7 +15,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from kernels import fused_ops, pdl, small_linear, triton_attention as ta  # noqa: E402
 
 ACCESS = re.compile(r"\b(ld\.global|st\.global|cp\.async|atom\.global|red\.global|cp\.reduce)")
-FLOATS = {"qk_scale", "eps"}
+FLOATS = {"qk_scale", "eps", "head_eps"}
 
 
 def signature(fn, ptrs: dict, consts: dict) -> dict:
@@ -38,14 +38,19 @@ def check(name: str, fn, ptrs: dict, consts: dict, **options) -> bool:
 
 ok = True
 for trigger in (pdl.TRIGGER_EARLY, pdl.TRIGGER_WAIT, pdl.TRIGGER_END):
-    for gated, norm, sq_in, residual, lines in ((True, True, True, False, 0), (True, True, True, False, 4),
-                                                (False, True, False, False, 0), (False, False, False, True, 0)):
+    for gated, norm, sq_in, residual, rope, lines in (
+            (True, True, True, False, False, 0), (True, True, True, False, False, 4),
+            (False, True, False, False, False, 0), (False, False, False, True, False, 0),
+            (False, True, True, False, "norm-heads", 0), (False, True, False, False, "plain", 4)):
         consts = dict(NORM=norm, SQ_IN=sq_in, SQ_OUT=residual, GATED=gated, HAS_BIAS=True, RESIDUAL=residual,
-                      EVEN_K=True, BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, NUM_STAGES=4, DOT_F32=False, NORM_M=1,
+                      EVEN_K=True, ROPE=bool(rope), NORM_HEADS=rope == "norm-heads",
+                      STORE_KV=bool(rope), HALF=64 if rope else 1,
+                      BLOCK_M=16, BLOCK_N=64 if rope else 32, BLOCK_K=256, NUM_STAGES=4, DOT_F32=False, NORM_M=1,
                       NORM_K=4096, PDL=True, TRIGGER=trigger, PREFETCH_LINES=lines, LINE_ELEMS=64)
-        ok &= check(f"small_linear trigger={trigger} gated={gated} norm={norm} residual={residual} prefetch={lines}",
-                    small_linear._small_linear_kernel, dict(sq_in_ptr="fp32", sq_out_ptr="fp32"), consts,
-                    num_warps=4, num_stages=4)
+        ok &= check(f"small_linear trigger={trigger} gated={gated} norm={norm} residual={residual} rope={rope} "
+                    f"prefetch={lines}", small_linear._small_linear_kernel,
+                    dict(sq_in_ptr="fp32", sq_out_ptr="fp32", cos_ptr="fp32", sin_ptr="fp32", pos_ptr="i64",
+                         slot_ptr="i64"), consts, num_warps=4, num_stages=4)
     for mode in (0, 1):  # PAGED, LINEAR decode; split-KV and not
         for split in (False, True):
             consts = dict(MODE=mode, BLOCK_SIZE=16, GROUP=4, GROUP_P=4, BLOCK_Q=1, BLOCK_M=16, BLOCK_N=32,
