@@ -78,15 +78,15 @@ class Attention(nn.Module):
         of the GEMM's output: ``own_kv`` attention reads them). ``rotated``: ``qkv`` came from
         ``small_linear`` with ``rope_epilogue``'s epilogue (normed, rotated and stored already).
         Everything here has static shapes: piecewise CUDA graphs capture it."""
+        if rotated and qkv is None:
+            raise ValueError("rotated=True describes a qkv computed elsewhere: pass qkv=")
         t = x.shape[0]
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = (self.qkv_proj(x) if qkv is None else qkv).split([q_size, kv_size, kv_size], dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        if rotated:
-            if qkv is None:
-                raise ValueError("rotated=True describes a qkv computed elsewhere: pass qkv=")
+        if rotated:  # normed, rotated and stored by the GEMV's epilogue
             return q, (k, v)
         qw = self.q_norm.weight if self.qk_norm else None
         kw = self.k_norm.weight if self.qk_norm else None

@@ -232,3 +232,87 @@ def test_bf16_on_the_gpu_within_rounding_of_the_reference():
             assert ((got.double() - want.double()).norm() / want.double().norm()).item() < 1e-2
             for mine, theirs in zip(epi.cache[:2], ref.cache[:2]):
                 _assert_slots_written(mine, theirs, epi.cache[2], atol=0.1, rtol=0.05)
+
+
+# -- the engine ---------------------------------------------------------------------------------------
+ENGINE_MODELS = {  # heads of 32 (the tiny presets' 16 are narrower than the epilogue's tiles)
+    "llama-gqa": ("tiny-llama", dict(head_dim=32)),
+    "qwen3-qk_norm": ("tiny-qwen3", dict(head_dim=32)),
+    "qwen2-mha-bias": ("tiny-llama", dict(head_dim=32, num_key_value_heads=4, attention_bias=True)),
+}
+
+
+def _generate(monkeypatch, preset: str, overrides: dict, epilogue: bool):
+    """Greedy tokens and the final caches of a fused CPU model with small_linear for every step (prompts
+    chunked into steps of up to 6 tokens), with the RoPE epilogue or without (today's path before it)."""
+    from conftest import KernelSpy
+    from engine import LLM, SamplingParams
+    from engine.model import Attention
+
+    monkeypatch.setenv("KVLAB_KERNELS", "triton")
+    if not epilogue:
+        monkeypatch.setattr(Attention, "rope_epilogue", lambda *a, **k: None)
+    spy = KernelSpy(fused_ops._qk_norm_rope_kernel)
+    monkeypatch.setattr(fused_ops, "_qk_norm_rope_kernel", spy)
+    llm = LLM(preset, device="cpu", max_model_len=64, kv_cache_tokens=256, max_num_batched_tokens=6,
+              hf_overrides=overrides)
+    llm.engine.model.fuse(16)
+    p = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+    tokens = [o.token_ids for o in llm.generate([[5, 6, 7, 8, 9, 10, 11], [9, 10], [3, 4, 5]], p)]
+    monkeypatch.undo()
+    return tokens, [(k.clone(), v.clone()) for k, v in llm.engine.runner.kv_caches], len(spy.launches)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU-interpreter check; on a GPU the engine's tokens are "
+                    "checked against HF in test_gpu_engine.py")
+@pytest.mark.parametrize("model", list(ENGINE_MODELS))
+def test_engine_with_the_epilogue_gives_the_same_tokens_and_caches(monkeypatch, model):
+    """A fused model whose steps all take small_linear: the same greedy tokens and the same cache contents
+    with the qkv GEMV's RoPE epilogue as with small_linear then qk_norm_rope_; and no qk_norm_rope_ launch
+    left (the per-head norm's squares add up in another order under the interpreter: within fp32 ulps)."""
+    preset, overrides = ENGINE_MODELS[model]
+    want, want_caches, before = _generate(monkeypatch, preset, overrides, epilogue=False)
+    got, got_caches, after = _generate(monkeypatch, preset, overrides, epilogue=True)
+    assert got == want and len(got[0]) == 5
+    assert before > 0 and after == 0, "one kernel a layer fewer"
+    exact = preset != "tiny-qwen3"
+    for (k1, v1), (k0, v0) in zip(got_caches, want_caches):
+        for a, b in ((k1, k0), (v1, v0)):
+            if exact:
+                assert torch.equal(a, b)
+            else:
+                torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+        assert k1.abs().sum() > 0
+
+
+def test_the_engine_keeps_the_unfused_path_where_the_epilogue_cannot_store():
+    """fp8 caches (quantized by write_kv), a calibrating step and heads narrower than the tiles: no epilogue."""
+    from engine.model import Attention
+    from engine.presets import preset_config
+
+    cfg = preset_config("tiny-llama")
+    cfg.head_dim = 32
+    attn = Attention(cfg)
+    rope = RotaryEmbedding(32, MAX_LEN, 10000.0, None)
+    pos, slots = torch.arange(2), torch.tensor([3, -1])
+    cache = (torch.zeros(8, 2, 32), torch.zeros(8, 2, 32))
+    epi = attn.rope_epilogue(pos, rope, slots, cache, torch.float32)
+    assert epi is not None and epi.cache[2] is slots and (epi.num_q_heads, epi.num_kv_heads) == (4, 2)
+    fp8 = tuple(c.to(torch.float8_e4m3fn) for c in cache)
+    assert attn.rope_epilogue(pos, rope, slots, fp8, torch.float32) is None
+    attn.calibrate = "tensor"
+    assert attn.rope_epilogue(pos, rope, slots, cache, torch.float32) is None
+    attn.calibrate = ""
+    cfg.head_dim = 16
+    assert Attention(cfg).rope_epilogue(pos, rope, slots, cache, torch.float32) is None
+
+
+def test_project_refuses_rotated_without_qkv():
+    from engine.model import Attention
+    from engine.presets import preset_config
+
+    attn = Attention(preset_config("tiny-llama"))
+    attn.fuse()
+    x = torch.zeros(1, 64)
+    with pytest.raises(ValueError, match="rotated=True describes a qkv computed elsewhere"):
+        attn.project(x, torch.zeros(1, dtype=torch.long), None, torch.zeros(1, dtype=torch.long), None, rotated=True)
