@@ -17,7 +17,9 @@ as the model has (so the weights stream from HBM, not L2), each in a CUDA graph:
 
 Each is checked against ``small_linear_ref`` first. Reported: microseconds a layer, its weight
 bytes over that time against the device-to-device copy bandwidth of the same run, and each GEMM
-alone (cuBLAS vs small_linear). ``--sweep`` times every tile config of each GEMM shape and prints
+alone (cuBLAS vs small_linear), and the QKV GEMM with its RoPE epilogue (q and k normed and rotated,
+k and v into a cache: ``rope=``) against the QKV GEMM then ``fused_ops.qk_norm_rope_`` (``qkv_rope_us`` vs
+``qkv_then_rope_us``: the launch the epilogue saves). ``--sweep`` times every tile config of each GEMM shape and prints
 the best (the heuristic's choice is ``choose_config``).
 """
 from __future__ import annotations
@@ -36,6 +38,7 @@ from experiments.atomic import write_rows, write_text
 from experiments.bench_kernels import _median_graph_us, copy_bandwidth_gbps, read_bandwidth_gbps
 from kernels import fused_ops, pdl
 from kernels.small_linear import LinearConfig, choose_config, small_linear, small_linear_ref
+from kernels.small_linear_rope import RopeEpilogue
 
 BATCHES = (1, 8, 16)
 DTYPE = torch.bfloat16
@@ -98,6 +101,45 @@ def check(w: dict, m: int, h: int, attn_w: int, eps: float, dev: str, sq: tuple)
     fused_layer(w, stream, attn, eps, sq, first=True)
     err = [((a.double() - b.double()).norm() / b.double().norm()).item() for a, b in ((got_qkv, want_qkv), (stream, ref))]
     return max(err)
+
+
+def rope_epilogue(cfg, m: int, dev: str) -> RopeEpilogue:
+    """A decode step's RoPE epilogue: qk_norm where the model has it, one cache of 4096 slots shared by the
+    timed layers (the stores are what is timed, not where they land)."""
+    from engine.rope import RotaryEmbedding
+
+    d, hq, hk = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+    rope = RotaryEmbedding(d, 4096, cfg.rope_theta, cfg.rope_scaling).to(dev)
+    g = torch.Generator(device=dev).manual_seed(m)
+    norm = [1 + 0.1 * torch.randn(d, generator=g, device=dev).to(DTYPE) for _ in range(2)] if cfg.qk_norm else [None] * 2
+    cache = torch.zeros(4096, hk, d, device=dev, dtype=DTYPE)
+    slots = torch.randperm(4096, device=dev)[:m]
+    pos = torch.randint(0, 4096, (m,), device=dev)
+    return RopeEpilogue(rope.cos, rope.sin, pos, d, hq, hk, *norm, cfg.rms_norm_eps, cache=(cache, cache.clone(), slots))
+
+
+def qkv_then_rope(x: torch.Tensor, w: dict, eps: float, epi: RopeEpilogue) -> None:
+    """The engine's gemv path before the epilogue: the QKV GEMM, then qk_norm_rope_ storing k and v."""
+    qkv = small_linear(x, w["qkv"], norm_weight=w["n1"], eps=eps)
+    m, d = x.shape[0], epi.head_dim
+    q, k, v = qkv.split([epi.num_q_heads * d, epi.num_kv_heads * d, epi.num_kv_heads * d], dim=-1)
+    fused_ops.qk_norm_rope_(q.view(m, -1, d), k.view(m, -1, d), epi.cos, epi.sin, epi.positions, epi.q_norm_w,
+                            epi.k_norm_w, epi.eps, cache=(v.view(m, -1, d), *epi.cache))
+
+
+def time_qkv_rope(layers: list[dict], x: torch.Tensor, eps: float, epi: RopeEpilogue) -> dict:
+    """QKV + RoPE (+ per-head norm) + cache store: one kernel (``rope=``) vs two, over all layers' weights;
+    the fused one's relative error against the reference composition first."""
+    ref_cache = tuple(c.clone() for c in epi.cache[:2]) + (epi.cache[2],)
+    want = small_linear_ref(x, layers[0]["qkv"], norm_weight=layers[0]["n1"], eps=eps,
+                            rope=RopeEpilogue(**{**epi.__dict__, "cache": ref_cache}))
+    got = small_linear(x, layers[0]["qkv"], norm_weight=layers[0]["n1"], eps=eps, rope=epi)
+    err = ((got.double() - want.double()).norm() / want.double().norm()).item()
+    n = len(layers)
+    fused = _median_graph_us(lambda: [small_linear(x, w["qkv"], norm_weight=w["n1"], eps=eps, rope=epi)
+                                      for w in layers], n, target_ms=10, trials=7)
+    apart = _median_graph_us(lambda: [qkv_then_rope(x, w, eps, epi) for w in layers], n, target_ms=10, trials=7)
+    return dict(qkv_rope_rel_err=err, qkv_rope_us=fused, qkv_then_rope_us=apart)
 
 
 def sweep(wts: list[torch.Tensor], m: int, kind: str, dev: str, budget_s: float) -> list[tuple[float, LinearConfig]]:
@@ -185,7 +227,10 @@ def main(argv=None) -> None:
                                                             target_ms=10, trials=7)
                 row[f"{kind}_small_us"] = _median_graph_us(
                     lambda: [small_linear(a, w[kind], gated=kind == "gate_up") for w in layers], n, target_ms=10, trials=7)
+            row.update(time_qkv_rope(layers, x, eps, rope_epilogue(cfg, m, dev)))
             rows.append(row)
+            print(f"{name} batch {m}: qkv+rope one kernel {row['qkv_rope_us']:.1f} us vs qkv then qk_norm_rope_ "
+                  f"{row['qkv_then_rope_us']:.1f} us (rel err {row['qkv_rope_rel_err']:.1e})", flush=True)
             print(f"{name} batch {m}: rel err {err:.1e}; a layer {t_cublas:.1f} us cuBLAS path "
                   f"({row['cublas_pct_copy']:.1f}% of copy) vs {t_fused:.1f} us fused ({row['fused_pct_copy']:.1f}%), "
                   f"{t_pdl:.1f} us with PDL ({row['fused_pdl_pct_copy']:.1f}%; {row['fused_pdl_pct_read']:.1f}% of read); "
