@@ -7,7 +7,9 @@ two split-K reductions a layer, each a kernel bound by launch latency (H200, lla
 ``[RMSNorm] -> x @ W^T [+ bias] -> [SiLU(gate) * up] -> [+= residual]``: the norm in the
 prologue (each program recomputes the rows' RMS: a few KiB of L2 reads at these batch sizes),
 the gate and up rows of a fused ``gate_up`` weight in one program, the residual stream updated
-in place by the program that owns those columns. No split-K: programs own whole rows of W.
+in place by the program that owns those columns. No split-K: programs own whole rows of W. The qkv
+projection's kernel can also norm and rotate q and k per head and store k and v into the KV cache
+(``rope=``, ``kernels.small_linear_rope``): ``fused_ops.qk_norm_rope_``'s launch folded into it.
 
 Numerics are HF's bf16 rounding points (as ``kernels.fused_ops``): the norm in fp32, rounded,
 then times its weight; the GEMM's output rounded before SiLU and before the residual add.
