@@ -511,7 +511,7 @@ tiles)  # small_linear's tiles from the fifteenth session's sweep: before (build
     ;;
 rope17)  # RoPE + KV store in the qkv small_linear's epilogue: its tests on the GPU, the layer table, then decode a
     # token at batch 1 / 8 (small_linear + PDL) after / before (BASE: the commit before, git archive'd, carried) twice
-    timeout ${TESTS_S:-150} python3 -m pytest -q -p no:cacheprovider tests/test_small_linear.py tests/test_pdl.py \
+    timeout ${TESTS_S:-150} python3 -m pytest -q -p no:cacheprovider tests/test_small_linear.py tests/test_small_linear_rope.py tests/test_pdl.py \
         tests/test_gpu_engine.py tests/test_gpu_kv_axes.py -m gpu -k "small or pdl or chain or parity or sliding_window" \
         -rfE --tb=short 2>&1 | tee "$runs/gpu_tests_rope17.log" | tail -3
     timeout ${LAYER_S:-90} python3 -m experiments.bench_small_linear --out "$runs/small_linear" 2>&1 \
