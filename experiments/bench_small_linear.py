@@ -36,8 +36,9 @@ import torch.nn.functional as F
 from engine.presets import preset_config
 from experiments.atomic import write_rows, write_text
 from experiments.bench_kernels import _median_graph_us, copy_bandwidth_gbps, read_bandwidth_gbps
-from kernels import fused_ops, pdl
-from kernels.small_linear import LinearConfig, choose_config, small_linear, small_linear_ref
+from kernels import fused_ops, pdl, small_linear_rope
+from kernels.small_linear import (LinearConfig, choose_config, choose_rope_config, small_linear,
+                                  small_linear_ref)
 from kernels.small_linear_rope import RopeEpilogue
 
 BATCHES = (1, 8, 16)
@@ -142,9 +143,11 @@ def time_qkv_rope(layers: list[dict], x: torch.Tensor, eps: float, epi: RopeEpil
     return dict(qkv_rope_rel_err=err, qkv_rope_us=fused, qkv_then_rope_us=apart)
 
 
-def sweep(wts: list[torch.Tensor], m: int, kind: str, dev: str, budget_s: float) -> list[tuple[float, LinearConfig]]:
+def sweep(wts: list[torch.Tensor], m: int, kind: str, dev: str, budget_s: float,
+          rope: RopeEpilogue | None = None) -> list[tuple[float, LinearConfig]]:
     """Every tile config on one GEMM a layer, all layers' weights in turn (one layer's o_proj, 32 MiB,
-    would stay in a 50 MiB L2 when timed alone): microseconds a layer, fastest first."""
+    would stay in a 50 MiB L2 when timed alone): microseconds a layer, fastest first. ``rope``: the QKV
+    GEMM with that RoPE epilogue (kind ``qkv_rope``; its tiles count pairs, within a head)."""
     wt = wts[0]
     x = torch.randn(m, wt.shape[1], device=dev).to(DTYPE)
     nw = torch.ones(wt.shape[1], device=dev, dtype=DTYPE)
@@ -156,7 +159,13 @@ def sweep(wts: list[torch.Tensor], m: int, kind: str, dev: str, budget_s: float)
         if time.time() > t_end:
             break
         cfg = LinearConfig(bn, bk, warps, stages)
-        kw = dict(norm_weight=nw) if kind in ("qkv", "gate_up") else {}
+        kw = dict(norm_weight=nw) if kind in ("qkv", "gate_up", "qkv_rope") else {}
+        if rope is not None:
+            try:
+                small_linear_rope.check_tiles(rope, bn)
+            except ValueError:  # pairs across a head (or not the whole head the per-head norm needs)
+                continue
+            kw["rope"] = rope
         try:
             us = _median_graph_us(lambda: [small_linear(x, w, gated=kind == "gate_up", config=cfg, **kw) for w in wts],
                                   len(wts), target_ms=4.0, trials=7)
@@ -237,11 +246,14 @@ def main(argv=None) -> None:
                   + ", ".join(f"{k} {row[k + '_cublas_us']:.1f}/{row[k + '_small_us']:.1f}" for k in
                               ("qkv", "o", "gate_up", "down")), flush=True)
             if args.sweep and m in (1, 8) and name in args.sweep_models.split(","):
-                for kind in ("qkv", "o", "gate_up", "down"):
-                    wt = layers[0][kind]
-                    best = sweep([w[kind] for w in layers], m, kind, dev, args.sweep_budget_s)
-                    heur = choose_config(wt.shape[0] // (2 if kind == "gate_up" else 1), wt.shape[1],
-                                         torch.cuda.get_device_properties(0).multi_processor_count, kind == "gate_up")
+                sms = torch.cuda.get_device_properties(0).multi_processor_count
+                for kind in ("qkv", "o", "gate_up", "down", "qkv_rope"):
+                    rope = rope_epilogue(cfg, m, dev) if kind == "qkv_rope" else None
+                    wt = layers[0]["qkv" if rope else kind]
+                    best = sweep([w["qkv" if rope else kind] for w in layers], m, kind, dev, args.sweep_budget_s, rope)
+                    heur = (choose_rope_config(wt.shape[0], wt.shape[1], sms, rope.head_dim, rope.norm) if rope else
+                            choose_config(wt.shape[0] // (2 if kind == "gate_up" else 1), wt.shape[1], sms,
+                                          kind == "gate_up"))
                     print(f"  sweep {name} b{m} {kind} {tuple(wt.shape)}: heuristic {heur}; best "
                           + "; ".join(f"{us:.2f} us {c}" for us, c in best[:3]), flush=True)
                     rows.append(dict(model=name, batch=m, sweep=kind, heuristic=str(heur),
