@@ -379,16 +379,15 @@ class SteadyState:
             "steady_state_start_rule": "warmup" if rule.warmup_s is not None else "saturated",
             "steady_state_end_rule": "queue_drained" if rule.offline else "last_arrival",
             "steady_state_steps": steps, "steady_state_reason": None}
-        names = ["mean_batch_size_tw", *(f"{f}_tw" for f in self.fields)]
-        if self.saving:
-            names.append("sharing_saving_tw")
+        weighted = ["mean_batch_size_tw", *(f"{f}_tw" for f in self.fields)]  # sums' columns, in add's order
         if sums is None or not sums[-1] > 0:
             out["steady_state_reason"] = self._why_empty(start, end)
             out["steady_state_steps"] = 0
-            return out | {n: math.nan for n in names}
-        out |= {n: float(v / sums[-1]) for n, v in zip(names, sums[:-1])}
-        if self.saving:  # weighted by the window's time with live tokens only, as sharing_saving counts steps
-            saved, live = sums[-3], sums[-2]
+            return out | {n: math.nan for n in weighted + (["sharing_saving_tw"] if self.saving else [])}
+        out |= {n: float(v / sums[-1]) for n, v in zip(weighted, sums)}
+        if self.saving:  # the two columns after those: weighted by the window's time with live tokens only,
+            # as sharing_saving counts steps
+            saved, live = sums[len(weighted)], sums[len(weighted) + 1]
             out["sharing_saving_tw"] = float(saved / live) if live > 0 else math.nan
         return out
 
